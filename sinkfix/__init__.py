@@ -1,0 +1,24 @@
+"""sinkfix: measure and correct attention sinks, value-state drains and residual-state peaks.
+
+    import sinkfix
+    model, tok = sinkfix.load_model("smollm2-135m")
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.9)):
+        ...
+
+Importing sinkfix registers the attention implementation ``"sinkfix"`` with transformers, so
+``from_pretrained(..., attn_implementation="sinkfix")`` works too (identity until patched).
+"""
+
+from sinkfix.errors import ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
+from sinkfix.models import load_model
+from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register
+from sinkfix.policy import Policy, ResidualClip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError", "ResidualClip",
+    "SinkfixError", "UnsupportedModelError", "load_model", "patch", "register", "__version__",
+]
+
+register()

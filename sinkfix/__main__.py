@@ -1,0 +1,5 @@
+import sys
+
+from sinkfix.cli import main
+
+sys.exit(main())

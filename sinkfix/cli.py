@@ -1,0 +1,55 @@
+"""The ``sinkfix`` console script: ``sinkfix bench | inspect | calibrate | bb``.
+
+Every command turns expected failures (unknown model, unreadable file, bad policy, profile for
+another model) into a one-line error on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sinkfix.errors import SinkfixError
+
+COMMANDS = ("bench", "inspect", "calibrate", "bb")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sinkfix import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sinkfix",
+        description="Measure and correct attention sinks, value drains and residual peaks in transformer LMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"sinkfix {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"sinkfix.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"sinkfix.commands.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (SinkfixError, ValueError, OSError, NotImplementedError) as exc:
+        print(f"sinkfix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sinkfix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

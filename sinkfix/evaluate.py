@@ -1,0 +1,142 @@
+"""Perplexity with sliding windows, token-weighted, with an explicit BOS protocol.
+
+Protocol (stated next to every number sinkfix reports): the token stream is cut into windows of
+``seq_len`` tokens advancing by ``stride``; each token is scored exactly once, with as much left
+context as the window gives it (the usual strided evaluation). With ``bos=True`` every window starts
+with the tokenizer's BOS token (not scored) followed by ``seq_len - 1`` text tokens; whether a BOS is
+present changes which token becomes the attention sink, so it is always part of the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["Window", "make_windows", "window_nll", "perplexity", "PerplexityResult", "bos_token_id", "tokenize"]
+
+
+@dataclass(frozen=True)
+class Window:
+    input_ids: torch.Tensor  # (S,)
+    labels: torch.Tensor  # (S,), -100 = not scored
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    nll_sum: float
+    tokens: int
+    windows: int
+    seq_len: int
+    stride: int
+    bos: bool
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / max(self.tokens, 1)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    def protocol(self) -> str:
+        return f"{'BOS + ' if self.bos else 'no BOS, '}{self.seq_len}-token windows, stride {self.stride}, {self.tokens} scored tokens"
+
+
+def bos_token_id(tokenizer) -> int:
+    """The BOS id; falls back to the first special token the tokenizer knows (SmolLM2's <|im_start|>)."""
+    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "cls_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    specials = getattr(tokenizer, "all_special_ids", None) or []
+    if specials:
+        return int(min(specials))
+    raise ValueError("tokenizer has no BOS token; evaluate with bos=False")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of ``text`` without any special tokens (BOS is handled by the window protocol)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() < 2:
+        raise ValueError("text is too short: fewer than 2 tokens")
+    return ids
+
+
+def make_windows(ids: torch.Tensor, seq_len: int, stride: int | None = None, bos_id: int | None = None,
+                 max_windows: int | None = None) -> list[Window]:
+    """Strided windows over a 1-D token stream; every token after the first is scored exactly once."""
+    if seq_len < 2 + (bos_id is not None):
+        raise ValueError(f"seq_len {seq_len} too small")
+    body = seq_len - (1 if bos_id is not None else 0)
+    stride = body if stride is None else stride
+    if not 0 < stride <= body:
+        raise ValueError(f"stride must be in [1, {body}], got {stride}")
+    windows: list[Window] = []
+    scored_until = 1 if bos_id is None else 0  # the first token has no context without a BOS
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + body, ids.numel())
+        chunk = ids[begin:end]
+        labels = chunk.clone()
+        labels[: max(scored_until - begin, 0)] = -100
+        if bos_id is not None:
+            chunk = torch.cat([torch.tensor([bos_id], dtype=ids.dtype), chunk])
+            labels = torch.cat([torch.tensor([-100], dtype=labels.dtype), labels])
+        if (labels != -100).any():
+            windows.append(Window(chunk, labels))
+        scored_until = end
+        if end == ids.numel() or (max_windows is not None and len(windows) >= max_windows):
+            break
+    return windows
+
+
+def window_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL (fp32) and number of scored tokens. logits (B, S, V), labels (B, S)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != -100
+    logp = torch.log_softmax(shift_logits, dim=-1)
+    picked = logp.gather(-1, shift_labels.clamp(min=0)[..., None]).squeeze(-1)
+    return -(picked * valid).sum(), int(valid.sum())
+
+
+def _batches(windows: list[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Group windows of equal length (right-padding would change nothing for causal models but costs compute)."""
+    by_len: dict[int, list[Window]] = {}
+    for w in windows:
+        by_len.setdefault(w.input_ids.numel(), []).append(w)
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            part = group[i : i + batch_size]
+            yield (torch.stack([w.input_ids for w in part]), torch.stack([w.labels for w in part]), torch.ones(len(part)))
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    text: str | torch.Tensor,
+    *,
+    seq_len: int = 512,
+    stride: int | None = None,
+    bos: bool = False,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    on_window: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Token-weighted perplexity of ``model`` on ``text`` (a string or 1-D ids) under the window protocol."""
+    ids = tokenize(tokenizer, text) if isinstance(text, str) else text
+    bos_id = bos_token_id(tokenizer) if bos else None
+    windows = make_windows(ids, seq_len, stride, bos_id, max_windows)
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    nll_sum, tokens = 0.0, 0
+    for input_ids, labels, _ in _batches(windows, batch_size):
+        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+        nll, count = window_nll(logits, labels.to(logits.device))
+        nll_sum += float(nll)
+        tokens += count
+        if on_window is not None:
+            on_window(input_ids.shape[0])
+    body = seq_len - (1 if bos else 0)
+    return PerplexityResult(nll_sum, tokens, len(windows), seq_len, stride or body, bos)

