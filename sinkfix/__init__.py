@@ -22,3 +22,20 @@ __all__ = [
 ]
 
 register()
+
+
+def __getattr__(name: str):
+    # Analysis entry points are imported on first use: `import sinkfix` stays light.
+    if name == "inspect":
+        from sinkfix.analysis.inspection import inspect
+
+        return inspect
+    if name == "calibrate":
+        from sinkfix.analysis.calibration import calibrate
+
+        return calibrate
+    if name == "Profile":
+        from sinkfix.profile import Profile
+
+        return Profile
+    raise AttributeError(f"module 'sinkfix' has no attribute {name!r}")

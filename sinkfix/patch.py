@@ -259,6 +259,11 @@ class PatchHandle:
         by_name = dict(model.named_modules())
         return sorted(((n, by_name[n]) for n in self._states), key=lambda item: self._states[item[0]].layer)
 
+    def layer_policies(self) -> list[LayerPolicy]:
+        """The live per-layer policies, in layer order. Mutating ``beta`` / ``virtual_logit`` on them
+        (e.g. with tensors that require grad, during calibration) changes the patched model at once."""
+        return [s.policy for s in sorted(self._states.values(), key=lambda s: s.layer)]
+
     def num_heads(self) -> list[int]:
         return [len(s.policy.beta) for s in sorted(self._states.values(), key=lambda s: s.layer)]
 

@@ -211,10 +211,21 @@ class LayerPolicy:
 
     @property
     def attention_is_identity(self) -> bool:
+        if self.beta.requires_grad:
+            return False
         return bool((self.beta == 1).all()) and self.virtual_logit is None
 
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """(beta, virtual_logit) on ``device``, cached: a forward pass must not re-upload them."""
+        """(beta, virtual_logit) on ``device``, cached: a forward pass must not re-upload them.
+
+        Parameters that require grad (calibration assigns fresh ``beta`` tensors each step) bypass
+        the cache so gradients flow.
+        """
+        if self.beta.requires_grad or (self.virtual_logit is not None and self.virtual_logit.requires_grad):
+            return (
+                self.beta.to(device=device, dtype=dtype),
+                None if self.virtual_logit is None else self.virtual_logit.to(device=device, dtype=dtype),
+            )
         key = (device, dtype)
         if key not in self._cache:
             self._cache[key] = (
