@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 
@@ -94,6 +96,10 @@ def load_model(
                 f"unknown model {name!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local "
                 "path, and not a hub id of the form owner/name"
             )
+    if offline is None and not Path(name).exists() and not _hub_reachable():
+        # No network: use the local cache only, so a missing model fails in a second, not after the
+        # hub client's retries (measured: ~54 s here without this check).
+        extra["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **from_pretrained_kwargs)
@@ -110,6 +116,17 @@ def load_model(
     model.eval()
     model.sinkfix_name = offline.name if offline is not None else name
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _short(exc: Exception) -> str:

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models of every architecture sinkfix claims to support."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+warnings.filterwarnings("ignore", message=".*does not support `output_attentions`.*")
+
+_COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=256)
+
+
+def tiny_config(arch: str):
+    """A 2-layer random config; sliding windows are 5 tokens so short tests cross them."""
+    if arch == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **_COMMON)
+    if arch == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=5, **_COMMON)
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **_COMMON)
+    if arch == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON)
+    if arch == "gemma2":
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0,
+                               **_COMMON)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=5,
+                                   layer_types=["sliding_attention", "full_attention"], **_COMMON)
+    if arch == "olmo2":
+        return tf.Olmo2Config(num_key_value_heads=2, **_COMMON)
+    if arch == "phi3":
+        return tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if arch == "gptoss":
+        return tf.GptOssConfig(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                               sliding_window=5, layer_types=["sliding_attention", "full_attention"], **_COMMON)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi3", "gpt2", "gptoss")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

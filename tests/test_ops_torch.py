@@ -1,0 +1,191 @@
+"""The PyTorch attention path against the fp64 reference of the written formula, on awkward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkfix.ops.attention import sink_attention_torch
+from sinkfix.ops.reference import reference_residual_clip, reference_sink_attention, visibility_mask
+from sinkfix.ops.residual import clip_residual, relative_threshold
+
+# fp32 path vs fp64 reference: the flash op accumulates in fp32; measured max error ~1e-6 on
+# these shapes, so 2e-5 leaves margin without hiding a wrong formula (wrong formulas are off by 1e-2+).
+ATOL = 2e-5
+
+
+def _inputs(batch, q_heads, kv_heads, q_len, k_len, dim, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, k_len, dim, generator=g).to(dtype)
+    # make key 0 a strong sink, as in real models, so the policies move a lot of mass
+    k[:, :, 0] += 2.0 * q.mean(dim=(1, 2))[:, None]
+    return q, k, v
+
+
+def _policies(q_heads):
+    g = torch.Generator().manual_seed(1)
+    beta = torch.rand(q_heads, generator=g)
+    return {
+        "identity": dict(),
+        "scale": dict(beta=beta),
+        "drop": dict(beta=torch.zeros(q_heads)),
+        "virtual": dict(extra_logits=torch.randn(q_heads, 1, generator=g)),
+        "scale+aux+virtual": dict(beta=beta, extra_logits=torch.randn(q_heads, 2, generator=g)),
+    }
+
+
+SHAPES = [
+    # (B, Hq, Hkv, Q, K, D, layout)
+    (2, 9, 3, 17, 17, 64, "causal"),  # GQA 3, odd length, no padding: fast path
+    (1, 8, 1, 1, 113, 80, "decode"),  # GQA 8, decode against a long cache
+    (2, 4, 4, 5, 23, 96, "chunked"),  # chunked prefill: bottom-right causal, Q != K
+    (2, 6, 2, 17, 17, 64, "padded"),  # left padding: the sink is the first real column
+    (1, 4, 2, 23, 23, 128, "sliding"),  # sliding window: the sink leaves the window
+    (2, 4, 2, 6, 31, 64, "static"),  # static cache: upper-left causal with trailing empty slots
+]
+
+
+def _layout(kind, batch, q_len, k_len):
+    """(structural kwargs, sink_cols) for a layout."""
+    first = torch.zeros(batch, dtype=torch.long)
+    kw: dict = {}
+    if kind == "causal":
+        kw = dict(causal=True)
+    elif kind == "chunked":
+        kw = dict(causal=True, causal_offset=k_len - q_len)
+    elif kind == "padded":
+        mask = visibility_mask(batch, q_len, k_len, causal=True).clone()
+        mask[1, ..., :4] = False
+        first = torch.tensor([0, 4])
+        kw = dict(attn_mask=mask)
+    elif kind == "sliding":
+        kw = dict(causal=True, sliding_window=7)
+    elif kind == "static":
+        kw = dict(causal=True)
+    return kw, first
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
+@pytest.mark.parametrize("policy", list(_policies(1)))
+@pytest.mark.parametrize("n_sink", [1, 2])
+def test_torch_path_matches_reference(shape, policy, n_sink):
+    batch, q_heads, kv_heads, q_len, k_len, dim, kind = shape
+    q, k, v = _inputs(batch, q_heads, kv_heads, q_len, k_len, dim)
+    kw, first = _layout(kind, batch, q_len, k_len)
+    sink_cols = first[:, None] + torch.arange(n_sink)[None, :]
+    pol = _policies(q_heads)[policy]
+    ref, ref_probs, ref_lse = reference_sink_attention(q, k, v, **kw, sink_cols=sink_cols, **pol)
+    got = sink_attention_torch(q, k, v, **kw, sink_cols=sink_cols, need_sink_mass=True, **pol)
+    assert got.out.shape == (batch, q_heads, q_len, dim) and got.out.dtype == q.dtype
+    torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(got.lse.double()[finite], ref_lse[finite], atol=ATOL, rtol=0)
+    # the stock sink mass (what inspect reports) equals the identity probabilities on the sink columns
+    _, stock_probs, _ = reference_sink_attention(q, k, v, **kw, extra_logits=pol.get("extra_logits"))
+    is_sink = torch.zeros(batch, k_len, dtype=torch.bool)
+    is_sink[torch.arange(batch)[:, None], sink_cols] = True
+    torch.testing.assert_close(got.sink_mass.double(), (stock_probs * is_sink[:, None, None]).sum(-1), atol=ATOL, rtol=0)
+    # and the probabilities path (output_attentions) agrees with the reference too
+    with_probs = sink_attention_torch(q, k, v, **kw, sink_cols=sink_cols, return_probs=True, **pol)
+    torch.testing.assert_close(with_probs.probs.double(), ref_probs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(with_probs.out.double(), ref, atol=ATOL, rtol=0)
+
+
+def test_policies_really_differ_from_identity():
+    """Guards the test above against a reference that silently ignores its policy arguments."""
+    q, k, v = _inputs(1, 4, 2, 17, 17, 64)
+    cols = torch.zeros(1, 1, dtype=torch.long)
+    base, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols)
+    for name, pol in _policies(4).items():
+        out, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, **pol)
+        if name != "identity":
+            assert (out - base).abs().max() > 1e-2, name
+
+
+def test_reference_formula_by_hand():
+    """One row, two keys, worked out on paper: sink logit 2, other logit 0, values 10 and 1."""
+    q = torch.tensor([[[[1.0, 0.0]], ]]).expand(1, 1, 1, 2).clone()
+    k = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
+    v = torch.tensor([[[[10.0, 0.0], [1.0, 0.0]]]])
+    e2 = torch.exp(torch.tensor(2.0, dtype=torch.float64))
+    p_s = e2 / (e2 + 1)
+    beta = 0.4
+    out, probs, _ = reference_sink_attention(q, k, v, scale=1.0, sink_cols=torch.tensor([[0]]),
+                                             beta=torch.tensor([beta]))
+    expect_probs = torch.tensor([beta * p_s, 1 - beta * p_s], dtype=torch.float64)
+    torch.testing.assert_close(probs[0, 0, 0], expect_probs)
+    torch.testing.assert_close(out[0, 0, 0, 0], 10 * beta * p_s + 1 * (1 - beta * p_s))
+    # virtual sink logit b = 0: an extra e^0 in the denominator, zero value
+    out_v, probs_v, _ = reference_sink_attention(q, k, v, scale=1.0, sink_cols=torch.tensor([[0]]),
+                                                 extra_logits=torch.tensor([[0.0]]))
+    torch.testing.assert_close(probs_v[0, 0, 0], torch.tensor([e2, 1.0], dtype=torch.float64) / (e2 + 2))
+
+
+def test_sink_only_row_is_untouched():
+    """Row 0 sees only the sink: any beta must leave it exactly as plain softmax (science.md)."""
+    q, k, v = _inputs(1, 4, 4, 9, 9, 64)
+    cols = torch.zeros(1, 1, dtype=torch.long)
+    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=torch.zeros(4))
+    torch.testing.assert_close(got.out[:, :, 0], v[:, :, 0], atol=1e-6, rtol=0)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v = _inputs(2, 4, 2, 7, 7, 64)
+    mask = visibility_mask(2, 7, 7, causal=True).clone()
+    mask[1, ..., :3, :] = False  # left-padded query rows see nothing
+    for pol in _policies(4).values():
+        got = sink_attention_torch(q, k, v, attn_mask=mask, sink_cols=torch.tensor([[0], [3]]), **pol)
+        assert torch.isfinite(got.out).all()
+        assert (got.out[1, :, :3] == 0).all()
+
+
+def test_gradients_flow_to_beta_and_match_reference():
+    q, k, v = _inputs(1, 4, 2, 11, 11, 64)
+    cols = torch.zeros(1, 1, dtype=torch.long)
+    beta = torch.full((4,), 0.7, requires_grad=True)
+    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=beta)
+    (grad,) = torch.autograd.grad(got.out.square().sum(), beta)
+    beta64 = beta.detach().double().requires_grad_()
+    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=beta64)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), beta64)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad.double(), grad_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_the_dtype_error(dtype):
+    """Tolerance rule: error vs fp64 <= 2x the same-dtype dense PyTorch error + a small floor."""
+    q, k, v = _inputs(2, 6, 2, 33, 33, 64, dtype=dtype)
+    cols = torch.zeros(2, 1, dtype=torch.long)
+    beta = torch.linspace(0, 1, 6)
+    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=beta)
+    same_dtype, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=beta, compute_dtype=dtype)
+    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=beta)
+    assert got.out.dtype == dtype
+    err = (got.out.double() - ref).abs().max()
+    base = (same_dtype.double() - ref).abs().max()
+    assert err <= 2 * base + 1e-3, (err, base)
+
+
+def test_residual_clip_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 13, 576, generator=g)
+    hidden[:, 0] *= 100  # the sink's massive residual
+    hidden[1, 5] *= 20
+    sink = torch.zeros(2, 13, dtype=torch.bool)
+    sink[:, 0] = True
+    norms = hidden.norm(dim=-1)
+    thr = relative_threshold(norms, sink, 4.0)
+    for sink_norm in (None, 300.0):
+        got = clip_residual(hidden, thr, sink, sink_norm)
+        ref = reference_residual_clip(hidden, thr, sink, sink_norm)
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
+    exempt = clip_residual(hidden, thr, sink, None)
+    assert torch.equal(exempt[:, 0], hidden[:, 0])  # sink exempt: untouched, never zeroed
+    clamped = clip_residual(hidden, thr, sink, 300.0)
+    torch.testing.assert_close(clamped[:, 0].norm(dim=-1), torch.full((2,), 300.0))
+    assert clamped[1, 5].norm() == pytest.approx(thr[1].item(), rel=1e-5)  # the outlier is capped
+    median = norms[0, 1:].median()
+    assert thr[0].item() == pytest.approx(4.0 * median.item(), rel=1e-6)

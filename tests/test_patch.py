@@ -1,0 +1,298 @@
+"""The patch API on tiny random models: per model, reversible, exact under identity, loud on bad input."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import transformers as tf
+
+import sinkfix
+from sinkfix import Policy, ResidualClip, UnsupportedModelError
+from sinkfix.patch import attention_forward
+
+from .conftest import ARCHS, tiny_model
+
+
+def _batch(seed=0, pad=3, length=13):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_reproduces_stock_and_policies_take_effect(arch):
+    model = tiny_model(arch)
+    ids, mask = _batch()
+    real = mask.bool()
+    stock = model(ids, attention_mask=mask).logits
+    with sinkfix.patch(model, Policy()):
+        identity = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(identity[real], stock[real], atol=1e-4, rtol=0)
+    # a non-identity policy must change the output: guards against a silent no-op patch
+    with sinkfix.patch(model, Policy(sink_scale=0.5)) as handle:
+        corrected = model(ids, attention_mask=mask).logits
+        assert handle.num_layers == 2
+    assert (corrected[real] - stock[real]).abs().max() > 1e-3
+    assert torch.equal(model(ids, attention_mask=mask).logits, stock)  # removed: bit-exact
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gptoss"])
+def test_identity_matches_eager_too(arch):
+    model = tiny_model(arch)
+    ids, mask = _batch()
+    model.set_attn_implementation("eager")
+    eager = model(ids, attention_mask=mask).logits
+    with sinkfix.patch(model):
+        identity = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(identity[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "eager"  # restored to what it was
+
+
+@torch.no_grad()
+def test_left_padding_puts_the_sink_on_the_first_real_token():
+    model = tiny_model("llama")
+    ids, mask = _batch(pad=4)
+    with sinkfix.patch(model, Policy(sink_scale=0.3, virtual_sink_logit=0.0)):
+        batched = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 4:]).logits
+    torch.testing.assert_close(batched[1, 4:], alone[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "gptoss"])
+def test_generate_greedy_identical_to_stock_under_identity(arch):
+    model = tiny_model(arch)
+    ids, mask = _batch(length=6)
+    runs = {
+        "single": dict(input_ids=ids[:1]),
+        "left_padded": dict(input_ids=ids, attention_mask=mask),
+        "static": dict(input_ids=ids[:1], cache_implementation="static"),
+    }
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stock = {name: model.generate(**run, **kwargs) for name, run in runs.items()}
+    with sinkfix.patch(model):
+        for name, run in runs.items():
+            assert torch.equal(model.generate(**run, **kwargs), stock[name]), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "gptoss"])
+def test_cached_decode_matches_full_forward_under_a_policy(arch):
+    """KV-cache decoding (incl. sliding layers whose cache drops token 0) must apply the policy exactly
+    as a full forward over the same tokens does, with and without left padding."""
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (1, 4), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with sinkfix.patch(model, Policy(sink_scale=0.3, virtual_sink_logit=0.5)):
+        out = model.generate(ids, **kwargs)
+        incremental = torch.stack(out.logits, 1)[0]
+        full = model(out.sequences).logits[0, ids.shape[1] - 1 : -1]
+        padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
+        out_pad = model.generate(padded, attention_mask=(padded != 0).long(), **kwargs)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(out_pad.logits, 1)[0], incremental, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_output_attentions_returns_the_corrected_probabilities():
+    model = tiny_model("llama")
+    ids, mask = _batch(pad=2)
+    model.set_attn_implementation("eager")
+    stock = model(ids, attention_mask=mask, output_attentions=True).attentions
+    beta = 0.25
+    with sinkfix.patch(model, Policy(sink_scale=beta)):
+        fixed = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(fixed) == 2
+    for layer, (p_stock, p_fixed) in enumerate(zip(stock, fixed)):
+        # batch 0: sink = column 0; batch 1 (2 pad columns): sink = column 2; rows after the sink row
+        for b, sink in ((0, 0), (1, 2)):
+            rows = slice(sink + 1, None)
+            torch.testing.assert_close(p_fixed[b, :, rows].sum(-1), torch.ones_like(p_fixed[b, :, rows, 0]))
+            if layer > 0:
+                continue  # later layers see corrected inputs, so only layer 0 compares with stock
+            torch.testing.assert_close(p_fixed[b, :, rows, sink], beta * p_stock[b, :, rows, sink], atol=1e-5, rtol=0)
+            # the freed mass goes to the other keys in proportion to their weight
+            others = p_stock[b, :, rows].clone()
+            others[..., sink] = 0
+            scale = (1 - beta * p_stock[b, :, rows, sink]) / others.sum(-1)
+            expect = others * scale[..., None]
+            expect[..., sink] = beta * p_stock[b, :, rows, sink]
+            torch.testing.assert_close(p_fixed[b, :, rows], expect, atol=1e-5, rtol=0)
+            # the sink's own row is untouched
+            torch.testing.assert_close(p_fixed[b, :, sink], p_stock[b, :, sink], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_sliding_window_layers_leave_rows_that_cannot_see_the_sink_untouched():
+    """Documented rule: on a sliding-window layer, a query whose window no longer contains the sink
+    runs plain softmax; rows that still see the sink get the policy."""
+    model = tiny_model("mistral")  # every layer slides, window 5
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    model.set_attn_implementation("eager")
+    stock = model(ids, output_attentions=True).attentions[0]
+    with sinkfix.patch(model, Policy(sink_scale=0.0)):
+        fixed = model(ids, output_attentions=True).attentions[0]  # layer 0: same inputs as stock
+    window = model.config.sliding_window
+    torch.testing.assert_close(fixed[0, :, window:], stock[0, :, window:], atol=1e-6, rtol=0)
+    assert (fixed[0, :, 1:window, 0] == 0).all()  # dropped where the sink is visible
+    assert (stock[0, :, 1:window, 0] > 0).all()
+
+
+@torch.no_grad()
+def test_patches_are_per_model():
+    a, b, c = tiny_model("llama", 0), tiny_model("llama", 0), tiny_model("llama", 0)
+    ids, _ = _batch()
+    stock = c(ids).logits
+    ha = sinkfix.patch(a, Policy(sink_scale=0.2))
+    hb = sinkfix.patch(b, Policy(sink_scale=0.9))
+    out_a, out_b, out_c = a(ids).logits, b(ids).logits, c(ids).logits
+    assert (out_a - out_b).abs().max() > 1e-3
+    assert torch.equal(out_c, stock)  # the unpatched model is never affected
+    ha.remove()
+    assert torch.equal(a(ids).logits, stock)
+    assert torch.equal(b(ids).logits, out_b)  # removing one patch leaves the other alone
+    hb.remove()
+
+
+@torch.no_grad()
+def test_patching_twice_replaces_and_remove_is_idempotent():
+    model = tiny_model("llama")
+    ids, _ = _batch()
+    stock = model(ids).logits
+    first = sinkfix.patch(model, Policy(sink_scale=0.2))
+    second = sinkfix.patch(model, Policy(sink_scale=0.7))
+    assert not first.active and second.active
+    with sinkfix.patch(model, Policy(sink_scale=0.7)):
+        expect = model(ids).logits
+    second = sinkfix.patch(model, Policy(sink_scale=0.7))
+    torch.testing.assert_close(model(ids).logits, expect)
+    first.remove()  # stale handle: no effect
+    torch.testing.assert_close(model(ids).logits, expect)
+    second.remove()
+    second.remove()
+    assert torch.equal(model(ids).logits, stock)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_patch_then_delete_the_model():
+    model = tiny_model("llama")
+    handle = sinkfix.patch(model, Policy(sink_scale=0.5))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the handle does not keep the model alive
+    handle.remove()  # and removing afterwards is harmless
+    assert not handle.active
+
+
+@torch.no_grad()
+def test_from_pretrained_with_sinkfix_implementation_is_identity_until_patched(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    ids, mask = _batch()
+    stock = model(ids, attention_mask=mask).logits
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sinkfix").eval()
+    assert loaded.config._attn_implementation == "sinkfix"
+    torch.testing.assert_close(loaded(ids, attention_mask=mask).logits[mask.bool()], stock[mask.bool()], atol=1e-5, rtol=0)
+    with sinkfix.patch(loaded, Policy(sink_scale=0.5)):
+        assert (loaded(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+def test_unsupported_architecture_is_refused_and_restored():
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    ).eval()
+    before = model.config._attn_implementation
+    with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*AttentionInterface"):
+        sinkfix.patch(model, Policy(sink_scale=0.5))
+    assert model.config._attn_implementation == before
+    assert not hasattr(model, "_sinkfix_handle")
+
+
+def test_bad_policy_shape_is_refused_and_model_restored():
+    model = tiny_model("llama")
+    with pytest.raises(sinkfix.PolicyError, match=r"\[2, 4\]"):
+        sinkfix.patch(model, Policy(sink_scale=torch.ones(3, 4)))
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(TypeError, match="Policy or sinkfix.Profile"):
+        sinkfix.patch(model, {"sink_scale": 0.5})
+
+
+@pytest.mark.parametrize("kwarg", ["indices", "position_bias", "sinks", "block_indices"])
+def test_unimplemented_semantic_kwargs_raise(kwarg):
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=kwarg):
+        attention_forward(module, q, q, q, None, **{kwarg: torch.zeros(1)})
+
+
+def test_attention_dropout_is_refused():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
+
+
+def test_triton_backend_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="backend='triton' needs"):
+        sinkfix.patch(model, Policy(), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sinkfix.patch(model, Policy(), backend="cuda")
+    assert model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_residual_clip_relative_caps_tokens_and_exempts_the_sink():
+    model = tiny_model("llama")
+    ids, mask = _batch(pad=3)
+    stock = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    with sinkfix.patch(model, Policy(residual_clip=ResidualClip(1.05))):
+        clipped = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    # hidden_states[l + 1] is the output of decoder layer l, as the next layer sees it (prepend=True)
+    layer0 = clipped[1]
+    for b, first in ((0, 0), (1, 3)):
+        norms = layer0[b, first:].norm(dim=-1)
+        median = norms[1:].median()
+        assert (norms[1:] <= 1.05 * median * (1 + 1e-5)).all()
+        torch.testing.assert_close(layer0[b, first], stock[1][b, first])  # the sink is exempt
+    assert (layer0[0] - stock[1][0]).abs().max() > 1e-4  # and something was clipped
+
+
+@torch.no_grad()
+def test_residual_clip_absolute_clamps_the_sink_to_its_norm_never_zero():
+    model = tiny_model("llama")
+    ids, _ = _batch()
+    stock = model(ids, output_hidden_states=True).hidden_states[1]
+    target = stock[:, 0].norm(dim=-1).min().item() / 2
+    with sinkfix.patch(model, Policy(residual_clip=ResidualClip(1e6, mode="absolute", sink_norm=target))):
+        hidden = model(ids, output_hidden_states=True).hidden_states[1]
+    # hidden_states[1] is decoder layer 0's output (the last entry would be after the final norm)
+    torch.testing.assert_close(hidden[:, 0].norm(dim=-1), torch.full((2,), target))
+    torch.testing.assert_close(hidden[:, 1:], stock[:, 1:])  # non-sink tokens under the huge cap: untouched
+
+
+@torch.no_grad()
+def test_accelerate_offload_patches_and_runs(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    ids, mask = _batch()
+    offloaded = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())  # some layers really live on disk
+    stock = offloaded(ids, attention_mask=mask).logits
+    with sinkfix.patch(offloaded, Policy(sink_scale=0.5)):
+        fixed_offloaded = offloaded(ids, attention_mask=mask).logits
+    with sinkfix.patch(model, Policy(sink_scale=0.5)):
+        fixed_plain = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(fixed_offloaded, fixed_plain, atol=1e-5, rtol=0)
+    assert torch.equal(offloaded(ids, attention_mask=mask).logits, stock)
