@@ -179,35 +179,38 @@ def sink_attention_torch(
     n_sinks = sink_cols.shape[1]
     cols = sink_cols.clamp(0, max(k_len - 1, 0)).long()
     gather_idx = cols[:, None, :, None].expand(batch, kv_heads, n_sinks, head_dim)
-    k_s = k.gather(2, gather_idx).float()  # (B, Hkv, NS, D)
-    v_s = v.gather(2, gather_idx).float()
-    q_g = q.float().reshape(batch, kv_heads, group, q_len, head_dim)
-    s_s = torch.einsum("bhgqd,bhsd->bhgqs", q_g, k_s).reshape(batch, q_heads, q_len, n_sinks) * scale
-    s_s = s_s.masked_fill(~sink_visible, float("-inf"))
+    # (B, Hq, NS, D): repeating |S| key/value rows per query head is tiny, unlike repeating k/v
+    k_s = k.gather(2, gather_idx).repeat_interleave(group, dim=1).to(torch.float32)
+    v_s = v.gather(2, gather_idx).repeat_interleave(group, dim=1).to(torch.float32)
+    s_s = torch.matmul(q.to(torch.float32), k_s.transpose(-1, -2)).mul_(scale)  # (B, Hq, Q, NS)
+    s_s = s_s.masked_fill_(~sink_visible, float("-inf"))
 
     # -- epilogue: combine with one shared max -------------------------------------------------
-    lse_n = lse_n.float()
+    lse_n = lse_n.to(torch.float32)
     has_n = torch.isfinite(lse_n)
     m = torch.maximum(lse_n, s_s.amax(-1))
     lse_v = None
     if extra_logits is not None:
         lse_v = torch.logsumexp(extra_logits.float(), dim=-1)[None, :, None]  # (1, Hq, 1)
         m = torch.maximum(m, lse_v)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.nan_to_num(m, neginf=0.0)  # rows that see nothing
     l_n = torch.exp(lse_n - m)
     e_s = torch.exp(s_s - m[..., None])
     l_s = e_s.sum(-1)
-    z = l_n + l_s + (torch.exp(lse_v - m) if lse_v is not None else 0.0)
+    z = l_n + l_s
+    lse = torch.log(z) + m
+    if lse_v is not None:
+        z = z + torch.exp(lse_v - m)
     z = torch.where(z > 0, z, torch.ones_like(z))
-    b = torch.ones_like(l_n) if beta is None else beta.float()[None, :, None].expand_as(l_n)
-    b = torch.where(has_n, b, torch.ones_like(b))  # rows that see only the sink stay untouched
-    coef_n = (l_n + (1 - b) * l_s) / z
-    coef_s = (b / z)[..., None] * e_s
-    out = coef_n[..., None] * out_n.float().masked_fill(~has_n[..., None], 0)
-    out = out + torch.einsum(
-        "bhgqs,bhsd->bhgqd", coef_s.reshape(batch, kv_heads, group, q_len, n_sinks), v_s
-    ).reshape(batch, q_heads, q_len, head_dim)
-    lse = torch.log(l_n + l_s) + m
+    if beta is None:
+        coef_n = l_n / z
+        coef_s = e_s / z[..., None]
+    else:
+        b = torch.where(has_n, beta.to(torch.float32)[None, :, None], 1.0)  # sink-only rows stay untouched
+        coef_n = torch.addcmul(l_n, 1 - b, l_s) / z
+        coef_s = e_s * (b / z)[..., None]
+    # rows without non-sink keys have l_n = 0, so whatever the flash op left there is multiplied by 0
+    out = torch.matmul(coef_s, v_s).addcmul_(coef_n[..., None], out_n.to(torch.float32))
     sink_mass = (l_s / z) if need_sink_mass else None
     return AttentionResult(out.to(q.dtype), lse, sink_mass, None)
 
