@@ -14,7 +14,7 @@ Users can pass their own files (:func:`read_text_file`) instead.
 from __future__ import annotations
 
 import ast
-import importlib.util
+import sysconfig
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +30,7 @@ _CODE_MODULES = {
               "pprint", "gettext", "locale", "tarfile"],
     "eval": ["argparse", "textwrap", "fractions", "heapq", "statistics", "dataclasses"],
 }
-_PROSE_DOC_MODULES = ["collections", "typing", "functools", "itertools", "re", "os", "subprocess", "logging",
+_PROSE_DOC_MODULES = ["collections", "typing", "functools", "re", "os", "subprocess", "logging",
                       "unittest.case", "email.message", "http.client", "asyncio.tasks", "decimal", "pathlib",
                       "inspect", "threading", "socket", "zipfile"]
 
@@ -40,10 +40,14 @@ class TextError(SinkfixError, ValueError):
 
 
 def _module_source(name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        raise TextError(f"standard-library module {name} has no Python source on this machine")
-    return Path(spec.origin).read_text(encoding="utf-8")
+    # Read the file from the standard library folder rather than through the import system: some
+    # modules (os, codecs, ...) are frozen into the interpreter and report no source file.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stem = stdlib.joinpath(*name.split("."))
+    for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise TextError(f"standard-library module {name} has no Python source under {stdlib}")
 
 
 def _docstrings(source: str) -> list[str]:

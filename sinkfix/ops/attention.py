@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -216,6 +217,11 @@ def sink_attention_torch(
 
 
 # -- dispatch -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -242,6 +248,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto", **kwargs) -> AttentionResult:
     """Dispatch to the Triton kernels or the PyTorch path. Probabilities always come from PyTorch."""
     chosen = resolve_backend(backend, q.device)
+    if chosen == "triton" and kwargs.get("return_probs"):
+        _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
+                   "materialises the scores); the Triton kernels never build them")
     if chosen == "triton" and not kwargs.get("return_probs") and not _needs_autograd(q, k, v):
         from sinkfix import kernels
 

@@ -1,0 +1,91 @@
+"""``sinkfix bb``: train small transformers on Bigram-Backcopy and report the extreme-token quantities.
+
+    sinkfix bb                          # the default experiment, a table on stdout
+    sinkfix bb --json                   # one JSON object on stdout, progress on stderr
+    sinkfix bb --out bb_run/            # bb.json + bb_dynamics.png + bb_final.png
+    sinkfix bb --variants adam --steps 300 --layers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from sinkfix.bb.data import SOURCES
+    from sinkfix.bb.train import VARIANTS, TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    parser = subparsers.add_parser(
+        "bb",
+        help="train toy models on the Bigram-Backcopy task and measure sinks, drains and peaks",
+        description=(
+            "Train small transformers (real transformers models) on the Bigram-Backcopy task of Guo et al. "
+            "2024 in three variants (softmax + AdamW, softmax + SGD, ReLU attention + AdamW) and report "
+            "attention on BOS for trigger / non-trigger rows, BOS value and residual norm ratios, the BOS "
+            "logit gap and the active/dormant detector's accuracy."
+        ),
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=defaults["steps"], help=f"training steps (default {defaults['steps']})")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of model init and data (default 0)")
+    parser.add_argument("--layers", type=int, default=defaults["layers"], help=f"layers (default {defaults['layers']})")
+    parser.add_argument("--width", type=int, default=defaults["width"], help=f"model width (default {defaults['width']})")
+    parser.add_argument("--seq-len", type=int, default=defaults["seq_len"],
+                        help=f"training / evaluation sequence length, BOS included (default {defaults['seq_len']})")
+    parser.add_argument("--batch", type=int, default=defaults["batch"], help=f"batch size (default {defaults['batch']})")
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default=defaults["arch"],
+                        help=f"transformers architecture (default {defaults['arch']})")
+    parser.add_argument("--source", choices=SOURCES, default="prose",
+                        help="bigram statistics: built-in prose / code text, or a seeded random Markov matrix")
+    parser.add_argument("--eval-every", type=int, default=defaults["eval_every"],
+                        help=f"steps between training-dynamics measurements (default {defaults['eval_every']})")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="write bb.json and the PNG figures to DIR")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sinkfix.bb.report import run_experiment, summary_table, to_json, write_figures
+    from sinkfix.bb.train import TrainConfig
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    for name, value in (("--steps", args.steps), ("--layers", args.layers), ("--width", args.width),
+                        ("--batch", args.batch), ("--eval-every", args.eval_every), ("--threads", args.threads)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.seq_len < 4:
+        raise ValueError(f"--seq-len must be >= 4, got {args.seq_len}")
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        steps=args.steps, seed=args.seed, layers=args.layers, width=args.width, seq_len=args.seq_len,
+        batch=args.batch, arch=args.arch, eval_every=min(args.eval_every, args.steps),
+    )
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = run_experiment(config, variants, source=args.source, progress=progress)
+    text = to_json(report)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bb.json").write_text(text + "\n", encoding="utf-8")
+        for path in write_figures(report, out):
+            progress(f"wrote {path}")
+        progress(f"wrote {out / 'bb.json'}")
+    if args.json:
+        print(text)
+    else:
+        print(summary_table(report))
+    return 0
