@@ -2,13 +2,15 @@
 
 One program owns BLOCK_M query rows of one (batch, query head) and streams the visible key tiles
 with an online softmax. The sink set S never costs the inner loop more than a column compare: sink
-columns are masked out of the running state (m_i, l_i, acc), which therefore holds the non-sink part
-N only; the at most NS sink columns are recomputed once in the epilogue as a second partial state
-(m_s, l_s, acc_s), and the two are combined with the per-head beta and the zero-value extra logits
-by the formula of ``sinkfix/ops/reference.py``. Splitting first and combining last keeps l_N exact
-(no l_total - l_S cancellation when the sink takes nearly all the mass, which is the common case).
+columns are masked out of the running state (m_i, l_i, acc), which therefore holds the non-sink
+part N only. In the epilogue the at most NS sink columns are gathered into one extra 16-column key
+tile (one small q.K_S^T and one P_S.V_S product), and the two parts are combined with the per-head
+beta and the zero-value extra logits by the formula of ``sinkfix/ops/reference.py``. Splitting
+first and combining last keeps l_N exact: no l_total - l_S cancellation when the sink takes nearly
+all the mass, which is the common case.
 
-Logits are kept in base 2 (scaled by log2(e)) so the loop uses exp2.
+Logits are kept in base 2 (scaled by log2(e)) so the loop uses exp2. The helpers above the kernel
+are shared with the split-KV decode kernel (attention_decode.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MAX_SINK_SLOTS = 16
@@ -34,7 +34,7 @@ def _logits2(qk, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
     softcap), tanh written with one exp2 of a non-positive argument so it never overflows."""
     if HAS_SOFTCAP:
         x = qk * qk_scale
-        t = tl.math.exp2(-2.0 * _LOG2E * tl.abs(x))
+        t = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
         th = (1.0 - t) / (1.0 + t)
         return softcap_log2 * tl.where(x < 0, -th, th)
     else:
@@ -56,6 +56,7 @@ def _attn_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Key tiles [start, end) step BLOCK_N. MASKED = False only for tiles that every row sees whole
     (inside the causal/window band and below K) when no dense mask is given: no bounds or rule
@@ -70,6 +71,8 @@ def _attn_tiles(
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             k = tl.load(k_ptrs)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
         # -- compute qk --
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         qk = _logits2(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
@@ -104,65 +107,72 @@ def _attn_tiles(
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _sink_partial(
+def _sink_tile(
     q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
     mask_rows, stride_mn, row_ok, q_pos,
     sink_ptr, stride_sn,                # sink_cols[b, 0]
     k_len, window, qk_scale, softcap_log2, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """(m_s, l_s, acc_s) of the sink columns for every row, with the same visibility rules as the
-    loop. A column listed twice counts once (the reference builds a boolean set)."""
-    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_s = tl.zeros([BLOCK_M], tl.float32)
-    acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qf = q.to(tl.float32)
-    for t in tl.static_range(NS):
-        c = tl.load(sink_ptr + t * stride_sn)
-        fresh = (c >= 0) & (c < k_len)
-        for u in tl.static_range(t):
-            fresh = fresh & (tl.load(sink_ptr + u * stride_sn) != c)
-        c = tl.where(fresh, c, 0)
-        k_c = tl.load(k_base + c * stride_kn + offs_d * stride_kk, mask=offs_d < HEAD_DIM, other=0.0)
-        v_c = tl.load(v_base + c * stride_vn + offs_d * stride_vk, mask=offs_d < HEAD_DIM, other=0.0)
-        s = _logits2(tl.sum(qf * k_c.to(tl.float32)[None, :], 1), qk_scale, softcap_log2, HAS_SOFTCAP)
-        vis = row_ok & fresh
-        if IS_CAUSAL:
-            vis = vis & (c <= q_pos)
-        if HAS_WINDOW:
-            vis = vis & (c > q_pos - window)
-        if HAS_MASK:
-            vis = vis & (tl.load(mask_rows + c * stride_mn, mask=vis, other=0) != 0)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_s, s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_s - m_safe)
-        p = tl.math.exp2(s - m_safe)
-        l_s = l_s * alpha + p
-        acc_s = acc_s * alpha[:, None] + p[:, None] * v_c.to(tl.float32)[None, :]
-        m_s = m_new
-    return m_s, l_s, acc_s
+    """The sink columns as one gathered key tile of SB >= 16 columns (tl.dot's minimum): returns
+    their base-2 logits (BLOCK_M, SB), -inf where not visible, and their values (SB, BLOCK_D).
+    Same visibility rules as the loop; unused slots, columns outside [0, K) and a column listed a
+    second time are dropped (the reference builds a boolean set)."""
+    offs_t = tl.arange(0, SB)
+    cols = tl.load(sink_ptr + offs_t * stride_sn, mask=offs_t < NS, other=-1)
+    earlier = (cols[:, None] == cols[None, :]) & (offs_t[None, :] < offs_t[:, None])
+    dup = tl.max(earlier.to(tl.int32), axis=1)
+    fresh = (cols >= 0) & (cols < k_len) & (dup == 0)
+    cols = tl.where(fresh, cols, 0)
+    kv_mask = fresh[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_s = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+    v_s = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    if UPCAST_DOT:
+        k_s = k_s.to(tl.float32)
+    s = _logits2(tl.dot(q, tl.trans(k_s), input_precision="ieee"), qk_scale, softcap_log2, HAS_SOFTCAP)
+    vis = fresh[None, :] & row_ok[:, None]
+    if IS_CAUSAL:
+        vis = vis & (cols[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        vis = vis & (cols[None, :] > q_pos[:, None] - window)
+    if HAS_MASK:
+        vis = vis & (tl.load(mask_rows[:, None] + cols[None, :] * stride_mn, mask=vis, other=0) != 0)
+    return tl.where(vis, s, float("-inf")), v_s
 
 
 @triton.jit
-def _sink_combine(m_n, l_n, acc_n, m_s, l_s, acc_s, beta, extra2, HAS_EXTRA: tl.constexpr):
-    """Epilogue of every policy. m_* are base-2 running maxima, extra2 (rows or 1, E_P2) the extra
-    logits in base 2 (-inf = unused). Returns (out fp32, lse in natural log).
+def _softmax_stats(s):
+    """Row max (base 2) and sum of 2^(s - max) of a logit tile; (-inf, 0) for rows with nothing."""
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.math.exp2(s - m_safe[:, None])
+    return m, tl.sum(p, 1), p
 
-        Z = l_S + l_N + sum_e 2^extra2_e        (all relative to the shared max m)
+
+@triton.jit
+def _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, HAS_EXTRA: tl.constexpr):
+    """Epilogue of every policy, as coefficients: out = c_n * acc_N + c_s * acc_S where acc_N, l_N
+    are relative to m_n and acc_S, l_S to m_s (base-2 maxima; extra2 = extra logits in base 2,
+    -inf unused, shape (rows or 1, E_P2)). Returns (c_n, c_s, lse in natural log).
+
+        Z = l_S + l_N + sum_e 2^extra2_e        (rescaled to the shared max m)
         o = beta * acc_S / Z + (acc_N / l_N) * (l_N + (1 - beta) l_S) / Z    if l_N > 0
         o = acc_S / Z                                                        otherwise
 
-    acc_N / l_N is a convex combination of values and (l_N + (1 - beta) l_S) / Z <= 1, so neither
-    factor can overflow; l_N > 0 is tested before rescaling so a tiny l_N is not lost to underflow.
+    Each l is >= 1 when nonzero (its own max contributes 2^0), so 1 / l_N cannot overflow;
+    (l_N + (1 - beta) l_S) / Z <= 1, and Z overflowing (a huge extra logit) correctly gives 0.
     """
     m = tl.maximum(m_n, m_s)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -173,16 +183,15 @@ def _sink_combine(m_n, l_n, acc_n, m_s, l_s, acc_s, beta, extra2, HAS_EXTRA: tl.
     z = ln + ls
     if HAS_EXTRA:
         z = z + tl.sum(tl.math.exp2(extra2 - m_safe[:, None]), 1)
-    inv_z = tl.where(z > 0, 1.0 / z, 0.0)
+    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
     has_n = l_n > 0
-    b = tl.where(has_n, beta, 1.0)
-    avg_n = acc_n / tl.where(has_n, l_n, 1.0)[:, None]
-    w_n = tl.where(has_n, (ln + (1.0 - b) * ls) * inv_z, 0.0)
-    w_s = b * a_s * inv_z
-    out = acc_s * w_s[:, None] + avg_n * w_n[:, None]
+    b = tl.where(has_n, beta, 1.0)  # rows that see only the sink stay untouched
+    c_n = tl.where(has_n, (ln + (1.0 - b) * ls) * inv_z / tl.where(has_n, l_n, 1.0), 0.0)
+    c_s = b * a_s * inv_z
     l_tot = ln + ls
-    lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(l_tot)) * _LN2, float("-inf"))
-    return out, lse
+    lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    return c_n, c_s, lse
 
 
 # -- kernel ---------------------------------------------------------------------------------------
@@ -200,9 +209,10 @@ def _sink_attn_fwd(
     num_heads, group, q_len, k_len, causal_offset, window, n_extra,
     qk_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NS: tl.constexpr, NS_P2: tl.constexpr, E_P2: tl.constexpr,
+    NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr, E_P2: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -219,11 +229,14 @@ def _sink_attn_fwd(
 
     q_ptrs = Q + off_b * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     k_base = K + off_b * stride_kz + off_kvh * stride_kh
     v_base = V + off_b * stride_vz + off_kvh * stride_vh
     # absent optional tensors arrive as None: only touch them under their flag
     if HAS_MASK:
-        mask_rows = Mask + off_b * stride_mz + off_h * stride_mh + offs_m * stride_mm
+        # int64 rows: a dense (Q, K) mask passes 2**31 elements at Q = K = 46k
+        mask_rows = Mask + off_b * stride_mz + off_h * stride_mh + offs_m.to(tl.int64) * stride_mm
     else:
         mask_rows = Mask
     if NS > 0:
@@ -255,35 +268,34 @@ def _sink_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # leading tiles cut by the sliding window
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-        mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
-        offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_MASK, IS_CAUSAL, HAS_WINDOW,
-        HAS_SOFTCAP, NS > 0)
-    # tiles every row sees whole: no rule checks unless a dense mask must be read anyway
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-        mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
-        softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, HAS_MASK, IS_CAUSAL,
-        HAS_WINDOW, HAS_SOFTCAP, NS > 0)
-    # trailing tiles: causal diagonal and the ragged end of K
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-        mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
-        offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_MASK, IS_CAUSAL, HAS_WINDOW,
-        HAS_SOFTCAP, NS > 0)
-
-    # -- epilogue: sink partial, policy combine --
-    if NS > 0:
-        m_s, l_s, acc_s = _sink_partial(
-            q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
-            row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
-            HEAD_DIM, BLOCK_M, BLOCK_D, NS, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP)
+    if HAS_MASK:
+        # a dense mask is read on every tile anyway: one masked pass, a third of the code
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
     else:
-        m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_M], tl.float32)
-        acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # leading tiles cut by the sliding window
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+        # tiles every row sees whole: no rule checks
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
+            softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+        # trailing tiles: causal diagonal and the ragged end of K
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+
+    # -- epilogue: sink tile, policy combine --
     if HAS_BETA:
         beta = tl.load(Beta + off_h).to(tl.float32)
     else:
@@ -291,10 +303,26 @@ def _sink_attn_fwd(
     if HAS_EXTRA:
         offs_e = tl.arange(0, E_P2)
         extra2 = tl.load(Extra + off_h * stride_eh + offs_e[None, :] * stride_ee,
-                         mask=offs_e[None, :] < n_extra, other=float("-inf")).to(tl.float32) * _LOG2E
+                         mask=offs_e[None, :] < n_extra, other=float("-inf")).to(tl.float32) * 1.4426950408889634
     else:
         extra2 = 0.0
-    out, lse = _sink_combine(m_i, l_i, acc, m_s, l_s, acc_s, beta, extra2, HAS_EXTRA)
+    if NS > 0:
+        s_s, v_s = _sink_tile(
+            q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
+            row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
+            HEAD_DIM, BLOCK_D, NS, SB, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, UPCAST_DOT)
+        m_s, l_s, p_s = _softmax_stats(s_s)
+        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, l_s, beta, extra2, HAS_EXTRA)
+        # the sink weights go into the P.V product directly: no second accumulator
+        p_s = (p_s * c_s[:, None]).to(v_s.dtype)
+        if UPCAST_DOT:
+            p_s = p_s.to(tl.float32)
+            v_s = v_s.to(tl.float32)
+        out = acc * c_n[:, None] + tl.dot(p_s, v_s, input_precision="ieee")
+    else:
+        m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra2, HAS_EXTRA)
+        out = acc * c_n[:, None]
 
     o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -306,21 +334,24 @@ def _sink_attn_fwd(
 # taken from the shapes that published flash-attention forwards in Triton use on A100/H100 (128-row
 # query tiles, 64-key tiles, 8 warps from hd 128 up), then shrunk until the AOT compile for sm_80
 # and sm_90 fits shared memory with headroom (numbers in benchmarks/RESULTS.md). Not tuned on a GPU
-# yet: ``benchmarks/bench_attention.py --sweep`` times every entry of PREFILL_CONFIGS.
+# yet: ``benchmarks/bench_attention.py --sweep`` times a grid of tile shapes around the bf16 entries.
+# A fixed table rather than triton.autotune: no tuning pause at the first forward of every new
+# shape inside a model, and the same tiles (so the same rounding) on every run.
 PREFILL_CONFIGS = {
-    # (BLOCK_D, 16-bit input?): (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (16, True): (128, 64, 4, 3),
-    (32, True): (128, 64, 4, 3),
+    # (BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (64, True): (128, 64, 4, 3),
     (128, True): (128, 64, 8, 3),
     (256, True): (64, 32, 4, 2),
     # fp32 tiles are twice as wide in shared memory and use the slower ieee dot: halve the tiles
-    (16, False): (64, 32, 4, 2),
-    (32, False): (64, 32, 4, 2),
     (64, False): (64, 32, 4, 2),
     (128, False): (64, 32, 4, 2),
     (256, False): (32, 32, 4, 2),
 }
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that the launcher uses for this head dim and dtype."""
+    return PREFILL_CONFIGS[(max(64, _block_d(head_dim)), dtype != torch.float32)]
 
 
 def _is_interpreted(kernel) -> bool:
@@ -359,6 +390,11 @@ def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, 
         raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
     if not 1 <= head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} not supported (1..{_MAX_HEAD_DIM})")
+    # batch and head offsets are int64 in the kernels, offsets inside one head's (S, D) are int32
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if (t.shape[2] - 1) * abs(t.stride(2)) + (head_dim - 1) * abs(t.stride(3)) >= 2 ** 31:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()}: one head spans more than "
+                             "2**31 elements, beyond the kernels' int32 in-head offsets")
     if sliding_window is not None and int(sliding_window) != sliding_window:
         raise ValueError(f"sliding_window must be an int, got {sliding_window!r}")
     if softcap is not None and not softcap > 0:
@@ -381,7 +417,8 @@ def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, 
     sinks, n_sinks = None, 0
     if sink_cols is not None:
         if sink_cols.dtype.is_floating_point or sink_cols.dtype == torch.bool or sink_cols.dim() != 2:
-            raise ValueError(f"sink_cols must be an integer (B, NS) tensor, got {sink_cols.dtype} {tuple(sink_cols.shape)}")
+            raise ValueError(f"sink_cols must be an integer (B, NS) tensor, got {sink_cols.dtype} "
+                             f"{tuple(sink_cols.shape)}")
         if sink_cols.shape[0] not in (1, batch):
             raise ValueError(f"sink_cols batch {sink_cols.shape[0]} does not match q batch {batch}")
         if sink_cols.shape[1] > _MAX_SINK_SLOTS:
@@ -411,6 +448,11 @@ def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, 
         mask=mask, mask_strides=mask_strides, sinks=sinks, n_sinks=n_sinks, sink_strides=sink_strides,
         beta=beta, extra=extra_logits, n_extra=n_extra, qk_scale=qk_scale, softcap_log2=softcap_log2,
         window=0 if sliding_window is None else int(sliding_window),
+        # triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits
+        # (triton-lang/triton#11584, not supported upstream): there, and only there, bf16 tiles are
+        # upcast to fp32 before tl.dot (exact products, fp32 accumulation, P still rounded to bf16),
+        # which is the arithmetic of the tensor-core path. Compiled kernels never take this branch.
+        upcast_dot=_is_interpreted(kernel) and q.dtype == torch.bfloat16,
     )
 
 
@@ -422,11 +464,13 @@ def _outputs(q, out, lse):
     if out is None:
         out = torch.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} "
+                         f"{out.device}")
     if lse is None:
         lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     elif lse.shape != (batch, q_heads, q_len) or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ValueError(f"lse must be ({batch}, {q_heads}, {q_len}) fp32 on {q.device}, got {tuple(lse.shape)} {lse.dtype}")
+        raise ValueError(f"lse must be ({batch}, {q_heads}, {q_len}) fp32 on {q.device}, got {tuple(lse.shape)} "
+                         f"{lse.dtype}")
     return out, lse
 
 
@@ -473,7 +517,7 @@ def sink_attention_prefill(
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
     block_d = _block_d(head_dim)
-    bm, bn, nw, ns = PREFILL_CONFIGS[(block_d, q.dtype != torch.float32)]
+    bm, bn, nw, ns = prefill_config(head_dim, q.dtype)
     block_m, block_n = block_m or bm, block_n or bn
     num_warps, num_stages = num_warps or nw, num_stages or ns
     sm = meta["mask_strides"]
@@ -487,10 +531,11 @@ def sink_attention_prefill(
         meta["qk_scale"], meta["softcap_log2"],
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         NS=meta["n_sinks"], NS_P2=triton.next_power_of_2(max(meta["n_sinks"], 1)),
+        SB=max(16, triton.next_power_of_2(meta["n_sinks"])),
         E_P2=triton.next_power_of_2(max(meta["n_extra"], 1)),
         HAS_MASK=meta["mask"] is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
         HAS_SOFTCAP=softcap is not None, HAS_BETA=meta["beta"] is not None,
-        HAS_EXTRA=meta["extra"] is not None,
+        HAS_EXTRA=meta["extra"] is not None, UPCAST_DOT=meta["upcast_dot"],
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
     return out, lse

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-shot check of the Triton kernels on a CUDA GPU, in under 8 minutes:
+#   1. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors),
+#      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1);
+#   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth).
+# Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu-out}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export SINKFIX_AOT_ALL=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION=1
+
+start=$(date +%s)
+{
+    date
+    nvidia-smi || true
+    "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
+} > "$OUT/environment.txt" 2>&1
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "no CUDA device visible to $PYTHON: nothing to check (see $OUT/environment.txt)" | tee "$OUT/summary.txt"
+    exit 2
+fi
+
+# --confcutdir keeps pytest from loading tests/conftest.py (tiny transformers models, not needed here)
+timeout 240 "$PYTHON" -m pytest tests/kernels -q -rfE -s --confcutdir=tests/kernels --durations=15 \
+    --junitxml="$OUT/pytest-kernels.xml" > "$OUT/pytest-kernels.txt" 2>&1
+tests_rc=$?
+
+timeout 200 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+
+{
+    echo "pytest tests/kernels exit code: $tests_rc (124 = timed out)"
+    tail -n 8 "$OUT/pytest-kernels.txt"
+    echo "benchmark exit code: $bench_rc (124 = timed out; partial table kept in bench.md)"
+    echo "wall time: $(( $(date +%s) - start )) s"
+} | tee "$OUT/summary.txt"
+
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,352 @@
+"""Split-KV decode of sink-aware attention: a few query tokens against a long K.
+
+Decoding is bound by reading K and V once. Two choices follow from that:
+- one program serves all query heads of a GQA group (GROUP * Q rows packed into one tile), so each
+  kv head is streamed once instead of GROUP times;
+- the key axis is cut into NUM_SPLITS contiguous chunks so that even batch 1 with few kv heads keeps
+  every SM busy. Each split writes its partial state (m, l, acc) of the non-sink keys to a fp32
+  workspace; a second kernel merges the splits and applies the sink policy.
+
+The sink set is masked out of every split (one column compare, as in the prefill kernel) and its
+partial state is computed once, by split 0, into an extra workspace slot. So the sink is counted in
+exactly one place wherever its column falls, and the combine (beta, extra logits) runs once, in the
+reduction kernel. The tile loop, the sink partial and the combine are the prefill kernel's helpers,
+so the two paths share one definition of the visibility rules and the policy math.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_prefill import (
+    _attn_tiles,
+    _block_d,
+    _outputs,
+    _prepare,
+    _sink_combine,
+    _sink_tile,
+    _softmax_stats,
+)
+
+
+# -- kernels --------------------------------------------------------------------------------------
+@triton.jit
+def _sink_attn_decode_split(
+    Q, K, V, Mask, Sinks, PartM, PartL, PartAcc,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_sz, stride_sn,
+    num_kv_heads, group, q_len, k_len, causal_offset, window, n_rows, split_size, num_splits,
+    qk_scale, softcap_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    off_b = (pid_bh // num_kv_heads).to(tl.int64)
+    off_kvh = (pid_bh % num_kv_heads).to(tl.int64)
+
+    # -- rows: r = g * Q + i is query token i of query head kvh * GROUP + g --
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    off_i = rows % q_len
+    off_h = off_kvh * group + rows // q_len
+    q_pos = off_i + causal_offset
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = (Q + off_b * stride_qz + off_h[:, None] * stride_qh + off_i[:, None] * stride_qm
+              + offs_d[None, :] * stride_qk)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_base = K + off_b * stride_kz + off_kvh * stride_kh
+    v_base = V + off_b * stride_vz + off_kvh * stride_vh
+    if HAS_MASK:
+        mask_rows = Mask + off_b * stride_mz + off_h * stride_mh + off_i * stride_mm
+    else:
+        mask_rows = Mask
+    if NS > 0:
+        sink_ptr = Sinks + off_b * stride_sz
+        offs_s = tl.arange(0, NS_P2)
+        sinks = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
+    else:
+        sink_ptr = Sinks
+        sinks = 0
+
+    # -- this split's keys, cut to what the rows can see; the middle needs no rule checks --
+    # (bounds from the first and last query token; the rows of one tile span all of them)
+    pos_first = causal_offset
+    pos_last = q_len - 1 + causal_offset
+    lo = pid_s * split_size
+    hi = tl.minimum(lo + split_size, k_len)
+    full_lo = lo
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, pos_last + 1)
+        full_hi = tl.minimum(full_hi, pos_first + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos_first - window + 1)
+        full_lo = tl.maximum(full_lo, pos_last - window + 1)
+    lo = tl.minimum(lo, k_len) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
+    full_hi = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_MASK:
+        # a dense mask is read on every tile anyway: one masked pass, a third of the code
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+    else:
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
+            softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+
+    # -- workspace (B * Hkv, NUM_SPLITS + 1, n_rows[, HEAD_DIM]) fp32; slot NUM_SPLITS = sinks --
+    slot = (pid_bh.to(tl.int64) * (num_splits + 1) + pid_s) * n_rows + rows
+    tl.store(PartM + slot, m_i, mask=row_ok)
+    tl.store(PartL + slot, l_i, mask=row_ok)
+    acc_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(PartAcc + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=acc_mask)
+    if NS > 0:
+        if pid_s == 0:  # the sink set is counted here and nowhere else
+            s_s, v_s = _sink_tile(
+                q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
+                row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
+                HEAD_DIM, BLOCK_D, NS, SB, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, UPCAST_DOT)
+            m_s, l_s, p_s = _softmax_stats(s_s)
+            p_s = p_s.to(v_s.dtype)
+            if UPCAST_DOT:
+                p_s = p_s.to(tl.float32)
+                v_s = v_s.to(tl.float32)
+            acc_s = tl.dot(p_s, v_s, input_precision="ieee")
+            sink_slot = slot + num_splits * n_rows
+            tl.store(PartM + sink_slot, m_s, mask=row_ok)
+            tl.store(PartL + sink_slot, l_s, mask=row_ok)
+            tl.store(PartAcc + sink_slot[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=acc_mask)
+
+
+@triton.jit
+def _sink_attn_decode_reduce(
+    PartM, PartL, PartAcc, Out, Lse, Beta, Extra,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_lz, stride_lh, stride_lm,
+    stride_eh, stride_ee,
+    num_kv_heads, group, q_len, n_rows, num_splits, n_extra,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, E_P2: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    off_b = (pid_bh // num_kv_heads).to(tl.int64)
+    off_kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    off_i = rows % q_len
+    off_h = off_kvh * group + rows // q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    # -- merge the non-sink partial states of all splits (online, any number of splits) --
+    base = pid_bh.to(tl.int64) * (num_splits + 1) * n_rows + rows
+    m_n = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_n = tl.zeros([BLOCK_R], tl.float32)
+    acc_n = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        slot = base + s * n_rows
+        m_p = tl.load(PartM + slot, mask=row_ok, other=float("-inf"))
+        l_p = tl.load(PartL + slot, mask=row_ok, other=0.0)
+        acc_p = tl.load(PartAcc + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=acc_mask, other=0.0)
+        m_new = tl.maximum(m_n, m_p)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_n = tl.math.exp2(m_n - m_safe)
+        a_p = tl.math.exp2(m_p - m_safe)
+        l_n = l_n * a_n + l_p * a_p
+        acc_n = acc_n * a_n[:, None] + acc_p * a_p[:, None]
+        m_n = m_new
+    if HAS_SINKS:
+        slot = base + num_splits * n_rows
+        m_s = tl.load(PartM + slot, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(PartL + slot, mask=row_ok, other=0.0)
+        acc_s = tl.load(PartAcc + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=acc_mask, other=0.0)
+    else:
+        m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_R], tl.float32)
+        acc_s = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+
+    # -- policy combine, per row's head --
+    if HAS_BETA:
+        beta = tl.load(Beta + off_h, mask=row_ok, other=1.0).to(tl.float32)
+    else:
+        beta = 1.0
+    if HAS_EXTRA:
+        offs_e = tl.arange(0, E_P2)
+        extra2 = tl.load(Extra + off_h[:, None] * stride_eh + offs_e[None, :] * stride_ee,
+                         mask=row_ok[:, None] & (offs_e[None, :] < n_extra),
+                         other=float("-inf")).to(tl.float32) * 1.4426950408889634
+    else:
+        extra2 = 0.0
+    c_n, c_s, lse = _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, HAS_EXTRA)
+    out = acc_n * c_n[:, None] + acc_s * c_s[:, None]
+
+    o_ptrs = (Out + off_b * stride_oz + off_h[:, None] * stride_oh + off_i[:, None] * stride_om
+              + offs_d[None, :] * stride_ok)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=acc_mask)
+    tl.store(Lse + off_b * stride_lz + off_h * stride_lh + off_i * stride_lm, lse, mask=row_ok)
+
+
+# -- launcher -------------------------------------------------------------------------------------
+# Key tile per padded head dim: a 64 x 128 bf16 K tile is 16 KB, so 3 stages of K and V stay near
+# 100 KB on sm_80 and sm_90 (AOT numbers in benchmarks/RESULTS.md); hd 256 halves the tile, fp32
+# halves it again. Query tiles hold GROUP * Q rows, at least 16 (tl.dot's minimum), at most 64.
+DECODE_CONFIGS = {
+    # (BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_N, num_warps, num_stages)
+    (64, True): (64, 4, 3),
+    (128, True): (64, 4, 3),
+    (256, True): (32, 4, 2),
+    (64, False): (32, 4, 2),
+    (128, False): (32, 4, 2),
+    (256, False): (16, 4, 2),
+}
+_MAX_TILE_ELEMS = 64 * 128  # rows x BLOCK_D of the query tile: 128 rows at hd 64, 64 at hd 128, 32 at 256
+_REDUCE_ROWS = 16            # rows per reduction program: 16 x 256 fp32 acc stays in registers
+# A split should stream at least this many keys: below it the partial-state write and the extra
+# reduction pass (n_rows * D * 4 bytes per split) stop being small next to the K/V bytes read.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 128
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel for this head dim and dtype."""
+    return DECODE_CONFIGS[(max(64, _block_d(head_dim)), dtype != torch.float32)]
+
+
+def max_rows_per_tile(block_d: int) -> int:
+    """Query rows per split-kernel program: the q tile and the fp32 accumulator stay in registers."""
+    return max(16, _MAX_TILE_ELEMS // block_d)
+
+
+def _empty_workspace(bh: int, slots: int, n_rows: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    """fp32 partial states (m, l, acc). Every slot that the reduction reads is written first."""
+    return (
+        torch.empty(bh, slots, n_rows, dtype=torch.float32, device=device),
+        torch.empty(bh, slots, n_rows, dtype=torch.float32, device=device),
+        torch.empty(bh, slots, n_rows, head_dim, dtype=torch.float32, device=device),
+    )
+
+
+def default_num_splits(batch: int, kv_heads: int, row_tiles: int, k_len: int, device: torch.device) -> int:
+    """Splits so that the split kernel launches about two programs per SM (each streams its chunk
+    of K/V at full bandwidth and two per SM hide the tail), but no split gets fewer than
+    _MIN_KEYS_PER_SPLIT keys. On the CPU interpreter the H100's 132 SMs stand in."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    want = triton.cdiv(2 * sms, max(1, batch * kv_heads * row_tiles))
+    return max(1, min(want, k_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+
+
+def sink_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sink_cols: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    extra_logits: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV sink-aware attention, same semantics as ``reference_sink_attention``; meant for
+    Q of 1 to a few tokens and long K (any Q is correct, large Q is just slow).
+
+    Shape contract (any strides for q, k, v, mask, out; nothing large is copied):
+      q (B, Hq, Q, D): stride_qz, stride_qh, stride_qm, stride_qk
+      k, v (B, Hkv, K, D): stride_kz, stride_kh, stride_kn, stride_kk (v likewise), Hq % Hkv == 0
+      attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
+      sink_cols (B|1, NS) integer, -1 = unused: stride_sz, stride_sn
+      beta (Hq,), extra_logits (Hq, E): stride_eh, stride_ee
+      out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok; lse (B, Hq, Q) fp32
+      workspace (B * Hkv, num_splits + 1, GROUP * Q[, D]) fp32, contiguous, allocated here
+    ``num_splits`` overrides :func:`default_num_splits` (it is capped so no split is empty).
+    """
+    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, softcap, scale,
+                    _sink_attn_decode_split)
+    out, lse = _outputs(q, out, lse)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if q_len == 0 or batch == 0 or q_heads == 0:
+        return out, lse
+    group = q_heads // kv_heads
+    n_rows = group * q_len
+    block_d = _block_d(head_dim)
+    bn, nw, ns = decode_config(head_dim, q.dtype)
+    block_n, num_warps, num_stages = block_n or bn, num_warps or nw, num_stages or ns
+    block_m = max(16, min(max_rows_per_tile(block_d), triton.next_power_of_2(n_rows)))
+    row_tiles = triton.cdiv(n_rows, block_m)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, kv_heads, row_tiles, k_len, q.device)
+    # whole tiles per split; recount so the last split is not empty
+    split_size = triton.cdiv(triton.cdiv(max(k_len, 1), max(1, int(num_splits))), block_n) * block_n
+    num_splits = max(1, triton.cdiv(k_len, split_size))
+
+    part_m, part_l, part_acc = _empty_workspace(batch * kv_heads, num_splits + 1, n_rows, head_dim, q.device)
+    sm = meta["mask_strides"]
+    _sink_attn_decode_split[(num_splits, batch * kv_heads, row_tiles)](
+        q, k, v, meta["mask"], meta["sinks"], part_m, part_l, part_acc,
+        *q.stride(), *k.stride(), *v.stride(), *sm, *meta["sink_strides"],
+        kv_heads, group, q_len, k_len, int(causal_offset), meta["window"], n_rows, split_size, num_splits,
+        meta["qk_scale"], meta["softcap_log2"],
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        NS=meta["n_sinks"], NS_P2=triton.next_power_of_2(max(meta["n_sinks"], 1)),
+        SB=max(16, triton.next_power_of_2(meta["n_sinks"])),
+        HAS_MASK=meta["mask"] is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None, UPCAST_DOT=meta["upcast_dot"],
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
+    )
+    block_r = min(_REDUCE_ROWS, triton.next_power_of_2(n_rows))
+    _sink_attn_decode_reduce[(batch * kv_heads, triton.cdiv(n_rows, block_r))](
+        part_m, part_l, part_acc, out, lse, meta["beta"], meta["extra"],
+        *out.stride(), *lse.stride(),
+        *(meta["extra"].stride() if meta["extra"] is not None else (0, 0)),
+        kv_heads, group, q_len, n_rows, num_splits, meta["n_extra"],
+        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+        E_P2=triton.next_power_of_2(max(meta["n_extra"], 1)),
+        HAS_SINKS=meta["n_sinks"] > 0, HAS_BETA=meta["beta"] is not None,
+        HAS_EXTRA=meta["extra"] is not None,
+        num_warps=4, num_stages=1, enable_fp_fusion=True,
+    )
+    return out, lse
