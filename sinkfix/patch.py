@@ -229,7 +229,8 @@ def _make_clip_hook(state: _LayerState):
 
 
 def _clip_backend(state: _LayerState, hidden: torch.Tensor) -> str:
-    return "triton" if state.backend == "triton" and hidden.is_cuda else "torch"
+    # resolve_backend already checked that triton can run here (CUDA, or the CPU interpreter)
+    return "triton" if state.backend == "triton" else "torch"
 
 
 # -- the handle ---------------------------------------------------------------------------------
