@@ -1,0 +1,365 @@
+"""Fit per-layer / per-head sink-scaling parameters to next-token NLL, without training the model.
+
+``sinkfix.calibrate(model, tokenizer, texts)`` patches the model, freezes its weights and fits one
+beta per (attention layer, query head), ``beta = sigmoid(theta)``, by Adam on the token-mean NLL of
+calibration windows, plus a pull toward beta = 1::
+
+    loss = NLL + reg * mean_{l,h} (1 - beta_lh)^2
+
+A validation split (the last ``val_fraction`` of every text's windows: contiguous, so it is text
+the optimiser never saw, not interleaved sentences of the same paragraphs) is scored every
+``eval_every`` steps; the parameters with the best validation NLL are kept and the loop stops after
+``patience`` evaluations without improvement. Calibration NLL (on the windows it was fitted on)
+and validation NLL are both reported, before and after, so overfitting is visible. If nothing beats
+the unpatched model on validation, the returned profile is the identity.
+
+Gradients reach beta because :class:`~sinkfix.policy.LayerPolicy` bypasses its device cache for
+tensors that require grad, and the PyTorch attention path switches to its dense differentiable
+formula when an input requires grad.
+
+Optionally (``virtual_logits=True``) a virtual sink logit b_lh per head is fitted as well; it is
+initialised a fixed distance below each head's mean log-sum-exp (measured in one forward pass), so
+that it starts with ~0.25% of the mass instead of a vanishing gradient.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sysconfig
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sinkfix.errors import SinkfixError
+from sinkfix.evaluate import bos_token_id, tokenize, window_nll
+from sinkfix.policy import Policy
+
+__all__ = ["calibrate", "builtin_text", "calibration_windows", "CalibrationError"]
+
+# Virtual sink logits start this far below the head's mean log-sum-exp: e^-6 = 0.25% of the mass.
+_VIRTUAL_INIT_GAP = 6.0
+
+
+class CalibrationError(SinkfixError, ValueError):
+    """Calibration cannot run with the given texts or settings."""
+
+
+# -- built-in text ------------------------------------------------------------------------------
+def _stdlib_source(name: str) -> str | None:
+    """Source of a standard-library module, also for frozen ones (``os``); None for C modules."""
+    spec = importlib.util.find_spec(name)
+    candidates = []
+    if spec is not None and spec.origin and spec.origin.endswith(".py"):
+        candidates.append(Path(spec.origin))
+    candidates.append(Path(sysconfig.get_paths()["stdlib"]) / (name.replace(".", "/") + ".py"))
+    candidates.append(Path(sysconfig.get_paths()["stdlib"]) / name.replace(".", "/") / "__init__.py")
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def builtin_text(domain: str, split: str = "calib") -> str:
+    """Offline text of a built-in domain (see :mod:`sinkfix.texts`).
+
+    Falls back to skipping standard-library modules that have no Python source on this machine
+    (C modules such as ``itertools``, frozen ones such as ``os``), which :func:`sinkfix.texts.domain_text`
+    refuses outright in the prose calibration split.
+    """
+    from sinkfix import texts
+
+    try:
+        return texts.domain_text(domain, split)
+    except texts.TextError:
+        if not (domain == "prose" and split == "calib"):
+            raise
+    docs = []
+    for name in texts._PROSE_DOC_MODULES:
+        source = _stdlib_source(name)
+        if source is not None:
+            docs.extend(texts._docstrings(source))
+    if not docs:
+        raise texts.TextError("no standard-library docstrings found on this machine")
+    return "\n\n".join(docs)
+
+
+def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
+                        max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Non-overlapping full-length windows (1-D ids) over ``text``; BOS first when ``bos``.
+
+    ``bos="both"`` alternates: even windows start with BOS, odd windows do not, so that one profile
+    is fitted for both protocols.
+    """
+    if bos == "both":
+        with_bos = calibration_windows(tokenizer, text, seq_len=seq_len, bos=True, max_tokens=max_tokens)
+        without = calibration_windows(tokenizer, text, seq_len=seq_len, bos=False, max_tokens=max_tokens)
+        return [with_bos[i] if i % 2 == 0 else without[i] for i in range(min(len(with_bos), len(without)))]
+    if not isinstance(bos, bool):
+        raise CalibrationError(f"bos must be True, False or 'both', got {bos!r}")
+    ids = tokenize(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos_id = bos_token_id(tokenizer) if bos else None
+    body = seq_len - (bos_id is not None)
+    out = []
+    for start in range(0, ids.numel() - body + 1, body):
+        chunk = ids[start : start + body]
+        if bos_id is not None:
+            chunk = torch.cat([torch.tensor([bos_id], dtype=chunk.dtype), chunk])
+        out.append(chunk)
+    return out
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _set_params(handle, beta: torch.Tensor, logit: torch.Tensor | None) -> None:
+    """Install beta [L, H] (and virtual logits) on the live layer policies."""
+    for layer, lp in enumerate(handle.layer_policies()):
+        h = lp.beta.shape[0]
+        lp.beta = beta[layer, :h]
+        lp.virtual_logit = None if logit is None else logit[layer, :h]
+        lp._cache.clear()  # a detached tensor must not be served from a stale cache
+
+
+@torch.no_grad()
+def _mean_nll(model, windows: Sequence[torch.Tensor], device, tick: Callable[[], None] | None = None) -> float:
+    total, count = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
+        nll, n = window_nll(logits, ids[None].to(logits.device))
+        total += float(nll)
+        count += n
+        if tick is not None:
+            tick()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _mean_lse(model, handle, windows: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """[L, H] mean log-sum-exp of the rows >= 1 of every head (one forward per window)."""
+    L, H = handle.num_layers, max(handle.num_heads())
+    sums = torch.zeros(L, H, dtype=torch.float64)
+    counts = torch.zeros(L, dtype=torch.float64)
+
+    def observer(call) -> None:
+        lse = call.result.lse
+        if lse is None:
+            return
+        lse = lse.detach()[:, :, 1:].float()
+        ok = torch.isfinite(lse)
+        sums[call.layer, : lse.shape[1]] += torch.where(ok, lse, 0).sum((0, 2)).double().cpu()
+        counts[call.layer] += float(ok[:, 0].sum())
+
+    with handle.observing(observer):
+        for ids in windows:
+            model(input_ids=ids[None].to(device), use_cache=False)
+    return (sums / counts.clamp(min=1)[:, None]).float()
+
+
+def _split(windows: list[torch.Tensor], val_fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    if len(windows) < 2:
+        return windows, []
+    n_val = max(1, round(len(windows) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(n_val, len(windows) - 1)
+    return windows[: len(windows) - n_val], windows[len(windows) - n_val :]
+
+
+def _normalise_texts(texts) -> dict[str, str]:
+    if texts is None:
+        return {"prose": builtin_text("prose", "calib"), "code": builtin_text("code", "calib")}
+    if isinstance(texts, str):
+        return {"text": texts}
+    if isinstance(texts, Mapping):
+        return dict(texts)
+    return {f"text{i}": t for i, t in enumerate(texts)}
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    texts: str | Sequence[str] | Mapping[str, str] | None = None,
+    *,
+    seq_len: int = 512,
+    bos: bool | str = True,
+    max_tokens: int | None = 8192,
+    val_fraction: float = 0.25,
+    steps: int = 60,
+    lr: float = 0.2,
+    reg: float = 0.05,
+    init_beta: float = 0.97,
+    virtual_logits: bool = False,
+    eval_every: int = 10,
+    patience: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+):
+    """Fit per-head sink scaling (and optionally virtual sink logits) on ``texts``; return a Profile.
+
+    Args:
+        texts: one string, a list, or a mapping domain -> text; None = the built-in offline prose
+            and code calibration texts (standard-library docstrings and source).
+        seq_len / bos: the window protocol (BOS first when ``bos``; ``"both"`` alternates windows
+            with and without BOS); windows do not overlap.
+        max_tokens: text tokens used per domain (calibration + validation).
+        val_fraction: share of each domain's windows (its last ones) held out for validation.
+        steps: Adam steps, one calibration window per step (cycled, shuffled).
+        lr: Adam learning rate on theta (beta = sigmoid(theta)) and on the virtual logits.
+        reg: weight of the pull toward beta = 1, ``reg * mean (1 - beta)^2``.
+        init_beta: starting beta of every head (theta = logit(init_beta)).
+        eval_every / patience: validation schedule and early stopping.
+
+    The model is left as it was found (weights untouched, any previous patch restored). The
+    returned profile's ``calibration`` entry records the protocol, the NLLs and the history.
+    """
+    from sinkfix.patch import patch
+    from sinkfix.profile import ModelIdentity, Profile
+
+    if not 0 < init_beta < 1:
+        raise CalibrationError(f"init_beta must lie strictly between 0 and 1, got {init_beta}")
+    if steps < 0 or eval_every < 1 or patience < 1:
+        raise CalibrationError("steps must be >= 0, eval_every and patience >= 1")
+    if not 0 <= val_fraction < 1:
+        raise CalibrationError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    say = log or (lambda message: None)
+    domains = _normalise_texts(texts)
+    calib: list[torch.Tensor] = []
+    val: list[torch.Tensor] = []
+    token_counts = {}
+    for name, text in domains.items():
+        windows = calibration_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
+        if not windows:
+            raise CalibrationError(f"text {name!r} is shorter than one {seq_len}-token window")
+        c, v = _split(windows, val_fraction)
+        calib += c
+        val += v
+        token_counts[name] = {"calib_windows": len(c), "val_windows": len(v)}
+    if not val:
+        say("no validation windows (texts too short or val_fraction=0): early stopping is off")
+
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    previous = getattr(model, "_sinkfix_handle", None)
+    previous_policy = previous.policy if previous is not None and previous.active else None
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    handle = patch(model, Policy())
+    identity = ModelIdentity.of(model)
+    L, H = handle.num_layers, max(handle.num_heads())
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    bar = None
+    try:
+        evals_total = (steps // eval_every + 2) * len(val) + 2 * len(calib) + (len(calib) if virtual_logits else 0)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps + evals_total, desc="calibrate", unit="win")
+        tick = (lambda: bar.update(1)) if bar is not None else None
+
+        theta = torch.full((L, H), math.log(init_beta / (1 - init_beta)), requires_grad=True)
+        logit = None
+        params = [theta]
+        if virtual_logits:
+            lse = _mean_lse(model, handle, calib, device)
+            if bar is not None:
+                bar.update(len(calib))
+            logit = (lse - _VIRTUAL_INIT_GAP).clone().requires_grad_(True)
+            params.append(logit)
+        optimiser = torch.optim.Adam(params, lr=lr)
+
+        # -- before: the unpatched model on both splits --------------------------------------
+        _set_params(handle, torch.ones(L, H), None)
+        calib_before = _mean_nll(model, calib, device, tick)
+        val_before = _mean_nll(model, val, device, tick) if val else float("nan")
+        say(f"unpatched: calibration NLL {calib_before:.4f}, validation NLL {val_before:.4f}")
+
+        def current(detach: bool = True):
+            b = torch.sigmoid(theta)
+            v = logit
+            return (b.detach(), None if v is None else v.detach()) if detach else (b, v)
+
+        best = (val_before, torch.ones(L, H), None, 0) if val else None
+        history = [{"step": 0, "val_nll": val_before, "train_nll": calib_before}]
+        stale = 0
+        order: list[int] = []
+        running = []
+        step = 0
+        for step in range(1, steps + 1):
+            if not order:
+                order = list(range(len(calib)))
+                rng.shuffle(order)
+            ids = calib[order.pop()][None].to(device)
+            beta, v = current(detach=False)
+            _set_params(handle, beta, v)
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll, count = window_nll(logits, ids)
+            nll = nll / max(count, 1)
+            loss = nll + reg * ((1 - beta) ** 2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            running.append(float(nll.detach()))
+            del logits, loss
+            if tick is not None:
+                tick()
+            if val and (step % eval_every == 0 or step == steps):
+                beta_d, v_d = current()
+                _set_params(handle, beta_d, v_d)
+                val_nll = _mean_nll(model, val, device, tick)
+                train_nll = sum(running) / len(running)
+                running = []
+                history.append({"step": step, "val_nll": val_nll, "train_nll": train_nll,
+                                "beta_mean": float(beta_d.mean()), "beta_min": float(beta_d.min())})
+                if bar is not None:
+                    bar.set_postfix(train=f"{train_nll:.4f}", val=f"{val_nll:.4f}", best=f"{best[0]:.4f}")
+                if val_nll < best[0] - 1e-5:
+                    best = (val_nll, beta_d.clone(), None if v_d is None else v_d.clone(), step)
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        say(f"early stop at step {step}: validation NLL has not improved for {patience} evaluations")
+                        break
+        if best is None:  # no validation split: keep the last parameters
+            beta_d, v_d = current()
+            best = (float("nan"), beta_d, v_d, step)
+        _, best_beta, best_logit, best_step = best
+        _set_params(handle, best_beta, best_logit)
+        calib_after = _mean_nll(model, calib, device, tick)
+        val_after = best[0]
+        say(f"best step {best_step}: calibration NLL {calib_after:.4f}, validation NLL {val_after:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        if previous_policy is not None:
+            patch(model, previous_policy)
+
+    record = {
+        "protocol": {"seq_len": seq_len, "bos": bos, "stride": seq_len - int(bos is True),
+                     "windows": "non-overlapping"},
+        "texts": token_counts,
+        "nll": {"calib_before": calib_before, "calib_after": calib_after, "val_before": val_before,
+                "val_after": val_after},
+        "ppl_change": {
+            "calib": math.exp(calib_after - calib_before) - 1,
+            "val": (math.exp(val_after - val_before) - 1) if val else None,
+        },
+        "best_step": best_step,
+        "steps_run": step if steps else 0,
+        "hyper": {"steps": steps, "lr": lr, "reg": reg, "init_beta": init_beta, "virtual_logits": virtual_logits,
+                  "eval_every": eval_every, "patience": patience, "val_fraction": val_fraction,
+                  "max_tokens": max_tokens, "seed": seed},
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return Profile(identity, best_beta.double(), None if best_logit is None else best_logit.double(),
+                   calibration=record)

@@ -1,0 +1,286 @@
+"""Inspect a model's extreme tokens, per layer and head, and classify heads as active or dormant.
+
+``sinkfix.inspect(model, tokenizer, texts)`` streams each text through the (patched) model in
+windows and reports, per layer and head: the sink share on the first token and on detected hidden
+sinks, the value drain ratio, the residual peak ratio (and the positions / tokens that reach it),
+the hidden sinks found, and an active / dormant state. Given texts from two or more domains it
+lists the heads whose state changes between domains (Guo et al. 2024 found a Llama-2-7B head
+dormant on Wikipedia and active on GitHub code).
+
+The dormancy rule
+-----------------
+A dormant head "parks" its attention on a sink whose value is drained, so the attention it spends
+there buys (almost) nothing. For query row i of head h the **dormancy score** is the share of the
+row's attention that is wasted that way::
+
+    d_i = sum_{j in sinks} p_ij * w_j,      w_j = clamp(1 - ||v_j|| / median_k ||v_k||, 0, 1)
+
+where ``sinks`` is the first-token sink set plus the hidden sinks that ACT's criterion finds for
+this head in this sequence, p are the attention probabilities as the model is currently patched,
+and ``v`` the (kv-head) value vectors of the same sequence. ``w_j`` is 0 for a key whose value is
+as large as a typical token's (attention on it carries information) and tends to 1 as the value
+vanishes. A row is **dormant** when ``d_i >= DORMANT_THRESHOLD`` (0.5: most of the attention is
+wasted); a head's continuous score is the mean of ``d_i`` over the rows that see at least one
+non-sink key, and the head is dormant on a text when that mean is >= the same threshold, so the
+per-head and per-row rules agree (the report also gives the fraction of dormant rows).
+The sink's own row (it sees only itself) is scored like any other row but left out of the
+per-head means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sinkfix.analysis.metrics import (
+    DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics, _model_device, observed_model,
+)
+
+__all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary"]
+
+
+@torch.no_grad()
+def row_dormancy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 hidden_sink_threshold: float | None = HIDDEN_SINK_THRESHOLD) -> torch.Tensor:
+    """Per-row dormancy scores ``[L, B, Hq, S]`` (fp32, in [0, 1]) for one batch of sequences.
+
+    input_ids (B, S); attention_mask (B, S), 1 = real token (None = no padding). The score is the
+    one the module docstring defines; ``score >= DORMANT_THRESHOLD`` means the row is dormant.
+    Rows that see no key at all (left padding) score 0. ``hidden_sink_threshold=None`` restricts
+    the sink set to the first token(s).
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+    device = _model_device(model)
+    threshold = math.inf if hidden_sink_threshold is None else hidden_sink_threshold
+    kwargs = dict(hidden_sink_threshold=threshold, keep_rows=True, keep_examples=False)
+    with observed_model(model, kwargs, residual=False) as collector:
+        collector.begin_window(input_ids, attention_mask)
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+        model(input_ids=input_ids.to(device), use_cache=False, **extra)
+    return torch.stack([rows[0] for rows in collector.rows])
+
+
+# -- windows ------------------------------------------------------------------------------------
+def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
+                 max_tokens: int | None = 4096) -> list[torch.Tensor]:
+    """Cut ``text`` into non-overlapping 1-D windows of ``seq_len`` tokens (BOS first when ``bos``)."""
+    from sinkfix.evaluate import bos_token_id, tokenize
+
+    ids = tokenize(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos_id = bos_token_id(tokenizer) if bos else None
+    body = seq_len - (bos_id is not None)
+    if body < 2:
+        raise ValueError(f"seq_len {seq_len} is too small")
+    out = []
+    for start in range(0, ids.numel(), body):
+        chunk = ids[start : start + body]
+        if chunk.numel() < min(body, 16):  # a short tail adds noise, not information
+            continue
+        if bos_id is not None:
+            chunk = torch.cat([torch.tensor([bos_id], dtype=chunk.dtype), chunk])
+        out.append(chunk)
+    if not out:
+        out.append(ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids]))
+    return out
+
+
+def model_summary(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return {
+        "name": getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "architecture": type(model).__name__,
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "num_heads": getattr(text, "num_attention_heads", None),
+        "num_kv_heads": getattr(text, "num_key_value_heads", None),
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+@dataclass
+class InspectionReport:
+    """What :func:`inspect` returns: per-domain metrics, head states and the heads that flip."""
+
+    model: dict
+    protocol: dict
+    domains: dict[str, ExtremeTokenMetrics]
+    flips: list[dict] = field(default_factory=list)
+    token_strings: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def overall(self) -> ExtremeTokenMetrics:
+        """Token-weighted mean of the per-domain metrics (the only domain when there is one)."""
+        items = list(self.domains.values())
+        if len(items) == 1:
+            return items[0]
+        weights = [m.tokens for m in items]
+        total = float(sum(weights))
+
+        def avg(name):
+            ts = [getattr(m, name) for m in items]
+            if any(t is None for t in ts):
+                return None
+            return sum(t * (w / total) for t, w in zip(ts, weights))
+
+        first = items[0]
+        return ExtremeTokenMetrics(
+            sink_share=avg("sink_share"), value_drain=avg("value_drain"), residual_peak=avg("residual_peak"),
+            peak_positions=first.peak_positions, peak_tokens=first.peak_tokens,
+            hidden_sink_share=avg("hidden_sink_share"), hidden_sink_rate=avg("hidden_sink_rate"),
+            dormancy=avg("dormancy"), dormant_fraction=avg("dormant_fraction"),
+            hidden_sink_tokens=first.hidden_sink_tokens, peak_position_counts=first.peak_position_counts,
+            residual_norms=first.residual_norms, value_norms=first.value_norms, example_ids=first.example_ids,
+            windows=sum(m.windows for m in items), tokens=int(total),
+            hidden_sink_threshold=first.hidden_sink_threshold,
+        )
+
+    def dormant(self, domain: str | None = None) -> torch.Tensor:
+        """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall)."""
+        metrics = self.overall if domain is None else self.domains[domain]
+        if metrics.dormancy is None:
+            raise ValueError("dormancy was not measured (hidden_sink_threshold=None)")
+        return metrics.dormancy >= DORMANT_THRESHOLD
+
+    def sink_layers(self, threshold: float = 0.4) -> list[int]:
+        """Layers where at least one head puts >= ``threshold`` of its attention on the first token."""
+        share = self.overall.sink_share.nan_to_num(0)
+        return [int(layer) for layer in torch.nonzero(share.amax(1) >= threshold).flatten()]
+
+    def peak_layers(self, top: int = 3) -> list[int]:
+        """The ``top`` layers with the largest residual peak ratio."""
+        peak = self.overall.residual_peak.nan_to_num(0)
+        return sorted(torch.argsort(peak, descending=True)[:top].tolist())
+
+    def token(self, token_id: int) -> str:
+        return self.token_strings.get(int(token_id), str(token_id))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "sinkfix-inspection",
+            "version": 1,
+            "model": self.model,
+            "protocol": self.protocol,
+            "rule": {
+                "dormancy": "mean over rows i>=1 of sum_{j in sinks} p_ij * clamp(1 - ||v_j||/median||v||, 0, 1)",
+                "dormant_threshold": DORMANT_THRESHOLD,
+                "hidden_sink": "mean attention over the rows that can see the key > hidden_sink_threshold",
+            },
+            "domains": {name: m.to_dict() for name, m in self.domains.items()},
+            "dormant": {name: self.dormant(name).tolist() for name in self.domains
+                        if self.domains[name].dormancy is not None},
+            "sink_layers": self.sink_layers(),
+            "peak_layers": self.peak_layers(),
+            "flips": self.flips,
+            "tokens": {str(k): v for k, v in sorted(self.token_strings.items())},
+        }
+
+    def save_json(self, path: str | Path) -> Path:
+        from sinkfix.profile import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+
+
+def _domain_flips(domains: Mapping[str, ExtremeTokenMetrics], margin: float) -> list[dict]:
+    """Heads dormant on one domain and active on another, each side at least ``margin`` from the threshold."""
+    names = [n for n, m in domains.items() if m.dormancy is not None]
+    if len(names) < 2:
+        return []
+    scores = torch.stack([domains[n].dormancy for n in names])  # (D, L, H)
+    flips = []
+    L, H = scores.shape[1:]
+    for layer in range(L):
+        for head in range(H):
+            s = scores[:, layer, head]
+            if torch.isnan(s).any():
+                continue
+            hi, lo = int(torch.argmax(s)), int(torch.argmin(s))
+            if s[hi] >= DORMANT_THRESHOLD + margin and s[lo] < DORMANT_THRESHOLD - margin:
+                flips.append({
+                    "layer": layer, "head": head,
+                    "dormant_on": [n for n, v in zip(names, s.tolist()) if v >= DORMANT_THRESHOLD],
+                    "active_on": [n for n, v in zip(names, s.tolist()) if v < DORMANT_THRESHOLD],
+                    "scores": {n: round(float(v), 4) for n, v in zip(names, s.tolist())},
+                    "delta": round(float(s[hi] - s[lo]), 4),
+                })
+    return sorted(flips, key=lambda f: -f["delta"])
+
+
+@torch.no_grad()
+def inspect(
+    model: nn.Module,
+    tokenizer,
+    texts: str | Sequence[str] | Mapping[str, str],
+    *,
+    seq_len: int = 512,
+    bos: bool = True,
+    max_tokens: int | None = 4096,
+    hidden_sink_threshold: float = HIDDEN_SINK_THRESHOLD,
+    flip_margin: float = 0.05,
+    progress: bool = True,
+) -> InspectionReport:
+    """Extreme-token report of ``model`` on ``texts``, per layer and head, and per domain.
+
+    ``texts`` is one string, a list of strings (domains ``text0``, ``text1``, ...) or a mapping
+    domain name -> text. Each text is cut into non-overlapping windows of ``seq_len`` tokens (a BOS
+    token first when ``bos``), at most ``max_tokens`` text tokens per domain, and streamed through
+    the model as it is currently patched. ``flip_margin``: a head counts as flipping between two
+    domains when its dormancy score is at least this far above the threshold on one and below it
+    on the other (scores closer to the threshold than that are noise on a few thousand tokens).
+    """
+    if isinstance(texts, str):
+        texts = {"text": texts}
+    elif not isinstance(texts, Mapping):
+        texts = {f"text{i}": t for i, t in enumerate(texts)}
+    if not texts:
+        raise ValueError("inspect needs at least one text")
+    windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
+               for name, text in texts.items()}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(w) for w in windows.values()), desc="inspect", unit="window")
+    device = _model_device(model)
+    domains: dict[str, ExtremeTokenMetrics] = {}
+    try:
+        for name, wins in windows.items():
+            with observed_model(model, dict(hidden_sink_threshold=hidden_sink_threshold)) as collector:
+                for ids in wins:
+                    ids = ids.reshape(1, -1)
+                    collector.begin_window(ids)
+                    model(input_ids=ids.to(device), use_cache=False)
+                    if bar is not None:
+                        bar.update(1)
+            domains[name] = collector.result()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ids_to_decode: set[int] = set()
+    for metrics in domains.values():
+        ids_to_decode.update(t for t in metrics.peak_tokens if t >= 0)
+        for counts in metrics.hidden_sink_tokens:
+            ids_to_decode.update(counts)
+    strings = {}
+    for token_id in ids_to_decode:
+        try:
+            strings[token_id] = tokenizer.decode([token_id])
+        except Exception:  # a tokenizer without decode support: keep the id
+            strings[token_id] = str(token_id)
+    handle = getattr(model, "_sinkfix_handle", None)
+    protocol = {
+        "seq_len": seq_len, "bos": bos, "max_tokens": max_tokens, "stride": seq_len - int(bos),
+        "hidden_sink_threshold": hidden_sink_threshold, "dormant_threshold": DORMANT_THRESHOLD,
+        "flip_margin": flip_margin,
+        "policy": handle.policy.describe() if handle is not None and handle.active else "identity (unpatched)",
+    }
+    return InspectionReport(model_summary(model), protocol, domains, _domain_flips(domains, flip_margin), strings)

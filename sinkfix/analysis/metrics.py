@@ -1,0 +1,496 @@
+"""Streaming extreme-token statistics, gathered inside the sinkfix attention path.
+
+Text streams through the model one window at a time. An observer attached to the patched
+attention layers (``PatchHandle.observing``) sees the post-RoPE q/k/v of every call and folds
+them into running sums; forward hooks on the decoder layers do the same for the residual stream.
+Nothing of size O(S^2) outlives one block of query rows, and ``output_attentions`` is never
+requested, so windows of several thousand tokens fit in a laptop's memory.
+
+Definitions (science.md), per attention layer l and query head h:
+
+* **sink share** = mean over query rows that see at least one non-sink key (rows i >= 1 in a plain
+  causal window) of the attention mass on the first-token sink set, *as the model is currently
+  patched* (beta x the stock mass when a sink-scaling policy is active).
+* **hidden sinks** (ACT's criterion): a key j outside the sink set whose mean attention over the
+  query rows that can see it exceeds ``hidden_sink_threshold`` (0.1). Keys seen by fewer than
+  ``min_queries`` rows (32, or a quarter of the window when that is smaller) are not judged: near
+  the end of a window the mean runs over a handful of rows and every local head would "sink" there.
+* **value drain** of kv head g = ||v_sink|| / median_j ||v_j|| (the first sink column).
+* **residual peak** of a decoder layer = max_i ||h_i|| / median_i ||h_i|| of its output, and the
+  position / token that reaches it.
+* **dormancy** of a query row (the rule :mod:`sinkfix.analysis.inspection` documents): the share of
+  the row's attention that lands on sink keys (first-token sinks and hidden sinks) *weighted by how
+  drained their values are*, ``sum_{j in sinks} p_ij * clamp(1 - ||v_j|| / median_k ||v_k||, 0, 1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from sinkfix.ops.reference import _sink_key_mask
+
+__all__ = [
+    "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector",
+    "measure_extreme_tokens", "observed_model",
+]
+
+#: A row (and, on average, a head) is dormant when at least half of its attention is wasted on
+#: drained sinks: "parks most of its attention on sinks whose values are drained".
+DORMANT_THRESHOLD = 0.5
+#: ACT's hidden-sink criterion (Yu et al. 2024): mean attention over the rows that can see the key.
+HIDDEN_SINK_THRESHOLD = 0.1
+_MIN_QUERIES = 32
+# Score-block budget in elements: (B, Hq, rows, K) fp32 blocks of ~16M elements (64 MB) keep the
+# peak memory flat in the window length (a 4096-token window on SmolLM2 uses 9 x 455 x 4096 blocks).
+_BLOCK_ELEMENTS = 16 * 1024 * 1024
+
+
+@dataclass
+class ExtremeTokenMetrics:
+    """Extreme-token statistics of a model over a set of windows.
+
+    Per-head tensors are ``[L, Hq]`` (``[L, Hkv]`` for value drain), fp64, NaN where a layer has
+    fewer heads than the widest layer. ``dormancy``, ``dormant_fraction``, ``hidden_sink_share``
+    and ``hidden_sink_rate`` are None when hidden-sink detection was switched off.
+    """
+
+    sink_share: torch.Tensor  # [L, Hq] mean over rows i>=1 of the (corrected) mass on the first-token sink set
+    value_drain: torch.Tensor  # [L, Hkv] ||v_sink|| / median_j ||v_j||, averaged over windows
+    residual_peak: torch.Tensor  # [L] max_i ||h_i|| / median_i ||h_i|| after each decoder layer, averaged over windows
+    peak_positions: list[int]  # [L] most frequent position of the residual maximum
+    peak_tokens: list[int]  # [L] token id most often at the residual maximum
+    hidden_sink_share: torch.Tensor | None = None  # [L, Hq] mean over rows of the mass on hidden sinks
+    hidden_sink_rate: torch.Tensor | None = None  # [L, Hq] hidden sinks per sequence
+    dormancy: torch.Tensor | None = None  # [L, Hq] mean over rows i>=1 of the row dormancy score
+    dormant_fraction: torch.Tensor | None = None  # [L, Hq] share of rows i>=1 with score >= DORMANT_THRESHOLD
+    hidden_sink_tokens: list[dict[int, int]] = field(default_factory=list)  # [L] token id -> (head, window) hits
+    peak_position_counts: list[dict[int, int]] = field(default_factory=list)  # [L] position -> windows
+    residual_norms: list[list[float]] = field(default_factory=list)  # [L][S] first window, for figures
+    value_norms: list[list[list[float]]] = field(default_factory=list)  # [L][Hkv][S] first window
+    example_ids: list[int] = field(default_factory=list)  # [S] token ids of the first window
+    windows: int = 0
+    tokens: int = 0
+    hidden_sink_threshold: float | None = HIDDEN_SINK_THRESHOLD
+    dormant_threshold: float = DORMANT_THRESHOLD
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.sink_share.shape[0])
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary (tensors as nested lists, NaN as None)."""
+
+        def conv(x):
+            if x is None:
+                return None
+            if isinstance(x, torch.Tensor):
+                return conv(x.tolist())
+            if isinstance(x, float):
+                return None if not math.isfinite(x) else round(x, 6)
+            if isinstance(x, dict):
+                return {str(k): conv(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [conv(v) for v in x]
+            return x
+
+        return {
+            "sink_share": conv(self.sink_share),
+            "value_drain": conv(self.value_drain),
+            "residual_peak": conv(self.residual_peak),
+            "peak_positions": list(self.peak_positions),
+            "peak_tokens": list(self.peak_tokens),
+            "hidden_sink_share": conv(self.hidden_sink_share),
+            "hidden_sink_rate": conv(self.hidden_sink_rate),
+            "dormancy": conv(self.dormancy),
+            "dormant_fraction": conv(self.dormant_fraction),
+            "hidden_sink_tokens": conv(self.hidden_sink_tokens),
+            "peak_position_counts": conv(self.peak_position_counts),
+            "windows": self.windows,
+            "tokens": self.tokens,
+            "hidden_sink_threshold": self.hidden_sink_threshold,
+            "dormant_threshold": self.dormant_threshold,
+        }
+
+
+class StreamingCollector:
+    """Running sums of extreme-token statistics; feed it with :meth:`observe` and :meth:`residual_hook`.
+
+    Call :meth:`begin_window` with the (B, S) input ids before each forward pass. With
+    ``keep_rows=True`` the per-row dormancy scores of every window are kept (``rows[l]`` is a list
+    of (B, Hq, S) tensors), which :func:`sinkfix.analysis.inspection.row_dormancy` returns.
+    """
+
+    def __init__(self, num_layers: int, num_heads: Sequence[int], *,
+                 hidden_sink_threshold: float | None = HIDDEN_SINK_THRESHOLD, min_queries: int = _MIN_QUERIES,
+                 keep_rows: bool = False, keep_examples: bool = True) -> None:
+        self.L = num_layers
+        self.H = max(num_heads) if num_heads else 0
+        self.num_heads = list(num_heads)
+        self.threshold = hidden_sink_threshold
+        self.min_queries = min_queries
+        self.keep_rows = keep_rows
+        self.keep_examples = keep_examples
+        f64 = dict(dtype=torch.float64)
+        L, H = self.L, self.H
+        self.sink_sum = torch.zeros(L, H, **f64)
+        self.hidden_share_sum = torch.zeros(L, H, **f64)
+        self.hidden_count = torch.zeros(L, H, **f64)
+        self.dormancy_sum = torch.zeros(L, H, **f64)
+        self.dormant_rows = torch.zeros(L, H, **f64)
+        self.rows_seen = torch.zeros(L, **f64)  # rows that see a non-sink key
+        self.seqs_seen = torch.zeros(L, **f64)
+        self.drain_sum: list[torch.Tensor | None] = [None] * L
+        self.drain_count = torch.zeros(L, **f64)
+        self.peak_sum = torch.zeros(L, **f64)
+        self.peak_count = torch.zeros(L, **f64)
+        self.peak_pos: list[Counter] = [Counter() for _ in range(L)]
+        self.peak_tok: list[Counter] = [Counter() for _ in range(L)]
+        self.hidden_tok: list[Counter] = [Counter() for _ in range(L)]
+        self.residual_norms: list[list[float]] = [[] for _ in range(L)]
+        self.value_norms: list[list[list[float]]] = [[] for _ in range(L)]
+        self.rows: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.example_ids: list[int] = []
+        self.windows = 0
+        self.tokens = 0
+        self._ids: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
+        self._first_window = True
+
+    # -- driving ------------------------------------------------------------------------------
+    def begin_window(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """input_ids (B, S); attention_mask (B, S) with 1 = real token (None = no padding)."""
+        if self.windows > 0:
+            self._first_window = False
+        self._ids = input_ids.detach().cpu()
+        self._real = None if attention_mask is None else attention_mask.detach().cpu().bool()
+        self.windows += input_ids.shape[0]
+        self.tokens += int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+        if self._first_window and self.keep_examples:
+            self.example_ids = self._ids[0].tolist()
+
+    # -- residual stream ----------------------------------------------------------------------
+    def residual_hook(self, layer: int):
+        def hook(module: nn.Module, args, output) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]
+            with torch.no_grad():
+                norms = hidden.detach().float().norm(dim=-1).cpu()  # (B, S)
+            real = torch.ones_like(norms, dtype=torch.bool) if self._real is None else self._real
+            if real.shape != norms.shape:  # e.g. a cached decode step: nothing to compare
+                return
+            median = torch.nanmedian(norms.masked_fill(~real, float("nan")), dim=-1).values
+            peak, pos = norms.masked_fill(~real, float("-inf")).max(dim=-1)
+            ratio = (peak / median).double()
+            ok = torch.isfinite(ratio)
+            self.peak_sum[layer] += ratio[ok].sum()
+            self.peak_count[layer] += int(ok.sum())
+            for b in torch.nonzero(ok).flatten().tolist():
+                p = int(pos[b])
+                self.peak_pos[layer][p] += 1
+                if self._ids is not None and self._ids.shape == norms.shape:
+                    self.peak_tok[layer][int(self._ids[b, p])] += 1
+            if self._first_window and self.keep_examples:
+                self.residual_norms[layer] = norms[0].tolist()
+
+        return hook
+
+    # -- attention ----------------------------------------------------------------------------
+    def observe(self, call) -> None:
+        """Fold one :class:`sinkfix.patch.AttentionCall` into the running sums."""
+        with torch.no_grad():
+            self._observe(call)
+
+    def _observe(self, call) -> None:
+        layer = call.layer
+        q = call.query.detach().float()
+        k = call.key.detach().float()
+        v = call.value.detach().float()
+        B, Hq, Q, D = q.shape
+        Hkv, K = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        dev = q.device
+        sink_cols = call.sink_cols
+        if sink_cols is None:
+            sink_cols = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        is_sink = _sink_key_mask(sink_cols, B, K, dev)  # (B, K)
+        state = getattr(call.module, "_sinkfix", None)
+        beta = None
+        if state is not None and not bool((state.policy.beta.detach() == 1).all()):
+            beta = state.policy.beta.detach().to(device=dev, dtype=torch.float32)
+
+        # value drain: first sink column vs the median real key
+        vnorm = v.norm(dim=-1)  # (B, Hkv, K)
+        key_real = self._key_real(call, B, Q, K, dev)  # (B, K)
+        median_v = torch.nanmedian(vnorm.masked_fill(~key_real[:, None, :], float("nan")), dim=-1).values
+        first = sink_cols[:, 0].clamp(min=0)
+        v_sink = vnorm.gather(2, first[:, None, None].expand(B, Hkv, 1)).squeeze(-1)
+        drain = (v_sink / median_v).double().cpu()  # (B, Hkv)
+        if self.drain_sum[layer] is None:
+            self.drain_sum[layer] = torch.zeros(Hkv, dtype=torch.float64)
+        self.drain_sum[layer] += drain.nan_to_num(0).sum(0)
+        self.drain_count[layer] += B
+        if self._first_window and self.keep_examples:
+            self.value_norms[layer] = vnorm[0].cpu().tolist()
+
+        if self.threshold is None and call.result.sink_mass is not None:
+            has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev)  # (B, Q)
+            share = call.result.sink_mass.detach().float()  # (B, Hq, Q) stock
+            if beta is not None:
+                share = share * beta[None, :, None]
+            self._add_rows(layer, share, has_n, Hq)
+            return
+
+        # -- blockwise pass over query rows: stock probabilities, corrected as patched ----------
+        lse_v = None
+        if call.extra_logits is not None:
+            lse_v = torch.logsumexp(call.extra_logits.detach().float(), dim=-1).to(dev)  # (Hq,)
+        rows = max(1, min(Q, _BLOCK_ELEMENTS // max(1, B * Hq * K)))
+        col_sum = torch.zeros(B, Hq, K, device=dev)
+        seen_by = torch.zeros(B, K, device=dev)
+        m_all = torch.empty(B, Hq, Q, device=dev)
+        z_all = torch.empty(B, Hq, Q, device=dev)
+        fac_s = torch.ones(B, Hq, Q, device=dev)  # multiplier of sink columns (beta on corrected rows)
+        fac_n = torch.ones(B, Hq, Q, device=dev)  # multiplier of the other columns
+        share = torch.empty(B, Hq, Q, device=dev)
+        has_n = torch.empty(B, Q, dtype=torch.bool, device=dev)
+        qg = q.reshape(B, Hkv, g, Q, D)
+        k_t = k.transpose(-1, -2)  # (B, Hkv, D, K)
+        n_s = sink_cols.shape[1]
+        s_idx = sink_cols.clamp(0, K - 1)[:, None, None, :]
+        s_valid = ((sink_cols >= 0) & (sink_cols < K))[:, None, None, :]
+        sink_b = is_sink[:, None, None, :]
+        for r0 in range(0, Q, rows):
+            r1 = min(Q, r0 + rows)
+            c = r1 - r0
+            vis = self._visible(call, r0, r1, B, K, dev)  # (B, 1, c, K)
+            # one batched GEMM per kv head group: (B, Hkv, g*c, D) @ (B, Hkv, D, K)
+            s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, g * c, D), k_t).reshape(B, Hq, c, K)
+            s.mul_(call.scale)
+            if call.softcap is not None:
+                s = call.softcap * torch.tanh(s / call.softcap)
+            s.masked_fill_(~vis, float("-inf"))
+            m = s.amax(-1)
+            if lse_v is not None:
+                m = torch.maximum(m, lse_v[None, :, None])
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            e = s.sub_(m[..., None]).exp_()  # in place: s is not needed any more
+            l_all = e.sum(-1)
+            l_s = (e.gather(-1, s_idx.expand(B, Hq, c, n_s)) * s_valid).sum(-1)
+            z = l_all + (torch.exp(lse_v[None, :, None] - m) if lse_v is not None else 0.0)
+            z = torch.where(z > 0, z, torch.ones_like(z))
+            p_s, p_n = l_s / z, (l_all - l_s) / z
+            hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
+            has_n[:, r0:r1] = hn
+            fs = torch.ones_like(p_s)
+            fn = torch.ones_like(p_s)
+            if beta is not None:
+                b = torch.where(hn[:, None, :], beta[None, :, None], torch.ones_like(p_s))
+                fs = b
+                fn = torch.where(p_n > 0, (p_n + (1 - b) * p_s) / p_n.clamp(min=1e-30), torch.ones_like(p_n))
+                e.mul_(torch.where(sink_b, fs[..., None], fn[..., None]))  # corrected, still unnormalised
+            col_sum += torch.matmul((1.0 / z)[:, :, None, :], e).squeeze(2)  # sum_i p_ij, one GEMV per head
+            seen_by += vis[:, 0].sum(1)
+            m_all[:, :, r0:r1], z_all[:, :, r0:r1] = m, z
+            fac_s[:, :, r0:r1], fac_n[:, :, r0:r1] = fs, fn
+            share[:, :, r0:r1] = p_s * fs
+            del e, s
+
+        self._add_rows(layer, share, has_n, Hq)
+
+        # -- hidden sinks (ACT) --------------------------------------------------------------------
+        n_rows = int(has_n.sum(-1).max()) if has_n.numel() else 0
+        min_q = min(self.min_queries, max(1, n_rows // 4))
+        mean_att = col_sum / seen_by.clamp(min=1)[:, None, :]
+        hidden = (mean_att > self.threshold) & (seen_by >= min_q)[:, None, :] & ~is_sink[:, None, :]  # (B, Hq, K)
+        self.hidden_count[layer, :Hq] += hidden.sum(-1).sum(0).double().cpu()
+        self.seqs_seen[layer] += B
+        if hidden.any() and self._ids is not None and self._ids.shape[-1] == K:
+            bs, _, js = torch.nonzero(hidden.cpu(), as_tuple=True)
+            self.hidden_tok[layer].update(self._ids[bs, js].tolist())
+
+        # -- row dormancy: attention on sink columns weighted by how drained their values are -------
+        weight = (1 - vnorm / median_v[..., None]).clamp(0, 1).nan_to_num(0)  # (B, Hkv, K)
+        weight = weight.repeat_interleave(g, dim=1)  # (B, Hq, K)
+        cand = is_sink[:, None, :] | hidden
+        cols = torch.nonzero(cand.any(1).any(0)).flatten()  # union over batch and heads, a few columns
+        if cols.numel():
+            k_u = k[:, :, cols]  # (B, Hkv, U, D)
+            s_u = torch.einsum("bhgqd,bhud->bhgqu", qg, k_u).reshape(B, Hq, Q, -1) * call.scale
+            if call.softcap is not None:
+                s_u = call.softcap * torch.tanh(s_u / call.softcap)
+            vis_u = self._visible_cols(call, cols, B, Q, K, dev)  # (B, 1, Q, U)
+            p_u = torch.exp(s_u - m_all[..., None]) / z_all[..., None]
+            p_u = p_u.masked_fill(~vis_u, 0.0)
+            sink_u = is_sink[:, cols][:, None, None, :]
+            p_u = p_u * torch.where(sink_u, fac_s[..., None], fac_n[..., None])
+            hid_u = hidden[:, :, cols][:, :, None, :]
+            hidden_mass = (p_u * hid_u).sum(-1)
+            score = (p_u * (cand[:, :, cols] * weight[:, :, cols])[:, :, None, :]).sum(-1)  # (B, Hq, Q)
+        else:
+            hidden_mass = torch.zeros(B, Hq, Q, device=dev)
+            score = torch.zeros(B, Hq, Q, device=dev)
+        w = has_n[:, None, :].to(score.dtype)
+        self.hidden_share_sum[layer, :Hq] += (hidden_mass * w).sum((0, 2)).double().cpu()
+        self.dormancy_sum[layer, :Hq] += (score * w).sum((0, 2)).double().cpu()
+        self.dormant_rows[layer, :Hq] += ((score >= DORMANT_THRESHOLD) * w).sum((0, 2)).double().cpu()
+        if self.keep_rows:
+            self.rows[layer].append(score.cpu())
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _add_rows(self, layer: int, share: torch.Tensor, has_n: torch.Tensor, Hq: int) -> None:
+        w = has_n[:, None, :].to(share.dtype)
+        self.sink_sum[layer, :Hq] += (share * w).sum((0, 2)).double().cpu()
+        self.rows_seen[layer] += float(has_n.sum())
+
+    @staticmethod
+    def _visible(call, r0: int, r1: int, B: int, K: int, dev) -> torch.Tensor:
+        """(B, 1, r1-r0, K) bool visibility of query rows r0..r1 (upper-left causal when no mask)."""
+        if call.attn_mask is not None:
+            return call.attn_mask[:, :, r0:r1].expand(B, 1, r1 - r0, K)
+        if call.causal:
+            rows = torch.arange(r0, r1, device=dev)[:, None]
+            return (torch.arange(K, device=dev)[None, :] <= rows).expand(B, 1, r1 - r0, K)
+        return torch.ones(B, 1, r1 - r0, K, dtype=torch.bool, device=dev)
+
+    @staticmethod
+    def _visible_cols(call, cols: torch.Tensor, B: int, Q: int, K: int, dev) -> torch.Tensor:
+        if call.attn_mask is not None:
+            return call.attn_mask.expand(B, 1, Q, K)[..., cols]
+        if call.causal:
+            return (cols[None, :] <= torch.arange(Q, device=dev)[:, None]).expand(B, 1, Q, cols.numel())
+        return torch.ones(B, 1, Q, cols.numel(), dtype=torch.bool, device=dev)
+
+    @staticmethod
+    def _key_real(call, B: int, Q: int, K: int, dev) -> torch.Tensor:
+        """(B, K) keys that at least one query row may see (excludes left padding)."""
+        if call.attn_mask is not None:
+            return call.attn_mask.expand(B, 1, Q, K)[:, 0].any(1)
+        return torch.ones(B, K, dtype=torch.bool, device=dev)
+
+    @staticmethod
+    def _rows_with_nonsink(call, is_sink: torch.Tensor, B: int, Q: int, K: int, dev) -> torch.Tensor:
+        """(B, Q) rows that see at least one key outside the sink set."""
+        if call.attn_mask is not None:
+            return (call.attn_mask.expand(B, 1, Q, K)[:, 0] & ~is_sink[:, None, :]).any(-1)
+        if call.causal:
+            return ((~is_sink).cumsum(-1) > 0)[:, :Q]
+        return (~is_sink).any(-1, keepdim=True).expand(B, Q)
+
+    # -- result -------------------------------------------------------------------------------
+    def result(self) -> ExtremeTokenMetrics:
+        nan = float("nan")
+        rows = self.rows_seen.clamp(min=1)[:, None]
+        mask = torch.zeros(self.L, self.H, dtype=torch.bool)
+        for layer, h in enumerate(self.num_heads):
+            mask[layer, :h] = True
+        per_head = lambda t: t.masked_fill(~mask, nan)  # noqa: E731
+        hkv = max((d.numel() for d in self.drain_sum if d is not None), default=0)
+        drain = torch.full((self.L, hkv), nan, dtype=torch.float64)
+        for layer, d in enumerate(self.drain_sum):
+            if d is not None and self.drain_count[layer] > 0:
+                drain[layer, : d.numel()] = d / self.drain_count[layer]
+        peak = torch.where(self.peak_count > 0, self.peak_sum / self.peak_count.clamp(min=1),
+                           torch.full_like(self.peak_sum, nan))
+        heavy = self.threshold is not None and bool((self.seqs_seen > 0).any())
+        return ExtremeTokenMetrics(
+            sink_share=per_head(self.sink_sum / rows),
+            value_drain=drain,
+            residual_peak=peak,
+            peak_positions=[c.most_common(1)[0][0] if c else -1 for c in self.peak_pos],
+            peak_tokens=[c.most_common(1)[0][0] if c else -1 for c in self.peak_tok],
+            hidden_sink_share=per_head(self.hidden_share_sum / rows) if heavy else None,
+            hidden_sink_rate=per_head(self.hidden_count / self.seqs_seen.clamp(min=1)[:, None]) if heavy else None,
+            dormancy=per_head(self.dormancy_sum / rows) if heavy else None,
+            dormant_fraction=per_head(self.dormant_rows / rows) if heavy else None,
+            hidden_sink_tokens=[dict(c.most_common(10)) for c in self.hidden_tok],
+            peak_position_counts=[dict(c.most_common(5)) for c in self.peak_pos],
+            residual_norms=self.residual_norms,
+            value_norms=self.value_norms,
+            example_ids=self.example_ids,
+            windows=self.windows,
+            tokens=self.tokens,
+            hidden_sink_threshold=self.threshold,
+        )
+
+
+def _decoder_layers(handle) -> list[nn.Module]:
+    """The module around each attention module (the decoder layer whose output is the residual stream)."""
+    model = handle._model_ref()
+    by_name = dict(model.named_modules())
+    layers = []
+    for name, _ in handle.layer_modules:
+        parent = by_name.get(name.rsplit(".", 1)[0]) if "." in name else None
+        layers.append(parent)
+    return layers
+
+
+@contextlib.contextmanager
+def observed_model(model: nn.Module, collector_kwargs: dict | None = None, *,
+                   residual: bool = True) -> Iterator[StreamingCollector]:
+    """Attach a :class:`StreamingCollector` to ``model`` for the duration of the block.
+
+    An unpatched model is patched with the identity policy and restored afterwards (bit-exactly);
+    an already patched model keeps its policy (statistics are then those of the corrected model).
+    """
+    from sinkfix.patch import patch
+    from sinkfix.policy import Policy
+
+    handle = getattr(model, "_sinkfix_handle", None)
+    own = handle is None or not handle.active
+    if own:
+        handle = patch(model, Policy())
+    hooks = []
+    try:
+        collector = StreamingCollector(handle.num_layers, handle.num_heads(), **(collector_kwargs or {}))
+        if residual:
+            for layer, module in enumerate(_decoder_layers(handle)):
+                if module is not None:
+                    hooks.append(module.register_forward_hook(collector.residual_hook(layer)))
+        with handle.observing(collector.observe):
+            yield collector
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if own:
+            handle.remove()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+@torch.no_grad()
+def measure_extreme_tokens(
+    model: nn.Module,
+    windows: Sequence[torch.Tensor],
+    *,
+    hidden_sink_threshold: float | None = HIDDEN_SINK_THRESHOLD,
+    min_queries: int = _MIN_QUERIES,
+    progress=None,
+) -> ExtremeTokenMetrics:
+    """Sink share, value drain, residual peak (and hidden sinks and dormancy) over ``windows``.
+
+    ``windows`` are 1-D input-id tensors, run one at a time (no padding). The model is measured as
+    it is currently patched; an unpatched model is temporarily patched with the identity policy.
+    ``hidden_sink_threshold=None`` skips the blockwise attention pass (hidden sinks, dormancy) and
+    reads the sink share off the attention kernel's own sink mass: about the cost of a plain forward.
+    ``progress`` is called with 1 after each window.
+    """
+    if not len(windows):
+        raise ValueError("measure_extreme_tokens needs at least one window")
+    device = _model_device(model)
+    kwargs = dict(hidden_sink_threshold=hidden_sink_threshold, min_queries=min_queries)
+    with observed_model(model, kwargs) as collector:
+        for ids in windows:
+            ids = torch.as_tensor(ids).reshape(1, -1)
+            collector.begin_window(ids)
+            model(input_ids=ids.to(device), use_cache=False)
+            if progress is not None:
+                progress(1)
+    return collector.result()

@@ -1,0 +1,149 @@
+"""Figures of an :class:`~sinkfix.analysis.inspection.InspectionReport` (matplotlib, Agg backend).
+
+matplotlib is an optional dependency (``pip install 'sinkfix[plots]'``); it is imported only when a
+figure is drawn, and its absence is a clear :class:`PlotError`, not an ImportError traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sinkfix.errors import SinkfixError
+
+__all__ = ["PlotError", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
+           "domain_flip_plot"]
+
+
+class PlotError(SinkfixError, RuntimeError):
+    """Figures cannot be drawn (matplotlib missing)."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("figures need matplotlib: pip install 'sinkfix[plots]' (or pass --no-figures)") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(report) -> str:
+    p = report.protocol
+    return f"{report.model.get('name')} - {'BOS + ' if p.get('bos') else 'no BOS, '}{p.get('seq_len')}-token windows"
+
+
+def sink_share_heatmap(report, path: Path) -> Path:
+    """Layers x heads heatmap of the first-token sink share, one panel per domain."""
+    plt = _pyplot()
+    names = list(report.domains)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 2.6 * len(names), 6), squeeze=False)
+    image = None
+    for ax, name in zip(axes[0], names):
+        share = report.domains[name].sink_share.numpy()
+        image = ax.imshow(share, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="attention mass on the first token (rows i >= 1)")
+    fig.suptitle(f"Sink share - {_title(report)}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def residual_norm_plot(report, path: Path, layers: list[int] | None = None) -> Path:
+    """Residual-stream L2 norm by position (first window) for the peak layers, log scale."""
+    plt = _pyplot()
+    metrics = report.overall
+    layers = report.peak_layers() if layers is None else layers
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for layer in layers:
+        norms = metrics.residual_norms[layer] if layer < len(metrics.residual_norms) else []
+        if norms:
+            ax.plot(range(len(norms)), norms, lw=0.8, label=f"layer {layer} (peak x{metrics.residual_peak[layer]:.0f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("position")
+    ax.set_ylabel("||h_i|| after the layer")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Residual norm by position - {_title(report)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def value_norm_plot(report, path: Path) -> Path:
+    """Left: value drain ratio (layers x kv heads). Right: value norms by position for the sink layers."""
+    plt = _pyplot()
+    metrics = report.overall
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2.5]})
+    image = left.imshow(metrics.value_drain.numpy(), aspect="auto", cmap="viridis_r", vmin=0, vmax=1.5,
+                        interpolation="nearest")
+    left.set_xlabel("kv head")
+    left.set_ylabel("layer")
+    left.set_title("||v_sink|| / median ||v_j||", fontsize=9)
+    fig.colorbar(image, ax=left)
+    layers = report.sink_layers() or report.peak_layers()
+    for layer in layers[:4]:
+        norms = metrics.value_norms[layer] if layer < len(metrics.value_norms) else []
+        if norms:
+            mean = [sum(col) / len(col) for col in zip(*norms)]
+            right.plot(range(len(mean)), mean, lw=0.8, label=f"layer {layer}")
+    right.set_yscale("log")
+    right.set_xlabel("position")
+    right.set_ylabel("mean ||v_j|| over kv heads")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Value norms - {_title(report)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def domain_flip_plot(report, path: Path) -> Path | None:
+    """Dormancy score of every head on the first two domains; flipping heads labelled. None with one domain."""
+    names = [n for n, m in report.domains.items() if m.dormancy is not None]
+    if len(names) < 2:
+        return None
+    plt = _pyplot()
+    from sinkfix.analysis.metrics import DORMANT_THRESHOLD
+
+    a, b = names[:2]
+    x = report.domains[a].dormancy.flatten().numpy()
+    y = report.domains[b].dormancy.flatten().numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(x, y, s=8, alpha=0.6, color="tab:gray")
+    for flip in report.flips:
+        if a in flip["scores"] and b in flip["scores"]:
+            fx, fy = flip["scores"][a], flip["scores"][b]
+            ax.scatter([fx], [fy], s=20, color="tab:red")
+            ax.annotate(f"L{flip['layer']}H{flip['head']}", (fx, fy), fontsize=7)
+    ax.axvline(DORMANT_THRESHOLD, color="k", lw=0.5, ls="--")
+    ax.axhline(DORMANT_THRESHOLD, color="k", lw=0.5, ls="--")
+    ax.plot([0, 1], [0, 1], color="k", lw=0.3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"dormancy on {a}")
+    ax.set_ylabel(f"dormancy on {b}")
+    ax.set_title(f"Heads that flip between domains ({len(report.flips)})\n{_title(report)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_figures(report, out_dir: str | Path) -> list[Path]:
+    """All figures of ``report`` as PNG files in ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        sink_share_heatmap(report, out / "sink_share.png"),
+        residual_norm_plot(report, out / "residual_norms.png"),
+        value_norm_plot(report, out / "value_norms.png"),
+    ]
+    flips = domain_flip_plot(report, out / "domain_flips.png")
+    if flips is not None:
+        paths.append(flips)
+    return paths

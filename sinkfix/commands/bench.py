@@ -1,0 +1,136 @@
+"""``sinkfix bench``: perplexity, extreme-token metrics, speed and memory, stock vs patched, in one run.
+
+With no arguments it benchmarks the offline SmolLM2-135M on the built-in prose and code texts:
+stock, the identity patch, sink_scale=0.9 and drop, in about 2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+from typing import Callable, Iterator
+
+from sinkfix.bench.runner import DEFAULT_POLICIES, BenchConfig, run_bench
+from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    defaults = BenchConfig()
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark quality, extreme tokens, speed and memory: stock vs patched",
+        description=(
+            "Measure perplexity per domain, extreme-token metrics (sink share, residual peak, value drain), "
+            "prefill/decode speed and peak memory of the stock model and of patched variants, in one process. "
+            f"Without --policy/--profile the variants are: stock, identity, {', '.join(DEFAULT_POLICIES)}."
+        ),
+        epilog="The JSON layout is documented in sinkfix/bench/schema.md (schema 'sinkfix.bench/1').",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                   help=f"offline model ({', '.join(OFFLINE_MODELS)}), local folder or hub id (default: %(default)s)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--profile", metavar="FILE", help="a calibrated profile (sinkfix calibrate) to benchmark")
+    which.add_argument("--policy", action="append", default=[], metavar="SPEC",
+                       help="a policy such as sink_scale=0.9 or drop or virtual_sink_logit=0; repeatable")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="UTF-8 text files, one domain each (default: built-in prose and code)")
+    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]",
+                        help="a datasets-hub text set (needs the datasets package and network)")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, metavar="N",
+                   help="window length in tokens, BOS included (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=None, metavar="N", help="window stride (default: non-overlapping)")
+    p.add_argument("--max-windows", type=int, default=defaults.max_windows, metavar="N",
+                   help="windows per domain, 0 = all (default: %(default)s)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the tokenizer's BOS to every window (default: what the tokenizer does; "
+                        "SmolLM2 adds none)")
+    p.add_argument("--batch", type=int, default=defaults.batch, metavar="N", help="batch size (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens, metavar="N",
+                   help="new tokens per timed generate call, 0 = skip decode (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=defaults.repeats, metavar="N",
+                   help="timed prefill rounds per variant (default: %(default)s)")
+    p.add_argument("--decode-repeats", type=int, default=defaults.decode_repeats, metavar="N",
+                   help="timed generate rounds per variant (default: %(default)s)")
+    p.add_argument("--baseline", choices=("sdpa", "eager"), default=defaults.baseline,
+                   help="attention of the stock model (default: %(default)s)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default=defaults.backend,
+                   help="kernel backend of the patched model (default: %(default)s)")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv and PNG plots here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
+    p.set_defaults(run=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        model=args.model, policies=tuple(args.policy), profile=args.profile, texts=tuple(args.text),
+        dataset=args.dataset, seq_len=args.seq_len, stride=args.stride, batch=args.batch,
+        max_windows=args.max_windows, bos=args.bos, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        decode_repeats=args.decode_repeats, baseline=args.baseline, backend=args.backend, device=args.device,
+        threads=args.threads,
+    )
+
+
+def _progress_factory(console) -> Callable[[str, int], contextlib.AbstractContextManager]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def task(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        # one short-lived bar per step: no live display is active while the model loads (the GGUF
+        # loader draws its own bar on stderr)
+        columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            tid = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(tid, n)
+            progress.update(tid, completed=total)
+
+    return task
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    config = config_from_args(args)
+    err = Console(stderr=True, width=shutil.get_terminal_size((140, 24)).columns)
+    interactive = sys.stderr.isatty()
+    progress = _progress_factory(err) if interactive else None
+    log = (lambda message: err.print(f"[dim]{message}[/dim]")) if interactive else None
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not interactive:
+        # transformers draws tqdm bars on stderr while loading (GGUF de-quantisation, weights):
+        # noise in a log file or CI, and it would bury the one-line error of a failed run
+        hf_logging.disable_progress_bar()
+    try:
+        results = run_bench(config, progress=progress, log=log)
+    finally:
+        if bars and not interactive:
+            hf_logging.enable_progress_bar()
+
+    written: list[str] = []
+    if args.out:
+        from sinkfix.bench.report import write_outputs
+
+        files, notes = write_outputs(args.out, results)
+        written = [str(f) for f in files]
+        for note in notes:
+            if log:
+                log(note)
+    if args.json:
+        from sinkfix.bench.report import dumps
+
+        sys.stdout.write(dumps(results) + "\n")
+        return 0
+    from sinkfix.bench.report import render
+
+    out = Console(width=max(shutil.get_terminal_size((140, 24)).columns, 100))
+    render(results, out)
+    if written:
+        out.print("wrote " + ", ".join(written))
+    return 0

@@ -1,0 +1,200 @@
+"""``sinkfix inspect``: per-layer / per-head extreme-token report, JSON and PNG figures.
+
+    sinkfix inspect --model smollm2-135m                       # built-in prose and code domains
+    sinkfix inspect --model smollm2-135m --text a.txt --text b.py --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sinkfix.errors import SinkfixError
+
+__all__ = ["add_parser", "run", "load_texts", "add_common_arguments", "TextSourceError"]
+
+
+class TextSourceError(SinkfixError, ValueError):
+    """Texts for a command could not be obtained (file, dataset)."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None) -> None:
+    from sinkfix.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"offline model name (smollm2-135m, gemma3-270m), local folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--text", action="append", metavar="FILE", default=None,
+                        help="UTF-8 text file, repeatable; the file stem names its domain "
+                             "(default: the built-in prose and code domains)")
+    parser.add_argument("--dataset", metavar="NAME", default=None,
+                        help="a `datasets` name (needs the datasets package and network), e.g. wikitext:wikitext-2-raw-v1")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                        help="start every window with the tokenizer's BOS token (default: yes)")
+    parser.add_argument("--max-tokens", type=int, default=default_max_tokens,
+                        help=f"text tokens used per domain (default {default_max_tokens})")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _dataset_text(name: str, max_chars: int = 2_000_000) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise TextSourceError("--dataset needs the `datasets` package (pip install datasets) and network access; "
+                              "use --text FILE for local files") from None
+    path, _, config = name.partition(":")
+    try:
+        data = datasets.load_dataset(path, config or None, split="train")
+    except Exception as exc:  # offline, unknown name: one clear line
+        raise TextSourceError(f"could not load dataset {name!r}: {str(exc).splitlines()[0][:200]}") from None
+    column = "text" if "text" in data.column_names else next(
+        (c for c in data.column_names if str(data.features[c]).startswith("Value(dtype='string'")), None)
+    if column is None:
+        raise TextSourceError(f"dataset {name!r} has no text column (columns: {data.column_names})")
+    parts, size = [], 0
+    for row in data:
+        text = row[column] or ""
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def load_texts(args: argparse.Namespace, split: str) -> dict[str, str]:
+    """Domain name -> text from --text files, --dataset, or the built-in domains (``split``: calib|eval)."""
+    from sinkfix.analysis.calibration import builtin_text
+    from sinkfix.texts import DOMAINS, read_text_file
+
+    texts: dict[str, str] = {}
+    for file in args.text or []:
+        name = Path(file).stem or "text"
+        base, i = name, 2
+        while name in texts:
+            name, i = f"{base}{i}", i + 1
+        texts[name] = read_text_file(file)
+    if getattr(args, "dataset", None):
+        texts[args.dataset.replace("/", "_").replace(":", "_")] = _dataset_text(args.dataset)
+    if not texts:
+        texts = {domain: builtin_text(domain, split) for domain in DOMAINS}
+    return texts
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "inspect", help="report attention sinks, value drains, residual peaks and dormant heads",
+        description="Stream texts through the model and report, per layer and head, the sink share, hidden "
+                    "sinks, value drain, residual peak and active/dormant state; list heads whose state flips "
+                    "between domains. Writes report.json and PNG figures to --out.",
+    )
+    add_common_arguments(parser, default_max_tokens=4096)
+    parser.add_argument("--out", default="sinkfix-inspect", help="output folder (default ./sinkfix-inspect)")
+    parser.add_argument("--hidden-sink-threshold", type=float, default=0.1,
+                        help="ACT criterion: mean attention over the rows that see a key (default 0.1)")
+    parser.add_argument("--policy", default=None, help="inspect the model patched with this policy spec, e.g. sink_scale=0.9")
+    parser.add_argument("--profile", default=None, help="inspect the model patched with this calibrated profile")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"
+
+
+def print_report(report, console=None) -> None:
+    """Readable per-layer table and the domain-flip table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    names = list(report.domains)
+    overall = report.overall
+    p = report.protocol
+    table = Table(title=f"{report.model.get('name')} ({report.model.get('architecture')}): "
+                        f"{'BOS + ' if p['bos'] else 'no BOS, '}{p['seq_len']}-token windows, {overall.tokens} tokens, "
+                        f"policy {p['policy']}", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("sink share\nmean / max", justify="right")
+    table.add_column("hidden\nsinks/seq", justify="right")
+    table.add_column("hidden-sink tokens", overflow="fold", max_width=24)
+    table.add_column("drain\nmin", justify="right")
+    table.add_column("resid.\npeak x", justify="right")
+    table.add_column("peak at", overflow="fold", max_width=16)
+    for name in names:
+        table.add_column(f"dormant\n{name}", justify="right")
+    for layer in range(overall.num_layers):
+        share = overall.sink_share[layer]
+        hidden = "-" if overall.hidden_sink_rate is None else _fmt(float(overall.hidden_sink_rate[layer].nanmean()), 1)
+        tokens = ", ".join(repr(report.token(t)) for t in list(overall.hidden_sink_tokens[layer])[:3]) \
+            if layer < len(overall.hidden_sink_tokens) else ""
+        drain = overall.value_drain[layer]
+        pos = overall.peak_positions[layer]
+        tok = overall.peak_tokens[layer]
+        row = [
+            str(layer), f"{_fmt(float(share.nanmean()))} / {_fmt(float(share.nan_to_num(0).max()))}", hidden, tokens,
+            _fmt(float(drain.nan_to_num(float('inf')).min())), _fmt(float(overall.residual_peak[layer]), 1),
+            f"{pos} {report.token(tok)!r}" if pos >= 0 else "-",
+        ]
+        for name in names:
+            dormancy = report.domains[name].dormancy
+            if dormancy is None:
+                row.append("-")
+            else:
+                heads = dormancy[layer]
+                row.append(f"{int((heads >= p['dormant_threshold']).sum())}/{int((~heads.isnan()).sum())}")
+        sink = float(share.nan_to_num(0).max()) >= 0.4
+        table.add_row(*row, style="bold" if sink else None)
+    console.print(table)
+    console.print(f"sink layers (a head with >= 0.4 on the first token): {report.sink_layers()}; "
+                  f"largest residual peaks: {report.peak_layers()}")
+    if len(names) > 1:
+        flips = Table(title=f"Heads whose state changes between domains (margin {p['flip_margin']})",
+                      title_justify="left")
+        flips.add_column("layer", justify="right")
+        flips.add_column("head", justify="right")
+        for name in names:
+            flips.add_column(f"dormancy {name}", justify="right")
+        flips.add_column("dormant on")
+        for flip in report.flips[:30]:
+            flips.add_row(str(flip["layer"]), str(flip["head"]),
+                          *[_fmt(flip["scores"].get(n, float("nan")), 3) for n in names], ", ".join(flip["dormant_on"]))
+        console.print(flips if report.flips else "no head changes state between domains")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    import sinkfix
+    from sinkfix.analysis.inspection import inspect
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile and args.policy:
+        raise TextSourceError("give --profile or --policy, not both")
+    console = Console(stderr=False)
+    texts = load_texts(args, "eval")
+    out = Path(args.out)
+    console.print(f"loading {args.model} ...")
+    model, tokenizer = sinkfix.load_model(args.model)
+    handle = None
+    if args.profile:
+        handle = sinkfix.patch(model, sinkfix.Profile.load(args.profile))
+    elif args.policy:
+        handle = sinkfix.patch(model, sinkfix.Policy.parse(args.policy))
+    try:
+        report = inspect(model, tokenizer, texts, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
+                         hidden_sink_threshold=args.hidden_sink_threshold)
+    finally:
+        if handle is not None:
+            handle.remove()
+    print_report(report, console)
+    path = report.save_json(out / "report.json")
+    console.print(f"wrote {path}")
+    if not args.no_figures:
+        from sinkfix.analysis.plots import write_figures
+
+        for figure in write_figures(report, out):
+            console.print(f"wrote {figure}")
+    return 0

@@ -1,0 +1,350 @@
+"""Calibrated per-layer / per-head policy parameters, saved as versioned JSON tied to one model.
+
+A :class:`Profile` is what :func:`sinkfix.calibrate` returns and what ``sinkfix.patch(model,
+profile)`` applies. The file records the identity of the model it was fitted on (architecture,
+attention layer and head counts, a fingerprint of the weights); applying it to a model it does not
+fit raises :class:`~sinkfix.errors.ProfileError` naming the difference. Files are written
+atomically (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
+half-written profile behind.
+
+Format (``"format": "sinkfix-profile"``, ``"version": 1``)::
+
+    {"format": "sinkfix-profile", "version": 1,
+     "model": {"architecture", "name", "num_layers", "num_heads": [..], "num_kv_heads",
+               "hidden_size", "vocab_size", "fingerprint"},
+     "policy": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null, "n_sink": 1,
+                "extra_sink_positions": [], "residual_clip": [..] | null},
+     "calibration": {...free-form record: protocol, NLLs, texts, steps...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sinkfix.errors import PolicyError, ProfileError
+from sinkfix.policy import Policy, ResidualClip
+
+__all__ = ["Profile", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT", "VERSION"]
+
+FORMAT = "sinkfix-profile"
+VERSION = 1
+# Elements sampled per parameter tensor for the fingerprint: enough to tell two checkpoints of the
+# same architecture apart, while hashing SmolLM2-135M takes a few milliseconds, not a full pass.
+_FINGERPRINT_SAMPLES = 4096
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over parameter names, shapes and a fixed strided sample of each tensor's values (as fp32)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        if param.device.type == "meta" or param.numel() == 0:
+            continue
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+        sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ProfileError(f"{type(model).__name__} has no config: not a transformers model")
+    return getattr(config, "text_config", None) or config
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a profile remembers about the model it was fitted on."""
+
+    architecture: str
+    num_layers: int
+    num_heads: tuple[int, ...]
+    num_kv_heads: int | None
+    hidden_size: int | None
+    vocab_size: int | None
+    fingerprint: str
+    name: str | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelIdentity":
+        handle = getattr(model, "_sinkfix_handle", None)
+        config = _text_config(model)
+        if handle is not None and handle.active:
+            heads = tuple(handle.num_heads())
+        else:
+            layers = getattr(config, "num_hidden_layers", None)
+            per = getattr(config, "num_attention_heads", None)
+            if layers is None or per is None:
+                raise ProfileError(f"cannot read layer / head counts from {type(model).__name__}'s config")
+            heads = (int(per),) * int(layers)
+        return cls(
+            architecture=type(model).__name__,
+            num_layers=len(heads),
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None),
+            hidden_size=getattr(config, "hidden_size", None),
+            vocab_size=getattr(config, "vocab_size", None),
+            fingerprint=weights_fingerprint(model),
+            name=getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or None,
+        )
+
+    def describe(self) -> str:
+        heads = self.num_heads[0] if len(set(self.num_heads)) == 1 else list(self.num_heads)
+        return f"{self.name or self.architecture} ({self.architecture}, {self.num_layers} layers x {heads} heads, weights {self.fingerprint[:12]})"
+
+    def differences(self, other: "ModelIdentity", *, check_weights: bool = True) -> list[str]:
+        diffs = []
+        for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "hidden_size", "vocab_size"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is not None and theirs is not None and mine != theirs:
+                diffs.append(f"{key} {mine} vs {theirs}")
+        if check_weights and self.fingerprint != other.fingerprint:
+            diffs.append(f"weights fingerprint {self.fingerprint[:12]} vs {other.fingerprint[:12]}")
+        return diffs
+
+    def to_dict(self) -> dict:
+        return {
+            "architecture": self.architecture, "name": self.name, "num_layers": self.num_layers,
+            "num_heads": list(self.num_heads), "num_kv_heads": self.num_kv_heads, "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelIdentity":
+        if not isinstance(data, dict):
+            raise ProfileError("profile 'model' entry must be an object")
+        try:
+            heads = tuple(int(h) for h in data["num_heads"])
+            ident = cls(
+                architecture=str(data["architecture"]), num_layers=int(data["num_layers"]), num_heads=heads,
+                num_kv_heads=None if data.get("num_kv_heads") is None else int(data["num_kv_heads"]),
+                hidden_size=None if data.get("hidden_size") is None else int(data["hidden_size"]),
+                vocab_size=None if data.get("vocab_size") is None else int(data["vocab_size"]),
+                fingerprint=str(data["fingerprint"]), name=data.get("name"),
+            )
+        except KeyError as exc:
+            raise ProfileError(f"profile 'model' entry lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"profile 'model' entry is malformed: {exc}") from None
+        if ident.num_layers != len(heads) or ident.num_layers <= 0:
+            raise ProfileError(f"profile 'model' entry: num_layers {ident.num_layers} but {len(heads)} head counts")
+        return ident
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ProfileError(f"cannot write {target}: it is a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ProfileError(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with _suppress():
+            os.unlink(tmp)
+        raise ProfileError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    return target
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = None,
+            high: float | None = None) -> torch.Tensor:
+    """A [num_layers, max_heads] fp64 tensor from nested lists, with clear errors."""
+    try:
+        t = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ProfileError(f"profile {name} is not a numeric [layers][heads] array: {exc}") from None
+    shape = (identity.num_layers, max(identity.num_heads))
+    if tuple(t.shape) != shape:
+        raise ProfileError(f"profile {name} has shape {tuple(t.shape)}; its model entry says {list(shape)}")
+    if not torch.isfinite(t).all():
+        raise ProfileError(f"profile {name} contains NaN or infinite values")
+    if (low is not None and (t < low).any()) or (high is not None and (t > high).any()):
+        raise ProfileError(f"profile {name} must lie in [{low}, {high}]; got [{t.min().item():g}, {t.max().item():g}]")
+    return t
+
+
+@dataclass
+class Profile:
+    """Per-layer / per-head policy parameters fitted on one model.
+
+    ``sink_scale`` [L, H] beta in [0, 1]; ``virtual_sink_logit`` [L, H] or None; ``residual_clip``
+    relative per-layer thresholds (inf = off) or None; ``calibration`` a free-form record of how
+    the profile was made (protocol, calibration / validation NLL, texts, steps).
+    """
+
+    model: ModelIdentity
+    sink_scale: torch.Tensor
+    virtual_sink_logit: torch.Tensor | None = None
+    n_sink: int = 1
+    extra_sink_positions: tuple[int, ...] = ()
+    residual_clip: list[float] | None = None
+    calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sink_scale = _matrix("sink_scale", self.sink_scale.tolist() if isinstance(self.sink_scale, torch.Tensor)
+                                  else self.sink_scale, self.model, 0.0, 1.0)
+        if self.virtual_sink_logit is not None:
+            v = self.virtual_sink_logit
+            self.virtual_sink_logit = _matrix("virtual_sink_logit", v.tolist() if isinstance(v, torch.Tensor) else v,
+                                              self.model)
+        if self.residual_clip is not None:
+            clip = [float(x) for x in self.residual_clip]
+            if len(clip) != self.model.num_layers or any(math.isnan(x) or x < 1 for x in clip):
+                raise ProfileError(f"profile residual_clip must be {self.model.num_layers} relative thresholds >= 1 "
+                                   "(inf = off)")
+            self.residual_clip = clip
+
+    # -- applying -------------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        """The :class:`~sinkfix.policy.Policy` this profile stands for (no model check)."""
+        clip = None
+        if self.residual_clip is not None and any(math.isfinite(x) for x in self.residual_clip):
+            clip = ResidualClip(self.residual_clip, mode="relative")
+        try:
+            return Policy(sink_scale=self.sink_scale.clone(), n_sink=self.n_sink,
+                          virtual_sink_logit=None if self.virtual_sink_logit is None else self.virtual_sink_logit.clone(),
+                          extra_sink_positions=tuple(self.extra_sink_positions), residual_clip=clip)
+        except PolicyError as exc:
+            raise ProfileError(f"profile does not describe a valid policy: {exc}") from None
+
+    def check(self, model: nn.Module, *, check_weights: bool = True) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for ``model``."""
+        current = ModelIdentity.of(model)
+        diffs = self.model.differences(current, check_weights=check_weights)
+        if diffs:
+            raise ProfileError(
+                f"this profile was calibrated for {self.model.describe()} and does not fit "
+                f"{current.describe()}: {'; '.join(diffs)}"
+            )
+
+    def policy_for(self, model: nn.Module, *, check_weights: bool = True) -> Policy:
+        """The policy, after checking that ``model`` is the model this profile was fitted on.
+
+        ``check_weights=False`` accepts another checkpoint of the same architecture and shape.
+        """
+        self.check(model, check_weights=check_weights)
+        return self.policy()
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model.to_dict(),
+            "policy": {
+                "sink_scale": self.sink_scale.tolist(),
+                "virtual_sink_logit": None if self.virtual_sink_logit is None else self.virtual_sink_logit.tolist(),
+                "n_sink": self.n_sink,
+                "extra_sink_positions": list(self.extra_sink_positions),
+                "residual_clip": None if self.residual_clip is None else
+                [x if math.isfinite(x) else "inf" for x in self.residual_clip],
+            },
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"not a sinkfix profile (expected \"format\": \"{FORMAT}\")")
+        version = data.get("version")
+        if not isinstance(version, int):
+            raise ProfileError("profile has no integer 'version'")
+        if version > VERSION:
+            raise ProfileError(f"profile version {version} is newer than this sinkfix reads ({VERSION}); upgrade sinkfix")
+        if version < 1:
+            raise ProfileError(f"profile version {version} is not valid")
+        identity = ModelIdentity.from_dict(data.get("model"))
+        policy = data.get("policy")
+        if not isinstance(policy, dict) or "sink_scale" not in policy:
+            raise ProfileError("profile has no 'policy' object with a 'sink_scale' entry")
+        clip = policy.get("residual_clip")
+        if clip is not None:
+            try:
+                clip = [float(x) for x in clip]
+            except (TypeError, ValueError):
+                raise ProfileError("profile residual_clip must be a list of numbers (or \"inf\")") from None
+        try:
+            n_sink = int(policy.get("n_sink", 1))
+            extra = tuple(int(p) for p in policy.get("extra_sink_positions", ()))
+        except (TypeError, ValueError):
+            raise ProfileError("profile n_sink / extra_sink_positions must be integers") from None
+        if n_sink < 0 or any(p < 0 for p in extra):
+            raise ProfileError("profile n_sink / extra_sink_positions must be >= 0")
+        calibration = data.get("calibration") or {}
+        if not isinstance(calibration, dict):
+            raise ProfileError("profile 'calibration' entry must be an object")
+        return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON, atomically. Returns the path."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        return atomic_write_text(path, text + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        """Read and validate a profile file; every problem is a :class:`ProfileError`."""
+        p = Path(path)
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ProfileError(f"profile file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"cannot read profile {p}: {exc}") from None
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"profile {p} is corrupted (invalid JSON at line {exc.lineno}, column {exc.colno})") from None
+        except ValueError as exc:
+            raise ProfileError(f"profile {p}: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ProfileError as exc:
+            raise ProfileError(f"{p}: {exc}") from None
+
+    def describe(self) -> str:
+        beta = self.sink_scale
+        parts = [f"sink_scale per-head [{beta.min().item():.3g}..{beta.max().item():.3g}], mean {beta.mean().item():.3f}"]
+        if self.virtual_sink_logit is not None:
+            v = self.virtual_sink_logit
+            parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
+        return f"Profile for {self.model.describe()}: " + ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a profile")

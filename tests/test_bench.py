@@ -1,0 +1,389 @@
+"""``sinkfix bench`` end to end on a tiny random Llama saved to disk with an offline byte-level tokenizer.
+
+One full CLI run (module fixture) feeds most checks; error paths run the CLI until it fails, which
+happens before any measurement.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkfix.bench import SCHEMA_VERSION, Spread, alternate, measure_peak_memory, windows_nll
+from sinkfix.cli import main
+from sinkfix.evaluate import Window, make_windows
+
+SEQ_LEN = 32
+MAX_POS = 128
+FAST = ["--seq-len", str(SEQ_LEN), "--max-windows", "3", "--decode-tokens", "3", "--repeats", "2",
+        "--decode-repeats", "1"]
+PROSE = ("The quick brown fox jumps over the lazy dog. " * 12
+         + "Attention sinks park the mass of dormant heads on the first token. " * 8)
+CODE = "def add(a, b):\n    return a + b\n\n" * 20 + "for i in range(10):\n    print(add(i, i))\n" * 10
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # one token per byte (no merges): any text tokenizes, nothing needs the hub
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"] = len(vocab)
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def _save_tiny(folder: Path, seed: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["bench", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    (root / "prose.txt").write_text(PROSE)
+    (root / "code.py").write_text(CODE)
+    return {
+        "root": root,
+        "model": _save_tiny(root / "tiny", seed=0),
+        "prose": root / "prose.txt",
+        "code": root / "code.py",
+    }
+
+
+@pytest.fixture(scope="module")
+def json_run(files) -> tuple[dict, str, Path]:
+    out_dir = files["root"] / "out"
+    rc, stdout, stderr = run_cli("--model", str(files["model"]), "--text", str(files["prose"]), str(files["code"]),
+                                 *FAST, "--json", "--out", str(out_dir))
+    assert rc == 0, stderr
+    return json.loads(stdout), stdout, out_dir
+
+
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+# -- the CLI end to end ---------------------------------------------------------------------------
+def test_json_run_variants_and_sections(json_run):
+    results, stdout, _ = json_run
+    assert stdout.lstrip().startswith("{")  # --json: nothing but the JSON on stdout
+    assert results["schema"] == SCHEMA_VERSION
+    names = [v["name"] for v in results["variants"]]
+    assert names == ["stock", "identity", "sink_scale=0.9", "drop (sink_scale=0)"]
+    assert list(results["domains"]) == ["prose", "code"]
+    assert results["protocol"]["bos"] is False  # the test tokenizer adds no BOS by itself
+    stock, identity, scaled, drop = results["variants"]
+    for d in ("prose", "code", "all"):
+        assert stock["quality"][d]["delta_pct"] == 0.0
+        # the identity patch reproduces sdpa to ~1e-6 relative on fp32 logits
+        assert abs(identity["quality"][d]["delta_pct"]) < 1e-3
+        assert drop["quality"][d]["ppl"] != stock["quality"][d]["ppl"]
+    for v in results["variants"]:
+        assert v["attention"] == ("sdpa" if v["kind"] == "stock" else "sinkfix")
+        prefill, decode = v["speed"]["prefill"], v["speed"]["decode"]
+        s = prefill["seconds"]
+        assert s["n"] == 2 and s["min"] <= s["median"] <= s["max"] and len(s["samples"]) == 2
+        assert prefill["tokens_per_s"]["min"] <= prefill["tokens_per_s"]["median"] <= prefill["tokens_per_s"]["max"]
+        assert prefill["time_ratio_vs_stock"] > 0 and decode["time_ratio_vs_stock"] > 0
+        assert decode["step_latency_ms"]["n"] == 2  # 3 new tokens = prefill + 2 cached steps
+        assert v["memory"]["method"] and len(v["memory"]["samples"]) == 2
+    assert stock["speed"]["prefill"]["time_ratio_vs_stock"] == 1.0
+    prov = results["provenance"]
+    assert prov["torch_threads"] >= 1 and prov["versions"]["torch"] and "git" in prov
+    assert results["config"]["seq_len"] == SEQ_LEN and results["model"]["num_layers"] == 2
+
+
+def test_out_dir_has_json_csv_and_plots(json_run):
+    results, _, out_dir = json_run
+    assert json.loads((out_dir / "results.json").read_text()) == results
+    with open(out_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and set(rows[0]) == {"variant", "section", "metric", "value"}
+    lookup = {(r["variant"], r["section"], r["metric"]): float(r["value"]) for r in rows}
+    for v in results["variants"]:
+        assert lookup[(v["name"], "quality", "prose.ppl")] == pytest.approx(v["quality"]["prose"]["ppl"], rel=1e-12)
+        assert (v["name"], "speed", "prefill.seconds.samples.1") in lookup
+    assert lookup[("", "config", "seq_len")] == SEQ_LEN
+    for png in ("ppl_delta.png", "speed_ratio.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if results["metrics_status"]["available"]:
+        assert (out_dir / "sink_share.png").exists() and (out_dir / "residual_peak.png").exists()
+    assert not list(out_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def _schema_keys(value, parent: str = "") -> set[str]:
+    keys: set[str] = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            # domain names are data, not schema
+            if parent not in ("domains", "quality"):
+                keys.add(k)
+            keys |= _schema_keys(v, k)
+    elif isinstance(value, list):
+        for item in value:
+            keys |= _schema_keys(item, parent)
+    return keys
+
+
+def test_json_schema_is_documented_and_stable(json_run):
+    results, _, _ = json_run
+    doc = (Path(__file__).resolve().parents[1] / "sinkfix" / "bench" / "schema.md").read_text()
+    assert SCHEMA_VERSION in doc
+    documented = set(re.findall(r"`([a-z_0-9]+)`", doc))
+    missing = sorted(_schema_keys(results) - documented)
+    assert not missing, f"keys missing from schema.md: {missing}"
+    assert list(results) == ["schema", "created", "wall_time_s", "phase_seconds", "config", "provenance", "model",
+                             "protocol", "domains", "metrics_status", "variants", "notes"]
+    assert list(results["variants"][0]) == ["name", "kind", "policy", "source", "attention", "quality", "metrics",
+                                            "speed", "memory"]
+    json.dumps(results, allow_nan=False)  # strict JSON: no NaN / inf anywhere
+
+
+def test_metrics_section(json_run):
+    pytest.importorskip("sinkfix.analysis.metrics")
+    results, _, _ = json_run
+    assert results["metrics_status"]["available"], results["metrics_status"]["note"]
+    stock, identity, scaled, drop = results["variants"]
+    for v in results["variants"]:
+        m = v["metrics"]
+        assert len(m["sink_share_layer"]) == 2 and len(m["residual_peak_layer"]) == 2
+        assert len(m["sink_share"][0]) == 4 and len(m["value_drain"][0]) == 2
+    # identity measures what stock does; beta scales the first layer's sink mass (later layers see
+    # changed inputs); beta = 0 leaves no mass on the sink at all
+    assert identity["metrics"]["sink_share_layer"] == pytest.approx(stock["metrics"]["sink_share_layer"], rel=1e-4)
+    assert scaled["metrics"]["sink_share_layer"][0] == pytest.approx(0.9 * stock["metrics"]["sink_share_layer"][0],
+                                                                     rel=1e-3)
+    assert max(drop["metrics"]["sink_share_layer"]) < 1e-6
+
+
+def test_table_output(files):
+    rc, stdout, stderr = run_cli("--model", str(files["model"]), "--text", str(files["prose"]), "--policy",
+                                 "sink_scale=0.8", "--bos", "--seq-len", "24", "--max-windows", "2",
+                                 "--decode-tokens", "0", "--repeats", "1")
+    assert rc == 0, stderr
+    for text in ("Quality and extreme tokens", "Speed and memory", "stock", "identity", "sink_scale=0.8",
+                 "BOS + 24-token windows", "wall time"):
+        assert text in stdout
+    assert "drop" not in stdout  # a given policy replaces the default set
+
+
+def test_default_texts_are_builtin_prose_and_code(files):
+    rc, stdout, stderr = run_cli("--model", str(files["model"]), "--policy", "identity", "--seq-len", "16",
+                                 "--max-windows", "1", "--decode-tokens", "0", "--repeats", "1", "--json")
+    assert rc == 0, stderr
+    results = json.loads(stdout)
+    assert list(results["domains"]) == ["prose", "code"]
+    assert [v["name"] for v in results["variants"]] == ["stock", "identity"]
+
+
+def test_profile_variant_and_profile_for_another_model(files, tmp_path):
+    from sinkfix.profile import ModelIdentity, Profile
+
+    model, _ = _load(files["model"])
+    mine = Profile(ModelIdentity.of(model), torch.full((2, 4), 0.9, dtype=torch.float64))
+    mine.save(tmp_path / "mine.json")
+    rc, stdout, stderr = run_cli("--model", str(files["model"]), "--text", str(files["prose"]), "--profile",
+                                 str(tmp_path / "mine.json"), "--seq-len", "16", "--max-windows", "1",
+                                 "--decode-tokens", "0", "--repeats", "1", "--json")
+    assert rc == 0, stderr
+    names = [v["name"] for v in json.loads(stdout)["variants"]]
+    assert names == ["stock", "identity", "profile:mine.json"]
+
+    other, _ = _load(_save_tiny(tmp_path / "other", seed=1))
+    Profile(ModelIdentity.of(other), torch.full((2, 4), 0.9, dtype=torch.float64)).save(tmp_path / "other.json")
+    rc, stdout, stderr = run_cli("--model", str(files["model"]), "--text", str(files["prose"]), "--profile",
+                                 str(tmp_path / "other.json"), *FAST)
+    assert rc == 2 and stdout == ""
+    _assert_clean_error(rc, stdout, stderr, "does not fit")
+
+
+# -- perplexity equals a plain transformers computation -------------------------------------------
+def _hf_perplexity(model, windows: list[Window]) -> float:
+    """Token-weighted perplexity from transformers' own loss, one window at a time."""
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            n = int((w.labels[1:] != -100).sum())
+            if n == 0:
+                continue
+            loss = model(input_ids=w.input_ids[None], labels=w.labels[None]).loss
+            nll += float(loss) * n
+            tokens += n
+    return math.exp(nll / tokens)
+
+
+@pytest.mark.parametrize("stride, bos, batch", [(None, None, 1), (10, None, 2), (20, 256, 3)])
+def test_perplexity_equals_transformers_loss(files, stride, bos, batch):
+    model, tokenizer = _load(files["model"])
+    ids = tokenizer(PROSE + CODE, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    windows = make_windows(ids, SEQ_LEN, stride, bos, max_windows=6)
+    nll, tokens = windows_nll(model, windows, batch)
+    ours = math.exp(nll / tokens)
+    assert ours == pytest.approx(_hf_perplexity(model, windows), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_perplexity_equals_transformers_loss_on_smollm2():
+    """Same check on the real default model: 2 windows of 256 tokens of the built-in code text."""
+    pytest.importorskip("gguf")
+    import sinkfix
+    from sinkfix.texts import domain_text
+
+    try:
+        model, tokenizer = sinkfix.load_model("smollm2-135m")
+    except sinkfix.ModelLoadError as exc:
+        pytest.skip(f"offline model package missing: {exc}")
+    ids = tokenizer(domain_text("code", "eval", max_chars=4000), add_special_tokens=False,
+                    return_tensors="pt").input_ids[0]
+    windows = make_windows(ids, 256, 200, max_windows=2)
+    nll, tokens = windows_nll(model, windows, batch=2)
+    assert math.exp(nll / tokens) == pytest.approx(_hf_perplexity(model, windows), rel=1e-4)
+
+
+def test_cli_perplexity_equals_independent_windows(json_run, files):
+    """The CLI's stock perplexity vs windows cut here by hand (non-overlapping, no BOS)."""
+    results, _, _ = json_run
+    model, tokenizer = _load(files["model"])
+    ids = tokenizer(PROSE, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    chunks = [ids[i : i + SEQ_LEN] for i in range(0, ids.numel(), SEQ_LEN)][:3]
+    windows = [Window(c, c.clone()) for c in chunks]
+    expected = _hf_perplexity(model, windows)
+    for name in ("stock", "identity"):
+        entry = next(v for v in results["variants"] if v["name"] == name)
+        assert entry["quality"]["prose"]["ppl"] == pytest.approx(expected, rel=1e-4)
+        assert entry["quality"]["prose"]["tokens"] == sum(c.numel() - 1 for c in chunks)
+
+
+# -- bad input: one line on stderr, exit code 2, no traceback --------------------------------------
+def _assert_clean_error(rc: int, stdout: str, stderr: str, *fragments: str) -> None:
+    assert rc == 2
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sinkfix bench: error:"), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_error_unknown_model(files):
+    _assert_clean_error(*run_cli("--model", "no-such-model", "--text", str(files["prose"])), "unknown model")
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "blank", "binary", "one-token"])
+def test_error_bad_text_file(files, tmp_path, kind):
+    path = tmp_path / f"{kind}.txt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("")
+    elif kind == "blank":
+        path.write_text(" \n\t\n")
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    elif kind == "one-token":
+        path.write_text("x")
+    fragment = {"missing": "not found", "directory": "directory", "empty": "empty", "blank": "empty",
+                "binary": "UTF-8", "one-token": "too short"}[kind]
+    _assert_clean_error(*run_cli("--model", str(files["model"]), "--text", str(path), *FAST), fragment)
+
+
+def test_error_seq_len_beyond_model(files):
+    _assert_clean_error(*run_cli("--model", str(files["model"]), "--text", str(files["prose"]), "--seq-len",
+                                 str(MAX_POS + 1)), "max_position_embeddings", str(MAX_POS))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--policy", "sink_scale=2"], "sink_scale"),
+    (["--policy", "colour=blue"], "unknown policy key"),
+    (["--stride", "1000"], "stride"),
+    (["--decode-tokens", "1"], "decode-tokens"),
+    (["--batch", "0"], "batch"),
+    (["--profile", "/nonexistent/profile.json"], "profile"),
+])
+def test_error_bad_options(files, argv, fragment):
+    _assert_clean_error(*run_cli("--model", str(files["model"]), "--text", str(files["prose"]), *FAST, *argv),
+                        fragment)
+
+
+def test_error_dataset_without_datasets_package(files):
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed; the offline error path is the one under test")
+    _assert_clean_error(*run_cli("--model", str(files["model"]), "--dataset", "wikitext"), "datasets")
+
+
+def test_error_exit_code_from_a_real_process(tmp_path):
+    """The console entry point itself: exit status 2 and a single stderr line (fails before loading)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "sinkfix", "bench", "--text", str(empty)], capture_output=True,
+                          text=True, timeout=120)
+    _assert_clean_error(proc.returncode, proc.stdout, proc.stderr, "empty")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def test_spread_percentiles_match_numpy():
+    np = pytest.importorskip("numpy")
+    samples = (0.5, 0.1, 0.9, 0.3, 0.7, 0.2)
+    s = Spread(samples)
+    assert (s.min, s.max) == (0.1, 0.9)
+    assert s.median == pytest.approx(np.median(samples))
+    assert s.percentile(90) == pytest.approx(np.percentile(samples, 90))
+    assert s.to_dict()["samples"] == list(samples)
+
+
+def test_alternate_runs_abba_and_drops_warmup():
+    calls: list[str] = []
+    out = alternate(["a", "b", "c"], lambda n: calls.append(n) or len(calls), repeats=2, warmup=1)
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert out == {"a": [6, 7], "b": [5, 8], "c": [4, 9]}
+
+
+def test_peak_memory_sees_an_allocation():
+    size = 64 * 1024 * 1024
+    peak = measure_peak_memory(lambda: torch.ones(size // 4, dtype=torch.float32).sum())
+    assert peak.peak_bytes >= 0.9 * size, peak
+
+
+def test_runner_imports_neither_rich_nor_matplotlib():
+    source = (Path(__file__).resolve().parents[1] / "sinkfix" / "bench" / "runner.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"rich", "matplotlib", "tqdm"}
