@@ -38,14 +38,16 @@ def sink_share_heatmap(report, path: Path) -> Path:
     """Layers x heads heatmap of the first-token sink share, one panel per domain."""
     plt = _pyplot()
     names = list(report.domains)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 2.6 * len(names), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 2.6 * len(names), 6), squeeze=False,
+                             layout="constrained")
     image = None
-    for ax, name in zip(axes[0], names):
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
         share = report.domains[name].sink_share.numpy()
         image = ax.imshow(share, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name)
         ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+        if i == 0:
+            ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="attention mass on the first token (rows i >= 1)")
     fig.suptitle(f"Sink share - {_title(report)}", fontsize=10)
     fig.savefig(path, dpi=110)

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on logit(beta) (default 0.2)")
     parser.add_argument("--reg", type=float, default=0.05, help="pull toward beta = 1 (default 0.05)")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of each text (default 0.25)")
-    parser.add_argument("--virtual-logits", action="store_true", help="also fit one virtual sink logit per head")
+    parser.add_argument("--virtual-logits", action=argparse.BooleanOptionalAction, default=True,
+                        help="also fit one virtual sink logit per head (default: yes)")
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, compare perplexity on the built-in held-out evaluation texts")
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per domain for --evaluate (default 8)")
@@ -36,17 +37,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     import sinkfix
     from sinkfix.analysis.calibration import builtin_text, calibrate
+    from sinkfix.commands.inspect import wide_console
     from sinkfix.evaluate import perplexity
     from sinkfix.texts import DOMAINS
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = wide_console()
     texts = load_texts(args, "calib")
     out = args.out or f"{args.model.replace('/', '_')}.profile.json"
     console.print(f"loading {args.model} ...")

@@ -98,6 +98,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _short(token: str, width: int = 12) -> str:
+    text = repr(token)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
 
@@ -117,16 +122,16 @@ def print_report(report, console=None) -> None:
     table.add_column("layer", justify="right")
     table.add_column("sink share\nmean / max", justify="right")
     table.add_column("hidden\nsinks/seq", justify="right")
-    table.add_column("hidden-sink tokens", overflow="fold", max_width=24)
+    table.add_column("hidden-sink tokens", overflow="fold", max_width=40)
     table.add_column("drain\nmin", justify="right")
     table.add_column("resid.\npeak x", justify="right")
-    table.add_column("peak at", overflow="fold", max_width=16)
+    table.add_column("peak at", overflow="fold", max_width=18)
     for name in names:
         table.add_column(f"dormant\n{name}", justify="right")
     for layer in range(overall.num_layers):
         share = overall.sink_share[layer]
         hidden = "-" if overall.hidden_sink_rate is None else _fmt(float(overall.hidden_sink_rate[layer].nanmean()), 1)
-        tokens = ", ".join(repr(report.token(t)) for t in list(overall.hidden_sink_tokens[layer])[:3]) \
+        tokens = ", ".join(_short(report.token(t)) for t in list(overall.hidden_sink_tokens[layer])[:3]) \
             if layer < len(overall.hidden_sink_tokens) else ""
         drain = overall.value_drain[layer]
         pos = overall.peak_positions[layer]
@@ -134,7 +139,7 @@ def print_report(report, console=None) -> None:
         row = [
             str(layer), f"{_fmt(float(share.nanmean()))} / {_fmt(float(share.nan_to_num(0).max()))}", hidden, tokens,
             _fmt(float(drain.nan_to_num(float('inf')).min())), _fmt(float(overall.residual_peak[layer]), 1),
-            f"{pos} {report.token(tok)!r}" if pos >= 0 else "-",
+            f"{pos} {_short(report.token(tok))}" if pos >= 0 else "-",
         ]
         for name in names:
             dormancy = report.domains[name].dormancy
@@ -162,9 +167,18 @@ def print_report(report, console=None) -> None:
         console.print(flips if report.flips else "no head changes state between domains")
 
 
+def wide_console():
+    """A rich console; when stdout is not a terminal (a log file, a pipe) rich would wrap the tables
+    at 80 columns, so give it room for the full per-layer table."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=150)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
 
     import sinkfix
     from sinkfix.analysis.inspection import inspect
@@ -173,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.profile and args.policy:
         raise TextSourceError("give --profile or --policy, not both")
-    console = Console(stderr=False)
+    console = wide_console()
     texts = load_texts(args, "eval")
     out = Path(args.out)
     console.print(f"loading {args.model} ...")
