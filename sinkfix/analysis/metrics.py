@@ -65,7 +65,7 @@ class ExtremeTokenMetrics:
     value_drain: torch.Tensor  # [L, Hkv] ||v_sink|| / median_j ||v_j||, averaged over windows
     residual_peak: torch.Tensor  # [L] max_i ||h_i|| / median_i ||h_i|| after each decoder layer, averaged over windows
     peak_positions: list[int]  # [L] most frequent position of the residual maximum
-    peak_tokens: list[int]  # [L] token id most often at the residual maximum
+    peak_tokens: list[int]  # [L] the token id at that position most often (-1 = unknown)
     hidden_sink_share: torch.Tensor | None = None  # [L, Hq] mean over rows of the mass on hidden sinks
     hidden_sink_rate: torch.Tensor | None = None  # [L, Hq] hidden sinks per sequence
     dormancy: torch.Tensor | None = None  # [L, Hq] mean over rows i>=1 of the row dormancy score
@@ -151,7 +151,7 @@ class StreamingCollector:
         self.peak_sum = torch.zeros(L, **f64)
         self.peak_count = torch.zeros(L, **f64)
         self.peak_pos: list[Counter] = [Counter() for _ in range(L)]
-        self.peak_tok: list[Counter] = [Counter() for _ in range(L)]
+        self.peak_tok: list[Counter] = [Counter() for _ in range(L)]  # (position, token id) -> windows
         self.hidden_tok: list[Counter] = [Counter() for _ in range(L)]
         self.residual_norms: list[list[float]] = [[] for _ in range(L)]
         self.value_norms: list[list[list[float]]] = [[] for _ in range(L)]
@@ -193,8 +193,8 @@ class StreamingCollector:
             for b in torch.nonzero(ok).flatten().tolist():
                 p = int(pos[b])
                 self.peak_pos[layer][p] += 1
-                if self._ids is not None and self._ids.shape == norms.shape:
-                    self.peak_tok[layer][int(self._ids[b, p])] += 1
+                token = int(self._ids[b, p]) if self._ids is not None and self._ids.shape == norms.shape else -1
+                self.peak_tok[layer][(p, token)] += 1  # pairs: the reported token sits at the reported position
             if self._first_window and self.keep_examples:
                 self.residual_norms[layer] = norms[0].tolist()
 
@@ -402,8 +402,8 @@ class StreamingCollector:
             sink_share=per_head(self.sink_sum / rows),
             value_drain=drain,
             residual_peak=peak,
-            peak_positions=[c.most_common(1)[0][0] if c else -1 for c in self.peak_pos],
-            peak_tokens=[c.most_common(1)[0][0] if c else -1 for c in self.peak_tok],
+            peak_positions=[c.most_common(1)[0][0][0] if c else -1 for c in self.peak_tok],
+            peak_tokens=[c.most_common(1)[0][0][1] if c else -1 for c in self.peak_tok],
             hidden_sink_share=per_head(self.hidden_share_sum / rows) if heavy else None,
             hidden_sink_rate=per_head(self.hidden_count / self.seqs_seen.clamp(min=1)[:, None]) if heavy else None,
             dormancy=per_head(self.dormancy_sum / rows) if heavy else None,
