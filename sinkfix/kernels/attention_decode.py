@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .attention_prefill import (
-    _attn_tiles,
+    _attn_key_range,
     _block_d,
     _outputs,
     _prepare,
@@ -85,47 +85,11 @@ def _sink_attn_decode_split(
     # (bounds from the first and last query token; the rows of one tile span all of them)
     pos_first = causal_offset
     pos_last = q_len - 1 + causal_offset
-    lo = pid_s * split_size
-    hi = tl.minimum(lo + split_size, k_len)
-    full_lo = lo
-    full_hi = hi
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, pos_last + 1)
-        full_hi = tl.minimum(full_hi, pos_first + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, pos_first - window + 1)
-        full_lo = tl.maximum(full_lo, pos_last - window + 1)
-    lo = tl.minimum(lo, k_len) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, lo)
-    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
-    full_hi = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo), hi)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_MASK:
-        # a dense mask is read on every tile anyway: one masked pass, a third of the code
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-    else:
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
-            softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, IS_CAUSAL,
-            HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+    acc, l_i, m_i = _attn_key_range(
+        q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn, row_ok, q_pos,
+        sinks, pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
+        k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
 
     # -- workspace (B * Hkv, NUM_SPLITS + 1, n_rows[, HEAD_DIM]) fp32; slot NUM_SPLITS = sinks --
     slot = (pid_bh.to(tl.int64) * (num_splits + 1) + pid_s) * n_rows + rows

@@ -117,6 +117,65 @@ def _attn_tiles(
 
 
 @triton.jit
+def _attn_key_range(
+    q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+    mask_rows, stride_mn, row_ok, q_pos, sinks,
+    lo, hi,                             # key range this program owns, before the causal/window cut
+    pos_first, pos_last,                # causal positions of its first and last query row
+    k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i) from a fresh state.
+
+    Shared by the prefill kernel (one row block, all keys) and the decode split kernel (all rows,
+    one key split). Without a dense mask the range is swept in three passes: leading tiles cut by
+    the window, tiles every row sees whole (no rule checks), trailing tiles on the causal diagonal
+    and the ragged end of K. A dense mask is read on every tile anyway: one masked pass.
+    """
+    full_lo = lo
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, pos_last + 1)
+        full_hi = tl.minimum(full_hi, pos_first + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos_first - window + 1)
+        full_lo = tl.maximum(full_lo, pos_last - window + 1)
+    lo = tl.minimum(lo, k_len) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
+    full_hi = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_MASK:
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_SINKS, UPCAST_DOT)
+    else:
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_SINKS, UPCAST_DOT)
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
+            softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, HAS_SINKS, UPCAST_DOT)
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
+            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_SINKS, UPCAST_DOT)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _sink_tile(
     q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
     mask_rows, stride_mn, row_ok, q_pos,
@@ -247,53 +306,13 @@ def _sink_attn_fwd(
         sink_ptr = Sinks
         sinks = 0
 
-    # -- key range this row block can see, and the sub-range every row sees whole --
+    # -- non-sink keys this row block can see --
     pos_first = start_m + causal_offset
     pos_last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
-    lo = 0
-    hi = k_len
-    full_lo = 0
-    full_hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, pos_last + 1)
-        full_hi = tl.minimum(full_hi, pos_first + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, pos_first - window + 1)
-        full_lo = tl.maximum(full_lo, pos_last - window + 1)
-    lo = tl.minimum(lo, k_len) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, lo)
-    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
-    full_hi = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo), hi)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_MASK:
-        # a dense mask is read on every tile anyway: one masked pass, a third of the code
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-    else:
-        # leading tiles cut by the sliding window
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, lo, full_lo, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-        # tiles every row sees whole: no rule checks
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, full_lo, full_hi, k_len, window, qk_scale,
-            softcap_log2, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, IS_CAUSAL,
-            HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
-        # trailing tiles: causal diagonal and the ragged end of K
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sinks, full_hi, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+    acc, l_i, m_i = _attn_key_range(
+        q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn, row_ok, q_pos,
+        sinks, 0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
 
     # -- epilogue: sink tile, policy combine --
     if HAS_BETA:
