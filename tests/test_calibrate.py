@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
@@ -11,22 +10,10 @@ import torch
 import sinkfix
 from sinkfix.analysis.calibration import CalibrationError, builtin_text, calibrate, calibration_windows
 
-from .conftest import tiny_model
+from .conftest import CharTokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class CharTokenizer:
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
-        return types.SimpleNamespace(input_ids=torch.tensor([[2 + ord(c) % 90 for c in text]]))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = {

@@ -16,28 +16,10 @@ from sinkfix.analysis.metrics import ExtremeTokenMetrics, StreamingCollector, me
 from sinkfix.ops.attention import AttentionResult
 from sinkfix.patch import AttentionCall
 
-from .conftest import tiny_model
+from .conftest import CharTokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine run ~20x faster on one thread than on two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class CharTokenizer:
-    """Enough of a tokenizer for inspect / the CLI: one id per character, BOS = 1."""
-
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
-        return types.SimpleNamespace(input_ids=torch.tensor([[2 + ord(c) % 90 for c in text]]))
-
-    def decode(self, ids):
-        return "".join(chr(32 + int(i) % 90) for i in ids)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- hand-computed case: one head that provably sinks on key 0 ----------------------------------
