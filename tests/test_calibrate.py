@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sinkfix
-from sinkfix.analysis.calibration import CalibrationError, builtin_text, calibrate, calibration_windows
+from sinkfix.analysis.calibration import CalibrationError, calibrate, calibration_windows
+from sinkfix.texts import domain_text
 
 from .conftest import CharTokenizer, tiny_model
 
@@ -95,7 +96,7 @@ def test_windows_do_not_overlap_and_start_with_bos():
 
 def test_builtin_texts_exist_offline():
     for domain in ("prose", "code"):
-        calib, held_out = builtin_text(domain, "calib"), builtin_text(domain, "eval")
+        calib, held_out = domain_text(domain, "calib"), domain_text(domain, "eval")
         assert len(calib) > 20_000 and len(held_out) > 20_000
         assert calib[:2000] not in held_out
 
@@ -137,7 +138,7 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_calibration_lowers_nll_on_its_own_split(smollm2):
     model, tokenizer = smollm2
-    text = builtin_text("prose", "calib")[:12000]
+    text = domain_text("prose", "calib")[:12000]
     profile = calibrate(model, tokenizer, {"prose": text}, seq_len=256, bos=True, max_tokens=3 * 255, steps=4,
                         lr=0.1, reg=0.0, val_fraction=0.34, eval_every=2, patience=5, progress=False)
     nll = profile.calibration["nll"]

@@ -29,12 +29,9 @@ it is not regularised (early stopping on the validation split is).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sysconfig
 import time
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -43,8 +40,9 @@ from torch import nn
 from sinkfix.errors import SinkfixError
 from sinkfix.evaluate import bos_token_id, tokenize, window_nll
 from sinkfix.policy import Policy
+from sinkfix.texts import domain_text
 
-__all__ = ["calibrate", "builtin_text", "calibration_windows", "CalibrationError"]
+__all__ = ["calibrate", "calibration_windows", "CalibrationError"]
 
 # Virtual sink logits start this far below the head's reference log-sum-exp: e^-6 = 0.25% of the mass.
 _VIRTUAL_INIT_GAP = 6.0
@@ -54,45 +52,6 @@ _LSE_WINDOWS = 8
 
 class CalibrationError(SinkfixError, ValueError):
     """Calibration cannot run with the given texts or settings."""
-
-
-# -- built-in text ------------------------------------------------------------------------------
-def _stdlib_source(name: str) -> str | None:
-    """Source of a standard-library module, also for frozen ones (``os``); None for C modules."""
-    spec = importlib.util.find_spec(name)
-    candidates = []
-    if spec is not None and spec.origin and spec.origin.endswith(".py"):
-        candidates.append(Path(spec.origin))
-    candidates.append(Path(sysconfig.get_paths()["stdlib"]) / (name.replace(".", "/") + ".py"))
-    candidates.append(Path(sysconfig.get_paths()["stdlib"]) / name.replace(".", "/") / "__init__.py")
-    for path in candidates:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return None
-
-
-def builtin_text(domain: str, split: str = "calib") -> str:
-    """Offline text of a built-in domain (see :mod:`sinkfix.texts`).
-
-    Falls back to skipping standard-library modules that have no Python source on this machine
-    (C modules such as ``itertools``, frozen ones such as ``os``), which :func:`sinkfix.texts.domain_text`
-    refuses outright in the prose calibration split.
-    """
-    from sinkfix import texts
-
-    try:
-        return texts.domain_text(domain, split)
-    except texts.TextError:
-        if not (domain == "prose" and split == "calib"):
-            raise
-    docs = []
-    for name in texts._PROSE_DOC_MODULES:
-        source = _stdlib_source(name)
-        if source is not None:
-            docs.extend(texts._docstrings(source))
-    if not docs:
-        raise texts.TextError("no standard-library docstrings found on this machine")
-    return "\n\n".join(docs)
 
 
 def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
@@ -188,7 +147,7 @@ def _split(windows: list[torch.Tensor], val_fraction: float) -> tuple[list[torch
 
 def _normalise_texts(texts) -> dict[str, str]:
     if texts is None:
-        return {"prose": builtin_text("prose", "calib"), "code": builtin_text("code", "calib")}
+        return {"prose": domain_text("prose", "calib"), "code": domain_text("code", "calib")}
     if isinstance(texts, str):
         return {"text": texts}
     if isinstance(texts, Mapping):

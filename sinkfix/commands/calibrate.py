@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import sinkfix
-    from sinkfix.analysis.calibration import builtin_text, calibrate
+    from sinkfix.analysis.calibration import calibrate
+    from sinkfix.texts import domain_text
     from sinkfix.commands.inspect import wide_console
     from sinkfix.evaluate import perplexity
     from sinkfix.texts import DOMAINS
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         for col in ("domain", "protocol", "ppl unpatched", "ppl profile", "change"):
             ev.add_column(col)
         for domain in DOMAINS:
-            text = builtin_text(domain, "eval")
+            text = domain_text(domain, "eval")
             base = perplexity(model, tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_windows=args.eval_windows)
             with sinkfix.patch(model, profile):
                 fixed = perplexity(model, tokenizer, text, seq_len=args.seq_len, bos=args.bos,

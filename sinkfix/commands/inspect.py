@@ -63,7 +63,7 @@ def _dataset_text(name: str, max_chars: int = 2_000_000) -> str:
 
 def load_texts(args: argparse.Namespace, split: str) -> dict[str, str]:
     """Domain name -> text from --text files, --dataset, or the built-in domains (``split``: calib|eval)."""
-    from sinkfix.analysis.calibration import builtin_text
+    from sinkfix.texts import domain_text
     from sinkfix.texts import DOMAINS, read_text_file
 
     texts: dict[str, str] = {}
@@ -76,7 +76,7 @@ def load_texts(args: argparse.Namespace, split: str) -> dict[str, str]:
     if getattr(args, "dataset", None):
         texts[args.dataset.replace("/", "_").replace(":", "_")] = _dataset_text(args.dataset)
     if not texts:
-        texts = {domain: builtin_text(domain, split) for domain in DOMAINS}
+        texts = {domain: domain_text(domain, split) for domain in DOMAINS}
     return texts
 
 
