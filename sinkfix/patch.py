@@ -59,7 +59,8 @@ class AttentionCall:
     softcap: float | None
     sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
     first_real_col: torch.Tensor  # (B,) key column of the first real (non-padding) token
-    extra_logits: torch.Tensor | None
+    extra_logits: torch.Tensor | None  # (Hq, E) zero-value logits counted in every row (s_aux, ...)
+    virtual_logit: torch.Tensor | None  # (Hq,) the policy's, rows that see a non-sink key only
     result: AttentionResult
 
 
@@ -160,16 +161,18 @@ def attention_forward(
     state: _LayerState | None = getattr(module, "_sinkfix", None)
     want_probs = bool(kwargs.get("output_attentions"))
 
-    extras = []
-    if s_aux is not None:
-        extras.append(s_aux.reshape(q_heads, 1))
-    beta = None
+    extra_logits = None if s_aux is None else s_aux.reshape(q_heads, 1).to(device=query.device, dtype=torch.float32)
+    beta = virtual = None
     sink_cols = None
     if state is not None:
         beta, virtual = state.policy.tensors(query.device)
-        if virtual is not None:
-            extras.append(virtual.reshape(q_heads, 1))
-    extra_logits = torch.cat([e.to(device=query.device, dtype=torch.float32) for e in extras], dim=1) if extras else None
+        if virtual is not None and state.policy.virtual_on_sink_rows:
+            # counted in every row, like the model's own s_aux
+            column = virtual.reshape(q_heads, 1)
+            extra_logits = column if extra_logits is None else torch.cat([extra_logits, column], dim=1)
+            virtual = None
+        elif virtual is not None:
+            virtual = virtual.reshape(q_heads)
 
     needs_sinks = state is not None and (
         not state.policy.attention_is_identity or state.observers or state.policy.clip is not None
@@ -189,13 +192,14 @@ def attention_forward(
         query, key, value,
         backend=state.backend if state is not None else "auto",
         attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
-        sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+        sink_cols=sink_cols, beta=beta, extra_logits=extra_logits, virtual_logit=virtual,
         return_probs=want_probs, need_sink_mass=bool(state is not None and state.observers),
     )
     if state is not None and state.observers:
         call = AttentionCall(
             state.policy.layer, module, query, key, value, attention_mask, causal,
-            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, sink_cols, first_col, extra_logits, result,
+            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, sink_cols, first_col, extra_logits, virtual,
+            result,
         )
         for observer in state.observers:
             observer(call)

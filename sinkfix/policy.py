@@ -52,7 +52,13 @@ class Policy:
             to their weights. 1 = identity, 0 = drop the sink. Scalar or ``[num_layers,
             num_heads]``.
         virtual_sink_logit: b_h, an extra ``exp(b_h)`` in the softmax denominator with a zero
-            value vector ("softmax off by one" is b = 0). None = off. Scalar or per head.
+            value vector ("softmax off by one" is b = 0), in every row that sees a non-sink key.
+            None = off. Scalar or per head.
+        virtual_logit_on_sink_rows: also count b_h in the rows that see only the sink (the sink
+            token's own row). Off by default: like beta, the policy then leaves the sink's own
+            representation as the stock model computes it, which matters when the sink is a
+            content token (no BOS). Calibration turns it on for BOS windows, where that row is
+            the BOS token and acting on it measurably helps (docs/calibration.md).
         n_sink: the sink set is the first ``n_sink`` real (non-padding) positions.
         extra_sink_positions: further absolute positions (0 = first real token) in the sink set.
         layers: attention layers the attention policy applies to (None = all). Other layers run
@@ -62,12 +68,15 @@ class Policy:
 
     sink_scale: PerHead = 1.0
     virtual_sink_logit: PerHead | None = None
+    virtual_logit_on_sink_rows: bool = False
     n_sink: int = 1
     extra_sink_positions: tuple[int, ...] = ()
     layers: tuple[int, ...] | None = None
     residual_clip: ResidualClip | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.virtual_logit_on_sink_rows, bool):
+            raise PolicyError(f"virtual_logit_on_sink_rows must be a bool, got {self.virtual_logit_on_sink_rows!r}")
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise PolicyError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
         extra = tuple(int(p) for p in self.extra_sink_positions)
@@ -92,8 +101,9 @@ class Policy:
     def parse(cls, spec: str) -> "Policy":
         """Parse a command-line spec such as ``"sink_scale=0.9,n_sink=1"`` or ``"identity"``.
 
-        Keys: sink_scale, virtual_sink_logit, n_sink, layers (``0:5:20``), extra_sink_positions
-        (``3:7``), clip (relative threshold), clip_abs (absolute threshold).
+        Keys: sink_scale, virtual_sink_logit, virtual_logit_on_sink_rows (0/1), n_sink, layers
+        (``0:5:20``), extra_sink_positions (``3:7``), clip (relative threshold), clip_abs
+        (absolute threshold).
         """
         spec = spec.strip()
         if spec in ("", "identity"):
@@ -111,14 +121,18 @@ class Policy:
                     kwargs[key] = float(value)
                 elif key == "n_sink":
                     kwargs[key] = int(value)
+                elif key == "virtual_logit_on_sink_rows":
+                    if value not in ("0", "1", "true", "false"):
+                        raise ValueError("expected 0, 1, true or false")
+                    kwargs[key] = value in ("1", "true")
                 elif key in ("layers", "extra_sink_positions"):
                     kwargs[key] = tuple(int(v) for v in value.split(":") if v)
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
                 else:
                     raise PolicyError(
-                        f"unknown policy key {key!r}; known: sink_scale, virtual_sink_logit, n_sink, "
-                        "layers, extra_sink_positions, clip, clip_abs"
+                        f"unknown policy key {key!r}; known: sink_scale, virtual_sink_logit, "
+                        "virtual_logit_on_sink_rows, n_sink, layers, extra_sink_positions, clip, clip_abs"
                     )
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
@@ -145,6 +159,8 @@ class Policy:
         if self.virtual_sink_logit is not None:
             b = torch.as_tensor(self.virtual_sink_logit, dtype=torch.float64)
             parts.append(f"virtual_sink_logit={b.item():g}" if b.numel() == 1 else "virtual_sink_logit=per-head")
+            if self.virtual_logit_on_sink_rows:
+                parts.append("virtual_logit_on_sink_rows=1")
         if self.n_sink != 1:
             parts.append(f"n_sink={self.n_sink}")
         if self.extra_sink_positions:
@@ -184,6 +200,7 @@ class Policy:
                     layer=layer,
                     beta=beta[layer, :heads].clone() if on else torch.ones(heads, dtype=torch.float64),
                     virtual_logit=logit[layer, :heads].clone() if (on and logit is not None) else None,
+                    virtual_on_sink_rows=self.virtual_logit_on_sink_rows,
                     sink_offsets=sink_offsets,
                     clip=clips[layer],
                 )
@@ -207,6 +224,7 @@ class LayerPolicy:
     virtual_logit: torch.Tensor | None  # (H,) or None
     sink_offsets: tuple[int, ...]  # positions (0 = first real token) forming the sink set
     clip: LayerClip | None = None
+    virtual_on_sink_rows: bool = False  # the virtual logit also counts in sink-only rows
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -7,14 +7,19 @@ fit raises :class:`~sinkfix.errors.ProfileError` naming the difference. Files ar
 atomically (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
 half-written profile behind.
 
-Format (``"format": "sinkfix-profile"``, ``"version": 1``)::
+Format (``"format": "sinkfix-profile"``, ``"version": 2``)::
 
-    {"format": "sinkfix-profile", "version": 1,
+    {"format": "sinkfix-profile", "version": 2,
      "model": {"architecture", "name", "num_layers", "num_heads": [..], "num_kv_heads",
                "hidden_size", "vocab_size", "fingerprint"},
-     "policy": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null, "n_sink": 1,
+     "policy": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null,
+                "virtual_logit_on_sink_rows": false, "n_sink": 1,
                 "extra_sink_positions": [], "residual_clip": [..] | null},
      "calibration": {...free-form record: protocol, NLLs, texts, steps...}}
+
+Version 2 added ``"virtual_logit_on_sink_rows"`` to the policy: whether the virtual sink logit
+also counts in the rows that see only the sink (the sink's own row). Version 1 always counted it
+there, so a version-1 file loads with ``true`` (it means exactly what it meant when it was fitted).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from sinkfix.policy import Policy, ResidualClip
 __all__ = ["Profile", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT", "VERSION"]
 
 FORMAT = "sinkfix-profile"
-VERSION = 1
+VERSION = 2
 # Elements sampled per parameter tensor for the fingerprint: enough to tell two checkpoints of the
 # same architecture apart, while hashing SmolLM2-135M takes a few milliseconds, not a full pass.
 _FINGERPRINT_SAMPLES = 4096
@@ -212,8 +217,12 @@ class Profile:
     extra_sink_positions: tuple[int, ...] = ()
     residual_clip: list[float] | None = None
     calibration: dict = field(default_factory=dict)
+    virtual_logit_on_sink_rows: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.virtual_logit_on_sink_rows, bool):
+            raise ProfileError(f"profile virtual_logit_on_sink_rows must be true or false, got "
+                               f"{self.virtual_logit_on_sink_rows!r}")
         self.sink_scale = _matrix("sink_scale", self.sink_scale.tolist() if isinstance(self.sink_scale, torch.Tensor)
                                   else self.sink_scale, self.model, 0.0, 1.0)
         if self.virtual_sink_logit is not None:
@@ -236,6 +245,7 @@ class Profile:
         try:
             return Policy(sink_scale=self.sink_scale.clone(), n_sink=self.n_sink,
                           virtual_sink_logit=None if self.virtual_sink_logit is None else self.virtual_sink_logit.clone(),
+                          virtual_logit_on_sink_rows=self.virtual_logit_on_sink_rows,
                           extra_sink_positions=tuple(self.extra_sink_positions), residual_clip=clip)
         except PolicyError as exc:
             raise ProfileError(f"profile does not describe a valid policy: {exc}") from None
@@ -267,6 +277,7 @@ class Profile:
             "policy": {
                 "sink_scale": self.sink_scale.tolist(),
                 "virtual_sink_logit": None if self.virtual_sink_logit is None else self.virtual_sink_logit.tolist(),
+                "virtual_logit_on_sink_rows": self.virtual_logit_on_sink_rows,
                 "n_sink": self.n_sink,
                 "extra_sink_positions": list(self.extra_sink_positions),
                 "residual_clip": None if self.residual_clip is None else
@@ -306,7 +317,10 @@ class Profile:
         calibration = data.get("calibration") or {}
         if not isinstance(calibration, dict):
             raise ProfileError("profile 'calibration' entry must be an object")
-        return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration)
+        # version 1 counted the virtual logit in the sink's own row too
+        on_sink_rows = policy.get("virtual_logit_on_sink_rows", False) if version >= 2 else True
+        return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
+                   virtual_logit_on_sink_rows=on_sink_rows)
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON, atomically. Returns the path."""

@@ -36,7 +36,7 @@ def _sinking_call(beta: float | None = None) -> tuple[AttentionCall, dict]:
         module._sinkfix = types.SimpleNamespace(policy=types.SimpleNamespace(beta=torch.tensor([beta])))
     call = AttentionCall(
         layer=0, module=module, query=q, key=k, value=v, attn_mask=None, causal=True, scale=1.0, softcap=None,
-        sink_cols=torch.tensor([[0]]), first_real_col=torch.tensor([0]), extra_logits=None,
+        sink_cols=torch.tensor([[0]]), first_real_col=torch.tensor([0]), extra_logits=None, virtual_logit=None,
         result=AttentionResult(torch.zeros(1, 1, 4, 2), None, None, None),
     )
     e5 = math.exp(5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -31,8 +33,10 @@ def _policies(q_heads):
         "identity": dict(),
         "scale": dict(beta=beta),
         "drop": dict(beta=torch.zeros(q_heads)),
-        "virtual": dict(extra_logits=torch.randn(q_heads, 1, generator=g)),
-        "scale+aux+virtual": dict(beta=beta, extra_logits=torch.randn(q_heads, 2, generator=g)),
+        "virtual": dict(virtual_logit=torch.randn(q_heads, generator=g)),
+        "aux": dict(extra_logits=torch.randn(q_heads, 2, generator=g)),
+        "scale+aux+virtual": dict(beta=beta, extra_logits=torch.randn(q_heads, 1, generator=g),
+                                  virtual_logit=torch.randn(q_heads, generator=g)),
     }
 
 
@@ -82,8 +86,10 @@ def test_torch_path_matches_reference(shape, policy, n_sink):
     torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(got.lse.double()[finite], ref_lse[finite], atol=ATOL, rtol=0)
-    # the stock sink mass (what inspect reports) equals the identity probabilities on the sink columns
-    _, stock_probs, _ = reference_sink_attention(q, k, v, **kw, extra_logits=pol.get("extra_logits"))
+    # the sink mass before sink scaling (what inspect reports) equals the beta = 1 probabilities on
+    # the sink columns, zero-value logits included
+    _, stock_probs, _ = reference_sink_attention(q, k, v, **kw, sink_cols=sink_cols, extra_logits=pol.get("extra_logits"),
+                                                 virtual_logit=pol.get("virtual_logit"))
     is_sink = torch.zeros(batch, k_len, dtype=torch.bool)
     is_sink[torch.arange(batch)[:, None], sink_cols] = True
     torch.testing.assert_close(got.sink_mass.double(), (stock_probs * is_sink[:, None, None]).sum(-1), atol=ATOL, rtol=0)
@@ -118,17 +124,39 @@ def test_reference_formula_by_hand():
     torch.testing.assert_close(probs[0, 0, 0], expect_probs)
     torch.testing.assert_close(out[0, 0, 0, 0], 10 * beta * p_s + 1 * (1 - beta * p_s))
     # virtual sink logit b = 0: an extra e^0 in the denominator, zero value
-    out_v, probs_v, _ = reference_sink_attention(q, k, v, scale=1.0, sink_cols=torch.tensor([[0]]),
-                                                 extra_logits=torch.tensor([[0.0]]))
-    torch.testing.assert_close(probs_v[0, 0, 0], torch.tensor([e2, 1.0], dtype=torch.float64) / (e2 + 2))
+    for zero_value in (dict(extra_logits=torch.tensor([[0.0]])), dict(virtual_logit=torch.tensor([0.0]))):
+        out_v, probs_v, _ = reference_sink_attention(q, k, v, scale=1.0, sink_cols=torch.tensor([[0]]), **zero_value)
+        torch.testing.assert_close(probs_v[0, 0, 0], torch.tensor([e2, 1.0], dtype=torch.float64) / (e2 + 2))
+        torch.testing.assert_close(out_v[0, 0, 0, 0], (10 * e2 + 1) / (e2 + 2))
+
+
+def test_zero_value_logits_on_sink_only_rows():
+    """Row 0 sees only the sink (key 0): the model's own s_aux still counts there (stock
+    behaviour), the policy's virtual logit does not (the sink's own row stays untouched)."""
+    q = torch.tensor([1.0, 0.0]).expand(1, 1, 2, 2).clone()
+    k = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
+    v = torch.tensor([[[[10.0, 0.0], [1.0, 0.0]]]])
+    cols = torch.tensor([[0]])
+    e2 = math.exp(2.0)
+    out_aux, _, _ = reference_sink_attention(q, k, v, causal=True, scale=1.0, sink_cols=cols,
+                                             extra_logits=torch.tensor([[0.0]]))
+    out_virtual, _, _ = reference_sink_attention(q, k, v, causal=True, scale=1.0, sink_cols=cols,
+                                                 virtual_logit=torch.tensor([0.0]))
+    assert out_aux[0, 0, 0, 0].item() == pytest.approx(10 * e2 / (e2 + 1))  # row 0: s_aux counted
+    assert out_virtual[0, 0, 0, 0].item() == pytest.approx(10.0)  # row 0: virtual logit not counted
+    for out in (out_aux, out_virtual):  # row 1 sees a non-sink key: both count
+        assert out[0, 0, 1, 0].item() == pytest.approx((10 * e2 + 1) / (e2 + 2))
+    torch_path = sink_attention_torch(q, k, v, causal=True, scale=1.0, sink_cols=cols, virtual_logit=torch.tensor([0.0]))
+    torch.testing.assert_close(torch_path.out.double(), out_virtual, atol=1e-6, rtol=0)
 
 
 def test_sink_only_row_is_untouched():
     """Row 0 sees only the sink: any beta must leave it exactly as plain softmax (science.md)."""
     q, k, v = _inputs(1, 4, 4, 9, 9, 64)
     cols = torch.zeros(1, 1, dtype=torch.long)
-    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=torch.zeros(4))
-    torch.testing.assert_close(got.out[:, :, 0], v[:, :, 0], atol=1e-6, rtol=0)
+    for pol in (dict(beta=torch.zeros(4)), dict(beta=torch.zeros(4), virtual_logit=torch.full((4,), 5.0))):
+        got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, **pol)
+        torch.testing.assert_close(got.out[:, :, 0], v[:, :, 0], atol=1e-6, rtol=0)
 
 
 def test_fully_masked_rows_are_zero_not_nan():

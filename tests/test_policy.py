@@ -83,6 +83,14 @@ def test_parse_spec():
         Policy.parse("sink_scale=abc")
     with pytest.raises(PolicyError, match="sink_scale"):
         Policy.parse("sink_scale=2")
+    pol = Policy.parse("virtual_sink_logit=1.5,virtual_logit_on_sink_rows=1")
+    assert pol.virtual_logit_on_sink_rows is True
+    assert pol.describe() == "sink_scale=1,virtual_sink_logit=1.5,virtual_logit_on_sink_rows=1"
+    assert Policy.parse("virtual_sink_logit=1.5").virtual_logit_on_sink_rows is False
+    with pytest.raises(PolicyError, match="bad value"):
+        Policy.parse("virtual_logit_on_sink_rows=yes")
+    with pytest.raises(PolicyError, match="bool"):
+        Policy(virtual_logit_on_sink_rows=1)
 
 
 def test_layer_tensors_are_cached_per_device_unless_trainable():

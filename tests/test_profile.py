@@ -118,6 +118,40 @@ def test_corrupted_and_invalid_files(tmp_path):
         Profile.load(path)
 
 
+def test_version_1_files_keep_their_meaning(tmp_path):
+    """Version 1 counted the virtual logit in the sink's own row too: such a file loads with
+    virtual_logit_on_sink_rows = True, i.e. it still computes what it was fitted for."""
+    model = tiny_model("llama")
+    path = tmp_path / "v1.json"
+    v1 = make_profile(model, with_logits=True).to_dict()
+    v1["version"] = 1
+    del v1["policy"]["virtual_logit_on_sink_rows"]
+    _write(path, v1)
+    loaded = Profile.load(path)
+    assert loaded.virtual_logit_on_sink_rows is True and loaded.policy().virtual_logit_on_sink_rows is True
+    torch.testing.assert_close(loaded.virtual_sink_logit, make_profile(model, with_logits=True).virtual_sink_logit)
+
+
+@pytest.mark.parametrize("on_sink_rows", [False, True])
+def test_virtual_logit_row_rule_round_trips_and_applies(tmp_path, on_sink_rows):
+    """The flag survives save/load and decides whether the first token's own row (which sees only
+    the sink) is changed by the virtual logit."""
+    model = tiny_model("llama")
+    profile = make_profile(model, with_logits=True)
+    profile.sink_scale = torch.ones_like(profile.sink_scale)
+    profile.virtual_logit_on_sink_rows = on_sink_rows
+    loaded = Profile.load(profile.save(tmp_path / "p.json"))
+    assert loaded.virtual_logit_on_sink_rows is on_sink_rows
+    ids = torch.tensor([[3, 7, 1, 4, 9]])
+    with torch.no_grad():
+        stock = model(ids).logits
+        with sinkfix.patch(model, loaded):
+            patched = model(ids).logits
+    row0_changed = (patched[0, 0] - stock[0, 0]).abs().max().item() > 1e-4
+    assert row0_changed is on_sink_rows
+    assert (patched[0, 1:] - stock[0, 1:]).abs().max().item() > 1e-4  # later rows always change
+
+
 def test_nan_profile_cannot_be_built():
     model = tiny_model("llama")
     beta = torch.ones(2, 4, dtype=torch.float64)

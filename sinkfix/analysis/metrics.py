@@ -247,9 +247,12 @@ class StreamingCollector:
             return
 
         # -- blockwise pass over query rows: stock probabilities, corrected as patched ----------
-        lse_v = None
+        lse_aux = None  # the model's own zero-value logits, every row
         if call.extra_logits is not None:
-            lse_v = torch.logsumexp(call.extra_logits.detach().float(), dim=-1).to(dev)  # (Hq,)
+            lse_aux = torch.logsumexp(call.extra_logits.detach().float(), dim=-1).to(dev)[None, :, None]
+        virtual = None  # the policy's virtual sink logit, rows that see a non-sink key only
+        if getattr(call, "virtual_logit", None) is not None:
+            virtual = call.virtual_logit.detach().float().to(dev)[None, :, None]
         rows = max(1, min(Q, _BLOCK_ELEMENTS // max(1, B * Hq * K)))
         col_sum = torch.zeros(B, Hq, K, device=dev)
         seen_by = torch.zeros(B, K, device=dev)
@@ -275,18 +278,22 @@ class StreamingCollector:
             if call.softcap is not None:
                 s = call.softcap * torch.tanh(s / call.softcap)
             s.masked_fill_(~vis, float("-inf"))
+            hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
+            has_n[:, r0:r1] = hn
+            lse_v = lse_aux
+            if virtual is not None:
+                row_virtual = torch.where(hn[:, None, :], virtual, float("-inf"))  # (B, Hq, c)
+                lse_v = row_virtual if lse_v is None else torch.logaddexp(lse_v, row_virtual)
             m = s.amax(-1)
             if lse_v is not None:
-                m = torch.maximum(m, lse_v[None, :, None])
+                m = torch.maximum(m, lse_v)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             e = s.sub_(m[..., None]).exp_()  # in place: s is not needed any more
             l_all = e.sum(-1)
             l_s = (e.gather(-1, s_idx.expand(B, Hq, c, n_s)) * s_valid).sum(-1)
-            z = l_all + (torch.exp(lse_v[None, :, None] - m) if lse_v is not None else 0.0)
+            z = l_all + (torch.exp(lse_v - m) if lse_v is not None else 0.0)
             z = torch.where(z > 0, z, torch.ones_like(z))
             p_s, p_n = l_s / z, (l_all - l_s) / z
-            hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
-            has_n[:, r0:r1] = hn
             fs = torch.ones_like(p_s)
             fn = torch.ones_like(p_s)
             if beta is not None:

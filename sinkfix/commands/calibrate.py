@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of each text (default 0.25)")
     parser.add_argument("--virtual-logits", action=argparse.BooleanOptionalAction, default=True,
                         help="also fit one virtual sink logit per head (default: yes)")
+    parser.add_argument("--virtual-on-sink-rows", action=argparse.BooleanOptionalAction, default=None,
+                        help="let the virtual logits act on the sink's own row too (default: only with --bos, "
+                             "where that row is the BOS token)")
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, compare perplexity on the built-in held-out evaluation texts")
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per domain for --evaluate (default 8)")
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = sinkfix.load_model(args.model)
     profile = calibrate(model, tokenizer, texts, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                         val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
-                        virtual_logits=args.virtual_logits, log=console.print)
+                        virtual_logits=args.virtual_logits, virtual_on_sink_rows=args.virtual_on_sink_rows,
+                        log=console.print)
     path = profile.save(out)
     record = profile.calibration
     nll = record["nll"]

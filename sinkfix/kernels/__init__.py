@@ -50,6 +50,7 @@ def sink_attention(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
+    virtual_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink-aware attention on the Triton kernels; semantics of
     :func:`sinkfix.ops.reference.reference_sink_attention` (which see for every argument).
@@ -62,6 +63,7 @@ def sink_attention(
     kwargs = dict(
         attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+        virtual_logit=virtual_logit,
     )
     if q.dim() == 4 and k.dim() == 4 and q.shape[2] <= DECODE_MAX_Q and k.shape[2] >= DECODE_MIN_K:
         from .attention_decode import sink_attention_decode

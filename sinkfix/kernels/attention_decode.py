@@ -121,7 +121,7 @@ def _sink_attn_decode_reduce(
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_lz, stride_lh, stride_lm,
     stride_eh, stride_ee,
-    num_kv_heads, group, q_len, n_rows, num_splits, n_extra,
+    num_kv_heads, group, q_len, n_rows, num_splits, n_extra, n_extra_every_row,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, E_P2: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
 ):
@@ -173,9 +173,11 @@ def _sink_attn_decode_reduce(
         extra2 = tl.load(Extra + off_h[:, None] * stride_eh + offs_e[None, :] * stride_ee,
                          mask=row_ok[:, None] & (offs_e[None, :] < n_extra),
                          other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        every_row = offs_e[None, :] < n_extra_every_row
     else:
         extra2 = 0.0
-    c_n, c_s, lse = _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, HAS_EXTRA)
+        every_row = 0
+    c_n, c_s, lse = _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, every_row, HAS_EXTRA)
     out = acc_n * c_n[:, None] + acc_s * c_s[:, None]
 
     o_ptrs = (Out + off_b * stride_oz + off_h[:, None] * stride_oh + off_i[:, None] * stride_om
@@ -247,6 +249,7 @@ def sink_attention_decode(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
+    virtual_logit: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -262,13 +265,13 @@ def sink_attention_decode(
       k, v (B, Hkv, K, D): stride_kz, stride_kh, stride_kn, stride_kk (v likewise), Hq % Hkv == 0
       attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
       sink_cols (B|1, NS) integer, -1 = unused: stride_sz, stride_sn
-      beta (Hq,), extra_logits (Hq, E): stride_eh, stride_ee
+      beta (Hq,); extra_logits (Hq, E) and virtual_logit (Hq,) as one (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok; lse (B, Hq, Q) fp32
       workspace (B * Hkv, num_splits + 1, GROUP * Q[, D]) fp32, contiguous, allocated here
     ``num_splits`` overrides :func:`default_num_splits` (it is capped so no split is empty).
     """
-    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, softcap, scale,
-                    _sink_attn_decode_split)
+    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_logit, sliding_window, softcap,
+                    scale, _sink_attn_decode_split)
     out, lse = _outputs(q, out, lse)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -306,7 +309,7 @@ def sink_attention_decode(
         part_m, part_l, part_acc, out, lse, meta["beta"], meta["extra"],
         *out.stride(), *lse.stride(),
         *(meta["extra"].stride() if meta["extra"] is not None else (0, 0)),
-        kv_heads, group, q_len, n_rows, num_splits, meta["n_extra"],
+        kv_heads, group, q_len, n_rows, num_splits, meta["n_extra"], meta["n_extra_every_row"],
         HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
         E_P2=triton.next_power_of_2(max(meta["n_extra"], 1)),
         HAS_SINKS=meta["n_sinks"] > 0, HAS_BETA=meta["beta"] is not None,

@@ -221,10 +221,12 @@ def _softmax_stats(s):
 
 
 @triton.jit
-def _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, HAS_EXTRA: tl.constexpr):
+def _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, every_row, HAS_EXTRA: tl.constexpr):
     """Epilogue of every policy, as coefficients: out = c_n * acc_N + c_s * acc_S where acc_N, l_N
-    are relative to m_n and acc_S, l_S to m_s (base-2 maxima; extra2 = extra logits in base 2,
-    -inf unused, shape (rows or 1, E_P2)). Returns (c_n, c_s, lse in natural log).
+    are relative to m_n and acc_S, l_S to m_s (base-2 maxima; extra2 = zero-value logits in base 2,
+    -inf unused, shape (rows or 1, E_P2); ``every_row`` (1, E_P2) marks the ones every row counts
+    (s_aux); the others (the virtual sink logit) count only where l_N > 0). Returns (c_n, c_s, lse
+    in natural log).
 
         Z = l_S + l_N + sum_e 2^extra2_e        (rescaled to the shared max m)
         o = beta * acc_S / Z + (acc_N / l_N) * (l_N + (1 - beta) l_S) / Z    if l_N > 0
@@ -240,10 +242,11 @@ def _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, HAS_EXTRA: tl.constexpr):
     ln = l_n * a_n
     ls = l_s * a_s
     z = ln + ls
-    if HAS_EXTRA:
-        z = z + tl.sum(tl.math.exp2(extra2 - m_safe[:, None]), 1)
-    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
     has_n = l_n > 0
+    if HAS_EXTRA:
+        counted = every_row | has_n[:, None]  # sink-only rows stay untouched by the virtual logit
+        z = z + tl.sum(tl.where(counted, tl.math.exp2(extra2 - m_safe[:, None]), 0.0), 1)
+    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
     b = tl.where(has_n, beta, 1.0)  # rows that see only the sink stay untouched
     c_n = tl.where(has_n, (ln + (1.0 - b) * ls) * inv_z / tl.where(has_n, l_n, 1.0), 0.0)
     c_s = b * a_s * inv_z
@@ -265,7 +268,7 @@ def _sink_attn_fwd(
     stride_mz, stride_mh, stride_mm, stride_mn,
     stride_sz, stride_sn,
     stride_eh, stride_ee,
-    num_heads, group, q_len, k_len, causal_offset, window, n_extra,
+    num_heads, group, q_len, k_len, causal_offset, window, n_extra, n_extra_every_row,
     qk_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr, E_P2: tl.constexpr,
@@ -323,15 +326,17 @@ def _sink_attn_fwd(
         offs_e = tl.arange(0, E_P2)
         extra2 = tl.load(Extra + off_h * stride_eh + offs_e[None, :] * stride_ee,
                          mask=offs_e[None, :] < n_extra, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        every_row = offs_e[None, :] < n_extra_every_row
     else:
         extra2 = 0.0
+        every_row = 0
     if NS > 0:
         s_s, v_s = _sink_tile(
             q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
             row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
             HEAD_DIM, BLOCK_D, NS, SB, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, UPCAST_DOT)
         m_s, l_s, p_s = _softmax_stats(s_s)
-        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, l_s, beta, extra2, HAS_EXTRA)
+        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, l_s, beta, extra2, every_row, HAS_EXTRA)
         # the sink weights go into the P.V product directly: no second accumulator
         p_s = (p_s * c_s[:, None]).to(v_s.dtype)
         if UPCAST_DOT:
@@ -340,7 +345,8 @@ def _sink_attn_fwd(
         out = acc * c_n[:, None] + tl.dot(p_s, v_s, input_precision="ieee")
     else:
         m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra2, HAS_EXTRA)
+        c_n, c_s, lse = _sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra2, every_row,
+                                      HAS_EXTRA)
         out = acc * c_n[:, None]
 
     o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
@@ -383,9 +389,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, softcap, scale, kernel):
+def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_logit, sliding_window, softcap, scale,
+             kernel):
     """Validate the arguments shared by the prefill and decode launchers; normalise the small
-    side tensors (int32 sink columns, fp32 beta / extra logits) and the mask's broadcast strides."""
+    side tensors (int32 sink columns, fp32 beta; extra logits and the virtual logit as one fp32
+    (Hq, E) table whose first ``n_extra_every_row`` columns every row counts) and the mask's
+    broadcast strides."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -452,12 +461,20 @@ def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, 
         if beta.shape != (q_heads,):
             raise ValueError(f"beta must have shape (Hq,) = ({q_heads},), got {tuple(beta.shape)}")
         beta = beta.to(device=device, dtype=torch.float32).contiguous()
-    n_extra = 0
+    zero_value = []
     if extra_logits is not None:
         if extra_logits.dim() != 2 or extra_logits.shape[0] != q_heads:
             raise ValueError(f"extra_logits must have shape (Hq, E) = ({q_heads}, E), got {tuple(extra_logits.shape)}")
-        n_extra = extra_logits.shape[1]
-        extra_logits = extra_logits.to(device=device, dtype=torch.float32).contiguous() if n_extra else None
+        zero_value.append(extra_logits.to(device=device, dtype=torch.float32))
+    n_extra_every_row = zero_value[0].shape[1] if zero_value else 0
+    if virtual_logit is not None:
+        if virtual_logit.shape != (q_heads,):
+            raise ValueError(f"virtual_logit must have shape (Hq,) = ({q_heads},), got {tuple(virtual_logit.shape)}")
+        zero_value.append(virtual_logit.to(device=device, dtype=torch.float32)[:, None])
+    extra = torch.cat(zero_value, dim=1).contiguous() if zero_value else None
+    n_extra = 0 if extra is None else extra.shape[1]
+    if not n_extra:
+        extra = None
 
     if softcap is None:
         qk_scale, softcap_log2 = scale * math.log2(math.e), 1.0
@@ -465,7 +482,8 @@ def _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, 
         qk_scale, softcap_log2 = scale / float(softcap), float(softcap) * math.log2(math.e)
     return dict(
         mask=mask, mask_strides=mask_strides, sinks=sinks, n_sinks=n_sinks, sink_strides=sink_strides,
-        beta=beta, extra=extra_logits, n_extra=n_extra, qk_scale=qk_scale, softcap_log2=softcap_log2,
+        beta=beta, extra=extra, n_extra=n_extra, n_extra_every_row=n_extra_every_row, qk_scale=qk_scale,
+        softcap_log2=softcap_log2,
         window=0 if sliding_window is None else int(sliding_window),
         # triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits
         # (triton-lang/triton#11584, not supported upstream): there, and only there, bf16 tiles are
@@ -507,6 +525,7 @@ def sink_attention_prefill(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
+    virtual_logit: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_m: int | None = None,
@@ -522,14 +541,15 @@ def sink_attention_prefill(
       attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
         (0 on broadcast dims), read as uint8 through a view
       sink_cols (B|1, NS) integer, -1 = unused, copied to int32: stride_sz, stride_sn
-      beta (Hq,) and extra_logits (Hq, E), copied to fp32: stride_eh, stride_ee
+      beta (Hq,); extra_logits (Hq, E) and virtual_logit (Hq,), copied to fp32 into one (Hq, E + 1)
+        table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok
       lse (B, Hq, Q) fp32: stride_lz, stride_lh, stride_lm
     Returns (out, lse): lse = log(l_S + l_N) over real keys, -inf (and out = 0) where no key is
     visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps).
     """
-    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, sliding_window, softcap, scale,
-                    _sink_attn_fwd)
+    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_logit, sliding_window, softcap,
+                    scale, _sink_attn_fwd)
     out, lse = _outputs(q, out, lse)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -547,7 +567,7 @@ def sink_attention_prefill(
         *sm, *meta["sink_strides"],
         *(meta["extra"].stride() if meta["extra"] is not None else (0, 0)),
         q_heads, q_heads // kv_heads, q_len, k_len, int(causal_offset), meta["window"], meta["n_extra"],
-        meta["qk_scale"], meta["softcap_log2"],
+        meta["n_extra_every_row"], meta["qk_scale"], meta["softcap_log2"],
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         NS=meta["n_sinks"], NS_P2=triton.next_power_of_2(max(meta["n_sinks"], 1)),
         SB=max(16, triton.next_power_of_2(meta["n_sinks"])),

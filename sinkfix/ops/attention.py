@@ -105,6 +105,7 @@ def sink_attention_torch(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
+    virtual_logit: torch.Tensor | None = None,
     return_probs: bool = False,
     need_sink_mass: bool = False,
 ) -> AttentionResult:
@@ -118,21 +119,23 @@ def sink_attention_torch(
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    identity = (beta is None or bool((beta == 1).all())) and extra_logits is None
+    identity = (beta is None or bool((beta == 1).all())) and extra_logits is None and virtual_logit is None
     structural = dict(attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window)
     flash_ok = q.device.type == "cpu" and cpu_flash_available(q.dtype)
 
-    if return_probs or softcap is not None or not flash_ok or _needs_autograd(q, k, v, beta, extra_logits):
+    if return_probs or softcap is not None or not flash_ok or _needs_autograd(q, k, v, beta, extra_logits, virtual_logit):
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, probs, lse = reference_sink_attention(
             q, k, v, **structural, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
-            extra_logits=extra_logits, compute_dtype=compute,
+            extra_logits=extra_logits, virtual_logit=virtual_logit, compute_dtype=compute,
         )
         sink_mass = None
         if need_sink_mass:
-            # the stock mass on the sink set, recomputed from the identity probabilities
+            # the mass on the sink set before sink scaling (zero-value logits counted, as in the
+            # split path below), recomputed with beta = 1
             _, p_stock, _ = reference_sink_attention(
-                q, k, v, **structural, scale=scale, softcap=softcap, extra_logits=extra_logits, compute_dtype=compute
+                q, k, v, **structural, scale=scale, softcap=softcap, sink_cols=sink_cols, extra_logits=extra_logits,
+                virtual_logit=virtual_logit, compute_dtype=compute,
             )
             is_sink = _sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
             sink_mass = (p_stock * is_sink).sum(-1).float()
@@ -193,6 +196,10 @@ def sink_attention_torch(
     lse_v = None
     if extra_logits is not None:
         lse_v = torch.logsumexp(extra_logits.float(), dim=-1)[None, :, None]  # (1, Hq, 1)
+    if virtual_logit is not None:  # only rows that see a non-sink key count the virtual logit
+        virtual = torch.where(has_n, virtual_logit.float()[None, :, None], float("-inf"))
+        lse_v = virtual if lse_v is None else torch.logaddexp(lse_v, virtual)
+    if lse_v is not None:
         m = torch.maximum(m, lse_v)
     m = torch.nan_to_num(m, neginf=0.0)  # rows that see nothing
     l_n = torch.exp(lse_n - m)
@@ -251,7 +258,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
     if chosen == "triton" and kwargs.get("return_probs"):
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
-    if chosen == "triton" and not kwargs.get("return_probs") and not _needs_autograd(q, k, v):
+    policy_tensors = (kwargs.get("beta"), kwargs.get("extra_logits"), kwargs.get("virtual_logit"))
+    if chosen == "triton" and not kwargs.get("return_probs") and not _needs_autograd(q, k, v, *policy_tensors):
         from sinkfix import kernels
 
         need_sink_mass = kwargs.pop("need_sink_mass", False)

@@ -6,18 +6,24 @@ purpose: clarity over speed.
 
 The formula (see ``science.md`` and README "Policies"). For one query row i and head h, split the
 visible keys into the sink set S and the rest N, and let a_h be the extra zero-value logits
-(learned ``s_aux`` and/or the virtual sink logit b_h, both optional)::
+(the model's learned ``s_aux``, counted in every row, and the policy's virtual sink logit b_h,
+counted only in rows that see a non-sink key; both optional)::
 
     l_S = sum_{j in S} e^{s_ij}      acc_S = sum_{j in S} e^{s_ij} v_j
     l_N = sum_{j in N} e^{s_ij}      acc_N = sum_{j in N} e^{s_ij} v_j
-    l_V = sum_a e^{a}                (zero value vector)
+    l_V = sum_a e^{a} + [N not empty] e^{b_h}      (zero value vector)
     Z   = l_S + l_N + l_V
 
     o = beta * acc_S / Z + (l_N + (1 - beta) * l_S) / Z * acc_N / l_N      if N is not empty
     o = acc_S / Z                                                         if N is empty
 
 beta = 1 is plain softmax (identity); beta = 0 drops the sink and renormalises over N. The mass
-of the zero-value logits is never redistributed. Rows where the sink is not visible (masked,
+of the zero-value logits is never redistributed. A row that sees only sink keys (the sink's own row)
+is left as the stock model computes it: neither beta nor ``virtual_logit`` touches it, because that
+row is the sink token's own representation, which every later layer reads (science notes: rescaling
+it wrecks the model; without BOS, exempting it from the virtual logit raised the calibrated SmolLM2
+profile's validation perplexity gain from 1.61% to 2.12%). A policy that wants the virtual logit in
+that row too passes it in ``extra_logits`` instead. Rows where the sink is not visible (masked,
 evicted by a sliding window) have l_S = 0 and are plain softmax. Rows that see no key at all
 return zeros.
 """
@@ -87,6 +93,7 @@ def reference_sink_attention(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
+    virtual_logit: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sink-aware attention, computed in ``compute_dtype`` (fp64 by default).
@@ -96,8 +103,9 @@ def reference_sink_attention(
 
     Shapes: q (B, Hq, Q, D); k, v (B, Hkv, K, D) with Hq % Hkv == 0 (query head h reads kv head
     h // (Hq // Hkv)); ``sink_cols`` (B, NS) long, -1 for unused slots; ``beta`` (Hq,) in [0, 1];
-    ``extra_logits`` (Hq, E): E zero-value logits per head (learned ``s_aux``, virtual sink
-    logit), -inf entries are ignored.
+    ``extra_logits`` (Hq, E): E zero-value logits per head counted in every row (the model's
+    learned ``s_aux``), -inf entries are ignored; ``virtual_logit`` (Hq,): the policy's virtual
+    sink logit, counted only in rows that see at least one non-sink key.
 
     Returns ``(out, probs, lse)``: out (B, Hq, Q, D) in ``compute_dtype``; probs (B, Hq, Q, K) the corrected
     attention probabilities (rows sum to 1 minus the zero-value mass); lse (B, Hq, Q) =
@@ -128,16 +136,24 @@ def reference_sink_attention(
     # Masking before exp keeps gradients finite (exp of a large invisible score would overflow).
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
+    # zero-value logits, (1|B, Hq, 1|Q, E): s_aux in every row, the virtual logit where N is seen
+    zero_value = []
     if extra_logits is not None:
-        extra = extra_logits.to(device=q.device, dtype=cd)  # (Hq, E)
-        row_max = torch.maximum(row_max, extra.amax(-1)[None, :, None, None])
+        zero_value.append(extra_logits.to(device=q.device, dtype=cd)[None, :, None, :])
+    if virtual_logit is not None:
+        sees_n = in_n.any(-1, keepdim=True)  # (B, Hq, Q, 1)
+        virtual = virtual_logit.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
+        zero_value.append(torch.where(sees_n, virtual, torch.full_like(virtual, float("-inf"))))
+    if zero_value:
+        extra = torch.cat([t.expand(batch, q_heads, q_len, t.shape[-1]) for t in zero_value], dim=-1)
+        row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     e = torch.exp(scores - row_max)
     l_s = (e * in_s).sum(-1, keepdim=True)
     l_n = (e * in_n).sum(-1, keepdim=True)
     l_v = torch.zeros_like(l_s)
-    if extra_logits is not None:
-        l_v = torch.exp(extra[None, :, None, :] - row_max).sum(-1, keepdim=True)
+    if zero_value:
+        l_v = torch.exp(extra - row_max).sum(-1, keepdim=True)
     z = l_s + l_n + l_v
 
     if beta is None:

@@ -76,7 +76,7 @@ def make_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, *, layout=
 
 
 def torch_sink_attention(q, k, v, *, attn_mask=None, causal=False, causal_offset=0, sliding_window=None,
-                         scale=None, softcap=None, sink_cols=None, beta=None, extra_logits=None):
+                         scale=None, softcap=None, sink_cols=None, beta=None, extra_logits=None, virtual_logit=None):
     """The same formula as the fp64 reference, run the way an eager PyTorch implementation in the
     input dtype runs it: q.k^T and P.V as matmuls in the input dtype, the softmax statistics in
     fp32 (transformers' eager attention casts scores to fp32 for the softmax), P cast back to the
@@ -88,12 +88,13 @@ def torch_sink_attention(q, k, v, *, attn_mask=None, causal=False, causal_offset
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     probs, lse = _probs_fp32(scores.float(), q.shape[0], attn_mask, causal, causal_offset, sliding_window,
-                             sink_cols, beta, extra_logits)
+                             sink_cols, beta, extra_logits, virtual_logit)
     out = probs.to(q.dtype) @ vr
     return out, lse
 
 
-def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window, sink_cols, beta, extra_logits):
+def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window, sink_cols, beta, extra_logits,
+                virtual_logit):
     """fp32 transcription of reference_sink_attention's probability formula on given scores."""
     _, heads, q_len, k_len = scores.shape
     device = scores.device
@@ -106,13 +107,19 @@ def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window,
     is_sink = is_sink[:, None, None, :]
     in_s, in_n = visible & is_sink, visible & ~is_sink
     row_max = torch.where(visible, scores, torch.tensor(float("-inf"), device=device)).amax(-1, keepdim=True)
+    zero_value = []  # (B, H, Q, E): s_aux in every row, the virtual logit where a non-sink key is seen
     if extra_logits is not None:
-        extra = extra_logits.float().to(device)
-        row_max = torch.maximum(row_max, extra.amax(-1)[None, :, None, None])
+        zero_value.append(extra_logits.float().to(device)[None, :, None, :].expand(batch, heads, q_len, -1))
+    if virtual_logit is not None:
+        virtual = virtual_logit.float().to(device)[None, :, None, None].expand(batch, heads, q_len, 1)
+        zero_value.append(torch.where(in_n.any(-1, keepdim=True), virtual, float("-inf")))
+    if zero_value:
+        extra = torch.cat(zero_value, dim=-1)
+        row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.where(visible, torch.exp(scores - row_max), torch.zeros_like(scores))
     l_s, l_n = (e * in_s).sum(-1, keepdim=True), (e * in_n).sum(-1, keepdim=True)
-    l_v = torch.exp(extra[None, :, None, :] - row_max).sum(-1, keepdim=True) if extra_logits is not None else 0.0
+    l_v = torch.exp(extra - row_max).sum(-1, keepdim=True) if zero_value else 0.0
     z = l_s + l_n + l_v
     b = torch.ones(heads, device=device) if beta is None else beta.float().to(device)
     b = b[None, :, None, None]
@@ -173,14 +180,15 @@ def policy_kwargs(policy, q_heads, batch, *, device=DEVICE):
         kw = dict(sink_cols=first, beta=betas)
     elif policy == "drop":
         kw = dict(sink_cols=first, beta=torch.zeros(q_heads))
-    elif policy == "virtual":
-        kw = dict(extra_logits=torch.full((q_heads, 1), 1.5))
+    elif policy == "virtual":  # the first-token sink's own row (row 0) must not count it
+        kw = dict(sink_cols=first, virtual_logit=torch.full((q_heads,), 1.5))
     elif policy == "s_aux":
         kw = dict(extra_logits=torch.randn(q_heads, 1, generator=g) * 2)
     elif policy == "combined":
         extra = torch.randn(q_heads, 3, generator=g)
         extra[::2, 1] = float("-inf")  # -inf entries are ignored
-        kw = dict(sink_cols=torch.tensor([[0, 5, -1]] * batch), beta=betas, extra_logits=extra)
+        kw = dict(sink_cols=torch.tensor([[0, 5, -1]] * batch), beta=betas, extra_logits=extra,
+                  virtual_logit=torch.randn(q_heads, generator=g))
     else:
         raise ValueError(policy)
     return {k: v.to(device) for k, v in kw.items()}

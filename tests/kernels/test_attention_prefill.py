@@ -169,6 +169,7 @@ def test_config_table_covers_every_head_dim():
         (lambda q, k, v, kw: (q, k, v, kw | {"attn_mask": torch.ones(2, 1, 4, 9, dtype=torch.bool)}), "broadcast"),
         (lambda q, k, v, kw: (q, k, v, kw | {"beta": torch.ones(3)}), "beta"),
         (lambda q, k, v, kw: (q, k, v, kw | {"extra_logits": torch.ones(4)}), "extra_logits"),
+        (lambda q, k, v, kw: (q, k, v, kw | {"virtual_logit": torch.ones(4, 1)}), "virtual_logit"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(3, 1, dtype=torch.long)}), "batch"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(2, 1)}), "integer"),
     ],
@@ -215,6 +216,8 @@ def _random_case(kt, draw):
     if draw(st.booleans()):
         extra = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq)))
         kw["extra_logits"] = extra[:, None].to(kt.device)
+    if draw(st.booleans()):
+        kw["virtual_logit"] = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq))).to(kt.device)
     if draw(st.booleans()):  # left padding of random length per batch row
         pads = draw(st.lists(st.integers(0, k_len - 1), min_size=batch, max_size=batch))
         mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
@@ -241,3 +244,24 @@ else:
     @hypothesis.given(data=st.data())
     def test_randomized_against_reference(kt, data):
         _random_case(kt, data.draw)
+
+
+def test_virtual_logit_leaves_sink_only_rows_alone(kt):
+    """A large virtual logit (+8) shrinks every row that sees a non-sink key, but not the rows that
+    see only the sink: causal row 0, and a left-padded row whose only visible key is the sink.
+    Both kernels; the row-0 output must equal v[sink] exactly as in the stock model."""
+    from sinkfix.kernels.attention_decode import sink_attention_decode
+
+    batch, hq, hkv, q_len, k_len = 2, 2, 1, 3, 80
+    q, k, v = kt.make_qkv(batch, hq, hkv, q_len, k_len, 64, torch.float32, seed=5)
+    mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
+    mask[1, :, 0, 1:] = False  # batch row 1, query 0: only the sink (column 0) is visible
+    kw = dict(attn_mask=mask.to(kt.device), sink_cols=torch.zeros(batch, 1, dtype=torch.long, device=kt.device),
+              virtual_logit=torch.full((hq,), 8.0, device=kt.device))
+    for name, launch in (("prefill", sink_attention_prefill), ("decode", sink_attention_decode)):
+        out, lse = kt.poisoned(q)
+        launch(q, k, v, out=out, lse=lse, **kw)
+        kt.check_attention(out, lse, q, k, v, label=f"{name} virtual, sink-only row", **kw)
+        torch.testing.assert_close(out[1, :, 0], v[1, :, 0].expand(hq, -1), atol=1e-6, rtol=0)
+        stock, _ = launch(q, k, v, attn_mask=kw["attn_mask"])
+        assert (out[0] - stock[0]).abs().max() > 0.1, f"{name}: the virtual logit had no effect"
