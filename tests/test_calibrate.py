@@ -145,3 +145,14 @@ def test_smollm2_calibration_lowers_nll_on_its_own_split(smollm2):
     assert profile.calibration["texts"]["prose"] == {"calib_windows": 2, "val_windows": 1}
     assert nll["calib_after"] < nll["calib_before"] - 1e-3
     assert profile.model.num_layers == 30 and profile.model.num_heads == (9,) * 30
+
+
+@pytest.mark.parametrize("bos,override,expected", [(True, None, True), (False, None, False), (True, False, False)])
+def test_virtual_logit_row_rule_follows_the_bos_protocol(bos, override, expected):
+    """With BOS windows the sink's own row is the BOS token and the virtual logits may act on it;
+    without BOS it is a word and is left alone, unless the caller says otherwise."""
+    model = tiny_model("llama")
+    profile = calibrate(model, CharTokenizer(), TEXTS, seq_len=64, bos=bos, steps=4, lr=0.3, eval_every=2,
+                        patience=5, virtual_on_sink_rows=override, progress=False)
+    assert profile.calibration["hyper"]["virtual_on_sink_rows"] is expected
+    assert profile.virtual_logit_on_sink_rows is (expected and profile.virtual_sink_logit is not None)

@@ -20,9 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "calibration text (model weights frozen), with a held-out validation split and early "
                     "stopping, and save the result as a versioned JSON profile for `sinkfix.patch`.",
     )
-    add_common_arguments(parser, default_max_tokens=8192)
+    add_common_arguments(parser, default_max_tokens=16384)
     parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json)")
-    parser.add_argument("--steps", type=int, default=60, help="Adam steps, one window each (default 60)")
+    parser.add_argument("--steps", type=int, default=120, help="Adam steps, one window each (default 120)")
     parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on logit(beta) (default 0.2)")
     parser.add_argument("--reg", type=float, default=0.05, help="pull toward beta = 1 (default 0.05)")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of each text (default 0.25)")
