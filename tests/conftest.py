@@ -75,3 +75,16 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(32 + int(i) % 90) for i in ids)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M from its offline package, loaded once per session (~15 s) for every slow test
+    that reads it; tests that patch it do so in ``with`` blocks, so it is always left stock."""
+    import sinkfix
+
+    pytest.importorskip("gguf")
+    try:
+        return sinkfix.load_model("smollm2-135m")
+    except sinkfix.ModelLoadError as exc:
+        pytest.skip(f"offline model package missing: {exc}")

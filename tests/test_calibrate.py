@@ -125,16 +125,6 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
 
 
 # -- real model -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2():
-    from .test_inspect import load_smollm2  # one load per session
-
-    try:
-        return load_smollm2()
-    except sinkfix.ModelLoadError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
 def test_smollm2_calibration_lowers_nll_on_its_own_split(smollm2):
     model, tokenizer = smollm2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import types
@@ -285,20 +284,6 @@ def test_inspect_command_errors(tmp_path, capsys):
 
 
 # -- real model -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def load_smollm2():
-    """One SmolLM2 load per session (~15 s), shared with test_calibrate's slow test."""
-    return sinkfix.load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_smollm2()
-    except sinkfix.ModelLoadError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
 def test_smollm2_known_sink_layers(smollm2):
     from sinkfix.texts import domain_text

@@ -20,15 +20,6 @@ PROSE = (
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        return sinkfix.load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(f"offline model package missing: {exc}")
-
-
-@pytest.fixture(scope="module")
 def gemma3():
     pytest.importorskip("gguf")
     try:

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from sinkfix.ops.reference import _sink_key_mask
+from sinkfix.ops.reference import _sink_key_mask, zero_value_lse
 
 __all__ = [
     "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector",
@@ -240,19 +240,15 @@ class StreamingCollector:
 
         if self.threshold is None and call.result.sink_mass is not None:
             has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev)  # (B, Q)
-            share = call.result.sink_mass.detach().float()  # (B, Hq, Q) stock
+            share = call.result.sink_mass.detach().float()  # (B, Hq, Q) before sink scaling
             if beta is not None:
                 share = share * beta[None, :, None]
             self._add_rows(layer, share, has_n, Hq)
             return
 
         # -- blockwise pass over query rows: stock probabilities, corrected as patched ----------
-        lse_aux = None  # the model's own zero-value logits, every row
-        if call.extra_logits is not None:
-            lse_aux = torch.logsumexp(call.extra_logits.detach().float(), dim=-1).to(dev)[None, :, None]
-        virtual = None  # the policy's virtual sink logit, rows that see a non-sink key only
-        if getattr(call, "virtual_logit", None) is not None:
-            virtual = call.virtual_logit.detach().float().to(dev)[None, :, None]
+        extra_logits = None if call.extra_logits is None else call.extra_logits.detach().to(dev)
+        virtual_logit = None if call.virtual_logit is None else call.virtual_logit.detach().to(dev)
         rows = max(1, min(Q, _BLOCK_ELEMENTS // max(1, B * Hq * K)))
         col_sum = torch.zeros(B, Hq, K, device=dev)
         seen_by = torch.zeros(B, K, device=dev)
@@ -280,10 +276,7 @@ class StreamingCollector:
             s.masked_fill_(~vis, float("-inf"))
             hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
             has_n[:, r0:r1] = hn
-            lse_v = lse_aux
-            if virtual is not None:
-                row_virtual = torch.where(hn[:, None, :], virtual, float("-inf"))  # (B, Hq, c)
-                lse_v = row_virtual if lse_v is None else torch.logaddexp(lse_v, row_virtual)
+            lse_v = zero_value_lse(extra_logits, virtual_logit, hn[:, None, :])  # (1|B, Hq, 1|c)
             m = s.amax(-1)
             if lse_v is not None:
                 m = torch.maximum(m, lse_v)

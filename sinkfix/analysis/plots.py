@@ -29,6 +29,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, *, tight: bool) -> Path:
+    """Write ``fig`` as a 110-dpi PNG and free it (pyplot keeps every open figure alive).
+    ``tight``: tight_layout first (figures not built with a constrained layout)."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _title(report) -> str:
     p = report.protocol
     return f"{report.model.get('name')} - {'BOS + ' if p.get('bos') else 'no BOS, '}{p.get('seq_len')}-token windows"
@@ -50,9 +60,7 @@ def sink_share_heatmap(report, path: Path) -> Path:
             ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="attention mass on the first token (rows i >= 1)")
     fig.suptitle(f"Sink share - {_title(report)}", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=False)
 
 
 def residual_norm_plot(report, path: Path, layers: list[int] | None = None) -> Path:
@@ -70,10 +78,7 @@ def residual_norm_plot(report, path: Path, layers: list[int] | None = None) -> P
     ax.set_ylabel("||h_i|| after the layer")
     ax.legend(fontsize=8)
     ax.set_title(f"Residual norm by position - {_title(report)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=True)
 
 
 def value_norm_plot(report, path: Path) -> Path:
@@ -98,10 +103,7 @@ def value_norm_plot(report, path: Path) -> Path:
     right.set_ylabel("mean ||v_j|| over kv heads")
     right.legend(fontsize=8)
     fig.suptitle(f"Value norms - {_title(report)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=True)
 
 
 def domain_flip_plot(report, path: Path) -> Path | None:
@@ -130,10 +132,7 @@ def domain_flip_plot(report, path: Path) -> Path | None:
     ax.set_xlabel(f"dormancy on {a}")
     ax.set_ylabel(f"dormancy on {b}")
     ax.set_title(f"Heads that flip between domains ({len(report.flips)})\n{_title(report)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=True)
 
 
 def write_figures(report, out_dir: str | Path) -> list[Path]:

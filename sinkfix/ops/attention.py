@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.reference import _sink_key_mask, reference_sink_attention, visibility_mask
+from sinkfix.ops.reference import _sink_key_mask, reference_sink_attention, visibility_mask, zero_value_lse
 
 __all__ = ["AttentionResult", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available"]
 
@@ -193,12 +193,7 @@ def sink_attention_torch(
     lse_n = lse_n.to(torch.float32)
     has_n = torch.isfinite(lse_n)
     m = torch.maximum(lse_n, s_s.amax(-1))
-    lse_v = None
-    if extra_logits is not None:
-        lse_v = torch.logsumexp(extra_logits.float(), dim=-1)[None, :, None]  # (1, Hq, 1)
-    if virtual_logit is not None:  # only rows that see a non-sink key count the virtual logit
-        virtual = torch.where(has_n, virtual_logit.float()[None, :, None], float("-inf"))
-        lse_v = virtual if lse_v is None else torch.logaddexp(lse_v, virtual)
+    lse_v = zero_value_lse(extra_logits, virtual_logit, has_n)
     if lse_v is not None:
         m = torch.maximum(m, lse_v)
     m = torch.nan_to_num(m, neginf=0.0)  # rows that see nothing

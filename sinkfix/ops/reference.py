@@ -79,6 +79,22 @@ def _sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, devic
     return is_sink
 
 
+def zero_value_lse(
+    extra_logits: torch.Tensor | None, virtual_logit: torch.Tensor | None, sees_non_sink: torch.Tensor
+) -> torch.Tensor | None:
+    """log of the zero-value mass l_V per row, in fp32, for paths that combine log-sum-exps: the
+    ``extra_logits`` (Hq, E) in every row, ``virtual_logit`` (Hq,) where ``sees_non_sink`` (bool,
+    broadcastable to (B, Hq, Q)) holds. Shape (1|B, Hq, 1|Q); None when there is neither."""
+    lse = None
+    if extra_logits is not None:
+        lse = torch.logsumexp(extra_logits.float(), dim=-1)[None, :, None]
+    if virtual_logit is not None:
+        virtual = virtual_logit.float().to(sees_non_sink.device)[None, :, None]
+        virtual = torch.where(sees_non_sink, virtual, float("-inf"))
+        lse = virtual if lse is None else torch.logaddexp(lse.to(virtual.device), virtual)
+    return lse
+
+
 def reference_sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
