@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["Window", "make_windows", "window_nll", "perplexity", "PerplexityResult", "bos_token_id", "tokenize"]
+__all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", "PerplexityResult", "bos_token_id",
+           "tokenize", "model_device"]
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,42 @@ def window_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return -(picked * valid).sum(), int(valid.sum())
 
 
-def _batches(windows: list[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Group windows of equal length (right-padding would change nothing for causal models but costs compute)."""
+def model_device(model) -> torch.device:
+    """Where the model's (first materialised) parameters live; CPU for a model with none."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of equal-length windows, in input order within each length (right-padding would
+    change nothing for causal models but costs compute)."""
     by_len: dict[int, list[Window]] = {}
     for w in windows:
         by_len.setdefault(w.input_ids.numel(), []).append(w)
     for group in by_len.values():
         for i in range(0, len(group), batch_size):
             part = group[i : i + batch_size]
-            yield (torch.stack([w.input_ids for w in part]), torch.stack([w.labels for w in part]), torch.ones(len(part)))
+            yield torch.stack([w.input_ids for w in part]), torch.stack([w.labels for w in part])
+
+
+@torch.no_grad()
+def windows_nll(
+    model, windows: Sequence[Window], batch: int = 1, on_batch: Callable[[int], None] | None = None
+) -> tuple[float, int]:
+    """Summed next-token NLL (fp32 log-softmax, accumulated in fp64) and number of scored tokens.
+
+    Perplexity is ``exp(nll_sum / tokens)``: token-weighted over windows, so a short last window
+    counts for its tokens, not as a whole window. ``on_batch(n)`` after each batch of n windows.
+    """
+    device = model_device(model)
+    nll_sum, tokens = 0.0, 0
+    for input_ids, labels in _batches(windows, batch):
+        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+        nll, count = window_nll(logits, labels.to(logits.device))
+        nll_sum += float(nll.double())
+        tokens += count
+        if on_batch is not None:
+            on_batch(input_ids.shape[0])
+    return nll_sum, tokens
 
 
 @torch.no_grad()
@@ -129,14 +157,6 @@ def perplexity(
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     bos_id = bos_token_id(tokenizer) if bos else None
     windows = make_windows(ids, seq_len, stride, bos_id, max_windows)
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    nll_sum, tokens = 0.0, 0
-    for input_ids, labels, _ in _batches(windows, batch_size):
-        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
-        nll, count = window_nll(logits, labels.to(logits.device))
-        nll_sum += float(nll)
-        tokens += count
-        if on_window is not None:
-            on_window(input_ids.shape[0])
+    nll_sum, tokens = windows_nll(model, windows, batch_size, on_window)
     body = seq_len - (1 if bos else 0)
     return PerplexityResult(nll_sum, tokens, len(windows), seq_len, stride or body, bos)

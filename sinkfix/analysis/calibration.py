@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import bos_token_id, tokenize, window_nll
+from sinkfix.evaluate import bos_token_id, model_device, tokenize, window_nll
 from sinkfix.policy import Policy
 from sinkfix.texts import domain_text
 
@@ -229,7 +229,7 @@ def calibrate(
     if not val:
         say("no validation windows (texts too short or val_fraction=0): early stopping is off")
 
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    device = model_device(model)
     previous = getattr(model, "_sinkfix_handle", None)
     previous_policy = previous.policy if previous is not None and previous.active else None
     frozen = [(p, p.requires_grad) for p in model.parameters()]

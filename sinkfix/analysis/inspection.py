@@ -38,9 +38,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.metrics import (
-    DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics, _model_device, observed_model,
-)
+from sinkfix.analysis.metrics import DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics, observed_model
+from sinkfix.evaluate import model_device
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary"]
 
@@ -57,7 +56,7 @@ def row_dormancy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
-    device = _model_device(model)
+    device = model_device(model)
     threshold = math.inf if hidden_sink_threshold is None else hidden_sink_threshold
     kwargs = dict(hidden_sink_threshold=threshold, keep_rows=True, keep_examples=False)
     with observed_model(model, kwargs, residual=False) as collector:
@@ -249,7 +248,7 @@ def inspect(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(w) for w in windows.values()), desc="inspect", unit="window")
-    device = _model_device(model)
+    device = model_device(model)
     domains: dict[str, ExtremeTokenMetrics] = {}
     try:
         for name, wins in windows.items():

@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from sinkfix.evaluate import model_device
 from sinkfix.ops.reference import _sink_key_mask, zero_value_lse
 
 __all__ = [
@@ -461,10 +462,6 @@ def observed_model(model: nn.Module, collector_kwargs: dict | None = None, *,
             handle.remove()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-
-
 @torch.no_grad()
 def measure_extreme_tokens(
     model: nn.Module,
@@ -484,7 +481,7 @@ def measure_extreme_tokens(
     """
     if not len(windows):
         raise ValueError("measure_extreme_tokens needs at least one window")
-    device = _model_device(model)
+    device = model_device(model)
     kwargs = dict(hidden_sink_threshold=hidden_sink_threshold, min_queries=min_queries)
     with observed_model(model, kwargs) as collector:
         for ids in windows:

@@ -37,7 +37,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence, T
 import torch
 
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import Window, bos_token_id, make_windows, tokenize, window_nll
+from sinkfix.evaluate import Window, bos_token_id, make_windows, model_device, tokenize, windows_nll
 from sinkfix.models import DEFAULT_MODEL, load_model
 from sinkfix.policy import Policy
 
@@ -369,46 +369,9 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu
     return MemoryPeak(after - before, before, "ru_maxrss_delta")
 
 
-# -- quality ------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _batches(windows: Sequence[Window], batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of equal-length windows, in input order within each length."""
-    by_len: dict[int, list[Window]] = {}
-    for w in windows:
-        by_len.setdefault(w.input_ids.numel(), []).append(w)
-    for group in by_len.values():
-        for i in range(0, len(group), batch):
-            part = group[i : i + batch]
-            yield torch.stack([w.input_ids for w in part]), torch.stack([w.labels for w in part])
-
-
-@torch.no_grad()
-def windows_nll(
-    model, windows: Sequence[Window], batch: int = 1, on_batch: Callable[[int], None] | None = None
-) -> tuple[float, int]:
-    """Summed next-token NLL (fp32 log-softmax, accumulated in fp64) and number of scored tokens.
-
-    Perplexity is ``exp(nll_sum / tokens)``: token-weighted over windows, so a short last window
-    counts for its tokens, not as a whole window.
-    """
-    device = _model_device(model)
-    nll_sum, tokens = 0.0, 0
-    for input_ids, labels in _batches(windows, batch):
-        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
-        nll, count = window_nll(logits, labels.to(logits.device))
-        nll_sum += float(nll.double())
-        tokens += count
-        if on_batch is not None:
-            on_batch(input_ids.shape[0])
-    return nll_sum, tokens
 
 
 # -- text sources -------------------------------------------------------------------------------
@@ -739,7 +702,7 @@ def run_bench(
     else:
         say(f"loading {config.model} ...")
         model, tokenizer = load_model(config.model, device=device)
-    device = _model_device(model)
+    device = model_device(model)
     model_cfg = model.config
     limit = max_positions(model_cfg)
     if limit is not None and config.seq_len > limit:
