@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
 from sinkfix.policy import Policy, ResidualClip
 
@@ -149,39 +148,15 @@ class ModelIdentity:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise ProfileError(f"cannot write {target}: it is a directory")
+    """:func:`sinkfix.files.atomic_write_text`, with a failure reported as :class:`ProfileError`.
+
+    Callers of :meth:`Profile.save` catch ``ProfileError`` for every problem with a profile file,
+    writing included; the :class:`~sinkfix.files.OutputError` is kept as the cause.
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ProfileError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        with _suppress():
-            os.unlink(tmp)
-        raise ProfileError(f"cannot write {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-    return target
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
+        return files.atomic_write_text(path, text)
+    except files.OutputError as exc:
+        raise ProfileError(str(exc)) from exc
 
 
 def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = None,

@@ -1,8 +1,11 @@
 """``sinkfix bench``: quality, extreme-token metrics, speed and memory of a model before and after patching.
 
-The measurement logic lives in :mod:`sinkfix.bench.runner` (no rich, no matplotlib); the terminal
-table, the JSON/CSV writers and the plots live in :mod:`sinkfix.bench.report`. The JSON layout is
-documented in ``sinkfix/bench/schema.md`` and versioned by :data:`SCHEMA_VERSION`.
+:func:`run_bench` (:mod:`sinkfix.bench.runner`) orders the measured steps; the measurement logic
+(no rich, no matplotlib) is split by concern: ``config`` (settings, variants), ``prepare`` (device,
+model, windows), ``steps`` (quality, metrics, prefill, decode, memory), ``stats``, ``timing``,
+``memory``, ``provenance`` and ``results`` (the JSON dict). The terminal table, the JSON/CSV writers
+and the plots live in :mod:`sinkfix.bench.report`. The JSON layout is documented in
+``sinkfix/bench/schema.md`` and versioned by :data:`SCHEMA_VERSION`.
 
     from sinkfix.bench import BenchConfig, run_bench
     results = run_bench(BenchConfig(model="smollm2-135m", policies=("sink_scale=0.9",)))

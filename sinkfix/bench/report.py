@@ -1,42 +1,25 @@
 """Presentation of ``sinkfix bench`` results: rich tables, JSON and CSV files, PNG plots.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so an
-interrupted run never leaves a half-written results.json next to an old plot. matplotlib is imported
-only when plots are written, with the Agg backend (no display needed).
+Every file is written with :func:`sinkfix.files.atomic_write` (a temporary file in the same folder,
+then ``os.replace``), so an interrupted run never leaves a half-written results.json next to an old
+plot, and a folder that cannot be written is one :class:`~sinkfix.files.OutputError` naming the
+path. matplotlib is imported only when plots are written, with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from sinkfix.files import atomic_write
 
 __all__ = ["render", "write_json", "write_csv", "write_plots", "write_outputs", "flatten_numbers"]
 
 _MIB = 1024 * 1024
-
-
-# -- atomic files -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def dumps(results: dict[str, Any]) -> str:
@@ -47,7 +30,7 @@ def dumps(results: dict[str, Any]) -> str:
 
 def write_json(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
-    with _atomic(path) as fh:
+    with atomic_write(path) as fh:
         fh.write(dumps(results) + "\n")
     return path
 
@@ -86,7 +69,7 @@ def flatten_numbers(results: dict[str, Any]) -> list[tuple[str, str, str, float 
 
 def write_csv(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
-    with _atomic(path) as fh:
+    with atomic_write(path) as fh:
         writer = csv.writer(fh)
         writer.writerow(["variant", "section", "metric", "value"])
         for variant, section, metric, value in flatten_numbers(results):
@@ -96,6 +79,98 @@ def write_csv(path: str | Path, results: dict[str, Any]) -> Path:
 
 
 # -- plots --------------------------------------------------------------------------------------
+class _Figures:
+    """Saves matplotlib figures as PNG files in one folder, each atomically, and remembers them."""
+
+    def __init__(self, plt: Any, out: Path) -> None:
+        self.plt, self.out, self.written = plt, out, []
+
+    def save(self, fig: Any, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        self.plt.close(fig)
+        with atomic_write(self.out / name, "wb") as fh:
+            fh.write(buf.getvalue())
+        self.written.append(self.out / name)
+
+
+def _ppl_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[str, Any]]) -> None:
+    """Perplexity change per domain (and pooled), one bar per patched variant."""
+    domains = list(results["domains"]) + ["all"]
+    fig, ax = figures.plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
+    width = 0.8 / max(len(patched), 1)
+    for i, v in enumerate(patched):
+        xs = [d + (i - (len(patched) - 1) / 2) * width for d in range(len(domains))]
+        ys = [v["quality"][d]["delta_pct"] or 0.0 for d in domains]
+        ax.bar(xs, ys, width, label=v["name"])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylabel("perplexity change vs stock (%)")
+    protocol = results["protocol"]["description"].split(",")[0]
+    ax.set_title(f"{results['model']['name']}: perplexity change ({protocol})", fontsize=9)
+    ax.legend(fontsize=8)
+    figures.save(fig, "ppl_delta.png")
+
+
+_LAYER_PLOTS = (
+    ("sink_share_layer", "sink_share.png", "sink share (mean over heads)", False),
+    ("residual_peak_layer", "residual_peak.png", "residual peak ratio (max / median norm)", True),
+)
+
+
+def _layer_plots(figures: _Figures, results: dict[str, Any]) -> None:
+    """Extreme-token metrics per layer, every variant before / after."""
+    for key, name, ylabel, log in _LAYER_PLOTS:
+        fig, ax = figures.plt.subplots(figsize=(7, 3.6))
+        for v in results["variants"]:
+            if v["metrics"] is None:
+                continue
+            ys = [y if y is not None else math.nan for y in v["metrics"][key]]
+            # stock as a wide grey band under the others: identity coincides with it exactly
+            style = dict(color="black", linewidth=5, alpha=0.3, zorder=1) if v["kind"] == "stock" else {"zorder": 2}
+            label = v["name"] + (" (before)" if v["kind"] == "stock" else "")
+            ax.plot(range(len(ys)), ys, marker=".", label=label, **style)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{results['model']['name']}: {ylabel.split(' (')[0]} before / after", fontsize=9)
+        ax.legend(fontsize=8)
+        figures.save(fig, name)
+
+
+def _ratio_bars(patched: list[dict[str, Any]], phase: str) -> tuple[list[float], list[float], list[float]]:
+    """Median time ratios and their distances to the min / max paired ratio (the error bars)."""
+    mids, lo, hi = [], [], []
+    for v in patched:
+        s = v["speed"][phase]
+        paired = s["paired_time_ratio_vs_stock"]
+        mid = s["time_ratio_vs_stock"] or math.nan
+        mids.append(mid)
+        lo.append(max(mid - (paired["min"] if paired["min"] is not None else mid), 0))
+        hi.append(max((paired["max"] if paired["max"] is not None else mid) - mid, 0))
+    return mids, lo, hi
+
+
+def _speed_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[str, Any]]) -> None:
+    """Time ratios vs stock; error bars = spread of the per-round paired ratios."""
+    fig, ax = figures.plt.subplots(figsize=(1.6 + 1.6 * max(len(patched), 1), 3.6))
+    phases = [p for p in ("prefill", "decode") if patched and patched[0]["speed"][p] is not None]
+    width = 0.8 / max(len(phases), 1)
+    for j, phase in enumerate(phases):
+        xs = [i + (j - (len(phases) - 1) / 2) * width for i in range(len(patched))]
+        mids, lo, hi = _ratio_bars(patched, phase)
+        ax.bar(xs, mids, width, yerr=[lo, hi], capsize=3, label=phase)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.10, color="grey", linewidth=0.8, linestyle="--", label="1.10x")
+    ax.set_xticks(range(len(patched)), [v["name"] for v in patched], fontsize=8, rotation=15)
+    ax.set_ylabel("time ratio vs stock (lower = faster)")
+    ax.set_title(f"{results['model']['name']}: speed vs stock {results['model']['baseline_attention']} "
+                 "(median ratio; bars: min-max of paired rounds)", fontsize=9)
+    ax.legend(fontsize=8)
+    figures.save(fig, "speed_ratio.png")
+
+
 def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path], list[str]]:
     """PNG plots; returns (files written, notes on what was skipped)."""
     try:
@@ -105,93 +180,20 @@ def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path
         import matplotlib.pyplot as plt
     except ImportError:
         return [], ["plots skipped: matplotlib is not installed (pip install matplotlib)"]
-    out = Path(out_dir)
-    written: list[Path] = []
+    figures = _Figures(plt, Path(out_dir))
     notes: list[str] = []
-    variants = results["variants"]
-    patched = [v for v in variants if v["kind"] != "stock"]
-    model = results["model"]["name"]
-
-    def save(fig: Any, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        with _atomic(out / name, "wb") as fh:
-            fh.write(buf.getvalue())
-        written.append(out / name)
-
-    # perplexity change per domain
-    domains = list(results["domains"]) + ["all"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
-    width = 0.8 / max(len(patched), 1)
-    for i, v in enumerate(patched):
-        xs = [d + (i - (len(patched) - 1) / 2) * width for d in range(len(domains))]
-        ys = [v["quality"][d]["delta_pct"] or 0.0 for d in domains]
-        ax.bar(xs, ys, width, label=v["name"])
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(domains)), domains)
-    ax.set_ylabel("perplexity change vs stock (%)")
-    ax.set_title(f"{model}: perplexity change ({results['protocol']['description'].split(',')[0]})", fontsize=9)
-    ax.legend(fontsize=8)
-    save(fig, "ppl_delta.png")
-
-    # extreme-token metrics per layer
+    patched = [v for v in results["variants"] if v["kind"] != "stock"]
+    _ppl_plot(figures, results, patched)
     if results["metrics_status"]["available"]:
-        for key, name, ylabel, log in (
-            ("sink_share_layer", "sink_share.png", "sink share (mean over heads)", False),
-            ("residual_peak_layer", "residual_peak.png", "residual peak ratio (max / median norm)", True),
-        ):
-            fig, ax = plt.subplots(figsize=(7, 3.6))
-            for v in variants:
-                if v["metrics"] is None:
-                    continue
-                ys = [y if y is not None else math.nan for y in v["metrics"][key]]
-                # stock as a wide grey band under the others: identity coincides with it exactly
-                style = dict(color="black", linewidth=5, alpha=0.3, zorder=1) if v["kind"] == "stock" else {"zorder": 2}
-                label = v["name"] + (" (before)" if v["kind"] == "stock" else "")
-                ax.plot(range(len(ys)), ys, marker=".", label=label, **style)
-            if log:
-                ax.set_yscale("log")
-            ax.set_xlabel("layer")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{model}: {ylabel.split(' (')[0]} before / after", fontsize=9)
-            ax.legend(fontsize=8)
-            save(fig, name)
+        _layer_plots(figures, results)
     else:
         notes.append("sink_share.png and residual_peak.png skipped: no extreme-token metrics in this run")
-
-    # speed: time ratios vs stock, error bars = spread of the per-round paired ratios
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * max(len(patched), 1), 3.6))
-    phases = [p for p in ("prefill", "decode") if patched and patched[0]["speed"][p] is not None]
-    width = 0.8 / max(len(phases), 1)
-    for j, phase in enumerate(phases):
-        xs = [i + (j - (len(phases) - 1) / 2) * width for i in range(len(patched))]
-        mids, lo, hi = [], [], []
-        for v in patched:
-            s = v["speed"][phase]
-            paired = s["paired_time_ratio_vs_stock"]
-            mid = s["time_ratio_vs_stock"] or math.nan
-            mids.append(mid)
-            lo.append(max(mid - (paired["min"] if paired["min"] is not None else mid), 0))
-            hi.append(max((paired["max"] if paired["max"] is not None else mid) - mid, 0))
-        ax.bar(xs, mids, width, yerr=[lo, hi], capsize=3, label=phase)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(1.10, color="grey", linewidth=0.8, linestyle="--", label="1.10x")
-    ax.set_xticks(range(len(patched)), [v["name"] for v in patched], fontsize=8, rotation=15)
-    ax.set_ylabel("time ratio vs stock (lower = faster)")
-    ax.set_title(f"{model}: speed vs stock {results['model']['baseline_attention']} "
-                 "(median ratio; bars: min-max of paired rounds)", fontsize=9)
-    ax.legend(fontsize=8)
-    save(fig, "speed_ratio.png")
-    return written, notes
+    _speed_plot(figures, results, patched)
+    return figures.written, notes
 
 
 def write_outputs(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path], list[str]]:
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    out = Path(out_dir)  # atomic_write creates the folder, or names the file standing in its way
     files = [write_json(out / "results.json", results), write_csv(out / "results.csv", results)]
     plots, notes = write_plots(out, results)
     return files + plots, notes
@@ -216,10 +218,7 @@ def _ratio(value: float | None) -> str:
     return f"[{color}]{value:.3f}x[/{color}]"
 
 
-def render(results: dict[str, Any], console: Any) -> None:
-    """Print the results as rich tables on ``console``."""
-    from rich.table import Table
-
+def _header(results: dict[str, Any], console: Any) -> None:
     m, prov, proto = results["model"], results["provenance"], results["protocol"]
     git = prov["git"]
     console.print(
@@ -234,20 +233,22 @@ def render(results: dict[str, Any], console: Any) -> None:
     )
     console.print(f"protocol: {proto['description']}")
 
-    variants = results["variants"]
+
+def _quality_table(results: dict[str, Any]) -> Any:
+    from rich.table import Table
+
     domains = list(results["domains"])
-    quality = Table(title="Quality and extreme tokens", title_justify="left")
-    quality.add_column("variant", style="bold")
+    table = Table(title="Quality and extreme tokens", title_justify="left")
+    table.add_column("variant", style="bold")
     for d in domains:
-        info = results["domains"][d]
-        quality.add_column(f"ppl {d}\n{info['scored_tokens']} tok", justify="right")
-    quality.add_column("ppl all", justify="right")
+        table.add_column(f"ppl {d}\n{results['domains'][d]['scored_tokens']} tok", justify="right")
+    table.add_column("ppl all", justify="right")
     metrics_on = results["metrics_status"]["available"]
     if metrics_on:
-        quality.add_column("sink share\nmean", justify="right")
-        quality.add_column("resid. peak\nmax", justify="right")
-        quality.add_column("value drain\nmean", justify="right")
-    for v in variants:
+        table.add_column("sink share\nmean", justify="right")
+        table.add_column("resid. peak\nmax", justify="right")
+        table.add_column("value drain\nmean", justify="right")
+    for v in results["variants"]:
         row = [v["name"]]
         for d in [*domains, "all"]:
             q = v["quality"][d]
@@ -256,35 +257,49 @@ def render(results: dict[str, Any], console: Any) -> None:
             s = (v["metrics"] or {}).get("summary", {})
             row += [_fmt(s.get("sink_share_mean"), ".3f"), _fmt(s.get("residual_peak_max"), ".1f"),
                     _fmt(s.get("value_drain_mean"), ".3f")]
-        quality.add_row(*row)
-    console.print(quality)
+        table.add_row(*row)
+    return table
 
-    speed = Table(title="Speed and memory (median \\[min-max]; x = patched / stock)", title_justify="left")
-    speed.add_column("variant", style="bold")
-    speed.add_column("prefill tok/s", justify="right")
-    speed.add_column("x time", justify="right")
-    speed.add_column("p50/p90 ms", justify="right")
-    has_decode = variants[0]["speed"]["decode"] is not None
+
+def _speed_row(v: dict[str, Any], has_decode: bool) -> list[str]:
+    p = v["speed"]["prefill"]
+    tps = p["tokens_per_s"]
+    row = [v["name"], f"{tps['median']:.0f} [{tps['min']:.0f}-{tps['max']:.0f}]",
+           _ratio(p["time_ratio_vs_stock"]), f"{p['latency_ms']['p50']:.0f}/{p['latency_ms']['p90']:.0f}"]
     if has_decode:
-        speed.add_column("decode tok/s", justify="right")
-        speed.add_column("x time", justify="right")
-        speed.add_column("step p50/p90 ms", justify="right")
-    speed.add_column("peak MiB", justify="right")
-    speed.add_column("x mem", justify="right")
-    for v in variants:
-        p = v["speed"]["prefill"]
-        tps = p["tokens_per_s"]
-        row = [v["name"], f"{tps['median']:.0f} [{tps['min']:.0f}-{tps['max']:.0f}]",
-               _ratio(p["time_ratio_vs_stock"]), f"{p['latency_ms']['p50']:.0f}/{p['latency_ms']['p90']:.0f}"]
-        if has_decode:
-            d = v["speed"]["decode"]
-            r = d["tokens_per_s"]
-            row += [f"{r['median']:.1f} [{r['min']:.1f}-{r['max']:.1f}]", _ratio(d["time_ratio_vs_stock"]),
-                    f"{d['step_latency_ms']['p50']:.1f}/{d['step_latency_ms']['p90']:.1f}"]
-        mem = v["memory"]
-        row += ["-", "-"] if mem is None else [f"{mem['peak_bytes'] / _MIB:.1f}", _ratio(mem["ratio_vs_stock"])]
-        speed.add_row(*row)
-    console.print(speed)
+        d = v["speed"]["decode"]
+        r = d["tokens_per_s"]
+        row += [f"{r['median']:.1f} [{r['min']:.1f}-{r['max']:.1f}]", _ratio(d["time_ratio_vs_stock"]),
+                f"{d['step_latency_ms']['p50']:.1f}/{d['step_latency_ms']['p90']:.1f}"]
+    mem = v["memory"]
+    return row + (["-", "-"] if mem is None else [f"{mem['peak_bytes'] / _MIB:.1f}", _ratio(mem["ratio_vs_stock"])])
+
+
+def _speed_table(results: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Speed and memory (median \\[min-max]; x = patched / stock)", title_justify="left")
+    table.add_column("variant", style="bold")
+    table.add_column("prefill tok/s", justify="right")
+    table.add_column("x time", justify="right")
+    table.add_column("p50/p90 ms", justify="right")
+    has_decode = results["variants"][0]["speed"]["decode"] is not None
+    if has_decode:
+        table.add_column("decode tok/s", justify="right")
+        table.add_column("x time", justify="right")
+        table.add_column("step p50/p90 ms", justify="right")
+    table.add_column("peak MiB", justify="right")
+    table.add_column("x mem", justify="right")
+    for v in results["variants"]:
+        table.add_row(*_speed_row(v, has_decode))
+    return table
+
+
+def render(results: dict[str, Any], console: Any) -> None:
+    """Print the results as rich tables on ``console``."""
+    _header(results, console)
+    console.print(_quality_table(results))
+    console.print(_speed_table(results))
     for note in results["notes"]:
         console.print(f"[dim]note: {note}[/dim]")
     console.print(f"wall time {results['wall_time_s']:.1f} s")

@@ -13,8 +13,10 @@ import shutil
 import sys
 from typing import Callable, Iterator
 
-from sinkfix.bench.runner import DEFAULT_POLICIES, BenchConfig, run_bench
+from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig
+from sinkfix.bench.runner import run_bench
 from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
+from sinkfix.texts import DATASET_HELP, TEXT_HELP
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,9 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="a policy such as sink_scale=0.9 or drop or virtual_sink_logit=0; repeatable")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
-                        help="UTF-8 text files, one domain each (default: built-in prose and code)")
-    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]",
-                        help="a datasets-hub text set (needs the datasets package and network)")
+                        help=f"{TEXT_HELP} (evaluation split); several files per option")
+    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", help=DATASET_HELP)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, metavar="N",
                    help="window length in tokens, BOS included (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, metavar="N", help="window stride (default: non-overlapping)")

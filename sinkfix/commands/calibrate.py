@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkfix.commands.inspect import add_common_arguments, load_texts
+from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "calibration text (model weights frozen), with a held-out validation split and early "
                     "stopping, and save the result as a versioned JSON profile for `sinkfix.patch`.",
     )
-    add_common_arguments(parser, default_max_tokens=16384)
+    add_common_arguments(parser, default_max_tokens=16384, split="calib")
     parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json)")
     parser.add_argument("--steps", type=int, default=120, help="Adam steps, one window each (default 120)")
     parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on logit(beta) (default 0.2)")
@@ -52,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = wide_console()
-    texts = load_texts(args, "calib")
+    texts = texts_from_args(args, "calib")
+    console.print(describe_texts(texts), markup=False)
     out = args.out or f"{args.model.replace('/', '_')}.profile.json"
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
-    profile = calibrate(model, tokenizer, texts, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
+    plain = {name: t.text for name, t in texts.items()}
+    profile = calibrate(model, tokenizer, plain, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                         val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                         virtual_logits=args.virtual_logits, virtual_on_sink_rows=args.virtual_on_sink_rows,
                         log=console.print)

@@ -2,6 +2,7 @@
 
     sinkfix inspect --model smollm2-135m                       # built-in prose and code domains
     sinkfix inspect --model smollm2-135m --text a.txt --text b.py --out report/
+    sinkfix inspect --dataset wikitext:wikitext-2-raw-v1@validation   # needs `datasets` and network
 """
 
 from __future__ import annotations
@@ -10,24 +11,28 @@ import argparse
 from pathlib import Path
 
 from sinkfix.errors import SinkfixError
+from sinkfix.texts import DATASET_HELP, TEXT_HELP, Split, TextError, TextSource, load_texts
 
-__all__ = ["add_parser", "run", "load_texts", "add_common_arguments", "TextSourceError"]
+__all__ = ["add_parser", "run", "add_common_arguments", "texts_from_args", "describe_texts", "TextSourceError"]
+
+# The error of a text source used to be defined here; it is sinkfix.texts.TextError now.
+TextSourceError = TextError
 
 
-class TextSourceError(SinkfixError, ValueError):
-    """Texts for a command could not be obtained (file, dataset)."""
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None,
+                         split: Split = "eval") -> None:
+    """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses."""
     from sinkfix.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"offline model name (smollm2-135m, gemma3-270m), local folder or hub id (default {DEFAULT_MODEL})")
-    parser.add_argument("--text", action="append", metavar="FILE", default=None,
-                        help="UTF-8 text file, repeatable; the file stem names its domain "
-                             "(default: the built-in prose and code domains)")
-    parser.add_argument("--dataset", metavar="NAME", default=None,
-                        help="a `datasets` name (needs the datasets package and network), e.g. wikitext:wikitext-2-raw-v1")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", action="append", metavar="FILE", default=None,
+                        help=f"{TEXT_HELP} ({'calibration' if split == 'calib' else 'evaluation'} split); repeatable")
+    dataset_help = DATASET_HELP
+    if split == "calib":
+        dataset_help += "; to calibrate on a training split, name it (NAME[:CONFIG]@train)"
+    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, help=dataset_help)
     parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
                         help="start every window with the tokenizer's BOS token (default: yes)")
@@ -36,48 +41,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def _dataset_text(name: str, max_chars: int = 2_000_000) -> str:
-    try:
-        import datasets
-    except ImportError:
-        raise TextSourceError("--dataset needs the `datasets` package (pip install datasets) and network access; "
-                              "use --text FILE for local files") from None
-    path, _, config = name.partition(":")
-    try:
-        data = datasets.load_dataset(path, config or None, split="train")
-    except Exception as exc:  # offline, unknown name: one clear line
-        raise TextSourceError(f"could not load dataset {name!r}: {str(exc).splitlines()[0][:200]}") from None
-    column = "text" if "text" in data.column_names else next(
-        (c for c in data.column_names if str(data.features[c]).startswith("Value(dtype='string'")), None)
-    if column is None:
-        raise TextSourceError(f"dataset {name!r} has no text column (columns: {data.column_names})")
-    parts, size = [], 0
-    for row in data:
-        text = row[column] or ""
-        parts.append(text)
-        size += len(text)
-        if size >= max_chars:
-            break
-    return "\n".join(parts)
+def texts_from_args(args: argparse.Namespace, split: Split) -> dict[str, TextSource]:
+    """The texts named by --text / --dataset, or the built-in domains of ``split`` (calib | eval)."""
+    return load_texts(args.text or (), getattr(args, "dataset", None), split)
 
 
-def load_texts(args: argparse.Namespace, split: str) -> dict[str, str]:
-    """Domain name -> text from --text files, --dataset, or the built-in domains (``split``: calib|eval)."""
-    from sinkfix.texts import domain_text
-    from sinkfix.texts import DOMAINS, read_text_file
-
-    texts: dict[str, str] = {}
-    for file in args.text or []:
-        name = Path(file).stem or "text"
-        base, i = name, 2
-        while name in texts:
-            name, i = f"{base}{i}", i + 1
-        texts[name] = read_text_file(file)
-    if getattr(args, "dataset", None):
-        texts[args.dataset.replace("/", "_").replace(":", "_")] = _dataset_text(args.dataset)
-    if not texts:
-        texts = {domain: domain_text(domain, split) for domain in DOMAINS}
-    return texts
+def describe_texts(texts: dict[str, TextSource]) -> str:
+    return "texts: " + "; ".join(f"{name} ({text.source}, {len(text.text):,} characters)"
+                                 for name, text in texts.items())
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -87,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "sinks, value drain, residual peak and active/dormant state; list heads whose state flips "
                     "between domains. Writes report.json and PNG figures to --out.",
     )
-    add_common_arguments(parser, default_max_tokens=4096)
+    add_common_arguments(parser, default_max_tokens=4096, split="eval")
     parser.add_argument("--out", default="sinkfix-inspect", help="output folder (default ./sinkfix-inspect)")
     parser.add_argument("--hidden-sink-threshold", type=float, default=0.1,
                         help="ACT criterion: mean attention over the rows that see a key (default 0.1)")
@@ -186,9 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile and args.policy:
-        raise TextSourceError("give --profile or --policy, not both")
+        raise SinkfixError("give --profile or --policy, not both")
     console = wide_console()
-    texts = load_texts(args, "eval")
+    texts = texts_from_args(args, "eval")
+    console.print(describe_texts(texts), markup=False)
     out = Path(args.out)
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
@@ -198,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.policy:
         handle = sinkfix.patch(model, sinkfix.Policy.parse(args.policy))
     try:
-        report = inspect(model, tokenizer, texts, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
+        report = inspect(model, tokenizer, {name: t.text for name, t in texts.items()}, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                          hidden_sink_threshold=args.hidden_sink_threshold)
     finally:
         if handle is not None:

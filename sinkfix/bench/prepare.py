@@ -1,0 +1,174 @@
+"""Before any measurement: the device, the model with its baseline attention and patch backend, the windows.
+
+Everything here can fail on bad input, and does so with a one-line :class:`SinkfixError` before the
+first timed step: an unknown device, a ``--seq-len`` beyond the model, a baseline the model lacks, a
+profile made for another model, a text too short for one window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from sinkfix.bench.config import BenchConfig, Variant
+from sinkfix.errors import SinkfixError
+from sinkfix.evaluate import Window, bos_token_id, make_windows, model_device, tokenize
+from sinkfix.models import load_model
+from sinkfix.texts import TextSource
+
+__all__ = [
+    "Setup", "Domain", "Protocol", "pick_device", "load_profile", "prepare_model", "build_protocol",
+    "tokenizer_adds_bos", "max_positions", "text_config",
+]
+
+
+@dataclass
+class Setup:
+    """The loaded model and what was decided about it."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    backend: str  # the patch backend actually used ("torch" or "triton")
+    variants: list[Variant]
+    limit: int | None  # max_position_embeddings, when the config states one
+    prompt_len: int  # decode prompt: the prefill prompt, shortened so that prompt + new tokens fit
+
+
+@dataclass
+class Domain:
+    name: str
+    source: str
+    ids: torch.Tensor
+    windows: list[Window] = field(default_factory=list)
+
+
+@dataclass
+class Protocol:
+    """How text becomes scored windows."""
+
+    bos: bool
+    bos_id: int | None
+    stride: int
+    domains: list[Domain]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SinkfixError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SinkfixError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def load_profile(path: str) -> Any:
+    try:
+        from sinkfix.profile import Profile
+    except ImportError as exc:
+        raise SinkfixError(f"--profile needs sinkfix.profile, which this installation lacks ({exc})") from None
+    return Profile.load(path)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def max_positions(config) -> int | None:
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def _prompt_len(config: BenchConfig, limit: int | None) -> int:
+    if limit is not None and config.seq_len > limit:
+        raise SinkfixError(
+            f"--seq-len {config.seq_len} is larger than {config.model} supports "
+            f"(max_position_embeddings = {limit})"
+        )
+    prompt_len = config.seq_len
+    if config.decode_tokens and limit is not None:
+        prompt_len = min(prompt_len, limit - config.decode_tokens)
+        if prompt_len < 2:
+            raise SinkfixError(f"--decode-tokens {config.decode_tokens} leaves no room for a prompt "
+                               f"(max_position_embeddings = {limit})")
+    return prompt_len
+
+
+def _set_baseline(model, baseline: str) -> None:
+    if baseline == getattr(model.config, "_attn_implementation", None):
+        return
+    try:
+        model.set_attn_implementation(baseline)
+    except (ValueError, ImportError) as exc:
+        raise SinkfixError(f"--baseline {baseline} is not available for this model: {exc}") from None
+
+
+def _resolve_backend(name: str, device: torch.device) -> str:
+    from sinkfix.ops.attention import resolve_backend
+
+    try:
+        return resolve_backend(name, device)
+    except (RuntimeError, AttributeError, ImportError) as exc:
+        raise SinkfixError(f"--backend {name}: {exc}") from None
+
+
+def prepare_model(
+    config: BenchConfig,
+    variants: list[Variant],
+    device: torch.device,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> Setup:
+    """Load the model (unless given), set its baseline attention, and apply every patched variant once."""
+    if model_and_tokenizer is not None:
+        model, tokenizer = model_and_tokenizer
+    else:
+        say(f"loading {config.model} ...")
+        model, tokenizer = load_model(config.model, device=device)
+    device = model_device(model)
+    limit = max_positions(model.config)
+    prompt_len = _prompt_len(config, limit)
+    _set_baseline(model, config.baseline)
+    backend = _resolve_backend(config.backend, device)
+    for variant in variants[1:]:  # fail fast: a profile for another model, a policy of the wrong shape
+        with variant.applied(model, backend):
+            pass
+    return Setup(model, tokenizer, device, backend, variants, limit, prompt_len)
+
+
+def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSource]) -> Protocol:
+    """Tokenize every text and cut it into the windows that are scored (BOS as the tokenizer or flag says)."""
+    bos = tokenizer_adds_bos(tokenizer) if config.bos is None else config.bos
+    bos_id = bos_token_id(tokenizer) if bos else None
+    body = config.seq_len - (1 if bos else 0)
+    stride = config.stride or body
+    if stride > body:
+        raise SinkfixError(f"--stride {stride} exceeds the {body} text tokens per window (every token must be scored)")
+    domains: list[Domain] = []
+    for name, text in texts.items():
+        try:
+            ids = tokenize(tokenizer, text.text)
+        except ValueError as exc:
+            raise SinkfixError(f"text {name!r} ({text.source}): {exc}") from None
+        windows = make_windows(ids, config.seq_len, stride, bos_id, config.max_windows or None)
+        domains.append(Domain(name, text.source, ids, windows))
+    return Protocol(bos, bos_id, stride, domains)

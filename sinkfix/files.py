@@ -1,0 +1,113 @@
+"""Writing output files atomically: readers see the old file or the complete new one, never half of it.
+
+Every file sinkfix writes (profiles, ``sinkfix inspect`` reports, ``sinkfix bench`` results and plots)
+goes through :func:`atomic_write`: the data lands in a temporary file in the target's own folder (same
+file system, so the final rename is atomic), is flushed to disk, and only then replaces the target
+with ``os.replace``. An exception anywhere on the way removes the temporary file and leaves an
+existing target untouched. Problems of the file system (a folder that cannot be created, a target that
+is a directory, a full disk, no permission) raise :class:`OutputError`, whose message names the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from sinkfix.errors import SinkfixError
+
+__all__ = ["OutputError", "atomic_write", "atomic_write_text"]
+
+
+class OutputError(SinkfixError, OSError):
+    """An output file could not be written; ``path`` is the file that was meant to be written."""
+
+    path: Path | None = None
+
+
+def _output_error(target: Path, reason: str) -> OutputError:
+    # One positional argument only: OSError reads two as (errno, strerror) and would then format
+    # its own message instead of this one.
+    error = OutputError(f"cannot write {target}: {reason}")
+    error.path = target
+    return error
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _blocking_file(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _open_temporary(target: Path) -> tuple[int, str]:
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        blocker = _blocking_file(folder)
+        # mkdir under a regular file reports "File exists" or "Not a directory": say which file is in the way
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else _reason(exc)
+        raise _output_error(target, reason) from exc
+
+
+def _final_mode(target: Path) -> int:
+    """Permissions for the finished file: those of the file it replaces, else 0o666 less the umask.
+
+    mkstemp creates its file with mode 0o600 so that nobody else can open it while it is written; left
+    as it is, every profile and result file would end up readable by its owner only.
+    """
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(target.stat().st_mode)
+    mask = os.umask(0o022)  # reading the umask means setting it; restored on the next line
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing (``mode`` "w", UTF-8 text, or "wb") so that it appears only when complete.
+
+    Yields the open file; the target is replaced when the ``with`` block ends without an exception.
+    An ``OSError`` raised inside the block (a full disk during ``write``) becomes an
+    :class:`OutputError` too, with the original as its ``__cause__``; any other exception passes
+    through unchanged. Either way the temporary file is gone and the old target is untouched.
+    Text is written as given (``newline=""``): "\\n" stays "\\n" on every platform, as the csv
+    module requires. Missing parent folders are created.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise _output_error(target, "it is a directory")
+    fd, tmp = _open_temporary(target)
+    options: dict[str, Any] = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}
+    try:
+        with os.fdopen(fd, mode, **options) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _final_mode(target))
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _output_error(target, _reason(exc)) from exc
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path. Failures raise :class:`OutputError`."""
+    with atomic_write(path) as handle:
+        handle.write(text)
+    return Path(path)

@@ -1,0 +1,216 @@
+"""The one text loader of bench, inspect and calibrate: files, dataset specs, built-in domains."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import types
+
+import pytest
+
+from sinkfix.errors import SinkfixError
+from sinkfix.texts import (
+    DATASET_DEFAULT_SPLIT,
+    DOMAINS,
+    DatasetSpec,
+    TextError,
+    TextSource,
+    domain_text,
+    load_dataset_text,
+    load_texts,
+    parse_dataset_spec,
+    read_text_file,
+    unique_name,
+)
+
+
+# -- files ----------------------------------------------------------------------------------------
+def test_files_are_named_by_stem_and_repeats_get_a_suffix(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [tmp_path / "a" / "notes.txt", tmp_path / "b" / "notes.md", tmp_path / "a" / "code.py",
+             tmp_path / "b" / "notes.txt"]
+    for i, path in enumerate(paths):
+        path.write_text(f"text number {i}\n")
+    texts = load_texts(paths)
+    assert list(texts) == ["notes", "notes-2", "code", "notes-3"]
+    assert texts["notes-2"] == TextSource("text number 1\n", str(paths[1]))
+    assert texts["notes-3"].source == str(paths[3])
+
+
+def test_unique_name_skips_taken_suffixes():
+    assert unique_name("a", []) == "a"
+    assert unique_name("a", ["a"]) == "a-2"
+    assert unique_name("a", ["a", "a-2", "a-3"]) == "a-4"
+    assert unique_name("a-2", ["a", "a-2"]) == "a-2-2"
+
+
+def test_a_single_path_string_is_one_file(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("only file")
+    assert list(load_texts(str(path))) == ["one"]
+
+
+@pytest.mark.parametrize("kind, fragment", [("missing", "not found"), ("empty", "empty"), ("binary", "UTF-8"),
+                                            ("directory", "directory")])
+def test_bad_files_are_text_errors(tmp_path, kind, fragment):
+    path = tmp_path / "bad.txt"
+    if kind == "empty":
+        path.write_text(" \n")
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81" * 4)
+    elif kind == "directory":
+        path.mkdir()
+    with pytest.raises(TextError, match=fragment):
+        load_texts([path])
+    assert issubclass(TextError, SinkfixError)
+
+
+def test_files_and_dataset_together_are_an_error(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("text")
+    with pytest.raises(TextError, match="not both"):
+        load_texts([path], "wikitext")
+
+
+# -- built-in defaults ----------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["eval", "calib"])
+def test_builtin_domains_by_default(split):
+    texts = load_texts(split=split)
+    assert tuple(texts) == DOMAINS == ("prose", "code")
+    for domain, text in texts.items():
+        assert text.text == domain_text(domain, split)
+        assert text.source.startswith(f"built-in {domain}")
+
+
+def test_default_split_is_eval_and_splits_differ():
+    default, calib = load_texts(), load_texts(split="calib")
+    assert default["code"].text == domain_text("code", "eval")
+    assert default["code"].text != calib["code"].text
+    assert "pydoc_data" in default["prose"].source and "calib" in calib["prose"].source
+
+
+def test_unknown_split_is_an_error():
+    with pytest.raises(TextError, match="calib' or 'eval"):
+        load_texts(split="train")
+
+
+# -- dataset specs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, expected", [
+    ("wikitext", DatasetSpec("wikitext", None, "test")),
+    ("wikitext:wikitext-2-raw-v1", DatasetSpec("wikitext", "wikitext-2-raw-v1", "test")),
+    ("wikitext@train", DatasetSpec("wikitext", None, "train")),
+    ("wikitext:wikitext-2-raw-v1@validation", DatasetSpec("wikitext", "wikitext-2-raw-v1", "validation")),
+    ("Salesforce/wikitext:wikitext-103-raw-v1@train[:1000]",
+     DatasetSpec("Salesforce/wikitext", "wikitext-103-raw-v1", "train[:1000]")),
+    ("  wikitext  ", DatasetSpec("wikitext")),
+])
+def test_dataset_spec_parsing(spec, expected):
+    assert parse_dataset_spec(spec) == expected
+
+
+def test_dataset_spec_default_split_and_round_trip():
+    assert DATASET_DEFAULT_SPLIT == "test"
+    assert str(parse_dataset_spec("wikitext:wikitext-2-raw-v1")) == "wikitext:wikitext-2-raw-v1@test"
+    assert str(parse_dataset_spec("wikitext@train")) == "wikitext@train"
+
+
+@pytest.mark.parametrize("spec", ["", " ", ":cfg", "@test", "name:", "name@", "name:@test", "na me", "name:c fg"])
+def test_bad_dataset_specs(spec):
+    with pytest.raises(TextError, match=r"NAME\[:CONFIG\]\[@SPLIT\]"):
+        parse_dataset_spec(spec)
+
+
+def test_dataset_without_the_datasets_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails even where it is installed
+    with pytest.raises(TextError, match="needs the 'datasets' package") as info:
+        load_texts(dataset="wikitext:wikitext-2-raw-v1")
+    assert "wikitext:wikitext-2-raw-v1@test" in str(info.value) and "--text" in str(info.value)
+
+
+def test_bad_spec_fails_before_importing_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(TextError, match="not NAME"):
+        load_texts(dataset="name:")
+
+
+class _FakeDataset:
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.column_names = list(columns)
+        self.features = {name: types.SimpleNamespace(dtype="string" if isinstance(values[0], str) else "int64")
+                         for name, values in columns.items()}
+
+    def __iter__(self):
+        for i in range(len(next(iter(self.columns.values())))):
+            yield {name: values[i] for name, values in self.columns.items()}
+
+
+def _fake_datasets(monkeypatch, data: _FakeDataset) -> list:
+    calls: list = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "missing":
+            raise FileNotFoundError("Dataset 'missing' doesn't exist on the Hub\nmore detail")
+        return data
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_dataset_text_through_a_stand_in_datasets_module(monkeypatch):
+    rows = ["first row", "", "second row", "third row"]
+    calls = _fake_datasets(monkeypatch, _FakeDataset({"id": [1, 2, 3, 4], "body": rows}))
+    texts = load_texts(dataset="owner/set:cfg@validation")
+    assert calls == [("owner/set", "cfg", "validation")]
+    assert list(texts) == ["owner/set"]
+    assert texts["owner/set"].text == "first row\nsecond row\nthird row"  # empty rows skipped
+    assert texts["owner/set"].source == "dataset owner/set:cfg@validation, column 'body'"
+
+
+def test_dataset_text_is_capped(monkeypatch):
+    _fake_datasets(monkeypatch, _FakeDataset({"text": ["x" * 10] * 100}))
+    capped = load_dataset_text("anything", max_chars=25)
+    assert capped.text == "x" * 10 + "\n" + "x" * 10 + "\n" + "xxx"
+    assert capped.source.endswith("first 25 characters")
+    assert "first" not in load_dataset_text("anything", max_chars=10_000).source
+
+
+def test_dataset_errors(monkeypatch):
+    _fake_datasets(monkeypatch, _FakeDataset({"id": [1, 2]}))
+    with pytest.raises(TextError, match="no text column"):
+        load_texts(dataset="numbers")
+    with pytest.raises(TextError, match="could not load dataset missing@test: Dataset 'missing' doesn't exist"):
+        load_texts(dataset="missing")
+    _fake_datasets(monkeypatch, _FakeDataset({"text": ["", " "]}))
+    with pytest.raises(TextError, match="empty"):
+        load_texts(dataset="blank")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_real_import_fails_cleanly_without_the_package():
+    with pytest.raises(TextError, match="pip install datasets"):
+        load_texts(dataset="wikitext")
+
+
+# -- the commands share it ------------------------------------------------------------------------
+def test_inspect_and_calibrate_options_use_the_loader(tmp_path):
+    from sinkfix.commands.inspect import add_common_arguments, texts_from_args
+
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser, default_max_tokens=None)
+    path = tmp_path / "x.txt"
+    path.write_text("some text")
+    args = parser.parse_args(["--text", str(path), "--text", str(path)])
+    assert list(texts_from_args(args, "eval")) == ["x", "x-2"]
+    assert list(texts_from_args(parser.parse_args([]), "calib")) == list(DOMAINS)
+    with pytest.raises(SystemExit):  # one source or the other, as in bench
+        parser.parse_args(["--text", str(path), "--dataset", "wikitext"])
+
+
+def test_read_text_file_still_works(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("héllo", encoding="utf-8")
+    assert read_text_file(path) == "héllo"
