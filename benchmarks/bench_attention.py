@@ -51,11 +51,11 @@ def _policy_kwargs(policy: str, heads: int, batch: int, device) -> dict:
     if policy == "drop":
         return dict(sink_cols=sink0, beta=torch.zeros(heads, device=device))
     if policy == "virtual":
-        return dict(sink_cols=sink0, virtual_logit=torch.full((heads,), 1.0, device=device))
+        return dict(sink_cols=sink0, virtual_sink_logit=torch.full((heads,), 1.0, device=device))
     if policy == "combined":
         return dict(sink_cols=torch.tensor([[0, 1, 2, 3]] * batch, device=device),
                     beta=(0.4 + 0.5 * torch.rand(heads, generator=g)).to(device),
-                    virtual_logit=torch.randn(heads, generator=g).to(device))
+                    virtual_sink_logit=torch.randn(heads, generator=g).to(device))
     raise ValueError(policy)
 
 

@@ -4,22 +4,33 @@
 #      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1);
 #   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth).
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
+# Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-OUT="${OUT:-./gpu-out}"
+OUT="$(mkdir -p "${OUT:-./gpu-out}" && cd "${OUT:-./gpu-out}" && pwd)"
 PYTHON="${PYTHON:-python}"
-mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export SINKFIX_AOT_ALL=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1
+
+# The kernels live in kernels/ and import as sinkfix.kernels (setuptools package-dir), so a plain
+# checkout on PYTHONPATH lacks sinkfix.kernels. Stage the installed layout (what the wheel holds)
+# in a temporary folder and run from there: no build step, no network.
+STAGE="$(mktemp -d)"
+trap 'rm -rf "$STAGE"' EXIT
+cp -r sinkfix tests benchmarks pyproject.toml "$STAGE/"
+rm -rf "$STAGE/sinkfix/kernels"
+cp -r kernels "$STAGE/sinkfix/kernels"
+cd "$STAGE"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 
 start=$(date +%s)
 {
     date
     nvidia-smi || true
     "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
+    "$PYTHON" -c 'import sinkfix.kernels.attention_prefill as m; print("kernels from", m.__file__)'
 } > "$OUT/environment.txt" 2>&1
 
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -1,7 +1,10 @@
 """The ``sinkfix`` console script: ``sinkfix bench | inspect | calibrate | bb``.
 
 Every command turns expected failures (unknown model, unreadable file, bad policy, profile for
-another model) into a one-line error on stderr and exit code 2, never a traceback.
+another model) into a one-line error on stderr and exit code 2, never a traceback. Expected
+failures are the project's own errors (:class:`~sinkfix.errors.SinkfixError` and its subclasses,
+raised where the problem is found, file errors included); anything else is a bug and surfaces
+with its traceback and exit code 1.
 """
 
 from __future__ import annotations
@@ -25,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sinkfix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"sinkfix.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"sinkfix.commands.{name}":
-                continue  # command not shipped in this build
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"sinkfix.commands.{name}").add_parser(sub)
     return parser
 
 
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (SinkfixError, ValueError, OSError, NotImplementedError) as exc:
+    except SinkfixError as exc:
         print(f"sinkfix {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

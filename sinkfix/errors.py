@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError"]
+from pathlib import Path
+
+__all__ = [
+    "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
+    "BackendUnavailableError", "OutputError",
+]
 
 
 class SinkfixError(Exception):
@@ -23,3 +28,17 @@ class ModelLoadError(SinkfixError, OSError):
 
 class ProfileError(SinkfixError, ValueError):
     """A profile file is unreadable, corrupted, or made for another model."""
+
+
+class UsageError(SinkfixError, ValueError):
+    """An argument is out of range or inconsistent (a command-line flag, a text too short for a window)."""
+
+
+class BackendUnavailableError(SinkfixError, RuntimeError):
+    """The requested kernel backend cannot run here (no triton, no CUDA device)."""
+
+
+class OutputError(SinkfixError, OSError):
+    """An output file could not be written; ``path`` is the file that was meant to be written."""
+
+    path: Path | None = None

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from sinkfix.errors import UsageError
+
 __all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", "PerplexityResult", "bos_token_id",
            "tokenize", "model_device"]
 
@@ -54,14 +56,14 @@ def bos_token_id(tokenizer) -> int:
     specials = getattr(tokenizer, "all_special_ids", None) or []
     if specials:
         return int(min(specials))
-    raise ValueError("tokenizer has no BOS token; evaluate with bos=False")
+    raise UsageError("tokenizer has no BOS token; evaluate with bos=False")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """1-D token ids of ``text`` without any special tokens (BOS is handled by the window protocol)."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if ids.numel() < 2:
-        raise ValueError("text is too short: fewer than 2 tokens")
+        raise UsageError("text is too short: fewer than 2 tokens")
     return ids
 
 
@@ -69,11 +71,11 @@ def make_windows(ids: torch.Tensor, seq_len: int, stride: int | None = None, bos
                  max_windows: int | None = None) -> list[Window]:
     """Strided windows over a 1-D token stream; every token after the first is scored exactly once."""
     if seq_len < 2 + (bos_id is not None):
-        raise ValueError(f"seq_len {seq_len} too small")
+        raise UsageError(f"seq_len {seq_len} too small")
     body = seq_len - (1 if bos_id is not None else 0)
     stride = body if stride is None else stride
     if not 0 < stride <= body:
-        raise ValueError(f"stride must be in [1, {body}], got {stride}")
+        raise UsageError(f"stride must be in [1, {body}], got {stride}")
     windows: list[Window] = []
     scored_until = 1 if bos_id is None else 0  # the first token has no context without a BOS
     for begin in range(0, ids.numel(), stride):

@@ -17,15 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from sinkfix.errors import SinkfixError
+from sinkfix.errors import OutputError
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_text"]
-
-
-class OutputError(SinkfixError, OSError):
-    """An output file could not be written; ``path`` is the file that was meant to be written."""
-
-    path: Path | None = None
+__all__ = ["OutputError", "atomic_write", "atomic_write_text", "save_figure"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -110,4 +104,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path. Failures raise :class:`OutputError`."""
     with atomic_write(path) as handle:
         handle.write(text)
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110, bbox_inches: str | None = None) -> Path:
+    """Render a matplotlib figure to PNG in memory, write it atomically, and close it (pyplot keeps
+    every open figure alive otherwise). Returns the path."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=bbox_inches)
+    finally:
+        plt.close(fig)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
     return Path(path)

@@ -9,7 +9,7 @@ where every parameter is validated (shape, range, finiteness), so that a bad pol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
 import torch
@@ -23,8 +23,34 @@ PerHead = Scalar | Sequence[Sequence[float]] | torch.Tensor
 PerLayer = Scalar | Sequence[float] | torch.Tensor
 
 
-@dataclass(frozen=True)
-class ResidualClip:
+def _canonical(value):
+    """A hashable stand-in with value semantics: tensors and sequences by their numbers, so that
+    policies holding per-head tensors compare (and hash) by value instead of raising."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device="cpu", dtype=torch.float64)
+        return ("tensor", tuple(t.shape), tuple(t.flatten().tolist()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, (ResidualClip, Policy)):
+        return (type(value).__name__,) + tuple(_canonical(getattr(value, f.name)) for f in fields(value))
+    return value
+
+
+class _ValueEquality:
+    """Equality and hashing by value for the frozen user-facing dataclasses below (a dataclass's
+    generated ``__eq__`` compares tensors element-wise and fails on per-head ones)."""
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return _canonical(self) == _canonical(other)
+
+    def __hash__(self) -> int:
+        return hash(_canonical(self))
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualClip(_ValueEquality):
     """Clip the per-token L2 norm of the residual stream after each decoder layer.
 
     ``threshold`` is a scalar or one value per layer (``inf`` disables a layer). With
@@ -34,7 +60,7 @@ class ResidualClip:
 
     Sink positions are exempt by default (``sink_norm=None``); give ``sink_norm`` (scalar or per
     layer) to clamp their norm to that value instead. Tokens are only ever scaled *down*, never
-    zeroed: zeroing the massive activations of the sink destroys the model (science.md).
+    zeroed: zeroing the massive activations of the sink destroys the model (docs/formulas.md).
     """
 
     threshold: PerLayer
@@ -42,8 +68,8 @@ class ResidualClip:
     sink_norm: PerLayer | None = None
 
 
-@dataclass(frozen=True)
-class Policy:
+@dataclass(frozen=True, eq=False)
+class Policy(_ValueEquality):
     """A sink-aware attention and residual policy. The default is the identity.
 
     Args:
@@ -94,10 +120,6 @@ class Policy:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def identity(cls) -> "Policy":
-        return cls()
-
-    @classmethod
     def parse(cls, spec: str) -> "Policy":
         """Parse a command-line spec such as ``"sink_scale=0.9,n_sink=1"`` or ``"identity"``.
 
@@ -137,9 +159,6 @@ class Policy:
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
         return cls(residual_clip=clip, **kwargs)
-
-    def with_(self, **changes) -> "Policy":
-        return replace(self, **changes)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -190,7 +209,7 @@ class Policy:
         else:
             enabled = set(range(num_layers))
         clips = _resolve_clip(self.residual_clip, num_layers)
-        sink_offsets = tuple(sorted(set(range(self.n_sink)) | set(self.extra_sink_positions)))
+        sink_positions = tuple(sorted(set(range(self.n_sink)) | set(self.extra_sink_positions)))
         out = []
         for layer in range(num_layers):
             heads = num_heads[layer]
@@ -199,9 +218,9 @@ class Policy:
                 LayerPolicy(
                     layer=layer,
                     beta=beta[layer, :heads].clone() if on else torch.ones(heads, dtype=torch.float64),
-                    virtual_logit=logit[layer, :heads].clone() if (on and logit is not None) else None,
-                    virtual_on_sink_rows=self.virtual_logit_on_sink_rows,
-                    sink_offsets=sink_offsets,
+                    virtual_sink_logit=logit[layer, :heads].clone() if (on and logit is not None) else None,
+                    virtual_logit_on_sink_rows=self.virtual_logit_on_sink_rows,
+                    sink_positions=sink_positions,
                     clip=clips[layer],
                 )
             )
@@ -215,42 +234,60 @@ class LayerClip:
     sink_norm: float | None
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerPolicy:
-    """The resolved policy of one attention layer (fp64 master copies of the parameters)."""
+    """The resolved policy of one attention layer (fp64 master copies of the parameters).
+
+    ``beta`` and ``virtual_sink_logit`` are replaced through :meth:`set_parameters` (calibration
+    assigns tensors that require grad at every step); :meth:`tensors` serves device copies.
+    """
 
     layer: int
     beta: torch.Tensor  # (H,) in [0, 1]
-    virtual_logit: torch.Tensor | None  # (H,) or None
-    sink_offsets: tuple[int, ...]  # positions (0 = first real token) forming the sink set
+    virtual_sink_logit: torch.Tensor | None  # (H,) or None
+    sink_positions: tuple[int, ...]  # positions (0 = first real token) forming the sink set
     clip: LayerClip | None = None
-    virtual_on_sink_rows: bool = False  # the virtual logit also counts in sink-only rows
-    _cache: dict = field(default_factory=dict, repr=False)
+    virtual_logit_on_sink_rows: bool = False  # the virtual sink logit also counts in sink-only rows
+    _device_copies: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.beta.shape[0])
 
     @property
     def attention_is_identity(self) -> bool:
         if self.beta.requires_grad:
             return False
-        return bool((self.beta == 1).all()) and self.virtual_logit is None
+        return bool((self.beta == 1).all()) and self.virtual_sink_logit is None
+
+    def set_parameters(self, beta: torch.Tensor, virtual_sink_logit: torch.Tensor | None) -> None:
+        """Replace beta (H,) and the virtual sink logits (H,) or None; the patched model uses them
+        from its next forward on. Tensors that require grad stay attached to their graph."""
+        if beta.shape != (self.num_heads,):
+            raise PolicyError(f"layer {self.layer}: beta must have shape ({self.num_heads},), got {tuple(beta.shape)}")
+        if virtual_sink_logit is not None and virtual_sink_logit.shape != (self.num_heads,):
+            raise PolicyError(f"layer {self.layer}: virtual_sink_logit must have shape ({self.num_heads},), got "
+                              f"{tuple(virtual_sink_logit.shape)}")
+        self.beta = beta
+        self.virtual_sink_logit = virtual_sink_logit
+        self._device_copies.clear()  # a replaced tensor must not be served from a stale copy
 
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """(beta, virtual_logit) on ``device``, cached: a forward pass must not re-upload them.
+        """(beta, virtual_sink_logit) on ``device``, cached: a forward pass must not re-upload them.
 
-        Parameters that require grad (calibration assigns fresh ``beta`` tensors each step) bypass
-        the cache so gradients flow.
+        Parameters that require grad (calibration) bypass the cache so gradients flow.
         """
-        if self.beta.requires_grad or (self.virtual_logit is not None and self.virtual_logit.requires_grad):
-            return (
-                self.beta.to(device=device, dtype=dtype),
-                None if self.virtual_logit is None else self.virtual_logit.to(device=device, dtype=dtype),
-            )
+        logit = self.virtual_sink_logit
+        if self.beta.requires_grad or (logit is not None and logit.requires_grad):
+            return (self.beta.to(device=device, dtype=dtype),
+                    None if logit is None else logit.to(device=device, dtype=dtype))
         key = (device, dtype)
-        if key not in self._cache:
-            self._cache[key] = (
+        if key not in self._device_copies:
+            self._device_copies[key] = (
                 self.beta.to(device=device, dtype=dtype),
-                None if self.virtual_logit is None else self.virtual_logit.to(device=device, dtype=dtype),
+                None if logit is None else logit.to(device=device, dtype=dtype),
             )
-        return self._cache[key]
+        return self._device_copies[key]
 
 
 def _check_values(name: str, values: torch.Tensor, low: float | None = None, high: float | None = None) -> None:

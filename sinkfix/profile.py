@@ -83,9 +83,11 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelIdentity":
-        handle = getattr(model, "_sinkfix_handle", None)
+        from sinkfix.patch import PatchHandle
+
+        handle = PatchHandle.of(model)
         config = _text_config(model)
-        if handle is not None and handle.active:
+        if handle is not None:
             heads = tuple(handle.num_heads())
         else:
             layers = getattr(config, "num_hidden_layers", None)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sinkfix
+from sinkfix.patch import PatchHandle
 from sinkfix.analysis.calibration import CalibrationError, calibrate, calibration_windows
 from sinkfix.texts import domain_text
 
@@ -43,7 +44,7 @@ def test_calibration_leaves_the_model_untouched():
     grads = [p.requires_grad for p in model.parameters()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calibrate(model, CharTokenizer(), TEXTS, seq_len=64, steps=3, eval_every=3, progress=False)
-    assert not hasattr(model, "_sinkfix_handle") and model.config._attn_implementation == "sdpa"
+    assert PatchHandle.of(model) is None and model.config._attn_implementation == "sdpa"
     assert [p.requires_grad for p in model.parameters()] == grads
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
@@ -55,8 +56,9 @@ def test_calibration_restores_a_previous_patch():
     policy = sinkfix.Policy(sink_scale=0.7)
     sinkfix.patch(model, policy)
     calibrate(model, CharTokenizer(), TEXTS, seq_len=64, steps=2, eval_every=2, progress=False)
-    assert model._sinkfix_handle.active and model._sinkfix_handle.policy is policy
-    model._sinkfix_handle.remove()
+    restored = PatchHandle.of(model)
+    assert restored is not None and restored.policy is policy
+    restored.remove()
 
 
 def test_identity_profile_when_nothing_helps():
@@ -143,6 +145,6 @@ def test_virtual_logit_row_rule_follows_the_bos_protocol(bos, override, expected
     without BOS it is a word and is left alone, unless the caller says otherwise."""
     model = tiny_model("llama")
     profile = calibrate(model, CharTokenizer(), TEXTS, seq_len=64, bos=bos, steps=4, lr=0.3, eval_every=2,
-                        patience=5, virtual_on_sink_rows=override, progress=False)
-    assert profile.calibration["hyper"]["virtual_on_sink_rows"] is expected
+                        patience=5, virtual_logit_on_sink_rows=override, progress=False)
+    assert profile.calibration["hyper"]["virtual_logit_on_sink_rows"] is expected
     assert profile.virtual_logit_on_sink_rows is (expected and profile.virtual_sink_logit is not None)

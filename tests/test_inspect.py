@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sinkfix
+from sinkfix.patch import PatchHandle
 from sinkfix.analysis.inspection import DORMANT_THRESHOLD, InspectionReport, _domain_flips, inspect, row_dormancy
 from sinkfix.analysis.metrics import ExtremeTokenMetrics, StreamingCollector, measure_extreme_tokens
 from sinkfix.ops.attention import AttentionResult
@@ -31,12 +32,10 @@ def _sinking_call(beta: float | None = None) -> tuple[AttentionCall, dict]:
     v = torch.ones(1, 1, 4, 2)
     v[0, 0, 0] = 0.1
     module = types.SimpleNamespace()
-    if beta is not None:
-        module._sinkfix = types.SimpleNamespace(policy=types.SimpleNamespace(beta=torch.tensor([beta])))
     call = AttentionCall(
         layer=0, module=module, query=q, key=k, value=v, attn_mask=None, causal=True, scale=1.0, softcap=None,
-        sink_cols=torch.tensor([[0]]), first_real_col=torch.tensor([0]), extra_logits=None, virtual_logit=None,
-        result=AttentionResult(torch.zeros(1, 1, 4, 2), None, None, None),
+        sink_cols=torch.tensor([[0]]), first_real_col=torch.tensor([0]), extra_logits=None, virtual_sink_logit=None,
+        beta=None if beta is None else torch.tensor([beta]), result=AttentionResult(torch.zeros(1, 1, 4, 2), None, None, None),
     )
     e5 = math.exp(5)
     p0 = [e5 / (e5 + i) for i in (1, 2, 3)]
@@ -105,7 +104,7 @@ def test_metrics_match_dense_attention_and_hidden_states():
     for hook in hooks:
         hook.remove()
     m = measure_extreme_tokens(model, [ids])
-    assert model.config._attn_implementation == "eager" and not hasattr(model, "_sinkfix_handle")
+    assert model.config._attn_implementation == "eager" and PatchHandle.of(model) is None
     for layer, att in enumerate(ref.attentions):
         att = att[0].double()  # (H, Q, K)
         assert torch.allclose(m.sink_share[layer], att[:, 1:, 0].mean(-1), atol=1e-5)
@@ -123,7 +122,7 @@ def test_patched_model_reports_corrected_share_and_keeps_patch():
     stock = measure_extreme_tokens(model, [ids], hidden_sink_threshold=None)
     with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5)) as handle:
         fixed = measure_extreme_tokens(model, [ids], hidden_sink_threshold=None)
-        assert handle.active and model._sinkfix_handle is handle
+        assert handle.active and PatchHandle.of(model) is handle
     # layer 0 sees the same inputs, so its share is exactly halved; later layers see corrected inputs
     assert torch.allclose(fixed.sink_share[0], 0.5 * stock.sink_share[0], atol=1e-6)
     assert not torch.allclose(fixed.sink_share[1], stock.sink_share[1], atol=1e-6)
@@ -273,7 +272,7 @@ def test_inspect_command(monkeypatch, tmp_path, capsys):
     assert (out / "sink_share.png").exists() and (out / "domain_flips.png").exists()
     printed = capsys.readouterr().out
     assert "sink layers" in printed and "resid." in printed and "no head changes state" in printed
-    assert not hasattr(model, "_sinkfix_handle")
+    assert PatchHandle.of(model) is None
 
 
 def test_inspect_command_errors(tmp_path, capsys):

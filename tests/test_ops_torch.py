@@ -9,7 +9,7 @@ import torch
 
 from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.ops.reference import reference_residual_clip, reference_sink_attention, visibility_mask
-from sinkfix.ops.residual import clip_residual, relative_threshold
+from sinkfix.ops.residual import relative_threshold, residual_clip
 
 # fp32 path vs fp64 reference: the flash op accumulates in fp32; measured max error ~1e-6 on
 # these shapes, so 2e-5 leaves margin without hiding a wrong formula (wrong formulas are off by 1e-2+).
@@ -33,10 +33,10 @@ def _policies(q_heads):
         "identity": dict(),
         "scale": dict(beta=beta),
         "drop": dict(beta=torch.zeros(q_heads)),
-        "virtual": dict(virtual_logit=torch.randn(q_heads, generator=g)),
+        "virtual": dict(virtual_sink_logit=torch.randn(q_heads, generator=g)),
         "aux": dict(extra_logits=torch.randn(q_heads, 2, generator=g)),
         "scale+aux+virtual": dict(beta=beta, extra_logits=torch.randn(q_heads, 1, generator=g),
-                                  virtual_logit=torch.randn(q_heads, generator=g)),
+                                  virtual_sink_logit=torch.randn(q_heads, generator=g)),
     }
 
 
@@ -89,7 +89,7 @@ def test_torch_path_matches_reference(shape, policy, n_sink):
     # the sink mass before sink scaling (what inspect reports) equals the beta = 1 probabilities on
     # the sink columns, zero-value logits included
     _, stock_probs, _ = reference_sink_attention(q, k, v, **kw, sink_cols=sink_cols, extra_logits=pol.get("extra_logits"),
-                                                 virtual_logit=pol.get("virtual_logit"))
+                                                 virtual_sink_logit=pol.get("virtual_sink_logit"))
     is_sink = torch.zeros(batch, k_len, dtype=torch.bool)
     is_sink[torch.arange(batch)[:, None], sink_cols] = True
     torch.testing.assert_close(got.sink_mass.double(), (stock_probs * is_sink[:, None, None]).sum(-1), atol=ATOL, rtol=0)
@@ -124,7 +124,7 @@ def test_reference_formula_by_hand():
     torch.testing.assert_close(probs[0, 0, 0], expect_probs)
     torch.testing.assert_close(out[0, 0, 0, 0], 10 * beta * p_s + 1 * (1 - beta * p_s))
     # virtual sink logit b = 0: an extra e^0 in the denominator, zero value
-    for zero_value in (dict(extra_logits=torch.tensor([[0.0]])), dict(virtual_logit=torch.tensor([0.0]))):
+    for zero_value in (dict(extra_logits=torch.tensor([[0.0]])), dict(virtual_sink_logit=torch.tensor([0.0]))):
         out_v, probs_v, _ = reference_sink_attention(q, k, v, scale=1.0, sink_cols=torch.tensor([[0]]), **zero_value)
         torch.testing.assert_close(probs_v[0, 0, 0], torch.tensor([e2, 1.0], dtype=torch.float64) / (e2 + 2))
         torch.testing.assert_close(out_v[0, 0, 0, 0], (10 * e2 + 1) / (e2 + 2))
@@ -141,20 +141,20 @@ def test_zero_value_logits_on_sink_only_rows():
     out_aux, _, _ = reference_sink_attention(q, k, v, causal=True, scale=1.0, sink_cols=cols,
                                              extra_logits=torch.tensor([[0.0]]))
     out_virtual, _, _ = reference_sink_attention(q, k, v, causal=True, scale=1.0, sink_cols=cols,
-                                                 virtual_logit=torch.tensor([0.0]))
+                                                 virtual_sink_logit=torch.tensor([0.0]))
     assert out_aux[0, 0, 0, 0].item() == pytest.approx(10 * e2 / (e2 + 1))  # row 0: s_aux counted
     assert out_virtual[0, 0, 0, 0].item() == pytest.approx(10.0)  # row 0: virtual logit not counted
     for out in (out_aux, out_virtual):  # row 1 sees a non-sink key: both count
         assert out[0, 0, 1, 0].item() == pytest.approx((10 * e2 + 1) / (e2 + 2))
-    torch_path = sink_attention_torch(q, k, v, causal=True, scale=1.0, sink_cols=cols, virtual_logit=torch.tensor([0.0]))
+    torch_path = sink_attention_torch(q, k, v, causal=True, scale=1.0, sink_cols=cols, virtual_sink_logit=torch.tensor([0.0]))
     torch.testing.assert_close(torch_path.out.double(), out_virtual, atol=1e-6, rtol=0)
 
 
 def test_sink_only_row_is_untouched():
-    """Row 0 sees only the sink: any beta must leave it exactly as plain softmax (science.md)."""
+    """Row 0 sees only the sink: any beta must leave it exactly as plain softmax (docs/formulas.md, "The sink's own row")."""
     q, k, v = _inputs(1, 4, 4, 9, 9, 64)
     cols = torch.zeros(1, 1, dtype=torch.long)
-    for pol in (dict(beta=torch.zeros(4)), dict(beta=torch.zeros(4), virtual_logit=torch.full((4,), 5.0))):
+    for pol in (dict(beta=torch.zeros(4)), dict(beta=torch.zeros(4), virtual_sink_logit=torch.full((4,), 5.0))):
         got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, **pol)
         torch.testing.assert_close(got.out[:, :, 0], v[:, :, 0], atol=1e-6, rtol=0)
 
@@ -207,12 +207,12 @@ def test_residual_clip_matches_reference():
     norms = hidden.norm(dim=-1)
     thr = relative_threshold(norms, sink, 4.0)
     for sink_norm in (None, 300.0):
-        got = clip_residual(hidden, thr, sink, sink_norm)
+        got = residual_clip(hidden, thr, sink, sink_norm)
         ref = reference_residual_clip(hidden, thr, sink, sink_norm)
         torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
-    exempt = clip_residual(hidden, thr, sink, None)
+    exempt = residual_clip(hidden, thr, sink, None)
     assert torch.equal(exempt[:, 0], hidden[:, 0])  # sink exempt: untouched, never zeroed
-    clamped = clip_residual(hidden, thr, sink, 300.0)
+    clamped = residual_clip(hidden, thr, sink, 300.0)
     torch.testing.assert_close(clamped[:, 0].norm(dim=-1), torch.full((2,), 300.0))
     assert clamped[1, 5].norm() == pytest.approx(thr[1].item(), rel=1e-5)  # the outlier is capped
     median = norms[0, 1:].median()

@@ -10,8 +10,9 @@ import torch
 import transformers as tf
 
 import sinkfix
+from sinkfix.patch import PatchHandle
 from sinkfix import Policy, ResidualClip, UnsupportedModelError
-from sinkfix.patch import attention_forward
+from sinkfix.integrations.attention import attention_forward
 
 from .conftest import ARCHS, tiny_model
 
@@ -213,7 +214,7 @@ def test_unsupported_architecture_is_refused_and_restored():
     with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*AttentionInterface"):
         sinkfix.patch(model, Policy(sink_scale=0.5))
     assert model.config._attn_implementation == before
-    assert not hasattr(model, "_sinkfix_handle")
+    assert PatchHandle.of(model) is None
 
 
 def test_bad_policy_shape_is_refused_and_model_restored():

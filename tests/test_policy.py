@@ -44,14 +44,14 @@ def test_per_head_values_and_layer_selection():
     layers = Policy(sink_scale=beta, virtual_sink_logit=1.0, layers=(1,)).resolve(2, [4, 4])
     assert layers[0].attention_is_identity  # layer 0 switched off
     assert torch.equal(layers[1].beta, beta[1])
-    assert torch.equal(layers[1].virtual_logit, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(layers[1].virtual_sink_logit, torch.ones(4, dtype=torch.float64))
     with pytest.raises(PolicyError, match="out of range"):
         Policy(layers=(5,)).resolve(2, [4, 4])
 
 
-def test_sink_offsets_merge_n_sink_and_extra_positions():
+def test_sink_positions_merge_n_sink_and_extra_positions():
     (layer,) = Policy(n_sink=2, extra_sink_positions=(5, 1)).resolve(1, [2])
-    assert layer.sink_offsets == (0, 1, 5)
+    assert layer.sink_positions == (0, 1, 5)
     with pytest.raises(PolicyError):
         Policy(n_sink=-1)
     with pytest.raises(PolicyError):

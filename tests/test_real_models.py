@@ -69,8 +69,8 @@ def test_smollm2_generate_identical_under_identity(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_sink_scaling_behaves_as_measured(smollm2):
-    """science.md: with a BOS the first token is the sink; beta = 0.9 changes NLL by about a
-    percent, beta = 0.5 hurts by 10-18 %. Checked loosely on one short text: direction and size."""
+    """With a BOS the first token is the sink; beta = 0.9 changes NLL by about a percent, beta = 0.5
+    hurts by 10-18 % (docs/formulas.md, "What is known"). Checked loosely on one short text: direction and size."""
     model, tok = smollm2
     ids = tok(PROSE, return_tensors="pt").input_ids
     ids = torch.cat([torch.tensor([[bos_token_id(tok)]]), ids], dim=1)

@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Mapping, Sequence
+import warnings
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -85,10 +86,8 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
 def _set_params(handle, beta: torch.Tensor, logit: torch.Tensor | None) -> None:
     """Install beta [L, H] (and virtual logits) on the live layer policies."""
     for layer, lp in enumerate(handle.layer_policies()):
-        h = lp.beta.shape[0]
-        lp.beta = beta[layer, :h]
-        lp.virtual_logit = None if logit is None else logit[layer, :h]
-        lp._cache.clear()  # a detached tensor must not be served from a stale cache
+        h = lp.num_heads
+        lp.set_parameters(beta[layer, :h], None if logit is None else logit[layer, :h])
 
 
 @torch.no_grad()
@@ -108,7 +107,7 @@ def _mean_nll(model, windows: Sequence[torch.Tensor], device, tick: Callable[[],
 def _reference_lse(model, handle, windows: Sequence[torch.Tensor], device) -> torch.Tensor:
     """[L, H] per head: min(mean log-sum-exp of rows i >= 1, log-sum-exp of row 0), averaged over windows.
 
-    With ``virtual_on_sink_rows`` the virtual logit reaches row 0 too: the sink's own row, which
+    With ``virtual_logit_on_sink_rows`` the virtual logit reaches row 0 too: the sink's own row, which
     sink scaling leaves alone because every later layer reads the sink's representation. In ~10% of SmolLM2's
     heads row 0's log-sum-exp lies more than 6 nats below the mean row's; a logit placed from the
     mean alone then takes most of that row at the start, and without BOS (row 0 = a real word)
@@ -156,6 +155,113 @@ def _normalise_texts(texts) -> dict[str, str]:
 
 
 # -- calibrate ----------------------------------------------------------------------------------
+class _Windows(NamedTuple):
+    calib: list[torch.Tensor]
+    val: list[torch.Tensor]
+    counts: dict[str, dict[str, int]]  # domain -> {"calib_windows", "val_windows"}
+
+
+def _prepare_windows(tokenizer, texts, *, seq_len: int, bos, max_tokens, val_fraction: float) -> _Windows:
+    calib: list[torch.Tensor] = []
+    val: list[torch.Tensor] = []
+    counts = {}
+    for name, text in _normalise_texts(texts).items():
+        windows = calibration_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
+        if not windows:
+            raise CalibrationError(f"text {name!r} is shorter than one {seq_len}-token window")
+        c, v = _split(windows, val_fraction)
+        calib += c
+        val += v
+        counts[name] = {"calib_windows": len(c), "val_windows": len(v)}
+    return _Windows(calib, val, counts)
+
+
+class _Fit(NamedTuple):
+    beta: torch.Tensor  # [L, H]
+    logit: torch.Tensor | None  # [L, H]
+    val_nll: float  # best validation NLL (NaN without a validation split)
+    step: int  # the step those parameters come from
+    steps_run: int
+    history: list[dict]
+
+
+class _Progress:
+    """A tqdm bar counting forward passes (fits and evaluations alike), or nothing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="calibrate", unit="win")
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, **values) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fit(model, handle, windows: _Windows, theta: torch.Tensor, logit: torch.Tensor | None, before: tuple[float, float],
+         *, steps: int, lr: float, reg: float, eval_every: int, patience: int, seed: int, device,
+         progress: _Progress, say: Callable[[str], None]) -> _Fit:
+    """Adam on theta (beta = sigmoid(theta)) and the virtual logits, one calibration window per
+    step; the parameters with the best validation NLL are kept (early stopping)."""
+    L, H = theta.shape
+    optimiser = torch.optim.Adam([theta] + ([logit] if logit is not None else []), lr=lr)
+    calib, val = windows.calib, windows.val
+    calib_before, val_before = before
+    best = _Fit(torch.ones(L, H), None, val_before, 0, 0, [{"step": 0, "val_nll": val_before,
+                                                            "train_nll": calib_before}])
+    rng = random.Random(seed)
+    stale, order, running, step = 0, [], [], 0
+    for step in range(1, steps + 1):
+        if not order:
+            order = list(range(len(calib)))
+            rng.shuffle(order)
+        ids = calib[order.pop()][None].to(device)
+        beta = torch.sigmoid(theta)
+        _set_params(handle, beta, logit)
+        logits = model(input_ids=ids, use_cache=False).logits
+        nll, count = window_nll(logits, ids)
+        nll = nll / max(count, 1)
+        loss = nll + reg * ((1 - beta) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        running.append(float(nll.detach()))
+        del logits, loss
+        progress.tick()
+        if not val or (step % eval_every and step != steps):
+            continue
+        beta_d, logit_d = torch.sigmoid(theta).detach(), None if logit is None else logit.detach()
+        _set_params(handle, beta_d, logit_d)
+        val_nll = _mean_nll(model, val, device, progress.tick)
+        best.history.append({"step": step, "val_nll": val_nll, "train_nll": sum(running) / len(running),
+                             "beta_mean": float(beta_d.mean()), "beta_min": float(beta_d.min())})
+        running = []
+        progress.show(train=f"{best.history[-1]['train_nll']:.4f}", val=f"{val_nll:.4f}", best=f"{best.val_nll:.4f}")
+        if val_nll < best.val_nll - 1e-5:
+            best = best._replace(beta=beta_d.clone(), logit=None if logit_d is None else logit_d.clone(),
+                                 val_nll=val_nll, step=step)
+            stale = 0
+        else:
+            stale += 1
+            if stale >= patience:
+                say(f"early stop at step {step}: validation NLL has not improved for {patience} evaluations")
+                break
+    if not val:  # no validation split: keep the last parameters
+        best = best._replace(beta=torch.sigmoid(theta).detach(), logit=None if logit is None else logit.detach(),
+                             step=step)
+    return best._replace(steps_run=step if steps else 0)
+
+
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -170,12 +276,13 @@ def calibrate(
     reg: float = 0.05,
     init_beta: float = 0.97,
     virtual_logits: bool = True,
-    virtual_on_sink_rows: bool | None = None,
+    virtual_logit_on_sink_rows: bool | None = None,
     eval_every: int = 10,
     patience: int = 3,
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    **deprecated,
 ):
     """Fit per-head sink scaling (and optionally virtual sink logits) on ``texts``; return a Profile.
 
@@ -185,28 +292,30 @@ def calibrate(
         seq_len / bos: the window protocol (BOS first when ``bos``; ``"both"`` alternates windows
             with and without BOS); windows do not overlap.
         max_tokens: text tokens used per domain (calibration + validation). The default 16384
-            (with ``steps=120``) is 32 windows of 512 per domain, 24 fitted + 8 validation: half
-            of that overfit by step 50 (SmolLM2 without BOS, held-out prose / code -1.58% / -2.17%
-            at 8192 tokens and 60 steps, -3.06% / -2.19% at the default, whose validation NLL
-            still improved at step 110). SmolLM2 on 2 idle CPU cores: 508 s.
+            (with ``steps=120``) is 32 windows of 512 per domain, 24 fitted + 8 validation; how
+            these defaults were chosen, and what they cost, is in docs/calibration.md.
         val_fraction: share of each domain's windows (its last ones) held out for validation.
         steps: Adam steps, one calibration window per step (cycled, shuffled).
         lr: Adam learning rate on theta (beta = sigmoid(theta)) and on the virtual logits.
         reg: weight of the pull toward beta = 1, ``reg * mean (1 - beta)^2``.
         init_beta: starting beta of every head (theta = logit(init_beta)).
-        virtual_on_sink_rows: whether the virtual logits also act on the sink's own row (see
+        virtual_logit_on_sink_rows: whether the virtual logits also act on the sink's own row (see
             :class:`~sinkfix.policy.Policy`); None = only when every window starts with BOS (that
-            row is then the BOS token, not text: on SmolLM2 counting it there gave held-out
-            -3.91% / -3.36% vs -3.39% / -2.94% without; without BOS the first word is the sink and
-            leaving its row alone gave -1.58% / -2.17% vs -1.30% / -2.10%, prose / code).
+            row is then the BOS token, not text; docs/calibration.md compares both).
         eval_every / patience: validation schedule and early stopping.
 
     The model is left as it was found (weights untouched, any previous patch restored). The
     returned profile's ``calibration`` entry records the protocol, the NLLs and the history.
     """
-    from sinkfix.patch import patch
+    from sinkfix.patch import PatchHandle, patch
     from sinkfix.profile import ModelIdentity, Profile
 
+    if "virtual_on_sink_rows" in deprecated:
+        warnings.warn("calibrate(virtual_on_sink_rows=...) is deprecated; use virtual_logit_on_sink_rows",
+                      DeprecationWarning, stacklevel=2)
+        virtual_logit_on_sink_rows = deprecated.pop("virtual_on_sink_rows")
+    if deprecated:
+        raise TypeError(f"calibrate() got unexpected keyword arguments {sorted(deprecated)}")
     if not 0 < init_beta < 1:
         raise CalibrationError(f"init_beta must lie strictly between 0 and 1, got {init_beta}")
     if steps < 0 or eval_every < 1 or patience < 1:
@@ -214,121 +323,44 @@ def calibrate(
     if not 0 <= val_fraction < 1:
         raise CalibrationError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     say = log or (lambda message: None)
-    domains = _normalise_texts(texts)
-    calib: list[torch.Tensor] = []
-    val: list[torch.Tensor] = []
-    token_counts = {}
-    for name, text in domains.items():
-        windows = calibration_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
-        if not windows:
-            raise CalibrationError(f"text {name!r} is shorter than one {seq_len}-token window")
-        c, v = _split(windows, val_fraction)
-        calib += c
-        val += v
-        token_counts[name] = {"calib_windows": len(c), "val_windows": len(v)}
-    if not val:
+    windows = _prepare_windows(tokenizer, texts, seq_len=seq_len, bos=bos, max_tokens=max_tokens,
+                               val_fraction=val_fraction)
+    if not windows.val:
         say("no validation windows (texts too short or val_fraction=0): early stopping is off")
+    on_sink_rows = (bos is True) if virtual_logit_on_sink_rows is None else bool(virtual_logit_on_sink_rows)
 
     device = model_device(model)
-    previous = getattr(model, "_sinkfix_handle", None)
-    previous_policy = previous.policy if previous is not None and previous.active else None
+    previous = PatchHandle.of(model)
+    previous_policy = previous.policy if previous is not None else None
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    handle = patch(model, Policy())
-    if virtual_on_sink_rows is None:
-        virtual_on_sink_rows = bos is True
-    for lp in handle.layer_policies():
-        lp.virtual_on_sink_rows = bool(virtual_on_sink_rows)
+    handle = patch(model, Policy(virtual_logit_on_sink_rows=on_sink_rows))
     identity = ModelIdentity.of(model)
     L, H = handle.num_layers, max(handle.num_heads())
-    rng = random.Random(seed)
     started = time.perf_counter()
-    bar = None
+    lse_windows = len(windows.calib[:_LSE_WINDOWS]) if virtual_logits else 0
+    evals = (steps // eval_every + 2) * len(windows.val) + 2 * len(windows.calib) + lse_windows
+    bar = _Progress(steps + evals, progress)
     try:
-        lse_windows = len(calib[:_LSE_WINDOWS]) if virtual_logits else 0
-        evals_total = (steps // eval_every + 2) * len(val) + 2 * len(calib) + lse_windows
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps + evals_total, desc="calibrate", unit="win")
-        tick = (lambda: bar.update(1)) if bar is not None else None
-
         theta = torch.full((L, H), math.log(init_beta / (1 - init_beta)), requires_grad=True)
         logit = None
-        params = [theta]
         if virtual_logits:
-            lse = _reference_lse(model, handle, calib[:_LSE_WINDOWS], device)
-            if bar is not None:
-                bar.update(lse_windows)
+            lse = _reference_lse(model, handle, windows.calib[:_LSE_WINDOWS], device)
+            bar.tick(lse_windows)
             logit = (lse - _VIRTUAL_INIT_GAP).clone().requires_grad_(True)
-            params.append(logit)
-        optimiser = torch.optim.Adam(params, lr=lr)
-
-        # -- before: the unpatched model on both splits --------------------------------------
+        # -- before: the unpatched model on both splits
         _set_params(handle, torch.ones(L, H), None)
-        calib_before = _mean_nll(model, calib, device, tick)
-        val_before = _mean_nll(model, val, device, tick) if val else float("nan")
+        calib_before = _mean_nll(model, windows.calib, device, bar.tick)
+        val_before = _mean_nll(model, windows.val, device, bar.tick) if windows.val else float("nan")
         say(f"unpatched: calibration NLL {calib_before:.4f}, validation NLL {val_before:.4f}")
-
-        def current(detach: bool = True):
-            b = torch.sigmoid(theta)
-            v = logit
-            return (b.detach(), None if v is None else v.detach()) if detach else (b, v)
-
-        best = (val_before, torch.ones(L, H), None, 0) if val else None
-        history = [{"step": 0, "val_nll": val_before, "train_nll": calib_before}]
-        stale = 0
-        order: list[int] = []
-        running = []
-        step = 0
-        for step in range(1, steps + 1):
-            if not order:
-                order = list(range(len(calib)))
-                rng.shuffle(order)
-            ids = calib[order.pop()][None].to(device)
-            beta, v = current(detach=False)
-            _set_params(handle, beta, v)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll, count = window_nll(logits, ids)
-            nll = nll / max(count, 1)
-            loss = nll + reg * ((1 - beta) ** 2).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            running.append(float(nll.detach()))
-            del logits, loss
-            if tick is not None:
-                tick()
-            if val and (step % eval_every == 0 or step == steps):
-                beta_d, v_d = current()
-                _set_params(handle, beta_d, v_d)
-                val_nll = _mean_nll(model, val, device, tick)
-                train_nll = sum(running) / len(running)
-                running = []
-                history.append({"step": step, "val_nll": val_nll, "train_nll": train_nll,
-                                "beta_mean": float(beta_d.mean()), "beta_min": float(beta_d.min())})
-                if bar is not None:
-                    bar.set_postfix(train=f"{train_nll:.4f}", val=f"{val_nll:.4f}", best=f"{best[0]:.4f}")
-                if val_nll < best[0] - 1e-5:
-                    best = (val_nll, beta_d.clone(), None if v_d is None else v_d.clone(), step)
-                    stale = 0
-                else:
-                    stale += 1
-                    if stale >= patience:
-                        say(f"early stop at step {step}: validation NLL has not improved for {patience} evaluations")
-                        break
-        if best is None:  # no validation split: keep the last parameters
-            beta_d, v_d = current()
-            best = (float("nan"), beta_d, v_d, step)
-        _, best_beta, best_logit, best_step = best
-        _set_params(handle, best_beta, best_logit)
-        calib_after = _mean_nll(model, calib, device, tick)
-        val_after = best[0]
-        say(f"best step {best_step}: calibration NLL {calib_after:.4f}, validation NLL {val_after:.4f}")
+        fit = _fit(model, handle, windows, theta, logit, (calib_before, val_before), steps=steps, lr=lr, reg=reg,
+                   eval_every=eval_every, patience=patience, seed=seed, device=device, progress=bar, say=say)
+        _set_params(handle, fit.beta, fit.logit)
+        calib_after = _mean_nll(model, windows.calib, device, bar.tick)
+        say(f"best step {fit.step}: calibration NLL {calib_after:.4f}, validation NLL {fit.val_nll:.4f}")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -338,21 +370,21 @@ def calibrate(
     record = {
         "protocol": {"seq_len": seq_len, "bos": bos, "stride": seq_len - int(bos is True),
                      "windows": "non-overlapping"},
-        "texts": token_counts,
+        "texts": windows.counts,
         "nll": {"calib_before": calib_before, "calib_after": calib_after, "val_before": val_before,
-                "val_after": val_after},
+                "val_after": fit.val_nll},
         "ppl_change": {
             "calib": math.exp(calib_after - calib_before) - 1,
-            "val": (math.exp(val_after - val_before) - 1) if val else None,
+            "val": (math.exp(fit.val_nll - val_before) - 1) if windows.val else None,
         },
-        "best_step": best_step,
-        "steps_run": step if steps else 0,
+        "best_step": fit.step,
+        "steps_run": fit.steps_run,
         "hyper": {"steps": steps, "lr": lr, "reg": reg, "init_beta": init_beta, "virtual_logits": virtual_logits,
-                  "virtual_on_sink_rows": bool(virtual_on_sink_rows),
+                  "virtual_logit_on_sink_rows": on_sink_rows,
                   "eval_every": eval_every, "patience": patience, "val_fraction": val_fraction,
                   "max_tokens": max_tokens, "seed": seed},
-        "history": history,
+        "history": fit.history,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return Profile(identity, best_beta.double(), None if best_logit is None else best_logit.double(),
-                   calibration=record, virtual_logit_on_sink_rows=bool(virtual_on_sink_rows and best_logit is not None))
+    return Profile(identity, fit.beta.double(), None if fit.logit is None else fit.logit.double(),
+                   calibration=record, virtual_logit_on_sink_rows=bool(on_sink_rows and fit.logit is not None))

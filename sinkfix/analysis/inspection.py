@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics, observed_model
+from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary"]
@@ -78,7 +79,7 @@ def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
     bos_id = bos_token_id(tokenizer) if bos else None
     body = seq_len - (bos_id is not None)
     if body < 2:
-        raise ValueError(f"seq_len {seq_len} is too small")
+        raise UsageError(f"seq_len {seq_len} is too small")
     out = []
     for start in range(0, ids.numel(), body):
         chunk = ids[start : start + body]
@@ -183,7 +184,7 @@ class InspectionReport:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        from sinkfix.profile import atomic_write_text
+        from sinkfix.files import atomic_write_text
 
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
 
@@ -240,7 +241,7 @@ def inspect(
     elif not isinstance(texts, Mapping):
         texts = {f"text{i}": t for i, t in enumerate(texts)}
     if not texts:
-        raise ValueError("inspect needs at least one text")
+        raise UsageError("inspect needs at least one text")
     windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
                for name, text in texts.items()}
     bar = None
@@ -275,11 +276,13 @@ def inspect(
             strings[token_id] = tokenizer.decode([token_id])
         except Exception:  # a tokenizer without decode support: keep the id
             strings[token_id] = str(token_id)
-    handle = getattr(model, "_sinkfix_handle", None)
+    from sinkfix.patch import PatchHandle
+
+    handle = PatchHandle.of(model)
     protocol = {
         "seq_len": seq_len, "bos": bos, "max_tokens": max_tokens, "stride": seq_len - int(bos),
         "hidden_sink_threshold": hidden_sink_threshold, "dormant_threshold": DORMANT_THRESHOLD,
         "flip_margin": flip_margin,
-        "policy": handle.policy.describe() if handle is not None and handle.active else "identity (unpatched)",
+        "policy": handle.policy.describe() if handle is not None else "identity (unpatched)",
     }
     return InspectionReport(model_summary(model), protocol, domains, _domain_flips(domains, flip_margin), strings)

@@ -6,7 +6,7 @@ them into running sums; forward hooks on the decoder layers do the same for the 
 Nothing of size O(S^2) outlives one block of query rows, and ``output_attentions`` is never
 requested, so windows of several thousand tokens fit in a laptop's memory.
 
-Definitions (science.md), per attention layer l and query head h:
+Definitions (docs/formulas.md, "Measuring"), per attention layer l and query head h:
 
 * **sink share** = mean over query rows that see at least one non-sink key (rows i >= 1 in a plain
   causal window) of the attention mass on the first-token sink set, *as the model is currently
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sinkfix.evaluate import model_device
-from sinkfix.ops.reference import _sink_key_mask, zero_value_lse
+from sinkfix.ops.reference import sink_key_mask, zero_value_lse
 
 __all__ = [
     "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector",
@@ -118,6 +118,82 @@ class ExtremeTokenMetrics:
             "hidden_sink_threshold": self.hidden_sink_threshold,
             "dormant_threshold": self.dormant_threshold,
         }
+
+
+@dataclass
+class _RowPass:
+    """What the blockwise pass over query rows leaves behind, per (B, Hq, Q) unless noted."""
+
+    col_sum: torch.Tensor  # (B, Hq, K) sum over rows of the corrected probabilities
+    seen_by: torch.Tensor  # (B, K) rows that may see each key
+    m: torch.Tensor  # row max used for the exponentials (zero-value logits included)
+    z: torch.Tensor  # row normaliser relative to m
+    fac_s: torch.Tensor  # multiplier of sink columns (beta on corrected rows)
+    fac_n: torch.Tensor  # multiplier of the other columns
+    share: torch.Tensor  # corrected mass on the sink set
+    has_n: torch.Tensor  # (B, Q) rows that see a non-sink key
+
+
+def _corrected_rows(call, q: torch.Tensor, k: torch.Tensor, sink_cols: torch.Tensor, is_sink: torch.Tensor,
+                    beta: torch.Tensor | None) -> _RowPass:
+    """Stock probabilities, corrected as the call patched them, in blocks of query rows: nothing
+    of size (Q, K) outlives one block (_BLOCK_ELEMENTS)."""
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    dev = q.device
+    extra_logits = None if call.extra_logits is None else call.extra_logits.detach().to(dev)
+    virtual = None if call.virtual_sink_logit is None else call.virtual_sink_logit.detach().to(dev)
+    block = max(1, min(Q, _BLOCK_ELEMENTS // max(1, B * Hq * K)))
+    out = _RowPass(
+        col_sum=torch.zeros(B, Hq, K, device=dev), seen_by=torch.zeros(B, K, device=dev),
+        m=torch.empty(B, Hq, Q, device=dev), z=torch.empty(B, Hq, Q, device=dev),
+        fac_s=torch.ones(B, Hq, Q, device=dev), fac_n=torch.ones(B, Hq, Q, device=dev),
+        share=torch.empty(B, Hq, Q, device=dev), has_n=torch.empty(B, Q, dtype=torch.bool, device=dev),
+    )
+    qg = q.reshape(B, Hkv, g, Q, D)
+    k_t = k.transpose(-1, -2)  # (B, Hkv, D, K)
+    n_s = sink_cols.shape[1]
+    s_idx = sink_cols.clamp(0, K - 1)[:, None, None, :]
+    s_valid = ((sink_cols >= 0) & (sink_cols < K))[:, None, None, :]
+    sink_b = is_sink[:, None, None, :]
+    for r0 in range(0, Q, block):
+        r1 = min(Q, r0 + block)
+        c = r1 - r0
+        vis = StreamingCollector._visible(call, r0, r1, B, K, dev)  # (B, 1, c, K)
+        # one batched GEMM per kv head group: (B, Hkv, g*c, D) @ (B, Hkv, D, K)
+        s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, g * c, D), k_t).reshape(B, Hq, c, K)
+        s.mul_(call.scale)
+        if call.softcap is not None:
+            s = call.softcap * torch.tanh(s / call.softcap)
+        s.masked_fill_(~vis, float("-inf"))
+        hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
+        lse_v = zero_value_lse(extra_logits, virtual, hn[:, None, :])  # (1|B, Hq, 1|c)
+        m = s.amax(-1)
+        if lse_v is not None:
+            m = torch.maximum(m, lse_v)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = s.sub_(m[..., None]).exp_()  # in place: s is not needed any more
+        l_all = e.sum(-1)
+        l_s = (e.gather(-1, s_idx.expand(B, Hq, c, n_s)) * s_valid).sum(-1)
+        z = l_all + (torch.exp(lse_v - m) if lse_v is not None else 0.0)
+        z = torch.where(z > 0, z, torch.ones_like(z))
+        p_s, p_n = l_s / z, (l_all - l_s) / z
+        fs = torch.ones_like(p_s)
+        fn = torch.ones_like(p_s)
+        if beta is not None:
+            b = torch.where(hn[:, None, :], beta[None, :, None], torch.ones_like(p_s))
+            fs = b
+            fn = torch.where(p_n > 0, (p_n + (1 - b) * p_s) / p_n.clamp(min=1e-30), torch.ones_like(p_n))
+            e.mul_(torch.where(sink_b, fs[..., None], fn[..., None]))  # corrected, still unnormalised
+        out.col_sum += torch.matmul((1.0 / z)[:, :, None, :], e).squeeze(2)  # sum_i p_ij, one GEMV per head
+        out.seen_by += vis[:, 0].sum(1)
+        out.has_n[:, r0:r1] = hn
+        out.m[:, :, r0:r1], out.z[:, :, r0:r1] = m, z
+        out.fac_s[:, :, r0:r1], out.fac_n[:, :, r0:r1] = fs, fn
+        out.share[:, :, r0:r1] = p_s * fs
+        del e, s
+    return out
 
 
 class StreamingCollector:
@@ -212,22 +288,37 @@ class StreamingCollector:
         q = call.query.detach().float()
         k = call.key.detach().float()
         v = call.value.detach().float()
-        B, Hq, Q, D = q.shape
-        Hkv, K = k.shape[1], k.shape[2]
-        g = Hq // Hkv
+        B, Hq, Q, _ = q.shape
+        K = k.shape[2]
         dev = q.device
         sink_cols = call.sink_cols
         if sink_cols is None:
             sink_cols = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        is_sink = _sink_key_mask(sink_cols, B, K, dev)  # (B, K)
-        state = getattr(call.module, "_sinkfix", None)
-        beta = None
-        if state is not None and not bool((state.policy.beta.detach() == 1).all()):
-            beta = state.policy.beta.detach().to(device=dev, dtype=torch.float32)
+        is_sink = sink_key_mask(sink_cols, B, K, dev)  # (B, K)
+        beta = None if call.beta is None else call.beta.detach().to(device=dev, dtype=torch.float32)
+        vnorm, median_v = self._value_drain(layer, call, v, sink_cols)
 
-        # value drain: first sink column vs the median real key
-        vnorm = v.norm(dim=-1)  # (B, Hkv, K)
-        key_real = self._key_real(call, B, Q, K, dev)  # (B, K)
+        if self.threshold is None and call.result.sink_mass is not None:
+            # cheap path: the attention op already returned the stock sink mass of every row
+            has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev)  # (B, Q)
+            share = call.result.sink_mass.detach().float()  # (B, Hq, Q) before sink scaling
+            if beta is not None:
+                share = share * beta[None, :, None]
+            self._add_rows(layer, share, has_n, Hq)
+            return
+
+        rows = _corrected_rows(call, q, k, sink_cols, is_sink, beta)
+        self._add_rows(layer, rows.share, rows.has_n, Hq)
+        hidden = self._hidden_sinks(layer, rows, is_sink, K)
+        self._row_dormancy(layer, call, q, k, rows, is_sink, hidden, vnorm, median_v)
+
+    def _value_drain(self, layer: int, call, v: torch.Tensor, sink_cols: torch.Tensor):
+        """Fold ||v_sink|| / median_j ||v_j|| (first sink column, per kv head); returns the value
+        norms (B, Hkv, K) and their median over real keys (B, Hkv)."""
+        B, Hkv, K, _ = v.shape
+        Q = call.query.shape[2]
+        vnorm = v.norm(dim=-1)
+        key_real = self._key_real(call, B, Q, K, v.device)  # (B, K)
         median_v = torch.nanmedian(vnorm.masked_fill(~key_real[:, None, :], float("nan")), dim=-1).values
         first = sink_cols[:, 0].clamp(min=0)
         v_sink = vnorm.gather(2, first[:, None, None].expand(B, Hkv, 1)).squeeze(-1)
@@ -238,105 +329,48 @@ class StreamingCollector:
         self.drain_count[layer] += B
         if self._first_window and self.keep_examples:
             self.value_norms[layer] = vnorm[0].cpu().tolist()
+        return vnorm, median_v
 
-        if self.threshold is None and call.result.sink_mass is not None:
-            has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev)  # (B, Q)
-            share = call.result.sink_mass.detach().float()  # (B, Hq, Q) before sink scaling
-            if beta is not None:
-                share = share * beta[None, :, None]
-            self._add_rows(layer, share, has_n, Hq)
-            return
-
-        # -- blockwise pass over query rows: stock probabilities, corrected as patched ----------
-        extra_logits = None if call.extra_logits is None else call.extra_logits.detach().to(dev)
-        virtual_logit = None if call.virtual_logit is None else call.virtual_logit.detach().to(dev)
-        rows = max(1, min(Q, _BLOCK_ELEMENTS // max(1, B * Hq * K)))
-        col_sum = torch.zeros(B, Hq, K, device=dev)
-        seen_by = torch.zeros(B, K, device=dev)
-        m_all = torch.empty(B, Hq, Q, device=dev)
-        z_all = torch.empty(B, Hq, Q, device=dev)
-        fac_s = torch.ones(B, Hq, Q, device=dev)  # multiplier of sink columns (beta on corrected rows)
-        fac_n = torch.ones(B, Hq, Q, device=dev)  # multiplier of the other columns
-        share = torch.empty(B, Hq, Q, device=dev)
-        has_n = torch.empty(B, Q, dtype=torch.bool, device=dev)
-        qg = q.reshape(B, Hkv, g, Q, D)
-        k_t = k.transpose(-1, -2)  # (B, Hkv, D, K)
-        n_s = sink_cols.shape[1]
-        s_idx = sink_cols.clamp(0, K - 1)[:, None, None, :]
-        s_valid = ((sink_cols >= 0) & (sink_cols < K))[:, None, None, :]
-        sink_b = is_sink[:, None, None, :]
-        for r0 in range(0, Q, rows):
-            r1 = min(Q, r0 + rows)
-            c = r1 - r0
-            vis = self._visible(call, r0, r1, B, K, dev)  # (B, 1, c, K)
-            # one batched GEMM per kv head group: (B, Hkv, g*c, D) @ (B, Hkv, D, K)
-            s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, g * c, D), k_t).reshape(B, Hq, c, K)
-            s.mul_(call.scale)
-            if call.softcap is not None:
-                s = call.softcap * torch.tanh(s / call.softcap)
-            s.masked_fill_(~vis, float("-inf"))
-            hn = (vis & ~sink_b).any(-1)[:, 0]  # (B, c)
-            has_n[:, r0:r1] = hn
-            lse_v = zero_value_lse(extra_logits, virtual_logit, hn[:, None, :])  # (1|B, Hq, 1|c)
-            m = s.amax(-1)
-            if lse_v is not None:
-                m = torch.maximum(m, lse_v)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            e = s.sub_(m[..., None]).exp_()  # in place: s is not needed any more
-            l_all = e.sum(-1)
-            l_s = (e.gather(-1, s_idx.expand(B, Hq, c, n_s)) * s_valid).sum(-1)
-            z = l_all + (torch.exp(lse_v - m) if lse_v is not None else 0.0)
-            z = torch.where(z > 0, z, torch.ones_like(z))
-            p_s, p_n = l_s / z, (l_all - l_s) / z
-            fs = torch.ones_like(p_s)
-            fn = torch.ones_like(p_s)
-            if beta is not None:
-                b = torch.where(hn[:, None, :], beta[None, :, None], torch.ones_like(p_s))
-                fs = b
-                fn = torch.where(p_n > 0, (p_n + (1 - b) * p_s) / p_n.clamp(min=1e-30), torch.ones_like(p_n))
-                e.mul_(torch.where(sink_b, fs[..., None], fn[..., None]))  # corrected, still unnormalised
-            col_sum += torch.matmul((1.0 / z)[:, :, None, :], e).squeeze(2)  # sum_i p_ij, one GEMV per head
-            seen_by += vis[:, 0].sum(1)
-            m_all[:, :, r0:r1], z_all[:, :, r0:r1] = m, z
-            fac_s[:, :, r0:r1], fac_n[:, :, r0:r1] = fs, fn
-            share[:, :, r0:r1] = p_s * fs
-            del e, s
-
-        self._add_rows(layer, share, has_n, Hq)
-
-        # -- hidden sinks (ACT) --------------------------------------------------------------------
-        n_rows = int(has_n.sum(-1).max()) if has_n.numel() else 0
+    def _hidden_sinks(self, layer: int, rows: "_RowPass", is_sink: torch.Tensor, K: int) -> torch.Tensor:
+        """ACT's criterion on the column masses of the blockwise pass: (B, Hq, K) bool."""
+        Hq = rows.col_sum.shape[1]
+        n_rows = int(rows.has_n.sum(-1).max()) if rows.has_n.numel() else 0
         min_q = min(self.min_queries, max(1, n_rows // 4))
-        mean_att = col_sum / seen_by.clamp(min=1)[:, None, :]
-        hidden = (mean_att > self.threshold) & (seen_by >= min_q)[:, None, :] & ~is_sink[:, None, :]  # (B, Hq, K)
+        mean_att = rows.col_sum / rows.seen_by.clamp(min=1)[:, None, :]
+        hidden = (mean_att > self.threshold) & (rows.seen_by >= min_q)[:, None, :] & ~is_sink[:, None, :]
         self.hidden_count[layer, :Hq] += hidden.sum(-1).sum(0).double().cpu()
-        self.seqs_seen[layer] += B
+        self.seqs_seen[layer] += hidden.shape[0]
         if hidden.any() and self._ids is not None and self._ids.shape[-1] == K:
             bs, _, js = torch.nonzero(hidden.cpu(), as_tuple=True)
             self.hidden_tok[layer].update(self._ids[bs, js].tolist())
+        return hidden
 
-        # -- row dormancy: attention on sink columns weighted by how drained their values are -------
+    def _row_dormancy(self, layer: int, call, q, k, rows: "_RowPass", is_sink, hidden, vnorm, median_v) -> None:
+        """Attention on sink columns (first-token and hidden) weighted by how drained their values
+        are, per row; only the few candidate columns are scored again."""
+        B, Hq, Q, _ = q.shape
+        Hkv, K = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        dev = q.device
         weight = (1 - vnorm / median_v[..., None]).clamp(0, 1).nan_to_num(0)  # (B, Hkv, K)
         weight = weight.repeat_interleave(g, dim=1)  # (B, Hq, K)
         cand = is_sink[:, None, :] | hidden
         cols = torch.nonzero(cand.any(1).any(0)).flatten()  # union over batch and heads, a few columns
         if cols.numel():
-            k_u = k[:, :, cols]  # (B, Hkv, U, D)
-            s_u = torch.einsum("bhgqd,bhud->bhgqu", qg, k_u).reshape(B, Hq, Q, -1) * call.scale
+            qg = q.reshape(B, Hkv, g, Q, -1)
+            s_u = torch.einsum("bhgqd,bhud->bhgqu", qg, k[:, :, cols]).reshape(B, Hq, Q, -1) * call.scale
             if call.softcap is not None:
                 s_u = call.softcap * torch.tanh(s_u / call.softcap)
             vis_u = self._visible_cols(call, cols, B, Q, K, dev)  # (B, 1, Q, U)
-            p_u = torch.exp(s_u - m_all[..., None]) / z_all[..., None]
-            p_u = p_u.masked_fill(~vis_u, 0.0)
+            p_u = (torch.exp(s_u - rows.m[..., None]) / rows.z[..., None]).masked_fill(~vis_u, 0.0)
             sink_u = is_sink[:, cols][:, None, None, :]
-            p_u = p_u * torch.where(sink_u, fac_s[..., None], fac_n[..., None])
-            hid_u = hidden[:, :, cols][:, :, None, :]
-            hidden_mass = (p_u * hid_u).sum(-1)
+            p_u = p_u * torch.where(sink_u, rows.fac_s[..., None], rows.fac_n[..., None])
+            hidden_mass = (p_u * hidden[:, :, cols][:, :, None, :]).sum(-1)
             score = (p_u * (cand[:, :, cols] * weight[:, :, cols])[:, :, None, :]).sum(-1)  # (B, Hq, Q)
         else:
             hidden_mass = torch.zeros(B, Hq, Q, device=dev)
             score = torch.zeros(B, Hq, Q, device=dev)
-        w = has_n[:, None, :].to(score.dtype)
+        w = rows.has_n[:, None, :].to(score.dtype)
         self.hidden_share_sum[layer, :Hq] += (hidden_mass * w).sum((0, 2)).double().cpu()
         self.dormancy_sum[layer, :Hq] += (score * w).sum((0, 2)).double().cpu()
         self.dormant_rows[layer, :Hq] += ((score >= DORMANT_THRESHOLD) * w).sum((0, 2)).double().cpu()
@@ -420,17 +454,6 @@ class StreamingCollector:
         )
 
 
-def _decoder_layers(handle) -> list[nn.Module]:
-    """The module around each attention module (the decoder layer whose output is the residual stream)."""
-    model = handle._model_ref()
-    by_name = dict(model.named_modules())
-    layers = []
-    for name, _ in handle.layer_modules:
-        parent = by_name.get(name.rsplit(".", 1)[0]) if "." in name else None
-        layers.append(parent)
-    return layers
-
-
 @contextlib.contextmanager
 def observed_model(model: nn.Module, collector_kwargs: dict | None = None, *,
                    residual: bool = True) -> Iterator[StreamingCollector]:
@@ -439,18 +462,18 @@ def observed_model(model: nn.Module, collector_kwargs: dict | None = None, *,
     An unpatched model is patched with the identity policy and restored afterwards (bit-exactly);
     an already patched model keeps its policy (statistics are then those of the corrected model).
     """
-    from sinkfix.patch import patch
+    from sinkfix.patch import PatchHandle, patch
     from sinkfix.policy import Policy
 
-    handle = getattr(model, "_sinkfix_handle", None)
-    own = handle is None or not handle.active
+    handle = PatchHandle.of(model)
+    own = handle is None
     if own:
         handle = patch(model, Policy())
     hooks = []
     try:
         collector = StreamingCollector(handle.num_layers, handle.num_heads(), **(collector_kwargs or {}))
         if residual:
-            for layer, module in enumerate(_decoder_layers(handle)):
+            for layer, module in enumerate(handle.decoder_layers()):
                 if module is not None:
                     hooks.append(module.register_forward_hook(collector.residual_hook(layer)))
         with handle.observing(collector.observe):

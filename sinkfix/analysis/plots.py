@@ -32,11 +32,11 @@ def _pyplot():
 def _save(plt, fig, path: Path, *, tight: bool) -> Path:
     """Write ``fig`` as a 110-dpi PNG and free it (pyplot keeps every open figure alive).
     ``tight``: tight_layout first (figures not built with a constrained layout)."""
+    from sinkfix.files import save_figure
+
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _title(report) -> str:

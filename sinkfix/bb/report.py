@@ -44,6 +44,7 @@ from torch import nn
 from sinkfix.bb.data import BigramBackcopy
 from sinkfix.bb.relu_attention import observing as relu_observing
 from sinkfix.bb.train import VARIANTS, TrainConfig, TrainResult, Variant, train_variant
+from sinkfix.errors import UsageError
 
 __all__ = ["Probe", "probe", "measure", "run_experiment", "write_figures", "summary_table"]
 
@@ -261,7 +262,7 @@ def run_experiment(
     config = config or TrainConfig()
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown BB variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown BB variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     task = BigramBackcopy.build(source, k=k, seed=config.seed)
     eval_ids = task.sample(config.eval_batch, config.seq_len, generator=torch.Generator().manual_seed(config.seed + 7))
     report: dict = {
@@ -375,8 +376,9 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sinkfix.files import save_figure
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = [k for k in ("adam", "sgd", "relu") if k in report]
     colors = {"adam": "tab:blue", "sgd": "tab:orange", "relu": "tab:green"}
     paths = []
@@ -399,9 +401,7 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Bigram-Backcopy: training dynamics")
     fig.tight_layout()
-    paths.append(out / "bb_dynamics.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "bb_dynamics.png"))
 
     panels = (
         ("attention share", [("bos_attention_nontrigger", "BOS, non-trig"), ("bos_attention_trigger", "BOS, trig"),
@@ -424,9 +424,7 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle("Bigram-Backcopy: final comparison per variant")
     fig.tight_layout()
-    paths.append(out / "bb_final.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "bb_final.png"))
     return paths
 
 

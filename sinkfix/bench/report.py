@@ -9,13 +9,12 @@ path. matplotlib is imported only when plots are written, with the Agg backend (
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from sinkfix.files import atomic_write
+from sinkfix.files import atomic_write, save_figure
 
 __all__ = ["render", "write_json", "write_csv", "write_plots", "write_outputs", "flatten_numbers"]
 
@@ -86,12 +85,7 @@ class _Figures:
         self.plt, self.out, self.written = plt, out, []
 
     def save(self, fig: Any, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        self.plt.close(fig)
-        with atomic_write(self.out / name, "wb") as fh:
-            fh.write(buf.getvalue())
-        self.written.append(self.out / name)
+        self.written.append(save_figure(fig, self.out / name, bbox_inches="tight"))
 
 
 def _ppl_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[str, Any]]) -> None:

@@ -58,14 +58,16 @@ def run(args: argparse.Namespace) -> int:
 
     from sinkfix.bb.report import run_experiment, summary_table, to_json, write_figures
     from sinkfix.bb.train import TrainConfig
+    from sinkfix.errors import UsageError
+    from sinkfix.files import atomic_write_text
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for name, value in (("--steps", args.steps), ("--layers", args.layers), ("--width", args.width),
                         ("--batch", args.batch), ("--eval-every", args.eval_every), ("--threads", args.threads)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UsageError(f"{name} must be >= 1, got {value}")
     if args.seq_len < 4:
-        raise ValueError(f"--seq-len must be >= 4, got {args.seq_len}")
+        raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         steps=args.steps, seed=args.seed, layers=args.layers, width=args.width, seq_len=args.seq_len,
@@ -79,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     text = to_json(report)
     if args.out is not None:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bb.json").write_text(text + "\n", encoding="utf-8")
+        atomic_write_text(out / "bb.json", text + "\n")
         for path in write_figures(report, out):
             progress(f"wrote {path}")
         progress(f"wrote {out / 'bb.json'}")

@@ -1,8 +1,8 @@
 """``sinkfix bench``: perplexity, extreme-token metrics, speed and memory, stock vs patched, in one run.
 
 With no arguments it benchmarks the offline SmolLM2-135M on the built-in prose and code texts:
-stock, the identity patch, sink_scale=0.9 and drop. The defaults are sized for 3 minutes on an
-idle 2-core CPU: the whole default run measured 159 CPU-seconds with one thread.
+stock, the identity patch, sink_scale=0.9 and drop. The defaults are sized for a few minutes on
+an idle 2-core CPU (measured wall times: README, "Measured results").
 """
 
 from __future__ import annotations

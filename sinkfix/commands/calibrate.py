@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     plain = {name: t.text for name, t in texts.items()}
     profile = calibrate(model, tokenizer, plain, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                         val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
-                        virtual_logits=args.virtual_logits, virtual_on_sink_rows=args.virtual_on_sink_rows,
+                        virtual_logits=args.virtual_logits, virtual_logit_on_sink_rows=args.virtual_on_sink_rows,
                         log=console.print)
     path = profile.save(out)
     record = profile.calibration

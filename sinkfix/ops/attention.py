@@ -1,6 +1,6 @@
 """Sink-aware attention on PyTorch, and the dispatch between the PyTorch path and the Triton kernels.
 
-The PyTorch path uses the split formulation of science.md so that it never materialises the
+The PyTorch path uses the split formulation (docs/formulas.md) so that it never materialises the
 (B, H, Q, K) score matrix unless the caller asks for the probabilities:
 
 * the non-sink part (keys N) goes through a flash-style op that also returns the log-sum-exp;
@@ -8,7 +8,7 @@ The PyTorch path uses the split formulation of science.md so that it never mater
 * the policy is applied in an epilogue that combines the two with one shared maximum.
 
 Measured on SmolLM2-135M (CPU, 2 threads, 512 tokens) the separate sink term and epilogue cost a few
-percent of the attention op; see benchmarks/bench_patch_overhead.py.
+percent of the attention op (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.reference import _sink_key_mask, reference_sink_attention, visibility_mask, zero_value_lse
+from sinkfix.errors import BackendUnavailableError, UsageError
+from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["AttentionResult", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available"]
 
@@ -91,109 +92,106 @@ def _is_first_column_sink(sink_cols: torch.Tensor | None) -> bool:
     return bool((sink_cols[:, 0] == 0).all()) and bool((sink_cols[:, 1:] < 0).all())
 
 
-def sink_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    attn_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    causal_offset: int = 0,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sink_cols: torch.Tensor | None = None,
-    beta: torch.Tensor | None = None,
-    extra_logits: torch.Tensor | None = None,
-    virtual_logit: torch.Tensor | None = None,
-    return_probs: bool = False,
-    need_sink_mass: bool = False,
-) -> AttentionResult:
-    """Sink-aware attention, PyTorch path. Same semantics and arguments as
-    :func:`sinkfix.ops.reference.reference_sink_attention` (read its docstring for the formula).
+class _Layout(NamedTuple):
+    """Which keys each query row sees: the arguments of :func:`visibility_mask`."""
 
-    Falls back to the dense formula (which materialises the scores) when the probabilities are
-    requested, with ``softcap`` (the flash op cannot apply it), when gradients are needed (the CPU
-    flash op has no gradient for its log-sum-exp) and on devices without a flash-with-LSE op.
-    """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    identity = (beta is None or bool((beta == 1).all())) and extra_logits is None and virtual_logit is None
-    structural = dict(attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window)
-    flash_ok = q.device.type == "cpu" and cpu_flash_available(q.dtype)
+    attn_mask: torch.Tensor | None
+    causal: bool
+    causal_offset: int
+    sliding_window: int | None
 
-    if return_probs or softcap is not None or not flash_ok or _needs_autograd(q, k, v, beta, extra_logits, virtual_logit):
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, probs, lse = reference_sink_attention(
-            q, k, v, **structural, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
-            extra_logits=extra_logits, virtual_logit=virtual_logit, compute_dtype=compute,
-        )
-        sink_mass = None
-        if need_sink_mass:
-            # the mass on the sink set before sink scaling (zero-value logits counted, as in the
-            # split path below), recomputed with beta = 1
-            _, p_stock, _ = reference_sink_attention(
-                q, k, v, **structural, scale=scale, softcap=softcap, sink_cols=sink_cols, extra_logits=extra_logits,
-                virtual_logit=virtual_logit, compute_dtype=compute,
-            )
-            is_sink = _sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
-            sink_mass = (p_stock * is_sink).sum(-1).float()
-        return AttentionResult(out.to(q.dtype), lse.float(), sink_mass, probs if return_probs else None)
+    def is_plain(self, q_len: int, k_len: int) -> bool:
+        """No mask and no window, and either full attention or causal with Q == K: the flash op's
+        own ``is_causal`` (upper-left) expresses it, no mask needs to be built."""
+        simple_causal = self.causal and self.causal_offset == 0 and q_len == k_len
+        return self.attn_mask is None and self.sliding_window is None and (simple_causal or not self.causal)
 
-    simple_causal = causal and causal_offset == 0 and q_len == k_len
-    plain_layout = attn_mask is None and sliding_window is None and (simple_causal or not causal)
+    def visible(self, batch: int, q_len: int, k_len: int, device) -> torch.Tensor:
+        return visibility_mask(batch, q_len, k_len, **self._asdict(), device=device)
 
-    # -- identity: one flash call, nothing else ------------------------------------------------
-    if identity and not need_sink_mass:
-        visible = None if plain_layout else visibility_mask(batch, q_len, k_len, **structural, device=q.device)
-        out, lse = flash_with_lse(q, k, v, visible=visible, is_causal=plain_layout and causal, scale=scale)
-        if not plain_layout:
-            out = out.masked_fill(~visible.any(-1)[..., None], 0)
-        return AttentionResult(out, lse, None, None)
 
-    # -- non-sink part: flash over keys N ------------------------------------------------------
-    if plain_layout and _is_first_column_sink(sink_cols):
+def _dense_path(q, k, v, layout: _Layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
+                return_probs: bool, need_sink_mass: bool) -> AttentionResult:
+    """The reference formula in fp32 (fp64 for fp64 inputs): differentiable, returns probabilities."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    common = dict(**layout._asdict(), scale=scale, softcap=softcap, sink_cols=sink_cols, extra_logits=extra_logits,
+                  virtual_sink_logit=virtual_sink_logit, compute_dtype=compute)
+    out, probs, lse = reference_sink_attention(q, k, v, beta=beta, **common)
+    sink_mass = None
+    if need_sink_mass:
+        # the mass on the sink set before sink scaling (zero-value logits counted, as in the split
+        # path), recomputed with beta = 1
+        _, p_stock, _ = reference_sink_attention(q, k, v, **common)
+        is_sink = sink_key_mask(sink_cols, q.shape[0], k.shape[2], q.device)[:, None, None, :]
+        sink_mass = (p_stock * is_sink).sum(-1).float()
+    return AttentionResult(out.to(q.dtype), lse.float(), sink_mass, probs if return_probs else None)
+
+
+def _identity_path(q, k, v, layout: _Layout, scale: float) -> AttentionResult:
+    """Plain softmax: one flash call, nothing else."""
+    batch, _, q_len, _ = q.shape
+    k_len = k.shape[2]
+    plain = layout.is_plain(q_len, k_len)
+    visible = None if plain else layout.visible(batch, q_len, k_len, q.device)
+    out, lse = flash_with_lse(q, k, v, visible=visible, is_causal=plain and layout.causal, scale=scale)
+    if not plain:
+        out = out.masked_fill(~visible.any(-1)[..., None], 0)
+    return AttentionResult(out, lse, None, None)
+
+
+def _non_sink_part(q, k, v, layout: _Layout, scale: float, sink_cols: torch.Tensor | None):
+    """Flash attention over the keys outside the sink set. Returns (out_n, lse_n (-inf where a row
+    sees no non-sink key), sink_cols (B, NS'), sink_visible (B, 1, Q, NS'))."""
+    batch, q_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    if layout.is_plain(q_len, k_len) and _is_first_column_sink(sink_cols):
         # Fast path (no padding, sink = column 0): drop column 0 from k/v; causal rows 1.. then keep
         # upper-left alignment, so no mask is materialised. Row 0 sees only the sink.
         out_n = q.new_zeros(q.shape)
         lse_n = q.new_full((batch, q_heads, q_len), float("-inf"), dtype=torch.float32)
-        first_row = 1 if causal else 0
+        first_row = 1 if layout.causal else 0
         if k_len > 1 and q_len > first_row:
-            o, l = _CPU_FLASH_OP(q[:, :, first_row:], k[:, :, 1:], v[:, :, 1:], 0.0, causal, scale=scale)
+            o, l = _CPU_FLASH_OP(q[:, :, first_row:], k[:, :, 1:], v[:, :, 1:], 0.0, layout.causal, scale=scale)
             out_n[:, :, first_row:] = o
             lse_n[:, :, first_row:] = l
         sink_visible = torch.ones(batch, 1, q_len, 1, dtype=torch.bool, device=q.device)
-        sink_cols = sink_cols[:, :1]
-    else:
-        visible = visibility_mask(batch, q_len, k_len, **structural, device=q.device)
-        is_sink = _sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
-        visible_n = visible & ~is_sink
-        out_n, lse_n = flash_with_lse(q, k, v, visible=visible_n, is_causal=False, scale=scale)
-        lse_n = lse_n.float().masked_fill(~visible_n.any(-1), float("-inf"))
-        if sink_cols is None:
-            sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
-        cols = sink_cols.clamp(0, k_len - 1).long()
-        valid = (sink_cols >= 0) & (sink_cols < k_len)
-        sink_visible = visible.gather(-1, cols[:, None, None, :].expand(batch, 1, q_len, cols.shape[1]))
-        sink_visible = sink_visible & valid[:, None, None, :]
+        return out_n, lse_n, sink_cols[:, :1], sink_visible
+    visible = layout.visible(batch, q_len, k_len, q.device)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    visible_n = visible & ~is_sink
+    out_n, lse_n = flash_with_lse(q, k, v, visible=visible_n, is_causal=False, scale=scale)
+    lse_n = lse_n.float().masked_fill(~visible_n.any(-1), float("-inf"))
+    if sink_cols is None:
+        sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
+    cols = sink_cols.clamp(0, k_len - 1).long()
+    valid = (sink_cols >= 0) & (sink_cols < k_len)
+    sink_visible = visible.gather(-1, cols[:, None, None, :].expand(batch, 1, q_len, cols.shape[1]))
+    return out_n, lse_n, sink_cols, sink_visible & valid[:, None, None, :]
 
-    # -- sink part: |S| explicit scores per row -----------------------------------------------
+
+def _sink_part(q, k, v, scale: float, sink_cols: torch.Tensor, sink_visible: torch.Tensor):
+    """|S| explicit fp32 scores per row (B, Hq, Q, NS), -inf where not visible, and the sink
+    values (B, Hq, NS, D). Repeating |S| key/value rows per query head is tiny, unlike k/v."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    n_sinks = sink_cols.shape[1]
     cols = sink_cols.clamp(0, max(k_len - 1, 0)).long()
-    gather_idx = cols[:, None, :, None].expand(batch, kv_heads, n_sinks, head_dim)
-    # (B, Hq, NS, D): repeating |S| key/value rows per query head is tiny, unlike repeating k/v
+    gather_idx = cols[:, None, :, None].expand(batch, kv_heads, cols.shape[1], head_dim)
     k_s = k.gather(2, gather_idx).repeat_interleave(group, dim=1).to(torch.float32)
     v_s = v.gather(2, gather_idx).repeat_interleave(group, dim=1).to(torch.float32)
-    s_s = torch.matmul(q.to(torch.float32), k_s.transpose(-1, -2)).mul_(scale)  # (B, Hq, Q, NS)
-    s_s = s_s.masked_fill_(~sink_visible, float("-inf"))
+    s_s = torch.matmul(q.to(torch.float32), k_s.transpose(-1, -2)).mul_(scale)
+    return s_s.masked_fill_(~sink_visible, float("-inf")), v_s
 
-    # -- epilogue: combine with one shared max -------------------------------------------------
+
+def _combine(out_n, lse_n, s_s, v_s, beta, extra_logits, virtual_sink_logit, need_sink_mass: bool,
+             dtype: torch.dtype) -> AttentionResult:
+    """The policy epilogue (docs/formulas.md) with one shared max over both parts and the zero-value
+    logits. Rows that see only sink keys keep beta = 1; rows without non-sink keys have l_N = 0, so
+    whatever the flash op left in out_n there is multiplied by 0."""
     lse_n = lse_n.to(torch.float32)
     has_n = torch.isfinite(lse_n)
     m = torch.maximum(lse_n, s_s.amax(-1))
-    lse_v = zero_value_lse(extra_logits, virtual_logit, has_n)
+    lse_v = zero_value_lse(extra_logits, virtual_sink_logit, has_n)
     if lse_v is not None:
         m = torch.maximum(m, lse_v)
     m = torch.nan_to_num(m, neginf=0.0)  # rows that see nothing
@@ -209,13 +207,53 @@ def sink_attention_torch(
         coef_n = l_n / z
         coef_s = e_s / z[..., None]
     else:
-        b = torch.where(has_n, beta.to(torch.float32)[None, :, None], 1.0)  # sink-only rows stay untouched
+        b = torch.where(has_n, beta.to(torch.float32)[None, :, None], 1.0)
         coef_n = torch.addcmul(l_n, 1 - b, l_s) / z
         coef_s = e_s * (b / z)[..., None]
-    # rows without non-sink keys have l_n = 0, so whatever the flash op left there is multiplied by 0
     out = torch.matmul(coef_s, v_s).addcmul_(coef_n[..., None], out_n.to(torch.float32))
-    sink_mass = (l_s / z) if need_sink_mass else None
-    return AttentionResult(out.to(q.dtype), lse, sink_mass, None)
+    return AttentionResult(out.to(dtype), lse, (l_s / z) if need_sink_mass else None, None)
+
+
+def sink_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sink_cols: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    extra_logits: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
+    return_probs: bool = False,
+    need_sink_mass: bool = False,
+) -> AttentionResult:
+    """Sink-aware attention, PyTorch path. Same semantics and arguments as
+    :func:`sinkfix.ops.reference.reference_sink_attention` (read its docstring for the formula).
+
+    The split formulation: the non-sink keys through a flash op with log-sum-exp, the sink columns
+    explicitly, the policy as an epilogue. Falls back to the dense formula (which materialises the
+    scores) when the probabilities are requested, with ``softcap`` (the flash op cannot apply
+    it), when gradients are needed (the CPU flash op has no gradient for its log-sum-exp) and on
+    devices without a flash-with-LSE op.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
+    flash_ok = q.device.type == "cpu" and cpu_flash_available(q.dtype)
+    if return_probs or softcap is not None or not flash_ok or _needs_autograd(q, k, v, beta, extra_logits,
+                                                                              virtual_sink_logit):
+        return _dense_path(q, k, v, layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
+                           return_probs, need_sink_mass)
+    identity = (beta is None or bool((beta == 1).all())) and extra_logits is None and virtual_sink_logit is None
+    if identity and not need_sink_mass:
+        return _identity_path(q, k, v, layout, scale)
+    out_n, lse_n, sink_cols, sink_visible = _non_sink_part(q, k, v, layout, scale, sink_cols)
+    s_s, v_s = _sink_part(q, k, v, scale, sink_cols, sink_visible)
+    return _combine(out_n, lse_n, s_s, v_s, beta, extra_logits, virtual_sink_logit, need_sink_mass, q.dtype)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -230,7 +268,7 @@ BACKENDS = ("auto", "torch", "triton")
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a requested backend to the one that will run on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return "torch"
@@ -239,7 +277,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     usable = kernels.triton_available() and (device.type == "cuda" or interpreter)
     if backend == "triton":
         if not usable:
-            raise RuntimeError(
+            raise BackendUnavailableError(
                 "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 for the CPU "
                 "interpreter); use backend='torch' or 'auto' on this machine"
             )
@@ -253,7 +291,7 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
     if chosen == "triton" and kwargs.get("return_probs"):
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
-    policy_tensors = (kwargs.get("beta"), kwargs.get("extra_logits"), kwargs.get("virtual_logit"))
+    policy_tensors = (kwargs.get("beta"), kwargs.get("extra_logits"), kwargs.get("virtual_sink_logit"))
     if chosen == "triton" and not kwargs.get("return_probs") and not _needs_autograd(q, k, v, *policy_tensors):
         from sinkfix import kernels
 
@@ -261,6 +299,6 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
         kwargs.pop("return_probs", None)
         if need_sink_mass:  # statistics are gathered on the PyTorch path
             return sink_attention_torch(q, k, v, need_sink_mass=True, **kwargs)
-        out, lse = kernels.sink_attention(q, k, v, **kwargs)
+        out, lse = kernels.sink_attention_triton(q, k, v, **kwargs)
         return AttentionResult(out, lse, None, None)
     return sink_attention_torch(q, k, v, **kwargs)

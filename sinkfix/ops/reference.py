@@ -4,7 +4,7 @@ This is the single source of truth that the PyTorch path, the Triton kernels, th
 benchmarks are all compared against. It materialises the full (B, H, Q, K) score matrix on
 purpose: clarity over speed.
 
-The formula (see ``science.md`` and README "Policies"). For one query row i and head h, split the
+The formula (``docs/formulas.md`` derives it; README "Policies"). For one query row i and head h, split the
 visible keys into the sink set S and the rest N, and let a_h be the extra zero-value logits
 (the model's learned ``s_aux``, counted in every row, and the policy's virtual sink logit b_h,
 counted only in rows that see a non-sink key; both optional)::
@@ -19,9 +19,9 @@ counted only in rows that see a non-sink key; both optional)::
 
 beta = 1 is plain softmax (identity); beta = 0 drops the sink and renormalises over N. The mass
 of the zero-value logits is never redistributed. A row that sees only sink keys (the sink's own row)
-is left as the stock model computes it: neither beta nor ``virtual_logit`` touches it, because that
-row is the sink token's own representation, which every later layer reads (science notes: rescaling
-it wrecks the model; without BOS, exempting it from the virtual logit raised the calibrated SmolLM2
+is left as the stock model computes it: neither beta nor ``virtual_sink_logit`` touches it, because that
+row is the sink token's own representation, which every later layer reads (rescaling it wrecks the
+model, docs/formulas.md; without BOS, exempting it from the virtual logit raised the calibrated SmolLM2
 profile's validation perplexity gain from 1.61% to 2.12%). A policy that wants the virtual logit in
 that row too passes it in ``extra_logits`` instead. Rows where the sink is not visible (masked,
 evicted by a sliding window) have l_S = 0 and are plain softmax. Rows that see no key at all
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["visibility_mask", "reference_sink_attention", "reference_residual_clip"]
+__all__ = ["visibility_mask", "sink_key_mask", "zero_value_lse", "reference_sink_attention", "reference_residual_clip"]
 
 
 def visibility_mask(
@@ -67,7 +67,7 @@ def visibility_mask(
     return visible
 
 
-def _sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
+def sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
     """(B, K) bool: key column j of batch b is a sink. ``sink_cols`` is (B, NS), -1 = unused slot."""
     is_sink = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
     if sink_cols is None:
@@ -80,16 +80,16 @@ def _sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, devic
 
 
 def zero_value_lse(
-    extra_logits: torch.Tensor | None, virtual_logit: torch.Tensor | None, sees_non_sink: torch.Tensor
+    extra_logits: torch.Tensor | None, virtual_sink_logit: torch.Tensor | None, sees_non_sink: torch.Tensor
 ) -> torch.Tensor | None:
     """log of the zero-value mass l_V per row, in fp32, for paths that combine log-sum-exps: the
-    ``extra_logits`` (Hq, E) in every row, ``virtual_logit`` (Hq,) where ``sees_non_sink`` (bool,
+    ``extra_logits`` (Hq, E) in every row, ``virtual_sink_logit`` (Hq,) where ``sees_non_sink`` (bool,
     broadcastable to (B, Hq, Q)) holds. Shape (1|B, Hq, 1|Q); None when there is neither."""
     lse = None
     if extra_logits is not None:
         lse = torch.logsumexp(extra_logits.float(), dim=-1)[None, :, None]
-    if virtual_logit is not None:
-        virtual = virtual_logit.float().to(sees_non_sink.device)[None, :, None]
+    if virtual_sink_logit is not None:
+        virtual = virtual_sink_logit.float().to(sees_non_sink.device)[None, :, None]
         virtual = torch.where(sees_non_sink, virtual, float("-inf"))
         lse = virtual if lse is None else torch.logaddexp(lse.to(virtual.device), virtual)
     return lse
@@ -109,7 +109,7 @@ def reference_sink_attention(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
-    virtual_logit: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sink-aware attention, computed in ``compute_dtype`` (fp64 by default).
@@ -120,7 +120,7 @@ def reference_sink_attention(
     Shapes: q (B, Hq, Q, D); k, v (B, Hkv, K, D) with Hq % Hkv == 0 (query head h reads kv head
     h // (Hq // Hkv)); ``sink_cols`` (B, NS) long, -1 for unused slots; ``beta`` (Hq,) in [0, 1];
     ``extra_logits`` (Hq, E): E zero-value logits per head counted in every row (the model's
-    learned ``s_aux``), -inf entries are ignored; ``virtual_logit`` (Hq,): the policy's virtual
+    learned ``s_aux``), -inf entries are ignored; ``virtual_sink_logit`` (Hq,): the policy's virtual
     sink logit, counted only in rows that see at least one non-sink key.
 
     Returns ``(out, probs, lse)``: out (B, Hq, Q, D) in ``compute_dtype``; probs (B, Hq, Q, K) the corrected
@@ -145,7 +145,7 @@ def reference_sink_attention(
         batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
         sliding_window=sliding_window, device=q.device,
     ).expand(batch, q_heads, q_len, k_len)
-    is_sink = _sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
     in_s = visible & is_sink
     in_n = visible & ~is_sink
 
@@ -156,9 +156,9 @@ def reference_sink_attention(
     zero_value = []
     if extra_logits is not None:
         zero_value.append(extra_logits.to(device=q.device, dtype=cd)[None, :, None, :])
-    if virtual_logit is not None:
+    if virtual_sink_logit is not None:
         sees_n = in_n.any(-1, keepdim=True)  # (B, Hq, Q, 1)
-        virtual = virtual_logit.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
+        virtual = virtual_sink_logit.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
         zero_value.append(torch.where(sees_n, virtual, torch.full_like(virtual, float("-inf"))))
     if zero_value:
         extra = torch.cat([t.expand(batch, q_heads, q_len, t.shape[-1]) for t in zero_value], dim=-1)
@@ -190,21 +190,21 @@ def reference_sink_attention(
 def reference_residual_clip(
     hidden: torch.Tensor,
     threshold: torch.Tensor,
-    sink_positions: torch.Tensor | None = None,
+    is_sink: torch.Tensor | None = None,
     sink_norm: float | None = None,
 ) -> torch.Tensor:
     """fp64 reference of residual clipping.
 
-    hidden (B, S, D); threshold (B,) per-sequence L2-norm cap (inf = no cap); sink_positions
-    (B, S) bool. Each non-sink token whose L2 norm exceeds the threshold is scaled down to it.
+    hidden (B, S, D); threshold (B,) per-sequence L2-norm cap (inf = no cap); is_sink (B, S) bool,
+    the tokens of the sink set. Each non-sink token whose L2 norm exceeds the threshold is scaled down to it.
     Sink tokens are exempt when ``sink_norm`` is None, otherwise their norm is clamped to
     ``sink_norm`` (scaled down only, never up, never zeroed).
     """
     h64 = hidden.double()
     norms = h64.norm(dim=-1)
     cap = threshold.double().to(hidden.device)[:, None].expand_as(norms)
-    if sink_positions is not None:
+    if is_sink is not None:
         sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
-        cap = torch.where(sink_positions.to(hidden.device), sink_cap, cap)
+        cap = torch.where(is_sink.to(hidden.device), sink_cap, cap)
     factor = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
     return h64 * factor[..., None]

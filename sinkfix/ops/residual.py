@@ -1,10 +1,17 @@
-"""Residual-stream clipping on PyTorch, and the dispatch to the fused Triton kernel."""
+"""Residual-stream clipping on PyTorch, and the dispatch to the fused Triton kernel.
+
+Names follow the attention op: :func:`reference_residual_clip` (fp64, ``reference.py``),
+:func:`residual_clip_torch` (this PyTorch path), ``sinkfix.kernels.residual_clip_triton`` (the
+kernel), :func:`residual_clip` (the dispatch).
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-__all__ = ["clip_residual", "relative_threshold"]
+__all__ = ["residual_clip", "residual_clip_torch", "relative_threshold"]
 
 
 def relative_threshold(norms: torch.Tensor, exempt: torch.Tensor, factor: float) -> torch.Tensor:
@@ -18,28 +25,45 @@ def relative_threshold(norms: torch.Tensor, exempt: torch.Tensor, factor: float)
     return torch.where(torch.isnan(median), torch.full_like(median, float("inf")), median * factor)
 
 
-def clip_residual(
+def residual_clip_torch(
     hidden: torch.Tensor,
     threshold: torch.Tensor,
-    sink_positions: torch.Tensor | None = None,
+    is_sink: torch.Tensor | None = None,
+    sink_norm: float | None = None,
+) -> torch.Tensor:
+    """Scale down every token whose L2 norm exceeds its cap; out of place. Same semantics as
+    :func:`sinkfix.ops.reference.reference_residual_clip`: hidden (B, S, D); threshold (B,)
+    per-sequence cap (inf = none); is_sink (B, S) bool, exempt when ``sink_norm`` is None, else
+    clamped to ``sink_norm``."""
+    norms = hidden.float().norm(dim=-1)
+    cap = threshold.float().to(hidden.device)[:, None].expand_as(norms)
+    if is_sink is not None:
+        sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
+        cap = torch.where(is_sink, sink_cap, cap)
+    factor = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
+    return hidden * factor[..., None].to(hidden.dtype)
+
+
+def residual_clip(
+    hidden: torch.Tensor,
+    threshold: torch.Tensor,
+    is_sink: torch.Tensor | None = None,
     sink_norm: float | None = None,
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """Scale down every token whose L2 norm exceeds its cap; out of place.
-
-    hidden (B, S, D); threshold (B,) per-sequence cap (inf = none); sink_positions (B, S) bool, exempt
-    when ``sink_norm`` is None, else clamped to ``sink_norm``. Same semantics as
-    :func:`sinkfix.ops.reference.reference_residual_clip`.
-    """
+    """Residual clipping on ``backend`` ("torch" or "triton"); see :func:`residual_clip_torch`."""
     if backend == "triton":
         from sinkfix import kernels
 
-        return kernels.clip_residual(hidden, threshold, sink_positions, sink_norm, inplace=False)
-    norms = hidden.float().norm(dim=-1)
-    cap = threshold.float().to(hidden.device)[:, None].expand_as(norms)
-    if sink_positions is not None:
-        sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
-        cap = torch.where(sink_positions, sink_cap, cap)
-    factor = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
-    return hidden * factor[..., None].to(hidden.dtype)
+        return kernels.residual_clip_triton(hidden, threshold, is_sink, sink_norm, inplace=False)
+    return residual_clip_torch(hidden, threshold, is_sink, sink_norm)
+
+
+def clip_residual(*args, **kwargs) -> torch.Tensor:
+    """Deprecated name of :func:`residual_clip` (sinkfix 0.1)."""
+    warnings.warn("sinkfix.ops.residual.clip_residual is deprecated; use residual_clip", DeprecationWarning,
+                  stacklevel=2)
+    if "sink_positions" in kwargs:
+        kwargs["is_sink"] = kwargs.pop("sink_positions")
+    return residual_clip(*args, **kwargs)

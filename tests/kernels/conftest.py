@@ -25,12 +25,13 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
-_KERNEL_MODULES = ("sinkfix.kernels.attention_prefill", "sinkfix.kernels.attention_decode",
-                   "sinkfix.kernels.residual_clip")
-for _name in _KERNEL_MODULES:  # prefill first: decode imports its helpers
+_KERNEL_MODULES = ("sinkfix.kernels.attention_common", "sinkfix.kernels.attention_prefill",
+                   "sinkfix.kernels.attention_decode", "sinkfix.kernels.residual_clip")
+for _name in _KERNEL_MODULES:  # the common helpers first: the kernels import them
     _mod = sys.modules.get(_name)
     if _mod is not None:
-        _kernel = next(v for k, v in vars(_mod).items() if k.endswith("_kernel") or k.startswith("_sink_attn"))
+        _kernel = vars(_mod)["softmax_stats" if _name.endswith("common") else
+                             next(k for k in vars(_mod) if k.endswith("_kernel") or k.startswith("_sink_attn"))]
         if (type(_kernel).__name__ == "InterpretedFunction") != INTERPRET:
             importlib.reload(_mod)
 
@@ -76,7 +77,7 @@ def make_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, *, layout=
 
 
 def torch_sink_attention(q, k, v, *, attn_mask=None, causal=False, causal_offset=0, sliding_window=None,
-                         scale=None, softcap=None, sink_cols=None, beta=None, extra_logits=None, virtual_logit=None):
+                         scale=None, softcap=None, sink_cols=None, beta=None, extra_logits=None, virtual_sink_logit=None):
     """The same formula as the fp64 reference, run the way an eager PyTorch implementation in the
     input dtype runs it: q.k^T and P.V as matmuls in the input dtype, the softmax statistics in
     fp32 (transformers' eager attention casts scores to fp32 for the softmax), P cast back to the
@@ -88,13 +89,13 @@ def torch_sink_attention(q, k, v, *, attn_mask=None, causal=False, causal_offset
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     probs, lse = _probs_fp32(scores.float(), q.shape[0], attn_mask, causal, causal_offset, sliding_window,
-                             sink_cols, beta, extra_logits, virtual_logit)
+                             sink_cols, beta, extra_logits, virtual_sink_logit)
     out = probs.to(q.dtype) @ vr
     return out, lse
 
 
 def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window, sink_cols, beta, extra_logits,
-                virtual_logit):
+                virtual_sink_logit):
     """fp32 transcription of reference_sink_attention's probability formula on given scores."""
     _, heads, q_len, k_len = scores.shape
     device = scores.device
@@ -110,8 +111,8 @@ def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window,
     zero_value = []  # (B, H, Q, E): s_aux in every row, the virtual logit where a non-sink key is seen
     if extra_logits is not None:
         zero_value.append(extra_logits.float().to(device)[None, :, None, :].expand(batch, heads, q_len, -1))
-    if virtual_logit is not None:
-        virtual = virtual_logit.float().to(device)[None, :, None, None].expand(batch, heads, q_len, 1)
+    if virtual_sink_logit is not None:
+        virtual = virtual_sink_logit.float().to(device)[None, :, None, None].expand(batch, heads, q_len, 1)
         zero_value.append(torch.where(in_n.any(-1, keepdim=True), virtual, float("-inf")))
     if zero_value:
         extra = torch.cat(zero_value, dim=-1)
@@ -133,7 +134,7 @@ def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window,
 
 
 def check_attention(out, lse, q, k, v, *, label="", **kw):
-    """Tolerance rule of notes/kernels.md: max |kernel - fp64| <= 2 x max |torch same-dtype - fp64|
+    """Tolerance rule (docs/testing.md): max |kernel - fp64| <= 2 x max |torch same-dtype - fp64|
     + ATOL[dtype], for out and (fp32) lse; the set of rows with lse = -inf must match exactly and
     every output element must be finite (the tests poison outputs with NaN before the launch)."""
     ref_out, _, ref_lse = reference_sink_attention(q, k, v, **kw)
@@ -181,14 +182,14 @@ def policy_kwargs(policy, q_heads, batch, *, device=DEVICE):
     elif policy == "drop":
         kw = dict(sink_cols=first, beta=torch.zeros(q_heads))
     elif policy == "virtual":  # the first-token sink's own row (row 0) must not count it
-        kw = dict(sink_cols=first, virtual_logit=torch.full((q_heads,), 1.5))
+        kw = dict(sink_cols=first, virtual_sink_logit=torch.full((q_heads,), 1.5))
     elif policy == "s_aux":
         kw = dict(extra_logits=torch.randn(q_heads, 1, generator=g) * 2)
     elif policy == "combined":
         extra = torch.randn(q_heads, 3, generator=g)
         extra[::2, 1] = float("-inf")  # -inf entries are ignored
         kw = dict(sink_cols=torch.tensor([[0, 5, -1]] * batch), beta=betas, extra_logits=extra,
-                  virtual_logit=torch.randn(q_heads, generator=g))
+                  virtual_sink_logit=torch.randn(q_heads, generator=g))
     else:
         raise ValueError(policy)
     return {k: v.to(device) for k, v in kw.items()}

@@ -135,9 +135,9 @@ def test_public_dispatch(kt, monkeypatch):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     q, k, v = kt.make_qkv(1, 2, 1, 1, kernels.DECODE_MIN_K, 64, torch.float16)
-    out, lse = kernels.sink_attention(q, k, v, causal=True, causal_offset=kernels.DECODE_MIN_K - 1)
+    out, lse = kernels.sink_attention_triton(q, k, v, causal=True, causal_offset=kernels.DECODE_MIN_K - 1)
     kt.check_attention(out, lse, q, k, v, label="public decode", causal=True, causal_offset=kernels.DECODE_MIN_K - 1)
     q2, k2, v2 = kt.make_qkv(1, 2, 1, 17, 40, 64, torch.float16)
-    kernels.sink_attention(q2, k2, v2, causal=True)
+    kernels.sink_attention_triton(q2, k2, v2, causal=True)
     assert calls == ["sink_attention_decode", "sink_attention_prefill"]
     assert kernels.triton_available()

@@ -169,7 +169,7 @@ def test_config_table_covers_every_head_dim():
         (lambda q, k, v, kw: (q, k, v, kw | {"attn_mask": torch.ones(2, 1, 4, 9, dtype=torch.bool)}), "broadcast"),
         (lambda q, k, v, kw: (q, k, v, kw | {"beta": torch.ones(3)}), "beta"),
         (lambda q, k, v, kw: (q, k, v, kw | {"extra_logits": torch.ones(4)}), "extra_logits"),
-        (lambda q, k, v, kw: (q, k, v, kw | {"virtual_logit": torch.ones(4, 1)}), "virtual_logit"),
+        (lambda q, k, v, kw: (q, k, v, kw | {"virtual_sink_logit": torch.ones(4, 1)}), "virtual_sink_logit"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(3, 1, dtype=torch.long)}), "batch"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(2, 1)}), "integer"),
     ],
@@ -217,7 +217,7 @@ def _random_case(kt, draw):
         extra = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq)))
         kw["extra_logits"] = extra[:, None].to(kt.device)
     if draw(st.booleans()):
-        kw["virtual_logit"] = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq))).to(kt.device)
+        kw["virtual_sink_logit"] = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq))).to(kt.device)
     if draw(st.booleans()):  # left padding of random length per batch row
         pads = draw(st.lists(st.integers(0, k_len - 1), min_size=batch, max_size=batch))
         mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
@@ -257,7 +257,7 @@ def test_virtual_logit_leaves_sink_only_rows_alone(kt):
     mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
     mask[1, :, 0, 1:] = False  # batch row 1, query 0: only the sink (column 0) is visible
     kw = dict(attn_mask=mask.to(kt.device), sink_cols=torch.zeros(batch, 1, dtype=torch.long, device=kt.device),
-              virtual_logit=torch.full((hq,), 8.0, device=kt.device))
+              virtual_sink_logit=torch.full((hq,), 8.0, device=kt.device))
     for name, launch in (("prefill", sink_attention_prefill), ("decode", sink_attention_decode)):
         out, lse = kt.poisoned(q)
         launch(q, k, v, out=out, lse=lse, **kw)

@@ -33,10 +33,11 @@ def _kernel_modules():
     """The kernel modules, which must be compiler-decorated: only called in the worker processes,
     which start without TRITON_INTERPRET. (Under TRITON_INTERPRET=1 even triton's own
     ``tl.standard`` helpers are interpreter functions, so nothing can be compiled in that process.)"""
-    from sinkfix.kernels import attention_decode, attention_prefill, residual_clip
+    from sinkfix.kernels import attention_common, attention_decode, attention_prefill, residual_clip
 
     assert isinstance(attention_prefill._sink_attn_fwd, triton.runtime.jit.JITFunction)
-    return dict(attention_prefill=attention_prefill, attention_decode=attention_decode, residual_clip=residual_clip)
+    return dict(attention_prefill=attention_prefill, attention_decode=attention_decode, residual_clip=residual_clip,
+                attention_common=attention_common)
 
 
 def _signature(kernel, pointers, constexprs, ones, floats):
@@ -65,35 +66,36 @@ def _signature(kernel, pointers, constexprs, ones, floats):
 def _case_args(mods, kind, dtype, head_dim, full):
     """(kernel, signature, constexprs, attrs, num_warps, num_stages, config label) of one case."""
     ap, ad, rc = mods["attention_prefill"], mods["attention_decode"], mods["residual_clip"]
+    ac = mods["attention_common"]
     t = _PTR[dtype]
     opt = lambda p: p if full else None  # noqa: E731
     if kind == "prefill":
         bm, bn, nw, ns = ap.prefill_config(head_dim, _TORCH_DTYPE[dtype])
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=ap._block_d(head_dim), NS=4 if full else 0,
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=ac.padded_head_dim(head_dim), NS=4 if full else 0,
                      NS_P2=4, SB=16, E_P2=2, HAS_MASK=full, IS_CAUSAL=True, HAS_WINDOW=full, HAS_SOFTCAP=full,
                      HAS_BETA=full, HAS_EXTRA=full, UPCAST_DOT=False)
-        ptrs = dict(Q=t, K=t, V=t, Out=t, Lse="*fp32", Mask=opt("*u8"), Sinks=opt("*i32"), Beta=opt("*fp32"),
-                    Extra=opt("*fp32"))
+        ptrs = dict(Q=t, K=t, V=t, Out=t, Lse="*fp32", Mask=opt("*u8"), SinkCols=opt("*i32"), Beta=opt("*fp32"),
+                    ExtraLogits=opt("*fp32"))
         ones = {"stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_mn", "stride_lm", "stride_sn", "stride_ee"}
         kernel, label = ap._sink_attn_fwd, f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} stages={ns}"
         floats = {"qk_scale", "softcap_log2"}
     elif kind == "decode":
         bn, nw, ns = ad.decode_config(head_dim, _TORCH_DTYPE[dtype])
-        bm = ad.max_rows_per_tile(ap._block_d(head_dim)) if full else 16
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=ap._block_d(head_dim), NS=4 if full else 0,
+        bm = ad.max_rows_per_tile(ac.padded_head_dim(head_dim)) if full else 16
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=ac.padded_head_dim(head_dim), NS=4 if full else 0,
                      NS_P2=4, SB=16, HAS_MASK=full, IS_CAUSAL=True, HAS_WINDOW=full, HAS_SOFTCAP=full,
                      UPCAST_DOT=False)
-        ptrs = dict(Q=t, K=t, V=t, Mask=opt("*u8"), Sinks=opt("*i32"), PartM="*fp32", PartL="*fp32",
+        ptrs = dict(Q=t, K=t, V=t, Mask=opt("*u8"), SinkCols=opt("*i32"), PartM="*fp32", PartL="*fp32",
                     PartAcc="*fp32")
         ones = {"stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_sn"}
         kernel, label = ad._sink_attn_decode_split, f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} stages={ns}"
         floats = {"qk_scale", "softcap_log2"}
     elif kind == "reduce":
         nw, ns = 4, 1
-        const = dict(HEAD_DIM=head_dim, BLOCK_R=ad._REDUCE_ROWS, BLOCK_D=ap._block_d(head_dim), E_P2=2,
+        const = dict(HEAD_DIM=head_dim, BLOCK_R=ad._REDUCE_ROWS, BLOCK_D=ac.padded_head_dim(head_dim), E_P2=2,
                      HAS_SINKS=full, HAS_BETA=full, HAS_EXTRA=full)
         ptrs = dict(PartM="*fp32", PartL="*fp32", PartAcc="*fp32", Out=t, Lse="*fp32", Beta=opt("*fp32"),
-                    Extra=opt("*fp32"))
+                    ExtraLogits=opt("*fp32"))
         ones = {"stride_ok", "stride_lm", "stride_ee"}
         kernel, label = ad._sink_attn_decode_reduce, f"BLOCK_R={ad._REDUCE_ROWS} warps=4 stages=1"
         floats = set()
@@ -101,7 +103,7 @@ def _case_args(mods, kind, dtype, head_dim, full):
         br, bd, nw = rc.clip_config(head_dim)
         ns = 1
         const = dict(BLOCK_R=br, BLOCK_D=bd, THR_TENSOR=full, HAS_SINKS=full, SINK_CLAMP=full, INPLACE=not full)
-        ptrs = dict(X=t, Y=t, Thr=opt("*fp32"), SinkPos=opt("*u8"))
+        ptrs = dict(X=t, Y=t, Thr=opt("*fp32"), IsSink=opt("*u8"))
         ones = {"stride_xd", "stride_yd", "stride_tz", "stride_ps"}
         kernel, label = rc._residual_clip_kernel, f"BLOCK_R={br} BLOCK_D={bd} warps={nw}"
         floats = {"threshold", "sink_norm"}

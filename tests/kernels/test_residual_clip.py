@@ -8,10 +8,10 @@ import torch
 pytest.importorskip("triton")
 
 import sinkfix.kernels as kernels  # noqa: E402
-from sinkfix.kernels.residual_clip import clip_config, residual_clip  # noqa: E402
+from sinkfix.kernels.residual_clip import clip_config, residual_clip_triton  # noqa: E402
 from sinkfix.ops.reference import reference_residual_clip  # noqa: E402
 
-# Tolerance rule of notes/kernels.md: max |kernel - fp64| <= 2 x max |same-dtype torch - fp64| +
+# Tolerance rule (docs/testing.md): max |kernel - fp64| <= 2 x max |same-dtype torch - fp64| +
 # a floor of about one rounding of the largest output (fp32 2^-23 -> 1e-6, fp16 2^-11 -> 1e-3,
 # bf16 2^-8 -> 4e-3, relative to max |out|). The floor matters for bf16 under the interpreter:
 # triton 3.9's interpreter truncates fp32 -> bf16 casts (create_fp_trunc ignores the rounding mode)
@@ -62,7 +62,7 @@ def test_against_reference(kt, width, dtype, sink_norm):
     h, sinks = _hidden(2, 37, width, dtype, kt.device, sink_pos=((0, 0), (1, 4)))
     threshold = torch.tensor([1.2 * width ** 0.5, float("inf")], device=kt.device)  # seq 1: no cap
     out = torch.full_like(h, float("nan"))  # poisoned: every element must be written
-    residual_clip(h, threshold, sinks, sink_norm, out=out)
+    residual_clip_triton(h, threshold, sinks, sink_norm, out=out)
     _check(out, h, threshold, sinks, sink_norm, kt.clip_errors)
     clipped = (out != h).any(-1)
     assert clipped[0].sum() > 5 and not clipped[1, ~sinks[1]].any()
@@ -78,7 +78,7 @@ def test_in_place(kt, dtype):
     h, sinks = _hidden(3, 21, 640, dtype, kt.device, sink_pos=((0, 0), (2, 0)))
     before = h.clone()
     threshold = torch.tensor([20.0, 25.0, 30.0], device=kt.device)
-    res = kernels.clip_residual(h, threshold, sinks, 100.0, inplace=True)
+    res = kernels.residual_clip_triton(h, threshold, sinks, 100.0, inplace=True)
     assert res is h
     _check(h, before, threshold, sinks, 100.0, kt.clip_errors)
     untouched = ~(h != before).any(-1)
@@ -87,7 +87,7 @@ def test_in_place(kt, dtype):
 
 def test_absolute_float_threshold_and_no_sinks(kt):
     h, _ = _hidden(2, 9, 1000, torch.float16, kt.device)
-    out = kernels.clip_residual(h, 30.0)
+    out = kernels.residual_clip_triton(h, 30.0)
     _check(out, h, torch.full((2,), 30.0), None, None)
     assert out.float().norm(dim=-1).max() <= 30.0 * (1 + 1e-3)
 
@@ -100,7 +100,7 @@ def test_strided_input_and_sink_norm_above_norm(kt):
     sinks = torch.zeros(2, 13, dtype=torch.bool, device=kt.device)
     sinks[:, 0] = True
     threshold = torch.tensor([15.0, 18.0], device=kt.device)
-    out = kernels.clip_residual(h, threshold, sinks, sink_norm=1e6)
+    out = kernels.residual_clip_triton(h, threshold, sinks, sink_norm=1e6)
     _check(out, h, threshold, sinks, 1e6)
     assert torch.equal(out[:, 0], h[:, 0])
 
@@ -108,7 +108,7 @@ def test_strided_input_and_sink_norm_above_norm(kt):
 def test_zero_norm_token_and_zero_threshold(kt):
     h, _ = _hidden(1, 5, 576, torch.float32, kt.device)
     h[0, 2] = 0.0  # a zero row must not divide by zero
-    out = kernels.clip_residual(h, torch.tensor([0.0], device=kt.device))
+    out = kernels.residual_clip_triton(h, torch.tensor([0.0], device=kt.device))
     _check(out, h, torch.tensor([0.0]), None, None)
     assert (out == 0).all()
 
@@ -119,10 +119,10 @@ def test_config_and_validation(kt):
         assert block_d >= width and block_r * block_d <= max(8192, block_d) and 4 <= num_warps <= 16
     h = torch.randn(2, 3, 64, device=kt.device)
     with pytest.raises(ValueError, match="threshold"):
-        residual_clip(h, torch.ones(3, device=kt.device))
-    with pytest.raises(ValueError, match="sink_positions"):
-        residual_clip(h, 1.0, torch.zeros(2, 4, dtype=torch.bool, device=kt.device))
+        residual_clip_triton(h, torch.ones(3, device=kt.device))
+    with pytest.raises(ValueError, match="is_sink"):
+        residual_clip_triton(h, 1.0, torch.zeros(2, 4, dtype=torch.bool, device=kt.device))
     with pytest.raises(ValueError, match="sink_norm"):
-        residual_clip(h, 1.0, torch.zeros(2, 3, dtype=torch.bool, device=kt.device), 0.0)
+        residual_clip_triton(h, 1.0, torch.zeros(2, 3, dtype=torch.bool, device=kt.device), 0.0)
     with pytest.raises(ValueError, match=r"\(B, S, D\)"):
-        residual_clip(h[0], 1.0)
+        residual_clip_triton(h[0], 1.0)

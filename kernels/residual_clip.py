@@ -13,14 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .attention_common import SUPPORTED_DTYPES, is_interpreted
+
+__all__ = ["clip_config", "residual_clip_triton"]
+
 _MAX_HIDDEN = 65536  # one row lives in registers (fp32): 64 K elements is 256 KB per program at most
 
 
 # -- kernel ---------------------------------------------------------------------------------------
 @triton.jit
 def _residual_clip_kernel(
-    X, Y, Thr, SinkPos,
+    X, Y, Thr, IsSink,
     stride_xz, stride_xs, stride_xd,
     stride_yz, stride_ys, stride_yd,
     stride_tz,
@@ -46,7 +49,7 @@ def _residual_clip_kernel(
     else:
         cap = tl.full([BLOCK_R], threshold, tl.float32)
     if HAS_SINKS:
-        is_sink = tl.load(SinkPos + off_b * stride_pz + off_s * stride_ps, mask=tok_ok, other=0) != 0
+        is_sink = tl.load(IsSink + off_b * stride_pz + off_s * stride_ps, mask=tok_ok, other=0) != 0
         if SINK_CLAMP:
             cap = tl.where(is_sink, sink_norm, cap)
         else:
@@ -72,33 +75,34 @@ def clip_config(hidden: int) -> tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
-def residual_clip(
+def residual_clip_triton(
     hidden: torch.Tensor,
     threshold: torch.Tensor | float,
-    sink_positions: torch.Tensor | None = None,
+    is_sink: torch.Tensor | None = None,
     sink_norm: float | None = None,
     *,
     inplace: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scale down every token whose L2 norm exceeds its cap; semantics of ``reference_residual_clip``.
+    """Scale down every token whose L2 norm exceeds its cap, in one pass over the hidden state;
+    semantics of ``reference_residual_clip``.
 
     Shape contract (any strides):
       hidden (B, S, D) fp16/bf16/fp32: stride_xz, stride_xs, stride_xd; the result has the same
         shape and dtype (stride_yz, stride_ys, stride_yd) and is ``hidden`` itself when inplace
       threshold: a float (one absolute cap) or a (B,) tensor, per-sequence cap, inf = none: stride_tz
-      sink_positions (B, S) bool, read as uint8: stride_pz, stride_ps; exempt when ``sink_norm`` is
+      is_sink (B, S) bool, read as uint8: stride_pz, stride_ps; sink tokens are exempt when ``sink_norm`` is
         None, otherwise their norm is clamped to ``sink_norm`` (> 0: a sink is never zeroed)
       out: optional result buffer, hidden's shape and dtype, any strides (not with inplace)
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be a (B, S, D) tensor, got {getattr(hidden, 'shape', type(hidden))}")
-    if hidden.dtype not in _SUPPORTED_DTYPES:
+    if hidden.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"hidden must be fp16/bf16/fp32, got {hidden.dtype}")
     batch, seq_len, width = hidden.shape
     if width > _MAX_HIDDEN:
         raise ValueError(f"hidden size {width} above the supported {_MAX_HIDDEN}")
-    interpreted = type(_residual_clip_kernel).__name__ == "InterpretedFunction"
+    interpreted = is_interpreted(_residual_clip_kernel)
     if interpreted and hidden.device.type != "cpu":
         raise ValueError("the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors only")
     if not interpreted and hidden.device.type != "cuda":
@@ -118,13 +122,13 @@ def residual_clip(
     if sink_norm is not None and not float(sink_norm) > 0:
         raise ValueError(f"sink_norm must be > 0 (sinks are clamped, never zeroed), got {sink_norm}")
     sinks, sink_strides = None, (0, 0)
-    if sink_positions is not None:
-        if sink_positions.dtype != torch.bool or sink_positions.shape != (batch, seq_len):
-            raise ValueError(f"sink_positions must be bool (B, S) = ({batch}, {seq_len}), got "
-                             f"{sink_positions.dtype} {tuple(sink_positions.shape)}")
-        if sink_positions.device != hidden.device:
-            raise ValueError(f"sink_positions on {sink_positions.device}, hidden on {hidden.device}")
-        sinks = sink_positions.view(torch.uint8)
+    if is_sink is not None:
+        if is_sink.dtype != torch.bool or is_sink.shape != (batch, seq_len):
+            raise ValueError(f"is_sink must be bool (B, S) = ({batch}, {seq_len}), got "
+                             f"{is_sink.dtype} {tuple(is_sink.shape)}")
+        if is_sink.device != hidden.device:
+            raise ValueError(f"is_sink on {is_sink.device}, hidden on {hidden.device}")
+        sinks = is_sink.view(torch.uint8)
         sink_strides = sinks.stride()
 
     if inplace:

@@ -1,21 +1,26 @@
-"""Triton kernels of sinkfix: sink-aware attention (prefill and split-KV decode) and fused residual
-clipping. Plain tensors in, plain tensors out; nothing here knows about transformers.
+"""Triton kernels of sinkfix (import name ``sinkfix.kernels``): sink-aware attention (prefill and
+split-KV decode) and fused residual clipping. Plain tensors in, plain tensors out; nothing here
+knows about transformers (a test imports these modules with transformers made unimportable).
 
 Importing this package never imports triton: the kernel modules are loaded on first use, so the
 package works (with :func:`triton_available` returning False) where triton is missing. Triton
 decides between compiling and interpreting when a kernel module is imported, so set
 ``TRITON_INTERPRET=1`` before the first call if the CPU interpreter is wanted.
+
+Modules: ``attention_common`` (constants, jit helpers and launch preparation shared by the two
+attention kernels), ``attention_prefill``, ``attention_decode``, ``residual_clip``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
-__all__ = ["triton_available", "sink_attention", "clip_residual", "DECODE_MAX_Q", "DECODE_MIN_K"]
+__all__ = ["triton_available", "sink_attention_triton", "residual_clip_triton", "DECODE_MAX_Q", "DECODE_MIN_K"]
 
-# Heuristic for the split-KV decode kernel (see sink_attention): up to 16 query tokens, a
+# Heuristic for the split-KV decode kernel (see sink_attention_triton): up to 16 query tokens, a
 # (GROUP * Q)-row tile still fits one program per kv head, and from 256 keys on the key axis can be
 # cut into at least one 256-key split per program, which is what lets batch 1 fill the GPU. Below
 # that, or for more query tokens, the prefill kernel's query tiles already give enough programs.
@@ -36,7 +41,7 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def sink_attention(
+def sink_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -50,7 +55,7 @@ def sink_attention(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
-    virtual_logit: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink-aware attention on the Triton kernels; semantics of
     :func:`sinkfix.ops.reference.reference_sink_attention` (which see for every argument).
@@ -63,7 +68,7 @@ def sink_attention(
     kwargs = dict(
         attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
-        virtual_logit=virtual_logit,
+        virtual_sink_logit=virtual_sink_logit,
     )
     if q.dim() == 4 and k.dim() == 4 and q.shape[2] <= DECODE_MAX_Q and k.shape[2] >= DECODE_MIN_K:
         from .attention_decode import sink_attention_decode
@@ -74,18 +79,19 @@ def sink_attention(
     return sink_attention_prefill(q, k, v, **kwargs)
 
 
-def clip_residual(
-    hidden: torch.Tensor,
-    threshold: torch.Tensor | float,
-    sink_positions: torch.Tensor | None = None,
-    sink_norm: float | None = None,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """Fused per-token L2 clip; semantics of :func:`sinkfix.ops.reference.reference_residual_clip`.
+_DEPRECATED = {"sink_attention": "sink_attention_triton", "clip_residual": "residual_clip_triton"}
 
-    hidden (B, S, D); threshold a float or (B,) tensor (inf = no cap); sink_positions (B, S) bool,
-    exempt when ``sink_norm`` is None, else clamped to it. Returns ``hidden`` itself when inplace.
-    """
-    from .residual_clip import residual_clip
 
-    return residual_clip(hidden, threshold, sink_positions, sink_norm, inplace=inplace)
+def __getattr__(name: str):
+    if name == "residual_clip_triton":  # imported on first use: importing triton is slow
+        from .residual_clip import residual_clip_triton
+
+        return residual_clip_triton
+    # names of sinkfix 0.1: two functions were called sink_attention (this one returned a tuple,
+    # sinkfix.ops.sink_attention an AttentionResult) and three were called some *clip*
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"sinkfix.kernels.{name} is deprecated; use sinkfix.kernels.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return __getattr__(new) if new not in globals() else globals()[new]
+    raise AttributeError(f"module 'sinkfix.kernels' has no attribute {name!r}")

@@ -10,7 +10,8 @@ Decoding is bound by reading K and V once. Two choices follow from that:
 The sink set is masked out of every split (one column compare, as in the prefill kernel) and its
 partial state is computed once, by split 0, into an extra workspace slot. So the sink is counted in
 exactly one place wherever its column falls, and the combine (beta, extra logits) runs once, in the
-reduction kernel. The tile loop, the sink partial and the combine are the prefill kernel's helpers,
+reduction kernel. The tile loop, the sink partial and the combine are the helpers of
+``attention_common``, shared with the prefill kernel,
 so the two paths share one definition of the visibility rules and the policy math.
 """
 
@@ -20,21 +21,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_prefill import (
-    _attn_key_range,
-    _block_d,
-    _outputs,
-    _prepare,
-    _sink_combine,
-    _sink_tile,
-    _softmax_stats,
+from .attention_common import (
+    LOG2E,
+    allocate_outputs,
+    attn_key_range,
+    padded_head_dim,
+    prepare_attention_launch,
+    sink_combine,
+    sink_tile,
+    softmax_stats,
 )
+
+__all__ = ["DECODE_CONFIGS", "decode_config", "default_num_splits", "max_rows_per_tile", "sink_attention_decode"]
 
 
 # -- kernels --------------------------------------------------------------------------------------
 @triton.jit
 def _sink_attn_decode_split(
-    Q, K, V, Mask, Sinks, PartM, PartL, PartAcc,
+    Q, K, V, Mask, SinkCols, PartM, PartL, PartAcc,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -74,22 +78,24 @@ def _sink_attn_decode_split(
     else:
         mask_rows = Mask
     if NS > 0:
-        sink_ptr = Sinks + off_b * stride_sz
+        sink_ptr = SinkCols + off_b * stride_sz
         offs_s = tl.arange(0, NS_P2)
-        sinks = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
+        sink_cols = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
     else:
-        sink_ptr = Sinks
-        sinks = 0
+        sink_ptr = SinkCols
+        sink_cols = 0
 
     # -- this split's keys, cut to what the rows can see; the middle needs no rule checks --
     # (bounds from the first and last query token; the rows of one tile span all of them)
     pos_first = causal_offset
     pos_last = q_len - 1 + causal_offset
-    acc, l_i, m_i = _attn_key_range(
+    acc, l_i, m_i = attn_key_range(
         q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn, row_ok, q_pos,
-        sinks, pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
+        sink_cols, pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
         k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
-        BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, NS > 0, UPCAST_DOT)
+        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
+        IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=NS > 0,
+        UPCAST_DOT=UPCAST_DOT)
 
     # -- workspace (B * Hkv, NUM_SPLITS + 1, n_rows[, HEAD_DIM]) fp32; slot NUM_SPLITS = sinks --
     slot = (pid_bh.to(tl.int64) * (num_splits + 1) + pid_s) * n_rows + rows
@@ -99,11 +105,12 @@ def _sink_attn_decode_split(
     tl.store(PartAcc + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=acc_mask)
     if NS > 0:
         if pid_s == 0:  # the sink set is counted here and nowhere else
-            s_s, v_s = _sink_tile(
+            s_s, v_s = sink_tile(
                 q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
                 row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
-                HEAD_DIM, BLOCK_D, NS, SB, HAS_MASK, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, UPCAST_DOT)
-            m_s, l_s, p_s = _softmax_stats(s_s)
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, NS=NS, SB=SB, HAS_MASK=HAS_MASK, IS_CAUSAL=IS_CAUSAL,
+                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, UPCAST_DOT=UPCAST_DOT)
+            m_s, l_s, p_s = softmax_stats(s_s)
             p_s = p_s.to(v_s.dtype)
             if UPCAST_DOT:
                 p_s = p_s.to(tl.float32)
@@ -117,7 +124,7 @@ def _sink_attn_decode_split(
 
 @triton.jit
 def _sink_attn_decode_reduce(
-    PartM, PartL, PartAcc, Out, Lse, Beta, Extra,
+    PartM, PartL, PartAcc, Out, Lse, Beta, ExtraLogits,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_lz, stride_lh, stride_lm,
     stride_eh, stride_ee,
@@ -170,14 +177,14 @@ def _sink_attn_decode_reduce(
         beta = 1.0
     if HAS_EXTRA:
         offs_e = tl.arange(0, E_P2)
-        extra2 = tl.load(Extra + off_h[:, None] * stride_eh + offs_e[None, :] * stride_ee,
-                         mask=row_ok[:, None] & (offs_e[None, :] < n_extra),
-                         other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        extra_logits2 = tl.load(ExtraLogits + off_h[:, None] * stride_eh + offs_e[None, :] * stride_ee,
+                                mask=row_ok[:, None] & (offs_e[None, :] < n_extra),
+                                other=float("-inf")).to(tl.float32) * LOG2E
         every_row = offs_e[None, :] < n_extra_every_row
     else:
-        extra2 = 0.0
+        extra_logits2 = 0.0
         every_row = 0
-    c_n, c_s, lse = _sink_combine(m_n, l_n, m_s, l_s, beta, extra2, every_row, HAS_EXTRA)
+    c_n, c_s, lse = sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA=HAS_EXTRA)
     out = acc_n * c_n[:, None] + acc_s * c_s[:, None]
 
     o_ptrs = (Out + off_b * stride_oz + off_h[:, None] * stride_oh + off_i[:, None] * stride_om
@@ -209,7 +216,7 @@ _MAX_SPLITS = 128
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the split kernel for this head dim and dtype."""
-    return DECODE_CONFIGS[(max(64, _block_d(head_dim)), dtype != torch.float32)]
+    return DECODE_CONFIGS[(max(64, padded_head_dim(head_dim)), dtype != torch.float32)]
 
 
 def max_rows_per_tile(block_d: int) -> int:
@@ -249,7 +256,7 @@ def sink_attention_decode(
     sink_cols: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
-    virtual_logit: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -265,21 +272,23 @@ def sink_attention_decode(
       k, v (B, Hkv, K, D): stride_kz, stride_kh, stride_kn, stride_kk (v likewise), Hq % Hkv == 0
       attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
       sink_cols (B|1, NS) integer, -1 = unused: stride_sz, stride_sn
-      beta (Hq,); extra_logits (Hq, E) and virtual_logit (Hq,) as one (Hq, E + 1) table: stride_eh, stride_ee
+      beta (Hq,); extra_logits (Hq, E) and virtual_sink_logit (Hq,) as one (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok; lse (B, Hq, Q) fp32
       workspace (B * Hkv, num_splits + 1, GROUP * Q[, D]) fp32, contiguous, allocated here
     ``num_splits`` overrides :func:`default_num_splits` (it is capped so no split is empty).
     """
-    meta = _prepare(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_logit, sliding_window, softcap,
-                    scale, _sink_attn_decode_split)
-    out, lse = _outputs(q, out, lse)
+    launch = prepare_attention_launch(
+        q, k, v, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+        virtual_sink_logit=virtual_sink_logit, sliding_window=sliding_window, softcap=softcap, scale=scale,
+        kernel=_sink_attn_decode_split)
+    out, lse = allocate_outputs(q, out, lse)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
     group = q_heads // kv_heads
     n_rows = group * q_len
-    block_d = _block_d(head_dim)
+    block_d = padded_head_dim(head_dim)
     bn, nw, ns = decode_config(head_dim, q.dtype)
     block_n, num_warps, num_stages = block_n or bn, num_warps or nw, num_stages or ns
     block_m = max(16, min(max_rows_per_tile(block_d), triton.next_power_of_2(n_rows)))
@@ -291,29 +300,24 @@ def sink_attention_decode(
     num_splits = max(1, triton.cdiv(k_len, split_size))
 
     part_m, part_l, part_acc = _empty_workspace(batch * kv_heads, num_splits + 1, n_rows, head_dim, q.device)
-    sm = meta["mask_strides"]
     _sink_attn_decode_split[(num_splits, batch * kv_heads, row_tiles)](
-        q, k, v, meta["mask"], meta["sinks"], part_m, part_l, part_acc,
-        *q.stride(), *k.stride(), *v.stride(), *sm, *meta["sink_strides"],
-        kv_heads, group, q_len, k_len, int(causal_offset), meta["window"], n_rows, split_size, num_splits,
-        meta["qk_scale"], meta["softcap_log2"],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        NS=meta["n_sinks"], NS_P2=triton.next_power_of_2(max(meta["n_sinks"], 1)),
-        SB=max(16, triton.next_power_of_2(meta["n_sinks"])),
-        HAS_MASK=meta["mask"] is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None, UPCAST_DOT=meta["upcast_dot"],
+        q, k, v, launch.mask, launch.sink_cols, part_m, part_l, part_acc,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.sink_strides,
+        kv_heads, group, q_len, k_len, int(causal_offset), launch.window, n_rows, split_size, num_splits,
+        launch.qk_scale, launch.softcap_log2,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch.sink_constexprs,
+        HAS_MASK=launch.mask is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None, UPCAST_DOT=launch.upcast_dot,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
     block_r = min(_REDUCE_ROWS, triton.next_power_of_2(n_rows))
     _sink_attn_decode_reduce[(batch * kv_heads, triton.cdiv(n_rows, block_r))](
-        part_m, part_l, part_acc, out, lse, meta["beta"], meta["extra"],
-        *out.stride(), *lse.stride(),
-        *(meta["extra"].stride() if meta["extra"] is not None else (0, 0)),
-        kv_heads, group, q_len, n_rows, num_splits, meta["n_extra"], meta["n_extra_every_row"],
-        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
-        E_P2=triton.next_power_of_2(max(meta["n_extra"], 1)),
-        HAS_SINKS=meta["n_sinks"] > 0, HAS_BETA=meta["beta"] is not None,
-        HAS_EXTRA=meta["extra"] is not None,
+        part_m, part_l, part_acc, out, lse, launch.beta, launch.extra_logits,
+        *out.stride(), *lse.stride(), *launch.extra_strides,
+        kv_heads, group, q_len, n_rows, num_splits, launch.n_extra, launch.n_extra_every_row,
+        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d, E_P2=launch.extra_width,
+        HAS_SINKS=launch.n_sinks > 0, HAS_BETA=launch.beta is not None,
+        HAS_EXTRA=launch.extra_logits is not None,
         num_warps=4, num_stages=1, enable_fp_fusion=True,
     )
     return out, lse

@@ -1,0 +1,186 @@
+"""The attention function transformers calls for a model patched by sinkfix.
+
+transformers 5 looks attention functions up by name (``"sinkfix"``), globally, on every forward;
+the per-model policy therefore lives on each attention module (``module._sinkfix``, a
+:class:`LayerState`). A module without that state runs plain softmax, so a model loaded with
+``attn_implementation="sinkfix"`` but never patched is the stock model.
+
+Contract (transformers' attention interface): query (B, Hq, Q, D), key/value (B, Hkv, K, D) after
+RoPE, not repeated for GQA; the mask a bool (B, 1, Q, K) (True = attend) or None (causal,
+upper-left aligned, when Q > 1); return ((B, Q, Hq, D), probabilities or None).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sinkfix.integrations.sink_location import locate_sinks
+from sinkfix.ops.attention import AttentionResult, sink_attention
+from sinkfix.policy import LayerPolicy
+
+__all__ = ["AttentionCall", "LayerState", "attention_forward", "discover_attention_modules"]
+
+# kwargs with semantics this implementation does not reproduce: computing dense attention while
+# ignoring them would silently give wrong results.
+UNSUPPORTED_KWARGS = ("indices", "position_bias", "sinks", "block_indices", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+@dataclass
+class AttentionCall:
+    """What an observer sees for one attention call (``PatchHandle.observing``; used by
+    ``sinkfix.inspect``). Every policy value the call applied is here, so observers never read
+    the module's private state."""
+
+    layer: int
+    module: nn.Module
+    query: torch.Tensor  # (B, Hq, Q, D)
+    key: torch.Tensor  # (B, Hkv, K, D)
+    value: torch.Tensor  # (B, Hkv, K, D)
+    attn_mask: torch.Tensor | None  # (B, 1, Q, K) bool or None
+    causal: bool
+    scale: float
+    softcap: float | None
+    sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
+    first_real_col: torch.Tensor  # (B,) key column of the first real (non-padding) token
+    extra_logits: torch.Tensor | None  # (Hq, E) zero-value logits counted in every row (s_aux, ...)
+    virtual_sink_logit: torch.Tensor | None  # (Hq,) the policy's, rows that see a non-sink key only
+    beta: torch.Tensor | None  # (Hq,) fp32 sink scaling applied, None = identity
+    result: AttentionResult
+
+
+@dataclass
+class LayerState:
+    """Per attention module: its resolved policy, backend and observers, plus what the last call
+    found out about the sink set for the residual-clip hook of the same decoder layer."""
+
+    layer: int
+    policy: LayerPolicy
+    backend: str
+    observers: list[Callable[[AttentionCall], None]] = field(default_factory=list)
+    sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
+    first_real_row: torch.Tensor | None = None  # (B,)
+
+
+_discovery = threading.local()
+
+
+def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int]]:
+    """Run one forward and return (attention module, query heads) in call order, first call of
+    each module only. Modules that do not route through the "sinkfix" function are not seen."""
+    _discovery.calls = []
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        calls = _discovery.calls
+    finally:
+        _discovery.calls = None
+    seen: set[int] = set()
+    order = []
+    for module, heads in calls:
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append((module, heads))
+    return order
+
+
+def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs) -> None:
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"sinkfix attention does not implement the {name!r} argument that "
+                f"{type(module).__name__} passed; refusing to compute dense attention and ignore it"
+            )
+    if dropout and dropout > 0:
+        raise NotImplementedError(
+            f"sinkfix attention is inference-only: attention dropout {dropout} requested (call model.eval())"
+        )
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads {query.shape[1]} are not a multiple of key/value heads {key.shape[1]}")
+
+
+def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        # a float additive mask (0 = attend): e.g. a 4D mask passed by the caller
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if attention_mask.shape[1] != 1:
+        raise NotImplementedError(f"per-head attention masks {tuple(attention_mask.shape)} are not supported")
+    return attention_mask
+
+
+def _policy_tensors(state: LayerState | None, s_aux: torch.Tensor | None, q_heads: int, device):
+    """(beta (Hq,) or None, extra_logits (Hq, E) counted in every row or None, virtual_sink_logit
+    (Hq,) counted in rows that see a non-sink key or None)."""
+    extra_logits = None if s_aux is None else s_aux.reshape(q_heads, 1).to(device=device, dtype=torch.float32)
+    if state is None:
+        return None, extra_logits, None
+    beta, virtual = state.policy.tensors(device)
+    if virtual is not None and state.policy.virtual_logit_on_sink_rows:
+        # counted in every row, like the model's own s_aux
+        column = virtual.reshape(q_heads, 1)
+        extra_logits = column if extra_logits is None else torch.cat([extra_logits, column], dim=1)
+        virtual = None
+    return beta, extra_logits, virtual
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers attention interface: q (B, Hq, Q, D), k/v (B, Hkv, K, D) -> ((B, Q, Hq, D), probs)."""
+    _check_arguments(module, query, key, dropout, kwargs)
+    batch, q_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    attention_mask = _bool_mask(attention_mask)
+    causal_flag = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = bool(causal_flag) and attention_mask is None and q_len > 1
+
+    found = getattr(_discovery, "calls", None)
+    if found is not None:
+        found.append((module, q_heads))
+    state: LayerState | None = getattr(module, "_sinkfix", None)
+    beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
+
+    location = None
+    if state is not None and (not state.policy.attention_is_identity or state.observers
+                              or state.policy.clip is not None):
+        location = locate_sinks(
+            attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
+            sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
+        )
+        state.sink_rows, state.first_real_row = location.query_rows(q_len)
+
+    result = sink_attention(
+        query, key, value,
+        backend=state.backend if state is not None else "auto",
+        attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
+        sink_cols=None if location is None else location.sink_cols, beta=beta, extra_logits=extra_logits,
+        virtual_sink_logit=virtual, return_probs=bool(kwargs.get("output_attentions")),
+        need_sink_mass=bool(state is not None and state.observers),
+    )
+    if state is not None and state.observers:
+        call = AttentionCall(
+            state.policy.layer, module, query, key, value, attention_mask, causal,
+            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, location.sink_cols,
+            location.first_real_col, extra_logits, virtual,
+            None if state.policy.attention_is_identity else beta, result,
+        )
+        for observer in state.observers:
+            observer(call)
+    return result.out.transpose(1, 2).contiguous(), result.probs

@@ -1,0 +1,78 @@
+"""Where the sink set sits inside one attention call.
+
+The policy names the sink set in *positions* counted from the first real (non-padding) token
+(``LayerPolicy.sink_positions``: the first ``n_sink`` plus any extra positions). An attention call
+sees key *columns* (its K axis, which with a KV cache includes the past) and query *rows* (its Q
+axis). This module maps positions to columns, per batch row, from what transformers hands the
+attention function: the boolean mask and ``position_ids``. The rules (docs/formulas.md, "The sink
+set"):
+
+* Full-attention layers, and any layer without a cache, read the first real token off the mask:
+  the first column that any query row may see. This handles left padding even when
+  ``position_ids`` are not padding-aware (a plain forward with an attention mask).
+* Sliding-window layers with a cache may have evicted token 0 from their keys; there the first
+  real token is placed from the last query's position (``last_col - position``), so a sink that
+  left the window gets a column < 0 and is simply absent: the policy does not apply there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SinkLocation", "locate_sinks"]
+
+
+@dataclass(frozen=True)
+class SinkLocation:
+    """The sink set of one attention call, in the coordinates each consumer needs."""
+
+    sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
+    first_real_col: torch.Tensor  # (B,) key column of the first real token
+    last_col: torch.Tensor  # (B,) key column of the last query row
+
+    def query_rows(self, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sink_rows (B, NS) query rows of this call that are sink tokens, -1 = not among them;
+        first_real_row (B,) query row of the first real token, clamped to 0). Query row i sits at
+        key column ``last_col - (Q - 1) + i``."""
+        row0 = self.last_col - (q_len - 1)
+        rows = self.sink_cols - row0[:, None]
+        valid = (self.sink_cols >= 0) & (rows >= 0) & (rows < q_len)
+        return torch.where(valid, rows, -1), (self.first_real_col - row0).clamp(min=0)
+
+
+def locate_sinks(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    *,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    sliding: bool,
+    sink_positions: tuple[int, ...],
+    device: torch.device,
+) -> SinkLocation:
+    """Map the policy's sink positions to the key columns of one attention call (rules above).
+
+    ``attention_mask`` is transformers' bool (B, 1, Q, K) mask (True = attend) or None (plain
+    causal, upper-left aligned, when ``causal``; everything visible otherwise).
+    """
+    if attention_mask is None:
+        first = torch.zeros(batch, dtype=torch.long, device=device)
+        last = (q_len - 1) if (causal and q_len > 1) else (k_len - 1)
+        last_col = torch.full((batch,), last, dtype=torch.long, device=device)
+    else:
+        cols = torch.arange(k_len, device=device)
+        seen_by_any_row = attention_mask[:, 0].any(dim=1)  # (B, K)
+        first = torch.where(seen_by_any_row, cols, k_len).amin(dim=-1)
+        seen_by_last_row = attention_mask[:, 0, -1]  # (B, K)
+        last_col = torch.where(seen_by_last_row, cols, -1).amax(dim=-1)
+    if sliding and q_len != k_len and position_ids is not None:
+        positions = position_ids if position_ids.ndim == 2 else position_ids[0]
+        first = last_col - positions[:, -1].to(device).long().expand(batch)
+    offsets = torch.tensor(sink_positions, dtype=torch.long, device=device)
+    sink_cols = first[:, None] + offsets[None, :]
+    sink_cols = torch.where((sink_cols >= 0) & (sink_cols < k_len), sink_cols, -1)
+    return SinkLocation(sink_cols, first, last_col)

@@ -1,0 +1,136 @@
+"""Packaging and layering: the kernels import without transformers; the built wheel works on its own.
+
+The Triton kernels live in the top-level ``kernels/`` folder and import as ``sinkfix.kernels``
+(setuptools ``package-dir``). That mapping must hold in the three ways people run the code: an
+editable install (every other test), a wheel installed into a fresh virtual environment (below),
+and a plain checkout on a GPU machine (``benchmarks/gpu_check.sh`` stages the same layout).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import sinkfix.kernels
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_MODULES = ("attention_common", "attention_prefill", "attention_decode", "residual_clip")
+
+# Run one interpreted kernel against the fp64 reference formula, written out here so the check
+# needs nothing but torch and the kernel package.
+_ONE_KERNEL = textwrap.dedent("""
+    import torch
+    from sinkfix.kernels.attention_prefill import sink_attention_prefill
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 19, 16) for _ in range(3))
+    out, lse = sink_attention_prefill(q, k, v, causal=True, sink_cols=torch.tensor([[0]]), beta=torch.tensor([0.5, 1.0]))
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    s = s.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    beta = torch.tensor([0.5, 1.0], dtype=torch.float64)[None, :, None]
+    p_s, rest = p[..., 0], p[..., 1:]
+    has_n = rest.sum(-1) > 0
+    b = torch.where(has_n, beta, torch.ones_like(beta))
+    scale_n = torch.where(has_n, (rest.sum(-1) + (1 - b) * p_s) / rest.sum(-1).clamp(min=1e-300), 0.0)
+    ref = b[..., None] * p_s[..., None] * v.double()[:, :, :1] + scale_n[..., None] * (rest @ v.double()[:, :, 1:])
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-5, err
+    print("kernel max error", err)
+""")
+
+
+def test_kernels_import_without_transformers(tmp_path):
+    """The kernel layer knows nothing of transformers (nor of the rest of sinkfix): loaded under a
+    bare parent package with transformers made unimportable, it imports and computes."""
+    kernel_dir = Path(sinkfix.kernels.__file__).parent
+    script = textwrap.dedent(f"""
+        import importlib.abc, importlib.util, sys, types
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "transformers" or name.startswith("transformers."):
+                    raise ImportError("transformers is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        parent = types.ModuleType("sinkfix")
+        parent.__path__ = []  # nothing else of sinkfix is importable
+        sys.modules["sinkfix"] = parent
+        spec = importlib.util.spec_from_file_location(
+            "sinkfix.kernels", {str(kernel_dir / "__init__.py")!r}, submodule_search_locations=[{str(kernel_dir)!r}])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["sinkfix.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+        for name in {KERNEL_MODULES!r}:
+            importlib.import_module("sinkfix.kernels." + name)
+        assert not any(m == "transformers" or m.startswith("transformers.") for m in sys.modules)
+        assert set(sys.modules) & {{"sinkfix.ops", "sinkfix.patch", "sinkfix.policy"}} == set()
+    """) + _ONE_KERNEL
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernel max error" in done.stdout
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv(tmp_path):
+    """Build the wheel, install it (no dependencies) into a new virtual environment that borrows
+    this environment's third-party packages, and use it from a folder outside the checkout."""
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
+         str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("sinkfix-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/")[0] for name in archive.namelist()}
+        assert {f"sinkfix/kernels/{m}.py" for m in KERNEL_MODULES} <= set(archive.namelist())
+    assert "kernels" not in top_level, "the kernels must ship as sinkfix.kernels, never as a top-level package"
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    # third-party packages (torch, transformers, triton, ...) from this environment, through a
+    # path entry: .pth files inside that folder (the editable install's finder) are not run
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    check = textwrap.dedent(f"""
+        import importlib, pkgutil, sys
+        from pathlib import Path
+        import sinkfix, sinkfix.kernels
+        site = Path({site!r}).resolve()
+        for mod in (sinkfix, sinkfix.kernels):
+            assert site in Path(mod.__file__).resolve().parents, (mod.__name__, mod.__file__)
+        # every module but the one that runs the CLI on import
+        names = [m.name for m in pkgutil.walk_packages(sinkfix.__path__, "sinkfix.") if m.name != "sinkfix.__main__"]
+        for name in names:
+            importlib.import_module(name)
+        for name in {KERNEL_MODULES!r}:
+            assert "sinkfix.kernels." + name in names, name
+        assert (Path(sinkfix.__file__).parent / "bench" / "schema.md").is_file()
+        print(len(names), "modules")
+    """) + _ONE_KERNEL
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
+    done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, env=env, cwd=outside,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernel max error" in done.stdout
+    cli = subprocess.run([str(env_dir / "bin" / "sinkfix"), "--help"], capture_output=True, text=True, env=env,
+                         cwd=outside, timeout=300)
+    assert cli.returncode == 0 and "bench" in cli.stdout, cli.stderr[-2000:]
