@@ -146,3 +146,20 @@ def test_output_attentions_under_compile(one_thread):
     for got, want in zip(compiled.attentions, eager.attentions):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(eager.attentions[0][0, :, 1:, 0], 0.3 * stock_share)  # beta x the stock sink mass
+
+
+@pytest.mark.slow
+def test_gpu_model_check_dry_run(tmp_path):
+    """The GPU script's code path on the CPU with a 2-layer model (eager only: a CPU compile of it
+    takes minutes): it must build, patch, time and write its table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_model_check.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager", "--prompt", "32",
+                           "--new-tokens", "4", "--rounds", "1", "--out", str(tmp_path / "model.md")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "model.md").read_text()
+    assert "| eager | per-head profile |" in table and "| eager | stock |" in table

@@ -174,6 +174,38 @@ def _combine(non_sink: _Part, sink: _Part, beta, extra_logits, virtual_sink_logi
     return out.to(dtype), lse_real, p_s, keep
 
 
+def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sink_logit) -> AttentionResult:
+    """The decode step (and any plain full-attention call over K >= 2 keys): the sink is key column
+    0, every query row also sees keys 1.., so no row needs a guard. The same formula as
+    :func:`_combine`, in as few kernels as the formula allows (a decode step is made of small ops,
+    so their count is its cost): one fused attention over keys 1.., one batched ``baddbmm`` giving
+    ``x = s_0 - lse_N`` per row, then ``p = sigmoid(x)``, ``lse = lse_N + softplus(x)`` and
+    ``out = lerp(o_N, v_0, beta * p)``. Query heads are grouped by kv head with views, so the sink's
+    key and value rows are never repeated."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    o_n, lse_n = flash_with_lse(q, k[:, :, 1:], v[:, :, 1:], visible=None, is_causal=False, scale=scale)
+    lse_n = lse_n.float().reshape(batch * kv_heads, group * q_len, 1)
+    # x = scale * q.k_0 - lse_N, one call: baddbmm(input, q, k_0, beta=-1, alpha=scale)
+    q_grouped = q.reshape(batch * kv_heads, group * q_len, head_dim).float()
+    k0 = k[:, :, :1].reshape(batch * kv_heads, 1, head_dim).float().transpose(1, 2)
+    x = torch.baddbmm(lse_n, q_grouped, k0, beta=-1, alpha=scale).view(batch, kv_heads, group, q_len)
+    lse = torch.nn.functional.softplus(x).add_(lse_n.view(batch, kv_heads, group, q_len))
+    weight = torch.sigmoid(x)  # the sink's share of the real keys' mass
+    if beta is not None:
+        weight = weight.mul_(beta.view(1, kv_heads, group, 1))
+    o_n = o_n.reshape(batch, kv_heads, group, q_len, head_dim)  # a view for the CPU op's contiguous output
+    v0 = v[:, :, None, :1].to(o_n.dtype)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
+    out = torch.lerp(o_n.float(), v0.float(), weight.unsqueeze(-1))
+    if extra_logits is not None or virtual_sink_logit is not None:
+        sees_n = torch.ones((), dtype=torch.bool, device=q.device)
+        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, sees_n).view(1, kv_heads, group, 1)
+        out = out.mul_(torch.sigmoid(lse - lse_zero).unsqueeze(-1))
+    return AttentionResult(out.to(q.dtype).view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len),
+                           None, None)
+
+
 def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_sink: bool, beta, extra_logits,
                 virtual_sink_logit, need_sink_mass: bool) -> AttentionResult:
     batch, _, q_len, _ = q.shape
@@ -187,6 +219,8 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
             out = torch.where(visible.any(-1)[..., None], out, 0)
         return AttentionResult(out, lse.float(), None, None)
     every_row_sees_n = False
+    if first_column_sink and plain and not layout.causal and k.shape[2] >= 2 and not need_sink_mass:
+        return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit)
     if first_column_sink and plain:
         non_sink, sink, every_row_sees_n = _first_column_parts(q, k, v, layout, scale)
     else:
