@@ -191,4 +191,5 @@ def attention_forward(
         )
         for observer in state.observers:
             observer(call)
-    return result.out.transpose(1, 2).contiguous(), result.probs
+    out = result.out.transpose(1, 2)  # (B, Q, Hq, D), what transformers reshapes to (B, Q, Hq * D)
+    return (out if out.is_contiguous() else out.contiguous()), result.probs

@@ -183,27 +183,40 @@ def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sin
     ``out = lerp(o_N, v_0, beta * p)``. Query heads are grouped by kv head with views, so the sink's
     key and value rows are never repeated."""
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    o_n, lse_n = flash_with_lse(q, k[:, :, 1:], v[:, :, 1:], visible=None, is_causal=False, scale=scale)
-    lse_n = lse_n.float().reshape(batch * kv_heads, group * q_len, 1)
+    # split() rather than tensor indexing: a multi-slice __getitem__ costs several microseconds of
+    # Python per call, and a decode step makes these calls in every layer
+    k0, k_rest = k.split((1, k_len - 1), dim=2)
+    v0, v_rest = v.split((1, k_len - 1), dim=2)
+    o_n, lse_n = flash_with_lse(q, k_rest, v_rest, visible=None, is_causal=False, scale=scale)
+    lse_n = _fp32(lse_n).reshape(batch * kv_heads, group * q_len, 1)
     # x = scale * q.k_0 - lse_N, one call: baddbmm(input, q, k_0, beta=-1, alpha=scale)
-    q_grouped = q.reshape(batch * kv_heads, group * q_len, head_dim).float()
-    k0 = k[:, :, :1].reshape(batch * kv_heads, 1, head_dim).float().transpose(1, 2)
+    q_grouped = _fp32(q.reshape(batch * kv_heads, group * q_len, head_dim))
+    k0 = _fp32(k0.reshape(batch * kv_heads, 1, head_dim)).transpose(1, 2)
     x = torch.baddbmm(lse_n, q_grouped, k0, beta=-1, alpha=scale).view(batch, kv_heads, group, q_len)
     lse = torch.nn.functional.softplus(x).add_(lse_n.view(batch, kv_heads, group, q_len))
     weight = torch.sigmoid(x)  # the sink's share of the real keys' mass
     if beta is not None:
         weight = weight.mul_(beta.view(1, kv_heads, group, 1))
     o_n = o_n.reshape(batch, kv_heads, group, q_len, head_dim)  # a view for the CPU op's contiguous output
-    v0 = v[:, :, None, :1].to(o_n.dtype)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
-    out = torch.lerp(o_n.float(), v0.float(), weight.unsqueeze(-1))
+    v0 = v0.unsqueeze(2)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
+    out = torch.lerp(_fp32(o_n), _fp32(v0), weight.unsqueeze(-1))
     if extra_logits is not None or virtual_sink_logit is not None:
-        sees_n = torch.ones((), dtype=torch.bool, device=q.device)
-        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, sees_n).view(1, kv_heads, group, 1)
-        out = out.mul_(torch.sigmoid(lse - lse_zero).unsqueeze(-1))
-    return AttentionResult(out.to(q.dtype).view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len),
-                           None, None)
+        # zero-value logits counted in every row (every row sees a non-sink key here)
+        lse_zero = None if extra_logits is None else torch.logsumexp(_fp32(extra_logits), dim=-1)
+        if virtual_sink_logit is not None:
+            virtual = _fp32(virtual_sink_logit)
+            lse_zero = virtual if lse_zero is None else torch.logaddexp(lse_zero, virtual)
+        out = out.mul_(torch.sigmoid(lse - lse_zero.view(1, kv_heads, group, 1)).unsqueeze(-1))
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    return AttentionResult(out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len), None, None)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the call when it is fp32 already (a no-op call still costs microseconds)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_sink: bool, beta, extra_logits,
@@ -265,7 +278,8 @@ def sink_attention_torch(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
-    if (return_probs or softcap is not None or not fused_lse_available(q.device, q.dtype)
+    fused = cpu_flash_available(q.dtype) if q.is_cpu else fused_lse_available(q.device, q.dtype)
+    if (return_probs or softcap is not None or not fused
             or _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)):
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
@@ -331,7 +345,8 @@ def sink_attention(
     observers come from the PyTorch path in Python; gradients (calibration) from
     :mod:`sinkfix.ops.attention_grad`, which never keeps a layer's (B, H, Q, K) scores alive.
     """
-    chosen = resolve_backend(backend, q.device)
+    # a patched model passes the backend patch() resolved; only "auto" is resolved per call
+    chosen = backend if backend in ("torch", "triton") else resolve_backend(backend, q.device)
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
