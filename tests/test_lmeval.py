@@ -1,0 +1,354 @@
+"""lm-eval integration: the ``sinkfix`` model type, the built-in tasks, task errors, and ``sinkfix eval``.
+
+Fast tests use a 2-layer random Llama with a small byte-level BPE tokenizer trained here on the
+built-in prose, saved as a local model folder; the real-model checks are in the ``slow`` section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import transformers as tf  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+import sinkfix  # noqa: E402
+from sinkfix.cli import main  # noqa: E402
+from sinkfix.errors import EvaluationError, PolicyError, ProfileError, UsageError  # noqa: E402
+from sinkfix.evaluate import make_windows, windows_nll  # noqa: E402
+from sinkfix.lmeval import builtin  # noqa: E402
+from sinkfix.lmeval.config import Correction, EvalConfig  # noqa: E402
+from sinkfix.lmeval.model import SinkfixLM, parse_model_args  # noqa: E402
+from sinkfix.lmeval.paired import compare_runs, evaluate_once, run_eval  # noqa: E402
+from sinkfix.lmeval.taskload import load_tasks  # noqa: E402
+from sinkfix.texts import domain_text  # noqa: E402
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([domain_text("prose")[:60_000], domain_text("code")[:20_000]], trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A local model folder: 2-layer random Llama (max 512 positions) + the tiny tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_folder, one_thread):
+    return SinkfixLM(pretrained=str(tiny_folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def builtin_tasks():
+    return load_tasks(list(builtin.BUILTIN_TASKS))
+
+
+def _samples(results, task):
+    return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+# -- model arguments and corrections -----------------------------------------------------------------
+def test_model_args_keep_a_policy_spec_together():
+    args = parse_model_args("pretrained=smollm2-135m,policy=sink_scale=0.9,n_sink=2,layers=1:3,batch_size=4,"
+                            "add_bos_token=true")
+    assert args == {"pretrained": "smollm2-135m", "policy": "sink_scale=0.9,n_sink=2,layers=1:3", "batch_size": 4,
+                    "add_bos_token": True}
+    assert parse_model_args("profile=p.json,max_length=64") == {"profile": "p.json", "max_length": 64}
+    with pytest.raises(UsageError, match="not key=value"):
+        parse_model_args("pretrained=x,oops")
+
+
+def test_correction_from_arguments(tmp_path):
+    assert Correction.from_args() is None
+    assert Correction.from_args("sink_scale=0.9").value == sinkfix.Policy(sink_scale=0.9)
+    with pytest.raises(UsageError, match="not both"):
+        Correction.from_args("identity", "p.json")
+    with pytest.raises(PolicyError):
+        Correction.from_args("sink_scale=2")
+    with pytest.raises(ProfileError, match="not found"):
+        Correction.from_args(profile=str(tmp_path / "missing.json"))
+
+
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("sinkfix") is SinkfixLM
+
+
+# -- built-in items ------------------------------------------------------------------------------------
+def test_builtin_documents_are_fixed_and_sized():
+    for domain in ("prose", "code"):
+        docs = builtin.documents(domain)
+        assert docs == builtin.documents(domain)
+        assert len(docs) == builtin.DOCUMENTS
+        assert all(builtin.DOC_CHARS * 0.9 <= len(d["text"]) <= 2.2 * builtin.DOC_CHARS for d in docs)
+        text = domain_text(domain)
+        assert all(d["text"] in text for d in docs)
+
+
+def test_cloze_items_are_true_continuations():
+    items = builtin.cloze_items()
+    assert items == builtin.cloze_items() and len(items) == builtin.CLOZE_ITEMS
+    text = domain_text("prose")
+    for item in items:
+        choices = item["choices"]
+        assert len(choices) == 4 == len(set(choices))
+        assert item["context"] + " " + choices[item["gold"]] in text
+    # the answer's position is spread over the four slots
+    assert {item["gold"] for item in items} == {0, 1, 2, 3}
+
+
+def test_export_tasks_read_the_same_items(tmp_path, builtin_tasks):
+    written = builtin.export_tasks(tmp_path)
+    assert {p.name for p in written} == {f"{n}.jsonl" for n in builtin.BUILTIN_TASKS} | {
+        f"{n}_jsonl.yaml" for n in builtin.BUILTIN_TASKS}
+    exported = load_tasks(["sinkfix_jsonl"], include=[tmp_path])
+    for name in builtin.BUILTIN_TASKS:
+        assert list(exported.tasks[f"{name}_jsonl"].test_docs()) == list(builtin_tasks.tasks[name].test_docs())
+
+
+# -- task errors -----------------------------------------------------------------------------------------
+def test_unknown_task_passes_lm_evals_message_on():
+    with pytest.raises(EvaluationError, match="unknown task 'sinkfix_prosee'.*lm-eval: Spec 'sinkfix_prosee' is "
+                                              "not a registered task.*did you mean sinkfix_prose"):
+        load_tasks(["sinkfix_prosee"])
+
+
+def test_include_path_must_be_a_folder(tmp_path):
+    with pytest.raises(EvaluationError, match="no such folder"):
+        load_tasks(["sinkfix_prose"], include=[tmp_path / "nope"])
+
+
+def _local_task(folder: Path, data: Path) -> None:
+    (folder / "local.yaml").write_text(
+        "task: local_rolling\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(data))}\noutput_type: loglikelihood_rolling\ntest_split: test\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n')
+
+
+def test_missing_data_file(tmp_path):
+    _local_task(tmp_path, tmp_path / "absent.jsonl")
+    with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+
+
+@pytest.mark.parametrize("bad_line, problem", [('{"text": "two', "not valid JSON"), ("[1, 2]", "a record must be a JSON object, got list")])
+def test_malformed_data_file_names_the_line(tmp_path, bad_line, problem):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n\n' + bad_line + '\n{"text": "three"}\n')
+    _local_task(tmp_path, data)
+    with pytest.raises(EvaluationError, match=f"data.jsonl, line 3: {problem}"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+
+
+def test_local_task_through_a_tag(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two\n')
+    _local_task(tmp_path, data)
+    (tmp_path / "local.yaml").write_text((tmp_path / "local.yaml").read_text() + "tag: [mine]\n")
+    with pytest.raises(EvaluationError, match="line 2"):
+        load_tasks(["mine"], include=[tmp_path])
+
+
+# -- the model type on a tiny model ------------------------------------------------------------------------
+def test_identity_gives_the_stock_results_and_a_policy_changes_them(tiny_lm, builtin_tasks):
+    stock = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(Correction.from_args("identity"))
+    identity = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(Correction.from_args("drop"))
+    dropped = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(None)
+    for task in builtin.BUILTIN_TASKS:
+        for metric, value in stock["results"][task].items():
+            if "," in metric and "stderr" not in metric:
+                assert identity["results"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+    s, i, d = (_samples(r, "sinkfix_cloze") for r in (stock, identity, dropped))
+    for doc in s:
+        assert [x[0] for x in i[doc]["filtered_resps"]] == pytest.approx([x[0] for x in s[doc]["filtered_resps"]],
+                                                                          abs=1e-5)
+    changed = max(abs(a[0] - b[0]) for doc in s for a, b in zip(d[doc]["filtered_resps"], s[doc]["filtered_resps"]))
+    assert changed > 1e-3
+
+
+def test_rolling_loglikelihood_agrees_with_sinkfix_evaluate(tiny_lm):
+    """lm-eval's rolling windows of L tokens are sinkfix.evaluate's windows of L + 1 tokens at stride L
+    over [prefix] + text: the same tokens scored with the same context. The one protocol difference
+    is the last window, which lm-eval extends to the left to a full L tokens of context; on a text
+    of a whole number of windows there is none."""
+    ids = tiny_lm.tok_encode(domain_text("prose")[:4000])
+    length = 64
+    ids = ids[: (len(ids) // length) * length]
+    text = tiny_lm.tokenizer.decode(ids)
+    assert tiny_lm.tok_encode(text) == ids  # byte-level BPE: decode and encode round-trip
+    tiny_lm._max_length = length
+    try:
+        request = Instance("loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+        via_lm_eval = tiny_lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
+    finally:
+        tiny_lm._max_length = None
+    stream = torch.tensor([tiny_lm.prefix_token_id, *ids])
+    windows = make_windows(stream, seq_len=length + 1, stride=length)
+    nll, tokens = windows_nll(tiny_lm.model, windows)
+    assert tokens == len(ids) and len(windows) == len(ids) // length
+    assert -via_lm_eval == pytest.approx(nll, rel=1e-5)
+
+
+def test_paired_comparison_on_the_tiny_model(tiny_lm, builtin_tasks):
+    stock = evaluate_once(tiny_lm, builtin_tasks, limit=5)
+    tiny_lm.apply(Correction.from_args("sink_scale=0.5"))
+    corrected = evaluate_once(tiny_lm, builtin_tasks, limit=5)
+    tiny_lm.apply(None)
+    config = EvalConfig(iterations=200)
+    compared = compare_runs(builtin_tasks, stock, corrected, config)
+    assert set(compared["sinkfix_cloze"]["metrics"]) == {"acc", "acc_norm"}
+    assert set(compared["sinkfix_prose"]["metrics"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    for task, entry in compared.items():
+        assert entry["items"] == 5
+        for metric, m in entry["metrics"].items():
+            # the point estimates are lm-eval's own numbers
+            assert m["stock"] == pytest.approx(stock["results"][task][f"{metric},none"], rel=1e-12)
+            assert m["corrected"] == pytest.approx(corrected["results"][task][f"{metric},none"], rel=1e-12)
+            assert m["delta"] == pytest.approx(m["corrected"] - m["stock"])
+    assert compared["sinkfix_cloze"]["metrics"]["acc"]["test"] == "mcnemar-exact"
+    assert compared["sinkfix_prose"]["metrics"]["bits_per_byte"]["higher_is_better"] is False
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def _run(capsys, *argv):
+    code = main(["eval", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_command_json_and_table(tiny_folder, tmp_path, capsys, one_thread):
+    out_file = tmp_path / "report.json"
+    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "sinkfix_cloze,sinkfix_code", "--limit", "4",
+                          "--bootstrap", "100", "--json", "--out", str(out_file), "--policy", "sink_scale=0.5")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads(out_file.read_text())
+    assert report["schema"] == "sinkfix.eval/1"
+    assert report["correction"] == {"kind": "policy", "source": "sink_scale=0.5", "description": "policy sink_scale=0.5"}
+    assert set(report["tasks"]) == {"sinkfix_cloze", "sinkfix_code"}
+    acc = report["tasks"]["sinkfix_cloze"]["metrics"]["acc"]
+    assert {"stock", "corrected", "delta", "ci_low", "ci_high", "p_value", "test"} <= set(acc)
+    assert acc["items"] == 4 and acc["iterations"] == 100
+    from sinkfix.lmeval.report import table_rows
+
+    rows = table_rows(report)
+    assert [r[:2] for r in rows[:2]] == [["sinkfix_cloze", "acc ↑"], ["sinkfix_cloze", "acc_norm ↑"]]
+    assert all(math.isfinite(float(r[3])) for r in rows)
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sinkfix eval: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_eval_command_errors(tiny_folder, tmp_path, capsys):
+    out_file = tmp_path / "report.json"
+    model = ["--model", str(tiny_folder), "--out", str(out_file)]
+    _one_line_error(*_run(capsys, *model, "--limit", "0")[::2], "--limit must be >= 1")
+    _one_line_error(*_run(capsys, *model, "--tasks", "no_such_task_x")[::2], "unknown task 'no_such_task_x'")
+    _one_line_error(*_run(capsys, *model, "--policy", "sink_scale=7")[::2], "sink_scale")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken}\n')
+    _local_task(tmp_path, data)
+    _one_line_error(*_run(capsys, *model, "--tasks", "local_rolling", "--include-path", str(tmp_path))[::2],
+                    "data.jsonl, line 2: not valid JSON")
+    assert not out_file.exists() and not list(tmp_path.glob(".report.json*"))
+
+
+def test_profile_for_another_model_is_refused(tiny_folder, tmp_path, capsys, one_thread):
+    torch.manual_seed(1)
+    other = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(tiny_folder)).eval()
+    with sinkfix.patch(other, sinkfix.Policy()):
+        profile = sinkfix.Profile(sinkfix.profile.ModelIdentity.of(other), torch.full((2, 4), 0.9))
+    path = profile.save(tmp_path / "other.profile.json")
+    out_file = tmp_path / "report.json"
+    code, _, err = _run(capsys, "--model", str(tiny_folder), "--profile", str(path), "--tasks", "sinkfix_cloze",
+                        "--limit", "2", "--out", str(out_file))
+    _one_line_error(code, err, "does not fit", "weights fingerprint")
+    assert not out_file.exists()
+
+
+def test_export_command(tmp_path, capsys):
+    code, _, err = _run(capsys, "--export-tasks", str(tmp_path / "tasks"))
+    assert code == 0
+    assert len(list((tmp_path / "tasks").iterdir())) == 6 and "sinkfix_cloze_jsonl.yaml" in err
+
+
+# -- the real model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_identity_policy_and_rolling(smollm2, one_thread):
+    model, tokenizer = smollm2
+    lm = SinkfixLM(pretrained=model, tokenizer=tokenizer)
+    tasks = load_tasks(["sinkfix_cloze", "sinkfix_prose"])
+    try:
+        stock = evaluate_once(lm, tasks, limit=8)
+        lm.apply(Correction.from_args("identity"))
+        identity = evaluate_once(lm, tasks, limit=8)
+        lm.apply(Correction.from_args("sink_scale=0.9"))
+        corrected = evaluate_once(lm, tasks, limit=8)
+    finally:
+        lm.apply(None)
+    # identity: the same numbers as printed (4 decimals) and the same choice on every item
+    for task in ("sinkfix_cloze", "sinkfix_prose"):
+        for metric, value in stock["results"][task].items():
+            if "," in metric and "stderr" not in metric:
+                assert round(identity["results"][task][metric], 4) == round(value, 4), (task, metric)
+    s, i, c = (_samples(r, "sinkfix_cloze") for r in (stock, identity, corrected))
+    assert all(s[d]["acc"] == i[d]["acc"] for d in s)
+    prose_s, prose_c = _samples(stock, "sinkfix_prose"), _samples(corrected, "sinkfix_prose")
+    assert max(abs(prose_s[d]["word_perplexity"][0] - prose_c[d]["word_perplexity"][0]) for d in prose_s) > 0.1
+
+
+@pytest.mark.slow
+def test_smollm2_rolling_matches_the_bench_protocol(smollm2, one_thread):
+    """lm-eval's rolling log-likelihood on SmolLM2 = sinkfix.evaluate with windows of L + 1 tokens at
+    stride L over [prefix] + text (text cut to whole windows)."""
+    model, tokenizer = smollm2
+    lm = SinkfixLM(pretrained=model, tokenizer=tokenizer, max_length=256)
+    ids = lm.tok_encode(domain_text("prose")[:6000])[:512]
+    text = tokenizer.decode(ids)
+    assert lm.tok_encode(text) == ids
+    via_lm_eval = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    nll, tokens = windows_nll(model, make_windows(torch.tensor([lm.prefix_token_id, *ids]), seq_len=257, stride=256))
+    assert tokens == 512
+    assert -via_lm_eval == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_run_eval_on_smollm2_with_a_limit(one_thread):
+    report = run_eval(EvalConfig(tasks=("sinkfix_cloze",), limit=3, iterations=100))
+    acc = report["tasks"]["sinkfix_cloze"]["metrics"]["acc"]
+    assert acc["items"] == 3 and report["model"]["name"] == "smollm2-135m"
