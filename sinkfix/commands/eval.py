@@ -48,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     which.add_argument("--policy", metavar="SPEC", help=f"the correction as a policy spec (default: {DEFAULT_POLICY})")
     which.add_argument("--profile", metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
-    p.add_argument("--num-fewshot", type=int, default=None, metavar="N", help="few-shot examples (default: each task's)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="few-shot examples (default: each task's)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="lm-eval's window length in tokens (default: the model's maximum)")

@@ -8,6 +8,7 @@ with per-sample logging; the items are paired by document id and checked to be t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import random
@@ -120,11 +121,12 @@ def _protocol(lm: SinkfixLM) -> dict[str, Any]:
             "batch_size": lm.batch_size, "device": str(lm.device)}
 
 
-def _timed(label: str, log: Log, run: Callable[[], Any], timing: dict[str, float]) -> Any:
-    log(label)
+def _timed(step: str, message: str, log: Log, run: Callable[[], Any], timing: dict[str, float]) -> Any:
+    """``run()``, announced by ``message``; its wall time lands in ``timing[step]``."""
+    log(message)
     start = time.perf_counter()
     result = run()
-    timing[label.split()[0]] = round(time.perf_counter() - start, 2)
+    timing[step] = round(time.perf_counter() - start, 2)
     return result
 
 
@@ -135,23 +137,24 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     correction = config.correction()  # a bad spec or profile file fails before anything is loaded
-    loaded = _timed("tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log), timing)
-    lm = _timed(f"model {config.model} ...", log, lambda: SinkfixLM(
+    loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
+                    timing)
+    lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(
         pretrained=config.model, batch_size=config.batch_size, device=config.device, kernel=config.kernel,
         **config.extra), timing)
     lm.apply(correction)  # a profile for another model or a policy it cannot take fails here, not after the stock run
     lm.apply(None)
-    stock = _timed("stock ...", log, lambda: evaluate_once(lm, loaded, config.limit, config.num_fewshot), timing)
+    run = functools.partial(evaluate_once, lm, loaded, config.limit, config.num_fewshot)
+    stock = _timed("stock", "stock ...", log, run, timing)
     try:
         lm.apply(correction)
-        corrected = _timed(f"corrected ({correction.describe()}) ...", log,
-                           lambda: evaluate_once(lm, loaded, config.limit, config.num_fewshot), timing)
+        corrected = _timed("corrected", f"corrected ({correction.describe()}) ...", log, run, timing)
     finally:
         lm.apply(None)
     timing["total"] = round(time.perf_counter() - start, 2)
     return {
         "schema": SCHEMA, "model": ModelIdentity.of(lm.model).to_dict(), "correction": correction.to_dict(),
-        "settings": {k: v for k, v in asdict(config).items()}, "protocol": _protocol(lm), "versions": _versions(),
+        "settings": asdict(config), "protocol": _protocol(lm), "versions": _versions(),
         "threads": torch.get_num_threads(), "timing_s": timing,
         "tasks": compare_runs(loaded, stock, corrected, config),
     }

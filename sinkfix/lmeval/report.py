@@ -42,13 +42,13 @@ def protocol_lines(report: dict[str, Any]) -> list[str]:
     some = next((m for e in report["tasks"].values() for m in e["metrics"].values()), None)
     draws = some["iterations"] if some else settings["iterations"]
     return [
-        f"{report['model']['name']} stock vs {report['correction']['description']}: the same items, one model "
-        f"load; lm-eval {report['versions']['lm_eval']}, {protocol['device']}, batch {protocol['batch_size']}, "
-        f"{report['threads']} thread(s)",
-        f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
-        f"seed {settings['seed']}); p: McNemar's exact test for 0/1 metrics, else the bootstrap interval inverted",
-        f"rolling log-likelihood: each document scored once from its start after prefix token "
-        f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓ = higher/lower is better",
+        (f"{report['model']['name']} stock vs {report['correction']['description']}: the same items, one model "
+         f"load; lm-eval {report['versions']['lm_eval']}, {protocol['device']}, batch {protocol['batch_size']}, "
+         f"{report['threads']} thread(s)"),
+        (f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
+         f"seed {settings['seed']}); p: McNemar's exact test for 0/1 metrics, else the bootstrap interval inverted"),
+        (f"rolling log-likelihood: each document scored once from its start after prefix token "
+         f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓ = higher/lower is better"),
     ]
 
 

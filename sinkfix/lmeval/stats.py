@@ -99,8 +99,8 @@ def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Ag
     deltas = paired_bootstrap(stock, corrected, aggregate, iterations=iterations, seed=seed)
     low, high = np.quantile(deltas, [(1 - confidence) / 2, (1 + confidence) / 2])
     before, after = float(aggregate(list(stock))), float(aggregate(list(corrected)))
-    common = dict(items=len(stock), stock=before, corrected=after, delta=after - before, ci_low=float(low),
-                  ci_high=float(high), confidence=confidence, iterations=iterations)
+    common = {"items": len(stock), "stock": before, "corrected": after, "delta": after - before,
+              "ci_low": float(low), "ci_high": float(high), "confidence": confidence, "iterations": iterations}
     if is_binary(stock) and is_binary(corrected):
         p, b, c = mcnemar_exact(stock, corrected)
         return Paired(**common, test="mcnemar-exact", p_value=p, stock_only=b, corrected_only=c)
