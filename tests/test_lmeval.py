@@ -27,7 +27,7 @@ from sinkfix.errors import EvaluationError, PolicyError, ProfileError, UsageErro
 from sinkfix.evaluate import make_windows, windows_nll
 from sinkfix.lmeval import builtin
 from sinkfix.lmeval.config import Correction, EvalConfig
-from sinkfix.lmeval.model import SinkfixLM, parse_model_args
+from sinkfix.lmeval.model import SinkfixLM
 from sinkfix.lmeval.paired import compare_runs, evaluate_once, run_eval
 from sinkfix.lmeval.taskload import load_tasks
 from sinkfix.texts import domain_text
@@ -79,14 +79,21 @@ def _scores(results, task):
 
 
 # -- model arguments and corrections -----------------------------------------------------------------
-def test_model_args_keep_a_policy_spec_together():
-    args = parse_model_args("pretrained=smollm2-135m,policy=sink_scale=0.9,n_sink=2,layers=1:3,batch_size=4,"
-                            "add_bos_token=true")
-    assert args == {"pretrained": "smollm2-135m", "policy": "sink_scale=0.9,n_sink=2,layers=1:3", "batch_size": 4,
-                    "add_bos_token": True}
-    assert parse_model_args("profile=p.json,max_length=64") == {"profile": "p.json", "max_length": 64}
-    with pytest.raises(UsageError, match="not key=value"):
-        parse_model_args("pretrained=x,oops")
+def test_policy_keys_given_as_model_arguments_join_the_policy(tiny_folder, one_thread):
+    """lm-eval splits model_args at every comma: the spec's other keys arrive as arguments of their own."""
+    from lm_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string(f"pretrained={tiny_folder},policy=sink_scale=0.9,n_sink=2,layers=0:1,"
+                                    "virtual_logit_on_sink_rows=false,virtual_sink_logit=0,device=cpu")
+    lm = SinkfixLM(**args)
+    assert lm.correction.source == ("sink_scale=0.9,virtual_sink_logit=0,virtual_logit_on_sink_rows=false,n_sink=2,"
+                                    "layers=0:1")
+    assert lm.correction.value == sinkfix.Policy(sink_scale=0.9, virtual_sink_logit=0.0, n_sink=2, layers=(0, 1))
+    assert sinkfix.PatchHandle.of(lm.model).policy == lm.correction.value
+    lm.apply(None)
+    assert sinkfix.PatchHandle.of(lm.model) is None
+    with pytest.raises(UsageError, match="next to a Policy object"):
+        SinkfixLM(pretrained=str(tiny_folder), policy=sinkfix.Policy(), n_sink=2)
 
 
 def test_correction_from_arguments(tmp_path):
@@ -189,6 +196,8 @@ def test_missing_data_file(tmp_path):
     _local_task(tmp_path, tmp_path / "absent.jsonl")
     with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
         load_tasks(["local_rolling"], include=[tmp_path])
+    with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
+        load_tasks([str(tmp_path / "local.yaml")])  # a task given as its file
 
 
 @pytest.mark.parametrize("bad_line, problem", [('{"text": "two', "not valid JSON"),
@@ -208,6 +217,23 @@ def test_local_task_through_a_tag(tmp_path):
     (tmp_path / "local.yaml").write_text((tmp_path / "local.yaml").read_text() + "tag: [mine]\n")
     with pytest.raises(EvaluationError, match="line 2"):
         load_tasks(["mine"], include=[tmp_path])
+
+
+def test_local_copy_of_a_standard_task(tmp_path, tiny_lm):
+    """The README recipe: lm-eval's own lambada_openai definition, its data from a local JSONL file."""
+    import lm_eval
+
+    standard = Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml"
+    data = tmp_path / "lambada.jsonl"
+    lines = [line for line in domain_text("prose").splitlines() if len(line.split()) > 8][:4]
+    data.write_text("".join(json.dumps({"text": line.strip()}) + "\n" for line in lines))
+    (tmp_path / "lambada_local.yaml").write_text(
+        f"include: {standard}\ntask: lambada_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n")
+    loaded = load_tasks(["lambada_local"], include=[tmp_path])
+    results = evaluate_once(tiny_lm, loaded)
+    assert set(results["results"]["lambada_local"]) >= {"perplexity,none", "acc,none"}
+    assert len(results["samples"]["lambada_local"]) == 4
 
 
 # -- the model type on a tiny model ------------------------------------------------------------------------

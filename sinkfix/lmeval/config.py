@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from sinkfix.errors import UsageError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
@@ -81,6 +83,8 @@ class EvalConfig:
             raise UsageError(f"--confidence must lie in (0, 1), got {self.confidence}")
         if self.policy is not None and self.profile is not None:
             raise UsageError("give --policy or --profile, not both")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device}: torch sees no CUDA device here")
 
     def correction(self) -> Correction:
         spec = self.policy if self.policy is not None or self.profile is not None else DEFAULT_POLICY

@@ -7,8 +7,9 @@
 
 ``pretrained`` is anything :func:`sinkfix.load_model` takes (the offline models ``smollm2-135m`` and
 ``gemma3-270m``, a local folder, a hub id) or an already loaded model (then pass ``tokenizer=``).
-``policy=`` takes the command-line spec syntax (``sink_scale=0.9,n_sink=1``; in an lm-eval
-``model_args`` string the commas of a spec stay with ``policy``), ``profile=`` a profile file;
+``policy=`` takes the command-line spec syntax (``sink_scale=0.9,n_sink=1``; the keys of a spec may
+also come as model arguments of their own, which is how lm-eval hands over ``model_args``
+``policy=sink_scale=0.9,n_sink=1``), ``profile=`` a profile file;
 neither = the stock model. Every other keyword is lm-eval's HFLM argument (``batch_size``,
 ``max_length``, ``add_bos_token``, ...). ``dtype`` defaults to float32, the precision sinkfix's
 numbers are measured in; ``device`` to CUDA when there is one, else the CPU.
@@ -33,35 +34,29 @@ from sinkfix.profile import ModelIdentity, Profile
 try:
     from lm_eval.api.registry import model_registry
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.utils import handle_arg_string
 except ImportError:  # the optional extra is not installed
     raise EvaluationError("downstream evaluation needs lm-evaluation-harness: pip install 'sinkfix[eval]' "
                           "(or pip install 'lm-eval>=0.4.10')") from None
 
-__all__ = ["SinkfixLM", "parse_model_args", "MODEL_TYPE"]
+__all__ = ["SinkfixLM", "MODEL_TYPE"]
 
 MODEL_TYPE = "sinkfix"
 
 
-def parse_model_args(arg_string: str) -> dict[str, Any]:
-    """lm-eval's ``key=value,key=value`` model arguments, with the items of a policy spec kept together:
-    ``pretrained=smollm2-135m,policy=sink_scale=0.9,n_sink=2,batch_size=4`` gives policy
-    ``"sink_scale=0.9,n_sink=2"`` (lm-eval's own parser would split it at the comma)."""
-    args: dict[str, Any] = {}
-    last = None
-    for item in (part.strip() for part in arg_string.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"model argument {item!r} is not key=value (model_args: {arg_string!r})")
-        key = key.strip()
-        if last == "policy" and key in SPEC_KEYS:
-            args["policy"] += f",{item}"
-            continue
-        args[key] = value.strip() if key == "policy" else handle_arg_string(value)
-        last = key
-    return args
+def _with_spec_items(policy: str | Policy | None, kwargs: dict[str, Any]) -> str | Policy | None:
+    """``policy`` plus the policy spec items that arrived as model arguments of their own: lm-eval
+    splits ``model_args`` at every comma, so ``policy=sink_scale=0.9,n_sink=2`` reaches the model as
+    ``policy="sink_scale=0.9"`` and ``n_sink=2``. Removes those items from ``kwargs``."""
+    items = [f"{key}={_spec_value(kwargs.pop(key))}" for key in SPEC_KEYS if key in kwargs]
+    if not items:
+        return policy
+    if isinstance(policy, Policy):
+        raise UsageError(f"policy keys {', '.join(items)} given next to a Policy object: put them into the Policy")
+    return ",".join([policy, *items] if policy else items)
+
+
+def _spec_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @contextlib.contextmanager
@@ -94,7 +89,9 @@ def _load(pretrained: Any, tokenizer: Any, dtype: str | torch.dtype, device: str
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but torch sees no CUDA device here")
+        # lm-eval's command line asks for cuda:0 unless told otherwise; HFLM falls back the same way
+        logging.getLogger(__name__).warning("device %s asked for, but torch sees no CUDA device: using the CPU", device)
+        device = "cpu"
     model, own_tokenizer = load_model(pretrained, dtype=_torch_dtype(dtype), device=device)
     return model, tokenizer if tokenizer is not None else own_tokenizer
 
@@ -105,7 +102,8 @@ class SinkfixLM(HFLM):
     def __init__(self, pretrained: Any = DEFAULT_MODEL, policy: str | Policy | None = None,
                  profile: str | Profile | None = None, kernel: str = "auto", tokenizer: Any = None,
                  dtype: str | torch.dtype = "float32", device: str | None = None, **kwargs: Any) -> None:
-        correction = Correction.from_args(policy, profile)  # a bad spec or file fails before the load
+        # a bad spec or profile file fails before the model loads
+        correction = Correction.from_args(_with_spec_items(policy, kwargs), profile)
         model, tokenizer = _load(pretrained, tokenizer, dtype, device)
         with _quiet_hflm():
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
@@ -113,11 +111,6 @@ class SinkfixLM(HFLM):
         self.correction: Correction | None = None
         self._window_bars = True
         self.apply(correction)
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SinkfixLM":
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**parse_model_args(arg_string), **extra)
 
     # -- the correction ---------------------------------------------------------------------------
     def apply(self, correction: Correction | None) -> None:

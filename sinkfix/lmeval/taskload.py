@@ -21,6 +21,7 @@ from sinkfix.lmeval.builtin import TASKS_DIR
 try:
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
 except ImportError:
     raise EvaluationError("downstream evaluation needs lm-evaluation-harness: pip install 'sinkfix[eval]'") from None
 
@@ -119,11 +120,22 @@ def _check_json_file(path: Path) -> None:
             raise EvaluationError(f"{path}, line {number}: a record must be a JSON object, got {type(record).__name__}")
 
 
+def _file_config(name: str) -> list[dict[str, Any]]:
+    """The config of a task given as a YAML file path (lm-eval reports a file it cannot parse)."""
+    if not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+        return []
+    try:
+        config = load_yaml(Path(name), resolve_func=False)
+    except Exception:  # noqa: BLE001 - lm-eval's own load names the problem
+        return []
+    return [config] if isinstance(config, dict) and "task" in config else []
+
+
 def _leaf_configs(manager: Any, name: str) -> list[dict[str, Any]]:
     """The raw configs of the tasks that ``name`` stands for (itself, a tag's or a group's members)."""
     entry = manager.task_index.get(name)
     if entry is None:
-        return []
+        return _file_config(name)
     if entry.kind is Kind.TASK:
         return [entry.cfg or {}]
     if entry.kind is Kind.TAG:
