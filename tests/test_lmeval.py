@@ -198,6 +198,9 @@ def test_missing_data_file(tmp_path):
         load_tasks(["local_rolling"], include=[tmp_path])
     with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
         load_tasks([str(tmp_path / "local.yaml")])  # a task given as its file
+    _local_task(tmp_path, tmp_path / "part-*.jsonl")
+    with pytest.raises(EvaluationError, match="no task data file matches .*part-"):
+        load_tasks(["local_rolling"], include=[tmp_path])
 
 
 @pytest.mark.parametrize("bad_line, problem", [('{"text": "two', "not valid JSON"),

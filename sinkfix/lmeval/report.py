@@ -22,7 +22,9 @@ def _test(m: dict[str, Any]) -> str:
     p = f"{m['p_value']:.3g}"
     if m["test"] == "mcnemar-exact":
         return f"{p} McNemar ({m['stock_only']} lost, {m['corrected_only']} gained)"
-    return f"{p} bootstrap"
+    # no draw on the other side of zero: the p-value is only known to be at most its floor, 2 / (draws + 1)
+    floor = 2 / (m["iterations"] + 1)
+    return f"<={floor:.2g} bootstrap" if m["p_value"] <= floor * (1 + 1e-9) else f"{p} bootstrap"
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,17 @@ def _data_files(config: dict[str, Any]) -> list[Path]:
         return []
     values = files.values() if isinstance(files, dict) else [files]
     flat = [f for v in values for f in (v if isinstance(v, list) else [v])]
-    return [Path(str(f)).expanduser() for f in flat if "://" not in str(f)]
+    return [path for f in flat if "://" not in str(f) for path in _expand(Path(str(f)).expanduser())]
+
+
+def _expand(path: Path) -> list[Path]:
+    """A data_files entry as files: a glob pattern (as datasets accepts) gives what it matches."""
+    if not any(c in str(path) for c in "*?["):
+        return [path]
+    matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+    if not matches:
+        raise EvaluationError(f"no task data file matches {path}")
+    return matches
 
 
 def _check_json_file(path: Path) -> None:
