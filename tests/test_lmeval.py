@@ -338,6 +338,7 @@ def test_eval_command_errors(tiny_folder, tmp_path, capsys):
     out_file = tmp_path / "report.json"
     model = ["--model", str(tiny_folder), "--out", str(out_file)]
     _one_line_error(*_run(capsys, *model, "--limit", "0")[::2], "--limit must be >= 1")
+    _one_line_error(*_run(capsys, *model, "--max-length", "1")[::2], "--max-length must be >= 2")
     _one_line_error(*_run(capsys, *model, "--tasks", "no_such_task_x")[::2], "unknown task 'no_such_task_x'")
     _one_line_error(*_run(capsys, *model, "--policy", "sink_scale=7")[::2], "sink_scale")
     data = tmp_path / "data.jsonl"

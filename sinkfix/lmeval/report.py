@@ -50,7 +50,7 @@ def protocol_lines(report: dict[str, Any]) -> list[str]:
         (f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
          f"seed {settings['seed']}); p: McNemar's exact test for 0/1 metrics, else the bootstrap interval inverted"),
         (f"rolling log-likelihood: each document scored once from its start after prefix token "
-         f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓ = higher/lower is better"),
+         f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓: higher/lower is better"),
     ]
 
 
