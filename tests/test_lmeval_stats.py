@@ -111,3 +111,34 @@ def test_bad_bootstrap_input(stock, corrected, iterations):
 def test_bad_confidence():
     with pytest.raises(UsageError, match="confidence"):
         compare_paired([1], [0], mean, confidence=1.0)
+
+
+def test_sinkfix_works_without_lm_eval():
+    """lm-eval is an optional extra: with it unimportable, sinkfix and its CLI still import, and
+    `sinkfix eval` says in one line how to install it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "lm_eval" or name.startswith("lm_eval."):
+                    raise ImportError("lm_eval is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import sinkfix
+        from sinkfix.cli import main
+        code = main(["eval", "--limit", "1"])
+        assert not any(m == "lm_eval" or m.startswith("lm_eval.") for m in sys.modules)
+        sys.exit(code)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == ("sinkfix eval: error: sinkfix eval needs lm-evaluation-harness: "
+                                   "pip install 'sinkfix[eval]'")
