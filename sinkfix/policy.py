@@ -16,7 +16,11 @@ import torch
 
 from sinkfix.errors import PolicyError
 
-__all__ = ["Policy", "ResidualClip", "LayerPolicy", "LayerClip"]
+__all__ = ["Policy", "ResidualClip", "LayerPolicy", "LayerClip", "SPEC_KEYS"]
+
+# The keys of a command-line policy spec (Policy.parse), in the order the error message lists them.
+SPEC_KEYS = ("sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink", "layers",
+             "extra_sink_positions", "clip", "clip_abs")
 
 Scalar = float | int
 PerHead = Scalar | Sequence[Sequence[float]] | torch.Tensor
@@ -152,10 +156,7 @@ class Policy(_ValueEquality):
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
                 else:
-                    raise PolicyError(
-                        f"unknown policy key {key!r}; known: sink_scale, virtual_sink_logit, "
-                        "virtual_logit_on_sink_rows, n_sink, layers, extra_sink_positions, clip, clip_abs"
-                    )
+                    raise PolicyError(f"unknown policy key {key!r}; known: {', '.join(SPEC_KEYS)}")
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
         return cls(residual_clip=clip, **kwargs)
