@@ -371,9 +371,12 @@ def sink_attention(
 
     args = (q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal, int(causal_offset),
             sliding_window, scale, softcap, first_column_sink, chosen)
-    # Compiled: one opaque, shape-known call. Eager: the same function without the dispatcher's
-    # round trip through a Python custom op (measured ~55 us per call on CPU, 30 calls per token).
-    if torch.compiler.is_compiling():
+    # Compiled on the Triton backend: one opaque, shape-known call (dynamo cannot trace a kernel
+    # launcher). Compiled on the PyTorch backend on CPU: traced op by op, so inductor fuses the
+    # combine's small element-wise ops into one kernel around the fused attention op instead of
+    # running them one by one inside an opaque call. Eager: the function itself, without the
+    # dispatcher's round trip through a Python custom op (~55 us per call on CPU, 30 calls per token).
+    if torch.compiler.is_compiling() and not (chosen == "torch" and q.device.type == "cpu"):
         out, lse = custom_ops.sink_attention_op(*args)
     else:
         out, lse = custom_ops.sink_attention_impl(*args)
