@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check of the Triton kernels on a CUDA GPU, in under 8 minutes:
 #   1. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors),
-#      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1);
-#   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth).
+#      including the AOT compile and budget tests on their default set (the full static audit needs
+#      no GPU: benchmarks/kernel_audit.py on any machine);
+#   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth);
+#   3. benchmarks/kernel_audit.py --native: the audited bf16 configurations timed with real launches,
+#      to set next to their static numbers (registers, spills, main-loop SASS) in RESULTS.md.
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
 # Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
 set -uo pipefail
@@ -11,7 +14,6 @@ cd "$(dirname "$0")/.."
 OUT="$(mkdir -p "${OUT:-./gpu-out}" && cd "${OUT:-./gpu-out}" && pwd)"
 PYTHON="${PYTHON:-python}"
 unset TRITON_INTERPRET
-export SINKFIX_AOT_ALL=1
 export TRITON_DEFAULT_FP_FUSION=1
 
 # The kernels live in kernels/ and import as sinkfix.kernels (setuptools package-dir), so a plain
@@ -39,18 +41,24 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 # --confcutdir keeps pytest from loading tests/conftest.py (tiny transformers models, not needed here)
-timeout 240 "$PYTHON" -m pytest tests/kernels -q -rfE -s --confcutdir=tests/kernels --durations=15 \
+timeout 230 "$PYTHON" -m pytest tests/kernels -q -rfE -s --confcutdir=tests/kernels --durations=15 \
     --junitxml="$OUT/pytest-kernels.xml" > "$OUT/pytest-kernels.txt" 2>&1
 tests_rc=$?
 
-timeout 200 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+timeout 150 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 bench_rc=$?
+
+# JIT compiles dominate (about 22 configurations); no case starts after 60 s, partial table kept
+timeout 90 "$PYTHON" benchmarks/kernel_audit.py --native --deadline 60 --markdown "$OUT/audit-native.md" \
+    --out "$OUT/audit" > "$OUT/audit-native.log" 2>&1
+native_rc=$?
 
 {
     echo "pytest tests/kernels exit code: $tests_rc (124 = timed out)"
     tail -n 8 "$OUT/pytest-kernels.txt"
     echo "benchmark exit code: $bench_rc (124 = timed out; partial table kept in bench.md)"
+    echo "native audit exit code: $native_rc (124 = timed out; partial table kept in audit-native.md)"
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$native_rc" -eq 0 ]

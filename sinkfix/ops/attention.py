@@ -285,8 +285,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if usable and device.type == "cuda" else "torch"
 
 
-def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto", **kwargs) -> AttentionResult:
-    """Dispatch to the Triton kernels or the PyTorch path. Probabilities always come from PyTorch."""
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto",
+                   key_padding: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None,
+                   **kwargs) -> AttentionResult:
+    """Dispatch to the Triton kernels or the PyTorch path. Probabilities always come from PyTorch.
+
+    ``key_padding`` (B, K) bool (True = a real key every query row may see, combined with the
+    other mask arguments) and its ``key_ranges`` (``sinkfix.kernels.masks.key_padding_ranges``)
+    reach the kernels as they are; the PyTorch path reads the padding as a (B, 1, 1, K) mask."""
     chosen = resolve_backend(backend, q.device)
     if chosen == "triton" and kwargs.get("return_probs"):
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
@@ -298,7 +304,16 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
         need_sink_mass = kwargs.pop("need_sink_mass", False)
         kwargs.pop("return_probs", None)
         if need_sink_mass:  # statistics are gathered on the PyTorch path
-            return sink_attention_torch(q, k, v, need_sink_mass=True, **kwargs)
-        out, lse = kernels.sink_attention_triton(q, k, v, **kwargs)
+            return sink_attention_torch(q, k, v, need_sink_mass=True, **_padding_as_mask(kwargs, key_padding))
+        out, lse = kernels.sink_attention_triton(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
         return AttentionResult(out, lse, None, None)
-    return sink_attention_torch(q, k, v, **kwargs)
+    return sink_attention_torch(q, k, v, **_padding_as_mask(kwargs, key_padding))
+
+
+def _padding_as_mask(kwargs: dict, key_padding: torch.Tensor | None) -> dict:
+    """The PyTorch path's arguments with the key padding folded into ``attn_mask``."""
+    if key_padding is None:
+        return kwargs
+    padding = key_padding[:, None, None, :]
+    mask = kwargs.get("attn_mask")
+    return kwargs | dict(attn_mask=padding if mask is None else mask & padding)
