@@ -545,6 +545,11 @@ def audit_case(case: Case, arch: int, kernels_dir: Path | None = None, out_dir: 
     return rec
 
 
+def _has_tma_path(kernels_dir: Path) -> bool:
+    """Whether the kernel package in ``kernels_dir`` has the bulk-tensor-copy prefill path."""
+    return "use_tma" in (Path(kernels_dir) / "attention_prefill.py").read_text()
+
+
 def _audit_star(key):
     return audit_case(*key)
 
@@ -554,9 +559,16 @@ def run_audit(archs=ARCHS, only: str | None = None, jobs: int = 2, kernels_dir: 
     """Audit the default cases (or ``cases``: (Case, arch) pairs) in ``jobs`` spawned processes
     (compiling needs triton without TRITON_INTERPRET, which is read when triton is imported)."""
     keys = cases if cases is not None else [(c, a) for a in archs for c in default_cases(a)]
+    if kernels_dir is not None and not _has_tma_path(kernels_dir):
+        # an older package without the bulk-copy path: every case on its pointer path, once
+        keys = list(dict.fromkeys((dataclasses.replace(c, tma=False), a) for c, a in keys))
     if only:
         keys = [(c, a) for c, a in keys if all(part in f"{c.name}-sm{a}" for part in only.split(","))]
+    # bf16 first (the configurations the budgets and the README table quote), then fp16, fp32
+    keys = sorted(keys, key=lambda ca: ("bf16", "fp16", "fp32").index(ca[0].dtype))
     keys = [(c, a, kernels_dir, out_dir) for c, a in keys]
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     saved = os.environ.pop("TRITON_INTERPRET", None)
     results = []
     try:
@@ -565,6 +577,9 @@ def run_audit(archs=ARCHS, only: str | None = None, jobs: int = 2, kernels_dir: 
                 results.append(rec)
                 if progress:
                     progress(rec)
+                if out_dir is not None:  # what is done so far survives an interrupted run
+                    with open(Path(out_dir) / "audit.jsonl", "a") as partial:
+                        partial.write(json.dumps(rec) + "\n")
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
@@ -711,6 +726,74 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(rec: dict | None, key: str, fmt=str) -> str:
+    if rec is None:
+        return "-"
+    if "na" in rec:
+        return "n/a"
+    if "error" in rec:
+        return "failed"
+    value = rec.get(key)
+    return "-" if value is None else fmt(value)
+
+
+def _spills(rec: dict) -> str:
+    return f"{rec['spill_store']} / {rec['spill_load']}"
+
+
+def _exp2(rec: dict) -> str:
+    return f"{rec.get('ex2_per_tile', '-')} ({rec.get('ex2_per_elem', '-')})"
+
+
+def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16", head_dim: int = 128) -> str:
+    """Before/after table of one dtype and head dim: every ``after`` record next to the ``before``
+    record of the same arch, kernel, variant, dtype and head dim on the pointer path (an older
+    package has no other). Cells read ``before -> after``; n/a: the older package lacks the feature."""
+    def key(r):
+        return r["arch"], r["kernel"], r["variant"], r["dtype"], r["head_dim"]
+
+    old = {key(r): r for r in before if not r.get("tma")}
+    head = ("| arch | kernel | variant | config | regs | spill st/ld B | smem KB | CTAs/SM | exp2/thread/tile (per elem) "
+            "| main-loop SASS | key loops | main-loop loads |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
+    order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3}
+    rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], r["variant"], not r.get("tma")))
+    for r in rows:
+        b = old.get(key(r))
+        pair = lambda field, fmt=str: (f"{_cell(b, field, fmt)} -> {_cell(r, field, fmt)}"  # noqa: E731
+                                        if b is not None else _cell(r, field, fmt))
+        ok = "regs" in r and (b is None or "regs" in b)
+        spill = f"{_spills(b)} -> {_spills(r)}" if ok and b is not None else (_spills(r) if "regs" in r else "-")
+        ex2 = f"{_exp2(b)} -> {_exp2(r)}" if ok and b is not None else (_exp2(r) if "regs" in r else "-")
+        loads = f"{_loads(b)} -> {_loads(r)}" if ok and b is not None else (_loads(r) if "regs" in r else "-")
+        kb = lambda v: f"{v / 1024:.0f}"  # noqa: E731
+        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']}{' (TMA)' if r.get('tma') else ''} | "
+                     f"{_cell(r, 'config')} | {pair('regs')} | {spill} | {pair('shared', kb)} | {pair('ctas_per_sm')} | "
+                     f"{ex2} | {pair('main_loop_sass')} | {pair('key_loops')} | {loads} |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- kernel_audit.py --readme: begin -->"
+README_END = "<!-- kernel_audit.py --readme: end -->"
+
+
+def update_readme(path: Path, block: str) -> None:
+    """Replace the text between the README_BEGIN and README_END markers of ``path`` (atomically)."""
+    from sinkfix.files import atomic_write_text
+
+    text = path.read_text()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path} has no {README_BEGIN} ... {README_END} block to replace")
+    atomic_write_text(path, text[:start + len(README_BEGIN)] + "\n" + block.strip() + "\n" + text[end:])
+
+
+def _print_progress(rec: dict) -> None:
+    state = "n/a" if "na" in rec else "failed" if "error" in rec else f"{rec['regs']} regs"
+    print(f"  {rec['case']} sm_{rec['arch']}: {state}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -720,6 +803,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated substrings a case name must all contain")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--kernels", type=Path, help="audit this kernel package folder instead of kernels/")
+    parser.add_argument("--records", type=Path, help="audit.json of an earlier run: report it, compile nothing")
+    parser.add_argument("--before", type=Path,
+                        help="audit.json of an earlier run (e.g. --kernels on main's kernels/): add before/after tables")
+    parser.add_argument("--readme", type=Path,
+                        help="with --before: write the bf16 hd 128 before/after tables and the budgets into this "
+                             "file's marked block")
     parser.add_argument("--native", action="store_true",
                         help="on a CUDA GPU: time the bf16 configurations with real launches instead")
     parser.add_argument("--deadline", type=float, default=1e9, help="--native: start no case after this many s")
@@ -737,10 +826,11 @@ def main(argv=None) -> int:
         return 0 if records and not any("error" in r for r in records) else 1
     archs = tuple(int(a) for a in args.arch.split(","))
     t0 = time.time()
-    records = run_audit(archs, args.only, args.jobs, args.kernels, args.out,
-                        progress=None if args.json else lambda r: print(f"  {r['case']} sm_{r['arch']}: "
-                                                                        f"{'n/a' if 'na' in r else 'failed' if 'error' in r else str(r['regs']) + ' regs'}",
-                                                                        file=sys.stderr, flush=True))
+    if args.records is not None:  # tables and budgets of an earlier run, nothing compiled
+        records = [r for r in json.loads(args.records.read_text())["records"] if r["arch"] in archs]
+    else:
+        records = run_audit(archs, args.only, args.jobs, args.kernels, args.out,
+                            progress=None if args.json else _print_progress)
     budgets = budget_report(records)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -754,9 +844,23 @@ def main(argv=None) -> int:
         missed = [b for b in budgets if not b["ok"]]
         text += ["## Budgets", "", f"{len(budgets) - len(missed)} of {len(budgets)} met."]
         text += [f"- MISSED {b['budget']}: {b['case']} sm_{b['arch']}: {b['detail']}" for b in missed]
+        if args.before is not None:
+            before = json.loads(args.before.read_text())["records"]
+            compare = []
+            for arch in archs:
+                compare += [f"### sm_{arch}, bf16, head dim 128: before -> after", "",
+                            comparison_table(before, [r for r in records if r["arch"] == arch]), ""]
+            text += ["", "## Before -> after", ""] + compare
+            if args.readme:
+                summary = [f"{len(budgets) - len(missed)} of {len(budgets)} budget checks met on "
+                           f"{len(records)} compiled configurations."]
+                summary += [f"- MISSED {b['budget']}: {b['case']} sm_{b['arch']}: {b['detail']}" for b in missed]
+                update_readme(args.readme, "\n".join(compare + summary))
         print("\n".join(text))
         if args.markdown:
-            args.markdown.write_text("\n".join(text) + "\n")
+            from sinkfix.files import atomic_write_text
+
+            atomic_write_text(args.markdown, "\n".join(text) + "\n")
     return 0
 
 

@@ -66,6 +66,7 @@ def audited():
     return {(r["case"], r["arch"]): r for r in records}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,arch", ATTENTION_CASES, ids=lambda x: x.name if isinstance(x, Case) else f"sm{x}")
 def test_compile(audited, case, arch):
     r = audited[(case.name, arch)]
@@ -73,6 +74,7 @@ def test_compile(audited, case, arch):
     assert r["shared"] <= SMEM_LIMIT[arch], f"{r['shared']} B shared memory > sm_{arch} limit {SMEM_LIMIT[arch]} B"
 
 
+@pytest.mark.slow
 def test_budgets(audited):
     """Zero spills, one exp2 per score, no dense mask in the common cases, the hot path within 5% of
     the yardstick, bulk copies on sm_90, two decode programs per SM: on the compiled set."""
@@ -125,6 +127,7 @@ def clips():
             os.environ["TRITON_INTERPRET"] = saved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("case", CLIP_CASES, ids=lambda c: f"clip-{c[0]}-{c[1]}-{'all' if c[2] else 'hot'}")
 def test_compile_residual_clip(clips, arch, case):
