@@ -233,8 +233,12 @@ class NotApplicable(Exception):
 
 
 def _config(table_fn, case: Case, dtype, arch: int):
-    """The launcher's tile config for ``arch`` (older packages have one table for every arch)."""
-    if "arch" in inspect.signature(table_fn).parameters:
+    """The launcher's tile config for ``arch`` and the case's load path (older packages have one
+    table for every arch and path)."""
+    params = inspect.signature(table_fn).parameters
+    if "bulk_copies" in params:
+        return table_fn(case.head_dim, dtype, arch, bulk_copies=case.tma)
+    if "arch" in params:
         return table_fn(case.head_dim, dtype, arch)
     return table_fn(case.head_dim, dtype)
 

@@ -29,7 +29,7 @@ from .attention_common import (
     tma_descriptors,
 )
 
-__all__ = ["PREFILL_CONFIGS", "prefill_config", "sink_attention_prefill"]
+__all__ = ["PREFILL_CONFIGS", "POINTER_FALLBACK_CONFIGS", "prefill_config", "sink_attention_prefill"]
 
 
 # -- kernel ---------------------------------------------------------------------------------------
@@ -173,10 +173,23 @@ PREFILL_CONFIGS = {
 }
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> tuple[int, int, int, int]:
+# Hopper's pointer path (the fallback when k/v allow no tensor descriptor), where it differs from
+# the bulk-copy config: at hd 64, 4 warps holding a 128 x 64 tile need 255 registers and spill
+# 12 / 12 bytes on sm_90 without descriptors; 8 warps use 126 and spill nothing (kernel audit)
+POINTER_FALLBACK_CONFIGS = {
+    (90, 64, True): (128, 64, 8, 3),
+}
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
+                   bulk_copies: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) that the launcher uses for this head dim and dtype
-    on a GPU of compute capability ``arch`` (x10; see :func:`arch_family`)."""
-    return PREFILL_CONFIGS[(arch_family(arch), max(64, padded_head_dim(head_dim)), dtype != torch.float32)]
+    on a GPU of compute capability ``arch`` (x10; see :func:`arch_family`); ``bulk_copies`` False:
+    the config of the pointer path where k and v are read without tensor descriptors."""
+    key = (arch_family(arch), max(64, padded_head_dim(head_dim)), dtype != torch.float32)
+    if not bulk_copies and key in POINTER_FALLBACK_CONFIGS:
+        return POINTER_FALLBACK_CONFIGS[key]
+    return PREFILL_CONFIGS[key]
 
 
 def sink_attention_prefill(
@@ -236,10 +249,13 @@ def sink_attention_prefill(
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
-    bm, bn, nw, ns = prefill_config(head_dim, q.dtype, device_arch(q.device))
-    block_m, block_n = block_m or bm, block_n or bn
+    arch = device_arch(q.device)
+    bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch)
     block_d = padded_head_dim(head_dim)
-    k_desc, v_desc = tma_descriptors(k, v, block_n, block_d, use_tma)
+    k_desc, v_desc = tma_descriptors(k, v, block_n or bn, block_d, use_tma)
+    if k_desc is None:
+        bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False)
+    block_m, block_n = block_m or bm, block_n or bn
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _sink_attn_fwd[grid](
         q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,

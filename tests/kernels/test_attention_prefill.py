@@ -248,6 +248,32 @@ def test_arbitrary_dense_mask_is_read_bit_packed(kt, block_n):
     _run(kt, q, k, v, f"prefill random mask BLOCK_N={block_n}", block_m=16, block_n=block_n, attn_mask=mask, **kw)
 
 
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_pointer_path_takes_its_own_config(kt, monkeypatch, use_tma):
+    """Without tensor descriptors the launcher uses the pointer path's config (POINTER_FALLBACK_CONFIGS,
+    Hopper at hd 64), with them the bulk-copy one; the launch is recorded, not run."""
+    from sinkfix.kernels import attention_prefill
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(kw)
+
+    monkeypatch.setattr(attention_prefill, "_sink_attn_fwd", Recorder())
+    monkeypatch.setattr(attention_prefill, "device_arch", lambda device: 90)
+    monkeypatch.setattr(attention_prefill, "prepare_attention_launch",
+                        lambda *a, _real=attention_prefill.prepare_attention_launch, **kw: _real(
+                            *a, **(kw | {"kernel": type("InterpretedFunction", (), {})()})))
+    q, k, v = kt.make_qkv(1, 2, 2, 40, 40, 64, torch.bfloat16)
+    sink_attention_prefill(q.cpu(), k.cpu(), v.cpu(), causal=True, use_tma=use_tma)
+    (kw,) = launched
+    expect = prefill_config(64, torch.bfloat16, 90, bulk_copies=use_tma)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == expect
+    assert kw["USE_TMA"] is use_tma
+    assert prefill_config(64, torch.bfloat16, 90, bulk_copies=False) != prefill_config(64, torch.bfloat16, 90)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("policy", ["identity", "combined"])
 def test_bulk_tensor_copy_path(kt, dtype, policy):

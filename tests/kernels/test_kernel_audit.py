@@ -75,6 +75,10 @@ def test_default_cases_cover_every_config_table_entry():
         assert {(a, max(64, d), is16) for a, d, is16 in reached} == set(table)
         for arch, hd, is16 in reached:
             assert config(hd, dtypes["bf16" if is16 else "fp32"], arch) == table[(arch, hd, is16)]
+    # Hopper's pointer fallback is audited with its own config where it has one
+    fallback = {(a, c.head_dim, True) for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
+                if c.kernel == "prefill" and a >= 90 and not c.tma and c.dtype != "fp32"}
+    assert set(ap.POINTER_FALLBACK_CONFIGS) <= fallback
 
 
 def _record(arch, kernel, variant, regs, tma=False, spill=0):
