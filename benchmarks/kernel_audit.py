@@ -762,7 +762,8 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
     order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3}
-    rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], r["variant"], not r.get("tma")))
+    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "all": 4}
+    rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], variants[r["variant"]], not r.get("tma")))
     for r in rows:
         b = old.get(key(r))
         pair = lambda field, fmt=str: (f"{_cell(b, field, fmt)} -> {_cell(r, field, fmt)}"  # noqa: E731
@@ -773,7 +774,8 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
         loads = f"{_loads(b)} -> {_loads(r)}" if ok and b is not None else (_loads(r) if "regs" in r else "-")
         kb = lambda v: f"{v / 1024:.0f}"  # noqa: E731
         lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']}{' (TMA)' if r.get('tma') else ''} | "
-                     f"{_cell(r, 'config')} | {pair('regs')} | {spill} | {pair('shared', kb)} | {pair('ctas_per_sm')} | "
+                     f"{pair('config') if b is not None and b.get('config') != r.get('config') else _cell(r, 'config')} | "
+                     f"{pair('regs')} | {spill} | {pair('shared', kb)} | {pair('ctas_per_sm')} | "
                      f"{ex2} | {pair('main_loop_sass')} | {pair('key_loops')} | {loads} |")
     return "\n".join(lines)
 
@@ -842,7 +844,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(dict(records=records, budgets=budgets), indent=1))
     else:
-        text = [f"Kernel audit ({time.time() - t0:.0f} s)", ""]
+        import triton
+
+        compiled = sum(r.get("compile_s", 0) for r in records)
+        source = f"records of {args.records}" if args.records else f"{time.time() - t0:.0f} s wall"
+        text = [f"Kernel audit: triton {triton.__version__}, {len(records)} configurations, {compiled:.0f} s of "
+                f"compilation ({source})", ""]
         for arch in archs:
             text += [f"## sm_{arch}", "", markdown_table([r for r in records if r["arch"] == arch]), ""]
         missed = [b for b in budgets if not b["ok"]]
@@ -856,8 +863,12 @@ def main(argv=None) -> int:
                             comparison_table(before, [r for r in records if r["arch"] == arch]), ""]
             text += ["", "## Before -> after", ""] + compare
             if args.readme:
-                summary = [f"{len(budgets) - len(missed)} of {len(budgets)} budget checks met on "
-                           f"{len(records)} compiled configurations."]
+                old_budgets = budget_report(before)
+                old_met = sum(b["ok"] for b in old_budgets)
+                summary = [f"Budgets before: {old_met} of {len(old_budgets)} checks met on the {len(before)} "
+                           "configurations audited there; after: "
+                           f"{len(budgets) - len(missed)} of {len(budgets)} met on all {len(records)} default "
+                           "configurations (every dtype and head dim, `benchmarks/AUDIT.md`)."]
                 summary += [f"- MISSED {b['budget']}: {b['case']} sm_{b['arch']}: {b['detail']}" for b in missed]
                 update_readme(args.readme, "\n".join(compare + summary))
         print("\n".join(text))

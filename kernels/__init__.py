@@ -71,7 +71,8 @@ def sink_attention_triton(
     prefill kernel otherwise.
     """
     kwargs = dict(
-        attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+        attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+        causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
         virtual_sink_logit=virtual_sink_logit,
     )

@@ -6,12 +6,12 @@ tile config, the JIT's specialisations: unit strides as constants, 16-divisible 
 integers) with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` through
 PTX and ptxas to a cubin. That catches what the interpreter cannot (unsupported ops or layouts,
 dtype errors in tl.dot, shared memory beyond the device limit) and gives ptxas's register and spill
-report and the SASS the budgets are read from. The default set below runs in every ``pytest
-tests/kernels``: each kernel on both archs, the feature variants at hd 128 and the yardstick the
-hot path is held to; ``SINKFIX_AOT_ALL=1`` compiles every
-default configuration, as ``test_kernel_audit.py``'s slow test does. The residual clip kernel has
-no launch to record without a GPU and is compiled from its signature. Run ``pytest -k compile -s``
-for the table.
+report and the SASS the budgets are read from. The compiling tests are marked slow (part of ``make
+test``): by default the set below (each kernel on both archs, every variant at hd 128, the
+yardstick the hot path is held to, Hopper's pointer fallback at hd 64: 26 compilations), with
+``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 186). The
+residual clip kernel has no launch to record without a GPU and is compiled from its signature.
+Run ``pytest -k compile -s`` for the table.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def _default_set(arch: int) -> list[Case]:
               Case("prefill", "hot", "bf16", 256, tma), Case("prefill", "hot", "fp32", 64)]
     cases += [Case("decode", v, "bf16", 128) for v in ("hot", "all")]
     cases += [Case("decode", "hot", "fp16", 64), Case("reduce", "all", "bf16", 128)]
+    if tma:  # Hopper's pointer fallback, with its own config at hd 64, and its yardstick
+        cases += [Case("prefill", "hot", "bf16", 64), Case("flash", "yardstick", "bf16", 64)]
     return cases
 
 
