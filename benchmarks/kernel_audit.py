@@ -847,7 +847,7 @@ def main(argv=None) -> int:
         import triton
 
         compiled = sum(r.get("compile_s", 0) for r in records)
-        source = f"records of {args.records}" if args.records else f"{time.time() - t0:.0f} s wall"
+        source = "read from the records of an earlier run" if args.records else f"{time.time() - t0:.0f} s wall"
         text = [f"Kernel audit: triton {triton.__version__}, {len(records)} configurations, {compiled:.0f} s of "
                 f"compilation ({source})", ""]
         for arch in archs:
