@@ -163,9 +163,10 @@ PREFILL_CONFIGS = {
     (80, 128, True): (128, 32, 8, 3),
     (80, 256, True): (64, 32, 8, 2),
     # fp32 runs the ieee dot on FMAs, which hold whole operand rows in registers: small tiles
-    # (32 x 32 spilled at hd 128, 32 x 16 at hd 256)
+    # (32 x 32 spilled at hd 128, 32 x 16 at hd 256; on sm_90 32 x 16 at hd 128 spills 784 / 724
+    # bytes, 16 x 16 at most 4 / 4)
     (90, 64, False): (32, 16, 4, 2),
-    (90, 128, False): (32, 16, 4, 2),
+    (90, 128, False): (16, 16, 4, 2),
     (90, 256, False): (16, 16, 4, 2),
     (80, 64, False): (32, 16, 4, 2),
     (80, 128, False): (32, 16, 4, 2),

@@ -89,7 +89,8 @@ def test_gqa_row_packing(kt, hq, hkv, q_len):
 
 
 @pytest.mark.parametrize("head_dim,dtype", [(80, torch.bfloat16), (128, torch.float16), (256, torch.float32),
-                                            (96, torch.float16)], ids=lambda x: str(x).replace("torch.", ""))
+                                            (96, torch.float16), (96, torch.float32)],
+                         ids=lambda x: str(x).replace("torch.", ""))
 def test_head_dims(kt, head_dim, dtype):
     q, k, v = kt.make_qkv(1, 2, 1, 1, 270, head_dim, dtype, sink_cols=torch.tensor([[0]]), sink_boost=3.0)
     _run(kt, q, k, v, f"decode hd{head_dim}", num_splits=3, causal=True, causal_offset=269,
