@@ -774,7 +774,7 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
         loads = f"{_loads(b)} -> {_loads(r)}" if ok and b is not None else (_loads(r) if "regs" in r else "-")
         kb = lambda v: f"{v / 1024:.0f}"  # noqa: E731
         lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']}{' (TMA)' if r.get('tma') else ''} | "
-                     f"{pair('config') if b is not None and b.get('config') != r.get('config') else _cell(r, 'config')} | "
+                     f"{pair('config') if b is not None and b.get('config', r.get('config')) != r.get('config') else _cell(r, 'config')} | "
                      f"{pair('regs')} | {spill} | {pair('shared', kb)} | {pair('ctas_per_sm')} | "
                      f"{ex2} | {pair('main_loop_sass')} | {pair('key_loops')} | {loads} |")
     return "\n".join(lines)
