@@ -27,6 +27,7 @@ from torch import nn
 from sinkfix.errors import PolicyError, UnsupportedModelError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
+from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.residual_clip import make_clip_hook
 from sinkfix.ops.attention import resolve_backend
 from sinkfix.policy import LayerPolicy, Policy
@@ -197,10 +198,12 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPL_NAME, attention_forward)
-    AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
+    # sdpa_mask's arguments and results, except that padded causal masks come back as key ranges
+    # (PaddedCausalMask) that the kernels read instead of a (B, 1, Q, K) tensor
+    AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
     _registered = True
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from sinkfix.integrations.masks import PaddedCausalMask
 from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
@@ -150,9 +151,19 @@ def attention_forward(
     _check_arguments(module, query, key, dropout, kwargs)
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
-    attention_mask = _bool_mask(attention_mask)
+    # A padded causal mask from sinkfix's mask function (integrations/masks.py) reaches the
+    # kernels as key padding + causal offset, never as a (Q, K) tensor; ``attention_mask`` then
+    # stays the structured mask for sink location and the observers.
+    padded = attention_mask if isinstance(attention_mask, PaddedCausalMask) else None
+    if padded is not None and (padded.q_len, padded.k_len) != (q_len, k_len):
+        raise ValueError(f"mask built for Q={padded.q_len}, K={padded.k_len}, attention called with Q={q_len}, K={k_len}")
+    attention_mask = padded if padded is not None else _bool_mask(attention_mask)
     causal_flag = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(causal_flag) and attention_mask is None and q_len > 1
+    mask_kwargs = dict(attn_mask=attention_mask, causal=causal)
+    if padded is not None:
+        mask_kwargs = dict(attn_mask=None, key_padding=padded.key_padding, key_ranges=padded.key_ranges, causal=True,
+                           causal_offset=padded.causal_offset, sliding_window=padded.window)
     if _discovered is not None:
         _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
@@ -177,7 +188,7 @@ def attention_forward(
     result = sink_attention(
         query, key, value,
         backend=state.backend if state is not None else "auto",
-        attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
+        **mask_kwargs, scale=scaling, softcap=softcap,
         sink_cols=None if location is None else location.sink_cols,
         first_column_sink=first_column,
         beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
@@ -185,7 +196,7 @@ def attention_forward(
     )
     if observing:
         call = AttentionCall(
-            state.policy.layer, module, query, key, value, attention_mask, causal,
+            state.policy.layer, module, query, key, value, attention_mask if padded is None else padded.dense, causal,
             query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, location.sink_cols,
             location.first_real_col, extra_logits, virtual, beta, result,
         )

@@ -325,6 +325,8 @@ def sink_attention(
     *,
     backend: str = "auto",
     attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     causal: bool = False,
     causal_offset: int = 0,
     sliding_window: int | None = None,
@@ -338,7 +340,10 @@ def sink_attention(
     return_probs: bool = False,
     need_sink_mass: bool = False,
 ) -> AttentionResult:
-    """Sink-aware attention on ``backend``; arguments of :func:`sink_attention_torch`.
+    """Sink-aware attention on ``backend``; arguments of :func:`sink_attention_torch`, plus
+    ``key_padding`` (B, K) bool (True = a real key; combined with the other mask arguments) and its
+    ``key_ranges`` (``sinkfix.kernels.masks.key_padding_ranges``), which reach the Triton kernels as
+    they are (no dense mask loaded); every other path reads the padding as a (B, 1, 1, K) mask.
 
     The inference path (no probabilities, no statistics, no gradients) is one call of the custom op
     ``torch.ops.sinkfix.sink_attention`` on either backend. Probabilities and statistics for
@@ -351,7 +356,12 @@ def sink_attention(
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit) and not (return_probs or need_sink_mass):
+    grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
+    if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or grad):
+        padding = key_padding[:, None, None, :]
+        attn_mask = padding if attn_mask is None else attn_mask & padding
+        key_padding = key_ranges = None
+    if grad and not (return_probs or need_sink_mass):
         from sinkfix.ops.attention_grad import sink_attention_with_grad
 
         if first_column_sink:
@@ -369,8 +379,8 @@ def sink_attention(
             need_sink_mass=need_sink_mass)
     from sinkfix.ops import custom_ops
 
-    args = (q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal, int(causal_offset),
-            sliding_window, scale, softcap, first_column_sink, chosen)
+    args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
+            int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
     # Compiled on the Triton backend: one opaque, shape-known call (dynamo cannot trace a kernel
     # launcher). Compiled on the PyTorch backend on CPU: traced op by op, so inductor fuses the
     # combine's small element-wise ops into one kernel around the fused attention op instead of

@@ -24,6 +24,8 @@ def sink_attention_impl(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    key_padding: torch.Tensor | None,
+    key_ranges: torch.Tensor | None,
     sink_cols: torch.Tensor | None,
     beta: torch.Tensor | None,
     extra_logits: torch.Tensor | None,
@@ -44,13 +46,16 @@ def sink_attention_impl(
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
         out, lse = kernels.sink_attention_triton(
-            q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
-            scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+            q, k, v, attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+            causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
             virtual_sink_logit=virtual_sink_logit)
         # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
         return out.transpose(1, 2).contiguous(), lse
     from sinkfix.ops.attention import sink_attention_torch
 
+    if key_padding is not None:  # the PyTorch path reads padding as a (B, 1, 1, K) mask
+        padding = key_padding[:, None, None, :]
+        attn_mask = padding if attn_mask is None else attn_mask & padding
     result = sink_attention_torch(
         q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
@@ -62,8 +67,9 @@ sink_attention_op = torch.library.custom_op("sinkfix::sink_attention", sink_atte
 
 
 @sink_attention_op.register_fake
-def _sink_attention_fake(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-                         causal_offset, sliding_window, scale, softcap, first_column_sink, backend):
+def _sink_attention_fake(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                         virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap, first_column_sink,
+                         backend):
     batch, heads, q_len, head_dim = q.shape
     return q.new_empty(batch, q_len, heads, head_dim), q.new_empty(batch, heads, q_len, dtype=torch.float32)
 
