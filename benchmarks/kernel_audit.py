@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 

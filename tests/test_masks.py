@@ -48,9 +48,20 @@ def test_same_mask_as_sdpa(batch, q_len, kv_len, q_offset, kv_offset, window):
 
 
 def test_no_padding_is_the_causal_rule_alone():
-    got = padded_causal_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=None)
+    # a chunk of 3 queries after 2 cached keys: no padding, the causal rule with its offset
+    got = padded_causal_mask(batch_size=2, q_length=3, kv_length=5, q_offset=2, attention_mask=None)
     assert isinstance(got, PaddedCausalMask) and got.key_padding is None and got.key_ranges is None
-    assert torch.equal(got.dense, torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5))
+    assert torch.equal(got.dense, torch.ones(5, 5, dtype=torch.bool).tril()[2:].expand(2, 1, 3, 5))
+
+
+def test_no_mask_where_sdpa_mask_builds_none():
+    """Square calls and single decode rows without padding get no mask at all, as from sdpa_mask:
+    the attention path then knows the layout (the sink is key column 0 of every row)."""
+    ones = torch.ones(2, 5, dtype=torch.long)
+    for kwargs in (dict(q_length=5, kv_length=5), dict(q_length=1, kv_length=5, q_offset=4)):
+        for mask in (None, ones):
+            assert sdpa_mask(batch_size=2, attention_mask=mask, **kwargs) is None
+            assert padded_causal_mask(batch_size=2, attention_mask=mask, **kwargs) is None
 
 
 def test_other_masks_are_left_to_sdpa():

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
-from sinkfix.ops.flash import _CPU_FLASH_OP, cpu_flash_available, flash_with_lse, fused_lse_available
+from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["AttentionResult", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available",
