@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
-    "BackendUnavailableError", "OutputError",
+    "BackendUnavailableError", "OutputError", "CacheError",
 ]
 
 
@@ -36,6 +36,10 @@ class UsageError(SinkfixError, ValueError):
 
 class BackendUnavailableError(SinkfixError, RuntimeError):
     """The requested kernel backend cannot run here (no triton, no CUDA device)."""
+
+
+class CacheError(SinkfixError, ValueError):
+    """A KV cache was configured wrongly or used with a model, batch or operation it cannot serve."""
 
 
 class OutputError(SinkfixError, OSError):
