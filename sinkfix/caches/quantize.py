@@ -8,8 +8,9 @@ the shipped ``QuantizedCache`` does: the only difference is which tokens are lef
 Layout (docs/caches.md): groups of ``group_size`` consecutive channels of one token and one kv head,
 each with its own scale and offset (quanto ``axis=0``, HQQ ``axis=1``: the same grouping). Per-token
 groups mean a token's quantization never depends on another token, so keeping a sink in full
-precision changes nothing for its neighbours, and requantizing a dequantized token is exact (quanto,
-measured: zero change), so quantizing a token once or again at every flush gives the same cache.
+precision changes nothing for its neighbours; and requantizing a dequantized token changes it by at
+most a float rounding (quanto, measured: 5e-7 on values of 144), so requantizing everything at every
+flush, as transformers does, is harmless.
 """
 
 from __future__ import annotations
