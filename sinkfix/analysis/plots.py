@@ -11,7 +11,7 @@ from pathlib import Path
 from sinkfix.errors import SinkfixError
 
 __all__ = ["PlotError", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
-           "domain_flip_plot"]
+           "domain_flip_plot", "running_perplexity_plot"]
 
 
 class PlotError(SinkfixError, RuntimeError):
@@ -148,3 +148,33 @@ def write_figures(report, out_dir: str | Path) -> list[Path]:
     if flips is not None:
         paths.append(flips)
     return paths
+
+
+def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
+    """Perplexity over the trailing ``span`` positions against position, one line per streaming
+    variant (:class:`~sinkfix.analysis.streaming.StreamResult`), with the cache size and the model's
+    trained context marked: the figure StreamingLLM is known for."""
+    from sinkfix.analysis.streaming import running_ppl
+
+    plt = _pyplot()
+    p = result.protocol
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    styles = {"sink": "-", "window_only": "--", "recompute": ":"}
+    for name, variant in result.variants.items():
+        positions, ppl = running_ppl(variant, span)
+        kind = name.split("_profile")[0]
+        label = f"{name} ({variant.tokens} scored)" if kind == "recompute" else name
+        ax.plot(positions.numpy(), ppl.numpy(), styles.get(kind, "-"), lw=1.2, label=label,
+                marker="." if kind == "recompute" else None, ms=3)
+    ax.axvline(p["cache_tokens"], color="grey", lw=0.8, ls="-.", label=f"cache size {p['cache_tokens']}")
+    trained = p.get("max_position_embeddings")
+    if trained and trained < p["tokens"]:
+        ax.axvline(trained, color="black", lw=0.8, ls="-.", label=f"trained positions {trained}")
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the stream (tokens)")
+    ax.set_ylabel(f"perplexity, trailing {span} positions")
+    ax.set_title(f"{p.get('model', '')} streaming: {p['n_sink']} sinks + {p['window']} recent tokens "
+                 f"vs {p['cache_tokens']} recent, chunks of {p['chunk']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path, tight=True)

@@ -91,7 +91,7 @@ class SinkCache(Cache):
                 raise CacheError(f"residual_length must be an integer >= 1, got {residual_length!r}")
         self.n_sink, self.window, self.bits = n_sink, window, bits
         self.backend = backend if bits is not None else None
-        self.residual_length = residual_length
+        self.residual_length, self.q_group_size = residual_length, q_group_size
         self._expected = (text.num_key_value_heads if getattr(text, "num_key_value_heads", None) else
                           text.num_attention_heads, head_dim)
         quantizer = KVQuantizer(backend, bits, q_group_size) if bits is not None else None

@@ -1,0 +1,108 @@
+"""``sinkfix stream`` and ``sinkfix kvquant`` on tiny random models: JSON schema, files, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import cli
+from sinkfix.analysis.streaming import StreamResult, StreamVariant
+
+from .conftest import CharTokenizer, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "The attention sink of a language model is usually its first token. " * 12
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    def use(arch="llama"):
+        model = tiny_model(arch)
+        monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
+        return model
+    return use
+
+
+def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
+    tiny("llama")
+    out = tmp_path / "out"
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "150", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "8", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("sink", "window_only", "recompute"):
+        v = result[name]
+        assert set(v) >= {"ppl", "segments", "tokens"} and math.isfinite(v["ppl"])
+        assert len(v["segments"]) == (150 - 23) // 30
+    assert result["sink"]["tokens"] == result["window_only"]["tokens"] == 149
+    assert result["recompute"]["tokens"] == len(range(24, 150, 8))
+    assert len(result["sink"]["ms_per_token"]) == len(result["sink"]["segments"])
+    assert result["paired"]["recompute"]["ratio_to_recompute"] == 1.0
+    assert result["protocol"]["segments"][-1][1] == 150  # the last segment is the stream's tail
+    assert (out / "stream.png").stat().st_size > 0 and json.loads((out / "stream.json").read_text()) == result
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "0"], "window must be an integer >= 1"),
+    (["--n-sink", "8", "--window", "8"], "smaller than window"),
+    (["--tokens", "20", "--window", "20"], "leaves no full segment"),
+    (["--chunk", "0"], "--chunk must be"),
+    (["--tokens", "5000", "--window", "20", "--segment", "30"], "fewer than --tokens"),
+])
+def test_stream_bad_input_exits_2_with_one_line(tiny, text_file, capsys, argv, message):
+    tiny("llama")
+    assert cli.main(["stream", "--text", str(text_file), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_stream_missing_text_file_exits_2(tmp_path, capsys):
+    assert cli.main(["stream", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, quantized", [("llama", "transformers QuantizedCache"), ("gemma3", "SinkCache(n_sink=0)")])
+def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
+    pytest.importorskip("optimum.quanto")
+    tiny(arch)
+    rc = cli.main(["kvquant", "--text", str(text_file), "--bits", "2,4", "--seq-len", "64", "--chunk", "16",
+                   "--residual-length", "8", "--n-sink", "2", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"2", "4", "protocol"}
+    for bits in ("2", "4"):
+        row = result[bits]
+        assert row["tokens"] == 63 and row["quantized_cache"].startswith(quantized)
+        assert all(math.isfinite(row[k]) for k in ("full", "quantized", "sink_protected"))
+        assert row["quantized"] != row["full"]
+    assert result["2"]["full"] == result["4"]["full"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "3"], "--bits takes 2 and 4"),
+    (["--bits", "two"], "comma-separated integers"),
+    (["--n-sink", "-1"], "--n-sink must be >= 0"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),
+])
+def test_kvquant_bad_input_exits_2_with_one_line(text_file, capsys, argv, message):
+    assert cli.main(["kvquant", "--text", str(text_file), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_segments_tile_the_stream_up_to_its_end():
+    nll = torch.zeros(100, dtype=torch.float64)
+    result = StreamResult({"sink": StreamVariant("sink", nll)}, {"tokens": 100, "warmup": 10, "segment_len": 25})
+    assert result.segment_bounds() == [(25, 50), (50, 75), (75, 100)]
