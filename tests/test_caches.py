@@ -295,3 +295,29 @@ def test_a_cache_serves_one_model_and_one_batch():
     cache.reset()
     model(_ids(3, 4), cache=cache, use_cache=True)  # a reset cache takes a new batch
     assert cache.get_seq_length() == 4
+
+
+# -- composition with a patched model ------------------------------------------------------------------
+@torch.no_grad()
+def test_a_patched_model_applies_its_policy_to_the_kept_sinks():
+    model = tiny_model("llama")
+    n_sink, window, length = 2, 5, 20
+    ids = _ids(length=length)
+    cache = SinkCache(model.config, n_sink=n_sink, window=window)
+    calls = []
+
+    def observe(call):
+        if call.layer == 0:
+            calls.append((call.sink_cols.clone(), call.key[:, :, :n_sink].clone()))
+
+    stock = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window))
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5)) as handle, handle.observing(observe):
+        patched = _decode(model, ids, cache)
+    layer = cache.layers[0]
+    sink_cols, head_keys = calls[-1]
+    # after eviction the policy's sink (the first token) is column 0: the cache's first sink, re-rotated
+    assert sink_cols.tolist() == [[0], [0]]
+    target = length - 1 - (n_sink + window) + torch.arange(n_sink)  # right before the window
+    expect = rotate_keys(layer.sink_k, (target - layer.sink_pos).expand(2, -1), layer.rotary)
+    torch.testing.assert_close(head_keys, expect, atol=0, rtol=0)
+    assert (patched[:, -1] - stock[:, -1]).abs().max() > 1e-3  # the policy still acts after eviction
