@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import QuantizedCache
 
+import sinkfix
 from sinkfix.errors import BackendUnavailableError
 from sinkfix.caches import KVQuantizer, SinkCache
 from sinkfix.caches.body import FullBody, QuantizedBody
@@ -152,3 +153,34 @@ def test_missing_backend_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cache_utils, "is_hqq_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="pip install hqq"):
         KVQuantizer("hqq", 2)
+
+
+@torch.no_grad()
+def test_hidden_sinks_found_by_attention_are_kept_exact():
+    from transformers import DynamicCache
+
+    from sinkfix.analysis.hidden_sinks import protecting_hidden_sinks
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    cache, plain = SinkCache(model.config, n_sink=1, window=None, bits=2, residual_length=8), DynamicCache()
+    # a random tiny model spreads attention evenly: a low threshold makes some keys "hidden sinks"
+    with protecting_hidden_sinks(model, cache, threshold=0.08, min_rows=4) as guard:
+        for start in range(0, 48, 16):
+            model(ids[:, start : start + 16], cache=cache, use_cache=True)
+            model(ids[:, start : start + 16], cache=plain, use_cache=True)
+    assert guard.protected > 0
+    assert sinkfix.PatchHandle.of(model) is None  # the temporary identity patch is gone
+    for layer, exact in zip(cache.layers, plain.layers):
+        if layer.hidden_abs is None:
+            continue
+        keys, values = layer._body()
+        for row in range(2):
+            cols = layer.hidden_abs[row][layer.hidden_abs[row] >= 0]
+            assert (cols >= 1).all()  # never the sink itself (protected anyway)
+            assert torch.equal(values[row][:, cols], exact.values[row][:, cols])
+            assert torch.equal(keys[row][:, cols], exact.keys[row][:, cols])
+        others = torch.ones(48, dtype=torch.bool)
+        others[layer.hidden_abs[0][layer.hidden_abs[0] >= 0]] = False
+        others[0] = False
+        assert not torch.equal(values[0][:, others[: values.shape[2]]], exact.values[0][:, others[: values.shape[2]]])

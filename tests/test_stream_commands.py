@@ -78,14 +78,14 @@ def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
     pytest.importorskip("optimum.quanto")
     tiny(arch)
     rc = cli.main(["kvquant", "--text", str(text_file), "--bits", "2,4", "--seq-len", "64", "--chunk", "16",
-                   "--residual-length", "8", "--n-sink", "2", "--json"])
+                   "--residual-length", "8", "--n-sink", "2", "--hidden-sinks", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"2", "4", "protocol"}
     for bits in ("2", "4"):
         row = result[bits]
         assert row["tokens"] == 63 and row["quantized_cache"].startswith(quantized)
-        assert all(math.isfinite(row[k]) for k in ("full", "quantized", "sink_protected"))
+        assert all(math.isfinite(row[k]) for k in ("full", "quantized", "sink_protected", "hidden_protected"))
         assert row["quantized"] != row["full"]
     assert result["2"]["full"] == result["4"]["full"]
 

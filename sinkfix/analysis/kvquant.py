@@ -11,7 +11,9 @@ token after the first is scored. Variants, per bit width:
   no sinks, which quantizes exactly as ``QuantizedCache`` does (tests/test_caches_quantized.py) and
   also quantizes the sliding layers' windows;
 * **sink_protected**: ``SinkCache(n_sink, window=None, bits)``: the same, with each row's first
-  ``n_sink`` tokens kept in full precision.
+  ``n_sink`` tokens kept in full precision;
+* **hidden_protected** (optional): the same, plus the hidden sinks the model's attention finds
+  (:mod:`sinkfix.analysis.hidden_sinks`) kept in full precision.
 
 ``recovered`` = (quantized - protected) / (quantized - full): the share of the perplexity lost to
 quantization that protecting the sinks wins back.
@@ -34,6 +36,7 @@ from sinkfix.evaluate import model_device
 __all__ = ["QuantRow", "sequence_nll", "make_cache", "measure_kvquant", "recovered_share"]
 
 VARIANTS = ("full", "quantized", "sink_protected")
+HIDDEN = "hidden_protected"
 
 
 @dataclass
@@ -44,16 +47,20 @@ class QuantRow:
     nll_sum: dict[str, float]
     tokens: int
     quantized_cache: str
+    hidden_tokens: int = 0  # (row, token, layer) triples the hidden-sink variant kept in full precision
 
     def ppl(self, variant: str) -> float:
         return math.exp(self.nll_sum[variant] / max(self.tokens, 1))
 
     def as_json(self) -> dict:
-        out = {v: self.ppl(v) for v in VARIANTS}
+        out = {v: self.ppl(v) for v in (*VARIANTS, HIDDEN) if v in self.nll_sum}
         out.update(tokens=self.tokens, quantized_cache=self.quantized_cache,
                    recovered=recovered_share(out["full"], out["quantized"], out["sink_protected"]),
                    protected_vs_full=out["sink_protected"] / out["full"] - 1,
                    quantized_vs_full=out["quantized"] / out["full"] - 1)
+        if HIDDEN in out:
+            out.update(recovered_hidden=recovered_share(out["full"], out["quantized"], out[HIDDEN]),
+                       hidden_protected_tokens=self.hidden_tokens)
         return out
 
 
@@ -71,7 +78,7 @@ def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, res
     if variant == "full":
         return DynamicCache(config=model.config), "DynamicCache"
     quant = dict(bits=bits, backend=backend, residual_length=residual_length, q_group_size=q_group_size)
-    if variant == "sink_protected":
+    if variant in ("sink_protected", HIDDEN):
         return SinkCache(model.config, n_sink=n_sink, window=None, **quant), f"SinkCache(n_sink={n_sink})"
     probe = SinkCache(model.config, n_sink=0, window=None, **quant)  # validates, resolves the group size
     axis = backend_axis(backend)
@@ -106,26 +113,37 @@ def sequence_nll(model, ids: torch.Tensor, cache, *, chunk: int,
 
 def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[int], backend: str = "quanto",
                     n_sink: int = 4, residual_length: int = 128, q_group_size: int | None = None, chunk: int = 128,
+                    hidden_sinks: bool = False,
                     on_tokens: Callable[[int], None] | None = None) -> list[QuantRow]:
     """One :class:`QuantRow` per bit width over ``sequences`` (1-D id tensors); full precision runs once."""
     if not sequences:
         raise UsageError("no sequence to measure")
+    settings = dict(backend=backend, n_sink=n_sink, residual_length=residual_length, q_group_size=q_group_size)
     full_sum, tokens = 0.0, 0
     for ids in sequences:
-        cache, _ = make_cache(model, "full", bits=bits[0], backend=backend, n_sink=n_sink,
-                              residual_length=residual_length, q_group_size=q_group_size)
+        cache, _ = make_cache(model, "full", bits=bits[0], **settings)
         nll, count = sequence_nll(model, ids, cache, chunk=chunk, on_tokens=on_tokens)
         full_sum, tokens = full_sum + nll, tokens + count
     rows = []
     for width in bits:
-        sums, described = {"full": full_sum}, ""
-        for variant in ("quantized", "sink_protected"):
-            sums[variant] = 0.0
+        row = QuantRow(width, {"full": full_sum}, tokens, "")
+        for variant in ("quantized", "sink_protected") + ((HIDDEN,) if hidden_sinks else ()):
+            row.nll_sum[variant] = 0.0
             for ids in sequences:
-                cache, what = make_cache(model, variant, bits=width, backend=backend, n_sink=n_sink,
-                                         residual_length=residual_length, q_group_size=q_group_size)
-                sums[variant] += sequence_nll(model, ids, cache, chunk=chunk, on_tokens=on_tokens)[0]
+                cache, what = make_cache(model, variant, bits=width, **settings)
+                row.nll_sum[variant] += _variant_nll(model, ids, cache, variant, row, chunk, on_tokens)
                 if variant == "quantized":
-                    described = what
-        rows.append(QuantRow(width, sums, tokens, described))
+                    row.quantized_cache = what
+        rows.append(row)
     return rows
+
+
+def _variant_nll(model, ids, cache, variant: str, row: QuantRow, chunk: int, on_tokens) -> float:
+    if variant != HIDDEN:
+        return sequence_nll(model, ids, cache, chunk=chunk, on_tokens=on_tokens)[0]
+    from sinkfix.analysis.hidden_sinks import protecting_hidden_sinks
+
+    with protecting_hidden_sinks(model, cache) as guard:
+        nll = sequence_nll(model, ids, cache, chunk=chunk, on_tokens=on_tokens)[0]
+    row.hidden_tokens += guard.protected
+    return nll

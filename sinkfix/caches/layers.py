@@ -83,6 +83,8 @@ class SinkLayer(CacheLayerMixin):
         self.body_start = 0  # absolute index of the first body token
         self.hidden_abs: torch.Tensor | None = None  # (B, P) protected hidden sinks in the body, -1 = none
         self.hidden_k = self.hidden_v = None  # (B, H, P, D) their full-precision keys / values
+        self.last_columns: torch.Tensor | None = None  # (B, K) absolute token of each column of the last call
+        self.last_exact_from = 0  # columns of the last call from here on were returned exactly as written
 
     def __repr__(self) -> str:
         kind = "sliding window" if not self.keep_sinks else f"{self.n_sink} sinks + window {self.window}"
@@ -261,6 +263,7 @@ class SinkLayer(CacheLayerMixin):
             body_abs = torch.arange(body_k.shape[-2], device=self.device) + self.body_start
             parts_k.append(body_k), parts_v.append(body_v), parts_pos.append(self.body_pos)
             parts_real.append(body_abs[None, :] >= self.first_real[:, None])
+        self._note_columns(head is not None, body_k, key_states.shape[-2])
         if not parts_k:
             return key_states, value_states
         kept = sum(p.shape[-1] for p in parts_pos)
@@ -271,11 +274,26 @@ class SinkLayer(CacheLayerMixin):
             target = target0 + torch.arange(start, start + width, device=self.device)
             delta = torch.where(real, target - pos, 0)
             if bool(delta.any()):
+                self.last_exact_from = max(self.last_exact_from, start + width)  # rotated: not as stored
                 if self.rotary is None:
                     raise UnsupportedModelError("this layer has no rotary embedding to move cached keys with")
                 parts_k[i] = rotate_keys(parts_k[i], delta, self.rotary)
             start += width
         return torch.cat(parts_k + [key_states], dim=-2), torch.cat(parts_v + [value_states], dim=-2)
+
+    def _note_columns(self, has_head: bool, body_k: torch.Tensor | None, q_len: int) -> None:
+        """Remember, for observers of the attention call that follows: each returned column's absolute
+        token index (-1 = padding) and from which column on the returned keys / values are exactly
+        what the model wrote (the full-precision residual and the new tokens)."""
+        head_abs = self._head_abs() if has_head else None
+        body_len = 0 if body_k is None else body_k.shape[-2]
+        body_abs = torch.arange(body_len, device=self.device) + self.body_start
+        body_abs = torch.where(body_abs[None, :] >= self.first_real[:, None], body_abs[None, :], -1)
+        new_abs = (torch.arange(q_len, device=self.device) + self.seen).expand(self.shape[0], -1)
+        parts = ([] if head_abs is None else [head_abs]) + [body_abs, new_abs]
+        self.last_columns = torch.cat(parts, dim=1)
+        quantized = self.body.quantized_len if isinstance(self.body, QuantizedBody) else 0
+        self.last_exact_from = (0 if head_abs is None else head_abs.shape[1]) + quantized
 
     def _store(self, key_states, value_states, positions) -> None:
         """Capture sink tokens, append to the body, evict down to the window."""

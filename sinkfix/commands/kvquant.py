@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--residual-length", type=int, default=128,
                         help="recent tokens kept in full precision before quantization (default 128, as transformers)")
     parser.add_argument("--chunk", type=int, default=128, help="tokens per forward (default 128)")
+    parser.add_argument("--hidden-sinks", action="store_true",
+                        help="also run a cache that keeps the hidden sinks attention finds in full precision "
+                             "(ACT's criterion, as sinkfix inspect; runs the model through sinkfix's attention)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start every sequence with BOS (default: if the tokenizer adds one)")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result to FILE")
@@ -110,15 +113,16 @@ def run(args: argparse.Namespace) -> int:
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
     sequences = _sequences(tokenizer, texts, args.seq_len, args.sequences, bos_id)
-    total = sum(len(s) for s in sequences) * (1 + 2 * len(widths))
+    total = sum(len(s) for s in sequences) * (1 + (2 + args.hidden_sinks) * len(widths))
     with tqdm(total=total, unit="tok", desc="kvquant", file=sys.stderr, leave=False) as bar:
         rows = measure_kvquant(model, sequences, bits=widths, backend=args.backend, n_sink=args.n_sink,
-                               residual_length=args.residual_length, chunk=args.chunk, on_tokens=bar.update)
+                               residual_length=args.residual_length, chunk=args.chunk,
+                               hidden_sinks=args.hidden_sinks, on_tokens=bar.update)
     result = {str(row.bits): row.as_json() for row in rows}
     result["protocol"] = {
         "model": args.model, "texts": {n: t.source for n, t in texts.items()}, "seq_len": args.seq_len,
         "sequences_per_text": args.sequences, "bos": bos, "backend": args.backend, "n_sink": args.n_sink,
-        "residual_length": args.residual_length, "chunk": args.chunk,
+        "residual_length": args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
         "groups": "per token and kv head, 64 channels (or the head) each",
     }
     if args.out:
@@ -142,13 +146,18 @@ def _print_table(result: dict) -> None:
              f"{'BOS' if p['bos'] else 'no BOS'}, {p['backend']}, residual {p['residual_length']}, "
              f"{p['n_sink']} sinks protected")
     table = Table(title=title, title_justify="left")
-    for column in ("bits", "full", "quantized", "sink-protected", "quantized vs full", "protected vs full",
-                   "recovered", "tokens", "quantized cache"):
+    hidden = p.get("hidden_sinks")
+    columns = ["bits", "full", "quantized", "sink-protected", "quantized vs full", "protected vs full", "recovered"]
+    columns += ["+ hidden sinks", "recovered (hidden)"] if hidden else []
+    for column in columns + ["tokens", "quantized cache"]:
         table.add_column(column, justify="left" if column == "quantized cache" else "right")
     for bits, row in result.items():
         if bits == "protocol":
             continue
-        table.add_row(bits, f"{row['full']:.3f}", f"{row['quantized']:.3f}", f"{row['sink_protected']:.3f}",
-                      f"{100 * row['quantized_vs_full']:+.2f}%", f"{100 * row['protected_vs_full']:+.2f}%",
-                      f"{100 * row['recovered']:.1f}%", str(row["tokens"]), row["quantized_cache"])
+        cells = [bits, f"{row['full']:.3f}", f"{row['quantized']:.3f}", f"{row['sink_protected']:.3f}",
+                 f"{100 * row['quantized_vs_full']:+.2f}%", f"{100 * row['protected_vs_full']:+.2f}%",
+                 f"{100 * row['recovered']:.1f}%"]
+        if hidden:
+            cells += [f"{row['hidden_protected']:.3f}", f"{100 * row['recovered_hidden']:.1f}%"]
+        table.add_row(*cells, str(row["tokens"]), row["quantized_cache"])
     wide_console().print(table)
