@@ -59,6 +59,7 @@ def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
     (["--n-sink", "8", "--window", "8"], "smaller than window"),
     (["--tokens", "20", "--window", "20"], "leaves no full segment"),
     (["--chunk", "0"], "--chunk must be"),
+    (["--variants", "sink,dense"], "--variants takes"),
     (["--tokens", "5000", "--window", "20", "--segment", "30"], "fewer than --tokens"),
 ])
 def test_stream_bad_input_exits_2_with_one_line(tiny, text_file, capsys, argv, message):
@@ -106,3 +107,19 @@ def test_segments_tile_the_stream_up_to_its_end():
     nll = torch.zeros(100, dtype=torch.float64)
     result = StreamResult({"sink": StreamVariant("sink", nll)}, {"tokens": 100, "warmup": 10, "segment_len": 25})
     assert result.segment_bounds() == [(25, 50), (50, 75), (75, 100)]
+
+
+def test_stream_with_a_profile_adds_patched_variants(tiny, text_file, tmp_path, capsys):
+    from sinkfix.profile import ModelIdentity, Profile
+
+    model = tiny("llama")
+    beta = torch.full((2, 4), 0.7)
+    path = Profile(ModelIdentity.of(model), beta, calibration={"note": "test"}).save(tmp_path / "p.json")
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "16", "--variants", "sink,recompute",
+                   "--profile", str(path), "--out", str(tmp_path / "o"), "--no-figure", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"sink", "recompute", "sink_profile", "recompute_profile"} <= set(result) and "window_only" not in result
+    assert result["sink_profile"]["ppl"] != result["sink"]["ppl"]
+    assert sinkfix.PatchHandle.of(model) is None

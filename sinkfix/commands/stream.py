@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="score every N-th token with a recomputed window (default 64)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start the stream (and each recomputed window) with BOS (default: if the tokenizer adds one)")
+    parser.add_argument("--variants", default="sink,window_only,recompute",
+                        help="comma-separated subset of sink, window_only, recompute (default: all three)")
     parser.add_argument("--profile", default=None,
                         help="also run the sink cache and the recomputation with this calibrated profile patched in")
     parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
@@ -76,10 +78,22 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None):
     return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
 
 
+STREAM_VARIANTS = ("sink", "window_only", "recompute")
+
+
+def parse_variants(spec: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in spec.split(",") if part.strip())
+    unknown = [v for v in chosen if v not in STREAM_VARIANTS]
+    if not chosen or unknown:
+        raise UsageError(f"--variants takes a comma-separated subset of {', '.join(STREAM_VARIANTS)}, got {spec!r}")
+    return chosen
+
+
 def _check(args) -> None:
     from sinkfix.analysis.streaming import check_stream_arguments
     from sinkfix.caches import check_sink_window
 
+    parse_variants(args.variants)
     check_sink_window(args.n_sink, args.window)
     check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
     if args.threads is not None and args.threads < 1:
@@ -116,12 +130,14 @@ def run(args: argparse.Namespace) -> int:
     ids = stream_text(tokenizer, text, args.tokens, bos_id)
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
-    runs = 3 + 2 * (profile is not None)
+    variants = parse_variants(args.variants)
+    patched_variants = tuple(v for v in variants if v != "window_only")
+    runs = len(variants) + len(patched_variants) * (profile is not None)
     with tqdm(total=runs * args.tokens, unit="tok", desc="stream", file=sys.stderr, leave=False) as bar:
-        result = measure_streaming(model, ids, **settings, on_tokens=bar.update)
+        result = measure_streaming(model, ids, **settings, variants=variants, on_tokens=bar.update)
         if profile is not None:
             with sinkfix.patch(model, profile):
-                patched = measure_streaming(model, ids, **settings, variants=("sink", "recompute"),
+                patched = measure_streaming(model, ids, **settings, variants=patched_variants,
                                             suffix="_profile", on_tokens=bar.update)
             result.variants.update(patched.variants)
     result.protocol.update(model=args.model, text=source, profile=args.profile)
