@@ -35,10 +35,6 @@ class FullBody:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = _cat(self.k, k), _cat(self.v, v)
 
-    def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Set the body to ``k, v`` (e.g. a view into the tensor just returned, saving one copy per step)."""
-        self.k, self.v = k, v
-
     def drop_front(self, n: int) -> None:
         if n > 0 and self.k is not None:
             self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
