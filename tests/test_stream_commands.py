@@ -88,7 +88,10 @@ def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
         assert row["tokens"] == 63 and row["quantized_cache"].startswith(quantized)
         assert all(math.isfinite(row[k]) for k in ("full", "quantized", "sink_protected", "hidden_protected"))
         assert row["quantized"] != row["full"]
+        assert row["kl"]["full"] == 0 and row["kl"]["quantized"] > 0 and row["kl"]["sink_protected"] > 0
+        assert math.isfinite(row["recovered_kl"]) and math.isfinite(row["recovered_kl_hidden"])
     assert result["2"]["full"] == result["4"]["full"]
+    assert result["2"]["kl"]["quantized"] > result["4"]["kl"]["quantized"]  # 2 bits move the model further
 
 
 @pytest.mark.parametrize("argv, message", [

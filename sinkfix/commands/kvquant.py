@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
     sequences = _sequences(tokenizer, texts, args.seq_len, args.sequences, bos_id)
-    total = sum(len(s) for s in sequences) * (1 + (2 + args.hidden_sinks) * len(widths))
+    total = sum(len(s) for s in sequences) * (1 + (2 + args.hidden_sinks) * len(widths))  # forwards x tokens
     with tqdm(total=total, unit="tok", desc="kvquant", file=sys.stderr, leave=False) as bar:
         rows = measure_kvquant(model, sequences, bits=widths, backend=args.backend, n_sink=args.n_sink,
                                residual_length=args.residual_length, chunk=args.chunk,
@@ -147,17 +147,19 @@ def _print_table(result: dict) -> None:
              f"{p['n_sink']} sinks protected")
     table = Table(title=title, title_justify="left")
     hidden = p.get("hidden_sinks")
-    columns = ["bits", "full", "quantized", "sink-protected", "quantized vs full", "protected vs full", "recovered"]
-    columns += ["+ hidden sinks", "recovered (hidden)"] if hidden else []
+    names = ["quantized", "sink_protected"] + (["hidden_protected"] if hidden else [])
+    columns = ["bits", "full ppl"] + [f"{n} ppl" for n in names] + [f"KL {n}" for n in names]
+    columns += ["recovered ppl", "recovered KL"] + (["recovered ppl / KL (hidden)"] if hidden else [])
     for column in columns + ["tokens", "quantized cache"]:
-        table.add_column(column, justify="left" if column == "quantized cache" else "right")
+        table.add_column(column.replace("_", " "), justify="left" if column == "quantized cache" else "right")
     for bits, row in result.items():
         if bits == "protocol":
             continue
-        cells = [bits, f"{row['full']:.3f}", f"{row['quantized']:.3f}", f"{row['sink_protected']:.3f}",
-                 f"{100 * row['quantized_vs_full']:+.2f}%", f"{100 * row['protected_vs_full']:+.2f}%",
-                 f"{100 * row['recovered']:.1f}%"]
+        cells = [bits, f"{row['full']:.3f}"]
+        cells += [f"{row[n]:.3f} ({100 * (row[n] / row['full'] - 1):+.1f}%)" for n in names]
+        cells += [f"{row['kl'][n]:.4f}" for n in names]
+        cells += [f"{100 * row['recovered']:.1f}%", f"{100 * row['recovered_kl']:.1f}%"]
         if hidden:
-            cells += [f"{row['hidden_protected']:.3f}", f"{100 * row['recovered_hidden']:.1f}%"]
+            cells.append(f"{100 * row['recovered_hidden']:.1f}% / {100 * row['recovered_kl_hidden']:.1f}%")
         table.add_row(*cells, str(row["tokens"]), row["quantized_cache"])
     wide_console().print(table)
