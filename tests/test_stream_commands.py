@@ -50,6 +50,9 @@ def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
     assert result["recompute"]["tokens"] == len(range(24, 150, 8))
     assert len(result["sink"]["ms_per_token"]) == len(result["sink"]["segments"])
     assert result["paired"]["recompute"]["ratio_to_recompute"] == 1.0
+    assert len(result["paired"]["sink"]["segment_ratios"]) == len(result["sink"]["segments"])
+    tokens = torch.load(out / "stream_tokens.pt")
+    assert set(tokens) == {"sink", "window_only", "recompute"} and tokens["sink"].shape == (150,)
     assert result["protocol"]["segments"][-1][1] == 150  # the last segment is the stream's tail
     assert (out / "stream.png").stat().st_size > 0 and json.loads((out / "stream.json").read_text()) == result
 
@@ -60,6 +63,7 @@ def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
     (["--tokens", "20", "--window", "20"], "leaves no full segment"),
     (["--chunk", "0"], "--chunk must be"),
     (["--variants", "sink,dense"], "--variants takes"),
+    (["--variants", "sink_profile"], "need --profile"),
     (["--tokens", "5000", "--window", "20", "--segment", "30"], "fewer than --tokens"),
 ])
 def test_stream_bad_input_exits_2_with_one_line(tiny, text_file, capsys, argv, message):
@@ -119,10 +123,21 @@ def test_stream_with_a_profile_adds_patched_variants(tiny, text_file, tmp_path, 
     beta = torch.full((2, 4), 0.7)
     path = Profile(ModelIdentity.of(model), beta, calibration={"note": "test"}).save(tmp_path / "p.json")
     rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
-                   "--segment", "30", "--chunk", "8", "--recompute-every", "16", "--variants", "sink,recompute",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "16",
+                   "--variants", "sink,recompute,sink_profile,recompute_profile",
                    "--profile", str(path), "--out", str(tmp_path / "o"), "--no-figure", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert {"sink", "recompute", "sink_profile", "recompute_profile"} <= set(result) and "window_only" not in result
     assert result["sink_profile"]["ppl"] != result["sink"]["ppl"]
+    assert result["paired"]["sink_profile"]["reference"] == "recompute_profile"
     assert sinkfix.PatchHandle.of(model) is None
+
+
+def test_running_perplexity_is_a_trailing_mean_over_scored_positions():
+    from sinkfix.analysis.streaming import running_ppl
+
+    nll = torch.tensor([float("nan"), 1.0, float("nan"), 3.0, 5.0], dtype=torch.float64)
+    positions, ppl = running_ppl(StreamVariant("recompute", nll), span=3)
+    assert positions.tolist() == [1, 3, 4]
+    torch.testing.assert_close(ppl.log(), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))

@@ -34,7 +34,7 @@ from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
 __all__ = ["StreamVariant", "StreamResult", "stream_nll", "recompute_nll", "measure_streaming", "segment_ppl",
-           "running_ppl", "check_stream_arguments"]
+           "running_ppl", "running_ratio", "check_stream_arguments"]
 
 
 @dataclass
@@ -87,15 +87,34 @@ class StreamResult:
         out["protocol"] = dict(self.protocol, segments=[list(b) for b in bounds])
         return out
 
+    def reference_for(self, name: str) -> StreamVariant | None:
+        """The recomputation a variant is compared with: the one with the same suffix (``_profile``:
+        patched too), else the unpatched one."""
+        suffix = name[len(name.split("_profile")[0]):]
+        return self.variants.get("recompute" + suffix) or self.variants.get("recompute")
+
     def paired(self) -> dict:
-        """Perplexity of every variant on the positions recomputation scored, and its ratio to it."""
-        reference = next((v for n, v in self.variants.items() if n.startswith("recompute")), None)
-        if reference is None:
-            return {}
-        where = reference.scored
-        base = reference.ppl()
-        return {name: {"ppl": v.ppl(where), "ratio_to_recompute": v.ppl(where) / base}
-                for name, v in self.variants.items()}
+        """Every variant on the positions its recomputation scored: perplexity, ratio to recomputation,
+        and that ratio per segment (how flat the variant stays relative to the baseline)."""
+        out = {}
+        for name, v in self.variants.items():
+            reference = self.reference_for(name)
+            if reference is None:
+                continue
+            where = reference.scored
+            per_segment = []
+            for lo, hi in self.segment_bounds():
+                mask = torch.zeros_like(where)
+                mask[lo:hi] = True
+                per_segment.append(v.ppl(where & mask) / reference.ppl(mask))
+            out[name] = {"ppl": v.ppl(where), "reference": reference.name,
+                         "ratio_to_recompute": v.ppl(where) / reference.ppl(), "segment_ratios": per_segment,
+                         "positions": int(where.sum())}
+        return out
+
+    def token_nll(self) -> dict[str, torch.Tensor]:
+        """Per-token NLL of every variant (NaN = not scored), to save next to the summary."""
+        return {name: v.nll for name, v in self.variants.items()}
 
 
 def segment_ppl(variant: StreamVariant, lo: int, hi: int) -> float:
@@ -114,6 +133,14 @@ def running_ppl(variant: StreamVariant, span: int) -> tuple[torch.Tensor, torch.
     lo = (idx + 1 - span).clamp(min=0)
     mean = (csum[idx + 1] - csum[lo]) / (ccount[idx + 1] - ccount[lo]).clamp(min=1)
     return idx[scored], mean[scored].exp()
+
+
+def running_ratio(variant: StreamVariant, reference: StreamVariant, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, exp(mean NLL difference to ``reference``) over the trailing ``span`` positions) at the
+    positions both scored: the running perplexity ratio on identical tokens."""
+    both = variant.scored & reference.scored
+    diff = StreamVariant("diff", torch.where(both, variant.nll - reference.nll, float("nan")))
+    return running_ppl(diff, span)
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

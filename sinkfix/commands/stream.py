@@ -40,8 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="score every N-th token with a recomputed window (default 64)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start the stream (and each recomputed window) with BOS (default: if the tokenizer adds one)")
-    parser.add_argument("--variants", default="sink,window_only,recompute",
-                        help="comma-separated subset of sink, window_only, recompute (default: all three)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of sink, window_only, recompute and, with --profile, "
+                             "sink_profile, recompute_profile (default: the first three, plus the last two "
+                             "with --profile)")
     parser.add_argument("--profile", default=None,
                         help="also run the sink cache and the recomputation with this calibrated profile patched in")
     parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
@@ -79,21 +81,28 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None):
 
 
 STREAM_VARIANTS = ("sink", "window_only", "recompute")
+PROFILE_VARIANTS = ("sink_profile", "recompute_profile")
 
 
-def parse_variants(spec: str) -> tuple[str, ...]:
+def parse_variants(spec: str | None, profile: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(unpatched variants, patched variants without their suffix)."""
+    known = STREAM_VARIANTS + (PROFILE_VARIANTS if profile else ())
+    if spec is None:
+        return STREAM_VARIANTS, (("sink", "recompute") if profile else ())
     chosen = tuple(part.strip() for part in spec.split(",") if part.strip())
-    unknown = [v for v in chosen if v not in STREAM_VARIANTS]
+    unknown = [v for v in chosen if v not in known]
     if not chosen or unknown:
-        raise UsageError(f"--variants takes a comma-separated subset of {', '.join(STREAM_VARIANTS)}, got {spec!r}")
-    return chosen
+        hint = "" if profile else " (the *_profile variants need --profile)"
+        raise UsageError(f"--variants takes a comma-separated subset of {', '.join(known)}{hint}, got {spec!r}")
+    return (tuple(v for v in chosen if v in STREAM_VARIANTS),
+            tuple(v.removesuffix("_profile") for v in chosen if v in PROFILE_VARIANTS))
 
 
 def _check(args) -> None:
     from sinkfix.analysis.streaming import check_stream_arguments
     from sinkfix.caches import check_sink_window
 
-    parse_variants(args.variants)
+    parse_variants(args.variants, bool(args.profile))
     check_sink_window(args.n_sink, args.window)
     check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
     if args.threads is not None and args.threads < 1:
@@ -130,12 +139,11 @@ def run(args: argparse.Namespace) -> int:
     ids = stream_text(tokenizer, text, args.tokens, bos_id)
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
-    variants = parse_variants(args.variants)
-    patched_variants = tuple(v for v in variants if v != "window_only")
-    runs = len(variants) + len(patched_variants) * (profile is not None)
+    variants, patched_variants = parse_variants(args.variants, profile is not None)
+    runs = len(variants) + len(patched_variants)
     with tqdm(total=runs * args.tokens, unit="tok", desc="stream", file=sys.stderr, leave=False) as bar:
         result = measure_streaming(model, ids, **settings, variants=variants, on_tokens=bar.update)
-        if profile is not None:
+        if patched_variants:
             with sinkfix.patch(model, profile):
                 patched = measure_streaming(model, ids, **settings, variants=patched_variants,
                                             suffix="_profile", on_tokens=bar.update)
@@ -143,9 +151,11 @@ def run(args: argparse.Namespace) -> int:
     result.protocol.update(model=args.model, text=source, profile=args.profile)
     summary = result.summary()
     out = Path(args.out)
-    from sinkfix.files import atomic_write_text
+    from sinkfix.files import atomic_write, atomic_write_text
 
     atomic_write_text(out / "stream.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_write(out / "stream_tokens.pt", "wb") as handle:  # per-token NLL, NaN = not scored
+        torch.save(result.token_nll(), handle)
     if not args.no_figure:
         from sinkfix.analysis.plots import running_perplexity_plot
 
@@ -154,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         _print_table(summary)
-        log(f"wrote {out / 'stream.json'}" + ("" if args.no_figure else f" and {out / 'stream.png'}"))
+        log(f"wrote {out / 'stream.json'}, {out / 'stream_tokens.pt'}"
+            + ("" if args.no_figure else f" and {out / 'stream.png'}"))
     return 0
 
 
