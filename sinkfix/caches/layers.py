@@ -192,13 +192,16 @@ class SinkLayer(CacheLayerMixin):
         """For the kept columns of the next call: (absolute token index (B, L), -1 for padding,
         is-sink (B, L)). Used to build masks for chunked streaming (:mod:`sinkfix.caches.feed`)."""
         head_abs = self._head_abs()
-        body_abs = (torch.arange(len(self.body), device=self.device) + self.body_start).expand(self.shape[0], -1)
-        body_abs = torch.where(body_abs >= self.first_real[:, None], body_abs, -1) if self.first_real is not None \
-            else body_abs
+        body_abs = self._body_abs(len(self.body))
         columns = body_abs if head_abs is None else torch.cat([head_abs, body_abs], dim=1)
-        first = self.first_real[:, None] if self.first_real is not None else 0
+        first = self.first_real[:, None]
         is_sink = (columns >= first) & (columns < first + self.n_sink) & self.keep_sinks
         return columns, is_sink
+
+    def _body_abs(self, length: int) -> torch.Tensor:
+        """(B, length) absolute token index of the body's first ``length`` columns, -1 for padding."""
+        absolute = (torch.arange(length, device=self.device) + self.body_start)[None, :]
+        return torch.where(absolute >= self.first_real[:, None], absolute, -1)
 
     def _head_slots(self) -> torch.Tensor | None:
         """(B, n_sink) which sink each head column shows, -1 = padding (masked); None = no head."""
@@ -260,9 +263,8 @@ class SinkLayer(CacheLayerMixin):
         if head is not None:
             parts_k.append(head[0]), parts_v.append(head[1]), parts_pos.append(head[2]), parts_real.append(head[3])
         if body_k is not None and body_k.shape[-2]:
-            body_abs = torch.arange(body_k.shape[-2], device=self.device) + self.body_start
             parts_k.append(body_k), parts_v.append(body_v), parts_pos.append(self.body_pos)
-            parts_real.append(body_abs[None, :] >= self.first_real[:, None])
+            parts_real.append(self._body_abs(body_k.shape[-2]) >= 0)
         self._note_columns(head is not None, body_k, key_states.shape[-2])
         if not parts_k:
             return key_states, value_states
@@ -286,9 +288,7 @@ class SinkLayer(CacheLayerMixin):
         token index (-1 = padding) and from which column on the returned keys / values are exactly
         what the model wrote (the full-precision residual and the new tokens)."""
         head_abs = self._head_abs() if has_head else None
-        body_len = 0 if body_k is None else body_k.shape[-2]
-        body_abs = torch.arange(body_len, device=self.device) + self.body_start
-        body_abs = torch.where(body_abs[None, :] >= self.first_real[:, None], body_abs[None, :], -1)
+        body_abs = self._body_abs(0 if body_k is None else body_k.shape[-2]).expand(self.shape[0], -1)
         new_abs = (torch.arange(q_len, device=self.device) + self.seen).expand(self.shape[0], -1)
         parts = ([] if head_abs is None else [head_abs]) + [body_abs, new_abs]
         self.last_columns = torch.cat(parts, dim=1)
