@@ -9,7 +9,7 @@ Importing sinkfix registers the attention implementation ``"sinkfix"`` with tran
 ``from_pretrained(..., attn_implementation="sinkfix")`` works too (identity until patched).
 """
 
-from sinkfix.errors import ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
+from sinkfix.errors import CacheError, ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
 from sinkfix.models import load_model
 from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register
 from sinkfix.policy import Policy, ResidualClip
@@ -17,7 +17,7 @@ from sinkfix.policy import Policy, ResidualClip
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError", "ResidualClip",
+    "CacheError", "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError", "ResidualClip",
     "SinkfixError", "UnsupportedModelError", "load_model", "patch", "register", "__version__",
 ]
 
@@ -34,6 +34,10 @@ def __getattr__(name: str):
         from sinkfix.analysis.calibration import calibrate
 
         return calibrate
+    if name == "SinkCache":
+        from sinkfix.caches import SinkCache
+
+        return SinkCache
     if name == "Profile":
         from sinkfix.profile import Profile
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
-    "BackendUnavailableError", "OutputError", "EvaluationError",
+    "BackendUnavailableError", "OutputError", "EvaluationError", "CacheError",
 ]
 
 
@@ -40,6 +40,10 @@ class BackendUnavailableError(SinkfixError, RuntimeError):
 
 class EvaluationError(SinkfixError, ValueError):
     """A downstream evaluation cannot run: lm-eval missing, an unknown task, task data missing or malformed."""
+
+
+class CacheError(SinkfixError, ValueError):
+    """A KV cache was configured wrongly or used with a model, batch or operation it cannot serve."""
 
 
 class OutputError(SinkfixError, OSError):

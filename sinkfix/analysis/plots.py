@@ -11,7 +11,7 @@ from pathlib import Path
 from sinkfix.errors import SinkfixError
 
 __all__ = ["PlotError", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
-           "domain_flip_plot"]
+           "domain_flip_plot", "running_perplexity_plot"]
 
 
 class PlotError(SinkfixError, RuntimeError):
@@ -148,3 +148,48 @@ def write_figures(report, out_dir: str | Path) -> list[Path]:
     if flips is not None:
         paths.append(flips)
     return paths
+
+
+def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
+    """Top: perplexity over the trailing ``span`` positions against position, per streaming variant
+    (:class:`~sinkfix.analysis.streaming.StreamResult`; recomputation, scored every k-th token, over
+    ``span`` x 4), with the cache size and the model's trained context marked: the figure StreamingLLM
+    is known for. Bottom: each cache's perplexity ratio to recomputation on the tokens both scored."""
+    from sinkfix.analysis.streaming import running_ppl, running_ratio
+
+    plt = _pyplot()
+    p = result.protocol
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=[3, 2])
+    compared = False
+    for name, variant in result.variants.items():
+        kind = name.split("_profile")[0]
+        style = {"sink": "-", "window_only": "--", "recompute": ":"}.get(kind, "-")
+        positions, ppl = running_ppl(variant, span * (4 if kind == "recompute" else 1))
+        label = f"{name} (every {p['recompute_every']}th token)" if kind == "recompute" else name
+        top.plot(positions.numpy(), ppl.numpy(), style, lw=1.2, label=label)
+        reference = result.reference_for(name)
+        if reference is not None and kind != "recompute":
+            positions, ratio = running_ratio(variant, reference, span * 4)
+            bottom.plot(positions.numpy(), ratio.numpy(), style, lw=1.2, label=f"{name} / {reference.name}")
+            compared = True
+    for ax in (top, bottom):
+        ax.axvline(p["cache_tokens"], color="grey", lw=0.8, ls="-.")
+        trained = p.get("max_position_embeddings")
+        if trained and trained < p["tokens"]:
+            ax.axvline(trained, color="black", lw=0.8, ls="-.")
+        ax.grid(alpha=0.3)
+    top.axvline(p["cache_tokens"], color="grey", lw=0.8, ls="-.", label=f"cache size {p['cache_tokens']}")
+    if p.get("max_position_embeddings") and p["max_position_embeddings"] < p["tokens"]:
+        top.axvline(p["max_position_embeddings"], color="black", lw=0.8, ls="-.",
+                    label=f"trained positions {p['max_position_embeddings']}")
+    top.set_yscale("log")
+    top.set_ylabel(f"perplexity, trailing {span} positions")
+    top.set_title(f"{p.get('model', '')} streaming: {p['n_sink']} sinks + {p['window']} recent tokens "
+                  f"vs {p['cache_tokens']} recent, chunks of {p['chunk']}")
+    top.legend(fontsize=8)
+    bottom.axhline(1.0, color="grey", lw=0.8)
+    bottom.set_ylabel(f"ppl ratio, trailing {span * 4}")
+    bottom.set_xlabel("position in the stream (tokens)")
+    if compared:
+        bottom.legend(fontsize=8)
+    return _save(plt, fig, path, tight=True)

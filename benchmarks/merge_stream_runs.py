@@ -1,0 +1,81 @@
+"""Merge ``sinkfix stream`` runs of one stream, made with different ``--variants``, into one result.
+
+The variants of ``sinkfix stream`` are independent (each streams the same tokens afresh), so a long
+measurement can run as several processes, e.g. the caches in one and the recomputation in another:
+
+    sinkfix stream --tokens 20738 --segment 4096 --variants sink,window_only --out runs/caches
+    sinkfix stream --tokens 20738 --segment 4096 --variants recompute --recompute-every 128 --out runs/recompute
+    python benchmarks/merge_stream_runs.py runs/caches runs/recompute --out runs/merged
+
+writes ``stream.json`` (the summary ``sinkfix stream --json`` prints, with the paired comparison
+recomputed over all variants) and ``stream.png`` into ``--out``. The runs must agree on the stream
+(model, text, tokens, cache, chunk, segments, BOS); ``recompute_every`` comes from the run that
+recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sinkfix.analysis.plots import running_perplexity_plot
+from sinkfix.analysis.streaming import StreamResult, StreamVariant
+from sinkfix.errors import UsageError
+from sinkfix.files import atomic_write_text
+
+# protocol entries every merged run must share (the rest describe how a variant was run)
+SHARED = ("tokens", "n_sink", "window", "cache_tokens", "chunk", "segment_len", "warmup", "bos", "model", "text")
+
+
+def load_run(folder: Path) -> tuple[dict, dict[str, StreamVariant]]:
+    summary = json.loads((folder / "stream.json").read_text())
+    token_nll = torch.load(folder / "stream_tokens.pt")
+    variants = {}
+    for name, nll in token_nll.items():
+        entry = summary[name]
+        variants[name] = StreamVariant(name, nll, ms_per_token=entry["ms_per_token"],
+                                       peak_rss_mib=entry["peak_rss_mib"], cache_mib=entry["cache_mib"])
+    return summary["protocol"], variants
+
+
+def merge(folders: list[Path]) -> StreamResult:
+    protocol: dict | None = None
+    variants: dict[str, StreamVariant] = {}
+    for folder in folders:
+        run_protocol, run_variants = load_run(folder)
+        if protocol is None:
+            protocol = dict(run_protocol)
+        differing = [k for k in SHARED if protocol.get(k) != run_protocol.get(k)]
+        if differing:
+            raise UsageError(f"{folder} streamed something else: {', '.join(differing)} differ")
+        clash = sorted(set(variants) & set(run_variants))
+        if clash:
+            raise UsageError(f"{folder} repeats variants {clash}")
+        if any(name.startswith("recompute") for name in run_variants):
+            protocol["recompute_every"] = run_protocol["recompute_every"]
+        if run_protocol.get("profile"):
+            protocol["profile"] = run_protocol["profile"]
+        variants.update(run_variants)
+    assert protocol is not None
+    protocol.pop("segments", None)
+    return StreamResult(variants, protocol)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="output folders of sinkfix stream")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = merge(args.runs)
+    summary = result.summary()
+    summary["protocol"]["merged_from"] = [str(r) for r in args.runs]
+    atomic_write_text(args.out / "stream.json", json.dumps(summary, indent=2) + "\n")
+    running_perplexity_plot(result, args.out / "stream.png")
+    print(json.dumps({k: v for k, v in summary.items() if k != "protocol"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Keep input-dependent hidden sinks of a quantized SinkCache in full precision.
+
+Besides the first tokens, some later tokens (punctuation, newlines) draw a large share of attention
+in some heads: the hidden sinks ``sinkfix inspect`` reports, by ACT's criterion (a key whose mean
+attention over the query rows that see it exceeds 0.1, docs/formulas.md). Which tokens those are
+depends on the input, so they can only be found while the model runs. :func:`protecting_hidden_sinks`
+watches every attention call through a patch observer (patching the model with the identity policy
+for the duration when it is not patched), applies the criterion to the call's own rows, and hands
+each hidden sink the call saw in full precision to its cache layer (:meth:`SinkLayer.protect`),
+which from then on reads it back over its quantized copy.
+
+Limits: a token is judged on the rows of the calls in which its exact value is still at hand (the
+call that brings it and the calls before its residual is flushed); a key needs ``min_rows`` rows
+(default 8) to be judged, so one-token decode steps never judge anything; feed chunks
+(:func:`sinkfix.analysis.kvquant.sequence_nll` feeds 128 at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows
+from sinkfix.caches import SinkCache
+from sinkfix.caches.body import QuantizedBody
+from sinkfix.caches.layers import SinkLayer
+from sinkfix.patch import PatchHandle, patch
+from sinkfix.policy import Policy
+
+__all__ = ["HiddenSinkGuard", "protecting_hidden_sinks"]
+
+
+class HiddenSinkGuard:
+    """The observer: judges each call's exact columns and protects the hidden sinks among them."""
+
+    def __init__(self, cache: SinkCache, threshold: float = HIDDEN_SINK_THRESHOLD, min_rows: int = 8) -> None:
+        self.cache, self.threshold, self.min_rows = cache, threshold, min_rows
+        self.protected = 0  # (row, token, layer) triples protected so far
+
+    def _layer(self, call) -> SinkLayer | None:
+        index = getattr(call.module, "layer_idx", call.layer)
+        layer = self.cache.layers[index] if index < len(self.cache.layers) else None
+        if not isinstance(layer, SinkLayer) or not isinstance(layer.body, QuantizedBody):
+            return None
+        if layer.last_columns is None or layer.last_columns.shape[1] != call.key.shape[2]:
+            return None
+        return layer
+
+    def __call__(self, call) -> None:
+        layer = self._layer(call)
+        if layer is None:
+            return
+        with torch.no_grad():
+            hidden = self._hidden(call, layer)
+            self._protect(call, layer, hidden)
+
+    def _hidden(self, call, layer: SinkLayer) -> torch.Tensor:
+        """(B, K) columns that are hidden sinks in some head, exact in this call, not yet protected."""
+        q, k = call.query.detach().float(), call.key.detach().float()
+        batch, k_len = k.shape[0], k.shape[2]
+        is_sink = torch.zeros(batch, k_len, dtype=torch.bool, device=k.device)
+        valid = call.sink_cols >= 0
+        is_sink.scatter_(1, call.sink_cols.clamp(min=0), valid)
+        rows = _corrected_rows(call, q, k, call.sink_cols, is_sink, None)
+        mean = rows.col_sum / rows.seen_by.clamp(min=1)[:, None, :]
+        hidden = (mean > self.threshold).any(1) & (rows.seen_by >= self.min_rows) & ~is_sink
+        columns = layer.last_columns.to(k.device)
+        first = layer.first_real[:, None]
+        hidden &= (columns >= first + layer.n_sink)  # real, and not one of the cache's own sinks
+        hidden[:, : layer.last_exact_from] = False
+        if layer.hidden_abs is not None:
+            hidden &= ~(columns[:, :, None] == layer.hidden_abs[:, None, :]).any(-1)
+        return hidden
+
+    def _protect(self, call, layer: SinkLayer, hidden: torch.Tensor) -> None:
+        count = int(hidden.sum(1).max()) if hidden.numel() else 0
+        if count == 0:
+            return
+        # the first `count` hidden columns of each row, padded with -1 where a row has fewer
+        order = torch.sort((~hidden).to(torch.int8), dim=1, stable=True).indices[:, :count]
+        chosen = hidden.gather(1, order)
+        absolute = torch.where(chosen, layer.last_columns.gather(1, order), -1)
+        gather = order[:, None, :, None].expand(-1, call.key.shape[1], -1, call.key.shape[-1])
+        keys = call.key.detach().gather(2, gather)
+        values = call.value.detach().gather(2, gather)
+        layer.protect(absolute, keys, values)
+        self.protected += int(chosen.sum())
+
+
+@contextlib.contextmanager
+def protecting_hidden_sinks(model, cache: SinkCache, *, threshold: float = HIDDEN_SINK_THRESHOLD,
+                            min_rows: int = 8) -> Iterator[HiddenSinkGuard]:
+    """While active, hidden sinks the model's attention finds are kept in full precision in ``cache``."""
+    handle = PatchHandle.of(model)
+    temporary = None
+    if handle is None:
+        temporary = handle = patch(model, Policy())
+    guard = HiddenSinkGuard(cache, threshold, min_rows)
+    try:
+        with handle.observing(guard):
+            yield guard
+    finally:
+        if temporary is not None:
+            temporary.remove()

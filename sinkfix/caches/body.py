@@ -1,0 +1,152 @@
+"""Storage of a sink cache layer's recent tokens (its "body"): full precision or quantized.
+
+The body is a run of consecutive tokens, the same run for every batch row, oldest first; the layer
+appends new tokens at the end and evicts the oldest from the front. The sinks live elsewhere (the
+layer's sink store, always full precision). Both kinds of body share one interface:
+``append``, ``drop_front``, ``materialize`` (full-precision (B, H, L, D) keys and values), and the
+batch-row operations beam search needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sinkfix.caches.quantize import KVQuantizer
+
+__all__ = ["FullBody", "QuantizedBody"]
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
+class FullBody:
+    """Full-precision body: one (B, H, L, D) tensor each for keys and values."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = _cat(self.k, k), _cat(self.v, v)
+
+    def drop_front(self, n: int) -> None:
+        if n > 0 and self.k is not None:
+            self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.k, self.v
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index.to(self.k.device)), self.v.index_select(0, index.to(self.v.device))
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nelement() * self.k.element_size() * 2
+
+
+class QuantizedBody:
+    """KIVI-style body, flushed exactly as transformers' ``QuantizedLayer`` flushes.
+
+    The first append is quantized at once. Later tokens wait in a full-precision residual; when the
+    residual plus the new tokens reach ``residual_length``, everything (dequantized old part, residual,
+    new tokens) is quantized again as one tensor and the residual empties. With per-token groups that
+    requantization leaves the old tokens unchanged (:mod:`sinkfix.caches.quantize`), and one quantized
+    tensor means one dequantization per step (quanto's costs ~2-9 ms per call on this CPU whatever
+    the length, measured, so a list of blocks would cost that per block).
+
+    Evicted tokens at the front of the quantized part are skipped (``offset``) until the next flush
+    requantizes only what is kept. Beam reordering of the quantized part is applied after
+    dequantizing (``rows``), so no reorder ever round-trips through quantization.
+    """
+
+    def __init__(self, quantizer: KVQuantizer, residual_length: int) -> None:
+        self.quantizer = quantizer
+        self.residual_length = residual_length
+        self.qk: Any = None
+        self.qv: Any = None
+        self.q_len = 0  # tokens in the quantized tensors, evicted ones included
+        self.offset = 0  # evicted tokens at the front of the quantized tensors
+        self.rows: torch.Tensor | None = None  # batch rows to read the quantized tensors in (beam search)
+        self.rk: torch.Tensor | None = None  # full-precision residual
+        self.rv: torch.Tensor | None = None
+        self._started = False
+
+    def __len__(self) -> int:
+        return self.q_len - self.offset + (0 if self.rk is None else self.rk.shape[-2])
+
+    @property
+    def quantized_len(self) -> int:
+        """Tokens at the front of the body that are held quantized."""
+        return self.q_len - self.offset
+
+    def _dequantized(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.qk is None or self.quantized_len == 0:
+            return None, None
+        k, v = self.quantizer.dequantize(self.qk), self.quantizer.dequantize(self.qv)
+        if self.rows is not None:
+            k, v = k.index_select(0, self.rows.to(k.device)), v.index_select(0, self.rows.to(v.device))
+        return k[:, :, self.offset:], v[:, :, self.offset:]
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        k, v = self._dequantized()
+        if self.rk is None:
+            return k, v
+        return _cat(k, self.rk), _cat(v, self.rv)
+
+    def _quantize_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.qk, self.qv = self.quantizer.quantize(k), self.quantizer.quantize(v)
+        self.q_len, self.offset, self.rows = k.shape[-2], 0, None
+        self.rk = self.rv = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._started:
+            self._started = True
+            self._quantize_all(k, v)
+            return
+        residual = 0 if self.rk is None else self.rk.shape[-2]
+        if residual + k.shape[-2] >= self.residual_length:
+            old_k, old_v = self.materialize()
+            self._quantize_all(_cat(old_k, k), _cat(old_v, v))
+        else:
+            self.rk, self.rv = _cat(self.rk, k), _cat(self.rv, v)
+
+    def drop_front(self, n: int) -> None:
+        from_quantized = min(n, self.quantized_len)
+        self.offset += from_quantized
+        rest = n - from_quantized
+        if rest > 0 and self.rk is not None:
+            self.rk, self.rv = self.rk[:, :, rest:], self.rv[:, :, rest:]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.qk is not None:
+            self.rows = index.clone() if self.rows is None else self.rows.index_select(0, index.to(self.rows.device))
+        if self.rk is not None:
+            self.rk, self.rv = self.rk.index_select(0, index.to(self.rk.device)), self.rv.index_select(0, index.to(self.rv.device))
+
+    def nbytes(self) -> int:
+        """Bytes held: the quantized tensors (packed data, scales, offsets) plus the residual."""
+        total = sum(_tensor_bytes(q) for q in (self.qk, self.qv))
+        if self.rk is not None:
+            total += self.rk.nelement() * self.rk.element_size() * 2
+        return total
+
+
+def _tensor_bytes(q: Any) -> int:
+    """Bytes of a backend's quantized tensor: every plain tensor it holds (quanto subclass inner
+    tensors, or HQQ's (data, meta) pair)."""
+    if q is None:
+        return 0
+    if isinstance(q, tuple):
+        data, meta = q
+        return _tensor_bytes(data) + sum(_tensor_bytes(t) for t in meta.values() if isinstance(t, torch.Tensor))
+    flatten = getattr(q, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(q, name)) for name in names)
+    return q.nelement() * q.element_size()

@@ -1,0 +1,353 @@
+"""One attention layer's sink cache: the first ``n_sink`` real tokens of each row plus a recent window.
+
+Layout of what one call attends to (docs/caches.md), per batch row::
+
+    [ head: n_sink sink columns ][ body: the most recent `window` tokens, oldest first ][ new tokens ]
+
+* The **head** appears once the cache has evicted something. It shows the row's first ``n_sink``
+  real tokens (from the sink store, always full precision). A left-padded row that has seen fewer
+  than ``n_sink + window`` real tokens keeps everything instead: its head then shows padding (masked)
+  followed by those of its sinks that are older than the body, right-aligned, which is exactly the
+  contiguous run of tokens a plain cache would hold there.
+* The **body** (:mod:`sinkfix.caches.body`) is the same run of absolute tokens in every row;
+  optionally quantized, with the sinks (and protected hidden sinks) read back in full precision.
+* **Positions.** Queries and new keys arrive rotated at whatever positions the model gave them. Every
+  kept column is re-rotated, from its stored position, to the position that puts it where it sits in
+  the cache: column c of L kept columns goes to ``p0 - (L - c)``, p0 the first new token's position.
+  So every distance a query sees is a distance inside the cache (at most ``n_sink + window`` plus the
+  new tokens), as in StreamingLLM, while the window keys, whose positions already are contiguous with
+  the queries, need no rotation: normally only the n_sink head keys are rotated, every call.
+* **Left padding.** A row's sinks are its first real tokens: the last token the model placed at
+  position 0 (generate's padding-aware positions put padding there too, before it).
+* **Masks.** transformers builds the mask from ``get_mask_sizes``: column c maps to absolute token
+  ``seen - L + c``. Head columns of a row that has evicted tokens map to real tokens (unmasked), and
+  a row that keeps everything maps exactly, padding included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from sinkfix.caches.body import FullBody, QuantizedBody
+from sinkfix.caches.rope import Rotary, rotate_keys
+from sinkfix.errors import CacheError, UnsupportedModelError
+
+__all__ = ["SinkLayer"]
+
+
+def _position_ids(kwargs: dict, batch: int, q_len: int, seen: int, device) -> torch.Tensor:
+    """(B, Q) positions the model gave the new tokens: the ``position_ids`` the attention module was
+    called with, or the model's own default (tokens seen so far + arange) when it passed none."""
+    inner = kwargs.get("kwargs")
+    pos = kwargs.get("position_ids")
+    if pos is None and isinstance(inner, dict):
+        pos = inner.get("position_ids")
+    if pos is None:
+        return (torch.arange(q_len, device=device) + seen).expand(batch, q_len)
+    if pos.ndim != 2:
+        raise UnsupportedModelError(f"position_ids of shape {tuple(pos.shape)} (multi-axis RoPE) are not supported "
+                                    "by sink caches")
+    return pos.to(device=device, dtype=torch.long).expand(batch, q_len)
+
+
+class SinkLayer(CacheLayerMixin):
+    """Sink + window cache layer (see the module docstring). ``window=None`` never evicts.
+
+    ``keep_sinks=False`` makes a plain sliding window (a sliding-attention layer of a hybrid model)
+    that still protects its first tokens from quantization while they are in the window.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, *, n_sink: int, window: int | None, rotary: Rotary | None, body: FullBody | QuantizedBody,
+                 keep_sinks: bool = True, sliding: bool = False) -> None:
+        super().__init__()
+        self.n_sink, self.window, self.rotary = n_sink, window, rotary
+        self.keep_sinks = keep_sinks
+        self.is_sliding = sliding
+        self.body = body
+        self._clear()
+
+    def _clear(self) -> None:
+        self.seen = 0  # tokens seen by every row (padding included)
+        self.evicted = False  # whether tokens have left: then the head is shown
+        self.shape: tuple[int, int, int] | None = None  # (batch, kv heads, head dim) of the first update
+        self.first_real: torch.Tensor | None = None  # (B,) absolute index of each row's first real token
+        self.sink_k = self.sink_v = None  # (B, H, n_sink, D) the rows' first n_sink real tokens
+        self.sink_pos: torch.Tensor | None = None  # (B, n_sink) the positions they were rotated at
+        self.body_pos: torch.Tensor | None = None  # (B, L) positions of the body tokens
+        self.body_start = 0  # absolute index of the first body token
+        self.hidden_abs: torch.Tensor | None = None  # (B, P) protected hidden sinks in the body, -1 = none
+        self.hidden_k = self.hidden_v = None  # (B, H, P, D) their full-precision keys / values
+        self.last_columns: torch.Tensor | None = None  # (B, K) absolute token of each column of the last call
+        self.last_exact_from = 0  # columns of the last call from here on were returned exactly as written
+
+    def __repr__(self) -> str:
+        kind = "sliding window" if not self.keep_sinks else f"{self.n_sink} sinks + window {self.window}"
+        quant = f", {self.body.quantizer}" if isinstance(self.body, QuantizedBody) else ""
+        return f"SinkLayer({kind}{quant})"
+
+    # -- transformers' layer interface ----------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.shape = (batch, heads, dim)
+        self.sink_k = key_states.new_zeros(batch, heads, self.n_sink, dim)
+        self.sink_v = value_states.new_zeros(batch, heads, self.n_sink, dim)
+        self.sink_pos = torch.zeros(batch, self.n_sink, dtype=torch.long, device=self.device)
+        self.body_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return what this call attends to ([head][body][new]), then store the new tokens and evict."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_shape(key_states)
+        batch, _, q_len, _ = key_states.shape
+        positions = _position_ids(kwargs, batch, q_len, self.seen, key_states.device)
+        self._find_first_real(positions)
+        keys, values = self._visible(key_states, value_states, positions)
+        self._store(key_states, value_states, positions)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.kept_length
+        return kept + query_length, self.seen - kept
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        # no limit on the sequence length: that is the point of a streaming cache
+        return -1
+
+    @property
+    def kept_length(self) -> int:
+        """Columns held between calls: head (once evicted) plus body."""
+        return (self.n_sink if self.evicted and self.keep_sinks else 0) + len(self.body)
+
+    def reset(self) -> None:
+        self.body = type(self.body)() if isinstance(self.body, FullBody) else QuantizedBody(
+            self.body.quantizer, self.body.residual_length)
+        self.is_initialized = False
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise CacheError("a sink cache cannot be cropped: evicted tokens cannot be restored (assisted or "
+                         "speculative decoding needs a cache that can roll back, e.g. DynamicCache)")
+
+    def offload(self) -> None:
+        raise CacheError("sink caches do not support offloading")
+
+    prefetch = offload
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder every per-row state along the batch."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.shape is not None:
+            rows = torch.arange(self.shape[0], device=self.device).repeat_interleave(repeats)
+            self.batch_select_indices(rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.shape is None:
+            return
+        index = torch.as_tensor(indices, device=self.device)
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(-1)
+        self.body.select_rows(index)
+        for name in ("first_real", "sink_k", "sink_v", "sink_pos", "body_pos", "hidden_abs", "hidden_k", "hidden_v"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index))
+        self.shape = (index.numel(),) + self.shape[1:]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _check_shape(self, key_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        if (batch, heads, dim) != self.shape:
+            b0, h0, d0 = self.shape
+            raise CacheError(
+                f"this cache holds a batch of {b0} rows x {h0} kv heads x {d0} dims, got {batch} x {heads} x {dim}: "
+                "a cache serves one model and one batch; make a new cache (or call cache.reset())")
+
+    def _find_first_real(self, positions: torch.Tensor) -> None:
+        """Each row's first real token is the last one the model placed at position 0: transformers puts
+        left padding at position 0 (generate) or 1, and the first real token at 0. Positions that never
+        return to 0 (no padding, or positions counted inside the cache) leave it at token 0."""
+        absolute = torch.arange(positions.shape[1], device=positions.device) + self.seen
+        at_zero = torch.where(positions == 0, absolute, -1).amax(dim=1)
+        if self.first_real is None:
+            self.first_real = at_zero.clamp(min=0)
+        else:
+            self.first_real = torch.maximum(self.first_real, at_zero)
+
+    def column_info(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the kept columns of the next call: (absolute token index (B, L), -1 for padding,
+        is-sink (B, L)). Used to build masks for chunked streaming (:mod:`sinkfix.caches.feed`)."""
+        head_abs = self._head_abs()
+        body_abs = self._body_abs(len(self.body))
+        columns = body_abs if head_abs is None else torch.cat([head_abs, body_abs], dim=1)
+        first = self.first_real[:, None]
+        is_sink = (columns >= first) & (columns < first + self.n_sink) & self.keep_sinks
+        return columns, is_sink
+
+    def _body_abs(self, length: int) -> torch.Tensor:
+        """(B, length) absolute token index of the body's first ``length`` columns, -1 for padding."""
+        absolute = (torch.arange(length, device=self.device) + self.body_start)[None, :]
+        return torch.where(absolute >= self.first_real[:, None], absolute, -1)
+
+    def _head_slots(self) -> torch.Tensor | None:
+        """(B, n_sink) which sink each head column shows, -1 = padding (masked); None = no head."""
+        if not (self.evicted and self.keep_sinks) or self.n_sink == 0:
+            return None
+        before_body = (self.body_start - self.first_real).clamp(0, self.n_sink)  # sinks older than the body
+        slots = torch.arange(self.n_sink, device=self.device)[None, :] - (self.n_sink - before_body)[:, None]
+        return torch.where(slots >= 0, slots, -1)
+
+    def _head_abs(self) -> torch.Tensor | None:
+        slots = self._head_slots()
+        return None if slots is None else torch.where(slots >= 0, self.first_real[:, None] + slots, -1)
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, positions, real) of the head columns, or None."""
+        slots = self._head_slots()
+        if slots is None:
+            return None
+        real = slots >= 0
+        if bool(real.all()) and bool((slots == torch.arange(self.n_sink, device=self.device)).all()):
+            return self.sink_k, self.sink_v, self.sink_pos, real
+        index = slots.clamp(min=0)
+        gather = index[:, None, :, None].expand(-1, self.sink_k.shape[1], -1, self.sink_k.shape[-1])
+        keep = real[:, None, :, None]
+        keys = torch.where(keep, self.sink_k.gather(2, gather), 0)
+        values = torch.where(keep, self.sink_v.gather(2, gather), 0)
+        return keys, values, self.sink_pos.gather(1, index), real
+
+    def _body(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Body keys / values in full precision, with protected tokens restored exactly."""
+        keys, values = self.body.materialize()
+        if keys is None or not isinstance(self.body, QuantizedBody) or self.body.quantized_len == 0:
+            return keys, values
+        keys, values = keys.clone(), values.clone()
+        for s in range(self.n_sink):
+            col = self.first_real + s - self.body_start
+            self._overlay(keys, values, col, self.sink_k[:, :, s:s + 1], self.sink_v[:, :, s:s + 1])
+        if self.hidden_abs is not None:
+            for p in range(self.hidden_abs.shape[1]):
+                col = torch.where(self.hidden_abs[:, p] >= 0, self.hidden_abs[:, p] - self.body_start, -1)
+                self._overlay(keys, values, col, self.hidden_k[:, :, p:p + 1], self.hidden_v[:, :, p:p + 1])
+        return keys, values
+
+    def _overlay(self, keys, values, col: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """keys[b, :, col[b]] = k[b] (and values) where 0 <= col[b] < quantized length, in place."""
+        valid = (col >= 0) & (col < self.body.quantized_len)
+        if not bool(valid.any()):
+            return
+        index = col.clamp(0, keys.shape[2] - 1)[:, None, None, None].expand(-1, keys.shape[1], 1, keys.shape[-1])
+        keep = valid[:, None, None, None]
+        keys.scatter_(2, index, torch.where(keep, k, keys.gather(2, index)))
+        values.scatter_(2, index, torch.where(keep, v, values.gather(2, index)))
+
+    def _visible(self, key_states, value_states, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """[head][body][new]: the kept columns re-rotated to their place in the cache, then the new ones."""
+        head = self._head()
+        body_k, body_v = self._body()
+        parts_k, parts_v, parts_pos, parts_real = [], [], [], []
+        if head is not None:
+            parts_k.append(head[0]), parts_v.append(head[1]), parts_pos.append(head[2]), parts_real.append(head[3])
+        if body_k is not None and body_k.shape[-2]:
+            parts_k.append(body_k), parts_v.append(body_v), parts_pos.append(self.body_pos)
+            parts_real.append(self._body_abs(body_k.shape[-2]) >= 0)
+        self._note_columns(head is not None, body_k, key_states.shape[-2])
+        if not parts_k:
+            return key_states, value_states
+        kept = sum(p.shape[-1] for p in parts_pos)
+        target0 = positions[:, :1] - kept  # position of kept column 0
+        start = 0
+        for i, (pos, real) in enumerate(zip(parts_pos, parts_real)):
+            width = pos.shape[-1]
+            target = target0 + torch.arange(start, start + width, device=self.device)
+            delta = torch.where(real, target - pos, 0)
+            if bool(delta.any()):
+                self.last_exact_from = max(self.last_exact_from, start + width)  # rotated: not as stored
+                if self.rotary is None:
+                    raise UnsupportedModelError("this layer has no rotary embedding to move cached keys with")
+                parts_k[i] = rotate_keys(parts_k[i], delta, self.rotary)
+            start += width
+        return torch.cat(parts_k + [key_states], dim=-2), torch.cat(parts_v + [value_states], dim=-2)
+
+    def _note_columns(self, has_head: bool, body_k: torch.Tensor | None, q_len: int) -> None:
+        """Remember, for observers of the attention call that follows: each returned column's absolute
+        token index (-1 = padding) and from which column on the returned keys / values are exactly
+        what the model wrote (the full-precision residual and the new tokens)."""
+        head_abs = self._head_abs() if has_head else None
+        body_abs = self._body_abs(0 if body_k is None else body_k.shape[-2]).expand(self.shape[0], -1)
+        new_abs = (torch.arange(q_len, device=self.device) + self.seen).expand(self.shape[0], -1)
+        parts = ([] if head_abs is None else [head_abs]) + [body_abs, new_abs]
+        self.last_columns = torch.cat(parts, dim=1)
+        quantized = self.body.quantized_len if isinstance(self.body, QuantizedBody) else 0
+        self.last_exact_from = (0 if head_abs is None else head_abs.shape[1]) + quantized
+
+    def _store(self, key_states, value_states, positions) -> None:
+        """Capture sink tokens, append to the body, evict down to the window."""
+        q_len = key_states.shape[-2]
+        self._capture_sinks(key_states, value_states, positions)
+        self.body.append(key_states, value_states)
+        self.body_pos = torch.cat([self.body_pos, positions], dim=1)
+        self.seen += q_len
+        capacity = None if self.window is None else (self.n_sink if self.keep_sinks else 0) + self.window
+        if capacity is not None and self.seen > capacity:
+            drop = len(self.body) - self.window
+            if drop > 0:
+                self.body.drop_front(drop)
+                self.body_pos = self.body_pos[:, drop:]
+                self.body_start += drop
+                self._drop_hidden_before(self.body_start)
+            self.evicted = True
+
+    def _capture_sinks(self, key_states, value_states, positions) -> None:
+        for s in range(self.n_sink):
+            j = self.first_real + s - self.seen  # (B,) index of sink s among the new tokens
+            valid = (j >= 0) & (j < key_states.shape[-2])
+            if not bool(valid.any()):
+                continue
+            index = j.clamp(0, key_states.shape[-2] - 1)
+            gather = index[:, None, None, None].expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+            keep = valid[:, None, None, None]
+            self.sink_k[:, :, s:s + 1] = torch.where(keep, key_states.gather(2, gather), self.sink_k[:, :, s:s + 1])
+            self.sink_v[:, :, s:s + 1] = torch.where(keep, value_states.gather(2, gather), self.sink_v[:, :, s:s + 1])
+            self.sink_pos[:, s] = torch.where(valid, positions.gather(1, index[:, None])[:, 0], self.sink_pos[:, s])
+
+    # -- hidden sinks (input-dependent tokens kept in full precision) ----------------------------
+    def protect(self, absolute: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep tokens at ``absolute`` (B, P) indices (-1 = none) in full precision: ``keys`` /
+        ``values`` (B, H, P, D) are their exact states. No-op for a full-precision body."""
+        if not isinstance(self.body, QuantizedBody) or absolute.shape[1] == 0:
+            return
+        if self.hidden_abs is None:
+            self.hidden_abs, self.hidden_k, self.hidden_v = absolute, keys, values
+        else:
+            self.hidden_abs = torch.cat([self.hidden_abs, absolute], dim=1)
+            self.hidden_k = torch.cat([self.hidden_k, keys], dim=2)
+            self.hidden_v = torch.cat([self.hidden_v, values], dim=2)
+
+    def _drop_hidden_before(self, start: int) -> None:
+        if self.hidden_abs is None:
+            return
+        keep = (self.hidden_abs >= start).any(dim=0)
+        if not bool(keep.all()):
+            self.hidden_abs = torch.where(self.hidden_abs >= start, self.hidden_abs, -1)[:, keep]
+            self.hidden_k, self.hidden_v = self.hidden_k[:, :, keep], self.hidden_v[:, :, keep]
+
+    # -- introspection ---------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of cached state held by this layer (sinks, body, protected tokens, positions)."""
+        tensors = [self.sink_k, self.sink_v, self.sink_pos, self.body_pos, self.hidden_k, self.hidden_v]
+        return self.body.nbytes() + sum(t.nelement() * t.element_size() for t in tensors if t is not None)

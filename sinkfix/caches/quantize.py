@@ -1,0 +1,82 @@
+"""Group-wise integer quantization of cached keys and values, through transformers' own backends.
+
+transformers 5 ships KIVI-style quantized cache layers for two integer backends, optimum-quanto and
+HQQ (``QuantoQuantizedLayer``, ``HQQQuantizedLayer``); both run on the CPU with torch 2.13. Their
+quantize / dequantize steps are what :class:`KVQuantizer` calls, so a sink cache quantizes exactly as
+the shipped ``QuantizedCache`` does: the only difference is which tokens are left out of it.
+
+Layout (docs/caches.md): groups of ``group_size`` consecutive channels of one token and one kv head,
+each with its own scale and offset (quanto ``axis=0``, HQQ ``axis=1``: the same grouping). Per-token
+groups mean a token's quantization never depends on another token, so keeping a sink in full
+precision changes nothing for its neighbours; and requantizing a dequantized token changes it by at
+most a float rounding (quanto, measured: 5e-7 on values of 144), so requantizing everything at every
+flush, as transformers does, is harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sinkfix.errors import BackendUnavailableError, CacheError
+
+__all__ = ["KVQuantizer", "BACKENDS", "SUPPORTED_BITS", "backend_axis"]
+
+BACKENDS = ("quanto", "hqq")
+SUPPORTED_BITS = (2, 4)
+_PACKAGES = {"quanto": "optimum-quanto", "hqq": "hqq"}
+
+
+def backend_axis(backend: str) -> int:
+    """The ``axis`` argument that gives per-token channel groups with this backend."""
+    return 0 if backend == "quanto" else 1
+
+
+def check_quantization(bits: int, backend: str, group_size: int, head_dim: int | None = None) -> None:
+    """Raise :class:`CacheError` for a bit width, backend or group size the cache cannot use."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise CacheError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (or None for full precision), "
+                         f"got {bits!r}")
+    if backend not in BACKENDS:
+        raise CacheError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise CacheError(f"q_group_size must be a positive integer, got {group_size!r}")
+    if head_dim is not None and head_dim % group_size:
+        raise CacheError(f"q_group_size {group_size} does not divide the head dimension {head_dim}: groups hold "
+                         "channels of one token and head")
+
+
+class KVQuantizer:
+    """Quantize / dequantize (B, H, L, D) tensors with one of transformers' integer backends."""
+
+    def __init__(self, backend: str = "quanto", bits: int = 4, group_size: int = 64) -> None:
+        check_quantization(bits, backend, group_size)
+        self.backend, self.bits, self.group_size = backend, bits, group_size
+        self.axis = backend_axis(backend)
+        self._engine = _engine(backend, bits, group_size, self.axis)
+
+    def quantize(self, x: torch.Tensor) -> Any:
+        engine = self._engine
+        if not engine.is_initialized or engine.keys.dtype != x.dtype or engine.keys.device != x.device:
+            # HQQ reads the device and compute dtype off the layer's (empty) full-precision states
+            engine.lazy_initialization(x[..., :0, :], x[..., :0, :])
+        return engine._quantize(x.contiguous(), axis=self.axis)
+
+    def dequantize(self, q: Any) -> torch.Tensor:
+        return self._engine._dequantize(q)
+
+    def __repr__(self) -> str:
+        return f"KVQuantizer({self.backend!r}, bits={self.bits}, group_size={self.group_size})"
+
+
+def _engine(backend: str, bits: int, group_size: int, axis: int):
+    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
+
+    cls = QuantoQuantizedLayer if backend == "quanto" else HQQQuantizedLayer
+    try:
+        return cls(nbits=bits, axis_key=axis, axis_value=axis, q_group_size=group_size)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the {backend} quantization backend needs the {_PACKAGES[backend]} package "
+            f"(pip install {_PACKAGES[backend]}, or pip install 'sinkfix[kvquant]'): {exc}") from None

@@ -1,0 +1,165 @@
+"""``sinkfix kvquant``: perplexity of a full, a quantized and a sink-protected quantized KV cache.
+
+    sinkfix kvquant --model smollm2-135m                      # 2- and 4-bit, built-in held-out prose + code
+    sinkfix kvquant --model gemma3-270m --bits 2 --json
+    sinkfix kvquant --text notes.txt --sequences 4 --backend hqq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sinkfix.errors import UsageError
+
+__all__ = ["add_parser", "run", "parse_bits"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from sinkfix.caches import BACKENDS
+    from sinkfix.models import DEFAULT_MODEL
+
+    parser = subparsers.add_parser(
+        "kvquant", help="KV-cache quantization: full vs quantized vs sink-protected perplexity",
+        description="Feed held-out sequences through a full-precision cache, transformers' quantized cache and "
+                    "a SinkCache that keeps the sink tokens in full precision, at each bit width; report "
+                    "perplexity and the share of the quantization loss that protecting the sinks recovers.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model name, folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--text", action="append", metavar="FILE", default=None,
+                        help="UTF-8 text, one domain per file; repeatable (default: the built-in held-out prose and code)")
+    parser.add_argument("--bits", default="2,4", help="comma-separated bit widths, each 2 or 4 (default 2,4)")
+    parser.add_argument("--backend", default="quanto", choices=BACKENDS, help="quantization backend (default quanto)")
+    parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept in full precision (default 4)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, BOS included (default 2048)")
+    parser.add_argument("--sequences", type=int, default=1, help="sequences per domain (default 1)")
+    parser.add_argument("--residual-length", type=int, default=128,
+                        help="recent tokens kept in full precision before quantization (default 128, as transformers)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per forward (default 128)")
+    parser.add_argument("--hidden-sinks", action="store_true",
+                        help="also run a cache that keeps the hidden sinks attention finds in full precision "
+                             "(ACT's criterion, as sinkfix inspect; runs the model through sinkfix's attention)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start every sequence with BOS (default: if the tokenizer adds one)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def parse_bits(spec: str) -> list[int]:
+    from sinkfix.caches import SUPPORTED_BITS
+
+    try:
+        widths = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--bits must be comma-separated integers, got {spec!r}") from None
+    bad = [w for w in widths if w not in SUPPORTED_BITS]
+    if not widths or bad:
+        raise UsageError(f"--bits takes {' and '.join(map(str, SUPPORTED_BITS))}, got {spec!r}")
+    return sorted(set(widths))
+
+
+def _check(args) -> list[int]:
+    widths = parse_bits(args.bits)
+    for label, value, low in (("--n-sink", args.n_sink, 0), ("--seq-len", args.seq_len, 2),
+                              ("--sequences", args.sequences, 1), ("--residual-length", args.residual_length, 1),
+                              ("--chunk", args.chunk, 1)):
+        if value < low:
+            raise UsageError(f"{label} must be >= {low}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    return widths
+
+
+def _sequences(tokenizer, texts, seq_len: int, count: int, bos_id: int | None):
+    """The first ``count`` consecutive ``seq_len``-token sequences of each text."""
+    import torch
+
+    from sinkfix.commands.stream import stream_text
+
+    out = []
+    for name, source in texts.items():
+        ids = stream_text(tokenizer, source.text, seq_len * count, None)
+        body = seq_len - (bos_id is not None)
+        for i in range(count):
+            piece = ids[i * body : (i + 1) * body]
+            out.append(piece if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=piece.dtype), piece]))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import sinkfix
+    from sinkfix.analysis.kvquant import measure_kvquant
+    from sinkfix.caches import KVQuantizer
+    from sinkfix.commands.stream import tokenizer_adds_bos
+    from sinkfix.evaluate import bos_token_id
+    from sinkfix.texts import load_texts
+
+    widths = _check(args)
+    KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
+    texts = load_texts(args.text or (), None, "eval")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log("texts: " + "; ".join(f"{n} ({t.source})" for n, t in texts.items()) + f"; loading {args.model} ...")
+    model, tokenizer = sinkfix.load_model(args.model)
+    bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
+    bos_id = bos_token_id(tokenizer) if bos else None
+    sequences = _sequences(tokenizer, texts, args.seq_len, args.sequences, bos_id)
+    total = sum(len(s) for s in sequences) * (1 + (2 + args.hidden_sinks) * len(widths))  # forwards x tokens
+    with tqdm(total=total, unit="tok", desc="kvquant", file=sys.stderr, leave=False) as bar:
+        rows = measure_kvquant(model, sequences, bits=widths, backend=args.backend, n_sink=args.n_sink,
+                               residual_length=args.residual_length, chunk=args.chunk,
+                               hidden_sinks=args.hidden_sinks, on_tokens=bar.update)
+    result = {str(row.bits): row.as_json() for row in rows}
+    result["protocol"] = {
+        "model": args.model, "texts": {n: t.source for n, t in texts.items()}, "seq_len": args.seq_len,
+        "sequences_per_text": args.sequences, "bos": bos, "backend": args.backend, "n_sink": args.n_sink,
+        "residual_length": args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
+        "groups": "per token and kv head, 64 channels (or the head) each",
+    }
+    if args.out:
+        from sinkfix.files import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _print_table(result: dict) -> None:
+    from rich.table import Table
+
+    from sinkfix.commands.inspect import wide_console
+
+    p = result["protocol"]
+    title = (f"{p['model']}: {', '.join(p['texts'])}, {p['sequences_per_text']} x {p['seq_len']} tokens each, "
+             f"{'BOS' if p['bos'] else 'no BOS'}, {p['backend']}, residual {p['residual_length']}, "
+             f"{p['n_sink']} sinks protected")
+    table = Table(title=title, title_justify="left")
+    hidden = p.get("hidden_sinks")
+    names = ["quantized", "sink_protected"] + (["hidden_protected"] if hidden else [])
+    columns = ["bits", "full ppl"] + [f"{n} ppl" for n in names] + [f"KL {n}" for n in names]
+    columns += ["recovered ppl", "recovered KL"] + (["recovered ppl / KL (hidden)"] if hidden else [])
+    for column in columns + ["tokens", "quantized cache"]:
+        table.add_column(column.replace("_", " "), justify="left" if column == "quantized cache" else "right")
+    for bits, row in result.items():
+        if bits == "protocol":
+            continue
+        cells = [bits, f"{row['full']:.3f}"]
+        cells += [f"{row[n]:.3f} ({100 * (row[n] / row['full'] - 1):+.1f}%)" for n in names]
+        cells += [f"{row['kl'][n]:.4f}" for n in names]
+        cells += [f"{100 * row['recovered']:.1f}%", f"{100 * row['recovered_kl']:.1f}%"]
+        if hidden:
+            cells.append(f"{100 * row['recovered_hidden']:.1f}% / {100 * row['recovered_kl_hidden']:.1f}%")
+        table.add_row(*cells, str(row["tokens"]), row["quantized_cache"])
+    wide_console().print(table)

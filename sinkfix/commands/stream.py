@@ -1,0 +1,200 @@
+"""``sinkfix stream``: streaming perplexity of a sink cache vs a window-only cache vs recomputation.
+
+    sinkfix stream --model smollm2-135m                                  # 4096 tokens, ~5 min on 2 cores
+    sinkfix stream --model smollm2-135m --tokens 20738 --segment 4096    # past the 8192 trained positions
+    sinkfix stream --profile smollm2.profile.json --json                 # also with the correction patched in
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sinkfix.errors import UsageError
+
+__all__ = ["add_parser", "run", "stream_text", "tokenizer_adds_bos"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from sinkfix.models import DEFAULT_MODEL
+
+    parser = subparsers.add_parser(
+        "stream", help="streaming perplexity: sink cache vs window-only cache vs recomputation",
+        description="Stream one long text through a SinkCache (sinks + recent window), a window-only cache of "
+                    "the same size and a sliding window recomputed afresh (subsampled); report perplexity over "
+                    "the whole stream and per segment, time per token and peak memory per segment, and draw "
+                    "running perplexity against position (stream.png in --out).",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model name, folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--text", metavar="FILE", default=None,
+                        help="UTF-8 text to stream (default: the built-in held-out prose, Python's language reference)")
+    parser.add_argument("--tokens", type=int, default=4096, help="stream length in tokens, BOS included (default 4096)")
+    parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept (default 4)")
+    parser.add_argument("--window", type=int, default=252,
+                        help="recent tokens kept besides the sinks (default 252: a 256-token cache)")
+    parser.add_argument("--chunk", type=int, default=32, help="tokens per forward, decode visibility kept (default 32)")
+    parser.add_argument("--segment", type=int, default=1024, help="tokens per reported segment (default 1024)")
+    parser.add_argument("--recompute-every", type=int, default=64,
+                        help="score every N-th token with a recomputed window (default 64)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start the stream (and each recomputed window) with BOS (default: if the tokenizer adds one)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of sink, window_only, recompute and, with --profile, "
+                             "sink_profile, recompute_profile (default: the first three, plus the last two "
+                             "with --profile)")
+    parser.add_argument("--profile", default=None,
+                        help="also run the sink cache and the recomputation with this calibrated profile patched in")
+    parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
+    parser.add_argument("--no-figure", action="store_true", help="skip stream.png")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its BOS token (Gemma3 does, SmolLM2 does not)."""
+    import torch
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    first = torch.as_tensor(tokenizer("a", add_special_tokens=True).input_ids).flatten()[:1].tolist()
+    return bos is not None and first == [bos]
+
+
+def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None):
+    """The first ``tokens`` ids of ``text`` (BOS first when ``bos_id``); :class:`UsageError` if too short."""
+    import torch
+
+    from sinkfix.evaluate import tokenize
+
+    body = tokens - (bos_id is not None)
+    # ~4 characters per token on this text; tokenize a generous prefix, then all of it if needed
+    ids = tokenize(tokenizer, text[: body * 8])
+    if ids.numel() < body:
+        ids = tokenize(tokenizer, text)
+    if ids.numel() < body:
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than --tokens {tokens}")
+    ids = ids[:body]
+    return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
+
+
+STREAM_VARIANTS = ("sink", "window_only", "recompute")
+PROFILE_VARIANTS = ("sink_profile", "recompute_profile")
+
+
+def parse_variants(spec: str | None, profile: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(unpatched variants, patched variants without their suffix)."""
+    known = STREAM_VARIANTS + (PROFILE_VARIANTS if profile else ())
+    if spec is None:
+        return STREAM_VARIANTS, (("sink", "recompute") if profile else ())
+    chosen = tuple(part.strip() for part in spec.split(",") if part.strip())
+    unknown = [v for v in chosen if v not in known]
+    if not chosen or unknown:
+        hint = "" if profile else " (the *_profile variants need --profile)"
+        raise UsageError(f"--variants takes a comma-separated subset of {', '.join(known)}{hint}, got {spec!r}")
+    return (tuple(v for v in chosen if v in STREAM_VARIANTS),
+            tuple(v.removesuffix("_profile") for v in chosen if v in PROFILE_VARIANTS))
+
+
+def _check(args) -> None:
+    from sinkfix.analysis.streaming import check_stream_arguments
+    from sinkfix.caches import check_sink_window
+
+    parse_variants(args.variants, bool(args.profile))
+    check_sink_window(args.n_sink, args.window)
+    check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _load_text(args) -> tuple[str, str]:
+    from sinkfix.texts import builtin_texts, read_text_file
+
+    if args.text:
+        return read_text_file(args.text), str(args.text)
+    prose = builtin_texts("eval")["prose"]
+    return prose.text, prose.source
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import sinkfix
+    from sinkfix.analysis.streaming import measure_streaming
+    from sinkfix.evaluate import bos_token_id
+
+    _check(args)  # before anything slow
+    text, source = _load_text(args)
+    profile = sinkfix.Profile.load(args.profile) if args.profile else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"text: {source}; loading {args.model} ...")
+    model, tokenizer = sinkfix.load_model(args.model)
+    bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
+    bos_id = bos_token_id(tokenizer) if bos else None
+    ids = stream_text(tokenizer, text, args.tokens, bos_id)
+    settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
+                    recompute_every=args.recompute_every, bos_id=bos_id)
+    variants, patched_variants = parse_variants(args.variants, profile is not None)
+    runs = len(variants) + len(patched_variants)
+    with tqdm(total=runs * args.tokens, unit="tok", desc="stream", file=sys.stderr, leave=False) as bar:
+        result = measure_streaming(model, ids, **settings, variants=variants, on_tokens=bar.update)
+        if patched_variants:
+            with sinkfix.patch(model, profile):
+                patched = measure_streaming(model, ids, **settings, variants=patched_variants,
+                                            suffix="_profile", on_tokens=bar.update)
+            result.variants.update(patched.variants)
+    result.protocol.update(model=args.model, text=source, profile=args.profile)
+    summary = result.summary()
+    out = Path(args.out)
+    from sinkfix.files import atomic_write, atomic_write_text
+
+    atomic_write_text(out / "stream.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_write(out / "stream_tokens.pt", "wb") as handle:  # per-token NLL, NaN = not scored
+        torch.save(result.token_nll(), handle)
+    if not args.no_figure:
+        from sinkfix.analysis.plots import running_perplexity_plot
+
+        running_perplexity_plot(result, out / "stream.png")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_table(summary)
+        log(f"wrote {out / 'stream.json'}, {out / 'stream_tokens.pt'}"
+            + ("" if args.no_figure else f" and {out / 'stream.png'}"))
+    return 0
+
+
+def _print_table(summary: dict) -> None:
+    from rich.table import Table
+
+    from sinkfix.commands.inspect import wide_console
+
+    p = summary["protocol"]
+    console = wide_console()
+    title = (f"{p['model']}: {p['tokens']} tokens of {p['text']}; {'BOS + ' if p['bos'] else 'no BOS, '}"
+             f"cache {p['n_sink']} sinks + {p['window']} recent, chunks of {p['chunk']}, segments of "
+             f"{p['segment_len']}, recompute every {p['recompute_every']}")
+    table = Table(title=title, title_justify="left")
+    for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
+                   "vs recompute", "ms/tok first/last", "peak RSS MiB first/last", "cache MiB"):
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    paired = summary.get("paired", {})
+    for name, v in summary.items():
+        if name in ("paired", "protocol"):
+            continue
+        seg = v["segments"]
+        first, last = (seg[0], seg[-1]) if seg else (float("nan"), float("nan"))
+        pair = paired.get(name, {})
+        ms, rss = v["ms_per_token"], v["peak_rss_mib"]
+        table.add_row(
+            name, f"{v['ppl']:.3f}", str(v["tokens"]), f"{first:.3f}", f"{last:.3f}", f"{last / first:.3f}",
+            f"{pair.get('ppl', float('nan')):.3f}", f"{pair.get('ratio_to_recompute', float('nan')):.3f}",
+            f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
+            f"{v['cache_mib'][-1]:.2f}" if v["cache_mib"] else "-",
+        )
+    console.print(table)

@@ -1,0 +1,323 @@
+"""SinkCache on tiny random models: against plain caches, against an fp64 StreamingLLM reference, padding,
+generation, beam search, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache
+
+import sinkfix
+from sinkfix import CacheError, UnsupportedModelError
+from sinkfix.caches import SinkCache, feed
+from sinkfix.caches.layers import SinkLayer
+from sinkfix.caches.rope import Rotary, rotary_for, rotate_keys
+
+from .conftest import tiny_config, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ids(batch=2, length=40, seed=0):
+    return torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _decode(model, ids, cache, attention_mask=None, position_ids=None):
+    """One token per forward; logits (B, N, V)."""
+    out = []
+    for t in range(ids.shape[1]):
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, : t + 1]
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[:, t : t + 1]
+        out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True, **kwargs).logits)
+    return torch.cat(out, dim=1)
+
+
+# -- RoPE re-rotation against RoPE recomputed from scratch in fp64 ---------------------------------
+def _rope64(raw: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """raw (B, H, L, D) pre-RoPE keys rotated at positions (B, L), in fp64, transformers' convention."""
+    angles = positions.double()[..., None] * inv_freq.double()
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None]
+    r = 2 * inv_freq.numel()
+    x = raw.double()[..., :r]
+    rotated = torch.cat([-x[..., r // 2 :], x[..., : r // 2]], -1)
+    return torch.cat([x * cos + rotated * sin, raw.double()[..., r:]], -1)
+
+
+def test_rotation_moves_keys_like_rope_from_scratch():
+    torch.manual_seed(0)
+    inv_freq = rotary_for(tf.LlamaConfig(head_dim=16, hidden_size=64, num_attention_heads=4)).inv_freq
+    raw = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    start = torch.tensor([[0, 7, 100, 9000, 20000], [3, 3, 50000, 1, 0]])
+    delta = torch.tensor([[250, -7, -99, -8700, 1], [0, 255, -49900, 4, 65000]])
+    moved = rotate_keys(_rope64(raw, start, inv_freq).float(), delta, Rotary(inv_freq))
+    torch.testing.assert_close(moved.double(), _rope64(raw, start + delta, inv_freq), atol=2e-6, rtol=0)
+    partial = Rotary(inv_freq[:4])  # rotary dimension 8 of 16: the other channels are left alone
+    moved = rotate_keys(raw.float(), delta, partial)
+    assert torch.equal(moved[..., 8:], raw.float()[..., 8:])
+
+
+def test_models_without_position_independent_rope_are_refused():
+    with pytest.raises(UnsupportedModelError, match="no rotary position embeddings"):
+        SinkCache(tiny_config("gpt2"), n_sink=2, window=8)
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModelError, match="changes its frequencies"):
+        SinkCache(config, n_sink=2, window=8)
+
+
+# -- identical to a plain cache while nothing is evicted ----------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])
+def test_first_window_identical_to_dynamic_cache(arch):
+    model = tiny_model(arch)
+    n_sink, window = 2, 10
+    ids = _ids(length=n_sink + window + 1)
+    plain = _decode(model, ids, DynamicCache(config=model.config))
+    streamed = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window))
+    # the cache holds n_sink + window tokens; the token after them still sees everything
+    assert torch.equal(streamed, plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_generation_identical_while_the_text_fits(arch):
+    model = tiny_model(arch)
+    prompt = _ids(length=6)
+    mask = torch.ones_like(prompt)
+    plain = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for keyword in ("past_key_values", "cache"):
+        cache = SinkCache(model.config, n_sink=2, window=16)
+        got = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             **{keyword: cache})
+        assert torch.equal(got, plain), keyword
+        assert cache.get_seq_length() == prompt.shape[1] + 11
+
+
+def test_generation_runs_far_past_the_trained_positions():
+    model = tiny_model("llama")  # max_position_embeddings 256
+    cache = SinkCache(model.config, n_sink=2, window=14)
+    out = model.generate(_ids(1, 5), attention_mask=torch.ones(1, 5, dtype=torch.long), cache=cache,
+                         max_new_tokens=300, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 305
+    assert cache.layers[0].kept_length == 16 and cache.get_seq_length() == 304
+
+
+# -- after eviction: contents and an fp64 StreamingLLM reference ----------------------------------
+def test_cache_contents_after_eviction():
+    model = tiny_model("llama").double()
+    n_sink, window, length = 2, 6, 23
+    ids = _ids(length=length)
+    plain, cache = DynamicCache(config=model.config), SinkCache(model.config, n_sink=n_sink, window=window)
+    _decode(model, ids, plain)
+    _decode(model, ids, cache)
+    layer, full = cache.layers[0], plain.layers[0]
+    columns, is_sink = layer.column_info()
+    expect = list(range(n_sink)) + list(range(length - window, length))
+    assert columns.tolist() == [expect] * 2
+    assert is_sink.tolist() == [[True] * n_sink + [False] * window] * 2
+    # the window is stored as the model wrote it; the sinks as first written (rotated on every read)
+    assert torch.equal(layer.body.k, full.keys[:, :, length - window :])
+    assert torch.equal(layer.body.v, full.values[:, :, length - window :])
+    assert torch.equal(layer.sink_k, full.keys[:, :, :n_sink]) and torch.equal(layer.sink_v, full.values[:, :, :n_sink])
+    assert cache.get_mask_sizes(1, 0) == (n_sink + window + 1, length - n_sink - window)
+
+
+def _llama_streaming_reference(model, ids, n_sink, window):
+    """StreamingLLM decoding written out for a Llama model in fp64: keys kept *before* RoPE, every
+    query and key rotated from scratch at its slot inside the cache (sinks first, then the window)."""
+    cfg = model.config
+    inv_freq = rotary_for(cfg).inv_freq
+    inner = model.model
+    kept = [[] for _ in inner.layers]  # per layer: (token, pre-RoPE key, value)
+    logits = []
+    for t in range(ids.shape[1]):
+        h = inner.embed_tokens(ids[:, t : t + 1])
+        for layer_idx, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (ids.shape[0], 1, -1, attn.head_dim)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            entries = kept[layer_idx]
+            entries.append((t, k, v))
+            visible = [e for e in entries if e[0] < n_sink or e[0] >= t - window]
+            kept[layer_idx] = visible
+            slots = torch.arange(len(visible)).expand(ids.shape[0], -1)
+            keys = _rope64(torch.cat([e[1] for e in visible], 2), slots, inv_freq)
+            values = torch.cat([e[2] for e in visible], 2)
+            query = _rope64(q, slots[:, -1:], inv_freq)
+            group = q.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            probs = torch.softmax((query @ keys.transpose(-1, -2)) * attn.scaling, dim=-1)
+            out = (probs @ values).transpose(1, 2).reshape(ids.shape[0], 1, -1)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits.append(model.lm_head(inner.norm(h)))
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def test_stream_matches_fp64_streamingllm_reference():
+    model = tiny_model("llama").double()
+    ids = _ids(length=30)
+    expect = _llama_streaming_reference(model, ids, n_sink=2, window=7)
+    got = _decode(model, ids, SinkCache(model.config, n_sink=2, window=7))
+    # the model rotates its queries with fp32 angles; everything else is fp64
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
+    window_only = _llama_streaming_reference(model, ids, n_sink=0, window=9)
+    torch.testing.assert_close(_decode(model, ids, SinkCache(model.config, n_sink=0, window=9)), window_only,
+                               atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_positions_given_inside_the_cache_give_the_same_stream():
+    """StreamingLLM's own loop passes positions counted inside the cache; the cache then re-rotates
+    the window too, and the result is the same as with absolute positions."""
+    model = tiny_model("llama").double()
+    n_sink, window, length = 2, 7, 30
+    ids = _ids(length=length)
+    absolute = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window))
+    inside = torch.tensor([min(t, n_sink + window) for t in range(length)]).expand(2, -1)
+    got = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window), position_ids=inside)
+    torch.testing.assert_close(got, absolute, atol=1e-5, rtol=0)
+
+
+# -- left padding: each row's sinks are its first real tokens --------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_left_padded_rows_stream_like_the_same_rows_alone(arch):
+    model = tiny_model(arch)
+    n_sink, window, length, pad = 2, 6, 24, 5
+    ids = _ids(length=length)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window), attention_mask=mask,
+                    position_ids=positions)
+    alone = _decode(model, ids[1:, pad:], SinkCache(model.config, n_sink=n_sink, window=window))
+    torch.testing.assert_close(batch[1, pad:], alone[0], atol=2e-5, rtol=0)
+    first = _decode(model, ids[:1], SinkCache(model.config, n_sink=n_sink, window=window))
+    torch.testing.assert_close(batch[0], first[0], atol=2e-5, rtol=0)
+
+
+def test_left_padded_generation_matches_each_prompt_alone():
+    model = tiny_model("llama")
+    prompts = [_ids(1, 9, seed=1)[0], _ids(1, 4, seed=2)[0]]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 9 - len(prompt) :], mask[row, 9 - len(prompt) :] = prompt, 1
+    kwargs = dict(max_new_tokens=25, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, cache=SinkCache(model.config, n_sink=2, window=8), **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               cache=SinkCache(model.config, n_sink=2, window=8), **kwargs)
+        assert torch.equal(batch[row, 9:], alone[0, len(prompt) :]), row
+
+
+# -- Gemma3: sliding layers keep their own window --------------------------------------------------
+def test_hybrid_models_keep_transformers_sliding_layers():
+    model = tiny_model("gemma3")
+    cache = SinkCache(model.config, n_sink=2, window=8)
+    assert isinstance(cache.layers[0], tf.cache_utils.DynamicSlidingWindowLayer)
+    assert isinstance(cache.layers[1], SinkLayer)
+    _decode(model, _ids(length=20), cache)
+    assert cache.layers[0].keys.shape[2] == model.config.sliding_window - 1
+    assert cache.layers[1].kept_length == 10
+
+
+# -- chunked streaming -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_feed_sees_what_decoding_sees(arch):
+    model = tiny_model(arch)
+    ids = _ids(length=50)
+    for n_sink in (0, 2):
+        decoded = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=9))
+        one = torch.cat(list(feed(model, SinkCache(model.config, n_sink=n_sink, window=9), ids, chunk_size=1)), 1)
+        torch.testing.assert_close(one, decoded, atol=1e-5, rtol=0)
+        chunked = torch.cat(list(feed(model, SinkCache(model.config, n_sink=n_sink, window=9), ids, chunk_size=8)), 1)
+        if n_sink == 0:  # no sinks to place: identical visibility and positions
+            torch.testing.assert_close(chunked, decoded, atol=1e-5, rtol=0)
+        else:  # same visibility; sinks placed once per chunk
+            torch.testing.assert_close(chunked[:, :12], decoded[:, :12], atol=1e-5, rtol=0)
+
+
+# -- beam search -------------------------------------------------------------------------------------
+def test_beam_search_reorders_the_cache():
+    model = tiny_model("llama")
+    prompt = _ids(1, 5)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False,
+                  pad_token_id=0)
+    plain = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, cache=SinkCache(model.config, n_sink=2, window=20), **kwargs), plain)
+    cache = SinkCache(model.config, n_sink=2, window=4)
+    long = model.generate(prompt, cache=cache, **{**kwargs, "max_new_tokens": 20})
+    assert long.shape == (1, 25) and cache.layers[0].kept_length == 6
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_sink=4, window=4), "smaller than window"),
+    (dict(n_sink=4, window=0), "window must be an integer >= 1"),
+    (dict(n_sink=-1, window=8), "n_sink must be an integer >= 0"),
+    (dict(n_sink=2, window=2.5), "window must be an integer"),
+    (dict(n_sink=2, window=8, bits=3), "bits must be one of 2, 4"),
+    (dict(n_sink=2, window=8, bits=True), "bits must be one of 2, 4"),
+    (dict(n_sink=2, window=8, bits=4, backend="gptq"), "unknown quantization backend"),
+    (dict(n_sink=2, window=8, bits=4, q_group_size=24), "does not divide the head dimension"),
+    (dict(n_sink=2, window=8, bits=4, residual_length=0), "residual_length"),
+])
+def test_bad_arguments_raise_cache_errors(kwargs, match):
+    with pytest.raises(CacheError, match=match):
+        SinkCache(tiny_config("llama"), **kwargs)
+
+
+@torch.no_grad()
+def test_a_cache_serves_one_model_and_one_batch():
+    model = tiny_model("llama")
+    cache = SinkCache(model.config, n_sink=2, window=8)
+    model(_ids(2, 5), cache=cache, use_cache=True)
+    with pytest.raises(CacheError, match="batch of 2 rows"):
+        model(_ids(3, 1), cache=cache, use_cache=True)
+    other = tiny_model("gemma3")  # 1 kv head instead of 2
+    with pytest.raises(CacheError, match="kv heads"):
+        other(_ids(2, 1), cache=cache, use_cache=True)
+    deeper = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**tiny_config("llama").to_dict(),
+                                                                    "num_hidden_layers": 3})).eval()
+    with pytest.raises(CacheError, match="model with 2 layers"):
+        deeper(_ids(2, 1), cache=SinkCache(model.config, n_sink=2, window=8), use_cache=True)
+    with pytest.raises(CacheError, match="cannot be cropped"):
+        cache.crop(-1)
+    cache.reset()
+    model(_ids(3, 4), cache=cache, use_cache=True)  # a reset cache takes a new batch
+    assert cache.get_seq_length() == 4
+
+
+# -- composition with a patched model ------------------------------------------------------------------
+@torch.no_grad()
+def test_a_patched_model_applies_its_policy_to_the_kept_sinks():
+    model = tiny_model("llama")
+    n_sink, window, length = 2, 5, 20
+    ids = _ids(length=length)
+    cache = SinkCache(model.config, n_sink=n_sink, window=window)
+    calls = []
+
+    def observe(call):
+        if call.layer == 0:
+            calls.append((call.sink_cols.clone(), call.key[:, :, :n_sink].clone()))
+
+    stock = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window))
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5)) as handle, handle.observing(observe):
+        patched = _decode(model, ids, cache)
+    layer = cache.layers[0]
+    sink_cols, head_keys = calls[-1]
+    # after eviction the policy's sink (the first token) is column 0: the cache's first sink, re-rotated
+    assert sink_cols.tolist() == [[0], [0]]
+    target = length - 1 - (n_sink + window) + torch.arange(n_sink)  # right before the window
+    expect = rotate_keys(layer.sink_k, (target - layer.sink_pos).expand(2, -1), layer.rotary)
+    torch.testing.assert_close(head_keys, expect, atol=0, rtol=0)
+    assert (patched[:, -1] - stock[:, -1]).abs().max() > 1e-3  # the policy still acts after eviction

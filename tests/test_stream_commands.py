@@ -1,0 +1,143 @@
+"""``sinkfix stream`` and ``sinkfix kvquant`` on tiny random models: JSON schema, files, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import cli
+from sinkfix.analysis.streaming import StreamResult, StreamVariant
+
+from .conftest import CharTokenizer, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "The attention sink of a language model is usually its first token. " * 12
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    def use(arch="llama"):
+        model = tiny_model(arch)
+        monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
+        return model
+    return use
+
+
+def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
+    tiny("llama")
+    out = tmp_path / "out"
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "150", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "8", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("sink", "window_only", "recompute"):
+        v = result[name]
+        assert set(v) >= {"ppl", "segments", "tokens"} and math.isfinite(v["ppl"])
+        assert len(v["segments"]) == (150 - 23) // 30
+    assert result["sink"]["tokens"] == result["window_only"]["tokens"] == 149
+    assert result["recompute"]["tokens"] == len(range(24, 150, 8))
+    assert len(result["sink"]["ms_per_token"]) == len(result["sink"]["segments"])
+    assert result["paired"]["recompute"]["ratio_to_recompute"] == 1.0
+    assert len(result["paired"]["sink"]["segment_ratios"]) == len(result["sink"]["segments"])
+    tokens = torch.load(out / "stream_tokens.pt")
+    assert set(tokens) == {"sink", "window_only", "recompute"} and tokens["sink"].shape == (150,)
+    assert result["protocol"]["segments"][-1][1] == 150  # the last segment is the stream's tail
+    assert (out / "stream.png").stat().st_size > 0 and json.loads((out / "stream.json").read_text()) == result
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "0"], "window must be an integer >= 1"),
+    (["--n-sink", "8", "--window", "8"], "smaller than window"),
+    (["--tokens", "20", "--window", "20"], "leaves no full segment"),
+    (["--chunk", "0"], "--chunk must be"),
+    (["--variants", "sink,dense"], "--variants takes"),
+    (["--variants", "sink_profile"], "need --profile"),
+    (["--tokens", "5000", "--window", "20", "--segment", "30"], "fewer than --tokens"),
+])
+def test_stream_bad_input_exits_2_with_one_line(tiny, text_file, capsys, argv, message):
+    tiny("llama")
+    assert cli.main(["stream", "--text", str(text_file), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_stream_missing_text_file_exits_2(tmp_path, capsys):
+    assert cli.main(["stream", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, quantized", [("llama", "transformers QuantizedCache"), ("gemma3", "SinkCache(n_sink=0)")])
+def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
+    pytest.importorskip("optimum.quanto")
+    tiny(arch)
+    rc = cli.main(["kvquant", "--text", str(text_file), "--bits", "2,4", "--seq-len", "64", "--chunk", "16",
+                   "--residual-length", "8", "--n-sink", "2", "--hidden-sinks", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"2", "4", "protocol"}
+    for bits in ("2", "4"):
+        row = result[bits]
+        assert row["tokens"] == 63 and row["quantized_cache"].startswith(quantized)
+        assert all(math.isfinite(row[k]) for k in ("full", "quantized", "sink_protected", "hidden_protected"))
+        assert row["quantized"] != row["full"]
+        assert row["kl"]["full"] == 0 and row["kl"]["quantized"] > 0 and row["kl"]["sink_protected"] > 0
+        assert math.isfinite(row["recovered_kl"]) and math.isfinite(row["recovered_kl_hidden"])
+    assert result["2"]["full"] == result["4"]["full"]
+    assert result["2"]["kl"]["quantized"] > result["4"]["kl"]["quantized"]  # 2 bits move the model further
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "3"], "--bits takes 2 and 4"),
+    (["--bits", "two"], "comma-separated integers"),
+    (["--n-sink", "-1"], "--n-sink must be >= 0"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),
+])
+def test_kvquant_bad_input_exits_2_with_one_line(text_file, capsys, argv, message):
+    assert cli.main(["kvquant", "--text", str(text_file), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_segments_tile_the_stream_up_to_its_end():
+    nll = torch.zeros(100, dtype=torch.float64)
+    result = StreamResult({"sink": StreamVariant("sink", nll)}, {"tokens": 100, "warmup": 10, "segment_len": 25})
+    assert result.segment_bounds() == [(25, 50), (50, 75), (75, 100)]
+
+
+def test_stream_with_a_profile_adds_patched_variants(tiny, text_file, tmp_path, capsys):
+    from sinkfix.profile import ModelIdentity, Profile
+
+    model = tiny("llama")
+    beta = torch.full((2, 4), 0.7)
+    path = Profile(ModelIdentity.of(model), beta, calibration={"note": "test"}).save(tmp_path / "p.json")
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "16",
+                   "--variants", "sink,recompute,sink_profile,recompute_profile",
+                   "--profile", str(path), "--out", str(tmp_path / "o"), "--no-figure", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"sink", "recompute", "sink_profile", "recompute_profile"} <= set(result) and "window_only" not in result
+    assert result["sink_profile"]["ppl"] != result["sink"]["ppl"]
+    assert result["paired"]["sink_profile"]["reference"] == "recompute_profile"
+    assert sinkfix.PatchHandle.of(model) is None
+
+
+def test_running_perplexity_is_a_trailing_mean_over_scored_positions():
+    from sinkfix.analysis.streaming import running_ppl
+
+    nll = torch.tensor([float("nan"), 1.0, float("nan"), 3.0, 5.0], dtype=torch.float64)
+    positions, ppl = running_ppl(StreamVariant("recompute", nll), span=3)
+    assert positions.tolist() == [1, 3, 4]
+    torch.testing.assert_close(ppl.log(), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
