@@ -143,7 +143,9 @@ def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)  # (B, K)
     has_n = (visible & ~is_sink[:, None, None, :]).any(-1)  # (B, 1, r)
     probs = _real_probabilities(call, rows, visible)
-    factors = _row_factors(call, probs, rows, sink_cols, has_n)  # (B, Hq, r)
+    # a padding row's log-sum-exp is not a number (it sees no key): its factor would turn the
+    # sums below into NaN for the whole batch row, so rows without a non-sink key count as 0
+    factors = torch.where(has_n, _row_factors(call, probs, rows, sink_cols, has_n), 0.0)  # (B, Hq, r)
     # ACT's criterion on the sampled rows; keys seen by too few rows of the whole call are not
     # judged (inspect's rule: min(min_queries, a quarter of the rows), so late keys never "sink")
     n_rows = call.result.sink_stats[..., 1].amax()
