@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import sys
 import urllib.request
 
 import pytest
@@ -180,7 +181,13 @@ def test_monitored_model_traces_into_one_graph(one_thread):
             assert explained.graph_count == 1
 
 
+def _needs_prometheus_client() -> None:
+    pytest.importorskip("prometheus_client", reason="the Prometheus endpoint needs prometheus-client, which is "
+                        "not installed: pip install 'sinkfix[monitor]' (or the dev extra) to run this test")
+
+
 def test_outputs_log_prometheus_and_callback(tmp_path, one_thread):
+    _needs_prometheus_client()
     model = tiny_model("llama")
     seen = []
     log = tmp_path / "logs" / "telemetry.jsonl"
@@ -233,11 +240,6 @@ def test_bad_use_is_a_clear_error(tmp_path, one_thread):
     with sinkfix.patch(model):
         with pytest.raises(OutputError, match="is a file, not a folder"):
             sinkfix.monitor(model, log=blocker / "telemetry.jsonl")
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen(1)
-            with pytest.raises(MonitorError, match="already in use"):
-                sinkfix.monitor(model, prometheus_port=taken.getsockname()[1])
         with sinkfix.monitor(model) as monitor:
             with pytest.raises(MonitorError, match="cannot nest"), monitor.request(), monitor.request():
                 pass
@@ -245,6 +247,28 @@ def test_bad_use_is_a_clear_error(tmp_path, one_thread):
                 monitor.forward(input_ids=_ids(2, 8), domain=["a", "b", "c"])
             assert monitor._request is None  # a failed request leaves the monitor usable
             assert _one_request(monitor, model, input_ids=_ids(1, 8))["tokens"] == 8
+
+
+def test_port_already_in_use(one_thread):
+    _needs_prometheus_client()
+    model = tiny_model("llama")
+    with sinkfix.patch(model), socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(MonitorError, match="already in use"):
+            sinkfix.monitor(model, prometheus_port=taken.getsockname()[1])
+        assert not any(state.telemetry for state in sinkfix.PatchHandle.of(model)._states.values())
+
+
+def test_missing_prometheus_client_says_what_to_install(monkeypatch, tmp_path, one_thread):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
+    model = tiny_model("llama")
+    log = tmp_path / "telemetry.jsonl"
+    with sinkfix.patch(model):
+        with pytest.raises(MonitorError, match=r"pip install 'sinkfix\[monitor\]'"):
+            sinkfix.monitor(model, log=log, prometheus_port=0)
+        assert sinkfix.PatchHandle.of(model).active  # the caller's patch is untouched
+    assert log.read_text() == ""  # the log was opened first and closed again, nothing written
 
 
 def test_triton_backend_falls_back_to_the_torch_statistics(monkeypatch):
