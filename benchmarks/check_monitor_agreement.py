@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=4, help="windows per domain")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sample-rows", type=int, nargs="+", default=[64])
+    parser.add_argument("--policies", nargs="+", default=["identity", "per-head"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": args.model, "torch": torch.__version__, "seq_len": args.seq_len,
                "windows_per_domain": args.windows, "load_before": os.getloadavg(), "rows": []}
     for name, policy in _policies(layers, heads).items():
+        if name not in args.policies:
+            continue
         with sinkfix.patch(model, policy):
             for rows in args.sample_rows:
                 row = {"policy": name, "sample_rows": rows, **compare(model, windows, rows)}

@@ -74,7 +74,7 @@ def test_record_matches_inspect_on_the_same_window(arch, policy, one_thread):
         assert max(record["correction"]["moved_share"]) > 0.005
 
 
-def _planted_hidden_sink(beta: torch.Tensor | None) -> AttentionCall:
+def _planted_hidden_sink(beta: torch.Tensor | None, sink_strength: float = 12.0) -> AttentionCall:
     """One attention call of 200 rows whose key 37 is a hidden sink with a drained value (as in real
     models: a punctuation token that many heads park on), on top of the first-token sink."""
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def _planted_hidden_sink(beta: torch.Tensor | None) -> AttentionCall:
     v = torch.randn(1, 2, 200, 32, generator=g)
     u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
     q += 2.0 * u  # every query leans one way; keys 0 and 37 lie along it
-    k[:, :, 0] += 12.0 * u
+    k[:, :, 0] += sink_strength * u
     k[:, :, 37] += 10.0 * u  # mean attention over its viewers ~0.14-0.18 > 0.1: a hidden sink
     v[:, :, 0] *= 0.1
     v[:, :, 37] *= 0.05
@@ -110,6 +110,24 @@ def test_prompt_measures_against_the_offline_collector(beta):
         assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist(), sample
     assert reference.hidden_sink_rate[0].min() >= 1  # the planted sink is found by every head
     assert (reference.hidden_sink_share[0] > 0.05).all()
+
+
+def test_rows_whose_sink_takes_everything():
+    """A sink so strong that p_S rounds to 1 in fp32 in many rows: with beta < 1 the dormancy is
+    still inspect's (p_N is summed over the non-sink keys, never taken as 1 - p_S)."""
+    beta = torch.tensor([0.5, 0.9, 1.0, 0.7])
+    call = _planted_hidden_sink(beta, sink_strength=150.0)
+    assert (call.result.sink_stats[0, :, 0] / call.result.sink_stats[0, :, 1]).min() > 0.97
+    collector = StreamingCollector(1, [4])
+    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
+    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
+    reference = collector.result()
+    share = call.result.sink_stats[..., 0] / call.result.sink_stats[..., 1]
+    got = measure_prompt(call, rows_wanted=200, threshold=0.1, min_queries=32)
+    dormancy = (beta * got.drain_weight * share + got.hidden_part)[0].double()
+    assert torch.isfinite(dormancy).all()
+    assert (dormancy - reference.dormancy[0]).abs().max() <= 1e-5
+    assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist()
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

@@ -112,7 +112,7 @@ def _real_probabilities(call, rows: torch.Tensor, visible: torch.Tensor) -> torc
 
 
 def _row_factors(call, probs: torch.Tensor, rows: torch.Tensor, sink_cols: torch.Tensor,
-                 has_n: torch.Tensor) -> torch.Tensor:
+                 has_n: torch.Tensor, is_sink: torch.Tensor) -> torch.Tensor:
     """(B, Hq, r): what turns a row's stock probability of a non-sink key into the one the call
     applied: the share the zero-value logits leave, times beta's redistribution
     ``(p_N + (1 - beta) p_S) / p_N`` (docs/formulas.md). Sink columns are not needed downstream."""
@@ -122,7 +122,11 @@ def _row_factors(call, probs: torch.Tensor, rows: torch.Tensor, sink_cols: torch
     if call.beta is None:
         return keep
     p_s = _sink_columns_mass(probs, sink_cols)
-    p_n = (1 - p_s).clamp(min=1e-30)  # the row's stock probabilities sum to 1 over its real keys
+    # p_N summed over the non-sink keys themselves, never as 1 - p_S: in a row whose sink takes
+    # almost everything (p_S = 1 - 1e-8 is common in SmolLM2) the difference cancels to 0 in fp32
+    # and the factor below blew up to 1e29 (seen as dormancy scores of 1e19)
+    non_sink = (~is_sink).to(probs.dtype)[:, None, :, None]  # (B, 1, K, 1)
+    p_n = torch.matmul(probs, non_sink).squeeze(-1).clamp(min=1e-30)
     beta = torch.where(has_n, call.beta.float()[None, :, None], 1.0)
     return keep * (p_n + (1 - beta) * p_s) / p_n
 
@@ -145,7 +149,7 @@ def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int
     probs = _real_probabilities(call, rows, visible)
     # a padding row's log-sum-exp is not a number (it sees no key): its factor would turn the
     # sums below into NaN for the whole batch row, so rows without a non-sink key count as 0
-    factors = torch.where(has_n, _row_factors(call, probs, rows, sink_cols, has_n), 0.0)  # (B, Hq, r)
+    factors = torch.where(has_n, _row_factors(call, probs, rows, sink_cols, has_n, is_sink), 0.0)  # (B, Hq, r)
     # ACT's criterion on the sampled rows; keys seen by too few rows of the whole call are not
     # judged (inspect's rule: min(min_queries, a quarter of the rows), so late keys never "sink")
     n_rows = call.result.sink_stats[..., 1].amax()
