@@ -54,7 +54,7 @@ def _add_run(sub) -> None:
     fix.add_argument("--profile", default=None, help="patch with this calibrated profile")
     parser.add_argument("--guard", action="store_true",
                         help="switch the correction off for requests outside the profile's calibration ranges")
-    parser.add_argument("--guard-margin", type=float, default=None, help="guard margin in sink share (default 0.1)")
+    parser.add_argument("--guard-margin", type=float, default=None, help="guard margin in sink share (default 0.15)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     parser.add_argument("--batch-size", type=int, default=1, help="requests per batch, left-padded (default 1)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
