@@ -10,7 +10,7 @@ betas in [0.8, 1] and virtual sink logits around -4, the overhead benchmark's). 
 each request group goes through ``sinkfix.monitor`` (one forward per prompt, no guard) and the
 request's *excess* is computed from its record: the largest, over layers and heads, of
 ``max(low - share, share - high)`` (sink share before sink scaling; > 0 means out of range). Groups:
-the built-in request set (prompts of ~300 tokens cut from the held-out prose and code texts, BOS
+the built-in request set (prompts of 245-697 tokens cut from the held-out prose and code texts, BOS
 first), the same prompts without BOS, and prompts of uniformly random token ids. A margin separates
 the groups when the held-out requests stay below it and the far-out ones exceed it.
 """

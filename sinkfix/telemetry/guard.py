@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_MARGIN", "Guard", "GuardDecision", "calibration_statistics"]
 
 #: Absolute margin in sink-share units (shares lie in [0, 1]). From benchmarks/check_guard_margin.py
 #: on SmolLM2-135M (ranges from 2 x 8 calibration windows of 512 tokens): held-out prose and code
-#: prompts of ~300 tokens left their ranges by at most 0.126 (with or without BOS), prompts of
+#: prompts (245-697 tokens) left their ranges by at most 0.126 (with or without BOS), prompts of
 #: random token ids by 0.315-0.352. 0.15 keeps every held-out prompt of that run in, every random one out.
 DEFAULT_MARGIN = 0.15
 

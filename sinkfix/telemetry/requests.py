@@ -89,7 +89,7 @@ def _paragraphs(text: str, size: int) -> list[str]:
 
 def builtin_requests(per_domain: int = 8, size: int = 1200) -> list[Request]:
     """Prompts cut from the built-in evaluation texts (:func:`sinkfix.texts.domain_text`): ``per_domain``
-    chunks of about ``size`` characters (~300 tokens) of prose and of code each, spread over the
+    chunks of about ``size`` characters (245-697 SmolLM2 tokens) of prose and of code each, spread over the
     text, so that the whole loop (run, report, guard) can be tried offline."""
     from sinkfix.texts import DOMAINS, domain_text
 
