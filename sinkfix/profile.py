@@ -20,10 +20,16 @@ Format (``"format": "sinkfix-profile"``, ``"version": 2``)::
 Version 2 added ``"virtual_logit_on_sink_rows"`` to the policy: whether the virtual sink logit
 also counts in the rows that see only the sink (the sink's own row). Version 1 always counted it
 there, so a version-1 file loads with ``true`` (it means exactly what it meant when it was fitted).
+
+Optional, at any version: ``"statistics"``, what the profiled model's attention looked like on the
+calibration text (:class:`ProfileStatistics`: per layer and head, the range of the sink share
+before sink scaling), for the telemetry guard (docs/monitoring.md). A file without it loads with
+``statistics=None``; readers that do not know the key ignore it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +44,8 @@ from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
 from sinkfix.policy import Policy, ResidualClip
 
-__all__ = ["Profile", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT", "VERSION"]
+__all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT",
+           "VERSION"]
 
 FORMAT = "sinkfix-profile"
 VERSION = 2
@@ -200,6 +207,7 @@ class Profile:
     residual_clip: list[float] | None = None
     calibration: dict = field(default_factory=dict)
     virtual_logit_on_sink_rows: bool = False
+    statistics: "ProfileStatistics | None" = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
@@ -217,6 +225,8 @@ class Profile:
                 raise ProfileError(f"profile residual_clip must be {self.model.num_layers} relative thresholds >= 1 "
                                    "(inf = off)")
             self.residual_clip = clip
+        if self.statistics is not None:
+            self.statistics.check(self.model)
 
     # -- applying -------------------------------------------------------------------------------
     def policy(self) -> Policy:
@@ -266,7 +276,13 @@ class Profile:
                 [x if math.isfinite(x) else "inf" for x in self.residual_clip],
             },
             "calibration": self.calibration,
+            **_statistics_entry(self.statistics),
         }
+
+    def with_statistics(self, statistics: "ProfileStatistics") -> "Profile":
+        """A copy of this profile carrying ``statistics`` (checked against its model entry)."""
+        statistics.check(self.model)
+        return dataclasses.replace(self, statistics=statistics)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Profile":
@@ -302,7 +318,7 @@ class Profile:
         # version 1 counted the virtual logit in the sink's own row too
         on_sink_rows = policy.get("virtual_logit_on_sink_rows", False) if version >= 2 else True
         return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
-                   virtual_logit_on_sink_rows=on_sink_rows)
+                   virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity))
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON, atomically. Returns the path."""
@@ -340,6 +356,60 @@ class Profile:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+# -- optional statistics (the telemetry guard's reference) -----------------------------------------
+@dataclass
+class ProfileStatistics:
+    """What the patched model's attention did on the calibration text, for the telemetry guard.
+
+    ``low`` / ``high`` [L, H]: per layer and query head, the smallest and largest sink share before
+    sink scaling (the mean over a request's rows of the attention mass on the sink set, with the
+    profile applied) over every calibration window and every prefix of at least ``min_rows`` rows of
+    it (a prefix is what a shorter request starting the same way would show). ``protocol`` records
+    how the windows were made (seq_len, bos, texts).
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+    windows: int
+    min_rows: int
+    protocol: dict = field(default_factory=dict)
+
+    def check(self, identity: ModelIdentity) -> None:
+        for name in ("low", "high"):
+            setattr(self, name, _matrix(f"statistics.sink_share_unscaled.{name}", getattr(self, name).tolist(),
+                                        identity, 0.0, 1.0))
+        if (self.low > self.high).any():
+            raise ProfileError("profile statistics: a sink-share range has low > high")
+        if self.windows < 1 or self.min_rows < 1:
+            raise ProfileError("profile statistics: windows and min_rows must be >= 1")
+
+    def to_dict(self) -> dict:
+        return {"sink_share_unscaled": {"low": self.low.tolist(), "high": self.high.tolist()},
+                "windows": self.windows, "min_rows": self.min_rows, "protocol": self.protocol}
+
+
+def _statistics_entry(statistics: ProfileStatistics | None) -> dict:
+    return {} if statistics is None else {"statistics": statistics.to_dict()}
+
+
+def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics | None:
+    """The optional ``statistics`` entry, validated; None when the file has none."""
+    entry = data.get("statistics")
+    if entry is None:
+        return None
+    try:
+        ranges = entry["sink_share_unscaled"]
+        stats = ProfileStatistics(torch.tensor(ranges["low"], dtype=torch.float64),
+                                  torch.tensor(ranges["high"], dtype=torch.float64), int(entry["windows"]),
+                                  int(entry["min_rows"]), dict(entry.get("protocol") or {}))
+    except KeyError as exc:
+        raise ProfileError(f"profile statistics lack {exc.args[0]!r}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ProfileError(f"profile statistics are malformed: {exc}") from None
+    stats.check(identity)
+    return stats
 
 
 def _reject_constant(name: str):

@@ -34,8 +34,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, compare perplexity on the built-in held-out evaluation texts")
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per domain for --evaluate (default 8)")
+    parser.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=True,
+                        help="record the sink-share ranges seen on the calibration text in the profile, for the "
+                             "telemetry guard (one more forward pass over the windows; default: yes)")
     parser.set_defaults(run=run)
     return parser
+
+
+def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argparse.Namespace):
+    """The profile plus the sink-share ranges its patched model shows on the calibration windows
+    (sinkfix.telemetry.calibration_statistics), kept apart from the fit itself."""
+    import sinkfix
+    from sinkfix.analysis.calibration import calibration_windows
+    from sinkfix.telemetry import calibration_statistics
+
+    windows = [w for text in texts.values() for w in calibration_windows(
+        tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]
+    protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts)}
+    with sinkfix.patch(model, profile):
+        return profile.with_statistics(calibration_statistics(model, windows, protocol=protocol))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
                         val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                         virtual_logits=args.virtual_logits, virtual_logit_on_sink_rows=args.virtual_on_sink_rows,
                         log=console.print)
+    if args.statistics:
+        profile = _with_statistics(profile, model, tokenizer, plain, args)
     path = profile.save(out)
     record = profile.calibration
     nll = record["nll"]

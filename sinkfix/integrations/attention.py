@@ -45,8 +45,8 @@ class AttentionCall:
     causal: bool
     scale: float
     softcap: float | None
-    sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
-    first_real_col: torch.Tensor  # (B,) key column of the first real (non-padding) token
+    sink_cols: torch.Tensor | None  # (B, NS) key columns of the sink set, -1 = absent; None = column 0 (telemetry)
+    first_real_col: torch.Tensor | None  # (B,) key column of the first real (non-padding) token; None = 0
     extra_logits: torch.Tensor | None  # (Hq, E) zero-value logits counted in every row (s_aux, ...)
     virtual_sink_logit: torch.Tensor | None  # (Hq,) the policy's, rows that see a non-sink key only
     beta: torch.Tensor | None  # (Hq,) fp32 sink scaling applied, None = identity
@@ -55,13 +55,19 @@ class AttentionCall:
 
 @dataclass
 class LayerState:
-    """Per attention module: its resolved policy, backend and observers, plus what the last call
-    found out about the sink set for the residual-clip hook of the same decoder layer."""
+    """Per attention module: its resolved policy, backend, observers and telemetry listeners, plus
+    what the last call found out about the sink set for the residual-clip hook of the same decoder
+    layer.
+
+    Observers (``sinkfix inspect``) get per-row sink masses and take the Python path; telemetry
+    listeners (``sinkfix.monitor``) get only ``result.sink_stats``, the (B, Hq, 2) sums the fast
+    path emits as a side output, so a monitored model keeps its inference path."""
 
     layer: int
     policy: LayerPolicy
     backend: str
     observers: list[Callable[[AttentionCall], None]] = field(default_factory=list)
+    telemetry: list[Callable[[AttentionCall], None]] = field(default_factory=list)
     sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
     first_real_row: torch.Tensor | None = None  # (B,)
 
@@ -169,6 +175,7 @@ def attention_forward(
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
     observing = state is not None and bool(state.observers)
+    monitored = state is not None and bool(state.telemetry)
     corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 
     # Where the sink is. Decided from the layout, never from tensor values: with no mask (no
@@ -178,7 +185,8 @@ def attention_forward(
     first_column = (state is not None and state.policy.first_column_sink and attention_mask is None
                     and not sliding_cache)
     location = None
-    if state is not None and (observing or state.policy.clip is not None or (corrected and not first_column)):
+    if state is not None and (observing or state.policy.clip is not None
+                              or ((corrected or monitored) and not first_column)):
         location = locate_sinks(
             attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
             sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
@@ -192,15 +200,16 @@ def attention_forward(
         sink_cols=None if location is None else location.sink_cols,
         first_column_sink=first_column,
         beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
-        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing,
+        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing, need_sink_stats=monitored,
     )
-    if observing:
+    if observing or monitored:
         call = AttentionCall(
             state.policy.layer, module, query, key, value, attention_mask if padded is None else padded.dense, causal,
-            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, location.sink_cols,
-            location.first_real_col, extra_logits, virtual, beta, result,
+            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap,
+            None if location is None else location.sink_cols,  # None: key column 0 of every row
+            None if location is None else location.first_real_col, extra_logits, virtual, beta, result,
         )
-        for observer in state.observers:
-            observer(call)
+        for listener in (*state.observers, *state.telemetry):
+            listener(call)
     out = result.out.transpose(1, 2)  # (B, Q, Hq, D), what transformers reshapes to (B, Q, Hq * D)
     return (out if out.is_contiguous() else out.contiguous()), result.probs
