@@ -60,6 +60,10 @@ class _Request:
 
 def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
     """(B, Q) bool: the forward's new tokens that are not padding."""
+    from sinkfix.integrations.masks import PaddedCausalMask
+
+    if isinstance(mask, PaddedCausalMask):  # sinkfix's structured mask: built dense once per forward here
+        mask = mask.dense if mask.key_padding is not None else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
         return torch.ones(batch, q_len, dtype=torch.bool, device=device)
     if mask.dtype != torch.bool:  # an additive float mask: 0 = attend
