@@ -37,6 +37,7 @@ def load_run(folder: Path) -> tuple[dict, dict[str, StreamVariant]]:
     for name, nll in token_nll.items():
         entry = summary[name]
         variants[name] = StreamVariant(name, nll, ms_per_token=entry["ms_per_token"],
+                                       cpu_ms_per_token=entry.get("cpu_ms_per_token", []),
                                        peak_rss_mib=entry["peak_rss_mib"], cache_mib=entry["cache_mib"])
     return summary["protocol"], variants
 

@@ -49,6 +49,8 @@ def test_stream_json_has_every_variant(tiny, text_file, tmp_path, capsys):
     assert result["sink"]["tokens"] == result["window_only"]["tokens"] == 149
     assert result["recompute"]["tokens"] == len(range(24, 150, 8))
     assert len(result["sink"]["ms_per_token"]) == len(result["sink"]["segments"])
+    assert len(result["sink"]["cpu_ms_per_token"]) == len(result["sink"]["segments"])
+    assert all(ms > 0 for ms in result["sink"]["cpu_ms_per_token"])
     assert result["paired"]["recompute"]["ratio_to_recompute"] == 1.0
     assert len(result["paired"]["sink"]["segment_ratios"]) == len(result["sink"]["segments"])
     tokens = torch.load(out / "stream_tokens.pt")

@@ -43,7 +43,10 @@ class StreamVariant:
 
     name: str
     nll: torch.Tensor  # (N,) float64; nll[s] = -log p(token s | what the variant shows), NaN = not scored
-    ms_per_token: list[float] = field(default_factory=list)  # per segment
+    ms_per_token: list[float] = field(default_factory=list)  # per segment, wall clock
+    # per segment, this process's CPU time: unlike the wall clock it does not grow when other jobs
+    # share the cores (wall time per token varied 5x with the load in docs/caches.md's 20k-token run)
+    cpu_ms_per_token: list[float] = field(default_factory=list)
     peak_rss_mib: list[float] = field(default_factory=list)  # per segment, absolute
     cache_mib: list[float] = field(default_factory=list)  # cached state held at each segment's end
 
@@ -81,7 +84,8 @@ class StreamResult:
         bounds = self.segment_bounds()
         for name, v in self.variants.items():
             out[name] = {"ppl": v.ppl(), "segments": [segment_ppl(v, lo, hi) for lo, hi in bounds],
-                         "tokens": v.tokens, "ms_per_token": v.ms_per_token, "peak_rss_mib": v.peak_rss_mib,
+                         "tokens": v.tokens, "ms_per_token": v.ms_per_token,
+                         "cpu_ms_per_token": v.cpu_ms_per_token, "peak_rss_mib": v.peak_rss_mib,
                          "cache_mib": v.cache_mib}
         out["paired"] = self.paired()
         out["protocol"] = dict(self.protocol, segments=[list(b) for b in bounds])
@@ -169,11 +173,12 @@ def stream_nll(model, ids: torch.Tensor, cache: SinkCache, *, chunk: int, segmen
                     target = ids[start + 1 : stop + 1].to(logits.device)[None]
                     nll[start + 1 : stop + 1] = _token_nll(logits[:, : stop - start], target)[0].cpu()
 
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         peak = measure_peak_memory(run)
-        elapsed = time.perf_counter() - began
+        elapsed, elapsed_cpu = time.perf_counter() - began, time.process_time() - began_cpu
         if (lo, hi) in segments:
             variant.ms_per_token.append(1000 * elapsed / (hi - lo))
+            variant.cpu_ms_per_token.append(1000 * elapsed_cpu / (hi - lo))
             variant.peak_rss_mib.append((peak.baseline_bytes + peak.peak_bytes) / 2 ** 20)
             variant.cache_mib.append(cache.nbytes() / 2 ** 20)
     return variant

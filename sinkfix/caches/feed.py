@@ -4,8 +4,8 @@ A plain forward of C new tokens through a :class:`~sinkfix.caches.SinkCache` let
 see all kept tokens and all earlier new ones, so the last token of a chunk sees up to C - 1 more
 context than decoding would give it. :func:`feed` passes an explicit mask instead: the token at
 absolute index t sees its row's sinks and the tokens t - window .. t, exactly the set it sees when
-the stream is decoded one token at a time, and C tokens cost one forward (about 18x faster than
-decoding on SmolLM2-135M on one CPU thread at C = 64, measured). The one difference from decoding:
+the stream is decoded one token at a time, and C tokens cost one forward instead of C. The one
+difference from decoding:
 the sink keys are placed once per chunk, right before the oldest kept token as seen by the chunk's
 first token, so the chunk's j-th token sees them j positions further away than decoding would
 (``sinkfix stream --chunk`` measures the effect; docs/caches.md).

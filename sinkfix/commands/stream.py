@@ -181,7 +181,8 @@ def _print_table(summary: dict) -> None:
              f"{p['segment_len']}, recompute every {p['recompute_every']}")
     table = Table(title=title, title_justify="left")
     for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
-                   "vs recompute", "ms/tok first/last", "peak RSS MiB first/last", "cache MiB"):
+                   "vs recompute", "ms/tok first/last", "CPU ms/tok first/last", "peak RSS MiB first/last",
+                   "cache MiB"):
         table.add_column(column, justify="right" if column != "variant" else "left")
     paired = summary.get("paired", {})
     for name, v in summary.items():
@@ -190,11 +191,12 @@ def _print_table(summary: dict) -> None:
         seg = v["segments"]
         first, last = (seg[0], seg[-1]) if seg else (float("nan"), float("nan"))
         pair = paired.get(name, {})
-        ms, rss = v["ms_per_token"], v["peak_rss_mib"]
+        ms, cpu, rss = v["ms_per_token"], v.get("cpu_ms_per_token", []), v["peak_rss_mib"]
         table.add_row(
             name, f"{v['ppl']:.3f}", str(v["tokens"]), f"{first:.3f}", f"{last:.3f}", f"{last / first:.3f}",
             f"{pair.get('ppl', float('nan')):.3f}", f"{pair.get('ratio_to_recompute', float('nan')):.3f}",
-            f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
+            f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{cpu[0]:.1f} / {cpu[-1]:.1f}" if cpu else "-",
+            f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
             f"{v['cache_mib'][-1]:.2f}" if v["cache_mib"] else "-",
         )
     console.print(table)
