@@ -182,6 +182,52 @@ def test_gradients_flow_to_beta_and_match_reference():
     torch.testing.assert_close(grad.double(), grad_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["identity", "scale", "drop", "virtual", "aux", "scale+aux+virtual"])
+@pytest.mark.parametrize("layout", ["causal", "mask", "decode"])
+def test_differentiable_path_matches_the_reference_values_and_gradients(name, layout):
+    """With gradients on, a sink at column 0 that every row sees takes the one-softmax augmented path
+    (not the dense formula): its outputs and the gradients of every input match the fp64 reference."""
+    q_len, k_len = (1, 19) if layout == "decode" else (19, 19)
+    q, k, v = (t.double() for t in _inputs(2, 6, 2, q_len, k_len, 64))
+    policy = {key: t.double() for key, t in _policies(6)[name].items()}
+    kw = dict(causal=True) if layout == "causal" else {}
+    if layout == "mask":  # causal, spelled as a boolean mask
+        kw = dict(attn_mask=visibility_mask(2, q_len, k_len, causal=True))
+    cols = torch.zeros(2, 1, dtype=torch.long)
+    inputs = [q, k, v, *policy.values()]
+    weight = torch.randn(2, 6, q_len, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves[:3], **dict(zip(policy, leaves[3:])))
+        return out, torch.autograd.grad((out * weight).sum(), leaves)
+
+    got, got_grads = grads(lambda q, k, v, **pol: sink_attention_torch(q, k, v, sink_cols=cols, **kw, **pol).out)
+    ref, ref_grads = grads(lambda q, k, v, **pol: reference_sink_attention(q, k, v, sink_cols=cols, **kw, **pol)[0])
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    for g_got, g_ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g_got, g_ref, atol=1e-11, rtol=1e-11)
+
+
+def test_differentiable_path_is_taken_and_fp32_stays_close(monkeypatch):
+    from sinkfix.ops import attention
+
+    called = []
+    monkeypatch.setattr(attention, "_dense_path", lambda *a, **k: called.append(1))
+    q, k, v = _inputs(1, 9, 3, 64, 64, 64)
+    beta = torch.full((9,), 0.6, requires_grad=True)
+    logit = torch.full((9,), 2.0, requires_grad=True)
+    cols = torch.zeros(1, 1, dtype=torch.long)
+    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=beta, virtual_sink_logit=logit)
+    assert not called and got.lse is None  # the augmented path returns no log-sum-exp
+    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=beta.detach(),
+                                         virtual_sink_logit=logit.detach())
+    torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
+    # anything else it does not cover still reaches the dense formula: padding moves the sink
+    sink_attention_torch(q, k, v, causal=True, sink_cols=torch.ones(1, 1, dtype=torch.long), beta=beta)
+    assert called
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_the_dtype_error(dtype):
     """Tolerance rule: error vs fp64 <= 2x the same-dtype dense PyTorch error + a small floor."""

@@ -1,0 +1,245 @@
+"""Leave-one-domain-out evaluation of `sinkfix calibrate`'s defaults, on the built-in domains.
+
+    python benchmarks/calibration_lodo.py run --model smollm2-135m --bos          # one model, one protocol
+    python benchmarks/calibration_lodo.py run --model smollm2-135m --no-bos --analyses
+    python benchmarks/calibration_lodo.py report                                  # every run -> one table
+
+``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
+defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
+scores it on that domain's evaluation text, next to the unpatched model and the best single global
+beta (`sinkfix.analysis.lodo`); the profile built from every domain is scored on every domain too.
+Protocol of every number: the calibration's window protocol (512-token windows, BOS first or not),
+non-overlapping, each token scored once, the first ``--eval-windows`` windows of each domain's
+evaluation split (sources disjoint from its calibration split, `sinkfix.texts`).
+
+``--analyses`` adds what the choice of the robust rule rests on (docs/calibration.md):
+
+* every candidate of the pool, rebuilt without each domain, on that domain (no selection: what each
+  fixed rule would have done on the unseen domain);
+* every domain's own fit on every domain (a domain-aware profile's best case on its own domain,
+  and what picking the wrong domain's fit costs on another);
+* ``--pooled-baseline``: the previous default (one fit on pydoc + python pooled, 16384 tokens per
+  domain, 120 steps) on every domain.
+
+Everything is written to ``--out`` (JSON and Markdown), with the wall time, the CPU time and the
+load average, and fits and scores are reused from there when the run is repeated (delete the files
+to start over). The machine this was developed on is shared: the times are what they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sinkfix
+from sinkfix.analysis.calibration import CalibrationSettings, DomainFits, calibrate, fit_domains
+from sinkfix.analysis.lodo import evaluate_parameters, evaluation_windows, leave_one_domain_out
+from sinkfix.analysis.robust import candidate_parameters, candidates
+from sinkfix.files import atomic_write_text
+from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "calibration_lodo"
+
+
+def _tag(model: str, bos: bool) -> str:
+    return f"{model}-{'bos' if bos else 'nobos'}"
+
+
+class _Clock:
+    """Wall and CPU seconds of a stage, and the load average around it."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu, self.load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+
+    def done(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.wall, 1), "cpu_s": round(time.process_time() - self.cpu, 1),
+                "load_before": round(self.load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+                "threads": torch.get_num_threads()}
+
+
+def _load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _save_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def _cache(path: Path) -> dict:
+    """NLL caches, saved with "domain|digest" keys."""
+    data = _load_json(path) or {}
+    return {name: {tuple(k.split("|", 1)): v for k, v in entries.items()} for name, entries in data.items()}
+
+
+def _save_cache(path: Path, caches: dict) -> None:
+    _save_json(path, {name: {"|".join(k): v for k, v in entries.items()} for name, entries in caches.items()})
+
+
+def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, dict]:
+    path = out / f"fits-{_tag(args.model, args.bos)}.json"
+    saved = _load_json(path)
+    if saved is not None:
+        print(f"reusing {path}")
+        return DomainFits.from_dict(saved, tokenizer, texts), saved["timing"]
+    settings = CalibrationSettings(bos=args.bos, **({"steps": args.steps} if args.steps else {}),
+                                   **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
+    clock = _Clock()
+    fits = fit_domains(model, tokenizer, texts, settings, log=print)
+    timing = clock.done()
+    _save_json(path, {**fits.to_dict(), "timing": timing})
+    return fits, timing
+
+
+def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dict:
+    """Fixed candidates on unseen domains, and every domain's own fit on every domain."""
+    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits, args.eval_windows)
+    shape = fits.shape
+    jobs = {}
+    for held_out in fits.domains:
+        others = [fits.fits[d].parameters for d in fits.domains if d != held_out]
+        for c in candidates():
+            jobs[f"without:{c.name}", held_out] = candidate_parameters(c, others, shape), held_out
+        for d in fits.domains:
+            jobs[f"fit:{d}", held_out] = fits.fits[d].parameters, held_out
+    nll = evaluate_parameters(model, fits, windows, jobs, cache=eval_cache)
+    table: dict = {}
+    for (name, domain), value in nll.items():
+        table.setdefault(name, {})[domain] = value
+    return table
+
+
+def _pooled_baseline(model, tokenizer, args, fits: DomainFits, eval_cache: dict, out: Path) -> dict:
+    """The previous default: pooled fit on the two Python domains, 16384 tokens each, 120 steps."""
+    path = out / f"pooled-{_tag(args.model, args.bos)}.json"
+    saved = _load_json(path)
+    if saved is None:
+        clock = _Clock()
+        profile = calibrate(model, tokenizer, {d: domain_text(d, "calib") for d in QUICK_DOMAINS}, rule="pooled",
+                            bos=args.bos, max_tokens=16384, steps=120, log=print)
+        saved = {"profile": profile.to_dict(), "timing": clock.done()}
+        _save_json(path, saved)
+    profile = sinkfix.Profile.from_dict(saved["profile"])
+    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits, args.eval_windows)
+    logit = profile.virtual_sink_logit
+    params = profile.sink_scale.float(), None if logit is None else logit.float()
+    nll = evaluate_parameters(model, fits, windows, {d: (params, d) for d in fits.domains}, cache=eval_cache)
+    return {"nll": nll, "timing": saved["timing"], "calibrated_on": list(QUICK_DOMAINS)}
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = _tag(args.model, args.bos)
+    model, tokenizer = sinkfix.load_model(args.model)
+    domains = args.domain or list(DOMAINS)
+    fits, fit_timing = _fits(model, tokenizer, args, out, {d: domain_text(d, "calib") for d in domains})
+    cache_path = out / f"cache-{tag}.json"
+    caches = _cache(cache_path)
+    caches.setdefault("val", {})
+    caches.setdefault("eval", {})
+    clock = _Clock()
+    try:
+        result = leave_one_domain_out(model, tokenizer, fits, {d: domain_text(d, "eval") for d in domains},
+                                      eval_windows=args.eval_windows, cache=caches["val"], eval_cache=caches["eval"])
+        extra = {"fit_timing": fit_timing, "lodo_timing": clock.done(),
+                 "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
+                 "fits": {d: fits.fits[d].record() for d in domains}}
+        if args.analyses:
+            extra["analyses"] = _analyses(model, tokenizer, fits, args, caches["eval"])
+        if args.pooled_baseline:
+            extra["pooled_baseline"] = _pooled_baseline(model, tokenizer, args, fits, caches["eval"], out)
+    finally:
+        _save_cache(cache_path, caches)
+    result.extra = extra
+    data = {"model": args.model, "bos": args.bos, **result.to_dict()}
+    _save_json(out / f"lodo-{tag}.json", data)
+    atomic_write_text(out / f"lodo-{tag}.md", _cell_markdown(data) + "\n")
+    print(_cell_markdown(data))
+    return 0
+
+
+# -- report -------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _cell_markdown(data: dict) -> str:
+    proto = data["protocol"]
+    head = (f"**{data['model']}, {'BOS' if data['bos'] else 'no BOS'}**, {proto['seq_len']}-token windows, stride "
+            f"{proto['stride']}, first {proto['eval_windows']} windows of each domain's evaluation text; "
+            f"profile from all domains: `{data['chosen_all']}`")
+    lines = [head, "", "| domain | scored tokens | stock ppl | best global beta | unseen: profile without it (chosen) "
+             "| calibrated: profile with it |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {_pct(r['best_global_change'])} "
+                     f"({r['best_global_beta']:g}) | {_pct(r['without_change'])} ({r['without_chosen']}) "
+                     f"| {_pct(r['with_change'])} |")
+    timing = data["extra"].get("fit_timing", {})
+    if timing:
+        lines += ["", f"Per-domain fits: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} thread(s), "
+                      f"load average {timing['load_before']} -> {timing['load_after']}."]
+    return "\n".join(lines)
+
+
+def _targets(data: dict) -> list[str]:
+    """Which targets a cell meets: unseen <= +0.1% and <= the best global beta; calibrated <= -3%."""
+    misses = []
+    for r in data["rows"]:
+        if r["without_change"] > 0.001:
+            misses.append(f"{r['domain']}: unseen {_pct(r['without_change'])} > +0.10%")
+        if r["without_change"] > r["best_global_change"]:
+            misses.append(f"{r['domain']}: unseen {_pct(r['without_change'])} worse than best global "
+                          f"{_pct(r['best_global_change'])}")
+        if r["with_change"] > -0.03:
+            misses.append(f"{r['domain']}: calibrated {_pct(r['with_change'])} > -3%")
+    return misses
+
+
+def report(args) -> int:
+    out = Path(args.out)
+    cells = [json.loads(p.read_text()) for p in sorted(out.glob("lodo-*.json"))]
+    if not cells:
+        print(f"no lodo-*.json under {out}", file=sys.stderr)
+        return 1
+    parts = []
+    for data in cells:
+        parts.append(_cell_markdown(data))
+        misses = _targets(data)
+        parts.append("Targets: " + ("all met." if not misses else "missed: " + "; ".join(misses) + "."))
+    text = "\n\n".join(parts) + "\n"
+    atomic_write_text(out / "REPORT.md", text)
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="fit, rebuild without each domain, evaluate")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--domain", action="append", choices=DOMAINS, help="built-in domains (default: all)")
+    r.add_argument("--eval-windows", type=int, default=8)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--steps", type=int, default=None, help="override the calibration default")
+    r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
+    r.add_argument("--analyses", action="store_true", help="score every candidate and every own fit too")
+    r.add_argument("--pooled-baseline", action="store_true", help="also fit and score the previous default")
+    r.add_argument("--out", default=str(DEFAULT_OUT))
+    r.set_defaults(fn=run)
+    p = sub.add_parser("report", help="every run under --out -> REPORT.md")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.set_defaults(fn=report)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
