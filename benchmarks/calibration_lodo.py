@@ -38,13 +38,16 @@ from pathlib import Path
 import torch
 
 import sinkfix
-from sinkfix.analysis.calibration import CalibrationSettings, DomainFits, calibrate, fit_domains
+from sinkfix.analysis.calibration import CalibrationSettings, DomainFits, calibrate, fit_domains, robust_profile
 from sinkfix.analysis.lodo import evaluate_parameters, evaluation_windows, leave_one_domain_out
 from sinkfix.analysis.robust import candidate_parameters, candidates
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "calibration_lodo"
+# Fixed rules scored on unseen domains by --analyses: the default pool's combinations and more.
+ANALYSIS_POOL = [c for c in candidates([("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0), ("mean", 0.5)],
+                                       global_betas=()) if c.uses_fits]
 
 
 def _tag(model: str, bos: bool) -> str:
@@ -87,13 +90,26 @@ def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, d
     if saved is not None:
         print(f"reusing {path}")
         return DomainFits.from_dict(saved, tokenizer, texts), saved["timing"]
-    settings = CalibrationSettings(bos=args.bos, **({"steps": args.steps} if args.steps else {}),
+    settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, **({"steps": args.steps} if args.steps else {}),
                                    **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
     clock = _Clock()
     fits = fit_domains(model, tokenizer, texts, settings, log=print)
     timing = clock.done()
     _save_json(path, {**fits.to_dict(), "timing": timing})
     return fits, timing
+
+
+def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
+    """The robust selection on every domain, timed on its own: with the fits, it is what `sinkfix
+    calibrate` runs (its scores then seed the leave-one-domain-out cache)."""
+    saved = _load_json(path)
+    if saved is not None and cache:
+        return saved
+    clock = _Clock()
+    robust_profile(model, fits, cache=cache, log=print)
+    timing = clock.done()
+    _save_json(path, timing)
+    return timing
 
 
 def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dict:
@@ -103,7 +119,7 @@ def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dic
     jobs = {}
     for held_out in fits.domains:
         others = [fits.fits[d].parameters for d in fits.domains if d != held_out]
-        for c in candidates():
+        for c in ANALYSIS_POOL:
             jobs[f"without:{c.name}", held_out] = candidate_parameters(c, others, shape), held_out
         for d in fits.domains:
             jobs[f"fit:{d}", held_out] = fits.fits[d].parameters, held_out
@@ -111,7 +127,41 @@ def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dic
     table: dict = {}
     for (name, domain), value in nll.items():
         table.setdefault(name, {})[domain] = value
+    table["recogniser"] = _domain_aware(fits, windows, model.get_input_embeddings().num_embeddings)
     return table
+
+
+# -- a domain-aware profile, sketched: recognise the prompt's domain, apply that domain's own fit --------
+def _unigram(windows: list, vocab: int, alpha: float = 0.1) -> torch.Tensor:
+    counts = torch.bincount(torch.cat(windows), minlength=vocab).double() + alpha
+    return (counts / counts.sum()).log()
+
+
+def _recognise(models: dict, thresholds: dict, ids: torch.Tensor) -> str:
+    """The domain whose unigram model explains ``ids`` best, or "unknown" when even that one explains it
+    worse than every validation window of its own domain (less a margin of 1 nat per token)."""
+    scores = {d: float(lp[ids].mean()) for d, lp in models.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] >= thresholds[best] else "unknown"
+
+
+def _domain_aware(fits: DomainFits, windows: dict, vocab: int) -> dict:
+    """For each domain left out: what a unigram recogniser trained on the others calls each of its
+    evaluation windows (a known domain means that domain's own fit would be applied)."""
+    out = {}
+    for held_out in fits.domains:
+        known = [d for d in fits.domains if d != held_out]
+        models = {d: _unigram(fits.windows[d].calib, vocab) for d in known}
+        thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in known}
+        calls = [_recognise(models, thresholds, w.input_ids) for w in windows[held_out]]
+        out[held_out] = {name: calls.count(name) / len(calls) for name in set(calls)}
+    models = {d: _unigram(fits.windows[d].calib, vocab) for d in fits.domains}
+    thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in fits.domains}
+    known = {}
+    for d in fits.domains:
+        calls = [_recognise(models, thresholds, w.input_ids) for w in windows[d]]
+        known[d] = {name: calls.count(name) / len(calls) for name in set(calls)}
+    return {"unseen": out, "known": known}
 
 
 def _pooled_baseline(model, tokenizer, args, fits: DomainFits, eval_cache: dict, out: Path) -> dict:
@@ -121,7 +171,7 @@ def _pooled_baseline(model, tokenizer, args, fits: DomainFits, eval_cache: dict,
     if saved is None:
         clock = _Clock()
         profile = calibrate(model, tokenizer, {d: domain_text(d, "calib") for d in QUICK_DOMAINS}, rule="pooled",
-                            bos=args.bos, max_tokens=16384, steps=120, log=print)
+                            seq_len=args.seq_len, bos=args.bos, max_tokens=16384, steps=120, log=print)
         saved = {"profile": profile.to_dict(), "timing": clock.done()}
         _save_json(path, saved)
     profile = sinkfix.Profile.from_dict(saved["profile"])
@@ -144,11 +194,12 @@ def run(args) -> int:
     caches = _cache(cache_path)
     caches.setdefault("val", {})
     caches.setdefault("eval", {})
-    clock = _Clock()
     try:
+        select_timing = _select(model, fits, caches["val"], out / f"select-{tag}.json")
+        clock = _Clock()
         result = leave_one_domain_out(model, tokenizer, fits, {d: domain_text(d, "eval") for d in domains},
                                       eval_windows=args.eval_windows, cache=caches["val"], eval_cache=caches["eval"])
-        extra = {"fit_timing": fit_timing, "lodo_timing": clock.done(),
+        extra = {"fit_timing": fit_timing, "select_timing": select_timing, "lodo_timing": clock.done(),
                  "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
                  "fits": {d: fits.fits[d].record() for d in domains}}
         if args.analyses:
@@ -181,10 +232,11 @@ def _cell_markdown(data: dict) -> str:
         lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {_pct(r['best_global_change'])} "
                      f"({r['best_global_beta']:g}) | {_pct(r['without_change'])} ({r['without_chosen']}) "
                      f"| {_pct(r['with_change'])} |")
-    timing = data["extra"].get("fit_timing", {})
-    if timing:
-        lines += ["", f"Per-domain fits: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} thread(s), "
-                      f"load average {timing['load_before']} -> {timing['load_after']}."]
+    for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
+        timing = data["extra"].get(stage)
+        if timing:
+            lines += ["", f"{label}: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} thread(s), "
+                          f"load average {timing['load_before']} -> {timing['load_after']}."]
     return "\n".join(lines)
 
 
@@ -226,8 +278,9 @@ def main(argv=None) -> int:
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--domain", action="append", choices=DOMAINS, help="built-in domains (default: all)")
-    r.add_argument("--eval-windows", type=int, default=8)
+    r.add_argument("--eval-windows", type=int, default=4, help="windows per domain's evaluation text (default 4)")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
     r.add_argument("--steps", type=int, default=None, help="override the calibration default")
     r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
     r.add_argument("--analyses", action="store_true", help="score every candidate and every own fit too")

@@ -40,15 +40,17 @@ def test_a_fit_without_virtual_logits_combines_to_none():
 
 
 def test_candidate_pool_and_parameters():
-    pool = candidates(rules=("consensus",), shrinks=(1.0,), global_betas=(0.9,))
+    pool = candidates([("consensus", 1.0)], global_betas=(0.9,))
     assert [c.name for c in pool] == ["identity", "global 0.9", "consensus x1"]
+    assert [c.name for c in candidates()] == ["identity", "global 0.95", "global 0.9", "consensus x1",
+                                             "consensus x0.5", "mean x1"]
     beta, logit = candidate_parameters(pool[1], [], (2, 3))
     assert logit is None and torch.equal(beta, torch.full((2, 3), 0.9))
     assert torch.equal(candidate_parameters(IDENTITY, [], (1, 2))[0], torch.ones(1, 2))
     with pytest.raises(ValueError, match="unknown combination rule"):
-        candidates(rules=("median",))
+        candidates([("median", 1.0)])
     with pytest.raises(ValueError, match="shrinks"):
-        candidates(shrinks=(0.0,))
+        candidates([("mean", 0.0)])
 
 
 def test_selection_minimises_the_worst_held_out_domain_and_ties_go_to_the_simpler():
