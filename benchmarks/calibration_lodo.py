@@ -99,6 +99,11 @@ def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, d
     return fits, timing
 
 
+def _evaluation_windows(tokenizer, fits: DomainFits, args) -> dict:
+    texts = {d: domain_text(d, "eval") for d in fits.domains}
+    return evaluation_windows(tokenizer, texts, fits, args.eval_windows)[0]
+
+
 def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
     """The robust selection on every domain, timed on its own: with the fits, it is what `sinkfix
     calibrate` runs (its scores then seed the leave-one-domain-out cache)."""
@@ -114,7 +119,7 @@ def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
 
 def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dict:
     """Fixed candidates on unseen domains, and every domain's own fit on every domain."""
-    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits, args.eval_windows)
+    windows = _evaluation_windows(tokenizer, fits, args)
     shape = fits.shape
     jobs = {}
     for held_out in fits.domains:
@@ -175,7 +180,7 @@ def _pooled_baseline(model, tokenizer, args, fits: DomainFits, eval_cache: dict,
         saved = {"profile": profile.to_dict(), "timing": clock.done()}
         _save_json(path, saved)
     profile = sinkfix.Profile.from_dict(saved["profile"])
-    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits, args.eval_windows)
+    windows = _evaluation_windows(tokenizer, fits, args)
     logit = profile.virtual_sink_logit
     params = profile.sink_scale.float(), None if logit is None else logit.float()
     nll = evaluate_parameters(model, fits, windows, {d: (params, d) for d in fits.domains}, cache=eval_cache)
@@ -235,8 +240,8 @@ def _cell_markdown(data: dict) -> str:
     for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
         timing = data["extra"].get(stage)
         if timing:
-            lines += ["", f"{label}: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} thread(s), "
-                          f"load average {timing['load_before']} -> {timing['load_after']}."]
+            lines += ["", f"{label}: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} "
+                          f"thread(s), load average {timing['load_before']} -> {timing['load_after']}."]
     return "\n".join(lines)
 
 

@@ -172,7 +172,8 @@ def _license_paragraphs(dists: list[importlib.metadata.Distribution], extra: lis
 def _legal(split: Split) -> tuple[str, str]:
     calib = _installed(_LICENSE_PACKAGES["calib"])
     if split == "calib":
-        return "\n\n".join(_license_paragraphs(calib, [])), f"license files of {_describe(calib)} (third-party included)"
+        where = f"license files of {_describe(calib)} (third-party included)"
+        return "\n\n".join(_license_paragraphs(calib, [])), where
     python_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     dists = _installed(_LICENSE_PACKAGES["eval"])
     seen = {_paragraph_key(p) for p in _license_paragraphs(calib, [])}
@@ -414,7 +415,8 @@ def load_texts(
       most :data:`DATASET_MAX_CHARS` characters (:func:`load_dataset_text`);
     * neither: the built-in ``domains`` (default: all of :data:`DOMAINS`) of ``split`` ("eval" or "calib").
 
-    Files, a dataset and built-in ``domains``: more than one of them is an error, as is anything missing, unreadable or empty: one
+    Files, a dataset and built-in ``domains``: more than one of them is an error, as is anything
+    missing, unreadable or empty: one
     :class:`TextError` each, raised before any model is loaded.
     """
     _check_split(split)

@@ -257,7 +257,8 @@ def test_inspect_and_calibrate_options_use_the_loader(tmp_path):
     args = parser.parse_args(["--text", str(path), "--text", str(path)])
     assert list(texts_from_args(args, "eval")) == ["x", "x-2"]
     assert list(texts_from_args(parser.parse_args([]), "calib")) == list(DOMAINS)
-    assert list(texts_from_args(parser.parse_args(["--domain", "legal", "--domain", "cpp"]), "eval")) == ["legal", "cpp"]
+    chosen = parser.parse_args(["--domain", "legal", "--domain", "cpp"])
+    assert list(texts_from_args(chosen, "eval")) == ["legal", "cpp"]
     for both in (["--text", str(path), "--dataset", "wikitext"], ["--text", str(path), "--domain", "cpp"]):
         with pytest.raises(SystemExit):  # one source or another, as in bench
             parser.parse_args(both)

@@ -53,8 +53,8 @@ from sinkfix.policy import Policy
 from sinkfix.texts import DOMAINS, domain_text
 
 __all__ = ["calibrate", "fit_domains", "robust_profile", "calibration_windows", "domain_windows", "CalibrationError",
-           "CalibrationSettings", "Calibrator", "require_two_domains", "DomainFit", "DomainFits", "DomainWindows", "Progress",
-           "CALIBRATION_RULES"]
+           "CalibrationSettings", "Calibrator", "require_two_domains", "DomainFit", "DomainFits", "DomainWindows",
+           "Progress", "CALIBRATION_RULES", "parameters_key"]
 
 CALIBRATION_RULES = ("robust", "pooled")
 # Virtual sink logits start this far below the head's reference log-sum-exp: e^-6 = 0.25% of the mass.
@@ -351,43 +351,60 @@ def _fit(cal: Calibrator, windows: DomainWindows, settings: CalibrationSettings,
     val_before = cal.nll(windows.val) if windows.val else float("nan")
     best = DomainFit(torch.ones(cal.shape), None, val_before, val_before, 0, 0, [{"step": 0, "val_nll": val_before}],
                      {"calib_windows": len(windows.calib), "val_windows": len(windows.val)})
-    rng = random.Random(settings.seed)
-    stale, order, running, step = 0, [], [], 0
-    for step in range(1, steps + 1):
-        if not order:
-            order = list(range(len(windows.calib)))
-            rng.shuffle(order)
-        beta = torch.sigmoid(theta)
-        cal.set(beta, logit)
-        nll = cal.step_nll(windows.calib[order.pop()])
-        loss = nll + settings.reg * ((1 - beta) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        running.append(float(nll.detach()))
-        cal.progress.tick()
+    order = _window_order(len(windows.calib), steps, settings.seed)
+    stale, running, step = 0, [], 0
+    for step, index in enumerate(order, start=1):
+        running.append(_step(cal, optimiser, theta, logit, windows.calib[index], settings.reg))
         if not windows.val or (step % settings.eval_every and step != steps):
             continue
-        params = torch.sigmoid(theta).detach(), None if logit is None else logit.detach()
-        val_nll = cal.nll_with(params, windows.val)
-        best.history.append({"step": step, "val_nll": val_nll, "train_nll": sum(running) / len(running),
-                             "beta_mean": float(params[0].mean()), "beta_min": float(params[0].min())})
-        running = []
-        cal.progress.show(fit=name, val=f"{val_nll:.4f}", best=f"{best.val_after:.4f}")
-        if val_nll < best.val_after - 1e-5:
-            best = replace(best, beta=params[0].clone(), logit=None if params[1] is None else params[1].clone(),
-                           val_after=val_nll, best_step=step)
-            stale = 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                say(f"{name + ': ' if name else ''}early stop at step {step}: validation NLL has not improved "
-                    f"for {settings.patience} evaluations")
-                break
+        best, improved = _validate(cal, theta, logit, windows.val, best, running, step, name)
+        running, stale = [], 0 if improved else stale + 1
+        if stale >= settings.patience:
+            say(f"{name + ': ' if name else ''}early stop at step {step}: validation NLL has not improved "
+                f"for {settings.patience} evaluations")
+            break
     if not windows.val:  # no validation split: keep the last parameters
         best = replace(best, beta=torch.sigmoid(theta).detach(), logit=None if logit is None else logit.detach(),
                        best_step=step)
-    return replace(best, steps_run=step if steps else 0)
+    return replace(best, steps_run=step)
+
+
+def _window_order(n_windows: int, steps: int, seed: int) -> list[int]:
+    """The calibration window of each step: every window once per pass, shuffled, passes repeated."""
+    rng, order = random.Random(seed), []
+    while len(order) < steps:
+        block = list(range(n_windows))
+        rng.shuffle(block)
+        order += block[::-1]  # popped from the end, as the loop always took them
+    return order[:steps]
+
+
+def _step(cal: Calibrator, optimiser, theta: torch.Tensor, logit: torch.Tensor | None, ids: torch.Tensor,
+          reg: float) -> float:
+    """One Adam step on one window; returns its NLL (before the step)."""
+    beta = torch.sigmoid(theta)
+    cal.set(beta, logit)
+    nll = cal.step_nll(ids)
+    loss = nll + reg * ((1 - beta) ** 2).mean()
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    cal.progress.tick()
+    return float(nll.detach())
+
+
+def _validate(cal: Calibrator, theta, logit, val: list[torch.Tensor], best: DomainFit, running: list[float],
+              step: int, name: str) -> tuple[DomainFit, bool]:
+    """Score the current parameters on the validation windows; keep them when they are the best so far."""
+    params = torch.sigmoid(theta).detach(), None if logit is None else logit.detach()
+    val_nll = cal.nll_with(params, val)
+    best.history.append({"step": step, "val_nll": val_nll, "train_nll": sum(running) / len(running),
+                         "beta_mean": float(params[0].mean()), "beta_min": float(params[0].min())})
+    cal.progress.show(fit=name, val=f"{val_nll:.4f}", best=f"{best.val_after:.4f}")
+    if val_nll < best.val_after - 1e-5:
+        return replace(best, beta=params[0].clone(), logit=None if params[1] is None else params[1].clone(),
+                       val_after=val_nll, best_step=step), True
+    return best, False
 
 
 def _fit_cost(windows: DomainWindows, settings: CalibrationSettings, steps: int) -> int:
@@ -482,7 +499,8 @@ def _check_domains(fits: DomainFits, domains: Sequence[str] | None) -> list[str]
     names = list(fits.domains if domains is None else domains)
     unknown = [d for d in names if d not in fits.fits]
     if unknown:
-        raise CalibrationError(f"no fit for domain(s) {', '.join(map(repr, unknown))}; fitted: {', '.join(fits.domains)}")
+        raise CalibrationError(f"no fit for domain(s) {', '.join(map(repr, unknown))}; "
+                               f"fitted: {', '.join(fits.domains)}")
     require_two_domains(names)
     return names
 

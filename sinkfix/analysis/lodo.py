@@ -81,9 +81,9 @@ class LodoResult:
         lines = ["| domain | scored tokens | stock ppl | best global beta | profile, domain left out (chosen) "
                  "| profile from all domains |", "|---|---|---|---|---|---|"]
         for r in self.rows():
-            lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {100 * r['best_global_change']:+.2f}% "
-                         f"({r['best_global_beta']:g}) | {100 * r['without_change']:+.2f}% ({r['without_chosen']}) "
-                         f"| {100 * r['with_change']:+.2f}% |")
+            lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} "
+                         f"| {100 * r['best_global_change']:+.2f}% ({r['best_global_beta']:g}) "
+                         f"| {100 * r['without_change']:+.2f}% ({r['without_chosen']}) | {100 * r['with_change']:+.2f}% |")
         return "\n".join(lines)
 
 
@@ -105,8 +105,8 @@ def evaluation_windows(tokenizer, texts: Mapping[str, str | None], fits: DomainF
     for d in fits.domains:
         text = texts.get(d)
         if text is not None:
-            ids = tokenize(tokenizer, text)
-            windows[d] = make_windows(ids, settings.seq_len, None, bos_token_id(tokenizer) if bos else None, eval_windows)
+            bos_id = bos_token_id(tokenizer) if bos else None
+            windows[d] = make_windows(tokenize(tokenizer, text), settings.seq_len, None, bos_id, eval_windows)
             sources[d] = "evaluation text"
         else:
             windows[d] = [Window(w, w.clone()) for w in fits.windows[d].val]

@@ -57,8 +57,8 @@ def _fits_table(record: dict, title: str):
                 "val ppl change"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for name, fit in record["fits"].items():
-        table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]), f"{fit['best_step']} of {fit['steps_run']}",
-                      f"{fit['val_nll_before']:.4f}", f"{fit['val_nll_after']:.4f}",
+        table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]),
+                      f"{fit['best_step']} of {fit['steps_run']}", f"{fit['val_nll_before']:.4f}", f"{fit['val_nll_after']:.4f}",
                       "-" if fit["val_ppl_change"] is None else f"{100 * fit['val_ppl_change']:+.2f}%")
     return table
 
@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     path = profile.save(out)
     record = profile.calibration
     protocol = record["protocol"]
-    console.print(_fits_table(record, f"{profile.model.describe()}: {'BOS + ' if protocol['bos'] is True else 'no BOS, '}"
-                                      f"{protocol['seq_len']}-token windows"))
+    windows = f"{'BOS + ' if protocol['bos'] is True else 'no BOS, '}{protocol['seq_len']}-token windows"
+    console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
     if fits is not None:
         console.print(_selection_table(record))
     else:

@@ -178,7 +178,8 @@ def _augmented_path(q, k, v, layout: _Layout, scale: float, beta, extra_logits, 
     is_sink = torch.zeros(k_len, 1, dtype=compute, device=q.device)
     is_sink[0] = 1
     indicators = torch.cat([is_sink, 1 - is_sink], -1).expand(batch, q_heads, k_len, 2)
-    v_aug = torch.cat([q.new_zeros(batch, q_heads, n_zero, head_dim + 2), torch.cat([v * (1 - is_sink), indicators], -1)], 2)
+    v_real = torch.cat([v * (1 - is_sink), indicators], -1)
+    v_aug = torch.cat([q.new_zeros(batch, q_heads, n_zero, head_dim + 2), v_real], 2)
     mask = torch.cat(masks + [visible], -1)
     out = torch.nn.functional.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, scale=scale)
     acc_n, l_s, l_n = out[..., :head_dim], out[..., head_dim], out[..., head_dim + 1]
