@@ -74,10 +74,31 @@ def _save_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
+class _SavedCache(dict):
+    """An NLL cache that writes itself (through ``save``) after every new entry: a run stopped half-way
+    keeps every forward pass it paid for."""
+
+    def __init__(self, entries: dict, save) -> None:
+        super().__init__(entries)
+        self._save = save
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._save()
+
+
 def _cache(path: Path) -> dict:
-    """NLL caches, saved with "domain|digest" keys."""
+    """NLL caches ("val": the selection's, "eval": evaluation text's), saved with "domain|digest" keys."""
     data = _load_json(path) or {}
-    return {name: {tuple(k.split("|", 1)): v for k, v in entries.items()} for name, entries in data.items()}
+    caches: dict = {}
+
+    def save() -> None:
+        _save_cache(path, caches)
+
+    for name in ("val", "eval"):
+        entries = data.get(name, {})
+        caches[name] = _SavedCache({tuple(k.split("|", 1)): v for k, v in entries.items()}, save)
+    return caches
 
 
 def _save_cache(path: Path, caches: dict) -> None:
@@ -108,7 +129,7 @@ def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
     """The robust selection on every domain, timed on its own: with the fits, it is what `sinkfix
     calibrate` runs (its scores then seed the leave-one-domain-out cache)."""
     saved = _load_json(path)
-    if saved is not None and cache:
+    if saved is not None:  # timed before; leave_one_domain_out repeats the selection if the cache lacks it
         return saved
     clock = _Clock()
     robust_profile(model, fits, cache=cache, log=print)
@@ -197,8 +218,6 @@ def run(args) -> int:
     fits, fit_timing = _fits(model, tokenizer, args, out, {d: domain_text(d, "calib") for d in domains})
     cache_path = out / f"cache-{tag}.json"
     caches = _cache(cache_path)
-    caches.setdefault("val", {})
-    caches.setdefault("eval", {})
     try:
         select_timing = _select(model, fits, caches["val"], out / f"select-{tag}.json")
         clock = _Clock()

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One-shot check of the Triton kernels on a CUDA GPU, in under 8 minutes:
+# One-shot check on a CUDA GPU, in under 8 minutes:
 #   1. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors),
-#      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1);
-#   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth).
+#      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1), and the CUDA test of
+#      the PyTorch path's fused log-sum-exp attention;
+#   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth);
+#   3. benchmarks/gpu_model_check.py: a Llama-3-8B-shaped model (random bf16 weights from a config),
+#      4k-token prefill and 128 decode steps, stock SDPA vs patched, eager and compiled.
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
 # Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
 set -uo pipefail
@@ -39,18 +42,23 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 # --confcutdir keeps pytest from loading tests/conftest.py (tiny transformers models, not needed here)
-timeout 240 "$PYTHON" -m pytest tests/kernels -q -rfE -s --confcutdir=tests/kernels --durations=15 \
-    --junitxml="$OUT/pytest-kernels.xml" > "$OUT/pytest-kernels.txt" 2>&1
+timeout 170 "$PYTHON" -m pytest tests/kernels tests/test_cuda_path.py -q -rfE -s --confcutdir=tests/kernels \
+    --durations=15 --junitxml="$OUT/pytest-kernels.xml" > "$OUT/pytest-kernels.txt" 2>&1
 tests_rc=$?
 
-timeout 200 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+timeout 120 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 bench_rc=$?
+
+timeout 170 "$PYTHON" benchmarks/gpu_model_check.py --budget 120 --out "$OUT/model.md" > "$OUT/model.log" 2>&1
+model_rc=$?
 
 {
     echo "pytest tests/kernels exit code: $tests_rc (124 = timed out)"
     tail -n 8 "$OUT/pytest-kernels.txt"
     echo "benchmark exit code: $bench_rc (124 = timed out; partial table kept in bench.md)"
+    echo "model check exit code: $model_rc (124 = timed out; phases printed in model.log as they finish)"
+    cat "$OUT/model.md" 2>/dev/null
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
-    "BackendUnavailableError", "OutputError",
+    "BackendUnavailableError", "OutputError", "EvaluationError",
 ]
 
 
@@ -36,6 +36,10 @@ class UsageError(SinkfixError, ValueError):
 
 class BackendUnavailableError(SinkfixError, RuntimeError):
     """The requested kernel backend cannot run here (no triton, no CUDA device)."""
+
+
+class EvaluationError(SinkfixError, ValueError):
+    """A downstream evaluation cannot run: lm-eval missing, an unknown task, task data missing or malformed."""
 
 
 class OutputError(SinkfixError, OSError):

@@ -14,7 +14,7 @@ import torch
 
 from sinkfix.errors import ModelLoadError
 
-__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model"]
+__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def load_model(
                 f"unknown model {name!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local "
                 "path, and not a hub id of the form owner/name"
             )
-    if offline is None and not Path(name).exists() and not _hub_reachable():
+    if offline is None and not Path(name).exists() and not hub_reachable():
         # No network: use the local cache only, so a missing model fails in a second, not after the
         # hub client's retries (measured: ~54 s here without this check).
         extra["local_files_only"] = True
@@ -118,7 +118,8 @@ def load_model(
     return model, tokenizer
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached within ``timeout`` seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from sinkfix.errors import UnsupportedModelError
+from sinkfix.errors import PolicyError, UnsupportedModelError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
 from sinkfix.integrations.residual_clip import make_clip_hook
@@ -63,6 +63,7 @@ class PatchHandle:
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
         self.active = False
+        self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the model is sharded
 
     @classmethod
     def of(cls, model: nn.Module) -> "PatchHandle | None":
@@ -75,7 +76,9 @@ class PatchHandle:
         model = self._model_ref()
         by_name = dict(model.named_modules())
         try:
+            device = model_device(model)
             for name, state in self._states.items():
+                state.policy.tensors(device)  # upload once now, not inside the first (maybe compiled) forward
                 by_name[name]._sinkfix = state
             for name, layer in self._clip_layers.items():
                 hook = make_clip_hook(self._states[name])
@@ -142,7 +145,14 @@ class PatchHandle:
         return [s.policy for s in self._ordered_states()]
 
     def num_heads(self) -> list[int]:
+        """Query heads per attention layer as this process computes them (a rank's share under
+        tensor parallelism; :meth:`model_num_heads` gives the whole model's)."""
         return [s.policy.num_heads for s in self._ordered_states()]
+
+    def model_num_heads(self) -> list[int]:
+        """Query heads per attention layer of the whole model, on every rank."""
+        size = 1 if self.tensor_parallel is None else self.tensor_parallel[1]
+        return [heads * size for heads in self.num_heads()]
 
     # -- observers ----------------------------------------------------------------------------
     def add_observer(self, observer: Callable[[AttentionCall], None]) -> None:
@@ -223,6 +233,38 @@ def _dummy_input(model: nn.Module) -> torch.Tensor:
     return torch.arange(3, device=model_device(model)).remainder(max(int(vocab), 1))[None, :]
 
 
+def tensor_parallel_rank(model: nn.Module) -> tuple[int, int] | None:
+    """(rank, size) of this process in the model's tensor-parallel group, or None when the model
+    is not sharded (transformers records the size on the model it shards)."""
+    size = getattr(model, "_tp_size", None) or 1
+    if size <= 1:
+        return None
+    mesh_manager = getattr(model, "_mesh_manager", None)
+    if mesh_manager is not None:
+        return mesh_manager.get_mesh("tp").get_local_rank(), size
+    return torch.distributed.get_rank() % size, size
+
+
+def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) -> tuple[list[LayerPolicy], tuple | None]:
+    """Per-layer policies for the heads this process computes. Under tensor parallelism (q/k/v
+    sharded column-wise, so rank r holds the r-th contiguous block of query heads) the policy is
+    written for the whole model and each rank applies its slice of every per-head parameter."""
+    tp = tensor_parallel_rank(model)
+    if tp is None:
+        return policy.resolve(len(local_heads), local_heads), None
+    rank, size = tp
+    global_heads = [heads * size for heads in local_heads]
+    try:
+        full = policy.resolve(len(local_heads), global_heads)
+    except PolicyError as exc:
+        first = rank * local_heads[0]
+        raise PolicyError(f"{exc} (tensor parallelism over {size} ranks: rank {rank} computes query heads "
+                          f"{first}..{first + local_heads[0] - 1} of {global_heads[0]} and applies that slice of a "
+                          "policy written for the whole model)") from None
+    sliced = [lp.head_slice(rank * heads, (rank + 1) * heads) for lp, heads in zip(full, local_heads)]
+    return sliced, tp
+
+
 def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) -> PatchHandle:
     """Everything patch() decides before changing the model: which modules, which policy per
     layer, which decoder layers to clip. Raises on any problem."""
@@ -230,7 +272,7 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) 
     order = discover_attention_modules(model, _dummy_input(model))
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
-    layer_policies = policy.resolve(len(order), [heads for _, heads in order])
+    layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
     states: dict[str, LayerState] = {}
@@ -243,7 +285,9 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) 
             if parent is None:
                 raise UnsupportedModelError(f"cannot find the decoder layer around {name} for residual clipping")
             clip_layers[name] = parent
-    return PatchHandle(model, policy, backend, original, states, clip_layers)
+    handle = PatchHandle(model, policy, backend, original, states, clip_layers)
+    handle.tensor_parallel = tp
+    return handle
 
 
 def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str = "auto") -> PatchHandle:

@@ -16,7 +16,11 @@ import torch
 
 from sinkfix.errors import PolicyError
 
-__all__ = ["Policy", "ResidualClip", "LayerPolicy", "LayerClip"]
+__all__ = ["Policy", "ResidualClip", "LayerPolicy", "LayerClip", "SPEC_KEYS"]
+
+# The keys of a command-line policy spec (Policy.parse), in the order the error message lists them.
+SPEC_KEYS = ("sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink", "layers",
+             "extra_sink_positions", "clip", "clip_abs")
 
 Scalar = float | int
 PerHead = Scalar | Sequence[Sequence[float]] | torch.Tensor
@@ -152,10 +156,7 @@ class Policy(_ValueEquality):
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
                 else:
-                    raise PolicyError(
-                        f"unknown policy key {key!r}; known: sink_scale, virtual_sink_logit, "
-                        "virtual_logit_on_sink_rows, n_sink, layers, extra_sink_positions, clip, clip_abs"
-                    )
+                    raise PolicyError(f"unknown policy key {key!r}; known: {', '.join(SPEC_KEYS)}")
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
         return cls(residual_clip=clip, **kwargs)
@@ -236,10 +237,11 @@ class LayerClip:
 
 @dataclass(eq=False)
 class LayerPolicy:
-    """The resolved policy of one attention layer (fp64 master copies of the parameters).
+    """The resolved policy of one attention layer (fp64 master copies of the parameters, on the CPU).
 
     ``beta`` and ``virtual_sink_logit`` are replaced through :meth:`set_parameters` (calibration
-    assigns tensors that require grad at every step); :meth:`tensors` serves device copies.
+    assigns tensors that require grad at every step), which also re-derives the flags the attention
+    path branches on: those are decided here, on the host, once, never per call from device values.
     """
 
     layer: int
@@ -248,17 +250,40 @@ class LayerPolicy:
     sink_positions: tuple[int, ...]  # positions (0 = first real token) forming the sink set
     clip: LayerClip | None = None
     virtual_logit_on_sink_rows: bool = False  # the virtual sink logit also counts in sink-only rows
-    _device_copies: dict = field(default_factory=dict, repr=False)
+    _beta_is_one: bool = field(default=False, init=False, repr=False)
+    _device_copy: tuple | None = field(default=None, init=False, repr=False)  # (device, dtype, beta, logit)
+
+    def __post_init__(self) -> None:
+        self._derive()
+
+    def _derive(self) -> None:
+        self._beta_is_one = not self.beta.requires_grad and bool((self.beta.detach() == 1).all())
+        self._device_copy = None  # a replaced tensor must not be served from a stale copy
 
     @property
     def num_heads(self) -> int:
         return int(self.beta.shape[0])
 
     @property
+    def beta_is_one(self) -> bool:
+        """beta = 1 on every head (and not being fitted): sink scaling is off in this layer."""
+        return self._beta_is_one
+
+    @property
     def attention_is_identity(self) -> bool:
-        if self.beta.requires_grad:
-            return False
-        return bool((self.beta == 1).all()) and self.virtual_sink_logit is None
+        return self._beta_is_one and self.virtual_sink_logit is None
+
+    @property
+    def first_column_sink(self) -> bool:
+        """The sink set is the first real token alone (the common n_sink=1 policy)."""
+        return self.sink_positions == (0,)
+
+    def head_slice(self, start: int, stop: int) -> "LayerPolicy":
+        """The policy of query heads [start, stop) only: what one rank applies when tensor
+        parallelism gives it those heads."""
+        logit = self.virtual_sink_logit
+        return LayerPolicy(self.layer, self.beta[start:stop].clone(), None if logit is None else logit[start:stop].clone(),
+                           self.sink_positions, self.clip, self.virtual_logit_on_sink_rows)
 
     def set_parameters(self, beta: torch.Tensor, virtual_sink_logit: torch.Tensor | None) -> None:
         """Replace beta (H,) and the virtual sink logits (H,) or None; the patched model uses them
@@ -270,24 +295,23 @@ class LayerPolicy:
                               f"{tuple(virtual_sink_logit.shape)}")
         self.beta = beta
         self.virtual_sink_logit = virtual_sink_logit
-        self._device_copies.clear()  # a replaced tensor must not be served from a stale copy
+        self._derive()
 
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """(beta, virtual_sink_logit) on ``device``, cached: a forward pass must not re-upload them.
-
-        Parameters that require grad (calibration) bypass the cache so gradients flow.
-        """
+        """(beta, virtual_sink_logit) on ``device``; beta is None when it is 1 on every head (the
+        attention path then takes its identity branch without looking at values). Cached: a forward
+        pass must not re-upload them. Parameters that require grad (calibration) bypass the cache
+        so gradients flow."""
         logit = self.virtual_sink_logit
         if self.beta.requires_grad or (logit is not None and logit.requires_grad):
             return (self.beta.to(device=device, dtype=dtype),
                     None if logit is None else logit.to(device=device, dtype=dtype))
-        key = (device, dtype)
-        if key not in self._device_copies:
-            self._device_copies[key] = (
-                self.beta.to(device=device, dtype=dtype),
-                None if logit is None else logit.to(device=device, dtype=dtype),
-            )
-        return self._device_copies[key]
+        cached = self._device_copy
+        if cached is None or cached[0] != device or cached[1] != dtype:
+            beta = None if self._beta_is_one else self.beta.to(device=device, dtype=dtype)
+            cached = (device, dtype, beta, None if logit is None else logit.to(device=device, dtype=dtype))
+            self._device_copy = cached
+        return cached[2], cached[3]
 
 
 def _check_values(name: str, values: torch.Tensor, low: float | None = None, high: float | None = None) -> None:

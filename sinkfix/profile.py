@@ -62,7 +62,12 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(param.shape)};".encode())
         if param.device.type == "meta" or param.numel() == 0:
             continue
-        flat = param.detach().reshape(-1)
+        param = param.detach()
+        if hasattr(param, "full_tensor"):
+            # a tensor-parallel shard (DTensor): every rank fingerprints the whole parameter, one
+            # parameter at a time, so a profile made in one process fits its sharded model
+            param = param.full_tensor()
+        flat = param.reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
         sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
         digest.update(sample.numpy().tobytes())
@@ -96,7 +101,7 @@ class ModelIdentity:
         handle = PatchHandle.of(model)
         config = _text_config(model)
         if handle is not None:
-            heads = tuple(handle.num_heads())
+            heads = tuple(handle.model_num_heads())
         else:
             layers = getattr(config, "num_hidden_layers", None)
             per = getattr(config, "num_attention_heads", None)

@@ -182,52 +182,6 @@ def test_gradients_flow_to_beta_and_match_reference():
     torch.testing.assert_close(grad.double(), grad_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["identity", "scale", "drop", "virtual", "aux", "scale+aux+virtual"])
-@pytest.mark.parametrize("layout", ["causal", "mask", "decode"])
-def test_differentiable_path_matches_the_reference_values_and_gradients(name, layout):
-    """With gradients on, a sink at column 0 that every row sees takes the one-softmax augmented path
-    (not the dense formula): its outputs and the gradients of every input match the fp64 reference."""
-    q_len, k_len = (1, 19) if layout == "decode" else (19, 19)
-    q, k, v = (t.double() for t in _inputs(2, 6, 2, q_len, k_len, 64))
-    policy = {key: t.double() for key, t in _policies(6)[name].items()}
-    kw = dict(causal=True) if layout == "causal" else {}
-    if layout == "mask":  # causal, spelled as a boolean mask
-        kw = dict(attn_mask=visibility_mask(2, q_len, k_len, causal=True))
-    cols = torch.zeros(2, 1, dtype=torch.long)
-    inputs = [q, k, v, *policy.values()]
-    weight = torch.randn(2, 6, q_len, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-    def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*leaves[:3], **dict(zip(policy, leaves[3:])))
-        return out, torch.autograd.grad((out * weight).sum(), leaves)
-
-    got, got_grads = grads(lambda q, k, v, **pol: sink_attention_torch(q, k, v, sink_cols=cols, **kw, **pol).out)
-    ref, ref_grads = grads(lambda q, k, v, **pol: reference_sink_attention(q, k, v, sink_cols=cols, **kw, **pol)[0])
-    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
-    for g_got, g_ref in zip(got_grads, ref_grads):
-        torch.testing.assert_close(g_got, g_ref, atol=1e-11, rtol=1e-11)
-
-
-def test_differentiable_path_is_taken_and_fp32_stays_close(monkeypatch):
-    from sinkfix.ops import attention
-
-    called = []
-    monkeypatch.setattr(attention, "_dense_path", lambda *a, **k: called.append(1))
-    q, k, v = _inputs(1, 9, 3, 64, 64, 64)
-    beta = torch.full((9,), 0.6, requires_grad=True)
-    logit = torch.full((9,), 2.0, requires_grad=True)
-    cols = torch.zeros(1, 1, dtype=torch.long)
-    got = sink_attention_torch(q, k, v, causal=True, sink_cols=cols, beta=beta, virtual_sink_logit=logit)
-    assert not called and got.lse is None  # the augmented path returns no log-sum-exp
-    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=beta.detach(),
-                                         virtual_sink_logit=logit.detach())
-    torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
-    # anything else it does not cover still reaches the dense formula: padding moves the sink
-    sink_attention_torch(q, k, v, causal=True, sink_cols=torch.ones(1, 1, dtype=torch.long), beta=beta)
-    assert called
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_the_dtype_error(dtype):
     """Tolerance rule: error vs fp64 <= 2x the same-dtype dense PyTorch error + a small floor."""
@@ -263,3 +217,113 @@ def test_residual_clip_matches_reference():
     assert clamped[1, 5].norm() == pytest.approx(thr[1].item(), rel=1e-5)  # the outlier is capped
     median = norms[0, 1:].median()
     assert thr[0].item() == pytest.approx(4.0 * median.item(), rel=1e-6)
+
+
+# -- the inference paths: what a patched model runs (no probabilities, no statistics) ------------
+FIRST_COLUMN_SHAPES = [
+    (2, 9, 3, 17, 17, 64, "causal"),  # prefill: row 0 sees only the sink
+    (1, 8, 1, 1, 113, 80, "decode"),  # one query row against a cache: every row sees non-sink keys
+    (2, 6, 2, 3, 40, 64, "full"),  # a few query rows, full attention (speculative decoding, chunks)
+    (1, 4, 2, 1, 1, 64, "decode"),  # a cache holding only the sink
+]
+
+
+def _inference_paths(q, k, v, **kw):
+    """Every way the inference path is reached: the PyTorch function, the dispatch, the custom op."""
+    from sinkfix.ops.attention import sink_attention
+
+    yield "sink_attention_torch", sink_attention_torch(q, k, v, **kw).out
+    yield "sink_attention", sink_attention(q, k, v, backend="torch", **kw).out
+    op_args = (q, k, v, kw.get("attn_mask"), kw.get("sink_cols"), kw.get("beta"), kw.get("extra_logits"),
+               kw.get("virtual_sink_logit"), kw.get("causal", False), kw.get("causal_offset", 0),
+               kw.get("sliding_window"), q.shape[-1] ** -0.5, None, kw.get("first_column_sink", False), "torch")
+    yield "torch.ops.sinkfix.sink_attention", torch.ops.sinkfix.sink_attention(*op_args)[0].transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape", FIRST_COLUMN_SHAPES, ids=[f"{s[-1]}-K{s[4]}" for s in FIRST_COLUMN_SHAPES])
+@pytest.mark.parametrize("policy", list(_policies(1)))
+def test_first_column_sink_flag_matches_reference(shape, policy):
+    """The layout says "the sink is key column 0 of every row" (no padding, n_sink = 1) instead of
+    passing sink columns: the fast path must compute exactly the reference's formula."""
+    batch, q_heads, kv_heads, q_len, k_len, dim, kind = shape
+    q, k, v = _inputs(batch, q_heads, kv_heads, q_len, k_len, dim)
+    causal = kind == "causal"
+    pol = _policies(q_heads)[policy]
+    ref, _, _ = reference_sink_attention(q, k, v, causal=causal, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
+                                         **pol)
+    for name, out in _inference_paths(q, k, v, causal=causal, first_column_sink=True, **pol):
+        assert out.shape == (batch, q_heads, q_len, dim), name
+        torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
+@pytest.mark.parametrize("policy", ["identity", "scale+aux+virtual"])
+def test_inference_paths_match_reference_on_every_layout(shape, policy):
+    batch, q_heads, kv_heads, q_len, k_len, dim, kind = shape
+    q, k, v = _inputs(batch, q_heads, kv_heads, q_len, k_len, dim)
+    kw, first = _layout(kind, batch, q_len, k_len)
+    pol = _policies(q_heads)[policy]
+    ref, _, _ = reference_sink_attention(q, k, v, **kw, sink_cols=first[:, None], **pol)
+    for name, out in _inference_paths(q, k, v, **kw, sink_cols=first[:, None], **pol):
+        torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+# -- gradients without a stored score matrix --------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
+def test_blockwise_backward_matches_dense_autograd(shape, monkeypatch):
+    """The calibration path (fused forward, backward recomputed one block of query rows at a time)
+    gives the gradients of plain dense autograd, for q, k, v and every policy parameter; blocks of
+    3 rows force several blocks on every shape."""
+    from sinkfix.ops import attention_grad
+
+    monkeypatch.setattr(attention_grad, "_rows_per_block", lambda batch, heads, k_len: 3)
+    batch, q_heads, kv_heads, q_len, k_len, dim, kind = shape
+    q, k, v = (t.double() for t in _inputs(batch, q_heads, kv_heads, q_len, k_len, dim))
+    kw, first = _layout(kind, batch, q_len, k_len)
+    pol = _policies(q_heads)["scale+aux+virtual"]
+    params = {name: t.double() for name, t in pol.items()}
+    g = torch.Generator().manual_seed(7)
+    weights = torch.randn(batch, q_heads, q_len, dim, generator=g, dtype=torch.float64)
+    # lse is fp32 by contract, so its incoming gradient is rounded to fp32: weights exact in fp32
+    lse_weights = torch.randn(batch, q_heads, q_len, generator=g).double()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, *params.values())]
+        out, lse = fn(*leaves)
+        loss = (out * weights).sum() + (torch.where(torch.isfinite(lse), lse, 0) * lse_weights).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def blockwise(q_, k_, v_, beta, extra, virtual):
+        return attention_grad.sink_attention_with_grad(q_, k_, v_, **kw, sink_cols=first[:, None], beta=beta,
+                                                       extra_logits=extra, virtual_sink_logit=virtual)
+
+    def dense(q_, k_, v_, beta, extra, virtual):
+        out, _, lse = reference_sink_attention(q_, k_, v_, **kw, sink_cols=first[:, None], beta=beta,
+                                               extra_logits=extra, virtual_sink_logit=virtual)
+        return out, lse
+
+    for name, got, want in zip(["q", "k", "v", *params], grads(blockwise), grads(dense)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7, msg=lambda m: f"d/d{name}: {m}")
+
+
+def test_blockwise_backward_with_frozen_inputs():
+    """Calibration's case: q, k, v come from frozen weights and need no gradient, only beta and the
+    virtual sink logits do (the log-sum-exp then has no gradient to give)."""
+    from sinkfix.ops.attention_grad import sink_attention_with_grad
+
+    q, k, v = (t.double() for t in _inputs(2, 9, 3, 17, 17, 64))
+    beta = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    virtual = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cols = torch.zeros(2, 1, dtype=torch.long)
+    weights = torch.randn(2, 9, 17, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got_leaves = [beta.clone().requires_grad_(), virtual.clone().requires_grad_()]
+    out, lse = sink_attention_with_grad(q, k, v, causal=True, sink_cols=cols, beta=got_leaves[0],
+                                        virtual_sink_logit=got_leaves[1])
+    assert not lse.requires_grad or lse.grad_fn is not None
+    got = torch.autograd.grad((out * weights).sum(), got_leaves)
+    want_leaves = [beta.clone().requires_grad_(), virtual.clone().requires_grad_()]
+    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=cols, beta=want_leaves[0],
+                                         virtual_sink_logit=want_leaves[1])
+    want = torch.autograd.grad((ref * weights).sum(), want_leaves)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, atol=1e-9, rtol=1e-7)

@@ -94,6 +94,8 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         top_level = {name.split("/")[0] for name in archive.namelist()}
         assert {f"sinkfix/kernels/{m}.py" for m in KERNEL_MODULES} <= set(archive.namelist())
+        # the built-in lm-eval tasks are data files of sinkfix.lmeval
+        assert {f"sinkfix/lmeval/tasks/sinkfix_{t}.yaml" for t in ("prose", "code", "cloze")} <= set(archive.namelist())
     assert "kernels" not in top_level, "the kernels must ship as sinkfix.kernels, never as a top-level package"
 
     env_dir = tmp_path / "venv"

@@ -297,3 +297,30 @@ def test_accelerate_offload_patches_and_runs(tmp_path):
         fixed_plain = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(fixed_offloaded, fixed_plain, atol=1e-5, rtol=0)
     assert torch.equal(offloaded(ids, attention_mask=mask).logits, stock)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_hand_written_decode_loop_with_either_cache_keyword(arch, keyword):
+    """transformers 5.24 renames the cache keyword `past_key_values` to `cache` (the old one is
+    deprecated): a hand-written decode loop under a policy gives the full forward's logits with
+    either name."""
+    from transformers import DynamicCache
+
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with sinkfix.patch(model, Policy(sink_scale=0.4, virtual_sink_logit=0.3)):
+        unclipped = model(ids).logits
+    # tiny random models have residual norms ~0.16; an absolute cap is per token, so a decode step
+    # clips exactly as the full forward does
+    clip = ResidualClip(0.12, "absolute")
+    with sinkfix.patch(model, Policy(sink_scale=0.4, virtual_sink_logit=0.3, residual_clip=clip)):
+        full = model(ids).logits
+        assert (unclipped - full).abs().max() > 1e-3  # the clip acts
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :4], use_cache=True, **{keyword: cache}).logits]
+        for i in range(4, ids.shape[1]):
+            steps.append(model(ids[:, i : i + 1], use_cache=True, **{keyword: cache}).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == ids.shape[1]

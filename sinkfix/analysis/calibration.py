@@ -22,8 +22,8 @@ Each domain's windows are split into calibration windows and validation windows 
 A fit keeps the parameters with the best validation NLL (scored every ``eval_every`` steps) and stops
 after ``patience`` evaluations without improvement; if nothing beats the unpatched model the fit is
 the identity. Gradients reach beta because :class:`~sinkfix.policy.LayerPolicy` bypasses its device
-cache for tensors that require grad; the PyTorch attention path then takes a differentiable
-formula (:func:`sinkfix.ops.attention.sink_attention_torch`).
+cache for tensors that require grad; the attention path then runs its differentiable route
+(:mod:`sinkfix.ops.attention_grad`: the fused forward, a blockwise recompute backward).
 
 The virtual sink logit b_lh is an extra ``exp(b)`` in the softmax denominator with a zero value, a
 learned "attend to nothing" option: sink scaling can only move a head away from its sink (beta <= 1);
@@ -519,7 +519,7 @@ def parameters_key(params: Parameters, domain: str) -> tuple:
 
 def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | None = None,
                    pool: Sequence[Candidate] | None = None, *, progress: bool = True,
-                   log: Callable[[str], None] | None = None, cache: dict | None = None):
+                   log: Callable[[str], None] | None = None, cache: dict | None = None, score_chosen: bool = True):
     """Combine the fits of ``domains`` (default: all) into one profile, chosen by leave-one-domain-out.
 
     Each candidate of ``pool`` (default :func:`sinkfix.analysis.robust.candidates`) is scored by its
@@ -527,7 +527,9 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
     domain's fit. Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
     ``cache`` (a dict, kept by the caller) remembers validation NLLs by parameters and domain, so that
     rebuilding profiles for several subsets of the same fits (:mod:`sinkfix.analysis.lodo`) scores
-    each parameter set once.
+    each parameter set once. ``score_chosen=False`` skips scoring the chosen parameters on every
+    domain's validation windows (the record's per-domain changes are then NaN): leave-one-domain-out
+    evaluation scores the rebuilt profile on the held-out domain's evaluation text instead.
     """
     from sinkfix.profile import ModelIdentity, Profile
 
@@ -550,7 +552,7 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
 
             selection = select(pool, {d: fits.fits[d].parameters for d in names}, cal.shape, change)
             beta, logit = candidate_parameters(selection.chosen, [fits.fits[d].parameters for d in names], cal.shape)
-            final = {d: change((beta, logit), d) for d in names}
+            final = {d: change((beta, logit), d) if score_chosen else math.nan for d in names}
             identity = ModelIdentity.of(model)
     finally:
         bar.close()

@@ -151,17 +151,20 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     require_three_domains(fits.domains)
     windows, sources = evaluation_windows(tokenizer, eval_texts, fits, eval_windows)
     cache = {} if cache is None else cache
-    profiles = {d: robust_profile(model, fits, [o for o in fits.domains if o != d], pool, progress=progress,
-                                  cache=cache) for d in fits.domains}
-    full = robust_profile(model, fits, None, pool, progress=progress, cache=cache)
-    shape = full.sink_scale.shape
-    jobs = {}
+    shape = fits.shape
+    nll: dict = {}
+    profiles = {}
+    # Domain by domain, so that a run stopped half-way (with the caches kept) has whole rows.
     for d in fits.domains:
-        jobs["stock", d] = (torch.ones(shape), None), d
+        profiles[d] = robust_profile(model, fits, [o for o in fits.domains if o != d], pool, progress=progress,
+                                     cache=cache, score_chosen=False)
+        jobs = {("stock", d): ((torch.ones(shape), None), d)}
         jobs.update({(b, d): ((torch.full(shape, b), None), d) for b in global_betas})
         jobs["without", d] = _parameters(profiles[d]), d
-        jobs["with", d] = _parameters(full), d
-    nll = evaluate_parameters(model, fits, windows, jobs, cache=eval_cache, progress=progress)
+        nll.update(evaluate_parameters(model, fits, windows, jobs, cache=eval_cache, progress=progress))
+    full = robust_profile(model, fits, None, pool, progress=progress, cache=cache)
+    nll.update(evaluate_parameters(model, fits, windows, {("with", d): (_parameters(full), d) for d in fits.domains},
+                                   cache=eval_cache, progress=progress))
     tokens = {d: sum(int((w.labels[1:] != -100).sum()) for w in windows[d]) for d in fits.domains}
     result = LodoResult(
         {**fits.settings.protocol(), "eval_windows": eval_windows}, sources, tokens,

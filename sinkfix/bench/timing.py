@@ -42,8 +42,10 @@ def time_prefill(model, ids: torch.Tensor, extra: dict[str, Any] | None = None) 
 
 
 @torch.no_grad()
-def decode_step_times(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> list[float]:
-    """Step latencies (s) of the ``new_tokens - 1`` cached decode steps of one ``generate`` call."""
+def decode_step_times(model, ids: torch.Tensor, new_tokens: int, pad_id: int, **generate_kwargs: Any) -> list[float]:
+    """Step latencies (s) of the ``new_tokens - 1`` cached decode steps of one ``generate`` call.
+    ``generate_kwargs`` go to ``generate`` (e.g. ``cache_implementation="static"`` and a
+    ``compile_config`` for compiled decoding)."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = ids.device
@@ -63,6 +65,6 @@ def decode_step_times(model, ids: torch.Tensor, new_tokens: int, pad_id: int) ->
     )
     model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-        stopping_criteria=StoppingCriteriaList([StepClock()]),
+        stopping_criteria=StoppingCriteriaList([StepClock()]), **generate_kwargs,
     )
     return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -12,7 +12,6 @@ upper-left aligned, when Q > 1); return ((B, Q, Hq, D), probabilities or None).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -66,19 +65,23 @@ class LayerState:
     first_real_row: torch.Tensor | None = None  # (B,)
 
 
-_discovery = threading.local()
+# Set by discover_attention_modules for the length of one dummy forward. A plain module global
+# (not a thread-local): torch.compile traces module globals, and patch() is not meant to run
+# concurrently on the same process's models anyway.
+_discovered: list | None = None
 
 
 def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int]]:
     """Run one forward and return (attention module, query heads) in call order, first call of
     each module only. Modules that do not route through the "sinkfix" function are not seen."""
-    _discovery.calls = []
+    global _discovered
+    _discovered = []
     try:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
-        calls = _discovery.calls
+        calls = _discovered
     finally:
-        _discovery.calls = None
+        _discovered = None
     seen: set[int] = set()
     order = []
     for module, heads in calls:
@@ -150,16 +153,21 @@ def attention_forward(
     attention_mask = _bool_mask(attention_mask)
     causal_flag = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(causal_flag) and attention_mask is None and q_len > 1
-
-    found = getattr(_discovery, "calls", None)
-    if found is not None:
-        found.append((module, q_heads))
+    if _discovered is not None:
+        _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
+    observing = state is not None and bool(state.observers)
+    corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 
+    # Where the sink is. Decided from the layout, never from tensor values: with no mask (no
+    # padding) and the default one-token sink set, the sink is key column 0 of every row, except in
+    # a sliding-window layer reading a cache, whose window may have dropped it.
+    sliding_cache = sliding_window is not None and q_len != k_len
+    first_column = (state is not None and state.policy.first_column_sink and attention_mask is None
+                    and not sliding_cache)
     location = None
-    if state is not None and (not state.policy.attention_is_identity or state.observers
-                              or state.policy.clip is not None):
+    if state is not None and (observing or state.policy.clip is not None or (corrected and not first_column)):
         location = locate_sinks(
             attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
             sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
@@ -170,17 +178,18 @@ def attention_forward(
         query, key, value,
         backend=state.backend if state is not None else "auto",
         attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
-        sink_cols=None if location is None else location.sink_cols, beta=beta, extra_logits=extra_logits,
-        virtual_sink_logit=virtual, return_probs=bool(kwargs.get("output_attentions")),
-        need_sink_mass=bool(state is not None and state.observers),
+        sink_cols=None if location is None else location.sink_cols,
+        first_column_sink=first_column,
+        beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
+        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing,
     )
-    if state is not None and state.observers:
+    if observing:
         call = AttentionCall(
             state.policy.layer, module, query, key, value, attention_mask, causal,
             query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, location.sink_cols,
-            location.first_real_col, extra_logits, virtual,
-            None if state.policy.attention_is_identity else beta, result,
+            location.first_real_col, extra_logits, virtual, beta, result,
         )
         for observer in state.observers:
             observer(call)
-    return result.out.transpose(1, 2).contiguous(), result.probs
+    out = result.out.transpose(1, 2)  # (B, Q, Hq, D), what transformers reshapes to (B, Q, Hq * D)
+    return (out if out.is_contiguous() else out.contiguous()), result.probs

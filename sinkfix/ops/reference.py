@@ -69,14 +69,13 @@ def visibility_mask(
 
 def sink_key_mask(sink_cols: torch.Tensor | None, batch: int, k_len: int, device) -> torch.Tensor:
     """(B, K) bool: key column j of batch b is a sink. ``sink_cols`` is (B, NS), -1 = unused slot."""
-    is_sink = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
     if sink_cols is None:
-        return is_sink
+        return torch.zeros(batch, k_len, dtype=torch.bool, device=device)
+    # one comparison per slot: no boolean-mask indexing, so no host synchronisation and no
+    # data-dependent shape (the compiler keeps it in one graph); -1 and out-of-range match nothing
     cols = sink_cols.to(device=device, dtype=torch.long)
-    valid = (cols >= 0) & (cols < k_len)
-    rows = torch.arange(batch, device=device)[:, None].expand_as(cols)
-    is_sink[rows[valid], cols[valid]] = True
-    return is_sink
+    keys = torch.arange(k_len, device=device)
+    return (cols[:, :, None] == keys[None, None, :]).any(1).expand(batch, k_len)
 
 
 def zero_value_lse(

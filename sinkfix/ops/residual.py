@@ -52,12 +52,17 @@ def residual_clip(
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """Residual clipping on ``backend`` ("torch" or "triton"); see :func:`residual_clip_torch`."""
-    if backend == "triton":
-        from sinkfix import kernels
+    """Residual clipping on ``backend`` ("torch" or "triton"); see :func:`residual_clip_torch`.
+    Differentiable inputs take the PyTorch formula in Python; otherwise one call of the custom op
+    ``torch.ops.sinkfix.residual_clip`` (opaque to ``torch.compile``)."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return residual_clip_torch(hidden, threshold, is_sink, sink_norm)
+    from sinkfix.ops import custom_ops
 
-        return kernels.residual_clip_triton(hidden, threshold, is_sink, sink_norm, inplace=False)
-    return residual_clip_torch(hidden, threshold, is_sink, sink_norm)
+    args = (hidden, threshold, is_sink, None if sink_norm is None else float(sink_norm), backend)
+    if torch.compiler.is_compiling():
+        return custom_ops.residual_clip_op(*args)
+    return custom_ops.residual_clip_impl(*args)
 
 
 def clip_residual(*args, **kwargs) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Decode and prefill speed of the patched model against the stock model, eager and compiled.
+
+    python benchmarks/bench_decode.py                          # SmolLM2-135M, CPU, 1 and 2 threads
+    python benchmarks/bench_decode.py --threads 1 --modes eager --json decode.json
+
+Targets: per-token decode step, patched / stock, ratio of medians in one run: eager sink_scale=0.9
+<= 1.10x; compiled patched / compiled stock <= 1.05x; 512-token prefill <= 1.05x.
+
+* **Decode**: greedy ``generate`` of ``--new-tokens`` tokens after a ``--prompt``-token prompt; the
+  KV-cached steps are timed one by one (a stopping criterion reads the clock after each token), the
+  first ``--skip`` steps dropped. Eager: transformers' dynamic cache. Compiled: a static cache with
+  transformers' own compiled decoding (``CompileConfig(fullgraph=True, dynamic=False)``, inductor),
+  for the stock model and for every patched variant alike; a warm-up round compiles every variant
+  before anything is timed.
+* **Prefill**: one forward of the prompt with a KV cache and last-position logits (what generate
+  does first); compiled with ``torch.compile(model, fullgraph=True, dynamic=False)`` in the
+  compiled mode.
+* Variants run in ABBA rounds (the order reverses every round) so drift hits all alike; the ratio
+  is of medians over all timed steps of all rounds; the load average and thread count are printed
+  next to every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+import sinkfix
+from sinkfix.bench import alternate, prefill_kwargs
+from sinkfix.bench.timing import decode_step_times, synchronize
+
+TARGETS = {("decode", "eager"): 1.10, ("decode", "compiled"): 1.05, ("prefill", "eager"): 1.05,
+           ("prefill", "compiled"): 1.05}
+
+
+def _policies(model, spec: str | None) -> dict[str, Any]:
+    """stock (None), identity, sink_scale=0.9 and a per-head policy (a profile file, or per-head
+    beta and virtual logits drawn once with a fixed seed, as a calibrated profile has)."""
+    variants: dict[str, Any] = {"stock": None, "identity": sinkfix.Policy(), "sink_scale=0.9": sinkfix.Policy(sink_scale=0.9)}
+    if spec:
+        variants["profile"] = sinkfix.Profile.load(spec)
+    else:
+        handle = sinkfix.patch(model, sinkfix.Policy())
+        layers, heads = handle.num_layers, max(handle.num_heads())
+        handle.remove()
+        g = torch.Generator().manual_seed(0)
+        variants["per-head"] = sinkfix.Policy(sink_scale=0.8 + 0.2 * torch.rand(layers, heads, generator=g),
+                                              virtual_sink_logit=torch.randn(layers, heads, generator=g) - 4)
+    return variants
+
+
+def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args) -> dict[str, dict[str, list[float]]]:
+    from transformers import CompileConfig
+
+    pad = model.generation_config.pad_token_id or 0
+    extra = prefill_kwargs(model)
+    decode_kwargs: dict[str, Any] = {}
+    prefill_model = model
+    if mode == "compiled":
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        config._compile_all_devices = True  # transformers compiles decoding on accelerators only unless told
+        decode_kwargs = dict(cache_implementation="static", compile_config=config)
+        prefill_model = torch.compile(model, fullgraph=True, dynamic=False)
+
+    def run(name: str) -> dict[str, list[float]]:
+        policy = variants[name]
+        handle = sinkfix.patch(model, policy) if policy is not None else None
+        try:
+            with torch.no_grad():
+                synchronize(ids.device)
+                start = time.perf_counter()
+                prefill_model(input_ids=ids, use_cache=True, **extra)
+                synchronize(ids.device)
+                prefill = time.perf_counter() - start
+                steps = decode_step_times(model, ids, args.new_tokens, pad, **decode_kwargs)[args.skip:]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return {"prefill": [prefill], "decode": steps}
+
+    rounds = alternate(list(variants), run, repeats=args.rounds, warmup=1)
+    return {name: {"prefill": [x for r in runs for x in r["prefill"]], "decode": [x for r in runs for x in r["decode"]]}
+            for name, runs in rounds.items()}
+
+
+def _rows(results: dict, mode: str, threads: int, load: float) -> list[dict]:
+    rows = []
+    stock = {kind: statistics.median(results["stock"][kind]) for kind in ("prefill", "decode")}
+    for name, samples in results.items():
+        for kind in ("prefill", "decode"):
+            median = statistics.median(samples[kind])
+            ratio = median / stock[kind]
+            target = TARGETS[(kind, mode)] if name != "stock" else None
+            rows.append(dict(mode=mode, threads=threads, load=load, variant=name, kind=kind, median_ms=1e3 * median,
+                             n=len(samples[kind]), ratio=ratio, target=target,
+                             met=None if target is None else ratio <= target))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--profile", default=None, help="a profile file for the per-head variant")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=34)
+    parser.add_argument("--skip", type=int, default=1, help="decode steps dropped at the start of each generate")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    model, tok = sinkfix.load_model(args.model)
+    model.set_attn_implementation("sdpa")
+    from sinkfix.texts import domain_text
+
+    text = domain_text("prose", "eval")
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt]
+    variants = _policies(model, args.profile)
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for mode in args.modes.split(","):
+            load = os.getloadavg()[0]
+            results = _measure(model, variants, ids, mode, args)
+            rows += _rows(results, mode, threads, round(max(load, os.getloadavg()[0]), 2))
+            for row in rows[-2 * len(variants):]:
+                print(f"{row['mode']:8} {row['threads']}t load {row['load']:4.1f} {row['variant']:16} {row['kind']:7} "
+                      f"{row['median_ms']:9.2f} ms (n={row['n']:3})  x{row['ratio']:.3f}"
+                      + ("" if row["target"] is None else f"  target <= {row['target']}: {'met' if row['met'] else 'MISSED'}"),
+                      flush=True)
+    from sinkfix.bench.provenance import device_name, versions
+
+    info = dict(device=device_name(torch.device("cpu")), versions=versions(), prompt=args.prompt,
+                new_tokens=args.new_tokens, rounds=args.rounds)
+    print(json.dumps(info))
+    if args.json:
+        from sinkfix.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    return 0 if all(r["met"] in (None, True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""End to end on a GPU: a Llama-3-8B-shaped model (random weights from a config, bf16, no download),
+stock SDPA vs patched (identity, per-head profile), eager and compiled: prefill and decode ratios.
+
+    python benchmarks/gpu_model_check.py --out gpu-out/model.md          # CUDA, the full shape
+    python benchmarks/gpu_model_check.py --tiny --device cpu              # a dry run of the code path
+
+What it measures, per variant, in ABBA rounds after a warm-up round:
+* prefill: one forward of ``--prompt`` tokens (default 4096) with a KV cache, last-position logits;
+* decode: ``--new-tokens`` (default 128) greedy steps of ``generate``, each step timed (CUDA events
+  are not needed: the step clock synchronises), eager with transformers' dynamic cache, compiled
+  with a static cache and transformers' compiled decoding (``CompileConfig(fullgraph=True)``).
+Ratios are patched / stock medians of the same run. A phase that fails or runs out of its time
+budget is reported as such; the rest still runs (the GPU is lent for minutes, not hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import sinkfix
+from sinkfix.bench import alternate
+from sinkfix.bench.timing import decode_step_times, synchronize
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=1024)
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**shape, torch_dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def variants(model) -> dict:
+    heads = model.config.num_attention_heads
+    layers = model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    profile = sinkfix.Policy(sink_scale=0.8 + 0.2 * torch.rand(layers, heads, generator=g),
+                             virtual_sink_logit=torch.randn(layers, heads, generator=g) - 4)
+    return {"stock": None, "identity": sinkfix.Policy(), "per-head profile": profile}
+
+
+def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int, rounds: int) -> dict:
+    from transformers import CompileConfig
+
+    kwargs = {}
+    forward = model
+    if mode == "compiled":
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        config._compile_all_devices = True
+        kwargs = dict(cache_implementation="static", compile_config=config)
+        forward = torch.compile(model, fullgraph=True, dynamic=False)
+
+    def run(name):
+        handle = sinkfix.patch(model, policies[name]) if policies[name] is not None else None
+        try:
+            with torch.no_grad():
+                synchronize(ids.device)
+                start = time.perf_counter()
+                forward(input_ids=ids, use_cache=True, logits_to_keep=1)
+                synchronize(ids.device)
+                prefill = time.perf_counter() - start
+                steps = decode_step_times(model, ids, new_tokens, 0, **kwargs)[1:]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return prefill, steps
+
+    results = alternate(list(policies), run, repeats=rounds, warmup=1)
+    return {name: {"prefill_s": statistics.median(p for p, _ in runs),
+                   "decode_step_s": statistics.median(s for _, steps in runs for s in steps)}
+            for name, runs in results.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the code path anywhere")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompt", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds; later phases are skipped after it")
+    parser.add_argument("--out", default=None, help="markdown table (and a .json next to it)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (use --tiny --device cpu for a dry run)")
+        return 2
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = build_model(TINY if args.tiny else LLAMA3_8B, args.device, dtype)
+    prompt = min(args.prompt, model.config.max_position_embeddings - args.new_tokens)
+    ids = torch.randint(100, model.config.vocab_size, (1, prompt), device=args.device,
+                        generator=torch.Generator(device=args.device).manual_seed(0))
+    policies = variants(model)
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    report = {"device": device_name, "torch": torch.__version__, "shape": "tiny" if args.tiny else "Llama-3-8B",
+              "dtype": str(dtype), "prompt": prompt, "new_tokens": args.new_tokens, "modes": {}}
+    for mode in args.modes.split(","):
+        if time.perf_counter() - started > args.budget:
+            report["modes"][mode] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
+            continue
+        try:
+            report["modes"][mode] = measure(model, policies, ids, mode, args.new_tokens, args.rounds)
+        except Exception as exc:  # report the failure and keep the other mode's numbers
+            report["modes"][mode] = {"failed": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        print(json.dumps({mode: report["modes"][mode]}, default=str), flush=True)
+    lines = [f"{report['shape']} ({dtype}), {device_name}, torch {torch.__version__}, prompt {prompt}, "
+             f"{args.new_tokens} decode steps", "",
+             "| mode | variant | prefill ms | ratio | decode step ms | ratio |", "|---|---|---|---|---|---|"]
+    for mode, rows in report["modes"].items():
+        if "stock" not in rows:
+            lines.append(f"| {mode} | {next(iter(rows))}: {next(iter(rows.values()))[:120]} | | | | |")
+            continue
+        stock = rows["stock"]
+        for name, row in rows.items():
+            lines.append(f"| {mode} | {name} | {1e3 * row['prefill_s']:.2f} | {row['prefill_s'] / stock['prefill_s']:.3f} "
+                         f"| {1e3 * row['decode_step_s']:.3f} | {row['decode_step_s'] / stock['decode_step_s']:.3f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 0 if all("stock" in rows for rows in report["modes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

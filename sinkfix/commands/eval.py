@@ -1,0 +1,173 @@
+"""``sinkfix eval``: downstream tasks through lm-evaluation-harness, stock vs corrected, paired.
+
+    sinkfix eval                                              # built-in offline tasks, SmolLM2, sink_scale=0.9
+    sinkfix eval --profile smollm2.profile.json --json
+    sinkfix eval --tasks lambada_local --include-path ./my_tasks --policy sink_scale=0.8 --limit 200
+
+Needs the optional extra: ``pip install 'sinkfix[eval]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from typing import Iterator
+
+from sinkfix.errors import EvaluationError
+from sinkfix.lmeval.builtin import BUILTIN_TASKS
+from sinkfix.lmeval.config import DEFAULT_POLICY, EvalConfig
+from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
+from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="downstream tasks through lm-eval: stock vs corrected on the same items, with paired statistics",
+        description="Run lm-evaluation-harness tasks on the stock and on the corrected model (one model load; the "
+                    "patch is applied and removed between the runs) and print, per task and metric, stock, "
+                    "corrected, delta, a paired-bootstrap interval of the delta and a p-value (McNemar's exact "
+                    "test for accuracy).",
+        epilog="Built-in offline tasks: sinkfix_prose, sinkfix_code (rolling log-likelihood = perplexity), "
+               "sinkfix_cloze (synthetic multiple choice); tag 'sinkfix' = all three. JSON layout: "
+               "sinkfix/lmeval/schema.md (schema 'sinkfix.eval/1').",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                   help=f"offline model ({', '.join(OFFLINE_MODELS)}), local folder or hub id (default: %(default)s)")
+    p.add_argument("--tasks", default=",".join(BUILTIN_TASKS), metavar="T1,T2",
+                   help="lm-eval task, group or tag names, or task YAML files, comma-separated (default: the "
+                        "built-in offline tasks, %(default)s)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAML files, as lm-eval's --include_path; repeatable")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--policy", metavar="SPEC", help=f"the correction as a policy spec (default: {DEFAULT_POLICY})")
+    which.add_argument("--profile", metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="few-shot examples (default: each task's)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="lm-eval's window length in tokens (default: the model's maximum)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_ITERATIONS, metavar="N",
+                   help="paired-bootstrap draws (default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="interval level (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="kernel backend of the corrected model (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE (atomically)")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout, nothing else")
+    p.add_argument("--export-tasks", metavar="DIR",
+                   help="write the built-in tasks' items as JSONL plus lm-eval task files that read them "
+                        "(dataset_path: json) to DIR, and exit")
+    p.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
+    p.set_defaults(run=run)
+    return p
+
+
+def _set_offline_if_unreachable() -> None:
+    """Without network, make the hub clients fail at once instead of retrying (datasets reads these
+    variables when it is imported, so this runs before lm-eval is imported)."""
+    from sinkfix.models import hub_reachable
+
+    if not hub_reachable():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool, json_only: bool, interactive: bool) -> Iterator[None]:
+    """lm-eval's INFO/WARNING messages off unless --verbose; transformers' loading bars only on a
+    terminal (in a log they bury a one-line error); with --json, stdout carries only the JSON (anything
+    the libraries print goes to stderr)."""
+    from transformers.utils import logging as hf_logging
+
+    import datasets
+
+    logger = logging.getLogger("lm_eval")
+    level, bars, data_bars = logger.level, hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+        datasets.disable_progress_bars()  # "Generating test split" for every task
+    if not interactive:
+        hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
+            yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if data_bars:
+            datasets.enable_progress_bars()
+
+
+def _config(args: argparse.Namespace) -> EvalConfig:
+    extra = {} if args.max_length is None else {"max_length": args.max_length}
+    return EvalConfig(
+        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        include_paths=tuple(args.include_path), policy=args.policy, profile=args.profile, limit=args.limit,
+        batch_size=args.batch_size, device=args.device, kernel=args.backend, iterations=args.bootstrap,
+        confidence=args.confidence, seed=args.seed, threads=args.threads, num_fewshot=args.num_fewshot, extra=extra,
+    )
+
+
+def _import_lmeval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvaluationError("sinkfix eval needs lm-evaluation-harness: pip install 'sinkfix[eval]'") from None
+
+
+def _stage_log(console):
+    return lambda message: console.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _export(folder: str, console) -> int:
+    from sinkfix.lmeval.builtin import export_tasks
+
+    for path in export_tasks(folder):
+        console.print(f"wrote {path}", markup=False, highlight=False)
+    return 0
+
+
+def _emit(report: dict, args: argparse.Namespace) -> None:
+    """The report: to --out (atomically), then as JSON or as the table on stdout."""
+    from rich.console import Console
+
+    from sinkfix.files import atomic_write_text
+    from sinkfix.lmeval.report import dumps, render
+
+    if args.out:
+        atomic_write_text(args.out, dumps(report) + "\n")
+    if args.json:
+        sys.stdout.write(dumps(report) + "\n")
+        return
+    render(report, Console(width=max(shutil.get_terminal_size((140, 24)).columns, 120)))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    err = Console(stderr=True, width=shutil.get_terminal_size((140, 24)).columns)
+    if args.export_tasks:
+        return _export(args.export_tasks, err)
+    config = _config(args)
+    config.validate()  # bad arguments fail before lm-eval's imports (several seconds)
+    _set_offline_if_unreachable()
+    _import_lmeval()
+    from sinkfix.lmeval.paired import run_eval
+
+    interactive = sys.stderr.isatty()
+    with _quiet(args.verbose, args.json, interactive):
+        report = run_eval(config, log=_stage_log(err) if interactive else lambda _: None)
+    _emit(report, args)
+    return 0

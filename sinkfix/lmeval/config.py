@@ -1,0 +1,93 @@
+"""What one ``sinkfix eval`` run depends on, and the correction it applies; importable without lm-eval,
+so that bad arguments fail before lm-eval's imports (several seconds) are paid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from sinkfix.errors import UsageError
+from sinkfix.lmeval.builtin import BUILTIN_TASKS
+from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
+from sinkfix.models import DEFAULT_MODEL
+from sinkfix.policy import Policy
+from sinkfix.profile import Profile
+
+__all__ = ["EvalConfig", "Correction", "DEFAULT_POLICY"]
+
+DEFAULT_POLICY = "sink_scale=0.9"
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What the corrected model carries: a policy (from a spec) or a calibrated profile (from a file)."""
+
+    kind: Literal["policy", "profile"]
+    source: str  # the spec as given, or the profile's path
+    value: Policy | Profile
+
+    @classmethod
+    def from_args(cls, policy: str | Policy | None = None, profile: str | Profile | None = None) -> "Correction | None":
+        """Parse a policy spec or load a profile file (every problem is a SinkfixError); None for neither."""
+        if policy is not None and profile is not None:
+            raise UsageError("give a policy or a profile, not both")
+        if isinstance(policy, Policy):
+            return cls("policy", policy.describe(), policy)
+        if policy is not None:
+            return cls("policy", str(policy), Policy.parse(str(policy)))
+        if isinstance(profile, Profile):
+            return cls("profile", "(in memory)", profile)
+        if profile is not None:
+            return cls("profile", str(profile), Profile.load(str(profile)))
+        return None
+
+    def describe(self) -> str:
+        if self.kind == "policy":
+            return f"policy {self.value.describe()}"
+        return f"profile {self.source} ({self.value.describe()})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, "description": self.describe()}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything one ``sinkfix eval`` run depends on (its JSON ``settings``)."""
+
+    model: str = DEFAULT_MODEL
+    tasks: tuple[str, ...] = BUILTIN_TASKS
+    include_paths: tuple[str, ...] = ()
+    policy: str | None = None  # neither policy nor profile: DEFAULT_POLICY
+    profile: str | None = None
+    limit: int | None = None  # items per task, None = all
+    batch_size: int = 1
+    device: str | None = None
+    kernel: str = "auto"
+    iterations: int = DEFAULT_ITERATIONS
+    confidence: float = DEFAULT_CONFIDENCE
+    seed: int = 0
+    threads: int | None = None
+    num_fewshot: int | None = None  # None: each task's own default (0 for the built-in tasks)
+    extra: dict[str, Any] = field(default_factory=dict)  # further HFLM arguments (max_length, ...)
+
+    def validate(self) -> None:
+        for name, value, low in (("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--bootstrap", self.iterations, 1), ("--threads", self.threads, 1),
+                                 ("--num-fewshot", self.num_fewshot, 0),
+                                 ("--max-length", self.extra.get("max_length"), 2)):
+            if value is not None and value < low:
+                raise UsageError(f"{name} must be >= {low}, got {value}")
+        if not 0 < self.confidence < 1:
+            raise UsageError(f"--confidence must lie in (0, 1), got {self.confidence}")
+        if self.policy is not None and self.profile is not None:
+            raise UsageError("give --policy or --profile, not both")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device}: torch sees no CUDA device here")
+
+    def correction(self) -> Correction:
+        spec = self.policy if self.policy is not None or self.profile is not None else DEFAULT_POLICY
+        correction = Correction.from_args(spec, self.profile)
+        assert correction is not None
+        return correction

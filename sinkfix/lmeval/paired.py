@@ -1,0 +1,160 @@
+"""Stock vs corrected through lm-eval on the same items, with one model load: the engine of ``sinkfix eval``.
+
+The model is loaded once; the stock run uses it unpatched, the corrected run patched, and the patch
+is removed afterwards (also when the run fails). Both runs go through lm-eval's own ``evaluate``
+with per-sample logging; the items are paired by document id and checked to be the same documents
+(lm-eval's per-sample document hashes) before any statistic is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sinkfix.lmeval.config import EvalConfig
+from sinkfix.lmeval.model import SinkfixLM
+from sinkfix.lmeval.stats import compare_paired
+from sinkfix.lmeval.taskload import LoadedTasks, load_tasks
+from sinkfix.profile import ModelIdentity
+
+__all__ = ["run_eval", "evaluate_once", "compare_runs", "SCHEMA"]
+
+SCHEMA = "sinkfix.eval/1"
+Log = Callable[[str], None]
+
+
+# -- one lm-eval run -----------------------------------------------------------------------------
+def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
+                  num_fewshot: int | None = None) -> dict[str, Any]:
+    """lm-eval's ``evaluate`` on the loaded tasks with per-sample logging, seeded as lm-eval's own
+    ``simple_evaluate`` seeds it (without its environment report, which runs external programs)."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    for task in loaded.tasks.values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    task_dict = {"tasks": loaded.tasks, "groups": {}, "group_map": {}}
+    return evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True)
+
+
+# -- pairing and statistics ----------------------------------------------------------------------
+def _by_item(samples: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(s["filter"], s["doc_id"]): s for s in samples}
+
+
+def _metric_keys(task_results: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = []
+    for key in task_results:
+        metric, sep, filter_name = key.partition(",")
+        if sep and not metric.endswith("_stderr"):
+            keys.append((metric, filter_name))
+    return keys
+
+
+def _items_hash(samples: list[dict[str, Any]]) -> str:
+    hashes = sorted({(s["doc_id"], s["doc_hash"]) for s in samples})
+    return hashlib.sha256("".join(f"{i}:{h};" for i, h in hashes).encode()).hexdigest()[:16]
+
+
+def _paired_values(stock: dict, corrected: dict, metric: str, filter_name: str) -> tuple[list, list]:
+    ids = sorted(doc for (f, doc) in stock if f == filter_name)
+    if ids != sorted(doc for (f, doc) in corrected if f == filter_name):
+        raise RuntimeError("stock and corrected runs scored different items")  # a bug, not bad input
+    for doc in ids:
+        if stock[filter_name, doc]["doc_hash"] != corrected[filter_name, doc]["doc_hash"]:
+            raise RuntimeError(f"item {doc} differs between the stock and the corrected run")
+    return [stock[filter_name, d][metric] for d in ids], [corrected[filter_name, d][metric] for d in ids]
+
+
+def _compare_task(name: str, task: Any, stock: dict, corrected: dict, config: EvalConfig) -> dict[str, Any]:
+    samples_stock, samples_corrected = _by_item(stock["samples"][name]), _by_item(corrected["samples"][name])
+    aggregations = task.aggregation()
+    higher = stock.get("higher_is_better", {}).get(name, {})
+    metrics = {}
+    for metric, filter_name in _metric_keys(stock["results"][name]):
+        if metric not in aggregations:
+            continue
+        before, after = _paired_values(samples_stock, samples_corrected, metric, filter_name)
+        paired = compare_paired(before, after, aggregations[metric], iterations=config.iterations,
+                                confidence=config.confidence, seed=config.seed)
+        key = metric if filter_name == "none" else f"{metric},{filter_name}"
+        metrics[key] = {**paired.to_dict(), "filter": filter_name, "higher_is_better": higher.get(metric)}
+    return {"output_type": task.OUTPUT_TYPE, "items": len({d for _, d in samples_stock}),
+            "items_sha256": _items_hash(stock["samples"][name]), "metrics": metrics}
+
+
+def compare_runs(loaded: LoadedTasks, stock: dict[str, Any], corrected: dict[str, Any],
+                 config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Per task and metric: stock, corrected, delta, paired interval and test (see :mod:`.stats`)."""
+    return {name: _compare_task(name, task, stock, corrected, config) for name, task in loaded.tasks.items()}
+
+
+# -- the whole run -------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import transformers
+
+    import sinkfix
+
+    return {"sinkfix": sinkfix.__version__, "lm_eval": version("lm_eval"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _protocol(lm: SinkfixLM) -> dict[str, Any]:
+    return {"prefix_token_id": lm.prefix_token_id, "max_length": lm.max_length, "add_bos_token": lm.add_bos_token,
+            "batch_size": lm.batch_size, "device": str(lm.device)}
+
+
+def _timed(step: str, message: str, log: Log, run: Callable[[], Any], timing: dict[str, float]) -> Any:
+    """``run()``, announced by ``message``; its wall time lands in ``timing[step]``."""
+    log(message)
+    start = time.perf_counter()
+    result = run()
+    timing[step] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def run_eval(config: EvalConfig, log: Log = lambda _: None) -> dict[str, Any]:
+    """Load the tasks, then the model once; evaluate stock, then corrected; return the JSON report."""
+    config.validate()
+    start, timing = time.perf_counter(), {}
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    correction = config.correction()  # a bad spec or profile file fails before anything is loaded
+    loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
+                    timing)
+    lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(
+        pretrained=config.model, batch_size=config.batch_size, device=config.device, kernel=config.kernel,
+        **config.extra), timing)
+    lm.apply(correction)  # a profile for another model or a policy it cannot take fails here, not after the stock run
+    lm.apply(None)
+    run = functools.partial(evaluate_once, lm, loaded, config.limit, config.num_fewshot)
+    stock = _timed("stock", "stock ...", log, run, timing)
+    try:
+        lm.apply(correction)
+        corrected = _timed("corrected", f"corrected ({correction.describe()}) ...", log, run, timing)
+    finally:
+        lm.apply(None)
+    timing["total"] = round(time.perf_counter() - start, 2)
+    return {
+        "schema": SCHEMA, "model": ModelIdentity.of(lm.model).to_dict(), "correction": correction.to_dict(),
+        "settings": asdict(config), "protocol": _protocol(lm), "versions": _versions(),
+        "threads": torch.get_num_threads(), "timing_s": timing,
+        "tasks": compare_runs(loaded, stock, corrected, config),
+    }

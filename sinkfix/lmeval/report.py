@@ -1,0 +1,89 @@
+"""The paired table and the JSON text of a ``sinkfix eval`` report (layout: ``sinkfix/lmeval/schema.md``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+__all__ = ["render", "dumps", "table_rows", "protocol_lines"]
+
+_DIRECTION = {True: " ↑", False: " ↓", None: ""}
+
+
+def _number(x: float, signed: bool = False) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    digits = 4 if abs(x) < 100 else 2
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _test(m: dict[str, Any]) -> str:
+    p = f"{m['p_value']:.3g}"
+    if m["test"] == "mcnemar-exact":
+        return f"{p} McNemar ({m['stock_only']} lost, {m['corrected_only']} gained)"
+    # no draw on the other side of zero: the p-value is only known to be at most its floor, 2 / (draws + 1)
+    floor = 2 / (m["iterations"] + 1)
+    return f"<={floor:.2g} bootstrap" if m["p_value"] <= floor * (1 + 1e-9) else f"{p} bootstrap"
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per task and metric: task, metric, items, stock, corrected, delta, interval, p-value."""
+    rows = []
+    for task, entry in report["tasks"].items():
+        for metric, m in entry["metrics"].items():
+            rows.append([task, metric + _DIRECTION[m["higher_is_better"]], str(m["items"]), _number(m["stock"]),
+                         _number(m["corrected"]), _number(m["delta"], signed=True),
+                         f"[{_number(m['ci_low'], True)}, {_number(m['ci_high'], True)}]", _test(m)])
+    return rows
+
+
+def protocol_lines(report: dict[str, Any]) -> list[str]:
+    settings, protocol = report["settings"], report["protocol"]
+    level = round(100 * settings["confidence"])
+    some = next((m for e in report["tasks"].values() for m in e["metrics"].values()), None)
+    draws = some["iterations"] if some else settings["iterations"]
+    return [
+        (f"{report['model']['name']} stock vs {report['correction']['description']}: the same items, one model "
+         f"load; lm-eval {report['versions']['lm_eval']}, {protocol['device']}, batch {protocol['batch_size']}, "
+         f"{report['threads']} thread(s)"),
+        (f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
+         f"seed {settings['seed']}); p: McNemar's exact test for 0/1 metrics, else the bootstrap interval inverted"),
+        (f"rolling log-likelihood: each document scored once from its start after prefix token "
+         f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓: higher/lower is better"),
+    ]
+
+
+def render(report: dict[str, Any], console: Any) -> None:
+    """Print the paired table and its protocol lines on a rich console."""
+    from rich.table import Table
+
+    table = Table(title="sinkfix eval: stock vs corrected", title_justify="left")
+    for header in ("task", "metric", "items", "stock", "corrected", "delta"):
+        table.add_column(header, justify="left" if header in ("task", "metric") else "right")
+    table.add_column(f"{round(100 * report['settings']['confidence'])}% CI of delta", justify="right")
+    table.add_column("p", justify="left")
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    for line in protocol_lines(report):
+        console.print(line, markup=False, highlight=False)
+    timing = report["timing_s"]
+    console.print(f"time: {timing.get('total', float('nan')):.0f} s in all (" +
+                  ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if k != "total") + ")",
+                  markup=False, highlight=False)
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """The report as JSON text; non-finite numbers (a metric that overflowed) become null."""
+    return json.dumps(_finite(report), indent=1, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,93 @@
+"""The inference paths of sinkfix as ``torch.library`` custom ops: ``torch.ops.sinkfix.sink_attention``
+and ``torch.ops.sinkfix.residual_clip``.
+
+To ``torch.compile`` each is one opaque call whose output shapes its fake implementation states,
+so a patched model compiles into one graph (no graph break, no recompilation per call) whatever
+the op does inside. Inside, the PyTorch backend runs the split formulation
+(:func:`sinkfix.ops.attention.sink_attention_torch`) and the Triton backend launches the kernels
+(``sinkfix.kernels``); neither reads tensor values on the host, so eager mode does not synchronise
+with the GPU either.
+
+The ops are for inference: they have no autograd formula. Callers that need gradients
+(calibration), attention probabilities or statistics use the Python path, which is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sink_attention_op", "sink_attention_impl", "residual_clip_op", "residual_clip_impl"]
+
+
+def sink_attention_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    sink_cols: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    extra_logits: torch.Tensor | None,
+    virtual_sink_logit: torch.Tensor | None,
+    causal: bool,
+    causal_offset: int,
+    sliding_window: int | None,
+    scale: float,
+    softcap: float | None,
+    first_column_sink: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (B, Q, Hq, D) contiguous in q's dtype — the layout transformers wants back —
+    and lse (B, Hq, Q) fp32). Arguments as :func:`sinkfix.ops.attention.sink_attention_torch`."""
+    if backend == "triton":
+        from sinkfix import kernels
+
+        if first_column_sink:
+            sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
+        out, lse = kernels.sink_attention_triton(
+            q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+            scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+            virtual_sink_logit=virtual_sink_logit)
+        # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
+        return out.transpose(1, 2).contiguous(), lse
+    from sinkfix.ops.attention import sink_attention_torch
+
+    result = sink_attention_torch(
+        q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+        scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
+        extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
+    return result.out.transpose(1, 2).contiguous(), result.lse.contiguous()
+
+
+sink_attention_op = torch.library.custom_op("sinkfix::sink_attention", sink_attention_impl, mutates_args=())
+
+
+@sink_attention_op.register_fake
+def _sink_attention_fake(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
+                         causal_offset, sliding_window, scale, softcap, first_column_sink, backend):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim), q.new_empty(batch, heads, q_len, dtype=torch.float32)
+
+
+def residual_clip_impl(
+    hidden: torch.Tensor,
+    threshold: torch.Tensor,
+    is_sink: torch.Tensor | None,
+    sink_norm: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """Residual clipping, out of place (arguments of :func:`sinkfix.ops.residual.residual_clip_torch`)."""
+    if backend == "triton":
+        from sinkfix import kernels
+
+        return kernels.residual_clip_triton(hidden, threshold, is_sink, sink_norm, inplace=False)
+    from sinkfix.ops.residual import residual_clip_torch
+
+    return residual_clip_torch(hidden, threshold, is_sink, sink_norm).contiguous()
+
+
+residual_clip_op = torch.library.custom_op("sinkfix::residual_clip", residual_clip_impl, mutates_args=())
+
+
+@residual_clip_op.register_fake
+def _residual_clip_fake(hidden, threshold, is_sink, sink_norm, backend):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)

@@ -1,0 +1,165 @@
+"""torch.compile: a patched model compiles into one graph, gives the eager patched model's outputs,
+and generates with a compiled static cache without recompiling.
+
+The per-layer path has no host synchronisation and no data-dependent branch (the sink-aware
+attention and the residual clip are torch.library custom ops with fake implementations), so
+``torch._dynamo.explain`` must report zero graph breaks. Inductor compiles take tens of seconds on
+a CPU: those tests are marked slow and use tiny random models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import Policy, ResidualClip
+
+from .conftest import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _policies(layers: int, heads: int) -> dict[str, Policy]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "identity": Policy(),
+        "sink_scale=0.9": Policy(sink_scale=0.9),
+        "profile": Policy(sink_scale=0.5 + 0.5 * torch.rand(layers, heads, generator=g),
+                          virtual_sink_logit=torch.randn(layers, heads, generator=g)),
+        "clip": Policy(sink_scale=0.9, residual_clip=ResidualClip(3.0)),
+    }
+
+
+@pytest.mark.parametrize("policy", ["identity", "sink_scale=0.9", "profile", "clip"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gptoss"])
+def test_patched_model_traces_into_one_graph(arch, policy, one_thread):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the sink is located from the mask, still without a branch on values
+    with sinkfix.patch(model, _policies(2, 4)[policy]), torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            explained = torch._dynamo.explain(model)(input_ids=ids, **kwargs)
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+            assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_per_head_profile_traces_into_one_graph(smollm2):
+    model, tok = smollm2
+    ids = tok("The attention sink is a token that", return_tensors="pt").input_ids
+    with sinkfix.patch(model, _policies(30, 9)["profile"]), torch.no_grad():
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["identity", "everything"])
+def test_inductor_fullgraph_matches_eager(policy, one_thread):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(2))
+    chosen = Policy() if policy == "identity" else Policy(
+        sink_scale=_policies(2, 4)["profile"].sink_scale, virtual_sink_logit=_policies(2, 4)["profile"].virtual_sink_logit,
+        residual_clip=ResidualClip(3.0))
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        with sinkfix.patch(model, chosen):
+            eager = model(input_ids=ids).logits
+            compiled = torch.compile(model, fullgraph=True, dynamic=False)(input_ids=ids).logits
+    assert (compiled - eager).abs().max().item() <= 1e-4
+    if policy == "identity":
+        assert (compiled - stock).abs().max().item() <= 1e-4
+    else:
+        assert (eager - stock).abs().max().item() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["identity", "profile"])
+def test_compiled_static_cache_generation(policy, one_thread):
+    """generate() with a static cache and a compiled forward: the eager patched model's greedy tokens
+    (and, under the identity, the stock model's), left-padded batch, no recompilation after warm-up."""
+    from torch._inductor.compile_fx import compile_fx
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones_like(ids)
+    ids[0, :3], attention_mask[0, :3] = 0, 0
+    kwargs = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                  cache_implementation="static")
+    compiles = []
+
+    def counting_inductor(graph, example_inputs):
+        compiles.append(graph)
+        return compile_fx(graph, example_inputs)
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_inductor, mode="default")
+    config._compile_all_devices = True  # transformers compiles decoding on CUDA only unless told
+    stock = model.generate(**kwargs)
+    with sinkfix.patch(model, _policies(2, 4)[policy]):
+        eager = model.generate(**kwargs)
+        compiled = model.generate(**kwargs, compile_config=config)
+        warm = len(compiles)
+        again = model.generate(**kwargs, compile_config=config)
+    assert warm >= 1 and len(compiles) == warm, "decoding recompiled after warm-up"
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    if policy == "identity":
+        assert torch.equal(compiled, stock)
+
+
+def test_compiled_before_patching_follows_the_patch(one_thread):
+    """A model compiled first and patched (or unpatched) later never runs stale code: the compiled
+    callable re-traces when the patch state changes. Patching the compiled wrapper works too."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        assert torch.equal(compiled(input_ids=ids).logits, stock)
+        with sinkfix.patch(model, Policy(sink_scale=0.3)):
+            patched = model(input_ids=ids).logits
+            assert torch.equal(compiled(input_ids=ids).logits, patched)
+        assert torch.equal(compiled(input_ids=ids).logits, stock)
+        with sinkfix.patch(compiled, Policy(sink_scale=0.3)):
+            assert torch.equal(compiled(input_ids=ids).logits, patched)
+            assert torch.equal(model(input_ids=ids).logits, patched)
+        assert torch.equal(compiled(input_ids=ids).logits, stock)
+    assert (patched - stock).abs().max() > 1e-2
+
+
+def test_output_attentions_under_compile(one_thread):
+    """The probabilities path compiles into one graph too. transformers installs its
+    output-capturing hooks on the first call that asks for attentions, under a lock dynamo cannot
+    trace (the stock model fails the same way), so one eager call comes first."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")  # the stock model's probabilities, for the check below
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        stock_share = model(input_ids=ids, output_attentions=True).attentions[0][0, :, 1:, 0]
+    with torch.no_grad(), sinkfix.patch(model, Policy(sink_scale=0.3)):
+        eager = model(input_ids=ids, output_attentions=True)
+        explained = torch._dynamo.explain(model)(input_ids=ids, output_attentions=True)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, output_attentions=True)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    for got, want in zip(compiled.attentions, eager.attentions):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(eager.attentions[0][0, :, 1:, 0], 0.3 * stock_share)  # beta x the stock sink mass
+
+
+@pytest.mark.slow
+def test_gpu_model_check_dry_run(tmp_path):
+    """The GPU script's code path on the CPU with a 2-layer model (eager only: a CPU compile of it
+    takes minutes): it must build, patch, time and write its table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_model_check.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager", "--prompt", "32",
+                           "--new-tokens", "4", "--rounds", "1", "--out", str(tmp_path / "model.md")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "model.md").read_text()
+    assert "| eager | per-head profile |" in table and "| eager | stock |" in table

@@ -1,0 +1,412 @@
+"""lm-eval integration: the ``sinkfix`` model type, the built-in tasks, task errors, and ``sinkfix eval``.
+
+Fast tests use a 2-layer random Llama with a small byte-level BPE tokenizer trained here on the
+built-in prose, saved as a local model folder; the real-model checks are in the ``slow`` section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import transformers as tf
+from lm_eval.api.instance import Instance
+
+import sinkfix
+from sinkfix.cli import main
+from sinkfix.errors import EvaluationError, PolicyError, ProfileError, UsageError
+from sinkfix.evaluate import make_windows, windows_nll
+from sinkfix.lmeval import builtin
+from sinkfix.lmeval.config import Correction, EvalConfig
+from sinkfix.lmeval.model import SinkfixLM
+from sinkfix.lmeval.paired import compare_runs, evaluate_once, run_eval
+from sinkfix.lmeval.taskload import load_tasks
+from sinkfix.texts import domain_text
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([domain_text("prose")[:60_000], domain_text("code")[:20_000]], trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A local model folder: 2-layer random Llama (max 512 positions) + the tiny tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_folder, one_thread):
+    return SinkfixLM(pretrained=str(tiny_folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def builtin_tasks():
+    return load_tasks(list(builtin.BUILTIN_TASKS))
+
+
+def _samples(results, task):
+    return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+def _scores(results, task):
+    """Every log-likelihood lm-eval got from the model for ``task``, item by item."""
+    return {doc: s["resps"] for doc, s in _samples(results, task).items()}
+
+
+# -- model arguments and corrections -----------------------------------------------------------------
+def test_policy_keys_given_as_model_arguments_join_the_policy(tiny_folder, one_thread):
+    """lm-eval splits model_args at every comma: the spec's other keys arrive as arguments of their own."""
+    from lm_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string(f"pretrained={tiny_folder},policy=sink_scale=0.9,n_sink=2,layers=0:1,"
+                                    "virtual_logit_on_sink_rows=false,virtual_sink_logit=0,device=cpu")
+    lm = SinkfixLM(**args)
+    assert lm.correction.source == ("sink_scale=0.9,virtual_sink_logit=0,virtual_logit_on_sink_rows=false,n_sink=2,"
+                                    "layers=0:1")
+    assert lm.correction.value == sinkfix.Policy(sink_scale=0.9, virtual_sink_logit=0.0, n_sink=2, layers=(0, 1))
+    assert sinkfix.PatchHandle.of(lm.model).policy == lm.correction.value
+    lm.apply(None)
+    assert sinkfix.PatchHandle.of(lm.model) is None
+    with pytest.raises(UsageError, match="next to a Policy object"):
+        SinkfixLM(pretrained=str(tiny_folder), policy=sinkfix.Policy(), n_sink=2)
+
+
+def test_correction_from_arguments(tmp_path):
+    assert Correction.from_args() is None
+    assert Correction.from_args("sink_scale=0.9").value == sinkfix.Policy(sink_scale=0.9)
+    with pytest.raises(UsageError, match="not both"):
+        Correction.from_args("identity", "p.json")
+    with pytest.raises(PolicyError):
+        Correction.from_args("sink_scale=2")
+    with pytest.raises(ProfileError, match="not found"):
+        Correction.from_args(profile=str(tmp_path / "missing.json"))
+
+
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("sinkfix") is SinkfixLM
+
+
+def test_lm_eval_api_by_name(tiny_folder, one_thread):
+    """lm-eval's own entry point builds the model type from a model_args string."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="sinkfix", model_args=f"pretrained={tiny_folder},policy=sink_scale=0.5,n_sink=2,device=cpu",
+        tasks=["sinkfix_cloze"], task_manager=TaskManager(include_path=str(builtin.TASKS_DIR), include_defaults=False),
+        limit=2, bootstrap_iters=0)
+    assert results["config"]["sinkfix_correction"]["source"] == "sink_scale=0.5,n_sink=2"
+    assert results["results"]["sinkfix_cloze"]["acc,none"] in (0.0, 0.5, 1.0)
+
+
+def test_lm_eval_command_line_wrapper(monkeypatch):
+    """python -m sinkfix.lmeval hands lm-eval's CLI its arguments plus the built-in task folder."""
+    import lm_eval.__main__ as lm_eval_main
+
+    from sinkfix.lmeval.__main__ import main as wrapper
+
+    seen = []
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", lambda: seen.append(list(__import__("sys").argv)))
+    argv = ["python -m sinkfix.lmeval", "run", "--model", "sinkfix", "--tasks", "sinkfix_cloze"]
+    monkeypatch.setattr("sys.argv", argv)
+    wrapper()
+    assert seen == [["lm-eval", "run", "--model", "sinkfix", "--tasks", "sinkfix_cloze", "--include_path",
+                     str(builtin.TASKS_DIR)]]
+
+
+# -- built-in items ------------------------------------------------------------------------------------
+def test_builtin_documents_are_fixed_and_sized():
+    for domain in ("prose", "code"):
+        docs = builtin.documents(domain)
+        assert docs == builtin.documents(domain)
+        assert len(docs) == builtin.DOCUMENTS
+        assert all(builtin.DOC_CHARS * 0.9 <= len(d["text"]) <= 2.2 * builtin.DOC_CHARS for d in docs)
+        text = domain_text(domain)
+        assert all(d["text"] in text for d in docs)
+
+
+def test_cloze_items_are_true_continuations():
+    items = builtin.cloze_items()
+    assert items == builtin.cloze_items() and len(items) == builtin.CLOZE_ITEMS
+    text = domain_text("prose")
+    for item in items:
+        choices = item["choices"]
+        assert len(choices) == 4 == len(set(choices))
+        assert item["context"] + " " + choices[item["gold"]] in text
+    # the answer's position is spread over the four slots
+    assert {item["gold"] for item in items} == {0, 1, 2, 3}
+
+
+def test_export_tasks_read_the_same_items(tmp_path, builtin_tasks):
+    written = builtin.export_tasks(tmp_path)
+    assert {p.name for p in written} == {f"{n}.jsonl" for n in builtin.BUILTIN_TASKS} | {
+        f"{n}_jsonl.yaml" for n in builtin.BUILTIN_TASKS}
+    exported = load_tasks(["sinkfix_jsonl"], include=[tmp_path])
+    for name in builtin.BUILTIN_TASKS:
+        assert list(exported.tasks[f"{name}_jsonl"].test_docs()) == list(builtin_tasks.tasks[name].test_docs())
+
+
+# -- task errors -----------------------------------------------------------------------------------------
+def test_unknown_task_passes_lm_evals_message_on():
+    with pytest.raises(EvaluationError, match="unknown task 'sinkfix_prosee'.*lm-eval: Spec 'sinkfix_prosee' is "
+                                              "not a registered task.*did you mean sinkfix_prose"):
+        load_tasks(["sinkfix_prosee"])
+
+
+def test_include_path_must_be_a_folder(tmp_path):
+    with pytest.raises(EvaluationError, match="no such folder"):
+        load_tasks(["sinkfix_prose"], include=[tmp_path / "nope"])
+
+
+def _local_task(folder: Path, data: Path) -> None:
+    (folder / "local.yaml").write_text(
+        "task: local_rolling\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(data))}\noutput_type: loglikelihood_rolling\ntest_split: test\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n')
+
+
+def test_missing_data_file(tmp_path):
+    _local_task(tmp_path, tmp_path / "absent.jsonl")
+    with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+    with pytest.raises(EvaluationError, match="task data file not found: .*absent.jsonl"):
+        load_tasks([str(tmp_path / "local.yaml")])  # a task given as its file
+    _local_task(tmp_path, tmp_path / "part-*.jsonl")
+    with pytest.raises(EvaluationError, match="no task data file matches .*part-"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+
+
+@pytest.mark.parametrize("bad_line, problem", [('{"text": "two', "not valid JSON"),
+                                               ("[1, 2]", "a record must be a JSON object, got list")])
+def test_malformed_data_file_names_the_line(tmp_path, bad_line, problem):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n\n' + bad_line + '\n{"text": "three"}\n')
+    _local_task(tmp_path, data)
+    with pytest.raises(EvaluationError, match=f"data.jsonl, line 3: {problem}"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+
+
+def test_local_task_through_a_tag(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two\n')
+    _local_task(tmp_path, data)
+    (tmp_path / "local.yaml").write_text((tmp_path / "local.yaml").read_text() + "tag: [mine]\n")
+    with pytest.raises(EvaluationError, match="line 2"):
+        load_tasks(["mine"], include=[tmp_path])
+
+
+def test_local_copy_of_a_standard_task(tmp_path, tiny_lm):
+    """The README recipe: lm-eval's own lambada_openai definition, its data from a local JSONL file."""
+    import lm_eval
+
+    standard = Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml"
+    data = tmp_path / "lambada.jsonl"
+    lines = [line for line in domain_text("prose").splitlines() if len(line.split()) > 8][:4]
+    data.write_text("".join(json.dumps({"text": line.strip()}) + "\n" for line in lines))
+    (tmp_path / "lambada_local.yaml").write_text(
+        f"include: {standard}\ntask: lambada_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n")
+    loaded = load_tasks(["lambada_local"], include=[tmp_path])
+    results = evaluate_once(tiny_lm, loaded)
+    assert set(results["results"]["lambada_local"]) >= {"perplexity,none", "acc,none"}
+    assert len(results["samples"]["lambada_local"]) == 4
+
+
+# -- the model type on a tiny model ------------------------------------------------------------------------
+def test_identity_gives_the_stock_results_and_a_policy_changes_them(tiny_lm, builtin_tasks):
+    stock = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(Correction.from_args("identity"))
+    identity = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(Correction.from_args("drop"))
+    dropped = evaluate_once(tiny_lm, builtin_tasks, limit=6)
+    tiny_lm.apply(None)
+    for task in builtin.BUILTIN_TASKS:
+        assert _scores(identity, task) == _scores(stock, task), task  # exactly
+        assert identity["results"][task] == stock["results"][task]
+    s, d = _samples(stock, "sinkfix_cloze"), _samples(dropped, "sinkfix_cloze")
+    changed = max(abs(a[0] - b[0]) for doc in s for a, b in zip(d[doc]["filtered_resps"], s[doc]["filtered_resps"]))
+    assert changed > 1e-3
+
+
+def test_rolling_loglikelihood_agrees_with_sinkfix_evaluate(tiny_lm):
+    """lm-eval's rolling windows of L tokens are sinkfix.evaluate's windows of L + 1 tokens at stride L
+    over [prefix] + text: the same tokens scored with the same context. The one protocol difference
+    is the last window, which lm-eval extends to the left to a full L tokens of context; on a text
+    of a whole number of windows there is none."""
+    ids = tiny_lm.tok_encode(domain_text("prose")[:4000])
+    length = 64
+    ids = ids[: (len(ids) // length) * length]
+    text = tiny_lm.tokenizer.decode(ids)
+    assert tiny_lm.tok_encode(text) == ids  # byte-level BPE: decode and encode round-trip
+    tiny_lm._max_length = length
+    try:
+        request = Instance("loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+        via_lm_eval = tiny_lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
+    finally:
+        tiny_lm._max_length = None
+    stream = torch.tensor([tiny_lm.prefix_token_id, *ids])
+    windows = make_windows(stream, seq_len=length + 1, stride=length)
+    nll, tokens = windows_nll(tiny_lm.model, windows)
+    assert tokens == len(ids) and len(windows) == len(ids) // length
+    assert -via_lm_eval == pytest.approx(nll, rel=1e-5)
+
+
+def test_paired_comparison_on_the_tiny_model(tiny_lm, builtin_tasks):
+    stock = evaluate_once(tiny_lm, builtin_tasks, limit=5)
+    tiny_lm.apply(Correction.from_args("sink_scale=0.5"))
+    corrected = evaluate_once(tiny_lm, builtin_tasks, limit=5)
+    tiny_lm.apply(None)
+    config = EvalConfig(iterations=200)
+    compared = compare_runs(builtin_tasks, stock, corrected, config)
+    assert set(compared["sinkfix_cloze"]["metrics"]) == {"acc", "acc_norm"}
+    assert set(compared["sinkfix_prose"]["metrics"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    for task, entry in compared.items():
+        assert entry["items"] == 5
+        for metric, m in entry["metrics"].items():
+            # the point estimates are lm-eval's own numbers
+            assert m["stock"] == pytest.approx(stock["results"][task][f"{metric},none"], rel=1e-12)
+            assert m["corrected"] == pytest.approx(corrected["results"][task][f"{metric},none"], rel=1e-12)
+            assert m["delta"] == pytest.approx(m["corrected"] - m["stock"])
+    assert compared["sinkfix_cloze"]["metrics"]["acc"]["test"] == "mcnemar-exact"
+    assert compared["sinkfix_prose"]["metrics"]["bits_per_byte"]["higher_is_better"] is False
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def _run(capsys, *argv):
+    code = main(["eval", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_command_json_and_table(tiny_folder, tmp_path, capsys, one_thread):
+    out_file = tmp_path / "report.json"
+    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "sinkfix_cloze,sinkfix_code", "--limit", "4",
+                          "--bootstrap", "100", "--json", "--out", str(out_file), "--policy", "sink_scale=0.5")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads(out_file.read_text())
+    assert report["schema"] == "sinkfix.eval/1"
+    assert report["correction"] == {"kind": "policy", "source": "sink_scale=0.5",
+                                    "description": "policy sink_scale=0.5"}
+    assert set(report["tasks"]) == {"sinkfix_cloze", "sinkfix_code"}
+    acc = report["tasks"]["sinkfix_cloze"]["metrics"]["acc"]
+    assert {"stock", "corrected", "delta", "ci_low", "ci_high", "p_value", "test"} <= set(acc)
+    assert acc["items"] == 4 and acc["iterations"] == 100
+    from sinkfix.lmeval.report import table_rows
+
+    rows = table_rows(report)
+    assert [r[:2] for r in rows[:2]] == [["sinkfix_cloze", "acc ↑"], ["sinkfix_cloze", "acc_norm ↑"]]
+    assert all(math.isfinite(float(r[3])) for r in rows)
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sinkfix eval: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_eval_command_errors(tiny_folder, tmp_path, capsys):
+    out_file = tmp_path / "report.json"
+    model = ["--model", str(tiny_folder), "--out", str(out_file)]
+    _one_line_error(*_run(capsys, *model, "--limit", "0")[::2], "--limit must be >= 1")
+    _one_line_error(*_run(capsys, *model, "--max-length", "1")[::2], "--max-length must be >= 2")
+    _one_line_error(*_run(capsys, *model, "--tasks", "no_such_task_x")[::2], "unknown task 'no_such_task_x'")
+    _one_line_error(*_run(capsys, *model, "--policy", "sink_scale=7")[::2], "sink_scale")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken}\n')
+    _local_task(tmp_path, data)
+    _one_line_error(*_run(capsys, *model, "--tasks", "local_rolling", "--include-path", str(tmp_path))[::2],
+                    "data.jsonl, line 2: not valid JSON")
+    assert not out_file.exists() and not list(tmp_path.glob(".report.json*"))
+
+
+def test_profile_for_another_model_is_refused(tiny_folder, tmp_path, capsys, one_thread):
+    torch.manual_seed(1)
+    other = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(tiny_folder)).eval()
+    with sinkfix.patch(other, sinkfix.Policy()):
+        profile = sinkfix.Profile(sinkfix.profile.ModelIdentity.of(other), torch.full((2, 4), 0.9))
+    path = profile.save(tmp_path / "other.profile.json")
+    out_file = tmp_path / "report.json"
+    code, _, err = _run(capsys, "--model", str(tiny_folder), "--profile", str(path), "--tasks", "sinkfix_cloze",
+                        "--limit", "2", "--out", str(out_file))
+    _one_line_error(code, err, "does not fit", "weights fingerprint")
+    assert not out_file.exists()
+
+
+def test_export_command(tmp_path, capsys):
+    code, _, err = _run(capsys, "--export-tasks", str(tmp_path / "tasks"))
+    assert code == 0
+    assert len(list((tmp_path / "tasks").iterdir())) == 6 and "sinkfix_cloze_jsonl.yaml" in err
+
+
+# -- the real model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_identity_policy_and_rolling(smollm2, one_thread):
+    model, tokenizer = smollm2
+    lm = SinkfixLM(pretrained=model, tokenizer=tokenizer)
+    tasks = load_tasks(["sinkfix_cloze", "sinkfix_prose"])
+    try:
+        stock = evaluate_once(lm, tasks, limit=8)
+        lm.apply(Correction.from_args("identity"))
+        identity = evaluate_once(lm, tasks, limit=8)
+        lm.apply(Correction.from_args("sink_scale=0.9"))
+        corrected = evaluate_once(lm, tasks, limit=8)
+    finally:
+        lm.apply(None)
+    # identity: exactly the stock log-likelihoods, item by item, hence exactly the stock results
+    for task in ("sinkfix_cloze", "sinkfix_prose"):
+        assert _scores(identity, task) == _scores(stock, task), task
+        assert identity["results"][task] == stock["results"][task]
+    prose_s, prose_c = _samples(stock, "sinkfix_prose"), _samples(corrected, "sinkfix_prose")
+    assert max(abs(prose_s[d]["word_perplexity"][0] - prose_c[d]["word_perplexity"][0]) for d in prose_s) > 0.1
+
+
+@pytest.mark.slow
+def test_smollm2_rolling_matches_the_bench_protocol(smollm2, one_thread):
+    """lm-eval's rolling log-likelihood on SmolLM2 = sinkfix.evaluate with windows of L + 1 tokens at
+    stride L over [prefix] + text (text cut to whole windows)."""
+    model, tokenizer = smollm2
+    lm = SinkfixLM(pretrained=model, tokenizer=tokenizer, max_length=256)
+    ids = lm.tok_encode(domain_text("prose")[:6000])[:512]
+    text = tokenizer.decode(ids)
+    assert lm.tok_encode(text) == ids
+    via_lm_eval = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    nll, tokens = windows_nll(model, make_windows(torch.tensor([lm.prefix_token_id, *ids]), seq_len=257, stride=256))
+    assert tokens == 512
+    assert -via_lm_eval == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_run_eval_on_smollm2_with_a_limit(one_thread):
+    report = run_eval(EvalConfig(tasks=("sinkfix_cloze",), limit=3, iterations=100))
+    acc = report["tasks"]["sinkfix_cloze"]["metrics"]["acc"]
+    assert acc["items"] == 3 and report["model"]["name"] == "smollm2-135m"
