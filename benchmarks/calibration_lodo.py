@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,8 +39,9 @@ from pathlib import Path
 import torch
 
 import sinkfix
-from sinkfix.analysis.calibration import CalibrationSettings, DomainFits, calibrate, fit_domains, robust_profile
-from sinkfix.analysis.lodo import evaluate_parameters, evaluation_windows, leave_one_domain_out
+from sinkfix.analysis.calibration import (CalibrationSettings, Calibrator, DomainFits, calibrate, fit_domains,
+                                          parameters_key, robust_profile)
+from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
 from sinkfix.analysis.robust import candidate_parameters, candidates
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
@@ -103,6 +105,86 @@ def _cache(path: Path) -> dict:
 
 def _save_cache(path: Path, caches: dict) -> None:
     _save_json(path, {name: {"|".join(k): v for k, v in entries.items()} for name, entries in caches.items()})
+
+
+class _NotScored(KeyError):
+    """A score the stopped run did not reach."""
+
+
+class _ScoredOnly(dict):
+    """A cache that claims every key and raises :class:`_NotScored` for the ones it lacks: the library
+    functions then run without a single forward pass, or stop where the run stopped."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        if not dict.__contains__(self, key):
+            raise _NotScored(key)
+        return dict.__getitem__(self, key)
+
+
+def _rows(model, tokenizer, fits: DomainFits, args, val: dict, ev: dict, held_out, full: bool,
+          full_chosen: str | None = None) -> LodoResult:
+    """The rows of ``held_out`` (and the profile from every domain, if ``full``), computed exactly as
+    :func:`leave_one_domain_out` does. With :class:`_ScoredOnly` caches, a row the run did not finish
+    is left out, and the profile from every domain reads "not reached" if it was not."""
+    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                          args.eval_windows)
+    shape, nll, chosen, selections = fits.shape, {}, {}, {}
+    for d in held_out:
+        try:
+            profile = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, score_chosen=False)
+            jobs = {("stock", d): ((torch.ones(shape), None), d)}
+            jobs.update({(b, d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+            jobs["without", d] = _profile_parameters(profile), d
+            nll.update(evaluate_parameters(model, fits, windows, jobs, cache=ev))
+            chosen[d] = profile.calibration["selection"]["chosen"]
+            selections[d] = profile.calibration["selection"]
+        except _NotScored:
+            continue
+    done = [d for d in held_out if d in chosen]
+    chosen_all, with_all = "not reached", {d: math.nan for d in done}
+    if full_chosen:  # the candidate a selection on every domain chose before, scored without repeating it
+        try:
+            candidate = next(c for c in candidates() if c.name == full_chosen)
+            params = candidate_parameters(candidate, [fits.fits[d].parameters for d in fits.domains], shape)
+            with Calibrator(model, fits.settings.on_sink_rows) as cal:
+                for d in fits.domains:
+                    key = parameters_key(params, d)
+                    if key not in val:
+                        val[key] = cal.nll_with(params, fits.windows[d].val)
+            with_all = {}
+            for d in fits.domains:  # every domain (a part may compute no row of its own)
+                try:
+                    with_all[d] = evaluate_parameters(model, fits, windows, {d: (params, d)}, cache=ev)[d]
+                except _NotScored:
+                    with_all[d] = math.nan
+            chosen_all = f"{full_chosen} (chosen by an earlier selection on every domain, same fits)"
+            selections["all domains"] = {"chosen": full_chosen, "val_per_domain": {
+                d: math.exp(val[parameters_key(params, d)] - fits.fits[d].val_before) - 1 for d in fits.domains}}
+        except _NotScored:
+            pass
+    if full and not full_chosen:
+        try:
+            profile = robust_profile(model, fits, cache=val)
+            with_all = evaluate_parameters(model, fits, windows, {d: (_profile_parameters(profile), d) for d in done},
+                                           cache=ev)
+            chosen_all = profile.calibration["selection"]["chosen"]
+            selections["all domains"] = profile.calibration["selection"]
+            selections["all domains"]["val_per_domain"] = profile.calibration["ppl_change"]["val_per_domain"]
+        except _NotScored:
+            pass
+    tokens = {d: sum(int((w.labels[1:] != -100).sum()) for w in windows[d]) for d in done}
+    return LodoResult({**fits.settings.protocol(), "eval_windows": args.eval_windows},
+                      {d: sources[d] for d in done}, tokens, {d: nll["stock", d] for d in done},
+                      {b: {d: nll[b, d] for d in done} for b in GLOBAL_SWEEP}, {d: nll["without", d] for d in done},
+                      chosen, with_all, chosen_all, {"selections": selections})
+
+
+def _profile_parameters(profile) -> tuple:
+    logit = profile.virtual_sink_logit
+    return profile.sink_scale.float(), None if logit is None else logit.float()
 
 
 def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, dict]:
@@ -218,6 +300,33 @@ def run(args) -> int:
     fits, fit_timing = _fits(model, tokenizer, args, out, {d: domain_text(d, "calib") for d in domains})
     cache_path = out / f"cache-{tag}.json"
     caches = _cache(cache_path)
+    if args.part:  # one share of the rows, in a process of its own with a cache file of its own
+        part_path = out / f"cache-{tag}-part-{args.part}.json"
+        part = _cache(part_path)
+        for name in ("val", "eval"):  # start from what every file knows
+            for other in sorted(out.glob(f"cache-{tag}*.json")):
+                dict.update(part[name], _cache(other)[name])
+        _rows(model, tokenizer, fits, args, part["val"], part["eval"], args.held_out or [], args.full, args.full_chosen)
+        _save_cache(part_path, part)
+        return 0
+    while args.finished_only:
+        merged: dict = {"val": {}, "eval": {}}
+        for path in sorted(out.glob(f"cache-{tag}*.json")):
+            for name, entries in _cache(path).items():
+                merged[name].update(entries)
+        result = _rows(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]),
+                       domains, True, args.full_chosen)
+        missing = [d for d in domains if d not in result.stock]
+        result.extra = {**result.extra, "fit_timing": fit_timing, "select_timing": _load_json(out / f"select-{tag}.json"),
+                        "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
+                        "fits": {d: fits.fits[d].record() for d in domains}, "not_finished": missing}
+        data = {"model": args.model, "bos": args.bos, **result.to_dict()}
+        _save_json(out / f"lodo-{tag}.json", data)
+        atomic_write_text(out / f"lodo-{tag}.md", _cell_markdown(data) + "\n")
+        print(_cell_markdown(data), flush=True)
+        if not args.watch or (not missing and "not reached" not in result.chosen_all):
+            return 0
+        time.sleep(args.watch)  # the other processes are still adding scores
     try:
         select_timing = _select(model, fits, caches["val"], out / f"select-{tag}.json")
         clock = _Clock()
@@ -256,6 +365,8 @@ def _cell_markdown(data: dict) -> str:
         lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {_pct(r['best_global_change'])} "
                      f"({r['best_global_beta']:g}) | {_pct(r['without_change'])} ({r['without_chosen']}) "
                      f"| {_pct(r['with_change'])} |")
+    if data["extra"].get("not_finished"):
+        lines.append(f"| {', '.join(data['extra']['not_finished'])} | not finished (the run was stopped) | | | | |")
     for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
         timing = data["extra"].get(stage)
         if timing:
@@ -307,6 +418,16 @@ def main(argv=None) -> int:
     r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
     r.add_argument("--steps", type=int, default=None, help="override the calibration default")
     r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
+    r.add_argument("--part", help="compute only the rows of --held-out (and with --full the profile from every "
+                   "domain), with a cache file of this name; runs several processes side by side")
+    r.add_argument("--held-out", action="append", choices=DOMAINS, help="with --part: a row to compute")
+    r.add_argument("--full", action="store_true", help="with --part: the profile from every domain too")
+    r.add_argument("--full-chosen", help="score this candidate built from every domain's fit as the profile from all "
+                   "domains, without repeating the selection that chose it (it is recorded as such)")
+    r.add_argument("--finished-only", action="store_true",
+                   help="no forward passes: the table of what a stopped run finished (its saved scores)")
+    r.add_argument("--watch", type=float, default=0, help="with --finished-only: rewrite the table every WATCH "
+                   "seconds until every row is finished")
     r.add_argument("--analyses", action="store_true", help="score every candidate and every own fit too")
     r.add_argument("--pooled-baseline", action="store_true", help="also fit and score the previous default")
     r.add_argument("--out", default=str(DEFAULT_OUT))
