@@ -21,6 +21,19 @@ evaluation split (sources disjoint from its calibration split, `sinkfix.texts`).
 * ``--pooled-baseline``: the previous default (one fit on pydoc + python pooled, 16384 tokens per
   domain, 120 steps) on every domain.
 
+On a busy machine the work can be spread over processes that share the saved scores, and the table
+written from whatever they finished (this is how the README's table was made):
+
+    python benchmarks/calibration_lodo.py run --bos                                   # robust-rule rows, in order
+    python benchmarks/calibration_lodo.py run --bos --part c --full-chosen "mean x1"  # profile from all five
+    python benchmarks/calibration_lodo.py run --bos --part g --fixed "mean x1" --held-out python --held-out readme
+    python benchmarks/calibration_lodo.py run --bos --finished-only --watch 150 --fixed "mean x1" --full-chosen "mean x1"
+    python benchmarks/calibration_lodo.py table                                       # table-*.json -> Markdown
+
+``--fixed`` scores one candidate rebuilt without each domain, without a selection; ``--full-chosen``
+scores the candidate an earlier selection on every domain chose, without repeating it. Every
+column of the table says which it is.
+
 Everything is written to ``--out`` (JSON and Markdown), with the wall time, the CPU time and the
 load average, and fits and scores are reused from there when the run is repeated (delete the files
 to start over). The machine this was developed on is shared: the times are what they were.
@@ -182,6 +195,91 @@ def _rows(model, tokenizer, fits: DomainFits, args, val: dict, ev: dict, held_ou
                       chosen, with_all, chosen_all, {"selections": selections})
 
 
+def _fixed_rows(model, tokenizer, fits: DomainFits, args, ev: dict, held_out) -> None:
+    """Unseen-domain scores of one fixed candidate (``--fixed``, no selection): for each domain of
+    ``held_out``, the candidate built from the other domains' fits, the unpatched model and the global
+    betas, on that domain's evaluation windows."""
+    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                    args.eval_windows)
+    fixed = next(c for c in candidates() if c.name == args.fixed)
+    shape = fits.shape
+    for d in held_out:
+        others = [fits.fits[o].parameters for o in fits.domains if o != d]
+        jobs = {("stock", d): ((torch.ones(shape), None), d), ("fixed", d): (candidate_parameters(fixed, others, shape), d)}
+        jobs.update({(b, d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+        evaluate_parameters(model, fits, windows, jobs, cache=ev)
+
+
+def _table(model, tokenizer, fits: DomainFits, args, val: dict, ev: dict) -> dict:
+    """Every column that the saved scores allow, per domain (NaN where a run did not get that far):
+    the unpatched model, the global betas, the robust rule rebuilt without the domain, the fixed
+    candidate rebuilt without it, and the profile from every domain (``--full-chosen``)."""
+    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                          args.eval_windows)
+    shape = fits.shape
+    every = [fits.fits[d].parameters for d in fits.domains]
+
+    def score(params, d) -> float:
+        try:
+            return evaluate_parameters(model, fits, windows, {0: (params, d)}, cache=ev, progress=False)[0]
+        except _NotScored:
+            return math.nan
+
+    def candidate(name):
+        return next(c for c in candidates() if c.name == name)
+
+    rows = []
+    for d in fits.domains:
+        others = [fits.fits[o].parameters for o in fits.domains if o != d]
+        stock = score((torch.ones(shape), None), d)
+        change = {}
+        for b in GLOBAL_SWEEP:
+            change[f"global {b:g}"] = math.exp(score((torch.full(shape, b), None), d) - stock) - 1
+        best = min([("1", 0.0)] + [(k.split()[1], v) for k, v in change.items() if v == v], key=lambda kv: kv[1])
+        row = {"domain": d, "source": sources[d], "tokens": sum(int((w.labels[1:] != -100).sum()) for w in windows[d]),
+               "stock_ppl": math.exp(stock), "best_global_beta": float(best[0]), "best_global_change": best[1],
+               "global_changes": change, "robust_chosen": None, "robust_change": math.nan}
+        try:
+            profile = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, progress=False,
+                                     score_chosen=False)
+            row["robust_chosen"] = profile.calibration["selection"]["chosen"]
+            row["robust_selection"] = profile.calibration["selection"]
+            row["robust_change"] = math.exp(score(_profile_parameters(profile), d) - stock) - 1
+        except _NotScored:
+            pass
+        if args.fixed:
+            row["fixed_change"] = math.exp(score(candidate_parameters(candidate(args.fixed), others, shape), d) - stock) - 1
+        if args.full_chosen:
+            row["with_change"] = math.exp(score(candidate_parameters(candidate(args.full_chosen), every, shape), d)
+                                          - stock) - 1
+        rows.append(row)
+    return {"model": args.model, "bos": args.bos, "protocol": {**fits.settings.protocol(),
+            "eval_windows": args.eval_windows}, "fixed": args.fixed, "full_chosen": args.full_chosen, "rows": rows}
+
+
+def _table_markdown(data: dict) -> str:
+    proto = data["protocol"]
+    fixed, full = data["fixed"], data["full_chosen"]
+    lines = [f"**{data['model']}, {'BOS' if data['bos'] else 'no BOS'}**, {proto['seq_len']}-token windows, stride "
+             f"{proto['stride']}, first {proto['eval_windows']} windows of each domain's evaluation text; perplexity "
+             "change vs the unpatched model ('-': not measured)", "",
+             "| domain | scored tokens | unpatched ppl | best global beta | unseen: robust rule without it (chosen) "
+             f"| unseen: `{fixed}` without it | calibrated: `{full}` from all five |", "|---|---|---|---|---|---|---|"]
+
+    def pct(x) -> str:
+        return "-" if x is None or x != x else f"{100 * x:+.2f}%"
+
+    for r in data["rows"]:
+        robust = pct(r["robust_change"]) + (f" ({r['robust_chosen']})" if r["robust_chosen"] else "")
+        if r["stock_ppl"] != r["stock_ppl"]:  # the run did not score this domain
+            lines.append(f"| {r['domain']} | {r['tokens']} | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {pct(r['best_global_change'])} "
+                     f"({r['best_global_beta']:g}) | {robust} | {pct(r.get('fixed_change'))} "
+                     f"| {pct(r.get('with_change'))} |")
+    return "\n".join(lines)
+
+
 def _profile_parameters(profile) -> tuple:
     logit = profile.virtual_sink_logit
     return profile.sink_scale.float(), None if logit is None else logit.float()
@@ -306,7 +404,11 @@ def run(args) -> int:
         for name in ("val", "eval"):  # start from what every file knows
             for other in sorted(out.glob(f"cache-{tag}*.json")):
                 dict.update(part[name], _cache(other)[name])
-        _rows(model, tokenizer, fits, args, part["val"], part["eval"], args.held_out or [], args.full, args.full_chosen)
+        if args.fixed:
+            _fixed_rows(model, tokenizer, fits, args, part["eval"], args.held_out or [])
+        else:
+            _rows(model, tokenizer, fits, args, part["val"], part["eval"], args.held_out or [], args.full,
+                  args.full_chosen)
         _save_cache(part_path, part)
         return 0
     while args.finished_only:
@@ -314,17 +416,15 @@ def run(args) -> int:
         for path in sorted(out.glob(f"cache-{tag}*.json")):
             for name, entries in _cache(path).items():
                 merged[name].update(entries)
-        result = _rows(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]),
-                       domains, True, args.full_chosen)
-        missing = [d for d in domains if d not in result.stock]
-        result.extra = {**result.extra, "fit_timing": fit_timing, "select_timing": _load_json(out / f"select-{tag}.json"),
-                        "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
-                        "fits": {d: fits.fits[d].record() for d in domains}, "not_finished": missing}
-        data = {"model": args.model, "bos": args.bos, **result.to_dict()}
-        _save_json(out / f"lodo-{tag}.json", data)
-        atomic_write_text(out / f"lodo-{tag}.md", _cell_markdown(data) + "\n")
-        print(_cell_markdown(data), flush=True)
-        if not args.watch or (not missing and "not reached" not in result.chosen_all):
+        data = _table(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]))
+        data["fit_timing"], data["select_timing"] = fit_timing, _load_json(out / f"select-{tag}.json")
+        data["sources"] = {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains}
+        data["fits"] = {d: fits.fits[d].record() for d in domains}
+        _save_json(out / f"table-{tag}.json", data)
+        atomic_write_text(out / f"table-{tag}.md", _table_markdown(data) + "\n")
+        print(_table_markdown(data), flush=True)
+        complete = all(r["robust_chosen"] and r.get("with_change", 0) == r.get("with_change", 0) for r in data["rows"])
+        if not args.watch or complete:
             return 0
         time.sleep(args.watch)  # the other processes are still adding scores
     try:
@@ -406,6 +506,17 @@ def report(args) -> int:
     return 0
 
 
+def table(args) -> int:
+    """Markdown of every table-*.json under --out (no model, no forward pass)."""
+    out = Path(args.out)
+    paths = sorted(out.glob("table-*.json"))
+    for path in paths:
+        text = _table_markdown(json.loads(path.read_text()))
+        atomic_write_text(path.with_suffix(".md"), text + "\n")
+        print(text + "\n")
+    return 0 if paths else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -426,6 +537,8 @@ def main(argv=None) -> int:
                    "domains, without repeating the selection that chose it (it is recorded as such)")
     r.add_argument("--finished-only", action="store_true",
                    help="no forward passes: the table of what a stopped run finished (its saved scores)")
+    r.add_argument("--fixed", help="with --part: score this candidate rebuilt without each --held-out domain (no "
+                   "selection); with --finished-only: show its column")
     r.add_argument("--watch", type=float, default=0, help="with --finished-only: rewrite the table every WATCH "
                    "seconds until every row is finished")
     r.add_argument("--analyses", action="store_true", help="score every candidate and every own fit too")
@@ -435,6 +548,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="every run under --out -> REPORT.md")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.set_defaults(fn=report)
+    t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
+    t.add_argument("--out", default=str(DEFAULT_OUT))
+    t.set_defaults(fn=table)
     args = parser.parse_args(argv)
     return args.fn(args)
 
