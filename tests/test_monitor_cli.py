@@ -78,8 +78,8 @@ def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
     assert all(g is not None and {"checked", "tripped", "layers", "action"} <= set(g) for g in guards)
     # ranges added to a profile made without statistics
     bare = tmp_path / "bare.json"
-    assert cli.main(["calibrate", "--text", str(texts[0]), "--out", str(bare), "--seq-len", "64", "--steps", "1",
-                     "--no-statistics"]) == 0
+    assert cli.main(["calibrate", "--text", str(texts[0]), "--rule", "pooled", "--out", str(bare), "--seq-len", "64",
+                     "--steps", "1", "--no-statistics"]) == 0
     assert sinkfix.Profile.load(bare).statistics is None
     assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log), "--profile",
                      str(bare), "--guard"]) == 2
@@ -123,7 +123,9 @@ def test_request_file_errors_on_the_command_line(tiny, tmp_path, capsys):
 
 def test_builtin_requests():
     requests = builtin_requests()
-    assert {r.domain for r in requests} == {"prose", "code"} and len(requests) == 16
+    from sinkfix.texts import DOMAINS
+
+    assert {r.domain for r in requests} == set(DOMAINS) and len(requests) == 4 * len(DOMAINS)
     assert all(800 <= len(r.prompt) <= 2400 for r in requests)
     assert read_requests("builtin") == requests
 

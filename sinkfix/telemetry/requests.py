@@ -87,10 +87,10 @@ def _paragraphs(text: str, size: int) -> list[str]:
     return chunks
 
 
-def builtin_requests(per_domain: int = 8, size: int = 1200) -> list[Request]:
+def builtin_requests(per_domain: int = 4, size: int = 1200) -> list[Request]:
     """Prompts cut from the built-in evaluation texts (:func:`sinkfix.texts.domain_text`): ``per_domain``
-    chunks of about ``size`` characters (245-697 SmolLM2 tokens) of prose and of code each, spread over the
-    text, so that the whole loop (run, report, guard) can be tried offline."""
+    chunks of about ``size`` characters of each built-in domain, spread over the text, so that the whole
+    loop (run, report, guard) can be tried offline (five domains: 20 requests by default)."""
     from sinkfix.texts import DOMAINS, domain_text
 
     requests = []
