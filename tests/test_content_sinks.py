@@ -168,3 +168,106 @@ def test_no_hidden_sinks_is_the_positional_formula():
     want = reference_sink_attention(q, k, v, **kw)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# -- the PyTorch path against the reference ---------------------------------------------------------
+def _content_layout(kind, batch, q_len, k_len):
+    """(layout kwargs, positional sink columns (B, 2), -1 = absent) per layout."""
+    cols = torch.tensor([[0, -1]] * batch)
+    if kind == "causal":
+        return dict(causal=True), cols
+    if kind == "chunked":
+        return dict(causal=True, causal_offset=k_len - q_len), cols
+    if kind == "decode":
+        return dict(), torch.tensor([[0, 3]] * batch)
+    if kind == "padded":
+        mask = visibility_mask(batch, q_len, k_len, causal=True).clone()
+        mask[1, ..., :4] = False
+        return dict(attn_mask=mask), torch.tensor([[0, -1], [4, -1]])
+    if kind == "sliding":
+        return dict(causal=True, sliding_window=9), cols
+    raise ValueError(kind)
+
+
+CONTENT_SHAPES = [
+    # (B, Hq, Hkv, Q, K, D, layout)
+    (2, 6, 3, 19, 19, 16, "causal"),  # GQA 2, odd length: no mask is built
+    (2, 4, 4, 5, 23, 32, "chunked"),  # a prefill chunk after 18 cached tokens
+    (1, 8, 1, 1, 37, 16, "decode"),  # one row against a cache, positional set {0, 3}
+    (2, 4, 2, 17, 17, 16, "padded"),  # left padding: the sink is the first real column
+    (1, 4, 2, 23, 23, 16, "sliding"),  # sliding window: early sinks leave the window
+]
+
+
+def _content_policies(q_heads):
+    g = torch.Generator().manual_seed(5)
+    return {
+        "act": dict(),
+        "act+scale": dict(beta=torch.rand(q_heads, generator=g)),
+        "act+aux+virtual": dict(beta=torch.rand(q_heads, generator=g), extra_logits=torch.randn(q_heads, 1, generator=g),
+                                virtual_sink_logit=torch.randn(q_heads, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("shape", CONTENT_SHAPES, ids=[s[-1] for s in CONTENT_SHAPES])
+@pytest.mark.parametrize("policy", list(_content_policies(1)))
+def test_torch_path_decides_and_applies_like_the_reference(shape, policy):
+    from sinkfix.ops.content_attention import content_sink_attention_torch
+
+    batch, hq, hkv, ql, kl, dim, kind = shape
+    q, k, v = _planted(batch, hq, hkv, ql, kl, dim)
+    layout, sink_cols = _content_layout(kind, batch, ql, kl)
+    kw = _content_policies(hq)[policy]
+    hidden_beta = torch.linspace(0.0, 0.9, hq)
+    heads = torch.ones(hq, dtype=torch.bool)
+    heads[1] = False
+    is_sink = torch.zeros(batch, kl, dtype=torch.bool).scatter_(1, sink_cols.clamp(min=0), sink_cols >= 0)
+    stats = column_stats_reference(q, k, **layout)
+    want_hidden = decide_hidden_sinks(stats, is_sink, threshold=0.1, min_rows=1, heads=heads)
+    got = content_sink_attention_torch(q, k, v, hidden_beta=hidden_beta, threshold=0.1, heads=heads, need_stats=True,
+                                       sink_cols=sink_cols, **layout, **kw)
+    torch.testing.assert_close(got.stats.mass.double(), stats.mass, atol=ATOL, rtol=1e-5)
+    assert torch.equal(got.stats.rows.double(), stats.rows)
+    assert torch.equal(got.hidden, want_hidden)
+    want, _, want_lse = reference_content_sink_attention(q, k, v, hidden=want_hidden, hidden_beta=hidden_beta,
+                                                         sink_cols=sink_cols, **layout, **kw)
+    torch.testing.assert_close(got.out.double(), want, atol=ATOL, rtol=0)
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(got.lse.double()[finite], want_lse[finite], atol=ATOL, rtol=0)
+    # a stored set (the decode case) gives the same result without deciding
+    given = content_sink_attention_torch(q, k, v, hidden_beta=hidden_beta, hidden=want_hidden, sink_cols=sink_cols,
+                                         **layout, **kw)
+    torch.testing.assert_close(given.out, got.out, atol=1e-6, rtol=0)
+    assert given.stats is None
+
+
+def test_planted_hidden_sinks_change_the_output_and_the_off_heads_do_not():
+    from sinkfix.ops.content_attention import content_sink_attention_torch
+
+    q, k, v = _planted(1, 4, 2, 29, 29, 16)
+    heads = torch.tensor([True, True, False, False])
+    got = content_sink_attention_torch(q, k, v, hidden_beta=torch.full((4,), 0.4), threshold=0.1, heads=heads,
+                                       causal=True, sink_cols=torch.zeros(1, 1, dtype=torch.long))
+    stock = reference_sink_attention(q, k, v, causal=True)[0]
+    assert bool(got.hidden[:, :2, list(PLANTED)].all()) and not got.hidden[:, 2:].any()
+    assert (got.out[:, :2, PLANTED[0]:] - stock[:, :2, PLANTED[0]:]).abs().amax() > 1e-2
+    torch.testing.assert_close(got.out[:, 2:].double(), stock[:, 2:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.out[:, :, :PLANTED[0]].double(), stock[:, :, :PLANTED[0]], atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_merges_the_column_statistics():
+    """Deciding on two prefill chunks with the first chunk's statistics carried equals deciding on
+    the whole prompt at once."""
+    from sinkfix.ops.content_attention import content_sink_attention_torch, merge_column_stats
+
+    q, k, v = _planted(2, 4, 2, 24, 24, 16)
+    kw = dict(hidden_beta=torch.full((4,), 0.4), threshold=0.1, min_rows=3, sink_cols=torch.zeros(2, 1, dtype=torch.long))
+    whole = content_sink_attention_torch(q, k, v, causal=True, **kw)
+    first = content_sink_attention_torch(q[:, :, :10], k[:, :, :10], v[:, :, :10], causal=True, need_stats=True, **kw)
+    second = content_sink_attention_torch(q[:, :, 10:], k, v, causal=True, causal_offset=10, prior=first.stats, **kw)
+    assert torch.equal(second.hidden, whole.hidden)
+    torch.testing.assert_close(second.out, whole.out[:, :, 10:], atol=1e-5, rtol=0)
+    merged = merge_column_stats(first.stats, content_sink_attention_torch(
+        q[:, :, 10:], k, v, causal=True, causal_offset=10, need_stats=True, **kw).stats)
+    torch.testing.assert_close(merged.mass, whole.stats.mass, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged.rows, whole.stats.rows)
