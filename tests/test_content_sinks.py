@@ -211,8 +211,12 @@ def _content_policies(q_heads):
 
 @pytest.mark.parametrize("shape", CONTENT_SHAPES, ids=[s[-1] for s in CONTENT_SHAPES])
 @pytest.mark.parametrize("policy", list(_content_policies(1)))
-def test_torch_path_decides_and_applies_like_the_reference(shape, policy):
+@pytest.mark.parametrize("few_rows", [8, 0], ids=["auto", "passes"])
+def test_torch_path_decides_and_applies_like_the_reference(shape, policy, few_rows, monkeypatch):
+    from sinkfix.ops import content_attention
     from sinkfix.ops.content_attention import content_sink_attention_torch
+
+    monkeypatch.setattr(content_attention, "FEW_ROWS", few_rows)  # 0: the fused passes on every shape
 
     batch, hq, hkv, ql, kl, dim, kind = shape
     q, k, v = _planted(batch, hq, hkv, ql, kl, dim)
