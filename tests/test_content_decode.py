@@ -133,3 +133,63 @@ def test_triton_backend_and_observers_are_refused_not_ignored(monkeypatch, one_t
     with sinkfix.patch(model, Policy.act(), backend="torch") as handle, torch.no_grad():
         with handle.observing(lambda call: None), pytest.raises(NotImplementedError, match="content-dependent"):
             model(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+# -- profiles record the mode ------------------------------------------------------------------------
+def _content_profile(model):
+    from sinkfix.profile import ModelIdentity, Profile
+
+    rule = ContentSinks(threshold=0.15, hidden_sink_scale=torch.linspace(0.2, 0.9, 8, dtype=torch.float64).reshape(2, 4),
+                        heads=torch.tensor([[True, False, True, True], [False, True, True, True]]), min_rows=4)
+    return Profile(ModelIdentity.of(model), torch.full((2, 4), 0.9, dtype=torch.float64), content_sinks=rule)
+
+
+def test_content_profile_round_trips_and_applies(tmp_path, one_thread):
+    import json
+
+    from sinkfix.profile import CONTENT_VERSION, VERSION, Profile
+
+    model = tiny_model("llama")
+    profile = _content_profile(model)
+    path = profile.save(tmp_path / "content.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == CONTENT_VERSION and data["policy"]["mode"] == "content"
+    loaded = Profile.load(path)
+    assert loaded.mode == "content" and loaded.content_sinks == profile.content_sinks
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with sinkfix.patch(model, loaded, backend="torch"):
+            from_profile = model(input_ids=ids).logits
+        with sinkfix.patch(model, profile.policy(), backend="torch"):
+            from_policy = model(input_ids=ids).logits
+    assert torch.equal(from_profile, from_policy)
+    # a positional profile is still written (and read) as before
+    positional = Profile(profile.model, profile.sink_scale)
+    data = json.loads(positional.save(tmp_path / "pos.json").read_text())
+    assert data["version"] == VERSION and "mode" not in data["policy"]
+    assert Profile.load(tmp_path / "pos.json").mode == "positional"
+
+
+def test_old_version_profile_naming_a_mode_is_refused(tmp_path, one_thread):
+    import json
+
+    from sinkfix.errors import ProfileError
+    from sinkfix.profile import Profile
+
+    model = tiny_model("llama")
+    data = _content_profile(model).to_dict()
+    for version in (1, 2):
+        data["version"] = version
+        (tmp_path / "old.json").write_text(json.dumps(data))
+        with pytest.raises(ProfileError, match=f"version-{version} profile cannot name a mode"):
+            Profile.load(tmp_path / "old.json")
+    data["version"] = 3
+    data["policy"]["mode"] = "hidden"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="mode must be"):
+        Profile.load(tmp_path / "bad.json")
+    data["policy"]["mode"] = "content"
+    data["policy"]["content_sinks"]["threshold"] = 1.5
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="threshold"):
+        Profile.load(tmp_path / "bad.json")
