@@ -193,3 +193,11 @@ def test_old_version_profile_naming_a_mode_is_refused(tmp_path, one_thread):
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="threshold"):
         Profile.load(tmp_path / "bad.json")
+
+
+def test_a_static_cache_is_refused(one_thread):
+    model = tiny_model("llama")
+    cache = tf.StaticCache(config=model.config, max_cache_len=32)
+    with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
+        with pytest.raises(PolicyError, match="fixed key columns"):
+            model(input_ids=torch.ones(1, 6, dtype=torch.long), cache=cache, use_cache=True)
