@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--bos", action="store_true")
     parser.add_argument("--out", default=None, help="save the profile here")
     args = parser.parse_args()
@@ -39,7 +40,8 @@ def main() -> None:
     start = time.perf_counter()
     texts = {d: domain_text(d, "calib") for d in DOMAINS}
     profile = calibrate_hidden_sinks(model, tokenizer, texts, seq_len=args.seq_len, bos=args.bos,
-                                     max_tokens=args.calib_tokens, steps=args.steps, eval_every=5, progress=False)
+                                     max_tokens=args.calib_tokens, steps=args.steps, lr=args.lr, eval_every=5,
+                                     progress=False)
     rec = profile.calibration
     print(f"fit: {time.perf_counter() - start:.0f} s, best step {rec['best_step']}, val NLL stock "
           f"{rec['val_nll_stock']:.4f}, init {rec['val_nll_init']:.4f}, best {rec['val_nll_best']:.4f}, heads "
