@@ -13,12 +13,13 @@ Importing sinkfix registers the attention implementation ``"sinkfix"`` with tran
 from sinkfix.errors import CacheError, ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
 from sinkfix.models import load_model
 from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register
-from sinkfix.policy import Policy, ResidualClip
+from sinkfix.policy import ContentSinks, Policy, ResidualClip
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheError", "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError", "ResidualClip",
+    "CacheError", "ContentSinks", "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError",
+    "ResidualClip",
     "SinkfixError", "UnsupportedModelError", "load_model", "patch", "register", "__version__",
 ]
 

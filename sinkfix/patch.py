@@ -28,6 +28,7 @@ from sinkfix.errors import PolicyError, UnsupportedModelError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
 from sinkfix.integrations.masks import padded_causal_mask
+from sinkfix.integrations.content_sinks import cache_hooks
 from sinkfix.integrations.residual_clip import make_clip_hook
 from sinkfix.ops.attention import resolve_backend
 from sinkfix.policy import LayerPolicy, Policy
@@ -82,6 +83,9 @@ class PatchHandle:
             for name, state in self._states.items():
                 state.policy.tensors(device)  # upload once now, not inside the first (maybe compiled) forward
                 by_name[name]._sinkfix = state
+            for name, state in self._states.items():
+                if state.policy.content is not None:  # the content-sink set travels with the cache
+                    self._hooks.extend(cache_hooks(by_name[name], state))
             for name, layer in self._clip_layers.items():
                 hook = make_clip_hook(self._states[name])
                 self._hooks.append(layer.register_forward_hook(hook, prepend=True, with_kwargs=True))
@@ -311,6 +315,10 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) 
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
     layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])
+    if backend != "torch" and any(lp.content is not None for lp in layer_policies):
+        # no silent positional fallback: the kernels cannot carry a per-head sink set yet
+        raise PolicyError(f"content-dependent sinks (ContentSinks, Policy.act) run on the PyTorch path only; "
+                          f"backend {backend!r} was chosen, patch with backend='torch'")
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
     states: dict[str, LayerState] = {}

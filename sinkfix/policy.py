@@ -16,11 +16,11 @@ import torch
 
 from sinkfix.errors import PolicyError
 
-__all__ = ["Policy", "ResidualClip", "LayerPolicy", "LayerClip", "SPEC_KEYS"]
+__all__ = ["Policy", "ResidualClip", "ContentSinks", "LayerPolicy", "LayerClip", "LayerContentSinks", "SPEC_KEYS"]
 
 # The keys of a command-line policy spec (Policy.parse), in the order the error message lists them.
 SPEC_KEYS = ("sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink", "layers",
-             "extra_sink_positions", "clip", "clip_abs")
+             "extra_sink_positions", "clip", "clip_abs", "hidden_sink_scale", "hidden_sink_threshold")
 
 Scalar = float | int
 PerHead = Scalar | Sequence[Sequence[float]] | torch.Tensor
@@ -35,7 +35,7 @@ def _canonical(value):
         return ("tensor", tuple(t.shape), tuple(t.flatten().tolist()))
     if isinstance(value, (list, tuple)):
         return tuple(_canonical(v) for v in value)
-    if isinstance(value, (ResidualClip, Policy)):
+    if isinstance(value, (ResidualClip, Policy, ContentSinks)):
         return (type(value).__name__,) + tuple(_canonical(getattr(value, f.name)) for f in fields(value))
     return value
 
@@ -73,6 +73,80 @@ class ResidualClip(_ValueEquality):
 
 
 @dataclass(frozen=True, eq=False)
+class ContentSinks(_ValueEquality):
+    """Content-dependent sink sets ("hidden sinks"), decided per head and per input with the
+    criterion of ACT (Yu et al. 2024; docs/formulas.md, "Content-dependent sinks").
+
+    In every corrected head, a key is a *candidate sink* when the mean stock attention it receives
+    from the query rows that can see it exceeds ``threshold``. The first candidate of the sequence
+    (normally the first token) is kept; the others, outside the positional sink set, are the
+    *hidden sinks* of that head: their attention becomes ``hidden_sink_scale x`` its stock value
+    and the freed mass goes to every other visible key in proportion to its weight. The set is
+    decided on the prompt (prefill) and carried unchanged through decoding with the KV cache.
+
+    Args:
+        threshold: the criterion's threshold, in (0, 1). ACT: 0.1.
+        hidden_sink_scale: beta for hidden sinks in [0, 1], scalar or ``[num_layers, num_heads]``;
+            separate from ``Policy.sink_scale`` (the positional sink). ACT: 0.4.
+        heads: which heads are corrected, a bool ``[num_layers, num_heads]`` (ACT's head
+            selection); None = every head.
+        min_rows: keys seen by fewer query rows are not judged. 1 = the rule as written (the last
+            key of a prompt is judged on its own row alone).
+        reevaluate_every: during decoding, decide the set again every this many generated tokens,
+            from the column means over every row seen so far (prompt and generated); None = the
+            prompt's set is kept for the whole generation. The one-row criterion is never used.
+    """
+
+    threshold: float = 0.1
+    hidden_sink_scale: PerHead = 0.4
+    heads: PerHead | None = None
+    min_rows: int = 1
+    reevaluate_every: int | None = None
+
+    def __post_init__(self) -> None:
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or not 0.0 < threshold < 1.0:
+            raise PolicyError(f"content sink threshold must be a finite number in (0, 1), got {threshold!r}")
+        object.__setattr__(self, "threshold", float(threshold))
+        _check_values("hidden_sink_scale", torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64), 0.0, 1.0)
+        if self.heads is not None:
+            heads = torch.as_tensor(self.heads.detach() if isinstance(self.heads, torch.Tensor) else self.heads)
+            if heads.dtype != torch.bool:
+                raise PolicyError(f"content sink heads must be a bool [num_layers, num_heads] mask, got {heads.dtype}")
+        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 1:
+            raise PolicyError(f"content sink min_rows must be an int >= 1, got {self.min_rows!r}")
+        every = self.reevaluate_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise PolicyError(f"content sink reevaluate_every must be None or an int >= 1, got {every!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        beta = torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64)
+        heads = None if self.heads is None else torch.as_tensor(self.heads)
+        return bool((beta == 1).all()) or (heads is not None and not bool(heads.any()))
+
+    def describe(self) -> str:
+        beta = torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64)
+        b = f"{beta.item():g}" if beta.numel() == 1 else "per-head"
+        heads = "" if self.heads is None else f",heads={int(torch.as_tensor(self.heads).sum())}"
+        return f"hidden_sink_scale={b},hidden_sink_threshold={self.threshold:g}{heads}"
+
+    def resolve(self, num_layers: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beta [L, H] fp64, heads [L, H] bool), checked against the model's shape."""
+        beta = _per_head("hidden_sink_scale", self.hidden_sink_scale, num_layers, num_heads, low=0.0, high=1.0)
+        if self.heads is None:
+            return beta, torch.ones(num_layers, num_heads, dtype=torch.bool)
+        heads = torch.as_tensor(self.heads.detach() if isinstance(self.heads, torch.Tensor) else self.heads).cpu()
+        if heads.ndim == 0:
+            return beta, heads.expand(num_layers, num_heads).clone()
+        if heads.shape != (num_layers, num_heads):
+            raise PolicyError(f"content sink heads has shape {tuple(heads.shape)}; expected a scalar or "
+                              f"[num_layers, num_heads] = [{num_layers}, {num_heads}] for this model")
+        return beta, heads.clone()
+
+
+@dataclass(frozen=True, eq=False)
 class Policy(_ValueEquality):
     """A sink-aware attention and residual policy. The default is the identity.
 
@@ -94,6 +168,8 @@ class Policy(_ValueEquality):
         layers: attention layers the attention policy applies to (None = all). Other layers run
             plain softmax.
         residual_clip: optional :class:`ResidualClip`.
+        content_sinks: optional :class:`ContentSinks`: hidden sinks decided per head and per input
+            (ACT's rule, :meth:`act`), on top of the positional sink set.
     """
 
     sink_scale: PerHead = 1.0
@@ -103,8 +179,11 @@ class Policy(_ValueEquality):
     extra_sink_positions: tuple[int, ...] = ()
     layers: tuple[int, ...] | None = None
     residual_clip: ResidualClip | None = None
+    content_sinks: ContentSinks | None = None
 
     def __post_init__(self) -> None:
+        if self.content_sinks is not None and not isinstance(self.content_sinks, ContentSinks):
+            raise PolicyError(f"content_sinks must be a sinkfix.ContentSinks or None, got {type(self.content_sinks).__name__}")
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
             raise PolicyError(f"virtual_logit_on_sink_rows must be a bool, got {self.virtual_logit_on_sink_rows!r}")
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
@@ -124,6 +203,14 @@ class Policy(_ValueEquality):
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
+    def act(cls, beta: float = 0.4, threshold: float = 0.1) -> "Policy":
+        """ACT's rule (Yu et al. 2024) on every head with its published defaults: per head and
+        input, keys whose mean attention over the rows that see them exceeds ``threshold`` are
+        sinks; the first is kept, the others get ``beta x`` their attention, the freed mass going to
+        the other keys in proportion to their weight. The positional sink is left alone."""
+        return cls(content_sinks=ContentSinks(threshold=threshold, hidden_sink_scale=beta))
+
+    @classmethod
     def parse(cls, spec: str) -> "Policy":
         """Parse a command-line spec such as ``"sink_scale=0.9,n_sink=1"`` or ``"identity"``.
 
@@ -136,8 +223,11 @@ class Policy(_ValueEquality):
             return cls()
         if spec == "drop":
             return cls(sink_scale=0.0)
+        if spec == "act":
+            return cls.act()
         kwargs: dict = {}
         clip: ResidualClip | None = None
+        content: dict = {}
         for item in spec.split(","):
             if "=" not in item:
                 raise PolicyError(f"policy spec item {item!r} is not key=value (spec: {spec!r})")
@@ -155,17 +245,24 @@ class Policy(_ValueEquality):
                     kwargs[key] = tuple(int(v) for v in value.split(":") if v)
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
+                elif key == "hidden_sink_scale":
+                    content["hidden_sink_scale"] = float(value)
+                elif key == "hidden_sink_threshold":
+                    content["threshold"] = float(value)
                 else:
                     raise PolicyError(f"unknown policy key {key!r}; known: {', '.join(SPEC_KEYS)}")
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
+        if content:
+            kwargs["content_sinks"] = ContentSinks(**content)
         return cls(residual_clip=clip, **kwargs)
 
     # -- properties ---------------------------------------------------------------------------
     @property
     def is_identity(self) -> bool:
         beta = torch.as_tensor(self.sink_scale, dtype=torch.float64)
-        return bool((beta == 1).all()) and self.virtual_sink_logit is None and self.residual_clip is None
+        return (bool((beta == 1).all()) and self.virtual_sink_logit is None and self.residual_clip is None
+                and (self.content_sinks is None or self.content_sinks.is_identity))
 
     def describe(self) -> str:
         if self.is_identity:
@@ -190,6 +287,8 @@ class Policy(_ValueEquality):
         if self.residual_clip is not None:
             rc = self.residual_clip
             parts.append(f"clip={rc.mode}:{rc.threshold if isinstance(rc.threshold, (int, float)) else 'per-layer'}")
+        if self.content_sinks is not None:
+            parts.append(self.content_sinks.describe())
         return ",".join(parts)
 
     # -- resolution ---------------------------------------------------------------------------
@@ -210,6 +309,7 @@ class Policy(_ValueEquality):
         else:
             enabled = set(range(num_layers))
         clips = _resolve_clip(self.residual_clip, num_layers)
+        content = None if self.content_sinks is None else self.content_sinks.resolve(num_layers, max_heads)
         sink_positions = tuple(sorted(set(range(self.n_sink)) | set(self.extra_sink_positions)))
         out = []
         for layer in range(num_layers):
@@ -223,6 +323,7 @@ class Policy(_ValueEquality):
                     virtual_logit_on_sink_rows=self.virtual_logit_on_sink_rows,
                     sink_positions=sink_positions,
                     clip=clips[layer],
+                    content=_layer_content(self.content_sinks, content, layer, heads) if on else None,
                 )
             )
         return out
@@ -250,6 +351,7 @@ class LayerPolicy:
     sink_positions: tuple[int, ...]  # positions (0 = first real token) forming the sink set
     clip: LayerClip | None = None
     virtual_logit_on_sink_rows: bool = False  # the virtual sink logit also counts in sink-only rows
+    content: "LayerContentSinks | None" = None  # hidden sinks decided per input (None = positional only)
     _beta_is_one: bool = field(default=False, init=False, repr=False)
     _device_copy: tuple | None = field(default=None, init=False, repr=False)  # (device, dtype, beta, logit)
 
@@ -271,7 +373,7 @@ class LayerPolicy:
 
     @property
     def attention_is_identity(self) -> bool:
-        return self._beta_is_one and self.virtual_sink_logit is None
+        return self._beta_is_one and self.virtual_sink_logit is None and self.content is None
 
     @property
     def first_column_sink(self) -> bool:
@@ -282,8 +384,9 @@ class LayerPolicy:
         """The policy of query heads [start, stop) only: what one rank applies when tensor
         parallelism gives it those heads."""
         logit = self.virtual_sink_logit
+        content = None if self.content is None else self.content.head_slice(start, stop)
         return LayerPolicy(self.layer, self.beta[start:stop].clone(), None if logit is None else logit[start:stop].clone(),
-                           self.sink_positions, self.clip, self.virtual_logit_on_sink_rows)
+                           self.sink_positions, self.clip, self.virtual_logit_on_sink_rows, content)
 
     def as_identity(self) -> "LayerPolicy":
         """The same layer, heads and sink set with no correction at all (no residual clip either)."""
@@ -316,6 +419,35 @@ class LayerPolicy:
             cached = (device, dtype, beta, None if logit is None else logit.to(device=device, dtype=dtype))
             self._device_copy = cached
         return cached[2], cached[3]
+
+
+@dataclass(eq=False)
+class LayerContentSinks:
+    """The resolved content-sink rule of one attention layer (:class:`ContentSinks`)."""
+
+    threshold: float
+    beta: torch.Tensor  # (H,) fp64 in [0, 1], hidden-sink scaling
+    heads: torch.Tensor  # (H,) bool, heads the rule corrects
+    min_rows: int = 1
+    reevaluate_every: int | None = None
+
+    def head_slice(self, start: int, stop: int) -> "LayerContentSinks":
+        return LayerContentSinks(self.threshold, self.beta[start:stop].clone(), self.heads[start:stop].clone(),
+                                 self.min_rows, self.reevaluate_every)
+
+    def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beta (H,), heads (H,) bool) on ``device``."""
+        return self.beta.to(device=device, dtype=dtype), self.heads.to(device=device)
+
+
+def _layer_content(rule: ContentSinks | None, resolved, layer: int, heads: int) -> LayerContentSinks | None:
+    if rule is None:
+        return None
+    beta, on = resolved
+    beta, on = beta[layer, :heads].clone(), on[layer, :heads].clone()
+    if not bool(on.any()) or bool((beta[on] == 1).all()):
+        return None  # nothing to correct in this layer: the positional path runs
+    return LayerContentSinks(rule.threshold, beta, on, rule.min_rows, rule.reevaluate_every)
 
 
 def _check_values(name: str, values: torch.Tensor, low: float | None = None, high: float | None = None) -> None:

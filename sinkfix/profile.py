@@ -29,6 +29,13 @@ applies the ``"policy"`` only. Profiles of versions 1 and 2 were fitted on their
 pooled together, which overfits the kinds of text they were fitted on; they load unchanged and
 :meth:`Profile.describe` says that they are not domain-robust.
 
+Version 4 adds ``"mode"`` to the policy: ``"positional"`` (what every earlier version means) or
+``"content"``, with a ``"content_sinks"`` object ``{"threshold", "hidden_sink_scale": [[..]],
+"heads": [[..]] | null, "min_rows", "reevaluate_every"}`` (docs/formulas.md, "Content-dependent
+sinks"). Positional profiles are still written as version 3, so older readers keep reading them;
+a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
+sinkfix that had one).
+
 Optional, at any version: ``"statistics"``, what the profiled model's attention looked like on the
 calibration text (:class:`ProfileStatistics`: per layer and head, the range of the sink share
 before sink scaling), for the telemetry guard (docs/monitoring.md). A file without it loads with
@@ -50,13 +57,14 @@ from torch import nn
 
 from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
-from sinkfix.policy import Policy, ResidualClip
+from sinkfix.policy import ContentSinks, Policy, ResidualClip
 
 __all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT",
            "VERSION"]
 
 FORMAT = "sinkfix-profile"
-VERSION = 3
+VERSION = 3  # what a positional profile is written as (3: per-domain fits, domain-robust)
+CONTENT_VERSION = 4  # the first version that records the mode (content-dependent sinks)
 # Elements sampled per parameter tensor for the fingerprint: enough to tell two checkpoints of the
 # same architecture apart, while hashing SmolLM2-135M takes a few milliseconds, not a full pass.
 _FINGERPRINT_SAMPLES = 4096
@@ -238,8 +246,20 @@ class Profile:
     statistics: "ProfileStatistics | None" = None
     domain_parameters: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
     version: int = VERSION  # the format version it was read from (VERSION for a new profile)
+    content_sinks: ContentSinks | None = None  # mode "content" when set
+
+    @property
+    def mode(self) -> str:
+        return "positional" if self.content_sinks is None else "content"
 
     def __post_init__(self) -> None:
+        if self.content_sinks is not None:
+            if not isinstance(self.content_sinks, ContentSinks):
+                raise ProfileError(f"profile content_sinks must be a ContentSinks, got {type(self.content_sinks).__name__}")
+            try:  # shapes against the model the profile was fitted on
+                self.content_sinks.resolve(self.model.num_layers, max(self.model.num_heads))
+            except PolicyError as exc:
+                raise ProfileError(f"profile content_sinks: {exc}") from None
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
             raise ProfileError(f"profile virtual_logit_on_sink_rows must be true or false, got "
                                f"{self.virtual_logit_on_sink_rows!r}")
@@ -267,7 +287,8 @@ class Profile:
             return Policy(sink_scale=self.sink_scale.clone(), n_sink=self.n_sink,
                           virtual_sink_logit=None if self.virtual_sink_logit is None else self.virtual_sink_logit.clone(),
                           virtual_logit_on_sink_rows=self.virtual_logit_on_sink_rows,
-                          extra_sink_positions=tuple(self.extra_sink_positions), residual_clip=clip)
+                          extra_sink_positions=tuple(self.extra_sink_positions), residual_clip=clip,
+                          content_sinks=self.content_sinks)
         except PolicyError as exc:
             raise ProfileError(f"profile does not describe a valid policy: {exc}") from None
 
@@ -291,6 +312,20 @@ class Profile:
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        data = self._to_dict()
+        if self.content_sinks is not None:
+            rule = self.content_sinks
+            beta, heads = rule.resolve(self.model.num_layers, max(self.model.num_heads))
+            data["version"] = CONTENT_VERSION
+            data["policy"]["mode"] = "content"
+            data["policy"]["content_sinks"] = {
+                "threshold": rule.threshold, "hidden_sink_scale": beta.tolist(),
+                "heads": None if rule.heads is None else heads.tolist(), "min_rows": rule.min_rows,
+                "reevaluate_every": rule.reevaluate_every,
+            }
+        return data
+
+    def _to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -323,8 +358,9 @@ class Profile:
         version = data.get("version")
         if not isinstance(version, int):
             raise ProfileError("profile has no integer 'version'")
-        if version > VERSION:
-            raise ProfileError(f"profile version {version} is newer than this sinkfix reads ({VERSION}); upgrade sinkfix")
+        if version > CONTENT_VERSION:
+            raise ProfileError(f"profile version {version} is newer than this sinkfix reads ({CONTENT_VERSION}); "
+                               "upgrade sinkfix")
         if version < 1:
             raise ProfileError(f"profile version {version} is not valid")
         identity = ModelIdentity.from_dict(data.get("model"))
@@ -352,7 +388,7 @@ class Profile:
         domains = data.get("domains") if version >= 3 else None
         return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
                    virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity),
-                   domain_parameters=domains, version=version)
+                   domain_parameters=domains, version=version, content_sinks=_content_from_dict(policy, version))
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON, atomically. Returns the path."""
@@ -404,6 +440,8 @@ class Profile:
         if self.virtual_sink_logit is not None:
             v = self.virtual_sink_logit
             parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
+        if self.content_sinks is not None:
+            parts.append(f"content sinks: {self.content_sinks.describe()}")
         return f"Profile for {self.model.describe()}: " + ", ".join(parts) + f"; {self.robustness()}"
 
     def __repr__(self) -> str:
@@ -462,6 +500,32 @@ def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics |
         raise ProfileError(f"profile statistics are malformed: {exc}") from None
     stats.check(identity)
     return stats
+
+
+def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
+    mode = policy.get("mode", "positional")
+    if version < CONTENT_VERSION and ("mode" in policy or "content_sinks" in policy):
+        raise ProfileError(f"a version-{version} profile cannot name a mode (\"mode\": {mode!r}); modes start at "
+                           f"version {CONTENT_VERSION}: the file was edited or is corrupted")
+    if mode == "positional":
+        if "content_sinks" in policy:
+            raise ProfileError("a positional profile has a 'content_sinks' entry; set \"mode\": \"content\" or remove it")
+        return None
+    if mode != "content":
+        raise ProfileError(f"profile mode must be 'positional' or 'content', got {mode!r}")
+    entry = policy.get("content_sinks")
+    if not isinstance(entry, dict) or "threshold" not in entry or "hidden_sink_scale" not in entry:
+        raise ProfileError("a content-mode profile needs a 'content_sinks' object with 'threshold' and "
+                           "'hidden_sink_scale'")
+    try:
+        heads = entry.get("heads")
+        return ContentSinks(
+            threshold=entry["threshold"],
+            hidden_sink_scale=torch.tensor(entry["hidden_sink_scale"], dtype=torch.float64),
+            heads=None if heads is None else torch.tensor(heads, dtype=torch.bool),
+            min_rows=entry.get("min_rows", 1), reevaluate_every=entry.get("reevaluate_every"))
+    except (PolicyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"profile content_sinks: {exc}") from None
 
 
 def _reject_constant(name: str):

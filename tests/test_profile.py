@@ -10,7 +10,7 @@ import torch
 
 import sinkfix
 from sinkfix.errors import ProfileError
-from sinkfix.profile import FORMAT, VERSION, ModelIdentity, Profile, atomic_write_text, weights_fingerprint
+from sinkfix.profile import CONTENT_VERSION, FORMAT, VERSION, ModelIdentity, Profile, atomic_write_text, weights_fingerprint
 
 from .conftest import tiny_model
 
@@ -97,7 +97,7 @@ def test_corrupted_and_invalid_files(tmp_path):
     cases = {
         "corrupted": (good and json.dumps(good)[:-40], "corrupted"),
         "not a profile": ({"hello": 1}, "not a sinkfix profile"),
-        "future": ({**good, "version": VERSION + 1}, "newer"),
+        "future": ({**good, "version": CONTENT_VERSION + 1}, "newer"),
         "no version": ({k: v for k, v in good.items() if k != "version"}, "version"),
         "nan": (json.dumps(good).replace(str(good["policy"]["sink_scale"][0][0]), "NaN", 1), "NaN"),
         "range": ({**good, "policy": {**good["policy"], "sink_scale": [[1.5] * 4] * 2}}, r"\[0.0, 1.0\]"),

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sinkfix.integrations.masks import PaddedCausalMask
+from sinkfix.integrations.content_sinks import content_attention
 from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
@@ -70,6 +71,7 @@ class LayerState:
     telemetry: list[Callable[[AttentionCall], None]] = field(default_factory=list)
     sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
     first_real_row: torch.Tensor | None = None  # (B,)
+    cache: Any = None  # the KV cache of the current call, for content-dependent sinks (set by a forward hook)
 
 
 # Set by discover_attention_modules for the length of one dummy forward. A plain module global
@@ -176,6 +178,15 @@ def attention_forward(
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
     observing = state is not None and bool(state.observers)
     monitored = state is not None and bool(state.telemetry)
+    if state is not None and state.policy.content is not None:
+        if observing or monitored or kwargs.get("output_attentions"):
+            raise NotImplementedError("observers, telemetry and output_attentions are not implemented for "
+                                      "content-dependent sinks; measure with a positional policy or the stock model")
+        dense_mask = attention_mask if padded is None else padded.dense
+        result = content_attention(state, query, key, value, dense_mask, causal=causal, scaling=scaling,
+                                   softcap=softcap, sliding_window=sliding_window, beta=beta, extra_logits=extra_logits,
+                                   virtual_sink_logit=virtual, position_ids=kwargs.get("position_ids"))
+        return result.out.transpose(1, 2).contiguous(), None
     corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 
     # Where the sink is. Decided from the layout, never from tensor values: with no mask (no

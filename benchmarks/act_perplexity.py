@@ -1,0 +1,61 @@
+"""Perplexity change of ACT's rule (content-dependent sinks) against the stock model.
+
+Text: sinkfix's built-in domains, "eval" split (prose: the pydoc topics of the Python standard
+library; code: the source of six standard-library modules, sinkfix.texts). Protocol: windows of
+``--seq-len`` tokens, stride = window body, first ``--windows`` windows of each domain, both BOS
+protocols. Nothing is fitted here: ACT's defaults (beta 0.4, threshold 0.1, every head) and
+variants given on the command line, so no domain is "seen".
+
+    OMP_NUM_THREADS=1 python benchmarks/act_perplexity.py --model smollm2-135m --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import sinkfix
+from sinkfix import ContentSinks, Policy
+from sinkfix.evaluate import perplexity
+from sinkfix.texts import DOMAINS, domain_text
+
+
+def _policies() -> dict[str, Policy]:
+    return {
+        "ACT defaults (beta 0.4, threshold 0.1, all heads)": Policy.act(),
+        "ACT, keys seen by >= 32 rows judged": Policy(content_sinks=ContentSinks(0.1, 0.4, min_rows=32)),
+        "ACT, beta 0.8": Policy.act(beta=0.8),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = sinkfix.load_model(args.model)
+    print(f"model {args.model}, CPU fp32, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"text: built-in domains, eval split; {args.seq_len}-token windows, first {args.windows} per domain\n")
+    print("| policy | BOS | domain | stock ppl | corrected ppl | change |")
+    print("|---|---|---|---|---|---|")
+    for bos in (False, True):
+        for domain in DOMAINS:
+            text = domain_text(domain, "eval")
+            start = time.perf_counter()
+            stock = perplexity(model, tokenizer, text, seq_len=args.seq_len, bos=bos, max_windows=args.windows)
+            for name, policy in _policies().items():
+                with sinkfix.patch(model, policy, backend="torch"):
+                    got = perplexity(model, tokenizer, text, seq_len=args.seq_len, bos=bos, max_windows=args.windows)
+                change = 100 * (got.ppl / stock.ppl - 1)
+                print(f"| {name} | {'yes' if bos else 'no'} | {domain} | {stock.ppl:.3f} | {got.ppl:.3f} | "
+                      f"{change:+.2f}% |", flush=True)
+            print(f"<!-- {domain}, bos={bos}: {stock.protocol()}, {time.perf_counter() - start:.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Content-dependent sink sets in a patched model: decided on the prompt, carried with the KV cache.
+
+ACT's criterion is a column mean over the query rows that see a key. A decode step has one row,
+and that row's criterion would call any strongly attended token a sink; so sinkfix decides the set
+on the prompt and carries it, unchanged, through decoding (docs/formulas.md, "Content-dependent
+sinks"):
+
+* **Prefill** (any call with more than one query row, including prefill chunks): the column
+  statistics of the call's rows are merged with those of earlier chunks of the same sequences and
+  the set is decided on all of them.
+* **Decode** (one query row): the stored set is applied; keys added since are not sinks. With
+  ``ContentSinks.reevaluate_every = N`` the rows of decode steps are added to the column
+  statistics and the set is decided again every N steps, on every row seen so far.
+
+The set lives **with the cache** (:class:`ContentSinkStore`, an attribute of the transformers
+``Cache`` object), per layer, as a (B, Hq, K) mask over the cache's key columns. The store follows
+the cache: ``reorder_cache`` (beam search), ``crop``, ``batch_select_indices`` and
+``batch_repeat_interleave`` are applied to it too, and a sliding-window layer's evicted columns
+are dropped from the left. The attention function does not receive the cache, so a forward
+pre-hook on each corrected attention module hands it over (:func:`cache_hooks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sinkfix.errors import PolicyError
+from sinkfix.integrations.sink_location import locate_sinks
+from sinkfix.ops.attention import AttentionResult
+from sinkfix.ops.content_attention import content_sink_attention_torch, merge_column_stats
+from sinkfix.ops.content_reference import ColumnStats
+
+__all__ = ["ContentSinkStore", "LayerSinkSet", "cache_hooks", "content_attention", "sink_sets", "store_of",
+           "use_sink_sets"]
+
+_STORE_ATTRIBUTE = "_sinkfix_content_sinks"
+
+
+@dataclass
+class LayerSinkSet:
+    """One layer's sink set over the *absolute* key positions of the sequences (0 = the first
+    token the cache received), so that a sliding-window layer, whose cache drops old keys, maps
+    its key columns onto it by an offset."""
+
+    hidden: torch.Tensor  # (B, Hq, W) bool, W <= length (keys beyond W are not sinks)
+    stats: ColumnStats | None  # column statistics of the rows seen so far (None in a frozen store)
+    length: int = 0  # keys this layer's cache has received
+    steps_since_decision: int = 0
+
+    def map(self, fn_batch=None, fn_cols=None) -> None:
+        def apply(t):
+            if fn_batch is not None:
+                t = fn_batch(t, 0)
+            if fn_cols is not None:
+                t = fn_cols(t, -1)
+            return t
+
+        self.hidden = apply(self.hidden)
+        if self.stats is not None:
+            self.stats = ColumnStats(apply(self.stats.mass), apply(self.stats.rows))
+
+
+class ContentSinkStore:
+    """The sink sets of one cache, per attention layer. ``frozen``: apply the stored sets and never
+    decide (a forward that must reproduce a given set, see :func:`use_sink_sets`)."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        self.layers: dict[int, LayerSinkSet] = {}
+        self.frozen = frozen
+
+    # -- following the cache ------------------------------------------------------------------
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        for entry in self.layers.values():
+            entry.map(fn_batch=lambda t, axis: t.index_select(axis, beam_idx.to(t.device)))
+
+    def select(self, indices: torch.Tensor) -> None:
+        self.reorder(indices)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        for entry in self.layers.values():
+            entry.map(fn_batch=lambda t, axis: t.repeat_interleave(repeats, dim=axis))
+
+    def crop(self, max_length: int) -> None:
+        """transformers' ``Cache.crop``: a negative argument removes that many tokens, a positive
+        one (older versions) keeps that many."""
+        for entry in self.layers.values():
+            entry.length = max(entry.length + max_length, 0) if max_length < 0 else min(entry.length, max_length)
+            entry.map(fn_cols=lambda t, axis, keep=entry.length: t[..., :keep])
+
+
+_FOLLOWED = (("reorder_cache", "reorder"), ("crop", "crop"), ("batch_select_indices", "select"),
+             ("batch_repeat_interleave", "repeat_interleave"))
+
+
+def _attach_store(cache: Any, store: ContentSinkStore) -> ContentSinkStore:
+    """Put ``store`` on ``cache`` and make the cache's batch/length operations apply to it too
+    (instance attributes shadow the class's methods; the cache's own work runs first)."""
+    if getattr(cache, "is_compileable", False):
+        raise PolicyError(f"content-dependent sinks need a cache that grows with the sequence (DynamicCache); "
+                          f"{type(cache).__name__} has fixed key columns, which the sink set cannot follow")
+    if getattr(cache, _STORE_ATTRIBUTE, None) is None:
+        for cache_method, store_method in _FOLLOWED:
+            original = getattr(cache, cache_method, None)
+            if original is None:
+                continue
+
+            def followed(*args, _original=original, _name=store_method, **kwargs):
+                result = _original(*args, **kwargs)
+                getattr(getattr(cache, _STORE_ATTRIBUTE), _name)(*args, **kwargs)
+                return result
+
+            setattr(cache, cache_method, followed)
+    setattr(cache, _STORE_ATTRIBUTE, store)
+    return store
+
+
+def store_of(cache: Any, create: bool = True) -> ContentSinkStore | None:
+    store = getattr(cache, _STORE_ATTRIBUTE, None)
+    if store is None and create:
+        store = _attach_store(cache, ContentSinkStore())
+    return store
+
+
+def sink_sets(cache: Any) -> dict[int, torch.Tensor]:
+    """The hidden-sink sets a cache carries: layer -> (B, Hq, K) bool over its key columns."""
+    store = store_of(cache, create=False)
+    if store is None:
+        return {}
+    return {layer: _columns(entry.hidden, 0, entry.length) for layer, entry in store.layers.items()}
+
+
+def use_sink_sets(cache: Any, sets: dict[int, torch.Tensor]) -> Any:
+    """Make ``cache`` (empty, or holding the keys the sets were decided on) carry ``sets`` as fixed
+    sink sets: forwards with it apply them (keys beyond their width are not sinks) and never decide.
+    Returns the cache."""
+    store = ContentSinkStore(frozen=True)
+    for layer, hidden in sets.items():
+        if hidden.dtype != torch.bool or hidden.ndim != 3:
+            raise PolicyError(f"sink set of layer {layer} must be a (B, Hq, K) bool tensor, got "
+                              f"{tuple(hidden.shape)} {hidden.dtype}")
+        store.layers[layer] = LayerSinkSet(hidden.clone(), None, length=0)
+    _attach_store(cache, store)
+    return cache
+
+
+# -- hooks: handing the cache to the attention function --------------------------------------------
+def cache_hooks(module: nn.Module, state) -> list:
+    """Forward hooks that give ``state.cache`` the cache of the module's current call (or None),
+    and drop the reference afterwards so that the state never keeps a cache alive."""
+
+    def before(mod, args, kwargs):
+        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+
+    def after(mod, args, kwargs, output):
+        state.cache = None
+
+    return [module.register_forward_pre_hook(before, with_kwargs=True),
+            module.register_forward_hook(after, with_kwargs=True)]
+
+
+# -- the attention call ----------------------------------------------------------------------------
+def _columns(hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Absolute positions [start, stop) of a set; positions beyond its width are not sinks."""
+    part = hidden[..., start:stop]
+    extra = (stop - start) - part.shape[-1]
+    return part if extra == 0 else torch.nn.functional.pad(part, (0, extra), value=False)
+
+
+def _absolute(stats: ColumnStats, start: int) -> ColumnStats:
+    """Call-column statistics placed at absolute positions (nothing before ``start``)."""
+    pad = (start, 0)
+    return ColumnStats(torch.nn.functional.pad(stats.mass, pad), torch.nn.functional.pad(stats.rows, pad))
+
+
+def content_attention(state, query, key, value, attention_mask, *, causal: bool, scaling, softcap, sliding_window,
+                      beta, extra_logits, virtual_sink_logit, position_ids) -> AttentionResult:
+    """One attention call of a layer whose policy has content-dependent sinks (PyTorch path)."""
+    rule = state.policy.content
+    if state.backend != "torch":
+        raise PolicyError("content-dependent sinks run on the PyTorch path only (the Triton kernels do not carry a "
+                          "per-head sink set yet); patch with backend='torch'")
+    batch, q_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    location = locate_sinks(attention_mask, position_ids, batch=batch, q_len=q_len, k_len=k_len, causal=causal,
+                            sliding=sliding_window is not None, sink_positions=state.policy.sink_positions,
+                            device=query.device)
+    state.sink_rows, state.first_real_row = location.query_rows(q_len)
+    hidden_beta, heads = rule.tensors(query.device)
+    common = dict(attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
+                  sink_cols=location.sink_cols, beta=beta, extra_logits=extra_logits,
+                  virtual_sink_logit=virtual_sink_logit, hidden_beta=hidden_beta)
+    decide = dict(threshold=rule.threshold, min_rows=rule.min_rows, heads=heads)
+    cache = getattr(state, "cache", None)
+    layer = state.policy.layer
+    past = k_len - q_len
+
+    if cache is None:
+        if past > 0:
+            raise PolicyError(f"layer {layer}: an attention call over {past} earlier keys reached sinkfix without "
+                              "its cache, so the sink set decided on the prompt cannot be carried into it; "
+                              "content-dependent sinks need the model's attention modules to receive the cache")
+        result = content_sink_attention_torch(query, key, value, **common, **decide)
+        return AttentionResult(result.out, result.lse, None, None)
+
+    store = store_of(cache)
+    entry = store.layers.get(layer)
+    length = 0 if entry is None else entry.length
+    end = length + q_len  # absolute position after this call's keys
+    first = end - k_len  # absolute position of the call's key column 0 (> 0 once a window dropped keys)
+    if first < 0:
+        raise PolicyError(f"layer {layer}: the cache holds {past} keys but a sink set was decided for {length}: it "
+                          "was filled without this content-sink policy (before patching, or by another model)")
+
+    if store.frozen:  # given sets: applied, never decided
+        hidden = torch.zeros(batch, q_heads, 0, dtype=torch.bool) if entry is None else entry.hidden
+        result = content_sink_attention_torch(query, key, value, hidden=_columns(hidden, first, end).to(query.device),
+                                              **common)
+        if entry is not None:
+            entry.length = end
+        return AttentionResult(result.out, result.lse, None, None)
+
+    if entry is None or q_len > 1:
+        # prefill (or a prefill chunk): decide on every row seen so far
+        prior = None if entry is None else entry.stats
+        result = content_sink_attention_torch(query, key, value, **common, **decide, prior=_call_prior(prior, first, end))
+        stats = merge_column_stats(prior, _absolute(result.stats, first))
+        hidden = _absolute_hidden(entry, result.hidden, first, end)
+        store.layers[layer] = LayerSinkSet(hidden, stats, length=end)
+        return AttentionResult(result.out, result.lse, None, None)
+
+    hidden = _columns(entry.hidden, first, end)
+    entry.length = end
+    every = rule.reevaluate_every
+    if every is None:
+        result = content_sink_attention_torch(query, key, value, hidden=hidden, **common)
+        return AttentionResult(result.out, result.lse, None, None)
+
+    entry.steps_since_decision += 1
+    if entry.steps_since_decision >= every:
+        # decide again on the prompt's rows and every generated row, this one included
+        result = content_sink_attention_torch(query, key, value, **common, **decide,
+                                              prior=_call_prior(entry.stats, first, end))
+        entry.hidden = _absolute_hidden(entry, result.hidden, first, end)
+        entry.steps_since_decision = 0
+    else:
+        result = content_sink_attention_torch(query, key, value, hidden=hidden, need_stats=True, **common)
+    entry.stats = merge_column_stats(entry.stats, _absolute(result.stats, first))
+    return AttentionResult(result.out, result.lse, None, None)
+
+
+def _call_prior(stats: ColumnStats | None, first: int, end: int) -> ColumnStats | None:
+    """Absolute statistics cut to the call's key columns [first, end)."""
+    if stats is None:
+        return None
+    mass, rows = stats.mass[..., first:end], stats.rows[..., first:end]
+    return ColumnStats(mass, rows)
+
+
+def _absolute_hidden(entry: LayerSinkSet | None, call_hidden: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """The stored set with the call's columns [first, end) replaced by the call's decision (the
+    keys a sliding window dropped keep the decision made while they were visible)."""
+    if entry is None or first == 0:
+        return call_hidden
+    kept = _columns(entry.hidden, 0, first).to(call_hidden.device)
+    return torch.cat([kept, call_hidden], dim=-1)

@@ -1,0 +1,322 @@
+"""Content-dependent sinks on the PyTorch path, without the (B, H, Q, K) score matrix.
+
+The rule and its fp64 reference are in :mod:`sinkfix.ops.content_reference`. The fast path makes
+three passes of the fused attention op that returns a log-sum-exp (:mod:`sinkfix.ops.flash`):
+
+1. **stock pass**: softmax attention over every visible key, in fp32: ``o_all`` and the row
+   log-sum-exp ``lse_i`` over the real keys.
+2. **column pass** (only when the sink set is decided): the mass each key receives,
+   ``sum_{i sees j} exp(s_ij - lse_i)``, is a softmax-denominator with the roles of queries and
+   keys swapped and a per-"key" bias ``-lse_i``. Appending one coordinate to each vector,
+   ``x_j = [scale k_j, 1]`` and ``y_i = [q_i, -lse_i]``, turns it into the log-sum-exp of a plain
+   attention call of the keys over the queries (``x_j . y_i = s_ij - lse_i``), so the fused op
+   computes it tile by tile. In a plain causal window "row i sees key j" is ``i >= j``; reversing
+   both axes turns that into the op's own causal rule, so no mask is built.
+3. **rest pass**: attention over N (visible keys outside the positional set S and the hidden set
+   H of each head). H differs per (batch, head); one more coordinate carries it:
+   ``q'_i = [scale q_i, 1]``, ``k'_j = [k_j, bias_bhj]`` with ``bias = -1e30`` on S and H keys,
+   so the per-head sink mask costs O(K) per head, not O(Q K).
+
+The |S| positional columns are scored explicitly (Q x |S| per head), and the hidden part follows
+by subtraction in normalised form, ``w_H o_H = o_all - w_N o_N - w_S o_S`` with
+``w_X = exp(lse_X - lse_all)``: N and S are computed directly, so the subtraction never amplifies
+an error (its absolute error is that of ``o_all``, ~1e-7 in fp32). The epilogue is the formula of
+the reference.
+
+Compared with the positional path (one pass), prefill costs three passes (docs/formulas.md gives
+the FLOP count and the measured CPU time). Calls with at most ``FEW_ROWS`` query rows (decode
+steps) compute the (B, Hq, Q, K) scores directly: with Q that small they are no bigger than the
+keys, and a few small ops cost less than three passes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sinkfix.ops.content_reference import (
+    ColumnStats, column_stats_reference, decide_hidden_sinks, reference_content_sink_attention,
+)
+from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
+from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
+
+__all__ = ["ContentResult", "content_sink_attention_torch", "column_stats_torch", "merge_column_stats"]
+
+# Added to the score of a key that must not count in the rest pass. Finite so that a row with no
+# such key yields finite garbage (discarded by count), and small enough in magnitude that adding the
+# visibility mask's finfo.min does not overflow (1e30 is below half an ulp of finfo.min).
+_EXCLUDED = -1e30
+
+
+class ContentResult(NamedTuple):
+    out: torch.Tensor  # (B, Hq, Q, D) in q's dtype
+    lse: torch.Tensor  # (B, Hq, Q) fp32, log(l_S + l_H + l_N)
+    hidden: torch.Tensor  # (B, Hq, K) bool, the hidden sinks applied
+    stats: ColumnStats | None  # this call's rows only, when asked for or when the set was decided
+
+
+def merge_column_stats(prior: ColumnStats | None, new: ColumnStats) -> ColumnStats:
+    """Column statistics of two disjoint sets of query rows; ``prior`` may cover fewer columns
+    (the keys added since), which have received nothing from its rows."""
+    if prior is None:
+        return new
+    pad = new.mass.shape[-1] - prior.mass.shape[-1]
+    mass = torch.nn.functional.pad(prior.mass.to(new.mass.dtype), (0, pad)) + new.mass
+    rows = torch.nn.functional.pad(prior.rows.to(new.rows.dtype), (0, pad)) + new.rows
+    return ColumnStats(mass, rows)
+
+
+def _plain(attn_mask, causal: bool, causal_offset: int, sliding_window, q_len: int, k_len: int) -> bool:
+    simple_causal = causal and causal_offset == 0 and q_len == k_len
+    return attn_mask is None and sliding_window is None and (simple_causal or not causal)
+
+
+def _repeat(t: torch.Tensor, group: int) -> torch.Tensor:
+    """kv heads -> query heads; expand + reshape (one copy) is ~3x faster than repeat_interleave on CPU."""
+    if group == 1:
+        return t
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+
+
+# Up to this many query rows (a decode step, a short verification chunk) the scores are computed
+# directly: (B, Hq, Q, K) is then no bigger than the keys themselves, and a handful of small ops
+# beats three fused passes (measured: 0.13 ms positional vs ~3-18 ms through the passes at K = 512
+# on a loaded CPU, dominated by copying the keys per query head).
+FEW_ROWS = 8
+
+
+def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, extra_logits, virtual_sink_logit,
+              need_stats: bool):
+    """The formula of the reference, in fp32, with query heads grouped by kv head (no key copies).
+    ``visible`` (B, 1, Q, K) bool. Returns (out fp32, lse, stats or None)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    qg = q.float().reshape(batch, kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale).view(batch, q_heads, q_len, k_len)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # stock, real keys
+    stats = ColumnStats(p.sum(2), visible[:, 0].sum(1).float()) if need_stats else None
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    in_h = visible & hidden[:, :, None, :]
+    in_s = visible & is_sink
+    in_n = visible & ~is_sink & ~hidden[:, :, None, :]
+    w_s = (p * in_s).sum(-1)
+    w_h = (p * in_h).sum(-1)
+    w_n = (p * in_n).sum(-1)
+    has_rest = (in_s | in_n).any(-1)
+    has_n = in_n.any(-1)
+    b_h = torch.where(has_rest, hidden_beta.float().reshape(1, -1, 1), 1.0)
+    g = 1 + (1 - b_h) * w_h / torch.where(has_rest, w_s + w_n, 1.0)
+    b_s = torch.where(has_n, 1.0 if beta is None else beta.float().reshape(1, -1, 1), 1.0)
+    scale_n = g * (w_n + (1 - b_s) * w_s) / torch.where(has_n, w_n, 1.0)
+    weights = p * (b_h[..., None] * in_h + (g * b_s)[..., None] * in_s + scale_n[..., None] * in_n)
+    out = torch.matmul(weights.view(batch, kv_heads, group * q_len, k_len), v.float())
+    out = out.view(batch, q_heads, q_len, head_dim)
+    if extra_logits is not None or virtual_sink_logit is not None:
+        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, (in_n | in_h).any(-1))
+        out = out * torch.where(torch.isfinite(lse), torch.sigmoid(lse - lse_zero), 0.0)[..., None]
+    return out, lse, stats
+
+
+def column_stats_torch(q, k, lse, *, visible, plain_causal: bool, scale: float) -> ColumnStats:
+    """Pass 2 (module docstring): q (B, Hq, Q, D), k (B, Hkv, K, D), lse (B, Hq, Q) stock row
+    log-sum-exps over real keys (-inf for rows that see nothing); ``visible`` (B, 1, Q, K) bool or
+    None for a plain layout (``plain_causal`` says which)."""
+    batch, q_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    x = torch.cat([_repeat(k.float(), q_heads // k.shape[1]) * scale,
+                   torch.ones(batch, q_heads, k_len, 1, device=q.device)], dim=-1)
+    seen = torch.isfinite(lse)
+    y = torch.cat([q.float(), torch.where(seen, -lse, 0.0).unsqueeze(-1)], dim=-1)
+    dummy_v = torch.zeros_like(y)
+    if visible is None:
+        if plain_causal:
+            _, lse_col = flash_with_lse(x.flip(2), y.flip(2), dummy_v, visible=None, is_causal=True, scale=1.0)
+            lse_col = lse_col.float().flip(2)
+            rows = torch.arange(q_len, 0, -1, device=q.device, dtype=torch.float32).expand(batch, k_len)
+        else:
+            _, lse_col = flash_with_lse(x, y, dummy_v, visible=None, is_causal=False, scale=1.0)
+            lse_col = lse_col.float()
+            rows = torch.full((batch, k_len), float(q_len), device=q.device)
+    else:
+        sees = visible & seen[:, :1, :, None]  # rows that see nothing contribute nothing
+        by_key = sees.transpose(-1, -2)  # (B, 1, K, Q): key j "sees" the rows that see it
+        _, lse_col = flash_with_lse(x, y, dummy_v, visible=by_key, is_causal=False, scale=1.0)
+        rows = sees[:, 0].sum(1).float()
+        lse_col = lse_col.float().masked_fill(rows[:, None, :] == 0, float("-inf"))
+    return ColumnStats(torch.exp(lse_col), rows)
+
+
+def _sink_part(q, k, v, visible_cols: torch.Tensor, sink_cols: torch.Tensor, scale: float):
+    """The positional sink columns scored explicitly: (o_S (B, Hq, Q, D), lse_S (B, Hq, Q),
+    count of visible sink keys (B, 1, Q)). ``visible_cols`` (B, 1, Q, NS) bool."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    cols = sink_cols.clamp(0, max(k_len - 1, 0)).long()
+    index = cols[:, None, :, None].expand(batch, kv_heads, cols.shape[1], head_dim)
+    group = q_heads // kv_heads
+    k_s = _repeat(k.gather(2, index).float(), group)
+    v_s = _repeat(v.gather(2, index).float(), group)
+    s = torch.matmul(q.float(), k_s.transpose(-1, -2)).mul_(scale).masked_fill_(~visible_cols, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return torch.matmul(p, v_s), lse, visible_cols.sum(-1).float()
+
+
+def content_sink_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    hidden_beta: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    threshold: float | None = None,
+    min_rows: int = 1,
+    heads: torch.Tensor | None = None,
+    prior: ColumnStats | None = None,
+    need_stats: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sink_cols: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    extra_logits: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
+) -> ContentResult:
+    """Attention with content-dependent sinks (the formula of
+    :func:`~sinkfix.ops.content_reference.reference_content_sink_attention`).
+
+    Either ``hidden`` (B, Hq, K) bool is given (a stored set: decode), or it is decided here from
+    the column statistics of this call's rows merged with ``prior`` (earlier rows of the same
+    sequences, e.g. previous prefill chunks) with ``threshold``, ``min_rows`` and ``heads``
+    (:func:`~sinkfix.ops.content_reference.decide_hidden_sinks`). ``hidden_beta`` (Hq,) is the
+    hidden-sink scaling; the other arguments are those of
+    :func:`sinkfix.ops.attention.sink_attention_torch` (``sink_cols`` (B, NS), -1 = absent).
+    The returned ``stats`` are this call's rows only (merge them with :func:`merge_column_stats`).
+    """
+    if hidden is None and threshold is None:
+        raise ValueError("content_sink_attention_torch needs either a hidden-sink mask or a threshold to decide one")
+    batch, q_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if sink_cols is None:
+        sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
+    layout = dict(attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
+    fused = cpu_flash_available(torch.float32) if q.is_cpu else fused_lse_available(q.device, torch.float32)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, beta, hidden_beta, extra_logits, virtual_sink_logit))
+    if softcap is not None or not fused or grad:
+        # the dense formula in fp32: differentiable, applies the softcap
+        stats = None
+        if hidden is None or need_stats:
+            stats = column_stats_reference(q, k, **layout, scale=scale, softcap=softcap, compute_dtype=torch.float32)
+        if hidden is None:
+            hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
+                                         min_rows=min_rows, heads=heads)
+        out, _, lse = reference_content_sink_attention(
+            q, k, v, hidden=hidden, hidden_beta=hidden_beta, **layout, scale=scale, softcap=softcap,
+            sink_cols=sink_cols, beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit,
+            compute_dtype=torch.float32)
+        return ContentResult(out.to(q.dtype), lse.float(), hidden, stats)
+
+    if q_len <= FEW_ROWS:
+        visible = visibility_mask(batch, q_len, k_len, **layout, device=q.device)
+        if hidden is not None:
+            hidden = hidden & ~is_sink[:, None, :]
+            out, lse, stats = _few_rows(q, k, v, hidden=hidden, hidden_beta=hidden_beta, visible=visible, scale=scale,
+                                        sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+                                        virtual_sink_logit=virtual_sink_logit, need_stats=need_stats)
+            return ContentResult(out.to(q.dtype), lse, hidden, stats)
+        # deciding needs the stats before the correction: one stock pass first (a few rows, cheap)
+        _, _, stats = _few_rows(q, k, v, hidden=torch.zeros(batch, q_heads, k_len, dtype=torch.bool, device=q.device),
+                                hidden_beta=hidden_beta, visible=visible, scale=scale, sink_cols=sink_cols, beta=None,
+                                extra_logits=None, virtual_sink_logit=None, need_stats=True)
+        hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
+                                     min_rows=min_rows, heads=heads)
+        out, lse, _ = _few_rows(q, k, v, hidden=hidden, hidden_beta=hidden_beta, visible=visible, scale=scale,
+                                sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+                                virtual_sink_logit=virtual_sink_logit, need_stats=False)
+        return ContentResult(out.to(q.dtype), lse, hidden, stats)
+
+    plain = _plain(attn_mask, causal, causal_offset, sliding_window, q_len, k_len)
+    plain_causal = plain and causal
+    visible = None if plain else visibility_mask(batch, q_len, k_len, **layout, device=q.device)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+
+    # pass 1: stock attention over every visible key
+    o_all, lse_all = flash_with_lse(q32, k32, v32, visible=visible, is_causal=plain_causal, scale=scale)
+    lse_all = lse_all.float()
+    if visible is None:
+        n_visible = (torch.arange(1, q_len + 1, device=q.device, dtype=torch.float32) if plain_causal
+                     else torch.full((q_len,), float(k_len), device=q.device)).expand(batch, 1, q_len)
+    else:
+        n_visible = visible.sum(-1).float()  # (B, 1, Q)
+        lse_all = lse_all.masked_fill(n_visible == 0, float("-inf"))
+        o_all = torch.where((n_visible > 0)[..., None], o_all, 0.0)
+
+    # pass 2: the column statistics, and the decision
+    stats = None
+    if hidden is None or need_stats:
+        stats = column_stats_torch(q32, k32, lse_all, visible=visible, plain_causal=plain_causal, scale=scale)
+    if hidden is None:
+        hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
+                                     min_rows=min_rows, heads=heads)
+    hidden = hidden & ~is_sink[:, None, :]
+
+    # visible hidden keys per row, and the positional sink part
+    hidden_f = hidden.float()
+    if visible is None:
+        n_hidden = hidden_f.cumsum(-1)[..., :q_len] if plain_causal else hidden_f.sum(-1, keepdim=True).expand(
+            batch, q_heads, q_len)
+        rows = torch.arange(q_len, device=q.device)[:, None]
+        cols_visible = (sink_cols[:, None, :] >= 0) & (sink_cols[:, None, :] < k_len)
+        if plain_causal:
+            cols_visible = cols_visible & (sink_cols[:, None, :] <= rows)
+        cols_visible = cols_visible.expand(batch, q_len, sink_cols.shape[1])[:, None]
+    else:
+        n_hidden = torch.einsum("bqk,bhk->bhq", visible[:, 0].float(), hidden_f)
+        valid = (sink_cols >= 0) & (sink_cols < k_len)
+        index = sink_cols.clamp(0, max(k_len - 1, 0)).long()[:, None, None, :].expand(batch, 1, q_len, -1)
+        cols_visible = visible.gather(-1, index) & valid[:, None, None, :]
+    o_s, lse_s, n_sink = _sink_part(q32, k32, v32, cols_visible, sink_cols, scale)
+    n_rest = n_visible - n_sink - n_hidden  # keys in N per row, (B, Hq, Q)
+    has_n = n_rest > 0
+
+    # pass 3: the rest, with S and each head's H pushed out through one extra coordinate
+    excluded = hidden | is_sink[:, None, :]
+    q_ext = torch.cat([q32 * scale, torch.ones(batch, q_heads, q_len, 1, device=q.device)], dim=-1)
+    k_ext = torch.cat([_repeat(k32, q_heads // k.shape[1]),
+                       torch.where(excluded, _EXCLUDED, 0.0).unsqueeze(-1)], dim=-1)
+    v_ext = torch.nn.functional.pad(_repeat(v32, q_heads // k.shape[1]), (0, 1))
+    o_n, lse_n = flash_with_lse(q_ext, k_ext, v_ext, visible=visible, is_causal=plain_causal, scale=1.0)
+    o_n = torch.where(has_n[..., None], o_n[..., :head_dim], 0.0)
+    lse_n = torch.where(has_n, lse_n.float(), float("-inf"))
+
+    # the epilogue, in shares of the real keys' mass
+    finite_all = torch.where(torch.isfinite(lse_all), lse_all, 0.0)
+    w_n = torch.exp(lse_n - finite_all)
+    w_s = torch.exp(lse_s - finite_all)
+    sees_h = n_hidden > 0
+    w_h = torch.where(sees_h, (1 - w_n - w_s).clamp(min=0), 0.0)
+    o_h_part = torch.where(sees_h[..., None], o_all - w_n[..., None] * o_n - w_s[..., None] * o_s, 0.0)
+    has_rest = (n_rest + n_sink) > 0
+    b_h = torch.where(has_rest & sees_h, hidden_beta.float().reshape(1, -1, 1), 1.0)
+    rest = w_n + w_s
+    g = 1 + (1 - b_h) * w_h / torch.where(has_rest, rest, 1.0)
+    b_s = torch.ones(()) if beta is None else beta.float().reshape(1, -1, 1)
+    b_s = torch.where(has_n, b_s, 1.0)
+    out = (b_h[..., None] * o_h_part
+           + g[..., None] * ((b_s * w_s)[..., None] * o_s + (w_n + (1 - b_s) * w_s)[..., None] * o_n))
+    if extra_logits is not None or virtual_sink_logit is not None:
+        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, (n_rest + n_hidden) > 0)
+        keep = torch.where(torch.isfinite(lse_all), torch.sigmoid(lse_all - lse_zero), 0.0)
+        out = out * keep[..., None]
+    return ContentResult(out.to(q.dtype), lse_all, hidden, stats)

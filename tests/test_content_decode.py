@@ -1,0 +1,203 @@
+"""Content-dependent sinks in a patched model: the sink set is decided on the prompt, carried with
+the KV cache through decoding, and a cached decode equals a full forward that applies the same set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import sinkfix
+from sinkfix import ContentSinks, Policy, PolicyError
+from sinkfix.integrations.content_sinks import sink_sets, store_of, use_sink_sets
+from tests.conftest import tiny_model
+
+PROMPT = 12
+STEPS = 5
+
+
+def _greedy(model, ids, attention_mask=None, steps=STEPS):
+    """Prefill + ``steps`` cached greedy steps by hand: (tokens, logits of each step (B, steps+1, V), cache)."""
+    cache = tf.DynamicCache(config=model.config)
+    mask = attention_mask
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        tokens = ids
+        for _ in range(steps):
+            nxt = logits[-1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return tokens, torch.stack(logits, dim=1), cache, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_decode_equals_a_full_forward_applying_the_prompt_decided_set(arch, padded, one_thread):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # left padding in the second row
+    with sinkfix.patch(model, Policy.act(), backend="torch"):
+        tokens, step_logits, cache, full_mask = _greedy(model, ids, mask)
+        sets = sink_sets(cache)
+        assert sets and all(s.shape[-1] == PROMPT + STEPS for s in sets.values())
+        assert any(bool(s[..., :PROMPT].any()) for s in sets.values())  # the prompt has hidden sinks
+        assert not any(bool(s[..., PROMPT:].any()) for s in sets.values())  # generated keys are never sinks
+        with torch.no_grad():
+            full = model(input_ids=tokens, attention_mask=full_mask,
+                         cache=use_sink_sets(tf.DynamicCache(config=model.config), sets), use_cache=True).logits
+            redecided = model(input_ids=tokens, attention_mask=full_mask).logits
+    torch.testing.assert_close(full[:, PROMPT - 1:], step_logits, atol=2e-5, rtol=0)
+    # deciding on the whole sequence instead (what the one forward does) is a different rule
+    assert (redecided[:, PROMPT - 1:] - step_logits).abs().max() > 1e-3
+    with torch.no_grad():
+        stock = model(input_ids=tokens, attention_mask=full_mask).logits
+    assert (stock[:, PROMPT - 1:] - step_logits).abs().max() > 1e-3  # the policy did something
+
+
+def test_generate_carries_the_set_like_the_manual_loop(one_thread):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    with sinkfix.patch(model, Policy.act(), backend="torch"):
+        tokens, _, _, _ = _greedy(model, ids)
+        generated = model.generate(ids, max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, : PROMPT + STEPS], tokens)
+
+
+def test_the_set_follows_cache_reorder_crop_and_repeat(one_thread):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    with sinkfix.patch(model, Policy.act(), backend="torch"):
+        _, _, cache, _ = _greedy(model, ids, steps=2)
+        store_of(cache).layers[0].hidden[0] = False  # make the two sequences' sets differ for sure
+        before = sink_sets(cache)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        after = sink_sets(cache)
+        assert all(torch.equal(after[layer], before[layer].flip(0)) for layer in before)
+        assert not torch.equal(after[0], before[0])  # the two sequences' sets differ, so the swap is seen
+        cache.crop(-3)  # remove the last 3 tokens
+        assert all(s.shape[-1] == PROMPT + 2 - 3 for s in sink_sets(cache).values())
+        assert cache.get_seq_length() == PROMPT + 2 - 3
+        cache.batch_repeat_interleave(2)
+        assert all(s.shape[0] == 4 for s in sink_sets(cache).values())
+        # decoding goes on from the cropped, repeated cache
+        with torch.no_grad():
+            model(input_ids=torch.ones(4, 1, dtype=torch.long), cache=cache, use_cache=True)
+        assert all(s.shape[-1] == PROMPT + 2 - 3 + 1 for s in sink_sets(cache).values())
+
+
+def test_reevaluation_decides_on_every_row_seen(one_thread):
+    """With reevaluate_every = N, after N decode steps the set is decided on the prompt's and the
+    generated rows. Layer 0's inputs do not depend on any correction, so its decision must equal
+    the one a prefill of the whole sequence makes."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    rule = ContentSinks(threshold=0.1, hidden_sink_scale=0.4, reevaluate_every=4)
+    with sinkfix.patch(model, Policy(content_sinks=rule), backend="torch"):
+        tokens, _, cache, _ = _greedy(model, ids, steps=4)
+        prefill_of_all = tf.DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=tokens, cache=prefill_of_all, use_cache=True)
+    # after step 4 the loop's cache holds the same PROMPT + 4 keys, all of whose rows were seen
+    decided = sink_sets(cache)[0]
+    assert decided.shape[-1] == PROMPT + 4
+    assert torch.equal(decided, sink_sets(prefill_of_all)[0])
+
+
+def test_a_cache_filled_without_the_policy_is_refused(one_thread):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    cache = tf.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)  # stock prefill
+    with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
+        with pytest.raises(PolicyError, match="filled without this content-sink policy"):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+
+
+def test_triton_backend_and_observers_are_refused_not_ignored(monkeypatch, one_thread):
+    model = tiny_model("llama")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sinkfix import kernels
+
+    if kernels.triton_available():
+        with pytest.raises(PolicyError, match="PyTorch path only"):
+            sinkfix.patch(model, Policy.act(), backend="triton")
+        assert sinkfix.PatchHandle.of(model) is None
+    with sinkfix.patch(model, Policy.act(), backend="torch") as handle, torch.no_grad():
+        with handle.observing(lambda call: None), pytest.raises(NotImplementedError, match="content-dependent"):
+            model(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+# -- profiles record the mode ------------------------------------------------------------------------
+def _content_profile(model):
+    from sinkfix.profile import ModelIdentity, Profile
+
+    rule = ContentSinks(threshold=0.15, hidden_sink_scale=torch.linspace(0.2, 0.9, 8, dtype=torch.float64).reshape(2, 4),
+                        heads=torch.tensor([[True, False, True, True], [False, True, True, True]]), min_rows=4)
+    return Profile(ModelIdentity.of(model), torch.full((2, 4), 0.9, dtype=torch.float64), content_sinks=rule)
+
+
+def test_content_profile_round_trips_and_applies(tmp_path, one_thread):
+    import json
+
+    from sinkfix.profile import CONTENT_VERSION, VERSION, Profile
+
+    model = tiny_model("llama")
+    profile = _content_profile(model)
+    path = profile.save(tmp_path / "content.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == CONTENT_VERSION and data["policy"]["mode"] == "content"
+    loaded = Profile.load(path)
+    assert loaded.mode == "content" and loaded.content_sinks == profile.content_sinks
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with sinkfix.patch(model, loaded, backend="torch"):
+            from_profile = model(input_ids=ids).logits
+        with sinkfix.patch(model, profile.policy(), backend="torch"):
+            from_policy = model(input_ids=ids).logits
+    assert torch.equal(from_profile, from_policy)
+    # a positional profile is still written (and read) as before
+    positional = Profile(profile.model, profile.sink_scale)
+    data = json.loads(positional.save(tmp_path / "pos.json").read_text())
+    assert data["version"] == VERSION and "mode" not in data["policy"]
+    assert Profile.load(tmp_path / "pos.json").mode == "positional"
+
+
+def test_old_version_profile_naming_a_mode_is_refused(tmp_path, one_thread):
+    import json
+
+    from sinkfix.errors import ProfileError
+    from sinkfix.profile import Profile
+
+    model = tiny_model("llama")
+    data = _content_profile(model).to_dict()
+    for version in (1, 2):
+        data["version"] = version
+        (tmp_path / "old.json").write_text(json.dumps(data))
+        with pytest.raises(ProfileError, match=f"version-{version} profile cannot name a mode"):
+            Profile.load(tmp_path / "old.json")
+    data["version"] = 3
+    data["policy"]["mode"] = "hidden"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="mode must be"):
+        Profile.load(tmp_path / "bad.json")
+    data["policy"]["mode"] = "content"
+    data["policy"]["content_sinks"]["threshold"] = 1.5
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="threshold"):
+        Profile.load(tmp_path / "bad.json")
+
+
+def test_a_static_cache_is_refused(one_thread):
+    model = tiny_model("llama")
+    cache = tf.StaticCache(config=model.config, max_cache_len=32)
+    with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
+        with pytest.raises(PolicyError, match="fixed key columns"):
+            model(input_ids=torch.ones(1, 6, dtype=torch.long), cache=cache, use_cache=True)
