@@ -178,12 +178,12 @@ def test_old_version_profile_naming_a_mode_is_refused(tmp_path, one_thread):
 
     model = tiny_model("llama")
     data = _content_profile(model).to_dict()
-    for version in (1, 2):
+    for version in (1, 2, 3):
         data["version"] = version
         (tmp_path / "old.json").write_text(json.dumps(data))
         with pytest.raises(ProfileError, match=f"version-{version} profile cannot name a mode"):
             Profile.load(tmp_path / "old.json")
-    data["version"] = 3
+    data["version"] = 4
     data["policy"]["mode"] = "hidden"
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="mode must be"):
