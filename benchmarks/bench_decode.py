@@ -27,14 +27,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
-from sinkfix.bench.timing import decode_step_times, synchronize
+from sinkfix.bench.timing import CLOCKS, decode_step_times, time_prefill
 
 TARGETS = {("decode", "eager"): 1.10, ("decode", "compiled"): 1.05, ("prefill", "eager"): 1.05,
            ("prefill", "compiled"): 1.05}
@@ -74,12 +73,8 @@ def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args
         handle = sinkfix.patch(model, policy) if policy is not None else None
         try:
             with torch.no_grad():
-                synchronize(ids.device)
-                start = time.perf_counter()
-                prefill_model(input_ids=ids, use_cache=True, **extra)
-                synchronize(ids.device)
-                prefill = time.perf_counter() - start
-                steps = decode_step_times(model, ids, args.new_tokens, pad, **decode_kwargs)[args.skip:]
+                prefill = time_prefill(prefill_model, ids, extra, clock=args.clock)
+                steps = decode_step_times(model, ids, args.new_tokens, pad, clock=args.clock, **decode_kwargs)[args.skip:]
         finally:
             if handle is not None:
                 handle.remove()
@@ -90,7 +85,7 @@ def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args
             for name, runs in rounds.items()}
 
 
-def _rows(results: dict, mode: str, threads: int, load: float) -> list[dict]:
+def _rows(results: dict, mode: str, clock: str, threads: int, load: float) -> list[dict]:
     rows = []
     stock = {kind: statistics.median(results["stock"][kind]) for kind in ("prefill", "decode")}
     for name, samples in results.items():
@@ -98,7 +93,7 @@ def _rows(results: dict, mode: str, threads: int, load: float) -> list[dict]:
             median = statistics.median(samples[kind])
             ratio = median / stock[kind]
             target = TARGETS[(kind, mode)] if name != "stock" else None
-            rows.append(dict(mode=mode, threads=threads, load=load, variant=name, kind=kind, median_ms=1e3 * median,
+            rows.append(dict(mode=mode, clock=clock, threads=threads, load=load, variant=name, kind=kind, median_ms=1e3 * median,
                              n=len(samples[kind]), ratio=ratio, target=target,
                              met=None if target is None else ratio <= target))
     return rows
@@ -114,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=34)
     parser.add_argument("--skip", type=int, default=1, help="decode steps dropped at the start of each generate")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: CPU seconds of the process (all threads), less "
+                             "disturbed by other work on a shared machine")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     model, tok = sinkfix.load_model(args.model)
@@ -129,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             load = os.getloadavg()[0]
             results = _measure(model, variants, ids, mode, args)
-            rows += _rows(results, mode, threads, round(max(load, os.getloadavg()[0]), 2))
+            rows += _rows(results, mode, args.clock, threads, round(max(load, os.getloadavg()[0]), 2))
             for row in rows[-2 * len(variants):]:
-                print(f"{row['mode']:8} {row['threads']}t load {row['load']:4.1f} {row['variant']:16} {row['kind']:7} "
+                print(f"{row['mode']:8} {args.clock:4} {row['threads']}t load {row['load']:4.1f} {row['variant']:16} {row['kind']:7} "
                       f"{row['median_ms']:9.2f} ms (n={row['n']:3})  x{row['ratio']:.3f}"
                       + ("" if row["target"] is None else f"  target <= {row['target']}: {'met' if row['met'] else 'MISSED'}"),
                       flush=True)
     from sinkfix.bench.provenance import device_name, versions
 
-    info = dict(device=device_name(torch.device("cpu")), versions=versions(), prompt=args.prompt,
+    info = dict(device=device_name(torch.device("cpu")), versions=versions(), clock=args.clock, prompt=args.prompt,
                 new_tokens=args.new_tokens, rounds=args.rounds)
     print(json.dumps(info))
     if args.json:

@@ -47,7 +47,7 @@ _MIB = 1024 * 1024
 
 
 def _ids(tokenizer, length: int) -> torch.Tensor:
-    ids = tokenize(tokenizer, domain_text("prose", "eval"))
+    ids = tokenize(tokenizer, domain_text("pydoc", "eval"))
     if ids.numel() < length:
         ids = ids.repeat(length // ids.numel() + 1)
     return ids[:length][None]

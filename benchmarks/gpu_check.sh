@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA GPU, in under 8 minutes:
 #   1. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors),
-#      including the AOT compile tests with every config (SINKFIX_AOT_ALL=1), and the CUDA test of
-#      the PyTorch path's fused log-sum-exp attention;
+#      including the AOT compile and budget tests on their default set (the full static audit needs
+#      no GPU: benchmarks/kernel_audit.py on any machine), and the CUDA test of the PyTorch path's
+#      fused log-sum-exp attention;
 #   2. benchmarks/bench_attention.py --quick (prefill TFLOP/s, decode GB/s vs copy bandwidth);
 #   3. benchmarks/gpu_model_check.py: a Llama-3-8B-shaped model (random bf16 weights from a config),
-#      4k-token prefill and 128 decode steps, stock SDPA vs patched, eager and compiled.
+#      4k-token prefill and 128 decode steps, stock SDPA vs patched, eager and compiled;
+#   4. benchmarks/kernel_audit.py --native: the audited bf16 configurations timed with real launches,
+#      to set next to their static numbers (registers, spills, main-loop SASS).
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
 # Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
 set -uo pipefail
@@ -14,7 +17,6 @@ cd "$(dirname "$0")/.."
 OUT="$(mkdir -p "${OUT:-./gpu-out}" && cd "${OUT:-./gpu-out}" && pwd)"
 PYTHON="${PYTHON:-python}"
 unset TRITON_INTERPRET
-export SINKFIX_AOT_ALL=1
 export TRITON_DEFAULT_FP_FUSION=1
 
 # The kernels live in kernels/ and import as sinkfix.kernels (setuptools package-dir), so a plain
@@ -42,15 +44,20 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 # --confcutdir keeps pytest from loading tests/conftest.py (tiny transformers models, not needed here)
-timeout 170 "$PYTHON" -m pytest tests/kernels tests/test_cuda_path.py -q -rfE -s --confcutdir=tests/kernels \
+timeout 150 "$PYTHON" -m pytest tests/kernels tests/test_cuda_path.py -q -rfE -s --confcutdir=tests/kernels \
     --durations=15 --junitxml="$OUT/pytest-kernels.xml" > "$OUT/pytest-kernels.txt" 2>&1
 tests_rc=$?
 
-timeout 120 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+timeout 90 "$PYTHON" benchmarks/bench_attention.py --quick --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 
-timeout 170 "$PYTHON" benchmarks/gpu_model_check.py --budget 120 --out "$OUT/model.md" > "$OUT/model.log" 2>&1
+timeout 150 "$PYTHON" benchmarks/gpu_model_check.py --budget 110 --out "$OUT/model.md" > "$OUT/model.log" 2>&1
 model_rc=$?
+
+# JIT compiles dominate (about 22 configurations); no case starts after 50 s, partial table kept
+timeout 75 "$PYTHON" benchmarks/kernel_audit.py --native --deadline 50 --markdown "$OUT/audit-native.md" \
+    --out "$OUT/audit" > "$OUT/audit-native.log" 2>&1
+native_rc=$?
 
 {
     echo "pytest tests/kernels exit code: $tests_rc (124 = timed out)"
@@ -58,7 +65,8 @@ model_rc=$?
     echo "benchmark exit code: $bench_rc (124 = timed out; partial table kept in bench.md)"
     echo "model check exit code: $model_rc (124 = timed out; phases printed in model.log as they finish)"
     cat "$OUT/model.md" 2>/dev/null
+    echo "native audit exit code: $native_rc (124 = timed out; partial table kept in audit-native.md)"
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$native_rc" -eq 0 ]

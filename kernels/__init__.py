@@ -7,8 +7,9 @@ package works (with :func:`triton_available` returning False) where triton is mi
 decides between compiling and interpreting when a kernel module is imported, so set
 ``TRITON_INTERPRET=1`` before the first call if the CPU interpreter is wanted.
 
-Modules: ``attention_common`` (constants, jit helpers and launch preparation shared by the two
-attention kernels), ``attention_prefill``, ``attention_decode``, ``residual_clip``.
+Modules: ``masks`` (key padding ranges and bit-packed masks, torch only), ``attention_common``
+(constants, jit helpers and launch preparation shared by the two attention kernels),
+``attention_prefill``, ``attention_decode``, ``residual_clip``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def sink_attention_triton(
     v: torch.Tensor,
     *,
     attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     causal: bool = False,
     causal_offset: int = 0,
     sliding_window: int | None = None,
@@ -60,13 +63,16 @@ def sink_attention_triton(
     """Sink-aware attention on the Triton kernels; semantics of
     :func:`sinkfix.ops.reference.reference_sink_attention` (which see for every argument).
 
-    q (B, Hq, Q, D); k, v (B, Hkv, K, D), any strides, GQA by index. Returns ``(out, lse)``:
+    q (B, Hq, Q, D); k, v (B, Hkv, K, D), any strides, GQA by index. ``key_padding`` (B|1, K) bool
+    and its ``key_ranges`` (:func:`sinkfix.kernels.masks.key_padding_ranges`) express a padded
+    causal mask without a (Q, K) tensor (see ``sink_attention_prefill``). Returns ``(out, lse)``:
     out (B, Hq, Q, D) in q's dtype (a view of (B, Q, Hq, D) memory), lse (B, Hq, Q) fp32.
     Uses the split-KV decode kernel when Q <= DECODE_MAX_Q and K >= DECODE_MIN_K, the tiled
     prefill kernel otherwise.
     """
     kwargs = dict(
-        attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+        attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+        causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
         virtual_sink_logit=virtual_sink_logit,
     )

@@ -1,13 +1,22 @@
 """What the prefill and the split-KV decode kernels share: named constants, the jit helpers of the
 key loop and of the policy epilogue, and the launch preparation both launchers run.
 
-Logits are kept in base 2 (scaled by log2(e)) so every exponential is one ``exp2``. The sink set S
-never costs the key loop more than a column compare: sink columns are masked out of the running
-state (m_i, l_i, acc), which therefore holds the non-sink part N only. The at most NS sink columns
-are gathered into one extra key tile afterwards, and the two parts are combined with the per-head
-beta and the zero-value extra logits by the formula of ``docs/formulas.md``. Splitting first and
-combining last keeps l_N exact: no l_total - l_S cancellation when the sink takes nearly all the
-mass, which is the common case.
+Logits are kept in base 2 (scaled by log2(e)) so every exponential is one ``exp2``, and the scale is
+applied after the row max, inside the exponent. The key loop has two parts: the tiles every row
+sees whole run without any compare (the main loop: the instructions of a plain flash kernel), the
+edge tiles (window, key padding, a sink column, the causal diagonal, the ragged end, or every tile
+with a dense mask) run masked. The sink set S is masked out of the running state (m_i, l_i, acc),
+which therefore holds the non-sink part N only; sinks are usually the first real keys, so they cost
+one masked tile. The at most NS sink columns are gathered into one extra key tile of their own, and
+the two parts are combined with the per-head beta and the zero-value extra logits by the formula
+of ``docs/formulas.md``. Splitting first and combining last keeps l_N exact: no l_total - l_S
+cancellation when the sink takes nearly all the mass, which is the common case.
+
+Masks never arrive as a byte per score: transformers' padded causal masks come as per-sequence key
+padding with ranges (``masks.key_padding_ranges``), an arbitrary mask bit-packed
+(``masks.pack_mask_bits``). On Hopper the prefill loop reads k and v through tensor descriptors
+(bulk tensor copies, ``tma_descriptors``). ``benchmarks/kernel_audit.py`` checks what the compiler
+makes of all this for sm_80 and sm_90 (docs/testing.md, "Kernel efficiency").
 """
 
 from __future__ import annotations
@@ -19,10 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .masks import key_padding_ranges, pack_mask_bits
+
 __all__ = [
     "LOG2E", "LN2", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_SINK_SLOTS", "AttentionLaunch", "prepare_attention_launch",
-    "allocate_outputs", "padded_head_dim", "is_interpreted",
-    "base2_logits", "load_key_tile", "attn_tiles", "attn_key_range", "sink_tile", "softmax_stats", "sink_combine",
+    "allocate_outputs", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
+    "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile", "attn_key_range",
+    "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "key_padding_ranges", "pack_mask_bits", "tma_descriptors",
 ]
 
 # exp(x) = exp2(x * LOG2E); ln(x) = log2(x) * LN2. Module-level constants read inside @triton.jit
@@ -36,29 +48,46 @@ MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_SINK_SLOTS = 16
-# tl.dot's smallest operand dimension: the sink columns are gathered into a tile at least this wide
+# tl.dot's smallest operand dimension: the sink columns are gathered into a tile at least this
+# wide, head dims below it run padded
 MIN_DOT_DIM = 16
 
 
 # -- key-loop helpers -----------------------------------------------------------------------------
 @triton.jit
-def base2_logits(qk, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k -> base-2 logits. Without softcap qk_scale = scale * log2(e). With softcap
-    qk_scale = scale / softcap and softcap_log2 = softcap * log2(e): s = softcap * tanh(qk * scale /
-    softcap), tanh written with one exp2 of a non-positive argument so it never overflows."""
-    if HAS_SOFTCAP:
-        x = qk * qk_scale
-        t = tl.math.exp2(tl.abs(x) * MINUS_2_LOG2E)  # exp(-2|x|)
-        th = (1.0 - t) / (1.0 + t)
-        return softcap_log2 * tl.where(x < 0, -th, th)
-    else:
-        return qk * qk_scale
+def fast_reciprocal(a):
+    """1 / a for a in [1, 2] with FMAs only, to about 4e-8 relative (below fp32's half ulp): a
+    linear start (error at most 1/17), one cubic step, one Newton step. No MUFU: the softcap's
+    tanh then costs exactly one transcendental (its exp2) per score, not two."""
+    y = 1.411764705882353 - 0.47058823529411764 * a  # 24/17 - 8/17 a: |1 - a y| <= 1/17 on [1, 2]
+    e = 1.0 - a * y
+    y = y + y * (e + e * e)
+    return y + y * (1.0 - a * y)
 
 
 @triton.jit
-def load_key_tile(ptrs, cols, k_len, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """A (BLOCK_N, BLOCK_D) tile of k or v at key columns ``cols``. Bounds are checked only where
-    needed: the key axis in MASKED tiles, the head dim when it is padded."""
+def softcap_logits(qk, qk_scale, softcap_log2):
+    """Raw q.k -> base-2 logits softcap * tanh(qk * scale / softcap) * log2(e), with qk_scale =
+    scale / softcap and softcap_log2 = softcap * log2(e); tanh(|x|) = (1 - t) / (1 + t) with
+    t = exp(-2|x|) in (0, 1], one exp2 of a non-positive argument, so it never overflows."""
+    x = qk * qk_scale
+    t = tl.math.exp2(tl.abs(x) * MINUS_2_LOG2E)
+    th = (1.0 - t) * fast_reciprocal(1.0 + t)
+    return softcap_log2 * tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def load_kv_tile(src, base, off_b, off_kvh, start_n, offs_n, offs_d, stride_n, stride_d, k_len,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of k or v at key columns start_n + offs_n.
+    USE_TMA: one bulk tensor copy through the (B, Hkv, K, D) descriptor ``src``; rows past K and
+    head-dim columns past D arrive as zeros. Otherwise pointers from ``base`` = k[b, kvh, 0, 0],
+    bounds checked only where needed: the key axis in MASKED tiles, the head dim when it is padded."""
+    if USE_TMA:
+        return src.load([off_b.to(tl.int32), off_kvh.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    cols = start_n + offs_n
+    ptrs = base + cols[:, None] * stride_n + offs_d[None, :] * stride_d
     if MASKED:
         return tl.load(ptrs, mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
@@ -68,172 +97,254 @@ def load_key_tile(ptrs, cols, k_len, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def attn_tiles(
+def tile_visibility(start_n, offs_n, q_pos, k_len, window, mask_rows, row_ok, key_ok_row, stride_pn,
+                    sink_ptr, stride_sn, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                    HAS_KEY_RANGE: tl.constexpr, NS: tl.constexpr):
+    """Which (row, column) pairs of a masked tile count in the online softmax of N: the key axis,
+    the causal and window rules, the sequence's key padding, the dense mask, and never a sink
+    column (the sink set is added in the epilogue). The causal rule and the end of K are one
+    compare per score (against min(position, K - 1) per row, as cheap as a plain causal mask);
+    column-only terms are built only when there are any.
+
+    The column indices are formed here, after the q.k product, as ``start_n | offs_n``: equal to
+    start_n + offs_n since start_n is a multiple of the power-of-2 BLOCK_N, but an OR chain lets
+    LLVM fold each lane's column into one base plus a constant, where the sum was vectorised
+    into one register per column (16 more registers at 128 x 64 on sm_90: 168 instead of 158)."""
+    cols = start_n | offs_n
+    if IS_CAUSAL:
+        vis = cols[None, :] <= tl.minimum(q_pos, k_len - 1)[:, None]
+    else:
+        vis = (cols < k_len)[None, :]
+    if HAS_WINDOW:
+        vis = vis & (cols[None, :] > q_pos[:, None] - window)
+    if HAS_KEY_RANGE or NS > 0:
+        col_ok = cols < k_len
+        if HAS_KEY_RANGE:
+            col_ok = tl.load(key_ok_row + cols * stride_pn, mask=col_ok, other=0) != 0
+        for s in tl.static_range(NS):
+            col_ok = col_ok & (cols != tl.load(sink_ptr + s * stride_sn))
+        vis = vis & col_ok[None, :]
+    if HAS_MASK:
+        # the bit-packed mask (pack_mask_bits): per row, BLOCK_N / 32 words of this tile, loaded
+        # as row vectors (the layout of m_i and l_i), so the (BLOCK_M, BLOCK_N) scores never
+        # change layout to meet a mask tile; 4 bytes per 32 scores instead of 32
+        word = tl.load(mask_rows + (start_n >> 5), mask=row_ok, other=0)[:, None]
+        for j in tl.static_range(1, BLOCK_N // 32):
+            w_j = tl.load(mask_rows + (start_n >> 5) + j, mask=row_ok, other=0)
+            word = tl.where((offs_n >> 5)[None, :] == j, w_j[:, None], word)
+        vis = vis & (((word >> (cols & 31)[None, :]) & 1) != 0)
+    return vis
+
+
+@triton.jit
+def attn_tile(
     acc, l_i, m_i,                      # running state of the non-sink keys N
-    q,                                  # (BLOCK_M, BLOCK_D) query tile, input dtype
-    k_base, v_base,                     # k[b, kvh, 0, 0], v[b, kvh, 0, 0]
-    stride_kn, stride_kk, stride_vn, stride_vk,
-    mask_rows, stride_mn,               # (BLOCK_M,) pointers to attn_mask[b, h, i, 0]
-    row_ok, q_pos,                      # (BLOCK_M,) row < Q; i + causal_offset
-    sink_cols,                          # (NS_P2,) sink columns, -1 = unused slot
-    start, end, k_len, window,
-    qk_scale, softcap_log2,
-    offs_n, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    q,                                  # (BLOCK_M, BLOCK_D) query tile, input dtype (fp32 with UPCAST_DOT)
+    K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+    mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn,
+    q_pos, start_n, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Key tiles [start, end) step BLOCK_N. MASKED = False only for tiles that every row sees whole
-    (inside the causal/window band and below K) when no dense mask is given: no bounds or rule
-    checks there, only the sink column compare."""
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        # -- load k --
-        k = load_key_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, cols, k_len, offs_d,
-                          HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        # -- compute qk --
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        qk = base2_logits(qk, qk_scale, softcap_log2, HAS_SOFTCAP=HAS_SOFTCAP)
-        # -- visibility: rules, dense mask, and the sink columns (handled in the epilogue) --
-        if MASKED:
-            vis = (cols[None, :] < k_len) & row_ok[:, None]
-            if IS_CAUSAL:
-                vis = vis & (cols[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                vis = vis & (cols[None, :] > q_pos[:, None] - window)
-            if HAS_MASK:
-                mvals = tl.load(mask_rows[:, None] + cols[None, :] * stride_mn, mask=vis, other=0)
-                vis = vis & (mvals != 0)
-            if HAS_SINKS:
-                is_sink = tl.max((cols[:, None] == sink_cols[None, :]).to(tl.int32), axis=1)
-                vis = vis & (is_sink == 0)[None, :]
-            qk = tl.where(vis, qk, float("-inf"))
-        elif HAS_SINKS:
-            is_sink = tl.max((cols[:, None] == sink_cols[None, :]).to(tl.int32), axis=1)
-            qk = tl.where((is_sink == 0)[None, :], qk, float("-inf"))
-        # -- online softmax update; m_safe keeps rows that have seen nothing at exp2(-inf) = 0 --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- load v, update acc --
-        v = load_key_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, cols, k_len, offs_d,
-                          HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED)
-        p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
-        if UPCAST_DOT:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
-    return acc, l_i, m_i
+    """One key tile of the online softmax. Unmasked tiles (MASKED = False) are seen whole by every
+    row and contain no sink: no compare at all, and every row max is finite. The scale is applied
+    after the row max, inside the exponent (``qk * qk_scale - m``: one FMA and one exp2 per score),
+    and the P.V product accumulates into the rescaled ``acc`` (no second accumulator tile)."""
+    k = load_kv_tile(K, k_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_kn, stride_kk, k_len,
+                     HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    if HAS_SOFTCAP:
+        qk = softcap_logits(qk, qk_scale, softcap_log2)
+        scale = 1.0
+    else:
+        scale = qk_scale
+    if MASKED:
+        vis = tile_visibility(start_n, offs_n, q_pos, k_len, window, mask_rows, row_ok, key_ok_row, stride_pn,
+                              sink_ptr, stride_sn, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
+                              HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, NS=NS)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at 0
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        m_use = m_new
+    p = tl.math.exp2(qk * scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
+                     HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
+    p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    return acc, l_i, m_new
 
 
 @triton.jit
 def attn_key_range(
-    q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-    mask_rows, stride_mn, row_ok, q_pos, sink_cols,
-    lo, hi,                             # key range this program owns, before the causal/window cut
+    q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+    mask_rows, row_ok, q_pos,
+    key_ok_row, stride_pn, key_range_ptr,  # KeyOk[b, 0] and KeyRanges[b, 0] (first, end, holes)
+    sink_ptr, stride_sn,
+    lo, hi,                             # key range this program owns, before any rule cuts it
     pos_first, pos_last,                # causal positions of its first and last query row
     k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, NS_P2: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i) from a fresh state.
 
     Shared by the prefill kernel (one row block, all keys) and the decode split kernel (all rows,
-    one key split). Without a dense mask the range is swept in three passes: leading tiles cut by
-    the window, tiles every row sees whole (no rule checks), trailing tiles on the causal diagonal
-    and the ragged end of K. A dense mask is read on every tile anyway: one masked pass.
+    one key split). Two loops over whole key tiles: the tiles every row sees whole and that hold no
+    sink column run unmasked ([full_lo, full_hi)); the rest — cut by the window or the sequence's
+    first real key, holding a sink, on the causal diagonal, past the sequence's last real key or
+    the ragged end of K — run in one masked loop. A dense mask or a key padding with holes makes
+    every tile masked. Sinks are usually the first real keys, so they cost one masked tile; a sink
+    far to the right makes every tile before it masked (correct, slower).
     """
     full_lo = lo
     full_hi = hi
+    if HAS_KEY_RANGE:  # the sequence's real keys: a contiguous [first, end) unless it has holes
+        first = tl.load(key_range_ptr)
+        end = tl.load(key_range_ptr + 1)
+        lo = tl.maximum(lo, first)
+        hi = tl.minimum(hi, end)
+        full_lo = tl.maximum(full_lo, first)
+        full_hi = tl.where(tl.load(key_range_ptr + 2) != 0, full_lo, tl.minimum(full_hi, end))
     if IS_CAUSAL:
         hi = tl.minimum(hi, pos_last + 1)
         full_hi = tl.minimum(full_hi, pos_first + 1)
     if HAS_WINDOW:
         lo = tl.maximum(lo, pos_first - window + 1)
         full_lo = tl.maximum(full_lo, pos_last - window + 1)
-    lo = tl.minimum(lo, k_len) // BLOCK_N * BLOCK_N
+    if HAS_MASK:
+        full_hi = full_lo
+    # lo is aligned down to a tile start; it never falls below the range the program owns, whose
+    # start (0 or a decode split's) is a multiple of BLOCK_N. An empty range ends as hi == lo.
+    hi = tl.minimum(hi, k_len)
+    lo = tl.minimum(tl.maximum(lo, 0), k_len) // BLOCK_N * BLOCK_N
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
     full_hi = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, full_lo), hi)
+    if NS > 0:  # tiles holding a sink column move to the masked loop
+        offs_s = tl.arange(0, NS_P2)
+        sinks = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
+        inside = (sinks >= full_lo) & (sinks < full_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, tl.max(tl.where(inside, (sinks // BLOCK_N + 1) * BLOCK_N, 0), 0)),
+                             hi)
+        full_hi = tl.maximum(full_hi, full_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_MASK:
-        acc, l_i, m_i = attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sink_cols, lo, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=True,
-            IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=HAS_SINKS,
-            UPCAST_DOT=UPCAST_DOT)
+    # the loops count tiles: start_n = tile * BLOCK_N is a multiple of BLOCK_N (tile_visibility)
+    # tiles every row sees whole: no compare, the main loop (none with a dense mask)
+    if not HAS_MASK:
+        for tile in tl.range(full_lo // BLOCK_N, full_hi // BLOCK_N):
+            acc, l_i, m_i = attn_tile(
+                acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+                mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
+                window, qk_scale, softcap_log2, offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                MASKED=False, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL,
+                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
+    # the edges: [lo, full_lo) then [full_hi, hi), one loop; without a window, key padding, sinks
+    # or a dense mask nothing is cut on the left (lo == full_lo) and the loop is a plain range.
+    # full_lo is a tile start, or hi when no tile is unmasked: the leading count rounds up.
+    HAS_LEAD: tl.constexpr = HAS_WINDOW or HAS_KEY_RANGE or NS > 0 or HAS_MASK
+    if HAS_LEAD:
+        n_lead = (full_lo - lo + BLOCK_N - 1) // BLOCK_N
     else:
-        # leading tiles cut by the window
-        acc, l_i, m_i = attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sink_cols, lo, full_lo, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=False,
-            IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=HAS_SINKS,
-            UPCAST_DOT=UPCAST_DOT)
-        # tiles every row sees whole: no rule checks
-        acc, l_i, m_i = attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sink_cols, full_lo, full_hi, k_len, window, qk_scale,
-            softcap_log2, offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=False,
-            HAS_MASK=False, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
-            HAS_SINKS=HAS_SINKS, UPCAST_DOT=UPCAST_DOT)
-        # the causal diagonal and the ragged end of K
-        acc, l_i, m_i = attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-            mask_rows, stride_mn, row_ok, q_pos, sink_cols, full_hi, hi, k_len, window, qk_scale, softcap_log2,
-            offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=False,
-            IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=HAS_SINKS,
-            UPCAST_DOT=UPCAST_DOT)
+        n_lead = 0
+    n_masked = n_lead + (hi - full_hi + BLOCK_N - 1) // BLOCK_N
+    for t in tl.range(0, n_masked):
+        if HAS_LEAD:
+            tile = tl.where(t < n_lead, lo // BLOCK_N + t, full_hi // BLOCK_N + t - n_lead)
+        else:
+            tile = full_hi // BLOCK_N + t
+        acc, l_i, m_i = attn_tile(
+            acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
+            window, qk_scale, softcap_log2, offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            MASKED=True, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
     return acc, l_i, m_i
 
 
 # -- epilogue helpers -----------------------------------------------------------------------------
 @triton.jit
-def sink_tile(
-    q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-    mask_rows, stride_mn, row_ok, q_pos,
+def sink_scores(
+    q, k_base, stride_kn, stride_kk, mask_rows, row_ok, q_pos, key_ok_row, stride_pn,
     sink_ptr, stride_sn,                # sink_cols[b, 0]
     k_len, window, qk_scale, softcap_log2, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
-    """The sink columns as one gathered key tile of SB >= 16 columns (tl.dot's minimum): returns
-    their base-2 logits (BLOCK_M, SB), -inf where not visible, and their values (SB, BLOCK_D).
-    Same visibility rules as the loop; unused slots, columns outside [0, K) and a column listed a
-    second time are dropped (the reference builds a boolean set)."""
+    """Base-2 logits (BLOCK_M, SB) of the sink columns gathered into one key tile of SB >= 16
+    columns (tl.dot's minimum), -inf where a row does not see the column by the loop's rules, and
+    for unused slots, columns outside [0, K) or in the key padding, and a column listed a second
+    time (the reference builds a boolean set).
+
+    16-bit inputs take one tl.dot. fp32 inputs, whose ieee dot runs on FMAs with whole operand rows
+    in registers (255 registers and spills at hd 128 for this small product alone), take one
+    q.k dot product per sink slot instead: a multiply and a row sum."""
     offs_t = tl.arange(0, SB)
     cols = tl.load(sink_ptr + offs_t * stride_sn, mask=offs_t < NS, other=-1)
     earlier = (cols[:, None] == cols[None, :]) & (offs_t[None, :] < offs_t[:, None])
-    dup = tl.max(earlier.to(tl.int32), axis=1)
-    fresh = (cols >= 0) & (cols < k_len) & (dup == 0)
+    fresh = (cols >= 0) & (cols < k_len) & (tl.max(earlier.to(tl.int32), axis=1) == 0)
+    if HAS_KEY_RANGE:
+        fresh = fresh & (tl.load(key_ok_row + cols * stride_pn, mask=fresh, other=0) != 0)
     cols = tl.where(fresh, cols, 0)
-    kv_mask = fresh[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_s = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-    v_s = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
-    if UPCAST_DOT:
-        k_s = k_s.to(tl.float32)
-    s = base2_logits(tl.dot(q, tl.trans(k_s), input_precision="ieee"), qk_scale, softcap_log2,
-                     HAS_SOFTCAP=HAS_SOFTCAP)
+    if k_base.dtype.element_ty == tl.float32:
+        s = tl.zeros([q.shape[0], SB], tl.float32)
+        for slot in tl.static_range(NS):
+            col = tl.sum(tl.where(offs_t == slot, cols, 0))
+            k_row = tl.load(k_base + col * stride_kn + offs_d * stride_kk, mask=offs_d < HEAD_DIM, other=0.0)
+            s = tl.where(offs_t[None, :] == slot, tl.sum(q * k_row[None, :], axis=1)[:, None], s)
+    else:
+        k_s = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                      mask=fresh[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST_DOT:
+            k_s = k_s.to(tl.float32)
+        s = tl.dot(q, tl.trans(k_s), input_precision="ieee")
+    if HAS_SOFTCAP:
+        s = softcap_logits(s, qk_scale, softcap_log2)
+    else:
+        s = s * qk_scale
     vis = fresh[None, :] & row_ok[:, None]
     if IS_CAUSAL:
         vis = vis & (cols[None, :] <= q_pos[:, None])
     if HAS_WINDOW:
         vis = vis & (cols[None, :] > q_pos[:, None] - window)
     if HAS_MASK:
-        vis = vis & (tl.load(mask_rows[:, None] + cols[None, :] * stride_mn, mask=vis, other=0) != 0)
-    return tl.where(vis, s, float("-inf")), v_s
+        word = tl.load(mask_rows[:, None] + (cols >> 5)[None, :], mask=vis, other=0)
+        vis = vis & (((word >> (cols & 31)[None, :]) & 1) != 0)
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
+def add_sink_values(out, p_s, v_base, stride_vn, stride_vk, sink_ptr, stride_sn, k_len, offs_d,
+                    HEAD_DIM: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr):
+    """out + sum over the sink slots of p_s[:, slot] * v[col_slot, :] (p_s: BLOCK_M x SB, the
+    weights of sink_scores' columns): NS rank-1 updates in fp32, no second accumulator and no sink
+    values to keep (unused, invisible and repeated slots have p = 0)."""
+    offs_s = tl.arange(0, SB)
+    cols = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
+    for slot in tl.static_range(NS):
+        col = tl.sum(tl.where(offs_s == slot, cols, 0))
+        ok = (col >= 0) & (col < k_len)
+        v_row = tl.load(v_base + tl.where(ok, col, 0) * stride_vn + offs_d * stride_vk,
+                        mask=offs_d < tl.where(ok, HEAD_DIM, 0), other=0.0).to(tl.float32)
+        weight = tl.sum(tl.where(offs_s[None, :] == slot, p_s, 0.0), axis=1)
+        out = out + weight[:, None] * v_row[None, :]
+    return out
 
 
 @triton.jit
@@ -286,6 +397,20 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def arch_family(arch: int) -> int:
+    """The config-table key of a compute capability (x10): 80 for Ampere and Ada (mma.sync, 164 KB
+    of shared memory per SM on A100), 90 for Hopper and later (wgmma, 228 KB)."""
+    return 80 if arch < 90 else 90
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability x10 of a CUDA device; 90 elsewhere (the interpreter runs Hopper's tiles)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def padded_head_dim(head_dim: int) -> int:
     """BLOCK_D: tl.dot needs every dimension >= 16; non-power-of-2 head dims run padded with masked loads."""
     return max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
@@ -295,14 +420,21 @@ def padded_head_dim(head_dim: int) -> int:
 class AttentionLaunch:
     """The normalised side arguments of one attention launch (what both launchers pass on).
 
-    ``mask`` is the bool mask viewed as uint8 with its broadcast strides (0 on size-1 dims);
+    ``mask`` is the bool mask bit-packed along K (:func:`pack_mask_bits`) with its broadcast
+    strides (0 on size-1 dims);
+    ``key_padding`` the (B|1, K) bool key mask viewed as uint8 and ``key_ranges`` its int32
+    (B|1, 3) summary (first real key, end, has holes: :func:`key_padding_ranges`);
     ``sink_cols`` int32 (B|1, NS); ``beta`` fp32 (Hq,); ``extra_logits`` one fp32 (Hq, E) table of
     zero-value logits whose first ``n_extra_every_row`` columns count in every row (the model's
     s_aux) and the rest (the virtual sink logit) only in rows that see a non-sink key.
     """
 
     mask: torch.Tensor | None
-    mask_strides: tuple[int, int, int, int]
+    mask_strides: tuple[int, int, int]
+    key_padding: torch.Tensor | None
+    key_padding_strides: tuple[int, int]
+    key_ranges: torch.Tensor | None
+    key_range_stride: int
     sink_cols: torch.Tensor | None
     sink_strides: tuple[int, int]
     beta: torch.Tensor | None
@@ -368,9 +500,9 @@ def _check_qkv(q, k, v, kernel) -> None:
                              "2**31 elements, beyond the kernels' int32 in-head offsets")
 
 
-def _mask_view(attn_mask, q, k) -> tuple[torch.Tensor | None, tuple[int, int, int, int]]:
+def _mask_view(attn_mask, q, k) -> tuple[torch.Tensor | None, tuple[int, int, int]]:
     if attn_mask is None:
-        return None, (0, 0, 0, 0)
+        return None, (0, 0, 0)
     batch, q_heads, q_len, _ = q.shape
     want = (batch, q_heads, q_len, k.shape[2])
     if attn_mask.dtype != torch.bool:
@@ -379,10 +511,35 @@ def _mask_view(attn_mask, q, k) -> tuple[torch.Tensor | None, tuple[int, int, in
         raise ValueError(f"attn_mask on {attn_mask.device}, q on {q.device}")
     if attn_mask.dim() != 4 or any(s not in (1, w) for s, w in zip(attn_mask.shape, want)):
         raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, 1|Hq, Q, K) = {want}")
-    # same bytes, read as 0/1; a broadcast dimension is read with stride 0 whatever stride torch
-    # keeps for a size-1 dim
-    strides = tuple(0 if s == 1 else st for s, st in zip(attn_mask.shape, attn_mask.stride()))
-    return attn_mask.view(torch.uint8), strides
+    # a dimension broadcast by stride 0 (an expanded mask) is packed once and read with stride 0
+    for dim in range(3):
+        if attn_mask.stride(dim) == 0:
+            attn_mask = attn_mask.narrow(dim, 0, 1)
+    packed = pack_mask_bits(attn_mask)
+    strides = tuple(0 if n == 1 else st for n, st in zip(packed.shape[:3], packed.stride()[:3]))
+    return packed, strides
+
+
+def _key_padding_view(key_padding, key_ranges, batch: int, k_len: int, device):
+    if key_padding is None:
+        if key_ranges is not None:
+            raise ValueError("key_ranges needs the key_padding it summarises")
+        return None, (0, 0), None, 0
+    if key_padding.dtype != torch.bool or key_padding.dim() != 2 or key_padding.shape[0] not in (1, batch) \
+            or key_padding.shape[1] != k_len:
+        raise ValueError(f"key_padding must be a bool (B|1, K) = ({batch}|1, {k_len}) tensor, got "
+                         f"{key_padding.dtype} {tuple(key_padding.shape)}")
+    if key_padding.device != device:
+        raise ValueError(f"key_padding on {key_padding.device}, q on {device}")
+    if key_ranges is None:
+        key_ranges = key_padding_ranges(key_padding)
+    elif key_ranges.dtype != torch.int32 or tuple(key_ranges.shape) != (key_padding.shape[0], 3) \
+            or key_ranges.stride(-1) != 1:
+        raise ValueError(f"key_ranges must be key_padding_ranges(key_padding): int32 ({key_padding.shape[0]}, 3) "
+                         f"with unit column stride, got {key_ranges.dtype} {tuple(key_ranges.shape)}")
+    padding_strides = tuple(0 if n == 1 else st for n, st in zip(key_padding.shape, key_padding.stride()))
+    range_stride = 0 if key_ranges.shape[0] == 1 else key_ranges.stride(0)
+    return key_padding.view(torch.uint8), padding_strides, key_ranges, range_stride
 
 
 def _sink_cols_int32(sink_cols, batch: int, device) -> tuple[torch.Tensor | None, tuple[int, int]]:
@@ -421,7 +578,8 @@ def _zero_value_table(extra_logits, virtual_sink_logit, q_heads: int, device) ->
 
 
 def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit,
-                             sliding_window, softcap, scale, kernel) -> AttentionLaunch:
+                             sliding_window, softcap, scale, kernel, key_padding=None,
+                             key_ranges=None) -> AttentionLaunch:
     """Validate the arguments shared by the prefill and decode launchers and normalise the small
     side tensors (see :class:`AttentionLaunch`). ``kernel`` tells whether this process interprets."""
     _check_qkv(q, k, v, kernel)
@@ -431,7 +589,12 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0, got {softcap!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        # the kernels take the row max before scaling (max(qk) * scale): exact for scale > 0 only
+        raise ValueError(f"scale must be > 0, got {scale!r}")
     mask, mask_strides = _mask_view(attn_mask, q, k)
+    padding, padding_strides, ranges, range_stride = _key_padding_view(key_padding, key_ranges, batch, k.shape[2],
+                                                                       q.device)
     sinks, sink_strides = _sink_cols_int32(sink_cols, batch, q.device)
     if beta is not None:
         if beta.shape != (q_heads,):
@@ -443,7 +606,8 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
     else:
         qk_scale, softcap_log2 = scale / float(softcap), float(softcap) * math.log2(math.e)
     return AttentionLaunch(
-        mask=mask, mask_strides=mask_strides, sink_cols=sinks, sink_strides=sink_strides, beta=beta,
+        mask=mask, mask_strides=mask_strides, key_padding=padding, key_padding_strides=padding_strides,
+        key_ranges=ranges, key_range_stride=range_stride, sink_cols=sinks, sink_strides=sink_strides, beta=beta,
         extra_logits=table, n_extra_every_row=every_row, qk_scale=qk_scale, softcap_log2=softcap_log2,
         window=0 if sliding_window is None else int(sliding_window),
         # triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits
@@ -470,3 +634,28 @@ def allocate_outputs(q, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"lse must be ({batch}, {q_heads}, {q_len}) fp32 on {q.device}, got {tuple(lse.shape)} "
                          f"{lse.dtype}")
     return out, lse
+
+
+def tma_descriptors(k, v, block_n: int, block_d: int, use_tma: bool | None):
+    """(k, v) TensorDescriptors of whole (B, Hkv, K, D) tiles of (1, 1, BLOCK_N, BLOCK_D) for the
+    bulk-tensor-copy key loop, or (None, None) for the pointer path. ``use_tma`` None means: on
+    Hopper (compute capability 9.x) with 16-bit inputs whenever the tensors allow a descriptor
+    (16-byte aligned base and strides, unit last stride); True forces it where they allow it (the
+    interpreter runs descriptors too), False never."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if use_tma is False:
+        return None, None
+    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] == 9
+                                and k.dtype in (torch.float16, torch.bfloat16)):
+        return None, None
+    size = k.element_size()
+    for t in (k, v):
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]):
+            if use_tma:
+                raise ValueError(f"use_tma=True needs 16-byte aligned k/v with unit last stride, got strides "
+                                 f"{t.stride()}")
+            return None, None
+    block = [1, 1, block_n, block_d]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), block))

@@ -7,12 +7,13 @@ Decoding is bound by reading K and V once. Two choices follow from that:
   every SM busy. Each split writes its partial state (m, l, acc) of the non-sink keys to a fp32
   workspace; a second kernel merges the splits and applies the sink policy.
 
-The sink set is masked out of every split (one column compare, as in the prefill kernel) and its
-partial state is computed once, by split 0, into an extra workspace slot. So the sink is counted in
-exactly one place wherever its column falls, and the combine (beta, extra logits) runs once, in the
-reduction kernel. The tile loop, the sink partial and the combine are the helpers of
-``attention_common``, shared with the prefill kernel,
-so the two paths share one definition of the visibility rules and the policy math.
+The sink set is masked out of every split (the tiles holding a sink column are masked tiles, as in
+the prefill kernel) and its partial state is computed once, by one extra program per (batch, kv
+head, row tile), into an extra workspace slot. So the sink is counted in exactly one place wherever
+its column falls, no key loop holds the sink tile's registers, and the combine (beta, extra logits)
+runs once, in the reduction kernel. The tile loop, the sink partial and the combine are the helpers
+of ``attention_common``, shared with the prefill kernel, so the two paths share one definition of
+the visibility rules and the policy math.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import triton.language as tl
 from .attention_common import (
     LOG2E,
     allocate_outputs,
+    arch_family,
     attn_key_range,
+    device_arch,
     padded_head_dim,
     prepare_attention_launch,
+    add_sink_values,
     sink_combine,
-    sink_tile,
+    sink_scores,
     softmax_stats,
 )
 
@@ -38,17 +42,19 @@ __all__ = ["DECODE_CONFIGS", "decode_config", "default_num_splits", "max_rows_pe
 # -- kernels --------------------------------------------------------------------------------------
 @triton.jit
 def _sink_attn_decode_split(
-    Q, K, V, Mask, SinkCols, PartM, PartL, PartAcc,
+    Q, K, V, Mask, KeyOk, KeyRanges, SinkCols, PartM, PartL, PartAcc,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
-    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_mz, stride_mh, stride_mm,
+    stride_pz, stride_pn,
+    stride_rz,
     stride_sz, stride_sn,
     num_kv_heads, group, q_len, k_len, causal_offset, window, n_rows, split_size, num_splits,
     qk_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -77,49 +83,53 @@ def _sink_attn_decode_split(
         mask_rows = Mask + off_b * stride_mz + off_h * stride_mh + off_i * stride_mm
     else:
         mask_rows = Mask
+    if HAS_KEY_RANGE:
+        key_ok_row = KeyOk + off_b * stride_pz
+        key_range_ptr = KeyRanges + off_b * stride_rz
+    else:
+        key_ok_row = KeyOk
+        key_range_ptr = KeyRanges
     if NS > 0:
         sink_ptr = SinkCols + off_b * stride_sz
-        offs_s = tl.arange(0, NS_P2)
-        sink_cols = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
     else:
         sink_ptr = SinkCols
-        sink_cols = 0
 
-    # -- this split's keys, cut to what the rows can see; the middle needs no rule checks --
-    # (bounds from the first and last query token; the rows of one tile span all of them)
-    pos_first = causal_offset
-    pos_last = q_len - 1 + causal_offset
-    acc, l_i, m_i = attn_key_range(
-        q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn, row_ok, q_pos,
-        sink_cols, pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
-        k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
-        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
-        IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=NS > 0,
-        UPCAST_DOT=UPCAST_DOT)
-
-    # -- workspace (B * Hkv, NUM_SPLITS + 1, n_rows[, HEAD_DIM]) fp32; slot NUM_SPLITS = sinks --
-    slot = (pid_bh.to(tl.int64) * (num_splits + 1) + pid_s) * n_rows + rows
-    tl.store(PartM + slot, m_i, mask=row_ok)
-    tl.store(PartL + slot, l_i, mask=row_ok)
+    # -- workspace (B * Hkv, NUM_SPLITS + 1, n_rows[, HEAD_DIM]) fp32: one slot per split, and slot
+    # NUM_SPLITS for the sink set; int32 offsets from one scalar base per program --
+    slot_base = (pid_bh.to(tl.int64) * (num_splits + 1) + pid_s) * n_rows
+    acc_offs = rows[:, None] * HEAD_DIM + offs_d[None, :]
     acc_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(PartAcc + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=acc_mask)
-    if NS > 0:
-        if pid_s == 0:  # the sink set is counted here and nowhere else
-            s_s, v_s = sink_tile(
-                q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
-                row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
-                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, NS=NS, SB=SB, HAS_MASK=HAS_MASK, IS_CAUSAL=IS_CAUSAL,
-                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, UPCAST_DOT=UPCAST_DOT)
-            m_s, l_s, p_s = softmax_stats(s_s)
-            p_s = p_s.to(v_s.dtype)
-            if UPCAST_DOT:
-                p_s = p_s.to(tl.float32)
-                v_s = v_s.to(tl.float32)
-            acc_s = tl.dot(p_s, v_s, input_precision="ieee")
-            sink_slot = slot + num_splits * n_rows
-            tl.store(PartM + sink_slot, m_s, mask=row_ok)
-            tl.store(PartL + sink_slot, l_s, mask=row_ok)
-            tl.store(PartAcc + sink_slot[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=acc_mask)
+    if pid_s < num_splits:
+        # -- this split's keys, cut to what the rows can see; the middle needs no rule checks --
+        # (bounds from the first and last query token; the rows of one tile span all of them)
+        pos_first = causal_offset
+        pos_last = q_len - 1 + causal_offset
+        acc, l_i, m_i = attn_key_range(
+            q, None, None, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+            mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
+            pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
+            k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+            BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
+            HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
+            NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=False)
+    elif NS > 0:
+        # -- one extra program per (b, kv head, row tile) computes the sink set's partial state: the
+        # sink is counted here and nowhere else, and the key loop never holds the sink tile's values --
+        s_s = sink_scores(
+            q, k_base, stride_kn, stride_kk, mask_rows, row_ok, q_pos, key_ok_row, stride_pn, sink_ptr, stride_sn,
+            k_len, window, qk_scale, softcap_log2, offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB, HAS_MASK=HAS_MASK,
+            HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
+            UPCAST_DOT=UPCAST_DOT)
+        m_i, l_i, p_s = softmax_stats(s_s)
+        acc = add_sink_values(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), p_s, v_base, stride_vn, stride_vk, sink_ptr,
+                              stride_sn, k_len, offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB)
+    else:  # no sink set: the grid has no such program; the branch only gives the stores their values
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    tl.store(PartM + slot_base + rows, m_i, mask=row_ok)
+    tl.store(PartL + slot_base + rows, l_i, mask=row_ok)
+    tl.store(PartAcc + slot_base * HEAD_DIM + acc_offs, acc, mask=acc_mask)
 
 
 @triton.jit
@@ -194,19 +204,30 @@ def _sink_attn_decode_reduce(
 
 
 # -- launcher -------------------------------------------------------------------------------------
-# Key tile per padded head dim: a 64 x 128 bf16 K tile is 16 KB, so 3 stages of K and V stay near
-# 100 KB on sm_80 and sm_90 (AOT numbers in benchmarks/RESULTS.md); hd 256 halves the tile, fp32
-# halves it again. Query tiles hold GROUP * Q rows, at least 16 (tl.dot's minimum), at most 64.
+# Key tile per arch family, padded head dim and input width. A 64 x 128 bf16 K tile is 16 KB; the
+# stages are chosen so that at least two split programs fit on an SM (their shared memory and
+# registers, benchmarks/kernel_audit.py), which is what default_num_splits counts on: three
+# stages on Hopper's 228 KB, two on Ampere's 164 KB (three took 91 KB at 64 rows, one program).
+# hd 256 halves the tile, fp32 halves it again. Query tiles hold GROUP * Q rows, at least 16
+# (tl.dot's minimum), at most 64 at hd 128.
 DECODE_CONFIGS = {
-    # (BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_N, num_warps, num_stages)
-    (64, True): (64, 4, 3),
-    (128, True): (64, 4, 3),
-    (256, True): (32, 4, 2),
-    (64, False): (32, 4, 2),
-    (128, False): (32, 4, 2),
-    (256, False): (16, 4, 2),
+    # (arch, BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_N, num_warps, num_stages)
+    (90, 64, True): (64, 4, 3),
+    (90, 128, True): (64, 4, 3),
+    (90, 256, True): (32, 4, 2),
+    (90, 64, False): (32, 4, 2),
+    (90, 128, False): (16, 4, 2),  # 32 keys per tile spill 588 / 476 bytes on sm_90, 16 none
+    (90, 256, False): (16, 4, 2),
+    (80, 64, True): (64, 4, 2),
+    (80, 128, True): (64, 4, 2),
+    (80, 256, True): (32, 4, 2),
+    (80, 64, False): (32, 4, 2),
+    (80, 128, False): (32, 4, 2),
+    (80, 256, False): (16, 4, 2),
 }
-_MAX_TILE_ELEMS = 64 * 128  # rows x BLOCK_D of the query tile: 128 rows at hd 64, 64 at hd 128, 32 at 256
+# rows x BLOCK_D of the query tile: 16-bit 128 rows at hd 64, 64 at hd 128, 32 at 256; fp32 (its ieee
+# dot holds whole operand rows in registers) 32, 16, 16
+_MAX_TILE_ELEMS = {True: 64 * 128, False: 16 * 128}
 _REDUCE_ROWS = 16            # rows per reduction program: 16 x 256 fp32 acc stays in registers
 # A split should stream at least this many keys: below it the partial-state write and the extra
 # reduction pass (n_rows * D * 4 bytes per split) stop being small next to the K/V bytes read.
@@ -214,14 +235,15 @@ _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 128
 
 
-def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel for this head dim and dtype."""
-    return DECODE_CONFIGS[(max(64, padded_head_dim(head_dim)), dtype != torch.float32)]
+def decode_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel for this head dim and dtype on a GPU of
+    compute capability ``arch`` (x10)."""
+    return DECODE_CONFIGS[(arch_family(arch), max(64, padded_head_dim(head_dim)), dtype != torch.float32)]
 
 
-def max_rows_per_tile(block_d: int) -> int:
+def max_rows_per_tile(block_d: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Query rows per split-kernel program: the q tile and the fp32 accumulator stay in registers."""
-    return max(16, _MAX_TILE_ELEMS // block_d)
+    return max(16, _MAX_TILE_ELEMS[dtype != torch.float32] // block_d)
 
 
 def _empty_workspace(bh: int, slots: int, n_rows: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
@@ -236,7 +258,9 @@ def _empty_workspace(bh: int, slots: int, n_rows: int, head_dim: int, device) ->
 def default_num_splits(batch: int, kv_heads: int, row_tiles: int, k_len: int, device: torch.device) -> int:
     """Splits so that the split kernel launches about two programs per SM (each streams its chunk
     of K/V at full bandwidth and two per SM hide the tail), but no split gets fewer than
-    _MIN_KEYS_PER_SPLIT keys. On the CPU interpreter the H100's 132 SMs stand in."""
+    _MIN_KEYS_PER_SPLIT keys. Two programs do fit on an SM with every DECODE_CONFIGS entry
+    (registers and shared memory, checked by the kernel audit's budget test). On the CPU
+    interpreter the H100's 132 SMs stand in."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     want = triton.cdiv(2 * sms, max(1, batch * kv_heads * row_tiles))
     return max(1, min(want, k_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
@@ -248,6 +272,8 @@ def sink_attention_decode(
     v: torch.Tensor,
     *,
     attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     causal: bool = False,
     causal_offset: int = 0,
     sliding_window: int | None = None,
@@ -270,7 +296,10 @@ def sink_attention_decode(
     Shape contract (any strides for q, k, v, mask, out; nothing large is copied):
       q (B, Hq, Q, D): stride_qz, stride_qh, stride_qm, stride_qk
       k, v (B, Hkv, K, D): stride_kz, stride_kh, stride_kn, stride_kk (v likewise), Hq % Hkv == 0
-      attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
+      attn_mask bool, broadcastable to (B, 1|Hq, Q, K): an arbitrary pattern, bit-packed along K into
+        int32 words once per launch (pack_mask_bits) and read by row: stride_mz, stride_mh, stride_mm
+        (0 on broadcast dims)
+      key_padding bool (B|1, K) and its key_ranges (B|1, 3): as for the prefill launcher
       sink_cols (B|1, NS) integer, -1 = unused: stride_sz, stride_sn
       beta (Hq,); extra_logits (Hq, E) and virtual_sink_logit (Hq,) as one (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok; lse (B, Hq, Q) fp32
@@ -280,7 +309,7 @@ def sink_attention_decode(
     launch = prepare_attention_launch(
         q, k, v, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
         virtual_sink_logit=virtual_sink_logit, sliding_window=sliding_window, softcap=softcap, scale=scale,
-        kernel=_sink_attn_decode_split)
+        kernel=_sink_attn_decode_split, key_padding=key_padding, key_ranges=key_ranges)
     out, lse = allocate_outputs(q, out, lse)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -289,9 +318,9 @@ def sink_attention_decode(
     group = q_heads // kv_heads
     n_rows = group * q_len
     block_d = padded_head_dim(head_dim)
-    bn, nw, ns = decode_config(head_dim, q.dtype)
+    bn, nw, ns = decode_config(head_dim, q.dtype, device_arch(q.device))
     block_n, num_warps, num_stages = block_n or bn, num_warps or nw, num_stages or ns
-    block_m = max(16, min(max_rows_per_tile(block_d), triton.next_power_of_2(n_rows)))
+    block_m = max(16, min(max_rows_per_tile(block_d, q.dtype), triton.next_power_of_2(n_rows)))
     row_tiles = triton.cdiv(n_rows, block_m)
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, row_tiles, k_len, q.device)
@@ -300,14 +329,16 @@ def sink_attention_decode(
     num_splits = max(1, triton.cdiv(k_len, split_size))
 
     part_m, part_l, part_acc = _empty_workspace(batch * kv_heads, num_splits + 1, n_rows, head_dim, q.device)
-    _sink_attn_decode_split[(num_splits, batch * kv_heads, row_tiles)](
-        q, k, v, launch.mask, launch.sink_cols, part_m, part_l, part_acc,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.sink_strides,
+    # one more program per (b, kv head, row tile) for the sink set's partial state
+    _sink_attn_decode_split[(num_splits + (launch.n_sinks > 0), batch * kv_heads, row_tiles)](
+        q, k, v, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, part_m, part_l, part_acc,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.key_padding_strides,
+        launch.key_range_stride, *launch.sink_strides,
         kv_heads, group, q_len, k_len, int(causal_offset), launch.window, n_rows, split_size, num_splits,
         launch.qk_scale, launch.softcap_log2,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch.sink_constexprs,
-        HAS_MASK=launch.mask is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None, UPCAST_DOT=launch.upcast_dot,
+        HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, UPCAST_DOT=launch.upcast_dot,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
     block_r = min(_REDUCE_ROWS, triton.next_power_of_2(n_rows))

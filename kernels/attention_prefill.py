@@ -1,10 +1,11 @@
 """Tiled flash-style forward of sink-aware attention (prefill and chunked prefill).
 
-One program owns BLOCK_M query rows of one (batch, query head) and streams the visible key tiles
-with an online softmax of the non-sink keys (``attention_common.attn_key_range``). In the epilogue
-the at most NS sink columns are gathered into one extra 16-column key tile (one small q.K_S^T and
-one P_S.V_S product), and the two parts are combined with the per-head beta and the zero-value
-extra logits (``attention_common.sink_combine``).
+One program owns BLOCK_M query rows of one (batch, query head). Before the key loop it scores the
+at most NS sink columns as one gathered key tile (one small q.K_S^T product); then it streams the
+visible key tiles with an online softmax of the non-sink keys (``attention_common.attn_key_range``:
+an unmasked main loop and a masked edge loop); in the epilogue it combines both parts with the
+per-head beta and the zero-value extra logits (``attention_common.sink_combine``) and adds the
+sink values as NS rank-1 updates. On Hopper the key loop reads k and v with bulk tensor copies.
 """
 
 from __future__ import annotations
@@ -16,36 +17,42 @@ import triton.language as tl
 from .attention_common import (
     LOG2E,
     allocate_outputs,
+    arch_family,
     attn_key_range,
+    device_arch,
     padded_head_dim,
     prepare_attention_launch,
+    add_sink_values,
     sink_combine,
-    sink_tile,
+    sink_scores,
     softmax_stats,
+    tma_descriptors,
 )
 
-__all__ = ["PREFILL_CONFIGS", "prefill_config", "sink_attention_prefill"]
+__all__ = ["PREFILL_CONFIGS", "POINTER_FALLBACK_CONFIGS", "prefill_config", "sink_attention_prefill"]
 
 
 # -- kernel ---------------------------------------------------------------------------------------
 @triton.jit
 def _sink_attn_fwd(
-    Q, K, V, Out, Lse, Mask, SinkCols, Beta, ExtraLogits,
+    Q, K, V, Out, Lse, Mask, KeyOk, KeyRanges, SinkCols, Beta, ExtraLogits, KDesc, VDesc,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_lz, stride_lh, stride_lm,
-    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_mz, stride_mh, stride_mm,
+    stride_pz, stride_pn,
+    stride_rz,
     stride_sz, stride_sn,
     stride_eh, stride_ee,
     num_heads, group, q_len, k_len, causal_offset, window, n_extra, n_extra_every_row,
     qk_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr, E_P2: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -68,29 +75,47 @@ def _sink_attn_fwd(
     v_base = V + off_b * stride_vz + off_kvh * stride_vh
     # absent optional tensors arrive as None: only touch them under their flag
     if HAS_MASK:
-        # int64 rows: a dense (Q, K) mask passes 2**31 elements at Q = K = 46k
+        # int64 row offsets: a long prompt's packed (Q, K / 32) mask can pass 2**31 words
         mask_rows = Mask + off_b * stride_mz + off_h * stride_mh + offs_m.to(tl.int64) * stride_mm
     else:
         mask_rows = Mask
+    if HAS_KEY_RANGE:
+        key_ok_row = KeyOk + off_b * stride_pz
+        key_range_ptr = KeyRanges + off_b * stride_rz
+    else:
+        key_ok_row = KeyOk
+        key_range_ptr = KeyRanges
     if NS > 0:
         sink_ptr = SinkCols + off_b * stride_sz
-        offs_s = tl.arange(0, NS_P2)
-        sink_cols = tl.load(sink_ptr + offs_s * stride_sn, mask=offs_s < NS, other=-1)
     else:
         sink_ptr = SinkCols
-        sink_cols = 0
+
+    # -- the sink columns first, from a second load of the q tile (another cache policy, so the
+    # two loads stay apart): this one dies here, the first reaches the key loop through shared
+    # memory. Sharing one q between the sink tile's dot and the loop's kept q in registers through
+    # the whole loop (hd 128 on sm_80: 255 registers instead of 180) --
+    if NS > 0:
+        q_sink = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
+        if UPCAST_DOT:
+            q_sink = q_sink.to(tl.float32)
+        s_s = sink_scores(
+            q_sink, k_base, stride_kn, stride_kk, mask_rows, row_ok, q_pos, key_ok_row, stride_pn, sink_ptr,
+            stride_sn, k_len, window, qk_scale, softcap_log2, offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB,
+            HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP, UPCAST_DOT=UPCAST_DOT)
 
     # -- non-sink keys this row block can see --
     pos_first = start_m + causal_offset
     pos_last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
     acc, l_i, m_i = attn_key_range(
-        q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn, row_ok, q_pos,
-        sink_cols, 0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+        q, KDesc, VDesc, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
+        mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
+        0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
-        IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, HAS_SINKS=NS > 0,
-        UPCAST_DOT=UPCAST_DOT)
+        HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
+        NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
 
-    # -- epilogue: sink tile, policy combine --
+    # -- epilogue: policy combine --
     if HAS_BETA:
         beta = tl.load(Beta + off_h).to(tl.float32)
     else:
@@ -104,19 +129,11 @@ def _sink_attn_fwd(
         extra_logits2 = 0.0
         every_row = 0
     if NS > 0:
-        s_s, v_s = sink_tile(
-            q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, mask_rows, stride_mn,
-            row_ok, q_pos, sink_ptr, stride_sn, k_len, window, qk_scale, softcap_log2, offs_d,
-            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, NS=NS, SB=SB, HAS_MASK=HAS_MASK, IS_CAUSAL=IS_CAUSAL,
-            HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, UPCAST_DOT=UPCAST_DOT)
         m_s, l_s, p_s = softmax_stats(s_s)
         c_n, c_s, lse = sink_combine(m_i, l_i, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA=HAS_EXTRA)
-        # the sink weights go into the P.V product directly: no second accumulator
-        p_s = (p_s * c_s[:, None]).to(v_s.dtype)
-        if UPCAST_DOT:
-            p_s = p_s.to(tl.float32)
-            v_s = v_s.to(tl.float32)
-        out = acc * c_n[:, None] + tl.dot(p_s, v_s, input_precision="ieee")
+        # the sink weights go straight into the output: no second accumulator
+        out = add_sink_values(acc * c_n[:, None], p_s * c_s[:, None], v_base, stride_vn, stride_vk, sink_ptr,
+                              stride_sn, k_len, offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB)
     else:
         m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
         c_n, c_s, lse = sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra_logits2, every_row,
@@ -129,28 +146,51 @@ def _sink_attn_fwd(
 
 
 # -- launcher -------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and input width. Starting points
-# taken from the shapes that published flash-attention forwards in Triton use on A100/H100 (128-row
-# query tiles, 64-key tiles, 8 warps from hd 128 up), then shrunk until the AOT compile for sm_80
-# and sm_90 fits shared memory with headroom (numbers in benchmarks/RESULTS.md). Not tuned on a GPU
-# yet: ``benchmarks/bench_attention.py --sweep`` times a grid of tile shapes around the bf16 entries.
-# A fixed table rather than triton.autotune: no tuning pause at the first forward of every new
-# shape inside a model, and the same tiles (so the same rounding) on every run.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch family (80: Ampere and Ada, mma.sync; 90:
+# Hopper, wgmma), padded head dim and input width. Starting points: the shapes published flash
+# forwards in Triton use (128-row query tiles, 64-key tiles, 8 warps from hd 128 up), then changed
+# until the AOT compile spills nothing and fits shared memory (benchmarks/kernel_audit.py; the
+# numbers are in benchmarks/RESULTS.md). Not tuned on a GPU yet: ``benchmarks/bench_attention.py
+# --sweep`` times a grid of tile shapes around the bf16 entries. A fixed table rather than
+# triton.autotune: no tuning pause at the first forward of every new shape inside a model, and the
+# same tiles (so the same rounding) on every run.
 PREFILL_CONFIGS = {
-    # (BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (64, True): (128, 64, 4, 3),
-    (128, True): (128, 64, 8, 3),
-    (256, True): (64, 32, 4, 2),
-    # fp32 tiles are twice as wide in shared memory and use the slower ieee dot: halve the tiles
-    (64, False): (64, 32, 4, 2),
-    (128, False): (64, 32, 4, 2),
-    (256, False): (32, 32, 4, 2),
+    # (arch, BLOCK_D rounded up to 64, 16-bit input?): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (90, 64, True): (128, 64, 4, 3),
+    (90, 128, True): (128, 64, 8, 3),
+    (90, 256, True): (64, 32, 8, 2),
+    (80, 64, True): (128, 64, 8, 3),
+    (80, 128, True): (128, 32, 8, 3),
+    (80, 256, True): (64, 32, 8, 2),
+    # fp32 runs the ieee dot on FMAs, which hold whole operand rows in registers: small tiles
+    # (32 x 32 spilled at hd 128, 32 x 16 at hd 256; on sm_90 32 x 16 at hd 128 spills 784 / 724
+    # bytes, 16 x 16 at most 4 / 4)
+    (90, 64, False): (32, 16, 4, 2),
+    (90, 128, False): (16, 16, 4, 2),
+    (90, 256, False): (16, 16, 4, 2),
+    (80, 64, False): (32, 16, 4, 2),
+    (80, 128, False): (32, 16, 4, 2),
+    (80, 256, False): (16, 16, 4, 2),
 }
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that the launcher uses for this head dim and dtype."""
-    return PREFILL_CONFIGS[(max(64, padded_head_dim(head_dim)), dtype != torch.float32)]
+# Hopper's pointer path (the fallback when k/v allow no tensor descriptor), where it differs from
+# the bulk-copy config: at hd 64, 4 warps holding a 128 x 64 tile need 255 registers and spill
+# 12 / 12 bytes on sm_90 without descriptors; 8 warps use 126 and spill nothing (kernel audit)
+POINTER_FALLBACK_CONFIGS = {
+    (90, 64, True): (128, 64, 8, 3),
+}
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
+                   bulk_copies: bool = True) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that the launcher uses for this head dim and dtype
+    on a GPU of compute capability ``arch`` (x10; see :func:`arch_family`); ``bulk_copies`` False:
+    the config of the pointer path where k and v are read without tensor descriptors."""
+    key = (arch_family(arch), max(64, padded_head_dim(head_dim)), dtype != torch.float32)
+    if not bulk_copies and key in POINTER_FALLBACK_CONFIGS:
+        return POINTER_FALLBACK_CONFIGS[key]
+    return PREFILL_CONFIGS[key]
 
 
 def sink_attention_prefill(
@@ -159,6 +199,8 @@ def sink_attention_prefill(
     v: torch.Tensor,
     *,
     attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     causal: bool = False,
     causal_offset: int = 0,
     sliding_window: int | None = None,
@@ -174,45 +216,61 @@ def sink_attention_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink-aware attention forward, same semantics as ``reference_sink_attention``.
 
     Shape contract (any strides; nothing is copied except the small side tensors):
       q (B, Hq, Q, D): strides stride_qz, stride_qh, stride_qm, stride_qk
       k, v (B, Hkv, K, D): stride_kz, stride_kh, stride_kn, stride_kk (v likewise), Hq % Hkv == 0
-      attn_mask bool, broadcastable to (B, 1|Hq, Q, K): stride_mz, stride_mh, stride_mm, stride_mn
-        (0 on broadcast dims), read as uint8 through a view
+      attn_mask bool, broadcastable to (B, 1|Hq, Q, K): an arbitrary pattern, bit-packed along K into
+        int32 words once per launch (pack_mask_bits) and read by row: stride_mz, stride_mh, stride_mm
+        (0 on broadcast dims)
+      key_padding bool (B|1, K): keys every query row of a sequence may see (padding = False), read
+        as uint8 (stride_pz, stride_pn) on the masked tiles only; ``key_ranges`` its int32 (B|1, 3)
+        summary from ``key_padding_ranges`` (stride_rz; computed here when not given) tells which
+        tiles need no mask. Combined with ``causal`` this is transformers' padded causal mask
+        without a (Q, K) tensor
       sink_cols (B|1, NS) integer, -1 = unused, copied to int32: stride_sz, stride_sn
       beta (Hq,); extra_logits (Hq, E) and virtual_sink_logit (Hq,), copied to fp32 into one
         (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok
       lse (B, Hq, Q) fp32: stride_lz, stride_lh, stride_lm
     Returns (out, lse): lse = log(l_S + l_N) over real keys, -inf (and out = 0) where no key is
-    visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps).
+    visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps);
+    ``use_tma`` chooses the bulk-tensor-copy key loop (None: on Hopper when the strides allow it,
+    see :func:`tma_descriptors`).
     """
     launch = prepare_attention_launch(
         q, k, v, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
         virtual_sink_logit=virtual_sink_logit, sliding_window=sliding_window, softcap=softcap, scale=scale,
-        kernel=_sink_attn_fwd)
+        kernel=_sink_attn_fwd, key_padding=key_padding, key_ranges=key_ranges)
     out, lse = allocate_outputs(q, out, lse)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
-    bm, bn, nw, ns = prefill_config(head_dim, q.dtype)
+    arch = device_arch(q.device)
+    bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch)
+    block_d = padded_head_dim(head_dim)
+    k_desc, v_desc = tma_descriptors(k, v, block_n or bn, block_d, use_tma)
+    if k_desc is None:
+        bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False)
     block_m, block_n = block_m or bm, block_n or bn
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _sink_attn_fwd[grid](
-        q, k, v, out, lse, launch.mask, launch.sink_cols, launch.beta, launch.extra_logits,
+        q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,
+        launch.extra_logits, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *launch.mask_strides, *launch.sink_strides, *launch.extra_strides,
+        *launch.mask_strides, *launch.key_padding_strides, launch.key_range_stride, *launch.sink_strides,
+        *launch.extra_strides,
         q_heads, q_heads // kv_heads, q_len, k_len, int(causal_offset), launch.window, launch.n_extra,
         launch.n_extra_every_row, launch.qk_scale, launch.softcap_log2,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_head_dim(head_dim),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         **launch.sink_constexprs, E_P2=launch.extra_width,
-        HAS_MASK=launch.mask is not None, IS_CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_BETA=launch.beta is not None,
-        HAS_EXTRA=launch.extra_logits is not None, UPCAST_DOT=launch.upcast_dot,
+        HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, HAS_BETA=launch.beta is not None,
+        HAS_EXTRA=launch.extra_logits is not None, UPCAST_DOT=launch.upcast_dot, USE_TMA=k_desc is not None,
         num_warps=num_warps or nw, num_stages=num_stages or ns, enable_fp_fusion=True,
     )
     return out, lse

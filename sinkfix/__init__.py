@@ -4,6 +4,7 @@
     model, tok = sinkfix.load_model("smollm2-135m")
     with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.9)):
         ...
+    telemetry = sinkfix.monitor(model, log="telemetry.jsonl")   # live statistics per request
 
 Importing sinkfix registers the attention implementation ``"sinkfix"`` with transformers, so
 ``from_pretrained(..., attn_implementation="sinkfix")`` works too (identity until patched).
@@ -38,6 +39,10 @@ def __getattr__(name: str):
         from sinkfix.caches import SinkCache
 
         return SinkCache
+    if name == "monitor":
+        from sinkfix.telemetry import monitor
+
+        return monitor
     if name == "Profile":
         from sinkfix.profile import Profile
 

@@ -1,4 +1,4 @@
-"""The ``sinkfix`` console script: ``sinkfix bench | inspect | calibrate | bb | eval | stream | kvquant``.
+"""The ``sinkfix`` console script: ``sinkfix bench | inspect | calibrate | monitor | bb | eval | stream | kvquant``.
 
 Every command turns expected failures (unknown model, unreadable file, bad policy, profile for
 another model) into a one-line error on stderr and exit code 2, never a traceback. Expected
@@ -15,7 +15,7 @@ import sys
 
 from sinkfix.errors import SinkfixError
 
-COMMANDS = ("bench", "inspect", "calibrate", "bb", "eval", "stream", "kvquant")
+COMMANDS = ("bench", "inspect", "calibrate", "monitor", "bb", "eval", "stream", "kvquant")
 
 
 def build_parser() -> argparse.ArgumentParser:

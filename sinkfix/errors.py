@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
-    "BackendUnavailableError", "OutputError", "EvaluationError", "CacheError",
+    "BackendUnavailableError", "OutputError", "EvaluationError", "CacheError", "MonitorError",
 ]
 
 
@@ -50,3 +50,8 @@ class OutputError(SinkfixError, OSError):
     """An output file could not be written; ``path`` is the file that was meant to be written."""
 
     path: Path | None = None
+
+
+class MonitorError(SinkfixError, ValueError):
+    """Telemetry cannot run as asked: a malformed request file or log, a port already in use, a guard
+    without calibration statistics, a request that does not fit the monitor."""

@@ -1,11 +1,14 @@
 """Writing output files atomically: readers see the old file or the complete new one, never half of it.
 
-Every file sinkfix writes (profiles, ``sinkfix inspect`` reports, ``sinkfix bench`` results and plots)
-goes through :func:`atomic_write`: the data lands in a temporary file in the target's own folder (same
+Every file sinkfix writes whole (profiles, ``sinkfix inspect`` reports, ``sinkfix bench`` results and
+plots) goes through :func:`atomic_write`: the data lands in a temporary file in the target's own folder (same
 file system, so the final rename is atomic), is flushed to disk, and only then replaces the target
 with ``os.replace``. An exception anywhere on the way removes the temporary file and leaves an
 existing target untouched. Problems of the file system (a folder that cannot be created, a target that
 is a directory, a full disk, no permission) raise :class:`OutputError`, whose message names the path.
+
+Logs that grow while a program runs (the telemetry of ``sinkfix.monitor``) go through :class:`LineLog`:
+appended one complete line at a time, so a reader (or a crash) never sees half a line.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import IO, Any, Iterator
 
 from sinkfix.errors import OutputError
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_text", "save_figure"]
+__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "save_figure"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -122,3 +125,59 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110, bbox_
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
     return Path(path)
+
+
+class LineLog:
+    """An append-only text log written one complete line at a time (JSON lines).
+
+    The file is opened when the log is created, so a folder that cannot be written fails there, not
+    at the first line. Each :meth:`append` is one ``write`` on a descriptor opened with
+    ``O_APPEND`` (the kernel places it at the end of the file, after lines other processes appended);
+    a write that fails half way (a full disk) is cut back to the previous end of the file, so the
+    file only ever holds complete lines. Lines reach the operating system at once (no buffer in this
+    process): a crash of the process loses nothing that :meth:`append` returned from.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise _output_error(self.path, "it is a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            blocker = _blocking_file(self.path.parent)
+            reason = f"{blocker} is a file, not a folder" if blocker is not None else _reason(exc)
+            raise _output_error(self.path, reason) from exc
+
+    def append(self, line: str) -> None:
+        """Append ``line`` and a newline. ``line`` must not contain a newline itself."""
+        if "\n" in line or "\r" in line:
+            raise ValueError("a LineLog line must not contain a newline")
+        if self._fd is None:
+            raise _output_error(self.path, "the log is closed")
+        data = (line + "\n").encode("utf-8")
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise _output_error(self.path, _reason(exc)) from exc
+
+    def close(self) -> None:
+        """Flush to disk and close; idempotent."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+        os.close(fd)
+
+    def __enter__(self) -> "LineLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from sinkfix.errors import PolicyError, UnsupportedModelError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
+from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.residual_clip import make_clip_hook
 from sinkfix.ops.attention import resolve_backend
 from sinkfix.policy import LayerPolicy, Policy
@@ -62,6 +63,7 @@ class PatchHandle:
         self._states = states  # attention module name -> its state
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
+        self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
         self.active = False
         self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the model is sharded
 
@@ -90,6 +92,7 @@ class PatchHandle:
             raise
 
     def _detach(self, model: nn.Module) -> None:
+        self.restore_layers()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -172,6 +175,39 @@ class PatchHandle:
         finally:
             self.remove_observer(observer)
 
+    # -- telemetry (sinkfix.monitor) ------------------------------------------------------------
+    def add_telemetry(self, listener: Callable[[AttentionCall], None]) -> None:
+        """Call ``listener`` after every attention call with ``call.result.sink_stats`` filled (the
+        fast path's (B, Hq, 2) side output); unlike an observer it does not force the Python path."""
+        for state in self._states.values():
+            state.telemetry.append(listener)
+
+    def remove_telemetry(self, listener: Callable[[AttentionCall], None]) -> None:
+        for state in self._states.values():
+            if listener in state.telemetry:
+                state.telemetry.remove(listener)
+
+    def run_as_identity(self, layers: Iterable[int]) -> None:
+        """Switch the correction off (plain softmax, no residual clip) in ``layers`` until
+        :meth:`restore_layers`: the fallback a guard uses. The live policies are kept aside, not
+        changed."""
+        wanted = set(layers)
+        for state in self._states.values():
+            if state.layer in wanted and state.layer not in self._set_aside:
+                self._set_aside[state.layer] = state.policy
+                state.policy = state.policy.as_identity()
+
+    def restore_layers(self) -> None:
+        """Undo :meth:`run_as_identity`."""
+        for state in self._states.values():
+            if state.layer in self._set_aside:
+                state.policy = self._set_aside.pop(state.layer)
+
+    @property
+    def identity_layers(self) -> list[int]:
+        """Layers :meth:`run_as_identity` has switched off, sorted."""
+        return sorted(self._set_aside)
+
     def __enter__(self) -> "PatchHandle":
         return self
 
@@ -197,10 +233,12 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPL_NAME, attention_forward)
-    AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
+    # sdpa_mask's arguments and results, except that padded causal masks come back as key ranges
+    # (PaddedCausalMask) that the kernels read instead of a (B, 1, Q, K) tensor
+    AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
     _registered = True
 
 

@@ -285,6 +285,10 @@ class LayerPolicy:
         return LayerPolicy(self.layer, self.beta[start:stop].clone(), None if logit is None else logit[start:stop].clone(),
                            self.sink_positions, self.clip, self.virtual_logit_on_sink_rows)
 
+    def as_identity(self) -> "LayerPolicy":
+        """The same layer, heads and sink set with no correction at all (no residual clip either)."""
+        return LayerPolicy(self.layer, torch.ones(self.num_heads, dtype=torch.float64), None, self.sink_positions)
+
     def set_parameters(self, beta: torch.Tensor, virtual_sink_logit: torch.Tensor | None) -> None:
         """Replace beta (H,) and the virtual sink logits (H,) or None; the patched model uses them
         from its next forward on. Tensors that require grad stay attached to their graph."""

@@ -7,23 +7,37 @@ fit raises :class:`~sinkfix.errors.ProfileError` naming the difference. Files ar
 atomically (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
 half-written profile behind.
 
-Format (``"format": "sinkfix-profile"``, ``"version": 2``)::
+Format (``"format": "sinkfix-profile"``, ``"version": 3``)::
 
-    {"format": "sinkfix-profile", "version": 2,
+    {"format": "sinkfix-profile", "version": 3,
      "model": {"architecture", "name", "num_layers", "num_heads": [..], "num_kv_heads",
                "hidden_size", "vocab_size", "fingerprint"},
      "policy": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null,
                 "virtual_logit_on_sink_rows": false, "n_sink": 1,
                 "extra_sink_positions": [], "residual_clip": [..] | null},
-     "calibration": {...free-form record: protocol, NLLs, texts, steps...}}
+     "domains": null | {"NAME": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null}, ...},
+     "calibration": {...free-form record: protocol, rule, NLLs per domain, texts, steps...}}
 
 Version 2 added ``"virtual_logit_on_sink_rows"`` to the policy: whether the virtual sink logit
 also counts in the rows that see only the sink (the sink's own row). Version 1 always counted it
 there, so a version-1 file loads with ``true`` (it means exactly what it meant when it was fitted).
+
+Version 3 added ``"domains"``: the parameters fitted on each calibration domain alone, from which a
+domain-robust profile's ``"policy"`` was combined (``sinkfix.analysis.robust``); they let
+``sinkfix calibrate --evaluate`` rebuild the profile without any one domain. ``sinkfix.patch``
+applies the ``"policy"`` only. Profiles of versions 1 and 2 were fitted on their calibration texts
+pooled together, which overfits the kinds of text they were fitted on; they load unchanged and
+:meth:`Profile.describe` says that they are not domain-robust.
+
+Optional, at any version: ``"statistics"``, what the profiled model's attention looked like on the
+calibration text (:class:`ProfileStatistics`: per layer and head, the range of the sink share
+before sink scaling), for the telemetry guard (docs/monitoring.md). A file without it loads with
+``statistics=None``; readers that do not know the key ignore it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,10 +52,11 @@ from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
 from sinkfix.policy import Policy, ResidualClip
 
-__all__ = ["Profile", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT", "VERSION"]
+__all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT",
+           "VERSION"]
 
 FORMAT = "sinkfix-profile"
-VERSION = 2
+VERSION = 3
 # Elements sampled per parameter tensor for the fingerprint: enough to tell two checkpoints of the
 # same architecture apart, while hashing SmolLM2-135M takes a few milliseconds, not a full pass.
 _FINGERPRINT_SAMPLES = 4096
@@ -168,7 +183,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = None,
             high: float | None = None) -> torch.Tensor:
-    """A [num_layers, max_heads] fp64 tensor from nested lists, with clear errors."""
+    """A [num_layers, max_heads] fp64 tensor from nested lists (or a tensor), with clear errors."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
     try:
         t = torch.tensor(value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -183,13 +200,31 @@ def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = 
     return t
 
 
+def _domain_parameters(value: Any, identity: ModelIdentity) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per-domain (sink_scale, virtual_sink_logit) from a mapping of pairs or of JSON objects."""
+    if not isinstance(value, dict):
+        raise ProfileError("profile 'domains' entry must be an object: domain -> parameters")
+    out = {}
+    for name, params in value.items():
+        if isinstance(params, dict):
+            if "sink_scale" not in params:
+                raise ProfileError(f"profile domain {name!r} has no 'sink_scale'")
+            params = (params["sink_scale"], params.get("virtual_sink_logit"))
+        beta, logit = params
+        out[str(name)] = (_matrix(f"domain {name!r} sink_scale", beta, identity, 0.0, 1.0),
+                          None if logit is None else _matrix(f"domain {name!r} virtual_sink_logit", logit, identity))
+    return out
+
+
 @dataclass
 class Profile:
     """Per-layer / per-head policy parameters fitted on one model.
 
     ``sink_scale`` [L, H] beta in [0, 1]; ``virtual_sink_logit`` [L, H] or None; ``residual_clip``
     relative per-layer thresholds (inf = off) or None; ``calibration`` a free-form record of how
-    the profile was made (protocol, calibration / validation NLL, texts, steps).
+    the profile was made (protocol, rule, validation NLL per domain, texts, steps);
+    ``domain_parameters`` the (sink_scale, virtual_sink_logit) fitted on each calibration domain
+    alone, when the profile was combined from such fits (format version 3).
     """
 
     model: ModelIdentity
@@ -200,23 +235,27 @@ class Profile:
     residual_clip: list[float] | None = None
     calibration: dict = field(default_factory=dict)
     virtual_logit_on_sink_rows: bool = False
+    statistics: "ProfileStatistics | None" = None
+    domain_parameters: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    version: int = VERSION  # the format version it was read from (VERSION for a new profile)
 
     def __post_init__(self) -> None:
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
             raise ProfileError(f"profile virtual_logit_on_sink_rows must be true or false, got "
                                f"{self.virtual_logit_on_sink_rows!r}")
-        self.sink_scale = _matrix("sink_scale", self.sink_scale.tolist() if isinstance(self.sink_scale, torch.Tensor)
-                                  else self.sink_scale, self.model, 0.0, 1.0)
+        self.sink_scale = _matrix("sink_scale", self.sink_scale, self.model, 0.0, 1.0)
         if self.virtual_sink_logit is not None:
-            v = self.virtual_sink_logit
-            self.virtual_sink_logit = _matrix("virtual_sink_logit", v.tolist() if isinstance(v, torch.Tensor) else v,
-                                              self.model)
+            self.virtual_sink_logit = _matrix("virtual_sink_logit", self.virtual_sink_logit, self.model)
+        if self.domain_parameters is not None:
+            self.domain_parameters = _domain_parameters(self.domain_parameters, self.model)
         if self.residual_clip is not None:
             clip = [float(x) for x in self.residual_clip]
             if len(clip) != self.model.num_layers or any(math.isnan(x) or x < 1 for x in clip):
                 raise ProfileError(f"profile residual_clip must be {self.model.num_layers} relative thresholds >= 1 "
                                    "(inf = off)")
             self.residual_clip = clip
+        if self.statistics is not None:
+            self.statistics.check(self.model)
 
     # -- applying -------------------------------------------------------------------------------
     def policy(self) -> Policy:
@@ -265,8 +304,17 @@ class Profile:
                 "residual_clip": None if self.residual_clip is None else
                 [x if math.isfinite(x) else "inf" for x in self.residual_clip],
             },
+            "domains": None if self.domain_parameters is None else {
+                name: {"sink_scale": beta.tolist(), "virtual_sink_logit": None if logit is None else logit.tolist()}
+                for name, (beta, logit) in self.domain_parameters.items()},
             "calibration": self.calibration,
+            **_statistics_entry(self.statistics),
         }
+
+    def with_statistics(self, statistics: "ProfileStatistics") -> "Profile":
+        """A copy of this profile carrying ``statistics`` (checked against its model entry)."""
+        statistics.check(self.model)
+        return dataclasses.replace(self, statistics=statistics)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Profile":
@@ -301,8 +349,10 @@ class Profile:
             raise ProfileError("profile 'calibration' entry must be an object")
         # version 1 counted the virtual logit in the sink's own row too
         on_sink_rows = policy.get("virtual_logit_on_sink_rows", False) if version >= 2 else True
+        domains = data.get("domains") if version >= 3 else None
         return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
-                   virtual_logit_on_sink_rows=on_sink_rows)
+                   virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity),
+                   domain_parameters=domains, version=version)
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON, atomically. Returns the path."""
@@ -330,16 +380,88 @@ class Profile:
         except ProfileError as exc:
             raise ProfileError(f"{p}: {exc}") from None
 
+    @property
+    def domain_robust(self) -> bool:
+        """Whether calibration chose these parameters so as not to trade one domain for another."""
+        return bool(self.calibration.get("domain_robust", False))
+
+    def robustness(self) -> str:
+        """One sentence on how the parameters were chosen, and what that means for unseen text."""
+        record = self.calibration
+        if self.domain_robust:
+            chosen = record.get("selection", {}).get("chosen", "?")
+            return (f"domain-robust: '{chosen}' chosen by leave-one-domain-out over "
+                    f"{', '.join(record.get('texts', {})) or 'its domains'}")
+        if not record:
+            return "not calibrated by sinkfix (no calibration record)"
+        origin = f"format version {self.version}" if self.version < 3 else f"rule {record.get('rule', 'pooled')!r}"
+        return (f"not domain-robust ({origin}): fitted on its calibration texts pooled together; it may make "
+                "the model worse on other kinds of text")
+
     def describe(self) -> str:
         beta = self.sink_scale
         parts = [f"sink_scale per-head [{beta.min().item():.3g}..{beta.max().item():.3g}], mean {beta.mean().item():.3f}"]
         if self.virtual_sink_logit is not None:
             v = self.virtual_sink_logit
             parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
-        return f"Profile for {self.model.describe()}: " + ", ".join(parts)
+        return f"Profile for {self.model.describe()}: " + ", ".join(parts) + f"; {self.robustness()}"
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+# -- optional statistics (the telemetry guard's reference) -----------------------------------------
+@dataclass
+class ProfileStatistics:
+    """What the patched model's attention did on the calibration text, for the telemetry guard.
+
+    ``low`` / ``high`` [L, H]: per layer and query head, the smallest and largest sink share before
+    sink scaling (the mean over a request's rows of the attention mass on the sink set, with the
+    profile applied) over every calibration window and every prefix of at least ``min_rows`` rows of
+    it (a prefix is what a shorter request starting the same way would show). ``protocol`` records
+    how the windows were made (seq_len, bos, texts).
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+    windows: int
+    min_rows: int
+    protocol: dict = field(default_factory=dict)
+
+    def check(self, identity: ModelIdentity) -> None:
+        for name in ("low", "high"):
+            setattr(self, name, _matrix(f"statistics.sink_share_unscaled.{name}", getattr(self, name).tolist(),
+                                        identity, 0.0, 1.0))
+        if (self.low > self.high).any():
+            raise ProfileError("profile statistics: a sink-share range has low > high")
+        if self.windows < 1 or self.min_rows < 1:
+            raise ProfileError("profile statistics: windows and min_rows must be >= 1")
+
+    def to_dict(self) -> dict:
+        return {"sink_share_unscaled": {"low": self.low.tolist(), "high": self.high.tolist()},
+                "windows": self.windows, "min_rows": self.min_rows, "protocol": self.protocol}
+
+
+def _statistics_entry(statistics: ProfileStatistics | None) -> dict:
+    return {} if statistics is None else {"statistics": statistics.to_dict()}
+
+
+def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics | None:
+    """The optional ``statistics`` entry, validated; None when the file has none."""
+    entry = data.get("statistics")
+    if entry is None:
+        return None
+    try:
+        ranges = entry["sink_share_unscaled"]
+        stats = ProfileStatistics(torch.tensor(ranges["low"], dtype=torch.float64),
+                                  torch.tensor(ranges["high"], dtype=torch.float64), int(entry["windows"]),
+                                  int(entry["min_rows"]), dict(entry.get("protocol") or {}))
+    except KeyError as exc:
+        raise ProfileError(f"profile statistics lack {exc.args[0]!r}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ProfileError(f"profile statistics are malformed: {exc}") from None
+    stats.check(identity)
+    return stats
 
 
 def _reject_constant(name: str):

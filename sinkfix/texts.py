@@ -1,38 +1,59 @@
-"""Text that exists offline on any machine with Python, split by domain and by purpose.
+"""Text that exists offline on any machine with Python and sinkfix's dependencies, split by domain and purpose.
 
-Two domains, each with a *calibration* split and a disjoint *evaluation* split drawn from different
-sources, so that a profile calibrated on one is judged on text it has never seen:
+Five built-in domains (:data:`DOMAINS`), each with a *calibration* split and a disjoint *evaluation*
+split drawn from different sources, so that a profile calibrated on one is judged on text it has
+never seen, and so that a profile can be judged on a whole domain it was not calibrated on
+(leave-one-domain-out, ``docs/calibration.md``):
 
-* ``prose``: calibration = docstrings of a set of standard-library modules; evaluation = the
-  language-reference help topics of ``pydoc_data`` (English prose written separately).
-* ``code``: calibration = source of one set of standard-library modules; evaluation = source of
-  another, disjoint set.
+========  =====================================  =============================================
+domain    calibration split                      evaluation split
+========  =====================================  =============================================
+pydoc     docstrings of 17 standard-library      the language-reference help topics of
+          modules (English about Python)         ``pydoc_data`` (written separately)
+python    source of 12 standard-library modules  source of 6 other standard-library modules
+readme    long descriptions (README, Markdown)   the same of other packages (rich, tqdm, numpy,
+          of torch, transformers, accelerate,    sympy, regex, networkx, jinja2, mpmath, fsspec)
+          huggingface_hub, tokenizers, ...
+legal     the license files torch ships          license files of numpy, sympy, packaging, ...
+          (its own and its third-party code's)   and Python's LICENSE.txt, less every paragraph
+                                                 that also occurs in the calibration split
+cpp       C++ headers of PyTorch's c10 library   numpy's C API headers
+========  =====================================  =============================================
+
+Package texts come from the installed distributions (``importlib.metadata``), so they follow the
+installed versions; :func:`domain_source` names what was read. A package that is not installed is
+skipped and left out of that line. The old names ``prose`` (= ``pydoc``: it was never general prose)
+and ``code`` (= ``python``) still work and warn.
 
 Users can pass their own files (:func:`read_text_file`) or a ``datasets`` text set instead.
 :func:`load_texts` is the one loader behind ``sinkfix bench``, ``inspect`` and ``calibrate``: files, a
-dataset spec (``NAME[:CONFIG][@SPLIT]``, see :func:`parse_dataset_spec`), or the built-in domains, each
+dataset spec (``NAME[:CONFIG][@SPLIT]``, see :func:`parse_dataset_spec`), or built-in domains, each
 text returned with a line saying where it came from.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import importlib.metadata
 import os
+import re
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 from sinkfix.errors import SinkfixError
 
 __all__ = [
-    "DOMAINS", "domain_text", "read_text_file", "TextError", "TextSource", "DatasetSpec", "load_texts",
-    "parse_dataset_spec", "load_dataset_text", "builtin_texts", "unique_name", "DATASET_MAX_CHARS",
-    "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
+    "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
+    "TextError", "TextSource", "DatasetSpec", "load_texts", "parse_dataset_spec", "load_dataset_text",
+    "builtin_texts", "unique_name", "DATASET_MAX_CHARS", "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
 ]
 
-DOMAINS = ("prose", "code")
 Split = Literal["calib", "eval"]
+SPLITS = ("calib", "eval")
 
 _CODE_MODULES = {
     "calib": ["json.decoder", "csv", "difflib", "shutil", "configparser", "calendar", "string", "queue",
@@ -42,12 +63,26 @@ _CODE_MODULES = {
 _PROSE_DOC_MODULES = ["collections", "typing", "functools", "re", "os", "subprocess", "logging",
                       "unittest.case", "email.message", "http.client", "asyncio.tasks", "decimal", "pathlib",
                       "inspect", "threading", "socket", "zipfile"]
+# Every package named here is a dependency of sinkfix or of one of its dependencies (torch, transformers).
+_README_PACKAGES = {
+    "calib": ["torch", "transformers", "accelerate", "huggingface_hub", "tokenizers", "safetensors", "gguf"],
+    "eval": ["rich", "tqdm", "numpy", "sympy", "regex", "networkx", "jinja2", "mpmath", "fsspec"],
+}
+_LICENSE_PACKAGES = {
+    "calib": ["torch"],
+    "eval": ["numpy", "sympy", "packaging", "typing_extensions", "tqdm", "rich", "jinja2", "markupsafe",
+             "networkx", "mpmath", "regex", "filelock", "fsspec", "pyyaml", "transformers", "huggingface_hub"],
+}
+_LICENSE_FILE = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE)[^/]*$", re.IGNORECASE)
+# The c10 headers alone are 1.7 MB; a calibration reads at most a few hundred kB of any domain.
+_MAX_FILE_CHARS = 400_000
 
 
 class TextError(SinkfixError, ValueError):
     """A text source is missing, unreadable or empty."""
 
 
+# -- sources ------------------------------------------------------------------------------------
 def _module_source(name: str) -> str:
     # Read the file from the standard library folder rather than through the import system: some
     # modules (os, codecs, ...) are frozen into the interpreter and report no source file.
@@ -70,23 +105,172 @@ def _docstrings(source: str) -> list[str]:
     return docs
 
 
-def domain_text(domain: str, split: Split = "eval", max_chars: int | None = None) -> str:
-    """The built-in text of ``domain`` ("prose" or "code") for ``split`` ("calib" or "eval")."""
-    if domain not in DOMAINS:
-        raise TextError(f"unknown domain {domain!r}; built-in domains: {', '.join(DOMAINS)}")
-    if split not in ("calib", "eval"):
-        raise TextError(f"split must be 'calib' or 'eval', got {split!r}")
-    if domain == "code":
-        text = "\n\n".join(_module_source(name) for name in _CODE_MODULES[split])
-    elif split == "calib":
+def _pydoc(split: Split) -> tuple[str, str]:
+    if split == "calib":
         text = "\n\n".join(doc for name in _PROSE_DOC_MODULES for doc in _docstrings(_module_source(name)))
-    else:
+        return text, f"docstrings of {len(_PROSE_DOC_MODULES)} standard-library modules"
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise TextError("pydoc_data.topics is missing from this Python installation") from None
+    return "\n\n".join(topics[key] for key in sorted(topics)), "Python language reference (pydoc_data.topics)"
+
+
+def _python(split: Split) -> tuple[str, str]:
+    names = _CODE_MODULES[split]
+    return "\n\n".join(_module_source(name) for name in names), f"source of standard-library {', '.join(names)}"
+
+
+def _installed(names: Iterable[str]) -> list[importlib.metadata.Distribution]:
+    found = []
+    for name in names:
         try:
-            from pydoc_data.topics import topics
-        except ImportError:
-            raise TextError("pydoc_data.topics is missing from this Python installation") from None
-        text = "\n\n".join(topics[key] for key in sorted(topics))
+            found.append(importlib.metadata.distribution(name))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _describe(dists: list[importlib.metadata.Distribution]) -> str:
+    return ", ".join(f"{d.metadata['Name']} {d.version}" for d in dists)
+
+
+def _readme(split: Split) -> tuple[str, str]:
+    dists = [d for d in _installed(_README_PACKAGES[split]) if len(_long_description(d)) > 200]
+    text = "\n\n".join(_long_description(d) for d in dists)
+    return text, f"package long descriptions (METADATA) of {_describe(dists)}"
+
+
+def _long_description(dist: importlib.metadata.Distribution) -> str:
+    meta = dist.metadata
+    return (meta.get_payload() or meta.get("Description") or "").strip()
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _paragraph_key(paragraph: str) -> str:
+    return " ".join(paragraph.split()).lower()
+
+
+def _license_paragraphs(dists: list[importlib.metadata.Distribution], extra: list[Path]) -> list[str]:
+    """Paragraphs of every license file, each distinct paragraph once (torch ships ten Apache 2.0 copies)."""
+    seen, out = set(), []
+    for path in [*extra, *(Path(d.locate_file(f)) for d in dists for f in sorted(d.files or [], key=str)
+                          if _LICENSE_FILE.search(str(f)))]:
+        if not path.is_file():
+            continue
+        for paragraph in _paragraphs(path.read_text(encoding="utf-8", errors="replace")):
+            key = _paragraph_key(paragraph)
+            if key not in seen:
+                seen.add(key)
+                out.append(paragraph)
+    return out
+
+
+def _legal(split: Split) -> tuple[str, str]:
+    calib = _installed(_LICENSE_PACKAGES["calib"])
+    if split == "calib":
+        where = f"license files of {_describe(calib)} (third-party included)"
+        return "\n\n".join(_license_paragraphs(calib, [])), where
+    python_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    dists = _installed(_LICENSE_PACKAGES["eval"])
+    seen = {_paragraph_key(p) for p in _license_paragraphs(calib, [])}
+    kept = [p for p in _license_paragraphs(dists, [python_license]) if _paragraph_key(p) not in seen]
+    python = "Python (LICENSE.txt), " if python_license.is_file() else ""
+    return "\n\n".join(kept), (f"license files of {python}{_describe(dists)}, without the paragraphs that "
+                                f"also occur in the calibration split")
+
+
+def _header_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix in (".h", ".hpp") and p.is_file())
+
+
+def _header_root(split: Split) -> tuple[Path, Path, str]:
+    """(folder, its package's folder, what it is): torch's c10 headers to calibrate on, numpy's C API
+    headers to evaluate on."""
+    if split == "calib":
+        import torch
+
+        package = Path(torch.__file__).parent
+        return package / "include" / "c10", package, "C++ headers of PyTorch's c10 library"
+    import numpy
+
+    package = Path(numpy.__file__).parent
+    candidates = (package / "_core" / "include" / "numpy", package / "core" / "include" / "numpy")  # numpy 2 / 1
+    return next((r for r in candidates if r.is_dir()), candidates[0]), package, "C API headers of numpy"
+
+
+def _cpp(split: Split) -> tuple[str, str]:
+    root, package, what = _header_root(split)
+    parts, size = [], 0
+    for path in _header_files(root) if root.is_dir() else []:
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size > _MAX_FILE_CHARS:
+            break
+    return "\n\n".join(parts), f"{what} ({len(parts)} files under {root.relative_to(package.parent)})"
+
+
+@dataclass(frozen=True)
+class _Domain:
+    name: str
+    kind: str  # one line: what kind of text it is
+    build: Callable[[Split], tuple[str, str]]  # split -> (text, where it came from)
+
+
+_DOMAINS = {d.name: d for d in (
+    _Domain("pydoc", "English documentation of Python", _pydoc),
+    _Domain("python", "Python source code", _python),
+    _Domain("readme", "package READMEs (Markdown / reStructuredText)", _readme),
+    _Domain("legal", "license texts", _legal),
+    _Domain("cpp", "C and C++ headers", _cpp),
+)}
+DOMAINS = tuple(_DOMAINS)
+# The two Python domains: what `sinkfix bench` scores by default (it runs every variant on every domain).
+QUICK_DOMAINS = ("pydoc", "python")
+# Old names: "prose" was Python documentation all along, "code" Python source.
+DOMAIN_ALIASES = {"prose": "pydoc", "code": "python"}
+
+
+def resolve_domain(name: str) -> str:
+    """The built-in domain ``name`` stands for; old names warn, unknown names are a :class:`TextError`."""
+    if name in DOMAIN_ALIASES:
+        new = DOMAIN_ALIASES[name]
+        warnings.warn(f"built-in domain {name!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+        return new
+    if name not in _DOMAINS:
+        raise TextError(f"unknown domain {name!r}; built-in domains: {', '.join(DOMAINS)}")
+    return name
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise TextError(f"split must be 'calib' or 'eval', got {split!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _built(domain: str, split: Split) -> tuple[str, str]:
+    text, where = _DOMAINS[domain].build(split)
+    if not text.strip():
+        raise TextError(f"built-in domain {domain!r} ({split} split) found no text: {where}")
+    return text, where
+
+
+def domain_text(domain: str, split: Split = "eval", max_chars: int | None = None) -> str:
+    """The built-in text of ``domain`` (one of :data:`DOMAINS`) for ``split`` ("calib" or "eval")."""
+    domain = resolve_domain(domain)
+    _check_split(split)
+    text = _built(domain, split)[0]
     return text if max_chars is None else text[:max_chars]
+
+
+def domain_source(domain: str, split: Split = "eval") -> str:
+    """One line of provenance: which files or packages the built-in text of ``domain`` / ``split`` is."""
+    domain = resolve_domain(domain)
+    _check_split(split)
+    return f"built-in {domain} ({_DOMAINS[domain].kind}, {split} split): {_built(domain, split)[1]}"
 
 
 def read_text_file(path: str | Path) -> str:
@@ -117,19 +301,11 @@ DATASET_MAX_CHARS = 4_000_000
 DATASET_DEFAULT_SPLIT = "test"  # held-out data: bench and inspect report on it, nothing is fitted to it
 
 TEXT_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
-             "NAME-3, ...); default: the built-in prose and code texts")
+             "NAME-3, ...); default: the built-in domains")
 DATASET_HELP = (f"a text set of the `datasets` package, NAME[:CONFIG][@SPLIT], e.g. wikitext:wikitext-2-raw-v1 "
                 f"or wikitext:wikitext-2-raw-v1@validation (split default '{DATASET_DEFAULT_SPLIT}'); the text "
                 f"column's first {DATASET_MAX_CHARS // 1_000_000}M characters make one domain named NAME; needs "
                 "the datasets package and network access")
-
-_BUILTIN_SOURCES = {
-    ("prose", "eval"): "built-in prose: Python language reference (pydoc_data.topics)",
-    ("code", "eval"): "built-in code: Python standard-library source (eval split)",
-    ("prose", "calib"): "built-in prose: Python standard-library docstrings (calib split)",
-    ("code", "calib"): "built-in code: Python standard-library source (calib split)",
-}
-
 
 @dataclass(frozen=True)
 class TextSource:
@@ -208,9 +384,13 @@ def load_dataset_text(spec: str | DatasetSpec, max_chars: int = DATASET_MAX_CHAR
     return TextSource(joined[:max_chars], f"dataset {parsed}, column {column!r}{cut}")
 
 
-def builtin_texts(split: Split = "eval") -> dict[str, TextSource]:
-    """The built-in domains (:data:`DOMAINS`) for ``split``: "calib" to fit on, "eval" to judge on."""
-    return {domain: TextSource(domain_text(domain, split), _BUILTIN_SOURCES[domain, split]) for domain in DOMAINS}
+def builtin_texts(split: Split = "eval", domains: Iterable[str] | None = None) -> dict[str, TextSource]:
+    """Built-in domains (default: all of :data:`DOMAINS`) for ``split``: "calib" to fit on, "eval" to judge on."""
+    _check_split(split)
+    names = [resolve_domain(d) for d in (DOMAINS if domains is None else domains)]
+    if len(set(names)) != len(names):
+        raise TextError(f"a built-in domain is named twice: {', '.join(names)}")
+    return {d: TextSource(domain_text(d, split), domain_source(d, split)) for d in names}
 
 
 def unique_name(base: str, taken: Iterable[str]) -> str:
@@ -226,27 +406,30 @@ def load_texts(
     files: Iterable[str | os.PathLike[str]] = (),
     dataset: str | None = None,
     split: Split = "eval",
+    domains: Iterable[str] | None = None,
 ) -> dict[str, TextSource]:
     """Domain name -> :class:`TextSource`, from text files, a dataset spec, or the built-in domains.
 
     * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ...
     * ``dataset``: ``NAME[:CONFIG][@SPLIT]`` (split default "test"), one domain named NAME with at
       most :data:`DATASET_MAX_CHARS` characters (:func:`load_dataset_text`);
-    * neither: the built-in prose and code texts of ``split`` ("eval" or "calib").
+    * neither: the built-in ``domains`` (default: all of :data:`DOMAINS`) of ``split`` ("eval" or "calib").
 
-    Files and a dataset together are an error, as is anything missing, unreadable or empty: one
+    Files, a dataset and built-in ``domains``: more than one of them is an error, as is anything
+    missing, unreadable or empty: one
     :class:`TextError` each, raised before any model is loaded.
     """
-    if split not in ("calib", "eval"):
-        raise TextError(f"split must be 'calib' or 'eval', got {split!r}")
+    _check_split(split)
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if files and dataset:
         raise TextError("give --text or --dataset, not both")
+    if (files or dataset) and domains is not None:
+        raise TextError("give --text, --dataset or --domain, not more than one")
     if dataset:
         spec = parse_dataset_spec(dataset)
         return {spec.name: load_dataset_text(spec)}
     if not files:
-        return builtin_texts(split)
+        return builtin_texts(split, domains)
     texts: dict[str, TextSource] = {}
     for path in files:
         name = unique_name(Path(path).stem or "text", texts)

@@ -45,7 +45,7 @@ def test_triggers_are_the_k_most_frequent(task):
     from sinkfix.texts import domain_text
 
     vocab = set(task.chars)
-    counts = Counter(c for c in domain_text("prose", "eval") if c in vocab)
+    counts = Counter(c for c in domain_text("pydoc", "eval") if c in vocab)
     assert [task.chars[t] for t in task.triggers] == [c for c, _ in counts.most_common(3)]
     order = torch.argsort(task.frequency, descending=True)[:3]
     assert sorted(order.tolist()) == sorted(task.triggers)

@@ -199,12 +199,12 @@ def test_table_output(files):
     assert "drop" not in stdout  # a given policy replaces the default set
 
 
-def test_default_texts_are_builtin_prose_and_code(files):
+def test_default_texts_are_the_two_python_domains(files):
     rc, stdout, stderr = run_cli("--model", str(files["model"]), "--policy", "identity", "--seq-len", "16",
                                  "--max-windows", "1", "--decode-tokens", "0", "--repeats", "1", "--json")
     assert rc == 0, stderr
     results = json.loads(stdout)
-    assert list(results["domains"]) == ["prose", "code"]
+    assert list(results["domains"]) == ["pydoc", "python"]  # sinkfix.texts.QUICK_DOMAINS
     assert [v["name"] for v in results["variants"]] == ["stock", "identity"]
 
 
@@ -265,7 +265,7 @@ def test_perplexity_equals_transformers_loss_on_smollm2():
         model, tokenizer = sinkfix.load_model("smollm2-135m")
     except sinkfix.ModelLoadError as exc:
         pytest.skip(f"offline model package missing: {exc}")
-    ids = tokenizer(domain_text("code", "eval", max_chars=4000), add_special_tokens=False,
+    ids = tokenizer(domain_text("python", "eval", max_chars=4000), add_special_tokens=False,
                     return_tensors="pt").input_ids[0]
     windows = make_windows(ids, 256, 200, max_windows=2)
     nll, tokens = windows_nll(model, windows, batch=2)

@@ -9,8 +9,9 @@ import torch
 
 import sinkfix
 from sinkfix.patch import PatchHandle
-from sinkfix.analysis.calibration import CalibrationError, calibrate, calibration_windows
-from sinkfix.texts import domain_text
+from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, DomainFits, calibrate,
+                                          calibration_windows, fit_domains, robust_profile)
+from sinkfix.texts import DOMAINS, domain_text
 
 from .conftest import CharTokenizer, tiny_model
 
@@ -22,18 +23,64 @@ TEXTS = {
     "prose": "the cat sat on the mat and the dog sat on the log. " * 30,
     "code": "for i in range(10):\n    total += i * i\n" * 40,
 }
+THREE = {**TEXTS, "list": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, " * 40}
 
 
-def test_calibration_lowers_nll_on_its_own_split():
+def test_pooled_fit_lowers_validation_nll():
     model = tiny_model("llama")
-    profile = calibrate(model, CharTokenizer(), TEXTS, seq_len=64, steps=12, lr=0.3, reg=0.0, val_fraction=0.25,
-                        eval_every=4, patience=10, progress=False)
-    nll = profile.calibration["nll"]
-    assert nll["calib_after"] < nll["calib_before"]
-    assert nll["val_after"] <= nll["val_before"]
+    profile = calibrate(model, CharTokenizer(), TEXTS, rule="pooled", seq_len=64, steps=12, lr=0.3, reg=0.0,
+                        val_fraction=0.25, eval_every=4, patience=10, progress=False)
+    record = profile.calibration
+    assert record["nll"]["val_after"] < record["nll"]["val_before"]
+    assert record["rule"] == "pooled" and record["domain_robust"] is False and not profile.domain_robust
     assert profile.sink_scale.shape == (2, 4) and (profile.sink_scale < 1).any()
-    assert profile.calibration["protocol"] == {"seq_len": 64, "bos": True, "stride": 63, "windows": "non-overlapping"}
-    assert [h["step"] for h in profile.calibration["history"]] == [0, 4, 8, 12]
+    assert record["protocol"] == {"seq_len": 64, "bos": True, "stride": 63, "windows": "non-overlapping"}
+    assert [h["step"] for h in record["fits"]["pooled"]["history"]] == [0, 4, 8, 12]
+    assert set(record["ppl_change"]["val_per_domain"]) == set(TEXTS)
+    assert "not domain-robust" in profile.describe()
+
+
+def test_robust_rule_fits_each_domain_and_chooses_by_the_worst_held_out_domain():
+    model = tiny_model("llama")
+    profile = calibrate(model, CharTokenizer(), THREE, seq_len=64, steps=24, lr=0.3, eval_every=4, patience=10,
+                        progress=False)
+    record = profile.calibration
+    assert record["rule"] == "robust" and profile.domain_robust and "domain-robust" in profile.describe()
+    assert set(record["fits"]) == set(THREE) and set(profile.domain_parameters) == set(THREE)
+    assert all(fit["steps_run"] == 8 for fit in record["fits"].values())  # 24 steps split among 3 domains
+    assert all(fit["val_nll_after"] <= fit["val_nll_before"] for fit in record["fits"].values())
+    selection = record["selection"]
+    worst = {name: max(per.values()) for name, per in selection["changes"].items()}
+    assert worst[selection["chosen"]] == min(worst.values()) <= 0  # the identity scores 0
+    assert set(record["ppl_change"]["val_per_domain"]) == set(THREE)
+
+
+def test_robust_rule_needs_two_domains():
+    model = tiny_model("llama")
+    with pytest.raises(CalibrationError, match=r"at least two domains; only 'prose' is left"):
+        calibrate(model, CharTokenizer(), {"prose": TEXTS["prose"]}, seq_len=64, progress=False)
+    fits = fit_domains(model, CharTokenizer(), TEXTS, CalibrationSettings(seq_len=64, steps=2, eval_every=1),
+                       progress=False)
+    with pytest.raises(CalibrationError, match="at least two domains"):  # nothing left to validate on
+        robust_profile(model, fits, ["code"], progress=False)
+    with pytest.raises(CalibrationError, match="no fit for domain"):
+        robust_profile(model, fits, ["code", "legal"], progress=False)
+    with pytest.raises(CalibrationError, match="val_fraction must be > 0"):
+        fit_domains(model, CharTokenizer(), TEXTS, CalibrationSettings(seq_len=64, val_fraction=0.0), progress=False)
+
+
+def test_fits_round_trip_and_rebuild_a_profile_without_a_domain():
+    model, tok = tiny_model("llama"), CharTokenizer()
+    fits = fit_domains(model, tok, THREE, CalibrationSettings(seq_len=64, steps=12, lr=0.3, eval_every=2),
+                       progress=False)
+    again = DomainFits.from_dict(json.loads(json.dumps(fits.to_dict())), tok, THREE)
+    assert again.domains == fits.domains and again.settings == fits.settings
+    assert all(torch.equal(again.fits[d].beta, fits.fits[d].beta) for d in fits.domains)
+    cache: dict = {}
+    without = robust_profile(model, again, ["prose", "code"], progress=False, cache=cache)
+    assert set(without.domain_parameters) == {"prose", "code"} and cache
+    with pytest.raises(CalibrationError, match="are not the fitted domains"):
+        DomainFits.from_dict(fits.to_dict(), tok, TEXTS)
 
 
 def test_calibration_leaves_the_model_untouched():
@@ -61,21 +108,26 @@ def test_calibration_restores_a_previous_patch():
     restored.remove()
 
 
-def test_identity_profile_when_nothing_helps():
+@pytest.mark.parametrize("rule", ["pooled", "robust"])
+def test_identity_profile_when_nothing_was_fitted(rule):
+    from sinkfix.analysis.robust import candidates
+
     model = tiny_model("llama")
-    profile = calibrate(model, CharTokenizer(), TEXTS, seq_len=64, steps=0, progress=False)
+    pool = candidates(global_betas=())  # combinations of fits only: with no steps they are the identity
+    profile = calibrate(model, CharTokenizer(), TEXTS, rule=rule, seq_len=64, steps=0, pool=pool, progress=False)
     assert torch.equal(profile.sink_scale, torch.ones(2, 4, dtype=torch.float64))
-    assert profile.calibration["best_step"] == 0
+    assert profile.virtual_sink_logit is None
+    assert all(fit["best_step"] == 0 for fit in profile.calibration["fits"].values())
 
 
 def test_virtual_logits_are_fitted_and_round_trip(tmp_path):
     model = tiny_model("llama")
-    profile = calibrate(model, CharTokenizer(), TEXTS, seq_len=64, steps=6, lr=0.3, eval_every=2, patience=5,
-                        virtual_logits=True, progress=False)
-    if profile.calibration["best_step"] > 0:
-        assert profile.virtual_sink_logit is not None and torch.isfinite(profile.virtual_sink_logit).all()
+    profile = calibrate(model, CharTokenizer(), TEXTS, rule="pooled", seq_len=64, steps=6, lr=0.3, eval_every=2,
+                        patience=5, virtual_logits=True, progress=False)
+    assert profile.calibration["fits"]["pooled"]["best_step"] > 0
+    assert profile.virtual_sink_logit is not None and torch.isfinite(profile.virtual_sink_logit).all()
     loaded = sinkfix.Profile.load(profile.save(tmp_path / "p.json"))
-    assert (loaded.virtual_sink_logit is None) == (profile.virtual_sink_logit is None)
+    assert torch.equal(loaded.virtual_sink_logit, profile.virtual_sink_logit)
     with sinkfix.patch(model, loaded) as handle:
         assert len(handle.layer_policies()) == 2
 
@@ -84,8 +136,8 @@ def test_bad_settings_and_short_texts():
     model = tiny_model("llama")
     with pytest.raises(CalibrationError, match="init_beta"):
         calibrate(model, CharTokenizer(), TEXTS, init_beta=1.0, progress=False)
-    with pytest.raises(CalibrationError, match="shorter than one"):
-        calibrate(model, CharTokenizer(), {"tiny": "too short"}, seq_len=64, progress=False)
+    with pytest.raises(CalibrationError, match=r"text 'tiny' is too short: .* at least 126 tokens"):
+        calibrate(model, CharTokenizer(), {"tiny": "x" * 100, "other": "y" * 1000}, seq_len=64, progress=False)
     with pytest.raises(CalibrationError, match="val_fraction"):
         calibrate(model, CharTokenizer(), TEXTS, val_fraction=1.0, progress=False)
 
@@ -97,7 +149,7 @@ def test_windows_do_not_overlap_and_start_with_bos():
 
 
 def test_builtin_texts_exist_offline():
-    for domain in ("prose", "code"):
+    for domain in DOMAINS:
         calib, held_out = domain_text(domain, "calib"), domain_text(domain, "eval")
         assert len(calib) > 20_000 and len(held_out) > 20_000
         assert calib[:2000] not in held_out
@@ -109,16 +161,25 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
     model = tiny_model("llama")
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
     files = []
-    for name, text in TEXTS.items():
+    for name, text in THREE.items():
         files += ["--text", str(tmp_path / f"{name}.txt")]
         (tmp_path / f"{name}.txt").write_text(text)
     out = tmp_path / "profile.json"
-    rc = cli.main(["calibrate", *files, "--out", str(out), "--seq-len", "64", "--steps", "4"])
+    rc = cli.main(["calibrate", *files, "--out", str(out), "--seq-len", "64", "--steps", "4", "--evaluate"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["format"] == "sinkfix-profile" and set(data["calibration"]["texts"]) == {"prose", "code"}
+    assert data["format"] == "sinkfix-profile" and data["version"] == 3
+    assert set(data["calibration"]["texts"]) == set(data["domains"]) == set(THREE)
     printed = capsys.readouterr().out
-    assert "validation" in printed and "calibration" in printed
+    assert "leave-one-domain-out" in printed and "worst" in printed and "domain-robust" in printed
+    assert "validation windows" in printed  # user texts have no evaluation split: said so
+    # one line, exit code 2, before any model is loaded: one domain cannot be calibrated domain-robustly,
+    # and two leave nothing to choose with once one is left out
+    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: pytest.fail("loaded a model"))
+    rc = cli.main(["calibrate", *files[:2], "--out", str(tmp_path / "one.json"), "--seq-len", "64"])
+    assert rc == 2 and "at least two domains" in capsys.readouterr().err
+    rc = cli.main(["calibrate", *files[:4], "--out", str(tmp_path / "two.json"), "--seq-len", "64", "--evaluate"])
+    assert rc == 2 and "at least three domains" in capsys.readouterr().err
     # applying the saved profile to another model is a one-line CLI error, exit code 2
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (tiny_model("llama", seed=3), CharTokenizer()))
     rc = cli.main(["inspect", "--profile", str(out), "--text", str(tmp_path / "prose.txt"), "--out",
@@ -128,14 +189,14 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
 
 # -- real model -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_calibration_lowers_nll_on_its_own_split(smollm2):
+def test_smollm2_per_domain_fits_lower_their_validation_nll(smollm2):
     model, tokenizer = smollm2
-    text = domain_text("prose", "calib")[:12000]
-    profile = calibrate(model, tokenizer, {"prose": text}, seq_len=256, bos=True, max_tokens=3 * 255, steps=4,
+    texts = {d: domain_text(d, "calib")[:12000] for d in ("pydoc", "legal")}
+    profile = calibrate(model, tokenizer, texts, seq_len=256, bos=True, max_tokens=3 * 255, steps=8,
                         lr=0.1, reg=0.0, val_fraction=0.34, eval_every=2, patience=5, progress=False)
-    nll = profile.calibration["nll"]
-    assert profile.calibration["texts"]["prose"] == {"calib_windows": 2, "val_windows": 1}
-    assert nll["calib_after"] < nll["calib_before"] - 1e-3
+    record = profile.calibration
+    assert record["texts"]["pydoc"] == {"calib_windows": 2, "val_windows": 1}
+    assert all(fit["val_nll_after"] < fit["val_nll_before"] - 1e-3 for fit in record["fits"].values())
     assert profile.model.num_layers == 30 and profile.model.num_heads == (9,) * 30
 
 

@@ -290,7 +290,7 @@ def test_smollm2_known_sink_layers(smollm2):
     model, tokenizer = smollm2
     # 128-token windows: the early sink layers (3-9) spread their attention over more keys in longer
     # windows (max head share 0.89 at 128 tokens, 0.27 at 512 on this prose).
-    report = inspect(model, tokenizer, domain_text("prose", "eval", max_chars=6000), seq_len=128, bos=True,
+    report = inspect(model, tokenizer, domain_text("pydoc", "eval", max_chars=6000), seq_len=128, bos=True,
                      max_tokens=3 * 127, progress=False)
     m = report.overall
     found = report.sink_layers(0.4)  # a head with >= 0.4 of its attention on token 0

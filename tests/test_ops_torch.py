@@ -234,7 +234,7 @@ def _inference_paths(q, k, v, **kw):
 
     yield "sink_attention_torch", sink_attention_torch(q, k, v, **kw).out
     yield "sink_attention", sink_attention(q, k, v, backend="torch", **kw).out
-    op_args = (q, k, v, kw.get("attn_mask"), kw.get("sink_cols"), kw.get("beta"), kw.get("extra_logits"),
+    op_args = (q, k, v, kw.get("attn_mask"), None, None, kw.get("sink_cols"), kw.get("beta"), kw.get("extra_logits"),
                kw.get("virtual_sink_logit"), kw.get("causal", False), kw.get("causal_offset", 0),
                kw.get("sliding_window"), q.shape[-1] ** -0.5, None, kw.get("first_column_sink", False), "torch")
     yield "torch.ops.sinkfix.sink_attention", torch.ops.sinkfix.sink_attention(*op_args)[0].transpose(1, 2)

@@ -132,6 +132,57 @@ def test_version_1_files_keep_their_meaning(tmp_path):
     torch.testing.assert_close(loaded.virtual_sink_logit, make_profile(model, with_logits=True).virtual_sink_logit)
 
 
+def _domain_profile(model) -> Profile:
+    profile = make_profile(model, with_logits=True)
+    fits = {"pydoc": (torch.full((2, 4), 0.7), torch.full((2, 4), -2.0)), "cpp": (torch.ones(2, 4), None)}
+    return Profile(profile.model, profile.sink_scale, profile.virtual_sink_logit, domain_parameters=fits,
+                   calibration={"rule": "robust", "domain_robust": True, "texts": {"pydoc": {}, "cpp": {}},
+                                "selection": {"chosen": "consensus x1"}})
+
+
+def test_per_domain_parameters_round_trip_and_are_checked(tmp_path):
+    model = tiny_model("llama")
+    loaded = Profile.load(_domain_profile(model).save(tmp_path / "p.json"))
+    assert set(loaded.domain_parameters) == {"pydoc", "cpp"} and loaded.version == VERSION == 3
+    beta, logit = loaded.domain_parameters["pydoc"]
+    torch.testing.assert_close(beta, torch.full((2, 4), 0.7, dtype=torch.float64))
+    torch.testing.assert_close(logit, torch.full((2, 4), -2.0, dtype=torch.float64))
+    assert loaded.domain_parameters["cpp"][1] is None
+    assert loaded.domain_robust
+    assert "domain-robust: 'consensus x1' chosen by leave-one-domain-out over pydoc, cpp" in loaded.describe()
+    good = loaded.to_dict()
+    bad = {"shape": ({"pydoc": {"sink_scale": [[1.0] * 3] * 2}}, "domain 'pydoc' sink_scale has shape"),
+           "range": ({"pydoc": {"sink_scale": [[2.0] * 4] * 2}}, r"must lie in \[0.0, 1.0\]"),
+           "missing": ({"pydoc": {"virtual_sink_logit": None}}, "has no 'sink_scale'"),
+           "type": ([1, 2], "'domains' entry must be an object")}
+    for name, (domains, message) in bad.items():
+        _write(tmp_path / "bad.json", {**good, "domains": domains})
+        with pytest.raises(ProfileError, match=message):
+            Profile.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_profiles_load_unchanged_and_say_they_are_not_domain_robust(tmp_path, version):
+    """Profiles from before domain-robust calibration: same parameters, same meaning, and a plain warning."""
+    model = tiny_model("llama")
+    old = make_profile(model, with_logits=True).to_dict()
+    old["version"] = version
+    old["calibration"] = {"protocol": {"seq_len": 512, "bos": True}, "best_step": 110}
+    del old["domains"]
+    if version == 1:
+        del old["policy"]["virtual_logit_on_sink_rows"]
+    _write(tmp_path / "old.json", old)
+    loaded = Profile.load(tmp_path / "old.json")
+    assert loaded.version == version and loaded.domain_parameters is None and not loaded.domain_robust
+    torch.testing.assert_close(loaded.sink_scale, make_profile(model).sink_scale)
+    assert f"not domain-robust (format version {version})" in loaded.describe()
+    assert "worse on other kinds of text" in loaded.describe()
+    # saving writes the current format; the parameters and the record are kept
+    again = Profile.load(loaded.save(tmp_path / "new.json"))
+    assert json.loads((tmp_path / "new.json").read_text())["version"] == VERSION
+    assert torch.equal(again.sink_scale, loaded.sink_scale) and again.calibration == loaded.calibration
+
+
 @pytest.mark.parametrize("on_sink_rows", [False, True])
 def test_virtual_logit_row_rule_round_trips_and_applies(tmp_path, on_sink_rows):
     """The flag survives save/load and decides whether the first token's own row (which sees only

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import types
 
@@ -12,10 +13,13 @@ import pytest
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import (
     DATASET_DEFAULT_SPLIT,
+    DOMAIN_ALIASES,
     DOMAINS,
+    QUICK_DOMAINS,
     DatasetSpec,
     TextError,
     TextSource,
+    domain_source,
     domain_text,
     load_dataset_text,
     load_texts,
@@ -78,17 +82,64 @@ def test_files_and_dataset_together_are_an_error(tmp_path):
 @pytest.mark.parametrize("split", ["eval", "calib"])
 def test_builtin_domains_by_default(split):
     texts = load_texts(split=split)
-    assert tuple(texts) == DOMAINS == ("prose", "code")
+    assert tuple(texts) == DOMAINS == ("pydoc", "python", "readme", "legal", "cpp")
     for domain, text in texts.items():
         assert text.text == domain_text(domain, split)
-        assert text.source.startswith(f"built-in {domain}")
+        assert text.source == domain_source(domain, split) and text.source.startswith(f"built-in {domain} (")
 
 
 def test_default_split_is_eval_and_splits_differ():
     default, calib = load_texts(), load_texts(split="calib")
-    assert default["code"].text == domain_text("code", "eval")
-    assert default["code"].text != calib["code"].text
-    assert "pydoc_data" in default["prose"].source and "calib" in calib["prose"].source
+    assert default["python"].text == domain_text("python", "eval")
+    assert default["python"].text != calib["python"].text
+    assert "pydoc_data" in default["pydoc"].source and "calib split" in calib["pydoc"].source
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_calibration_and_evaluation_sources_are_disjoint(domain):
+    """No paragraph of a domain's evaluation text occurs in its calibration text (paragraphs of more
+    than 200 characters: a short line such as a license's "All rights reserved." may repeat)."""
+    calib, held_out = domain_text(domain, "calib"), domain_text(domain, "eval")
+    assert len(calib) > 40_000 and len(held_out) > 40_000  # ten windows of 512 tokens and more
+    paragraphs = [p for p in re.split(r"\n\s*\n", held_out) if len(p.strip()) > 200]
+    assert paragraphs and not [p for p in paragraphs if p.strip() in calib]
+
+
+def test_provenance_names_its_sources():
+    assert "torch" in domain_source("legal", "calib") and "numpy" in domain_source("legal", "eval")
+    assert "c10" in domain_source("cpp", "calib") and "numpy" in domain_source("cpp", "eval")
+    assert "transformers" in domain_source("readme", "calib") and "rich" in domain_source("readme", "eval")
+    assert "argparse" in domain_source("python", "eval")
+
+
+def test_old_domain_names_still_work_and_warn():
+    assert DOMAIN_ALIASES == {"prose": "pydoc", "code": "python"}
+    with pytest.warns(DeprecationWarning, match="now called 'pydoc'"):
+        assert domain_text("prose", "calib") == domain_text("pydoc", "calib")
+    with pytest.warns(DeprecationWarning, match="now called 'python'"):
+        assert list(load_texts(domains=["code"])) == ["python"]
+
+
+def test_choosing_built_in_domains():
+    assert list(load_texts(domains=QUICK_DOMAINS)) == ["pydoc", "python"]
+    with pytest.raises(TextError, match="unknown domain 'wiki'; built-in domains: pydoc, python"):
+        load_texts(domains=["wiki"])
+    with pytest.raises(TextError, match="named twice"):
+        load_texts(domains=["pydoc", "pydoc"])
+    with pytest.raises(TextError, match="not more than one"):
+        load_texts(["x.txt"], domains=["pydoc"])
+
+
+def test_a_domain_whose_sources_are_missing_is_a_clear_error(monkeypatch):
+    from sinkfix import texts
+
+    monkeypatch.setattr(texts, "_README_PACKAGES", {"calib": ["no-such-package"], "eval": []})
+    texts._built.cache_clear()
+    try:
+        with pytest.raises(TextError, match="built-in domain 'readme' .calib split. found no text"):
+            domain_text("readme", "calib")
+    finally:
+        texts._built.cache_clear()
 
 
 def test_unknown_split_is_an_error():
@@ -206,8 +257,11 @@ def test_inspect_and_calibrate_options_use_the_loader(tmp_path):
     args = parser.parse_args(["--text", str(path), "--text", str(path)])
     assert list(texts_from_args(args, "eval")) == ["x", "x-2"]
     assert list(texts_from_args(parser.parse_args([]), "calib")) == list(DOMAINS)
-    with pytest.raises(SystemExit):  # one source or the other, as in bench
-        parser.parse_args(["--text", str(path), "--dataset", "wikitext"])
+    chosen = parser.parse_args(["--domain", "legal", "--domain", "cpp"])
+    assert list(texts_from_args(chosen, "eval")) == ["legal", "cpp"]
+    for both in (["--text", str(path), "--dataset", "wikitext"], ["--text", str(path), "--domain", "cpp"]):
+        with pytest.raises(SystemExit):  # one source or another, as in bench
+            parser.parse_args(both)
 
 
 def test_read_text_file_still_works(tmp_path):

@@ -1,58 +1,124 @@
 """Fit per-layer / per-head sink-scaling parameters to next-token NLL, without training the model.
 
-``sinkfix.calibrate(model, tokenizer, texts)`` patches the model, freezes its weights and fits one
-beta per (attention layer, query head), ``beta = sigmoid(theta)``, by Adam on the token-mean NLL of
-calibration windows, plus a pull toward beta = 1::
+``sinkfix.calibrate(model, tokenizer, texts)`` fits one beta per (attention layer, query head),
+``beta = sigmoid(theta)``, and by default one virtual sink logit per head, by Adam on the token-mean
+NLL of calibration windows (model weights frozen), plus a pull toward beta = 1::
 
     loss = NLL + reg * mean_{l,h} (1 - beta_lh)^2
 
-A validation split (the last ``val_fraction`` of every text's windows: contiguous, so it is text
-the optimiser never saw, not interleaved sentences of the same paragraphs) is scored every
-``eval_every`` steps; the parameters with the best validation NLL are kept and the loop stops after
-``patience`` evaluations without improvement. Calibration NLL (on the windows it was fitted on)
-and validation NLL are both reported, before and after, so overfitting is visible. If nothing beats
-the unpatched model on validation, the returned profile is the identity.
+``texts`` is a mapping domain -> text (default: every built-in domain, :data:`sinkfix.texts.DOMAINS`).
+Each domain's windows are split into calibration windows and validation windows (its last
+``val_fraction``: contiguous, so text the optimiser never saw). Two rules turn them into a profile:
 
-Gradients reach beta because :class:`~sinkfix.policy.LayerPolicy` bypasses its device cache for
-tensors that require grad, and the PyTorch attention path switches to its dense differentiable
-formula when an input requires grad.
+* ``rule="robust"`` (the default): every domain gets its own fit (:func:`fit_domains`: ``steps``
+  split evenly among the domains, early stopping on the domain's validation windows), and
+  :func:`robust_profile` combines the fits head by head, choosing how by leave-one-domain-out on
+  the validation windows so that no domain is traded for another (:mod:`sinkfix.analysis.robust`).
+  Needs at least two domains.
+* ``rule="pooled"``: one fit on every domain's windows together, early stopping on their pooled
+  validation windows (what sinkfix did before; it overfits the kinds of text it was fitted on,
+  ``docs/calibration.md``).
 
-With ``virtual_logits=True`` (the default) a virtual sink logit b_lh per head is fitted as well:
-an extra ``exp(b)`` in the softmax denominator with a zero value, i.e. a learned "attend to
-nothing" option. Sink scaling can only move a head away from its sink (beta <= 1); the virtual
-logit can also make it more dormant. On SmolLM2-135M with BOS it took the held-out gain from
-2.7% to 3.4-3.9% (docs/calibration.md). It starts a fixed distance below each head's typical row
-log-sum-exp and below that of row 0 (the sink's own row), measured in a forward pass over a few
-calibration windows, so that it holds ~0.25% of the mass instead of having a vanishing gradient;
-it is not regularised (early stopping on the validation split is).
+A fit keeps the parameters with the best validation NLL (scored every ``eval_every`` steps) and stops
+after ``patience`` evaluations without improvement; if nothing beats the unpatched model the fit is
+the identity. Gradients reach beta because :class:`~sinkfix.policy.LayerPolicy` bypasses its device
+cache for tensors that require grad; the attention path then runs its differentiable route
+(:mod:`sinkfix.ops.attention_grad`: the fused forward, a blockwise recompute backward).
+
+The virtual sink logit b_lh is an extra ``exp(b)`` in the softmax denominator with a zero value, a
+learned "attend to nothing" option: sink scaling can only move a head away from its sink (beta <= 1);
+the virtual logit can also make it more dormant. It starts a fixed distance below each head's typical
+row log-sum-exp and below that of row 0 (the sink's own row), measured on a few calibration
+windows of the text being fitted, so that it holds ~0.25% of the mass instead of having a vanishing
+gradient; it is not regularised (early stopping is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
 import warnings
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from sinkfix.analysis.robust import Candidate, candidate_parameters, candidates, select
 from sinkfix.errors import SinkfixError
 from sinkfix.evaluate import bos_token_id, model_device, tokenize, window_nll
 from sinkfix.policy import Policy
-from sinkfix.texts import domain_text
+from sinkfix.texts import DOMAINS, domain_text
 
-__all__ = ["calibrate", "calibration_windows", "CalibrationError"]
+__all__ = ["calibrate", "fit_domains", "robust_profile", "calibration_windows", "domain_windows", "CalibrationError",
+           "CalibrationSettings", "Calibrator", "require_two_domains", "DomainFit", "DomainFits", "DomainWindows",
+           "Progress", "CALIBRATION_RULES", "parameters_key"]
 
+CALIBRATION_RULES = ("robust", "pooled")
 # Virtual sink logits start this far below the head's reference log-sum-exp: e^-6 = 0.25% of the mass.
 _VIRTUAL_INIT_GAP = 6.0
-# Windows used to measure each head's reference log-sum-exp for that initialisation.
-_LSE_WINDOWS = 8
+# Windows used to measure each head's reference log-sum-exp for that initialisation (per fit).
+_LSE_WINDOWS = 4
+
+Parameters = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 class CalibrationError(SinkfixError, ValueError):
     """Calibration cannot run with the given texts or settings."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Every setting of a calibration run; :func:`calibrate` documents each one."""
+
+    seq_len: int = 512
+    bos: bool | str = True
+    max_tokens: int | None = 8192
+    val_fraction: float = 0.25
+    steps: int = 150
+    lr: float = 0.2
+    reg: float = 0.05
+    init_beta: float = 0.97
+    virtual_logits: bool = True
+    virtual_logit_on_sink_rows: bool | None = None
+    eval_every: int = 10
+    patience: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.init_beta < 1:
+            raise CalibrationError(f"init_beta must lie strictly between 0 and 1, got {self.init_beta}")
+        if self.steps < 0 or self.eval_every < 1 or self.patience < 1:
+            raise CalibrationError("steps must be >= 0, eval_every and patience >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise CalibrationError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.bos not in (True, False, "both"):
+            raise CalibrationError(f"bos must be True, False or 'both', got {self.bos!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise CalibrationError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+
+    @property
+    def on_sink_rows(self) -> bool:
+        """Whether the virtual logits act on the sink's own row: by default only with BOS windows."""
+        if self.virtual_logit_on_sink_rows is None:
+            return self.bos is True
+        return bool(self.virtual_logit_on_sink_rows)
+
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens per window (the BOS token, when there is one, is not text)."""
+        return self.seq_len - int(self.bos is True)
+
+    def protocol(self) -> dict:
+        return {"seq_len": self.seq_len, "bos": self.bos, "stride": self.text_tokens, "windows": "non-overlapping"}
+
+    def hyper(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "reg": self.reg, "init_beta": self.init_beta,
+                "virtual_logits": self.virtual_logits, "virtual_logit_on_sink_rows": self.on_sink_rows,
+                "eval_every": self.eval_every, "patience": self.patience, "val_fraction": self.val_fraction,
+                "max_tokens": self.max_tokens, "seed": self.seed}
 
 
 def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
@@ -82,71 +148,15 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
     return out
 
 
-# -- helpers ------------------------------------------------------------------------------------
-def _set_params(handle, beta: torch.Tensor, logit: torch.Tensor | None) -> None:
-    """Install beta [L, H] (and virtual logits) on the live layer policies."""
-    for layer, lp in enumerate(handle.layer_policies()):
-        h = lp.num_heads
-        lp.set_parameters(beta[layer, :h], None if logit is None else logit[layer, :h])
-
-
-@torch.no_grad()
-def _mean_nll(model, windows: Sequence[torch.Tensor], device, tick: Callable[[], None] | None = None) -> float:
-    total, count = 0.0, 0
-    for ids in windows:
-        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
-        nll, n = window_nll(logits, ids[None].to(logits.device))
-        total += float(nll)
-        count += n
-        if tick is not None:
-            tick()
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def _reference_lse(model, handle, windows: Sequence[torch.Tensor], device) -> torch.Tensor:
-    """[L, H] per head: min(mean log-sum-exp of rows i >= 1, log-sum-exp of row 0), averaged over windows.
-
-    With ``virtual_logit_on_sink_rows`` the virtual logit reaches row 0 too: the sink's own row, which
-    sink scaling leaves alone because every later layer reads the sink's representation. In ~10% of SmolLM2's
-    heads row 0's log-sum-exp lies more than 6 nats below the mean row's; a logit placed from the
-    mean alone then takes most of that row at the start, and without BOS (row 0 = a real word)
-    validation perplexity rose 9% within 10 steps and never recovered.
-    """
-    L, H = handle.num_layers, max(handle.num_heads())
-    sums = torch.zeros(L, H, dtype=torch.float64)
-    counts = torch.zeros(L, dtype=torch.float64)
-
-    def observer(call) -> None:
-        lse = call.result.lse
-        if lse is None or lse.shape[-1] < 2:
-            return
-        lse = lse.detach().float()
-        rows = lse[:, :, 1:]
-        ok_rows = torch.isfinite(rows)
-        mean = torch.where(ok_rows, rows, 0).sum(-1) / ok_rows.sum(-1).clamp(min=1)  # (B, H)
-        row0 = lse[:, :, 0]
-        ref = torch.where(torch.isfinite(row0), torch.minimum(mean, row0), mean)
-        sums[call.layer, : ref.shape[1]] += ref.sum(0).double().cpu()
-        counts[call.layer] += ref.shape[0]
-
-    with handle.observing(observer):
-        for ids in windows:
-            model(input_ids=ids[None].to(device), use_cache=False)
-    return (sums / counts.clamp(min=1)[:, None]).float()
-
-
-def _split(windows: list[torch.Tensor], val_fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    if len(windows) < 2:
-        return windows, []
-    n_val = max(1, round(len(windows) * val_fraction)) if val_fraction > 0 else 0
-    n_val = min(n_val, len(windows) - 1)
-    return windows[: len(windows) - n_val], windows[len(windows) - n_val :]
+# -- windows ------------------------------------------------------------------------------------
+class DomainWindows(NamedTuple):
+    calib: list[torch.Tensor]  # windows the optimiser sees
+    val: list[torch.Tensor]  # the domain's last windows: early stopping and domain-robust selection
 
 
 def _normalise_texts(texts) -> dict[str, str]:
     if texts is None:
-        return {"prose": domain_text("prose", "calib"), "code": domain_text("code", "calib")}
+        return {domain: domain_text(domain, "calib") for domain in DOMAINS}
     if isinstance(texts, str):
         return {"text": texts}
     if isinstance(texts, Mapping):
@@ -154,46 +164,39 @@ def _normalise_texts(texts) -> dict[str, str]:
     return {f"text{i}": t for i, t in enumerate(texts)}
 
 
-# -- calibrate ----------------------------------------------------------------------------------
-class _Windows(NamedTuple):
-    calib: list[torch.Tensor]
-    val: list[torch.Tensor]
-    counts: dict[str, dict[str, int]]  # domain -> {"calib_windows", "val_windows"}
+def _split(windows: list[torch.Tensor], val_fraction: float) -> DomainWindows:
+    n_val = max(1, round(len(windows) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(n_val, len(windows) - 1)
+    return DomainWindows(windows[: len(windows) - n_val], windows[len(windows) - n_val :])
 
 
-def _prepare_windows(tokenizer, texts, *, seq_len: int, bos, max_tokens, val_fraction: float) -> _Windows:
-    calib: list[torch.Tensor] = []
-    val: list[torch.Tensor] = []
-    counts = {}
+def domain_windows(tokenizer, texts, settings: CalibrationSettings) -> dict[str, DomainWindows]:
+    """Each domain's calibration and validation windows. A domain too short to give one calibration
+    and (with ``val_fraction > 0``) one validation window is a :class:`CalibrationError` naming it."""
+    needed = 2 if settings.val_fraction > 0 else 1
+    out = {}
     for name, text in _normalise_texts(texts).items():
-        windows = calibration_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
-        if not windows:
-            raise CalibrationError(f"text {name!r} is shorter than one {seq_len}-token window")
-        c, v = _split(windows, val_fraction)
-        calib += c
-        val += v
-        counts[name] = {"calib_windows": len(c), "val_windows": len(v)}
-    return _Windows(calib, val, counts)
+        windows = calibration_windows(tokenizer, text, seq_len=settings.seq_len, bos=settings.bos,
+                                      max_tokens=settings.max_tokens)
+        if len(windows) < needed:
+            raise CalibrationError(
+                f"text {name!r} is too short: it gives {len(windows)} full {settings.seq_len}-token window(s), and a "
+                f"calibration {'and validation split needs' if needed == 2 else 'needs'} at least {needed}, i.e. at "
+                f"least {needed * settings.text_tokens} tokens of text (shorter than one window: nothing to fit on)")
+        out[name] = _split(windows, settings.val_fraction)
+    return out
 
 
-class _Fit(NamedTuple):
-    beta: torch.Tensor  # [L, H]
-    logit: torch.Tensor | None  # [L, H]
-    val_nll: float  # best validation NLL (NaN without a validation split)
-    step: int  # the step those parameters come from
-    steps_run: int
-    history: list[dict]
+# -- the patched model --------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar counting forward passes (fitting steps and evaluations alike), or nothing."""
 
-
-class _Progress:
-    """A tqdm bar counting forward passes (fits and evaluations alike), or nothing."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, desc: str = "calibrate") -> None:
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="calibrate", unit="win")
+            self.bar = tqdm(total=total, desc=desc, unit="win")
 
     def tick(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -208,58 +211,407 @@ class _Progress:
             self.bar.close()
 
 
-def _fit(model, handle, windows: _Windows, theta: torch.Tensor, logit: torch.Tensor | None, before: tuple[float, float],
-         *, steps: int, lr: float, reg: float, eval_every: int, patience: int, seed: int, device,
-         progress: _Progress, say: Callable[[str], None]) -> _Fit:
-    """Adam on theta (beta = sigmoid(theta)) and the virtual logits, one calibration window per
-    step; the parameters with the best validation NLL are kept (early stopping)."""
-    L, H = theta.shape
-    optimiser = torch.optim.Adam([theta] + ([logit] if logit is not None else []), lr=lr)
-    calib, val = windows.calib, windows.val
-    calib_before, val_before = before
-    best = _Fit(torch.ones(L, H), None, val_before, 0, 0, [{"step": 0, "val_nll": val_before,
-                                                            "train_nll": calib_before}])
-    rng = random.Random(seed)
-    stale, order, running, step = 0, [], [], 0
-    for step in range(1, steps + 1):
-        if not order:
-            order = list(range(len(calib)))
-            rng.shuffle(order)
-        ids = calib[order.pop()][None].to(device)
-        beta = torch.sigmoid(theta)
-        _set_params(handle, beta, logit)
-        logits = model(input_ids=ids, use_cache=False).logits
+class Calibrator:
+    """A model patched for calibration: weights frozen, parameters set per call, everything
+    restored on exit (weights' ``requires_grad``, and any patch the model carried before)."""
+
+    def __init__(self, model: nn.Module, on_sink_rows: bool, progress: Progress | None = None) -> None:
+        self.model, self.on_sink_rows = model, on_sink_rows
+        self.progress = progress or Progress(0, False)
+        self.device = model_device(model)
+
+    def __enter__(self) -> "Calibrator":
+        from sinkfix.patch import PatchHandle, patch
+
+        previous = PatchHandle.of(self.model)
+        self._previous_policy = previous.policy if previous is not None else None
+        self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
+        self.handle = patch(self.model, Policy(virtual_logit_on_sink_rows=self.on_sink_rows))
+        self.shape = (self.handle.num_layers, max(self.handle.num_heads()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from sinkfix.patch import patch
+
+        self.handle.remove()
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        if self._previous_policy is not None:
+            patch(self.model, self._previous_policy)
+
+    def set(self, beta: torch.Tensor, logit: torch.Tensor | None) -> None:
+        """Install beta [L, H] (and virtual logits) on the live layer policies."""
+        for layer, lp in enumerate(self.handle.layer_policies()):
+            h = lp.num_heads
+            lp.set_parameters(beta[layer, :h], None if logit is None else logit[layer, :h])
+
+    def identity(self) -> None:
+        self.set(torch.ones(self.shape), None)
+
+    @torch.no_grad()
+    def nll(self, windows: Sequence[torch.Tensor]) -> float:
+        """Token-mean next-token NLL over ``windows`` with the parameters currently set."""
+        total, count = 0.0, 0
+        for ids in windows:
+            logits = self.model(input_ids=ids[None].to(self.device), use_cache=False).logits
+            nll, n = window_nll(logits, ids[None].to(logits.device))
+            total += float(nll)
+            count += n
+            self.progress.tick()
+        return total / max(count, 1)
+
+    def nll_with(self, params: Parameters, windows: Sequence[torch.Tensor]) -> float:
+        self.set(*params)
+        return self.nll(windows)
+
+    def step_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token-mean NLL of one window, differentiable in whatever parameters are set."""
+        ids = ids[None].to(self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits
         nll, count = window_nll(logits, ids)
-        nll = nll / max(count, 1)
-        loss = nll + reg * ((1 - beta) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        running.append(float(nll.detach()))
-        del logits, loss
-        progress.tick()
-        if not val or (step % eval_every and step != steps):
+        return nll / max(count, 1)
+
+    @torch.no_grad()
+    def reference_lse(self, windows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[L, H] per head: min(mean log-sum-exp of rows i >= 1, log-sum-exp of row 0), averaged over windows.
+
+        With ``virtual_logit_on_sink_rows`` the virtual logit reaches row 0 too: the sink's own row, which
+        sink scaling leaves alone because every later layer reads the sink's representation. In ~10% of
+        SmolLM2's heads row 0's log-sum-exp lies more than 6 nats below the mean row's; a logit placed from
+        the mean alone then takes most of that row at the start, and without BOS (row 0 = a real word)
+        validation perplexity rose 9% within 10 steps and never recovered.
+        """
+        self.identity()
+        sums = torch.zeros(self.shape, dtype=torch.float64)
+        counts = torch.zeros(self.shape[0], dtype=torch.float64)
+
+        def observer(call) -> None:
+            lse = call.result.lse
+            if lse is None or lse.shape[-1] < 2:
+                return
+            lse = lse.detach().float()
+            rows = lse[:, :, 1:]
+            ok_rows = torch.isfinite(rows)
+            mean = torch.where(ok_rows, rows, 0).sum(-1) / ok_rows.sum(-1).clamp(min=1)  # (B, H)
+            row0 = lse[:, :, 0]
+            ref = torch.where(torch.isfinite(row0), torch.minimum(mean, row0), mean)
+            sums[call.layer, : ref.shape[1]] += ref.sum(0).double().cpu()
+            counts[call.layer] += ref.shape[0]
+
+        with self.handle.observing(observer):
+            for ids in windows:
+                self.model(input_ids=ids[None].to(self.device), use_cache=False)
+                self.progress.tick()
+        return (sums / counts.clamp(min=1)[:, None]).float()
+
+
+# -- one fit ------------------------------------------------------------------------------------
+@dataclass
+class DomainFit:
+    """Parameters fitted on one set of calibration windows, and how the fit went."""
+
+    beta: torch.Tensor  # [L, H]
+    logit: torch.Tensor | None  # [L, H]
+    val_before: float  # validation NLL of the unpatched model (NaN without validation windows)
+    val_after: float  # validation NLL of these parameters
+    best_step: int
+    steps_run: int
+    history: list[dict] = field(default_factory=list)
+    windows: dict = field(default_factory=dict)  # {"calib_windows": n, "val_windows": n}
+
+    @property
+    def parameters(self) -> Parameters:
+        return self.beta, self.logit
+
+    def record(self) -> dict:
+        change = math.exp(self.val_after - self.val_before) - 1 if self.val_before == self.val_before else None
+        return {**self.windows, "val_nll_before": self.val_before, "val_nll_after": self.val_after,
+                "val_ppl_change": change, "best_step": self.best_step, "steps_run": self.steps_run,
+                "history": self.history}
+
+
+def _initial(cal: Calibrator, windows: DomainWindows, settings: CalibrationSettings) -> Parameters:
+    """theta = logit(init_beta) everywhere; virtual logits _VIRTUAL_INIT_GAP below each head's reference."""
+    theta = torch.full(cal.shape, math.log(settings.init_beta / (1 - settings.init_beta)), requires_grad=True)
+    if not settings.virtual_logits:
+        return theta, None
+    lse = cal.reference_lse(windows.calib[:_LSE_WINDOWS])
+    return theta, (lse - _VIRTUAL_INIT_GAP).clone().requires_grad_(True)
+
+
+def _fit(cal: Calibrator, windows: DomainWindows, settings: CalibrationSettings, steps: int,
+         say: Callable[[str], None], name: str = "") -> DomainFit:
+    """Adam on theta (beta = sigmoid(theta)) and the virtual logits, one calibration window per step;
+    the parameters with the best validation NLL are kept (early stopping)."""
+    theta, logit = _initial(cal, windows, settings)
+    optimiser = torch.optim.Adam([theta] + ([logit] if logit is not None else []), lr=settings.lr)
+    cal.identity()
+    val_before = cal.nll(windows.val) if windows.val else float("nan")
+    best = DomainFit(torch.ones(cal.shape), None, val_before, val_before, 0, 0, [{"step": 0, "val_nll": val_before}],
+                     {"calib_windows": len(windows.calib), "val_windows": len(windows.val)})
+    order = _window_order(len(windows.calib), steps, settings.seed)
+    stale, running, step = 0, [], 0
+    for step, index in enumerate(order, start=1):
+        running.append(_step(cal, optimiser, theta, logit, windows.calib[index], settings.reg))
+        if not windows.val or (step % settings.eval_every and step != steps):
             continue
-        beta_d, logit_d = torch.sigmoid(theta).detach(), None if logit is None else logit.detach()
-        _set_params(handle, beta_d, logit_d)
-        val_nll = _mean_nll(model, val, device, progress.tick)
-        best.history.append({"step": step, "val_nll": val_nll, "train_nll": sum(running) / len(running),
-                             "beta_mean": float(beta_d.mean()), "beta_min": float(beta_d.min())})
-        running = []
-        progress.show(train=f"{best.history[-1]['train_nll']:.4f}", val=f"{val_nll:.4f}", best=f"{best.val_nll:.4f}")
-        if val_nll < best.val_nll - 1e-5:
-            best = best._replace(beta=beta_d.clone(), logit=None if logit_d is None else logit_d.clone(),
-                                 val_nll=val_nll, step=step)
-            stale = 0
-        else:
-            stale += 1
-            if stale >= patience:
-                say(f"early stop at step {step}: validation NLL has not improved for {patience} evaluations")
-                break
-    if not val:  # no validation split: keep the last parameters
-        best = best._replace(beta=torch.sigmoid(theta).detach(), logit=None if logit is None else logit.detach(),
-                             step=step)
-    return best._replace(steps_run=step if steps else 0)
+        best, improved = _validate(cal, theta, logit, windows.val, best, running, step, name)
+        running, stale = [], 0 if improved else stale + 1
+        if stale >= settings.patience:
+            say(f"{name + ': ' if name else ''}early stop at step {step}: validation NLL has not improved "
+                f"for {settings.patience} evaluations")
+            break
+    if not windows.val:  # no validation split: keep the last parameters
+        best = replace(best, beta=torch.sigmoid(theta).detach(), logit=None if logit is None else logit.detach(),
+                       best_step=step)
+    return replace(best, steps_run=step)
+
+
+def _window_order(n_windows: int, steps: int, seed: int) -> list[int]:
+    """The calibration window of each step: every window once per pass, shuffled, passes repeated."""
+    rng, order = random.Random(seed), []
+    while len(order) < steps:
+        block = list(range(n_windows))
+        rng.shuffle(block)
+        order += block[::-1]  # popped from the end, as the loop always took them
+    return order[:steps]
+
+
+def _step(cal: Calibrator, optimiser, theta: torch.Tensor, logit: torch.Tensor | None, ids: torch.Tensor,
+          reg: float) -> float:
+    """One Adam step on one window; returns its NLL (before the step)."""
+    beta = torch.sigmoid(theta)
+    cal.set(beta, logit)
+    nll = cal.step_nll(ids)
+    loss = nll + reg * ((1 - beta) ** 2).mean()
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    cal.progress.tick()
+    return float(nll.detach())
+
+
+def _validate(cal: Calibrator, theta, logit, val: list[torch.Tensor], best: DomainFit, running: list[float],
+              step: int, name: str) -> tuple[DomainFit, bool]:
+    """Score the current parameters on the validation windows; keep them when they are the best so far."""
+    params = torch.sigmoid(theta).detach(), None if logit is None else logit.detach()
+    val_nll = cal.nll_with(params, val)
+    best.history.append({"step": step, "val_nll": val_nll, "train_nll": sum(running) / len(running),
+                         "beta_mean": float(params[0].mean()), "beta_min": float(params[0].min())})
+    cal.progress.show(fit=name, val=f"{val_nll:.4f}", best=f"{best.val_after:.4f}")
+    if val_nll < best.val_after - 1e-5:
+        return replace(best, beta=params[0].clone(), logit=None if params[1] is None else params[1].clone(),
+                       val_after=val_nll, best_step=step), True
+    return best, False
+
+
+def _fit_cost(windows: DomainWindows, settings: CalibrationSettings, steps: int) -> int:
+    """Forward passes one fit takes at most (for the progress bar)."""
+    lse = min(_LSE_WINDOWS, len(windows.calib)) if settings.virtual_logits else 0
+    evals = (steps // settings.eval_every + 2) * len(windows.val)
+    return lse + steps + evals
+
+
+# -- per-domain fits ----------------------------------------------------------------------------
+@dataclass
+class DomainFits:
+    """One fit per calibration domain, and what :func:`robust_profile` needs to combine any subset."""
+
+    fits: dict[str, DomainFit]
+    windows: dict[str, DomainWindows]
+    settings: CalibrationSettings
+    seconds: float
+    shape: tuple[int, int]
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.fits)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: settings, shape, seconds and every fit (parameters as nested lists)."""
+        return {"settings": asdict(self.settings), "shape": list(self.shape), "seconds": self.seconds,
+                "fits": {d: {**f.record(), "sink_scale": f.beta.tolist(),
+                             "virtual_sink_logit": None if f.logit is None else f.logit.tolist()}
+                         for d, f in self.fits.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict, tokenizer, texts=None) -> "DomainFits":
+        """The inverse of :meth:`to_dict`; the windows are cut again from ``texts`` (same settings)."""
+        settings = CalibrationSettings(**data["settings"])
+        fits = {}
+        for d, f in data["fits"].items():
+            logit = f["virtual_sink_logit"]
+            fits[d] = DomainFit(torch.tensor(f["sink_scale"]), None if logit is None else torch.tensor(logit),
+                                f["val_nll_before"], f["val_nll_after"], f["best_step"], f["steps_run"], f["history"],
+                                {"calib_windows": f["calib_windows"], "val_windows": f["val_windows"]})
+        windows = domain_windows(tokenizer, texts, settings)
+        if set(windows) != set(fits):
+            raise CalibrationError(f"texts {sorted(windows)} are not the fitted domains {sorted(fits)}")
+        return cls(fits, windows, settings, data["seconds"], tuple(data["shape"]))
+
+
+def _steps_per_domain(settings: CalibrationSettings, n_domains: int) -> int:
+    return settings.steps // n_domains
+
+
+def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSettings | None = None, *,
+                progress: bool = True, log: Callable[[str], None] | None = None) -> DomainFits:
+    """Fit each domain on its own (``settings.steps`` split evenly among the domains).
+
+    Every domain needs validation windows: they stop its fit early, and :func:`robust_profile` scores
+    the other domains' fits on them. The model is left as it was found.
+    """
+    settings = settings or CalibrationSettings()
+    if settings.val_fraction <= 0:
+        raise CalibrationError("per-domain fits validate on each domain's held-out windows: val_fraction must be > 0")
+    windows = domain_windows(tokenizer, texts, settings)
+    steps = _steps_per_domain(settings, len(windows))
+    say = log or (lambda message: None)
+    bar = Progress(sum(_fit_cost(w, settings, steps) for w in windows.values()), progress, "fit per domain")
+    started = time.perf_counter()
+    fits = {}
+    try:
+        with Calibrator(model, settings.on_sink_rows, bar) as cal:
+            for name, w in windows.items():
+                fits[name] = _fit(cal, w, settings, steps, say, name)
+                fit = fits[name]
+                say(f"{name}: best step {fit.best_step} of {fit.steps_run}, validation NLL {fit.val_before:.4f} -> "
+                    f"{fit.val_after:.4f} ({100 * (math.exp(fit.val_after - fit.val_before) - 1):+.2f}%)")
+            shape = cal.shape
+    finally:
+        bar.close()
+    return DomainFits(fits, windows, settings, round(time.perf_counter() - started, 1), shape)
+
+
+# -- from fits to a profile ---------------------------------------------------------------------
+def require_two_domains(names: Sequence[str]) -> None:
+    """The robust rule's precondition, as the one clear error (before any model is loaded, in the CLI)."""
+    if len(names) < 2:
+        raise CalibrationError(
+            f"domain-robust calibration scores each domain's fit on the other domains' validation windows, so it "
+            f"needs at least two domains; {'only ' + repr(names[0]) + ' is' if names else 'no domain is'} left to "
+            "calibrate on. Add text of another kind, or use rule='pooled' (not domain-robust)")
+
+
+def _check_domains(fits: DomainFits, domains: Sequence[str] | None) -> list[str]:
+    names = list(fits.domains if domains is None else domains)
+    unknown = [d for d in names if d not in fits.fits]
+    if unknown:
+        raise CalibrationError(f"no fit for domain(s) {', '.join(map(repr, unknown))}; "
+                               f"fitted: {', '.join(fits.domains)}")
+    require_two_domains(names)
+    return names
+
+
+def _ppl_change(nll: float, before: float) -> float:
+    return math.exp(nll - before) - 1
+
+
+def parameters_key(params: Parameters, domain: str) -> tuple:
+    beta, logit = params
+    digest = hashlib.sha256(beta.detach().float().numpy().tobytes())
+    if logit is not None:
+        digest.update(logit.detach().float().numpy().tobytes())
+    return domain, digest.hexdigest()
+
+
+def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | None = None,
+                   pool: Sequence[Candidate] | None = None, *, progress: bool = True,
+                   log: Callable[[str], None] | None = None, cache: dict | None = None, score_chosen: bool = True):
+    """Combine the fits of ``domains`` (default: all) into one profile, chosen by leave-one-domain-out.
+
+    Each candidate of ``pool`` (default :func:`sinkfix.analysis.robust.candidates`) is scored by its
+    worst held-out domain (:func:`sinkfix.analysis.robust.select`); the winner is rebuilt from every
+    domain's fit. Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
+    ``cache`` (a dict, kept by the caller) remembers validation NLLs by parameters and domain, so that
+    rebuilding profiles for several subsets of the same fits (:mod:`sinkfix.analysis.lodo`) scores
+    each parameter set once. ``score_chosen=False`` skips scoring the chosen parameters on every
+    domain's validation windows (the record's per-domain changes are then NaN): leave-one-domain-out
+    evaluation scores the rebuilt profile on the held-out domain's evaluation text instead.
+    """
+    from sinkfix.profile import ModelIdentity, Profile
+
+    names = _check_domains(fits, domains)
+    pool = list(candidates() if pool is None else pool)
+    say = log or (lambda message: None)
+    val = {d: fits.windows[d].val for d in names}
+    stock = {d: fits.fits[d].val_before for d in names}
+    n_val = sum(len(v) for v in val.values())
+    cache = {} if cache is None else cache
+    bar = Progress((len(pool) + 1) * n_val, progress, "select")
+    started = time.perf_counter()
+    try:
+        with Calibrator(model, fits.settings.on_sink_rows, bar) as cal:
+            def change(params: Parameters, domain: str) -> float:
+                key = parameters_key(params, domain)
+                if key not in cache:
+                    cache[key] = cal.nll_with(params, val[domain])
+                return _ppl_change(cache[key], stock[domain])
+
+            selection = select(pool, {d: fits.fits[d].parameters for d in names}, cal.shape, change)
+            beta, logit = candidate_parameters(selection.chosen, [fits.fits[d].parameters for d in names], cal.shape)
+            final = {d: change((beta, logit), d) if score_chosen else math.nan for d in names}
+            identity = ModelIdentity.of(model)
+    finally:
+        bar.close()
+    say(f"chosen: {selection.chosen.name} (worst held-out domain {100 * selection.worst(selection.chosen.name):+.2f}%)")
+    record = _record(fits.settings, fits.windows, names, "robust", final, stock, val,
+                     round(fits.seconds + time.perf_counter() - started, 1))
+    record["fits"] = {d: fits.fits[d].record() for d in names}
+    record["selection"] = selection.to_dict()
+    return Profile(identity, beta.double(), None if logit is None else logit.double(), calibration=record,
+                   virtual_logit_on_sink_rows=bool(fits.settings.on_sink_rows and logit is not None),
+                   domain_parameters={d: fits.fits[d].parameters for d in names})
+
+
+def _record(settings: CalibrationSettings, windows: Mapping[str, DomainWindows], names: Sequence[str], rule: str,
+            change: Mapping[str, float], stock: Mapping[str, float], val: Mapping[str, list], seconds: float) -> dict:
+    """What a profile remembers of its calibration: protocol, texts, rule, validation changes per domain."""
+    weights = {d: len(val[d]) for d in names}
+    total = sum(weights.values())
+    before = sum(stock[d] * weights[d] for d in names) / total
+    after = sum((stock[d] + math.log1p(change[d])) * weights[d] for d in names) / total
+    return {
+        "protocol": settings.protocol(),
+        "texts": {d: {"calib_windows": len(windows[d].calib), "val_windows": len(windows[d].val)} for d in names},
+        "rule": rule,
+        "domain_robust": rule == "robust",
+        "nll": {"val_before": before, "val_after": after},
+        "ppl_change": {"val": math.exp(after - before) - 1, "val_per_domain": dict(change)},
+        "hyper": settings.hyper(),
+        "seconds": seconds,
+    }
+
+
+def _pooled_profile(model: nn.Module, tokenizer, texts, settings: CalibrationSettings, progress: bool,
+                    say: Callable[[str], None]):
+    """One fit on every domain's windows together (``rule="pooled"``)."""
+    from sinkfix.profile import ModelIdentity, Profile
+
+    windows = domain_windows(tokenizer, texts, settings)
+    pooled = DomainWindows([w for d in windows.values() for w in d.calib], [w for d in windows.values() for w in d.val])
+    if not pooled.val:
+        say("no validation windows (val_fraction=0): early stopping is off")
+    bar = Progress(_fit_cost(pooled, settings, settings.steps) + len(pooled.val), progress)
+    started = time.perf_counter()
+    try:
+        with Calibrator(model, settings.on_sink_rows, bar) as cal:
+            fit = _fit(cal, pooled, settings, settings.steps, say)
+            cal.identity()
+            stock = {d: cal.nll(w.val) if w.val else float("nan") for d, w in windows.items()}
+            after = {d: cal.nll_with(fit.parameters, w.val) if w.val else float("nan") for d, w in windows.items()}
+            identity = ModelIdentity.of(model)
+    finally:
+        bar.close()
+    say(f"best step {fit.best_step} of {fit.steps_run}: validation NLL {fit.val_before:.4f} -> {fit.val_after:.4f}")
+    names = list(windows)
+    record = _record(settings, windows, names, "pooled", {d: _ppl_change(after[d], stock[d]) for d in names}, stock,
+                     {d: w.val for d, w in windows.items()}, round(time.perf_counter() - started, 1))
+    record["fits"] = {"pooled": fit.record()}
+    return Profile(identity, fit.beta.double(), None if fit.logit is None else fit.logit.double(), calibration=record,
+                   virtual_logit_on_sink_rows=bool(settings.on_sink_rows and fit.logit is not None))
 
 
 def calibrate(
@@ -267,11 +619,12 @@ def calibrate(
     tokenizer,
     texts: str | Sequence[str] | Mapping[str, str] | None = None,
     *,
+    rule: str = "robust",
     seq_len: int = 512,
     bos: bool | str = True,
-    max_tokens: int | None = 16384,
+    max_tokens: int | None = 8192,
     val_fraction: float = 0.25,
-    steps: int = 120,
+    steps: int = 150,
     lr: float = 0.2,
     reg: float = 0.05,
     init_beta: float = 0.97,
@@ -280,6 +633,7 @@ def calibrate(
     eval_every: int = 10,
     patience: int = 3,
     seed: int = 0,
+    pool: Sequence[Candidate] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **deprecated,
@@ -287,104 +641,44 @@ def calibrate(
     """Fit per-head sink scaling (and optionally virtual sink logits) on ``texts``; return a Profile.
 
     Args:
-        texts: one string, a list, or a mapping domain -> text; None = the built-in offline prose
-            and code calibration texts (standard-library docstrings and source).
+        texts: a mapping domain -> text (one string or a list are one or several unnamed domains);
+            None = every built-in domain's calibration text (:data:`sinkfix.texts.DOMAINS`).
+        rule: "robust" (default: a fit per domain, combined by leave-one-domain-out selection; needs
+            two or more domains) or "pooled" (one fit on everything; not domain-robust). Module
+            docstring; the measurements behind the default are in docs/calibration.md.
         seq_len / bos: the window protocol (BOS first when ``bos``; ``"both"`` alternates windows
             with and without BOS); windows do not overlap.
-        max_tokens: text tokens used per domain (calibration + validation). The default 16384
-            (with ``steps=120``) is 32 windows of 512 per domain, 24 fitted + 8 validation; how
-            these defaults were chosen, and what they cost, is in docs/calibration.md.
+        max_tokens: text tokens used per domain (calibration + validation). The default 8192 is 16
+            windows of 512 per domain, 12 fitted + 4 validation.
         val_fraction: share of each domain's windows (its last ones) held out for validation.
-        steps: Adam steps, one calibration window per step (cycled, shuffled).
+        steps: Adam steps in all, one calibration window per step (cycled, shuffled); the robust
+            rule gives each domain an equal share.
         lr: Adam learning rate on theta (beta = sigmoid(theta)) and on the virtual logits.
         reg: weight of the pull toward beta = 1, ``reg * mean (1 - beta)^2``.
         init_beta: starting beta of every head (theta = logit(init_beta)).
         virtual_logit_on_sink_rows: whether the virtual logits also act on the sink's own row (see
             :class:`~sinkfix.policy.Policy`); None = only when every window starts with BOS (that
             row is then the BOS token, not text; docs/calibration.md compares both).
-        eval_every / patience: validation schedule and early stopping.
+        eval_every / patience: validation schedule and early stopping of each fit.
+        pool: the robust rule's candidates (default :func:`sinkfix.analysis.robust.candidates`).
 
     The model is left as it was found (weights untouched, any previous patch restored). The
-    returned profile's ``calibration`` entry records the protocol, the NLLs and the history.
+    returned profile's ``calibration`` entry records the protocol, the rule, the validation NLLs per
+    domain and, for the robust rule, every fit and every candidate's score.
     """
-    from sinkfix.patch import PatchHandle, patch
-    from sinkfix.profile import ModelIdentity, Profile
-
     if "virtual_on_sink_rows" in deprecated:
         warnings.warn("calibrate(virtual_on_sink_rows=...) is deprecated; use virtual_logit_on_sink_rows",
                       DeprecationWarning, stacklevel=2)
         virtual_logit_on_sink_rows = deprecated.pop("virtual_on_sink_rows")
     if deprecated:
         raise TypeError(f"calibrate() got unexpected keyword arguments {sorted(deprecated)}")
-    if not 0 < init_beta < 1:
-        raise CalibrationError(f"init_beta must lie strictly between 0 and 1, got {init_beta}")
-    if steps < 0 or eval_every < 1 or patience < 1:
-        raise CalibrationError("steps must be >= 0, eval_every and patience >= 1")
-    if not 0 <= val_fraction < 1:
-        raise CalibrationError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if rule not in CALIBRATION_RULES:
+        raise CalibrationError(f"rule must be one of {', '.join(CALIBRATION_RULES)}, got {rule!r}")
+    settings = CalibrationSettings(seq_len, bos, max_tokens, val_fraction, steps, lr, reg, init_beta, virtual_logits,
+                                   virtual_logit_on_sink_rows, eval_every, patience, seed)
     say = log or (lambda message: None)
-    windows = _prepare_windows(tokenizer, texts, seq_len=seq_len, bos=bos, max_tokens=max_tokens,
-                               val_fraction=val_fraction)
-    if not windows.val:
-        say("no validation windows (texts too short or val_fraction=0): early stopping is off")
-    on_sink_rows = (bos is True) if virtual_logit_on_sink_rows is None else bool(virtual_logit_on_sink_rows)
-
-    device = model_device(model)
-    previous = PatchHandle.of(model)
-    previous_policy = previous.policy if previous is not None else None
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    handle = patch(model, Policy(virtual_logit_on_sink_rows=on_sink_rows))
-    identity = ModelIdentity.of(model)
-    L, H = handle.num_layers, max(handle.num_heads())
-    started = time.perf_counter()
-    lse_windows = len(windows.calib[:_LSE_WINDOWS]) if virtual_logits else 0
-    evals = (steps // eval_every + 2) * len(windows.val) + 2 * len(windows.calib) + lse_windows
-    bar = _Progress(steps + evals, progress)
-    try:
-        theta = torch.full((L, H), math.log(init_beta / (1 - init_beta)), requires_grad=True)
-        logit = None
-        if virtual_logits:
-            lse = _reference_lse(model, handle, windows.calib[:_LSE_WINDOWS], device)
-            bar.tick(lse_windows)
-            logit = (lse - _VIRTUAL_INIT_GAP).clone().requires_grad_(True)
-        # -- before: the unpatched model on both splits
-        _set_params(handle, torch.ones(L, H), None)
-        calib_before = _mean_nll(model, windows.calib, device, bar.tick)
-        val_before = _mean_nll(model, windows.val, device, bar.tick) if windows.val else float("nan")
-        say(f"unpatched: calibration NLL {calib_before:.4f}, validation NLL {val_before:.4f}")
-        fit = _fit(model, handle, windows, theta, logit, (calib_before, val_before), steps=steps, lr=lr, reg=reg,
-                   eval_every=eval_every, patience=patience, seed=seed, device=device, progress=bar, say=say)
-        _set_params(handle, fit.beta, fit.logit)
-        calib_after = _mean_nll(model, windows.calib, device, bar.tick)
-        say(f"best step {fit.step}: calibration NLL {calib_after:.4f}, validation NLL {fit.val_nll:.4f}")
-    finally:
-        bar.close()
-        handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        if previous_policy is not None:
-            patch(model, previous_policy)
-
-    record = {
-        "protocol": {"seq_len": seq_len, "bos": bos, "stride": seq_len - int(bos is True),
-                     "windows": "non-overlapping"},
-        "texts": windows.counts,
-        "nll": {"calib_before": calib_before, "calib_after": calib_after, "val_before": val_before,
-                "val_after": fit.val_nll},
-        "ppl_change": {
-            "calib": math.exp(calib_after - calib_before) - 1,
-            "val": (math.exp(fit.val_nll - val_before) - 1) if windows.val else None,
-        },
-        "best_step": fit.step,
-        "steps_run": fit.steps_run,
-        "hyper": {"steps": steps, "lr": lr, "reg": reg, "init_beta": init_beta, "virtual_logits": virtual_logits,
-                  "virtual_logit_on_sink_rows": on_sink_rows,
-                  "eval_every": eval_every, "patience": patience, "val_fraction": val_fraction,
-                  "max_tokens": max_tokens, "seed": seed},
-        "history": fit.history,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return Profile(identity, fit.beta.double(), None if fit.logit is None else fit.logit.double(),
-                   calibration=record, virtual_logit_on_sink_rows=bool(on_sink_rows and fit.logit is not None))
+    if rule == "pooled":
+        return _pooled_profile(model, tokenizer, texts, settings, progress, say)
+    require_two_domains(list(_normalise_texts(texts)))
+    fits = fit_domains(model, tokenizer, texts, settings, progress=progress, log=log)
+    return robust_profile(model, fits, pool=pool, progress=progress, log=log)

@@ -42,7 +42,8 @@ from sinkfix.analysis.metrics import DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, E
 from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
-__all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary"]
+__all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
+           "dormancy_flips"]
 
 
 @torch.no_grad()
@@ -190,11 +191,16 @@ class InspectionReport:
 
 
 def _domain_flips(domains: Mapping[str, ExtremeTokenMetrics], margin: float) -> list[dict]:
-    """Heads dormant on one domain and active on another, each side at least ``margin`` from the threshold."""
-    names = [n for n, m in domains.items() if m.dormancy is not None]
+    return dormancy_flips({n: m.dormancy for n, m in domains.items() if m.dormancy is not None}, margin)
+
+
+def dormancy_flips(dormancy: Mapping[str, torch.Tensor], margin: float) -> list[dict]:
+    """Heads dormant on one domain and active on another, each side at least ``margin`` from the
+    threshold. ``dormancy``: domain -> [L, H] mean row dormancy scores (NaN = no such head)."""
+    names = list(dormancy)
     if len(names) < 2:
         return []
-    scores = torch.stack([domains[n].dormancy for n in names])  # (D, L, H)
+    scores = torch.stack([dormancy[n] for n in names])  # (D, L, H)
     flips = []
     L, H = scores.shape[1:]
     for layer in range(L):

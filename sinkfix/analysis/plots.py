@@ -10,12 +10,17 @@ from pathlib import Path
 
 from sinkfix.errors import SinkfixError
 
-__all__ = ["PlotError", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
+__all__ = ["PlotError", "pyplot", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
            "domain_flip_plot", "running_perplexity_plot"]
 
 
 class PlotError(SinkfixError, RuntimeError):
     """Figures cannot be drawn (matplotlib missing)."""
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; :class:`PlotError` when matplotlib is missing."""
+    return _pyplot()
 
 
 def _pyplot():

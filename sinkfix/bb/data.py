@@ -71,9 +71,10 @@ class BigramBackcopy:
             return cls._from_random(n_chars, k, seed)
         from sinkfix.texts import domain_text
 
-        # The evaluation split of "prose" is the pydoc_data language reference; "code" is
-        # standard-library source. Both exist offline wherever Python does.
-        text = domain_text(source, "eval" if source == "prose" else "calib")
+        # "prose" is the pydoc_data language reference (the evaluation split of the built-in domain
+        # "pydoc"); "code" is standard-library source (the calibration split of "python"). Both exist
+        # offline wherever Python does.
+        text = domain_text("pydoc", "eval") if source == "prose" else domain_text("python", "calib")
         return cls.from_text(text, n_chars, k, source=source)
 
     @classmethod

@@ -26,7 +26,7 @@ class BenchConfig:
     model: str = DEFAULT_MODEL
     policies: tuple[str, ...] = ()  # --policy SPEC (repeatable); empty and no profile = DEFAULT_POLICIES
     profile: str | None = None  # --profile FILE
-    texts: tuple[str, ...] = ()  # --text FILE ...; empty and no dataset = built-in prose + code
+    texts: tuple[str, ...] = ()  # --text FILE ...; empty and no dataset = built-in pydoc + python
     dataset: str | None = None  # --dataset NAME[:CONFIG][@SPLIT]
     seq_len: int = 512
     stride: int | None = None  # None = non-overlapping windows

@@ -60,7 +60,7 @@ from sinkfix.bench.steps import (
 )
 from sinkfix.bench.timing import prefill_kwargs, time_prefill
 from sinkfix.evaluate import windows_nll
-from sinkfix.texts import load_texts
+from sinkfix.texts import QUICK_DOMAINS, load_texts
 
 __all__ = [
     "SCHEMA_VERSION", "BenchConfig", "Variant", "Spread", "MemoryPeak", "ProgressFactory", "run_bench",
@@ -130,7 +130,8 @@ def run_bench(
     device = pick_device(config.device)
 
     # inputs first: a bad file fails in milliseconds, not after a 15 s model load
-    texts = load_texts(config.texts, config.dataset, split="eval")
+    texts = load_texts(config.texts, config.dataset, split="eval",
+                       domains=None if config.texts or config.dataset else QUICK_DOMAINS)
     profile = load_profile(config.profile) if config.profile else None
     variants = default_variants(config.policies, profile, config.profile)
 

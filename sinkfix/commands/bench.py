@@ -1,6 +1,7 @@
 """``sinkfix bench``: perplexity, extreme-token metrics, speed and memory, stock vs patched, in one run.
 
-With no arguments it benchmarks the offline SmolLM2-135M on the built-in prose and code texts:
+With no arguments it benchmarks the offline SmolLM2-135M on the built-in pydoc and python texts
+(Python documentation and Python source; `sinkfix.texts.QUICK_DOMAINS`):
 stock, the identity patch, sink_scale=0.9 and drop. The defaults are sized for a few minutes on
 an idle 2-core CPU (measured wall times: README, "Measured results").
 """

@@ -1,6 +1,6 @@
 """``sinkfix inspect``: per-layer / per-head extreme-token report, JSON and PNG figures.
 
-    sinkfix inspect --model smollm2-135m                       # built-in prose and code domains
+    sinkfix inspect --model smollm2-135m                       # every built-in domain
     sinkfix inspect --model smollm2-135m --text a.txt --text b.py --out report/
     sinkfix inspect --dataset wikitext:wikitext-2-raw-v1@validation   # needs `datasets` and network
 """
@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from sinkfix.errors import SinkfixError
-from sinkfix.texts import DATASET_HELP, TEXT_HELP, Split, TextError, TextSource, load_texts
+from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
 __all__ = ["add_parser", "run", "add_common_arguments", "texts_from_args", "describe_texts", "TextSourceError"]
 
@@ -33,6 +33,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
     if split == "calib":
         dataset_help += "; to calibrate on a training split, name it (NAME[:CONFIG]@train)"
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, help=dataset_help)
+    source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
+                        metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: all")
     parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
                         help="start every window with the tokenizer's BOS token (default: yes)")
@@ -42,8 +44,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
 
 
 def texts_from_args(args: argparse.Namespace, split: Split) -> dict[str, TextSource]:
-    """The texts named by --text / --dataset, or the built-in domains of ``split`` (calib | eval)."""
-    return load_texts(args.text or (), getattr(args, "dataset", None), split)
+    """The texts named by --text / --dataset, or the built-in domains (--domain, default all) of ``split``."""
+    return load_texts(args.text or (), getattr(args, "dataset", None), split, getattr(args, "domain", None))
 
 
 def describe_texts(texts: dict[str, TextSource]) -> str:

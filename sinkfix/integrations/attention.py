@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from sinkfix.integrations.masks import PaddedCausalMask
 from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
@@ -44,8 +45,8 @@ class AttentionCall:
     causal: bool
     scale: float
     softcap: float | None
-    sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
-    first_real_col: torch.Tensor  # (B,) key column of the first real (non-padding) token
+    sink_cols: torch.Tensor | None  # (B, NS) key columns of the sink set, -1 = absent; None = column 0 (telemetry)
+    first_real_col: torch.Tensor | None  # (B,) key column of the first real (non-padding) token; None = 0
     extra_logits: torch.Tensor | None  # (Hq, E) zero-value logits counted in every row (s_aux, ...)
     virtual_sink_logit: torch.Tensor | None  # (Hq,) the policy's, rows that see a non-sink key only
     beta: torch.Tensor | None  # (Hq,) fp32 sink scaling applied, None = identity
@@ -54,13 +55,19 @@ class AttentionCall:
 
 @dataclass
 class LayerState:
-    """Per attention module: its resolved policy, backend and observers, plus what the last call
-    found out about the sink set for the residual-clip hook of the same decoder layer."""
+    """Per attention module: its resolved policy, backend, observers and telemetry listeners, plus
+    what the last call found out about the sink set for the residual-clip hook of the same decoder
+    layer.
+
+    Observers (``sinkfix inspect``) get per-row sink masses and take the Python path; telemetry
+    listeners (``sinkfix.monitor``) get only ``result.sink_stats``, the (B, Hq, 2) sums the fast
+    path emits as a side output, so a monitored model keeps its inference path."""
 
     layer: int
     policy: LayerPolicy
     backend: str
     observers: list[Callable[[AttentionCall], None]] = field(default_factory=list)
+    telemetry: list[Callable[[AttentionCall], None]] = field(default_factory=list)
     sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
     first_real_row: torch.Tensor | None = None  # (B,)
 
@@ -150,14 +157,25 @@ def attention_forward(
     _check_arguments(module, query, key, dropout, kwargs)
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
-    attention_mask = _bool_mask(attention_mask)
+    # A padded causal mask from sinkfix's mask function (integrations/masks.py) reaches the
+    # kernels as key padding + causal offset, never as a (Q, K) tensor; ``attention_mask`` then
+    # stays the structured mask for sink location and the observers.
+    padded = attention_mask if isinstance(attention_mask, PaddedCausalMask) else None
+    if padded is not None and (padded.q_len, padded.k_len) != (q_len, k_len):
+        raise ValueError(f"mask built for Q={padded.q_len}, K={padded.k_len}, attention called with Q={q_len}, K={k_len}")
+    attention_mask = padded if padded is not None else _bool_mask(attention_mask)
     causal_flag = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(causal_flag) and attention_mask is None and q_len > 1
+    mask_kwargs = dict(attn_mask=attention_mask, causal=causal)
+    if padded is not None:
+        mask_kwargs = dict(attn_mask=None, key_padding=padded.key_padding, key_ranges=padded.key_ranges, causal=True,
+                           causal_offset=padded.causal_offset, sliding_window=padded.window)
     if _discovered is not None:
         _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
     observing = state is not None and bool(state.observers)
+    monitored = state is not None and bool(state.telemetry)
     corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 
     # Where the sink is. Decided from the layout, never from tensor values: with no mask (no
@@ -167,7 +185,8 @@ def attention_forward(
     first_column = (state is not None and state.policy.first_column_sink and attention_mask is None
                     and not sliding_cache)
     location = None
-    if state is not None and (observing or state.policy.clip is not None or (corrected and not first_column)):
+    if state is not None and (observing or state.policy.clip is not None
+                              or ((corrected or monitored) and not first_column)):
         location = locate_sinks(
             attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
             sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
@@ -177,19 +196,20 @@ def attention_forward(
     result = sink_attention(
         query, key, value,
         backend=state.backend if state is not None else "auto",
-        attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
+        **mask_kwargs, scale=scaling, softcap=softcap,
         sink_cols=None if location is None else location.sink_cols,
         first_column_sink=first_column,
         beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
-        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing,
+        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing, need_sink_stats=monitored,
     )
-    if observing:
+    if observing or monitored:
         call = AttentionCall(
-            state.policy.layer, module, query, key, value, attention_mask, causal,
-            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, location.sink_cols,
-            location.first_real_col, extra_logits, virtual, beta, result,
+            state.policy.layer, module, query, key, value, attention_mask if padded is None else padded.dense, causal,
+            query.shape[-1] ** -0.5 if scaling is None else scaling, softcap,
+            None if location is None else location.sink_cols,  # None: key column 0 of every row
+            None if location is None else location.first_real_col, extra_logits, virtual, beta, result,
         )
-        for observer in state.observers:
-            observer(call)
+        for listener in (*state.observers, *state.telemetry):
+            listener(call)
     out = result.out.transpose(1, 2)  # (B, Q, Hq, D), what transformers reshapes to (B, Q, Hq * D)
     return (out if out.is_contiguous() else out.contiguous()), result.probs

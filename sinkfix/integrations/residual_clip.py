@@ -33,6 +33,8 @@ def make_clip_hook(state: LayerState):
 
     def hook(module: nn.Module, args, kwargs, output):
         clip = state.policy.clip
+        if clip is None:  # the layer runs as the identity for now (PatchHandle.run_as_identity)
+            return None
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         batch, seq, _ = hidden.shape
         is_sink, is_padding = _sink_and_padding(state, batch, seq, hidden.device)

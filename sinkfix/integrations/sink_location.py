@@ -56,8 +56,9 @@ def locate_sinks(
 ) -> SinkLocation:
     """Map the policy's sink positions to the key columns of one attention call (rules above).
 
-    ``attention_mask`` is transformers' bool (B, 1, Q, K) mask (True = attend) or None (plain
-    causal, upper-left aligned, when ``causal``; everything visible otherwise).
+    ``attention_mask`` is transformers' bool (B, 1, Q, K) mask (True = attend), a
+    :class:`~sinkfix.integrations.masks.PaddedCausalMask`, or None (plain causal, upper-left
+    aligned, when ``causal``; everything visible otherwise).
     """
     if attention_mask is None:
         first = torch.zeros(batch, dtype=torch.long, device=device)
@@ -65,9 +66,12 @@ def locate_sinks(
         last_col = torch.full((batch,), last, dtype=torch.long, device=device)
     else:
         cols = torch.arange(k_len, device=device)
-        seen_by_any_row = attention_mask[:, 0].any(dim=1)  # (B, K)
+        if hasattr(attention_mask, "seen_by_any_row"):  # a PaddedCausalMask: the same (B, K) views, no (Q, K)
+            seen_by_any_row, seen_by_last_row = attention_mask.seen_by_any_row(), attention_mask.seen_by_last_row()
+        else:
+            seen_by_any_row = attention_mask[:, 0].any(dim=1)  # (B, K)
+            seen_by_last_row = attention_mask[:, 0, -1]  # (B, K)
         first = torch.where(seen_by_any_row, cols, k_len).amin(dim=-1)
-        seen_by_last_row = attention_mask[:, 0, -1]  # (B, K)
         last_col = torch.where(seen_by_last_row, cols, -1).amax(dim=-1)
     if sliding and q_len != k_len and position_ids is not None:
         positions = position_ids if position_ids.ndim == 2 else position_ids[0]

@@ -66,9 +66,13 @@ def _spread(items: list, count: int) -> list:
     return [items[int((k + 0.5) * step)] for k in range(count)]
 
 
+# The tasks keep their names; the built-in domains they read are now called pydoc and python.
+_BUILTIN_DOMAIN = {"prose": "pydoc", "code": "python"}
+
+
 def documents(domain: str, count: int = DOCUMENTS, chars: int = DOC_CHARS) -> list[dict[str, Any]]:
     """``count`` documents of about ``chars`` characters from the built-in ``domain`` evaluation text."""
-    pieces = _pieces(domain_text(domain, "eval"), chars)
+    pieces = _pieces(domain_text(_BUILTIN_DOMAIN.get(domain, domain), "eval"), chars)
     return [{"text": piece, "domain": domain} for piece in _spread(pieces, count)]
 
 
@@ -90,7 +94,7 @@ def _distractors(target: str, passage: str, vocabulary: list[str], rng: random.R
 def cloze_items(count: int = CLOZE_ITEMS, context_chars: int = CLOZE_CONTEXT_CHARS,
                 seed: int = 0) -> list[dict[str, Any]]:
     """Synthetic next-word items from the built-in prose: ``{"context", "choices", "gold"}``."""
-    text = domain_text("prose", "eval")
+    text = domain_text("pydoc", "eval")
     words = list(_CLOZE_WORD.finditer(text))
     vocabulary = sorted(w for w, _ in Counter(m.group() for m in words).most_common(_CLOZE_VOCABULARY))
     known = set(vocabulary)

@@ -29,10 +29,10 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
-from sinkfix.ops.flash import _CPU_FLASH_OP, cpu_flash_available, flash_with_lse, fused_lse_available
+from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
-__all__ = ["AttentionResult", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available",
+__all__ = ["AttentionResult", "sink_stats", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available",
            "resolve_backend", "BACKENDS"]
 
 
@@ -41,6 +41,25 @@ class AttentionResult(NamedTuple):
     lse: torch.Tensor | None  # (B, Hq, Q) fp32, log(l_S + l_N) over real keys
     sink_mass: torch.Tensor | None  # (B, Hq, Q) fp32, stock softmax mass on the sink set (before correction)
     probs: torch.Tensor | None  # (B, Hq, Q, K) corrected probabilities, only when asked for
+    # (B, Hq, 2) fp32, only when asked for (need_sink_stats): [..., 0] the sink mass before sink
+    # scaling (as ``sink_mass``) summed over the rows that see a non-sink key, [..., 1] the number of
+    # those rows. What serving-time telemetry accumulates (docs/monitoring.md); see sink_stats().
+    sink_stats: torch.Tensor | None = None
+
+
+def sink_stats(row_mass: torch.Tensor, has_n: torch.Tensor | None) -> torch.Tensor:
+    """Pack per-row sink masses (B, Hq, Q) into the (B, Hq, 2) statistics of AttentionResult.
+
+    ``has_n`` (bool, broadcastable to (B, Hq, Q)) marks the rows that see a non-sink key; None
+    means every row does (known from the layout). Rows outside it are left out of both sums, and
+    whatever they hold (a garbage log-sum-exp of a row that sees nothing) never reaches the sum.
+    """
+    if has_n is None:
+        # one op instead of full + stack: a decode step is made of small ops (docs/inference.md)
+        return torch.nn.functional.pad(row_mass.sum(-1, keepdim=True), (0, 1), value=float(row_mass.shape[-1]))
+    has_n = has_n.expand_as(row_mass)
+    mass = torch.where(has_n, row_mass, 0.0).sum(-1)
+    return torch.stack((mass, has_n.sum(-1).to(mass.dtype)), dim=-1)
 
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -67,20 +86,24 @@ class _Layout(NamedTuple):
 
 # -- the dense path (probabilities, gradients, softcap, no fused op) ------------------------------
 def _dense_path(q, k, v, layout: _Layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
-                return_probs: bool, need_sink_mass: bool) -> AttentionResult:
+                return_probs: bool, need_sink_mass: bool, need_sink_stats: bool = False) -> AttentionResult:
     """The reference formula in fp32 (fp64 for fp64 inputs): differentiable, returns probabilities."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     common = dict(**layout._asdict(), scale=scale, softcap=softcap, sink_cols=sink_cols, extra_logits=extra_logits,
                   virtual_sink_logit=virtual_sink_logit, compute_dtype=compute)
     out, probs, lse = reference_sink_attention(q, k, v, beta=beta, **common)
-    sink_mass = None
-    if need_sink_mass:
+    sink_mass = stats = None
+    if need_sink_mass or need_sink_stats:
         # the mass on the sink set before sink scaling (zero-value logits counted, as in the split
         # path), recomputed with beta = 1
         _, p_stock, _ = reference_sink_attention(q, k, v, **common)
         is_sink = sink_key_mask(sink_cols, q.shape[0], k.shape[2], q.device)[:, None, None, :]
         sink_mass = (p_stock * is_sink).sum(-1).float()
-    return AttentionResult(out.to(q.dtype), lse.float(), sink_mass, probs if return_probs else None)
+        if need_sink_stats:
+            visible = layout.visible(q.shape[0], q.shape[2], k.shape[2], q.device)
+            stats = sink_stats(sink_mass, (visible & ~is_sink).any(-1))
+    return AttentionResult(out.to(q.dtype), lse.float(), sink_mass if need_sink_mass else None,
+                           probs if return_probs else None, stats)
 
 
 # -- the split path -------------------------------------------------------------------------------
@@ -120,17 +143,12 @@ def _first_column_parts(q, k, v, layout: _Layout, scale: float) -> tuple[_Part, 
     return _Part(o, lse), sink, False
 
 
-def _general_parts(q, k, v, layout: _Layout, scale: float, sink_cols: torch.Tensor | None) -> tuple[_Part, _Part]:
-    """Any mask, window or sink set: the non-sink part through the fused op with a mask, the sink
-    columns gathered and scored explicitly."""
+def _sink_scores(q, k, visible: torch.Tensor, sink_cols: torch.Tensor | None, scale: float, v=None):
+    """The sink columns gathered and scored explicitly: scores (B, Hq, Q, NS) fp32, -inf where a
+    row may not see the column, and the columns' values (B, Hq, NS, D) fp32 when ``v`` is given
+    (|S| key rows per head: tiny)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    visible = layout.visible(batch, q_len, k_len, q.device)
-    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
-    visible_n = visible & ~is_sink
-    has_n = visible_n.any(-1)
-    o_n, lse_n = flash_with_lse(q, k, v, visible=visible_n, is_causal=False, scale=scale)
-    non_sink = _Part(torch.where(has_n[..., None], o_n, 0), lse_n.float().masked_fill(~has_n, float("-inf")))
     if sink_cols is None:
         sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
     cols = sink_cols.clamp(0, max(k_len - 1, 0)).long()
@@ -138,9 +156,23 @@ def _general_parts(q, k, v, layout: _Layout, scale: float, sink_cols: torch.Tens
     sink_visible = visible.gather(-1, cols[:, None, None, :].expand(batch, 1, q_len, cols.shape[1]))
     sink_visible = sink_visible & valid[:, None, None, :]
     gather_idx = cols[:, None, :, None].expand(batch, kv_heads, cols.shape[1], head_dim)
-    k_s = _repeat_heads(k.gather(2, gather_idx), q_heads // kv_heads).float()  # (B, Hq, NS, D): |S| rows, tiny
-    v_s = _repeat_heads(v.gather(2, gather_idx), q_heads // kv_heads).float()
+    k_s = _repeat_heads(k.gather(2, gather_idx), q_heads // kv_heads).float()
+    v_s = None if v is None else _repeat_heads(v.gather(2, gather_idx), q_heads // kv_heads).float()
     s_s = torch.matmul(q.float(), k_s.transpose(-1, -2)).mul_(scale).masked_fill_(~sink_visible, float("-inf"))
+    return s_s, v_s
+
+
+def _general_parts(q, k, v, layout: _Layout, scale: float, sink_cols: torch.Tensor | None) -> tuple[_Part, _Part]:
+    """Any mask, window or sink set: the non-sink part through the fused op with a mask, the sink
+    columns gathered and scored explicitly."""
+    batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
+    visible = layout.visible(batch, q_len, k_len, q.device)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    visible_n = visible & ~is_sink
+    has_n = visible_n.any(-1)
+    o_n, lse_n = flash_with_lse(q, k, v, visible=visible_n, is_causal=False, scale=scale)
+    non_sink = _Part(torch.where(has_n[..., None], o_n, 0), lse_n.float().masked_fill(~has_n, float("-inf")))
+    s_s, v_s = _sink_scores(q, k, visible, sink_cols, scale, v)
     lse_s = torch.logsumexp(s_s, dim=-1)
     seen = torch.isfinite(lse_s)
     p_s = torch.exp(s_s - torch.where(seen, lse_s, 0)[..., None])  # 0 where the sink is not visible
@@ -174,7 +206,8 @@ def _combine(non_sink: _Part, sink: _Part, beta, extra_logits, virtual_sink_logi
     return out.to(dtype), lse_real, p_s, keep
 
 
-def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sink_logit) -> AttentionResult:
+def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sink_logit,
+                          need_sink_stats: bool = False) -> AttentionResult:
     """The decode step (and any plain full-attention call over K >= 2 keys): the sink is key column
     0, every query row also sees keys 1.., so no row needs a guard. The same formula as
     :func:`_combine`, in as few kernels as the formula allows (a decode step is made of small ops,
@@ -196,22 +229,29 @@ def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sin
     k0 = _fp32(k0.reshape(batch * kv_heads, 1, head_dim)).transpose(1, 2)
     x = torch.baddbmm(lse_n, q_grouped, k0, beta=-1, alpha=scale).view(batch, kv_heads, group, q_len)
     lse = torch.nn.functional.softplus(x).add_(lse_n.view(batch, kv_heads, group, q_len))
-    weight = torch.sigmoid(x)  # the sink's share of the real keys' mass
-    if beta is not None:
-        weight = weight.mul_(beta.view(1, kv_heads, group, 1))
+    p = torch.sigmoid(x)  # the sink's share of the real keys' mass
+    weight = p
+    if beta is not None:  # in place unless the statistics still need p
+        weight = p * beta.view(1, kv_heads, group, 1) if need_sink_stats else p.mul_(beta.view(1, kv_heads, group, 1))
     o_n = o_n.reshape(batch, kv_heads, group, q_len, head_dim)  # a view for the CPU op's contiguous output
     v0 = v0.unsqueeze(2)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
     out = torch.lerp(_fp32(o_n), _fp32(v0), weight.unsqueeze(-1))
+    keep = None
     if extra_logits is not None or virtual_sink_logit is not None:
         # zero-value logits counted in every row (every row sees a non-sink key here)
         lse_zero = None if extra_logits is None else torch.logsumexp(_fp32(extra_logits), dim=-1)
         if virtual_sink_logit is not None:
             virtual = _fp32(virtual_sink_logit)
             lse_zero = virtual if lse_zero is None else torch.logaddexp(lse_zero, virtual)
-        out = out.mul_(torch.sigmoid(lse - lse_zero.view(1, kv_heads, group, 1)).unsqueeze(-1))
+        keep = torch.sigmoid(lse - lse_zero.view(1, kv_heads, group, 1))
+        out = out.mul_(keep.unsqueeze(-1))
+    stats = None
+    if need_sink_stats:
+        stats = sink_stats((p if keep is None else p * keep).reshape(batch, q_heads, q_len), None)
     if out.dtype != q.dtype:
         out = out.to(q.dtype)
-    return AttentionResult(out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len), None, None)
+    return AttentionResult(out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len), None, None,
+                           stats)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -219,21 +259,51 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def _identity_stats(q, k, lse, layout: _Layout, visible, sink_cols, first_column_sink: bool,
+                    scale: float) -> torch.Tensor:
+    """Sink statistics of plain softmax from its log-sum-exp alone: a row's sink mass is
+    ``exp(s_sink - lse)``, so only the |S| sink columns are scored again (no second pass over the
+    keys). With the first-column sink of a plain layout that is one ``baddbmm`` per call."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if first_column_sink and visible is None:
+        if k_len < 2:  # every row sees only the sink: no row is counted
+            return q.new_zeros(batch, q_heads, 2, dtype=torch.float32)
+        group = q_heads // kv_heads
+        lse_g = lse.float().reshape(batch * kv_heads, group * q_len, 1)
+        q_grouped = q.reshape(batch * kv_heads, group * q_len, head_dim).float()
+        k0 = k[:, :, :1].reshape(batch * kv_heads, 1, head_dim).float().transpose(1, 2)
+        x = torch.baddbmm(lse_g, q_grouped, k0, beta=-1, alpha=scale).view(batch, q_heads, q_len)
+        first_row = 1 if layout.causal else 0  # a causal window's row 0 sees only the sink
+        return sink_stats(x[..., first_row:].exp(), None)
+    if visible is None:
+        visible = layout.visible(batch, q_len, k_len, q.device)
+    if first_column_sink:
+        sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device)
+    s_s, _ = _sink_scores(q, k, visible, sink_cols, scale)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
+    row_mass = torch.exp(s_s - lse.float()[..., None]).sum(-1)
+    return sink_stats(row_mass, (visible & ~is_sink).any(-1))
+
+
 def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_sink: bool, beta, extra_logits,
-                virtual_sink_logit, need_sink_mass: bool) -> AttentionResult:
+                virtual_sink_logit, need_sink_mass: bool, need_sink_stats: bool = False) -> AttentionResult:
     batch, _, q_len, _ = q.shape
     identity = beta is None and extra_logits is None and virtual_sink_logit is None
     plain = layout.is_plain(q_len, k.shape[2])
     if identity and not need_sink_mass:
-        # plain softmax: one fused call, nothing else
+        # plain softmax: one fused call, nothing else (plus the sink columns for the statistics)
         visible = None if plain else layout.visible(batch, q_len, k.shape[2], q.device)
         out, lse = flash_with_lse(q, k, v, visible=visible, is_causal=plain and layout.causal, scale=scale)
         if not plain:
             out = torch.where(visible.any(-1)[..., None], out, 0)
-        return AttentionResult(out, lse.float(), None, None)
+        stats = None
+        if need_sink_stats:
+            stats = _identity_stats(q, k, lse, layout, visible, sink_cols, first_column_sink, scale)
+        return AttentionResult(out, lse.float(), None, None, stats)
     every_row_sees_n = False
     if first_column_sink and plain and not layout.causal and k.shape[2] >= 2 and not need_sink_mass:
-        return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit)
+        return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
     if first_column_sink and plain:
         non_sink, sink, every_row_sees_n = _first_column_parts(q, k, v, layout, scale)
     else:
@@ -241,10 +311,13 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
             sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device)
         non_sink, sink = _general_parts(q, k, v, layout, scale, sink_cols)
     out, lse, p_s, keep = _combine(non_sink, sink, beta, extra_logits, virtual_sink_logit, q.dtype, every_row_sees_n)
-    sink_mass = None
+    sink_mass = stats = None
     if need_sink_mass:  # the stock mass on the sink set, zero-value logits counted
         sink_mass = torch.where(torch.isfinite(sink.lse), p_s, 0.0) * (1.0 if keep is None else keep)
-    return AttentionResult(out, lse, sink_mass, None)
+    if need_sink_stats:  # the same mass summed over the rows that see a non-sink key (p_s = 0 where S is unseen)
+        row_mass = p_s if keep is None else p_s * keep
+        stats = sink_stats(row_mass, None if every_row_sees_n else torch.isfinite(non_sink.lse))
+    return AttentionResult(out, lse, sink_mass, None, stats)
 
 
 def sink_attention_torch(
@@ -265,6 +338,7 @@ def sink_attention_torch(
     virtual_sink_logit: torch.Tensor | None = None,
     return_probs: bool = False,
     need_sink_mass: bool = False,
+    need_sink_stats: bool = False,
 ) -> AttentionResult:
     """Sink-aware attention, PyTorch path. Same semantics and arguments as
     :func:`sinkfix.ops.reference.reference_sink_attention` (read its docstring for the formula),
@@ -275,6 +349,10 @@ def sink_attention_torch(
     one-op path (the path never inspects tensor values). Falls back to the dense formula (which
     materialises the scores) when the probabilities are requested, with ``softcap`` (the fused ops
     cannot apply it), when gradients are needed, and on devices without a fused op.
+
+    ``need_sink_stats`` adds :attr:`AttentionResult.sink_stats`, computed from what the path
+    computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
+    second pass over the keys.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
@@ -284,9 +362,9 @@ def sink_attention_torch(
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
         return _dense_path(q, k, v, layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
-                           return_probs, need_sink_mass)
+                           return_probs, need_sink_mass, need_sink_stats)
     return _split_path(q, k, v, layout, scale, sink_cols, first_column_sink, beta, extra_logits, virtual_sink_logit,
-                       need_sink_mass)
+                       need_sink_mass, need_sink_stats)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -325,6 +403,8 @@ def sink_attention(
     *,
     backend: str = "auto",
     attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     causal: bool = False,
     causal_offset: int = 0,
     sliding_window: int | None = None,
@@ -337,12 +417,18 @@ def sink_attention(
     virtual_sink_logit: torch.Tensor | None = None,
     return_probs: bool = False,
     need_sink_mass: bool = False,
+    need_sink_stats: bool = False,
 ) -> AttentionResult:
-    """Sink-aware attention on ``backend``; arguments of :func:`sink_attention_torch`.
+    """Sink-aware attention on ``backend``; arguments of :func:`sink_attention_torch`, plus
+    ``key_padding`` (B, K) bool (True = a real key; combined with the other mask arguments) and its
+    ``key_ranges`` (``sinkfix.kernels.masks.key_padding_ranges``), which reach the Triton kernels as
+    they are (no dense mask loaded); every other path reads the padding as a (B, 1, 1, K) mask.
 
-    The inference path (no probabilities, no statistics, no gradients) is one call of the custom op
-    ``torch.ops.sinkfix.sink_attention`` on either backend. Probabilities and statistics for
-    observers come from the PyTorch path in Python; gradients (calibration) from
+    The inference path (no probabilities, no per-row statistics, no gradients) is one call of the
+    custom op ``torch.ops.sinkfix.sink_attention`` on either backend; with ``need_sink_stats`` (the
+    cheap (B, Hq, 2) sums of serving-time telemetry) it is one call of its variant
+    ``torch.ops.sinkfix.sink_attention_stats``. Probabilities and per-row statistics for observers
+    come from the PyTorch path in Python; gradients (calibration) from
     :mod:`sinkfix.ops.attention_grad`, which never keeps a layer's (B, H, Q, K) scores alive.
     """
     # a patched model passes the backend patch() resolved; only "auto" is resolved per call
@@ -350,8 +436,16 @@ def sink_attention(
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
+    if chosen == "triton" and need_sink_stats:
+        _warn_once("telemetry: the Triton kernels do not emit sink statistics yet; monitored calls run the "
+                   "PyTorch path (sinkfix.ops.custom_ops.sink_attention_stats_op)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit) and not (return_probs or need_sink_mass):
+    grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
+    if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or need_sink_stats or grad):
+        padding = key_padding[:, None, None, :]
+        attn_mask = padding if attn_mask is None else attn_mask & padding
+        key_padding = key_ranges = None
+    if grad and not (return_probs or need_sink_mass or need_sink_stats):
         from sinkfix.ops.attention_grad import sink_attention_with_grad
 
         if first_column_sink:
@@ -361,20 +455,27 @@ def sink_attention(
             scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
             virtual_sink_logit=virtual_sink_logit)
         return AttentionResult(out, lse, None, None)
-    if return_probs or need_sink_mass:
+    if return_probs or need_sink_mass or _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit):
         return sink_attention_torch(
             q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
             scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
             extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, return_probs=return_probs,
-            need_sink_mass=need_sink_mass)
+            need_sink_mass=need_sink_mass, need_sink_stats=need_sink_stats)
     from sinkfix.ops import custom_ops
 
-    args = (q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal, int(causal_offset),
-            sliding_window, scale, softcap, first_column_sink, chosen)
-    # Compiled: one opaque, shape-known call. Eager: the same function without the dispatcher's
-    # round trip through a Python custom op (measured ~55 us per call on CPU, 30 calls per token).
-    if torch.compiler.is_compiling():
-        out, lse = custom_ops.sink_attention_op(*args)
-    else:
-        out, lse = custom_ops.sink_attention_impl(*args)
+    # Compiled on the Triton backend: one opaque, shape-known call (dynamo cannot trace a kernel
+    # launcher). Compiled on the PyTorch backend on CPU: traced op by op, so inductor fuses the
+    # combine's small element-wise ops into one kernel around the fused attention op instead of
+    # running them one by one inside an opaque call. Eager: the function itself, without the
+    # dispatcher's round trip through a Python custom op (~55 us per call on CPU, 30 calls per token).
+    opaque = torch.compiler.is_compiling() and not (chosen == "torch" and q.device.type == "cpu")
+    if need_sink_stats:  # the PyTorch path today, any padding already folded into attn_mask
+        stats_args = (q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
+                      int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
+        op = custom_ops.sink_attention_stats_op if opaque else custom_ops.sink_attention_stats_impl
+        out, lse, stats = op(*stats_args)
+        return AttentionResult(out.transpose(1, 2), lse, None, None, stats)
+    args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
+            int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
+    out, lse = custom_ops.sink_attention_op(*args) if opaque else custom_ops.sink_attention_impl(*args)
     return AttentionResult(out.transpose(1, 2), lse, None, None)

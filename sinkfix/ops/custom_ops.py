@@ -9,14 +9,23 @@ the op does inside. Inside, the PyTorch backend runs the split formulation
 with the GPU either.
 
 The ops are for inference: they have no autograd formula. Callers that need gradients
-(calibration), attention probabilities or statistics use the Python path, which is differentiable.
+(calibration), attention probabilities or per-row statistics use the Python path, which is
+differentiable.
+
+``torch.ops.sinkfix.sink_attention_stats`` is the same op with one more output: the (B, Hq, 2)
+sink statistics of serving-time telemetry (:attr:`sinkfix.ops.attention.AttentionResult.sink_stats`:
+per batch row and query head, the summed sink mass before sink scaling over the rows that see a
+non-sink key, and that row count). Its contract is what a kernel can fill from its own epilogue
+(each program adds its rows' ``p_S`` into its (b, h) pair). The Triton kernels do not emit it yet:
+on that backend this variant runs the PyTorch path, which is correct but slower on a GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["sink_attention_op", "sink_attention_impl", "residual_clip_op", "residual_clip_impl"]
+__all__ = ["sink_attention_op", "sink_attention_impl", "sink_attention_stats_op", "sink_attention_stats_impl",
+           "residual_clip_op", "residual_clip_impl"]
 
 
 def sink_attention_impl(
@@ -24,6 +33,8 @@ def sink_attention_impl(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    key_padding: torch.Tensor | None,
+    key_ranges: torch.Tensor | None,
     sink_cols: torch.Tensor | None,
     beta: torch.Tensor | None,
     extra_logits: torch.Tensor | None,
@@ -44,13 +55,16 @@ def sink_attention_impl(
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
         out, lse = kernels.sink_attention_triton(
-            q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
-            scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+            q, k, v, attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+            causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
             virtual_sink_logit=virtual_sink_logit)
         # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
         return out.transpose(1, 2).contiguous(), lse
     from sinkfix.ops.attention import sink_attention_torch
 
+    if key_padding is not None:  # the PyTorch path reads padding as a (B, 1, 1, K) mask
+        padding = key_padding[:, None, None, :]
+        attn_mask = padding if attn_mask is None else attn_mask & padding
     result = sink_attention_torch(
         q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
@@ -62,10 +76,51 @@ sink_attention_op = torch.library.custom_op("sinkfix::sink_attention", sink_atte
 
 
 @sink_attention_op.register_fake
-def _sink_attention_fake(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-                         causal_offset, sliding_window, scale, softcap, first_column_sink, backend):
+def _sink_attention_fake(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                         virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap, first_column_sink,
+                         backend):
     batch, heads, q_len, head_dim = q.shape
     return q.new_empty(batch, q_len, heads, head_dim), q.new_empty(batch, heads, q_len, dtype=torch.float32)
+
+
+def sink_attention_stats_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    sink_cols: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    extra_logits: torch.Tensor | None,
+    virtual_sink_logit: torch.Tensor | None,
+    causal: bool,
+    causal_offset: int,
+    sliding_window: int | None,
+    scale: float,
+    softcap: float | None,
+    first_column_sink: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sink_attention_impl` plus the sink statistics (B, Hq, 2) fp32. ``backend`` is
+    accepted for the day the kernels fill the statistics; today every backend runs the PyTorch path."""
+    from sinkfix.ops.attention import sink_attention_torch
+
+    result = sink_attention_torch(
+        q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+        scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
+        extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, need_sink_stats=True)
+    return result.out.transpose(1, 2).contiguous(), result.lse.contiguous(), result.sink_stats.contiguous()
+
+
+sink_attention_stats_op = torch.library.custom_op("sinkfix::sink_attention_stats", sink_attention_stats_impl,
+                                                  mutates_args=())
+
+
+@sink_attention_stats_op.register_fake
+def _sink_attention_stats_fake(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
+                               causal_offset, sliding_window, scale, softcap, first_column_sink, backend):
+    out, lse = _sink_attention_fake(q, k, v, attn_mask, None, None, sink_cols, beta, extra_logits, virtual_sink_logit,
+                                    causal, causal_offset, sliding_window, scale, softcap, first_column_sink, backend)
+    return out, lse, q.new_empty(q.shape[0], q.shape[1], 2, dtype=torch.float32)
 
 
 def residual_clip_impl(

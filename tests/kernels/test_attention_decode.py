@@ -89,7 +89,8 @@ def test_gqa_row_packing(kt, hq, hkv, q_len):
 
 
 @pytest.mark.parametrize("head_dim,dtype", [(80, torch.bfloat16), (128, torch.float16), (256, torch.float32),
-                                            (96, torch.float16)], ids=lambda x: str(x).replace("torch.", ""))
+                                            (96, torch.float16), (96, torch.float32)],
+                         ids=lambda x: str(x).replace("torch.", ""))
 def test_head_dims(kt, head_dim, dtype):
     q, k, v = kt.make_qkv(1, 2, 1, 1, 270, head_dim, dtype, sink_cols=torch.tensor([[0]]), sink_boost=3.0)
     _run(kt, q, k, v, f"decode hd{head_dim}", num_splits=3, causal=True, causal_offset=269,
@@ -104,6 +105,29 @@ def test_left_padding_mask_and_softcap(kt):
     mask[1, ..., :7] = False
     kw = kt.policy_kwargs("scaling", 4, 2) | {"sink_cols": sinks.to(kt.device)}
     _run(kt, q, k, v, "decode left pad", num_splits=3, attn_mask=mask, softcap=20.0, **kw)
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "mixed", "holes"])
+def test_key_padding_matches_the_dense_mask(kt, layout):
+    """Batched generation: each sequence's padding as key padding (no (Q, K) mask) in split-KV
+    decoding, 3 splits of 128 keys; equal to the dense mask and to the fp64 reference."""
+    from .test_attention_prefill import key_padding_for
+
+    batch, kl, q_len = 3, 300, 2
+    key_ok = key_padding_for(layout, batch, kl)
+    sinks = key_ok.to(torch.int32).argmax(-1, keepdim=True)
+    q, k, v = kt.make_qkv(batch, 4, 2, q_len, kl, 64, torch.bfloat16, sink_cols=sinks, sink_boost=3.0)
+    kw = kt.policy_kwargs("combined", 4, batch) | {"sink_cols": sinks.to(kt.device)}
+    key_ok = key_ok.to(kt.device)
+    rules = dict(causal=True, causal_offset=kl - q_len)
+    out, lse = kt.poisoned(q)
+    sink_attention_decode(q, k, v, key_padding=key_ok, out=out, lse=lse, num_splits=3, **rules, **kw)
+    kt.check_attention(out, lse, q, k, v, label=f"decode key padding {layout}", attn_mask=key_ok[:, None, None, :],
+                       **rules, **kw)
+    dense = key_ok[:, None, None, :].expand(batch, 1, q_len, kl)
+    out_d, lse_d = kt.poisoned(q)
+    sink_attention_decode(q, k, v, attn_mask=dense, out=out_d, lse=lse_d, num_splits=3, **rules, **kw)
+    torch.testing.assert_close(lse, lse_d, rtol=0, atol=1e-5)
 
 
 def test_matches_prefill_kernel(kt):

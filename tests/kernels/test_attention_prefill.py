@@ -18,9 +18,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POLICIES = ["identity", "scaling", "drop", "virtual", "s_aux", "combined"]
 
 
-def _run(kt, q, k, v, label, block_m=None, block_n=None, **kw):
+def _run(kt, q, k, v, label, block_m=None, block_n=None, use_tma=None, **kw):
     out, lse = kt.poisoned(q)
-    res = sink_attention_prefill(q, k, v, out=out, lse=lse, block_m=block_m, block_n=block_n, **kw)
+    res = sink_attention_prefill(q, k, v, out=out, lse=lse, block_m=block_m, block_n=block_n, use_tma=use_tma, **kw)
     assert res[0] is out and res[1] is lse
     return kt.check_attention(out, lse, q, k, v, label=label, **kw)
 
@@ -183,6 +183,111 @@ def test_launcher_rejects_bad_arguments(kt, change, match):
         sink_attention_prefill(q, k, v, **kw)
 
 
+def key_padding_for(layout: str, batch: int, k_len: int) -> torch.Tensor:
+    """(B, K) bool key padding, True = real key: 'left' pads rows 1.. on the left (generation),
+    'right' on the right (evaluation), 'mixed' one row each way and one unpadded, 'holes' also
+    drops keys in the middle of a row (not contiguous: every tile must be masked there)."""
+    ok = torch.ones(batch, k_len, dtype=torch.bool)
+    if layout in ("left", "mixed", "holes"):
+        ok[1, :7] = False
+    if layout == "right":
+        ok[1:, k_len - 9:] = False
+    if layout in ("mixed", "holes"):
+        ok[-1, k_len - 11:] = False
+    if layout == "holes":
+        ok[0, 20:23] = False
+        ok[0, 40] = False
+    return ok
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "mixed", "holes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_key_padding_matches_the_dense_mask(kt, layout, dtype):
+    """transformers' padded causal mask given as per-sequence key padding (no (Q, K) tensor) equals
+    the same mask given densely, and both match the fp64 reference. 16 x 16 tiles so that interior
+    tiles, padded edges, sink tiles and the diagonal all occur; a sink at each row's first real key."""
+    batch, hq, hkv, n = 3, 4, 2, 70
+    key_ok = key_padding_for(layout, batch, n)
+    sinks = key_ok.to(torch.int32).argmax(-1, keepdim=True)
+    q, k, v = kt.make_qkv(batch, hq, hkv, n, n, 64, dtype, sink_cols=sinks, sink_boost=3.0, seed=len(layout))
+    kw = kt.policy_kwargs("scaling", hq, batch) | {"sink_cols": sinks.to(kt.device)}
+    key_ok = key_ok.to(kt.device)
+    dense = (key_ok[:, None, None, :] & torch.ones(n, n, dtype=torch.bool, device=kt.device).tril()).contiguous()
+    out, lse = kt.poisoned(q)
+    sink_attention_prefill(q, k, v, key_padding=key_ok, causal=True, out=out, lse=lse, block_m=16, block_n=16, **kw)
+    kt.check_attention(out, lse, q, k, v, label=f"prefill key padding {layout}", attn_mask=dense, **kw)
+    out_d, lse_d = kt.poisoned(q)
+    sink_attention_prefill(q, k, v, attn_mask=dense, out=out_d, lse=lse_d, block_m=16, block_n=16, **kw)
+    kt.check_attention(out_d, lse_d, q, k, v, label=f"prefill dense mask {layout}", attn_mask=dense, **kw)
+    torch.testing.assert_close(lse, lse_d, rtol=0, atol=1e-5)
+
+
+def test_key_padding_with_window_and_chunk_offset(kt):
+    # the second chunk of a left-padded batch: 21 queries at keys 49..69, sliding window 17
+    batch, n_q, n_k = 3, 21, 70
+    key_ok = key_padding_for("mixed", batch, n_k)
+    sinks = key_ok.to(torch.int32).argmax(-1, keepdim=True)
+    q, k, v = kt.make_qkv(batch, 2, 1, n_q, n_k, 64, torch.float16, sink_cols=sinks, sink_boost=3.0)
+    kw = kt.policy_kwargs("combined", 2, batch) | {"sink_cols": sinks.to(kt.device)}
+    key_ok = key_ok.to(kt.device)
+    rules = dict(causal=True, causal_offset=n_k - n_q, sliding_window=17)
+    out, lse = kt.poisoned(q)
+    sink_attention_prefill(q, k, v, key_padding=key_ok, out=out, lse=lse, block_m=16, block_n=16, **rules, **kw)
+    kt.check_attention(out, lse, q, k, v, label="prefill key padding, window, offset",
+                       attn_mask=key_ok[:, None, None, :], **rules, **kw)
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+def test_arbitrary_dense_mask_is_read_bit_packed(kt, block_n):
+    # a random mask (no structure at all), K = 75 is not a multiple of the 32-key words
+    batch, n_q, n_k = 2, 37, 75
+    gen = torch.Generator().manual_seed(block_n)
+    mask = (torch.rand(batch, 1, n_q, n_k, generator=gen) > 0.3).to(kt.device)
+    q, k, v = kt.make_qkv(batch, 2, 2, n_q, n_k, 64, torch.float32, sink_cols=torch.tensor([[0], [3]]), sink_boost=2.0)
+    kw = kt.policy_kwargs("combined", 2, batch)
+    _run(kt, q, k, v, f"prefill random mask BLOCK_N={block_n}", block_m=16, block_n=block_n, attn_mask=mask, **kw)
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_pointer_path_takes_its_own_config(kt, monkeypatch, use_tma):
+    """Without tensor descriptors the launcher uses the pointer path's config (POINTER_FALLBACK_CONFIGS,
+    Hopper at hd 64), with them the bulk-copy one; the launch is recorded, not run."""
+    from sinkfix.kernels import attention_prefill
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(kw)
+
+    monkeypatch.setattr(attention_prefill, "_sink_attn_fwd", Recorder())
+    monkeypatch.setattr(attention_prefill, "device_arch", lambda device: 90)
+    monkeypatch.setattr(attention_prefill, "prepare_attention_launch",
+                        lambda *a, _real=attention_prefill.prepare_attention_launch, **kw: _real(
+                            *a, **(kw | {"kernel": type("InterpretedFunction", (), {})()})))
+    q, k, v = kt.make_qkv(1, 2, 2, 40, 40, 64, torch.bfloat16)
+    sink_attention_prefill(q.cpu(), k.cpu(), v.cpu(), causal=True, use_tma=use_tma)
+    (kw,) = launched
+    expect = prefill_config(64, torch.bfloat16, 90, bulk_copies=use_tma)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == expect
+    assert kw["USE_TMA"] is use_tma
+    assert prefill_config(64, torch.bfloat16, 90, bulk_copies=False) != prefill_config(64, torch.bfloat16, 90)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("policy", ["identity", "combined"])
+def test_bulk_tensor_copy_path(kt, dtype, policy):
+    """The Hopper key loop (k and v through (B, Hkv, K, D) tensor descriptors, use_tma=True) under
+    the interpreter: the ragged end of K and the padded head dim (80 -> 128) arrive as zeros from
+    the descriptor, the transposed layout is read through its strides."""
+    for head_dim, layout in ((64, "bhsd"), (80, "bshd")):
+        q, k, v = kt.make_qkv(2, 4, 2, 45, 45, head_dim, dtype, layout=layout,
+                              sink_cols=torch.zeros(2, 1, dtype=torch.long), sink_boost=3.0)
+        kw = kt.policy_kwargs(policy, 4, 2)
+        _run(kt, q, k, v, f"prefill TMA {policy} hd{head_dim}", block_m=16, block_n=16, use_tma=True, causal=True,
+             **kw)
+
+
 try:  # without hypothesis only the randomized test is skipped, not the module
     import hypothesis
     from hypothesis import strategies as st
@@ -218,19 +323,27 @@ def _random_case(kt, draw):
         kw["extra_logits"] = extra[:, None].to(kt.device)
     if draw(st.booleans()):
         kw["virtual_sink_logit"] = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=hq, max_size=hq))).to(kt.device)
-    if draw(st.booleans()):  # left padding of random length per batch row
+    padding = draw(st.sampled_from(["none", "dense", "keys"]), label="padding")
+    if padding != "none":  # left padding of random length per batch row, as a dense mask or key padding
         pads = draw(st.lists(st.integers(0, k_len - 1), min_size=batch, max_size=batch))
-        mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
+        key_ok = torch.ones(batch, k_len, dtype=torch.bool)
         for b, p in enumerate(pads):
-            mask[b, ..., :p] = False
-        kw["attn_mask"] = mask.to(kt.device)
+            key_ok[b, :p] = False
+        if padding == "dense":
+            kw["attn_mask"] = key_ok[:, None, None, :].expand(batch, 1, q_len, k_len).to(kt.device)
+        else:
+            kw["key_padding"] = key_ok.to(kt.device)
     q, k, v = kt.make_qkv(batch, hq, hkv, q_len, k_len, head_dim, dtype, sink_cols=sinks, sink_boost=3.0,
                           seed=draw(st.integers(0, 99)), layout=draw(st.sampled_from(["bhsd", "bshd"])))
     out, lse = kt.poisoned(q)
     if decode:
         sink_attention_decode(q, k, v, out=out, lse=lse, num_splits=draw(st.integers(1, 4)), **kw)
     else:
-        sink_attention_prefill(q, k, v, out=out, lse=lse, **kw)
+        use_tma = dtype != torch.float32 and draw(st.booleans(), label="use_tma")
+        sink_attention_prefill(q, k, v, out=out, lse=lse, use_tma=use_tma, **kw)
+    # the reference reads key padding as the (B, 1, 1, K) mask it is
+    if "key_padding" in kw:
+        kw["attn_mask"] = kw.pop("key_padding")[:, None, None, :]
     kt.check_attention(out, lse, q, k, v, label="randomized", **kw)
 
 

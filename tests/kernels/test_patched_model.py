@@ -41,6 +41,42 @@ def test_tiny_models_through_kernels_match_torch_path(arch):
     _compare(model, ids, mask)
 
 
+def _padded_batch(layout: str):
+    ids = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    if layout in ("left", "mixed"):
+        mask[1, :4] = 0
+    if layout in ("right", "mixed"):
+        mask[2, -3:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "mixed"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_padded_batches_reach_the_kernels_as_key_ranges(arch, layout, monkeypatch):
+    """transformers' padded causal masks (full and sliding-window layers) reach the kernels as key
+    padding with per-sequence ranges, never as a (Q, K) mask, and the logits match the PyTorch
+    path on every real token."""
+    from sinkfix import kernels
+
+    launched = []
+    real = kernels.sink_attention_triton
+
+    def spy(q, k, v, **kw):
+        launched.append((kw.get("attn_mask"), kw.get("key_padding"), kw.get("key_ranges")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "sink_attention_triton", spy)
+    model = tiny_model(arch).to(DEVICE)
+    ids, mask = _padded_batch(layout)
+    _compare(model, ids, mask)
+    assert launched
+    for dense, key_padding, key_ranges in launched:
+        assert dense is None
+        assert key_padding is not None and key_padding.shape == (3, ids.shape[1])
+        assert key_ranges is not None and key_ranges.shape == (3, 3)
+
+
 @pytest.mark.slow
 def test_smollm2_through_kernels_matches_torch_path():
     try:

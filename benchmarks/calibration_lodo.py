@@ -1,0 +1,559 @@
+"""Leave-one-domain-out evaluation of `sinkfix calibrate`'s defaults, on the built-in domains.
+
+    python benchmarks/calibration_lodo.py run --model smollm2-135m --bos          # one model, one protocol
+    python benchmarks/calibration_lodo.py run --model smollm2-135m --no-bos --analyses
+    python benchmarks/calibration_lodo.py report                                  # every run -> one table
+
+``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
+defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
+scores it on that domain's evaluation text, next to the unpatched model and the best single global
+beta (`sinkfix.analysis.lodo`); the profile built from every domain is scored on every domain too.
+Protocol of every number: the calibration's window protocol (512-token windows, BOS first or not),
+non-overlapping, each token scored once, the first ``--eval-windows`` windows of each domain's
+evaluation split (sources disjoint from its calibration split, `sinkfix.texts`).
+
+``--analyses`` adds what the choice of the robust rule rests on (docs/calibration.md):
+
+* every candidate of the pool, rebuilt without each domain, on that domain (no selection: what each
+  fixed rule would have done on the unseen domain);
+* every domain's own fit on every domain (a domain-aware profile's best case on its own domain,
+  and what picking the wrong domain's fit costs on another);
+* ``--pooled-baseline``: the previous default (one fit on pydoc + python pooled, 16384 tokens per
+  domain, 120 steps) on every domain.
+
+On a busy machine the work can be spread over processes that share the saved scores, and the table
+written from whatever they finished (this is how the README's table was made):
+
+    python benchmarks/calibration_lodo.py run --bos                                   # robust-rule rows, in order
+    python benchmarks/calibration_lodo.py run --bos --part c --full-chosen "mean x1"  # profile from all five
+    python benchmarks/calibration_lodo.py run --bos --part g --fixed "mean x1" --held-out python --held-out readme
+    python benchmarks/calibration_lodo.py run --bos --finished-only --watch 150 --fixed "mean x1" --full-chosen "mean x1"
+    python benchmarks/calibration_lodo.py table                                       # table-*.json -> Markdown
+
+``--fixed`` scores one candidate rebuilt without each domain, without a selection; ``--full-chosen``
+scores the candidate an earlier selection on every domain chose, without repeating it. Every
+column of the table says which it is.
+
+Everything is written to ``--out`` (JSON and Markdown), with the wall time, the CPU time and the
+load average, and fits and scores are reused from there when the run is repeated (delete the files
+to start over). The machine this was developed on is shared: the times are what they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sinkfix
+from sinkfix.analysis.calibration import (CalibrationSettings, Calibrator, DomainFits, calibrate, fit_domains,
+                                          parameters_key, robust_profile)
+from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
+from sinkfix.analysis.robust import candidate_parameters, candidates
+from sinkfix.files import atomic_write_text
+from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "calibration_lodo"
+# Fixed rules scored on unseen domains by --analyses: the default pool's combinations and more.
+ANALYSIS_POOL = [c for c in candidates([("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0), ("mean", 0.5)],
+                                       global_betas=()) if c.uses_fits]
+
+
+def _tag(model: str, bos: bool) -> str:
+    return f"{model}-{'bos' if bos else 'nobos'}"
+
+
+class _Clock:
+    """Wall and CPU seconds of a stage, and the load average around it."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu, self.load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+
+    def done(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.wall, 1), "cpu_s": round(time.process_time() - self.cpu, 1),
+                "load_before": round(self.load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+                "threads": torch.get_num_threads()}
+
+
+def _load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _save_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+class _SavedCache(dict):
+    """An NLL cache that writes itself (through ``save``) after every new entry: a run stopped half-way
+    keeps every forward pass it paid for."""
+
+    def __init__(self, entries: dict, save) -> None:
+        super().__init__(entries)
+        self._save = save
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._save()
+
+
+def _cache(path: Path) -> dict:
+    """NLL caches ("val": the selection's, "eval": evaluation text's), saved with "domain|digest" keys."""
+    data = _load_json(path) or {}
+    caches: dict = {}
+
+    def save() -> None:
+        _save_cache(path, caches)
+
+    for name in ("val", "eval"):
+        entries = data.get(name, {})
+        caches[name] = _SavedCache({tuple(k.split("|", 1)): v for k, v in entries.items()}, save)
+    return caches
+
+
+def _save_cache(path: Path, caches: dict) -> None:
+    _save_json(path, {name: {"|".join(k): v for k, v in entries.items()} for name, entries in caches.items()})
+
+
+class _NotScored(KeyError):
+    """A score the stopped run did not reach."""
+
+
+class _ScoredOnly(dict):
+    """A cache that claims every key and raises :class:`_NotScored` for the ones it lacks: the library
+    functions then run without a single forward pass, or stop where the run stopped."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        if not dict.__contains__(self, key):
+            raise _NotScored(key)
+        return dict.__getitem__(self, key)
+
+
+def _rows(model, tokenizer, fits: DomainFits, args, val: dict, ev: dict, held_out, full: bool,
+          full_chosen: str | None = None) -> LodoResult:
+    """The rows of ``held_out`` (and the profile from every domain, if ``full``), computed exactly as
+    :func:`leave_one_domain_out` does. With :class:`_ScoredOnly` caches, a row the run did not finish
+    is left out, and the profile from every domain reads "not reached" if it was not."""
+    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                          args.eval_windows)
+    shape, nll, chosen, selections = fits.shape, {}, {}, {}
+    for d in held_out:
+        try:
+            profile = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, score_chosen=False)
+            jobs = {("stock", d): ((torch.ones(shape), None), d)}
+            jobs.update({(b, d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+            jobs["without", d] = _profile_parameters(profile), d
+            nll.update(evaluate_parameters(model, fits, windows, jobs, cache=ev))
+            chosen[d] = profile.calibration["selection"]["chosen"]
+            selections[d] = profile.calibration["selection"]
+        except _NotScored:
+            continue
+    done = [d for d in held_out if d in chosen]
+    chosen_all, with_all = "not reached", {d: math.nan for d in done}
+    if full_chosen:  # the candidate a selection on every domain chose before, scored without repeating it
+        try:
+            candidate = next(c for c in candidates() if c.name == full_chosen)
+            params = candidate_parameters(candidate, [fits.fits[d].parameters for d in fits.domains], shape)
+            with Calibrator(model, fits.settings.on_sink_rows) as cal:
+                for d in fits.domains:
+                    key = parameters_key(params, d)
+                    if key not in val:
+                        val[key] = cal.nll_with(params, fits.windows[d].val)
+            with_all = {}
+            for d in fits.domains:  # every domain (a part may compute no row of its own)
+                try:
+                    with_all[d] = evaluate_parameters(model, fits, windows, {d: (params, d)}, cache=ev)[d]
+                except _NotScored:
+                    with_all[d] = math.nan
+            chosen_all = f"{full_chosen} (chosen by an earlier selection on every domain, same fits)"
+            selections["all domains"] = {"chosen": full_chosen, "val_per_domain": {
+                d: math.exp(val[parameters_key(params, d)] - fits.fits[d].val_before) - 1 for d in fits.domains}}
+        except _NotScored:
+            pass
+    if full and not full_chosen:
+        try:
+            profile = robust_profile(model, fits, cache=val)
+            with_all = evaluate_parameters(model, fits, windows, {d: (_profile_parameters(profile), d) for d in done},
+                                           cache=ev)
+            chosen_all = profile.calibration["selection"]["chosen"]
+            selections["all domains"] = profile.calibration["selection"]
+            selections["all domains"]["val_per_domain"] = profile.calibration["ppl_change"]["val_per_domain"]
+        except _NotScored:
+            pass
+    tokens = {d: sum(int((w.labels[1:] != -100).sum()) for w in windows[d]) for d in done}
+    return LodoResult({**fits.settings.protocol(), "eval_windows": args.eval_windows},
+                      {d: sources[d] for d in done}, tokens, {d: nll["stock", d] for d in done},
+                      {b: {d: nll[b, d] for d in done} for b in GLOBAL_SWEEP}, {d: nll["without", d] for d in done},
+                      chosen, with_all, chosen_all, {"selections": selections})
+
+
+def _fixed_rows(model, tokenizer, fits: DomainFits, args, ev: dict, held_out) -> None:
+    """Unseen-domain scores of one fixed candidate (``--fixed``, no selection): for each domain of
+    ``held_out``, the candidate built from the other domains' fits, the unpatched model and the global
+    betas, on that domain's evaluation windows."""
+    windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                    args.eval_windows)
+    fixed = next(c for c in candidates() if c.name == args.fixed)
+    shape = fits.shape
+    for d in held_out:
+        others = [fits.fits[o].parameters for o in fits.domains if o != d]
+        jobs = {("stock", d): ((torch.ones(shape), None), d), ("fixed", d): (candidate_parameters(fixed, others, shape), d)}
+        jobs.update({(b, d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+        evaluate_parameters(model, fits, windows, jobs, cache=ev)
+
+
+def _table(model, tokenizer, fits: DomainFits, args, val: dict, ev: dict) -> dict:
+    """Every column that the saved scores allow, per domain (NaN where a run did not get that far):
+    the unpatched model, the global betas, the robust rule rebuilt without the domain, the fixed
+    candidate rebuilt without it, and the profile from every domain (``--full-chosen``)."""
+    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                          args.eval_windows)
+    shape = fits.shape
+    every = [fits.fits[d].parameters for d in fits.domains]
+
+    def score(params, d) -> float:
+        try:
+            return evaluate_parameters(model, fits, windows, {0: (params, d)}, cache=ev, progress=False)[0]
+        except _NotScored:
+            return math.nan
+
+    def candidate(name):
+        return next(c for c in candidates() if c.name == name)
+
+    rows = []
+    for d in fits.domains:
+        others = [fits.fits[o].parameters for o in fits.domains if o != d]
+        stock = score((torch.ones(shape), None), d)
+        change = {}
+        for b in GLOBAL_SWEEP:
+            change[f"global {b:g}"] = math.exp(score((torch.full(shape, b), None), d) - stock) - 1
+        best = min([("1", 0.0)] + [(k.split()[1], v) for k, v in change.items() if v == v], key=lambda kv: kv[1])
+        row = {"domain": d, "source": sources[d], "tokens": sum(int((w.labels[1:] != -100).sum()) for w in windows[d]),
+               "stock_ppl": math.exp(stock), "best_global_beta": float(best[0]), "best_global_change": best[1],
+               "global_changes": change, "robust_chosen": None, "robust_change": math.nan}
+        try:
+            profile = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, progress=False,
+                                     score_chosen=False)
+            row["robust_chosen"] = profile.calibration["selection"]["chosen"]
+            row["robust_selection"] = profile.calibration["selection"]
+            row["robust_change"] = math.exp(score(_profile_parameters(profile), d) - stock) - 1
+        except _NotScored:
+            pass
+        if args.fixed:
+            row["fixed_change"] = math.exp(score(candidate_parameters(candidate(args.fixed), others, shape), d) - stock) - 1
+        if args.full_chosen:
+            row["with_change"] = math.exp(score(candidate_parameters(candidate(args.full_chosen), every, shape), d)
+                                          - stock) - 1
+        rows.append(row)
+    return {"model": args.model, "bos": args.bos, "protocol": {**fits.settings.protocol(),
+            "eval_windows": args.eval_windows}, "fixed": args.fixed, "full_chosen": args.full_chosen, "rows": rows}
+
+
+def _table_markdown(data: dict) -> str:
+    proto = data["protocol"]
+    fixed, full = data["fixed"], data["full_chosen"]
+    lines = [f"**{data['model']}, {'BOS' if data['bos'] else 'no BOS'}**, {proto['seq_len']}-token windows, stride "
+             f"{proto['stride']}, first {proto['eval_windows']} windows of each domain's evaluation text; perplexity "
+             "change vs the unpatched model ('-': not measured)", "",
+             "| domain | scored tokens | unpatched ppl | best global beta | unseen: robust rule without it (chosen) "
+             f"| unseen: `{fixed}` without it | calibrated: `{full}` from all five |", "|---|---|---|---|---|---|---|"]
+
+    def pct(x) -> str:
+        return "-" if x is None or x != x else f"{100 * x:+.2f}%"
+
+    for r in data["rows"]:
+        robust = pct(r["robust_change"]) + (f" ({r['robust_chosen']})" if r["robust_chosen"] else "")
+        if r["stock_ppl"] != r["stock_ppl"]:  # the run did not score this domain
+            lines.append(f"| {r['domain']} | {r['tokens']} | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {pct(r['best_global_change'])} "
+                     f"({r['best_global_beta']:g}) | {robust} | {pct(r.get('fixed_change'))} "
+                     f"| {pct(r.get('with_change'))} |")
+    return "\n".join(lines)
+
+
+def _profile_parameters(profile) -> tuple:
+    logit = profile.virtual_sink_logit
+    return profile.sink_scale.float(), None if logit is None else logit.float()
+
+
+def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, dict]:
+    path = out / f"fits-{_tag(args.model, args.bos)}.json"
+    saved = _load_json(path)
+    if saved is not None:
+        print(f"reusing {path}")
+        return DomainFits.from_dict(saved, tokenizer, texts), saved["timing"]
+    settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, **({"steps": args.steps} if args.steps else {}),
+                                   **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
+    clock = _Clock()
+    fits = fit_domains(model, tokenizer, texts, settings, log=print)
+    timing = clock.done()
+    _save_json(path, {**fits.to_dict(), "timing": timing})
+    return fits, timing
+
+
+def _evaluation_windows(tokenizer, fits: DomainFits, args) -> dict:
+    texts = {d: domain_text(d, "eval") for d in fits.domains}
+    return evaluation_windows(tokenizer, texts, fits, args.eval_windows)[0]
+
+
+def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
+    """The robust selection on every domain, timed on its own: with the fits, it is what `sinkfix
+    calibrate` runs (its scores then seed the leave-one-domain-out cache)."""
+    saved = _load_json(path)
+    if saved is not None:  # timed before; leave_one_domain_out repeats the selection if the cache lacks it
+        return saved
+    clock = _Clock()
+    robust_profile(model, fits, cache=cache, log=print)
+    timing = clock.done()
+    _save_json(path, timing)
+    return timing
+
+
+def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dict:
+    """Fixed candidates on unseen domains, and every domain's own fit on every domain."""
+    windows = _evaluation_windows(tokenizer, fits, args)
+    shape = fits.shape
+    jobs = {}
+    for held_out in fits.domains:
+        others = [fits.fits[d].parameters for d in fits.domains if d != held_out]
+        for c in ANALYSIS_POOL:
+            jobs[f"without:{c.name}", held_out] = candidate_parameters(c, others, shape), held_out
+        for d in fits.domains:
+            jobs[f"fit:{d}", held_out] = fits.fits[d].parameters, held_out
+    nll = evaluate_parameters(model, fits, windows, jobs, cache=eval_cache)
+    table: dict = {}
+    for (name, domain), value in nll.items():
+        table.setdefault(name, {})[domain] = value
+    table["recogniser"] = _domain_aware(fits, windows, model.get_input_embeddings().num_embeddings)
+    return table
+
+
+# -- a domain-aware profile, sketched: recognise the prompt's domain, apply that domain's own fit --------
+def _unigram(windows: list, vocab: int, alpha: float = 0.1) -> torch.Tensor:
+    counts = torch.bincount(torch.cat(windows), minlength=vocab).double() + alpha
+    return (counts / counts.sum()).log()
+
+
+def _recognise(models: dict, thresholds: dict, ids: torch.Tensor) -> str:
+    """The domain whose unigram model explains ``ids`` best, or "unknown" when even that one explains it
+    worse than every validation window of its own domain (less a margin of 1 nat per token)."""
+    scores = {d: float(lp[ids].mean()) for d, lp in models.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] >= thresholds[best] else "unknown"
+
+
+def _domain_aware(fits: DomainFits, windows: dict, vocab: int) -> dict:
+    """For each domain left out: what a unigram recogniser trained on the others calls each of its
+    evaluation windows (a known domain means that domain's own fit would be applied)."""
+    out = {}
+    for held_out in fits.domains:
+        known = [d for d in fits.domains if d != held_out]
+        models = {d: _unigram(fits.windows[d].calib, vocab) for d in known}
+        thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in known}
+        calls = [_recognise(models, thresholds, w.input_ids) for w in windows[held_out]]
+        out[held_out] = {name: calls.count(name) / len(calls) for name in set(calls)}
+    models = {d: _unigram(fits.windows[d].calib, vocab) for d in fits.domains}
+    thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in fits.domains}
+    known = {}
+    for d in fits.domains:
+        calls = [_recognise(models, thresholds, w.input_ids) for w in windows[d]]
+        known[d] = {name: calls.count(name) / len(calls) for name in set(calls)}
+    return {"unseen": out, "known": known}
+
+
+def _pooled_baseline(model, tokenizer, args, fits: DomainFits, eval_cache: dict, out: Path) -> dict:
+    """The previous default: pooled fit on the two Python domains, 16384 tokens each, 120 steps."""
+    path = out / f"pooled-{_tag(args.model, args.bos)}.json"
+    saved = _load_json(path)
+    if saved is None:
+        clock = _Clock()
+        profile = calibrate(model, tokenizer, {d: domain_text(d, "calib") for d in QUICK_DOMAINS}, rule="pooled",
+                            seq_len=args.seq_len, bos=args.bos, max_tokens=16384, steps=120, log=print)
+        saved = {"profile": profile.to_dict(), "timing": clock.done()}
+        _save_json(path, saved)
+    profile = sinkfix.Profile.from_dict(saved["profile"])
+    windows = _evaluation_windows(tokenizer, fits, args)
+    logit = profile.virtual_sink_logit
+    params = profile.sink_scale.float(), None if logit is None else logit.float()
+    nll = evaluate_parameters(model, fits, windows, {d: (params, d) for d in fits.domains}, cache=eval_cache)
+    return {"nll": nll, "timing": saved["timing"], "calibrated_on": list(QUICK_DOMAINS)}
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = _tag(args.model, args.bos)
+    model, tokenizer = sinkfix.load_model(args.model)
+    domains = args.domain or list(DOMAINS)
+    fits, fit_timing = _fits(model, tokenizer, args, out, {d: domain_text(d, "calib") for d in domains})
+    cache_path = out / f"cache-{tag}.json"
+    caches = _cache(cache_path)
+    if args.part:  # one share of the rows, in a process of its own with a cache file of its own
+        part_path = out / f"cache-{tag}-part-{args.part}.json"
+        part = _cache(part_path)
+        for name in ("val", "eval"):  # start from what every file knows
+            for other in sorted(out.glob(f"cache-{tag}*.json")):
+                dict.update(part[name], _cache(other)[name])
+        if args.fixed:
+            _fixed_rows(model, tokenizer, fits, args, part["eval"], args.held_out or [])
+        else:
+            _rows(model, tokenizer, fits, args, part["val"], part["eval"], args.held_out or [], args.full,
+                  args.full_chosen)
+        _save_cache(part_path, part)
+        return 0
+    while args.finished_only:
+        merged: dict = {"val": {}, "eval": {}}
+        for path in sorted(out.glob(f"cache-{tag}*.json")):
+            for name, entries in _cache(path).items():
+                merged[name].update(entries)
+        data = _table(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]))
+        data["fit_timing"], data["select_timing"] = fit_timing, _load_json(out / f"select-{tag}.json")
+        data["sources"] = {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains}
+        data["fits"] = {d: fits.fits[d].record() for d in domains}
+        _save_json(out / f"table-{tag}.json", data)
+        atomic_write_text(out / f"table-{tag}.md", _table_markdown(data) + "\n")
+        print(_table_markdown(data), flush=True)
+        complete = all(r["robust_chosen"] and r.get("with_change", 0) == r.get("with_change", 0) for r in data["rows"])
+        if not args.watch or complete:
+            return 0
+        time.sleep(args.watch)  # the other processes are still adding scores
+    try:
+        select_timing = _select(model, fits, caches["val"], out / f"select-{tag}.json")
+        clock = _Clock()
+        result = leave_one_domain_out(model, tokenizer, fits, {d: domain_text(d, "eval") for d in domains},
+                                      eval_windows=args.eval_windows, cache=caches["val"], eval_cache=caches["eval"])
+        extra = {"fit_timing": fit_timing, "select_timing": select_timing, "lodo_timing": clock.done(),
+                 "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
+                 "fits": {d: fits.fits[d].record() for d in domains}}
+        if args.analyses:
+            extra["analyses"] = _analyses(model, tokenizer, fits, args, caches["eval"])
+        if args.pooled_baseline:
+            extra["pooled_baseline"] = _pooled_baseline(model, tokenizer, args, fits, caches["eval"], out)
+    finally:
+        _save_cache(cache_path, caches)
+    result.extra = extra
+    data = {"model": args.model, "bos": args.bos, **result.to_dict()}
+    _save_json(out / f"lodo-{tag}.json", data)
+    atomic_write_text(out / f"lodo-{tag}.md", _cell_markdown(data) + "\n")
+    print(_cell_markdown(data))
+    return 0
+
+
+# -- report -------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _cell_markdown(data: dict) -> str:
+    proto = data["protocol"]
+    head = (f"**{data['model']}, {'BOS' if data['bos'] else 'no BOS'}**, {proto['seq_len']}-token windows, stride "
+            f"{proto['stride']}, first {proto['eval_windows']} windows of each domain's evaluation text; "
+            f"profile from all domains: `{data['chosen_all']}`")
+    lines = [head, "", "| domain | scored tokens | stock ppl | best global beta | unseen: profile without it (chosen) "
+             "| calibrated: profile with it |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {_pct(r['best_global_change'])} "
+                     f"({r['best_global_beta']:g}) | {_pct(r['without_change'])} ({r['without_chosen']}) "
+                     f"| {_pct(r['with_change'])} |")
+    if data["extra"].get("not_finished"):
+        lines.append(f"| {', '.join(data['extra']['not_finished'])} | not finished (the run was stopped) | | | | |")
+    for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
+        timing = data["extra"].get(stage)
+        if timing:
+            lines += ["", f"{label}: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} "
+                          f"thread(s), load average {timing['load_before']} -> {timing['load_after']}."]
+    return "\n".join(lines)
+
+
+def _targets(data: dict) -> list[str]:
+    """Which targets a cell meets: unseen <= +0.1% and <= the best global beta; calibrated <= -3%."""
+    misses = []
+    for r in data["rows"]:
+        if r["without_change"] > 0.001:
+            misses.append(f"{r['domain']}: unseen {_pct(r['without_change'])} > +0.10%")
+        if r["without_change"] > r["best_global_change"]:
+            misses.append(f"{r['domain']}: unseen {_pct(r['without_change'])} worse than best global "
+                          f"{_pct(r['best_global_change'])}")
+        if r["with_change"] > -0.03:
+            misses.append(f"{r['domain']}: calibrated {_pct(r['with_change'])} > -3%")
+    return misses
+
+
+def report(args) -> int:
+    out = Path(args.out)
+    cells = [json.loads(p.read_text()) for p in sorted(out.glob("lodo-*.json"))]
+    if not cells:
+        print(f"no lodo-*.json under {out}", file=sys.stderr)
+        return 1
+    parts = []
+    for data in cells:
+        parts.append(_cell_markdown(data))
+        misses = _targets(data)
+        parts.append("Targets: " + ("all met." if not misses else "missed: " + "; ".join(misses) + "."))
+    text = "\n\n".join(parts) + "\n"
+    atomic_write_text(out / "REPORT.md", text)
+    print(text)
+    return 0
+
+
+def table(args) -> int:
+    """Markdown of every table-*.json under --out (no model, no forward pass)."""
+    out = Path(args.out)
+    paths = sorted(out.glob("table-*.json"))
+    for path in paths:
+        text = _table_markdown(json.loads(path.read_text()))
+        atomic_write_text(path.with_suffix(".md"), text + "\n")
+        print(text + "\n")
+    return 0 if paths else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="fit, rebuild without each domain, evaluate")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--domain", action="append", choices=DOMAINS, help="built-in domains (default: all)")
+    r.add_argument("--eval-windows", type=int, default=4, help="windows per domain's evaluation text (default 4)")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
+    r.add_argument("--steps", type=int, default=None, help="override the calibration default")
+    r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
+    r.add_argument("--part", help="compute only the rows of --held-out (and with --full the profile from every "
+                   "domain), with a cache file of this name; runs several processes side by side")
+    r.add_argument("--held-out", action="append", choices=DOMAINS, help="with --part: a row to compute")
+    r.add_argument("--full", action="store_true", help="with --part: the profile from every domain too")
+    r.add_argument("--full-chosen", help="score this candidate built from every domain's fit as the profile from all "
+                   "domains, without repeating the selection that chose it (it is recorded as such)")
+    r.add_argument("--finished-only", action="store_true",
+                   help="no forward passes: the table of what a stopped run finished (its saved scores)")
+    r.add_argument("--fixed", help="with --part: score this candidate rebuilt without each --held-out domain (no "
+                   "selection); with --finished-only: show its column")
+    r.add_argument("--watch", type=float, default=0, help="with --finished-only: rewrite the table every WATCH "
+                   "seconds until every row is finished")
+    r.add_argument("--analyses", action="store_true", help="score every candidate and every own fit too")
+    r.add_argument("--pooled-baseline", action="store_true", help="also fit and score the previous default")
+    r.add_argument("--out", default=str(DEFAULT_OUT))
+    r.set_defaults(fn=run)
+    p = sub.add_parser("report", help="every run under --out -> REPORT.md")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.set_defaults(fn=report)
+    t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
+    t.add_argument("--out", default=str(DEFAULT_OUT))
+    t.set_defaults(fn=table)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

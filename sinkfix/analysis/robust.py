@@ -1,0 +1,149 @@
+"""Combine per-domain calibrations into one profile that does not trade one domain for another.
+
+Each calibration domain gets its own fit (beta and virtual sink logit per head,
+:func:`sinkfix.analysis.calibration.fit_domains`). This module turns those fits into candidate
+parameter sets and picks one by **leave-one-domain-out on validation windows**: a candidate is
+built from the fits of every domain but one and scored on the held-out domain's validation windows
+(text no fit involved in the candidate has seen, of a kind it has not seen), and its score is the
+**worst** held-out domain's perplexity change. The identity scores 0, so the chosen candidate never
+made a held-out domain of the calibration set worse; ``docs/calibration.md`` has the measurements
+behind the rule and its limits.
+
+Candidates (:func:`candidates`):
+
+* ``identity``;
+* ``global B``: one sink-scaling beta B for every head, no virtual logit (the "best single global
+  beta" baseline, here chosen on the calibration domains);
+* ``RULE xS``: the fits combined head by head by RULE, then shrunk toward the identity by S.
+
+Combination rules work on what each parameter does to the attention mass: ``1 - beta`` is the
+share of the sink's mass a head gives away, ``exp(logit)`` the mass of the virtual logit.
+
+* ``consensus``: the smallest correction any domain asked for, head by head (the largest beta, the
+  smallest virtual logit). A head that one domain wants corrected and another leaves alone (the
+  active/dormant flip of Guo et al. 2024, where a correction fitted where a head is dormant hurts
+  where it is active) stays near the identity.
+* ``mean``: the mean of ``1 - beta`` and of ``exp(logit)`` over domains (close to what one fit on
+  the pooled text would do).
+
+Shrinking by S in (0, 1] multiplies both masses by S: ``beta -> 1 - S (1 - beta)``,
+``logit -> logit + log S``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+__all__ = ["Candidate", "Selection", "RULES", "IDENTITY", "candidates", "combine", "candidate_parameters", "select",
+           "DEFAULT_COMBINATIONS", "DEFAULT_GLOBAL_BETAS"]
+
+RULES = ("consensus", "mean")
+# (rule, shrink) pairs of the default pool. Every candidate costs forward passes on every held-out
+# domain's validation windows, so the pool is small; docs/calibration.md compares more.
+DEFAULT_COMBINATIONS = (("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0))
+DEFAULT_GLOBAL_BETAS = (0.95, 0.9)
+
+Parameters = tuple[torch.Tensor, "torch.Tensor | None"]  # beta [L, H], virtual logit [L, H] or None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to turn per-domain fits into a parameter set."""
+
+    name: str
+    rule: str | None = None  # a combination rule, or None for identity / global
+    shrink: float = 1.0
+    global_beta: float | None = None
+
+    @property
+    def uses_fits(self) -> bool:
+        return self.rule is not None
+
+
+IDENTITY = Candidate("identity")
+
+
+def candidates(combinations: Sequence[tuple[str, float]] = DEFAULT_COMBINATIONS,
+               global_betas: Sequence[float] = DEFAULT_GLOBAL_BETAS) -> list[Candidate]:
+    """identity, ``global B`` for each B, and ``RULE xS`` for each (rule, shrink) pair."""
+    for rule, shrink in combinations:
+        if rule not in RULES:
+            raise ValueError(f"unknown combination rule {rule!r}; rules: {', '.join(RULES)}")
+        if not 0 < shrink <= 1:
+            raise ValueError(f"shrinks must lie in (0, 1], got {shrink}")
+    if any(not 0 <= b < 1 for b in global_betas):
+        raise ValueError("global betas must lie in [0, 1)")
+    out = [IDENTITY]
+    out += [Candidate(f"global {b:g}", global_beta=float(b)) for b in global_betas]
+    out += [Candidate(f"{rule} x{s:g}", rule=rule, shrink=float(s)) for rule, s in combinations]
+    return out
+
+
+def combine(fits: Sequence[Parameters], rule: str, shrink: float = 1.0) -> Parameters:
+    """Head-by-head combination of per-domain fits (module docstring), shrunk toward the identity."""
+    if not fits:
+        raise ValueError("nothing to combine")
+    give = torch.stack([1 - beta for beta, _ in fits])  # share of the sink mass given away
+    logits = [logit for _, logit in fits if logit is not None]
+    if rule == "consensus":
+        give_c = give.min(0).values
+        logit_c = torch.stack(logits).min(0).values if logits else None
+    elif rule == "mean":
+        give_c = give.mean(0)
+        logit_c = torch.logsumexp(torch.stack(logits), 0) - math.log(len(logits)) if logits else None
+    else:
+        raise ValueError(f"unknown combination rule {rule!r}; rules: {', '.join(RULES)}")
+    beta = 1 - shrink * give_c
+    return beta, None if logit_c is None else logit_c + math.log(shrink)
+
+
+def candidate_parameters(candidate: Candidate, fits: Sequence[Parameters], shape: tuple[int, int]) -> Parameters:
+    """The parameter set ``candidate`` stands for, built from ``fits`` (ignored unless it combines them)."""
+    if candidate.uses_fits:
+        return combine(fits, candidate.rule, candidate.shrink)
+    beta = 1.0 if candidate.global_beta is None else candidate.global_beta
+    return torch.full(shape, beta, dtype=torch.float32), None
+
+
+@dataclass
+class Selection:
+    """The chosen candidate and every candidate's score: per held-out domain, the perplexity change
+    of the candidate built without that domain, on that domain's validation windows."""
+
+    chosen: Candidate
+    changes: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> domain -> change
+
+    def worst(self, name: str) -> float:
+        return max(self.changes[name].values())
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen.name, "score": "worst held-out domain's validation perplexity change",
+                "changes": self.changes}
+
+
+def select(pool: Sequence[Candidate], fits: Mapping[str, Parameters], shape: tuple[int, int],
+           change: Callable[[Parameters, str], float]) -> Selection:
+    """Leave-one-domain-out selection: the candidate whose worst held-out domain changes least.
+
+    ``change(parameters, domain)`` is the perplexity change (e.g. -0.02 = 2% lower) of the model
+    patched with ``parameters`` on ``domain``'s validation windows. A candidate built from fits is
+    rebuilt for each held-out domain from the other domains' fits; ties go to the earlier candidate
+    in ``pool`` (identity and global betas come first: the simpler choice wins a tie).
+    """
+    if len(fits) < 2:
+        raise ValueError("leave-one-domain-out selection needs at least two domains")
+    changes: dict[str, dict[str, float]] = {}
+    for candidate in pool:
+        changes[candidate.name] = {}
+        for held_out in fits:
+            if candidate is IDENTITY or candidate == IDENTITY:
+                changes[candidate.name][held_out] = 0.0
+                continue
+            others = [params for name, params in fits.items() if name != held_out]
+            changes[candidate.name][held_out] = change(candidate_parameters(candidate, others, shape), held_out)
+    chosen = min(pool, key=lambda c: max(changes[c.name].values()))
+    return Selection(chosen, changes)

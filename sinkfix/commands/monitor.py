@@ -1,0 +1,304 @@
+"""``sinkfix monitor``: live telemetry offline — replay requests, report on the log, guard ranges.
+
+    sinkfix monitor run --model smollm2-135m --requests builtin --out telemetry.jsonl
+    sinkfix monitor run --model smollm2-135m --requests reqs.jsonl --out t.jsonl --profile p.json --guard
+    sinkfix monitor report telemetry.jsonl --out monitor-report/
+    sinkfix monitor ranges --model smollm2-135m --profile old.json --out with-ranges.json
+    sinkfix monitor requests --out requests.jsonl            # the built-in request set, as a file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sinkfix.errors import MonitorError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "monitor", help="live extreme-token telemetry: replay requests, report on the log",
+        description="Telemetry of a patched model serving requests (docs/monitoring.md): `run` replays a request "
+                    "file with generation and writes a JSON-lines log, `report` summarises a log by domain, "
+                    "`ranges` adds calibration statistics (for the guard) to a profile, `requests` writes the "
+                    "built-in request set.")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_run(sub)
+    _add_report(sub)
+    _add_ranges(sub)
+    requests = sub.add_parser("requests", help="write the built-in request set (prose and code prompts)")
+    requests.add_argument("--out", required=True, help="request file to write (JSON lines)")
+    requests.set_defaults(run=_run_requests)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    from sinkfix.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model name, folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_run(sub) -> None:
+    parser = sub.add_parser("run", help="replay a request file through the model with generation, write the log")
+    _model_arguments(parser)
+    parser.add_argument("--requests", required=True, metavar="FILE.jsonl",
+                        help="one JSON object per line with a 'prompt' and an optional 'domain' and 'id'; "
+                             "'builtin' = prose and code prompts cut from the built-in texts")
+    parser.add_argument("--out", required=True, metavar="LOG.jsonl", help="telemetry log (appended)")
+    fix = parser.add_mutually_exclusive_group()
+    fix.add_argument("--policy", default=None, help="patch with this policy spec (default: identity)")
+    fix.add_argument("--profile", default=None, help="patch with this calibrated profile")
+    parser.add_argument("--guard", action="store_true",
+                        help="switch the correction off for requests outside the profile's calibration ranges")
+    parser.add_argument("--guard-margin", type=float, default=None, help="guard margin in sink share (default 0.15)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per batch, left-padded (default 1)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                        help="start every prompt with the tokenizer's BOS token, as calibration does (default: yes)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are cut (default 2048)")
+    parser.add_argument("--sample-rows", type=int, default=None, help="prompt rows behind the hidden-sink estimate")
+    parser.add_argument("--prometheus-port", type=int, default=None,
+                        help="also serve Prometheus metrics on 127.0.0.1:PORT while the run lasts")
+    parser.set_defaults(run=_run_run)
+
+
+def _add_report(sub) -> None:
+    parser = sub.add_parser("report", help="summarise a telemetry log by domain, list heads that flip, draw figures")
+    parser.add_argument("log", metavar="LOG.jsonl", help="telemetry log written by `sinkfix monitor run` or sinkfix.monitor")
+    parser.add_argument("--out", default=None, help="folder for report.json and sink_share_by_layer.png")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="a head flips when its dormancy is this far on each side of the threshold (default 0.05)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG")
+    parser.set_defaults(run=_run_report)
+
+
+def _add_ranges(sub) -> None:
+    from sinkfix.commands.inspect import add_common_arguments
+
+    parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
+    add_common_arguments(parser, default_max_tokens=16384, split="calib")
+    parser.add_argument("--profile", required=True, help="the profile to measure (applied to the model)")
+    parser.add_argument("--out", required=True, help="profile to write, with statistics")
+    parser.add_argument("--min-rows", type=int, default=32, help="shortest prefix measured, in rows (default 32)")
+    parser.set_defaults(run=_run_ranges)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.run(args)
+
+
+# -- run ------------------------------------------------------------------------------------------
+def _patch(model, args):
+    import sinkfix
+
+    if args.profile:
+        profile = sinkfix.Profile.load(args.profile)
+        return sinkfix.patch(model, profile), profile
+    if args.guard:
+        raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
+                           "calibrated profile records")
+    return sinkfix.patch(model, sinkfix.Policy.parse(args.policy or "identity")), None
+
+
+def _token_ids(tokenizer, request) -> list[int]:
+    ids = tokenizer(request.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0].tolist()
+    if not ids:
+        raise MonitorError(f"request {request.id or ''} (line {request.line}): the prompt tokenizes to nothing")
+    return ids
+
+
+def _batches(requests, tokenizer, args):
+    """(requests, input_ids (B, S) left-padded, attention_mask) per batch."""
+    import torch
+
+    from sinkfix.evaluate import bos_token_id
+
+    bos = [bos_token_id(tokenizer)] if args.bos else []
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    for start in range(0, len(requests), args.batch_size):
+        group = requests[start:start + args.batch_size]
+        ids = [bos + _token_ids(tokenizer, r)[: args.max_prompt_tokens] for r in group]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        yield group, input_ids, mask
+
+
+def _serve(monitor, model, tokenizer, requests, args) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from sinkfix.evaluate import model_device
+
+    device = model_device(model)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    with tqdm(total=len(requests), desc="monitor run", unit="request") as bar, torch.no_grad():
+        for group, ids, mask in _batches(requests, tokenizer, args):
+            ids, mask = ids.to(device), mask.to(device)
+            request_id = group[0].id if len(group) == 1 else None
+            with monitor.request([r.domain for r in group], request_id=request_id):
+                if args.max_new_tokens > 0:
+                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                                   min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+                else:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+            bar.update(len(group))
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import sinkfix
+    from sinkfix.commands.inspect import wide_console
+    from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS
+    from sinkfix.telemetry.report import summarise
+    from sinkfix.telemetry.requests import read_requests
+
+    if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
+        raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = wide_console()
+    requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
+    console.print(f"{len(requests)} requests from {args.requests}; loading {args.model} ...")
+    model, tokenizer = sinkfix.load_model(args.model)
+    handle, profile = _patch(model, args)
+    guard = profile if args.guard else None
+    monitor = sinkfix.monitor(model, log=args.out, prometheus_port=args.prometheus_port, guard=guard,
+                              guard_margin=DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin,
+                              sample_rows=args.sample_rows or SAMPLE_ROWS)
+    try:
+        if monitor.prometheus_url:
+            console.print(f"Prometheus metrics on {monitor.prometheus_url}")
+        records = []
+        monitor.callback = records.append
+        _serve(monitor, model, tokenizer, requests, args)
+    finally:
+        monitor.close()
+        handle.remove()
+    _print_summary(summarise(records), console)
+    console.print(f"appended {len(records)} records to {args.out}")
+    return 0
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _fmt(x: float, digits: int = 3) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"
+
+
+def _print_summary(report, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"telemetry by domain: {', '.join(report.models)}", title_justify="left")
+    for column in ("domain", "requests", "tokens", "sink share\nmean / max head", "dormant heads\nper request",
+                   "hidden sinks\nper request", "residual peak\nmax layer", "guard\ntrips"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for name, d in report.domains.items():
+        share = d.sink_share
+        peak = d.residual_peak.nan_to_num(0)
+        table.add_row(name, str(d.requests), str(d.tokens),
+                      f"{_fmt(float(share.nanmean()))} / {_fmt(float(share.nan_to_num(0).max()))}",
+                      _fmt(d.dormant_heads, 1), _fmt(float(d.hidden_sinks.sum()), 1),
+                      f"{_fmt(float(peak.max()), 1)} (layer {int(peak.argmax())})", str(d.guard_trips))
+    console.print(table)
+
+
+def _print_layers(report, console) -> None:
+    from rich.table import Table
+
+    names = list(report.domains)
+    table = Table(title="per layer: mean sink share / dormant heads", title_justify="left")
+    table.add_column("layer", justify="right")
+    for name in names:
+        table.add_column(f"sink share\n{name}", justify="right")
+        table.add_column(f"dormant\n{name}", justify="right")
+    layers = next(iter(report.domains.values())).sink_share.shape[0]
+    for layer in range(layers):
+        row = [str(layer)]
+        for name in names:
+            d = report.domains[name]
+            heads = d.dormancy[layer]
+            row += [_fmt(float(d.sink_share[layer].nanmean())),
+                    f"{int((heads >= 0.5).sum())}/{int((~heads.isnan()).sum())}"]
+        table.add_row(*row)
+    console.print(table)
+
+
+def _print_flips(report, console) -> None:
+    from rich.table import Table
+
+    if len(report.domains) < 2:
+        console.print("one domain in the log: no active/dormant comparison")
+        return
+    if not report.flips:
+        console.print(f"no head is dormant on one domain and active on another (margin {report.margin})")
+        return
+    names = list(report.domains)
+    table = Table(title=f"heads active on one domain and dormant on another (margin {report.margin})",
+                  title_justify="left")
+    for column in ("layer", "head", *[f"dormancy\n{n}" for n in names], "dormant on", "active on"):
+        table.add_column(column)
+    for flip in report.flips[:30]:
+        table.add_row(str(flip["layer"]), str(flip["head"]), *[_fmt(flip["scores"].get(n, float("nan"))) for n in names],
+                      ", ".join(flip["dormant_on"]), ", ".join(flip["active_on"]))
+    console.print(table)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sinkfix.commands.inspect import wide_console
+    from sinkfix.telemetry.report import read_log, summarise, write_figure
+
+    console = wide_console()
+    report = summarise(read_log(args.log), margin=args.margin)
+    _print_summary(report, console)
+    _print_layers(report, console)
+    _print_flips(report, console)
+    if args.out:
+        from sinkfix.files import atomic_write_text
+
+        out = Path(args.out)
+        console.print(f"wrote {atomic_write_text(out / 'report.json', json.dumps(report.to_dict(), indent=1))}")
+        if not args.no_figures:
+            console.print(f"wrote {write_figure(report, out / 'sink_share_by_layer.png')}")
+    return 0
+
+
+# -- ranges / requests ------------------------------------------------------------------------------
+def _run_ranges(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    import sinkfix
+    from sinkfix.analysis.calibration import calibration_windows
+    from sinkfix.commands.inspect import describe_texts, texts_from_args
+    from sinkfix.telemetry import calibration_statistics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = texts_from_args(args, "calib")
+    print(describe_texts(texts))
+    profile = sinkfix.Profile.load(args.profile)
+    model, tokenizer = sinkfix.load_model(args.model)
+    windows = [w for t in texts.values() for w in calibration_windows(
+        tokenizer, t.text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]
+    protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts)}
+    with sinkfix.patch(model, profile), tqdm(total=len(windows), desc="ranges", unit="window") as bar:
+        stats = calibration_statistics(model, windows, min_rows=args.min_rows, protocol=protocol, progress=bar.update)
+    path = profile.with_statistics(stats).save(args.out)
+    print(f"sink-share ranges over {stats.windows} windows (and their prefixes of >= {stats.min_rows} rows): "
+          f"widest {float((stats.high - stats.low).max()):.3f}; wrote {path}")
+    return 0
+
+
+def _run_requests(args: argparse.Namespace) -> int:
+    from sinkfix.files import atomic_write_text
+    from sinkfix.telemetry.requests import builtin_requests
+
+    requests = builtin_requests()
+    lines = [json.dumps({"prompt": r.prompt, "domain": r.domain, "id": r.id}) for r in requests]
+    print(f"wrote {len(lines)} requests to {atomic_write_text(args.out, chr(10).join(lines) + chr(10))}")
+    return 0

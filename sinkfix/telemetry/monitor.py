@@ -1,0 +1,320 @@
+"""``sinkfix.monitor(model)``: live extreme-token telemetry of a patched model while it serves requests.
+
+    monitor = sinkfix.monitor(model, log="telemetry.jsonl", prometheus_port=9464)
+    with monitor.request(domain="code"):
+        model.generate(**inputs, max_new_tokens=32)     # or model(...), batched, with a KV cache
+    monitor.close()
+
+Inside a ``request()`` block every forward of the model feeds one :class:`RequestAccumulator` on
+the device: the attention calls' sink statistics (the fast path's side output, no forced Python
+path), the prompt's drain weights and sampled hidden sinks, and each decoder layer's residual
+norms. Nothing is read on the host until the block ends; then one transfer, one record per batch
+row, and the record goes to the log, to Prometheus and to the callback. Outside ``request()``
+blocks the model runs exactly as it would unmonitored (no listener, no hook attached).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD
+from sinkfix.errors import MonitorError
+from sinkfix.telemetry.accumulate import RequestAccumulator
+from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
+from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
+from sinkfix.telemetry.prompt import measure_prompt
+from sinkfix.telemetry.records import RequestInfo, build_records
+
+__all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
+
+#: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate.
+#: 64 rows of a 512-token prompt cost ~1/8 of that layer's score matrix, once per request.
+SAMPLE_ROWS = 64
+
+
+@dataclass
+class _Request:
+    id: str
+    domain: str | Sequence[str | None] | None
+    acc: RequestAccumulator | None = None
+    cache_before: int | None = None  # the cache's length before the prompt's forward (guard rollback)
+    decision: GuardDecision | None = None
+    records: list[dict] = field(default_factory=list)
+
+    def domains(self, batch: int) -> list[str | None]:
+        if self.domain is None or isinstance(self.domain, str):
+            return [self.domain] * batch
+        domains = list(self.domain)
+        if len(domains) != batch:
+            raise MonitorError(f"request {self.id}: {len(domains)} domain labels for a batch of {batch} sequences")
+        return domains
+
+
+def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
+    """(B, Q) bool: the forward's new tokens that are not padding."""
+    from sinkfix.integrations.masks import PaddedCausalMask
+
+    if isinstance(mask, PaddedCausalMask):  # sinkfix's structured mask: built dense once per forward here
+        mask = mask.dense if mask.key_padding is not None else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    if mask.dtype != torch.bool:  # an additive float mask: 0 = attend
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask[:, 0].any(-1).expand(batch, q_len)
+
+
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _rollback(cache: Any, before: int | None, added: int) -> bool:
+    """Put a KV cache back as it was before a forward that added ``added`` tokens; False when it
+    cannot be (e.g. a sliding-window layer that already evicted what it would need)."""
+    if cache is None:
+        return True  # the model made its own cache for that forward
+    try:
+        if before == 0:
+            cache.reset()
+        else:
+            cache.crop(-added)
+    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
+
+
+class Monitor:
+    """Telemetry of one patched model; create it with :func:`monitor`. Not thread-safe: one request
+    at a time (the attention listeners are per model)."""
+
+    def __init__(self, model: nn.Module, *, log: str | Path | None = None, prometheus_port: int | None = None,
+                 prometheus_host: str = "127.0.0.1", callback: Callable[[dict], None] | None = None,
+                 guard: Any = None, guard_margin: float = DEFAULT_MARGIN, sample_rows: int = SAMPLE_ROWS,
+                 hidden_sink_threshold: float = HIDDEN_SINK_THRESHOLD, min_queries: int = 32,
+                 patch_if_needed: bool = True) -> None:
+        from sinkfix.analysis.inspection import model_summary
+
+        self.model = model
+        self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
+        self.guard = _as_guard(guard, guard_margin, self._handle, model)
+        self.sample_rows, self.hidden_sink_threshold, self.min_queries = sample_rows, hidden_sink_threshold, min_queries
+        self.session = uuid.uuid4().hex[:12]
+        self._model_name = str(model_summary(model)["name"])
+        self._counter = itertools.count()
+        self._request: _Request | None = None
+        self._hooks: list = []
+        self._rerunning = False
+        self.records: list[dict] = []  # the last request's records
+        self.log = self.exporter = None
+        try:
+            self.log = None if log is None else JsonlLog(log)
+            self.exporter = None if prometheus_port is None else PrometheusExporter(prometheus_port, prometheus_host)
+        except BaseException:
+            self.close()
+            raise
+        self.callback = callback
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def prometheus_url(self) -> str | None:
+        return None if self.exporter is None else self.exporter.url
+
+    @contextlib.contextmanager
+    def request(self, domain: str | Sequence[str | None] | None = None,
+                request_id: str | None = None) -> Iterator[_Request]:
+        """Record every forward inside the block as one request (one record per batch row).
+        ``domain``: one label for the batch, or one per batch row."""
+        if self._request is not None:
+            raise MonitorError("a monitor records one request at a time (request() blocks cannot nest)")
+        if not self._handle.active:
+            raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
+        req = _Request(request_id if request_id is not None else f"{self.session}-{next(self._counter)}", domain)
+        self._request = req
+        self._attach()
+        try:
+            yield req
+            self._detach()
+            self._finish(req)
+        finally:
+            self._detach()
+            self._handle.restore_layers()
+            self._request = None
+
+    def generate(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
+        """``model.generate(*args, **kwargs)`` recorded as one request."""
+        with self.request(domain):
+            return self.model.generate(*args, **kwargs)
+
+    def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
+        """``model(*args, **kwargs)`` recorded as one request."""
+        with self.request(domain):
+            return self.model(*args, **kwargs)
+
+    def close(self) -> None:
+        """Stop the endpoint, close the log and remove the identity patch the monitor made itself."""
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self.owns_patch:
+            self._handle.remove()
+            self.owns_patch = False
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- hooks (attached for the length of a request) -------------------------------------------
+    def _attach(self) -> None:
+        # Everything but the guard hooks a module *inside* the model (the first decoder layer, the
+        # decoder layers, the attention function), so torch.compile traces it into the model's own
+        # graph; hooks on the model itself would run in frames of their own.
+        layers = self._handle.decoder_layers()
+        self._handle.add_telemetry(self._on_attention)
+        first = layers[0] if layers and layers[0] is not None else self.model
+        self._hooks.append(first.register_forward_pre_hook(self._before_layers, with_kwargs=True))
+        for layer, module in enumerate(layers):
+            if module is not None:
+                self._hooks.append(module.register_forward_hook(self._residual_hook(layer)))
+        if self.guard is not None:
+            self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+            self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+
+    def _detach(self) -> None:
+        self._handle.remove_telemetry(self._on_attention)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _before_layers(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Start of one forward, seen from the first decoder layer: its hidden states give the batch
+        and the new tokens, its (B, 1, Q, K) mask which of them are real (a padding row sees no key)."""
+        req = self._request
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
+        batch, q_len = hidden.shape[0], hidden.shape[1]
+        if req.acc is None:
+            req.acc = RequestAccumulator(self._handle.num_heads(), batch, hidden.device)
+        elif batch != req.acc.batch:
+            raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
+                               "within one request (beam search is not supported)")
+        req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device))
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """(guard only) the cache's length before the prompt's forward, to roll it back."""
+        req = self._request
+        if req.acc is None:
+            cache = _cache_of(kwargs)
+            req.cache_before = None if cache is None else int(cache.get_seq_length())
+
+    def _on_attention(self, call) -> None:
+        acc = self._request.acc
+        stats = call.result.sink_stats
+        acc.add_attention(call.layer, stats)
+        if acc.in_prompt:
+            measures = measure_prompt(call, rows_wanted=self.sample_rows, threshold=self.hidden_sink_threshold,
+                                      min_queries=self.min_queries)
+            acc.add_prompt(call.layer, measures, stats[..., 1])
+
+    def _residual_hook(self, layer: int):
+        def hook(module: nn.Module, args, output) -> None:
+            self._request.acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
+
+        return hook
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        req = self._request
+        prompt, req.acc.in_prompt = req.acc.in_prompt, False
+        if self.guard is None or not prompt or self._rerunning:
+            return None
+        req.decision = self.guard.decide(req.acc.stats)  # the one extra host read a guard costs
+        if not req.decision.layers:
+            req.decision.record("none")
+            return None
+        if not _rollback(_cache_of(kwargs), req.cache_before, int(req.acc.real[0].shape[1])):
+            req.decision.record("logged only: the KV cache could not be rolled back")
+            return None
+        # serve the whole request with the fallback: the prompt's forward again, those layers off
+        self._handle.run_as_identity(req.decision.layers)
+        req.acc = None
+        req.decision.record("rerun as identity")
+        self._rerunning = True
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self._rerunning = False
+
+    # -- the end of a request -----------------------------------------------------------------
+    def _finish(self, req: _Request) -> None:
+        if req.acc is None:  # no forward ran inside the block
+            self.records = []
+            return
+        values = req.acc.read()  # the one host read of the request
+        info = RequestInfo(
+            req.id, req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),
+            [lp.beta for lp in self._handle.layer_policies()], self._handle.identity_layers,
+            None if req.decision is None else req.decision.rows)
+        records = build_records(values, info, self._handle.num_heads(), req.acc.kv_heads)
+        for record in records:
+            record["session"] = self.session
+            if self.log is not None:
+                self.log.write(record)
+            if self.exporter is not None:
+                self.exporter.observe(record)
+            if self.callback is not None:
+                self.callback(record)
+        req.records = records
+        self.records = records
+
+
+def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
+    """(handle, whether the monitor made it): an unpatched model is patched with the identity."""
+    from sinkfix.patch import PatchHandle, patch
+    from sinkfix.policy import Policy
+
+    handle = PatchHandle.of(model)
+    if handle is not None:
+        return handle, False
+    if guard is not None:
+        raise MonitorError("a guard switches a correction off, and this model is not patched: patch it with the "
+                           "profile whose statistics the guard uses first (sinkfix.patch(model, profile))")
+    if not patch_if_needed:
+        raise MonitorError("this model is not patched: call sinkfix.patch(model, policy) first, or pass "
+                           "patch_if_needed=True to monitor the stock model (the identity policy)")
+    return patch(model, Policy()), True
+
+
+def _as_guard(guard: Any, margin: float, handle, model: nn.Module) -> Guard | None:
+    """A Guard from a Guard or a Profile; a profile must be the policy the model is patched with."""
+    if guard is None or isinstance(guard, Guard):
+        return guard
+    if not hasattr(guard, "policy_for"):
+        raise MonitorError(f"guard must be a sinkfix.Profile or a telemetry Guard, got {type(guard).__name__}")
+    built = Guard.from_profile(guard, margin=margin)
+    if guard.policy_for(model) != handle.policy:
+        raise MonitorError("the guard's profile is not the policy this model is patched with: the ranges it "
+                           "compares against were measured with that profile applied (sinkfix.patch(model, profile))")
+    return built
+
+
+def monitor(model: nn.Module, **kwargs) -> Monitor:
+    """Start telemetry on ``model``; arguments of :class:`Monitor`:
+
+    ``log``: JSON-lines file, one record per request (appended). ``prometheus_port``: serve metrics on
+    ``http://prometheus_host:port/metrics`` (0 = a free port). ``callback(record)``: called per record.
+    ``guard``: a :class:`~sinkfix.profile.Profile` with calibration statistics (or a
+    :class:`~sinkfix.telemetry.guard.Guard`), the one the model is patched with; ``guard_margin``.
+    ``sample_rows``: prompt rows behind the hidden-sink estimate. An unpatched model is patched with
+    the identity policy (removed again by :meth:`Monitor.close`) unless ``patch_if_needed=False``.
+    """
+    return Monitor(model, **kwargs)

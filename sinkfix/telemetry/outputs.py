@@ -1,0 +1,104 @@
+"""Where telemetry records go: a JSON-lines log, Prometheus metrics on an HTTP endpoint, a callback.
+
+Each output is set up when the monitor is created, so that a folder that cannot be written or a
+port already in use fails at once with a :class:`~sinkfix.errors.MonitorError` (or
+:class:`~sinkfix.errors.OutputError` for the log) instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+from sinkfix.errors import MonitorError
+from sinkfix.files import LineLog
+
+__all__ = ["JsonlLog", "PrometheusExporter", "SHARE_BUCKETS", "PEAK_BUCKETS", "DORMANT_BUCKETS"]
+
+SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share lies in [0, 1]
+# residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
+PEAK_BUCKETS = (1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+DORMANT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+NO_DOMAIN = "none"  # label value of requests without a domain (an empty label reads as "absent" in PromQL)
+
+
+class JsonlLog:
+    """One JSON object per line, appended as each request finishes (:class:`sinkfix.files.LineLog`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._log = LineLog(path)
+        self.path = self._log.path
+
+    def write(self, record: dict) -> None:
+        self._log.append(json.dumps(record, allow_nan=False, separators=(",", ":")))
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class PrometheusExporter:
+    """Histograms and counters in their own registry, served on ``http://host:port/metrics``.
+
+    ``port=0`` picks a free port (:attr:`port` tells which). Metrics (labels in brackets):
+    ``sinkfix_sink_share`` (layer, domain) one observation per head and request;
+    ``sinkfix_residual_peak_ratio`` (layer, domain) one per request; ``sinkfix_dormant_heads``
+    (domain) one per request; counters ``sinkfix_requests_total``, ``sinkfix_tokens_total``,
+    ``sinkfix_guard_trips_total`` (domain) and ``sinkfix_hidden_sinks_total`` (layer, domain).
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise MonitorError("Prometheus metrics need prometheus-client: pip install 'sinkfix[monitor]'") from None
+        self.registry = prom.CollectorRegistry()
+        per_layer, per_domain = ["layer", "domain"], ["domain"]
+        self.share = prom.Histogram("sinkfix_sink_share", "Sink share of one head over one request",
+                                    per_layer, buckets=SHARE_BUCKETS, registry=self.registry)
+        self.peak = prom.Histogram("sinkfix_residual_peak_ratio", "Residual-norm max / median over one request",
+                                   per_layer, buckets=PEAK_BUCKETS, registry=self.registry)
+        self.dormant = prom.Histogram("sinkfix_dormant_heads", "Dormant heads of one request", per_domain,
+                                      buckets=DORMANT_BUCKETS, registry=self.registry)
+        self.requests = prom.Counter("sinkfix_requests", "Requests monitored", per_domain, registry=self.registry)
+        self.tokens = prom.Counter("sinkfix_tokens", "Tokens monitored", per_domain, registry=self.registry)
+        self.trips = prom.Counter("sinkfix_guard_trips", "Requests the guard served without the correction",
+                                  per_domain, registry=self.registry)
+        self.hidden = prom.Counter("sinkfix_hidden_sinks", "Hidden sinks found on prompts", per_layer,
+                                   registry=self.registry)
+        try:
+            self._server, self._thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: the port is already in use "
+                                   "(choose another, or 0 for a free one)") from None
+            raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: {exc.strerror or exc}") from None
+        self.host = host
+        self.port = int(self._server.server_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def observe(self, record: dict) -> None:
+        domain = record["domain"] if record["domain"] is not None else NO_DOMAIN
+        for layer, heads in enumerate(record["sink_share"]):
+            histogram = self.share.labels(str(layer), domain)
+            for value in heads:
+                if value is not None:
+                    histogram.observe(value)
+        for layer, value in enumerate(record["residual_peak"]):
+            if value is not None:
+                self.peak.labels(str(layer), domain).observe(value)
+        for layer, counts in enumerate(record["hidden_sinks"]):
+            if sum(counts):
+                self.hidden.labels(str(layer), domain).inc(sum(counts))
+        self.dormant.labels(domain).observe(record["dormant_heads"])
+        self.requests.labels(domain).inc()
+        self.tokens.labels(domain).inc(record["tokens"])
+        if record["guard"] is not None and record["guard"]["tripped"]:
+            self.trips.labels(domain).inc()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,94 @@
+"""One telemetry record per request: the versioned JSON object the log, Prometheus and callbacks get.
+
+The schema is documented field by field in docs/monitoring.md; :data:`SCHEMA` and :data:`VERSION`
+name it in every record, and readers refuse a newer version than they know. Everything here runs
+on the host, on the values :meth:`RequestAccumulator.read` already moved there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sinkfix.analysis.metrics import DORMANT_THRESHOLD
+
+__all__ = ["SCHEMA", "VERSION", "RequestInfo", "build_records"]
+
+SCHEMA = "sinkfix-telemetry"
+VERSION = 1
+
+
+@dataclass
+class RequestInfo:
+    """What the host knows about a request batch, next to the values read from the device."""
+
+    request: str
+    domains: list[str | None]  # one per batch row
+    model: str
+    policy: str
+    betas: list[torch.Tensor]  # per layer (H,) fp64: the sink scaling the request was served with
+    identity_layers: list[int] = field(default_factory=list)  # layers the guard switched off
+    guard: list[dict | None] | None = None  # per batch row, None = no guard
+
+
+def _clean(values: torch.Tensor, digits: int = 6) -> Any:
+    """Nested lists of floats rounded to ``digits``, NaN and inf as None (strict JSON)."""
+    if values.ndim == 0:
+        x = float(values)
+        return round(x, digits) if math.isfinite(x) else None
+    return [_clean(v, digits) for v in values]
+
+
+def _per_layer(values: torch.Tensor, heads: list[int]) -> list:
+    """(L, H) padded -> one list per layer with that layer's own head count."""
+    return [_clean(values[layer, :count]) for layer, count in enumerate(heads)]
+
+
+def _shares(values: dict[str, torch.Tensor], info: RequestInfo) -> dict[str, torch.Tensor]:
+    """(L, B, H) sink shares, dormancy scores and row counts from the sums."""
+    mass, rows = values["stats"][..., 0], values["stats"][..., 1]
+    seen = rows > 0
+    width = mass.shape[-1]
+    beta = torch.stack([torch.nn.functional.pad(b.detach().double().cpu(), (0, width - b.numel()), value=1.0)
+                        for b in info.betas])[:, None, :]  # (L, 1, H)
+    unscaled = torch.where(seen, mass / rows.clamp(min=1), float("nan"))
+    dormancy = torch.where(seen, (beta * values["drain_weight"].double() * mass + values["hidden_part"])
+                           / rows.clamp(min=1), float("nan"))
+    return {"unscaled": unscaled, "share": beta * unscaled, "dormancy": dormancy, "rows": rows}
+
+
+def build_records(values: dict[str, torch.Tensor], info: RequestInfo, num_heads: list[int],
+                  kv_heads: list[int]) -> list[dict]:
+    """One record per batch row (docs/monitoring.md, "Log schema")."""
+    derived = _shares(values, info)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    records = []
+    for b, domain in enumerate(info.domains):
+        dormancy = derived["dormancy"][:, b]
+        moved = (derived["unscaled"][:, b] - derived["share"][:, b]).nanmean(-1)
+        tokens, prompt = int(values["tokens"][b]), int(values["prompt_tokens"][b])
+        records.append({
+            "schema": SCHEMA, "version": VERSION, "time": now, "request": info.request, "index": b,
+            "domain": domain, "model": info.model, "policy": info.policy,
+            "tokens": tokens, "prompt_tokens": prompt, "decoded_tokens": tokens - prompt,
+            "rows": [int(r) for r in derived["rows"][:, b].amax(-1).tolist()],
+            "sink_share": _per_layer(derived["share"][:, b], num_heads),
+            "sink_share_unscaled": _per_layer(derived["unscaled"][:, b], num_heads),
+            "dormancy": _per_layer(dormancy, num_heads),
+            "dormant_heads": int((dormancy >= DORMANT_THRESHOLD).sum()),
+            "dormant_threshold": DORMANT_THRESHOLD,
+            "hidden_sinks": [[int(x) for x in values["hidden_sinks"][layer, b, :h].tolist()]
+                             for layer, h in enumerate(num_heads)],
+            "value_drain": _per_layer(values["value_drain"][:, b], kv_heads),
+            "residual_peak": _clean(values["residual_peak"][:, b], 4),
+            "residual_peak_position": [int(p) if math.isfinite(p) else None
+                                       for p in values["peak_position"][:, b].tolist()],
+            "correction": {"policy": info.policy, "identity_layers": list(info.identity_layers),
+                           "moved_share": _clean(moved)},
+            "guard": None if info.guard is None else info.guard[b],
+        })
+    return records

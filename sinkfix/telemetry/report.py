@@ -1,0 +1,175 @@
+"""Reading a telemetry log back: per-domain summaries, heads that flip between domains, figures.
+
+``sinkfix monitor report LOG.jsonl`` pools each domain's requests the way ``sinkfix inspect`` pools
+its windows: per layer and head, sink share and dormancy are means over all the domain's counted
+rows (each request weighted by its rows), so a head's state on a domain does not depend on how the
+traffic was cut into requests. Heads whose dormancy is above the threshold on one domain and below
+it on another (by ``margin`` on each side) are the active-dormant heads of docs/formulas.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sinkfix.analysis.inspection import dormancy_flips
+from sinkfix.analysis.metrics import DORMANT_THRESHOLD
+from sinkfix.errors import MonitorError
+from sinkfix.telemetry.outputs import NO_DOMAIN
+from sinkfix.telemetry.records import SCHEMA, VERSION
+
+__all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure"]
+
+_REQUIRED = ("domain", "tokens", "rows", "sink_share", "dormancy", "dormant_heads", "residual_peak", "hidden_sinks")
+
+
+def _check_record(record, number: int, where: str) -> dict:
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        raise MonitorError(f"{where}, line {number}: not a sinkfix telemetry record (expected \"schema\": \"{SCHEMA}\")")
+    version = record.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise MonitorError(f"{where}, line {number}: telemetry schema version {version!r} is not one this sinkfix "
+                           f"reads (up to {VERSION}); upgrade sinkfix")
+    missing = [key for key in _REQUIRED if key not in record]
+    if missing:
+        raise MonitorError(f"{where}, line {number}: record lacks {missing[0]!r}")
+    return record
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines telemetry log; every problem is a :class:`MonitorError` naming the line."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MonitorError(f"telemetry log not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MonitorError(f"cannot read telemetry log {p}: {exc}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MonitorError(f"{p}, line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
+        records.append(_check_record(record, number, str(p)))
+    if not records:
+        raise MonitorError(f"telemetry log {p} holds no record")
+    return records
+
+
+def _matrix(rows: list[list]) -> torch.Tensor:
+    """Ragged per-layer lists (None = NaN) as an [L, max width] fp64 tensor, NaN-padded."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([[math.nan if x is None else x for x in r] + [math.nan] * (width - len(r)) for r in rows],
+                        dtype=torch.float64)
+
+
+@dataclass
+class DomainSummary:
+    """One domain's requests pooled (per layer and head: row-weighted means)."""
+
+    name: str
+    requests: int
+    tokens: int
+    sink_share: torch.Tensor  # [L, H]
+    dormancy: torch.Tensor  # [L, H]
+    dormant_heads: float  # mean per request
+    residual_peak: torch.Tensor  # [L] mean per request
+    hidden_sinks: torch.Tensor  # [L] mean per request (all heads)
+    guard_trips: int
+    share_samples: list[list[float]] = field(default_factory=list)  # [L] every head of every request
+
+    def to_dict(self) -> dict:
+        def clean(t: torch.Tensor):
+            return [clean(x) for x in t] if t.ndim else (None if math.isnan(float(t)) else round(float(t), 6))
+
+        return {"requests": self.requests, "tokens": self.tokens, "sink_share": clean(self.sink_share),
+                "dormancy": clean(self.dormancy), "dormant_heads_mean": round(self.dormant_heads, 3),
+                "residual_peak_mean": clean(self.residual_peak), "hidden_sinks_mean": clean(self.hidden_sinks),
+                "guard_trips": self.guard_trips}
+
+
+def _pool(name: str, records: list[dict]) -> DomainSummary:
+    share_sum = dorm_sum = weight_sum = None
+    peaks, hidden, samples = [], [], None
+    for record in records:
+        rows = torch.tensor(record["rows"], dtype=torch.float64)[:, None]  # [L, 1]
+        share, dormancy = _matrix(record["sink_share"]), _matrix(record["dormancy"])
+        weight = torch.where(share.isnan(), 0.0, rows.expand_as(share))
+        share_sum = share.nan_to_num(0) * weight + (0 if share_sum is None else share_sum)
+        dorm_sum = dormancy.nan_to_num(0) * weight + (0 if dorm_sum is None else dorm_sum)
+        weight_sum = weight + (0 if weight_sum is None else weight_sum)
+        peaks.append(_matrix([record["residual_peak"]])[0])
+        hidden.append(torch.tensor([sum(h) for h in record["hidden_sinks"]], dtype=torch.float64))
+        samples = samples or [[] for _ in record["sink_share"]]
+        for layer, heads in enumerate(record["sink_share"]):
+            samples[layer].extend(x for x in heads if x is not None)
+    mean = lambda total: torch.where(weight_sum > 0, total / weight_sum.clamp(min=1), math.nan)  # noqa: E731
+    trips = sum(1 for r in records if (r.get("guard") or {}).get("tripped"))
+    return DomainSummary(name, len(records), sum(int(r["tokens"]) for r in records), mean(share_sum), mean(dorm_sum),
+                         sum(r["dormant_heads"] for r in records) / len(records), torch.stack(peaks).nanmean(0),
+                         torch.stack(hidden).mean(0), trips, samples)
+
+
+@dataclass
+class MonitorReport:
+    domains: dict[str, DomainSummary]
+    flips: list[dict]
+    models: list[str]
+    margin: float
+
+    def to_dict(self) -> dict:
+        return {"format": "sinkfix-monitor-report", "version": 1, "models": self.models,
+                "dormant_threshold": DORMANT_THRESHOLD, "flip_margin": self.margin,
+                "domains": {name: d.to_dict() for name, d in self.domains.items()}, "flips": self.flips}
+
+
+def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
+    """Group ``records`` by domain (requests without one under "none") and find the flipping heads."""
+    by_domain: dict[str, list[dict]] = {}
+    for record in records:
+        by_domain.setdefault(record["domain"] if record["domain"] is not None else NO_DOMAIN, []).append(record)
+    widths = {len(r["sink_share"]) for r in records}
+    if len(widths) > 1:
+        raise MonitorError(f"the log mixes models with {sorted(widths)} layers; report one model at a time")
+    domains = {name: _pool(name, group) for name, group in sorted(by_domain.items())}
+    flips = dormancy_flips({name: d.dormancy for name, d in domains.items()}, margin)
+    models = sorted({str(r.get("model")) for r in records})
+    return MonitorReport(domains, flips, models, margin)
+
+
+def write_figure(report: MonitorReport, path: str | Path) -> Path:
+    """Per-layer sink-share distributions by domain (box plots: every head of every request), and
+    the mean residual-peak ratio per layer, one PNG."""
+    from sinkfix.analysis.plots import pyplot
+    from sinkfix.files import save_figure
+
+    plt = pyplot()
+    names = list(report.domains)
+    layers = len(next(iter(report.domains.values())).share_samples)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8.0, 0.45 * layers * max(1, len(names))), 7.5),
+                                      height_ratios=[3, 2], constrained_layout=True)
+    width = 0.8 / max(1, len(names))
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        summary = report.domains[name]
+        positions = [layer - 0.4 + width * (i + 0.5) for layer in range(layers)]
+        data = [s if s else [math.nan] for s in summary.share_samples]
+        boxes = top.boxplot(data, positions=positions, widths=width * 0.9, showfliers=False, patch_artist=True,
+                            manage_ticks=False)
+        for box in boxes["boxes"]:
+            box.set(facecolor=colours(i), alpha=0.6)
+        top.plot([], [], color=colours(i), linewidth=8, alpha=0.6, label=f"{name} ({summary.requests} requests)")
+        bottom.plot(range(layers), summary.residual_peak.tolist(), marker="o", color=colours(i), label=name)
+    top.set(xticks=range(layers), xlabel="layer", ylabel="sink share (per head, per request)", ylim=(0, 1),
+            title=f"Sink share by layer and domain: {', '.join(report.models)}")
+    top.legend(loc="upper right")
+    bottom.set(xticks=range(layers), xlabel="layer", ylabel="residual peak (max / median)", yscale="log")
+    bottom.legend(loc="upper right")
+    return save_figure(fig, path)

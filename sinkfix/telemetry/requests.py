@@ -1,0 +1,102 @@
+"""Request files for ``sinkfix monitor run``: one JSON object per line, and a built-in set.
+
+    {"prompt": "def parse(line):", "domain": "code"}
+    {"prompt": "The attention sink is", "domain": "prose", "id": "q-17"}
+
+``prompt`` (a non-empty string) is required; ``domain`` (a string or null) and ``id`` (a string or
+number) are optional; blank lines are skipped. Any other key is refused, so a typo such as
+``"promt"`` fails with the line that holds it instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sinkfix.errors import MonitorError
+
+__all__ = ["Request", "read_requests", "builtin_requests", "BUILTIN"]
+
+BUILTIN = "builtin"  # the --requests value that names the built-in set
+_KEYS = ("prompt", "domain", "id")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    domain: str | None = None
+    id: str | None = None
+    line: int = 0  # where it came from (0 = not from a file)
+
+
+def _parse_line(text: str, number: int, where: str) -> Request:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MonitorError(f"{where}, line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise MonitorError(f"{where}, line {number}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise MonitorError(f"{where}, line {number}: unknown key {unknown[0]!r} (known: {', '.join(_KEYS)})")
+    prompt, domain, ident = data.get("prompt"), data.get("domain"), data.get("id")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise MonitorError(f"{where}, line {number}: 'prompt' must be a non-empty string")
+    if domain is not None and not isinstance(domain, str):
+        raise MonitorError(f"{where}, line {number}: 'domain' must be a string or null")
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+        raise MonitorError(f"{where}, line {number}: 'id' must be a string or an integer")
+    return Request(prompt, domain, None if ident is None else str(ident), number)
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """Parse a request file; every problem is a :class:`MonitorError` naming the line."""
+    if str(path) == BUILTIN:
+        return builtin_requests()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MonitorError(f"request file not found: {p}") from None
+    except IsADirectoryError:
+        raise MonitorError(f"request file {p} is a directory") from None
+    except UnicodeDecodeError:
+        raise MonitorError(f"request file {p} is not UTF-8 text") from None
+    except OSError as exc:
+        raise MonitorError(f"cannot read request file {p}: {exc.strerror or exc}") from None
+    requests = [_parse_line(line, number, str(p)) for number, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    if not requests:
+        raise MonitorError(f"request file {p} holds no request (one JSON object per line)")
+    return requests
+
+
+def _paragraphs(text: str, size: int) -> list[str]:
+    """Consecutive blank-line separated paragraphs joined into chunks of about ``size`` characters."""
+    chunks, current = [], ""
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= size:
+            chunks.append(current[: 2 * size])
+            current = ""
+    return chunks
+
+
+def builtin_requests(per_domain: int = 8, size: int = 1200) -> list[Request]:
+    """Prompts cut from the built-in evaluation texts (:func:`sinkfix.texts.domain_text`): ``per_domain``
+    chunks of about ``size`` characters (245-697 SmolLM2 tokens) of prose and of code each, spread over the
+    text, so that the whole loop (run, report, guard) can be tried offline."""
+    from sinkfix.texts import DOMAINS, domain_text
+
+    requests = []
+    for domain in DOMAINS:
+        chunks = _paragraphs(domain_text(domain, "eval"), size)
+        step = max(1, len(chunks) // per_domain)
+        for i, chunk in enumerate(chunks[::step][:per_domain]):
+            requests.append(Request(chunk, domain, f"{domain}-{i}"))
+    return requests

@@ -1,0 +1,308 @@
+"""sinkfix.monitor on tiny random models: the records against inspect's offline statistics, the KV
+cache, batches, the outputs (log, Prometheus over localhost, callback), one compiled graph, and bad
+input. The guard has its own file (test_monitor_guard.py); the real model is in test_monitor_real.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
+from sinkfix.errors import MonitorError, OutputError
+from sinkfix.integrations.attention import AttentionCall
+from sinkfix.ops.attention import AttentionResult, sink_attention_torch
+from sinkfix.telemetry.prompt import measure_prompt
+
+from .conftest import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+POLICIES = {
+    "identity": sinkfix.Policy(),
+    "profile-like": sinkfix.Policy(sink_scale=torch.tensor([[0.6, 0.9, 0.7, 1.0], [0.8, 0.5, 1.0, 0.95]]),
+                                   virtual_sink_logit=torch.tensor([[0.5, -1.0, 0.0, 1.0], [-0.5, 0.2, 1.5, -2.0]])),
+}
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _one_request(monitor, model, **kwargs) -> dict:
+    with torch.no_grad(), monitor.request():
+        model(**kwargs)
+    (record,) = monitor.records
+    return record
+
+
+def _tensor(nested) -> torch.Tensor:
+    return torch.tensor([[float("nan") if x is None else x for x in row] for row in nested], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gptoss"])
+def test_record_matches_inspect_on_the_same_window(arch, policy, one_thread):
+    """One forward = one request: sink share, residual peak and value drain are exact; with every
+    row sampled (sample_rows >= Q) the dormancy and hidden sinks are exact too."""
+    model = tiny_model(arch)
+    ids = _ids(1, 48)
+    with sinkfix.patch(model, POLICIES[policy]):
+        reference = measure_extreme_tokens(model, [ids[0]])
+        with sinkfix.monitor(model, sample_rows=64) as monitor:
+            record = _one_request(monitor, model, input_ids=ids, use_cache=False)
+    assert record["rows"] == [47, 47] and record["tokens"] == 48 == record["prompt_tokens"]
+    torch.testing.assert_close(_tensor(record["sink_share"]), reference.sink_share, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_tensor(record["dormancy"]), reference.dormancy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_tensor(record["hidden_sinks"]), reference.hidden_sink_rate, atol=0, rtol=0)
+    torch.testing.assert_close(torch.tensor(record["residual_peak"], dtype=torch.float64), reference.residual_peak,
+                               atol=0, rtol=1e-4)
+    torch.testing.assert_close(_tensor(record["value_drain"]), reference.value_drain, atol=1e-4, rtol=0)
+    assert record["dormant_heads"] == int((reference.dormancy >= 0.5).sum())
+    unscaled = _tensor(record["sink_share_unscaled"])
+    if policy == "identity":
+        torch.testing.assert_close(unscaled, _tensor(record["sink_share"]), atol=0, rtol=0)
+    else:  # sink scaling moved mass off the sink, and the record says how much
+        assert (unscaled - _tensor(record["sink_share"])).max() > 0.005
+        assert max(record["correction"]["moved_share"]) > 0.005
+
+
+def _planted_hidden_sink(beta: torch.Tensor | None, sink_strength: float = 12.0) -> AttentionCall:
+    """One attention call of 200 rows whose key 37 is a hidden sink with a drained value (as in real
+    models: a punctuation token that many heads park on), on top of the first-token sink."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 200, 32, generator=g)
+    k = torch.randn(1, 2, 200, 32, generator=g)
+    v = torch.randn(1, 2, 200, 32, generator=g)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    q += 2.0 * u  # every query leans one way; keys 0 and 37 lie along it
+    k[:, :, 0] += sink_strength * u
+    k[:, :, 37] += 10.0 * u  # mean attention over its viewers ~0.14-0.18 > 0.1: a hidden sink
+    v[:, :, 0] *= 0.1
+    v[:, :, 37] *= 0.05
+    result = sink_attention_torch(q, k, v, causal=True, first_column_sink=True, beta=beta, need_sink_stats=True)
+    return AttentionCall(0, None, q, k, v, None, True, 32 ** -0.5, None, None, None, None, None, beta, result)
+
+
+@pytest.mark.parametrize("beta", [None, torch.tensor([0.5, 0.9, 1.0, 0.7])])
+def test_prompt_measures_against_the_offline_collector(beta):
+    """With every row sampled the prompt's hidden sinks and dormancy are inspect's (StreamingCollector
+    on the same call); with 1 row in 8 they are an estimate that still finds the planted sink."""
+    call = _planted_hidden_sink(beta)
+    collector = StreamingCollector(1, [4])
+    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
+    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
+    reference = collector.result()
+    rows = call.result.sink_stats[..., 1]
+    share = call.result.sink_stats[..., 0] / rows
+    b = torch.ones(4) if beta is None else beta
+    for sample, tolerance in ((200, 1e-5), (25, 0.05)):
+        got = measure_prompt(call, rows_wanted=sample, threshold=0.1, min_queries=32)
+        dormancy = (b * got.drain_weight * share + got.hidden_part)[0].double()
+        assert (dormancy - reference.dormancy[0]).abs().max() <= tolerance, sample
+        assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist(), sample
+    assert reference.hidden_sink_rate[0].min() >= 1  # the planted sink is found by every head
+    assert (reference.hidden_sink_share[0] > 0.05).all()
+
+
+def test_rows_whose_sink_takes_everything():
+    """A sink so strong that p_S rounds to 1 in fp32 in many rows: with beta < 1 the dormancy is
+    still inspect's (p_N is summed over the non-sink keys, never taken as 1 - p_S)."""
+    beta = torch.tensor([0.5, 0.9, 1.0, 0.7])
+    call = _planted_hidden_sink(beta, sink_strength=150.0)
+    assert (call.result.sink_stats[0, :, 0] / call.result.sink_stats[0, :, 1]).min() > 0.97
+    collector = StreamingCollector(1, [4])
+    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
+    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
+    reference = collector.result()
+    share = call.result.sink_stats[..., 0] / call.result.sink_stats[..., 1]
+    got = measure_prompt(call, rows_wanted=200, threshold=0.1, min_queries=32)
+    dormancy = (beta * got.drain_weight * share + got.hidden_part)[0].double()
+    assert torch.isfinite(dormancy).all()
+    assert (dormancy - reference.dormancy[0]).abs().max() <= 1e-5
+    assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_generate_with_a_kv_cache_counts_every_row(policy, one_thread):
+    """The decode steps' statistics come from the cached path; summed with the prompt's they equal
+    one plain forward over the same tokens (the last generated token is never fed back)."""
+    model = tiny_model("llama")
+    ids = _ids(1, 30, seed=1)
+    with sinkfix.patch(model, POLICIES[policy]), sinkfix.monitor(model) as monitor:
+        with torch.no_grad(), monitor.request(domain="code"):
+            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        generated = monitor.records[0]
+        fed = out[:, :-1]
+        whole = _one_request(monitor, model, input_ids=fed, use_cache=False)
+    assert generated["tokens"] == 35 and generated["prompt_tokens"] == 30 and generated["decoded_tokens"] == 5
+    assert generated["domain"] == "code" and generated["rows"] == whole["rows"] == [34, 34]
+    torch.testing.assert_close(_tensor(generated["sink_share"]), _tensor(whole["sink_share"]), atol=1e-5, rtol=0)
+    assert generated["residual_peak"] == pytest.approx(whole["residual_peak"], rel=1e-4)
+
+
+def test_batched_left_padded_requests_match_single_requests(one_thread):
+    model = tiny_model("llama")
+    ids = _ids(2, 26, seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        with torch.no_grad(), monitor.request(domain=["a", "b"]):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        batched = monitor.records
+        singles = []
+        for row, start in ((0, 0), (1, 9)):
+            with torch.no_grad(), monitor.request():
+                model.generate(input_ids=ids[row:row + 1, start:], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            singles.append(monitor.records[0])
+    assert [r["domain"] for r in batched] == ["a", "b"] and [r["index"] for r in batched] == [0, 1]
+    for got, want in zip(batched, singles):
+        assert got["tokens"] == want["tokens"] and got["prompt_tokens"] == want["prompt_tokens"]
+        torch.testing.assert_close(_tensor(got["sink_share"]), _tensor(want["sink_share"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_tensor(got["dormancy"]), _tensor(want["dormancy"]), atol=1e-5, rtol=0)
+        assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_monitoring_changes_no_output(policy, one_thread):
+    model = tiny_model("gemma3")
+    ids = _ids(2, 17, seed=4)
+    with sinkfix.patch(model, POLICIES[policy]), torch.no_grad():
+        plain_logits = model(input_ids=ids).logits
+        plain_tokens = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        with sinkfix.monitor(model) as monitor:
+            with monitor.request():
+                logits = model(input_ids=ids).logits
+            tokens = monitor.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, plain_logits) and torch.equal(tokens, plain_tokens)
+
+
+def test_monitored_model_traces_into_one_graph(one_thread):
+    """The listeners and hooks sit inside the model (decoder layers, attention function) and do
+    device ops only, so dynamo sees one graph with no break, with and without padding."""
+    model = tiny_model("llama")
+    ids = _ids(2, 11, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor, torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            with monitor.request():
+                explained = torch._dynamo.explain(model)(input_ids=ids, **kwargs)
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+            assert explained.graph_count == 1
+
+
+def _needs_prometheus_client() -> None:
+    pytest.importorskip("prometheus_client", reason="the Prometheus endpoint needs prometheus-client, which is "
+                        "not installed: pip install 'sinkfix[monitor]' (or the dev extra) to run this test")
+
+
+def test_outputs_log_prometheus_and_callback(tmp_path, one_thread):
+    _needs_prometheus_client()
+    model = tiny_model("llama")
+    seen = []
+    log = tmp_path / "logs" / "telemetry.jsonl"
+    with sinkfix.patch(model, POLICIES["profile-like"]):
+        monitor = sinkfix.monitor(model, log=log, prometheus_port=0, callback=seen.append)
+        try:
+            with torch.no_grad():
+                monitor.forward(input_ids=_ids(2, 20), domain=["code", None])
+                monitor.generate(input_ids=_ids(1, 12, seed=5), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 domain="prose")
+            with urllib.request.urlopen(monitor.prometheus_url, timeout=10) as response:
+                metrics = response.read().decode()
+        finally:
+            monitor.close()
+    lines = log.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == seen and len(seen) == 3
+    assert [r["domain"] for r in seen] == ["code", None, "prose"]
+    assert all(r["schema"] == "sinkfix-telemetry" and r["version"] == 1 for r in seen)
+    assert 'sinkfix_sink_share_count{domain="code",layer="1"} 4.0' in metrics  # one observation per head
+    assert 'sinkfix_requests_total{domain="none"} 1.0' in metrics
+    assert 'sinkfix_tokens_total{domain="prose"} 14.0' in metrics
+    assert 'sinkfix_dormant_heads_count{domain="prose"} 1.0' in metrics
+    assert 'sinkfix_residual_peak_ratio_bucket{domain="code",layer="0",le="+Inf"} 1.0' in metrics
+
+
+def test_unpatched_model_is_monitored_as_the_identity(one_thread):
+    model = tiny_model("llama")
+    with sinkfix.monitor(model) as monitor:
+        assert monitor.owns_patch and sinkfix.PatchHandle.of(model) is not None
+        record = _one_request(monitor, model, input_ids=_ids(1, 10))
+        assert record["policy"] == "identity"
+    assert sinkfix.PatchHandle.of(model) is None  # the monitor's own patch is gone with it
+    with pytest.raises(MonitorError, match="not patched: call sinkfix.patch"):
+        sinkfix.monitor(model, patch_if_needed=False)
+
+
+def test_no_listener_outside_requests(one_thread):
+    model = tiny_model("llama")
+    with sinkfix.patch(model) as handle, sinkfix.monitor(model) as monitor:
+        with monitor.request():
+            assert all(state.telemetry for state in handle._states.values())
+        assert not any(state.telemetry for state in handle._states.values())
+        assert monitor.records == []  # nothing ran inside the block
+
+
+def test_bad_use_is_a_clear_error(tmp_path, one_thread):
+    model = tiny_model("llama")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with sinkfix.patch(model):
+        with pytest.raises(OutputError, match="is a file, not a folder"):
+            sinkfix.monitor(model, log=blocker / "telemetry.jsonl")
+        with sinkfix.monitor(model) as monitor:
+            with pytest.raises(MonitorError, match="cannot nest"), monitor.request(), monitor.request():
+                pass
+            with pytest.raises(MonitorError, match="3 domain labels for a batch of 2"), torch.no_grad():
+                monitor.forward(input_ids=_ids(2, 8), domain=["a", "b", "c"])
+            assert monitor._request is None  # a failed request leaves the monitor usable
+            assert _one_request(monitor, model, input_ids=_ids(1, 8))["tokens"] == 8
+
+
+def test_port_already_in_use(one_thread):
+    _needs_prometheus_client()
+    model = tiny_model("llama")
+    with sinkfix.patch(model), socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(MonitorError, match="already in use"):
+            sinkfix.monitor(model, prometheus_port=taken.getsockname()[1])
+        assert not any(state.telemetry for state in sinkfix.PatchHandle.of(model)._states.values())
+
+
+def test_missing_prometheus_client_says_what_to_install(monkeypatch, tmp_path, one_thread):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
+    model = tiny_model("llama")
+    log = tmp_path / "telemetry.jsonl"
+    with sinkfix.patch(model):
+        with pytest.raises(MonitorError, match=r"pip install 'sinkfix\[monitor\]'"):
+            sinkfix.monitor(model, log=log, prometheus_port=0)
+        assert sinkfix.PatchHandle.of(model).active  # the caller's patch is untouched
+    assert log.read_text() == ""  # the log was opened first and closed again, nothing written
+
+
+def test_triton_backend_falls_back_to_the_torch_statistics(monkeypatch):
+    """Until the kernels emit the statistics, a monitored call on the Triton backend runs the
+    PyTorch path (with a one-time warning) and returns the same numbers."""
+    from sinkfix.ops import attention as ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 9, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    expected = ops.sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True,
+                                  need_sink_stats=True)
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")
+    ops._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="do not emit sink statistics yet"):
+        got = ops.sink_attention(q, k, v, backend="triton", causal=True, first_column_sink=True,
+                                 need_sink_stats=True)
+    assert isinstance(got, AttentionResult)
+    torch.testing.assert_close(got.sink_stats, expected.sink_stats, atol=0, rtol=0)

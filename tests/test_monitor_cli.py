@@ -1,0 +1,185 @@
+"""`sinkfix monitor run | report | ranges | requests`, request files, telemetry logs, and the
+line-by-line log writer, on a tiny model with a character tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import cli
+from sinkfix.errors import MonitorError, OutputError
+from sinkfix.files import LineLog
+from sinkfix.telemetry.report import read_log, summarise
+from sinkfix.telemetry.requests import builtin_requests, read_requests
+
+from .conftest import CharTokenizer, tiny_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    model = tiny_model("llama", seed=3)
+    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
+    return model
+
+
+def _requests(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    lines = [{"prompt": "def area(r):\n    return 3.14159 * r * r\n", "domain": "code"},
+             {"prompt": "for i in range(10):\n    print(i * i)\n", "domain": "code", "id": "c2"},
+             {"prompt": "The river ran quietly past the old mill at dusk.", "domain": "prose"},
+             {"prompt": "She wrote the letter twice before she sent it.", "domain": "prose", "id": 4}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    return path
+
+
+def test_run_then_report(tiny, tmp_path, capsys):
+    log = tmp_path / "out" / "telemetry.jsonl"
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log),
+                     "--max-new-tokens", "3", "--batch-size", "2", "--policy", "sink_scale=0.8"]) == 0
+    records = read_log(log)
+    assert [r["domain"] for r in records] == ["code", "code", "prose", "prose"]
+    assert all(r["decoded_tokens"] == 2 and r["policy"] == "sink_scale=0.8" for r in records)
+    # the batch of two prompts of different lengths was left-padded: real tokens only
+    assert [r["prompt_tokens"] for r in records[:2]] == [1 + len("def area(r):\n    return 3.14159 * r * r\n"),
+                                                          1 + len("for i in range(10):\n    print(i * i)\n")]
+    assert "appended 4 records" in capsys.readouterr().out
+    out = tmp_path / "report"
+    assert cli.main(["monitor", "report", str(log), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "telemetry by domain" in printed and "per layer" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["domains"]["code"]["requests"] == 2 and report["domains"]["prose"]["tokens"] > 0
+    assert (out / "sink_share_by_layer.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run appends to the same log
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log),
+                     "--max-new-tokens", "0"]) == 0
+    assert len(read_log(log)) == 8
+
+
+def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
+    profile = tmp_path / "p.json"
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    texts[0].write_text("All happy families are alike; each unhappy family is unhappy in its own way. " * 8)
+    texts[1].write_text("def f(x):\n    return [i * x for i in range(x)]\n" * 12)
+    assert cli.main(["calibrate", "--text", str(texts[0]), "--text", str(texts[1]), "--out", str(profile),
+                     "--seq-len", "64", "--steps", "2", "--no-virtual-logits"]) == 0
+    loaded = sinkfix.Profile.load(profile)
+    assert loaded.statistics is not None and loaded.statistics.protocol["seq_len"] == 64
+    log = tmp_path / "t.jsonl"
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log), "--profile",
+                     str(profile), "--guard", "--max-new-tokens", "2"]) == 0
+    guards = [r["guard"] for r in read_log(log)]
+    assert all(g is not None and {"checked", "tripped", "layers", "action"} <= set(g) for g in guards)
+    # ranges added to a profile made without statistics
+    bare = tmp_path / "bare.json"
+    assert cli.main(["calibrate", "--text", str(texts[0]), "--out", str(bare), "--seq-len", "64", "--steps", "1",
+                     "--no-statistics"]) == 0
+    assert sinkfix.Profile.load(bare).statistics is None
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log), "--profile",
+                     str(bare), "--guard"]) == 2
+    ranged = tmp_path / "ranged.json"
+    assert cli.main(["monitor", "ranges", "--profile", str(bare), "--text", str(texts[0]), "--out", str(ranged),
+                     "--seq-len", "64"]) == 0
+    assert sinkfix.Profile.load(ranged).statistics.windows >= 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "ok"}\nnot json\n', "line 2: not JSON"),
+    ('{"prompt": "ok"}\n["a list"]\n', "line 2: expected a JSON object"),
+    ('{"promt": "typo"}\n', "line 1: unknown key 'promt'"),
+    ('{"prompt": ""}\n', "line 1: 'prompt' must be a non-empty string"),
+    ('{"prompt": "x", "domain": 3}\n', "line 1: 'domain' must be a string or null"),
+    ('{"prompt": "x", "id": true}\n', "line 1: 'id' must be a string or an integer"),
+    ("\n\n", "holds no request"),
+])
+def test_malformed_request_files_name_the_line(tmp_path, content, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(content)
+    with pytest.raises(MonitorError, match=message):
+        read_requests(path)
+
+
+def test_request_file_errors_on_the_command_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 42}\n')
+    assert cli.main(["monitor", "run", "--requests", str(bad), "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2" in err[0] and err[0].startswith("sinkfix monitor: error:")
+    assert cli.main(["monitor", "run", "--requests", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]) == 2
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)),
+                     "--out", str(blocker / "t.jsonl")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", "t.jsonl", "--guard"]) == 2
+    assert "--guard needs --profile" in capsys.readouterr().err
+
+
+def test_builtin_requests():
+    requests = builtin_requests()
+    assert {r.domain for r in requests} == {"prose", "code"} and len(requests) == 16
+    assert all(800 <= len(r.prompt) <= 2400 for r in requests)
+    assert read_requests("builtin") == requests
+
+
+def test_requests_command_writes_the_builtin_set(tmp_path):
+    out = tmp_path / "builtin.jsonl"
+    assert cli.main(["monitor", "requests", "--out", str(out)]) == 0
+    assert [r.prompt for r in read_requests(out)] == [r.prompt for r in builtin_requests()]
+
+
+def _record(domain, dormancy, share=0.3):
+    return {"schema": "sinkfix-telemetry", "version": 1, "domain": domain, "model": "m", "tokens": 10, "rows": [9, 9],
+            "sink_share": [[share, share], [share, share]], "dormancy": dormancy, "dormant_heads": 0,
+            "residual_peak": [2.0, 50.0], "hidden_sinks": [[0, 1], [0, 0]], "guard": None}
+
+
+def test_report_finds_heads_that_flip_between_domains():
+    records = [_record("code", [[0.8, 0.1], [0.2, 0.2]]), _record("code", [[0.7, 0.1], [0.2, 0.2]]),
+               _record("prose", [[0.1, 0.1], [0.2, 0.9]]), _record(None, [[0.1, 0.1], [0.2, 0.2]])]
+    report = summarise(records)
+    assert list(report.domains) == ["code", "none", "prose"]
+    flips = {(f["layer"], f["head"]): f for f in report.flips}
+    assert set(flips) == {(0, 0), (1, 1)}
+    assert flips[(0, 0)]["dormant_on"] == ["code"] and flips[(0, 0)]["scores"]["code"] == pytest.approx(0.75)
+    assert flips[(1, 1)]["dormant_on"] == ["prose"]
+    assert report.domains["code"].hidden_sinks.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{", "line 2: not JSON"),
+    ('{"schema": "other"}', "line 2: not a sinkfix telemetry record"),
+    ('{"schema": "sinkfix-telemetry", "version": 99}', "version 99"),
+    ('{"schema": "sinkfix-telemetry", "version": 1}', "line 2: record lacks 'domain'"),
+])
+def test_malformed_logs_name_the_line(tmp_path, line, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(_record("a", [[0.1, 0.1], [0.1, 0.1]])) + "\n" + line + "\n")
+    with pytest.raises(MonitorError, match=message):
+        read_log(path)
+    with pytest.raises(MonitorError, match="not found"):
+        read_log(tmp_path / "missing.jsonl")
+
+
+def test_line_log_appends_complete_lines(tmp_path):
+    path = tmp_path / "sub" / "log.jsonl"
+    with LineLog(path) as first, LineLog(path) as second:  # two writers, one file
+        for i in range(50):
+            (first if i % 2 else second).append(json.dumps({"i": i, "pad": "x" * 5000}))
+    lines = path.read_text().splitlines()
+    assert sorted(json.loads(line)["i"] for line in lines) == list(range(50))
+    with pytest.raises(ValueError, match="newline"):
+        LineLog(path).append("two\nlines")
+    with pytest.raises(OutputError, match="directory"):
+        LineLog(tmp_path)
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="locked"):
+            LineLog(locked / "log.jsonl")

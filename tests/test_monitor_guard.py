@@ -1,0 +1,149 @@
+"""The telemetry guard on tiny models: calibration statistics in the profile, a request inside the
+ranges left alone, a request far outside them served by the identity (the prompt rerun, generated
+tokens equal to the identity model's), scopes, and the errors a guard can meet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix.errors import MonitorError, ProfileError
+from sinkfix.profile import ModelIdentity, Profile, ProfileStatistics
+from sinkfix.telemetry import Guard, calibration_statistics
+
+from .conftest import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _ids(length: int, seed: int, high: int = 97) -> torch.Tensor:
+    return torch.randint(2, high, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _profile(model) -> Profile:
+    g = torch.Generator().manual_seed(0)
+    return Profile(ModelIdentity.of(model), 0.5 + 0.4 * torch.rand(2, 4, generator=g, dtype=torch.float64))
+
+
+@pytest.fixture
+def calibrated(one_thread):
+    """A tiny model and a profile carrying statistics measured on 6 random-token windows of 64."""
+    model = tiny_model("llama")
+    profile = _profile(model)
+    with sinkfix.patch(model, profile):
+        stats = calibration_statistics(model, [_ids(64, seed)[0] for seed in range(6)], min_rows=16,
+                                       protocol={"seq_len": 64})
+    return model, profile.with_statistics(stats)
+
+
+def test_statistics_are_prefix_ranges_of_the_live_statistic(calibrated):
+    """low / high bracket the live prompt statistic of every calibration window and of its
+    prefixes, and the widest ones are reached (not a loose bound)."""
+    model, profile = calibrated
+    stats = profile.statistics
+    assert stats.windows == 6 and stats.min_rows == 16 and (stats.low < stats.high).all()
+    with sinkfix.patch(model, profile), sinkfix.monitor(model) as monitor:
+        for seed, length in ((0, 64), (3, 64), (4, 17), (5, 40)):
+            with torch.no_grad(), monitor.request():
+                model(input_ids=_ids(64, seed)[:, :length], use_cache=False)
+            share = torch.tensor(monitor.records[0]["sink_share_unscaled"], dtype=torch.float64)
+            assert (share >= stats.low - 1e-6).all() and (share <= stats.high + 1e-6).all()
+
+
+def test_profile_statistics_round_trip_and_old_profiles_load(calibrated, tmp_path):
+    model, profile = calibrated
+    path = profile.save(tmp_path / "p.json")
+    loaded = Profile.load(path)
+    torch.testing.assert_close(loaded.statistics.low, profile.statistics.low)
+    assert loaded.statistics.protocol == {"seq_len": 64}
+    data = json.loads(path.read_text())
+    del data["statistics"]  # a profile written before statistics existed
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Profile.load(tmp_path / "old.json").statistics is None
+    data["statistics"] = {"sink_share_unscaled": {"low": [[0.5] * 4] * 2, "high": [[0.1] * 4] * 2},
+                          "windows": 1, "min_rows": 8}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="low > high"):
+        Profile.load(tmp_path / "bad.json")
+    with pytest.raises(ProfileError, match="shape"):
+        profile.with_statistics(ProfileStatistics(torch.zeros(3, 4), torch.ones(3, 4), 1, 8))
+
+
+def test_request_inside_the_ranges_keeps_the_correction(calibrated):
+    model, profile = calibrated
+    with sinkfix.patch(model, profile), sinkfix.monitor(model, guard=profile) as monitor, torch.no_grad():
+        monitor.generate(input_ids=_ids(64, 2), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        guard = monitor.records[0]["guard"]
+        assert guard["checked"] and not guard["tripped"] and guard["action"] == "none"
+        assert guard["worst"]["excess"] < 0 and monitor.records[0]["correction"]["identity_layers"] == []
+        monitor.generate(input_ids=_ids(8, 2), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert not monitor.records[0]["guard"]["checked"]  # 7 rows < min_rows: not judged
+
+
+def _far_outside() -> torch.Tensor:
+    """A prompt unlike the calibration windows: 250 tokens where calibration never saw more than 64.
+    A random model's attention spreads over the longer context and its sink share falls to ~0.02,
+    a third of the smallest calibration value (~0.059, measured). (On SmolLM2, with real text, the
+    slow test uses a prompt of random token ids instead.)"""
+    return _ids(250, 9)
+
+
+def test_request_far_outside_is_served_by_the_identity(calibrated):
+    model, profile = calibrated
+    prompt = _far_outside()
+    with torch.no_grad():
+        with sinkfix.patch(model):
+            identity_tokens = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            identity_logits = model(input_ids=prompt).logits
+        with sinkfix.patch(model, profile):
+            corrected_logits = model(input_ids=prompt).logits
+            with sinkfix.monitor(model, guard=profile, guard_margin=0.02) as monitor:
+                logits = monitor.forward(input_ids=prompt).logits
+                tokens = monitor.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            record = monitor.records[0]
+            # after the request the correction is back for the next one
+            assert sinkfix.PatchHandle.of(model).identity_layers == []
+            assert torch.equal(model(input_ids=prompt).logits, corrected_logits)
+    guard = record["guard"]
+    assert guard["tripped"] and guard["action"] == "rerun as identity" and guard["layers"] == [0, 1]
+    assert guard["worst"]["share"] < guard["worst"]["low"] - 0.02
+    assert record["correction"]["identity_layers"] == [0, 1]
+    assert record["sink_share"] == record["sink_share_unscaled"]  # beta = 1 served
+    assert record["tokens"] == 255  # the rerun prompt counted once
+    assert torch.equal(tokens, identity_tokens) and torch.equal(logits, identity_logits)
+    assert (corrected_logits - identity_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scope", ["layers", "request"])
+def test_guard_scopes(scope, one_thread):
+    """Ranges that only layer 1 violates: scope 'layers' switches layer 1 off, 'request' both."""
+    model = tiny_model("llama")
+    profile = _profile(model)
+    ranges = ProfileStatistics(torch.tensor([[0.0] * 4, [0.9] * 4]), torch.ones(2, 4), 1, 8)
+    profile = profile.with_statistics(ranges)
+    with sinkfix.patch(model, profile), sinkfix.monitor(model, guard=Guard(ranges, 0.05, scope)) as monitor:
+        with torch.no_grad():
+            monitor.forward(input_ids=_ids(30, 1))
+    record = monitor.records[0]
+    assert record["guard"]["layers"] == [1]
+    assert record["correction"]["identity_layers"] == ([1] if scope == "layers" else [0, 1])
+
+
+def test_guard_errors(calibrated, one_thread):
+    model, profile = calibrated
+    bare = Profile(profile.model, profile.sink_scale)
+    with pytest.raises(MonitorError, match="not patched"):
+        sinkfix.monitor(model, guard=profile)
+    with sinkfix.patch(model, bare):
+        with pytest.raises(MonitorError, match="carries calibration statistics"):
+            sinkfix.monitor(model, guard=bare)
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.9)):
+        with pytest.raises(MonitorError, match="not the policy this model is patched with"):
+            sinkfix.monitor(model, guard=profile)
+    with pytest.raises(MonitorError, match="margin"):
+        Guard(profile.statistics, margin=-1)
+    with pytest.raises(MonitorError, match="patched model"):
+        calibration_statistics(model, [_ids(20, 0)[0]])
