@@ -1,6 +1,6 @@
 """``sinkfix stream``: streaming perplexity of a sink cache vs a window-only cache vs recomputation.
 
-    sinkfix stream --model smollm2-135m                                  # 4096 tokens, ~5 min on 2 cores
+    sinkfix stream --model smollm2-135m                                  # 4096 tokens, 2.7 min of CPU time
     sinkfix stream --model smollm2-135m --tokens 20738 --segment 4096    # past the 8192 trained positions
     sinkfix stream --profile smollm2.profile.json --json                 # also with the correction patched in
 """
