@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     model.set_attn_implementation("sdpa")
     from sinkfix.texts import domain_text
 
-    text = domain_text("prose", "eval")
+    text = domain_text("pydoc", "eval")
     ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt]
     variants = _policies(model, args.profile)
     rows = []

@@ -42,7 +42,7 @@ def _tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([domain_text("prose")[:60_000], domain_text("code")[:20_000]], trainer)
+    tok.train_from_iterator([domain_text("pydoc")[:60_000], domain_text("python")[:20_000]], trainer)
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
@@ -155,7 +155,7 @@ def test_builtin_documents_are_fixed_and_sized():
 def test_cloze_items_are_true_continuations():
     items = builtin.cloze_items()
     assert items == builtin.cloze_items() and len(items) == builtin.CLOZE_ITEMS
-    text = domain_text("prose")
+    text = domain_text("pydoc")
     for item in items:
         choices = item["choices"]
         assert len(choices) == 4 == len(set(choices))
@@ -228,7 +228,7 @@ def test_local_copy_of_a_standard_task(tmp_path, tiny_lm):
 
     standard = Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml"
     data = tmp_path / "lambada.jsonl"
-    lines = [line for line in domain_text("prose").splitlines() if len(line.split()) > 8][:4]
+    lines = [line for line in domain_text("pydoc").splitlines() if len(line.split()) > 8][:4]
     data.write_text("".join(json.dumps({"text": line.strip()}) + "\n" for line in lines))
     (tmp_path / "lambada_local.yaml").write_text(
         f"include: {standard}\ntask: lambada_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
@@ -260,7 +260,7 @@ def test_rolling_loglikelihood_agrees_with_sinkfix_evaluate(tiny_lm):
     over [prefix] + text: the same tokens scored with the same context. The one protocol difference
     is the last window, which lm-eval extends to the left to a full L tokens of context; on a text
     of a whole number of windows there is none."""
-    ids = tiny_lm.tok_encode(domain_text("prose")[:4000])
+    ids = tiny_lm.tok_encode(domain_text("pydoc")[:4000])
     length = 64
     ids = ids[: (len(ids) // length) * length]
     text = tiny_lm.tokenizer.decode(ids)
@@ -396,7 +396,7 @@ def test_smollm2_rolling_matches_the_bench_protocol(smollm2, one_thread):
     stride L over [prefix] + text (text cut to whole windows)."""
     model, tokenizer = smollm2
     lm = SinkfixLM(pretrained=model, tokenizer=tokenizer, max_length=256)
-    ids = lm.tok_encode(domain_text("prose")[:6000])[:512]
+    ids = lm.tok_encode(domain_text("pydoc")[:6000])[:512]
     text = tokenizer.decode(ids)
     assert lm.tok_encode(text) == ids
     via_lm_eval = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]

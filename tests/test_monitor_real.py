@@ -29,7 +29,7 @@ def test_record_matches_inspect_on_real_text(smollm2, one_thread):
     """The exact parts of a record (sink share, value drain, residual peak) are inspect's numbers to
     1e-4 on a 256-token window of the held-out prose, with a per-head correction applied."""
     model, tokenizer = smollm2
-    (window,) = text_windows(tokenizer, domain_text("prose", "eval"), seq_len=256)[:1]
+    (window,) = text_windows(tokenizer, domain_text("pydoc", "eval"), seq_len=256)[:1]
     with sinkfix.patch(model) as handle:
         policy = _per_head_policy(handle.num_layers, max(handle.num_heads()))
     with sinkfix.patch(model, policy):
@@ -49,7 +49,7 @@ def test_guard_serves_random_tokens_with_the_identity(smollm2, one_thread):
     all) leaves the sink-share ranges by more than the default margin, and the guard serves that
     request uncorrected; a window of the same prose does not trip it."""
     model, tokenizer = smollm2
-    windows = text_windows(tokenizer, domain_text("prose", "calib"), seq_len=256)[:2]
+    windows = text_windows(tokenizer, domain_text("pydoc", "calib"), seq_len=256)[:2]
     with sinkfix.patch(model) as handle:
         policy = _per_head_policy(handle.num_layers, max(handle.num_heads()))
     with sinkfix.patch(model, policy):
