@@ -19,7 +19,6 @@ dense fallback, which is always correct.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -32,9 +31,7 @@ _CPU_FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for
 _CUDA_EFFICIENT_OP = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flash_available(dtype: torch.dtype) -> bool:
-    """Whether the CPU flash op runs for ``dtype`` (probed once)."""
+def _probe_cpu_flash(dtype: torch.dtype) -> bool:
     if _CPU_FLASH_OP is None:
         return False
     try:
@@ -43,6 +40,21 @@ def cpu_flash_available(dtype: torch.dtype) -> bool:
         return out.shape == probe.shape and lse.shape == probe.shape[:3]
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+
+
+# Probed once per dtype, the float dtypes at import: a plain dict that is already filled is a
+# constant to dynamo, whereas a probe reached for the first time inside a compiled region would be
+# traced into the graph (an lru_cache wrapper is ignored by dynamo, so it was traced every layer).
+_cpu_flash_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash(dtype)
+                                          for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def cpu_flash_available(dtype: torch.dtype) -> bool:
+    """Whether the CPU flash op runs for ``dtype`` (probed once)."""
+    known = _cpu_flash_ok.get(dtype)
+    if known is None:
+        known = _cpu_flash_ok[dtype] = _probe_cpu_flash(dtype)
+    return known
 
 
 def fused_lse_available(device: torch.device, dtype: torch.dtype) -> bool:
