@@ -88,3 +88,16 @@ def smollm2():
         return sinkfix.load_model("smollm2-135m")
     except sinkfix.ModelLoadError as exc:
         pytest.skip(f"offline model package missing: {exc}")
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """Gemma3-270M from its offline package, once per test module (it is larger than SmolLM2 and
+    only a few modules read it)."""
+    import sinkfix
+
+    pytest.importorskip("gguf")
+    try:
+        return sinkfix.load_model("gemma3-270m")
+    except sinkfix.ModelLoadError as exc:
+        pytest.skip(f"offline model package missing: {exc}")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sinkfix
-from sinkfix import ModelLoadError
 from sinkfix.caches import SinkCache, feed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -16,15 +14,6 @@ PROSE = (
     "the members agreed to postpone the decision until more information about the costs of the new "
     "library building was available."
 )
-
-
-@pytest.fixture(scope="module")
-def gemma3():
-    pytest.importorskip("gguf")
-    try:
-        return sinkfix.load_model("gemma3-270m")
-    except ModelLoadError as exc:
-        pytest.skip(f"offline model package missing: {exc}")
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])

@@ -19,15 +19,6 @@ PROSE = (
 )
 
 
-@pytest.fixture(scope="module")
-def gemma3():
-    pytest.importorskip("gguf")
-    try:
-        return sinkfix.load_model("gemma3-270m")
-    except ModelLoadError as exc:
-        pytest.skip(f"offline model package missing: {exc}")
-
-
 def _identity_check(model, tok):
     enc = tok([PROSE, PROSE[:120]], return_tensors="pt", padding=True)
     with torch.no_grad():
