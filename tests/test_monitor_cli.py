@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import sinkfix
 from sinkfix import cli
