@@ -50,7 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
                    help="few-shot examples (default: each task's)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="lm-eval batch size (default: %(default)s; on SmolLM2 the built-in tasks give the "
+                        "batch-1 results to 4 significant digits, 16%% faster on one CPU thread)")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="lm-eval's window length in tokens (default: the model's maximum)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_ITERATIONS, metavar="N",
