@@ -131,28 +131,28 @@ def padded_causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset=
     structured = (rule_window is not None and allow_is_causal_skip and not kwargs.get("use_vmap", False)
                   and isinstance(q_offset, int) and isinstance(kv_offset, int)
                   and not torch.compiler.is_compiling())
-    if structured and _sdpa_would_skip(attention_mask, q_length, kv_length, q_offset, kv_offset, local_size):
-        return None
     if not structured:  # the caller asked for a tensor, or the pattern is not ours to express
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, device=device, **kwargs)
+    # sdpa_mask reads padding_mask[b, kv_offset + j], padded with False past the 2-D mask
+    padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if _sdpa_would_skip(padding, q_length, kv_length, q_offset, kv_offset, local_size):
+        return None
     key_padding = None
-    if attention_mask is not None:
-        # sdpa_mask reads padding_mask[b, kv_offset + j], padded with False past the 2-D mask
-        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
         key_padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
         key_padding = key_padding.expand(batch_size, kv_length)
     return PaddedCausalMask(key_padding=key_padding, q_len=q_length, k_len=kv_length, batch=batch_size,
                             causal_offset=q_offset - kv_offset, window=rule_window or None, device=torch.device(device))
 
 
-def _sdpa_would_skip(attention_mask, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
+def _sdpa_would_skip(padding: torch.Tensor | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
                      local_size: int | None) -> bool:
-    """transformers' own test for returning no mask at all (a private helper: without it, never skip)."""
+    """transformers' own test for returning no mask at all, on the prepared padding mask (a private
+    helper: without it, never skip)."""
     try:
-        from transformers.masking_utils import _ignore_causal_mask_sdpa, prepare_padding_mask
+        from transformers.masking_utils import _ignore_causal_mask_sdpa
     except ImportError:
         return False
-    padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, kv_offset)
     return bool(_ignore_causal_mask_sdpa(padding, q_length, kv_length, q_offset, kv_offset, local_size))

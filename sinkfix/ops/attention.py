@@ -396,6 +396,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if usable and device.type == "cuda" else "torch"
 
 
+def fold_key_padding(attn_mask: torch.Tensor | None, key_padding: torch.Tensor | None) -> torch.Tensor | None:
+    """``attn_mask`` with a (B, K) key padding (True = a real key) folded in as a (B, 1, 1, K) mask:
+    how every path but the Triton kernels reads padding."""
+    if key_padding is None:
+        return attn_mask
+    padding = key_padding[:, None, None, :]
+    return padding if attn_mask is None else attn_mask & padding
+
+
 def sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -442,8 +451,7 @@ def sink_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
     if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or need_sink_stats or grad):
-        padding = key_padding[:, None, None, :]
-        attn_mask = padding if attn_mask is None else attn_mask & padding
+        attn_mask = fold_key_padding(attn_mask, key_padding)
         key_padding = key_ranges = None
     if grad and not (return_probs or need_sink_mass or need_sink_stats):
         from sinkfix.ops.attention_grad import sink_attention_with_grad

@@ -60,13 +60,10 @@ def sink_attention_impl(
             virtual_sink_logit=virtual_sink_logit)
         # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
         return out.transpose(1, 2).contiguous(), lse
-    from sinkfix.ops.attention import sink_attention_torch
+    from sinkfix.ops.attention import fold_key_padding, sink_attention_torch
 
-    if key_padding is not None:  # the PyTorch path reads padding as a (B, 1, 1, K) mask
-        padding = key_padding[:, None, None, :]
-        attn_mask = padding if attn_mask is None else attn_mask & padding
     result = sink_attention_torch(
-        q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
+        q, k, v, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
         extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
     return result.out.transpose(1, 2).contiguous(), result.lse.contiguous()
