@@ -3,6 +3,7 @@
     python benchmarks/calibration_lodo.py run --model smollm2-135m --bos          # one model, one protocol
     python benchmarks/calibration_lodo.py run --model smollm2-135m --no-bos --analyses
     python benchmarks/calibration_lodo.py report                                  # every run -> one table
+    python benchmarks/calibration_lodo.py profile --profile-out smollm2.profile.json  # the default profile
 
 ``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
 defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
@@ -449,6 +450,29 @@ def run(args) -> int:
     return 0
 
 
+def profile(args) -> int:
+    """The profile `sinkfix calibrate` would write with its defaults, rebuilt from the fits a ``run``
+    saved (the robust selection over every domain; validation scores come from the saved caches
+    where they exist, so this costs at most the selection's forward passes)."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    tag = _tag(args.model, args.bos)
+    saved = _load_json(out / f"fits-{tag}.json")
+    if saved is None:
+        print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
+        return 1
+    model, tokenizer = sinkfix.load_model(args.model)
+    domains = list(saved["fits"])
+    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in domains})
+    val: dict = {}
+    for path in sorted(out.glob(f"cache-{tag}*.json")):
+        dict.update(val, _cache(path)["val"])
+    chosen = robust_profile(model, fits, cache=val, log=print)
+    chosen.save(args.profile_out)
+    print(f"wrote {args.profile_out}")
+    return 0
+
+
 # -- report -------------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
@@ -548,6 +572,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="every run under --out -> REPORT.md")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.set_defaults(fn=report)
+    f = sub.add_parser("profile", help="the default (all-domain) profile from the saved fits -> a profile file")
+    f.add_argument("--model", default="smollm2-135m")
+    f.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--profile-out", required=True, help="the profile file to write")
+    f.add_argument("--out", default=str(DEFAULT_OUT))
+    f.set_defaults(fn=profile)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(fn=table)
