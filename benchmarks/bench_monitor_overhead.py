@@ -44,7 +44,7 @@ def _clock() -> tuple[float, float]:
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
-    ids = tokenize(tokenizer, domain_text("prose", "eval"))[: length - 1]
+    ids = tokenize(tokenizer, domain_text("pydoc", "eval"))[: length - 1]
     return torch.cat([torch.tensor([bos_token_id(tokenizer)]), ids])[None]
 
 
@@ -64,7 +64,7 @@ def _guard_profile(model, tokenizer, policy: sinkfix.Policy):
     with sinkfix.patch(model, policy) as handle:
         layers, heads = handle.num_layers, max(handle.num_heads())
         identity = ModelIdentity.of(model)
-        windows = calibration_windows(tokenizer, domain_text("prose", "calib"), seq_len=512, bos=True)[:2]
+        windows = calibration_windows(tokenizer, domain_text("pydoc", "calib"), seq_len=512, bos=True)[:2]
         stats = calibration_statistics(model, windows)
     beta = torch.as_tensor(policy.sink_scale, dtype=torch.float64).expand(layers, heads)
     logit = None if policy.virtual_sink_logit is None else torch.as_tensor(policy.virtual_sink_logit).double()

@@ -49,7 +49,7 @@ from sinkfix.errors import SinkfixError
 __all__ = [
     "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
     "TextError", "TextSource", "DatasetSpec", "load_texts", "parse_dataset_spec", "load_dataset_text",
-    "builtin_texts", "unique_name", "DATASET_MAX_CHARS", "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
+    "builtin_texts", "mixed_text", "MIXED", "unique_name", "DATASET_MAX_CHARS", "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
 ]
 
 Split = Literal["calib", "eval"]
@@ -391,6 +391,34 @@ def builtin_texts(split: Split = "eval", domains: Iterable[str] | None = None) -
     if len(set(names)) != len(names):
         raise TextError(f"a built-in domain is named twice: {', '.join(names)}")
     return {d: TextSource(domain_text(d, split), domain_source(d, split)) for d in names}
+
+
+MIXED = "mixed"
+
+
+def mixed_text(split: Split = "eval", domains: Iterable[str] | None = None, block_chars: int = 1000) -> TextSource:
+    """Every built-in domain's ``split`` text interleaved: blocks of whole paragraphs (at least
+    ``block_chars`` characters each) taken from each domain in turn, until the shortest domain runs
+    out. A long text whose mixture is the same everywhere: any stretch of a few thousand tokens holds
+    every domain in the same proportion, so perplexity does not drift with position because the kind
+    of text drifts (a single document usually gets easier or harder along its length)."""
+    _check_split(split)
+    names = [resolve_domain(d) for d in (DOMAINS if domains is None else domains)]
+    queues = {d: _paragraphs(domain_text(d, split)) for d in names}
+    blocks: list[str] = []
+    position = dict.fromkeys(names, 0)
+    while True:
+        for d in names:
+            paragraphs, i = queues[d], position[d]
+            block: list[str] = []
+            while i < len(paragraphs) and sum(len(p) for p in block) < block_chars:
+                block.append(paragraphs[i])
+                i += 1
+            if sum(len(p) for p in block) < block_chars:  # this domain ran out: stop with whole rounds
+                return TextSource("\n\n".join(blocks), f"built-in {MIXED} ({split} split): blocks of >= {block_chars} "
+                                  f"characters of whole paragraphs from {', '.join(names)} in turn")
+            position[d] = i
+            blocks.append("\n\n".join(block))
 
 
 def unique_name(base: str, taken: Iterable[str]) -> str:

@@ -101,7 +101,9 @@ def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--bits", "3"], "--bits takes 2 and 4"),
+    (["--bits", "3"], "--bits with --backend quanto takes 2 and 4"),
+    (["--bits", "8"], "--bits with --backend quanto takes 2 and 4"),
+    (["--backend", "fp8", "--bits", "4"], "--bits with --backend fp8 takes 8"),
     (["--bits", "two"], "comma-separated integers"),
     (["--n-sink", "-1"], "--n-sink must be >= 0"),
     (["--seq-len", "1"], "--seq-len must be >= 2"),
@@ -143,3 +145,29 @@ def test_running_perplexity_is_a_trailing_mean_over_scored_positions():
     positions, ppl = running_ppl(StreamVariant("recompute", nll), span=3)
     assert positions.tolist() == [1, 3, 4]
     torch.testing.assert_close(ppl.log(), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+
+
+def test_stream_text_defaults_to_a_builtin_domain_and_mixed_interleaves_every_domain():
+    from sinkfix.commands.stream import _load_text
+    from sinkfix.texts import DOMAINS, domain_text, mixed_text
+
+    parser = cli.build_parser()
+    text, source = _load_text(parser.parse_args(["stream"]))
+    assert text == domain_text("pydoc", "eval") and "pydoc" in source
+    text, source = _load_text(parser.parse_args(["stream", "--builtin", "legal"]))
+    assert text == domain_text("legal", "eval")
+    mixed = mixed_text("eval", block_chars=500)
+    blocks = mixed.text.split("\n\n")
+    assert all(d in mixed.source for d in DOMAINS)
+    # every domain's paragraphs appear in order, and the first block comes from the first domain
+    first_paragraph = domain_text("pydoc", "eval").split("\n\n")[0].strip()
+    assert blocks[0] == first_paragraph
+    for d in DOMAINS:
+        start = domain_text(d, "eval").strip().split("\n\n")[0].strip()
+        assert start in mixed.text
+
+
+def test_stream_unknown_builtin_exits_2(capsys):
+    assert cli.main(["stream", "--builtin", "encyclopedia"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown domain 'encyclopedia'" in err and "\n" not in err

@@ -24,7 +24,7 @@ import torch
 
 from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows
 from sinkfix.caches import SinkCache
-from sinkfix.caches.body import QuantizedBody
+from sinkfix.caches.body import QUANTIZED_BODIES
 from sinkfix.caches.layers import SinkLayer
 from sinkfix.patch import PatchHandle, patch
 from sinkfix.policy import Policy
@@ -42,7 +42,7 @@ class HiddenSinkGuard:
     def _layer(self, call) -> SinkLayer | None:
         index = getattr(call.module, "layer_idx", call.layer)
         layer = self.cache.layers[index] if index < len(self.cache.layers) else None
-        if not isinstance(layer, SinkLayer) or not isinstance(layer.body, QuantizedBody):
+        if not isinstance(layer, SinkLayer) or not isinstance(layer.body, QUANTIZED_BODIES):
             return None
         if layer.last_columns is None or layer.last_columns.shape[1] != call.key.shape[2]:
             return None

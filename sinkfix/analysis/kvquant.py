@@ -101,6 +101,8 @@ def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, res
     probe = SinkCache(model.config, n_sink=0, window=None, **quant)  # validates, resolves the group size
     axis = backend_axis(backend)
     try:
+        if backend == "fp8":  # per-tensor: transformers refuses the group-wise options
+            return QuantizedCache("fp8", model.config), "transformers QuantizedCache"
         cache = QuantizedCache(backend, model.config, nbits=bits, axis_key=axis, axis_value=axis,
                                q_group_size=probe.q_group_size, residual_length=residual_length)
         return cache, "transformers QuantizedCache"

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from sinkfix.caches.quantize import KVQuantizer
+from sinkfix.caches.quantize import KVQuantizer, fp8_dequantize, fp8_quantize, fp8_scale
 
-__all__ = ["FullBody", "QuantizedBody"]
+__all__ = ["FullBody", "QuantizedBody", "Fp8Body", "QUANTIZED_BODIES", "make_body"]
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,10 @@ class FullBody:
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def fresh(self) -> "FullBody":
+        return FullBody()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, calibrate: torch.Tensor | None = None) -> None:
         self.k, self.v = _cat(self.k, k), _cat(self.v, v)
 
     def drop_front(self, n: int) -> None:
@@ -104,7 +107,11 @@ class QuantizedBody:
         self.q_len, self.offset, self.rows = k.shape[-2], 0, None
         self.rk = self.rv = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def fresh(self) -> "QuantizedBody":
+        return QuantizedBody(self.quantizer, self.residual_length)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, calibrate: torch.Tensor | None = None) -> None:
+        # ``calibrate`` is for per-tensor scales (Fp8Body); per-token groups need no calibration
         if not self._started:
             self._started = True
             self._quantize_all(k, v)
@@ -150,3 +157,96 @@ def _tensor_bytes(q: Any) -> int:
         names, _ = flatten()
         return sum(_tensor_bytes(getattr(q, name)) for name in names)
     return q.nelement() * q.element_size()
+
+
+class Fp8Body:
+    """fp8 body with one frozen scale per tensor, as transformers' ``Fp8QuantizedLayer``.
+
+    The scale (keys and values each) is calibrated on the first tokens appended whose ``calibrate``
+    flag is set (the layer clears it for its sinks and for left padding, so the sink's outlier states
+    do not set every other token's resolution) and frozen; every later token is cast with it and
+    appended, no residual window, no requantization. Tokens appended before any token could be
+    calibrated on (a first block made only of sinks or padding) wait in full precision and are cast
+    with the scale once it exists. With every flag set (no sinks, no padding) the casts are exactly
+    transformers'. Eviction slices the fp8 tensors; beam reordering indexes them directly (a
+    per-tensor scale does not depend on the batch row).
+    """
+
+    def __init__(self, quantizer: KVQuantizer) -> None:
+        self.quantizer = quantizer
+        self.qk: torch.Tensor | None = None  # float8 (B, H, L, D)
+        self.qv: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        self.pk: torch.Tensor | None = None  # full-precision tokens waiting for a scale
+        self.pv: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+
+    def fresh(self) -> "Fp8Body":
+        return Fp8Body(self.quantizer)
+
+    def __len__(self) -> int:
+        return sum(0 if t is None else t.shape[-2] for t in (self.qk, self.pk))
+
+    @property
+    def quantized_len(self) -> int:
+        """Tokens at the front of the body that are held quantized (all of them once calibrated)."""
+        return 0 if self.qk is None else self.qk.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, calibrate: torch.Tensor | None = None) -> None:
+        """``calibrate`` (B, L) bool: which of the new tokens may set the scale (None = all)."""
+        if self.dtype is None:
+            self.dtype = k.dtype
+        if self.k_scale is not None:
+            self.qk = _cat(self.qk, fp8_quantize(k, self.k_scale))
+            self.qv = _cat(self.qv, fp8_quantize(v, self.v_scale))
+            return
+        waiting = 0 if self.pk is None else self.pk.shape[-2]
+        k_all, v_all = _cat(self.pk, k), _cat(self.pv, v)
+        if calibrate is not None and waiting:  # waiting tokens were never calibration tokens
+            calibrate = torch.cat([calibrate.new_zeros(calibrate.shape[0], waiting), calibrate], dim=1)
+        k_scale = fp8_scale(k_all, calibrate)
+        if k_scale is None:
+            self.pk, self.pv = k_all, v_all
+            return
+        self.k_scale, self.v_scale = k_scale, fp8_scale(v_all, calibrate)
+        self.qk, self.qv = fp8_quantize(k_all, self.k_scale), fp8_quantize(v_all, self.v_scale)
+        self.pk = self.pv = None
+
+    def drop_front(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.qk is not None:
+            self.qk, self.qv = self.qk[:, :, n:], self.qv[:, :, n:]
+        elif self.pk is not None:
+            self.pk, self.pv = self.pk[:, :, n:], self.pv[:, :, n:]
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.qk is None:
+            return self.pk, self.pv
+        return fp8_dequantize(self.qk, self.k_scale, self.dtype), fp8_dequantize(self.qv, self.v_scale, self.dtype)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        for name in ("qk", "qv", "pk", "pv"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
+    def nbytes(self) -> int:
+        """Bytes held: fp8 keys and values, their two scales, any waiting full-precision tokens."""
+        total = sum(t.nelement() * t.element_size() for t in (self.qk, self.qv, self.pk, self.pv) if t is not None)
+        return total + sum(4 for scale in (self.k_scale, self.v_scale) if scale is not None)
+
+
+#: Bodies that hold tokens in reduced precision: the layer restores its sinks (and protected hidden
+#: sinks) from full-precision copies when it reads them.
+QUANTIZED_BODIES = (QuantizedBody, Fp8Body)
+
+
+def make_body(quantizer: KVQuantizer | None, residual_length: int):
+    """A new body for a layer: full precision, group-wise integer (quanto, HQQ) or fp8."""
+    if quantizer is None:
+        return FullBody()
+    if quantizer.backend == "fp8":
+        return Fp8Body(quantizer)
+    return QuantizedBody(quantizer, residual_length)

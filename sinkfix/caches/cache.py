@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from sinkfix.caches.body import FullBody, QuantizedBody
+from sinkfix.caches.body import make_body
 from sinkfix.caches.layers import SinkLayer
 from sinkfix.caches.quantize import KVQuantizer, check_quantization
 from sinkfix.caches.rope import rotary_for
@@ -99,7 +99,9 @@ class SinkCache(Cache):
         super().__init__(layers=layers)
 
     def _make_layer(self, text, kind: str, quantizer: KVQuantizer | None):
-        body = (lambda: QuantizedBody(quantizer, self.residual_length)) if quantizer is not None else FullBody
+        def body():
+            return make_body(quantizer, self.residual_length)
+
         per_type = kind if isinstance(getattr(text, "rope_parameters", {}).get(kind), dict) else None
         if kind == "full_attention":
             return SinkLayer(n_sink=self.n_sink, window=self.window, rotary=rotary_for(text, per_type), body=body())

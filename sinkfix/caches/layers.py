@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from sinkfix.caches.body import FullBody, QuantizedBody
+from sinkfix.caches.body import QUANTIZED_BODIES, Fp8Body, FullBody, QuantizedBody
+from sinkfix.caches.quantize import fp8_dequantize, fp8_quantize
 from sinkfix.caches.rope import Rotary, rotate_keys
 from sinkfix.errors import CacheError, UnsupportedModelError
 
@@ -63,7 +64,7 @@ class SinkLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, *, n_sink: int, window: int | None, rotary: Rotary | None, body: FullBody | QuantizedBody,
+    def __init__(self, *, n_sink: int, window: int | None, rotary: Rotary | None, body: FullBody | QuantizedBody | Fp8Body,
                  keep_sinks: bool = True, sliding: bool = False) -> None:
         super().__init__()
         self.n_sink, self.window, self.rotary = n_sink, window, rotary
@@ -88,7 +89,7 @@ class SinkLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         kind = "sliding window" if not self.keep_sinks else f"{self.n_sink} sinks + window {self.window}"
-        quant = f", {self.body.quantizer}" if isinstance(self.body, QuantizedBody) else ""
+        quant = f", {self.body.quantizer}" if isinstance(self.body, QUANTIZED_BODIES) else ""
         return f"SinkLayer({kind}{quant})"
 
     # -- transformers' layer interface ----------------------------------------------------------
@@ -112,8 +113,24 @@ class SinkLayer(CacheLayerMixin):
         positions = _position_ids(kwargs, batch, q_len, self.seen, key_states.device)
         self._find_first_real(positions)
         keys, values = self._visible(key_states, value_states, positions)
+        if isinstance(self.body, Fp8Body) and self.body.k_scale is not None:
+            # as transformers' fp8 layer: once the scale is set, a call reads its own new tokens
+            # cast too (only the first, calibrating call reads them exact); the new sinks stay exact
+            keys, values = self._cast_new_tokens(keys, values, key_states, value_states)
         self._store(key_states, value_states, positions)
         return keys, values
+
+    def _cast_new_tokens(self, keys, values, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        body, q_len = self.body, key_states.shape[-2]
+        new_k = fp8_dequantize(fp8_quantize(key_states, body.k_scale), body.k_scale, key_states.dtype)
+        new_v = fp8_dequantize(fp8_quantize(value_states, body.v_scale), body.v_scale, value_states.dtype)
+        if self.keep_sinks and self.n_sink:
+            absolute = torch.arange(q_len, device=key_states.device)[None, :] + self.seen
+            first = self.first_real[:, None]
+            exact = ((absolute >= first) & (absolute < first + self.n_sink))[:, None, :, None]
+            new_k, new_v = torch.where(exact, key_states, new_k), torch.where(exact, value_states, new_v)
+        self.last_exact_from = keys.shape[-2]  # nothing of this call is read as the model wrote it
+        return torch.cat([keys[:, :, :-q_len], new_k], dim=-2), torch.cat([values[:, :, :-q_len], new_v], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         kept = self.kept_length
@@ -132,8 +149,7 @@ class SinkLayer(CacheLayerMixin):
         return (self.n_sink if self.evicted and self.keep_sinks else 0) + len(self.body)
 
     def reset(self) -> None:
-        self.body = type(self.body)() if isinstance(self.body, FullBody) else QuantizedBody(
-            self.body.quantizer, self.body.residual_length)
+        self.body = self.body.fresh()
         self.is_initialized = False
         self._clear()
 
@@ -233,7 +249,7 @@ class SinkLayer(CacheLayerMixin):
     def _body(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Body keys / values in full precision, with protected tokens restored exactly."""
         keys, values = self.body.materialize()
-        if keys is None or not isinstance(self.body, QuantizedBody) or self.body.quantized_len == 0:
+        if keys is None or not isinstance(self.body, QUANTIZED_BODIES) or self.body.quantized_len == 0:
             return keys, values
         keys, values = keys.clone(), values.clone()
         for s in range(self.n_sink):
@@ -292,14 +308,20 @@ class SinkLayer(CacheLayerMixin):
         new_abs = (torch.arange(q_len, device=self.device) + self.seen).expand(self.shape[0], -1)
         parts = ([] if head_abs is None else [head_abs]) + [body_abs, new_abs]
         self.last_columns = torch.cat(parts, dim=1)
-        quantized = self.body.quantized_len if isinstance(self.body, QuantizedBody) else 0
+        quantized = self.body.quantized_len if isinstance(self.body, QUANTIZED_BODIES) else 0
         self.last_exact_from = (0 if head_abs is None else head_abs.shape[1]) + quantized
 
     def _store(self, key_states, value_states, positions) -> None:
         """Capture sink tokens, append to the body, evict down to the window."""
         q_len = key_states.shape[-2]
         self._capture_sinks(key_states, value_states, positions)
-        self.body.append(key_states, value_states)
+        calibrate = None
+        if isinstance(self.body, Fp8Body) and self.body.k_scale is None:
+            # the per-tensor scale is set by the tokens the body really serves: not the sinks (read
+            # back from their full-precision copies) and not left padding (never attended)
+            absolute = torch.arange(q_len, device=key_states.device)[None, :] + self.seen
+            calibrate = absolute >= self.first_real[:, None] + (self.n_sink if self.keep_sinks else 0)
+        self.body.append(key_states, value_states, calibrate)
         self.body_pos = torch.cat([self.body_pos, positions], dim=1)
         self.seen += q_len
         capacity = None if self.window is None else (self.n_sink if self.keep_sinks else 0) + self.window
@@ -329,7 +351,7 @@ class SinkLayer(CacheLayerMixin):
     def protect(self, absolute: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep tokens at ``absolute`` (B, P) indices (-1 = none) in full precision: ``keys`` /
         ``values`` (B, H, P, D) are their exact states. No-op for a full-precision body."""
-        if not isinstance(self.body, QuantizedBody) or absolute.shape[1] == 0:
+        if not isinstance(self.body, QUANTIZED_BODIES) or absolute.shape[1] == 0:
             return
         if self.hidden_abs is None:
             self.hidden_abs, self.hidden_k, self.hidden_v = absolute, keys, values

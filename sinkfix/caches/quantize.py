@@ -1,4 +1,4 @@
-"""Group-wise integer quantization of cached keys and values, through transformers' own backends.
+"""Quantization of cached keys and values, as transformers' own quantized caches do it.
 
 transformers 5 ships KIVI-style quantized cache layers for two integer backends, optimum-quanto and
 HQQ (``QuantoQuantizedLayer``, ``HQQQuantizedLayer``); both run on the CPU with torch 2.13. Their
@@ -11,6 +11,15 @@ groups mean a token's quantization never depends on another token, so keeping a 
 precision changes nothing for its neighbours; and requantizing a dequantized token changes it by at
 most a float rounding (quanto, measured: 5e-7 on values of 144), so requantizing everything at every
 flush, as transformers does, is harmless.
+
+The third backend, ``fp8`` (``bits=8``), is transformers' ``Fp8QuantizedLayer`` arithmetic: float8
+e4m3 with **one scale per tensor** (keys and values each), calibrated on the first block the cache
+stores and frozen afterwards; later tokens are cast with it (values beyond the range saturate at
++-448 times the scale, as torch's cast does). A per-tensor scale is where a sink hurts most: the
+sink's outlier key or value sets the scale, and every other token is cast with a resolution made
+for it. A sink cache therefore calibrates the scale on the tokens it quantizes and reads back,
+leaving out its sinks (kept in full precision anyway) and left padding
+(:class:`sinkfix.caches.body.Fp8Body`).
 """
 
 from __future__ import annotations
@@ -21,11 +30,35 @@ import torch
 
 from sinkfix.errors import BackendUnavailableError, CacheError
 
-__all__ = ["KVQuantizer", "BACKENDS", "SUPPORTED_BITS", "backend_axis"]
+__all__ = ["KVQuantizer", "BACKENDS", "SUPPORTED_BITS", "BITS_BY_BACKEND", "backend_axis", "fp8_scale",
+           "fp8_quantize", "fp8_dequantize"]
 
-BACKENDS = ("quanto", "hqq")
-SUPPORTED_BITS = (2, 4)
+BACKENDS = ("quanto", "hqq", "fp8")
+BITS_BY_BACKEND = {"quanto": (2, 4), "hqq": (2, 4), "fp8": (8,)}
+SUPPORTED_BITS = (2, 4, 8)
 _PACKAGES = {"quanto": "optimum-quanto", "hqq": "hqq"}
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+
+
+def fp8_scale(x: torch.Tensor, calibrate: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-tensor fp8 scale ``amax / 448`` of ``x`` (B, H, L, D), over the tokens where ``calibrate``
+    (B, L) is True (all when None); None when no token is to be calibrated on. The floor keeps an
+    all-zero tensor from giving a zero scale (as transformers)."""
+    magnitude = x.abs().amax(dim=(1, 3))  # (B, L)
+    if calibrate is not None:
+        if not bool(calibrate.any()):
+            return None
+        magnitude = torch.where(calibrate, magnitude, 0)
+    return (magnitude.amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).to(FP8_DTYPE)
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
 
 
 def backend_axis(backend: str) -> int:
@@ -40,6 +73,12 @@ def check_quantization(bits: int, backend: str, group_size: int, head_dim: int |
                          f"got {bits!r}")
     if backend not in BACKENDS:
         raise CacheError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if bits not in BITS_BY_BACKEND[backend]:
+        hint = "backend='fp8' for bits=8" if bits == 8 else "backend='quanto' or 'hqq' for 2 or 4 bits"
+        raise CacheError(f"the {backend} backend takes bits={' or '.join(map(str, BITS_BY_BACKEND[backend]))}, "
+                         f"got {bits}: use {hint}")
+    if backend == "fp8":
+        return  # per-tensor: no channel groups
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise CacheError(f"q_group_size must be a positive integer, got {group_size!r}")
     if head_dim is not None and head_dim % group_size:
@@ -48,13 +87,14 @@ def check_quantization(bits: int, backend: str, group_size: int, head_dim: int |
 
 
 class KVQuantizer:
-    """Quantize / dequantize (B, H, L, D) tensors with one of transformers' integer backends."""
+    """Quantize / dequantize (B, H, L, D) tensors with one of transformers' integer backends; for
+    ``fp8`` it only carries the settings (:class:`~sinkfix.caches.body.Fp8Body` does the casts)."""
 
     def __init__(self, backend: str = "quanto", bits: int = 4, group_size: int = 64) -> None:
         check_quantization(bits, backend, group_size)
         self.backend, self.bits, self.group_size = backend, bits, group_size
         self.axis = backend_axis(backend)
-        self._engine = _engine(backend, bits, group_size, self.axis)
+        self._engine = None if backend == "fp8" else _engine(backend, bits, group_size, self.axis)
 
     def quantize(self, x: torch.Tensor) -> Any:
         engine = self._engine
@@ -67,6 +107,8 @@ class KVQuantizer:
         return self._engine._dequantize(q)
 
     def __repr__(self) -> str:
+        if self.backend == "fp8":
+            return "KVQuantizer('fp8', bits=8, per-tensor scale)"
         return f"KVQuantizer({self.backend!r}, bits={self.bits}, group_size={self.group_size})"
 
 

@@ -3,6 +3,7 @@
     sinkfix kvquant --model smollm2-135m                      # 2- and 4-bit, built-in held-out prose + code
     sinkfix kvquant --model gemma3-270m --bits 2 --json
     sinkfix kvquant --text notes.txt --sequences 4 --backend hqq
+    sinkfix kvquant --backend fp8                              # float8 e4m3, one scale per tensor (bits 8)
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model name, folder or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--text", action="append", metavar="FILE", default=None,
                         help="UTF-8 text, one domain per file; repeatable (default: the built-in held-out prose and code)")
-    parser.add_argument("--bits", default="2,4", help="comma-separated bit widths, each 2 or 4 (default 2,4)")
-    parser.add_argument("--backend", default="quanto", choices=BACKENDS, help="quantization backend (default quanto)")
+    parser.add_argument("--bits", default=None,
+                        help="comma-separated bit widths: 2 and/or 4 for quanto and hqq (default 2,4), 8 for fp8 (default)")
+    parser.add_argument("--backend", default="quanto", choices=BACKENDS,
+                        help="quantization backend (default quanto; fp8 = transformers' per-tensor float8 e4m3)")
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept in full precision (default 4)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, BOS included (default 2048)")
     parser.add_argument("--sequences", type=int, default=1, help="sequences per domain (default 1)")
@@ -50,21 +53,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_bits(spec: str) -> list[int]:
-    from sinkfix.caches import SUPPORTED_BITS
+def parse_bits(spec: str | None, backend: str = "quanto") -> list[int]:
+    from sinkfix.caches.quantize import BITS_BY_BACKEND
 
+    allowed = BITS_BY_BACKEND.get(backend, ())
+    if spec is None:
+        return list(allowed)
     try:
         widths = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"--bits must be comma-separated integers, got {spec!r}") from None
-    bad = [w for w in widths if w not in SUPPORTED_BITS]
+    bad = [w for w in widths if w not in allowed]
     if not widths or bad:
-        raise UsageError(f"--bits takes {' and '.join(map(str, SUPPORTED_BITS))}, got {spec!r}")
+        raise UsageError(f"--bits with --backend {backend} takes {' and '.join(map(str, allowed))}, got {spec!r}")
     return sorted(set(widths))
 
 
 def _check(args) -> list[int]:
-    widths = parse_bits(args.bits)
+    widths = parse_bits(args.bits, args.backend)
     for label, value, low in (("--n-sink", args.n_sink, 0), ("--seq-len", args.seq_len, 2),
                               ("--sequences", args.sequences, 1), ("--residual-length", args.residual_length, 1),
                               ("--chunk", args.chunk, 1)):
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "texts": {n: t.source for n, t in texts.items()}, "seq_len": args.seq_len,
         "sequences_per_text": args.sequences, "bos": bos, "backend": args.backend, "n_sink": args.n_sink,
         "residual_length": args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
-        "groups": "per token and kv head, 64 channels (or the head) each",
+        "groups": ("one scale per tensor (keys, values), calibrated on the first block stored" if args.backend == "fp8"
+                   else "per token and kv head, 64 channels (or the head) each"),
     }
     if args.out:
         from sinkfix.files import atomic_write_text

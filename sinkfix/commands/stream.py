@@ -28,8 +28,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "running perplexity against position (stream.png in --out).",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model name, folder or hub id (default {DEFAULT_MODEL})")
-    parser.add_argument("--text", metavar="FILE", default=None,
-                        help="UTF-8 text to stream (default: the built-in held-out prose, Python's language reference)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", metavar="FILE", default=None, help="UTF-8 text to stream (default: --builtin pydoc)")
+    source.add_argument("--builtin", metavar="NAME", default="pydoc",
+                        help="a built-in domain's held-out text (pydoc: Python's language reference, the default; "
+                             "python, readme, legal, cpp), or 'mixed': all five interleaved in ~1000-character "
+                             "blocks of whole paragraphs, a text of the same kind everywhere along its length")
     parser.add_argument("--tokens", type=int, default=4096, help="stream length in tokens, BOS included (default 4096)")
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept (default 4)")
     parser.add_argument("--window", type=int, default=252,
@@ -102,7 +106,11 @@ def _check(args) -> None:
     from sinkfix.analysis.streaming import check_stream_arguments
     from sinkfix.caches import check_sink_window
 
+    from sinkfix.texts import MIXED, resolve_domain
+
     parse_variants(args.variants, bool(args.profile))
+    if args.text is None and args.builtin != MIXED:
+        resolve_domain(args.builtin)  # an unknown name fails here, before the model loads
     check_sink_window(args.n_sink, args.window)
     check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
     if args.threads is not None and args.threads < 1:
@@ -110,12 +118,12 @@ def _check(args) -> None:
 
 
 def _load_text(args) -> tuple[str, str]:
-    from sinkfix.texts import builtin_texts, read_text_file
+    from sinkfix.texts import MIXED, builtin_texts, mixed_text, read_text_file
 
     if args.text:
         return read_text_file(args.text), str(args.text)
-    prose = builtin_texts("eval")["prose"]
-    return prose.text, prose.source
+    chosen = mixed_text("eval") if args.builtin == MIXED else next(iter(builtin_texts("eval", [args.builtin]).values()))
+    return chosen.text, chosen.source
 
 
 def run(args: argparse.Namespace) -> int:
