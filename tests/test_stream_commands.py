@@ -171,3 +171,11 @@ def test_stream_unknown_builtin_exits_2(capsys):
     assert cli.main(["stream", "--builtin", "encyclopedia"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown domain 'encyclopedia'" in err and "\n" not in err
+
+
+def test_kvquant_default_texts_are_the_two_quick_domains(text_file):
+    from sinkfix.commands.kvquant import default_texts
+    from sinkfix.texts import QUICK_DOMAINS
+
+    assert list(default_texts(None)) == list(QUICK_DOMAINS)
+    assert list(default_texts([str(text_file)])) == [text_file.stem]

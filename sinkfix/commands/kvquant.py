@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sinkfix.errors import UsageError
 
-__all__ = ["add_parser", "run", "parse_bits"]
+__all__ = ["add_parser", "run", "parse_bits", "default_texts"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -97,6 +97,15 @@ def _sequences(tokenizer, texts, seq_len: int, count: int, bos_id: int | None):
     return out
 
 
+def default_texts(files):
+    """The texts to measure: ``files``, or the two quick built-in domains (prose: Python's language
+    reference; code: standard-library source), 2 x 2,048 tokens, which keeps the default run within
+    a few minutes on a CPU."""
+    from sinkfix.texts import QUICK_DOMAINS, load_texts
+
+    return load_texts(files or (), None, "eval", None if files else QUICK_DOMAINS)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -106,11 +115,10 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.caches import KVQuantizer
     from sinkfix.commands.stream import tokenizer_adds_bos
     from sinkfix.evaluate import bos_token_id
-    from sinkfix.texts import load_texts
 
     widths = _check(args)
     KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
-    texts = load_texts(args.text or (), None, "eval")
+    texts = default_texts(args.text)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
