@@ -14,17 +14,14 @@ from sinkfix.caches.quantize import FP8_MAX, fp8_dequantize, fp8_quantize, fp8_s
 from sinkfix.caches.rope import Rotary
 from sinkfix.errors import CacheError
 
+from .cache_layers import feed_layer as _feed
+from .cache_layers import outlier_tokens as _tokens
+from .cache_layers import prefill_then_decode
 from .conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tokens(batch=2, heads=2, length=30, dim=16, seed=0, outlier=50.0):
-    g = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(batch, heads, length, dim, generator=g), torch.randn(batch, heads, length, dim, generator=g)
-    k[:, :, 0] *= outlier  # a sink-like outlier at token 0, as trained models have
-    v[:, :, 0] *= outlier
-    return k, v
 
 
 def _layer(n_sink, window=None):
@@ -32,13 +29,6 @@ def _layer(n_sink, window=None):
     return SinkLayer(n_sink=n_sink, window=window, rotary=rotary, body=Fp8Body(KVQuantizer("fp8", 8)))
 
 
-def _feed(layer, k, v, sizes, first=0):
-    start, out = first, None
-    for size in sizes:
-        positions = (torch.arange(size) + start).expand(k.shape[0], -1)
-        out = layer.update(k[:, :, start : start + size], v[:, :, start : start + size], position_ids=positions)
-        start += size
-    return out
 
 
 def test_scale_and_round_trip():
@@ -60,9 +50,7 @@ def test_without_protection_equals_transformers_fp8_cache():
     ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
 
     def run(cache):
-        out = [model(ids[:, :9], cache=cache, use_cache=True).logits]
-        out += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(9, 40)]
-        return torch.cat(out, 1)
+        return prefill_then_decode(model, ids, cache)
 
     shipped = run(QuantizedCache("fp8", model.config))
     ours = run(SinkCache(model.config, n_sink=0, window=None, bits=8, backend="fp8"))

@@ -14,6 +14,9 @@ from sinkfix.caches.body import FullBody, QuantizedBody
 from sinkfix.caches.layers import SinkLayer
 from sinkfix.caches.rope import Rotary
 
+from .cache_layers import feed_layer as _feed
+from .cache_layers import outlier_tokens as _tokens
+from .cache_layers import prefill_then_decode
 from .conftest import tiny_model
 
 pytest.importorskip("optimum.quanto")
@@ -23,13 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = [("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4)]
 
 
-def _tokens(batch=2, heads=2, length=30, dim=16, seed=0):
-    """Keys / values with a sink-like outlier token 0 (50x the others), as trained models have."""
-    g = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(batch, heads, length, dim, generator=g), torch.randn(batch, heads, length, dim, generator=g)
-    k[:, :, 0] *= 50
-    v[:, :, 0] *= 50
-    return k, v
 
 
 def _step(q: torch.Tensor) -> torch.Tensor:
@@ -61,9 +57,7 @@ def test_without_protection_equals_transformers_quantized_cache(backend, bits):
     ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
 
     def run(cache):
-        out = [model(ids[:, :9], cache=cache, use_cache=True).logits]
-        out += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(9, 40)]
-        return torch.cat(out, 1)
+        return prefill_then_decode(model, ids, cache)
 
     axis = 0 if backend == "quanto" else 1
     shipped = run(QuantizedCache(backend, model.config, nbits=bits, q_group_size=16, residual_length=8,
@@ -82,15 +76,6 @@ def _layer(n_sink, window, bits=2, residual=4):
     return SinkLayer(n_sink=n_sink, window=window, rotary=rotary, body=body)
 
 
-def _feed(layer, k, v, sizes, first=0):
-    """Update ``layer`` with consecutive slices of k / v starting at token ``first``; return the last
-    call's (keys, values)."""
-    start, out = first, None
-    for size in sizes:
-        positions = (torch.arange(size) + start).expand(k.shape[0], -1)
-        out = layer.update(k[:, :, start : start + size], v[:, :, start : start + size], position_ids=positions)
-        start += size
-    return out
 
 
 def test_sinks_stay_exact_and_other_tokens_quantize_once():
