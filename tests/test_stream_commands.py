@@ -156,15 +156,18 @@ def test_stream_text_defaults_to_a_builtin_domain_and_mixed_interleaves_every_do
     assert text == domain_text("pydoc", "eval") and "pydoc" in source
     text, source = _load_text(parser.parse_args(["stream", "--builtin", "legal"]))
     assert text == domain_text("legal", "eval")
-    mixed = mixed_text("eval", block_chars=500)
-    blocks = mixed.text.split("\n\n")
+    mixed = mixed_text("eval")
     assert all(d in mixed.source for d in DOMAINS)
-    # every domain's paragraphs appear in order, and the first block comes from the first domain
-    first_paragraph = domain_text("pydoc", "eval").split("\n\n")[0].strip()
-    assert blocks[0] == first_paragraph
-    for d in DOMAINS:
-        start = domain_text(d, "eval").strip().split("\n\n")[0].strip()
-        assert start in mixed.text
+    # every paragraph of every domain once, in an order that is fixed by the seed and mixes domains
+    paragraphs = mixed.text.split("\n\n")
+    import re
+
+    expected = sorted(p.strip() for d in DOMAINS for p in re.split(r"\n\s*\n", domain_text(d, "eval")) if p.strip())
+    assert sorted(paragraphs) == expected
+    assert mixed_text("eval").text == mixed.text and mixed_text("eval", seed=1).text != mixed.text
+    domain_of = {p.strip(): d for d in DOMAINS for p in re.split(r"\n\s*\n", domain_text(d, "eval")) if p.strip()}
+    # each domain already shows up in the first tenth
+    assert {domain_of[p] for p in paragraphs[: len(paragraphs) // 10]} == set(DOMAINS)
 
 
 def test_stream_unknown_builtin_exits_2(capsys):

@@ -32,8 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--text", metavar="FILE", default=None, help="UTF-8 text to stream (default: --builtin pydoc)")
     source.add_argument("--builtin", metavar="NAME", default="pydoc",
                         help="a built-in domain's held-out text (pydoc: Python's language reference, the default; "
-                             "python, readme, legal, cpp), or 'mixed': all five interleaved in ~1000-character "
-                             "blocks of whole paragraphs, a text of the same kind everywhere along its length")
+                             "python, readme, legal, cpp), or 'mixed': the paragraphs of all five in one fixed "
+                             "random order, a text of the same kind everywhere along its length")
     parser.add_argument("--tokens", type=int, default=4096, help="stream length in tokens, BOS included (default 4096)")
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept (default 4)")
     parser.add_argument("--window", type=int, default=252,
