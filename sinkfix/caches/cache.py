@@ -68,11 +68,14 @@ class SinkCache(Cache):
         window: recent tokens kept besides the sinks (the cache holds ``n_sink + window`` tokens between
             calls; a call also sees its own new tokens). ``None``: never evict (quantization only).
         bits: ``2`` or ``4`` quantizes tokens older than ``residual_length`` (KIVI-style, transformers'
-            own backends), except the sinks, which stay in full precision. ``None``: full precision.
-        backend: ``"quanto"`` (optimum-quanto) or ``"hqq"``.
-        residual_length: recent tokens kept in full precision before they are quantized (as transformers).
+            own backends), except the sinks, which stay in full precision; ``8`` with ``backend="fp8"``
+            casts every token to float8 e4m3 with one scale per tensor calibrated without the sinks
+            (transformers' fp8 arithmetic). ``None``: full precision.
+        backend: ``"quanto"`` (optimum-quanto), ``"hqq"`` (2 or 4 bits) or ``"fp8"`` (8 bits).
+        residual_length: recent tokens kept in full precision before they are quantized (as
+            transformers; not used by fp8, which has no residual window).
         q_group_size: channels per quantization group (one token, one kv head); default 64 as in
-            transformers, or the whole head when 64 does not divide it.
+            transformers, or the whole head when 64 does not divide it (not used by fp8).
 
     Raises :class:`~sinkfix.errors.CacheError` for bad arguments and
     :class:`~sinkfix.errors.UnsupportedModelError` for models without (position-independent) RoPE.

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     result["protocol"] = {
         "model": args.model, "texts": {n: t.source for n, t in texts.items()}, "seq_len": args.seq_len,
         "sequences_per_text": args.sequences, "bos": bos, "backend": args.backend, "n_sink": args.n_sink,
-        "residual_length": args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
+        "residual_length": None if args.backend == "fp8" else args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
         "groups": ("one scale per tensor (keys, values), calibrated on the first block stored" if args.backend == "fp8"
                    else "per token and kv head, 64 channels (or the head) each"),
     }
