@@ -74,9 +74,11 @@ DECODE_SPEC_TOKENS = 16  # speculative decoding: 16 new tokens x GQA group 8 = t
 class Case:
     """One audited kernel configuration. ``variant``: ``hot`` (causal, nothing else: the plain
     path), ``policy`` (what a patched model sends: causal, one sink column, beta and a virtual sink
-    logit), ``padded`` (policy plus left padding as per-sequence key ranges), ``all`` (every feature:
-    an arbitrary dense mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual
-    logit), ``yardstick`` (flash_minimal). ``tma``: the sm_90 bulk-tensor-copy path (the default
+    logit), ``padded`` (policy plus left padding as per-sequence key ranges), ``stats`` (policy plus
+    the telemetry statistics output: the HAS_STATS variant of the prefill kernel and of the decode
+    reduction, whose split kernel is the policy one), ``all`` (every feature: an arbitrary dense
+    mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``yardstick``
+    (flash_minimal). ``tma``: the sm_90 bulk-tensor-copy path (the default
     there); the pointer path is audited on sm_80 and as the sm_90 fallback (``hot`` only)."""
 
     kernel: str  # prefill | decode | reduce | flash
@@ -98,7 +100,7 @@ def default_cases(arch: int) -> list[Case]:
     for dtype in DTYPES:
         tma = arch >= 90 and dtype != "fp32"  # descriptors for 16-bit tiles on Hopper
         for hd in HEAD_DIMS:
-            for variant in ("hot", "policy", "padded", "all"):
+            for variant in ("hot", "policy", "padded", "stats", "all"):
                 cases.append(Case("prefill", variant, dtype, hd, tma))
             cases.append(Case("flash", "yardstick", dtype, hd, tma))
             if tma:  # the pointer path, Hopper's fallback, against the same yardstick
@@ -106,7 +108,7 @@ def default_cases(arch: int) -> list[Case]:
             for variant in ("hot", "policy", "padded", "all"):
                 cases.append(Case("decode", variant, dtype, hd))
     for hd in HEAD_DIMS:
-        cases += [Case("reduce", "hot", "bf16", hd), Case("reduce", "all", "bf16", hd)]
+        cases += [Case("reduce", v, "bf16", hd) for v in ("hot", "stats", "all")]
     return cases
 
 
@@ -260,7 +262,8 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
     prefill of PREFILL_LEN tokens, decode of one token (``all``: 16 speculative tokens of a group
     of 8) against DECODE_KEYS keys. ``hot`` is causal and nothing else, ``policy`` what a patched
     model sends (a sink column, beta, a virtual logit), ``padded`` adds left padding as key padding,
-    ``all`` has every feature (a random dense mask, 4 sink slots, window 1024, softcap 30, s_aux)."""
+    ``stats`` adds the telemetry statistics output to ``policy``, ``all`` has every feature (a random
+    dense mask, 4 sink slots, window 1024, softcap 30, s_aux)."""
     import importlib
 
     import torch
@@ -289,7 +292,7 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
     q, k, v = tensors(batch, hq, q_len), tensors(batch, hkv, k_len), tensors(batch, hkv, k_len)
     kw = dict(causal=True, causal_offset=k_len - q_len)
     on = dict(device=device)
-    if case.variant in ("policy", "padded"):
+    if case.variant in ("policy", "padded", "stats"):
         kw.update(sink_cols=torch.zeros(batch, 1, dtype=torch.long, **on), beta=torch.full((hq,), 0.9, **on),
                   virtual_sink_logit=torch.zeros(hq, **on))
     if case.variant == "padded":
@@ -297,6 +300,11 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
             raise NotApplicable("no per-sequence key ranges in this kernel package")
         pads = torch.tensor([0, 37], **on)[:batch]
         kw.update(sink_cols=pads[:, None].clone(), key_padding=torch.arange(k_len, **on)[None, :] >= pads[:, None])
+    if case.variant == "stats":
+        launcher = prefill.sink_attention_prefill if case.kernel == "prefill" else decode.sink_attention_decode
+        if "sink_stats" not in inspect.signature(launcher).parameters:
+            raise NotApplicable("no statistics output in this kernel package")
+        kw.update(sink_stats=torch.zeros(batch, hq, 2, **on))
     if case.variant == "all":
         kw.update(attn_mask=torch.rand(batch, 1, q_len, k_len, **on) > 0.1,
                   sink_cols=torch.tensor([[0, 3, 9, -1]] * batch, **on), beta=torch.full((hq,), 0.9, **on),
@@ -635,7 +643,7 @@ def budget_report(records: list[dict]) -> list[dict]:
                 add("hot path within 5% of the yardstick", rec, ok,
                     f"regs {rec['regs']} vs {ref['regs']}, main loop {rec['main_loop_sass']} vs "
                     f"{ref['main_loop_sass']} SASS")
-        if rec["kernel"] in ("prefill", "decode") and rec["variant"] in ("hot", "policy", "padded"):
+        if rec["kernel"] in ("prefill", "decode") and rec["variant"] in ("hot", "policy", "padded", "stats"):
             add("no dense mask in the common cases", rec, rec["mask"] == "none",
                 f"dense mask argument: {rec['mask']}")
         if rec["variant"] == "all" and rec["kernel"] in ("prefill", "decode"):
@@ -761,7 +769,7 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
     order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3}
-    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "all": 4}
+    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5}
     rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], variants[r["variant"]], not r.get("tma")))
     for r in rows:
         b = old.get(key(r))

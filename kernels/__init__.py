@@ -59,6 +59,7 @@ def sink_attention_triton(
     beta: torch.Tensor | None = None,
     extra_logits: torch.Tensor | None = None,
     virtual_sink_logit: torch.Tensor | None = None,
+    sink_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink-aware attention on the Triton kernels; semantics of
     :func:`sinkfix.ops.reference.reference_sink_attention` (which see for every argument).
@@ -69,12 +70,20 @@ def sink_attention_triton(
     out (B, Hq, Q, D) in q's dtype (a view of (B, Q, Hq, D) memory), lse (B, Hq, Q) fp32.
     Uses the split-KV decode kernel when Q <= DECODE_MAX_Q and K >= DECODE_MIN_K, the tiled
     prefill kernel otherwise.
+
+    ``sink_stats``: optional fp32 (B, Hq, 2) contiguous tensor, usually zero-filled, into which the
+    kernels *add* the statistics of serving-time telemetry (``AttentionResult.sink_stats``,
+    docs/monitoring.md): at [b, h, 0] the stock sink mass (before sink scaling, zero-value logits
+    counted) summed over the query rows that see at least one non-sink key, at [b, h, 1] the number
+    of those rows. They come from the partial sums the kernels keep anyway, through a separate
+    compile-time variant (HAS_STATS), so calls without it run the kernels exactly as before. Sums
+    arrive by fp32 atomic adds, so their order (and last bits) may vary between runs.
     """
     kwargs = dict(
         attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
         causal_offset=causal_offset, sliding_window=sliding_window,
         scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
-        virtual_sink_logit=virtual_sink_logit,
+        virtual_sink_logit=virtual_sink_logit, sink_stats=sink_stats,
     )
     if q.dim() == 4 and k.dim() == 4 and q.shape[2] <= DECODE_MAX_Q and k.shape[2] >= DECODE_MIN_K:
         from .attention_decode import sink_attention_decode

@@ -32,7 +32,7 @@ from .masks import key_padding_ranges, pack_mask_bits
 
 __all__ = [
     "LOG2E", "LN2", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_SINK_SLOTS", "AttentionLaunch", "prepare_attention_launch",
-    "allocate_outputs", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
+    "allocate_outputs", "check_sink_stats", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
     "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile", "attn_key_range",
     "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "key_padding_ranges", "pack_mask_bits", "tma_descriptors",
 ]
@@ -362,7 +362,7 @@ def sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA: 
     are relative to m_n and acc_S, l_S to m_s (base-2 maxima; extra_logits2 = zero-value logits in
     base 2, -inf unused, shape (rows or 1, E_P2); ``every_row`` (1, E_P2) marks the ones every row
     counts (s_aux); the others (the virtual sink logit) count only where l_N > 0). Returns (c_n,
-    c_s, lse in natural log).
+    c_s, lse in natural log, stock sink mass).
 
         Z = l_S + l_N + sum_e 2^extra_logits2_e        (rescaled to the shared max m)
         o = beta * acc_S / Z + (acc_N / l_N) * (l_N + (1 - beta) l_S) / Z    if l_N > 0
@@ -370,6 +370,10 @@ def sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA: 
 
     Each l is >= 1 when nonzero (its own max contributes 2^0), so 1 / l_N cannot overflow;
     (l_N + (1 - beta) l_S) / Z <= 1, and Z overflowing (a huge extra logit) correctly gives 0.
+
+    The stock sink mass ``l_S / Z`` (before sink scaling, zero-value logits counted: p_S * keep of
+    docs/monitoring.md) is what the statistics variants (HAS_STATS) sum over the rows with l_N > 0;
+    where nothing uses it the compiler removes it (the other variants compile to the same PTX).
     """
     m = tl.maximum(m_n, m_s)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -388,7 +392,7 @@ def sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA: 
     c_s = b * a_s * inv_z
     l_tot = ln + ls
     lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0))) * LN2, float("-inf"))
-    return c_n, c_s, lse
+    return c_n, c_s, lse, ls * inv_z
 
 
 # -- launch preparation ---------------------------------------------------------------------------
@@ -616,6 +620,20 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
         # which is the arithmetic of the tensor-core path. Compiled kernels never take this branch.
         upcast_dot=is_interpreted(kernel) and q.dtype == torch.bfloat16,
     )
+
+
+def check_sink_stats(sink_stats, q) -> None:
+    """The optional statistics output: fp32 (B, Hq, 2), contiguous (the kernels address it as
+    ``(b * Hq + h) * 2``, no strides passed), on q's device. The kernels add into it."""
+    if sink_stats is None:
+        return
+    want = (q.shape[0], q.shape[1], 2)
+    if (not isinstance(sink_stats, torch.Tensor) or tuple(sink_stats.shape) != want
+            or sink_stats.dtype != torch.float32 or not sink_stats.is_contiguous()):
+        raise ValueError(f"sink_stats must be a contiguous fp32 tensor of shape (B, Hq, 2) = {want}, got "
+                         f"{getattr(sink_stats, 'dtype', type(sink_stats))} {tuple(getattr(sink_stats, 'shape', ()))}")
+    if sink_stats.device != q.device:
+        raise ValueError(f"sink_stats on {sink_stats.device}, q on {q.device}")
 
 
 def allocate_outputs(q, out, lse) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from .attention_common import (
     LOG2E,
     allocate_outputs,
     arch_family,
+    check_sink_stats,
     attn_key_range,
     device_arch,
     padded_head_dim,
@@ -134,13 +135,13 @@ def _sink_attn_decode_split(
 
 @triton.jit
 def _sink_attn_decode_reduce(
-    PartM, PartL, PartAcc, Out, Lse, Beta, ExtraLogits,
+    PartM, PartL, PartAcc, Out, Lse, Beta, ExtraLogits, SinkStats,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_lz, stride_lh, stride_lm,
     stride_eh, stride_ee,
     num_kv_heads, group, q_len, n_rows, num_splits, n_extra, n_extra_every_row,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, E_P2: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_STATS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -194,13 +195,21 @@ def _sink_attn_decode_reduce(
     else:
         extra_logits2 = 0.0
         every_row = 0
-    c_n, c_s, lse = sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA=HAS_EXTRA)
+    c_n, c_s, lse, sink_mass = sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA=HAS_EXTRA)
     out = acc_n * c_n[:, None] + acc_s * c_s[:, None]
 
     o_ptrs = (Out + off_b * stride_oz + off_h[:, None] * stride_oh + off_i[:, None] * stride_om
               + offs_d[None, :] * stride_ok)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=acc_mask)
     tl.store(Lse + off_b * stride_lz + off_h * stride_lh + off_i * stride_lm, lse, mask=row_ok)
+    if HAS_STATS:
+        # telemetry (docs/monitoring.md): per row that sees a non-sink key (merged l_N > 0), its
+        # stock sink mass and 1 added at sink_stats[b, h] of the row's head (the rows of one tile
+        # belong to several heads of the group; a decode call has a few rows)
+        pair = tl.arange(0, 2)
+        stats_ptrs = SinkStats + ((off_b * num_kv_heads * group + off_h) * 2)[:, None] + pair[None, :]
+        row_sums = tl.where(pair[None, :] == 0, sink_mass[:, None], 1.0)
+        tl.atomic_add(stats_ptrs, row_sums, mask=(row_ok & (l_n > 0))[:, None], sem="relaxed")
 
 
 # -- launcher -------------------------------------------------------------------------------------
@@ -289,6 +298,7 @@ def sink_attention_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    sink_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV sink-aware attention, same semantics as ``reference_sink_attention``; meant for
     Q of 1 to a few tokens and long K (any Q is correct, large Q is just slow).
@@ -304,6 +314,9 @@ def sink_attention_decode(
       beta (Hq,); extra_logits (Hq, E) and virtual_sink_logit (Hq,) as one (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok; lse (B, Hq, Q) fp32
       workspace (B * Hkv, num_splits + 1, GROUP * Q[, D]) fp32, contiguous, allocated here
+      sink_stats (B, Hq, 2) fp32, contiguous, optional: the reduction kernel adds, per query row
+        that sees a non-sink key, its stock sink mass and 1 at [b, h] (its HAS_STATS variant; the
+        split kernel is the same either way)
     ``num_splits`` overrides :func:`default_num_splits` (it is capped so no split is empty).
     """
     launch = prepare_attention_launch(
@@ -311,6 +324,7 @@ def sink_attention_decode(
         virtual_sink_logit=virtual_sink_logit, sliding_window=sliding_window, softcap=softcap, scale=scale,
         kernel=_sink_attn_decode_split, key_padding=key_padding, key_ranges=key_ranges)
     out, lse = allocate_outputs(q, out, lse)
+    check_sink_stats(sink_stats, q)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:
@@ -343,12 +357,12 @@ def sink_attention_decode(
     )
     block_r = min(_REDUCE_ROWS, triton.next_power_of_2(n_rows))
     _sink_attn_decode_reduce[(batch * kv_heads, triton.cdiv(n_rows, block_r))](
-        part_m, part_l, part_acc, out, lse, launch.beta, launch.extra_logits,
+        part_m, part_l, part_acc, out, lse, launch.beta, launch.extra_logits, sink_stats,
         *out.stride(), *lse.stride(), *launch.extra_strides,
         kv_heads, group, q_len, n_rows, num_splits, launch.n_extra, launch.n_extra_every_row,
         HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d, E_P2=launch.extra_width,
         HAS_SINKS=launch.n_sinks > 0, HAS_BETA=launch.beta is not None,
-        HAS_EXTRA=launch.extra_logits is not None,
+        HAS_EXTRA=launch.extra_logits is not None, HAS_STATS=sink_stats is not None,
         num_warps=4, num_stages=1, enable_fp_fusion=True,
     )
     return out, lse

@@ -18,6 +18,7 @@ from .attention_common import (
     LOG2E,
     allocate_outputs,
     arch_family,
+    check_sink_stats,
     attn_key_range,
     device_arch,
     padded_head_dim,
@@ -35,7 +36,7 @@ __all__ = ["PREFILL_CONFIGS", "POINTER_FALLBACK_CONFIGS", "prefill_config", "sin
 # -- kernel ---------------------------------------------------------------------------------------
 @triton.jit
 def _sink_attn_fwd(
-    Q, K, V, Out, Lse, Mask, KeyOk, KeyRanges, SinkCols, Beta, ExtraLogits, KDesc, VDesc,
+    Q, K, V, Out, Lse, Mask, KeyOk, KeyRanges, SinkCols, Beta, ExtraLogits, KDesc, VDesc, SinkStats,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -52,7 +53,7 @@ def _sink_attn_fwd(
     NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr, E_P2: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, HAS_STATS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,19 +131,29 @@ def _sink_attn_fwd(
         every_row = 0
     if NS > 0:
         m_s, l_s, p_s = softmax_stats(s_s)
-        c_n, c_s, lse = sink_combine(m_i, l_i, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA=HAS_EXTRA)
+        c_n, c_s, lse, sink_mass = sink_combine(m_i, l_i, m_s, l_s, beta, extra_logits2, every_row,
+                                                HAS_EXTRA=HAS_EXTRA)
         # the sink weights go straight into the output: no second accumulator
         out = add_sink_values(acc * c_n[:, None], p_s * c_s[:, None], v_base, stride_vn, stride_vk, sink_ptr,
                               stride_sn, k_len, offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB)
     else:
         m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        c_n, c_s, lse = sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra_logits2, every_row,
-                                     HAS_EXTRA=HAS_EXTRA)
+        c_n, c_s, lse, sink_mass = sink_combine(m_i, l_i, m_s, tl.zeros([BLOCK_M], tl.float32), beta, extra_logits2,
+                                                every_row, HAS_EXTRA=HAS_EXTRA)
         out = acc * c_n[:, None]
 
     o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + off_b * stride_lz + off_h * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
+    if HAS_STATS:
+        # telemetry (docs/monitoring.md): the tile's rows that see a non-sink key (l_N > 0; rows
+        # past Q are not rows) and their stock sink mass, summed in registers after the output tile
+        # is stored, then one atomic add of the pair (mass, rows) into sink_stats[b, h] per program
+        counted = row_ok & (l_i > 0)
+        pair = tl.arange(0, 2)
+        tile_mass = tl.sum(tl.where(counted, sink_mass, 0.0), 0)
+        tile_sums = tl.where(pair == 0, tile_mass, tl.sum(counted.to(tl.float32), 0))
+        tl.atomic_add(SinkStats + (off_b * num_heads + off_h) * 2 + pair, tile_sums, sem="relaxed")
 
 
 # -- launcher -------------------------------------------------------------------------------------
@@ -217,6 +228,7 @@ def sink_attention_prefill(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
+    sink_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink-aware attention forward, same semantics as ``reference_sink_attention``.
 
@@ -236,6 +248,9 @@ def sink_attention_prefill(
         (Hq, E + 1) table: stride_eh, stride_ee
       out (B, Hq, Q, D) q.dtype: stride_oz, stride_oh, stride_om, stride_ok
       lse (B, Hq, Q) fp32: stride_lz, stride_lh, stride_lm
+      sink_stats (B, Hq, 2) fp32, contiguous, optional: each program adds its query tile's sums
+        (stock sink mass over the rows that see a non-sink key, and their count) at [b, h] with one
+        atomic add (the HAS_STATS variant; see ``sinkfix.kernels.sink_attention_triton``)
     Returns (out, lse): lse = log(l_S + l_N) over real keys, -inf (and out = 0) where no key is
     visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps);
     ``use_tma`` chooses the bulk-tensor-copy key loop (None: on Hopper when the strides allow it,
@@ -246,6 +261,7 @@ def sink_attention_prefill(
         virtual_sink_logit=virtual_sink_logit, sliding_window=sliding_window, softcap=softcap, scale=scale,
         kernel=_sink_attn_fwd, key_padding=key_padding, key_ranges=key_ranges)
     out, lse = allocate_outputs(q, out, lse)
+    check_sink_stats(sink_stats, q)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:
@@ -260,7 +276,7 @@ def sink_attention_prefill(
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _sink_attn_fwd[grid](
         q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,
-        launch.extra_logits, k_desc, v_desc,
+        launch.extra_logits, k_desc, v_desc, sink_stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *launch.mask_strides, *launch.key_padding_strides, launch.key_range_stride, *launch.sink_strides,
         *launch.extra_strides,
@@ -271,6 +287,7 @@ def sink_attention_prefill(
         HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, HAS_BETA=launch.beta is not None,
         HAS_EXTRA=launch.extra_logits is not None, UPCAST_DOT=launch.upcast_dot, USE_TMA=k_desc is not None,
+        HAS_STATS=sink_stats is not None,
         num_warps=num_warps or nw, num_stages=num_stages or ns, enable_fp_fusion=True,
     )
     return out, lse

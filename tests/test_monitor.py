@@ -18,7 +18,7 @@ import sinkfix
 from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.integrations.attention import AttentionCall
-from sinkfix.ops.attention import AttentionResult, sink_attention_torch
+from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.telemetry.prompt import measure_prompt
 
 from .conftest import tiny_model
@@ -287,22 +287,3 @@ def test_missing_prometheus_client_says_what_to_install(monkeypatch, tmp_path, o
             sinkfix.monitor(model, log=log, prometheus_port=0)
         assert sinkfix.PatchHandle.of(model).active  # the caller's patch is untouched
     assert log.read_text() == ""  # the log was opened first and closed again, nothing written
-
-
-def test_triton_backend_falls_back_to_the_torch_statistics(monkeypatch):
-    """Until the kernels emit the statistics, a monitored call on the Triton backend runs the
-    PyTorch path (with a one-time warning) and returns the same numbers."""
-    from sinkfix.ops import attention as ops
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 9, 16, generator=g) for _ in range(3))
-    k, v = k[:, :2], v[:, :2]
-    expected = ops.sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True,
-                                  need_sink_stats=True)
-    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")
-    ops._warn_once.cache_clear()
-    with pytest.warns(UserWarning, match="do not emit sink statistics yet"):
-        got = ops.sink_attention(q, k, v, backend="triton", causal=True, first_column_sink=True,
-                                 need_sink_stats=True)
-    assert isinstance(got, AttentionResult)
-    torch.testing.assert_close(got.sink_stats, expected.sink_stats, atol=0, rtol=0)

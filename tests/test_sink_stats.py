@@ -80,8 +80,8 @@ def test_dispatch_and_custom_op_variant(policy):
     got = sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True, need_sink_stats=True, **pol)
     torch.testing.assert_close(got.sink_stats, ref.sink_stats, atol=0, rtol=0)
     torch.testing.assert_close(got.out, ref.out, atol=0, rtol=0)
-    args = (q, k, v, None, None, pol.get("beta"), pol.get("extra_logits"), pol.get("virtual_sink_logit"), True, 0,
-            None, 32 ** -0.5, None, True, "torch")
+    args = (q, k, v, None, None, None, None, pol.get("beta"), pol.get("extra_logits"), pol.get("virtual_sink_logit"),
+            True, 0, None, 32 ** -0.5, None, True, "torch")
     out, lse, stats = torch.ops.sinkfix.sink_attention_stats(*args)
     torch.testing.assert_close(stats, ref.sink_stats, atol=0, rtol=0)
     torch.library.opcheck(custom_ops.sink_attention_stats_op, args,

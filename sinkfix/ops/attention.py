@@ -445,12 +445,9 @@ def sink_attention(
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
-    if chosen == "triton" and need_sink_stats:
-        _warn_once("telemetry: the Triton kernels do not emit sink statistics yet; monitored calls run the "
-                   "PyTorch path (sinkfix.ops.custom_ops.sink_attention_stats_op)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
-    if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or need_sink_stats or grad):
+    if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or grad):
         attn_mask = fold_key_padding(attn_mask, key_padding)
         key_padding = key_ranges = None
     if grad and not (return_probs or need_sink_mass or need_sink_stats):
@@ -477,9 +474,9 @@ def sink_attention(
     # running them one by one inside an opaque call. Eager: the function itself, without the
     # dispatcher's round trip through a Python custom op (~55 us per call on CPU, 30 calls per token).
     opaque = torch.compiler.is_compiling() and not (chosen == "torch" and q.device.type == "cpu")
-    if need_sink_stats:  # the PyTorch path today, any padding already folded into attn_mask
-        stats_args = (q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-                      int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
+    if need_sink_stats:  # the kernels' statistics variants on the Triton backend, the split path otherwise
+        stats_args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit,
+                      causal, int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
         op = custom_ops.sink_attention_stats_op if opaque else custom_ops.sink_attention_stats_impl
         out, lse, stats = op(*stats_args)
         return AttentionResult(out.transpose(1, 2), lse, None, None, stats)

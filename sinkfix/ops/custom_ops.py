@@ -15,9 +15,10 @@ differentiable.
 ``torch.ops.sinkfix.sink_attention_stats`` is the same op with one more output: the (B, Hq, 2)
 sink statistics of serving-time telemetry (:attr:`sinkfix.ops.attention.AttentionResult.sink_stats`:
 per batch row and query head, the summed sink mass before sink scaling over the rows that see a
-non-sink key, and that row count). Its contract is what a kernel can fill from its own epilogue
-(each program adds its rows' ``p_S`` into its (b, h) pair). The Triton kernels do not emit it yet:
-on that backend this variant runs the PyTorch path, which is correct but slower on a GPU.
+non-sink key, and that row count). On the Triton backend the kernels' statistics variants fill it
+from their own epilogues (each prefill program adds its query tile's sums into its (b, h) pair,
+the decode reduction each row's); on the PyTorch backend the split path computes it from its
+log-sum-exps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ import torch
 
 __all__ = ["sink_attention_op", "sink_attention_impl", "sink_attention_stats_op", "sink_attention_stats_impl",
            "residual_clip_op", "residual_clip_impl"]
+
+
+def _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit,
+                      causal, causal_offset, sliding_window, scale, softcap, first_column_sink,
+                      sink_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' (out (B, Q, Hq, D) contiguous, lse); ``sink_stats`` as in ``sink_attention_triton``."""
+    from sinkfix import kernels
+
+    if first_column_sink:
+        sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
+    out, lse = kernels.sink_attention_triton(
+        q, k, v, attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+        causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols,
+        beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, sink_stats=sink_stats)
+    # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
+    return out.transpose(1, 2).contiguous(), lse
 
 
 def sink_attention_impl(
@@ -50,16 +67,9 @@ def sink_attention_impl(
     """Returns (out (B, Q, Hq, D) contiguous in q's dtype — the layout transformers wants back —
     and lse (B, Hq, Q) fp32). Arguments as :func:`sinkfix.ops.attention.sink_attention_torch`."""
     if backend == "triton":
-        from sinkfix import kernels
-
-        if first_column_sink:
-            sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
-        out, lse = kernels.sink_attention_triton(
-            q, k, v, attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
-            causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
-            virtual_sink_logit=virtual_sink_logit)
-        # the kernel writes (B, Q, Hq, D) memory and returns its (B, Hq, Q, D) view
-        return out.transpose(1, 2).contiguous(), lse
+        return _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                                 virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                                 first_column_sink)
     from sinkfix.ops.attention import fold_key_padding, sink_attention_torch
 
     result = sink_attention_torch(
@@ -85,6 +95,8 @@ def sink_attention_stats_impl(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    key_padding: torch.Tensor | None,
+    key_ranges: torch.Tensor | None,
     sink_cols: torch.Tensor | None,
     beta: torch.Tensor | None,
     extra_logits: torch.Tensor | None,
@@ -97,14 +109,22 @@ def sink_attention_stats_impl(
     first_column_sink: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`sink_attention_impl` plus the sink statistics (B, Hq, 2) fp32. ``backend`` is
-    accepted for the day the kernels fill the statistics; today every backend runs the PyTorch path."""
-    from sinkfix.ops.attention import sink_attention_torch
+    """:func:`sink_attention_impl` plus the sink statistics (B, Hq, 2) fp32: on the Triton backend
+    from the kernels' statistics variants (a zero-filled tensor they add into), else from the
+    PyTorch path."""
+    if backend == "triton":
+        stats = torch.zeros(q.shape[0], q.shape[1], 2, dtype=torch.float32, device=q.device)
+        out, lse = _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                                     virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                                     first_column_sink, sink_stats=stats)
+        return out, lse, stats
+    from sinkfix.ops.attention import fold_key_padding, sink_attention_torch
 
     result = sink_attention_torch(
-        q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
-        scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
-        extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, need_sink_stats=True)
+        q, k, v, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
+        sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols,
+        first_column_sink=first_column_sink, beta=beta, extra_logits=extra_logits,
+        virtual_sink_logit=virtual_sink_logit, need_sink_stats=True)
     return result.out.transpose(1, 2).contiguous(), result.lse.contiguous(), result.sink_stats.contiguous()
 
 
@@ -113,10 +133,12 @@ sink_attention_stats_op = torch.library.custom_op("sinkfix::sink_attention_stats
 
 
 @sink_attention_stats_op.register_fake
-def _sink_attention_stats_fake(q, k, v, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-                               causal_offset, sliding_window, scale, softcap, first_column_sink, backend):
-    out, lse = _sink_attention_fake(q, k, v, attn_mask, None, None, sink_cols, beta, extra_logits, virtual_sink_logit,
-                                    causal, causal_offset, sliding_window, scale, softcap, first_column_sink, backend)
+def _sink_attention_stats_fake(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                               virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                               first_column_sink, backend):
+    out, lse = _sink_attention_fake(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                                    virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                                    first_column_sink, backend)
     return out, lse, q.new_empty(q.shape[0], q.shape[1], 2, dtype=torch.float32)
 
 

@@ -8,8 +8,8 @@ PTX and ptxas to a cubin. That catches what the interpreter cannot (unsupported 
 dtype errors in tl.dot, shared memory beyond the device limit) and gives ptxas's register and spill
 report and the SASS the budgets are read from. The compiling tests are marked slow (part of ``make
 test``): by default the set below (each kernel on both archs, every variant at hd 128, the
-yardstick the hot path is held to, Hopper's pointer fallback at hd 64: 26 compilations), with
-``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 186). The
+yardstick the hot path is held to, Hopper's pointer fallback at hd 64: 30 compilations), with
+``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 210). The
 residual clip kernel has no launch to record without a GPU and is compiled from its signature.
 Run ``pytest -k compile -s`` for the table.
 """
@@ -38,11 +38,11 @@ ARCHS = kernel_audit.ARCHS
 
 def _default_set(arch: int) -> list[Case]:
     tma = arch >= 90
-    cases = [Case("prefill", v, "bf16", 128, tma) for v in ("hot", "policy", "padded", "all")]
+    cases = [Case("prefill", v, "bf16", 128, tma) for v in ("hot", "policy", "padded", "stats", "all")]
     cases += [Case("flash", "yardstick", "bf16", 128, tma), Case("prefill", "hot", "fp16", 64, tma),
               Case("prefill", "hot", "bf16", 256, tma), Case("prefill", "hot", "fp32", 64)]
     cases += [Case("decode", v, "bf16", 128) for v in ("hot", "all")]
-    cases += [Case("decode", "hot", "fp16", 64), Case("reduce", "all", "bf16", 128)]
+    cases += [Case("decode", "hot", "fp16", 64)] + [Case("reduce", v, "bf16", 128) for v in ("stats", "all")]
     if tma:  # Hopper's pointer fallback, with its own config at hd 64, and its yardstick
         cases += [Case("prefill", "hot", "bf16", 64), Case("flash", "yardstick", "bf16", 64)]
     return cases
