@@ -173,6 +173,8 @@ def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
         label = f"{name} (every {p['recompute_every']}th token)" if kind == "recompute" else name
         top.plot(positions.numpy(), ppl.numpy(), style, lw=1.2, label=label)
         reference = result.reference_for(name)
+        if reference is None and name.endswith("_profile") and kind in result.variants:
+            reference = result.variants[kind]  # no recomputation run: the patched cache against the unpatched one
         if reference is not None and kind != "recompute":
             positions, ratio = running_ratio(variant, reference, span * 4)
             bottom.plot(positions.numpy(), ratio.numpy(), style, lw=1.2, label=f"{name} / {reference.name}")
@@ -189,8 +191,9 @@ def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
                     label=f"trained positions {p['max_position_embeddings']}")
     top.set_yscale("log")
     top.set_ylabel(f"perplexity, trailing {span} positions")
-    top.set_title(f"{p.get('model', '')} streaming: {p['n_sink']} sinks + {p['window']} recent tokens "
-                  f"vs {p['cache_tokens']} recent, chunks of {p['chunk']}")
+    versus = f" vs {p['cache_tokens']} recent" if "window_only" in result.variants else ""
+    top.set_title(f"{p.get('model', '')} streaming: {p['n_sink']} sinks + {p['window']} recent tokens"
+                  f"{versus}, chunks of {p['chunk']}")
     top.legend(fontsize=8)
     bottom.axhline(1.0, color="grey", lw=0.8)
     bottom.set_ylabel(f"ppl ratio, trailing {span * 4}")
