@@ -182,3 +182,22 @@ def test_kvquant_default_texts_are_the_two_quick_domains(text_file):
 
     assert list(default_texts(None)) == list(QUICK_DOMAINS)
     assert list(default_texts([str(text_file)])) == [text_file.stem]
+
+
+def test_stream_period_repeats_the_first_tokens_exactly():
+    from sinkfix.commands.stream import stream_text
+
+    from .conftest import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    text = " ".join(f"word{i}" for i in range(400))
+    plain = stream_text(tokenizer, text, 100, None)
+    periodic = stream_text(tokenizer, text, 100, 7, period=30)
+    assert periodic[0] == 7 and periodic.numel() == 100
+    body = periodic[1:]
+    assert torch.equal(body[:30], plain[:30]) and torch.equal(body[30:60], plain[:30]) and torch.equal(body[90:], plain[:9])
+
+
+def test_stream_period_within_the_cache_exits_2(capsys):
+    assert cli.main(["stream", "--period", "100", "--window", "252"]) == 2
+    assert "--period must be larger than the cache" in capsys.readouterr().err

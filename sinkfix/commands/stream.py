@@ -35,6 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "python, readme, legal, cpp), or 'mixed': the paragraphs of all five in one fixed "
                              "random order, a text of the same kind everywhere along its length")
     parser.add_argument("--tokens", type=int, default=4096, help="stream length in tokens, BOS included (default 4096)")
+    parser.add_argument("--period", type=int, default=None, metavar="N",
+                        help="repeat the text's first N tokens to the stream length: a control whose content is the "
+                             "same in every stretch of N tokens, so that drift between segments is the cache's "
+                             "(N larger than the cache, so no repetition is ever in view)")
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept (default 4)")
     parser.add_argument("--window", type=int, default=252,
                         help="recent tokens kept besides the sinks (default 252: a 256-token cache)")
@@ -67,13 +71,19 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bos is not None and first == [bos]
 
 
-def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None):
-    """The first ``tokens`` ids of ``text`` (BOS first when ``bos_id``); :class:`UsageError` if too short."""
+def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: int | None = None):
+    """The first ``tokens`` ids of ``text`` (BOS first when ``bos_id``); :class:`UsageError` if too short.
+    ``period``: the text's first ``period`` ids over and over instead (a stream whose content repeats
+    exactly, so that a difference between its segments is the cache's, not the text's)."""
     import torch
 
     from sinkfix.evaluate import tokenize
 
     body = tokens - (bos_id is not None)
+    if period is not None:
+        once = stream_text(tokenizer, text, min(period, body), None)
+        ids = once.repeat(-(-body // once.numel()))[:body]
+        return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
     # ~4 characters per token on this text; tokenize a generous prefix, then all of it if needed
     ids = tokenize(tokenizer, text[: body * 8])
     if ids.numel() < body:
@@ -115,6 +125,9 @@ def _check(args) -> None:
     check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.period is not None and args.period <= args.n_sink + args.window:
+        raise UsageError(f"--period must be larger than the cache ({args.n_sink + args.window} tokens), got "
+                         f"{args.period}: a repetition in view could be copied")
 
 
 def _load_text(args) -> tuple[str, str]:
@@ -144,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = sinkfix.load_model(args.model)
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
-    ids = stream_text(tokenizer, text, args.tokens, bos_id)
+    ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period)
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
     variants, patched_variants = parse_variants(args.variants, profile is not None)
@@ -156,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 patched = measure_streaming(model, ids, **settings, variants=patched_variants,
                                             suffix="_profile", on_tokens=bar.update)
             result.variants.update(patched.variants)
-    result.protocol.update(model=args.model, text=source, profile=args.profile)
+    result.protocol.update(model=args.model, text=source, profile=args.profile, period=args.period)
     summary = result.summary()
     out = Path(args.out)
     from sinkfix.files import atomic_write, atomic_write_text
