@@ -164,9 +164,9 @@ PREFILL_CONFIGS = {
     (80, 256, True): (64, 32, 8, 2),
     # fp32 runs the ieee dot on FMAs, which hold whole operand rows in registers: small tiles
     # (32 x 32 spilled at hd 128, 32 x 16 at hd 256; on sm_90 32 x 16 at hd 128 spills 784 / 724
-    # bytes, 16 x 16 at most 4 / 4)
+    # bytes, 16 x 16 with 4 warps 8 / 8, with 8 warps nothing: 60 registers)
     (90, 64, False): (32, 16, 4, 2),
-    (90, 128, False): (16, 16, 4, 2),
+    (90, 128, False): (16, 16, 8, 2),
     (90, 256, False): (16, 16, 4, 2),
     (80, 64, False): (32, 16, 4, 2),
     (80, 128, False): (32, 16, 4, 2),
