@@ -226,7 +226,7 @@ DECODE_CONFIGS = {
     (90, 256, True): (32, 4, 2),
     (90, 64, False): (32, 4, 2),
     (90, 128, False): (16, 4, 2),  # 32 keys per tile spill 588 / 476 bytes on sm_90, 16 none
-    (90, 256, False): (16, 4, 2),
+    (90, 256, False): (16, 8, 2),  # 4 warps: 128 registers and 28 / 44 bytes of spills (hot path)
     (80, 64, True): (64, 4, 2),
     (80, 128, True): (64, 4, 2),
     (80, 256, True): (32, 4, 2),

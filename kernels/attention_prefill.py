@@ -175,11 +175,11 @@ PREFILL_CONFIGS = {
     (80, 256, True): (64, 32, 8, 2),
     # fp32 runs the ieee dot on FMAs, which hold whole operand rows in registers: small tiles
     # (32 x 32 spilled at hd 128, 32 x 16 at hd 256; on sm_90 32 x 16 at hd 128 spills 784 / 724
-    # bytes, 16 x 16 at most 4 / 4)
+    # bytes, 16 x 16 with 4 warps 8 / 8, with 8 warps nothing: 60 registers)
     (90, 64, False): (32, 16, 4, 2),
-    (90, 128, False): (16, 16, 4, 2),
+    (90, 128, False): (16, 16, 8, 2),
     (90, 256, False): (16, 16, 4, 2),
-    (80, 64, False): (32, 16, 4, 2),
+    (80, 64, False): (16, 16, 8, 2),  # 32 x 16 with 4 warps: 8 / 8 (padded), 16 / 16 (every feature)
     (80, 128, False): (32, 16, 4, 2),
     (80, 256, False): (16, 16, 4, 2),
 }
@@ -187,7 +187,7 @@ PREFILL_CONFIGS = {
 
 # Hopper's pointer path (the fallback when k/v allow no tensor descriptor), where it differs from
 # the bulk-copy config: at hd 64, 4 warps holding a 128 x 64 tile need 255 registers and spill
-# 12 / 12 bytes on sm_90 without descriptors; 8 warps use 126 and spill nothing (kernel audit)
+# 12 / 12 bytes on sm_90 without descriptors; 8 warps use 128 and spill nothing (kernel audit)
 POINTER_FALLBACK_CONFIGS = {
     (90, 64, True): (128, 64, 8, 3),
 }

@@ -158,6 +158,26 @@ def test_config_table_covers_every_head_dim():
             assert bm >= 16 and bn >= 16 and nw in (4, 8) and ns >= 1
 
 
+def _table_tiles():
+    """Every distinct (BLOCK_M, BLOCK_N, padded head dim, 16-bit input?) of the prefill config tables:
+    the interpreter otherwise runs only the tiles it is dispatched (Hopper's), never sm_80's."""
+    from sinkfix.kernels.attention_prefill import PREFILL_CONFIGS, POINTER_FALLBACK_CONFIGS
+
+    tables = list(PREFILL_CONFIGS.items()) + list(POINTER_FALLBACK_CONFIGS.items())
+    return sorted({(bm, bn, hd, is16) for (_, hd, is16), (bm, bn, _, _) in tables})
+
+
+@pytest.mark.parametrize("bm,bn,hd,is16", _table_tiles(), ids=lambda x: str(x))
+def test_every_table_tile(kt, bm, bn, hd, is16):
+    # two row blocks, the second ragged; a sink and every policy term, so both key loops and the
+    # epilogue run with this tile shape
+    dtype = torch.float16 if is16 else torch.float32
+    n = bm + 37
+    q, k, v = kt.make_qkv(1, 2, 1, n, n, hd, dtype, sink_cols=torch.tensor([[0]]), sink_boost=3.0, seed=hd + bm)
+    _run(kt, q, k, v, f"prefill table tile {bm}x{bn} hd{hd}", block_m=bm, block_n=bn, causal=True,
+         **kt.policy_kwargs("combined", 2, 1))
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

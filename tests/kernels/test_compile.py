@@ -8,7 +8,8 @@ PTX and ptxas to a cubin. That catches what the interpreter cannot (unsupported 
 dtype errors in tl.dot, shared memory beyond the device limit) and gives ptxas's register and spill
 report and the SASS the budgets are read from. The compiling tests are marked slow (part of ``make
 test``): by default the set below (each kernel on both archs, every variant at hd 128, the
-yardstick the hot path is held to, Hopper's pointer fallback at hd 64: 30 compilations), with
+yardstick the hot path is held to, the fp32 configs nearest to spilling, Hopper's pointer fallback
+at hd 64 and 256, the statistics variants: 40 compilations), with
 ``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 210). The
 residual clip kernel has no launch to record without a GPU and is compiled from its signature.
 Run ``pytest -k compile -s`` for the table.
@@ -43,8 +44,13 @@ def _default_set(arch: int) -> list[Case]:
               Case("prefill", "hot", "bf16", 256, tma), Case("prefill", "hot", "fp32", 64)]
     cases += [Case("decode", v, "bf16", 128) for v in ("hot", "all")]
     cases += [Case("decode", "hot", "fp16", 64)] + [Case("reduce", v, "bf16", 128) for v in ("stats", "all")]
-    if tma:  # Hopper's pointer fallback, with its own config at hd 64, and its yardstick
-        cases += [Case("prefill", "hot", "bf16", 64), Case("flash", "yardstick", "bf16", 64)]
+    # fp32 where its small tiles came closest to spilling (sm_80: the sink-aware variants at hd 256,
+    # sm_90: the hot path at hd 128), with the yardstick the hot path is held to
+    cases += [Case("prefill", "policy", "fp32", 256), Case("prefill", "padded", "fp32", 256),
+              Case("prefill", "hot", "fp32", 128), Case("flash", "yardstick", "fp32", 128)]
+    if tma:  # Hopper's pointer fallback, with its own config at hd 64, at hd 256, and the yardsticks
+        cases += [Case("prefill", "hot", "bf16", 64), Case("flash", "yardstick", "bf16", 64),
+                  Case("prefill", "hot", "bf16", 256), Case("flash", "yardstick", "bf16", 256)]
     return cases
 
 
