@@ -474,13 +474,11 @@ def sink_attention(
     # running them one by one inside an opaque call. Eager: the function itself, without the
     # dispatcher's round trip through a Python custom op (~55 us per call on CPU, 30 calls per token).
     opaque = torch.compiler.is_compiling() and not (chosen == "torch" and q.device.type == "cpu")
-    if need_sink_stats:  # the kernels' statistics variants on the Triton backend, the split path otherwise
-        stats_args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit,
-                      causal, int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
-        op = custom_ops.sink_attention_stats_op if opaque else custom_ops.sink_attention_stats_impl
-        out, lse, stats = op(*stats_args)
-        return AttentionResult(out.transpose(1, 2), lse, None, None, stats)
     args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
             int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
+    if need_sink_stats:  # the kernels' statistics variants on the Triton backend, the split path otherwise
+        op = custom_ops.sink_attention_stats_op if opaque else custom_ops.sink_attention_stats_impl
+        out, lse, stats = op(*args)
+        return AttentionResult(out.transpose(1, 2), lse, None, None, stats)
     out, lse = custom_ops.sink_attention_op(*args) if opaque else custom_ops.sink_attention_impl(*args)
     return AttentionResult(out.transpose(1, 2), lse, None, None)
