@@ -213,6 +213,11 @@ class Fp8Body:
         self.qk, self.qv = fp8_quantize(k_all, self.k_scale), fp8_quantize(v_all, self.v_scale)
         self.pk = self.pv = None
 
+    def read_back(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k``, ``v`` as the body would return them once stored: cast with the frozen scales and back."""
+        return (fp8_dequantize(fp8_quantize(k, self.k_scale), self.k_scale, k.dtype),
+                fp8_dequantize(fp8_quantize(v, self.v_scale), self.v_scale, v.dtype))
+
     def drop_front(self, n: int) -> None:
         if n <= 0:
             return

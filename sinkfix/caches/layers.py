@@ -32,7 +32,6 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from sinkfix.caches.body import QUANTIZED_BODIES, Fp8Body, FullBody, QuantizedBody
-from sinkfix.caches.quantize import fp8_dequantize, fp8_quantize
 from sinkfix.caches.rope import Rotary, rotate_keys
 from sinkfix.errors import CacheError, UnsupportedModelError
 
@@ -121,13 +120,10 @@ class SinkLayer(CacheLayerMixin):
         return keys, values
 
     def _cast_new_tokens(self, keys, values, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
-        body, q_len = self.body, key_states.shape[-2]
-        new_k = fp8_dequantize(fp8_quantize(key_states, body.k_scale), body.k_scale, key_states.dtype)
-        new_v = fp8_dequantize(fp8_quantize(value_states, body.v_scale), body.v_scale, value_states.dtype)
+        q_len = key_states.shape[-2]
+        new_k, new_v = self.body.read_back(key_states, value_states)
         if self.keep_sinks and self.n_sink:
-            absolute = torch.arange(q_len, device=key_states.device)[None, :] + self.seen
-            first = self.first_real[:, None]
-            exact = ((absolute >= first) & (absolute < first + self.n_sink))[:, None, :, None]
+            exact = self._is_sink(self._new_abs(q_len))[:, None, :, None]
             new_k, new_v = torch.where(exact, key_states, new_k), torch.where(exact, value_states, new_v)
         self.last_exact_from = keys.shape[-2]  # nothing of this call is read as the model wrote it
         return torch.cat([keys[:, :, :-q_len], new_k], dim=-2), torch.cat([values[:, :, :-q_len], new_v], dim=-2)
@@ -210,9 +206,16 @@ class SinkLayer(CacheLayerMixin):
         head_abs = self._head_abs()
         body_abs = self._body_abs(len(self.body))
         columns = body_abs if head_abs is None else torch.cat([head_abs, body_abs], dim=1)
+        return columns, self._is_sink(columns)
+
+    def _is_sink(self, absolute: torch.Tensor) -> torch.Tensor:
+        """(B, L): which of the tokens at ``absolute`` (B or 1, L) indices are sinks this layer keeps."""
         first = self.first_real[:, None]
-        is_sink = (columns >= first) & (columns < first + self.n_sink) & self.keep_sinks
-        return columns, is_sink
+        return (absolute >= first) & (absolute < first + self.n_sink) & self.keep_sinks
+
+    def _new_abs(self, q_len: int) -> torch.Tensor:
+        """(1, q_len) absolute token index of a call's new tokens (before they are stored)."""
+        return (torch.arange(q_len, device=self.device) + self.seen)[None, :]
 
     def _body_abs(self, length: int) -> torch.Tensor:
         """(B, length) absolute token index of the body's first ``length`` columns, -1 for padding."""
@@ -305,7 +308,7 @@ class SinkLayer(CacheLayerMixin):
         what the model wrote (the full-precision residual and the new tokens)."""
         head_abs = self._head_abs() if has_head else None
         body_abs = self._body_abs(0 if body_k is None else body_k.shape[-2]).expand(self.shape[0], -1)
-        new_abs = (torch.arange(q_len, device=self.device) + self.seen).expand(self.shape[0], -1)
+        new_abs = self._new_abs(q_len).expand(self.shape[0], -1)
         parts = ([] if head_abs is None else [head_abs]) + [body_abs, new_abs]
         self.last_columns = torch.cat(parts, dim=1)
         quantized = self.body.quantized_len if isinstance(self.body, QUANTIZED_BODIES) else 0
@@ -319,8 +322,8 @@ class SinkLayer(CacheLayerMixin):
         if isinstance(self.body, Fp8Body) and self.body.k_scale is None:
             # the per-tensor scale is set by the tokens the body really serves: not the sinks (read
             # back from their full-precision copies) and not left padding (never attended)
-            absolute = torch.arange(q_len, device=key_states.device)[None, :] + self.seen
-            calibrate = absolute >= self.first_real[:, None] + (self.n_sink if self.keep_sinks else 0)
+            absolute = self._new_abs(q_len)
+            calibrate = (absolute >= self.first_real[:, None]) & ~self._is_sink(absolute)
         self.body.append(key_states, value_states, calibrate)
         self.body_pos = torch.cat([self.body_pos, positions], dim=1)
         self.seen += q_len
