@@ -121,6 +121,16 @@ def _save_cache(path: Path, caches: dict) -> None:
     _save_json(path, {name: {"|".join(k): v for k, v in entries.items()} for name, entries in caches.items()})
 
 
+def _saved_scores(out: Path, tag: str) -> dict:
+    """Every score the cache files of one model and protocol hold (a run's and its parts'), merged
+    into plain dicts: {"val": ..., "eval": ...}."""
+    merged: dict = {"val": {}, "eval": {}}
+    for path in sorted(out.glob(f"cache-{tag}*.json")):
+        for name, entries in _cache(path).items():
+            dict.update(merged[name], entries)
+    return merged
+
+
 class _NotScored(KeyError):
     """A score the stopped run did not reach."""
 
@@ -402,9 +412,8 @@ def run(args) -> int:
     if args.part:  # one share of the rows, in a process of its own with a cache file of its own
         part_path = out / f"cache-{tag}-part-{args.part}.json"
         part = _cache(part_path)
-        for name in ("val", "eval"):  # start from what every file knows
-            for other in sorted(out.glob(f"cache-{tag}*.json")):
-                dict.update(part[name], _cache(other)[name])
+        for name, entries in _saved_scores(out, tag).items():  # start from what every file knows
+            dict.update(part[name], entries)
         if args.fixed:
             _fixed_rows(model, tokenizer, fits, args, part["eval"], args.held_out or [])
         else:
@@ -413,10 +422,7 @@ def run(args) -> int:
         _save_cache(part_path, part)
         return 0
     while args.finished_only:
-        merged: dict = {"val": {}, "eval": {}}
-        for path in sorted(out.glob(f"cache-{tag}*.json")):
-            for name, entries in _cache(path).items():
-                merged[name].update(entries)
+        merged = _saved_scores(out, tag)
         data = _table(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]))
         data["fit_timing"], data["select_timing"] = fit_timing, _load_json(out / f"select-{tag}.json")
         data["sources"] = {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains}
@@ -464,10 +470,7 @@ def profile(args) -> int:
     model, tokenizer = sinkfix.load_model(args.model)
     domains = list(saved["fits"])
     fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in domains})
-    val: dict = {}
-    for path in sorted(out.glob(f"cache-{tag}*.json")):
-        dict.update(val, _cache(path)["val"])
-    chosen = robust_profile(model, fits, cache=val, log=print)
+    chosen = robust_profile(model, fits, cache=_saved_scores(out, tag)["val"], log=print)
     chosen.save(args.profile_out)
     print(f"wrote {args.profile_out}")
     return 0
