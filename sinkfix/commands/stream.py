@@ -131,12 +131,15 @@ def _check(args) -> None:
 
 
 def _load_text(args) -> tuple[str, str]:
-    from sinkfix.texts import MIXED, builtin_texts, mixed_text, read_text_file
+    from sinkfix.texts import MIXED, domain_source, domain_text, mixed_text, read_text_file, resolve_domain
 
     if args.text:
         return read_text_file(args.text), str(args.text)
-    chosen = mixed_text("eval") if args.builtin == MIXED else next(iter(builtin_texts("eval", [args.builtin]).values()))
-    return chosen.text, chosen.source
+    if args.builtin == MIXED:
+        mixed = mixed_text("eval")
+        return mixed.text, mixed.source
+    name = resolve_domain(args.builtin)
+    return domain_text(name, "eval"), domain_source(name, "eval")
 
 
 def run(args: argparse.Namespace) -> int:
