@@ -287,3 +287,33 @@ def test_missing_prometheus_client_says_what_to_install(monkeypatch, tmp_path, o
             sinkfix.monitor(model, log=log, prometheus_port=0)
         assert sinkfix.PatchHandle.of(model).active  # the caller's patch is untouched
     assert log.read_text() == ""  # the log was opened first and closed again, nothing written
+
+
+def test_accumulator_folds_each_forward_once_whatever_its_layout():
+    """A forward's updates are folded in one step when every layer reports once with the same head
+    count, layer by layer otherwise (uneven heads); a layer without a residual hook reads NaN; a
+    prompt's norms are taken at once and a decode step's from the kept outputs, to the same numbers."""
+    from sinkfix.telemetry.accumulate import DEFERRED_NORM_TOKENS, RequestAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    acc = RequestAccumulator([4, 2, 4], batch=2, device=torch.device("cpu"))
+    expected_stats = torch.zeros(3, 2, 4, 2, dtype=torch.float64)
+    hidden_by_layer: dict[int, list[torch.Tensor]] = {0: [], 2: []}
+    for q_len in (DEFERRED_NORM_TOKENS + 4, 1, 1):  # a prompt, then two decode steps
+        acc.begin_forward(torch.ones(2, q_len, dtype=torch.bool))
+        for layer, heads in enumerate([4, 2, 4]):
+            stats = torch.rand(2, heads, 2, generator=g)
+            acc.add_attention(layer, stats)
+            expected_stats[layer, :, :heads] += stats.double()
+        for layer in (0, 2):  # layer 1 has no decoder hook
+            hidden = torch.randn(2, q_len, 8, generator=g)
+            acc.add_residual(layer, hidden)
+            hidden_by_layer[layer].append(hidden)
+    torch.testing.assert_close(acc.stats, expected_stats)  # read mid-request: the last forward counts
+    values = acc.read()
+    torch.testing.assert_close(values["stats"], expected_stats)
+    for layer in (0, 2):
+        norms = torch.linalg.vector_norm(torch.cat(hidden_by_layer[layer], dim=1), dim=-1)
+        torch.testing.assert_close(values["residual_peak"][layer].float(), norms.amax(-1) / norms.median(-1).values)
+    assert torch.isnan(values["residual_peak"][1]).all()
+    assert values["tokens"].tolist() == [DEFERRED_NORM_TOKENS + 6] * 2

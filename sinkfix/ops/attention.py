@@ -55,8 +55,11 @@ def sink_stats(row_mass: torch.Tensor, has_n: torch.Tensor | None) -> torch.Tens
     whatever they hold (a garbage log-sum-exp of a row that sees nothing) never reaches the sum.
     """
     if has_n is None:
-        # one op instead of full + stack: a decode step is made of small ops (docs/inference.md)
-        return torch.nn.functional.pad(row_mass.sum(-1, keepdim=True), (0, 1), value=float(row_mass.shape[-1]))
+        # one op instead of full + stack: a decode step is made of small ops (docs/inference.md);
+        # with one query row (a decode step) the row is its own sum, so the pad is the only op
+        rows = row_mass.shape[-1]
+        summed = row_mass if rows == 1 else row_mass.sum(-1, keepdim=True)
+        return torch.nn.functional.pad(summed, (0, 1), value=float(rows))
     has_n = has_n.expand_as(row_mass)
     mass = torch.where(has_n, row_mass, 0.0).sum(-1)
     return torch.stack((mass, has_n.sum(-1).to(mass.dtype)), dim=-1)
