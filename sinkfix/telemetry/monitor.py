@@ -111,6 +111,7 @@ class Monitor:
         self._request: _Request | None = None
         self._hooks: list = []
         self._rerunning = False
+        self._layouts: dict = {}
         self.records: list[dict] = []  # the last request's records
         self.log = self.exporter = None
         try:
@@ -209,6 +210,7 @@ class Monitor:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
         req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device))
+        self._layouts = {}  # the prompt measures' per-forward layout cache (telemetry/prompt.py)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
@@ -223,7 +225,7 @@ class Monitor:
         acc.add_attention(call.layer, stats)
         if acc.in_prompt:
             measures = measure_prompt(call, rows_wanted=self.sample_rows, threshold=self.hidden_sink_threshold,
-                                      min_queries=self.min_queries)
+                                      min_queries=self.min_queries, layouts=self._layouts)
             acc.add_prompt(call.layer, measures, stats[..., 1])
 
     def _residual_hook(self, layer: int):

@@ -121,56 +121,92 @@ def _real_probabilities(call, rows: torch.Tensor, visible: torch.Tensor) -> torc
     return probs.mul_(visible)
 
 
-def _row_factors(call, probs: torch.Tensor, rows: torch.Tensor, sink_cols: torch.Tensor,
-                 has_n: torch.Tensor, is_sink: torch.Tensor) -> torch.Tensor:
+def _row_factors(call, probs: torch.Tensor, lay: "_Layout") -> torch.Tensor:
     """(B, Hq, r): what turns a row's stock probability of a non-sink key into the one the call
     applied: the share the zero-value logits leave, times beta's redistribution
     ``(p_N + (1 - beta) p_S) / p_N`` (docs/formulas.md). Sink columns are not needed downstream."""
-    lse = call.result.lse[:, :, rows].float()
-    zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, has_n)
+    lse = call.result.lse[:, :, lay.rows].float()
+    zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, lay.has_n)
     keep = torch.ones_like(lse) if zero is None else torch.sigmoid(lse - zero)
     if call.beta is None:
         return keep
-    p_s = _sink_columns_mass(probs, sink_cols)
+    p_s = _sink_columns_mass(probs, lay.sink_cols)
     # p_N summed over the non-sink keys themselves, never as 1 - p_S: in a row whose sink takes
     # almost everything (p_S = 1 - 1e-8 is common in SmolLM2) the difference cancels to 0 in fp32
     # and the factor below blew up to 1e29 (seen as dormancy scores of 1e19)
-    non_sink = (~is_sink).to(probs.dtype)[:, None, :, None]  # (B, 1, K, 1)
-    p_n = torch.matmul(probs, non_sink).squeeze(-1).clamp(min=1e-30)
-    beta = torch.where(has_n, call.beta.float()[None, :, None], 1.0)
+    p_n = torch.matmul(probs, lay.non_sink).squeeze(-1).clamp(min=1e-30)
+    beta = torch.where(lay.has_n, call.beta.float()[None, :, None], 1.0)
     return keep * (p_n + (1 - beta) * p_s) / p_n
 
 
-def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int) -> PromptMeasures:
-    """The drain weights and the sampled hidden-sink estimates of one attention call of the prompt."""
-    q, k = call.query, call.key
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
+class _Layout(NamedTuple):
+    """What the measures need from the call's layout alone (mask, lengths, sink columns): the same
+    for every layer of a forward that shares its mask, so a monitor computes it once per forward
+    (about 25 of the ~60 small ops a layer's measures take)."""
+
+    mask: torch.Tensor | None  # kept alive so that its id() is not reused while the layout is cached
+    sink_cols: torch.Tensor  # (B, NS)
+    seen_by: torch.Tensor  # (B, K) rows of the call that may see each key
+    rows: torch.Tensor  # (r,) the sampled query rows
+    visible: torch.Tensor  # (B|1, 1, r, K) bool, what the sampled rows may see
+    is_sink: torch.Tensor  # (B, K) bool
+    has_n: torch.Tensor  # (B|1, 1, r) bool, sampled rows that see a non-sink key
+    sampled_seen: torch.Tensor  # (B|1, 1, K) sampled rows that see each key
+    non_sink: torch.Tensor  # (B, 1, K, 1) fp32 indicator of the non-sink keys
+
+
+def _layout(call, rows_wanted: int) -> _Layout:
+    q = call.query
+    batch, _, q_len, _ = q.shape
+    k_len = call.key.shape[2]
     sink_cols = call.sink_cols
     if sink_cols is None:  # the layout put the sink at key column 0 of every row
         sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device)
-    seen_by = _seen_by(call, batch, q_len, k_len)
-    weights, sink_weight, drain = _value_weights(call, sink_cols, seen_by)
     rows = sampled_rows(q_len, rows_wanted, q.device)
-    visible = _visible_rows(call, rows, batch, k_len)  # (B|1, 1, r, K)
-    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)  # (B, K)
-    has_n = (visible & ~is_sink[:, None, None, :]).any(-1)  # (B, 1, r)
-    probs = _real_probabilities(call, rows, visible)
+    visible = _visible_rows(call, rows, batch, k_len)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
+    return _Layout(call.attn_mask, sink_cols, _seen_by(call, batch, q_len, k_len), rows, visible, is_sink,
+                   (visible & ~is_sink[:, None, None, :]).any(-1), visible.sum(2),
+                   (~is_sink).to(torch.float32)[:, None, :, None])
+
+
+def _cached_layout(call, rows_wanted: int, layouts: dict | None) -> _Layout:
+    """The call's layout, from ``layouts`` when a call of the same forward had the same one. Calls
+    whose sink columns were located per call (padding, explicit sink positions) are not cached:
+    telling whether two such tensors agree would read them on the host."""
+    if layouts is None or call.sink_cols is not None:
+        return _layout(call, rows_wanted)
+    key = (None if call.attn_mask is None else id(call.attn_mask), call.causal, tuple(call.query.shape[:1]),
+           call.query.shape[2], call.key.shape[2], rows_wanted)
+    if key not in layouts:
+        layouts[key] = _layout(call, rows_wanted)
+    return layouts[key]
+
+
+def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int,
+                   layouts: dict | None = None) -> PromptMeasures:
+    """The drain weights and the sampled hidden-sink estimates of one attention call of the prompt.
+    ``layouts``: a dict the caller keeps for one forward, so that layers with the same layout share
+    its tensors."""
+    q, k = call.query, call.key
+    q_heads = q.shape[1]
+    group = q_heads // k.shape[1]
+    lay = _cached_layout(call, rows_wanted, layouts)
+    weights, sink_weight, drain = _value_weights(call, lay.sink_cols, lay.seen_by)
+    probs = _real_probabilities(call, lay.rows, lay.visible)
     # a padding row's log-sum-exp is not a number (it sees no key): its factor would turn the
     # sums below into NaN for the whole batch row, so rows without a non-sink key count as 0
-    factors = torch.where(has_n, _row_factors(call, probs, rows, sink_cols, has_n, is_sink), 0.0)  # (B, Hq, r)
+    factors = torch.where(lay.has_n, _row_factors(call, probs, lay), 0.0)  # (B, Hq, r)
     # ACT's criterion on the sampled rows; keys seen by too few rows of the whole call are not
     # judged (inspect's rule: min(min_queries, a quarter of the rows), so late keys never "sink")
     n_rows = call.result.sink_stats[..., 1].amax()
     min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
-    sampled_seen = visible.sum(2)  # (B|1, 1, K)
-    mean_att = torch.matmul(factors[..., None, :], probs).squeeze(-2) / sampled_seen.clamp(min=1)  # (B, Hq, K)
-    judged = (seen_by >= min_q) & ~is_sink  # (B, K)
-    enough = sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS)
+    mean_att = torch.matmul(factors[..., None, :], probs).squeeze(-2) / lay.sampled_seen.clamp(min=1)  # (B, Hq, K)
+    judged = (lay.seen_by >= min_q) & ~lay.is_sink  # (B, K)
+    enough = lay.sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS)
     hidden = (mean_att > threshold) & judged[:, None, :] & enough
     col_weight = weights.repeat_interleave(group, dim=1)  # (B, Hq, K)
     part = factors * torch.matmul(probs, (hidden * col_weight)[..., None]).squeeze(-1)  # (B, Hq, r)
-    counted = has_n.float()
+    counted = lay.has_n.float()
     hidden_part = (part * counted).sum(-1) / counted.sum(-1).clamp(min=1)
     return PromptMeasures(sink_weight.repeat_interleave(group, dim=1), drain, hidden.sum(-1).float(), hidden_part)
