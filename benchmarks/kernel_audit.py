@@ -77,11 +77,14 @@ class Case:
     logit), ``padded`` (policy plus left padding as per-sequence key ranges), ``stats`` (policy plus
     the telemetry statistics output: the HAS_STATS variant of the prefill kernel and of the decode
     reduction, whose split kernel is the policy one), ``all`` (every feature: an arbitrary dense
-    mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``yardstick``
-    (flash_minimal). ``tma``: the sm_90 bulk-tensor-copy path (the default
-    there); the pointer path is audited on sm_80 and as the sm_90 fallback (``hot`` only)."""
+    mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``hidden``
+    (padded plus a content-dependent hidden-sink mask: the HAS_HIDDEN variant with its own config,
+    the correction pass of content-dependent sinks), ``yardstick`` (flash_minimal). ``tma``: the
+    sm_90 bulk-tensor-copy path (the default there); the pointer path is audited on sm_80 and as
+    the sm_90 fallback (``hot`` only). Kernel ``column`` is the column-mass kernel of
+    content-dependent sinks (``hot``: causal; ``padded``: causal with left padding as key ranges)."""
 
-    kernel: str  # prefill | decode | reduce | flash
+    kernel: str  # prefill | decode | reduce | flash | column
     variant: str
     dtype: str
     head_dim: int
@@ -100,8 +103,9 @@ def default_cases(arch: int) -> list[Case]:
     for dtype in DTYPES:
         tma = arch >= 90 and dtype != "fp32"  # descriptors for 16-bit tiles on Hopper
         for hd in HEAD_DIMS:
-            for variant in ("hot", "policy", "padded", "stats", "all"):
+            for variant in ("hot", "policy", "padded", "stats", "all", "hidden"):
                 cases.append(Case("prefill", variant, dtype, hd, tma))
+            cases += [Case("column", "hot", dtype, hd), Case("column", "padded", dtype, hd)]
             cases.append(Case("flash", "yardstick", dtype, hd, tma))
             if tma:  # the pointer path, Hopper's fallback, against the same yardstick
                 cases += [Case("prefill", "hot", dtype, hd, False), Case("flash", "yardstick", dtype, hd, False)]
@@ -237,6 +241,10 @@ def _config(table_fn, case: Case, dtype, arch: int):
     """The launcher's tile config for ``arch`` and the case's load path (older packages have one
     table for every arch and path)."""
     params = inspect.signature(table_fn).parameters
+    if case.variant == "hidden":
+        if "hidden" not in params:
+            raise NotApplicable("no hidden-sink variant in this kernel package")
+        return table_fn(case.head_dim, dtype, arch, bulk_copies=case.tma, hidden=True)
     if "bulk_copies" in params:
         return table_fn(case.head_dim, dtype, arch, bulk_copies=case.tma)
     if "arch" in params:
@@ -283,6 +291,23 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
         return CaseCall((flash,), flash.flash_attention_minimal, (q, k, v),
                         dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, use_tma=case.tma),
                         4.0 * hq * PREFILL_LEN * (PREFILL_LEN + 1) / 2 * hd, 0.0)
+    if case.kernel == "column":
+        try:
+            column = importlib.import_module(package.__name__ + ".column_mass")
+        except ImportError:
+            raise NotApplicable("no column-mass kernel in this kernel package") from None
+        batch = 2
+        q, k = tensors(batch, hq, PREFILL_LEN), tensors(batch, hkv, PREFILL_LEN)
+        kw = dict(causal=True)
+        if case.variant == "padded":
+            pads = torch.tensor([0, 37], device=device)
+            kw["key_padding"] = torch.arange(PREFILL_LEN, device=device)[None, :] >= pads[:, None]
+        bm, bn, nw, ns = column.column_mass_config(hd, dtype, arch)
+        kw.update(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        lse = torch.zeros(batch, hq, PREFILL_LEN, device=device)
+        # one q.k product per visible (row, key) pair, no P.V: half a causal attention forward
+        flops = 2.0 * batch * hq * PREFILL_LEN * (PREFILL_LEN + 1) / 2 * hd
+        return CaseCall((common, column), column.column_mass, (q, k, lse), kw, flops, 0.0)
     if case.kernel == "prefill":
         q_len, k_len, batch = PREFILL_LEN, PREFILL_LEN, 2
     elif case.variant == "all":
@@ -292,10 +317,14 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
     q, k, v = tensors(batch, hq, q_len), tensors(batch, hkv, k_len), tensors(batch, hkv, k_len)
     kw = dict(causal=True, causal_offset=k_len - q_len)
     on = dict(device=device)
-    if case.variant in ("policy", "padded", "stats"):
+    if case.variant in ("policy", "padded", "stats", "hidden"):
         kw.update(sink_cols=torch.zeros(batch, 1, dtype=torch.long, **on), beta=torch.full((hq,), 0.9, **on),
                   virtual_sink_logit=torch.zeros(hq, **on))
-    if case.variant == "padded":
+    if case.variant == "hidden":
+        if "hidden" not in inspect.signature(prefill.sink_attention_prefill).parameters:
+            raise NotApplicable("no hidden-sink variant in this kernel package")
+        kw.update(hidden=torch.rand(batch, hq, k_len, **on) > 0.99, hidden_beta=torch.full((hq,), 0.4, **on))
+    if case.variant in ("padded", "hidden"):
         if "key_padding" not in inspect.signature(prefill.sink_attention_prefill).parameters:
             raise NotApplicable("no per-sequence key ranges in this kernel package")
         pads = torch.tensor([0, 37], **on)[:batch]
@@ -627,7 +656,7 @@ def budget_report(records: list[dict]) -> list[dict]:
             continue
         add("zero spills", rec, rec["spill_store"] == 0 and rec["spill_load"] == 0,
             f"{rec['spill_store']} / {rec['spill_load']} bytes")
-        if rec["kernel"] in ("prefill", "decode", "flash") and "exp2_ops_per_elem" in rec:
+        if rec["kernel"] in ("prefill", "decode", "flash", "column") and "exp2_ops_per_elem" in rec:
             allowed = 2 if rec["softcap"] else 1
             ok = rec["exp2_ops_per_elem"] <= allowed and rec["exp2_row_ops"] <= 1
             if "ex2_expected" in rec:
@@ -643,7 +672,8 @@ def budget_report(records: list[dict]) -> list[dict]:
                 add("hot path within 5% of the yardstick", rec, ok,
                     f"regs {rec['regs']} vs {ref['regs']}, main loop {rec['main_loop_sass']} vs "
                     f"{ref['main_loop_sass']} SASS")
-        if rec["kernel"] in ("prefill", "decode") and rec["variant"] in ("hot", "policy", "padded", "stats"):
+        if rec["kernel"] in ("prefill", "decode", "column") and rec["variant"] in ("hot", "policy", "padded", "stats",
+                                                                                 "hidden"):
             add("no dense mask in the common cases", rec, rec["mask"] == "none",
                 f"dense mask argument: {rec['mask']}")
         if rec["variant"] == "all" and rec["kernel"] in ("prefill", "decode"):
@@ -768,8 +798,8 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
             "| main-loop SASS | key loops | main-loop loads |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
-    order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3}
-    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5}
+    order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3, "column": 4}
+    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5, "hidden": 6}
     rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], variants[r["variant"]], not r.get("tma")))
     for r in rows:
         b = old.get(key(r))

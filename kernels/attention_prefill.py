@@ -216,7 +216,16 @@ POINTER_FALLBACK_CONFIGS = {
 # The content-dependent-sink variant (HAS_HIDDEN) keeps a second (BLOCK_M, BLOCK_D) fp32
 # accumulator for the hidden sinks, which the tiles above have no registers for; where it differs,
 # its config (kernel audit: no spills on sm_80 and sm_90, benchmarks/AUDIT.md)
-HIDDEN_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {}
+HIDDEN_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {
+    (80, 64, True): (64, 64, 8, 3),
+    (80, 128, True): (64, 32, 8, 3),
+    (80, 256, True): (32, 32, 8, 2),
+    (90, 64, True): (128, 64, 8, 3),
+    (90, 256, True): (64, 16, 8, 2),
+    (80, 64, False): (16, 16, 4, 2),
+    (90, 64, False): (16, 16, 8, 2),
+    (90, 256, False): (16, 16, 8, 2),
+}
 
 
 def _hidden_view(hidden, hidden_beta, q, k_len: int):

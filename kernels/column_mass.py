@@ -94,8 +94,10 @@ def _column_mass_kernel(
     lo = tl.minimum(lo, q_len) // BLOCK_M * BLOCK_M
     hi = tl.maximum(hi, lo)
 
-    mass = tl.zeros([BLOCK_N], tl.float32)
-    rows = tl.zeros([BLOCK_N], tl.float32)
+    # per-element running sums, reduced over the rows once after the loop: a reduction per tile
+    # would cross warps (shuffles and shared memory) on every query tile
+    mass_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    rows_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     q_base = Q + off_b * stride_qz + off_h * stride_qh
     lse_base = Lse + off_b * stride_lz + off_h * stride_lh
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -122,10 +124,11 @@ def _column_mass_kernel(
                               stride_pn, None, 0, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
                               HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, NS=0)
         vis = vis & row_ok[:, None]
-        p = tl.where(vis, tl.math.exp2(s2 - lse2[:, None]), 0.0)
-        mass += tl.sum(p, 0)
-        rows += tl.sum(vis.to(tl.float32), 0)
+        mass_tile += tl.where(vis, tl.math.exp2(s2 - lse2[:, None]), 0.0)
+        rows_tile += vis.to(tl.float32)
 
+    mass = tl.sum(mass_tile, 0)
+    rows = tl.sum(rows_tile, 0)
     out_off = off_b * num_heads * k_len + off_h * k_len + cols
     tl.store(Mass + out_off, mass, mask=col_ok)
     # the row count does not depend on the head (the reference reads head 0 of the mask): head 0 writes it
