@@ -79,7 +79,9 @@ class Case:
     reduction, whose split kernel is the policy one), ``all`` (every feature: an arbitrary dense
     mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``hidden``
     (padded plus a content-dependent hidden-sink mask: the HAS_HIDDEN variant with its own config,
-    the correction pass of content-dependent sinks), ``yardstick`` (flash_minimal). ``tma``: the
+    the correction pass of content-dependent sinks), ``lse`` (the row log-sum-exp alone, causal with
+    left padding: the LSE_ONLY variant, the stock pass of content-dependent sinks), ``yardstick``
+    (flash_minimal). ``tma``: the
     sm_90 bulk-tensor-copy path (the default there); the pointer path is audited on sm_80 and as
     the sm_90 fallback (``hot`` only). Kernel ``column`` is the column-mass kernel of
     content-dependent sinks (``hot``: causal; ``padded``: causal with left padding as key ranges)."""
@@ -103,7 +105,7 @@ def default_cases(arch: int) -> list[Case]:
     for dtype in DTYPES:
         tma = arch >= 90 and dtype != "fp32"  # descriptors for 16-bit tiles on Hopper
         for hd in HEAD_DIMS:
-            for variant in ("hot", "policy", "padded", "stats", "all", "hidden"):
+            for variant in ("hot", "policy", "padded", "stats", "all", "hidden", "lse"):
                 cases.append(Case("prefill", variant, dtype, hd, tma))
             cases += [Case("column", "hot", dtype, hd), Case("column", "padded", dtype, hd)]
             cases.append(Case("flash", "yardstick", dtype, hd, tma))
@@ -324,11 +326,17 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
         if "hidden" not in inspect.signature(prefill.sink_attention_prefill).parameters:
             raise NotApplicable("no hidden-sink variant in this kernel package")
         kw.update(hidden=torch.rand(batch, hq, k_len, **on) > 0.99, hidden_beta=torch.full((hq,), 0.4, **on))
-    if case.variant in ("padded", "hidden"):
+    if case.variant == "lse":
+        if "lse_only" not in inspect.signature(prefill.sink_attention_prefill).parameters:
+            raise NotApplicable("no row-lse-only variant in this kernel package")
+        kw["lse_only"] = True
+    if case.variant in ("padded", "hidden", "lse"):
         if "key_padding" not in inspect.signature(prefill.sink_attention_prefill).parameters:
             raise NotApplicable("no per-sequence key ranges in this kernel package")
         pads = torch.tensor([0, 37], **on)[:batch]
-        kw.update(sink_cols=pads[:, None].clone(), key_padding=torch.arange(k_len, **on)[None, :] >= pads[:, None])
+        if case.variant != "lse":
+            kw["sink_cols"] = pads[:, None].clone()
+        kw["key_padding"] = torch.arange(k_len, **on)[None, :] >= pads[:, None]
     if case.variant == "stats":
         launcher = prefill.sink_attention_prefill if case.kernel == "prefill" else decode.sink_attention_decode
         if "sink_stats" not in inspect.signature(launcher).parameters:
@@ -673,7 +681,7 @@ def budget_report(records: list[dict]) -> list[dict]:
                     f"regs {rec['regs']} vs {ref['regs']}, main loop {rec['main_loop_sass']} vs "
                     f"{ref['main_loop_sass']} SASS")
         if rec["kernel"] in ("prefill", "decode", "column") and rec["variant"] in ("hot", "policy", "padded", "stats",
-                                                                                 "hidden"):
+                                                                                 "hidden", "lse"):
             add("no dense mask in the common cases", rec, rec["mask"] == "none",
                 f"dense mask argument: {rec['mask']}")
         if rec["variant"] == "all" and rec["kernel"] in ("prefill", "decode"):
@@ -799,7 +807,7 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
     order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3, "column": 4}
-    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5, "hidden": 6}
+    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5, "hidden": 6, "lse": 7}
     rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], variants[r["variant"]], not r.get("tma")))
     for r in rows:
         b = old.get(key(r))

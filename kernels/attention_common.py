@@ -155,7 +155,7 @@ def attn_tile(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_HIDDEN: tl.constexpr,
+    HAS_HIDDEN: tl.constexpr, LSE_ONLY: tl.constexpr,
 ):
     """One key tile of the online softmax. Unmasked tiles (MASKED = False) are seen whole by every
     row and contain no sink: no compare at all, and every row max is finite. The scale is applied
@@ -166,7 +166,10 @@ def attn_tile(
     ``hidden_row`` go to a second state (``l_h``, ``acc_h``) under the same running max; the rest
     stays in (l_i, acc). The mask is per key, not per score: one byte load per key of the tile, and
     a second P.V product. Without the flag ``acc_h`` and ``l_h`` pass through untouched (the
-    compiler drops them: the other variants compile to the same code)."""
+    compiler drops them: the other variants compile to the same code).
+
+    LSE_ONLY: only the row statistics (m_i, l_i): no v tile is read and no P.V product is made
+    (the stock pass that content-dependent sinks need for their column masses)."""
     k = load_kv_tile(K, k_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_kn, stride_kk, k_len,
                      HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
     if UPCAST_DOT:
@@ -199,19 +202,20 @@ def attn_tile(
         p = tl.where(is_h[None, :], 0.0, p)
         l_h = l_h * alpha + tl.sum(p_h, 1)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
-                     HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
-    p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
-    if HAS_HIDDEN:
-        p_h = p_h.to(v.dtype)
-    if UPCAST_DOT:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
+    if not LSE_ONLY:
+        v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
+                         HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
+        p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
         if HAS_HIDDEN:
-            p_h = p_h.to(tl.float32)
-    if HAS_HIDDEN:
-        acc_h = tl.dot(p_h, v, acc_h * alpha[:, None], input_precision="ieee")
-    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+            p_h = p_h.to(v.dtype)
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+            if HAS_HIDDEN:
+                p_h = p_h.to(tl.float32)
+        if HAS_HIDDEN:
+            acc_h = tl.dot(p_h, v, acc_h * alpha[:, None], input_precision="ieee")
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
     return acc, l_i, m_new, acc_h, l_h
 
 
@@ -228,7 +232,7 @@ def attn_key_range(
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, NS_P2: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_HIDDEN: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_HIDDEN: tl.constexpr, LSE_ONLY: tl.constexpr,
 ):
     """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i, acc_h, l_h) from a
     fresh state; with HAS_HIDDEN the keys of the per-head hidden-sink mask are kept in (acc_h, l_h)
@@ -293,7 +297,7 @@ def attn_key_range(
                 window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=False, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
                 IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
-                USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN)
+                USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
     # the edges: [lo, full_lo) then [full_hi, hi), one loop; without a window, key padding, sinks
     # or a dense mask nothing is cut on the left (lo == full_lo) and the loop is a plain range.
     # full_lo is a tile start, or hi when no tile is unmasked: the leading count rounds up.
@@ -314,7 +318,7 @@ def attn_key_range(
             window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
             IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
-            USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN)
+            USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
     return acc, l_i, m_i, acc_h, l_h
 
 

@@ -112,7 +112,8 @@ def _sink_attn_decode_split(
             k_len, window, qk_scale, softcap_log2, offs_n, offs_d, None,
             BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
             HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
-            NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=False, HAS_HIDDEN=False)
+            NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=False, HAS_HIDDEN=False,
+            LSE_ONLY=False)
     elif NS > 0:
         # -- one extra program per (b, kv head, row tile) computes the sink set's partial state: the
         # sink is counted here and nowhere else, and the key loop never holds the sink tile's values --

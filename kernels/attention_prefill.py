@@ -56,6 +56,7 @@ def _sink_attn_fwd(
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
     UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, HAS_STATS: tl.constexpr, HAS_HIDDEN: tl.constexpr,
+    LSE_ONLY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -120,7 +121,7 @@ def _sink_attn_fwd(
         0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d, hidden_row,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
         HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
-        NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN)
+        NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
 
     # -- epilogue: policy combine --
     if HAS_BETA:
@@ -162,8 +163,9 @@ def _sink_attn_fwd(
                                                 every_row, HAS_EXTRA=HAS_EXTRA)
         out = acc * c_n[:, None]
 
-    o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if not LSE_ONLY:  # (the row lse alone: Out is None)
+        o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + off_b * stride_lz + off_h * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
     if HAS_STATS:
         # telemetry (docs/monitoring.md): the tile's rows that see a non-sink key (l_N > 0; rows
@@ -290,7 +292,8 @@ def sink_attention_prefill(
     sink_stats: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     hidden_beta: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    lse_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Sink-aware attention forward, same semantics as ``reference_sink_attention``.
 
     Shape contract (any strides; nothing is copied except the small side tensors):
@@ -317,6 +320,9 @@ def sink_attention_prefill(
         tile, one byte per key) and fp32. The output is then that of
         ``sinkfix.ops.content_reference.reference_content_sink_attention`` (a hidden flag on a
         positional sink column is ignored) and lse = log(l_S + l_H + l_N). Not with sink_stats
+      lse_only: compute the row lse alone (the LSE_ONLY variant: no v tile read, no P.V product;
+        the stock pass of content-dependent sinks); returns (None, lse). Not with a sink policy,
+        zero-value logits, sink_stats or hidden sinks
     Returns (out, lse): lse = log(l_S + l_N) over real keys, -inf (and out = 0) where no key is
     visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps);
     ``use_tma`` chooses the bulk-tensor-copy key loop (None: on Hopper when the strides allow it,
@@ -331,6 +337,11 @@ def sink_attention_prefill(
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     hidden, hidden_beta = _hidden_view(hidden, hidden_beta, q, k_len)
+    if lse_only and any(t is not None for t in (sink_cols, beta, extra_logits, virtual_sink_logit, sink_stats, hidden)):
+        raise ValueError("lse_only computes the stock row lse: no sink policy, zero-value logits, sink_stats or "
+                         "hidden sinks")
+    if lse_only:
+        out = None
     if hidden is not None and sink_stats is not None:
         raise ValueError("sink_stats (telemetry) is not computed together with a hidden-sink mask")
     if q_len == 0 or batch == 0 or q_heads == 0:
@@ -344,10 +355,11 @@ def sink_attention_prefill(
         bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False, hidden=has_hidden)
     block_m, block_n = block_m or bm, block_n or bn
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
+    out_strides = (0, 0, 0, 0) if out is None else out.stride()
     _sink_attn_fwd[grid](
         q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,
         launch.extra_logits, k_desc, v_desc, sink_stats, hidden, hidden_beta,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out_strides, *lse.stride(),
         *launch.mask_strides, *launch.key_padding_strides, launch.key_range_stride, *launch.sink_strides,
         *launch.extra_strides,
         q_heads, q_heads // kv_heads, q_len, k_len, int(causal_offset), launch.window, launch.n_extra,
@@ -357,7 +369,7 @@ def sink_attention_prefill(
         HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, HAS_BETA=launch.beta is not None,
         HAS_EXTRA=launch.extra_logits is not None, UPCAST_DOT=launch.upcast_dot, USE_TMA=k_desc is not None,
-        HAS_STATS=sink_stats is not None, HAS_HIDDEN=has_hidden,
+        HAS_STATS=sink_stats is not None, HAS_HIDDEN=has_hidden, LSE_ONLY=bool(lse_only),
         num_warps=num_warps or nw, num_stages=num_stages or ns, enable_fp_fusion=True,
     )
     return out, lse

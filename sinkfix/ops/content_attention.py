@@ -390,8 +390,8 @@ def content_sink_attention_triton(
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
     stats = None
     if hidden is None or need_stats:
-        # pass 1 (stock, every visible key) only for its row lse; pass 2 the column masses
-        _, lse_all = sink_attention_prefill(q, k, v, **layout)
+        # pass 1 (stock, every visible key): its row lse alone (no P.V); pass 2 the column masses
+        _, lse_all = sink_attention_prefill(q, k, v, **layout, lse_only=True)
         mass, rows = column_mass(q, k, lse_all, **layout)
         stats = ColumnStats(mass, rows)
     if hidden is None:

@@ -93,17 +93,27 @@ def test_column_mass_dense_mask():
 
 
 def test_column_mass_bf16_with_kernel_lse():
-    """bf16 inputs, the lse from the prefill kernel itself (the chain the content path runs)."""
+    """bf16 inputs, the lse from the prefill kernel's LSE_ONLY variant (the chain the content path
+    runs), which must equal the full kernel's lse bit for bit (same statistics, no P.V)."""
     batch, hq, hk, q_len, k_len, d = 2, 4, 1, 19, 27, 32
     q, k, v = make_qkv(batch, hq, hk, q_len, k_len, d, torch.bfloat16, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
                        sink_boost=3.0, seed=5)
     pad = _padding(batch, k_len, 4)
     rules = dict(causal=True, causal_offset=k_len - q_len)
-    _, lse = sink_attention_prefill(q, k, v, key_padding=pad, **rules, block_m=16, block_n=16)
+    out, lse = sink_attention_prefill(q, k, v, key_padding=pad, **rules, block_m=16, block_n=16, lse_only=True)
+    assert out is None
+    _, full_lse = sink_attention_prefill(q, k, v, key_padding=pad, **rules, block_m=16, block_n=16)
+    assert torch.equal(lse, full_lse)
     mass, rows = column_mass(q, k, lse, key_padding=pad, **rules, **TILES)
     # the kernel's lse differs from fp64 by ~1e-6 (fp32 sums of exact bf16 products): per row a
     # relative 1e-6 of its mass, inside ROW_ATOL
     _check(q, k, mass, rows, "bf16", key_padding=pad, **rules)
+
+
+def test_lse_only_refuses_a_policy():
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 16, torch.float32)
+    with pytest.raises(ValueError, match="lse_only"):
+        sink_attention_prefill(q, k, v, lse_only=True, beta=torch.ones(2, device=DEVICE))
 
 
 def test_column_mass_bad_lse():
