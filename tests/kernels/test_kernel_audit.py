@@ -79,6 +79,15 @@ def test_default_cases_cover_every_config_table_entry():
     fallback = {(a, c.head_dim, True) for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
                 if c.kernel == "prefill" and a >= 90 and not c.tma and c.dtype != "fp32"}
     assert set(ap.POINTER_FALLBACK_CONFIGS) <= fallback
+    # content-dependent sinks: every column-mass config, and every config of the hidden-sink variant
+    from sinkfix.kernels import column_mass as cm
+
+    column = {(a, c.head_dim, c.dtype != "fp32") for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
+              if c.kernel == "column"}
+    assert column == set(cm.COLUMN_MASS_CONFIGS)
+    hidden = {(a, c.head_dim, c.dtype != "fp32") for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
+              if c.kernel == "prefill" and c.variant == "hidden"}
+    assert set(ap.HIDDEN_CONFIGS) <= hidden
 
 
 def _record(arch, kernel, variant, regs, tma=False, spill=0):
