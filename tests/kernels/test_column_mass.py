@@ -96,8 +96,8 @@ def test_column_mass_bf16_with_kernel_lse():
     """bf16 inputs, the lse from the prefill kernel's LSE_ONLY variant (the chain the content path
     runs), which must equal the full kernel's lse bit for bit (same statistics, no P.V)."""
     batch, hq, hk, q_len, k_len, d = 2, 4, 1, 19, 27, 32
-    q, k, v = make_qkv(batch, hq, hk, q_len, k_len, d, torch.bfloat16, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
-                       sink_boost=3.0, seed=5)
+    first = torch.zeros(batch, 1, dtype=torch.long)
+    q, k, v = make_qkv(batch, hq, hk, q_len, k_len, d, torch.bfloat16, sink_cols=first, sink_boost=3.0, seed=5)
     pad = _padding(batch, k_len, 4)
     rules = dict(causal=True, causal_offset=k_len - q_len)
     out, lse = sink_attention_prefill(q, k, v, key_padding=pad, **rules, block_m=16, block_n=16, lse_only=True)

@@ -92,7 +92,8 @@ def test_patched_model_on_triton_equals_torch_backend(arch, one_thread, monkeypa
 
     calls = []
     real_column_mass = column_mass_module.column_mass
-    monkeypatch.setattr(column_mass_module, "column_mass", lambda *a, **kw: calls.append(kw) or real_column_mass(*a, **kw))
+    monkeypatch.setattr(column_mass_module, "column_mass",
+                        lambda *a, **kw: calls.append(kw) or real_column_mass(*a, **kw))
     model = tiny_model(arch).to(DEVICE)
     ids = torch.randint(1, 97, (2, 14), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mask = torch.ones_like(ids)
