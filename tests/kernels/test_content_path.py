@@ -108,3 +108,22 @@ def test_patched_model_on_triton_equals_torch_backend(arch, one_thread, monkeypa
     with torch.no_grad():
         stock = model(input_ids=ids, attention_mask=mask).logits
     assert (stock - out["torch"][0])[real].abs().max() > 1e-3  # the rule acts on this input
+
+
+def test_chunked_prefill_on_triton_equals_torch_backend(one_thread):
+    """A prompt in two chunks of 11 rows (both on the kernels: a chunk offset, the window of
+    Gemma3's sliding layers and left padding reach them as a key-range mask), the second chunk
+    deciding on the merged column statistics of both."""
+    model = tiny_model("gemma3").to(DEVICE)
+    ids = torch.randint(1, 97, (2, 22), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits = {}
+    for backend in ("torch", "triton"):
+        with torch.no_grad(), sinkfix.patch(model, Policy.act(), backend=backend):
+            cache = tf.DynamicCache(config=model.config)
+            first = model(input_ids=ids[:, :11], attention_mask=mask[:, :11], cache=cache, use_cache=True).logits
+            second = model(input_ids=ids[:, 11:], attention_mask=mask, cache=cache, use_cache=True).logits
+            logits[backend] = torch.cat([first, second], dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(logits["triton"][real], logits["torch"][real], atol=1e-5, rtol=0)
