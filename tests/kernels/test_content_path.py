@@ -85,7 +85,7 @@ def _logits_both_backends(model, ids, mask, policy):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_patched_model_on_triton_equals_torch_backend(arch, one_thread, monkeypatch):
+def test_patched_model_on_triton_equals_torch_backend(arch, monkeypatch):
     """Policy.act() on backend="triton" vs backend="torch": prefill logits of a left-padded batch and
     one cached decode step (the decode step runs the PyTorch small-ops path on both backends)."""
     from sinkfix.kernels import column_mass as column_mass_module
@@ -110,7 +110,7 @@ def test_patched_model_on_triton_equals_torch_backend(arch, one_thread, monkeypa
     assert (stock - out["torch"][0])[real].abs().max() > 1e-3  # the rule acts on this input
 
 
-def test_chunked_prefill_on_triton_equals_torch_backend(one_thread):
+def test_chunked_prefill_on_triton_equals_torch_backend():
     """A prompt in two chunks of 11 rows (both on the kernels: a chunk offset, the window of
     Gemma3's sliding layers and left padding reach them as a key-range mask), the second chunk
     deciding on the merged column statistics of both."""
