@@ -634,6 +634,63 @@ def run_audit(archs=ARCHS, only: str | None = None, jobs: int = 2, kernels_dir: 
     return results
 
 
+# -- same code: a change that must not touch the existing variants -----------------------------------
+def ptx_body(ptx: str) -> str:
+    """The PTX of a kernel without its debug information (source line records, file table, DWARF
+    sections) and comments: what is left changes only if the generated code does."""
+    text = ptx.split("\t.section\t.debug")[0]
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"//.*$", "", line.strip()).rstrip()
+        if line and not line.startswith((".loc", ".file")):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _ptx_of(key):
+    """(case name, arch, PTX body or an error) of one case compiled from one kernel package."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    case, arch, kernels_dir = key
+    try:
+        launch = _pick(case, record_case(case, arch, kernels_dir))
+    except (NotApplicable, TypeError) as exc:
+        return case.name, arch, None, f"n/a: {exc}"
+    fn, signature, constexprs, attrs, options = specialise(launch)
+    ck = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                        target=GPUTarget("cuda", arch, 32), options=options)
+    return case.name, arch, ptx_body(ck.asm["ptx"]), None
+
+
+def same_code(before_dir: Path, archs=ARCHS, only: str | None = None, jobs: int = 2) -> list[dict]:
+    """Compile the default cases (filtered by ``only``) from the kernel package in ``before_dir`` and
+    from this repository's, and compare their PTX without debug information: one record per case
+    with ``same`` True/False, or ``na`` where the older package cannot launch it. Each compile runs in
+    a fresh spawned process (the two packages load under one module name)."""
+    keys = [(c, a) for a in archs for c in default_cases(a)]
+    if only:
+        keys = [(c, a) for c, a in keys if all(part in f"{c.name}-sm{a}" for part in only.split(","))]
+    tasks = [(c, a, d) for c, a in keys for d in (before_dir, None)]
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            results = list(pool.map(_ptx_of, tasks))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    records = []
+    for (name, arch, old, old_na), (_, _, new, new_na) in zip(results[::2], results[1::2]):
+        rec = dict(case=name, arch=arch)
+        if old is None or new is None:
+            rec["na"] = old_na or new_na
+        else:
+            rec["same"] = old == new
+        records.append(rec)
+    return records
+
+
 # -- budgets ----------------------------------------------------------------------------------------
 # docs/testing.md, "Kernel efficiency": the hot path may cost at most 5% more registers and main-loop
 # instructions than the yardstick compiled with the same config.
@@ -863,7 +920,20 @@ def main(argv=None) -> int:
     parser.add_argument("--native", action="store_true",
                         help="on a CUDA GPU: time the bf16 configurations with real launches instead")
     parser.add_argument("--deadline", type=float, default=1e9, help="--native: start no case after this many s")
+    parser.add_argument("--same-code", type=Path, metavar="KERNELS_DIR",
+                        help="compare the PTX (debug information left out) of the default cases, or --only's, "
+                             "compiled from this kernel package folder and from kernels/; exit 1 on a difference")
     args = parser.parse_args(argv)
+    if args.same_code is not None:
+        archs = tuple(int(a) for a in args.arch.split(","))
+        records = same_code(args.same_code, archs, args.only, args.jobs)
+        for rec in records:
+            verdict = rec.get("na") or ("same PTX" if rec["same"] else "DIFFERENT PTX")
+            print(f"{rec['case']} sm_{rec['arch']}: {verdict}")
+        differ = [r for r in records if r.get("same") is False]
+        print(f"{sum(r.get('same') is True for r in records)} identical, {len(differ)} different, "
+              f"{sum('na' in r for r in records)} not applicable")
+        return 1 if differ else 0
     if args.native:
         import torch
 

@@ -116,3 +116,15 @@ def test_before_after_table_and_readme_block(tmp_path):
     (tmp_path / "plain.md").write_text("no block\n")
     with pytest.raises(SystemExit, match="no .* block"):
         kernel_audit.update_readme(tmp_path / "plain.md", "x")
+
+
+def test_ptx_body_ignores_debug_information_only():
+    """``--same-code`` compares PTX without source-line records, the file table, DWARF sections and
+    comments (which move with any edit of a kernel file); an instruction change stays visible."""
+    ptx = ("\t.file\t1 \"attention_prefill.py\"\n.visible .entry k(\n)\n{\n\t.loc\t1 38 0\n"
+           "\tadd.s32 \t%r1, %r2, 1;  // note\n\tret;\n}\n\t.section\t.debug_abbrev\n{\n.b8 1\n}\n")
+    moved = ptx.replace(".loc\t1 38 0", ".loc\t1 40 7").replace("// note", "// other").replace(".b8 1", ".b8 2")
+    changed = ptx.replace("%r2, 1;", "%r2, 2;")
+    assert kernel_audit.ptx_body(ptx) == kernel_audit.ptx_body(moved)
+    assert kernel_audit.ptx_body(ptx) != kernel_audit.ptx_body(changed)
+    assert ".loc" not in kernel_audit.ptx_body(ptx) and "debug" not in kernel_audit.ptx_body(ptx)
