@@ -6,6 +6,12 @@ visible key tiles with an online softmax of the non-sink keys (``attention_commo
 an unmasked main loop and a masked edge loop); in the epilogue it combines both parts with the
 per-head beta and the zero-value extra logits (``attention_common.sink_combine``) and adds the
 sink values as NS rank-1 updates. On Hopper the key loop reads k and v with bulk tensor copies.
+
+Compile-time variants, each off by default (the others compile to the same code): HAS_STATS adds
+the telemetry sums; HAS_HIDDEN (content-dependent sinks) splits the key loop's state by a
+per-(batch, head) hidden-sink byte mask and applies ``attention_common.hidden_combine``, with its
+own tiles (HIDDEN_CONFIGS: a second accumulator); LSE_ONLY stores the row lse alone (no v read,
+no P.V), the stock pass that the column-mass kernel (``column_mass.py``) needs.
 """
 
 from __future__ import annotations
