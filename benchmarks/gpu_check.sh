@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check on a CUDA GPU, in under 8 minutes:
+# One-shot check on a CUDA GPU, in under 9 minutes:
 #   1. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors),
 #      including the AOT compile and budget tests on their default set (the full static audit needs
 #      no GPU: benchmarks/kernel_audit.py on any machine), and the CUDA test of the PyTorch path's
@@ -8,7 +8,9 @@
 #   3. benchmarks/gpu_model_check.py: a Llama-3-8B-shaped model (random bf16 weights from a config),
 #      4k-token prefill and 128 decode steps, stock SDPA vs patched, eager and compiled;
 #   4. benchmarks/kernel_audit.py --native: the audited bf16 configurations timed with real launches,
-#      to set next to their static numbers (registers, spills, main-loop SASS).
+#      to set next to their static numbers (registers, spills, main-loop SASS);
+#   5. benchmarks/bench_content_sinks.py --backend triton: content-dependent sinks vs the positional
+#      policy per attention call (bf16), the GPU counterpart of the CPU table in docs/content_sinks.md.
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
 # Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
 set -uo pipefail
@@ -59,6 +61,10 @@ timeout 75 "$PYTHON" benchmarks/kernel_audit.py --native --deadline 50 --markdow
     --out "$OUT/audit" > "$OUT/audit-native.log" 2>&1
 native_rc=$?
 
+timeout 60 "$PYTHON" benchmarks/bench_content_sinks.py --backend triton --dtype bf16 --lengths 2048 8192 \
+    --repeats 10 > "$OUT/content-sinks.md" 2>&1
+content_rc=$?
+
 {
     echo "pytest tests/kernels exit code: $tests_rc (124 = timed out)"
     tail -n 8 "$OUT/pytest-kernels.txt"
@@ -66,7 +72,9 @@ native_rc=$?
     echo "model check exit code: $model_rc (124 = timed out; phases printed in model.log as they finish)"
     cat "$OUT/model.md" 2>/dev/null
     echo "native audit exit code: $native_rc (124 = timed out; partial table kept in audit-native.md)"
+    echo "content-sink benchmark exit code: $content_rc (124 = timed out)"
+    cat "$OUT/content-sinks.md" 2>/dev/null
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$native_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$native_rc" -eq 0 ] && [ "$content_rc" -eq 0 ]

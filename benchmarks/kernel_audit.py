@@ -77,11 +77,16 @@ class Case:
     logit), ``padded`` (policy plus left padding as per-sequence key ranges), ``stats`` (policy plus
     the telemetry statistics output: the HAS_STATS variant of the prefill kernel and of the decode
     reduction, whose split kernel is the policy one), ``all`` (every feature: an arbitrary dense
-    mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``yardstick``
-    (flash_minimal). ``tma``: the sm_90 bulk-tensor-copy path (the default
-    there); the pointer path is audited on sm_80 and as the sm_90 fallback (``hot`` only)."""
+    mask, 4 sink slots, sliding window, softcap, beta, s_aux and the virtual logit), ``hidden``
+    (padded plus a content-dependent hidden-sink mask: the HAS_HIDDEN variant with its own config,
+    the correction pass of content-dependent sinks), ``lse`` (the row log-sum-exp alone, causal with
+    left padding: the LSE_ONLY variant, the stock pass of content-dependent sinks), ``yardstick``
+    (flash_minimal). ``tma``: the
+    sm_90 bulk-tensor-copy path (the default there); the pointer path is audited on sm_80 and as
+    the sm_90 fallback (``hot`` only). Kernel ``column`` is the column-mass kernel of
+    content-dependent sinks (``hot``: causal; ``padded``: causal with left padding as key ranges)."""
 
-    kernel: str  # prefill | decode | reduce | flash
+    kernel: str  # prefill | decode | reduce | flash | column
     variant: str
     dtype: str
     head_dim: int
@@ -100,8 +105,9 @@ def default_cases(arch: int) -> list[Case]:
     for dtype in DTYPES:
         tma = arch >= 90 and dtype != "fp32"  # descriptors for 16-bit tiles on Hopper
         for hd in HEAD_DIMS:
-            for variant in ("hot", "policy", "padded", "stats", "all"):
+            for variant in ("hot", "policy", "padded", "stats", "all", "hidden", "lse"):
                 cases.append(Case("prefill", variant, dtype, hd, tma))
+            cases += [Case("column", "hot", dtype, hd), Case("column", "padded", dtype, hd)]
             cases.append(Case("flash", "yardstick", dtype, hd, tma))
             if tma:  # the pointer path, Hopper's fallback, against the same yardstick
                 cases += [Case("prefill", "hot", dtype, hd, False), Case("flash", "yardstick", dtype, hd, False)]
@@ -237,6 +243,10 @@ def _config(table_fn, case: Case, dtype, arch: int):
     """The launcher's tile config for ``arch`` and the case's load path (older packages have one
     table for every arch and path)."""
     params = inspect.signature(table_fn).parameters
+    if case.variant == "hidden":
+        if "hidden" not in params:
+            raise NotApplicable("no hidden-sink variant in this kernel package")
+        return table_fn(case.head_dim, dtype, arch, bulk_copies=case.tma, hidden=True)
     if "bulk_copies" in params:
         return table_fn(case.head_dim, dtype, arch, bulk_copies=case.tma)
     if "arch" in params:
@@ -283,6 +293,23 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
         return CaseCall((flash,), flash.flash_attention_minimal, (q, k, v),
                         dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, use_tma=case.tma),
                         4.0 * hq * PREFILL_LEN * (PREFILL_LEN + 1) / 2 * hd, 0.0)
+    if case.kernel == "column":
+        try:
+            column = importlib.import_module(package.__name__ + ".column_mass")
+        except ImportError:
+            raise NotApplicable("no column-mass kernel in this kernel package") from None
+        batch = 2
+        q, k = tensors(batch, hq, PREFILL_LEN), tensors(batch, hkv, PREFILL_LEN)
+        kw = dict(causal=True)
+        if case.variant == "padded":
+            pads = torch.tensor([0, 37], device=device)
+            kw["key_padding"] = torch.arange(PREFILL_LEN, device=device)[None, :] >= pads[:, None]
+        bm, bn, nw, ns = column.column_mass_config(hd, dtype, arch)
+        kw.update(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        lse = torch.zeros(batch, hq, PREFILL_LEN, device=device)
+        # one q.k product per visible (row, key) pair, no P.V: half a causal attention forward
+        flops = 2.0 * batch * hq * PREFILL_LEN * (PREFILL_LEN + 1) / 2 * hd
+        return CaseCall((common, column), column.column_mass, (q, k, lse), kw, flops, 0.0)
     if case.kernel == "prefill":
         q_len, k_len, batch = PREFILL_LEN, PREFILL_LEN, 2
     elif case.variant == "all":
@@ -292,14 +319,24 @@ def case_call(case: Case, arch: int, kernels_dir: Path | None = None, device="cp
     q, k, v = tensors(batch, hq, q_len), tensors(batch, hkv, k_len), tensors(batch, hkv, k_len)
     kw = dict(causal=True, causal_offset=k_len - q_len)
     on = dict(device=device)
-    if case.variant in ("policy", "padded", "stats"):
+    if case.variant in ("policy", "padded", "stats", "hidden"):
         kw.update(sink_cols=torch.zeros(batch, 1, dtype=torch.long, **on), beta=torch.full((hq,), 0.9, **on),
                   virtual_sink_logit=torch.zeros(hq, **on))
-    if case.variant == "padded":
+    if case.variant == "hidden":
+        if "hidden" not in inspect.signature(prefill.sink_attention_prefill).parameters:
+            raise NotApplicable("no hidden-sink variant in this kernel package")
+        kw.update(hidden=torch.rand(batch, hq, k_len, **on) > 0.99, hidden_beta=torch.full((hq,), 0.4, **on))
+    if case.variant == "lse":
+        if "lse_only" not in inspect.signature(prefill.sink_attention_prefill).parameters:
+            raise NotApplicable("no row-lse-only variant in this kernel package")
+        kw["lse_only"] = True
+    if case.variant in ("padded", "hidden", "lse"):
         if "key_padding" not in inspect.signature(prefill.sink_attention_prefill).parameters:
             raise NotApplicable("no per-sequence key ranges in this kernel package")
         pads = torch.tensor([0, 37], **on)[:batch]
-        kw.update(sink_cols=pads[:, None].clone(), key_padding=torch.arange(k_len, **on)[None, :] >= pads[:, None])
+        if case.variant != "lse":
+            kw["sink_cols"] = pads[:, None].clone()
+        kw["key_padding"] = torch.arange(k_len, **on)[None, :] >= pads[:, None]
     if case.variant == "stats":
         launcher = prefill.sink_attention_prefill if case.kernel == "prefill" else decode.sink_attention_decode
         if "sink_stats" not in inspect.signature(launcher).parameters:
@@ -597,6 +634,63 @@ def run_audit(archs=ARCHS, only: str | None = None, jobs: int = 2, kernels_dir: 
     return results
 
 
+# -- same code: a change that must not touch the existing variants -----------------------------------
+def ptx_body(ptx: str) -> str:
+    """The PTX of a kernel without its debug information (source line records, file table, DWARF
+    sections) and comments: what is left changes only if the generated code does."""
+    text = ptx.split("\t.section\t.debug")[0]
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"//.*$", "", line.strip()).rstrip()
+        if line and not line.startswith((".loc", ".file")):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _ptx_of(key):
+    """(case name, arch, PTX body or an error) of one case compiled from one kernel package."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    case, arch, kernels_dir = key
+    try:
+        launch = _pick(case, record_case(case, arch, kernels_dir))
+    except (NotApplicable, TypeError) as exc:
+        return case.name, arch, None, f"n/a: {exc}"
+    fn, signature, constexprs, attrs, options = specialise(launch)
+    ck = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                        target=GPUTarget("cuda", arch, 32), options=options)
+    return case.name, arch, ptx_body(ck.asm["ptx"]), None
+
+
+def same_code(before_dir: Path, archs=ARCHS, only: str | None = None, jobs: int = 2) -> list[dict]:
+    """Compile the default cases (filtered by ``only``) from the kernel package in ``before_dir`` and
+    from this repository's, and compare their PTX without debug information: one record per case
+    with ``same`` True/False, or ``na`` where the older package cannot launch it. Each compile runs in
+    a fresh spawned process (the two packages load under one module name)."""
+    keys = [(c, a) for a in archs for c in default_cases(a)]
+    if only:
+        keys = [(c, a) for c, a in keys if all(part in f"{c.name}-sm{a}" for part in only.split(","))]
+    tasks = [(c, a, d) for c, a in keys for d in (before_dir, None)]
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            results = list(pool.map(_ptx_of, tasks))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    records = []
+    for (name, arch, old, old_na), (_, _, new, new_na) in zip(results[::2], results[1::2]):
+        rec = dict(case=name, arch=arch)
+        if old is None or new is None:
+            rec["na"] = old_na or new_na
+        else:
+            rec["same"] = old == new
+        records.append(rec)
+    return records
+
+
 # -- budgets ----------------------------------------------------------------------------------------
 # docs/testing.md, "Kernel efficiency": the hot path may cost at most 5% more registers and main-loop
 # instructions than the yardstick compiled with the same config.
@@ -627,7 +721,7 @@ def budget_report(records: list[dict]) -> list[dict]:
             continue
         add("zero spills", rec, rec["spill_store"] == 0 and rec["spill_load"] == 0,
             f"{rec['spill_store']} / {rec['spill_load']} bytes")
-        if rec["kernel"] in ("prefill", "decode", "flash") and "exp2_ops_per_elem" in rec:
+        if rec["kernel"] in ("prefill", "decode", "flash", "column") and "exp2_ops_per_elem" in rec:
             allowed = 2 if rec["softcap"] else 1
             ok = rec["exp2_ops_per_elem"] <= allowed and rec["exp2_row_ops"] <= 1
             if "ex2_expected" in rec:
@@ -643,7 +737,8 @@ def budget_report(records: list[dict]) -> list[dict]:
                 add("hot path within 5% of the yardstick", rec, ok,
                     f"regs {rec['regs']} vs {ref['regs']}, main loop {rec['main_loop_sass']} vs "
                     f"{ref['main_loop_sass']} SASS")
-        if rec["kernel"] in ("prefill", "decode") and rec["variant"] in ("hot", "policy", "padded", "stats"):
+        if rec["kernel"] in ("prefill", "decode", "column") and rec["variant"] in ("hot", "policy", "padded", "stats",
+                                                                                 "hidden", "lse"):
             add("no dense mask in the common cases", rec, rec["mask"] == "none",
                 f"dense mask argument: {rec['mask']}")
         if rec["variant"] == "all" and rec["kernel"] in ("prefill", "decode"):
@@ -768,8 +863,8 @@ def comparison_table(before: list[dict], after: list[dict], dtype: str = "bf16",
             "| main-loop SASS | key loops | main-loop loads |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = [r for r in after if r["dtype"] == dtype and r["head_dim"] == head_dim]
-    order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3}
-    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5}
+    order = {"flash": 0, "prefill": 1, "decode": 2, "reduce": 3, "column": 4}
+    variants = {"yardstick": 0, "hot": 1, "policy": 2, "padded": 3, "stats": 4, "all": 5, "hidden": 6, "lse": 7}
     rows.sort(key=lambda r: (r["arch"], order[r["kernel"]], variants[r["variant"]], not r.get("tma")))
     for r in rows:
         b = old.get(key(r))
@@ -825,7 +920,20 @@ def main(argv=None) -> int:
     parser.add_argument("--native", action="store_true",
                         help="on a CUDA GPU: time the bf16 configurations with real launches instead")
     parser.add_argument("--deadline", type=float, default=1e9, help="--native: start no case after this many s")
+    parser.add_argument("--same-code", type=Path, metavar="KERNELS_DIR",
+                        help="compare the PTX (debug information left out) of the default cases, or --only's, "
+                             "compiled from this kernel package folder and from kernels/; exit 1 on a difference")
     args = parser.parse_args(argv)
+    if args.same_code is not None:
+        archs = tuple(int(a) for a in args.arch.split(","))
+        records = same_code(args.same_code, archs, args.only, args.jobs)
+        for rec in records:
+            verdict = rec.get("na") or ("same PTX" if rec["same"] else "DIFFERENT PTX")
+            print(f"{rec['case']} sm_{rec['arch']}: {verdict}")
+        differ = [r for r in records if r.get("same") is False]
+        print(f"{sum(r.get('same') is True for r in records)} identical, {len(differ)} different, "
+              f"{sum('na' in r for r in records)} not applicable")
+        return 1 if differ else 0
     if args.native:
         import torch
 

@@ -9,7 +9,8 @@ decides between compiling and interpreting when a kernel module is imported, so 
 
 Modules: ``masks`` (key padding ranges and bit-packed masks, torch only), ``attention_common``
 (constants, jit helpers and launch preparation shared by the two attention kernels),
-``attention_prefill``, ``attention_decode``, ``residual_clip``.
+``attention_prefill``, ``attention_decode``, ``column_mass`` (content-dependent sinks' column
+statistics), ``residual_clip``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ __all__ = [
     "LOG2E", "LN2", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_SINK_SLOTS", "AttentionLaunch", "prepare_attention_launch",
     "allocate_outputs", "check_sink_stats", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
     "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile", "attn_key_range",
-    "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "key_padding_ranges", "pack_mask_bits", "tma_descriptors",
+    "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "hidden_combine", "key_padding_ranges",
+    "pack_mask_bits", "tma_descriptors",
 ]
 
 # exp(x) = exp2(x * LOG2E); ln(x) = log2(x) * LN2. Module-level constants read inside @triton.jit
@@ -150,14 +151,25 @@ def attn_tile(
     K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
     mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn,
     q_pos, start_n, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+    acc_h, l_h, hidden_row,             # hidden sinks' running state, and Hidden[b, h, 0] (HAS_HIDDEN)
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_HIDDEN: tl.constexpr, LSE_ONLY: tl.constexpr,
 ):
     """One key tile of the online softmax. Unmasked tiles (MASKED = False) are seen whole by every
     row and contain no sink: no compare at all, and every row max is finite. The scale is applied
     after the row max, inside the exponent (``qk * qk_scale - m``: one FMA and one exp2 per score),
-    and the P.V product accumulates into the rescaled ``acc`` (no second accumulator tile)."""
+    and the P.V product accumulates into the rescaled ``acc`` (no second accumulator tile).
+
+    HAS_HIDDEN (content-dependent sinks): the tile's keys marked in the per-(batch, head) byte mask
+    ``hidden_row`` go to a second state (``l_h``, ``acc_h``) under the same running max; the rest
+    stays in (l_i, acc). The mask is per key, not per score: one byte load per key of the tile, and
+    a second P.V product. Without the flag ``acc_h`` and ``l_h`` pass through untouched (the
+    compiler drops them: the other variants compile to the same code).
+
+    LSE_ONLY: only the row statistics (m_i, l_i): no v tile is read and no P.V product is made
+    (the stock pass that content-dependent sinks need for their column masses)."""
     k = load_kv_tile(K, k_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_kn, stride_kk, k_len,
                      HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
     if UPCAST_DOT:
@@ -180,15 +192,31 @@ def attn_tile(
         m_use = m_new
     p = tl.math.exp2(qk * scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
+    if HAS_HIDDEN:
+        cols_h = start_n + offs_n
+        if MASKED:
+            is_h = tl.load(hidden_row + cols_h, mask=cols_h < k_len, other=0) != 0
+        else:
+            is_h = tl.load(hidden_row + cols_h) != 0
+        p_h = tl.where(is_h[None, :], p, 0.0)
+        p = tl.where(is_h[None, :], 0.0, p)
+        l_h = l_h * alpha + tl.sum(p_h, 1)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
-                     HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
-    p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
-    if UPCAST_DOT:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-    return acc, l_i, m_new
+    if not LSE_ONLY:
+        v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
+                         HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=MASKED, USE_TMA=USE_TMA)
+        p = p.to(v.dtype)  # P.V runs in the input precision, like every flash forward
+        if HAS_HIDDEN:
+            p_h = p_h.to(v.dtype)
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+            if HAS_HIDDEN:
+                p_h = p_h.to(tl.float32)
+        if HAS_HIDDEN:
+            acc_h = tl.dot(p_h, v, acc_h * alpha[:, None], input_precision="ieee")
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    return acc, l_i, m_new, acc_h, l_h
 
 
 @triton.jit
@@ -200,12 +228,15 @@ def attn_key_range(
     lo, hi,                             # key range this program owns, before any rule cuts it
     pos_first, pos_last,                # causal positions of its first and last query row
     k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+    hidden_row,                         # Hidden[b, h, 0] (HAS_HIDDEN), else None
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, NS_P2: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_HIDDEN: tl.constexpr, LSE_ONLY: tl.constexpr,
 ):
-    """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i) from a fresh state.
+    """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i, acc_h, l_h) from a
+    fresh state; with HAS_HIDDEN the keys of the per-head hidden-sink mask are kept in (acc_h, l_h)
+    under the shared max m_i (``attn_tile``), otherwise those two are zero placeholders.
 
     Shared by the prefill kernel (one row block, all keys) and the decode split kernel (all rows,
     one key split). Two loops over whole key tiles: the tiles every row sees whole and that hold no
@@ -250,16 +281,23 @@ def attn_key_range(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_HIDDEN:
+        acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l_h = tl.zeros([BLOCK_M], tl.float32)
+    else:  # placeholders the loops pass through unchanged
+        acc_h = tl.zeros([1], tl.float32)
+        l_h = tl.zeros([1], tl.float32)
     # the loops count tiles: start_n = tile * BLOCK_N is a multiple of BLOCK_N (tile_visibility)
     # tiles every row sees whole: no compare, the main loop (none with a dense mask)
     if not HAS_MASK:
         for tile in tl.range(full_lo // BLOCK_N, full_hi // BLOCK_N):
-            acc, l_i, m_i = attn_tile(
+            acc, l_i, m_i, acc_h, l_h = attn_tile(
                 acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
                 mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
-                window, qk_scale, softcap_log2, offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                MASKED=False, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL,
-                HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
+                window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=False, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
+                IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
+                USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
     # the edges: [lo, full_lo) then [full_hi, hi), one loop; without a window, key padding, sinks
     # or a dense mask nothing is cut on the left (lo == full_lo) and the loop is a plain range.
     # full_lo is a tile start, or hi when no tile is unmasked: the leading count rounds up.
@@ -274,13 +312,14 @@ def attn_key_range(
             tile = tl.where(t < n_lead, lo // BLOCK_N + t, full_hi // BLOCK_N + t - n_lead)
         else:
             tile = full_hi // BLOCK_N + t
-        acc, l_i, m_i = attn_tile(
+        acc, l_i, m_i, acc_h, l_h = attn_tile(
             acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
             mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
-            window, qk_scale, softcap_log2, offs_n, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            MASKED=True, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
-            HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
-    return acc, l_i, m_i
+            window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
+            IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
+            USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
+    return acc, l_i, m_i, acc_h, l_h
 
 
 # -- epilogue helpers -----------------------------------------------------------------------------
@@ -399,6 +438,46 @@ def sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA: 
     l_tot = ln + ls
     lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0))) * LN2, float("-inf"))
     return c_n, c_s, lse, ls * inv_z
+
+
+@triton.jit
+def hidden_combine(m_n, l_n, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row, HAS_EXTRA: tl.constexpr):
+    """Epilogue with content-dependent (hidden) sinks, as coefficients: out = c_n * acc_N +
+    c_h * acc_H + c_s * acc_S, where acc_N, l_N, acc_H, l_H are relative to m_n and acc_S, l_S to
+    m_s (base-2 maxima; zero-value logits as in :func:`sink_combine`, the virtual one counted where
+    a key outside S is seen). Returns (c_n, c_h, c_s, lse in natural log). The formula of
+    ``docs/formulas.md`` ("Content-dependent sinks", the reference
+    ``sinkfix.ops.content_reference.reference_content_sink_attention``)::
+
+        Z = l_S + l_H + l_N + sum_e 2^extra_e          (rescaled to the shared max)
+        g = 1 + (1 - beta_H) l_H / (l_S + l_N)
+        o = beta_H acc_H / Z + g * (beta_S acc_S + (l_N + (1 - beta_S) l_S) acc_N / l_N) / Z
+
+    beta_H = 1 in rows that see no key outside H, beta_S = 1 in rows that see no key in N."""
+    m = tl.maximum(m_n, m_s)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    a_n = tl.math.exp2(m_n - m_safe)
+    a_s = tl.math.exp2(m_s - m_safe)
+    ln = l_n * a_n
+    lh = l_h * a_n
+    ls = l_s * a_s
+    l_tot = ln + lh + ls
+    z = l_tot
+    has_n = l_n > 0
+    if HAS_EXTRA:
+        counted = every_row | ((l_n + l_h) > 0)[:, None]  # the virtual logit: rows that see a key outside S
+        z = z + tl.sum(tl.where(counted, tl.math.exp2(extra_logits2 - m_safe[:, None]), 0.0), 1)
+    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
+    rest = ln + ls  # what receives the hidden sinks' freed mass
+    has_rest = rest > 0
+    bh = tl.where(has_rest, beta_h, 1.0)
+    g = 1.0 + (1.0 - bh) * lh / tl.where(has_rest, rest, 1.0)
+    b = tl.where(has_n, beta, 1.0)
+    c_n = tl.where(has_n, g * (ln + (1.0 - b) * ls) * inv_z / tl.where(has_n, l_n, 1.0), 0.0)
+    c_h = bh * a_n * inv_z
+    c_s = g * b * a_s * inv_z
+    lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0))) * LN2, float("-inf"))
+    return c_n, c_h, c_s, lse
 
 
 # -- launch preparation ---------------------------------------------------------------------------

@@ -105,14 +105,15 @@ def _sink_attn_decode_split(
         # (bounds from the first and last query token; the rows of one tile span all of them)
         pos_first = causal_offset
         pos_last = q_len - 1 + causal_offset
-        acc, l_i, m_i = attn_key_range(
+        acc, l_i, m_i, _acc_h, _l_h = attn_key_range(
             q, None, None, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
             mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
             pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
-            k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+            k_len, window, qk_scale, softcap_log2, offs_n, offs_d, None,
             BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
             HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
-            NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=False)
+            NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=False, HAS_HIDDEN=False,
+            LSE_ONLY=False)
     elif NS > 0:
         # -- one extra program per (b, kv head, row tile) computes the sink set's partial state: the
         # sink is counted here and nowhere else, and the key loop never holds the sink tile's values --

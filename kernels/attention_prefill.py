@@ -6,6 +6,12 @@ visible key tiles with an online softmax of the non-sink keys (``attention_commo
 an unmasked main loop and a masked edge loop); in the epilogue it combines both parts with the
 per-head beta and the zero-value extra logits (``attention_common.sink_combine``) and adds the
 sink values as NS rank-1 updates. On Hopper the key loop reads k and v with bulk tensor copies.
+
+Compile-time variants, each off by default (the others compile to the same code): HAS_STATS adds
+the telemetry sums; HAS_HIDDEN (content-dependent sinks) splits the key loop's state by a
+per-(batch, head) hidden-sink byte mask and applies ``attention_common.hidden_combine``, with its
+own tiles (HIDDEN_CONFIGS: a second accumulator); LSE_ONLY stores the row lse alone (no v read,
+no P.V), the stock pass that the column-mass kernel (``column_mass.py``) needs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .attention_common import (
     check_sink_stats,
     attn_key_range,
     device_arch,
+    hidden_combine,
     padded_head_dim,
     prepare_attention_launch,
     add_sink_values,
@@ -30,13 +37,14 @@ from .attention_common import (
     tma_descriptors,
 )
 
-__all__ = ["PREFILL_CONFIGS", "POINTER_FALLBACK_CONFIGS", "prefill_config", "sink_attention_prefill"]
+__all__ = ["PREFILL_CONFIGS", "POINTER_FALLBACK_CONFIGS", "HIDDEN_CONFIGS", "prefill_config", "sink_attention_prefill"]
 
 
 # -- kernel ---------------------------------------------------------------------------------------
 @triton.jit
 def _sink_attn_fwd(
-    Q, K, V, Out, Lse, Mask, KeyOk, KeyRanges, SinkCols, Beta, ExtraLogits, KDesc, VDesc, SinkStats,
+    Q, K, V, Out, Lse, Mask, KeyOk, KeyRanges, SinkCols, Beta, ExtraLogits, KDesc, VDesc, SinkStats, Hidden,
+    HiddenBeta,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -53,7 +61,8 @@ def _sink_attn_fwd(
     NS: tl.constexpr, NS_P2: tl.constexpr, SB: tl.constexpr, E_P2: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, HAS_STATS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, HAS_STATS: tl.constexpr, HAS_HIDDEN: tl.constexpr,
+    LSE_ONLY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -90,6 +99,10 @@ def _sink_attn_fwd(
         sink_ptr = SinkCols + off_b * stride_sz
     else:
         sink_ptr = SinkCols
+    if HAS_HIDDEN:  # content-dependent sinks: a contiguous (B, Hq, K) byte mask, one row per (b, h)
+        hidden_row = Hidden + (off_b * num_heads + off_h) * k_len
+    else:
+        hidden_row = Hidden
 
     # -- the sink columns first, from a second load of the q tile (another cache policy, so the
     # two loads stay apart): this one dies here, the first reaches the key loop through shared
@@ -108,13 +121,13 @@ def _sink_attn_fwd(
     # -- non-sink keys this row block can see --
     pos_first = start_m + causal_offset
     pos_last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
-    acc, l_i, m_i = attn_key_range(
+    acc, l_i, m_i, acc_h, l_h = attn_key_range(
         q, KDesc, VDesc, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
         mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
-        0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
+        0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d, hidden_row,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_MASK=HAS_MASK,
         HAS_KEY_RANGE=HAS_KEY_RANGE, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP,
-        NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA)
+        NS=NS, NS_P2=NS_P2, UPCAST_DOT=UPCAST_DOT, USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
 
     # -- epilogue: policy combine --
     if HAS_BETA:
@@ -129,7 +142,21 @@ def _sink_attn_fwd(
     else:
         extra_logits2 = 0.0
         every_row = 0
-    if NS > 0:
+    if HAS_HIDDEN:
+        # content-dependent sinks: N and H share the loop's max; S is the gathered sink tile
+        beta_h = tl.load(HiddenBeta + off_h).to(tl.float32)
+        if NS > 0:
+            m_s, l_s, p_s = softmax_stats(s_s)
+        else:
+            m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_s = tl.zeros([BLOCK_M], tl.float32)
+        c_n, c_h, c_s, lse = hidden_combine(m_i, l_i, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row,
+                                            HAS_EXTRA=HAS_EXTRA)
+        out = acc * c_n[:, None] + acc_h * c_h[:, None]
+        if NS > 0:
+            out = add_sink_values(out, p_s * c_s[:, None], v_base, stride_vn, stride_vk, sink_ptr, stride_sn, k_len,
+                                  offs_d, HEAD_DIM=HEAD_DIM, NS=NS, SB=SB)
+    elif NS > 0:
         m_s, l_s, p_s = softmax_stats(s_s)
         c_n, c_s, lse, sink_mass = sink_combine(m_i, l_i, m_s, l_s, beta, extra_logits2, every_row,
                                                 HAS_EXTRA=HAS_EXTRA)
@@ -142,8 +169,9 @@ def _sink_attn_fwd(
                                                 every_row, HAS_EXTRA=HAS_EXTRA)
         out = acc * c_n[:, None]
 
-    o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if not LSE_ONLY:  # (the row lse alone: Out is None)
+        o_ptrs = Out + off_b * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + off_b * stride_lz + off_h * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
     if HAS_STATS:
         # telemetry (docs/monitoring.md): the tile's rows that see a non-sink key (l_N > 0; rows
@@ -193,12 +221,51 @@ POINTER_FALLBACK_CONFIGS = {
 }
 
 
+# The content-dependent-sink variant (HAS_HIDDEN) keeps a second (BLOCK_M, BLOCK_D) fp32
+# accumulator for the hidden sinks, which the tiles above have no registers for; where it differs,
+# its config (kernel audit: no spills on sm_80 and sm_90, benchmarks/AUDIT.md)
+HIDDEN_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {
+    (80, 64, True): (64, 64, 8, 3),
+    (80, 128, True): (64, 32, 8, 3),
+    (80, 256, True): (32, 32, 8, 2),
+    (90, 64, True): (128, 64, 8, 3),
+    (90, 256, True): (64, 16, 8, 2),
+    (80, 64, False): (16, 16, 4, 2),
+    (90, 64, False): (16, 16, 8, 2),
+    (90, 256, False): (16, 16, 8, 2),
+}
+
+
+def _hidden_view(hidden, hidden_beta, q, k_len: int):
+    """The hidden-sink mask as a contiguous uint8 (B, Hq, K) and its beta as fp32 (Hq,), or (None, None)."""
+    if hidden is None and hidden_beta is None:
+        return None, None
+    batch, q_heads = q.shape[0], q.shape[1]
+    if hidden is None or hidden_beta is None:
+        raise ValueError("hidden and hidden_beta go together (the hidden-sink mask and its per-head scaling)")
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in (torch.bool, torch.uint8) \
+            or tuple(hidden.shape) != (batch, q_heads, k_len):
+        raise ValueError(f"hidden must be a bool or uint8 (B, Hq, K) = ({batch}, {q_heads}, {k_len}) tensor, got "
+                         f"{getattr(hidden, 'dtype', type(hidden))} {tuple(getattr(hidden, 'shape', ()))}")
+    if hidden.device != q.device:
+        raise ValueError(f"hidden on {hidden.device}, q on {q.device}")
+    if not isinstance(hidden_beta, torch.Tensor) or tuple(hidden_beta.shape) != (q_heads,):
+        raise ValueError(f"hidden_beta must have shape (Hq,) = ({q_heads},), got "
+                         f"{tuple(getattr(hidden_beta, 'shape', ()))}")
+    mask = hidden.contiguous()
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return mask, hidden_beta.to(device=q.device, dtype=torch.float32).contiguous()
+
+
 def prefill_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
-                   bulk_copies: bool = True) -> tuple[int, int, int, int]:
+                   bulk_copies: bool = True, hidden: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) that the launcher uses for this head dim and dtype
     on a GPU of compute capability ``arch`` (x10; see :func:`arch_family`); ``bulk_copies`` False:
-    the config of the pointer path where k and v are read without tensor descriptors."""
+    the config of the pointer path where k and v are read without tensor descriptors; ``hidden``:
+    the content-dependent-sink variant (a second accumulator, :data:`HIDDEN_CONFIGS`)."""
     key = (arch_family(arch), max(64, padded_head_dim(head_dim)), dtype != torch.float32)
+    if hidden and key in HIDDEN_CONFIGS:
+        return HIDDEN_CONFIGS[key]
     if not bulk_copies and key in POINTER_FALLBACK_CONFIGS:
         return POINTER_FALLBACK_CONFIGS[key]
     return PREFILL_CONFIGS[key]
@@ -229,7 +296,10 @@ def sink_attention_prefill(
     num_stages: int | None = None,
     use_tma: bool | None = None,
     sink_stats: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor | None = None,
+    hidden_beta: torch.Tensor | None = None,
+    lse_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Sink-aware attention forward, same semantics as ``reference_sink_attention``.
 
     Shape contract (any strides; nothing is copied except the small side tensors):
@@ -251,6 +321,14 @@ def sink_attention_prefill(
       sink_stats (B, Hq, 2) fp32, contiguous, optional: each program adds its query tile's sums
         (stock sink mass over the rows that see a non-sink key, and their count) at [b, h] with one
         atomic add (the HAS_STATS variant; see ``sinkfix.kernels.sink_attention_triton``)
+      hidden (B, Hq, K) bool or uint8 and hidden_beta (Hq,), together or not at all: content-dependent
+        (hidden) sinks, the HAS_HIDDEN variant; copied to a contiguous uint8 mask (read per key
+        tile, one byte per key) and fp32. The output is then that of
+        ``sinkfix.ops.content_reference.reference_content_sink_attention`` (a hidden flag on a
+        positional sink column is ignored) and lse = log(l_S + l_H + l_N). Not with sink_stats
+      lse_only: compute the row lse alone (the LSE_ONLY variant: no v tile read, no P.V product;
+        the stock pass of content-dependent sinks); returns (None, lse). Not with a sink policy,
+        zero-value logits, sink_stats or hidden sinks
     Returns (out, lse): lse = log(l_S + l_N) over real keys, -inf (and out = 0) where no key is
     visible. ``block_m`` etc. override the PREFILL_CONFIGS choice (tests, tuning sweeps);
     ``use_tma`` chooses the bulk-tensor-copy key loop (None: on Hopper when the strides allow it,
@@ -264,20 +342,30 @@ def sink_attention_prefill(
     check_sink_stats(sink_stats, q)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    hidden, hidden_beta = _hidden_view(hidden, hidden_beta, q, k_len)
+    if lse_only and any(t is not None for t in (sink_cols, beta, extra_logits, virtual_sink_logit, sink_stats, hidden)):
+        raise ValueError("lse_only computes the stock row lse: no sink policy, zero-value logits, sink_stats or "
+                         "hidden sinks")
+    if lse_only:
+        out = None
+    if hidden is not None and sink_stats is not None:
+        raise ValueError("sink_stats (telemetry) is not computed together with a hidden-sink mask")
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
     arch = device_arch(q.device)
-    bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch)
+    has_hidden = hidden is not None
+    bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, hidden=has_hidden)
     block_d = padded_head_dim(head_dim)
     k_desc, v_desc = tma_descriptors(k, v, block_n or bn, block_d, use_tma)
     if k_desc is None:
-        bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False)
+        bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False, hidden=has_hidden)
     block_m, block_n = block_m or bm, block_n or bn
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
+    out_strides = (0, 0, 0, 0) if out is None else out.stride()
     _sink_attn_fwd[grid](
         q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,
-        launch.extra_logits, k_desc, v_desc, sink_stats,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        launch.extra_logits, k_desc, v_desc, sink_stats, hidden, hidden_beta,
+        *q.stride(), *k.stride(), *v.stride(), *out_strides, *lse.stride(),
         *launch.mask_strides, *launch.key_padding_strides, launch.key_range_stride, *launch.sink_strides,
         *launch.extra_strides,
         q_heads, q_heads // kv_heads, q_len, k_len, int(causal_offset), launch.window, launch.n_extra,
@@ -287,7 +375,7 @@ def sink_attention_prefill(
         HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, HAS_BETA=launch.beta is not None,
         HAS_EXTRA=launch.extra_logits is not None, UPCAST_DOT=launch.upcast_dot, USE_TMA=k_desc is not None,
-        HAS_STATS=sink_stats is not None,
+        HAS_STATS=sink_stats is not None, HAS_HIDDEN=has_hidden, LSE_ONLY=bool(lse_only),
         num_warps=num_warps or nw, num_stages=num_stages or ns, enable_fp_fusion=True,
     )
     return out, lse

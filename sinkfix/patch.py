@@ -315,10 +315,6 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) 
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
     layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])
-    if backend != "torch" and any(lp.content is not None for lp in layer_policies):
-        # no silent positional fallback: the kernels cannot carry a per-head sink set yet
-        raise PolicyError(f"content-dependent sinks (ContentSinks, Policy.act) run on the PyTorch path only; "
-                          f"backend {backend!r} was chosen, patch with backend='torch'")
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
     states: dict[str, LayerState] = {}

@@ -22,7 +22,7 @@ import pytest
 import sinkfix.kernels
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("masks", "attention_common", "attention_prefill", "attention_decode", "residual_clip")
+KERNEL_MODULES = ("masks", "attention_common", "attention_prefill", "attention_decode", "column_mass", "residual_clip")
 
 # Run one interpreted kernel against the fp64 reference formula, written out here so the check
 # needs nothing but torch and the kernel package.

@@ -185,7 +185,8 @@ def attention_forward(
         dense_mask = attention_mask if padded is None else padded.dense
         result = content_attention(state, query, key, value, dense_mask, causal=causal, scaling=scaling,
                                    softcap=softcap, sliding_window=sliding_window, beta=beta, extra_logits=extra_logits,
-                                   virtual_sink_logit=virtual, position_ids=kwargs.get("position_ids"))
+                                   virtual_sink_logit=virtual, position_ids=kwargs.get("position_ids"),
+                                   kernel_mask=mask_kwargs if padded is not None else None)
         return result.out.transpose(1, 2).contiguous(), None
     corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 

@@ -31,7 +31,7 @@ from torch import nn
 from sinkfix.errors import PolicyError
 from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult
-from sinkfix.ops.content_attention import content_sink_attention_torch, merge_column_stats
+from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
 from sinkfix.ops.content_reference import ColumnStats
 
 __all__ = ["ContentSinkStore", "LayerSinkSet", "cache_hooks", "content_attention", "sink_sets", "store_of",
@@ -177,12 +177,13 @@ def _absolute(stats: ColumnStats, start: int) -> ColumnStats:
 
 
 def content_attention(state, query, key, value, attention_mask, *, causal: bool, scaling, softcap, sliding_window,
-                      beta, extra_logits, virtual_sink_logit, position_ids) -> AttentionResult:
-    """One attention call of a layer whose policy has content-dependent sinks (PyTorch path)."""
+                      beta, extra_logits, virtual_sink_logit, position_ids, kernel_mask: dict | None = None
+                      ) -> AttentionResult:
+    """One attention call of a layer whose policy has content-dependent sinks, on the layer's
+    backend. ``attention_mask`` is the dense bool mask (or None with ``causal``); ``kernel_mask``,
+    when given, the same visibility as the Triton kernels read it (key padding, causal offset,
+    window: ``PaddedCausalMask``), used on the Triton backend instead of the dense mask."""
     rule = state.policy.content
-    if state.backend != "torch":
-        raise PolicyError("content-dependent sinks run on the PyTorch path only (the Triton kernels do not carry a "
-                          "per-head sink set yet); patch with backend='torch'")
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     location = locate_sinks(attention_mask, position_ids, batch=batch, q_len=q_len, k_len=k_len, causal=causal,
@@ -190,9 +191,12 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
                             device=query.device)
     state.sink_rows, state.first_real_row = location.query_rows(q_len)
     hidden_beta, heads = rule.tensors(query.device)
-    common = dict(attn_mask=attention_mask, causal=causal, scale=scaling, softcap=softcap,
-                  sink_cols=location.sink_cols, beta=beta, extra_logits=extra_logits,
-                  virtual_sink_logit=virtual_sink_logit, hidden_beta=hidden_beta)
+    mask = dict(attn_mask=attention_mask, causal=causal)
+    if state.backend == "triton" and kernel_mask is not None:
+        mask = kernel_mask
+    common = dict(**mask, scale=scaling, softcap=softcap, sink_cols=location.sink_cols, beta=beta,
+                  extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, hidden_beta=hidden_beta,
+                  backend=state.backend)
     decide = dict(threshold=rule.threshold, min_rows=rule.min_rows, heads=heads)
     cache = getattr(state, "cache", None)
     layer = state.policy.layer
@@ -203,7 +207,7 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
             raise PolicyError(f"layer {layer}: an attention call over {past} earlier keys reached sinkfix without "
                               "its cache, so the sink set decided on the prompt cannot be carried into it; "
                               "content-dependent sinks need the model's attention modules to receive the cache")
-        result = content_sink_attention_torch(query, key, value, **common, **decide)
+        result = content_sink_attention(query, key, value, **common, **decide)
         return AttentionResult(result.out, result.lse, None, None)
 
     store = store_of(cache)
@@ -217,7 +221,7 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
 
     if store.frozen:  # given sets: applied, never decided
         hidden = torch.zeros(batch, q_heads, 0, dtype=torch.bool) if entry is None else entry.hidden
-        result = content_sink_attention_torch(query, key, value, hidden=_columns(hidden, first, end).to(query.device),
+        result = content_sink_attention(query, key, value, hidden=_columns(hidden, first, end).to(query.device),
                                               **common)
         if entry is not None:
             entry.length = end
@@ -226,7 +230,7 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     if entry is None or q_len > 1:
         # prefill (or a prefill chunk): decide on every row seen so far
         prior = None if entry is None else entry.stats
-        result = content_sink_attention_torch(query, key, value, **common, **decide, prior=_call_prior(prior, first, end))
+        result = content_sink_attention(query, key, value, **common, **decide, prior=_call_prior(prior, first, end))
         stats = merge_column_stats(prior, _absolute(result.stats, first))
         hidden = _absolute_hidden(entry, result.hidden, first, end)
         store.layers[layer] = LayerSinkSet(hidden, stats, length=end)
@@ -236,18 +240,18 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     entry.length = end
     every = rule.reevaluate_every
     if every is None:
-        result = content_sink_attention_torch(query, key, value, hidden=hidden, **common)
+        result = content_sink_attention(query, key, value, hidden=hidden, **common)
         return AttentionResult(result.out, result.lse, None, None)
 
     entry.steps_since_decision += 1
     if entry.steps_since_decision >= every:
         # decide again on the prompt's rows and every generated row, this one included
-        result = content_sink_attention_torch(query, key, value, **common, **decide,
+        result = content_sink_attention(query, key, value, **common, **decide,
                                               prior=_call_prior(entry.stats, first, end))
         entry.hidden = _absolute_hidden(entry, result.hidden, first, end)
         entry.steps_since_decision = 0
     else:
-        result = content_sink_attention_torch(query, key, value, hidden=hidden, need_stats=True, **common)
+        result = content_sink_attention(query, key, value, hidden=hidden, need_stats=True, **common)
     entry.stats = merge_column_stats(entry.stats, _absolute(result.stats, first))
     return AttentionResult(result.out, result.lse, None, None)
 

@@ -27,6 +27,14 @@ Compared with the positional path (one pass), prefill costs three passes (docs/f
 the FLOP count and the measured CPU time). Calls with at most ``FEW_ROWS`` query rows (decode
 steps) compute the (B, Hq, Q, K) scores directly: with Q that small they are no bigger than the
 keys, and a few small ops cost less than three passes.
+
+On the Triton backend (:func:`content_sink_attention_triton`) the same three steps are kernels:
+the prefill kernel's stock pass gives ``lse_i``, the column-mass kernel
+(``sinkfix.kernels.column_mass``) the column statistics, and the prefill kernel's hidden-sink
+variant (HAS_HIDDEN: a per-(batch, head) key mask, the hidden keys' mass kept apart under the same
+running max) applies the rule in one pass with the reference's epilogue; only the decision
+(threshold, keep-first) is a few torch ops over (B, Hq, K). Decode steps (at most ``FEW_ROWS``
+rows) and differentiable calls stay on the PyTorch code below.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from sinkfix.ops.content_reference import (
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
-__all__ = ["ContentResult", "content_sink_attention_torch", "column_stats_torch", "merge_column_stats"]
+__all__ = ["ContentResult", "content_sink_attention", "content_sink_attention_torch", "content_sink_attention_triton",
+           "column_stats_torch", "merge_column_stats"]
 
 # Added to the score of a key that must not count in the rest pass. Finite so that a row with no
 # such key yields finite garbage (discarded by count), and small enough in magnitude that adding the
@@ -320,3 +329,90 @@ def content_sink_attention_torch(
         keep = torch.where(torch.isfinite(lse_all), torch.sigmoid(lse_all - lse_zero), 0.0)
         out = out * keep[..., None]
     return ContentResult(out.to(q.dtype), lse_all, hidden, stats)
+
+
+def content_sink_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    hidden_beta: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    threshold: float | None = None,
+    min_rows: int = 1,
+    heads: torch.Tensor | None = None,
+    prior: ColumnStats | None = None,
+    need_stats: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sink_cols: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    extra_logits: torch.Tensor | None = None,
+    virtual_sink_logit: torch.Tensor | None = None,
+) -> ContentResult:
+    """:func:`content_sink_attention_torch` on the Triton kernels (CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1``). ``key_padding`` (B, K) bool and its ``key_ranges`` express a
+    padded causal mask without a (Q, K) tensor, as for :func:`sinkfix.kernels.sink_attention_triton`.
+
+    Prefill: a stock pass of the prefill kernel (its row lse), the column-mass kernel, the decision
+    (torch ops over (B, Hq, K)), then one pass of the prefill kernel's hidden-sink variant. Calls
+    with at most ``FEW_ROWS`` query rows (decode steps) and differentiable calls run the PyTorch
+    path, the key padding folded into a mask."""
+    from sinkfix.kernels.attention_prefill import sink_attention_prefill
+    from sinkfix.kernels.column_mass import column_mass
+
+    if hidden is None and threshold is None:
+        raise ValueError("content_sink_attention_triton needs either a hidden-sink mask or a threshold to decide one")
+    batch, q_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, beta, hidden_beta, extra_logits, virtual_sink_logit))
+    if q_len <= FEW_ROWS or grad:
+        if key_padding is not None:
+            padding = key_padding[:, None, None, :]
+            attn_mask = padding if attn_mask is None else attn_mask & padding
+        return content_sink_attention_torch(
+            q, k, v, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold, min_rows=min_rows, heads=heads,
+            prior=prior, need_stats=need_stats, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+            sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
+            extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    layout = dict(attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
+                  causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap)
+    if sink_cols is None:
+        sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
+    stats = None
+    if hidden is None or need_stats:
+        # pass 1 (stock, every visible key): its row lse alone (no P.V); pass 2 the column masses
+        _, lse_all = sink_attention_prefill(q, k, v, **layout, lse_only=True)
+        mass, rows = column_mass(q, k, lse_all, **layout)
+        stats = ColumnStats(mass, rows)
+    if hidden is None:
+        hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
+                                     min_rows=min_rows, heads=heads)
+    hidden = hidden.to(q.device) & ~is_sink[:, None, :]
+    # pass 3: the correction, hidden keys apart from the rest in one key loop
+    out, lse = sink_attention_prefill(q, k, v, **layout, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+                                      virtual_sink_logit=virtual_sink_logit, hidden=hidden, hidden_beta=hidden_beta)
+    return ContentResult(out, lse, hidden, stats)
+
+
+def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch",
+                           key_padding: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None,
+                           **kwargs) -> ContentResult:
+    """Content-dependent sinks on ``backend`` ("torch" or "triton", as a patched model resolved
+    it): :func:`content_sink_attention_triton` or :func:`content_sink_attention_torch` (which reads
+    a key padding as a (B, 1, 1, K) mask)."""
+    if backend == "triton":
+        return content_sink_attention_triton(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
+    if key_padding is not None:
+        padding = key_padding[:, None, None, :]
+        kwargs["attn_mask"] = padding if kwargs.get("attn_mask") is None else kwargs["attn_mask"] & padding
+    return content_sink_attention_torch(q, k, v, **kwargs)

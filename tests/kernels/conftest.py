@@ -26,7 +26,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 _KERNEL_MODULES = ("sinkfix.kernels.attention_common", "sinkfix.kernels.attention_prefill",
-                   "sinkfix.kernels.attention_decode", "sinkfix.kernels.residual_clip")
+                   "sinkfix.kernels.attention_decode", "sinkfix.kernels.residual_clip",
+                   "sinkfix.kernels.column_mass")
 for _name in _KERNEL_MODULES:  # the common helpers first: the kernels import them
     _mod = sys.modules.get(_name)
     if _mod is not None:

@@ -9,8 +9,8 @@ dtype errors in tl.dot, shared memory beyond the device limit) and gives ptxas's
 report and the SASS the budgets are read from. The compiling tests are marked slow (part of ``make
 test``): by default the set below (each kernel on both archs, every variant at hd 128, the
 yardstick the hot path is held to, the fp32 configs nearest to spilling, Hopper's pointer fallback
-at hd 64 and 256, the statistics variants: 40 compilations), with
-``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 210). The
+at hd 64 and 256, the statistics variants, the content-dependent-sink kernels: 50 compilations), with
+``SINKFIX_AOT_ALL=1`` every default configuration (``kernel_audit.default_cases``: 282). The
 residual clip kernel has no launch to record without a GPU and is compiled from its signature.
 Run ``pytest -k compile -s`` for the table.
 """
@@ -44,6 +44,10 @@ def _default_set(arch: int) -> list[Case]:
               Case("prefill", "hot", "bf16", 256, tma), Case("prefill", "hot", "fp32", 64)]
     cases += [Case("decode", v, "bf16", 128) for v in ("hot", "all")]
     cases += [Case("decode", "hot", "fp16", 64)] + [Case("reduce", v, "bf16", 128) for v in ("stats", "all")]
+    # content-dependent sinks: the stock row-lse pass, the column-mass kernel and the hidden-sink
+    # variant (its own tiles; fp32 at hd 64 came closest to spilling when they were chosen)
+    cases += [Case("prefill", v, "bf16", 128, tma) for v in ("lse", "hidden")]
+    cases += [Case("column", v, "bf16", 128) for v in ("hot", "padded")] + [Case("prefill", "hidden", "fp32", 64)]
     # fp32 where its small tiles came closest to spilling (sm_80: the sink-aware variants at hd 256,
     # sm_90: the hot path at hd 128), with the yardstick the hot path is held to
     cases += [Case("prefill", "policy", "fp32", 256), Case("prefill", "padded", "fp32", 256),
@@ -146,5 +150,6 @@ def test_compile_residual_clip(clips, arch, case):
 
 def test_default_set_covers_every_kernel():
     kinds = {(c.kernel, c.variant, c.tma) for c, _ in ATTENTION_CASES}
-    assert {k for k, _, _ in kinds} == {"prefill", "decode", "reduce", "flash"}
+    assert {k for k, _, _ in kinds} == {"prefill", "decode", "reduce", "flash", "column"}
+    assert ("prefill", "hidden", True) in kinds and ("prefill", "lse", True) in kinds
     assert ("prefill", "hot", True) in kinds and ("prefill", "hot", False) in kinds

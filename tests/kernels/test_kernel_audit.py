@@ -79,6 +79,15 @@ def test_default_cases_cover_every_config_table_entry():
     fallback = {(a, c.head_dim, True) for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
                 if c.kernel == "prefill" and a >= 90 and not c.tma and c.dtype != "fp32"}
     assert set(ap.POINTER_FALLBACK_CONFIGS) <= fallback
+    # content-dependent sinks: every column-mass config, and every config of the hidden-sink variant
+    from sinkfix.kernels import column_mass as cm
+
+    column = {(a, c.head_dim, c.dtype != "fp32") for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
+              if c.kernel == "column"}
+    assert column == set(cm.COLUMN_MASS_CONFIGS)
+    hidden = {(a, c.head_dim, c.dtype != "fp32") for a in kernel_audit.ARCHS for c in kernel_audit.default_cases(a)
+              if c.kernel == "prefill" and c.variant == "hidden"}
+    assert set(ap.HIDDEN_CONFIGS) <= hidden
 
 
 def _record(arch, kernel, variant, regs, tma=False, spill=0):
@@ -107,3 +116,15 @@ def test_before_after_table_and_readme_block(tmp_path):
     (tmp_path / "plain.md").write_text("no block\n")
     with pytest.raises(SystemExit, match="no .* block"):
         kernel_audit.update_readme(tmp_path / "plain.md", "x")
+
+
+def test_ptx_body_ignores_debug_information_only():
+    """``--same-code`` compares PTX without source-line records, the file table, DWARF sections and
+    comments (which move with any edit of a kernel file); an instruction change stays visible."""
+    ptx = ("\t.file\t1 \"attention_prefill.py\"\n.visible .entry k(\n)\n{\n\t.loc\t1 38 0\n"
+           "\tadd.s32 \t%r1, %r2, 1;  // note\n\tret;\n}\n\t.section\t.debug_abbrev\n{\n.b8 1\n}\n")
+    moved = ptx.replace(".loc\t1 38 0", ".loc\t1 40 7").replace("// note", "// other").replace(".b8 1", ".b8 2")
+    changed = ptx.replace("%r2, 1;", "%r2, 2;")
+    assert kernel_audit.ptx_body(ptx) == kernel_audit.ptx_body(moved)
+    assert kernel_audit.ptx_body(ptx) != kernel_audit.ptx_body(changed)
+    assert ".loc" not in kernel_audit.ptx_body(ptx) and "debug" not in kernel_audit.ptx_body(ptx)
