@@ -35,8 +35,9 @@ import calibration_lodo as positional_lodo  # noqa: E402  (the positional run's 
 
 import sinkfix  # noqa: E402
 from sinkfix.analysis.calibration import DomainFits, parameters_key  # noqa: E402
-from sinkfix.analysis.content_calibration import (HiddenFits, HiddenSettings, content_key,  # noqa: E402
-                                                  content_profile, fit_hidden_domains)
+from sinkfix.analysis.content_calibration import (HiddenFits, HiddenSettings, build_content,  # noqa: E402
+                                                  content_candidates, content_key, content_profile,
+                                                  fit_hidden_domains)
 from sinkfix.analysis.lodo import evaluation_windows  # noqa: E402
 from sinkfix.analysis.robust import candidates  # noqa: E402
 from sinkfix.evaluate import windows_nll  # noqa: E402
@@ -102,7 +103,7 @@ def run(args) -> int:
         fit_timing = _timing(start_wall, start_cpu)
         _save(fits_path, {**hfits.to_dict(), "timing": fit_timing})
     val = _Saved(OUT / f"cache-val-{args.mode}-{tag}.json", scores["val"])
-    ev = _Saved(OUT / f"cache-eval-{tag}.json", scores["eval"])
+    ev = _Saved(OUT / f"cache-eval-{args.mode}-{tag}.json", scores["eval"])
     windows, _ = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in domains}, pfits, args.eval_windows)
     shape = pfits.shape
 
@@ -139,8 +140,18 @@ def run(args) -> int:
         row.update(chosen=profile.calibration["selection"]["chosen"], change=math.exp(nll - stock) - 1,
                    heads=profile.calibration["heads_chosen"], selection=profile.calibration["selection"])
         if args.act:
-            act = evaluate((None, torch.full(shape, 0.4)), d)
+            act = evaluate((torch.ones(shape), torch.full(shape, 0.4)), d)
             row["act_change"] = math.exp(act - stock) - 1
+            # ACT's head selection made on calibration text: the heads the other domains' fits
+            # (combined by "mean") want corrected, with ACT's beta 0.4 on them
+            mean = next(c for c in content_candidates() if c.name == "hidden mean x1")
+            heads = build_content(mean, others, hfits)[1] < 1
+            row["act_heads"] = int(heads.sum())
+            if row["act_heads"]:
+                chosen_act = evaluate((torch.ones(shape), torch.where(heads, 0.4, 1.0)), d)
+                row["act_chosen_change"] = math.exp(chosen_act - stock) - 1
+            else:
+                row["act_chosen_change"] = 0.0
         print(json.dumps({k: v for k, v in row.items() if k != "selection"}), flush=True)
         rows.append(row)
         _save(OUT / f"lodo-{args.mode}-{tag}.json", {
@@ -166,14 +177,16 @@ def table(args) -> int:
              "each domain's evaluation text (built-in splits); perplexity change vs the unpatched model; every "
              "calibrated column is leave-one-domain-out (the domain's text was in no fit and no selection)", "",
              "| domain | scored tokens | unpatched ppl | best global beta | ACT defaults, all heads "
+             "| ACT, heads chosen on calibration text (heads) "
              "| hidden-sink profile (chosen) | positional profile (chosen) | combined profile (chosen) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in positional["rows"]:
         d = r["domain"]
         h, c = by["hidden"].get(d, {}), by["combined"].get(d, {})
         lines.append(
             f"| {d} | {r['tokens']} | {r['stock_ppl']:.3f} | {_pct(r['best_global_change'])} ({r['best_global_beta']:g}) "
-            f"| {_pct(h.get('act_change'))} | {_pct(h.get('change'))} ({h.get('chosen', '-')}) "
+            f"| {_pct(h.get('act_change'))} | {_pct(h.get('act_chosen_change'))} ({h.get('act_heads', '-')}) "
+            f"| {_pct(h.get('change'))} ({h.get('chosen', '-')}) "
             f"| {_pct(r['robust_change'])} ({r['robust_chosen']}) | {_pct(c.get('change'))} ({c.get('chosen', '-')}) |")
     text = "\n".join(lines)
     atomic_write_text(OUT / f"table-{tag}.md", text + "\n")
