@@ -123,7 +123,8 @@ def run(args) -> int:
     for d in args.held_out or domains:
         others = [o for o in domains if o != d]
         row = {"domain": d, "tokens": sum(int((w.labels[1:] != -100).sum()) for w in windows[d])}
-        stock = evaluate((torch.ones(shape), None), d)
+        unpatched = (torch.ones(shape), None)  # positional identity
+        stock = evaluate((unpatched, None), d)
         row["stock_nll"], row["stock_ppl"] = stock, math.exp(stock)
         saved_row = next(r for r in table["rows"] if r["domain"] == d)
         positional = next(c for c in candidates() if c.name == saved_row["robust_chosen"]) if combined else None
@@ -140,7 +141,7 @@ def run(args) -> int:
         row.update(chosen=profile.calibration["selection"]["chosen"], change=math.exp(nll - stock) - 1,
                    heads=profile.calibration["heads_chosen"], selection=profile.calibration["selection"])
         if args.act:
-            act = evaluate((torch.ones(shape), torch.full(shape, 0.4)), d)
+            act = evaluate((unpatched, torch.full(shape, 0.4)), d)
             row["act_change"] = math.exp(act - stock) - 1
             # ACT's head selection made on calibration text: the heads the other domains' fits
             # (combined by "mean") want corrected, with ACT's beta 0.4 on them
@@ -148,7 +149,7 @@ def run(args) -> int:
             heads = build_content(mean, others, hfits)[1] < 1
             row["act_heads"] = int(heads.sum())
             if row["act_heads"]:
-                chosen_act = evaluate((torch.ones(shape), torch.where(heads, 0.4, 1.0)), d)
+                chosen_act = evaluate((unpatched, torch.where(heads, 0.4, 1.0)), d)
                 row["act_chosen_change"] = math.exp(chosen_act - stock) - 1
             else:
                 row["act_chosen_change"] = 0.0
