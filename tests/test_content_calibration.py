@@ -261,3 +261,30 @@ def test_hidden_sink_profile_bad_files(tmp_path):
         Profile.from_dict({**good, "version": 3})
     with pytest.raises(CalibrationError, match=r"\[0, 1\)"):
         check_hidden_betas([0.8, 1.2])
+
+
+# -- real model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_hidden_sink_calibration_smoke(smollm2):
+    """SmolLM2 has hidden sinks at ACT's threshold: the fits move beta, the selection scores every
+    candidate, and the saved profile applies to the model it was made for."""
+    from sinkfix.analysis.calibration import CalibrationSettings
+    from sinkfix.analysis.content_calibration import HiddenSettings, content_profile, fit_hidden_domains
+    from sinkfix.texts import domain_text
+
+    model, tokenizer = smollm2
+    texts = {d: domain_text(d, "calib")[:6000] for d in ("pydoc", "legal")}
+    settings = CalibrationSettings(seq_len=128, bos=True, max_tokens=3 * 127, val_fraction=0.34)
+    fits = fit_hidden_domains(model, tokenizer, texts, settings, HiddenSettings(steps=4, eval_every=2, lr=0.3),
+                              progress=False)
+    assert all(f.windows == {"calib_windows": 2, "val_windows": 1} for f in fits.fits.values())
+    assert all(f.val_after <= f.val_base for f in fits.fits.values())
+    profile = content_profile(model, fits, progress=False)
+    changes = profile.calibration["selection"]["changes"]
+    # ACT's criterion finds hidden sinks in SmolLM2: a global hidden beta changes validation NLL
+    assert any(abs(v) > 1e-6 for v in changes["hidden global 0.8"].values())
+    assert max(changes[profile.calibration["selection"]["chosen"]].values()) <= 0.0
+    assert profile.sinks == "hidden" and profile.to_dict()["version"] == 4
+    ids = tokenizer("Attention sinks", return_tensors="pt").input_ids
+    with torch.no_grad(), sinkfix.patch(model, profile, backend="torch"):
+        assert torch.isfinite(model(input_ids=ids).logits).all()
