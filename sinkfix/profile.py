@@ -434,6 +434,16 @@ class Profile:
         return (f"not domain-robust ({origin}): fitted on its calibration texts pooled together; it may make "
                 "the model worse on other kinds of text")
 
+    @property
+    def sinks(self) -> str:
+        """What was calibrated: "positional", "hidden" or "combined" (``sinkfix calibrate --sinks``);
+        a content-mode profile without that record (made by hand or by ``calibrate_hidden_sinks``)
+        reads "content"."""
+        if self.content_sinks is None:
+            return "positional"
+        sinks = self.calibration.get("sinks")
+        return sinks if sinks in ("hidden", "combined") else "content"
+
     def describe(self) -> str:
         beta = self.sink_scale
         parts = [f"sink_scale per-head [{beta.min().item():.3g}..{beta.max().item():.3g}], mean {beta.mean().item():.3f}"]
@@ -442,7 +452,11 @@ class Profile:
             parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
         if self.content_sinks is not None:
             parts.append(f"content sinks: {self.content_sinks.describe()}")
-        return f"Profile for {self.model.describe()}: " + ", ".join(parts) + f"; {self.robustness()}"
+        label = {"positional": "positional sink", "hidden": "hidden sinks", "combined": "positional + hidden sinks",
+                 "content": "content-dependent sinks"}[self.sinks]
+        return (f"Profile for {self.model.describe()}, mode {self.mode} ({label}, format version "
+                f"{CONTENT_VERSION if self.content_sinks is not None else VERSION}): " + ", ".join(parts)
+                + f"; {self.robustness()}")
 
     def __repr__(self) -> str:
         return self.describe()

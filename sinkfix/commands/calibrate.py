@@ -3,6 +3,7 @@
     sinkfix calibrate --model smollm2-135m --out smollm2.profile.json       # every built-in domain
     sinkfix calibrate --model smollm2-135m --out p.json --evaluate          # + leave-one-domain-out table
     sinkfix calibrate --model smollm2-135m --text notes.txt --text src.py --out p.json
+    sinkfix calibrate --model smollm2-135m --sinks combined --out p.json    # + hidden (content) sinks
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "that domain's evaluation text (leave-one-domain-out; costs about as much again as "
                              "the calibration)")
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per domain for --evaluate (default 8)")
+    parser.add_argument("--sinks", choices=("positional", "hidden", "combined"), default="positional",
+                        help="which sinks to calibrate: positional (default: beta and virtual logit of the first-token "
+                             "sink), hidden (per-head beta of ACT's content-dependent hidden sinks, heads whose beta "
+                             "stays near 1 switched off), combined (positional first, then hidden sinks on top with "
+                             "the positional parameters frozen); the same per-domain fits and domain-robust selection "
+                             "(docs/calibration.md)")
+    parser.add_argument("--hidden-threshold", type=float, default=0.1,
+                        help="hidden sinks: ACT's criterion, mean attention over the rows that see a key, in (0, 1) "
+                             "(default 0.1)")
+    parser.add_argument("--hidden-steps", type=int, default=150,
+                        help="hidden sinks: Adam steps in all, split evenly among the domains (default 150)")
+    parser.add_argument("--hidden-lr", type=float, default=0.2, help="hidden sinks: Adam learning rate (default 0.2)")
+    parser.add_argument("--hidden-init-beta", type=float, default=0.9,
+                        help="hidden sinks: starting beta of every head, in (0, 1) (default 0.9)")
     parser.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=True,
                         help="record the sink-share ranges seen on the calibration text in the profile, for the "
                              "telemetry guard (one more forward pass over the windows; default: yes)")
@@ -62,7 +77,8 @@ def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: arg
     windows = [w for text in texts.values() for w in calibration_windows(
         tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]
     protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts)}
-    with sinkfix.patch(model, profile):
+    # content-dependent sinks run on the PyTorch path only (sinkfix.patch refuses them elsewhere)
+    with sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"):
         return profile.with_statistics(calibration_statistics(model, windows, protocol=protocol))
 
 
@@ -148,14 +164,17 @@ def run(args: argparse.Namespace) -> int:
                                    virtual_logits=args.virtual_logits,
                                    virtual_logit_on_sink_rows=args.virtual_on_sink_rows)
     plain = {name: t.text for name, t in texts.items()}
-    if args.rule == "robust":  # the clear errors, before the model is loaded
+    hidden = _hidden_settings(args)  # the clear errors, before the model is loaded
+    if args.rule == "robust":
         require_two_domains(list(plain))
         if args.evaluate:
             require_three_domains(list(plain))
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
     fits = None
-    if args.rule == "pooled":
+    if hidden is not None:
+        profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks)
+    elif args.rule == "pooled":
         profile = calibrate(model, tokenizer, plain, rule="pooled", **asdict(settings), log=console.print)
     else:
         fits = fit_domains(model, tokenizer, plain, settings, log=console.print)
@@ -166,15 +185,76 @@ def run(args: argparse.Namespace) -> int:
     record = profile.calibration
     protocol = record["protocol"]
     windows = f"{'BOS + ' if protocol['bos'] is True else 'no BOS, '}{protocol['seq_len']}-token windows"
-    console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
-    if fits is not None:
+    if hidden is not None:
+        if "positional_fits" in record:
+            console.print(_fits_table({"fits": record["positional_fits"]}, f"{profile.model.describe()}: {windows}, "
+                                                                             "positional sink"))
+        console.print(_hidden_fits_table(record, f"{profile.model.describe()}: {windows}, hidden sinks"))
+        console.print(_selection_table(record))
+    elif fits is not None:
+        console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
         console.print(_selection_table(record))
     else:
+        console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
         console.print(_pooled_table(record))
     console.print(f"{profile.describe()}\n{record['seconds']} s; wrote {path}")
     if args.evaluate:
         _evaluate(console, model, tokenizer, fits, profile, texts, args)
     return 0
+
+
+def _hidden_settings(args: argparse.Namespace):
+    """The hidden-sink settings of ``--sinks hidden|combined`` (None for positional), checked before
+    anything is loaded; option combinations that do not exist are refused."""
+    from sinkfix.analysis.content_calibration import HiddenSettings
+    from sinkfix.errors import UsageError
+
+    if args.sinks == "positional":
+        return None
+    if args.rule != "robust":
+        raise UsageError(f"--sinks {args.sinks} uses the domain-robust rule only; drop --rule {args.rule}")
+    if args.evaluate:
+        raise UsageError(f"--evaluate is not implemented for --sinks {args.sinks}; the leave-one-domain-out table of "
+                         "hidden and combined profiles is made by benchmarks/content_lodo.py")
+    return HiddenSettings(threshold=args.hidden_threshold, steps=args.hidden_steps, lr=args.hidden_lr,
+                          init_beta=args.hidden_init_beta)
+
+
+def _content_profile(console, model, tokenizer, texts: dict[str, str], settings, hidden, sinks: str):
+    """``--sinks hidden``: per-domain hidden-sink fits, selected domain-robustly; ``combined``: the
+    positional calibration first, then hidden-sink fits on top of each domain's positional fit."""
+    from sinkfix.analysis.calibration import fit_domains, robust_profile
+    from sinkfix.analysis.content_calibration import content_profile, fit_hidden_domains
+    from sinkfix.analysis.robust import candidates
+
+    if sinks == "hidden":
+        fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print)
+        return content_profile(model, fits, log=console.print)
+    positional_fits = fit_domains(model, tokenizer, texts, settings, log=console.print)
+    positional = robust_profile(model, positional_fits, log=console.print)
+    chosen = positional.calibration["selection"]["chosen"]
+    rule = next(c for c in candidates() if c.name == chosen)
+    fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print,
+                              bases={d: f.parameters for d, f in positional_fits.fits.items()},
+                              stock={d: f.val_before for d, f in positional_fits.fits.items()})
+    profile = content_profile(model, fits, positional_fits, rule, log=console.print)
+    profile.calibration["positional_selection"] = positional.calibration["selection"]
+    profile.calibration["seconds"] = round(profile.calibration["seconds"] + positional.calibration["seconds"], 1)
+    return profile
+
+
+def _hidden_fits_table(record: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("domain", "calib windows", "val windows", "best step", "val NLL unpatched", "val NLL base",
+                "val NLL fit", "change vs base"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for name, fit in record["fits"].items():
+        table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]), f"{fit['best_step']} of {fit['steps_run']}",
+                      f"{fit['val_nll_stock']:.4f}", f"{fit['val_nll_base']:.4f}", f"{fit['val_nll_after']:.4f}",
+                      f"{100 * fit['val_ppl_change_vs_base']:+.2f}%")
+    return table
 
 
 def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
