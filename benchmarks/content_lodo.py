@@ -4,16 +4,18 @@ positional calibration of ``calibration_lodo.py`` on the same windows.
     python benchmarks/content_lodo.py run --mode hidden --act      # hidden-sink fits + ACT defaults
     python benchmarks/content_lodo.py run --mode combined          # hidden fits on the positional fits
     python benchmarks/content_lodo.py table                        # every saved run -> one Markdown table
+    python benchmarks/content_lodo.py run --mode hidden --act --no-bos   # the no-BOS positional run's fits
 
 ``run`` reads the positional per-domain fits and scores that ``calibration_lodo.py run`` saved
-(``benchmarks/results/calibration_lodo/``: SmolLM2-135M, BOS, 512-token windows), fits the per-head
-hidden-sink beta on each built-in domain's calibration windows (`fit_hidden_domains`; ``combined``:
-on top of that domain's own positional fit, frozen), then for each domain D rebuilds the
-content-mode profile from the other domains' fits with the domain-robust selection
-(`content_profile`, itself a leave-one-domain-out over the other domains' validation windows) and
-scores it on D's evaluation text: the first ``--eval-windows`` 512-token windows (BOS first,
-non-overlapping) of D's evaluation split, the windows of the positional table. ``--act`` also
-scores ACT's defaults (beta 0.4, threshold 0.1, every head: nothing fitted) there.
+(``benchmarks/results/calibration_lodo/``: SmolLM2-135M, 512-token windows, BOS first or, with
+``--no-bos``, not), fits the per-head hidden-sink beta on each built-in domain's calibration
+windows (`fit_hidden_domains`; ``combined``: on top of that domain's own positional fit, frozen),
+then for each domain D rebuilds the content-mode profile from the other domains' fits with the
+domain-robust selection (`content_profile`, itself a leave-one-domain-out over the other domains'
+validation windows) and scores it on D's evaluation text: the first ``--eval-windows`` 512-token
+windows (the positional run's protocol, non-overlapping) of D's evaluation split, the windows of
+the positional table. ``--act`` also scores ACT's defaults (beta 0.4, threshold 0.1, every head:
+nothing fitted) there.
 
 Results (JSON, Markdown) go to ``benchmarks/results/content_lodo/``; fits and scores are saved as
 they are made and reused when the run is repeated.
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import calibration_lodo as positional_lodo  # noqa: E402  (the positional run's saved files)
 
 import sinkfix  # noqa: E402
-from sinkfix.analysis.calibration import DomainFits, parameters_key  # noqa: E402
+from sinkfix.analysis.calibration import DomainFits  # noqa: E402
 from sinkfix.analysis.content_calibration import (HiddenFits, HiddenSettings, build_content,  # noqa: E402
                                                   content_candidates, content_key, content_profile,
                                                   fit_hidden_domains)
@@ -78,11 +80,12 @@ def _timing(start_wall: float, start_cpu: float) -> dict:
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = positional_lodo._tag(args.model, True)
+    tag = positional_lodo._tag(args.model, args.bos)
     saved_fits = _load(POSITIONAL / f"fits-{tag}.json")
-    table = _load(POSITIONAL / f"table-{tag}.json")
+    table = _positional_table(tag)
     if saved_fits is None or table is None:
-        print(f"needs fits-{tag}.json and table-{tag}.json under {POSITIONAL} (calibration_lodo.py)", file=sys.stderr)
+        print(f"needs fits-{tag}.json and table-{tag}.json or lodo-{tag}.json under {POSITIONAL} "
+              "(calibration_lodo.py)", file=sys.stderr)
         return 1
     model, tokenizer = sinkfix.load_model(args.model)
     domains = list(saved_fits["fits"])
@@ -164,17 +167,31 @@ def run(args) -> int:
     return 0
 
 
+def _positional_table(tag: str) -> dict | None:
+    """The positional leave-one-domain-out rows of ``calibration_lodo.py``: its ``table`` file (the
+    parts merged), or else the file one whole ``run`` wrote, whose rows name the same numbers
+    ``without_change`` / ``without_chosen``."""
+    table = _load(POSITIONAL / f"table-{tag}.json")
+    if table is not None:
+        return table
+    run = _load(POSITIONAL / f"lodo-{tag}.json")
+    if run is None:
+        return None
+    rows = [{**r, "robust_change": r["without_change"], "robust_chosen": r["without_chosen"]} for r in run["rows"]]
+    return {**run, "rows": rows}
+
+
 def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:+.2f}%"
 
 
 def table(args) -> int:
-    tag = positional_lodo._tag(args.model, True)
-    positional = _load(POSITIONAL / f"table-{tag}.json")
+    tag = positional_lodo._tag(args.model, args.bos)
+    positional = _positional_table(tag)
     runs = {m: _load(OUT / f"lodo-{m}-{tag}.json") for m in ("hidden", "combined")}
     by = {m: {r["domain"]: r for r in (data or {}).get("rows", [])} for m, data in runs.items()}
     proto = positional["protocol"]
-    lines = [f"**{args.model}, BOS**, {proto['seq_len']}-token windows, first {proto['eval_windows']} windows of "
+    lines = [f"**{args.model}, {'BOS' if args.bos else 'no BOS'}**, {proto['seq_len']}-token windows, first {proto['eval_windows']} windows of "
              "each domain's evaluation text (built-in splits); perplexity change vs the unpatched model; every "
              "calibrated column is leave-one-domain-out (the domain's text was in no fit and no selection)", "",
              "| domain | scored tokens | unpatched ppl | best global beta | ACT defaults, all heads "
@@ -201,6 +218,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="fit hidden sinks per domain, rebuild without each domain, evaluate")
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--mode", choices=("hidden", "combined"), required=True)
+    r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="the protocol of the positional run whose fits and windows are used (default: BOS)")
     r.add_argument("--steps", type=int, default=50, help="hidden-sink Adam steps in all, split among the domains")
     r.add_argument("--eval-every", type=int, default=5)
     r.add_argument("--lr", type=float, default=0.2)
@@ -211,6 +230,7 @@ def main(argv=None) -> int:
     r.set_defaults(fn=run)
     t = sub.add_parser("table", help="saved runs -> Markdown")
     t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
     t.set_defaults(fn=table)
     args = parser.parse_args(argv)
     return args.fn(args)
