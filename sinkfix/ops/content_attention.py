@@ -46,6 +46,7 @@ import torch
 from sinkfix.ops.content_reference import (
     ColumnStats, column_stats_reference, decide_hidden_sinks, reference_content_sink_attention,
 )
+from sinkfix.ops.attention import fold_key_padding
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
@@ -374,12 +375,9 @@ def content_sink_attention_triton(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (q, k, v, beta, hidden_beta, extra_logits, virtual_sink_logit))
     if q_len <= FEW_ROWS or grad:
-        if key_padding is not None:
-            padding = key_padding[:, None, None, :]
-            attn_mask = padding if attn_mask is None else attn_mask & padding
         return content_sink_attention_torch(
             q, k, v, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold, min_rows=min_rows, heads=heads,
-            prior=prior, need_stats=need_stats, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+            prior=prior, need_stats=need_stats, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
             sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
             extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -412,7 +410,5 @@ def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     a key padding as a (B, 1, 1, K) mask)."""
     if backend == "triton":
         return content_sink_attention_triton(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
-    if key_padding is not None:
-        padding = key_padding[:, None, None, :]
-        kwargs["attn_mask"] = padding if kwargs.get("attn_mask") is None else kwargs["attn_mask"] & padding
+    kwargs["attn_mask"] = fold_key_padding(kwargs.get("attn_mask"), key_padding)
     return content_sink_attention_torch(q, k, v, **kwargs)
