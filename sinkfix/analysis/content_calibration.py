@@ -31,7 +31,7 @@ from torch import nn
 
 from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, DomainWindows, Parameters, Progress,
                                           calibration_windows, domain_windows, parameters_key)
-from sinkfix.analysis.robust import Candidate, Selection, candidate_parameters, candidates
+from sinkfix.analysis.robust import Candidate, Selection, candidate_parameters, candidates, worst_case_choice
 from sinkfix.evaluate import model_device, window_nll
 from sinkfix.policy import ContentSinks, Policy
 from sinkfix.profile import ModelIdentity, Profile
@@ -531,17 +531,14 @@ def select_content(pool: Sequence[ContentCandidate], domains: Sequence[str],
     ties to the earlier one (the identity first)."""
     if len(domains) < 2:
         raise CalibrationError("leave-one-domain-out selection needs at least two domains")
-    changes: dict[str, dict[str, float]] = {}
-    for candidate in pool:
-        changes[candidate.name] = {}
-        for held_out in domains:
-            if candidate.positional is None and candidate.hidden is None:
-                changes[candidate.name][held_out] = 0.0
-                continue
-            others = [d for d in domains if d != held_out]
-            changes[candidate.name][held_out] = change(build(candidate, others), held_out)
-    chosen = min(pool, key=lambda c: max(changes[c.name].values()))
-    return Selection(chosen, changes)  # type: ignore[arg-type]  # a ContentCandidate has the name it reads
+
+    def score(candidate: ContentCandidate, held_out: str) -> float:
+        if candidate.positional is None and candidate.hidden is None:
+            return 0.0
+        return change(build(candidate, [d for d in domains if d != held_out]), held_out)
+
+    # a ContentCandidate has the name Selection reads
+    return Selection(*worst_case_choice(pool, list(domains), score))  # type: ignore[arg-type]
 
 
 def content_profile(model: nn.Module, hidden_fits: HiddenFits, positional_fits: "DomainFits | None" = None,

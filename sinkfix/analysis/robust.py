@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -136,14 +136,20 @@ def select(pool: Sequence[Candidate], fits: Mapping[str, Parameters], shape: tup
     """
     if len(fits) < 2:
         raise ValueError("leave-one-domain-out selection needs at least two domains")
-    changes: dict[str, dict[str, float]] = {}
-    for candidate in pool:
-        changes[candidate.name] = {}
-        for held_out in fits:
-            if candidate is IDENTITY or candidate == IDENTITY:
-                changes[candidate.name][held_out] = 0.0
-                continue
-            others = [params for name, params in fits.items() if name != held_out]
-            changes[candidate.name][held_out] = change(candidate_parameters(candidate, others, shape), held_out)
-    chosen = min(pool, key=lambda c: max(changes[c.name].values()))
-    return Selection(chosen, changes)
+
+    def score(candidate: Candidate, held_out: str) -> float:
+        if candidate is IDENTITY or candidate == IDENTITY:
+            return 0.0
+        others = [params for name, params in fits.items() if name != held_out]
+        return change(candidate_parameters(candidate, others, shape), held_out)
+
+    return Selection(*worst_case_choice(pool, list(fits), score))
+
+
+def worst_case_choice(pool: Sequence, domains: Sequence[str], score: Callable[[Any, str], float]):
+    """The selection rule itself, for any kind of candidate: ``score(candidate, held_out)`` for every
+    candidate (in ``pool`` order) and held-out domain, then the candidate whose worst held-out
+    domain scores lowest, ties to the earlier one. Returns (chosen, {name: {domain: score}})."""
+    changes = {candidate.name: {held_out: score(candidate, held_out) for held_out in domains}
+               for candidate in pool}
+    return min(pool, key=lambda c: max(changes[c.name].values())), changes

@@ -43,10 +43,10 @@ from typing import NamedTuple
 
 import torch
 
+from sinkfix.ops.attention import fold_key_padding
 from sinkfix.ops.content_reference import (
     ColumnStats, column_stats_reference, decide_hidden_sinks, reference_content_sink_attention,
 )
-from sinkfix.ops.attention import fold_key_padding
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
