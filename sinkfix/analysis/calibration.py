@@ -22,8 +22,10 @@ Each domain's windows are split into calibration windows and validation windows 
 A fit keeps the parameters with the best validation NLL (scored every ``eval_every`` steps) and stops
 after ``patience`` evaluations without improvement; if nothing beats the unpatched model the fit is
 the identity. Gradients reach beta because :class:`~sinkfix.policy.LayerPolicy` bypasses its device
-cache for tensors that require grad; the attention path then runs its differentiable route
-(:mod:`sinkfix.ops.attention_grad`: the fused forward, a blockwise recompute backward).
+cache for tensors that require grad; the attention path then runs its differentiable route: on the
+CPU autograd through the split path, whose fused attention op back-propagates through its own
+kernel (:mod:`sinkfix.ops.flash`), elsewhere :mod:`sinkfix.ops.attention_grad` (the fused forward,
+a blockwise recompute backward). Neither keeps a (B, H, Q, K) tensor per layer.
 
 The virtual sink logit b_lh is an extra ``exp(b)`` in the softmax denominator with a zero value, a
 learned "attend to nothing" option: sink scaling can only move a head away from its sink (beta <= 1);

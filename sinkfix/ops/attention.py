@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
-from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available
+from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available, fused_lse_backward_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["AttentionResult", "sink_stats", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available",
@@ -128,17 +128,22 @@ def _first_column_parts(q, k, v, layout: _Layout, scale: float) -> tuple[_Part, 
     part one q.k_0 dot per row. The flag says whether every row sees a non-sink key (known from
     the layout: full attention over K >= 2 keys, e.g. a decode step), which spares the epilogue
     its per-row guards."""
-    q_heads, q_len = q.shape[1], q.shape[2]
+    q_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
     group = q_heads // k.shape[1]
-    k0 = _repeat_heads(k[:, :, :1], group)  # (B, Hq, 1, D): one key row per head, tiny
-    v0 = _repeat_heads(v[:, :, :1], group)
+    # split() rather than slicing: under autograd each slice's backward fills a zero tensor of the
+    # whole input and adds into it, split's backward is one cat (calibration: ~0.1 s of fills per
+    # step on SmolLM2 at 512 tokens)
+    k0, k_rest = k.split((1, k_len - 1), dim=2)
+    v0, v_rest = v.split((1, k_len - 1), dim=2)
+    k0 = _repeat_heads(k0, group)  # (B, Hq, 1, D): one key row per head, tiny
+    v0 = _repeat_heads(v0, group)
     s0 = torch.matmul(q, k0.transpose(-1, -2)).squeeze(-1).float().mul_(scale)  # (B, Hq, Q)
     sink = _Part(v0, s0)
     first_row = 1 if layout.causal else 0
-    if k.shape[2] < 2 or q_len <= first_row:
+    if k_len < 2 or q_len <= first_row:
         return _Part(torch.zeros_like(q), torch.full_like(s0, float("-inf"))), sink, False
-    o, lse = flash_with_lse(q[:, :, first_row:], k[:, :, 1:], v[:, :, 1:], visible=None, is_causal=layout.causal,
-                            scale=scale)
+    q_rest = q.split((first_row, q_len - first_row), dim=2)[1] if first_row else q
+    o, lse = flash_with_lse(q_rest, k_rest, v_rest, visible=None, is_causal=layout.causal, scale=scale)
     if not first_row:
         return _Part(o, lse.float()), sink, True
     o = torch.cat([torch.zeros_like(q[:, :, :1]), o], dim=2)
@@ -235,7 +240,9 @@ def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sin
     p = torch.sigmoid(x)  # the sink's share of the real keys' mass
     weight = p
     if beta is not None:  # in place unless the statistics still need p
-        weight = p * beta.view(1, kv_heads, group, 1) if need_sink_stats else p.mul_(beta.view(1, kv_heads, group, 1))
+        # (sigmoid's backward reads p, so autograd also needs the copy)
+        weight = (p * beta.view(1, kv_heads, group, 1) if need_sink_stats or p.requires_grad
+                  else p.mul_(beta.view(1, kv_heads, group, 1)))
     o_n = o_n.reshape(batch, kv_heads, group, q_len, head_dim)  # a view for the CPU op's contiguous output
     v0 = v0.unsqueeze(2)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
     out = torch.lerp(_fp32(o_n), _fp32(v0), weight.unsqueeze(-1))
@@ -351,7 +358,9 @@ def sink_attention_torch(
     ``beta=None`` means 1 everywhere: pass None, not a tensor of ones, for the identity to take the
     one-op path (the path never inspects tensor values). Falls back to the dense formula (which
     materialises the scores) when the probabilities are requested, with ``softcap`` (the fused ops
-    cannot apply it), when gradients are needed, and on devices without a fused op.
+    cannot apply it), on devices without a fused op, and when gradients are needed where the fused
+    op has no backward kernel (:func:`sinkfix.ops.flash.fused_lse_backward_available`; on the CPU
+    autograd runs through the split path, whose only (Q, K)-sized work is inside the fused op).
 
     ``need_sink_stats`` adds :attr:`AttentionResult.sink_stats`, computed from what the path
     computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
@@ -360,8 +369,9 @@ def sink_attention_torch(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
     fused = cpu_flash_available(q.dtype) if q.is_cpu else fused_lse_available(q.device, q.dtype)
+    grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
     if (return_probs or softcap is not None or not fused
-            or _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)):
+            or (grad and not fused_lse_backward_available(q.device, q.dtype))):
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
         return _dense_path(q, k, v, layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
@@ -440,8 +450,9 @@ def sink_attention(
     custom op ``torch.ops.sinkfix.sink_attention`` on either backend; with ``need_sink_stats`` (the
     cheap (B, Hq, 2) sums of serving-time telemetry) it is one call of its variant
     ``torch.ops.sinkfix.sink_attention_stats``. Probabilities and per-row statistics for observers
-    come from the PyTorch path in Python; gradients (calibration) from
-    :mod:`sinkfix.ops.attention_grad`, which never keeps a layer's (B, H, Q, K) scores alive.
+    come from the PyTorch path in Python; gradients (calibration) from autograd through the split
+    path where the fused op has a backward kernel (CPU), else from
+    :mod:`sinkfix.ops.attention_grad`; neither keeps a layer's (B, H, Q, K) scores alive.
     """
     # a patched model passes the backend patch() resolved; only "auto" is resolved per call
     chosen = backend if backend in ("torch", "triton") else resolve_backend(backend, q.device)
@@ -453,7 +464,8 @@ def sink_attention(
     if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or grad):
         attn_mask = fold_key_padding(attn_mask, key_padding)
         key_padding = key_ranges = None
-    if grad and not (return_probs or need_sink_mass or need_sink_stats):
+    split_grad = grad and softcap is None and fused_lse_backward_available(q.device, q.dtype)
+    if grad and not (return_probs or need_sink_mass or need_sink_stats or split_grad):
         from sinkfix.ops.attention_grad import sink_attention_with_grad
 
         if first_column_sink:
@@ -463,7 +475,7 @@ def sink_attention(
             scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
             virtual_sink_logit=virtual_sink_logit)
         return AttentionResult(out, lse, None, None)
-    if return_probs or need_sink_mass or _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit):
+    if return_probs or need_sink_mass or grad:
         return sink_attention_torch(
             q, k, v, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window,
             scale=scale, softcap=softcap, sink_cols=sink_cols, first_column_sink=first_column_sink, beta=beta,
