@@ -349,6 +349,26 @@ def _grads(fn, tensors):
     return torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
+def _assert_split_grads_match_dense(q, k, v, params: dict, split_kw: dict, dense_kw: dict) -> None:
+    """Gradients of ``sink_attention`` (fp32, the split path) in q, k, v and every policy parameter
+    equal fp64 autograd of the reference formula."""
+    names = list(params)
+
+    def split(q_, k_, v_, *ps):
+        result = sink_attention(q_, k_, v_, backend="torch", **split_kw, **dict(zip(names, ps)))
+        return result.out, result.lse
+
+    def dense(q_, k_, v_, *ps):
+        out, _, lse = reference_sink_attention(q_, k_, v_, **dense_kw, **dict(zip(names, ps)))
+        return out, lse
+
+    got = _grads(split, (q, k, v, *params.values()))
+    want = _grads(dense, (q.double(), k.double(), v.double(), *(p.double() for p in params.values())))
+    for name, a, b in zip(["q", "k", "v", *names], got, want):
+        assert a is not None and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), b, **SPLIT_GRAD_TOL, msg=lambda m: f"d/d{name}: {m}")
+
+
 @_needs_fused_backward
 def test_flash_op_gradient_includes_the_log_sum_exp():
     """The fused op's own autograd formula drops the log-sum-exp's gradient; ours must not (GQA, a mask)."""
@@ -379,22 +399,8 @@ def test_split_path_gradients_match_dense_autograd(shape, policy):
     batch, q_heads, kv_heads, q_len, k_len, dim, kind = shape
     q, k, v = _inputs(batch, q_heads, kv_heads, q_len, k_len, dim)
     kw, first = _layout(kind, batch, q_len, k_len)
-    params = _policies(q_heads)[policy]
-    names = list(params)
-
-    def split(q_, k_, v_, *ps):
-        result = sink_attention(q_, k_, v_, backend="torch", **kw, sink_cols=first[:, None], **dict(zip(names, ps)))
-        return result.out, result.lse
-
-    def dense(q_, k_, v_, *ps):
-        out, _, lse = reference_sink_attention(q_, k_, v_, **kw, sink_cols=first[:, None], **dict(zip(names, ps)))
-        return out, lse
-
-    got = _grads(split, (q, k, v, *params.values()))
-    want = _grads(dense, (q.double(), k.double(), v.double(), *(p.double() for p in params.values())))
-    for name, a, b in zip(["q", "k", "v", *names], got, want):
-        assert a is not None and torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.double(), b, **SPLIT_GRAD_TOL, msg=lambda m: f"d/d{name}: {m}")
+    _assert_split_grads_match_dense(q, k, v, _policies(q_heads)[policy], dict(**kw, sink_cols=first[:, None]),
+                                    dict(**kw, sink_cols=first[:, None]))
 
 
 @_needs_fused_backward
@@ -404,24 +410,10 @@ def test_first_column_sink_gradients_match_dense_autograd(layout):
     mask built (the causal window's row 0 sees only the sink)."""
     q_len, k_len = {"causal": (19, 19), "decode": (1, 29), "full": (3, 29)}[layout]
     q, k, v = _inputs(2, 6, 3, q_len, k_len, 64)
-    params = _policies(6)["scale+aux+virtual"]
-    names = list(params)
     causal = layout == "causal"
-    cols = torch.zeros(2, 1, dtype=torch.long)
-
-    def split(q_, k_, v_, *ps):
-        result = sink_attention(q_, k_, v_, backend="torch", causal=causal, first_column_sink=True,
-                                **dict(zip(names, ps)))
-        return result.out, result.lse
-
-    def dense(q_, k_, v_, *ps):
-        out, _, lse = reference_sink_attention(q_, k_, v_, causal=causal, sink_cols=cols, **dict(zip(names, ps)))
-        return out, lse
-
-    got = _grads(split, (q, k, v, *params.values()))
-    want = _grads(dense, (q.double(), k.double(), v.double(), *(p.double() for p in params.values())))
-    for name, a, b in zip(["q", "k", "v", *names], got, want):
-        torch.testing.assert_close(a.double(), b, **SPLIT_GRAD_TOL, msg=lambda m: f"d/d{name}: {m}")
+    _assert_split_grads_match_dense(q, k, v, _policies(6)["scale+aux+virtual"],
+                                    dict(causal=causal, first_column_sink=True),
+                                    dict(causal=causal, sink_cols=torch.zeros(2, 1, dtype=torch.long)))
 
 
 @_needs_fused_backward

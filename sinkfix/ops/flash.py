@@ -58,16 +58,21 @@ def _probe_cpu_flash(dtype: torch.dtype) -> bool:
 # Probed once per dtype, the float dtypes at import: a plain dict that is already filled is a
 # constant to dynamo, whereas a probe reached for the first time inside a compiled region would be
 # traced into the graph (an lru_cache wrapper is ignored by dynamo, so it was traced every layer).
-_cpu_flash_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash(dtype)
-                                          for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+_PROBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_cpu_flash_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash(dtype) for dtype in _PROBED_DTYPES}
+
+
+def _probed(table: dict[torch.dtype, bool], probe, dtype: torch.dtype) -> bool:
+    """``table[dtype]``, probing once for a dtype the import did not probe."""
+    known = table.get(dtype)
+    if known is None:
+        known = table[dtype] = probe(dtype)
+    return known
 
 
 def cpu_flash_available(dtype: torch.dtype) -> bool:
     """Whether the CPU flash op runs for ``dtype`` (probed once)."""
-    known = _cpu_flash_ok.get(dtype)
-    if known is None:
-        known = _cpu_flash_ok[dtype] = _probe_cpu_flash(dtype)
-    return known
+    return _probed(_cpu_flash_ok, _probe_cpu_flash, dtype)
 
 
 def _probe_cpu_flash_backward(dtype: torch.dtype) -> bool:
@@ -83,19 +88,13 @@ def _probe_cpu_flash_backward(dtype: torch.dtype) -> bool:
         return False
 
 
-_cpu_flash_backward_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash_backward(dtype)
-                                                   for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+_cpu_flash_backward_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash_backward(dtype) for dtype in _PROBED_DTYPES}
 
 
 def fused_lse_backward_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`flash_with_lse` is differentiable in both outputs through a fused backward
     kernel here (CPU only, probed once per dtype); elsewhere a gradient call needs the dense formula."""
-    if device.type != "cpu":
-        return False
-    known = _cpu_flash_backward_ok.get(dtype)
-    if known is None:
-        known = _cpu_flash_backward_ok[dtype] = _probe_cpu_flash_backward(dtype)
-    return known
+    return device.type == "cpu" and _probed(_cpu_flash_backward_ok, _probe_cpu_flash_backward, dtype)
 
 
 class _CpuFlashWithLse(torch.autograd.Function):
