@@ -391,6 +391,47 @@ def test_flash_op_gradient_includes_the_log_sum_exp():
 
 
 @_needs_fused_backward
+@pytest.mark.parametrize("route", ["shifted output", "appended feature"])
+@pytest.mark.parametrize("loss_on", ["out and lse", "lse only"])
+def test_both_log_sum_exp_gradient_routes_match_dense_autograd(route, loss_on, monkeypatch):
+    """The lse gradient reaches the backward kernel either through a shifted output or through one
+    appended feature (the fallback: reduced precision, or rows with a zero output gradient, as when
+    the loss reads only the log-sum-exp); both equal fp64 autograd of the formula."""
+    if route == "appended feature":
+        monkeypatch.setattr(flash, "_shifted_output", lambda *args: None)
+    q, k, v = _inputs(2, 6, 2, 13, 13, 32)
+    out_weight = 1.0 if loss_on == "out and lse" else 0.0
+
+    def loss_of(fn, tensors):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out, lse = fn(*leaves)
+        g = torch.Generator().manual_seed(3)
+        loss = out_weight * (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() \
+            + (lse.double() * torch.randn(lse.shape, generator=g, dtype=torch.float64)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got = loss_of(lambda *t: flash.flash_with_lse(*t, visible=None, is_causal=True, scale=0.2), (q, k, v))
+    want = loss_of(lambda *t: reference_sink_attention(*t, causal=True, scale=0.2)[::2], (q.double(), k.double(),
+                                                                                         v.double()))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, **SPLIT_GRAD_TOL, msg=lambda m: f"d/d{name}: {m}")
+
+
+def test_shifted_output_refuses_what_it_cannot_carry():
+    """No shift for reduced precision or for a row whose output gradient vanishes while its
+    log-sum-exp has a gradient; otherwise ``dO . O'`` is ``dO . O - g`` row by row."""
+    out, grad_out = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    grad_lse = torch.randn(1, 2, 5)
+    shifted = flash._shifted_output(out, grad_out, grad_lse)
+    torch.testing.assert_close((grad_out * shifted).sum(-1), (grad_out * out).sum(-1) - grad_lse)
+    assert flash._shifted_output(out.bfloat16(), grad_out.bfloat16(), grad_lse) is None
+    grad_out[0, 1, 3] = 0
+    assert flash._shifted_output(out, grad_out, grad_lse) is None
+    grad_lse[0, 1, 3] = 0  # no gradient to carry on that row: the shift is zero there
+    torch.testing.assert_close(flash._shifted_output(out, grad_out, grad_lse)[0, 1, 3], out[0, 1, 3])
+
+
+@_needs_fused_backward
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
 @pytest.mark.parametrize("policy", ["scale", "drop", "scale+aux+virtual"])
 def test_split_path_gradients_match_dense_autograd(shape, policy):

@@ -70,6 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argparse.Namespace):
     """The profile plus the sink-share ranges its patched model shows on the calibration windows
     (sinkfix.telemetry.calibration_statistics), kept apart from the fit itself."""
+    from tqdm.auto import tqdm
+
     import sinkfix
     from sinkfix.analysis.calibration import calibration_windows
     from sinkfix.telemetry import calibration_statistics
@@ -78,8 +80,9 @@ def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: arg
         tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]
     protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts)}
     # content-dependent sinks run on the PyTorch path only (sinkfix.patch refuses them elsewhere)
-    with sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"):
-        return profile.with_statistics(calibration_statistics(model, windows, protocol=protocol))
+    with (sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"),
+          tqdm(total=len(windows), desc="guard statistics", unit="win") as bar):
+        return profile.with_statistics(calibration_statistics(model, windows, protocol=protocol, progress=bar.update))
 
 
 def _fits_table(record: dict, title: str):
