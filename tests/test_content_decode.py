@@ -195,3 +195,32 @@ def test_a_static_cache_is_refused(one_thread):
     with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
         with pytest.raises(PolicyError, match="fixed key columns"):
             model(input_ids=torch.ones(1, 6, dtype=torch.long), cache=cache, use_cache=True)
+
+
+@pytest.mark.slow  # inductor compiles of a tiny model: ~1 min of CPU
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_fullgraph_prefill_and_decode_equal_eager(arch, one_thread):
+    """torch.compile(fullgraph=True) over the content path: the prompt decides the set, the
+    compiled cached decode carries it, and every step's logits equal the eager patched model's;
+    ``torch._dynamo.explain`` sees no graph break in a prefill or a cached decode step."""
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with sinkfix.patch(model, Policy.act(), backend="torch"):
+        eager_tokens, eager_logits, eager_cache, _ = _greedy(model, ids, mask)
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+            cache = tf.DynamicCache(config=model.config)
+            step = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            explained = torch._dynamo.explain(model)(input_ids=step, attention_mask=torch.cat(
+                [mask, torch.ones_like(step)], 1), cache=cache, use_cache=True)
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        tokens, logits, compiled_cache, _ = _greedy(compiled, ids, mask)
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, eager_tokens)
+    for layer, mask_set in sink_sets(eager_cache).items():
+        assert torch.equal(sink_sets(compiled_cache)[layer], mask_set)
