@@ -339,13 +339,13 @@ _needs_fused_backward = pytest.mark.skipif(not flash.fused_lse_backward_availabl
 SPLIT_GRAD_TOL = dict(atol=5e-5, rtol=5e-4)
 
 
-def _grads(fn, tensors):
+def _grads(fn, tensors, out_weight: float = 1.0):
     leaves = [t.clone().requires_grad_(True) for t in tensors]
     out, lse = fn(*leaves)
     g = torch.Generator().manual_seed(7)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
     lse_weights = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    loss = (out.double() * weights).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * lse_weights).sum()
+    loss = out_weight * (out.double() * weights).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * lse_weights).sum()
     return torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
@@ -401,18 +401,9 @@ def test_both_log_sum_exp_gradient_routes_match_dense_autograd(route, loss_on, m
         monkeypatch.setattr(flash, "_shifted_output", lambda *args: None)
     q, k, v = _inputs(2, 6, 2, 13, 13, 32)
     out_weight = 1.0 if loss_on == "out and lse" else 0.0
-
-    def loss_of(fn, tensors):
-        leaves = [t.clone().requires_grad_(True) for t in tensors]
-        out, lse = fn(*leaves)
-        g = torch.Generator().manual_seed(3)
-        loss = out_weight * (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() \
-            + (lse.double() * torch.randn(lse.shape, generator=g, dtype=torch.float64)).sum()
-        return torch.autograd.grad(loss, leaves)
-
-    got = loss_of(lambda *t: flash.flash_with_lse(*t, visible=None, is_causal=True, scale=0.2), (q, k, v))
-    want = loss_of(lambda *t: reference_sink_attention(*t, causal=True, scale=0.2)[::2], (q.double(), k.double(),
-                                                                                         v.double()))
+    got = _grads(lambda *t: flash.flash_with_lse(*t, visible=None, is_causal=True, scale=0.2), (q, k, v), out_weight)
+    want = _grads(lambda *t: reference_sink_attention(*t, causal=True, scale=0.2)[::2],
+                  (q.double(), k.double(), v.double()), out_weight)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a.double(), b, **SPLIT_GRAD_TOL, msg=lambda m: f"d/d{name}: {m}")
 

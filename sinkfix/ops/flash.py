@@ -118,21 +118,18 @@ class _CpuFlashWithLse(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.contiguous()
-        if grad_lse is None:
-            return (*_CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=bias,
-                                            scale=ctx.scale), None, None, None)
-        shifted = _shifted_output(out, grad_out, grad_lse)
-        if shifted is not None:
-            grads = _CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, shifted, lse, 0.0, ctx.is_causal, attn_mask=bias,
-                                           scale=ctx.scale)
-            return (*grads, None, None, None)
+        given = out if grad_lse is None else _shifted_output(out, grad_out, grad_lse)
         head_dim = q.shape[-1]
-        q, k, v = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))
-        out = torch.cat([out, -grad_lse.to(out.dtype).unsqueeze(-1)], dim=-1)
-        grad_out = torch.nn.functional.pad(grad_out, (0, 1), value=1.0)
-        grads = _CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=bias,
+        widened = given is None  # the fallback: the lse gradient rides on one appended zero feature
+        if widened:
+            q, k, v = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))
+            given = torch.cat([out, -grad_lse.to(out.dtype).unsqueeze(-1)], dim=-1)
+            grad_out = torch.nn.functional.pad(grad_out, (0, 1), value=1.0)
+        grads = _CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, given, lse, 0.0, ctx.is_causal, attn_mask=bias,
                                        scale=ctx.scale)
-        return (*(g[..., :head_dim] for g in grads), None, None, None)
+        if widened:
+            grads = tuple(g[..., :head_dim] for g in grads)
+        return (*grads, None, None, None)
 
 
 # Below this squared norm of a row's output gradient the shifted output could overflow (|shift| is at
