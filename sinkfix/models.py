@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 import socket
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +19,8 @@ import torch
 
 from sinkfix.errors import ModelLoadError
 
-__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable"]
+__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable",
+           "converted_model_dir", "CACHE_ENV"]
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,26 @@ def load_model(
     ``name`` is one of the offline models (``"smollm2-135m"``, ``"gemma3-270m"``: shipped inside
     packages, dequantised from GGUF), a local folder, or a hub id. Extra keyword arguments go to
     ``from_pretrained`` (e.g. ``device_map``, ``max_memory``, ``attn_implementation``).
+
+    An offline model loaded the default way (float32, no extra keyword arguments) is kept converted
+    under :func:`converted_model_dir` after its first load, and later loads read that copy: reading
+    the GGUF file took about 23 s for SmolLM2-135M (its metadata is parsed three times, for the
+    config, the tokenizer and the weights), the converted copy 0.4 s. Weights, tokenizer and
+    generation config are the same (tested). ``SINKFIX_CACHE_DIR=off`` turns the copy off.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = resolve_offline_model(name)
+    converted = None
     if offline is not None:
         folder, gguf = offline.locate()
         source, extra = str(folder), {"gguf_file": gguf}
+        if dtype == torch.float32 and not from_pretrained_kwargs:
+            converted = converted_model_dir(offline.name, folder / gguf)
+            if converted is not None and converted.is_dir():
+                loaded = _load_converted(converted)
+                if loaded is not None:
+                    return _finish(*loaded, offline.name, device)
     else:
         source, extra = name, {}
         if not Path(name).exists() and "/" not in name:
@@ -111,11 +130,93 @@ def load_model(
             f"an offline model shipped in a package: {', '.join(OFFLINE_MODELS)} (e.g. load_model('smollm2-135m')), "
             "or a local folder."
         ) from None
+    if converted is not None:
+        _store_converted(model, tokenizer, converted, folder / gguf)
+    return _finish(model, tokenizer, offline.name if offline is not None else name, device)
+
+
+def _finish(model, tokenizer, name: str, device):
     if device is not None:
         model = model.to(device)
     model.eval()
-    model.sinkfix_name = offline.name if offline is not None else name
+    model.sinkfix_name = name
     return model, tokenizer
+
+
+# -- the converted copies of the offline models ------------------------------------------------------
+#: Where converted offline models are kept: a folder, or "off" (also "0", "none", empty) for none.
+#: Default ``$XDG_CACHE_HOME/sinkfix`` or ``~/.cache/sinkfix``.
+CACHE_ENV = "SINKFIX_CACHE_DIR"
+# Part of every copy's key: bump it when what is stored changes.
+_CONVERTED_FORMAT = 1
+
+
+def _cache_root() -> Path | None:
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sinkfix"
+
+
+def converted_model_dir(name: str, gguf: Path) -> Path | None:
+    """The folder of ``name``'s converted copy, None when copies are off. The key covers the GGUF
+    file (name, size, modification time) and the transformers and torch versions that converted it,
+    so a reinstalled package or another converter gets a copy of its own."""
+    root = _cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    stat = Path(gguf).stat()
+    key = json.dumps([_CONVERTED_FORMAT, Path(gguf).name, stat.st_size, stat.st_mtime_ns,
+                      transformers.__version__, torch.__version__])
+    return root / "models" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_converted(folder: Path):
+    """(model, tokenizer) from a converted copy, or None (with a warning) when it cannot be read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        warnings.warn(f"the converted model in {folder} could not be read ({_short(exc)}); converting the GGUF "
+                      "file again", RuntimeWarning, stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return model, tokenizer
+
+
+def _store_converted(model, tokenizer, folder: Path, gguf: Path) -> None:
+    """Write the converted copy atomically: into a temporary folder beside it, renamed when complete
+    (a concurrent process that finished first wins; ours is dropped). A failure only warns: the
+    loaded model is fine, the next load converts again."""
+    tmp = None
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_config = model.config.__dict__.pop("quantization_config", None)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        # the GGUF weights are already dequantised (float32): the quantizer only marks the model as
+        # "not serializable"; without it the model saves as a plain checkpoint
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sinkfix-source.json").write_text(json.dumps({"gguf": str(gguf), "note": "converted by sinkfix.load_model"}))
+        os.rename(tmp, folder)
+        tmp = None
+    except OSError as exc:
+        if not folder.is_dir():  # another process's copy is as good as ours
+            warnings.warn(f"could not keep the converted model in {folder} ({exc}); the next load converts the "
+                          f"GGUF file again (set {CACHE_ENV} to a writable folder, or to 'off')",
+                          RuntimeWarning, stacklevel=3)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            model.config.quantization_config = quant_config
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

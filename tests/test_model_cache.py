@@ -1,0 +1,117 @@
+"""The converted copies of the offline models: the same model as the GGUF load, written atomically,
+and a copy that cannot be read or written never stops a load."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import models
+from sinkfix.profile import ModelIdentity
+from sinkfix.texts import domain_text
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("value", ["off", "0", "none", "", "false"])
+def test_copies_are_off_when_asked(monkeypatch, tmp_path, value):
+    monkeypatch.setenv(models.CACHE_ENV, value)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    assert models.converted_model_dir("smollm2-135m", gguf) is None
+
+
+def test_copy_folder_follows_the_gguf_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    first = models.converted_model_dir("smollm2-135m", gguf)
+    assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("smollm2-135m-")
+    assert models.converted_model_dir("smollm2-135m", gguf) == first
+    gguf.write_bytes(b"xy")  # another size: another file, another copy
+    assert models.converted_model_dir("smollm2-135m", gguf) != first
+
+
+def test_default_root_is_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(models.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    assert models.converted_model_dir("gemma3-270m", gguf).parent == tmp_path / "sinkfix" / "models"
+
+
+def test_unreadable_copy_warns_and_is_removed(tmp_path):
+    folder = tmp_path / "smollm2-135m-0123"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ not json")
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        assert models._load_converted(folder) is None
+    assert not folder.exists()
+
+
+class _Tokenizer:
+    def __init__(self) -> None:
+        self.saved = []
+
+    def save_pretrained(self, path) -> None:
+        self.saved.append(path)
+        (path / "tokenizer_config.json").write_text("{}")
+
+
+def test_store_is_atomic_and_restores_the_model(tmp_path):
+    model = tiny_model("llama")
+    marker = object()
+    model.hf_quantizer = marker  # what a GGUF load leaves on the model
+    folder = tmp_path / "models" / "tiny-abc"
+    models._store_converted(model, _Tokenizer(), folder, tmp_path / "m.gguf")
+    assert model.hf_quantizer is marker
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
+    assert json.loads((folder / "sinkfix-source.json").read_text())["gguf"].endswith("m.gguf")
+    assert [p.name for p in folder.parent.iterdir()] == ["tiny-abc"]  # no temporary folder left
+
+
+def test_store_failure_warns_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache root should be")
+    model = tiny_model("llama")
+    with pytest.warns(RuntimeWarning, match="could not keep the converted model"):
+        models._store_converted(model, _Tokenizer(), blocker / "models" / "tiny-abc", tmp_path / "m.gguf")
+    assert getattr(model, "hf_quantizer", None) is None
+    assert blocker.read_text().startswith("a file")
+
+
+def test_store_loses_a_race_quietly(tmp_path):
+    folder = tmp_path / "models" / "tiny-abc"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # another process finished first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models._store_converted(tiny_model("llama"), _Tokenizer(), folder, tmp_path / "m.gguf")
+    assert os.listdir(folder) == ["config.json"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny-abc"]
+
+
+@pytest.mark.slow
+def test_converted_copy_is_the_same_model(monkeypatch, tmp_path, smollm2):
+    """First load converts the GGUF file and keeps a copy; the second reads the copy: same weights
+    (profile identity), same tokenizer, same generation config, identical logits."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    first, first_tok = sinkfix.load_model("smollm2-135m")
+    (copy,) = (tmp_path / "models").iterdir()
+    second, second_tok = sinkfix.load_model("smollm2-135m")
+    assert second.config._name_or_path == str(copy)  # read from the copy, not the GGUF file
+    assert getattr(second, "hf_quantizer", None) is None
+    assert ModelIdentity.of(second) == ModelIdentity.of(first) == ModelIdentity.of(smollm2[0])
+    text = domain_text("pydoc", "eval")[:20000]
+    assert second_tok(text).input_ids == first_tok(text).input_ids
+    assert (second_tok.bos_token_id, second_tok.eos_token_id) == (first_tok.bos_token_id, first_tok.eos_token_id)
+    assert second.generation_config.to_diff_dict() == first.generation_config.to_diff_dict()
+    ids = torch.tensor([first_tok(text).input_ids[:96]])
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, first(ids).logits)
