@@ -88,6 +88,21 @@ def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
     assert sinkfix.Profile.load(ranged).statistics.windows >= 1
 
 
+def test_calibrate_measures_statistics_on_the_first_windows_of_each_text(tiny, tmp_path, capsys):
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    texts[0].write_text("All happy families are alike; each unhappy family is unhappy in its own way. " * 8)
+    texts[1].write_text("def f(x):\n    return [i * x for i in range(x)]\n" * 12)
+    common = ["calibrate", "--text", str(texts[0]), "--text", str(texts[1]), "--seq-len", "64", "--steps", "2",
+              "--no-virtual-logits"]
+    profile = tmp_path / "p.json"
+    assert cli.main([*common, "--out", str(profile), "--statistics-windows", "2"]) == 0
+    stats = sinkfix.Profile.load(profile).statistics
+    assert stats.windows == 4 and stats.protocol["windows_per_text"] == 2
+    assert cli.main([*common, "--out", str(tmp_path / "zero.json"), "--statistics-windows", "0"]) == 2
+    assert "--statistics-windows must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero.json").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "ok"}\nnot json\n', "line 2: not JSON"),
     ('{"prompt": "ok"}\n["a list"]\n', "line 2: expected a JSON object"),

@@ -50,7 +50,7 @@ from torch import nn
 
 from sinkfix.analysis.robust import Candidate, candidate_parameters, candidates, select
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import bos_token_id, model_device, tokenize, window_nll
+from sinkfix.evaluate import bos_token_id, decoder_stack, model_device, tokenize, window_nll
 from sinkfix.policy import Policy
 from sinkfix.texts import DOMAINS, domain_text
 
@@ -302,9 +302,10 @@ class Calibrator:
             sums[call.layer, : ref.shape[1]] += ref.sum(0).double().cpu()
             counts[call.layer] += ref.shape[0]
 
+        stack = decoder_stack(self.model)
         with self.handle.observing(observer):
             for ids in windows:
-                self.model(input_ids=ids[None].to(self.device), use_cache=False)
+                stack(input_ids=ids[None].to(self.device), use_cache=False)
                 self.progress.tick()
         return (sums / counts.clamp(min=1)[:, None]).float()
 

@@ -140,7 +140,7 @@ def calibration_statistics(model: nn.Module, windows: Sequence[torch.Tensor], *,
     """Sink-share ranges of ``model`` *as it is patched* (patch it with the profile first) over
     ``windows`` (1-D token ids, run one at a time, no padding) and every prefix of at least
     ``min_rows`` rows of each."""
-    from sinkfix.evaluate import model_device
+    from sinkfix.evaluate import decoder_stack, model_device
     from sinkfix.patch import PatchHandle
 
     handle = PatchHandle.of(model)
@@ -159,10 +159,7 @@ def calibration_statistics(model: nn.Module, windows: Sequence[torch.Tensor], *,
         high[call.layer, :count] = torch.maximum(high[call.layer, :count], hi.double().cpu())
 
     device = model_device(model)
-    # The decoder stack alone: every attention call runs, the vocabulary projection (about 12% of a
-    # SmolLM2 forward, and a (512, 49152) logits tensor per window) has nothing to measure.
-    base = getattr(model, "base_model", None)
-    stack = base if isinstance(base, nn.Module) and base is not model else model
+    stack = decoder_stack(model)
     with handle.observing(observer):
         for ids in windows:
             stack(input_ids=torch.as_tensor(ids).reshape(1, -1).to(device), use_cache=False)
