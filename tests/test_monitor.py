@@ -19,7 +19,7 @@ from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
-from sinkfix.telemetry.prompt import PromptBatch, measure_prompt
+from sinkfix.telemetry.prompt import measure_prompt
 
 from .conftest import tiny_model
 
@@ -110,49 +110,6 @@ def test_prompt_measures_against_the_offline_collector(beta):
         assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist(), sample
     assert reference.hidden_sink_rate[0].min() >= 1  # the planted sink is found by every head
     assert (reference.hidden_sink_share[0] > 0.05).all()
-
-
-def _policy_call(layer: int, beta, virtual, softcap) -> AttentionCall:
-    """The planted-sink call of _planted_hidden_sink with a virtual logit and a softcap, as ``layer``."""
-    g = torch.Generator().manual_seed(layer)
-    q, k, v = (torch.randn(1, h, 200, 32, generator=g) for h in (4, 2, 2))
-    u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
-    q += 2.0 * u
-    k[:, :, 0] += 12.0 * u
-    k[:, :, 37] += 10.0 * u  # a hidden sink, as in _planted_hidden_sink
-    v[:, :, 37] *= 0.05
-    kw = dict(causal=True, first_column_sink=True, beta=beta, virtual_sink_logit=virtual, softcap=softcap)
-    result = sink_attention_torch(q, k, v, need_sink_stats=True, **kw)
-    return AttentionCall(layer, None, q, k, v, None, True, 32 ** -0.5, softcap, None, None, None, virtual, beta, result)
-
-
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_prompt_batch_equals_each_call_alone(softcap):
-    """Calls measured together (the monitor's PromptBatch) give what each gives alone, whatever the
-    mix of policies in the batch; a byte budget that splits the batch changes nothing either."""
-    calls = [_policy_call(0, None, None, softcap), _policy_call(1, torch.tensor([0.5, 0.9, 1.0, 0.7]), None, softcap),
-             _policy_call(2, None, torch.tensor([0.5, -1.0, 0.0, 1.0]), softcap),
-             _policy_call(3, torch.tensor([0.8, 0.6, 0.9, 1.0]), torch.tensor([-2.0, 0.3, 1.0, -0.5]), softcap)]
-    alone = [measure_prompt(c, rows_wanted=25, threshold=0.1, min_queries=32) for c in calls]
-    for max_bytes in (1 << 30, 4 * 4 * 25 * 200 * 2):  # everything at once; two calls per batch
-        got: dict[int, tuple] = {}
-
-        def deliver(layers, measures, rows):
-            assert rows.shape == (len(layers), 1, 4)
-            for i, layer in enumerate(layers):
-                got[layer] = tuple(t[i] for t in measures)
-            batches.append(layers)
-
-        batches: list[list[int]] = []
-        batch = PromptBatch(deliver, rows_wanted=25, threshold=0.1, min_queries=32, max_bytes=max_bytes)
-        for call in calls:
-            batch.add(call)
-        batch.flush()
-        assert batches == ([[0, 1, 2, 3]] if max_bytes > 1 << 20 else [[0, 1], [2, 3]])
-        for layer, expected in enumerate(alone):
-            for name, a, b in zip(expected._fields, got[layer], expected):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"layer {layer} {name}")
-    assert sum(float(m.hidden_sinks.sum()) for m in alone) > 0  # the comparison covers found sinks
 
 
 def test_rows_whose_sink_takes_everything():

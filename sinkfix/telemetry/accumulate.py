@@ -95,26 +95,15 @@ class RequestAccumulator:
     def add_attention(self, layer: int, sink_stats: torch.Tensor) -> None:
         self._pending_stats.append((layer, sink_stats))
 
-    def add_prompts(self, layers: list[int], measures: PromptMeasures, rows: torch.Tensor) -> None:
-        """The prompt's calls of ``layers``, measured together (each field stacked (n, B, ...));
-        ``rows`` (n, B, Hq) are their row counts, over which the sampled hidden-sink part of the
-        dormancy score is extrapolated. Consecutive layers (the usual case) are one slice."""
-        heads, kv = measures.drain_weight.shape[2], measures.value_drain.shape[2]
-        for layer in layers:
-            self.kv_heads[layer] = kv
-        part = measures.hidden_part * rows
-        if layers == list(range(layers[0], layers[0] + len(layers))):
-            where = slice(layers[0], layers[0] + len(layers))
-            self.drain_weight[where, :, :heads].copy_(measures.drain_weight)
-            self.value_drain[where, :, :kv].copy_(measures.value_drain)
-            self.hidden_sinks[where, :, :heads].copy_(measures.hidden_sinks)
-            self.hidden_part[where, :, :heads].copy_(part)
-            return
-        for i, layer in enumerate(layers):
-            self.drain_weight[layer, :, :heads].copy_(measures.drain_weight[i])
-            self.value_drain[layer, :, :kv].copy_(measures.value_drain[i])
-            self.hidden_sinks[layer, :, :heads].copy_(measures.hidden_sinks[i])
-            self.hidden_part[layer, :, :heads].copy_(part[i])
+    def add_prompt(self, layer: int, measures: PromptMeasures, rows: torch.Tensor) -> None:
+        """The prompt's call of ``layer``; ``rows`` (B, Hq) is its row count, over which the sampled
+        hidden-sink part of the dormancy score is extrapolated."""
+        heads, kv = measures.drain_weight.shape[1], measures.value_drain.shape[1]
+        self.kv_heads[layer] = kv
+        self.drain_weight[layer, :, :heads].copy_(measures.drain_weight)
+        self.value_drain[layer, :, :kv].copy_(measures.value_drain)
+        self.hidden_sinks[layer, :, :heads].copy_(measures.hidden_sinks)
+        self.hidden_part[layer, :, :heads].copy_(measures.hidden_part * rows)
 
     def add_residual(self, layer: int, hidden: torch.Tensor) -> None:
         self._pending_norms[layer] = hidden if self._norms_deferred else _norms(hidden)

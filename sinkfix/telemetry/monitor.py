@@ -30,7 +30,7 @@ from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
-from sinkfix.telemetry.prompt import PromptBatch, PromptMeasures
+from sinkfix.telemetry.prompt import measure_prompt
 from sinkfix.telemetry.records import RequestInfo, build_records
 
 __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
@@ -111,8 +111,7 @@ class Monitor:
         self._request: _Request | None = None
         self._hooks: list = []
         self._rerunning = False
-        self._prompt = PromptBatch(self._deliver_prompt, rows_wanted=sample_rows, threshold=hidden_sink_threshold,
-                                   min_queries=min_queries)
+        self._layouts: dict = {}
         self.records: list[dict] = []  # the last request's records
         self.log = self.exporter = None
         try:
@@ -139,7 +138,6 @@ class Monitor:
             raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
         req = _Request(request_id if request_id is not None else f"{self.session}-{next(self._counter)}", domain)
         self._request = req
-        self._prompt.discard()  # anything an interrupted request left behind
         self._attach()
         try:
             yield req
@@ -187,10 +185,9 @@ class Monitor:
         self._handle.add_telemetry(self._on_attention)
         first = layers[0] if layers and layers[0] is not None else self.model
         self._hooks.append(first.register_forward_pre_hook(self._before_layers, with_kwargs=True))
-        last = max((i for i, module in enumerate(layers) if module is not None), default=-1)
         for layer, module in enumerate(layers):
             if module is not None:
-                self._hooks.append(module.register_forward_hook(self._residual_hook(layer, layer == last)))
+                self._hooks.append(module.register_forward_hook(self._residual_hook(layer)))
         if self.guard is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -212,8 +209,8 @@ class Monitor:
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
-        self._prompt.new_forward()  # measures what an earlier forward left pending, drops its layouts
         req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device))
+        self._layouts = {}  # the prompt measures' per-forward layout cache (telemetry/prompt.py)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
@@ -227,16 +224,13 @@ class Monitor:
         stats = call.result.sink_stats
         acc.add_attention(call.layer, stats)
         if acc.in_prompt:
-            self._prompt.add(call)  # measured with the forward's other layers (telemetry/prompt.py)
+            measures = measure_prompt(call, rows_wanted=self.sample_rows, threshold=self.hidden_sink_threshold,
+                                      min_queries=self.min_queries, layouts=self._layouts)
+            acc.add_prompt(call.layer, measures, stats[..., 1])
 
-    def _deliver_prompt(self, layers: list[int], measures: PromptMeasures, rows: torch.Tensor) -> None:
-        self._request.acc.add_prompts(layers, measures, rows)
-
-    def _residual_hook(self, layer: int, last: bool):
+    def _residual_hook(self, layer: int):
         def hook(module: nn.Module, args, output) -> None:
             self._request.acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
-            if last:  # the forward's attention calls are all in: measure the prompt's together
-                self._prompt.flush()
 
         return hook
 
@@ -267,7 +261,6 @@ class Monitor:
         if req.acc is None:  # no forward ran inside the block
             self.records = []
             return
-        self._prompt.flush()  # a forward that ended early (no last decoder layer) left calls pending
         values = req.acc.read()  # the one host read of the request
         info = RequestInfo(
             req.id, req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),
