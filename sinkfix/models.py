@@ -180,7 +180,7 @@ def _load_converted(folder: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable copy (truncated safetensors, bad JSON, ...) falls back
         warnings.warn(f"the converted model in {folder} could not be read ({_short(exc)}); converting the GGUF "
                       "file again", RuntimeWarning, stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
@@ -206,7 +206,7 @@ def _store_converted(model, tokenizer, folder: Path, gguf: Path) -> None:
         (tmp / "sinkfix-source.json").write_text(json.dumps({"gguf": str(gguf), "note": "converted by sinkfix.load_model"}))
         os.rename(tmp, folder)
         tmp = None
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - keeping a copy is an optimisation; the loaded model is fine
         if not folder.is_dir():  # another process's copy is as good as ours
             warnings.warn(f"could not keep the converted model in {folder} ({exc}); the next load converts the "
                           f"GGUF file again (set {CACHE_ENV} to a writable folder, or to 'off')",

@@ -54,6 +54,24 @@ def test_unreadable_copy_warns_and_is_removed(tmp_path):
     assert not folder.exists()
 
 
+def test_truncated_weights_in_a_copy_warn_and_are_removed(tmp_path):
+    """A copy whose config reads but whose weights file was cut short (a full disk, a killed copy)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "tiny-0123"
+    tiny_model("llama").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+                            ).save_pretrained(folder)
+    assert models._load_converted(folder) is not None  # complete, it reads
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        assert models._load_converted(folder) is None
+    assert not folder.exists()
+
+
 class _Tokenizer:
     def __init__(self) -> None:
         self.saved = []
