@@ -92,7 +92,7 @@ def load_model(
     An offline model loaded the default way (float32, no extra keyword arguments) is kept converted
     under :func:`converted_model_dir` after its first load, and later loads read that copy: reading
     the GGUF file took about 23 s for SmolLM2-135M (its metadata is parsed three times, for the
-    config, the tokenizer and the weights), the converted copy 0.4 s. Weights, tokenizer and
+    config, the tokenizer and the weights), the converted copy 0.2-0.4 s. Weights, tokenizer and
     generation config are the same (tested). ``SINKFIX_CACHE_DIR=off`` turns the copy off.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
