@@ -61,11 +61,17 @@ def test_run_then_report(tiny, tmp_path, capsys):
     assert len(read_log(log)) == 8
 
 
-def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
-    profile = tmp_path / "p.json"
+def _two_texts(tmp_path):
+    """A prose file and a code file, long enough for a few 64-token windows each."""
     texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
     texts[0].write_text("All happy families are alike; each unhappy family is unhappy in its own way. " * 8)
     texts[1].write_text("def f(x):\n    return [i * x for i in range(x)]\n" * 12)
+    return texts
+
+
+def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
+    profile = tmp_path / "p.json"
+    texts = _two_texts(tmp_path)
     assert cli.main(["calibrate", "--text", str(texts[0]), "--text", str(texts[1]), "--out", str(profile),
                      "--seq-len", "64", "--steps", "2", "--no-virtual-logits"]) == 0
     loaded = sinkfix.Profile.load(profile)
@@ -89,9 +95,7 @@ def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
 
 
 def test_calibrate_measures_statistics_on_the_first_windows_of_each_text(tiny, tmp_path, capsys):
-    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    texts[0].write_text("All happy families are alike; each unhappy family is unhappy in its own way. " * 8)
-    texts[1].write_text("def f(x):\n    return [i * x for i in range(x)]\n" * 12)
+    texts = _two_texts(tmp_path)
     common = ["calibrate", "--text", str(texts[0]), "--text", str(texts[1]), "--seq-len", "64", "--steps", "2",
               "--no-virtual-logits"]
     profile = tmp_path / "p.json"
