@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                          # SmolLM2-135M, CPU, 1 and 2 threads
     python benchmarks/bench_decode.py --threads 1 --modes eager --json decode.json
+    python benchmarks/bench_decode.py --rounds 9 --prefills 3 --json decode.json   # the README numbers
 
 Targets: per-token decode step, patched / stock, ratio of medians in one run: eager sink_scale=0.9
 <= 1.10x; compiled patched / compiled stock <= 1.05x; 512-token prefill <= 1.05x.
@@ -63,6 +64,9 @@ def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args
     decode_kwargs: dict[str, Any] = {}
     prefill_model = model
     if mode == "compiled":
+        # a new thread count is a new global state to dynamo: every variant's graphs would be
+        # compiled again on top of the previous thread count's and hit the recompile limit
+        torch._dynamo.reset()
         config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
         config._compile_all_devices = True  # transformers compiles decoding on accelerators only unless told
         decode_kwargs = dict(cache_implementation="static", compile_config=config)
@@ -73,12 +77,12 @@ def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args
         handle = sinkfix.patch(model, policy) if policy is not None else None
         try:
             with torch.no_grad():
-                prefill = time_prefill(prefill_model, ids, extra, clock=args.clock)
+                prefill = [time_prefill(prefill_model, ids, extra, clock=args.clock) for _ in range(args.prefills)]
                 steps = decode_step_times(model, ids, args.new_tokens, pad, clock=args.clock, **decode_kwargs)[args.skip:]
         finally:
             if handle is not None:
                 handle.remove()
-        return {"prefill": [prefill], "decode": steps}
+        return {"prefill": prefill, "decode": steps}
 
     rounds = alternate(list(variants), run, repeats=args.rounds, warmup=1)
     return {name: {"prefill": [x for r in runs for x in r["prefill"]], "decode": [x for r in runs for x in r["decode"]]}
@@ -109,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=34)
     parser.add_argument("--skip", type=int, default=1, help="decode steps dropped at the start of each generate")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefills", type=int, default=3,
+                        help="prefill forwards timed per variant and round (one per round left a 5%% question "
+                             "to 3 samples)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: CPU seconds of the process (all threads), less "
                              "disturbed by other work on a shared machine")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
+    for name in ("rounds", "prefills", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     model, tok = sinkfix.load_model(args.model)
     model.set_attn_implementation("sdpa")
     from sinkfix.texts import domain_text
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from sinkfix.bench.provenance import device_name, versions
 
     info = dict(device=device_name(torch.device("cpu")), versions=versions(), clock=args.clock, prompt=args.prompt,
-                new_tokens=args.new_tokens, rounds=args.rounds)
+                new_tokens=args.new_tokens, rounds=args.rounds, prefills=args.prefills)
     print(json.dumps(info))
     if args.json:
         from sinkfix.files import atomic_write_text

@@ -99,20 +99,23 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
 
     def run(name: str) -> dict[str, Any]:
         monitor = monitors[name]
+        prefills = []
         with torch.no_grad():
-            start = _clock()
-            if monitor is None:
-                model(input_ids=prompt, use_cache=True, **extra)
-            else:
-                with monitor.request():
+            for _ in range(args.prefills):  # each prefill is one whole request when on
+                start = _clock()
+                if monitor is None:
                     model(input_ids=prompt, use_cache=True, **extra)
-            end = _clock()
+                else:
+                    with monitor.request():
+                        model(input_ids=prompt, use_cache=True, **extra)
+                end = _clock()
+                prefills.append((end[0] - start[0], end[1] - start[1]))
             if monitor is None:
                 steps = _decode(model, decode_prompt, args.new_tokens, args.skip)
             else:
                 with monitor.request():
                     steps = _decode(model, decode_prompt, args.new_tokens, args.skip)
-        return {"prefill": (end[0] - start[0], end[1] - start[1]), "steps": steps}
+        return {"prefill": prefills, "steps": steps}
 
     return alternate(list(monitors), run, repeats=args.rounds, warmup=1)
 
@@ -120,8 +123,9 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
     out = {}
     for name, rounds in results.items():
-        prefill_wall = statistics.median(r["prefill"][0] for r in rounds)
-        prefill_cpu = statistics.median(r["prefill"][1] for r in rounds)
+        prefills = [p for r in rounds for p in r["prefill"]]
+        prefill_wall = statistics.median(p[0] for p in prefills)
+        prefill_cpu = statistics.median(p[1] for p in prefills)
         steps = [s for r in rounds for s in r["steps"]]
         out[name] = {"prefill_ms": 1e3 * prefill_wall, "prefill_cpu_ms": 1e3 * prefill_cpu,
                      "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--prefills", type=int, default=3, help="prefill requests timed per configuration and round")
     parser.add_argument("--prompt", type=int, default=512, help="prefill prompt length (tokens)")
     parser.add_argument("--decode-prompt", type=int, default=128, help="prompt before the timed decode steps")
     parser.add_argument("--new-tokens", type=int, default=24)
@@ -145,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=["identity", "sink_scale=0.9", "per-head"])
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    for name in ("rounds", "prefills", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.skip >= args.new_tokens - 1:
+        parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens}")
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
     prompt, decode_prompt = _prompt(tokenizer, args.prompt), _prompt(tokenizer, args.decode_prompt)
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         layers, heads = handle.num_layers, max(handle.num_heads())
     results: dict[str, Any] = {"threads": args.threads, "load_before": os.getloadavg(), "policies": {},
                                "torch": torch.__version__, "model": args.model, "prompt": args.prompt,
-                               "decode_prompt": args.decode_prompt, "new_tokens": args.new_tokens}
+                               "decode_prompt": args.decode_prompt, "new_tokens": args.new_tokens,
+                               "rounds": args.rounds, "prefills": args.prefills}
     for name in args.policies:
         policy = _policies(layers, heads)[name]
         profile = _guard_profile(model, tokenizer, policy) if name == "per-head" else None

@@ -257,6 +257,54 @@ def test_first_column_sink_flag_matches_reference(shape, policy):
         torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+CAUSAL_PREFILL_SHAPES = [
+    (2, 9, 3, 17, 17, 64),  # GQA 3, odd length
+    (1, 4, 2, 2, 2, 32),  # the shortest prompt that takes the path: row 0 and one more row
+    (1, 6, 6, 33, 33, 16),  # no GQA
+]
+
+
+@pytest.mark.parametrize("shape", CAUSAL_PREFILL_SHAPES, ids=[f"Q{s[3]}-G{s[1] // s[2]}" for s in CAUSAL_PREFILL_SHAPES])
+@pytest.mark.parametrize("policy", list(_policies(1)))
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+def test_causal_prefill_path_matches_reference_and_the_autograd_path(shape, policy, stats):
+    """The eager no-grad causal prefill with the first-column sink writes its output straight into
+    the (B, Q, Hq, D) layout transformers takes back: out and lse equal the fp64 reference and the
+    path autograd takes (``_first_column_parts`` + ``_combine``), for queries in either memory layout."""
+    batch, q_heads, kv_heads, q_len, k_len, dim = shape
+    q, k, v = _inputs(batch, q_heads, kv_heads, q_len, k_len, dim)
+    pol = _policies(q_heads)[policy]
+    ref, _, ref_lse = reference_sink_attention(q, k, v, causal=True, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
+                                               **pol)
+    # what transformers passes: q_proj's output viewed per head, rotated element-wise (which keeps
+    # the layout), i.e. a (B, Q, Hq, D) buffer seen as (B, Hq, Q, D)
+    query_heads_last = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for query in (q, query_heads_last):
+        got = sink_attention_torch(query, k, v, causal=True, first_column_sink=True, need_sink_stats=stats, **pol)
+        assert got.out.shape == (batch, q_heads, q_len, dim)
+        # the layout transformers takes back, without a copy (the identity's fused op follows q's layout)
+        assert got.out.transpose(1, 2).is_contiguous() or (policy == "identity" and query is q)
+        torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.lse.double(), ref_lse, atol=ATOL, rtol=0)
+    # the autograd path (any input that requires grad takes it) computes the same numbers
+    slow = sink_attention_torch(q.clone().requires_grad_(), k, v, causal=True, first_column_sink=True,
+                                need_sink_stats=stats, **pol)
+    torch.testing.assert_close(got.out, slow.out.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.lse, slow.lse.detach(), atol=1e-6, rtol=0)
+    if stats:
+        torch.testing.assert_close(got.sink_stats, slow.sink_stats.detach(), atol=1e-5, rtol=0)
+
+
+def test_causal_prefill_path_in_bfloat16_keeps_dtype_and_layout():
+    q, k, v = _inputs(1, 6, 2, 33, 33, 64, dtype=torch.bfloat16)
+    pol = _policies(6)["scale+aux+virtual"]
+    got = sink_attention_torch(q, k, v, causal=True, first_column_sink=True, **pol)
+    assert got.out.dtype == torch.bfloat16 and got.out.transpose(1, 2).is_contiguous()
+    slow = sink_attention_torch(q.clone().requires_grad_(), k, v, causal=True, first_column_sink=True, **pol)
+    # both round once to bfloat16 from fp32 arithmetic: at most a unit in the last place apart
+    torch.testing.assert_close(got.out.float(), slow.out.detach().float(), atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
 @pytest.mark.parametrize("policy", ["identity", "scale+aux+virtual"])
 def test_inference_paths_match_reference_on_every_layout(shape, policy):

@@ -76,12 +76,17 @@ def decode_step_times(model, ids: torch.Tensor, new_tokens: int, pad_id: int, cl
             stamps.append(now())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
+    # generation settings (cache_implementation, compile_config) go into the config: transformers
+    # deprecates passing them to generate() next to a generation_config; anything else goes to generate()
+    defaults = GenerationConfig()
+    settings = {name: value for name, value in generate_kwargs.items() if hasattr(defaults, name)}
+    rest = {name: value for name, value in generate_kwargs.items() if name not in settings}
     gen = GenerationConfig(
         do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
-        eos_token_id=None, use_cache=True,
+        eos_token_id=None, use_cache=True, **settings,
     )
     model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-        stopping_criteria=StoppingCriteriaList([StepClock()]), **generate_kwargs,
+        stopping_criteria=StoppingCriteriaList([StepClock()]), **rest,
     )
     return [b - a for a, b in zip(stamps, stamps[1:])]

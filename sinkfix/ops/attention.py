@@ -264,6 +264,60 @@ def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sin
                            stats)
 
 
+def _sink_first_causal(q, k, v, scale: float, beta, extra_logits, virtual_sink_logit,
+                       need_sink_stats: bool = False) -> AttentionResult:
+    """Causal prefill (Q == K >= 2, no mask) with the sink at key column 0, in eager mode without
+    autograd. Row 0 sees only the sink (its output is the sink's value, beta does not apply), rows
+    1.. see the sink and keys 1..i, so the formula of :func:`_combine` needs no per-row guard there.
+    The output is written once, straight into a (B, Q, Hq, D) buffer, the layout transformers
+    takes back (the CPU flash op follows the query's layout, which is that one in transformers'
+    attention layers, so the identity's output is not copied either):
+    rows 1.. by one ``lerp``, row 0 by one copy of the sink's value. :func:`_first_column_parts` +
+    :func:`_combine` (kept for autograd and compiled graphs, where inductor fuses them) pad the
+    flash output with a zero row, guard every row and copy the result to that layout again: three
+    more passes over a (B, Hq, Q, D) tensor per layer."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    k0, k_rest = k.split((1, k_len - 1), dim=2)
+    v0, v_rest = v.split((1, k_len - 1), dim=2)
+    q_rest = q.split((1, q_len - 1), dim=2)[1]
+    o_n, lse_n = flash_with_lse(q_rest, k_rest, v_rest, visible=None, is_causal=True, scale=scale)
+    # s_0 = scale * q.k_0 for every row, query heads grouped by kv head (k_0 is never repeated)
+    q_grouped = _fp32(q.reshape(batch * kv_heads, group * q_len, head_dim))
+    k0_t = _fp32(k0.reshape(batch * kv_heads, 1, head_dim)).transpose(1, 2)
+    s0 = torch.bmm(q_grouped, k0_t).view(batch, q_heads, q_len).mul_(scale)
+    s0_first, s0_rest = s0.split((1, q_len - 1), dim=2)
+    lse_n = _fp32(lse_n)
+    x = s0_rest - lse_n  # (B, Hq, Q-1): log(l_S / l_N)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    lse[:, :, :1] = s0_first  # row 0: only the sink, log l_S
+    torch.add(lse_n, torch.nn.functional.softplus(x), out=lse[:, :, 1:])
+    p = torch.sigmoid(x)  # the sink's share of the real keys' mass
+    weight = p if beta is None else p * beta.view(1, q_heads, 1)
+    v0_heads = _fp32(_repeat_heads(v0, group))  # (B, Hq, 1, D), tiny
+    out = torch.empty(batch, q_len, q_heads, head_dim, dtype=torch.float32, device=q.device).transpose(1, 2)
+    out_first, out_rest = out.split((1, q_len - 1), dim=2)
+    out_first.copy_(v0_heads)
+    torch.lerp(_fp32(o_n), v0_heads, weight.unsqueeze(-1), out=out_rest)
+    keep = None
+    if extra_logits is not None or virtual_sink_logit is not None:
+        # rows 1.. count the extra logits and the virtual logit, row 0 only the extra logits
+        # (the virtual logit is counted where a row sees a non-sink key)
+        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, torch.ones((), dtype=torch.bool, device=q.device))
+        keep = torch.sigmoid(lse[:, :, 1:] - lse_zero)
+        out_rest.mul_(keep.unsqueeze(-1))
+        if extra_logits is not None:
+            first_zero = torch.logsumexp(_fp32(extra_logits), dim=-1).view(1, q_heads, 1)
+            out_first.mul_(torch.sigmoid(s0_first - first_zero).unsqueeze(-1))
+    stats = None
+    if need_sink_stats:  # over rows 1.., the ones that see a non-sink key
+        stats = sink_stats(p if keep is None else p * keep, None)
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)  # keeps the (B, Q, Hq, D) layout
+    return AttentionResult(out, lse, None, None, stats)
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """``t.float()`` without the call when it is fp32 already (a no-op call still costs microseconds)."""
     return t if t.dtype == torch.float32 else t.float()
@@ -314,6 +368,10 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
     every_row_sees_n = False
     if first_column_sink and plain and not layout.causal and k.shape[2] >= 2 and not need_sink_mass:
         return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
+    if (first_column_sink and plain and layout.causal and q_len >= 2 and not need_sink_mass
+            and not torch.compiler.is_compiling() and not _needs_autograd(q, k, v, beta, extra_logits,
+                                                                          virtual_sink_logit)):
+        return _sink_first_causal(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
     if first_column_sink and plain:
         non_sink, sink, every_row_sees_n = _first_column_parts(q, k, v, layout, scale)
     else:
