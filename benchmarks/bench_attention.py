@@ -140,7 +140,7 @@ def bench_prefill(report: Report, seqlens, head_dims, policies, flex_seqlens) ->
             report.add(f"| {hd} | {seqlen} | {batch} x {heads} | {bm}x{bn} w{nw} s{ns} | "
                        + " | ".join(f"{ours[p]:.0f}" for p in policies) + f" | {sdpa:.0f} | {flex_cell} | "
                        + " | ".join(ratios) + " |")
-            del q, k, v
+            q = k = v = None  # drop the device tensors before empty_cache()
             torch.cuda.empty_cache()
 
 
@@ -174,7 +174,7 @@ def bench_decode(report: Report, key_lens, batches, copy_gbs: float) -> None:
             except Exception as exc:
                 sdpa_cell = f"n/a ({type(exc).__name__})"
             report.add(f"| {batch} | {keys} | {splits} | " + " | ".join(cells) + f" | {sdpa_cell} |")
-            del q, k, v
+            q = k = v = None  # drop the device tensors before empty_cache()
             torch.cuda.empty_cache()
 
 
