@@ -295,6 +295,15 @@ def test_causal_prefill_path_matches_reference_and_the_autograd_path(shape, poli
         torch.testing.assert_close(got.sink_stats, slow.sink_stats.detach(), atol=1e-5, rtol=0)
 
 
+def test_causal_prefill_path_takes_float64_policy_tensors():
+    q, k, v = _inputs(1, 4, 2, 9, 9, 16)
+    beta = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = sink_attention_torch(q, k, v, causal=True, first_column_sink=True, beta=beta)
+    ref, _, _ = reference_sink_attention(q, k, v, causal=True, sink_cols=torch.zeros(1, 1, dtype=torch.long), beta=beta)
+    assert got.out.dtype == torch.float32
+    torch.testing.assert_close(got.out.double(), ref, atol=ATOL, rtol=0)
+
+
 def test_causal_prefill_path_in_bfloat16_keeps_dtype_and_layout():
     q, k, v = _inputs(1, 6, 2, 33, 33, 64, dtype=torch.bfloat16)
     pol = _policies(6)["scale+aux+virtual"]

@@ -294,7 +294,7 @@ def _sink_first_causal(q, k, v, scale: float, beta, extra_logits, virtual_sink_l
     lse[:, :, :1] = s0_first  # row 0: only the sink, log l_S
     torch.add(lse_n, torch.nn.functional.softplus(x), out=lse[:, :, 1:])
     p = torch.sigmoid(x)  # the sink's share of the real keys' mass
-    weight = p if beta is None else p * beta.view(1, q_heads, 1)
+    weight = p if beta is None else p * _fp32(beta).view(1, q_heads, 1)  # lerp's weight must match out's dtype
     v0_heads = _fp32(_repeat_heads(v0, group))  # (B, Hq, 1, D), tiny
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=torch.float32, device=q.device).transpose(1, 2)
     out_first, out_rest = out.split((1, q_len - 1), dim=2)
