@@ -3,14 +3,15 @@
     python benchmarks/check_monitor_agreement.py                       # 4 windows of prose + 4 of code
     python benchmarks/check_monitor_agreement.py --windows 8 --json agreement.json
 
-Protocol: the built-in *evaluation* texts (prose, code), non-overlapping windows of ``--seq-len``
-tokens with BOS first (``text_windows``, the windows ``sinkfix inspect`` uses). For each policy and
-window, one forward without a cache through :func:`sinkfix.analysis.metrics.measure_extreme_tokens`
-(inspect's collector: the Python path, every row's full attention) and one through
-``sinkfix.monitor`` (the fast path's side output plus the sampled prompt measures), on the same
-patched model. Printed per quantity: the largest absolute difference over all windows, layers and
-heads (relative for the residual peak), and for the approximated parts (dormancy and hidden sinks
-on ``--sample-rows`` sampled rows) the mean difference and the dormant-head counts.
+Protocol: the built-in *evaluation* texts of the pydoc (prose) and python (code) domains,
+non-overlapping windows of ``--seq-len`` tokens with BOS first (``text_windows``, the windows
+``sinkfix inspect`` uses). For each policy and window, one forward without a cache through
+:func:`sinkfix.analysis.metrics.measure_extreme_tokens` (inspect's collector: the Python path, every
+row's full attention) and one through ``sinkfix.monitor`` (the fast path's side output plus the
+sampled prompt measures), on the same patched model. Printed per quantity: the largest absolute
+difference over all windows, layers and heads (relative for the residual peak), and for the
+approximated parts (dormancy and hidden sinks on ``--sample-rows`` sampled rows) the mean difference
+and the dormant-head counts.
 
 Exact by construction: sink share (target 1e-4), value drain, residual peak. Approximated:
 dormancy, hidden sinks (exact when ``--sample-rows`` >= ``--seq-len``).
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
-    windows = [w for domain in ("prose", "code")
+    windows = [w for domain in ("pydoc", "python")
                for w in text_windows(tokenizer, domain_text(domain, "eval"), seq_len=args.seq_len)[: args.windows]]
     with sinkfix.patch(model) as handle:
         layers, heads = handle.num_layers, max(handle.num_heads())
