@@ -304,11 +304,11 @@ def _sink_first_causal(q, k, v, scale: float, beta, extra_logits, virtual_sink_l
     if extra_logits is not None or virtual_sink_logit is not None:
         # rows 1.. count the extra logits and the virtual logit, row 0 only the extra logits
         # (the virtual logit is counted where a row sees a non-sink key)
-        lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, torch.ones((), dtype=torch.bool, device=q.device))
-        keep = torch.sigmoid(lse[:, :, 1:] - lse_zero)
+        sees_n = torch.ones((), dtype=torch.bool, device=q.device)
+        keep = torch.sigmoid(lse[:, :, 1:] - zero_value_lse(extra_logits, virtual_sink_logit, sees_n))
         out_rest.mul_(keep.unsqueeze(-1))
         if extra_logits is not None:
-            first_zero = torch.logsumexp(_fp32(extra_logits), dim=-1).view(1, q_heads, 1)
+            first_zero = zero_value_lse(extra_logits, None, sees_n)  # (1, Hq, 1)
             out_first.mul_(torch.sigmoid(s0_first - first_zero).unsqueeze(-1))
     stats = None
     if need_sink_stats:  # over rows 1.., the ones that see a non-sink key
@@ -351,7 +351,8 @@ def _identity_stats(q, k, lse, layout: _Layout, visible, sink_cols, first_column
 
 
 def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_sink: bool, beta, extra_logits,
-                virtual_sink_logit, need_sink_mass: bool, need_sink_stats: bool = False) -> AttentionResult:
+                virtual_sink_logit, need_sink_mass: bool, need_sink_stats: bool, grad: bool) -> AttentionResult:
+    """``grad``: whether autograd records the call (the caller's :func:`_needs_autograd`)."""
     batch, _, q_len, _ = q.shape
     identity = beta is None and extra_logits is None and virtual_sink_logit is None
     plain = layout.is_plain(q_len, k.shape[2])
@@ -368,9 +369,8 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
     every_row_sees_n = False
     if first_column_sink and plain and not layout.causal and k.shape[2] >= 2 and not need_sink_mass:
         return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
-    if (first_column_sink and plain and layout.causal and q_len >= 2 and not need_sink_mass
-            and not torch.compiler.is_compiling() and not _needs_autograd(q, k, v, beta, extra_logits,
-                                                                          virtual_sink_logit)):
+    if (first_column_sink and plain and layout.causal and q_len >= 2 and not need_sink_mass and not grad
+            and not torch.compiler.is_compiling()):
         return _sink_first_causal(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
     if first_column_sink and plain:
         non_sink, sink, every_row_sees_n = _first_column_parts(q, k, v, layout, scale)
@@ -435,7 +435,7 @@ def sink_attention_torch(
         return _dense_path(q, k, v, layout, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
                            return_probs, need_sink_mass, need_sink_stats)
     return _split_path(q, k, v, layout, scale, sink_cols, first_column_sink, beta, extra_logits, virtual_sink_logit,
-                       need_sink_mass, need_sink_stats)
+                       need_sink_mass, need_sink_stats, grad)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
