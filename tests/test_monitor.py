@@ -19,7 +19,7 @@ from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
-from sinkfix.telemetry.prompt import measure_prompt
+from sinkfix.telemetry.prompt import measure_prompt, sampled_rows
 
 from .conftest import tiny_model
 
@@ -128,6 +128,64 @@ def test_rows_whose_sink_takes_everything():
     assert torch.isfinite(dormancy).all()
     assert (dormancy - reference.dormancy[0]).abs().max() <= 1e-5
     assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist()
+
+
+def _sampled_estimate_fp64(call, rows: slice, threshold: float, min_queries: int):
+    """The sampled estimator written out in fp64 from the dense stock probabilities: the applied
+    attention of the sampled rows on the non-sink keys (keep * p_ij * (p_N + (1 - beta) p_S) / p_N),
+    its column sums, ACT's test on their mean over the sampled rows that see each key, and the
+    hidden keys' drain-weighted mass averaged over the sampled rows that see a non-sink key."""
+    q, k, v = (t.double() for t in (call.query, call.key, call.value))
+    q_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+    group = q_heads // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    visible = torch.ones(q_len, k_len).tril().bool()
+    scores = (q @ k.transpose(-1, -2) * call.scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None])  # (1, Hq, Q, K) stock
+    p_s, p_n = p[..., 0], p[..., 1:].sum(-1)
+    has_n = torch.arange(q_len) >= 1  # row 0 sees only the sink
+    beta = torch.ones(q_heads, dtype=torch.float64) if call.beta is None else call.beta.double()
+    factor = (p_n + (1 - beta[None, :, None]) * p_s) / p_n.clamp(min=1e-300)
+    if call.virtual_sink_logit is not None:
+        factor = factor * torch.sigmoid(lse - call.virtual_sink_logit.double()[None, :, None])
+    applied = (p * factor[..., None])[:, :, rows] * has_n[rows][:, None]  # sampled rows, sink column unused
+    sampled_visible = visible[rows]
+    n_rows = int(has_n.sum())
+    min_q = min(min_queries, max(1, n_rows // 4))
+    seen_by = visible.sum(0)
+    sampled_seen = sampled_visible.sum(0)
+    judged = (seen_by >= min_q) & (sampled_seen >= min(min_q, 6)) & (torch.arange(k_len) != 0)
+    columns = applied.sum(2)  # (1, Hq, K)
+    hidden = (columns / sampled_seen.clamp(min=1) > threshold) & judged
+    norms = v[:, ::group].norm(dim=-1)  # (1, Hkv, K)
+    median = norms.median(-1).values
+    weights = (1 - norms / median[..., None]).clamp(0, 1).repeat_interleave(group, 1)
+    part = (applied * (hidden * weights)[:, :, None, :]).sum(-1).sum(-1) / has_n[rows].sum()
+    return hidden.sum(-1), part, weights[..., 0], (norms[..., 0] / median)
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+@pytest.mark.parametrize("sample", [25, 40, 200])
+def test_sampled_prompt_measures_are_the_written_estimator(sample, virtual):
+    """On a partial sample the prompt measures are an estimate of inspect's numbers, but an exact
+    computation of the estimator: checked against it written out in fp64 on dense probabilities."""
+    beta = torch.tensor([0.5, 0.9, 1.0, 0.7])
+    call = _planted_hidden_sink(beta)
+    if virtual:
+        logit = torch.tensor([-1.0, 0.5, -3.0, 1.0])
+        result = sink_attention_torch(call.query, call.key, call.value, causal=True, first_column_sink=True,
+                                      beta=beta, virtual_sink_logit=logit, need_sink_stats=True)
+        call = dataclasses.replace(call, virtual_sink_logit=logit, result=result)
+    rows = sampled_rows(200, sample)
+    assert torch.arange(200)[rows][-1] == 199 and len(range(200)[rows]) == min(sample, 200)
+    hidden, part, sink_weight, drain = _sampled_estimate_fp64(call, rows, threshold=0.1, min_queries=32)
+    got = measure_prompt(call, rows_wanted=sample, threshold=0.1, min_queries=32)
+    assert got.hidden_sinks[0].tolist() == hidden[0].tolist()
+    assert hidden.min() >= 1  # the planted sink is found by every head
+    torch.testing.assert_close(got.hidden_part.double(), part, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.drain_weight.double(), sink_weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.value_drain.double(), drain, atol=0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

@@ -47,62 +47,109 @@ class PromptMeasures(NamedTuple):
     hidden_part: torch.Tensor  # mean over sampled rows of sum_{j hidden} p_ij w_j (dormancy's hidden-sink part)
 
 
-def sampled_rows(q_len: int, wanted: int, device) -> torch.Tensor:
-    """``wanted`` evenly spaced query rows ending at the last one (all rows when Q <= wanted).
-    A function of the shape only: the same rows every time for the same prompt length."""
+def sampled_rows(q_len: int, wanted: int) -> slice:
+    """``wanted`` evenly spaced query rows ending at the last one (all rows when Q <= wanted), as a
+    slice (a strided view of the rows, no gather). A function of the shape only: the same rows
+    every time for the same prompt length."""
     step = max(1, math.ceil(q_len / max(1, wanted)))
-    return torch.arange(q_len - 1, -1, -step, device=device).flip(0)
+    return slice((q_len - 1) % step, q_len, step)
 
 
-def _visible_rows(call, rows: torch.Tensor, batch: int, k_len: int) -> torch.Tensor:
-    """(B, 1, r, K) bool: which keys the sampled rows may see (upper-left causal without a mask)."""
+class _Layout(NamedTuple):
+    """What the measures need from the call's layout alone (mask, lengths, sink columns): the same
+    for every layer of a forward that shares its mask, so a monitor builds it once per forward and
+    each layer runs only the operations that depend on its own tensors."""
+
+    mask: torch.Tensor | None  # kept alive so that its id() is not reused while the layout is cached
+    first_column: bool  # the sink is key column 0 of every row (no sink columns were located)
+    sink_cols: torch.Tensor  # (B, NS)
+    first_sink: torch.Tensor  # (B, 1, 1) long, the first sink column (clamped to a valid index)
+    row_slice: slice  # the sampled query rows, evenly spaced: a strided view, no gather
+    blind_rows: bool  # some sampled row may see no key at all (padding): its log-sum-exp is not a number
+    visible: torch.Tensor | None  # (B|1, 1, r, K) fp32 0/1, what the sampled rows may see; None = everything
+    has_n: torch.Tensor  # (B|1, 1, r) bool, sampled rows that see a non-sink key
+    indicators: torch.Tensor  # (B, 1, 2, K) fp32: the sink keys, the non-sink keys
+    judged: torch.Tensor  # (B|1, 1, K) bool, keys ACT's criterion may call hidden sinks
+    inv_seen: torch.Tensor  # (B|1, 1, K) fp32, 1 / the sampled rows that see each key
+    inv_counted: torch.Tensor  # (B|1, 1) fp32, 1 / the sampled rows that see a non-sink key
+    unseen: torch.Tensor | None  # (B|1, 1, K) bool, keys no row may see (left out of the value median); None = none
+
+
+def _all_visible(call, batch: int, q_len: int, k_len: int) -> torch.Tensor:
+    """(B|1, 1, Q, K) bool: which keys each query row of the call may see (upper-left causal
+    without a mask)."""
     device = call.query.device
     if call.attn_mask is not None:
-        return call.attn_mask.expand(batch, 1, call.attn_mask.shape[2], k_len)[:, :, rows]
+        return call.attn_mask.expand(batch, 1, q_len, k_len)
     if call.causal:
-        return (torch.arange(k_len, device=device)[None, :] <= rows[:, None]).expand(batch, 1, rows.numel(), k_len)
-    return torch.ones(batch, 1, rows.numel(), k_len, dtype=torch.bool, device=device)
+        return (torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])[None, None]
+    return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
 
 
-def _seen_by(call, batch: int, q_len: int, k_len: int) -> torch.Tensor:
-    """(B, K) how many query rows of the call may see each key."""
-    device = call.query.device
-    if call.attn_mask is not None:
-        return call.attn_mask.expand(batch, 1, q_len, k_len)[:, 0].sum(1)
-    if call.causal:
-        return (q_len - torch.arange(k_len, device=device)).clamp(min=0).expand(batch, k_len)
-    return torch.full((batch, k_len), q_len, device=device)
+def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
+    q = call.query
+    batch, _, q_len, _ = q.shape
+    k_len = call.key.shape[2]
+    first_column = call.sink_cols is None
+    sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device) if first_column else call.sink_cols
+    row_slice = sampled_rows(q_len, rows_wanted)
+    visible_all = _all_visible(call, batch, q_len, k_len)
+    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, :]  # (B, 1, K)
+    sees_n_all = (visible_all & ~is_sink[:, :, None, :]).any(-1)  # (B|1, 1, Q)
+    # inspect's rule: keys seen by fewer than min(min_queries, a quarter of the rows that see a
+    # non-sink key) rows are not judged, so late keys never "sink"
+    n_rows = sees_n_all.sum(-1).amax()
+    min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
+    seen_by = visible_all.sum(2)  # (B|1, 1, K)
+    visible = visible_all[:, :, row_slice]
+    sampled_seen = visible.sum(2)
+    judged = (seen_by >= min_q) & ~is_sink & (sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS))
+    has_n = sees_n_all[:, :, row_slice]
+    some_unseen = call.attn_mask is not None or (call.causal and k_len > q_len)
+    return _Layout(
+        call.attn_mask, first_column, sink_cols, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice,
+        call.attn_mask is not None,
+        None if call.attn_mask is None and not call.causal else visible.to(torch.float32), has_n,
+        torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
+        1 / sampled_seen.clamp(min=1).to(torch.float32), 1 / has_n.sum(-1).clamp(min=1).to(torch.float32),
+        (seen_by == 0) if some_unseen else None)
 
 
-def _value_weights(call, lay: "_Layout"):
+def _cached_layout(call, rows_wanted: int, min_queries: int, layouts: dict | None) -> _Layout:
+    """The call's layout, from ``layouts`` when a call of the same forward had the same one. Calls
+    whose sink columns were located per call (padding, explicit sink positions) are not cached:
+    telling whether two such tensors agree would read them on the host."""
+    if layouts is None or call.sink_cols is not None:
+        return _layout(call, rows_wanted, min_queries)
+    key = (None if call.attn_mask is None else id(call.attn_mask), call.causal, tuple(call.query.shape[:1]),
+           call.query.shape[2], call.key.shape[2], rows_wanted, min_queries)
+    if key not in layouts:
+        layouts[key] = _layout(call, rows_wanted, min_queries)
+    return layouts[key]
+
+
+def _value_weights(call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Value norms' drain weights (B, Hkv, K), the sink's (B, Hkv) and the drain ratio (B, Hkv),
     with the median over the keys some row may see (padding and empty cache slots left out)."""
     norms = torch.linalg.vector_norm(call.value, dim=-1, dtype=torch.float32)  # (B, Hkv, K)
-    median = torch.nanmedian(norms.masked_fill(lay.unseen, float("nan")), dim=-1).values
-    weights = (1 - norms / median[..., None]).clamp(0, 1).nan_to_num(0)
+    if lay.unseen is None:  # every key is seen: the plain median (the same lower middle value)
+        median = norms.median(dim=-1).values
+    else:
+        median = torch.nanmedian(norms.masked_fill(lay.unseen, float("nan")), dim=-1).values
+    ratio = norms / median[..., None]
+    weights = (1 - ratio).clamp_(0, 1)
+    if lay.unseen is not None:  # a batch row that sees no key has a NaN median
+        weights = weights.nan_to_num_(0)
+    if lay.first_column:
+        return weights, weights[..., 0], ratio[..., 0]
     first = lay.first_sink.expand(-1, norms.shape[1], 1)  # (B, Hkv, 1)
-    return weights, weights.gather(-1, first).squeeze(-1), norms.gather(-1, first).squeeze(-1) / median
+    return weights, weights.gather(-1, first).squeeze(-1), ratio.gather(-1, first).squeeze(-1)
 
 
-def _sink_columns_mass(probs: torch.Tensor, sink_cols: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, r) mass on the sink columns: |S| gathered columns, not a pass over K."""
-    batch, heads, rows, k_len = probs.shape
-    valid = ((sink_cols >= 0) & (sink_cols < k_len))[:, None, None, :]
-    index = sink_cols.clamp(0, k_len - 1)[:, None, None, :].expand(batch, heads, rows, -1)
-    return (probs.gather(-1, index) * valid).sum(-1)
-
-
-def _rows_dot(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, r): each probability row dotted with ``weights`` (B, 1|Hq, 1, K), as
-    ``weights @ probs^T``. The same product written ``probs @ weights^T`` (a (r, K) by (K, 1) matrix
-    product per head) took 222 us per call for a (1, 9, 64, 512) block on one CPU thread, this
-    orientation 20 us: two such products per layer were a quarter of the prompt measures' time."""
-    return torch.matmul(weights, probs.transpose(-1, -2)).squeeze(-2)
-
-
-def _real_probabilities(call, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def _real_probabilities(call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Hq, r, K) fp32 ``exp(s_ij - lse_i)`` of the sampled rows, 0 where a row may not look:
-    the stock softmax over the real keys, rebuilt from the call's own log-sum-exp.
+    the stock softmax over the real keys, rebuilt from the call's own log-sum-exp; and that
+    log-sum-exp (B, Hq, r), finite.
 
     The exponent is clamped to [_EXP_FLOOR, _EXP_CEILING] before ``exp_`` and the keys a row may not
     see are zeroed after it, instead of adding a -inf bias: on CPU, ``exp`` of an argument whose
@@ -112,87 +159,46 @@ def _real_probabilities(call, rows: torch.Tensor, visible: torch.Tensor) -> torc
     q, k = call.query, call.key
     batch, q_heads, _, dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    group, r = q_heads // kv_heads, rows.numel()
-    lse = call.result.lse[:, :, rows].float()
-    lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a padding row's is garbage; it sees nothing anyway
-    neg_lse = lse.neg().view(batch * kv_heads, group * r, 1)
-    q_rows = q[:, :, rows].float().mul_(call.scale).reshape(batch * kv_heads, group * r, dim)
-    keys = k.float().reshape(batch * kv_heads, k_len, dim).transpose(1, 2)
-    if call.softcap is None:
-        scores = torch.baddbmm(neg_lse, q_rows, keys)
+    lse = call.result.lse[:, :, lay.row_slice].to(torch.float32)
+    if lay.blind_rows:  # a padding row's is garbage; it sees nothing anyway
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    r = lse.shape[-1]
+    neg_lse = lse.neg().reshape(batch * kv_heads, q_heads // kv_heads * r, 1)
+    q_rows = q[:, :, lay.row_slice].reshape(batch * kv_heads, q_heads // kv_heads * r, dim).to(torch.float32)
+    keys = k.reshape(batch * kv_heads, k_len, dim).to(torch.float32).transpose(1, 2)
+    if call.softcap is None:  # the scale goes into the product (alpha), not into a scaled copy of q
+        scores = torch.baddbmm(neg_lse, q_rows, keys, alpha=call.scale)
     else:
-        scores = torch.bmm(q_rows, keys)
-        scores = call.softcap * torch.tanh(scores / call.softcap) + neg_lse
+        scores = torch.bmm(q_rows, keys).mul_(call.scale / call.softcap).tanh_().mul_(call.softcap).add_(neg_lse)
     # the ceiling only matters for keys the row may not see (a later key can score far above the
     # row's log-sum-exp): their exp must stay finite for the zeroing product below
     probs = scores.clamp_(min=_EXP_FLOOR, max=_EXP_CEILING).exp_().view(batch, q_heads, r, k_len)
-    return probs.mul_(visible)
+    return (probs if lay.visible is None else probs.mul_(lay.visible)), lse
 
 
-def _row_factors(call, probs: torch.Tensor, lay: "_Layout") -> torch.Tensor:
+def _row_factors(call, probs: torch.Tensor, lse: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """(B, Hq, r): what turns a row's stock probability of a non-sink key into the one the call
     applied: the share the zero-value logits leave, times beta's redistribution
-    ``(p_N + (1 - beta) p_S) / p_N`` (docs/formulas.md). Sink columns are not needed downstream."""
-    lse = call.result.lse[:, :, lay.rows].float()
+    ``(p_N + (1 - beta) p_S) / p_N = 1 + (1 - beta) p_S / p_N`` (docs/formulas.md); 0 for a row
+    that sees no non-sink key. Sink columns are not needed downstream."""
+    factors = None
     zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, lay.has_n)
-    keep = torch.ones_like(lse) if zero is None else torch.sigmoid(lse - zero)
-    if call.beta is None:
-        return keep
-    p_s = _sink_columns_mass(probs, lay.sink_cols)
-    # p_N summed over the non-sink keys themselves, never as 1 - p_S: in a row whose sink takes
-    # almost everything (p_S = 1 - 1e-8 is common in SmolLM2) the difference cancels to 0 in fp32
-    # and the factor below blew up to 1e29 (seen as dormancy scores of 1e19)
-    p_n = _rows_dot(probs, lay.non_sink.transpose(-1, -2)).clamp(min=1e-30)
-    beta = torch.where(lay.has_n, call.beta.float()[None, :, None], 1.0)
-    return keep * (p_n + (1 - beta) * p_s) / p_n
-
-
-class _Layout(NamedTuple):
-    """What the measures need from the call's layout alone (mask, lengths, sink columns): the same
-    for every layer of a forward that shares its mask, so a monitor computes it once per forward
-    (the small operations that depend on the layout alone, not on the layer's tensors)."""
-
-    mask: torch.Tensor | None  # kept alive so that its id() is not reused while the layout is cached
-    sink_cols: torch.Tensor  # (B, NS)
-    seen_by: torch.Tensor  # (B, K) rows of the call that may see each key
-    rows: torch.Tensor  # (r,) the sampled query rows
-    visible: torch.Tensor  # (B|1, 1, r, K) bool, what the sampled rows may see
-    is_sink: torch.Tensor  # (B, K) bool
-    has_n: torch.Tensor  # (B|1, 1, r) bool, sampled rows that see a non-sink key
-    sampled_seen: torch.Tensor  # (B|1, 1, K) sampled rows that see each key
-    non_sink: torch.Tensor  # (B, 1, K, 1) fp32 indicator of the non-sink keys
-    unseen: torch.Tensor  # (B, 1, K) bool, keys no row of the call may see (left out of the value median)
-    first_sink: torch.Tensor  # (B, 1, 1) long, the first sink column (clamped to a valid index)
-
-
-def _layout(call, rows_wanted: int) -> _Layout:
-    q = call.query
-    batch, _, q_len, _ = q.shape
-    k_len = call.key.shape[2]
-    sink_cols = call.sink_cols
-    if sink_cols is None:  # the layout put the sink at key column 0 of every row
-        sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device)
-    rows = sampled_rows(q_len, rows_wanted, q.device)
-    visible = _visible_rows(call, rows, batch, k_len)
-    is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
-    seen_by = _seen_by(call, batch, q_len, k_len)
-    return _Layout(call.attn_mask, sink_cols, seen_by, rows, visible, is_sink,
-                   (visible & ~is_sink[:, None, None, :]).any(-1), visible.sum(2),
-                   (~is_sink).to(torch.float32)[:, None, :, None], (seen_by == 0)[:, None, :],
-                   sink_cols[:, :1].clamp(min=0)[:, None, :])
-
-
-def _cached_layout(call, rows_wanted: int, layouts: dict | None) -> _Layout:
-    """The call's layout, from ``layouts`` when a call of the same forward had the same one. Calls
-    whose sink columns were located per call (padding, explicit sink positions) are not cached:
-    telling whether two such tensors agree would read them on the host."""
-    if layouts is None or call.sink_cols is not None:
-        return _layout(call, rows_wanted)
-    key = (None if call.attn_mask is None else id(call.attn_mask), call.causal, tuple(call.query.shape[:1]),
-           call.query.shape[2], call.key.shape[2], rows_wanted)
-    if key not in layouts:
-        layouts[key] = _layout(call, rows_wanted)
-    return layouts[key]
+    if zero is not None:
+        factors = torch.sigmoid(lse - zero)
+    if call.beta is not None:
+        # p_S and p_N of every row in one product with the two indicator rows; p_N summed over the
+        # non-sink keys themselves, never as 1 - p_S: in a row whose sink takes almost everything
+        # (p_S = 1 - 1e-8 is common in SmolLM2) the difference cancels to 0 in fp32 and the factor
+        # blew up to 1e29 (seen as dormancy scores of 1e19)
+        p_s, p_n = torch.matmul(lay.indicators, probs.transpose(-1, -2)).unbind(-2)  # (B, Hq, r) each
+        moved = (1 - call.beta.to(torch.float32))[None, :, None]
+        scaling = p_s.div_(p_n.clamp_(min=1e-30)).mul_(moved).add_(1)
+        factors = scaling if factors is None else factors.mul_(scaling)
+    if factors is None:
+        return lay.has_n.to(torch.float32).expand(probs.shape[:3])
+    # a row that sees no non-sink key (padding, or only the sink) counts as 0; torch.where, not a
+    # product, because such a row's factor may be inf or NaN
+    return torch.where(lay.has_n, factors, 0.0)
 
 
 def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int,
@@ -200,25 +206,20 @@ def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int
     """The drain weights and the sampled hidden-sink estimates of one attention call of the prompt.
     ``layouts``: a dict the caller keeps for one forward, so that layers with the same layout share
     its tensors."""
-    q, k = call.query, call.key
-    q_heads = q.shape[1]
-    group = q_heads // k.shape[1]
-    lay = _cached_layout(call, rows_wanted, layouts)
+    batch, q_heads = call.query.shape[:2]
+    kv_heads, k_len = call.key.shape[1], call.key.shape[2]
+    group = q_heads // kv_heads
+    lay = _cached_layout(call, rows_wanted, min_queries, layouts)
     weights, sink_weight, drain = _value_weights(call, lay)
-    probs = _real_probabilities(call, lay.rows, lay.visible)
-    # a padding row's log-sum-exp is not a number (it sees no key): its factor would turn the
-    # sums below into NaN for the whole batch row, so rows without a non-sink key count as 0
-    factors = torch.where(lay.has_n, _row_factors(call, probs, lay), 0.0)  # (B, Hq, r)
-    # ACT's criterion on the sampled rows; keys seen by too few rows of the whole call are not
-    # judged (inspect's rule: min(min_queries, a quarter of the rows), so late keys never "sink")
-    n_rows = call.result.sink_stats[..., 1].amax()
-    min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
-    mean_att = torch.matmul(factors[..., None, :], probs).squeeze(-2) / lay.sampled_seen.clamp(min=1)  # (B, Hq, K)
-    judged = (lay.seen_by >= min_q) & ~lay.is_sink  # (B, K)
-    enough = lay.sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS)
-    hidden = (mean_att > threshold) & judged[:, None, :] & enough
-    col_weight = weights.repeat_interleave(group, dim=1)  # (B, Hq, K)
-    part = factors * _rows_dot(probs, (hidden * col_weight)[..., None, :])  # (B, Hq, r)
-    counted = lay.has_n.float()
-    hidden_part = (part * counted).sum(-1) / counted.sum(-1).clamp(min=1)
-    return PromptMeasures(sink_weight.repeat_interleave(group, dim=1), drain, hidden.sum(-1).float(), hidden_part)
+    probs, lse = _real_probabilities(call, lay)
+    factors = _row_factors(call, probs, lse, lay)
+    # the applied attention summed over the sampled rows, per key: one pass over the block. ACT's
+    # criterion is on its mean over the rows that see the key; the dormancy's hidden-sink part,
+    # sum_rows sum_{j hidden} p_ij w_j, is the same column sums dotted with the hidden keys' weights
+    columns = torch.matmul(factors[..., None, :], probs).squeeze(-2)  # (B, Hq, K)
+    hidden = (columns * lay.inv_seen > threshold) & lay.judged
+    by_kv = (batch, kv_heads, group, k_len)
+    hidden_weighted = torch.where(hidden.view(by_kv), columns.view(by_kv) * weights[:, :, None, :], 0.0)
+    hidden_part = hidden_weighted.sum(-1).view(batch, q_heads) * lay.inv_counted
+    return PromptMeasures(sink_weight.repeat_interleave(group, dim=1), drain,
+                          hidden.sum(-1).to(torch.float32), hidden_part)
