@@ -30,7 +30,7 @@ from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
-from sinkfix.telemetry.prompt import measure_prompt
+from sinkfix.telemetry.prompt import measure_sampled, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
 
 __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
@@ -116,6 +116,7 @@ class Monitor:
         self._hooks: list = []
         self._rerunning = False
         self._layouts: dict = {}
+        self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self.records: list[dict] = []  # the last request's records
         self.log = self.exporter = None
         try:
@@ -151,6 +152,7 @@ class Monitor:
             self._detach()
             self._handle.restore_layers()
             self._request = None
+            self._sampled = []  # a forward that raised leaves its sampled calls behind
 
     def generate(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
         """``model.generate(*args, **kwargs)`` recorded as one request."""
@@ -189,9 +191,10 @@ class Monitor:
         self._handle.add_telemetry(self._on_attention)
         first = layers[0] if layers and layers[0] is not None else self.model
         self._hooks.append(first.register_forward_pre_hook(self._before_layers, with_kwargs=True))
+        last = max((layer for layer, module in enumerate(layers) if module is not None), default=None)
         for layer, module in enumerate(layers):
             if module is not None:
-                self._hooks.append(module.register_forward_hook(self._residual_hook(layer)))
+                self._hooks.append(module.register_forward_hook(self._residual_hook(layer, layer == last)))
         if self.guard is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -208,6 +211,7 @@ class Monitor:
         req = self._request
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
         batch, q_len = hidden.shape[0], hidden.shape[1]
+        self._measure_sampled()  # a forward whose last decoder layer had no hook
         if req.acc is None:
             req.acc = RequestAccumulator(self._handle.num_heads(), batch, hidden.device)
         elif batch != req.acc.batch:
@@ -225,21 +229,31 @@ class Monitor:
 
     def _on_attention(self, call) -> None:
         acc = self._request.acc
-        stats = call.result.sink_stats
-        acc.add_attention(call.layer, stats)
-        if acc.in_prompt:
-            measures = measure_prompt(call, rows_wanted=self.sample_rows, threshold=self.hidden_sink_threshold,
-                                      min_queries=self.min_queries, layouts=self._layouts)
-            acc.add_prompt(call.layer, measures, stats[..., 1])
+        acc.add_attention(call.layer, call.result.sink_stats)
+        if acc.in_prompt:  # the sampled rows now, the rest after the forward's last layer
+            self._sampled.append(sample_call(call, rows_wanted=self.sample_rows, min_queries=self.min_queries,
+                                             layouts=self._layouts))
 
-    def _residual_hook(self, layer: int):
+    def _measure_sampled(self) -> None:
+        """The prompt measures of the calls sampled so far, back to back (SampledCall says why)."""
+        sampled, self._sampled = self._sampled, []
+        acc = self._request.acc if self._request is not None else None
+        if acc is None:  # a guard's rerun started the request over: those calls were never served
+            return
+        for call in sampled:
+            acc.add_prompt(call.layer, measure_sampled(call, threshold=self.hidden_sink_threshold), call.rows)
+
+    def _residual_hook(self, layer: int, last: bool):
         def hook(module: nn.Module, args, output) -> None:
             self._request.acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
+            if last and self._sampled:
+                self._measure_sampled()
 
         return hook
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
         req = self._request
+        self._measure_sampled()
         prompt, req.acc.in_prompt = req.acc.in_prompt, False
         if self.guard is None or not prompt or self._rerunning:
             return None
@@ -265,6 +279,7 @@ class Monitor:
         if req.acc is None:  # no forward ran inside the block
             self.records = []
             return
+        self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
         info = RequestInfo(
             req.id, req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),

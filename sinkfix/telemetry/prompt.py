@@ -25,7 +25,8 @@ import torch
 
 from sinkfix.ops.reference import sink_key_mask, zero_value_lse
 
-__all__ = ["PromptMeasures", "measure_prompt", "sampled_rows", "MIN_SAMPLED_VIEWERS"]
+__all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled", "sample_call", "sampled_rows",
+           "MIN_SAMPLED_VIEWERS"]
 
 #: A key is judged only when at least this many sampled rows see it (or all of its viewers, for a
 #: prompt short enough to be sampled whole): a mean over fewer is too noisy for ACT's threshold. On
@@ -128,10 +129,10 @@ def _cached_layout(call, rows_wanted: int, min_queries: int, layouts: dict | Non
     return layouts[key]
 
 
-def _value_weights(call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Value norms' drain weights (B, Hkv, K), the sink's (B, Hkv) and the drain ratio (B, Hkv),
-    with the median over the keys some row may see (padding and empty cache slots left out)."""
-    norms = torch.linalg.vector_norm(call.value, dim=-1, dtype=torch.float32)  # (B, Hkv, K)
+def _value_weights(norms: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the value norms (B, Hkv, K): the drain weights (B, Hkv, K), the sink's (B, Hkv) and the
+    drain ratio (B, Hkv), with the median over the keys some row may see (padding and empty cache
+    slots left out)."""
     if lay.unseen is None:  # every key is seen: the plain median (the same lower middle value)
         median = norms.median(dim=-1).values
     else:
@@ -146,45 +147,81 @@ def _value_weights(call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torc
     return weights, weights.gather(-1, first).squeeze(-1), ratio.gather(-1, first).squeeze(-1)
 
 
-def _real_probabilities(call, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+class SampledCall(NamedTuple):
+    """What the prompt measures need from one attention call, taken while the call runs: the
+    sampled query rows and their log-sum-exps (copies of a few rows, not the call's tensors), the
+    value norms, and a reference to the keys (the KV cache's own tensor when there is a cache).
+    :func:`measure_sampled` turns it into :class:`PromptMeasures` later: a monitor measures the
+    whole forward's calls back to back after its last decoder layer, where the same work took
+    16-17 ms against 25-30 ms interleaved with the model's layers (SmolLM2, 512 tokens, 32 rows,
+    one thread: each small operation runs cold between two layers' large ones)."""
+
+    layer: int
+    layout: _Layout
+    q_rows: torch.Tensor  # (B * Hkv, g * r, D) fp32, the sampled rows grouped by kv head
+    lse: torch.Tensor  # (B, Hq, r) fp32, finite
+    key: torch.Tensor  # (B, Hkv, K, D)
+    value_norms: torch.Tensor  # (B, Hkv, K) fp32
+    scale: float
+    softcap: float | None
+    extra_logits: torch.Tensor | None
+    virtual_sink_logit: torch.Tensor | None
+    beta: torch.Tensor | None
+    rows: torch.Tensor  # (B, Hq) the call's rows that see a non-sink key (its sink statistics' count)
+
+
+def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | None = None) -> SampledCall:
+    """The part of the prompt measures that must run while the call's tensors are current: the
+    sampled rows of the queries and of the log-sum-exp, and the value norms. ``layouts``: a dict
+    the caller keeps for one forward, so that layers with the same layout share its tensors."""
+    q = call.query
+    batch, q_heads, _, dim = q.shape
+    kv_heads = call.key.shape[1]
+    lay = _cached_layout(call, rows_wanted, min_queries, layouts)
+    lse = call.result.lse[:, :, lay.row_slice].to(torch.float32)
+    if lay.blind_rows:  # a padding row's is garbage; it sees nothing anyway
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    rows = lse.shape[-1]
+    q_rows = q[:, :, lay.row_slice].reshape(batch * kv_heads, q_heads // kv_heads * rows, dim).to(torch.float32)
+    norms = torch.linalg.vector_norm(call.value, dim=-1, dtype=torch.float32)
+    return SampledCall(call.layer, lay, q_rows, lse, call.key, norms, call.scale, call.softcap, call.extra_logits,
+                       call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
+
+
+def _real_probabilities(sampled: SampledCall) -> torch.Tensor:
     """(B, Hq, r, K) fp32 ``exp(s_ij - lse_i)`` of the sampled rows, 0 where a row may not look:
-    the stock softmax over the real keys, rebuilt from the call's own log-sum-exp; and that
-    log-sum-exp (B, Hq, r), finite.
+    the stock softmax over the real keys, rebuilt from the call's own log-sum-exp.
 
     The exponent is clamped to [_EXP_FLOOR, _EXP_CEILING] before ``exp_`` and the keys a row may not
     see are zeroed after it, instead of adding a -inf bias: on CPU, ``exp`` of an argument whose
     result is subnormal (below ~-87.3) or of -inf takes a slow path (a 3 x 192 x 512 block took
     2.0 ms with the bias, 0.5 ms clamped, one thread), and a sink-dominated head puts most of its
     keys there. A clamped probability is ``exp(-87) = 1.6e-38`` instead of a smaller one."""
-    q, k = call.query, call.key
-    batch, q_heads, _, dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    lse = call.result.lse[:, :, lay.row_slice].to(torch.float32)
-    if lay.blind_rows:  # a padding row's is garbage; it sees nothing anyway
-        lse = torch.where(torch.isfinite(lse), lse, 0.0)
-    r = lse.shape[-1]
-    neg_lse = lse.neg().reshape(batch * kv_heads, q_heads // kv_heads * r, 1)
-    q_rows = q[:, :, lay.row_slice].reshape(batch * kv_heads, q_heads // kv_heads * r, dim).to(torch.float32)
+    k, lay = sampled.key, sampled.layout
+    batch, q_heads, rows = sampled.lse.shape
+    kv_heads, k_len, dim = k.shape[1], k.shape[2], k.shape[3]
+    neg_lse = sampled.lse.neg().reshape(batch * kv_heads, q_heads // kv_heads * rows, 1)
     keys = k.reshape(batch * kv_heads, k_len, dim).to(torch.float32).transpose(1, 2)
-    if call.softcap is None:  # the scale goes into the product (alpha), not into a scaled copy of q
-        scores = torch.baddbmm(neg_lse, q_rows, keys, alpha=call.scale)
+    if sampled.softcap is None:  # the scale goes into the product (alpha), not into a scaled copy of q
+        scores = torch.baddbmm(neg_lse, sampled.q_rows, keys, alpha=sampled.scale)
     else:
-        scores = torch.bmm(q_rows, keys).mul_(call.scale / call.softcap).tanh_().mul_(call.softcap).add_(neg_lse)
+        softcap = sampled.softcap
+        scores = torch.bmm(sampled.q_rows, keys).mul_(sampled.scale / softcap).tanh_().mul_(softcap).add_(neg_lse)
     # the ceiling only matters for keys the row may not see (a later key can score far above the
     # row's log-sum-exp): their exp must stay finite for the zeroing product below
-    probs = scores.clamp_(min=_EXP_FLOOR, max=_EXP_CEILING).exp_().view(batch, q_heads, r, k_len)
-    return (probs if lay.visible is None else probs.mul_(lay.visible)), lse
+    probs = scores.clamp_(min=_EXP_FLOOR, max=_EXP_CEILING).exp_().view(batch, q_heads, rows, k_len)
+    return probs if lay.visible is None else probs.mul_(lay.visible)
 
 
-def _row_factors(call, probs: torch.Tensor, lse: torch.Tensor, lay: _Layout) -> torch.Tensor:
+def _row_factors(call: SampledCall, probs: torch.Tensor) -> torch.Tensor:
     """(B, Hq, r): what turns a row's stock probability of a non-sink key into the one the call
     applied: the share the zero-value logits leave, times beta's redistribution
     ``(p_N + (1 - beta) p_S) / p_N = 1 + (1 - beta) p_S / p_N`` (docs/formulas.md); 0 for a row
     that sees no non-sink key. Sink columns are not needed downstream."""
-    factors = None
+    lay, factors = call.layout, None
     zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, lay.has_n)
     if zero is not None:
-        factors = torch.sigmoid(lse - zero)
+        factors = torch.sigmoid(call.lse - zero)
     if call.beta is not None:
         # p_S and p_N of every row in one product with the two indicator rows; p_N summed over the
         # non-sink keys themselves, never as 1 - p_S: in a row whose sink takes almost everything
@@ -201,18 +238,15 @@ def _row_factors(call, probs: torch.Tensor, lse: torch.Tensor, lay: _Layout) -> 
     return torch.where(lay.has_n, factors, 0.0)
 
 
-def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int,
-                   layouts: dict | None = None) -> PromptMeasures:
-    """The drain weights and the sampled hidden-sink estimates of one attention call of the prompt.
-    ``layouts``: a dict the caller keeps for one forward, so that layers with the same layout share
-    its tensors."""
-    batch, q_heads = call.query.shape[:2]
-    kv_heads, k_len = call.key.shape[1], call.key.shape[2]
+def measure_sampled(sampled: SampledCall, *, threshold: float) -> PromptMeasures:
+    """The drain weights and the sampled hidden-sink estimates of one sampled attention call."""
+    lay = sampled.layout
+    batch, q_heads, _ = sampled.lse.shape
+    kv_heads, k_len = sampled.key.shape[1], sampled.key.shape[2]
     group = q_heads // kv_heads
-    lay = _cached_layout(call, rows_wanted, min_queries, layouts)
-    weights, sink_weight, drain = _value_weights(call, lay)
-    probs, lse = _real_probabilities(call, lay)
-    factors = _row_factors(call, probs, lse, lay)
+    weights, sink_weight, drain = _value_weights(sampled.value_norms, lay)
+    probs = _real_probabilities(sampled)
+    factors = _row_factors(sampled, probs)
     # the applied attention summed over the sampled rows, per key: one pass over the block. ACT's
     # criterion is on its mean over the rows that see the key; the dormancy's hidden-sink part,
     # sum_rows sum_{j hidden} p_ij w_j, is the same column sums dotted with the hidden keys' weights
@@ -223,3 +257,11 @@ def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int
     hidden_part = hidden_weighted.sum(-1).view(batch, q_heads) * lay.inv_counted
     return PromptMeasures(sink_weight.repeat_interleave(group, dim=1), drain,
                           hidden.sum(-1).to(torch.float32), hidden_part)
+
+
+def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int,
+                   layouts: dict | None = None) -> PromptMeasures:
+    """:func:`sample_call` and :func:`measure_sampled` at once: the drain weights and the sampled
+    hidden-sink estimates of one attention call of the prompt."""
+    return measure_sampled(sample_call(call, rows_wanted=rows_wanted, min_queries=min_queries, layouts=layouts),
+                           threshold=threshold)
