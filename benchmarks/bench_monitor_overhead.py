@@ -121,6 +121,9 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
 
 
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
+    """Ratio of medians to ``base`` (the verdict), plus the median of the paired ratios: each
+    prefill against ``base``'s prefill of the same round and position, which a change of the
+    machine's speed between rounds moves less than the medians."""
     out = {}
     for name, rounds in results.items():
         prefills = [p for r in rounds for p in r["prefill"]]
@@ -129,10 +132,14 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
         steps = [s for r in rounds for s in r["steps"]]
         out[name] = {"prefill_ms": 1e3 * prefill_wall, "prefill_cpu_ms": 1e3 * prefill_cpu,
                      "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
-                     "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps)}
+                     "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps),
+                     "prefill_cpu_samples_ms": [round(1e3 * p[1], 2) for p in prefills]}
+    base_prefills = out[base]["prefill_cpu_samples_ms"]
     for name, row in out.items():
         for key in ("prefill_ms", "prefill_cpu_ms", "decode_ms", "decode_cpu_ms"):
             row[key.replace("_ms", "_ratio")] = row[key] / out[base][key]
+        row["prefill_cpu_paired_ratio"] = statistics.median(
+            a / b for a, b in zip(row["prefill_cpu_samples_ms"], base_prefills))
     return out
 
 
@@ -181,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         results["policies"][name] = table
         for config, row in table.items():
             print(f"{name:15s} {config:16s} prefill {row['prefill_ms']:8.1f} ms (cpu {row['prefill_cpu_ms']:8.1f}) "
-                  f"x{row['prefill_cpu_ratio']:.3f} cpu / x{row['prefill_ratio']:.3f} wall | decode step "
+                  f"x{row['prefill_cpu_ratio']:.3f} cpu (paired x{row['prefill_cpu_paired_ratio']:.3f}) / "
+              f"x{row['prefill_ratio']:.3f} wall | decode step "
                   f"{row['decode_ms']:6.2f} ms (cpu {row['decode_cpu_ms']:6.2f}) x{row['decode_cpu_ratio']:.3f} cpu / "
                   f"x{row['decode_ratio']:.3f} wall", flush=True)
     results["load_after"] = os.getloadavg()
