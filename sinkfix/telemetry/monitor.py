@@ -36,11 +36,11 @@ from sinkfix.telemetry.records import RequestInfo, build_records
 __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
 
 #: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate:
-#: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, 8 windows of
-#: prose and code, one thread) 32 rows put the prefill overhead at 1.014x against 1.036x with 64,
-#: and the dormant-head counts as close to inspect's (528 vs 529 and 445 vs 441 with 32 rows;
+#: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, one thread)
+#: 32 rows took the prompt measures from 28.7 to 15.7 ms against 64, with dormant-head counts as
+#: close to inspect's on 8 windows of prose and code (528 vs 529 and 445 vs 441 with 32 rows;
 #: 527 vs 529 and 444 vs 441 with 64); the per-head dormancy is noisier (mean difference 0.0065
-#: against 0.0042), docs/monitoring.md.
+#: against 0.0042). docs/monitoring.md, "Why 32 rows".
 SAMPLE_ROWS = 32
 
 

@@ -9,10 +9,12 @@ exactly. The rest of the dormancy rule (docs/formulas.md, "Measuring") needs mor
   that of the prompt's keys for the rest of the request;
 * the **hidden sinks** (ACT's criterion: a non-sink key whose mean attention over the rows that can
   see it exceeds 0.1), which need whole probability rows. Those are rebuilt from the call's own
-  log-sum-exp for an evenly spaced sample of the prompt's query rows (64 by default): a
-  ``(B, Hq, rows, K)`` block per layer, about 1/8 of the score matrix of a 512-token prompt, never
+  log-sum-exp for an evenly spaced sample of the prompt's query rows (32 by default): a
+  ``(B, Hq, rows, K)`` block per layer, 1/16 of the score matrix of a 512-token prompt, never
   the whole of it, and nothing at all in decode steps.
 
+Two steps: :func:`sample_call` while the attention call runs (the sampled rows, the value norms),
+:func:`measure_sampled` later (a monitor runs it for all layers after the forward's last one).
 All of it stays on the device: no host read, no branch on tensor values.
 """
 
