@@ -309,6 +309,29 @@ def test_no_listener_outside_requests(one_thread):
         assert monitor.records == []  # nothing ran inside the block
 
 
+def test_a_forward_that_raises_leaves_nothing_for_the_next_request(one_thread):
+    """The prompt measures run after the forward's last decoder layer; a forward that raises before
+    it leaves sampled calls behind, which must not reach the next request's record."""
+    model = tiny_model("llama")
+    ids = _ids(1, 20, seed=3)
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        want = _one_request(monitor, model, input_ids=ids, use_cache=False)
+
+        def fail(module, args, output):
+            raise RuntimeError("planted failure in the last decoder layer")
+
+        hook = model.model.layers[-1].register_forward_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="planted failure"), torch.no_grad(), monitor.request():
+                model(input_ids=_ids(1, 33, seed=4), use_cache=False)
+        finally:
+            hook.remove()
+        assert monitor._sampled == []
+        got = _one_request(monitor, model, input_ids=ids, use_cache=False)
+    for key in ("sink_share", "dormancy", "hidden_sinks", "value_drain"):
+        assert got[key] == want[key], key
+
+
 def test_bad_use_is_a_clear_error(tmp_path, one_thread):
     model = tiny_model("llama")
     blocker = tmp_path / "file"
