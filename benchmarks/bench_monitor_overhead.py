@@ -7,8 +7,10 @@ Targets (docs/monitoring.md): with telemetry on, a prefill takes at most 1.03x a
 most 1.05x the same patched model without it (ratio of medians in one run).
 
 * One process, one model. For each policy the configurations (``off``: patched, no monitor; ``on``:
-  inside ``monitor.request()``; ``on+guard``: the same with a guard, per-head policies only) run in
-  ABBA rounds after a warm-up round, so drift and other processes hit them alike.
+  inside ``monitor.request()``; ``on+guard``: the same with a guard, per-head policies only)
+  alternate in ABBA order after a warm-up pass, so drift and other processes hit them alike: one
+  prefill each in turn (``--rounds`` x ``--prefills`` passes), then one decode run each in turn
+  (``--rounds`` passes).
 * **Prefill**: one forward of a ``--prompt``-token prompt with a KV cache and last-position logits
   (what ``generate`` does first), the whole request included when on: hooks, the prompt measures
   and the end-of-request read and record.
@@ -95,41 +97,47 @@ def _decode(model, ids: torch.Tensor, new_tokens: int, skip: int) -> list[tuple[
 
 
 def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, args):
+    """Prefills first, one prefill per configuration in turn (ABBA over ``rounds x prefills``
+    passes), then the decode runs (ABBA over ``rounds``): a configuration's prefills are never more
+    than one prefill per configuration away from the others', so a drift of the machine's speed
+    hits them alike. Returns {name: {"prefill": [(wall, cpu)], "steps": [(wall, cpu)]}}."""
     extra = prefill_kwargs(model)
 
-    def run(name: str) -> dict[str, Any]:
+    def prefill(name: str) -> tuple[float, float]:
         monitor = monitors[name]
-        prefills = []
         with torch.no_grad():
-            for _ in range(args.prefills):  # each prefill is one whole request when on
-                start = _clock()
-                if monitor is None:
-                    model(input_ids=prompt, use_cache=True, **extra)
-                else:
-                    with monitor.request():
-                        model(input_ids=prompt, use_cache=True, **extra)
-                end = _clock()
-                prefills.append((end[0] - start[0], end[1] - start[1]))
+            start = _clock()
             if monitor is None:
-                steps = _decode(model, decode_prompt, args.new_tokens, args.skip)
+                model(input_ids=prompt, use_cache=True, **extra)
             else:
-                with monitor.request():
-                    steps = _decode(model, decode_prompt, args.new_tokens, args.skip)
-        return {"prefill": prefills, "steps": steps}
+                with monitor.request():  # each prefill is one whole request when on
+                    model(input_ids=prompt, use_cache=True, **extra)
+            end = _clock()
+        return end[0] - start[0], end[1] - start[1]
 
-    return alternate(list(monitors), run, repeats=args.rounds, warmup=1)
+    def decode(name: str) -> list[tuple[float, float]]:
+        monitor = monitors[name]
+        with torch.no_grad():
+            if monitor is None:
+                return _decode(model, decode_prompt, args.new_tokens, args.skip)
+            with monitor.request():
+                return _decode(model, decode_prompt, args.new_tokens, args.skip)
+
+    prefills = alternate(list(monitors), prefill, repeats=args.rounds * args.prefills, warmup=1)
+    decodes = alternate(list(monitors), decode, repeats=args.rounds, warmup=1)
+    return {name: {"prefill": prefills[name], "steps": [s for run in decodes[name] for s in run]}
+            for name in monitors}
 
 
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
     """Ratio of medians to ``base`` (the verdict), plus the median of the paired ratios: each
-    prefill against ``base``'s prefill of the same round and position, which a change of the
-    machine's speed between rounds moves less than the medians."""
+    prefill against ``base``'s prefill of the same pass, which a change of the machine's speed
+    between passes moves less than the medians."""
     out = {}
-    for name, rounds in results.items():
-        prefills = [p for r in rounds for p in r["prefill"]]
+    for name, runs in results.items():
+        prefills, steps = runs["prefill"], runs["steps"]
         prefill_wall = statistics.median(p[0] for p in prefills)
         prefill_cpu = statistics.median(p[1] for p in prefills)
-        steps = [s for r in rounds for s in r["steps"]]
         out[name] = {"prefill_ms": 1e3 * prefill_wall, "prefill_cpu_ms": 1e3 * prefill_cpu,
                      "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
                      "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps),
