@@ -37,7 +37,8 @@ class RequestInfo:
 
 def _clean(values: torch.Tensor, digits: int = 6) -> Any:
     """Nested lists of floats rounded to ``digits``, NaN and inf as None (strict JSON). One
-    ``tolist()`` per tensor: indexing it element by element took 3.3 ms of a request's record."""
+    ``tolist()`` per tensor: with the tensors indexed element by element the end of a SmolLM2
+    request (read and records) took 3.2-3.4 ms, with this 2.4 ms."""
     return _rounded(values.tolist(), digits)
 
 
