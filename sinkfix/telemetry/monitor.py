@@ -253,7 +253,6 @@ class Monitor:
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
         req = self._request
-        self._measure_sampled()
         prompt, req.acc.in_prompt = req.acc.in_prompt, False
         if self.guard is None or not prompt or self._rerunning:
             return None

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.reference import sink_key_mask, zero_value_lse
+from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled", "sample_call", "sampled_rows",
            "MIN_SAMPLED_VIEWERS"]
@@ -65,28 +65,24 @@ class _Layout(NamedTuple):
 
     mask: torch.Tensor | None  # kept alive so that its id() is not reused while the layout is cached
     first_column: bool  # the sink is key column 0 of every row (no sink columns were located)
-    sink_cols: torch.Tensor  # (B, NS)
     first_sink: torch.Tensor  # (B, 1, 1) long, the first sink column (clamped to a valid index)
     row_slice: slice  # the sampled query rows, evenly spaced: a strided view, no gather
     blind_rows: bool  # some sampled row may see no key at all (padding): its log-sum-exp is not a number
-    visible: torch.Tensor | None  # (B|1, 1, r, K) fp32 0/1, what the sampled rows may see; None = everything
-    has_n: torch.Tensor  # (B|1, 1, r) bool, sampled rows that see a non-sink key
+    visible: torch.Tensor | None  # (B, 1, r, K) fp32 0/1, what the sampled rows may see; None = everything
+    has_n: torch.Tensor  # (B, 1, r) bool, sampled rows that see a non-sink key
     indicators: torch.Tensor  # (B, 1, 2, K) fp32: the sink keys, the non-sink keys
-    judged: torch.Tensor  # (B|1, 1, K) bool, keys ACT's criterion may call hidden sinks
-    inv_seen: torch.Tensor  # (B|1, 1, K) fp32, 1 / the sampled rows that see each key
-    inv_counted: torch.Tensor  # (B|1, 1) fp32, 1 / the sampled rows that see a non-sink key
-    unseen: torch.Tensor | None  # (B|1, 1, K) bool, keys no row may see (left out of the value median); None = none
+    judged: torch.Tensor  # (B, 1, K) bool, keys ACT's criterion may call hidden sinks
+    inv_seen: torch.Tensor  # (B, 1, K) fp32, 1 / the sampled rows that see each key
+    inv_counted: torch.Tensor  # (B, 1) fp32, 1 / the sampled rows that see a non-sink key
+    unseen: torch.Tensor | None  # (B, 1, K) bool, keys no row may see (left out of the value median); None = none
 
 
 def _all_visible(call, batch: int, q_len: int, k_len: int) -> torch.Tensor:
-    """(B|1, 1, Q, K) bool: which keys each query row of the call may see (upper-left causal
-    without a mask)."""
-    device = call.query.device
+    """(B, 1, Q, K) bool: which keys each query row of the call may see: its mask, or the shared
+    upper-left causal rule without one."""
     if call.attn_mask is not None:
         return call.attn_mask.expand(batch, 1, q_len, k_len)
-    if call.causal:
-        return (torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])[None, None]
-    return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    return visibility_mask(batch, q_len, k_len, causal=call.causal, device=call.query.device)
 
 
 def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
@@ -98,19 +94,19 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
     row_slice = sampled_rows(q_len, rows_wanted)
     visible_all = _all_visible(call, batch, q_len, k_len)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, :]  # (B, 1, K)
-    sees_n_all = (visible_all & ~is_sink[:, :, None, :]).any(-1)  # (B|1, 1, Q)
+    sees_n_all = (visible_all & ~is_sink[:, :, None, :]).any(-1)  # (B, 1, Q)
     # inspect's rule: keys seen by fewer than min(min_queries, a quarter of the rows that see a
     # non-sink key) rows are not judged, so late keys never "sink"
     n_rows = sees_n_all.sum(-1).amax()
     min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
-    seen_by = visible_all.sum(2)  # (B|1, 1, K)
+    seen_by = visible_all.sum(2)  # (B, 1, K)
     visible = visible_all[:, :, row_slice]
     sampled_seen = visible.sum(2)
     judged = (seen_by >= min_q) & ~is_sink & (sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS))
     has_n = sees_n_all[:, :, row_slice]
     some_unseen = call.attn_mask is not None or (call.causal and k_len > q_len)
     return _Layout(
-        call.attn_mask, first_column, sink_cols, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice,
+        call.attn_mask, first_column, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice,
         call.attn_mask is not None,
         None if call.attn_mask is None and not call.causal else visible.to(torch.float32), has_n,
         torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
