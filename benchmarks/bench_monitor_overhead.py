@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for config, row in table.items():
             print(f"{name:15s} {config:16s} prefill {row['prefill_ms']:8.1f} ms (cpu {row['prefill_cpu_ms']:8.1f}) "
                   f"x{row['prefill_cpu_ratio']:.3f} cpu (paired x{row['prefill_cpu_paired_ratio']:.3f}) / "
-              f"x{row['prefill_ratio']:.3f} wall | decode step "
+                  f"x{row['prefill_ratio']:.3f} wall | decode step "
                   f"{row['decode_ms']:6.2f} ms (cpu {row['decode_cpu_ms']:6.2f}) x{row['decode_cpu_ratio']:.3f} cpu / "
                   f"x{row['decode_ratio']:.3f} wall", flush=True)
     results["load_after"] = os.getloadavg()
