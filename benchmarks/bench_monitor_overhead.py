@@ -36,6 +36,7 @@ import torch
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
 from sinkfix.evaluate import bos_token_id, tokenize
+from sinkfix.telemetry import SAMPLE_ROWS
 from sinkfix.texts import domain_text
 
 TARGETS = {"prefill": 1.03, "decode": 1.05}
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-prompt", type=int, default=128, help="prompt before the timed decode steps")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--skip", type=int, default=2, help="decode steps dropped at the start of each run")
-    parser.add_argument("--sample-rows", type=int, nargs="+", default=[64])
+    parser.add_argument("--sample-rows", type=int, nargs="+", default=[SAMPLE_ROWS],
+                        help="one monitored configuration per value; the guard's uses the first")
     parser.add_argument("--policies", nargs="+", default=["identity", "sink_scale=0.9", "per-head"])
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -2,8 +2,9 @@
 
     python benchmarks/check_monitor_agreement.py                       # 4 windows of prose + 4 of code
     python benchmarks/check_monitor_agreement.py --windows 8 --json agreement.json
+    python benchmarks/check_monitor_agreement.py --domains readme legal cpp --sample-rows 16 32 64
 
-Protocol: the built-in *evaluation* texts of the pydoc (prose) and python (code) domains,
+Protocol: the built-in *evaluation* texts of ``--domains`` (default: pydoc prose and python code),
 non-overlapping windows of ``--seq-len`` tokens with BOS first (``text_windows``, the windows
 ``sinkfix inspect`` uses). For each policy and window, one forward without a cache through
 :func:`sinkfix.analysis.metrics.measure_extreme_tokens` (inspect's collector: the Python path, every
@@ -29,7 +30,8 @@ import torch
 import sinkfix
 from sinkfix.analysis.inspection import text_windows
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD, measure_extreme_tokens
-from sinkfix.texts import domain_text
+from sinkfix.telemetry import SAMPLE_ROWS
+from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_text
 
 SINK_SHARE_TARGET = 1e-4
 
@@ -86,17 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--windows", type=int, default=4, help="windows per domain")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--sample-rows", type=int, nargs="+", default=[64])
+    parser.add_argument("--sample-rows", type=int, nargs="+", default=[SAMPLE_ROWS])
+    parser.add_argument("--domains", nargs="+", default=list(QUICK_DOMAINS), choices=DOMAINS,
+                        help="built-in domains whose evaluation text is windowed")
     parser.add_argument("--policies", nargs="+", default=["identity", "per-head"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
-    windows = [w for domain in ("pydoc", "python")
+    windows = [w for domain in args.domains
                for w in text_windows(tokenizer, domain_text(domain, "eval"), seq_len=args.seq_len)[: args.windows]]
     with sinkfix.patch(model) as handle:
         layers, heads = handle.num_layers, max(handle.num_heads())
-    results = {"model": args.model, "torch": torch.__version__, "seq_len": args.seq_len,
+    results = {"model": args.model, "torch": torch.__version__, "seq_len": args.seq_len, "domains": args.domains,
                "windows_per_domain": args.windows, "load_before": os.getloadavg(), "rows": []}
     for name, policy in _policies(layers, heads).items():
         if name not in args.policies:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['dormant_heads_monitor']} vs {row['dormant_heads_inspect']} | hidden sinks "
                       f"{row['hidden_sinks_monitor']:.0f} vs {row['hidden_sinks_inspect']:.0f} "
                       f"(sum |diff| {row['hidden_sinks_abs_diff']:.0f})", flush=True)
-    print(f"{len(windows)} windows of {args.seq_len} tokens, {args.model}, torch {torch.__version__}, "
+    print(f"{len(windows)} windows of {args.seq_len} tokens ({', '.join(args.domains)}), {args.model}, torch {torch.__version__}, "
           f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     if args.json:
         from sinkfix.files import atomic_write_text
