@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['dormant_heads_monitor']} vs {row['dormant_heads_inspect']} | hidden sinks "
                       f"{row['hidden_sinks_monitor']:.0f} vs {row['hidden_sinks_inspect']:.0f} "
                       f"(sum |diff| {row['hidden_sinks_abs_diff']:.0f})", flush=True)
-    print(f"{len(windows)} windows of {args.seq_len} tokens ({', '.join(args.domains)}), {args.model}, torch {torch.__version__}, "
-          f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{len(windows)} windows of {args.seq_len} tokens ({', '.join(args.domains)}), {args.model}, "
+          f"torch {torch.__version__}, threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     if args.json:
         from sinkfix.files import atomic_write_text
 
