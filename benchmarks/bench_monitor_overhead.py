@@ -24,6 +24,7 @@ most 1.05x the same patched model without it (ratio of medians in one run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -104,25 +105,22 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
     hits them alike. Returns {name: {"prefill": [(wall, cpu)], "steps": [(wall, cpu)]}}."""
     extra = prefill_kwargs(model)
 
-    def prefill(name: str) -> tuple[float, float]:
+    def request(name: str):
+        """One whole monitored request when on, nothing when off."""
         monitor = monitors[name]
+        return contextlib.nullcontext() if monitor is None else monitor.request()
+
+    def prefill(name: str) -> tuple[float, float]:
         with torch.no_grad():
             start = _clock()
-            if monitor is None:
+            with request(name):
                 model(input_ids=prompt, use_cache=True, **extra)
-            else:
-                with monitor.request():  # each prefill is one whole request when on
-                    model(input_ids=prompt, use_cache=True, **extra)
             end = _clock()
         return end[0] - start[0], end[1] - start[1]
 
     def decode(name: str) -> list[tuple[float, float]]:
-        monitor = monitors[name]
-        with torch.no_grad():
-            if monitor is None:
-                return _decode(model, decode_prompt, args.new_tokens, args.skip)
-            with monitor.request():
-                return _decode(model, decode_prompt, args.new_tokens, args.skip)
+        with torch.no_grad(), request(name):
+            return _decode(model, decode_prompt, args.new_tokens, args.skip)
 
     prefills = alternate(list(monitors), prefill, repeats=args.rounds * args.prefills, warmup=1)
     decodes = alternate(list(monitors), decode, repeats=args.rounds, warmup=1)
