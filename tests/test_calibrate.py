@@ -209,3 +209,17 @@ def test_virtual_logit_row_rule_follows_the_bos_protocol(bos, override, expected
                         patience=5, virtual_logit_on_sink_rows=override, progress=False)
     assert profile.calibration["hyper"]["virtual_logit_on_sink_rows"] is expected
     assert profile.virtual_logit_on_sink_rows is (expected and profile.virtual_sink_logit is not None)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`sinkfix calibrate` and `calibrate()` must fit with the same settings: the measured tables in
+    docs/calibration.md are of one default, whichever way it is called."""
+    import inspect
+
+    from sinkfix import cli
+
+    args = cli.build_parser().parse_args(["calibrate"])
+    library, signature = CalibrationSettings(), inspect.signature(calibrate).parameters
+    for name in ("seq_len", "steps", "lr", "reg", "val_fraction", "max_tokens", "virtual_logits"):
+        assert getattr(args, name) == getattr(library, name) == signature[name].default, name
+    assert args.bos is library.bos is signature["bos"].default is True

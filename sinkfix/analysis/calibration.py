@@ -80,7 +80,7 @@ class CalibrationSettings:
     max_tokens: int | None = 8192
     val_fraction: float = 0.25
     steps: int = 150
-    lr: float = 0.2
+    lr: float = 0.5
     reg: float = 0.05
     init_beta: float = 0.97
     virtual_logits: bool = True
@@ -210,6 +210,9 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            # the total is an upper bound (early stopping, pruned selection): end at what was done
+            self.bar.total = self.bar.n
+            self.bar.refresh()
             self.bar.close()
 
 
@@ -543,7 +546,7 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
     stock = {d: fits.fits[d].val_before for d in names}
     n_val = sum(len(v) for v in val.values())
     cache = {} if cache is None else cache
-    bar = Progress((len(pool) + 1) * n_val, progress, "select")
+    bar = Progress((len(pool) + 1) * n_val, progress, "select")  # at most: pruning skips most (robust.select)
     started = time.perf_counter()
     try:
         with Calibrator(model, fits.settings.on_sink_rows, bar) as cal:
@@ -628,7 +631,7 @@ def calibrate(
     max_tokens: int | None = 8192,
     val_fraction: float = 0.25,
     steps: int = 150,
-    lr: float = 0.2,
+    lr: float = 0.5,
     reg: float = 0.05,
     init_beta: float = 0.97,
     virtual_logits: bool = True,

