@@ -173,6 +173,9 @@ def test_pruned_selection_on_a_measured_table_skips_most_scores():
     assert record["not_scored"]["global 0.9"] == ["cpp", "legal", "pydoc", "python"]  # readme ruled it out
     assert "could not win" in record["not_scored_reason"]
     assert "not_scored" not in Selection(chosen, table).to_dict()
+    for empty_pool, domains in (([], ["pydoc"]), (pool, [])):
+        with pytest.raises(ValueError, match="at least one candidate and one domain"):
+            worst_case_choice(empty_pool, domains, score, prune=True)
 
 
 def test_selection_table_marks_the_scores_pruning_skipped():
