@@ -169,7 +169,7 @@ def worst_case_choice(pool: Sequence, domains: Sequence[str], score: Callable[[A
     the last in ``pool`` to the first (pools list the simplest first and the strongest corrections,
     which most often win, last), each on the current best candidate's weakest domains first, where
     a loser shows soonest. In SmolLM2's selections over its five domains (BOS and not, learning
-    rates 0.2 and 0.5) this made 9 of the 20 scores that cost forward passes (the identity's cost none)."""
+    rates 0.2 and 0.5) this made 9 of the 25 scores that cost forward passes (the identity's cost none)."""
     if not pool or not domains:
         raise ValueError("the selection needs at least one candidate and one domain")
     if not prune:
