@@ -4,6 +4,7 @@
     python benchmarks/calibration_lodo.py run --model smollm2-135m --no-bos --analyses
     python benchmarks/calibration_lodo.py report                                  # every run -> one table
     python benchmarks/calibration_lodo.py profile --profile-out smollm2.profile.json  # the default profile
+    python benchmarks/calibration_lodo.py pool --model smollm2-135m --no-bos       # a wider candidate pool
 
 ``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
 defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
@@ -56,7 +57,7 @@ import sinkfix
 from sinkfix.analysis.calibration import (CalibrationSettings, Calibrator, DomainFits, calibrate, fit_domains,
                                           parameters_key, robust_profile)
 from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
-from sinkfix.analysis.robust import candidate_parameters, candidates
+from sinkfix.analysis.robust import IDENTITY, candidate_parameters, candidates, worst_case_choice
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
 
@@ -322,9 +323,11 @@ def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
     saved = _load_json(path)
     if saved is not None:  # timed before; leave_one_domain_out repeats the selection if the cache lacks it
         return saved
-    clock = _Clock()
+    clock, known = _Clock(), len(cache)
     robust_profile(model, fits, cache=cache, log=print)
-    timing = clock.done()
+    # a run that starts from another run's saved scores (a changed pool on the same fits) times only
+    # the scores it had to add, and says so
+    timing = {**clock.done(), "new_scores": len(cache) - known, "reused_scores": known}
     _save_json(path, timing)
     return timing
 
@@ -497,8 +500,10 @@ def _cell_markdown(data: dict) -> str:
     for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
         timing = data["extra"].get(stage)
         if timing:
+            reused = (f" It started from {timing['reused_scores']} saved validation scores and added "
+                      f"{timing['new_scores']}." if timing.get("reused_scores") else "")
             lines += ["", f"{label}: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {timing['threads']} "
-                          f"thread(s), load average {timing['load_before']} -> {timing['load_after']}."]
+                          f"thread(s), load average {timing['load_before']} -> {timing['load_after']}.{reused}"]
     return "\n".join(lines)
 
 
@@ -544,6 +549,70 @@ def table(args) -> int:
     return 0 if paths else 1
 
 
+# The wider pool `pool` compares (docs/calibration.md, "Why `mean x0.5` is in the pool").
+WIDE_POOL = candidates([("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0), ("mean", 0.75), ("mean", 0.5)],
+                       global_betas=(0.98, 0.97, 0.95, 0.93, 0.9, 0.85))
+
+
+def pool(args) -> int:
+    """Every selection of a ``run`` (without each domain, and over all of them) repeated with the
+    wider pool, whole tables (no pruning), and every candidate of it rebuilt without each domain on
+    that domain's evaluation text and from every domain on every domain's: what each candidate would
+    have done, chosen or not. Reuses the run's fits and saved scores; writes ``pool-TAG.json``."""
+    torch.set_num_threads(args.threads)
+    out, tag = Path(args.out), _tag(args.model, args.bos)
+    saved = _load_json(out / f"fits-{tag}.json")
+    if saved is None:
+        print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
+        return 1
+    model, tokenizer = sinkfix.load_model(args.model)
+    domains = list(saved["fits"])
+    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in domains})
+    caches = _cache(out / f"cache-{tag}.json")
+    shape, result = fits.shape, {"pool": [c.name for c in WIDE_POOL], "selections": {}, "unseen": {}, "calibrated": {}}
+    try:
+        with Calibrator(model, fits.settings.on_sink_rows) as cal:
+            def change(params, d) -> float:
+                key = parameters_key(params, d)
+                if key not in caches["val"]:
+                    caches["val"][key] = cal.nll_with(params, fits.windows[d].val)
+                return math.exp(caches["val"][key] - fits.fits[d].val_before) - 1
+
+            for held_out in [None, *domains]:
+                inner = [d for d in domains if d != held_out]
+
+                def score(candidate, d, inner=inner):
+                    if candidate == IDENTITY:
+                        return 0.0
+                    others = [fits.fits[o].parameters for o in inner if o != d]
+                    return change(candidate_parameters(candidate, others, shape), d)
+
+                chosen, table = worst_case_choice(WIDE_POOL, inner, score)
+                result["selections"][held_out or "all domains"] = {"chosen": chosen.name, "changes": table}
+                print(f"{'all domains' if held_out is None else 'without ' + held_out}: {chosen.name}", flush=True)
+        windows = _evaluation_windows(tokenizer, fits, args)
+        stock = evaluate_parameters(model, fits, windows, {d: ((torch.ones(shape), None), d) for d in domains},
+                                    cache=caches["eval"])
+        every = [fits.fits[d].parameters for d in domains]
+        for c in WIDE_POOL[1:]:
+            without = {d: (candidate_parameters(c, [fits.fits[o].parameters for o in domains if o != d], shape), d)
+                       for d in domains}
+            unseen = evaluate_parameters(model, fits, windows, without, cache=caches["eval"])
+            calibrated = evaluate_parameters(model, fits, windows,
+                                             {d: (candidate_parameters(c, every, shape), d) for d in domains},
+                                             cache=caches["eval"])
+            result["unseen"][c.name] = {d: math.exp(unseen[d] - stock[d]) - 1 for d in domains}
+            result["calibrated"][c.name] = {d: math.exp(calibrated[d] - stock[d]) - 1 for d in domains}
+    finally:
+        _save_cache(out / f"cache-{tag}.json", caches)
+    _save_json(out / f"pool-{tag}.json", result)
+    for kind in ("unseen", "calibrated"):
+        print(f"{kind} (evaluation text):")
+        for name, per in result[kind].items():
+            print(f"  {name:14s} " + " ".join(f"{d} {_pct(v)}" for d, v in per.items()))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -582,6 +651,13 @@ def main(argv=None) -> int:
     f.add_argument("--profile-out", required=True, help="the profile file to write")
     f.add_argument("--out", default=str(DEFAULT_OUT))
     f.set_defaults(fn=profile)
+    w = sub.add_parser("pool", help="every selection of a run repeated with a wider candidate pool, whole tables")
+    w.add_argument("--model", default="smollm2-135m")
+    w.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--eval-windows", type=int, default=4, help="windows per domain's evaluation text (default 4)")
+    w.add_argument("--out", default=str(DEFAULT_OUT))
+    w.set_defaults(fn=pool)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(fn=table)
