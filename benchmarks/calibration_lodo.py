@@ -459,20 +459,28 @@ def run(args) -> int:
     return 0
 
 
+def _saved_run(args):
+    """(out, tag, model, tokenizer, fits) of the fits a ``run`` saved under ``--out``, or None (said on
+    stderr) when there are none."""
+    torch.set_num_threads(args.threads)
+    out, tag = Path(args.out), _tag(args.model, args.bos)
+    saved = _load_json(out / f"fits-{tag}.json")
+    if saved is None:
+        print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
+        return None
+    model, tokenizer = sinkfix.load_model(args.model)
+    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in saved["fits"]})
+    return out, tag, model, tokenizer, fits
+
+
 def profile(args) -> int:
     """The profile `sinkfix calibrate` would write with its defaults, rebuilt from the fits a ``run``
     saved (the robust selection over every domain; validation scores come from the saved caches
     where they exist, so this costs at most the selection's forward passes)."""
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    tag = _tag(args.model, args.bos)
-    saved = _load_json(out / f"fits-{tag}.json")
-    if saved is None:
-        print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
+    loaded = _saved_run(args)
+    if loaded is None:
         return 1
-    model, tokenizer = sinkfix.load_model(args.model)
-    domains = list(saved["fits"])
-    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in domains})
+    out, tag, model, tokenizer, fits = loaded
     chosen = robust_profile(model, fits, cache=_saved_scores(out, tag)["val"], log=print)
     chosen.save(args.profile_out)
     print(f"wrote {args.profile_out}")
@@ -559,15 +567,11 @@ def pool(args) -> int:
     wider pool, whole tables (no pruning), and every candidate of it rebuilt without each domain on
     that domain's evaluation text and from every domain on every domain's: what each candidate would
     have done, chosen or not. Reuses the run's fits and saved scores; writes ``pool-TAG.json``."""
-    torch.set_num_threads(args.threads)
-    out, tag = Path(args.out), _tag(args.model, args.bos)
-    saved = _load_json(out / f"fits-{tag}.json")
-    if saved is None:
-        print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
+    loaded = _saved_run(args)
+    if loaded is None:
         return 1
-    model, tokenizer = sinkfix.load_model(args.model)
-    domains = list(saved["fits"])
-    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in domains})
+    out, tag, model, tokenizer, fits = loaded
+    domains = fits.domains
     caches = _cache(out / f"cache-{tag}.json")
     shape, result = fits.shape, {"pool": [c.name for c in WIDE_POOL], "selections": {}, "unseen": {}, "calibrated": {}}
     try:
