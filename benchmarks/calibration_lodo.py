@@ -57,7 +57,7 @@ import sinkfix
 from sinkfix.analysis.calibration import (CalibrationSettings, Calibrator, DomainFits, calibrate, fit_domains,
                                           parameters_key, robust_profile)
 from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
-from sinkfix.analysis.robust import IDENTITY, candidate_parameters, candidates, worst_case_choice
+from sinkfix.analysis.robust import candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
 
@@ -583,30 +583,24 @@ def pool(args) -> int:
                 return math.exp(caches["val"][key] - fits.fits[d].val_before) - 1
 
             for held_out in [None, *domains]:
-                inner = [d for d in domains if d != held_out]
-
-                def score(candidate, d, inner=inner):
-                    if candidate == IDENTITY:
-                        return 0.0
-                    others = [fits.fits[o].parameters for o in inner if o != d]
-                    return change(candidate_parameters(candidate, others, shape), d)
-
-                chosen, table = worst_case_choice(WIDE_POOL, inner, score)
-                result["selections"][held_out or "all domains"] = {"chosen": chosen.name, "changes": table}
-                print(f"{'all domains' if held_out is None else 'without ' + held_out}: {chosen.name}", flush=True)
+                inner = {d: fits.fits[d].parameters for d in domains if d != held_out}
+                selection = select(WIDE_POOL, inner, shape, change, prune=False)
+                result["selections"][held_out or "all domains"] = selection.to_dict()
+                print(f"{'all domains' if held_out is None else 'without ' + held_out}: {selection.chosen.name}",
+                      flush=True)
         windows = _evaluation_windows(tokenizer, fits, args)
-        stock = evaluate_parameters(model, fits, windows, {d: ((torch.ones(shape), None), d) for d in domains},
-                                    cache=caches["eval"])
         every = [fits.fits[d].parameters for d in domains]
+        jobs = {("stock", d): ((torch.ones(shape), None), d) for d in domains}
         for c in WIDE_POOL[1:]:
-            without = {d: (candidate_parameters(c, [fits.fits[o].parameters for o in domains if o != d], shape), d)
-                       for d in domains}
-            unseen = evaluate_parameters(model, fits, windows, without, cache=caches["eval"])
-            calibrated = evaluate_parameters(model, fits, windows,
-                                             {d: (candidate_parameters(c, every, shape), d) for d in domains},
-                                             cache=caches["eval"])
-            result["unseen"][c.name] = {d: math.exp(unseen[d] - stock[d]) - 1 for d in domains}
-            result["calibrated"][c.name] = {d: math.exp(calibrated[d] - stock[d]) - 1 for d in domains}
+            for d in domains:
+                without = [fits.fits[o].parameters for o in domains if o != d]
+                jobs["unseen", c.name, d] = candidate_parameters(c, without, shape), d
+                jobs["calibrated", c.name, d] = candidate_parameters(c, every, shape), d
+        nll = evaluate_parameters(model, fits, windows, jobs, cache=caches["eval"])
+        for (kind, *rest), value in nll.items():
+            if kind != "stock":
+                name, d = rest
+                result[kind].setdefault(name, {})[d] = math.exp(value - nll["stock", d]) - 1
     finally:
         _save_cache(out / f"cache-{tag}.json", caches)
     _save_json(out / f"pool-{tag}.json", result)
