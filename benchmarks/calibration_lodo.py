@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 import sinkfix
-from sinkfix.analysis.calibration import (CalibrationSettings, Calibrator, DomainFits, calibrate, fit_domains,
-                                          parameters_key, robust_profile)
+from sinkfix.analysis.calibration import (FIT_PRECISIONS, CalibrationSettings, Calibrator, DomainFits, calibrate,
+                                          fit_domains, parameters_key, robust_profile)
 from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
 from sinkfix.analysis.robust import candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
@@ -304,7 +304,8 @@ def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, d
         print(f"reusing {path}")
         return DomainFits.from_dict(saved, tokenizer, texts), saved["timing"]
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, **({"steps": args.steps} if args.steps else {}),
-                                   **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
+                                   **({"max_tokens": args.max_tokens} if args.max_tokens else {}),
+                                   precision=args.precision)
     clock = _Clock()
     fits = fit_domains(model, tokenizer, texts, settings, log=print)
     timing = clock.done()
@@ -444,7 +445,7 @@ def run(args) -> int:
                                       eval_windows=args.eval_windows, cache=caches["val"], eval_cache=caches["eval"])
         extra = {"fit_timing": fit_timing, "select_timing": select_timing, "lodo_timing": clock.done(),
                  "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
-                 "fits": {d: fits.fits[d].record() for d in domains}}
+                 "fits": {d: fits.fits[d].record() for d in domains}, "fit_precision": fits.fit_precision}
         if args.analyses:
             extra["analyses"] = _analyses(model, tokenizer, fits, args, caches["eval"])
         if args.pooled_baseline:
@@ -505,6 +506,8 @@ def _cell_markdown(data: dict) -> str:
                      f"| {_pct(r['with_change'])} |")
     if data["extra"].get("not_finished"):
         lines.append(f"| {', '.join(data['extra']['not_finished'])} | not finished (the run was stopped) | | | | |")
+    precision = data["extra"].get("fit_precision", "float32")
+    lines += ["", f"Fitting steps' matrix products: {precision} (validation and selection in float32)."]
     for stage, label in (("fit_timing", "Per-domain fits"), ("select_timing", "Selection on all domains")):
         timing = data["extra"].get(stage)
         if timing:
@@ -623,6 +626,8 @@ def main(argv=None) -> int:
     r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
     r.add_argument("--steps", type=int, default=None, help="override the calibration default")
     r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
+    r.add_argument("--precision", choices=FIT_PRECISIONS, default="auto",
+                   help="the fitting steps' matrix products, as `sinkfix calibrate --precision` (default auto)")
     r.add_argument("--part", help="compute only the rows of --held-out (and with --full the profile from every "
                    "domain), with a cache file of this name; runs several processes side by side")
     r.add_argument("--held-out", action="append", choices=DOMAINS, help="with --part: a row to compute")

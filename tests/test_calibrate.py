@@ -9,8 +9,9 @@ import torch
 
 import sinkfix
 from sinkfix.patch import PatchHandle
-from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, DomainFits, calibrate,
-                                          calibration_windows, fit_domains, robust_profile)
+from sinkfix.analysis import calibration as calibration_module
+from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, Calibrator, DomainFits, calibrate,
+                                          calibration_windows, fit_domains, fit_matmul_dtype, robust_profile)
 from sinkfix.texts import DOMAINS, domain_text
 
 from .conftest import CharTokenizer, tiny_model
@@ -220,6 +221,65 @@ def test_cli_defaults_are_the_library_defaults():
 
     args = cli.build_parser().parse_args(["calibrate"])
     library, signature = CalibrationSettings(), inspect.signature(calibrate).parameters
-    for name in ("seq_len", "steps", "lr", "reg", "val_fraction", "max_tokens", "virtual_logits"):
+    for name in ("seq_len", "steps", "lr", "reg", "val_fraction", "max_tokens", "virtual_logits", "precision"):
         assert getattr(args, name) == getattr(library, name) == signature[name].default, name
     assert args.bos is library.bos is signature["bos"].default is True
+
+
+# -- fitting steps in bfloat16 ---------------------------------------------------------------------
+def test_fit_precision_resolves_by_device_and_model_dtype(monkeypatch):
+    model = tiny_model("llama")
+    assert fit_matmul_dtype(model, "float32") is None
+    assert fit_matmul_dtype(model, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(calibration_module, "bf16_native", lambda device: False)
+    assert fit_matmul_dtype(model, "auto") is None  # emulated bfloat16 is slower than float32
+    monkeypatch.setattr(calibration_module, "bf16_native", lambda device: True)
+    assert fit_matmul_dtype(model, "auto") is torch.bfloat16
+    assert fit_matmul_dtype(tiny_model("llama").to(torch.bfloat16), "bfloat16") is None  # already 16-bit
+    with pytest.raises(CalibrationError, match="precision must be one of auto, bfloat16, float32, got 'fp16'"):
+        fit_matmul_dtype(model, "fp16")
+    with pytest.raises(CalibrationError, match="precision must be one of"):
+        CalibrationSettings(precision="half")
+
+
+def _step_gradients(model, ids, matmul_dtype):
+    with Calibrator(model, True, matmul_dtype=matmul_dtype) as cal:
+        theta = torch.linspace(1.0, 3.0, cal.shape[0] * cal.shape[1]).reshape(cal.shape).requires_grad_(True)
+        logit = torch.linspace(-3.0, 1.0, cal.shape[0] * cal.shape[1]).reshape(cal.shape).requires_grad_(True)
+        cal.set(torch.sigmoid(theta), logit)
+        nll = cal.step_nll(ids)
+        nll.backward()
+        scored = cal.nll_with((torch.sigmoid(theta).detach(), logit.detach()), [ids])
+    return float(nll.detach()), theta.grad, logit.grad, scored
+
+
+def test_bfloat16_fitting_step_follows_the_float32_gradient_and_scores_in_float32():
+    """Autocast runs the projections in bfloat16 (rotary embeddings then promote q and k back to
+    float32 while v stays bfloat16: the attention call takes the widest); the gradient of the sink
+    parameters must still point where float32's does, and scoring must not change at all."""
+    model = tiny_model("llama")
+    ids = torch.tensor([1] + [2 + (7 * i) % 90 for i in range(63)])
+    loss32, theta32, logit32, scored32 = _step_gradients(model, ids, None)
+    loss16, theta16, logit16, scored16 = _step_gradients(model, ids, torch.bfloat16)
+    assert abs(loss16 - loss32) < 0.02 * loss32 and loss16 != loss32  # it did run in bfloat16
+    for exact, approx in ((theta32, theta16), (logit32, logit16)):
+        assert torch.nn.functional.cosine_similarity(exact.flatten(), approx.flatten(), dim=0) > 0.99
+    assert scored16 == scored32
+
+
+def test_fit_precision_is_recorded_and_old_fits_read_as_float32():
+    model, tok = tiny_model("llama"), CharTokenizer()
+    fits = fit_domains(model, tok, TEXTS, CalibrationSettings(seq_len=64, steps=4, eval_every=2, precision="bfloat16"),
+                       progress=False)
+    assert fits.fit_precision == "bfloat16"
+    profile = robust_profile(model, fits, progress=False)
+    assert profile.calibration["fit_precision"] == "bfloat16"
+    assert profile.calibration["hyper"]["precision"] == "bfloat16"
+    saved = fits.to_dict()
+    assert DomainFits.from_dict(saved, tok, TEXTS).fit_precision == "bfloat16"
+    del saved["fit_precision"], saved["settings"]["precision"]  # a fits file from before the option
+    old = DomainFits.from_dict(saved, tok, TEXTS)
+    assert old.fit_precision == "float32" and old.settings.precision == "float32"
+    plain = fit_domains(model, tok, TEXTS, CalibrationSettings(seq_len=64, steps=4, eval_every=2, precision="float32"),
+                        progress=False)
+    assert plain.fit_precision == "float32"

@@ -240,6 +240,25 @@ def test_attention_dropout_is_refused():
         attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
 
 
+def test_mixed_input_dtypes_run_in_the_widest():
+    """Under torch.autocast v arrives in bfloat16 while rotary embeddings have promoted q and k to
+    float32: the call must give what float32 inputs give, not fail on the kernels' one-dtype rule."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 4, 5, 8, generator=generator) for _ in range(2))
+    v = torch.randn(1, 2, 5, 8, generator=generator).to(torch.bfloat16)
+    k = k[:, :2]
+    mixed, _ = attention_forward(torch.nn.Module(), q, k, v, None)
+    plain, _ = attention_forward(torch.nn.Module(), q, k, v.float(), None)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    model = tiny_model("llama")
+    ids = torch.randint(2, 90, (1, 12))
+    with sinkfix.patch(model, Policy(sink_scale=0.8)), torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(input_ids=ids).logits.float()
+        full = model(input_ids=ids).logits
+    assert torch.allclose(autocast, full, atol=0.05 * float(full.abs().max()))
+
+
 def test_triton_backend_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny_model("llama")

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--virtual-on-sink-rows", action=argparse.BooleanOptionalAction, default=None,
                         help="let the virtual logits act on the sink's own row too (default: only with --bos, "
                              "where that row is the BOS token)")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="matrix products of the fitting steps: auto (default) = bfloat16 where the CPU or GPU "
+                             "multiplies it natively, else float32; validation and selection always run in float32")
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, rebuild the profile without each domain in turn and compare perplexity on "
                              "that domain's evaluation text (leave-one-domain-out; costs about as much again as "
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                                    virtual_logits=args.virtual_logits,
-                                   virtual_logit_on_sink_rows=args.virtual_on_sink_rows)
+                                   virtual_logit_on_sink_rows=args.virtual_on_sink_rows, precision=args.precision)
     plain = {name: t.text for name, t in texts.items()}
     hidden = _hidden_settings(args)  # the clear errors, before the model is loaded
     if args.statistics and args.statistics_windows < 1:

@@ -115,6 +115,15 @@ def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         raise ValueError(f"query heads {query.shape[1]} are not a multiple of key/value heads {key.shape[1]}")
 
 
+def _one_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v in the widest of their dtypes. They differ under ``torch.autocast``: the projections
+    run in bfloat16, then rotary embeddings multiply q and k by float32 cos/sin, promoting them back,
+    while v stays bfloat16. The kernels take one dtype, and attention is the part of a calibration
+    step that the sink parameters act on, so it runs at the wider precision."""
+    dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
@@ -157,6 +166,7 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention interface: q (B, Hq, Q, D), k/v (B, Hkv, K, D) -> ((B, Q, Hq, D), probs)."""
     _check_arguments(module, query, key, dropout, kwargs)
+    query, key, value = _one_dtype(query, key, value)
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     # A padded causal mask from sinkfix's mask function (integrations/masks.py) reaches the
