@@ -58,6 +58,7 @@ def _agreement(exact: torch.Tensor, approx: torch.Tensor) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    prov = provenance(torch.device("cpu"))  # the load average before anything runs
     model, tokenizer = sinkfix.load_model(args.model)
     settings = CalibrationSettings(bos=args.bos)
     texts = {d: domain_text(d, "calib") for d in DOMAINS}
@@ -88,7 +89,6 @@ def run(args) -> dict:
                   f"{per_window[-1]['sink_scale_gradient']['cosine']:.6f} / "
                   f"{per_window[-1]['virtual_logit_gradient']['cosine']:.6f}", flush=True)
     medians = {p: {k: statistics.median(v) for k, v in t.items()} for p, t in times.items()}
-    prov = provenance(torch.device("cpu"))
     prov["load_average_end"] = load_average()
     return {"model": args.model, "bos": args.bos, "threads": args.threads, "rounds": args.rounds,
             "windows": len(windows), "medians": medians,
