@@ -54,9 +54,9 @@ from sinkfix.evaluate import bos_token_id, decoder_stack, model_device, tokenize
 from sinkfix.policy import Policy
 from sinkfix.texts import DOMAINS, domain_text
 
-__all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows", "domain_windows", "CalibrationError",
-           "CalibrationSettings", "Calibrator", "require_two_domains", "DomainFit", "DomainFits", "DomainWindows",
-           "Progress", "CALIBRATION_RULES", "parameters_key"]
+__all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows",
+           "domain_windows", "CalibrationError", "CalibrationSettings", "Calibrator", "require_two_domains",
+           "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key"]
 
 CALIBRATION_RULES = ("robust", "pooled")
 # The fitting steps' matrix products: "auto" = bfloat16 where the device multiplies it natively
