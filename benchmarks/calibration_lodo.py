@@ -470,8 +470,7 @@ def _saved_run(args):
         print(f"no fits-{tag}.json under {out}: run `calibration_lodo.py run` first", file=sys.stderr)
         return None
     model, tokenizer = sinkfix.load_model(args.model)
-    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in saved["fits"]})
-    return out, tag, model, tokenizer, fits
+    return out, tag, model, tokenizer, DomainFits.from_dict(saved, tokenizer)
 
 
 def profile(args) -> int:

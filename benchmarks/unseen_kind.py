@@ -38,7 +38,6 @@ from sinkfix.analysis.lodo import GLOBAL_SWEEP, evaluate_parameters
 from sinkfix.analysis.robust import candidate_parameters, candidates
 from sinkfix.evaluate import bos_token_id, make_windows, tokenize
 from sinkfix.files import atomic_write_text
-from sinkfix.texts import domain_text
 
 DOC_ROOT = Path("/usr/share/doc")
 DEFAULT_FITS = Path(__file__).parent / "results" / "calibration_lodo" / "mean-x0.5-pool"
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     tag = f"{args.model}-{'bos' if args.bos else 'nobos'}"
     saved = json.loads((Path(args.fits_dir) / f"fits-{tag}.json").read_text())
     model, tokenizer = sinkfix.load_model(args.model)
-    fits = DomainFits.from_dict(saved, tokenizer, {d: domain_text(d, "calib") for d in saved["fits"]})
+    fits = DomainFits.from_dict(saved, tokenizer)
     settings = fits.settings
     # enough characters for the windows at about 3 characters per token, with room to spare
     text, packages = changelog_text(DOC_ROOT, args.chars_per_package, args.windows * settings.seq_len * 4)

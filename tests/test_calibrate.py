@@ -84,6 +84,18 @@ def test_fits_round_trip_and_rebuild_a_profile_without_a_domain():
         DomainFits.from_dict(fits.to_dict(), tok, TEXTS)
 
 
+def test_fits_of_built_in_domains_read_back_without_their_texts():
+    """A saved fits file of built-in domains (any subset) cuts its windows again from those domains'
+    calibration texts when no texts are given."""
+    model, tok = tiny_model("llama"), CharTokenizer()
+    texts = {d: domain_text(d, "calib") for d in ("legal", "pydoc")}
+    fits = fit_domains(model, tok, texts, CalibrationSettings(seq_len=64, max_tokens=256, steps=2, eval_every=2),
+                       progress=False)
+    again = DomainFits.from_dict(json.loads(json.dumps(fits.to_dict())), tok)
+    assert again.domains == ["legal", "pydoc"]
+    assert all(torch.equal(a, b) for d in fits.domains for a, b in zip(again.windows[d].calib, fits.windows[d].calib))
+
+
 def test_calibration_leaves_the_model_untouched():
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 20))

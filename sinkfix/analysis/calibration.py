@@ -500,7 +500,8 @@ class DomainFits:
 
     @classmethod
     def from_dict(cls, data: dict, tokenizer, texts=None) -> "DomainFits":
-        """The inverse of :meth:`to_dict`; the windows are cut again from ``texts`` (same settings)."""
+        """The inverse of :meth:`to_dict`; the windows are cut again from ``texts`` (same settings),
+        by default the fitted domains' built-in calibration texts."""
         # fits saved before ``precision`` existed ran every step in float32
         settings = CalibrationSettings(**{"precision": "float32", **data["settings"]})
         fits = {}
@@ -509,6 +510,8 @@ class DomainFits:
             fits[d] = DomainFit(torch.tensor(f["sink_scale"]), None if logit is None else torch.tensor(logit),
                                 f["val_nll_before"], f["val_nll_after"], f["best_step"], f["steps_run"], f["history"],
                                 {"calib_windows": f["calib_windows"], "val_windows": f["val_windows"]})
+        if texts is None:
+            texts = {d: domain_text(d, "calib") for d in fits}
         windows = domain_windows(tokenizer, texts, settings)
         if set(windows) != set(fits):
             raise CalibrationError(f"texts {sorted(windows)} are not the fitted domains {sorted(fits)}")
@@ -535,7 +538,8 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     say = log or (lambda message: None)
     bar = Progress(sum(_fit_cost(w, settings, steps) for w in windows.values()), progress, "fit per domain")
     matmul_dtype = fit_matmul_dtype(model, settings.precision)
-    say(f"fitting steps: {precision_name(model, matmul_dtype)} matrix products; validation at the model's precision")
+    precision = precision_name(model, matmul_dtype)
+    say(f"fitting steps: {precision} matrix products; validation at the model's precision")
     started = time.perf_counter()
     fits = {}
     try:
@@ -548,8 +552,7 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
             shape = cal.shape
     finally:
         bar.close()
-    return DomainFits(fits, windows, settings, round(time.perf_counter() - started, 1), shape,
-                      precision_name(model, matmul_dtype))
+    return DomainFits(fits, windows, settings, round(time.perf_counter() - started, 1), shape, precision)
 
 
 # -- from fits to a profile ---------------------------------------------------------------------

@@ -120,6 +120,8 @@ def _one_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
     run in bfloat16, then rotary embeddings multiply q and k by float32 cos/sin, promoting them back,
     while v stays bfloat16. The kernels take one dtype, and attention is the part of a calibration
     step that the sink parameters act on, so it runs at the wider precision."""
+    if query.dtype == key.dtype == value.dtype:  # always, outside autocast: nothing to do on the hot path
+        return query, key, value
     dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     return query.to(dtype), key.to(dtype), value.to(dtype)
 
