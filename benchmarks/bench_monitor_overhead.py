@@ -19,6 +19,11 @@ most 1.05x the same patched model without it (ratio of medians in one run).
 * Both clocks: wall time (``perf_counter``) and the main thread's CPU time (``thread_time``; with
   one torch thread all the work runs on it), which other processes on a shared machine disturb
   less. The verdict uses CPU time; wall ratios are printed next to it.
+* Every CPU-time ratio comes with a 95% paired-bootstrap interval (``sinkfix.bench.stats.
+  ratio_of_medians``: the passes drawn with replacement, both configurations' measurements of a
+  pass together). On a machine whose single 512-token prefill varies by several percent, a run's
+  ratio can land on either side of 1.03 while the overhead itself stays put; the summary says how
+  many cells meet their target and how many do so with the whole interval below it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
+from sinkfix.bench.stats import ratio_of_medians
 from sinkfix.evaluate import bos_token_id, tokenize
 from sinkfix.telemetry import SAMPLE_ROWS
 from sinkfix.texts import domain_text
@@ -129,9 +136,9 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
 
 
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
-    """Ratio of medians to ``base`` (the verdict), plus the median of the paired ratios: each
-    prefill against ``base``'s prefill of the same pass, which a change of the machine's speed
-    between passes moves less than the medians."""
+    """Ratio of medians to ``base`` (the verdict) with its 95% interval, plus the median of the
+    paired ratios: each prefill against ``base``'s prefill of the same pass, which a change of the
+    machine's speed between passes moves less than the medians."""
     out = {}
     for name, runs in results.items():
         prefills, steps = runs["prefill"], runs["steps"]
@@ -147,7 +154,51 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
             row[key.replace("_ms", "_ratio")] = row[key] / out[base][key]
         row["prefill_cpu_paired_ratio"] = statistics.median(
             a / b for a, b in zip(row["prefill_cpu_samples_ms"], base_prefills))
+        if name != base:  # passes of the same round, drawn together (ratio_of_medians says why)
+            for kind, key in (("prefill", "prefill"), ("decode", "steps")):
+                row[f"{kind}_cpu_interval"] = ratio_of_medians(
+                    [t[1] for t in results[name][key]], [t[1] for t in results[base][key]]).to_dict()
     return out
+
+
+def _interval(row: dict, kind: str) -> str:
+    interval = row.get(f"{kind}_cpu_interval")
+    return "" if interval is None else f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def _verdict(policies: dict[str, dict]) -> list[str]:
+    """Per target: the monitored cells within it, and those whose whole interval is."""
+    lines = []
+    for kind, target in TARGETS.items():
+        cells = [row for table in policies.values() for name, row in table.items() if name != "off"]
+        met = sum(row[f"{kind}_cpu_ratio"] <= target for row in cells)
+        sure = sum(row[f"{kind}_cpu_interval"]["high"] <= target for row in cells)
+        lines.append(f"{kind} <= {target:.2f}x: {met} of {len(cells)} cells; the whole 95% interval below it in "
+                     f"{sure} of {len(cells)}")
+    return lines
+
+
+def _intervals_of(paths: list[str]) -> int:
+    """The prefill intervals of saved runs (their JSON keeps every prefill's CPU time, paired by pass;
+    decode steps are kept as medians only). Runs saved before the samples were kept are named."""
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            print(f"{path}: cannot read it ({error})", file=sys.stderr)
+            return 2
+        print(f"{path} ({saved.get('rounds')} rounds x {saved.get('prefills')} prefills)")
+        for policy, table in saved.get("policies", {}).items():
+            base = table.get("off", {}).get("prefill_cpu_samples_ms")
+            if base is None:
+                print(f"  {policy}: no prefill samples kept in this file")
+                continue
+            for config, row in table.items():
+                if config != "off":
+                    r = ratio_of_medians(row["prefill_cpu_samples_ms"], base)
+                    print(f"  {policy:15s} {config:16s} prefill x{r.value:.3f} [{r.low:.3f}, {r.high:.3f}] "
+                          f"({r.pairs} passes)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="one monitored configuration per value; the guard's uses the first")
     parser.add_argument("--policies", nargs="+", default=["identity", "sink_scale=0.9", "per-head"])
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--intervals-of", nargs="+", metavar="JSON", default=None,
+                        help="measure nothing: print the prefill intervals of earlier runs' saved samples")
     args = parser.parse_args(argv)
+    if args.intervals_of:
+        return _intervals_of(args.intervals_of)
     for name in ("rounds", "prefills", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -196,11 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         results["policies"][name] = table
         for config, row in table.items():
             print(f"{name:15s} {config:16s} prefill {row['prefill_ms']:8.1f} ms (cpu {row['prefill_cpu_ms']:8.1f}) "
-                  f"x{row['prefill_cpu_ratio']:.3f} cpu (paired x{row['prefill_cpu_paired_ratio']:.3f}) / "
+                  f"x{row['prefill_cpu_ratio']:.3f}{_interval(row, 'prefill')} cpu "
+                  f"(paired x{row['prefill_cpu_paired_ratio']:.3f}) / "
                   f"x{row['prefill_ratio']:.3f} wall | decode step "
-                  f"{row['decode_ms']:6.2f} ms (cpu {row['decode_cpu_ms']:6.2f}) x{row['decode_cpu_ratio']:.3f} cpu / "
+                  f"{row['decode_ms']:6.2f} ms (cpu {row['decode_cpu_ms']:6.2f}) x{row['decode_cpu_ratio']:.3f}"
+                  f"{_interval(row, 'decode')} cpu / "
                   f"x{row['decode_ratio']:.3f} wall", flush=True)
     results["load_after"] = os.getloadavg()
+    results["verdict"] = _verdict(results["policies"])
+    print("\n".join(results["verdict"]))
     print(f"threads {args.threads}, load average before {results['load_before'][0]:.1f}, after "
           f"{results['load_after'][0]:.1f}")
     if args.json:

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -371,6 +372,44 @@ def test_alternate_runs_abba_and_drops_warmup():
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert out == {"a": [6, 7], "b": [5, 8], "c": [4, 9]}
 
+
+
+def test_ratio_of_medians_is_the_ratio_with_an_interval_around_it():
+    import random
+
+    from sinkfix.bench.stats import ratio_of_medians
+
+    rng = random.Random(0)
+    off = [1500 + rng.gauss(0, 60) for _ in range(120)]
+    # a fixed 2% overhead plus noise of its own: the interval must hold 1.02 and the point estimate
+    on = [t * 1.02 + rng.gauss(0, 15) for t in off]
+    r = ratio_of_medians(on, off)
+    assert r.value == pytest.approx(statistics.median(on) / statistics.median(off))
+    assert r.low < r.value < r.high and r.low < 1.02 < r.high
+    assert r.high - r.low < 0.02 and r.pairs == 120 and r.confidence == 0.95
+    assert ratio_of_medians(on, off) == r  # seeded: the same interval every time
+    # drawing passes together: a drift shared by both configurations does not widen the interval
+    drift = [1 + 0.1 * i / 120 for i in range(120)]
+    exact = ratio_of_medians([1.02 * d for d in drift], drift)
+    assert (exact.low, exact.value, exact.high) == pytest.approx((1.02, 1.02, 1.02))
+    # fewer passes, wider interval
+    few = ratio_of_medians(on[:15], off[:15])
+    assert few.high - few.low > r.high - r.low
+
+
+@pytest.mark.parametrize("on, off, message", [
+    ([1.0, 2.0], [1.0, 0.0], "finite positive"),
+    ([1.0, float("nan")], [1.0, 1.0], "finite positive"),
+    ([1.0, 2.0], [1.0], "same non-zero number"),
+    ([], [], "same non-zero number"),
+])
+def test_ratio_of_medians_refuses_what_it_cannot_measure(on, off, message):
+    from sinkfix.bench.stats import ratio_of_medians
+
+    with pytest.raises(ValueError, match=message):  # UsageError is a ValueError
+        ratio_of_medians(on, off)
+    with pytest.raises(ValueError, match="confidence"):
+        ratio_of_medians([1.0], [1.0], confidence=1.0)
 
 def test_peak_memory_sees_an_allocation():
     size = 64 * 1024 * 1024

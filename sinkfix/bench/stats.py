@@ -1,4 +1,5 @@
-"""Repeated measurements: their spread (:class:`Spread`) and the order they are taken in (:func:`alternate`)."""
+"""Repeated measurements: their spread (:class:`Spread`), the order they are taken in
+(:func:`alternate`), and how sure a ratio of two configurations' medians is (:func:`ratio_of_medians`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["Spread", "alternate"]
+__all__ = ["Ratio", "Spread", "alternate", "ratio_of_medians"]
 
 T = TypeVar("T")
 
@@ -77,3 +78,46 @@ def alternate(
             if on_step is not None:
                 on_step(1)
     return results
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``median(numerator) / median(denominator)`` and a paired-bootstrap percentile interval of it."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float
+    pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], *, confidence: float = 0.95,
+                     iterations: int = 2000, seed: int = 0) -> Ratio:
+    """The ratio of two configurations' medians, with how far the same protocol could move it.
+
+    ``numerator[i]`` and ``denominator[i]`` must come from the same pass of :func:`alternate` (the
+    same round, back to back): the interval draws passes with replacement, both configurations'
+    measurements of a pass together, so the machine's speed changing between passes moves the
+    interval as it moves the ratio, not twice. It is the percentile interval of the ratio over
+    ``iterations`` draws (computed on the log scale, where the ratio is a difference). On a noisy
+    machine a single run's ratio can miss a target its interval straddles: a verdict that holds is
+    one whose whole interval lies on the right side.
+    """
+    from sinkfix.lmeval.stats import paired_bootstrap  # numpy only; shares the bootstrap with `sinkfix eval`
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if any(not (math.isfinite(x) and x > 0) for x in (*numerator, *denominator)):
+        raise ValueError("ratio_of_medians needs finite positive measurements (times, sizes)")
+
+    def log_median(values: list[float]) -> float:
+        return math.log(statistics.median(values))
+
+    logs = sorted(paired_bootstrap(list(denominator), list(numerator), log_median, iterations=iterations,
+                                   seed=seed).tolist())
+    low, high = (Spread(tuple(logs)).percentile(100 * q) for q in ((1 - confidence) / 2, (1 + confidence) / 2))
+    value = statistics.median(numerator) / statistics.median(denominator)
+    return Ratio(value, math.exp(low), math.exp(high), confidence, len(numerator))
