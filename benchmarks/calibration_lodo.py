@@ -305,6 +305,7 @@ def _fits(model, tokenizer, args, out: Path, texts: dict) -> tuple[DomainFits, d
         return DomainFits.from_dict(saved, tokenizer, texts), saved["timing"]
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, **({"steps": args.steps} if args.steps else {}),
                                    **({"max_tokens": args.max_tokens} if args.max_tokens else {}),
+                                   **({"reg": args.reg} if args.reg is not None else {}),
                                    precision=args.precision)
     clock = _Clock()
     fits = fit_domains(model, tokenizer, texts, settings, log=print)
@@ -625,6 +626,7 @@ def main(argv=None) -> int:
     r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
     r.add_argument("--steps", type=int, default=None, help="override the calibration default")
     r.add_argument("--max-tokens", type=int, default=None, help="override the calibration default")
+    r.add_argument("--reg", type=float, default=None, help="override the calibration default pull toward beta = 1")
     r.add_argument("--precision", choices=FIT_PRECISIONS, default="auto",
                    help="the fitting steps' matrix products, as `sinkfix calibrate --precision` (default auto)")
     r.add_argument("--part", help="compute only the rows of --held-out (and with --full the profile from every "

@@ -373,7 +373,6 @@ def test_alternate_runs_abba_and_drops_warmup():
     assert out == {"a": [6, 7], "b": [5, 8], "c": [4, 9]}
 
 
-
 def test_ratio_of_medians_is_the_ratio_with_an_interval_around_it():
     import random
 
@@ -410,6 +409,27 @@ def test_ratio_of_medians_refuses_what_it_cannot_measure(on, off, message):
         ratio_of_medians(on, off)
     with pytest.raises(ValueError, match="confidence"):
         ratio_of_medians([1.0], [1.0], confidence=1.0)
+
+
+def test_overhead_intervals_of_a_saved_run_are_the_ones_it_recorded(tmp_path):
+    """``bench_monitor_overhead.py --intervals-of`` recomputes a saved run's prefill intervals from
+    its kept samples: on the run that also recorded them (run D) both must agree; an unreadable file
+    is a clear error (exit 2), not a traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    saved = repo / "benchmarks" / "results" / "monitor" / "overhead-interval-1t-120prefills.json"
+    script = [sys.executable, str(repo / "benchmarks" / "bench_monitor_overhead.py"), "--intervals-of"]
+    done = subprocess.run([*script, str(saved)], capture_output=True, text=True, timeout=300, check=True)
+    printed = re.findall(r"^\s+(\S+)\s+(.+?)\s+prefill x(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\] \((\d+) passes\)$",
+                         done.stdout, flags=re.M)
+    recorded = json.loads(saved.read_text(encoding="utf-8"))["policies"]
+    expected = [(policy, config, f"{row['prefill_cpu_interval']['value']:.3f}",
+                 f"{row['prefill_cpu_interval']['low']:.3f}", f"{row['prefill_cpu_interval']['high']:.3f}",
+                 str(row["prefill_cpu_interval"]["pairs"]))
+                for policy, table in recorded.items() for config, row in table.items() if config != "off"]
+    assert len(expected) == 4 and printed == expected
+    missing = subprocess.run([*script, str(tmp_path / "absent.json")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "cannot read it" in missing.stderr
+
 
 def test_peak_memory_sees_an_allocation():
     size = 64 * 1024 * 1024
