@@ -104,30 +104,47 @@ class _SavedCache(dict):
         self._save()
 
 
-def _cache(path: Path) -> dict:
-    """NLL caches ("val": the selection's, "eval": evaluation text's), saved with "domain|digest" keys."""
-    data = _load_json(path) or {}
-    caches: dict = {}
-
-    def save() -> None:
-        _save_cache(path, caches)
-
-    for name in ("val", "eval"):
-        entries = data.get(name, {})
-        caches[name] = _SavedCache({tuple(k.split("|", 1)): v for k, v in entries.items()}, save)
-    return caches
+#: Evaluation windows per domain unless ``--eval-windows`` says otherwise; every cache saved before
+#: other counts existed holds scores on this many.
+DEFAULT_EVAL_WINDOWS = 4
 
 
-def _save_cache(path: Path, caches: dict) -> None:
-    _save_json(path, {name: {"|".join(k): v for k, v in entries.items()} for name, entries in caches.items()})
+def _eval_name(eval_windows: int) -> str:
+    """The cache of scores on the first ``eval_windows`` windows of each evaluation text: "eval" for
+    the default count, "eval-Nw" otherwise. Its keys name the parameters and the domain only, so a
+    score on 4 windows must never answer for 16."""
+    return "eval" if eval_windows == DEFAULT_EVAL_WINDOWS else f"eval-{eval_windows}w"
 
 
-def _saved_scores(out: Path, tag: str) -> dict:
+class _CacheFile(dict):
+    """The NLL caches of one file as ``{"val": the selection's, "eval": the evaluation text's at one
+    window count}``, saved with "domain|digest" keys. ``save()`` writes every cache the file holds,
+    those of other window counts included."""
+
+    def __init__(self, path: Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> None:
+        self._path = path
+        data = _load_json(path) or {}
+        self._stored = {name: _SavedCache({tuple(k.split("|", 1)): v for k, v in entries.items()}, self.save)
+                        for name, entries in data.items()}
+        for name in ("val", _eval_name(eval_windows)):
+            self._stored.setdefault(name, _SavedCache({}, self.save))
+        super().__init__(val=self._stored["val"], eval=self._stored[_eval_name(eval_windows)])
+
+    def save(self) -> None:
+        _save_json(self._path, {name: {"|".join(k): v for k, v in entries.items()}
+                                for name, entries in self._stored.items()})
+
+
+def _cache(path: Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> _CacheFile:
+    return _CacheFile(path, eval_windows)
+
+
+def _saved_scores(out: Path, tag: str, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> dict:
     """Every score the cache files of one model and protocol hold (a run's and its parts'), merged
-    into plain dicts: {"val": ..., "eval": ...}."""
+    into plain dicts: {"val": ..., "eval": ...} (evaluation scores at ``eval_windows`` windows)."""
     merged: dict = {"val": {}, "eval": {}}
     for path in sorted(out.glob(f"cache-{tag}*.json")):
-        for name, entries in _cache(path).items():
+        for name, entries in _cache(path, eval_windows).items():
             dict.update(merged[name], entries)
     return merged
 
@@ -413,21 +430,21 @@ def run(args) -> int:
     domains = args.domain or list(DOMAINS)
     fits, fit_timing = _fits(model, tokenizer, args, out, {d: domain_text(d, "calib") for d in domains})
     cache_path = out / f"cache-{tag}.json"
-    caches = _cache(cache_path)
+    caches = _cache(cache_path, args.eval_windows)
     if args.part:  # one share of the rows, in a process of its own with a cache file of its own
         part_path = out / f"cache-{tag}-part-{args.part}.json"
-        part = _cache(part_path)
-        for name, entries in _saved_scores(out, tag).items():  # start from what every file knows
+        part = _cache(part_path, args.eval_windows)
+        for name, entries in _saved_scores(out, tag, args.eval_windows).items():  # start from what every file knows
             dict.update(part[name], entries)
         if args.fixed:
             _fixed_rows(model, tokenizer, fits, args, part["eval"], args.held_out or [])
         else:
             _rows(model, tokenizer, fits, args, part["val"], part["eval"], args.held_out or [], args.full,
                   args.full_chosen)
-        _save_cache(part_path, part)
+        part.save()
         return 0
     while args.finished_only:
-        merged = _saved_scores(out, tag)
+        merged = _saved_scores(out, tag, args.eval_windows)
         data = _table(model, tokenizer, fits, args, _ScoredOnly(merged["val"]), _ScoredOnly(merged["eval"]))
         data["fit_timing"], data["select_timing"] = fit_timing, _load_json(out / f"select-{tag}.json")
         data["sources"] = {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains}
@@ -452,7 +469,7 @@ def run(args) -> int:
         if args.pooled_baseline:
             extra["pooled_baseline"] = _pooled_baseline(model, tokenizer, args, fits, caches["eval"], out)
     finally:
-        _save_cache(cache_path, caches)
+        caches.save()
     result.extra = extra
     data = {"model": args.model, "bos": args.bos, **result.to_dict()}
     _save_json(out / f"lodo-{tag}.json", data)
@@ -575,7 +592,7 @@ def pool(args) -> int:
         return 1
     out, tag, model, tokenizer, fits = loaded
     domains = fits.domains
-    caches = _cache(out / f"cache-{tag}.json")
+    caches = _cache(out / f"cache-{tag}.json", args.eval_windows)
     shape, result = fits.shape, {"pool": [c.name for c in WIDE_POOL], "selections": {}, "unseen": {}, "calibrated": {}}
     try:
         with Calibrator(model, fits.settings.on_sink_rows) as cal:
@@ -605,7 +622,7 @@ def pool(args) -> int:
                 name, d = rest
                 result[kind].setdefault(name, {})[d] = math.exp(value - nll["stock", d]) - 1
     finally:
-        _save_cache(out / f"cache-{tag}.json", caches)
+        caches.save()
     _save_json(out / f"pool-{tag}.json", result)
     for kind in ("unseen", "calibrated"):
         print(f"{kind} (evaluation text):")
@@ -621,7 +638,8 @@ def main(argv=None) -> int:
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--domain", action="append", choices=DOMAINS, help="built-in domains (default: all)")
-    r.add_argument("--eval-windows", type=int, default=4, help="windows per domain's evaluation text (default 4)")
+    r.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                   help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--seq-len", type=int, default=512, help="window length (default 512, as calibrate)")
     r.add_argument("--steps", type=int, default=None, help="override the calibration default")
@@ -659,7 +677,8 @@ def main(argv=None) -> int:
     w.add_argument("--model", default="smollm2-135m")
     w.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
     w.add_argument("--threads", type=int, default=1)
-    w.add_argument("--eval-windows", type=int, default=4, help="windows per domain's evaluation text (default 4)")
+    w.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                   help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
     w.add_argument("--out", default=str(DEFAULT_OUT))
     w.set_defaults(fn=pool)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
