@@ -106,6 +106,8 @@ def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], *
     machine a single run's ratio can miss a target its interval straddles: a verdict that holds is
     one whose whole interval lies on the right side.
     """
+    import numpy as np
+
     from sinkfix.lmeval.stats import paired_bootstrap  # numpy only; shares the bootstrap with `sinkfix eval`
 
     if not 0 < confidence < 1:
@@ -116,8 +118,8 @@ def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], *
     def log_median(values: list[float]) -> float:
         return math.log(statistics.median(values))
 
-    logs = sorted(paired_bootstrap(list(denominator), list(numerator), log_median, iterations=iterations,
-                                   seed=seed).tolist())
-    low, high = (Spread(tuple(logs)).percentile(100 * q) for q in ((1 - confidence) / 2, (1 + confidence) / 2))
+    # the same percentile interval `sinkfix eval` takes of its paired differences (lmeval.stats.compare_paired)
+    logs = paired_bootstrap(list(denominator), list(numerator), log_median, iterations=iterations, seed=seed)
+    low, high = np.quantile(logs, [(1 - confidence) / 2, (1 + confidence) / 2])
     value = statistics.median(numerator) / statistics.median(denominator)
-    return Ratio(value, math.exp(low), math.exp(high), confidence, len(numerator))
+    return Ratio(value, math.exp(float(low)), math.exp(float(high)), confidence, len(numerator))
