@@ -5,6 +5,7 @@
     python benchmarks/calibration_lodo.py report                                  # every run -> one table
     python benchmarks/calibration_lodo.py profile --profile-out smollm2.profile.json  # the default profile
     python benchmarks/calibration_lodo.py pool --model smollm2-135m --no-bos       # a wider candidate pool
+    python benchmarks/calibration_lodo.py intervals --eval-windows 16             # how sure each row is
 
 ``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
 defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
@@ -36,6 +37,12 @@ written from whatever they finished (this is how the README's table was made):
 scores the candidate an earlier selection on every domain chose, without repeating it. Every
 column of the table says which it is.
 
+``intervals`` scores a run's rows window by window (the same fits, selections and evaluation windows)
+and gives every change a 95% interval over resampled windows (`sinkfix.analysis.lodo.change_intervals`:
+the best global beta chosen again in each draw), so that a row that misses a target by a few
+hundredths of a point can be told from one that misses it for sure. Its token-weighted means are
+the table's: it checks them against the run's saved scores where they exist.
+
 Everything is written to ``--out`` (JSON and Markdown), with the wall time, the CPU time and the
 load average, and fits and scores are reused from there when the run is repeated (delete the files
 to start over). The machine this was developed on is shared: the times are what they were.
@@ -56,7 +63,8 @@ import torch
 import sinkfix
 from sinkfix.analysis.calibration import (FIT_PRECISIONS, CalibrationSettings, Calibrator, DomainFits, calibrate,
                                           fit_domains, parameters_key, robust_profile)
-from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
+from sinkfix.analysis.lodo import (GLOBAL_SWEEP, LodoResult, WindowScores, change_intervals, evaluate_parameters,
+                                   evaluation_windows, leave_one_domain_out, window_scores)
 from sinkfix.analysis.robust import candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
@@ -505,6 +513,74 @@ def profile(args) -> int:
     return 0
 
 
+# -- intervals ----------------------------------------------------------------------------------
+def intervals(args) -> int:
+    """Every row of a run, window by window, with intervals (module docstring)."""
+    loaded = _saved_run(args)
+    if loaded is None:
+        return 1
+    out, tag, model, tokenizer, fits = loaded
+    saved = _saved_scores(out, tag, args.eval_windows)
+    val = saved["val"]  # the selections' validation scores: a selection the run made costs nothing
+    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
+                                          args.eval_windows)
+    path = out / f"windows-{tag}-{args.eval_windows}w.json"
+    stored = {tuple(k.split("|", 1)): [tuple(p) for p in v] for k, v in (_load_json(path) or {}).items()}
+    per_window = _SavedCache(stored, lambda: _save_json(path, {"|".join(k): v for k, v in per_window.items()}))
+    shape = fits.shape
+    calibrated = robust_profile(model, fits, cache=val, score_chosen=False, progress=False)
+    rows, mismatch = [], 0.0
+    for d in fits.domains:
+        unseen = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, score_chosen=False,
+                                progress=False)
+        jobs = {"stock": ((torch.ones(shape), None), d)}
+        jobs.update({f"global {b:g}": ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+        jobs["unseen"] = _profile_parameters(unseen), d
+        jobs["calibrated"] = _profile_parameters(calibrated), d
+        scores = window_scores(model, fits, windows, jobs, cache=per_window)
+        for name, (params, _) in jobs.items():  # the run's own means, where it saved them
+            key = parameters_key(params, d)
+            if key in saved["eval"]:
+                total, count = sum(x for x, _ in scores[name]), sum(n for _, n in scores[name])
+                mismatch = max(mismatch, abs(total / count - saved["eval"][key]))
+        found = change_intervals(WindowScores.from_pairs(scores), reference="stock",
+                                 baselines=[f"global {b:g}" for b in GLOBAL_SWEEP], compared=["unseen", "calibrated"])
+        stock_nll = sum(x for x, _ in scores["stock"]) / sum(n for _, n in scores["stock"])
+        rows.append({"domain": d, "source": sources[d], "windows": len(windows[d]),
+                     "tokens": sum(n for _, n in scores["stock"]), "stock_ppl": math.exp(stock_nll),
+                     "unseen_chosen": unseen.calibration["selection"]["chosen"],
+                     "calibrated_chosen": calibrated.calibration["selection"]["chosen"],
+                     **{name: {k: v.to_dict() for k, v in parts.items()} for name, parts in found.items()}})
+    data = {"model": args.model, "bos": args.bos, "eval_windows": args.eval_windows, "confidence": 0.95,
+            "iterations": 2000, "max_mean_nll_difference_to_saved_scores": mismatch, "rows": rows}
+    _save_json(out / f"intervals-{tag}-{args.eval_windows}w.json", data)
+    atomic_write_text(out / f"intervals-{tag}-{args.eval_windows}w.md", _intervals_markdown(data) + "\n")
+    print(_intervals_markdown(data))
+    return 0
+
+
+def _with_interval(part: dict) -> str:
+    return f"{100 * part['value']:+.2f}% [{100 * part['low']:+.2f}, {100 * part['high']:+.2f}]"
+
+
+def _intervals_markdown(data: dict) -> str:
+    lines = [f"{data['model']}, {'BOS' if data['bos'] else 'no BOS'}, {data['eval_windows']} windows per domain; "
+             f"95% percentile intervals over {data['iterations']} resamples of the windows (the best global beta "
+             "chosen again in each); points = percentage points",
+             "", "| domain | stock ppl | best global beta | unseen (chosen) | unseen − best global beta (points) "
+             "| calibrated |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        gap = r["unseen"]["minus_best_baseline"]
+        lines.append(f"| {r['domain']} | {r['stock_ppl']:.3f} | {_with_interval(r['best baseline']['change'])} "
+                     f"| {_with_interval(r['unseen']['change'])} ({r['unseen_chosen']}) "
+                     f"| {100 * gap['value']:+.2f} [{100 * gap['low']:+.2f}, {100 * gap['high']:+.2f}] "
+                     f"| {_with_interval(r['calibrated']['change'])} |")
+    lines.append("")
+    lines.append(f"Token-weighted means against the run's saved scores: largest difference "
+                 f"{data['max_mean_nll_difference_to_saved_scores']:.2e} nats.")
+    return "\n".join(lines)
+
+
 # -- report -------------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
@@ -681,6 +757,14 @@ def main(argv=None) -> int:
                    help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
     w.add_argument("--out", default=str(DEFAULT_OUT))
     w.set_defaults(fn=pool)
+    i = sub.add_parser("intervals", help="a run's rows window by window, each change with a 95% interval")
+    i.add_argument("--model", default="smollm2-135m")
+    i.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    i.add_argument("--threads", type=int, default=1)
+    i.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                   help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
+    i.add_argument("--out", default=str(DEFAULT_OUT))
+    i.set_defaults(fn=intervals)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(fn=table)

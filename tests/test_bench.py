@@ -411,6 +411,33 @@ def test_ratio_of_medians_refuses_what_it_cannot_measure(on, off, message):
         ratio_of_medians([1.0], [1.0], confidence=1.0)
 
 
+def test_ratio_of_block_medians_draws_whole_rounds():
+    """Decode steps come in rounds (one ``generate`` each) whose machine state they share: a ratio
+    that moves from round to round must get a wide interval, however many steps each round has,
+    while drawing the steps one by one would call it sure."""
+    import random
+
+    from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
+
+    rng = random.Random(1)
+    stock, patched = [], []
+    for state in (1.00, 1.12, 0.97, 1.08, 1.01, 0.99):  # this round's patched / stock, as the machine had it
+        base = [50 + rng.gauss(0, 0.5) for _ in range(32)]
+        stock.append(base)
+        patched.append([t * state * (1 + rng.gauss(0, 0.005)) for t in base])
+    rounds = ratio_of_block_medians(patched, stock)
+    steps = ratio_of_medians([x for r in patched for x in r], [x for r in stock for x in r])
+    assert rounds.value == steps.value  # the same point estimate: medians over every step
+    assert rounds.pairs == 6 and steps.pairs == 192
+    assert rounds.high - rounds.low > 3 * (steps.high - steps.low)
+    assert rounds.low < 1.0 < rounds.high  # six rounds cannot tell 1.03 from 1 here
+    # one sample per round is ratio_of_medians itself
+    assert ratio_of_block_medians([[x] for x in patched[0]], [[x] for x in stock[0]]) == ratio_of_medians(
+        patched[0], stock[0])
+    with pytest.raises(ValueError, match="at least one measurement"):
+        ratio_of_block_medians([[1.0], []], [[1.0], [1.0]])
+
+
 def test_overhead_intervals_of_a_saved_run_are_the_ones_it_recorded(tmp_path):
     """``bench_monitor_overhead.py --intervals-of`` recomputes a saved run's prefill intervals from
     its kept samples: on the run that also recorded them (run D) both must agree; an unreadable file

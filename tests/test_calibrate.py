@@ -186,6 +186,7 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "leave-one-domain-out" in printed and "worst" in printed and "domain-robust" in printed
     assert "validation windows" in printed  # user texts have no evaluation split: said so
+    assert "[95%]" in printed and "percentile" in printed  # the interval column and what it is
     # one line, exit code 2, before any model is loaded: one domain cannot be calibrated domain-robustly,
     # and two leave nothing to choose with once one is left out
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: pytest.fail("loaded a model"))

@@ -143,13 +143,24 @@ def _lodo_table(result):
     table = Table(title=f"leave-one-domain-out: {'BOS + ' if p['bos'] is True else 'no BOS, '}{p['seq_len']}-token "
                         f"windows, first {p['eval_windows']} of each domain's evaluation text; perplexity change vs "
                         "unpatched", title_justify="left")
-    for col in ("domain", "scored on", "tokens", "ppl unpatched", "best global beta",
-                "unseen: profile without it", "calibrated: profile with it"):
+    found = result.intervals()
+    columns = ["domain", "scored on", "tokens", "ppl unpatched", "best global beta", "unseen: profile without it",
+               "calibrated: profile with it"]
+    if found:
+        columns.insert(6, "unseen − best global beta, points [95%]")
+        table.caption = (f"[95%]: percentile interval over the {p['eval_windows']} windows drawn with replacement "
+                         "(the best global beta chosen again in each draw); an interval that holds 0 cannot tell "
+                         "the profile from the best global beta on this much text")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("domain", "scored on") else "right")
     for r in result.rows():
-        table.add_row(r["domain"], r["source"], str(r["tokens"]), f"{r['stock_ppl']:.3f}",
-                      f"{100 * r['best_global_change']:+.2f}% ({r['best_global_beta']:g})",
-                      f"{100 * r['without_change']:+.2f}% ({r['without_chosen']})", f"{100 * r['with_change']:+.2f}%")
+        cells = [r["domain"], r["source"], str(r["tokens"]), f"{r['stock_ppl']:.3f}",
+                 f"{100 * r['best_global_change']:+.2f}% ({r['best_global_beta']:g})",
+                 f"{100 * r['without_change']:+.2f}% ({r['without_chosen']})", f"{100 * r['with_change']:+.2f}%"]
+        if found:
+            gap = found[r["domain"]]["without"]["minus_best_baseline"]
+            cells.insert(6, f"{100 * gap.value:+.2f} [{100 * gap.low:+.2f}, {100 * gap.high:+.2f}]")
+        table.add_row(*cells)
     return table
 
 
@@ -294,7 +305,8 @@ def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
         console.print("--evaluate with --rule pooled: the table above is all there is (held-out windows of the "
                       "calibrated domains); leave-one-domain-out needs --rule robust")
         return
-    result = leave_one_domain_out(model, tokenizer, fits, eval_texts, eval_windows=args.eval_windows)
+    result = leave_one_domain_out(model, tokenizer, fits, eval_texts, eval_windows=args.eval_windows,
+                                  per_window=True)
     console.print(_lodo_table(result))
     if any(v is None for v in eval_texts.values()):
         console.print("domains without an evaluation text are scored on their validation windows: the rebuilt "
