@@ -707,6 +707,20 @@ def pool(args) -> int:
     return 0
 
 
+def _saved_run_parser(sub, name: str, help: str, fn, eval_windows: bool = True):
+    """A subcommand that works on the fits a ``run`` saved: which model, protocol and folder."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=1)
+    if eval_windows:
+        parser.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                            help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.set_defaults(fn=fn)
+    return parser
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -742,29 +756,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="every run under --out -> REPORT.md")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.set_defaults(fn=report)
-    f = sub.add_parser("profile", help="the default (all-domain) profile from the saved fits -> a profile file")
-    f.add_argument("--model", default="smollm2-135m")
-    f.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
-    f.add_argument("--threads", type=int, default=1)
+    f = _saved_run_parser(sub, "profile", "the default (all-domain) profile from the saved fits -> a profile file",
+                          profile, eval_windows=False)
     f.add_argument("--profile-out", required=True, help="the profile file to write")
-    f.add_argument("--out", default=str(DEFAULT_OUT))
-    f.set_defaults(fn=profile)
-    w = sub.add_parser("pool", help="every selection of a run repeated with a wider candidate pool, whole tables")
-    w.add_argument("--model", default="smollm2-135m")
-    w.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
-    w.add_argument("--threads", type=int, default=1)
-    w.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
-                   help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
-    w.add_argument("--out", default=str(DEFAULT_OUT))
-    w.set_defaults(fn=pool)
-    i = sub.add_parser("intervals", help="a run's rows window by window, each change with a 95% interval")
-    i.add_argument("--model", default="smollm2-135m")
-    i.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
-    i.add_argument("--threads", type=int, default=1)
-    i.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
-                   help=f"windows per domain's evaluation text (default {DEFAULT_EVAL_WINDOWS})")
-    i.add_argument("--out", default=str(DEFAULT_OUT))
-    i.set_defaults(fn=intervals)
+    _saved_run_parser(sub, "pool", "every selection of a run repeated with a wider candidate pool, whole tables", pool)
+    _saved_run_parser(sub, "intervals", "a run's rows window by window, each change with a 95% interval", intervals)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(fn=table)
