@@ -148,7 +148,7 @@ def _lodo_table(result):
                "calibrated: profile with it"]
     if found:
         columns.insert(6, "unseen − best global beta, points [95%]")
-        table.caption = (f"[95%]: percentile interval over the {p['eval_windows']} windows drawn with replacement "
+        table.caption = ("[95%]: percentile interval over each domain's scored windows drawn with replacement "
                          "(the best global beta chosen again in each draw); an interval that holds 0 cannot tell "
                          "the profile from the best global beta on this much text")
     for col in columns:
