@@ -63,8 +63,7 @@ import torch
 import sinkfix
 from sinkfix.analysis.calibration import (FIT_PRECISIONS, CalibrationSettings, Calibrator, DomainFits, calibrate,
                                           fit_domains, parameters_key, robust_profile)
-from sinkfix.analysis.lodo import (GLOBAL_SWEEP, LodoResult, WindowScores, change_intervals, evaluate_parameters,
-                                   evaluation_windows, leave_one_domain_out, window_scores)
+from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
 from sinkfix.analysis.robust import candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
@@ -521,36 +520,26 @@ def intervals(args) -> int:
         return 1
     out, tag, model, tokenizer, fits = loaded
     saved = _saved_scores(out, tag, args.eval_windows)
-    val = saved["val"]  # the selections' validation scores: a selection the run made costs nothing
-    windows, sources = evaluation_windows(tokenizer, {d: domain_text(d, "eval") for d in fits.domains}, fits,
-                                          args.eval_windows)
     path = out / f"windows-{tag}-{args.eval_windows}w.json"
     stored = {tuple(k.split("|", 1)): [tuple(p) for p in v] for k, v in (_load_json(path) or {}).items()}
     per_window = _SavedCache(stored, lambda: _save_json(path, {"|".join(k): v for k, v in per_window.items()}))
-    shape = fits.shape
-    calibrated = robust_profile(model, fits, cache=val, score_chosen=False, progress=False)
-    rows, mismatch = [], 0.0
-    for d in fits.domains:
-        unseen = robust_profile(model, fits, [o for o in fits.domains if o != d], cache=val, score_chosen=False,
-                                progress=False)
-        jobs = {"stock": ((torch.ones(shape), None), d)}
-        jobs.update({f"global {b:g}": ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
-        jobs["unseen"] = _profile_parameters(unseen), d
-        jobs["calibrated"] = _profile_parameters(calibrated), d
-        scores = window_scores(model, fits, windows, jobs, cache=per_window)
-        for name, (params, _) in jobs.items():  # the run's own means, where it saved them
-            key = parameters_key(params, d)
-            if key in saved["eval"]:
-                total, count = sum(x for x, _ in scores[name]), sum(n for _, n in scores[name])
-                mismatch = max(mismatch, abs(total / count - saved["eval"][key]))
-        found = change_intervals(WindowScores.from_pairs(scores), reference="stock",
-                                 baselines=[f"global {b:g}" for b in GLOBAL_SWEEP], compared=["unseen", "calibrated"])
-        stock_nll = sum(x for x, _ in scores["stock"]) / sum(n for _, n in scores["stock"])
-        rows.append({"domain": d, "source": sources[d], "windows": len(windows[d]),
-                     "tokens": sum(n for _, n in scores["stock"]), "stock_ppl": math.exp(stock_nll),
-                     "unseen_chosen": unseen.calibration["selection"]["chosen"],
-                     "calibrated_chosen": calibrated.calibration["selection"]["chosen"],
-                     **{name: {k: v.to_dict() for k, v in parts.items()} for name, parts in found.items()}})
+    # the selections' validation scores come from the run: a selection it made costs nothing
+    result = leave_one_domain_out(model, tokenizer, fits, {d: domain_text(d, "eval") for d in fits.domains},
+                                  eval_windows=args.eval_windows, cache=saved["val"], eval_cache=per_window,
+                                  per_window=True)
+    # the run's own means, where it saved them (the same parameters and domain: the same key)
+    mismatch = max((abs(sum(x for x, _ in pairs) / sum(n for _, n in pairs) - saved["eval"][key])
+                    for key, pairs in per_window.items() if key in saved["eval"]), default=0.0)
+    found = result.intervals()
+    rows = []
+    for r in result.rows():
+        d = r["domain"]
+        parts = {"best baseline": found[d]["best baseline"], "unseen": found[d]["without"],
+                 "calibrated": found[d]["with"]}
+        rows.append({"domain": d, "source": r["source"], "windows": len(result.windows[d]["stock"]),
+                     "tokens": r["tokens"], "stock_ppl": r["stock_ppl"], "unseen_chosen": r["without_chosen"],
+                     "calibrated_chosen": result.chosen_all,
+                     **{name: {k: v.to_dict() for k, v in part.items()} for name, part in parts.items()}})
     data = {"model": args.model, "bos": args.bos, "eval_windows": args.eval_windows, "confidence": 0.95,
             "iterations": 2000, "max_mean_nll_difference_to_saved_scores": mismatch, "rows": rows}
     _save_json(out / f"intervals-{tag}-{args.eval_windows}w.json", data)
