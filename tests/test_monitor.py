@@ -19,7 +19,10 @@ from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
-from sinkfix.telemetry.prompt import measure_prompt, sampled_rows
+from sinkfix.telemetry import prompt as prompt_measures
+from sinkfix.telemetry.accumulate import RequestAccumulator
+from sinkfix.telemetry.prompt import (layouts_for_next_forward, measure_prompt, measure_sampled, measure_sampled_many,
+                                      sample_call, sampled_rows)
 
 from .conftest import tiny_model
 
@@ -186,6 +189,115 @@ def test_sampled_prompt_measures_are_the_written_estimator(sample, virtual):
     torch.testing.assert_close(got.hidden_part.double(), part, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.drain_weight.double(), sink_weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.value_drain.double(), drain, atol=0, rtol=1e-5)
+
+
+def _layer_calls(layers: int, q_len: int, *, softcap: float | None = None, mask: torch.Tensor | None = None,
+                 policies=None) -> list[AttentionCall]:
+    """``layers`` attention calls of one forward (4 query heads on 2 kv heads, the same layout), each
+    with its own keys and its own policy (None: identity; else (beta, virtual logit))."""
+    g = torch.Generator().manual_seed(layers * 1000 + q_len)
+    calls = []
+    for layer in range(layers):
+        q = torch.randn(2, 4, q_len, 16, generator=g) * 1.5
+        k = torch.randn(2, 2, q_len, 16, generator=g)
+        v = torch.randn(2, 2, q_len, 16, generator=g)
+        k[:, :, 0] += 3 * q.mean((1, 2))[:, None]  # a sink at column 0
+        k[:, :, 5] += 2 * q.mean((1, 2))[:, None]  # and a weaker one later
+        beta, virtual = (None, None) if policies is None or policies[layer] is None else policies[layer]
+        result = sink_attention_torch(q, k, v, attn_mask=mask, causal=True, first_column_sink=True, beta=beta,
+                                      virtual_sink_logit=virtual, softcap=softcap, need_sink_stats=True)
+        calls.append(AttentionCall(layer, None, q, k, v, mask, True, 16 ** -0.5, softcap, None, None, None, virtual,
+                                   beta, result))
+    return calls
+
+
+def _assert_same_measures(got, expected, atol=1e-6):
+    for name, a, b in zip(got._fields, got, expected):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("q_len, rows", [(77, 32), (512, 32), (30, 7), (9, 32)])
+def test_causal_parts_of_the_sampled_block_change_nothing(q_len, rows, monkeypatch):
+    """Under the causal rule the sampled rows are scored in parts, each on the keys it may see: the
+    same measures as one part over every key (awkward lengths, fewer rows than parts, all rows)."""
+    call = _layer_calls(1, q_len, policies=[(torch.tensor([0.5, 0.9, 1.0, 0.7]), torch.tensor([-1.0, 0.5, -3.0, 1.0]))])[0]
+    sampled = sample_call(call, rows_wanted=rows, min_queries=8)
+    whole = sampled._replace(layout=sampled.layout._replace(chunks=((0, sampled.lse.shape[-1], q_len),)))
+    expected = measure_sampled(whole, threshold=0.05)
+    for parts in (2, 3, 4, 6):
+        monkeypatch.setattr(prompt_measures, "CAUSAL_ROW_CHUNKS", parts)
+        sampled = sample_call(call, rows_wanted=rows, min_queries=8)
+        chunks = sampled.layout.chunks
+        if sampled.lse.shape[-1] >= 2 * parts:
+            assert len(chunks) == parts and chunks[-1][2] == q_len and chunks[0][2] < q_len
+            assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]]  # every row in one part
+        _assert_same_measures(measure_sampled(sampled, threshold=0.05), expected)
+    assert expected.hidden_sinks.sum() > 0  # the check compared found sinks, not only empty rows
+
+
+def test_masked_calls_keep_one_part():
+    """With a mask the visible keys are not known from the shapes: one part, every key."""
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
+    mask[1, :, :, :4] = False  # left padding in the second sequence
+    call = _layer_calls(1, 40, mask=mask)[0]
+    assert sample_call(call, rows_wanted=16, min_queries=8).layout.chunks == ((0, 14, 40),)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_layers_measured_together_equal_one_by_one(softcap):
+    """measure_sampled_many merges calls of one layout (each layer's heads after the last's) and
+    cuts the result back: every layer's measures as measured alone, whatever the block limit, with
+    layers of different kinds of policy (identity, beta only, beta + virtual logit) in one list."""
+    beta = [torch.rand(4, generator=torch.Generator().manual_seed(i)) * 0.5 + 0.5 for i in range(6)]
+    policies = [None, (beta[1], None), (beta[2], torch.randn(4)), (beta[3], None), None, (beta[5], torch.randn(4))]
+    calls = _layer_calls(6, 150, softcap=softcap, policies=policies)
+    layouts: dict = {}
+    sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
+    assert len(layouts) == 1 and all(s.layout is sampled[0].layout for s in sampled)
+    alone = [measure_sampled(s, threshold=0.05) for s in sampled]
+    block = sampled[0].lse.numel() * 150
+    for limit in (1, block, 2 * block, 100 * block):
+        together = measure_sampled_many(sampled, threshold=0.05, max_block=limit)
+        assert len(together) == len(alone)
+        for got, expected in zip(together, alone):
+            _assert_same_measures(got, expected)
+
+
+def test_shape_only_layouts_serve_later_requests(one_thread):
+    """A prompt without a mask keeps its layout for the next request of the same shape (the same
+    object, the same records); a layout keyed by a mask is not handed on."""
+    model = tiny_model("llama")
+    ids = _ids(1, 40, seed=3)
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        first = _one_request(monitor, model, input_ids=ids)
+        (kept,) = monitor._layouts.values()
+        second = _one_request(monitor, model, input_ids=ids)
+        assert next(iter(monitor._layouts.values())) is kept
+        for name in ("sink_share", "dormancy", "hidden_sinks", "value_drain", "residual_peak"):
+            assert first[name] == second[name], name
+    # a layout made for a mask is keyed by the mask's id, which a later tensor may reuse: dropped
+    layouts = {(None, True, (1,), 40, 40, 32, 32, "cpu"): kept, (12345, True, (1,), 40, 40, 32, 32, "cpu"): kept}
+    assert list(layouts_for_next_forward(layouts)) == [(None, True, (1,), 40, 40, 32, 32, "cpu")]
+    assert layouts_for_next_forward({(None, i): kept for i in range(9)}) == {}  # bounded
+
+
+def test_accumulator_takes_a_forwards_prompt_measures_at_once():
+    """add_prompts with every layer in order (one copy per field) fills the same sums as add_prompt
+    layer by layer, and falls back to that for other layer lists."""
+    sampled = [sample_call(c, rows_wanted=16, min_queries=8) for c in _layer_calls(3, 40)]
+    measures = measure_sampled_many(sampled, threshold=0.05)
+    rows = [s.rows for s in sampled]
+    one_by_one = RequestAccumulator([4, 4, 4], 2, torch.device("cpu"))
+    for layer, m, r in zip(range(3), measures, rows):
+        one_by_one.add_prompt(layer, m, r)
+    for layers in ([0, 1, 2], [2, 0, 1]):
+        at_once = RequestAccumulator([4, 4, 4], 2, torch.device("cpu"))
+        at_once.add_prompts(layers, [measures[i] for i in layers], [rows[i] for i in layers])
+        for name in ("drain_weight", "value_drain", "hidden_sinks", "hidden_part"):
+            # value_drain is NaN past the kv heads, in both
+            torch.testing.assert_close(getattr(at_once, name), getattr(one_by_one, name), atol=0, rtol=0,
+                                       equal_nan=True, msg=f"{name} {layers}")
+        assert at_once.kv_heads == one_by_one.kv_heads == [2, 2, 2]
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

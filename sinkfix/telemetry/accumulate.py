@@ -105,6 +105,22 @@ class RequestAccumulator:
         self.hidden_sinks[layer, :, :heads].copy_(measures.hidden_sinks)
         self.hidden_part[layer, :, :heads].copy_(measures.hidden_part * rows)
 
+    def add_prompts(self, layers: list[int], measures: list[PromptMeasures], rows: list[torch.Tensor]) -> None:
+        """:meth:`add_prompt` of several layers; when they are every layer in order with the same
+        heads (a forward's prompt, usually) one copy per field instead of four per layer."""
+        heads = self._stats.shape[2]
+        if layers != self._all_layers or any(m.drain_weight.shape[1] != heads for m in measures) \
+                or len({m.value_drain.shape[1] for m in measures}) != 1:
+            for layer, m, r in zip(layers, measures, rows):
+                self.add_prompt(layer, m, r)
+            return
+        kv = measures[0].value_drain.shape[1]
+        self.kv_heads = [kv] * len(layers)
+        self.drain_weight.copy_(torch.stack([m.drain_weight for m in measures]))
+        self.value_drain[:, :, :kv].copy_(torch.stack([m.value_drain for m in measures]))
+        self.hidden_sinks.copy_(torch.stack([m.hidden_sinks for m in measures]))
+        self.hidden_part.copy_(torch.stack([m.hidden_part for m in measures]) * torch.stack(rows))
+
     def add_residual(self, layer: int, hidden: torch.Tensor) -> None:
         self._pending_norms[layer] = hidden if self._norms_deferred else _norms(hidden)
 

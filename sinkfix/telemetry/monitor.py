@@ -30,7 +30,7 @@ from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
-from sinkfix.telemetry.prompt import measure_sampled, sample_call
+from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
 
 __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
@@ -218,7 +218,7 @@ class Monitor:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
         req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device))
-        self._layouts = {}  # the prompt measures' per-forward layout cache (telemetry/prompt.py)
+        self._layouts = layouts_for_next_forward(self._layouts)  # the prompt measures' layouts (telemetry/prompt.py)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
@@ -240,8 +240,9 @@ class Monitor:
         acc = self._request.acc if self._request is not None else None
         if acc is None:  # a guard's rerun started the request over: those calls were never served
             return
-        for call in sampled:
-            acc.add_prompt(call.layer, measure_sampled(call, threshold=self.hidden_sink_threshold), call.rows)
+        if sampled:
+            measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold)
+            acc.add_prompts([call.layer for call in sampled], measures, [call.rows for call in sampled])
 
     def _residual_hook(self, layer: int, last: bool):
         def hook(module: nn.Module, args, output) -> None:
