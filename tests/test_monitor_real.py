@@ -68,3 +68,23 @@ def test_guard_serves_random_tokens_with_the_identity(smollm2, one_thread):
     served = _tensor(outside["sink_share"])  # the switched-off layers were served with beta = 1
     unscaled = _tensor(outside["sink_share_unscaled"])
     torch.testing.assert_close(served[guard["layers"]], unscaled[guard["layers"]], atol=0, rtol=0)
+
+
+def test_prompt_measures_benchmark_compares_equal_methods(tmp_path):
+    """``bench_prompt_measures.py`` times the three ways of computing the prompt measures inside real
+    monitored prefills, and checks that they give the same numbers (exit 1 otherwise)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prompt_measures.py"
+    out = tmp_path / "measures.json"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "2", "--prompt", "160", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert list(saved["methods"]) == ["layer, one part", "layer, parts", "together"]
+    assert saved["largest_difference"] <= 1e-4
+    assert all(len(row["samples_ms"]) == 2 and row["median_ms"] > 0 for row in saved["methods"].values())
+    assert "largest difference between the methods' measures" in done.stdout

@@ -14,7 +14,9 @@ exactly. The rest of the dormancy rule (docs/formulas.md, "Measuring") needs mor
   the whole of it, and nothing at all in decode steps.
 
 Two steps: :func:`sample_call` while the attention call runs (the sampled rows, the value norms),
-:func:`measure_sampled` later (a monitor runs it for all layers after the forward's last one).
+:func:`measure_sampled` later (a monitor runs :func:`measure_sampled_many` for all layers after the
+forward's last one: the layers in batches, each batch one call; under the causal rule the sampled
+rows in parts, each scored only on the keys it may see).
 All of it stays on the device: no host read, no branch on tensor values.
 """
 
