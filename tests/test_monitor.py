@@ -233,6 +233,9 @@ def test_causal_parts_of_the_sampled_block_change_nothing(q_len, rows, monkeypat
             assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]]  # every row in one part
         _assert_same_measures(measure_sampled(sampled, threshold=0.05), expected)
     assert expected.hidden_sinks.sum() > 0  # the check compared found sinks, not only empty rows
+    # what a GPU asks for: one part, every key
+    assert prompt_measures._row_chunks(sampled.layout.row_slice, q_len, q_len, causal=True, parts=1) == \
+        ((0, sampled.lse.shape[-1], q_len),)
 
 
 def test_masked_calls_keep_one_part():

@@ -38,8 +38,8 @@ __all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled",
 #: windows, and changed no dormancy score.
 MIN_SAMPLED_VIEWERS = 6
 
-#: Parts the sampled rows are cut into under the causal rule, each scored only on the keys its rows
-#: may see (a fraction (n + 1) / 2n of the block: 62.5% with four).
+#: Parts the sampled rows are cut into under the causal rule on the CPU, each scored only on the keys
+#: its rows may see (a fraction (n + 1) / 2n of the block: 62.5% with four).
 CAUSAL_ROW_CHUNKS = 4
 
 #: At most this many elements (fp32) in the probability block of calls measured together (4 MB). A
@@ -126,19 +126,24 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
         torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
         1 / sampled_seen.clamp(min=1).to(torch.float32), 1 / has_n.sum(-1).clamp(min=1).to(torch.float32),
         (seen_by == 0) if some_unseen else None,
-        _row_chunks(row_slice, q_len, k_len, causal=call.causal and call.attn_mask is None))
+        _row_chunks(row_slice, q_len, k_len, causal=call.causal and call.attn_mask is None,
+                    parts=CAUSAL_ROW_CHUNKS if q.device.type == "cpu" else 1))
 
 
-def _row_chunks(row_slice: slice, q_len: int, k_len: int, *, causal: bool) -> tuple[tuple[int, int, int], ...]:
-    """The sampled rows cut into :data:`CAUSAL_ROW_CHUNKS` runs, each with the keys its last row may
-    see: under the causal rule without a mask (row ``i`` sees keys ``0..i``), known from the shapes
-    alone, the probability block is built only where it can be non-zero. Other layouts: one part,
-    every key."""
+def _row_chunks(row_slice: slice, q_len: int, k_len: int, *, causal: bool,
+                parts: int = CAUSAL_ROW_CHUNKS) -> tuple[tuple[int, int, int], ...]:
+    """The sampled rows cut into ``parts`` runs, each with the keys its last row may see: under the
+    causal rule without a mask (row ``i`` sees keys ``0..i``), known from the shapes alone, the
+    probability block is built only where it can be non-zero. Other layouts: one part, every key.
+
+    Parts pay where the block's arithmetic is the cost (the CPU). On a GPU the block of a prompt is
+    a fraction of a millisecond of work and each part adds about ten kernel launches per batch of
+    layers, so the monitor asks for one part there (by that count, not measured on a GPU)."""
     positions = range(q_len)[row_slice]
     rows = len(positions)
-    if not causal or rows < 2 * CAUSAL_ROW_CHUNKS:
+    if not causal or parts < 2 or rows < 2 * parts:
         return ((0, rows, k_len),)
-    bounds = [round(rows * part / CAUSAL_ROW_CHUNKS) for part in range(CAUSAL_ROW_CHUNKS + 1)]
+    bounds = [round(rows * part / parts) for part in range(parts + 1)]
     return tuple((start, end, min(k_len, positions[end - 1] + 1)) for start, end in zip(bounds, bounds[1:]))
 
 
