@@ -44,9 +44,10 @@ CAUSAL_ROW_CHUNKS = 4
 
 #: At most this many elements (fp32) in the probability block of calls measured together (4 MB). A
 #: 512-token prompt of SmolLM2 (9 heads, 32 rows) has 0.15 M per layer: its 30 layers go in five
-#: batches of six. Measured after a real prefill (one thread, 20 rounds, medians): 27.4 ms layer by
-#: layer, 21.2 ms with this limit, 28.4 ms with all 30 layers in one block (its 17 MB leave the
-#: caches between the passes over it) and 34.3 ms one layer at a time in parts.
+#: batches of six. Measured after real prefills (one thread, 20 rounds, medians): 27.4 ms layer by
+#: layer; 22.7 / 21.2 / 22.8 / 28.4 ms with at most 0.6 / 1.2 / 2.4 / 8.4 M entries per batch (all
+#: 30 layers' 17 MB leave the caches between the passes over the block); 34.3 ms one layer per batch
+#: in parts. At this limit, in another run: 18.8 ms against 24.9 ms layer by layer.
 MERGED_BLOCK_ELEMENTS = 1 << 20
 
 # exp(-87) = 1.6e-38 is the smallest fp32 normal number's neighbourhood: below it exp's result is
@@ -366,7 +367,8 @@ def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
     """:func:`measure_sampled` of several calls, in their order. Calls that can be merged
     (:func:`_merge_key`: in a forward, usually every layer) are measured together, as many at a time
     as keep the probability block within ``max_block`` elements: one operation per step for all of
-    them instead of one per layer (SmolLM2, 30 layers, 512 tokens: 26 ms one by one, one thread)."""
+    them instead of one per layer (SmolLM2, 30 layers, a real 512-token prefill, one thread: 23.7 ms
+    one by one, 20.1 ms batched in parts; ``benchmarks/bench_prompt_measures.py``)."""
     groups: dict[tuple, list[int]] = {}
     for index, call in enumerate(sampled):
         groups.setdefault(_merge_key(call), []).append(index)
