@@ -132,7 +132,7 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
 
 
 def _row_chunks(row_slice: slice, q_len: int, k_len: int, *, causal: bool,
-                parts: int = CAUSAL_ROW_CHUNKS) -> tuple[tuple[int, int, int], ...]:
+                parts: int) -> tuple[tuple[int, int, int], ...]:
     """The sampled rows cut into ``parts`` runs, each with the keys its last row may see: under the
     causal rule without a mask (row ``i`` sees keys ``0..i``), known from the shapes alone, the
     probability block is built only where it can be non-zero. Other layouts: one part, every key.
