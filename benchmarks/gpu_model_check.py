@@ -1,5 +1,6 @@
 """End to end on a GPU: a Llama-3-8B-shaped model (random weights from a config, bf16, no download),
-stock SDPA vs patched (identity, per-head profile), eager and compiled: prefill and decode ratios.
+stock SDPA vs patched (identity, per-head profile), eager and compiled: prefill and decode ratios;
+and what live telemetry (``sinkfix.monitor``) costs on the fast path.
 
     python benchmarks/gpu_model_check.py --out gpu-out/model.md          # CUDA, the full shape
     python benchmarks/gpu_model_check.py --tiny --device cpu              # a dry run of the code path
@@ -9,13 +10,25 @@ What it measures, per variant, in ABBA rounds after a warm-up round:
 * decode: ``--new-tokens`` (default 128) greedy steps of ``generate``, each step timed (CUDA events
   are not needed: the step clock synchronises), eager with transformers' dynamic cache, compiled
   with a static cache and transformers' compiled decoding (``CompileConfig(fullgraph=True)``).
-Ratios are patched / stock medians of the same run. A phase that fails or runs out of its time
-budget is reported as such; the rest still runs (the GPU is lent for minutes, not hours).
+Ratios are patched / stock medians of the same run.
+
+Mode ``monitored`` (eager): for each correcting variant, the patched model without telemetry and the
+same model inside ``monitor.request()``, alternating: the prefill timed over the whole request (the
+hooks, the prompt measures after the last layer and the end-of-request read, which synchronises),
+then ``--monitor-new-tokens`` decode steps, each timed, inside one request. Ratios are on / off
+medians of the same run, against the telemetry targets (prefill <= 1.03x, decode step <= 1.05x;
+docs/monitoring.md). On a CUDA device the patch runs the Triton kernels, so the sink statistics
+come from their statistics variants. The guard is not measured here (it needs a calibrated profile
+with statistics; ``benchmarks/bench_monitor_overhead.py`` times it on the CPU).
+
+A phase that fails or runs out of its time budget is reported as such; the rest still runs (the GPU
+is lent for minutes, not hours).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -29,6 +42,9 @@ import sinkfix
 from sinkfix.bench import alternate
 from sinkfix.bench.timing import decode_step_times, synchronize
 
+MODES = ("eager", "monitored", "compiled")
+#: Telemetry on / off ratios the monitor is held to (docs/monitoring.md, "Targets").
+MONITOR_TARGETS = {"prefill": 1.03, "decode": 1.05}
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -54,7 +70,8 @@ def variants(model) -> dict:
     return {"stock": None, "identity": sinkfix.Policy(), "per-head profile": profile}
 
 
-def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int, rounds: int) -> dict:
+def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int, rounds: int,
+            backend: str = "auto") -> dict:
     from transformers import CompileConfig
 
     kwargs = {}
@@ -66,7 +83,7 @@ def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int
         forward = torch.compile(model, fullgraph=True, dynamic=False)
 
     def run(name):
-        handle = sinkfix.patch(model, policies[name]) if policies[name] is not None else None
+        handle = sinkfix.patch(model, policies[name], backend=backend) if policies[name] is not None else None
         try:
             with torch.no_grad():
                 synchronize(ids.device)
@@ -86,6 +103,77 @@ def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int
             for name, runs in results.items()}
 
 
+def measure_monitored(model, policies: dict, ids: torch.Tensor, new_tokens: int, rounds: int,
+                      backend: str = "auto") -> dict:
+    """Each correcting variant patched once, with and without ``sinkfix.monitor`` in ABBA rounds:
+    {variant: {"off" | "on": {"prefill_s", "decode_step_s"}, "prefill_ratio", "decode_ratio"}}."""
+    out = {}
+    for name, policy in policies.items():
+        if policy is None:  # the stock model: nothing to monitor it against
+            continue
+        with sinkfix.patch(model, policy, backend=backend):
+            monitor = sinkfix.monitor(model)
+            try:
+                def run(config: str):
+                    def request():
+                        return monitor.request() if config == "on" else contextlib.nullcontext()
+
+                    with torch.no_grad():
+                        synchronize(ids.device)
+                        start = time.perf_counter()
+                        with request():  # leaving it measures the prompt and reads the request once
+                            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                        synchronize(ids.device)
+                        prefill = time.perf_counter() - start
+                        with request():
+                            steps = decode_step_times(model, ids, new_tokens, 0)[1:]
+                    return prefill, steps
+
+                runs = alternate(["off", "on"], run, repeats=rounds, warmup=1)
+            finally:
+                monitor.close()
+        row = {config: {"prefill_s": statistics.median(p for p, _ in results),
+                        "decode_step_s": statistics.median(s for _, steps in results for s in steps)}
+               for config, results in runs.items()}
+        row["prefill_ratio"] = row["on"]["prefill_s"] / row["off"]["prefill_s"]
+        row["decode_ratio"] = row["on"]["decode_step_s"] / row["off"]["decode_step_s"]
+        out[name] = row
+    return out
+
+
+def _measured(rows: dict) -> bool:
+    return "failed" not in rows and "skipped" not in rows
+
+
+def _table(report: dict) -> list[str]:
+    """The markdown lines of every mode: patched vs stock, then telemetry on vs off."""
+    lines = ["| mode | variant | prefill ms | ratio | decode step ms | ratio |", "|---|---|---|---|---|---|"]
+    monitored = []
+    for mode, rows in report["modes"].items():
+        if not _measured(rows):
+            lines.append(f"| {mode} | {next(iter(rows))}: {next(iter(rows.values()))[:120]} | | | | |")
+            continue
+        if mode == "monitored":
+            monitored = list(rows.items())
+            continue
+        stock = rows["stock"]
+        for name, row in rows.items():
+            lines.append(f"| {mode} | {name} | {1e3 * row['prefill_s']:.2f} | {row['prefill_s'] / stock['prefill_s']:.3f} "
+                         f"| {1e3 * row['decode_step_s']:.3f} | {row['decode_step_s'] / stock['decode_step_s']:.3f} |")
+    if monitored:
+        targets = MONITOR_TARGETS
+        lines += ["", f"Telemetry (sinkfix.monitor, eager): on / off, targets prefill <= {targets['prefill']:.2f}x, "
+                  f"decode step <= {targets['decode']:.2f}x", "",
+                  "| variant | prefill ms off | on | ratio | decode step ms off | on | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in monitored:
+            off, on = row["off"], row["on"]
+            lines.append(f"| {name} | {1e3 * off['prefill_s']:.2f} | {1e3 * on['prefill_s']:.2f} | "
+                         f"{row['prefill_ratio']:.3f} | {1e3 * off['decode_step_s']:.3f} | "
+                         f"{1e3 * on['decode_step_s']:.3f} | {row['decode_ratio']:.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the code path anywhere")
@@ -93,10 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--modes", default="eager,monitored,compiled",
+                        help="comma-separated: eager, monitored (telemetry on vs off), compiled")
+    parser.add_argument("--monitor-new-tokens", type=int, default=32,
+                        help="decode steps per request in the monitored mode (default 32)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                        help="sinkfix.patch's backend (auto: the Triton kernels on CUDA); triton on the CPU needs "
+                             "TRITON_INTERPRET=1 (a dry run of the kernels' path)")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds; later phases are skipped after it")
     parser.add_argument("--out", default=None, help="markdown table (and a .json next to it)")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
     started = time.perf_counter()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (use --tiny --device cpu for a dry run)")
@@ -108,35 +206,32 @@ def main(argv: list[str] | None = None) -> int:
                         generator=torch.Generator(device=args.device).manual_seed(0))
     policies = variants(model)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    report = {"device": device_name, "torch": torch.__version__, "shape": "tiny" if args.tiny else "Llama-3-8B",
+    report = {"device": device_name, "backend": args.backend, "torch": torch.__version__, "shape": "tiny" if args.tiny else "Llama-3-8B",
               "dtype": str(dtype), "prompt": prompt, "new_tokens": args.new_tokens, "modes": {}}
-    for mode in args.modes.split(","):
+    for mode in modes:
         if time.perf_counter() - started > args.budget:
             report["modes"][mode] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
             continue
         try:
-            report["modes"][mode] = measure(model, policies, ids, mode, args.new_tokens, args.rounds)
+            if mode == "monitored":
+                report["modes"][mode] = measure_monitored(model, policies, ids, args.monitor_new_tokens,
+                                                          args.rounds, args.backend)
+            else:
+                report["modes"][mode] = measure(model, policies, ids, mode, args.new_tokens, args.rounds,
+                                                args.backend)
         except Exception as exc:  # report the failure and keep the other mode's numbers
             report["modes"][mode] = {"failed": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         print(json.dumps({mode: report["modes"][mode]}, default=str), flush=True)
-    lines = [f"{report['shape']} ({dtype}), {device_name}, torch {torch.__version__}, prompt {prompt}, "
-             f"{args.new_tokens} decode steps", "",
-             "| mode | variant | prefill ms | ratio | decode step ms | ratio |", "|---|---|---|---|---|---|"]
-    for mode, rows in report["modes"].items():
-        if "stock" not in rows:
-            lines.append(f"| {mode} | {next(iter(rows))}: {next(iter(rows.values()))[:120]} | | | | |")
-            continue
-        stock = rows["stock"]
-        for name, row in rows.items():
-            lines.append(f"| {mode} | {name} | {1e3 * row['prefill_s']:.2f} | {row['prefill_s'] / stock['prefill_s']:.3f} "
-                         f"| {1e3 * row['decode_step_s']:.3f} | {row['decode_step_s'] / stock['decode_step_s']:.3f} |")
+    lines = [f"{report['shape']} ({dtype}), {device_name}, backend {args.backend}, torch {torch.__version__}, "
+             f"prompt {prompt}, "
+             f"{args.new_tokens} decode steps ({args.monitor_new_tokens} per monitored request)", "", *_table(report)]
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    return 0 if all("stock" in rows for rows in report["modes"].values()) else 1
+    return 0 if all(_measured(rows) for rows in report["modes"].values()) else 1
 
 
 if __name__ == "__main__":

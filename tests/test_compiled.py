@@ -150,16 +150,30 @@ def test_output_attentions_under_compile(one_thread):
 
 @pytest.mark.slow
 def test_gpu_model_check_dry_run(tmp_path):
-    """The GPU script's code path on the CPU with a 2-layer model (eager only: a CPU compile of it
-    takes minutes): it must build, patch, time and write its table."""
+    """The GPU script's code path on the CPU with a 2-layer model (eager and telemetry on/off; not
+    compiled: a CPU compile of it takes minutes): it must build, patch, monitor, time and write its
+    tables, and refuse a mode it does not know before building anything."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_model_check.py"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager", "--prompt", "32",
-                           "--new-tokens", "4", "--rounds", "1", "--out", str(tmp_path / "model.md")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitored",
+                           "--prompt", "32", "--new-tokens", "4", "--monitor-new-tokens", "4", "--rounds", "1",
+                           "--out", str(tmp_path / "model.md")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "model.md").read_text()
     assert "| eager | per-head profile |" in table and "| eager | stock |" in table
+    assert "Telemetry (sinkfix.monitor, eager)" in table
+    monitored = json.loads((tmp_path / "model.json").read_text())["modes"]["monitored"]
+    assert set(monitored) == {"identity", "per-head profile"}  # the stock model is not monitored
+    for row in monitored.values():
+        for config in ("off", "on"):
+            assert row[config]["prefill_s"] > 0 and row[config]["decode_step_s"] > 0
+        assert row["prefill_ratio"] == row["on"]["prefill_s"] / row["off"]["prefill_s"]
+        assert f"| {row['prefill_ratio']:.3f} |" in table
+
+    wrong = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitor"],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "unknown mode(s) monitor" in wrong.stderr
