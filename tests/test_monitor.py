@@ -513,3 +513,37 @@ def test_accumulator_folds_each_forward_once_whatever_its_layout():
         torch.testing.assert_close(values["residual_peak"][layer].float(), norms.amax(-1) / norms.median(-1).values)
     assert torch.isnan(values["residual_peak"][1]).all()
     assert values["tokens"].tolist() == [DEFERRED_NORM_TOKENS + 6] * 2
+
+
+def test_sharded_heads_are_put_side_by_side_in_rank_order(monkeypatch):
+    """The end-of-request gather of a tensor-parallel model (the real one runs under torchrun in
+    test_tensor_parallel.py): each field's blocks concatenated along its head dimension, rank 0's
+    first, whatever the fields' shapes."""
+    import torch.distributed as dist
+
+    from sinkfix.telemetry.sharded import TensorParallelGroup
+
+    per_rank = [{"stats": (torch.full((2, 1, 3, 2), float(r)), 2), "betas": (torch.arange(4.0).view(2, 2) + 10 * r, 1)}
+                for r in range(3)]
+
+    def all_gather(out, flat, group=None):  # what each rank would contribute
+        assert group is None and flat.dtype == torch.float64
+        for rank, buffer in enumerate(out):
+            buffer.copy_(torch.cat([per_rank[rank][name][0].reshape(-1).double() for name in ("stats", "betas")]))
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    got = TensorParallelGroup(1, 3, None, torch.device("cpu")).gather_heads(per_rank[1])
+    assert got["stats"].shape == (2, 1, 9, 2)
+    assert got["stats"][1, 0, :, 1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(got["betas"], torch.cat([per_rank[r]["betas"][0] for r in range(3)], dim=1).double())
+
+
+def test_sharded_model_without_a_process_group_is_a_clear_error():
+    import torch.distributed as dist
+
+    from sinkfix.telemetry.sharded import TensorParallelGroup
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(MonitorError, match="torch.distributed is not initialised"):
+        TensorParallelGroup.of(tiny_model("llama"), 0, 2)

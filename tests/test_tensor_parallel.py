@@ -3,7 +3,9 @@
 torchrun starts 3 CPU processes (gloo); SmolLM2-135M (9 query / 3 kv heads) is sharded with
 ``DistributedConfig(tp_size=3)``, so each rank's attention sees 3 query heads. The patched logits
 must equal the single-process patched logits for a scalar policy and for a per-head profile made
-in the single process, and a policy whose head count does not fit gets an error naming both.
+in the single process, and a policy whose head count does not fit gets an error naming both. A
+monitor on every rank gathers the ranks' heads into whole-model records equal to the single
+process's, and only rank 0 writes the log.
 """
 
 from __future__ import annotations
@@ -58,6 +60,45 @@ def test_tensor_parallel_logits_match_single_process(smollm2, tmp_path):
     for name in ("scalar", "profile"):
         assert gaps[name] <= max(1e-4, 2 * stock_gap), gaps
     assert (torch.load(tmp_path / "logits-profile.pt") - stock).abs().max().item() > 1e-2  # the profile acts
+
     for rank in range(3):
         message = (tmp_path / f"errors-{rank}.txt").read_text()
         assert "(30, 6)" in message and "[30, 9]" in message and f"rank {rank}" in message, message
+
+    _check_monitored_shards(model, profile, tmp_path)
+
+
+def _check_monitored_shards(model, profile, out):
+    """Every rank's monitor gathered the other ranks' heads: its records equal the single-process
+    records of the same requests (to the sharding's rounding), rank 0 alone wrote the log, and a
+    guard was refused on every rank with the reason."""
+    import json
+
+    from .helpers.tp_worker import monitored_requests
+
+    with sinkfix.patch(model, profile):
+        single = monitored_requests(model)
+    per_rank = [json.loads((out / f"records-{rank}.json").read_text()) for rank in range(3)]
+    logged = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+    assert [r["domain"] for r in logged] == ["prose", "code"]  # one writer: rank 0, each request once
+
+    def numbers(nested):  # the log writes NaN as null
+        return [numbers(x) for x in nested] if isinstance(nested, list) else float("nan") if nested is None else nested
+
+    def close(got, want, atol):
+        got = torch.tensor(numbers(got), dtype=torch.float64)
+        want = torch.tensor(numbers(want), dtype=torch.float64)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, equal_nan=True)
+
+    for records in [*per_rank, logged]:
+        for got, want in zip(records, single, strict=True):
+            assert len(got["sink_share"][0]) == 9 and len(got["value_drain"][0]) == 3  # the whole model's heads
+            for key in ("tokens", "prompt_tokens", "decoded_tokens", "rows", "dormant_heads", "hidden_sinks"):
+                assert got[key] == want[key], key
+            for key, atol in (("sink_share", 1e-5), ("sink_share_unscaled", 1e-5), ("dormancy", 1e-4),
+                              ("value_drain", 1e-4), ("residual_peak", 1e-2)):
+                close(got[key], want[key], atol)
+            close(got["correction"]["moved_share"], want["correction"]["moved_share"], 1e-5)
+    for rank in range(3):
+        assert "tensor parallelism" in (out / f"guard-{rank}.txt").read_text()

@@ -9,7 +9,8 @@ report`` reads the log back.
 
 Modules: ``prompt`` (what is measured once per request), ``accumulate`` (device-side sums),
 ``records`` (the log schema), ``guard`` (the fallback and the statistics a profile carries),
-``outputs`` (log, Prometheus), ``requests`` (request files), ``report`` (reading logs back).
+``outputs`` (log, Prometheus), ``requests`` (request files), ``report`` (reading logs back),
+``sharded`` (a tensor-parallel model's heads gathered across its ranks).
 """
 
 from sinkfix.errors import MonitorError

@@ -32,6 +32,7 @@ from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
 from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
+from sinkfix.telemetry.sharded import TensorParallelGroup
 
 __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
 
@@ -106,7 +107,13 @@ class Monitor:
         from sinkfix.analysis.inspection import model_summary
 
         self.model = model
+        self.log = self.exporter = None
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
+        try:
+            self._sharded = _sharded(model, self._handle, guard)
+        except BaseException:
+            self.close()
+            raise
         self.guard = _as_guard(guard, guard_margin, self._handle, model)
         self.sample_rows, self.hidden_sink_threshold, self.min_queries = sample_rows, hidden_sink_threshold, min_queries
         self.session = uuid.uuid4().hex[:12]
@@ -118,14 +125,16 @@ class Monitor:
         self._layouts: dict = {}
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self.records: list[dict] = []  # the last request's records
-        self.log = self.exporter = None
+        # sharded: every rank builds the whole model's records, rank 0 of the group emits them
+        emits = self._sharded is None or self._sharded.rank == 0
         try:
-            self.log = None if log is None else JsonlLog(log)
-            self.exporter = None if prometheus_port is None else PrometheusExporter(prometheus_port, prometheus_host)
+            self.log = None if log is None or not emits else JsonlLog(log)
+            self.exporter = (None if prometheus_port is None or not emits
+                             else PrometheusExporter(prometheus_port, prometheus_host))
         except BaseException:
             self.close()
             raise
-        self.callback = callback
+        self.callback = callback if emits else None
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -281,11 +290,14 @@ class Monitor:
             return
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
+        betas = [lp.beta for lp in self._handle.layer_policies()]
+        num_heads, kv_heads = self._handle.num_heads(), req.acc.kv_heads
+        if self._sharded is not None:  # the other ranks' heads (telemetry/sharded.py)
+            values, betas, num_heads, kv_heads = _gather_shards(self._sharded, values, betas, num_heads, kv_heads)
         info = RequestInfo(
             req.id, req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),
-            [lp.beta for lp in self._handle.layer_policies()], self._handle.identity_layers,
-            None if req.decision is None else req.decision.rows)
-        records = build_records(values, info, self._handle.num_heads(), req.acc.kv_heads)
+            betas, self._handle.identity_layers, None if req.decision is None else req.decision.rows)
+        records = build_records(values, info, num_heads, kv_heads)
         for record in records:
             record["session"] = self.session
             if self.log is not None:
@@ -313,6 +325,35 @@ def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
         raise MonitorError("this model is not patched: call sinkfix.patch(model, policy) first, or pass "
                            "patch_if_needed=True to monitor the stock model (the identity policy)")
     return patch(model, Policy()), True
+
+
+def _sharded(model: nn.Module, handle, guard: Any) -> TensorParallelGroup | None:
+    """The tensor-parallel group of a sharded model (None when it is not sharded)."""
+    if handle.tensor_parallel is None:
+        return None
+    if guard is not None:
+        raise MonitorError("the guard is not available on a model sharded with tensor parallelism: each rank "
+                           "sees only its own heads, and a rank that switched its correction off and ran the "
+                           "prompt again alone would leave the others waiting in the collective; monitor without "
+                           "a guard (the records still cover every head)")
+    heads = handle.num_heads()
+    if len(set(heads)) != 1:
+        raise MonitorError(f"a sharded model whose layers have different head counts ({sorted(set(heads))}) "
+                           "cannot be gathered into one record")
+    return TensorParallelGroup.of(model, *handle.tensor_parallel)
+
+
+def _gather_shards(group: TensorParallelGroup, values: dict, betas: list, num_heads: list[int],
+                   kv_heads: list[int]) -> tuple[dict, list, list[int], list[int]]:
+    """This rank's request values with every rank's heads put side by side (one collective)."""
+    kv = max(kv_heads, default=0)
+    fields = {name: (values[name], 2) for name in ("stats", "drain_weight", "hidden_sinks", "hidden_part")}
+    fields["value_drain"] = (values["value_drain"][:, :, :kv], 2)
+    fields["betas"] = (torch.stack([beta.detach().double().cpu() for beta in betas]), 1)
+    gathered = group.gather_heads(fields)
+    whole = {**values, **{name: gathered[name] for name in fields if name != "betas"}}
+    return (whole, list(gathered["betas"].unbind(0)), [h * group.size for h in num_heads],
+            [k * group.size for k in kv_heads])
 
 
 def _as_guard(guard: Any, margin: float, handle, model: nn.Module) -> Guard | None:
