@@ -547,3 +547,40 @@ def test_sharded_model_without_a_process_group_is_a_clear_error():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(MonitorError, match="torch.distributed is not initialised"):
         TensorParallelGroup.of(tiny_model("llama"), 0, 2)
+
+
+@pytest.mark.parametrize("cache", ["streaming", "quantized"])
+def test_sink_caches_are_monitored_as_the_calls_attend(cache, one_thread):
+    """With a SinkCache that evicts (streaming) or quantizes what it holds, each decode step attends
+    to the cache's contents, and the record's sink shares are those of the calls as they ran: the
+    same sums taken by an observer (the split path's own sink mass) over the same generate."""
+    from sinkfix.caches import SinkCache
+
+    model = tiny_model("llama")
+    ids = _ids(1, 20, seed=3)
+    make = {"streaming": lambda: SinkCache(model.config, n_sink=2, window=8),
+            "quantized": lambda: SinkCache(model.config, n_sink=2, window=None, bits=4, residual_length=4)}[cache]
+    settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    mass, rows, widths = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), set()
+
+    def observe(call):
+        q_len, k_len = call.query.shape[2], call.key.shape[2]
+        first = max(0, 1 - (k_len - q_len))  # causal: rows before it see only the sink
+        kept = call.result.sink_mass[0, :, first:].double()
+        mass[call.layer] += kept.sum(-1)
+        rows[call.layer] += kept.shape[-1]
+        if q_len == 1:
+            widths.add(k_len)
+
+    with sinkfix.patch(model, sinkfix.Policy()) as handle, torch.no_grad():
+        with handle.observing(observe):
+            observed = model.generate(input_ids=ids, cache=make(), **settings)
+        with sinkfix.monitor(model) as monitor:
+            with monitor.request():
+                monitored = model.generate(input_ids=ids, cache=make(), **settings)
+    (record,) = monitor.records
+    assert torch.equal(observed, monitored)
+    if cache == "streaming":  # the decode steps saw the 2 sinks + 8 recent tokens (+ the new one), not 20+
+        assert max(widths) <= 11
+    assert record["tokens"] == 31 and record["rows"] == [int(rows[0])] * 2 == [30, 30]
+    torch.testing.assert_close(_tensor(record["sink_share"]), mass / rows[:, None], atol=1e-5, rtol=0)
