@@ -109,6 +109,56 @@ def test_compiled_static_cache_generation(policy, one_thread):
         assert torch.equal(compiled, stock)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_monitored_compiled_generation_compiles_once_and_records_as_eager(padded, one_thread):
+    """A monitored generate() with a static cache and compiled decoding: the decode steps compile
+    once (each step used to read a Python list that grew per step, so dynamo compiled again at every
+    step until its recompile limit stopped the request), and the records equal the eager ones:
+    sink shares, dormancy, and the residual peaks over every token, decode steps included (written
+    by the compiled steps into a device buffer)."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones_like(ids)
+    if padded:
+        ids[0, :3], attention_mask[0, :3] = 0, 0
+    kwargs = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=12, min_new_tokens=12,
+                  do_sample=False, eos_token_id=None, cache_implementation="static")
+    graphs = []
+
+    def counting_backend(graph, example_inputs, **options):  # transformers passes its mode along
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_backend)
+    config._compile_all_devices = True  # transformers compiles decoding on CUDA only unless told
+    torch._dynamo.reset()
+    with sinkfix.patch(model, _policies(2, 4)["profile"]), sinkfix.monitor(model) as monitor, torch.no_grad():
+        with monitor.request():
+            eager_tokens = model.generate(**kwargs)
+        eager = monitor.records
+        with monitor.request():
+            model(input_ids=ids, attention_mask=attention_mask)  # the prompt alone
+        prompt_only = monitor.records
+        for _ in range(2):  # the second request reuses the compiled step
+            with monitor.request():
+                compiled_tokens = model.generate(**kwargs, compile_config=config)
+            compiled = monitor.records
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled for 11 decode steps of two requests"
+    assert torch.equal(compiled_tokens, eager_tokens)
+    for got, want, prompt in zip(compiled, eager, prompt_only, strict=True):
+        assert got["tokens"] == want["tokens"] and got["decoded_tokens"] == want["decoded_tokens"] == 11
+        assert got["rows"] == want["rows"] and got["dormant_heads"] == want["dormant_heads"]
+        for key in ("sink_share", "dormancy"):
+            torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), atol=1e-5, rtol=0)
+        assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+        assert got["residual_peak_position"] == want["residual_peak_position"]
+        # the decode tokens are in the peak ratio (its median): without them it is another number
+        assert got["residual_peak"] != pytest.approx(prompt["residual_peak"], rel=1e-3)
+
+
 def test_compiled_before_patching_follows_the_patch(one_thread):
     """A model compiled first and patched (or unpatched) later never runs stale code: the compiled
     callable re-traces when the patch state changes. Patching the compiled wrapper works too."""

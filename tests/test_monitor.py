@@ -584,3 +584,30 @@ def test_sink_caches_are_monitored_as_the_calls_attend(cache, one_thread):
         assert max(widths) <= 11
     assert record["tokens"] == 31 and record["rows"] == [int(rows[0])] * 2 == [30, 30]
     torch.testing.assert_close(_tensor(record["sink_share"]), mass / rows[:, None], atol=1e-5, rtol=0)
+
+
+def test_compiled_decode_steps_fill_the_buffer_and_say_when_it_is_full(monkeypatch):
+    """Decode steps traced by dynamo write their residual norms into the preallocated buffer (no list
+    grows); the peak ratio is over the prompt and the kept steps, a step past the buffer's end is not
+    kept, and reading says so."""
+    from sinkfix.telemetry.accumulate import RequestAccumulator
+
+    g = torch.Generator().manual_seed(7)
+    acc = RequestAccumulator([2, 2], batch=1, device=torch.device("cpu"), decode_capacity=3)
+    hidden = [torch.randn(1, 12, 4, generator=g)] + [torch.randn(1, 1, 4, generator=g) * (1 + i) for i in range(5)]
+    for index, h in enumerate(hidden):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: index > 0)  # the decode steps are traced
+        acc.begin_forward(torch.ones(1, h.shape[1], dtype=torch.bool))
+        for layer in range(2):
+            acc.add_attention(layer, torch.rand(1, 2, 2, generator=g))
+            acc.add_residual(layer, h * (layer + 1))
+        acc.end_forward()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert len(acc.real) == len(acc.norms) == 1  # only the prompt went to the lists
+    with pytest.warns(RuntimeWarning, match="more tokens under torch.compile than the residual-norm buffer holds"):
+        values = acc.read()
+    kept = torch.linalg.vector_norm(torch.cat(hidden[:4], dim=1), dim=-1)[0]  # the prompt and 3 of 5 steps
+    for layer in range(2):
+        norms = kept * (layer + 1)
+        torch.testing.assert_close(values["residual_peak"][layer, 0].float(), norms.max() / norms.median())
+    assert values["tokens"].tolist() == [17.0]  # every token is counted, kept or not

@@ -8,12 +8,24 @@ moves everything to the CPU in a single transfer.
 
 A decode step is made of small ops, so what it costs is their count: the per-layer work of a step is
 a Python list append (the attention call's statistics, the decoder layer's output), and one
-``stack`` + ``add_`` (statistics) and one ``stack`` + norm (residuals) fold the whole step in when
-the next forward starts or the request is read. Done per layer, the same updates took 1.4 ms of a
-63 ms SmolLM2 step on one CPU thread (22 us per attention call, 25 us per residual norm).
+``stack`` + ``add_`` (statistics) and one ``stack`` + norm (residuals) fold the whole step in after
+its last decoder layer (or when the next forward starts, or the request is read). Done per layer, the
+same updates took 1.4 ms of a 63 ms SmolLM2 step on one CPU thread (22 us per attention call, 25 us
+per residual norm).
+
+**Compiled decoding.** ``torch.compile`` traces these updates into the model's graph and guards the
+graph on every Python value they read, so nothing a decode step reads may change from one step to
+the next: a list that grows per step (the forwards' residual norms) made dynamo compile the model
+again at every step until its recompile limit stopped the request (``generate`` with a static cache
+and a ``compile_config``, 10 new tokens: "recompile limit exceeded"). Under dynamo the decode steps
+therefore write their residual norms into a preallocated device buffer at a device-side position
+(no Python state changes), sized by the static cache the prompt's forward used; eager forwards keep
+one tensor per forward, unbounded.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -25,6 +37,11 @@ __all__ = ["RequestAccumulator", "read_once"]
 #: is folded in (a few vectors per layer); longer ones (prompts) take each layer's norms at once, so
 #: no layer's hidden states outlive the layer.
 DEFERRED_NORM_TOKENS = 8
+
+#: Decode tokens the compiled path's residual-norm buffer holds when the prompt's cache states no
+#: maximum length (transformers compiles decoding only with a cache that does; beyond it a token's
+#: norms are not kept, and the record's peak is over the tokens that were, with a warning).
+DEFAULT_DECODE_CAPACITY = 2048
 
 
 def read_once(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,7 +67,8 @@ class RequestAccumulator:
     exact over all its tokens.
     """
 
-    def __init__(self, num_heads: list[int], batch: int, device: torch.device) -> None:
+    def __init__(self, num_heads: list[int], batch: int, device: torch.device,
+                 decode_capacity: int | None = None) -> None:
         layers, heads = len(num_heads), max(num_heads)
         zeros = dict(device=device, dtype=torch.float32)
         self.batch = batch
@@ -65,13 +83,23 @@ class RequestAccumulator:
         self.prompt_tokens = torch.zeros(batch, dtype=torch.float64, device=device)
         self.norms: list[torch.Tensor] = []  # per forward: (L, B, Q) residual norms, NaN for a layer without a hook
         self.real: list[torch.Tensor] = []
-        self.forwards = 0
         self.in_prompt = True
+        self._began = False  # flips once (the prompt's forward): a compiled decode step always reads True
         self._all_layers = list(range(layers))
-        # the current forward's updates, folded in by _fold()
+        # the current forward's updates, folded in by fold()
         self._pending_stats: list[tuple[int, torch.Tensor]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
+        # compiled decode steps (module docstring): norms and real-token flags at a device-side position
+        self._into_buffer = False
+        self._buffer_real: torch.Tensor | None = None
+        self._buffer_used = False  # set by a compiled step, read only on the host
+        self._decode_norms = self._decode_real = self._decode_at = self._decode_overflow = None
+        if decode_capacity is not None:
+            self._decode_norms = torch.full((layers, batch, decode_capacity), float("nan"), **zeros)
+            self._decode_real = torch.zeros(batch, decode_capacity, dtype=torch.bool, device=device)
+            self._decode_at = torch.zeros((), dtype=torch.long, device=device)
+            self._decode_overflow = torch.zeros((), dtype=torch.bool, device=device)
 
     @property
     def stats(self) -> torch.Tensor:
@@ -83,14 +111,25 @@ class RequestAccumulator:
     def begin_forward(self, real: torch.Tensor) -> None:
         """real (B, Q) bool: which of the forward's new tokens are real (not padding)."""
         self._fold()
-        self.in_prompt = self.forwards == 0
-        self.forwards += 1
-        self.real.append(real)
+        self.in_prompt = not self._began
+        self._began = True
+        # a compiled decode step: its norms go to the device buffer, not to a list that grows
+        self._into_buffer = (not self.in_prompt and self._decode_norms is not None
+                             and torch.compiler.is_compiling())
+        if self._into_buffer:
+            self._buffer_real = real
+        else:
+            self.real.append(real)
         self._norms_deferred = real.shape[1] <= DEFERRED_NORM_TOKENS
         count = real.sum(-1)
         self.tokens.add_(count)
         if self.in_prompt:
             self.prompt_tokens.add_(count)
+
+    def end_forward(self) -> None:
+        """The forward's last decoder layer ran: fold its updates in now, inside the same forward (a
+        compiled step then leaves no pending Python state for the next one to read)."""
+        self._fold()
 
     def add_attention(self, layer: int, sink_stats: torch.Tensor) -> None:
         self._pending_stats.append((layer, sink_stats))
@@ -139,19 +178,42 @@ class RequestAccumulator:
 
     def _fold_norms(self) -> None:
         pending, self._pending_norms = self._pending_norms, {}
+        if self._into_buffer:
+            self._into_buffer = False
+            self._write_buffer(self._forward_norms(pending, self._buffer_real.shape), self._buffer_real)
+            return
         if not self.real or len(self.norms) == len(self.real):
             return  # no forward yet, or this one is already folded
-        layers, shape = len(self._all_layers), self.real[-1].shape
+        self.norms.append(self._forward_norms(pending, self.real[-1].shape))
+
+    def _forward_norms(self, pending: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        """(L, B, Q) norms of one forward from its layers' pending entries; NaN for a layer without a hook."""
+        layers = len(self._all_layers)
         if not pending:
-            self.norms.append(torch.full((layers, *shape), float("nan"), device=self._stats.device))
-            return
+            return torch.full((layers, *shape), float("nan"), device=self._stats.device)
         ordered = [pending[layer] for layer in sorted(pending)]
         norms = _norms(torch.stack(ordered)) if self._norms_deferred else torch.stack(ordered)
         if len(pending) < layers:  # a layer without a decoder hook
             full = torch.full((layers, *shape), float("nan"), device=norms.device)
             full[sorted(pending)] = norms
             norms = full
-        self.norms.append(norms)
+        return norms
+
+    def _write_buffer(self, norms: torch.Tensor, real: torch.Tensor) -> None:
+        """A compiled decode step's (L, B, Q) norms at the buffer's device-side position: device ops
+        only. Tokens past the buffer's end are not kept (their slot keeps what it holds) and the
+        overflow flag is set."""
+        capacity = self._decode_norms.shape[-1]
+        slots = self._decode_at + torch.arange(real.shape[1], device=real.device)
+        fits = slots < capacity
+        self._decode_overflow |= ~fits.all()
+        slots = slots.clamp(max=capacity - 1)
+        kept_norms = self._decode_norms.index_select(2, slots)
+        kept_real = self._decode_real.index_select(1, slots)
+        self._decode_norms.index_copy_(2, slots, torch.where(fits, norms.to(kept_norms.dtype), kept_norms))
+        self._decode_real.index_copy_(1, slots, torch.where(fits, real, kept_real))
+        self._decode_at += real.shape[1]
+        self._buffer_used = True
 
     def _fold(self) -> None:
         self._fold_stats()
@@ -165,8 +227,12 @@ class RequestAccumulator:
         if not self.real:
             nan = torch.full((layers, self.batch), float("nan"), device=self._stats.device)
             return nan, nan
-        real = torch.cat(self.real, dim=1)  # (B, T)
-        norms = torch.cat(self.norms, dim=-1)  # (L, B, T)
+        reals, norm_parts = list(self.real), list(self.norms)
+        if self._buffer_used:  # compiled decode steps; slots never written are not real
+            reals.append(self._decode_real)
+            norm_parts.append(self._decode_norms)
+        real = torch.cat(reals, dim=1)  # (B, T)
+        norms = torch.cat(norm_parts, dim=-1)  # (L, B, T)
         median = torch.nanmedian(norms.masked_fill(~real, float("nan")), dim=-1).values
         peak, index = norms.masked_fill(~real, float("-inf")).max(dim=-1)
         position = (real.cumsum(-1) - 1).expand(layers, -1, -1).gather(-1, index[..., None]).squeeze(-1)
@@ -176,11 +242,19 @@ class RequestAccumulator:
         """Everything, on the host, in one transfer."""
         self._fold()
         peak, position = self._residual_peaks()
-        return read_once({
+        parts = {
             "stats": self._stats, "drain_weight": self.drain_weight, "value_drain": self.value_drain,
             "hidden_sinks": self.hidden_sinks, "hidden_part": self.hidden_part, "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens, "residual_peak": peak, "peak_position": position,
-        })
+        }
+        if self._buffer_used:
+            parts["decode_overflow"] = self._decode_overflow
+        values = read_once(parts)
+        if self._buffer_used and bool(values.pop("decode_overflow")):
+            warnings.warn(f"this request decoded more tokens under torch.compile than the residual-norm buffer holds "
+                          f"({self._decode_norms.shape[-1]}, the prompt's cache states no maximum length): its "
+                          "residual peaks leave the tokens past that out", RuntimeWarning, stacklevel=3)
+        return values
 
 
 def _norms(hidden: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD
 from sinkfix.errors import MonitorError
-from sinkfix.telemetry.accumulate import RequestAccumulator
+from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
 from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_many, sample_call
@@ -78,6 +78,19 @@ def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
 
 def _cache_of(kwargs: dict) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _compiled_decode_capacity(cache: Any) -> int | None:
+    """Decode tokens the accumulator's compiled-step buffer must hold (telemetry/accumulate.py): the
+    cache's maximum length when the cache is one transformers compiles decoding with (a static
+    cache); None (no buffer) otherwise: eager decode steps need none."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    try:
+        most = int(cache.get_max_length())
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        most = -1
+    return most if most > 0 else DEFAULT_DECODE_CAPACITY
 
 
 def _rollback(cache: Any, before: int | None, added: int) -> bool:
@@ -222,7 +235,8 @@ class Monitor:
         batch, q_len = hidden.shape[0], hidden.shape[1]
         self._measure_sampled()  # a forward whose last decoder layer had no hook
         if req.acc is None:
-            req.acc = RequestAccumulator(self._handle.num_heads(), batch, hidden.device)
+            req.acc = RequestAccumulator(self._handle.num_heads(), batch, hidden.device,
+                                         decode_capacity=_compiled_decode_capacity(_cache_of(kwargs)))
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
@@ -255,9 +269,12 @@ class Monitor:
 
     def _residual_hook(self, layer: int, last: bool):
         def hook(module: nn.Module, args, output) -> None:
-            self._request.acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
-            if last and self._sampled:
-                self._measure_sampled()
+            acc = self._request.acc
+            acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
+            if last:
+                if self._sampled:
+                    self._measure_sampled()
+                acc.end_forward()
 
         return hook
 
