@@ -461,6 +461,10 @@ def test_bad_use_is_a_clear_error(tmp_path, one_thread):
                 monitor.forward(input_ids=_ids(2, 8), domain=["a", "b", "c"])
             assert monitor._request is None  # a failed request leaves the monitor usable
             assert _one_request(monitor, model, input_ids=_ids(1, 8))["tokens"] == 8
+    with sinkfix.patch(model, sinkfix.Policy.act()):  # refused at creation, not at the first request
+        with pytest.raises(MonitorError, match="not implemented for content-dependent sinks"):
+            sinkfix.monitor(model, log=tmp_path / "content.jsonl")
+        assert not (tmp_path / "content.jsonl").exists()
 
 
 def test_port_already_in_use(one_thread):

@@ -123,6 +123,7 @@ class Monitor:
         self.log = self.exporter = None
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
         try:
+            _check_supported(self._handle)
             self._sharded = _sharded(model, self._handle, guard)
         except BaseException:
             self.close()
@@ -342,6 +343,15 @@ def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
         raise MonitorError("this model is not patched: call sinkfix.patch(model, policy) first, or pass "
                            "patch_if_needed=True to monitor the stock model (the identity policy)")
     return patch(model, Policy()), True
+
+
+def _check_supported(handle) -> None:
+    """Refuse at creation what the attention calls would refuse at the first request."""
+    content = [lp.layer for lp in handle.layer_policies() if lp.content is not None]
+    if content:
+        raise MonitorError(f"telemetry is not implemented for content-dependent sinks (Policy(content_sinks=...), "
+                           f"layers {content[0]}..{content[-1]} of this patch): monitor the model patched with a "
+                           "positional policy or the stock model")
 
 
 def _sharded(model: nn.Module, handle, guard: Any) -> TensorParallelGroup | None:
