@@ -86,10 +86,13 @@ def _compiled_decode_capacity(cache: Any) -> int | None:
     cache); None (no buffer) otherwise: eager decode steps need none."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return None
-    try:
-        most = int(cache.get_max_length())
-    except (AttributeError, TypeError, ValueError, NotImplementedError):
-        most = -1
+    most = -1
+    for name in ("get_max_length", "get_max_cache_shape"):  # the second is the older transformers' name
+        try:
+            most = int(getattr(cache, name)())
+            break
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            continue
     return most if most > 0 else DEFAULT_DECODE_CAPACITY
 
 
