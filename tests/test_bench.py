@@ -473,3 +473,24 @@ def test_runner_imports_neither_rich_nor_matplotlib():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"rich", "matplotlib", "tqdm"}
+
+
+def test_overhead_without_prefills_judges_the_decode_steps_only():
+    """``bench_monitor_overhead.py --compiled-decode`` times no prefill (transformers runs the prompt
+    eagerly there): its rows carry NaN prefill numbers and no prefill interval, and the verdict
+    counts the decode cells alone."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_monitor_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    steps = [(0.050 + 0.001 * (i % 3), 0.049 + 0.001 * (i % 3)) for i in range(30)]
+    raw = {"off": {"prefill": [], "steps": steps},
+           "on (sample 32)": {"prefill": [], "steps": [(w * 1.02, c * 1.02) for w, c in steps]}}
+    table = bench._ratios(raw)
+    on = table["on (sample 32)"]
+    assert math.isnan(on["prefill_cpu_ratio"]) and "prefill_cpu_interval" not in on
+    assert on["decode_cpu_ratio"] == pytest.approx(1.02) and on["decode_cpu_interval"]["low"] <= 1.02
+    verdict = bench._verdict({"sink_scale=0.9": table})
+    assert len(verdict) == 1 and verdict[0].startswith("decode <= 1.05x: 1 of 1 cells")
