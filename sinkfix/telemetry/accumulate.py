@@ -86,7 +86,7 @@ class RequestAccumulator:
         self.in_prompt = True
         self._began = False  # flips once (the prompt's forward): a compiled decode step always reads True
         self._all_layers = list(range(layers))
-        # the current forward's updates, folded in by fold()
+        # the current forward's updates, folded in by _fold() (end_forward, begin_forward, read)
         self._pending_stats: list[tuple[int, torch.Tensor]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
