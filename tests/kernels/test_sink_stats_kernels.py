@@ -279,3 +279,51 @@ def test_monitored_model_on_the_triton_backend_matches_the_torch_backend(monkeyp
     # guards the comparison: real shares (about 0.14 on this random model) that differ between
     # heads and layers by far more than the tolerance
     assert 0.05 < share["torch"].mean() < 0.95 and share["torch"].std() > 100 * 1e-5
+
+
+def test_monitored_compiled_decoding_on_the_triton_backend(monkeypatch):
+    """transformers' compiled decoding (static cache, fullgraph) of a model patched with
+    backend='triton' and monitored: the attention is the opaque statistics op (its fake
+    implementation gives dynamo the shapes), the decode step compiles once, and the record equals
+    the eager one. Under the interpreter the compiled graph runs as traced (a counting backend);
+    on a GPU the same test runs the kernels natively."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama").to(DEVICE)
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    kwargs = dict(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
+                  cache_implementation="static")
+    graphs = []
+
+    def counting_backend(graph, example_inputs, **options):
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_backend)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    launched = []
+    real = kernels.sink_attention_triton
+    monkeypatch.setattr(kernels, "sink_attention_triton", lambda *a, **kw: launched.append(kw) or real(*a, **kw))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.8), backend="triton"), \
+                sinkfix.monitor(model) as monitor, torch.no_grad():
+            with monitor.request():
+                eager_tokens = model.generate(**kwargs)
+            (eager,) = monitor.records
+            eager_launches = len(launched)
+            with monitor.request():
+                compiled_tokens = model.generate(**kwargs, compile_config=config)
+            (compiled,) = monitor.records
+    finally:
+        torch.set_num_threads(threads)
+    assert len(graphs) == 1 and torch.equal(compiled_tokens, eager_tokens)
+    # every call of both requests ran the kernels' statistics variant (2 layers x 10 forwards each)
+    assert eager_launches == 20 and len(launched) == 40 and all(kw["sink_stats"] is not None for kw in launched)
+    assert compiled["tokens"] == eager["tokens"] == 18 and compiled["rows"] == eager["rows"]
+    torch.testing.assert_close(torch.tensor(compiled["sink_share"]), torch.tensor(eager["sink_share"]),
+                               atol=1e-5, rtol=0)
+    assert compiled["residual_peak"] == pytest.approx(eager["residual_peak"], rel=1e-4)
