@@ -31,7 +31,7 @@ import torch
 
 from sinkfix.telemetry.prompt import PromptMeasures
 
-__all__ = ["RequestAccumulator", "read_once"]
+__all__ = ["RequestAccumulator", "flatten_fp64", "read_once", "unflatten"]
 
 #: Forwards with at most this many new tokens keep their decoder layers' outputs until the forward
 #: is folded in (a few vectors per layer); longer ones (prompts) take each layer's norms at once, so
@@ -44,17 +44,25 @@ DEFERRED_NORM_TOKENS = 8
 DEFAULT_DECODE_CAPACITY = 2048
 
 
+def flatten_fp64(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Several tensors as one fp64 vector, in the dict's order (:func:`unflatten` cuts it back)."""
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in parts.values()])
+
+
+def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``flat`` (from :func:`flatten_fp64` of tensors shaped as ``like``'s) cut back into those shapes."""
+    out, start = {}, 0
+    for name, tensor in like.items():
+        count = tensor.numel()
+        out[name] = flat[start:start + count].reshape(tensor.shape)
+        start += count
+    return out
+
+
 def read_once(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy several device tensors to the host in one transfer (one synchronisation): flattened
     into one fp64 vector, moved, and cut back into the original shapes."""
-    names = list(parts)
-    flat = torch.cat([parts[n].detach().reshape(-1).to(torch.float64) for n in names]).cpu()
-    out, start = {}, 0
-    for name in names:
-        count = parts[name].numel()
-        out[name] = flat[start:start + count].reshape(parts[name].shape)
-        start += count
-    return out
+    return unflatten(flatten_fp64(parts).cpu(), parts)
 
 
 class RequestAccumulator:

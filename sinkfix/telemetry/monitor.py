@@ -125,16 +125,8 @@ class Monitor:
         self.model = model
         self.log = self.exporter = None
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
-        try:
-            _check_supported(self._handle)
-            self._sharded = _sharded(model, self._handle, guard)
-        except BaseException:
-            self.close()
-            raise
-        self.guard = _as_guard(guard, guard_margin, self._handle, model)
         self.sample_rows, self.hidden_sink_threshold, self.min_queries = sample_rows, hidden_sink_threshold, min_queries
         self.session = uuid.uuid4().hex[:12]
-        self._model_name = str(model_summary(model)["name"])
         self._counter = itertools.count()
         self._request: _Request | None = None
         self._hooks: list = []
@@ -142,9 +134,13 @@ class Monitor:
         self._layouts: dict = {}
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self.records: list[dict] = []  # the last request's records
-        # sharded: every rank builds the whole model's records, rank 0 of the group emits them
-        emits = self._sharded is None or self._sharded.rank == 0
-        try:
+        try:  # anything refused below leaves the model as it was (close() removes a patch made here)
+            _check_supported(self._handle)
+            self._sharded = _sharded(model, self._handle, guard)
+            self.guard = _as_guard(guard, guard_margin, self._handle, model)
+            self._model_name = str(model_summary(model)["name"])
+            # sharded: every rank builds the whole model's records, rank 0 of the group emits them
+            emits = self._sharded is None or self._sharded.rank == 0
             self.log = None if log is None or not emits else JsonlLog(log)
             self.exporter = (None if prometheus_port is None or not emits
                              else PrometheusExporter(prometheus_port, prometheus_host))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sinkfix.errors import MonitorError
+from sinkfix.telemetry.accumulate import flatten_fp64, unflatten
 
 __all__ = ["TensorParallelGroup"]
 
@@ -63,17 +64,9 @@ class TensorParallelGroup:
         r*h .. r*h + h - 1), as fp64 on the CPU. One collective for all of them."""
         import torch.distributed as dist
 
-        names = list(fields)
-        local = [fields[name][0].detach().to(torch.float64) for name in names]
-        flat = torch.cat([t.reshape(-1) for t in local]).to(self.device)
+        local = {name: tensor for name, (tensor, _) in fields.items()}
+        flat = flatten_fp64(local).to(self.device)
         gathered = [torch.empty_like(flat) for _ in range(self.size)]
         dist.all_gather(gathered, flat, group=self.group)
-        blocks = [block.cpu() for block in gathered]
-        out: dict[str, torch.Tensor] = {}
-        start = 0
-        for name, tensor in zip(names, local):
-            count = tensor.numel()
-            parts = [block[start:start + count].reshape(tensor.shape) for block in blocks]
-            out[name] = torch.cat(parts, dim=fields[name][1])
-            start += count
-        return out
+        blocks = [unflatten(block.cpu(), local) for block in gathered]
+        return {name: torch.cat([block[name] for block in blocks], dim=dim) for name, (_, dim) in fields.items()}
