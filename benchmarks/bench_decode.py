@@ -40,7 +40,7 @@ import torch
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
 from sinkfix.bench.stats import ratio_of_block_medians
-from sinkfix.bench.timing import CLOCKS, decode_step_times, time_prefill
+from sinkfix.bench.timing import CLOCKS, compiled_decoding, decode_step_times, time_prefill
 
 TARGETS = {("decode", "eager"): 1.10, ("decode", "compiled"): 1.05, ("prefill", "eager"): 1.05,
            ("prefill", "compiled"): 1.05}
@@ -63,8 +63,6 @@ def _policies(model, spec: str | None) -> dict[str, Any]:
 
 
 def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args) -> dict[str, dict[str, list[float]]]:
-    from transformers import CompileConfig
-
     pad = model.generation_config.pad_token_id or 0
     extra = prefill_kwargs(model)
     decode_kwargs: dict[str, Any] = {}
@@ -73,9 +71,7 @@ def _measure(model, variants: dict[str, Any], ids: torch.Tensor, mode: str, args
         # a new thread count is a new global state to dynamo: every variant's graphs would be
         # compiled again on top of the previous thread count's and hit the recompile limit
         torch._dynamo.reset()
-        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-        config._compile_all_devices = True  # transformers compiles decoding on accelerators only unless told
-        decode_kwargs = dict(cache_implementation="static", compile_config=config)
+        decode_kwargs = compiled_decoding()
         prefill_model = torch.compile(model, fullgraph=True, dynamic=False)
 
     def run(name: str) -> dict[str, list[float]]:

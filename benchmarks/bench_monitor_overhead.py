@@ -46,6 +46,7 @@ import torch
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
 from sinkfix.bench.stats import ratio_of_medians
+from sinkfix.bench.timing import compiled_decoding
 from sinkfix.evaluate import bos_token_id, tokenize
 from sinkfix.telemetry import SAMPLE_ROWS
 from sinkfix.texts import domain_text
@@ -96,19 +97,12 @@ class _Steps:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _compile_config():
-    from transformers import CompileConfig
-
-    config = CompileConfig(fullgraph=True, dynamic=False)
-    config._compile_all_devices = True  # transformers compiles decoding on CUDA only unless told
-    return config
-
-
 def _decode(model, ids: torch.Tensor, new_tokens: int, skip: int, compiled: bool = False) -> list[tuple[float, float]]:
     from transformers import GenerationConfig, StoppingCriteriaList
 
     clock = _Steps()
-    settings = dict(cache_implementation="static", compile_config=_compile_config()) if compiled else {}
+    # transformers' default mode, as in the recorded run (bench_decode.py uses "default")
+    settings = compiled_decoding(mode="reduce-overhead") if compiled else {}
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               pad_token_id=0, eos_token_id=None, use_cache=True, **settings)
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,

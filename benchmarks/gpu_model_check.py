@@ -40,7 +40,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import alternate
-from sinkfix.bench.timing import decode_step_times, synchronize
+from sinkfix.bench.timing import compiled_decoding, decode_step_times, synchronize
 
 MODES = ("eager", "monitored", "compiled")
 #: Telemetry on / off ratios the monitor is held to (docs/monitoring.md, "Targets").
@@ -70,37 +70,47 @@ def variants(model) -> dict:
     return {"stock": None, "identity": sinkfix.Policy(), "per-head profile": profile}
 
 
+def _prefill_then_decode(model, forward, ids: torch.Tensor, new_tokens: int, request=contextlib.nullcontext,
+                         **decode_kwargs) -> tuple[float, list[float]]:
+    """One timed prefill through ``forward`` and the step times of one ``generate``, each inside
+    its own ``request()`` context (a monitor's request: leaving it measures the prompt and reads the
+    request once, inside the prefill's clock)."""
+    with torch.no_grad():
+        synchronize(ids.device)
+        start = time.perf_counter()
+        with request():
+            forward(input_ids=ids, use_cache=True, logits_to_keep=1)
+        synchronize(ids.device)
+        prefill = time.perf_counter() - start
+        with request():
+            steps = decode_step_times(model, ids, new_tokens, 0, **decode_kwargs)[1:]
+    return prefill, steps
+
+
+def _medians(results: dict[str, list]) -> dict[str, dict[str, float]]:
+    """{name: median prefill and median decode step} of ``alternate``'s (prefill, steps) runs."""
+    return {name: {"prefill_s": statistics.median(p for p, _ in runs),
+                   "decode_step_s": statistics.median(s for _, steps in runs for s in steps)}
+            for name, runs in results.items()}
+
+
 def measure(model, policies: dict, ids: torch.Tensor, mode: str, new_tokens: int, rounds: int,
             backend: str = "auto") -> dict:
-    from transformers import CompileConfig
-
     kwargs = {}
     forward = model
     if mode == "compiled":
-        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-        config._compile_all_devices = True
-        kwargs = dict(cache_implementation="static", compile_config=config)
+        kwargs = compiled_decoding()
         forward = torch.compile(model, fullgraph=True, dynamic=False)
 
     def run(name):
         handle = sinkfix.patch(model, policies[name], backend=backend) if policies[name] is not None else None
         try:
-            with torch.no_grad():
-                synchronize(ids.device)
-                start = time.perf_counter()
-                forward(input_ids=ids, use_cache=True, logits_to_keep=1)
-                synchronize(ids.device)
-                prefill = time.perf_counter() - start
-                steps = decode_step_times(model, ids, new_tokens, 0, **kwargs)[1:]
+            return _prefill_then_decode(model, forward, ids, new_tokens, **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
-        return prefill, steps
 
-    results = alternate(list(policies), run, repeats=rounds, warmup=1)
-    return {name: {"prefill_s": statistics.median(p for p, _ in runs),
-                   "decode_step_s": statistics.median(s for _, steps in runs for s in steps)}
-            for name, runs in results.items()}
+    return _medians(alternate(list(policies), run, repeats=rounds, warmup=1))
 
 
 def measure_monitored(model, policies: dict, ids: torch.Tensor, new_tokens: int, rounds: int,
@@ -115,26 +125,12 @@ def measure_monitored(model, policies: dict, ids: torch.Tensor, new_tokens: int,
             monitor = sinkfix.monitor(model)
             try:
                 def run(config: str):
-                    def request():
-                        return monitor.request() if config == "on" else contextlib.nullcontext()
+                    request = monitor.request if config == "on" else contextlib.nullcontext
+                    return _prefill_then_decode(model, model, ids, new_tokens, request)
 
-                    with torch.no_grad():
-                        synchronize(ids.device)
-                        start = time.perf_counter()
-                        with request():  # leaving it measures the prompt and reads the request once
-                            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                        synchronize(ids.device)
-                        prefill = time.perf_counter() - start
-                        with request():
-                            steps = decode_step_times(model, ids, new_tokens, 0)[1:]
-                    return prefill, steps
-
-                runs = alternate(["off", "on"], run, repeats=rounds, warmup=1)
+                row = _medians(alternate(["off", "on"], run, repeats=rounds, warmup=1))
             finally:
                 monitor.close()
-        row = {config: {"prefill_s": statistics.median(p for p, _ in results),
-                        "decode_step_s": statistics.median(s for _, steps in results for s in steps)}
-               for config, results in runs.items()}
         row["prefill_ratio"] = row["on"]["prefill_s"] / row["off"]["prefill_s"]
         row["decode_ratio"] = row["on"]["decode_step_s"] / row["off"]["decode_step_s"]
         out[name] = row

@@ -57,6 +57,17 @@ def time_prefill(model, ids: torch.Tensor, extra: dict[str, Any] | None = None, 
 
 
 @torch.no_grad()
+def compiled_decoding(mode: str = "default") -> dict[str, Any]:
+    """``generate`` settings for transformers' compiled decoding: a static cache and a fullgraph,
+    static-shape ``CompileConfig`` with inductor's ``mode``, on every device (transformers compiles
+    decoding on accelerators only unless told)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
 def decode_step_times(model, ids: torch.Tensor, new_tokens: int, pad_id: int, clock: str = "wall",
                       **generate_kwargs: Any) -> list[float]:
     """Step times (s, on ``clock``, one of :data:`CLOCKS`) of the ``new_tokens - 1`` cached decode
