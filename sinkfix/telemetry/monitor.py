@@ -136,6 +136,10 @@ class Monitor:
         self.records: list[dict] = []  # the last request's records
         try:  # anything refused below leaves the model as it was (close() removes a patch made here)
             _check_supported(self._handle)
+            # looked up once: walking the model's modules for them took 1.3 ms of every request
+            # (SmolLM2, one thread), and neither changes while the patch lives
+            self._layers = self._handle.decoder_layers()
+            self._num_heads = self._handle.num_heads()
             self._sharded = _sharded(model, self._handle, guard)
             self.guard = _as_guard(guard, guard_margin, self._handle, model)
             self._model_name = str(model_summary(model)["name"])
@@ -209,7 +213,7 @@ class Monitor:
         # Everything but the guard hooks a module *inside* the model (the first decoder layer, the
         # decoder layers, the attention function), so torch.compile traces it into the model's own
         # graph; hooks on the model itself would run in frames of their own.
-        layers = self._handle.decoder_layers()
+        layers = self._layers
         self._handle.add_telemetry(self._on_attention)
         first = layers[0] if layers and layers[0] is not None else self.model
         self._hooks.append(first.register_forward_pre_hook(self._before_layers, with_kwargs=True))
@@ -235,7 +239,7 @@ class Monitor:
         batch, q_len = hidden.shape[0], hidden.shape[1]
         self._measure_sampled()  # a forward whose last decoder layer had no hook
         if req.acc is None:
-            req.acc = RequestAccumulator(self._handle.num_heads(), batch, hidden.device,
+            req.acc = RequestAccumulator(self._num_heads, batch, hidden.device,
                                          decode_capacity=_compiled_decode_capacity(_cache_of(kwargs)))
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
@@ -308,7 +312,7 @@ class Monitor:
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
         betas = [lp.beta for lp in self._handle.layer_policies()]
-        num_heads, kv_heads = self._handle.num_heads(), req.acc.kv_heads
+        num_heads, kv_heads = self._num_heads, req.acc.kv_heads
         if self._sharded is not None:  # the other ranks' heads (telemetry/sharded.py)
             values, betas, num_heads, kv_heads = _gather_shards(self._sharded, values, betas, num_heads, kv_heads)
         info = RequestInfo(
