@@ -327,7 +327,7 @@ def _identity_stats(q, k, lse, layout: _Layout, visible, sink_cols, first_column
                     scale: float) -> torch.Tensor:
     """Sink statistics of plain softmax from its log-sum-exp alone: a row's sink mass is
     ``exp(s_sink - lse)``, so only the |S| sink columns are scored again (no second pass over the
-    keys). With the first-column sink of a plain layout that is one ``baddbmm`` per call."""
+    keys). With the first-column sink of a plain layout that is one product per call."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if first_column_sink and visible is None:
