@@ -109,13 +109,15 @@ def test_compiled_static_cache_generation(policy, one_thread):
         assert torch.equal(compiled, stock)
 
 
+@pytest.mark.parametrize("policy", ["profile", "identity"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_monitored_compiled_generation_compiles_once_and_records_as_eager(padded, one_thread):
+def test_monitored_compiled_generation_compiles_once_and_records_as_eager(padded, policy, one_thread):
     """A monitored generate() with a static cache and compiled decoding: the decode steps compile
     once (each step used to read a Python list that grew per step, so dynamo compiled again at every
     step until its recompile limit stopped the request), and the records equal the eager ones:
     sink shares, dormancy, and the residual peaks over every token, decode steps included (written
-    by the compiled steps into a device buffer)."""
+    by the compiled steps into a device buffer). The identity's eager decode steps with a dynamic
+    cache leave their statistics to the monitor; traced ones compute them per call."""
     from transformers import CompileConfig
 
     model = tiny_model("llama")
@@ -135,7 +137,7 @@ def test_monitored_compiled_generation_compiles_once_and_records_as_eager(padded
     config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_backend)
     config._compile_all_devices = True  # transformers compiles decoding on CUDA only unless told
     torch._dynamo.reset()
-    with sinkfix.patch(model, _policies(2, 4)["profile"]), sinkfix.monitor(model) as monitor, torch.no_grad():
+    with sinkfix.patch(model, _policies(2, 4)[policy]), sinkfix.monitor(model) as monitor, torch.no_grad():
         with monitor.request():
             eager_tokens = model.generate(**kwargs)
         eager = monitor.records

@@ -17,6 +17,7 @@ import torch
 import sinkfix
 from sinkfix.analysis.metrics import StreamingCollector, measure_extreme_tokens
 from sinkfix.errors import MonitorError, OutputError
+from sinkfix.integrations import attention as attention_integration
 from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.telemetry import prompt as prompt_measures
@@ -319,6 +320,70 @@ def test_generate_with_a_kv_cache_counts_every_row(policy, one_thread):
     assert generated["domain"] == "code" and generated["rows"] == whole["rows"] == [34, 34]
     torch.testing.assert_close(_tensor(generated["sink_share"]), _tensor(whole["sink_share"]), atol=1e-5, rtol=0)
     assert generated["residual_peak"] == pytest.approx(whole["residual_peak"], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_decode_steps_of_the_identity_defer_their_statistics(arch, policy, one_thread, monkeypatch):
+    """An eager decode step of plain softmax hands its query row, sink key and log-sum-exp to the
+    monitor, which computes every layer's sink mass at once after the step; the record is the one
+    the per-call statistics give. Prompts and corrected layers keep their per-call statistics; in
+    Gemma3 the sliding-window layers reading a cache locate their sink and keep them too."""
+    model = tiny_model(arch)
+    ids = _ids(1, 30, seed=4)
+    deferred = []
+    add_rows = RequestAccumulator.add_first_column_rows
+    monkeypatch.setattr(RequestAccumulator, "add_first_column_rows",
+                        lambda self, layer, *args: (deferred.append(layer), add_rows(self, layer, *args))[1])
+
+    def generated(defer: bool) -> dict:
+        if not defer:
+            monkeypatch.setattr(attention_integration, "defers_sink_stats", lambda **kwargs: False)
+        with sinkfix.patch(model, POLICIES[policy]), sinkfix.monitor(model) as monitor:
+            with torch.no_grad(), monitor.request():
+                model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        return monitor.records[0]
+
+    with_deferral = generated(True)
+    calls = len(deferred)
+    per_call = generated(False)
+    assert len(deferred) == calls  # none once switched off
+    layers = model.config.num_hidden_layers
+    if policy == "identity":
+        # 4 decode steps (the last token is never fed back), every layer but Gemma3's sliding ones
+        sliding = sum(kind == "sliding_attention" for kind in getattr(model.config, "layer_types", None) or [])
+        assert calls == 4 * (layers - sliding) > 0
+        assert arch != "gemma3" or 0 < sliding < layers
+    else:
+        assert calls == 0
+    assert with_deferral["rows"] == per_call["rows"]
+    torch.testing.assert_close(_tensor(with_deferral["sink_share"]), _tensor(per_call["sink_share"]),
+                               atol=1e-6, rtol=0)
+    for name in ("residual_peak", "dormant_heads", "hidden_sinks", "tokens", "decoded_tokens"):
+        assert with_deferral[name] == per_call[name], name
+
+
+def test_deferred_rows_fold_in_with_per_call_statistics():
+    """Layers whose decode rows were deferred and layers with their own statistics, in any order and
+    with fewer heads than the widest layer, sum to the per-call statistics of the same calls."""
+    g = torch.Generator().manual_seed(5)
+    heads = [4, 4, 2]
+    acc = RequestAccumulator(heads, batch=2, device=torch.device("cpu"))
+    expected = torch.zeros(3, 2, 4, 2, dtype=torch.float64)
+    for step in range(2):
+        acc.begin_forward(torch.ones(2, 1, dtype=torch.bool))
+        for layer in (2, 0, 1):
+            q = torch.randn(2, heads[layer], 1, 8, generator=g)
+            k = torch.randn(2, 2, 5 + step, 8, generator=g)
+            result = sink_attention_torch(q, k, k, first_column_sink=True, need_sink_stats=True)
+            expected[layer, :, :heads[layer]] += result.sink_stats.double()
+            if layer == 1:
+                acc.add_attention(layer, result.sink_stats)
+            else:
+                acc.add_first_column_rows(layer, q, k, result.lse, 8 ** -0.5)
+        acc.end_forward()
+    assert expected[:, :, :2, 0].min() > 0.01 and expected[2, :, 2:].eq(0).all()  # real masses; layer 2 is narrower
+    torch.testing.assert_close(acc.stats, expected, atol=1e-6, rtol=0)
 
 
 def test_batched_left_padded_requests_match_single_requests(one_thread):

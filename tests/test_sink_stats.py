@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sinkfix.ops import custom_ops
-from sinkfix.ops.attention import sink_attention, sink_attention_torch
+from sinkfix.ops.attention import first_column_row_mass, sink_attention, sink_attention_torch
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask
 
 from .test_ops_torch import ATOL, SHAPES, _inputs, _layout, _policies
@@ -95,3 +95,35 @@ def test_stats_with_gradients_take_the_differentiable_path():
                          need_sink_stats=True)
     got.out.sum().backward()
     assert beta.grad is not None and got.sink_stats.shape == (1, 4, 2)
+
+
+@pytest.mark.parametrize("lead,q_heads,kv_heads,dim", [((1,), 4, 4, 8), ((3, 2), 9, 3, 64), ((5, 1), 6, 1, 16),
+                                                       ((2, 3), 8, 2, 40)])
+def test_first_column_row_mass_many_rows_at_once(lead, q_heads, kv_heads, dim):
+    """The sink mass of single decode rows of plain softmax, for several layers and sequences in one
+    product, against the fp64 reference's probability of key 0 (each row's own keys and lse)."""
+    g = torch.Generator().manual_seed(sum(lead) + q_heads + dim)
+    k_len = 7
+    q = torch.randn(*lead, q_heads, dim, generator=g)
+    k = torch.randn(*lead, kv_heads, k_len, dim, generator=g)
+    k[..., 0, :] += 2.0 * q.unflatten(-2, (kv_heads, q_heads // kv_heads)).mean(-2)  # a sink worth measuring
+    flat_q, flat_k = q.reshape(-1, q_heads, 1, dim), k.reshape(-1, kv_heads, k_len, dim)
+    _, probs, lse = reference_sink_attention(flat_q, flat_k, flat_k, scale=dim ** -0.5, sink_cols=None)
+    expected = probs[..., 0, 0].reshape(*lead, q_heads)
+    assert expected.min() > 0.01 and expected.mean() > 0.2  # a sink worth measuring, not a sum of zeros
+    scale = torch.full((*lead, 1), dim ** -0.5)
+    for s in (dim ** -0.5, scale):
+        got = first_column_row_mass(q, k[..., 0, :], lse[..., 0].reshape(*lead, q_heads).float(), s)
+        assert got.dtype == torch.float32 and got.shape == (*lead, q_heads)
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    lse_rows = lse[..., 0].reshape(*lead, q_heads)
+    half = first_column_row_mass(q.bfloat16(), k[..., 0, :].bfloat16(), lse_rows, dim ** -0.5)
+    torch.testing.assert_close(half.double(), expected, atol=0.05, rtol=0.05)  # bf16 inputs, fp32 arithmetic
+
+
+def test_first_column_row_mass_refuses_rows_that_do_not_match():
+    q, k0 = torch.randn(2, 4, 8), torch.randn(2, 3, 8)  # 4 query heads cannot share 3 kv heads
+    with pytest.raises(ValueError, match="same rows"):
+        first_column_row_mass(q, k0, torch.zeros(2, 4), 1.0)
+    with pytest.raises(ValueError, match="same rows"):
+        first_column_row_mass(torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.zeros(3, 4), 1.0)

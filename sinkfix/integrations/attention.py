@@ -24,7 +24,7 @@ from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
 
-__all__ = ["AttentionCall", "LayerState", "attention_forward", "discover_attention_modules"]
+__all__ = ["AttentionCall", "LayerState", "attention_forward", "defers_sink_stats", "discover_attention_modules"]
 
 # kwargs with semantics this implementation does not reproduce: computing dense attention while
 # ignoring them would silently give wrong results.
@@ -52,6 +52,24 @@ class AttentionCall:
     virtual_sink_logit: torch.Tensor | None  # (Hq,) the policy's, rows that see a non-sink key only
     beta: torch.Tensor | None  # (Hq,) fp32 sink scaling applied, None = identity
     result: AttentionResult
+    # telemetry only: ``result.sink_stats`` was not computed, and the listener computes it from
+    # query, key column 0 and ``result.lse`` together with the step's other layers
+    # (:func:`defers_sink_stats`)
+    sink_stats_deferred: bool = False
+
+
+def defers_sink_stats(*, identity: bool, first_column: bool, q_len: int, k_len: int, backend: str,
+                      device: torch.device, other_needs: bool) -> bool:
+    """Whether a monitored call leaves its sink statistics to the listener: an eager decode step
+    (one query row, no mask) of plain softmax on the PyTorch path on the CPU, whose sink is key
+    column 0. Its statistics are one product per row, ``exp(scale <q, k_0> - lse)``, which a monitor
+    computes for all of a step's layers at once (``sinkfix.ops.attention.first_column_row_mass``):
+    per layer the same few ops took 55 us of a SmolLM2 decode step on one CPU thread (1.6 ms of a
+    50 ms step over 30 layers), mostly Python set-up. Kept per call: prompts (one product over many
+    rows already), corrected layers (their split path yields the sums as a side output), the
+    Triton kernels (they emit them), and a traced model (inductor fuses the per-call ops)."""
+    return (identity and first_column and q_len == 1 and k_len >= 2 and not other_needs and backend == "torch"
+            and device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 @dataclass
@@ -217,6 +235,10 @@ def attention_forward(
         )
         state.sink_rows, state.first_real_row = location.query_rows(q_len)
 
+    deferred = monitored and defers_sink_stats(
+        identity=beta is None and extra_logits is None and virtual is None, first_column=first_column, q_len=q_len,
+        k_len=k_len, backend=state.backend, device=query.device,
+        other_needs=observing or bool(kwargs.get("output_attentions")))
     result = sink_attention(
         query, key, value,
         backend=state.backend if state is not None else "auto",
@@ -224,14 +246,15 @@ def attention_forward(
         sink_cols=None if location is None else location.sink_cols,
         first_column_sink=first_column,
         beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
-        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing, need_sink_stats=monitored,
+        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing,
+        need_sink_stats=monitored and not deferred,
     )
     if observing or monitored:
         call = AttentionCall(
             state.policy.layer, module, query, key, value, attention_mask if padded is None else padded.dense, causal,
             query.shape[-1] ** -0.5 if scaling is None else scaling, softcap,
             None if location is None else location.sink_cols,  # None: key column 0 of every row
-            None if location is None else location.first_real_col, extra_logits, virtual, beta, result,
+            None if location is None else location.first_real_col, extra_logits, virtual, beta, result, deferred,
         )
         for listener in (*state.observers, *state.telemetry):
             listener(call)

@@ -32,8 +32,8 @@ from sinkfix.errors import BackendUnavailableError, UsageError
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available, fused_lse_backward_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
-__all__ = ["AttentionResult", "sink_stats", "sink_attention", "sink_attention_torch", "flash_with_lse", "cpu_flash_available",
-           "resolve_backend", "BACKENDS"]
+__all__ = ["AttentionResult", "sink_stats", "first_column_row_mass", "sink_attention", "sink_attention_torch",
+           "flash_with_lse", "cpu_flash_available", "resolve_backend", "BACKENDS"]
 
 
 class AttentionResult(NamedTuple):
@@ -63,6 +63,32 @@ def sink_stats(row_mass: torch.Tensor, has_n: torch.Tensor | None) -> torch.Tens
     has_n = has_n.expand_as(row_mass)
     mass = torch.where(has_n, row_mass, 0.0).sum(-1)
     return torch.stack((mass, has_n.sum(-1).to(mass.dtype)), dim=-1)
+
+
+def first_column_row_mass(q: torch.Tensor, k0: torch.Tensor, lse: torch.Tensor,
+                          scale: float | torch.Tensor) -> torch.Tensor:
+    """Plain softmax's mass on key column 0 of single query rows, from their log-sum-exp alone:
+    ``exp(scale * <q, k_0> - lse)``, fp32.
+
+    q (..., Hq, D), k0 (..., Hkv, D) the sink key of each row's kv head (Hq % Hkv == 0), lse
+    (..., Hq), ``scale`` a float or a tensor broadcastable to (..., Hq). Any leading shape: a
+    monitor computes a decode step's rows of every layer at once, (L, B, ...), with one product
+    (docs/monitoring.md: per layer the same few ops cost more in Python set-up than in arithmetic).
+    """
+    *lead, q_heads, head_dim = q.shape
+    kv_heads = k0.shape[-2]
+    if q_heads % kv_heads or tuple(k0.shape[:-2]) != tuple(lead) or tuple(lse.shape) != (*lead, q_heads):
+        raise ValueError(f"first_column_row_mass: q {tuple(q.shape)}, k0 {tuple(k0.shape)} and lse "
+                         f"{tuple(lse.shape)} do not describe the same rows")
+    group = q_heads // kv_heads
+    q32 = q.to(torch.float32)
+    if isinstance(scale, torch.Tensor):  # per-row scales go into the queries, one multiply
+        q32 = q32 * scale.to(torch.float32).expand(*lead, q_heads)[..., None]
+        scale = 1.0
+    q_grouped = q32.reshape(-1, group, head_dim)
+    k_col = k0.to(torch.float32).reshape(-1, head_dim, 1)
+    logit = torch.baddbmm(lse.to(torch.float32).reshape(-1, group, 1), q_grouped, k_col, beta=-1, alpha=scale)
+    return logit.exp_().view(*lead, q_heads)
 
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -256,7 +256,10 @@ class Monitor:
 
     def _on_attention(self, call) -> None:
         acc = self._request.acc
-        acc.add_attention(call.layer, call.result.sink_stats)
+        if call.sink_stats_deferred:  # an eager decode step of plain softmax (integrations/attention.py)
+            acc.add_first_column_rows(call.layer, call.query, call.key, call.result.lse, call.scale)
+        else:
+            acc.add_attention(call.layer, call.result.sink_stats)
         if acc.in_prompt:  # the sampled rows now, the rest after the forward's last layer
             self._sampled.append(sample_call(call, rows_wanted=self.sample_rows, min_queries=self.min_queries,
                                              layouts=self._layouts))
