@@ -184,37 +184,27 @@ class RequestAccumulator:
         self._pending_norms[layer] = hidden if self._norms_deferred else _norms(hidden)
 
     # -- folding one forward in -----------------------------------------------------------------
-    def _rows_as_stats(self) -> None:
-        """The deferred rows' (B, Hq, 2) statistics, computed for all of them at once (one product
-        per shape and scale, usually one for the whole step) and queued as ordinary ones."""
-        pending, self._pending_rows = self._pending_rows, []
-        groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
-        for entry in pending:
-            _, query, key, lse, scale = entry
-            groups.setdefault((tuple(query.shape), tuple(key.shape), query.dtype, key.dtype, scale), []).append(entry)
-        for entries in groups.values():
-            layers, queries, keys, lses, scales = zip(*entries)
-            mass = first_column_row_mass(torch.stack(queries), torch.stack(keys), torch.stack(lses), scales[0])
-            stats = torch.nn.functional.pad(mass[..., None], (0, 1), value=1.0)  # (n, B, Hq, 2): the row is counted
-            if (len(groups) == 1 and not self._pending_stats and list(layers) == self._all_layers
-                    and stats.shape[2] == self._stats.shape[2]):
-                self._stats.add_(stats)  # the usual decode step: every layer, in order
-                return
-            self._pending_stats.extend(zip(layers, stats.unbind(0)))
+    def _add_layers(self, layers: list[int], stats: list[torch.Tensor] | torch.Tensor) -> None:
+        """Several layers' (B, h, 2) statistics, as a list or already stacked (n, B, h, 2): one
+        stacked add when they are every layer once, in order, with the widest heads (the usual
+        forward), else one add per layer."""
+        stacked = isinstance(stats, torch.Tensor)
+        heads = stats.shape[2] if stacked else stats[0].shape[1]
+        if layers == self._all_layers and heads == self._stats.shape[2] \
+                and (stacked or all(part.shape == stats[0].shape for part in stats)):
+            self._stats.add_(stats if stacked else torch.stack(stats))
+            return
+        for layer, part in zip(layers, stats):
+            self._stats[layer, :, : part.shape[1]].add_(part)
 
     def _fold_stats(self) -> None:
-        if self._pending_rows:
-            self._rows_as_stats()
+        rows, self._pending_rows = self._pending_rows, []
+        for layers, stacked in _first_column_stats(rows):
+            self._add_layers(layers, stacked)
         pending, self._pending_stats = self._pending_stats, []
-        if not pending:
-            return
-        parts = [stats for _, stats in pending]
-        if [layer for layer, _ in pending] == self._all_layers and all(p.shape == parts[0].shape for p in parts) \
-                and parts[0].shape[1] == self._stats.shape[2]:
-            self._stats.add_(torch.stack(parts))  # the usual case: every layer once, in order, same heads
-            return
-        for layer, stats in pending:
-            self._stats[layer, :, : stats.shape[1]].add_(stats)
+        if pending:
+            layers, parts = zip(*pending)
+            self._add_layers(list(layers), list(parts))
 
     def _fold_norms(self) -> None:
         pending, self._pending_norms = self._pending_norms, {}
@@ -295,6 +285,22 @@ class RequestAccumulator:
                           f"({self._decode_norms.shape[-1]}, the prompt's cache states no maximum length): its "
                           "residual peaks leave the tokens past that out", RuntimeWarning, stacklevel=3)
         return values
+
+
+def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]
+                        ) -> list[tuple[list[int], torch.Tensor]]:
+    """Deferred decode rows (:meth:`RequestAccumulator.add_first_column_rows`) as (layers, their
+    (n, B, Hq, 2) statistics): one product per shape and scale, usually one for the whole step."""
+    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
+    for entry in rows:
+        _, query, key, _, scale = entry
+        groups.setdefault((tuple(query.shape), tuple(key.shape), query.dtype, key.dtype, scale), []).append(entry)
+    out = []
+    for entries in groups.values():
+        layers, queries, keys, lses, scales = zip(*entries)
+        mass = first_column_row_mass(torch.stack(queries), torch.stack(keys), torch.stack(lses), scales[0])
+        out.append((list(layers), torch.nn.functional.pad(mass[..., None], (0, 1), value=1.0)))  # one row each
+    return out
 
 
 def _norms(hidden: torch.Tensor) -> torch.Tensor:
