@@ -22,11 +22,17 @@ most 1.05x the same patched model without it (ratio of medians in one run).
 * Both clocks: wall time (``perf_counter``) and the main thread's CPU time (``thread_time``; with
   one torch thread all the work runs on it), which other processes on a shared machine disturb
   less. The verdict uses CPU time; wall ratios are printed next to it.
-* Every CPU-time ratio comes with a 95% paired-bootstrap interval (``sinkfix.bench.stats.
-  ratio_of_medians``: the passes drawn with replacement, both configurations' measurements of a
-  pass together). On a machine whose single 512-token prefill varies by several percent, a run's
-  ratio can land on either side of 1.03 while the overhead itself stays put; the summary says how
-  many cells meet their target and how many do so with the whole interval below it.
+* Every CPU-time ratio comes with a 95% paired-bootstrap interval (``sinkfix.bench.stats``): for
+  prefills ``ratio_of_medians``, the passes drawn with replacement, both configurations'
+  measurements of a pass together; for decode steps ``ratio_of_block_medians``, whole decode runs
+  drawn (the steps of one ``generate`` share its machine state, so drawing them one by one made the
+  interval too narrow: the runs recorded before 2026-12-03 drew steps). On a machine whose
+  single 512-token prefill varies by several percent, a run's ratio can land on either side of 1.03
+  while the overhead itself stays put; the summary says how many cells meet their target and how
+  many do so with the whole interval below it.
+* ``--processes N`` repeats the whole measurement in N fresh processes, one after another, and
+  prints every process's ratios and their spread: what one process measures can differ from the
+  next by more than its own interval (docs/monitoring.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -45,7 +52,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
-from sinkfix.bench.stats import ratio_of_medians
+from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
 from sinkfix.bench.timing import compiled_decoding
 from sinkfix.evaluate import bos_token_id, tokenize
 from sinkfix.telemetry import SAMPLE_ROWS
@@ -138,8 +145,8 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
     prefills = ({name: [] for name in monitors} if args.compiled_decode
                 else alternate(list(monitors), prefill, repeats=args.rounds * args.prefills, warmup=1))
     decodes = alternate(list(monitors), decode, repeats=args.rounds, warmup=1)
-    return {name: {"prefill": prefills[name], "steps": [s for run in decodes[name] for s in run]}
-            for name in monitors}
+    return {name: {"prefill": prefills[name], "steps": [s for run in decodes[name] for s in run],
+                   "step_runs": decodes[name]} for name in monitors}
 
 
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
@@ -155,7 +162,8 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
         out[name] = {"prefill_ms": 1e3 * prefill_wall, "prefill_cpu_ms": 1e3 * prefill_cpu,
                      "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
                      "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps),
-                     "prefill_cpu_samples_ms": [round(1e3 * p[1], 2) for p in prefills]}
+                     "prefill_cpu_samples_ms": [round(1e3 * p[1], 2) for p in prefills],
+                     "decode_cpu_runs_ms": [[round(1e3 * s[1], 3) for s in run] for run in runs.get("step_runs", [])]}
     base_prefills = out[base]["prefill_cpu_samples_ms"]
     for name, row in out.items():
         for key in ("prefill_ms", "prefill_cpu_ms", "decode_ms", "decode_cpu_ms"):
@@ -163,11 +171,16 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
         row["prefill_cpu_paired_ratio"] = statistics.median(
             a / b for a, b in zip(row["prefill_cpu_samples_ms"], base_prefills)) if base_prefills else float("nan")
         if name != base:  # passes of the same round, drawn together (ratio_of_medians says why)
-            for kind, key in (("prefill", "prefill"), ("decode", "steps")):
-                if not results[name][key]:
-                    continue
-                row[f"{kind}_cpu_interval"] = ratio_of_medians(
-                    [t[1] for t in results[name][key]], [t[1] for t in results[base][key]]).to_dict()
+            if results[name]["prefill"]:
+                row["prefill_cpu_interval"] = ratio_of_medians(
+                    [t[1] for t in results[name]["prefill"]], [t[1] for t in results[base]["prefill"]]).to_dict()
+            if results[name].get("step_runs"):  # whole decode runs drawn together (ratio_of_block_medians)
+                row["decode_cpu_interval"] = ratio_of_block_medians(
+                    [[t[1] for t in run] for run in results[name]["step_runs"]],
+                    [[t[1] for t in run] for run in results[base]["step_runs"]]).to_dict()
+            elif results[name]["steps"]:
+                row["decode_cpu_interval"] = ratio_of_medians(
+                    [t[1] for t in results[name]["steps"]], [t[1] for t in results[base]["steps"]]).to_dict()
     return out
 
 
@@ -214,6 +227,62 @@ def _intervals_of(paths: list[str]) -> int:
     return 0
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--option V`` or ``--option=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def _across_processes(argv: list[str], processes: int, json_path: str | None) -> int:
+    """The same measurement in ``processes`` fresh processes, one after another; every process's
+    ratios, their median and range, and per target how many processes met it in every cell."""
+    import subprocess
+    import tempfile
+
+    child = _without_option(_without_option(argv, "--processes"), "--json")
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="sinkfix-overhead-") as folder:
+        for index in range(processes):
+            path = Path(folder) / f"process-{index}.json"
+            print(f"--- process {index + 1} of {processes}", flush=True)
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child, "--json", str(path)])
+            if not path.exists():
+                print(f"process {index + 1} wrote no results (exit code {done.returncode})", file=sys.stderr)
+                return 2
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+    summary: dict[str, dict] = {}
+    print(f"\nacross {processes} processes (main-thread CPU time, ratio of medians of each process):")
+    for policy, table in runs[0]["policies"].items():
+        for config in table:
+            if config == "off":
+                continue
+            cell: dict[str, Any] = {}
+            for kind in TARGETS:
+                ratios = [run["policies"][policy][config][f"{kind}_cpu_ratio"] for run in runs]
+                if any(math.isnan(r) for r in ratios):
+                    continue
+                cell[kind] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
+                              "max": max(ratios), "met": sum(r <= TARGETS[kind] for r in ratios)}
+            summary[f"{policy} | {config}"] = cell
+            print(f"{policy:15s} {config:16s} " + " | ".join(
+                f"{kind} median x{c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}], <= {TARGETS[kind]:.2f}x in "
+                f"{c['met']} of {processes}: " + " ".join(f"{r:.3f}" for r in c["ratios"])
+                for kind, c in cell.items()), flush=True)
+    if json_path:
+        from sinkfix.files import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"processes": processes, "summary": summary, "runs": runs}, indent=1))
+    every = all(c["met"] == processes for cell in summary.values() for c in cell.values())
+    return 0 if every else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -231,16 +300,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the decode steps of transformers' compiled decoding (static cache, inductor); "
                              "no prefill")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="repeat the whole measurement in this many fresh processes, one after another, and "
+                             "summarise every process's ratios")
     parser.add_argument("--intervals-of", nargs="+", metavar="JSON", default=None,
                         help="measure nothing: print the prefill intervals of earlier runs' saved samples")
     args = parser.parse_args(argv)
     if args.intervals_of:
         return _intervals_of(args.intervals_of)
-    for name in ("rounds", "prefills", "new_tokens"):
+    for name in ("rounds", "prefills", "new_tokens", "processes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.skip >= args.new_tokens - 1:
         parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens}")
+    if args.processes > 1:
+        return _across_processes(sys.argv[1:] if argv is None else list(argv), args.processes, args.json)
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
     prompt, decode_prompt = _prompt(tokenizer, args.prompt), _prompt(tokenizer, args.decode_prompt)

@@ -494,3 +494,81 @@ def test_overhead_without_prefills_judges_the_decode_steps_only():
     assert on["decode_cpu_ratio"] == pytest.approx(1.02) and on["decode_cpu_interval"]["low"] <= 1.02
     verdict = bench._verdict({"sink_scale=0.9": table})
     assert len(verdict) == 1 and verdict[0].startswith("decode <= 1.05x: 1 of 1 cells")
+
+
+def _overhead_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_monitor_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_overhead_decode_interval_draws_whole_runs():
+    """A decode run's steps share its machine state: when whole runs differ (one run of each pair
+    20% slower, the other configuration's pair as slow), the interval must be drawn over runs, and
+    be much wider than one that draws the steps one by one; the point estimate stays the ratio of
+    the medians over every step, and the JSON keeps every run's steps."""
+    bench = _overhead_bench()
+    import random
+
+    rng = random.Random(0)
+    runs_off, runs_on = [], []
+    for _ in range(8):
+        speed = rng.uniform(0.9, 1.2)  # the machine's state of this pass, shared by both configurations
+        runs_off.append([(0.050 * speed * (1 + 0.002 * rng.random()),) * 2 for _ in range(20)])
+        skew = rng.uniform(0.9, 1.2)  # how much slower "on" ran in this pass: one value for all its steps
+        runs_on.append([(w * skew, c * skew) for w, c in runs_off[-1]])
+    raw = {name: {"prefill": [], "steps": [s for run in runs for s in run], "step_runs": runs}
+           for name, runs in (("off", runs_off), ("on (sample 32)", runs_on))}
+    on = bench._ratios(raw)["on (sample 32)"]
+    by_steps = bench.ratio_of_medians([s[1] for s in raw["on (sample 32)"]["steps"]], [s[1] for s in raw["off"]["steps"]])
+    interval = on["decode_cpu_interval"]
+    assert interval["pairs"] == 8 and by_steps.pairs == 160
+    assert interval["value"] == pytest.approx(by_steps.value) == pytest.approx(on["decode_cpu_ratio"])
+    assert interval["high"] - interval["low"] > 2 * (by_steps.high - by_steps.low)
+    assert len(on["decode_cpu_runs_ms"]) == 8 and len(on["decode_cpu_runs_ms"][0]) == 20
+    assert on["decode_cpu_runs_ms"][0][0] == pytest.approx(1e3 * runs_on[0][0][1], abs=1e-3)
+
+
+def test_overhead_across_processes_summarises_every_process(monkeypatch, tmp_path, capsys):
+    """``--processes N`` runs the benchmark N times in fresh processes (here a stand-in that writes
+    each process's results) and reports every process's ratios, their median, and how many
+    processes met each target; the child never gets ``--processes`` or the parent's ``--json``."""
+    import subprocess
+
+    bench = _overhead_bench()
+    decode_ratios = iter([1.02, 1.21, 1.04])
+    seen: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        seen.append(command)
+        decode = next(decode_ratios)
+        row = {"prefill_cpu_ratio": 1.02, "decode_cpu_ratio": decode}
+        result = {"policies": {"identity": {"off": {"prefill_cpu_ratio": 1.0, "decode_cpu_ratio": 1.0},
+                                            "on (sample 32)": row}}}
+        Path(command[command.index("--json") + 1]).write_text(json.dumps(result), encoding="utf-8")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "across.json"
+    code = bench.main(["--policies", "identity", "--processes", "3", "--json", str(out), "--rounds=4"])
+    assert code == 1  # one process missed the decode target
+    assert all("--processes" not in c and str(out) not in c and "--rounds=4" in c for c in seen) and len(seen) == 3
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    cell = saved["summary"]["identity | on (sample 32)"]
+    assert cell["decode"]["ratios"] == [1.02, 1.21, 1.04] and cell["decode"]["met"] == 2
+    assert cell["decode"]["median"] == pytest.approx(1.04) and cell["prefill"]["met"] == 3
+    assert "decode median x1.040 [1.020-1.210], <= 1.05x in 2 of 3" in capsys.readouterr().out
+    assert bench._without_option(["--json=x", "--a", "--json", "y", "b"], "--json") == ["--a", "b"]
+
+
+def test_overhead_across_processes_stops_when_a_process_writes_nothing(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    bench = _overhead_bench()
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 3))
+    assert bench.main(["--processes", "2"]) == 2
+    assert "process 1 wrote no results (exit code 3)" in capsys.readouterr().err
