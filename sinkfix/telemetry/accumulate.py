@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from sinkfix.ops.attention import first_column_row_mass
+from sinkfix.ops.attention import first_column_row_mass, sink_stats
 from sinkfix.telemetry.prompt import PromptMeasures
 
 __all__ = ["RequestAccumulator", "flatten_fp64", "read_once", "unflatten"]
@@ -299,7 +299,7 @@ def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.
     for entries in groups.values():
         layers, queries, keys, lses, scales = zip(*entries)
         mass = first_column_row_mass(torch.stack(queries), torch.stack(keys), torch.stack(lses), scales[0])
-        out.append((list(layers), torch.nn.functional.pad(mass[..., None], (0, 1), value=1.0)))  # one row each
+        out.append((list(layers), sink_stats(mass[..., None], None)))  # one row each: (mass, 1)
     return out
 
 
