@@ -122,7 +122,7 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
     """Prefills first, one prefill per configuration in turn (ABBA over ``rounds x prefills``
     passes), then the decode runs (ABBA over ``rounds``): a configuration's prefills are never more
     than one prefill per configuration away from the others', so a drift of the machine's speed
-    hits them alike. Returns {name: {"prefill": [(wall, cpu)], "steps": [(wall, cpu)]}}."""
+    hits them alike. Returns {name: {"prefill": [(wall, cpu)], "step_runs": [[(wall, cpu)] per decode run]}}."""
     extra = prefill_kwargs(model)
 
     def request(name: str):
@@ -145,8 +145,7 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
     prefills = ({name: [] for name in monitors} if args.compiled_decode
                 else alternate(list(monitors), prefill, repeats=args.rounds * args.prefills, warmup=1))
     decodes = alternate(list(monitors), decode, repeats=args.rounds, warmup=1)
-    return {name: {"prefill": prefills[name], "steps": [s for run in decodes[name] for s in run],
-                   "step_runs": decodes[name]} for name in monitors}
+    return {name: {"prefill": prefills[name], "step_runs": decodes[name]} for name in monitors}
 
 
 def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
@@ -155,7 +154,7 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
     machine's speed between passes moves less than the medians."""
     out = {}
     for name, runs in results.items():
-        prefills, steps = runs["prefill"], runs["steps"]
+        prefills, steps = runs["prefill"], [step for run in runs["step_runs"] for step in run]
         # no prefill timed (--compiled-decode): NaN, left out of the verdict
         prefill_wall = statistics.median(p[0] for p in prefills) if prefills else float("nan")
         prefill_cpu = statistics.median(p[1] for p in prefills) if prefills else float("nan")
@@ -163,7 +162,7 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
                      "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
                      "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps),
                      "prefill_cpu_samples_ms": [round(1e3 * p[1], 2) for p in prefills],
-                     "decode_cpu_runs_ms": [[round(1e3 * s[1], 3) for s in run] for run in runs.get("step_runs", [])]}
+                     "decode_cpu_runs_ms": [[round(1e3 * s[1], 3) for s in run] for run in runs["step_runs"]]}
     base_prefills = out[base]["prefill_cpu_samples_ms"]
     for name, row in out.items():
         for key in ("prefill_ms", "prefill_cpu_ms", "decode_ms", "decode_cpu_ms"):
@@ -174,13 +173,10 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
             if results[name]["prefill"]:
                 row["prefill_cpu_interval"] = ratio_of_medians(
                     [t[1] for t in results[name]["prefill"]], [t[1] for t in results[base]["prefill"]]).to_dict()
-            if results[name].get("step_runs"):  # whole decode runs drawn together (ratio_of_block_medians)
-                row["decode_cpu_interval"] = ratio_of_block_medians(
-                    [[t[1] for t in run] for run in results[name]["step_runs"]],
-                    [[t[1] for t in run] for run in results[base]["step_runs"]]).to_dict()
-            elif results[name]["steps"]:
-                row["decode_cpu_interval"] = ratio_of_medians(
-                    [t[1] for t in results[name]["steps"]], [t[1] for t in results[base]["steps"]]).to_dict()
+            # whole decode runs drawn together (ratio_of_block_medians)
+            row["decode_cpu_interval"] = ratio_of_block_medians(
+                [[t[1] for t in run] for run in results[name]["step_runs"]],
+                [[t[1] for t in run] for run in results[base]["step_runs"]]).to_dict()
     return out
 
 

@@ -486,8 +486,8 @@ def test_overhead_without_prefills_judges_the_decode_steps_only():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     steps = [(0.050 + 0.001 * (i % 3), 0.049 + 0.001 * (i % 3)) for i in range(30)]
-    raw = {"off": {"prefill": [], "steps": steps},
-           "on (sample 32)": {"prefill": [], "steps": [(w * 1.02, c * 1.02) for w, c in steps]}}
+    raw = {"off": {"prefill": [], "step_runs": [[step] for step in steps]},
+           "on (sample 32)": {"prefill": [], "step_runs": [[(w * 1.02, c * 1.02)] for w, c in steps]}}
     table = bench._ratios(raw)
     on = table["on (sample 32)"]
     assert math.isnan(on["prefill_cpu_ratio"]) and "prefill_cpu_interval" not in on
@@ -521,10 +521,9 @@ def test_overhead_decode_interval_draws_whole_runs():
         runs_off.append([(0.050 * speed * (1 + 0.002 * rng.random()),) * 2 for _ in range(20)])
         skew = rng.uniform(0.9, 1.2)  # how much slower "on" ran in this pass: one value for all its steps
         runs_on.append([(w * skew, c * skew) for w, c in runs_off[-1]])
-    raw = {name: {"prefill": [], "steps": [s for run in runs for s in run], "step_runs": runs}
-           for name, runs in (("off", runs_off), ("on (sample 32)", runs_on))}
+    raw = {name: {"prefill": [], "step_runs": runs} for name, runs in (("off", runs_off), ("on (sample 32)", runs_on))}
     on = bench._ratios(raw)["on (sample 32)"]
-    by_steps = bench.ratio_of_medians([s[1] for s in raw["on (sample 32)"]["steps"]], [s[1] for s in raw["off"]["steps"]])
+    by_steps = bench.ratio_of_medians([s[1] for run in runs_on for s in run], [s[1] for run in runs_off for s in run])
     interval = on["decode_cpu_interval"]
     assert interval["pairs"] == 8 and by_steps.pairs == 160
     assert interval["value"] == pytest.approx(by_steps.value) == pytest.approx(on["decode_cpu_ratio"])
