@@ -647,18 +647,25 @@ WIDE_POOL = candidates([("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0), (
                        global_betas=(0.98, 0.97, 0.95, 0.93, 0.9, 0.85))
 
 
+POOLS = {"wide": WIDE_POOL, "default": candidates()}
+
+
 def pool(args) -> int:
     """Every selection of a ``run`` (without each domain, and over all of them) repeated with the
-    wider pool, whole tables (no pruning), and every candidate of it rebuilt without each domain on
-    that domain's evaluation text and from every domain on every domain's: what each candidate would
-    have done, chosen or not. Reuses the run's fits and saved scores; writes ``pool-TAG.json``."""
+    wider pool (``--pool wide``) or the default one (``--pool default``), whole tables (no pruning),
+    and every candidate of it rebuilt without each domain on that domain's evaluation text and from
+    every domain on every domain's: what each candidate would have done, chosen or not, so that
+    selection rules can be compared without another forward pass. Reuses the run's fits and saved
+    scores; writes ``pool-TAG.json`` (wide) or ``pool-default-TAG.json``."""
     loaded = _saved_run(args)
     if loaded is None:
         return 1
     out, tag, model, tokenizer, fits = loaded
     domains = fits.domains
     caches = _cache(out / f"cache-{tag}.json", args.eval_windows)
-    shape, result = fits.shape, {"pool": [c.name for c in WIDE_POOL], "selections": {}, "unseen": {}, "calibrated": {}}
+    chosen_pool = POOLS[args.pool]
+    shape, result = fits.shape, {"pool": [c.name for c in chosen_pool], "selections": {}, "unseen": {},
+                                 "calibrated": {}}
     try:
         with Calibrator(model, fits.settings.on_sink_rows) as cal:
             def change(params, d) -> float:
@@ -669,14 +676,14 @@ def pool(args) -> int:
 
             for held_out in [None, *domains]:
                 inner = {d: fits.fits[d].parameters for d in domains if d != held_out}
-                selection = select(WIDE_POOL, inner, shape, change, prune=False)
+                selection = select(chosen_pool, inner, shape, change, prune=False)
                 result["selections"][held_out or "all domains"] = selection.to_dict()
                 print(f"{'all domains' if held_out is None else 'without ' + held_out}: {selection.chosen.name}",
                       flush=True)
         windows = _evaluation_windows(tokenizer, fits, args)
         every = [fits.fits[d].parameters for d in domains]
         jobs = {("stock", d): ((torch.ones(shape), None), d) for d in domains}
-        for c in WIDE_POOL[1:]:
+        for c in chosen_pool[1:]:
             for d in domains:
                 without = [fits.fits[o].parameters for o in domains if o != d]
                 jobs["unseen", c.name, d] = candidate_parameters(c, without, shape), d
@@ -688,7 +695,7 @@ def pool(args) -> int:
                 result[kind].setdefault(name, {})[d] = math.exp(value - nll["stock", d]) - 1
     finally:
         caches.save()
-    _save_json(out / f"pool-{tag}.json", result)
+    _save_json(out / (f"pool-{tag}.json" if args.pool == "wide" else f"pool-{args.pool}-{tag}.json"), result)
     for kind in ("unseen", "calibrated"):
         print(f"{kind} (evaluation text):")
         for name, per in result[kind].items():
@@ -748,7 +755,8 @@ def main(argv=None) -> int:
     f = _saved_run_parser(sub, "profile", "the default (all-domain) profile from the saved fits -> a profile file",
                           profile, eval_windows=False)
     f.add_argument("--profile-out", required=True, help="the profile file to write")
-    _saved_run_parser(sub, "pool", "every selection of a run repeated with a wider candidate pool, whole tables", pool)
+    w = _saved_run_parser(sub, "pool", "every selection of a run repeated with a candidate pool, whole tables", pool)
+    w.add_argument("--pool", choices=sorted(POOLS), default="wide", help="the candidates (default: wide)")
     _saved_run_parser(sub, "intervals", "a run's rows window by window, each change with a 95% interval", intervals)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))

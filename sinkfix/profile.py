@@ -425,9 +425,11 @@ class Profile:
         """One sentence on how the parameters were chosen, and what that means for unseen text."""
         record = self.calibration
         if self.domain_robust:
-            chosen = record.get("selection", {}).get("chosen", "?")
-            return (f"domain-robust: '{chosen}' chosen by leave-one-domain-out over "
-                    f"{', '.join(record.get('texts', {})) or 'its domains'}")
+            selection = record.get("selection", {})
+            # profiles from before the selection rule was recorded were chosen by the worst case
+            rule = selection.get("rule", "worst")
+            return (f"domain-robust: '{selection.get('chosen', '?')}' chosen by leave-one-domain-out "
+                    f"({rule} selection) over {', '.join(record.get('texts', {})) or 'its domains'}")
         if not record:
             return "not calibrated by sinkfix (no calibration record)"
         origin = f"format version {self.version}" if self.version < 3 else f"rule {record.get('rule', 'pooled')!r}"

@@ -41,19 +41,32 @@ def test_pooled_fit_lowers_validation_nll():
     assert "not domain-robust" in profile.describe()
 
 
-def test_robust_rule_fits_each_domain_and_chooses_by_the_worst_held_out_domain():
+@pytest.mark.parametrize("selection_rule", ["safe-mean", "worst"])
+def test_robust_rule_fits_each_domain_and_chooses_by_its_selection_rule(selection_rule):
     model = tiny_model("llama")
     profile = calibrate(model, CharTokenizer(), THREE, seq_len=64, steps=24, lr=0.3, eval_every=4, patience=10,
-                        progress=False)
+                        progress=False, selection_rule=selection_rule)
     record = profile.calibration
     assert record["rule"] == "robust" and profile.domain_robust and "domain-robust" in profile.describe()
     assert set(record["fits"]) == set(THREE) and set(profile.domain_parameters) == set(THREE)
     assert all(fit["steps_run"] == 8 for fit in record["fits"].values())  # 24 steps split among 3 domains
     assert all(fit["val_nll_after"] <= fit["val_nll_before"] for fit in record["fits"].values())
     selection = record["selection"]
+    assert selection["rule"] == selection_rule
+    complete = {name: per for name, per in selection["changes"].items() if len(per) == len(THREE)}
     worst = {name: max(per.values()) for name, per in selection["changes"].items()}
-    assert worst[selection["chosen"]] == min(worst.values()) <= 0  # the identity scores 0
+    chosen = selection["chosen"]
+    if selection_rule == "worst":
+        assert worst[chosen] == min(worst.values()) <= 0  # the identity scores 0
+    else:  # no held-out domain made worse, and the best mean of those that qualify
+        assert worst[chosen] <= 0
+        means = {name: sum(per.values()) / len(per) for name, per in complete.items() if max(per.values()) <= 0}
+        assert means[chosen] == min(means.values())
+        # what was not scored in full had already made a held-out domain worse
+        assert all(max(per.values()) > 0 for name, per in selection["changes"].items() if name not in complete)
     assert set(record["ppl_change"]["val_per_domain"]) == set(THREE)
+    with pytest.raises(CalibrationError, match="selection_rule must be one of"):
+        calibrate(model, CharTokenizer(), THREE, seq_len=64, steps=2, selection_rule="best", progress=False)
 
 
 def test_robust_rule_needs_two_domains():
@@ -187,6 +200,12 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
     assert "leave-one-domain-out" in printed and "worst" in printed and "domain-robust" in printed
     assert "validation windows" in printed  # user texts have no evaluation split: said so
     assert "[95%]" in printed and "percentile" in printed  # the interval column and what it is
+    assert "made no domain worse" in printed  # the selection table says which rule chose
+    assert data["calibration"]["selection"]["rule"] == "safe-mean"
+    rc = cli.main(["calibrate", *files, "--out", str(tmp_path / "worst.json"), "--seq-len", "64", "--steps", "4",
+                   "--selection", "worst"])
+    assert rc == 0 and "the best worst case" in capsys.readouterr().out
+    assert json.loads((tmp_path / "worst.json").read_text())["calibration"]["selection"]["rule"] == "worst"
     # one line, exit code 2, before any model is loaded: one domain cannot be calibrated domain-robustly,
     # and two leave nothing to choose with once one is left out
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: pytest.fail("loaded a model"))
@@ -236,6 +255,7 @@ def test_cli_defaults_are_the_library_defaults():
     library, signature = CalibrationSettings(), inspect.signature(calibrate).parameters
     for name in ("seq_len", "steps", "lr", "reg", "val_fraction", "max_tokens", "virtual_logits", "precision"):
         assert getattr(args, name) == getattr(library, name) == signature[name].default, name
+    assert args.selection == signature["selection_rule"].default == "safe-mean"
     assert args.bos is library.bos is signature["bos"].default is True
 
 

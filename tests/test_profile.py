@@ -149,7 +149,11 @@ def test_per_domain_parameters_round_trip_and_are_checked(tmp_path):
     torch.testing.assert_close(logit, torch.full((2, 4), -2.0, dtype=torch.float64))
     assert loaded.domain_parameters["cpp"][1] is None
     assert loaded.domain_robust
-    assert "domain-robust: 'consensus x1' chosen by leave-one-domain-out over pydoc, cpp" in loaded.describe()
+    # a record without the selection rule predates it: those profiles were chosen by the worst case
+    assert ("domain-robust: 'consensus x1' chosen by leave-one-domain-out (worst selection) over pydoc, cpp"
+            in loaded.describe())
+    loaded.calibration["selection"]["rule"] = "safe-mean"
+    assert "(safe-mean selection)" in loaded.describe()
     good = loaded.to_dict()
     bad = {"shape": ({"pydoc": {"sink_scale": [[1.0] * 3] * 2}}, "domain 'pydoc' sink_scale has shape"),
            "range": ({"pydoc": {"sink_scale": [[2.0] * 4] * 2}}, r"must lie in \[0.0, 1.0\]"),

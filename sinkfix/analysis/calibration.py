@@ -48,7 +48,8 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.robust import Candidate, candidate_parameters, candidates, select
+from sinkfix.analysis.robust import (DEFAULT_SELECTION_RULE, SELECTION_RULES, Candidate, candidate_parameters, candidates,
+                                     select)
 from sinkfix.errors import SinkfixError
 from sinkfix.evaluate import bos_token_id, decoder_stack, model_device, tokenize, window_nll
 from sinkfix.policy import Policy
@@ -589,12 +590,13 @@ def parameters_key(params: Parameters, domain: str) -> tuple:
 
 def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | None = None,
                    pool: Sequence[Candidate] | None = None, *, progress: bool = True,
-                   log: Callable[[str], None] | None = None, cache: dict | None = None, score_chosen: bool = True):
+                   log: Callable[[str], None] | None = None, cache: dict | None = None, score_chosen: bool = True,
+                   selection_rule: str = DEFAULT_SELECTION_RULE):
     """Combine the fits of ``domains`` (default: all) into one profile, chosen by leave-one-domain-out.
 
-    Each candidate of ``pool`` (default :func:`sinkfix.analysis.robust.candidates`) is scored by its
-    worst held-out domain (:func:`sinkfix.analysis.robust.select`); the winner is rebuilt from every
-    domain's fit. Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
+    Each candidate of ``pool`` (default :func:`sinkfix.analysis.robust.candidates`) is scored on
+    every held-out domain and chosen by ``selection_rule`` (:func:`sinkfix.analysis.robust.select`:
+    ``safe-mean``, the default, or ``worst``); the winner is rebuilt from every domain's fit. Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
     ``cache`` (a dict, kept by the caller) remembers validation NLLs by parameters and domain, so that
     rebuilding profiles for several subsets of the same fits (:mod:`sinkfix.analysis.lodo`) scores
     each parameter set once. ``score_chosen=False`` skips scoring the chosen parameters on every
@@ -620,13 +622,14 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
                     cache[key] = cal.nll_with(params, val[domain])
                 return _ppl_change(cache[key], stock[domain])
 
-            selection = select(pool, {d: fits.fits[d].parameters for d in names}, cal.shape, change)
+            selection = select(pool, {d: fits.fits[d].parameters for d in names}, cal.shape, change,
+                               rule=selection_rule)
             beta, logit = candidate_parameters(selection.chosen, [fits.fits[d].parameters for d in names], cal.shape)
             final = {d: change((beta, logit), d) if score_chosen else math.nan for d in names}
             identity = ModelIdentity.of(model)
     finally:
         bar.close()
-    say(f"chosen: {selection.chosen.name} (worst held-out domain {100 * selection.worst(selection.chosen.name):+.2f}%)")
+    say(selection.summary())
     record = _record(fits.settings, fits.windows, names, "robust", final, stock, val,
                      round(fits.seconds + time.perf_counter() - started, 1))
     record["fits"] = {d: fits.fits[d].record() for d in names}
@@ -708,6 +711,7 @@ def calibrate(
     seed: int = 0,
     precision: str = "auto",
     pool: Sequence[Candidate] | None = None,
+    selection_rule: str = DEFAULT_SELECTION_RULE,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **deprecated,
@@ -742,6 +746,10 @@ def calibrate(
             validation and selection stay at the model's precision (docs/calibration.md, "Fitting in
             bfloat16").
         pool: the robust rule's candidates (default :func:`sinkfix.analysis.robust.candidates`).
+        selection_rule: how the robust rule chooses among them (:data:`sinkfix.analysis.robust.SELECTION_RULES`):
+            "safe-mean" (default: the best mean held-out change among the candidates that made no
+            held-out domain worse) or "worst" (the best worst held-out domain; the default before
+            2026-12-03).
 
     The model is left as it was found (weights untouched, any previous patch restored). The
     returned profile's ``calibration`` entry records the protocol, the rule, the validation NLLs per
@@ -755,6 +763,8 @@ def calibrate(
         raise TypeError(f"calibrate() got unexpected keyword arguments {sorted(deprecated)}")
     if rule not in CALIBRATION_RULES:
         raise CalibrationError(f"rule must be one of {', '.join(CALIBRATION_RULES)}, got {rule!r}")
+    if selection_rule not in SELECTION_RULES:
+        raise CalibrationError(f"selection_rule must be one of {', '.join(SELECTION_RULES)}, got {selection_rule!r}")
     settings = CalibrationSettings(seq_len, bos, max_tokens, val_fraction, steps, lr, reg, init_beta, virtual_logits,
                                    virtual_logit_on_sink_rows, eval_every, patience, seed, precision)
     say = log or (lambda message: None)
@@ -762,4 +772,4 @@ def calibrate(
         return _pooled_profile(model, tokenizer, texts, settings, progress, say)
     require_two_domains(list(_normalise_texts(texts)))
     fits = fit_domains(model, tokenizer, texts, settings, progress=progress, log=log)
-    return robust_profile(model, fits, pool=pool, progress=progress, log=log)
+    return robust_profile(model, fits, pool=pool, progress=progress, log=log, selection_rule=selection_rule)

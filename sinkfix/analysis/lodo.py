@@ -27,7 +27,7 @@ from torch import nn
 
 from sinkfix.analysis.calibration import (CalibrationError, Calibrator, DomainFits, Progress, parameters_key,
                                           robust_profile)
-from sinkfix.analysis.robust import Candidate
+from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, Candidate
 from sinkfix.evaluate import Window, bos_token_id, make_windows, tokenize, windows_nll
 
 __all__ = ["LodoResult", "leave_one_domain_out", "evaluate_parameters", "evaluation_windows", "require_three_domains",
@@ -270,7 +270,8 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
                          eval_windows: int = 8, global_betas: Sequence[float] = GLOBAL_SWEEP,
                          pool: Sequence[Candidate] | None = None, cache: dict | None = None,
                          eval_cache: dict | None = None, progress: bool = True, per_window: bool = False,
-                         log: Callable[[str], None] | None = None) -> LodoResult:
+                         log: Callable[[str], None] | None = None,
+                         selection_rule: str = DEFAULT_SELECTION_RULE) -> LodoResult:
     """Score the robust calibration of ``fits`` with each domain left out in turn (module docstring).
 
     ``eval_texts`` maps a domain to its evaluation text, or to None to score its validation windows.
@@ -278,7 +279,8 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     caller may keep between calls with the same fits. ``per_window``: score the evaluation window by
     window (the same forward passes and means) and keep the scores in the result, for
     :meth:`LodoResult.intervals`; ``eval_cache`` then holds per-window scores, so a cache must not be
-    shared between the two settings.
+    shared between the two settings. ``selection_rule``: how every selection chooses
+    (:func:`sinkfix.analysis.robust.select`).
     """
     say = log or (lambda message: None)
     require_three_domains(fits.domains)
@@ -291,12 +293,12 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     # Domain by domain, so that a run stopped half-way (with the caches kept) has whole rows.
     for d in fits.domains:
         profiles[d] = robust_profile(model, fits, [o for o in fits.domains if o != d], pool, progress=progress,
-                                     cache=cache, score_chosen=False)
+                                     cache=cache, score_chosen=False, selection_rule=selection_rule)
         jobs = {("stock", d): ((torch.ones(shape), None), d)}
         jobs.update({(_global_name(b), d): ((torch.full(shape, b), None), d) for b in global_betas})
         jobs["without", d] = _parameters(profiles[d]), d
         scored.update(score(model, fits, windows, jobs, cache=eval_cache, progress=progress))
-    full = robust_profile(model, fits, None, pool, progress=progress, cache=cache)
+    full = robust_profile(model, fits, None, pool, progress=progress, cache=cache, selection_rule=selection_rule)
     scored.update(score(model, fits, windows, {("with", d): (_parameters(full), d) for d in fits.domains},
                         cache=eval_cache, progress=progress))
     nll = {key: sum(x for x, _ in value) / max(sum(n for _, n in value), 1) if per_window else value

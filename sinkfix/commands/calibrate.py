@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
 __all__ = ["add_parser", "run", "STATISTICS_WINDOWS"]
@@ -35,6 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rule", choices=("robust", "pooled"), default="robust",
                         help="robust (default): one fit per domain, combined by leave-one-domain-out selection; "
                              "pooled: one fit on all texts together (not domain-robust)")
+    parser.add_argument("--selection", choices=SELECTION_RULES, default=DEFAULT_SELECTION_RULE,
+                        help="how the robust rule chooses among its candidates, each scored on the held-out domains' "
+                             "validation windows: safe-mean (default) = the best mean change among the candidates "
+                             "that made no held-out domain worse; worst = the best worst domain (the default before "
+                             "2026-12-03)")
     parser.add_argument("--steps", type=int, default=150,
                         help="Adam steps in all, one window each (default 150; the robust rule splits them evenly "
                              "among the domains)")
@@ -118,21 +124,28 @@ def _selection_table(record: dict):
     selection = record["selection"]
     changes = selection["changes"]
     domains = list(record["texts"])
+    rule = selection.get("rule", "worst")  # profiles from before 2026-12-03 were chosen by the worst case
+    chosen_by = {"safe-mean": "the best mean among the candidates that made no domain worse",
+                 "worst": "the best worst case"}[rule]
     table = Table(title="candidates, each rebuilt without the domain it is scored on (validation windows); "
-                        "chosen: the best worst case", title_justify="left")
+                        f"chosen: {chosen_by}", title_justify="left")
     table.add_column("candidate")
     for d in domains:
         table.add_column(d, justify="right")
     table.add_column("worst", justify="right")
+    table.add_column("mean", justify="right")
     for name, per_domain in changes.items():
         worst = max(per_domain.values())
         complete = all(d in per_domain for d in domains)
+        mean = f"{100 * sum(per_domain.values()) / len(per_domain):+.2f}%" if complete else "-"
         # a candidate whose scoring stopped early: its worst is at least what was scored, "-" elsewhere
         table.add_row(name, *[f"{100 * per_domain[d]:+.2f}%" if d in per_domain else "-" for d in domains],
-                      f"{'' if complete else '>= '}{100 * worst:+.2f}%",
+                      f"{'' if complete else '>= '}{100 * worst:+.2f}%", mean,
                       style="bold" if name == selection["chosen"] else None)
     if "not_scored" in selection:
-        table.caption = "-: not scored, the candidate could no longer win (its worst is at least the value shown)"
+        table.caption = ("-: not scored, the candidate could no longer win (its worst is at least the value shown)"
+                         if rule == "worst" else
+                         "-: not scored, the candidate had made a held-out domain worse and no longer qualified")
     return table
 
 
@@ -210,12 +223,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = sinkfix.load_model(args.model)
     fits = None
     if hidden is not None:
-        profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks)
+        profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks, args.selection)
     elif args.rule == "pooled":
         profile = calibrate(model, tokenizer, plain, rule="pooled", **asdict(settings), log=console.print)
     else:
         fits = fit_domains(model, tokenizer, plain, settings, log=console.print)
-        profile = robust_profile(model, fits, log=console.print)
+        profile = robust_profile(model, fits, log=console.print, selection_rule=args.selection)
     if args.statistics:
         profile = _with_statistics(profile, model, tokenizer, plain, args)
     path = profile.save(out)
@@ -257,7 +270,8 @@ def _hidden_settings(args: argparse.Namespace):
                           init_beta=args.hidden_init_beta)
 
 
-def _content_profile(console, model, tokenizer, texts: dict[str, str], settings, hidden, sinks: str):
+def _content_profile(console, model, tokenizer, texts: dict[str, str], settings, hidden, sinks: str,
+                     selection_rule: str):
     """``--sinks hidden``: per-domain hidden-sink fits, selected domain-robustly; ``combined``: the
     positional calibration first, then hidden-sink fits on top of each domain's positional fit."""
     from sinkfix.analysis.calibration import fit_domains, robust_profile
@@ -268,7 +282,7 @@ def _content_profile(console, model, tokenizer, texts: dict[str, str], settings,
         fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print)
         return content_profile(model, fits, log=console.print)
     positional_fits = fit_domains(model, tokenizer, texts, settings, log=console.print)
-    positional = robust_profile(model, positional_fits, log=console.print)
+    positional = robust_profile(model, positional_fits, log=console.print, selection_rule=selection_rule)
     chosen = positional.calibration["selection"]["chosen"]
     rule = next(c for c in candidates() if c.name == chosen)
     fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print,
@@ -306,7 +320,7 @@ def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
                       "calibrated domains); leave-one-domain-out needs --rule robust")
         return
     result = leave_one_domain_out(model, tokenizer, fits, eval_texts, eval_windows=args.eval_windows,
-                                  per_window=True)
+                                  per_window=True, selection_rule=args.selection)
     console.print(_lodo_table(result))
     if any(v is None for v in eval_texts.values()):
         console.print("domains without an evaluation text are scored on their validation windows: the rebuilt "
