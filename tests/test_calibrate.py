@@ -12,6 +12,7 @@ from sinkfix.patch import PatchHandle
 from sinkfix.analysis import calibration as calibration_module
 from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, Calibrator, DomainFits, calibrate,
                                           calibration_windows, fit_domains, fit_matmul_dtype, robust_profile)
+from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE
 from sinkfix.texts import DOMAINS, domain_text
 
 from .conftest import CharTokenizer, tiny_model
@@ -67,6 +68,9 @@ def test_robust_rule_fits_each_domain_and_chooses_by_its_selection_rule(selectio
     assert set(record["ppl_change"]["val_per_domain"]) == set(THREE)
     with pytest.raises(CalibrationError, match="selection_rule must be one of"):
         calibrate(model, CharTokenizer(), THREE, seq_len=64, steps=2, selection_rule="best", progress=False)
+    with pytest.raises(CalibrationError, match="rule='pooled' makes no selection"):
+        calibrate(model, CharTokenizer(), THREE, rule="pooled", seq_len=64, steps=2, selection_rule=selection_rule,
+                  progress=False)
 
 
 def test_robust_rule_needs_two_domains():
@@ -213,6 +217,11 @@ def test_calibrate_command(monkeypatch, tmp_path, capsys):
     assert rc == 2 and "at least two domains" in capsys.readouterr().err
     rc = cli.main(["calibrate", *files[:4], "--out", str(tmp_path / "two.json"), "--seq-len", "64", "--evaluate"])
     assert rc == 2 and "at least three domains" in capsys.readouterr().err
+    # a selection rule where no selection is made is refused, not ignored
+    rc = cli.main(["calibrate", *files, "--out", str(tmp_path / "p.json"), "--rule", "pooled", "--selection", "worst"])
+    assert rc == 2 and "--rule pooled makes no selection" in capsys.readouterr().err
+    rc = cli.main(["calibrate", *files, "--out", str(tmp_path / "h.json"), "--sinks", "hidden", "--selection", "worst"])
+    assert rc == 2 and "hidden-sink selection chooses by the worst case" in capsys.readouterr().err
     # applying the saved profile to another model is a one-line CLI error, exit code 2
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (tiny_model("llama", seed=3), CharTokenizer()))
     rc = cli.main(["inspect", "--profile", str(out), "--text", str(tmp_path / "prose.txt"), "--out",
@@ -255,7 +264,9 @@ def test_cli_defaults_are_the_library_defaults():
     library, signature = CalibrationSettings(), inspect.signature(calibrate).parameters
     for name in ("seq_len", "steps", "lr", "reg", "val_fraction", "max_tokens", "virtual_logits", "precision"):
         assert getattr(args, name) == getattr(library, name) == signature[name].default, name
-    assert args.selection == signature["selection_rule"].default == "safe-mean"
+    # None in both means the default rule; the CLI resolves it before calibrating (and refuses it where
+    # no selection is made)
+    assert args.selection is signature["selection_rule"].default is None and DEFAULT_SELECTION_RULE == "safe-mean"
     assert args.bos is library.bos is signature["bos"].default is True
 
 

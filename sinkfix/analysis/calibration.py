@@ -596,7 +596,8 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
 
     Each candidate of ``pool`` (default :func:`sinkfix.analysis.robust.candidates`) is scored on
     every held-out domain and chosen by ``selection_rule`` (:func:`sinkfix.analysis.robust.select`:
-    ``safe-mean``, the default, or ``worst``); the winner is rebuilt from every domain's fit. Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
+    ``safe-mean``, the default, or ``worst``); the winner is rebuilt from every domain's fit.
+    Returns a :class:`~sinkfix.profile.Profile` that also carries the per-domain fits.
     ``cache`` (a dict, kept by the caller) remembers validation NLLs by parameters and domain, so that
     rebuilding profiles for several subsets of the same fits (:mod:`sinkfix.analysis.lodo`) scores
     each parameter set once. ``score_chosen=False`` skips scoring the chosen parameters on every
@@ -711,7 +712,7 @@ def calibrate(
     seed: int = 0,
     precision: str = "auto",
     pool: Sequence[Candidate] | None = None,
-    selection_rule: str = DEFAULT_SELECTION_RULE,
+    selection_rule: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **deprecated,
@@ -747,9 +748,9 @@ def calibrate(
             bfloat16").
         pool: the robust rule's candidates (default :func:`sinkfix.analysis.robust.candidates`).
         selection_rule: how the robust rule chooses among them (:data:`sinkfix.analysis.robust.SELECTION_RULES`):
-            "safe-mean" (default: the best mean held-out change among the candidates that made no
-            held-out domain worse) or "worst" (the best worst held-out domain; the default before
-            2026-12-03).
+            None or "safe-mean" (the default: the best mean held-out change among the candidates
+            that made no held-out domain worse) or "worst" (the best worst held-out domain; the
+            default before 2026-12-03). The pooled rule makes no selection and refuses one.
 
     The model is left as it was found (weights untouched, any previous patch restored). The
     returned profile's ``calibration`` entry records the protocol, the rule, the validation NLLs per
@@ -763,6 +764,10 @@ def calibrate(
         raise TypeError(f"calibrate() got unexpected keyword arguments {sorted(deprecated)}")
     if rule not in CALIBRATION_RULES:
         raise CalibrationError(f"rule must be one of {', '.join(CALIBRATION_RULES)}, got {rule!r}")
+    if rule == "pooled" and selection_rule is not None:
+        raise CalibrationError("selection_rule chooses among the robust rule's candidates; rule='pooled' makes no "
+                               "selection (drop selection_rule, or use rule='robust')")
+    selection_rule = DEFAULT_SELECTION_RULE if selection_rule is None else selection_rule
     if selection_rule not in SELECTION_RULES:
         raise CalibrationError(f"selection_rule must be one of {', '.join(SELECTION_RULES)}, got {selection_rule!r}")
     settings = CalibrationSettings(seq_len, bos, max_tokens, val_fraction, steps, lr, reg, init_beta, virtual_logits,

@@ -36,11 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rule", choices=("robust", "pooled"), default="robust",
                         help="robust (default): one fit per domain, combined by leave-one-domain-out selection; "
                              "pooled: one fit on all texts together (not domain-robust)")
-    parser.add_argument("--selection", choices=SELECTION_RULES, default=DEFAULT_SELECTION_RULE,
+    parser.add_argument("--selection", choices=SELECTION_RULES, default=None,
                         help="how the robust rule chooses among its candidates, each scored on the held-out domains' "
                              "validation windows: safe-mean (default) = the best mean change among the candidates "
                              "that made no held-out domain worse; worst = the best worst domain (the default before "
-                             "2026-12-03)")
+                             f"2026-12-03). Default {DEFAULT_SELECTION_RULE}; not with --rule pooled or --sinks hidden")
     parser.add_argument("--steps", type=int, default=150,
                         help="Adam steps in all, one window each (default 150; the robust rule splits them evenly "
                              "among the domains)")
@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
                                    virtual_logit_on_sink_rows=args.virtual_on_sink_rows, precision=args.precision)
     plain = {name: t.text for name, t in texts.items()}
     hidden = _hidden_settings(args)  # the clear errors, before the model is loaded
+    _check_selection(args)
     if args.statistics and args.statistics_windows < 1:
         from sinkfix.errors import UsageError
 
@@ -251,6 +252,20 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         _evaluate(console, model, tokenizer, fits, profile, texts, args)
     return 0
+
+
+def _check_selection(args: argparse.Namespace) -> None:
+    """``--selection`` chooses among the positional robust rule's candidates: refused where no such
+    selection is made (never silently ignored); otherwise the default fills in."""
+    from sinkfix.errors import UsageError
+
+    if args.selection is not None and args.rule == "pooled":
+        raise UsageError("--selection chooses among the robust rule's candidates; --rule pooled makes no selection")
+    if args.selection is not None and args.sinks == "hidden":
+        raise UsageError("--selection applies to the positional selection (--sinks positional or combined); the "
+                         "hidden-sink selection chooses by the worst case")
+    if args.selection is None:
+        args.selection = DEFAULT_SELECTION_RULE
 
 
 def _hidden_settings(args: argparse.Namespace):
