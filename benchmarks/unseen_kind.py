@@ -69,9 +69,7 @@ def changelog_text(root: Path, chars_per_package: int, total_chars: int) -> tupl
         for name in ("changelog.Debian.gz", "changelog.gz"):
             path = root / package / name
             if path.is_file():
-                with gzip.open(path, "rt", encoding="utf-8", errors="replace") as handle:
-                    chunk = handle.read(chars_per_package)
-                parts.append(chunk.strip() + "\n")
+                parts.append(_read_head(path, chars_per_package).strip() + "\n")
                 used.append(package)
                 size += len(parts[-1])
                 break
@@ -90,19 +88,20 @@ def _read_head(path: Path, chars: int) -> str:
 
 
 def _file_heads(paths: list[Path], keep: Callable[[Path, str], bool], chars_per_file: int,
-                total_chars: int, body: Callable[[str], str] = lambda text: text) -> tuple[str, list[str]]:
-    """The first ``chars_per_file`` characters of ``body`` of each path that ``keep`` accepts (``body``
-    sees the file's first 64 kB), in the given order, until ``total_chars``; returns the text and the
-    paths used."""
+                total_chars: int, body: Callable[[str], str] | None = None) -> tuple[str, list[str]]:
+    """The first ``chars_per_file`` characters of each path that ``keep`` accepts, or of ``body`` of it
+    (``body`` sees the file's first 64 kB), in the given order, until ``total_chars``; returns the text
+    and the paths used."""
     parts, used, size = [], [], 0
     for path in paths:
-        try:
-            head = _read_head(path, 65536)
+        try:  # without a body only the head is read (most of /usr/bin is programs, not scripts)
+            head = _read_head(path, chars_per_file if body is None else 65536)
         except (OSError, EOFError, ValueError):  # unreadable, truncated or not gzip after all: not text we can use
             continue
         if not head.strip() or not keep(path, head):
             continue
-        head = body(head)[:chars_per_file]
+        if body is not None:
+            head = body(head)[:chars_per_file]
         parts.append(head.strip() + "\n")
         used.append(str(path))
         size += len(parts[-1])
