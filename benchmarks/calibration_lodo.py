@@ -6,6 +6,7 @@
     python benchmarks/calibration_lodo.py profile --profile-out smollm2.profile.json  # the default profile
     python benchmarks/calibration_lodo.py pool --model smollm2-135m --no-bos       # a wider candidate pool
     python benchmarks/calibration_lodo.py intervals --eval-windows 16             # how sure each row is
+    python benchmarks/calibration_lodo.py analyses --no-bos                       # own fits on every domain
 
 ``run`` fits every built-in domain on its own (`sinkfix.analysis.calibration.fit_domains`, the
 defaults of `sinkfix calibrate`), then, for each domain, rebuilds the robust profile without it and
@@ -512,6 +513,63 @@ def profile(args) -> int:
     return 0
 
 
+# -- analyses from saved fits ----------------------------------------------------------------------
+def analyses(args) -> int:
+    """``run --analyses`` without a run: from the fits a ``run`` saved, every domain's own fit and every
+    fixed candidate (rebuilt without each domain) on every domain's evaluation text, next to the
+    unpatched model and the global betas, and what the unigram recogniser calls each window. Scores
+    are taken from and added to the run's cache file; nothing of the run's own files is rewritten."""
+    loaded = _saved_run(args)
+    if loaded is None:
+        return 1
+    out, tag, model, tokenizer, fits = loaded
+    caches = _cache(out / f"cache-{tag}.json", args.eval_windows)
+    for name, entries in _saved_scores(out, tag, args.eval_windows).items():  # what the run's parts scored too
+        dict.update(caches[name], entries)
+    clock = _Clock()
+    try:
+        windows = _evaluation_windows(tokenizer, fits, args)
+        shape = fits.shape
+        jobs = {}
+        for d in fits.domains:
+            jobs["stock", d] = (torch.ones(shape), None), d
+            jobs.update({(f"global {b:g}", d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+        baseline = evaluate_parameters(model, fits, windows, jobs, cache=caches["eval"])
+        table = _analyses(model, tokenizer, fits, args, caches["eval"])
+    finally:
+        caches.save()
+    data = {"model": args.model, "bos": args.bos, "eval_windows": args.eval_windows,
+            "stock": {d: baseline["stock", d] for d in fits.domains},
+            "global_beta": {f"{b:g}": {d: baseline[f"global {b:g}", d] for d in fits.domains} for b in GLOBAL_SWEEP},
+            "analyses": table, "timing": clock.done(),
+            "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in fits.domains}}
+    _save_json(out / f"analyses-{tag}-{args.eval_windows}w.json", data)
+    atomic_write_text(out / f"analyses-{tag}-{args.eval_windows}w.md", _analyses_markdown(data) + "\n")
+    print(_analyses_markdown(data))
+    return 0
+
+
+def _analyses_markdown(data: dict) -> str:
+    """Perplexity change against the unpatched model of each own fit on each domain (rows: the text),
+    the best global beta of 1 and ``GLOBAL_SWEEP`` beside them, and the recogniser's calls."""
+    stock, table = data["stock"], data["analyses"]
+    domains = list(stock)
+    change = lambda nll, d: f"{100 * (math.exp(nll - stock[d]) - 1):+.2f}%"  # noqa: E731
+    lines = [f"Own fits on every domain: {data['model']}, {'BOS' if data['bos'] else 'no BOS'}, "
+             f"{data['eval_windows']} evaluation windows per domain (perplexity change vs unpatched)", "",
+             "| evaluation text | unpatched ppl | best global beta | " + " | ".join(f"fit: {d}" for d in domains)
+             + " | recogniser (all five known) | recogniser (domain left out) |",
+             "|---" * (len(domains) + 5) + "|"]
+    calls = lambda shares: ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
+    for d in domains:
+        # beta 1 (unpatched) is one of the global choices, as in the leave-one-domain-out tables
+        beta, nll = min([("1", stock[d])] + [(b, v[d]) for b, v in data["global_beta"].items()], key=lambda bv: bv[1])
+        lines.append(f"| {d} | {math.exp(stock[d]):.3f} | {change(nll, d)} ({beta}) | "
+                     + " | ".join(change(table[f"fit:{f}"][d], d) for f in domains)
+                     + f" | {calls(table['recogniser']['known'][d])} | {calls(table['recogniser']['unseen'][d])} |")
+    return "\n".join(lines)
+
+
 # -- intervals ----------------------------------------------------------------------------------
 def intervals(args) -> int:
     """Every row of a run, window by window, with intervals (module docstring)."""
@@ -758,6 +816,8 @@ def main(argv=None) -> int:
     w = _saved_run_parser(sub, "pool", "every selection of a run repeated with a candidate pool, whole tables", pool)
     w.add_argument("--pool", choices=sorted(POOLS), default="wide", help="the candidates (default: wide)")
     _saved_run_parser(sub, "intervals", "a run's rows window by window, each change with a 95% interval", intervals)
+    _saved_run_parser(sub, "analyses", "every domain's own fit and fixed candidate on every domain, from saved fits",
+                      analyses)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(fn=table)

@@ -1,8 +1,10 @@
-"""The score caches of benchmarks/calibration_lodo.py: a score on one number of evaluation windows
-never answers for another, and writing one count's scores keeps the others' in the file."""
+"""Pieces of benchmarks/calibration_lodo.py that need no model: the score caches (a score on one
+number of evaluation windows never answers for another, and writing one count's scores keeps the
+others' in the file) and the own-fit table of ``analyses``."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -31,3 +33,19 @@ def test_evaluation_scores_are_kept_per_window_count(tmp_path):
     assert calibration_lodo._cache(path)["eval"] == {("legal", "abc"): 2.5}
     assert calibration_lodo._saved_scores(tmp_path, "m-bos", 16)["eval"] == {("legal", "abc"): 2.4}
     assert calibration_lodo._saved_scores(tmp_path, "m-bos")["val"] == {("legal", "abc"): 1.5, ("cpp", "def"): 0.5}
+
+
+def test_own_fit_table_counts_the_unpatched_model_among_the_global_betas():
+    stock = {"a": 2.0, "b": 1.0}
+    data = {"model": "m", "bos": True, "eval_windows": 4, "stock": stock,
+            # on "b" every global beta is worse than unpatched: the best global choice is beta 1
+            "global_beta": {"0.95": {"a": 2.0 + math.log(0.99), "b": 1.0 + math.log(1.02)},
+                            "0.9": {"a": 2.0 + math.log(0.995), "b": 1.0 + math.log(1.05)}},
+            "analyses": {"fit:a": {"a": 2.0 + math.log(0.97), "b": 1.0 + math.log(1.004)},
+                         "fit:b": {"a": 2.0, "b": 1.0 + math.log(0.9)},
+                         "recogniser": {"known": {"a": {"a": 1.0}, "b": {"unknown": 0.5, "b": 0.5}},
+                                        "unseen": {"a": {"b": 1.0}, "b": {"a": 0.25, "unknown": 0.75}}}}}
+    rows = calibration_lodo._analyses_markdown(data).splitlines()[-2:]
+    assert rows[0] == f"| a | {math.exp(2.0):.3f} | -1.00% (0.95) | -3.00% | +0.00% | a 100% | b 100% |"
+    # ties in the recogniser's calls are listed by name, so the table is the same from run to run
+    assert rows[1] == f"| b | {math.exp(1.0):.3f} | +0.00% (1) | +0.40% | -10.00% | b 50%, unknown 50% | unknown 75%, a 25% |"
