@@ -65,7 +65,7 @@ import sinkfix
 from sinkfix.analysis.calibration import (FIT_PRECISIONS, CalibrationSettings, Calibrator, DomainFits, calibrate,
                                           fit_domains, parameters_key, robust_profile)
 from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
-from sinkfix.analysis.robust import candidate_parameters, candidates, select
+from sinkfix.analysis.robust import IDENTITY, Candidate, candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
 
@@ -705,16 +705,21 @@ WIDE_POOL = candidates([("consensus", 1.0), ("consensus", 0.5), ("mean", 1.0), (
                        global_betas=(0.98, 0.97, 0.95, 0.93, 0.9, 0.85))
 
 
-POOLS = {"wide": WIDE_POOL, "default": candidates()}
+# The mean combination amplified (shrink above 1: each head gives away 1.5 or 2 times the fits' mean
+# share, at most all of it), tried for the no-BOS calibrated domains that stay short of -3%.
+# Built by hand: `candidates` accepts only shrinks in (0, 1], which is all `sinkfix calibrate` offers.
+AMPLIFIED_POOL = [IDENTITY] + [Candidate(f"mean x{s:g}", rule="mean", shrink=s) for s in (1.0, 1.5, 2.0)]
+POOLS = {"wide": WIDE_POOL, "default": candidates(), "amplified": AMPLIFIED_POOL}
 
 
 def pool(args) -> int:
     """Every selection of a ``run`` (without each domain, and over all of them) repeated with the
-    wider pool (``--pool wide``) or the default one (``--pool default``), whole tables (no pruning),
+    wider pool (``--pool wide``), the default one (``--pool default``) or the amplified means
+    (``--pool amplified``), whole tables (no pruning),
     and every candidate of it rebuilt without each domain on that domain's evaluation text and from
     every domain on every domain's: what each candidate would have done, chosen or not, so that
     selection rules can be compared without another forward pass. Reuses the run's fits and saved
-    scores; writes ``pool-TAG.json`` (wide) or ``pool-default-TAG.json``."""
+    scores; writes ``pool-TAG.json`` (wide) or ``pool-POOL-TAG.json``."""
     loaded = _saved_run(args)
     if loaded is None:
         return 1

@@ -35,6 +35,12 @@ def test_shrinking_scales_both_masses_toward_the_identity():
     torch.testing.assert_close(logit, torch.tensor([[1.0 + math.log(0.25), -3.0 + math.log(0.25)]]))
 
 
+def test_an_amplified_combination_gives_away_at_most_the_whole_sink():
+    beta, logit = combine([_params(0.2, 0.9, logits=[0.0, -1.0])], "mean", shrink=2.0)
+    torch.testing.assert_close(beta, torch.tensor([[0.0, 0.8]]))  # 1 - 2 * 0.8 would be negative
+    torch.testing.assert_close(logit, torch.tensor([[math.log(2.0), -1.0 + math.log(2.0)]]))
+
+
 def test_a_fit_without_virtual_logits_combines_to_none():
     beta, logit = combine([_params(0.5, 0.5), _params(0.7, 0.9)], "mean")
     assert logit is None and torch.allclose(beta, torch.tensor([[0.6, 0.7]]))
