@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -274,11 +275,15 @@ def test_cli_defaults_are_the_library_defaults():
 def test_fit_precision_resolves_by_device_and_model_dtype(monkeypatch):
     model = tiny_model("llama")
     assert fit_matmul_dtype(model, "float32") is None
-    assert fit_matmul_dtype(model, "bfloat16") is torch.bfloat16
     monkeypatch.setattr(calibration_module, "bf16_native", lambda device: False)
     assert fit_matmul_dtype(model, "auto") is None  # emulated bfloat16 is slower than float32
+    with pytest.warns(UserWarning, match="does not multiply bfloat16 natively"):  # forced: done, with a warning
+        assert fit_matmul_dtype(model, "bfloat16") is torch.bfloat16
     monkeypatch.setattr(calibration_module, "bf16_native", lambda device: True)
     assert fit_matmul_dtype(model, "auto") is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fit_matmul_dtype(model, "bfloat16") is torch.bfloat16
     assert fit_matmul_dtype(tiny_model("llama").to(torch.bfloat16), "bfloat16") is None  # already 16-bit
     with pytest.raises(CalibrationError, match="precision must be one of auto, bfloat16, float32, got 'fp16'"):
         fit_matmul_dtype(model, "fp16")
