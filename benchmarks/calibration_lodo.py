@@ -64,7 +64,8 @@ import torch
 import sinkfix
 from sinkfix.analysis.calibration import (FIT_PRECISIONS, CalibrationSettings, Calibrator, DomainFits, calibrate,
                                           fit_domains, parameters_key, robust_profile)
-from sinkfix.analysis.lodo import GLOBAL_SWEEP, LodoResult, evaluate_parameters, evaluation_windows, leave_one_domain_out
+from sinkfix.analysis.lodo import (GLOBAL_SWEEP, LodoResult, baseline_jobs, evaluate_parameters, evaluation_windows,
+                                  leave_one_domain_out)
 from sinkfix.analysis.robust import IDENTITY, Candidate, candidate_parameters, candidates, select
 from sinkfix.files import atomic_write_text
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_source, domain_text
@@ -359,9 +360,8 @@ def _select(model, fits: DomainFits, cache: dict, path: Path) -> dict:
     return timing
 
 
-def _analyses(model, tokenizer, fits: DomainFits, args, eval_cache: dict) -> dict:
+def _analyses(model, fits: DomainFits, windows: dict, eval_cache: dict) -> dict:
     """Fixed candidates on unseen domains, and every domain's own fit on every domain."""
-    windows = _evaluation_windows(tokenizer, fits, args)
     shape = fits.shape
     jobs = {}
     for held_out in fits.domains:
@@ -401,13 +401,13 @@ def _domain_aware(fits: DomainFits, windows: dict, vocab: int) -> dict:
         models = {d: _unigram(fits.windows[d].calib, vocab) for d in known}
         thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in known}
         calls = [_recognise(models, thresholds, w.input_ids) for w in windows[held_out]]
-        out[held_out] = {name: calls.count(name) / len(calls) for name in set(calls)}
+        out[held_out] = {name: calls.count(name) / len(calls) for name in sorted(set(calls))}
     models = {d: _unigram(fits.windows[d].calib, vocab) for d in fits.domains}
     thresholds = {d: min(float(models[d][w].mean()) for w in fits.windows[d].val) - 1.0 for d in fits.domains}
     known = {}
     for d in fits.domains:
         calls = [_recognise(models, thresholds, w.input_ids) for w in windows[d]]
-        known[d] = {name: calls.count(name) / len(calls) for name in set(calls)}
+        known[d] = {name: calls.count(name) / len(calls) for name in sorted(set(calls))}
     return {"unseen": out, "known": known}
 
 
@@ -473,7 +473,7 @@ def run(args) -> int:
                  "sources": {d: {s: domain_source(d, s) for s in ("calib", "eval")} for d in domains},
                  "fits": {d: fits.fits[d].record() for d in domains}, "fit_precision": fits.fit_precision}
         if args.analyses:
-            extra["analyses"] = _analyses(model, tokenizer, fits, args, caches["eval"])
+            extra["analyses"] = _analyses(model, fits, _evaluation_windows(tokenizer, fits, args), caches["eval"])
         if args.pooled_baseline:
             extra["pooled_baseline"] = _pooled_baseline(model, tokenizer, args, fits, caches["eval"], out)
     finally:
@@ -529,13 +529,9 @@ def analyses(args) -> int:
     clock = _Clock()
     try:
         windows = _evaluation_windows(tokenizer, fits, args)
-        shape = fits.shape
-        jobs = {}
-        for d in fits.domains:
-            jobs["stock", d] = (torch.ones(shape), None), d
-            jobs.update({(f"global {b:g}", d): ((torch.full(shape, b), None), d) for b in GLOBAL_SWEEP})
+        jobs = {key: job for d in fits.domains for key, job in baseline_jobs(fits.shape, d).items()}
         baseline = evaluate_parameters(model, fits, windows, jobs, cache=caches["eval"])
-        table = _analyses(model, tokenizer, fits, args, caches["eval"])
+        table = _analyses(model, fits, windows, caches["eval"])
     finally:
         caches.save()
     data = {"model": args.model, "bos": args.bos, "eval_windows": args.eval_windows,
@@ -745,7 +741,7 @@ def pool(args) -> int:
                       flush=True)
         windows = _evaluation_windows(tokenizer, fits, args)
         every = [fits.fits[d].parameters for d in domains]
-        jobs = {("stock", d): ((torch.ones(shape), None), d) for d in domains}
+        jobs = {key: job for d in domains for key, job in baseline_jobs(shape, d, global_betas=()).items()}
         for c in chosen_pool[1:]:
             for d in domains:
                 without = [fits.fits[o].parameters for o in domains if o != d]

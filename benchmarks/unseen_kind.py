@@ -41,13 +41,13 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 import sinkfix
 from sinkfix.analysis.calibration import DomainFits
-from sinkfix.analysis.lodo import GLOBAL_SWEEP, evaluate_parameters
+from sinkfix.analysis.lodo import baseline_jobs, evaluate_parameters
 from sinkfix.analysis.robust import candidate_parameters, candidates
 from sinkfix.evaluate import bos_token_id, make_windows, tokenize
 from sinkfix.files import atomic_write_text
@@ -145,22 +145,22 @@ def man_text(chars_per_file: int, total_chars: int) -> tuple[str, list[str]]:
     return text, used
 
 
-KIND_SOURCES = {
-    "changelog": f"{DOC_ROOT}/PACKAGE/changelog(.Debian).gz, first {{chars}} characters each, package-name order",
-    "shell": f"shell scripts (first line runs sh, bash or dash) in {', '.join(map(str, SCRIPT_ROOTS))}, first "
-             "{chars} characters each, name order",
-    "man": f"manual pages in {', '.join(map(str, MAN_ROOTS))} (roff source from the .TH line, no links or .so "
-           "redirections), first {chars} characters each, name order",
+class _Kind(NamedTuple):
+    name: str  # in the Markdown table's title
+    source: str  # the record's description of the text; {chars} is the characters per file
+    unit: str  # what one entry of the record's list is
+    read: Callable[[int, int], tuple[str, list[str]]]  # (chars per file, total chars) -> (text, entries)
+
+
+KINDS = {
+    "changelog": _Kind("Debian changelogs", f"{DOC_ROOT}/PACKAGE/changelog(.Debian).gz, first {{chars}} characters each, "
+                       "package-name order", "packages", lambda chars, total: changelog_text(DOC_ROOT, chars, total)),
+    "shell": _Kind("shell scripts", f"shell scripts (first line runs sh, bash or dash) in "
+                   f"{', '.join(map(str, SCRIPT_ROOTS))}, first {{chars}} characters each, name order", "files", shell_text),
+    "man": _Kind("manual pages (sections 1 and 8)", f"manual pages in {', '.join(map(str, MAN_ROOTS))} (roff source "
+                 "from the .TH line, no links or .so redirections), first {chars} characters each, name order", "files",
+                 man_text),
 }
-KIND_NAMES = {"changelog": "Debian changelogs", "shell": "shell scripts", "man": "manual pages (sections 1 and 8)"}
-
-
-def kind_text(kind: str, chars_per_file: int, total_chars: int) -> tuple[str, list[str]]:
-    if kind == "changelog":
-        return changelog_text(DOC_ROOT, chars_per_file, total_chars)
-    if kind == "shell":
-        return shell_text(chars_per_file, total_chars)
-    return man_text(chars_per_file, total_chars)
 
 
 def main(argv=None) -> int:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--candidate", action="append", help="a pool candidate built from all five fits "
                         "(default: every combination of the default pool)")
     parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--kind", choices=sorted(KIND_SOURCES), default="changelog", help="the text (module docstring)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="changelog", help="the text (module docstring)")
     parser.add_argument("--chars-per-file", "--chars-per-package", dest="chars_per_file", type=int, default=1500,
                         help="characters read from the start of each file")
     parser.add_argument("--threads", type=int, default=2)
@@ -184,45 +184,44 @@ def main(argv=None) -> int:
     fits = DomainFits.from_dict(saved, tokenizer)
     settings = fits.settings
     # enough characters for the windows at about 3 characters per token, with room to spare
-    text, packages = kind_text(args.kind, args.chars_per_file, args.windows * settings.seq_len * 4)
+    kind = KINDS[args.kind]
+    text, packages = kind.read(args.chars_per_file, args.windows * settings.seq_len * 4)
     ids = tokenize(tokenizer, text)
     windows = make_windows(ids, settings.seq_len, None, bos_token_id(tokenizer) if settings.bos else None, args.windows)
     if len(windows) < args.windows:
-        raise SystemExit(f"only {len(windows)} windows of {KIND_NAMES[args.kind]}; asked for {args.windows}")
+        raise SystemExit(f"only {len(windows)} windows of {kind.name}; asked for {args.windows}")
     shape, every = fits.shape, [fits.fits[d].parameters for d in fits.domains]
     names = args.candidate or [c.name for c in candidates() if c.uses_fits]
-    kind = args.kind
-    jobs = {"unpatched": ((torch.ones(shape), None), kind)}
-    jobs.update({f"global {b:g}": ((torch.full(shape, b), None), kind) for b in GLOBAL_SWEEP})
+    # the leave-one-domain-out tables' baselines, named as this record has always named them
+    jobs = {"unpatched" if name == "stock" else name: job for (name, _), job in baseline_jobs(shape, args.kind).items()}
     for name in names:
         rule, _, shrink = name.partition(" x")
         try:
             candidate = candidates([(rule, float(shrink))], global_betas=())[-1]
         except ValueError as error:
             raise SystemExit(f"candidate {name!r}: RULE xSHRINK, e.g. 'mean x0.5' ({error})") from None
-        jobs[name] = candidate_parameters(candidate, every, shape), kind
+        jobs[name] = candidate_parameters(candidate, every, shape), args.kind
     started = time.perf_counter()
-    nll = evaluate_parameters(model, fits, {kind: windows}, jobs)
+    nll = evaluate_parameters(model, fits, {args.kind: windows}, jobs)
     seconds = time.perf_counter() - started
     change = {k: math.exp(v - nll["unpatched"]) - 1 for k, v in nll.items()}
     tokens = sum(int((w.labels[1:] != -100).sum()) for w in windows)
     record = {"model": args.model, "bos": bool(settings.bos), "protocol": {**settings.protocol(), "eval_windows": len(windows)},
-              "text": {"kind": kind, "source": KIND_SOURCES[kind].format(chars=args.chars_per_file),
-                       ("packages" if kind == "changelog" else "files"): packages, "chars": len(text),
+              "text": {"kind": args.kind, "source": kind.source.format(chars=args.chars_per_file),
+                       kind.unit: packages, "chars": len(text),
                        "sha256": hashlib.sha256(text.encode()).hexdigest(), "scored_tokens": tokens,
                        "system": platform.platform()},
               "fits": str(args.fits_dir), "nll": nll, "change": change, "seconds": round(seconds, 1),
               "threads": args.threads, "versions": {"torch": torch.__version__, "sinkfix": sinkfix.__version__}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{kind}-{tag}.json", json.dumps(record, indent=1) + "\n")
-    unit = "packages" if kind == "changelog" else "files"
-    lines = [f"**{args.model}, {'BOS' if settings.bos else 'no BOS'}**, {KIND_NAMES[kind]} ({len(packages)} {unit}, "
+    atomic_write_text(out / f"{args.kind}-{tag}.json", json.dumps(record, indent=1) + "\n")
+    lines = [f"**{args.model}, {'BOS' if settings.bos else 'no BOS'}**, {kind.name} ({len(packages)} {kind.unit}, "
              f"{tokens} scored tokens, {len(windows)} windows of {settings.seq_len}); unpatched perplexity "
              f"{math.exp(nll['unpatched']):.3f}", "", "| parameters (from all five domains' fits) | perplexity change |",
              "|---|---|"]
     lines += [f"| {k} | {100 * v:+.2f}% |" for k, v in change.items() if k != "unpatched"]
-    atomic_write_text(out / f"{kind}-{tag}.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{args.kind}-{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

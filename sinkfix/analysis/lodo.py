@@ -31,7 +31,7 @@ from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, Candidate
 from sinkfix.evaluate import Window, bos_token_id, make_windows, tokenize, windows_nll
 
 __all__ = ["LodoResult", "leave_one_domain_out", "evaluate_parameters", "evaluation_windows", "require_three_domains",
-           "GLOBAL_SWEEP", "ChangeInterval", "WindowScores", "window_scores", "change_intervals"]
+           "GLOBAL_SWEEP", "baseline_jobs", "ChangeInterval", "WindowScores", "window_scores", "change_intervals"]
 
 # One beta for every head: the sweep the "best single global beta" baseline is the best of.
 GLOBAL_SWEEP = (0.95, 0.9, 0.85)
@@ -294,8 +294,7 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     for d in fits.domains:
         profiles[d] = robust_profile(model, fits, [o for o in fits.domains if o != d], pool, progress=progress,
                                      cache=cache, score_chosen=False, selection_rule=selection_rule)
-        jobs = {("stock", d): ((torch.ones(shape), None), d)}
-        jobs.update({(_global_name(b), d): ((torch.full(shape, b), None), d) for b in global_betas})
+        jobs = baseline_jobs(shape, d, global_betas)
         jobs["without", d] = _parameters(profiles[d]), d
         scored.update(score(model, fits, windows, jobs, cache=eval_cache, progress=progress))
     full = robust_profile(model, fits, None, pool, progress=progress, cache=cache, selection_rule=selection_rule)
@@ -316,6 +315,15 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
         if per_window else {})
     say(result.markdown())
     return result
+
+
+def baseline_jobs(shape: tuple[int, int], domain: str,
+                  global_betas: Sequence[float] = GLOBAL_SWEEP) -> dict[tuple[str, str], tuple]:
+    """The jobs every table scores ``domain`` against, for :func:`evaluate_parameters`: the unpatched
+    model as ``("stock", domain)`` and each global beta as ``("global B", domain)``."""
+    jobs = {("stock", domain): ((torch.ones(shape), None), domain)}
+    jobs.update({(_global_name(b), domain): ((torch.full(shape, b), None), domain) for b in global_betas})
+    return jobs
 
 
 def _global_name(beta: float) -> str:
