@@ -15,8 +15,25 @@ statistics), ``residual_clip``.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+import sys
 import warnings
+from pathlib import Path
+
+if __name__ == "kernels":
+    # This folder was found as a top-level "kernels" because the repository root is on sys.path (a
+    # Python started there, `python -m pytest`). That name belongs to another package, which
+    # transformers >= 5.25 imports: where it is installed, hand the import over to it (the import
+    # system returns what sys.modules holds once this file has run). Where it is not, this folder
+    # stays what it was (transformers 5.24 probes the name and copes with what it finds).
+    _root = Path(__file__).resolve().parent.parent
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [entry for entry in sys.path if Path(entry or ".").resolve() != _root])
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
 
 import torch
 
