@@ -43,6 +43,7 @@ IMPL_NAME = "sinkfix"
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
     "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel", "GptOssForCausalLM",
+    "FalconForCausalLM",  # rotary only, and only where transformers routes it (5.25 on); ALiBi is refused
 )
 
 _HANDLE_ATTRIBUTE = "_sinkfix_handle"
@@ -311,7 +312,10 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) 
     """Everything patch() decides before changing the model: which modules, which policy per
     layer, which decoder layers to clip. Raises on any problem."""
     arch = type(model).__name__
-    order = discover_attention_modules(model, _dummy_input(model))
+    try:
+        order = discover_attention_modules(model, _dummy_input(model))
+    except NotImplementedError as exc:  # raised by our attention function: an argument it does not implement
+        raise UnsupportedModelError(f"{arch} calls attention with something sinkfix does not implement: {exc}") from None
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
     layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])

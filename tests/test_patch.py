@@ -206,15 +206,102 @@ def test_from_pretrained_with_sinkfix_implementation_is_identity_until_patched(t
         assert (loaded(ids).logits - model(ids).logits).abs().max() > 1e-3
 
 
-def test_unsupported_architecture_is_refused_and_restored():
-    model = tf.AutoModelForCausalLM.from_config(
-        tf.FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-    ).eval()
+def _refused_and_restored(model, match):
     before = model.config._attn_implementation
-    with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*AttentionInterface"):
+    with pytest.raises(UnsupportedModelError, match=match):
         sinkfix.patch(model, Policy(sink_scale=0.5))
     assert model.config._attn_implementation == before
     assert PatchHandle.of(model) is None
+
+
+class _OwnAttentionModel(tf.PreTrainedModel):
+    """A model that accepts any attention implementation and then ignores it: its attention is its own
+    softmax, the silent no-op that transformers only warns about."""
+
+    config_class = tf.LlamaConfig
+    _supports_attention_backend = True
+    _supports_sdpa = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.qkv = torch.nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids=None, use_cache=None, **kwargs):
+        q, k, v = self.qkv(self.embed(input_ids)).chunk(3, dim=-1)
+        causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+def test_model_that_ignores_the_implementation_switch_is_refused_and_restored():
+    model = _OwnAttentionModel(tf.LlamaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2)).eval()
+    _refused_and_restored(model, "_OwnAttentionModel.*AttentionInterface")
+
+
+def test_architecture_with_its_own_attention_is_refused_and_restored():
+    # GPT-Neo computes attention itself in every transformers release sinkfix supports
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.GPTNeoConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4,
+                        attention_types=[[["global", "local"], 1]], window_size=8)
+    ).eval()
+    _refused_and_restored(model, "GPTNeoForCausalLM")
+
+
+def test_alibi_position_bias_is_refused_and_restored():
+    """ALiBi Falcon adds its per-head position bias to the attention mask. transformers 5.25 routes
+    Falcon through the attention interface (earlier releases do not): either way the patch must refuse
+    it rather than drop the bias."""
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True)
+    ).eval()
+    _refused_and_restored(model, "FalconForCausalLM.*(AttentionInterface|ALiBi)")
+
+
+def _falcon_routes_attention() -> bool:
+    from transformers.models.falcon import modeling_falcon
+    return hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS")
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not _falcon_routes_attention(),
+                    reason="this transformers release computes Falcon attention itself (routed from 5.25 on)")
+@pytest.mark.parametrize("layout", ["multi_query", "new_decoder_architecture"])
+def test_rotary_falcon_is_patched_where_transformers_routes_it(layout):
+    torch.manual_seed(0)
+    extra = dict(new_decoder_architecture=True, num_kv_heads=2) if layout == "new_decoder_architecture" else {}
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra)
+    ).eval()
+    ids, mask = _batch()
+    real = mask.bool()
+    stock = model(ids, attention_mask=mask).logits
+    stock_generated = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    with sinkfix.patch(model, Policy()):
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], stock[real], atol=1e-4, rtol=0)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False), stock_generated)
+    with sinkfix.patch(model, Policy(sink_scale=0.5)) as handle:
+        corrected = model(ids, attention_mask=mask).logits
+        assert handle.num_layers == 2
+    assert (corrected[real] - stock[real]).abs().max() > 1e-3
+
+
+def test_float_masks_keep_or_drop_keys_and_refuse_a_bias():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    keep[1, :, :, 0] = False  # a padded first key in row 1
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    from_bool, _ = attention_forward(module, q, k, v, keep)
+    from_float, _ = attention_forward(module, q, k, v, additive)
+    torch.testing.assert_close(from_float, from_bool, atol=0, rtol=0)
+    with pytest.raises(NotImplementedError, match="bias"):
+        attention_forward(module, q, k, v, additive + 0.5 * keep)
+    with pytest.raises(NotImplementedError, match="per-head"):
+        attention_forward(module, q, k, v, additive.expand(2, 4, 5, 5))
 
 
 def test_bad_policy_shape_is_refused_and_model_restored():

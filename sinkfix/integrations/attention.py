@@ -147,11 +147,20 @@ def _one_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
 def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
-    if attention_mask.dtype != torch.bool:
-        # a float additive mask (0 = attend): e.g. a 4D mask passed by the caller
-        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     if attention_mask.shape[1] != 1:
-        raise NotImplementedError(f"per-head attention masks {tuple(attention_mask.shape)} are not supported")
+        raise NotImplementedError(
+            f"per-head attention masks {tuple(attention_mask.shape)} are not supported (a mask with one plane "
+            "per head carries a per-head position bias such as ALiBi, which the kernels do not add)")
+    if attention_mask.dtype != torch.bool:
+        # A float additive mask (0 = attend, very negative = masked), e.g. a 4D mask passed by the
+        # caller. Any other finite value is a bias on the logits that the kernels would drop, so it
+        # is refused rather than ignored; this rare path pays one pass over the mask for it.
+        attend = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        if bool(torch.any(attention_mask.masked_fill(~attend, 0) != 0)):
+            raise NotImplementedError(
+                "float attention masks that add a bias to the logits (values other than 0 and the dtype's "
+                "minimum) are not supported: sinkfix attention only keeps or removes keys")
+        attention_mask = attend
     return attention_mask
 
 
