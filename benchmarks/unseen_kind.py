@@ -62,22 +62,16 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "unseen_kind"
 
 
 def changelog_text(root: Path, chars_per_package: int, total_chars: int) -> tuple[str, list[str]]:
-    """The first ``chars_per_package`` characters of each package's changelog, in package order,
-    until ``total_chars``; returns the text and the packages used."""
-    parts, used, size = [], [], 0
-    for package in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        for name in ("changelog.Debian.gz", "changelog.gz"):
-            path = root / package / name
-            if path.is_file():
-                parts.append(_read_head(path, chars_per_package).strip() + "\n")
-                used.append(package)
-                size += len(parts[-1])
-                break
-        if size >= total_chars:
-            break
-    if not parts:
+    """The first ``chars_per_package`` characters of each package's changelog (the Debian one where
+    there is one), in package order, until ``total_chars``; returns the text and the packages used."""
+    packages = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    found = (next((path for path in (root / package / "changelog.Debian.gz", root / package / "changelog.gz")
+                   if path.is_file()), None) for package in packages)
+    changelogs = [path for path in found if path is not None]
+    text, used = _file_heads(changelogs, lambda path, head: True, chars_per_package, total_chars)
+    if not used:
         raise SystemExit(f"no package changelogs under {root}: this measurement needs a Debian-based system")
-    return "\n".join(parts), used
+    return text, [Path(path).parent.name for path in used]
 
 
 def _read_head(path: Path, chars: int) -> str:

@@ -236,4 +236,4 @@ def test_selection_table_marks_the_scores_pruning_skipped():
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()
-    assert ">= +0.00%" in text and "-1.00%" in text and "could no longer win" in table.caption
+    assert ">= +0.00%" in text and "-1.00%" in text and "could not win" in table.caption

@@ -68,12 +68,12 @@ Parameters = tuple[torch.Tensor, "torch.Tensor | None"]  # beta [L, H], virtual 
 # "The selection rule").
 SELECTION_RULES = ("safe-mean", "worst")
 DEFAULT_SELECTION_RULE = "safe-mean"
-_SCORE_DESCRIPTIONS = {
+SCORE_DESCRIPTIONS = {
     "safe-mean": "mean held-out domain's validation perplexity change, among candidates that made no held-out "
                  "domain worse (every change <= 0)",
     "worst": "worst held-out domain's validation perplexity change",
 }
-_NOT_SCORED_REASONS = {
+NOT_SCORED_REASONS = {
     "safe-mean": "scoring stopped once one held-out domain was made worse than unpatched (the candidate no longer "
                  "qualified)",
     "worst": "scoring stopped once one held-out domain showed the candidate could not win (no better than the "
@@ -167,12 +167,12 @@ class Selection:
 
     def to_dict(self) -> dict:
         domains = set().union(*map(set, self.changes.values())) if self.changes else set()
-        record = {"chosen": self.chosen.name, "rule": self.rule, "score": _SCORE_DESCRIPTIONS[self.rule],
+        record = {"chosen": self.chosen.name, "rule": self.rule, "score": SCORE_DESCRIPTIONS[self.rule],
                   "changes": self.changes}
         cut = {name: sorted(domains - set(per)) for name, per in self.changes.items() if set(per) != domains}
         if cut:  # say which scores were skipped, and why, so the table is not read as complete
             record["not_scored"] = cut
-            record["not_scored_reason"] = _NOT_SCORED_REASONS[self.rule]
+            record["not_scored_reason"] = NOT_SCORED_REASONS[self.rule]
         return record
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, SELECTION_RULES
+from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
 __all__ = ["add_parser", "run", "STATISTICS_WINDOWS"]
@@ -125,10 +125,8 @@ def _selection_table(record: dict):
     changes = selection["changes"]
     domains = list(record["texts"])
     rule = selection.get("rule", "worst")  # profiles from before 2026-12-03 were chosen by the worst case
-    chosen_by = {"safe-mean": "the best mean among the candidates that made no domain worse",
-                 "worst": "the best worst case"}[rule]
     table = Table(title="candidates, each rebuilt without the domain it is scored on (validation windows); "
-                        f"chosen: {chosen_by}", title_justify="left")
+                        f"chosen: the best {SCORE_DESCRIPTIONS[rule]}", title_justify="left")
     table.add_column("candidate")
     for d in domains:
         table.add_column(d, justify="right")
@@ -143,9 +141,7 @@ def _selection_table(record: dict):
                       f"{'' if complete else '>= '}{100 * worst:+.2f}%", mean,
                       style="bold" if name == selection["chosen"] else None)
     if "not_scored" in selection:
-        table.caption = ("-: not scored, the candidate could no longer win (its worst is at least the value shown)"
-                         if rule == "worst" else
-                         "-: not scored, the candidate had made a held-out domain worse and no longer qualified")
+        table.caption = f"-: not scored; {NOT_SCORED_REASONS[rule]}"
     return table
 
 
