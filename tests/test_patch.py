@@ -288,6 +288,33 @@ def test_rotary_falcon_is_patched_where_transformers_routes_it(layout):
     assert (corrected[real] - stock[real]).abs().max() > 1e-3
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_packed_sequences_are_refused_by_a_policy_and_exact_under_identity(arch):
+    """Without a cache and a mask, position ids that restart inside a row are transformers' packed
+    format: each sequence attends only to itself. A sink policy would miss the later sequences'
+    sinks, so it refuses; the identity reproduces stock, and with a cache (no packing) nothing is
+    refused."""
+    model = tiny_model(arch)
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randint(2, 97, (1, 7), generator=generator), torch.randint(2, 97, (1, 9), generator=generator)
+    packed = torch.cat([first, second], dim=1)
+    restart = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    stock = model(packed, position_ids=restart, use_cache=False).logits
+    torch.testing.assert_close(stock[0, 7:], model(second, use_cache=False).logits[0], atol=1e-5, rtol=0)
+    with sinkfix.patch(model, Policy()):
+        torch.testing.assert_close(model(packed, position_ids=restart, use_cache=False).logits, stock,
+                                   atol=1e-5, rtol=0)
+    with sinkfix.patch(model, Policy(sink_scale=0.5)):
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            model(packed, position_ids=restart, use_cache=False)
+        one_sequence = torch.arange(16)[None]
+        plain = model(packed, use_cache=False).logits
+        torch.testing.assert_close(model(packed, position_ids=one_sequence, use_cache=False).logits, plain,
+                                   atol=1e-5, rtol=0)
+        model(packed, position_ids=restart)  # with a cache transformers does not pack: one sequence, no refusal
+
+
 def test_float_masks_keep_or_drop_keys_and_refuse_a_bias():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))

@@ -20,7 +20,7 @@ from torch import nn
 
 from sinkfix.integrations.masks import PaddedCausalMask
 from sinkfix.integrations.content_sinks import content_attention
-from sinkfix.integrations.sink_location import locate_sinks
+from sinkfix.integrations.sink_location import locate_sinks, packed_sequences
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
 
@@ -217,6 +217,14 @@ def attention_forward(
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
     observing = state is not None and bool(state.observers)
     monitored = state is not None and bool(state.telemetry)
+    if (state is not None and (beta is not None or virtual is not None or observing or monitored
+                               or state.policy.clip is not None or state.policy.content is not None)
+            and packed_sequences(attention_mask, kwargs.get("position_ids"), q_len, k_len)):
+        raise NotImplementedError(
+            "packed sequences (position_ids that restart inside a batch row, with no attention mask and no "
+            "cache) are not supported by a sink policy, residual clipping or measurement: each packed "
+            "sequence needs its own sink, and sinkfix places one sink set per batch row. Pass one sequence "
+            "per row with an attention mask (left padding), or use the identity policy")
     if state is not None and state.policy.content is not None:
         if observing or monitored or kwargs.get("output_attentions"):
             raise NotImplementedError("observers, telemetry and output_attentions are not implemented for "

@@ -17,11 +17,35 @@ set"):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SinkLocation", "locate_sinks"]
+__all__ = ["SinkLocation", "locate_sinks", "packed_sequences"]
+
+# The last position_ids tensor judged by packed_sequences and the answer: every layer of a forward
+# gets the same tensor, so a forward pays for one host read, not one per layer.
+_last_judged: tuple[weakref.ref, bool] | None = None
+
+
+def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: int, k_len: int) -> bool:
+    """Whether this call holds several sequences packed into one batch row: transformers' packed
+    format (no 2-D mask, no cache, ``position_ids`` that restart inside a row), which it turns into a
+    dense block-diagonal mask. Each packed sequence has its own first token, while a sink set is
+    one per batch row, so the policy cannot be placed there (the caller refuses).
+
+    Judged only where it can happen (a dense square mask and 2-D ``position_ids``), once per
+    ``position_ids`` tensor, and not under compilation, where the read would break the graph."""
+    global _last_judged
+    if (not isinstance(attention_mask, torch.Tensor) or q_len != k_len or q_len < 2 or position_ids is None
+            or position_ids.ndim != 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling()):
+        return False
+    if _last_judged is not None and _last_judged[0]() is position_ids:
+        return _last_judged[1]
+    restarts = bool(torch.any(position_ids[:, 1:] - position_ids[:, :-1] != 1))
+    _last_judged = (weakref.ref(position_ids), restarts)
+    return restarts
 
 
 @dataclass(frozen=True)
