@@ -313,6 +313,11 @@ def test_packed_sequences_are_refused_by_a_policy_and_exact_under_identity(arch)
         torch.testing.assert_close(model(packed, position_ids=one_sequence, use_cache=False).logits, plain,
                                    atol=1e-5, rtol=0)
         model(packed, position_ids=restart)  # with a cache transformers does not pack: one sequence, no refusal
+        reused = torch.arange(16)[None]
+        model(packed, position_ids=reused, use_cache=False)
+        reused[0, 7:] = torch.arange(9)  # the same tensor written in place: judged again
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            model(packed, position_ids=reused, use_cache=False)
 
 
 def test_float_masks_keep_or_drop_keys_and_refuse_a_bias():

@@ -24,9 +24,10 @@ import torch
 
 __all__ = ["SinkLocation", "locate_sinks", "packed_sequences"]
 
-# The last position_ids tensor judged by packed_sequences and the answer: every layer of a forward
-# gets the same tensor, so a forward pays for one host read, not one per layer.
-_last_judged: tuple[weakref.ref, bool] | None = None
+# The last position_ids tensor judged by packed_sequences, its version counter (in-place writes
+# bump it) and the answer: every layer of a forward gets the same tensor, so a forward pays for one
+# host read, not one per layer.
+_last_judged: tuple[weakref.ref, int, bool] | None = None
 
 
 def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: int, k_len: int) -> bool:
@@ -41,10 +42,10 @@ def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: i
     if (not isinstance(attention_mask, torch.Tensor) or q_len != k_len or q_len < 2 or position_ids is None
             or position_ids.ndim != 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling()):
         return False
-    if _last_judged is not None and _last_judged[0]() is position_ids:
-        return _last_judged[1]
+    if _last_judged is not None and _last_judged[0]() is position_ids and _last_judged[1] == position_ids._version:
+        return _last_judged[2]
     restarts = bool(torch.any(position_ids[:, 1:] - position_ids[:, :-1] != 1))
-    _last_judged = (weakref.ref(position_ids), restarts)
+    _last_judged = (weakref.ref(position_ids), position_ids._version, restarts)
     return restarts
 
 
