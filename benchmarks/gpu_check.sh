@@ -14,7 +14,8 @@
 #   5. benchmarks/bench_content_sinks.py --backend triton: content-dependent sinks vs the positional
 #      policy per attention call (bf16), the GPU counterpart of the CPU table in docs/content_sinks.md.
 # Everything lands under ${OUT:-./gpu-out}. Run from anywhere; PYTHON picks the interpreter.
-# Works from a plain checkout where sinkfix is not installed (a GPU machine without network).
+# Works from a plain checkout where sinkfix is not installed (a GPU machine without network); wheels
+# in .whl/ (`make gpu-wheels`) are installed beside it first.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,8 +32,16 @@ trap 'rm -rf "$STAGE"' EXIT
 cp -r sinkfix tests benchmarks pyproject.toml "$STAGE/"
 rm -rf "$STAGE/sinkfix/kernels"
 cp -r kernels "$STAGE/sinkfix/kernels"
+# Wheels carried in .whl/ (`make gpu-wheels`: a supported transformers, where the machine's own
+# is older) go to a folder of their own, ahead of the interpreter's site-packages.
+SITE=""
+if compgen -G ".whl/*.whl" > /dev/null; then
+    SITE="$STAGE/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+        || { echo "could not install the wheels in .whl/" >&2; exit 3; }
+fi
 cd "$STAGE"
-export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$STAGE${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
 start=$(date +%s)
 {
@@ -40,6 +49,7 @@ start=$(date +%s)
     nvidia-smi || true
     "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
     "$PYTHON" -c 'import sinkfix.kernels.attention_prefill as m; print("kernels from", m.__file__)'
+    "$PYTHON" -c 'import transformers as t; print("transformers", t.__version__, "from", t.__file__)'
 } > "$OUT/environment.txt" 2>&1
 
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
