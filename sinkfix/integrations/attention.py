@@ -154,9 +154,10 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask.dtype != torch.bool:
         # A float additive mask (0 = attend, very negative = masked), e.g. a 4D mask passed by the
         # caller. Any other finite value is a bias on the logits that the kernels would drop, so it
-        # is refused rather than ignored; this rare path pays one pass over the mask for it.
+        # is refused rather than ignored; this rare path pays one pass over the mask and one host
+        # read for it, which a compiled graph cannot hold without breaking: not checked there.
         attend = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        if bool(torch.any(attention_mask.masked_fill(~attend, 0) != 0)):
+        if not torch.compiler.is_compiling() and bool(torch.any(attention_mask.masked_fill(~attend, 0) != 0)):
             raise NotImplementedError(
                 "float attention masks that add a bias to the logits (values other than 0 and the dtype's "
                 "minimum) are not supported: sinkfix attention only keeps or removes keys")
