@@ -320,6 +320,28 @@ def test_packed_sequences_are_refused_by_a_policy_and_exact_under_identity(arch)
             model(packed, position_ids=reused, use_cache=False)
 
 
+@torch.no_grad()
+def test_padding_with_restarting_position_ids_is_not_taken_for_packing():
+    """generate's position ids restart at the first real token of a left-padded row (and a
+    right-padded row's pads restart too); with a dense mask (a 4-D one from the caller) that must
+    not read as packed sequences."""
+    model = tiny_model("llama")
+    ids, mask = _batch(pad=3, length=10)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate computes
+    dense = mask.bool()[:, None, None, :] & torch.ones(10, 10, dtype=torch.bool).tril()
+    right_ids, right_mask = ids.clone(), mask.clone()
+    right_ids[1], right_mask[1] = ids[1].roll(-3), mask[1].roll(-3)  # row 1's three pads moved to its end
+    right_positions = (right_mask.cumsum(-1) - 1).masked_fill(right_mask == 0, 1)
+    right_dense = right_mask.bool()[:, None, None, :] & torch.ones(10, 10, dtype=torch.bool).tril()
+    with sinkfix.patch(model, Policy(sink_scale=0.5)):
+        from_2d = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        from_4d = model(ids, attention_mask=dense, position_ids=positions, use_cache=False).logits
+        right = model(right_ids, attention_mask=right_dense, position_ids=right_positions, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(from_4d[real], from_2d[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(right[1, :7], from_2d[1, 3:], atol=1e-5, rtol=0)
+
+
 def test_float_masks_keep_or_drop_keys_and_refuse_a_bias():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))

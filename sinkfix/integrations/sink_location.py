@@ -24,10 +24,19 @@ import torch
 
 __all__ = ["SinkLocation", "locate_sinks", "packed_sequences"]
 
-# The last position_ids tensor judged by packed_sequences, its version counter (in-place writes
-# bump it) and the answer: every layer of a forward gets the same tensor, so a forward pays for one
-# host read, not one per layer.
-_last_judged: tuple[weakref.ref, int, bool] | None = None
+# The last call judged by packed_sequences: its position_ids and mask (weak references and version
+# counters, which in-place writes bump) and the answer. Every layer of a forward gets the same two
+# tensors (one mask per layer type), so a forward pays for a host read or two, not one per layer.
+_last_judged: tuple | None = None
+
+
+def _judged_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((weakref.ref(t), t._version) for t in tensors)
+
+
+def _same_key(key: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
+    return len(key) == len(tensors) and all(ref() is t and version == t._version
+                                            for (ref, version), t in zip(key, tensors))
 
 
 def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: int, k_len: int) -> bool:
@@ -36,17 +45,22 @@ def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: i
     dense block-diagonal mask. Each packed sequence has its own first token, while a sink set is
     one per batch row, so the policy cannot be placed there (the caller refuses).
 
-    Judged only where it can happen (a dense square mask and 2-D ``position_ids``), once per
-    ``position_ids`` tensor, and not under compilation, where the read would break the graph."""
+    A restart counts only between two real tokens (keys some query row sees): left padding restarts
+    at the first real token and right padding at the first pad, and neither is packing. Judged only
+    where it can happen (a dense square mask and 2-D ``position_ids``), and not under compilation,
+    where the host read would break the graph."""
     global _last_judged
     if (not isinstance(attention_mask, torch.Tensor) or q_len != k_len or q_len < 2 or position_ids is None
             or position_ids.ndim != 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling()):
         return False
-    if _last_judged is not None and _last_judged[0]() is position_ids and _last_judged[1] == position_ids._version:
-        return _last_judged[2]
-    restarts = bool(torch.any(position_ids[:, 1:] - position_ids[:, :-1] != 1))
-    _last_judged = (weakref.ref(position_ids), position_ids._version, restarts)
-    return restarts
+    tensors = (position_ids, attention_mask)
+    if _last_judged is not None and _same_key(_last_judged[0], tensors):
+        return _last_judged[1]
+    real = attention_mask[:, 0].any(dim=1)  # (B, K): keys some query row sees
+    restart = position_ids[:, 1:] - position_ids[:, :-1] != 1  # (B or 1, Q - 1); query i is key column i
+    packed = bool(torch.any(restart & real[:, 1:] & real[:, :-1]))
+    _last_judged = (_judged_key(*tensors), packed)
+    return packed
 
 
 @dataclass(frozen=True)
