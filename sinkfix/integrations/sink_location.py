@@ -24,10 +24,12 @@ import torch
 
 __all__ = ["SinkLocation", "locate_sinks", "packed_sequences"]
 
-# The last call judged by packed_sequences: its position_ids and mask (weak references and version
-# counters, which in-place writes bump) and the answer. Every layer of a forward gets the same two
-# tensors (one mask per layer type), so a forward pays for a host read or two, not one per layer.
-_last_judged: tuple | None = None
+# The last calls judged by packed_sequences: their position_ids and mask (weak references and
+# version counters, which in-place writes bump) and the answer. Every layer of a forward gets the
+# same position_ids and one mask per layer type, and hybrid models alternate the types from layer
+# to layer: remembering a few calls, not one, keeps a forward at one host read per mask.
+_RECENT_JUDGEMENTS = 4
+_recent_judgements: list[tuple[tuple, bool]] = []
 
 
 def _judged_key(*tensors: torch.Tensor) -> tuple:
@@ -49,17 +51,18 @@ def packed_sequences(attention_mask, position_ids: torch.Tensor | None, q_len: i
     at the first real token and right padding at the first pad, and neither is packing. Judged only
     where it can happen (a dense square mask and 2-D ``position_ids``), and not under compilation,
     where the host read would break the graph."""
-    global _last_judged
     if (not isinstance(attention_mask, torch.Tensor) or q_len != k_len or q_len < 2 or position_ids is None
             or position_ids.ndim != 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling()):
         return False
     tensors = (position_ids, attention_mask)
-    if _last_judged is not None and _same_key(_last_judged[0], tensors):
-        return _last_judged[1]
+    for key, judged in _recent_judgements:
+        if _same_key(key, tensors):
+            return judged
     real = attention_mask[:, 0].any(dim=1)  # (B, K): keys some query row sees
     restart = position_ids[:, 1:] - position_ids[:, :-1] != 1  # (B or 1, Q - 1); query i is key column i
     packed = bool(torch.any(restart & real[:, 1:] & real[:, :-1]))
-    _last_judged = (_judged_key(*tensors), packed)
+    _recent_judgements.insert(0, (_judged_key(*tensors), packed))
+    del _recent_judgements[_RECENT_JUDGEMENTS:]
     return packed
 
 
