@@ -7,12 +7,14 @@
     telemetry = sinkfix.monitor(model, log="telemetry.jsonl")   # live statistics per request
 
 Importing sinkfix registers the attention implementation ``"sinkfix"`` with transformers, so
-``from_pretrained(..., attn_implementation="sinkfix")`` works too (identity until patched).
+``from_pretrained(..., attn_implementation="sinkfix")`` works too (identity until patched). The
+registration happens when transformers defines its registries, so ``import sinkfix`` itself does
+not import transformers' model code.
 """
 
 from sinkfix.errors import CacheError, ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
 from sinkfix.models import load_model
-from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register
+from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register, register_on_import
 from sinkfix.policy import ContentSinks, Policy, ResidualClip
 
 __version__ = "0.1.0"
@@ -23,7 +25,9 @@ __all__ = [
     "SinkfixError", "UnsupportedModelError", "load_model", "patch", "register", "__version__",
 ]
 
-register()
+# "sinkfix" is registered the moment transformers defines its registries: importing sinkfix does
+# not import transformers' model code itself (sinkfix.patch.register_on_import)
+register_on_import()
 
 
 def __getattr__(name: str):

@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Iterable, Sequence
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import SinkfixError
 
-COMMANDS = ("bench", "inspect", "calibrate", "monitor", "bb", "eval", "stream", "kvquant")
+COMMANDS = tuple(SUMMARIES)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The ``sinkfix`` parser. Only the subcommands in ``commands`` are built in full (importing
+    their modules); the others are listed with their one-line help, so ``sinkfix --help`` and
+    ``sinkfix bench ...`` import no command module they do not run."""
     from sinkfix import __version__
 
     parser = argparse.ArgumentParser(
@@ -27,13 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sinkfix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"sinkfix.commands.{name}").add_parser(sub)
+    full = set(commands)
+    for name, summary in SUMMARIES.items():
+        if name in full:
+            importlib.import_module(f"sinkfix.commands.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    # the top-level parser has only flags (--help, --version), so the first word is the command
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser([_command_in(argv)] if _command_in(argv) in SUMMARIES else [])
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -26,6 +26,7 @@ from torch import nn
 
 from sinkfix.errors import PolicyError, UnsupportedModelError
 from sinkfix.evaluate import model_device
+from sinkfix.integrations.after_import import call_after_import
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
 from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.content_sinks import cache_hooks
@@ -33,7 +34,7 @@ from sinkfix.integrations.residual_clip import make_clip_hook
 from sinkfix.ops.attention import resolve_backend
 from sinkfix.policy import LayerPolicy, Policy
 
-__all__ = ["IMPL_NAME", "register", "patch", "PatchHandle", "AttentionCall", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["IMPL_NAME", "register", "register_on_import", "patch", "PatchHandle", "AttentionCall", "SUPPORTED_ARCHITECTURES"]
 
 IMPL_NAME = "sinkfix"
 
@@ -245,6 +246,23 @@ def register() -> None:
     # (PaddedCausalMask) that the kernels read instead of a (B, 1, Q, K) tensor
     AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
     _registered = True
+
+
+def register_on_import() -> None:
+    """What ``import sinkfix`` does: register ``"sinkfix"`` in each of transformers' two registries
+    as soon as the module defining it is imported (now, if it already is). Importing those modules
+    ourselves would make ``import sinkfix`` (and so every ``sinkfix`` command, ``--help`` included)
+    pay for most of transformers. The functions run inside transformers' own import and so touch
+    only the module they are handed (:mod:`sinkfix.integrations.after_import`)."""
+
+    def attention(modeling_utils) -> None:
+        modeling_utils.AttentionInterface.register(IMPL_NAME, attention_forward)
+
+    def masks(masking_utils) -> None:
+        masking_utils.AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
+
+    call_after_import("transformers.modeling_utils", attention)
+    call_after_import("transformers.masking_utils", masks)
 
 
 # -- patch ----------------------------------------------------------------------------------------

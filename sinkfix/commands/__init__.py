@@ -1,1 +1,16 @@
-"""Subcommands of the ``sinkfix`` CLI. Each module exposes ``add_parser(subparsers)`` and ``run(args) -> int``."""
+"""Subcommands of the ``sinkfix`` CLI. Each module exposes ``add_parser(subparsers)`` and ``run(args) -> int``.
+
+``SUMMARIES`` holds each command's one-line help, so that ``sinkfix --help`` can list every command
+without importing any of them (each imports what its work needs: torch, transformers, matplotlib).
+"""
+
+SUMMARIES: dict[str, str] = {
+    "bench": "benchmark quality, extreme tokens, speed and memory: stock vs patched",
+    "inspect": "report attention sinks, value drains, residual peaks and dormant heads",
+    "calibrate": "fit per-head sink scaling to next-token NLL and save a profile",
+    "monitor": "live extreme-token telemetry: replay requests, report on the log",
+    "bb": "train toy models on the Bigram-Backcopy task and measure sinks, drains and peaks",
+    "eval": "downstream tasks through lm-eval: stock vs corrected on the same items, with paired statistics",
+    "stream": "streaming perplexity: sink cache vs window-only cache vs recomputation",
+    "kvquant": "KV-cache quantization: full vs quantized vs sink-protected perplexity",
+}

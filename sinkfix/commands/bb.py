@@ -13,6 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from sinkfix.commands import SUMMARIES
+
 __all__ = ["add_parser", "run"]
 
 
@@ -23,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     parser = subparsers.add_parser(
         "bb",
-        help="train toy models on the Bigram-Backcopy task and measure sinks, drains and peaks",
+        help=SUMMARIES["bb"],
         description=(
             "Train small transformers (real transformers models) on the Bigram-Backcopy task of Guo et al. "
             "2024 in three variants (softmax + AdamW, softmax + SGD, ReLU attention + AdamW) and report "

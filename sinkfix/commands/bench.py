@@ -14,6 +14,7 @@ import shutil
 import sys
 from typing import Callable, Iterator
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig
 from sinkfix.bench.runner import run_bench
 from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
@@ -24,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     defaults = BenchConfig()
     p = subparsers.add_parser(
         "bench",
-        help="benchmark quality, extreme tokens, speed and memory: stock vs patched",
+        help=SUMMARIES["bench"],
         description=(
             "Measure perplexity per domain, extreme-token metrics (sink share, residual peak, value drain), "
             "prefill/decode speed and peak memory of the stock model and of patched variants, in one process. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
@@ -24,7 +25,7 @@ STATISTICS_WINDOWS = 8
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "calibrate", help="fit per-head sink scaling to next-token NLL and save a profile",
+        "calibrate", help=SUMMARIES["calibrate"],
         description="Fit one sink-scaling beta and one virtual sink logit per (layer, head) by gradient descent on "
                     "next-token NLL of calibration text (model weights frozen), with held-out validation windows and "
                     "early stopping, and save the result as a versioned JSON profile for `sinkfix.patch`. By default "

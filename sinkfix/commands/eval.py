@@ -17,6 +17,7 @@ import shutil
 import sys
 from typing import Iterator
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import EvaluationError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.config import DEFAULT_POLICY, EvalConfig
@@ -28,7 +29,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="downstream tasks through lm-eval: stock vs corrected on the same items, with paired statistics",
+        "eval", help=SUMMARIES["eval"],
         description="Run lm-evaluation-harness tasks on the stock and on the corrected model (one model load; the "
                     "patch is applied and removed between the runs) and print, per task and metric, stock, "
                     "corrected, delta, a paired-bootstrap interval of the delta and a p-value (McNemar's exact "

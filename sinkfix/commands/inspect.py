@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -55,7 +56,7 @@ def describe_texts(texts: dict[str, TextSource]) -> str:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "inspect", help="report attention sinks, value drains, residual peaks and dormant heads",
+        "inspect", help=SUMMARIES["inspect"],
         description="Stream texts through the model and report, per layer and head, the sink share, hidden "
                     "sinks, value drain, residual peak and active/dormant state; list heads whose state flips "
                     "between domains. Writes report.json and PNG figures to --out.",

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "parse_bits", "default_texts"]
@@ -23,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from sinkfix.models import DEFAULT_MODEL
 
     parser = subparsers.add_parser(
-        "kvquant", help="KV-cache quantization: full vs quantized vs sink-protected perplexity",
+        "kvquant", help=SUMMARIES["kvquant"],
         description="Feed held-out sequences through a full-precision cache, transformers' quantized cache and "
                     "a SinkCache that keeps the sink tokens in full precision, at each bit width; report "
                     "perplexity and the share of the quantization loss that protecting the sinks recovers.",

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import MonitorError
 
 __all__ = ["add_parser", "run"]
@@ -20,7 +21,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "monitor", help="live extreme-token telemetry: replay requests, report on the log",
+        "monitor", help=SUMMARIES["monitor"],
         description="Telemetry of a patched model serving requests (docs/monitoring.md): `run` replays a request "
                     "file with generation and writes a JSON-lines log, `report` summarises a log by domain, "
                     "`ranges` adds calibration statistics (for the guard) to a profile, `requests` writes the "

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from sinkfix.commands import SUMMARIES
 from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "stream_text", "tokenizer_adds_bos"]
@@ -21,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from sinkfix.models import DEFAULT_MODEL
 
     parser = subparsers.add_parser(
-        "stream", help="streaming perplexity: sink cache vs window-only cache vs recomputation",
+        "stream", help=SUMMARIES["stream"],
         description="Stream one long text through a SinkCache (sinks + recent window), a window-only cache of "
                     "the same size and a sliding window recomputed afresh (subsampled); report perplexity over "
                     "the whole stream and per segment, time per token and peak memory per segment, and draw "
