@@ -48,7 +48,8 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser([_command_in(argv)] if _command_in(argv) in SUMMARIES else [])
+    command = _command_in(argv)
+    parser = build_parser([command] if command in SUMMARIES else [])
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -229,6 +229,16 @@ class PatchHandle:
 _registered = False
 
 
+def _register_attention(modeling_utils) -> None:
+    modeling_utils.AttentionInterface.register(IMPL_NAME, attention_forward)
+
+
+def _register_masks(masking_utils) -> None:
+    # sdpa_mask's arguments and results, except that padded causal masks come back as key ranges
+    # (PaddedCausalMask) that the kernels read instead of a (B, 1, Q, K) tensor
+    masking_utils.AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
+
+
 def register() -> None:
     """Register ``"sinkfix"`` with transformers (both registries; idempotent).
 
@@ -238,13 +248,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    import transformers.masking_utils
+    import transformers.modeling_utils
 
-    AttentionInterface.register(IMPL_NAME, attention_forward)
-    # sdpa_mask's arguments and results, except that padded causal masks come back as key ranges
-    # (PaddedCausalMask) that the kernels read instead of a (B, 1, Q, K) tensor
-    AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
+    _register_attention(transformers.modeling_utils)
+    _register_masks(transformers.masking_utils)
     _registered = True
 
 
@@ -254,15 +262,8 @@ def register_on_import() -> None:
     ourselves would make ``import sinkfix`` (and so every ``sinkfix`` command, ``--help`` included)
     pay for most of transformers. The functions run inside transformers' own import and so touch
     only the module they are handed (:mod:`sinkfix.integrations.after_import`)."""
-
-    def attention(modeling_utils) -> None:
-        modeling_utils.AttentionInterface.register(IMPL_NAME, attention_forward)
-
-    def masks(masking_utils) -> None:
-        masking_utils.AttentionMaskInterface.register(IMPL_NAME, padded_causal_mask)
-
-    call_after_import("transformers.modeling_utils", attention)
-    call_after_import("transformers.masking_utils", masks)
+    call_after_import("transformers.modeling_utils", _register_attention)
+    call_after_import("transformers.masking_utils", _register_masks)
 
 
 # -- patch ----------------------------------------------------------------------------------------

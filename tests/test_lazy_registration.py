@@ -14,9 +14,9 @@ import pytest
 from sinkfix.integrations.after_import import call_after_import, waiting_modules
 
 
-def _python(code: str, cwd=None) -> str:
+def _python(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -105,13 +105,22 @@ def test_full_parser_holds_every_command():
 
 
 # -- the import hook itself, on a module of our own ------------------------------------------------
+@pytest.fixture
+def hook_state(monkeypatch):
+    """The hook's waiting list and sys.meta_path as they were before the test, afterwards."""
+    from sinkfix.integrations import after_import
+
+    monkeypatch.setattr(after_import, "_waiting", {})
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+
+
 def _module(tmp_path, monkeypatch, name: str, body: str) -> None:
     (tmp_path / f"{name}.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)
 
 
-def test_function_runs_once_right_after_the_module_code(tmp_path, monkeypatch):
+def test_function_runs_once_right_after_the_module_code(tmp_path, monkeypatch, hook_state):
     _module(tmp_path, monkeypatch, "sinkfix_after_import_probe", "VALUE = 41\ndef get():\n    return VALUE\n")
     seen = []
     call_after_import("sinkfix_after_import_probe", lambda m: seen.append(m.VALUE))
@@ -129,7 +138,7 @@ def test_function_runs_once_right_after_the_module_code(tmp_path, monkeypatch):
     assert seen == [41, 42]  # already imported: at once
 
 
-def test_failing_function_warns_and_the_import_still_succeeds(tmp_path, monkeypatch):
+def test_failing_function_warns_and_the_import_still_succeeds(tmp_path, monkeypatch, hook_state):
     _module(tmp_path, monkeypatch, "sinkfix_after_import_broken", "VALUE = 1\n")
 
     def broken(module):
@@ -143,17 +152,9 @@ def test_failing_function_warns_and_the_import_still_succeeds(tmp_path, monkeypa
     assert module.VALUE == 1
 
 
-def test_module_that_does_not_exist_still_raises_module_not_found():
+def test_module_that_does_not_exist_still_raises_module_not_found(hook_state):
     call_after_import("sinkfix_after_import_missing_module", lambda m: None)
-    try:
-        with pytest.raises(ModuleNotFoundError), warnings.catch_warnings():
-            warnings.simplefilter("error")
-            import sinkfix_after_import_missing_module  # noqa: F401
-        assert "sinkfix_after_import_missing_module" in waiting_modules()
-    finally:
-        from sinkfix.integrations import after_import
-
-        with after_import._lock:
-            after_import._waiting.pop("sinkfix_after_import_missing_module", None)
-            if not after_import._waiting:
-                sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, after_import._WaitingFinder)]
+    with pytest.raises(ModuleNotFoundError), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import sinkfix_after_import_missing_module  # noqa: F401
+    assert "sinkfix_after_import_missing_module" in waiting_modules()

@@ -93,7 +93,7 @@ class _WaitingFinder:
             if fullname not in _waiting:
                 return None
         for finder in list(sys.meta_path):
-            if finder is self or isinstance(finder, _WaitingFinder):
+            if isinstance(finder, _WaitingFinder):
                 continue
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(fullname, path, target) if find_spec is not None else None
@@ -104,6 +104,3 @@ class _WaitingFinder:
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader = _RunAfterExec(spec.loader, fullname)
         return spec
-
-    def invalidate_caches(self) -> None:
-        pass
