@@ -94,6 +94,40 @@ def test_cli_builds_only_the_command_it_runs():
     assert out.strip() == "['sinkfix.commands.stream']"
 
 
+@pytest.mark.parametrize("command", ["kvquant", "stream", "bench", "calibrate"])
+def test_command_help_imports_no_transformers(command):
+    # kvquant's options name the cache backends; the cache package resolves its names on first use,
+    # so reading them does not import transformers' cache classes (kvquant --help was 6-7 s with them)
+    out = _python(f"""
+        import contextlib, io, sys
+        from sinkfix import cli
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+            cli.main([{command!r}, "--help"])
+        print(sorted(m for m in sys.modules if m == "transformers" or m.startswith("transformers.")))
+        print("--model" in text.getvalue())
+    """)
+    assert out.split("\n")[:2] == ["[]", "True"]
+
+
+def test_cache_package_names_resolve_to_the_same_objects_in_any_import_order():
+    # the function feed() lives in sinkfix.caches.chunked: a submodule named like it would replace
+    # the package attribute the moment it was imported
+    out = _python("""
+        from sinkfix.caches.chunked import cache_keyword
+        import sinkfix.caches as caches
+        from sinkfix.caches import feed, SinkCache, BACKENDS
+        from sinkfix.caches.cache import SinkCache as direct
+        print(callable(feed) and feed.__module__ == "sinkfix.caches.chunked", SinkCache is direct,
+              BACKENDS == ("quanto", "hqq", "fp8"), set(caches.__all__) <= set(dir(caches)))
+        try:
+            caches.not_a_name
+        except AttributeError as error:
+            print("not_a_name" in str(error))
+    """)
+    assert out.split() == ["True"] * 5
+
+
 def test_full_parser_holds_every_command():
     from sinkfix import cli
     from sinkfix.commands import SUMMARIES

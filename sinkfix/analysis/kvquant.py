@@ -35,7 +35,7 @@ import torch
 
 from sinkfix.analysis.hidden_sinks import HiddenSinkGuard
 from sinkfix.caches import SinkCache
-from sinkfix.caches.feed import cache_keyword
+from sinkfix.caches.chunked import cache_keyword
 from sinkfix.caches.quantize import backend_axis
 from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device

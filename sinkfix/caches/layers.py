@@ -202,7 +202,7 @@ class SinkLayer(CacheLayerMixin):
 
     def column_info(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the kept columns of the next call: (absolute token index (B, L), -1 for padding,
-        is-sink (B, L)). Used to build masks for chunked streaming (:mod:`sinkfix.caches.feed`)."""
+        is-sink (B, L)). Used to build masks for chunked streaming (:mod:`sinkfix.caches.chunked`)."""
         head_abs = self._head_abs()
         body_abs = self._body_abs(len(self.body))
         columns = body_abs if head_abs is None else torch.cat([head_abs, body_abs], dim=1)
