@@ -571,3 +571,41 @@ def test_overhead_across_processes_stops_when_a_process_writes_nothing(monkeypat
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 3))
     assert bench.main(["--processes", "2"]) == 2
     assert "process 1 wrote no results (exit code 3)" in capsys.readouterr().err
+
+
+def _instruction_counter():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "count_monitor_instructions.py"
+    spec = importlib.util.spec_from_file_location("count_monitor_instructions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_instruction_counts_are_read_from_callgrind_dumps_by_label(tmp_path):
+    """``count_monitor_instructions.py`` reads each callgrind dump's trigger label and total, and
+    reports per policy the median count of each configuration, the spread of its repeats and the
+    ratio on / off; a missing dump is an error, not a shorter median."""
+    counter = _instruction_counter()
+    counts = {("identity", "off", 0): 1000, ("identity", "on", 0): 1030,
+              ("identity", "off", 1): 1002, ("identity", "on", 1): 1030}
+    for n, ((policy, config, index), total) in enumerate(counts.items(), start=1):
+        (tmp_path / f"callgrind.out.{n}").write_text(
+            "version: 1\ncreator: callgrind-3.19.0\npid: 7\ncmd: python x.py\npart: 1\n\n"
+            f"desc: I1 cache: \ndesc: Timerange: Basic block 0 - 9\ndesc: Trigger: Client Request: "
+            f"{policy}|{config}|{index}\n\npositions: line\nevents: Ir\nsummary: {total}\n\nfn=(1) f\n0 {total}\n"
+            f"\ntotals: {total}\n")
+    (tmp_path / "callgrind.out").write_text("desc: Trigger: Program termination\nsummary: 99\n")
+    read = counter._read_counts(tmp_path)
+    assert read == {f"{p}|{c}|{i}": total for (p, c, i), total in counts.items()}
+    child = {"model": "m", "prompt": 8, "prefills": 2, "warmups": 1, "sample_rows": 32, "policies": ["identity"],
+             "provenance": {"device_name": "cpu", "versions": {}}}
+    data = counter.summarise(child, read)
+    row = data["policies"]["identity"]
+    assert row["off"]["median"] == 1001 and row["on"]["spread"] == 0
+    assert row["ratio_on_to_off"] == pytest.approx(1030 / 1001) and row["added_instructions"] == 29
+    assert "1.0290x" in counter.markdown(data)
+    del read["identity|on|1"]
+    with pytest.raises(SystemExit, match="identity on: 1 of 2"):
+        counter.summarise(child, read)
