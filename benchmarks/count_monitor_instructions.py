@@ -24,7 +24,9 @@ prefills of each, alternating (ABBA). A prefill is what ``bench_monitor_overhead
 forward of the ``--prompt``-token prompt (BOS + held-out Python documentation) with a KV cache and
 last-position logits, inside ``monitor.request()`` when on (hooks, prompt measures, the
 end-of-request read and record). Needs valgrind with its headers (Debian: ``valgrind``) and a C
-compiler; under valgrind a 512-token prefill takes about a minute.
+compiler. Counting is slow: with ``--prompt 64`` the whole run took 46 minutes on a 2-core AMD EPYC
+(importing torch and loading the model under valgrind dominate a short prompt); a 512-token count
+takes hours.
 """
 
 from __future__ import annotations
@@ -80,10 +82,15 @@ def _launch(args, argv: list[str]) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sinkfix-callgrind-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sinkfix-callgrind-")))
+        else:
+            work = Path(args.work_dir)
+            work.mkdir(parents=True, exist_ok=True)
+            if any(work.glob("callgrind.out*")):
+                print(f"{work} already holds callgrind dumps: give an empty folder", file=sys.stderr)
+                return 2
         library = _build_markers(work)
         env = dict(os.environ, **{_CHILD_ENV: "1", _MARKERS_ENV: str(library), "PYTHONHASHSEED": "0",
                                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -92,14 +99,26 @@ def _launch(args, argv: list[str]) -> int:
                    *argv, "--child-json", str(work / "child.json")]
         done = subprocess.run(command, env=env)
         if done.returncode != 0:
-            print(f"the counted process failed (exit {done.returncode})", file=sys.stderr)
+            kept = f"; what it counted is in {work} (--from-dumps)" if args.work_dir else ""
+            print(f"the counted process failed (exit {done.returncode}){kept}", file=sys.stderr)
             return done.returncode or 1
-        counts = _read_counts(work)
+        data = _summarise_dir(work, partial=False)
+    return _report(data, Path(args.out))
+
+
+def _summarise_dir(work: Path, partial: bool) -> dict:
+    try:
         child = json.loads((work / "child.json").read_text(encoding="utf-8"))
-    data = summarise(child, counts)
-    tag = f"instructions-{args.model}-{args.prompt}tokens"
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{work}: no readable child.json, the counted run's description ({error})") from None
+    return summarise(child, _read_counts(work), partial=partial)
+
+
+def _report(data: dict, out: Path) -> int:
     from sinkfix.files import atomic_write_text
 
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"instructions-{data['model']}-{data['prompt_tokens']}tokens"
     atomic_write_text(out / f"{tag}.json", json.dumps(data, indent=1) + "\n")
     text = markdown(data)
     atomic_write_text(out / f"{tag}.md", text + "\n")
@@ -107,25 +126,37 @@ def _launch(args, argv: list[str]) -> int:
     return 0
 
 
-def summarise(child: dict, counts: dict[str, int]) -> dict:
-    """Per policy and configuration: every counted prefill, the median, the spread, and the ratio on / off."""
+def summarise(child: dict, counts: dict[str, int], partial: bool = False) -> dict:
+    """Per policy and configuration: every counted prefill, the median, the spread, and the ratio on / off.
+
+    ``partial``: a run that stopped early; only the pairs counted in both configurations are used,
+    and a policy without one is left out (``pairs`` says how many each row rests on)."""
     policies = {}
     for policy in child["policies"]:
-        rows = {}
+        def key(config: str, index: int) -> str:
+            return f"{policy}|{config}|{index}"
+
+        indices = range(child["prefills"])
+        if partial:
+            indices = [i for i in indices if key("off", i) in counts and key("on", i) in counts]
+            if not indices:
+                continue
+        rows: dict = {"pairs": len(indices)}
         for config in ("off", "on"):
-            samples = [counts[f"{policy}|{config}|{i}"] for i in range(child["prefills"])
-                       if f"{policy}|{config}|{i}" in counts]
-            if len(samples) != child["prefills"]:
-                raise SystemExit(f"{policy} {config}: {len(samples)} of {child['prefills']} counts found in the dumps")
+            samples = [counts[key(config, i)] for i in indices if key(config, i) in counts]
+            if len(samples) != len(indices):
+                raise SystemExit(f"{policy} {config}: {len(samples)} of {len(indices)} counts found in the dumps")
             median = statistics.median(samples)
             rows[config] = {"instructions": samples, "median": median,
                             "spread": (max(samples) - min(samples)) / median}
         rows["ratio_on_to_off"] = rows["on"]["median"] / rows["off"]["median"]
         rows["added_instructions"] = rows["on"]["median"] - rows["off"]["median"]
         policies[policy] = rows
+    if not policies:
+        raise SystemExit("no prefill was counted in both configurations")
     return {"model": child["model"], "prompt_tokens": child["prompt"], "prefills": child["prefills"],
-            "warmups": child["warmups"],
-            "sample_rows": child["sample_rows"], "policies": policies, "provenance": child["provenance"]}
+            "warmups": child["warmups"], "complete": not partial, "sample_rows": child["sample_rows"],
+            "policies": policies, "provenance": child["provenance"]}
 
 
 def markdown(data: dict) -> str:
@@ -133,12 +164,15 @@ def markdown(data: dict) -> str:
     lines = [f"**{data['model']}**, {data['prompt_tokens']}-token prefill, instructions retired (callgrind `Ir`), "
              f"{data['prefills']} counted prefills per configuration after {data['warmups']} uncounted, one torch thread, "
              f"{data['sample_rows']} sampled rows", "",
-             "| policy | unmonitored (M instructions) | monitored | added (M) | **ratio on / off** | spread of repeats (off / on) |",
-             "|---|---|---|---|---|---|"]
+             "| policy | counted pairs | unmonitored (M instructions) | monitored | added (M) | **ratio on / off** | "
+             "spread of repeats (off / on) |",
+             "|---|---|---|---|---|---|---|"]
     for policy, row in data["policies"].items():
-        lines.append(f"| {policy} | {row['off']['median'] / 1e6:,.1f} | {row['on']['median'] / 1e6:,.1f} | "
+        lines.append(f"| {policy} | {row['pairs']} | {row['off']['median'] / 1e6:,.1f} | {row['on']['median'] / 1e6:,.1f} | "
                      f"{row['added_instructions'] / 1e6:,.1f} | **{row['ratio_on_to_off']:.4f}x** | "
                      f"{100 * row['off']['spread']:.3f}% / {100 * row['on']['spread']:.3f}% |")
+    if not data["complete"]:
+        lines += ["", "The run stopped before it had counted every prefill: the rows rest on the pairs counted."]
     lines += ["", f"Device: {prov['device_name']}; torch {prov['versions'].get('torch')}, transformers "
                   f"{prov['versions'].get('transformers')}; valgrind's CPU is the host's, run one instruction at a time."]
     return "\n".join(lines)
@@ -175,6 +209,11 @@ def _child(args) -> int:
             if label is not None:
                 markers.sinkfix_count_end(label.encode())
 
+    # the run's description goes first, so that a run stopped part of the way can still be read
+    child = {"model": args.model, "prompt": args.prompt, "prefills": args.prefills, "warmups": args.warmups,
+             "sample_rows": args.sample_rows, "policies": list(args.policies),
+             "provenance": provenance(torch.device("cpu"))}
+    Path(args.child_json).write_text(json.dumps(child), encoding="utf-8")
     shape = None
     for policy_name in args.policies:
         if shape is None:
@@ -192,10 +231,6 @@ def _child(args) -> int:
                     prefill(monitors[config], f"{policy_name}|{config}|{index}")
                 print(f"{policy_name}: prefill pair {index + 1} of {args.prefills} counted", file=sys.stderr, flush=True)
             monitors["on"].close()
-    child = {"model": args.model, "prompt": args.prompt, "prefills": args.prefills, "warmups": args.warmups,
-             "sample_rows": args.sample_rows,
-             "policies": list(args.policies), "provenance": provenance(torch.device("cpu"))}
-    Path(args.child_json).write_text(json.dumps(child), encoding="utf-8")
     return 0
 
 
@@ -210,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="uncounted prefills per configuration before counting (default 1)")
     parser.add_argument("--sample-rows", type=int, default=None, help="the monitor's sampled rows (default: its own)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="keep callgrind's dumps in DIR (an empty folder) instead of a temporary one")
+    parser.add_argument("--from-dumps", default=None, metavar="DIR",
+                        help="count nothing: report on the dumps a run kept in DIR, even one stopped part of the way")
     parser.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sample_rows is None:
@@ -218,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         args.sample_rows = SAMPLE_ROWS
     if os.environ.get(_CHILD_ENV) == "1":
         return _child(args)
+    if args.from_dumps is not None:
+        work = Path(args.from_dumps)
+        return _report(_summarise_dir(work, partial=True), Path(args.out))
     return _launch(args, argv)
 
 

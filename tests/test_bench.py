@@ -609,3 +609,10 @@ def test_instruction_counts_are_read_from_callgrind_dumps_by_label(tmp_path):
     del read["identity|on|1"]
     with pytest.raises(SystemExit, match="identity on: 1 of 2"):
         counter.summarise(child, read)
+    # a run stopped part of the way (--from-dumps): only the pairs counted in both configurations
+    partial = counter.summarise(child, read, partial=True)
+    assert partial["complete"] is False and partial["policies"]["identity"]["pairs"] == 1
+    assert partial["policies"]["identity"]["ratio_on_to_off"] == pytest.approx(1.03)
+    assert "stopped before" in counter.markdown(partial)
+    with pytest.raises(SystemExit, match="no prefill was counted in both"):
+        counter.summarise(child, {"identity|off|0": 5}, partial=True)
