@@ -479,12 +479,7 @@ def test_overhead_without_prefills_judges_the_decode_steps_only():
     """``bench_monitor_overhead.py --compiled-decode`` times no prefill (transformers runs the prompt
     eagerly there): its rows carry NaN prefill numbers and no prefill interval, and the verdict
     counts the decode cells alone."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _overhead_bench()
     steps = [(0.050 + 0.001 * (i % 3), 0.049 + 0.001 * (i % 3)) for i in range(30)]
     raw = {"off": {"prefill": [], "step_runs": [[step] for step in steps]},
            "on (sample 32)": {"prefill": [], "step_runs": [[(w * 1.02, c * 1.02)] for w, c in steps]}}
@@ -496,14 +491,19 @@ def test_overhead_without_prefills_judges_the_decode_steps_only():
     assert len(verdict) == 1 and verdict[0].startswith("decode <= 1.05x: 1 of 1 cells")
 
 
-def _overhead_bench():
+def _benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _overhead_bench():
+    return _benchmark_module("bench_monitor_overhead")
 
 
 def test_overhead_decode_interval_draws_whole_runs():
@@ -573,21 +573,11 @@ def test_overhead_across_processes_stops_when_a_process_writes_nothing(monkeypat
     assert "process 1 wrote no results (exit code 3)" in capsys.readouterr().err
 
 
-def _instruction_counter():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "count_monitor_instructions.py"
-    spec = importlib.util.spec_from_file_location("count_monitor_instructions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_instruction_counts_are_read_from_callgrind_dumps_by_label(tmp_path):
     """``count_monitor_instructions.py`` reads each callgrind dump's trigger label and total, and
     reports per policy the median count of each configuration, the spread of its repeats and the
     ratio on / off; a missing dump is an error, not a shorter median."""
-    counter = _instruction_counter()
+    counter = _benchmark_module("count_monitor_instructions")
     counts = {("identity", "off", 0): 1000, ("identity", "on", 0): 1030,
               ("identity", "off", 1): 1002, ("identity", "on", 1): 1030}
     for n, ((policy, config, index), total) in enumerate(counts.items(), start=1):
