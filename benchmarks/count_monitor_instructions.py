@@ -25,8 +25,8 @@ forward of the ``--prompt``-token prompt (BOS + held-out Python documentation) w
 last-position logits, inside ``monitor.request()`` when on (hooks, prompt measures, the
 end-of-request read and record). Needs valgrind with its headers (Debian: ``valgrind``) and a C
 compiler. Counting is slow: with ``--prompt 64`` the whole run took 46 minutes on a 2-core AMD EPYC
-(importing torch and loading the model under valgrind dominate a short prompt); a 512-token count
-takes hours.
+(sharing it with a test run); a 512-token count
+would take hours here (docs/monitoring.md, "Counted instead of timed").
 """
 
 from __future__ import annotations
