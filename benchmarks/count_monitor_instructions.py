@@ -53,6 +53,11 @@ _LABEL = re.compile(r"^desc: Trigger: Client Request: (?P<label>.+)$", re.M)
 _TOTAL = re.compile(r"^(?:summary|totals): (?P<ir>\d+)", re.M)
 
 
+def _label(policy: str, config: str, index: int) -> str:
+    """The trigger label of one counted prefill: the child writes it, the summary looks it up."""
+    return f"{policy}|{config}|{index}"
+
+
 def _build_markers(work: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -133,17 +138,14 @@ def summarise(child: dict, counts: dict[str, int], partial: bool = False) -> dic
     and a policy without one is left out (``pairs`` says how many each row rests on)."""
     policies = {}
     for policy in child["policies"]:
-        def key(config: str, index: int) -> str:
-            return f"{policy}|{config}|{index}"
-
         indices = range(child["prefills"])
         if partial:
-            indices = [i for i in indices if key("off", i) in counts and key("on", i) in counts]
+            indices = [i for i in indices if _label(policy, "off", i) in counts and _label(policy, "on", i) in counts]
             if not indices:
                 continue
         rows: dict = {"pairs": len(indices)}
         for config in ("off", "on"):
-            samples = [counts[key(config, i)] for i in indices if key(config, i) in counts]
+            samples = [counts[_label(policy, config, i)] for i in indices if _label(policy, config, i) in counts]
             if len(samples) != len(indices):
                 raise SystemExit(f"{policy} {config}: {len(samples)} of {len(indices)} counts found in the dumps")
             median = statistics.median(samples)
@@ -189,6 +191,10 @@ def _child(args) -> int:
     sys.path.insert(0, str(HERE))
     from bench_monitor_overhead import _policies, _prompt  # the timing benchmark's prompt and policies
 
+    if args.sample_rows is None:
+        from sinkfix.telemetry import SAMPLE_ROWS
+
+        args.sample_rows = SAMPLE_ROWS
     markers = ctypes.CDLL(os.environ[_MARKERS_ENV])
     markers.sinkfix_count_end.argtypes = [ctypes.c_char_p]
     if not markers.sinkfix_under_valgrind():
@@ -228,7 +234,7 @@ def _child(args) -> int:
             for index in range(args.prefills):
                 order = ("off", "on") if index % 2 == 0 else ("on", "off")
                 for config in order:
-                    prefill(monitors[config], f"{policy_name}|{config}|{index}")
+                    prefill(monitors[config], _label(policy_name, config, index))
                 print(f"{policy_name}: prefill pair {index + 1} of {args.prefills} counted", file=sys.stderr, flush=True)
             monitors["on"].close()
     return 0
@@ -251,10 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="count nothing: report on the dumps a run kept in DIR, even one stopped part of the way")
     parser.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.sample_rows is None:
-        from sinkfix.telemetry import SAMPLE_ROWS
-
-        args.sample_rows = SAMPLE_ROWS
     if os.environ.get(_CHILD_ENV) == "1":
         return _child(args)
     if args.from_dumps is not None:
