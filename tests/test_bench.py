@@ -338,11 +338,8 @@ def test_error_bad_options(files, argv, fragment):
                         fragment)
 
 
-def test_error_dataset_without_datasets_package(files):
-    import importlib.util
-
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed; the offline error path is the one under test")
+def test_error_dataset_without_datasets_package(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if it were not installed
     _assert_clean_error(*run_cli("--model", str(files["model"]), "--dataset", "wikitext"), "datasets")
 
 

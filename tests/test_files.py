@@ -75,6 +75,26 @@ def test_read_only_folder(tmp_path):
         folder.chmod(0o700)
 
 
+def test_refused_temporary_is_an_output_error_for_every_user(tmp_path, monkeypatch):
+    """The read-only case above, where the test cannot make a folder unwritable (root writes
+    anywhere): the operating system's refusal is simulated where the temporary is created."""
+    import errno
+    import tempfile
+
+    target = tmp_path / "out.txt"
+    target.write_text("old contents")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match="Permission denied") as info:
+        atomic_write_text(target, "new contents")
+    assert str(target) in str(info.value) and info.value.path == target
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert target.read_text() == "old contents" and _names(tmp_path) == ["out.txt"]
+
+
 def test_failure_inside_the_block_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "results.json"
     target.write_text("old contents")

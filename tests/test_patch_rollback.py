@@ -61,10 +61,10 @@ def _run_failing(model, previous, failing_patch, error, match) -> None:
     _assert_unchanged(model, previous, before, logits_before)
 
 
-def test_switch_refused(model_and_previous, monkeypatch):
-    model, previous = model_and_previous
-    if previous is not None:
-        pytest.skip("a patched model is already on the sinkfix implementation: no switch happens")
+# The two switch tests use an unpatched model only: a model patched before is already on the
+# sinkfix implementation, so patching it again switches nothing.
+def test_switch_refused(monkeypatch):
+    model, previous = tiny_model("llama"), None
 
     def refuse(name):
         raise ValueError("this model refuses custom attention")
@@ -74,10 +74,8 @@ def test_switch_refused(model_and_previous, monkeypatch):
                  "refuses custom attention")
 
 
-def test_switch_silently_ignored(model_and_previous, monkeypatch):
-    model, previous = model_and_previous
-    if previous is not None:
-        pytest.skip("a patched model is already on the sinkfix implementation: no switch happens")
+def test_switch_silently_ignored(monkeypatch):
+    model, previous = tiny_model("llama"), None
     original = model.set_attn_implementation
     monkeypatch.setattr(model, "set_attn_implementation", lambda name: original("eager") if name == "sinkfix"
                         else original(name))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import sys
 import types
@@ -240,8 +239,8 @@ def test_dataset_errors(monkeypatch):
         load_texts(dataset="blank")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_real_import_fails_cleanly_without_the_package():
+def test_real_import_fails_cleanly_without_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if it were not installed
     with pytest.raises(TextError, match="pip install datasets"):
         load_texts(dataset="wikitext")
 
