@@ -22,7 +22,7 @@ from typing import IO, Any, Iterator
 
 from sinkfix.errors import OutputError
 
-__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "save_figure"]
+__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "save_figure"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -101,6 +101,32 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise _output_error(target, _reason(exc)) from exc
         raise
+
+
+def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
+    """Raise now the :class:`OutputError` that writing ``path`` later would raise, so that a command
+    fails before its work, not after it (a default calibration takes 9-13 minutes on two cores).
+
+    ``path`` is a file to be written atomically, or with ``folder=True`` a folder to write files
+    into. Checked, creating nothing: the target is not a folder (a file) or not a file (a folder),
+    the nearest existing folder above it is a folder, and this process may create entries there
+    (``os.access``, which also sees a read-only file system). Returns the path. What cannot be known
+    in advance (a disk that fills up meanwhile) still fails at the write, as before, with the old
+    file untouched.
+    """
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise _output_error(target, "it is a file, not a folder")
+    if not folder and target.is_dir():
+        raise _output_error(target, "it is a directory")
+    start = target if folder else target.parent
+    blocker = _blocking_file(start)
+    if blocker is not None:
+        raise _output_error(target, f"{blocker} is a file, not a folder")
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _output_error(target, f"permission denied: {existing} cannot be written")
+    return target
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from sinkfix.errors import SinkfixError
-from sinkfix.files import OutputError, atomic_write, atomic_write_text
+from sinkfix.files import OutputError, atomic_write, atomic_write_text, check_writable
 
 
 def _names(folder) -> list[str]:
@@ -64,13 +64,15 @@ def test_existing_directory_as_target(tmp_path):
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
-def test_read_only_folder(tmp_path):
+@pytest.mark.parametrize("write", [lambda path: atomic_write_text(path, "x"), check_writable],
+                         ids=["atomic_write_text", "check_writable"])
+def test_read_only_folder(tmp_path, write):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(OutputError, match="Permission denied"):
-            atomic_write_text(folder / "out.txt", "x")
+        with pytest.raises(OutputError, match="(?i)permission denied"):
+            write(folder / "out.txt")
     finally:
         folder.chmod(0o700)
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.bb.report import run_experiment, summary_table, to_json, write_figures
     from sinkfix.bb.train import TrainConfig
     from sinkfix.errors import UsageError
-    from sinkfix.files import atomic_write_text
+    from sinkfix.files import atomic_write_text, check_writable
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for name, value in (("--steps", args.steps), ("--layers", args.layers), ("--width", args.width),
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.seq_len < 4:
         raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
+    if args.out is not None:
+        check_writable(args.out, folder=True)  # before the training, not after it
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         steps=args.steps, seed=args.seed, layers=args.layers, width=args.width, seq_len=args.seq_len,

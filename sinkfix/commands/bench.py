@@ -100,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     config = config_from_args(args)
+    if args.out:
+        from sinkfix.files import check_writable
+
+        check_writable(args.out, folder=True)  # before the measurements, not after them
     err = Console(stderr=True, width=shutil.get_terminal_size((140, 24)).columns)
     interactive = sys.stderr.isatty()
     progress = _progress_factory(err) if interactive else None

@@ -194,13 +194,14 @@ def run(args: argparse.Namespace) -> int:
                                               robust_profile)
     from sinkfix.analysis.lodo import require_three_domains
     from sinkfix.commands.inspect import wide_console
+    from sinkfix.files import check_writable
 
     if args.threads:
         torch.set_num_threads(args.threads)
     console = wide_console()
     texts = texts_from_args(args, "calib")
     console.print(describe_texts(texts), markup=False)
-    out = args.out or f"{args.model.replace('/', '_')}.profile.json"
+    out = check_writable(args.out or f"{args.model.replace('/', '_')}.profile.json")  # before the fits, not after
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                                    virtual_logits=args.virtual_logits,

@@ -165,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
         return _export(args.export_tasks, err)
     config = _config(args)
     config.validate()  # bad arguments fail before lm-eval's imports (several seconds)
+    if args.out:
+        from sinkfix.files import check_writable
+
+        check_writable(args.out)  # before the evaluation, not after it
     _set_offline_if_unreachable()
     _import_lmeval()
     from sinkfix.lmeval.paired import run_eval

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from sinkfix.commands import SUMMARIES
 from sinkfix.errors import SinkfixError
@@ -156,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     import sinkfix
     from sinkfix.analysis.inspection import inspect
+    from sinkfix.files import check_writable
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     console = wide_console()
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
-    out = Path(args.out)
+    out = check_writable(args.out, folder=True)  # before the measurements, not after them
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
     handle = None

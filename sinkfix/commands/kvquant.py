@@ -118,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.evaluate import bos_token_id
 
     widths = _check(args)
+    if args.out:
+        from sinkfix.files import check_writable
+
+        check_writable(args.out)  # before the measurements, not after them
     KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
     texts = default_texts(args.text)
     if args.threads:

@@ -155,6 +155,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
     import sinkfix
     from sinkfix.commands.inspect import wide_console
+    from sinkfix.files import check_writable
     from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS
     from sinkfix.telemetry.report import summarise
     from sinkfix.telemetry.requests import read_requests
@@ -165,6 +166,7 @@ def _run_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
+    check_writable(args.out)  # the log, likewise
     console.print(f"{len(requests)} requests from {args.requests}; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
     handle, profile = _patch(model, args)
@@ -276,6 +278,7 @@ def _run_ranges(args: argparse.Namespace) -> int:
     import sinkfix
     from sinkfix.analysis.calibration import calibration_windows
     from sinkfix.commands.inspect import describe_texts, texts_from_args
+    from sinkfix.files import check_writable
     from sinkfix.telemetry import calibration_statistics
 
     if args.threads:
@@ -283,6 +286,7 @@ def _run_ranges(args: argparse.Namespace) -> int:
     texts = texts_from_args(args, "calib")
     print(describe_texts(texts))
     profile = sinkfix.Profile.load(args.profile)
+    check_writable(args.out)  # before the measurements, not after them
     model, tokenizer = sinkfix.load_model(args.model)
     windows = [w for t in texts.values() for w in calibration_windows(
         tokenizer, t.text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]

@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.evaluate import bos_token_id
 
     _check(args)  # before anything slow
+    from sinkfix.files import check_writable
+
+    check_writable(args.out, folder=True)
     text, source = _load_text(args)
     profile = sinkfix.Profile.load(args.profile) if args.profile else None
     if args.threads:
