@@ -37,12 +37,15 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _nearest_existing(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included), None when none exists."""
+    return next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), None)
+
+
 def _blocking_file(folder: Path) -> Path | None:
     """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
-    return None
+    existing = _nearest_existing(folder)
+    return None if existing is None or existing.is_dir() else existing
 
 
 def _open_temporary(target: Path) -> tuple[int, str]:
@@ -119,11 +122,11 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
         raise _output_error(target, "it is a file, not a folder")
     if not folder and target.is_dir():
         raise _output_error(target, "it is a directory")
-    start = target if folder else target.parent
-    blocker = _blocking_file(start)
-    if blocker is not None:
-        raise _output_error(target, f"{blocker} is a file, not a folder")
-    existing = next(p for p in (start, *start.parents) if p.exists())
+    existing = _nearest_existing(target if folder else target.parent)
+    if existing is None:  # a relative path always has ".", an absolute one "/": reached only if they vanished
+        return target
+    if not existing.is_dir():
+        raise _output_error(target, f"{existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise _output_error(target, f"permission denied: {existing} cannot be written")
     return target
