@@ -603,3 +603,51 @@ def test_instruction_counts_are_read_from_callgrind_dumps_by_label(tmp_path):
     assert "stopped before" in counter.markdown(partial)
     with pytest.raises(SystemExit, match="no prefill was counted in both"):
         counter.summarise(child, {"identity|off|0": 5}, partial=True)
+
+
+def test_overhead_counts_each_prefills_page_faults():
+    """Every prefill pass carries the process's minor page faults: ``_ratios`` keeps them per
+    configuration and the printed row says their median and how many passes faulted (a pass that
+    found the heap trimmed faults thousands of pages in again); rows timed without them say so."""
+    bench = _overhead_bench()
+    off = [(1.50, 1.50, 0)] * 4
+    on = [(1.53, 1.53, faults) for faults in (0, 8800, 9000, 12)]
+    raw = {"off": {"prefill": off, "step_runs": [[(0.07, 0.07)]]},
+           "on (sample 32)": {"prefill": on, "step_runs": [[(0.07, 0.07)]]}}
+    table = bench._ratios(raw)
+    assert table["on (sample 32)"]["prefill_minor_faults"] == [0, 8800, 9000, 12]
+    assert bench._faults(table["on (sample 32)"]) == "faults median 4406, 2 of 4 passes > 1000"
+    assert bench._faults(table["off"]) == "faults median 0, 0 of 4 passes > 1000"
+    assert bench._faults({"prefill_minor_faults": []}) == "faults -"
+
+
+_HEAP_PROBE = """
+import importlib.util, resource, sys, torch
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+if sys.argv[2] == "no-trim":
+    bench._heap_without_trimming()
+def faults_of_one_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(10 * 2**20, dtype=torch.float32).fill_(1.0)  # 40 MiB, every page touched
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_block()
+print(faults_of_one_block())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's heap thresholds (mallopt) exist on Linux with glibc only")
+def test_heap_no_trim_keeps_freed_memory_for_the_next_pass():
+    """``--heap no-trim``: a 40 MiB block freed and allocated again reuses its pages (no faults),
+    where glibc's default maps such a block anew every time and faults all of its 10,240 pages in
+    again. In fresh processes, so this one's heap is left as it was."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
+    faults = {}
+    for heap in ("default", "no-trim"):
+        done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(script), heap], capture_output=True,
+                              text=True, timeout=300, check=True)
+        faults[heap] = int(done.stdout.split()[-1])
+    assert faults["default"] > 8000 and faults["no-trim"] < 500, faults
