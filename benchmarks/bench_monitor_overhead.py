@@ -39,8 +39,8 @@ most 1.05x the same patched model without it (ratio of medians in one run).
   often than unmonitored ones (docs/monitoring.md, "The heap"). ``--heap no-trim`` fixes glibc's
   thresholds for the whole process (``mallopt``: no trimming, no blocks mapped on their own), a
   setting a CPU server can run with, so that both configurations reuse their memory pass after
-  pass; the default keeps glibc's own behaviour, the protocol the targets are judged by (runs P and
-  Q of the run log used ``no-trim``).
+  pass; the default keeps glibc's own behaviour, the protocol the targets are judged by (runs P,
+  Q and T of the run log used ``no-trim``).
 """
 
 from __future__ import annotations
