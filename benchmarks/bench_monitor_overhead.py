@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -62,6 +60,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
+from sinkfix.bench.memory import keep_freed_heap
 from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
 from sinkfix.bench.timing import compiled_decoding
 from sinkfix.evaluate import bos_token_id, tokenize
@@ -84,25 +83,11 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-#: glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
 def _heap_without_trimming() -> None:
-    """``--heap no-trim``: glibc keeps the memory freed at the top of its heap and serves every
-    block from the heap, so a pass reuses the pages of the one before instead of faulting them in
-    again. The same as starting the process with ``MALLOC_TRIM_THRESHOLD_`` and
-    ``MALLOC_MMAP_THRESHOLD_`` set to 1 GiB. Raises SystemExit where glibc's mallopt is not there."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError) as error:
-        raise SystemExit(f"--heap no-trim needs glibc's mallopt, which this system's C library ({name}) lacks: "
-                         f"{error}") from None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_MMAP_THRESHOLD, 1 << 30)):
-        raise SystemExit("--heap no-trim: the C library refused mallopt's thresholds")
+    """``--heap no-trim``: :func:`sinkfix.bench.memory.keep_freed_heap` at 1 GiB for the whole
+    process, or SystemExit where glibc's mallopt is missing or refuses it."""
+    if not keep_freed_heap(1 << 30):
+        raise SystemExit("--heap no-trim needs glibc's mallopt, which is missing here or refused the thresholds")
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
