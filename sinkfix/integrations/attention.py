@@ -216,8 +216,9 @@ def attention_forward(
         _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
-    observing = state is not None and bool(state.observers)
-    monitored = state is not None and bool(state.telemetry)
+    # len() rather than bool(): torch 2.11's dynamo cannot trace bool() of a list of listeners
+    observing = state is not None and len(state.observers) > 0
+    monitored = state is not None and len(state.telemetry) > 0
     if (state is not None and (beta is not None or virtual is not None or observing or monitored
                                or state.policy.clip is not None or state.policy.content is not None)
             and packed_sequences(attention_mask, kwargs.get("position_ids"), q_len, k_len)):

@@ -123,14 +123,16 @@ def padded_causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset=
     if isinstance(attention_mask, PaddedCausalMask):  # prepared earlier (generate): already the answer
         return attention_mask
     mask_function = causal_mask_function if mask_function is None else mask_function
-    rule_window = _rule_window(mask_function, local_size)
+    # Not read while dynamo traces (the tensor mask is used then anyway): torch 2.11's dynamo breaks
+    # the graph at reading a closure's cells (3 graph breaks in a tiny Gemma3 forward)
+    compiling = torch.compiler.is_compiling()
+    rule_window = None if compiling else _rule_window(mask_function, local_size)
     # Under compilation the tensor mask is what dynamo traces without surprises; the structured mask
     # is an eager-mode saving. And where sdpa_mask would return None (no padding, and one query row
     # or a square call), so does this function: the attention path then knows the layout without any
     # mask (the decode step's sink is key column 0 of every row, its cheapest path).
     structured = (rule_window is not None and allow_is_causal_skip and not kwargs.get("use_vmap", False)
-                  and isinstance(q_offset, int) and isinstance(kv_offset, int)
-                  and not torch.compiler.is_compiling())
+                  and isinstance(q_offset, int) and isinstance(kv_offset, int) and not compiling)
     if not structured:  # the caller asked for a tensor, or the pattern is not ours to express
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,

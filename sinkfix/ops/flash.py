@@ -154,40 +154,59 @@ def _shifted_output(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.T
 
 
 def fused_lse_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`flash_with_lse` has a fused op for this device and dtype (else it is dense)."""
+    """Whether :func:`flash_with_lse` has a fused op for this device and dtype (else it is dense).
+    On CUDA a call whose head sizes the op refuses still falls back to the dense formula, alone."""
     if device.type == "cpu":
         return cpu_flash_available(dtype)
-    return device.type == "cuda" and _CUDA_EFFICIENT_OP is not None and not _cuda_refused(dtype)
+    return device.type == "cuda" and _CUDA_EFFICIENT_OP is not None
 
 
-_refused: set[torch.dtype] = set()
+# The CUDA op's kernels are chosen by dtype and by the alignment of the head sizes (an odd width,
+# such as the column statistics' D + 1 features in content_attention.py, has no fp32 kernel on an
+# H200: "cutlassF: no kernel found to launch!"), so a refusal is remembered for that kind of input
+# alone: one odd-width call must not send every later call of the same dtype to the dense formula.
+_refused: set[tuple[torch.dtype, int, int]] = set()
 
 
-def _cuda_refused(dtype: torch.dtype) -> bool:
-    return dtype in _refused
+def _input_kind(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.dtype, int, int]:
+    return q.dtype, q.shape[-1], v.shape[-1]
 
 
-def _additive(visible: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    # finfo.min rather than -inf: a row with nothing visible must not turn into NaN inside the op
+#: The CUDA op wants every stride of its additive mask but the last aligned to 16 bytes ("attn_bias
+#: is not correctly aligned (strideB) ... should be a multiple of 8": a (B, 1, Q, K) mask with
+#: K = 1023 was refused in bf16 and fp16 on an H200). Rows padded to 16 elements are aligned for
+#: every dtype, as torch's own scaled_dot_product_attention pads them.
+_BIAS_ALIGN = 16
+
+
+def _additive(visible: torch.Tensor | None, dtype: torch.dtype, align: int = 1) -> torch.Tensor | None:
+    """The additive mask of ``visible`` (0 where seen, finfo.min elsewhere), as a view into rows
+    padded to a multiple of ``align`` elements. finfo.min rather than -inf: a row with nothing
+    visible must not turn into NaN inside the op."""
     if visible is None:
         return None
-    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    *lead, k_len = visible.shape
+    padded = -(-k_len // align) * align
+    bias = torch.zeros(*lead, padded, dtype=dtype, device=visible.device)[..., :k_len]
     return bias.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def _cuda_efficient(q, k, v, visible, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    kind = _input_kind(q, v)
+    if kind in _refused:
+        return None
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    bias = _additive(visible, q.dtype)
+    bias = _additive(visible, q.dtype, _BIAS_ALIGN)
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     try:
         out, lse, _, _ = _CUDA_EFFICIENT_OP(q, k, v, bias, True, 0.0, is_causal, scale=scale)
     except (RuntimeError, NotImplementedError) as exc:
-        _refused.add(q.dtype)
-        warnings.warn(f"fused attention with log-sum-exp refused {q.dtype} inputs on CUDA ({exc}); "
-                      "using the dense formula, which materialises the scores", stacklevel=3)
+        _refused.add(kind)
+        warnings.warn(f"fused attention with log-sum-exp refused {q.dtype} inputs of head size {kind[1]} on CUDA "
+                      f"({exc}); using the dense formula for them, which materialises the scores", stacklevel=3)
         return None
     return out, lse[..., : q.shape[2]].float()  # the op pads the query axis of the log-sum-exp
 

@@ -209,8 +209,10 @@ class RequestAccumulator:
     def _fold_norms(self) -> None:
         pending, self._pending_norms = self._pending_norms, {}
         if self._into_buffer:
-            self._into_buffer = False
-            self._write_buffer(self._forward_norms(pending, self._buffer_real.shape), self._buffer_real)
+            # the step's flags are in the buffer now; holding on to the tensor would keep one
+            # allocation of a compiled step alive past it, which CUDA graphs must account for
+            real, self._into_buffer, self._buffer_real = self._buffer_real, False, None
+            self._write_buffer(self._forward_norms(pending, real.shape), real)
             return
         if not self.real or len(self.norms) == len(self.real):
             return  # no forward yet, or this one is already folded

@@ -66,10 +66,13 @@ def test_padded_batches_reach_the_kernels_as_key_ranges(arch, layout, monkeypatc
         launched.append((kw.get("attn_mask"), kw.get("key_padding"), kw.get("key_ranges")))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(kernels, "sink_attention_triton", spy)
     model = tiny_model(arch).to(DEVICE)
     ids, mask = _padded_batch(layout)
     _compare(model, ids, mask)
+    with sinkfix.patch(model, POLICY, backend="triton"), torch.no_grad():
+        # spied only now: patch()'s own discovery forward (no padding) runs the kernels too on a GPU
+        monkeypatch.setattr(kernels, "sink_attention_triton", spy)
+        model(ids, attention_mask=mask)
     assert launched
     for dense, key_padding, key_ranges in launched:
         assert dense is None

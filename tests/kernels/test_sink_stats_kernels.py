@@ -267,6 +267,8 @@ def test_monitored_model_on_the_triton_backend_matches_the_torch_backend(monkeyp
     try:
         for backend in ("torch", "triton"):
             with sinkfix.patch(model, policy, backend=backend), sinkfix.monitor(model) as monitor, torch.no_grad():
+                # the request's calls only: patch()'s discovery forward runs the kernels too on a GPU
+                launched.clear()
                 with monitor.request():
                     model(input_ids=ids, use_cache=False)
                 (records[backend],) = monitor.records
@@ -311,8 +313,11 @@ def test_monitored_compiled_decoding_on_the_triton_backend(monkeypatch):
     try:
         with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.8), backend="triton"), \
                 sinkfix.monitor(model) as monitor, torch.no_grad():
+            launched.clear()  # patch()'s discovery forward runs the kernels too on a GPU
             with monitor.request():
-                eager_tokens = model.generate(**kwargs)
+                # disable_compile: on a GPU a static cache would otherwise make generate compile
+                # the decode step itself (inductor, CUDA graphs), and this request is the eager one
+                eager_tokens = model.generate(**kwargs, disable_compile=True)
             (eager,) = monitor.records
             eager_launches = len(launched)
             with monitor.request():
