@@ -523,3 +523,37 @@ def test_rows_that_see_nothing_give_finite_zero_gradients():
         assert torch.isfinite(t.grad).all(), name
     assert (qg.grad[1, :, :3] == 0).all()
     assert beta.grad.abs().sum() > 0
+
+
+# -- the CUDA fused op's inputs, checked without CUDA -------------------------------------------
+def test_additive_mask_rows_are_aligned_for_the_cuda_op():
+    """The CUDA op refuses a mask whose strides are not 16-byte aligned (rows of 1023 keys in bf16,
+    seen on an H200): the mask is a view into rows padded to 16 elements, with the same values."""
+    visible = torch.rand(2, 1, 5, 1023, generator=torch.Generator().manual_seed(0)) > 0.3
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        bias = flash._additive(visible, dtype, flash._BIAS_ALIGN)
+        assert bias.shape == visible.shape and bias.stride(-1) == 1
+        assert all(stride % 16 == 0 for stride in bias.stride()[:-1])
+        assert torch.equal(bias == 0, visible) and bool((bias[~visible] == torch.finfo(dtype).min).all())
+
+
+def test_a_refused_head_size_does_not_turn_the_fused_op_off_for_others(monkeypatch):
+    """One refusal (an odd head size: no fp32 kernel on an H200) sends that kind of input to the
+    dense formula, not every later call of the same dtype."""
+    calls = []
+
+    def fake_op(q, k, v, bias, compute_lse, dropout, is_causal, scale):
+        calls.append(q.shape[-1])
+        if q.shape[-1] % 2:
+            raise RuntimeError("cutlassF: no kernel found to launch!")
+        return v.clone(), torch.zeros(*q.shape[:3]), None, None
+
+    monkeypatch.setattr(flash, "_CUDA_EFFICIENT_OP", fake_op)
+    monkeypatch.setattr(flash, "_refused", set())
+    odd, even = (torch.randn(1, 2, 4, d) for d in (17, 16))
+    with pytest.warns(UserWarning, match="head size 17"):
+        assert flash._cuda_efficient(odd, odd, odd, None, True, 1.0) is None
+    assert flash._cuda_efficient(odd, odd, odd, None, True, 1.0) is None  # remembered: not tried again
+    assert flash._cuda_efficient(even, even, even, None, True, 1.0) is not None
+    assert calls == [17, 16]
+    assert flash.fused_lse_available(torch.device("cuda"), torch.float32)

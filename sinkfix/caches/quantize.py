@@ -54,7 +54,10 @@ def fp8_scale(x: torch.Tensor, calibrate: torch.Tensor | None = None) -> torch.T
 
 
 def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).to(FP8_DTYPE)
+    """``x / scale`` in float8 e4m3, saturating at +-448: a token larger than the ones the frozen
+    scale was set from must not become NaN, which is what torch 2.11's cast makes of out-of-range
+    values (2.13's cast saturates by itself, so there the clamp changes no bit)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
