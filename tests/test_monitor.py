@@ -267,6 +267,30 @@ def test_layers_measured_together_equal_one_by_one(softcap):
             _assert_same_measures(got, expected)
 
 
+def test_the_merge_limit_follows_the_device(monkeypatch):
+    """Cache-sized batches on the CPU; on a GPU, where each operation is a kernel launch, 32 times
+    larger ones (a 32-layer, 4096-token prompt: 4 batches of 8 layers instead of 32 of one)."""
+    from sinkfix.telemetry import prompt
+
+    assert prompt.merged_block_limit(torch.device("cpu")) == prompt.MERGED_BLOCK_ELEMENTS
+    assert prompt.merged_block_limit(torch.device("cuda")) == prompt.MERGED_BLOCK_ELEMENTS_GPU == 32 << 20
+    per_layer = 1 * 32 * 32 * 4096  # (B, Hq, sampled rows) x keys
+    assert prompt.MERGED_BLOCK_ELEMENTS // per_layer == 0 and prompt.MERGED_BLOCK_ELEMENTS_GPU // per_layer == 8
+    # without max_block, the limit for the calls' device decides (here one stood in for it)
+    calls = _layer_calls(4, 150)
+    layouts: dict = {}
+    sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
+    merged_sizes = []
+    real_measure = prompt.measure_sampled
+    monkeypatch.setattr(prompt, "measure_sampled",
+                        lambda s, **kw: merged_sizes.append(s.lse.shape[1]) or real_measure(s, **kw))
+    block = sampled[0].lse.numel() * 150
+    asked = []
+    monkeypatch.setattr(prompt, "merged_block_limit", lambda device: asked.append(device.type) or 2 * block)
+    prompt.measure_sampled_many(sampled, threshold=0.05)
+    assert asked == ["cpu"] and merged_sizes == [2 * 4, 2 * 4]  # two batches of two layers' 4 heads
+
+
 def test_shape_only_layouts_serve_later_requests(one_thread):
     """A prompt without a mask keeps its layout for the next request of the same shape (the same
     object, the same records); a layout keyed by a mask is not handed on."""

@@ -30,7 +30,7 @@ import torch
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled", "measure_sampled_many",
-           "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
+           "merged_block_limit", "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
 
 #: A key is judged only when at least this many sampled rows see it (or all of its viewers, for a
 #: prompt short enough to be sampled whole): a mean over fewer is too noisy for ACT's threshold. On
@@ -49,6 +49,18 @@ CAUSAL_ROW_CHUNKS = 4
 #: 30 layers' 17 MB leave the caches between the passes over the block); 34.3 ms one layer per batch
 #: in parts. At this limit, in another run: 18.8 ms against 24.9 ms layer by layer.
 MERGED_BLOCK_ELEMENTS = 1 << 20
+
+#: The same limit on a GPU, where a batch of layers costs its operations' count rather than its bytes
+#: (each operation is a kernel launch of a few microseconds, and the arithmetic of a block is a
+#: fraction of a millisecond): 32 M elements, so a 4096-token prompt with 32 query heads, 8 kv heads
+#: of 128 and 32 sampled rows (4.2 M per layer) goes in four batches of 8 layers instead of 32
+#: batches of one, each holding about 335 MB while it is measured (the fp32 block, the layers' keys in
+#: fp32 and their concatenation). On an H200 (2026-12-04) the monitor added 10.6 ms to such a prompt
+#: of a 32-layer model while its measures went layer by layer. Counted on the CPU with the GPU's
+#: settings (one part, this limit), a monitored 4096-token prefill of a 32-layer model launches 518
+#: (per-head policy) and 616 (identity) operations more than an unmonitored one, against 1277 and 1212
+#: layer by layer. Not yet timed on a GPU.
+MERGED_BLOCK_ELEMENTS_GPU = 1 << 25
 
 # exp(-87) = 1.6e-38 is the smallest fp32 normal number's neighbourhood: below it exp's result is
 # subnormal, which the CPU kernels compute ~100x slower. exp(60) stays finite.
@@ -362,13 +374,20 @@ def _split(measures: PromptMeasures, layers: int) -> list[PromptMeasures]:
     return [PromptMeasures(*parts) for parts in zip(*fields)]
 
 
+def merged_block_limit(device: torch.device) -> int:
+    """Elements of the probability block that calls measured together may reach on ``device``:
+    :data:`MERGED_BLOCK_ELEMENTS` on the CPU (cache-sized), :data:`MERGED_BLOCK_ELEMENTS_GPU` elsewhere."""
+    return MERGED_BLOCK_ELEMENTS if device.type == "cpu" else MERGED_BLOCK_ELEMENTS_GPU
+
+
 def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
-                         max_block: int = MERGED_BLOCK_ELEMENTS) -> list[PromptMeasures]:
+                         max_block: int | None = None) -> list[PromptMeasures]:
     """:func:`measure_sampled` of several calls, in their order. Calls that can be merged
     (:func:`_merge_key`: in a forward, usually every layer) are measured together, as many at a time
-    as keep the probability block within ``max_block`` elements: one operation per step for all of
-    them instead of one per layer (SmolLM2, 30 layers, a real 512-token prefill, one thread: 23.7 ms
-    one by one, 20.1 ms batched in parts; ``benchmarks/bench_prompt_measures.py``)."""
+    as keep the probability block within ``max_block`` elements (default: :func:`merged_block_limit`
+    of the calls' device): one operation per step for all of them instead of one per layer (SmolLM2,
+    30 layers, a real 512-token prefill, one thread: 23.7 ms one by one, 20.1 ms batched in parts;
+    ``benchmarks/bench_prompt_measures.py``)."""
     groups: dict[tuple, list[int]] = {}
     for index, call in enumerate(sampled):
         groups.setdefault(_merge_key(call), []).append(index)
@@ -376,7 +395,8 @@ def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
     for indices in groups.values():
         call = sampled[indices[0]]
         block = call.lse.numel() * call.key.shape[2]
-        most = max(1, max_block // max(1, block))
+        limit = merged_block_limit(call.key.device) if max_block is None else max_block
+        most = max(1, limit // max(1, block))
         step = math.ceil(len(indices) / math.ceil(len(indices) / most))  # even batches: 30 layers by 7 -> 5 x 6
         for start in range(0, len(indices), step):
             batch = indices[start:start + step]
