@@ -633,8 +633,7 @@ def faults_of_one_block():
     block = torch.empty(10 * 2**20, dtype=torch.float32).fill_(1.0)  # 40 MiB, every page touched
     del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_block()
-print(faults_of_one_block())
+print(faults_of_one_block(), faults_of_one_block(), faults_of_one_block(), faults_of_one_block())
 """
 
 
@@ -643,11 +642,16 @@ print(faults_of_one_block())
 def test_heap_no_trim_keeps_freed_memory_for_the_next_pass():
     """``--heap no-trim``: a 40 MiB block freed and allocated again reuses its pages (no faults),
     where glibc's default maps such a block anew every time and faults all of its 10,240 pages in
-    again. In fresh processes, so this one's heap is left as it was."""
+    again. In fresh processes, so this one's heap is left as it was. The fourth pass is compared:
+    with no-trim the second one faulted its pages in anew in 2 to 5 of every 10 to 12 processes (its
+    block began 40 MiB + 128 bytes after the first one's, most likely past a small allocation made
+    after that; a fresh-clone run of this suite failed so while the test compared the second pass),
+    the third and later ones in none of 10; by default every pass faulted 10,241."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor_overhead.py"
     faults = {}
     for heap in ("default", "no-trim"):
         done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(script), heap], capture_output=True,
                               text=True, timeout=300, check=True)
-        faults[heap] = int(done.stdout.split()[-1])
-    assert faults["default"] > 8000 and faults["no-trim"] < 500, faults
+        faults[heap] = [int(word) for word in done.stdout.split()[-4:]]
+    assert faults["default"][-1] > 8000 and faults["no-trim"][-1] < 500, faults
+    assert all(count > 8000 for count in faults["default"]), faults  # every pass, by default
