@@ -64,6 +64,12 @@ def release_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False off glibc or when glibc refuses the value."""
+    libc = _libc()
+    return bool(libc and hasattr(libc, "mallopt") and libc.mallopt(param, int(value)))
+
+
 def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     """Serve every heap block of at least ``threshold`` bytes with its own mmap, from now on.
 
@@ -76,10 +82,7 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     Same effect as ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment. Returns False off glibc.
     """
     release_memory()
-    libc = _libc()
-    if not libc or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    return _mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def keep_freed_heap(limit: int = 1 << 30) -> bool:
@@ -89,10 +92,7 @@ def keep_freed_heap(limit: int = 1 << 30) -> bool:
     trim took about 8,800 minor faults, 34 MB). The process then keeps its largest heap. Same effect as
     ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` set to ``limit`` in the environment.
     Returns False off glibc or when glibc refuses a threshold."""
-    libc = _libc()
-    if not libc or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, int(limit)) and libc.mallopt(_M_MMAP_THRESHOLD, int(limit)))
+    return _mallopt(_M_TRIM_THRESHOLD, limit) and _mallopt(_M_MMAP_THRESHOLD, limit)
 
 
 # -- /proc --------------------------------------------------------------------------------------
