@@ -5,6 +5,9 @@
 #      weights from a config), live telemetry (sinkfix.monitor on the Triton kernels' statistics
 #      variants) on vs off, prefill and decode step, against its targets (1.03x / 1.05x); then stock
 #      SDPA vs patched, 4k-token prefill and 128 decode steps;
+#   1b. benchmarks/bench_host_overhead.py: host time of one batch-1 decode attention call (sinkfix's
+#      Triton path with real launches, torch's SDPA beside it) and cProfile's top entries, to say where
+#      the patched decode step's extra host time goes;
 #   2. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors,
 #      CUDA graphs) and the CUDA test of the PyTorch path's fused log-sum-exp attention; the AOT
 #      compile and budget tests need no GPU and are left to `make test`;
@@ -80,6 +83,11 @@ phase 20 150 "$OUT/model.log" "$PYTHON" benchmarks/gpu_model_check.py --budget 1
     --out "$OUT/model.md"
 model_rc=$?
 
+# 1b. where a patched decode step's host time goes (a few seconds)
+phase 20 60 "$OUT/host-overhead.log" "$PYTHON" benchmarks/bench_host_overhead.py --profile 2000 \
+    --json "$OUT/host-overhead.json"
+host_rc=$?
+
 # 2. the kernel tests on compiled kernels and CUDA tensors. --confcutdir keeps pytest from loading
 # tests/conftest.py (tiny transformers models, not needed here); the AOT compile and budget tests
 # (test_compile.py, test_kernel_audit.py) need no GPU and run in `make test` on any machine. -v
@@ -116,6 +124,8 @@ compiled_rc=$?
     echo "benchmark exit code: $bench_rc (124 = timed out; partial table kept in bench.md)"
     echo "model check (monitored, eager) exit code: $model_rc (124 = timed out; modes printed in model.log as they finish)"
     cat "$OUT/model.md" 2>/dev/null
+    echo "host overhead benchmark exit code: $host_rc (124 = timed out)"
+    head -n 9 "$OUT/host-overhead.log" 2>/dev/null
     echo "native audit exit code: $native_rc (124 = timed out; partial table kept in audit-native.md)"
     echo "content-sink benchmark exit code: $content_rc (124 = timed out)"
     cat "$OUT/content-sinks.md" 2>/dev/null
@@ -124,5 +134,5 @@ compiled_rc=$?
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$native_rc" -eq 0 ] && [ "$content_rc" -eq 0 ] \
-    && [ "$compiled_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$native_rc" -eq 0 ] \
+    && [ "$content_rc" -eq 0 ] && [ "$compiled_rc" -eq 0 ]

@@ -21,6 +21,7 @@ makes of all this for sm_80 and sm_90 (docs/testing.md, "Kernel efficiency").
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ __all__ = [
     "allocate_outputs", "check_sink_stats", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
     "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile", "attn_key_range",
     "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "hidden_combine", "key_padding_ranges",
-    "pack_mask_bits", "tma_descriptors",
+    "pack_mask_bits", "tma_descriptors", "cdiv", "next_power_of_2", "device_sm_count",
 ]
 
 # exp(x) = exp2(x * LOG2E); ln(x) = log2(x) * LN2. Module-level constants read inside @triton.jit
@@ -52,6 +53,21 @@ MAX_SINK_SLOTS = 16
 # tl.dot's smallest operand dimension: the sink columns are gathered into a tile at least this
 # wide, head dims below it run padded
 MIN_DOT_DIM = 16
+
+
+# -- host-side integer helpers ---------------------------------------------------------------------
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: called from host code each goes
+# through triton's JIT wrapper, 1.9-2.6 us a call (triton 3.6 and 3.9, one CPU thread) against
+# 0.01-0.03 us for the same integer arithmetic in Python. A decode launch made 13 such calls, about
+# 30 us of host time per attention call, which a batch-1 decode step pays in every layer.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints (host code; kernels use ``tl.cdiv``)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, 0 for n = 0 (as ``triton.next_power_of_2``); host code."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 # -- key-loop helpers -----------------------------------------------------------------------------
@@ -492,17 +508,36 @@ def arch_family(arch: int) -> int:
     return 80 if arch < 90 else 90
 
 
+def _cuda_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int) -> tuple[int, int]:
+    """(compute capability x10, SM count) of CUDA device ``index``: asked once per process (the
+    properties of a device do not change), not on every launch."""
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor, props.multi_processor_count
+
+
 def device_arch(device: torch.device) -> int:
     """Compute capability x10 of a CUDA device; 90 elsewhere (the interpreter runs Hopper's tiles)."""
     if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _cuda_properties(_cuda_index(device))[0]
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 elsewhere (an H100's count stands in for the
+    interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_properties(_cuda_index(device))[1]
 
 
 def padded_head_dim(head_dim: int) -> int:
     """BLOCK_D: tl.dot needs every dimension >= 16; non-power-of-2 head dims run padded with masked loads."""
-    return max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+    return max(MIN_DOT_DIM, next_power_of_2(head_dim))
 
 
 @dataclass(frozen=True)
@@ -550,12 +585,12 @@ class AttentionLaunch:
     def sink_constexprs(self) -> dict[str, int]:
         """NS, its power-of-2 padding NS_P2, and SB, the width of the gathered sink tile."""
         ns = self.n_sinks
-        return dict(NS=ns, NS_P2=triton.next_power_of_2(max(ns, 1)), SB=max(MIN_DOT_DIM, triton.next_power_of_2(ns)))
+        return dict(NS=ns, NS_P2=next_power_of_2(max(ns, 1)), SB=max(MIN_DOT_DIM, next_power_of_2(ns)))
 
     @property
     def extra_width(self) -> int:
         """E_P2: the zero-value logit table padded to a power of 2."""
-        return triton.next_power_of_2(max(self.n_extra, 1))
+        return next_power_of_2(max(self.n_extra, 1))
 
 
 def _check_qkv(q, k, v, kernel) -> None:
@@ -642,8 +677,12 @@ def _sink_cols_int32(sink_cols, batch: int, device) -> tuple[torch.Tensor | None
         raise ValueError(f"at most {MAX_SINK_SLOTS} sink slots, got {sink_cols.shape[1]}")
     if sink_cols.shape[1] == 0:
         return None, (0, 1)
-    # a column index >= 2**31 cannot be a key column of a supported K; clamp before int32
-    cols = sink_cols.to(device=device).clamp(-1, 2**31 - 1).to(torch.int32).contiguous()
+    cols = sink_cols.to(device=device)
+    if cols.dtype != torch.int32:
+        # a column index >= 2**31 cannot be a key column of a supported K; clamp before int32 (int32
+        # columns need no clamp: the kernels count every negative column as absent)
+        cols = cols.clamp(-1, 2**31 - 1).to(torch.int32)
+    cols = cols.contiguous()
     return cols, (0 if cols.shape[0] == 1 else cols.stride(0), 1)
 
 
@@ -660,7 +699,10 @@ def _zero_value_table(extra_logits, virtual_sink_logit, q_heads: int, device) ->
             raise ValueError(f"virtual_sink_logit must have shape (Hq,) = ({q_heads},), got "
                              f"{tuple(virtual_sink_logit.shape)}")
         columns.append(virtual_sink_logit.to(device=device, dtype=torch.float32)[:, None])
-    table = torch.cat(columns, dim=1).contiguous() if columns else None
+    if len(columns) > 1:
+        table = torch.cat(columns, dim=1)
+    else:  # one source (the usual case): its own (Hq, E) view, no copy
+        table = columns[0].contiguous() if columns else None
     if table is not None and table.shape[1] == 0:
         table = None
     return table, every_row
@@ -749,7 +791,7 @@ def tma_descriptors(k, v, block_n: int, block_d: int, use_tma: bool | None):
 
     if use_tma is False:
         return None, None
-    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] == 9
+    if use_tma is None and not (k.is_cuda and device_arch(k.device) // 10 == 9
                                 and k.dtype in (torch.float16, torch.bfloat16)):
         return None, None
     size = k.element_size()

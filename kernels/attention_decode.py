@@ -28,7 +28,10 @@ from .attention_common import (
     arch_family,
     check_sink_stats,
     attn_key_range,
+    cdiv,
     device_arch,
+    device_sm_count,
+    next_power_of_2,
     padded_head_dim,
     prepare_attention_launch,
     add_sink_values,
@@ -271,8 +274,7 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, k_len: int, de
     _MIN_KEYS_PER_SPLIT keys. Two programs do fit on an SM with every DECODE_CONFIGS entry
     (registers and shared memory, checked by the kernel audit's budget test). On the CPU
     interpreter the H100's 132 SMs stand in."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    want = triton.cdiv(2 * sms, max(1, batch * kv_heads * row_tiles))
+    want = cdiv(2 * device_sm_count(device), max(1, batch * kv_heads * row_tiles))
     return max(1, min(want, k_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
@@ -335,13 +337,13 @@ def sink_attention_decode(
     block_d = padded_head_dim(head_dim)
     bn, nw, ns = decode_config(head_dim, q.dtype, device_arch(q.device))
     block_n, num_warps, num_stages = block_n or bn, num_warps or nw, num_stages or ns
-    block_m = max(16, min(max_rows_per_tile(block_d, q.dtype), triton.next_power_of_2(n_rows)))
-    row_tiles = triton.cdiv(n_rows, block_m)
+    block_m = max(16, min(max_rows_per_tile(block_d, q.dtype), next_power_of_2(n_rows)))
+    row_tiles = cdiv(n_rows, block_m)
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, row_tiles, k_len, q.device)
     # whole tiles per split; recount so the last split is not empty
-    split_size = triton.cdiv(triton.cdiv(max(k_len, 1), max(1, int(num_splits))), block_n) * block_n
-    num_splits = max(1, triton.cdiv(k_len, split_size))
+    split_size = cdiv(cdiv(max(k_len, 1), max(1, int(num_splits))), block_n) * block_n
+    num_splits = max(1, cdiv(k_len, split_size))
 
     part_m, part_l, part_acc = _empty_workspace(batch * kv_heads, num_splits + 1, n_rows, head_dim, q.device)
     # one more program per (b, kv head, row tile) for the sink set's partial state
@@ -356,8 +358,8 @@ def sink_attention_decode(
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, UPCAST_DOT=launch.upcast_dot,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
-    block_r = min(_REDUCE_ROWS, triton.next_power_of_2(n_rows))
-    _sink_attn_decode_reduce[(batch * kv_heads, triton.cdiv(n_rows, block_r))](
+    block_r = min(_REDUCE_ROWS, next_power_of_2(n_rows))
+    _sink_attn_decode_reduce[(batch * kv_heads, cdiv(n_rows, block_r))](
         part_m, part_l, part_acc, out, lse, launch.beta, launch.extra_logits, sink_stats,
         *out.stride(), *lse.stride(), *launch.extra_strides,
         kv_heads, group, q_len, n_rows, num_splits, launch.n_extra, launch.n_extra_every_row,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
+    cdiv,
     LOG2E,
     allocate_outputs,
     arch_family,
@@ -360,7 +361,7 @@ def sink_attention_prefill(
     if k_desc is None:
         bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False, hidden=has_hidden)
     block_m, block_n = block_m or bm, block_n or bn
-    grid = (triton.cdiv(q_len, block_m), batch * q_heads)
+    grid = (cdiv(q_len, block_m), batch * q_heads)
     out_strides = (0, 0, 0, 0) if out is None else out.stride()
     _sink_attn_fwd[grid](
         q, k, v, out, lse, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, launch.beta,

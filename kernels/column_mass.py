@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
+    cdiv,
     LOG2E,
     arch_family,
     device_arch,
@@ -205,7 +206,7 @@ def column_mass(
         return mass, rows
     bm, bn, nw, ns = column_mass_config(head_dim, q.dtype, device_arch(q.device))
     block_m, block_n = block_m or bm, block_n or bn
-    grid = (triton.cdiv(k_len, block_n), batch * q_heads)
+    grid = (cdiv(k_len, block_n), batch * q_heads)
     _column_mass_kernel[grid](
         q, k, lse, mass, rows, launch.mask, launch.key_padding, launch.key_ranges,
         *q.stride(), *k.stride(), *lse.stride(),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import SUPPORTED_DTYPES, is_interpreted
+from .attention_common import SUPPORTED_DTYPES, cdiv, is_interpreted, next_power_of_2
 
 __all__ = ["clip_config", "residual_clip_triton"]
 
@@ -69,7 +69,7 @@ def clip_config(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps). A row is padded to a power of 2; small rows are batched so a
     program moves at least ~8 K elements (bandwidth-bound op: fewer, fatter programs), and warps
     grow with the row so each thread holds at most ~32 fp32 values (no spills up to 65 K wide)."""
-    block_d = triton.next_power_of_2(max(hidden, 16))
+    block_d = next_power_of_2(max(hidden, 16))
     block_r = max(1, min(16, 8192 // block_d))
     num_warps = max(4, min(16, block_r * block_d // 1024))
     return block_r, block_d, num_warps
@@ -144,7 +144,7 @@ def residual_clip_triton(
     if n_tokens == 0 or width == 0:
         return out
     block_r, block_d, num_warps = clip_config(width)
-    _residual_clip_kernel[(triton.cdiv(n_tokens, block_r),)](
+    _residual_clip_kernel[(cdiv(n_tokens, block_r),)](
         hidden, out, thr_tensor, sinks,
         *hidden.stride(), *out.stride(), thr_stride, *sink_strides,
         n_tokens, seq_len, width, thr_scalar, 0.0 if sink_norm is None else float(sink_norm),

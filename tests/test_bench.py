@@ -655,3 +655,22 @@ def test_heap_no_trim_keeps_freed_memory_for_the_next_pass():
         faults[heap] = [int(word) for word in done.stdout.split()[-4:]]
     assert faults["default"][-1] > 8000 and faults["no-trim"][-1] < 500, faults
     assert all(count > 8000 for count in faults["default"]), faults  # every pass, by default
+
+
+def test_host_overhead_benchmark_on_the_cpu(tmp_path):
+    """``bench_host_overhead.py`` without a GPU: the launches are stand-ins, every configuration is
+    timed and saved (no SDPA column on the CPU); asking for CUDA where there is none is a clear error."""
+    repo = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(repo / "benchmarks" / "bench_host_overhead.py")]
+    out = tmp_path / "host.json"
+    done = subprocess.run([*script, "--device", "cpu", "--keys", "300", "--heads", "4", "2", "16", "--calls", "5",
+                           "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert list(report["results"]) == ["identity", "identity + statistics", "per-head", "per-head + statistics"]
+    for row in report["results"].values():
+        assert row["host_us"] > 0 and len(row["host_us_rounds"]) == 2
+    assert "stand-ins" in report["environment"]["launches"]
+    if not torch.cuda.is_available():
+        refused = subprocess.run([*script, "--device", "cuda"], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "no CUDA device" in refused.stderr

@@ -165,3 +165,28 @@ def test_public_dispatch(kt, monkeypatch):
     kernels.sink_attention_triton(q2, k2, v2, causal=True)
     assert calls == ["sink_attention_decode", "sink_attention_prefill"]
     assert kernels.triton_available()
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_int32_sink_columns_below_minus_one_count_as_absent(kt, kernel):
+    """int32 sink columns reach the kernels as they are (no clamp, one operation less per call):
+    every negative column is an unused slot, like -1, in the decode kernels (split and reduction)
+    and in the prefill kernel."""
+    from sinkfix.kernels.attention_prefill import sink_attention_prefill
+
+    batch, kl, q_len = 2, 300, (1 if kernel == "decode" else 37)
+    sinks = torch.tensor([[0, 150], [3, -1]])
+    q, k, v = kt.make_qkv(batch, 4, 2, q_len, kl, 64, torch.float32, sink_cols=sinks, sink_boost=3.0, seed=5)
+    kw = kt.policy_kwargs("combined", 4, batch)
+    del kw["sink_cols"]
+    rules = dict(causal=True, causal_offset=kl - q_len)
+    run = (lambda cols: sink_attention_decode(q, k, v, sink_cols=cols, num_splits=3, **rules, **kw)) \
+        if kernel == "decode" else (lambda cols: sink_attention_prefill(q, k, v, sink_cols=cols, **rules, **kw))
+    wide = sinks.to(device=kt.device)
+    narrow = torch.tensor([[0, 150], [3, -9]], dtype=torch.int32, device=kt.device)
+    out_wide, lse_wide = run(wide)
+    out_narrow, lse_narrow = run(narrow)
+    torch.testing.assert_close(out_narrow, out_wide, rtol=0, atol=0)
+    torch.testing.assert_close(lse_narrow, lse_wide, rtol=0, atol=0)
+    kt.check_attention(out_narrow, lse_narrow, q, k, v, label=f"{kernel} int32 sink columns", sink_cols=wide,
+                       **rules, **kw)
