@@ -671,6 +671,15 @@ def test_host_overhead_benchmark_on_the_cpu(tmp_path):
     for row in report["results"].values():
         assert row["host_us"] > 0 and len(row["host_us_rounds"]) == 2
     assert "stand-ins" in report["environment"]["launches"]
+    callbacks = tmp_path / "callbacks.json"
+    done = subprocess.run([*script, "--monitor-callbacks", "--rounds", "1", "--json", str(callbacks)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    spent = json.loads(callbacks.read_text(encoding="utf-8"))["us_per_step"]
+    # the identity's decode steps defer their statistics: every callback ran in them
+    assert set(spent) == {"start of forward", "deferral test", "attention listener", "residual hooks + fold", "total"}
+    assert all(micros > 0 for micros in spent.values())
+    assert spent["total"] == pytest.approx(sum(v for k, v in spent.items() if k != "total"))
     if not torch.cuda.is_available():
         refused = subprocess.run([*script, "--device", "cuda"], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and "no CUDA device" in refused.stderr

@@ -99,7 +99,7 @@ class RequestAccumulator:
         self._all_layers = list(range(layers))
         # the current forward's updates, folded in by _fold() (end_forward, begin_forward, read)
         self._pending_stats: list[tuple[int, torch.Tensor]] = []
-        # (layer, query row (B, Hq, D), sink key (B, Hkv, D), lse (B, Hq), scale): deferred decode statistics
+        # (layer, query (B, Hq, 1, D), key (B, Hkv, K, D), lse (B, Hq, 1), scale): deferred decode statistics
         self._pending_rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
@@ -151,8 +151,10 @@ class RequestAccumulator:
                               scale: float) -> None:
         """A call of one query row per sequence whose sink is key column 0 of a plain softmax:
         query (B, Hq, 1, D), key (B, Hkv, K, D) with K >= 2, lse (B, Hq, 1). Its statistics (the
-        row's sink mass, one row) are computed when the forward is folded in, with the other layers'."""
-        self._pending_rows.append((layer, query[:, :, 0], key[:, :, 0], lse[..., 0], scale))
+        row's sink mass, one row) are computed when the forward is folded in, with the other layers'.
+        The tensors are kept as they are and cut to the row and the sink key there, once for all
+        layers where that is one operation (a decode step is paced by such small host operations)."""
+        self._pending_rows.append((layer, query, key, lse, scale))
 
     def add_prompt(self, layer: int, measures: PromptMeasures, rows: torch.Tensor) -> None:
         """The prompt's call of ``layer``; ``rows`` (B, Hq) is its row count, over which the sampled
@@ -294,13 +296,16 @@ def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.
     """Deferred decode rows (:meth:`RequestAccumulator.add_first_column_rows`) as (layers, their
     (n, B, Hq, 2) statistics): one product per shape and scale, usually one for the whole step."""
     groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
-    for entry in rows:
+    for entry in rows:  # torch.Size hashes as the tuple it is: no conversion per layer
         _, query, key, _, scale = entry
-        groups.setdefault((tuple(query.shape), tuple(key.shape), query.dtype, key.dtype, scale), []).append(entry)
+        groups.setdefault((query.shape, key.shape, query.dtype, key.dtype, scale), []).append(entry)
     out = []
     for entries in groups.values():
         layers, queries, keys, lses, scales = zip(*entries)
-        mass = first_column_row_mass(torch.stack(queries), torch.stack(keys), torch.stack(lses), scales[0])
+        # the one query row and the lse of every layer in one stack each, then one view; the sink
+        # key (column 0 of a K-key cache) cut from each layer's keys before stacking
+        mass = first_column_row_mass(torch.stack(queries).squeeze(-2), torch.stack([k.select(2, 0) for k in keys]),
+                                     torch.stack(lses).squeeze(-1), scales[0])
         out.append((list(layers), sink_stats(mass[..., None], None)))  # one row each: (mass, 1)
     return out
 
