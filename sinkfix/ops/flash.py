@@ -233,9 +233,11 @@ def flash_with_lse(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and fused_lse_backward_available(q.device, q.dtype):
         return _CpuFlashWithLse.apply(q, k, v, _additive(visible, q.dtype), is_causal, scale)
-    if q.device.type == "cpu" and cpu_flash_available(q.dtype) and not grad:
+    # is_cpu / is_cuda, not device.type: the latter builds a string per call, a few microseconds when
+    # it runs cold between a decode step's layers
+    if q.is_cpu and cpu_flash_available(q.dtype) and not grad:
         return _CPU_FLASH_OP(q, k, v, 0.0, is_causal, attn_mask=_additive(visible, q.dtype), scale=scale)
-    if q.device.type == "cuda" and fused_lse_available(q.device, q.dtype) and not grad:
+    if q.is_cuda and fused_lse_available(q.device, q.dtype) and not grad:
         fused = _cuda_efficient(q, k, v, visible, is_causal, scale)
         if fused is not None:
             return fused
