@@ -704,3 +704,20 @@ def test_compiled_decode_steps_fill_the_buffer_and_say_when_it_is_full(monkeypat
         norms = kept * (layer + 1)
         torch.testing.assert_close(values["residual_peak"][layer, 0].float(), norms.max() / norms.median())
     assert values["tokens"].tolist() == [17.0]  # every token is counted, kept or not
+
+
+def test_deferred_rows_do_not_keep_the_callers_key_tensor_alive():
+    """A quantized cache hands each decode call a freshly dequantized key tensor: the accumulator
+    keeps a copy of its sink key only, so the tensor is freed when the call drops it, not at the fold."""
+    import weakref
+
+    acc = RequestAccumulator([2], batch=1, device=torch.device("cpu"))
+    acc.begin_forward(torch.ones(1, 1, dtype=torch.bool))
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 6, 8)
+    result = sink_attention_torch(q, k, k, first_column_sink=True, need_sink_stats=True)
+    acc.add_first_column_rows(0, q, k, result.lse, 8 ** -0.5)
+    alive = weakref.ref(k)
+    del k
+    assert alive() is None
+    acc.end_forward()
+    torch.testing.assert_close(acc.stats[0], result.sink_stats.double(), atol=1e-6, rtol=0)

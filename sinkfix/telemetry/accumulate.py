@@ -99,7 +99,7 @@ class RequestAccumulator:
         self._all_layers = list(range(layers))
         # the current forward's updates, folded in by _fold() (end_forward, begin_forward, read)
         self._pending_stats: list[tuple[int, torch.Tensor]] = []
-        # (layer, query (B, Hq, 1, D), key (B, Hkv, K, D), lse (B, Hq, 1), scale): deferred decode statistics
+        # (layer, query (B, Hq, 1, D), sink key (B, Hkv, D), lse (B, Hq, 1), scale): deferred decode statistics
         self._pending_rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
@@ -152,9 +152,13 @@ class RequestAccumulator:
         """A call of one query row per sequence whose sink is key column 0 of a plain softmax:
         query (B, Hq, 1, D), key (B, Hkv, K, D) with K >= 2, lse (B, Hq, 1). Its statistics (the
         row's sink mass, one row) are computed when the forward is folded in, with the other layers'.
-        The tensors are kept as they are and cut to the row and the sink key there, once for all
-        layers where that is one operation (a decode step is paced by such small host operations)."""
-        self._pending_rows.append((layer, query, key, lse, scale))
+
+        One operation per call (a decode step is paced by such small host operations): a copy of the
+        sink key. The query and the log-sum-exp are kept as they are and cut to the row there, with
+        one stack and one view for all layers. The key is copied, not viewed: a view would keep the
+        call's whole key tensor alive until the fold, and a quantized cache hands every call a
+        freshly dequantized one, so the step would hold every layer's at once."""
+        self._pending_rows.append((layer, query, torch.select_copy(key, 2, 0), lse, scale))
 
     def add_prompt(self, layer: int, measures: PromptMeasures, rows: torch.Tensor) -> None:
         """The prompt's call of ``layer``; ``rows`` (B, Hq) is its row count, over which the sampled
@@ -302,9 +306,8 @@ def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.
     out = []
     for entries in groups.values():
         layers, queries, keys, lses, scales = zip(*entries)
-        # the one query row and the lse of every layer in one stack each, then one view; the sink
-        # key (column 0 of a K-key cache) cut from each layer's keys before stacking
-        mass = first_column_row_mass(torch.stack(queries).squeeze(-2), torch.stack([k.select(2, 0) for k in keys]),
+        # the one query row and the lse of every layer in one stack each, then one view
+        mass = first_column_row_mass(torch.stack(queries).squeeze(-2), torch.stack(keys),
                                      torch.stack(lses).squeeze(-1), scales[0])
         out.append((list(layers), sink_stats(mass[..., None], None)))  # one row each: (mass, 1)
     return out
