@@ -706,18 +706,28 @@ def test_compiled_decode_steps_fill_the_buffer_and_say_when_it_is_full(monkeypat
     assert values["tokens"].tolist() == [17.0]  # every token is counted, kept or not
 
 
-def test_deferred_rows_do_not_keep_the_callers_key_tensor_alive():
+def test_deferred_rows_do_not_keep_large_key_tensors_alive(monkeypatch):
     """A quantized cache hands each decode call a freshly dequantized key tensor: the accumulator
-    keeps a copy of its sink key only, so the tensor is freed when the call drops it, not at the fold."""
+    copies the sink key out of a large one, so the tensor is freed when the call drops it (not at the
+    fold); a small one is kept whole and cut at the fold. Both kinds fold into the same statistics."""
     import weakref
 
-    acc = RequestAccumulator([2], batch=1, device=torch.device("cpu"))
+    from sinkfix.telemetry import accumulate
+
+    monkeypatch.setattr(accumulate, "COPIED_SINK_KEY_ELEMENTS", 40)
+    acc = RequestAccumulator([2, 2], batch=1, device=torch.device("cpu"))
     acc.begin_forward(torch.ones(1, 1, dtype=torch.bool))
-    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 6, 8)
-    result = sink_attention_torch(q, k, k, first_column_sink=True, need_sink_stats=True)
-    acc.add_first_column_rows(0, q, k, result.lse, 8 ** -0.5)
-    alive = weakref.ref(k)
-    del k
-    assert alive() is None
+    g = torch.Generator().manual_seed(3)
+    expected = []
+    alive = {}
+    for layer, k_len in ((0, 6), (1, 4)):  # 48 elements (copied) and 32 (kept)
+        q, k = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 1, k_len, 8, generator=g)
+        result = sink_attention_torch(q, k, k, first_column_sink=True, need_sink_stats=True)
+        acc.add_first_column_rows(layer, q, k, result.lse, 8 ** -0.5)
+        expected.append(result.sink_stats.double())
+        alive[layer] = weakref.ref(k)
+        del k, result
+    assert alive[0]() is None and alive[1]() is not None
     acc.end_forward()
-    torch.testing.assert_close(acc.stats[0], result.sink_stats.double(), atol=1e-6, rtol=0)
+    assert alive[1]() is None  # released by the fold
+    torch.testing.assert_close(acc.stats, torch.stack(expected), atol=1e-6, rtol=0)

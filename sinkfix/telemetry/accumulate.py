@@ -34,12 +34,20 @@ import torch
 from sinkfix.ops.attention import first_column_row_mass, sink_stats
 from sinkfix.telemetry.prompt import PromptMeasures
 
-__all__ = ["RequestAccumulator", "flatten_fp64", "read_once", "unflatten"]
+__all__ = ["COPIED_SINK_KEY_ELEMENTS", "RequestAccumulator", "flatten_fp64", "read_once", "unflatten"]
 
 #: Forwards with at most this many new tokens keep their decoder layers' outputs until the forward
 #: is folded in (a few vectors per layer); longer ones (prompts) take each layer's norms at once, so
 #: no layer's hidden states outlive the layer.
 DEFERRED_NORM_TOKENS = 8
+
+#: A deferred decode row copies the sink key out of a key tensor of at least this many elements
+#: instead of keeping the tensor until the step's fold (RequestAccumulator.add_first_column_rows):
+#: kept tensors then hold at most this much per layer (1 MB in fp32; SmolLM2 holds its keys whole
+#: up to 1365 cached tokens). The copy costs about 9 us per call inside a decode step (measured: the
+#: listener's time per SmolLM2-shaped step rose from 39 to 300-320 us when every call copied), next
+#: to an attention call over at least this many key elements.
+COPIED_SINK_KEY_ELEMENTS = 1 << 18
 
 #: Decode tokens the compiled path's residual-norm buffer holds when the prompt's cache states no
 #: maximum length (transformers compiles decoding only with a cache that does; beyond it a token's
@@ -99,7 +107,8 @@ class RequestAccumulator:
         self._all_layers = list(range(layers))
         # the current forward's updates, folded in by _fold() (end_forward, begin_forward, read)
         self._pending_stats: list[tuple[int, torch.Tensor]] = []
-        # (layer, query (B, Hq, 1, D), sink key (B, Hkv, D), lse (B, Hq, 1), scale): deferred decode statistics
+        # (layer, query (B, Hq, 1, D), key (B, Hkv, K, D) or its sink key (B, Hkv, D), lse (B, Hq, 1), scale):
+        # deferred decode statistics
         self._pending_rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
@@ -153,12 +162,15 @@ class RequestAccumulator:
         query (B, Hq, 1, D), key (B, Hkv, K, D) with K >= 2, lse (B, Hq, 1). Its statistics (the
         row's sink mass, one row) are computed when the forward is folded in, with the other layers'.
 
-        One operation per call (a decode step is paced by such small host operations): a copy of the
-        sink key. The query and the log-sum-exp are kept as they are and cut to the row there, with
-        one stack and one view for all layers. The key is copied, not viewed: a view would keep the
-        call's whole key tensor alive until the fold, and a quantized cache hands every call a
-        freshly dequantized one, so the step would hold every layer's at once."""
-        self._pending_rows.append((layer, query, torch.select_copy(key, 2, 0), lse, scale))
+        The tensors are kept as they are and cut to the row and the sink key at the fold, in one
+        loop over the layers and one stack and view for the queries and log-sum-exps (a decode step
+        is paced by such small host operations, and three indexing operations per call here cost
+        316 us per SmolLM2-shaped step where the fold's loop costs a tenth of that). A large key tensor
+        is not kept: its sink key is copied out now, because holding the tensor until the fold would
+        hold every layer's at once, and a quantized cache hands each call a freshly dequantized one."""
+        if key.numel() >= COPIED_SINK_KEY_ELEMENTS:
+            key = torch.select_copy(key, 2, 0)  # (B, Hkv, D), its own memory
+        self._pending_rows.append((layer, query, key, lse, scale))
 
     def add_prompt(self, layer: int, measures: PromptMeasures, rows: torch.Tensor) -> None:
         """The prompt's call of ``layer``; ``rows`` (B, Hq) is its row count, over which the sampled
@@ -302,13 +314,16 @@ def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.
     groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
     for entry in rows:  # torch.Size hashes as the tuple it is: no conversion per layer
         _, query, key, _, scale = entry
-        groups.setdefault((query.shape, key.shape, query.dtype, key.dtype, scale), []).append(entry)
+        sink_key_shape = (key.shape[0], key.shape[1], key.shape[-1])  # kept whole or its sink key already
+        groups.setdefault((query.shape, sink_key_shape, query.dtype, key.dtype, scale), []).append(entry)
     out = []
     for entries in groups.values():
         layers, queries, keys, lses, scales = zip(*entries)
-        # the one query row and the lse of every layer in one stack each, then one view
-        mass = first_column_row_mass(torch.stack(queries).squeeze(-2), torch.stack(keys),
-                                     torch.stack(lses).squeeze(-1), scales[0])
+        # the one query row and the lse of every layer in one stack each, then one view; the sink
+        # key (column 0) of the keys kept whole
+        sink_keys = torch.stack([key.select(2, 0) if key.dim() == 4 else key for key in keys])
+        mass = first_column_row_mass(torch.stack(queries).squeeze(-2), sink_keys, torch.stack(lses).squeeze(-1),
+                                     scales[0])
         out.append((list(layers), sink_stats(mass[..., None], None)))  # one row each: (mass, 1)
     return out
 
