@@ -731,3 +731,19 @@ def test_deferred_rows_do_not_keep_large_key_tensors_alive(monkeypatch):
     acc.end_forward()
     assert alive[1]() is None  # released by the fold
     torch.testing.assert_close(acc.stats, torch.stack(expected), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_sampled_query_rows_are_the_rows_grouped_by_kv_head(dtype, layout):
+    """sample_call's query rows (one copy, dtype and layout at once): the sampled rows of each query
+    head, in fp32, grouped under their kv head, whatever the queries' dtype and memory layout."""
+    call = _layer_calls(1, 50)[0]
+    q = call.query.to(dtype)
+    if layout == "bshd":  # the transposed view transformers hands over
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    sampled = sample_call(dataclasses.replace(call, query=q), rows_wanted=16, min_queries=8)
+    rows = sampled_rows(50, 16)
+    expected = q[:, :, rows].float().reshape(2 * 2, 2 * len(range(50)[rows]), 16)
+    assert sampled.q_rows.dtype == torch.float32 and sampled.q_rows.is_contiguous()
+    torch.testing.assert_close(sampled.q_rows, expected, rtol=0, atol=0)

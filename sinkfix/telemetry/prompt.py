@@ -236,7 +236,11 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
     if lay.blind_rows:  # a padding row's is garbage; it sees nothing anyway
         lse = torch.where(torch.isfinite(lse), lse, 0.0)
     rows = lse.shape[-1]
-    q_rows = q[:, :, lay.row_slice].reshape(batch * kv_heads, q_heads // kv_heads * rows, dim).to(torch.float32)
+    # one copy, dtype and layout at once (reshape then .to made two for 16-bit queries: one more
+    # operation per layer, which on a GPU is a kernel launch of its own; .to(memory_format=...) keeps
+    # a transposed layout), then a view
+    q_rows = torch.empty(batch, q_heads, rows, dim, dtype=torch.float32, device=q.device)
+    q_rows = q_rows.copy_(q[:, :, lay.row_slice]).view(batch * kv_heads, q_heads // kv_heads * rows, dim)
     norms = torch.linalg.vector_norm(call.value, dim=-1, dtype=torch.float32)
     return SampledCall(call.layer, lay, q_rows, lse, call.key, norms, call.scale, call.softcap, call.extra_logits,
                        call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
