@@ -80,7 +80,9 @@ def calls(device: torch.device, dtype: torch.dtype, keys: int, q_heads: int, kv_
           head_dim: int) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per configuration, each one decode attention call."""
     from sinkfix.ops.attention import sink_attention
+    from sinkfix.ops.custom_ops import prepare_first_column_sink
 
+    prepare_first_column_sink(device)  # as patch() does for the Triton backend
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, q_heads, head_dim, generator=gen).to(device, dtype).transpose(1, 2)  # as transformers hands it
     k = torch.randn(1, kv_heads, keys, head_dim, generator=gen).to(device, dtype)

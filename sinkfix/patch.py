@@ -377,6 +377,10 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     current = config._attn_implementation
     original = previous._original_impl if previous is not None else current
     try:
+        if backend_name == "triton":  # the kernels' first-column sink tensor, made once (ops/custom_ops.py)
+            from sinkfix.ops.custom_ops import prepare_first_column_sink
+
+            prepare_first_column_sink(model_device(model))
         if current != IMPL_NAME:
             _select_sinkfix_attention(model, type(model).__name__)
         handle = _plan(model, policy, backend_name, original)

@@ -26,7 +26,29 @@ from __future__ import annotations
 import torch
 
 __all__ = ["sink_attention_op", "sink_attention_impl", "sink_attention_stats_op", "sink_attention_stats_impl",
-           "residual_clip_op", "residual_clip_impl"]
+           "residual_clip_op", "residual_clip_impl", "prepare_first_column_sink"]
+
+# The first-column sink set as the kernels read it, an int32 (1, 1) zero per device, made once by
+# patch() (prepare_first_column_sink) instead of one torch.zeros per attention call: on a GPU that is
+# an allocation and a fill launch in every layer of a host-bound decode step. Only patch() adds to it,
+# eagerly, before any forward: a tensor first made inside a call could come from a CUDA-graph pool
+# (a compiled model's warm-up runs there) and be overwritten by a later replay. Calls on a device
+# without an entry (a model moved after patching) make their own zeros, as before.
+_FIRST_COLUMN_SINK: dict[torch.device, torch.Tensor] = {}
+
+
+def prepare_first_column_sink(device: torch.device) -> None:
+    """Make the first-column sink tensor of ``device`` (patch() calls it for the Triton backend)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _FIRST_COLUMN_SINK:
+        _FIRST_COLUMN_SINK[device] = torch.zeros(1, 1, dtype=torch.int32, device=device)
+
+
+def _first_column_sink(batch: int, device: torch.device) -> torch.Tensor:
+    cols = _FIRST_COLUMN_SINK.get(device)
+    return cols if cols is not None else torch.zeros(batch, 1, dtype=torch.int32, device=device)
 
 
 def _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit,
@@ -36,7 +58,7 @@ def _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, be
     from sinkfix import kernels
 
     if first_column_sink:
-        sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.int32, device=q.device)
+        sink_cols = _first_column_sink(q.shape[0], q.device)
     out, lse = kernels.sink_attention_triton(
         q, k, v, attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
         causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols,

@@ -59,3 +59,34 @@ def test_zero_value_table(sources):
     assert table.is_contiguous()
     if len(parts) == 1:  # one source: the table is that tensor itself, not a copy
         assert table.data_ptr() == parts[0].data_ptr()
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_first_column_sink_tensor_made_once_per_device(kt, prepared, monkeypatch):
+    """The Triton path's first-column sink: the (1, 1) int32 zero patch() prepares for the device
+    (read by every batch row through a zero stride), or, on a device without one, zeros per call; the
+    same attention as explicit column-0 sink columns per row, in the decode and the prefill kernel."""
+    from sinkfix.ops import custom_ops
+
+    monkeypatch.setattr(custom_ops, "_FIRST_COLUMN_SINK", {})
+    device = torch.device(kt.device)
+    if prepared:
+        custom_ops.prepare_first_column_sink(device)
+        cached = custom_ops._first_column_sink(3, device)
+        assert tuple(cached.shape) == (1, 1) and cached.dtype == torch.int32 and int(cached) == 0
+        assert custom_ops._first_column_sink(5, device) is cached
+    else:
+        assert tuple(custom_ops._first_column_sink(3, device).shape) == (3, 1)
+    beta = torch.tensor([0.9, 0.5, 1.0, 0.7], device=kt.device)
+    for q_len, k_len in ((1, 300), (40, 40)):  # decode kernel, prefill kernel
+        q, k, v = kt.make_qkv(3, 4, 2, q_len, k_len, 32, torch.float32, sink_cols=torch.zeros(3, 1, dtype=torch.long),
+                              sink_boost=3.0, seed=q_len)
+        args = dict(attn_mask=None, key_padding=None, key_ranges=None, beta=beta, extra_logits=None,
+                    virtual_sink_logit=None, causal=q_len > 1, causal_offset=0 if q_len > 1 else k_len - 1,
+                    sliding_window=None, scale=32 ** -0.5, softcap=None, backend="triton")
+        out, lse = custom_ops.sink_attention_impl(q, k, v, sink_cols=None, first_column_sink=True, **args)
+        zeros = torch.zeros(3, 1, dtype=torch.long, device=kt.device)
+        out_explicit, lse_explicit = custom_ops.sink_attention_impl(q, k, v, sink_cols=zeros, first_column_sink=False,
+                                                                    **args)
+        torch.testing.assert_close(out, out_explicit, rtol=0, atol=0)
+        torch.testing.assert_close(lse, lse_explicit, rtol=0, atol=0)

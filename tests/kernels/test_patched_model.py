@@ -41,6 +41,27 @@ def test_tiny_models_through_kernels_match_torch_path(arch):
     _compare(model, ids, mask)
 
 
+def test_triton_patch_prepares_the_first_column_sink_of_its_device(monkeypatch):
+    """patch() with the Triton backend makes the kernels' first-column sink tensor of the model's
+    device once, before any forward (ops/custom_ops.py says why only there); the patched model's
+    unpadded forward and cached decode steps then match the PyTorch path."""
+    from sinkfix.ops import custom_ops
+
+    monkeypatch.setattr(custom_ops, "_FIRST_COLUMN_SINK", {})
+    model = tiny_model("llama").to(DEVICE)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        with sinkfix.patch(model, POLICY, backend="torch"):
+            expect = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+                                    return_dict_in_generate=True)
+        assert custom_ops._FIRST_COLUMN_SINK == {}
+        with sinkfix.patch(model, POLICY, backend="triton"):
+            assert list(custom_ops._FIRST_COLUMN_SINK) == [ids.device]
+            got = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expect.logits), atol=2e-4, rtol=0)
+
+
 def _padded_batch(layout: str):
     ids = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones_like(ids)
