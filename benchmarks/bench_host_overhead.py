@@ -20,8 +20,9 @@ virtual logit), each with and without the monitor's statistics output:
   do nothing, so what is timed is sinkfix's own Python and small tensor operations up to the launch,
   not Triton's launcher (which needs a GPU). No SDPA column: on the CPU it computes the attention.
 
-Rounds alternate the configurations; the median per-call time over rounds is reported. Host time
-depends on the CPU, Python and library versions, all printed with the numbers.
+Rounds alternate the configurations (ABBA, after a warm-up round); the median per-call time over
+rounds is reported. Host time depends on the CPU, Python and library versions, all printed with the
+numbers.
 
 ``--monitor-callbacks`` times something else: the host time ``sinkfix.monitor``'s own callbacks take
 per eager decode step (the attention listener, the decoder layers' residual hooks with the
@@ -49,8 +50,9 @@ from typing import Callable
 
 import torch
 
-CONFIGS = ("identity", "identity + statistics", "per-head", "per-head + statistics")
-
+from sinkfix.bench import alternate
+from sinkfix.bench.timing import synchronize
+from sinkfix.files import atomic_write_text
 
 class _LaunchStandIn:
     """Stands in for a ``@triton.jit`` kernel on the CPU: ``kernel[grid](*args, **kwargs)`` does
@@ -105,32 +107,22 @@ def calls(device: torch.device, dtype: torch.dtype, keys: int, q_heads: int, kv_
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn: Callable[[], object], device: torch.device, count: int) -> tuple[float, float]:
     """(host, wall) microseconds per call over ``count`` back-to-back calls."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(count):
         fn()
     host = time.perf_counter() - start
-    _sync(device)
+    synchronize(device)
     wall = time.perf_counter() - start
     return host / count * 1e6, wall / count * 1e6
 
 
 def measure(fns: dict[str, Callable[[], object]], device: torch.device, count: int, rounds: int) -> dict:
-    for fn in fns.values():  # warm-up: compiles, allocator pools, lazy imports
-        for _ in range(20):
-            fn()
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for round_index in range(rounds):
-        order = list(fns) if round_index % 2 == 0 else list(reversed(fns))
-        for name in order:
-            samples[name].append(time_calls(fns[name], device, count))
+    """``rounds`` timings of every configuration in ABBA order, after one warm-up round (compiles,
+    allocator pools, lazy imports)."""
+    samples = alternate(list(fns), lambda name: time_calls(fns[name], device, count), repeats=rounds, warmup=1)
     return {name: {"host_us": statistics.median(h for h, _ in s), "wall_us": statistics.median(w for _, w in s),
                    "host_us_rounds": [round(h, 2) for h, _ in s]} for name, s in samples.items()}
 
@@ -275,12 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(path: Path | None, report: dict) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)
+    if path is not None:
+        atomic_write_text(path, json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

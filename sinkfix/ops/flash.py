@@ -237,7 +237,7 @@ def flash_with_lse(
     # it runs cold between a decode step's layers
     if q.is_cpu and cpu_flash_available(q.dtype) and not grad:
         return _CPU_FLASH_OP(q, k, v, 0.0, is_causal, attn_mask=_additive(visible, q.dtype), scale=scale)
-    if q.is_cuda and fused_lse_available(q.device, q.dtype) and not grad:
+    if q.is_cuda and _CUDA_EFFICIENT_OP is not None and not grad:  # fused_lse_available's CUDA test
         fused = _cuda_efficient(q, k, v, visible, is_causal, scale)
         if fused is not None:
             return fused
