@@ -8,6 +8,9 @@
 #   1b. benchmarks/bench_host_overhead.py: host time of one batch-1 decode attention call (sinkfix's
 #      Triton path with real launches, torch's SDPA beside it) and cProfile's top entries, to say where
 #      the patched decode step's extra host time goes;
+#   1c. gpu_model_check.py --modes profile: whole decode steps of the same model profiled per variant
+#      (Python functions' own time, kernel launches, torch operations per step), what the patched
+#      variants add against stock: the part of the step's extra time that is not in one attention call;
 #   2. pytest tests/kernels natively on CUDA (no TRITON_INTERPRET: compiled kernels, CUDA tensors,
 #      CUDA graphs) and the CUDA test of the PyTorch path's fused log-sum-exp attention; the AOT
 #      compile and budget tests need no GPU and are left to `make test`;
@@ -88,6 +91,11 @@ phase 20 60 "$OUT/host-overhead.log" "$PYTHON" benchmarks/bench_host_overhead.py
     --json "$OUT/host-overhead.json"
 host_rc=$?
 
+# 1c. whole decode steps profiled, stock against patched (builds the model again: about a minute)
+phase 30 90 "$OUT/step-profile.log" "$PYTHON" benchmarks/gpu_model_check.py --modes profile \
+    --out "$OUT/step-profile.md"
+step_profile_rc=$?
+
 # 2. the kernel tests on compiled kernels and CUDA tensors. --confcutdir keeps pytest from loading
 # tests/conftest.py (tiny transformers models, not needed here); the AOT compile and budget tests
 # (test_compile.py, test_kernel_audit.py) need no GPU and run in `make test` on any machine. -v
@@ -126,6 +134,8 @@ compiled_rc=$?
     cat "$OUT/model.md" 2>/dev/null
     echo "host overhead benchmark exit code: $host_rc (124 = timed out)"
     head -n 9 "$OUT/host-overhead.log" 2>/dev/null
+    echo "decode step profile exit code: $step_profile_rc (124 = timed out)"
+    cat "$OUT/step-profile.md" 2>/dev/null
     echo "native audit exit code: $native_rc (124 = timed out; partial table kept in audit-native.md)"
     echo "content-sink benchmark exit code: $content_rc (124 = timed out)"
     cat "$OUT/content-sinks.md" 2>/dev/null
@@ -134,5 +144,6 @@ compiled_rc=$?
     echo "wall time: $(( $(date +%s) - start )) s"
 } | tee "$OUT/summary.txt"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$native_rc" -eq 0 ] \
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$step_profile_rc" -eq 0 ] \
+    && [ "$native_rc" -eq 0 ] \
     && [ "$content_rc" -eq 0 ] && [ "$compiled_rc" -eq 0 ]

@@ -1,6 +1,6 @@
 """End to end on a GPU: a Llama-3-8B-shaped model (random weights from a config, bf16, no download),
 stock SDPA vs patched (identity, per-head profile), eager and compiled: prefill and decode ratios;
-and what live telemetry (``sinkfix.monitor``) costs on the fast path.
+what live telemetry (``sinkfix.monitor``) costs on the fast path; and a host profile of decode steps.
 
     python benchmarks/gpu_model_check.py --out gpu-out/model.md          # CUDA, the full shape
     python benchmarks/gpu_model_check.py --tiny --device cpu              # a dry run of the code path
@@ -21,6 +21,15 @@ docs/monitoring.md). On a CUDA device the patch runs the Triton kernels, so the 
 come from their statistics variants. The guard is not measured here (it needs a calibrated profile
 with statistics; ``benchmarks/bench_monitor_overhead.py`` times it on the CPU).
 
+Mode ``profile`` (eager, not timed against a target): where a patched decode step's extra host time
+goes. Each variant runs ``--profile-steps`` decode steps after its prefill (the forward ``generate``
+makes per step, with a dynamic cache) three times: unprofiled (the step time), under cProfile (each
+Python function's own time per step) and under torch.profiler (torch operations and kernel launches
+per step); the table sets each patched variant against stock: the functions whose own time grew most
+and the operations it issues more often. An eager Llama-3-8B-shaped decode step on an H200 took
+0.45-0.55 ms more per layer patched than stock, about three times what one patched attention call
+costs the host there (benchmarks/RESULTS.md), so the rest is looked for in the whole step.
+
 A phase that fails or runs out of its time budget is reported as such; the rest still runs (the GPU
 is lent for minutes, not hours).
 """
@@ -29,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -42,7 +53,7 @@ import sinkfix
 from sinkfix.bench import alternate
 from sinkfix.bench.timing import compiled_decoding, decode_step_times, synchronize
 
-MODES = ("eager", "monitored", "compiled")
+MODES = ("eager", "monitored", "compiled", "profile")
 #: Telemetry on / off ratios the monitor is held to (docs/monitoring.md, "Targets").
 MONITOR_TARGETS = {"prefill": 1.03, "decode": 1.05}
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -137,6 +148,140 @@ def measure_monitored(model, policies: dict, ids: torch.Tensor, new_tokens: int,
     return out
 
 
+def _decode_loop(model, ids: torch.Tensor):
+    """A prefill with a fresh dynamic cache, then a function that runs one greedy decode step per
+    call: the forward ``generate`` makes per step, without generate's own bookkeeping (the same for
+    every variant)."""
+    from transformers import DynamicCache
+
+    from sinkfix.caches import cache_keyword
+
+    keyword = cache_keyword(model)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
+    token = [logits[:, -1:].argmax(-1)]
+
+    def step() -> None:
+        out = model(input_ids=token[0], use_cache=True, logits_to_keep=1, **{keyword: cache})
+        token[0] = out.logits[:, -1:].argmax(-1)
+
+    return step
+
+
+def _is_launch(event_name: str) -> bool:
+    """A kernel launch as the host issues it, in the torch profiler's names of the CUDA runtime and
+    driver calls (``cudaLaunchKernel``, ``cuLaunchKernel``, ``cuLaunchKernelEx``, ...): torch's own
+    kernels go through the runtime, Triton's launcher through the driver."""
+    return "LaunchKernel" in event_name
+
+
+def _function_name(key: tuple) -> str:
+    path, line, name = key
+    if path == "~":  # a built-in: cProfile names it in full already
+        return name
+    parts = Path(path).parts
+    short = "/".join(parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-2:])
+    return f"{short}:{line}({name})"
+
+
+def _profile_variant(model, ids: torch.Tensor, steps: int) -> dict:
+    """Host time per decode step by Python function (cProfile) and the torch operations and kernel
+    launches each step issues (torch.profiler), over ``steps`` steps after a warm-up."""
+    device = ids.device
+    with torch.no_grad():
+        warm = _decode_loop(model, ids)
+        for _ in range(3):  # kernels compiled, allocator pools filled
+            warm()
+        step = _decode_loop(model, ids)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / steps
+
+        step = _decode_loop(model, ids)
+        profiler = cProfile.Profile()
+        synchronize(device)
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        profiler.disable()
+
+        step = _decode_loop(model, ids)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":  # the launch API calls are recorded with the CUDA activity
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as traced:
+            for _ in range(steps):
+                step()
+            synchronize(device)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    functions = {_function_name(key): value[2] / steps * 1e6 for key, value in stats.items()}
+    events = traced.key_averages()
+    ops = {event.key: event.count / steps for event in events if event.key.startswith("aten::")}
+    return {
+        "step_ms": wall * 1e3,
+        "profiled_step_ms": sum(value[2] for value in stats.values()) / steps * 1e3,
+        "python_calls_per_step": sum(value[0] for value in stats.values()) / steps,
+        "launches_per_step": sum(event.count for event in events if _is_launch(event.key)) / steps,
+        "aten_ops_per_step": sum(ops.values()),
+        "functions_us": functions,
+        "aten_ops": ops,
+    }
+
+
+def measure_profile(model, policies: dict, ids: torch.Tensor, steps: int, backend: str = "auto",
+                    top: int = 15) -> dict:
+    """Where a patched decode step's extra host time goes: each variant's decode steps profiled
+    (:func:`_profile_variant`), and against the stock model the Python functions whose own time per
+    step grew most and the torch operations issued more often. The profilers' own cost inflates
+    every number (``profiled_step_ms`` against ``step_ms``); the differences between variants are
+    what to read."""
+    profiles = {}
+    for name, policy in policies.items():
+        handle = sinkfix.patch(model, policy, backend=backend) if policy is not None else None
+        try:
+            profiles[name] = _profile_variant(model, ids, steps)
+        finally:
+            if handle is not None:
+                handle.remove()
+    stock = profiles["stock"]
+    out = {}
+    for name, found in profiles.items():
+        row = {key: found[key] for key in ("step_ms", "profiled_step_ms", "python_calls_per_step",
+                                            "launches_per_step", "aten_ops_per_step")}
+        row["top_functions_us"] = dict(sorted(found["functions_us"].items(), key=lambda kv: -kv[1])[:top])
+        if name != "stock":
+            added = {fn: us - stock["functions_us"].get(fn, 0.0) for fn, us in found["functions_us"].items()}
+            row["added_functions_us"] = {fn: round(us, 2) for fn, us in sorted(added.items(), key=lambda kv: -kv[1])[:top]}
+            more = {op: n - stock["aten_ops"].get(op, 0.0) for op, n in found["aten_ops"].items()}
+            row["added_aten_ops"] = {op: n for op, n in sorted(more.items(), key=lambda kv: -kv[1])[:top] if n > 0}
+        out[name] = row
+    return out
+
+
+def _profile_lines(rows: dict) -> list[str]:
+    """Markdown of the profile mode: per variant the step's counts, then what each patched variant adds."""
+    lines = ["", "Decode step profile (eager, host side; the profilers' cost inflates every time, compare the rows)", "",
+             "| variant | step ms | profiled step ms | Python calls | kernel launches | torch ops |",
+             "|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['step_ms']:.3f} | {row['profiled_step_ms']:.3f} | {row['python_calls_per_step']:.0f} "
+                     f"| {row['launches_per_step']:.1f} | {row['aten_ops_per_step']:.1f} |")
+    for name, row in rows.items():
+        if "added_functions_us" not in row:
+            continue
+        lines += ["", f"{name}: own time per step added against stock (us), largest first", ""]
+        lines += [f"- {us:.1f} us {fn}" for fn, us in row["added_functions_us"].items()]
+        if row["added_aten_ops"]:
+            lines.append("- torch ops issued more often per step: "
+                         + ", ".join(f"{op} +{n:g}" for op, n in row["added_aten_ops"].items()))
+    return lines
+
+
 def _measured(rows: dict) -> bool:
     return "failed" not in rows and "skipped" not in rows
 
@@ -151,6 +296,8 @@ def _table(report: dict) -> list[str]:
             continue
         if mode == "monitored":
             monitored = list(rows.items())
+            continue
+        if mode == "profile":
             continue
         stock = rows["stock"]
         for name, row in rows.items():
@@ -167,6 +314,9 @@ def _table(report: dict) -> list[str]:
             lines.append(f"| {name} | {1e3 * off['prefill_s']:.2f} | {1e3 * on['prefill_s']:.2f} | "
                          f"{row['prefill_ratio']:.3f} | {1e3 * off['decode_step_s']:.3f} | "
                          f"{1e3 * on['decode_step_s']:.3f} | {row['decode_ratio']:.3f} |")
+    profile = report["modes"].get("profile")
+    if profile is not None and _measured(profile):
+        lines += _profile_lines(profile)
     return lines
 
 
@@ -178,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default="eager,monitored,compiled",
-                        help="comma-separated: eager, monitored (telemetry on vs off), compiled")
+                        help="comma-separated: eager, monitored (telemetry on vs off), compiled, profile (where a "
+                             "decode step's host time goes, per variant)")
     parser.add_argument("--monitor-new-tokens", type=int, default=32,
                         help="decode steps per request in the monitored mode (default 32)")
+    parser.add_argument("--profile-steps", type=int, default=24,
+                        help="decode steps each variant is profiled over in the profile mode (default 24)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                         help="sinkfix.patch's backend (auto: the Triton kernels on CUDA); triton on the CPU needs "
                              "TRITON_INTERPRET=1 (a dry run of the kernels' path)")
@@ -209,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             report["modes"][mode] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
             continue
         try:
-            if mode == "monitored":
+            if mode == "profile":
+                report["modes"][mode] = measure_profile(model, policies, ids, args.profile_steps, args.backend)
+            elif mode == "monitored":
                 report["modes"][mode] = measure_monitored(model, policies, ids, args.monitor_new_tokens,
                                                           args.rounds, args.backend)
             else:

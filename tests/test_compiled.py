@@ -207,7 +207,7 @@ def test_output_attentions_under_compile(one_thread):
 
 @pytest.mark.slow
 def test_gpu_model_check_dry_run(tmp_path):
-    """The GPU script's code path on the CPU with a 2-layer model (eager and telemetry on/off; not
+    """The GPU script's code path on the CPU with a 2-layer model (eager, telemetry on/off and the decode-step profile; not
     compiled: a CPU compile of it takes minutes): it must build, patch, monitor, time and write its
     tables, and refuse a mode it does not know before building anything."""
     import json
@@ -216,9 +216,10 @@ def test_gpu_model_check_dry_run(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_model_check.py"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitored",
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitored,profile",
                            "--prompt", "32", "--new-tokens", "4", "--monitor-new-tokens", "4", "--rounds", "1",
-                           "--out", str(tmp_path / "model.md")], capture_output=True, text=True, timeout=600)
+                           "--profile-steps", "4", "--out", str(tmp_path / "model.md")],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "model.md").read_text()
     assert "| eager | per-head profile |" in table and "| eager | stock |" in table
@@ -230,6 +231,15 @@ def test_gpu_model_check_dry_run(tmp_path):
             assert row[config]["prefill_s"] > 0 and row[config]["decode_step_s"] > 0
         assert row["prefill_ratio"] == row["on"]["prefill_s"] / row["off"]["prefill_s"]
         assert f"| {row['prefill_ratio']:.3f} |" in table
+    # the decode-step profile: every variant profiled, the patched ones set against stock
+    profile = json.loads((tmp_path / "model.json").read_text())["modes"]["profile"]
+    assert set(profile) == {"stock", "identity", "per-head profile"}
+    assert "Decode step profile" in table and "per-head profile: own time per step added against stock" in table
+    for row in profile.values():
+        assert row["step_ms"] > 0 and row["python_calls_per_step"] > 0 and row["launches_per_step"] == 0  # no CUDA
+    # the per-head policy's combine (sigmoid, lerp, ...) issues torch operations the stock step does not
+    assert profile["per-head profile"]["aten_ops_per_step"] > profile["stock"]["aten_ops_per_step"]
+    assert "aten::sigmoid" in profile["per-head profile"]["added_aten_ops"]
 
     wrong = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitor"],
                            capture_output=True, text=True, timeout=120)
