@@ -22,7 +22,7 @@ come from their statistics variants. The guard is not measured here (it needs a 
 with statistics; ``benchmarks/bench_monitor_overhead.py`` times it on the CPU).
 
 Mode ``profile`` (eager, not timed against a target): where a patched decode step's extra host time
-goes. Each variant runs ``--profile-steps`` decode steps after its prefill (the forward ``generate``
+goes. Each variant (and the identity inside ``sinkfix.monitor``'s requests) runs ``--profile-steps`` decode steps after its prefill (the forward ``generate``
 makes per step, with a dynamic cache) three times: unprofiled (the step time), under cProfile (each
 Python function's own time per step) and under torch.profiler (torch operations and kernel launches
 per step); the table sets each patched variant against stock: the functions whose own time grew most
@@ -184,40 +184,44 @@ def _function_name(key: tuple) -> str:
     return f"{short}:{line}({name})"
 
 
-def _profile_variant(model, ids: torch.Tensor, steps: int) -> dict:
+def _profile_variant(model, ids: torch.Tensor, steps: int, request=contextlib.nullcontext) -> dict:
     """Host time per decode step by Python function (cProfile) and the torch operations and kernel
-    launches each step issues (torch.profiler), over ``steps`` steps after a warm-up."""
+    launches each step issues (torch.profiler), over ``steps`` steps after a warm-up. Each pass (a
+    prefill, then its steps) runs inside its own ``request()`` (a monitor's request: the steps are
+    profiled, the end of the request after them is not)."""
     device = ids.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":  # the launch API calls are recorded with the CUDA activity
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = cProfile.Profile()
     with torch.no_grad():
-        warm = _decode_loop(model, ids)
-        for _ in range(3):  # kernels compiled, allocator pools filled
-            warm()
-        step = _decode_loop(model, ids)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        wall = (time.perf_counter() - start) / steps
-
-        step = _decode_loop(model, ids)
-        profiler = cProfile.Profile()
-        synchronize(device)
-        profiler.enable()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        profiler.disable()
-
-        step = _decode_loop(model, ids)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":  # the launch API calls are recorded with the CUDA activity
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        synchronize(device)
-        with torch.profiler.profile(activities=activities) as traced:
+        with request():
+            warm = _decode_loop(model, ids)
+            for _ in range(3):  # kernels compiled, allocator pools filled
+                warm()
+        with request():
+            step = _decode_loop(model, ids)
+            synchronize(device)
+            start = time.perf_counter()
             for _ in range(steps):
                 step()
             synchronize(device)
+            wall = (time.perf_counter() - start) / steps
+        with request():
+            step = _decode_loop(model, ids)
+            synchronize(device)
+            profiler.enable()
+            for _ in range(steps):
+                step()
+            synchronize(device)
+            profiler.disable()
+        with request():
+            step = _decode_loop(model, ids)
+            synchronize(device)
+            with torch.profiler.profile(activities=activities) as traced:
+                for _ in range(steps):
+                    step()
+                synchronize(device)
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
     functions = {_function_name(key): value[2] / steps * 1e6 for key, value in stats.items()}
     events = traced.key_averages()
@@ -233,18 +237,29 @@ def _profile_variant(model, ids: torch.Tensor, steps: int) -> dict:
     }
 
 
+#: The profile mode's monitored variant: the identity policy inside ``sinkfix.monitor``'s requests.
+MONITORED_IDENTITY = "identity + monitor"
+
+
 def measure_profile(model, policies: dict, ids: torch.Tensor, steps: int, backend: str = "auto",
                     top: int = 15) -> dict:
     """Where a patched decode step's extra host time goes: each variant's decode steps profiled
-    (:func:`_profile_variant`), and against the stock model the Python functions whose own time per
-    step grew most and the torch operations issued more often. The profilers' own cost inflates
-    every number (``profiled_step_ms`` against ``step_ms``); the differences between variants are
-    what to read."""
+    (:func:`_profile_variant`), the identity also inside a monitor's requests (the monitored decode
+    step on the H200 took 1.139x the unmonitored one), and against the stock model the Python
+    functions whose own time per step grew most and the torch operations issued more often. The
+    profilers' own cost inflates every number (``profiled_step_ms`` against ``step_ms``); the
+    differences between variants are what to read."""
     profiles = {}
     for name, policy in policies.items():
         handle = sinkfix.patch(model, policy, backend=backend) if policy is not None else None
         try:
             profiles[name] = _profile_variant(model, ids, steps)
+            if name == "identity":
+                monitor = sinkfix.monitor(model)
+                try:
+                    profiles[MONITORED_IDENTITY] = _profile_variant(model, ids, steps, monitor.request)
+                finally:
+                    monitor.close()
         finally:
             if handle is not None:
                 handle.remove()

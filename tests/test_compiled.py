@@ -233,13 +233,15 @@ def test_gpu_model_check_dry_run(tmp_path):
         assert f"| {row['prefill_ratio']:.3f} |" in table
     # the decode-step profile: every variant profiled, the patched ones set against stock
     profile = json.loads((tmp_path / "model.json").read_text())["modes"]["profile"]
-    assert set(profile) == {"stock", "identity", "per-head profile"}
+    assert set(profile) == {"stock", "identity", "identity + monitor", "per-head profile"}
     assert "Decode step profile" in table and "per-head profile: own time per step added against stock" in table
     for row in profile.values():
         assert row["step_ms"] > 0 and row["python_calls_per_step"] > 0 and row["launches_per_step"] == 0  # no CUDA
     # the per-head policy's combine (sigmoid, lerp, ...) issues torch operations the stock step does not
     assert profile["per-head profile"]["aten_ops_per_step"] > profile["stock"]["aten_ops_per_step"]
     assert "aten::sigmoid" in profile["per-head profile"]["added_aten_ops"]
+    # inside a monitor's requests the step runs the monitor's per-layer residual statistics
+    assert profile["identity + monitor"]["aten_ops_per_step"] > profile["identity"]["aten_ops_per_step"]
 
     wrong = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitor"],
                            capture_output=True, text=True, timeout=120)
