@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from sinkfix.errors import PolicyError, UnsupportedModelError
+from sinkfix.errors import PolicyError, UnsupportedModelError, UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.after_import import call_after_import
 from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
@@ -67,6 +67,8 @@ class PatchHandle:
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
         self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
+        self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
+        self._dismissed = False  # remove() was called on it: a with block ending never brings it back
         self.active = False
         self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the model is sharded
 
@@ -112,8 +114,11 @@ class PatchHandle:
         self.active = False
 
     def remove(self) -> None:
-        """Undo the patch. Idempotent; a no-op once the model has been garbage-collected."""
+        """Undo the patch: the model runs its own attention again. Idempotent; a no-op once the
+        model has been garbage-collected. (Leaving a ``with`` block instead puts back the patch this
+        one replaced, if any: :meth:`__exit__`.)"""
         if not self.active:
+            self._dismissed = True
             return
         model = self._model_ref()
         self.active = False
@@ -218,7 +223,51 @@ class PatchHandle:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        """Leave the model as the block found it: the patch this one replaced (an enclosing ``with
+        sinkfix.patch(...)`` block, or a monitor's patch) is back in force, unless it was removed
+        meanwhile; otherwise the model runs its own attention again."""
+        previous, self._replaced = self._replaced, None
+        model = self._model_ref()
+        if (not self.active or model is None or previous is None or previous.active or previous._dismissed
+                or previous._model_ref() is not model):
+            self.remove()
+            return
+        self.active = False
+        self._detach(model)
+        try:
+            previous._attach()
+        except BaseException:
+            model.set_attn_implementation(self._original_impl or "eager")
+            raise
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """``copy.deepcopy`` of a patched model gives an **unpatched** copy (patch it on its own):
+        a handle is tied to one model, and a copy that shared it would be unpatched through the
+        other model's handle. Runs while the model is being copied, after its submodules and config
+        (attributes set at patch time come last in the model's ``__dict__``): it strips the copied
+        modules of the patch's state and hooks and puts the copied configs back to the model's own
+        attention; the copy's handle attribute is None."""
+        model = self._model_ref()
+        if model is None or not self.active or id(model) not in memo:
+            raise UsageError("a PatchHandle cannot be copied on its own; copy the model (the copy is unpatched) "
+                             "and patch it")
+        modules = dict(model.named_modules())
+        for name in self._states:
+            copied = memo.get(id(modules[name]))
+            if copied is not None:
+                vars(copied).pop("_sinkfix", None)
+        for hook in self._hooks:  # torch's RemovableHandle: the hook's key in one or more hook dicts
+            for ref in (hook.hooks_dict_ref, *getattr(hook, "extra_dict_ref", ())):
+                original = ref()
+                copied = None if original is None else memo.get(id(original))
+                if copied is not None:
+                    copied.pop(hook.id, None)
+        for module in modules.values():
+            config = getattr(module, "config", None)
+            copied = None if config is None else memo.get(id(config))
+            if copied is not None and getattr(copied, "_attn_implementation", None) == IMPL_NAME:
+                copied._attn_implementation = self._original_impl or "eager"
+        return None
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
@@ -360,8 +409,10 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
 
     One call, per model, reversible: returns a :class:`PatchHandle` whose ``remove()`` (or ``with``
     block) restores the model bit-exactly. Patching an already patched model replaces the previous
-    patch (the old handle becomes inactive). When any step fails the model is left as it was found,
-    still carrying its previous patch if it had one.
+    patch (the old handle becomes inactive); ``remove()`` then leaves the model unpatched, while
+    leaving a ``with`` block puts the replaced patch back (nested blocks end as they began). When any
+    step fails the model is left as it was found, still carrying its previous patch if it had one.
+    ``copy.deepcopy`` of a patched model gives an unpatched copy.
 
     Raises UnsupportedModelError for models whose attention does not route through transformers'
     attention interface, PolicyError for bad parameters, ProfileError for a profile made for another
@@ -375,6 +426,7 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     backend_name = resolve_backend(backend, model_device(model))
     previous = PatchHandle.of(model)
     current = config._attn_implementation
+    settings = _attn_settings(config)
     original = previous._original_impl if previous is not None else current
     try:
         if backend_name == "triton":  # the kernels' first-column sink tensor, made once (ops/custom_ops.py)
@@ -385,8 +437,7 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
             _select_sinkfix_attention(model, type(model).__name__)
         handle = _plan(model, policy, backend_name, original)
     except BaseException:
-        if model.config._attn_implementation != current:
-            model.set_attn_implementation(current or "eager")
+        _restore_attn_settings(model, current, settings)
         raise
     if previous is not None:
         previous._detach(model)
@@ -395,10 +446,32 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     except BaseException:
         if previous is not None:
             previous._attach()
-        if model.config._attn_implementation != current:
-            model.set_attn_implementation(current or "eager")
+        _restore_attn_settings(model, current, settings)
         raise
+    handle._replaced = previous
     return handle
+
+
+def _attn_settings(config) -> list[tuple[Any, Any]]:
+    """(config, the attention implementation it holds itself) for a model's config and its
+    sub-configs, recursively: what a refused patch() puts back. Switching a model's attention goes
+    through every sub-config (MPT keeps it in ``attn_config``), and setting the top-level value back
+    would overwrite the sub-configs' own values (None on a fresh MPT config) with it."""
+    found, stack = [], [config]
+    while stack:
+        current = stack.pop()
+        found.append((current, getattr(current, "_attn_implementation_internal", None)))
+        stack.extend(sub for key in getattr(current, "sub_configs", None) or {}
+                     if (sub := getattr(current, key, None)) is not None)
+    return found
+
+
+def _restore_attn_settings(model: nn.Module, current: str | None, settings: list[tuple[Any, Any]]) -> None:
+    if model.config._attn_implementation != current:
+        model.set_attn_implementation(current or "eager")
+    for config, value in settings:
+        if getattr(config, "_attn_implementation_internal", None) != value:
+            config._attn_implementation_internal = value
 
 
 def _unsupported_message(arch: str) -> str:

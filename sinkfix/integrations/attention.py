@@ -12,6 +12,7 @@ upper-left aligned, when Q > 1); return ((B, Q, Hq, D), probabilities or None).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,6 +93,11 @@ class LayerState:
     sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
     first_real_row: torch.Tensor | None = None  # (B,)
     cache: Any = None  # the KV cache of the current call, for content-dependent sinks (set by a forward hook)
+
+    def __deepcopy__(self, memo: dict) -> "LayerState":
+        # copied with a patched model, whose copy drops it (PatchHandle.__deepcopy__): the listeners
+        # (a monitor, with its log file and endpoint) and the last call's tensors are not copied
+        return LayerState(self.layer, copy.deepcopy(self.policy, memo), self.backend)
 
 
 # Set by discover_attention_modules for the length of one dummy forward. A plain module global
