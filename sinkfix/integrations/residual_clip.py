@@ -41,7 +41,7 @@ def make_clip_hook(state: LayerState):
         if clip.mode == "relative":
             threshold = relative_threshold(hidden.float().norm(dim=-1), is_sink | is_padding, clip.threshold)
         else:
-            threshold = torch.full((batch,), clip.threshold, device=hidden.device)
+            threshold = torch.full((batch,), clip.threshold, dtype=torch.float32, device=hidden.device)
         # resolve_backend already checked at patch time that triton can run here
         backend = "triton" if state.backend == "triton" else "torch"
         clipped = residual_clip(hidden, threshold, is_sink, clip.sink_norm, backend=backend)

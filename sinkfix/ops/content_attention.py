@@ -121,7 +121,9 @@ def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, 
     has_n = in_n.any(-1)
     b_h = torch.where(has_rest, hidden_beta.float().reshape(1, -1, 1), 1.0)
     g = 1 + (1 - b_h) * w_h / torch.where(has_rest, w_s + w_n, 1.0)
-    b_s = torch.where(has_n, 1.0 if beta is None else beta.float().reshape(1, -1, 1), 1.0)
+    # beta None: a float32 one, not torch.where of two Python numbers (the default dtype, which may be float64)
+    b_s = (torch.ones((), dtype=torch.float32, device=p.device) if beta is None
+           else torch.where(has_n, beta.float().reshape(1, -1, 1), 1.0))
     scale_n = g * (w_n + (1 - b_s) * w_s) / torch.where(has_n, w_n, 1.0)
     weights = p * (b_h[..., None] * in_h + (g * b_s)[..., None] * in_s + scale_n[..., None] * in_n)
     out = torch.matmul(weights.view(batch, kv_heads, group * q_len, k_len), v.float())
@@ -139,7 +141,7 @@ def column_stats_torch(q, k, lse, *, visible, plain_causal: bool, scale: float) 
     batch, q_heads, q_len, _ = q.shape
     k_len = k.shape[2]
     x = torch.cat([_repeat(k.float(), q_heads // k.shape[1]) * scale,
-                   torch.ones(batch, q_heads, k_len, 1, device=q.device)], dim=-1)
+                   torch.ones(batch, q_heads, k_len, 1, dtype=torch.float32, device=q.device)], dim=-1)
     seen = torch.isfinite(lse)
     y = torch.cat([q.float(), torch.where(seen, -lse, 0.0).unsqueeze(-1)], dim=-1)
     dummy_v = torch.zeros_like(y)
@@ -151,7 +153,7 @@ def column_stats_torch(q, k, lse, *, visible, plain_causal: bool, scale: float) 
         else:
             _, lse_col = flash_with_lse(x, y, dummy_v, visible=None, is_causal=False, scale=1.0)
             lse_col = lse_col.float()
-            rows = torch.full((batch, k_len), float(q_len), device=q.device)
+            rows = torch.full((batch, k_len), float(q_len), dtype=torch.float32, device=q.device)
     else:
         sees = visible & seen[:, :1, :, None]  # rows that see nothing contribute nothing
         by_key = sees.transpose(-1, -2)  # (B, 1, K, Q): key j "sees" the rows that see it
@@ -266,7 +268,7 @@ def content_sink_attention_torch(
     lse_all = lse_all.float()
     if visible is None:
         n_visible = (torch.arange(1, q_len + 1, device=q.device, dtype=torch.float32) if plain_causal
-                     else torch.full((q_len,), float(k_len), device=q.device)).expand(batch, 1, q_len)
+                     else torch.full((q_len,), float(k_len), dtype=torch.float32, device=q.device)).expand(batch, 1, q_len)
     else:
         n_visible = visible.sum(-1).float()  # (B, 1, Q)
         lse_all = lse_all.masked_fill(n_visible == 0, float("-inf"))
@@ -302,9 +304,9 @@ def content_sink_attention_torch(
 
     # pass 3: the rest, with S and each head's H pushed out through one extra coordinate
     excluded = hidden | is_sink[:, None, :]
-    q_ext = torch.cat([q32 * scale, torch.ones(batch, q_heads, q_len, 1, device=q.device)], dim=-1)
+    q_ext = torch.cat([q32 * scale, torch.ones(batch, q_heads, q_len, 1, dtype=torch.float32, device=q.device)], dim=-1)
     k_ext = torch.cat([_repeat(k32, q_heads // k.shape[1]),
-                       torch.where(excluded, _EXCLUDED, 0.0).unsqueeze(-1)], dim=-1)
+                       torch.where(excluded, _EXCLUDED, 0.0).float().unsqueeze(-1)], dim=-1)  # two scalars: the default dtype
     v_ext = torch.nn.functional.pad(_repeat(v32, q_heads // k.shape[1]), (0, 1))
     o_n, lse_n = flash_with_lse(q_ext, k_ext, v_ext, visible=visible, is_causal=plain_causal, scale=1.0)
     o_n = torch.where(has_n[..., None], o_n[..., :head_dim], 0.0)
@@ -321,7 +323,7 @@ def content_sink_attention_torch(
     b_h = torch.where(has_rest & sees_h, hidden_beta.float().reshape(1, -1, 1), 1.0)
     rest = w_n + w_s
     g = 1 + (1 - b_h) * w_h / torch.where(has_rest, rest, 1.0)
-    b_s = torch.ones(()) if beta is None else beta.float().reshape(1, -1, 1)
+    b_s = torch.ones((), dtype=torch.float32) if beta is None else beta.float().reshape(1, -1, 1)
     b_s = torch.where(has_n, b_s, 1.0)
     out = (b_h[..., None] * o_h_part
            + g[..., None] * ((b_s * w_s)[..., None] * o_s + (w_n + (1 - b_s) * w_s)[..., None] * o_n))

@@ -32,7 +32,7 @@ import warnings
 import torch
 
 from sinkfix.ops.attention import first_column_row_mass, sink_stats
-from sinkfix.telemetry.prompt import PromptMeasures
+from sinkfix.telemetry.prompt import PromptMeasures, norms32
 
 __all__ = ["COPIED_SINK_KEY_ELEMENTS", "RequestAccumulator", "flatten_fp64", "read_once", "unflatten"]
 
@@ -240,11 +240,11 @@ class RequestAccumulator:
         """(L, B, Q) norms of one forward from its layers' pending entries; NaN for a layer without a hook."""
         layers = len(self._all_layers)
         if not pending:
-            return torch.full((layers, *shape), float("nan"), device=self._stats.device)
+            return torch.full((layers, *shape), float("nan"), dtype=torch.float32, device=self._stats.device)
         ordered = [pending[layer] for layer in sorted(pending)]
         norms = _norms(torch.stack(ordered)) if self._norms_deferred else torch.stack(ordered)
         if len(pending) < layers:  # a layer without a decoder hook
-            full = torch.full((layers, *shape), float("nan"), device=norms.device)
+            full = torch.full((layers, *shape), float("nan"), dtype=norms.dtype, device=norms.device)
             full[sorted(pending)] = norms
             norms = full
         return norms
@@ -275,7 +275,7 @@ class RequestAccumulator:
         position (among the real tokens) of the maximum; NaN where a layer has no decoder hook."""
         layers = len(self._all_layers)
         if not self.real:
-            nan = torch.full((layers, self.batch), float("nan"), device=self._stats.device)
+            nan = torch.full((layers, self.batch), float("nan"), dtype=torch.float32, device=self._stats.device)
             return nan, nan
         reals, norm_parts = list(self.real), list(self.norms)
         if self._buffer_used:  # compiled decode steps; slots never written are not real
@@ -330,4 +330,4 @@ def _first_column_stats(rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.
 
 def _norms(hidden: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (...) fp32 Euclidean norms of residual-stream vectors."""
-    return torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
+    return norms32(hidden)

@@ -30,7 +30,7 @@ import torch
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled", "measure_sampled_many",
-           "merged_block_limit", "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
+           "merged_block_limit", "norms32", "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
 
 #: A key is judged only when at least this many sampled rows see it (or all of its viewers, for a
 #: prompt short enough to be sampled whole): a mean over fewer is too noisy for ACT's threshold. On
@@ -74,6 +74,14 @@ class PromptMeasures(NamedTuple):
     value_drain: torch.Tensor  # (B, Hkv) ||v_sink|| / median_j ||v_j||
     hidden_sinks: torch.Tensor  # hidden sinks found on the sampled rows
     hidden_part: torch.Tensor  # mean over sampled rows of sum_{j hidden} p_ij w_j (dormancy's hidden-sink part)
+
+
+def norms32(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (...) float32 Euclidean norms over the last axis, accumulated in float32 for 16-bit
+    inputs; a float64 input is reduced in float64 and rounded (``vector_norm`` refuses to narrow)."""
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1).float()
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
 
 
 def sampled_rows(q_len: int, wanted: int) -> slice:
@@ -241,7 +249,7 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
     # a transposed layout), then a view
     q_rows = torch.empty(batch, q_heads, rows, dim, dtype=torch.float32, device=q.device)
     q_rows = q_rows.copy_(q[:, :, lay.row_slice]).view(batch * kv_heads, q_heads // kv_heads * rows, dim)
-    norms = torch.linalg.vector_norm(call.value, dim=-1, dtype=torch.float32)
+    norms = norms32(call.value)
     return SampledCall(call.layer, lay, q_rows, lse, call.key, norms, call.scale, call.softcap, call.extra_logits,
                        call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
 
