@@ -9,6 +9,9 @@ where every parameter is validated (shape, range, finiteness), so that a bad pol
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
@@ -71,6 +74,12 @@ class ResidualClip(_ValueEquality):
     mode: Literal["relative", "absolute"] = "relative"
     sink_norm: PerLayer | None = None
 
+    def __post_init__(self) -> None:
+        # Only the types here: the values are checked against the model's layer count in resolve().
+        _numbers("residual_clip.threshold", self.threshold, "a number or one number per layer")
+        if self.sink_norm is not None:
+            _numbers("residual_clip.sink_norm", self.sink_norm, "a number or one number per layer")
+
 
 @dataclass(frozen=True, eq=False)
 class ContentSinks(_ValueEquality):
@@ -109,9 +118,13 @@ class ContentSinks(_ValueEquality):
                 or not 0.0 < threshold < 1.0:
             raise PolicyError(f"content sink threshold must be a finite number in (0, 1), got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
-        _check_values("hidden_sink_scale", torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64), 0.0, 1.0)
+        _check_values("hidden_sink_scale", _numbers("hidden_sink_scale", self.hidden_sink_scale), 0.0, 1.0)
         if self.heads is not None:
-            heads = torch.as_tensor(self.heads.detach() if isinstance(self.heads, torch.Tensor) else self.heads)
+            try:
+                heads = torch.as_tensor(self.heads.detach() if isinstance(self.heads, torch.Tensor) else self.heads)
+            except (TypeError, ValueError, RuntimeError):
+                raise PolicyError(f"content sink heads must be a bool [num_layers, num_heads] mask, got "
+                                  f"{type(self.heads).__name__}") from None
             if heads.dtype != torch.bool:
                 raise PolicyError(f"content sink heads must be a bool [num_layers, num_heads] mask, got {heads.dtype}")
         if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 1:
@@ -186,20 +199,27 @@ class Policy(_ValueEquality):
             raise PolicyError(f"content_sinks must be a sinkfix.ContentSinks or None, got {type(self.content_sinks).__name__}")
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
             raise PolicyError(f"virtual_logit_on_sink_rows must be a bool, got {self.virtual_logit_on_sink_rows!r}")
-        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+        # Every argument's type is checked here, so that a wrong type is a PolicyError saying what was
+        # expected, not an AttributeError or a torch TypeError from deep inside patch().
+        n_sink = _as_int("n_sink", self.n_sink, "a non-negative int")
+        if n_sink < 0:
             raise PolicyError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
-        extra = tuple(int(p) for p in self.extra_sink_positions)
+        object.__setattr__(self, "n_sink", n_sink)
+        extra = _int_tuple("extra_sink_positions", self.extra_sink_positions)
         if any(p < 0 for p in extra):
             raise PolicyError(f"extra_sink_positions must be >= 0, got {extra}")
         object.__setattr__(self, "extra_sink_positions", extra)
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+            object.__setattr__(self, "layers", _int_tuple("layers", self.layers))
+        if self.residual_clip is not None and not isinstance(self.residual_clip, ResidualClip):
+            raise PolicyError(f"residual_clip must be a sinkfix.ResidualClip or None (e.g. ResidualClip(8.0)), "
+                              f"got {type(self.residual_clip).__name__} {self.residual_clip!r:.80}")
         if self.residual_clip is not None and self.residual_clip.mode not in ("relative", "absolute"):
             raise PolicyError(f"residual_clip.mode must be 'relative' or 'absolute', got {self.residual_clip.mode!r}")
         # Scalars are checked now so that Policy(sink_scale=1.5) fails where it is written.
-        _check_values("sink_scale", torch.as_tensor(self.sink_scale, dtype=torch.float64), 0.0, 1.0)
+        _check_values("sink_scale", _numbers("sink_scale", self.sink_scale), 0.0, 1.0)
         if self.virtual_sink_logit is not None:
-            _check_values("virtual_sink_logit", torch.as_tensor(self.virtual_sink_logit, dtype=torch.float64))
+            _check_values("virtual_sink_logit", _numbers("virtual_sink_logit", self.virtual_sink_logit))
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -214,9 +234,14 @@ class Policy(_ValueEquality):
     def parse(cls, spec: str) -> "Policy":
         """Parse a command-line spec such as ``"sink_scale=0.9,n_sink=1"`` or ``"identity"``.
 
-        Keys: sink_scale, virtual_sink_logit, virtual_logit_on_sink_rows (0/1), n_sink, layers
-        (``0:5:20``), extra_sink_positions (``3:7``), clip (relative threshold), clip_abs
-        (absolute threshold).
+        Keys: sink_scale, virtual_sink_logit, virtual_logit_on_sink_rows (0/1), n_sink, layers,
+        extra_sink_positions, clip (relative threshold), clip_abs (absolute threshold),
+        hidden_sink_scale, hidden_sink_threshold.
+
+        ``layers`` and ``extra_sink_positions`` are lists whose items are separated by ``:``; an
+        item ``a-b`` is the inclusive range a..b. ``layers=5-20`` is layers 5, 6, ..., 20;
+        ``layers=5:20`` is the two layers 5 and 20; ``layers=0:3-5:9`` is 0, 3, 4, 5, 9. A
+        descending range or an item listed twice is refused.
         """
         spec = spec.strip()
         if spec in ("", "identity"):
@@ -242,7 +267,7 @@ class Policy(_ValueEquality):
                         raise ValueError("expected 0, 1, true or false")
                     kwargs[key] = value in ("1", "true")
                 elif key in ("layers", "extra_sink_positions"):
-                    kwargs[key] = tuple(int(v) for v in value.split(":") if v)
+                    kwargs[key] = _parse_int_list(value, "layer" if key == "layers" else "position")
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
                 elif key == "hidden_sink_scale":
@@ -280,10 +305,11 @@ class Policy(_ValueEquality):
                 parts.append("virtual_logit_on_sink_rows=1")
         if self.n_sink != 1:
             parts.append(f"n_sink={self.n_sink}")
+        # written in the spec syntax (5-20, 0:3), so that these parts parse back to the same lists
         if self.extra_sink_positions:
-            parts.append(f"extra_sink_positions={list(self.extra_sink_positions)}")
+            parts.append(f"extra_sink_positions={_format_int_list(self.extra_sink_positions)}")
         if self.layers is not None:
-            parts.append(f"layers={list(self.layers)}")
+            parts.append(f"layers={_format_int_list(self.layers)}")
         if self.residual_clip is not None:
             rc = self.residual_clip
             parts.append(f"clip={rc.mode}:{rc.threshold if isinstance(rc.threshold, (int, float)) else 'per-layer'}")
@@ -448,6 +474,116 @@ def _layer_content(rule: ContentSinks | None, resolved, layer: int, heads: int) 
     if not bool(on.any()) or bool((beta[on] == 1).all()):
         return None  # nothing to correct in this layer: the positional path runs
     return LayerContentSinks(rule.threshold, beta, on, rule.min_rows, rule.reevaluate_every)
+
+
+def _numbers(name: str, value, expected: str = "a number, a [num_layers, num_heads] nested list or a tensor"
+             ) -> torch.Tensor:
+    """``value`` as an fp64 tensor (for checking only), or a PolicyError saying what was expected.
+
+    Strings are refused explicitly: ``"0.9"`` is a typo for ``0.9`` here, and torch's own error
+    for it ("new(): invalid data type 'str'") does not name the parameter.
+    """
+    if isinstance(value, (str, bytes)):
+        raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}")
+    try:
+        return torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}") from None
+
+
+def _integer(value) -> int | None:
+    """An int from an int, a numpy or 0-d tensor integer, or an integral float (2.0); None for
+    bools and fractional numbers, which int() would silently turn into 1 (int(True), int(1.7))."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    is_float_tensor = isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+    if isinstance(value, numbers.Real) or is_float_tensor:
+        number = float(value)
+        if number.is_integer():
+            return int(number)
+    return None
+
+
+def _as_int(name: str, value, expected: str = "an int") -> int:
+    number = _integer(value)
+    if number is None:
+        raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}")
+    return number
+
+
+def _int_tuple(name: str, value) -> tuple[int, ...]:
+    """A tuple of ints from a list, tuple, range, 1-d tensor or array of integers. A string is
+    refused: iterating it would turn "12" into (1, 2)."""
+    expected = "a list or tuple of ints"
+    if isinstance(value, (str, bytes)):
+        raise PolicyError(f"{name} must be {expected}, got str {value!r} (Policy.parse reads spec strings)")
+    try:
+        items = list(value)
+    except TypeError:  # an int, a 0-d tensor, None...
+        raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}") from None
+    out = []
+    for index, item in enumerate(items):
+        number = _integer(item)
+        if number is None:
+            raise PolicyError(f"{name} must be {expected}; item {index} is {type(item).__name__} {item!r:.80}")
+        out.append(number)
+    return tuple(out)
+
+
+_SPEC_ITEM = re.compile(r"([+-]?\d+)(?:-([+-]?\d+))?")
+_MAX_RANGE = 1 << 16  # far more layers or sink positions than any model has; stops layers=0-999999999
+
+
+def _parse_int_list(value: str, noun: str) -> tuple[int, ...]:
+    """A spec list: items separated by ':', each an int or an inclusive range 'a-b' ("-1" is the
+    last layer, "-3--1" the last three). Empty items are skipped, as they always were. Raises
+    ValueError, which Policy.parse reports with the key and the spec."""
+    out: list[int] = []
+    for item in (part.strip() for part in value.split(":")):
+        if not item:
+            continue
+        match = _SPEC_ITEM.fullmatch(item)
+        if match is None:
+            raise ValueError(f"{item!r} is not a {noun} or an inclusive range a-b")
+        low = int(match.group(1))
+        high = low if match.group(2) is None else int(match.group(2))
+        if high < low:
+            raise ValueError(f"range {item!r} is descending; write {high}-{low}")
+        if low < 0 <= high:  # -2-1 would mean "the last two and the first two": list them instead
+            raise ValueError(f"range {item!r} mixes negative and non-negative {noun}s")
+        if high - low >= _MAX_RANGE:
+            raise ValueError(f"range {item!r} is too long")
+        out.extend(range(low, high + 1))
+    seen: set[int] = set()
+    for number in out:
+        if number in seen:
+            raise ValueError(f"{noun} {number} is listed twice")
+        seen.add(number)
+    return tuple(out)
+
+
+def _format_int_list(values: Sequence[int]) -> str:
+    """The spec form of a list that _parse_int_list reads back to the same list: runs of three or
+    more consecutive ascending values of one sign as 'a-b', the rest separated by ':'. A value
+    listed twice (possible through the Policy constructor) is written once: the meaning is a set."""
+    unique = list(dict.fromkeys(values))
+    items: list[str] = []
+    start = 0
+    while start < len(unique):
+        end = start
+        while (end + 1 < len(unique) and unique[end + 1] == unique[end] + 1
+               and (unique[end + 1] < 0) == (unique[start] < 0)):
+            end += 1
+        if end - start >= 2:
+            items.append(f"{unique[start]}-{unique[end]}")
+        else:
+            items.extend(str(v) for v in unique[start:end + 1])
+        start = end + 1
+    return ":".join(items)
 
 
 def _check_values(name: str, values: torch.Tensor, low: float | None = None, high: float | None = None) -> None:

@@ -160,18 +160,20 @@ class ModelIdentity:
         if not isinstance(data, dict):
             raise ProfileError("profile 'model' entry must be an object")
         try:
-            heads = tuple(int(h) for h in data["num_heads"])
+            # JSON types exactly: int() / str() would turn "12" into 12, 1.7 into 1, a list into text
+            heads = _json_ints("model.num_heads", data["num_heads"])
+            optional = {key: None if data.get(key) is None else _json_int(f"model.{key}", data[key])
+                        for key in ("num_kv_heads", "hidden_size", "vocab_size")}
+            name = data.get("name")
+            if name is not None and not isinstance(name, str):
+                raise ProfileError(f"profile model.name must be a string or null, got {_json_text(name)}")
             ident = cls(
-                architecture=str(data["architecture"]), num_layers=int(data["num_layers"]), num_heads=heads,
-                num_kv_heads=None if data.get("num_kv_heads") is None else int(data["num_kv_heads"]),
-                hidden_size=None if data.get("hidden_size") is None else int(data["hidden_size"]),
-                vocab_size=None if data.get("vocab_size") is None else int(data["vocab_size"]),
-                fingerprint=str(data["fingerprint"]), name=data.get("name"),
+                architecture=_json_str("model.architecture", data["architecture"]),
+                num_layers=_json_int("model.num_layers", data["num_layers"]), num_heads=heads,
+                fingerprint=_json_str("model.fingerprint", data["fingerprint"]), name=name, **optional,
             )
         except KeyError as exc:
             raise ProfileError(f"profile 'model' entry lacks {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise ProfileError(f"profile 'model' entry is malformed: {exc}") from None
         if ident.num_layers != len(heads) or ident.num_layers <= 0:
             raise ProfileError(f"profile 'model' entry: num_layers {ident.num_layers} but {len(heads)} head counts")
         return ident
@@ -189,11 +191,50 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         raise ProfileError(str(exc)) from exc
 
 
+def _json_text(value: Any) -> str:
+    """A field's value as it reads in the file, shortened, for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_int(name: str, value: Any) -> int:
+    """A JSON integer. true is not 1 and 1.7 is not 1: a malformed count or position is refused, not
+    rounded into a different profile."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProfileError(f"profile {name} must be an integer, got {_json_text(value)}")
+    return value
+
+
+def _json_ints(name: str, value: Any) -> tuple[int, ...]:
+    """A JSON list of integers. A string is refused: iterating "12" would give the positions 1, 2."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ProfileError(f"profile {name} must be a list of integers, got {_json_text(value)}")
+    return tuple(value)
+
+
+def _json_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProfileError(f"profile {name} must be a string, got {_json_text(value)}")
+    return value
+
+
+def _has_bool(value: Any) -> bool:
+    """Whether nested lists hold a true/false, which torch.tensor would read as 1.0 / 0.0."""
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    return isinstance(value, bool)
+
+
 def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = None,
             high: float | None = None) -> torch.Tensor:
     """A [num_layers, max_heads] fp64 tensor from nested lists (or a tensor), with clear errors."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
+    elif _has_bool(value):
+        raise ProfileError(f"profile {name} must hold numbers, not true/false")
     try:
         t = torch.tensor(value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -356,8 +397,8 @@ class Profile:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(f"not a sinkfix profile (expected \"format\": \"{FORMAT}\")")
         version = data.get("version")
-        if not isinstance(version, int):
-            raise ProfileError("profile has no integer 'version'")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ProfileError(f"profile has no integer 'version' (got {_json_text(version)})")
         if version > CONTENT_VERSION:
             raise ProfileError(f"profile version {version} is newer than this sinkfix reads ({CONTENT_VERSION}); "
                                "upgrade sinkfix")
@@ -369,17 +410,19 @@ class Profile:
             raise ProfileError("profile has no 'policy' object with a 'sink_scale' entry")
         clip = policy.get("residual_clip")
         if clip is not None:
-            try:
-                clip = [float(x) for x in clip]
-            except (TypeError, ValueError):
-                raise ProfileError("profile residual_clip must be a list of numbers (or \"inf\")") from None
-        try:
-            n_sink = int(policy.get("n_sink", 1))
-            extra = tuple(int(p) for p in policy.get("extra_sink_positions", ()))
-        except (TypeError, ValueError):
-            raise ProfileError("profile n_sink / extra_sink_positions must be integers") from None
-        if n_sink < 0 or any(p < 0 for p in extra):
-            raise ProfileError("profile n_sink / extra_sink_positions must be >= 0")
+            # numbers, or "inf" (what save() writes for a layer without a clip); float() would also
+            # take "8", "nan" and true, and iterate a string character by character
+            if not isinstance(clip, list) or any(
+                    x != "inf" and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in clip):
+                raise ProfileError(f"profile residual_clip must be a list of numbers (or \"inf\"), got "
+                                   f"{_json_text(clip)}")
+            clip = [float(x) for x in clip]
+        n_sink = _json_int("n_sink", policy.get("n_sink", 1))
+        extra = _json_ints("extra_sink_positions", policy.get("extra_sink_positions", []))
+        if n_sink < 0:
+            raise ProfileError(f"profile n_sink must be >= 0, got {n_sink}")
+        if any(p < 0 for p in extra):
+            raise ProfileError(f"profile extra_sink_positions must be >= 0, got {_json_text(list(extra))}")
         calibration = data.get("calibration") or {}
         if not isinstance(calibration, dict):
             raise ProfileError("profile 'calibration' entry must be an object")
@@ -507,9 +550,12 @@ def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics |
         return None
     try:
         ranges = entry["sink_share_unscaled"]
+        if _has_bool(ranges["low"]) or _has_bool(ranges["high"]):
+            raise ProfileError("profile statistics.sink_share_unscaled must hold numbers, not true/false")
         stats = ProfileStatistics(torch.tensor(ranges["low"], dtype=torch.float64),
-                                  torch.tensor(ranges["high"], dtype=torch.float64), int(entry["windows"]),
-                                  int(entry["min_rows"]), dict(entry.get("protocol") or {}))
+                                  torch.tensor(ranges["high"], dtype=torch.float64),
+                                  _json_int("statistics.windows", entry["windows"]),
+                                  _json_int("statistics.min_rows", entry["min_rows"]), dict(entry.get("protocol") or {}))
     except KeyError as exc:
         raise ProfileError(f"profile statistics lack {exc.args[0]!r}") from None
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -533,8 +579,14 @@ def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
     if not isinstance(entry, dict) or "threshold" not in entry or "hidden_sink_scale" not in entry:
         raise ProfileError("a content-mode profile needs a 'content_sinks' object with 'threshold' and "
                            "'hidden_sink_scale'")
+    heads = entry.get("heads")
+    if heads is not None and not _all_bools(heads):
+        # torch.tensor(..., dtype=bool) would read 0.5 or 2 as true
+        raise ProfileError(f"profile content_sinks.heads must be a [layers][heads] array of true/false, got "
+                           f"{_json_text(heads)}")
+    if _has_bool(entry["hidden_sink_scale"]):
+        raise ProfileError("profile content_sinks.hidden_sink_scale must hold numbers, not true/false")
     try:
-        heads = entry.get("heads")
         return ContentSinks(
             threshold=entry["threshold"],
             hidden_sink_scale=torch.tensor(entry["hidden_sink_scale"], dtype=torch.float64),
@@ -542,6 +594,13 @@ def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
             min_rows=entry.get("min_rows", 1), reevaluate_every=entry.get("reevaluate_every"))
     except (PolicyError, TypeError, ValueError) as exc:
         raise ProfileError(f"profile content_sinks: {exc}") from None
+
+
+def _all_bools(value: Any) -> bool:
+    """Nested lists whose leaves are all true/false."""
+    if isinstance(value, list):
+        return all(_all_bools(v) for v in value)
+    return isinstance(value, bool)
 
 
 def _reject_constant(name: str):

@@ -1,0 +1,203 @@
+"""Input checks of policies and profiles: layer lists and ranges in specs, strict JSON types in the
+profile loader, and a PolicyError (not a raw Python or torch error) for a wrong argument type."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sinkfix import ContentSinks, Policy, ResidualClip
+from sinkfix.errors import PolicyError, ProfileError, SinkfixError
+from sinkfix.profile import CONTENT_VERSION, ModelIdentity, Profile
+
+
+# -- layer lists and ranges in specs ------------------------------------------------------------
+@pytest.mark.parametrize("spec, layers", [
+    ("layers=5-20", tuple(range(5, 21))),  # a-b is inclusive
+    ("layers=0:3-5:9", (0, 3, 4, 5, 9)),
+    ("layers=5:20", (5, 20)),  # ':' still separates items: existing specs parse as before
+    ("layers=0:5:20", (0, 5, 20)),
+    ("layers=7", (7,)),
+    ("layers=4-4", (4,)),
+    ("layers=-1", (-1,)),  # negative layers count from the end, as before
+    ("layers=-3--1", (-3, -2, -1)),
+    ("layers=1:0", (1, 0)),  # a list, in any order
+    ("layers=0::3:", (0, 3)),  # empty items were always skipped
+    ("layers=", ()),
+])
+def test_layer_lists_and_inclusive_ranges(spec, layers):
+    assert Policy.parse(f"sink_scale=0.9,{spec}").layers == layers
+
+
+def test_extra_sink_positions_take_ranges_too():
+    assert Policy.parse("n_sink=1,extra_sink_positions=3-5:9").extra_sink_positions == (3, 4, 5, 9)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("9-5", "descending; write 5-9"),
+    ("5:5", "layer 5 is listed twice"),
+    ("0-3:2", "layer 2 is listed twice"),
+    ("-2-1", "mixes negative and non-negative"),
+    ("5-", "not a layer or an inclusive range"),
+    ("a-b", "not a layer or an inclusive range"),
+    ("0-99999999", "too long"),
+])
+def test_bad_layer_lists_are_refused_naming_the_spec(value, message):
+    spec = f"sink_scale=0.9,layers={value}"
+    with pytest.raises(PolicyError, match=message) as info:
+        Policy.parse(spec)
+    assert repr(spec) in str(info.value)
+
+
+def test_a_repeated_sink_position_is_refused():
+    with pytest.raises(PolicyError, match="position 3 is listed twice"):
+        Policy.parse("extra_sink_positions=3:2-4")
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(sink_scale=0.9, layers=tuple(range(5, 21))),
+    Policy(sink_scale=0.9, layers=(0, 3, 4, 5, 9)),
+    Policy(sink_scale=0.9, layers=(20, 5, 6)),
+    Policy(sink_scale=0.9, layers=(-3, -2, -1, 0, 1, 2)),
+    Policy(sink_scale=0.9, layers=()),
+    Policy(sink_scale=0.9, n_sink=2, extra_sink_positions=(3, 4, 5, 9)),
+])
+def test_describe_writes_lists_in_spec_form_that_parses_back(policy):
+    text = policy.describe()
+    assert "[" not in text
+    assert Policy.parse(text) == policy
+
+
+def test_describe_ranges_read_as_ranges():
+    assert Policy(sink_scale=0.9, layers=range(5, 21)).describe() == "sink_scale=0.9,layers=5-20"
+    # the same layers listed twice through the constructor are written once: layers are a set
+    assert Policy(sink_scale=0.9, layers=(1, 2, 1)).describe() == "sink_scale=0.9,layers=1:2"
+
+
+# -- the profile loader refuses malformed fields ---------------------------------------------------
+def _profile_dict() -> dict:
+    identity = ModelIdentity("LlamaForCausalLM", 2, (4, 4), 2, 64, 128, "ab" * 16, name="tiny")
+    return Profile(identity, torch.full((2, 4), 0.5, dtype=torch.float64), calibration={"note": "test"}).to_dict()
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("policy", "n_sink", 1.7, "n_sink must be an integer, got 1.7"),
+    ("policy", "n_sink", True, "n_sink must be an integer, got true"),
+    ("policy", "n_sink", "1", 'n_sink must be an integer, got "1"'),
+    ("policy", "n_sink", -1, "n_sink must be >= 0"),
+    ("policy", "extra_sink_positions", "12", 'extra_sink_positions must be a list of integers, got "12"'),
+    ("policy", "extra_sink_positions", "5", 'extra_sink_positions must be a list of integers, got "5"'),
+    ("policy", "extra_sink_positions", [1.0], r"extra_sink_positions must be a list of integers, got \[1.0\]"),
+    ("policy", "extra_sink_positions", [True], r"extra_sink_positions must be a list of integers, got \[true\]"),
+    ("policy", "extra_sink_positions", None, "extra_sink_positions must be a list of integers, got null"),
+    ("policy", "extra_sink_positions", [-2], "extra_sink_positions must be >= 0"),
+    ("policy", "residual_clip", "88", r'residual_clip must be a list of numbers \(or "inf"\), got "88"'),
+    ("policy", "residual_clip", ["8", 2], "residual_clip must be a list of numbers"),
+    ("policy", "residual_clip", [True, 2], "residual_clip must be a list of numbers"),
+    ("policy", "sink_scale", [[True] * 4] * 2, "sink_scale must hold numbers, not true/false"),
+    ("model", "num_layers", "2", 'model.num_layers must be an integer, got "2"'),
+    ("model", "num_layers", 2.0, "model.num_layers must be an integer, got 2.0"),
+    ("model", "num_heads", "44", 'model.num_heads must be a list of integers, got "44"'),
+    ("model", "hidden_size", 64.5, "model.hidden_size must be an integer, got 64.5"),
+    ("model", "vocab_size", True, "model.vocab_size must be an integer, got true"),
+    ("model", "architecture", 5, "model.architecture must be a string, got 5"),
+    ("model", "fingerprint", None, "model.fingerprint must be a string, got null"),
+    ("model", "name", 3, "model.name must be a string or null, got 3"),
+    (None, "version", True, "no integer 'version' \\(got true\\)"),
+])
+def test_profile_loader_refuses_malformed_fields(tmp_path, section, key, value, message):
+    data = _profile_dict()
+    (data if section is None else data[section])[key] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(path)
+
+
+def test_profile_statistics_counts_must_be_integers():
+    data = _profile_dict()
+    data["statistics"] = {"sink_share_unscaled": {"low": [[0.1] * 4] * 2, "high": [[0.5] * 4] * 2},
+                          "windows": 2.5, "min_rows": 8}
+    with pytest.raises(ProfileError, match="statistics.windows must be an integer, got 2.5"):
+        Profile.from_dict(data)
+    data["statistics"]["windows"], data["statistics"]["min_rows"] = 2, True
+    with pytest.raises(ProfileError, match="statistics.min_rows must be an integer, got true"):
+        Profile.from_dict(data)
+    data["statistics"]["min_rows"] = 8
+    assert Profile.from_dict(data).statistics.windows == 2
+
+
+def test_content_sink_heads_must_be_true_or_false():
+    data = _profile_dict()
+    data["version"] = CONTENT_VERSION
+    data["policy"]["mode"] = "content"
+    data["policy"]["content_sinks"] = {"threshold": 0.1, "hidden_sink_scale": [[0.4] * 4] * 2,
+                                       "heads": [[1, 0, 0.5, 0]] * 2, "min_rows": 1, "reevaluate_every": None}
+    with pytest.raises(ProfileError, match="content_sinks.heads must be a \\[layers\\]\\[heads\\] array of true/false"):
+        Profile.from_dict(data)
+    data["policy"]["content_sinks"]["heads"] = [[True, False, True, False]] * 2
+    heads = Profile.from_dict(data).content_sinks.heads
+    assert heads.dtype == torch.bool and heads.sum().item() == 4
+
+
+def test_valid_and_older_profiles_still_load(tmp_path):
+    data = _profile_dict()
+    data["policy"].update(n_sink=2, extra_sink_positions=[5, 9], residual_clip=[8, "inf"])
+    loaded = Profile.from_dict(data)
+    assert loaded.n_sink == 2 and loaded.extra_sink_positions == (5, 9)
+    assert loaded.residual_clip == [8.0, math.inf]
+    assert Profile.load(loaded.save(tmp_path / "p.json")).to_dict() == loaded.to_dict()
+    # version 1: no row flag, no domains; n_sink / extra_sink_positions may be absent entirely
+    v1 = _profile_dict()
+    v1["version"] = 1
+    for key in ("virtual_logit_on_sink_rows", "n_sink", "extra_sink_positions"):
+        del v1["policy"][key]
+    del v1["domains"]
+    old = Profile.from_dict(v1)
+    assert old.n_sink == 1 and old.extra_sink_positions == () and old.virtual_logit_on_sink_rows is True
+    # null optional model fields are still accepted
+    data = _profile_dict()
+    data["model"].update(num_kv_heads=None, hidden_size=None, vocab_size=None, name=None)
+    assert Profile.from_dict(data).model.num_kv_heads is None
+
+
+# -- wrong argument types to Policy(...) -----------------------------------------------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda: Policy(residual_clip=2.0), r"residual_clip must be a sinkfix.ResidualClip or None .*got float 2.0"),
+    (lambda: Policy(layers="0:1"), "layers must be a list or tuple of ints, got str '0:1'"),
+    (lambda: Policy(layers=3), "layers must be a list or tuple of ints, got int 3"),
+    (lambda: Policy(layers=(1, 1.5)), "layers must be a list or tuple of ints; item 1 is float 1.5"),
+    (lambda: Policy(layers=[True]), "item 0 is bool True"),
+    (lambda: Policy(extra_sink_positions="12"), "extra_sink_positions must be a list or tuple of ints, got str"),
+    (lambda: Policy(n_sink=True), "n_sink must be a non-negative int, got bool True"),
+    (lambda: Policy(n_sink=1.5), "n_sink must be a non-negative int, got float 1.5"),
+    (lambda: Policy(sink_scale="0.9"), "sink_scale must be a number, .* or a tensor, got str '0.9'"),
+    (lambda: Policy(sink_scale=None), "sink_scale must be a number, .* got NoneType"),
+    (lambda: Policy(virtual_sink_logit=[1.0, "a"]), "virtual_sink_logit must be a number, .* got list"),
+    (lambda: ResidualClip("8"), "residual_clip.threshold must be a number or one number per layer, got str '8'"),
+    (lambda: ResidualClip(8.0, sink_norm="1"), "residual_clip.sink_norm must be a number"),
+    (lambda: ContentSinks(hidden_sink_scale="0.4"), "hidden_sink_scale must be a number, .* got str '0.4'"),
+    (lambda: ContentSinks(heads="ab"), "content sink heads must be a bool"),
+])
+def test_wrong_argument_types_are_policy_errors(make, message):
+    with pytest.raises(PolicyError, match=message) as info:
+        make()
+    assert isinstance(info.value, SinkfixError)
+
+
+def test_valid_argument_types_still_work():
+    beta = torch.full((2, 4), 0.5)
+    pol = Policy(sink_scale=beta, virtual_sink_logit=np.zeros((2, 4)), n_sink=np.int64(2),
+                 extra_sink_positions=torch.tensor([5, 7]), layers=np.array([0, 1]),
+                 residual_clip=ResidualClip([8.0, math.inf], sink_norm=100))
+    assert pol.n_sink == 2 and type(pol.n_sink) is int
+    assert pol.extra_sink_positions == (5, 7) and pol.layers == (0, 1)
+    assert all(type(v) is int for v in pol.extra_sink_positions + pol.layers)
+    assert len(pol.resolve(2, [4, 4])) == 2
+    assert Policy(sink_scale=[[0.5, 1.0]], layers=range(1)).layers == (0,)
+    assert Policy(sink_scale=np.float32(0.5), layers=[1.0, 2]).layers == (1, 2)  # integral floats, as before
+    assert Policy(sink_scale=torch.tensor(0.9, requires_grad=True)).sink_scale.requires_grad
