@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sinkfix.commands import SUMMARIES
-from sinkfix.errors import SinkfixError
+from sinkfix.errors import SinkfixError, UsageError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
 __all__ = ["add_parser", "run", "add_common_arguments", "texts_from_args", "describe_texts", "TextSourceError"]
@@ -161,17 +161,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.profile and args.policy:
         raise SinkfixError("give --profile or --policy, not both")
+    threshold = args.hidden_sink_threshold
+    if not 0.0 < threshold < 1.0:  # NaN and inf included: no key's mean attention can exceed 1
+        raise UsageError(f"--hidden-sink-threshold must be a number in (0, 1) (ACT: 0.1), got {threshold!r}")
     console = wide_console()
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
     out = check_writable(args.out, folder=True)  # before the measurements, not after them
+    # the profile file read and validated (or the policy parsed) before the model loads, as bench and
+    # eval do; whether the profile fits the model is checked when it is applied
+    correction = sinkfix.Profile.load(args.profile) if args.profile else \
+        sinkfix.Policy.parse(args.policy) if args.policy else None
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
-    handle = None
-    if args.profile:
-        handle = sinkfix.patch(model, sinkfix.Profile.load(args.profile))
-    elif args.policy:
-        handle = sinkfix.patch(model, sinkfix.Policy.parse(args.policy))
+    handle = None if correction is None else sinkfix.patch(model, correction)
     try:
         report = inspect(model, tokenizer, {name: t.text for name, t in texts.items()}, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                          hidden_sink_threshold=args.hidden_sink_threshold)

@@ -93,16 +93,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------------
-def _patch(model, args):
+def _correction(args):
+    """The profile (read and validated) or the policy to patch with, before the model loads: a bad
+    file or spec fails in a second, not after a model load. Checking the profile against the model
+    stays for the patch."""
     import sinkfix
 
     if args.profile:
-        profile = sinkfix.Profile.load(args.profile)
-        return sinkfix.patch(model, profile), profile
+        return sinkfix.Profile.load(args.profile)
     if args.guard:
         raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
                            "calibrated profile records")
-    return sinkfix.patch(model, sinkfix.Policy.parse(args.policy or "identity")), None
+    return sinkfix.Policy.parse(args.policy or "identity")
 
 
 def _token_ids(tokenizer, request) -> list[int]:
@@ -156,24 +158,31 @@ def _run_run(args: argparse.Namespace) -> int:
     import sinkfix
     from sinkfix.commands.inspect import wide_console
     from sinkfix.files import check_writable
-    from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS
+    from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS, Guard
+    from sinkfix.telemetry.monitor import check_sample_rows
+    from sinkfix.telemetry.outputs import check_log_file
     from sinkfix.telemetry.report import summarise
     from sinkfix.telemetry.requests import read_requests
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
+    sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
     if args.threads:
         torch.set_num_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
     check_writable(args.out)  # the log, likewise
+    check_log_file(args.out, requests=args.requests)  # not the request file, nor any other file but a log
+    correction = _correction(args)  # the profile file, likewise
+    guard_margin = DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin
+    if args.guard:  # its statistics and margin, likewise (built again, against the model, by the monitor)
+        Guard.from_profile(correction, margin=guard_margin)
     console.print(f"{len(requests)} requests from {args.requests}; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
-    handle, profile = _patch(model, args)
-    guard = profile if args.guard else None
+    handle = sinkfix.patch(model, correction)
+    guard = correction if args.guard else None
     monitor = sinkfix.monitor(model, log=args.out, prometheus_port=args.prometheus_port, guard=guard,
-                              guard_margin=DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin,
-                              sample_rows=args.sample_rows or SAMPLE_ROWS)
+                              guard_margin=guard_margin, sample_rows=sample_rows)
     try:
         if monitor.prometheus_url:
             console.print(f"Prometheus metrics on {monitor.prometheus_url}")
@@ -253,10 +262,11 @@ def _print_flips(report, console) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from sinkfix.commands.inspect import wide_console
-    from sinkfix.telemetry.report import read_log, summarise, write_figure
+    from sinkfix.telemetry.report import check_margin, read_log, summarise, write_figure
 
+    margin = check_margin(args.margin, "--margin")  # before reading a long log
     console = wide_console()
-    report = summarise(read_log(args.log), margin=args.margin)
+    report = summarise(read_log(args.log), margin=margin)
     _print_summary(report, console)
     _print_layers(report, console)
     _print_flips(report, console)

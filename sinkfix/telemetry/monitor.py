@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import numbers
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_m
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
-__all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
+__all__ = ["Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows", "check_hidden_sink_threshold"]
 
 #: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate:
 #: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, one thread)
@@ -43,6 +45,28 @@ __all__ = ["Monitor", "monitor", "SAMPLE_ROWS"]
 #: 527 vs 529 and 444 vs 441 with 64); the per-head dormancy is noisier (mean difference 0.0065
 #: against 0.0042). docs/monitoring.md, "Why 32 rows".
 SAMPLE_ROWS = 32
+
+
+def _count(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (an integral number, not a bool), else a MonitorError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise MonitorError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_sample_rows(value: Any, name: str = "sample_rows") -> int:
+    """The prompt rows behind the hidden-sink estimate, checked: an integer >= 1 (default
+    :data:`SAMPLE_ROWS`); anything else is a :class:`MonitorError` naming ``name``."""
+    return _count(value, name)
+
+
+def check_hidden_sink_threshold(value: Any, name: str = "hidden_sink_threshold") -> float:
+    """ACT's hidden-sink criterion, checked: a finite number strictly between 0 and 1 (a key's mean
+    attention can never exceed a threshold >= 1, and every key exceeds one <= 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0 \
+            or not math.isfinite(float(value)):
+        raise MonitorError(f"{name} must be a number in (0, 1) (ACT: {HIDDEN_SINK_THRESHOLD}), got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -124,8 +148,11 @@ class Monitor:
 
         self.model = model
         self.log = self.exporter = None
+        # checked before anything else, so that a refused argument leaves the model as it was
+        self.sample_rows = check_sample_rows(sample_rows)
+        self.hidden_sink_threshold = check_hidden_sink_threshold(hidden_sink_threshold)
+        self.min_queries = _count(min_queries, "min_queries")
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
-        self.sample_rows, self.hidden_sink_threshold, self.min_queries = sample_rows, hidden_sink_threshold, min_queries
         self.session = uuid.uuid4().hex[:12]
         self._counter = itertools.count()
         self._request: _Request | None = None
@@ -409,7 +436,8 @@ def monitor(model: nn.Module, **kwargs) -> Monitor:
     ``http://prometheus_host:port/metrics`` (0 = a free port). ``callback(record)``: called per record.
     ``guard``: a :class:`~sinkfix.profile.Profile` with calibration statistics (or a
     :class:`~sinkfix.telemetry.guard.Guard`), the one the model is patched with; ``guard_margin``.
-    ``sample_rows``: prompt rows behind the hidden-sink estimate. An unpatched model is patched with
+    ``sample_rows``: prompt rows behind the hidden-sink estimate (an integer >= 1);
+    ``hidden_sink_threshold``: ACT's criterion, in (0, 1). An unpatched model is patched with
     the identity policy (removed again by :meth:`Monitor.close`) unless ``patch_if_needed=False``.
     """
     return Monitor(model, **kwargs)

@@ -2,19 +2,24 @@
 
 Each output is set up when the monitor is created, so that a folder that cannot be written or a
 port already in use fails at once with a :class:`~sinkfix.errors.MonitorError` (or
-:class:`~sinkfix.errors.OutputError` for the log) instead of at the first request.
+:class:`~sinkfix.errors.OutputError` for the log) instead of at the first request. A log is only
+ever appended to: an existing non-empty file whose first line is not a telemetry record (a request
+file, a report, a typo for another file) is refused (:func:`check_log_file`) instead of spoilt.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 from sinkfix.errors import MonitorError
 from sinkfix.files import LineLog
+from sinkfix.telemetry.records import SCHEMA
+from sinkfix.telemetry.requests import BUILTIN
 
-__all__ = ["JsonlLog", "PrometheusExporter", "SHARE_BUCKETS", "PEAK_BUCKETS", "DORMANT_BUCKETS"]
+__all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "SHARE_BUCKETS", "PEAK_BUCKETS", "DORMANT_BUCKETS"]
 
 SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share lies in [0, 1]
 # residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
@@ -23,10 +28,62 @@ DORMANT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NO_DOMAIN = "none"  # label value of requests without a domain (an empty label reads as "absent" in PromQL)
 
 
+# the first line of an existing log is read up to this many bytes: a record of a large model
+# (hundreds of layers and heads) is well under it, and a large file without newlines is not read whole
+_FIRST_LINE_LIMIT = 64 << 20
+
+
+def _first_line(path: Path) -> bytes | None:
+    """The first non-blank line of a regular file (None when it has none), at most _FIRST_LINE_LIMIT bytes."""
+    with path.open("rb") as handle:
+        while True:
+            line = handle.readline(_FIRST_LINE_LIMIT)
+            if not line:
+                return None
+            if line.strip():
+                return line
+
+
+def check_log_file(path: str | Path, *, requests: str | Path | None = None) -> Path:
+    """Raise a :class:`MonitorError` now when appending telemetry to ``path`` would spoil a file:
+    ``path`` is the request file ``requests`` itself, or an existing non-empty file whose first line
+    is not a sinkfix telemetry record. An empty or missing file, an existing telemetry log (appended
+    to), and what is not a regular file (``/dev/null``, a pipe) pass; what cannot be written at all
+    is :func:`sinkfix.files.check_writable`'s and :class:`~sinkfix.files.LineLog`'s to refuse."""
+    p = Path(path)
+    if not p.is_file():
+        return p
+    if requests is not None and str(requests) != BUILTIN:
+        try:
+            same = os.path.samefile(p, requests)
+        except OSError:  # the request file is missing: read_requests says so
+            same = False
+        if same:
+            raise MonitorError(f"the telemetry log {p} is the request file {requests}: appending records to it "
+                               "would spoil both; write the log to another file")
+    try:
+        first = _first_line(p)
+    except OSError as exc:
+        raise MonitorError(f"cannot read the existing telemetry log {p}: {exc.strerror or exc}") from None
+    if first is None:
+        return p
+    try:
+        record = json.loads(first)
+    except ValueError:  # not JSON, or not UTF-8
+        record = None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        raise MonitorError(f"{p} exists and is not a sinkfix telemetry log (its first line is not a record with "
+                           f"\"schema\": \"{SCHEMA}\"); records are only appended to a telemetry log: choose "
+                           "another file, or move this one away")
+    return p
+
+
 class JsonlLog:
-    """One JSON object per line, appended as each request finishes (:class:`sinkfix.files.LineLog`)."""
+    """One JSON object per line, appended as each request finishes (:class:`sinkfix.files.LineLog`).
+    An existing file must be empty or a telemetry log (:func:`check_log_file`)."""
 
     def __init__(self, path: str | Path) -> None:
+        check_log_file(path)
         self._log = LineLog(path)
         self.path = self._log.path
 

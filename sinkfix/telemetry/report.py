@@ -22,7 +22,11 @@ from sinkfix.errors import MonitorError
 from sinkfix.telemetry.outputs import NO_DOMAIN
 from sinkfix.telemetry.records import SCHEMA, VERSION
 
-__all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure"]
+__all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure", "check_margin", "MAX_MARGIN"]
+
+#: Dormancy scores lie in [0, 1] and a head flips when it is ``margin`` above the threshold on one
+#: domain and ``margin`` below it on another: a margin this large or larger can never be met.
+MAX_MARGIN = min(DORMANT_THRESHOLD, 1.0 - DORMANT_THRESHOLD)
 
 _REQUIRED = ("domain", "tokens", "rows", "sink_share", "dormancy", "dormant_heads", "residual_peak", "hidden_sinks")
 
@@ -130,8 +134,19 @@ class MonitorReport:
                 "domains": {name: d.to_dict() for name, d in self.domains.items()}, "flips": self.flips}
 
 
+def check_margin(margin, name: str = "margin") -> float:
+    """The flip margin, checked: a number in [0, :data:`MAX_MARGIN`); anything else is a :class:`MonitorError`
+    (a negative margin would list heads that are never dormant, or never active, as flips)."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < MAX_MARGIN:
+        raise MonitorError(f"{name} must be a number in [0, {MAX_MARGIN:g}) (dormancy scores lie in [0, 1], the "
+                           f"dormant threshold is {DORMANT_THRESHOLD:g}), got {margin!r}")
+    return float(margin)
+
+
 def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
-    """Group ``records`` by domain (requests without one under "none") and find the flipping heads."""
+    """Group ``records`` by domain (requests without one under "none") and find the flipping heads
+    (``margin``: :func:`check_margin`)."""
+    margin = check_margin(margin)
     by_domain: dict[str, list[dict]] = {}
     for record in records:
         by_domain.setdefault(record["domain"] if record["domain"] is not None else NO_DOMAIN, []).append(record)

@@ -1,0 +1,244 @@
+"""Bad input to `sinkfix monitor run | report | ranges`, `sinkfix inspect` and `sinkfix.monitor`:
+refused with a one-line error (exit code 2 on the command line), and where the input is a file or
+a flag, before the model loads. A tiny model with a character tokenizer stands in for the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sinkfix
+from sinkfix import cli
+from sinkfix.errors import MonitorError
+from sinkfix.patch import PatchHandle
+from sinkfix.profile import ModelIdentity, Profile
+from sinkfix.telemetry.report import read_log, summarise
+
+from .conftest import CharTokenizer, tiny_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    model = tiny_model("llama", seed=3)
+    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
+    return model
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The model loader fails the test if anything calls it: the error must come before it."""
+    def load_model(name, **kw):
+        raise AssertionError(f"the model {name} was loaded before the bad input was refused")
+
+    monkeypatch.setattr(sinkfix, "load_model", load_model)
+
+
+def _requests(tmp_path, name="requests.jsonl"):
+    path = tmp_path / name
+    lines = [{"prompt": "def area(r):\n    return 3.14159 * r * r\n", "domain": "code"},
+             {"prompt": "The river ran quietly past the old mill at dusk.", "domain": "prose"}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def _run(requests, out, *extra):
+    return cli.main(["monitor", "run", "--requests", str(requests), "--out", str(out), "--max-new-tokens", "1",
+                     *extra])
+
+
+# -- 1. `monitor run --out` is only ever a telemetry log ---------------------------------------------
+def test_out_that_is_the_request_file_is_refused_before_the_model_loads(no_model, tmp_path, capsys):
+    requests = _requests(tmp_path)
+    before = requests.read_text()
+    assert _run(requests, requests) == 2
+    assert "is the request file" in _error(capsys)
+    # the same file under another spelling, and through a link
+    (tmp_path / "sub").mkdir()
+    assert _run(requests, tmp_path / "sub" / ".." / requests.name) == 2
+    assert "is the request file" in _error(capsys)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(requests)
+    assert _run(requests, link) == 2
+    assert "is the request file" in _error(capsys)
+    assert requests.read_text() == before
+
+
+@pytest.mark.parametrize("content", [
+    "some notes\n",
+    '{"prompt": "a request file by another name"}\n',
+    '{"format": "sinkfix-monitor-report", "version": 1}\n',
+    "\n\nnot a log after blank lines\n",
+    "\x00\xff binary",
+])
+def test_out_that_is_another_file_is_refused_before_the_model_loads(no_model, tmp_path, capsys, content):
+    other = tmp_path / "notes.txt"
+    other.write_bytes(content.encode("latin-1"))
+    assert _run(_requests(tmp_path), other) == 2
+    message = _error(capsys)
+    assert message.startswith("sinkfix monitor: error:") and "is not a sinkfix telemetry log" in message
+    assert other.read_bytes() == content.encode("latin-1")
+
+
+def test_a_telemetry_log_or_an_empty_file_is_appended_to(tiny, tmp_path):
+    requests = _requests(tmp_path)
+    log = tmp_path / "t.jsonl"
+    log.write_text("")  # an empty file (touched beforehand) is fine
+    assert _run(requests, log) == 0
+    assert _run(requests, log) == 0  # appended to the log the first run wrote
+    assert len(read_log(log)) == 4
+
+
+def test_the_library_refuses_a_log_that_is_another_file(tmp_path):
+    from sinkfix.telemetry.outputs import check_log_file
+
+    assert check_log_file(tmp_path / "missing.jsonl") == tmp_path / "missing.jsonl"
+    assert check_log_file("/dev/null").name == "null"  # not a regular file: not read
+    model = tiny_model("llama")
+    other = tmp_path / "requests.jsonl"
+    other.write_text('{"prompt": "x"}\n')
+    with pytest.raises(MonitorError, match="not a sinkfix telemetry log"):
+        sinkfix.monitor(model, log=other)
+    assert PatchHandle.of(model) is None  # the identity patch it made was removed again
+    assert other.read_text() == '{"prompt": "x"}\n'
+
+
+# -- 2. out-of-range arguments ------------------------------------------------------------------------
+def _record(domain, dormancy):
+    return {"schema": "sinkfix-telemetry", "version": 1, "domain": domain, "model": "m", "tokens": 10, "rows": [9],
+            "sink_share": [[0.3, 0.3]], "dormancy": dormancy, "dormant_heads": 0, "residual_peak": [2.0],
+            "hidden_sinks": [[0, 0]], "guard": None}
+
+
+@pytest.mark.parametrize("margin", [-1, -0.01, 0.5, 2, float("nan"), True])
+def test_report_refuses_a_margin_that_means_nothing(tmp_path, capsys, margin):
+    # a head never dormant (0.1, 0.2 on both domains) would be listed as a flip with margin -1
+    records = [_record("a", [[0.1, 0.6]]), _record("b", [[0.2, 0.1]])]
+    with pytest.raises(MonitorError, match="margin must be a number in \\[0, 0.5\\)"):
+        summarise(records, margin=margin)
+    if isinstance(margin, bool):
+        return
+    log = tmp_path / "t.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert cli.main(["monitor", "report", str(log), "--margin", str(margin), "--no-figures"]) == 2
+    assert "--margin must be a number in [0, 0.5)" in _error(capsys)
+
+
+def test_report_margins_in_range_still_work():
+    records = [_record("a", [[0.1, 0.6]]), _record("b", [[0.2, 0.1]])]
+    assert [(f["layer"], f["head"]) for f in summarise(records, margin=0).flips] == [(0, 1)]
+    assert summarise(records, margin=0.49).flips == []
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "32", None])
+def test_monitor_refuses_sample_rows_that_are_not_a_positive_integer(value):
+    model = tiny_model("llama")
+    with pytest.raises(MonitorError, match="sample_rows must be an integer >= 1"):
+        sinkfix.monitor(model, sample_rows=value)
+    assert PatchHandle.of(model) is None  # refused before the model was patched
+    with sinkfix.monitor(model, sample_rows=1) as monitor:  # the smallest count is fine
+        assert monitor.sample_rows == 1
+
+
+@pytest.mark.parametrize("value", [0, 1, 2, -0.1, float("nan"), float("inf"), True, None])
+def test_monitor_refuses_a_hidden_sink_threshold_outside_0_1(value):
+    model = tiny_model("llama")
+    with pytest.raises(MonitorError, match=r"hidden_sink_threshold must be a number in \(0, 1\)"):
+        sinkfix.monitor(model, hidden_sink_threshold=value)
+    assert PatchHandle.of(model) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_sample_rows_flag_is_checked_before_the_model_loads(no_model, tmp_path, capsys, value):
+    assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--sample-rows", value) == 2
+    assert f"--sample-rows must be an integer >= 1, got {value}" in _error(capsys)
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("value", ["2", "1", "0", "-0.5", "nan"])
+def test_inspect_refuses_a_hidden_sink_threshold_outside_0_1(no_model, tmp_path, capsys, value):
+    text = tmp_path / "a.txt"
+    text.write_text("a sentence of prose. " * 10)
+    assert cli.main(["inspect", "--text", str(text), "--out", str(tmp_path / "out"),
+                     "--hidden-sink-threshold", value]) == 2
+    assert "--hidden-sink-threshold must be a number in (0, 1)" in _error(capsys)
+
+
+# -- 3. profile files are read before the model loads ------------------------------------------------
+@pytest.fixture(params=["corrupt", "not a profile", "missing"])
+def bad_profile(request, tmp_path):
+    path = tmp_path / "p.json"
+    if request.param == "corrupt":
+        path.write_text('{"format": "sinkfix-profile", "version": ')
+        return path, "corrupted"
+    if request.param == "not a profile":
+        path.write_text('{"format": "sinkfix-monitor-report", "version": 1}')
+        return path, "not a sinkfix profile"
+    return tmp_path / "missing.json", "not found"
+
+
+def _inspect(tmp_path, *extra):
+    text = tmp_path / "a.txt"
+    text.write_text("a sentence of prose. " * 10)
+    return cli.main(["inspect", "--text", str(text), "--out", str(tmp_path / "out"), "--seq-len", "40", *extra])
+
+
+def test_inspect_reads_the_profile_before_the_model(no_model, tmp_path, capsys, bad_profile):
+    path, message = bad_profile
+    assert _inspect(tmp_path, "--profile", str(path)) == 2
+    assert message in _error(capsys)
+
+
+def test_inspect_parses_the_policy_before_the_model(no_model, tmp_path, capsys):
+    assert _inspect(tmp_path, "--policy", "sink_scale=7") == 2
+    assert "sinkfix inspect: error:" in _error(capsys)
+
+
+def test_monitor_run_reads_the_profile_before_the_model(no_model, tmp_path, capsys, bad_profile):
+    path, message = bad_profile
+    assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", str(path)) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_monitor_ranges_reads_the_profile_before_the_model(no_model, tmp_path, capsys, bad_profile):
+    path, message = bad_profile
+    text = tmp_path / "a.txt"
+    text.write_text("a sentence of prose. " * 10)
+    assert cli.main(["monitor", "ranges", "--text", str(text), "--profile", str(path),
+                     "--out", str(tmp_path / "ranged.json")]) == 2
+    assert message in _error(capsys)
+
+
+def _profile_of(model, path) -> str:
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    Profile(ModelIdentity.of(model), torch.full((layers, heads), 0.9)).save(path)
+    return str(path)
+
+
+def test_guard_without_statistics_is_refused_before_the_model(no_model, tmp_path, capsys):
+    profile = _profile_of(tiny_model("llama", seed=3), tmp_path / "p.json")  # no calibration statistics
+    assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", profile, "--guard") == 2
+    assert "carries calibration statistics" in _error(capsys)
+
+
+def test_a_profile_for_another_model_is_still_refused_after_loading(tiny, tmp_path, capsys):
+    other = _profile_of(tiny_model("gpt2"), tmp_path / "other.json")
+    assert _inspect(tmp_path, "--profile", other) == 2
+    assert "sinkfix inspect: error:" in _error(capsys)
+    assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", other) == 2
+    assert "sinkfix monitor: error:" in _error(capsys)
+    assert PatchHandle.of(tiny) is None
+    # and a profile of this model works on both commands
+    mine = _profile_of(tiny, tmp_path / "mine.json")
+    assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", mine) == 0
+    assert _inspect(tmp_path, "--profile", mine, "--no-figures") == 0
