@@ -242,3 +242,17 @@ def test_a_profile_for_another_model_is_still_refused_after_loading(tiny, tmp_pa
     mine = _profile_of(tiny, tmp_path / "mine.json")
     assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", mine) == 0
     assert _inspect(tmp_path, "--profile", mine, "--no-figures") == 0
+
+
+# -- the hidden-sink threshold, everywhere a user gives it ---------------------------------------------
+@pytest.mark.parametrize("bad", [0.0, 1.0, 2.0, -0.1, float("nan"), float("inf"), True, "0.1"])
+def test_the_hidden_sink_threshold_is_checked_in_the_api_and_bench(bad, llama):
+    from sinkfix.analysis.inspection import inspect
+    from sinkfix.bench.config import BenchConfig
+    from sinkfix.errors import SinkfixError, UsageError
+
+    with pytest.raises(UsageError, match="hidden_sink_threshold must be a number in"):
+        inspect(llama, None, "some text", hidden_sink_threshold=bad, progress=False)
+    with pytest.raises(SinkfixError, match="hidden_sink_threshold must be a number in"):
+        BenchConfig(hidden_sink_threshold=bad).validate()
+    BenchConfig(hidden_sink_threshold=None).validate()  # None: no hidden-sink pass, as documented

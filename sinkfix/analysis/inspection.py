@@ -38,7 +38,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.metrics import DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics, observed_model
+from sinkfix.analysis.metrics import (DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics,
+                                      check_hidden_sink_threshold, observed_model)
 from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
@@ -242,6 +243,7 @@ def inspect(
     domains when its dormancy score is at least this far above the threshold on one and below it
     on the other (scores closer to the threshold than that are noise on a few thousand tokens).
     """
+    check_hidden_sink_threshold(hidden_sink_threshold)
     if isinstance(texts, str):
         texts = {"text": texts}
     elif not isinstance(texts, Mapping):

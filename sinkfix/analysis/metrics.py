@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -34,11 +35,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.ops.reference import sink_key_mask, zero_value_lse
 
 __all__ = [
-    "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector",
+    "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector", "check_hidden_sink_threshold",
     "measure_extreme_tokens", "observed_model",
 ]
 
@@ -48,6 +50,16 @@ DORMANT_THRESHOLD = 0.5
 #: ACT's hidden-sink criterion (Yu et al. 2024): mean attention over the rows that can see the key.
 HIDDEN_SINK_THRESHOLD = 0.1
 _MIN_QUERIES = 32
+
+
+def check_hidden_sink_threshold(value, name: str = "hidden_sink_threshold", error: type[Exception] = UsageError) -> float:
+    """ACT's hidden-sink criterion as given by a user, checked: a finite number strictly between 0
+    and 1 (a key's mean attention can never exceed a threshold >= 1, and every key exceeds one
+    <= 0), else ``error`` naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value))
+            or not 0.0 < float(value) < 1.0):
+        raise error(f"{name} must be a number in (0, 1) (ACT: {HIDDEN_SINK_THRESHOLD}), got {value!r}")
+    return float(value)
 # Score-block budget in elements: (B, Hq, rows, K) fp32 blocks of ~16M elements (64 MB) keep the
 # peak memory flat in the window length (a 4096-token window on SmolLM2 uses 9 x 455 x 4096 blocks).
 _BLOCK_ELEMENTS = 16 * 1024 * 1024

@@ -63,6 +63,10 @@ class BenchConfig:
         for ok, message in checks:
             if not ok:
                 raise SinkfixError(message)
+        if self.hidden_sink_threshold is not None:  # None skips the hidden-sink pass
+            from sinkfix.analysis.metrics import check_hidden_sink_threshold
+
+            check_hidden_sink_threshold(self.hidden_sink_threshold, "hidden_sink_threshold", SinkfixError)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sinkfix.commands import SUMMARIES
-from sinkfix.errors import SinkfixError, UsageError
+from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
 __all__ = ["add_parser", "run", "add_common_arguments", "texts_from_args", "describe_texts", "TextSourceError"]
@@ -155,15 +155,14 @@ def run(args: argparse.Namespace) -> int:
 
     import sinkfix
     from sinkfix.analysis.inspection import inspect
+    from sinkfix.analysis.metrics import check_hidden_sink_threshold
     from sinkfix.files import check_writable
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile and args.policy:
         raise SinkfixError("give --profile or --policy, not both")
-    threshold = args.hidden_sink_threshold
-    if not 0.0 < threshold < 1.0:  # NaN and inf included: no key's mean attention can exceed 1
-        raise UsageError(f"--hidden-sink-threshold must be a number in (0, 1) (ACT: 0.1), got {threshold!r}")
+    check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")
     console = wide_console()
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import numbers
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD
+from sinkfix.analysis.metrics import check_hidden_sink_threshold as check_threshold
 from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
@@ -61,12 +61,8 @@ def check_sample_rows(value: Any, name: str = "sample_rows") -> int:
 
 
 def check_hidden_sink_threshold(value: Any, name: str = "hidden_sink_threshold") -> float:
-    """ACT's hidden-sink criterion, checked: a finite number strictly between 0 and 1 (a key's mean
-    attention can never exceed a threshold >= 1, and every key exceeds one <= 0)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0 \
-            or not math.isfinite(float(value)):
-        raise MonitorError(f"{name} must be a number in (0, 1) (ACT: {HIDDEN_SINK_THRESHOLD}), got {value!r}")
-    return float(value)
+    """ACT's hidden-sink criterion, checked (a number in (0, 1)); a :class:`MonitorError` naming ``name``."""
+    return check_threshold(value, name, MonitorError)
 
 
 @dataclass
