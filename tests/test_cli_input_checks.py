@@ -256,3 +256,27 @@ def test_the_hidden_sink_threshold_is_checked_in_the_api_and_bench(bad, llama):
     with pytest.raises(SinkfixError, match="hidden_sink_threshold must be a number in"):
         BenchConfig(hidden_sink_threshold=bad).validate()
     BenchConfig(hidden_sink_threshold=None).validate()  # None: no hidden-sink pass, as documented
+
+
+# -- --threads and --guard-margin: refused, never ignored --------------------------------------------
+@pytest.mark.parametrize("threads", ["0", "-1"])
+@pytest.mark.parametrize("command", ["inspect", "monitor run", "monitor ranges", "calibrate", "stream", "kvquant"])
+def test_threads_below_one_are_refused_before_the_model_loads(no_model, tmp_path, capsys, command, threads):
+    args = {"inspect": ["inspect", "--text", str(_requests(tmp_path))],
+            "monitor run": ["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(tmp_path / "o.jsonl")],
+            "monitor ranges": ["monitor", "ranges", "--profile", str(tmp_path / "p.json"), "--out",
+                               str(tmp_path / "q.json")],
+            "calibrate": ["calibrate", "--out", str(tmp_path / "p.json")],
+            "stream": ["stream", "--out", str(tmp_path / "s")],
+            "kvquant": ["kvquant"]}[command]
+    if command == "monitor ranges":  # a profile it can read, so that the threads are what it refuses
+        tiny_profile = Profile(ModelIdentity("LlamaForCausalLM", 2, (4, 4), 2, 64, 97, "ab" * 16),
+                               torch.full((2, 4), 0.9, dtype=torch.float64))
+        tiny_profile.save(tmp_path / "p.json")
+    assert cli.main([*args, "--threads", threads]) != 0
+    assert f"--threads must be >= 1, got {threads}" in _error(capsys)
+
+
+def test_guard_margin_without_a_guard_is_refused(no_model, tmp_path, capsys):
+    assert _run(_requests(tmp_path), tmp_path / "log.jsonl", "--guard-margin", "0.2") != 0
+    assert "--guard-margin sets the guard's margin: give it together with --guard" in _error(capsys)

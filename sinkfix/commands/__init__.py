@@ -14,3 +14,17 @@ SUMMARIES: dict[str, str] = {
     "stream": "streaming perplexity: sink cache vs window-only cache vs recomputation",
     "kvquant": "KV-cache quantization: full vs quantized vs sink-protected perplexity",
 }
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply a command's ``--threads`` (None: torch's own choice). A count below 1 is refused with a
+    UsageError: torch would ignore 0 here and fail on -1 with an error that does not name the option."""
+    if threads is None:
+        return
+    if threads < 1:
+        from sinkfix.errors import UsageError
+
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

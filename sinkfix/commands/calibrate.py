@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
@@ -187,7 +187,6 @@ def _pooled_table(record: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     import sinkfix
     from sinkfix.analysis.calibration import (CalibrationSettings, calibrate, fit_domains, require_two_domains,
@@ -196,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.commands.inspect import wide_console
     from sinkfix.files import check_writable
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     console = wide_console()
     texts = texts_from_args(args, "calib")
     console.print(describe_texts(texts), markup=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -151,15 +151,13 @@ def wide_console():
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     import sinkfix
     from sinkfix.analysis.inspection import inspect
     from sinkfix.analysis.metrics import check_hidden_sink_threshold
     from sinkfix.files import check_writable
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.profile and args.policy:
         raise SinkfixError("give --profile or --policy, not both")
     check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "parse_bits", "default_texts"]
@@ -108,7 +108,6 @@ def default_texts(files):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     import sinkfix
@@ -124,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)  # before the measurements, not after them
     KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
     texts = default_texts(args.text)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log("texts: " + "; ".join(f"{n} ({t.source})" for n, t in texts.items()) + f"; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import MonitorError
 
 __all__ = ["add_parser", "run"]
@@ -153,7 +153,6 @@ def _serve(monitor, model, tokenizer, requests, args) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    import torch
 
     import sinkfix
     from sinkfix.commands.inspect import wide_console
@@ -167,13 +166,14 @@ def _run_run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
     sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
     check_writable(args.out)  # the log, likewise
     check_log_file(args.out, requests=args.requests)  # not the request file, nor any other file but a log
     correction = _correction(args)  # the profile file, likewise
+    if args.guard_margin is not None and not args.guard:  # an option that would do nothing: refused
+        raise MonitorError("--guard-margin sets the guard's margin: give it together with --guard")
     guard_margin = DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin
     if args.guard:  # its statistics and margin, likewise (built again, against the model, by the monitor)
         Guard.from_profile(correction, margin=guard_margin)
@@ -282,7 +282,6 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # -- ranges / requests ------------------------------------------------------------------------------
 def _run_ranges(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     import sinkfix
@@ -291,8 +290,7 @@ def _run_ranges(args: argparse.Namespace) -> int:
     from sinkfix.files import check_writable
     from sinkfix.telemetry import calibration_statistics
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     texts = texts_from_args(args, "calib")
     print(describe_texts(texts))
     profile = sinkfix.Profile.load(args.profile)

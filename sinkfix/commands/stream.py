@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "stream_text", "tokenizer_adds_bos"]
@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out, folder=True)
     text, source = _load_text(args)
     profile = sinkfix.Profile.load(args.profile) if args.profile else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"text: {source}; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
