@@ -14,6 +14,8 @@ appended one complete line at a time, so a reader (or a crash) never sees half a
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import tempfile
@@ -22,7 +24,8 @@ from typing import IO, Any, Iterator
 
 from sinkfix.errors import OutputError
 
-__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "save_figure"]
+__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "save_figure",
+           "strict_json"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -82,11 +85,15 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
     :class:`OutputError` too, with the original as its ``__cause__``; any other exception passes
     through unchanged. Either way the temporary file is gone and the old target is untouched.
     Text is written as given (``newline=""``): "\\n" stays "\\n" on every platform, as the csv
-    module requires. Missing parent folders are created.
+    module requires. Missing parent folders are created. A symbolic link is followed: the file it
+    points to is replaced and the link stays (renaming over the link would replace the link itself
+    with a file and leave its target stale).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     if target.is_dir():
         raise _output_error(target, "it is a directory")
     fd, tmp = _open_temporary(target)
@@ -104,6 +111,22 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise _output_error(target, _reason(exc)) from exc
         raise
+
+
+def strict_json(value: Any, **dumps_kwargs: Any) -> str:
+    """``json.dumps`` of ``value`` with every NaN or infinity written as ``null``: Python's own output
+    for them (``NaN``, ``Infinity``) is not JSON, and strict parsers (``jq``, ``JSON.parse``) refuse
+    the whole document."""
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), allow_nan=False, **dumps_kwargs)
 
 
 def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Path:

@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from sinkfix.errors import ModelLoadError
+from sinkfix.errors import ModelLoadError, UsageError
 
-__all__ = ["load_model", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable",
+__all__ = ["load_model", "pick_device", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable",
            "converted_model_dir", "CACHE_ENV"]
 
 
@@ -139,29 +139,87 @@ def load_model(
                     return _finish(*loaded, offline.name, device)
     else:
         source, extra = name, {}
-        if not Path(name).exists() and "/" not in name:
+        local = Path(name).expanduser()
+        if not local.exists() and _looks_like_path(name):
+            raise ModelLoadError(f"no such model folder: {local} (a hub id has the form owner/name)")
+        if not local.exists() and "/" not in name:
             raise ModelLoadError(
                 f"unknown model {name!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local "
                 "path, and not a hub id of the form owner/name"
             )
-    if offline is None and not Path(name).exists() and not hub_reachable():
+        if local.exists():
+            source = str(local)
+            if "gguf_file" not in from_pretrained_kwargs:
+                _check_model_folder(local)
+    if offline is None and not Path(source).exists() and not hub_reachable():
         # No network: use the local cache only, so a missing model fails in a second, not after the
         # hub client's retries (measured: ~54 s here without this check).
         extra["local_files_only"] = True
+    on_disk = offline is not None or Path(source).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **from_pretrained_kwargs)
     except OSError as exc:
-        if offline is not None or Path(name).exists():
+        if on_disk:
             raise ModelLoadError(f"could not load {name!r} from {source}: {exc}") from None
         raise ModelLoadError(
             f"could not load {name!r} from the Hugging Face hub ({_short(exc)}). Without network access use "
             f"an offline model shipped in a package: {', '.join(OFFLINE_MODELS)} (e.g. load_model('smollm2-135m')), "
             "or a local folder."
         ) from None
+    except Exception as exc:
+        # A folder transformers cannot read (an unknown model_type, corrupt weights, a tokenizer it
+        # cannot build) raises ValueError, KeyError or the weights library's own error: one clear
+        # error naming the folder, the original chained for whoever needs it.
+        if not on_disk:
+            raise
+        raise ModelLoadError(f"could not load {name!r} from {source}: {type(exc).__name__}: {_short(exc)}") from exc
     if converted is not None:
         _store_converted(model, tokenizer, converted, folder / gguf)
     return _finish(model, tokenizer, offline.name if offline is not None else name, device)
+
+
+#: Files that hold a tokenizer in a transformers model folder (any one of them is enough).
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                              "spiece.model", "sentencepiece.bpe.model"})
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be meant as a folder: absolute, relative with ./ or ../, under ~, or with
+    more parts than a hub id's owner/name."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Refuse a local folder that lacks what a model needs, saying what is missing: transformers'
+    own errors for these name the wrong cause (a folder without tokenizer files is reported as a
+    missing sentencepiece or tiktoken install)."""
+    if not folder.is_dir():
+        return  # a file: transformers says it is not a folder
+    names = {entry.name for entry in folder.iterdir()}
+    if "config.json" not in names:
+        raise ModelLoadError(f"{folder} has no config.json: not a transformers model folder (write one with "
+                             "model.save_pretrained(folder))")
+    if not names & _TOKENIZER_FILES:
+        raise ModelLoadError(f"{folder} has no tokenizer files ({', '.join(sorted(_TOKENIZER_FILES))}): save the "
+                             "tokenizer there too (tokenizer.save_pretrained(folder))")
+
+
+def pick_device(name: str) -> torch.device:
+    """The device a command's ``--device`` names: "auto" (CUDA when torch sees one, else the CPU),
+    "cpu" or "cuda[:N]"; anything else, or CUDA where there is none, is a :class:`UsageError` raised
+    before a model loads (torch's own error for "banana" came after the load, as a traceback)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA device here")
+    return device
 
 
 def _finish(model, tokenizer, name: str, device):

@@ -191,6 +191,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         raise ProfileError(str(exc)) from exc
 
 
+def _unsavable(value: Any, where: str = "") -> str | None:
+    """Where in a profile's dictionary the first value that strict JSON cannot hold is, and what it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unsavable(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _unsavable(item, f"{where}[{index}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value} (JSON has no NaN or infinity)"
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        return f"{where} is a {type(value).__name__}, which JSON cannot hold"
+    return None
+
+
 def _json_text(value: Any) -> str:
     """A field's value as it reads in the file, shortened, for error messages."""
     try:
@@ -434,8 +455,13 @@ class Profile:
                    domain_parameters=domains, version=version, content_sinks=_content_from_dict(policy, version))
 
     def save(self, path: str | Path) -> Path:
-        """Write the profile as JSON, atomically. Returns the path."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        """Write the profile as JSON, atomically. Returns the path. A value JSON cannot hold (NaN or
+        infinity, an object) is a :class:`ProfileError` naming where it is, before anything is written."""
+        data = self.to_dict()
+        try:
+            text = json.dumps(data, indent=1, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"cannot save the profile: {_unsavable(data) or exc}") from None
         return atomic_write_text(path, text + "\n")
 
     @classmethod

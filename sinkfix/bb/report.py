@@ -260,6 +260,8 @@ def run_experiment(
     under ``"_models"`` (not JSON-serialisable; drop that key before dumping).
     """
     config = config or TrainConfig()
+    if not variants:
+        raise UsageError(f"no BB variant to train; choose from {', '.join(VARIANTS)}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UsageError(f"unknown BB variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")

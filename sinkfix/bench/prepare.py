@@ -15,7 +15,7 @@ import torch
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.errors import SinkfixError
 from sinkfix.evaluate import Window, bos_token_id, make_windows, model_device, tokenize
-from sinkfix.models import load_model
+from sinkfix.models import load_model, pick_device
 from sinkfix.texts import TextSource
 
 __all__ = [
@@ -53,18 +53,6 @@ class Protocol:
     bos_id: int | None
     stride: int
     domains: list[Domain]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SinkfixError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SinkfixError("--device cuda requested but torch sees no CUDA device")
-    return device
 
 
 def load_profile(path: str) -> Any:

@@ -59,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sinkfix.bb.report import run_experiment, summary_table, to_json, write_figures
-    from sinkfix.bb.train import TrainConfig
+    from sinkfix.bb.train import VARIANTS, TrainConfig
     from sinkfix.errors import UsageError
     from sinkfix.files import atomic_write_text, check_writable
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants:  # an empty list would train nothing and report an empty table
+        raise UsageError("--variants names no variant; choose from " + ", ".join(VARIANTS))
     for name, value in (("--steps", args.steps), ("--layers", args.layers), ("--width", args.width),
                         ("--batch", args.batch), ("--eval-every", args.eval_every), ("--threads", args.threads)):
         if value < 1:

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import UsageError
+from sinkfix.files import atomic_write_text, strict_json
 
 __all__ = ["add_parser", "run", "parse_bits", "default_texts"]
 
@@ -144,11 +144,9 @@ def run(args: argparse.Namespace) -> int:
                    else "per token and kv head, 64 channels (or the head) each"),
     }
     if args.out:
-        from sinkfix.files import atomic_write_text
-
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(args.out), strict_json(result, indent=2) + "\n")
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result))  # a share with nothing to recover is NaN: null in JSON
     else:
         _print_table(result)
     return 0

@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from sinkfix.errors import UsageError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
-from sinkfix.models import DEFAULT_MODEL
+from sinkfix.models import DEFAULT_MODEL, pick_device
 from sinkfix.policy import Policy
 from sinkfix.profile import Profile
 
@@ -83,8 +81,8 @@ class EvalConfig:
             raise UsageError(f"--confidence must lie in (0, 1), got {self.confidence}")
         if self.policy is not None and self.profile is not None:
             raise UsageError("give --policy or --profile, not both")
-        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {self.device}: torch sees no CUDA device here")
+        if self.device is not None:
+            pick_device(self.device)  # a name torch does not know, or CUDA where there is none
 
     def correction(self) -> Correction:
         spec = self.policy if self.policy is not None or self.profile is not None else DEFAULT_POLICY

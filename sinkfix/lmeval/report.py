@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
+
+from sinkfix.files import strict_json
 
 __all__ = ["render", "dumps", "table_rows", "protocol_lines"]
 
@@ -76,14 +77,6 @@ def render(report: dict[str, Any], console: Any) -> None:
 
 def dumps(report: dict[str, Any]) -> str:
     """The report as JSON text; non-finite numbers (a metric that overflowed) become null."""
-    return json.dumps(_finite(report), indent=1, allow_nan=False)
+    return strict_json(report, indent=1)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
