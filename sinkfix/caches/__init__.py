@@ -5,7 +5,8 @@
   the cache; ``bits=2|4`` quantizes the older tokens with transformers' own backends while the sinks
   stay in full precision.
 * :func:`feed` streams a long input through such a cache in chunks, each token seeing exactly the
-  tokens it would see when decoded one at a time.
+  tokens it would see when decoded one at a time: it yields each chunk's logits and feeds nothing
+  until iterated (``for logits in feed(model, cache, ids): ...``).
 
 docs/caches.md describes the position rule and the quantization layout.
 """

@@ -83,15 +83,37 @@ def _as_model_mask(masks: dict[str, torch.Tensor], model) -> torch.Tensor | dict
     return masks["full_attention"] if len(masks) == 1 else masks
 
 
-@torch.no_grad()
 def feed(model, cache: SinkCache, input_ids: torch.Tensor, *, chunk_size: int = 32,
          on_chunk: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
-    """Stream ``input_ids`` (B, N), unpadded, through ``model`` with ``cache``; yield each chunk's logits
-    (B, C, V). The cache may already hold earlier tokens of the same rows."""
+    """Stream ``input_ids`` (B, N), unpadded, through ``model`` with ``cache``: return an iterator that
+    runs one forward per chunk of ``chunk_size`` tokens and yields that chunk's logits (B, C, V).
+
+    Nothing is fed until the iterator is consumed (``for logits in feed(...)``, or
+    ``torch.cat(list(feed(...)), 1)``); the arguments are checked at once, when ``feed`` is called.
+    The cache may already hold earlier tokens of the same rows. ``on_chunk(C)`` is called after each
+    chunk's forward. Raises :class:`CacheError` for a cache that is not a :class:`SinkCache`, a
+    ``chunk_size`` that is not a positive integer, or ``input_ids`` that are not a 2-D (B, N) tensor
+    of token ids (one sequence: ``ids[None]``).
+    """
     if not isinstance(cache, SinkCache):
         raise CacheError(f"feed() needs a SinkCache, got {type(cache).__name__}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise CacheError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise CacheError(f"feed() takes input_ids as a (batch, tokens) tensor, got {type(input_ids).__name__}")
+    if input_ids.ndim != 2:
+        hint = ": for one sequence pass ids[None]" if input_ids.ndim == 1 else ""
+        raise CacheError(f"feed() takes input_ids of shape (batch, tokens), got shape {tuple(input_ids.shape)}{hint}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise CacheError(f"feed() takes integer token ids, got a {input_ids.dtype} tensor")
+    if on_chunk is not None and not callable(on_chunk):
+        raise CacheError(f"on_chunk must be callable or None, got {type(on_chunk).__name__}")
+    return _feed(model, cache, input_ids, chunk_size, on_chunk)
+
+
+@torch.no_grad()
+def _feed(model, cache: SinkCache, input_ids: torch.Tensor, chunk_size: int,
+          on_chunk: Callable[[int], None] | None) -> Iterator[torch.Tensor]:
     batch, total = input_ids.shape
     device = input_ids.device
     for start in range(0, total, chunk_size):
