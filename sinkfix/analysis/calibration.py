@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import random
 import time
 import warnings
@@ -57,6 +58,7 @@ from sinkfix.texts import DOMAINS, domain_text
 
 __all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows",
            "domain_windows", "CalibrationError", "CalibrationSettings", "Calibrator", "require_two_domains",
+           "duplicate_texts", "min_seq_len",
            "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key"]
 
 CALIBRATION_RULES = ("robust", "pooled")
@@ -97,18 +99,41 @@ class CalibrationSettings:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        # every check here runs before any model is loaded (the CLI builds its settings first)
         if self.precision not in FIT_PRECISIONS:
             raise CalibrationError(f"precision must be one of {', '.join(FIT_PRECISIONS)}, got {self.precision!r}")
-        if not 0 < self.init_beta < 1:
+        if self.bos not in (True, False, "both"):
+            raise CalibrationError(f"bos must be True, False or 'both', got {self.bos!r}")
+        for name in ("seq_len", "steps", "eval_every", "patience", "seed") + (("max_tokens",) * (self.max_tokens is not None)):
+            if not is_integer(getattr(self, name)):
+                raise CalibrationError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.seq_len < min_seq_len(self.bos):
+            raise CalibrationError(f"seq_len must be >= {min_seq_len(self.bos)} with bos={self.bos!r} (at least two "
+                                   f"text tokens per window, one of them predicted from the other), got {self.seq_len}")
+        if not is_real(self.init_beta) or not 0 < self.init_beta < 1:
             raise CalibrationError(f"init_beta must lie strictly between 0 and 1, got {self.init_beta}")
         if self.steps < 0 or self.eval_every < 1 or self.patience < 1:
             raise CalibrationError("steps must be >= 0, eval_every and patience >= 1")
-        if not 0 <= self.val_fraction < 1:
+        if not is_real(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise CalibrationError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.bos not in (True, False, "both"):
-            raise CalibrationError(f"bos must be True, False or 'both', got {self.bos!r}")
+        if not is_real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise CalibrationError(f"lr (the Adam learning rate) must be a finite number > 0, got {self.lr!r}")
+        if not is_real(self.reg) or not (math.isfinite(self.reg) and self.reg >= 0):
+            raise CalibrationError(f"reg (the weight of the pull toward beta = 1) must be a finite number >= 0, got "
+                                   f"{self.reg!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise CalibrationError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        needed = self.windows_needed * self.text_tokens
+        if self.max_tokens is not None and self.max_tokens < needed:
+            raise CalibrationError(
+                f"max_tokens {self.max_tokens} cannot give a domain the {self.windows_needed} full {self.seq_len}-token "
+                f"window(s) a calibration {'and validation split needs' if self.windows_needed == 2 else 'needs'}: "
+                f"that takes at least {needed} tokens per domain")
+
+    @property
+    def windows_needed(self) -> int:
+        """Full windows a domain must give: one to fit on, and one to validate on when ``val_fraction > 0``."""
+        return 2 if self.val_fraction > 0 else 1
 
     @property
     def on_sink_rows(self) -> bool:
@@ -132,6 +157,22 @@ class CalibrationSettings:
                 "max_tokens": self.max_tokens, "seed": self.seed, "precision": self.precision}
 
 
+def is_integer(value) -> bool:
+    """An int (numpy's too), not a bool: a count or a length."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (int, float, numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def min_seq_len(bos: bool | str) -> int:
+    """The shortest window of the ``bos`` protocol: two text tokens (one predicted from the other),
+    plus the BOS token where windows start with it (``bos=True``; ``"both"`` has such windows too)."""
+    return 2 + (bos is True or bos == "both")
+
+
 def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
                         max_tokens: int | None = None) -> list[torch.Tensor]:
     """Non-overlapping full-length windows (1-D ids) over ``text``; BOS first when ``bos``.
@@ -145,6 +186,8 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
         return [with_bos[i] if i % 2 == 0 else without[i] for i in range(min(len(with_bos), len(without)))]
     if not isinstance(bos, bool):
         raise CalibrationError(f"bos must be True, False or 'both', got {bos!r}")
+    if not is_integer(seq_len) or seq_len < min_seq_len(bos):
+        raise CalibrationError(f"seq_len must be an integer >= {min_seq_len(bos)} with bos={bos!r}, got {seq_len!r}")
     ids = tokenize(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -184,7 +227,7 @@ def _split(windows: list[torch.Tensor], val_fraction: float) -> DomainWindows:
 def domain_windows(tokenizer, texts, settings: CalibrationSettings) -> dict[str, DomainWindows]:
     """Each domain's calibration and validation windows. A domain too short to give one calibration
     and (with ``val_fraction > 0``) one validation window is a :class:`CalibrationError` naming it."""
-    needed = 2 if settings.val_fraction > 0 else 1
+    needed = settings.windows_needed
     out = {}
     for name, text in _normalise_texts(texts).items():
         windows = calibration_windows(tokenizer, text, seq_len=settings.seq_len, bos=settings.bos,
@@ -539,6 +582,11 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     settings = settings or CalibrationSettings()
     if settings.val_fraction <= 0:
         raise CalibrationError("per-domain fits validate on each domain's held-out windows: val_fraction must be > 0")
+    texts = _normalise_texts(texts)
+    warn_duplicate_texts(texts)
+    if 0 < settings.steps < len(texts):
+        warnings.warn(f"steps={settings.steps} split evenly among {len(texts)} domains is 0 steps per domain: every "
+                      "fit is the identity", stacklevel=2)
     windows = domain_windows(tokenizer, texts, settings)
     steps = _steps_per_domain(settings, len(windows))
     say = log or (lambda message: None)
@@ -559,6 +607,31 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     finally:
         bar.close()
     return DomainFits(fits, windows, settings, round(time.perf_counter() - started, 1), shape, precision)
+
+
+def duplicate_texts(texts: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Pairs (first, copy) of domains whose texts are identical: the same file given twice, say."""
+    first: dict[str, str] = {}
+    pairs = []
+    for name, text in texts.items():
+        if isinstance(text, str) and text in first:
+            pairs.append((first[text], name))
+        elif isinstance(text, str):
+            first[text] = name
+    return pairs
+
+
+def describe_duplicates(pairs: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
+
+
+def warn_duplicate_texts(texts: Mapping[str, str]) -> None:
+    """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
+    its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them."""
+    pairs = duplicate_texts(texts)
+    if pairs:
+        warnings.warn(f"identical calibration texts: {describe_duplicates(pairs)}; each copy's fit is scored on the "
+                      "other copy, so the domain-robust selection treats one text as two domains", stacklevel=3)
 
 
 # -- from fits to a profile ---------------------------------------------------------------------

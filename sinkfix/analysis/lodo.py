@@ -19,6 +19,7 @@ built from every domain used for early stopping and selection; the result says w
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -112,9 +113,17 @@ def require_three_domains(names: Sequence[str]) -> None:
             f"({', '.join(map(repr, names))})")
 
 
+def check_eval_windows(eval_windows) -> None:
+    """Evaluation windows per domain: an integer >= 1 (0 would still score one window, as make_windows stops
+    only after its first)."""
+    if isinstance(eval_windows, bool) or not isinstance(eval_windows, numbers.Integral) or eval_windows < 1:
+        raise CalibrationError(f"eval_windows must be an integer >= 1, got {eval_windows!r}")
+
+
 def evaluation_windows(tokenizer, texts: Mapping[str, str | None], fits: DomainFits,
                        eval_windows: int) -> tuple[dict[str, list[Window]], dict[str, str]]:
     """Each domain's evaluation windows (its evaluation text, or its validation windows) and their source."""
+    check_eval_windows(eval_windows)
     settings = fits.settings
     bos = settings.bos is True
     windows, sources = {}, {}
@@ -284,6 +293,7 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     """
     say = log or (lambda message: None)
     require_three_domains(fits.domains)
+    check_eval_windows(eval_windows)
     windows, sources = evaluation_windows(tokenizer, eval_texts, fits, eval_windows)
     cache = {} if cache is None else cache
     score = window_scores if per_window else evaluate_parameters

@@ -15,7 +15,7 @@ from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
-__all__ = ["add_parser", "run", "STATISTICS_WINDOWS"]
+__all__ = ["add_parser", "run", "STATISTICS_WINDOWS", "default_out"]
 
 #: Calibration windows per domain behind a profile's guard statistics (the first ones). The guard's
 #: default margin (sinkfix.telemetry.guard.DEFAULT_MARGIN) was chosen with ranges from 8 windows per
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "another, chosen by leave-one-domain-out on the validation windows (docs/calibration.md).",
     )
     add_common_arguments(parser, default_max_tokens=8192, split="calib")
-    parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json)")
+    parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json; a local model folder by its own name)")
     parser.add_argument("--rule", choices=("robust", "pooled"), default="robust",
                         help="robust (default): one fit per domain, combined by leave-one-domain-out selection; "
                              "pooled: one fit on all texts together (not domain-robust)")
@@ -199,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
     console = wide_console()
     texts = texts_from_args(args, "calib")
     console.print(describe_texts(texts), markup=False)
-    out = check_writable(args.out or f"{args.model.replace('/', '_')}.profile.json")  # before the fits, not after
+    _check_numbers(args, len(texts))  # each flag named in its error, before CalibrationSettings' own checks
+    _refuse_duplicate_texts(texts)
+    out = check_writable(args.out or default_out(args.model))  # before the fits, not after
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                                    virtual_logits=args.virtual_logits,
@@ -248,6 +250,80 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         _evaluate(console, model, tokenizer, fits, profile, texts, args)
     return 0
+
+
+def default_out(model: str) -> str:
+    """The profile path without ``--out``: ``<model>.profile.json`` in the working folder. A local folder
+    (``../lm/tiny_full``, ``./m/``) is named by its own name (``tiny_full``), never by the path (that gave
+    the hidden file ``.._lm_tiny_full.profile.json``); a registry name or hub id keeps its name, ``/`` as ``_``
+    (``HuggingFaceTB_SmolLM2-135M``)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if path.exists():
+        name = path.resolve().name or "model"
+    else:
+        name = model.strip("/").replace("/", "_") or "model"
+    return f"{name}.profile.json"
+
+
+def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
+    """The numeric options, each refused by its flag's name where its value means nothing: before the
+    texts are tokenized or the model is loaded, never as torch's error or a crash at save."""
+    import math
+
+    from sinkfix.analysis.calibration import min_seq_len
+    from sinkfix.errors import UsageError
+
+    def finite(flag: str, value: float, low: float, *, inclusive: bool, meaning: str) -> None:
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise UsageError(f"{flag} ({meaning}) must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                             f"got {value}")
+
+    shortest = min_seq_len(args.bos)
+    if args.seq_len < shortest:
+        raise UsageError(f"--seq-len must be >= {shortest} {'with' if args.bos else 'without'} --bos (two text "
+                         f"tokens per window at the least, one predicted from the other), got {args.seq_len}")
+    finite("--lr", args.lr, 0, inclusive=False, meaning="Adam learning rate")
+    finite("--hidden-lr", args.hidden_lr, 0, inclusive=False, meaning="hidden sinks' Adam learning rate")
+    finite("--reg", args.reg, 0, inclusive=True, meaning="weight of the pull toward beta = 1")
+    if not 0 <= args.val_fraction < 1:  # NaN too
+        raise UsageError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+    if args.rule == "robust" and args.val_fraction == 0:
+        raise UsageError("--val-fraction must be > 0 with --rule robust: each domain's fit stops early on its held-out "
+                         "windows, and the selection scores the other domains' fits on them")
+    if args.steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {args.steps}")
+    robust_positional = args.rule == "robust" and args.sinks in ("positional", "combined")
+    for flag, steps, applies in (("--steps", args.steps, robust_positional),
+                                 ("--hidden-steps", args.hidden_steps, args.sinks != "positional")):
+        if applies and 0 < steps < n_domains:
+            raise UsageError(f"{flag} {steps} split evenly among {n_domains} domains is 0 steps per domain, so every "
+                             f"fit would be the identity; give at least {n_domains} (or 0 on purpose)")
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        windows = 2 if args.val_fraction > 0 else 1
+        needed = windows * (args.seq_len - int(args.bos))
+        if args.max_tokens < needed:
+            raise UsageError(f"--max-tokens {args.max_tokens} cannot give a text the {windows} full "
+                             f"{args.seq_len}-token window(s) a calibration{' and validation split' * (windows == 2)} "
+                             f"needs: that takes at least {needed} tokens; raise --max-tokens or lower --seq-len")
+    if args.evaluate and args.eval_windows < 1:
+        raise UsageError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+
+
+def _refuse_duplicate_texts(texts) -> None:
+    """The same text twice (one file given twice, or two files with one content) is refused, as a
+    built-in domain named twice is (sinkfix.texts): each copy's fit would be validated and, left out,
+    scored on the other copy, so the selection and leave-one-domain-out would treat one text as two domains."""
+    from sinkfix.analysis.calibration import duplicate_texts
+    from sinkfix.errors import UsageError
+
+    pairs = duplicate_texts({name: t.text for name, t in texts.items()})
+    if pairs:
+        named = "; ".join(f"{b!r} ({texts[b].source}) is the same text as {a!r} ({texts[a].source})" for a, b in pairs)
+        raise UsageError(f"a calibration text is given twice: {named}; give each text once")
 
 
 def _check_selection(args: argparse.Namespace) -> None:
