@@ -77,6 +77,17 @@ class CharTokenizer:
         return "".join(chr(32 + int(i) % 90) for i in ids)
 
 
+@pytest.fixture
+def loaded_tiny(monkeypatch):
+    """``sinkfix.load_model`` hands out a tiny Llama (seed 3) and a :class:`CharTokenizer`, whatever
+    the name: the CLIs run end to end in seconds. Returns the model."""
+    import sinkfix
+
+    model = tiny_model("llama", seed=3)
+    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
+    return model
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M from its offline package, loaded once per session (~15 s) for every slow test

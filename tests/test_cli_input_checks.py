@@ -16,16 +16,14 @@ from sinkfix.patch import PatchHandle
 from sinkfix.profile import ModelIdentity, Profile
 from sinkfix.telemetry.report import read_log, summarise
 
-from .conftest import CharTokenizer, tiny_model
+from .conftest import tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    model = tiny_model("llama", seed=3)
-    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
-    return model
+def tiny(loaded_tiny):
+    return loaded_tiny
 
 
 @pytest.fixture

@@ -15,16 +15,13 @@ from sinkfix.files import LineLog
 from sinkfix.telemetry.report import read_log, summarise
 from sinkfix.telemetry.requests import builtin_requests, read_requests
 
-from .conftest import CharTokenizer, tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    model = tiny_model("llama", seed=3)
-    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
-    return model
+def tiny(loaded_tiny):
+    return loaded_tiny
 
 
 def _requests(tmp_path):
