@@ -246,7 +246,7 @@ def test_other_numeric_options(no_model, files, tmp_path, capsys, argv, needles)
 def test_accepted_edge_values_reach_the_model_load(load_reached, files, tmp_path, capsys):
     """Values that mean something are not refused: steps 0 (the identity), reg 0, val fraction 0 pooled."""
     for argv in (["--steps", "0"], ["--reg", "0"], ["--rule", "pooled", "--val-fraction", "0", "--max-tokens", "63"],
-                 ["--steps", "3"], ["--eval-windows", "0"]):  # --eval-windows without --evaluate is unused
+                 ["--steps", "3"], ["--evaluate", "--eval-windows", "1"]):
         rc, err = run_cli(capsys, *files, "--out", str(tmp_path / "p.json"), "--seq-len", "64", *argv)
         assert rc == 2 and "reached the model load" in err, (argv, err)
 
@@ -270,3 +270,8 @@ def test_hidden_sink_settings_refuse_a_rate_or_weight_that_means_nothing(field, 
 
     with pytest.raises(CalibrationError, match="hidden-sink"):
         HiddenSettings(**{field: value})
+
+
+def test_eval_windows_without_evaluate_is_refused(no_model, files, tmp_path, capsys):
+    rc, err = run_cli(capsys, *files, "--out", str(tmp_path / "p.json"), "--seq-len", "64", "--eval-windows", "4")
+    assert_one_line_error(rc, err, "--eval-windows sets how --evaluate scores each domain")

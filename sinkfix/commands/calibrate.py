@@ -17,6 +17,9 @@ from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts
 
 __all__ = ["add_parser", "run", "STATISTICS_WINDOWS", "default_out"]
 
+#: Evaluation windows per domain of ``--evaluate`` (the leave-one-domain-out table).
+EVAL_WINDOWS = 8
+
 #: Calibration windows per domain behind a profile's guard statistics (the first ones). The guard's
 #: default margin (sinkfix.telemetry.guard.DEFAULT_MARGIN) was chosen with ranges from 8 windows per
 #: domain; all 16 of the default 8192 tokens took 80 forward passes, about 60 s of a calibration.
@@ -61,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="afterwards, rebuild the profile without each domain in turn and compare perplexity on "
                              "that domain's evaluation text (leave-one-domain-out; costs about as much again as "
                              "the calibration)")
-    parser.add_argument("--eval-windows", type=int, default=8, help="windows per domain for --evaluate (default 8)")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help=f"windows per domain for --evaluate (default {EVAL_WINDOWS})")
     parser.add_argument("--sinks", choices=("positional", "hidden", "combined"), default="positional",
                         help="which sinks to calibrate: positional (default: beta and virtual logit of the first-token "
                              "sink), hidden (per-head beta of ACT's content-dependent hidden sinks, heads whose beta "
@@ -309,7 +313,11 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
             raise UsageError(f"--max-tokens {args.max_tokens} cannot give a text the {windows} full "
                              f"{args.seq_len}-token window(s) a calibration{' and validation split' * (windows == 2)} "
                              f"needs: that takes at least {needed} tokens; raise --max-tokens or lower --seq-len")
-    if args.evaluate and args.eval_windows < 1:
+    if args.eval_windows is not None and not args.evaluate:  # an option that would do nothing: refused
+        raise UsageError("--eval-windows sets how --evaluate scores each domain: give it together with --evaluate")
+    if args.eval_windows is None:
+        args.eval_windows = EVAL_WINDOWS
+    if args.eval_windows < 1:
         raise UsageError(f"--eval-windows must be >= 1, got {args.eval_windows}")
 
 
