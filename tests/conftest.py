@@ -77,6 +77,15 @@ class CharTokenizer:
         return "".join(chr(32 + int(i) % 90) for i in ids)
 
 
+def text_args(folder, texts: dict[str, str]) -> list[str]:
+    """Each text written to ``folder/<name>.txt``, as the CLI's ``--text FILE`` arguments."""
+    args = []
+    for name, text in texts.items():
+        (folder / f"{name}.txt").write_text(text)
+        args += ["--text", str(folder / f"{name}.txt")]
+    return args
+
+
 @pytest.fixture
 def loaded_tiny(monkeypatch):
     """``sinkfix.load_model`` hands out a tiny Llama (seed 3) and a :class:`CharTokenizer`, whatever

@@ -14,7 +14,7 @@ from sinkfix.analysis.lodo import evaluation_windows, leave_one_domain_out
 from sinkfix.commands.calibrate import default_out
 from sinkfix.errors import ModelLoadError
 
-from .conftest import CharTokenizer, tiny_model
+from .conftest import CharTokenizer, text_args, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,11 +28,7 @@ THREE = {
 
 @pytest.fixture
 def files(tmp_path):
-    args = []
-    for name, text in THREE.items():
-        (tmp_path / f"{name}.txt").write_text(text)
-        args += ["--text", str(tmp_path / f"{name}.txt")]
-    return args
+    return text_args(tmp_path, THREE)
 
 
 @pytest.fixture

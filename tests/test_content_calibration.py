@@ -11,7 +11,7 @@ from sinkfix.analysis.content_calibration import calibrate_hidden_sinks
 from sinkfix.patch import PatchHandle
 from sinkfix.profile import Profile
 
-from .conftest import CharTokenizer, tiny_model
+from .conftest import CharTokenizer, text_args, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,11 +178,7 @@ def test_nothing_fitted_gives_the_identity_and_stock_outputs():
 
 
 def _texts_args(tmp_path):
-    args = []
-    for name, text in THREE.items():
-        (tmp_path / f"{name}.txt").write_text(text)
-        args += ["--text", str(tmp_path / f"{name}.txt")]
-    return args
+    return text_args(tmp_path, THREE)
 
 
 @pytest.mark.parametrize("sinks", ["hidden", "combined"])

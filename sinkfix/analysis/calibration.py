@@ -58,7 +58,7 @@ from sinkfix.texts import DOMAINS, domain_text
 
 __all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows",
            "domain_windows", "CalibrationError", "CalibrationSettings", "Calibrator", "require_two_domains",
-           "duplicate_texts", "min_seq_len",
+           "duplicate_texts", "min_seq_len", "check_finite", "tokens_needed", "is_integer", "is_real",
            "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key"]
 
 CALIBRATION_RULES = ("robust", "pooled")
@@ -116,24 +116,21 @@ class CalibrationSettings:
             raise CalibrationError("steps must be >= 0, eval_every and patience >= 1")
         if not is_real(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise CalibrationError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if not is_real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
-            raise CalibrationError(f"lr (the Adam learning rate) must be a finite number > 0, got {self.lr!r}")
-        if not is_real(self.reg) or not (math.isfinite(self.reg) and self.reg >= 0):
-            raise CalibrationError(f"reg (the weight of the pull toward beta = 1) must be a finite number >= 0, got "
-                                   f"{self.reg!r}")
+        check_finite(self.lr, "lr (the Adam learning rate)", 0, inclusive=False)
+        check_finite(self.reg, "reg (the weight of the pull toward beta = 1)", 0, inclusive=True)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise CalibrationError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-        needed = self.windows_needed * self.text_tokens
+        windows, needed = tokens_needed(self.seq_len, self.bos, self.val_fraction)
         if self.max_tokens is not None and self.max_tokens < needed:
             raise CalibrationError(
-                f"max_tokens {self.max_tokens} cannot give a domain the {self.windows_needed} full {self.seq_len}-token "
-                f"window(s) a calibration {'and validation split needs' if self.windows_needed == 2 else 'needs'}: "
+                f"max_tokens {self.max_tokens} cannot give a domain the {windows} full {self.seq_len}-token "
+                f"window(s) a calibration {'and validation split needs' if windows == 2 else 'needs'}: "
                 f"that takes at least {needed} tokens per domain")
 
     @property
     def windows_needed(self) -> int:
         """Full windows a domain must give: one to fit on, and one to validate on when ``val_fraction > 0``."""
-        return 2 if self.val_fraction > 0 else 1
+        return tokens_needed(self.seq_len, self.bos, self.val_fraction)[0]
 
     @property
     def on_sink_rows(self) -> bool:
@@ -165,6 +162,22 @@ def is_integer(value) -> bool:
 def is_real(value) -> bool:
     """A real number (int, float, numpy's), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_finite(value, what: str, low: float, *, inclusive: bool, error: type[Exception] = CalibrationError) -> float:
+    """A rate or weight checked: a finite real number above ``low`` (or at it, ``inclusive``), else
+    ``error`` saying ``what`` must be. Torch refuses a NaN or negative Adam rate only once a model is
+    loaded, and an infinite rate or a NaN weight ran a whole fit and failed when the profile was saved."""
+    if not (is_real(value) and math.isfinite(value) and (value >= low if inclusive else value > low)):
+        raise error(f"{what} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+    return float(value)
+
+
+def tokens_needed(seq_len: int, bos: bool | str, val_fraction: float) -> tuple[int, int]:
+    """(full windows a domain must give, the text tokens they take): one window to fit on, one more to
+    validate on when ``val_fraction > 0``; a window's BOS token (``bos=True``) is not text."""
+    windows = 2 if val_fraction > 0 else 1
+    return windows, windows * (seq_len - int(bos is True))
 
 
 def min_seq_len(bos: bool | str) -> int:
@@ -621,16 +634,13 @@ def duplicate_texts(texts: Mapping[str, str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def describe_duplicates(pairs: Sequence[tuple[str, str]]) -> str:
-    return "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
-
-
 def warn_duplicate_texts(texts: Mapping[str, str]) -> None:
     """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
     its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them."""
     pairs = duplicate_texts(texts)
     if pairs:
-        warnings.warn(f"identical calibration texts: {describe_duplicates(pairs)}; each copy's fit is scored on the "
+        named = "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
+        warnings.warn(f"identical calibration texts: {named}; each copy's fit is scored on the "
                       "other copy, so the domain-robust selection treats one text as two domains", stacklevel=3)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, DomainWindows, Parameters, Progress,
-                                          calibration_windows, domain_windows, is_real, parameters_key)
+                                          calibration_windows, check_finite, domain_windows, parameters_key)
 from sinkfix.analysis.robust import Candidate, Selection, candidate_parameters, candidates, worst_case_choice
 from sinkfix.evaluate import model_device, window_nll
 from sinkfix.policy import ContentSinks, Policy
@@ -228,12 +228,8 @@ class HiddenSettings:
             raise CalibrationError(f"head_margin must lie in [0, 1), got {self.head_margin!r}")
         if self.steps < 0 or self.eval_every < 1 or self.patience < 1:
             raise CalibrationError("hidden-sink steps must be >= 0, eval_every and patience >= 1")
-        # as the positional fit's settings: torch refuses a NaN or negative rate only once the model is
-        # loaded, and an infinite rate or a NaN weight ran the whole fit and failed when the profile was saved
-        if not (is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
-            raise CalibrationError(f"the hidden-sink learning rate must be a finite number > 0, got {self.lr!r}")
-        if not (is_real(self.reg) and math.isfinite(self.reg) and self.reg >= 0):
-            raise CalibrationError(f"the hidden-sink reg weight must be a finite number >= 0, got {self.reg!r}")
+        check_finite(self.lr, "the hidden-sink learning rate", 0, inclusive=False)
+        check_finite(self.reg, "the hidden-sink reg weight", 0, inclusive=True)
 
 
 def check_hidden_betas(betas: Sequence[float]) -> None:

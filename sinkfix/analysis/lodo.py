@@ -19,15 +19,14 @@ built from every domain used for early stopping and selection; the result says w
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from sinkfix.analysis.calibration import (CalibrationError, Calibrator, DomainFits, Progress, parameters_key,
-                                          robust_profile)
+from sinkfix.analysis.calibration import (CalibrationError, Calibrator, DomainFits, Progress, is_integer,
+                                          parameters_key, robust_profile)
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, Candidate
 from sinkfix.evaluate import Window, bos_token_id, make_windows, tokenize, windows_nll
 
@@ -116,7 +115,7 @@ def require_three_domains(names: Sequence[str]) -> None:
 def check_eval_windows(eval_windows) -> None:
     """Evaluation windows per domain: an integer >= 1 (0 would still score one window, as make_windows stops
     only after its first)."""
-    if isinstance(eval_windows, bool) or not isinstance(eval_windows, numbers.Integral) or eval_windows < 1:
+    if not is_integer(eval_windows) or eval_windows < 1:
         raise CalibrationError(f"eval_windows must be an integer >= 1, got {eval_windows!r}")
 
 
@@ -293,7 +292,6 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     """
     say = log or (lambda message: None)
     require_three_domains(fits.domains)
-    check_eval_windows(eval_windows)
     windows, sources = evaluation_windows(tokenizer, eval_texts, fits, eval_windows)
     cache = {} if cache is None else cache
     score = window_scores if per_window else evaluate_parameters

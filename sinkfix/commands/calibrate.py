@@ -191,7 +191,6 @@ def _pooled_table(record: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-
     import sinkfix
     from sinkfix.analysis.calibration import (CalibrationSettings, calibrate, fit_domains, require_two_domains,
                                               robust_profile)
@@ -274,23 +273,16 @@ def default_out(model: str) -> str:
 def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     """The numeric options, each refused by its flag's name where its value means nothing: before the
     texts are tokenized or the model is loaded, never as torch's error or a crash at save."""
-    import math
-
-    from sinkfix.analysis.calibration import min_seq_len
+    from sinkfix.analysis.calibration import check_finite, min_seq_len, tokens_needed
     from sinkfix.errors import UsageError
-
-    def finite(flag: str, value: float, low: float, *, inclusive: bool, meaning: str) -> None:
-        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            raise UsageError(f"{flag} ({meaning}) must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                             f"got {value}")
 
     shortest = min_seq_len(args.bos)
     if args.seq_len < shortest:
         raise UsageError(f"--seq-len must be >= {shortest} {'with' if args.bos else 'without'} --bos (two text "
                          f"tokens per window at the least, one predicted from the other), got {args.seq_len}")
-    finite("--lr", args.lr, 0, inclusive=False, meaning="Adam learning rate")
-    finite("--hidden-lr", args.hidden_lr, 0, inclusive=False, meaning="hidden sinks' Adam learning rate")
-    finite("--reg", args.reg, 0, inclusive=True, meaning="weight of the pull toward beta = 1")
+    check_finite(args.lr, "--lr (Adam learning rate)", 0, inclusive=False, error=UsageError)
+    check_finite(args.hidden_lr, "--hidden-lr (hidden sinks' Adam learning rate)", 0, inclusive=False, error=UsageError)
+    check_finite(args.reg, "--reg (weight of the pull toward beta = 1)", 0, inclusive=True, error=UsageError)
     if not 0 <= args.val_fraction < 1:  # NaN too
         raise UsageError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     if args.rule == "robust" and args.val_fraction == 0:
@@ -307,8 +299,7 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     if args.max_tokens is not None:
         if args.max_tokens < 1:
             raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-        windows = 2 if args.val_fraction > 0 else 1
-        needed = windows * (args.seq_len - int(args.bos))
+        windows, needed = tokens_needed(args.seq_len, args.bos, args.val_fraction)
         if args.max_tokens < needed:
             raise UsageError(f"--max-tokens {args.max_tokens} cannot give a text the {windows} full "
                              f"{args.seq_len}-token window(s) a calibration{' and validation split' * (windows == 2)} "

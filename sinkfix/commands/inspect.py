@@ -151,7 +151,6 @@ def wide_console():
 
 
 def run(args: argparse.Namespace) -> int:
-
     import sinkfix
     from sinkfix.analysis.inspection import inspect
     from sinkfix.analysis.metrics import check_hidden_sink_threshold

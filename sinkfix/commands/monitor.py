@@ -153,7 +153,6 @@ def _serve(monitor, model, tokenizer, requests, args) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-
     import sinkfix
     from sinkfix.commands.inspect import wide_console
     from sinkfix.files import check_writable

@@ -26,8 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD
-from sinkfix.analysis.metrics import check_hidden_sink_threshold as check_threshold
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, check_hidden_sink_threshold
 from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
@@ -36,7 +35,7 @@ from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_m
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
-__all__ = ["Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows", "check_hidden_sink_threshold"]
+__all__ = ["Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
 
 #: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate:
 #: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, one thread)
@@ -58,11 +57,6 @@ def check_sample_rows(value: Any, name: str = "sample_rows") -> int:
     """The prompt rows behind the hidden-sink estimate, checked: an integer >= 1 (default
     :data:`SAMPLE_ROWS`); anything else is a :class:`MonitorError` naming ``name``."""
     return _count(value, name)
-
-
-def check_hidden_sink_threshold(value: Any, name: str = "hidden_sink_threshold") -> float:
-    """ACT's hidden-sink criterion, checked (a number in (0, 1)); a :class:`MonitorError` naming ``name``."""
-    return check_threshold(value, name, MonitorError)
 
 
 @dataclass
@@ -146,7 +140,7 @@ class Monitor:
         self.log = self.exporter = None
         # checked before anything else, so that a refused argument leaves the model as it was
         self.sample_rows = check_sample_rows(sample_rows)
-        self.hidden_sink_threshold = check_hidden_sink_threshold(hidden_sink_threshold)
+        self.hidden_sink_threshold = check_hidden_sink_threshold(hidden_sink_threshold, error=MonitorError)
         self.min_queries = _count(min_queries, "min_queries")
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
         self.session = uuid.uuid4().hex[:12]
