@@ -134,11 +134,12 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
     fails before its work, not after it (a default calibration takes 9-13 minutes on two cores).
 
     ``path`` is a file to be written atomically, or with ``folder=True`` a folder to write files
-    into. Checked, creating nothing: the target is not a folder (a file) or not a file (a folder),
-    the nearest existing folder above it is a folder, and this process may create entries there
-    (``os.access``, which also sees a read-only file system). Returns the path. What cannot be known
-    in advance (a disk that fills up meanwhile) still fails at the write, as before, with the old
-    file untouched.
+    into. Checked, leaving nothing behind: the target is not a folder (a file) or not a file (a
+    folder), the nearest existing folder above it is a folder, and this process may create entries
+    there: ``os.access`` first (it also sees a read-only file system), then an empty probe file is
+    created there and removed at once, because ``os.access`` says yes to root on file systems that
+    refuse every new file (``/proc``, ``/sys``). Returns the path. What cannot be known in advance (a
+    disk that fills up meanwhile) still fails at the write, as before, with the old file untouched.
     """
     target = Path(path)
     if folder and target.exists() and not target.is_dir():
@@ -152,6 +153,13 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
         raise _output_error(target, f"{existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise _output_error(target, f"permission denied: {existing} cannot be written")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sinkfix-probe-", dir=existing)
+    except OSError as exc:
+        raise _output_error(target, f"{existing} refuses new files ({_reason(exc)})") from exc
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     return target
 
 

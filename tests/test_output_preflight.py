@@ -61,6 +61,23 @@ def test_no_permission_in_the_nearest_existing_folder(tmp_path, monkeypatch):
     assert asked == [(tmp_path, os.W_OK | os.X_OK)]  # the folder the missing ones would be created in
 
 
+def test_a_folder_that_refuses_new_files_although_access_says_yes(tmp_path):
+    # as root, os.access says yes for /proc; only creating an entry shows that nothing can be written there
+    if os.access("/proc", os.W_OK | os.X_OK):
+        with pytest.raises(OutputError, match="/proc refuses new files"):
+            check_writable("/proc/sinkfix-profile.json")
+    else:
+        with pytest.raises(OutputError, match="permission denied: /proc cannot be written"):
+            check_writable("/proc/sinkfix-profile.json")
+
+
+def test_the_probe_leaves_nothing_behind(tmp_path):
+    (tmp_path / "old.json").write_text("x")
+    check_writable(tmp_path / "old.json")
+    check_writable(tmp_path / "new", folder=True)
+    assert _names(tmp_path) == ["old.json"]
+
+
 # -- every command that writes after long work checks first --------------------------------------
 def _no_model(*args, **kwargs):
     raise AssertionError("a model was loaded although the output cannot be written")
