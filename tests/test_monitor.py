@@ -244,7 +244,13 @@ def test_masked_calls_keep_one_part():
     mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
     mask[1, :, :, :4] = False  # left padding in the second sequence
     call = _layer_calls(1, 40, mask=mask)[0]
-    assert sample_call(call, rows_wanted=16, min_queries=8).layout.chunks == ((0, 14, 40),)
+    layout = sample_call(call, rows_wanted=16, min_queries=8).layout
+    # min(16, Q) slots, of which each prompt fills what sampled_rows gives it alone: 40 rows 3 apart
+    # (14 of them), 36 rows 3 apart (12)
+    assert layout.chunks == ((0, 16, 40),)
+    assert layout.visible.amax(-1).sum(-1).flatten().tolist() == [14, 12]
+    assert layout.row_index[0, 0, 2:].tolist() == list(range(40)[sampled_rows(40, 16)])
+    assert layout.row_index[1, 0, 4:].tolist() == [4 + r for r in range(36)[sampled_rows(36, 16)]]
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -410,17 +416,22 @@ def test_deferred_rows_fold_in_with_per_call_statistics():
     torch.testing.assert_close(acc.stats, expected, atol=1e-6, rtol=0)
 
 
-def test_batched_left_padded_requests_match_single_requests(one_thread):
+@pytest.mark.parametrize("length, pad, sample_rows", [(26, 9, 32), (12, 4, 32), (26, 9, 8), (40, 25, 8)],
+                         ids=["whole", "short", "sampled", "sampled-short-row"])
+def test_batched_left_padded_requests_match_single_requests(length, pad, sample_rows, one_thread):
+    """The min_queries rule and the sampled rows are each prompt's own: a padded row gets the rows
+    and the threshold it gets alone (they once came from the batch's longest prompt: hidden sinks
+    6 against 7 on the 12-token case, other rows sampled on the 'sampled' cases)."""
     model = tiny_model("llama")
-    ids = _ids(2, 26, seed=2)
+    ids = _ids(2, length, seed=2)
     mask = torch.ones_like(ids)
-    mask[1, :9] = 0
-    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+    mask[1, :pad] = 0
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model, sample_rows=sample_rows) as monitor:
         with torch.no_grad(), monitor.request(domain=["a", "b"]):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
         batched = monitor.records
         singles = []
-        for row, start in ((0, 0), (1, 9)):
+        for row, start in ((0, 0), (1, pad)):
             with torch.no_grad(), monitor.request():
                 model.generate(input_ids=ids[row:row + 1, start:], max_new_tokens=4, do_sample=False, pad_token_id=0)
             singles.append(monitor.records[0])
@@ -429,7 +440,9 @@ def test_batched_left_padded_requests_match_single_requests(one_thread):
         assert got["tokens"] == want["tokens"] and got["prompt_tokens"] == want["prompt_tokens"]
         torch.testing.assert_close(_tensor(got["sink_share"]), _tensor(want["sink_share"]), atol=1e-5, rtol=0)
         torch.testing.assert_close(_tensor(got["dormancy"]), _tensor(want["dormancy"]), atol=1e-5, rtol=0)
+        assert got["hidden_sinks"] == want["hidden_sinks"]
         assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+    assert sum(map(sum, batched[1]["hidden_sinks"])) > 0  # the comparison has something to compare
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

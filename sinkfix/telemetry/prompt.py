@@ -101,6 +101,7 @@ class _Layout(NamedTuple):
     first_column: bool  # the sink is key column 0 of every row (no sink columns were located)
     first_sink: torch.Tensor  # (B, 1, 1) long, the first sink column (clamped to a valid index)
     row_slice: slice  # the sampled query rows, evenly spaced: a strided view, no gather
+    row_index: torch.Tensor | None  # (B, 1, r) long: each prompt's own sampled rows, under a mask; None = row_slice
     blind_rows: bool  # some sampled row may see no key at all (padding): its log-sum-exp is not a number
     visible: torch.Tensor | None  # (B, 1, r, K) fp32 0/1, what the sampled rows may see; None = everything
     has_n: torch.Tensor  # (B, 1, r) bool, sampled rows that see a non-sink key
@@ -130,25 +131,47 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
     visible_all = _all_visible(call, batch, q_len, k_len)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, :]  # (B, 1, K)
     sees_n_all = (visible_all & ~is_sink[:, :, None, :]).any(-1)  # (B, 1, Q)
-    # inspect's rule: keys seen by fewer than min(min_queries, a quarter of the rows that see a
-    # non-sink key) rows are not judged, so late keys never "sink"
-    n_rows = sees_n_all.sum(-1).amax()
+    # inspect's rule, per prompt: keys seen by fewer than min(min_queries, a quarter of the rows that
+    # see a non-sink key) rows are not judged, so late keys never "sink"
+    n_rows = sees_n_all.sum(-1, keepdim=True)  # (B, 1, 1)
     min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
     seen_by = visible_all.sum(2)  # (B, 1, K)
-    visible = visible_all[:, :, row_slice]
+    if call.attn_mask is None:  # every prompt of the batch has all Q rows: one strided view
+        row_index = None
+        visible, has_n = visible_all[:, :, row_slice], sees_n_all[:, :, row_slice]
+        chunks = _row_chunks(row_slice, q_len, k_len, causal=call.causal,
+                             parts=CAUSAL_ROW_CHUNKS if q.device.type == "cpu" else 1)
+    else:
+        row_index, sampled_real = _rows_per_prompt(visible_all, q_len, rows_wanted)
+        visible = visible_all.gather(2, row_index[..., None].expand(-1, -1, -1, k_len)) & sampled_real[..., None]
+        has_n = sees_n_all.gather(2, row_index) & sampled_real
+        chunks = ((0, row_index.shape[-1], k_len),)
     sampled_seen = visible.sum(2)
     judged = (seen_by >= min_q) & ~is_sink & (sampled_seen >= torch.clamp(min_q, max=MIN_SAMPLED_VIEWERS))
-    has_n = sees_n_all[:, :, row_slice]
     some_unseen = call.attn_mask is not None or (call.causal and k_len > q_len)
     return _Layout(
-        call.attn_mask, first_column, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice,
+        call.attn_mask, first_column, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice, row_index,
         call.attn_mask is not None,
         None if call.attn_mask is None and not call.causal else visible.to(torch.float32), has_n,
         torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
         1 / sampled_seen.clamp(min=1).to(torch.float32), 1 / has_n.sum(-1).clamp(min=1).to(torch.float32),
-        (seen_by == 0) if some_unseen else None,
-        _row_chunks(row_slice, q_len, k_len, causal=call.causal and call.attn_mask is None,
-                    parts=CAUSAL_ROW_CHUNKS if q.device.type == "cpu" else 1))
+        (seen_by == 0) if some_unseen else None, chunks)
+
+
+def _rows_per_prompt(visible_all: torch.Tensor, q_len: int, rows_wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under a mask: each prompt's own sampled rows, (B, 1, r) long indices into the Q rows and a (B, 1, r)
+    bool of those that are real, r = min(rows_wanted, Q). A left-padded prompt's rows are its last L
+    (the rows that see some key); it gets the rows :func:`sampled_rows` gives the same prompt alone,
+    ``ceil(L / rows_wanted)`` apart and ending at the last row, so that a padded row of a batch gets
+    the record it gets alone (spaced over the batch's Q rows, a 10-token prompt in a batch with a
+    512-token one got one sampled row, too few to judge any key). Computed on the device: no host read."""
+    lengths = visible_all.any(-1).sum(-1, keepdim=True)  # (B, 1, 1)
+    step = torch.div(lengths + rows_wanted - 1, rows_wanted, rounding_mode="floor").clamp(min=1)
+    rows = min(rows_wanted, q_len)
+    back = torch.arange(rows - 1, -1, -1, device=visible_all.device)  # ascending rows, the last one last
+    index = (q_len - 1) - back * step  # (B, 1, r)
+    real = index >= q_len - lengths
+    return index.clamp(min=0), real
 
 
 def _row_chunks(row_slice: slice, q_len: int, k_len: int, *, causal: bool,
@@ -240,7 +263,12 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
     batch, q_heads, _, dim = q.shape
     kv_heads = call.key.shape[1]
     lay = _cached_layout(call, rows_wanted, min_queries, layouts)
-    lse = call.result.lse[:, :, lay.row_slice].to(torch.float32)
+    if lay.row_index is None:
+        lse, q_sampled = call.result.lse[:, :, lay.row_slice], q[:, :, lay.row_slice]
+    else:  # each prompt's own rows (a gather: padding moves them)
+        lse = call.result.lse.gather(2, lay.row_index.expand(-1, q_heads, -1))
+        q_sampled = q.gather(2, lay.row_index[..., None].expand(-1, q_heads, -1, dim))
+    lse = lse.to(torch.float32)
     if lay.blind_rows:  # a padding row's is garbage; it sees nothing anyway
         lse = torch.where(torch.isfinite(lse), lse, 0.0)
     rows = lse.shape[-1]
@@ -248,7 +276,7 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
     # operation per layer, which on a GPU is a kernel launch of its own; .to(memory_format=...) keeps
     # a transposed layout), then a view
     q_rows = torch.empty(batch, q_heads, rows, dim, dtype=torch.float32, device=q.device)
-    q_rows = q_rows.copy_(q[:, :, lay.row_slice]).view(batch * kv_heads, q_heads // kv_heads * rows, dim)
+    q_rows = q_rows.copy_(q_sampled).view(batch * kv_heads, q_heads // kv_heads * rows, dim)
     norms = norms32(call.value)
     return SampledCall(call.layer, lay, q_rows, lse, call.key, norms, call.scale, call.softcap, call.extra_logits,
                        call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
