@@ -117,6 +117,29 @@ def test_request_far_outside_is_served_by_the_identity(calibrated):
     assert (corrected_logits - identity_logits).abs().max() > 1e-3
 
 
+def test_a_tripped_row_reruns_the_whole_batch_and_every_record_says_so(calibrated):
+    """One forward serves a batch: an in-range row next to a far-outside one is served by the
+    fallback too, and its record says why (it once said "none" although it was rerun)."""
+    model, profile = calibrated
+    inside, far = _ids(64, 2), _far_outside()
+    batch = torch.zeros(2, far.shape[1], dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0, -64:], mask[0, -64:] = inside[0], 1
+    batch[1], mask[1] = far[0], 1
+    with torch.no_grad():
+        with sinkfix.patch(model):
+            identity_logits = model(input_ids=batch, attention_mask=mask).logits
+        with sinkfix.patch(model, profile), sinkfix.monitor(model, guard=profile, guard_margin=0.02) as monitor:
+            logits = monitor.forward(input_ids=batch, attention_mask=mask).logits
+            records = monitor.records
+    in_range, tripped = records[0]["guard"], records[1]["guard"]
+    assert tripped["tripped"] and tripped["action"] == "rerun as identity"
+    assert not in_range["tripped"] and in_range["layers"] == []
+    assert in_range["action"] == "rerun as identity: another row of the batch tripped"
+    assert records[0]["correction"]["identity_layers"] == [0, 1]
+    torch.testing.assert_close(logits[0, -64:], identity_logits[0, -64:], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("scope", ["layers", "request"])
 def test_guard_scopes(scope, one_thread):
     """Ranges that only layer 1 violates: scope 'layers' switches layer 1 off, 'request' both."""

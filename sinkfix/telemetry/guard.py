@@ -39,9 +39,15 @@ class GuardDecision:
     rows: list[dict]  # per batch row: the "guard" entry of its record
     layers: list[int]  # layers to run as the identity for the rest of the request
 
-    def record(self, action: str) -> None:
+    def record(self, action: str, *, whole_batch: bool = False) -> None:
+        """Write ``action`` into the tripped rows' entries. ``whole_batch``: the action served every
+        row of the batch (one forward serves them all, so a rerun as the identity is every row's):
+        the rows that did not trip say so instead of "none"."""
         for row in self.rows:
-            row["action"] = action if row["tripped"] else "none"
+            if row["tripped"]:
+                row["action"] = action
+            else:
+                row["action"] = f"{action}: another row of the batch tripped" if whole_batch else "none"
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,7 @@ class Monitor:
         # serve the whole request with the fallback: the prompt's forward again, those layers off
         self._handle.run_as_identity(req.decision.layers)
         req.acc = None
-        req.decision.record("rerun as identity")
+        req.decision.record("rerun as identity", whole_batch=True)
         self._rerunning = True
         try:
             return module(*args, **kwargs)
