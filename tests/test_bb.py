@@ -237,3 +237,5 @@ def test_cli_rejects_unknown_variant(capsys):
 
     assert main(["bb", "--variants", "adam,lion", "--steps", "1"]) == 2
     assert "lion" in capsys.readouterr().err
+    assert main(["bb", "--variants", "adam,sgd,adam", "--steps", "1"]) == 2  # one report entry per name
+    assert "named twice: adam" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import sys
 import urllib.request
@@ -504,6 +505,66 @@ def test_outputs_log_prometheus_and_callback(tmp_path, one_thread):
     assert 'sinkfix_tokens_total{domain="prose"} 14.0' in metrics
     assert 'sinkfix_dormant_heads_count{domain="prose"} 1.0' in metrics
     assert 'sinkfix_residual_peak_ratio_bucket{domain="code",layer="0",le="+Inf"} 1.0' in metrics
+
+
+def test_a_failing_callback_does_not_fail_the_request(tmp_path, one_thread):
+    """The callback is user code: its exception is a warning, and the served output, every row's log
+    line and monitor.records stand (it once escaped generate, losing its output and row 1's line)."""
+    from sinkfix.telemetry.monitor import CallbackWarning
+
+    model = tiny_model("llama")
+    calls = []
+
+    def callback(record):
+        calls.append(record["index"])
+        if record["index"] == 0:
+            raise KeyError("planted")
+
+    log = tmp_path / "t.jsonl"
+    with sinkfix.monitor(model, log=log, callback=callback) as monitor, torch.no_grad():
+        with pytest.warns(CallbackWarning, match="callback raised KeyError.*row 0"):
+            tokens = monitor.generate(input_ids=_ids(2, 9), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert tokens.shape == (2, 12) and len(monitor.records) == 2 and calls == [0, 1]
+    assert len(log.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"domain": [1, "code"]}, "domain labels must be strings or None, got 1 (int)"),
+    ({"domain": 3}, "domain must be a string, None, or one string"),
+    ({"domain": ["only-one"]}, "1 domain labels for a batch of 2 sequences"),
+    ({"request_id": 7}, "request_id must be a string, None, or one string"),
+    ({"request_id": ["a", "b", "c"]}, "3 request ids for a batch of 2 sequences"),
+])
+def test_labels_are_checked_before_any_generation(kwargs, message, one_thread):
+    """Wrong labels are refused when the request starts, or at its first forward for their count:
+    refused at the end, a whole generation's output was lost; an integer label was logged and broke
+    `sinkfix monitor report`."""
+    model = tiny_model("llama")
+    steps = []
+    hook = model.model.layers[0].register_forward_hook(lambda *args: steps.append(1))
+    with sinkfix.monitor(model) as monitor, torch.no_grad():
+        with pytest.raises(MonitorError, match=re.escape(message)):
+            with monitor.request(**kwargs):
+                model.generate(input_ids=_ids(2, 9), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert len(steps) <= 1 and monitor.records == []
+        with monitor.request(request_id=["a", None]):  # one id per row; None takes the monitor's own
+            model(input_ids=_ids(2, 9))
+        assert monitor.records[0]["request"] == "a"
+        assert monitor.records[1]["request"].startswith(monitor.session + "-")
+    hook.remove()
+
+
+def test_prometheus_arguments_are_checked():
+    from sinkfix.telemetry.outputs import PrometheusExporter
+
+    model = tiny_model("llama")
+    for port in (70000, -1, "9464", True, 9464.5):
+        with pytest.raises(MonitorError, match="prometheus_port must be an integer in"):
+            sinkfix.monitor(model, prometheus_port=port)
+    assert sinkfix.PatchHandle.of(model) is None  # a refused monitor leaves the model as it was
+    exporter = PrometheusExporter.__new__(PrometheusExporter)
+    exporter.host, exporter.port = "::1", 9464
+    assert exporter.url == "http://[::1]:9464/metrics"
 
 
 def test_unpatched_model_is_monitored_as_the_identity(one_thread):

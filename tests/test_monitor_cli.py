@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -40,6 +41,9 @@ def test_run_then_report(tiny, tmp_path, capsys):
                      "--max-new-tokens", "3", "--batch-size", "2", "--policy", "sink_scale=0.8"]) == 0
     records = read_log(log)
     assert [r["domain"] for r in records] == ["code", "code", "prose", "prose"]
+    # the request file's ids reach their rows in a batch too (they were dropped for batches of two)
+    assert [r["request"] for r in records[1::2]] == ["c2", "4"]
+    assert records[0]["request"].startswith(records[0]["session"] + "-")  # no id in the file: the monitor's own
     assert all(r["decoded_tokens"] == 2 and r["policy"] == "sink_scale=0.8" for r in records)
     # the batch of two prompts of different lengths was left-padded: real tokens only
     assert [r["prompt_tokens"] for r in records[:2]] == [1 + len("def area(r):\n    return 3.14159 * r * r\n"),
@@ -56,6 +60,14 @@ def test_run_then_report(tiny, tmp_path, capsys):
     assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log),
                      "--max-new-tokens", "0"]) == 0
     assert len(read_log(log)) == 8
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, port):
+    monkeypatch.setattr(sinkfix, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(tmp_path / "t.jsonl"),
+                     "--prometheus-port", port]) == 2
+    assert "--prometheus-port must be an integer in [0, 65535]" in capsys.readouterr().err
 
 
 def _two_texts(tmp_path):
@@ -182,6 +194,33 @@ def test_malformed_logs_name_the_line(tmp_path, line, message):
         read_log(path)
     with pytest.raises(MonitorError, match="not found"):
         read_log(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"domain": 5}, '"domain" must be a string or null, got 5'),
+    ({"tokens": "abc"}, '"tokens" must be an integer >= 0'),
+    ({"dormant_heads": None}, '"dormant_heads" must be an integer >= 0'),
+    ({"rows": [9]}, '"rows" must be a list of one integer >= 0 per layer'),
+    ({"residual_peak": [2.0, "x"]}, '"residual_peak" must be a list of one number'),
+    ({"sink_share": "0.3"}, '"sink_share" must be a non-empty list'),
+    ({"dormancy": [[0.1, 0.1], [0.1]]}, '"dormancy" must hold one number'),
+    ({"hidden_sinks": [[0, 1], [0, -1]]}, '"hidden_sinks" must hold one integer >= 0 per head'),
+], ids=["domain", "tokens", "dormant_heads", "rows", "residual_peak", "sink_share", "dormancy", "hidden_sinks"])
+def test_records_whose_fields_a_report_cannot_read_name_the_line(tmp_path, change, message):
+    """Records that pass the schema line but hold fields of the wrong type or shape (they once gave
+    TypeErrors from the arithmetic, or a report over too few layers)."""
+    path = tmp_path / "t.jsonl"
+    good = _record("a", [[0.1, 0.1], [0.1, 0.1]])
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+    with pytest.raises(MonitorError, match=f"line 2: {re.escape(message)}"):
+        read_log(path)
+
+
+def test_a_log_of_two_models_with_different_head_counts_is_refused():
+    narrow = _record("a", [[0.1, 0.1], [0.1, 0.1]])
+    wide = {**narrow, "sink_share": [[0.3] * 4] * 2, "dormancy": [[0.1] * 4] * 2, "hidden_sinks": [[0] * 4] * 2}
+    with pytest.raises(MonitorError, match=r"different head counts \(2, 4 heads per layer\)"):
+        summarise([narrow, wide])
 
 
 def test_line_log_appends_complete_lines(tmp_path):

@@ -265,6 +265,9 @@ def run_experiment(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UsageError(f"unknown BB variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    repeated = sorted({v for v in variants if variants.count(v) > 1})
+    if repeated:  # the report holds one entry per name: a second training would silently replace the first
+        raise UsageError(f"BB variant(s) named twice: {', '.join(repeated)}")
     task = BigramBackcopy.build(source, k=k, seed=config.seed)
     eval_ids = task.sample(config.eval_batch, config.seq_len, generator=torch.Generator().manual_seed(config.seed + 7))
     report: dict = {

@@ -142,8 +142,7 @@ def _serve(monitor, model, tokenizer, requests, args) -> None:
     with tqdm(total=len(requests), desc="monitor run", unit="request") as bar, torch.no_grad():
         for group, ids, mask in _batches(requests, tokenizer, args):
             ids, mask = ids.to(device), mask.to(device)
-            request_id = group[0].id if len(group) == 1 else None
-            with monitor.request([r.domain for r in group], request_id=request_id):
+            with monitor.request([r.domain for r in group], request_id=[r.id for r in group]):
                 if args.max_new_tokens > 0:
                     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                                    min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -158,13 +157,15 @@ def _run_run(args: argparse.Namespace) -> int:
     from sinkfix.files import check_writable
     from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS, Guard
     from sinkfix.telemetry.monitor import check_sample_rows
-    from sinkfix.telemetry.outputs import check_log_file
+    from sinkfix.telemetry.outputs import check_log_file, check_port
     from sinkfix.telemetry.report import summarise
     from sinkfix.telemetry.requests import read_requests
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
     sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
+    if args.prometheus_port is not None:
+        check_port(args.prometheus_port, "--prometheus-port")
     set_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second

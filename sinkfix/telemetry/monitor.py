@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import numbers
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,7 +36,11 @@ from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_m
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
-__all__ = ["Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
+__all__ = ["CallbackWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
+
+
+class CallbackWarning(RuntimeWarning):
+    """A monitor's callback raised: the request was served and logged, the callback missed a record."""
 
 #: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate:
 #: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, one thread)
@@ -63,6 +68,7 @@ def check_sample_rows(value: Any, name: str = "sample_rows") -> int:
 class _Request:
     id: str
     domain: str | Sequence[str | None] | None
+    row_ids: tuple[str | None, ...] | None = None  # per batch row, given by the caller (None: the request's id)
     acc: RequestAccumulator | None = None
     cache_before: int | None = None  # the cache's length before the prompt's forward (guard rollback)
     decision: GuardDecision | None = None
@@ -75,6 +81,32 @@ class _Request:
         if len(domains) != batch:
             raise MonitorError(f"request {self.id}: {len(domains)} domain labels for a batch of {batch} sequences")
         return domains
+
+    def ids(self, batch: int) -> list[str]:
+        if self.row_ids is None:
+            return [self.id] * batch
+        if len(self.row_ids) != batch:
+            raise MonitorError(f"request {self.id}: {len(self.row_ids)} request ids for a batch of {batch} sequences")
+        return [self.id if row is None else row for row in self.row_ids]
+
+
+def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
+    """Labels given for a request: a string, None, or a sequence of strings / None (one per batch row)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        labels = tuple(value)
+        wrong = [label for label in labels if label is not None and not isinstance(label, str)]
+        if not wrong:
+            return labels
+        raise MonitorError(f"{what} labels must be strings or None, got {wrong[0]!r} ({type(wrong[0]).__name__})")
+    raise MonitorError(f"{what} must be a string, None, or one string (or None) per batch row, got {value!r}")
+
+
+def _check_domain(domain: Any) -> str | tuple[str | None, ...] | None:
+    """A request's domain label(s), checked when the request starts: anything else than strings or
+    None would be logged as it is, against the schema, and break ``sinkfix monitor report`` later."""
+    return _check_labels(domain, "domain")
 
 
 def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
@@ -177,14 +209,22 @@ class Monitor:
 
     @contextlib.contextmanager
     def request(self, domain: str | Sequence[str | None] | None = None,
-                request_id: str | None = None) -> Iterator[_Request]:
+                request_id: str | Sequence[str | None] | None = None) -> Iterator[_Request]:
         """Record every forward inside the block as one request (one record per batch row).
-        ``domain``: one label for the batch, or one per batch row."""
+        ``domain``: one label for the batch, or one per batch row. ``request_id``: the records'
+        ``request`` field: one id for the batch, or one per batch row (None rows, and no id at all,
+        get the monitor's own ``SESSION-N``)."""
         if self._request is not None:
             raise MonitorError("a monitor records one request at a time (request() blocks cannot nest)")
         if not self._handle.active:
             raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
-        req = _Request(request_id if request_id is not None else f"{self.session}-{next(self._counter)}", domain)
+        domain = _check_domain(domain)
+        request_id = _check_labels(request_id, "request_id")
+        own_id = f"{self.session}-{next(self._counter)}"
+        if isinstance(request_id, tuple):
+            req = _Request(own_id, domain, row_ids=request_id)
+        else:
+            req = _Request(own_id if request_id is None else request_id, domain)
         self._request = req
         self._attach()
         try:
@@ -256,6 +296,7 @@ class Monitor:
         batch, q_len = hidden.shape[0], hidden.shape[1]
         self._measure_sampled()  # a forward whose last decoder layer had no hook
         if req.acc is None:
+            req.domains(batch), req.ids(batch)  # a wrong label count refused now, not after a whole generation
             req.acc = RequestAccumulator(self._num_heads, batch, hidden.device,
                                          decode_capacity=_compiled_decode_capacity(_cache_of(kwargs)))
         elif batch != req.acc.batch:
@@ -336,7 +377,7 @@ class Monitor:
         if self._sharded is not None:  # the other ranks' heads (telemetry/sharded.py)
             values, betas, num_heads, kv_heads = _gather_shards(self._sharded, values, betas, num_heads, kv_heads)
         info = RequestInfo(
-            req.id, req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),
+            req.ids(req.acc.batch), req.domains(req.acc.batch), self._model_name, self._handle.policy.describe(),
             betas, self._handle.identity_layers, None if req.decision is None else req.decision.rows)
         records = build_records(values, info, num_heads, kv_heads)
         for record in records:
@@ -345,10 +386,22 @@ class Monitor:
                 self.log.write(record)
             if self.exporter is not None:
                 self.exporter.observe(record)
-            if self.callback is not None:
-                self.callback(record)
         req.records = records
         self.records = records
+        if self.callback is not None:
+            self._call_back(records)
+
+    def _call_back(self, records: list[dict]) -> None:
+        """The user's callback on every record. Its failure is the callback's, not the request's: it
+        is reported as a warning and the request's output, log lines and metrics stand (raised, it
+        threw away what ``generate`` returned and left the batch's later rows out of the log)."""
+        for record in records:
+            try:
+                self.callback(record)
+            except Exception as exc:  # noqa: BLE001 - any failure of user code, reported below
+                warnings.warn(f"sinkfix.monitor: the callback raised {type(exc).__name__}: {exc} (request "
+                              f"{record['request']}, row {record['index']}); the record is in monitor.records "
+                              "and in the log", CallbackWarning, stacklevel=2)
 
 
 def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from sinkfix.files import LineLog
 from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN
 
-__all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "SHARE_BUCKETS", "PEAK_BUCKETS", "DORMANT_BUCKETS"]
+__all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "check_port", "SHARE_BUCKETS", "PEAK_BUCKETS",
+           "DORMANT_BUCKETS"]
 
 SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share lies in [0, 1]
 # residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
@@ -94,6 +96,15 @@ class JsonlLog:
         self._log.close()
 
 
+def check_port(port, name: str = "prometheus_port") -> int:
+    """A TCP port to serve on, checked: an integer in [0, 65535] (0: a free one); anything else is a
+    :class:`MonitorError` naming ``name`` (the socket's own errors for it are an OverflowError or a
+    TypeError, not what a user can act on)."""
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral) or not 0 <= port <= 65535:
+        raise MonitorError(f"{name} must be an integer in [0, 65535] (0 = a free port), got {port!r}")
+    return int(port)
+
+
 class PrometheusExporter:
     """Histograms and counters in their own registry, served on ``http://host:port/metrics``.
 
@@ -105,6 +116,9 @@ class PrometheusExporter:
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        port = check_port(port)
+        if not isinstance(host, str) or not host:
+            raise MonitorError(f"prometheus_host must be a host name or address, got {host!r}")
         try:
             import prometheus_client as prom
         except ImportError:
@@ -135,7 +149,8 @@ class PrometheusExporter:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address goes in brackets
+        return f"http://{host}:{self.port}/metrics"
 
     def observe(self, record: dict) -> None:
         domain = record["domain"] if record["domain"] is not None else NO_DOMAIN

@@ -26,7 +26,7 @@ VERSION = 1
 class RequestInfo:
     """What the host knows about a request batch, next to the values read from the device."""
 
-    request: str
+    requests: list[str]  # the request id of each batch row
     domains: list[str | None]  # one per batch row
     model: str
     policy: str
@@ -95,7 +95,7 @@ def build_records(values: dict[str, torch.Tensor], info: RequestInfo, num_heads:
         moved = (derived["unscaled"][:, b] - derived["share"][:, b]).nanmean(-1)
         tokens, prompt = int(values["tokens"][b]), int(values["prompt_tokens"][b])
         records.append({
-            "schema": SCHEMA, "version": VERSION, "time": now, "request": info.request, "index": b,
+            "schema": SCHEMA, "version": VERSION, "time": now, "request": info.requests[b], "index": b,
             "domain": domain, "model": info.model, "policy": info.policy,
             "tokens": tokens, "prompt_tokens": prompt, "decoded_tokens": tokens - prompt,
             "rows": [int(r) for r in derived["rows"][:, b].amax(-1).tolist()],

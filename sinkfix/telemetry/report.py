@@ -41,7 +41,55 @@ def _check_record(record, number: int, where: str) -> dict:
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
         raise MonitorError(f"{where}, line {number}: record lacks {missing[0]!r}")
+    problem = _field_problem(record)
+    if problem:
+        raise MonitorError(f"{where}, line {number}: {problem}")
     return record
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value, *, nullable: bool = True) -> bool:
+    return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _field_problem(record: dict) -> str | None:
+    """What is wrong with the fields a report reads (types and per-layer shapes), None when nothing:
+    a record that passes the schema line but not this would fail later in the arithmetic with a
+    traceback that names no line."""
+    domain = record["domain"]
+    if domain is not None and not isinstance(domain, str):
+        return f"\"domain\" must be a string or null, got {domain!r}"
+    for key in ("tokens", "dormant_heads"):
+        if not _is_count(record[key]):
+            return f"\"{key}\" must be an integer >= 0, got {record[key]!r}"
+    share = record["sink_share"]
+    if not isinstance(share, list) or not share or not all(
+            isinstance(heads, list) and all(_is_number(x) for x in heads) for heads in share):
+        return "\"sink_share\" must be a non-empty list of per-layer lists of numbers (or null)"
+    layers, widths = len(share), [len(heads) for heads in share]
+    dormancy, hidden = record["dormancy"], record["hidden_sinks"]
+    if not isinstance(dormancy, list) or [len(h) if isinstance(h, list) else -1 for h in dormancy] != widths \
+            or not all(_is_number(x) for h in dormancy for x in h):
+        return f"\"dormancy\" must hold one number (or null) per head of \"sink_share\" ({layers} layers)"
+    if not isinstance(hidden, list) or [len(h) if isinstance(h, list) else -1 for h in hidden] != widths \
+            or not all(_is_count(x) for h in hidden for x in h):
+        return f"\"hidden_sinks\" must hold one integer >= 0 per head of \"sink_share\" ({layers} layers)"
+    for key in ("rows", "residual_peak"):
+        values = record[key]
+        ok = isinstance(values, list) and len(values) == layers and all(
+            _is_count(x) if key == "rows" else _is_number(x) for x in values)
+        if not ok:
+            kind = "integer >= 0" if key == "rows" else "number (or null)"
+            return f"\"{key}\" must be a list of one {kind} per layer ({layers} layers, as \"sink_share\")"
+    return None
+
+
+def _shape(record: dict) -> tuple[int, ...]:
+    """Heads per layer: what the records of one model share."""
+    return tuple(len(heads) for heads in record["sink_share"])
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -153,6 +201,11 @@ def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
     widths = {len(r["sink_share"]) for r in records}
     if len(widths) > 1:
         raise MonitorError(f"the log mixes models with {sorted(widths)} layers; report one model at a time")
+    shapes = {_shape(r) for r in records}
+    if len(shapes) > 1:
+        described = sorted({"/".join(map(str, sorted(set(shape)))) for shape in shapes})
+        raise MonitorError(f"the log mixes models with different head counts ({', '.join(described)} heads per "
+                           "layer); report one model at a time")
     domains = {name: _pool(name, group) for name, group in sorted(by_domain.items())}
     flips = dormancy_flips({name: d.dormancy for name, d in domains.items()}, margin)
     models = sorted({str(r.get("model")) for r in records})
