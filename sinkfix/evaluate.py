@@ -1,10 +1,16 @@
 """Perplexity with sliding windows, token-weighted, with an explicit BOS protocol.
 
 Protocol (stated next to every number sinkfix reports): the token stream is cut into windows of
-``seq_len`` tokens advancing by ``stride``; each token is scored exactly once, with as much left
-context as the window gives it (the usual strided evaluation). With ``bos=True`` every window starts
-with the tokenizer's BOS token (not scored) followed by ``seq_len - 1`` text tokens; whether a BOS is
-present changes which token becomes the attention sink, so it is always part of the result.
+``seq_len`` tokens advancing by ``stride``; no token is scored twice, and each scored token gets as
+much left context as its window gives it (the usual strided evaluation). With ``bos=True`` every
+window starts with the tokenizer's BOS token (not scored) followed by ``seq_len - 1`` text tokens,
+and every text token is scored. Without a BOS a token that opens a window has nothing before it in
+that window and is not scored: the first token of the text always, and at the default stride
+(``stride = seq_len``, windows that do not overlap) the first token of every window, so each full
+window scores ``seq_len - 1`` tokens; with ``stride < seq_len`` the windows overlap and every token
+after the first is scored. :attr:`PerplexityResult.tokens` counts the tokens actually scored.
+Whether a BOS is present changes which token becomes the attention sink, so it is always part of
+the result.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from sinkfix.errors import UsageError
 
 __all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", "PerplexityResult", "bos_token_id",
-           "tokenize", "model_device", "decoder_stack"]
+           "tokenize", "model_device", "decoder_stack", "max_positions", "check_positions"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class PerplexityResult:
 
     @property
     def nll(self) -> float:
-        return self.nll_sum / max(self.tokens, 1)
+        # no scored token: no perplexity (NaN), not the 1.0 that an empty sum over one token would give
+        return self.nll_sum / self.tokens if self.tokens else math.nan
 
     @property
     def ppl(self) -> float:
@@ -67,11 +74,45 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def max_positions(config) -> int | None:
+    """The longest input the model's config states (``max_position_embeddings`` or its older names,
+    also in a multimodal model's ``text_config``); None when it states none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_positions(length: int, config, what: str, model_name: str,
+                    error: type[Exception] = UsageError) -> int | None:
+    """Refuse windows of ``length`` tokens beyond the positions the model's ``config`` states (past
+    them a model's outputs are garbage, not an error); ``what`` names the setting. Returns the limit."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise error(f"{what} {length} is larger than {model_name} supports (max_position_embeddings = {limit})")
+    return limit
+
+
 def make_windows(ids: torch.Tensor, seq_len: int, stride: int | None = None, bos_id: int | None = None,
                  max_windows: int | None = None) -> list[Window]:
-    """Strided windows over a 1-D token stream; every token after the first is scored exactly once."""
-    if seq_len < 2 + (bos_id is not None):
-        raise UsageError(f"seq_len {seq_len} too small")
+    """Strided windows over a 1-D token stream (``max_windows``: the first ones only; None = all).
+
+    No token is scored twice. With ``bos_id`` every token is scored; without, a token that opens a
+    window is not (nothing precedes it there): the first token, and at ``stride = seq_len`` the first
+    token of every window. With ``stride < seq_len`` every token after the first is scored.
+    """
+    if ids.dim() != 1:
+        raise UsageError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+    if bos_id is not None and seq_len < 3:
+        raise UsageError(f"seq_len must be >= 3 with a BOS (the BOS and 2 text tokens), got {seq_len}")
+    if seq_len < 2:
+        raise UsageError(f"seq_len must be >= 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"max_windows must be >= 1 (or None for all), got {max_windows}")
     body = seq_len - (1 if bos_id is not None else 0)
     stride = body if stride is None else stride
     if not 0 < stride <= body:
@@ -160,6 +201,8 @@ def decoder_stack(model):
 def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of equal-length windows, in input order within each length (right-padding would
     change nothing for causal models but costs compute)."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     by_len: dict[int, list[Window]] = {}
     for w in windows:
         by_len.setdefault(w.input_ids.numel(), []).append(w)
@@ -190,6 +233,19 @@ def windows_nll(
     return nll_sum, tokens
 
 
+def _token_ids(ids: torch.Tensor) -> torch.Tensor:
+    """1-D ids from 1-D or one-row ids; a batch of texts is refused (their windows would run together)."""
+    if not isinstance(ids, torch.Tensor):
+        raise UsageError(f"text must be a string or a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise UsageError(f"token ids must be 1-D or one row (1, S), got shape {tuple(ids.shape)}")
+    if ids.numel() < 2:
+        raise UsageError("text is too short: fewer than 2 tokens")
+    return ids
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -203,10 +259,20 @@ def perplexity(
     max_windows: int | None = None,
     on_window: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Token-weighted perplexity of ``model`` on ``text`` (a string or 1-D ids) under the window protocol."""
-    ids = tokenize(tokenizer, text) if isinstance(text, str) else text
+    """Token-weighted perplexity of ``model`` on ``text`` under the window protocol.
+
+    ``text`` is a string or its token ids: 1-D, or ``(1, S)`` as a tokenizer returns them. Bad
+    arguments (a text under 2 tokens, ``seq_len`` beyond the model's positions, ``batch_size`` or
+    ``max_windows`` below 1) raise :class:`~sinkfix.errors.UsageError` before the model runs.
+    """
+    ids = tokenize(tokenizer, text) if isinstance(text, str) else _token_ids(text)
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_positions(seq_len, config, "seq_len", getattr(config, "name_or_path", "") or "the model")
     bos_id = bos_token_id(tokenizer) if bos else None
     windows = make_windows(ids, seq_len, stride, bos_id, max_windows)
     nll_sum, tokens = windows_nll(model, windows, batch_size, on_window)
+    if tokens == 0:  # every text of 2 tokens or more has one; a guard, never a perplexity over nothing
+        raise UsageError("no token was scored")
     body = seq_len - (1 if bos else 0)
     return PerplexityResult(nll_sum, tokens, len(windows), seq_len, stride or body, bos)

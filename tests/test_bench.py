@@ -144,6 +144,38 @@ def test_out_dir_has_json_csv_and_plots(json_run):
     assert not list(out_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_a_skipped_plot_does_not_survive_from_an_earlier_run(files, tmp_path, monkeypatch):
+    """A run without extreme-token metrics removes the layer plots an earlier run left in --out (those
+    exact names only) and says so on stderr, which is no terminal here."""
+    from sinkfix.bench import steps
+
+    monkeypatch.setattr(steps, "_metrics_module", lambda: (None, "extreme-token metrics skipped: not in this test"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name in ("sink_share.png", "residual_peak.png", "sink_share.png.orig", "mine.png"):
+        (out_dir / name).write_bytes(b"an earlier run")
+    rc, _, stderr = run_cli("--model", str(files["model"]), "--text", str(files["prose"]), *FAST,
+                            "--policy", "sink_scale=0.5", "--out", str(out_dir))
+    assert rc == 0, stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "mine.png", "ppl_delta.png", "results.csv", "results.json", "sink_share.png.orig", "speed_ratio.png"]
+    assert ("note: sink_share.png and residual_peak.png skipped: no extreme-token metrics in this run; removed an "
+            "earlier run's sink_share.png, residual_peak.png") in stderr
+
+
+def test_without_matplotlib_no_plot_of_an_earlier_run_is_left(json_run, tmp_path, monkeypatch):
+    from sinkfix.bench.report import PLOT_FILES, write_plots
+
+    results, _, _ = json_run
+    for name in (*PLOT_FILES, "other.png"):
+        (tmp_path / name).write_bytes(b"an earlier run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if it were not installed
+    written, notes = write_plots(tmp_path, results)
+    assert written == [] and [p.name for p in tmp_path.iterdir()] == ["other.png"]
+    assert notes == ["plots skipped: matplotlib is not installed (pip install matplotlib); removed an earlier "
+                     "run's ppl_delta.png, sink_share.png, residual_peak.png, speed_ratio.png"]
+
+
 def _schema_keys(value, parent: str = "") -> set[str]:
     keys: set[str] = set()
     if isinstance(value, dict):
@@ -331,11 +363,27 @@ def test_error_seq_len_beyond_model(files):
     (["--stride", "1000"], "stride"),
     (["--decode-tokens", "1"], "decode-tokens"),
     (["--batch", "0"], "batch"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--decode-repeats", "0"], "--decode-repeats must be >= 1, got 0"),
+    (["--bos", "--seq-len", "2"], "--seq-len must be >= 3 with --bos"),
     (["--profile", "/nonexistent/profile.json"], "profile"),
 ])
 def test_error_bad_options(files, argv, fragment):
     _assert_clean_error(*run_cli("--model", str(files["model"]), "--text", str(files["prose"]), *FAST, *argv),
                         fragment)
+
+
+def test_seq_len_too_short_for_the_tokenizers_own_bos(files, tmp_path):
+    from transformers import AutoTokenizer
+
+    adds_bos = AutoTokenizer.from_pretrained(files["model"])
+    adds_bos.add_bos_token = True  # the BOS comes from the tokenizer, not from --bos
+    folder = tmp_path / "adds-bos"
+    adds_bos.save_pretrained(folder)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((files["model"] / name).read_bytes())
+    _assert_clean_error(*run_cli("--model", str(folder), "--text", str(files["prose"]), *FAST, "--seq-len", "2"),
+                        "--seq-len must be >= 3 when the tokenizer adds a BOS", "--no-bos")
 
 
 def test_error_dataset_without_datasets_package(files, monkeypatch):

@@ -96,6 +96,36 @@ def test_policy_keys_given_as_model_arguments_join_the_policy(tiny_folder, one_t
         SinkfixLM(pretrained=str(tiny_folder), policy=sinkfix.Policy(), n_sink=2)
 
 
+def test_dtype_is_checked_and_a_loaded_model_is_never_cast(tiny_folder, one_thread, monkeypatch):
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_folder)
+    with pytest.raises(UsageError, match=r"dtype bfloat16 asked for, but the loaded model is float32: cast it first"):
+        SinkfixLM(pretrained=model, tokenizer=tokenizer, dtype="bfloat16")
+    for bad in ("nonsense", "float8"):
+        with pytest.raises(UsageError, match="unknown dtype"):
+            SinkfixLM(pretrained=model, tokenizer=tokenizer, dtype=bad)
+    assert model.dtype == torch.float32
+    for same in (None, "float32", torch.float32, "auto"):
+        assert SinkfixLM(pretrained=model, tokenizer=tokenizer, dtype=same).model.dtype == torch.float32
+    half = tf.AutoModelForCausalLM.from_pretrained(tiny_folder).eval().to(torch.bfloat16)
+    assert SinkfixLM(pretrained=half, tokenizer=tokenizer).model.dtype == torch.bfloat16  # no dtype: as it is
+
+    import sinkfix.lmeval.model as model_module
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad dtype was refused")
+
+    monkeypatch.setattr(model_module, "load_model", load_model)
+    with pytest.raises(UsageError, match="unknown dtype 'nonsense'"):
+        SinkfixLM(pretrained=str(tiny_folder), dtype="nonsense")
+
+
+def test_max_length_beyond_the_model_is_refused(tiny_folder, one_thread):
+    with pytest.raises(UsageError, match=r"max_length 513 is larger than .* \(max_position_embeddings = 512\)"):
+        SinkfixLM(pretrained=str(tiny_folder), device="cpu", max_length=513)
+    assert SinkfixLM(pretrained=str(tiny_folder), device="cpu", max_length=512).max_length == 512
+
+
 def test_correction_from_arguments(tmp_path):
     assert Correction.from_args() is None
     assert Correction.from_args("sink_scale=0.9").value == sinkfix.Policy(sink_scale=0.9)
@@ -126,19 +156,33 @@ def test_lm_eval_api_by_name(tiny_folder, one_thread):
     assert results["results"]["sinkfix_cloze"]["acc,none"] in (0.0, 0.5, 1.0)
 
 
-def test_lm_eval_command_line_wrapper(monkeypatch):
-    """python -m sinkfix.lmeval hands lm-eval's CLI its arguments plus the built-in task folder."""
+@pytest.mark.parametrize("include", [[], ["--include_path", "{folder}"], ["--include_path={folder}"]])
+def test_lm_eval_command_line_wrapper(monkeypatch, tmp_path, include):
+    """python -m sinkfix.lmeval hands lm-eval's CLI its arguments as given, and every task manager it
+    builds sees the built-in tasks next to the user's include path (in either spelling)."""
     import lm_eval.__main__ as lm_eval_main
+    import lm_eval.tasks
+    from lm_eval._cli import HarnessCLI
 
     from sinkfix.lmeval.__main__ import main as wrapper
 
-    seen = []
-    monkeypatch.setattr(lm_eval_main, "cli_evaluate", lambda: seen.append(list(__import__("sys").argv)))
-    argv = ["python -m sinkfix.lmeval", "run", "--model", "sinkfix", "--tasks", "sinkfix_cloze"]
-    monkeypatch.setattr("sys.argv", argv)
+    builtin.export_tasks(tmp_path)  # a folder of tasks of the user's own: sinkfix_*_jsonl
+    include = [arg.format(folder=tmp_path) for arg in include]
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lm_eval.tasks.TaskManager)  # restored after the test
+    seen = {}
+
+    def cli_evaluate():  # lm-eval's parsing, and the task manager its run command builds (without the catalogue)
+        seen["argv"] = list(__import__("sys").argv)
+        args = HarnessCLI().parse_args()
+        seen["tasks"] = lm_eval.tasks.TaskManager(include_path=args.include_path, include_defaults=False).all_tasks
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", cli_evaluate)
+    argv = ["run", "--model", "sinkfix", "--tasks", "sinkfix_cloze", *include]
+    monkeypatch.setattr("sys.argv", ["python -m sinkfix.lmeval", *argv])
     wrapper()
-    assert seen == [["lm-eval", "run", "--model", "sinkfix", "--tasks", "sinkfix_cloze", "--include_path",
-                     str(builtin.TASKS_DIR)]]
+    assert seen["argv"] == ["lm-eval", *argv]
+    assert set(builtin.BUILTIN_TASKS) <= set(seen["tasks"])
+    assert ("sinkfix_cloze_jsonl" in seen["tasks"]) == bool(include)
 
 
 # -- built-in items ------------------------------------------------------------------------------------
@@ -339,6 +383,9 @@ def test_eval_command_errors(tiny_folder, tmp_path, capsys):
     model = ["--model", str(tiny_folder), "--out", str(out_file)]
     _one_line_error(*_run(capsys, *model, "--limit", "0")[::2], "--limit must be >= 1")
     _one_line_error(*_run(capsys, *model, "--max-length", "1")[::2], "--max-length must be >= 2")
+    # no model of that name: the seed is refused before anything is loaded
+    _one_line_error(*_run(capsys, "--model", str(tmp_path / "no-model"), "--seed", "-1")[::2],
+                    "--seed must be >= 0, got -1")
     _one_line_error(*_run(capsys, *model, "--tasks", "no_such_task_x")[::2], "unknown task 'no_such_task_x'")
     _one_line_error(*_run(capsys, *model, "--policy", "sink_scale=7")[::2], "sink_scale")
     data = tmp_path / "data.jsonl"
@@ -347,6 +394,46 @@ def test_eval_command_errors(tiny_folder, tmp_path, capsys):
     _one_line_error(*_run(capsys, *model, "--tasks", "local_rolling", "--include-path", str(tmp_path))[::2],
                     "data.jsonl, line 2: not valid JSON")
     assert not out_file.exists() and not list(tmp_path.glob(".report.json*"))
+
+
+def test_max_length_beyond_the_model_is_refused_before_the_runs(tiny_folder, tmp_path, capsys, monkeypatch,
+                                                                one_thread):
+    import sinkfix.lmeval.paired as paired
+
+    def evaluate_once(*args, **kwargs):
+        raise AssertionError("an evaluation ran before --max-length was refused")
+
+    monkeypatch.setattr(paired, "evaluate_once", evaluate_once)
+    code, _, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "sinkfix_cloze", "--limit", "1",
+                        "--max-length", "600")
+    _one_line_error(code, err, "max_length 600 is larger than", "(max_position_embeddings = 512)")
+
+
+def _fewshot_tasks(folder: Path) -> None:
+    """Two copies of the cloze task read from a JSONL file: few_free without a few-shot count of
+    its own, few_zero with num_fewshot: 0 in its config."""
+    builtin.export_tasks(folder)
+    cloze = (folder / "sinkfix_cloze_jsonl.yaml").read_text()
+    for path in folder.glob("*.yaml"):
+        path.unlink()
+    for name, extra in (("few_free", ""), ("few_zero", "num_fewshot: 0\n")):
+        text = cloze.replace("task: sinkfix_cloze_jsonl", f"task: {name}").replace("tag: [sinkfix_jsonl]", "tag: []")
+        (folder / f"{name}.yaml").write_text(text + extra)
+
+
+def test_num_fewshot_a_task_does_not_take_is_recorded_and_noted(tiny_folder, tmp_path, capsys, one_thread):
+    """lm-eval keeps a task whose config says num_fewshot: 0 at zero shots whatever --num-fewshot says:
+    the report gives each task's own count, and a note says so, also when stderr is no terminal."""
+    _fewshot_tasks(tmp_path)
+    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "few_free,few_zero", "--include-path",
+                          str(tmp_path), "--limit", "1", "--num-fewshot", "1", "--bootstrap", "20", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["settings"]["num_fewshot"] == 1
+    assert {t: e["num_fewshot"] for t, e in report["tasks"].items()} == {"few_free": 1, "few_zero": 0}
+    note = "--num-fewshot 1 not applied to few_zero (0-shot): the task's config fixes num_fewshot: 0"
+    assert report["notes"] == [note]
+    assert f"note: {note}" in err
 
 
 def test_profile_for_another_model_is_refused(tiny_folder, tmp_path, capsys, one_thread):

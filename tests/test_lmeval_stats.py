@@ -113,6 +113,23 @@ def test_bad_confidence():
         compare_paired([1], [0], mean, confidence=1.0)
 
 
+def test_negative_seed_is_refused_by_the_settings_and_the_bootstrap():
+    """numpy refuses a negative seed only when the first bootstrap draw is made, after both runs."""
+    from sinkfix.lmeval.config import EvalConfig
+
+    with pytest.raises(UsageError, match="--seed must be >= 0, got -1"):
+        EvalConfig(seed=-1).validate()
+    EvalConfig(seed=0).validate()
+    with pytest.raises(UsageError, match="seed must be >= 0, got -3"):
+        paired_bootstrap([1, 0], [0, 1], mean, iterations=10, seed=-3)
+
+
+def test_a_nan_item_gives_a_nan_p_value_with_its_nan_interval():
+    result = compare_paired([1.0, float("nan"), 2.0], [1.0, 2.0, 3.0], mean, iterations=50)
+    assert math.isnan(result.delta) and math.isnan(result.ci_low) and math.isnan(result.ci_high)
+    assert result.test == "paired-bootstrap" and math.isnan(result.p_value)
+
+
 def test_sinkfix_works_without_lm_eval():
     """lm-eval is an optional extra: with it unimportable, sinkfix and its CLI still import, and
     `sinkfix eval` says in one line how to install it."""

@@ -1,11 +1,18 @@
-"""window_nll: the chunked next-token NLL against an fp64 log_softmax reference, value and gradient."""
+"""window_nll: the chunked next-token NLL against an fp64 log_softmax reference, value and gradient;
+perplexity's arguments and which tokens the windows score."""
 
 from __future__ import annotations
+
+import math
+import re
 
 import pytest
 import torch
 
-from sinkfix.evaluate import window_nll
+from sinkfix.errors import UsageError
+from sinkfix.evaluate import PerplexityResult, make_windows, perplexity, window_nll
+
+from .conftest import CharTokenizer, tiny_model
 
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,3 +56,79 @@ def test_nothing_scored_is_zero_with_zero_gradient():
     got, count = window_nll(logits, torch.full((1, 4), -100))
     got.backward()
     assert count == 0 and float(got.detach()) == 0.0 and torch.all(logits.grad == 0)
+
+
+# -- perplexity's arguments ------------------------------------------------------------------------
+_TEXT = "Attention sinks park the mass of dormant heads on the first token. " * 3  # 201 tokens
+
+
+@pytest.fixture(scope="module")
+def model(one_thread):
+    return tiny_model("llama")  # 256 positions
+
+
+def test_one_row_of_ids_is_the_text_and_other_shapes_are_refused(model):
+    tok = CharTokenizer()
+    ids = tok(_TEXT).input_ids  # (1, S), as a tokenizer returns them
+    by_text = perplexity(model, tok, _TEXT, seq_len=64)
+    by_row, by_ids = perplexity(model, tok, ids, seq_len=64), perplexity(model, tok, ids[0], seq_len=64)
+    assert by_row == by_ids == by_text and by_text.tokens == ids.shape[1] - 4  # 4 windows, each opener unscored
+    for shape in [(2, 30), (1, 1, 30), ()]:
+        with pytest.raises(UsageError, match="1-D or one row"):
+            perplexity(model, tok, torch.ones(shape, dtype=torch.long), seq_len=64)
+    with pytest.raises(UsageError, match="must be 1-D"):
+        make_windows(ids, 64)
+
+
+@pytest.mark.parametrize("ids", [[5], [], [[5]]])
+def test_ids_of_fewer_than_two_tokens_are_refused_like_a_short_string(model, ids):
+    with pytest.raises(UsageError, match="too short"):
+        perplexity(model, CharTokenizer(), torch.tensor(ids, dtype=torch.long), seq_len=16)
+    with pytest.raises(UsageError, match="too short"):
+        perplexity(model, CharTokenizer(), "a", seq_len=16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch size must be >= 1, got 0"),
+    ({"batch_size": -1}, "batch size must be >= 1, got -1"),
+    ({"max_windows": 0}, "max_windows must be >= 1"),
+    ({"max_windows": -2}, "max_windows must be >= 1"),
+    ({"seq_len": 257}, "seq_len 257 is larger than the model supports (max_position_embeddings = 256)"),
+    ({"seq_len": 2, "bos": True}, "seq_len must be >= 3 with a BOS"),
+    ({"seq_len": 1}, "seq_len must be >= 2"),
+])
+def test_bad_arguments_are_refused_before_the_model_runs(model, monkeypatch, kwargs, message):
+    def forward(*args, **kw):
+        raise AssertionError("the model ran before the bad argument was refused")
+
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        perplexity(model, CharTokenizer(), _TEXT, **{"seq_len": 64, **kwargs})
+
+
+def test_max_windows_limits_and_a_full_length_window_is_accepted(model):
+    one = perplexity(model, CharTokenizer(), _TEXT, seq_len=64, max_windows=1)
+    assert one.windows == 1 and one.tokens == 63
+    assert perplexity(model, CharTokenizer(), _TEXT * 2, seq_len=256).windows == 2
+
+
+def test_no_scored_token_is_no_perplexity():
+    empty = PerplexityResult(nll_sum=0.0, tokens=0, windows=0, seq_len=8, stride=8, bos=False)
+    assert math.isnan(empty.nll) and math.isnan(empty.ppl)
+
+
+@pytest.mark.parametrize("stride, bos, unscored", [
+    (None, False, "each window's first token"),  # windows that do not overlap, no BOS
+    (5, False, "the first token only"),
+    (None, True, "none"),
+])
+def test_which_tokens_the_windows_score(stride, bos, unscored):
+    """What the module docstring says: no token twice; without a BOS, a window's opener is not scored."""
+    ids = torch.arange(2, 40)
+    windows = make_windows(ids, 8, stride, 1 if bos else None)
+    scored = [int(t) for w in windows for t in w.labels[1:] if t != -100]  # position i predicts label i + 1
+    assert len(scored) == len(set(scored))
+    missing = sorted(set(ids.tolist()) - set(scored))
+    openers = sorted({int(w.input_ids[0]) for w in windows})
+    expected = {"each window's first token": openers, "the first token only": [2], "none": []}[unscored]
+    assert missing == expected

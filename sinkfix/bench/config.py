@@ -48,12 +48,15 @@ class BenchConfig:
     def validate(self) -> None:
         checks = [
             (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
+            (not self.bos or self.seq_len >= 3,
+             f"--seq-len must be >= 3 with --bos (the BOS and 2 text tokens), got {self.seq_len}"),
             (self.stride is None or self.stride >= 1, f"--stride must be >= 1, got {self.stride}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.max_windows >= 0, f"--max-windows must be >= 0, got {self.max_windows}"),
             (self.decode_tokens == 0 or self.decode_tokens >= 2,
              f"--decode-tokens must be 0 (skip) or >= 2 (a rate needs two steps), got {self.decode_tokens}"),
-            (self.repeats >= 1 and self.decode_repeats >= 1, "--repeats must be >= 1"),
+            (self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}"),
+            (self.decode_repeats >= 1, f"--decode-repeats must be >= 1, got {self.decode_repeats}"),
             (self.warmup >= 0 and self.memory_rounds >= 0 and self.metrics_windows >= 0, "counts must be >= 0"),
             (self.baseline in ("sdpa", "eager"), f"--baseline must be sdpa or eager, got {self.baseline!r}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),

@@ -14,7 +14,7 @@ import torch
 
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import Window, bos_token_id, make_windows, model_device, tokenize
+from sinkfix.evaluate import Window, bos_token_id, check_positions, make_windows, max_positions, model_device, tokenize
 from sinkfix.models import load_model, pick_device
 from sinkfix.texts import TextSource
 
@@ -71,27 +71,11 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def max_positions(config) -> int | None:
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is None:
-            continue
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
 def _prompt_len(config: BenchConfig, limit: int | None) -> int:
-    if limit is not None and config.seq_len > limit:
-        raise SinkfixError(
-            f"--seq-len {config.seq_len} is larger than {config.model} supports "
-            f"(max_position_embeddings = {limit})"
-        )
     prompt_len = config.seq_len
     if config.decode_tokens and limit is not None:
         prompt_len = min(prompt_len, limit - config.decode_tokens)
@@ -133,7 +117,7 @@ def prepare_model(
         say(f"loading {config.model} ...")
         model, tokenizer = load_model(config.model, device=device)
     device = model_device(model)
-    limit = max_positions(model.config)
+    limit = check_positions(config.seq_len, model.config, "--seq-len", config.model, SinkfixError)
     prompt_len = _prompt_len(config, limit)
     _set_baseline(model, config.baseline)
     backend = _resolve_backend(config.backend, device)
@@ -146,6 +130,9 @@ def prepare_model(
 def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSource]) -> Protocol:
     """Tokenize every text and cut it into the windows that are scored (BOS as the tokenizer or flag says)."""
     bos = tokenizer_adds_bos(tokenizer) if config.bos is None else config.bos
+    if bos and config.seq_len < 3:  # --bos itself is checked with the other options, before the model loads
+        raise SinkfixError(f"--seq-len must be >= 3 when the tokenizer adds a BOS (the BOS and 2 text tokens), "
+                           f"got {config.seq_len}; or pass --no-bos")
     bos_id = bos_token_id(tokenizer) if bos else None
     body = config.seq_len - (1 if bos else 0)
     stride = config.stride or body

@@ -165,23 +165,47 @@ def _speed_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[s
     figures.save(fig, "speed_ratio.png")
 
 
+PLOT_FILES = ("ppl_delta.png", *(name for _, name, _, _ in _LAYER_PLOTS), "speed_ratio.png")
+
+
+def _remove_stale(out: Path, names: tuple[str, ...]) -> str:
+    """Remove the plots ``names`` an earlier run left in ``out``: next to this run's results.json
+    they would read as this run's. Only those exact names, only files. Returns what to add to the note."""
+    removed, failed = [], []
+    for name in names:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            try:
+                path.unlink()
+                removed.append(name)
+            except OSError as exc:
+                failed.append(f"{name} ({exc.strerror or exc})")
+    text = f"; removed an earlier run's {', '.join(removed)}" if removed else ""
+    return text + (f"; could not remove an earlier run's {', '.join(failed)}" if failed else "")
+
+
 def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path], list[str]]:
-    """PNG plots; returns (files written, notes on what was skipped)."""
+    """PNG plots; returns (files written, notes on what was skipped). A plot this run skips is removed
+    from ``out_dir`` when an earlier run left it there."""
+    out = Path(out_dir)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], ["plots skipped: matplotlib is not installed (pip install matplotlib)"]
-    figures = _Figures(plt, Path(out_dir))
+        return [], ["plots skipped: matplotlib is not installed (pip install matplotlib)"
+                    + _remove_stale(out, PLOT_FILES)]
+    figures = _Figures(plt, out)
     notes: list[str] = []
     patched = [v for v in results["variants"] if v["kind"] != "stock"]
     _ppl_plot(figures, results, patched)
     if results["metrics_status"]["available"]:
         _layer_plots(figures, results)
     else:
-        notes.append("sink_share.png and residual_peak.png skipped: no extreme-token metrics in this run")
+        layer_files = tuple(name for _, name, _, _ in _LAYER_PLOTS)
+        notes.append(f"{' and '.join(layer_files)} skipped: no extreme-token metrics in this run"
+                     + _remove_stale(out, layer_files))
     _speed_plot(figures, results, patched)
     return figures.written, notes
 

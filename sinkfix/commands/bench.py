@@ -127,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
         files, notes = write_outputs(args.out, results)
         written = [str(f) for f in files]
-        for note in notes:
-            if log:
-                log(note)
+        for note in notes:  # what the folder lacks or lost is news in a log file too, not only on a terminal
+            err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if args.json:
         from sinkfix.bench.report import dumps
 

@@ -50,7 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     which.add_argument("--profile", metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
-                   help="few-shot examples (default: each task's)")
+                   help="few-shot examples (default: each task's; a task whose config says 0 stays at 0, "
+                        "with a note)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="lm-eval batch size (default: %(default)s; on SmolLM2 the built-in tasks give the "
                         "batch-1 results to 4 significant digits, 16%% faster on one CPU thread)")
@@ -175,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
 
     interactive = sys.stderr.isatty()
     with _quiet(args.verbose, args.json, interactive):
-        report = run_eval(config, log=_stage_log(err) if interactive else lambda _: None)
+        # notes (a setting not applied as asked) reach stderr in a log file too, not only on a terminal
+        report = run_eval(config, log=_stage_log(err) if interactive else lambda _: None,
+                          note=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True))
     _emit(report, args)
     return 0

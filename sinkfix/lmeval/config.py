@@ -73,7 +73,7 @@ class EvalConfig:
     def validate(self) -> None:
         for name, value, low in (("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1),
                                  ("--bootstrap", self.iterations, 1), ("--threads", self.threads, 1),
-                                 ("--num-fewshot", self.num_fewshot, 0),
+                                 ("--num-fewshot", self.num_fewshot, 0), ("--seed", self.seed, 0),
                                  ("--max-length", self.extra.get("max_length"), 2)):
             if value is not None and value < low:
                 raise UsageError(f"{name} must be >= {low}, got {value}")

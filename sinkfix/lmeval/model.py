@@ -11,8 +11,11 @@
 also come as model arguments of their own, which is how lm-eval hands over ``model_args``
 ``policy=sink_scale=0.9,n_sink=1``), ``profile=`` a profile file;
 neither = the stock model. Every other keyword is lm-eval's HFLM argument (``batch_size``,
-``max_length``, ``add_bos_token``, ...). ``dtype`` defaults to float32, the precision sinkfix's
-numbers are measured in; ``device`` to CUDA when there is one, else the CPU.
+``max_length``, ``add_bos_token``, ...); a ``max_length`` beyond the model's
+``max_position_embeddings`` is refused. ``dtype`` is the precision a model loaded here gets
+(default float32, the precision sinkfix's numbers are measured in); an already loaded model is used
+as it is, never cast: a ``dtype`` other than its own is refused (cast it yourself, or leave ``dtype``
+out). ``device`` defaults to CUDA when there is one, else the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from sinkfix.errors import EvaluationError, UsageError
+from sinkfix.evaluate import check_positions
 from sinkfix.lmeval.config import Correction
 from sinkfix.models import DEFAULT_MODEL, load_model
 from sinkfix.patch import PatchHandle, patch
@@ -81,10 +85,17 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return value
 
 
-def _load(pretrained: Any, tokenizer: Any, dtype: str | torch.dtype, device: str | None):
+def _load(pretrained: Any, tokenizer: Any, dtype: torch.dtype | str | None, device: str | None):
     if not isinstance(pretrained, str):
         if tokenizer is None:
             raise UsageError("a loaded model needs its tokenizer: SinkfixLM(pretrained=model, tokenizer=tokenizer)")
+        # casting the caller's model in place would change it behind their back (and for every
+        # other user of the object): refuse instead, and say how to get the precision asked for
+        own = getattr(pretrained, "dtype", None)
+        if dtype not in (None, "auto") and own is not None and dtype != own:
+            name = str(dtype).removeprefix("torch.")
+            raise UsageError(f"dtype {name} asked for, but the loaded model is {str(own).removeprefix('torch.')}: "
+                             f"cast it first (model.to(torch.{name})) or leave dtype out")
         return pretrained, tokenizer
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +103,7 @@ def _load(pretrained: Any, tokenizer: Any, dtype: str | torch.dtype, device: str
         # lm-eval's command line asks for cuda:0 unless told otherwise; HFLM falls back the same way
         logging.getLogger(__name__).warning("device %s asked for, but torch sees no CUDA device: using the CPU", device)
         device = "cpu"
-    model, own_tokenizer = load_model(pretrained, dtype=_torch_dtype(dtype), device=device)
+    model, own_tokenizer = load_model(pretrained, dtype=torch.float32 if dtype is None else dtype, device=device)
     return model, tokenizer if tokenizer is not None else own_tokenizer
 
 
@@ -101,10 +112,13 @@ class SinkfixLM(HFLM):
 
     def __init__(self, pretrained: Any = DEFAULT_MODEL, policy: str | Policy | None = None,
                  profile: str | Profile | None = None, kernel: str = "auto", tokenizer: Any = None,
-                 dtype: str | torch.dtype = "float32", device: str | None = None, **kwargs: Any) -> None:
-        # a bad spec or profile file fails before the model loads
+                 dtype: str | torch.dtype | None = None, device: str | None = None, **kwargs: Any) -> None:
+        # a bad spec, profile file or dtype fails before the model loads
         correction = Correction.from_args(_with_spec_items(policy, kwargs), profile)
-        model, tokenizer = _load(pretrained, tokenizer, dtype, device)
+        model, tokenizer = _load(pretrained, tokenizer, None if dtype is None else _torch_dtype(dtype), device)
+        if kwargs.get("max_length") is not None:  # past its positions a model gives garbage, not an error
+            name = pretrained if isinstance(pretrained, str) else getattr(model.config, "name_or_path", "")
+            check_positions(int(kwargs["max_length"]), model.config, "max_length", name or "the model")
         with _quiet_hflm():
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.kernel = kernel

@@ -25,13 +25,40 @@ from sinkfix.lmeval.stats import compare_paired
 from sinkfix.lmeval.taskload import LoadedTasks, load_tasks
 from sinkfix.profile import ModelIdentity
 
-__all__ = ["run_eval", "evaluate_once", "compare_runs", "SCHEMA"]
+__all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "compare_runs", "SCHEMA"]
 
 SCHEMA = "sinkfix.eval/1"
 Log = Callable[[str], None]
 
 
 # -- one lm-eval run -----------------------------------------------------------------------------
+def apply_fewshot(loaded: LoadedTasks, num_fewshot: int | None = None) -> dict[str, int]:
+    """Set each task's few-shot count; returns the count each task will run with.
+
+    ``num_fewshot`` replaces a task's own count, except where the task's config says 0 (a task made
+    to run zero-shot, often without a split to draw examples from): that stays 0, as lm-eval's own
+    ``simple_evaluate`` keeps it. None keeps each task's own count (0 where it has none)."""
+    counts = {}
+    for name, task in loaded.tasks.items():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        counts[name] = int(task.get_config("num_fewshot"))
+    return counts
+
+
+def fewshot_notes(counts: dict[str, int], num_fewshot: int | None) -> list[str]:
+    """One note naming the tasks that run with another few-shot count than ``num_fewshot`` asked for."""
+    if num_fewshot is None:
+        return []
+    other = sorted(name for name, count in counts.items() if count != num_fewshot)
+    if not other:
+        return []
+    return [f"--num-fewshot {num_fewshot} not applied to {', '.join(f'{n} ({counts[n]}-shot)' for n in other)}: "
+            "the task's config fixes num_fewshot: 0"]
+
+
 def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
                   num_fewshot: int | None = None) -> dict[str, Any]:
     """lm-eval's ``evaluate`` on the loaded tasks with per-sample logging, seeded as lm-eval's own
@@ -42,11 +69,8 @@ def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
     random.seed(DEFAULT_RANDOM_SEED)
     np.random.seed(DEFAULT_OTHER_SEED)
     torch.manual_seed(DEFAULT_OTHER_SEED)
+    apply_fewshot(loaded, num_fewshot)
     for task in loaded.tasks.values():
-        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
-            task.set_config(key="num_fewshot", value=num_fewshot)
-        elif task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
     task_dict = {"tasks": loaded.tasks, "groups": {}, "group_map": {}}
     return evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True)
@@ -95,7 +119,8 @@ def _compare_task(name: str, task: Any, stock: dict, corrected: dict, config: Ev
         key = metric if filter_name == "none" else f"{metric},{filter_name}"
         metrics[key] = {**paired.to_dict(), "filter": filter_name, "higher_is_better": higher.get(metric)}
     return {"output_type": task.OUTPUT_TYPE, "items": len({d for _, d in samples_stock}),
-            "items_sha256": _items_hash(stock["samples"][name]), "metrics": metrics}
+            "items_sha256": _items_hash(stock["samples"][name]),
+            "num_fewshot": int(task.get_config("num_fewshot") or 0), "metrics": metrics}
 
 
 def compare_runs(loaded: LoadedTasks, stock: dict[str, Any], corrected: dict[str, Any],
@@ -130,8 +155,11 @@ def _timed(step: str, message: str, log: Log, run: Callable[[], Any], timing: di
     return result
 
 
-def run_eval(config: EvalConfig, log: Log = lambda _: None) -> dict[str, Any]:
-    """Load the tasks, then the model once; evaluate stock, then corrected; return the JSON report."""
+def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = None) -> dict[str, Any]:
+    """Load the tasks, then the model once; evaluate stock, then corrected; return the JSON report.
+
+    ``log`` hears of each stage; ``note`` (default: ``log``) of anything the run does otherwise than
+    asked, as soon as it is known (also in the report's ``notes``)."""
     config.validate()
     start, timing = time.perf_counter(), {}
     if config.threads:
@@ -139,6 +167,9 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None) -> dict[str, Any]:
     correction = config.correction()  # a bad spec or profile file fails before anything is loaded
     loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
                     timing)
+    notes = fewshot_notes(apply_fewshot(loaded, config.num_fewshot), config.num_fewshot)
+    for text in notes:
+        (note or log)(text)
     lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(
         pretrained=config.model, batch_size=config.batch_size, device=config.device, kernel=config.kernel,
         **config.extra), timing)
@@ -156,5 +187,5 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None) -> dict[str, Any]:
         "schema": SCHEMA, "model": ModelIdentity.of(lm.model).to_dict(), "correction": correction.to_dict(),
         "settings": asdict(config), "protocol": _protocol(lm), "versions": _versions(),
         "threads": torch.get_num_threads(), "timing_s": timing,
-        "tasks": compare_runs(loaded, stock, corrected, config),
+        "tasks": compare_runs(loaded, stock, corrected, config), "notes": notes,
     }

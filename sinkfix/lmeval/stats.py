@@ -78,12 +78,18 @@ def paired_bootstrap(stock: Sequence[Any], corrected: Sequence[Any], aggregate: 
                          f"{len(corrected)}")
     if iterations < 1:
         raise UsageError(f"bootstrap iterations must be >= 1, got {iterations}")
+    if seed < 0:
+        raise UsageError(f"bootstrap seed must be >= 0, got {seed}")
     draws = np.random.default_rng(seed).integers(0, n, size=(iterations, n))
     return np.array([aggregate([corrected[i] for i in row]) - aggregate([stock[i] for i in row]) for row in draws],
                     dtype=np.float64)
 
 
 def _bootstrap_p(deltas: np.ndarray) -> float:
+    # a draw whose difference is NaN (a non-finite per-item value) lies on neither side of zero: counting
+    # only the others would give a p-value for an interval that is itself NaN
+    if np.isnan(deltas).any():
+        return math.nan
     below = (np.count_nonzero(deltas <= 0) + 1) / (deltas.size + 1)
     above = (np.count_nonzero(deltas >= 0) + 1) / (deltas.size + 1)
     return min(1.0, 2 * min(below, above))
