@@ -105,6 +105,17 @@ def test_a_cache_built_for_other_rope_scaling_is_refused():
         _decode(_model(scaled), _ids(), SinkCache(_llama(), n_sink=2, window=8))
 
 
+def test_a_cache_built_for_other_sliding_layer_rope_is_refused():
+    """Gemma3's sliding layers have their own RoPE table; their windows are re-rotated too, so it is
+    compared like the global layers' table."""
+    params = tiny_config("gemma3").rope_parameters
+    other = _gemma3(rope_parameters={**params, "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})
+    cache = SinkCache(other, n_sink=2, window=8)
+    with pytest.raises(CacheError, match="re-rotate kept keys with the wrong frequencies"):
+        _decode(tiny_model("gemma3"), _ids(), cache)
+    assert cache.get_seq_length() == 0
+
+
 def test_an_equal_config_of_another_model_instance_is_served_exactly():
     model = tiny_model("llama")
     copy = tiny_config("llama")  # another object, the same values

@@ -3,6 +3,8 @@ generation, beam search, bad input."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import transformers as tf
@@ -11,7 +13,6 @@ from transformers import DynamicCache
 import sinkfix
 from sinkfix import CacheError, UnsupportedModelError
 from sinkfix.caches import SinkCache, feed
-from sinkfix.caches.layers import SinkLayer
 from sinkfix.caches.rope import Rotary, rotary_for, rotate_keys
 
 from .conftest import tiny_config, tiny_model
@@ -204,6 +205,35 @@ def test_left_padded_rows_stream_like_the_same_rows_alone(arch):
     torch.testing.assert_close(batch[0], first[0], atol=2e-5, rtol=0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "patched"])
+def test_left_padding_without_position_ids_is_found_from_the_mask(arch, attention):
+    """A hand-written loop that passes the attention mask but lets the model count positions (from
+    0 in every row, padding included): the padding is read off the mask, so the padded row's sinks
+    are its first real tokens and it streams like the same row alone, as with a DynamicCache."""
+    model = tiny_model(arch)  # fp32: eager attention turns fully masked (padding) rows into NaN in fp64
+    if attention == "eager":
+        model.set_attn_implementation("eager")
+    n_sink, window, pad, prefill = 2, 6, 4, 9
+    ids = _ids(length=24, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+
+    def run(ids, mask, cache):
+        out = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], cache=cache, use_cache=True).logits]
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits)
+        return torch.cat(out, 1)
+
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5)) if attention == "patched" else contextlib.nullcontext():
+        cache = SinkCache(model.config, n_sink=n_sink, window=window)
+        batch = run(ids, mask, cache)
+        alone = run(ids[1:, pad:], mask[1:, pad:], SinkCache(model.config, n_sink=n_sink, window=window))
+    assert cache.layers[-1].first_real.tolist() == [0, pad]
+    torch.testing.assert_close(batch[1, pad:], alone[0], atol=2e-5, rtol=0)
+
+
 def test_left_padded_generation_matches_each_prompt_alone():
     model = tiny_model("llama")
     prompts = [_ids(1, 9, seed=1)[0], _ids(1, 4, seed=2)[0]]
@@ -220,14 +250,42 @@ def test_left_padded_generation_matches_each_prompt_alone():
 
 
 # -- Gemma3: sliding layers keep their own window --------------------------------------------------
-def test_hybrid_models_keep_transformers_sliding_layers():
-    model = tiny_model("gemma3")
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "gptoss"])
+def test_hybrid_models_keep_transformers_sliding_windows(arch):
+    model = tiny_model(arch)
     cache = SinkCache(model.config, n_sink=2, window=8)
-    assert isinstance(cache.layers[0], tf.cache_utils.DynamicSlidingWindowLayer)
-    assert isinstance(cache.layers[1], SinkLayer)
-    _decode(model, _ids(length=20), cache)
-    assert cache.layers[0].keys.shape[2] == model.config.sliding_window - 1
-    assert cache.layers[1].kept_length == 10
+    sliding, full = cache.layers
+    assert sliding.is_sliding and not sliding.keep_sinks and full.keep_sinks
+    ids = _ids(length=20)
+    got = _decode(model, ids, cache)
+    assert sliding.kept_length == model.config.sliding_window - 1  # as transformers' sliding layer
+    assert full.kept_length == 10
+    # while the full layers keep everything, the sliding layers (which evict after 5 tokens) are
+    # bit for bit transformers' own
+    wide = _decode(model, ids, SinkCache(model.config, n_sink=2, window=30))
+    assert torch.equal(wide, _decode(model, ids, DynamicCache(config=model.config)))
+    assert not torch.equal(got, wide)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "gptoss"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_hybrid_models_with_positions_inside_the_cache_give_the_same_stream(arch, bits):
+    """The sliding layers are re-rotated like the full ones: positions that stop growing once the
+    cache is full (StreamingLLM's loop) would otherwise put every kept sliding key at the query's
+    position."""
+    model = tiny_model(arch)
+    model = model if arch == "gptoss" else model.double()  # GPT-OSS's experts do not run in fp64 on CPU
+    n_sink, window, length = 2, 6, 24
+    quant = {} if bits is None else dict(bits=bits, residual_length=3)
+    ids = _ids(1, length)
+    absolute = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window, **quant))
+    inside = torch.tensor([[min(t, n_sink + window) for t in range(length)]])
+    got = _decode(model, ids, SinkCache(model.config, n_sink=n_sink, window=window, **quant), position_ids=inside)
+    if bits is None:
+        torch.testing.assert_close(got, absolute, atol=1e-6, rtol=0)
+    else:  # the keys are quantized at other positions, so the roundings differ; nothing else does
+        torch.testing.assert_close(got, absolute, atol=5e-2, rtol=0)
 
 
 # -- chunked streaming -------------------------------------------------------------------------------
@@ -244,6 +302,37 @@ def test_feed_sees_what_decoding_sees(arch):
             torch.testing.assert_close(chunked, decoded, atol=1e-5, rtol=0)
         else:  # same visibility; sinks placed once per chunk
             torch.testing.assert_close(chunked[:, :12], decoded[:, :12], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_feed_with_a_patched_window_only_cache_corrects_each_chunks_first_token_only():
+    """With n_sink=0 the policy's sink is the oldest kept token, one column for the whole chunk (a
+    sink set is per batch row, not per query): once the stream is longer than the window only the
+    chunk's first token still sees it, so the later ones get no correction, while decoding gives
+    every token its own oldest kept token. Identical to decoding with chunk_size=1, and for the
+    tokens that still see the stream's first token."""
+    model = tiny_model("llama")
+    window, length = 6, 30
+    ids = _ids(length=length)
+    calls = []
+
+    def observe(call):
+        if call.layer == 0 and call.query.shape[2] > 1:
+            calls.append((call.sink_cols.clone(), call.attn_mask[:, 0, :, 0].clone()))
+
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.3)) as handle:
+        decoded = _decode(model, ids, SinkCache(model.config, n_sink=0, window=window))
+        one = torch.cat(list(feed(model, SinkCache(model.config, n_sink=0, window=window), ids, chunk_size=1)), 1)
+        with handle.observing(observe):
+            chunked = torch.cat(list(feed(model, SinkCache(model.config, n_sink=0, window=window), ids,
+                                          chunk_size=8)), 1)
+    torch.testing.assert_close(one, decoded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked[:, : window + 1], decoded[:, : window + 1], atol=1e-5, rtol=0)
+    assert (chunked[:, window + 1 :] - decoded[:, window + 1 :]).abs().max() > 1e-2
+    sink_cols, sees_sink = calls[-1]  # a chunk after eviction
+    assert sink_cols.tolist() == [[0], [0]]  # the oldest kept token ...
+    rows = sees_sink.shape[1]
+    assert rows > 1 and sees_sink.tolist() == [[True] + [False] * (rows - 1)] * 2  # ... by the first token only
 
 
 # -- beam search -------------------------------------------------------------------------------------

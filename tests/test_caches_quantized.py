@@ -113,6 +113,80 @@ def test_quantized_streaming_keeps_the_same_tokens_as_full_precision():
     assert quantized.nbytes() < exact.nbytes()
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_window_no_larger_than_the_residual_is_refused(bits):
+    """The residual flushes once it holds residual_length tokens; a window that keeps fewer would
+    never be quantized after the first call (and held the first call's evicted block: more bytes
+    than full precision)."""
+    config = tiny_model("llama").config
+    for window, residual in ((100, 128), (128, 128), (8, 8)):
+        with pytest.raises(sinkfix.CacheError, match=rf"window \({window}\) must be larger than residual_length "
+                                                     rf"\({residual}\).*set residual_length below {window}"):
+            SinkCache(config, n_sink=4, window=window, bits=bits, residual_length=residual)
+    SinkCache(config, n_sink=4, window=100, bits=bits, residual_length=32)
+    SinkCache(config, n_sink=4, window=None, bits=bits, residual_length=128)  # never evicts: no window to fill
+    SinkCache(config, n_sink=4, window=100)  # full precision has no residual
+
+
+@torch.no_grad()
+def test_a_quantized_window_stays_smaller_than_full_precision():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 120), generator=torch.Generator().manual_seed(0))
+    full = SinkCache(model.config, n_sink=4, window=40)
+    quantized = SinkCache(model.config, n_sink=4, window=40, bits=4, residual_length=8)
+    prefill_then_decode(model, ids, full, prefill=60)
+    prefill_then_decode(model, ids, quantized, prefill=60)
+    body = quantized.layers[0].body
+    assert body.quantized_len > 0 and body.offset < 40  # flushed after the prompt; the prompt's block is gone
+    assert quantized.nbytes() < full.nbytes() / 2
+
+
+def test_a_fully_evicted_quantized_block_is_released():
+    """A hybrid model's sliding layer keeps a window fixed by the model, which may be no larger than
+    residual_length: the first call's quantized block is released once it has all left the window,
+    not held until a flush that never comes."""
+    k, v = _tokens(length=40)
+    layer = _layer(0, window=6, bits=4, residual=16)
+    _feed(layer, k, v, [20])
+    assert layer.body.quantized_len == 6 and layer.body.q_len == 20  # the evicted 14 are skipped
+    _feed(layer, k, v, [1] * 5, first=20)
+    assert layer.body.quantized_len == 1
+    _feed(layer, k, v, [1], first=25)
+    assert layer.body.qk is None and layer.body.q_len == 0 and len(layer.body) == 6
+    exact = _layer(0, window=6, bits=None)
+    _feed(exact, k, v, [20] + [1] * 6)
+    assert layer.nbytes() == exact.nbytes()
+    keys, values = _feed(layer, k, v, [1], first=26)
+    assert torch.equal(values, v[:, :, 20:27])  # the window in full precision, as the residual keeps it
+    model = tiny_model("gemma3")  # sliding window 5: its layer keeps 4 tokens, fewer than residual_length 8
+    cache = SinkCache(model.config, n_sink=2, window=16, bits=4, residual_length=8)
+    prefill_then_decode(model, torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(0)), cache)
+    assert cache.layers[0].body.qk is None and len(cache.layers[0].body) == 4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits", [None, 2, 4])
+def test_a_cache_that_never_evicts_serves_models_without_rope(bits):
+    """GPT-2 (learned absolute positions): with window=None no key is ever moved, so the cache needs
+    no rotary embedding; it equals transformers' own caches."""
+    from transformers import DynamicCache
+
+    model = tiny_model("gpt2")
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    if bits is None:
+        shipped = DynamicCache(config=model.config)
+    else:
+        shipped = QuantizedCache("quanto", model.config, nbits=bits, q_group_size=16, residual_length=8, axis_key=0,
+                                 axis_value=0)
+    quant = {} if bits is None else dict(bits=bits, residual_length=8)
+    ours = SinkCache(model.config, n_sink=0, window=None, **quant)
+    assert torch.equal(prefill_then_decode(model, ids, ours), prefill_then_decode(model, ids, shipped))
+    protected = SinkCache(model.config, n_sink=2, window=None, **quant)
+    prefill_then_decode(model, ids, protected)
+    with pytest.raises(sinkfix.UnsupportedModelError, match="no rotary position embeddings.*window=None"):
+        SinkCache(model.config, n_sink=2, window=16, **quant)
+
+
 def test_beam_reordering_of_quantized_state_round_trips_nothing():
     k, v = _tokens(batch=3)
     layer = _layer(2, window=None, bits=2, residual=4)

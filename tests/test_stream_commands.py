@@ -75,6 +75,58 @@ def test_stream_bad_input_exits_2_with_one_line(tiny, text_file, capsys, argv, m
     assert message in err and "\n" not in err
 
 
+def _strict(text: str):
+    """JSON as strict parsers read it: NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_stream_json_is_strict_json_with_null_for_missing_ratios(tiny, text_file, tmp_path, capsys):
+    """A segment without a recomputed position has no ratio: null, not a bare NaN."""
+    tiny("llama")
+    out = tmp_path / "out"
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "150", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--recompute-every", "100", "--out", str(out), "--no-figure",
+                   "--json"])
+    assert rc == 0
+    result = _strict(capsys.readouterr().out)
+    assert None in result["paired"]["sink"]["segment_ratios"]
+    assert _strict((out / "stream.json").read_text()) == result
+
+
+def test_stream_checks_the_profile_against_the_model_before_streaming(tiny, text_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A profile fitted on another model is refused right after the model loads, not after the
+    unpatched variants have streamed."""
+    from sinkfix.analysis import streaming
+    from sinkfix.profile import ModelIdentity, Profile
+
+    other = tiny_model("llama", seed=5)
+    path = Profile(ModelIdentity.of(other), torch.full((2, 4), 0.7)).save(tmp_path / "p.json")
+    tiny("llama")
+    streamed = []
+    monkeypatch.setattr(streaming, "stream_nll", lambda *a, **k: streamed.append(k["name"]))
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--profile", str(path), "--out", str(tmp_path / "o"), "--no-figure"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "this profile was calibrated for" in err and "\n" not in err
+    assert streamed == [] and not (tmp_path / "o" / "stream.json").exists()
+
+
+def test_stream_refuses_a_model_without_rope_before_streaming(tiny, text_file, tmp_path, capsys, monkeypatch):
+    from sinkfix.analysis import streaming
+
+    tiny("gpt2")
+    recomputed = []
+    monkeypatch.setattr(streaming, "recompute_nll", lambda *a, **k: recomputed.append(k["name"]))
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--variants", "recompute,sink", "--out", str(tmp_path / "o"), "--no-figure"])
+    assert rc == 2
+    assert "no rotary position embeddings" in capsys.readouterr().err and recomputed == []
+
+
 def test_stream_missing_text_file_exits_2(tmp_path, capsys):
     assert cli.main(["stream", "--text", str(tmp_path / "missing.txt")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -112,6 +164,29 @@ def test_kvquant_bad_input_exits_2_with_one_line(text_file, capsys, argv, messag
     assert cli.main(["kvquant", "--text", str(text_file), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_kvquant_text_too_short_names_its_own_flags(tiny, tmp_path, capsys):
+    pytest.importorskip("optimum.quanto")
+    tiny("llama")
+    short = tmp_path / "short.txt"
+    short.write_text("short text")
+    assert cli.main(["kvquant", "--text", str(short), "--seq-len", "100", "--sequences", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the text short" in err and "has 10 tokens, fewer than the 300 that --seq-len 100 x --sequences 3" in err
+    assert "--tokens" not in err and "\n" not in err
+
+
+def test_kvquant_serves_a_model_without_rope(tiny, text_file, capsys):
+    """Its caches never evict (window=None), so no key is moved and GPT-2 needs no RoPE."""
+    pytest.importorskip("optimum.quanto")
+    tiny("gpt2")
+    rc = cli.main(["kvquant", "--text", str(text_file), "--bits", "4", "--seq-len", "48", "--chunk", "16",
+                   "--residual-length", "8", "--n-sink", "2", "--json"])
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out)["4"]
+    assert row["quantized_cache"] == "transformers QuantizedCache" and row["tokens"] == 47
+    assert row["kl"]["quantized"] > 0 and math.isfinite(row["sink_protected"])
 
 
 def test_segments_tile_the_stream_up_to_its_end():

@@ -64,8 +64,9 @@ class QuantizedBody:
     the length, measured, so a list of blocks would cost that per block).
 
     Evicted tokens at the front of the quantized part are skipped (``offset``) until the next flush
-    requantizes only what is kept. Beam reordering of the quantized part is applied after
-    dequantizing (``rows``), so no reorder ever round-trips through quantization.
+    requantizes only what is kept, or released as soon as every quantized token is evicted. Beam
+    reordering of the quantized part is applied after dequantizing (``rows``), so no reorder ever
+    round-trips through quantization.
     """
 
     def __init__(self, quantizer: KVQuantizer, residual_length: int) -> None:
@@ -126,6 +127,11 @@ class QuantizedBody:
     def drop_front(self, n: int) -> None:
         from_quantized = min(n, self.quantized_len)
         self.offset += from_quantized
+        if self.qk is not None and self.quantized_len == 0:
+            # all of it evicted: release it now rather than at the next flush, which a window no
+            # longer than residual_length (a hybrid model's sliding layer) never reaches
+            self.qk = self.qv = self.rows = None
+            self.q_len = self.offset = 0
         rest = n - from_quantized
         if rest > 0 and self.rk is not None:
             self.rk, self.rv = self.rk[:, :, rest:], self.rv[:, :, rest:]

@@ -4,10 +4,11 @@
     cache = sinkfix.SinkCache(model.config, n_sink=4, window=None, bits=2)   # sink-protected KV quantization
     model.generate(ids, past_key_values=cache, max_new_tokens=...)           # or cache=..., or a decode loop
 
-Full-attention layers get a :class:`~sinkfix.caches.layers.SinkLayer`; sliding-window layers of a
-hybrid model (Gemma2/3, GPT-OSS) keep their own window as transformers does (quantized, sinks
-protected while in the window, when ``bits`` is set). docs/caches.md has the position rule and the
-quantization layout.
+Every layer is a :class:`~sinkfix.caches.layers.SinkLayer`: full-attention layers keep sinks and
+window; sliding-window layers of a hybrid model (Gemma2/3, GPT-OSS) keep their own window as
+transformers does (quantized, sinks protected while in the window, when ``bits`` is set), and
+re-rotate it by the same rule, so both kinds see the same distances whatever positions the model
+is given. docs/caches.md has the position rule and the quantization layout.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache
 
 from sinkfix.caches.body import make_body
-from sinkfix.caches.layers import SinkLayer
+from sinkfix.caches.layers import SinkLayer, real_new_tokens
 from sinkfix.caches.quantize import BACKENDS, KVQuantizer, check_quantization
 from sinkfix.caches.rope import Rotary, rotary_for
 from sinkfix.errors import CacheError, UnsupportedModelError
@@ -65,42 +66,54 @@ def _layer_types(config) -> list[str]:
 _Plan = list[tuple[str, Rotary | None, int | None]]
 
 
-def _layer_plan(text) -> _Plan:
+def _layer_plan(text, moves_keys: bool = True) -> _Plan:
     """What each layer of a cache built from ``text`` (a text config) relies on: its layer type, the
-    RoPE frequencies its kept keys are re-rotated with (full attention) or its window (sliding)."""
+    RoPE frequencies its kept keys are re-rotated with (Gemma3 has one table per layer type) and,
+    for sliding layers, the window. ``moves_keys=False`` (a cache that never evicts) accepts a model
+    without rotary embeddings: its layers then get no RoPE (None), and keys that carry no position
+    are never rotated."""
     params = getattr(text, "rope_parameters", None) or {}
+    if not moves_keys and not (isinstance(params, dict) and params):
+        return [(kind, None, _window_of(text, kind)) for kind in _layer_types(text)]
     rotaries: dict[str, Rotary] = {}
     plan: _Plan = []
     for kind in _layer_types(text):
-        if kind == "full_attention":
-            if kind not in rotaries:
-                per_type = kind if isinstance(params.get(kind), dict) else None
-                rotaries[kind] = rotary_for(text, per_type)
-            plan.append((kind, rotaries[kind], None))
-        else:
-            plan.append((kind, None, text.sliding_window if kind == "sliding_attention" else text.attention_chunk_size))
+        if kind not in rotaries:
+            per_type = kind if isinstance(params.get(kind), dict) else None
+            rotaries[kind] = rotary_for(text, per_type)
+        plan.append((kind, rotaries[kind], _window_of(text, kind)))
     return plan
+
+
+def _window_of(text, kind: str) -> int | None:
+    if kind == "full_attention":
+        return None
+    return text.sliding_window if kind == "sliding_attention" else text.attention_chunk_size
 
 
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def _calling_config(depth: int) -> PreTrainedConfig | None:
-    """The config of the module whose method called :meth:`SinkCache.update` (``depth`` frames up):
-    transformers' attention modules call ``cache.update(...)`` from their ``forward`` and hold the
-    model's (text) config as ``self.config``. None when the caller is not such a module (a
-    hand-written ``cache.update`` call), which is then not checked."""
+def _caller(depth: int) -> tuple[PreTrainedConfig | None, Any]:
+    """(config, attention mask) of the module whose method called :meth:`SinkCache.update` (``depth``
+    frames up): transformers' attention modules call ``cache.update(...)`` from their ``forward``,
+    hold the model's (text) config as ``self.config`` and have the call's mask as their
+    ``attention_mask`` argument. (None, None) when the caller is not such a module (a hand-written
+    ``cache.update`` call), which is then checked for shapes only."""
     try:
         frame = sys._getframe(depth)
     except ValueError:
-        return None
+        return None, None
     try:
         caller = frame.f_locals.get("self")
+        mask = frame.f_locals.get("attention_mask")
     finally:
         del frame
-    config = getattr(caller, "config", None) if isinstance(caller, torch.nn.Module) else None
-    return config if isinstance(config, PreTrainedConfig) else None
+    if not isinstance(caller, torch.nn.Module):
+        return None, None
+    config = getattr(caller, "config", None)
+    return (config if isinstance(config, PreTrainedConfig) else None), mask
 
 
 def _rope_difference(mine, theirs) -> str:
@@ -143,12 +156,15 @@ class SinkCache(Cache):
         backend: ``"quanto"`` (optimum-quanto), ``"hqq"`` (2 or 4 bits) or ``"fp8"`` (8 bits); checked
             even without ``bits``, so a misspelt name fails at once.
         residual_length: recent tokens kept in full precision before they are quantized (as
-            transformers; not used by fp8, which has no residual window).
+            transformers; not used by fp8, which has no residual window). With ``bits=2|4`` a
+            ``window`` must be larger: the residual flushes only once it holds ``residual_length``
+            tokens, more than a window no larger lets it keep.
         q_group_size: channels per quantization group (one token, one kv head); default 64 as in
             transformers, or the whole head when 64 does not divide it (not used by fp8).
 
     Raises :class:`~sinkfix.errors.CacheError` for bad arguments and
-    :class:`~sinkfix.errors.UnsupportedModelError` for models without (position-independent) RoPE.
+    :class:`~sinkfix.errors.UnsupportedModelError` for models without (position-independent) RoPE
+    (models without any RoPE only when ``window`` is set: a cache that never evicts moves no key).
     """
 
     def __init__(self, config, n_sink: int = 4, window: int | None = 1020, bits: int | None = None, *,
@@ -170,27 +186,36 @@ class SinkCache(Cache):
             check_quantization(bits, backend, q_group_size, head_dim)
             if not _is_int(residual_length) or residual_length < 1:
                 raise CacheError(f"residual_length must be an integer >= 1, got {residual_length!r}")
+            if backend != "fp8" and window is not None and window <= residual_length:
+                # the residual flushes when it reaches residual_length tokens and eviction keeps it at
+                # most window long: one-token decoding with window < residual_length - 1 never flushes
+                # after the first call, and one just below flushes a window that is then evicted token by
+                # token (measured: 4 sinks, window 100, residual 128, a 200-token prompt and 300
+                # generated tokens: 80,512 bytes at 4 bits, 54,912 in full precision, 0 tokens quantized)
+                raise CacheError(f"with bits={bits}, window ({window}) must be larger than residual_length "
+                                 f"({residual_length}), the recent tokens held in full precision until they are "
+                                 f"quantized: a window no larger keeps most or all of its tokens in full precision "
+                                 f"after the first call; set residual_length below {window} (e.g. residual_length="
+                                 f"{max(1, window // 4)}) or bits=None")
         self.n_sink, self.window, self.bits = n_sink, window, bits
         self.backend = backend if bits is not None else None
         self.residual_length, self.q_group_size = residual_length, q_group_size
         self._expected = (text.num_key_value_heads if getattr(text, "num_key_value_heads", None) else
                           text.num_attention_heads, head_dim)
         quantizer = KVQuantizer(backend, bits, q_group_size) if bits is not None else None
-        self._text, self._plan = text, _layer_plan(text)
+        self._text, self._plan = text, _layer_plan(text, moves_keys=window is not None)
         self._served = text  # the last config of a calling model found to match (checked once per config)
         layers = [self._make_layer(kind, rotary, window, quantizer) for kind, rotary, window in self._plan]
         super().__init__(layers=layers)
 
     def _make_layer(self, kind: str, rotary: Rotary | None, window: int | None, quantizer: KVQuantizer | None):
-        def body():
-            return make_body(quantizer, self.residual_length)
-
+        body = make_body(quantizer, self.residual_length)
         if kind == "full_attention":
-            return SinkLayer(n_sink=self.n_sink, window=self.window, rotary=rotary, body=body())
-        if quantizer is None:
-            return DynamicSlidingWindowLayer(sliding_window=window)
-        # transformers' sliding layer keeps the last window - 1 tokens; this one keeps the same
-        return SinkLayer(n_sink=self.n_sink, window=window - 1, rotary=None, body=body(), keep_sinks=False,
+            return SinkLayer(n_sink=self.n_sink, window=self.window, rotary=rotary, body=body)
+        # transformers' sliding layer keeps the last window - 1 tokens; this one keeps the same and
+        # re-rotates them by the full layers' rule: with positions counted inside the cache (constant
+        # once it is full) keys kept as written would all sit at the query's own position
+        return SinkLayer(n_sink=self.n_sink, window=window - 1, rotary=rotary, body=body, keep_sinks=False,
                          sliding=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -204,10 +229,17 @@ class SinkCache(Cache):
                              f"{heads} x {dim}: a cache serves the model whose config built it")
         # the attention module calling, if it is one; not while dynamo traces, which cannot trace frame
         # inspection (generate never compiles a model with this cache: its layers are not compileable)
-        config = None if torch.compiler.is_compiling() else _calling_config(2)
+        config, mask = (None, None) if torch.compiler.is_compiling() else _caller(2)
         if config is not None and config is not self._served:
             self._check_model(_text_config(config))
             self._served = config
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SinkLayer) and mask is not None and not layer.rows_started:
+            # which new tokens are real (not padding): position_ids alone do not tell when a loop
+            # passes an attention mask but leaves the positions to the model; read until every row
+            # has a real token (normally the first call only)
+            kwargs["real_tokens"] = real_new_tokens(mask, key_states.shape[0], key_states.shape[-2],
+                                                    layer.kept_length if layer.is_initialized else 0)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_model(self, text) -> None:
@@ -215,7 +247,7 @@ class SinkCache(Cache):
         layer, the layer types, sliding windows and RoPE frequencies this cache was built with."""
         served = " a cache serves the model whose config built it: SinkCache(model.config, ...)"
         try:
-            theirs = _layer_plan(text)
+            theirs = _layer_plan(text, moves_keys=self.window is not None)
         except UnsupportedModelError as exc:
             raise CacheError(f"this cache is called by a model it cannot serve ({exc});{served}") from None
         except (AttributeError, KeyError, TypeError):
@@ -230,8 +262,9 @@ class SinkCache(Cache):
             if window != their_window:
                 raise CacheError(f"layer {i} keeps a {their_window}-token window in the calling model but "
                                  f"{window} in this cache:{served}")
-            if rotary is not None and not (rotary.inv_freq.shape == their_rotary.inv_freq.shape
-                                           and torch.equal(rotary.inv_freq, their_rotary.inv_freq)):
+            if (rotary is None) != (their_rotary is None) or rotary is not None and not (
+                    rotary.inv_freq.shape == their_rotary.inv_freq.shape
+                    and torch.equal(rotary.inv_freq, their_rotary.inv_freq)):
                 detail = _rope_difference(self._text, text) or "other RoPE frequencies"
                 raise CacheError(f"this cache was built from a config whose rotary embedding differs from the calling "
                                  f"model's ({detail}): it would re-rotate kept keys with the wrong frequencies "
@@ -239,13 +272,7 @@ class SinkCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of cached state held (keys, values, positions, quantization scales)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, SinkLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += 2 * layer.keys.nelement() * layer.keys.element_size()
-        return total
+        return sum(layer.nbytes() for layer in self.layers)
 
     def __repr__(self) -> str:
         quant = "" if self.bits is None else f", bits={self.bits}, backend={self.backend!r}"

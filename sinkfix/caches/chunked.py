@@ -17,7 +17,6 @@ import inspect
 from typing import Callable, Iterator
 
 import torch
-from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from sinkfix.caches.cache import SinkCache
 from sinkfix.caches.layers import SinkLayer
@@ -52,10 +51,10 @@ def _full_mask(layer: SinkLayer, batch: int, seen: int, chunk: int, window: int 
     return visible[:, None]
 
 
-def _sliding_mask(layer, batch: int, seen: int, chunk: int, device) -> torch.Tensor:
+def _sliding_mask(layer: SinkLayer, batch: int, seen: int, chunk: int, device) -> torch.Tensor:
     """(B, 1, C, K) bool for a sliding-window layer: causal, and within its window."""
     kv_length, kv_offset = layer.get_mask_sizes(chunk)
-    window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else layer.window + 1
+    window = layer.window + 1  # the model's sliding window: the layer keeps window - 1 tokens
     col = (torch.arange(kv_length, device=device) + kv_offset)[None, :]
     query = (torch.arange(chunk, device=device) + seen)[:, None]
     visible = (col <= query) & (col > query - window)

@@ -17,8 +17,10 @@ Layout of what one call attends to (docs/caches.md), per batch row::
   So every distance a query sees is a distance inside the cache (at most ``n_sink + window`` plus the
   new tokens), as in StreamingLLM, while the window keys, whose positions already are contiguous with
   the queries, need no rotation: normally only the n_sink head keys are rotated, every call.
-* **Left padding.** A row's sinks are its first real tokens: the last token the model placed at
-  position 0 (generate's padding-aware positions put padding there too, before it).
+* **Left padding.** A row's sinks are its first real tokens: the first token the call's attention
+  mask lets any query see (the mask of the attention module calling, as :class:`SinkCache` passes
+  it), or the last token the model placed at position 0 (generate's padding-aware positions put
+  padding there too, before it), whichever comes later.
 * **Masks.** transformers builds the mask from ``get_mask_sizes``: column c maps to absolute token
   ``seen - L + c``. Head columns of a row that has evicted tokens map to real tokens (unmasked), and
   a row that keeps everything maps exactly, padding included.
@@ -35,7 +37,31 @@ from sinkfix.caches.body import QUANTIZED_BODIES, Fp8Body, FullBody, QuantizedBo
 from sinkfix.caches.rope import Rotary, rotate_keys
 from sinkfix.errors import CacheError, UnsupportedModelError
 
-__all__ = ["SinkLayer"]
+__all__ = ["SinkLayer", "real_new_tokens"]
+
+
+def real_new_tokens(mask: Any, batch: int, q_len: int, kept: int) -> torch.Tensor | None:
+    """(B, Q) bool: which of a call's ``q_len`` new tokens are real, read off the call's attention
+    ``mask`` (the kept columns come first): a token is real when some query of the call may see it
+    (a real token sees itself; left padding is seen by no query). Takes transformers' bool (sdpa)
+    and additive float (eager) (B, 1, Q, K) masks and sinkfix's own padded causal mask; None for
+    anything else (no mask, other shapes or formats), which leaves the positions to decide."""
+    k_len = kept + q_len
+    if hasattr(mask, "seen_by_any_row"):  # sinkfix.integrations.masks.PaddedCausalMask
+        if (mask.batch, mask.k_len) != (batch, k_len):
+            return None
+        seen = mask.seen_by_any_row()
+    elif isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == k_len and mask.shape[0] in (1, batch):
+        if mask.dtype == torch.bool:
+            allowed = mask
+        elif mask.is_floating_point():
+            allowed = mask > torch.finfo(mask.dtype).min / 2  # eager: 0 where seen, the dtype's min (or -inf) not
+        else:
+            return None
+        seen = allowed.any(dim=-2).any(dim=1)
+    else:
+        return None
+    return seen[:, kept:].expand(batch, q_len)
 
 
 def _position_ids(kwargs: dict, batch: int, q_len: int, seen: int, device) -> torch.Tensor:
@@ -57,7 +83,9 @@ class SinkLayer(CacheLayerMixin):
     """Sink + window cache layer (see the module docstring). ``window=None`` never evicts.
 
     ``keep_sinks=False`` makes a plain sliding window (a sliding-attention layer of a hybrid model)
-    that still protects its first tokens from quantization while they are in the window.
+    that still protects its first tokens from quantization while they are in the window, and is
+    re-rotated by the same rule. ``rotary=None`` is for models without RoPE in a cache that never
+    evicts: their keys carry no position, so nothing is rotated.
     """
 
     is_compileable = False
@@ -77,6 +105,7 @@ class SinkLayer(CacheLayerMixin):
         self.evicted = False  # whether tokens have left: then the head is shown
         self.shape: tuple[int, int, int] | None = None  # (batch, kv heads, head dim) of the first update
         self.first_real: torch.Tensor | None = None  # (B,) absolute index of each row's first real token
+        self.rows_started = False  # every row has seen a real token: no padding left to find in masks
         self.sink_k = self.sink_v = None  # (B, H, n_sink, D) the rows' first n_sink real tokens
         self.sink_pos: torch.Tensor | None = None  # (B, n_sink) the positions they were rotated at
         self.body_pos: torch.Tensor | None = None  # (B, L) positions of the body tokens
@@ -109,8 +138,9 @@ class SinkLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self._check_shape(key_states)
         batch, _, q_len, _ = key_states.shape
+        real = kwargs.pop("real_tokens", None)
         positions = _position_ids(kwargs, batch, q_len, self.seen, key_states.device)
-        self._find_first_real(positions)
+        self._find_first_real(positions, real)
         keys, values = self._visible(key_states, value_states, positions)
         if isinstance(self.body, Fp8Body) and self.body.k_scale is not None:
             # as transformers' fp8 layer: once the scale is set, a call reads its own new tokens
@@ -189,16 +219,29 @@ class SinkLayer(CacheLayerMixin):
                 f"this cache holds a batch of {b0} rows x {h0} kv heads x {d0} dims, got {batch} x {heads} x {dim}: "
                 "a cache serves one model and one batch; make a new cache (or call cache.reset())")
 
-    def _find_first_real(self, positions: torch.Tensor) -> None:
-        """Each row's first real token is the last one the model placed at position 0: transformers puts
-        left padding at position 0 (generate) or 1, and the first real token at 0. Positions that never
-        return to 0 (no padding, or positions counted inside the cache) leave it at token 0."""
-        absolute = torch.arange(positions.shape[1], device=positions.device) + self.seen
-        at_zero = torch.where(positions == 0, absolute, -1).amax(dim=1)
+    def _find_first_real(self, positions: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Each row's first real token, the later of two clues. The positions: the last token the model
+        placed at 0 (transformers puts left padding at position 0 (generate) or 1, and the first real
+        token at 0; positions that never return to 0 say token 0). The mask, when the call had one
+        (``real`` (B, Q), :func:`real_new_tokens`): the first token some query may see, in a row that
+        had none before (until then the row's first real token lies beyond what it has seen). The
+        mask is what finds the padding of a loop that passes an attention mask but lets the model
+        count positions from 0 in every row: the positions alone then make padding the sinks."""
+        q_len = positions.shape[1]
+        absolute = torch.arange(q_len, device=positions.device) + self.seen
+        clue = torch.where(positions == 0, absolute, -1).amax(dim=1)
+        if real is not None:
+            real = real.to(positions.device)
+            first_seen = torch.where(real, absolute, self.seen + q_len).amin(dim=1)
+            if self.first_real is not None:  # rows that already have a real token keep it
+                first_seen = torch.where(self.first_real >= self.seen, first_seen, -1)
+            clue = torch.maximum(clue, first_seen)
         if self.first_real is None:
-            self.first_real = at_zero.clamp(min=0)
+            self.first_real = clue.clamp(min=0)
         else:
-            self.first_real = torch.maximum(self.first_real, at_zero)
+            self.first_real = torch.maximum(self.first_real, clue)
+        if not self.rows_started:  # one host read per call until then (normally the first call only)
+            self.rows_started = bool((self.first_real < self.seen + q_len).all())
 
     def column_info(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the kept columns of the next call: (absolute token index (B, L), -1 for padding,
@@ -294,10 +337,10 @@ class SinkLayer(CacheLayerMixin):
             width = pos.shape[-1]
             target = target0 + torch.arange(start, start + width, device=self.device)
             delta = torch.where(real, target - pos, 0)
-            if bool(delta.any()):
+            # no rotary embedding (a model without RoPE, in a cache that never evicts): keys carry
+            # no position, so there is nothing to move
+            if self.rotary is not None and bool(delta.any()):
                 self.last_exact_from = max(self.last_exact_from, start + width)  # rotated: not as stored
-                if self.rotary is None:
-                    raise UnsupportedModelError("this layer has no rotary embedding to move cached keys with")
                 parts_k[i] = rotate_keys(parts_k[i], delta, self.rotary)
             start += width
         return torch.cat(parts_k + [key_states], dim=-2), torch.cat(parts_v + [value_states], dim=-2)

@@ -8,7 +8,8 @@ carries at most one rounding of the rotation however long the stream runs (docs/
 
 Only position-independent frequency tables qualify: ``dynamic`` (NTK) and ``longrope`` change the
 frequencies with the sequence length, so a cached key cannot be moved by a rotation; those models,
-and models without rotary embeddings (GPT-2's learned absolute positions), are refused.
+and models without rotary embeddings (GPT-2's learned absolute positions), are refused for
+streaming (a cache with ``window=None`` never moves a key, and serves models without RoPE).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _rope_parameters(config, layer_type: str | None) -> tuple[dict, str | None]:
         kind = getattr(config, "model_type", type(config).__name__)
         raise UnsupportedModelError(
             f"{kind} has no rotary position embeddings (absolute or learned positions): a sink cache moves "
-            "cached keys to new positions by rotating them, which needs RoPE (Llama, Mistral, Qwen, Gemma, ...)")
+            "cached keys to new positions by rotating them, which needs RoPE (Llama, Mistral, Qwen, Gemma, ...); "
+            "window=None (no eviction, quantization only) needs none")
     if layer_type is not None and isinstance(params.get(layer_type), dict):
         return params[layer_type], layer_type
     return params, None

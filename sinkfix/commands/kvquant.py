@@ -89,9 +89,11 @@ def _sequences(tokenizer, texts, seq_len: int, count: int, bos_id: int | None):
     from sinkfix.commands.stream import stream_text
 
     out = []
+    body = seq_len - (bos_id is not None)
+    besides = " besides their BOS" if bos_id is not None else ""
     for name, source in texts.items():
-        ids = stream_text(tokenizer, source.text, seq_len * count, None)
-        body = seq_len - (bos_id is not None)
+        ids = stream_text(tokenizer, source.text, body * count, None, what=f"the text {name} ({source.source})",
+                          asked=f"the {body * count} that --seq-len {seq_len} x --sequences {count} take{besides}")
         for i in range(count):
             piece = ids[i * body : (i + 1) * body]
             out.append(piece if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=piece.dtype), piece]))

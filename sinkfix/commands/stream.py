@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -72,10 +71,12 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bos is not None and first == [bos]
 
 
-def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: int | None = None):
+def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: int | None = None, *,
+                what: str = "the text", asked: str | None = None):
     """The first ``tokens`` ids of ``text`` (BOS first when ``bos_id``); :class:`UsageError` if too short.
     ``period``: the text's first ``period`` ids over and over instead (a stream whose content repeats
-    exactly, so that a difference between its segments is the cache's, not the text's)."""
+    exactly, so that a difference between its segments is the cache's, not the text's). ``what`` and
+    ``asked`` name the text and what asked for the tokens in that error (default ``--tokens N``)."""
     import torch
 
     from sinkfix.evaluate import tokenize
@@ -90,7 +91,7 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: i
     if ids.numel() < body:
         ids = tokenize(tokenizer, text)
     if ids.numel() < body:
-        raise UsageError(f"the text has {ids.numel()} tokens, fewer than --tokens {tokens}")
+        raise UsageError(f"{what} has {ids.numel()} tokens, fewer than {asked or f'--tokens {tokens}'}")
     ids = ids[:body]
     return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
 
@@ -149,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     import sinkfix
     from sinkfix.analysis.streaming import measure_streaming
+    from sinkfix.caches import SinkCache
     from sinkfix.evaluate import bos_token_id
 
     _check(args)  # before anything slow
@@ -161,26 +163,33 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"text: {source}; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
+    variants, patched_variants = parse_variants(args.variants, profile is not None)
+    # what the model must fit, checked before any variant runs (the documented 20,738-token stream
+    # takes tens of minutes per variant):
+    # the profile (the patched variants come last), and a cache for it (no RoPE: refused)
+    policy = profile.policy_for(model) if profile is not None and patched_variants else None
+    if {"sink", "window_only"} & set(variants) or "sink" in patched_variants:
+        SinkCache(model.config, n_sink=args.n_sink, window=args.window)
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
     ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period)
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
-    variants, patched_variants = parse_variants(args.variants, profile is not None)
     runs = len(variants) + len(patched_variants)
     with tqdm(total=runs * args.tokens, unit="tok", desc="stream", file=sys.stderr, leave=False) as bar:
         result = measure_streaming(model, ids, **settings, variants=variants, on_tokens=bar.update)
         if patched_variants:
-            with sinkfix.patch(model, profile):
+            with sinkfix.patch(model, policy):
                 patched = measure_streaming(model, ids, **settings, variants=patched_variants,
                                             suffix="_profile", on_tokens=bar.update)
             result.variants.update(patched.variants)
     result.protocol.update(model=args.model, text=source, profile=args.profile, period=args.period)
     summary = result.summary()
     out = Path(args.out)
-    from sinkfix.files import atomic_write, atomic_write_text
+    from sinkfix.files import atomic_write, atomic_write_text, strict_json
 
-    atomic_write_text(out / "stream.json", json.dumps(summary, indent=2) + "\n")
+    # a segment without a recomputed position has no ratio (NaN): null in JSON
+    atomic_write_text(out / "stream.json", strict_json(summary, indent=2) + "\n")
     with atomic_write(out / "stream_tokens.pt", "wb") as handle:  # per-token NLL, NaN = not scored
         torch.save(result.token_nll(), handle)
     if not args.no_figure:
@@ -188,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
         running_perplexity_plot(result, out / "stream.png")
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
     else:
         _print_table(summary)
         log(f"wrote {out / 'stream.json'}, {out / 'stream_tokens.pt'}"
