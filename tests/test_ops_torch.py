@@ -557,3 +557,34 @@ def test_a_refused_head_size_does_not_turn_the_fused_op_off_for_others(monkeypat
     assert flash._cuda_efficient(even, even, even, None, True, 1.0) is not None
     assert calls == [17, 16]
     assert flash.fused_lse_available(torch.device("cuda"), torch.float32)
+
+
+def test_a_sink_column_listed_twice_counts_once():
+    """The sink set is a set (the reference's mask, the kernels): the PyTorch path gathered a
+    repeated column twice and counted its mass twice (0.18 off with [[2, 2]] and beta 0.5)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    beta = torch.tensor([0.5, 0.8])
+    want = reference_sink_attention(q.double(), k.double(), v.double(), causal=True, sink_cols=torch.tensor([[2]]),
+                                    beta=beta.double())[0]
+    for cols in ([[2, 2]], [[2, 2, 2]], [[2, -1, 2]]):
+        got = sink_attention_torch(q, k, v, causal=True, sink_cols=torch.tensor(cols), beta=beta).out
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("q_len, k_len", [(5, 0), (0, 5)])
+def test_no_query_or_no_key_is_an_error_not_a_crash(q_len, k_len):
+    # the fused CPU op divided by the length: the process died of SIGFPE
+    q, k = torch.randn(1, 2, q_len, 16), torch.randn(1, 2, k_len, 16)
+    with pytest.raises(ValueError, match=f"Q={q_len}, K={k_len}"):
+        sink_attention_torch(q, k, k.clone())
+
+
+def test_a_row_that_sees_nothing_has_lse_minus_infinity_on_the_identity_path():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 3, 16, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    mask[:, :, 1] = False
+    result = sink_attention_torch(q, k, v, attn_mask=mask, need_sink_stats=True)
+    assert torch.isneginf(result.lse[:, :, 1]).all() and torch.isfinite(result.lse[:, :, [0, 2]]).all()
+    assert (result.out[:, :, 1] == 0).all() and torch.isfinite(result.sink_stats).all()

@@ -92,6 +92,7 @@ class LayerState:
     telemetry: list[Callable[[AttentionCall], None]] = field(default_factory=list)
     sink_rows: torch.Tensor | None = None  # (B, NS) query rows of the last call that are sinks, -1 = none
     first_real_row: torch.Tensor | None = None  # (B,)
+    end_real_row: torch.Tensor | None = None  # (B,) one past the last real query row (right padding after it)
     cache: Any = None  # the KV cache of the current call, for content-dependent sinks (set by a forward hook)
 
     def __deepcopy__(self, memo: dict) -> "LayerState":
@@ -260,7 +261,7 @@ def attention_forward(
             attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
             sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
         )
-        state.sink_rows, state.first_real_row = location.query_rows(q_len)
+        state.sink_rows, state.first_real_row, state.end_real_row = location.query_rows(q_len)
 
     deferred = monitored and defers_sink_stats(
         identity=beta is None and extra_logits is None and virtual is None, first_column=first_column, q_len=q_len,

@@ -32,7 +32,7 @@ from sinkfix.errors import PolicyError
 from sinkfix.integrations.sink_location import locate_sinks
 from sinkfix.ops.attention import AttentionResult
 from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
-from sinkfix.ops.content_reference import ColumnStats
+from sinkfix.ops.content_reference import ColumnStats, sink_candidates
 
 __all__ = ["ContentSinkStore", "LayerSinkSet", "cache_hooks", "content_attention", "sink_sets", "store_of",
            "use_sink_sets"]
@@ -189,8 +189,14 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     location = locate_sinks(attention_mask, position_ids, batch=batch, q_len=q_len, k_len=k_len, causal=causal,
                             sliding=sliding_window is not None, sink_positions=state.policy.sink_positions,
                             device=query.device)
-    state.sink_rows, state.first_real_row = location.query_rows(q_len)
+    state.sink_rows, state.first_real_row, state.end_real_row = location.query_rows(q_len)
     hidden_beta, heads = rule.tensors(query.device)
+    if attention_mask is not None and q_len > 1:
+        on_kernels = state.backend == "triton" and kernel_mask is not None
+        attention_mask, right_padded = _without_padding_rows(attention_mask, state.first_real_row,
+                                                             state.end_real_row, ask=on_kernels)
+        if right_padded:  # the kernels' key padding cannot say that a row sees nothing: the dense mask
+            kernel_mask = None
     mask = dict(attn_mask=attention_mask, causal=causal)
     if state.backend == "triton" and kernel_mask is not None:
         mask = kernel_mask
@@ -230,7 +236,8 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     if entry is None or q_len > 1:
         # prefill (or a prefill chunk): decide on every row seen so far
         prior = None if entry is None else entry.stats
-        result = content_sink_attention(query, key, value, **common, **decide, prior=_call_prior(prior, first, end))
+        result = content_sink_attention(query, key, value, **common, **decide, prior=_call_prior(prior, first, end),
+                                        kept_before=_kept_before(prior, first, rule))
         stats = merge_column_stats(prior, _absolute(result.stats, first))
         hidden = _absolute_hidden(entry, result.hidden, first, end)
         store.layers[layer] = LayerSinkSet(hidden, stats, length=end)
@@ -247,13 +254,43 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     if entry.steps_since_decision >= every:
         # decide again on the prompt's rows and every generated row, this one included
         result = content_sink_attention(query, key, value, **common, **decide,
-                                              prior=_call_prior(entry.stats, first, end))
+                                        prior=_call_prior(entry.stats, first, end),
+                                        kept_before=_kept_before(entry.stats, first, rule))
         entry.hidden = _absolute_hidden(entry, result.hidden, first, end)
         entry.steps_since_decision = 0
     else:
         result = content_sink_attention(query, key, value, hidden=hidden, need_stats=True, **common)
     entry.stats = merge_column_stats(entry.stats, _absolute(result.stats, first))
     return AttentionResult(result.out, result.lse, None, None)
+
+
+def _without_padding_rows(attention_mask: torch.Tensor, first_real_row: torch.Tensor,
+                          end_real_row: torch.Tensor, *, ask: bool) -> tuple[torch.Tensor, bool]:
+    """The dense mask with the padding query rows seeing nothing. transformers masks padding on the
+    key axis only, so a right-padding row sees every real key, and its attention counted in the
+    column statistics that decide the hidden sinks: the same prompt right-padded by 6 tokens got
+    other hidden sinks than alone (logits 0.19 apart on a tiny Llama). A padding row's own output is
+    never read by a real token. With ``ask``, whether there were right-padding rows at all (one host
+    read; without any, the mask is returned as it is and the kernels keep their key padding: left-
+    padding rows already see nothing); without, True."""
+    q_len = attention_mask.shape[2]
+    if ask and not bool((end_real_row < q_len).any()):
+        return attention_mask, False
+    rows = torch.arange(q_len, device=attention_mask.device)
+    real = (rows >= first_real_row[:, None]) & (rows < end_real_row[:, None])  # (B, Q)
+    return attention_mask & real[:, None, :, None], True
+
+
+def _kept_before(stats: ColumnStats | None, first: int, rule) -> torch.Tensor | None:
+    """(B, Hq) bool: the sequence has a candidate among the keys before the call's first column
+    (those a sliding window dropped), so the rule's kept first candidate is there, not among the
+    call's keys. Deciding on the call's columns alone kept the window's first candidate instead: fed
+    in two chunks, a 20-token prompt on a window of 5 lost one hidden sink per head (logits 0.26
+    apart from one call), and every re-decision lost one more. None when nothing was dropped."""
+    if stats is None or first <= 0:
+        return None
+    before = ColumnStats(stats.mass[..., :first], stats.rows[..., :first])
+    return sink_candidates(before, threshold=rule.threshold, min_rows=rule.min_rows).any(-1)
 
 
 def _call_prior(stats: ColumnStats | None, first: int, end: int) -> ColumnStats | None:

@@ -24,7 +24,8 @@ def _sink_and_padding(state: LayerState, batch: int, seq: int, device) -> tuple[
         return none, none
     positions = torch.arange(seq, device=device)
     is_sink = (state.sink_rows[:, :, None] == positions[None, None, :]).any(1)  # -1 slots match nothing
-    is_padding = positions[None, :] < state.first_real_row[:, None]
+    # left padding before the first real row, right padding from the end of the real rows on
+    is_padding = (positions[None, :] < state.first_real_row[:, None]) | (positions[None, :] >= state.end_real_row[:, None])
     return is_sink, is_padding
 
 

@@ -73,15 +73,31 @@ class SinkLocation:
     sink_cols: torch.Tensor  # (B, NS) key columns of the sink set, -1 = absent
     first_real_col: torch.Tensor  # (B,) key column of the first real token
     last_col: torch.Tensor  # (B,) key column of the last query row
+    last_real_col: torch.Tensor  # (B,) key column of the last real token (before any right padding)
 
-    def query_rows(self, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_rows(self, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sink_rows (B, NS) query rows of this call that are sink tokens, -1 = not among them;
-        first_real_row (B,) query row of the first real token, clamped to 0). Query row i sits at
-        key column ``last_col - (Q - 1) + i``."""
+        first_real_row (B,) query row of the first real token, clamped to 0; end_real_row (B,) one
+        past the query row of the last real token, clamped to [0, Q]: rows outside
+        [first_real_row, end_real_row) are padding). Query row i sits at key column
+        ``last_col - (Q - 1) + i``."""
         row0 = self.last_col - (q_len - 1)
         rows = self.sink_cols - row0[:, None]
         valid = (self.sink_cols >= 0) & (rows >= 0) & (rows < q_len)
-        return torch.where(valid, rows, -1), (self.first_real_col - row0).clamp(min=0)
+        return (torch.where(valid, rows, -1), (self.first_real_col - row0).clamp(min=0),
+                (self.last_real_col - row0 + 1).clamp(min=0, max=q_len))
+
+
+def _last_query_col(attention_mask: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """(B,) key column of a dense mask's last query row. A call with as many keys as queries has no
+    cache: its query rows are its keys, and the last row is column Q - 1 whatever the mask says.
+    (The last column the last row sees, the rule for calls with a cache, is the last *real* key
+    under right padding: every row's sink and padding were placed at the wrong rows, and residual
+    clipping counted the padding in its median.)"""
+    if q_len == k_len:
+        return torch.full((attention_mask.shape[0],), q_len - 1, dtype=torch.long, device=attention_mask.device)
+    cols = torch.arange(k_len, device=attention_mask.device)
+    return torch.where(attention_mask[:, 0, -1], cols, -1).amax(dim=-1)
 
 
 def locate_sinks(
@@ -105,20 +121,22 @@ def locate_sinks(
     if attention_mask is None:
         first = torch.zeros(batch, dtype=torch.long, device=device)
         last = (q_len - 1) if (causal and q_len > 1) else (k_len - 1)
-        last_col = torch.full((batch,), last, dtype=torch.long, device=device)
+        last_col = last_real_col = torch.full((batch,), last, dtype=torch.long, device=device)
     else:
         cols = torch.arange(k_len, device=device)
         if hasattr(attention_mask, "seen_by_any_row"):  # a PaddedCausalMask: the same (B, K) views, no (Q, K)
-            seen_by_any_row, seen_by_last_row = attention_mask.seen_by_any_row(), attention_mask.seen_by_last_row()
+            seen_by_any_row = attention_mask.seen_by_any_row()
+            # its rows sit at known columns: the last at Q - 1 + causal_offset, right padding or not
+            last_col = torch.full((batch,), q_len - 1 + attention_mask.causal_offset, dtype=torch.long, device=device)
         else:
             seen_by_any_row = attention_mask[:, 0].any(dim=1)  # (B, K)
-            seen_by_last_row = attention_mask[:, 0, -1]  # (B, K)
+            last_col = _last_query_col(attention_mask, q_len, k_len)
         first = torch.where(seen_by_any_row, cols, k_len).amin(dim=-1)
-        last_col = torch.where(seen_by_last_row, cols, -1).amax(dim=-1)
+        last_real_col = torch.where(seen_by_any_row, cols, -1).amax(dim=-1)
     if sliding and q_len != k_len and position_ids is not None:
         positions = position_ids if position_ids.ndim == 2 else position_ids[0]
         first = last_col - positions[:, -1].to(device).long().expand(batch)
     offsets = torch.tensor(sink_positions, dtype=torch.long, device=device)
     sink_cols = first[:, None] + offsets[None, :]
     sink_cols = torch.where((sink_cols >= 0) & (sink_cols < k_len), sink_cols, -1)
-    return SinkLocation(sink_cols, first, last_col)
+    return SinkLocation(sink_cols, first, last_col, last_real_col)

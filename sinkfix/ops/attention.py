@@ -177,6 +177,18 @@ def _first_column_parts(q, k, v, layout: _Layout, scale: float) -> tuple[_Part, 
     return _Part(o, lse), sink, False
 
 
+def distinct_sink_cols(sink_cols: torch.Tensor) -> torch.Tensor:
+    """``sink_cols`` (B, NS) with a column listed again in its row replaced by -1 (absent): the sink
+    set is a set (the reference's mask, the kernels), and gathering a column twice counted its mass
+    twice (0.18 off the reference with ``[[2, 2]]`` and beta 0.5)."""
+    slots = sink_cols.shape[1]
+    if slots < 2:
+        return sink_cols
+    earlier = torch.ones(slots, slots, dtype=torch.bool, device=sink_cols.device).tril(-1)
+    repeated = ((sink_cols[:, :, None] == sink_cols[:, None, :]) & earlier & (sink_cols[:, :, None] >= 0)).any(-1)
+    return sink_cols.masked_fill(repeated, -1)
+
+
 def _sink_scores(q, k, visible: torch.Tensor, sink_cols: torch.Tensor | None, scale: float, v=None):
     """The sink columns gathered and scored explicitly: scores (B, Hq, Q, NS) fp32, -inf where a
     row may not see the column, and the columns' values (B, Hq, NS, D) fp32 when ``v`` is given
@@ -393,12 +405,15 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
         # plain softmax: one fused call, nothing else (plus the sink columns for the statistics)
         visible = None if plain else layout.visible(batch, q_len, k.shape[2], q.device)
         out, lse = flash_with_lse(q, k, v, visible=visible, is_causal=plain and layout.causal, scale=scale)
-        if not plain:
-            out = torch.where(visible.any(-1)[..., None], out, 0)
         stats = None
-        if need_sink_stats:
+        if need_sink_stats:  # from the fused op's lse, finite in a row that sees nothing (exp(-inf - lse) = 0)
             stats = _identity_stats(q, k, lse, layout, visible, sink_cols, first_column_sink, scale)
-        return AttentionResult(out, lse.float(), None, None, stats)
+        lse = lse.float()
+        if not plain:  # a row that sees nothing: output 0 and lse -inf, as every other path gives them
+            seen = visible.any(-1)
+            out = torch.where(seen[..., None], out, 0)
+            lse = lse.masked_fill(~seen, float("-inf"))
+        return AttentionResult(out, lse, None, None, stats)
     every_row_sees_n = False
     if first_column_sink and plain and not layout.causal and k.shape[2] >= 2 and not need_sink_mass:
         return _sink_first_every_row(q, k, v, scale, beta, extra_logits, virtual_sink_logit, need_sink_stats)
@@ -457,8 +472,13 @@ def sink_attention_torch(
     computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
     second pass over the keys.
     """
+    if q.shape[2] == 0 or k.shape[2] == 0:  # the fused CPU op divides by the length: a SIGFPE, not an error
+        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q.shape[2]}, "
+                         f"K={k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
+    if sink_cols is not None and not first_column_sink:
+        sink_cols = distinct_sink_cols(sink_cols)
     fused = cpu_flash_available(q.dtype) if q.is_cpu else fused_lse_available(q.device, q.dtype)
     grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
     if (return_probs or softcap is not None or not fused

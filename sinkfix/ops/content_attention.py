@@ -190,6 +190,7 @@ def content_sink_attention_torch(
     min_rows: int = 1,
     heads: torch.Tensor | None = None,
     prior: ColumnStats | None = None,
+    kept_before: torch.Tensor | None = None,
     need_stats: bool = False,
     attn_mask: torch.Tensor | None = None,
     causal: bool = False,
@@ -207,8 +208,8 @@ def content_sink_attention_torch(
 
     Either ``hidden`` (B, Hq, K) bool is given (a stored set: decode), or it is decided here from
     the column statistics of this call's rows merged with ``prior`` (earlier rows of the same
-    sequences, e.g. previous prefill chunks) with ``threshold``, ``min_rows`` and ``heads``
-    (:func:`~sinkfix.ops.content_reference.decide_hidden_sinks`). ``hidden_beta`` (Hq,) is the
+    sequences, e.g. previous prefill chunks) with ``threshold``, ``min_rows``, ``heads`` and
+    ``kept_before`` (:func:`~sinkfix.ops.content_reference.decide_hidden_sinks`). ``hidden_beta`` (Hq,) is the
     hidden-sink scaling; the other arguments are those of
     :func:`sinkfix.ops.attention.sink_attention_torch` (``sink_cols`` (B, NS), -1 = absent).
     The returned ``stats`` are this call's rows only (merge them with :func:`merge_column_stats`).
@@ -232,7 +233,7 @@ def content_sink_attention_torch(
             stats = column_stats_reference(q, k, **layout, scale=scale, softcap=softcap, compute_dtype=torch.float32)
         if hidden is None:
             hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
-                                         min_rows=min_rows, heads=heads)
+                                         min_rows=min_rows, heads=heads, kept_before=kept_before)
         out, _, lse = reference_content_sink_attention(
             q, k, v, hidden=hidden, hidden_beta=hidden_beta, **layout, scale=scale, softcap=softcap,
             sink_cols=sink_cols, beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit,
@@ -252,7 +253,7 @@ def content_sink_attention_torch(
                                 hidden_beta=hidden_beta, visible=visible, scale=scale, sink_cols=sink_cols, beta=None,
                                 extra_logits=None, virtual_sink_logit=None, need_stats=True)
         hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
-                                     min_rows=min_rows, heads=heads)
+                                     min_rows=min_rows, heads=heads, kept_before=kept_before)
         out, lse, _ = _few_rows(q, k, v, hidden=hidden, hidden_beta=hidden_beta, visible=visible, scale=scale,
                                 sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
                                 virtual_sink_logit=virtual_sink_logit, need_stats=False)
@@ -280,7 +281,7 @@ def content_sink_attention_torch(
         stats = column_stats_torch(q32, k32, lse_all, visible=visible, plain_causal=plain_causal, scale=scale)
     if hidden is None:
         hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
-                                     min_rows=min_rows, heads=heads)
+                                     min_rows=min_rows, heads=heads, kept_before=kept_before)
     hidden = hidden & ~is_sink[:, None, :]
 
     # visible hidden keys per row, and the positional sink part
@@ -345,6 +346,7 @@ def content_sink_attention_triton(
     min_rows: int = 1,
     heads: torch.Tensor | None = None,
     prior: ColumnStats | None = None,
+    kept_before: torch.Tensor | None = None,
     need_stats: bool = False,
     attn_mask: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
@@ -379,7 +381,7 @@ def content_sink_attention_triton(
     if q_len <= FEW_ROWS or grad:
         return content_sink_attention_torch(
             q, k, v, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold, min_rows=min_rows, heads=heads,
-            prior=prior, need_stats=need_stats, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
+            prior=prior, kept_before=kept_before, need_stats=need_stats, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
             sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
             extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -396,7 +398,7 @@ def content_sink_attention_triton(
         stats = ColumnStats(mass, rows)
     if hidden is None:
         hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
-                                     min_rows=min_rows, heads=heads)
+                                     min_rows=min_rows, heads=heads, kept_before=kept_before)
     hidden = hidden.to(q.device) & ~is_sink[:, None, :]
     # pass 3: the correction, hidden keys apart from the rest in one key loop
     out, lse = sink_attention_prefill(q, k, v, **layout, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,

@@ -32,7 +32,8 @@ import torch
 
 from sinkfix.ops.reference import sink_key_mask, visibility_mask
 
-__all__ = ["ColumnStats", "column_stats_reference", "decide_hidden_sinks", "reference_content_sink_attention"]
+__all__ = ["ColumnStats", "column_stats_reference", "decide_hidden_sinks", "reference_content_sink_attention",
+           "sink_candidates"]
 
 
 class ColumnStats(NamedTuple):
@@ -61,16 +62,26 @@ def column_stats_reference(q, k, *, attn_mask=None, causal=False, causal_offset=
     return ColumnStats(probs.sum(2), visible[:, 0].sum(1).to(compute_dtype))
 
 
-def decide_hidden_sinks(stats: ColumnStats, is_sink: torch.Tensor | None, *, threshold: float, min_rows: int,
-                        heads: torch.Tensor | None) -> torch.Tensor:
-    """Steps 2-3: the hidden-sink mask (B, Hq, K) bool from column statistics. ``is_sink`` (B, K)
-    is the positional sink set; ``heads`` (Hq,) bool the heads the rule corrects (None = all)."""
+def sink_candidates(stats: ColumnStats, *, threshold: float, min_rows: int) -> torch.Tensor:
+    """Step 2: (B, Hq, K) bool, the columns whose mean attention is above ``threshold`` over at
+    least ``min_rows`` rows."""
     rows = stats.rows[:, None, :]
     mean = stats.mass / rows.clamp(min=1)
-    candidate = (mean > threshold) & (rows >= min_rows) & (rows > 0)
+    return (mean > threshold) & (rows >= min_rows) & (rows > 0)
+
+
+def decide_hidden_sinks(stats: ColumnStats, is_sink: torch.Tensor | None, *, threshold: float, min_rows: int,
+                        heads: torch.Tensor | None, kept_before: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 2-3: the hidden-sink mask (B, Hq, K) bool from column statistics. ``is_sink`` (B, K)
+    is the positional sink set; ``heads`` (Hq,) bool the heads the rule corrects (None = all).
+    ``kept_before`` (B, Hq) bool: the sequence has a candidate before these columns (keys a sliding
+    window no longer shows), which is the one kept: then every candidate here is a hidden sink."""
+    candidate = sink_candidates(stats, threshold=threshold, min_rows=min_rows)
     # argmax returns the first maximal index: the first candidate column of each (batch, head)
     first = candidate.to(torch.uint8).argmax(-1, keepdim=True)
     keep = torch.zeros_like(candidate).scatter_(-1, first, True)
+    if kept_before is not None:
+        keep = keep & ~kept_before.to(keep.device)[..., None]
     hidden = candidate & ~keep
     if is_sink is not None:
         hidden = hidden & ~is_sink[:, None, :].to(hidden.device)

@@ -109,3 +109,16 @@ def test_smollm2_through_kernels_matches_torch_path():
         pytest.skip(str(exc))
     ids = tok("The attention sink of a language model is usually its first token.", return_tensors="pt").input_ids
     _compare(model.to(DEVICE), ids.to(DEVICE), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_content_sinks_through_kernels_ignore_right_padding_rows(arch):
+    """The kernels read key padding, which cannot say that a right-padding row sees nothing: with
+    right padding the content path hands them the dense mask (logits 0.19 / 0.48 from alone before)."""
+    from ..test_padding_and_windows import RIGHT_PADDING_POLICY, alone_left_right, prompt_ids
+
+    model = tiny_model(arch)
+    with sinkfix.patch(model, RIGHT_PADDING_POLICY, backend="triton"):
+        alone, left, right = alone_left_right(model, prompt_ids(10))
+    torch.testing.assert_close(left, alone, atol=2e-4, rtol=0)
+    torch.testing.assert_close(right, alone, atol=2e-4, rtol=0)
