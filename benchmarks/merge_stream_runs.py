@@ -24,7 +24,7 @@ import torch
 from sinkfix.analysis.plots import running_perplexity_plot
 from sinkfix.analysis.streaming import StreamResult, StreamVariant
 from sinkfix.errors import UsageError
-from sinkfix.files import atomic_write_text
+from sinkfix.files import atomic_write_text, strict_json
 
 # protocol entries every merged run must share (the rest describe how a variant was run)
 SHARED = ("tokens", "n_sink", "window", "cache_tokens", "chunk", "segment_len", "warmup", "bos", "model", "text")
@@ -73,9 +73,9 @@ def main() -> None:
     result = merge(args.runs)
     summary = result.summary()
     summary["protocol"]["merged_from"] = [str(r) for r in args.runs]
-    atomic_write_text(args.out / "stream.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(args.out / "stream.json", strict_json(summary, indent=2) + "\n")  # NaN ratios as null
     running_perplexity_plot(result, args.out / "stream.png")
-    print(json.dumps({k: v for k, v in summary.items() if k != "protocol"}, indent=1))
+    print(strict_json({k: v for k, v in summary.items() if k != "protocol"}, indent=1))
 
 
 if __name__ == "__main__":

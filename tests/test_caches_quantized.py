@@ -243,3 +243,28 @@ def test_hidden_sinks_found_by_attention_are_kept_exact():
         others[layer.hidden_abs[0][layer.hidden_abs[0] >= 0]] = False
         others[0] = False
         assert not torch.equal(values[0][:, others[: values.shape[2]]], exact.values[0][:, others[: values.shape[2]]])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("tokens", [9, 10, 11])
+def test_hqq_takes_token_counts_its_bit_packing_does_not_divide(bits, tokens):
+    """HQQ packs 8 // bits rows into a byte and failed with a shape error on other counts (9 tokens
+    of a 1-head, 16-dim model at 2 bits; transformers' QuantizedCache fails the same way). The zero
+    tokens that pad the count are groups of their own: the real tokens quantize as they would alone."""
+    x = torch.randn(1, 1, tokens, 16, generator=torch.Generator().manual_seed(tokens))
+    quantizer = KVQuantizer("hqq", bits, 16)
+    got = quantizer.dequantize(quantizer.quantize(x))
+    assert got.shape == x.shape
+    whole = 8  # a count the packing divides at 2 and 4 bits
+    alone = quantizer.dequantize(quantizer.quantize(x[..., :whole, :]))
+    torch.testing.assert_close(got[..., :whole, :], alone, atol=0, rtol=0)
+    assert (got - x).abs().max() < (0.9 if bits == 2 else 0.3)  # quantized, not garbage
+
+
+def test_gemma3_prompt_of_an_odd_length_through_a_hqq_cache():
+    model = tiny_model("gemma3")
+    cache = SinkCache(model.config, 2, 16, bits=2, backend="hqq", residual_length=4)
+    with torch.no_grad():
+        model(torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(0)), past_key_values=cache)
+        step = model(torch.tensor([[5]]), past_key_values=cache).logits
+    assert torch.isfinite(step).all()

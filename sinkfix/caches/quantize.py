@@ -89,6 +89,10 @@ def check_quantization(bits: int, backend: str, group_size: int, head_dim: int |
                          "channels of one token and head")
 
 
+#: The key under which a quantized HQQ tensor padded to a whole byte row keeps its real token count.
+PADDED_TOKENS = "sinkfix_tokens"
+
+
 class KVQuantizer:
     """Quantize / dequantize (B, H, L, D) tensors with one of transformers' integer backends; for
     ``fp8`` it only carries the settings (:class:`~sinkfix.caches.body.Fp8Body` does the casts)."""
@@ -104,9 +108,23 @@ class KVQuantizer:
         if not engine.is_initialized or engine.keys.dtype != x.dtype or engine.keys.device != x.device:
             # HQQ reads the device and compute dtype off the layer's (empty) full-precision states
             engine.lazy_initialization(x[..., :0, :], x[..., :0, :])
+        tokens = x.shape[-2]
+        per_byte = 8 // self.bits
+        if self.backend == "hqq" and tokens % per_byte:
+            # HQQ packs 8 // bits rows of its (groups, group_size) view into one byte row and fails on
+            # a row count that is not a multiple (9 tokens of a 1-head, 16-dim model at 2 bits: a
+            # shape error from its bitpack; transformers' QuantizedCache fails the same way). Zero
+            # tokens pad the count: the groups are per token, so no real token's scale moves, and
+            # they are cut off again when dequantized.
+            x = torch.nn.functional.pad(x, (0, 0, 0, per_byte - tokens % per_byte))
+            data, meta = engine._quantize(x.contiguous(), axis=self.axis)
+            return data, {**meta, PADDED_TOKENS: tokens}
         return engine._quantize(x.contiguous(), axis=self.axis)
 
     def dequantize(self, q: Any) -> torch.Tensor:
+        if isinstance(q, tuple) and PADDED_TOKENS in q[1]:
+            meta = {key: value for key, value in q[1].items() if key != PADDED_TOKENS}
+            return self._engine._dequantize((q[0], meta))[..., :q[1][PADDED_TOKENS], :]
         return self._engine._dequantize(q)
 
     def __repr__(self) -> str:
