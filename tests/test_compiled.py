@@ -47,6 +47,25 @@ def test_patched_model_traces_into_one_graph(arch, policy, one_thread):
             assert explained.graph_count == 1
 
 
+@pytest.mark.parametrize("policy", ["sink_scale=0.9", "profile"])
+def test_fullgraph_compile_with_gradients_enabled(policy, one_thread):
+    """A model as load_model returns it has parameters that require grad, and the README's
+    torch.compile(model, fullgraph=True) then traces the backward too: a host read in the fused
+    CPU op's backward raised "Could not guard on data-dependent expression". Outputs and gradients
+    equal eager (aot_eager: the same AOT autograd trace as inductor, without its compile time)."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    with sinkfix.patch(model, _policies(2, 4)[policy]):
+        eager = model(input_ids=ids).logits
+        (eager_grad,) = torch.autograd.grad(eager.square().mean(), weight)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+        (compiled_grad,) = torch.autograd.grad(compiled.square().mean(), weight)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_smollm2_with_a_per_head_profile_traces_into_one_graph(smollm2):
     model, tok = smollm2

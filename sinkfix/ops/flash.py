@@ -144,7 +144,10 @@ def _shifted_output(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.T
     kernel reads the output only through that product. Float32/64 only (a reduced-precision output
     would round the shift into the stored values), and None when a row with a gradient on its
     log-sum-exp has a (near) zero output gradient."""
-    if out.dtype not in (torch.float32, torch.float64):
+    if out.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        # while a compiled graph's backward is traced, the choice below would be a host read of a
+        # traced value ("Could not guard on data-dependent expression" under fullgraph=True): the
+        # appended feature, right for every input, is traced instead
         return None
     norm_squared = grad_out.square().sum(-1)
     if bool(((norm_squared < _MIN_GRAD_NORM_SQUARED) & (grad_lse != 0)).any()):
