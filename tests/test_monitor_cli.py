@@ -8,9 +8,11 @@ import os
 import re
 
 import pytest
+import torch
 
 import sinkfix
 from sinkfix import cli
+from sinkfix.commands.calibrate import STATISTICS_WINDOWS
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.files import LineLog
 from sinkfix.telemetry.report import read_log, summarise
@@ -70,6 +72,29 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads(tmp_path, monkeyp
     assert "--prometheus-port must be an integer in [0, 65535]" in capsys.readouterr().err
 
 
+def test_a_busy_port_and_an_unwritable_report_folder_are_refused_first(tiny, tmp_path, monkeypatch, capsys):
+    import socket
+
+    log = tmp_path / "t.jsonl"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(sinkfix, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log),
+                         "--prometheus-port", str(port)]) == 2
+        assert "the port is already in use" in capsys.readouterr().err
+        with pytest.raises(MonitorError, match="already in use"):
+            sinkfix.monitor(tiny, log=log, prometheus_port=port)
+    assert not log.exists()  # the endpoint is bound before the log is opened: no empty log left
+    log.write_text(json.dumps(_record("a", [[0.1, 0.1], [0.1, 0.1]])) + "\n")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert cli.main(["monitor", "report", str(log), "--out", str(blocker)]) == 2
+    captured = capsys.readouterr()
+    assert "is a file, not a folder" in captured.err and "telemetry by domain" not in captured.out
+
+
 def _two_texts(tmp_path):
     """A prose file and a code file, long enough for a few 64-token windows each."""
     texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
@@ -101,6 +126,14 @@ def test_run_with_a_profile_and_the_guard(tiny, tmp_path):
     assert cli.main(["monitor", "ranges", "--profile", str(bare), "--text", str(texts[0]), "--out", str(ranged),
                      "--seq-len", "64"]) == 0
     assert sinkfix.Profile.load(ranged).statistics.windows >= 1
+    # on the profile's own texts, ranges measures what calibrate recorded: the same first windows
+    # of each text (it once measured every window of 16384 tokens, ranges a guard was not tuned for)
+    again = tmp_path / "again.json"
+    assert cli.main(["monitor", "ranges", "--profile", str(profile), "--text", str(texts[0]), "--text",
+                     str(texts[1]), "--out", str(again), "--seq-len", "64"]) == 0
+    measured, recorded = sinkfix.Profile.load(again).statistics, loaded.statistics
+    assert measured.windows == recorded.windows == 2 * STATISTICS_WINDOWS
+    assert torch.equal(measured.low, recorded.low) and torch.equal(measured.high, recorded.high)
 
 
 def test_calibrate_measures_statistics_on_the_first_windows_of_each_text(tiny, tmp_path, capsys):

@@ -90,9 +90,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argparse.Namespace):
+def with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argparse.Namespace):
     """The profile plus the sink-share ranges its patched model shows on the calibration windows
-    (sinkfix.telemetry.calibration_statistics), kept apart from the fit itself."""
+    (sinkfix.telemetry.calibration_statistics), kept apart from the fit itself: the first
+    ``args.statistics_windows`` windows of each text, prefixes of at least ``args.min_rows`` rows
+    (32 when the command has no such option). ``sinkfix monitor ranges`` measures the same way."""
     from tqdm.auto import tqdm
 
     import sinkfix
@@ -106,7 +108,8 @@ def _with_statistics(profile, model, tokenizer, texts: dict[str, str], args: arg
     # content-dependent sinks run on the PyTorch path only (sinkfix.patch refuses them elsewhere)
     with (sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"),
           tqdm(total=len(windows), desc="guard statistics", unit="win") as bar):
-        return profile.with_statistics(calibration_statistics(model, windows, protocol=protocol, progress=bar.update))
+        return profile.with_statistics(calibration_statistics(model, windows, min_rows=getattr(args, "min_rows", 32),
+                                                              protocol=protocol, progress=bar.update))
 
 
 def _fits_table(record: dict, title: str):
@@ -232,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         fits = fit_domains(model, tokenizer, plain, settings, log=console.print)
         profile = robust_profile(model, fits, log=console.print, selection_rule=args.selection)
     if args.statistics:
-        profile = _with_statistics(profile, model, tokenizer, plain, args)
+        profile = with_statistics(profile, model, tokenizer, plain, args)
     path = profile.save(out)
     record = profile.calibration
     protocol = record["protocol"]

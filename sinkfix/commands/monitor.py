@@ -81,8 +81,13 @@ def _add_ranges(sub) -> None:
     from sinkfix.commands.inspect import add_common_arguments
 
     parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
-    add_common_arguments(parser, default_max_tokens=16384, split="calib")
+    from sinkfix.commands.calibrate import STATISTICS_WINDOWS
+
+    add_common_arguments(parser, default_max_tokens=8192, split="calib")
     parser.add_argument("--profile", required=True, help="the profile to measure (applied to the model)")
+    parser.add_argument("--statistics-windows", type=int, default=STATISTICS_WINDOWS, metavar="N",
+                        help="windows per domain the ranges are measured on, the first N (default "
+                             f"{STATISTICS_WINDOWS}, as sinkfix calibrate: the guard's margin was chosen with that many)")
     parser.add_argument("--out", required=True, help="profile to write, with statistics")
     parser.add_argument("--min-rows", type=int, default=32, help="shortest prefix measured, in rows (default 32)")
     parser.set_defaults(run=_run_ranges)
@@ -157,15 +162,15 @@ def _run_run(args: argparse.Namespace) -> int:
     from sinkfix.files import check_writable
     from sinkfix.telemetry import DEFAULT_MARGIN, SAMPLE_ROWS, Guard
     from sinkfix.telemetry.monitor import check_sample_rows
-    from sinkfix.telemetry.outputs import check_log_file, check_port
+    from sinkfix.telemetry.outputs import check_log_file, check_port_free
     from sinkfix.telemetry.report import summarise
     from sinkfix.telemetry.requests import read_requests
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
     sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
-    if args.prometheus_port is not None:
-        check_port(args.prometheus_port, "--prometheus-port")
+    if args.prometheus_port is not None:  # its range and whether it is free, before the model loads
+        check_port_free(args.prometheus_port, name="--prometheus-port")
     set_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
@@ -265,6 +270,10 @@ def _run_report(args: argparse.Namespace) -> int:
     from sinkfix.telemetry.report import check_margin, read_log, summarise, write_figure
 
     margin = check_margin(args.margin, "--margin")  # before reading a long log
+    if args.out:  # likewise the output folder: refused before the report is read and printed
+        from sinkfix.files import check_writable
+
+        check_writable(args.out, folder=True)
     console = wide_console()
     report = summarise(read_log(args.log), margin=margin)
     _print_summary(report, console)
@@ -282,26 +291,27 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # -- ranges / requests ------------------------------------------------------------------------------
 def _run_ranges(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     import sinkfix
-    from sinkfix.analysis.calibration import calibration_windows
+    from sinkfix.commands.calibrate import with_statistics
     from sinkfix.commands.inspect import describe_texts, texts_from_args
+    from sinkfix.errors import UsageError
     from sinkfix.files import check_writable
-    from sinkfix.telemetry import calibration_statistics
 
+    if args.statistics_windows < 1 or args.min_rows < 1:
+        raise UsageError(f"--statistics-windows and --min-rows must be >= 1, got {args.statistics_windows} and "
+                         f"{args.min_rows}")
     set_threads(args.threads)
     texts = texts_from_args(args, "calib")
     print(describe_texts(texts))
     profile = sinkfix.Profile.load(args.profile)
     check_writable(args.out)  # before the measurements, not after them
     model, tokenizer = sinkfix.load_model(args.model)
-    windows = [w for t in texts.values() for w in calibration_windows(
-        tokenizer, t.text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)]
-    protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts)}
-    with sinkfix.patch(model, profile), tqdm(total=len(windows), desc="ranges", unit="window") as bar:
-        stats = calibration_statistics(model, windows, min_rows=args.min_rows, protocol=protocol, progress=bar.update)
-    path = profile.with_statistics(stats).save(args.out)
+    # the same windows as calibrate's statistics (the first --statistics-windows of each text): the
+    # guard's default margin was chosen with ranges from 8 per domain, and this command measured every
+    # window of its 16384 tokens (32 per domain), ranges wide enough to make the guard less sensitive
+    extended = with_statistics(profile, model, tokenizer, {name: t.text for name, t in texts.items()}, args)
+    stats = extended.statistics
+    path = extended.save(args.out)
     print(f"sink-share ranges over {stats.windows} windows (and their prefixes of >= {stats.min_rows} rows): "
           f"widest {float((stats.high - stats.low).max()):.3f}; wrote {path}")
     return 0

@@ -194,9 +194,10 @@ class Monitor:
             self._model_name = str(model_summary(model)["name"])
             # sharded: every rank builds the whole model's records, rank 0 of the group emits them
             emits = self._sharded is None or self._sharded.rank == 0
-            self.log = None if log is None or not emits else JsonlLog(log)
+            # the endpoint first: a port in use then leaves no empty log file behind
             self.exporter = (None if prometheus_port is None or not emits
                              else PrometheusExporter(prometheus_port, prometheus_host))
+            self.log = None if log is None or not emits else JsonlLog(log)
         except BaseException:
             self.close()
             raise

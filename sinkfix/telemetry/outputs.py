@@ -20,8 +20,8 @@ from sinkfix.files import LineLog
 from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN
 
-__all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "check_port", "SHARE_BUCKETS", "PEAK_BUCKETS",
-           "DORMANT_BUCKETS"]
+__all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "check_port", "check_port_free", "SHARE_BUCKETS",
+           "PEAK_BUCKETS", "DORMANT_BUCKETS"]
 
 SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share lies in [0, 1]
 # residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
@@ -103,6 +103,27 @@ def check_port(port, name: str = "prometheus_port") -> int:
     if isinstance(port, bool) or not isinstance(port, numbers.Integral) or not 0 <= port <= 65535:
         raise MonitorError(f"{name} must be an integer in [0, 65535] (0 = a free port), got {port!r}")
     return int(port)
+
+
+def check_port_free(port: int, host: str = "127.0.0.1", name: str = "prometheus_port") -> None:
+    """Refuse now a port the endpoint could not bind later (in use, or not this machine's address):
+    a command checks before it loads its model, which takes seconds to minutes. Binding and closing a
+    socket here leaves a moment in which another program may take the port; the endpoint's own bind
+    still reports that."""
+    import socket
+
+    port = check_port(port, name)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        reason = ("the port is already in use (choose another, or 0 for a free one)"
+                  if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)))
+        raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: {reason}") from None
 
 
 class PrometheusExporter:
