@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_run(sub)
     _add_report(sub)
     _add_ranges(sub)
-    requests = sub.add_parser("requests", help="write the built-in request set (prose and code prompts)")
+    requests = sub.add_parser("requests", help="write the built-in request set (4 prompts from each built-in domain)")
     requests.add_argument("--out", required=True, help="request file to write (JSON lines)")
     requests.set_defaults(run=_run_requests)
     return parser
@@ -48,7 +48,7 @@ def _add_run(sub) -> None:
     _model_arguments(parser)
     parser.add_argument("--requests", required=True, metavar="FILE.jsonl",
                         help="one JSON object per line with a 'prompt' and an optional 'domain' and 'id'; "
-                             "'builtin' = prose and code prompts cut from the built-in texts")
+                             "'builtin' = 4 prompts cut from each built-in domain's evaluation text")
     parser.add_argument("--out", required=True, metavar="LOG.jsonl", help="telemetry log (appended)")
     fix = parser.add_mutually_exclusive_group()
     fix.add_argument("--policy", default=None, help="patch with this policy spec (default: identity)")
