@@ -140,10 +140,18 @@ class ContentSinks(_ValueEquality):
         return bool((beta == 1).all()) or (heads is not None and not bool(heads.any()))
 
     def describe(self) -> str:
+        """Spec parts (Policy.parse keys) for the threshold and a scalar beta, exact so that they
+        parse back; the settings a spec has no key for are named after them when not the default."""
         beta = torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64)
-        b = f"{beta.item():g}" if beta.numel() == 1 else "per-head"
-        heads = "" if self.heads is None else f",heads={int(torch.as_tensor(self.heads).sum())}"
-        return f"hidden_sink_scale={b},hidden_sink_threshold={self.threshold:g}{heads}"
+        b = _spec_number(beta.item()) if beta.numel() == 1 else "per-head"
+        parts = [f"hidden_sink_scale={b}", f"hidden_sink_threshold={_spec_number(self.threshold)}"]
+        if self.heads is not None:
+            parts.append(f"heads={int(torch.as_tensor(self.heads).sum())}")
+        if self.min_rows != 1:
+            parts.append(f"min_rows={self.min_rows}")
+        if self.reevaluate_every is not None:
+            parts.append(f"reevaluate_every={self.reevaluate_every}")
+        return ",".join(parts)
 
     def resolve(self, num_layers: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(beta [L, H] fp64, heads [L, H] bool), checked against the model's shape."""
@@ -236,7 +244,8 @@ class Policy(_ValueEquality):
 
         Keys: sink_scale, virtual_sink_logit, virtual_logit_on_sink_rows (0/1), n_sink, layers,
         extra_sink_positions, clip (relative threshold), clip_abs (absolute threshold),
-        hidden_sink_scale, hidden_sink_threshold.
+        hidden_sink_scale, hidden_sink_threshold. Each key is given at most once, and ``clip``
+        and ``clip_abs`` (two ways to set the one residual clip) not together.
 
         ``layers`` and ``extra_sink_positions`` are lists whose items are separated by ``:``; an
         item ``a-b`` is the inclusive range a..b. ``layers=5-20`` is layers 5, 6, ..., 20;
@@ -253,10 +262,19 @@ class Policy(_ValueEquality):
         kwargs: dict = {}
         clip: ResidualClip | None = None
         content: dict = {}
+        seen: set[str] = set()
         for item in spec.split(","):
             if "=" not in item:
                 raise PolicyError(f"policy spec item {item!r} is not key=value (spec: {spec!r})")
             key, value = (part.strip() for part in item.split("=", 1))
+            # A second value for one setting would silently replace the first: refused, as a layer
+            # listed twice is. clip and clip_abs both set the residual clip.
+            if key in seen:
+                raise PolicyError(f"policy key {key!r} is given twice in policy spec {spec!r}; give it once")
+            if key in ("clip", "clip_abs") and seen & {"clip", "clip_abs"}:
+                raise PolicyError(f"policy keys 'clip' and 'clip_abs' both set the residual clip (relative / "
+                                  f"absolute threshold): give one of them, in policy spec {spec!r}")
+            seen.add(key)
             try:
                 if key in ("sink_scale", "virtual_sink_logit"):
                     kwargs[key] = float(value)
@@ -290,19 +308,25 @@ class Policy(_ValueEquality):
                 and (self.content_sinks is None or self.content_sinks.is_identity))
 
     def describe(self) -> str:
-        if self.is_identity:
+        """The policy as a spec. Every policy that :meth:`parse` can express (scalar parameters)
+        is written so that ``Policy.parse(policy.describe()) == policy``; per-head and per-layer
+        values, and the settings a spec has no key for, are summarised in a form ``parse`` refuses
+        rather than reads as something else."""
+        if self.is_identity and self.n_sink == 1 and not self.extra_sink_positions and self.layers is None \
+                and not self.virtual_logit_on_sink_rows and self.content_sinks is None:
             return "identity"
         parts = []
         beta = torch.as_tensor(self.sink_scale, dtype=torch.float64)
         if beta.numel() == 1:
-            parts.append(f"sink_scale={beta.item():g}")
+            parts.append(f"sink_scale={_spec_number(beta.item())}")
         else:
             parts.append(f"sink_scale=per-head[{beta.min().item():.3g}..{beta.max().item():.3g}]")
         if self.virtual_sink_logit is not None:
             b = torch.as_tensor(self.virtual_sink_logit, dtype=torch.float64)
-            parts.append(f"virtual_sink_logit={b.item():g}" if b.numel() == 1 else "virtual_sink_logit=per-head")
-            if self.virtual_logit_on_sink_rows:
-                parts.append("virtual_logit_on_sink_rows=1")
+            parts.append(f"virtual_sink_logit={_spec_number(b.item())}" if b.numel() == 1
+                         else "virtual_sink_logit=per-head")
+        if self.virtual_logit_on_sink_rows:
+            parts.append("virtual_logit_on_sink_rows=1")
         if self.n_sink != 1:
             parts.append(f"n_sink={self.n_sink}")
         # written in the spec syntax (5-20, 0:3), so that these parts parse back to the same lists
@@ -312,7 +336,12 @@ class Policy(_ValueEquality):
             parts.append(f"layers={_format_int_list(self.layers)}")
         if self.residual_clip is not None:
             rc = self.residual_clip
-            parts.append(f"clip={rc.mode}:{rc.threshold if isinstance(rc.threshold, (int, float)) else 'per-layer'}")
+            key = "clip" if rc.mode == "relative" else "clip_abs"
+            parts.append(f"{key}={_spec_number(float(rc.threshold))}" if isinstance(rc.threshold, numbers.Real)
+                         else f"{key}=per-layer")
+            if rc.sink_norm is not None:  # no spec key: named, so that the text is not read as a clip without it
+                parts.append(f"clip_sink_norm={_spec_number(float(rc.sink_norm))}"
+                             if isinstance(rc.sink_norm, numbers.Real) else "clip_sink_norm=per-layer")
         if self.content_sinks is not None:
             parts.append(self.content_sinks.describe())
         return ",".join(parts)
@@ -564,6 +593,13 @@ def _parse_int_list(value: str, noun: str) -> tuple[int, ...]:
             raise ValueError(f"{noun} {number} is listed twice")
         seen.add(number)
     return tuple(out)
+
+
+def _spec_number(value: float) -> str:
+    """A float written short (``%g``) where that reads back to the same value, else in full (repr),
+    so that a described policy parses back to an equal one."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def _format_int_list(values: Sequence[int]) -> str:

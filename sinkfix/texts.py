@@ -238,7 +238,9 @@ def resolve_domain(name: str) -> str:
     """The built-in domain ``name`` stands for; old names warn, unknown names are a :class:`TextError`."""
     if name in DOMAIN_ALIASES:
         new = DOMAIN_ALIASES[name]
-        warnings.warn(f"built-in domain {name!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+        # FutureWarning, not DeprecationWarning: Python's default filters hide the latter outside
+        # __main__, so someone typing `--domain prose` would never learn of the new name.
+        warnings.warn(f"built-in domain {name!r} is now called {new!r}", FutureWarning, stacklevel=3)
         return new
     if name not in _DOMAINS:
         raise TextError(f"unknown domain {name!r}; built-in domains: {', '.join(DOMAINS)}")

@@ -201,6 +201,27 @@ def test_inspect_parses_the_policy_before_the_model(no_model, tmp_path, capsys):
     assert "sinkfix inspect: error:" in _error(capsys)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--max-tokens", "-5"], "--max-tokens must be an integer >= 2 (the text tokens used per text; a window needs 2), "
+                             "got -5"),
+    (["--max-tokens", "0"], "--max-tokens must be an integer >= 2"),
+    (["--max-tokens", "1"], "--max-tokens must be an integer >= 2"),
+    (["--seq-len", "2"], "--seq-len must be an integer >= 3 (the BOS token and 2 text tokens; 2 with --no-bos), got 2"),
+    (["--seq-len", "0"], "--seq-len must be an integer >= 3"),
+    (["--seq-len", "1", "--no-bos"], "--seq-len must be an integer >= 2 (2 text tokens), got 1"),
+])
+def test_inspect_window_flags_are_checked_before_the_model_loads(no_model, tmp_path, capsys, extra, message):
+    assert _inspect(tmp_path, *extra) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_runs_at_the_smallest_window_flags(tiny, tmp_path, capsys):
+    assert _inspect(tmp_path, "--seq-len", "2", "--no-bos", "--max-tokens", "2", "--no-figures") == 0
+    protocol = json.loads((tmp_path / "out" / "report.json").read_text())["protocol"]
+    assert protocol["seq_len"] == 2 and protocol["max_tokens"] == 2 and protocol["bos"] is False
+
+
 def test_monitor_run_reads_the_profile_before_the_model(no_model, tmp_path, capsys, bad_profile):
     path, message = bad_profile
     assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", str(path)) == 2

@@ -234,6 +234,37 @@ def test_inspect_tiny_model_two_domains(tmp_path):
     assert json.loads(path.read_text())["model"]["architecture"] == "LlamaForCausalLM"
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), r"max_tokens must be None or an integer >= 2 .*got 0"),
+    (dict(max_tokens=-5), r"max_tokens must be None or an integer >= 2 .*got -5"),
+    (dict(max_tokens=1.5), r"max_tokens must be None or an integer >= 2"),
+    (dict(seq_len=2), r"seq_len must be an integer >= 3 \(the BOS token and 2 text tokens; 2 with bos=False\), got 2"),
+    (dict(seq_len=1, bos=False), r"seq_len must be an integer >= 2 \(2 text tokens\), got 1"),
+    (dict(seq_len=64.0), r"seq_len must be an integer >= 3"),
+])
+def test_inspect_refuses_windows_that_measure_nothing(kwargs, message):
+    """max_tokens=0 measured 1-token windows and a negative count nearly the whole text."""
+    from sinkfix.analysis.inspection import text_windows
+    from sinkfix.errors import UsageError
+
+    model = tiny_model("llama")
+    model.forward = lambda *a, **k: pytest.fail("the model ran before the arguments were checked")
+    with pytest.raises(UsageError, match=message):
+        inspect(model, CharTokenizer(), "a sentence of prose. " * 20, progress=False, **kwargs)
+    with pytest.raises(UsageError, match=message):
+        text_windows(CharTokenizer(), "a sentence of prose. " * 20, **kwargs)
+
+
+def test_the_smallest_windows_inspect_accepts():
+    from sinkfix.analysis.inspection import text_windows
+
+    text = "a sentence of prose. " * 20
+    assert [w.numel() for w in text_windows(CharTokenizer(), text, seq_len=3, max_tokens=4)] == [3, 3]
+    assert [w.numel() for w in text_windows(CharTokenizer(), text, seq_len=2, bos=False, max_tokens=2)] == [2]
+    # a max_tokens below one window gives one shorter window, as a text shorter than a window does
+    assert [w.numel() for w in text_windows(CharTokenizer(), text, seq_len=64, max_tokens=5)] == [6]
+
+
 def test_figures_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from sinkfix.analysis.plots import write_figures

@@ -411,29 +411,55 @@ def test_max_length_beyond_the_model_is_refused_before_the_runs(tiny_folder, tmp
 
 def _fewshot_tasks(folder: Path) -> None:
     """Two copies of the cloze task read from a JSONL file: few_free without a few-shot count of
-    its own, few_zero with num_fewshot: 0 in its config."""
+    its own, few_zero with num_fewshot: 0 in its config; and few_rolling, a copy of the prose task
+    (rolling log-likelihood) whose config asks for 2 examples it can never use."""
     builtin.export_tasks(folder)
     cloze = (folder / "sinkfix_cloze_jsonl.yaml").read_text()
+    prose = (folder / "sinkfix_prose_jsonl.yaml").read_text()
     for path in folder.glob("*.yaml"):
         path.unlink()
-    for name, extra in (("few_free", ""), ("few_zero", "num_fewshot: 0\n")):
-        text = cloze.replace("task: sinkfix_cloze_jsonl", f"task: {name}").replace("tag: [sinkfix_jsonl]", "tag: []")
+    for name, base, extra in (("few_free", cloze, ""), ("few_zero", cloze, "num_fewshot: 0\n"),
+                              ("few_rolling", prose, "num_fewshot: 2\n")):
+        text = base.replace("tag: [sinkfix_jsonl]", "tag: []")
+        text = text.replace("task: sinkfix_cloze_jsonl", f"task: {name}").replace("task: sinkfix_prose_jsonl",
+                                                                                  f"task: {name}")
         (folder / f"{name}.yaml").write_text(text + extra)
 
 
 def test_num_fewshot_a_task_does_not_take_is_recorded_and_noted(tiny_folder, tmp_path, capsys, one_thread):
-    """lm-eval keeps a task whose config says num_fewshot: 0 at zero shots whatever --num-fewshot says:
-    the report gives each task's own count, and a note says so, also when stderr is no terminal."""
+    """lm-eval keeps a task whose config says num_fewshot: 0 at zero shots whatever --num-fewshot says,
+    and builds a rolling log-likelihood task's requests from the document alone: the report gives
+    the count each task ran with, and a note per reason says so, also when stderr is no terminal."""
     _fewshot_tasks(tmp_path)
-    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "few_free,few_zero", "--include-path",
-                          str(tmp_path), "--limit", "1", "--num-fewshot", "1", "--bootstrap", "20", "--json")
+    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "few_free,few_zero,few_rolling",
+                          "--include-path", str(tmp_path), "--limit", "1", "--num-fewshot", "1", "--bootstrap", "20",
+                          "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["settings"]["num_fewshot"] == 1
-    assert {t: e["num_fewshot"] for t, e in report["tasks"].items()} == {"few_free": 1, "few_zero": 0}
-    note = "--num-fewshot 1 not applied to few_zero (0-shot): the task's config fixes num_fewshot: 0"
-    assert report["notes"] == [note]
-    assert f"note: {note}" in err
+    assert {t: e["num_fewshot"] for t, e in report["tasks"].items()} == {"few_free": 1, "few_zero": 0,
+                                                                         "few_rolling": 0}
+    notes = ["--num-fewshot 1 not applied to few_zero (0-shot): the task's config fixes num_fewshot: 0",
+             "--num-fewshot 1 not applied to few_rolling (0-shot): rolling log-likelihood tasks score each "
+             "document alone, without few-shot examples"]
+    assert report["notes"] == notes
+    for note in notes:
+        assert f"note: {note}" in err
+
+
+@pytest.mark.parametrize("asked", [None, 0, 3])
+def test_rolling_tasks_run_and_record_zero_shots(asked):
+    from sinkfix.lmeval.paired import apply_fewshot, fewshot_notes, rolling_tasks
+
+    loaded = load_tasks(list(builtin.BUILTIN_TASKS))  # a fresh copy: apply_fewshot sets the configs
+    assert sorted(rolling_tasks(loaded)) == ["sinkfix_code", "sinkfix_prose"]
+    counts = apply_fewshot(loaded, asked)
+    assert counts == {"sinkfix_prose": 0, "sinkfix_code": 0, "sinkfix_cloze": asked or 0}
+    assert all(loaded.tasks[name].get_config("num_fewshot") == count for name, count in counts.items())
+    notes = fewshot_notes(counts, asked, rolling_tasks(loaded))
+    assert notes == ([] if not asked else [
+        f"--num-fewshot {asked} not applied to sinkfix_code (0-shot), sinkfix_prose (0-shot): rolling "
+        "log-likelihood tasks score each document alone, without few-shot examples"])
 
 
 def test_profile_for_another_model_is_refused(tiny_folder, tmp_path, capsys, one_thread):

@@ -12,6 +12,7 @@ import torch
 
 from sinkfix import ContentSinks, Policy, ResidualClip
 from sinkfix.errors import PolicyError, ProfileError, SinkfixError
+from sinkfix.policy import SPEC_KEYS
 from sinkfix.profile import CONTENT_VERSION, ModelIdentity, Profile
 
 
@@ -76,6 +77,77 @@ def test_describe_ranges_read_as_ranges():
     assert Policy(sink_scale=0.9, layers=range(5, 21)).describe() == "sink_scale=0.9,layers=5-20"
     # the same layers listed twice through the constructor are written once: layers are a set
     assert Policy(sink_scale=0.9, layers=(1, 2, 1)).describe() == "sink_scale=0.9,layers=1:2"
+
+
+@pytest.mark.parametrize("spec, key", [
+    ("clip=8,clip_abs=500", "'clip' and 'clip_abs'"),
+    ("clip_abs=500,clip=8", "'clip' and 'clip_abs'"),
+    ("sink_scale=0.9,sink_scale=0.5", "'sink_scale' is given twice"),
+    ("clip=8,n_sink=1,clip=4", "'clip' is given twice"),
+    ("layers=1,layers=2", "'layers' is given twice"),
+    ("hidden_sink_threshold=0.1,hidden_sink_threshold=0.2", "'hidden_sink_threshold' is given twice"),
+    (" n_sink=1, n_sink =1", "'n_sink' is given twice"),  # the same value twice too: one key, one value
+])
+def test_a_key_given_twice_is_refused(spec, key):
+    with pytest.raises(PolicyError, match=key) as info:
+        Policy.parse(spec)
+    assert "\n" not in str(info.value)
+
+
+# Specs over every key the grammar has, alone and together, and values that %g would round.
+ROUND_TRIP_SPECS = [
+    "sink_scale=0.9", "sink_scale=0", "sink_scale=0.123456789", "sink_scale=1,n_sink=2",
+    "virtual_sink_logit=1.5", "virtual_sink_logit=-0.3333333333333333,virtual_logit_on_sink_rows=1",
+    "virtual_logit_on_sink_rows=1", "virtual_logit_on_sink_rows=0,sink_scale=0.5",
+    "n_sink=0", "n_sink=3,extra_sink_positions=5:9-12", "extra_sink_positions=4",
+    "layers=5-20", "layers=20:5:6", "layers=-3--1:0", "layers=", "sink_scale=0.8,layers=0:3-5:9",
+    "clip=8", "clip=2.5000001", "clip=inf", "clip_abs=500", "clip_abs=1e-07,sink_scale=0.95",
+    "hidden_sink_scale=0.4", "hidden_sink_threshold=0.25", "hidden_sink_scale=1,hidden_sink_threshold=0.1",
+    "sink_scale=0.7,virtual_sink_logit=0.1,virtual_logit_on_sink_rows=1,n_sink=2,layers=1:2,"
+    "extra_sink_positions=7,clip=6.5,hidden_sink_scale=0.3,hidden_sink_threshold=0.15",
+    "identity", "drop", "act",
+]
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP_SPECS)
+def test_describe_parses_back_to_an_equal_policy(spec):
+    policy = Policy.parse(spec)
+    text = policy.describe()
+    assert Policy.parse(text) == policy, text
+    assert Policy.parse(text).describe() == text
+
+
+def test_the_round_trip_covers_every_spec_key():
+    used = {item.split("=", 1)[0].strip() for spec in ROUND_TRIP_SPECS for item in spec.split(",") if "=" in item}
+    assert used == set(SPEC_KEYS)
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(n_sink=2),  # behaves as the identity, but is not Policy()
+    Policy(virtual_logit_on_sink_rows=True),
+    Policy(sink_scale=1, layers=(0,)),
+    Policy(residual_clip=ResidualClip(8.0)),
+    Policy(residual_clip=ResidualClip(500, mode="absolute")),
+    Policy.act(0.25, 0.05),
+    Policy(content_sinks=ContentSinks(hidden_sink_scale=1.0)),
+    Policy(sink_scale=2 / 3, virtual_sink_logit=math.pi),
+])
+def test_describe_of_constructed_policies_parses_back(policy):
+    assert Policy.parse(policy.describe()) == policy
+
+
+@pytest.mark.parametrize("policy, part", [
+    (Policy(residual_clip=ResidualClip(8.0, sink_norm=30.0)), "clip_sink_norm=30"),
+    (Policy(residual_clip=ResidualClip([8.0, 9.0])), "clip=per-layer"),
+    (Policy(sink_scale=torch.full((2, 4), 0.5)), "sink_scale=per-head[0.5..0.5]"),
+    (Policy(content_sinks=ContentSinks(min_rows=4)), "min_rows=4"),
+    (Policy(content_sinks=ContentSinks(reevaluate_every=16)), "reevaluate_every=16"),
+])
+def test_what_a_spec_cannot_say_is_named_and_not_read_as_something_else(policy, part):
+    text = policy.describe()
+    assert part in text.split(",")
+    with pytest.raises(PolicyError):
+        Policy.parse(text)
 
 
 # -- the profile loader refuses malformed fields ---------------------------------------------------

@@ -113,10 +113,37 @@ def test_provenance_names_its_sources():
 
 def test_old_domain_names_still_work_and_warn():
     assert DOMAIN_ALIASES == {"prose": "pydoc", "code": "python"}
-    with pytest.warns(DeprecationWarning, match="now called 'pydoc'"):
+    with pytest.warns(FutureWarning, match="now called 'pydoc'"):
         assert domain_text("prose", "calib") == domain_text("pydoc", "calib")
-    with pytest.warns(DeprecationWarning, match="now called 'python'"):
+    with pytest.warns(FutureWarning, match="now called 'python'"):
         assert list(load_texts(domains=["code"])) == ["python"]
+
+
+def test_the_command_line_shows_the_old_domain_names_warning(tmp_path):
+    """Python's default filters hide a DeprecationWarning raised outside __main__: a user of
+    `--domain prose` would never see it. Run in a fresh interpreter, with those default filters."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = ("import sys, torch\n"
+              "torch.set_num_threads(1)\n"
+              "from tests.conftest import CharTokenizer, tiny_model\n"
+              "import sinkfix\n"
+              "model = tiny_model('llama', seed=3)\n"
+              "sinkfix.load_model = lambda name, **kw: (model, CharTokenizer())\n"
+              "from sinkfix.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, "inspect", "--domain", "prose", "--domain", "code",
+                           "--seq-len", "32", "--max-tokens", "64", "--no-figures", "--threads", "1", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "FutureWarning: built-in domain 'prose' is now called 'pydoc'" in done.stderr
+    assert "FutureWarning: built-in domain 'code' is now called 'python'" in done.stderr
+    assert set(json.loads((out / "report.json").read_text())["domains"]) == {"pydoc", "python"}
 
 
 def test_choosing_built_in_domains():

@@ -18,14 +18,16 @@ call that brings it and the calls before its residual is flushed); a key needs `
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator
 
 import torch
 
-from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows, check_hidden_sink_threshold
 from sinkfix.caches import SinkCache
 from sinkfix.caches.body import QUANTIZED_BODIES
 from sinkfix.caches.layers import SinkLayer
+from sinkfix.errors import CacheError, UsageError
 from sinkfix.patch import PatchHandle, patch
 from sinkfix.policy import Policy
 
@@ -36,7 +38,17 @@ class HiddenSinkGuard:
     """The observer: judges each call's exact columns and protects the hidden sinks among them."""
 
     def __init__(self, cache: SinkCache, threshold: float = HIDDEN_SINK_THRESHOLD, min_rows: int = 8) -> None:
-        self.cache, self.threshold, self.min_rows = cache, threshold, min_rows
+        # Checked here, not left to the criterion: a threshold >= 1 is never exceeded and one <= 0
+        # always is, and a min_rows below 1 or not an integer would judge keys on no rows at all;
+        # each would quietly protect nothing (or everything) instead of failing.
+        threshold = check_hidden_sink_threshold(threshold, "threshold")
+        if isinstance(min_rows, bool) or not isinstance(min_rows, numbers.Integral) or min_rows < 1:
+            raise UsageError(f"min_rows must be an integer >= 1 (query rows a key needs to be judged), "
+                             f"got {min_rows!r}")
+        if not isinstance(cache, SinkCache):
+            raise CacheError(f"cache must be a sinkfix SinkCache (hidden sinks are kept in its quantized "
+                             f"layers), got {type(cache).__name__}")
+        self.cache, self.threshold, self.min_rows = cache, threshold, int(min_rows)
         self.protected = 0  # (row, token, layer) triples protected so far
 
     def _layer(self, call) -> SinkLayer | None:
@@ -92,12 +104,16 @@ class HiddenSinkGuard:
 @contextlib.contextmanager
 def protecting_hidden_sinks(model, cache: SinkCache, *, threshold: float = HIDDEN_SINK_THRESHOLD,
                             min_rows: int = 8) -> Iterator[HiddenSinkGuard]:
-    """While active, hidden sinks the model's attention finds are kept in full precision in ``cache``."""
+    """While active, hidden sinks the model's attention finds are kept in full precision in ``cache``.
+
+    ``threshold``: ACT's criterion, in (0, 1); ``min_rows``: an integer >= 1, the query rows a key
+    needs to be judged. Out-of-range values are a :class:`~sinkfix.errors.UsageError`, raised
+    before the model is touched."""
+    guard = HiddenSinkGuard(cache, threshold, min_rows)  # the arguments checked before the model is patched
     handle = PatchHandle.of(model)
     temporary = None
     if handle is None:
         temporary = handle = patch(model, Policy())
-    guard = HiddenSinkGuard(cache, threshold, min_rows)
     try:
         with handle.observing(guard):
             yield guard

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -44,7 +45,7 @@ from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
-           "dormancy_flips"]
+           "dormancy_flips", "check_windows", "shortest_window", "MIN_TEXT_TOKENS"]
 
 
 @torch.no_grad()
@@ -70,18 +71,51 @@ def row_dormancy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 # -- windows ------------------------------------------------------------------------------------
+# The fewest text tokens a window can have: the metrics are taken over the rows that see a key
+# besides the sink, and the first text token is the sink when a window has no BOS token. It is
+# also the shortest text tokenize() accepts.
+MIN_TEXT_TOKENS = 2
+
+
+def shortest_window(bos: bool) -> int:
+    """The shortest window: :data:`MIN_TEXT_TOKENS` text tokens, after the BOS token when ``bos``."""
+    return MIN_TEXT_TOKENS + int(bool(bos))
+
+
+def check_windows(seq_len, bos: bool, max_tokens, *, flags: bool = False) -> None:
+    """``seq_len`` and ``max_tokens`` checked before any text is tokenized or any model runs: each an
+    integer, the window long enough for :data:`MIN_TEXT_TOKENS` text tokens, and ``max_tokens``
+    (None: no limit) at least that many, else a :class:`UsageError` naming the argument (its
+    command-line flag when ``flags``). A ``max_tokens`` below one window is allowed: the text then
+    makes one shorter window, as a short text does; a slice ``ids[:max_tokens]`` with 0 or a negative
+    count would instead measure 1-token windows or nearly the whole text."""
+    names = ("--seq-len", "--max-tokens", "--no-bos") if flags else ("seq_len", "max_tokens", "bos=False")
+    shortest = shortest_window(bos)
+    if not _is_count(seq_len) or seq_len < shortest:
+        where = f"the BOS token and {MIN_TEXT_TOKENS} text tokens; {MIN_TEXT_TOKENS} with {names[2]}" if bos \
+            else f"{MIN_TEXT_TOKENS} text tokens"
+        raise UsageError(f"{names[0]} must be an integer >= {shortest} ({where}), got {seq_len!r}")
+    if max_tokens is not None and (not _is_count(max_tokens) or max_tokens < MIN_TEXT_TOKENS):
+        raise UsageError(f"{names[1]} must be {'' if flags else 'None or '}an integer >= {MIN_TEXT_TOKENS} (the text "
+                         f"tokens used per text; a window needs {MIN_TEXT_TOKENS}), got {max_tokens!r}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
                  max_tokens: int | None = 4096) -> list[torch.Tensor]:
-    """Cut ``text`` into non-overlapping 1-D windows of ``seq_len`` tokens (BOS first when ``bos``)."""
+    """Cut ``text`` into non-overlapping 1-D windows of ``seq_len`` tokens (BOS first when ``bos``),
+    from at most ``max_tokens`` text tokens (None: all); see :func:`check_windows` for the bounds."""
     from sinkfix.evaluate import bos_token_id, tokenize
 
+    check_windows(seq_len, bos, max_tokens)
     ids = tokenize(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos_id = bos_token_id(tokenizer) if bos else None
     body = seq_len - (bos_id is not None)
-    if body < 2:
-        raise UsageError(f"seq_len {seq_len} is too small")
     out = []
     for start in range(0, ids.numel(), body):
         chunk = ids[start : start + body]
@@ -244,6 +278,7 @@ def inspect(
     on the other (scores closer to the threshold than that are noise on a few thousand tokens).
     """
     check_hidden_sink_threshold(hidden_sink_threshold)
+    check_windows(seq_len, bos, max_tokens)
     if isinstance(texts, str):
         texts = {"text": texts}
     elif not isinstance(texts, Mapping):

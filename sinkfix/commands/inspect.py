@@ -152,7 +152,7 @@ def wide_console():
 
 def run(args: argparse.Namespace) -> int:
     import sinkfix
-    from sinkfix.analysis.inspection import inspect
+    from sinkfix.analysis.inspection import check_windows, inspect
     from sinkfix.analysis.metrics import check_hidden_sink_threshold
     from sinkfix.files import check_writable
 
@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile and args.policy:
         raise SinkfixError("give --profile or --policy, not both")
     check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")
+    check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
     console = wide_console()
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)

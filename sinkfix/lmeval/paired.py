@@ -14,7 +14,7 @@ import platform
 import random
 import time
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -25,22 +25,35 @@ from sinkfix.lmeval.stats import compare_paired
 from sinkfix.lmeval.taskload import LoadedTasks, load_tasks
 from sinkfix.profile import ModelIdentity
 
-__all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "compare_runs", "SCHEMA"]
+__all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "rolling_tasks", "compare_runs", "SCHEMA"]
 
 SCHEMA = "sinkfix.eval/1"
 Log = Callable[[str], None]
 
 
 # -- one lm-eval run -----------------------------------------------------------------------------
+ROLLING = "loglikelihood_rolling"
+
+
+def rolling_tasks(loaded: LoadedTasks) -> list[str]:
+    """The tasks that score rolling log-likelihoods: lm-eval builds their requests from the
+    document alone (``doc_to_target``), so a few-shot context would be built and never used."""
+    return [name for name, task in loaded.tasks.items() if getattr(task, "OUTPUT_TYPE", None) == ROLLING]
+
+
 def apply_fewshot(loaded: LoadedTasks, num_fewshot: int | None = None) -> dict[str, int]:
     """Set each task's few-shot count; returns the count each task will run with.
 
     ``num_fewshot`` replaces a task's own count, except where the task's config says 0 (a task made
     to run zero-shot, often without a split to draw examples from): that stays 0, as lm-eval's own
-    ``simple_evaluate`` keeps it. None keeps each task's own count (0 where it has none)."""
+    ``simple_evaluate`` keeps it. None keeps each task's own count (0 where it has none). A rolling
+    log-likelihood task is set to 0 whatever is asked or configured: it never uses the examples."""
     counts = {}
+    rolling = set(rolling_tasks(loaded))
     for name, task in loaded.tasks.items():
-        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+        if name in rolling:
+            task.set_config(key="num_fewshot", value=0)
+        elif num_fewshot is not None and task.get_config("num_fewshot") != 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
@@ -48,15 +61,21 @@ def apply_fewshot(loaded: LoadedTasks, num_fewshot: int | None = None) -> dict[s
     return counts
 
 
-def fewshot_notes(counts: dict[str, int], num_fewshot: int | None) -> list[str]:
-    """One note naming the tasks that run with another few-shot count than ``num_fewshot`` asked for."""
+def fewshot_notes(counts: dict[str, int], num_fewshot: int | None, rolling: Collection[str] = ()) -> list[str]:
+    """Notes naming the tasks that run with another few-shot count than ``num_fewshot`` asked for,
+    one per reason: ``rolling`` tasks (rolling log-likelihood: no few-shot context at all), and
+    the others (their config fixes num_fewshot: 0)."""
     if num_fewshot is None:
         return []
     other = sorted(name for name, count in counts.items() if count != num_fewshot)
-    if not other:
-        return []
-    return [f"--num-fewshot {num_fewshot} not applied to {', '.join(f'{n} ({counts[n]}-shot)' for n in other)}: "
-            "the task's config fixes num_fewshot: 0"]
+    notes = []
+    for names, reason in (([n for n in other if n not in rolling], "the task's config fixes num_fewshot: 0"),
+                          ([n for n in other if n in rolling], "rolling log-likelihood tasks score each document "
+                                                               "alone, without few-shot examples")):
+        if names:
+            notes.append(f"--num-fewshot {num_fewshot} not applied to "
+                         f"{', '.join(f'{n} ({counts[n]}-shot)' for n in names)}: {reason}")
+    return notes
 
 
 def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
@@ -167,7 +186,7 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
     correction = config.correction()  # a bad spec or profile file fails before anything is loaded
     loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
                     timing)
-    notes = fewshot_notes(apply_fewshot(loaded, config.num_fewshot), config.num_fewshot)
+    notes = fewshot_notes(apply_fewshot(loaded, config.num_fewshot), config.num_fewshot, rolling_tasks(loaded))
     for text in notes:
         (note or log)(text)
     lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(
