@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sinkfix.errors import PolicyError
-from sinkfix.integrations.sink_location import locate_sinks
+from sinkfix.integrations.sink_location import locate_sinks, real_query_rows
 from sinkfix.ops.attention import AttentionResult
 from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
 from sinkfix.ops.content_reference import ColumnStats, sink_candidates
@@ -276,8 +276,7 @@ def _without_padding_rows(attention_mask: torch.Tensor, first_real_row: torch.Te
     q_len = attention_mask.shape[2]
     if ask and not bool((end_real_row < q_len).any()):
         return attention_mask, False
-    rows = torch.arange(q_len, device=attention_mask.device)
-    real = (rows >= first_real_row[:, None]) & (rows < end_real_row[:, None])  # (B, Q)
+    real = real_query_rows(first_real_row, end_real_row, q_len)  # (B, Q)
     return attention_mask & real[:, None, :, None], True
 
 

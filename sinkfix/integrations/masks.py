@@ -79,16 +79,6 @@ class PaddedCausalMask:
         seen = seen.expand(self.batch, self.k_len)
         return seen if self.key_padding is None else seen & self.key_padding
 
-    def seen_by_last_row(self) -> torch.Tensor:
-        """(B, K) bool: key j is visible to the last query row."""
-        cols = torch.arange(self.k_len, device=self.device)
-        last = self.q_len - 1 + self.causal_offset
-        seen = cols <= last
-        if self.window is not None:
-            seen = seen & (cols > last - self.window)
-        seen = seen.expand(self.batch, self.k_len)
-        return seen if self.key_padding is None else seen & self.key_padding
-
 
 def _rule_window(mask_function, local_size) -> int | None:
     """0 for transformers' plain causal rule, the window for its sliding-window causal rule

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sinkfix.integrations.attention import LayerState
+from sinkfix.integrations.sink_location import real_query_rows
 from sinkfix.ops.residual import relative_threshold, residual_clip
 
 __all__ = ["make_clip_hook"]
@@ -25,8 +26,7 @@ def _sink_and_padding(state: LayerState, batch: int, seq: int, device) -> tuple[
     positions = torch.arange(seq, device=device)
     is_sink = (state.sink_rows[:, :, None] == positions[None, None, :]).any(1)  # -1 slots match nothing
     # left padding before the first real row, right padding from the end of the real rows on
-    is_padding = (positions[None, :] < state.first_real_row[:, None]) | (positions[None, :] >= state.end_real_row[:, None])
-    return is_sink, is_padding
+    return is_sink, ~real_query_rows(state.first_real_row, state.end_real_row, seq)
 
 
 def make_clip_hook(state: LayerState):

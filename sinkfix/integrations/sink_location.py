@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SinkLocation", "locate_sinks", "packed_sequences"]
+__all__ = ["SinkLocation", "locate_sinks", "packed_sequences", "real_query_rows"]
 
 # The last calls judged by packed_sequences: their position_ids and mask (weak references and
 # version counters, which in-place writes bump) and the answer. Every layer of a forward gets the
@@ -86,6 +86,13 @@ class SinkLocation:
         valid = (self.sink_cols >= 0) & (rows >= 0) & (rows < q_len)
         return (torch.where(valid, rows, -1), (self.first_real_col - row0).clamp(min=0),
                 (self.last_real_col - row0 + 1).clamp(min=0, max=q_len))
+
+
+def real_query_rows(first_real_row: torch.Tensor, end_real_row: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Q) bool: the query rows in [first_real_row, end_real_row) (:meth:`SinkLocation.query_rows`),
+    the ones that are not left or right padding."""
+    rows = torch.arange(q_len, device=first_real_row.device)
+    return (rows >= first_real_row[:, None]) & (rows < end_real_row[:, None])
 
 
 def _last_query_col(attention_mask: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:

@@ -91,7 +91,9 @@ class _Request:
 
 
 def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
-    """Labels given for a request: a string, None, or a sequence of strings / None (one per batch row)."""
+    """Labels given for a request (its domain, its id): a string, None, or a sequence of strings /
+    None (one per batch row), checked when the request starts: anything else would be logged as it
+    is, against the schema, and break ``sinkfix monitor report`` later."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
@@ -101,12 +103,6 @@ def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
             return labels
         raise MonitorError(f"{what} labels must be strings or None, got {wrong[0]!r} ({type(wrong[0]).__name__})")
     raise MonitorError(f"{what} must be a string, None, or one string (or None) per batch row, got {value!r}")
-
-
-def _check_domain(domain: Any) -> str | tuple[str | None, ...] | None:
-    """A request's domain label(s), checked when the request starts: anything else than strings or
-    None would be logged as it is, against the schema, and break ``sinkfix monitor report`` later."""
-    return _check_labels(domain, "domain")
 
 
 def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
@@ -219,7 +215,7 @@ class Monitor:
             raise MonitorError("a monitor records one request at a time (request() blocks cannot nest)")
         if not self._handle.active:
             raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
-        domain = _check_domain(domain)
+        domain = _check_labels(domain, "domain")
         request_id = _check_labels(request_id, "request_id")
         own_id = f"{self.session}-{next(self._counter)}"
         if isinstance(request_id, tuple):

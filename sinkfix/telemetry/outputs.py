@@ -121,9 +121,14 @@ def check_port_free(port: int, host: str = "127.0.0.1", name: str = "prometheus_
         with socket.socket(family, kind, proto) as probe:
             probe.bind(address)
     except OSError as exc:
-        reason = ("the port is already in use (choose another, or 0 for a free one)"
-                  if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)))
-        raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: {reason}") from None
+        raise _unservable(host, port, exc) from None
+
+
+def _unservable(host: str, port: int, exc: OSError) -> MonitorError:
+    """The error for a port the endpoint cannot bind (the check before a model loads and the bind itself)."""
+    reason = ("the port is already in use (choose another, or 0 for a free one)"
+              if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)))
+    return MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: {reason}")
 
 
 class PrometheusExporter:
@@ -161,10 +166,7 @@ class PrometheusExporter:
         try:
             self._server, self._thread = prom.start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: the port is already in use "
-                                   "(choose another, or 0 for a free one)") from None
-            raise MonitorError(f"cannot serve Prometheus metrics on {host}:{port}: {exc.strerror or exc}") from None
+            raise _unservable(host, port, exc) from None
         self.host = host
         self.port = int(self._server.server_port)
 
