@@ -27,7 +27,8 @@ from torch import nn
 from sinkfix.errors import PolicyError, UnsupportedModelError, UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.after_import import call_after_import
-from sinkfix.integrations.attention import AttentionCall, LayerState, attention_forward, discover_attention_modules
+from sinkfix.integrations.attention import (PICKLE_REFUSAL, AttentionCall, AttentionDropoutError, LayerState,
+                                           attention_forward, discover_attention_modules)
 from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.content_sinks import cache_hooks
 from sinkfix.integrations.residual_clip import make_clip_hook
@@ -63,6 +64,9 @@ class PatchHandle:
         self.policy = policy
         self.backend = backend
         self._original_impl = original_impl
+        # (config, its own attention setting) for the config and its sub-configs before any patch:
+        # what remove() puts back (one value for all of them would lose e.g. a vision tower's eager)
+        self._original_settings: list[tuple[Any, Any]] | None = None
         self._states = states  # attention module name -> its state
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
@@ -125,7 +129,13 @@ class PatchHandle:
         if model is None:
             return
         self._detach(model)
-        model.set_attn_implementation(self._original_impl or "eager")
+        self._restore_original_attention(model)
+
+    def _restore_original_attention(self, model: nn.Module) -> None:
+        if self._original_settings is None:
+            model.set_attn_implementation(self._original_impl or "eager")
+        else:
+            _restore_attn_settings(model, self._original_impl, self._original_settings)
 
     # -- what is patched ----------------------------------------------------------------------
     @property
@@ -237,7 +247,7 @@ class PatchHandle:
         try:
             previous._attach()
         except BaseException:
-            model.set_attn_implementation(self._original_impl or "eager")
+            self._restore_original_attention(model)
             raise
 
     def __deepcopy__(self, memo: dict) -> None:
@@ -267,7 +277,16 @@ class PatchHandle:
             copied = None if config is None else memo.get(id(config))
             if copied is not None and getattr(copied, "_attn_implementation", None) == IMPL_NAME:
                 copied._attn_implementation = self._original_impl or "eager"
+        for config, value in self._original_settings or ():  # sub-configs keep their own setting
+            copied = memo.get(id(config))
+            if copied is not None:
+                copied._attn_implementation_internal = value
         return None
+
+    def __reduce_ex__(self, protocol):
+        """Pickling a patched model (``torch.save(model)``) is refused with this message rather than
+        torch's "cannot pickle 'weakref.ReferenceType' object"."""
+        raise UsageError(PICKLE_REFUSAL)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
@@ -376,16 +395,21 @@ def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) ->
     return sliced, tp
 
 
-def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None) -> PatchHandle:
+def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
+          previous: "PatchHandle | None") -> PatchHandle:
     """Everything patch() decides before changing the model: which modules, which policy per
     layer, which decoder layers to clip. Raises on any problem."""
     arch = type(model).__name__
     try:
         order = discover_attention_modules(model, _dummy_input(model))
+    except AttentionDropoutError:
+        raise UsageError(f"{arch} is in training mode and asks for attention dropout, which sinkfix attention "
+                         "does not implement (it is inference-only): call model.eval() before patch()") from None
     except NotImplementedError as exc:  # raised by our attention function: an argument it does not implement
         raise UnsupportedModelError(f"{arch} calls attention with something sinkfix does not implement: {exc}") from None
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
+    _refuse_overlapping_patch(model, order, previous)
     layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
@@ -435,7 +459,7 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
             prepare_first_column_sink(model_device(model))
         if current != IMPL_NAME:
             _select_sinkfix_attention(model, type(model).__name__)
-        handle = _plan(model, policy, backend_name, original)
+        handle = _plan(model, policy, backend_name, original, previous)
     except BaseException:
         _restore_attn_settings(model, current, settings)
         raise
@@ -449,7 +473,25 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
         _restore_attn_settings(model, current, settings)
         raise
     handle._replaced = previous
+    handle._original_settings = previous._original_settings if previous is not None else settings
     return handle
+
+
+def _refuse_overlapping_patch(model: nn.Module, order: list[tuple[nn.Module, int]],
+                              previous: "PatchHandle | None") -> None:
+    """Refuse to patch a module whose attention layers already carry another model's patch: a
+    module inside a patched model (``patch(model.model)`` after ``patch(model)``) or a model around
+    a patched module. The two patches would share the layers and the config, and removing either
+    one silently took the other off while its handle still said it was active."""
+    own = set() if previous is None else {id(state) for state in previous._states.values()}
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, _ in order:
+        state = getattr(module, "_sinkfix", None)
+        if state is not None and id(state) not in own:
+            raise UsageError(
+                f"{names.get(id(module), type(module).__name__)} of {type(model).__name__} is already patched "
+                "through another module (a model around this one, or a part of it): remove that patch before "
+                "patching this module, or patch one of them only")
 
 
 def _attn_settings(config) -> list[tuple[Any, Any]]:

@@ -75,10 +75,16 @@ class ResidualClip(_ValueEquality):
     sink_norm: PerLayer | None = None
 
     def __post_init__(self) -> None:
-        # Only the types here: the values are checked against the model's layer count in resolve().
-        _numbers("residual_clip.threshold", self.threshold, "a number or one number per layer")
+        # The values here, where they are written (a bad one failed only at patch(), after a model
+        # had loaded); their count against the model's layers in resolve().
+        if self.mode not in ("relative", "absolute"):
+            raise PolicyError(f"residual_clip.mode must be 'relative' or 'absolute', got {self.mode!r}")
+        thresholds = _clip_values("threshold", self.threshold)
+        if self.mode == "relative" and any(t < 1 for t in thresholds):
+            raise PolicyError("a relative residual_clip.threshold below 1 would clip the median token itself, "
+                              f"got {thresholds[:8]}")
         if self.sink_norm is not None:
-            _numbers("residual_clip.sink_norm", self.sink_norm, "a number or one number per layer")
+            _clip_values("sink_norm", self.sink_norm)
 
 
 @dataclass(frozen=True, eq=False)
@@ -644,23 +650,36 @@ def _per_head(name: str, value: PerHead, num_layers: int, num_heads: int, low=No
     return t.clone()
 
 
+def _clip_values(name: str, value) -> list[float]:
+    """A residual clip's threshold or sink norm as a flat list: a number or one per layer, each > 0
+    (inf disables a layer), no bool (``ResidualClip(True)`` read as a relative threshold of 1)."""
+    expected = "a number or one number per layer"
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise PolicyError(f"residual_clip.{name} must be {expected}, got {value!r:.80}")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+        raise PolicyError(f"residual_clip.{name} must be {expected}, got {value!r:.80}")
+    t = _numbers(f"residual_clip.{name}", value, expected)
+    if t.ndim > 1:
+        raise PolicyError(f"residual_clip.{name} must be {expected}, got shape {tuple(t.shape)}")
+    values = t.flatten().tolist()
+    if not values or any(math.isnan(v) or v <= 0 for v in values):
+        raise PolicyError(f"residual_clip.{name} must be > 0 (inf disables a layer), got {values[:8]}")
+    return values
+
+
 def _resolve_clip(clip: ResidualClip | None, num_layers: int) -> list[LayerClip | None]:
     if clip is None:
         return [None] * num_layers
 
     def per_layer(name: str, value) -> list[float]:
-        t = torch.as_tensor(value, dtype=torch.float64).flatten()
-        if torch.isnan(t).any() or (t <= 0).any():
-            raise PolicyError(f"residual_clip.{name} must be > 0 (inf disables a layer), got {t.tolist()[:8]}")
-        if t.numel() == 1:
-            return [t.item()] * num_layers
-        if t.numel() != num_layers:
-            raise PolicyError(f"residual_clip.{name} has {t.numel()} values; expected 1 or num_layers = {num_layers}")
-        return t.tolist()
+        values = _clip_values(name, value)
+        if len(values) == 1:
+            return values * num_layers
+        if len(values) != num_layers:
+            raise PolicyError(f"residual_clip.{name} has {len(values)} values; expected 1 or num_layers = {num_layers}")
+        return values
 
     thresholds = per_layer("threshold", clip.threshold)
-    if clip.mode == "relative" and any(t < 1 for t in thresholds):
-        raise PolicyError("a relative residual_clip.threshold below 1 would clip the median token itself")
     sink = per_layer("sink_norm", clip.sink_norm) if clip.sink_norm is not None else [None] * num_layers
     return [
         None if math.isinf(thr) and sink_norm is None else LayerClip(thr, clip.mode, sink_norm)

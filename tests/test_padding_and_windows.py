@@ -105,3 +105,27 @@ def test_a_decision_taken_again_while_decoding_on_a_sliding_window_matches_one_c
         once = DynamicCache(config=model.config)
         model(input_ids=ids[:, :16], past_key_values=once, use_cache=True)  # the last re-decision saw rows 0..15
     assert sink_sets(once)[0].sum() > 0 and torch.equal(stored, sink_sets(once)[0])
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+@pytest.mark.parametrize("pad", [2, 3])
+def test_a_hand_written_loop_without_position_ids_finds_the_sink_after_the_left_padding(arch, pad):
+    """A decode loop that passes the attention mask but no ``position_ids`` gets transformers'
+    positions, which count the left padding: on a sliding layer (window 5, so the cache keeps 4
+    tokens) the sink was placed on a padding column (pad=2) or before the cache's first column
+    (pad=3: one padding token already dropped), and the padded row ran without the policy (logits
+    0.08-0.17 away from one forward over the same tokens). The cached step must equal that forward."""
+    model = tiny_model(arch)
+    real = 2  # with pad=3 the 5-token prompt leaves one padding token out of the 4 the cache keeps
+    ids = prompt_ids(pad + real, seed=3).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    step = torch.tensor([[7], [9]])
+    full_ids, full_mask = torch.cat([ids, step], 1), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with sinkfix.patch(model, Policy(sink_scale=0.2)), torch.no_grad():
+        whole = model(input_ids=full_ids, attention_mask=full_mask).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cached = model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    assert cache.layers[0].keys.shape[2] <= 5 or not model.config.sliding_window
+    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=0)

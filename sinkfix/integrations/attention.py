@@ -13,12 +13,15 @@ upper-left aligned, when Q > 1); return ((B, Q, Hq, D), probabilities or None).
 from __future__ import annotations
 
 import copy
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from sinkfix.errors import UsageError
 from sinkfix.integrations.masks import PaddedCausalMask
 from sinkfix.integrations.content_sinks import content_attention
 from sinkfix.integrations.sink_location import locate_sinks, packed_sequences
@@ -75,6 +78,11 @@ def defers_sink_stats(*, identity: bool, first_column: bool, q_len: int, k_len: 
             and on_cpu and not torch.compiler.is_compiling())
 
 
+PICKLE_REFUSAL = ("a patched model cannot be pickled: call remove() on its patch first (or pickle a copy.deepcopy "
+                  "of it, which is unpatched) and patch it again after loading; torch.save(model.state_dict()) "
+                  "works on a patched model")
+
+
 @dataclass
 class LayerState:
     """Per attention module: its resolved policy, backend, observers and telemetry listeners, plus
@@ -95,33 +103,63 @@ class LayerState:
     end_real_row: torch.Tensor | None = None  # (B,) one past the last real query row (right padding after it)
     cache: Any = None  # the KV cache of the current call, for content-dependent sinks (set by a forward hook)
 
+    def __reduce_ex__(self, protocol):
+        """Pickling a patched model (``torch.save(model)``) is refused with a message that says what
+        to do, rather than torch's or Python's error about one of the patch's parts."""
+        raise UsageError(PICKLE_REFUSAL)
+
     def __deepcopy__(self, memo: dict) -> "LayerState":
         # copied with a patched model, whose copy drops it (PatchHandle.__deepcopy__): the listeners
         # (a monitor, with its log file and endpoint) and the last call's tensors are not copied
         return LayerState(self.layer, copy.deepcopy(self.policy, memo), self.backend)
 
 
-# Set by discover_attention_modules for the length of one dummy forward. A plain module global
-# (not a thread-local): torch.compile traces module globals, and patch() is not meant to run
-# concurrently on the same process's models anyway.
+# Set by discover_attention_modules for the length of one dummy forward. A plain module global,
+# not a thread-local (torch.compile traces module globals and guards on this one being None), so
+# calls are recorded only from the discovering thread: another thread serving a model meanwhile
+# (this one or another) added its calls to the list, which numbered the layers wrongly or named
+# modules of another model.
 _discovered: list | None = None
+_discovering_thread: int | None = None
+
+
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for the attention probabilities: the call's ``output_attentions``,
+    or transformers' output collector asking for ``attentions``. Some models take the argument out
+    of what they pass down (GPT-2 in transformers 5) and collect the probabilities from the
+    attention modules' outputs: there the argument never arrives, and the patched model returned
+    no attentions at all where the stock eager one returns them. Not read while dynamo traces (the
+    collector is a context variable; compiled forwards pass the argument itself)."""
+    if kwargs.get("output_attentions"):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+class AttentionDropoutError(NotImplementedError):
+    """Attention dropout was requested (a model in training mode): sinkfix attention is inference-only."""
 
 
 def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int]]:
     """Run one forward and return (attention module, query heads) in call order, first call of
     each module only. Modules that do not route through the "sinkfix" function are not seen."""
-    global _discovered
-    _discovered = []
+    global _discovered, _discovering_thread
+    _discovered, _discovering_thread = [], threading.get_ident()
     try:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
         calls = _discovered
     finally:
-        _discovered = None
+        _discovered, _discovering_thread = None, None
+    own = {id(module) for module in model.modules()}
     seen: set[int] = set()
     order = []
     for module, heads in calls:
-        if id(module) not in seen:
+        if id(module) in own and id(module) not in seen:
             seen.add(id(module))
             order.append((module, heads))
     return order
@@ -135,7 +173,7 @@ def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                 f"{type(module).__name__} passed; refusing to compute dense attention and ignore it"
             )
     if dropout and dropout > 0:
-        raise NotImplementedError(
+        raise AttentionDropoutError(
             f"sinkfix attention is inference-only: attention dropout {dropout} requested (call model.eval())"
         )
     if query.shape[1] % key.shape[1]:
@@ -221,7 +259,7 @@ def attention_forward(
     if padded is not None:
         mask_kwargs = dict(attn_mask=None, key_padding=padded.key_padding, key_ranges=padded.key_ranges, causal=True,
                            causal_offset=padded.causal_offset, sliding_window=padded.window)
-    if _discovered is not None:
+    if _discovered is not None and threading.get_ident() == _discovering_thread:
         _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
@@ -236,8 +274,9 @@ def attention_forward(
             "cache) are not supported by a sink policy, residual clipping or measurement: each packed "
             "sequence needs its own sink, and sinkfix places one sink set per batch row. Pass one sequence "
             "per row with an attention mask (left padding), or use the identity policy")
+    wants_probs = _attentions_requested(kwargs)
     if state is not None and state.policy.content is not None:
-        if observing or monitored or kwargs.get("output_attentions"):
+        if observing or monitored or wants_probs:
             raise NotImplementedError("observers, telemetry and output_attentions are not implemented for "
                                       "content-dependent sinks; measure with a positional policy or the stock model")
         dense_mask = attention_mask if padded is None else padded.dense
@@ -266,7 +305,7 @@ def attention_forward(
     deferred = monitored and defers_sink_stats(
         identity=beta is None and extra_logits is None and virtual is None, first_column=first_column, q_len=q_len,
         k_len=k_len, backend=state.backend, on_cpu=query.is_cpu,
-        other_needs=observing or bool(kwargs.get("output_attentions")))
+        other_needs=observing or wants_probs)
     result = sink_attention(
         query, key, value,
         backend=state.backend if state is not None else "auto",
@@ -274,7 +313,7 @@ def attention_forward(
         sink_cols=None if location is None else location.sink_cols,
         first_column_sink=first_column,
         beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual,
-        return_probs=bool(kwargs.get("output_attentions")), need_sink_mass=observing,
+        return_probs=wants_probs, need_sink_mass=observing,
         need_sink_stats=monitored and not deferred,
     )
     if observing or monitored:

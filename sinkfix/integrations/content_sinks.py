@@ -22,6 +22,8 @@ pre-hook on each corrected attention module hands it over (:func:`cache_hooks`).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,16 +152,18 @@ def use_sink_sets(cache: Any, sets: dict[int, torch.Tensor]) -> Any:
 # -- hooks: handing the cache to the attention function --------------------------------------------
 def cache_hooks(module: nn.Module, state) -> list:
     """Forward hooks that give ``state.cache`` the cache of the module's current call (or None),
-    and drop the reference afterwards so that the state never keeps a cache alive."""
+    and drop the reference afterwards so that the state never keeps a cache alive. Partials of
+    module-level functions, not closures: pickling a patched model reaches the state's own refusal."""
+    return [module.register_forward_pre_hook(functools.partial(_hand_over_cache, state), with_kwargs=True),
+            module.register_forward_hook(functools.partial(_drop_cache, state), with_kwargs=True)]
 
-    def before(mod, args, kwargs):
-        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
 
-    def after(mod, args, kwargs, output):
-        state.cache = None
+def _hand_over_cache(state, mod, args, kwargs):
+    state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
 
-    return [module.register_forward_pre_hook(before, with_kwargs=True),
-            module.register_forward_hook(after, with_kwargs=True)]
+
+def _drop_cache(state, mod, args, kwargs, output):
+    state.cache = None
 
 
 # -- the attention call ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ layer's attention state, which the attention function fills in just before.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -30,24 +32,26 @@ def _sink_and_padding(state: LayerState, batch: int, seq: int, device) -> tuple[
 
 
 def make_clip_hook(state: LayerState):
-    """The forward hook (``with_kwargs=True``) that clips the decoder layer's output."""
+    """The forward hook (``with_kwargs=True``) that clips the decoder layer's output. A partial of a
+    module-level function rather than a closure: pickling a patched model then reaches the state's
+    own refusal (a clear message) instead of "Can't pickle local object"."""
+    return functools.partial(_clip_hook, state)
 
-    def hook(module: nn.Module, args, kwargs, output):
-        clip = state.policy.clip
-        if clip is None:  # the layer runs as the identity for now (PatchHandle.run_as_identity)
-            return None
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        batch, seq, _ = hidden.shape
-        is_sink, is_padding = _sink_and_padding(state, batch, seq, hidden.device)
-        if clip.mode == "relative":
-            threshold = relative_threshold(hidden.float().norm(dim=-1), is_sink | is_padding, clip.threshold)
-        else:
-            threshold = torch.full((batch,), clip.threshold, dtype=torch.float32, device=hidden.device)
-        # resolve_backend already checked at patch time that triton can run here
-        backend = "triton" if state.backend == "triton" else "torch"
-        clipped = residual_clip(hidden, threshold, is_sink, clip.sink_norm, backend=backend)
-        if isinstance(output, torch.Tensor):
-            return clipped
-        return (clipped, *output[1:])
 
-    return hook
+def _clip_hook(state: LayerState, module: nn.Module, args, kwargs, output):
+    clip = state.policy.clip
+    if clip is None:  # the layer runs as the identity for now (PatchHandle.run_as_identity)
+        return None
+    hidden = output if isinstance(output, torch.Tensor) else output[0]
+    batch, seq, _ = hidden.shape
+    is_sink, is_padding = _sink_and_padding(state, batch, seq, hidden.device)
+    if clip.mode == "relative":
+        threshold = relative_threshold(hidden.float().norm(dim=-1), is_sink | is_padding, clip.threshold)
+    else:
+        threshold = torch.full((batch,), clip.threshold, dtype=torch.float32, device=hidden.device)
+    # resolve_backend already checked at patch time that triton can run here
+    backend = "triton" if state.backend == "triton" else "torch"
+    clipped = residual_clip(hidden, threshold, is_sink, clip.sink_norm, backend=backend)
+    if isinstance(output, torch.Tensor):
+        return clipped
+    return (clipped, *output[1:])

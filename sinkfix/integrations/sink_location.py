@@ -12,7 +12,10 @@ set"):
   ``position_ids`` are not padding-aware (a plain forward with an attention mask).
 * Sliding-window layers with a cache may have evicted token 0 from their keys; there the first
   real token is placed from the last query's position (``last_col - position``), so a sink that
-  left the window gets a column < 0 and is simply absent: the policy does not apply there.
+  left the window gets a column < 0 and is simply absent: the policy does not apply there. While
+  the cache still starts with left padding (columns no query row sees), the sink is the first
+  column after it, whatever the positions say: positions that count the padding (a hand-written
+  loop that passes no ``position_ids``) would otherwise put it on a padding column.
 """
 
 from __future__ import annotations
@@ -142,7 +145,15 @@ def locate_sinks(
         last_real_col = torch.where(seen_by_any_row, cols, -1).amax(dim=-1)
     if sliding and q_len != k_len and position_ids is not None:
         positions = position_ids if position_ids.ndim == 2 else position_ids[0]
-        first = last_col - positions[:, -1].to(device).long().expand(batch)
+        placed = last_col - positions[:, -1].to(device).long().expand(batch)
+        if attention_mask is not None:
+            # Positions that count the left padding (transformers' own when a hand-written loop
+            # passes none) place the sink on a padding column, or before the cache's first column
+            # once the window has dropped part of the padding. A cache whose first columns no row
+            # sees still holds that padding, and the sink is the first column after it; with
+            # padding-aware positions the placed column is that column already.
+            placed = torch.where((first > 0) & (first < k_len) & (placed < first), first, placed)
+        first = placed
     offsets = torch.tensor(sink_positions, dtype=torch.long, device=device)
     sink_cols = first[:, None] + offsets[None, :]
     sink_cols = torch.where((sink_cols >= 0) & (sink_cols < k_len), sink_cols, -1)
