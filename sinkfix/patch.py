@@ -438,14 +438,24 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     step fails the model is left as it was found, still carrying its previous patch if it had one.
     ``copy.deepcopy`` of a patched model gives an unpatched copy.
 
+    patch() finds the attention modules with one 3-token forward of the model (no cache, no
+    gradient), which the model's own forward hooks see like any other.
+
     Raises UnsupportedModelError for models whose attention does not route through transformers'
-    attention interface, PolicyError for bad parameters, ProfileError for a profile made for another
+    attention interface and for encoder-decoder models, PolicyError for bad parameters, ProfileError for a profile made for another
     model, RuntimeError when ``backend="triton"`` cannot run here.
     """
     register()
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise UnsupportedModelError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    if getattr(config, "is_encoder_decoder", False):
+        # the policy would act on every call the interface routes: the encoder's bidirectional
+        # attention and the cross-attention too, whose first key is the encoder's first token
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model: sinkfix corrects decoder-only language models "
+            "(a policy would also act on the encoder's bidirectional attention and on cross-attention, where the "
+            f"'sink' would be the encoder's first token). Supported and tested: {', '.join(SUPPORTED_ARCHITECTURES)}.")
     policy = _as_policy(policy, model)
     backend_name = resolve_backend(backend, model_device(model))
     previous = PatchHandle.of(model)

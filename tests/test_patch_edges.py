@@ -180,3 +180,17 @@ def test_residual_clip_values_are_checked_where_they_are_written(make):
     had loaded (``sinkfix bench --policy clip=nan``); ResidualClip(True) was a relative threshold of 1."""
     with pytest.raises(PolicyError, match="residual_clip"):
         make()
+
+
+def test_an_encoder_decoder_model_is_refused_and_left_as_it_was():
+    """BART routes its attention through the interface, so patch() took it and the policy acted on
+    the encoder's bidirectional attention and on cross-attention (the encoder's first token as the
+    'sink'), a use nothing here was measured for."""
+    config = tf.BartConfig(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.BartForConditionalGeneration(config).eval()
+    before = model.config._attn_implementation
+    with pytest.raises(sinkfix.UnsupportedModelError, match="encoder-decoder"):
+        sinkfix.patch(model, Policy(sink_scale=0.5))
+    assert model.config._attn_implementation == before and sinkfix.PatchHandle.of(model) is None

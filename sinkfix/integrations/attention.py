@@ -259,7 +259,8 @@ def attention_forward(
     if padded is not None:
         mask_kwargs = dict(attn_mask=None, key_padding=padded.key_padding, key_ranges=padded.key_ranges, causal=True,
                            causal_offset=padded.causal_offset, sliding_window=padded.window)
-    if _discovered is not None and threading.get_ident() == _discovering_thread:
+    # dynamo cannot trace get_ident (patching a compiled wrapper traces this call): no thread check there
+    if _discovered is not None and (torch.compiler.is_compiling() or threading.get_ident() == _discovering_thread):
         _discovered.append((module, q_heads))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
