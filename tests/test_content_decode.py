@@ -92,6 +92,54 @@ def test_the_set_follows_cache_reorder_crop_and_repeat(one_thread):
         assert all(s.shape[-1] == PROMPT + 2 - 3 + 1 for s in sink_sets(cache).values())
 
 
+@pytest.mark.parametrize("make_cache", ["dynamic", "sink"])
+def test_a_reset_cache_decides_the_next_prompts_set_afresh(make_cache, one_thread):
+    """``cache.reset()`` (a new batch) left the old prompt's sets and column statistics on the cache,
+    and they were merged into the next prompt's decision (SmolLM2: logits 5.5 away from a fresh cache)."""
+    model = tiny_model("llama")
+    first = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(5))
+    second = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+
+    def new_cache():
+        if make_cache == "sink":
+            return sinkfix.SinkCache(model.config, n_sink=2, window=64)
+        return tf.DynamicCache(config=model.config)
+
+    with sinkfix.patch(model, Policy.act(threshold=0.05), backend="torch"), torch.no_grad():
+        cache = new_cache()
+        model(input_ids=first, cache=cache, use_cache=True)
+        assert sink_sets(cache)
+        cache.reset()
+        reused = model(input_ids=second, cache=cache, use_cache=True).logits
+        fresh_cache = new_cache()
+        fresh = model(input_ids=second, cache=fresh_cache, use_cache=True).logits
+        assert {layer: s.shape for layer, s in sink_sets(cache).items()} == \
+            {layer: s.shape for layer, s in sink_sets(fresh_cache).items()}
+        assert all(torch.equal(sink_sets(cache)[layer], s) for layer, s in sink_sets(fresh_cache).items())
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=1e-6)
+
+
+def test_a_sink_cache_that_has_evicted_is_refused_not_misread(one_thread):
+    """The sets are kept per token from the first; a SinkCache that has evicted hands over
+    [kept sinks][window][new], which was read as one run of tokens: the kept sinks got the flags of
+    evicted tokens (SmolLM2: logits 0.15-0.71 off at every step). Until it evicts it equals a
+    DynamicCache; from then on the combination is refused."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(7))
+    with sinkfix.patch(model, Policy.act(threshold=0.05), backend="torch"), torch.no_grad():
+        sink, dynamic = sinkfix.SinkCache(model.config, n_sink=2, window=12), tf.DynamicCache(config=model.config)
+        out = model(input_ids=ids, cache=sink, use_cache=True).logits
+        torch.testing.assert_close(out, model(input_ids=ids, cache=dynamic, use_cache=True).logits, rtol=0, atol=0)
+        step = torch.tensor([[4]])
+        for _ in range(4):  # 14 tokens: the cache holds 2 sinks + a window of 12 without evicting
+            a = model(input_ids=step, cache=sink, use_cache=True).logits
+            b = model(input_ids=step, cache=dynamic, use_cache=True).logits
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        with pytest.raises(sinkfix.errors.CacheError, match="cannot follow a SinkCache that has evicted"):
+            for _ in range(3):
+                model(input_ids=step, cache=sink, use_cache=True)
+
+
 def test_reevaluation_decides_on_every_row_seen(one_thread):
     """With reevaluate_every = N, after N decode steps the set is decided on the prompt's and the
     generated rows. Layer 0's inputs do not depend on any correction, so its decision must equal

@@ -345,6 +345,12 @@ class SinkLayer(CacheLayerMixin):
             start += width
         return torch.cat(parts_k + [key_states], dim=-2), torch.cat(parts_v + [value_states], dim=-2)
 
+    @property
+    def columns_in_order(self) -> bool:
+        """Whether an attention call's key columns are one run of consecutive tokens (the last K the
+        layer has seen): no longer once it has evicted and shows its kept sinks before the window."""
+        return not (self.evicted and self.keep_sinks and self.n_sink > 0)
+
     def _note_columns(self, has_head: bool, body_k: torch.Tensor | None, q_len: int) -> None:
         """Remember, for observers of the attention call that follows: each returned column's absolute
         token index (-1 = padding) and from which column on the returned keys / values are exactly

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sinkfix.errors import PolicyError
+from sinkfix.errors import CacheError, PolicyError
 from sinkfix.integrations.sink_location import locate_sinks, real_query_rows
 from sinkfix.ops.attention import AttentionResult
 from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
@@ -94,8 +94,19 @@ class ContentSinkStore:
             entry.map(fn_cols=lambda t, axis, keep=entry.length: t[..., :keep])
 
 
+    def reset(self) -> None:
+        """transformers' ``Cache.reset`` (a new batch): the sets decided on the old keys go (they were
+        merged into the next prompt's decision: logits 5.5 away from a fresh cache); sets given with
+        :func:`use_sink_sets` stay, to apply from the first key column again."""
+        if not self.frozen:
+            self.layers.clear()
+            return
+        for entry in self.layers.values():
+            entry.length, entry.stats, entry.steps_since_decision = 0, None, 0
+
+
 _FOLLOWED = (("reorder_cache", "reorder"), ("crop", "crop"), ("batch_select_indices", "select"),
-             ("batch_repeat_interleave", "repeat_interleave"))
+             ("batch_repeat_interleave", "repeat_interleave"), ("reset", "reset"))
 
 
 def _attach_store(cache: Any, store: ContentSinkStore) -> ContentSinkStore:
@@ -220,6 +231,15 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
         result = content_sink_attention(query, key, value, **common, **decide)
         return AttentionResult(result.out, result.lse, None, None)
 
+    cache_layers = getattr(cache, "layers", None)
+    cache_layer = cache_layers[layer] if isinstance(cache_layers, list) and layer < len(cache_layers) else None
+    if not getattr(cache_layer, "columns_in_order", True):
+        # the sets and statistics are kept per token from the first; a SinkCache that has evicted
+        # hands over [kept sinks][window][new], and reading that as one run of tokens gave the kept
+        # sinks the flags of evicted tokens (SmolLM2: logits 0.15-0.71 off at every decode step)
+        raise CacheError(f"layer {layer}: content-dependent sinks cannot follow a SinkCache that has evicted tokens "
+                         "(its key columns are the kept sinks, then the window); use a cache that grows "
+                         "(DynamicCache) or a window that holds the whole sequence")
     store = store_of(cache)
     entry = store.layers.get(layer)
     length = 0 if entry is None else entry.length
