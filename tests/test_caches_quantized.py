@@ -3,6 +3,8 @@ round-trip error bounds, eviction and beam reordering of quantized state."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import QuantizedCache
@@ -268,3 +270,31 @@ def test_gemma3_prompt_of_an_odd_length_through_a_hqq_cache():
         model(torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(0)), past_key_values=cache)
         step = model(torch.tensor([[5]]), past_key_values=cache).logits
     assert torch.isfinite(step).all()
+
+
+def test_kvquant_measures_hqq_token_counts_transformers_cannot_pack():
+    """transformers' QuantizedCache with HQQ fails (a shape error from HQQ's bit packing) on a tensor
+    whose group count is not a multiple of 8 // bits: ``sinkfix kvquant --backend hqq`` died on a
+    sequence's last chunk with a raw traceback. The measurement now predicts it from the lengths and
+    takes SinkCache(n_sink=0), which quantizes as QuantizedCache does and pads; where transformers'
+    cache packs every count, it stays the baseline."""
+    from sinkfix.analysis.kvquant import hqq_baseline_fails, measure_kvquant, quantized_lengths
+
+    model = tiny_model("llama")  # 2 kv heads of 16: 2 groups of 16 per token
+    assert quantized_lengths(22, 7, 8) == [7, 21]  # chunks of 7 (the last token is not fed): 7 + 7 < 8 + 7
+    assert quantized_lengths(23, 10, 8) == [10, 20]  # the last chunk of 3 stays in the residual
+    assert hqq_baseline_fails(model, [22], chunk=7, residual_length=8, bits=2, group_size=16)  # 14 groups
+    assert not hqq_baseline_fails(model, [23], chunk=10, residual_length=8, bits=2, group_size=16)
+    ids = torch.randint(1, 97, (22,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):  # what the baseline does on its own
+        cache = QuantizedCache("hqq", model.config, nbits=2, axis_key=1, axis_value=1, q_group_size=16,
+                               residual_length=8)
+        with torch.no_grad():
+            model(input_ids=ids[None, :7], cache=cache, use_cache=True)
+    [row] = measure_kvquant(model, [ids], bits=[2], backend="hqq", n_sink=2, residual_length=8, q_group_size=16,
+                            chunk=7)
+    assert row.tokens == 21 and "cannot pack" in row.quantized_cache
+    assert all(math.isfinite(row.ppl(v)) for v in ("full", "quantized", "sink_protected"))
+    [row] = measure_kvquant(model, [ids[:23]], bits=[2], backend="hqq", n_sink=2, residual_length=8,
+                            q_group_size=16, chunk=10)
+    assert row.quantized_cache == "transformers QuantizedCache"

@@ -88,9 +88,43 @@ def recovered_share(full: float, quantized: float, protected: float) -> float:
     return (quantized - protected) / lost if lost > 0 else float("nan")
 
 
+def quantized_lengths(total: int, chunk: int, residual_length: int) -> list[int]:
+    """The token counts transformers' ``QuantizedCache`` quantizes (each layer, each time) when a
+    sequence of ``total`` tokens is fed as :func:`sequence_nll` feeds it: the first chunk, then
+    everything so far whenever the full-precision residual would reach ``residual_length``."""
+    lengths, seen, residual = [], 0, None
+    for start in range(0, total - 1, chunk):
+        size = min(chunk, total - start)
+        seen += size
+        if residual is None or residual + size >= residual_length:
+            lengths.append(seen)
+            residual = 0
+        else:
+            residual += size
+    return lengths
+
+
+def hqq_baseline_fails(model, lengths: Sequence[int], *, chunk: int, residual_length: int, bits: int,
+                       group_size: int) -> bool:
+    """Whether transformers' ``QuantizedCache`` with HQQ would fail on these sequence lengths: HQQ
+    packs ``8 // bits`` rows of its (groups, group size) view into one byte row and raises a shape
+    error from its bit packing when a quantized tensor's group count is not a multiple of that
+    (239 tokens x 3 kv heads at 2 bits: 717 groups; ``sinkfix kvquant`` then died on a sequence's
+    last chunk with a raw traceback, after measuring the rest of it)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    groups_per_token = heads * head_dim // group_size
+    per_byte = 8 // bits
+    return any(count * groups_per_token % per_byte
+               for total in lengths for count in quantized_lengths(total, chunk, residual_length))
+
+
 def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, residual_length: int,
-               q_group_size: int | None) -> tuple[object, str]:
-    """(cache, description) for one variant."""
+               q_group_size: int | None, baseline_fails: bool = False) -> tuple[object, str]:
+    """(cache, description) for one variant. ``baseline_fails``: transformers' ``QuantizedCache``
+    cannot take this measurement (:func:`hqq_baseline_fails`), so "quantized" is ``SinkCache`` with no
+    sinks, which quantizes as it does and pads what HQQ cannot pack."""
     from transformers import DynamicCache, QuantizedCache
 
     if variant == "full":
@@ -99,6 +133,9 @@ def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, res
     if variant in ("sink_protected", HIDDEN):
         return SinkCache(model.config, n_sink=n_sink, window=None, **quant), f"SinkCache(n_sink={n_sink})"
     probe = SinkCache(model.config, n_sink=0, window=None, **quant)  # validates, resolves the group size
+    if baseline_fails:
+        return probe, ("SinkCache(n_sink=0): transformers' QuantizedCache cannot pack these HQQ token counts "
+                       "(a multiple of 8 // bits groups)")
     axis = backend_axis(backend)
     try:
         if backend == "fp8":  # per-tensor: transformers refuses the group-wise options
@@ -175,13 +212,19 @@ def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[
     settings = dict(backend=backend, n_sink=n_sink, residual_length=residual_length, q_group_size=q_group_size)
     variants = ("quantized", "sink_protected") + ((HIDDEN,) if hidden_sinks else ())
     rows = {width: QuantRow(width, {}, {}, 0) for width in bits}
+    fails = {width: backend == "hqq" and hqq_baseline_fails(
+        model, [ids.numel() for ids in sequences], chunk=chunk, residual_length=residual_length, bits=width,
+        group_size=SinkCache(model.config, n_sink=0, window=None, bits=width, backend=backend,
+                             residual_length=residual_length, q_group_size=q_group_size).q_group_size)
+        for width in bits}  # decided for all sequences alike: one baseline per row
     handle = patch(model, Policy()) if hidden_sinks else None  # attention observers need sinkfix's function
     try:
         for ids in sequences:
             caches = {("full", None): make_cache(model, "full", bits=bits[0], **settings)[0]}
             for width in bits:
                 for variant in variants:
-                    caches[variant, width], what = make_cache(model, variant, bits=width, **settings)
+                    caches[variant, width], what = make_cache(model, variant, bits=width, **settings,
+                                                              baseline_fails=fails[width])
                     if variant == "quantized":
                         rows[width].quantized_cache = what
             guards = {key: HiddenSinkGuard(cache) for key, cache in caches.items() if key[0] == HIDDEN}
