@@ -24,7 +24,7 @@ import torch
 from sinkfix.errors import UsageError
 
 __all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", "PerplexityResult", "bos_token_id",
-           "tokenize", "model_device", "decoder_stack", "max_positions", "check_positions"]
+           "tokenize", "token_ids", "MIN_TOKENS", "model_device", "decoder_stack", "max_positions", "check_positions"]
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,24 @@ def bos_token_id(tokenizer) -> int:
     raise UsageError("tokenizer has no BOS token; evaluate with bos=False")
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """1-D token ids of ``text`` without any special tokens (BOS is handled by the window protocol)."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    if ids.numel() < 2:
-        raise UsageError("text is too short: fewer than 2 tokens")
+#: The fewest tokens a text can be scored on: one token predicted from another.
+MIN_TOKENS = 2
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of ``text`` without any special tokens, however few (callers that cut windows
+    say themselves what a text is too short for)."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def tokenize(tokenizer, text: str, name: str | None = None) -> torch.Tensor:
+    """1-D token ids of ``text`` without any special tokens (BOS is handled by the window protocol);
+    a text under :data:`MIN_TOKENS` tokens is a :class:`UsageError` naming it (``name``)."""
+    ids = token_ids(tokenizer, text)
+    if ids.numel() < MIN_TOKENS:
+        what = "text" if name is None else f"text {name!r}"
+        raise UsageError(f"{what} is too short: {ids.numel()} token(s), fewer than the {MIN_TOKENS} needed "
+                         "(one token predicted from another)")
     return ids
 
 

@@ -19,7 +19,15 @@ import torch
 
 from sinkfix.errors import PolicyError
 
-__all__ = ["Policy", "ResidualClip", "ContentSinks", "LayerPolicy", "LayerClip", "LayerContentSinks", "SPEC_KEYS"]
+__all__ = ["Policy", "ResidualClip", "ContentSinks", "LayerPolicy", "LayerClip", "LayerContentSinks", "SPEC_KEYS",
+           "MAX_N_SINK"]
+
+# The largest n_sink a policy takes. Sink sets are a few leading tokens (one BOS; StreamingLLM keeps
+# 4); the set is materialised as a tuple of positions and a per-call tensor, so a typo such as 1e8
+# in a policy or a profile file exhausted memory in patch() (a Python set of positions measured
+# 66 MB per million, so 6.6 GB for 1e8, before the sorted tuple made from it). 1024 is two orders
+# of magnitude above the sink sets in use and as long as the windows most models are run with.
+MAX_N_SINK = 1024
 
 # The keys of a command-line policy spec (Policy.parse), in the order the error message lists them.
 SPEC_KEYS = ("sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink", "layers",
@@ -190,7 +198,8 @@ class Policy(_ValueEquality):
             representation as the stock model computes it, which matters when the sink is a
             content token (no BOS). Calibration turns it on for BOS windows, where that row is
             the BOS token and acting on it measurably helps (docs/calibration.md).
-        n_sink: the sink set is the first ``n_sink`` real (non-padding) positions.
+        n_sink: the sink set is the first ``n_sink`` real (non-padding) positions, at most
+            :data:`MAX_N_SINK` (1024).
         extra_sink_positions: further absolute positions (0 = first real token) in the sink set.
         layers: attention layers the attention policy applies to (None = all). Other layers run
             plain softmax.
@@ -218,6 +227,9 @@ class Policy(_ValueEquality):
         n_sink = _as_int("n_sink", self.n_sink, "a non-negative int")
         if n_sink < 0:
             raise PolicyError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
+        if n_sink > MAX_N_SINK:
+            raise PolicyError(f"n_sink must be at most {MAX_N_SINK} (MAX_N_SINK: a sink set is a few leading "
+                              f"tokens), got {n_sink}")
         object.__setattr__(self, "n_sink", n_sink)
         extra = _int_tuple("extra_sink_positions", self.extra_sink_positions)
         if any(p < 0 for p in extra):

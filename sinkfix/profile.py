@@ -11,7 +11,8 @@ Format (``"format": "sinkfix-profile"``, ``"version": 3``)::
 
     {"format": "sinkfix-profile", "version": 3,
      "model": {"architecture", "name", "num_layers", "num_heads": [..], "num_kv_heads",
-               "hidden_size", "vocab_size", "fingerprint"},
+               "hidden_size", "vocab_size", "fingerprint", "fingerprint_dtype",
+               "cast_fingerprints": {"bfloat16", "float16"}},
      "policy": {"sink_scale": [[..]], "virtual_sink_logit": [[..]] | null,
                 "virtual_logit_on_sink_rows": false, "n_sink": 1,
                 "extra_sink_positions": [], "residual_clip": [..] | null},
@@ -36,6 +37,12 @@ sinks"). Positional profiles are still written as version 3, so older readers ke
 a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
 sinkfix that had one).
 
+``"fingerprint_dtype"`` and ``"cast_fingerprints"`` (optional at any version; files written before
+them lack both) make a profile fitted in one precision fit the same model in another: the
+fingerprint of the weights' sample cast to bfloat16 / float16, compared where the model or the
+profile is in that precision (:meth:`ModelIdentity.differences`; docs/calibration.md, "The profile
+file"). ``policy.n_sink`` is at most :data:`~sinkfix.policy.MAX_N_SINK`.
+
 Optional, at any version: ``"statistics"``, what the profiled model's attention looked like on the
 calibration text (:class:`ProfileStatistics`: per layer and head, the range of the sink share
 before sink scaling), for the telemetry guard (docs/monitoring.md). A file without it loads with
@@ -57,10 +64,10 @@ from torch import nn
 
 from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
-from sinkfix.policy import ContentSinks, Policy, ResidualClip
+from sinkfix.policy import MAX_N_SINK, ContentSinks, Policy, ResidualClip
 
-__all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "atomic_write_text", "FORMAT",
-           "VERSION"]
+__all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "cast_fingerprints", "weights_dtype",
+           "atomic_write_text", "FORMAT", "VERSION", "CAST_DTYPES"]
 
 FORMAT = "sinkfix-profile"
 VERSION = 3  # what a positional profile is written as (3: per-domain fits, domain-robust)
@@ -68,13 +75,36 @@ CONTENT_VERSION = 4  # the first version that records the mode (content-dependen
 # Elements sampled per parameter tensor for the fingerprint: enough to tell two checkpoints of the
 # same architecture apart, while hashing SmolLM2-135M takes a few milliseconds, not a full pass.
 _FINGERPRINT_SAMPLES = 4096
+# The half precisions a profile also records fingerprints in ("cast_fingerprints"): calibration fits
+# float32 models, while the model a profile is applied to usually runs in one of these on a GPU, and
+# a cast changes the weights' bits, so the float32 fingerprint alone would call it another model.
+CAST_DTYPES = ("bfloat16", "float16")
 
 
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over parameter names, shapes and a fixed strided sample of each tensor's values (as fp32)."""
-    digest = hashlib.sha256()
+    return _fingerprints(model, ())[0]
+
+
+def cast_fingerprints(model: nn.Module) -> dict[str, str]:
+    """The fingerprint of the same sample cast to each of :data:`CAST_DTYPES`: what
+    :func:`weights_fingerprint` gives for this model cast to that precision (``model.to(dtype)``)."""
+    return _fingerprints(model, CAST_DTYPES)[1]
+
+
+def _fingerprints(model: nn.Module, casts: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """(the fingerprint, {dtype name: the fingerprint of the sample cast to it}), in one pass.
+
+    A cast is made from each parameter's own values, element by element (round to nearest even on
+    every device), so the sample of ``model.to(torch.bfloat16)`` is bit for bit the sample of
+    ``model`` cast to bfloat16: the two fingerprints agree exactly, with no tolerance and no
+    rounding boundary to land near."""
+    plain = hashlib.sha256()
+    cast = {name: hashlib.sha256() for name in casts}
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        header = f"{name}:{tuple(param.shape)};".encode()
+        for digest in (plain, *cast.values()):
+            digest.update(header)
         if param.device.type == "meta" or param.numel() == 0:
             continue
         param = param.detach()
@@ -84,9 +114,25 @@ def weights_fingerprint(model: nn.Module) -> str:
             param = param.full_tensor()
         flat = param.reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-        sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:32]
+        sample = flat[::step][:_FINGERPRINT_SAMPLES].to(device="cpu")
+        plain.update(sample.to(torch.float32).contiguous().numpy().tobytes())
+        for dtype_name, digest in cast.items():
+            # numpy has no bfloat16: the cast values are hashed as float32, which holds them exactly
+            rounded = sample.to(getattr(torch, dtype_name)) if sample.is_floating_point() else sample
+            digest.update(rounded.to(torch.float32).contiguous().numpy().tobytes())
+    return plain.hexdigest()[:32], {name: digest.hexdigest()[:32] for name, digest in cast.items()}
+
+
+def weights_dtype(model: nn.Module) -> str | None:
+    """The floating-point dtype that holds most of the model's parameter elements ("float32",
+    "bfloat16", ...), or None for a model without floating-point parameters."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    if not counts:
+        return None
+    return str(max(counts, key=counts.get)).removeprefix("torch.")
 
 
 def _text_config(model: nn.Module):
@@ -108,6 +154,11 @@ class ModelIdentity:
     vocab_size: int | None
     fingerprint: str
     name: str | None = None
+    #: the precision most of the weights were in when fingerprinted (None: a profile written before
+    #: sinkfix recorded it), and the fingerprints of the same sample cast to each of CAST_DTYPES,
+    #: as sorted (dtype, fingerprint) pairs (empty for such a profile)
+    dtype: str | None = None
+    cast_fingerprints: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelIdentity":
@@ -123,6 +174,7 @@ class ModelIdentity:
             if layers is None or per is None:
                 raise ProfileError(f"cannot read layer / head counts from {type(model).__name__}'s config")
             heads = (int(per),) * int(layers)
+        fingerprint, cast = _fingerprints(model, CAST_DTYPES)
         return cls(
             architecture=type(model).__name__,
             num_layers=len(heads),
@@ -130,8 +182,10 @@ class ModelIdentity:
             num_kv_heads=getattr(config, "num_key_value_heads", None),
             hidden_size=getattr(config, "hidden_size", None),
             vocab_size=getattr(config, "vocab_size", None),
-            fingerprint=weights_fingerprint(model),
+            fingerprint=fingerprint,
             name=getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or None,
+            dtype=weights_dtype(model),
+            cast_fingerprints=tuple(sorted(cast.items())),
         )
 
     def describe(self) -> str:
@@ -144,15 +198,46 @@ class ModelIdentity:
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine is not None and theirs is not None and mine != theirs:
                 diffs.append(f"{key} {mine} vs {theirs}")
-        if check_weights and self.fingerprint != other.fingerprint:
-            diffs.append(f"weights fingerprint {self.fingerprint[:12]} vs {other.fingerprint[:12]}")
+        weights = self._weights_difference(other) if check_weights else None
+        if weights:
+            diffs.append(weights)
         return diffs
+
+    def _weights_difference(self, other: "ModelIdentity") -> str | None:
+        """Why ``other`` (the model at hand) does not have the weights this identity was taken of, or
+        None. Where either side's weights are in a half precision, the fingerprints of both cast to
+        it are compared: the same model cast to bfloat16 or float16 is the same model."""
+        if self.fingerprint == other.fingerprint:
+            return None
+        mine, theirs = dict(self.cast_fingerprints), dict(other.cast_fingerprints)
+        halves = [d for d in (other.dtype, self.dtype) if d in CAST_DTYPES]
+        if mine and halves:
+            if len(set(halves)) == 2:
+                # two roundings of one float32 value do not always agree with one rounding
+                return (f"weights cannot be compared: the profile was fitted on {self.dtype} weights and this "
+                        f"model's are {other.dtype} (values rounded to these two precisions differ); load the model "
+                        f"in {self.dtype} or float32 to check them, or, if it is the same model, apply "
+                        "profile.without_weights_check()")
+            common = halves[0]
+            if mine.get(common) is not None and mine.get(common) == theirs.get(common):
+                return None
+            return (f"weights fingerprint {(mine.get(common) or '?')[:12]} vs {(theirs.get(common) or '?')[:12]} "
+                    f"(both cast to {common})")
+        found = f"weights fingerprint {self.fingerprint[:12]} vs {other.fingerprint[:12]}"
+        if not mine and other.dtype in CAST_DTYPES:
+            found += (f" (this model's weights are {other.dtype}; the profile does not record the precision it was "
+                      "fitted in, which sinkfix calibrates in float32, and a cast changes the fingerprint: check it "
+                      "on the model loaded in float32, or, if it is the same model, apply "
+                      "profile.without_weights_check())")
+        return found
 
     def to_dict(self) -> dict:
         return {
             "architecture": self.architecture, "name": self.name, "num_layers": self.num_layers,
             "num_heads": list(self.num_heads), "num_kv_heads": self.num_kv_heads, "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+            **({} if self.dtype is None else {"fingerprint_dtype": self.dtype}),
+            **({"cast_fingerprints": dict(self.cast_fingerprints)} if self.cast_fingerprints else {}),
         }
 
     @classmethod
@@ -167,10 +252,18 @@ class ModelIdentity:
             name = data.get("name")
             if name is not None and not isinstance(name, str):
                 raise ProfileError(f"profile model.name must be a string or null, got {_json_text(name)}")
+            dtype = data.get("fingerprint_dtype")
+            if dtype is not None and not isinstance(dtype, str):
+                raise ProfileError(f"profile model.fingerprint_dtype must be a string or null, got {_json_text(dtype)}")
+            cast = data.get("cast_fingerprints") or {}
+            if not isinstance(cast, dict) or any(not isinstance(v, str) for v in cast.values()):
+                raise ProfileError(f"profile model.cast_fingerprints must be an object of dtype -> fingerprint "
+                                   f"strings, got {_json_text(cast)}")
             ident = cls(
                 architecture=_json_str("model.architecture", data["architecture"]),
                 num_layers=_json_int("model.num_layers", data["num_layers"]), num_heads=heads,
                 fingerprint=_json_str("model.fingerprint", data["fingerprint"]), name=name, **optional,
+                dtype=dtype, cast_fingerprints=tuple(sorted(cast.items())),
             )
         except KeyError as exc:
             raise ProfileError(f"profile 'model' entry lacks {exc.args[0]!r}") from None
@@ -242,6 +335,46 @@ def _json_str(name: str, value: Any) -> str:
     return value
 
 
+def _check_n_sink(n_sink: Any) -> None:
+    """n_sink within [0, MAX_N_SINK] (sinkfix.policy says why there is a maximum): refused at load,
+    not when patch() would build the sink set."""
+    if isinstance(n_sink, bool) or not isinstance(n_sink, int):
+        raise ProfileError(f"profile n_sink must be an integer, got {_json_text(n_sink)}")
+    if n_sink < 0:
+        raise ProfileError(f"profile n_sink must be >= 0, got {n_sink}")
+    if n_sink > MAX_N_SINK:
+        raise ProfileError(f"profile n_sink must be at most {MAX_N_SINK} (sinkfix.policy.MAX_N_SINK: a sink set is a "
+                           f"few leading tokens), got {n_sink}")
+
+
+def _check_calibration_record(record: Any) -> None:
+    """The fields of the free-form calibration record that :meth:`Profile.describe` and
+    :meth:`Profile.robustness` read, each of the type calibration writes: a hand-edited file is a
+    :class:`ProfileError` naming the field, never an AttributeError when the profile is printed."""
+    if not isinstance(record, dict):
+        raise ProfileError(f"profile 'calibration' entry must be an object, got {_json_text(record)}")
+    if "domain_robust" in record and not isinstance(record["domain_robust"], bool):
+        # bool("no") is True: a string here would make a pooled profile read as domain-robust
+        raise ProfileError(f"profile calibration.domain_robust must be true or false, got "
+                           f"{_json_text(record['domain_robust'])}")
+    for key in ("rule", "sinks"):
+        if key in record and not isinstance(record[key], str):
+            raise ProfileError(f"profile calibration.{key} must be a string, got {_json_text(record[key])}")
+    texts = record.get("texts")
+    if "texts" in record and not isinstance(texts, dict) and not (
+            isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+        raise ProfileError(f"profile calibration.texts must be an object (domain -> windows) or a list of "
+                           f"domain names, got {_json_text(texts)}")
+    if "selection" in record:
+        selection = record["selection"]
+        if not isinstance(selection, dict):
+            raise ProfileError(f"profile calibration.selection must be an object, got {_json_text(selection)}")
+        for key in ("chosen", "rule"):
+            if key in selection and not isinstance(selection[key], str):
+                raise ProfileError(f"profile calibration.selection.{key} must be a string, got "
+                                   f"{_json_text(selection[key])}")
+
+
 def _has_bool(value: Any) -> bool:
     """Whether nested lists hold a true/false, which torch.tensor would read as 1.0 / 0.0."""
     if isinstance(value, (list, tuple)):
@@ -280,6 +413,11 @@ def _domain_parameters(value: Any, identity: ModelIdentity) -> dict[str, tuple[t
             if "sink_scale" not in params:
                 raise ProfileError(f"profile domain {name!r} has no 'sink_scale'")
             params = (params["sink_scale"], params.get("virtual_sink_logit"))
+        elif not (isinstance(params, tuple) and len(params) == 2):
+            # a file holds objects; a (beta, logit) pair is what code passes. A list is refused: the
+            # two rows of a 2-layer matrix would otherwise read as a (beta, logit) pair
+            raise ProfileError(f"profile domain {name!r} must be an object with 'sink_scale' (and "
+                               f"'virtual_sink_logit'), got {_json_text(params)}")
         beta, logit = params
         out[str(name)] = (_matrix(f"domain {name!r} sink_scale", beta, identity, 0.0, 1.0),
                           None if logit is None else _matrix(f"domain {name!r} virtual_sink_logit", logit, identity))
@@ -309,6 +447,9 @@ class Profile:
     domain_parameters: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
     version: int = VERSION  # the format version it was read from (VERSION for a new profile)
     content_sinks: ContentSinks | None = None  # mode "content" when set
+    #: whether applying it (policy_for, so sinkfix.patch) checks the model's weights fingerprint; not
+    #: saved: :meth:`without_weights_check` makes a copy for another checkpoint or precision
+    check_weights: bool = True
 
     @property
     def mode(self) -> str:
@@ -325,6 +466,10 @@ class Profile:
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
             raise ProfileError(f"profile virtual_logit_on_sink_rows must be true or false, got "
                                f"{self.virtual_logit_on_sink_rows!r}")
+        if not isinstance(self.check_weights, bool):
+            raise ProfileError(f"profile check_weights must be True or False, got {self.check_weights!r}")
+        _check_n_sink(self.n_sink)
+        _check_calibration_record(self.calibration)
         self.sink_scale = _matrix("sink_scale", self.sink_scale, self.model, 0.0, 1.0)
         if self.virtual_sink_logit is not None:
             self.virtual_sink_logit = _matrix("virtual_sink_logit", self.virtual_sink_logit, self.model)
@@ -354,9 +499,11 @@ class Profile:
         except PolicyError as exc:
             raise ProfileError(f"profile does not describe a valid policy: {exc}") from None
 
-    def check(self, model: nn.Module, *, check_weights: bool = True) -> None:
-        """Raise :class:`ProfileError` unless this profile was made for ``model``."""
+    def check(self, model: nn.Module, *, check_weights: bool | None = None) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for ``model``. ``check_weights``
+        None = the profile's own :attr:`check_weights`."""
         current = ModelIdentity.of(model)
+        check_weights = self.check_weights if check_weights is None else check_weights
         diffs = self.model.differences(current, check_weights=check_weights)
         if diffs:
             raise ProfileError(
@@ -364,13 +511,21 @@ class Profile:
                 f"{current.describe()}: {'; '.join(diffs)}"
             )
 
-    def policy_for(self, model: nn.Module, *, check_weights: bool = True) -> Policy:
+    def policy_for(self, model: nn.Module, *, check_weights: bool | None = None) -> Policy:
         """The policy, after checking that ``model`` is the model this profile was fitted on.
 
-        ``check_weights=False`` accepts another checkpoint of the same architecture and shape.
+        ``check_weights=False`` accepts another checkpoint of the same architecture and shape; None
+        (the default) = the profile's own :attr:`check_weights` (:meth:`without_weights_check`).
         """
         self.check(model, check_weights=check_weights)
         return self.policy()
+
+    def without_weights_check(self) -> "Profile":
+        """A copy that :func:`sinkfix.patch` applies to any model of the same architecture and shape,
+        whatever its weights: ``sinkfix.patch(model, profile.without_weights_check())``. For another
+        checkpoint, or a profile that does not record the precision it was fitted in (written before
+        ``cast_fingerprints``) applied to the same model in bfloat16 or float16."""
+        return dataclasses.replace(self, check_weights=False)
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -440,8 +595,7 @@ class Profile:
             clip = [float(x) for x in clip]
         n_sink = _json_int("n_sink", policy.get("n_sink", 1))
         extra = _json_ints("extra_sink_positions", policy.get("extra_sink_positions", []))
-        if n_sink < 0:
-            raise ProfileError(f"profile n_sink must be >= 0, got {n_sink}")
+        _check_n_sink(n_sink)
         if any(p < 0 for p in extra):
             raise ProfileError(f"profile extra_sink_positions must be >= 0, got {_json_text(list(extra))}")
         calibration = data.get("calibration") or {}
@@ -525,8 +679,10 @@ class Profile:
             parts.append(f"content sinks: {self.content_sinks.describe()}")
         label = {"positional": "positional sink", "hidden": "hidden sinks", "combined": "positional + hidden sinks",
                  "content": "content-dependent sinks"}[self.sinks]
+        # the version it was read from (a content profile made in memory is written as CONTENT_VERSION)
+        version = max(self.version, CONTENT_VERSION) if self.content_sinks is not None else self.version
         return (f"Profile for {self.model.describe()}, mode {self.mode} ({label}, format version "
-                f"{CONTENT_VERSION if self.content_sinks is not None else VERSION}): " + ", ".join(parts)
+                f"{version}): " + ", ".join(parts)
                 + f"; {self.robustness()}")
 
     def __repr__(self) -> str:

@@ -332,3 +332,23 @@ def test_smollm2_known_sink_layers(smollm2):
     assert m.residual_peak[11:28].min() > 30
     assert m.value_drain[20].max() < 0.5  # the sink's value is drained in the sink layers
     assert (m.dormancy[12:] >= DORMANT_THRESHOLD).sum() > 10
+
+
+def test_inspect_without_matplotlib_is_refused_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    """Without matplotlib, inspect measured every domain and wrote report.json, then exited 2 on the
+    first figure: now it says so before the model loads (or with --no-figures runs as before)."""
+    import sys
+
+    from sinkfix import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing matplotlib was reported")
+
+    monkeypatch.setattr(sinkfix, "load_model", never)
+    text = tmp_path / "prose.txt"
+    text.write_text("The first token of a sequence often becomes an attention sink. " * 8)
+    rc = cli.main(["inspect", "--text", str(text), "--out", str(tmp_path / "out"), "--seq-len", "40"])
+    assert rc == 2
+    assert "pip install 'sinkfix[plots]'" in capsys.readouterr().err

@@ -52,14 +52,15 @@ from torch import nn
 from sinkfix.analysis.robust import (DEFAULT_SELECTION_RULE, SELECTION_RULES, Candidate, candidate_parameters, candidates,
                                      select)
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import bos_token_id, decoder_stack, model_device, tokenize, window_nll
+from sinkfix.evaluate import bos_token_id, check_positions, decoder_stack, model_device, token_ids, window_nll
 from sinkfix.policy import Policy
 from sinkfix.texts import DOMAINS, domain_text
 
 __all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows",
            "domain_windows", "CalibrationError", "CalibrationSettings", "Calibrator", "require_two_domains",
            "duplicate_texts", "min_seq_len", "check_finite", "tokens_needed", "is_integer", "is_real",
-           "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key"]
+           "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key",
+           "check_model_positions"]
 
 CALIBRATION_RULES = ("robust", "pooled")
 # The fitting steps' matrix products: "auto" = bfloat16 where the device multiplies it natively
@@ -201,7 +202,9 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
         raise CalibrationError(f"bos must be True, False or 'both', got {bos!r}")
     if not is_integer(seq_len) or seq_len < min_seq_len(bos):
         raise CalibrationError(f"seq_len must be an integer >= {min_seq_len(bos)} with bos={bos!r}, got {seq_len!r}")
-    ids = tokenize(tokenizer, text)
+    # no minimum here: a text too short for one window gives none, and domain_windows names it with
+    # the tokens a calibration needs (tokenize's own "fewer than 2 tokens" named neither)
+    ids = token_ids(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos_id = bos_token_id(tokenizer) if bos else None
@@ -213,6 +216,17 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
             chunk = torch.cat([torch.tensor([bos_id], dtype=chunk.dtype), chunk])
         out.append(chunk)
     return out
+
+
+def check_model_positions(model: nn.Module, seq_len: int, what: str = "seq_len",
+                          error: type[Exception] = CalibrationError) -> None:
+    """Refuse windows longer than the positions the model's config states, before any fitting:
+    past them GPT-2's position table raised an IndexError mid-fit, and a RoPE model fitted on
+    garbage without a word (``what`` names the setting in the error)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        name = getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or type(model).__name__
+        check_positions(seq_len, config, what, name, error)
 
 
 # -- windows ------------------------------------------------------------------------------------
@@ -446,10 +460,15 @@ class DomainFit:
         return self.beta, self.logit
 
     def record(self) -> dict:
-        change = math.exp(self.val_after - self.val_before) - 1 if self.val_before == self.val_before else None
-        return {**self.windows, "val_nll_before": self.val_before, "val_nll_after": self.val_after,
+        """JSON-ready; a fit without validation windows has no validation NLL: null, not NaN (which
+        a profile cannot be saved with)."""
+        validated = self.val_before == self.val_before
+        change = math.exp(self.val_after - self.val_before) - 1 if validated else None
+        history = [{k: None if isinstance(v, float) and v != v else v for k, v in h.items()} for h in self.history]
+        return {**self.windows, "val_nll_before": self.val_before if validated else None,
+                "val_nll_after": self.val_after if validated else None,
                 "val_ppl_change": change, "best_step": self.best_step, "steps_run": self.steps_run,
-                "history": self.history}
+                "history": history}
 
 
 def _initial(cal: Calibrator, windows: DomainWindows, settings: CalibrationSettings) -> Parameters:
@@ -600,6 +619,7 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     if 0 < settings.steps < len(texts):
         warnings.warn(f"steps={settings.steps} split evenly among {len(texts)} domains is 0 steps per domain: every "
                       "fit is the identity", stacklevel=2)
+    check_model_positions(model, settings.seq_len)
     windows = domain_windows(tokenizer, texts, settings)
     steps = _steps_per_domain(settings, len(windows))
     say = log or (lambda message: None)
@@ -731,21 +751,28 @@ def robust_profile(model: nn.Module, fits: DomainFits, domains: Sequence[str] | 
 
 def _record(settings: CalibrationSettings, windows: Mapping[str, DomainWindows], names: Sequence[str], rule: str,
             change: Mapping[str, float], stock: Mapping[str, float], val: Mapping[str, list], seconds: float) -> dict:
-    """What a profile remembers of its calibration: protocol, texts, rule, validation changes per domain."""
+    """What a profile remembers of its calibration: protocol, texts, rule, validation changes per domain.
+
+    Without validation windows (the pooled rule with ``val_fraction=0``) there is nothing to score:
+    the NLLs and changes are null (JSON has no NaN) and ``"validation"`` says why."""
     weights = {d: len(val[d]) for d in names}
     total = sum(weights.values())
-    before = sum(stock[d] * weights[d] for d in names) / total
-    after = sum((stock[d] + math.log1p(change[d])) * weights[d] for d in names) / total
-    return {
+    record = {
         "protocol": settings.protocol(),
         "texts": {d: {"calib_windows": len(windows[d].calib), "val_windows": len(windows[d].val)} for d in names},
         "rule": rule,
         "domain_robust": rule == "robust",
-        "nll": {"val_before": before, "val_after": after},
-        "ppl_change": {"val": math.exp(after - before) - 1, "val_per_domain": dict(change)},
-        "hyper": settings.hyper(),
-        "seconds": seconds,
     }
+    if total == 0:
+        record["validation"] = "none: val_fraction 0, early stopping off, the last step's parameters kept"
+        record["nll"] = {"val_before": None, "val_after": None}
+        record["ppl_change"] = {"val": None, "val_per_domain": {d: None for d in names}}
+    else:
+        before = sum(stock[d] * weights[d] for d in names) / total
+        after = sum((stock[d] + math.log1p(change[d])) * weights[d] for d in names) / total
+        record["nll"] = {"val_before": before, "val_after": after}
+        record["ppl_change"] = {"val": math.exp(after - before) - 1, "val_per_domain": dict(change)}
+    return {**record, "hyper": settings.hyper(), "seconds": seconds}
 
 
 def _pooled_profile(model: nn.Module, tokenizer, texts, settings: CalibrationSettings, progress: bool,
@@ -753,6 +780,7 @@ def _pooled_profile(model: nn.Module, tokenizer, texts, settings: CalibrationSet
     """One fit on every domain's windows together (``rule="pooled"``)."""
     from sinkfix.profile import ModelIdentity, Profile
 
+    check_model_positions(model, settings.seq_len)
     windows = domain_windows(tokenizer, texts, settings)
     pooled = DomainWindows([w for d in windows.values() for w in d.calib], [w for d in windows.values() for w in d.val])
     if not pooled.val:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -105,13 +106,17 @@ def _is_count(value) -> bool:
 
 
 def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
-                 max_tokens: int | None = 4096) -> list[torch.Tensor]:
+                 max_tokens: int | None = 4096, name: str | None = None) -> list[torch.Tensor]:
     """Cut ``text`` into non-overlapping 1-D windows of ``seq_len`` tokens (BOS first when ``bos``),
-    from at most ``max_tokens`` text tokens (None: all); see :func:`check_windows` for the bounds."""
-    from sinkfix.evaluate import bos_token_id, tokenize
+    from at most ``max_tokens`` text tokens (None: all); see :func:`check_windows` for the bounds. A
+    text under :data:`MIN_TEXT_TOKENS` tokens is a :class:`UsageError` naming it (``name``)."""
+    from sinkfix.evaluate import bos_token_id, token_ids
 
     check_windows(seq_len, bos, max_tokens)
-    ids = tokenize(tokenizer, text)
+    ids = token_ids(tokenizer, text)
+    if ids.numel() < MIN_TEXT_TOKENS:
+        raise UsageError(f"text {'' if name is None else repr(name) + ' '}is too short: {ids.numel()} token(s); "
+                         f"inspect needs at least {MIN_TEXT_TOKENS} (the sink and one token that sees it)")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos_id = bos_token_id(tokenizer) if bos else None
@@ -127,6 +132,19 @@ def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
     if not out:
         out.append(ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids]))
     return out
+
+
+def _check_positions(model: nn.Module, longest: int, seq_len: int) -> None:
+    """Refuse windows longer than the positions the model's config states, before any forward: past
+    them GPT-2 raised an IndexError from its position table and a RoPE model ran on garbage silently."""
+    from sinkfix.evaluate import max_positions
+
+    config = getattr(model, "config", None)
+    limit = None if config is None else max_positions(config)
+    if limit is not None and longest > limit:
+        name = model_summary(model)["name"]
+        raise UsageError(f"seq_len {seq_len} makes windows of {longest} tokens, more than {name} supports "
+                         f"(max_position_embeddings = {limit})")
 
 
 def model_summary(model: nn.Module) -> dict:
@@ -151,6 +169,11 @@ class InspectionReport:
     domains: dict[str, ExtremeTokenMetrics]
     flips: list[dict] = field(default_factory=list)
     token_strings: dict[int, str] = field(default_factory=dict)
+    #: per domain and layer, every (position, token id) -> windows whose residual maximum sat there,
+    #: and every hidden-sink token id -> (head, window) hits: what :attr:`overall` combines exactly
+    #: (the per-domain metrics keep only their top entries). Empty for a report built by hand.
+    peak_counts: dict[str, list[Counter]] = field(default_factory=dict, repr=False)
+    hidden_token_counts: dict[str, list[Counter]] = field(default_factory=dict, repr=False)
 
     @property
     def overall(self) -> ExtremeTokenMetrics:
@@ -168,16 +191,55 @@ class InspectionReport:
             return sum(t * (w / total) for t, w in zip(ts, weights))
 
         first = items[0]
+        positions, tokens, position_counts = self._combined_peaks()
         return ExtremeTokenMetrics(
             sink_share=avg("sink_share"), value_drain=avg("value_drain"), residual_peak=avg("residual_peak"),
-            peak_positions=first.peak_positions, peak_tokens=first.peak_tokens,
+            # where the residual maximum sat most often over every domain's windows, not the first domain's
+            peak_positions=positions, peak_tokens=tokens,
             hidden_sink_share=avg("hidden_sink_share"), hidden_sink_rate=avg("hidden_sink_rate"),
             dormancy=avg("dormancy"), dormant_fraction=avg("dormant_fraction"),
-            hidden_sink_tokens=first.hidden_sink_tokens, peak_position_counts=first.peak_position_counts,
+            hidden_sink_tokens=self._combined_hidden_tokens(), peak_position_counts=position_counts,
             residual_norms=first.residual_norms, value_norms=first.value_norms, example_ids=first.example_ids,
             windows=sum(m.windows for m in items), tokens=int(total),
             hidden_sink_threshold=first.hidden_sink_threshold,
         )
+
+    def _combined_peaks(self) -> tuple[list[int], list[int], list[dict[int, int]]]:
+        """Per layer, over every domain: the (position, token) where the residual maximum sat in the
+        most windows (as each domain's own is chosen), and the top 5 positions with their windows."""
+        items = list(self.domains.values())
+        layers = len(items[0].peak_positions)
+        if set(self.peak_counts) == set(self.domains):
+            pairs = [sum((self.peak_counts[d][layer] for d in self.domains), Counter()) for layer in range(layers)]
+        else:
+            # a report without the full counts: each domain's own peak, weighted by its windows there
+            pairs = [Counter() for _ in range(layers)]
+            for m in items:
+                for layer in range(layers):
+                    position = m.peak_positions[layer]
+                    if position >= 0:
+                        windows = m.peak_position_counts[layer].get(position, 1) if m.peak_position_counts else 1
+                        pairs[layer][(position, m.peak_tokens[layer])] += windows
+        positions, tokens, position_counts = [], [], []
+        for counts in pairs:
+            (position, token), _ = counts.most_common(1)[0] if counts else ((-1, -1), 0)
+            positions.append(position)
+            tokens.append(token)
+            by_position = Counter()
+            for (p, _token), n in counts.items():
+                by_position[p] += n
+            position_counts.append(dict(by_position.most_common(5)))
+        return positions, tokens, position_counts
+
+    def _combined_hidden_tokens(self) -> list[dict[int, int]]:
+        """Per layer, the hidden-sink tokens of every domain together (the top 10, as per domain)."""
+        if set(self.hidden_token_counts) == set(self.domains):
+            per_domain = [self.hidden_token_counts[d] for d in self.domains]
+        else:
+            per_domain = [[Counter(c) for c in m.hidden_sink_tokens] for m in self.domains.values()]
+        layers = max((len(c) for c in per_domain), default=0)
+        return [dict(sum((c[layer] for c in per_domain if layer < len(c)), Counter()).most_common(10))
+                for layer in range(layers)]
 
     def dormant(self, domain: str | None = None) -> torch.Tensor:
         """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall)."""
@@ -285,8 +347,9 @@ def inspect(
         texts = {f"text{i}": t for i, t in enumerate(texts)}
     if not texts:
         raise UsageError("inspect needs at least one text")
-    windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens)
+    windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens, name=name)
                for name, text in texts.items()}
+    _check_positions(model, max(w.numel() for wins in windows.values() for w in wins), seq_len)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -294,6 +357,8 @@ def inspect(
         bar = tqdm(total=sum(len(w) for w in windows.values()), desc="inspect", unit="window")
     device = model_device(model)
     domains: dict[str, ExtremeTokenMetrics] = {}
+    peak_counts: dict[str, list[Counter]] = {}
+    hidden_token_counts: dict[str, list[Counter]] = {}
     try:
         for name, wins in windows.items():
             with observed_model(model, dict(hidden_sink_threshold=hidden_sink_threshold)) as collector:
@@ -304,21 +369,12 @@ def inspect(
                     if bar is not None:
                         bar.update(1)
             domains[name] = collector.result()
+            peak_counts[name] = [Counter(c) for c in collector.peak_tok]
+            hidden_token_counts[name] = [Counter(c) for c in collector.hidden_tok]
     finally:
         if bar is not None:
             bar.close()
 
-    ids_to_decode: set[int] = set()
-    for metrics in domains.values():
-        ids_to_decode.update(t for t in metrics.peak_tokens if t >= 0)
-        for counts in metrics.hidden_sink_tokens:
-            ids_to_decode.update(counts)
-    strings = {}
-    for token_id in ids_to_decode:
-        try:
-            strings[token_id] = tokenizer.decode([token_id])
-        except Exception:  # a tokenizer without decode support: keep the id
-            strings[token_id] = str(token_id)
     from sinkfix.patch import PatchHandle
 
     handle = PatchHandle.of(model)
@@ -328,4 +384,17 @@ def inspect(
         "flip_margin": flip_margin,
         "policy": handle.policy.describe() if handle is not None else "identity (unpatched)",
     }
-    return InspectionReport(model_summary(model), protocol, domains, _domain_flips(domains, flip_margin), strings)
+    report = InspectionReport(model_summary(model), protocol, domains, _domain_flips(domains, flip_margin), {},
+                              peak_counts, hidden_token_counts)
+    ids_to_decode: set[int] = set()
+    # the combined metrics' tokens too: the overall peak can sit on a token no domain's own peak has
+    for metrics in [*domains.values(), *([report.overall] if len(domains) > 1 else [])]:
+        ids_to_decode.update(t for t in metrics.peak_tokens if t >= 0)
+        for counts in metrics.hidden_sink_tokens:
+            ids_to_decode.update(counts)
+    for token_id in ids_to_decode:
+        try:
+            report.token_strings[token_id] = tokenizer.decode([token_id])
+        except Exception:  # a tokenizer without decode support: keep the id
+            report.token_strings[token_id] = str(token_id)
+    return report

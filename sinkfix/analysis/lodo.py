@@ -12,8 +12,9 @@ evaluation text: a baseline that is given its best case).
 Evaluation text: a built-in domain's evaluation split (:func:`sinkfix.texts.domain_text`), windows
 of the calibration's protocol (``seq_len``, BOS or not), non-overlapping, each token scored once,
 the first ``eval_windows`` windows. A domain without an evaluation split (the user's own files) is
-scored on its validation windows instead, which the rebuilt profile never saw but the profile
-built from every domain used for early stopping and selection; the result says which.
+scored on its validation windows instead (all of them, or the first ``validation_windows``), which
+the rebuilt profile never saw but the profile built from every domain used for early stopping and
+selection; the result says which.
 """
 
 from __future__ import annotations
@@ -119,10 +120,13 @@ def check_eval_windows(eval_windows) -> None:
         raise CalibrationError(f"eval_windows must be an integer >= 1, got {eval_windows!r}")
 
 
-def evaluation_windows(tokenizer, texts: Mapping[str, str | None], fits: DomainFits,
-                       eval_windows: int) -> tuple[dict[str, list[Window]], dict[str, str]]:
-    """Each domain's evaluation windows (its evaluation text, or its validation windows) and their source."""
+def evaluation_windows(tokenizer, texts: Mapping[str, str | None], fits: DomainFits, eval_windows: int,
+                       validation_windows: int | None = None) -> tuple[dict[str, list[Window]], dict[str, str]]:
+    """Each domain's evaluation windows and their source: the first ``eval_windows`` of its evaluation
+    text, or its validation windows, the first ``validation_windows`` of them (None: all)."""
     check_eval_windows(eval_windows)
+    if validation_windows is not None:
+        check_eval_windows(validation_windows)
     settings = fits.settings
     bos = settings.bos is True
     windows, sources = {}, {}
@@ -133,7 +137,7 @@ def evaluation_windows(tokenizer, texts: Mapping[str, str | None], fits: DomainF
             windows[d] = make_windows(tokenize(tokenizer, text), settings.seq_len, None, bos_id, eval_windows)
             sources[d] = "evaluation text"
         else:
-            windows[d] = [Window(w, w.clone()) for w in fits.windows[d].val]
+            windows[d] = [Window(w, w.clone()) for w in fits.windows[d].val[:validation_windows]]
             sources[d] = "validation windows"
     return windows, sources
 
@@ -279,7 +283,8 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
                          pool: Sequence[Candidate] | None = None, cache: dict | None = None,
                          eval_cache: dict | None = None, progress: bool = True, per_window: bool = False,
                          log: Callable[[str], None] | None = None,
-                         selection_rule: str = DEFAULT_SELECTION_RULE) -> LodoResult:
+                         selection_rule: str = DEFAULT_SELECTION_RULE,
+                         validation_windows: int | None = None) -> LodoResult:
     """Score the robust calibration of ``fits`` with each domain left out in turn (module docstring).
 
     ``eval_texts`` maps a domain to its evaluation text, or to None to score its validation windows.
@@ -288,11 +293,13 @@ def leave_one_domain_out(model: nn.Module, tokenizer, fits: DomainFits, eval_tex
     window (the same forward passes and means) and keep the scores in the result, for
     :meth:`LodoResult.intervals`; ``eval_cache`` then holds per-window scores, so a cache must not be
     shared between the two settings. ``selection_rule``: how every selection chooses
-    (:func:`sinkfix.analysis.robust.select`).
+    (:func:`sinkfix.analysis.robust.select`). ``validation_windows``: how many of a domain's
+    validation windows are scored where it has no evaluation text (None: all; ``sinkfix calibrate
+    --evaluate`` passes its ``--eval-windows``, so the option holds for every domain).
     """
     say = log or (lambda message: None)
     require_three_domains(fits.domains)
-    windows, sources = evaluation_windows(tokenizer, eval_texts, fits, eval_windows)
+    windows, sources = evaluation_windows(tokenizer, eval_texts, fits, eval_windows, validation_windows)
     cache = {} if cache is None else cache
     score = window_scores if per_window else evaluate_parameters
     shape = fits.shape

@@ -72,18 +72,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "stays near 1 switched off), combined (positional first, then hidden sinks on top with "
                              "the positional parameters frozen); the same per-domain fits and domain-robust selection "
                              "(docs/calibration.md)")
-    parser.add_argument("--hidden-threshold", type=float, default=0.1,
+    parser.add_argument("--hidden-threshold", type=float, default=None,
                         help="hidden sinks: ACT's criterion, mean attention over the rows that see a key, in (0, 1) "
                              "(default 0.1)")
-    parser.add_argument("--hidden-steps", type=int, default=150,
+    parser.add_argument("--hidden-steps", type=int, default=None,
                         help="hidden sinks: Adam steps in all, split evenly among the domains (default 150)")
-    parser.add_argument("--hidden-lr", type=float, default=0.2, help="hidden sinks: Adam learning rate (default 0.2)")
-    parser.add_argument("--hidden-init-beta", type=float, default=0.9,
+    parser.add_argument("--hidden-lr", type=float, default=None, help="hidden sinks: Adam learning rate (default 0.2)")
+    parser.add_argument("--hidden-init-beta", type=float, default=None,
                         help="hidden sinks: starting beta of every head, in (0, 1) (default 0.9)")
     parser.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=True,
                         help="record the sink-share ranges seen on the calibration text in the profile, for the "
                              "telemetry guard (one more forward pass over the windows; default: yes)")
-    parser.add_argument("--statistics-windows", type=int, default=STATISTICS_WINDOWS, metavar="N",
+    parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
                         help="calibration windows per domain the statistics are measured on, the first N "
                              f"(default {STATISTICS_WINDOWS}: the guard's margin was chosen with ranges from that many)")
     parser.set_defaults(run=run)
@@ -121,9 +121,15 @@ def _fits_table(record: dict, title: str):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for name, fit in record["fits"].items():
         table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]),
-                      f"{fit['best_step']} of {fit['steps_run']}", f"{fit['val_nll_before']:.4f}", f"{fit['val_nll_after']:.4f}",
+                      f"{fit['best_step']} of {fit['steps_run']}", _nll_cell(fit["val_nll_before"]),
+                      _nll_cell(fit["val_nll_after"]),
                       "-" if fit["val_ppl_change"] is None else f"{100 * fit['val_ppl_change']:+.2f}%")
     return table
+
+
+def _nll_cell(nll: float | None) -> str:
+    """A validation NLL, or "-" for a fit without validation windows (rule pooled, --val-fraction 0)."""
+    return "-" if nll is None or nll != nll else f"{nll:.4f}"
 
 
 def _selection_table(record: dict):
@@ -158,8 +164,8 @@ def _lodo_table(result):
 
     p = result.protocol
     table = Table(title=f"leave-one-domain-out: {'BOS + ' if p['bos'] is True else 'no BOS, '}{p['seq_len']}-token "
-                        f"windows, first {p['eval_windows']} of each domain's evaluation text; perplexity change vs "
-                        "unpatched", title_justify="left")
+                        f"windows, the first {p['eval_windows']} of each domain's evaluation text (or of its "
+                        "validation windows: 'scored on'); perplexity change vs unpatched", title_justify="left")
     found = result.intervals()
     columns = ["domain", "scored on", "tokens", "ppl unpatched", "best global beta", "unseen: profile without it",
                "calibrated: profile with it"]
@@ -189,7 +195,9 @@ def _pooled_table(record: dict):
     table.add_column("domain")
     table.add_column("val ppl change", justify="right")
     for name, change in record["ppl_change"]["val_per_domain"].items():
-        table.add_row(name, "-" if change != change else f"{100 * change:+.2f}%")
+        table.add_row(name, "-" if change is None or change != change else f"{100 * change:+.2f}%")
+    if "validation" in record:
+        table.caption = f"validation: {record['validation']}"
     return table
 
 
@@ -199,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                                               robust_profile)
     from sinkfix.analysis.lodo import require_three_domains
     from sinkfix.commands.inspect import wide_console
+    from sinkfix.evaluate import check_positions
     from sinkfix.files import check_writable
 
     set_threads(args.threads)
@@ -215,17 +224,14 @@ def run(args: argparse.Namespace) -> int:
     plain = {name: t.text for name, t in texts.items()}
     hidden = _hidden_settings(args)  # the clear errors, before the model is loaded
     _check_selection(args)
-    if args.statistics and args.statistics_windows < 1:
-        from sinkfix.errors import UsageError
-
-        raise UsageError(f"--statistics-windows must be >= 1, got {args.statistics_windows} "
-                         "(use --no-statistics for a profile without guard statistics)")
     if args.rule == "robust":
         require_two_domains(list(plain))
         if args.evaluate:
             require_three_domains(list(plain))
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
+    # the model's position limit is known only now, and every window is --seq-len tokens long
+    check_positions(args.seq_len, model.config, "--seq-len", args.model)
     fits = None
     if hidden is not None:
         profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks, args.selection)
@@ -279,12 +285,12 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     from sinkfix.analysis.calibration import check_finite, min_seq_len, tokens_needed
     from sinkfix.errors import UsageError
 
+    _check_option_combinations(args)
     shortest = min_seq_len(args.bos)
     if args.seq_len < shortest:
         raise UsageError(f"--seq-len must be >= {shortest} {'with' if args.bos else 'without'} --bos (two text "
                          f"tokens per window at the least, one predicted from the other), got {args.seq_len}")
     check_finite(args.lr, "--lr (Adam learning rate)", 0, inclusive=False, error=UsageError)
-    check_finite(args.hidden_lr, "--hidden-lr (hidden sinks' Adam learning rate)", 0, inclusive=False, error=UsageError)
     check_finite(args.reg, "--reg (weight of the pull toward beta = 1)", 0, inclusive=True, error=UsageError)
     if not 0 <= args.val_fraction < 1:  # NaN too
         raise UsageError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
@@ -313,6 +319,49 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
         args.eval_windows = EVAL_WINDOWS
     if args.eval_windows < 1:
         raise UsageError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+
+
+#: The hidden-sink options and their defaults: given or not, each value is checked; given with
+#: --sinks positional, which fits no hidden sinks, they are refused, never ignored.
+HIDDEN_DEFAULTS = {"hidden_threshold": 0.1, "hidden_steps": 150, "hidden_lr": 0.2, "hidden_init_beta": 0.9}
+
+
+def _check_option_combinations(args: argparse.Namespace) -> None:
+    """Every value checked whether or not the mode uses it, and options the run would ignore refused
+    (as --eval-windows without --evaluate is), before the texts are tokenized or the model loaded;
+    the defaults of options left out are filled in here."""
+    from sinkfix.analysis.calibration import check_finite
+    from sinkfix.errors import UsageError
+
+    given = [name for name in HIDDEN_DEFAULTS if getattr(args, name) is not None]
+    for name, default in HIDDEN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for flag, what, value in (("--hidden-threshold", "the hidden-sink threshold", args.hidden_threshold),
+                              ("--hidden-init-beta", "the starting hidden-sink beta", args.hidden_init_beta)):
+        if not 0 < value < 1:  # NaN too
+            raise UsageError(f"{flag}: {what} must lie in (0, 1), got {value}")
+    check_finite(args.hidden_lr, "--hidden-lr (hidden sinks' Adam learning rate)", 0, inclusive=False, error=UsageError)
+    if args.hidden_steps < 0:
+        raise UsageError(f"--hidden-steps must be >= 0, got {args.hidden_steps}")
+    if given and args.sinks == "positional":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"{flags} set{'s' * (len(given) == 1)} the hidden-sink fits of --sinks hidden or combined; "
+                         f"--sinks positional fits none: drop {'it' if len(given) == 1 else 'them'}, or choose "
+                         "--sinks hidden|combined")
+    if args.statistics_windows is not None:
+        if args.statistics_windows < 1:
+            raise UsageError(f"--statistics-windows must be >= 1, got {args.statistics_windows} "
+                             "(use --no-statistics for a profile without guard statistics)")
+        if not args.statistics:
+            raise UsageError("--statistics-windows sets the windows the guard statistics are measured on; "
+                             "--no-statistics measures none: give one or the other")
+    else:
+        args.statistics_windows = STATISTICS_WINDOWS
+    if not args.virtual_logits and args.virtual_on_sink_rows is not None:
+        flag = "--virtual-on-sink-rows" if args.virtual_on_sink_rows else "--no-virtual-on-sink-rows"
+        raise UsageError(f"{flag} says where the virtual sink logits act; --no-virtual-logits fits none: "
+                         "give one or the other")
 
 
 def _refuse_duplicate_texts(texts) -> None:
@@ -408,8 +457,10 @@ def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
         console.print("--evaluate with --rule pooled: the table above is all there is (held-out windows of the "
                       "calibrated domains); leave-one-domain-out needs --rule robust")
         return
+    # --eval-windows holds for domains scored on their validation windows too (it was ignored there)
     result = leave_one_domain_out(model, tokenizer, fits, eval_texts, eval_windows=args.eval_windows,
-                                  per_window=True, selection_rule=args.selection)
+                                  per_window=True, selection_rule=args.selection,
+                                  validation_windows=args.eval_windows)
     console.print(_lodo_table(result))
     if any(v is None for v in eval_texts.values()):
         console.print("domains without an evaluation text are scored on their validation windows: the rebuilt "

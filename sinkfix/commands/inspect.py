@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     import sinkfix
     from sinkfix.analysis.inspection import check_windows, inspect
     from sinkfix.analysis.metrics import check_hidden_sink_threshold
+    from sinkfix.errors import UsageError
+    from sinkfix.evaluate import max_positions
     from sinkfix.files import check_writable
 
     set_threads(args.threads)
@@ -165,12 +167,31 @@ def run(args: argparse.Namespace) -> int:
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
     out = check_writable(args.out, folder=True)  # before the measurements, not after them
+    if not args.no_figures:  # matplotlib missing: said now, not after every measurement
+        from sinkfix.analysis.plots import check_matplotlib
+
+        check_matplotlib()
     # the profile file read and validated (or the policy parsed) before the model loads, as bench and
     # eval do; whether the profile fits the model is checked when it is applied
     correction = sinkfix.Profile.load(args.profile) if args.profile else \
         sinkfix.Policy.parse(args.policy) if args.policy else None
+    if correction is not None and correction.content_sinks is not None:
+        # inspect measures through attention observers, which content-dependent sinks do not have
+        # (docs/formulas.md): known from the file or spec, so refused before the model loads
+        given = f"--profile {args.profile} is a content-mode profile" if args.profile else \
+            f"--policy {args.policy} has content-dependent (hidden) sinks"
+        raise UsageError(f"{given}; inspect cannot measure a model patched with content-dependent sinks (not "
+                         "implemented): inspect the stock model or a positional policy or profile")
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
+    # the model's position limit is known only now; the longest window is --seq-len tokens, or the
+    # BOS and --max-tokens text tokens where that is shorter
+    longest = args.seq_len if args.max_tokens is None else min(args.seq_len, args.max_tokens + int(args.bos))
+    limit = max_positions(model.config)
+    if limit is not None and longest > limit:
+        made = "" if longest == args.seq_len else f" (with --max-tokens {args.max_tokens}: windows of {longest} tokens)"
+        raise UsageError(f"--seq-len {args.seq_len}{made} is larger than {args.model} supports "
+                         f"(max_position_embeddings = {limit})")
     handle = None if correction is None else sinkfix.patch(model, correction)
     try:
         report = inspect(model, tokenizer, {name: t.text for name, t in texts.items()}, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
