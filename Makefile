@@ -14,10 +14,31 @@ PYTEST_ARGS ?=
 # installs beside its staged copy when it finds it (pure Python, about 13 MB).
 GPU_TRANSFORMERS ?= transformers==5.24.0
 
-.PHONY: install demo test test-fast gpu-wheels clean
+.PHONY: install demo test test-fast gpu-wheels dist clean FORCE
 
-$(VENV)/.installed: pyproject.toml Makefile
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+# The install depends on two variables as well as on files: `make TORCH_SPEC=...` (or PYTHON=...) on an
+# installed .venv must install again, which a stamp depending on files alone silently skipped. This file
+# holds their values and is rewritten only when they change, so make's time comparison sees a change
+# (and only a change: an unchanged value leaves the stamp up to date).
+INSTALL_SETTINGS := $(VENV)/.install-settings
+INSTALL_VALUES := PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC)
+
+$(INSTALL_SETTINGS): FORCE
+	@mkdir -p $(VENV)
+	@printf '%s\n' '$(INSTALL_VALUES)' | cmp -s - $@ || printf '%s\n' '$(INSTALL_VALUES)' > $@
+
+FORCE:
+
+# The virtual environment is made afresh when its pip does not run (a first install interrupted while
+# `venv` was making it leaves a python without pip, and every later install failed on "No module named
+# pip") or when another $(PYTHON) made it ($(VENV)/.made-by; a venv from before that file is adopted).
+$(VENV)/.installed: pyproject.toml Makefile $(INSTALL_SETTINGS)
+	@if ! $(VENV)/bin/python -m pip --version >/dev/null 2>&1 || \
+	    [ "$$(cat $(VENV)/.made-by 2>/dev/null || printf '%s' '$(PYTHON)')" != '$(PYTHON)' ]; then \
+		echo "making $(VENV) afresh with $(PYTHON) (none there, its pip does not run, or another python made it)"; \
+		$(PYTHON) -m venv --clear $(VENV) && printf '%s\n' '$(INSTALL_VALUES)' > $(INSTALL_SETTINGS); \
+	fi
+	@printf '%s\n' '$(PYTHON)' > $(VENV)/.made-by
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
@@ -40,6 +61,13 @@ test-fast: install
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		-d .whl "$(GPU_TRANSFORMERS)"
+
+# A wheel and an sdist in dist/. build/ (and the egg-info) are removed first: setuptools reuses
+# build/lib, so a module deleted from the source still shipped in the next wheel built in the same tree.
+dist: install
+	rm -rf build dist *.egg-info
+	$(VENV)/bin/python -c "from setuptools import build_meta as b; b.build_sdist('dist'); b.build_wheel('dist')"
+	rm -rf build
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

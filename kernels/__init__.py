@@ -47,13 +47,41 @@ DECODE_MAX_Q = 16
 DECODE_MIN_K = 256
 
 
+#: The oldest triton the kernels run with. They use ``triton.knobs`` and
+#: ``triton.tools.tensor_descriptor``, which triton 3.3 lacks (an AttributeError here, then an
+#: ImportError in attention_common); 3.6 is the oldest run on a GPU (H200), 3.9 the one tested on the CPU.
+TRITON_MIN_VERSION = (3, 6)
+
+
+def _triton_too_old(triton) -> str | None:
+    """What to install, when the importable triton is older than the kernels need; None otherwise."""
+    import re
+
+    version = str(getattr(triton, "__version__", ""))
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is not None and tuple(map(int, found.groups())) >= TRITON_MIN_VERSION:
+        return None
+    if found is None and hasattr(triton, "knobs"):  # a build without a readable version: judge by the API
+        return None
+    need = ".".join(map(str, TRITON_MIN_VERSION))
+    return (f"triton {version or '(unknown version)'} is installed, but the sinkfix Triton kernels need "
+            f"triton>={need}: pip install 'triton>={need}' (or 'sinkfix[triton]'); until then the Triton "
+            "backend counts as unavailable")
+
+
 def triton_available() -> bool:
-    """True when triton is importable and either a CUDA device is present or the interpreter is on."""
+    """True when triton (at least :data:`TRITON_MIN_VERSION`) is importable and either a CUDA device is
+    present or the interpreter is on. An older triton counts as missing, with a warning naming the
+    version needed."""
     try:
         if importlib.util.find_spec("triton") is None:
             return False
         import triton
     except Exception:  # a broken install counts as missing
+        return False
+    too_old = _triton_too_old(triton)
+    if too_old is not None:
+        warnings.warn(too_old, RuntimeWarning, stacklevel=2)
         return False
     if triton.knobs.runtime.interpret:
         return True

@@ -6,9 +6,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +124,8 @@ def load_model(
     under :func:`converted_model_dir` after its first load, and later loads read that copy: reading
     the GGUF file took about 23 s for SmolLM2-135M (its metadata is parsed three times, for the
     config, the tokenizer and the weights), the converted copy 0.2-0.4 s. Weights, tokenizer and
-    generation config are the same (tested). ``SINKFIX_CACHE_DIR=off`` turns the copy off.
+    generation config are the same (tested). ``SINKFIX_CACHE_DIR=off`` turns the copy off. Copies
+    that no load has read for :data:`PRUNE_AFTER_DAYS` days are removed by a later load.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,6 +136,9 @@ def load_model(
         source, extra = str(folder), {"gguf_file": gguf}
         if dtype == torch.float32 and not from_pretrained_kwargs:
             converted = converted_model_dir(offline.name, folder / gguf)
+            if converted is not None:
+                # a listing and a few stat calls: 0.3 ms with the 7 copies of this machine's cache
+                _prune_converted(converted.parent, keep=converted)
             if converted is not None and converted.is_dir():
                 loaded = _load_converted(converted)
                 if loaded is not None:
@@ -247,17 +253,113 @@ def _cache_root() -> Path | None:
 
 def converted_model_dir(name: str, gguf: Path) -> Path | None:
     """The folder of ``name``'s converted copy, None when copies are off. The key covers the GGUF
-    file (name, size, modification time) and the transformers and torch versions that converted it,
-    so a reinstalled package or another converter gets a copy of its own."""
+    file's content (its name, its size and :func:`_content_fingerprint`) and the transformers and
+    torch versions that converted it, so another file or another converter gets a copy of its own,
+    while the same file installed again (a fresh virtual environment, every CI run) finds the copy
+    already there. The file's modification time was part of the key until it turned out to be the
+    package's install time: every new environment converted again (about 23 s for SmolLM2-135M) and
+    left another copy of about 520 MB behind."""
     root = _cache_root()
     if root is None:
         return None
     import transformers
 
-    stat = Path(gguf).stat()
-    key = json.dumps([_CONVERTED_FORMAT, Path(gguf).name, stat.st_size, stat.st_mtime_ns,
+    gguf = Path(gguf)
+    size = gguf.stat().st_size
+    key = json.dumps([_CONVERTED_FORMAT, gguf.name, size, _content_fingerprint(gguf, size),
                       transformers.__version__, torch.__version__])
     return root / "models" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+#: The content fingerprint reads this many evenly spaced slices of this many bytes (the first and the
+#: last included), about 1.1 MB of the file. Measured on this 2-core machine, file in the page cache:
+#: a full sha256 took 0.09-0.19 s for SmolLM2-135M's 98 MB GGUF file and 0.24-0.26 s for Gemma3-270M's
+#: 253 MB one, as much as reading the converted copy (0.2-0.4 s) on every load; the slices take about
+#: 1 ms for either. Two different GGUF files of the same name and size differ in their header (the
+#: metadata, within the first slice) or throughout their quantised weights, so slices tell them apart.
+_FINGERPRINT_SLICES, _FINGERPRINT_SLICE_BYTES = 17, 1 << 16
+
+
+def _content_fingerprint(path: Path, size: int) -> str:
+    """sha256 of evenly spaced slices of the file (of all of it when it is that small)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if size <= _FINGERPRINT_SLICES * _FINGERPRINT_SLICE_BYTES:
+            digest.update(handle.read())
+        else:
+            for i in range(_FINGERPRINT_SLICES):
+                handle.seek(i * (size - _FINGERPRINT_SLICE_BYTES) // (_FINGERPRINT_SLICES - 1))
+                digest.update(handle.read(_FINGERPRINT_SLICE_BYTES))
+    return digest.hexdigest()
+
+
+# -- removing old copies -------------------------------------------------------------------------
+#: A converted copy that no load has read for this many days is removed (by the next load of an
+#: offline model that uses the cache). Copies are shared by every environment of the user (the key
+#: holds no path), and one still wanted is only rebuilt if removed, so the rule is generous: a copy
+#: that any environment loads at least once a month stays.
+PRUNE_AFTER_DAYS = 30
+#: A temporary folder of an interrupted write (killed during the few seconds of writing) older than
+#: this is removed too.
+_ABANDONED_AFTER_S = 24 * 3600
+#: Touched by every load that reads the copy: its modification time is the copy's last use.
+_LAST_USED = "sinkfix-last-used"
+_SOURCE = "sinkfix-source.json"
+
+
+def _last_used(folder: Path) -> float:
+    """When the copy was last read or written (copies written before the marker existed: when written)."""
+    times = []
+    for path in (folder, folder / _SOURCE, folder / _LAST_USED):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def _mark_used(folder: Path) -> None:
+    try:
+        (folder / _LAST_USED).touch()
+    except OSError:  # a read-only shared cache: the copy just ages, which only ever costs a conversion
+        pass
+
+
+def _prune_converted(models: Path, *, keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove from ``models`` the copies of the offline models that no load has read for
+    :data:`PRUNE_AFTER_DAYS` days, and temporary folders left by interrupted writes a day ago or
+    earlier; returns what was removed. Only folders that are sinkfix's own by name (``<model>-<16 hex
+    digits>`` holding sinkfix-source.json, or the ``.<that>.*`` temporaries) are touched, never a link
+    or anything else found there. A folder is first renamed out of the way, then deleted: a load that
+    starts meanwhile sees no copy and converts, and one already reading keeps its open files."""
+    now = time.time() if now is None else now
+    names = "|".join(re.escape(name) for name in OFFLINE_MODELS)
+    copy_name = re.compile(rf"(?:{names})-[0-9a-f]{{16}}")
+    temporary_name = re.compile(rf"\.(?:{names})-[0-9a-f]{{16}}\..+")
+    removed = []
+    try:
+        entries = list(models.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if entry == keep or entry.is_symlink() or not entry.is_dir():
+                continue
+            if copy_name.fullmatch(entry.name):
+                stale = (entry / _SOURCE).is_file() and now - _last_used(entry) > PRUNE_AFTER_DAYS * 86400
+            else:
+                stale = bool(temporary_name.fullmatch(entry.name)) and now - entry.stat().st_mtime > _ABANDONED_AFTER_S
+            if not stale:
+                continue
+            doomed = entry
+            if not entry.name.startswith("."):
+                doomed = models / f".{entry.name}.removed-{os.getpid()}-{os.urandom(4).hex()}"
+                os.rename(entry, doomed)
+            shutil.rmtree(doomed)
+            removed.append(entry)
+        except OSError:  # removed by another process first, or not ours to remove: leave it
+            continue
+    return removed
 
 
 def _load_converted(folder: Path):
@@ -272,6 +374,7 @@ def _load_converted(folder: Path):
                       "file again", RuntimeWarning, stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
         return None
+    _mark_used(folder)
     return model, tokenizer
 
 
@@ -290,7 +393,7 @@ def _store_converted(model, tokenizer, folder: Path, gguf: Path) -> None:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "sinkfix-source.json").write_text(json.dumps({"gguf": str(gguf), "note": "converted by sinkfix.load_model"}))
+        (tmp / _SOURCE).write_text(json.dumps({"gguf": str(gguf), "note": "converted by sinkfix.load_model"}))
         os.rename(tmp, folder)
         tmp = None
     except Exception as exc:  # noqa: BLE001 - keeping a copy is an optimisation; the loaded model is fine

@@ -187,3 +187,86 @@ def test_gemma3_join_that_fails_leaves_nothing_and_says_so(tmp_path, monkeypatch
     with pytest.raises(sinkfix.errors.ModelLoadError, match="could not assemble the Gemma3-270M GGUF file: Assembled"):
         models._gemma3()
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# -- the key is the file's content; old copies are removed ---------------------------------------------
+def test_copy_key_is_the_content_not_the_install_time(monkeypatch, tmp_path):
+    """The same GGUF file installed into two environments (two paths, two modification times: the
+    install times) shares one copy; a file of the same name and size with other content does not."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    content = bytes(range(256)) * 8192  # 2 MiB: larger than the slices the fingerprint reads
+    first, second = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for path, mtime in ((first, 1_700_000_000), (second, 1_800_000_000)):
+        path.parent.mkdir()
+        path.write_bytes(content)
+        os.utime(path, (mtime, mtime))
+    assert models.converted_model_dir("smollm2-135m", first) == models.converted_model_dir("smollm2-135m", second)
+    for offset in (0, len(content) // 2 - 100, len(content) - 1):  # the header, a slice in the middle, the end
+        changed = bytearray(content)
+        changed[offset] ^= 0xFF
+        second.write_bytes(bytes(changed))
+        assert models.converted_model_dir("smollm2-135m", second) != models.converted_model_dir("smollm2-135m", first)
+
+
+def _fake_copy(models_dir, name, age_days, *, source=True, now):
+    folder = models_dir / name
+    folder.mkdir(parents=True)
+    if source:
+        (folder / "sinkfix-source.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
+    stamp = now - age_days * 86400
+    for path in (*folder.iterdir(), folder):
+        os.utime(path, (stamp, stamp))
+    return folder
+
+
+def test_prune_removes_only_sinkfix_copies_unused_for_a_month(tmp_path):
+    now = 2_000_000_000.0
+    root = tmp_path / "models"
+    old = _fake_copy(root, "smollm2-135m-0123456789abcdef", 45, now=now)
+    old_gemma = _fake_copy(root, "gemma3-270m-0123456789abcdef", 31, now=now)
+    recent = _fake_copy(root, "smollm2-135m-1111111111111111", 20, now=now)
+    used = _fake_copy(root, "smollm2-135m-2222222222222222", 90, now=now)
+    (used / models._LAST_USED).touch()
+    os.utime(used / models._LAST_USED, (now - 2 * 86400, now - 2 * 86400))  # read by a load two days ago
+    kept = _fake_copy(root, "smollm2-135m-3333333333333333", 90, now=now)  # the copy this load uses
+    not_a_copy = _fake_copy(root, "smollm2-135m-4444444444444444", 90, source=False, now=now)
+    foreign = _fake_copy(root, "notes", 400, now=now)
+    other_model = _fake_copy(root, "llama-0123456789abcdef", 400, now=now)
+    link = root / "smollm2-135m-5555555555555555"
+    link.symlink_to(old_gemma.parent.parent)  # a link is never followed nor removed
+    abandoned = _fake_copy(root, ".smollm2-135m-0123456789abcdef.x1y2", 2, source=False, now=now)
+    writing = _fake_copy(root, ".smollm2-135m-1111111111111111.a8b9", 0.01, source=False, now=now)
+
+    removed = models._prune_converted(root, keep=kept, now=now)
+    assert sorted(removed) == sorted([old, old_gemma, abandoned])
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted(p.name for p in (recent, used, kept, not_a_copy, foreign, other_model, link, writing))
+    assert (tmp_path / "models").is_dir() and link.is_symlink()
+
+
+def test_a_load_records_its_use_and_removes_stale_copies(monkeypatch, tmp_path):
+    """load_model reads an offline model's copy, marks it used and removes a month-old copy of it
+    made from an earlier GGUF install; a copy read a day ago stays."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    package = tmp_path / "site-packages" / "fake_model"
+    package.mkdir(parents=True)
+    (package / "m.gguf").write_bytes(b"not really gguf")
+    monkeypatch.setitem(models.OFFLINE_MODELS, "smollm2-135m", models.OfflineModel(
+        "smollm2-135m", "a stand-in", "nothing", lambda: (package, "m.gguf"), adds_bos=False))
+    copy = models.converted_model_dir("smollm2-135m", package / "m.gguf")
+    tiny_model("llama").save_pretrained(copy)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+                            ).save_pretrained(copy)
+    (copy / "sinkfix-source.json").write_text("{}")
+    now = __import__("time").time()
+    stale = _fake_copy(copy.parent, "smollm2-135m-00000000000000aa", 40, now=now)
+    fresh = _fake_copy(copy.parent, "smollm2-135m-00000000000000bb", 1, now=now)
+    model, _ = sinkfix.load_model("smollm2-135m")
+    assert model.config._name_or_path == str(copy)
+    assert not stale.exists() and fresh.is_dir()
+    assert now - 60 <= (copy / models._LAST_USED).stat().st_mtime <= now + 60

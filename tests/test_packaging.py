@@ -1,17 +1,24 @@
-"""Packaging and layering: the kernels import without transformers; the built wheel works on its own.
+"""Packaging and layering: the kernels import without transformers; the built wheel works on its own;
+the sdist carries what its tests need.
 
 The Triton kernels live in the top-level ``kernels/`` folder and import as ``sinkfix.kernels``
 (setuptools ``package-dir``). That mapping must hold in the three ways people run the code: an
 editable install (every other test), a wheel installed into a fresh virtual environment (below),
 and a plain checkout on a GPU machine (``benchmarks/gpu_check.sh`` stages the same layout).
+
+Distributions are built from a clean copy of the checkout's files, never in the checkout itself:
+a build there leaves build/ behind, and setuptools reuses build/lib, so a module deleted since then
+still shipped in the next wheel built there.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import venv
 import zipfile
@@ -81,16 +88,103 @@ def test_kernels_import_without_transformers(tmp_path):
     assert "kernel max error" in done.stdout
 
 
-@pytest.mark.slow
-def test_wheel_installs_into_a_fresh_venv(tmp_path):
-    """Build the wheel, install it (no dependencies) into a new virtual environment that borrows
-    this environment's third-party packages, and use it from a folder outside the checkout."""
-    wheel_dir = tmp_path / "wheel"
+#: What a checkout holds that is no source: never copied into the clean copy a build starts from.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+                                     ".pytest_cache", ".hypothesis", ".whl", "sinkfix-out")
+
+
+def clean_copy(dest: Path) -> Path:
+    """The checkout's source files copied to ``dest``: what git tracks or would track (untracked files
+    not ignored), without the ones deleted from the working tree; where there is no git (an unpacked
+    sdist), the tree without build products."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, timeout=60) if shutil.which("git") else None
+    if listed is None or listed.returncode != 0:
+        return Path(shutil.copytree(REPO, dest, ignore=_NOT_SOURCE))
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def distributions(tmp_path_factory):
+    """(wheel, sdist, build output) built from a clean copy with setuptools' build backend, as
+    ``python -m build --no-isolation`` would; checks that the checkout gained no build/ meanwhile."""
+    had_build = (REPO / "build").exists()
+    work = tmp_path_factory.mktemp("dist")
+    source = clean_copy(work / "src")
+    out = work / "out"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
-         str(REPO)], capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = wheel_dir.glob("sinkfix-*.whl")
+        [sys.executable, "-c", f"from setuptools import build_meta as b; b.build_sdist({str(out)!r}); "
+                               f"b.build_wheel({str(out)!r})"],
+        cwd=source, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    assert (REPO / "build").exists() == had_build, "building left a build/ folder in the checkout"
+    (wheel,) = out.glob("sinkfix-*.whl")
+    (sdist,) = out.glob("sinkfix-*.tar.gz")
+    return wheel, sdist, build.stdout + build.stderr
+
+
+def test_every_shipped_folder_is_a_listed_package():
+    """A folder of sinkfix (or kernels/) with files in it that pyproject's package list leaves out is
+    "ignored" with a warning on every build (sinkfix/lmeval/tasks, which holds only YAML files, was)."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {"sinkfix": REPO / "sinkfix"} | {name: REPO / path for name, path in config["package-dir"].items()}
+    found = set()
+    for package, root in folders.items():
+        for folder in [root, *root.rglob("*")]:
+            if folder.is_dir() and folder.name != "__pycache__" and any(
+                    f.is_file() and f.suffix != ".pyc" for f in folder.iterdir()):
+                found.add(".".join([package, *folder.relative_to(root).parts]))
+    assert found - listed == set()
+    assert listed - found == set()
+
+
+def test_wheel_holds_the_package_data_and_no_ignored_folder(distributions):
+    wheel, _, output = distributions
+    assert "would be ignored" not in output, output[-3000:]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {f"sinkfix/lmeval/tasks/sinkfix_{t}.yaml" for t in ("prose", "code", "cloze")} <= names
+    assert {"sinkfix/lmeval/schema.md", "sinkfix/bench/schema.md"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert not any(n.startswith(("tests/", "docs/", "benchmarks/")) for n in names)
+
+
+@pytest.mark.slow
+def test_sdist_carries_what_its_tests_need(distributions, tmp_path):
+    """The sdist used to ship tests/test_*.py without conftest.py, helpers/ or kernels/ (its tests
+    could not import), and no LICENSE, Makefile or docs/: unpacked, its tests now collect and run."""
+    _, sdist, _ = distributions
+    with tarfile.open(sdist) as archive:
+        # the "data" filter (no absolute paths, links out, devices) where this Python has it (3.10.12+, 3.11.4+)
+        archive.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        names = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile() and "/" in m.name}
+    for needed in ("LICENSE", "Makefile", "README.md", "MANIFEST.in", "tests/__init__.py", "tests/conftest.py",
+                   "tests/helpers/__init__.py", "tests/helpers/tp_worker.py", "tests/kernels/conftest.py",
+                   "docs/formulas.md", "benchmarks/kernel_audit.py", "benchmarks/gpu_check.sh",
+                   "benchmarks/results/monitor/overhead-interval-1t-120prefills.json"):
+        assert needed in names, needed
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert sum(n.startswith("benchmarks/results/") for n in names) == 1  # the other results (5 MB) stay out
+    assert "Apache License" in (tmp_path / sdist.name.removesuffix(".tar.gz") / "LICENSE").read_text()[:200]
+    unpacked = tmp_path / sdist.name.removesuffix(".tar.gz")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_policy.py"],
+                          cwd=unpacked, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv(tmp_path, distributions):
+    """Install the wheel (no dependencies) into a new virtual environment that borrows this
+    environment's third-party packages, and use it from a folder outside the checkout."""
+    wheel, _, _ = distributions
     with zipfile.ZipFile(wheel) as archive:
         top_level = {name.split("/")[0] for name in archive.namelist()}
         assert {f"sinkfix/kernels/{m}.py" for m in KERNEL_MODULES} <= set(archive.namelist())

@@ -6,12 +6,13 @@ figure is drawn, and its absence is a clear :class:`PlotError`, not an ImportErr
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from sinkfix.errors import SinkfixError
 
-__all__ = ["PlotError", "pyplot", "write_figures", "sink_share_heatmap", "residual_norm_plot", "value_norm_plot",
-           "domain_flip_plot", "running_perplexity_plot"]
+__all__ = ["PlotError", "pyplot", "check_matplotlib", "write_figures", "sink_share_heatmap", "residual_norm_plot",
+           "value_norm_plot", "domain_flip_plot", "running_perplexity_plot"]
 
 
 class PlotError(SinkfixError, RuntimeError):
@@ -23,11 +24,28 @@ def pyplot():
     return _pyplot()
 
 
+#: The one message for missing matplotlib, the same from the early check and from drawing.
+_MISSING = "figures need matplotlib: pip install 'sinkfix[plots]' (or pass --no-figures)"
+
+
+def check_matplotlib() -> None:
+    """Raise :class:`PlotError` now when matplotlib is missing. Commands that draw figures after their
+    work call it before that work: without it they measured or trained to the end and then failed on the
+    first figure (``sinkfix bb --out`` after its whole training, ``sinkfix stream`` after every variant).
+    Looks the package up without importing it (importing matplotlib takes about a second)."""
+    try:
+        missing = importlib.util.find_spec("matplotlib") is None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec: drawing will tell
+        return
+    if missing:
+        raise PlotError(_MISSING)
+
+
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("figures need matplotlib: pip install 'sinkfix[plots]' (or pass --no-figures)") from None
+        raise PlotError(_MISSING) from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

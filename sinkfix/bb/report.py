@@ -375,13 +375,13 @@ _DYNAMICS = (
 
 
 def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
-    """``bb_dynamics.png`` (quantities vs step per variant) and ``bb_final.png`` (final comparison)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``bb_dynamics.png`` (quantities vs step per variant) and ``bb_final.png`` (final comparison).
+    :class:`~sinkfix.analysis.plots.PlotError` when matplotlib is missing (a ModuleNotFoundError
+    traceback before)."""
+    from sinkfix.analysis.plots import pyplot
     from sinkfix.files import save_figure
+
+    plt = pyplot()
 
     out = Path(out_dir)
     names = [k for k in ("adam", "sgd", "relu") if k in report]

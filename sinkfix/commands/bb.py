@@ -3,6 +3,7 @@
     sinkfix bb                          # the default experiment, a table on stdout
     sinkfix bb --json                   # one JSON object on stdout, progress on stderr
     sinkfix bb --out bb_run/            # bb.json + bb_dynamics.png + bb_final.png
+    sinkfix bb --out bb_run/ --no-figures   # bb.json only (no matplotlib needed)
     sinkfix bb --variants adam --steps 300 --layers 1
 """
 
@@ -51,6 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
     parser.add_argument("--out", metavar="DIR", default=None, help="write bb.json and the PNG figures to DIR")
+    parser.add_argument("--no-figures", action="store_true", help="with --out: write bb.json only, no PNG figures")
     parser.set_defaults(run=run)
     return parser
 
@@ -74,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
     if args.out is not None:
         check_writable(args.out, folder=True)  # before the training, not after it
+        if not args.no_figures:
+            from sinkfix.analysis.plots import check_matplotlib
+
+            check_matplotlib()  # likewise: the figures come after the whole training
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         steps=args.steps, seed=args.seed, layers=args.layers, width=args.width, seq_len=args.seq_len,
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         atomic_write_text(out / "bb.json", text + "\n")
-        for path in write_figures(report, out):
+        for path in [] if args.no_figures else write_figures(report, out):
             progress(f"wrote {path}")
         progress(f"wrote {out / 'bb.json'}")
     if args.json:

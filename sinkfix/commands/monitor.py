@@ -274,6 +274,10 @@ def _run_report(args: argparse.Namespace) -> int:
         from sinkfix.files import check_writable
 
         check_writable(args.out, folder=True)
+        if not args.no_figures:  # and the figure's matplotlib
+            from sinkfix.analysis.plots import check_matplotlib
+
+            check_matplotlib()
     console = wide_console()
     report = summarise(read_log(args.log), margin=margin)
     _print_summary(report, console)

@@ -55,7 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--profile", default=None,
                         help="also run the sink cache and the recomputation with this calibrated profile patched in")
     parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
-    parser.add_argument("--no-figure", action="store_true", help="skip stream.png")
+    # --no-figures as every other command spells it (and as the missing-matplotlib error says);
+    # --no-figure, this command's first spelling, still works
+    parser.add_argument("--no-figures", "--no-figure", dest="no_figures", action="store_true",
+                        help="skip stream.png")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout, nothing else")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(run=run)
@@ -127,6 +130,10 @@ def _check(args) -> None:
     check_stream_arguments(args.tokens, args.n_sink, args.window, args.chunk, args.segment, args.recompute_every)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if not args.no_figures:  # the figure is drawn after every variant has run
+        from sinkfix.analysis.plots import check_matplotlib
+
+        check_matplotlib()
     if args.period is not None and args.period <= args.n_sink + args.window:
         raise UsageError(f"--period must be larger than the cache ({args.n_sink + args.window} tokens), got "
                          f"{args.period}: a repetition in view could be copied")
@@ -192,16 +199,16 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "stream.json", strict_json(summary, indent=2) + "\n")
     with atomic_write(out / "stream_tokens.pt", "wb") as handle:  # per-token NLL, NaN = not scored
         torch.save(result.token_nll(), handle)
-    if not args.no_figure:
-        from sinkfix.analysis.plots import running_perplexity_plot
-
-        running_perplexity_plot(result, out / "stream.png")
+    # the results first, the figure last: a figure that fails must not take the printed results with it
     if args.json:
-        print(strict_json(summary))
+        print(strict_json(summary), flush=True)
     else:
         _print_table(summary)
-        log(f"wrote {out / 'stream.json'}, {out / 'stream_tokens.pt'}"
-            + ("" if args.no_figure else f" and {out / 'stream.png'}"))
+    log(f"wrote {out / 'stream.json'} and {out / 'stream_tokens.pt'}")
+    if not args.no_figures:
+        from sinkfix.analysis.plots import running_perplexity_plot
+
+        log(f"wrote {running_perplexity_plot(result, out / 'stream.png')}")
     return 0
 
 
