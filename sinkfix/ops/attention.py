@@ -513,8 +513,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not usable:
             raise BackendUnavailableError(
-                "backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 for the CPU "
-                "interpreter); use backend='torch' or 'auto' on this machine"
+                f"backend='triton' needs triton>={'.'.join(map(str, kernels.TRITON_MIN_VERSION))} (pip install "
+                "'sinkfix[triton]') and a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter); use "
+                "backend='torch' or 'auto' on this machine"
             )
         return "triton"
     return "triton" if usable and device.type == "cuda" else "torch"
