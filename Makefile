@@ -14,20 +14,17 @@ PYTEST_ARGS ?=
 # installs beside its staged copy when it finds it (pure Python, about 13 MB).
 GPU_TRANSFORMERS ?= transformers==5.24.0
 
-.PHONY: install demo test test-fast gpu-wheels dist clean FORCE
+.PHONY: install demo test test-fast gpu-wheels dist clean
 
 # The install depends on two variables as well as on files: `make TORCH_SPEC=...` (or PYTHON=...) on an
 # installed .venv must install again, which a stamp depending on files alone silently skipped. This file
 # holds their values and is rewritten only when they change, so make's time comparison sees a change
-# (and only a change: an unchanged value leaves the stamp up to date).
+# (and only a change: an unchanged value leaves the stamp up to date). Written while the Makefile is
+# read, not by a rule that always runs, so `make -n` and `make -q` on an installed .venv show nothing to do.
 INSTALL_SETTINGS := $(VENV)/.install-settings
 INSTALL_VALUES := PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC)
-
-$(INSTALL_SETTINGS): FORCE
-	@mkdir -p $(VENV)
-	@printf '%s\n' '$(INSTALL_VALUES)' | cmp -s - $@ || printf '%s\n' '$(INSTALL_VALUES)' > $@
-
-FORCE:
+_install_settings := $(shell mkdir -p $(VENV) && { printf '%s\n' '$(INSTALL_VALUES)' | cmp -s - $(INSTALL_SETTINGS) \
+	|| printf '%s\n' '$(INSTALL_VALUES)' > $(INSTALL_SETTINGS); })
 
 # The virtual environment is made afresh when its pip does not run (a first install interrupted while
 # `venv` was making it leaves a python without pip, and every later install failed on "No module named

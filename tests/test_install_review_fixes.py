@@ -5,6 +5,7 @@ environment whose pip does not run, and builds distributions from an emptied bui
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import json
 import os
@@ -253,3 +254,13 @@ def test_make_dist_builds_from_an_emptied_build_folder(scratch_make):
     calls = scratch_make("dist", "PYTHON=./python-a")
     assert any("build_sdist('dist')" in c and "build_wheel('dist')" in c for c in calls)
     assert not (scratch_make.folder / "build").exists()
+
+
+def test_make_question_and_dry_run_see_an_installed_venv_as_up_to_date(scratch_make):
+    """With a rule that always ran to compare the settings, `make -q install` said out of date and
+    `make -n install` listed the whole install on a finished .venv."""
+    scratch_make("install", "PYTHON=./python-a")
+    run = functools.partial(subprocess.run, cwd=scratch_make.folder, capture_output=True, text=True, timeout=60)
+    assert run(["make", "-q", "install", "PYTHON=./python-a"]).returncode == 0
+    assert run(["make", "-n", "install", "PYTHON=./python-a"]).stdout.strip() in ("", "make: Nothing to be done for 'install'.")
+    assert run(["make", "-q", "install", "PYTHON=./python-a", "TORCH_SPEC=torch==2.12.0"]).returncode == 1

@@ -129,3 +129,22 @@ def test_a_hand_written_loop_without_position_ids_finds_the_sink_after_the_left_
         cached = model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]
     assert cache.layers[0].keys.shape[2] <= 5 or not model.config.sliding_window
     torch.testing.assert_close(cached, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_keys_that_left_the_window_of_a_cache_that_keeps_them_are_not_taken_for_padding(arch, with_mask):
+    """A DynamicCache built without a config keeps every key, so a sliding layer's call starts with
+    keys no row sees because they left the window, not because they are padding. Taking them for
+    padding put the sink on the oldest key in the window (logits 0.10-0.16 off one forward)."""
+    model = tiny_model(arch)
+    ids = prompt_ids(12, seed=1)
+    mask = torch.ones_like(ids) if with_mask else None
+    with sinkfix.patch(model, Policy(sink_scale=0.2)), torch.no_grad():
+        whole = model(input_ids=ids).logits[:, -1]
+        cache = DynamicCache()
+        model(input_ids=ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1], past_key_values=cache,
+              use_cache=True)
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    assert cache.layers[0].keys.shape[2] == 12  # every key kept: the step saw 7 beyond its window of 5
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)

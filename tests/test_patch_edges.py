@@ -194,3 +194,27 @@ def test_an_encoder_decoder_model_is_refused_and_left_as_it_was():
     with pytest.raises(sinkfix.UnsupportedModelError, match="encoder-decoder"):
         sinkfix.patch(model, Policy(sink_scale=0.5))
     assert model.config._attn_implementation == before and sinkfix.PatchHandle.of(model) is None
+
+
+def test_two_threads_patching_their_own_models_at_once():
+    """The discovery's record is one per process: two threads patching two models at the same moment
+    overwrote each other's (8 of 60 patch() calls failed with a bare TypeError). One at a time now."""
+    models = [tiny_model("llama", seed=seed) for seed in (1, 2)]
+    barrier, failures, layers = threading.Barrier(2), [], []
+
+    def worker(model):
+        for _ in range(15):
+            barrier.wait()
+            try:
+                handle = sinkfix.patch(model, Policy(sink_scale=0.5))
+                layers.append(handle.num_layers)
+                handle.remove()
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and layers == [2] * 30

@@ -230,7 +230,7 @@ def test_a_one_token_text_is_named_with_the_minimum():
     texts = {"prose": TEXTS["prose"], "one": "x"}
     with pytest.raises(CalibrationError, match=r"text 'one' is too short: .*at least 126 tokens"):
         calibrate(model, CharTokenizer(), texts, seq_len=64, max_tokens=300, steps=2, progress=False)
-    with pytest.raises(UsageError, match=r"text 'one' is too short: 1 token\(s\); inspect needs at least 2"):
+    with pytest.raises(UsageError, match=r"text 'one' is too short: 1 token\(s\), fewer than the 2 needed"):
         inspect(model, CharTokenizer(), texts, seq_len=64, max_tokens=200, progress=False)
 
 
@@ -241,13 +241,13 @@ def test_a_one_token_text_on_the_command_lines(loaded_tiny, tmp_path, capsys):
     _one_line_error(rc, err, "calibrate", "text 'one' is too short", "at least 126 tokens")
     rc, err = _cli(capsys, "inspect", *files, "--seq-len", "64", "--max-tokens", "200", "--no-figures",
                    "--out", str(tmp_path / "insp"))
-    _one_line_error(rc, err, "inspect", "text 'one' is too short", "at least 2")
+    _one_line_error(rc, err, "inspect", "text 'one' is too short", "fewer than the 2 needed")
 
 
 # -- 6. windows beyond the model's positions -----------------------------------------------------------
 def test_windows_beyond_the_model_positions_are_refused():
     gpt2 = tiny_model("gpt2", seed=3)  # 256 positions: an IndexError from its position table before
-    with pytest.raises(UsageError, match=r"seq_len 300 makes windows of 300 tokens.*max_position_embeddings = 256"):
+    with pytest.raises(UsageError, match=r"seq_len 300: window length 300 is larger.*max_position_embeddings = 256"):
         inspect(gpt2, CharTokenizer(), TEXTS["prose"], seq_len=300, max_tokens=None, progress=False)
     inspect(gpt2, CharTokenizer(), TEXTS["prose"], seq_len=300, max_tokens=100, progress=False)  # windows of 101
     llama = tiny_model("llama", seed=3)  # RoPE: ran past its 256 positions without a word

@@ -43,7 +43,7 @@ from torch import nn
 from sinkfix.analysis.metrics import (DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics,
                                       check_hidden_sink_threshold, observed_model)
 from sinkfix.errors import UsageError
-from sinkfix.evaluate import model_device
+from sinkfix.evaluate import MIN_TOKENS, model_device
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
            "dormancy_flips", "check_windows", "shortest_window", "MIN_TEXT_TOKENS"]
@@ -73,9 +73,9 @@ def row_dormancy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 # -- windows ------------------------------------------------------------------------------------
 # The fewest text tokens a window can have: the metrics are taken over the rows that see a key
-# besides the sink, and the first text token is the sink when a window has no BOS token. It is
-# also the shortest text tokenize() accepts.
-MIN_TEXT_TOKENS = 2
+# besides the sink, and the first text token is the sink when a window has no BOS token. The same
+# number as the shortest text tokenize() accepts (one token that sees another).
+MIN_TEXT_TOKENS = MIN_TOKENS
 
 
 def shortest_window(bos: bool) -> int:
@@ -110,13 +110,10 @@ def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
     """Cut ``text`` into non-overlapping 1-D windows of ``seq_len`` tokens (BOS first when ``bos``),
     from at most ``max_tokens`` text tokens (None: all); see :func:`check_windows` for the bounds. A
     text under :data:`MIN_TEXT_TOKENS` tokens is a :class:`UsageError` naming it (``name``)."""
-    from sinkfix.evaluate import bos_token_id, token_ids
+    from sinkfix.evaluate import bos_token_id, tokenize
 
     check_windows(seq_len, bos, max_tokens)
-    ids = token_ids(tokenizer, text)
-    if ids.numel() < MIN_TEXT_TOKENS:
-        raise UsageError(f"text {'' if name is None else repr(name) + ' '}is too short: {ids.numel()} token(s); "
-                         f"inspect needs at least {MIN_TEXT_TOKENS} (the sink and one token that sees it)")
+    ids = tokenize(tokenizer, text, name=name)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos_id = bos_token_id(tokenizer) if bos else None
@@ -137,14 +134,11 @@ def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
 def _check_positions(model: nn.Module, longest: int, seq_len: int) -> None:
     """Refuse windows longer than the positions the model's config states, before any forward: past
     them GPT-2 raised an IndexError from its position table and a RoPE model ran on garbage silently."""
-    from sinkfix.evaluate import max_positions
+    from sinkfix.evaluate import check_positions
 
     config = getattr(model, "config", None)
-    limit = None if config is None else max_positions(config)
-    if limit is not None and longest > limit:
-        name = model_summary(model)["name"]
-        raise UsageError(f"seq_len {seq_len} makes windows of {longest} tokens, more than {name} supports "
-                         f"(max_position_embeddings = {limit})")
+    if config is not None:
+        check_positions(longest, config, f"seq_len {seq_len}: window length", model_summary(model)["name"])
 
 
 def model_summary(model: nn.Module) -> dict:

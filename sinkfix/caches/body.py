@@ -58,8 +58,9 @@ class QuantizedBody:
 
     The first append is quantized at once. Later tokens wait in a full-precision residual; when the
     residual plus the new tokens reach ``residual_length``, everything (dequantized old part, residual,
-    new tokens) is quantized again as one tensor and the residual empties. With per-token groups that
-    requantization leaves the old tokens unchanged (:mod:`sinkfix.caches.quantize`), and one quantized
+    new tokens) is quantized again as one tensor and the residual empties. With quanto's per-token
+    groups that requantization leaves the old tokens unchanged up to a float rounding; HQQ's optimizer
+    can move them (:mod:`sinkfix.caches.quantize`); and one quantized
     tensor means one dequantization per step (quanto's costs ~2-9 ms per call on this CPU whatever
     the length, measured, so a list of blocks would cost that per block).
 

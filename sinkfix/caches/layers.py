@@ -113,6 +113,7 @@ class SinkLayer(CacheLayerMixin):
         self.hidden_abs: torch.Tensor | None = None  # (B, P) protected hidden sinks in the body, -1 = none
         self.hidden_k = self.hidden_v = None  # (B, H, P, D) their full-precision keys / values
         self.last_columns: torch.Tensor | None = None  # (B, K) absolute token of each column of the last call
+        self.head_shown = False  # the last call's columns began with the kept sinks (then not one run of tokens)
         self.last_exact_from = 0  # columns of the last call from here on were returned exactly as written
 
     def __repr__(self) -> str:
@@ -347,14 +348,16 @@ class SinkLayer(CacheLayerMixin):
 
     @property
     def columns_in_order(self) -> bool:
-        """Whether an attention call's key columns are one run of consecutive tokens (the last K the
-        layer has seen): no longer once it has evicted and shows its kept sinks before the window."""
-        return not (self.evicted and self.keep_sinks and self.n_sink > 0)
+        """Whether the last call's key columns were one run of consecutive tokens: not when they
+        began with the kept sinks (shown from the call after the first eviction on; the evicting
+        call itself still sees its keys in order)."""
+        return not self.head_shown
 
     def _note_columns(self, has_head: bool, body_k: torch.Tensor | None, q_len: int) -> None:
         """Remember, for observers of the attention call that follows: each returned column's absolute
         token index (-1 = padding) and from which column on the returned keys / values are exactly
         what the model wrote (the full-precision residual and the new tokens)."""
+        self.head_shown = has_head
         head_abs = self._head_abs() if has_head else None
         body_abs = self._body_abs(0 if body_k is None else body_k.shape[-2]).expand(self.shape[0], -1)
         new_abs = self._new_abs(q_len).expand(self.shape[0], -1)

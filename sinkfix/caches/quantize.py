@@ -9,8 +9,8 @@ Layout (docs/caches.md): groups of ``group_size`` consecutive channels of one to
 each with its own scale and offset (quanto ``axis=0``, HQQ ``axis=1``: the same grouping). With quanto,
 per-token groups mean a token's quantization never depends on another token, so keeping a sink in
 full precision changes nothing for its neighbours; HQQ's optimizer stops on the whole tensor's mean
-error, so there it can move them slightly (docs/caches.md: up to 0.0059 at 4 bits on random data,
-against a quantization error of 0.23); and requantizing a dequantized token changes it by at
+error, so there it can move them (docs/caches.md: from 1e-6 to 0.39 at 4 bits on random data,
+depending on the group size and the data, against a quantization error of about 0.22); and requantizing a dequantized token changes it by at
 most a float rounding (quanto, measured: 5e-7 on values of 144), so requantizing everything at every
 flush, as transformers does, is harmless.
 

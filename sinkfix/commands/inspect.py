@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.analysis.inspection import check_windows, inspect
     from sinkfix.analysis.metrics import check_hidden_sink_threshold
     from sinkfix.errors import UsageError
-    from sinkfix.evaluate import max_positions
+    from sinkfix.evaluate import check_positions
     from sinkfix.files import check_writable
 
     set_threads(args.threads)
@@ -187,11 +187,9 @@ def run(args: argparse.Namespace) -> int:
     # the model's position limit is known only now; the longest window is --seq-len tokens, or the
     # BOS and --max-tokens text tokens where that is shorter
     longest = args.seq_len if args.max_tokens is None else min(args.seq_len, args.max_tokens + int(args.bos))
-    limit = max_positions(model.config)
-    if limit is not None and longest > limit:
-        made = "" if longest == args.seq_len else f" (with --max-tokens {args.max_tokens}: windows of {longest} tokens)"
-        raise UsageError(f"--seq-len {args.seq_len}{made} is larger than {args.model} supports "
-                         f"(max_position_embeddings = {limit})")
+    what = "--seq-len" if longest == args.seq_len else \
+        f"--seq-len {args.seq_len} with --max-tokens {args.max_tokens}: window length"
+    check_positions(longest, model.config, what, args.model)
     handle = None if correction is None else sinkfix.patch(model, correction)
     try:
         report = inspect(model, tokenizer, {name: t.text for name, t in texts.items()}, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,

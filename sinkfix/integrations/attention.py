@@ -121,6 +121,9 @@ class LayerState:
 # modules of another model.
 _discovered: list | None = None
 _discovering_thread: int | None = None
+# One discovery at a time: two threads patching their own models at once overwrote each other's
+# record (8 of 60 patch() calls failed with a bare TypeError). Held outside any traced code.
+_discovery_lock = threading.RLock()
 
 
 def _attentions_requested(kwargs: dict) -> bool:
@@ -148,13 +151,14 @@ def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> lis
     """Run one forward and return (attention module, query heads) in call order, first call of
     each module only. Modules that do not route through the "sinkfix" function are not seen."""
     global _discovered, _discovering_thread
-    _discovered, _discovering_thread = [], threading.get_ident()
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-        calls = _discovered
-    finally:
-        _discovered, _discovering_thread = None, None
+    with _discovery_lock:
+        _discovered, _discovering_thread = [], threading.get_ident()
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, use_cache=False)
+            calls = _discovered
+        finally:
+            _discovered, _discovering_thread = None, None
     own = {id(module) for module in model.modules()}
     seen: set[int] = set()
     order = []
@@ -299,7 +303,8 @@ def attention_forward(
                               or ((corrected or monitored) and not first_column)):
         location = locate_sinks(
             attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, k_len=k_len, causal=causal,
-            sliding=sliding_window is not None, sink_positions=state.policy.sink_positions, device=query.device,
+            sliding=sliding_window is not None, window=sliding_window,
+            sink_positions=state.policy.sink_positions, device=query.device,
         )
         state.sink_rows, state.first_real_row, state.end_real_row = location.query_rows(q_len)
 

@@ -202,8 +202,8 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     location = locate_sinks(attention_mask, position_ids, batch=batch, q_len=q_len, k_len=k_len, causal=causal,
-                            sliding=sliding_window is not None, sink_positions=state.policy.sink_positions,
-                            device=query.device)
+                            sliding=sliding_window is not None, window=sliding_window,
+                            sink_positions=state.policy.sink_positions, device=query.device)
     state.sink_rows, state.first_real_row, state.end_real_row = location.query_rows(q_len)
     hidden_beta, heads = rule.tensors(query.device)
     if attention_mask is not None and q_len > 1:

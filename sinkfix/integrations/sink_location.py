@@ -13,8 +13,8 @@ set"):
 * Sliding-window layers with a cache may have evicted token 0 from their keys; there the first
   real token is placed from the last query's position (``last_col - position``), so a sink that
   left the window gets a column < 0 and is simply absent: the policy does not apply there. While
-  the cache still starts with left padding (columns no query row sees), the sink is the first
-  column after it, whatever the positions say: positions that count the padding (a hand-written
+  the cache still starts with left padding (the mask's padding, not keys the window hides), the
+  sink is the first column after it, whatever the positions say: positions that count the padding (a hand-written
   loop that passes no ``position_ids``) would otherwise put it on a padding column.
 """
 
@@ -110,6 +110,25 @@ def _last_query_col(attention_mask: torch.Tensor, q_len: int, k_len: int) -> tor
     return torch.where(attention_mask[:, 0, -1], cols, -1).amax(dim=-1)
 
 
+def _left_padding_end(attention_mask, first_seen: torch.Tensor, last_col: torch.Tensor, q_len: int,
+                      window: int | None) -> torch.Tensor:
+    """(B,) the first key column after the call's left padding (0: none) of a sliding layer's call.
+    A :class:`PaddedCausalMask` says which keys are padding. In a dense mask the first column some
+    row sees ends the padding only where the window would let the call's first row see the columns
+    before it: a cache that keeps every key (``DynamicCache()`` built without a config) starts with
+    keys that have left the window, which are not padding (taking them for padding put the sink on
+    the oldest key in the window: logits 0.10-0.16 off on tiny Mistral and Gemma3)."""
+    if hasattr(attention_mask, "seen_by_any_row"):
+        if attention_mask.key_padding is None:
+            return torch.zeros_like(first_seen)
+        cols = torch.arange(attention_mask.k_len, device=first_seen.device)
+        return torch.where(attention_mask.key_padding, cols, attention_mask.k_len).amin(dim=-1)
+    if window is None:  # no window to tell padding from keys that left it: no padding assumed
+        return torch.zeros_like(first_seen)
+    window_start = (last_col - (q_len - 1) - window + 1).clamp(min=0)
+    return torch.where(first_seen > window_start, first_seen, 0)
+
+
 def locate_sinks(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
@@ -121,6 +140,7 @@ def locate_sinks(
     sliding: bool,
     sink_positions: tuple[int, ...],
     device: torch.device,
+    window: int | None = None,
 ) -> SinkLocation:
     """Map the policy's sink positions to the key columns of one attention call (rules above).
 
@@ -149,10 +169,11 @@ def locate_sinks(
         if attention_mask is not None:
             # Positions that count the left padding (transformers' own when a hand-written loop
             # passes none) place the sink on a padding column, or before the cache's first column
-            # once the window has dropped part of the padding. A cache whose first columns no row
-            # sees still holds that padding, and the sink is the first column after it; with
-            # padding-aware positions the placed column is that column already.
-            placed = torch.where((first > 0) & (first < k_len) & (placed < first), first, placed)
+            # once the window has dropped part of the padding. While the cache still starts with
+            # padding, the sink is the first real column after it; with padding-aware positions
+            # the placed column is that column already.
+            padding_end = _left_padding_end(attention_mask, first, last_col, q_len, window)
+            placed = torch.where((padding_end > 0) & (padding_end < k_len) & (placed < padding_end), padding_end, placed)
         first = placed
     offsets = torch.tensor(sink_positions, dtype=torch.long, device=device)
     sink_cols = first[:, None] + offsets[None, :]
