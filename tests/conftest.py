@@ -121,3 +121,26 @@ def gemma3():
         return sinkfix.load_model("gemma3-270m")
     except sinkfix.ModelLoadError as exc:
         pytest.skip(f"offline model package missing: {exc}")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A model load fails the test: a command's bad input must be refused before it."""
+    import sinkfix
+
+    def refuse(name=None, *args, **kwargs):
+        raise AssertionError(f"the model {name} was loaded before the bad input was refused")
+
+    monkeypatch.setattr(sinkfix, "load_model", refuse)
+
+
+@pytest.fixture
+def load_reached(monkeypatch):
+    """The model load ends an accepted command with a one-line error: the command got that far."""
+    import sinkfix
+    from sinkfix.errors import ModelLoadError
+
+    def stop(*args, **kwargs):
+        raise ModelLoadError("reached the model load")
+
+    monkeypatch.setattr(sinkfix, "load_model", stop)

@@ -12,7 +12,6 @@ import sinkfix
 from sinkfix.analysis.calibration import CalibrationError, CalibrationSettings, calibrate, calibration_windows, fit_domains
 from sinkfix.analysis.lodo import evaluation_windows, leave_one_domain_out
 from sinkfix.commands.calibrate import default_out
-from sinkfix.errors import ModelLoadError
 
 from .conftest import CharTokenizer, text_args, tiny_model
 
@@ -29,24 +28,6 @@ THREE = {
 @pytest.fixture
 def files(tmp_path):
     return text_args(tmp_path, THREE)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any model load is a test failure: the errors must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(sinkfix, "load_model", refuse)
-
-
-@pytest.fixture
-def load_reached(monkeypatch):
-    """The model load ends the run with a one-line error: an accepted command gets that far."""
-    def stop(*args, **kwargs):
-        raise ModelLoadError("reached the model load")
-
-    monkeypatch.setattr(sinkfix, "load_model", stop)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -26,15 +26,6 @@ def tiny(loaded_tiny):
     return loaded_tiny
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """The model loader fails the test if anything calls it: the error must come before it."""
-    def load_model(name, **kw):
-        raise AssertionError(f"the model {name} was loaded before the bad input was refused")
-
-    monkeypatch.setattr(sinkfix, "load_model", load_model)
-
-
 def _requests(tmp_path, name="requests.jsonl"):
     path = tmp_path / name
     lines = [{"prompt": "def area(r):\n    return 3.14159 * r * r\n", "domain": "code"},

@@ -18,7 +18,7 @@ from sinkfix.analysis.calibration import CalibrationError, CalibrationSettings, 
 from sinkfix.analysis.inspection import InspectionReport, inspect
 from sinkfix.analysis.lodo import evaluation_windows
 from sinkfix.analysis.metrics import ExtremeTokenMetrics
-from sinkfix.errors import ModelLoadError, PolicyError, ProfileError, UsageError
+from sinkfix.errors import PolicyError, ProfileError, UsageError
 from sinkfix.policy import ContentSinks, Policy
 from sinkfix.profile import ModelIdentity, Profile, weights_fingerprint
 
@@ -54,24 +54,6 @@ def _one_line_error(rc: int, err: str, command: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, err)
     return lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """A model load is a test failure: the error must come before it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(sinkfix, "load_model", refuse)
-
-
-@pytest.fixture
-def load_reached(monkeypatch):
-    """The model load ends an accepted command with a one-line error."""
-    def stop(*args, **kwargs):
-        raise ModelLoadError("reached the model load")
-
-    monkeypatch.setattr(sinkfix, "load_model", stop)
 
 
 # -- 1. the pooled rule without validation windows ---------------------------------------------------
