@@ -119,18 +119,47 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+DEFAULT_ROUNDS = 4
+
+
+def _tag(args: argparse.Namespace) -> str:
+    """The output files' name: model, BOS, threads, and the rounds when they are not the default's,
+    so that a quick ``--rounds 1`` run does not overwrite the default run's file that
+    docs/calibration.md cites (whose name stays as it was)."""
+    tag = f"{args.model}-{'bos' if args.bos else 'nobos'}-{args.threads}t"
+    return tag if args.rounds == DEFAULT_ROUNDS else f"{tag}-{args.rounds}r"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=4, help="steps per precision and window (default 4)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"steps per precision and window (default {DEFAULT_ROUNDS}; another count is named "
+                             f"in the output files, step-MODEL-bos-Nt-Rr)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder the JSON and Markdown are written to")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    data = run(args)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}-{'bos' if args.bos else 'nobos'}-{args.threads}t"
+    # the folder made and checked before the minute of work, not after it (it failed at mkdir)
+    from sinkfix.files import OutputError, check_writable
+
+    try:
+        check_writable(out, folder=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OutputError as error:
+        parser.error(str(error))
+    except OSError as error:
+        parser.error(f"--out {out}: cannot create it ({error})")
+    data = run(args)
+    tag = _tag(args)
     atomic_write_text(out / f"step-{tag}.json", json.dumps(data, indent=1) + "\n")
     text = markdown(data)
     atomic_write_text(out / f"step-{tag}.md", text + "\n")

@@ -103,13 +103,23 @@ def _rows(results: dict, mode: str, clock: str, threads: int, load: float) -> li
                        samples_ms=[[1e3 * x for x in r] for r in rounds])
             if target is not None:
                 interval = ratio_of_block_medians(rounds, results["stock"][kind])
-                row.update(ratio=interval.value, interval=[interval.low, interval.high], met=interval.value <= target,
-                           interval_below_target=interval.high <= target)
+                # one round has no interval (stats.Ratio): null in the JSON, never "below the target"
+                row.update(ratio=interval.value,
+                           interval=[interval.low, interval.high] if interval.has_interval else None,
+                           met=interval.value <= target,
+                           interval_below_target=interval.has_interval and interval.high <= target)
             rows.append(row)
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _interval_text(row: dict) -> str:
+    """A row's interval as printed: ``[low, high]``, or why there is none."""
+    if row["interval"] is None:
+        return f"no interval ({row['rounds']} round{'s' if row['rounds'] != 1 else ''})"
+    return f"[{row['interval'][0]:.3f}, {row['interval'][1]:.3f}]"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", default=None, help="a profile file for the per-head variant")
@@ -126,10 +136,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall: elapsed time; cpu: CPU seconds of the process (all threads), less "
                              "disturbed by other work on a shared machine")
     parser.add_argument("--json", default=None, help="write the rows to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, what would fail only at the end of the run."""
     for name in ("rounds", "prefills", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.skip < 0:
+        parser.error(f"--skip must be at least 0, got {args.skip}")
+    # generate times new_tokens - 1 cached steps (decode_step_times); dropping them all left no step
+    # and the median of none failed after the whole run
+    if args.skip >= args.new_tokens - 1:
+        parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens} "
+                     f"({args.new_tokens - 1} cached steps)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     model, tok = sinkfix.load_model(args.model)
     model.set_attn_implementation("sdpa")
     from sinkfix.texts import domain_text
@@ -148,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['mode']:8} {args.clock:4} {row['threads']}t load {row['load']:4.1f} {row['variant']:16} {row['kind']:7} "
                       f"{row['median_ms']:9.2f} ms (n={row['n']:3})  x{row['ratio']:.3f}"
                       + ("" if row["target"] is None else
-                         f" [{row['interval'][0]:.3f}, {row['interval'][1]:.3f}]  target <= {row['target']}: "
+                         f" {_interval_text(row)}  target <= {row['target']}: "
                          f"{'met' if row['met'] else 'MISSED'}{' (whole interval below)' if row['interval_below_target'] else ''}"),
                       flush=True)
     from sinkfix.bench.provenance import device_name, versions

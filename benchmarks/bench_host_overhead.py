@@ -37,6 +37,7 @@ before and after a change to the callbacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -46,7 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,13 +70,46 @@ class _LaunchStandIn:
 _LaunchStandIn.__name__ = "InterpretedFunction"
 
 
-def stub_launches() -> None:
-    """Replace the decode and prefill kernels by :class:`_LaunchStandIn` (CPU runs only)."""
+@contextlib.contextmanager
+def stub_launches() -> Iterator[None]:
+    """Replace the decode and prefill kernels by :class:`_LaunchStandIn` (CPU runs only) while the
+    block runs, and put the real ones back after it: left in place, every later Triton call of the
+    process (main() called from a test, say, under TRITON_INTERPRET=1) returned garbage."""
     from sinkfix.kernels import attention_decode, attention_prefill
 
-    attention_decode._sink_attn_decode_split = _LaunchStandIn()
-    attention_decode._sink_attn_decode_reduce = _LaunchStandIn()
-    attention_prefill._sink_attn_fwd = _LaunchStandIn()
+    names = [(attention_decode, "_sink_attn_decode_split"), (attention_decode, "_sink_attn_decode_reduce"),
+             (attention_prefill, "_sink_attn_fwd")]
+    saved = [(module, name, getattr(module, name)) for module, name in names]
+    try:
+        for module, name in names:
+            setattr(module, name, _LaunchStandIn())
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` for the block, the caller's restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _replaced(target, name: str, value) -> Iterator[None]:
+    """``target.name`` set to ``value`` for the block, the original put back after it (also on an
+    error), so that a second run times the callbacks once, not through nested wrappers."""
+    original = target.__dict__[name] if isinstance(target, type) else getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
 
 
 def calls(device: torch.device, dtype: torch.dtype, keys: int, q_heads: int, kv_heads: int,
@@ -143,9 +177,6 @@ def monitor_callbacks(policy: str, requests: int = 15, steps: int = 24) -> dict[
     import functools
     import importlib
 
-    import sinkfix
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
     monitor_module = importlib.import_module("sinkfix.telemetry.monitor")
     attention_module = importlib.import_module("sinkfix.integrations.attention")
     spent: dict[str, float] = {}
@@ -162,17 +193,32 @@ def monitor_callbacks(policy: str, requests: int = 15, steps: int = 24) -> dict[
 
     monitor_class = monitor_module.Monitor
     residual_hook = monitor_class._residual_hook
-    monitor_class._on_attention = timed("attention listener", monitor_class._on_attention)
-    monitor_class._before_layers = timed("start of forward", monitor_class._before_layers)
-    monitor_class._residual_hook = lambda self, layer, last: timed("residual hooks + fold", residual_hook(self, layer, last))
-    attention_module.defers_sink_stats = timed("deferral test", attention_module.defers_sink_stats)
+    with contextlib.ExitStack() as undo:  # every wrapper, the patch and the monitor undone on the way out
+        undo.enter_context(_replaced(monitor_class, "_on_attention",
+                                     timed("attention listener", monitor_class._on_attention)))
+        undo.enter_context(_replaced(monitor_class, "_before_layers",
+                                     timed("start of forward", monitor_class._before_layers)))
+        undo.enter_context(_replaced(monitor_class, "_residual_hook", lambda self, layer, last: timed(
+            "residual hooks + fold", residual_hook(self, layer, last))))
+        undo.enter_context(_replaced(attention_module, "defers_sink_stats",
+                                     timed("deferral test", attention_module.defers_sink_stats)))
+        return _time_callbacks(policy, requests, steps, spent, undo)
+
+
+def _time_callbacks(policy: str, requests: int, steps: int, spent: dict[str, float],
+                    undo: contextlib.ExitStack) -> dict[str, float]:
+    """The measurement of :func:`monitor_callbacks`, its callbacks already wrapped to fill ``spent``."""
+    import sinkfix
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    sinkfix.patch(model, sinkfix.Policy.parse(policy))
+    handle = sinkfix.patch(model, sinkfix.Policy.parse(policy))
+    undo.callback(handle.remove)
     monitor = sinkfix.monitor(model)
+    undo.callback(monitor.close)  # closed before the patch is removed (callbacks run last in, first out)
     prompt = torch.randint(0, config.vocab_size, (1, 128))
 
     def request() -> dict[str, float]:
@@ -208,23 +254,48 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
+# The attention-call options and their defaults. Their parser defaults are None, so that
+# --monitor-callbacks (a fixed SmolLM2-shaped model on the CPU) can refuse them when given instead
+# of ignoring them silently.
+CALL_DEFAULTS = {"device": "auto", "keys": 4096, "heads": (32, 8, 128), "calls": 500, "profile": 0}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--keys", type=int, default=4096, help="keys in the cache (default 4096)")
-    parser.add_argument("--heads", type=int, nargs=3, default=(32, 8, 128), metavar=("HQ", "HKV", "D"),
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="default auto")
+    parser.add_argument("--keys", type=int, default=None, help="keys in the cache (default 4096)")
+    parser.add_argument("--heads", type=int, nargs=3, default=None, metavar=("HQ", "HKV", "D"),
                         help="query heads, kv heads, head dim (default: Llama-3-8B's 32 8 128)")
-    parser.add_argument("--calls", type=int, default=500, help="calls per timing (default 500)")
+    parser.add_argument("--calls", type=int, default=None, help="calls per timing (default 500)")
     parser.add_argument("--rounds", type=int, default=9, help="rounds, configurations alternated (default 9)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
                         help="also profile N calls of per-head + statistics with cProfile")
     parser.add_argument("--monitor-callbacks", metavar="POLICY", nargs="?", const="identity",
-                        help="instead: the monitor's own host time per decode step (CPU; default policy identity)")
+                        help="instead: the monitor's own host time per decode step (CPU, a fixed SmolLM2-shaped "
+                             "model; default policy identity; --rounds requests; not with --device, --keys, "
+                             "--heads, --calls or --profile)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    given = [f"--{name}" for name in CALL_DEFAULTS if getattr(args, name) is not None]
+    if args.monitor_callbacks is not None and given:
+        parser.error(f"--monitor-callbacks times a fixed model on the CPU: {', '.join(given)} would be ignored")
+    for name, default in CALL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    # everything this run changes in the process (thread count, kernels, monitor methods) is put back
+    # on the way out: main() is also called in-process (tests), where it used to leave them changed
+    with contextlib.ExitStack() as undo:
+        return _run(args, undo)
+
+
+def _run(args: argparse.Namespace, undo: contextlib.ExitStack) -> int:
     if args.monitor_callbacks is not None:
-        torch.set_num_threads(1)
+        undo.enter_context(_threads(1))
         spent = monitor_callbacks(args.monitor_callbacks, requests=args.rounds)
         env = environment(torch.device("cpu"))
         env.pop("launches", None)
@@ -242,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(wanted)
     if device.type == "cpu":
-        stub_launches()
-    torch.set_num_threads(1)
+        undo.enter_context(stub_launches())
+    undo.enter_context(_threads(1))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q_heads, kv_heads, head_dim = args.heads
     fns = calls(device, dtype, args.keys, q_heads, kv_heads, head_dim)

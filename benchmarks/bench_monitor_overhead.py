@@ -61,6 +61,7 @@ import torch
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
 from sinkfix.bench.memory import keep_freed_heap
+from sinkfix.bench.provenance import provenance
 from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
 from sinkfix.bench.timing import compiled_decoding
 from sinkfix.evaluate import bos_token_id, tokenize
@@ -218,7 +219,18 @@ def _faults(row: dict) -> str:
 
 def _interval(row: dict, kind: str) -> str:
     interval = row.get(f"{kind}_cpu_interval")
-    return "" if interval is None else f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+    if interval is None:
+        return ""
+    if interval.get("low") is None or interval.get("high") is None:  # one resampling unit (stats.Ratio)
+        pairs = interval.get("pairs")
+        unit = "round" if kind == "decode" else "pass"
+        return f" no interval ({pairs} {unit})"
+    return f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def _settled(interval: dict, target: float) -> bool:
+    """The whole interval below ``target``; never where there is no interval (fewer than 2 units)."""
+    return interval.get("high") is not None and interval["high"] <= target
 
 
 def _verdict(policies: dict[str, dict]) -> list[str]:
@@ -230,9 +242,10 @@ def _verdict(policies: dict[str, dict]) -> list[str]:
         if not cells:
             continue
         met = sum(row[f"{kind}_cpu_ratio"] <= target for row in cells)
-        sure = sum(row[f"{kind}_cpu_interval"]["high"] <= target for row in cells)
+        sure = sum(_settled(row[f"{kind}_cpu_interval"], target) for row in cells)
+        none = sum(row[f"{kind}_cpu_interval"].get("high") is None for row in cells)
         lines.append(f"{kind} <= {target:.2f}x: {met} of {len(cells)} cells; the whole 95% interval below it in "
-                     f"{sure} of {len(cells)}")
+                     f"{sure} of {len(cells)}" + (f" (no interval in {none}: fewer than 2 rounds)" if none else ""))
     return lines
 
 
@@ -245,29 +258,52 @@ def _intervals_of(paths: list[str]) -> int:
         except (OSError, ValueError) as error:
             print(f"{path}: cannot read it ({error})", file=sys.stderr)
             return 2
-        print(f"{path} ({saved.get('rounds')} rounds x {saved.get('prefills')} prefills)")
-        for policy, table in saved.get("policies", {}).items():
-            base = table.get("off", {}).get("prefill_cpu_samples_ms")
-            if base is None:
-                print(f"  {policy}: no prefill samples kept in this file")
-                continue
-            for config, row in table.items():
-                if config != "off":
-                    r = ratio_of_medians(row["prefill_cpu_samples_ms"], base)
-                    print(f"  {policy:15s} {config:16s} prefill x{r.value:.3f} [{r.low:.3f}, {r.high:.3f}] "
-                          f"({r.pairs} passes)")
+        if "runs" in saved and "policies" not in saved:  # a --processes file: every process's run, in turn
+            tables = [(f"process {i + 1}", run) for i, run in enumerate(saved["runs"])]
+            print(f"{path} ({saved.get('processes', len(tables))} processes)")
+        else:
+            tables = [(None, saved)]
+        for label, run in tables:
+            _print_intervals(run, label or path)
     return 0
 
 
+def _print_intervals(saved: dict, label: str) -> None:
+    """The prefill intervals of one process's saved results (``_intervals_of``)."""
+    print(f"{label} ({saved.get('rounds')} rounds x {saved.get('prefills')} prefills)")
+    if not saved.get("policies"):
+        print("  no policies in this file")
+    for policy, table in saved.get("policies", {}).items():
+        base = table.get("off", {}).get("prefill_cpu_samples_ms")
+        if base is None:
+            print(f"  {policy}: no prefill samples kept in this file")
+            continue
+        for config, row in table.items():
+            if config != "off":
+                r = ratio_of_medians(row["prefill_cpu_samples_ms"], base)
+                interval = f"[{r.low:.3f}, {r.high:.3f}]" if r.has_interval else "no interval"
+                print(f"  {policy:15s} {config:16s} prefill x{r.value:.3f} {interval} ({r.pairs} passes)")
+
+
 def _without_option(argv: list[str], option: str) -> list[str]:
-    """``argv`` less ``option`` and its value (``--option V`` or ``--option=V``)."""
-    out, skip = [], False
+    """``argv`` less ``option`` and its value (``--option V`` or ``--option=V``), also where it is
+    spelt as a prefix of itself (``--proc 2``): the parser is built with ``allow_abbrev=False`` so
+    that no abbreviation reaches here, but a child that kept one would see ``--processes`` again and
+    spawn children of its own without end. Everything after a bare ``--`` is left alone."""
+    def spelt(arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        return len(name) > 2 and name.startswith("--") and option.startswith(name)
+
+    out, skip, positional = [], False, False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == option:
-            skip = True
-        elif not arg.startswith(option + "="):
+        elif positional or arg == "--":
+            positional = True
+            out.append(arg)
+        elif spelt(arg):
+            skip = "=" not in arg
+        else:
             out.append(arg)
     return out
 
@@ -315,8 +351,20 @@ def _across_processes(argv: list[str], processes: int, json_path: str | None) ->
     return 0 if every else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+POLICIES = ("identity", "sink_scale=0.9", "per-head")  # the names _policies builds
+
+
+def _header(origin: dict) -> str:
+    """One line naming the device and the versions a run's numbers belong to."""
+    versions = origin["versions"]
+    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
+        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
+
+
+def _parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: --processes re-runs this script with its own option removed, which only
+    # works for the full spelling (an abbreviation such as --proc spawned processes without end)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
@@ -327,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=2, help="decode steps dropped at the start of each run")
     parser.add_argument("--sample-rows", type=int, nargs="+", default=[SAMPLE_ROWS],
                         help="one monitored configuration per value; the guard's uses the first")
-    parser.add_argument("--policies", nargs="+", default=["identity", "sink_scale=0.9", "per-head"])
+    # choices: an unknown name used to fail with a KeyError after the policies before it were measured
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES,
+                        help="policies measured, in this order (default: all of them)")
     parser.add_argument("--compiled-decode", action="store_true",
                         help="time the decode steps of transformers' compiled decoding (static cache, inductor); "
                              "no prefill")
@@ -340,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                              "summarise every process's ratios")
     parser.add_argument("--intervals-of", nargs="+", metavar="JSON", default=None,
                         help="measure nothing: print the prefill intervals of earlier runs' saved samples")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.intervals_of:
         return _intervals_of(args.intervals_of)
@@ -348,11 +403,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.skip >= args.new_tokens - 1:
         parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens}")
+    if args.json:  # a path that cannot be written fails now, not after the measurement
+        from sinkfix.files import OutputError, check_writable
+
+        try:
+            check_writable(args.json)
+        except OutputError as error:
+            parser.error(str(error))
     if args.processes > 1:
         return _across_processes(sys.argv[1:] if argv is None else list(argv), args.processes, args.json)
     if args.heap == "no-trim":  # before the model's memory is allocated
         _heap_without_trimming()
     torch.set_num_threads(args.threads)
+    origin = provenance(torch.device("cpu"))
+    print(_header(origin), flush=True)
     model, tokenizer = sinkfix.load_model(args.model)
     prompt, decode_prompt = _prompt(tokenizer, args.prompt), _prompt(tokenizer, args.decode_prompt)
     with sinkfix.patch(model) as handle:
@@ -361,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                                "torch": torch.__version__, "model": args.model, "prompt": args.prompt,
                                "decode_prompt": args.decode_prompt, "new_tokens": args.new_tokens,
                                "rounds": args.rounds, "prefills": 0 if args.compiled_decode else args.prefills,
-                               "compiled_decode": args.compiled_decode, "heap": args.heap}
+                               "compiled_decode": args.compiled_decode, "heap": args.heap,
+                               "provenance": origin}
     for name in args.policies:
         if args.compiled_decode:  # each policy's graphs anew: dynamo's recompile limit counts them all
             torch._dynamo.reset()

@@ -37,6 +37,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import Spread, alternate, measure_peak_memory, prefill_kwargs, release_memory, time_prefill
+from sinkfix.bench.provenance import provenance
 from sinkfix.evaluate import tokenize
 from sinkfix.texts import domain_text
 
@@ -121,7 +122,14 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
     return alternate(list(CONFIGS), once, repeats=args.repeats, warmup=args.warmup)
 
 
-def main() -> int:
+def _header(origin: dict) -> str:
+    """One line naming the device and the versions a run's numbers belong to."""
+    versions = origin["versions"]
+    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
+        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -134,7 +142,19 @@ def main() -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers here")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json and not args.child:  # a path that cannot be written fails now, not after the whole run
+        from sinkfix.files import OutputError, check_writable
+
+        try:
+            check_writable(args.json)
+        except OutputError as error:
+            parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -142,13 +162,16 @@ def main() -> int:
         return 0
 
     load_start = os.getloadavg()
+    origin = provenance(torch.device("cpu"))
+    print(_header(origin), flush=True)
     print(f"sinkfix patch overhead: {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_start[0]:.2f}", flush=True)
     started = time.perf_counter()
     times = measure_time(args)
     stock = Spread(tuple(times["stock"]))
     report: dict[str, Any] = {"model": args.model, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
-                              "mem_seq_len": args.mem_seq_len, "repeats": args.repeats, "time": {}, "memory": {}}
+                              "mem_seq_len": args.mem_seq_len, "repeats": args.repeats, "provenance": origin, "time": {},
+                              "memory": {}}
     ok = True
     print(f"\nprefill {args.seq_len} tokens, {args.repeats} ABBA rounds after {args.warmup} warm-up rounds (ms)")
     print(f"{'config':<16}{'min':>9}{'median':>9}{'max':>9}{'ratio':>9}   paired ratio min/median/max")
@@ -183,9 +206,10 @@ def main() -> int:
     report["wall_time_s"] = time.perf_counter() - started
     print(f"\nload average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} CPUs; "
           f"{report['wall_time_s']:.0f} s; {'all within target' if ok else 'SOME RATIOS ABOVE TARGET'}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    if args.json:  # atomically: a failed write leaves no half-written file in the old one's place
+        from sinkfix.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     return 0 if ok else 1
 
 

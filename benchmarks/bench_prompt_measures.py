@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ratio_of_medians(spent[method], base)
         rows[method] = {"median_ms": median, "ratio": ratio.to_dict(),
                         "samples_ms": [round(1e3 * t, 3) for t in spent[method]]}
-        print(f"  {method:16s} {median:7.2f} ms   x{ratio.value:.3f} [{ratio.low:.3f}, {ratio.high:.3f}]")
+        # one prefill per method has no interval (sinkfix.bench.stats.Ratio): say so, do not format None
+        interval = f"[{ratio.low:.3f}, {ratio.high:.3f}]" if ratio.has_interval else "no interval (1 round)"
+        print(f"  {method:16s} {median:7.2f} ms   x{ratio.value:.3f} {interval}")
     print(f"  largest difference between the methods' measures: {difference:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -816,7 +816,7 @@ def main(argv=None) -> int:
     f.add_argument("--profile-out", required=True, help="the profile file to write")
     w = _saved_run_parser(sub, "pool", "every selection of a run repeated with a candidate pool, whole tables", pool)
     w.add_argument("--pool", choices=sorted(POOLS), default="wide", help="the candidates (default: wide)")
-    _saved_run_parser(sub, "intervals", "a run's rows window by window, each change with a 95% interval", intervals)
+    _saved_run_parser(sub, "intervals", "a run's rows window by window, each change with a 95%% interval", intervals)
     _saved_run_parser(sub, "analyses", "every domain's own fit and fixed candidate on every domain, from saved fits",
                       analyses)
     t = sub.add_parser("table", help="every table-*.json (written by run --finished-only) -> Markdown")

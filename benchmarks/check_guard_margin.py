@@ -6,12 +6,15 @@
 Protocol: the model is patched with ``--profile`` (default: a per-head policy with seeded random
 betas in [0.8, 1] and virtual sink logits around -4, the overhead benchmark's). Calibration ranges
 (:func:`sinkfix.telemetry.calibration_statistics`, prefixes of >= 32 rows) are measured on
-``--calib-windows`` 512-token windows (BOS first) of each of the built-in *calibration* texts. Then
-each request group goes through ``sinkfix.monitor`` (one forward per prompt, no guard) and the
-request's *excess* is computed from its record: the largest, over layers and heads, of
-``max(low - share, share - high)`` (sink share before sink scaling; > 0 means out of range). Groups:
-the built-in request set (prompts of 245-697 tokens cut from the held-out prose and code texts, BOS
-first), the same prompts without BOS, and prompts of uniformly random token ids. A margin separates
+``--calib-windows`` 512-token windows (BOS first) of the built-in *calibration* text of each of
+``--domains`` (default: all five built-in domains, the ones ``sinkfix calibrate`` records its ranges
+over; the run recorded in docs/monitoring.md used pydoc prose and python code only). Then each
+request group goes through ``sinkfix.monitor`` (one forward per prompt, no guard) and the request's
+*excess* is computed from its record: the largest, over layers and heads, of
+``max(low - share, share - high)`` (sink share before sink scaling; > 0 means out of range). Groups,
+per built-in domain: the built-in request set (``builtin_requests``: prompts cut from the held-out
+*evaluation* text of every built-in domain, BOS first) and the same prompts without BOS; then
+``--random-prompts`` prompts of uniformly random token ids. A margin separates
 the groups when the held-out requests stay below it and the far-out ones exceed it.
 """
 
@@ -27,11 +30,12 @@ import torch
 
 import sinkfix
 from sinkfix.analysis.inspection import text_windows
+from sinkfix.bench.provenance import provenance
 from sinkfix.evaluate import bos_token_id
 from sinkfix.profile import ModelIdentity, Profile
 from sinkfix.telemetry import DEFAULT_MARGIN, calibration_statistics
 from sinkfix.telemetry.requests import builtin_requests
-from sinkfix.texts import domain_text
+from sinkfix.texts import DOMAINS, domain_text
 
 
 def _default_profile(model) -> Profile:
@@ -51,19 +55,50 @@ def _excess(record: dict, low: torch.Tensor, high: torch.Tensor, min_rows: int) 
     return None if worst == float("-inf") else worst
 
 
-def main(argv: list[str] | None = None) -> int:
+def _header(origin: dict) -> str:
+    """One line naming the device and the versions a run's numbers belong to."""
+    versions = origin["versions"]
+    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
+        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (no random prompt left the excess list empty, and its median failed)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", default=None)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calib-windows", type=int, default=8, help="512-token calibration windows per domain")
-    parser.add_argument("--random-prompts", type=int, default=6)
+    parser.add_argument("--calib-windows", type=_positive, default=8, help="512-token calibration windows per domain")
+    # the domains `sinkfix calibrate` records its ranges over (every built-in one), not the old
+    # aliases "prose" and "code", which warn and left three of the request set's domains uncalibrated
+    parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS),
+                        help="built-in domains whose calibration text the ranges are measured on (default: all)")
+    parser.add_argument("--random-prompts", type=_positive, default=6, help="prompts of random token ids (>= 1)")
     parser.add_argument("--json", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.json:  # before the forwards, not after them
+        from sinkfix.files import OutputError, check_writable
+
+        try:
+            check_writable(args.json)
+        except OutputError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
     profile = sinkfix.Profile.load(args.profile) if args.profile else _default_profile(model)
-    windows = [w for domain in ("prose", "code")
+    windows = [w for domain in args.domains
                for w in text_windows(tokenizer, domain_text(domain, "calib"), seq_len=512)[: args.calib_windows]]
     bos = bos_token_id(tokenizer)
     groups: dict[str, list[torch.Tensor]] = {}
@@ -75,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     groups["random token ids, BOS"] = [torch.cat([torch.tensor([bos]), torch.randint(0, tokenizer.vocab_size, (299,),
                                                                                       generator=g)])
                                        for _ in range(args.random_prompts)]
-    results = {"model": args.model, "calibration_windows": len(windows), "load_before": os.getloadavg(), "groups": {}}
+    origin = provenance(torch.device("cpu"))
+    print(_header(origin), flush=True)
+    results = {"model": args.model, "calibration_domains": args.domains, "calibration_windows": len(windows),
+               "load_before": os.getloadavg(), "provenance": origin, "groups": {}}
     with sinkfix.patch(model, profile):
         stats = calibration_statistics(model, windows)
         print(f"ranges over {len(windows)} calibration windows: width median "

@@ -30,10 +30,18 @@ import torch
 import sinkfix
 from sinkfix.analysis.inspection import text_windows
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD, measure_extreme_tokens
+from sinkfix.bench.provenance import provenance
 from sinkfix.telemetry import SAMPLE_ROWS
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_text
 
 SINK_SHARE_TARGET = 1e-4
+
+
+def _header(origin: dict) -> str:
+    """One line naming the device and the versions a run's numbers belong to."""
+    versions = origin["versions"]
+    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
+        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
 
 
 def _tensor(nested) -> torch.Tensor:
@@ -82,7 +90,10 @@ def compare(model, windows: list[torch.Tensor], sample_rows: int) -> dict[str, f
             "dormant_heads_monitor": dormant["monitor"], "windows": len(windows)}
 
 
-def main(argv: list[str] | None = None) -> int:
+POLICIES = ("identity", "per-head")  # the names _policies builds, offered as --policies choices
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
@@ -91,17 +102,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-rows", type=int, nargs="+", default=[SAMPLE_ROWS])
     parser.add_argument("--domains", nargs="+", default=list(QUICK_DOMAINS), choices=DOMAINS,
                         help="built-in domains whose evaluation text is windowed")
-    parser.add_argument("--policies", nargs="+", default=["identity", "per-head"])
+    # choices: a misspelt name used to be skipped, leaving nothing compared and an exit code of 0
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES,
+                        help="policies compared (default: all of them)")
     parser.add_argument("--json", default=None)
+    return parser
+
+
+def _passed(rows: list[dict]) -> bool:
+    """Every compared row within the sink-share target, and at least one row: nothing compared is no pass."""
+    return bool(rows) and all(r["sink_share"] <= SINK_SHARE_TARGET for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.json:  # before the model loads and the windows run, not after
+        from sinkfix.files import OutputError, check_writable
+
+        try:
+            check_writable(args.json)
+        except OutputError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     model, tokenizer = sinkfix.load_model(args.model)
     windows = [w for domain in args.domains
                for w in text_windows(tokenizer, domain_text(domain, "eval"), seq_len=args.seq_len)[: args.windows]]
     with sinkfix.patch(model) as handle:
         layers, heads = handle.num_layers, max(handle.num_heads())
+    origin = provenance(torch.device("cpu"))  # which CPU and which versions measured this, in the header and JSON
+    print(_header(origin), flush=True)
     results = {"model": args.model, "torch": torch.__version__, "seq_len": args.seq_len, "domains": args.domains,
-               "windows_per_domain": args.windows, "load_before": os.getloadavg(), "rows": []}
+               "windows_per_domain": args.windows, "load_before": os.getloadavg(), "provenance": origin, "rows": []}
     for name, policy in _policies(layers, heads).items():
         if name not in args.policies:
             continue
@@ -121,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         from sinkfix.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=1))
-    return 0 if all(r["sink_share"] <= SINK_SHARE_TARGET for r in results["rows"]) else 1
+    return 0 if _passed(results["rows"]) else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Ratios are patched / stock medians of the same run.
 Mode ``monitored`` (eager): for each correcting variant, the patched model without telemetry and the
 same model inside ``monitor.request()``, alternating: the prefill timed over the whole request (the
 hooks, the prompt measures after the last layer and the end-of-request read, which synchronises),
-then ``--monitor-new-tokens`` decode steps, each timed, inside one request. Ratios are on / off
+then a greedy ``generate`` of ``--monitor-new-tokens`` new tokens inside one request, whose cached
+decode steps (one fewer than the new tokens) are timed, the first dropped: 30 timed steps per
+request by default, and per round one prefill and one such request per configuration. Ratios are on / off
 medians of the same run, against the telemetry targets (prefill <= 1.03x, decode step <= 1.05x;
 docs/monitoring.md). On a CUDA device the patch runs the Triton kernels, so the sink statistics
 come from their statistics variants. The guard is not measured here (it needs a calibrated profile
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: eager, monitored (telemetry on vs off), compiled, profile (where a "
                              "decode step's host time goes, per variant)")
     parser.add_argument("--monitor-new-tokens", type=int, default=32,
-                        help="decode steps per request in the monitored mode (default 32)")
+                        help="new tokens per monitored-mode request (default 32): one generate per configuration "
+                             "and round, its cached steps (new tokens - 1) timed less the first, so 30 by default")
     parser.add_argument("--profile-steps", type=int, default=24,
                         help="decode steps each variant is profiled over in the profile mode (default 24)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),

@@ -23,17 +23,25 @@ from sinkfix.evaluate import perplexity
 from sinkfix.texts import DOMAINS, domain_text
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seq-len", type=int, default=256)
+    # --seq-len used to look like it set the evaluation windows too, which were fixed at 512 tokens
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration window length (default 256); "
+                        "the evaluation windows are --eval-seq-len")
+    parser.add_argument("--eval-seq-len", type=int, default=512,
+                        help="evaluation window length for the perplexities (default 512)")
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--bos", action="store_true")
     parser.add_argument("--out", default=None, help="save the profile here")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(1)
     model, tokenizer = sinkfix.load_model(args.model)
     print(f"model {args.model}, CPU fp32, torch {torch.__version__}, python {platform.python_version()}", flush=True)
@@ -52,9 +60,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for domain in DOMAINS:
         text = domain_text(domain, "eval")
-        stock = perplexity(model, tokenizer, text, seq_len=512, bos=args.bos, max_windows=args.eval_windows)
+        stock = perplexity(model, tokenizer, text, seq_len=args.eval_seq_len, bos=args.bos,
+                           max_windows=args.eval_windows)
         with sinkfix.patch(model, profile, backend="torch"):
-            got = perplexity(model, tokenizer, text, seq_len=512, bos=args.bos, max_windows=args.eval_windows)
+            got = perplexity(model, tokenizer, text, seq_len=args.eval_seq_len, bos=args.bos,
+                             max_windows=args.eval_windows)
         print(f"| calibrated hidden-sink beta + heads | {'yes' if args.bos else 'no'} | {domain} | {stock.ppl:.3f} | "
               f"{got.ppl:.3f} | {100 * (got.ppl / stock.ppl - 1):+.2f}% |", flush=True)
         print(f"<!-- {stock.protocol()} -->", flush=True)

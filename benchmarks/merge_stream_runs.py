@@ -9,8 +9,9 @@ measurement can run as several processes, e.g. the caches in one and the recompu
 
 writes ``stream.json`` (the summary ``sinkfix stream --json`` prints, with the paired comparison
 recomputed over all variants) and ``stream.png`` into ``--out``. The runs must agree on the stream
-(model, text, tokens, cache, chunk, segments, BOS); ``recompute_every`` comes from the run that
-recomputed.
+(model, text, tokens, cache, chunk, segments, BOS, ``--period``); ``recompute_every`` comes from the
+run that recomputed. Runs made with ``--profile`` must name the same profile (a run without one, whose
+variants use none, merges with them).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from sinkfix.analysis.streaming import StreamResult, StreamVariant
 from sinkfix.errors import UsageError
 from sinkfix.files import atomic_write_text, strict_json
 
-# protocol entries every merged run must share (the rest describe how a variant was run)
-SHARED = ("tokens", "n_sink", "window", "cache_tokens", "chunk", "segment_len", "warmup", "bos", "model", "text")
+# protocol entries every merged run must share (the rest describe how a variant was run); "period"
+# makes a different stream (the text's first N tokens over and over) and was missing, so a periodic
+# control run merged silently with an ordinary one
+SHARED = ("tokens", "n_sink", "window", "cache_tokens", "chunk", "segment_len", "warmup", "bos", "model", "text",
+          "period")
 
 
 def load_run(folder: Path) -> tuple[dict, dict[str, StreamVariant]]:
@@ -58,6 +62,11 @@ def merge(folders: list[Path]) -> StreamResult:
         if any(name.startswith("recompute") for name in run_variants):
             protocol["recompute_every"] = run_protocol["recompute_every"]
         if run_protocol.get("profile"):
+            # only the *_profile variants use the profile, so a run without one merges; two different
+            # profiles do not (the last run's name used to replace the first's, silently)
+            if protocol.get("profile") and protocol["profile"] != run_protocol["profile"]:
+                raise UsageError(f"{folder} ran with profile {run_protocol['profile']}, an earlier run with "
+                                 f"{protocol['profile']}")
             protocol["profile"] = run_protocol["profile"]
         variants.update(run_variants)
     assert protocol is not None
@@ -65,12 +74,20 @@ def merge(folders: list[Path]) -> StreamResult:
     return StreamResult(variants, protocol)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="output folders of sinkfix stream")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    result = merge(args.runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result = merge(args.runs)
+    except UsageError as error:  # runs that do not belong together: a message, not a traceback
+        parser.error(str(error))
     summary = result.summary()
     summary["protocol"]["merged_from"] = [str(r) for r in args.runs]
     atomic_write_text(args.out / "stream.json", strict_json(summary, indent=2) + "\n")  # NaN ratios as null

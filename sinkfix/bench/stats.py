@@ -83,13 +83,20 @@ def alternate(
 
 @dataclass(frozen=True)
 class Ratio:
-    """``median(numerator) / median(denominator)`` and a paired-bootstrap percentile interval of it."""
+    """``median(numerator) / median(denominator)`` and a paired-bootstrap percentile interval of it.
+
+    ``low`` and ``high`` are None with fewer than 2 ``pairs``: resampling one unit only ever draws
+    that unit again, a zero-width "interval" that says nothing about how sure the ratio is."""
 
     value: float
-    low: float
-    high: float
+    low: float | None
+    high: float | None
     confidence: float
     pairs: int
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,7 +127,8 @@ def ratio_of_block_medians(numerator: Sequence[Sequence[float]], denominator: Se
     round share that round's machine state (a decode step's time moved by up to 20% from one
     ``generate`` to the next on the machine this was written on, while steps within one moved by a
     few percent), so drawing them one by one would make the interval far too narrow. ``pairs`` in
-    the result counts rounds; with few rounds the interval is rough.
+    the result counts rounds; with few rounds the interval is rough, and with one there is none
+    (``low`` and ``high`` None).
     """
     import numpy as np
 
@@ -136,12 +144,15 @@ def ratio_of_block_medians(numerator: Sequence[Sequence[float]], denominator: Se
     if any(not (math.isfinite(x) and x > 0) for block in (*numerator, *denominator) for x in block):
         raise ValueError("a ratio of medians needs finite positive measurements (times, sizes)")
 
+    value = (statistics.median(x for block in numerator for x in block)
+             / statistics.median(x for block in denominator for x in block))
+    if len(numerator) < 2:  # one resampling unit: no interval (see Ratio)
+        return Ratio(value, None, None, confidence, len(numerator))
+
     def log_median(blocks: list[Sequence[float]]) -> float:
         return math.log(statistics.median(x for block in blocks for x in block))
 
     # the same percentile interval `sinkfix eval` takes of its paired differences (lmeval.stats.compare_paired)
     logs = paired_bootstrap(list(denominator), list(numerator), log_median, iterations=iterations, seed=seed)
     low, high = np.quantile(logs, [(1 - confidence) / 2, (1 + confidence) / 2])
-    value = (statistics.median(x for block in numerator for x in block)
-             / statistics.median(x for block in denominator for x in block))
     return Ratio(value, math.exp(float(low)), math.exp(float(high)), confidence, len(numerator))
