@@ -59,14 +59,15 @@ class PatchHandle:
     """
 
     def __init__(self, model: nn.Module, policy: Policy, backend: str, original_impl: str | None,
-                 states: dict[str, LayerState], clip_layers: dict[str, nn.Module]) -> None:
+                 original_settings: list[tuple[Any, Any]], states: dict[str, LayerState],
+                 clip_layers: dict[str, nn.Module]) -> None:
         self._model_ref = weakref.ref(model)
         self.policy = policy
         self.backend = backend
         self._original_impl = original_impl
         # (config, its own attention setting) for the config and its sub-configs before any patch:
         # what remove() puts back (one value for all of them would lose e.g. a vision tower's eager)
-        self._original_settings: list[tuple[Any, Any]] | None = None
+        self._original_settings = original_settings
         self._states = states  # attention module name -> its state
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
@@ -132,10 +133,7 @@ class PatchHandle:
         self._restore_original_attention(model)
 
     def _restore_original_attention(self, model: nn.Module) -> None:
-        if self._original_settings is None:
-            model.set_attn_implementation(self._original_impl or "eager")
-        else:
-            _restore_attn_settings(model, self._original_impl, self._original_settings)
+        _restore_attn_settings(model, self._original_impl, self._original_settings)
 
     # -- what is patched ----------------------------------------------------------------------
     @property
@@ -277,7 +275,7 @@ class PatchHandle:
             copied = None if config is None else memo.get(id(config))
             if copied is not None and getattr(copied, "_attn_implementation", None) == IMPL_NAME:
                 copied._attn_implementation = self._original_impl or "eager"
-        for config, value in self._original_settings or ():  # sub-configs keep their own setting
+        for config, value in self._original_settings:  # sub-configs keep their own setting
             copied = memo.get(id(config))
             if copied is not None:
                 copied._attn_implementation_internal = value
@@ -396,7 +394,7 @@ def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) ->
 
 
 def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
-          previous: "PatchHandle | None") -> PatchHandle:
+          original_settings: list[tuple[Any, Any]], previous: "PatchHandle | None") -> PatchHandle:
     """Everything patch() decides before changing the model: which modules, which policy per
     layer, which decoder layers to clip. Raises on any problem."""
     arch = type(model).__name__
@@ -423,7 +421,7 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
             if parent is None:
                 raise UnsupportedModelError(f"cannot find the decoder layer around {name} for residual clipping")
             clip_layers[name] = parent
-    handle = PatchHandle(model, policy, backend, original, states, clip_layers)
+    handle = PatchHandle(model, policy, backend, original, original_settings, states, clip_layers)
     handle.tensor_parallel = tp
     return handle
 
@@ -469,7 +467,8 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
             prepare_first_column_sink(model_device(model))
         if current != IMPL_NAME:
             _select_sinkfix_attention(model, type(model).__name__)
-        handle = _plan(model, policy, backend_name, original, previous)
+        handle = _plan(model, policy, backend_name, original,
+                       previous._original_settings if previous is not None else settings, previous)
     except BaseException:
         _restore_attn_settings(model, current, settings)
         raise
@@ -483,7 +482,6 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
         _restore_attn_settings(model, current, settings)
         raise
     handle._replaced = previous
-    handle._original_settings = previous._original_settings if previous is not None else settings
     return handle
 
 

@@ -595,7 +595,6 @@ class Profile:
             clip = [float(x) for x in clip]
         n_sink = _json_int("n_sink", policy.get("n_sink", 1))
         extra = _json_ints("extra_sink_positions", policy.get("extra_sink_positions", []))
-        _check_n_sink(n_sink)
         if any(p < 0 for p in extra):
             raise ProfileError(f"profile extra_sink_positions must be >= 0, got {_json_text(list(extra))}")
         calibration = data.get("calibration") or {}
