@@ -23,8 +23,8 @@ from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.telemetry import prompt as prompt_measures
 from sinkfix.telemetry.accumulate import RequestAccumulator
-from sinkfix.telemetry.prompt import (layouts_for_next_forward, measure_prompt, measure_sampled, measure_sampled_many,
-                                      sample_call, sampled_rows)
+from sinkfix.telemetry.prompt import (Workspace, layouts_for_next_forward, measure_prompt, measure_sampled,
+                                      measure_sampled_many, sample_call, sampled_rows)
 
 from .conftest import tiny_model
 
@@ -272,6 +272,57 @@ def test_layers_measured_together_equal_one_by_one(softcap):
         assert len(together) == len(alone)
         for got, expected in zip(together, alone):
             _assert_same_measures(got, expected)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measures_written_into_a_workspace_equal_fresh_ones(softcap, dtype):
+    """With a Workspace the block, the merged keys and (16-bit keys) their fp32 copy are written into
+    buffers kept between calls: bit for bit the measures of fresh tensors, whether the buffers grow
+    (a longer prompt after a shorter one) or serve a smaller request from a larger buffer."""
+    workspace = Workspace()
+    beta = [torch.rand(4, generator=torch.Generator().manual_seed(i)) * 0.5 + 0.5 for i in range(4)]
+    policies = [None, (beta[1], torch.randn(4)), (beta[2], None), (beta[3], torch.randn(4))]
+    pointers = {}
+    for q_len in (60, 150, 90):
+        calls = _layer_calls(4, q_len, softcap=softcap, policies=policies)
+        for call in calls:  # the cache's keys in the model's precision
+            call.key, call.value = call.key.to(dtype), call.value.to(dtype)
+        layouts: dict = {}
+        sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
+        for limit in (sampled[0].lse.numel() * q_len, None):  # one layer per batch, then all four at once
+            fresh = measure_sampled_many(sampled, threshold=0.05, max_block=limit)
+            reused = measure_sampled_many(sampled, threshold=0.05, max_block=limit, workspace=workspace)
+            for got, expected in zip(reused, fresh, strict=True):
+                for name, a, b in zip(got._fields, got, expected):
+                    assert torch.equal(a, b), (q_len, limit, name)
+        pointers[q_len] = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
+    names = {name for name, _ in pointers[150]}
+    assert names == ({"scores", "key"} | ({"keys32"} if dtype != torch.float32 else set()))
+    assert pointers[90] == pointers[150]  # the smaller request reused the larger one's buffers
+    assert workspace.nbytes() > 0
+
+
+def test_workspace_keeps_only_small_cpu_buffers():
+    """Larger than max_elements, off the CPU, or while compiling: a fresh tensor, nothing kept."""
+    workspace = Workspace(max_elements=100)
+    kept = workspace.take("scores", (4, 25), torch.float32, torch.device("cpu"))
+    assert workspace.take("scores", (10, 10), torch.float32, torch.device("cpu")).data_ptr() == kept.data_ptr()
+    assert workspace.take("scores", (101,), torch.float32, torch.device("cpu")).data_ptr() != kept.data_ptr()
+    assert workspace.take("scores", (4, 25), torch.float32, torch.device("meta")).device.type == "meta"
+    assert list(workspace._buffers) == [("scores", torch.float32)] and workspace.nbytes() == 400
+
+
+def test_a_monitor_reuses_its_workspace_between_requests(one_thread):
+    """The prompt measures of every request after the first write into the same CPU buffers
+    (the monitor's Workspace): no new block at the end of each forward."""
+    model = tiny_model("llama")
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        _one_request(monitor, model, input_ids=_ids(1, 48, seed=1))
+        first = {key: buffer.data_ptr() for key, buffer in monitor._workspace._buffers.items()}
+        _one_request(monitor, model, input_ids=_ids(1, 48, seed=2))
+        assert {"scores", "key"} <= {name for name, _ in first}
+        assert {key: buffer.data_ptr() for key, buffer in monitor._workspace._buffers.items()} == first
 
 
 def test_the_merge_limit_follows_the_device(monkeypatch):

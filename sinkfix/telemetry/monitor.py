@@ -32,7 +32,7 @@ from sinkfix.errors import MonitorError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
-from sinkfix.telemetry.prompt import layouts_for_next_forward, measure_sampled_many, sample_call
+from sinkfix.telemetry.prompt import Workspace, layouts_for_next_forward, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
@@ -178,6 +178,7 @@ class Monitor:
         self._rerunning = False
         self._layouts: dict = {}
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
+        self._workspace = Workspace()  # the prompt measures' CPU buffers, kept between requests (Workspace says why)
         self.records: list[dict] = []  # the last request's records
         try:  # anything refused below leaves the model as it was (close() removes a patch made here)
             _check_supported(self._handle)
@@ -326,7 +327,8 @@ class Monitor:
         if acc is None:  # a guard's rerun started the request over: those calls were never served
             return
         if sampled:
-            measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold)
+            measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold,
+                                            workspace=self._workspace)
             acc.add_prompts([call.layer for call in sampled], measures, [call.rows for call in sampled])
 
     def _residual_hook(self, layer: int, last: bool):

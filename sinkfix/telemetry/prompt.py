@@ -29,7 +29,7 @@ import torch
 
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
-__all__ = ["PromptMeasures", "SampledCall", "measure_prompt", "measure_sampled", "measure_sampled_many",
+__all__ = ["PromptMeasures", "SampledCall", "Workspace", "measure_prompt", "measure_sampled", "measure_sampled_many",
            "merged_block_limit", "norms32", "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
 
 #: A key is judged only when at least this many sampled rows see it (or all of its viewers, for a
@@ -65,6 +65,49 @@ MERGED_BLOCK_ELEMENTS_GPU = 1 << 25
 # exp(-87) = 1.6e-38 is the smallest fp32 normal number's neighbourhood: below it exp's result is
 # subnormal, which the CPU kernels compute ~100x slower. exp(60) stays finite.
 _EXP_FLOOR, _EXP_CEILING = -87.0, 60.0
+
+
+#: The largest tensor (elements) a :class:`Workspace` keeps for the next forward: twice
+#: :data:`MERGED_BLOCK_ELEMENTS` (8 MB of fp32). A larger one (a single layer of a long prompt) is
+#: allocated and freed as before, so that one long request does not pin its block for good.
+WORKSPACE_MAX_ELEMENTS = 2 * MERGED_BLOCK_ELEMENTS
+
+
+class Workspace:
+    """Buffers on the CPU that the prompt measures write their largest tensors into (the probability
+    block, the batch of layers' keys), kept from one request to the next.
+
+    Why: the measures run after the forward's last layer, while its KV cache is alive, and used to
+    allocate a few 4 MB blocks there. glibc then grew its heap past what an unmonitored forward
+    needs and gave the top back to the system after the request (its trim threshold), so the next
+    prefill faulted those pages in again. SmolLM2-135M, 512-token prefills, monitored and
+    unmonitored alternating, one thread (2026-12-05): with fresh blocks 7 of 10 monitored passes
+    faulted 1,800-15,600 pages more than the unmonitored ones and the heap moved between 263 and 324
+    MB; with the workspace none did after the first request and the heap stayed at 304 MB.
+
+    Only on the CPU: a GPU's caching allocator already reuses its blocks, and a persistent block of
+    a 4096-token prompt's batch would hold hundreds of MB of device memory. Not while compiling
+    (a traced forward owns its buffers). Not thread-safe, like the monitor that owns it."""
+
+    def __init__(self, max_elements: int = WORKSPACE_MAX_ELEMENTS) -> None:
+        self.max_elements = max_elements
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor: a view of the buffer ``name`` (grown when too small), or
+        a fresh tensor where the workspace does not apply. A name's previous view is overwritten."""
+        numel = math.prod(shape)
+        if device.type != "cpu" or numel > self.max_elements or torch.compiler.is_compiling():
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (name, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        """Bytes the workspace holds."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
 
 class PromptMeasures(NamedTuple):
@@ -282,7 +325,8 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
                        call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
 
 
-def _real_probabilities(sampled: SampledCall, keys: torch.Tensor, part: tuple[int, int, int]) -> torch.Tensor:
+def _real_probabilities(sampled: SampledCall, keys: torch.Tensor, part: tuple[int, int, int],
+                        workspace: Workspace | None = None) -> torch.Tensor:
     """(B, Hq, rows, E) fp32 ``exp(s_ij - lse_i)`` of one part of the sampled rows over the first
     ``E`` keys (``part`` = first row, end row, E), 0 where a row may not look: the stock softmax over
     the real keys, rebuilt from the call's own log-sum-exp. ``keys``: (B * Hkv, D, K) fp32.
@@ -302,11 +346,13 @@ def _real_probabilities(sampled: SampledCall, keys: torch.Tensor, part: tuple[in
             batch * kv_heads, group * (end - start), -1)
     neg_lse = lse.neg().reshape(batch * kv_heads, group * (end - start), 1)
     keys = keys if k_end == keys.shape[-1] else keys[..., :k_end]
+    out = None if workspace is None else workspace.take(
+        "scores", (q_rows.shape[0], q_rows.shape[1], keys.shape[-1]), torch.float32, keys.device)
     if sampled.softcap is None:  # the scale goes into the product (alpha), not into a scaled copy of q
-        scores = torch.baddbmm(neg_lse, q_rows, keys, alpha=sampled.scale)
+        scores = torch.baddbmm(neg_lse, q_rows, keys, alpha=sampled.scale, out=out)
     else:
         softcap = sampled.softcap
-        scores = torch.bmm(q_rows, keys).mul_(sampled.scale / softcap).tanh_().mul_(softcap).add_(neg_lse)
+        scores = torch.bmm(q_rows, keys, out=out).mul_(sampled.scale / softcap).tanh_().mul_(softcap).add_(neg_lse)
     # the ceiling only matters for keys the row may not see (a later key can score far above the
     # row's log-sum-exp): their exp must stay finite for the zeroing product below
     probs = scores.clamp_(min=_EXP_FLOOR, max=_EXP_CEILING).exp_().view(batch, q_heads, end - start, k_end)
@@ -341,17 +387,21 @@ def _row_factors(call: SampledCall, probs: torch.Tensor, part: tuple[int, int, i
     return torch.where(has_n, factors, 0.0)
 
 
-def _applied_column_sums(sampled: SampledCall) -> torch.Tensor:
+def _applied_column_sums(sampled: SampledCall, workspace: Workspace | None = None) -> torch.Tensor:
     """(B, Hq, K) the applied attention summed over the sampled rows, per key, part by part of the
     rows (:func:`_row_chunks`): under the causal rule the parts skip the keys their rows cannot see,
     37.5% of a 512-token prompt's block with four parts."""
     k = sampled.key
     batch, q_heads, _ = sampled.lse.shape
     kv_heads, k_len, dim = k.shape[1], k.shape[2], k.shape[3]
-    keys = k.reshape(batch * kv_heads, k_len, dim).to(torch.float32).transpose(1, 2)
+    keys = k.reshape(batch * kv_heads, k_len, dim)
+    if keys.dtype != torch.float32:
+        keys = (keys.float() if workspace is None
+                else workspace.take("keys32", tuple(keys.shape), torch.float32, keys.device).copy_(keys))
+    keys = keys.transpose(1, 2)
     columns = None
     for part in reversed(sampled.layout.chunks):  # the last part sees every key: the sums start from it
-        probs = _real_probabilities(sampled, keys, part)
+        probs = _real_probabilities(sampled, keys, part, workspace)
         sums = torch.matmul(_row_factors(sampled, probs, part)[..., None, :], probs).squeeze(-2)  # (B, Hq, E)
         if columns is None:
             columns = sums if part[2] == k_len else torch.nn.functional.pad(sums, (0, k_len - part[2]))
@@ -360,7 +410,7 @@ def _applied_column_sums(sampled: SampledCall) -> torch.Tensor:
     return columns
 
 
-def measure_sampled(sampled: SampledCall, *, threshold: float) -> PromptMeasures:
+def measure_sampled(sampled: SampledCall, *, threshold: float, workspace: Workspace | None = None) -> PromptMeasures:
     """The drain weights and the sampled hidden-sink estimates of one sampled attention call."""
     lay = sampled.layout
     batch, q_heads, _ = sampled.lse.shape
@@ -370,7 +420,7 @@ def measure_sampled(sampled: SampledCall, *, threshold: float) -> PromptMeasures
     # ACT's criterion is on the column sums' mean over the rows that see the key; the dormancy's
     # hidden-sink part, sum_rows sum_{j hidden} p_ij w_j, is the same column sums dotted with the
     # hidden keys' weights
-    columns = _applied_column_sums(sampled)
+    columns = _applied_column_sums(sampled, workspace)
     hidden = (columns * lay.inv_seen > threshold) & lay.judged
     by_kv = (batch, kv_heads, group, k_len)
     hidden_weighted = torch.where(hidden.view(by_kv), columns.view(by_kv) * weights[:, :, None, :], 0.0)
@@ -389,7 +439,7 @@ def _merge_key(call: SampledCall) -> tuple:
             call.softcap, shape(call.extra_logits), shape(call.virtual_sink_logit), shape(call.beta))
 
 
-def _merged(calls: list[SampledCall]) -> SampledCall:
+def _merged(calls: list[SampledCall], workspace: Workspace | None = None) -> SampledCall:
     """Several layers' calls as one call whose heads are all of theirs, layer after layer: every
     tensor of the measures is per head (or per kv head, query heads grouped under theirs), and the
     layout is shared, so the measures of the merged call are the layers' measures side by side."""
@@ -399,7 +449,13 @@ def _merged(calls: list[SampledCall]) -> SampledCall:
 
     def cat(name: str, dim: int) -> torch.Tensor | None:
         parts = [getattr(call, name) for call in calls]
-        return None if parts[0] is None else torch.cat(parts, dim=dim)
+        if parts[0] is None:
+            return None
+        if workspace is None or name != "key":
+            return torch.cat(parts, dim=dim)
+        shape = list(parts[0].shape)
+        shape[dim] = sum(part.shape[dim] for part in parts)
+        return torch.cat(parts, dim=dim, out=workspace.take(name, tuple(shape), parts[0].dtype, parts[0].device))
 
     q_rows = torch.cat([call.q_rows.view(batch, kv_heads, *call.q_rows.shape[1:]) for call in calls], dim=1)
     return first._replace(
@@ -421,7 +477,7 @@ def merged_block_limit(device: torch.device) -> int:
 
 
 def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
-                         max_block: int | None = None) -> list[PromptMeasures]:
+                         max_block: int | None = None, workspace: Workspace | None = None) -> list[PromptMeasures]:
     """:func:`measure_sampled` of several calls, in their order. Calls that can be merged
     (:func:`_merge_key`: in a forward, usually every layer) are measured together, as many at a time
     as keep the probability block within ``max_block`` elements (default: :func:`merged_block_limit`
@@ -441,9 +497,10 @@ def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
         for start in range(0, len(indices), step):
             batch = indices[start:start + step]
             if len(batch) == 1:
-                out[batch[0]] = measure_sampled(sampled[batch[0]], threshold=threshold)
+                out[batch[0]] = measure_sampled(sampled[batch[0]], threshold=threshold, workspace=workspace)
                 continue
-            merged = measure_sampled(_merged([sampled[i] for i in batch]), threshold=threshold)
+            merged = measure_sampled(_merged([sampled[i] for i in batch], workspace), threshold=threshold,
+                                     workspace=workspace)
             for index, measures in zip(batch, _split(merged, len(batch))):
                 out[index] = measures
     return out
