@@ -91,6 +91,35 @@ def test_hidden_sink_found_by_act_criterion():
     assert m.hidden_sink_share[0, 0].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_hidden_sink_behind_a_sink_that_takes_almost_everything():
+    """Key 0 takes all but ~1e-8 of every row (as in SmolLM2's sink heads); of the rest key 2 takes
+    most. With beta = 0.7 the correction moves 0.3 of each row onto the non-sink keys, so key 2's
+    corrected mean attention is about 0.3 x its share of them: a hidden sink. p_N must be summed over
+    the non-sink keys: as l_all - l_S it cancels to 0 in fp32 and the freed mass was never counted."""
+    call, _ = _sinking_call(beta=0.7)
+    n = 12
+    call.query = torch.tensor([1.0, 0.0]).expand(1, 1, n, 2).clone()
+    k = torch.zeros(1, 1, n, 2)
+    k[0, 0, 0] = torch.tensor([20.0, 0.0])  # e^-20 = 2e-9 of the sink's weight per other key
+    k[0, 0, 2] = torch.tensor([2.0, 0.0])
+    call.key, call.value = k, torch.ones(1, 1, n, 2)
+    collector = StreamingCollector(1, [1], min_queries=1)
+    collector.begin_window(torch.arange(n)[None])
+    collector.observe(call)
+    m = collector.result()
+    # fp64: row i (i >= 1) sees keys 0..i; the correction keeps beta p_S on the sink and gives the
+    # non-sink keys p_j (p_N + (1 - beta) p_S) / p_N
+    scores = (call.query[0, 0].double() @ k[0, 0].double().T).tril()
+    scores = scores.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf"))
+    p = torch.softmax(scores, -1)
+    p_s, p_n = p[:, 0], p[:, 1:].sum(-1)
+    applied = p[1:, 1:] * ((p_n + 0.3 * p_s) / p_n)[1:, None]
+    column_means = applied.sum(0) / torch.arange(n - 1, 0, -1)  # key j (j >= 1) is seen by rows j..n-1
+    assert column_means[1] > 0.1 and (column_means[2:] < 0.1).all()  # key 2 alone is a hidden sink
+    assert m.hidden_sink_rate[0, 0].item() == 1.0
+    assert m.hidden_sink_tokens[0] == {2: 1}
+
+
 # -- against dense ground truth on a real (tiny) model -----------------------------------------
 def test_metrics_match_dense_attention_and_hidden_states():
     model = tiny_model("llama")
@@ -218,6 +247,12 @@ def test_domain_flips_need_the_margin():
     assert set(found) == {(0, 0), (1, 1), (1, 2)}  # (0, 1) sits within the margin of the threshold
     assert found[(0, 0)]["dormant_on"] == ["prose"] and found[(1, 1)]["dormant_on"] == ["code"]
     assert flips[0]["delta"] == pytest.approx(0.8)
+    # a third domain inside the band (0.53) is listed on neither side, though the head flips
+    legal = torch.tensor([[0.53, 0.5, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    flips = _domain_flips({"prose": _metrics_with(prose), "code": _metrics_with(code), "legal": _metrics_with(legal)},
+                          margin=0.05)
+    head = next(f for f in flips if (f["layer"], f["head"]) == (0, 0))
+    assert head["dormant_on"] == ["prose"] and head["active_on"] == ["code"]
 
 
 def test_inspect_tiny_model_two_domains(tmp_path):

@@ -872,3 +872,58 @@ def test_sampled_query_rows_are_the_rows_grouped_by_kv_head(dtype, layout):
     expected = q[:, :, rows].float().reshape(2 * 2, 2 * len(range(50)[rows]), 16)
     assert sampled.q_rows.dtype == torch.float32 and sampled.q_rows.is_contiguous()
     torch.testing.assert_close(sampled.q_rows, expected, rtol=0, atol=0)
+
+
+def test_a_log_write_that_fails_warns_and_keeps_the_request(tmp_path, one_thread):
+    """A full disk (or a log removed from under the monitor) while a request finishes: a
+    LogWriteWarning; the output, monitor.records and the callback stand (raised, it lost them)."""
+    from sinkfix.telemetry.monitor import LogWriteWarning
+
+    model = tiny_model("llama")
+    seen = []
+    with sinkfix.monitor(model, log=tmp_path / "t.jsonl", callback=seen.append) as monitor:
+        def full_disk(record):
+            raise OutputError("cannot append to t.jsonl: No space left on device")
+
+        monitor.log.write = full_disk
+        with pytest.warns(LogWriteWarning, match="No space left"), torch.no_grad():
+            out = monitor.generate(input_ids=_ids(2, 12), attention_mask=torch.ones(2, 12, dtype=torch.long),
+                                   max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14)
+    assert len(monitor.records) == 2 and [r["index"] for r in seen] == [0, 1]
+
+
+def test_the_label_of_requests_without_a_domain_is_reserved(one_thread):
+    """Prometheus and reports put requests without a domain under "none": a request labelled so
+    would be merged with them."""
+    model = tiny_model("llama")
+    with sinkfix.monitor(model) as monitor:
+        for domain in ("none", ["code", "none"]):
+            with pytest.raises(MonitorError, match="reserved"), monitor.request(domain=domain):
+                pass
+
+
+def test_a_closed_monitor_refuses_requests(tmp_path, one_thread):
+    """After close() (log closed, endpoint stopped) a request would record nowhere: refused."""
+    model = tiny_model("llama")
+    with sinkfix.patch(model):
+        monitor = sinkfix.monitor(model, log=tmp_path / "t.jsonl")
+        monitor.close()
+        with pytest.raises(MonitorError, match="closed"), monitor.request():
+            pass
+        with pytest.raises(MonitorError, match="closed"):
+            monitor.forward(input_ids=_ids(1, 8))
+
+
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_beam_search_is_refused(where, one_thread):
+    """Beams are batch rows generate reorders between steps: no record could describe a sequence
+    (it used to log one record per beam)."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama")
+    kwargs = ({"num_beams": 2} if where == "argument" else
+              {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=2, pad_token_id=0)})
+    with sinkfix.monitor(model) as monitor, pytest.raises(MonitorError, match="beam search"):
+        monitor.generate(input_ids=_ids(1, 8), max_new_tokens=2, pad_token_id=0, **kwargs)
+    assert monitor.records == []

@@ -156,6 +156,7 @@ def test_calibrate_measures_statistics_on_the_first_windows_of_each_text(tiny, t
     ('{"prompt": ""}\n', "line 1: 'prompt' must be a non-empty string"),
     ('{"prompt": "x", "domain": 3}\n', "line 1: 'domain' must be a string or null"),
     ('{"prompt": "x", "id": true}\n', "line 1: 'id' must be a string or an integer"),
+    ('{"prompt": "x", "domain": "none"}\n', "line 1: the domain 'none' is reserved"),
     ("\n\n", "holds no request"),
 ])
 def test_malformed_request_files_name_the_line(tmp_path, content, message):
@@ -238,7 +239,10 @@ def test_malformed_logs_name_the_line(tmp_path, line, message):
     ({"sink_share": "0.3"}, '"sink_share" must be a non-empty list'),
     ({"dormancy": [[0.1, 0.1], [0.1]]}, '"dormancy" must hold one number'),
     ({"hidden_sinks": [[0, 1], [0, -1]]}, '"hidden_sinks" must hold one integer >= 0 per head'),
-], ids=["domain", "tokens", "dormant_heads", "rows", "residual_peak", "sink_share", "dormancy", "hidden_sinks"])
+    ({"guard": [1]}, '"guard" must be null or an object'),
+    ({"guard": {"tripped": "yes"}}, '"guard" must be null or an object'),
+], ids=["domain", "tokens", "dormant_heads", "rows", "residual_peak", "sink_share", "dormancy", "hidden_sinks",
+        "guard", "guard-tripped"])
 def test_records_whose_fields_a_report_cannot_read_name_the_line(tmp_path, change, message):
     """Records that pass the schema line but hold fields of the wrong type or shape (they once gave
     TypeErrors from the arithmetic, or a report over too few layers)."""

@@ -170,3 +170,75 @@ def test_guard_errors(calibrated, one_thread):
         Guard(profile.statistics, margin=-1)
     with pytest.raises(MonitorError, match="patched model"):
         calibration_statistics(model, [_ids(20, 0)[0]])
+
+
+def test_a_cache_that_cannot_be_rolled_back_is_left_as_the_forward_made_it(one_thread):
+    """A Qwen2 whose first layer is full and second sliding (window 5): the prompt's keys cannot be
+    cropped from the sliding layer once the window is full. transformers crops layer by layer, so the
+    full layer used to lose the prompt's keys before the sliding one refused; now nothing is cut."""
+    import transformers as tf
+    from transformers import DynamicCache
+
+    from sinkfix.telemetry.monitor import _rollback
+
+    from .conftest import _COMMON
+
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                            **_COMMON)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=_ids(20, 1), past_key_values=cache)
+        model(input_ids=_ids(30, 2), past_key_values=cache, position_ids=torch.arange(20, 50)[None])
+    before = [(layer.keys, layer.values) for layer in cache.layers]
+    assert before[0][0].shape[-2] == 50
+    assert not _rollback(cache, 20, 30)
+    for layer, (keys, values) in zip(cache.layers, before):
+        assert layer.keys is keys and layer.values is values
+    assert cache.get_seq_length() == 50
+    # a cache that can be rolled back still is (layer by layer, both layers full)
+    full = DynamicCache(config=tiny_model("llama").config)
+    llama = tiny_model("llama")
+    with torch.no_grad():
+        llama(input_ids=_ids(20, 1), past_key_values=full)
+        llama(input_ids=_ids(30, 2), past_key_values=full, position_ids=torch.arange(20, 50)[None])
+    assert _rollback(full, 20, 30) and full.get_seq_length() == 20
+
+
+def test_a_head_whose_share_is_not_a_number_trips_the_guard_and_the_record_is_logged(calibrated, tmp_path):
+    """A NaN weight makes one layer's shares NaN: the guard treats them as out of every range (a NaN
+    comparison used to say in range) and the record's numbers that are not finite are null in the
+    log (they used to fail the JSON write and lose the request)."""
+    model, profile = calibrated
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    profile = profile.without_weights_check()  # the NaN changed the weights' fingerprint
+    log = tmp_path / "t.jsonl"
+    with sinkfix.patch(model, profile), sinkfix.monitor(model, guard=profile, log=log) as monitor, torch.no_grad():
+        monitor.forward(input_ids=_ids(64, 2))
+    guard = monitor.records[0]["guard"]
+    assert guard["tripped"] and 1 in guard["layers"] and guard["worst"]["layer"] == 1
+    assert guard["worst"]["share"] is None and guard["worst"]["excess"] is None
+    (line,) = log.read_text().splitlines()
+    assert json.loads(line)["guard"]["tripped"]
+
+
+def test_guard_margin_is_applied_or_refused(calibrated):
+    """guard_margin sets a profile's guard margin; with a Guard (which carries its own) or without a
+    guard it is refused, never ignored."""
+    model, profile = calibrated
+    with sinkfix.patch(model, profile):
+        with sinkfix.monitor(model, guard=profile, guard_margin=0.4) as monitor:
+            assert monitor.guard.margin == 0.4
+        with sinkfix.monitor(model, guard=profile) as monitor:
+            assert monitor.guard.margin == 0.15
+        guard = Guard.from_profile(profile, margin=0.3)
+        with sinkfix.monitor(model, guard=guard, guard_margin=0.3) as monitor:
+            assert monitor.guard is guard
+        with pytest.raises(MonitorError, match="carries its own margin"):
+            sinkfix.monitor(model, guard=guard, guard_margin=0.4)
+        with pytest.raises(MonitorError, match="guard_margin without a guard"):
+            sinkfix.monitor(model, guard_margin=0.4)
+        assert sinkfix.PatchHandle.of(model).policy == profile.policy_for(model)

@@ -303,8 +303,9 @@ def dormancy_flips(dormancy: Mapping[str, torch.Tensor], margin: float) -> list[
             if s[hi] >= DORMANT_THRESHOLD + margin and s[lo] < DORMANT_THRESHOLD - margin:
                 flips.append({
                     "layer": layer, "head": head,
-                    "dormant_on": [n for n, v in zip(names, s.tolist()) if v >= DORMANT_THRESHOLD],
-                    "active_on": [n for n, v in zip(names, s.tolist()) if v < DORMANT_THRESHOLD],
+                    # the domains that clear the margin on their side; one inside the band is in neither list
+                    "dormant_on": [n for n, v in zip(names, s.tolist()) if v >= DORMANT_THRESHOLD + margin],
+                    "active_on": [n for n, v in zip(names, s.tolist()) if v < DORMANT_THRESHOLD - margin],
                     "scores": {n: round(float(v), 4) for n, v in zip(names, s.tolist())},
                     "delta": round(float(s[hi] - s[lo]), 4),
                 })

@@ -187,7 +187,7 @@ def _run_run(args: argparse.Namespace) -> int:
     handle = sinkfix.patch(model, correction)
     guard = correction if args.guard else None
     monitor = sinkfix.monitor(model, log=args.out, prometheus_port=args.prometheus_port, guard=guard,
-                              guard_margin=guard_margin, sample_rows=sample_rows)
+                              guard_margin=args.guard_margin, sample_rows=sample_rows)
     try:
         if monitor.prometheus_url:
             console.print(f"Prometheus metrics on {monitor.prometheus_url}")

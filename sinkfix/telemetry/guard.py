@@ -12,6 +12,7 @@ served by the fallback, and the log says so. What it can and cannot catch: docs/
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -92,6 +93,9 @@ class Guard:
         rows = stats[..., 1]
         share = stats[..., 0] / rows.clamp(min=1)
         excess = torch.maximum(low - self.margin - share, share - high - self.margin)
+        # a share that is not a number (a model producing NaN) is outside every range; without this
+        # the comparison below was False and the record's NaN failed the JSON log
+        excess = torch.where(torch.isfinite(share), excess, float("inf"))
         excess = torch.where(rows >= self.rows_needed, excess, float("-inf"))  # (L, B, H)
         worst, where = excess.permute(1, 0, 2).flatten(1).max(dim=1)  # (B,)
         values = read_once({"out": (excess > 0).any(-1), "worst": worst, "where": where, "share": share,
@@ -110,15 +114,21 @@ class Guard:
             if entry["checked"]:
                 layer, head = divmod(int(values["where"][b]), heads)
                 entry["worst"] = {"layer": layer, "head": head,
-                                  "share": round(float(values["share"][layer, b, head]), 6),
-                                  "low": round(float(self.statistics.low[layer, head]), 6),
-                                  "high": round(float(self.statistics.high[layer, head]), 6),
-                                  "excess": round(float(values["worst"][b]), 6)}
+                                  "share": _finite(values["share"][layer, b, head]),
+                                  "low": _finite(self.statistics.low[layer, head]),
+                                  "high": _finite(self.statistics.high[layer, head]),
+                                  "excess": _finite(values["worst"][b])}
             rows.append(entry)
         tripped = sorted({layer for row in rows for layer in row["layers"]})
         if tripped and self.scope == "request":
             tripped = list(range(num_layers))
         return GuardDecision(rows, tripped)
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    """A record's number: rounded to 6 places, None (JSON null) where it is not finite."""
+    number = float(value)
+    return round(number, 6) if math.isfinite(number) else None
 
 
 # -- the statistics a profile carries ---------------------------------------------------------------

@@ -28,19 +28,24 @@ import torch
 from torch import nn
 
 from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, check_hidden_sink_threshold
-from sinkfix.errors import MonitorError
+from sinkfix.errors import MonitorError, OutputError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
-from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
+from sinkfix.telemetry.outputs import NO_DOMAIN, JsonlLog, PrometheusExporter
 from sinkfix.telemetry.prompt import Workspace, layouts_for_next_forward, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
-__all__ = ["CallbackWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
+__all__ = ["CallbackWarning", "LogWriteWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
 
 
 class CallbackWarning(RuntimeWarning):
     """A monitor's callback raised: the request was served and logged, the callback missed a record."""
+
+
+class LogWriteWarning(RuntimeWarning):
+    """A monitor could not append a record to its log (a full disk, a file removed from under it):
+    the request was served, its records are in ``monitor.records``, the metrics and the callback."""
 
 #: Query rows of the prompt whose whole attention rows are rebuilt for the hidden-sink estimate:
 #: a (B, H, rows, K) block per layer, once per request. On SmolLM2 (512-token prompts, one thread)
@@ -90,16 +95,27 @@ class _Request:
         return [self.id if row is None else row for row in self.row_ids]
 
 
+def _check_domain_label(label: str | None, what: str) -> None:
+    """The domain label "none" is what requests without a domain are labelled in Prometheus and
+    grouped under in reports: a request named so would be merged with them."""
+    if what == "domain" and label == NO_DOMAIN:
+        raise MonitorError(f"the domain label {NO_DOMAIN!r} is reserved for requests without a domain (Prometheus "
+                           "and reports group those under it): pass None, or another name")
+
+
 def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
     """Labels given for a request (its domain, its id): a string, None, or a sequence of strings /
     None (one per batch row), checked when the request starts: anything else would be logged as it
     is, against the schema, and break ``sinkfix monitor report`` later."""
     if value is None or isinstance(value, str):
+        _check_domain_label(value, what)
         return value
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         labels = tuple(value)
         wrong = [label for label in labels if label is not None and not isinstance(label, str)]
         if not wrong:
+            for label in labels:
+                _check_domain_label(label, what)
             return labels
         raise MonitorError(f"{what} labels must be strings or None, got {wrong[0]!r} ({type(wrong[0]).__name__})")
     raise MonitorError(f"{what} must be a string, None, or one string (or None) per batch row, got {value!r}")
@@ -140,15 +156,25 @@ def _compiled_decode_capacity(cache: Any) -> int | None:
 
 def _rollback(cache: Any, before: int | None, added: int) -> bool:
     """Put a KV cache back as it was before a forward that added ``added`` tokens; False when it
-    cannot be (e.g. a sliding-window layer that already evicted what it would need)."""
+    cannot be (e.g. a sliding-window layer that already evicted what it would need), and the cache
+    is then left as the forward made it. transformers crops layer by layer, so a model whose full
+    layers come before a sliding one had those layers cut when the sliding one refused (a Qwen2 with
+    its first layer full: 250 of 270 tokens gone, the next step's logits 0.089 off): every layer's
+    attributes are kept before and put back when any layer refuses."""
     if cache is None:
         return True  # the model made its own cache for that forward
+    layers = getattr(cache, "layers", None)
+    kept = [(cache, dict(vars(cache)))] + [(layer, dict(vars(layer))) for layer in (layers or ())
+                                            if hasattr(layer, "__dict__")]
     try:
         if before == 0:
             cache.reset()
         else:
             cache.crop(-added)
     except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        for owner, attributes in kept:  # crop and reset replace tensors, they do not write into them
+            vars(owner).clear()
+            vars(owner).update(attributes)
         return False
     return True
 
@@ -159,7 +185,7 @@ class Monitor:
 
     def __init__(self, model: nn.Module, *, log: str | Path | None = None, prometheus_port: int | None = None,
                  prometheus_host: str = "127.0.0.1", callback: Callable[[dict], None] | None = None,
-                 guard: Any = None, guard_margin: float = DEFAULT_MARGIN, sample_rows: int = SAMPLE_ROWS,
+                 guard: Any = None, guard_margin: float | None = None, sample_rows: int = SAMPLE_ROWS,
                  hidden_sink_threshold: float = HIDDEN_SINK_THRESHOLD, min_queries: int = 32,
                  patch_if_needed: bool = True) -> None:
         from sinkfix.analysis.inspection import model_summary
@@ -176,6 +202,7 @@ class Monitor:
         self._request: _Request | None = None
         self._hooks: list = []
         self._rerunning = False
+        self._closed = False
         self._layouts: dict = {}
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self._workspace = Workspace()  # the prompt measures' CPU buffers, kept between requests (Workspace says why)
@@ -214,6 +241,8 @@ class Monitor:
         get the monitor's own ``SESSION-N``)."""
         if self._request is not None:
             raise MonitorError("a monitor records one request at a time (request() blocks cannot nest)")
+        if self._closed:
+            raise MonitorError("this monitor was closed (its log and endpoint are shut): create a new one")
         if not self._handle.active:
             raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
         domain = _check_labels(domain, "domain")
@@ -236,7 +265,10 @@ class Monitor:
             self._sampled = []  # a forward that raised leaves its sampled calls behind
 
     def generate(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
-        """``model.generate(*args, **kwargs)`` recorded as one request."""
+        """``model.generate(*args, **kwargs)`` recorded as one request. Beam search is refused: its
+        beams are batch rows that transformers reorders between steps, so no row's record would
+        describe one sequence."""
+        _refuse_beams(self.model, kwargs)
         with self.request(domain):
             return self.model.generate(*args, **kwargs)
 
@@ -246,7 +278,9 @@ class Monitor:
             return self.model(*args, **kwargs)
 
     def close(self) -> None:
-        """Stop the endpoint, close the log and remove the identity patch the monitor made itself."""
+        """Stop the endpoint, close the log and remove the identity patch the monitor made itself;
+        a closed monitor refuses further requests."""
+        self._closed = True
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
@@ -382,13 +416,23 @@ class Monitor:
         for record in records:
             record["session"] = self.session
             if self.log is not None:
-                self.log.write(record)
+                self._write_log(record)
             if self.exporter is not None:
                 self.exporter.observe(record)
         req.records = records
         self.records = records
         if self.callback is not None:
             self._call_back(records)
+
+    def _write_log(self, record: dict) -> None:
+        """Append ``record`` to the log. A failed write is reported as a warning: raised, it threw
+        away what ``generate`` returned and left the batch's later rows out of the metrics."""
+        try:
+            self.log.write(record)
+        except (OutputError, OSError, ValueError) as exc:
+            warnings.warn(f"sinkfix.monitor: could not append request {record['request']}, row {record['index']} "
+                          f"to the telemetry log: {exc}; the record is in monitor.records", LogWriteWarning,
+                          stacklevel=3)
 
     def _call_back(self, records: list[dict]) -> None:
         """The user's callback on every record. Its failure is the callback's, not the request's: it
@@ -458,13 +502,32 @@ def _gather_shards(group: TensorParallelGroup, values: dict, betas: list, num_he
             [k * group.size for k in kv_heads])
 
 
-def _as_guard(guard: Any, margin: float, handle, model: nn.Module) -> Guard | None:
-    """A Guard from a Guard or a Profile; a profile must be the policy the model is patched with."""
-    if guard is None or isinstance(guard, Guard):
+def _refuse_beams(model: nn.Module, kwargs: dict) -> None:
+    """MonitorError for a generate call that would run beam search (its own argument, its
+    generation config, or the model's)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+    if isinstance(beams, numbers.Integral) and beams > 1:
+        raise MonitorError(f"beam search (num_beams={beams}) cannot be monitored: the beams are batch rows that "
+                           "generate reorders at every step, so no record would describe one sequence; monitor "
+                           "greedy or sampled generation")
+
+
+def _as_guard(guard: Any, margin: float | None, handle, model: nn.Module) -> Guard | None:
+    """A Guard from a Guard or a Profile; a profile must be the policy the model is patched with.
+    ``margin`` (None: the default) applies to a profile; a Guard carries its own."""
+    if guard is None:
+        if margin is not None:
+            raise MonitorError("guard_margin without a guard would do nothing: pass guard=PROFILE as well")
+        return None
+    if isinstance(guard, Guard):
+        if margin is not None and margin != guard.margin:
+            raise MonitorError(f"guard_margin={margin} and a Guard with margin {guard.margin}: a Guard carries its "
+                               "own margin (Guard.from_profile(profile, margin=...)); pass one of the two")
         return guard
     if not hasattr(guard, "policy_for"):
         raise MonitorError(f"guard must be a sinkfix.Profile or a telemetry Guard, got {type(guard).__name__}")
-    built = Guard.from_profile(guard, margin=margin)
+    built = Guard.from_profile(guard, margin=DEFAULT_MARGIN if margin is None else margin)
     if guard.policy_for(model) != handle.policy:
         raise MonitorError("the guard's profile is not the policy this model is patched with: the ranges it "
                            "compares against were measured with that profile applied (sinkfix.patch(model, profile))")

@@ -18,7 +18,7 @@ from pathlib import Path
 from sinkfix.errors import MonitorError
 from sinkfix.files import LineLog
 from sinkfix.telemetry.records import SCHEMA
-from sinkfix.telemetry.requests import BUILTIN
+from sinkfix.telemetry.requests import BUILTIN, NO_DOMAIN
 
 __all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "check_port", "check_port_free", "SHARE_BUCKETS",
            "PEAK_BUCKETS", "DORMANT_BUCKETS"]
@@ -27,7 +27,6 @@ SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share li
 # residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
 PEAK_BUCKETS = (1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 DORMANT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-NO_DOMAIN = "none"  # label value of requests without a domain (an empty label reads as "absent" in PromQL)
 
 
 # the first line of an existing log is read up to this many bytes: a record of a large model

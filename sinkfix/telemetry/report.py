@@ -84,6 +84,9 @@ def _field_problem(record: dict) -> str | None:
         if not ok:
             kind = "integer >= 0" if key == "rows" else "number (or null)"
             return f"\"{key}\" must be a list of one {kind} per layer ({layers} layers, as \"sink_share\")"
+    guard = record.get("guard")
+    if guard is not None and not (isinstance(guard, dict) and isinstance(guard.get("tripped", False), bool)):
+        return f"\"guard\" must be null or an object whose \"tripped\" is true or false, got {guard!r}"
     return None
 
 

@@ -22,6 +22,10 @@ __all__ = ["Request", "read_requests", "builtin_requests", "BUILTIN"]
 BUILTIN = "builtin"  # the --requests value that names the built-in set
 _KEYS = ("prompt", "domain", "id")
 
+#: The label of requests without a domain in Prometheus (an empty label reads as "absent" in PromQL)
+#: and in reports; reserved: no request may be labelled so.
+NO_DOMAIN = "none"
+
 
 @dataclass(frozen=True)
 class Request:
@@ -46,6 +50,9 @@ def _parse_line(text: str, number: int, where: str) -> Request:
         raise MonitorError(f"{where}, line {number}: 'prompt' must be a non-empty string")
     if domain is not None and not isinstance(domain, str):
         raise MonitorError(f"{where}, line {number}: 'domain' must be a string or null")
+    if domain == NO_DOMAIN:
+        raise MonitorError(f"{where}, line {number}: the domain {NO_DOMAIN!r} is reserved for requests without one "
+                           "(reports and Prometheus group those under it): use null, or another name")
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise MonitorError(f"{where}, line {number}: 'id' must be a string or an integer")
     return Request(prompt, domain, None if ident is None else str(ident), number)
