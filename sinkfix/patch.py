@@ -75,7 +75,10 @@ class PatchHandle:
         self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
         self._dismissed = False  # remove() was called on it: a with block ending never brings it back
         self.active = False
-        self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the model is sharded
+        self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the attention heads are sharded
+        # (rank, size) when the model is sharded but every rank computes all attention heads (transformers'
+        # plans for Phi3's fused qkv and for GPT-OSS leave the attention whole): the policy is not sliced
+        self.replicated_attention: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> "PatchHandle | None":
@@ -373,12 +376,31 @@ def tensor_parallel_rank(model: nn.Module) -> tuple[int, int] | None:
     return torch.distributed.get_rank() % size, size
 
 
+def _heads_are_sharded(model: nn.Module, local_heads: list[int], size: int) -> bool:
+    """Whether this rank computes a 1/size block of each layer's query heads (q/k/v sharded) or all
+    of them (a plan that shards the rest of the model only). Decided from the config's head count:
+    a rank that sees all of them is not sharded; one that sees neither that nor its share is refused."""
+    from sinkfix.profile import _text_config
+
+    configured = getattr(_text_config(model), "num_attention_heads", None)
+    if not isinstance(configured, int) or not local_heads:
+        return True
+    if all(heads == configured for heads in local_heads):
+        return False
+    if all(heads * size == configured for heads in local_heads):
+        return True
+    raise UnsupportedModelError(f"{type(model).__name__} is sharded over {size} ranks and its attention layers see "
+                                f"{sorted(set(local_heads))} query heads, neither the config's {configured} nor "
+                                f"{configured} / {size}: sinkfix cannot tell which heads this rank computes")
+
+
 def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) -> tuple[list[LayerPolicy], tuple | None]:
-    """Per-layer policies for the heads this process computes. Under tensor parallelism (q/k/v
-    sharded column-wise, so rank r holds the r-th contiguous block of query heads) the policy is
-    written for the whole model and each rank applies its slice of every per-head parameter."""
+    """Per-layer policies for the heads this process computes, and (rank, size) when they are a
+    shard. Under tensor parallelism (q/k/v sharded column-wise, so rank r holds the r-th contiguous
+    block of query heads) the policy is written for the whole model and each rank applies its slice
+    of every per-head parameter; where the plan leaves the attention whole, every rank applies all of it."""
     tp = tensor_parallel_rank(model)
-    if tp is None:
+    if tp is None or not _heads_are_sharded(model, local_heads, tp[1]):
         return policy.resolve(len(local_heads), local_heads), None
     rank, size = tp
     global_heads = [heads * size for heads in local_heads]
@@ -423,6 +445,8 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
             clip_layers[name] = parent
     handle = PatchHandle(model, policy, backend, original, original_settings, states, clip_layers)
     handle.tensor_parallel = tp
+    if tp is None:
+        handle.replicated_attention = tensor_parallel_rank(model)
     return handle
 
 

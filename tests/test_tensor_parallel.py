@@ -10,6 +10,7 @@ process's, and only rank 0 writes the log.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -102,3 +103,40 @@ def _check_monitored_shards(model, profile, out):
             close(got["correction"]["moved_share"], want["correction"]["moved_share"], 1e-5)
     for rank in range(3):
         assert "tensor parallelism" in (out / f"guard-{rank}.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_plan_that_leaves_the_attention_whole_keeps_the_whole_policy(tmp_path):
+    """Phi3 (its fused qkv gathered on every rank) and GPT-OSS (only the embedding sharded) under
+    tp_size=2: every rank computes all 4 heads. The policy is the model's own [2, 4] (a [2, 8] one
+    is refused), the logits are the single process's, the records have 4 heads per layer and rank
+    0 alone writes them (the head count was doubled, a [2, 4] policy refused, an [2, 8] one accepted)."""
+    from .conftest import tiny_model
+    from .helpers.tp_replicated_worker import IDS, per_head
+
+    torch_run = Path(sys.executable).with_name("torchrun")
+    if not torch_run.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    archs = ("phi3", "gptoss")
+    singles = {}
+    for arch in archs:
+        model = tiny_model(arch)
+        model.save_pretrained(tmp_path / arch)
+        with torch.no_grad(), sinkfix.patch(model, per_head(4)):
+            singles[arch] = model(input_ids=IDS).logits
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT="29637")
+    done = subprocess.run(
+        [str(torch_run if torch_run.exists() else "torchrun"), "--nproc-per-node", "2", "--master-port", "29637",
+         str(Path(__file__).parent / "helpers" / "tp_replicated_worker.py"), str(tmp_path), str(tmp_path), *archs],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for arch in archs:
+        gap = (torch.load(tmp_path / f"{arch}-logits.pt") - singles[arch]).abs().max().item()
+        assert gap <= 1e-5, (arch, gap)
+        for rank in range(2):
+            seen = json.loads((tmp_path / f"{arch}-heads-{rank}.json").read_text())
+            assert seen["num_heads"] == seen["model_num_heads"] == [4, 4] and seen["record_heads"] == [4, 4]
+            assert seen["tensor_parallel"] is None and seen["replicated"] == [rank, 2]
+            assert "(2, 8)" in seen["sharded_count"], seen
+        (line,) = (tmp_path / f"{arch}-telemetry.jsonl").read_text().splitlines()  # rank 0 alone wrote it
+        assert len(json.loads(line)["sink_share"][0]) == 4

@@ -217,7 +217,9 @@ class Monitor:
             self.guard = _as_guard(guard, guard_margin, self._handle, model)
             self._model_name = str(model_summary(model)["name"])
             # sharded: every rank builds the whole model's records, rank 0 of the group emits them
-            emits = self._sharded is None or self._sharded.rank == 0
+            replica = self._handle.replicated_attention
+            emits = (self._sharded.rank == 0 if self._sharded is not None
+                     else replica is None or replica[0] == 0)
             # the endpoint first: a port in use then leaves no empty log file behind
             self.exporter = (None if prometheus_port is None or not emits
                              else PrometheusExporter(prometheus_port, prometheus_host))
@@ -474,14 +476,17 @@ def _check_supported(handle) -> None:
 
 
 def _sharded(model: nn.Module, handle, guard: Any) -> TensorParallelGroup | None:
-    """The tensor-parallel group of a sharded model (None when it is not sharded)."""
-    if handle.tensor_parallel is None:
+    """The tensor-parallel group whose heads a record gathers (None when the attention heads are not
+    sharded: not sharded at all, or every rank computing all of them)."""
+    if handle.tensor_parallel is None and handle.replicated_attention is None:
         return None
     if guard is not None:
         raise MonitorError("the guard is not available on a model sharded with tensor parallelism: each rank "
-                           "sees only its own heads, and a rank that switched its correction off and ran the "
-                           "prompt again alone would leave the others waiting in the collective; monitor without "
-                           "a guard (the records still cover every head)")
+                           "decides alone, and a rank that switched its correction off and ran the prompt again "
+                           "alone would leave the others waiting in the collective; monitor without a guard (the "
+                           "records still cover every head)")
+    if handle.tensor_parallel is None:  # every rank computes every head: its own records are whole
+        return None
     heads = handle.num_heads()
     if len(set(heads)) != 1:
         raise MonitorError(f"a sharded model whose layers have different head counts ({sorted(set(heads))}) "
