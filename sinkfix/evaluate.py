@@ -23,7 +23,7 @@ import torch
 
 from sinkfix.errors import UsageError
 
-__all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", "PerplexityResult", "bos_token_id",
+__all__ = ["Window", "make_windows", "window_nll", "windows_nll", "exp_nll", "perplexity", "PerplexityResult", "bos_token_id",
            "tokenize", "token_ids", "MIN_TOKENS", "model_device", "decoder_stack", "max_positions", "check_positions"]
 
 
@@ -31,6 +31,15 @@ __all__ = ["Window", "make_windows", "window_nll", "windows_nll", "perplexity", 
 class Window:
     input_ids: torch.Tensor  # (S,)
     labels: torch.Tensor  # (S,), -100 = not scored
+
+
+def exp_nll(nll: float) -> float:
+    """The perplexity of a mean NLL: exp(nll); inf past float's range (a mean NLL above 709.78 nats, where math.exp raises), NaN
+    stays NaN."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class PerplexityResult:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll)
+        return exp_nll(self.nll)
 
     def protocol(self) -> str:
         return f"{'BOS + ' if self.bos else 'no BOS, '}{self.seq_len}-token windows, stride {self.stride}, {self.tokens} scored tokens"

@@ -232,6 +232,36 @@ def test_table_output(files):
     assert "drop" not in stdout  # a given policy replaces the default set
 
 
+@pytest.mark.parametrize("broken", ["nan", "overflow"])
+def test_a_perplexity_that_is_not_finite_ends_the_run_with_its_results(files, tmp_path, broken):
+    """A NaN in the final norm (every perplexity NaN), or logits scaled so that the mean NLL passes
+    709.78 nats (exp overflows): the run finishes, the table shows "-", the JSON has null,
+    and --out is written. Both used to fail after every measurement (a format of None, an
+    OverflowError), the first losing the table, the second every file."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / broken
+    model, tokenizer = _load(files["model"])
+    with torch.no_grad():
+        if broken == "nan":
+            model.model.norm.weight[0] = float("nan")
+        else:
+            model.lm_head.weight.mul_(3000)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli("--model", str(folder), "--text", str(files["prose"]), "--seq-len", "24",
+                                 "--max-windows", "1", "--decode-tokens", "0", "--repeats", "1", "--out", str(out))
+    assert rc == 0, stderr
+    assert "Quality and extreme tokens" in stdout
+    stock_row = next(line for line in stdout.splitlines() if "│ stock" in line or line.lstrip("│ ").startswith("stock"))
+    assert " - " in stock_row or " inf " in stock_row, stock_row
+    results = json.loads((out / "results.json").read_text())
+    stock = next(v for v in results["variants"] if v["kind"] == "stock")
+    assert stock["quality"]["all"]["ppl"] is None
+
+
 def test_default_texts_are_the_two_python_domains(files):
     rc, stdout, stderr = run_cli("--model", str(files["model"]), "--policy", "identity", "--seq-len", "16",
                                  "--max-windows", "1", "--decode-tokens", "0", "--repeats", "1", "--json")

@@ -270,7 +270,7 @@ def _quality_table(results: dict[str, Any]) -> Any:
         row = [v["name"]]
         for d in [*domains, "all"]:
             q = v["quality"][d]
-            row.append(f"{q['ppl']:.3f}" + ("" if v["kind"] == "stock" else _delta(q["delta_pct"])))
+            row.append(_fmt(q["ppl"], ".3f") + ("" if v["kind"] == "stock" else _delta(q["delta_pct"])))
         if metrics_on:
             s = (v["metrics"] or {}).get("summary", {})
             row += [_fmt(s.get("sink_share_mean"), ".3f"), _fmt(s.get("residual_peak_max"), ".1f"),

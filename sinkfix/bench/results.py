@@ -18,6 +18,7 @@ import torch
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.bench.memory import MemoryPeak
 from sinkfix.bench.prepare import Protocol, Setup, text_config
+from sinkfix.evaluate import exp_nll
 from sinkfix.bench.provenance import load_average, provenance
 from sinkfix.bench.stats import Spread
 from sinkfix.bench.steps import Measurements
@@ -104,8 +105,8 @@ def _domains_section(protocol: Protocol, stock_nll: dict[str, tuple[float, int]]
 # -- per-variant sections -------------------------------------------------------------------------
 def _quality_entry(nll_sum: float, tokens: int, stock_sum: float, stock_tokens: int) -> dict[str, Any]:
     nll = nll_sum / max(tokens, 1)
-    stock_ppl = math.exp(stock_sum / max(stock_tokens, 1))
-    ppl = math.exp(nll)
+    stock_ppl = exp_nll(stock_sum / max(stock_tokens, 1))
+    ppl = exp_nll(nll)
     return {"nll": nll, "ppl": ppl, "tokens": tokens, "delta_pct": 100.0 * (ppl / stock_ppl - 1.0)}
 
 
