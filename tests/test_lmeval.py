@@ -257,6 +257,21 @@ def test_malformed_data_file_names_the_line(tmp_path, bad_line, problem):
         load_tasks(["local_rolling"], include=[tmp_path])
 
 
+def test_an_empty_data_file_and_an_unparsable_task_file_are_named(tmp_path):
+    """An empty JSONL file gave "could not load task(s) ...: StopIteration" (no file named); a task
+    YAML that does not parse is skipped by lm-eval's index, and the task was only "unknown"."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n")
+    _local_task(tmp_path, data)
+    with pytest.raises(EvaluationError, match="data.jsonl holds no record"):
+        load_tasks(["local_rolling"], include=[tmp_path])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "brokeny.yaml").write_text("task: brokeny\ndataset_path: [unclosed\n")
+    with pytest.raises(EvaluationError, match=r"unknown task 'brokeny'.*could not be read: .*brokeny.yaml"):
+        load_tasks(["brokeny"], include=[broken])
+
+
 def test_local_task_through_a_tag(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "one"}\n{"text": "two\n')
@@ -370,6 +385,23 @@ def test_eval_command_json_and_table(tiny_folder, tmp_path, capsys, one_thread):
     assert all(math.isfinite(float(r[3])) for r in rows)
 
 
+def test_a_perplexity_past_floats_range_is_null_not_a_lost_run(tiny_folder, tmp_path, capsys, one_thread):
+    """A document without spaces is one "word": its word perplexity is exp of its whole NLL, past
+    float's range (lm-eval's aggregation raised OverflowError and nothing was written). Now inf,
+    written as null; the other metrics of the task stand."""
+    data = tmp_path / "unspaced.jsonl"
+    data.write_text("".join(json.dumps({"text": "attentionsinks" * 30 + str(i)}) + "\n" for i in range(2)))
+    _local_task(tmp_path, data)
+    (tmp_path / "local.yaml").write_text((tmp_path / "local.yaml").read_text() + "  - metric: bits_per_byte\n")
+    out_file = tmp_path / "report.json"
+    code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "local_rolling", "--include-path",
+                          str(tmp_path), "--bootstrap", "100", "--json", "--out", str(out_file))
+    assert code == 0, err
+    metrics = json.loads(out_file.read_text())["tasks"]["local_rolling"]["metrics"]
+    assert metrics["word_perplexity"]["stock"] is None and metrics["word_perplexity"]["corrected"] is None
+    assert math.isfinite(metrics["bits_per_byte"]["stock"]) and metrics["bits_per_byte"]["stock"] > 1
+
+
 def _one_line_error(code, err, *fragments):
     assert code == 2
     lines = err.strip().splitlines()
@@ -383,6 +415,11 @@ def test_eval_command_errors(tiny_folder, tmp_path, capsys):
     model = ["--model", str(tiny_folder), "--out", str(out_file)]
     _one_line_error(*_run(capsys, *model, "--limit", "0")[::2], "--limit must be >= 1")
     _one_line_error(*_run(capsys, *model, "--max-length", "1")[::2], "--max-length must be >= 2")
+    # shorter than a choice of the cloze task: lm-eval asserted it mid-run (a bare AssertionError)
+    code, _, err = _run(capsys, *model, "--tasks", "sinkfix_cloze", "--limit", "4", "--max-length", "3")
+    last = err.strip().splitlines()[-1]  # after the run's progress lines
+    assert code == 2 and last.startswith("sinkfix eval: error:") and "Traceback" not in err
+    assert "more than max_length 3 (--max-length): raise it to at least" in last
     # no model of that name: the seed is refused before anything is loaded
     _one_line_error(*_run(capsys, "--model", str(tmp_path / "no-model"), "--seed", "-1")[::2],
                     "--seed must be >= 0, got -1")
@@ -479,6 +516,11 @@ def test_export_command(tmp_path, capsys):
     code, _, err = _run(capsys, "--export-tasks", str(tmp_path / "tasks"))
     assert code == 0
     assert len(list((tmp_path / "tasks").iterdir())) == 6 and "sinkfix_cloze_jsonl.yaml" in err
+    # an evaluation option next to it would be ignored (a bad one never checked): refused, nothing written
+    _one_line_error(*_run(capsys, "--export-tasks", str(tmp_path / "other"), "--limit", "0", "--json")[::2],
+                    "--limit, --json would be ignored")
+    _one_line_error(*_run(capsys, "--export-tasks", "")[::2], "--export-tasks needs a folder")
+    assert not (tmp_path / "other").exists()
 
 
 # -- the real model -------------------------------------------------------------------------------------------

@@ -141,6 +141,19 @@ def _export(folder: str, console) -> int:
     return 0
 
 
+def _check_export_alone(args: argparse.Namespace) -> None:
+    """``--export-tasks`` writes files and exits: an evaluation option next to it would be ignored
+    (and a bad one never checked), so it is refused, as an empty folder name is."""
+    if not args.export_tasks.strip():
+        raise EvaluationError("--export-tasks needs a folder, got an empty name")
+    defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args([]))
+    given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+             if name in defaults and name not in ("export_tasks", "verbose", "run") and value != defaults[name]]
+    if given:
+        raise EvaluationError(f"--export-tasks writes the built-in tasks and exits; {', '.join(given)} would be "
+                              "ignored: run the export alone")
+
+
 def _emit(report: dict, args: argparse.Namespace) -> None:
     """The report: to --out (atomically), then as JSON or as the table on stdout."""
     from rich.console import Console
@@ -162,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     err = Console(stderr=True, width=shutil.get_terminal_size((140, 24)).columns)
-    if args.export_tasks:
+    if args.export_tasks is not None:
+        _check_export_alone(args)
         return _export(args.export_tasks, err)
     config = _config(args)
     config.validate()  # bad arguments fail before lm-eval's imports (several seconds)

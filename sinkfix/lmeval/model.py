@@ -175,6 +175,10 @@ class SinkfixLM(HFLM):
     def _loglikelihood_tokens(self, requests: Sequence, disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         quiet = disable_tqdm or not self._window_bars
+        longest = max((len(request[2]) for request in requests), default=0)
+        if longest > self.max_length:  # lm-eval asserts it per batch, a bare AssertionError mid-run
+            raise EvaluationError(f"a scored continuation is {longest} tokens long, more than max_length "
+                                  f"{self.max_length} (--max-length): raise it to at least {longest}")
         return super()._loglikelihood_tokens(requests, disable_tqdm=quiet, override_bs=override_bs)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import platform
 import random
 import time
@@ -78,6 +79,34 @@ def fewshot_notes(counts: dict[str, int], num_fewshot: int | None, rolling: Coll
     return notes
 
 
+def _overflowing_to_inf(aggregate: Callable) -> Callable:
+    """``aggregate`` with an OverflowError turned into inf: lm-eval's perplexity aggregations call
+    ``math.exp`` on a mean NLL, which raises past 709.78 nats (SmolLM2's word perplexity of one
+    unspaced CJK document was 8.7e172, a random model's past the range) and lost the whole run.
+    inf is written as null, as every non-finite number (schema.md)."""
+    if getattr(aggregate, "_sinkfix_overflow_safe", False):
+        return aggregate
+
+    @functools.wraps(aggregate)
+    def safe(items):
+        try:
+            return aggregate(items)
+        except OverflowError:
+            return math.inf
+
+    safe._sinkfix_overflow_safe = True
+    return safe
+
+
+def overflow_safe_aggregations(loaded: LoadedTasks) -> None:
+    """Make every loaded task's aggregations return inf where they would overflow (lm-eval's own
+    evaluation and the paired bootstrap both call them)."""
+    for task in loaded.tasks.values():
+        aggregations = task.aggregation()
+        for metric, aggregate in list(aggregations.items()):
+            aggregations[metric] = _overflowing_to_inf(aggregate)
+
+
 def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
                   num_fewshot: int | None = None) -> dict[str, Any]:
     """lm-eval's ``evaluate`` on the loaded tasks with per-sample logging, seeded as lm-eval's own
@@ -89,6 +118,7 @@ def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
     np.random.seed(DEFAULT_OTHER_SEED)
     torch.manual_seed(DEFAULT_OTHER_SEED)
     apply_fewshot(loaded, num_fewshot)
+    overflow_safe_aggregations(loaded)
     for task in loaded.tasks.values():
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
     task_dict = {"tasks": loaded.tasks, "groups": {}, "group_map": {}}

@@ -73,8 +73,21 @@ def _manager(names: list[str], paths: list[Path], log: Log) -> Any:
     manager = _catalogue(tuple(str(p) for p in paths))
     for name in names:
         if not _known(manager, name):
-            raise EvaluationError(_unknown_message(manager, name))
+            raise EvaluationError(_unknown_message(manager, name) + _unreadable_files(paths[1:]))
     return manager
+
+
+def _unreadable_files(folders: list[Path]) -> str:
+    """lm-eval's index skips a task file it cannot parse, silently: the task is then "unknown".
+    Those files under the user's --include-path folders, named with their problem."""
+    problems = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.y*ml")):
+            try:
+                load_yaml(path, resolve_func=False)
+            except Exception as exc:  # noqa: BLE001 - any parse failure, reported with the file
+                problems.append(f"{path}: {_first_line(exc)}")
+    return f"; task files that could not be read: {'; '.join(problems)}" if problems else ""
 
 
 def _unknown_message(manager: Any, name: str) -> str:
@@ -120,6 +133,8 @@ def _check_json_file(path: Path) -> None:
         return
     except json.JSONDecodeError:
         pass
+    if not text.strip():
+        raise EvaluationError(f"task data file {path} holds no record (it is empty)")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
