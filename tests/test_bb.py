@@ -230,6 +230,50 @@ def test_cli_json_is_one_object_with_a_key_per_variant(capsys, tmp_path, one_thr
     assert report["relu"]["detector_accuracy"] is None and "detector_note" in report["relu"]
     assert json.loads((tmp_path / "bb.json").read_text()) == report
     assert (tmp_path / "bb_dynamics.png").stat().st_size > 0 and (tmp_path / "bb_final.png").stat().st_size > 0
+    assert not (tmp_path / "bb.partial.json").exists()  # the finished run's partial file is gone
+
+
+TINY = ["--steps", "2", "--layers", "1", "--width", "16", "--seq-len", "16", "--eval-every", "1", "--threads", "1"]
+
+
+@pytest.mark.parametrize("blocked", ["bb.json", "bb_final.png"])
+def test_cli_refuses_a_folder_in_an_output_files_place_before_training(capsys, tmp_path, blocked, monkeypatch):
+    """A folder where bb.json or a figure goes was refused after the whole training (nothing printed)."""
+    from sinkfix.bb import report as bb_report
+    from sinkfix.cli import main
+
+    (tmp_path / blocked).mkdir()
+    monkeypatch.setattr(bb_report, "run_experiment", lambda *a, **k: pytest.fail("trained before the check"))
+    assert main(["bb", *TINY, "--out", str(tmp_path)]) == 2
+    assert blocked in capsys.readouterr().err
+
+
+def test_cli_seed_outside_torchs_range_is_a_usage_error(capsys):
+    from sinkfix.cli import main
+
+    assert main(["bb", "--seed", str(2 ** 64 - 1), "--steps", "1"]) == 2
+    assert "--seed must be in" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_finished_variants_when_a_later_one_fails(capsys, tmp_path, monkeypatch, one_thread):
+    """The second variant diverges (or is interrupted): the first one's results are in
+    bb.partial.json and the error says so (the run used to keep nothing, and a divergence was a traceback)."""
+    from sinkfix.bb import report as bb_report
+    from sinkfix.cli import main
+
+    real = bb_report.train_variant
+
+    def diverging(task, variant, config, **kwargs):
+        if variant.name == "sgd":
+            raise FloatingPointError("sgd: loss became nan at step 1")
+        return real(task, variant, config, **kwargs)
+
+    monkeypatch.setattr(bb_report, "train_variant", diverging)
+    assert main(["bb", *TINY, "--variants", "adam,sgd", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: sgd: loss became nan" in err and "bb.partial.json" in err
+    kept = json.loads((tmp_path / "bb.partial.json").read_text())
+    assert "adam" in kept and "sgd" not in kept and not (tmp_path / "bb.json").exists()
 
 
 def test_cli_rejects_unknown_variant(capsys):

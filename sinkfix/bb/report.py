@@ -251,8 +251,11 @@ def run_experiment(
     k: int = 3,
     progress: Callable[[str], None] | None = None,
     keep_models: bool = False,
+    on_variant: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train and measure each variant; returns the JSON-ready report.
+    """Train and measure each variant; returns the JSON-ready report. ``on_variant(report)`` is
+    called after each variant with the report so far (the finished variants), so that a caller can
+    keep them if a later variant is interrupted or fails.
 
     Keys: one per variant (its final :func:`measure` dict plus ``wall_s``, ``steps``, ``lr``,
     ``history``; ``train_s`` is the optimisation alone, ``wall_s`` adds the dynamics measurements),
@@ -307,6 +310,8 @@ def run_experiment(
         models[name] = result.model
         if progress is not None:
             progress(summary_line(name, report[name]))
+        if on_variant is not None:
+            on_variant(report)
     if keep_models:
         report["_models"] = models
         report["_task"] = task
@@ -374,6 +379,10 @@ _DYNAMICS = (
 )
 
 
+#: The figures :func:`write_figures` writes into the output folder.
+FIGURE_NAMES = ("bb_dynamics.png", "bb_final.png")
+
+
 def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
     """``bb_dynamics.png`` (quantities vs step per variant) and ``bb_final.png`` (final comparison).
     :class:`~sinkfix.analysis.plots.PlotError` when matplotlib is missing (a ModuleNotFoundError
@@ -406,7 +415,7 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Bigram-Backcopy: training dynamics")
     fig.tight_layout()
-    paths.append(save_figure(fig, out / "bb_dynamics.png"))
+    paths.append(save_figure(fig, out / FIGURE_NAMES[0]))
 
     panels = (
         ("attention share", [("bos_attention_nontrigger", "BOS, non-trig"), ("bos_attention_trigger", "BOS, trig"),
@@ -429,7 +438,7 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle("Bigram-Backcopy: final comparison per variant")
     fig.tight_layout()
-    paths.append(save_figure(fig, out / "bb_final.png"))
+    paths.append(save_figure(fig, out / FIGURE_NAMES[1]))
     return paths
 
 

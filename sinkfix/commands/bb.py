@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sinkfix.bb.report import run_experiment, summary_table, to_json, write_figures
+    from sinkfix.bb.report import FIGURE_NAMES, run_experiment, summary_table, to_json, write_figures
     from sinkfix.bb.train import VARIANTS, TrainConfig
     from sinkfix.errors import UsageError
     from sinkfix.files import atomic_write_text, check_writable
@@ -74,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.seq_len < 4:
         raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
+    if not 0 <= args.seed < 2 ** 63 - 8:  # torch's generators take a signed 64-bit seed (the task's is seed + 7)
+        raise UsageError(f"--seed must be in [0, 2**63 - 8), got {args.seed}")
     if args.out is not None:
         check_writable(args.out, folder=True)  # before the training, not after it
+        for name in (PARTIAL_NAME, "bb.json", *([] if args.no_figures else FIGURE_NAMES)):
+            check_writable(Path(args.out) / name)  # a folder in a file's place, likewise
         if not args.no_figures:
             from sinkfix.analysis.plots import check_matplotlib
 
@@ -89,16 +93,41 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    report = run_experiment(config, variants, source=args.source, progress=progress)
+    partial = None if args.out is None else Path(args.out) / PARTIAL_NAME
+
+    def keep_finished(report: dict) -> None:
+        """The finished variants, kept while later ones train (an interrupted or failed run of the
+        three default variants, ~5 minutes each, lost all of them)."""
+        if partial is not None and len(variants) > 1:
+            atomic_write_text(partial, to_json(report) + "\n")
+
+    try:
+        report = run_experiment(config, variants, source=args.source, progress=progress, on_variant=keep_finished)
+    except FloatingPointError as exc:  # a variant diverged: say which, and where its predecessors are
+        raise UsageError(f"training diverged: {exc}{_kept(partial)}") from None
+    except KeyboardInterrupt:
+        if partial is not None and partial.exists():
+            progress(f"interrupted{_kept(partial)}")
+        raise
     text = to_json(report)
+    # the results reach stdout before the files: a file that cannot be written loses nothing printed
+    if args.json:
+        print(text, flush=True)
+    else:
+        print(summary_table(report), flush=True)
     if args.out is not None:
         out = Path(args.out)
         atomic_write_text(out / "bb.json", text + "\n")
         for path in [] if args.no_figures else write_figures(report, out):
             progress(f"wrote {path}")
         progress(f"wrote {out / 'bb.json'}")
-    if args.json:
-        print(text)
-    else:
-        print(summary_table(report))
+        partial.unlink(missing_ok=True)
     return 0
+
+
+#: The finished variants of a run in progress (removed when the run completes).
+PARTIAL_NAME = "bb.partial.json"
+
+
+def _kept(partial: Path | None) -> str:
+    return f"; the finished variants are in {partial}" if partial is not None and partial.exists() else ""
