@@ -274,3 +274,30 @@ def test_compiled_fullgraph_prefill_and_decode_equal_eager(arch, one_thread):
     assert torch.equal(tokens, eager_tokens)
     for layer, mask_set in sink_sets(eager_cache).items():
         assert torch.equal(sink_sets(compiled_cache)[layer], mask_set)
+
+
+@pytest.mark.slow  # an aot_eager compile of a tiny model
+def test_a_cache_made_inside_a_compiled_forward_carries_and_follows_its_sets(one_thread):
+    """A plain compiled forward (no cache given: transformers makes one inside the compiled region)
+    under fullgraph: the cache it returns carries the prompt's sets, a cached step with it equals
+    the eager model's, and a crop of it crops the sets too. The cache's followed methods used to be
+    closures over bound methods, which dynamo cannot rebuild for a cache made inside the graph."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+    nxt = torch.tensor([[5]])
+    with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
+        eager = model(input_ids=ids)
+        eager_sets = {layer: hidden.clone() for layer, hidden in sink_sets(eager.past_key_values).items()}
+        eager_step = model(input_ids=nxt, past_key_values=eager.past_key_values).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids)
+        torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
+        cache = compiled.past_key_values
+        assert eager_sets and set(sink_sets(cache)) == set(eager_sets)
+        for layer, hidden in eager_sets.items():
+            assert torch.equal(sink_sets(cache)[layer], hidden)
+        step = model(input_ids=nxt, past_key_values=cache).logits
+        torch.testing.assert_close(step, eager_step, atol=1e-5, rtol=0)
+        cache.crop(-1)  # the step's token off again: the sets follow
+        assert cache.get_seq_length() == PROMPT
+        assert all(hidden.shape[-1] == PROMPT for hidden in sink_sets(cache).values())

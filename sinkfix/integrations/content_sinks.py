@@ -117,18 +117,19 @@ def _attach_store(cache: Any, store: ContentSinkStore) -> ContentSinkStore:
                           f"{type(cache).__name__} has fixed key columns, which the sink set cannot follow")
     if getattr(cache, _STORE_ATTRIBUTE, None) is None:
         for cache_method, store_method in _FOLLOWED:
-            original = getattr(cache, cache_method, None)
-            if original is None:
-                continue
-
-            def followed(*args, _original=original, _name=store_method, **kwargs):
-                result = _original(*args, **kwargs)
-                getattr(getattr(cache, _STORE_ATTRIBUTE), _name)(*args, **kwargs)
-                return result
-
-            setattr(cache, cache_method, followed)
+            if callable(getattr(type(cache), cache_method, None)) and cache_method not in vars(cache):
+                # a partial of a module-level function, not a closure over the bound method: torch.compile
+                # can rebuild it for a cache made inside the compiled forward (a closure failed fullgraph)
+                setattr(cache, cache_method, functools.partial(_followed, cache_method, store_method, cache))
     setattr(cache, _STORE_ATTRIBUTE, store)
     return store
+
+
+def _followed(cache_method: str, store_method: str, cache: Any, *args, **kwargs):
+    """The cache class's ``cache_method``, then the store's ``store_method`` with the same arguments."""
+    result = getattr(type(cache), cache_method)(cache, *args, **kwargs)
+    getattr(getattr(cache, _STORE_ATTRIBUTE), store_method)(*args, **kwargs)
+    return result
 
 
 def store_of(cache: Any, create: bool = True) -> ContentSinkStore | None:
