@@ -163,9 +163,8 @@ def _rollback(cache: Any, before: int | None, added: int) -> bool:
     attributes are kept before and put back when any layer refuses."""
     if cache is None:
         return True  # the model made its own cache for that forward
-    layers = getattr(cache, "layers", None)
-    kept = [(cache, dict(vars(cache)))] + [(layer, dict(vars(layer))) for layer in (layers or ())
-                                            if hasattr(layer, "__dict__")]
+    kept = [(owner, dict(vars(owner))) for owner in (cache, *(getattr(cache, "layers", None) or ()))
+            if hasattr(owner, "__dict__")]
     try:
         if before == 0:
             cache.reset()
