@@ -271,7 +271,9 @@ class Policy(_ValueEquality):
         descending range or an item listed twice is refused.
         """
         spec = spec.strip()
-        if spec in ("", "identity"):
+        if not spec:  # an empty spec (an unset shell variable, say) silently ran the identity
+            raise PolicyError("empty policy spec: write 'identity' for the stock attention, or key=value items")
+        if spec == "identity":
             return cls()
         if spec == "drop":
             return cls(sink_scale=0.0)

@@ -620,6 +620,8 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         """Read and validate a profile file; every problem is a :class:`ProfileError`."""
+        if not str(path).strip():  # Path("") is ".", which read as "cannot read profile ."
+            raise ProfileError("empty profile path")
         p = Path(path)
         try:
             raw = p.read_text(encoding="utf-8")

@@ -187,6 +187,23 @@ def test_inspect_reads_the_profile_before_the_model(no_model, tmp_path, capsys, 
     assert message in _error(capsys)
 
 
+_MONITOR_RUN = ["monitor", "run", "--requests", "builtin", "--out", "t.jsonl"]
+
+
+@pytest.mark.parametrize("command, option, message", [
+    *[(command, "--policy", "empty policy spec") for command in (["bench"], ["eval"], ["inspect"], _MONITOR_RUN)],
+    *[(command, "--profile", "empty profile path")
+      for command in (["bench"], ["eval"], ["inspect"], ["stream"], _MONITOR_RUN)],
+])
+def test_an_empty_policy_or_profile_is_refused_not_read_as_none(no_model, tmp_path, capsys, monkeypatch, command,
+                                                                 option, message):
+    """`--policy ""` (an unset shell variable) ran the identity; `--profile ""` read as "cannot read
+    profile ." or as no profile."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, option, ""]) == 2
+    assert message in _error(capsys)
+
+
 def test_inspect_parses_the_policy_before_the_model(no_model, tmp_path, capsys):
     assert _inspect(tmp_path, "--policy", "sink_scale=7") == 2
     assert "sinkfix inspect: error:" in _error(capsys)

@@ -132,7 +132,7 @@ def run_bench(
     # inputs first: a bad file fails in milliseconds, not after a 15 s model load
     texts = load_texts(config.texts, config.dataset, split="eval",
                        domains=None if config.texts or config.dataset else QUICK_DOMAINS)
-    profile = load_profile(config.profile) if config.profile else None
+    profile = load_profile(config.profile) if config.profile is not None else None
     variants = default_variants(config.policies, profile, config.profile)
 
     setup = prepare_model(config, variants, device, model_and_tokenizer, say)

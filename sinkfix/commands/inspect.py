@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkfix.files import check_writable
 
     set_threads(args.threads)
-    if args.profile and args.policy:
+    if args.profile is not None and args.policy is not None:
         raise SinkfixError("give --profile or --policy, not both")
     check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")
     check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
@@ -173,12 +173,12 @@ def run(args: argparse.Namespace) -> int:
         check_matplotlib()
     # the profile file read and validated (or the policy parsed) before the model loads, as bench and
     # eval do; whether the profile fits the model is checked when it is applied
-    correction = sinkfix.Profile.load(args.profile) if args.profile else \
-        sinkfix.Policy.parse(args.policy) if args.policy else None
+    correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
+        sinkfix.Policy.parse(args.policy) if args.policy is not None else None
     if correction is not None and correction.content_sinks is not None:
         # inspect measures through attention observers, which content-dependent sinks do not have
         # (docs/formulas.md): known from the file or spec, so refused before the model loads
-        given = f"--profile {args.profile} is a content-mode profile" if args.profile else \
+        given = f"--profile {args.profile} is a content-mode profile" if args.profile is not None else \
             f"--policy {args.policy} has content-dependent (hidden) sinks"
         raise UsageError(f"{given}; inspect cannot measure a model patched with content-dependent sinks (not "
                          "implemented): inspect the stock model or a positional policy or profile")

@@ -104,12 +104,12 @@ def _correction(args):
     stays for the patch."""
     import sinkfix
 
-    if args.profile:
+    if args.profile is not None:
         return sinkfix.Profile.load(args.profile)
     if args.guard:
         raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
                            "calibrated profile records")
-    return sinkfix.Policy.parse(args.policy or "identity")
+    return sinkfix.Policy.parse("identity" if args.policy is None else args.policy)
 
 
 def _token_ids(tokenizer, request) -> list[int]:

@@ -123,7 +123,7 @@ def _check(args) -> None:
 
     from sinkfix.texts import MIXED, resolve_domain
 
-    parse_variants(args.variants, bool(args.profile))
+    parse_variants(args.variants, args.profile is not None)
     if args.text is None and args.builtin != MIXED:
         resolve_domain(args.builtin)  # an unknown name fails here, before the model loads
     check_sink_window(args.n_sink, args.window)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.out, folder=True)
     text, source = _load_text(args)
-    profile = sinkfix.Profile.load(args.profile) if args.profile else None
+    profile = sinkfix.Profile.load(args.profile) if args.profile is not None else None
     set_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"text: {source}; loading {args.model} ...")
