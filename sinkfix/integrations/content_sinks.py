@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -117,17 +117,21 @@ def _attach_store(cache: Any, store: ContentSinkStore) -> ContentSinkStore:
                           f"{type(cache).__name__} has fixed key columns, which the sink set cannot follow")
     if getattr(cache, _STORE_ATTRIBUTE, None) is None:
         for cache_method, store_method in _FOLLOWED:
-            if callable(getattr(type(cache), cache_method, None)) and cache_method not in vars(cache):
-                # a partial of a module-level function, not a closure over the bound method: torch.compile
-                # can rebuild it for a cache made inside the compiled forward (a closure failed fullgraph)
-                setattr(cache, cache_method, functools.partial(_followed, cache_method, store_method, cache))
+            own = vars(cache).get(cache_method)  # a method set on the instance itself (rare): followed as it is
+            if own is None and not callable(getattr(type(cache), cache_method, None)):
+                continue
+            # a partial of a module-level function, not a closure over the bound method: torch.compile
+            # can rebuild it for a cache made inside the compiled forward (a closure failed fullgraph)
+            setattr(cache, cache_method, functools.partial(_followed, cache_method, store_method, cache, own))
     setattr(cache, _STORE_ATTRIBUTE, store)
     return store
 
 
-def _followed(cache_method: str, store_method: str, cache: Any, *args, **kwargs):
-    """The cache class's ``cache_method``, then the store's ``store_method`` with the same arguments."""
-    result = getattr(type(cache), cache_method)(cache, *args, **kwargs)
+def _followed(cache_method: str, store_method: str, cache: Any, own: Callable | None, *args, **kwargs):
+    """The cache's ``cache_method`` (its class's, or ``own``, the one its instance had), then the
+    store's ``store_method`` with the same arguments."""
+    result = (getattr(type(cache), cache_method)(cache, *args, **kwargs) if own is None
+              else own(*args, **kwargs))
     getattr(getattr(cache, _STORE_ATTRIBUTE), store_method)(*args, **kwargs)
     return result
 
