@@ -615,6 +615,8 @@ def _check_qkv(q, k, v, kernel) -> None:
     kv_heads = k.shape[1]
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
+    if q.shape[2] == 0 or k.shape[2] == 0:  # the fp32 sink-row load reads key column 0 unmasked: a fault at K = 0
+        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q.shape[2]}, K={k.shape[2]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} not supported (1..{MAX_HEAD_DIM})")
     # batch and head offsets are int64 in the kernels, offsets inside one head's (S, D) are int32

@@ -588,3 +588,84 @@ def test_a_row_that_sees_nothing_has_lse_minus_infinity_on_the_identity_path():
     result = sink_attention_torch(q, k, v, attn_mask=mask, need_sink_stats=True)
     assert torch.isneginf(result.lse[:, :, 1]).all() and torch.isfinite(result.lse[:, :, [0, 2]]).all()
     assert (result.out[:, :, 1] == 0).all() and torch.isfinite(result.sink_stats).all()
+
+
+@pytest.mark.parametrize("gap", [80.0, 110.0, 800.0])
+def test_dense_path_applies_beta_when_the_sink_outscores_every_key_by_far(gap):
+    """A sink whose score is ``gap`` above every other key: in fp32 (and past ~745 nats in fp64)
+    l_N underflows under the row's maximum, and the dense path (return_probs, softcap, the
+    gradient fallback) took such rows for sink-only ones and ignored beta (5.3 off at a gap of 110).
+    Hand-computed: the non-sink keys share (1 - beta) of the row by their own softmax."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 16) * 0.01
+    q[..., 0] = 1.0
+    k = torch.randn(1, 2, 6, 16) * 0.1
+    k[:, :, 0] = 0
+    k[:, :, 0, 0] = gap * 16 ** 0.5
+    v = torch.randn(1, 2, 6, 16)
+    beta = torch.tensor([0.0, 0.5])
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 16 ** -0.5
+    expected = torch.zeros(1, 2, 6, 16, dtype=torch.float64)
+    for row in range(6):
+        own = torch.softmax(scores[..., row, 1:row + 1], -1) if row else None
+        for head in range(2):
+            b = float(beta[head]) if row else 1.0
+            expected[0, head, row] = b * v[0, head, 0].double()
+            if row:
+                expected[0, head, row] += (1 - b) * own[0, head] @ v[0, head, 1:row + 1].double()
+    for kwargs in ({"return_probs": True}, {"softcap": 1e5}, {}):
+        got = sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True, beta=beta, **kwargs)
+        torch.testing.assert_close(got.out.double(), expected, atol=1e-5, rtol=0, msg=str(kwargs))
+    ref, _, _ = reference_sink_attention(q.double(), k.double(), v.double(), causal=True,
+                                         sink_cols=torch.zeros(1, 1, dtype=torch.long), beta=beta.double())
+    torch.testing.assert_close(ref, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("virtual", [120.0, 800.0])
+def test_lse_is_over_the_real_keys_whatever_the_virtual_logit(virtual):
+    """lse = log(l_S + l_N) over the real keys (docs/formulas.md): with a large virtual logit the
+    dense path and the reference took the row's maximum from it and returned -inf."""
+    q, k, v = _inputs(1, 2, 2, 5, 5, 16, seed=3)
+    logit = torch.tensor([virtual, 0.0])
+    expected = torch.logsumexp((q.double() @ k.double().transpose(-1, -2) * 16 ** -0.5).masked_fill(
+        ~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")), -1)
+    split = sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True, virtual_sink_logit=logit)
+    dense = sink_attention(q, k, v, backend="torch", causal=True, first_column_sink=True, virtual_sink_logit=logit,
+                           return_probs=True)
+    _, _, ref = reference_sink_attention(q.double(), k.double(), v.double(), causal=True,
+                                         sink_cols=torch.zeros(1, 1, dtype=torch.long),
+                                         virtual_sink_logit=logit.double())
+    for got in (split.lse, dense.lse, ref):
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def _bad(q, k, v, **kw):
+    return sink_attention(q, k, v, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda q, k, v: _bad(q, k[:, :1].expand(-1, 3, -1, -1), v[:, :1].expand(-1, 3, -1, -1)),
+     "not a multiple of kv heads"),
+    (lambda q, k, v: _bad(q, k[:1], v[:1]), "do not match q"),
+    (lambda q, k, v: _bad(q, k, v[:, :, :-1]), "k and v must have the same shape"),
+    (lambda q, k, v: _bad(q, k[:, :, :0], v[:, :, :0]), "at least one query row and one key"),
+    (lambda q, k, v: _bad(q, k, v, extra_logits=torch.zeros(4)), "extra_logits must have shape"),
+    (lambda q, k, v: _bad(q, k, v, sink_cols=torch.zeros(2, dtype=torch.long)), "sink_cols must have shape"),
+    (lambda q, k, v: _bad(q, k, v, sink_cols=torch.zeros(2, 1)), "integer key columns"),
+    (lambda q, k, v: _bad(q, k, v, beta=torch.ones(2)), "beta must have shape"),
+    (lambda q, k, v: _bad(q, k, v, virtual_sink_logit=torch.ones(3)), "virtual_sink_logit must have shape"),
+    (lambda q, k, v: _bad(q, k, v, softcap=0.0), "softcap must be a finite number > 0"),
+    (lambda q, k, v: _bad(q, k, v, scale=-1.0), "scale must be a finite number > 0"),
+    (lambda q, k, v: _bad(q, k, v, scale=float("nan")), "scale must be a finite number > 0"),
+    (lambda q, k, v: _bad(q, k, v, sliding_window=0), "sliding_window must be an integer >= 1"),
+    (lambda q, k, v: _bad(q, k, v, sliding_window=2.5), "sliding_window must be an integer >= 1"),
+    (lambda q, k, v: sink_attention_torch(q, k, v, beta=torch.ones(2)), "beta must have shape"),
+], ids=["gqa", "batch", "kv-length", "no-key", "extra-logits", "sink-cols-1d", "sink-cols-float", "beta", "virtual",
+        "softcap-0", "scale-negative", "scale-nan", "window-0", "window-float", "torch-entry"])
+def test_bad_arguments_are_named_not_internal_errors(case, message):
+    """The PyTorch path failed on these with view / index errors from deep inside, or ran them
+    silently (softcap 0: every score 0; scale 0: uniform rows; window 0: empty rows), where the
+    Triton launcher names the argument."""
+    q, k, v = _inputs(2, 4, 2, 5, 5, 16)
+    with pytest.raises((ValueError, TypeError), match=message):
+        case(q, k, v)

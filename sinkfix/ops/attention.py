@@ -22,6 +22,7 @@ graph. The fast paths run inside one ``torch.library`` custom op (``sinkfix::sin
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from typing import NamedTuple
@@ -436,6 +437,45 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
     return AttentionResult(out, lse, sink_mass, None, stats)
 
 
+def check_attention_arguments(q, k, v, *, sink_cols=None, beta=None, extra_logits=None, virtual_sink_logit=None,
+                              scale=None, softcap=None, sliding_window=None) -> None:
+    """ValueError / TypeError for arguments the paths would fail on with an internal error, or run
+    on silently (softcap 0 makes every score 0, a scale of 0 every row uniform, a window of 0 every
+    row empty). Shapes and Python numbers only: it never reads a tensor's values (no device sync
+    per call), so NaN or inf inside beta or the logits are the caller's to check; a Policy checks
+    its own at construction."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (B, H, S, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    batch, q_heads, q_len, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
+    if q_len == 0 or k.shape[2] == 0:  # the fused CPU op divides by the length: a SIGFPE, not an error
+        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q_len}, K={k.shape[2]}")
+    for name, t in (("beta", beta), ("virtual_sink_logit", virtual_sink_logit)):
+        if t is not None and tuple(t.shape) != (q_heads,):
+            raise ValueError(f"{name} must have shape (Hq,) = ({q_heads},), got {tuple(t.shape)}")
+    if extra_logits is not None and (extra_logits.dim() != 2 or extra_logits.shape[0] != q_heads):
+        raise ValueError(f"extra_logits must have shape (Hq, E) = ({q_heads}, E), got {tuple(extra_logits.shape)}")
+    if sink_cols is not None:
+        if sink_cols.dim() != 2 or sink_cols.shape[0] not in (1, batch):
+            raise ValueError(f"sink_cols must have shape (B|1, NS) = ({batch}|1, NS), got {tuple(sink_cols.shape)}")
+        if sink_cols.dtype.is_floating_point or sink_cols.dtype == torch.bool:
+            raise TypeError(f"sink_cols must hold integer key columns, got {sink_cols.dtype}")
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or int(sliding_window) != sliding_window
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window!r}")
+
+
 def sink_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -472,9 +512,9 @@ def sink_attention_torch(
     computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
     second pass over the keys.
     """
-    if q.shape[2] == 0 or k.shape[2] == 0:  # the fused CPU op divides by the length: a SIGFPE, not an error
-        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q.shape[2]}, "
-                         f"K={k.shape[2]}")
+    check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
+                              extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+                              softcap=softcap, sliding_window=sliding_window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
     if sink_cols is not None and not first_column_sink:
@@ -566,6 +606,9 @@ def sink_attention(
     path where the fused op has a backward kernel (CPU), else from
     :mod:`sinkfix.ops.attention_grad`; neither keeps a layer's (B, H, Q, K) scores alive.
     """
+    check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
+                              extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+                              softcap=softcap, sliding_window=sliding_window)
     # a patched model passes the backend patch() resolved; only "auto" is resolved per call
     chosen = backend if backend in ("torch", "triton") else resolve_backend(backend, q.device)
     if chosen == "triton" and return_probs:

@@ -174,15 +174,26 @@ def reference_sink_attention(
     if beta is None:
         beta = torch.ones(q_heads, dtype=cd, device=q.device)
     b = beta.to(device=q.device, dtype=cd)[None, :, None, None]
-    has_n = l_n > 0
+    # Whether a row sees a non-sink key is a fact of the mask, not of l_N > 0: under the row's
+    # shared maximum l_N underflows once the sink out-scores the other keys by ~100 nats in fp32
+    # (~745 in fp64), and such rows then ignored beta (an output 5.3 off at a gap of 110).
+    has_n = in_n.any(-1, keepdim=True)
     b = torch.where(has_n, b, torch.ones_like(b))  # sink-only rows stay untouched
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
-    safe_ln = torch.where(has_n, l_n, torch.ones_like(l_n))
     p_sink = b * e * in_s / safe_z
-    p_rest = (l_n + (1 - b) * l_s) / safe_z * (e * in_n) / safe_ln
+    # the non-sink keys' share of their own mass under their own maximum (>= one term equal to 1),
+    # times the mass the row gives them, p_N + (1 - beta) p_S
+    scores_n = scores.masked_fill(~in_n, float("-inf"))
+    max_n = scores_n.amax(-1, keepdim=True)
+    e_n = torch.exp(scores_n - torch.where(torch.isfinite(max_n), max_n, torch.zeros_like(max_n)).detach())
+    l_n_own = e_n.sum(-1, keepdim=True)
+    within_n = e_n / torch.where(l_n_own > 0, l_n_own, torch.ones_like(l_n_own))
+    p_rest = (l_n + (1 - b) * l_s) / safe_z * within_n
     probs = p_sink + p_rest
     out = probs @ v64
-    lse = torch.log(l_s + l_n).squeeze(-1) + row_max.squeeze(-1)
+    # over the real keys under their own maximum: a large zero-value logit in row_max made
+    # log(l_S + l_N) underflow to -inf (a virtual logit of 120 in fp32)
+    lse = torch.logsumexp(scores, dim=-1)
     return out, probs, lse
 
 
