@@ -301,3 +301,35 @@ def test_a_cache_made_inside_a_compiled_forward_carries_and_follows_its_sets(one
         cache.crop(-1)  # the step's token off again: the sets follow
         assert cache.get_seq_length() == PROMPT
         assert all(hidden.shape[-1] == PROMPT for hidden in sink_sets(cache).values())
+
+
+def test_crop_zero_changes_nothing_and_a_crop_into_the_statistics_is_refused(one_thread):
+    """transformers 5 calls crop(0) when assisted decoding accepts every candidate: it emptied the
+    sets (the next step failed: "the cache holds 8 keys but a sink set was decided for 0"). A crop
+    that removes tokens whose rows are in the column statistics cannot take them out of the sums:
+    deciding again on them is refused (it used to count the removed rows: logits 3.8e-2 off).
+    Cropping decoded tokens that never entered the statistics stays exact."""
+    from sinkfix.errors import CacheError
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(8))
+    step = torch.tensor([[7]])
+    with sinkfix.patch(model, Policy.act(), backend="torch"), torch.no_grad():
+        fresh = tf.DynamicCache(config=model.config)
+        model(input_ids=ids, cache=fresh, use_cache=True)
+        expected = model(input_ids=step, cache=fresh, use_cache=True).logits
+        cache = tf.DynamicCache(config=model.config)
+        model(input_ids=ids, cache=cache, use_cache=True)
+        cache.crop(0)
+        assert cache.get_seq_length() == PROMPT and all(h.shape[-1] == PROMPT for h in sink_sets(cache).values())
+        model(input_ids=torch.tensor([[3]]), cache=cache, use_cache=True)  # a decoded token, then taken back
+        cache.crop(-1)
+        torch.testing.assert_close(model(input_ids=step, cache=cache, use_cache=True).logits, expected,
+                                   atol=1e-6, rtol=0)
+        cache.crop(-4)  # into the prompt, whose rows are in the statistics
+        with pytest.raises(CacheError, match="cropped below tokens whose attention rows"):
+            model(input_ids=ids[:, :3], cache=cache, use_cache=True)
+        cache.reset()  # a reset cache decides afresh
+        model(input_ids=ids, cache=cache, use_cache=True)
+        torch.testing.assert_close(model(input_ids=step, cache=cache, use_cache=True).logits, expected,
+                                   atol=1e-6, rtol=0)

@@ -52,6 +52,10 @@ class LayerSinkSet:
     stats: ColumnStats | None  # column statistics of the rows seen so far (None in a frozen store)
     length: int = 0  # keys this layer's cache has received
     steps_since_decision: int = 0
+    stats_end: int = 0  # the statistics hold the attention rows of the tokens before this position
+    # a crop removed tokens whose rows are in the statistics: they cannot be taken out of the sums,
+    # so deciding again on them would count tokens the cache no longer has
+    stale: bool = False
 
     def map(self, fn_batch=None, fn_cols=None) -> None:
         def apply(t):
@@ -88,10 +92,16 @@ class ContentSinkStore:
 
     def crop(self, max_length: int) -> None:
         """transformers' ``Cache.crop``: a negative argument removes that many tokens, a positive
-        one (older versions) keeps that many."""
+        one (older versions) keeps that many, 0 removes nothing (transformers 5 calls ``crop(0)``
+        when assisted decoding accepts every candidate: read as "keep 0", it emptied the sets of a
+        cache that still held its keys, and the next step failed)."""
+        if max_length == 0:
+            return
         for entry in self.layers.values():
             entry.length = max(entry.length + max_length, 0) if max_length < 0 else min(entry.length, max_length)
             entry.map(fn_cols=lambda t, axis, keep=entry.length: t[..., :keep])
+            if entry.stats is not None and entry.length < entry.stats_end:
+                entry.stale = True
 
 
     def reset(self) -> None:
@@ -102,7 +112,7 @@ class ContentSinkStore:
             self.layers.clear()
             return
         for entry in self.layers.values():
-            entry.length, entry.stats, entry.steps_since_decision = 0, None, 0
+            entry.length, entry.stats, entry.steps_since_decision, entry.stale = 0, None, 0, False
 
 
 _FOLLOWED = (("reorder_cache", "reorder"), ("crop", "crop"), ("batch_select_indices", "select"),
@@ -262,6 +272,11 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
             entry.length = end
         return AttentionResult(result.out, result.lse, None, None)
 
+    if entry is not None and entry.stale and (q_len > 1 or rule.reevaluate_every is not None):
+        raise CacheError(f"layer {layer}: the cache was cropped below tokens whose attention rows are in the "
+                         "content-sink statistics (they cannot be taken out of the sums), and this call would decide "
+                         "the sink set again on them; assisted or speculative decoding that rejects tokens is not "
+                         "supported with content-dependent sinks: reset() the cache and feed the kept tokens again")
     if entry is None or q_len > 1:
         # prefill (or a prefill chunk): decide on every row seen so far
         prior = None if entry is None else entry.stats
@@ -269,7 +284,7 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
                                         kept_before=_kept_before(prior, first, rule))
         stats = merge_column_stats(prior, _absolute(result.stats, first))
         hidden = _absolute_hidden(entry, result.hidden, first, end)
-        store.layers[layer] = LayerSinkSet(hidden, stats, length=end)
+        store.layers[layer] = LayerSinkSet(hidden, stats, length=end, stats_end=end)
         return AttentionResult(result.out, result.lse, None, None)
 
     hidden = _columns(entry.hidden, first, end)
@@ -290,6 +305,7 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     else:
         result = content_sink_attention(query, key, value, hidden=hidden, need_stats=True, **common)
     entry.stats = merge_column_stats(entry.stats, _absolute(result.stats, first))
+    entry.stats_end = end
     return AttentionResult(result.out, result.lse, None, None)
 
 
