@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arguments import check_qkv_shapes
 from .masks import key_padding_ranges, pack_mask_bits
 
 __all__ = [
@@ -594,9 +595,7 @@ class AttentionLaunch:
 
 
 def _check_qkv(q, k, v, kernel) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
+    check_qkv_shapes(q, k, v)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     device = q.device
@@ -607,16 +606,7 @@ def _check_qkv(q, k, v, kernel) -> None:
             raise ValueError("the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors only")
     elif device.type != "cuda":
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}")
-    batch, q_heads, _, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
-    kv_heads = k.shape[1]
-    if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
-    if q.shape[2] == 0 or k.shape[2] == 0:  # the fp32 sink-row load reads key column 0 unmasked: a fault at K = 0
-        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q.shape[2]}, K={k.shape[2]}")
+    head_dim = q.shape[3]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} not supported (1..{MAX_HEAD_DIM})")
     # batch and head offsets are int64 in the kernels, offsets inside one head's (S, D) are int32

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
+from sinkfix.kernels.arguments import check_qkv_shapes
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available, fused_lse_backward_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
@@ -444,19 +445,8 @@ def check_attention_arguments(q, k, v, *, sink_cols=None, beta=None, extra_logit
     row empty). Shapes and Python numbers only: it never reads a tensor's values (no device sync
     per call), so NaN or inf inside beta or the logits are the caller's to check; a Policy checks
     its own at construction."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (B, H, S, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    batch, q_heads, q_len, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
-    kv_heads = k.shape[1]
-    if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
-    if q_len == 0 or k.shape[2] == 0:  # the fused CPU op divides by the length: a SIGFPE, not an error
-        raise ValueError(f"sink attention needs at least one query row and one key, got Q={q_len}, K={k.shape[2]}")
+    check_qkv_shapes(q, k, v)
+    batch, q_heads = q.shape[:2]
     for name, t in (("beta", beta), ("virtual_sink_logit", virtual_sink_logit)):
         if t is not None and tuple(t.shape) != (q_heads,):
             raise ValueError(f"{name} must have shape (Hq,) = ({q_heads},), got {tuple(t.shape)}")
