@@ -248,11 +248,14 @@ def test_cli_refuses_a_folder_in_an_output_files_place_before_training(capsys, t
     assert blocked in capsys.readouterr().err
 
 
-def test_cli_seed_outside_torchs_range_is_a_usage_error(capsys):
+def test_cli_seed_outside_torchs_range_is_a_usage_error(capsys, one_thread):
     from sinkfix.cli import main
 
     assert main(["bb", "--seed", str(2 ** 64 - 1), "--steps", "1"]) == 2
     assert "--seed must be in" in capsys.readouterr().err
+    assert main(["bb", "--seed", str(-2 ** 63 - 1), "--steps", "1"]) == 2
+    capsys.readouterr()
+    assert main(["bb", *TINY, "--variants", "adam", "--seed", "-1", "--json"]) == 0  # torch takes negative seeds
 
 
 def test_cli_keeps_the_finished_variants_when_a_later_one_fails(capsys, tmp_path, monkeypatch, one_thread):
@@ -274,6 +277,10 @@ def test_cli_keeps_the_finished_variants_when_a_later_one_fails(capsys, tmp_path
     assert "training diverged: sgd: loss became nan" in err and "bb.partial.json" in err
     kept = json.loads((tmp_path / "bb.partial.json").read_text())
     assert "adam" in kept and "sgd" not in kept and not (tmp_path / "bb.json").exists()
+    # a later run into the same folder keeps them: refused before training, nothing overwritten
+    assert main(["bb", *TINY, "--variants", "adam", "--out", str(tmp_path)]) == 2
+    assert "holds the finished variants of an earlier run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "bb.partial.json").read_text()) == kept
 
 
 def test_cli_rejects_unknown_variant(capsys):

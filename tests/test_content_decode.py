@@ -326,9 +326,11 @@ def test_crop_zero_changes_nothing_and_a_crop_into_the_statistics_is_refused(one
         cache.crop(-1)
         torch.testing.assert_close(model(input_ids=step, cache=cache, use_cache=True).logits, expected,
                                    atol=1e-6, rtol=0)
-        cache.crop(-4)  # into the prompt, whose rows are in the statistics
+        cache.crop(-4)  # into the prompt, whose rows are in the statistics and decided the sets
         with pytest.raises(CacheError, match="cropped below tokens whose attention rows"):
             model(input_ids=ids[:, :3], cache=cache, use_cache=True)
+        with pytest.raises(CacheError, match="cropped below tokens whose attention rows"):
+            model(input_ids=step, cache=cache, use_cache=True)  # a single step would apply those sets
         cache.reset()  # a reset cache decides afresh
         model(input_ids=ids, cache=cache, use_cache=True)
         torch.testing.assert_close(model(input_ids=step, cache=cache, use_cache=True).logits, expected,

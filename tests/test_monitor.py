@@ -927,3 +927,18 @@ def test_beam_search_is_refused(where, one_thread):
     with sinkfix.monitor(model) as monitor, pytest.raises(MonitorError, match="beam search"):
         monitor.generate(input_ids=_ids(1, 8), max_new_tokens=2, pad_token_id=0, **kwargs)
     assert monitor.records == []
+
+
+def test_a_request_served_with_autograd_on_is_measured(one_thread):
+    """A forward without torch.no_grad() (a server that forgot it, or a gradient-based probe): the
+    prompt measures ran on tensors that require grad and failed (an in-place op on an unbind view;
+    then cat(out=...)). They run without autograd now; the record equals the no_grad one's."""
+    model = tiny_model("llama")
+    ids = _ids(1, 40, seed=5)
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        with monitor.request():
+            model(input_ids=ids)
+        with_grad = monitor.records[0]
+        without = _one_request(monitor, model, input_ids=ids)
+    for name in ("sink_share", "dormancy", "hidden_sinks", "value_drain"):
+        assert with_grad[name] == without[name], name

@@ -74,12 +74,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.seq_len < 4:
         raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
-    if not 0 <= args.seed < 2 ** 63 - 8:  # torch's generators take a signed 64-bit seed (the task's is seed + 7)
-        raise UsageError(f"--seed must be in [0, 2**63 - 8), got {args.seed}")
+    if not -2 ** 63 <= args.seed <= 2 ** 64 - 8:  # torch's generators take [-2**63, 2**64); the task's is seed + 7
+        raise UsageError(f"--seed must be in [-2**63, 2**64 - 8], got {args.seed}")
     if args.out is not None:
         check_writable(args.out, folder=True)  # before the training, not after it
         for name in (PARTIAL_NAME, "bb.json", *([] if args.no_figures else FIGURE_NAMES)):
             check_writable(Path(args.out) / name)  # a folder in a file's place, likewise
+        if (Path(args.out) / PARTIAL_NAME).exists():  # an earlier run's finished variants: kept, not overwritten
+            raise UsageError(f"{Path(args.out) / PARTIAL_NAME} holds the finished variants of an earlier run that "
+                             "did not complete: move it away, or choose another --out")
         if not args.no_figures:
             from sinkfix.analysis.plots import check_matplotlib
 

@@ -257,6 +257,13 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
                          "(DynamicCache) or a window that holds the whole sequence")
     store = store_of(cache)
     entry = store.layers.get(layer)
+    if entry is not None and entry.stale:
+        # the sets were decided with the removed tokens' rows, and deciding again would count them
+        # too: a single-token step on such a set was up to 0.10 off a fresh prefill of the kept tokens
+        raise CacheError(f"layer {layer}: the cache was cropped below tokens whose attention rows are in the "
+                         "content-sink statistics (they cannot be taken out of the sums, and the sink sets were "
+                         "decided on them); assisted or speculative decoding that rejects tokens is not supported "
+                         "with content-dependent sinks: reset() the cache and feed the kept tokens again")
     length = 0 if entry is None else entry.length
     end = length + q_len  # absolute position after this call's keys
     first = end - k_len  # absolute position of the call's key column 0 (> 0 once a window dropped keys)
@@ -272,11 +279,6 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
             entry.length = end
         return AttentionResult(result.out, result.lse, None, None)
 
-    if entry is not None and entry.stale and (q_len > 1 or rule.reevaluate_every is not None):
-        raise CacheError(f"layer {layer}: the cache was cropped below tokens whose attention rows are in the "
-                         "content-sink statistics (they cannot be taken out of the sums), and this call would decide "
-                         "the sink set again on them; assisted or speculative decoding that rejects tokens is not "
-                         "supported with content-dependent sinks: reset() the cache and feed the kept tokens again")
     if entry is None or q_len > 1:
         # prefill (or a prefill chunk): decide on every row seen so far
         prior = None if entry is None else entry.stats

@@ -160,7 +160,9 @@ def _rollback(cache: Any, before: int | None, added: int) -> bool:
     is then left as the forward made it. transformers crops layer by layer, so a model whose full
     layers come before a sliding one had those layers cut when the sliding one refused (a Qwen2 with
     its first layer full: 250 of 270 tokens gone, the next step's logits 0.089 off): every layer's
-    attributes are kept before and put back when any layer refuses."""
+    attributes are kept before and put back when any layer refuses. That covers the caches whose
+    crop replaces its tensors (DynamicCache's full and sliding layers); a layer whose crop writes
+    into a tensor in place (static and linear-attention layers' counters) is not restored."""
     if cache is None:
         return True  # the model made its own cache for that forward
     kept = [(owner, dict(vars(owner))) for owner in (cache, *(getattr(cache, "layers", None) or ()))
@@ -171,7 +173,7 @@ def _rollback(cache: Any, before: int | None, added: int) -> bool:
         else:
             cache.crop(-added)
     except (AttributeError, RuntimeError, ValueError, NotImplementedError):
-        for owner, attributes in kept:  # crop and reset replace tensors, they do not write into them
+        for owner, attributes in kept:  # DynamicCache's crop replaces its tensors (docstring)
             vars(owner).clear()
             vars(owner).update(attributes)
         return False
@@ -362,8 +364,9 @@ class Monitor:
         if acc is None:  # a guard's rerun started the request over: those calls were never served
             return
         if sampled:
-            measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold,
-                                            workspace=self._workspace)
+            with torch.no_grad():  # a request served with autograd on: the measures write into buffers (out=)
+                measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold,
+                                                workspace=self._workspace)
             acc.add_prompts([call.layer for call in sampled], measures, [call.rows for call in sampled])
 
     def _residual_hook(self, layer: int, last: bool):
@@ -430,7 +433,7 @@ class Monitor:
         away what ``generate`` returned and left the batch's later rows out of the metrics."""
         try:
             self.log.write(record)
-        except (OutputError, OSError, ValueError) as exc:
+        except (OutputError, OSError) as exc:  # a ValueError from the JSON encoder is a bug, not the disk's
             warnings.warn(f"sinkfix.monitor: could not append request {record['request']}, row {record['index']} "
                           f"to the telemetry log: {exc}; the record is in monitor.records", LogWriteWarning,
                           stacklevel=3)
