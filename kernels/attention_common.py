@@ -707,14 +707,14 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
     side tensors (see :class:`AttentionLaunch`). ``kernel`` tells whether this process interprets."""
     _check_qkv(q, k, v, kernel)
     batch, q_heads, _, head_dim = q.shape
-    if sliding_window is not None and int(sliding_window) != sliding_window:
-        raise ValueError(f"sliding_window must be an int, got {sliding_window!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0, got {softcap!r}")
+    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+        raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window!r}")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    if not scale > 0:
+    if not 0 < scale < math.inf:
         # the kernels take the row max before scaling (max(qk) * scale): exact for scale > 0 only
-        raise ValueError(f"scale must be > 0, got {scale!r}")
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     mask, mask_strides = _mask_view(attn_mask, q, k)
     padding, padding_strides, ranges, range_stride = _key_padding_view(key_padding, key_ranges, batch, k.shape[2],
                                                                        q.device)

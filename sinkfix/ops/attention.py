@@ -596,10 +596,10 @@ def sink_attention(
     path where the fused op has a backward kernel (CPU), else from
     :mod:`sinkfix.ops.attention_grad`; neither keeps a layer's (B, H, Q, K) scores alive.
     """
-    check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
-                              extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
-                              softcap=softcap, sliding_window=sliding_window)
-    # a patched model passes the backend patch() resolved; only "auto" is resolved per call
+    # Arguments are checked once per call, where each path starts (sink_attention_torch, the Triton
+    # launchers' prepare_attention_launch), and below only for the autograd path that has neither:
+    # checked here as well, they ran twice per layer call on the eager PyTorch path.
+    # A patched model passes the backend patch() resolved; only "auto" is resolved per call.
     chosen = backend if backend in ("torch", "triton") else resolve_backend(backend, q.device)
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
@@ -613,6 +613,9 @@ def sink_attention(
     if grad and not (return_probs or need_sink_mass or need_sink_stats or split_grad):
         from sinkfix.ops.attention_grad import sink_attention_with_grad
 
+        check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
+                                  extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+                                  softcap=softcap, sliding_window=sliding_window)
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
         out, lse = sink_attention_with_grad(

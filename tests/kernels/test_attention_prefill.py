@@ -192,6 +192,10 @@ def test_every_table_tile(kt, bm, bn, hd, is16):
         (lambda q, k, v, kw: (q, k, v, kw | {"virtual_sink_logit": torch.ones(4, 1)}), "virtual_sink_logit"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(3, 1, dtype=torch.long)}), "batch"),
         (lambda q, k, v, kw: (q, k, v, kw | {"sink_cols": torch.zeros(2, 1)}), "integer"),
+        # numbers the launcher is the only check of (sink_attention leaves them to it)
+        (lambda q, k, v, kw: (q, k, v, kw | {"sliding_window": 0}), "sliding_window must be an integer >= 1"),
+        (lambda q, k, v, kw: (q, k, v, kw | {"scale": float("inf")}), "scale must be a finite number > 0"),
+        (lambda q, k, v, kw: (q, k, v, kw | {"softcap": float("inf")}), "softcap must be a finite number > 0"),
         # K = 0 with fp32 inputs and a sink set read key column 0 (a segfault under the interpreter)
         (lambda q, k, v, kw: (q.float(), k[:, :, :0].float(), v[:, :, :0].float(),
                               kw | {"sink_cols": torch.zeros(2, 1, dtype=torch.long)}), "at least one query row and one key"),
