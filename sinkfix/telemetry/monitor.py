@@ -31,9 +31,10 @@ from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, check_hidden_sink_th
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
-from sinkfix.telemetry.outputs import NO_DOMAIN, JsonlLog, PrometheusExporter
+from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
 from sinkfix.telemetry.prompt import Workspace, layouts_for_next_forward, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
+from sinkfix.telemetry.requests import check_domain_label
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
 __all__ = ["CallbackWarning", "LogWriteWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
@@ -95,27 +96,16 @@ class _Request:
         return [self.id if row is None else row for row in self.row_ids]
 
 
-def _check_domain_label(label: str | None, what: str) -> None:
-    """The domain label "none" is what requests without a domain are labelled in Prometheus and
-    grouped under in reports: a request named so would be merged with them."""
-    if what == "domain" and label == NO_DOMAIN:
-        raise MonitorError(f"the domain label {NO_DOMAIN!r} is reserved for requests without a domain (Prometheus "
-                           "and reports group those under it): pass None, or another name")
-
-
 def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
     """Labels given for a request (its domain, its id): a string, None, or a sequence of strings /
     None (one per batch row), checked when the request starts: anything else would be logged as it
     is, against the schema, and break ``sinkfix monitor report`` later."""
     if value is None or isinstance(value, str):
-        _check_domain_label(value, what)
         return value
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         labels = tuple(value)
         wrong = [label for label in labels if label is not None and not isinstance(label, str)]
         if not wrong:
-            for label in labels:
-                _check_domain_label(label, what)
             return labels
         raise MonitorError(f"{what} labels must be strings or None, got {wrong[0]!r} ({type(wrong[0]).__name__})")
     raise MonitorError(f"{what} must be a string, None, or one string (or None) per batch row, got {value!r}")
@@ -249,6 +239,8 @@ class Monitor:
         if not self._handle.active:
             raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
         domain = _check_labels(domain, "domain")
+        for label in domain if isinstance(domain, tuple) else (domain,):
+            check_domain_label(label)
         request_id = _check_labels(request_id, "request_id")
         own_id = f"{self.session}-{next(self._counter)}"
         if isinstance(request_id, tuple):

@@ -27,6 +27,14 @@ _KEYS = ("prompt", "domain", "id")
 NO_DOMAIN = "none"
 
 
+def check_domain_label(domain: str | None, where: str = "") -> None:
+    """MonitorError for the reserved label: a request named :data:`NO_DOMAIN` would be merged with
+    the requests that have no domain. ``where`` prefixes the message (a request file's line)."""
+    if domain == NO_DOMAIN:
+        raise MonitorError(f"{where}the domain {NO_DOMAIN!r} is reserved for requests without one (reports and "
+                           "Prometheus group those under it): use None (null), or another name")
+
+
 @dataclass(frozen=True)
 class Request:
     prompt: str
@@ -50,9 +58,7 @@ def _parse_line(text: str, number: int, where: str) -> Request:
         raise MonitorError(f"{where}, line {number}: 'prompt' must be a non-empty string")
     if domain is not None and not isinstance(domain, str):
         raise MonitorError(f"{where}, line {number}: 'domain' must be a string or null")
-    if domain == NO_DOMAIN:
-        raise MonitorError(f"{where}, line {number}: the domain {NO_DOMAIN!r} is reserved for requests without one "
-                           "(reports and Prometheus group those under it): use null, or another name")
+    check_domain_label(domain, f"{where}, line {number}: ")
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise MonitorError(f"{where}, line {number}: 'id' must be a string or an integer")
     return Request(prompt, domain, None if ident is None else str(ident), number)
