@@ -394,14 +394,15 @@ def _heads_are_sharded(model: nn.Module, local_heads: list[int], size: int) -> b
                                 f"{configured} / {size}: sinkfix cannot tell which heads this rank computes")
 
 
-def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) -> tuple[list[LayerPolicy], tuple | None]:
-    """Per-layer policies for the heads this process computes, and (rank, size) when they are a
-    shard. Under tensor parallelism (q/k/v sharded column-wise, so rank r holds the r-th contiguous
+def _resolve_policy(model: nn.Module, policy: Policy,
+                    local_heads: list[int]) -> tuple[list[LayerPolicy], tuple | None, bool]:
+    """Per-layer policies for the heads this process computes, this process's (rank, size) in a
+    tensor-parallel group (None: not sharded) and whether its heads are a shard of them. Under tensor parallelism (q/k/v sharded column-wise, so rank r holds the r-th contiguous
     block of query heads) the policy is written for the whole model and each rank applies its slice
     of every per-head parameter; where the plan leaves the attention whole, every rank applies all of it."""
     tp = tensor_parallel_rank(model)
     if tp is None or not _heads_are_sharded(model, local_heads, tp[1]):
-        return policy.resolve(len(local_heads), local_heads), None
+        return policy.resolve(len(local_heads), local_heads), tp, False
     rank, size = tp
     global_heads = [heads * size for heads in local_heads]
     try:
@@ -412,7 +413,7 @@ def _resolve_policy(model: nn.Module, policy: Policy, local_heads: list[int]) ->
                           f"{first}..{first + local_heads[0] - 1} of {global_heads[0]} and applies that slice of a "
                           "policy written for the whole model)") from None
     sliced = [lp.head_slice(rank * heads, (rank + 1) * heads) for lp, heads in zip(full, local_heads)]
-    return sliced, tp
+    return sliced, tp, True
 
 
 def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
@@ -430,7 +431,7 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
     if not order:
         raise UnsupportedModelError(_unsupported_message(arch))
     _refuse_overlapping_patch(model, order, previous)
-    layer_policies, tp = _resolve_policy(model, policy, [heads for _, heads in order])
+    layer_policies, tp, heads_sharded = _resolve_policy(model, policy, [heads for _, heads in order])
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
     states: dict[str, LayerState] = {}
@@ -444,9 +445,7 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
                 raise UnsupportedModelError(f"cannot find the decoder layer around {name} for residual clipping")
             clip_layers[name] = parent
     handle = PatchHandle(model, policy, backend, original, original_settings, states, clip_layers)
-    handle.tensor_parallel = tp
-    if tp is None:
-        handle.replicated_attention = tensor_parallel_rank(model)
+    handle.tensor_parallel, handle.replicated_attention = (tp, None) if heads_sharded else (None, tp)
     return handle
 
 
