@@ -23,8 +23,8 @@ import torch
 
 from sinkfix.errors import UsageError
 
-__all__ = ["Window", "make_windows", "window_nll", "windows_nll", "exp_nll", "perplexity", "PerplexityResult", "bos_token_id",
-           "tokenize", "token_ids", "MIN_TOKENS", "model_device", "decoder_stack", "max_positions", "check_positions"]
+__all__ = ["Window", "make_windows", "window_nll", "windows_nll", "exp_nll", "perplexity", "PerplexityResult",
+           "bos_token_id", "tokenize", "token_ids", "MIN_TOKENS", "model_device", "decoder_stack", "max_positions", "check_positions"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Window:
 
 
 def exp_nll(nll: float) -> float:
-    """The perplexity of a mean NLL: exp(nll); inf past float's range (a mean NLL above 709.78 nats, where math.exp raises), NaN
-    stays NaN."""
+    """The perplexity of a mean NLL: exp(nll); inf past float's range (a mean NLL above 709.78 nats,
+    where math.exp raises), NaN stays NaN."""
     try:
         return math.exp(nll)
     except OverflowError:
