@@ -61,7 +61,7 @@ import torch
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
 from sinkfix.bench.memory import keep_freed_heap
-from sinkfix.bench.provenance import provenance
+from sinkfix.bench.provenance import provenance, provenance_line
 from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
 from sinkfix.bench.timing import compiled_decoding
 from sinkfix.evaluate import bos_token_id, tokenize
@@ -354,13 +354,6 @@ def _across_processes(argv: list[str], processes: int, json_path: str | None) ->
 POLICIES = ("identity", "sink_scale=0.9", "per-head")  # the names _policies builds
 
 
-def _header(origin: dict) -> str:
-    """One line naming the device and the versions a run's numbers belong to."""
-    versions = origin["versions"]
-    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
-        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
-
-
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: --processes re-runs this script with its own option removed, which only
     # works for the full spelling (an abbreviation such as --proc spawned processes without end)
@@ -416,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         _heap_without_trimming()
     torch.set_num_threads(args.threads)
     origin = provenance(torch.device("cpu"))
-    print(_header(origin), flush=True)
+    print(provenance_line(origin), flush=True)
     model, tokenizer = sinkfix.load_model(args.model)
     prompt, decode_prompt = _prompt(tokenizer, args.prompt), _prompt(tokenizer, args.decode_prompt)
     with sinkfix.patch(model) as handle:

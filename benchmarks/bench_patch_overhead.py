@@ -37,7 +37,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import Spread, alternate, measure_peak_memory, prefill_kwargs, release_memory, time_prefill
-from sinkfix.bench.provenance import provenance
+from sinkfix.bench.provenance import provenance, provenance_line
 from sinkfix.evaluate import tokenize
 from sinkfix.texts import domain_text
 
@@ -122,13 +122,6 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
     return alternate(list(CONFIGS), once, repeats=args.repeats, warmup=args.warmup)
 
 
-def _header(origin: dict) -> str:
-    """One line naming the device and the versions a run's numbers belong to."""
-    versions = origin["versions"]
-    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
-        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     origin = provenance(torch.device("cpu"))
-    print(_header(origin), flush=True)
+    print(provenance_line(origin), flush=True)
     print(f"sinkfix patch overhead: {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_start[0]:.2f}", flush=True)
     started = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 
 import sinkfix
 from sinkfix.analysis.inspection import text_windows
-from sinkfix.bench.provenance import provenance
+from sinkfix.bench.provenance import provenance, provenance_line
 from sinkfix.evaluate import bos_token_id
 from sinkfix.profile import ModelIdentity, Profile
 from sinkfix.telemetry import DEFAULT_MARGIN, calibration_statistics
@@ -53,13 +53,6 @@ def _excess(record: dict, low: torch.Tensor, high: torch.Tensor, min_rows: int) 
     excess = torch.maximum(low - share, share - high).masked_fill(~judged, float("-inf")).nan_to_num(nan=float("-inf"))
     worst = float(excess.max())
     return None if worst == float("-inf") else worst
-
-
-def _header(origin: dict) -> str:
-    """One line naming the device and the versions a run's numbers belong to."""
-    versions = origin["versions"]
-    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
-        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
 
 
 def _positive(text: str) -> int:
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                       generator=g)])
                                        for _ in range(args.random_prompts)]
     origin = provenance(torch.device("cpu"))
-    print(_header(origin), flush=True)
+    print(provenance_line(origin), flush=True)
     results = {"model": args.model, "calibration_domains": args.domains, "calibration_windows": len(windows),
                "load_before": os.getloadavg(), "provenance": origin, "groups": {}}
     with sinkfix.patch(model, profile):

@@ -30,18 +30,11 @@ import torch
 import sinkfix
 from sinkfix.analysis.inspection import text_windows
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD, measure_extreme_tokens
-from sinkfix.bench.provenance import provenance
+from sinkfix.bench.provenance import provenance, provenance_line
 from sinkfix.telemetry import SAMPLE_ROWS
 from sinkfix.texts import DOMAINS, QUICK_DOMAINS, domain_text
 
 SINK_SHARE_TARGET = 1e-4
-
-
-def _header(origin: dict) -> str:
-    """One line naming the device and the versions a run's numbers belong to."""
-    versions = origin["versions"]
-    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
-        f"{name} {versions.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
 
 
 def _tensor(nested) -> torch.Tensor:
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     with sinkfix.patch(model) as handle:
         layers, heads = handle.num_layers, max(handle.num_heads())
     origin = provenance(torch.device("cpu"))  # which CPU and which versions measured this, in the header and JSON
-    print(_header(origin), flush=True)
+    print(provenance_line(origin), flush=True)
     results = {"model": args.model, "torch": torch.__version__, "seq_len": args.seq_len, "domains": args.domains,
                "windows_per_domain": args.windows, "load_before": os.getloadavg(), "provenance": origin, "rows": []}
     for name, policy in _policies(layers, heads).items():

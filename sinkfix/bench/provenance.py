@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "load_average", "versions", "git_state", "device_name", "usable_cpus"]
+__all__ = ["provenance", "provenance_line", "load_average", "versions", "git_state", "device_name", "usable_cpus"]
 
 _DISTRIBUTIONS = ("sinkfix", "torch", "transformers", "tokenizers", "numpy", "gguf", "triton", "accelerate")
 
@@ -87,3 +87,11 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "git": git_state(),
         "argv": list(sys.argv),
     }
+
+
+def provenance_line(origin: dict[str, Any]) -> str:
+    """One line naming the device and the versions a run's numbers belong to (``origin``: what
+    :func:`provenance` returned), for a benchmark script's header."""
+    found = origin["versions"]
+    return (f"device {origin['device_name']} ({origin['device']}); " + ", ".join(
+        f"{name} {found.get(name) or 'not installed'}" for name in ("sinkfix", "torch", "transformers", "triton")))
