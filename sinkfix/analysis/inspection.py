@@ -46,7 +46,7 @@ from sinkfix.errors import UsageError
 from sinkfix.evaluate import MIN_TOKENS, model_device
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
-           "dormancy_flips", "check_windows", "shortest_window", "MIN_TEXT_TOKENS"]
+           "dormancy_flips", "check_flip_margin", "MAX_FLIP_MARGIN", "check_windows", "shortest_window", "MIN_TEXT_TOKENS"]
 
 
 @torch.no_grad()
@@ -239,7 +239,10 @@ class InspectionReport:
         """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall)."""
         metrics = self.overall if domain is None else self.domains[domain]
         if metrics.dormancy is None:
-            raise ValueError("dormancy was not measured (hidden_sink_threshold=None)")
+            # inspect() always measures it; a report built from metrics collected with
+            # hidden_sink_threshold=None (measure_extreme_tokens' cheap path) has none
+            raise UsageError("dormancy was not measured: the metrics were collected without hidden-sink "
+                             "detection (hidden_sink_threshold=None)")
         return metrics.dormancy >= DORMANT_THRESHOLD
 
     def sink_layers(self, threshold: float = 0.4) -> list[int]:
@@ -279,6 +282,21 @@ class InspectionReport:
         from sinkfix.files import atomic_write_text
 
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+
+
+#: Dormancy scores lie in [0, 1] and a head flips when it is ``margin`` above the threshold on one
+#: domain and ``margin`` below it on another: a margin this large or larger can never be met.
+MAX_FLIP_MARGIN = min(DORMANT_THRESHOLD, 1.0 - DORMANT_THRESHOLD)
+
+
+def check_flip_margin(margin, name: str = "flip_margin", error: type[Exception] = UsageError) -> float:
+    """The flip margin, checked: a number in [0, :data:`MAX_FLIP_MARGIN`); anything else raises
+    ``error`` (a negative margin would list heads that are never dormant, or never active, as
+    flips; NaN would list none)."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0.0 <= margin < MAX_FLIP_MARGIN:
+        raise error(f"{name} must be a number in [0, {MAX_FLIP_MARGIN:g}) (dormancy scores lie in [0, 1], the "
+                    f"dormant threshold is {DORMANT_THRESHOLD:g}), got {margin!r}")
+    return float(margin)
 
 
 def _domain_flips(domains: Mapping[str, ExtremeTokenMetrics], margin: float) -> list[dict]:
@@ -336,6 +354,7 @@ def inspect(
     """
     check_hidden_sink_threshold(hidden_sink_threshold)
     check_windows(seq_len, bos, max_tokens)
+    flip_margin = check_flip_margin(flip_margin)
     if isinstance(texts, str):
         texts = {"text": texts}
     elif not isinstance(texts, Mapping):

@@ -13,9 +13,12 @@ Definitions (docs/formulas.md, "Measuring"), per attention layer l and query hea
   patched* (beta x the stock mass when a sink-scaling policy is active).
 * **hidden sinks** (ACT's criterion): a key j outside the sink set whose mean attention over the
   query rows that can see it exceeds ``hidden_sink_threshold`` (0.1). Keys seen by fewer than
-  ``min_queries`` rows (32, or a quarter of the window when that is smaller) are not judged: near
-  the end of a window the mean runs over a handful of rows and every local head would "sink" there.
-* **value drain** of kv head g = ||v_sink|| / median_j ||v_j|| (the first sink column).
+  ``min_queries`` rows (32, or a quarter of the sequence's rows that see a non-sink key when that is
+  smaller) are not judged: near the end of a window the mean runs over a handful of rows and every
+  local head would "sink" there.
+* **value drain** of kv head g = ||v_sink|| / median_j ||v_j|| (the first sink column). Every median
+  here (and in the monitor and the residual clip) is torch's: the lower of the two middle values
+  for an even count.
 * **residual peak** of a decoder layer = max_i ||h_i|| / median_i ||h_i|| of its output, and the
   position / token that reaches it.
 * **dormancy** of a query row (the rule :mod:`sinkfix.analysis.inspection` documents): the share of
@@ -352,8 +355,10 @@ class StreamingCollector:
     def _hidden_sinks(self, layer: int, rows: "_RowPass", is_sink: torch.Tensor, K: int) -> torch.Tensor:
         """ACT's criterion on the column masses of the blockwise pass: (B, Hq, K) bool."""
         Hq = rows.col_sum.shape[1]
-        n_rows = int(rows.has_n.sum(-1).max()) if rows.has_n.numel() else 0
-        min_q = min(self.min_queries, max(1, n_rows // 4))
+        # Each sequence's own limit: a short sequence left-padded into a batch with a long one is
+        # judged as it would be alone (the batch's longest took 24 instead of 4 for a 20-token one).
+        n_rows = rows.has_n.sum(-1, keepdim=True)  # (B, 1)
+        min_q = (n_rows // 4).clamp(min=1, max=self.min_queries)
         mean_att = rows.col_sum / rows.seen_by.clamp(min=1)[:, None, :]
         hidden = (mean_att > self.threshold) & (rows.seen_by >= min_q)[:, None, :] & ~is_sink[:, None, :]
         self.hidden_count[layer, :Hq] += hidden.sum(-1).sum(0).double().cpu()
@@ -438,7 +443,9 @@ class StreamingCollector:
     # -- result -------------------------------------------------------------------------------
     def result(self) -> ExtremeTokenMetrics:
         nan = float("nan")
-        rows = self.rows_seen.clamp(min=1)[:, None]
+        # A layer where no row saw a key outside the sink set (a sink set as long as the text) has no
+        # defined share or dormancy: NaN, reported as null / "-", not 0 (which read as "active").
+        rows = torch.where(self.rows_seen > 0, self.rows_seen, torch.full_like(self.rows_seen, nan))[:, None]
         mask = torch.zeros(self.L, self.H, dtype=torch.bool)
         for layer, h in enumerate(self.num_heads):
             mask[layer, :h] = True

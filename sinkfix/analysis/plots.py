@@ -11,7 +11,8 @@ from pathlib import Path
 
 from sinkfix.errors import SinkfixError
 
-__all__ = ["PlotError", "pyplot", "check_matplotlib", "write_figures", "sink_share_heatmap", "residual_norm_plot",
+__all__ = ["PlotError", "pyplot", "check_matplotlib", "write_figures", "remove_stale_figures", "FIGURE_NAMES",
+           "sink_share_heatmap", "residual_norm_plot",
            "value_norm_plot", "domain_flip_plot", "running_perplexity_plot"]
 
 
@@ -64,7 +65,14 @@ def _save(plt, fig, path: Path, *, tight: bool) -> Path:
 
 def _title(report) -> str:
     p = report.protocol
-    return f"{report.model.get('name')} - {'BOS + ' if p.get('bos') else 'no BOS, '}{p.get('seq_len')}-token windows"
+    # seq_len is the longest a window may be: a short text gives one shorter window
+    return f"{report.model.get('name')} - {'BOS + ' if p.get('bos') else 'no BOS, '}windows of up to {p.get('seq_len')} tokens"
+
+
+def _example_source(report) -> str:
+    """Which window the per-position curves come from: the first window of the first domain."""
+    names = list(report.domains)
+    return f"first window of {names[0]!r}" if len(names) > 1 else "first window"
 
 
 def sink_share_heatmap(report, path: Path) -> Path:
@@ -87,7 +95,8 @@ def sink_share_heatmap(report, path: Path) -> Path:
 
 
 def residual_norm_plot(report, path: Path, layers: list[int] | None = None) -> Path:
-    """Residual-stream L2 norm by position (first window) for the peak layers, log scale."""
+    """Residual-stream L2 norm by position (the first domain's first window) for the peak layers, log
+    scale; the legend's peak is the mean over every window."""
     plt = _pyplot()
     metrics = report.overall
     layers = report.peak_layers() if layers is None else layers
@@ -95,17 +104,19 @@ def residual_norm_plot(report, path: Path, layers: list[int] | None = None) -> P
     for layer in layers:
         norms = metrics.residual_norms[layer] if layer < len(metrics.residual_norms) else []
         if norms:
-            ax.plot(range(len(norms)), norms, lw=0.8, label=f"layer {layer} (peak x{metrics.residual_peak[layer]:.0f})")
+            ax.plot(range(len(norms)), norms, lw=0.8,
+                    label=f"layer {layer} (peak x{metrics.residual_peak[layer]:.0f}, mean of all windows)")
     ax.set_yscale("log")
     ax.set_xlabel("position")
     ax.set_ylabel("||h_i|| after the layer")
     ax.legend(fontsize=8)
-    ax.set_title(f"Residual norm by position - {_title(report)}", fontsize=10)
+    ax.set_title(f"Residual norm by position, {_example_source(report)} - {_title(report)}", fontsize=10)
     return _save(plt, fig, path, tight=True)
 
 
 def value_norm_plot(report, path: Path) -> Path:
-    """Left: value drain ratio (layers x kv heads). Right: value norms by position for the sink layers."""
+    """Left: value drain ratio (layers x kv heads, mean over every window). Right: value norms by
+    position for the sink layers (the first domain's first window)."""
     plt = _pyplot()
     metrics = report.overall
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2.5]})
@@ -113,7 +124,7 @@ def value_norm_plot(report, path: Path) -> Path:
                         interpolation="nearest")
     left.set_xlabel("kv head")
     left.set_ylabel("layer")
-    left.set_title("||v_sink|| / median ||v_j||", fontsize=9)
+    left.set_title("||v_sink|| / median ||v_j||, mean of all windows", fontsize=9)
     fig.colorbar(image, ax=left)
     layers = report.sink_layers() or report.peak_layers()
     for layer in layers[:4]:
@@ -124,13 +135,22 @@ def value_norm_plot(report, path: Path) -> Path:
     right.set_yscale("log")
     right.set_xlabel("position")
     right.set_ylabel("mean ||v_j|| over kv heads")
+    right.set_title(_example_source(report), fontsize=9)
     right.legend(fontsize=8)
     fig.suptitle(f"Value norms - {_title(report)}", fontsize=10)
     return _save(plt, fig, path, tight=True)
 
 
+def _flips_between(flip: dict, a: str, b: str) -> bool:
+    """Whether ``flip`` (an entry of ``report.flips``) is dormant on one of ``a``, ``b`` and active on the other."""
+    dormant, active = set(flip["dormant_on"]), set(flip["active_on"])
+    return (a in dormant and b in active) or (b in dormant and a in active)
+
+
 def domain_flip_plot(report, path: Path) -> Path | None:
-    """Dormancy score of every head on the first two domains; flipping heads labelled. None with one domain."""
+    """Dormancy score of every head on the first two domains; the heads that flip between those two
+    labelled (a head that flips between two other domains is not drawn as a flip here: on these
+    axes it may sit on one side of the threshold on both). None with one domain."""
     names = [n for n, m in report.domains.items() if m.dormancy is not None]
     if len(names) < 2:
         return None
@@ -142,11 +162,11 @@ def domain_flip_plot(report, path: Path) -> Path | None:
     y = report.domains[b].dormancy.flatten().numpy()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.scatter(x, y, s=8, alpha=0.6, color="tab:gray")
-    for flip in report.flips:
-        if a in flip["scores"] and b in flip["scores"]:
-            fx, fy = flip["scores"][a], flip["scores"][b]
-            ax.scatter([fx], [fy], s=20, color="tab:red")
-            ax.annotate(f"L{flip['layer']}H{flip['head']}", (fx, fy), fontsize=7)
+    between = [f for f in report.flips if _flips_between(f, a, b)]
+    for flip in between:
+        fx, fy = flip["scores"][a], flip["scores"][b]
+        ax.scatter([fx], [fy], s=20, color="tab:red")
+        ax.annotate(f"L{flip['layer']}H{flip['head']}", (fx, fy), fontsize=7)
     ax.axvline(DORMANT_THRESHOLD, color="k", lw=0.5, ls="--")
     ax.axhline(DORMANT_THRESHOLD, color="k", lw=0.5, ls="--")
     ax.plot([0, 1], [0, 1], color="k", lw=0.3)
@@ -154,8 +174,14 @@ def domain_flip_plot(report, path: Path) -> Path | None:
     ax.set_ylim(0, 1)
     ax.set_xlabel(f"dormancy on {a}")
     ax.set_ylabel(f"dormancy on {b}")
-    ax.set_title(f"Heads that flip between domains ({len(report.flips)})\n{_title(report)}", fontsize=9)
+    others = len(report.flips) - len(between)
+    more = f"; {others} more between other domains" if others else ""
+    ax.set_title(f"Heads that flip between {a} and {b} ({len(between)}{more})\n{_title(report)}", fontsize=9)
     return _save(plt, fig, path, tight=True)
+
+
+#: The file names :func:`write_figures` may write (``domain_flips.png`` only with two domains or more).
+FIGURE_NAMES = ("sink_share.png", "residual_norms.png", "value_norms.png", "domain_flips.png")
 
 
 def write_figures(report, out_dir: str | Path) -> list[Path]:
@@ -171,6 +197,20 @@ def write_figures(report, out_dir: str | Path) -> list[Path]:
     if flips is not None:
         paths.append(flips)
     return paths
+
+
+def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]:
+    """Delete the figures of :data:`FIGURE_NAMES` in ``out_dir`` that this run did not write (an earlier
+    run's ``domain_flips.png`` beside a one-domain report, or every figure after ``--no-figures``), so
+    that the folder describes one run; returns the paths removed."""
+    keep = {Path(p).name for p in written}
+    removed = []
+    for name in FIGURE_NAMES:
+        path = Path(out_dir) / name
+        if name not in keep and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:

@@ -200,9 +200,11 @@ def run(args: argparse.Namespace) -> int:
     print_report(report, console)
     path = report.save_json(out / "report.json")
     console.print(f"wrote {path}")
-    if not args.no_figures:
-        from sinkfix.analysis.plots import write_figures
+    from sinkfix.analysis.plots import remove_stale_figures, write_figures
 
-        for figure in write_figures(report, out):
-            console.print(f"wrote {figure}")
+    written = [] if args.no_figures else write_figures(report, out)
+    for figure in written:
+        console.print(f"wrote {figure}")
+    for figure in remove_stale_figures(out, written):
+        console.print(f"removed {figure} (an earlier run's figure; this run did not draw it)")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sinkfix.analysis.inspection import dormancy_flips
+from sinkfix.analysis.inspection import MAX_FLIP_MARGIN, check_flip_margin, dormancy_flips
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD
 from sinkfix.errors import MonitorError
 from sinkfix.telemetry.outputs import NO_DOMAIN
@@ -24,9 +24,8 @@ from sinkfix.telemetry.records import SCHEMA, VERSION
 
 __all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure", "check_margin", "MAX_MARGIN"]
 
-#: Dormancy scores lie in [0, 1] and a head flips when it is ``margin`` above the threshold on one
-#: domain and ``margin`` below it on another: a margin this large or larger can never be met.
-MAX_MARGIN = min(DORMANT_THRESHOLD, 1.0 - DORMANT_THRESHOLD)
+#: The largest flip margin there is (:data:`sinkfix.analysis.inspection.MAX_FLIP_MARGIN`), excluded.
+MAX_MARGIN = MAX_FLIP_MARGIN
 
 _REQUIRED = ("domain", "tokens", "rows", "sink_share", "dormancy", "dormant_heads", "residual_peak", "hidden_sinks")
 
@@ -186,12 +185,9 @@ class MonitorReport:
 
 
 def check_margin(margin, name: str = "margin") -> float:
-    """The flip margin, checked: a number in [0, :data:`MAX_MARGIN`); anything else is a :class:`MonitorError`
-    (a negative margin would list heads that are never dormant, or never active, as flips)."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < MAX_MARGIN:
-        raise MonitorError(f"{name} must be a number in [0, {MAX_MARGIN:g}) (dormancy scores lie in [0, 1], the "
-                           f"dormant threshold is {DORMANT_THRESHOLD:g}), got {margin!r}")
-    return float(margin)
+    """The flip margin, checked as :func:`sinkfix.analysis.inspection.check_flip_margin` does; anything
+    outside [0, :data:`MAX_MARGIN`) is a :class:`MonitorError`."""
+    return check_flip_margin(margin, name, MonitorError)
 
 
 def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
