@@ -20,13 +20,21 @@ from sinkfix.errors import SinkfixError
 COMMANDS = tuple(SUMMARIES)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (a value that is not a number, an unknown choice) as one line, like
+    every other expected failure: argparse printed the whole usage block (6-7 lines) before them."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
     """The ``sinkfix`` parser. Only the subcommands in ``commands`` are built in full (importing
     their modules); the others are listed with their one-line help, so ``sinkfix --help`` and
     ``sinkfix bench ...`` import no command module they do not run."""
     from sinkfix import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="sinkfix",
         description="Measure and correct attention sinks, value drains and residual peaks in transformer LMs.",
     )

@@ -96,7 +96,9 @@ class PatchHandle:
                 state.policy.tensors(device)  # upload once now, not inside the first (maybe compiled) forward
                 by_name[name]._sinkfix = state
             for name, state in self._states.items():
-                if state.policy.content is not None:  # the content-sink set travels with the cache
+                # the content-sink set travels with the cache; a sink set beyond position 0 is read in
+                # the cache's columns once a SinkCache has evicted (integrations/attention.py)
+                if state.policy.content is not None or any(p > 0 for p in state.policy.sink_positions):
                     self._hooks.extend(cache_hooks(by_name[name], state))
             for name, layer in self._clip_layers.items():
                 hook = make_clip_hook(self._states[name])

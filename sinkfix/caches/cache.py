@@ -116,6 +116,24 @@ def _caller(depth: int) -> tuple[PreTrainedConfig | None, Any]:
     return (config if isinstance(config, PreTrainedConfig) else None), mask
 
 
+@torch.compiler.disable
+def _traced_caller_mask() -> Any:
+    """The ``attention_mask`` argument of the nearest module method up the stack, for an update that
+    torch.compile traces (which cannot trace :func:`_caller`'s frame lookup): run outside the graph,
+    searching up from the frame that called it, since the frames between depend on how the compiled
+    code reached it. None when no such frame is found."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            local = frame.f_locals
+            if isinstance(local.get("self"), torch.nn.Module) and "attention_mask" in local:
+                return local["attention_mask"]
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 def _rope_difference(mine, theirs) -> str:
     """The RoPE settings that differ between two text configs, in words (empty when none is named)."""
     def settings(text):
@@ -180,12 +198,17 @@ class SinkCache(Cache):
             raise CacheError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         text = _text_config(config)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # the quantization-only arguments are checked with or without bits, as the backend is: a wrong
+        # value given with bits=None was accepted and only failed once bits was added
+        if q_group_size is not None and (not _is_int(q_group_size) or q_group_size < 1 or head_dim % q_group_size):
+            raise CacheError(f"q_group_size {q_group_size!r} does not divide the head dimension {head_dim}: it must "
+                             "be a positive integer that does (groups hold channels of one token and head)")
+        if not _is_int(residual_length) or residual_length < 1:
+            raise CacheError(f"residual_length must be an integer >= 1, got {residual_length!r}")
         if q_group_size is None:
             q_group_size = 64 if head_dim % 64 == 0 else head_dim
         if bits is not None:
             check_quantization(bits, backend, q_group_size, head_dim)
-            if not _is_int(residual_length) or residual_length < 1:
-                raise CacheError(f"residual_length must be an integer >= 1, got {residual_length!r}")
             if backend != "fp8" and window is not None and window <= residual_length:
                 # the residual flushes when it reaches residual_length tokens and eviction keeps it at
                 # most window long: one-token decoding with window < residual_length - 1 never flushes
@@ -234,6 +257,12 @@ class SinkCache(Cache):
             self._check_model(_text_config(config))
             self._served = config
         layer = self._in_step(layer_idx, key_states.shape[-2])
+        if torch.compiler.is_compiling() and isinstance(layer, SinkLayer) and not layer.rows_started:
+            # the mask is what tells left padding from real tokens when the positions count the padding
+            # (a loop that passes an attention mask and no position_ids): taken for real, the padding
+            # became each row's sinks under torch.compile (tiny Llama: logits 0.64 off, no error). Read
+            # outside the graph (a graph break, until every row has a real token: the first call)
+            mask = _traced_caller_mask()
         if isinstance(layer, SinkLayer) and mask is not None and not layer.rows_started:
             # which new tokens are real (not padding): position_ids alone do not tell when a loop
             # passes an attention mask but leaves the positions to the model; read until every row

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import UsageError
@@ -163,9 +162,19 @@ def run(args: argparse.Namespace) -> int:
     _check(args)  # before anything slow
     from sinkfix.files import check_writable
 
-    check_writable(args.out, folder=True)
+    out = check_writable(args.out, folder=True)
+    # the files it will hold too: a folder in a file's place was found only after every variant had
+    # run, and one of them written beside the failure
+    for name in ("stream.json", "stream_tokens.pt") + (() if args.no_figures else ("stream.png",)):
+        check_writable(out / name)
     text, source = _load_text(args)
     profile = sinkfix.Profile.load(args.profile) if args.profile is not None else None
+    if profile is not None and profile.content_sinks is not None:
+        # a stream always evicts (--tokens exceeds the cache), which content-dependent sinks cannot
+        # follow: known from the file, so refused before the model loads, not after the unpatched variants
+        raise UsageError(f"--profile {args.profile} is a content-mode profile: content-dependent sinks cannot follow a "
+                         "SinkCache that has evicted tokens (docs/content_sinks.md), and a stream always evicts; "
+                         "use a positional profile")
     set_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"text: {source}; loading {args.model} ...")
@@ -175,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
     # takes tens of minutes per variant):
     # the profile (the patched variants come last), and a cache for it (no RoPE: refused)
     policy = profile.policy_for(model) if profile is not None and patched_variants else None
+    sliding = []
     if {"sink", "window_only"} & set(variants) or "sink" in patched_variants:
-        SinkCache(model.config, n_sink=args.n_sink, window=args.window)
+        cache = SinkCache(model.config, n_sink=args.n_sink, window=args.window)
+        sliding = [layer.window for layer in cache.layers if getattr(layer, "is_sliding", False)]
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
     ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period)
@@ -191,8 +202,13 @@ def run(args: argparse.Namespace) -> int:
                                             suffix="_profile", on_tokens=bar.update)
             result.variants.update(patched.variants)
     result.protocol.update(model=args.model, text=source, profile=args.profile, period=args.period)
+    if sliding:
+        # a hybrid model's sliding layers keep their own window in both caches (as transformers' own
+        # cache does), while the recomputation sees n_sink + window + 1 tokens in every layer: on
+        # Gemma3-270M 15 of 18 layers keep 511 tokens against the recomputation's 257
+        result.protocol.update(sliding_layers=len(sliding), sliding_layer_tokens=max(sliding),
+                               layers=len(cache.layers))
     summary = result.summary()
-    out = Path(args.out)
     from sinkfix.files import atomic_write, atomic_write_text, strict_json
 
     # a segment without a recomputed position has no ratio (NaN): null in JSON
@@ -222,6 +238,10 @@ def _print_table(summary: dict) -> None:
     title = (f"{p['model']}: {p['tokens']} tokens of {p['text']}; {'BOS + ' if p['bos'] else 'no BOS, '}"
              f"cache {p['n_sink']} sinks + {p['window']} recent, chunks of {p['chunk']}, segments of "
              f"{p['segment_len']}, recompute every {p['recompute_every']}")
+    if p.get("sliding_layers"):
+        title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers that keep their own "
+                  f"{p['sliding_layer_tokens']} tokens in both caches, more than the recomputation's "
+                  f"{p['n_sink'] + p['window'] + 1}")
     table = Table(title=title, title_justify="left")
     for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
                    "vs recompute", "ms/tok first/last", "CPU ms/tok first/last", "peak RSS MiB first/last",

@@ -24,7 +24,7 @@ from torch import nn
 from sinkfix.errors import UsageError
 from sinkfix.integrations.masks import PaddedCausalMask
 from sinkfix.integrations.content_sinks import content_attention
-from sinkfix.integrations.sink_location import locate_sinks, packed_sequences
+from sinkfix.integrations.sink_location import locate_sinks, packed_sequences, sinks_in_columns
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
 
@@ -216,6 +216,22 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask
 
 
+def _columns_out_of_order(state: LayerState, k_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens (B, K), first real token (B,)) of this call's cache layer when its key columns are not
+    one run of consecutive tokens (a SinkCache that has evicted), for a sink set beyond position 0;
+    None otherwise. The cache reaches the state through the hooks patch() installs for such policies
+    (:func:`~sinkfix.integrations.content_sinks.cache_hooks`)."""
+    layers = getattr(getattr(state, "cache", None), "layers", None)
+    index = state.policy.layer
+    if not isinstance(layers, list) or index >= len(layers) or getattr(layers[index], "columns_in_order", True):
+        return None
+    layer = layers[index]
+    tokens = getattr(layer, "last_columns", None)
+    if not isinstance(tokens, torch.Tensor) or tokens.shape[-1] != k_len:
+        return None
+    return tokens, layer.first_real
+
+
 def _policy_tensors(state: LayerState | None, s_aux: torch.Tensor | None, q_heads: int, device):
     """(beta (Hq,) or None, extra_logits (Hq, E) counted in every row or None, virtual_sink_logit
     (Hq,) counted in rows that see a non-sink key or None)."""
@@ -306,6 +322,9 @@ def attention_forward(
             sliding=sliding_window is not None, window=sliding_window,
             sink_positions=state.policy.sink_positions, device=query.device,
         )
+        columns = _columns_out_of_order(state, k_len)
+        if columns is not None:
+            location = sinks_in_columns(location, *columns, state.policy.sink_positions)
         state.sink_rows, state.first_real_row, state.end_real_row = location.query_rows(q_len)
 
     deferred = monitored and defers_sink_stats(

@@ -21,11 +21,11 @@ set"):
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["SinkLocation", "locate_sinks", "packed_sequences", "real_query_rows"]
+__all__ = ["SinkLocation", "locate_sinks", "packed_sequences", "real_query_rows", "sinks_in_columns"]
 
 # The last calls judged by packed_sequences: their position_ids and mask (weak references and
 # version counters, which in-place writes bump) and the answer. Every layer of a forward gets the
@@ -179,3 +179,19 @@ def locate_sinks(
     sink_cols = first[:, None] + offsets[None, :]
     sink_cols = torch.where((sink_cols >= 0) & (sink_cols < k_len), sink_cols, -1)
     return SinkLocation(sink_cols, first, last_col, last_real_col)
+
+
+def sinks_in_columns(location: SinkLocation, column_tokens: torch.Tensor, first_token: torch.Tensor,
+                     sink_positions: tuple[int, ...]) -> SinkLocation:
+    """``location`` with its sink columns read off the token each key column holds, for a cache whose
+    columns are not one run of consecutive tokens (a :class:`~sinkfix.caches.SinkCache` after it has
+    evicted shows ``[kept sinks][window][new]``, where ``first + p`` is a recent token, not token
+    ``p``: a policy sink set longer than the cache's kept sinks put the correction on that token,
+    logits 0.07-0.12 off). Position ``p`` is the column holding token ``first_token + p`` and absent
+    (-1) once the cache no longer holds it. ``column_tokens``: (B, K) absolute token index of each
+    column (-1 = padding); ``first_token``: (B,) absolute index of each row's first real token."""
+    offsets = torch.tensor(sink_positions, dtype=torch.long, device=column_tokens.device)
+    wanted = first_token.to(column_tokens.device).long()[:, None] + offsets[None, :]  # (B, NS)
+    match = column_tokens[:, None, :] == wanted[:, :, None]  # (B, NS, K)
+    cols = torch.where(match.any(-1), match.to(torch.int8).argmax(-1), -1)
+    return replace(location, sink_cols=cols.to(location.sink_cols.device))
