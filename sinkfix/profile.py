@@ -269,6 +269,11 @@ class ModelIdentity:
             raise ProfileError(f"profile 'model' entry lacks {exc.args[0]!r}") from None
         if ident.num_layers != len(heads) or ident.num_layers <= 0:
             raise ProfileError(f"profile 'model' entry: num_layers {ident.num_layers} but {len(heads)} head counts")
+        # counts and sizes are positive: a 0 or a negative one loaded and failed only when applied
+        bad = [f"num_heads {list(heads)}"] if any(h < 1 for h in heads) else []
+        bad += [f"{key} {value}" for key, value in optional.items() if value is not None and value < 1]
+        if bad:
+            raise ProfileError(f"profile 'model' entry: {', '.join(bad)} (counts and sizes must be >= 1)")
         return ident
 
 
@@ -643,7 +648,8 @@ class Profile:
     @property
     def domain_robust(self) -> bool:
         """Whether calibration chose these parameters so as not to trade one domain for another."""
-        return bool(self.calibration.get("domain_robust", False))
+        # formats 1 and 2 were written by the pooled fit only: a hand-edited flag does not make one robust
+        return self.version >= 3 and bool(self.calibration.get("domain_robust", False))
 
     def robustness(self) -> str:
         """One sentence on how the parameters were chosen, and what that means for unseen text."""
@@ -676,6 +682,18 @@ class Profile:
         if self.virtual_sink_logit is not None:
             v = self.virtual_sink_logit
             parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
+        if self.virtual_sink_logit is not None:
+            parts.append(f"virtual logit on the sink's own row: {'yes' if self.virtual_logit_on_sink_rows else 'no'}")
+        # the sink set and the clip patch the model as much as the scales do: two profiles that differ
+        # only there were described alike
+        sinks = f"sink set: first {self.n_sink} token{'s' * (self.n_sink != 1)}"
+        if self.extra_sink_positions:
+            sinks += f" + positions {', '.join(map(str, self.extra_sink_positions))}"
+        parts.append(sinks)
+        clipped = [(layer, x) for layer, x in enumerate(self.residual_clip or []) if math.isfinite(x)]
+        if clipped:
+            parts.append(f"residual clip on {len(clipped)} layer{'s' * (len(clipped) != 1)} "
+                         f"(x{min(x for _, x in clipped):g}..x{max(x for _, x in clipped):g} the median norm)")
         if self.content_sinks is not None:
             parts.append(f"content sinks: {self.content_sinks.describe()}")
         label = {"positional": "positional sink", "hidden": "hidden sinks", "combined": "positional + hidden sinks",
@@ -691,6 +709,15 @@ class Profile:
 
 
 # -- optional statistics (the telemetry guard's reference) -----------------------------------------
+def _statistics_protocol(value: Any) -> dict:
+    """``statistics.protocol``: an object or null (``dict()`` of a list of two-letter strings made one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProfileError(f"profile statistics.protocol must be an object or null, got {_json_text(value)}")
+    return dict(value)
+
+
 @dataclass
 class ProfileStatistics:
     """What the patched model's attention did on the calibration text, for the telemetry guard.
@@ -738,7 +765,7 @@ def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics |
         stats = ProfileStatistics(torch.tensor(ranges["low"], dtype=torch.float64),
                                   torch.tensor(ranges["high"], dtype=torch.float64),
                                   _json_int("statistics.windows", entry["windows"]),
-                                  _json_int("statistics.min_rows", entry["min_rows"]), dict(entry.get("protocol") or {}))
+                                  _json_int("statistics.min_rows", entry["min_rows"]), _statistics_protocol(entry.get("protocol")))
     except KeyError as exc:
         raise ProfileError(f"profile statistics lack {exc.args[0]!r}") from None
     except (TypeError, ValueError, RuntimeError) as exc:

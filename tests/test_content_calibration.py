@@ -195,7 +195,9 @@ def test_calibrate_command_sinks_round_trip(monkeypatch, tmp_path, capsys, sinks
     assert "hidden sinks" in printed and "worst" in printed
     profile = Profile.load(out)
     assert profile.version == 4 and profile.mode == "content" and profile.sinks == sinks
-    assert profile.content_sinks.threshold == LOW_THRESHOLD and profile.statistics is not None
+    # no guard statistics: the monitor does not serve content-dependent sinks (the pass failed when a
+    # hidden-sink head was chosen)
+    assert profile.content_sinks.threshold == LOW_THRESHOLD and profile.statistics is None
     assert profile.calibration["hidden"]["steps"] == 6
     ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -352,10 +352,8 @@ class Calibrator:
         self.matmul_dtype = matmul_dtype
 
     def __enter__(self) -> "Calibrator":
-        from sinkfix.patch import PatchHandle, patch
+        from sinkfix.patch import patch
 
-        previous = PatchHandle.of(self.model)
-        self._previous_policy = previous.policy if previous is not None else None
         self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self._frozen:
             p.requires_grad_(False)
@@ -364,13 +362,12 @@ class Calibrator:
         return self
 
     def __exit__(self, *exc) -> None:
-        from sinkfix.patch import patch
-
-        self.handle.remove()
+        # leaving the calibration patch as a with block does: the user's own patch (the very handle,
+        # with its backend, observers and monitor) back in force, not a new patch of its policy, which
+        # left the user's handle stale (its remove() and its with block no longer unpatched the model)
+        self.handle.__exit__(*exc)
         for p, flag in self._frozen:
             p.requires_grad_(flag)
-        if self._previous_policy is not None:
-            patch(self.model, self._previous_policy)
 
     def set(self, beta: torch.Tensor, logit: torch.Tensor | None) -> None:
         """Install beta [L, H] (and virtual logits) on the live layer policies."""

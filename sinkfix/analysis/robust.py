@@ -119,13 +119,17 @@ def combine(fits: Sequence[Parameters], rule: str, shrink: float = 1.0) -> Param
     if not fits:
         raise ValueError("nothing to combine")
     give = torch.stack([1 - beta for beta, _ in fits])  # share of the sink mass given away
+    # A fit without virtual logits (one that never beat the unpatched model is the identity) asked for
+    # no virtual-logit mass: it counts as mass 0, not as absent. Leaving it out gave `consensus` the
+    # other domains' full virtual logits and `mean` their mass divided by too few domains (SmolLM2:
+    # a left-out domain made 0.15% worse by a "consensus" that should have been the identity).
     logits = [logit for _, logit in fits if logit is not None]
     if rule == "consensus":
         give_c = give.min(0).values
-        logit_c = torch.stack(logits).min(0).values if logits else None
+        logit_c = torch.stack(logits).min(0).values if logits and len(logits) == len(fits) else None
     elif rule == "mean":
         give_c = give.mean(0)
-        logit_c = torch.logsumexp(torch.stack(logits), 0) - math.log(len(logits)) if logits else None
+        logit_c = torch.logsumexp(torch.stack(logits), 0) - math.log(len(fits)) if logits else None
     else:
         raise ValueError(f"unknown combination rule {rule!r}; rules: {', '.join(RULES)}")
     # a shrink above 1 (an amplified combination, measured in benchmarks/calibration_lodo.py) may give
@@ -157,7 +161,7 @@ class Selection:
         return max(self.changes[name].values())
 
     def mean(self, name: str) -> float:
-        return sum(self.changes[name].values()) / len(self.changes[name])
+        return math.fsum(self.changes[name].values()) / len(self.changes[name])  # in any domain order alike
 
     def summary(self) -> str:
         """One line on the chosen candidate, as the rule judged it."""
@@ -231,7 +235,9 @@ def choose(pool: Sequence, domains: Sequence[str], score: Callable[[Any, str], f
         values = list(scores.values())
         if rule == "worst":
             return max(values), index
-        return None if max(values) > 0 else (sum(values) / len(values), index)
+        # an exact sum (fsum): a tie is a tie in whatever order the domains were scored (pruning
+        # scores them in another order than the whole table, and a rounding broke exact ties)
+        return None if max(values) > 0 else (math.fsum(values) / len(values), index)
 
     def finish(changes):
         keys = {i: key(i, changes[c.name]) for i, c in enumerate(pool) if len(changes[c.name]) == len(domains)}

@@ -25,6 +25,10 @@ EVAL_WINDOWS = 8
 #: domain; all 16 of the default 8192 tokens took 80 forward passes, about 60 s of a calibration.
 STATISTICS_WINDOWS = 8
 
+#: Query rows (that see a non-sink key) a window prefix needs before the guard statistics count it:
+#: calibration_statistics' default, which `sinkfix monitor ranges` measures with too.
+STATISTICS_MIN_ROWS = 32
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -80,9 +84,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--hidden-lr", type=float, default=None, help="hidden sinks: Adam learning rate (default 0.2)")
     parser.add_argument("--hidden-init-beta", type=float, default=None,
                         help="hidden sinks: starting beta of every head, in (0, 1) (default 0.9)")
-    parser.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--statistics", action=argparse.BooleanOptionalAction, default=None,
                         help="record the sink-share ranges seen on the calibration text in the profile, for the "
-                             "telemetry guard (one more forward pass over the windows; default: yes)")
+                             "telemetry guard (one more forward pass over the windows; default: yes, except "
+                             "with --sinks hidden|combined, whose profiles the monitor does not serve)")
     parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
                         help="calibration windows per domain the statistics are measured on, the first N "
                              f"(default {STATISTICS_WINDOWS}: the guard's margin was chosen with ranges from that many)")
@@ -108,7 +113,8 @@ def with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argp
     # content-dependent sinks run on the PyTorch path only (sinkfix.patch refuses them elsewhere)
     with (sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"),
           tqdm(total=len(windows), desc="guard statistics", unit="win") as bar):
-        return profile.with_statistics(calibration_statistics(model, windows, min_rows=getattr(args, "min_rows", 32),
+        return profile.with_statistics(calibration_statistics(model, windows,
+                                                              min_rows=getattr(args, "min_rows", STATISTICS_MIN_ROWS),
                                                               protocol=protocol, progress=bar.update))
 
 
@@ -290,6 +296,11 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     if args.seq_len < shortest:
         raise UsageError(f"--seq-len must be >= {shortest} {'with' if args.bos else 'without'} --bos (two text "
                          f"tokens per window at the least, one predicted from the other), got {args.seq_len}")
+    if args.statistics and args.seq_len - 1 < STATISTICS_MIN_ROWS:
+        # known now, not after every fit and the selection (the statistics are the last step)
+        raise UsageError(f"--seq-len {args.seq_len} gives windows with {args.seq_len - 1} rows that see a non-sink key; "
+                         f"the guard statistics need {STATISTICS_MIN_ROWS}: use --seq-len {STATISTICS_MIN_ROWS + 1} "
+                         "or more, or --no-statistics")
     check_finite(args.lr, "--lr (Adam learning rate)", 0, inclusive=False, error=UsageError)
     check_finite(args.reg, "--reg (weight of the pull toward beta = 1)", 0, inclusive=True, error=UsageError)
     if not 0 <= args.val_fraction < 1:  # NaN too
@@ -349,6 +360,17 @@ def _check_option_combinations(args: argparse.Namespace) -> None:
         raise UsageError(f"{flags} set{'s' * (len(given) == 1)} the hidden-sink fits of --sinks hidden or combined; "
                          f"--sinks positional fits none: drop {'it' if len(given) == 1 else 'them'}, or choose "
                          "--sinks hidden|combined")
+    content = args.sinks != "positional"
+    if args.statistics is None:
+        args.statistics = not content
+    elif args.statistics and content:
+        # the guard statistics are measured through the monitor's attention listener, which content-
+        # dependent sinks do not have: the pass failed with a traceback after every fit and the selection
+        raise UsageError(f"--statistics records the sink-share ranges the monitor's guard reads, and the monitor does "
+                         f"not serve content-dependent sinks (--sinks {args.sinks}): drop --statistics")
+    if content and args.statistics_windows is not None:
+        raise UsageError(f"--statistics-windows sets the windows of the guard statistics, which --sinks {args.sinks} "
+                         "profiles do not carry (the monitor does not serve content-dependent sinks): drop it")
     if args.statistics_windows is not None:
         if args.statistics_windows < 1:
             raise UsageError(f"--statistics-windows must be >= 1, got {args.statistics_windows} "
