@@ -58,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "inspect", help=SUMMARIES["inspect"],
         description="Stream texts through the model and report, per layer and head, the sink share, hidden "
                     "sinks, value drain, residual peak and active/dormant state; list heads whose state flips "
-                    "between domains. Writes report.json and PNG figures to --out.",
+                    "between domains. Writes report.json and PNG figures to --out (and removes figures an earlier "
+                    "run left there that this run does not draw).",
     )
     add_common_arguments(parser, default_max_tokens=4096, split="eval")
     parser.add_argument("--out", default="sinkfix-inspect", help="output folder (default ./sinkfix-inspect)")
