@@ -682,7 +682,6 @@ class Profile:
         if self.virtual_sink_logit is not None:
             v = self.virtual_sink_logit
             parts.append(f"virtual_sink_logit [{v.min().item():.3g}..{v.max().item():.3g}]")
-        if self.virtual_sink_logit is not None:
             parts.append(f"virtual logit on the sink's own row: {'yes' if self.virtual_logit_on_sink_rows else 'no'}")
         # the sink set and the clip patch the model as much as the scales do: two profiles that differ
         # only there were described alike
@@ -690,10 +689,10 @@ class Profile:
         if self.extra_sink_positions:
             sinks += f" + positions {', '.join(map(str, self.extra_sink_positions))}"
         parts.append(sinks)
-        clipped = [(layer, x) for layer, x in enumerate(self.residual_clip or []) if math.isfinite(x)]
+        clipped = [x for x in self.residual_clip or [] if math.isfinite(x)]
         if clipped:
             parts.append(f"residual clip on {len(clipped)} layer{'s' * (len(clipped) != 1)} "
-                         f"(x{min(x for _, x in clipped):g}..x{max(x for _, x in clipped):g} the median norm)")
+                         f"(x{min(clipped):g}..x{max(clipped):g} the median norm)")
         if self.content_sinks is not None:
             parts.append(f"content sinks: {self.content_sinks.describe()}")
         label = {"positional": "positional sink", "hidden": "hidden sinks", "combined": "positional + hidden sinks",

@@ -206,3 +206,18 @@ def test_statistics_protocol_must_be_an_object(protocol):
     data["statistics"]["protocol"] = protocol
     with pytest.raises(ProfileError, match="statistics.protocol must be an object"):
         Profile.from_dict(data)
+
+
+def test_monitor_ranges_refuses_a_content_profile_before_the_model_loads(no_model, tmp_path, capsys):
+    """The same statistics pass, reached through `sinkfix monitor ranges`: a traceback after the model
+    loaded, once a layer had a hidden-sink head."""
+    from sinkfix import cli
+    from sinkfix.policy import ContentSinks
+
+    path = _profile(content_sinks=ContentSinks(threshold=0.1, hidden_sink_scale=0.5)).save(tmp_path / "p.json")
+    text = tmp_path / "t.txt"
+    text.write_text(THREE["prose"])
+    rc = cli.main(["monitor", "ranges", "--profile", str(path), "--text", str(text), "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "content-mode profile" in err
+    assert not (tmp_path / "o.json").exists()

@@ -95,23 +95,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_content_statistics(profile, given: str) -> None:
+    """UsageError for guard statistics of a content-mode profile: they are measured through the
+    monitor's attention listener, which content-dependent sinks do not have (the pass failed with a
+    traceback once a layer had a hidden-sink head), and the monitor does not serve such a profile."""
+    from sinkfix.errors import UsageError
+
+    if profile.content_sinks is not None:
+        raise UsageError(f"{given} is a content-mode profile: the guard's sink-share ranges are measured and used by "
+                         "the monitor, which does not serve content-dependent sinks; use a positional profile")
+
+
 def with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argparse.Namespace):
     """The profile plus the sink-share ranges its patched model shows on the calibration windows
     (sinkfix.telemetry.calibration_statistics), kept apart from the fit itself: the first
     ``args.statistics_windows`` windows of each text, prefixes of at least ``args.min_rows`` rows
-    (32 when the command has no such option). ``sinkfix monitor ranges`` measures the same way."""
+    (:data:`STATISTICS_MIN_ROWS` when the command has no such option). ``sinkfix monitor ranges``
+    measures the same way. A positional profile only (:func:`refuse_content_statistics`)."""
     from tqdm.auto import tqdm
 
     import sinkfix
     from sinkfix.analysis.calibration import calibration_windows
     from sinkfix.telemetry import calibration_statistics
 
+    refuse_content_statistics(profile, "the profile")
     windows = [w for text in texts.values() for w in calibration_windows(
         tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)[:args.statistics_windows]]
     protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts),
                 "windows_per_text": args.statistics_windows}
-    # content-dependent sinks run on the PyTorch path only (sinkfix.patch refuses them elsewhere)
-    with (sinkfix.patch(model, profile, backend="torch" if profile.content_sinks is not None else "auto"),
+    with (sinkfix.patch(model, profile),
           tqdm(total=len(windows), desc="guard statistics", unit="win") as bar):
         return profile.with_statistics(calibration_statistics(model, windows,
                                                               min_rows=getattr(args, "min_rows", STATISTICS_MIN_ROWS),

@@ -81,7 +81,7 @@ def _add_ranges(sub) -> None:
     from sinkfix.commands.inspect import add_common_arguments
 
     parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
-    from sinkfix.commands.calibrate import STATISTICS_WINDOWS
+    from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
 
     add_common_arguments(parser, default_max_tokens=8192, split="calib")
     parser.add_argument("--profile", required=True, help="the profile to measure (applied to the model)")
@@ -89,7 +89,8 @@ def _add_ranges(sub) -> None:
                         help="windows per domain the ranges are measured on, the first N (default "
                              f"{STATISTICS_WINDOWS}, as sinkfix calibrate: the guard's margin was chosen with that many)")
     parser.add_argument("--out", required=True, help="profile to write, with statistics")
-    parser.add_argument("--min-rows", type=int, default=32, help="shortest prefix measured, in rows (default 32)")
+    parser.add_argument("--min-rows", type=int, default=STATISTICS_MIN_ROWS,
+                        help=f"shortest prefix measured, in rows (default {STATISTICS_MIN_ROWS}, as sinkfix calibrate)")
     parser.set_defaults(run=_run_ranges)
 
 
@@ -296,7 +297,7 @@ def _run_report(args: argparse.Namespace) -> int:
 # -- ranges / requests ------------------------------------------------------------------------------
 def _run_ranges(args: argparse.Namespace) -> int:
     import sinkfix
-    from sinkfix.commands.calibrate import with_statistics
+    from sinkfix.commands.calibrate import refuse_content_statistics, with_statistics
     from sinkfix.commands.inspect import describe_texts, texts_from_args
     from sinkfix.errors import UsageError
     from sinkfix.files import check_writable
@@ -308,6 +309,7 @@ def _run_ranges(args: argparse.Namespace) -> int:
     texts = texts_from_args(args, "calib")
     print(describe_texts(texts))
     profile = sinkfix.Profile.load(args.profile)
+    refuse_content_statistics(profile, f"--profile {args.profile}")  # known from the file: before the model loads
     check_writable(args.out)  # before the measurements, not after them
     model, tokenizer = sinkfix.load_model(args.model)
     # the same windows as calibrate's statistics (the first --statistics-windows of each text): the
