@@ -91,12 +91,10 @@ def test_the_flip_figure_marks_only_the_flips_between_its_two_domains():
     assert _flips_between(flips[(0, 2)], "a", "c")
 
 
-def test_inspect_removes_an_earlier_runs_figures_it_did_not_draw(monkeypatch, tmp_path, capsys):
+def test_inspect_removes_an_earlier_runs_figures_it_did_not_draw(loaded_tiny, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from sinkfix import cli
 
-    model = tiny_model("llama")
-    monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
     one, two = tmp_path / "one.txt", tmp_path / "two.txt"
     one.write_text("a sentence of prose, and then another one. " * 6)
     two.write_text("for i in range(10):\n    print(i)\n" * 8)
