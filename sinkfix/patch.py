@@ -27,8 +27,8 @@ from torch import nn
 from sinkfix.errors import PolicyError, UnsupportedModelError, UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.after_import import call_after_import
-from sinkfix.integrations.attention import (PICKLE_REFUSAL, AttentionCall, AttentionDropoutError, LayerState,
-                                           attention_forward, discover_attention_modules)
+from sinkfix.integrations.attention import (PICKLE_REFUSAL, AttentionCall, AttentionDropoutError, BidirectionalAttentionError,
+                                           LayerState, attention_forward, discover_attention_modules)
 from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.content_sinks import cache_hooks
 from sinkfix.integrations.residual_clip import make_clip_hook
@@ -56,6 +56,8 @@ class PatchHandle:
     """Returned by :func:`patch`. ``remove()`` (or leaving the ``with`` block) restores the model.
 
     ``PatchHandle.of(model)`` finds the active handle of a model (None when it is not patched).
+    A handle whose patch has ended (removed, its ``with`` block left, replaced by another patch, or
+    its model garbage-collected) is not active and refuses a new ``with`` block: patch again.
     """
 
     def __init__(self, model: nn.Module, policy: Policy, backend: str, original_impl: str | None,
@@ -74,11 +76,20 @@ class PatchHandle:
         self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
         self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
         self._dismissed = False  # remove() was called on it: a with block ending never brings it back
-        self.active = False
+        self._active = False
         self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the attention heads are sharded
         # (rank, size) when the model is sharded but every rank computes all attention heads (transformers'
         # plans for Phi3's fused qkv and for GPT-OSS leave the attention whole): the policy is not sliced
         self.replicated_attention: tuple[int, int] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether this patch is in force: attached, not removed or replaced, and its model alive."""
+        return self._active and self._model_ref() is not None
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
 
     @classmethod
     def of(cls, model: nn.Module) -> "PatchHandle | None":
@@ -233,6 +244,12 @@ class PatchHandle:
         return sorted(self._set_aside)
 
     def __enter__(self) -> "PatchHandle":
+        # a handle whose patch has ended entered a block that then ran the stock model, silently
+        if not self.active:
+            why = ("its model no longer exists" if self._model_ref() is None
+                   else "remove() was called, its with block ended, or another patch replaced it")
+            raise UsageError(f"this PatchHandle's patch is no longer in force ({why}): a with block needs a patch "
+                             "in force; patch the model again (with sinkfix.patch(model, policy): ...)")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -428,6 +445,11 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
     except AttentionDropoutError:
         raise UsageError(f"{arch} is in training mode and asks for attention dropout, which sinkfix attention "
                          "does not implement (it is inference-only): call model.eval() before patch()") from None
+    except BidirectionalAttentionError as exc:
+        raise UnsupportedModelError(
+            f"{exc}: sinkfix corrects decoder-only (causal) language models, whose first token every later "
+            "token sees; in an encoder it is no such sink. Supported and tested: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}.") from None
     except NotImplementedError as exc:  # raised by our attention function: an argument it does not implement
         raise UnsupportedModelError(f"{arch} calls attention with something sinkfix does not implement: {exc}") from None
     if not order:

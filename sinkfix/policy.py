@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from sinkfix.errors import PolicyError
@@ -128,7 +129,8 @@ class ContentSinks(_ValueEquality):
 
     def __post_init__(self) -> None:
         threshold = self.threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+        # numbers.Real: numpy floats too (np.float32(0.1) was refused as "not a number in (0, 1)")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
                 or not 0.0 < threshold < 1.0:
             raise PolicyError(f"content sink threshold must be a finite number in (0, 1), got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
@@ -141,11 +143,18 @@ class ContentSinks(_ValueEquality):
                                   f"{type(self.heads).__name__}") from None
             if heads.dtype != torch.bool:
                 raise PolicyError(f"content sink heads must be a bool [num_layers, num_heads] mask, got {heads.dtype}")
-        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 1:
+        # the same integers n_sink takes (numpy and 0-d tensor integers; never a bool)
+        min_rows = _integer(self.min_rows)
+        if min_rows is None or min_rows < 1:
             raise PolicyError(f"content sink min_rows must be an int >= 1, got {self.min_rows!r}")
+        object.__setattr__(self, "min_rows", min_rows)
         every = self.reevaluate_every
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise PolicyError(f"content sink reevaluate_every must be None or an int >= 1, got {every!r}")
+        if every is not None:
+            every = _integer(every)
+            if every is None or every < 1:
+                raise PolicyError(f"content sink reevaluate_every must be None or an int >= 1, "
+                                  f"got {self.reevaluate_every!r}")
+            object.__setattr__(self, "reevaluate_every", every)
 
     @property
     def is_identity(self) -> bool:
@@ -236,7 +245,13 @@ class Policy(_ValueEquality):
             raise PolicyError(f"extra_sink_positions must be >= 0, got {extra}")
         object.__setattr__(self, "extra_sink_positions", extra)
         if self.layers is not None:
-            object.__setattr__(self, "layers", _int_tuple("layers", self.layers))
+            layers = _int_tuple("layers", self.layers)
+            if not layers:
+                # "layers=$LAYERS" with the variable unset: a policy that corrects no layer while its
+                # description says it corrects, the silent identity an empty spec is refused for
+                raise PolicyError("layers is empty: the policy would correct no layer; leave layers out for every "
+                                  "layer, list the layers to correct (e.g. layers=5-20), or use the identity policy")
+            object.__setattr__(self, "layers", layers)
         if self.residual_clip is not None and not isinstance(self.residual_clip, ResidualClip):
             raise PolicyError(f"residual_clip must be a sinkfix.ResidualClip or None (e.g. ResidualClip(8.0)), "
                               f"got {type(self.residual_clip).__name__} {self.residual_clip!r:.80}")
@@ -532,12 +547,24 @@ def _numbers(name: str, value, expected: str = "a number, a [num_layers, num_hea
     Strings are refused explicitly: ``"0.9"`` is a typo for ``0.9`` here, and torch's own error
     for it ("new(): invalid data type 'str'") does not name the parameter.
     """
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, (str, bytes)) or _holds_bool(value):
+        # a bool is a typo here, not a number: Policy(sink_scale=True) read as 1.0 (the identity)
         raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}")
     try:
         return torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
         raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}") from None
+
+
+def _holds_bool(value) -> bool:
+    """Whether ``value`` is or contains a bool (Python or numpy), or is a bool tensor or array."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.dtype in (torch.bool, np.bool_)
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(item) for item in value)
+    return False
 
 
 def _integer(value) -> int | None:
@@ -668,10 +695,6 @@ def _clip_values(name: str, value) -> list[float]:
     """A residual clip's threshold or sink norm as a flat list: a number or one per layer, each > 0
     (inf disables a layer), no bool (``ResidualClip(True)`` read as a relative threshold of 1)."""
     expected = "a number or one number per layer"
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise PolicyError(f"residual_clip.{name} must be {expected}, got {value!r:.80}")
-    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
-        raise PolicyError(f"residual_clip.{name} must be {expected}, got {value!r:.80}")
     t = _numbers(f"residual_clip.{name}", value, expected)
     if t.ndim > 1:
         raise PolicyError(f"residual_clip.{name} must be {expected}, got shape {tuple(t.shape)}")

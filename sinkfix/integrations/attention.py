@@ -147,6 +147,11 @@ class AttentionDropoutError(NotImplementedError):
     """Attention dropout was requested (a model in training mode): sinkfix attention is inference-only."""
 
 
+class BidirectionalAttentionError(NotImplementedError):
+    """Every attention call of the discovery forward let a row see later keys: an encoder (BERT-like),
+    whose first token is no causal sink; sinkfix corrects decoder-only language models."""
+
+
 def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int]]:
     """Run one forward and return (attention module, query heads) in call order, first call of
     each module only. Modules that do not route through the "sinkfix" function are not seen."""
@@ -161,12 +166,32 @@ def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> lis
             _discovered, _discovering_thread = None, None
     own = {id(module) for module in model.modules()}
     seen: set[int] = set()
-    order = []
-    for module, heads in calls:
+    order, bidirectional = [], []
+    for module, heads, sees_later in calls:
         if id(module) in own and id(module) not in seen:
             seen.add(id(module))
             order.append((module, heads))
+            bidirectional.append(sees_later)
+    if order and all(bidirectional):
+        raise BidirectionalAttentionError(
+            f"every attention layer of {type(model).__name__} lets a token see later tokens (bidirectional "
+            "attention, an encoder)")
     return order
+
+
+def _sees_later_keys(attention_mask: torch.Tensor | None, causal_flag, q_len: int, k_len: int) -> bool | None:
+    """Whether some query row of a discovery call may see a key after its own position (the last
+    query row is the last key): bidirectional attention. Reads the mask on the host, which only the
+    discovery forward does; None (unknown) while dynamo traces."""
+    if q_len < 2:
+        return False
+    if attention_mask is None:
+        return not causal_flag
+    if isinstance(attention_mask, PaddedCausalMask):
+        return False
+    if torch.compiler.is_compiling():
+        return None
+    return bool(attention_mask[..., -q_len:, :].triu(k_len - q_len + 1).any())
 
 
 def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs) -> None:
@@ -232,13 +257,16 @@ def _columns_out_of_order(state: LayerState, k_len: int) -> tuple[torch.Tensor, 
     return tokens, layer.first_real
 
 
-def _policy_tensors(state: LayerState | None, s_aux: torch.Tensor | None, q_heads: int, device):
+def _policy_tensors(state: LayerState | None, s_aux: torch.Tensor | None, q_heads: int, device,
+                    query_dtype: torch.dtype = torch.float32):
     """(beta (Hq,) or None, extra_logits (Hq, E) counted in every row or None, virtual_sink_logit
     (Hq,) counted in rows that see a non-sink key or None)."""
-    extra_logits = None if s_aux is None else s_aux.reshape(q_heads, 1).to(device=device, dtype=torch.float32)
+    # float64 attention keeps float64 parameters (float32 ones moved a float64 model's sink row by 1e-8)
+    dtype = torch.float64 if query_dtype == torch.float64 else torch.float32
+    extra_logits = None if s_aux is None else s_aux.reshape(q_heads, 1).to(device=device, dtype=dtype)
     if state is None:
         return None, extra_logits, None
-    beta, virtual = state.policy.tensors(device)
+    beta, virtual = state.policy.tensors(device, dtype)
     if virtual is not None and state.policy.virtual_logit_on_sink_rows:
         # counted in every row, like the model's own s_aux
         column = virtual.reshape(q_heads, 1)
@@ -281,9 +309,9 @@ def attention_forward(
                            causal_offset=padded.causal_offset, sliding_window=padded.window)
     # dynamo cannot trace get_ident (patching a compiled wrapper traces this call): no thread check there
     if _discovered is not None and (torch.compiler.is_compiling() or threading.get_ident() == _discovering_thread):
-        _discovered.append((module, q_heads))
+        _discovered.append((module, q_heads, _sees_later_keys(attention_mask, causal_flag, q_len, k_len)))
     state: LayerState | None = getattr(module, "_sinkfix", None)
-    beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device)
+    beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device, query.dtype)
     # len() rather than bool(): torch 2.11's dynamo cannot trace bool() of a list of listeners
     observing = state is not None and len(state.observers) > 0
     monitored = state is not None and len(state.telemetry) > 0

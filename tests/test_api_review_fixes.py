@@ -1,0 +1,149 @@
+"""Defects of the patch API and the policy objects found by an outside review, each with the
+behaviour it now has: a handle whose patch has ended refuses a ``with`` block, an empty layer list is
+refused, bidirectional (encoder) models are refused, bools are refused as numbers and numpy numbers
+accepted alike in every field, and a float64 model's sink row stays the stock row."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import sinkfix
+from sinkfix import ContentSinks, Policy, PolicyError, ResidualClip, UnsupportedModelError
+from sinkfix.errors import UsageError
+from sinkfix.patch import PatchHandle
+
+from .conftest import tiny_model
+
+
+def _ids(length: int = 9) -> torch.Tensor:
+    return torch.randint(2, 97, (1, length), generator=torch.Generator().manual_seed(5))
+
+
+# -- a handle whose patch has ended ------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["with_block_ended", "removed", "replaced"])
+def test_a_handle_whose_patch_ended_refuses_a_with_block(how):
+    model, ids = tiny_model("llama"), _ids()
+    with torch.no_grad():
+        stock = model(ids).logits
+        handle = sinkfix.patch(model, Policy(sink_scale=0.2))
+        if how == "with_block_ended":
+            with handle:
+                assert not torch.equal(model(ids).logits, stock)
+        elif how == "removed":
+            handle.remove()
+        else:
+            replacement = sinkfix.patch(model, Policy(sink_scale=0.5))
+        assert not handle.active
+        # before: the block ran, and ran the stock model (or the replacement) under the old handle's name
+        with pytest.raises(UsageError, match="no longer in force"):
+            with handle:
+                pass
+        if how == "replaced":
+            assert PatchHandle.of(model) is replacement  # the refusal changed nothing
+            replacement.remove()
+        assert torch.equal(model(ids).logits, stock)
+
+
+def test_a_handle_of_a_collected_model_is_not_active():
+    model = tiny_model("llama")
+    handle = sinkfix.patch(model, Policy(sink_scale=0.2))
+    assert handle.active and "active" in repr(handle)
+    del model
+    gc.collect()
+    assert not handle.active  # before: True, and the repr said "active" for a model that no longer exists
+    assert repr(handle).endswith("removed)")
+    with pytest.raises(UsageError, match="its model no longer exists"):
+        with handle:
+            pass
+    handle.remove()  # still a no-op
+
+
+# -- an empty layer list ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: Policy.parse("sink_scale=0.5,layers="),
+                                  lambda: Policy(sink_scale=0.5, layers=()),
+                                  lambda: Policy(sink_scale=0.5, layers=[])])
+def test_an_empty_layer_list_is_refused(make):
+    # before: a policy that corrected no layer while its description said sink_scale=0.5
+    with pytest.raises(PolicyError, match="layers is empty"):
+        make()
+
+
+# -- bidirectional (encoder-only) models --------------------------------------------------------------------
+
+def _bert_config(**kwargs) -> tf.BertConfig:
+    return tf.BertConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                         intermediate_size=32, **kwargs)
+
+
+def test_an_encoder_with_bidirectional_attention_is_refused_and_left_as_it_was():
+    torch.manual_seed(0)
+    model = tf.BertForMaskedLM(_bert_config()).eval()
+    before = model.config._attn_implementation
+    ids = _ids()
+    with torch.no_grad():
+        stock = model(ids).logits
+    # before: patched without a word, [CLS] treated as a causal sink in attention that sees later tokens
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        sinkfix.patch(model, Policy(sink_scale=0.3))
+    assert PatchHandle.of(model) is None
+    assert model.config._attn_implementation == before
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, stock)
+
+
+def test_the_same_architecture_as_a_causal_decoder_is_patched():
+    torch.manual_seed(0)
+    model = tf.BertLMHeadModel(_bert_config(is_decoder=True)).eval()
+    with sinkfix.patch(model, Policy(sink_scale=0.3)) as handle:
+        assert handle.num_layers == 2
+
+
+# -- one rule for numbers in every field ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: Policy(sink_scale=True),
+    lambda: Policy(sink_scale=[[True, 0.5]]),
+    lambda: Policy(sink_scale=np.bool_(True)),
+    lambda: Policy(sink_scale=torch.tensor([[True, False]])),
+    lambda: Policy(virtual_sink_logit=False),
+    lambda: ContentSinks(hidden_sink_scale=False),
+    lambda: ResidualClip([2.0, True]),
+    lambda: ContentSinks(min_rows=True),
+    lambda: ContentSinks(reevaluate_every=1.5),
+])
+def test_a_bool_or_a_fraction_is_refused_where_a_number_or_an_int_is_expected(make):
+    # before: the first six were read as 1.0 / 0.0 (sink_scale=True is the identity)
+    with pytest.raises(PolicyError):
+        make()
+
+
+def test_numpy_numbers_are_accepted_in_every_field():
+    # before: refused in ContentSinks, accepted in Policy; the threshold's message said np.float32(0.1)
+    # was not "a finite number in (0, 1)"
+    rule = ContentSinks(threshold=np.float32(0.25), min_rows=np.int64(4), reevaluate_every=np.int32(3))
+    assert (rule.threshold, rule.min_rows, rule.reevaluate_every) == (0.25, 4, 3)
+    assert type(rule.min_rows) is int and type(rule.reevaluate_every) is int
+    assert Policy(n_sink=np.int64(2), sink_scale=np.float32(0.5)).n_sink == 2
+    with pytest.raises(PolicyError, match="threshold"):
+        ContentSinks(threshold=np.float64("nan"))
+
+
+# -- float64 models ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_float64_models_sink_row_is_the_stock_row(arch):
+    model = tiny_model(arch).double()
+    ids = torch.tensor([[5]])  # one token: its row sees only the sink
+    with torch.no_grad():
+        stock = model(ids).logits
+        with sinkfix.patch(model, Policy(sink_scale=0.5, virtual_sink_logit=1.0)):
+            patched = model(ids).logits
+    # before: 1.3e-8 (llama) and 4.3e-8 (gemma3) off, the policy's float32 parameters in float64 attention
+    assert torch.equal(patched, stock)
