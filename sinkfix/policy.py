@@ -40,15 +40,19 @@ PerLayer = Scalar | Sequence[float] | torch.Tensor
 
 
 def _canonical(value):
-    """A hashable stand-in with value semantics: tensors and sequences by their numbers, so that
-    policies holding per-head tensors compare (and hash) by value instead of raising."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to(device="cpu", dtype=torch.float64)
-        return ("tensor", tuple(t.shape), tuple(t.flatten().tolist()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_canonical(v) for v in value)
+    """A hashable stand-in with value semantics: numbers by their values and shape, whatever holds
+    them (a float, a numpy number, a tensor, a nested list), so that policies holding per-head
+    tensors compare (and hash) by value instead of raising, and sink_scale=0.5 equals
+    sink_scale=torch.tensor(0.5)."""
     if isinstance(value, (ResidualClip, Policy, ContentSinks)):
         return (type(value).__name__,) + tuple(_canonical(getattr(value, f.name)) for f in fields(value))
+    if isinstance(value, (numbers.Number, np.generic, np.ndarray, torch.Tensor, list, tuple)):
+        try:
+            held = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+            t = torch.as_tensor(held, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):  # not all numbers: item by item
+            return tuple(_canonical(v) for v in value)
+        return ("values", tuple(t.shape), tuple(t.flatten().tolist()))
     return value
 
 
@@ -129,6 +133,8 @@ class ContentSinks(_ValueEquality):
 
     def __post_init__(self) -> None:
         threshold = self.threshold
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and threshold.is_floating_point():
+            threshold = threshold.item()
         # numbers.Real: numpy floats too (np.float32(0.1) was refused as "not a number in (0, 1)")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
                 or not 0.0 < threshold < 1.0:
@@ -227,6 +233,10 @@ class Policy(_ValueEquality):
     content_sinks: ContentSinks | None = None
 
     def __post_init__(self) -> None:
+        for name in ("sink_scale", "virtual_sink_logit"):  # -0.0 is 0: one description, one policy
+            value = getattr(self, name)
+            if isinstance(value, float) and value == 0:
+                object.__setattr__(self, name, 0.0)
         if self.content_sinks is not None and not isinstance(self.content_sinks, ContentSinks):
             raise PolicyError(f"content_sinks must be a sinkfix.ContentSinks or None, got {type(self.content_sinks).__name__}")
         if not isinstance(self.virtual_logit_on_sink_rows, bool):
@@ -299,9 +309,17 @@ class Policy(_ValueEquality):
         content: dict = {}
         seen: set[str] = set()
         for item in spec.split(","):
+            if item.strip() in _KEYWORD_POLICIES:
+                word = item.strip()
+                how = ("leave it out: the other items alone start from the identity" if word == "identity"
+                       else f"write it as items, {word} = {_KEYWORD_POLICIES[word]}")
+                raise PolicyError(f"{word!r} is a whole policy and stands alone in a spec; to combine it with other "
+                                  f"items {how} (spec: {spec!r})")
             if "=" not in item:
                 raise PolicyError(f"policy spec item {item!r} is not key=value (spec: {spec!r})")
             key, value = (part.strip() for part in item.split("=", 1))
+            if key not in SPEC_KEYS:
+                raise PolicyError(f"unknown policy key {key!r} in policy spec {spec!r}; known: {', '.join(SPEC_KEYS)}")
             # A second value for one setting would silently replace the first: refused, as a layer
             # listed twice is. clip and clip_abs both set the residual clip.
             if key in seen:
@@ -312,9 +330,9 @@ class Policy(_ValueEquality):
             seen.add(key)
             try:
                 if key in ("sink_scale", "virtual_sink_logit"):
-                    kwargs[key] = float(value)
+                    kwargs[key] = _spec_float(value)
                 elif key == "n_sink":
-                    kwargs[key] = int(value)
+                    kwargs[key] = _spec_int(value)
                 elif key == "virtual_logit_on_sink_rows":
                     if value not in ("0", "1", "true", "false"):
                         raise ValueError("expected 0, 1, true or false")
@@ -322,13 +340,11 @@ class Policy(_ValueEquality):
                 elif key in ("layers", "extra_sink_positions"):
                     kwargs[key] = _parse_int_list(value, "layer" if key == "layers" else "position")
                 elif key in ("clip", "clip_abs"):
-                    clip = ResidualClip(float(value), mode="relative" if key == "clip" else "absolute")
+                    clip = ResidualClip(_spec_float(value), mode="relative" if key == "clip" else "absolute")
                 elif key == "hidden_sink_scale":
-                    content["hidden_sink_scale"] = float(value)
-                elif key == "hidden_sink_threshold":
-                    content["threshold"] = float(value)
-                else:
-                    raise PolicyError(f"unknown policy key {key!r}; known: {', '.join(SPEC_KEYS)}")
+                    content["hidden_sink_scale"] = _spec_float(value)
+                else:  # hidden_sink_threshold
+                    content["threshold"] = _spec_float(value)
             except ValueError as exc:
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
         if content:
@@ -396,6 +412,13 @@ class Policy(_ValueEquality):
             if bad:
                 raise PolicyError(f"policy layers {bad} out of range for a model with {num_layers} attention layers")
             enabled = {layer % num_layers for layer in self.layers}
+            if len(enabled) != len(self.layers):  # layers=0:-2 on two layers: one layer listed twice
+                named: dict[int, list[int]] = {}
+                for layer in self.layers:
+                    named.setdefault(layer % num_layers, []).append(layer)
+                twice = next(names for names in named.values() if len(names) > 1)
+                raise PolicyError(f"policy layers {twice} name the same layer of a model with {num_layers} attention "
+                                  "layers; list each layer once")
         else:
             enabled = set(range(num_layers))
         clips = _resolve_clip(self.residual_clip, num_layers)
@@ -610,7 +633,31 @@ def _int_tuple(name: str, value) -> tuple[int, ...]:
     return tuple(out)
 
 
-_SPEC_ITEM = re.compile(r"([+-]?\d+)(?:-([+-]?\d+))?")
+# ASCII digits only: \d also matches other scripts' digits (int("\u0663") is 3), and int() and float()
+# read "1_0" as 10: a spec is typed, and a typo must not become another number
+_SPEC_ITEM = re.compile(r"([+-]?[0-9]+)(?:-([+-]?[0-9]+))?")
+_SPEC_INT = re.compile(r"[+-]?[0-9]+")
+_SPEC_FLOAT = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+_KEYWORD_POLICIES = {"identity": "", "drop": "sink_scale=0",
+                     "act": "hidden_sink_scale=0.4,hidden_sink_threshold=0.1"}
+
+
+def _spec_int(value: str) -> int:
+    if not _SPEC_INT.fullmatch(value):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
+
+
+def _spec_float(value: str) -> float:
+    """A decimal number as typed (inf and nan are read, for the range checks to name them). A
+    non-zero number too small for a float (1e-400) is refused rather than read as 0: for sink_scale
+    that is the drop policy."""
+    if not _SPEC_FLOAT.fullmatch(value):
+        raise ValueError(f"{value!r} is not a number")
+    number = float(value)
+    if number == 0 and any(digit in "123456789" for digit in value.lower().split("e")[0]):
+        raise ValueError(f"{value!r} is too small for a float (it would read as 0)")
+    return number + 0.0  # -0 reads as 0: one spelling, one description
 _MAX_RANGE = 1 << 16  # far more layers or sink positions than any model has; stops layers=0-999999999
 
 

@@ -147,3 +147,46 @@ def test_a_float64_models_sink_row_is_the_stock_row(arch):
             patched = model(ids).logits
     # before: 1.3e-8 (llama) and 4.3e-8 (gemma3) off, the policy's float32 parameters in float64 attention
     assert torch.equal(patched, stock)
+
+
+# -- policy specs: numbers as typed, one spelling per policy ---------------------------------------------
+
+@pytest.mark.parametrize("spec, message", [
+    ("n_sink=1_0", "not an integer"),  # before: 10
+    ("n_sink=\u0663", "not an integer"),  # before: 3 (an Arabic-Indic digit)
+    ("layers=\u0661", "not a layer"),
+    ("sink_scale=1_0", "not a number"),
+    ("sink_scale=1e-400", "too small for a float"),  # before: 0, the drop policy
+    ("colour=red", "^unknown policy key 'colour'"),  # before: "bad value for 'colour'"
+    ("act,sink_scale=0.9", "'act' is a whole policy"),  # before: "'act' is not key=value"
+    ("identity,clip=8", "leave it out"),
+])
+def test_spec_numbers_and_keys_are_read_as_typed(spec, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy.parse(spec)
+
+
+def test_minus_zero_is_the_drop_policy_under_one_name():
+    # before: described as sink_scale=-0, a second name (and a second bench variant) for drop
+    for policy in (Policy.parse("sink_scale=-0"), Policy(sink_scale=-0.0)):
+        assert policy == Policy.parse("drop")
+        assert policy.describe() == "sink_scale=0"
+
+
+def test_policies_compare_by_value_whatever_holds_the_numbers():
+    # before: a tensor never equalled the same number written as a float or a nested list
+    assert Policy(sink_scale=0.5) == Policy(sink_scale=torch.tensor(0.5))
+    assert hash(Policy(sink_scale=0.5)) == hash(Policy(sink_scale=torch.tensor(0.5)))
+    per_head = [[0.5, 0.25], [1.0, 0.75]]
+    assert Policy(sink_scale=per_head) == Policy(sink_scale=torch.tensor(per_head, dtype=torch.float64))
+    assert Policy(sink_scale=per_head) != Policy(sink_scale=[[0.5, 0.25], [1.0, 0.5]])
+    assert ContentSinks(threshold=torch.tensor(0.25)).threshold == 0.25
+
+
+def test_two_layer_indices_naming_one_layer_are_refused():
+    # before: layers=0:-2 on a 2-layer model listed layer 0 twice and was accepted (layers=1:1 was refused)
+    with pytest.raises(PolicyError, match=r"layers \[0, -2\] name the same layer"):
+        sinkfix.patch(tiny_model("llama"), Policy.parse("sink_scale=0.5,layers=0:-2"))
+    model = tiny_model("llama")
+    with sinkfix.patch(model, Policy.parse("sink_scale=0.5,layers=0:-1")) as handle:
+        assert handle.num_layers == 2
