@@ -290,3 +290,62 @@ def test_cli_rejects_unknown_variant(capsys):
     assert "lion" in capsys.readouterr().err
     assert main(["bb", "--variants", "adam,sgd,adam", "--steps", "1"]) == 2  # one report entry per name
     assert "named twice: adam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width", [0, 1, 3])
+def test_cli_refuses_llama_widths_rope_cannot_run_before_training(capsys, monkeypatch, width):
+    """RoPE rotates pairs of the head's dimensions and the one head is as wide as the model (before:
+    a traceback from the first forward pass, exit code 1)."""
+    from sinkfix.bb import report as bb_report
+    from sinkfix.cli import main
+
+    monkeypatch.setattr(bb_report, "run_experiment", lambda *a, **k: pytest.fail("trained before the check"))
+    assert main(["bb", *TINY, "--arch", "llama", "--width", str(width)]) == 2
+    err = capsys.readouterr().err
+    assert f"--width must be an even number >= 2 with --arch llama, got {width}" in err and "Traceback" not in err
+
+
+def test_build_model_refuses_an_odd_llama_width_before_any_forward_pass(task):
+    with pytest.raises(ValueError, match="width must be an even number >= 2 with arch llama, got 3"):
+        build_model(task, TrainConfig(arch="llama", width=3, layers=1), VARIANTS["adam"])
+
+
+def test_cli_width_one_runs_on_gpt2(capsys, one_thread):
+    from sinkfix.cli import main
+
+    assert main(["bb", *TINY, "--variants", "adam", "--width", "1", "--seq-len", "8", "--json"]) == 0
+    assert "adam" in json.loads(capsys.readouterr().out)
+
+
+def test_cli_refuses_no_figures_without_out(capsys, monkeypatch):
+    """Without --out no figure is drawn, so --no-figures would change nothing (before: silently accepted)."""
+    from sinkfix.bb import report as bb_report
+    from sinkfix.cli import main
+
+    monkeypatch.setattr(bb_report, "run_experiment", lambda *a, **k: pytest.fail("trained before the check"))
+    assert main(["bb", *TINY, "--no-figures"]) == 2
+    assert "--no-figures applies to the figures of --out" in capsys.readouterr().err
+
+
+def test_cli_no_figures_removes_an_earlier_runs_figures(capsys, tmp_path, one_thread):
+    """Figures left by an earlier run would read as this run's (before: kept next to the new bb.json)."""
+    from sinkfix.cli import main
+
+    for name in ("bb_dynamics.png", "bb_final.png"):
+        (tmp_path / name).write_bytes(b"an earlier run's figure")
+    assert main(["bb", *TINY, "--variants", "adam", "--out", str(tmp_path), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb.json"]
+    assert f"removed {tmp_path / 'bb_final.png'} (an earlier run's figure; this run did not draw it)" in err
+
+
+def test_history_train_loss_is_the_mean_since_the_previous_entry(task, one_thread):
+    """With steps not a multiple of eval_every the last entry averages only its own steps (before:
+    the entry at step 25 averaged steps 16-25, overlapping the one at step 20)."""
+    config = TrainConfig(steps=25, eval_every=10, layers=1, width=8, seq_len=8, batch=2)
+    result = train_variant(task, VARIANTS["adam"], config, on_eval=lambda step, model: {})
+    losses = result.losses
+    assert [h["step"] for h in result.history] == [0, 10, 20, 25]
+    assert "train_loss" not in result.history[0]
+    for entry, (start, end) in zip(result.history[1:], [(0, 10), (10, 20), (20, 25)]):
+        assert entry["train_loss"] == pytest.approx(sum(losses[start:end]) / (end - start))

@@ -46,7 +46,7 @@ from sinkfix.bb.relu_attention import observing as relu_observing
 from sinkfix.bb.train import VARIANTS, TrainConfig, TrainResult, Variant, train_variant
 from sinkfix.errors import UsageError
 
-__all__ = ["Probe", "probe", "measure", "run_experiment", "write_figures", "summary_table"]
+__all__ = ["Probe", "probe", "measure", "run_experiment", "write_figures", "remove_stale_figures", "summary_table"]
 
 
 @dataclass
@@ -381,6 +381,20 @@ _DYNAMICS = (
 
 #: The figures :func:`write_figures` writes into the output folder.
 FIGURE_NAMES = ("bb_dynamics.png", "bb_final.png")
+
+
+def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]:
+    """Delete the figures of :data:`FIGURE_NAMES` in ``out_dir`` that this run did not write (all of
+    them after ``--no-figures``): beside this run's bb.json they would read as this run's. Returns the
+    paths removed."""
+    keep = {Path(p).name for p in written}
+    removed = []
+    for name in FIGURE_NAMES:
+        path = Path(out_dir) / name
+        if name not in keep and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def write_figures(report: dict, out_dir: str | Path) -> list[Path]:

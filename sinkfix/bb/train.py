@@ -29,8 +29,9 @@ from torch import nn
 
 from sinkfix.bb.data import BigramBackcopy
 from sinkfix.bb.relu_attention import RELU_IMPL_NAME, register_relu
+from sinkfix.errors import UsageError
 
-__all__ = ["Variant", "VARIANTS", "TrainConfig", "TrainResult", "build_model", "train_variant"]
+__all__ = ["Variant", "VARIANTS", "TrainConfig", "TrainResult", "check_width", "build_model", "train_variant"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,24 @@ class TrainResult:
     train_s: float = 0.0  # the optimisation steps alone
 
 
+def check_width(arch: str, width: int, width_name: str = "width", arch_name: str = "arch") -> None:
+    """:class:`UsageError` for a width the architecture cannot run. The one head is as wide as the
+    model, and Llama's RoPE rotates pairs of its dimensions, so Llama needs an even width; GPT-2 runs
+    at any width >= 1 (at width 1 its LayerNorms output their bias alone, whatever the token)."""
+    if arch == "llama" and (width < 2 or width % 2):
+        raise UsageError(f"{width_name} must be an even number >= 2 with {arch_name} llama, got {width} (RoPE "
+                         "rotates pairs of the head's dimensions, and the one head is as wide as the model); "
+                         "gpt2 takes any width >= 1")
+    if width < 1:
+        raise UsageError(f"{width_name} must be >= 1, got {width}")
+
+
 def build_model(task: BigramBackcopy, config: TrainConfig, variant: Variant) -> nn.Module:
     """A freshly initialised model (seeded with ``config.seed``): ``config.layers`` layers, one
     head per layer (head dim = width), a 4x MLP, untied input / output embeddings, no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    check_width(config.arch, config.width)
     if variant.attention == "relu":
         register_relu()
     torch.manual_seed(config.seed)
@@ -147,24 +161,28 @@ def train_variant(
     constant learning rate (as in the paper).
 
     ``on_eval(step, model)`` is called in eval mode before the first step, every
-    ``config.eval_every`` steps and after the last; its dicts form ``TrainResult.history``.
+    ``config.eval_every`` steps and after the last; its dicts form ``TrainResult.history``, each
+    after the first with ``train_loss``: the mean training loss over the steps since the previous entry.
     """
     model = build_model(task, config, variant)
     optimizer = _optimizer(model, variant, config.weight_decay)
     data_gen = torch.Generator().manual_seed(config.seed + 1)
     result = TrainResult(variant, model, [])
     eval_s = 0.0
+    previous_step = 0
 
     def evaluate(step: int) -> None:
-        nonlocal eval_s
+        nonlocal eval_s, previous_step
         if on_eval is None:
             return
         t0 = time.perf_counter()
         model.eval()
         entry = {"step": step, **on_eval(step, model)}
-        if result.losses:
-            tail = result.losses[-config.eval_every:]
-            entry["train_loss"] = sum(tail) / len(tail)
+        # since the previous entry, not the last eval_every steps: a short last interval would overlap
+        since = result.losses[previous_step:step]
+        if since:
+            entry["train_loss"] = sum(since) / len(since)
+        previous_step = step
         result.history.append(entry)
         model.train()
         eval_s += time.perf_counter() - t0

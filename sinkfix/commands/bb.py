@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults["steps"], help=f"training steps (default {defaults['steps']})")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of model init and data (default 0)")
     parser.add_argument("--layers", type=int, default=defaults["layers"], help=f"layers (default {defaults['layers']})")
-    parser.add_argument("--width", type=int, default=defaults["width"], help=f"model width (default {defaults['width']})")
+    parser.add_argument("--width", type=int, default=defaults["width"],
+                        help=f"model width, also the one head's width: even with --arch llama (default {defaults['width']})")
     parser.add_argument("--seq-len", type=int, default=defaults["seq_len"],
                         help=f"training / evaluation sequence length, BOS included (default {defaults['seq_len']})")
     parser.add_argument("--batch", type=int, default=defaults["batch"], help=f"batch size (default {defaults['batch']})")
@@ -60,22 +61,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sinkfix.bb.report import FIGURE_NAMES, run_experiment, summary_table, to_json, write_figures
-    from sinkfix.bb.train import VARIANTS, TrainConfig
+    from sinkfix.bb.report import (
+        FIGURE_NAMES, remove_stale_figures, run_experiment, summary_table, to_json, write_figures,
+    )
+    from sinkfix.bb.train import VARIANTS, TrainConfig, check_width
     from sinkfix.errors import UsageError
     from sinkfix.files import atomic_write_text, check_writable
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:  # an empty list would train nothing and report an empty table
         raise UsageError("--variants names no variant; choose from " + ", ".join(VARIANTS))
-    for name, value in (("--steps", args.steps), ("--layers", args.layers), ("--width", args.width),
+    for name, value in (("--steps", args.steps), ("--layers", args.layers),
                         ("--batch", args.batch), ("--eval-every", args.eval_every), ("--threads", args.threads)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
+    check_width(args.arch, args.width, "--width", "--arch")
     if args.seq_len < 4:
         raise UsageError(f"--seq-len must be >= 4, got {args.seq_len}")
     if not -2 ** 63 <= args.seed <= 2 ** 64 - 8:  # torch's generators take [-2**63, 2**64); the task's is seed + 7
         raise UsageError(f"--seed must be in [-2**63, 2**64 - 8], got {args.seed}")
+    if args.no_figures and args.out is None:  # no figure is drawn without --out: the option would change nothing
+        raise UsageError("--no-figures applies to the figures of --out; without --out no figure is drawn: "
+                         "drop --no-figures, or give --out DIR")
     if args.out is not None:
         check_writable(args.out, folder=True)  # before the training, not after it
         for name in (PARTIAL_NAME, "bb.json", *([] if args.no_figures else FIGURE_NAMES)):
@@ -121,9 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         atomic_write_text(out / "bb.json", text + "\n")
-        for path in [] if args.no_figures else write_figures(report, out):
+        written = [] if args.no_figures else write_figures(report, out)
+        for path in written:
             progress(f"wrote {path}")
         progress(f"wrote {out / 'bb.json'}")
+        for path in remove_stale_figures(out, written):
+            progress(f"removed {path} (an earlier run's figure; this run did not draw it)")
         partial.unlink(missing_ok=True)
     return 0
 
