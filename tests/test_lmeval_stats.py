@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sinkfix.errors import UsageError
-from sinkfix.lmeval.stats import compare_paired, is_binary, mcnemar_exact, paired_bootstrap
+from sinkfix.lmeval.stats import (EXACT_SIGN_FLIP_ITEMS, compare_paired, is_binary, mcnemar_exact, paired_bootstrap,
+                                  sign_flip_test)
 
 
 def mean(values):
@@ -82,10 +83,13 @@ def test_compare_paired_on_weighted_perplexity_by_hand():
     assert result.stock == pytest.approx(math.exp(16 / 8))  # e^2
     assert result.corrected == pytest.approx(math.exp(15 / 8))
     assert result.delta == pytest.approx(math.exp(1.875) - math.exp(2))
-    assert result.test == "paired-bootstrap"
+    assert result.test == "sign-flip-exact"
     # every resample that holds item 0 improves and none gets worse: the interval lies below zero or
-    # touches it (the draw of item 1 twice), and the p-value inverts it
-    assert result.ci_high <= 0 < 1 - result.p_value
+    # touches it (the draw of item 1 twice)
+    assert result.ci_high <= 0
+    # two items, one unchanged: each of the 4 swap patterns gives +-delta, so nothing tells the
+    # change from a relabelling (the inverted bootstrap interval gave 0.004 here)
+    assert result.p_value == 1.0
     assert result.stock_only is None
 
 
@@ -127,7 +131,7 @@ def test_negative_seed_is_refused_by_the_settings_and_the_bootstrap():
 def test_a_nan_item_gives_a_nan_p_value_with_its_nan_interval():
     result = compare_paired([1.0, float("nan"), 2.0], [1.0, 2.0, 3.0], mean, iterations=50)
     assert math.isnan(result.delta) and math.isnan(result.ci_low) and math.isnan(result.ci_high)
-    assert result.test == "paired-bootstrap" and math.isnan(result.p_value)
+    assert result.test == "sign-flip-exact" and math.isnan(result.p_value)
 
 
 def test_sinkfix_works_without_lm_eval():
@@ -159,3 +163,44 @@ def test_sinkfix_works_without_lm_eval():
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip() == ("sinkfix eval: error: sinkfix eval needs lm-evaluation-harness: "
                                    "pip install 'sinkfix[eval]'")
+
+
+def test_sign_flip_p_value_by_hand():
+    """Three documents, all better after the correction: of the 8 swap patterns only the observed one
+    and its mirror reach |delta|, so p = 2/8 whatever the size of the change (the inverted bootstrap
+    interval gave 0.001, its floor, for any change)."""
+    stock = [(-30.0, 10), (-42.0, 12), (-25.0, 9)]
+    corrected = [(-29.0, 10), (-41.5, 12), (-24.0, 9)]
+    assert sign_flip_test(stock, corrected, weighted_perplexity) == (0.25, True)
+    result = compare_paired(stock, corrected, weighted_perplexity, iterations=2000)
+    assert (result.test, result.p_value) == ("sign-flip-exact", 0.25)
+
+
+def test_sign_flip_exact_enumeration_of_a_mean():
+    stock = [0.2, 0.5, 0.9, 0.4, 0.7]
+    corrected = [0.3, 0.5, 1.0, 0.2, 0.9]
+    d = [c - s for s, c in zip(stock, corrected)]
+    observed = abs(sum(d))
+    # sum of +-d_i over every sign pattern, counted by hand
+    reached = sum(abs(sum(sign * x for sign, x in zip(signs, d))) >= observed - 1e-12
+                  for signs in itertools.product((1, -1), repeat=5))
+    assert sign_flip_test(stock, corrected, mean) == (pytest.approx(reached / 32), True)
+
+
+def test_sign_flip_draws_patterns_past_the_exact_limit():
+    n = EXACT_SIGN_FLIP_ITEMS + 4
+    stock = [float(i % 3) for i in range(n)]
+    corrected = [v + 0.5 for v in stock]  # every item better by the same amount
+    p, exact = sign_flip_test(stock, corrected, mean, iterations=999, seed=1)
+    assert not exact
+    assert p == sign_flip_test(stock, corrected, mean, iterations=999, seed=1)[0]  # seeded
+    # only patterns that swap no item or every item reach |delta|: 2 / 2**16 of them, none drawn in 999
+    assert p == pytest.approx(1 / 1000)
+    assert compare_paired(stock, corrected, mean, iterations=999).test == "sign-flip-random"
+
+
+def test_one_item_gives_no_interval():
+    # before: [delta, delta], a zero-width interval from resampling the one item
+    result = compare_paired([(-10.0, 5)], [(-9.0, 5)], weighted_perplexity, iterations=200)
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high)
+    assert result.p_value == 1.0  # the item and its swap: +-delta

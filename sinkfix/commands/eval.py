@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Run lm-evaluation-harness tasks on the stock and on the corrected model (one model load; the "
                     "patch is applied and removed between the runs) and print, per task and metric, stock, "
                     "corrected, delta, a paired-bootstrap interval of the delta and a p-value (McNemar's exact "
-                    "test for accuracy).",
+                    "test for accuracy, a paired sign-flip test otherwise).",
         epilog="Built-in offline tasks: sinkfix_prose, sinkfix_code (rolling log-likelihood = perplexity), "
                "sinkfix_cloze (synthetic multiple choice); tag 'sinkfix' = all three. JSON layout: "
                "sinkfix/lmeval/schema.md (schema 'sinkfix.eval/1').",
@@ -54,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "with a note)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="lm-eval batch size (default: %(default)s; on SmolLM2 the built-in tasks give the "
-                        "batch-1 results to 4 significant digits, 16%% faster on one CPU thread)")
+                        "batch-1 results to 4 significant digits, 16%% faster on one CPU thread; a correction "
+                        "that pools over a sequence's tokens, content sinks or a relative clip, scores "
+                        "log-likelihoods one sequence at a time, with a note)")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="lm-eval's window length in tokens (default: the model's maximum)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_ITERATIONS, metavar="N",
@@ -115,7 +117,7 @@ def _quiet(verbose: bool, json_only: bool, interactive: bool) -> Iterator[None]:
 def _config(args: argparse.Namespace) -> EvalConfig:
     extra = {} if args.max_length is None else {"max_length": args.max_length}
     return EvalConfig(
-        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        model=args.model, tasks=tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip())),  # each task once
         include_paths=tuple(args.include_path), policy=args.policy, profile=args.profile, limit=args.limit,
         batch_size=args.batch_size, device=args.device, kernel=args.backend, iterations=args.bootstrap,
         confidence=args.confidence, seed=args.seed, threads=args.threads, num_fewshot=args.num_fewshot, extra=extra,

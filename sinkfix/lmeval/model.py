@@ -141,6 +141,18 @@ class SinkfixLM(HFLM):
                 handle.remove()
         self.correction = correction
 
+    @property
+    def scores_alone(self) -> bool:
+        """Whether the correction in force pools statistics over a sequence's tokens (content-dependent
+        sinks: column means over query rows; a relative residual clip: the median token norm). lm-eval
+        right-pads a log-likelihood batch and passes no attention mask, so the padding joined those
+        statistics (SmolLM2, ``act``, 16 cloze items: per-item log-likelihoods 4.2 nats apart between
+        batch 1 and 8, one answer flipped); such a correction is scored one sequence at a time."""
+        handle = PatchHandle.of(self.model)
+        return handle is not None and any(
+            layer.content is not None or (layer.clip is not None and layer.clip.mode == "relative")
+            for layer in handle.layer_policies())
+
     def get_model_info(self) -> dict[str, Any]:
         # HFLM's version asks the hub for the checkpoint's commit: a network call, and meaningless for
         # a model object. The weights fingerprint identifies the checkpoint instead.
@@ -179,7 +191,14 @@ class SinkfixLM(HFLM):
         if longest > self.max_length:  # lm-eval asserts it per batch, a bare AssertionError mid-run
             raise EvaluationError(f"a scored continuation is {longest} tokens long, more than max_length "
                                   f"{self.max_length} (--max-length): raise it to at least {longest}")
-        return super()._loglikelihood_tokens(requests, disable_tqdm=quiet, override_bs=override_bs)
+        if not self.scores_alone or self.batch_size == 1:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=quiet, override_bs=override_bs)
+        # HFLM reads override_bs only under batch_size="auto": the batch size itself is set aside
+        batch_size, self.batch_size_per_gpu = self.batch_size_per_gpu, 1
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=quiet, override_bs=1)
+        finally:
+            self.batch_size_per_gpu = batch_size
 
 
 if model_registry.get(MODEL_TYPE, None) is None:

@@ -23,7 +23,7 @@ import torch
 from sinkfix.lmeval.config import EvalConfig
 from sinkfix.lmeval.model import SinkfixLM
 from sinkfix.lmeval.stats import compare_paired
-from sinkfix.lmeval.taskload import LoadedTasks, load_tasks
+from sinkfix.lmeval.taskload import LoadedTasks, check_items, load_tasks
 from sinkfix.profile import ModelIdentity
 
 __all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "rolling_tasks", "compare_runs", "SCHEMA"]
@@ -144,14 +144,25 @@ def _items_hash(samples: list[dict[str, Any]]) -> str:
     return hashlib.sha256("".join(f"{i}:{h};" for i, h in hashes).encode()).hexdigest()[:16]
 
 
-def _paired_values(stock: dict, corrected: dict, metric: str, filter_name: str) -> tuple[list, list]:
+def _paired_values(stock: dict, corrected: dict, metric: str, filter_name: str) -> tuple[list, list, list]:
     ids = sorted(doc for (f, doc) in stock if f == filter_name)
     if ids != sorted(doc for (f, doc) in corrected if f == filter_name):
         raise RuntimeError("stock and corrected runs scored different items")  # a bug, not bad input
     for doc in ids:
         if stock[filter_name, doc]["doc_hash"] != corrected[filter_name, doc]["doc_hash"]:
             raise RuntimeError(f"item {doc} differs between the stock and the corrected run")
-    return [stock[filter_name, d][metric] for d in ids], [corrected[filter_name, d][metric] for d in ids]
+    return ids, [stock[filter_name, d][metric] for d in ids], [corrected[filter_name, d][metric] for d in ids]
+
+
+def _plain(value: Any) -> Any:
+    """A per-item metric value as JSON holds it: numbers (numpy's too) as floats, tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return value
 
 
 def _compare_task(name: str, task: Any, stock: dict, corrected: dict, config: EvalConfig) -> dict[str, Any]:
@@ -162,11 +173,14 @@ def _compare_task(name: str, task: Any, stock: dict, corrected: dict, config: Ev
     for metric, filter_name in _metric_keys(stock["results"][name]):
         if metric not in aggregations:
             continue
-        before, after = _paired_values(samples_stock, samples_corrected, metric, filter_name)
+        ids, before, after = _paired_values(samples_stock, samples_corrected, metric, filter_name)
         paired = compare_paired(before, after, aggregations[metric], iterations=config.iterations,
                                 confidence=config.confidence, seed=config.seed)
         key = metric if filter_name == "none" else f"{metric},{filter_name}"
-        metrics[key] = {**paired.to_dict(), "filter": filter_name, "higher_is_better": higher.get(metric)}
+        # the per-item values the statistics came from, so that a report can be checked on its own
+        per_item = {"doc_id": ids, "stock": [_plain(v) for v in before], "corrected": [_plain(v) for v in after]}
+        metrics[key] = {**paired.to_dict(), "filter": filter_name, "higher_is_better": higher.get(metric),
+                        "per_item": per_item}
     return {"output_type": task.OUTPUT_TYPE, "items": len({d for _, d in samples_stock}),
             "items_sha256": _items_hash(stock["samples"][name]),
             "num_fewshot": int(task.get_config("num_fewshot") or 0), "metrics": metrics}
@@ -216,6 +230,7 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
     correction = config.correction()  # a bad spec or profile file fails before anything is loaded
     loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
                     timing)
+    check_items(loaded, config.limit)  # a record lm-eval cannot score as meant fails here, before the model loads
     notes = fewshot_notes(apply_fewshot(loaded, config.num_fewshot), config.num_fewshot, rolling_tasks(loaded))
     for text in notes:
         (note or log)(text)
@@ -223,6 +238,13 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
         pretrained=config.model, batch_size=config.batch_size, device=config.device, kernel=config.kernel,
         **config.extra), timing)
     lm.apply(correction)  # a profile for another model or a policy it cannot take fails here, not after the stock run
+    if lm.scores_alone and lm.batch_size != 1:
+        text = (f"the correction pools statistics over each sequence's tokens (content-dependent sinks or a relative "
+                f"residual clip) and lm-eval pads log-likelihood batches without an attention mask: the corrected "
+                f"run scores them one sequence at a time (--batch-size {lm.batch_size} applies to the stock run "
+                f"and to generation)")
+        notes.append(text)
+        (note or log)(text)
     lm.apply(None)
     run = functools.partial(evaluate_once, lm, loaded, config.limit, config.num_fewshot)
     stock = _timed("stock", "stock ...", log, run, timing)

@@ -49,7 +49,8 @@ def protocol_lines(report: dict[str, Any]) -> list[str]:
          f"load; lm-eval {report['versions']['lm_eval']}, {protocol['device']}, batch {protocol['batch_size']}, "
          f"{report['threads']} thread(s)"),
         (f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
-         f"seed {settings['seed']}); p: McNemar's exact test for 0/1 metrics, else the bootstrap interval inverted"),
+         f"seed {settings['seed']}; none with one item); p: McNemar's exact test for 0/1 metrics, else the paired "
+         f"sign-flip test (exact up to 12 items)"),
         (f"rolling log-likelihood: each document scored once from its start after prefix token "
          f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓: higher/lower is better"),
     ]

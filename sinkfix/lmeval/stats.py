@@ -8,9 +8,15 @@ run's own standard error can still be told from noise, and why the two runs must
 * **Paired bootstrap.** Draw the items with replacement (the same draw for both runs), aggregate
   each run's per-item values with the metric's own aggregation (a mean for accuracy, a token- or
   byte-weighted perplexity for rolling log-likelihood), and take the difference; the interval is the
-  percentile interval of that difference over ``iterations`` draws. Its p-value is the interval
-  inverted: twice the smaller share of draws on either side of zero (with the usual +1 so that it is
-  never zero), the smallest two-sided level at which the percentile interval excludes zero.
+  percentile interval of that difference over ``iterations`` draws (with one item there is no
+  spread to resample: the interval is undefined, NaN).
+* **Paired sign-flip test** for the p-value of any other metric: under "the correction changes
+  nothing" the two runs' values of an item are exchangeable, so each item's pair is swapped or not
+  and the difference of the aggregates recomputed; the p-value is the share of swap patterns whose
+  difference is at least as large in magnitude as the observed one. Exact (all ``2**n`` patterns)
+  up to :data:`EXACT_SIGN_FLIP_ITEMS` items, else ``iterations`` random patterns (with the usual +1).
+  With n items it cannot go below ``2 / 2**n``: three documents can never show p < 0.25, where the
+  inverted bootstrap interval, used before, gave 0.001 for any change.
 * **McNemar's exact test** for 0/1 per-item values: only the discordant items count, ``b`` right
   before and wrong after, ``c`` the reverse; under "no change" each is a fair coin flip, so the
   two-sided p-value is ``min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c)))``.
@@ -26,11 +32,14 @@ import numpy as np
 
 from sinkfix.errors import UsageError
 
-__all__ = ["Paired", "compare_paired", "paired_bootstrap", "mcnemar_exact", "is_binary", "DEFAULT_ITERATIONS",
-           "DEFAULT_CONFIDENCE"]
+__all__ = ["Paired", "compare_paired", "paired_bootstrap", "mcnemar_exact", "sign_flip_test", "is_binary",
+           "DEFAULT_ITERATIONS", "DEFAULT_CONFIDENCE", "EXACT_SIGN_FLIP_ITEMS"]
 
 DEFAULT_ITERATIONS = 2000
 DEFAULT_CONFIDENCE = 0.95
+#: Up to this many items the sign-flip test enumerates every swap pattern (4096 at 12, the built-in
+#: rolling tasks' document count: a fraction of a second of aggregations).
+EXACT_SIGN_FLIP_ITEMS = 12
 Aggregate = Callable[[list], float]
 
 
@@ -46,7 +55,7 @@ class Paired:
     ci_high: float
     confidence: float
     iterations: int
-    test: str  # "mcnemar-exact" or "paired-bootstrap"
+    test: str  # "mcnemar-exact", "sign-flip-exact" or "sign-flip-random"
     p_value: float
     stock_only: int | None = None  # McNemar's b: right before the correction, wrong after
     corrected_only: int | None = None  # McNemar's c: wrong before, right after
@@ -85,14 +94,36 @@ def paired_bootstrap(stock: Sequence[Any], corrected: Sequence[Any], aggregate: 
                     dtype=np.float64)
 
 
-def _bootstrap_p(deltas: np.ndarray) -> float:
-    # a draw whose difference is NaN (a non-finite per-item value) lies on neither side of zero: counting
-    # only the others would give a p-value for an interval that is itself NaN
-    if np.isnan(deltas).any():
-        return math.nan
-    below = (np.count_nonzero(deltas <= 0) + 1) / (deltas.size + 1)
-    above = (np.count_nonzero(deltas >= 0) + 1) / (deltas.size + 1)
-    return min(1.0, 2 * min(below, above))
+def sign_flip_test(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Aggregate, *,
+                   iterations: int = DEFAULT_ITERATIONS, seed: int = 0) -> tuple[float, bool]:
+    """``(p_value, exact)`` of the paired sign-flip test of ``aggregate(corrected) - aggregate(stock)``:
+    every swap pattern of the items' pairs when there are at most :data:`EXACT_SIGN_FLIP_ITEMS` items,
+    else ``iterations`` random ones. NaN when the observed difference is not finite."""
+    n = len(stock)
+    if n == 0 or n != len(corrected):
+        raise UsageError(f"sign-flip test needs the same non-zero number of items in both runs, got {n} and "
+                         f"{len(corrected)}")
+    observed = aggregate(list(corrected)) - aggregate(list(stock))
+    if not math.isfinite(observed):
+        return math.nan, n <= EXACT_SIGN_FLIP_ITEMS
+    exact = n <= EXACT_SIGN_FLIP_ITEMS
+    if exact:
+        codes = np.arange(2 ** n)[:, None]
+        patterns = ((codes >> np.arange(n)) & 1).astype(bool)  # row k: the items swapped in pattern k
+    else:
+        patterns = np.random.default_rng(seed).integers(0, 2, size=(iterations, n)).astype(bool)
+    # the observed pattern and its mirror reach |observed| exactly; rounding in other sums must not
+    # move a tie to either side
+    bound = abs(observed) * (1 - 1e-9)
+    reached = 0
+    for swap in patterns:
+        a = [c if s else t for t, c, s in zip(stock, corrected, swap)]
+        b = [t if s else c for t, c, s in zip(stock, corrected, swap)]
+        difference = aggregate(b) - aggregate(a)
+        reached += math.isnan(difference) or abs(difference) >= bound  # a NaN counts as extreme (conservative)
+    if exact:
+        return reached / len(patterns), True
+    return (reached + 1) / (iterations + 1), False
 
 
 def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Aggregate, *,
@@ -104,10 +135,13 @@ def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Ag
         raise UsageError(f"confidence must lie in (0, 1), got {confidence}")
     deltas = paired_bootstrap(stock, corrected, aggregate, iterations=iterations, seed=seed)
     low, high = np.quantile(deltas, [(1 - confidence) / 2, (1 + confidence) / 2])
+    if len(stock) < 2:  # every draw is the one item: a zero-width interval that says nothing
+        low = high = math.nan
     before, after = float(aggregate(list(stock))), float(aggregate(list(corrected)))
     common = {"items": len(stock), "stock": before, "corrected": after, "delta": after - before,
               "ci_low": float(low), "ci_high": float(high), "confidence": confidence, "iterations": iterations}
     if is_binary(stock) and is_binary(corrected):
         p, b, c = mcnemar_exact(stock, corrected)
         return Paired(**common, test="mcnemar-exact", p_value=p, stock_only=b, corrected_only=c)
-    return Paired(**common, test="paired-bootstrap", p_value=_bootstrap_p(deltas))
+    p, exact = sign_flip_test(stock, corrected, aggregate, iterations=iterations, seed=seed)
+    return Paired(**common, test="sign-flip-exact" if exact else "sign-flip-random", p_value=p)

@@ -12,6 +12,7 @@ import difflib
 import functools
 import glob
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,7 +27,7 @@ try:
 except ImportError:
     raise EvaluationError("downstream evaluation needs lm-evaluation-harness: pip install 'sinkfix[eval]'") from None
 
-__all__ = ["LoadedTasks", "load_tasks", "check_data_files"]
+__all__ = ["LoadedTasks", "load_tasks", "check_data_files", "check_items"]
 
 Log = Callable[[str], None]
 
@@ -202,3 +203,69 @@ def load_tasks(names: list[str], include: Iterable[str | Path] = (), log: Log = 
                 if _needs_hub(manager, names) else "")
         raise EvaluationError(f"could not load task(s) {', '.join(names)}: {_first_line(exc)}{hint}") from exc
     return LoadedTasks(dict(loaded["tasks"]), manager)
+
+
+_TEMPLATE_FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _referenced_fields(task: Any) -> list[str]:
+    """The record fields a task's prompt, answer and choices read: a field named outright
+    (``doc_to_choice: choices``) or the first name of a Jinja expression (``"{{text}}"``)."""
+    config = getattr(task, "config", None)
+    fields: list[str] = []
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        value = getattr(config, key, None)
+        if not isinstance(value, str):
+            continue
+        names = _TEMPLATE_FIELD.findall(value) if "{{" in value else [value.strip()]
+        fields += [name for name in names if name not in fields]
+    return fields
+
+
+def _item_problem(task: Any, doc: Any) -> str | None:
+    """What keeps lm-eval from scoring one item as meant, or None. lm-eval builds a task's requests
+    with the model loaded and fails there with a bare TypeError on a record that lacks its field
+    (a cloze record without choices), or scores it quietly wrong: a document without text as an
+    empty one (one word, no bytes, in the weighted perplexities), a gold index past the choices as a
+    wrong answer in both runs."""
+    missing = [field for field in _referenced_fields(task) if isinstance(doc, dict) and field in doc
+               and doc[field] is None]
+    if missing:  # a field absent from one JSON record is null there, and a template renders it as "None"
+        return f"field {missing[0]!r} is missing (null)"
+    kind = task.OUTPUT_TYPE
+    if kind == "loglikelihood_rolling":
+        text = task.doc_to_target(doc)
+        return None if isinstance(text, str) and text.strip() else f"no text to score (got {text!r:.60})"
+    prompt = task.doc_to_text(doc)
+    if not isinstance(prompt, (str, int)):
+        return f"the prompt is {type(prompt).__name__} {prompt!r:.60}, not text"
+    if kind != "multiple_choice":
+        return None
+    choices = task.doc_to_choice(doc)
+    if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
+        return f"the choices are {choices!r:.60}, not a non-empty list of strings"
+    gold = task.doc_to_target(doc)
+    golds = gold if isinstance(gold, (list, tuple)) else [gold]
+    for one in golds:
+        if isinstance(one, str):
+            if one not in choices:
+                return f"the answer {one!r:.40} is not one of the {len(choices)} choices"
+        elif isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < len(choices):
+            return f"the answer index {one!r:.40} is outside the {len(choices)} choices (0..{len(choices) - 1})"
+    return None
+
+
+def check_items(loaded: LoadedTasks, limit: int | None = None) -> None:
+    """Check the items each task will score (the first ``limit``), before any model loads: every
+    problem is an EvaluationError naming the task and the item (its position in the task's data)."""
+    for name, task in loaded.tasks.items():
+        docs = task.eval_docs
+        count = len(docs) if limit is None else min(limit, len(docs))
+        for index in range(count):
+            try:
+                problem = _item_problem(task, docs[index])
+            except Exception as exc:  # noqa: BLE001 - a template or a !function on a record that does not fit
+                problem = f"{type(exc).__name__}: {_first_line(exc)}"
+            if problem is not None:
+                raise EvaluationError(f"task {name}, item {index}: {problem} (check the task's data file: each "
+                                      "record needs the fields the task reads)")
