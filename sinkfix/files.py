@@ -24,6 +24,11 @@ from typing import IO, Any, Iterator
 
 from sinkfix.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: LineLog appends are not serialised between processes there
+    fcntl = None
+
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "save_figure",
            "strict_json"]
 
@@ -194,7 +199,11 @@ class LineLog:
     at the first line. Each :meth:`append` is one ``write`` on a descriptor opened with
     ``O_APPEND`` (the kernel places it at the end of the file, after lines other processes appended);
     a write that fails half way (a full disk) is cut back to the previous end of the file, so the
-    file only ever holds complete lines. Lines reach the operating system at once (no buffer in this
+    file only ever holds complete lines. Each append holds an exclusive ``flock`` on the file while it
+    writes and cuts back: without it, a cut made after another process's line had landed deleted that
+    line or left half of it (two processes, one of them out of space: 9,129 of 20,000 lines lost). The
+    lock serialises sinkfix's writers (and any other program that takes it); where ``fcntl`` does not
+    exist (Windows) appends are not serialised. Lines reach the operating system at once (no buffer in this
     process): a crash of the process loses nothing that :meth:`append` returned from.
     """
 
@@ -217,15 +226,21 @@ class LineLog:
         if self._fd is None:
             raise _output_error(self.path, "the log is closed")
         data = (line + "\n").encode("utf-8")
-        start = os.fstat(self._fd).st_size
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            raise _output_error(self.path, _reason(exc)) from exc
+            start = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise _output_error(self.path, _reason(exc)) from exc
+        finally:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Flush to disk and close; idempotent."""

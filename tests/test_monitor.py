@@ -942,3 +942,29 @@ def test_a_request_served_with_autograd_on_is_measured(one_thread):
         without = _one_request(monitor, model, input_ids=ids)
     for name in ("sink_share", "dormancy", "hidden_sinks", "value_drain"):
         assert with_grad[name] == without[name], name
+
+
+@pytest.mark.parametrize("ends_at", [1, 3])  # at most: the id may come sooner
+def test_a_row_that_ends_early_in_a_batched_generate_gets_its_record_alone(ends_at, one_thread):
+    """generate keeps feeding a finished row padding with a mask of ones until the last row ends:
+    before, a row whose first token was its end-of-sequence id got 5 decoded tokens, a sink share
+    0.039 off and another residual peak, against none alone."""
+    model = tiny_model("llama")
+    ids = _ids(2, 12, seed=3)
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        with torch.no_grad():
+            alone_tokens = model.generate(input_ids=ids[:1], max_new_tokens=ends_at, do_sample=False, pad_token_id=0)
+            eos = int(alone_tokens[0, -1])
+            ends_at = alone_tokens[0, 12:].tolist().index(eos) + 1  # row 0 ends at this new token (eos may come sooner)
+            out = monitor.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
+            batched = monitor.records
+            assert out[0, 12 + ends_at - 1] == eos and out.shape[1] > 12 + ends_at  # row 0 was carried along
+            monitor.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
+            alone = monitor.records[0]
+    got = batched[0]
+    assert (got["tokens"], got["decoded_tokens"], got["rows"]) == (alone["tokens"], alone["decoded_tokens"],
+                                                                 alone["rows"])
+    assert got["decoded_tokens"] == ends_at - 1  # the end-of-sequence token itself is never fed
+    torch.testing.assert_close(_tensor(got["sink_share"]), _tensor(alone["sink_share"]), atol=1e-5, rtol=0)
+    assert got["residual_peak"] == pytest.approx(alone["residual_peak"], rel=1e-4)
+    assert batched[1]["decoded_tokens"] == out.shape[1] - 12 - 1  # the other row: every step

@@ -276,3 +276,83 @@ def test_line_log_appends_complete_lines(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(OutputError, match="locked"):
             LineLog(locked / "log.jsonl")
+
+
+def test_report_output_files_are_checked_first_and_a_stale_figure_removed(tmp_path, capsys):
+    log = tmp_path / "t.jsonl"
+    log.write_text(json.dumps(_record("a", [[0.1, 0.1], [0.1, 0.1]])) + "\n")
+    # before: accepted, and nothing said that the option had nothing to act on
+    assert cli.main(["monitor", "report", str(log), "--no-figures"]) == 2
+    assert "without --out none is drawn" in capsys.readouterr().err
+    out = tmp_path / "report"
+    (out / "report.json").mkdir(parents=True)  # a folder where the file goes: refused before the report
+    assert cli.main(["monitor", "report", str(log), "--out", str(out), "--no-figures"]) == 2
+    captured = capsys.readouterr()
+    assert "is a directory" in captured.err and "telemetry by domain" not in captured.out
+    (out / "report.json").rmdir()
+    figure = out / "sink_share_by_layer.png"
+    figure.write_bytes(b"\x89PNG earlier run")
+    # before: the earlier run's figure stayed beside the new report.json
+    assert cli.main(["monitor", "report", str(log), "--out", str(out), "--no-figures"]) == 0
+    assert "removed" in capsys.readouterr().out and not figure.exists()
+    assert (out / "report.json").is_file()
+
+
+def test_a_failed_append_cuts_back_only_its_own_bytes(tmp_path, monkeypatch):
+    """A write that fails is cut back to where it began; another writer's line that landed meanwhile
+    must survive (before: cut away, 9,129 of 20,000 lines lost between two processes)."""
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "log.jsonl"
+    log = LineLog(path)
+    log.append(json.dumps({"who": "A", "i": 0}))
+    other = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND); "
+             "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"who\": \"B\"}\\n'); fcntl.flock(fd, fcntl.LOCK_UN)")
+    real_write, started = os.write, []
+
+    def half_then_full_disk(fd, data):
+        if not started:  # another process appends while this write is under way, then the disk is full
+            started.append(subprocess.Popen([sys.executable, "-c", other, str(path)]))
+            time.sleep(0.5)
+            real_write(fd, bytes(data[:7]))
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_then_full_disk)
+    with pytest.raises(OutputError, match="No space left"):
+        log.append(json.dumps({"who": "A", "i": 1}))
+    monkeypatch.setattr(os, "write", real_write)
+    assert started[0].wait(timeout=30) == 0
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # complete lines only
+    assert records == [{"who": "A", "i": 0}, {"who": "B"}]
+
+
+def test_a_cut_flip_table_says_so_and_undefined_shares_stay_undefined(tmp_path, capsys):
+    layers, heads = 4, 10
+    active, dormant = [[0.1] * heads for _ in range(layers)], [[0.9] * heads for _ in range(layers)]
+    shape = dict(rows=[9] * layers, residual_peak=[2.0] * layers, hidden_sinks=[[0] * heads] * layers)
+    records = [dict(_record("code", dormant), sink_share=[[0.3] * heads] * layers, **shape),
+               dict(_record("prose", active), sink_share=[[0.3] * heads] * layers, **shape),
+               dict(_record("empty", active), sink_share=[[None] * heads] * layers, **shape)]
+    log = tmp_path / "t.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    assert cli.main(["monitor", "report", str(log)]) == 0
+    # before: 30 rows and nothing said about the other 10
+    assert "30 of 40 heads shown; --out DIR writes all of them" in capsys.readouterr().out
+    log.write_text("".join(json.dumps(r) + "\n" for r in records[::2]))
+    assert cli.main(["monitor", "report", str(log)]) == 0
+    out = capsys.readouterr().out
+    # before: "- / 0.000", a measured maximum for a domain with no defined share
+    empty = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("empty"))
+    assert "- / -" in empty
+
+
+def test_a_content_sink_policy_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sinkfix, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for spec in ("hidden_sink_scale=0.4", "act"):
+        assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(tmp_path / "t.jsonl"),
+                         "--policy", spec]) == 2
+        assert "not implemented for content-dependent sinks" in capsys.readouterr().err

@@ -16,6 +16,11 @@ from pathlib import Path
 from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import MonitorError
 
+#: The figure of `sinkfix monitor report --out DIR`.
+FIGURE_NAME = "sink_share_by_layer.png"
+#: Rows of the printed active/dormant table; report.json (--out) holds every one.
+MAX_FLIPS_PRINTED = 30
+
 __all__ = ["add_parser", "run"]
 
 
@@ -106,11 +111,19 @@ def _correction(args):
     import sinkfix
 
     if args.profile is not None:
-        return sinkfix.Profile.load(args.profile)
-    if args.guard:
-        raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
-                           "calibrated profile records")
-    return sinkfix.Policy.parse("identity" if args.policy is None else args.policy)
+        correction = sinkfix.Profile.load(args.profile)
+        content = correction.content_sinks
+    else:
+        if args.guard:
+            raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
+                               "calibrated profile records")
+        correction = sinkfix.Policy.parse("identity" if args.policy is None else args.policy)
+        content = correction.content_sinks
+    if content is not None and not content.is_identity:  # refused by the monitor too, but after a model load
+        raise MonitorError("telemetry is not implemented for content-dependent sinks (hidden_sink_scale / "
+                           "hidden_sink_threshold / act, or a content-mode profile): monitor a positional policy "
+                           "or profile, or the stock model")
+    return correction
 
 
 def _token_ids(tokenizer, request) -> list[int]:
@@ -208,6 +221,12 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
 
 
+def _nanmax(values) -> float:
+    """The largest defined value; NaN when none is (an all-NaN domain read as a measured 0.000 before)."""
+    defined = values[~values.isnan()]
+    return float(defined.max()) if defined.numel() else float("nan")
+
+
 def _print_summary(report, console) -> None:
     from rich.table import Table
 
@@ -219,7 +238,7 @@ def _print_summary(report, console) -> None:
         share = d.sink_share
         peak = d.residual_peak.nan_to_num(0)
         table.add_row(name, str(d.requests), str(d.tokens),
-                      f"{_fmt(float(share.nanmean()))} / {_fmt(float(share.nan_to_num(0).max()))}",
+                      f"{_fmt(float(share.nanmean()))} / {_fmt(_nanmax(share))}",
                       _fmt(d.dormant_heads, 1), _fmt(float(d.hidden_sinks.sum()), 1),
                       f"{_fmt(float(peak.max()), 1)} (layer {int(peak.argmax())})", str(d.guard_trips))
     console.print(table)
@@ -246,7 +265,7 @@ def _print_layers(report, console) -> None:
     console.print(table)
 
 
-def _print_flips(report, console) -> None:
+def _print_flips(report, console, out: str | None = None) -> None:
     from rich.table import Table
 
     if len(report.domains) < 2:
@@ -260,10 +279,14 @@ def _print_flips(report, console) -> None:
                   title_justify="left")
     for column in ("layer", "head", *[f"dormancy\n{n}" for n in names], "dormant on", "active on"):
         table.add_column(column)
-    for flip in report.flips[:30]:
+    for flip in report.flips[:MAX_FLIPS_PRINTED]:
         table.add_row(str(flip["layer"]), str(flip["head"]), *[_fmt(flip["scores"].get(n, float("nan"))) for n in names],
                       ", ".join(flip["dormant_on"]), ", ".join(flip["active_on"]))
     console.print(table)
+    if len(report.flips) > MAX_FLIPS_PRINTED:  # the table is cut: say so, and where the rest is
+        where = (f"all of them are in {Path(out) / 'report.json'}" if out
+                 else "--out DIR writes all of them to DIR/report.json")
+        console.print(f"{MAX_FLIPS_PRINTED} of {len(report.flips)} heads shown; {where}", markup=False, highlight=False)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -271,10 +294,18 @@ def _run_report(args: argparse.Namespace) -> int:
     from sinkfix.telemetry.report import check_margin, read_log, summarise, write_figure
 
     margin = check_margin(args.margin, "--margin")  # before reading a long log
-    if args.out:  # likewise the output folder: refused before the report is read and printed
+    if args.no_figures and not args.out:  # no figure is drawn without --out: the option would change nothing
+        from sinkfix.errors import UsageError
+
+        raise UsageError("--no-figures applies to the figure written with --out; without --out none is drawn: "
+                         "drop --no-figures, or give --out DIR")
+    if args.out:  # likewise the output folder and the files in it: refused before the report is read and printed
         from sinkfix.files import check_writable
 
         check_writable(args.out, folder=True)
+        check_writable(Path(args.out) / "report.json")
+        if not args.no_figures:
+            check_writable(Path(args.out) / FIGURE_NAME)
         if not args.no_figures:  # and the figure's matplotlib
             from sinkfix.analysis.plots import check_matplotlib
 
@@ -283,14 +314,18 @@ def _run_report(args: argparse.Namespace) -> int:
     report = summarise(read_log(args.log), margin=margin)
     _print_summary(report, console)
     _print_layers(report, console)
-    _print_flips(report, console)
+    _print_flips(report, console, args.out)
     if args.out:
         from sinkfix.files import atomic_write_text
 
         out = Path(args.out)
         console.print(f"wrote {atomic_write_text(out / 'report.json', json.dumps(report.to_dict(), indent=1))}")
         if not args.no_figures:
-            console.print(f"wrote {write_figure(report, out / 'sink_share_by_layer.png')}")
+            console.print(f"wrote {write_figure(report, out / FIGURE_NAME)}")
+        elif (out / FIGURE_NAME).is_file():  # an earlier run's, which beside this report.json would read as its
+            (out / FIGURE_NAME).unlink()
+            console.print(f"removed {out / FIGURE_NAME} (an earlier run's figure; this run did not draw it)",
+                          markup=False, highlight=False)
     return 0
 
 

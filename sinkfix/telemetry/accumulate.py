@@ -112,6 +112,9 @@ class RequestAccumulator:
         self._pending_rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self._pending_norms: dict[int, torch.Tensor] = {}  # layer -> (B, Q) norms, or the (B, Q, D) output itself
         self._norms_deferred = False
+        # (B, 1, 1) 1 for the rows a forward serves, 0 for rows that finished (end of sequence) and are
+        # only carried along; None when every row is served
+        self._row_weight: torch.Tensor | None = None
         # compiled decode steps (module docstring): norms and real-token flags at a device-side position
         self._into_buffer = False
         self._buffer_real: torch.Tensor | None = None
@@ -130,9 +133,15 @@ class RequestAccumulator:
         return self._stats
 
     # -- updates (device ops only) ------------------------------------------------------------
-    def begin_forward(self, real: torch.Tensor) -> None:
-        """real (B, Q) bool: which of the forward's new tokens are real (not padding)."""
+    def begin_forward(self, real: torch.Tensor, finished: torch.Tensor | None = None) -> None:
+        """real (B, Q) bool: which of the forward's new tokens are real (not padding). finished (B,)
+        bool: rows whose sequence has ended (``generate`` feeds them padding with a mask of ones until
+        the last row ends): none of their tokens is real, and their sink statistics are left out."""
         self._fold()
+        self._row_weight = None
+        if finished is not None:
+            real = real & ~finished[:, None]
+            self._row_weight = (~finished).to(self._stats.dtype)[:, None, None]
         self.in_prompt = not self._began
         self._began = True
         # a compiled decode step: its norms go to the device buffer, not to a list that grows
@@ -207,6 +216,8 @@ class RequestAccumulator:
         stacked add when they are every layer once, in order, with the widest heads (the usual
         forward), else one add per layer."""
         stacked = isinstance(stats, torch.Tensor)
+        if self._row_weight is not None:  # rows that finished: carried along, not served
+            stats = stats * self._row_weight if stacked else [part * self._row_weight for part in stats]
         heads = stats.shape[2] if stacked else stats[0].shape[1]
         if layers == self._all_layers and heads == self._stats.shape[2] \
                 and (stacked or all(part.shape == stats[0].shape for part in stats)):

@@ -79,6 +79,7 @@ class _Request:
     cache_before: int | None = None  # the cache's length before the prompt's forward (guard rollback)
     decision: GuardDecision | None = None
     records: list[dict] = field(default_factory=list)
+    finished: torch.Tensor | None = None  # (B,) bool, rows of a generate() that produced an end-of-sequence token
 
     def domains(self, batch: int) -> list[str | None]:
         if self.domain is None or isinstance(self.domain, str):
@@ -264,7 +265,13 @@ class Monitor:
         beams are batch rows that transformers reorders between steps, so no row's record would
         describe one sequence."""
         _refuse_beams(self.model, kwargs)
-        with self.request(domain):
+        eos = _eos_ids(self.model, kwargs)
+        with self.request(domain) as req:
+            if eos is not None:  # a row that ends early is fed padding, with a mask of ones, until the last ends
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [*(kwargs.get("stopping_criteria") or []), _FinishedRows(req, eos)])
             return self.model.generate(*args, **kwargs)
 
     def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
@@ -329,7 +336,7 @@ class Monitor:
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
-        req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device))
+        req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device), req.finished)
         self._layouts = layouts_for_next_forward(self._layouts)  # the prompt measures' layouts (telemetry/prompt.py)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -499,6 +506,37 @@ def _gather_shards(group: TensorParallelGroup, values: dict, betas: list, num_he
     whole = {**values, **{name: gathered[name] for name in fields if name != "betas"}}
     return (whole, list(gathered["betas"].unbind(0)), [h * group.size for h in num_heads],
             [k * group.size for k in kv_heads])
+
+
+def _eos_ids(model: nn.Module, kwargs: dict) -> list[int] | None:
+    """The end-of-sequence ids a ``generate`` call stops rows at: its own argument, its generation
+    config's, or the model's."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    if eos is None:
+        return None
+    ids = [int(e) for e in (eos.flatten().tolist() if isinstance(eos, torch.Tensor) else
+                            eos if isinstance(eos, (list, tuple)) else [eos])]
+    return ids or None
+
+
+class _FinishedRows:
+    """A stopping criterion that stops nothing: it marks, after every new token, the rows whose last
+    token is an end-of-sequence id, so that the monitor stops counting them (transformers keeps
+    feeding a finished row padding, with a mask of ones, until every row has finished: before, a row
+    that ended early got those steps in its tokens, sink shares and residual peaks). Device ops only."""
+
+    def __init__(self, request: _Request, eos: list[int]) -> None:
+        self.request, self.eos = request, eos
+        self._eos_tensor: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self._eos_tensor is None or self._eos_tensor.device != input_ids.device:
+            self._eos_tensor = torch.tensor(self.eos, device=input_ids.device)
+        ended = torch.isin(input_ids[:, -1], self._eos_tensor)
+        req = self.request
+        req.finished = ended if req.finished is None else req.finished | ended
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _refuse_beams(model: nn.Module, kwargs: dict) -> None:
