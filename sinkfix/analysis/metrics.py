@@ -73,8 +73,10 @@ class ExtremeTokenMetrics:
     """Extreme-token statistics of a model over a set of windows.
 
     Per-head tensors are ``[L, Hq]`` (``[L, Hkv]`` for value drain), fp64, NaN where a layer has
-    fewer heads than the widest layer. ``dormancy``, ``dormant_fraction``, ``hidden_sink_share``
-    and ``hidden_sink_rate`` are None when hidden-sink detection was switched off.
+    fewer heads than the widest layer; ``sink_share`` and ``value_drain`` are NaN (undefined) where
+    the sink set held no key of any window (``n_sink=0`` and no extra sink position inside the
+    window). ``dormancy``, ``dormant_fraction``, ``hidden_sink_share`` and ``hidden_sink_rate`` are
+    None when hidden-sink detection was switched off.
     """
 
     sink_share: torch.Tensor  # [L, Hq] mean over rows i>=1 of the (corrected) mass on the first-token sink set
@@ -243,6 +245,7 @@ class StreamingCollector:
         self.dormancy_sum = torch.zeros(L, H, **f64)
         self.dormant_rows = torch.zeros(L, H, **f64)
         self.rows_seen = torch.zeros(L, **f64)  # rows that see a non-sink key
+        self.sink_rows_seen = torch.zeros(L, **f64)  # those of them in a sequence with a sink in the window
         self.seqs_seen = torch.zeros(L, **f64)
         self.drain_sum: list[torch.Tensor | None] = [None] * L
         self.drain_count = torch.zeros(L, **f64)
@@ -316,8 +319,9 @@ class StreamingCollector:
         if sink_cols is None:
             sink_cols = torch.zeros(B, 1, dtype=torch.long, device=dev)
         is_sink = sink_key_mask(sink_cols, B, K, dev)  # (B, K)
+        has_sink = is_sink.any(-1)  # (B,) an empty sink set (n_sink=0) has no share or drain to speak of
         beta = None if call.beta is None else call.beta.detach().to(device=dev, dtype=torch.float32)
-        vnorm, median_v = self._value_drain(layer, call, v, sink_cols)
+        vnorm, median_v = self._value_drain(layer, call, v, sink_cols, has_sink)
 
         if self.threshold is None and call.result.sink_mass is not None:
             # cheap path: the attention op already returned the stock sink mass of every row
@@ -325,29 +329,32 @@ class StreamingCollector:
             share = call.result.sink_mass.detach().float()  # (B, Hq, Q) before sink scaling
             if beta is not None:
                 share = share * beta[None, :, None]
-            self._add_rows(layer, share, has_n, Hq)
+            self._add_rows(layer, share, has_n, has_sink, Hq)
             return
 
         rows = _corrected_rows(call, q, k, sink_cols, is_sink, beta)
-        self._add_rows(layer, rows.share, rows.has_n, Hq)
+        self._add_rows(layer, rows.share, rows.has_n, has_sink, Hq)
         hidden = self._hidden_sinks(layer, rows, is_sink, K)
         self._row_dormancy(layer, call, q, k, rows, is_sink, hidden, vnorm, median_v)
 
-    def _value_drain(self, layer: int, call, v: torch.Tensor, sink_cols: torch.Tensor):
-        """Fold ||v_sink|| / median_j ||v_j|| (first sink column, per kv head); returns the value
-        norms (B, Hkv, K) and their median over real keys (B, Hkv)."""
+    def _value_drain(self, layer: int, call, v: torch.Tensor, sink_cols: torch.Tensor, has_sink: torch.Tensor):
+        """Fold ||v_sink|| / median_j ||v_j|| (first sink column in the window, per kv head) of the
+        sequences that have one; returns the value norms (B, Hkv, K) and their median over real keys (B, Hkv)."""
         B, Hkv, K, _ = v.shape
         Q = call.query.shape[2]
         vnorm = v.norm(dim=-1)
         key_real = self._key_real(call, B, Q, K, v.device)  # (B, K)
         median_v = torch.nanmedian(vnorm.masked_fill(~key_real[:, None, :], float("nan")), dim=-1).values
-        first = sink_cols[:, 0].clamp(min=0)
-        v_sink = vnorm.gather(2, first[:, None, None].expand(B, Hkv, 1)).squeeze(-1)
-        drain = (v_sink / median_v).double().cpu()  # (B, Hkv)
         if self.drain_sum[layer] is None:
             self.drain_sum[layer] = torch.zeros(Hkv, dtype=torch.float64)
-        self.drain_sum[layer] += drain.nan_to_num(0).sum(0)
-        self.drain_count[layer] += B
+        if sink_cols.shape[1]:
+            # the first slot that names a key of this window: -1 (unused) and positions beyond it name none
+            in_window = (sink_cols >= 0) & (sink_cols < K)
+            first = sink_cols.gather(1, in_window.to(torch.int8).argmax(1, keepdim=True)).clamp(0, K - 1)
+            v_sink = vnorm.gather(2, first[:, None].expand(B, Hkv, 1)).squeeze(-1)
+            drain = (v_sink / median_v).double().cpu()[has_sink.cpu()]  # (B', Hkv)
+            self.drain_sum[layer] += drain.nan_to_num(0).sum(0)
+            self.drain_count[layer] += drain.shape[0]
         if self._first_window and self.keep_examples:
             self.value_norms[layer] = vnorm[0].cpu().tolist()
         return vnorm, median_v
@@ -401,9 +408,10 @@ class StreamingCollector:
             self.rows[layer].append(score.cpu())
 
     # -- helpers ------------------------------------------------------------------------------
-    def _add_rows(self, layer: int, share: torch.Tensor, has_n: torch.Tensor, Hq: int) -> None:
-        w = has_n[:, None, :].to(share.dtype)
-        self.sink_sum[layer, :Hq] += (share * w).sum((0, 2)).double().cpu()
+    def _add_rows(self, layer: int, share: torch.Tensor, has_n: torch.Tensor, has_sink: torch.Tensor, Hq: int) -> None:
+        counted = has_n & has_sink[:, None]
+        self.sink_sum[layer, :Hq] += (share * counted[:, None, :].to(share.dtype)).sum((0, 2)).double().cpu()
+        self.sink_rows_seen[layer] += float(counted.sum())
         self.rows_seen[layer] += float(has_n.sum())
 
     @staticmethod
@@ -446,6 +454,9 @@ class StreamingCollector:
         # A layer where no row saw a key outside the sink set (a sink set as long as the text) has no
         # defined share or dormancy: NaN, reported as null / "-", not 0 (which read as "active").
         rows = torch.where(self.rows_seen > 0, self.rows_seen, torch.full_like(self.rows_seen, nan))[:, None]
+        # likewise a layer whose sink set was empty in every window: no sink share, not a share of 0
+        sink_rows = torch.where(self.sink_rows_seen > 0, self.sink_rows_seen,
+                                torch.full_like(self.sink_rows_seen, nan))[:, None]
         mask = torch.zeros(self.L, self.H, dtype=torch.bool)
         for layer, h in enumerate(self.num_heads):
             mask[layer, :h] = True
@@ -459,7 +470,7 @@ class StreamingCollector:
                            torch.full_like(self.peak_sum, nan))
         heavy = self.threshold is not None and bool((self.seqs_seen > 0).any())
         return ExtremeTokenMetrics(
-            sink_share=per_head(self.sink_sum / rows),
+            sink_share=per_head(self.sink_sum / sink_rows),
             value_drain=drain,
             residual_peak=peak,
             peak_positions=[c.most_common(1)[0][0][0] if c else -1 for c in self.peak_tok],

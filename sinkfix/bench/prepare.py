@@ -8,6 +8,7 @@ profile made for another model, a text too short for one window.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -19,8 +20,8 @@ from sinkfix.models import load_model, pick_device
 from sinkfix.texts import TextSource
 
 __all__ = [
-    "Setup", "Domain", "Protocol", "pick_device", "load_profile", "prepare_model", "build_protocol",
-    "tokenizer_adds_bos", "max_positions", "text_config",
+    "Setup", "Domain", "Protocol", "BosChoice", "pick_device", "load_profile", "choose_bos", "prepare_model",
+    "build_protocol", "tokenizer_adds_bos", "max_positions", "text_config", "model_label",
 ]
 
 
@@ -35,6 +36,7 @@ class Setup:
     variants: list[Variant]
     limit: int | None  # max_position_embeddings, when the config states one
     prompt_len: int  # decode prompt: the prefill prompt, shortened so that prompt + new tokens fit
+    model_name: str  # what the results call the model
 
 
 @dataclass
@@ -53,6 +55,47 @@ class Protocol:
     bos_id: int | None
     stride: int
     domains: list[Domain]
+    bos_source: str = "tokenizer"  # who decided ``bos``: "flag", "profile" or "tokenizer"
+
+
+@dataclass
+class BosChoice:
+    """Whether windows start with a BOS, decided before the model loads where a flag or profile says so."""
+
+    bos: bool | None  # None: what the tokenizer does by itself
+    source: str  # "flag", "profile" or "tokenizer"
+    note: str | None = None  # a profile's protocol followed, or overridden
+
+
+def _recorded_bos(profile: Any) -> bool | None:
+    """The BOS protocol a profile was calibrated with (``calibration.protocol.bos``), None when unrecorded."""
+    record = getattr(profile, "calibration", None)
+    protocol = record.get("protocol") if isinstance(record, dict) else None
+    bos = protocol.get("bos") if isinstance(protocol, dict) else None
+    return bos if isinstance(bos, bool) else None
+
+
+def choose_bos(config: BenchConfig, profile: Any = None) -> BosChoice:
+    """``--bos`` / ``--no-bos`` when given, else the profile's calibration protocol, else the tokenizer's
+    habit: a profile fitted with a BOS and measured without one (or the reverse) is judged on text it
+    was not fitted for (SmolLM2's BOS profile: python +7% perplexity without a BOS, -13% with one)."""
+    recorded = None if profile is None else _recorded_bos(profile)
+    name = Path(config.profile or "profile").name
+    if config.bos is not None:
+        note = None
+        if recorded is not None and recorded != config.bos:
+            note = (f"--profile {name} was calibrated {'with' if recorded else 'without'} a BOS but is measured "
+                    f"{'with one (--bos)' if config.bos else 'without one (--no-bos)'}: its perplexity changes "
+                    "need not match the calibration's")
+        return BosChoice(config.bos, "flag", note)
+    if recorded is None:
+        return BosChoice(None, "tokenizer")
+    if recorded and config.seq_len < 3:
+        raise SinkfixError(f"--seq-len must be >= 3 with a BOS (the BOS and 2 text tokens), got {config.seq_len}: "
+                           f"--profile {name} was calibrated with a BOS; or pass --no-bos")
+    how = "windows start with a BOS" if recorded else "windows have no BOS"
+    other = "--no-bos to measure without" if recorded else "--bos to measure with one"
+    return BosChoice(recorded, "profile", f"--profile {name}: {how}, as the profile was calibrated ({other})")
 
 
 def load_profile(path: str) -> Any:
@@ -113,9 +156,11 @@ def prepare_model(
     """Load the model (unless given), set its baseline attention, and apply every patched variant once."""
     if model_and_tokenizer is not None:
         model, tokenizer = model_and_tokenizer
+        name = model_label(model)  # config.model names the default model, not the caller's
     else:
         say(f"loading {config.model} ...")
         model, tokenizer = load_model(config.model, device=device)
+        name = getattr(model, "sinkfix_name", None) or config.model
     device = model_device(model)
     limit = check_positions(config.seq_len, model.config, "--seq-len", config.model, SinkfixError)
     prompt_len = _prompt_len(config, limit)
@@ -124,12 +169,23 @@ def prepare_model(
     for variant in variants[1:]:  # fail fast: a profile for another model, a policy of the wrong shape
         with variant.applied(model, backend):
             pass
-    return Setup(model, tokenizer, device, backend, variants, limit, prompt_len)
+    return Setup(model, tokenizer, device, backend, variants, limit, prompt_len, name)
 
 
-def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSource]) -> Protocol:
-    """Tokenize every text and cut it into the windows that are scored (BOS as the tokenizer or flag says)."""
-    bos = tokenizer_adds_bos(tokenizer) if config.bos is None else config.bos
+def model_label(model) -> str:
+    """A model's name as the project gives it elsewhere: its sinkfix name, else the path or hub id it was
+    loaded from, else its class."""
+    config = getattr(model, "config", None)
+    return (getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None)
+            or type(model).__name__)
+
+
+def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSource],
+                   choice: BosChoice | None = None) -> Protocol:
+    """Tokenize every text and cut it into the windows that are scored (BOS as ``choice`` says, by
+    default :func:`choose_bos` without a profile: the flag, else the tokenizer)."""
+    choice = choice or choose_bos(config)
+    bos = tokenizer_adds_bos(tokenizer) if choice.bos is None else choice.bos
     if bos and config.seq_len < 3:  # --bos itself is checked with the other options, before the model loads
         raise SinkfixError(f"--seq-len must be >= 3 when the tokenizer adds a BOS (the BOS and 2 text tokens), "
                            f"got {config.seq_len}; or pass --no-bos")
@@ -146,4 +202,4 @@ def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSourc
             raise SinkfixError(f"text {name!r} ({text.source}): {exc}") from None
         windows = make_windows(ids, config.seq_len, stride, bos_id, config.max_windows or None)
         domains.append(Domain(name, text.source, ids, windows))
-    return Protocol(bos, bos_id, stride, domains)
+    return Protocol(bos, bos_id, stride, domains, choice.source)

@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sinkfix.files import atomic_write, save_figure
+from sinkfix.files import atomic_write, check_writable, save_figure
 
-__all__ = ["render", "write_json", "write_csv", "write_plots", "write_outputs", "flatten_numbers"]
+__all__ = ["render", "write_json", "write_csv", "write_plots", "write_outputs", "check_outputs", "flatten_numbers",
+           "OUTPUT_FILES"]
 
 _MIB = 1024 * 1024
 
@@ -78,6 +79,11 @@ def write_csv(path: str | Path, results: dict[str, Any]) -> Path:
 
 
 # -- plots --------------------------------------------------------------------------------------
+def _plain(text: Any) -> str:
+    """``text`` as matplotlib should draw it: a name holding ``$...$`` is no mathtext (``$_$`` fails to render)."""
+    return str(text).replace("$", r"\$")
+
+
 class _Figures:
     """Saves matplotlib figures as PNG files in one folder, each atomically, and remembers them."""
 
@@ -96,12 +102,12 @@ def _ppl_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[str
     for i, v in enumerate(patched):
         xs = [d + (i - (len(patched) - 1) / 2) * width for d in range(len(domains))]
         ys = [v["quality"][d]["delta_pct"] or 0.0 for d in domains]
-        ax.bar(xs, ys, width, label=v["name"])
+        ax.bar(xs, ys, width, label=_plain(v["name"]))
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(domains)), domains)
+    ax.set_xticks(range(len(domains)), [_plain(d) for d in domains])
     ax.set_ylabel("perplexity change vs stock (%)")
     protocol = results["protocol"]["description"].split(",")[0]
-    ax.set_title(f"{results['model']['name']}: perplexity change ({protocol})", fontsize=9)
+    ax.set_title(_plain(f"{results['model']['name']}: perplexity change ({protocol})"), fontsize=9)
     ax.legend(fontsize=8)
     figures.save(fig, "ppl_delta.png")
 
@@ -123,12 +129,12 @@ def _layer_plots(figures: _Figures, results: dict[str, Any]) -> None:
             # stock as a wide grey band under the others: identity coincides with it exactly
             style = dict(color="black", linewidth=5, alpha=0.3, zorder=1) if v["kind"] == "stock" else {"zorder": 2}
             label = v["name"] + (" (before)" if v["kind"] == "stock" else "")
-            ax.plot(range(len(ys)), ys, marker=".", label=label, **style)
+            ax.plot(range(len(ys)), ys, marker=".", label=_plain(label), **style)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{results['model']['name']}: {ylabel.split(' (')[0]} before / after", fontsize=9)
+        ax.set_title(_plain(f"{results['model']['name']}: {ylabel.split(' (')[0]} before / after"), fontsize=9)
         ax.legend(fontsize=8)
         figures.save(fig, name)
 
@@ -157,15 +163,30 @@ def _speed_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[s
         ax.bar(xs, mids, width, yerr=[lo, hi], capsize=3, label=phase)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.10, color="grey", linewidth=0.8, linestyle="--", label="1.10x")
-    ax.set_xticks(range(len(patched)), [v["name"] for v in patched], fontsize=8, rotation=15)
+    ax.set_xticks(range(len(patched)), [_plain(v["name"]) for v in patched], fontsize=8, rotation=15)
     ax.set_ylabel("time ratio vs stock (lower = faster)")
-    ax.set_title(f"{results['model']['name']}: speed vs stock {results['model']['baseline_attention']} "
-                 "(median ratio; bars: min-max of paired rounds)", fontsize=9)
+    ax.set_title(_plain(f"{results['model']['name']}: speed vs stock {results['model']['baseline_attention']} "
+                        "(median ratio; bars: min-max of paired rounds)"), fontsize=9)
     ax.legend(fontsize=8)
     figures.save(fig, "speed_ratio.png")
 
 
 PLOT_FILES = ("ppl_delta.png", *(name for _, name, _, _ in _LAYER_PLOTS), "speed_ratio.png")
+#: every file a run may write into ``--out DIR``
+OUTPUT_FILES = ("results.json", "results.csv", *PLOT_FILES)
+
+
+def check_outputs(out_dir: str | Path) -> Path:
+    """Raise now the :class:`~sinkfix.files.OutputError` that writing any of :data:`OUTPUT_FILES`
+    into ``out_dir`` would raise after the run (a folder where a file goes, no permission)."""
+    out = check_writable(out_dir, folder=True)
+    for name in OUTPUT_FILES:  # every plot, though a run may skip some: which ones is known only at the end
+        check_writable(out / name)
+    return out
+
+
+def _has_metrics(results: dict[str, Any]) -> bool:
+    return any(v["metrics"] is not None for v in results["variants"])
 
 
 def _remove_stale(out: Path, names: tuple[str, ...]) -> str:
@@ -200,7 +221,7 @@ def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path
     notes: list[str] = []
     patched = [v for v in results["variants"] if v["kind"] != "stock"]
     _ppl_plot(figures, results, patched)
-    if results["metrics_status"]["available"]:
+    if _has_metrics(results):  # a variant whose metrics failed is left out of the plot, not the others
         _layer_plots(figures, results)
     else:
         layer_files = tuple(name for _, name, _, _ in _LAYER_PLOTS)
@@ -218,6 +239,8 @@ def write_outputs(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Pa
 
 
 # -- terminal -----------------------------------------------------------------------------------
+# Every string from outside (model and file names, policy specs, exception texts in notes) goes
+# through escape(): rich reads "[...]" as markup, which drops "[v2]" from "data[v2]" and raises on "[/x]".
 def _fmt(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -237,37 +260,52 @@ def _ratio(value: float | None) -> str:
 
 
 def _header(results: dict[str, Any], console: Any) -> None:
+    from rich.markup import escape
+
     m, prov, proto = results["model"], results["provenance"], results["protocol"]
     git = prov["git"]
     console.print(
-        f"[bold]sinkfix bench[/bold]  {m['name']}  ({m['architecture']}, {m['parameters'] / 1e6:.1f}M params, "
-        f"{m['dtype']}, stock attention: {m['baseline_attention']}, patch backend: {m['patch_backend']})"
+        f"[bold]sinkfix bench[/bold]  {escape(str(m['name']))}  ("
+        + escape(f"{m['architecture']}, {m['parameters'] / 1e6:.1f}M params, {m['dtype']}, stock attention: "
+                 f"{m['baseline_attention']}, patch backend: {m['patch_backend']})")
     )
-    console.print(
+    console.print(escape(
         f"device: {prov['device']} ({prov['device_name']}), torch threads {prov['torch_threads']}, load average "
         f"{prov['load_average_start']} -> {prov['load_average_end']}; torch {prov['versions']['torch']}, "
         f"transformers {prov['versions']['transformers']}, git {(git['revision'] or 'n/a')[:10]}"
         f"{' (dirty)' if git['dirty'] else ''}"
-    )
-    console.print(f"protocol: {proto['description']}")
+    ))
+    console.print(escape(f"protocol: {proto['description']}"))
+
+
+def _sink_sets_differ(results: dict[str, Any]) -> bool:
+    """Whether a variant moves the sink set (Policy.describe names n_sink / extra_sink_positions only
+    when they differ from the default first token)."""
+    return any(key in (v.get("policy") or "") for v in results["variants"]
+               for key in ("n_sink=", "extra_sink_positions="))
 
 
 def _quality_table(results: dict[str, Any]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     domains = list(results["domains"])
-    table = Table(title="Quality and extreme tokens", title_justify="left")
+    metrics_on = _has_metrics(results)
+    caption = None
+    if metrics_on and _sink_sets_differ(results):
+        caption = ("sink share: attention on each variant's own sink set (its n_sink, extra_sink_positions): "
+                   "not comparable between variants whose sink sets differ")
+    table = Table(title="Quality and extreme tokens", title_justify="left", caption=caption, caption_justify="left")
     table.add_column("variant", style="bold")
     for d in domains:
-        table.add_column(f"ppl {d}\n{results['domains'][d]['scored_tokens']} tok", justify="right")
+        table.add_column(f"ppl {escape(d)}\n{results['domains'][d]['scored_tokens']} tok", justify="right")
     table.add_column("ppl all", justify="right")
-    metrics_on = results["metrics_status"]["available"]
     if metrics_on:
         table.add_column("sink share\nmean", justify="right")
         table.add_column("resid. peak\nmax", justify="right")
         table.add_column("value drain\nmean", justify="right")
     for v in results["variants"]:
-        row = [v["name"]]
+        row = [escape(v["name"])]
         for d in [*domains, "all"]:
             q = v["quality"][d]
             row.append(_fmt(q["ppl"], ".3f") + ("" if v["kind"] == "stock" else _delta(q["delta_pct"])))
@@ -280,9 +318,11 @@ def _quality_table(results: dict[str, Any]) -> Any:
 
 
 def _speed_row(v: dict[str, Any], has_decode: bool) -> list[str]:
+    from rich.markup import escape
+
     p = v["speed"]["prefill"]
     tps = p["tokens_per_s"]
-    row = [v["name"], f"{tps['median']:.0f} [{tps['min']:.0f}-{tps['max']:.0f}]",
+    row = [escape(v["name"]), f"{tps['median']:.0f} [{tps['min']:.0f}-{tps['max']:.0f}]",
            _ratio(p["time_ratio_vs_stock"]), f"{p['latency_ms']['p50']:.0f}/{p['latency_ms']['p90']:.0f}"]
     if has_decode:
         d = v["speed"]["decode"]
@@ -318,6 +358,8 @@ def render(results: dict[str, Any], console: Any) -> None:
     _header(results, console)
     console.print(_quality_table(results))
     console.print(_speed_table(results))
+    from rich.markup import escape
+
     for note in results["notes"]:
-        console.print(f"[dim]note: {note}[/dim]")
+        console.print(f"[dim]{escape(f'note: {note}')}[/dim]")
     console.print(f"wall time {results['wall_time_s']:.1f} s")

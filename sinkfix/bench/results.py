@@ -50,7 +50,7 @@ def _model_section(config: BenchConfig, setup: Setup) -> dict[str, Any]:
     model = setup.model
     tc = text_config(model.config)
     return {
-        "name": getattr(model, "sinkfix_name", config.model),
+        "name": setup.model_name,
         "architecture": type(model).__name__,
         "num_layers": getattr(tc, "num_hidden_layers", None),
         "num_heads": getattr(tc, "num_attention_heads", None),
@@ -74,7 +74,7 @@ def _protocol_section(config: BenchConfig, setup: Setup, protocol: Protocol, las
     return {
         "bos": bos,
         "bos_id": protocol.bos_id,
-        "bos_source": "tokenizer" if config.bos is None else "flag",
+        "bos_source": protocol.bos_source,
         "seq_len": config.seq_len,
         "stride": stride,
         "max_windows": config.max_windows,
@@ -241,7 +241,7 @@ def assemble_results(
         "protocol": _protocol_section(config, setup, protocol, measured.prefill.last_logits_only),
         "domains": _domains_section(protocol, measured.quality.nll[stock]),
         "metrics_status": {
-            "available": bool(metrics.summaries),
+            "available": all(v.name in metrics.summaries for v in setup.variants),
             "note": metrics.note,
             "windows": metrics.windows,
             "hidden_sink_threshold": config.hidden_sink_threshold,

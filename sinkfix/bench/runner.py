@@ -38,6 +38,7 @@ from sinkfix.bench.prepare import (
     Protocol,
     Setup,
     build_protocol,
+    choose_bos,
     load_profile,
     max_positions,
     pick_device,
@@ -134,13 +135,16 @@ def run_bench(
                        domains=None if config.texts or config.dataset else QUICK_DOMAINS)
     profile = load_profile(config.profile) if config.profile is not None else None
     variants = default_variants(config.policies, profile, config.profile)
+    bos = choose_bos(config, profile)  # a profile's BOS protocol, checked before the model loads
+    if bos.note:
+        say(bos.note)
 
     setup = prepare_model(config, variants, device, model_and_tokenizer, say)
     clock.done("setup")
-    protocol = build_protocol(config, setup.tokenizer, texts)
+    protocol = build_protocol(config, setup.tokenizer, texts, bos)
     measured = _measure(setup, protocol, config, progress or no_progress, clock, say)
 
-    notes = [note for note in (measured.metrics.note, measured.memory.note) if note]
+    notes = [note for note in (bos.note, measured.metrics.note, measured.memory.note) if note]
     results = assemble_results(config, setup, protocol, measured, phases=clock.phases, notes=notes,
                                load_start=load_start)
     results["wall_time_s"] = clock.total()

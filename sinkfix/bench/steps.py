@@ -42,7 +42,7 @@ class QualityResult:
 
 @dataclass
 class MetricsResult:
-    summaries: dict[str, dict[str, Any]]  # variant -> summary; empty when skipped or failed
+    summaries: dict[str, dict[str, Any]]  # variant -> summary; a variant is missing when its measurement failed
     note: str | None  # why the metrics are missing, when they are
     windows: int  # windows measured per variant (all domains together)
 
@@ -136,8 +136,8 @@ def _summarise_metrics(result: Any) -> dict[str, Any]:
 def measure_metrics(setup: Setup, protocol: Protocol, config: BenchConfig, progress: ProgressFactory) -> MetricsResult:
     """Sink share, residual peak and value drain on the first windows of each domain, per variant.
 
-    Optional: a missing metrics module or a failure on one variant leaves a note and no metrics,
-    never a failed run.
+    Optional: a missing metrics module leaves a note and no metrics, a failure on one variant a note
+    and no metrics for that variant; never a failed run.
     """
     module, note = _metrics_module()
     windows = [w.input_ids for d in protocol.domains for w in d.windows[: config.metrics_windows]]
@@ -146,6 +146,7 @@ def measure_metrics(setup: Setup, protocol: Protocol, config: BenchConfig, progr
     if not windows:
         return MetricsResult({}, "extreme-token metrics skipped: --metrics-windows 0", 0)
     summaries: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
     with progress("extreme-token metrics", len(setup.variants) * len(windows)) as advance:
         for variant in setup.variants:
             try:
@@ -154,10 +155,10 @@ def measure_metrics(setup: Setup, protocol: Protocol, config: BenchConfig, progr
                         setup.model, windows, hidden_sink_threshold=config.hidden_sink_threshold, progress=advance,
                     )
                 summaries[variant.name] = _summarise_metrics(result)
-            except Exception as exc:  # noqa: BLE001 - keep the other sections; say what failed
-                note = f"extreme-token metrics failed on {variant.name}: {type(exc).__name__}: {exc}"
-                return MetricsResult({}, note, len(windows))
-    return MetricsResult(summaries, None, len(windows))
+            except Exception as exc:  # noqa: BLE001 - keep the other variants and sections; say what failed
+                failures.append(f"{variant.name}: {type(exc).__name__}: {exc}")
+    note = f"extreme-token metrics failed on {'; '.join(failures)}" if failures else None
+    return MetricsResult(summaries, note, len(windows))
 
 
 def make_prompts(setup: Setup, protocol: Protocol, config: BenchConfig) -> Prompts:

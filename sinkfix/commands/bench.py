@@ -49,8 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-windows", type=int, default=defaults.max_windows, metavar="N",
                    help="windows per domain, 0 = all (default: %(default)s)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend the tokenizer's BOS to every window (default: what the tokenizer does; "
-                        "SmolLM2 adds none)")
+                   help="prepend the tokenizer's BOS to every window (default: what the --profile was calibrated "
+                        "with, else what the tokenizer does; SmolLM2 adds none)")
     p.add_argument("--batch", type=int, default=defaults.batch, metavar="N", help="batch size (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens, metavar="N",
                    help="new tokens per timed generate call, 0 = skip decode (default: %(default)s)")
@@ -64,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="kernel backend of the patched model (default: %(default)s)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv and PNG plots here")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv and PNG plots here "
+                                                "(checked before the model loads)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
     p.set_defaults(run=run)
     return p
@@ -96,18 +97,25 @@ def _progress_factory(console) -> Callable[[str, int], contextlib.AbstractContex
     return task
 
 
+def _log_to(console) -> Callable[[str], None]:
+    from rich.markup import escape
+
+    # messages hold model and file names: "[...]" in them is text, not rich markup
+    return lambda message: console.print(f"[dim]{escape(message)}[/dim]")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     config = config_from_args(args)
     if args.out:
-        from sinkfix.files import check_writable
+        from sinkfix.bench.report import check_outputs
 
-        check_writable(args.out, folder=True)  # before the measurements, not after them
+        check_outputs(args.out)  # the folder and every file it will hold, before the measurements
     err = Console(stderr=True, width=shutil.get_terminal_size((140, 24)).columns)
     interactive = sys.stderr.isatty()
     progress = _progress_factory(err) if interactive else None
-    log = (lambda message: err.print(f"[dim]{message}[/dim]")) if interactive else None
+    log = _log_to(err) if interactive else None
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -121,23 +129,25 @@ def run(args: argparse.Namespace) -> int:
         if bars and not interactive:
             hf_logging.enable_progress_bar()
 
-    written: list[str] = []
-    if args.out:
-        from sinkfix.bench.report import write_outputs
-
-        files, notes = write_outputs(args.out, results)
-        written = [str(f) for f in files]
-        for note in notes:  # what the folder lacks or lost is news in a log file too, not only on a terminal
-            err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    # the results reach the screen before any file is written: a write that fails anyway (a full
+    # disk) ends the run with exit code 2, not with the measurements lost
+    out = None
     if args.json:
         from sinkfix.bench.report import dumps
 
         sys.stdout.write(dumps(results) + "\n")
-        return 0
-    from sinkfix.bench.report import render
+        sys.stdout.flush()
+    else:
+        from sinkfix.bench.report import render
 
-    out = Console(width=max(shutil.get_terminal_size((140, 24)).columns, 100))
-    render(results, out)
-    if written:
-        out.print("wrote " + ", ".join(written))
+        out = Console(width=max(shutil.get_terminal_size((140, 24)).columns, 100))
+        render(results, out)
+    if args.out:
+        from sinkfix.bench.report import write_outputs
+
+        files, notes = write_outputs(args.out, results)
+        for note in notes:  # what the folder lacks or lost is news in a log file too, not only on a terminal
+            err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+        if out is not None:
+            out.print("wrote " + ", ".join(str(f) for f in files), markup=False, highlight=False)
     return 0
