@@ -38,6 +38,7 @@ import functools
 import importlib.metadata
 import os
 import re
+import sys
 import sysconfig
 import warnings
 from dataclasses import dataclass
@@ -353,6 +354,19 @@ def _text_column(data, spec: DatasetSpec) -> str:
     raise TextError(f"dataset {spec} has no text column (columns: {', '.join(data.column_names)})")
 
 
+def _offline_if_unreachable() -> bool:
+    """Before ``datasets`` is first imported: when the hub cannot be reached, set the offline switches
+    its clients read at import (without them an offline lookup retried for about 23 s, printing a line
+    per retry, before its error; a cached set still loads offline). Returns whether it did."""
+    from sinkfix.models import hub_reachable
+
+    if "datasets" in sys.modules or hub_reachable():
+        return False
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return True
+
+
 def load_dataset_text(spec: str | DatasetSpec, max_chars: int = DATASET_MAX_CHARS) -> TextSource:
     """The first ``max_chars`` characters of a dataset's text column, non-empty rows joined by newlines.
 
@@ -360,6 +374,7 @@ def load_dataset_text(spec: str | DatasetSpec, max_chars: int = DATASET_MAX_CHAR
     failure (package missing, offline, unknown name or split, no text column) is one :class:`TextError`.
     """
     parsed = spec if isinstance(spec, DatasetSpec) else parse_dataset_spec(spec)
+    unreachable = _offline_if_unreachable()
     try:
         import datasets  # optional dependency
     except ImportError:
@@ -369,7 +384,8 @@ def load_dataset_text(spec: str | DatasetSpec, max_chars: int = DATASET_MAX_CHAR
         data = datasets.load_dataset(parsed.name, parsed.config, split=parsed.split)
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split: all one clear line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise TextError(f"could not load dataset {parsed}: {first}") from None
+        hint = "; the hub cannot be reached from here: use --text FILE, or a dataset already cached" if unreachable else ""
+        raise TextError(f"could not load dataset {parsed}: {first}{hint}") from None
     column = _text_column(data, parsed)
     parts, size = [], 0
     for row in data:  # row by row: indexing the column would read all of it, however large the set

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import os
 import sys
 import types
 
@@ -294,3 +295,19 @@ def test_read_text_file_still_works(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("héllo", encoding="utf-8")
     assert read_text_file(path) == "héllo"
+
+
+def test_an_unreachable_hub_switches_datasets_offline_before_it_is_imported(monkeypatch):
+    """Without the switches an offline dataset lookup retried for about 23 s, a line per retry."""
+    import sinkfix.models
+    from sinkfix import texts
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    monkeypatch.setattr(sinkfix.models, "hub_reachable", lambda timeout=3.0: False)
+    assert texts._offline_if_unreachable()
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setitem(sys.modules, "datasets", object())  # imported already: too late to switch, left alone
+    assert not texts._offline_if_unreachable() and "HF_DATASETS_OFFLINE" not in os.environ
