@@ -130,7 +130,7 @@ def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Ag
                    iterations: int = DEFAULT_ITERATIONS, confidence: float = DEFAULT_CONFIDENCE,
                    seed: int = 0) -> Paired:
     """Point estimates (``aggregate`` over all items), the paired-bootstrap interval of the difference,
-    and McNemar's exact test when the per-item values are 0/1 (else the bootstrap p-value)."""
+    and McNemar's exact test when the per-item values are 0/1 (else the paired sign-flip test)."""
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must lie in (0, 1), got {confidence}")
     deltas = paired_bootstrap(stock, corrected, aggregate, iterations=iterations, seed=seed)
