@@ -20,7 +20,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from sinkfix.errors import OutputError
 
@@ -256,3 +256,16 @@ class LineLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_unwritten(out_dir: str | os.PathLike[str], names: Iterable[str], written: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Delete the files ``names`` in ``out_dir`` that this run did not write (``written``): an earlier
+    run's figure beside this run's report would read as this run's. Returns the paths removed."""
+    keep = {Path(p).name for p in written}
+    removed = []
+    for name in names:
+        path = Path(out_dir) / name
+        if name not in keep and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -203,14 +203,9 @@ def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]
     """Delete the figures of :data:`FIGURE_NAMES` in ``out_dir`` that this run did not write (an earlier
     run's ``domain_flips.png`` beside a one-domain report, or every figure after ``--no-figures``), so
     that the folder describes one run; returns the paths removed."""
-    keep = {Path(p).name for p in written}
-    removed = []
-    for name in FIGURE_NAMES:
-        path = Path(out_dir) / name
-        if name not in keep and path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
+    from sinkfix.files import remove_unwritten
+
+    return remove_unwritten(out_dir, FIGURE_NAMES, written)
 
 
 def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:

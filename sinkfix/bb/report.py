@@ -387,14 +387,9 @@ def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]
     """Delete the figures of :data:`FIGURE_NAMES` in ``out_dir`` that this run did not write (all of
     them after ``--no-figures``): beside this run's bb.json they would read as this run's. Returns the
     paths removed."""
-    keep = {Path(p).name for p in written}
-    removed = []
-    for name in FIGURE_NAMES:
-        path = Path(out_dir) / name
-        if name not in keep and path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
+    from sinkfix.files import remove_unwritten
+
+    return remove_unwritten(out_dir, FIGURE_NAMES, written)
 
 
 def write_figures(report: dict, out_dir: str | Path) -> list[Path]:

@@ -322,10 +322,12 @@ def _run_report(args: argparse.Namespace) -> int:
         console.print(f"wrote {atomic_write_text(out / 'report.json', json.dumps(report.to_dict(), indent=1))}")
         if not args.no_figures:
             console.print(f"wrote {write_figure(report, out / FIGURE_NAME)}")
-        elif (out / FIGURE_NAME).is_file():  # an earlier run's, which beside this report.json would read as its
-            (out / FIGURE_NAME).unlink()
-            console.print(f"removed {out / FIGURE_NAME} (an earlier run's figure; this run did not draw it)",
-                          markup=False, highlight=False)
+        else:  # an earlier run's figure beside this report.json would read as this run's
+            from sinkfix.files import remove_unwritten
+
+            for path in remove_unwritten(out, [FIGURE_NAME], []):
+                console.print(f"removed {path} (an earlier run's figure; this run did not draw it)",
+                              markup=False, highlight=False)
     return 0
 
 
