@@ -363,7 +363,16 @@ def _as_policy(policy: Any, model: nn.Module) -> Policy:
     to_policy = getattr(policy, "policy_for", None)
     if to_policy is None:
         raise TypeError(f"patch() takes a sinkfix.Policy or sinkfix.Profile, got {type(policy).__name__}")
-    return to_policy(model)  # a Profile: checks that it was made for this model
+    return to_policy(_compiled_original(model))  # a Profile: checks that it was made for this model
+
+
+def _compiled_original(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s wrapper (the model itself otherwise): the wrapper's class
+    name and its parameters' ``_orig_mod.`` prefix made a profile for the very same model read as
+    one for another architecture and other weights."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def _select_sinkfix_attention(model: nn.Module, arch: str) -> None:

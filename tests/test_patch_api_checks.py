@@ -190,3 +190,22 @@ def test_two_layer_indices_naming_one_layer_are_refused():
     model = tiny_model("llama")
     with sinkfix.patch(model, Policy.parse("sink_scale=0.5,layers=0:-1")) as handle:
         assert handle.num_layers == 2
+
+
+# -- a profile on a torch.compile wrapper ---------------------------------------------------------------
+
+def test_a_profile_patches_the_compiled_wrapper_of_its_model():
+    """The wrapper's class name and the `_orig_mod.` prefix of its parameters made the profile's
+    model check see another architecture and other weights (before: ProfileError, also with
+    without_weights_check())."""
+    from sinkfix.profile import ModelIdentity, Profile
+
+    model, ids = tiny_model("llama"), _ids(10)
+    profile = Profile(model=ModelIdentity.of(model), sink_scale=torch.full((2, 4), 0.5))
+    with torch.no_grad():
+        with sinkfix.patch(model, profile):
+            want = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for given in (profile, profile.without_weights_check()):
+            with sinkfix.patch(compiled, given):
+                torch.testing.assert_close(compiled(input_ids=ids).logits, want, atol=1e-6, rtol=0)
