@@ -168,7 +168,7 @@ def attn_tile(
     K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
     mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn,
     q_pos, start_n, k_len, window, qk_scale, softcap_log2, offs_n, offs_d,
-    acc_h, l_h, hidden_row,             # hidden sinks' running state, and Hidden[b, h, 0] (HAS_HIDDEN)
+    acc_h, l_h, m_h, hidden_row,        # hidden sinks' running state, and Hidden[b, h, 0] (HAS_HIDDEN)
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -180,10 +180,13 @@ def attn_tile(
     and the P.V product accumulates into the rescaled ``acc`` (no second accumulator tile).
 
     HAS_HIDDEN (content-dependent sinks): the tile's keys marked in the per-(batch, head) byte mask
-    ``hidden_row`` go to a second state (``l_h``, ``acc_h``) under the same running max; the rest
-    stays in (l_i, acc). The mask is per key, not per score: one byte load per key of the tile, and
-    a second P.V product. Without the flag ``acc_h`` and ``l_h`` pass through untouched (the
-    compiler drops them: the other variants compile to the same code).
+    ``hidden_row`` go to a second state (``acc_h``, ``l_h``) under a running max of their own
+    (``m_h``); the rest stays in (acc, l_i, m_i). One max for both let a hidden sink that out-scores
+    every other key by more than fp32's exponent range (about 87 nats) flush l_N to zero or a
+    subnormal: the output was NaN, or the hidden sink went unscaled. The mask is per key, not per
+    score: one byte load per key of the tile, one exp2 per score with the key's own max, and a second
+    P.V product. Without the flag ``acc_h``, ``l_h`` and ``m_h`` pass through untouched (the compiler
+    drops them: the other variants compile to the same code).
 
     LSE_ONLY: only the row statistics (m_i, l_i): no v tile is read and no P.V product is made
     (the stock pass that content-dependent sinks need for their column masses)."""
@@ -202,22 +205,32 @@ def attn_tile(
                               sink_ptr, stride_sn, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
                               HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE, NS=NS)
         qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at 0
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
-        m_use = m_new
-    p = tl.math.exp2(qk * scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
     if HAS_HIDDEN:
         cols_h = start_n + offs_n
         if MASKED:
             is_h = tl.load(hidden_row + cols_h, mask=cols_h < k_len, other=0) != 0
         else:
             is_h = tl.load(hidden_row + cols_h) != 0
+        # N and H under maxima of their own; a tile may hold no key of either (a max of -inf)
+        m_new = tl.maximum(m_i, tl.max(tl.where(is_h[None, :], float("-inf"), qk), 1) * scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_h_new = tl.maximum(m_h, tl.max(tl.where(is_h[None, :], qk, float("-inf")), 1) * scale)
+        m_h_use = tl.where(m_h_new == float("-inf"), 0.0, m_h_new)
+        p = tl.math.exp2(qk * scale - tl.where(is_h[None, :], m_h_use[:, None], m_use[:, None]))
         p_h = tl.where(is_h[None, :], p, 0.0)
         p = tl.where(is_h[None, :], 0.0, p)
-        l_h = l_h * alpha + tl.sum(p_h, 1)
+        alpha_h = tl.math.exp2(m_h - m_h_use)
+        l_h = l_h * alpha_h + tl.sum(p_h, 1)
+        m_h = m_h_new
+    else:
+        if MASKED:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at 0
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+            m_use = m_new
+        p = tl.math.exp2(qk * scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if not LSE_ONLY:
         v = load_kv_tile(V, v_base, off_b, off_kvh, start_n, offs_n, offs_d, stride_vn, stride_vk, k_len,
@@ -231,9 +244,9 @@ def attn_tile(
             if HAS_HIDDEN:
                 p_h = p_h.to(tl.float32)
         if HAS_HIDDEN:
-            acc_h = tl.dot(p_h, v, acc_h * alpha[:, None], input_precision="ieee")
+            acc_h = tl.dot(p_h, v, acc_h * alpha_h[:, None], input_precision="ieee")
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-    return acc, l_i, m_new, acc_h, l_h
+    return acc, l_i, m_new, acc_h, l_h, m_h
 
 
 @triton.jit
@@ -251,9 +264,9 @@ def attn_key_range(
     HAS_SOFTCAP: tl.constexpr, NS: tl.constexpr, NS_P2: tl.constexpr, UPCAST_DOT: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_HIDDEN: tl.constexpr, LSE_ONLY: tl.constexpr,
 ):
-    """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i, acc_h, l_h) from a
-    fresh state; with HAS_HIDDEN the keys of the per-head hidden-sink mask are kept in (acc_h, l_h)
-    under the shared max m_i (``attn_tile``), otherwise those two are zero placeholders.
+    """Online softmax of the non-sink keys in [lo, hi): returns (acc, l_i, m_i, acc_h, l_h, m_h) from
+    a fresh state; with HAS_HIDDEN the keys of the per-head hidden-sink mask are kept in (acc_h, l_h)
+    under their own max m_h (``attn_tile``), otherwise those three are placeholders.
 
     Shared by the prefill kernel (one row block, all keys) and the decode split kernel (all rows,
     one key split). Two loops over whole key tiles: the tiles every row sees whole and that hold no
@@ -301,17 +314,19 @@ def attn_key_range(
     if HAS_HIDDEN:
         acc_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         l_h = tl.zeros([BLOCK_M], tl.float32)
+        m_h = tl.full([BLOCK_M], float("-inf"), tl.float32)
     else:  # placeholders the loops pass through unchanged
         acc_h = tl.zeros([1], tl.float32)
         l_h = tl.zeros([1], tl.float32)
+        m_h = tl.zeros([1], tl.float32)
     # the loops count tiles: start_n = tile * BLOCK_N is a multiple of BLOCK_N (tile_visibility)
     # tiles every row sees whole: no compare, the main loop (none with a dense mask)
     if not HAS_MASK:
         for tile in tl.range(full_lo // BLOCK_N, full_hi // BLOCK_N):
-            acc, l_i, m_i, acc_h, l_h = attn_tile(
+            acc, l_i, m_i, acc_h, l_h, m_h = attn_tile(
                 acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
                 mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
-                window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
+                window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, m_h, hidden_row, HEAD_DIM=HEAD_DIM,
                 BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=False, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
                 IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
                 USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
@@ -329,14 +344,14 @@ def attn_key_range(
             tile = tl.where(t < n_lead, lo // BLOCK_N + t, full_hi // BLOCK_N + t - n_lead)
         else:
             tile = full_hi // BLOCK_N + t
-        acc, l_i, m_i, acc_h, l_h = attn_tile(
+        acc, l_i, m_i, acc_h, l_h, m_h = attn_tile(
             acc, l_i, m_i, q, K, V, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
             mask_rows, row_ok, key_ok_row, stride_pn, sink_ptr, stride_sn, q_pos, tile * BLOCK_N, k_len,
-            window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, hidden_row, HEAD_DIM=HEAD_DIM,
+            window, qk_scale, softcap_log2, offs_n, offs_d, acc_h, l_h, m_h, hidden_row, HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=True, HAS_MASK=HAS_MASK, HAS_KEY_RANGE=HAS_KEY_RANGE,
             IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP, NS=NS, UPCAST_DOT=UPCAST_DOT,
             USE_TMA=USE_TMA, HAS_HIDDEN=HAS_HIDDEN, LSE_ONLY=LSE_ONLY)
-    return acc, l_i, m_i, acc_h, l_h
+    return acc, l_i, m_i, acc_h, l_h, m_h
 
 
 # -- epilogue helpers -----------------------------------------------------------------------------
@@ -458,11 +473,11 @@ def sink_combine(m_n, l_n, m_s, l_s, beta, extra_logits2, every_row, HAS_EXTRA: 
 
 
 @triton.jit
-def hidden_combine(m_n, l_n, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row, HAS_EXTRA: tl.constexpr):
+def hidden_combine(m_n, l_n, m_h, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row, HAS_EXTRA: tl.constexpr):
     """Epilogue with content-dependent (hidden) sinks, as coefficients: out = c_n * acc_N +
-    c_h * acc_H + c_s * acc_S, where acc_N, l_N, acc_H, l_H are relative to m_n and acc_S, l_S to
-    m_s (base-2 maxima; zero-value logits as in :func:`sink_combine`, the virtual one counted where
-    a key outside S is seen). Returns (c_n, c_h, c_s, lse in natural log). The formula of
+    c_h * acc_H + c_s * acc_S, where acc_N, l_N are relative to m_n, acc_H, l_H to m_h and acc_S,
+    l_S to m_s (base-2 maxima; zero-value logits as in :func:`sink_combine`, the virtual one counted
+    where a key outside S is seen). Returns (c_n, c_h, c_s, lse in natural log). The formula of
     ``docs/formulas.md`` ("Content-dependent sinks", the reference
     ``sinkfix.ops.content_reference.reference_content_sink_attention``)::
 
@@ -470,29 +485,45 @@ def hidden_combine(m_n, l_n, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_r
         g = 1 + (1 - beta_H) l_H / (l_S + l_N)
         o = beta_H acc_H / Z + g * (beta_S acc_S + (l_N + (1 - beta_S) l_S) acc_N / l_N) / Z
 
-    beta_H = 1 in rows that see no key outside H, beta_S = 1 in rows that see no key in N."""
-    m = tl.maximum(m_n, m_s)
+    beta_H = 1 in rows that see no key outside H, beta_S = 1 in rows that see no key in N. Every
+    l is >= 1 where nonzero (its own max counts 2^0), so whether a row sees N, H or S is exact
+    however far one part out-scores another. The mass that S and N share (``rest``) is taken
+    relative to their own larger max, where it is >= 1: relative to a hidden sink that out-scores
+    them by more than fp32's range it would be 0, and the freed mass ``(1 - beta_H) l_H`` would find
+    no key to go to. With rest_r = l_S' + l_N' at max(m_n, m_s)::
+
+        g (l_N + (1 - beta_S) l_S) / Z = share_N (rest + (1 - beta_H) l_H) / Z,
+        share_N = (l_N' + (1 - beta_S) l_S') / rest_r
+        g a_S = a_S + (1 - beta_H) l_H 2^(m_s - m_r) / rest_r"""
+    m_r = tl.maximum(m_n, m_s)  # the max of what receives the hidden sinks' freed mass
+    m = tl.maximum(m_r, m_h)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_r_safe = tl.where(m_r == float("-inf"), 0.0, m_r)
     a_n = tl.math.exp2(m_n - m_safe)
+    a_h = tl.math.exp2(m_h - m_safe)
     a_s = tl.math.exp2(m_s - m_safe)
     ln = l_n * a_n
-    lh = l_h * a_n
+    lh = l_h * a_h
     ls = l_s * a_s
     l_tot = ln + lh + ls
     z = l_tot
     has_n = l_n > 0
     if HAS_EXTRA:
-        counted = every_row | ((l_n + l_h) > 0)[:, None]  # the virtual logit: rows that see a key outside S
+        counted = every_row | ((l_n > 0) | (l_h > 0))[:, None]  # the virtual logit: rows that see a key outside S
         z = z + tl.sum(tl.where(counted, tl.math.exp2(extra_logits2 - m_safe[:, None]), 0.0), 1)
     inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
-    rest = ln + ls  # what receives the hidden sinks' freed mass
-    has_rest = rest > 0
+    ln_r = l_n * tl.math.exp2(m_n - m_r_safe)  # S and N at their own max: rest_r >= 1 where either is seen
+    ls_r = l_s * tl.math.exp2(m_s - m_r_safe)
+    rest_r = ln_r + ls_r
+    has_rest = rest_r > 0
+    inv_rest_r = tl.where(has_rest, 1.0 / tl.where(has_rest, rest_r, 1.0), 0.0)
     bh = tl.where(has_rest, beta_h, 1.0)
-    g = 1.0 + (1.0 - bh) * lh / tl.where(has_rest, rest, 1.0)
     b = tl.where(has_n, beta, 1.0)
-    c_n = tl.where(has_n, g * (ln + (1.0 - b) * ls) * inv_z / tl.where(has_n, l_n, 1.0), 0.0)
-    c_h = bh * a_n * inv_z
-    c_s = g * b * a_s * inv_z
+    freed = (1.0 - bh) * lh  # the hidden sinks' freed mass, at the shared max
+    share_n = (ln_r + (1.0 - b) * ls_r) * inv_rest_r
+    c_n = tl.where(has_n, share_n * (ln + ls + freed) * inv_z / tl.where(has_n, l_n, 1.0), 0.0)
+    c_h = bh * a_h * inv_z
+    c_s = b * (a_s + freed * tl.math.exp2(m_s - m_r_safe) * inv_rest_r) * inv_z
     lse = tl.where(l_tot > 0, (m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0))) * LN2, float("-inf"))
     return c_n, c_h, c_s, lse
 
@@ -670,7 +701,9 @@ def _sink_cols_int32(sink_cols, batch: int, device) -> tuple[torch.Tensor | None
     if sink_cols.shape[1] == 0:
         return None, (0, 1)
     cols = sink_cols.to(device=device)
-    if cols.dtype != torch.int32:
+    if cols.dtype in (torch.int8, torch.int16, torch.uint8):  # every value fits int32: nothing to clamp
+        cols = cols.to(torch.int32)  # (the clamp below raised for them: -1 and 2**31 - 1 do not fit)
+    elif cols.dtype != torch.int32:
         # a column index >= 2**31 cannot be a key column of a supported K; clamp before int32 (int32
         # columns need no clamp: the kernels count every negative column as absent)
         cols = cols.clamp(-1, 2**31 - 1).to(torch.int32)
@@ -698,6 +731,13 @@ def _zero_value_table(extra_logits, virtual_sink_logit, q_heads: int, device) ->
     if table is not None and table.shape[1] == 0:
         table = None
     return table, every_row
+
+
+def causal_offset_arg(causal_offset) -> int:
+    """``causal_offset`` as the kernels take it: an integer (2.7 was read as 2)."""
+    if isinstance(causal_offset, bool) or int(causal_offset) != causal_offset:
+        raise ValueError(f"causal_offset must be an integer, got {causal_offset!r}")
+    return int(causal_offset)
 
 
 def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit,

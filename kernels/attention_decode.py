@@ -33,6 +33,7 @@ from .attention_common import (
     device_sm_count,
     next_power_of_2,
     padded_head_dim,
+    causal_offset_arg,
     prepare_attention_launch,
     add_sink_values,
     sink_combine,
@@ -108,7 +109,7 @@ def _sink_attn_decode_split(
         # (bounds from the first and last query token; the rows of one tile span all of them)
         pos_first = causal_offset
         pos_last = q_len - 1 + causal_offset
-        acc, l_i, m_i, _acc_h, _l_h = attn_key_range(
+        acc, l_i, m_i, _acc_h, _l_h, _m_h = attn_key_range(
             q, None, None, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
             mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
             pid_s * split_size, tl.minimum(pid_s * split_size + split_size, k_len), pos_first, pos_last,
@@ -351,7 +352,7 @@ def sink_attention_decode(
         q, k, v, launch.mask, launch.key_padding, launch.key_ranges, launch.sink_cols, part_m, part_l, part_acc,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.key_padding_strides,
         launch.key_range_stride, *launch.sink_strides,
-        kv_heads, group, q_len, k_len, int(causal_offset), launch.window, n_rows, split_size, num_splits,
+        kv_heads, group, q_len, k_len, causal_offset_arg(causal_offset), launch.window, n_rows, split_size, num_splits,
         launch.qk_scale, launch.softcap_log2,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch.sink_constexprs,
         HAS_MASK=launch.mask is not None, HAS_KEY_RANGE=launch.key_padding is not None, IS_CAUSAL=bool(causal),

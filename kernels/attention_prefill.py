@@ -30,6 +30,7 @@ from .attention_common import (
     device_arch,
     hidden_combine,
     padded_head_dim,
+    causal_offset_arg,
     prepare_attention_launch,
     add_sink_values,
     sink_combine,
@@ -122,7 +123,7 @@ def _sink_attn_fwd(
     # -- non-sink keys this row block can see --
     pos_first = start_m + causal_offset
     pos_last = tl.minimum(start_m + BLOCK_M, q_len) - 1 + causal_offset
-    acc, l_i, m_i, acc_h, l_h = attn_key_range(
+    acc, l_i, m_i, acc_h, l_h, m_h = attn_key_range(
         q, KDesc, VDesc, k_base, v_base, off_b, off_kvh, stride_kn, stride_kk, stride_vn, stride_vk,
         mask_rows, row_ok, q_pos, key_ok_row, stride_pn, key_range_ptr, sink_ptr, stride_sn,
         0, k_len, pos_first, pos_last, k_len, window, qk_scale, softcap_log2, offs_n, offs_d, hidden_row,
@@ -144,14 +145,14 @@ def _sink_attn_fwd(
         extra_logits2 = 0.0
         every_row = 0
     if HAS_HIDDEN:
-        # content-dependent sinks: N and H share the loop's max; S is the gathered sink tile
+        # content-dependent sinks: N and H each under the loop's max of its own; S is the gathered sink tile
         beta_h = tl.load(HiddenBeta + off_h).to(tl.float32)
         if NS > 0:
             m_s, l_s, p_s = softmax_stats(s_s)
         else:
             m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_s = tl.zeros([BLOCK_M], tl.float32)
-        c_n, c_h, c_s, lse = hidden_combine(m_i, l_i, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row,
+        c_n, c_h, c_s, lse = hidden_combine(m_i, l_i, m_h, l_h, m_s, l_s, beta, beta_h, extra_logits2, every_row,
                                             HAS_EXTRA=HAS_EXTRA)
         out = acc * c_n[:, None] + acc_h * c_h[:, None]
         if NS > 0:
@@ -227,12 +228,13 @@ POINTER_FALLBACK_CONFIGS = {
 # its config (kernel audit: no spills on sm_80 and sm_90, benchmarks/AUDIT.md)
 HIDDEN_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {
     (80, 64, True): (64, 64, 8, 3),
-    (80, 128, True): (64, 32, 8, 3),
+    (80, 128, True): (64, 16, 8, 3),  # 64 x 32 spilled 4 / 4 bytes once H had a running max of its own
     (80, 256, True): (32, 32, 8, 2),
     (90, 64, True): (128, 64, 8, 3),
     (90, 256, True): (64, 16, 8, 2),
     (80, 64, False): (16, 16, 4, 2),
-    (90, 64, False): (16, 16, 8, 2),
+    (80, 128, False): (16, 16, 4, 2),  # the positional 32 x 16: 8 / 8 bytes, likewise
+    (90, 64, False): (16, 16, 4, 2),  # 8 warps: 44 / 48 bytes, likewise
     (90, 256, False): (16, 16, 8, 2),
 }
 
@@ -360,6 +362,9 @@ def sink_attention_prefill(
     k_desc, v_desc = tma_descriptors(k, v, block_n or bn, block_d, use_tma)
     if k_desc is None:
         bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False, hidden=has_hidden)
+    for name, size in (("block_m", block_m), ("block_n", block_n)):  # a tuning override; tl.arange needs 2**k
+        if size is not None and (not isinstance(size, int) or size < 16 or size & (size - 1)):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {size!r}")
     block_m, block_n = block_m or bm, block_n or bn
     grid = (cdiv(q_len, block_m), batch * q_heads)
     out_strides = (0, 0, 0, 0) if out is None else out.stride()
@@ -369,7 +374,7 @@ def sink_attention_prefill(
         *q.stride(), *k.stride(), *v.stride(), *out_strides, *lse.stride(),
         *launch.mask_strides, *launch.key_padding_strides, launch.key_range_stride, *launch.sink_strides,
         *launch.extra_strides,
-        q_heads, q_heads // kv_heads, q_len, k_len, int(causal_offset), launch.window, launch.n_extra,
+        q_heads, q_heads // kv_heads, q_len, k_len, causal_offset_arg(causal_offset), launch.window, launch.n_extra,
         launch.n_extra_every_row, launch.qk_scale, launch.softcap_log2,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         **launch.sink_constexprs, E_P2=launch.extra_width,

@@ -90,7 +90,10 @@ def residual_clip_triton(
     Shape contract (any strides):
       hidden (B, S, D) fp16/bf16/fp32: stride_xz, stride_xs, stride_xd; the result has the same
         shape and dtype (stride_yz, stride_ys, stride_yd) and is ``hidden`` itself when inplace
-      threshold: a float (one absolute cap) or a (B,) tensor, per-sequence cap, inf = none: stride_tz
+      threshold: a float (one absolute cap) or a (B,) tensor, per-sequence cap, inf = none: stride_tz.
+        A tensor's values are not read on the host (that would wait for the GPU once per layer):
+        they must be >= 0, as the caps sinkfix computes are (a negative cap flips the token's sign,
+        a NaN one leaves it); a float is checked
       is_sink (B, S) bool, read as uint8: stride_pz, stride_ps; sink tokens are exempt when ``sink_norm`` is
         None, otherwise their norm is clamped to ``sink_norm`` (> 0: a sink is never zeroed)
       out: optional result buffer, hidden's shape and dtype, any strides (not with inplace)
@@ -121,6 +124,8 @@ def residual_clip_triton(
             raise ValueError(f"threshold must be >= 0 (inf = no cap), got {thr_scalar}")
     if sink_norm is not None and not float(sink_norm) > 0:
         raise ValueError(f"sink_norm must be > 0 (sinks are clamped, never zeroed), got {sink_norm}")
+    if sink_norm is not None and is_sink is None:  # it would clamp nothing
+        raise ValueError("sink_norm clamps the sink tokens' norm: give is_sink with it")
     sinks, sink_strides = None, (0, 0)
     if is_sink is not None:
         if is_sink.dtype != torch.bool or is_sink.shape != (batch, seq_len):

@@ -155,3 +155,28 @@ def test_hidden_bad_input():
     with pytest.raises(ValueError, match="sink_stats"):
         sink_attention_prefill(q, k, v, hidden=hidden, hidden_beta=beta,
                                sink_stats=torch.zeros(1, 2, 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("gap", [80.0, 95.0, 105.0, 120.0])
+def test_a_hidden_sink_far_above_every_other_key(gap):
+    """A hidden sink that out-scores every other key by more than fp32's exponent range: N and H
+    once shared one running max, so l_N underflowed and the output was NaN (gaps 95-105 nats) or
+    left the hidden sink unscaled (1.4 off at 120). The formula stays finite and O(1)."""
+    torch.manual_seed(1)
+    batch, heads, q_len, k_len, d = 1, 2, 8, 24, 16
+    q = torch.zeros(batch, heads, q_len, d)
+    q[..., 0] = 20.0
+    q[..., 1:] = torch.randn(batch, heads, q_len, d - 1) * 0.1
+    k = torch.randn(batch, 1, k_len, d) * 0.1
+    k[0, 0, 5, 0] = gap / 5.0  # key 5 scores about `gap` nats above the rest
+    v = torch.randn(batch, 1, k_len, d)
+    kw = dict(causal=True, causal_offset=16, sink_cols=torch.tensor([[0]]), beta=torch.tensor([0.5, 1.0]),
+              hidden=(torch.arange(k_len) == 5).expand(1, heads, k_len).clone(), hidden_beta=torch.tensor([0.3, 0.3]))
+    to = dict(device=DEVICE)
+    out, lse = sink_attention_prefill(q.to(**to), k.to(**to), v.to(**to),
+                                      **{n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in kw.items()},
+                                      **TILES)
+    ref_out, _, ref_lse = reference_content_sink_attention(q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    assert (out.cpu().double() - ref_out).abs().max().item() <= 1e-5
+    assert (lse.cpu().double() - ref_lse).abs().max().item() <= 1e-4
