@@ -196,6 +196,9 @@ def test_every_table_tile(kt, bm, bn, hd, is16):
         (lambda q, k, v, kw: (q, k, v, kw | {"sliding_window": 0}), "sliding_window must be an integer >= 1"),
         (lambda q, k, v, kw: (q, k, v, kw | {"scale": float("inf")}), "scale must be a finite number > 0"),
         (lambda q, k, v, kw: (q, k, v, kw | {"softcap": float("inf")}), "softcap must be a finite number > 0"),
+        # before: 2.7 ran as 2; block_m=24 failed deep in the interpreter ("arange's range must be a power of 2")
+        (lambda q, k, v, kw: (q, k, v, kw | {"causal": True, "causal_offset": 2.7}), "causal_offset must be an integer"),
+        (lambda q, k, v, kw: (q, k, v, kw | {"block_m": 24}), "block_m must be a power of 2"),
         # K = 0 with fp32 inputs and a sink set read key column 0 (a segfault under the interpreter)
         (lambda q, k, v, kw: (q.float(), k[:, :, :0].float(), v[:, :, :0].float(),
                               kw | {"sink_cols": torch.zeros(2, 1, dtype=torch.long)}), "at least one query row and one key"),
@@ -405,3 +408,14 @@ def test_virtual_logit_leaves_sink_only_rows_alone(kt):
         torch.testing.assert_close(out[1, :, 0], v[1, :, 0].expand(hq, -1), atol=1e-6, rtol=0)
         stock, _ = launch(q, k, v, attn_mask=kw["attn_mask"])
         assert (out[0] - stock[0]).abs().max() > 0.1, f"{name}: the virtual logit had no effect"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8])
+def test_small_integer_sink_columns_are_read_like_int64(kt, dtype):
+    """Before: a RuntimeError from the int32 conversion ("value cannot be converted to type int8_t")."""
+    q = torch.randn(1, 2, 5, 16, device=kt.device)
+    k = torch.randn(1, 1, 9, 16, device=kt.device)
+    beta = torch.tensor([0.5, 0.5], device=kt.device)
+    want = sink_attention_prefill(q, k, k, sink_cols=torch.tensor([[0, 3]], device=kt.device), beta=beta)
+    got = sink_attention_prefill(q, k, k, sink_cols=torch.tensor([[0, 3]], dtype=dtype, device=kt.device), beta=beta)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -126,3 +126,5 @@ def test_config_and_validation(kt):
         residual_clip_triton(h, 1.0, torch.zeros(2, 3, dtype=torch.bool, device=kt.device), 0.0)
     with pytest.raises(ValueError, match=r"\(B, S, D\)"):
         residual_clip_triton(h[0], 1.0)
+    with pytest.raises(ValueError, match="give is_sink with it"):  # before: accepted, and it clamped nothing
+        residual_clip_triton(h, 1.0, None, 5.0)
