@@ -744,7 +744,10 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
                              sliding_window, softcap, scale, kernel, key_padding=None,
                              key_ranges=None) -> AttentionLaunch:
     """Validate the arguments shared by the prefill and decode launchers and normalise the small
-    side tensors (see :class:`AttentionLaunch`). ``kernel`` tells whether this process interprets."""
+    side tensors (see :class:`AttentionLaunch`). ``kernel`` tells whether this process interprets.
+    Shapes, dtypes and plain numbers are checked; the values inside tensors are not (beta in
+    [0, 1], finite logits): reading them would wait for the GPU at every call, and
+    :class:`sinkfix.Policy` checks them once, when a policy is written."""
     _check_qkv(q, k, v, kernel)
     batch, q_heads, _, head_dim = q.shape
     if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
