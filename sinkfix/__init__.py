@@ -23,6 +23,8 @@ __all__ = [
     "CacheError", "ContentSinks", "IMPL_NAME", "ModelLoadError", "PatchHandle", "Policy", "PolicyError", "ProfileError",
     "ResidualClip",
     "SinkfixError", "UnsupportedModelError", "load_model", "patch", "register", "__version__",
+    # imported on first use (__getattr__ below)
+    "Profile", "SinkCache", "calibrate", "inspect", "monitor",
 ]
 
 # "sinkfix" is registered the moment transformers defines its registries: importing sinkfix does

@@ -121,3 +121,17 @@ def test_the_report_holds_the_values_its_statistics_came_from(tiny_folder, tmp_p
     assert bits["test"] == "sign-flip-exact" and bits["p_value"] >= 2 / 2 ** 3
     acc = report["tasks"]["sinkfix_cloze"]["metrics"]["acc"]
     assert acc["corrected"] == pytest.approx(sum(acc["per_item"]["corrected"]) / 3)
+
+
+def test_the_printed_p_column_names_the_test_that_made_it():
+    """Before: every p that was not McNemar's printed as "<=0.001 bootstrap" (an exact sign-flip
+    p of 0.00098 included), where the report held the sign-flip test's value."""
+    import pathlib
+
+    from sinkfix.lmeval.report import table_rows
+
+    saved = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/eval/default-profile-lr0.5-2t-signflip.json"
+    rows = {(row[0], row[1].split()[0]): row[-1] for row in table_rows(json.loads(saved.read_text()))}
+    assert rows[("sinkfix_prose", "bits_per_byte")] == "0.000488 sign-flip"  # 2 / 4096
+    assert rows[("sinkfix_code", "bits_per_byte")] == "0.000977 sign-flip"  # 4 / 4096
+    assert rows[("sinkfix_cloze", "acc_norm")].startswith("0.625 McNemar")

@@ -209,3 +209,10 @@ def test_a_profile_patches_the_compiled_wrapper_of_its_model():
         for given in (profile, profile.without_weights_check()):
             with sinkfix.patch(compiled, given):
                 torch.testing.assert_close(compiled(input_ids=ids).logits, want, atol=1e-6, rtol=0)
+
+
+def test_every_public_name_resolves():
+    # before: Profile, SinkCache and monitor were public (README) but missing from __all__
+    for name in sinkfix.__all__:
+        assert getattr(sinkfix, name) is not None, name
+    assert {"Profile", "SinkCache", "monitor"} <= set(sinkfix.__all__)

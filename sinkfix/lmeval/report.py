@@ -23,9 +23,14 @@ def _test(m: dict[str, Any]) -> str:
     p = f"{m['p_value']:.3g}"
     if m["test"] == "mcnemar-exact":
         return f"{p} McNemar ({m['stock_only']} lost, {m['corrected_only']} gained)"
-    # no draw on the other side of zero: the p-value is only known to be at most its floor, 2 / (draws + 1)
-    floor = 2 / (m["iterations"] + 1)
-    return f"<={floor:.2g} bootstrap" if m["p_value"] <= floor * (1 + 1e-9) else f"{p} bootstrap"
+    if m["test"] == "sign-flip-exact":  # every swap pattern counted: the p-value itself
+        return f"{p} sign-flip"
+    # drawn patterns (or, in reports written before 2026-12-05, bootstrap draws): at its floor the
+    # p-value is only known to be at most that
+    random = m["test"] == "sign-flip-random"
+    floor = (1 if random else 2) / (m["iterations"] + 1)
+    name = "sign-flip" if random else "bootstrap"
+    return f"<={floor:.2g} {name}" if m["p_value"] <= floor * (1 + 1e-9) else f"{p} {name}"
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
