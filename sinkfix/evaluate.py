@@ -24,7 +24,8 @@ import torch
 from sinkfix.errors import UsageError
 
 __all__ = ["Window", "make_windows", "window_nll", "windows_nll", "exp_nll", "perplexity", "PerplexityResult",
-           "bos_token_id", "tokenize", "token_ids", "MIN_TOKENS", "model_device", "decoder_stack", "max_positions", "check_positions"]
+           "bos_token_id", "tokenize", "token_ids", "MIN_TOKENS", "model_device", "model_label", "decoder_stack",
+           "max_positions", "check_positions"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,13 @@ class _TokenNLL(torch.autograd.Function):
 def model_device(model) -> torch.device:
     """Where the model's (first materialised) parameters live; CPU for a model with none."""
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def model_label(model) -> str:
+    """What reports call a model: its sinkfix name (the offline models), else the path or hub id it
+    was loaded from, else its class."""
+    config = getattr(model, "config", None)
+    return getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or type(model).__name__
 
 
 def decoder_stack(model):

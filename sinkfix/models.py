@@ -22,7 +22,7 @@ import torch
 from sinkfix.errors import ModelLoadError, UsageError
 
 __all__ = ["load_model", "pick_device", "OFFLINE_MODELS", "DEFAULT_MODEL", "resolve_offline_model", "hub_reachable",
-           "converted_model_dir", "CACHE_ENV"]
+           "offline_if_unreachable", "converted_model_dir", "CACHE_ENV"]
 
 
 @dataclass(frozen=True)
@@ -424,6 +424,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _short(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def offline_if_unreachable() -> bool:
+    """When the hub cannot be reached, set the offline switches (``HF_HUB_OFFLINE``,
+    ``HF_DATASETS_OFFLINE``, unless already set) that the hub clients read when ``datasets`` is
+    imported: without them an offline lookup retried for about 23 s, a line per retry, before its
+    error (a cached set still loads offline). Returns whether the hub was unreachable."""
+    if hub_reachable():
+        return False
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return True
 
 
 # A hub lookup without network must fail fast, not hang on retries.

@@ -355,16 +355,11 @@ def _text_column(data, spec: DatasetSpec) -> str:
 
 
 def _offline_if_unreachable() -> bool:
-    """Before ``datasets`` is first imported: when the hub cannot be reached, set the offline switches
-    its clients read at import (without them an offline lookup retried for about 23 s, printing a line
-    per retry, before its error; a cached set still loads offline). Returns whether it did."""
-    from sinkfix.models import hub_reachable
+    """:func:`sinkfix.models.offline_if_unreachable` while it still matters: before ``datasets`` is
+    first imported (it reads the switches then). Returns whether it switched."""
+    from sinkfix.models import offline_if_unreachable
 
-    if "datasets" in sys.modules or hub_reachable():
-        return False
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    return True
+    return "datasets" not in sys.modules and offline_if_unreachable()
 
 
 def load_dataset_text(spec: str | DatasetSpec, max_chars: int = DATASET_MAX_CHARS) -> TextSource:

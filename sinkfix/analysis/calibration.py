@@ -52,7 +52,8 @@ from torch import nn
 from sinkfix.analysis.robust import (DEFAULT_SELECTION_RULE, SELECTION_RULES, Candidate, candidate_parameters, candidates,
                                      select)
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import bos_token_id, check_positions, decoder_stack, model_device, token_ids, window_nll
+from sinkfix.evaluate import (bos_token_id, check_positions, decoder_stack, model_device, model_label, token_ids,
+                              window_nll)
 from sinkfix.policy import Policy
 from sinkfix.texts import DOMAINS, domain_text
 
@@ -225,8 +226,7 @@ def check_model_positions(model: nn.Module, seq_len: int, what: str = "seq_len",
     garbage without a word (``what`` names the setting in the error)."""
     config = getattr(model, "config", None)
     if config is not None:
-        name = getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or type(model).__name__
-        check_positions(seq_len, config, what, name, error)
+        check_positions(seq_len, config, what, model_label(model), error)
 
 
 # -- windows ------------------------------------------------------------------------------------

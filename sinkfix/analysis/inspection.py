@@ -43,7 +43,7 @@ from torch import nn
 from sinkfix.analysis.metrics import (DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics,
                                       check_hidden_sink_threshold, observed_model)
 from sinkfix.errors import UsageError
-from sinkfix.evaluate import MIN_TOKENS, model_device
+from sinkfix.evaluate import MIN_TOKENS, model_device, model_label
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
            "dormancy_flips", "check_flip_margin", "MAX_FLIP_MARGIN", "check_windows", "shortest_window", "MIN_TEXT_TOKENS"]
@@ -145,7 +145,7 @@ def model_summary(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None) or config
     return {
-        "name": getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "name": model_label(model),
         "architecture": type(model).__name__,
         "num_layers": getattr(text, "num_hidden_layers", None),
         "num_heads": getattr(text, "num_attention_heads", None),

@@ -15,13 +15,14 @@ import torch
 
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.errors import SinkfixError
-from sinkfix.evaluate import Window, bos_token_id, check_positions, make_windows, max_positions, model_device, tokenize
+from sinkfix.evaluate import (Window, bos_token_id, check_positions, make_windows, max_positions, model_device,
+                              model_label, tokenize)
 from sinkfix.models import load_model, pick_device
 from sinkfix.texts import TextSource
 
 __all__ = [
     "Setup", "Domain", "Protocol", "BosChoice", "pick_device", "load_profile", "choose_bos", "prepare_model",
-    "build_protocol", "tokenizer_adds_bos", "max_positions", "text_config", "model_label",
+    "build_protocol", "tokenizer_adds_bos", "max_positions", "text_config",
 ]
 
 
@@ -170,14 +171,6 @@ def prepare_model(
         with variant.applied(model, backend):
             pass
     return Setup(model, tokenizer, device, backend, variants, limit, prompt_len, name)
-
-
-def model_label(model) -> str:
-    """A model's name as the project gives it elsewhere: its sinkfix name, else the path or hub id it was
-    loaded from, else its class."""
-    config = getattr(model, "config", None)
-    return (getattr(model, "sinkfix_name", None) or getattr(config, "_name_or_path", None)
-            or type(model).__name__)
 
 
 def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSource],

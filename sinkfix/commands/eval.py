@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import shutil
 import sys
 from typing import Iterator
@@ -22,7 +21,7 @@ from sinkfix.errors import EvaluationError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.config import DEFAULT_POLICY, EvalConfig
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
-from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
+from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS, offline_if_unreachable
 
 __all__ = ["add_parser", "run"]
 
@@ -75,16 +74,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
     p.set_defaults(run=run)
     return p
-
-
-def _set_offline_if_unreachable() -> None:
-    """Without network, make the hub clients fail at once instead of retrying (datasets reads these
-    variables when it is imported, so this runs before lm-eval is imported)."""
-    from sinkfix.models import hub_reachable
-
-    if not hub_reachable():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @contextlib.contextmanager
@@ -186,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         from sinkfix.files import check_writable
 
         check_writable(args.out)  # before the evaluation, not after it
-    _set_offline_if_unreachable()
+    # before lm-eval (and with it datasets) is imported, which reads the switches
+    offline_if_unreachable()
     _import_lmeval()
     from sinkfix.lmeval.paired import run_eval
 
