@@ -223,11 +223,10 @@ def attn_tile(
         l_h = l_h * alpha_h + tl.sum(p_h, 1)
         m_h = m_h_new
     else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
         if MASKED:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at 0
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
             m_use = m_new
         p = tl.math.exp2(qk * scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
