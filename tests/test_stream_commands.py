@@ -276,3 +276,23 @@ def test_stream_period_repeats_the_first_tokens_exactly():
 def test_stream_period_within_the_cache_exits_2(capsys):
     assert cli.main(["stream", "--period", "100", "--window", "252"]) == 2
     assert "--period must be larger than the cache" in capsys.readouterr().err
+
+
+def test_kvquant_table_shows_no_perplexity_share_of_a_negligible_loss(capsys):
+    from sinkfix.commands.kvquant import _print_table
+
+    protocol = dict(model="m", texts=["t"], sequences_per_text=1, seq_len=8, bos=True, backend="quanto",
+                    residual_length=4, n_sink=1)
+
+    def row(quantized_vs_full, recovered):
+        return dict(full=10.0, quantized=10.0 * (1 + quantized_vs_full), sink_protected=10.0,
+                    kl=dict(quantized=1e-3, sink_protected=5e-4), recovered=recovered, recovered_kl=0.5,
+                    quantized_vs_full=quantized_vs_full, tokens=7, quantized_cache="QuantoQuantizedCache")
+
+    # 8 bits: the quantized cache moved the perplexity by 0.003%, its share of that is noise
+    _print_table({"protocol": protocol, "8": row(3e-5, -2.5)})
+    out = capsys.readouterr().out
+    assert "-250.0%" not in out and "n/a*" in out and "less than 0.1%" in out
+    _print_table({"protocol": protocol, "2": row(0.2, 0.4)})
+    out = capsys.readouterr().out
+    assert "40.0%" in out and "n/a" not in out
