@@ -296,3 +296,14 @@ def test_kvquant_table_shows_no_perplexity_share_of_a_negligible_loss(capsys):
     _print_table({"protocol": protocol, "2": row(0.2, 0.4)})
     out = capsys.readouterr().out
     assert "40.0%" in out and "n/a" not in out
+
+
+def test_stream_table_names_the_recompute_period_only_when_a_recomputation_ran(tiny, text_file, tmp_path,
+                                                                                  capsys):
+    tiny("llama")
+    for variants, named in (("window_only", False), ("sink,recompute", True)):
+        rc = cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                       "--segment", "30", "--chunk", "8", "--recompute-every", "8", "--variants", variants,
+                       "--no-figures", "--out", str(tmp_path / variants)])
+        assert rc == 0
+        assert ("recompute every 8" in capsys.readouterr().out) == named

@@ -237,7 +237,9 @@ def _print_table(summary: dict) -> None:
     console = wide_console()
     title = (f"{p['model']}: {p['tokens']} tokens of {p['text']}; {'BOS + ' if p['bos'] else 'no BOS, '}"
              f"cache {p['n_sink']} sinks + {p['window']} recent, chunks of {p['chunk']}, segments of "
-             f"{p['segment_len']}, recompute every {p['recompute_every']}")
+             f"{p['segment_len']}")
+    if any(name.startswith("recompute") for name in summary if name not in ("paired", "protocol")):
+        title += f", recompute every {p['recompute_every']}"  # unused when no recomputation ran
     if p.get("sliding_layers"):
         title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers that keep their own "
                   f"{p['sliding_layer_tokens']} tokens in both caches, more than the recomputation's "
