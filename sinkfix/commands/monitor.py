@@ -109,20 +109,18 @@ def _correction(args):
     file or spec fails in a second, not after a model load. Checking the profile against the model
     stays for the patch."""
     import sinkfix
+    from sinkfix.telemetry.monitor import refuse_content_sinks
 
     if args.profile is not None:
         correction = sinkfix.Profile.load(args.profile)
-        content = correction.content_sinks
+        where = f"--profile {args.profile}"
     else:
         if args.guard:
             raise MonitorError("--guard needs --profile: the guard compares live statistics with the ranges a "
                                "calibrated profile records")
         correction = sinkfix.Policy.parse("identity" if args.policy is None else args.policy)
-        content = correction.content_sinks
-    if content is not None and not content.is_identity:  # refused by the monitor too, but after a model load
-        raise MonitorError("telemetry is not implemented for content-dependent sinks (hidden_sink_scale / "
-                           "hidden_sink_threshold / act, or a content-mode profile): monitor a positional policy "
-                           "or profile, or the stock model")
+        where = f"--policy {args.policy}"
+    refuse_content_sinks(correction, where)  # refused by the monitor too, but after a model load
     return correction
 
 

@@ -37,7 +37,8 @@ from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.requests import check_domain_label
 from sinkfix.telemetry.sharded import TensorParallelGroup
 
-__all__ = ["CallbackWarning", "LogWriteWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows"]
+__all__ = ["CallbackWarning", "LogWriteWarning", "Monitor", "monitor", "SAMPLE_ROWS", "check_sample_rows",
+           "refuse_content_sinks"]
 
 
 class CallbackWarning(RuntimeWarning):
@@ -467,13 +468,24 @@ def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
     return patch(model, Policy()), True
 
 
+_CONTENT_REFUSED = ("telemetry is not implemented for content-dependent sinks (Policy(content_sinks=...): "
+                    "hidden_sink_scale / hidden_sink_threshold / act, or a content-mode profile), {where}: monitor a "
+                    "positional policy or profile, or the stock model")
+
+
+def refuse_content_sinks(correction: Any, where: str) -> None:
+    """Refuse a Policy or Profile with content-dependent sinks before any model is loaded (the same
+    refusal as :func:`monitor` makes for a patched model)."""
+    content = getattr(correction, "content_sinks", None)
+    if content is not None and not content.is_identity:
+        raise MonitorError(_CONTENT_REFUSED.format(where=where))
+
+
 def _check_supported(handle) -> None:
     """Refuse at creation what the attention calls would refuse at the first request."""
     content = [lp.layer for lp in handle.layer_policies() if lp.content is not None]
     if content:
-        raise MonitorError(f"telemetry is not implemented for content-dependent sinks (Policy(content_sinks=...), "
-                           f"layers {content[0]}..{content[-1]} of this patch): monitor the model patched with a "
-                           "positional policy or the stock model")
+        raise MonitorError(_CONTENT_REFUSED.format(where=f"layers {content[0]}..{content[-1]} of this patch"))
 
 
 def _sharded(model: nn.Module, handle, guard: Any) -> TensorParallelGroup | None:
