@@ -968,3 +968,88 @@ def test_a_row_that_ends_early_in_a_batched_generate_gets_its_record_alone(ends_
     torch.testing.assert_close(_tensor(got["sink_share"]), _tensor(alone["sink_share"]), atol=1e-5, rtol=0)
     assert got["residual_peak"] == pytest.approx(alone["residual_peak"], rel=1e-4)
     assert batched[1]["decoded_tokens"] == out.shape[1] - 12 - 1  # the other row: every step
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_request_of_one_new_token_on_a_cache(policy, one_thread, monkeypatch):
+    """A request whose first forward is one token on a cache (a one-token chat turn): the identity's
+    decode call defers its statistics, and the prompt measures read them (a TypeError, which left
+    layer 0's cache a token longer than layer 1's). Its record equals the one of the same call with
+    the statistics computed in the call."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = _ids(1, 36, seed=3)
+    records = {}
+    for deferred in (True, False):
+        if not deferred:
+            monkeypatch.setattr(attention_integration, "defers_sink_stats", lambda **kwargs: False)
+        with sinkfix.patch(model, POLICIES[policy]), sinkfix.monitor(model) as monitor, torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            _one_request(monitor, model, input_ids=ids[:, :30], past_key_values=cache)
+            records[deferred] = _one_request(monitor, model, input_ids=ids[:, 30:31], past_key_values=cache)
+            after = _one_request(monitor, model, input_ids=ids[:, 31:], past_key_values=cache)  # the cache is whole
+        assert after["tokens"] == 5 and cache.get_seq_length() == 36
+    got, want = records[True], records[False]
+    assert got["tokens"] == want["tokens"] == 1 and got["rows"] == want["rows"] == [1, 1]
+    for field in ("sink_share", "sink_share_unscaled", "dormancy", "value_drain"):
+        torch.testing.assert_close(_tensor(got[field]), _tensor(want[field]), atol=1e-6, rtol=0, equal_nan=True)
+    assert got["hidden_sinks"] == want["hidden_sinks"] and got["residual_peak"] == want["residual_peak"]
+
+
+def test_a_nested_patch_is_named_as_such_and_the_monitor_works_again_after_it(one_thread):
+    model = tiny_model("llama")
+    with sinkfix.monitor(model) as monitor, torch.no_grad():  # the monitor patches the stock model itself
+        with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5)):
+            # before: "the model's patch was removed", while it came back at the end of this block
+            with pytest.raises(MonitorError, match="another patch is in force"):
+                monitor.forward(input_ids=_ids(1, 8))
+        monitor.forward(input_ids=_ids(1, 8))
+        assert monitor.records[0]["correction"]["policy"] == "identity"
+        replacing = sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5))
+        replacing.remove()  # removed, not left as a block: the monitor's patch stays removed too
+        with pytest.raises(MonitorError, match="patch was removed"):
+            monitor.forward(input_ids=_ids(1, 8))
+
+
+@pytest.mark.parametrize("entry", ["forward", "request"])
+def test_right_padding_is_refused_and_left_padding_is_exact(entry, one_thread):
+    """A right-padding row of a causal mask sees the real keys before it, so the fast path's sums
+    counted it: a 20-token prompt padded to 34 on the right was logged as 34 tokens, its sink share
+    0.03 off. Monitor.forward refuses before the forward; inside request() the outputs are served
+    and the request ends with the error instead of a record."""
+    model = tiny_model("llama")
+    short, long = _ids(1, 20, seed=7), _ids(1, 34, seed=8)
+    right = torch.cat([torch.cat([short, torch.zeros(1, 14, dtype=torch.long)], 1), long])
+    right_mask = torch.ones_like(right)
+    right_mask[0, 20:] = 0
+    left = torch.cat([torch.cat([torch.zeros(1, 14, dtype=torch.long), short], 1), long])
+    left_mask = right_mask.flip(1)
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor, torch.no_grad():
+        alone = _one_request(monitor, model, input_ids=short, use_cache=False)
+        with pytest.raises(MonitorError, match=r"right padding\) in batch rows \[0\]"):
+            if entry == "forward":
+                monitor.forward(input_ids=right, attention_mask=right_mask, use_cache=False)
+            else:
+                with monitor.request():
+                    logits = model(input_ids=right, attention_mask=right_mask, use_cache=False).logits
+        if entry == "request":
+            assert torch.isfinite(logits[0, :20]).all()  # served
+        monitor.forward(input_ids=left, attention_mask=left_mask, use_cache=False)
+        padded = monitor.records[0]
+    assert padded["tokens"] == alone["tokens"] == 20 and padded["rows"] == alone["rows"] == [19, 19]
+    torch.testing.assert_close(_tensor(padded["sink_share"]), _tensor(alone["sink_share"]), atol=1e-5, rtol=0)
+
+
+def test_real_rows_of_a_right_padded_causal_mask():
+    from sinkfix.telemetry.monitor import _real_rows
+
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    keys = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    mask = (causal[None] & keys[:, None, :])[:, None]  # (3, 1, 5, 5): right-padded, whole, left-padded
+    real, padded = _real_rows(mask, 3, 5, "cpu")
+    assert real.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [False] * 2 + [True] * 3]
+    assert padded.tolist() == [True, False, False]
+    window = causal & ~torch.ones(5, 5, dtype=torch.bool).tril(-3)  # a sliding window of 3: every row real
+    real, padded = _real_rows(window[None, None], 1, 5, "cpu")
+    assert real.all() and not padded.any()

@@ -242,3 +242,18 @@ def test_guard_margin_is_applied_or_refused(calibrated):
         with pytest.raises(MonitorError, match="guard_margin without a guard"):
             sinkfix.monitor(model, guard_margin=0.4)
         assert sinkfix.PatchHandle.of(model).policy == profile.policy_for(model)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3)])
+def test_a_guard_made_for_another_model_is_refused_at_creation(shape, one_thread):
+    """A Guard built by hand is checked against the model when the monitor is made (its ranges met
+    the first request's statistics in a broadcast RuntimeError)."""
+    model = tiny_model("llama")  # 2 attention layers of 4 heads
+    guard = Guard(ProfileStatistics(torch.zeros(*shape), torch.ones(*shape), 1, 8), 0.05)
+    with sinkfix.patch(model, sinkfix.Policy(sink_scale=0.8)):
+        with pytest.raises(MonitorError, match=r"\(layers, heads\).*2 attention layers of up to 4 heads"):
+            sinkfix.monitor(model, guard=guard)
+        fitting = Guard(ProfileStatistics(torch.zeros(2, 4), torch.ones(2, 4), 1, 8), 0.05)
+        with sinkfix.monitor(model, guard=fitting) as monitor, torch.no_grad():
+            monitor.forward(input_ids=_ids(30, 1))
+        assert monitor.records[0]["guard"]["checked"]

@@ -100,6 +100,9 @@ class RequestAccumulator:
         self.hidden_part = torch.zeros(layers, batch, heads, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(batch, dtype=torch.float64, device=device)
         self.prompt_tokens = torch.zeros(batch, dtype=torch.float64, device=device)
+        # (B,) rows with padding after a real token (right padding): their padding rows' attention is
+        # inside the fast path's sums, which cannot leave it out (read() reports, the monitor refuses)
+        self.padding_after_real = torch.zeros(batch, dtype=torch.bool, device=device)
         self.norms: list[torch.Tensor] = []  # per forward: (L, B, Q) residual norms, NaN for a layer without a hook
         self.real: list[torch.Tensor] = []
         self.in_prompt = True
@@ -133,11 +136,15 @@ class RequestAccumulator:
         return self._stats
 
     # -- updates (device ops only) ------------------------------------------------------------
-    def begin_forward(self, real: torch.Tensor, finished: torch.Tensor | None = None) -> None:
+    def begin_forward(self, real: torch.Tensor, finished: torch.Tensor | None = None,
+                      padding_after_real: torch.Tensor | None = None) -> None:
         """real (B, Q) bool: which of the forward's new tokens are real (not padding). finished (B,)
         bool: rows whose sequence has ended (``generate`` feeds them padding with a mask of ones until
-        the last row ends): none of their tokens is real, and their sink statistics are left out."""
+        the last row ends): none of their tokens is real, and their sink statistics are left out.
+        padding_after_real (B,) bool: rows padded after a real token (kept for :meth:`read`)."""
         self._fold()
+        if padding_after_real is not None:
+            self.padding_after_real |= padding_after_real
         self._row_weight = None
         if finished is not None:
             real = real & ~finished[:, None]
@@ -307,6 +314,7 @@ class RequestAccumulator:
             "stats": self._stats, "drain_weight": self.drain_weight, "value_drain": self.value_drain,
             "hidden_sinks": self.hidden_sinks, "hidden_part": self.hidden_part, "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens, "residual_peak": peak, "peak_position": position,
+            "padding_after_real": self.padding_after_real,
         }
         if self._buffer_used:
             parts["decode_overflow"] = self._decode_overflow

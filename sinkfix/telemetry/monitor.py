@@ -98,6 +98,12 @@ class _Request:
         return [self.id if row is None else row for row in self.row_ids]
 
 
+def _refuse_right_padding(kwargs: dict) -> None:
+    rows = _rows_padded_after_real(kwargs.get("attention_mask"))
+    if rows:
+        raise MonitorError(_RIGHT_PADDING.format(rows=rows))
+
+
 def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
     """Labels given for a request (its domain, its id): a string, None, or a sequence of strings /
     None (one per batch row), checked when the request starts: anything else would be logged as it
@@ -113,17 +119,44 @@ def _check_labels(value: Any, what: str) -> str | tuple[str | None, ...] | None:
     raise MonitorError(f"{what} must be a string, None, or one string (or None) per batch row, got {value!r}")
 
 
-def _real_rows(mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
-    """(B, Q) bool: the forward's new tokens that are not padding."""
+def _real_rows(mask: Any, batch: int, q_len: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, Q) bool: the forward's new tokens that are not padding; and (B,) bool, the rows padded
+    after a real token (None when the layout cannot have any).
+
+    A left-padding row sees no key. A right-padding row of a causal mask sees the real keys before
+    it, exactly what the row before it sees, where a real row sees one key more (itself; a sliding
+    window also drops one): such rows are not real, and their batch row is flagged, because the fast
+    path's sink statistics count every row that sees a key (RequestAccumulator.padding_after_real)."""
     from sinkfix.integrations.masks import PaddedCausalMask
 
     if isinstance(mask, PaddedCausalMask):  # sinkfix's structured mask: built dense once per forward here
         mask = mask.dense if mask.key_padding is not None else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device), None
     if mask.dtype != torch.bool:  # an additive float mask: 0 = attend
         mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask[:, 0].any(-1).expand(batch, q_len)
+    seen = mask[:, 0]
+    real = seen.any(-1).expand(batch, q_len)
+    if q_len < 2:
+        return real, None
+    repeated = (seen[:, 1:] == seen[:, :-1]).all(-1) & real[:, 1:]  # (B, Q - 1)
+    real = torch.cat([real[:, :1], real[:, 1:] & ~repeated], dim=1)
+    return real, repeated.any(-1).expand(batch)
+
+
+def _rows_padded_after_real(mask: Any) -> list[int]:
+    """The rows a 2-D attention mask (B, T) pads after a real token (right padding): one host read,
+    at the start of a request (Monitor.forward / Monitor.generate)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] < 2:
+        return []
+    attends = mask != 0
+    return torch.nonzero((attends[:, :-1] & ~attends[:, 1:]).any(-1)).flatten().tolist()
+
+
+_RIGHT_PADDING = ("padding after a real token (right padding) in batch rows {rows}: the fast path's sink statistics "
+                  "sum over every query row that sees a key, and a right-padding row sees the real keys before it, "
+                  "so these rows' records would count their padding; pad on the left (tokenizer.padding_side = "
+                  "'left') or send such prompts one by one")
 
 
 def _cache_of(kwargs: dict) -> Any:
@@ -239,7 +272,7 @@ class Monitor:
         if self._closed:
             raise MonitorError("this monitor was closed (its log and endpoint are shut): create a new one")
         if not self._handle.active:
-            raise MonitorError("the model's patch was removed; create a new monitor for its new patch")
+            raise MonitorError(self._inactive_reason())
         domain = _check_labels(domain, "domain")
         for label in domain if isinstance(domain, tuple) else (domain,):
             check_domain_label(label)
@@ -261,11 +294,26 @@ class Monitor:
             self._request = None
             self._sampled = []  # a forward that raised leaves its sampled calls behind
 
+    def _inactive_reason(self) -> str:
+        from sinkfix.patch import PatchHandle
+
+        current = PatchHandle.of(self.model)
+        replaced = current._replaced if current is not None else None
+        while replaced is not None and replaced is not self._handle:
+            replaced = replaced._replaced
+        if replaced is not None and not self._handle._dismissed:
+            # a nested `with sinkfix.patch(...)` block: this monitor's patch comes back when it ends
+            return ("another patch is in force on this model (sinkfix.patch called after this monitor's): this "
+                    "monitor records the patch it was made for, which is back in force when a `with` block of the "
+                    "newer patch ends; monitor the newer patch with a monitor of its own")
+        return "the model's patch was removed; create a new monitor for its new patch"
+
     def generate(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
         """``model.generate(*args, **kwargs)`` recorded as one request. Beam search is refused: its
         beams are batch rows that transformers reorders between steps, so no row's record would
         describe one sequence."""
         _refuse_beams(self.model, kwargs)
+        _refuse_right_padding(kwargs)
         eos = _eos_ids(self.model, kwargs)
         with self.request(domain) as req:
             if eos is not None:  # a row that ends early is fed padding, with a mask of ones, until the last ends
@@ -277,6 +325,7 @@ class Monitor:
 
     def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
         """``model(*args, **kwargs)`` recorded as one request."""
+        _refuse_right_padding(kwargs)  # before the forward: nothing served is lost
         with self.request(domain):
             return self.model(*args, **kwargs)
 
@@ -337,7 +386,8 @@ class Monitor:
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
-        req.acc.begin_forward(_real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device), req.finished)
+        real, padding_after_real = _real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device)
+        req.acc.begin_forward(real, req.finished, padding_after_real)
         self._layouts = layouts_for_next_forward(self._layouts)  # the prompt measures' layouts (telemetry/prompt.py)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -409,6 +459,9 @@ class Monitor:
             return
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
+        padded = values.pop("padding_after_real").bool()
+        if padded.any():  # no record: the outputs were served, the statistics cannot be told apart
+            raise MonitorError(_RIGHT_PADDING.format(rows=torch.nonzero(padded).flatten().tolist()))
         betas = [lp.beta for lp in self._handle.layer_policies()]
         num_heads, kv_heads = self._num_heads, req.acc.kv_heads
         if self._sharded is not None:  # the other ranks' heads (telemetry/sharded.py)
@@ -573,6 +626,16 @@ def _as_guard(guard: Any, margin: float | None, handle, model: nn.Module) -> Gua
         if margin is not None and margin != guard.margin:
             raise MonitorError(f"guard_margin={margin} and a Guard with margin {guard.margin}: a Guard carries its "
                                "own margin (Guard.from_profile(profile, margin=...)); pass one of the two")
+        # a profile's statistics were checked against the model when it was loaded for it; a Guard
+        # built by hand was not, and its ranges met the request's statistics in a broadcast error
+        num_heads = handle.num_heads()
+        expected = (len(num_heads), max(num_heads, default=0))
+        for name in ("low", "high"):
+            shape = tuple(getattr(guard.statistics, name).shape)
+            if shape != expected:
+                raise MonitorError(f"the guard's ranges ({name}) are {shape} (layers, heads), and this model has "
+                                   f"{expected[0]} attention layers of up to {expected[1]} heads: a Guard made for "
+                                   "another model")
         return guard
     if not hasattr(guard, "policy_for"):
         raise MonitorError(f"guard must be a sinkfix.Profile or a telemetry Guard, got {type(guard).__name__}")

@@ -321,8 +321,15 @@ def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | Non
     q_rows = torch.empty(batch, q_heads, rows, dim, dtype=torch.float32, device=q.device)
     q_rows = q_rows.copy_(q_sampled).view(batch * kv_heads, q_heads // kv_heads * rows, dim)
     norms = norms32(call.value)
+    if call.result.sink_stats is None:
+        # a request whose first forward is one new token on a cache (a one-token chat turn): an
+        # identity decode call leaves its statistics to the listener (AttentionCall.sink_stats_deferred),
+        # and its one row, unmasked over K >= 2 keys, sees a non-sink key
+        row_count = torch.ones(batch, q_heads, dtype=torch.float32, device=q.device)
+    else:
+        row_count = call.result.sink_stats[..., 1]
     return SampledCall(call.layer, lay, q_rows, lse, call.key, norms, call.scale, call.softcap, call.extra_logits,
-                       call.virtual_sink_logit, call.beta, call.result.sink_stats[..., 1])
+                       call.virtual_sink_logit, call.beta, row_count)
 
 
 def _real_probabilities(sampled: SampledCall, keys: torch.Tensor, part: tuple[int, int, int],
