@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache
 from sinkfix.caches.body import make_body
 from sinkfix.caches.layers import SinkLayer, real_new_tokens
 from sinkfix.caches.quantize import BACKENDS, KVQuantizer, check_quantization
-from sinkfix.caches.rope import Rotary, rotary_for
+from sinkfix.caches.rope import Rotary, check_model_rotation, rotary_for
 from sinkfix.errors import CacheError, UnsupportedModelError
 
 __all__ = ["SinkCache", "check_sink_window"]
@@ -72,6 +72,14 @@ def _layer_plan(text, moves_keys: bool = True) -> _Plan:
     for sliding layers, the window. ``moves_keys=False`` (a cache that never evicts) accepts a model
     without rotary embeddings: its layers then get no RoPE (None), and keys that carry no position
     are never rotated."""
+    if getattr(text, "kv_lora_rank", None) is not None:
+        # DeepSeek-style multi-head latent attention: the cached keys are not head_dim wide (their
+        # rotary part is a slice of its own), which the first forward met as a shape error blaming
+        # the cache's config
+        kind = getattr(text, "model_type", type(text).__name__)
+        raise UnsupportedModelError(
+            f"{kind} uses multi-head latent attention (kv_lora_rank): its cached keys and values are not "
+            "(kv heads, head_dim) like a sink cache's layers; use transformers' own cache for it")
     params = getattr(text, "rope_parameters", None) or {}
     if not moves_keys and not (isinstance(params, dict) and params):
         return [(kind, None, _window_of(text, kind)) for kind in _layer_types(text)]
@@ -81,6 +89,8 @@ def _layer_plan(text, moves_keys: bool = True) -> _Plan:
         if kind not in rotaries:
             per_type = kind if isinstance(params.get(kind), dict) else None
             rotaries[kind] = rotary_for(text, per_type)
+            if moves_keys:  # a cache that never evicts never rotates a key
+                check_model_rotation(text, rotaries[kind])
         plan.append((kind, rotaries[kind], _window_of(text, kind)))
     return plan
 

@@ -20,7 +20,7 @@ import torch
 
 from sinkfix.errors import UnsupportedModelError
 
-__all__ = ["Rotary", "rotary_for", "rotate_keys", "POSITION_DEPENDENT_ROPE"]
+__all__ = ["Rotary", "check_model_rotation", "rotary_for", "rotate_keys", "POSITION_DEPENDENT_ROPE"]
 
 POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -73,6 +73,56 @@ def rotary_for(config, layer_type: str | None = None) -> Rotary:
         kwargs = {"layer_type": per_type} if per_type is not None else {}
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kwargs)
     return Rotary(inv_freq.float().cpu())
+
+
+def check_model_rotation(config, rotary: Rotary) -> None:
+    """Refuse a model whose attention does not rotate keys as :func:`rotate_keys` does.
+
+    :func:`rotate_keys` pairs channel ``i`` with ``i + R/2`` (transformers' ``rotate_half``). Some
+    families pair neighbouring channels (Cohere, GLM, GLM4, Helium), rotate by complex products
+    (Llama4) or skip RoPE in some layers (``no_rope_layers``: Llama4, SmolLM3); a kept key moved with
+    the wrong pairing is silently wrong after the first eviction (logits 0.1-0.2 off on tiny GLM4 and
+    Helium models). So the model family's own ``apply_rotary_pos_emb`` is run once on a few keys, with
+    these frequencies in the layouts transformers' rotary modules produce (each pair's angle twice,
+    or once), and must move them as :func:`rotate_keys` does."""
+    import importlib
+
+    kind = getattr(config, "model_type", type(config).__name__)
+    skipped = [i for i, uses in enumerate(getattr(config, "no_rope_layers", None) or []) if not uses]
+    if skipped:
+        raise UnsupportedModelError(
+            f"{kind} applies no rotary embedding in layers {skipped[:4]}{'...' if len(skipped) > 4 else ''} "
+            "(no_rope_layers): a sink cache moves every kept key by a rotation, which is wrong for keys that carry "
+            "no position; window=None (no eviction) serves it")
+    if getattr(config, "rope_interleave", False):
+        raise UnsupportedModelError(
+            f"{kind} is configured with rope_interleave=True (neighbouring channels rotate together): a sink cache "
+            "moves kept keys with channel i paired with i + head_dim/2; window=None (no eviction) serves it")
+    try:
+        module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        module = None
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 1, 4, rotary.dim, generator=generator)
+    delta = torch.tensor([[0, 1, 7, 1000]])
+    expected = rotate_keys(keys, delta, rotary)
+    angles = delta[0].float()[:, None] * rotary.inv_freq  # as the models compute them, in fp32
+    matched = False
+    for cos, sin in ((torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)),
+                     (angles.cos(), angles.sin())):
+        try:
+            _, moved = apply(keys, keys, cos[None], sin[None])
+        except Exception:  # another layout (or no such function): try the next, or refuse below
+            continue
+        if moved.shape == expected.shape and torch.allclose(moved, expected, atol=1e-4, rtol=1e-4):
+            matched = True
+            break
+    if not matched:
+        raise UnsupportedModelError(
+            f"{kind}'s attention does not rotate keys by the channel pairs a sink cache moves them with (channel i "
+            "with i + head_dim/2, as Llama, Mistral, Qwen, Gemma do): kept keys would be moved wrongly after an "
+            "eviction; window=None (no eviction, quantization only) serves it")
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, rotary: Rotary) -> torch.Tensor:
