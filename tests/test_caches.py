@@ -441,3 +441,30 @@ def test_the_rotation_check_passes_the_families_it_was_verified_on():
                    sliding_window=5, num_local_experts=4), _small(tf.StableLmConfig), _small(tf.GPTNeoXConfig),
                    _small(tf.PhiConfig), _small(tf.SmolLM3Config)):
         SinkCache(config, n_sink=2, window=8)
+
+
+def _held_bytes(cache) -> int:
+    """Bytes of every storage the cache's tensors keep alive (a view keeps its whole storage)."""
+    storages = {}
+    for layer in cache.layers:
+        body = layer.body
+        for t in (getattr(body, "k", None), getattr(body, "v", None), getattr(body, "rk", None),
+                  getattr(body, "rv", None), layer.body_pos, layer.sink_k, layer.sink_v, layer.sink_pos):
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_what_a_cache_holds_is_what_nbytes_counts(bits):
+    """An eviction's slice kept the concatenation it was cut from alive: after a 600-token prompt
+    a 4 + 20 cache held the whole prompt, and a chunked feed held window + chunk."""
+    model = tiny_model("llama")
+    kwargs = {} if bits is None else dict(bits=bits, residual_length=8, q_group_size=16)
+    cache = SinkCache(model.config, n_sink=4, window=20, **kwargs)
+    with torch.no_grad():
+        model(_ids(length=600), cache=cache)
+        assert _held_bytes(cache) <= cache.nbytes()
+        for _ in feed(model, cache, _ids(length=64), chunk_size=8):
+            pass
+        assert _held_bytes(cache) <= cache.nbytes()

@@ -22,6 +22,14 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=-2)
 
 
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in memory of its own when it is a view of a larger tensor (an eviction's slice keeps
+    the whole concatenation it was cut from alive)."""
+    if t is None or t.untyped_storage().nbytes() == t.nelement() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class FullBody:
     """Full-precision body: one (B, H, L, D) tensor each for keys and values."""
 
@@ -41,6 +49,10 @@ class FullBody:
     def drop_front(self, n: int) -> None:
         if n > 0 and self.k is not None:
             self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+
+    def compact(self) -> None:
+        """Copy what is kept out of the tensors it was cut from (SinkLayer says when)."""
+        self.k, self.v = _own(self.k), _own(self.v)
 
     def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.k, self.v
@@ -137,6 +149,10 @@ class QuantizedBody:
         if rest > 0 and self.rk is not None:
             self.rk, self.rv = self.rk[:, :, rest:], self.rv[:, :, rest:]
 
+    def compact(self) -> None:
+        """The residual's kept tokens copied out (the quantized block is rebuilt at each flush)."""
+        self.rk, self.rv = _own(self.rk), _own(self.rv)
+
     def select_rows(self, index: torch.Tensor) -> None:
         if self.qk is not None:
             self.rows = index.clone() if self.rows is None else self.rows.index_select(0, index.to(self.rows.device))
@@ -232,6 +248,9 @@ class Fp8Body:
             self.qk, self.qv = self.qk[:, :, n:], self.qv[:, :, n:]
         elif self.pk is not None:
             self.pk, self.pv = self.pk[:, :, n:], self.pv[:, :, n:]
+
+    def compact(self) -> None:
+        self.qk, self.qv, self.pk, self.pv = (_own(t) for t in (self.qk, self.qv, self.pk, self.pv))
 
     def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.qk is None:
