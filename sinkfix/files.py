@@ -29,8 +29,8 @@ try:
 except ImportError:  # Windows: LineLog appends are not serialised between processes there
     fcntl = None
 
-__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "save_figure",
-           "strict_json"]
+__all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
+           "save_figure", "strict_json"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -269,3 +269,18 @@ def remove_unwritten(out_dir: str | os.PathLike[str], names: Iterable[str], writ
             path.unlink()
             removed.append(path)
     return removed
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON-lines text, split at line feeds only (a trailing carriage return dropped,
+    for CRLF text). str.splitlines() also breaks at U+2028, U+2029 and U+0085, which JSON allows raw
+    inside a string (json.dumps(..., ensure_ascii=False) writes them so): a valid line was refused as
+    "not JSON", and every later line numbered wrong; and at U+001C-U+001E, which JSON refuses raw in a
+    string, where the error named the wrong cause and column."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """What a JSON decoder error says, with its column: some of its messages end with "at" already
+    ("Unterminated string starting at"), which read "... at at column 12"."""
+    return f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"

@@ -135,3 +135,16 @@ def test_the_printed_p_column_names_the_test_that_made_it():
     assert rows[("sinkfix_prose", "bits_per_byte")] == "0.000488 sign-flip"  # 2 / 4096
     assert rows[("sinkfix_code", "bits_per_byte")] == "0.000977 sign-flip"  # 4 / 4096
     assert rows[("sinkfix_cloze", "acc_norm")].startswith("0.625 McNemar")
+
+
+def test_a_task_data_line_holding_a_raw_line_separator_is_valid_json(tmp_path):
+    """JSON allows U+2028 / U+2029 / U+0085 raw inside a string; str.splitlines() broke a line there
+    and the task file was refused as "not valid JSON" (with the later line numbers shifted)."""
+    from sinkfix.lmeval.taskload import _check_json_file
+
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"text": "one\u2028two"}\n{"text": "three\u0085four"}\n', encoding="utf-8")
+    _check_json_file(data)
+    data.write_text('{"text": "ok"}\n{"text": "unterminated}\n', encoding="utf-8")
+    with pytest.raises(EvaluationError, match=r"line 2: not valid JSON \(Unterminated string starting at column"):
+        _check_json_file(data)

@@ -156,10 +156,16 @@ def _serve(monitor, model, tokenizer, requests, args) -> None:
 
     device = model_device(model)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
+    # each line of the file is a request: one without an id gets SESSION-N by its place in the file,
+    # the id it gets with --batch-size 1 (the monitor numbers its request() blocks so); the monitor's
+    # own id is the batch's, which gave every row of a batch the same one
+    ids_of = [r.id if r.id is not None else f"{monitor.session}-{i}" for i, r in enumerate(requests)]
+    done = 0
     with tqdm(total=len(requests), desc="monitor run", unit="request") as bar, torch.no_grad():
         for group, ids, mask in _batches(requests, tokenizer, args):
             ids, mask = ids.to(device), mask.to(device)
-            with monitor.request([r.domain for r in group], request_id=[r.id for r in group]):
+            row_ids, done = ids_of[done:done + len(group)], done + len(group)
+            with monitor.request([r.domain for r in group], request_id=row_ids):
                 if args.max_new_tokens > 0:
                     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                                    min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -230,7 +236,8 @@ def _print_summary(report, console) -> None:
 
     table = Table(title=f"telemetry by domain: {', '.join(report.models)}", title_justify="left")
     for column in ("domain", "requests", "tokens", "sink share\nmean / max head", "dormant heads\nper request",
-                   "hidden sinks\nper request", "residual peak\nmax layer", "guard\ntrips"):
+                   "hidden sinks\nper request", "residual peak\nmax layer", "prompts outside\nguard ranges",
+                   "served without\nthe correction"):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for name, d in report.domains.items():
         share = d.sink_share
@@ -238,7 +245,8 @@ def _print_summary(report, console) -> None:
         table.add_row(name, str(d.requests), str(d.tokens),
                       f"{_fmt(float(share.nanmean()))} / {_fmt(_nanmax(share))}",
                       _fmt(d.dormant_heads, 1), _fmt(float(d.hidden_sinks.sum()), 1),
-                      f"{_fmt(float(peak.max()), 1)} (layer {int(peak.argmax())})", str(d.guard_trips))
+                      f"{_fmt(float(peak.max()), 1)} (layer {int(peak.argmax())})", str(d.guard_trips),
+                      str(d.served_without_correction))
     console.print(table)
 
 

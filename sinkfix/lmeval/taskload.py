@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sinkfix.errors import EvaluationError
+from sinkfix.files import json_error, json_lines
 from sinkfix.lmeval.builtin import TASKS_DIR
 
 try:
@@ -136,13 +137,13 @@ def _check_json_file(path: Path) -> None:
         pass
     if not text.strip():
         raise EvaluationError(f"task data file {path} holds no record (it is empty)")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(json_lines(text), start=1):  # at "\n" only (json_lines says why)
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise EvaluationError(f"{path}, line {number}: not valid JSON ({json_error(exc)})") from None
         if not isinstance(record, dict):
             raise EvaluationError(f"{path}, line {number}: a record must be a JSON object, got {type(record).__name__}")
 

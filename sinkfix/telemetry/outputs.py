@@ -21,12 +21,26 @@ from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN, NO_DOMAIN
 
 __all__ = ["JsonlLog", "PrometheusExporter", "check_log_file", "check_port", "check_port_free", "SHARE_BUCKETS",
-           "PEAK_BUCKETS", "DORMANT_BUCKETS"]
+           "PEAK_BUCKETS", "DORMANT_BUCKETS", "guard_tripped", "served_without_correction"]
 
 SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # sink share lies in [0, 1]
 # residual peak ratios seen: ~2-5x on most layers, ~100x at the sink layers of SmolLM2 (README)
 PEAK_BUCKETS = (1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 DORMANT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def guard_tripped(record: dict) -> bool:
+    """Whether ``record``'s prompt left the guard's ranges (``guard.tripped``). Not the same as served
+    without the correction: a trip whose KV cache could not be rolled back is served with it ("logged
+    only"), and the in-range rows of a batch in which another row tripped are served without it."""
+    return bool((record.get("guard") or {}).get("tripped"))
+
+
+def served_without_correction(record: dict) -> bool:
+    """Whether ``record``'s batch row was served with the correction switched off in at least one
+    layer: the layers the guard ran as the identity (``correction.identity_layers``), which are the
+    whole batch's (one forward serves every row)."""
+    return bool((record.get("correction") or {}).get("identity_layers"))
 
 
 # the first line of an existing log is read up to this many bytes: a record of a large model
@@ -137,7 +151,10 @@ class PrometheusExporter:
     ``sinkfix_sink_share`` (layer, domain) one observation per head and request;
     ``sinkfix_residual_peak_ratio`` (layer, domain) one per request; ``sinkfix_dormant_heads``
     (domain) one per request; counters ``sinkfix_requests_total``, ``sinkfix_tokens_total``,
-    ``sinkfix_guard_trips_total`` (domain) and ``sinkfix_hidden_sinks_total`` (layer, domain).
+    ``sinkfix_guard_trips_total`` (domain: requests, i.e. batch rows, served without the correction in
+    at least one layer, :func:`served_without_correction`), ``sinkfix_guard_out_of_range_total``
+    (domain: requests whose prompt left the guard's ranges, :func:`guard_tripped`) and
+    ``sinkfix_hidden_sinks_total`` (layer, domain).
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
@@ -158,8 +175,14 @@ class PrometheusExporter:
                                       buckets=DORMANT_BUCKETS, registry=self.registry)
         self.requests = prom.Counter("sinkfix_requests", "Requests monitored", per_domain, registry=self.registry)
         self.tokens = prom.Counter("sinkfix_tokens", "Tokens monitored", per_domain, registry=self.registry)
+        # the two differ: a trip whose KV cache could not be rolled back is served with the correction,
+        # and the in-range rows of a batch in which another row tripped are served without it
         self.trips = prom.Counter("sinkfix_guard_trips", "Requests the guard served without the correction",
                                   per_domain, registry=self.registry)
+        self.out_of_range = prom.Counter("sinkfix_guard_out_of_range",
+                                         "Requests whose prompt left the guard's ranges (served without the "
+                                         "correction, or with it where the KV cache could not be rolled back)",
+                                         per_domain, registry=self.registry)
         self.hidden = prom.Counter("sinkfix_hidden_sinks", "Hidden sinks found on prompts", per_layer,
                                    registry=self.registry)
         try:
@@ -190,8 +213,10 @@ class PrometheusExporter:
         self.dormant.labels(domain).observe(record["dormant_heads"])
         self.requests.labels(domain).inc()
         self.tokens.labels(domain).inc(record["tokens"])
-        if record["guard"] is not None and record["guard"]["tripped"]:
+        if served_without_correction(record):
             self.trips.labels(domain).inc()
+        if guard_tripped(record):
+            self.out_of_range.labels(domain).inc()
 
     def close(self) -> None:
         self._server.shutdown()

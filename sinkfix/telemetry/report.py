@@ -19,7 +19,8 @@ import torch
 from sinkfix.analysis.inspection import MAX_FLIP_MARGIN, check_flip_margin, dormancy_flips
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD
 from sinkfix.errors import MonitorError
-from sinkfix.telemetry.outputs import NO_DOMAIN
+from sinkfix.files import json_error, json_lines
+from sinkfix.telemetry.outputs import NO_DOMAIN, guard_tripped, served_without_correction
 from sinkfix.telemetry.records import SCHEMA, VERSION
 
 __all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure", "check_margin", "MAX_MARGIN"]
@@ -30,13 +31,26 @@ MAX_MARGIN = MAX_FLIP_MARGIN
 _REQUIRED = ("domain", "tokens", "rows", "sink_share", "dormancy", "dormant_heads", "residual_peak", "hidden_sinks")
 
 
-def _check_record(record, number: int, where: str) -> dict:
+def _check_record(record, number: int, where: str, non_finite: bool = False) -> dict:
+    """``record`` (line ``number`` of ``where``) checked; ``non_finite``: its line spelt a number JSON
+    does not have (``Infinity``, ``NaN``), which json.loads reads as a float."""
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise MonitorError(f"{where}, line {number}: not a sinkfix telemetry record (expected \"schema\": \"{SCHEMA}\")")
     version = record.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise MonitorError(f"{where}, line {number}: telemetry schema version {version!r} is not one this sinkfix "
+    # every version ever written is an int from 1 up: a missing field, a string, a float or a bool is
+    # no version at all, and a newer sinkfix would not read it either
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        shown = "no \"version\"" if "version" not in record else f"\"version\": {json.dumps(version)}"
+        raise MonitorError(f"{where}, line {number}: not a sinkfix telemetry record of a known version ({shown}; "
+                           f"expected an integer >= 1; this sinkfix reads up to {VERSION})")
+    if version > VERSION:
+        raise MonitorError(f"{where}, line {number}: telemetry schema version {version} is newer than this sinkfix "
                            f"reads (up to {VERSION}); upgrade sinkfix")
+    # (none found: a duplicate key's later value replaced it, and json.loads keeps the last)
+    key = next((key for key, value in record.items() if _holds_non_finite(value)), None) if non_finite else None
+    if key is not None:
+        raise MonitorError(f"{where}, line {number}: \"{key}\" holds a number that is not finite (Infinity or NaN), "
+                           "which is not JSON; sinkfix writes null where a value does not exist")
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
         raise MonitorError(f"{where}, line {number}: record lacks {missing[0]!r}")
@@ -51,7 +65,25 @@ def _is_count(value) -> bool:
 
 
 def _is_number(value, *, nullable: bool = True) -> bool:
-    return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """A finite number (a bool is not one), or null where ``nullable``: a number too large for a double
+    (``1e400``) reads as inf, and would pass as one."""
+    return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                            and math.isfinite(value))
+
+
+def _is_share(value) -> bool:
+    """A sink share: a number in [0, 1], or null (a head that saw no counted row)."""
+    return value is None or (_is_number(value) and 0 <= value <= 1)
+
+
+def _holds_non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_holds_non_finite(x) for x in value)
+    if isinstance(value, dict):
+        return any(_holds_non_finite(x) for x in value.values())
+    return False
 
 
 def _field_problem(record: dict) -> str | None:
@@ -68,6 +100,11 @@ def _field_problem(record: dict) -> str | None:
     if not isinstance(share, list) or not share or not all(
             isinstance(heads, list) and all(_is_number(x) for x in heads) for heads in share):
         return "\"sink_share\" must be a non-empty list of per-layer lists of numbers (or null)"
+    outside = next(((layer, head, x) for layer, heads in enumerate(share) for head, x in enumerate(heads)
+                    if not _is_share(x)), None)
+    if outside is not None:  # a share is a fraction of the attention mass
+        layer, head, value = outside
+        return f"\"sink_share\" must lie in [0, 1] (or be null), got {value!r} at layer {layer}, head {head}"
     layers, widths = len(share), [len(heads) for heads in share]
     dormancy, hidden = record["dormancy"], record["hidden_sinks"]
     if not isinstance(dormancy, list) or [len(h) if isinstance(h, list) else -1 for h in dormancy] != widths \
@@ -86,6 +123,10 @@ def _field_problem(record: dict) -> str | None:
     guard = record.get("guard")
     if guard is not None and not (isinstance(guard, dict) and isinstance(guard.get("tripped", False), bool)):
         return f"\"guard\" must be null or an object whose \"tripped\" is true or false, got {guard!r}"
+    correction = record.get("correction")
+    if correction is not None and not (isinstance(correction, dict) and isinstance(
+            correction.get("identity_layers", []), list)):
+        return f"\"correction\" must be null or an object whose \"identity_layers\" is a list, got {correction!r}"
     return None
 
 
@@ -98,7 +139,7 @@ def read_log(path: str | Path) -> list[dict]:
     """The records of a JSON-lines telemetry log; every problem is a :class:`MonitorError` naming the line."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = json_lines(p.read_text(encoding="utf-8"))  # at "\n" only, as request files (json_lines says why)
     except FileNotFoundError:
         raise MonitorError(f"telemetry log not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -107,11 +148,12 @@ def read_log(path: str | Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        constants = []  # Infinity, -Infinity, NaN: json.loads reads them; the writer never writes them
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=lambda name: constants.append(name) or float(name))
         except json.JSONDecodeError as exc:
-            raise MonitorError(f"{p}, line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
-        records.append(_check_record(record, number, str(p)))
+            raise MonitorError(f"{p}, line {number}: not JSON ({json_error(exc)})") from None
+        records.append(_check_record(record, number, str(p), non_finite=bool(constants)))
     if not records:
         raise MonitorError(f"telemetry log {p} holds no record")
     return records
@@ -136,7 +178,8 @@ class DomainSummary:
     dormant_heads: float  # mean per request
     residual_peak: torch.Tensor  # [L] mean per request
     hidden_sinks: torch.Tensor  # [L] mean per request (all heads)
-    guard_trips: int
+    guard_trips: int  # requests whose prompt left the guard's ranges (guard.tripped)
+    served_without_correction: int  # requests served with the correction off in a layer (correction.identity_layers)
     share_samples: list[list[float]] = field(default_factory=list)  # [L] every head of every request
 
     def to_dict(self) -> dict:
@@ -146,7 +189,7 @@ class DomainSummary:
         return {"requests": self.requests, "tokens": self.tokens, "sink_share": clean(self.sink_share),
                 "dormancy": clean(self.dormancy), "dormant_heads_mean": round(self.dormant_heads, 3),
                 "residual_peak_mean": clean(self.residual_peak), "hidden_sinks_mean": clean(self.hidden_sinks),
-                "guard_trips": self.guard_trips}
+                "guard_trips": self.guard_trips, "served_without_correction": self.served_without_correction}
 
 
 def _pool(name: str, records: list[dict]) -> DomainSummary:
@@ -165,10 +208,12 @@ def _pool(name: str, records: list[dict]) -> DomainSummary:
         for layer, heads in enumerate(record["sink_share"]):
             samples[layer].extend(x for x in heads if x is not None)
     mean = lambda total: torch.where(weight_sum > 0, total / weight_sum.clamp(min=1), math.nan)  # noqa: E731
-    trips = sum(1 for r in records if (r.get("guard") or {}).get("tripped"))
+    # the two differ (outputs.guard_tripped says how): both are reported, as Prometheus counts both
+    trips = sum(1 for r in records if guard_tripped(r))
+    fallbacks = sum(1 for r in records if served_without_correction(r))
     return DomainSummary(name, len(records), sum(int(r["tokens"]) for r in records), mean(share_sum), mean(dorm_sum),
                          sum(r["dormant_heads"] for r in records) / len(records), torch.stack(peaks).nanmean(0),
-                         torch.stack(hidden).mean(0), trips, samples)
+                         torch.stack(hidden).mean(0), trips, fallbacks, samples)
 
 
 @dataclass

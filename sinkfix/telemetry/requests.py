@@ -3,7 +3,7 @@
     {"prompt": "def parse(line):", "domain": "code"}
     {"prompt": "The attention sink is", "domain": "prose", "id": "q-17"}
 
-``prompt`` (a non-empty string) is required; ``domain`` (a string or null) and ``id`` (a string or
+``prompt`` (a non-empty string) is required; ``domain`` (a non-blank string or null) and ``id`` (a string or
 number) are optional; blank lines are skipped. Any other key is refused, so a typo such as
 ``"promt"`` fails with the line that holds it instead of being ignored.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sinkfix.errors import MonitorError
+from sinkfix.files import json_error, json_lines
 
 __all__ = ["Request", "read_requests", "builtin_requests", "BUILTIN"]
 
@@ -28,11 +29,16 @@ NO_DOMAIN = "none"
 
 
 def check_domain_label(domain: str | None, where: str = "") -> None:
-    """MonitorError for the reserved label: a request named :data:`NO_DOMAIN` would be merged with
-    the requests that have no domain. ``where`` prefixes the message (a request file's line)."""
+    """MonitorError for a label no request may have: :data:`NO_DOMAIN`, which would merge the request
+    with those that have no domain, and an empty or blank one, which Prometheus reads as no label at
+    all (a series ``domain=""`` matches the selectors for series without it). ``where`` prefixes the
+    message (a request file's line)."""
     if domain == NO_DOMAIN:
         raise MonitorError(f"{where}the domain {NO_DOMAIN!r} is reserved for requests without one (reports and "
                            "Prometheus group those under it): use None (null), or another name")
+    if isinstance(domain, str) and not domain.strip():
+        raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
+                           "all; use None (null) for a request without a domain, or a name")
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ def _parse_line(text: str, number: int, where: str) -> Request:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MonitorError(f"{where}, line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
+        raise MonitorError(f"{where}, line {number}: not JSON ({json_error(exc)})") from None
     if not isinstance(data, dict):
         raise MonitorError(f"{where}, line {number}: expected a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_KEYS))
@@ -70,7 +76,7 @@ def read_requests(path: str | Path) -> list[Request]:
         return builtin_requests()
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8")  # universal newlines: "\r\n" and a lone "\r" read as "\n"
     except FileNotFoundError:
         raise MonitorError(f"request file not found: {p}") from None
     except IsADirectoryError:
@@ -79,7 +85,7 @@ def read_requests(path: str | Path) -> list[Request]:
         raise MonitorError(f"request file {p} is not UTF-8 text") from None
     except OSError as exc:
         raise MonitorError(f"cannot read request file {p}: {exc.strerror or exc}") from None
-    requests = [_parse_line(line, number, str(p)) for number, line in enumerate(text.splitlines(), 1)
+    requests = [_parse_line(line, number, str(p)) for number, line in enumerate(json_lines(text), 1)
                 if line.strip()]
     if not requests:
         raise MonitorError(f"request file {p} holds no request (one JSON object per line)")
