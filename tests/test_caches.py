@@ -468,3 +468,22 @@ def test_what_a_cache_holds_is_what_nbytes_counts(bits):
         for _ in feed(model, cache, _ids(length=64), chunk_size=8):
             pass
         assert _held_bytes(cache) <= cache.nbytes()
+
+
+def test_many_sinks_are_kept_and_restored_at_once():
+    """With window=None n_sink is only bounded by the model's positions; the sinks are captured and
+    restored over a quantized body in one operation each (a loop with a host read per sink took
+    11.7 s of CPU for 74 tokens with 10,000 sinks at 4 bits, 0.17 s now)."""
+    model = tiny_model("llama")
+    with pytest.raises(CacheError, match="larger than the model's max_position_embeddings"):
+        SinkCache(model.config, n_sink=10**9, window=None)
+    ids = _ids(length=40)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for bits in (None, 4):
+            kwargs = {} if bits is None else dict(bits=4, residual_length=4, q_group_size=16)
+            cache = SinkCache(model.config, n_sink=64, window=None, **kwargs)  # more sinks than tokens
+            logits = torch.cat([model(ids[:, :30], cache=cache).logits] +
+                               [model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 40)], 1)
+            # every token is a sink, kept exact: the quantized body changes nothing
+            torch.testing.assert_close(logits, full, atol=2e-5, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -295,7 +296,9 @@ def test_kvquant_table_shows_no_perplexity_share_of_a_negligible_loss(capsys):
     assert "-250.0%" not in out and "n/a*" in out and "less than 0.1%" in out
     _print_table({"protocol": protocol, "2": row(0.2, 0.4)})
     out = capsys.readouterr().out
-    assert "40.0%" in out and "n/a" not in out
+    assert "40.0%" in out and "n/a" not in out and "residual 4" in out
+    _print_table({"protocol": dict(protocol, backend="fp8", residual_length=None), "8": row(0.2, 0.4)})
+    assert "no residual window" in capsys.readouterr().out  # was "residual None"
 
 
 def test_stream_table_names_the_recompute_period_only_when_a_recomputation_ran(tiny, text_file, tmp_path,
@@ -306,4 +309,7 @@ def test_stream_table_names_the_recompute_period_only_when_a_recomputation_ran(t
                        "--segment", "30", "--chunk", "8", "--recompute-every", "8", "--variants", variants,
                        "--no-figures", "--out", str(tmp_path / variants)])
         assert rc == 0
-        assert ("recompute every 8" in capsys.readouterr().out) == named
+        out = capsys.readouterr().out
+        assert ("recompute every 8" in out) == named
+        # segments of 30 tokens scored every 8th token: 3 or 4 positions each, said in the row
+        assert named == bool(re.search(r"\d\.\d{3} \(4\)", out)) == ("the n tokens it scored" in out)

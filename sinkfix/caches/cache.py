@@ -207,6 +207,12 @@ class SinkCache(Cache):
         if backend not in BACKENDS:
             raise CacheError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         text = _text_config(config)
+        longest = getattr(text, "max_position_embeddings", None)
+        if window is None and _is_int(longest) and n_sink > longest:
+            # each layer holds its n_sink tokens' keys and values from the first call on: 10**9 sinks
+            # failed at the first forward, allocating them
+            raise CacheError(f"n_sink ({n_sink}) is larger than the model's max_position_embeddings ({longest}): the "
+                             "cache keeps room for n_sink tokens per layer in full precision from the first call")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # the quantization-only arguments are checked with or without bits, as the backend is: a wrong
         # value given with bits=None was accepted and only failed once bits was added

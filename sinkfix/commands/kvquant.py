@@ -164,8 +164,9 @@ def _print_table(result: dict) -> None:
     from sinkfix.commands.inspect import wide_console
 
     p = result["protocol"]
+    residual = "no residual window" if p["residual_length"] is None else f"residual {p['residual_length']}"  # fp8
     title = (f"{p['model']}: {', '.join(p['texts'])}, {p['sequences_per_text']} x {p['seq_len']} tokens each, "
-             f"{'BOS' if p['bos'] else 'no BOS'}, {p['backend']}, residual {p['residual_length']}, "
+             f"{'BOS' if p['bos'] else 'no BOS'}, {p['backend']}, {residual}, "
              f"{p['n_sink']} sinks protected")
     table = Table(title=title, title_justify="left")
     hidden = p.get("hidden_sinks")

@@ -248,17 +248,28 @@ def _print_table(summary: dict) -> None:
     for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
                    "vs recompute", "ms/tok first/last", "CPU ms/tok first/last", "peak RSS MiB first/last",
                    "cache MiB"):
-        table.add_column(column, justify="right" if column != "variant" else "left")
+        table.add_column(column, justify="right" if column != "variant" else "left",
+                         no_wrap=column in ("first seg", "last seg"))
     paired = summary.get("paired", {})
     for name, v in summary.items():
         if name in ("paired", "protocol"):
             continue
         seg = v["segments"]
         first, last = (seg[0], seg[-1]) if seg else (float("nan"), float("nan"))
+        first_cell, last_cell = f"{first:.3f}", f"{last:.3f}"
+        if name.startswith("recompute") and p["segments"]:
+            # a recomputation scores every recompute_every-th token: its segment perplexities come from a
+            # few positions (4 of a 64-token segment at the default), not from every token as the caches'
+            scored = range(p["warmup"] + 1, p["tokens"], p["recompute_every"])
+            counts = [sum(lo <= x < hi for x in scored) for lo, hi in p["segments"]]
+            first_cell, last_cell = f"{first_cell} ({counts[0]})", f"{last_cell} ({counts[-1]})"
+            table.caption = ("(n): a recomputation's segment perplexity, from the n tokens it scored in that "
+                             "segment (one every recompute_every)")
+            table.caption_justify = "left"
         pair = paired.get(name, {})
         ms, cpu, rss = v["ms_per_token"], v.get("cpu_ms_per_token", []), v["peak_rss_mib"]
         table.add_row(
-            name, f"{v['ppl']:.3f}", str(v["tokens"]), f"{first:.3f}", f"{last:.3f}", f"{last / first:.3f}",
+            name, f"{v['ppl']:.3f}", str(v["tokens"]), first_cell, last_cell, f"{last / first:.3f}",
             f"{pair.get('ppl', float('nan')):.3f}", f"{pair.get('ratio_to_recompute', float('nan')):.3f}",
             f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{cpu[0]:.1f} / {cpu[-1]:.1f}" if cpu else "-",
             f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
