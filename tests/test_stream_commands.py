@@ -290,7 +290,7 @@ def test_kvquant_table_shows_no_perplexity_share_of_a_negligible_loss(capsys):
                     kl=dict(quantized=1e-3, sink_protected=5e-4), recovered=recovered, recovered_kl=0.5,
                     quantized_vs_full=quantized_vs_full, tokens=7, quantized_cache="QuantoQuantizedCache")
 
-    # 8 bits: the quantized cache moved the perplexity by 0.003%, its share of that is noise
+    # a synthetic row: the quantized cache moved the perplexity by 0.003%, a share of that is noise
     _print_table({"protocol": protocol, "8": row(3e-5, -2.5)})
     out = capsys.readouterr().out
     assert "-250.0%" not in out and "n/a*" in out and "less than 0.1%" in out

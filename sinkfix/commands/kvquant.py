@@ -182,8 +182,9 @@ def _print_table(result: dict) -> None:
         cells = [bits, f"{row['full']:.3f}"]
         cells += [f"{row[n]:.3f} ({100 * (row[n] / row['full'] - 1):+.1f}%)" for n in names]
         cells += [f"{row['kl'][n]:.4f}" for n in names]
-        # a share of a loss smaller than the rounding of the perplexities it is made of prints as
-        # noise (8 bits on SmolLM2: the loss 0.003%, the share -250%): shown as n/a, kept in JSON
+        # a share of a loss this small is a ratio of two small differences of the same size, noise
+        # (fp8 on SmolLM2, 320 tokens: quantized 14.004 against 14.001, the share printed 2135.5%):
+        # shown as n/a, kept in JSON
         small = abs(row["quantized_vs_full"]) < SMALL_PPL_LOSS
         small_rows += small
         ppl_share = "n/a*" if small else f"{100 * row['recovered']:.1f}%"
