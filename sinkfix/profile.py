@@ -28,7 +28,9 @@ domain-robust profile's ``"policy"`` was combined (``sinkfix.analysis.robust``);
 ``sinkfix calibrate --evaluate`` rebuild the profile without any one domain. ``sinkfix.patch``
 applies the ``"policy"`` only. Profiles of versions 1 and 2 were fitted on their calibration texts
 pooled together, which overfits the kinds of text they were fitted on; they load unchanged and
-:meth:`Profile.describe` says that they are not domain-robust.
+:meth:`Profile.describe` says that they are not domain-robust. Saved again, they are written as
+version 3 with ``"fitted_version": 1 | 2`` (the format they were fitted under; the calibration record
+is kept as it was), so they still say so.
 
 Version 4 adds ``"mode"`` to the policy: ``"positional"`` (what every earlier version means) or
 ``"content"``, with a ``"content_sinks"`` object ``{"threshold", "hidden_sink_scale": [[..]],
@@ -451,6 +453,9 @@ class Profile:
     statistics: "ProfileStatistics | None" = None
     domain_parameters: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
     version: int = VERSION  # the format version it was read from (VERSION for a new profile)
+    #: the older format version a version-1/2 profile saved again was fitted under (the file's
+    #: "fitted_version"), None otherwise: such a profile is not domain-robust whatever its record says
+    fitted_version: int | None = None
     content_sinks: ContentSinks | None = None  # mode "content" when set
     #: whether applying it (policy_for, so sinkfix.patch) checks the model's weights fingerprint; not
     #: saved: :meth:`without_weights_check` makes a copy for another checkpoint or precision
@@ -473,6 +478,10 @@ class Profile:
                                f"{self.virtual_logit_on_sink_rows!r}")
         if not isinstance(self.check_weights, bool):
             raise ProfileError(f"profile check_weights must be True or False, got {self.check_weights!r}")
+        if self.fitted_version is not None and (isinstance(self.fitted_version, bool) or not isinstance(
+                self.fitted_version, int) or not 1 <= self.fitted_version < 3):
+            raise ProfileError(f"profile fitted_version (the format a re-saved profile was fitted under) must be 1 "
+                               f"or 2, got {_json_text(self.fitted_version)}")
         _check_n_sink(self.n_sink)
         _check_calibration_record(self.calibration)
         self.sink_scale = _matrix("sink_scale", self.sink_scale, self.model, 0.0, 1.0)
@@ -566,7 +575,14 @@ class Profile:
                 for name, (beta, logit) in self.domain_parameters.items()},
             "calibration": self.calibration,
             **_statistics_entry(self.statistics),
+            **({"fitted_version": self._fitted_version()} if self._fitted_version() < VERSION else {}),
         }
+
+    def _fitted_version(self) -> int:
+        """The format version the parameters were fitted under: the version read, or the older one of a
+        version-1/2 profile saved again (``"fitted_version"``). Written as version 3, where the record's
+        ``domain_robust`` flag is believed, such a profile once described itself as domain-robust."""
+        return self.version if self.fitted_version is None else min(self.fitted_version, self.version)
 
     def with_statistics(self, statistics: "ProfileStatistics") -> "Profile":
         """A copy of this profile carrying ``statistics`` (checked against its model entry)."""
@@ -610,7 +626,8 @@ class Profile:
         domains = data.get("domains") if version >= 3 else None
         return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
                    virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity),
-                   domain_parameters=domains, version=version, content_sinks=_content_from_dict(policy, version))
+                   domain_parameters=domains, version=version, content_sinks=_content_from_dict(policy, version),
+                   fitted_version=data.get("fitted_version"))
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON, atomically. Returns the path. A value JSON cannot hold (NaN or
@@ -648,8 +665,9 @@ class Profile:
     @property
     def domain_robust(self) -> bool:
         """Whether calibration chose these parameters so as not to trade one domain for another."""
-        # formats 1 and 2 were written by the pooled fit only: a hand-edited flag does not make one robust
-        return self.version >= 3 and bool(self.calibration.get("domain_robust", False))
+        # formats 1 and 2 were written by the pooled fit only: a hand-edited flag does not make one robust,
+        # nor does saving one again as version 3 ("fitted_version" keeps its version)
+        return self._fitted_version() >= 3 and bool(self.calibration.get("domain_robust", False))
 
     def robustness(self) -> str:
         """One sentence on how the parameters were chosen, and what that means for unseen text."""
@@ -662,7 +680,10 @@ class Profile:
                     f"({rule} selection) over {', '.join(record.get('texts', {})) or 'its domains'}")
         if not record:
             return "not calibrated by sinkfix (no calibration record)"
-        origin = f"format version {self.version}" if self.version < 3 else f"rule {record.get('rule', 'pooled')!r}"
+        fitted = self._fitted_version()
+        origin = f"rule {record.get('rule', 'pooled')!r}"
+        if fitted < 3:
+            origin = f"format version {fitted}" + (f", saved again as {self.version}" if fitted != self.version else "")
         return (f"not domain-robust ({origin}): fitted on its calibration texts pooled together; it may make "
                 "the model worse on other kinds of text")
 

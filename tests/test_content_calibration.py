@@ -189,7 +189,8 @@ def test_calibrate_command_sinks_round_trip(monkeypatch, tmp_path, capsys, sinks
     monkeypatch.setattr(sinkfix, "load_model", lambda name, **kw: (model, CharTokenizer()))
     out = tmp_path / "p.json"
     rc = cli.main(["calibrate", *_texts_args(tmp_path), "--out", str(out), "--seq-len", "48", "--max-tokens", "400",
-                   "--steps", "3", "--hidden-steps", "6", "--sinks", sinks, "--hidden-threshold", str(LOW_THRESHOLD)])
+                   *(["--steps", "3"] if sinks == "combined" else []),  # --sinks hidden fits no positional step
+                   "--hidden-steps", "6", "--sinks", sinks, "--hidden-threshold", str(LOW_THRESHOLD)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "hidden sinks" in printed and "worst" in printed

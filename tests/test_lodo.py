@@ -181,3 +181,13 @@ def test_per_window_scoring_gives_the_same_table_and_intervals_around_it(fitted)
         assert unseen["minus_best_baseline"].value == pytest.approx(r["without_change"] - r["best_global_change"])
         assert unseen["change"].low <= unseen["change"].value <= unseen["change"].high
     assert set(windowed.to_dict()["intervals"]) == set(CALIB)
+
+
+def test_change_intervals_of_one_window_have_no_width_to_show():
+    """One window: every resample is that window, and the 'interval' was its point twice, printed and
+    saved as [+0.43, +0.43]: now no interval (NaN, null in JSON)."""
+    out = change_intervals(_scores(stock=[2.0], profile=[1.9]), reference="stock", baselines=[],
+                           compared=["profile"])
+    change = out["profile"]["change"]
+    assert change.value == pytest.approx(math.expm1(-0.1))
+    assert math.isnan(change.low) and math.isnan(change.high)

@@ -41,6 +41,7 @@ import hashlib
 import math
 import numbers
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -59,7 +60,8 @@ from sinkfix.texts import DOMAINS, domain_text
 
 __all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "robust_profile", "calibration_windows",
            "domain_windows", "CalibrationError", "CalibrationSettings", "Calibrator", "require_two_domains",
-           "duplicate_texts", "min_seq_len", "check_finite", "tokens_needed", "is_integer", "is_real",
+           "duplicate_texts", "duplicate_windows", "min_seq_len", "check_finite", "tokens_needed", "is_integer",
+           "is_real",
            "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key",
            "check_model_positions"]
 
@@ -193,13 +195,10 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
     """Non-overlapping full-length windows (1-D ids) over ``text``; BOS first when ``bos``.
 
     ``bos="both"`` alternates: even windows start with BOS, odd windows do not, so that one profile
-    is fitted for both protocols.
+    is fitted for both protocols. The windows tile the text all the same: each takes the next
+    ``seq_len - 1`` text tokens when it starts with BOS, the next ``seq_len`` when it does not.
     """
-    if bos == "both":
-        with_bos = calibration_windows(tokenizer, text, seq_len=seq_len, bos=True, max_tokens=max_tokens)
-        without = calibration_windows(tokenizer, text, seq_len=seq_len, bos=False, max_tokens=max_tokens)
-        return [with_bos[i] if i % 2 == 0 else without[i] for i in range(min(len(with_bos), len(without)))]
-    if not isinstance(bos, bool):
+    if bos != "both" and not isinstance(bos, bool):
         raise CalibrationError(f"bos must be True, False or 'both', got {bos!r}")
     if not is_integer(seq_len) or seq_len < min_seq_len(bos):
         raise CalibrationError(f"seq_len must be an integer >= {min_seq_len(bos)} with bos={bos!r}, got {seq_len!r}")
@@ -209,14 +208,20 @@ def calibration_windows(tokenizer, text: str, *, seq_len: int, bos: bool | str,
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos_id = bos_token_id(tokenizer) if bos else None
-    body = seq_len - (bos_id is not None)
-    out = []
-    for start in range(0, ids.numel() - body + 1, body):
+    out, start = [], 0
+    while True:
+        # "both" once took window i from the BOS grid (stride seq_len - 1) or the no-BOS grid (stride
+        # seq_len): odd and even windows overlapped and skipped tokens, and at 16 windows of 64, 12
+        # tokens were in a calibration window and a validation window alike
+        with_bos = bos is True or (bos == "both" and len(out) % 2 == 0)
+        body = seq_len - with_bos
+        if start + body > ids.numel():
+            return out
         chunk = ids[start : start + body]
-        if bos_id is not None:
+        if with_bos:
             chunk = torch.cat([torch.tensor([bos_id], dtype=chunk.dtype), chunk])
         out.append(chunk)
-    return out
+        start += body
 
 
 def check_model_positions(model: nn.Module, seq_len: int, what: str = "seq_len",
@@ -263,7 +268,9 @@ def domain_windows(tokenizer, texts, settings: CalibrationSettings) -> dict[str,
             raise CalibrationError(
                 f"text {name!r} is too short: it gives {len(windows)} full {settings.seq_len}-token window(s), and a "
                 f"calibration {'and validation split needs' if needed == 2 else 'needs'} at least {needed}, i.e. at "
-                f"least {needed * settings.text_tokens} tokens of text (shorter than one window: nothing to fit on)")
+                f"least {needed * settings.text_tokens} tokens of text ("
+                + ("shorter than one window: nothing to fit on)" if not windows else
+                   "one window: nothing left to validate on)"))
         out[name] = _split(windows, settings.val_fraction)
     return out
 
@@ -287,11 +294,17 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(**values)
 
-    def close(self) -> None:
+    def close(self, interrupted: bool | None = None) -> None:
+        """Close the bar; ``interrupted`` None = whether an exception is on its way through the caller's
+        ``finally`` (Ctrl-C, an error): then the bar stays where the run stopped."""
         if self.bar is not None:
-            # the total is an upper bound (early stopping, pruned selection): end at what was done
-            self.bar.total = self.bar.n
-            self.bar.refresh()
+            if interrupted is None:
+                interrupted = sys.exc_info()[0] is not None
+            if not interrupted:
+                # the total is an upper bound (early stopping, pruned selection): end at what was done;
+                # after Ctrl-C this redrew a bar stopped at 42% as 100%
+                self.bar.total = self.bar.n
+                self.bar.refresh()
             self.bar.close()
 
 
@@ -612,12 +625,12 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     if settings.val_fraction <= 0:
         raise CalibrationError("per-domain fits validate on each domain's held-out windows: val_fraction must be > 0")
     texts = _normalise_texts(texts)
-    warn_duplicate_texts(texts)
     if 0 < settings.steps < len(texts):
         warnings.warn(f"steps={settings.steps} split evenly among {len(texts)} domains is 0 steps per domain: every "
                       "fit is the identity", stacklevel=2)
     check_model_positions(model, settings.seq_len)
     windows = domain_windows(tokenizer, texts, settings)
+    warn_duplicate_texts(texts, windows)
     steps = _steps_per_domain(settings, len(windows))
     say = log or (lambda message: None)
     bar = Progress(sum(_fit_cost(w, settings, steps) for w in windows.values()), progress, "fit per domain")
@@ -651,10 +664,33 @@ def duplicate_texts(texts: Mapping[str, str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def warn_duplicate_texts(texts: Mapping[str, str]) -> None:
+def _windows_key(windows: DomainWindows) -> tuple:
+    digest = hashlib.sha256()
+    for w in (*windows.calib, *windows.val):
+        digest.update(str(w.numel()).encode() + b":" + w.to(torch.int64).numpy().tobytes())
+    return len(windows.calib), len(windows.val), digest.hexdigest()
+
+
+def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[tuple[str, str]]:
+    """Pairs (first, copy) of domains whose calibration and validation windows are identical: one text
+    twice as far as a calibration reads it, though the strings differ (a trailing newline, or text
+    past ``max_tokens``), which :func:`duplicate_texts` does not see."""
+    first: dict[tuple, str] = {}
+    pairs = []
+    for name, w in windows.items():
+        key = _windows_key(w)
+        if key in first:
+            pairs.append((first[key], name))
+        else:
+            first[key] = name
+    return pairs
+
+
+def warn_duplicate_texts(texts: Mapping[str, str], windows: Mapping[str, DomainWindows] | None = None) -> None:
     """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
-    its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them."""
-    pairs = duplicate_texts(texts)
+    its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them.
+    With ``windows`` (:func:`domain_windows` of ``texts``) the windows are compared, not the strings."""
+    pairs = duplicate_texts(texts) if windows is None else duplicate_windows(windows)
     if pairs:
         named = "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
         warnings.warn(f"identical calibration texts: {named}; each copy's fit is scored on the "

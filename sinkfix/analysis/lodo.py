@@ -268,6 +268,8 @@ def change_intervals(scores: WindowScores, *, reference: str, baselines: Sequenc
     bounds = ((1 - confidence) / 2, (1 + confidence) / 2)
 
     def interval(values: np.ndarray) -> ChangeInterval:
+        if n < 2:  # every draw of one window is that window: a zero-width "interval" says nothing (NaN: null in JSON)
+            return ChangeInterval(float(values[0]), math.nan, math.nan)
         low, high = np.quantile(values[1:], bounds)
         return ChangeInterval(float(values[0]), float(low), float(high))
 

@@ -30,6 +30,30 @@ STATISTICS_WINDOWS = 8
 STATISTICS_MIN_ROWS = 32
 
 
+def _mark_given(namespace: argparse.Namespace, dest: str, option_string: str | None) -> None:
+    given = dict(getattr(namespace, "given_options", None) or {})
+    given[dest] = option_string or "--" + dest.replace("_", "-")
+    namespace.given_options = given
+
+
+class _Given(argparse.Action):
+    """Store the value, and remember that the option was given (``args.given_options``: dest -> the
+    flag as typed): the positional-fit options keep their real defaults on the parser (the CLI's
+    defaults are the library's, tests/test_calibrate.py), yet one given with --sinks hidden is refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        _mark_given(namespace, self.dest, option_string)
+
+
+class _GivenBool(argparse.BooleanOptionalAction):
+    """``--flag / --no-flag``, remembered as given like :class:`_Given`."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _mark_given(namespace, self.dest, option_string)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "calibrate", help=SUMMARIES["calibrate"],
@@ -49,19 +73,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "validation windows: safe-mean (default) = the best mean change among the candidates "
                              "that made no held-out domain worse; worst = the best worst domain (the default before "
                              f"2026-12-03). Default {DEFAULT_SELECTION_RULE}; not with --rule pooled or --sinks hidden")
-    parser.add_argument("--steps", type=int, default=150,
+    parser.add_argument("--steps", type=int, default=150, action=_Given,
                         help="Adam steps in all, one window each (default 150; the robust rule splits them evenly "
                              "among the domains)")
-    parser.add_argument("--lr", type=float, default=0.5,
+    parser.add_argument("--lr", type=float, default=0.5, action=_Given,
                         help="Adam learning rate on logit(beta) and the virtual logits (default 0.5)")
-    parser.add_argument("--reg", type=float, default=0.05, help="pull toward beta = 1 (default 0.05)")
+    parser.add_argument("--reg", type=float, default=0.05, action=_Given, help="pull toward beta = 1 (default 0.05)")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of each text (default 0.25)")
-    parser.add_argument("--virtual-logits", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--virtual-logits", action=_GivenBool, default=True,
                         help="also fit one virtual sink logit per head (default: yes)")
-    parser.add_argument("--virtual-on-sink-rows", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--virtual-on-sink-rows", action=_GivenBool, default=None,
                         help="let the virtual logits act on the sink's own row too (default: only with --bos, "
                              "where that row is the BOS token)")
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto", action=_Given,
                         help="matrix products of the fitting steps: auto (default) = bfloat16 where the CPU or GPU "
                              "multiplies it natively, else float32; validation and selection always run in float32")
     parser.add_argument("--evaluate", action="store_true",
@@ -119,10 +143,15 @@ def with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argp
     from sinkfix.telemetry import calibration_statistics
 
     refuse_content_statistics(profile, "the profile")
-    windows = [w for text in texts.values() for w in calibration_windows(
-        tokenizer, text, seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens)[:args.statistics_windows]]
+    per_text = {name: calibration_windows(tokenizer, text, seq_len=args.seq_len, bos=args.bos,
+                                          max_tokens=args.max_tokens)[:args.statistics_windows]
+                for name, text in texts.items()}
+    windows = [w for ws in per_text.values() for w in ws]
+    # windows_per_text is the number asked for (the first N of each text); a text with fewer gives all it
+    # has, so windows_used records what each text gave (500 asked for, 67 and 123 measured, once unsaid)
     protocol = {"seq_len": args.seq_len, "bos": args.bos, "max_tokens": args.max_tokens, "texts": list(texts),
-                "windows_per_text": args.statistics_windows}
+                "windows_per_text": args.statistics_windows,
+                "windows_used": {name: len(ws) for name, ws in per_text.items()}}
     with (sinkfix.patch(model, profile),
           tqdm(total=len(windows), desc="guard statistics", unit="win") as bar):
         return profile.with_statistics(calibration_statistics(model, windows,
@@ -131,14 +160,16 @@ def with_statistics(profile, model, tokenizer, texts: dict[str, str], args: argp
 
 
 def _fits_table(record: dict, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for col in ("domain", "calib windows", "val windows", "best step", "val NLL unpatched", "val NLL fit",
                 "val ppl change"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for name, fit in record["fits"].items():
-        table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]),
+        # a domain is named by its file's stem, which rich read as markup: notes[i] was printed as notes
+        table.add_row(escape(name), str(fit["calib_windows"]), str(fit["val_windows"]),
                       f"{fit['best_step']} of {fit['steps_run']}", _nll_cell(fit["val_nll_before"]),
                       _nll_cell(fit["val_nll_after"]),
                       "-" if fit["val_ppl_change"] is None else f"{100 * fit['val_ppl_change']:+.2f}%")
@@ -151,6 +182,7 @@ def _nll_cell(nll: float | None) -> str:
 
 
 def _selection_table(record: dict):
+    from rich.markup import escape
     from rich.table import Table
 
     selection = record["selection"]
@@ -161,7 +193,7 @@ def _selection_table(record: dict):
                         f"chosen: the best {SCORE_DESCRIPTIONS[rule]}", title_justify="left")
     table.add_column("candidate")
     for d in domains:
-        table.add_column(d, justify="right")
+        table.add_column(escape(d), justify="right")
     table.add_column("worst", justify="right")
     table.add_column("mean", justify="right")
     for name, per_domain in changes.items():
@@ -169,7 +201,7 @@ def _selection_table(record: dict):
         complete = all(d in per_domain for d in domains)
         mean = f"{100 * sum(per_domain.values()) / len(per_domain):+.2f}%" if complete else "-"
         # a candidate whose scoring stopped early: its worst is at least what was scored, "-" elsewhere
-        table.add_row(name, *[f"{100 * per_domain[d]:+.2f}%" if d in per_domain else "-" for d in domains],
+        table.add_row(escape(name), *[f"{100 * per_domain[d]:+.2f}%" if d in per_domain else "-" for d in domains],
                       f"{'' if complete else '>= '}{100 * worst:+.2f}%", mean,
                       style="bold" if name == selection["chosen"] else None)
     if "not_scored" in selection:
@@ -178,34 +210,55 @@ def _selection_table(record: dict):
 
 
 def _lodo_table(result):
+    from rich.markup import escape
     from rich.table import Table
 
     p = result.protocol
+    asked = p["eval_windows"]
+    rows = result.rows()
+    # windows scored per domain: a text shorter than --eval-windows windows gives all it has (the title
+    # said "the first 100" where 32, 29 and 31 were scored)
+    scored = {d: len(next(iter(per.values()))) for d, per in result.windows.items()}
+    fewer = [r["domain"] for r in rows if scored.get(r["domain"], asked) < asked]
+    first = f"the first {asked}" + (" (fewer where a text has fewer: 'windows')" if fewer else "")
     table = Table(title=f"leave-one-domain-out: {'BOS + ' if p['bos'] is True else 'no BOS, '}{p['seq_len']}-token "
-                        f"windows, the first {p['eval_windows']} of each domain's evaluation text (or of its "
-                        "validation windows: 'scored on'); perplexity change vs unpatched", title_justify="left")
+                        f"windows, {first} of each domain's evaluation text (or of its validation windows: "
+                        "'scored on'); perplexity change vs unpatched", title_justify="left")
     found = result.intervals()
     columns = ["domain", "scored on", "tokens", "ppl unpatched", "best global beta", "unseen: profile without it",
                "calibrated: profile with it"]
+    if scored:
+        columns.insert(2, "windows")
+    single = [d for d, n in scored.items() if n < 2]
     if found:
-        columns.insert(6, "unseen − best global beta, points [95%]")
+        columns.insert(columns.index("calibrated: profile with it"), "unseen − best global beta, points [95%]")
         table.caption = ("[95%]: percentile interval over each domain's scored windows drawn with replacement "
                          "(the best global beta chosen again in each draw); an interval that holds 0 cannot tell "
-                         "the profile from the best global beta on this much text")
+                         "the profile from the best global beta on this much text"
+                         + ("; n/a: one scored window, no interval" if single else ""))
     for col in columns:
-        table.add_column(col, justify="left" if col in ("domain", "scored on") else "right")
-    for r in result.rows():
-        cells = [r["domain"], r["source"], str(r["tokens"]), f"{r['stock_ppl']:.3f}",
+        table.add_column(escape(col), justify="left" if col in ("domain", "scored on") else "right")
+    for r in rows:
+        d = r["domain"]
+        cells = [escape(d), r["source"], str(r["tokens"]), f"{r['stock_ppl']:.3f}",
                  f"{100 * r['best_global_change']:+.2f}% ({r['best_global_beta']:g})",
-                 f"{100 * r['without_change']:+.2f}% ({r['without_chosen']})", f"{100 * r['with_change']:+.2f}%"]
+                 f"{100 * r['without_change']:+.2f}% ({escape(r['without_chosen'])})",
+                 f"{100 * r['with_change']:+.2f}%"]
+        if scored:
+            cells.insert(2, str(scored[d]))
         if found:
-            gap = found[r["domain"]]["without"]["minus_best_baseline"]
-            cells.insert(6, f"{100 * gap.value:+.2f} [{100 * gap.low:+.2f}, {100 * gap.high:+.2f}]")
+            gap = found[d]["without"]["minus_best_baseline"]
+            # one window drawn with replacement is that window every time: a zero-width "interval"
+            # ([+0.43, +0.43]) that read as certainty
+            cells.insert(columns.index("unseen − best global beta, points [95%]"),
+                         escape(f"{100 * gap.value:+.2f} [n/a: {scored[d]} window]") if d in single else
+                         f"{100 * gap.value:+.2f} [{100 * gap.low:+.2f}, {100 * gap.high:+.2f}]")
         table.add_row(*cells)
     return table
 
 
 def _pooled_table(record: dict):
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="validation windows of the calibrated domains (not leave-one-domain-out: rule pooled)",
@@ -213,18 +266,19 @@ def _pooled_table(record: dict):
     table.add_column("domain")
     table.add_column("val ppl change", justify="right")
     for name, change in record["ppl_change"]["val_per_domain"].items():
-        table.add_row(name, "-" if change is None or change != change else f"{100 * change:+.2f}%")
+        table.add_row(escape(name), "-" if change is None or change != change else f"{100 * change:+.2f}%")
     if "validation" in record:
-        table.caption = f"validation: {record['validation']}"
+        table.caption = escape(f"validation: {record['validation']}")
     return table
 
 
 def run(args: argparse.Namespace) -> int:
     import sinkfix
-    from sinkfix.analysis.calibration import (CalibrationSettings, calibrate, fit_domains, require_two_domains,
-                                              robust_profile)
+    from sinkfix.analysis.calibration import (CalibrationSettings, calibrate, domain_windows, fit_domains,
+                                              require_two_domains, robust_profile)
     from sinkfix.analysis.lodo import require_three_domains
     from sinkfix.commands.inspect import wide_console
+    from sinkfix.errors import UsageError
     from sinkfix.evaluate import check_positions
     from sinkfix.files import check_writable
 
@@ -234,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(describe_texts(texts), markup=False)
     _check_numbers(args, len(texts))  # each flag named in its error, before CalibrationSettings' own checks
     _refuse_duplicate_texts(texts)
+    if args.out is not None and not args.out.strip():
+        # "--out ''" wrote ./<model>.profile.json (args.out or default_out), which Profile.load('') refuses
+        raise UsageError("--out is empty: give the profile's path, or leave --out out for ./<model>.profile.json")
     out = check_writable(args.out or default_out(args.model))  # before the fits, not after
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
@@ -246,18 +303,24 @@ def run(args: argparse.Namespace) -> int:
         require_two_domains(list(plain))
         if args.evaluate:
             require_three_domains(list(plain))
-    console.print(f"loading {args.model} ...")
+    console.print(f"loading {args.model} ...", markup=False)
     model, tokenizer = sinkfix.load_model(args.model)
     # the model's position limit is known only now, and every window is --seq-len tokens long
     check_positions(args.seq_len, model.config, "--seq-len", args.model)
+    # the windows need the tokenizer: a text too short is named here, and one text twice refused
+    _refuse_duplicate_windows(texts, domain_windows(tokenizer, plain, settings), settings)
+
+    def log(message: str) -> None:  # the library's lines name domains, which rich read as markup
+        console.print(message, markup=False)
+
     fits = None
     if hidden is not None:
-        profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks, args.selection)
+        profile = _content_profile(console, model, tokenizer, plain, settings, hidden, args.sinks, args.selection, log)
     elif args.rule == "pooled":
-        profile = calibrate(model, tokenizer, plain, rule="pooled", **asdict(settings), log=console.print)
+        profile = calibrate(model, tokenizer, plain, rule="pooled", **asdict(settings), log=log)
     else:
-        fits = fit_domains(model, tokenizer, plain, settings, log=console.print)
-        profile = robust_profile(model, fits, log=console.print, selection_rule=args.selection)
+        fits = fit_domains(model, tokenizer, plain, settings, log=log)
+        profile = robust_profile(model, fits, log=log, selection_rule=args.selection)
     if args.statistics:
         profile = with_statistics(profile, model, tokenizer, plain, args)
     path = profile.save(out)
@@ -276,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
         console.print(_pooled_table(record))
-    console.print(f"{profile.describe()}\n{record['seconds']} s; wrote {path}")
+    console.print(f"{profile.describe()}\n{record['seconds']} s; wrote {path}", markup=False)
     if args.evaluate:
         _evaluate(console, model, tokenizer, fits, profile, texts, args)
     return 0
@@ -348,6 +411,15 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
 #: --sinks positional, which fits no hidden sinks, they are refused, never ignored.
 HIDDEN_DEFAULTS = {"hidden_threshold": 0.1, "hidden_steps": 150, "hidden_lr": 0.2, "hidden_init_beta": 0.9}
 
+#: The positional-sink fit's options, the same way round: given with --sinks hidden, which fits no
+#: positional parameters (only the window settings --seq-len, --bos, --max-tokens and --val-fraction
+#: reach its fits), they are refused; they were accepted, unused, and recorded in the profile's
+#: calibration.hyper as if used. Their defaults stay on the parser; _Given records which were given.
+POSITIONAL_OPTIONS = ("steps", "lr", "reg", "precision", "virtual_logits", "virtual_on_sink_rows")
+
+#: What a --sinks hidden profile's calibration.hyper records: the settings its fits read.
+HIDDEN_HYPER = ("val_fraction", "max_tokens")
+
 
 def _check_option_combinations(args: argparse.Namespace) -> None:
     """Every value checked whether or not the mode uses it, and options the run would ignore refused
@@ -360,6 +432,20 @@ def _check_option_combinations(args: argparse.Namespace) -> None:
     for name, default in HIDDEN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    given_options = getattr(args, "given_options", None) or {}
+    positional_given = [given_options[name] for name in POSITIONAL_OPTIONS if name in given_options]
+    if positional_given and args.sinks == "hidden":
+        flags = ", ".join(positional_given)
+        one = len(positional_given) == 1
+        raise UsageError(f"{flags} set{'s' * one} the positional-sink fit of --sinks positional or combined; "
+                         f"--sinks hidden fits no positional parameters (its own are --hidden-*): drop "
+                         f"{'it' if one else 'them'}, or choose --sinks positional|combined")
+    if args.evaluate and args.rule == "pooled":
+        # it printed a note and did nothing (and --eval-windows went unused): refused, as --evaluate is
+        # with --sinks hidden|combined
+        raise UsageError("--evaluate rebuilds the profile without each domain (leave-one-domain-out), which needs "
+                         "--rule robust; --rule pooled's own table already shows its validation windows: drop "
+                         "--evaluate")
     for flag, what, value in (("--hidden-threshold", "the hidden-sink threshold", args.hidden_threshold),
                               ("--hidden-init-beta", "the starting hidden-sink beta", args.hidden_init_beta)):
         if not 0 < value < 1:  # NaN too
@@ -411,6 +497,22 @@ def _refuse_duplicate_texts(texts) -> None:
         raise UsageError(f"a calibration text is given twice: {named}; give each text once")
 
 
+def _refuse_duplicate_windows(texts, windows, settings) -> None:
+    """Two domains whose calibration and validation windows are identical are one text twice, however
+    their strings differ: a copy with one more trailing newline, or a file that only goes on past
+    --max-tokens tokens, was calibrated as a second domain (:func:`_refuse_duplicate_texts` compares
+    strings, before the tokenizer is loaded)."""
+    from sinkfix.analysis.calibration import duplicate_windows
+    from sinkfix.errors import UsageError
+
+    pairs = duplicate_windows(windows)
+    if pairs:
+        read = "" if settings.max_tokens is None else f" (the first {settings.max_tokens} tokens of each)"
+        named = "; ".join(f"{b!r} ({texts[b].source}) is the same text as {a!r} ({texts[a].source}) in the windows "
+                          f"a calibration reads{read}" for a, b in pairs)
+        raise UsageError(f"a calibration text is given twice: {named}; give each text once")
+
+
 def _check_selection(args: argparse.Namespace) -> None:
     """``--selection`` chooses among the positional robust rule's candidates: refused where no such
     selection is made (never silently ignored); otherwise the default fills in."""
@@ -443,54 +545,58 @@ def _hidden_settings(args: argparse.Namespace):
 
 
 def _content_profile(console, model, tokenizer, texts: dict[str, str], settings, hidden, sinks: str,
-                     selection_rule: str):
+                     selection_rule: str, log=None):
     """``--sinks hidden``: per-domain hidden-sink fits, selected domain-robustly; ``combined``: the
     positional calibration first, then hidden-sink fits on top of each domain's positional fit."""
     from sinkfix.analysis.calibration import fit_domains, robust_profile
     from sinkfix.analysis.content_calibration import content_profile, fit_hidden_domains
     from sinkfix.analysis.robust import candidates
 
+    log = log or console.print
     if sinks == "hidden":
-        fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print)
-        return content_profile(model, fits, log=console.print)
-    positional_fits = fit_domains(model, tokenizer, texts, settings, log=console.print)
-    positional = robust_profile(model, positional_fits, log=console.print, selection_rule=selection_rule)
+        fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=log)
+        profile = content_profile(model, fits, log=log)
+        # the positional settings (steps, lr, reg, precision, virtual logits) reach no hidden-sink fit:
+        # recorded, they read as how the profile was made (the hidden ones are in "hidden")
+        profile.calibration["hyper"] = {k: v for k, v in profile.calibration["hyper"].items() if k in HIDDEN_HYPER}
+        return profile
+    positional_fits = fit_domains(model, tokenizer, texts, settings, log=log)
+    positional = robust_profile(model, positional_fits, log=log, selection_rule=selection_rule)
     chosen = positional.calibration["selection"]["chosen"]
     rule = next(c for c in candidates() if c.name == chosen)
-    fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=console.print,
+    fits = fit_hidden_domains(model, tokenizer, texts, settings, hidden, log=log,
                               bases={d: f.parameters for d, f in positional_fits.fits.items()},
                               stock={d: f.val_before for d, f in positional_fits.fits.items()})
-    profile = content_profile(model, fits, positional_fits, rule, log=console.print)
+    profile = content_profile(model, fits, positional_fits, rule, log=log)
     profile.calibration["positional_selection"] = positional.calibration["selection"]
     profile.calibration["seconds"] = round(profile.calibration["seconds"] + positional.calibration["seconds"], 1)
     return profile
 
 
 def _hidden_fits_table(record: dict, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for col in ("domain", "calib windows", "val windows", "best step", "val NLL unpatched", "val NLL base",
                 "val NLL fit", "change vs base"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for name, fit in record["fits"].items():
-        table.add_row(name, str(fit["calib_windows"]), str(fit["val_windows"]), f"{fit['best_step']} of {fit['steps_run']}",
+        table.add_row(escape(name), str(fit["calib_windows"]), str(fit["val_windows"]), f"{fit['best_step']} of {fit['steps_run']}",
                       f"{fit['val_nll_stock']:.4f}", f"{fit['val_nll_base']:.4f}", f"{fit['val_nll_after']:.4f}",
                       f"{100 * fit['val_ppl_change_vs_base']:+.2f}%")
     return table
 
 
 def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
-    """Leave-one-domain-out for the robust rule; calibrated domains only for the pooled one."""
+    """Leave-one-domain-out for the robust rule (--evaluate with --rule pooled is refused up front)."""
+    from rich.markup import escape
+
     from sinkfix.analysis.lodo import leave_one_domain_out
     from sinkfix.texts import DOMAINS, domain_text
 
     eval_texts = {name: domain_text(name, "eval") if name in DOMAINS and not args.text and not args.dataset else None
                   for name in texts}
-    if fits is None:
-        console.print("--evaluate with --rule pooled: the table above is all there is (held-out windows of the "
-                      "calibrated domains); leave-one-domain-out needs --rule robust")
-        return
     # --eval-windows holds for domains scored on their validation windows too (it was ignored there)
     result = leave_one_domain_out(model, tokenizer, fits, eval_texts, eval_windows=args.eval_windows,
                                   per_window=True, selection_rule=args.selection,
@@ -501,4 +607,5 @@ def _evaluate(console, model, tokenizer, fits, profile, texts, args) -> None:
                       "profile never saw them, the profile from all domains used them for early stopping")
     worse = [r["domain"] for r in result.rows() if r["without_change"] > 0]
     if worse:
-        console.print(f"[bold]left out of the calibration, these domains got worse: {', '.join(worse)}[/bold]")
+        console.print(f"[bold]left out of the calibration, these domains got worse: "
+                      f"{escape(', '.join(worse))}[/bold]")
