@@ -153,14 +153,35 @@ def reference_content_sink_attention(
     ones = torch.ones(1, q_heads, 1, 1, dtype=cd, device=q.device)
     b_s = ones if beta is None else beta.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
     b_h = hidden_beta.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
-    rest = l_s + l_n  # what receives the hidden sinks' freed mass
-    has_rest = rest > 0
+    # Which keys a row sees is a fact of the mask, not of l > 0 (as in reference_sink_attention):
+    # under the row's shared maximum l_N underflows once a sink out-scores the other keys by ~745
+    # nats in fp64 (~100 in fp32), and such rows then ignored beta_S (2.66 off at a gap of 800 in
+    # fp64, 110 in fp32); l_S + l_N likewise once a hidden sink does, and such rows ignored beta_H.
+    in_rest = in_s | in_n  # what receives the hidden sinks' freed mass
+    has_rest = in_rest.any(-1, keepdim=True)
     b_h = torch.where(has_rest, b_h, torch.ones_like(b_h))  # rows that see only hidden sinks stay stock
-    g = 1 + (1 - b_h) * l_h / torch.where(has_rest, rest, torch.ones_like(rest))
-    has_n = l_n > 0
+    has_n = in_n.any(-1, keepdim=True)
     b_s = torch.where(has_n, b_s, torch.ones_like(b_s))  # rows that see only sinks keep their sink mass
-    safe_ln = torch.where(has_n, l_n, torch.ones_like(l_n))
-    probs = (b_h * e * in_h + g * b_s * e * in_s + g * (l_n + (1 - b_s) * l_s) * (e * in_n) / safe_ln) / safe_z
+
+    def own_share(member):
+        """e_j / sum over the member keys of the row, under the members' own maximum (one term is 1)."""
+        sc = scores.masked_fill(~member, float("-inf"))
+        m = sc.amax(-1, keepdim=True)
+        ex = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach())
+        total = ex.sum(-1, keepdim=True)
+        return ex / torch.where(total > 0, total, torch.ones_like(total))
+
+    # S and N hold (l_S + l_N + (1 - beta_H) l_H) / Z = g (l_S + l_N) / Z between them, shared as
+    # their own weights say; then the positional rule inside it: S keeps beta_S of its share and N
+    # takes the rest, spread over N in proportion to its weights (each under its own maximum)
+    rest_mass = (l_s + l_n + (1 - b_h) * l_h) / safe_z
+    within_rest = own_share(in_rest)
+    share_s = (within_rest * in_s).sum(-1, keepdim=True)
+    share_n = (within_rest * in_n).sum(-1, keepdim=True)
+    probs = (b_h * e * in_h / safe_z + rest_mass * b_s * within_rest * in_s
+             + rest_mass * (share_n + (1 - b_s) * share_s) * own_share(in_n))
     out = probs @ v64
-    lse = torch.log(l_s + l_h + l_n).squeeze(-1) + row_max.squeeze(-1)
+    # over the real keys under their own maximum: a large zero-value logit in row_max made
+    # log(l_S + l_H + l_N) underflow to -inf (a virtual logit of 120 in fp32)
+    lse = torch.logsumexp(scores, dim=-1)
     return out, probs, lse

@@ -125,12 +125,23 @@ def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window,
     z = l_s + l_n + l_v
     b = torch.ones(heads, device=device) if beta is None else beta.float().to(device)
     b = b[None, :, None, None]
-    has_n = l_n > 0
+    # the reference's two underflow fixes, so the yardstick is not blind where the reference is
+    # right: whether a row sees a non-sink key is a fact of the mask (l_N > 0 underflows at a sink
+    # gap of ~110 nats in fp32; the yardstick then ignored beta, 2.66 off, and the rule passed a
+    # beta-ignoring output), and the non-sink keys' shares are taken under their own maximum
+    has_n = in_n.any(-1, keepdim=True)
     b = torch.where(has_n, b, torch.ones_like(b))
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
-    safe_ln = torch.where(has_n, l_n, torch.ones_like(l_n))
-    probs = b * e * in_s / safe_z + (l_n + (1 - b) * l_s) / safe_z * (e * in_n) / safe_ln
-    lse = (torch.log(l_s + l_n) + row_max).squeeze(-1)
+    scores_n = torch.where(in_n, scores, torch.tensor(float("-inf"), device=device))
+    max_n = scores_n.amax(-1, keepdim=True)
+    e_n = torch.where(in_n, torch.exp(scores_n - torch.where(torch.isfinite(max_n), max_n, torch.zeros_like(max_n))),
+                      torch.zeros_like(scores))
+    l_n_own = e_n.sum(-1, keepdim=True)
+    within_n = e_n / torch.where(l_n_own > 0, l_n_own, torch.ones_like(l_n_own))
+    probs = b * e * in_s / safe_z + (l_n + (1 - b) * l_s) / safe_z * within_n
+    # lse over the real keys under their own maximum: with the zero-value logits in row_max a
+    # virtual logit of 120 made log(l_S + l_N) -inf, and the lse rule then passed any lse
+    lse = torch.logsumexp(torch.where(visible, scores, torch.tensor(float("-inf"), device=device)), dim=-1)
     return probs, lse
 
 

@@ -180,3 +180,32 @@ def test_a_hidden_sink_far_above_every_other_key(gap):
     assert torch.isfinite(out).all()
     assert (out.cpu().double() - ref_out).abs().max().item() <= 1e-5
     assert (lse.cpu().double() - ref_lse).abs().max().item() <= 1e-4
+
+
+def test_the_rule_fails_a_beta_ignoring_output_and_a_wrong_lse_where_masses_underflow():
+    """No kernel: the rule of this file itself. Its yardstick is the content reference in fp32, which
+    once decided 'the row sees a key of N' from l_N > 0 and took lse = log(l_S + l_H + l_N) + row_max
+    with the zero-value logits in row_max: at a sink gap of 110 nats it ignored beta_S (2.66 off, so
+    a beta-ignoring output passed), and with a virtual logit of 120 its lse was -inf (any lse passed)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 16) * 0.1
+    q[..., 0] = 1.0
+    k = torch.randn(1, 1, 6, 16) * 0.1
+    k[:, :, 0, 0] = 110.0 * 16 ** 0.5  # the positional sink, 110 nats above every other key
+    v = torch.randn(1, 1, 6, 16)
+    hidden = torch.zeros(1, 2, 6, dtype=torch.bool)
+    hidden[:, 0, 3] = True
+    kw = dict(hidden=hidden, hidden_beta=torch.tensor([0.3, 1.0]), causal=True, sink_cols=torch.tensor([[0]]),
+              beta=torch.tensor([0.5, 0.0]))
+    right, _, lse = reference_content_sink_attention(q, k, v, **kw)
+    wrong, _, _ = reference_content_sink_attention(q, k, v, **dict(kw, beta=None))
+    _check(right.float(), lse.float(), q, k, v, "110-nat gap", **kw)
+    with pytest.raises(AssertionError, match="out error"):
+        _check(wrong.float(), lse.float(), q, k, v, "beta_S ignored at a 110-nat gap", **kw)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+    kw = dict(kw, beta=torch.tensor([0.5, 0.9]), virtual_sink_logit=torch.tensor([120.0, 120.0]))
+    right, _, lse = reference_content_sink_attention(q, k, v, **kw)
+    _check(right.float(), lse.float(), q, k, v, "virtual logit 120", **kw)
+    with pytest.raises(AssertionError, match="lse error"):
+        _check(right.float(), (lse + 1.0).float(), q, k, v, "lse off by 1.0", **kw)

@@ -61,3 +61,49 @@ def test_an_lse_off_by_1e_4_fails_the_rule(kt, dtype):
     out, lse = _wrong(q, k, v, kw, kw)
     with pytest.raises(AssertionError, match="lse error"):
         kt.check_attention(out, lse + 1e-4, q, k, v, label="lse shifted", **kw)
+
+
+def _gap_case(dtype, gap):
+    """A positional sink ``gap`` nats above every other key (built in fp32, then rounded)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 16) * 0.1
+    q[..., 0] = 1.0
+    k = torch.randn(1, 1, 6, 16) * 0.1
+    k[:, :, 0, 0] = gap * 16 ** 0.5
+    v = torch.randn(1, 1, 6, 16)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_a_beta_ignoring_output_fails_the_rule_at_a_110_nat_sink_gap(kt, dtype):
+    """The yardstick once decided 'the row sees a non-sink key' from l_N > 0, which underflows in
+    fp32 at a gap of ~110 nats: it then ignored beta itself (2.66 off), the tolerance became 5.33
+    and an output that ignores beta (2.66 off) passed."""
+    q, k, v = _gap_case(dtype, 110.0)
+    kw = dict(causal=True, sink_cols=torch.tensor([[0]]), beta=torch.tensor([0.5, 0.0]))
+    out, lse = _wrong(q, k, v, kw, dict(kw, beta=None))
+    with pytest.raises(AssertionError, match="out error"):
+        kt.check_attention(out, lse, q, k, v, label="beta ignored at a 110-nat gap", **kw)
+    recorded = sys.modules[type(kt).__module__].ERRORS
+    before = len(recorded)
+    out, lse = _wrong(q, k, v, kw, kw)
+    kt.check_attention(out, lse, q, k, v, label="110-nat gap", **kw)
+    del recorded[before:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_an_lse_off_by_1_fails_the_rule_with_a_virtual_logit_of_120(kt, dtype):
+    """The lse yardstick once put the zero-value logits in the row maximum: with a virtual logit of
+    120 log(l_S + l_N) underflowed to -inf on every row but the sink's, and any lse passed."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16).to(dtype), torch.randn(1, 1, 6, 16).to(dtype),
+               torch.randn(1, 1, 6, 16).to(dtype))
+    kw = dict(causal=True, sink_cols=torch.tensor([[0]]), beta=torch.tensor([0.5, 0.9]),
+              virtual_sink_logit=torch.tensor([120.0, 120.0]))
+    out, lse = _wrong(q, k, v, kw, kw)
+    with pytest.raises(AssertionError, match="lse error"):
+        kt.check_attention(out, lse + 1.0, q, k, v, label="lse off by 1.0, virtual logit 120", **kw)
+    recorded = sys.modules[type(kt).__module__].ERRORS
+    before = len(recorded)
+    kt.check_attention(out, lse, q, k, v, label="virtual logit 120", **kw)
+    del recorded[before:]
