@@ -56,15 +56,24 @@ def row_dormancy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     input_ids (B, S); attention_mask (B, S), 1 = real token (None = no padding). The score is the
     one the module docstring defines; ``score >= DORMANT_THRESHOLD`` means the row is dormant.
-    Rows that see no key at all (left padding) score 0. ``hidden_sink_threshold=None`` restricts
-    the sink set to the first token(s).
+    Padding rows (mask 0, left or right) score 0 and change no other row's score: each sequence is
+    scored as it would be alone. ``hidden_sink_threshold`` is ACT's criterion, in (0, 1); None
+    restricts the sink set to the first token(s).
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
     device = model_device(model)
-    threshold = math.inf if hidden_sink_threshold is None else hidden_sink_threshold
+    threshold = HIDDEN_SINK_THRESHOLD if hidden_sink_threshold is None else hidden_sink_threshold
     kwargs = dict(hidden_sink_threshold=threshold, keep_rows=True, keep_examples=False)
     with observed_model(model, kwargs, residual=False) as collector:
+        if hidden_sink_threshold is None:
+            # no key's mean attention exceeds infinity: the blockwise pass (which the per-row scores
+            # need) runs with first-token sinks only; set past the collector's check, which refuses
+            # thresholds outside (0, 1) from users
+            collector.threshold = math.inf
         collector.begin_window(input_ids, attention_mask)
         extra = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
         model(input_ids=input_ids.to(device), use_cache=False, **extra)
@@ -284,8 +293,9 @@ class InspectionReport:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
 
 
-#: Dormancy scores lie in [0, 1] and a head flips when it is ``margin`` above the threshold on one
-#: domain and ``margin`` below it on another: a margin this large or larger can never be met.
+#: Dormancy scores lie in [0, 1] and a head flips when it is at least ``margin`` above the threshold on
+#: one domain and at least ``margin`` below it on another: a margin this large could be met only by
+#: scores of exactly 1 and 0, a larger one never.
 MAX_FLIP_MARGIN = min(DORMANT_THRESHOLD, 1.0 - DORMANT_THRESHOLD)
 
 
@@ -305,27 +315,35 @@ def _domain_flips(domains: Mapping[str, ExtremeTokenMetrics], margin: float) -> 
 
 def dormancy_flips(dormancy: Mapping[str, torch.Tensor], margin: float) -> list[dict]:
     """Heads dormant on one domain and active on another, each side at least ``margin`` from the
-    threshold. ``dormancy``: domain -> [L, H] mean row dormancy scores (NaN = no such head)."""
+    threshold (inclusive on both sides: a score of threshold + margin counts as dormant, one of
+    threshold - margin as active; with a margin of 0 active is below the threshold, as
+    :meth:`InspectionReport.dormant` has it). ``dormancy``: domain -> [L, H] mean row dormancy
+    scores (NaN = no such head)."""
     names = list(dormancy)
     if len(names) < 2:
         return []
     scores = torch.stack([dormancy[n] for n in names])  # (D, L, H)
     flips = []
     L, H = scores.shape[1:]
+    dormant = lambda v: v >= DORMANT_THRESHOLD + margin  # noqa: E731
+    # "at least margin below": inclusive as the dormant side is (0.55 vs 0.45 with a margin of 0.05
+    # was no flip, 0.56 vs 0.44 was); and below the threshold itself, so a margin of 0 does not count
+    # a head at exactly 0.5 on both domains as dormant on one and active on the other
+    active = lambda v: v < DORMANT_THRESHOLD and v <= DORMANT_THRESHOLD - margin  # noqa: E731
     for layer in range(L):
         for head in range(H):
             s = scores[:, layer, head]
             if torch.isnan(s).any():
                 continue
-            hi, lo = int(torch.argmax(s)), int(torch.argmin(s))
-            if s[hi] >= DORMANT_THRESHOLD + margin and s[lo] < DORMANT_THRESHOLD - margin:
+            values = s.tolist()
+            if dormant(max(values)) and active(min(values)):
                 flips.append({
                     "layer": layer, "head": head,
                     # the domains that clear the margin on their side; one inside the band is in neither list
-                    "dormant_on": [n for n, v in zip(names, s.tolist()) if v >= DORMANT_THRESHOLD + margin],
-                    "active_on": [n for n, v in zip(names, s.tolist()) if v < DORMANT_THRESHOLD - margin],
-                    "scores": {n: round(float(v), 4) for n, v in zip(names, s.tolist())},
-                    "delta": round(float(s[hi] - s[lo]), 4),
+                    "dormant_on": [n for n, v in zip(names, values) if dormant(v)],
+                    "active_on": [n for n, v in zip(names, values) if active(v)],
+                    "scores": {n: round(float(v), 4) for n, v in zip(names, values)},
+                    "delta": round(float(max(values) - min(values)), 4),
                 })
     return sorted(flips, key=lambda f: -f["delta"])
 
@@ -350,7 +368,8 @@ def inspect(
     token first when ``bos``), at most ``max_tokens`` text tokens per domain, and streamed through
     the model as it is currently patched. ``flip_margin``: a head counts as flipping between two
     domains when its dormancy score is at least this far above the threshold on one and below it
-    on the other (scores closer to the threshold than that are noise on a few thousand tokens).
+    on the other (scores closer to the threshold than that are noise on a few thousand tokens; a
+    score exactly ``flip_margin`` away counts, on either side).
     """
     check_hidden_sink_threshold(hidden_sink_threshold)
     check_windows(seq_len, bos, max_tokens)

@@ -44,6 +44,7 @@ from sinkfix.ops.reference import sink_key_mask, zero_value_lse
 
 __all__ = [
     "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector", "check_hidden_sink_threshold",
+    "check_min_queries",
     "measure_extreme_tokens", "observed_model",
 ]
 
@@ -63,6 +64,17 @@ def check_hidden_sink_threshold(value, name: str = "hidden_sink_threshold", erro
             or not 0.0 < float(value) < 1.0):
         raise error(f"{name} must be a number in (0, 1) (ACT: {HIDDEN_SINK_THRESHOLD}), got {value!r}")
     return float(value)
+
+
+def check_min_queries(value, name: str = "min_queries", error: type[Exception] = UsageError) -> int:
+    """The fewest query rows a key must be seen by to be judged a hidden sink, checked: an integer
+    >= 1 (not a bool), else ``error`` naming ``name``. NaN switched hidden-sink detection off without
+    a word (no count is >= NaN) and 0, -5 or 2.5 acted as 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be an integer >= 1 (default {_MIN_QUERIES}), got {value!r}")
+    return int(value)
+
+
 # Score-block budget in elements: (B, Hq, rows, K) fp32 blocks of ~16M elements (64 MB) keep the
 # peak memory flat in the window length (a 4096-token window on SmolLM2 uses 9 x 455 x 4096 blocks).
 _BLOCK_ELEMENTS = 16 * 1024 * 1024
@@ -152,9 +164,10 @@ class _RowPass:
 
 
 def _corrected_rows(call, q: torch.Tensor, k: torch.Tensor, sink_cols: torch.Tensor, is_sink: torch.Tensor,
-                    beta: torch.Tensor | None) -> _RowPass:
+                    beta: torch.Tensor | None, rows_real: torch.Tensor | None = None) -> _RowPass:
     """Stock probabilities, corrected as the call patched them, in blocks of query rows: nothing
-    of size (Q, K) outlives one block (_BLOCK_ELEMENTS)."""
+    of size (Q, K) outlives one block (_BLOCK_ELEMENTS). ``rows_real`` (B, Q): the query rows that
+    are real tokens (None: all); a padding row is given no visible key, so it counts for nothing."""
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -179,6 +192,8 @@ def _corrected_rows(call, q: torch.Tensor, k: torch.Tensor, sink_cols: torch.Ten
         r1 = min(Q, r0 + block)
         c = r1 - r0
         vis = StreamingCollector._visible(call, r0, r1, B, K, dev)  # (B, 1, c, K)
+        if rows_real is not None:
+            vis = vis & rows_real[:, None, r0:r1, None]
         # one batched GEMM per kv head group: (B, Hkv, g*c, D) @ (B, Hkv, D, K)
         s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, g * c, D), k_t).reshape(B, Hq, c, K)
         s.mul_(call.scale)
@@ -222,7 +237,10 @@ def _corrected_rows(call, q: torch.Tensor, k: torch.Tensor, sink_cols: torch.Ten
 class StreamingCollector:
     """Running sums of extreme-token statistics; feed it with :meth:`observe` and :meth:`residual_hook`.
 
-    Call :meth:`begin_window` with the (B, S) input ids before each forward pass. With
+    Call :meth:`begin_window` with the (B, S) input ids (and the attention mask of a padded batch:
+    padding rows, left or right, then count for nothing) before each forward pass.
+    ``hidden_sink_threshold`` is ACT's criterion in (0, 1) (None: no hidden-sink detection) and
+    ``min_queries`` an integer >= 1; anything else is a :class:`UsageError`. With
     ``keep_rows=True`` the per-row dormancy scores of every window are kept (``rows[l]`` is a list
     of (B, Hq, S) tensors), which :func:`sinkfix.analysis.inspection.row_dormancy` returns.
     """
@@ -230,11 +248,13 @@ class StreamingCollector:
     def __init__(self, num_layers: int, num_heads: Sequence[int], *,
                  hidden_sink_threshold: float | None = HIDDEN_SINK_THRESHOLD, min_queries: int = _MIN_QUERIES,
                  keep_rows: bool = False, keep_examples: bool = True) -> None:
+        # checked as inspect checks them: a threshold of 0 or below made every judged key a hidden sink
+        # (248 in one 40-token window of a tiny Llama), one of 1 or above (or NaN) none, silently
+        self.threshold = None if hidden_sink_threshold is None else check_hidden_sink_threshold(hidden_sink_threshold)
+        self.min_queries = check_min_queries(min_queries)
         self.L = num_layers
         self.H = max(num_heads) if num_heads else 0
         self.num_heads = list(num_heads)
-        self.threshold = hidden_sink_threshold
-        self.min_queries = min_queries
         self.keep_rows = keep_rows
         self.keep_examples = keep_examples
         f64 = dict(dtype=torch.float64)
@@ -321,21 +341,26 @@ class StreamingCollector:
         is_sink = sink_key_mask(sink_cols, B, K, dev)  # (B, K)
         has_sink = is_sink.any(-1)  # (B,) an empty sink set (n_sink=0) has no share or drain to speak of
         beta = None if call.beta is None else call.beta.detach().to(device=dev, dtype=torch.float32)
+        # A query row counts only where its own mask entry is 1: the attention mask hides padding
+        # *keys*, so a right-padding row still sees the real keys before it and was measured as a
+        # real row (sink share 0.014 off, 1.5 more hidden sinks per sequence, dormancy 0.011 off,
+        # its own dormancy score up to 0.109 on a tiny Llama, review 14).
+        rows_real = self._rows_real(B, Q, K, dev)
         vnorm, median_v = self._value_drain(layer, call, v, sink_cols, has_sink)
 
         if self.threshold is None and call.result.sink_mass is not None:
             # cheap path: the attention op already returned the stock sink mass of every row
-            has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev)  # (B, Q)
+            has_n = self._rows_with_nonsink(call, is_sink, B, Q, K, dev, rows_real)  # (B, Q)
             share = call.result.sink_mass.detach().float()  # (B, Hq, Q) before sink scaling
             if beta is not None:
                 share = share * beta[None, :, None]
             self._add_rows(layer, share, has_n, has_sink, Hq)
             return
 
-        rows = _corrected_rows(call, q, k, sink_cols, is_sink, beta)
+        rows = _corrected_rows(call, q, k, sink_cols, is_sink, beta, rows_real)
         self._add_rows(layer, rows.share, rows.has_n, has_sink, Hq)
         hidden = self._hidden_sinks(layer, rows, is_sink, K)
-        self._row_dormancy(layer, call, q, k, rows, is_sink, hidden, vnorm, median_v)
+        self._row_dormancy(layer, call, q, k, rows, is_sink, hidden, vnorm, median_v, rows_real)
 
     def _value_drain(self, layer: int, call, v: torch.Tensor, sink_cols: torch.Tensor, has_sink: torch.Tensor):
         """Fold ||v_sink|| / median_j ||v_j|| (first sink column in the window, per kv head) of the
@@ -344,6 +369,8 @@ class StreamingCollector:
         Q = call.query.shape[2]
         vnorm = v.norm(dim=-1)
         key_real = self._key_real(call, B, Q, K, v.device)  # (B, K)
+        if self._real is not None and self._real.shape == (B, K):  # a padding key is no key, whatever the mask
+            key_real = key_real & self._real.to(v.device)
         median_v = torch.nanmedian(vnorm.masked_fill(~key_real[:, None, :], float("nan")), dim=-1).values
         if self.drain_sum[layer] is None:
             self.drain_sum[layer] = torch.zeros(Hkv, dtype=torch.float64)
@@ -375,7 +402,8 @@ class StreamingCollector:
             self.hidden_tok[layer].update(self._ids[bs, js].tolist())
         return hidden
 
-    def _row_dormancy(self, layer: int, call, q, k, rows: "_RowPass", is_sink, hidden, vnorm, median_v) -> None:
+    def _row_dormancy(self, layer: int, call, q, k, rows: "_RowPass", is_sink, hidden, vnorm, median_v,
+                      rows_real: torch.Tensor | None = None) -> None:
         """Attention on sink columns (first-token and hidden) weighted by how drained their values
         are, per row; only the few candidate columns are scored again."""
         B, Hq, Q, _ = q.shape
@@ -392,6 +420,8 @@ class StreamingCollector:
             if call.softcap is not None:
                 s_u = call.softcap * torch.tanh(s_u / call.softcap)
             vis_u = self._visible_cols(call, cols, B, Q, K, dev)  # (B, 1, Q, U)
+            if rows_real is not None:  # a padding row scores 0, right padding as left
+                vis_u = vis_u & rows_real[:, None, :, None]
             p_u = (torch.exp(s_u - rows.m[..., None]) / rows.z[..., None]).masked_fill(~vis_u, 0.0)
             sink_u = is_sink[:, cols][:, None, None, :]
             p_u = p_u * torch.where(sink_u, rows.fac_s[..., None], rows.fac_n[..., None])
@@ -408,6 +438,15 @@ class StreamingCollector:
             self.rows[layer].append(score.cpu())
 
     # -- helpers ------------------------------------------------------------------------------
+    def _rows_real(self, B: int, Q: int, K: int, dev) -> torch.Tensor | None:
+        """(B, Q) query rows that are real tokens by the window's attention mask (begin_window), or
+        None when there is no mask or it does not describe this call's rows. The mask covers the
+        keys; the Q query rows are its last Q positions (all of them in a window's forward)."""
+        real = self._real
+        if real is None or real.ndim != 2 or real.shape[0] != B or real.shape[1] not in (Q, K) or real.shape[1] < Q:
+            return None
+        return real[:, real.shape[1] - Q:].to(dev)
+
     def _add_rows(self, layer: int, share: torch.Tensor, has_n: torch.Tensor, has_sink: torch.Tensor, Hq: int) -> None:
         counted = has_n & has_sink[:, None]
         self.sink_sum[layer, :Hq] += (share * counted[:, None, :].to(share.dtype)).sum((0, 2)).double().cpu()
@@ -440,13 +479,16 @@ class StreamingCollector:
         return torch.ones(B, K, dtype=torch.bool, device=dev)
 
     @staticmethod
-    def _rows_with_nonsink(call, is_sink: torch.Tensor, B: int, Q: int, K: int, dev) -> torch.Tensor:
-        """(B, Q) rows that see at least one key outside the sink set."""
+    def _rows_with_nonsink(call, is_sink: torch.Tensor, B: int, Q: int, K: int, dev,
+                           rows_real: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Q) rows that see at least one key outside the sink set (and are real, by ``rows_real``)."""
         if call.attn_mask is not None:
-            return (call.attn_mask.expand(B, 1, Q, K)[:, 0] & ~is_sink[:, None, :]).any(-1)
-        if call.causal:
-            return ((~is_sink).cumsum(-1) > 0)[:, :Q]
-        return (~is_sink).any(-1, keepdim=True).expand(B, Q)
+            has_n = (call.attn_mask.expand(B, 1, Q, K)[:, 0] & ~is_sink[:, None, :]).any(-1)
+        elif call.causal:
+            has_n = ((~is_sink).cumsum(-1) > 0)[:, :Q]
+        else:
+            has_n = (~is_sink).any(-1, keepdim=True).expand(B, Q)
+        return has_n if rows_real is None else has_n & rows_real
 
     # -- result -------------------------------------------------------------------------------
     def result(self) -> ExtremeTokenMetrics:
@@ -536,10 +578,14 @@ def measure_extreme_tokens(
     it is currently patched; an unpatched model is temporarily patched with the identity policy.
     ``hidden_sink_threshold=None`` skips the blockwise attention pass (hidden sinks, dormancy) and
     reads the sink share off the attention kernel's own sink mass: about the cost of a plain forward.
+    A threshold outside (0, 1) or a ``min_queries`` that is not an integer >= 1 is a :class:`UsageError`.
     ``progress`` is called with 1 after each window.
     """
     if not len(windows):
         raise ValueError("measure_extreme_tokens needs at least one window")
+    if hidden_sink_threshold is not None:  # before the model is patched (the collector checks them too)
+        check_hidden_sink_threshold(hidden_sink_threshold)
+    check_min_queries(min_queries)
     device = model_device(model)
     kwargs = dict(hidden_sink_threshold=hidden_sink_threshold, min_queries=min_queries)
     with observed_model(model, kwargs) as collector:

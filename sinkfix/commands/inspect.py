@@ -81,8 +81,32 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
 
 
-def print_report(report, console=None) -> None:
-    """Readable per-layer table and the domain-flip table (rich)."""
+def _defined(values) -> "torch.Tensor":
+    """The defined (not NaN) entries of a tensor, flattened."""
+    return values[~values.isnan()]
+
+
+def _max(values) -> float:
+    """The largest defined entry, NaN (printed "-") when there is none: an undefined sink share
+    (n_sink=0) printed as "0.00" while report.json had null."""
+    defined = _defined(values)
+    return float(defined.max()) if defined.numel() else float("nan")
+
+
+def _min(values) -> float:
+    """The smallest defined entry, NaN (printed "-") when there is none: an undefined value drain
+    printed as "inf"."""
+    defined = _defined(values)
+    return float(defined.min()) if defined.numel() else float("nan")
+
+
+def print_report(report, console=None, out=None) -> None:
+    """Readable per-layer table and the domain-flip table (rich). ``out``: the folder report.json is
+    written to, named where the flip table is cut."""
+    from pathlib import Path
+
+    from sinkfix.commands.monitor import MAX_FLIPS_PRINTED
+
     from rich.console import Console
     from rich.table import Table
 
@@ -111,8 +135,8 @@ def print_report(report, console=None) -> None:
         pos = overall.peak_positions[layer]
         tok = overall.peak_tokens[layer]
         row = [
-            str(layer), f"{_fmt(float(share.nanmean()))} / {_fmt(float(share.nan_to_num(0).max()))}", hidden, tokens,
-            _fmt(float(drain.nan_to_num(float('inf')).min())), _fmt(float(overall.residual_peak[layer]), 1),
+            str(layer), f"{_fmt(float(share.nanmean()))} / {_fmt(_max(share))}", hidden, tokens,
+            _fmt(_min(drain)), _fmt(float(overall.residual_peak[layer]), 1),
             f"{pos} {_short(report.token(tok))}" if pos >= 0 else "-",
         ]
         for name in names:
@@ -135,10 +159,16 @@ def print_report(report, console=None) -> None:
         for name in names:
             flips.add_column(f"dormancy {name}", justify="right")
         flips.add_column("dormant on")
-        for flip in report.flips[:30]:
+        for flip in report.flips[:MAX_FLIPS_PRINTED]:
             flips.add_row(str(flip["layer"]), str(flip["head"]),
                           *[_fmt(flip["scores"].get(n, float("nan")), 3) for n in names], ", ".join(flip["dormant_on"]))
         console.print(flips if report.flips else "no head changes state between domains")
+        if len(report.flips) > MAX_FLIPS_PRINTED:
+            # the table is cut (as monitor report's is): said, and where the rest is; a 64-flip report
+            # printed 30 rows and nothing else
+            where = Path(out) / "report.json" if out is not None else "report.json"
+            console.print(f"... and {len(report.flips) - MAX_FLIPS_PRINTED} more (all in {where})",
+                          markup=False, highlight=False)
 
 
 def wide_console():
@@ -168,6 +198,16 @@ def run(args: argparse.Namespace) -> int:
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
     out = check_writable(args.out, folder=True)  # before the measurements, not after them
+    # and every file it will hold: a folder named report.json (or like a figure) was found only after
+    # the model loaded and every window ran, with report.json left beside the missing figures
+    check_writable(out / "report.json")
+    if not args.no_figures:
+        from sinkfix.analysis.plots import FIGURE_NAMES
+
+        # domain_flips.png is drawn only with two domains or more (one-domain runs merely remove a stale
+        # one, and leave a folder of that name alone)
+        for name in FIGURE_NAMES if len(texts) > 1 else [n for n in FIGURE_NAMES if n != "domain_flips.png"]:
+            check_writable(out / name)
     if not args.no_figures:  # matplotlib missing: said now, not after every measurement
         from sinkfix.analysis.plots import check_matplotlib
 
@@ -198,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if handle is not None:
             handle.remove()
-    print_report(report, console)
+    print_report(report, console, out)
     path = report.save_json(out / "report.json")
     console.print(f"wrote {path}")
     from sinkfix.analysis.plots import remove_stale_figures, write_figures
