@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
+
+if TYPE_CHECKING:  # torch is imported where a command runs, not when the CLI starts
+    import torch
 
 __all__ = ["add_parser", "run", "add_common_arguments", "texts_from_args", "describe_texts", "TextSourceError"]
 
