@@ -794,6 +794,9 @@ def _read_statistics(data: dict, identity: ModelIdentity) -> ProfileStatistics |
     return stats
 
 
+_CONTENT_KEYS = frozenset({"threshold", "hidden_sink_scale", "heads", "min_rows", "reevaluate_every"})
+
+
 def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
     mode = policy.get("mode", "positional")
     if version < CONTENT_VERSION and ("mode" in policy or "content_sinks" in policy):
@@ -809,6 +812,10 @@ def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
     if not isinstance(entry, dict) or "threshold" not in entry or "hidden_sink_scale" not in entry:
         raise ProfileError("a content-mode profile needs a 'content_sinks' object with 'threshold' and "
                            "'hidden_sink_scale'")
+    unknown = sorted(set(entry) - _CONTENT_KEYS)
+    if unknown:  # a misspelt key ("min_row") was ignored, and the rule ran with its default
+        raise ProfileError(f"profile content_sinks has unknown key(s) {', '.join(map(repr, unknown))}; it takes "
+                           f"{', '.join(sorted(_CONTENT_KEYS))}")
     heads = entry.get("heads")
     if heads is not None and not _all_bools(heads):
         # torch.tensor(..., dtype=bool) would read 0.5 or 2 as true

@@ -166,10 +166,15 @@ def use_sink_sets(cache: Any, sets: dict[int, torch.Tensor]) -> Any:
     sink sets: forwards with it apply them (keys beyond their width are not sinks) and never decide.
     Returns the cache."""
     store = ContentSinkStore(frozen=True)
+    # a cache made with the model's config knows its layers: a set for a layer past them was ignored
+    layers = getattr(cache, "layers", None)
+    count = len(layers) if isinstance(layers, list) and layers else None
     for layer, hidden in sets.items():
-        if hidden.dtype != torch.bool or hidden.ndim != 3:
+        if not isinstance(hidden, torch.Tensor) or hidden.dtype != torch.bool or hidden.ndim != 3:
             raise PolicyError(f"sink set of layer {layer} must be a (B, Hq, K) bool tensor, got "
-                              f"{tuple(hidden.shape)} {hidden.dtype}")
+                              f"{tuple(getattr(hidden, 'shape', ()))} {getattr(hidden, 'dtype', type(hidden).__name__)}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or (count is not None and layer >= count):
+            raise PolicyError(f"sink set for layer {layer!r}: the cache has layers 0..{'?' if count is None else count - 1}")
         store.layers[layer] = LayerSinkSet(hidden.clone(), None, length=0)
     _attach_store(cache, store)
     return cache
@@ -273,6 +278,9 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
 
     if store.frozen:  # given sets: applied, never decided
         hidden = torch.zeros(batch, q_heads, 0, dtype=torch.bool) if entry is None else entry.hidden
+        if tuple(hidden.shape[:2]) != (batch, q_heads):  # a raw broadcast error deep in the attention before
+            raise PolicyError(f"layer {layer}: the given sink set is for {hidden.shape[0]} sequences x "
+                              f"{hidden.shape[1]} query heads, and this call has {batch} x {q_heads}")
         result = content_sink_attention(query, key, value, hidden=_columns(hidden, first, end).to(query.device),
                                               **common)
         if entry is not None:

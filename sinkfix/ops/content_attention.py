@@ -97,6 +97,28 @@ def _repeat(t: torch.Tensor, group: int) -> torch.Tensor:
 FEW_ROWS = 8
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _rest_shares(lse_s: torch.Tensor, lse_n: torch.Tensor, lse_all: torch.Tensor, w_h: torch.Tensor,
+                 b_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S's share of S and N, N's share, the mass S and N hold after the hidden sinks gave theirs):
+    ``p_S / (p_S + p_N)``, ``p_N / (p_S + p_N)`` and ``p_S + p_N + (1 - beta_H) p_H``.
+
+    The formula's ``g = 1 + (1 - beta_H) p_H / (p_S + p_N)`` is not formed: a hidden sink that
+    out-scores every other key by more than fp32's exponent range (about 87 nats) leaves
+    ``p_S + p_N`` zero or subnormal in shares of the whole row, and ``g`` became inf (inf and NaN
+    outputs from a gap of about 92 nats on a tiny Llama). The shares within S and N come from their
+    own log-sum-exps, which keep their range, and the mass is a sum of finite terms."""
+    lse_rest = torch.logaddexp(lse_s, lse_n)  # -inf where the row sees neither
+    rest = _finite(lse_rest)
+    share_s = torch.where(torch.isfinite(lse_s), torch.exp(lse_s - rest), 0.0)
+    share_n = torch.where(torch.isfinite(lse_n), torch.exp(lse_n - rest), 0.0)
+    rest_mass = torch.where(torch.isfinite(lse_rest), torch.exp(lse_rest - _finite(lse_all)), 0.0) + (1 - b_h) * w_h
+    return share_s, share_n, rest_mass
+
+
 def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, extra_logits, virtual_sink_logit,
               need_stats: bool):
     """The formula of the reference, in fp32, with query heads grouped by kv head (no key copies).
@@ -114,18 +136,24 @@ def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, 
     in_h = visible & hidden[:, :, None, :]
     in_s = visible & is_sink
     in_n = visible & ~is_sink & ~hidden[:, :, None, :]
-    w_s = (p * in_s).sum(-1)
     w_h = (p * in_h).sum(-1)
-    w_n = (p * in_n).sum(-1)
     has_rest = (in_s | in_n).any(-1)
     has_n = in_n.any(-1)
     b_h = torch.where(has_rest, hidden_beta.float().reshape(1, -1, 1), 1.0)
-    g = 1 + (1 - b_h) * w_h / torch.where(has_rest, w_s + w_n, 1.0)
     # beta None: a float32 one, not torch.where of two Python numbers (the default dtype, which may be float64)
     b_s = (torch.ones((), dtype=torch.float32, device=p.device) if beta is None
            else torch.where(has_n, beta.float().reshape(1, -1, 1), 1.0))
-    scale_n = g * (w_n + (1 - b_s) * w_s) / torch.where(has_n, w_n, 1.0)
-    weights = p * (b_h[..., None] * in_h + (g * b_s)[..., None] * in_s + scale_n[..., None] * in_n)
+    # S and N under their own maxima (_rest_shares says why): their keys' weights are their shares of
+    # the rest times the mass the rest holds after the hidden sinks gave theirs away
+    lse_s = torch.logsumexp(scores.masked_fill(~in_s, float("-inf")), dim=-1)
+    lse_n = torch.logsumexp(scores.masked_fill(~in_n, float("-inf")), dim=-1)
+    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse, w_h, b_h)
+    # each set's own keys only: a hidden key's exp(s_j - lse_N) would be inf, and inf * 0 is NaN
+    within_s = torch.exp(scores.masked_fill(~in_s, float("-inf"))
+                         - _finite(torch.logaddexp(lse_s, lse_n))[..., None])  # p_j / (p_S + p_N)
+    within_n = torch.exp(scores.masked_fill(~in_n, float("-inf")) - _finite(lse_n)[..., None])  # p_j / p_N
+    weights = (p * in_h * b_h[..., None] + within_s * (rest_mass * b_s)[..., None]
+               + within_n * (rest_mass * (share_n + (1 - b_s) * share_s))[..., None])
     out = torch.matmul(weights.view(batch, kv_heads, group * q_len, k_len), v.float())
     out = out.view(batch, q_heads, q_len, head_dim)
     if extra_logits is not None or virtual_sink_logit is not None:
@@ -314,7 +342,7 @@ def content_sink_attention_torch(
     lse_n = torch.where(has_n, lse_n.float(), float("-inf"))
 
     # the epilogue, in shares of the real keys' mass
-    finite_all = torch.where(torch.isfinite(lse_all), lse_all, 0.0)
+    finite_all = _finite(lse_all)
     w_n = torch.exp(lse_n - finite_all)
     w_s = torch.exp(lse_s - finite_all)
     sees_h = n_hidden > 0
@@ -322,12 +350,11 @@ def content_sink_attention_torch(
     o_h_part = torch.where(sees_h[..., None], o_all - w_n[..., None] * o_n - w_s[..., None] * o_s, 0.0)
     has_rest = (n_rest + n_sink) > 0
     b_h = torch.where(has_rest & sees_h, hidden_beta.float().reshape(1, -1, 1), 1.0)
-    rest = w_n + w_s
-    g = 1 + (1 - b_h) * w_h / torch.where(has_rest, rest, 1.0)
     b_s = torch.ones((), dtype=torch.float32) if beta is None else beta.float().reshape(1, -1, 1)
     b_s = torch.where(has_n, b_s, 1.0)
+    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse_all, w_h, b_h)
     out = (b_h[..., None] * o_h_part
-           + g[..., None] * ((b_s * w_s)[..., None] * o_s + (w_n + (1 - b_s) * w_s)[..., None] * o_n))
+           + rest_mass[..., None] * ((b_s * share_s)[..., None] * o_s + (share_n + (1 - b_s) * share_s)[..., None] * o_n))
     if extra_logits is not None or virtual_sink_logit is not None:
         lse_zero = zero_value_lse(extra_logits, virtual_sink_logit, (n_rest + n_hidden) > 0)
         keep = torch.where(torch.isfinite(lse_all), torch.sigmoid(lse_all - lse_zero), 0.0)
