@@ -461,6 +461,7 @@ class Monitor:
         values = req.acc.read()  # the one host read of the request
         padded = values.pop("padding_after_real").bool()
         if padded.any():  # no record: the outputs were served, the statistics cannot be told apart
+            self.records = []  # not the previous request's
             raise MonitorError(_RIGHT_PADDING.format(rows=torch.nonzero(padded).flatten().tolist()))
         betas = [lp.beta for lp in self._handle.layer_policies()]
         num_heads, kv_heads = self._num_heads, req.acc.kv_heads
