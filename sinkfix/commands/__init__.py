@@ -15,6 +15,10 @@ SUMMARIES: dict[str, str] = {
     "kvquant": "KV-cache quantization: full vs quantized vs sink-protected perplexity",
 }
 
+#: Rows of a printed table of heads active on one domain and dormant on another (`inspect`,
+#: `monitor report`); their report.json holds every one.
+MAX_FLIPS_PRINTED = 30
+
 
 def set_threads(threads: int | None) -> None:
     """Apply a command's ``--threads`` (None: torch's own choice). A count below 1 is refused with a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sinkfix.commands import SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, SUMMARIES, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -108,8 +108,6 @@ def print_report(report, console=None, out=None) -> None:
     """Readable per-layer table and the domain-flip table (rich). ``out``: the folder report.json is
     written to, named where the flip table is cut."""
     from pathlib import Path
-
-    from sinkfix.commands.monitor import MAX_FLIPS_PRINTED
 
     from rich.console import Console
     from rich.table import Table

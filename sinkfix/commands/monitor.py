@@ -13,13 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from sinkfix.commands import SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, SUMMARIES, set_threads
 from sinkfix.errors import MonitorError
 
 #: The figure of `sinkfix monitor report --out DIR`.
 FIGURE_NAME = "sink_share_by_layer.png"
-#: Rows of the printed active/dormant table; report.json (--out) holds every one.
-MAX_FLIPS_PRINTED = 30
 
 __all__ = ["add_parser", "run"]
 
