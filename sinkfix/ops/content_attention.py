@@ -130,7 +130,7 @@ def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, 
     scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale).view(batch, q_heads, q_len, k_len)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # stock, real keys
+    p = torch.exp(scores - _finite(lse)[..., None])  # stock, real keys
     stats = ColumnStats(p.sum(2), visible[:, 0].sum(1).float()) if need_stats else None
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
     in_h = visible & hidden[:, :, None, :]
@@ -203,7 +203,7 @@ def _sink_part(q, k, v, visible_cols: torch.Tensor, sink_cols: torch.Tensor, sca
     v_s = _repeat(v.gather(2, index).float(), group)
     s = torch.matmul(q.float(), k_s.transpose(-1, -2)).mul_(scale).masked_fill_(~visible_cols, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    p = torch.exp(s - _finite(lse)[..., None])
     return torch.matmul(p, v_s), lse, visible_cols.sum(-1).float()
 
 
