@@ -33,8 +33,8 @@ from sinkfix.caches import SinkCache, feed
 from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device
 
-__all__ = ["StreamVariant", "StreamResult", "stream_nll", "recompute_nll", "measure_streaming", "segment_ppl",
-           "running_ppl", "running_ratio", "check_stream_arguments"]
+__all__ = ["StreamVariant", "StreamResult", "stream_nll", "recompute_nll", "measure_streaming", "recompute_positions",
+           "segment_ppl", "running_ppl", "running_ratio", "check_stream_arguments"]
 
 
 @dataclass
@@ -119,6 +119,11 @@ class StreamResult:
     def token_nll(self) -> dict[str, torch.Tensor]:
         """Per-token NLL of every variant (NaN = not scored), to save next to the summary."""
         return {name: v.nll for name, v in self.variants.items()}
+
+
+def recompute_positions(warmup: int, tokens: int, recompute_every: int) -> list[int]:
+    """The stream positions a recomputation scores: every ``recompute_every``-th after the warm-up."""
+    return list(range(warmup + 1, tokens, recompute_every))
 
 
 def segment_ppl(variant: StreamVariant, lo: int, hi: int) -> float:
@@ -235,7 +240,7 @@ def measure_streaming(model, ids: torch.Tensor, *, n_sink: int, window: int, chu
     for kind in variants:
         name = kind + suffix
         if kind == "recompute":
-            positions = list(range(warmup + 1, n, recompute_every))
+            positions = recompute_positions(warmup, n, recompute_every)
             # progress in stream tokens: a recomputed position stands for recompute_every of them
             progress = None if on_tokens is None else (lambda k: on_tokens(k * recompute_every))
             result.variants[name] = recompute_nll(model, ids, context=warmup, positions=positions, bos_id=bos_id,

@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(summary: dict) -> None:
     from rich.table import Table
 
+    from sinkfix.analysis.streaming import recompute_positions
     from sinkfix.commands.inspect import wide_console
 
     p = summary["protocol"]
@@ -260,7 +261,7 @@ def _print_table(summary: dict) -> None:
         if name.startswith("recompute") and p["segments"]:
             # a recomputation scores every recompute_every-th token: its segment perplexities come from a
             # few positions (4 of a 64-token segment at the default), not from every token as the caches'
-            scored = range(p["warmup"] + 1, p["tokens"], p["recompute_every"])
+            scored = recompute_positions(p["warmup"], p["tokens"], p["recompute_every"])
             counts = [sum(lo <= x < hi for x in scored) for lo, hi in p["segments"]]
             first_cell, last_cell = f"{first_cell} ({counts[0]})", f"{last_cell} ({counts[-1]})"
             table.caption = ("(n): a recomputation's segment perplexity, from the n tokens it scored in that "
