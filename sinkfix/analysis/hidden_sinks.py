@@ -18,12 +18,11 @@ call that brings it and the calls before its residual is flushed); a key needs `
 from __future__ import annotations
 
 import contextlib
-import numbers
 from typing import Iterator
 
 import torch
 
-from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows, check_hidden_sink_threshold
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows, check_count, check_hidden_sink_threshold
 from sinkfix.caches import SinkCache
 from sinkfix.caches.body import QUANTIZED_BODIES
 from sinkfix.caches.layers import SinkLayer
@@ -42,13 +41,11 @@ class HiddenSinkGuard:
         # always is, and a min_rows below 1 or not an integer would judge keys on no rows at all;
         # each would quietly protect nothing (or everything) instead of failing.
         threshold = check_hidden_sink_threshold(threshold, "threshold")
-        if isinstance(min_rows, bool) or not isinstance(min_rows, numbers.Integral) or min_rows < 1:
-            raise UsageError(f"min_rows must be an integer >= 1 (query rows a key needs to be judged), "
-                             f"got {min_rows!r}")
+        min_rows = check_count(min_rows, "min_rows", UsageError, " (query rows a key needs to be judged)")
         if not isinstance(cache, SinkCache):
             raise CacheError(f"cache must be a sinkfix SinkCache (hidden sinks are kept in its quantized "
                              f"layers), got {type(cache).__name__}")
-        self.cache, self.threshold, self.min_rows = cache, threshold, int(min_rows)
+        self.cache, self.threshold, self.min_rows = cache, threshold, min_rows
         self.protected = 0  # (row, token, layer) triples protected so far
 
     def _layer(self, call) -> SinkLayer | None:

@@ -44,7 +44,7 @@ from sinkfix.ops.reference import sink_key_mask, zero_value_lse
 
 __all__ = [
     "DORMANT_THRESHOLD", "HIDDEN_SINK_THRESHOLD", "ExtremeTokenMetrics", "StreamingCollector", "check_hidden_sink_threshold",
-    "check_min_queries",
+    "check_count", "check_min_queries",
     "measure_extreme_tokens", "observed_model",
 ]
 
@@ -66,13 +66,19 @@ def check_hidden_sink_threshold(value, name: str = "hidden_sink_threshold", erro
     return float(value)
 
 
+def check_count(value, name: str, error: type[Exception] = UsageError, what: str = "") -> int:
+    """``value`` as an int >= 1 (an integral number, not a bool), else ``error`` naming ``name``
+    (``what``: the message's note after "an integer >= 1")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be an integer >= 1{what}, got {value!r}")
+    return int(value)
+
+
 def check_min_queries(value, name: str = "min_queries", error: type[Exception] = UsageError) -> int:
     """The fewest query rows a key must be seen by to be judged a hidden sink, checked: an integer
     >= 1 (not a bool), else ``error`` naming ``name``. NaN switched hidden-sink detection off without
     a word (no count is >= NaN) and 0, -5 or 2.5 acted as 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise error(f"{name} must be an integer >= 1 (default {_MIN_QUERIES}), got {value!r}")
-    return int(value)
+    return check_count(value, name, error, f" (default {_MIN_QUERIES})")
 
 
 # Score-block budget in elements: (B, Hq, rows, K) fp32 blocks of ~16M elements (64 MB) keep the

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, check_hidden_sink_threshold
+from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, check_count, check_hidden_sink_threshold
 from sinkfix.errors import MonitorError, OutputError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
@@ -58,17 +58,10 @@ class LogWriteWarning(RuntimeWarning):
 SAMPLE_ROWS = 32
 
 
-def _count(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (an integral number, not a bool), else a MonitorError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise MonitorError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def check_sample_rows(value: Any, name: str = "sample_rows") -> int:
     """The prompt rows behind the hidden-sink estimate, checked: an integer >= 1 (default
     :data:`SAMPLE_ROWS`); anything else is a :class:`MonitorError` naming ``name``."""
-    return _count(value, name)
+    return check_count(value, name, MonitorError)
 
 
 @dataclass
@@ -221,7 +214,7 @@ class Monitor:
         # checked before anything else, so that a refused argument leaves the model as it was
         self.sample_rows = check_sample_rows(sample_rows)
         self.hidden_sink_threshold = check_hidden_sink_threshold(hidden_sink_threshold, error=MonitorError)
-        self.min_queries = _count(min_queries, "min_queries")
+        self.min_queries = check_count(min_queries, "min_queries", MonitorError)
         self._handle, self.owns_patch = _patched(model, guard, patch_if_needed)
         self.session = uuid.uuid4().hex[:12]
         self._counter = itertools.count()
