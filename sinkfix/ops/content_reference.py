@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.reference import sink_key_mask, visibility_mask
+from sinkfix.ops.reference import share_within, sink_key_mask, visibility_mask
 
 __all__ = ["ColumnStats", "column_stats_reference", "decide_hidden_sinks", "reference_content_sink_attention",
            "sink_candidates"]
@@ -163,23 +163,15 @@ def reference_content_sink_attention(
     has_n = in_n.any(-1, keepdim=True)
     b_s = torch.where(has_n, b_s, torch.ones_like(b_s))  # rows that see only sinks keep their sink mass
 
-    def own_share(member):
-        """e_j / sum over the member keys of the row, under the members' own maximum (one term is 1)."""
-        sc = scores.masked_fill(~member, float("-inf"))
-        m = sc.amax(-1, keepdim=True)
-        ex = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach())
-        total = ex.sum(-1, keepdim=True)
-        return ex / torch.where(total > 0, total, torch.ones_like(total))
-
     # S and N hold (l_S + l_N + (1 - beta_H) l_H) / Z = g (l_S + l_N) / Z between them, shared as
     # their own weights say; then the positional rule inside it: S keeps beta_S of its share and N
     # takes the rest, spread over N in proportion to its weights (each under its own maximum)
     rest_mass = (l_s + l_n + (1 - b_h) * l_h) / safe_z
-    within_rest = own_share(in_rest)
+    within_rest = share_within(scores, in_rest)
     share_s = (within_rest * in_s).sum(-1, keepdim=True)
     share_n = (within_rest * in_n).sum(-1, keepdim=True)
     probs = (b_h * e * in_h / safe_z + rest_mass * b_s * within_rest * in_s
-             + rest_mass * (share_n + (1 - b_s) * share_s) * own_share(in_n))
+             + rest_mass * (share_n + (1 - b_s) * share_s) * share_within(scores, in_n))
     out = probs @ v64
     # over the real keys under their own maximum: a large zero-value logit in row_max made
     # log(l_S + l_H + l_N) underflow to -inf (a virtual logit of 120 in fp32)

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["visibility_mask", "sink_key_mask", "zero_value_lse", "reference_sink_attention", "reference_residual_clip"]
+__all__ = ["visibility_mask", "sink_key_mask", "zero_value_lse", "share_within", "reference_sink_attention",
+           "reference_residual_clip"]
 
 
 def visibility_mask(
@@ -92,6 +93,18 @@ def zero_value_lse(
         virtual = torch.where(sees_non_sink, virtual, float("-inf"))
         lse = virtual if lse is None else torch.logaddexp(lse.to(virtual.device), virtual)
     return lse
+
+
+def share_within(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Each member key's share of the members' mass in its row, ``e_j / sum_{i in member} e_i``,
+    under the members' own maximum (one term is 1, so a set far below the row's maximum keeps its
+    range); 0 outside ``member`` and in rows without a member. ``scores`` (..., K) with -inf where
+    a key is not seen, ``member`` a bool mask broadcastable to it."""
+    masked = scores.masked_fill(~member, float("-inf"))
+    top = masked.amax(-1, keepdim=True)
+    e = torch.exp(masked - torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach())
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def reference_sink_attention(
@@ -181,14 +194,8 @@ def reference_sink_attention(
     b = torch.where(has_n, b, torch.ones_like(b))  # sink-only rows stay untouched
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
     p_sink = b * e * in_s / safe_z
-    # the non-sink keys' share of their own mass under their own maximum (>= one term equal to 1),
-    # times the mass the row gives them, p_N + (1 - beta) p_S
-    scores_n = scores.masked_fill(~in_n, float("-inf"))
-    max_n = scores_n.amax(-1, keepdim=True)
-    e_n = torch.exp(scores_n - torch.where(torch.isfinite(max_n), max_n, torch.zeros_like(max_n)).detach())
-    l_n_own = e_n.sum(-1, keepdim=True)
-    within_n = e_n / torch.where(l_n_own > 0, l_n_own, torch.ones_like(l_n_own))
-    p_rest = (l_n + (1 - b) * l_s) / safe_z * within_n
+    # the non-sink keys' share of their own mass, times the mass the row gives them, p_N + (1 - beta) p_S
+    p_rest = (l_n + (1 - b) * l_s) / safe_z * share_within(scores, in_n)
     probs = p_sink + p_rest
     out = probs @ v64
     # over the real keys under their own maximum: a large zero-value logit in row_max made

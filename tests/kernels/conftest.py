@@ -36,7 +36,7 @@ for _name in _KERNEL_MODULES:  # the common helpers first: the kernels import th
         if (type(_kernel).__name__ == "InterpretedFunction") != INTERPRET:
             importlib.reload(_mod)
 
-from sinkfix.ops.reference import reference_sink_attention, visibility_mask  # noqa: E402
+from sinkfix.ops.reference import reference_sink_attention, share_within, visibility_mask  # noqa: E402
 
 # Absolute floor of the tolerance rule, per dtype: about one rounding of an O(1) output (fp32
 # 1e-6 ~ 8 ulp of 1.0; fp16 1e-3 ~ 1 ulp = 2^-10; bf16 8e-3 ~ 1 ulp = 2^-7).
@@ -132,13 +132,7 @@ def _probs_fp32(scores, batch, attn_mask, causal, causal_offset, sliding_window,
     has_n = in_n.any(-1, keepdim=True)
     b = torch.where(has_n, b, torch.ones_like(b))
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
-    scores_n = torch.where(in_n, scores, torch.tensor(float("-inf"), device=device))
-    max_n = scores_n.amax(-1, keepdim=True)
-    e_n = torch.where(in_n, torch.exp(scores_n - torch.where(torch.isfinite(max_n), max_n, torch.zeros_like(max_n))),
-                      torch.zeros_like(scores))
-    l_n_own = e_n.sum(-1, keepdim=True)
-    within_n = e_n / torch.where(l_n_own > 0, l_n_own, torch.ones_like(l_n_own))
-    probs = b * e * in_s / safe_z + (l_n + (1 - b) * l_s) / safe_z * within_n
+    probs = b * e * in_s / safe_z + (l_n + (1 - b) * l_s) / safe_z * share_within(scores, in_n)
     # lse over the real keys under their own maximum: with the zero-value logits in row_max a
     # virtual logit of 120 made log(l_S + l_N) -inf, and the lse rule then passed any lse
     lse = torch.logsumexp(torch.where(visible, scores, torch.tensor(float("-inf"), device=device)), dim=-1)
