@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.reference import share_within, sink_key_mask, visibility_mask
+from sinkfix.ops.reference import masked_scores, share_within, shifted_exp, sink_key_mask
 
 __all__ = ["ColumnStats", "column_stats_reference", "decide_hidden_sinks", "reference_content_sink_attention",
            "sink_candidates"]
@@ -47,16 +47,9 @@ class ColumnStats(NamedTuple):
 def column_stats_reference(q, k, *, attn_mask=None, causal=False, causal_offset=0, sliding_window=None, scale=None,
                            softcap=None, compute_dtype=torch.float64) -> ColumnStats:
     """Step 1 of the rule, from the full score matrix (``compute_dtype``, fp64 by default)."""
-    batch, q_heads, q_len, _ = q.shape
-    k_len = k.shape[2]
-    group = q_heads // k.shape[1]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.to(compute_dtype) @ k.to(compute_dtype).repeat_interleave(group, 1).transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    visible = visibility_mask(batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
-                              sliding_window=sliding_window, device=q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores, visible = masked_scores(q, k, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+                                    sliding_window=sliding_window, scale=scale, softcap=softcap,
+                                    compute_dtype=compute_dtype)
     sees_any = visible.any(-1, keepdim=True)
     probs = torch.softmax(torch.where(sees_any, scores, 0.0), dim=-1) * visible
     return ColumnStats(probs.sum(2), visible[:, 0].sum(1).to(compute_dtype))
@@ -112,41 +105,21 @@ def reference_content_sink_attention(
     """Step 4 for a given hidden-sink mask ``hidden`` (B, Hq, K) bool and ``hidden_beta`` (Hq,).
     Other arguments and the return value ``(out, probs, lse)`` as
     :func:`sinkfix.ops.reference.reference_sink_attention`; ``lse`` = log(l_S + l_H + l_N)."""
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
+    scored = masked_scores(q, k, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+                           sliding_window=sliding_window, scale=scale, softcap=softcap, compute_dtype=compute_dtype)
+    scores, visible = scored.scores, scored.visible
+    batch, q_heads, q_len, k_len = scores.shape
     cd = compute_dtype
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k64 = k.to(cd).repeat_interleave(group, dim=1)
-    v64 = v.to(cd).repeat_interleave(group, dim=1)
-    scores = (q.to(cd) @ k64.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    visible = visibility_mask(batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
-                              sliding_window=sliding_window, device=q.device).expand(batch, q_heads, q_len, k_len)
+    v64 = v.to(cd).repeat_interleave(q_heads // v.shape[1], dim=1)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
     is_hidden = hidden.to(q.device)[:, :, None, :] & ~is_sink
     in_s = visible & is_sink
     in_h = visible & is_hidden
     in_n = visible & ~is_sink & ~is_hidden
-    scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    zero_value = []
-    if extra_logits is not None:
-        zero_value.append(extra_logits.to(device=q.device, dtype=cd)[None, :, None, :])
-    if virtual_sink_logit is not None:
-        sees_outside_s = (in_n | in_h).any(-1, keepdim=True)
-        virtual = virtual_sink_logit.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
-        zero_value.append(torch.where(sees_outside_s, virtual, torch.full_like(virtual, float("-inf"))))
-    if zero_value:
-        extra = torch.cat([t.expand(batch, q_heads, q_len, t.shape[-1]) for t in zero_value], dim=-1)
-        row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    e = torch.exp(scores - row_max)
+    e, l_v = shifted_exp(scores, extra_logits, virtual_sink_logit, virtual_rows=(in_n | in_h).any(-1, keepdim=True))
     l_s = (e * in_s).sum(-1, keepdim=True)
     l_h = (e * in_h).sum(-1, keepdim=True)
     l_n = (e * in_n).sum(-1, keepdim=True)
-    l_v = torch.exp(extra - row_max).sum(-1, keepdim=True) if zero_value else torch.zeros_like(l_s)
     z = l_s + l_h + l_n + l_v
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
 

@@ -30,10 +30,12 @@ return zeros.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["visibility_mask", "sink_key_mask", "zero_value_lse", "share_within", "reference_sink_attention",
-           "reference_residual_clip"]
+__all__ = ["visibility_mask", "sink_key_mask", "zero_value_lse", "share_within", "MaskedScores", "masked_scores",
+           "shifted_exp", "reference_sink_attention", "reference_residual_clip"]
 
 
 def visibility_mask(
@@ -107,6 +109,56 @@ def share_within(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return e / torch.where(total > 0, total, torch.ones_like(total))
 
 
+class MaskedScores(NamedTuple):
+    """``scores`` (B, Hq, Q, K) in the compute dtype, -inf where a key is not seen; ``visible``
+    the (B, Hq, Q, K) bool mask of the keys each row may see."""
+
+    scores: torch.Tensor
+    visible: torch.Tensor
+
+
+def masked_scores(q, k, *, attn_mask=None, causal=False, causal_offset=0, sliding_window=None, scale=None,
+                  softcap=None, compute_dtype=torch.float64) -> MaskedScores:
+    """The attention scores of q (B, Hq, Q, D) against k (B, Hkv, K, D) as the formulas write them:
+    scaled, soft-capped, query head h reading kv head h // (Hq // Hkv), unseen keys at -inf
+    (masking before exp keeps gradients finite: exp of a large unseen score would overflow)."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys = k.to(compute_dtype).repeat_interleave(q_heads // kv_heads, dim=1)
+    scores = (q.to(compute_dtype) @ keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = visibility_mask(batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+                              sliding_window=sliding_window, device=q.device).expand(batch, q_heads, q_len, k_len)
+    return MaskedScores(scores.masked_fill(~visible, float("-inf")), visible)
+
+
+def shifted_exp(scores: torch.Tensor, extra_logits: torch.Tensor | None, virtual_sink_logit: torch.Tensor | None,
+                *, virtual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e, l_V)``: e^(s - m) for every key and the zero-value mass l_V under the same row maximum m
+    (over the keys and the zero-value logits): ``extra_logits`` (Hq, E) in every row,
+    ``virtual_sink_logit`` (Hq,) in the rows where ``virtual_rows`` (B, Hq, Q, 1) holds."""
+    batch, q_heads, q_len, _ = scores.shape
+    row_max = scores.amax(-1, keepdim=True)
+    zero_value = []
+    if extra_logits is not None:
+        zero_value.append(extra_logits.to(device=scores.device, dtype=scores.dtype)[None, :, None, :])
+    if virtual_sink_logit is not None:
+        virtual = virtual_sink_logit.to(device=scores.device, dtype=scores.dtype).reshape(1, q_heads, 1, 1)
+        zero_value.append(torch.where(virtual_rows, virtual, torch.full_like(virtual, float("-inf"))))
+    extra = None
+    if zero_value:
+        extra = torch.cat([t.expand(batch, q_heads, q_len, t.shape[-1]) for t in zero_value], dim=-1)
+        row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(scores - row_max)
+    l_v = torch.zeros_like(row_max) if extra is None else torch.exp(extra - row_max).sum(-1, keepdim=True)
+    return e, l_v
+
+
 def reference_sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,49 +191,18 @@ def reference_sink_attention(
     attention probabilities (rows sum to 1 minus the zero-value mass); lse (B, Hq, Q) =
     log(l_S + l_N), the log-sum-exp over real keys only (-inf where nothing is visible).
     """
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
-    group = q_heads // kv_heads
+    scored = masked_scores(q, k, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+                           sliding_window=sliding_window, scale=scale, softcap=softcap, compute_dtype=compute_dtype)
+    scores, visible = scored.scores, scored.visible
+    batch, q_heads, q_len, k_len = scores.shape
     cd = compute_dtype
-    q64, k64, v64 = q.to(cd), k.to(cd), v.to(cd)
-    k64 = k64.repeat_interleave(group, dim=1)
-    v64 = v64.repeat_interleave(group, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-
-    scores = (q64 @ k64.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    visible = visibility_mask(
-        batch, q_len, k_len, attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
-        sliding_window=sliding_window, device=q.device,
-    ).expand(batch, q_heads, q_len, k_len)
+    v64 = v.to(cd).repeat_interleave(q_heads // v.shape[1], dim=1)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, None, :]
     in_s = visible & is_sink
     in_n = visible & ~is_sink
-
-    # Masking before exp keeps gradients finite (exp of a large invisible score would overflow).
-    scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    # zero-value logits, (1|B, Hq, 1|Q, E): s_aux in every row, the virtual logit where N is seen
-    zero_value = []
-    if extra_logits is not None:
-        zero_value.append(extra_logits.to(device=q.device, dtype=cd)[None, :, None, :])
-    if virtual_sink_logit is not None:
-        sees_n = in_n.any(-1, keepdim=True)  # (B, Hq, Q, 1)
-        virtual = virtual_sink_logit.to(device=q.device, dtype=cd).reshape(1, q_heads, 1, 1)
-        zero_value.append(torch.where(sees_n, virtual, torch.full_like(virtual, float("-inf"))))
-    if zero_value:
-        extra = torch.cat([t.expand(batch, q_heads, q_len, t.shape[-1]) for t in zero_value], dim=-1)
-        row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    e = torch.exp(scores - row_max)
+    e, l_v = shifted_exp(scores, extra_logits, virtual_sink_logit, virtual_rows=in_n.any(-1, keepdim=True))
     l_s = (e * in_s).sum(-1, keepdim=True)
     l_n = (e * in_n).sum(-1, keepdim=True)
-    l_v = torch.zeros_like(l_s)
-    if zero_value:
-        l_v = torch.exp(extra - row_max).sum(-1, keepdim=True)
     z = l_s + l_n + l_v
 
     if beta is None:
