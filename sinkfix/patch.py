@@ -50,6 +50,13 @@ SUPPORTED_ARCHITECTURES = (
 
 _HANDLE_ATTRIBUTE = "_sinkfix_handle"
 
+# Patches in force per config object. Models built from one config object share it (transformers
+# keeps the reference: ``from_config(cfg)`` twice), and with it the attention setting that routes
+# them to sinkfix: removing one model's patch restored the shared setting under the other, still
+# patched model (its handle said active while it ran its stock attention), and the second removal
+# left the setting on "sinkfix" for good. The setting is put back when the last patch on it ends.
+_PATCHES_BY_CONFIG: dict[int, list[weakref.ref]] = {}
+
 
 # -- the handle ---------------------------------------------------------------------------------
 class PatchHandle:
@@ -116,6 +123,7 @@ class PatchHandle:
                 self._hooks.append(layer.register_forward_hook(hook, prepend=True, with_kwargs=True))
             setattr(model, _HANDLE_ATTRIBUTE, self)
             self.active = True
+            _register_on_config(self, model)
         except BaseException:
             self._detach(model)
             raise
@@ -149,7 +157,8 @@ class PatchHandle:
         self._restore_original_attention(model)
 
     def _restore_original_attention(self, model: nn.Module) -> None:
-        _restore_attn_settings(model, self._original_impl, self._original_settings)
+        if not _other_patches_on_config(model):  # another model patched on the same config still needs it
+            _restore_attn_settings(model, self._original_impl, self._original_settings)
 
     # -- what is patched ----------------------------------------------------------------------
     @property
@@ -516,6 +525,9 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     current = config._attn_implementation
     settings = _attn_settings(config)
     original = previous._original_impl if previous is not None else current
+    sharing = _other_patches_on_config(model)
+    if previous is None and sharing:  # the config already selects sinkfix for another model's patch
+        original, settings = sharing[0]._original_impl, sharing[0]._original_settings
     try:
         if backend_name == "triton":  # the kernels' first-column sink tensor, made once (ops/custom_ops.py)
             from sinkfix.ops.custom_ops import prepare_first_column_sink
@@ -526,7 +538,8 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
         handle = _plan(model, policy, backend_name, original,
                        previous._original_settings if previous is not None else settings, previous)
     except BaseException:
-        _restore_attn_settings(model, current, settings)
+        if not sharing:
+            _restore_attn_settings(model, current, settings)
         raise
     if previous is not None:
         previous._detach(model)
@@ -535,10 +548,28 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     except BaseException:
         if previous is not None:
             previous._attach()
-        _restore_attn_settings(model, current, settings)
+        if not sharing:
+            _restore_attn_settings(model, current, settings)
         raise
     handle._replaced = previous
     return handle
+
+
+def _register_on_config(handle: PatchHandle, model: nn.Module) -> None:
+    refs = [ref for ref in _PATCHES_BY_CONFIG.get(id(model.config), []) if _in_force(ref(), model.config)]
+    _PATCHES_BY_CONFIG[id(model.config)] = [*refs, weakref.ref(handle)]
+
+
+def _in_force(handle: "PatchHandle | None", config) -> bool:
+    owner = None if handle is None else handle._model_ref()
+    return handle is not None and handle.active and owner is not None and owner.config is config
+
+
+def _other_patches_on_config(model: nn.Module) -> list[PatchHandle]:
+    """The patches in force on other models that share ``model``'s config object."""
+    config = getattr(model, "config", None)
+    found = [ref() for ref in _PATCHES_BY_CONFIG.get(id(config), [])]
+    return [h for h in found if _in_force(h, config) and h._model_ref() is not model]
 
 
 def _refuse_overlapping_patch(model: nn.Module, order: list[tuple[nn.Module, int]],

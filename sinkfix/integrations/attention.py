@@ -202,8 +202,12 @@ def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                 f"{type(module).__name__} passed; refusing to compute dense attention and ignore it"
             )
     if dropout and dropout > 0:
+        unpatched = "" if getattr(module, "_sinkfix", None) is not None else (
+            "; this model carries no sinkfix patch, but its config selects sinkfix attention: it was loaded with "
+            "attn_implementation='sinkfix', or it shares its config object with a patched model (models built "
+            "from one config object share its attention setting: give each its own, copy.deepcopy(config))")
         raise AttentionDropoutError(
-            f"sinkfix attention is inference-only: attention dropout {dropout} requested (call model.eval())"
+            f"sinkfix attention is inference-only: attention dropout {dropout} requested (call model.eval()){unpatched}"
         )
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"query heads {query.shape[1]} are not a multiple of key/value heads {key.shape[1]}")
