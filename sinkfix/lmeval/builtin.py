@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sinkfix.files import atomic_write_text
+from sinkfix.files import atomic_write_text, check_writable
 from sinkfix.texts import domain_text
 
 __all__ = ["documents", "cloze_items", "prose_dataset", "code_dataset", "cloze_dataset", "export_tasks",
@@ -163,6 +163,11 @@ def export_tasks(folder: str | Path) -> list[Path]:
     on this machine or, copied, on another one, and is a template for tasks on local data.
     """
     target = Path(folder).resolve()
+    # every file checked before the first is written: a folder standing where the third goes left the
+    # first two written (over any earlier export), unsaid
+    for name in _ROWS:
+        check_writable(target / f"{name}.jsonl")
+        check_writable(target / f"{name}_jsonl.yaml")
     written = []
     for name, rows in _ROWS.items():
         data = target / f"{name}.jsonl"

@@ -7,7 +7,7 @@ from typing import Any
 
 from sinkfix.files import strict_json
 
-__all__ = ["render", "dumps", "table_rows", "protocol_lines"]
+__all__ = ["render", "dumps", "table_rows", "protocol_lines", "confidence_label"]
 
 _DIRECTION = {True: " ↑", False: " ↓", None: ""}
 
@@ -33,27 +33,45 @@ def _test(m: dict[str, Any]) -> str:
     return f"<={floor:.2g} {name}" if m["p_value"] <= floor * (1 + 1e-9) else f"{p} {name}"
 
 
+def _bound(value: float | None) -> str:
+    return "unbounded" if value is None or not math.isfinite(value) else _number(value, True)
+
+
+def _interval(m: dict[str, Any]) -> str:
+    """The interval cell; null bounds (NaN before the JSON) said as what they are (a "[nan, nan]" cell
+    was read as a markup tag and printed empty)."""
+    if m["items"] < 2:
+        return "n/a: one item"
+    undefined = m.get("undefined_draws") or 0
+    cell = f"[{_bound(m['ci_low'])}, {_bound(m['ci_high'])}]"
+    return cell if not undefined else f"{cell}, {undefined} of {m['iterations']} draws undefined"
+
+
+def confidence_label(confidence: float) -> str:
+    """``95%``, ``99.9%``: as given, never rounded to a whole percent (0.999 printed as "100%")."""
+    return f"{100 * confidence:.10g}%"
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per task and metric: task, metric, items, stock, corrected, delta, interval, p-value."""
     rows = []
     for task, entry in report["tasks"].items():
         for metric, m in entry["metrics"].items():
             rows.append([task, metric + _DIRECTION[m["higher_is_better"]], str(m["items"]), _number(m["stock"]),
-                         _number(m["corrected"]), _number(m["delta"], signed=True),
-                         f"[{_number(m['ci_low'], True)}, {_number(m['ci_high'], True)}]", _test(m)])
+                         _number(m["corrected"]), _number(m["delta"], signed=True), _interval(m), _test(m)])
     return rows
 
 
 def protocol_lines(report: dict[str, Any]) -> list[str]:
     settings, protocol = report["settings"], report["protocol"]
-    level = round(100 * settings["confidence"])
+    level = confidence_label(settings["confidence"])
     some = next((m for e in report["tasks"].values() for m in e["metrics"].values()), None)
     draws = some["iterations"] if some else settings["iterations"]
     return [
         (f"{report['model']['name']} stock vs {report['correction']['description']}: the same items, one model "
          f"load; lm-eval {report['versions']['lm_eval']}, {protocol['device']}, batch {protocol['batch_size']}, "
          f"{report['threads']} thread(s)"),
-        (f"delta = corrected - stock; {level}% paired-bootstrap percentile interval over items ({draws} draws, "
+        (f"delta = corrected - stock; {level} paired-bootstrap percentile interval over items ({draws} draws, "
          f"seed {settings['seed']}; none with one item); p: McNemar's exact test for 0/1 metrics, else the paired "
          f"sign-flip test (exact up to 12 items)"),
         (f"rolling log-likelihood: each document scored once from its start after prefix token "
@@ -63,15 +81,16 @@ def protocol_lines(report: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any], console: Any) -> None:
     """Print the paired table and its protocol lines on a rich console."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="sinkfix eval: stock vs corrected", title_justify="left")
     for header in ("task", "metric", "items", "stock", "corrected", "delta"):
         table.add_column(header, justify="left" if header in ("task", "metric") else "right")
-    table.add_column(f"{round(100 * report['settings']['confidence'])}% CI of delta", justify="right")
+    table.add_column(f"{confidence_label(report['settings']['confidence'])} CI of delta", justify="right")
     table.add_column("p", justify="left")
     for row in table_rows(report):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
     for line in protocol_lines(report):
         console.print(line, markup=False, highlight=False)

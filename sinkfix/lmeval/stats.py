@@ -59,6 +59,7 @@ class Paired:
     p_value: float
     stock_only: int | None = None  # McNemar's b: right before the correction, wrong after
     corrected_only: int | None = None  # McNemar's c: wrong before, right after
+    undefined_draws: int = 0  # bootstrap draws without a difference (inf - inf, a NaN item)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -126,6 +127,23 @@ def sign_flip_test(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Ag
     return (reached + 1) / (iterations + 1), False
 
 
+def _percentile_interval(deltas: np.ndarray, confidence: float) -> tuple[float, float, int]:
+    """``(low, high, undefined draws)``. A draw whose two aggregates both pass float's range
+    (a word perplexity of a long unspaced document drawn several times) has no difference (inf - inf):
+    such draws count as extreme on both sides, so the interval only widens; a bound they reach is
+    unbounded, NaN. (One NaN made ``np.quantile`` return NaN for both bounds: the interval vanished,
+    unsaid, at 84 such draws of 2000 with a finite delta.)"""
+    undefined = np.isnan(deltas)
+    lower_tail, upper_tail = (1 - confidence) / 2, (1 + confidence) / 2
+    if not undefined.any():
+        low, high = np.quantile(deltas, [lower_tail, upper_tail])
+    else:  # no interpolation towards an infinite draw, which would make the bound NaN itself
+        low = np.quantile(np.where(undefined, -np.inf, deltas), lower_tail, method="lower")
+        high = np.quantile(np.where(undefined, np.inf, deltas), upper_tail, method="higher")
+    low, high = (float(b) if math.isfinite(b) else math.nan for b in (low, high))
+    return low, high, int(undefined.sum())
+
+
 def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Aggregate, *,
                    iterations: int = DEFAULT_ITERATIONS, confidence: float = DEFAULT_CONFIDENCE,
                    seed: int = 0) -> Paired:
@@ -134,12 +152,13 @@ def compare_paired(stock: Sequence[Any], corrected: Sequence[Any], aggregate: Ag
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must lie in (0, 1), got {confidence}")
     deltas = paired_bootstrap(stock, corrected, aggregate, iterations=iterations, seed=seed)
-    low, high = np.quantile(deltas, [(1 - confidence) / 2, (1 + confidence) / 2])
+    low, high, undefined = _percentile_interval(deltas, confidence)
     if len(stock) < 2:  # every draw is the one item: a zero-width interval that says nothing
         low = high = math.nan
     before, after = float(aggregate(list(stock))), float(aggregate(list(corrected)))
     common = {"items": len(stock), "stock": before, "corrected": after, "delta": after - before,
-              "ci_low": float(low), "ci_high": float(high), "confidence": confidence, "iterations": iterations}
+              "ci_low": low, "ci_high": high, "confidence": confidence, "iterations": iterations,
+              "undefined_draws": undefined}
     if is_binary(stock) and is_binary(corrected):
         p, b, c = mcnemar_exact(stock, corrected)
         return Paired(**common, test="mcnemar-exact", p_value=p, stock_only=b, corrected_only=c)
