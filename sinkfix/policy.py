@@ -172,7 +172,7 @@ class ContentSinks(_ValueEquality):
         """Spec parts (Policy.parse keys) for the threshold and a scalar beta, exact so that they
         parse back; the settings a spec has no key for are named after them when not the default."""
         beta = torch.as_tensor(self.hidden_sink_scale, dtype=torch.float64)
-        b = _spec_number(beta.item()) if beta.numel() == 1 else "per-head"
+        b = _spec_number(beta.item()) if beta.ndim == 0 else "per-head"
         parts = [f"hidden_sink_scale={b}", f"hidden_sink_threshold={_spec_number(self.threshold)}"]
         if self.heads is not None:
             parts.append(f"heads={int(torch.as_tensor(self.heads).sum())}")
@@ -213,8 +213,9 @@ class Policy(_ValueEquality):
             representation as the stock model computes it, which matters when the sink is a
             content token (no BOS). Calibration turns it on for BOS windows, where that row is
             the BOS token and acting on it measurably helps (docs/calibration.md).
-        n_sink: the sink set is the first ``n_sink`` real (non-padding) positions, at most
-            :data:`MAX_N_SINK` (1024).
+        n_sink: the sink set is the first ``n_sink`` positions counted from the first real
+            (non-padding) token, at most :data:`MAX_N_SINK` (1024); a masked column among them is
+            not a sink, and does not move the set past it.
         extra_sink_positions: further absolute positions (0 = first real token) in the sink set.
         layers: attention layers the attention policy applies to (None = all). Other layers run
             plain softmax.
@@ -253,6 +254,9 @@ class Policy(_ValueEquality):
         extra = _int_tuple("extra_sink_positions", self.extra_sink_positions)
         if any(p < 0 for p in extra):
             raise PolicyError(f"extra_sink_positions must be >= 0, got {extra}")
+        twice = sorted({p for p in extra if extra.count(p) > 1})
+        if twice:  # kept, it described itself as a spec that parse refuses or reads as another policy
+            raise PolicyError(f"extra_sink_positions lists {', '.join(map(str, twice))} twice: give each position once")
         object.__setattr__(self, "extra_sink_positions", extra)
         if self.layers is not None:
             layers = _int_tuple("layers", self.layers)
@@ -339,6 +343,8 @@ class Policy(_ValueEquality):
                     kwargs[key] = value in ("1", "true")
                 elif key in ("layers", "extra_sink_positions"):
                     kwargs[key] = _parse_int_list(value, "layer" if key == "layers" else "position")
+                    if key == "extra_sink_positions" and not kwargs[key]:  # (an empty layers= Policy refuses)
+                        raise ValueError("no position given: list at least one, or leave the key out")
                 elif key in ("clip", "clip_abs"):
                     clip = ResidualClip(_spec_float(value), mode="relative" if key == "clip" else "absolute")
                 elif key == "hidden_sink_scale":
@@ -349,6 +355,7 @@ class Policy(_ValueEquality):
                 raise PolicyError(f"bad value for {key!r} in policy spec {spec!r}: {exc}") from None
         if content:
             kwargs["content_sinks"] = ContentSinks(**content)
+        _refuse_items_without_effect(kwargs, clip, spec)
         return cls(residual_clip=clip, **kwargs)
 
     # -- properties ---------------------------------------------------------------------------
@@ -368,13 +375,13 @@ class Policy(_ValueEquality):
             return "identity"
         parts = []
         beta = torch.as_tensor(self.sink_scale, dtype=torch.float64)
-        if beta.numel() == 1:
+        if beta.ndim == 0:
             parts.append(f"sink_scale={_spec_number(beta.item())}")
-        else:
+        else:  # a [1, 1] tensor too: a scalar would read back as a policy for every model shape
             parts.append(f"sink_scale=per-head[{beta.min().item():.3g}..{beta.max().item():.3g}]")
         if self.virtual_sink_logit is not None:
             b = torch.as_tensor(self.virtual_sink_logit, dtype=torch.float64)
-            parts.append(f"virtual_sink_logit={_spec_number(b.item())}" if b.numel() == 1
+            parts.append(f"virtual_sink_logit={_spec_number(b.item())}" if b.ndim == 0
                          else "virtual_sink_logit=per-head")
         if self.virtual_logit_on_sink_rows:
             parts.append("virtual_logit_on_sink_rows=1")
@@ -388,11 +395,11 @@ class Policy(_ValueEquality):
         if self.residual_clip is not None:
             rc = self.residual_clip
             key = "clip" if rc.mode == "relative" else "clip_abs"
-            parts.append(f"{key}={_spec_number(float(rc.threshold))}" if isinstance(rc.threshold, numbers.Real)
+            parts.append(f"{key}={_spec_number(float(rc.threshold))}" if _one_number(rc.threshold)
                          else f"{key}=per-layer")
             if rc.sink_norm is not None:  # no spec key: named, so that the text is not read as a clip without it
                 parts.append(f"clip_sink_norm={_spec_number(float(rc.sink_norm))}"
-                             if isinstance(rc.sink_norm, numbers.Real) else "clip_sink_norm=per-layer")
+                             if _one_number(rc.sink_norm) else "clip_sink_norm=per-layer")
         if self.content_sinks is not None:
             parts.append(self.content_sinks.describe())
         return ",".join(parts)
@@ -607,6 +614,24 @@ def _integer(value) -> int | None:
     return None
 
 
+def _refuse_items_without_effect(kwargs: dict, clip: "ResidualClip | None", spec: str) -> None:
+    """A spec item that changes nothing in the policy it is in: it was measured as a "patched"
+    variant equal to the identity, unsaid (the API keeps these combinations: a profile may set them)."""
+    if kwargs.get("virtual_logit_on_sink_rows") and "virtual_sink_logit" not in kwargs:
+        raise PolicyError(f"virtual_logit_on_sink_rows acts on the virtual sink logit, and policy spec {spec!r} has "
+                          "none: add virtual_sink_logit=B or leave the item out")
+    if kwargs.get("n_sink") == 0 and not kwargs.get("extra_sink_positions") and kwargs.get("sink_scale", 1.0) != 1:
+        raise PolicyError(f"sink_scale acts on the sink set, and n_sink=0 without extra_sink_positions leaves it "
+                          f"empty in policy spec {spec!r}: the sink scale would change nothing")
+    if clip is not None and clip.threshold == float("inf"):
+        raise PolicyError(f"a residual clip at inf never clips (policy spec {spec!r}): leave the clip out")
+
+
+def _one_number(value) -> bool:
+    """A plain number or a 0-d tensor (one value for every layer), not a per-layer list or tensor."""
+    return isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.ndim == 0)
+
+
 def _as_int(name: str, value, expected: str = "an int") -> int:
     number = _integer(value)
     if number is None:
@@ -663,12 +688,16 @@ _MAX_RANGE = 1 << 16  # far more layers or sink positions than any model has; st
 
 def _parse_int_list(value: str, noun: str) -> tuple[int, ...]:
     """A spec list: items separated by ':', each an int or an inclusive range 'a-b' ("-1" is the
-    last layer, "-3--1" the last three). Empty items are skipped, as they always were. Raises
+    last layer, "-3--1" the last three). An empty item is refused (``0::1``, a trailing ':'), an
+    empty list is () for the caller to judge (skipped, ``extra_sink_positions=`` was a policy without
+    the sink set it asked for). Raises
     ValueError, which Policy.parse reports with the key and the spec."""
+    if not value.strip():
+        return ()  # Policy says what an empty list means for its key
     out: list[int] = []
     for item in (part.strip() for part in value.split(":")):
         if not item:
-            continue
+            raise ValueError(f"an empty item in {value!r}: {noun}s are separated by single ':'")
         match = _SPEC_ITEM.fullmatch(item)
         if match is None:
             raise ValueError(f"{item!r} is not a {noun} or an inclusive range a-b")

@@ -50,7 +50,7 @@ from sinkfix.errors import SinkfixError
 __all__ = [
     "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
     "TextError", "TextSource", "DatasetSpec", "load_texts", "parse_dataset_spec", "load_dataset_text",
-    "builtin_texts", "mixed_text", "MIXED", "unique_name", "DATASET_MAX_CHARS", "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
+    "builtin_texts", "mixed_text", "MIXED", "unique_name", "POOLED_NAME", "DATASET_MAX_CHARS", "DATASET_DEFAULT_SPLIT", "DATASET_HELP", "TEXT_HELP",
 ]
 
 Split = Literal["calib", "eval"]
@@ -304,7 +304,7 @@ DATASET_MAX_CHARS = 4_000_000
 DATASET_DEFAULT_SPLIT = "test"  # held-out data: bench and inspect report on it, nothing is fitted to it
 
 TEXT_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
-             "NAME-3, ...); default: the built-in domains")
+             "NAME-3, ..., and a stem 'all' all-2: 'all' is the texts pooled); default: the built-in domains")
 DATASET_HELP = (f"a text set of the `datasets` package, NAME[:CONFIG][@SPLIT], e.g. wikitext:wikitext-2-raw-v1 "
                 f"or wikitext:wikitext-2-raw-v1@validation (split default '{DATASET_DEFAULT_SPLIT}'); the text "
                 f"column's first {DATASET_MAX_CHARS // 1_000_000}M characters make one domain named NAME; needs "
@@ -428,6 +428,10 @@ def mixed_text(split: Split = "eval", domains: Iterable[str] | None = None, seed
                       f"{', '.join(names)} in one random order (seed {seed})")
 
 
+# the name of every domain's scored tokens pooled (sinkfix bench's "all" column): no text domain takes it
+POOLED_NAME = "all"
+
+
 def unique_name(base: str, taken: Iterable[str]) -> str:
     """``base``, or ``base-2``, ``base-3``, ... : the first not in ``taken``."""
     taken = set(taken)
@@ -445,7 +449,8 @@ def load_texts(
 ) -> dict[str, TextSource]:
     """Domain name -> :class:`TextSource`, from text files, a dataset spec, or the built-in domains.
 
-    * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ...
+    * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ...,
+      as does a stem ``all`` (:data:`POOLED_NAME`, every domain pooled);
     * ``dataset``: ``NAME[:CONFIG][@SPLIT]`` (split default "test"), one domain named NAME with at
       most :data:`DATASET_MAX_CHARS` characters (:func:`load_dataset_text`);
     * neither: the built-in ``domains`` (default: all of :data:`DOMAINS`) of ``split`` ("eval" or "calib").
@@ -462,11 +467,13 @@ def load_texts(
         raise TextError("give --text, --dataset or --domain, not more than one")
     if dataset:
         spec = parse_dataset_spec(dataset)
-        return {spec.name: load_dataset_text(spec)}
+        return {unique_name(spec.name, [POOLED_NAME]): load_dataset_text(spec)}
     if not files:
         return builtin_texts(split, domains)
     texts: dict[str, TextSource] = {}
     for path in files:
-        name = unique_name(Path(path).stem or "text", texts)
+        # a file all.txt is domain all-2: "all" is every domain pooled (a domain of that name was
+        # overwritten by the pooled numbers in sinkfix bench's results, unsaid)
+        name = unique_name(Path(path).stem or "text", [*texts, POOLED_NAME])
         texts[name] = TextSource(read_text_file(path), str(path))
     return texts

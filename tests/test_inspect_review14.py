@@ -171,7 +171,7 @@ def test_a_cut_flip_table_says_how_many_more_and_where():
 def test_undefined_sink_share_and_drain_print_as_a_dash():
     """n_sink=0 leaves no sink: report.json has null, the table printed "- / 0.00" and "inf"."""
     model = tiny_model("llama", seed=3)
-    handle = sinkfix.patch(model, sinkfix.Policy.parse("n_sink=0,sink_scale=0.5"))
+    handle = sinkfix.patch(model, sinkfix.Policy.parse("n_sink=0,virtual_sink_logit=0"))
     try:
         report = sinkfix.analysis.inspection.inspect(
             model, CharTokenizer(), {"a": "a sentence of prose, and another. " * 4, "b": "x = [i for i in y]\n" * 4},

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkfix.files import atomic_write, check_writable, save_figure
+from sinkfix.texts import POOLED_NAME
 
 __all__ = ["render", "write_json", "write_csv", "write_plots", "write_outputs", "check_outputs", "flatten_numbers",
            "OUTPUT_FILES"]
@@ -96,7 +97,7 @@ class _Figures:
 
 def _ppl_plot(figures: _Figures, results: dict[str, Any], patched: list[dict[str, Any]]) -> None:
     """Perplexity change per domain (and pooled), one bar per patched variant."""
-    domains = list(results["domains"]) + ["all"]
+    domains = list(results["domains"]) + [POOLED_NAME]
     fig, ax = figures.plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
     width = 0.8 / max(len(patched), 1)
     for i, v in enumerate(patched):
@@ -306,7 +307,7 @@ def _quality_table(results: dict[str, Any]) -> Any:
         table.add_column("value drain\nmean", justify="right")
     for v in results["variants"]:
         row = [escape(v["name"])]
-        for d in [*domains, "all"]:
+        for d in [*domains, POOLED_NAME]:
             q = v["quality"][d]
             row.append(_fmt(q["ppl"], ".3f") + ("" if v["kind"] == "stock" else _delta(q["delta_pct"])))
         if metrics_on:

@@ -18,6 +18,7 @@ import torch
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.bench.memory import MemoryPeak
 from sinkfix.bench.prepare import Protocol, Setup, text_config
+from sinkfix.texts import POOLED_NAME
 from sinkfix.bench.provenance import load_average, provenance
 from sinkfix.bench.stats import Spread
 from sinkfix.bench.steps import Measurements
@@ -112,13 +113,15 @@ def _quality_entry(nll_sum: float, tokens: int, stock_sum: float, stock_tokens: 
 
 def _quality_section(nll: dict[str, tuple[float, int]], stock_nll: dict[str, tuple[float, int]]) -> dict[str, Any]:
     """Per domain, then ``all``: every scored token of every domain pooled (token-weighted)."""
+    if POOLED_NAME in nll:
+        raise ValueError(f"a domain may not be named {POOLED_NAME!r}: that key holds every domain pooled")
     section: dict[str, Any] = {}
     pooled = [0.0, 0, 0.0, 0]  # NLL, tokens, stock NLL, stock tokens
     for domain, (nll_sum, tokens) in nll.items():
         s_sum, s_tokens = stock_nll[domain]
         section[domain] = _quality_entry(nll_sum, tokens, s_sum, s_tokens)
         pooled = [pooled[0] + nll_sum, pooled[1] + tokens, pooled[2] + s_sum, pooled[3] + s_tokens]
-    section["all"] = _quality_entry(*pooled)
+    section[POOLED_NAME] = _quality_entry(*pooled)
     return section
 
 

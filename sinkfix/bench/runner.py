@@ -61,6 +61,8 @@ from sinkfix.bench.steps import (
 )
 from sinkfix.bench.timing import prefill_kwargs, time_prefill
 from sinkfix.evaluate import windows_nll
+from sinkfix.errors import UsageError
+from sinkfix.patch import PatchHandle
 from sinkfix.texts import QUICK_DOMAINS, load_texts
 
 __all__ = [
@@ -118,6 +120,9 @@ def run_bench(
     steps: texts are read before the model is loaded, and every patched variant is applied once to
     the loaded model before any measurement.
 
+    A model passed in ``model_and_tokenizer`` must be unpatched (:class:`UsageError` otherwise): the
+    stock model is measured, and every variant patched and unpatched again.
+
     Side effects on the process: ``config.threads`` sets torch's thread count, ``config.baseline``
     the model's attention implementation, and on glibc CPUs the memory phase (the last one) pins
     malloc's mmap threshold for the rest of the process (:func:`pin_mmap_threshold`).
@@ -126,6 +131,11 @@ def run_bench(
     load_start = load_average()
     say = log or (lambda message: None)
     config.validate()
+    if model_and_tokenizer is not None and PatchHandle.of(model_and_tokenizer[0]) is not None:
+        # each variant's patch replaced the caller's, and the stock model was measured with it removed:
+        # the model came back unpatched, unsaid
+        raise UsageError("run_bench measures the stock model and patches every variant itself: pass an unpatched "
+                         "model (remove its patch first, handle.remove(), and patch it again afterwards)")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)

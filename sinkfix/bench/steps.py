@@ -144,7 +144,7 @@ def measure_metrics(setup: Setup, protocol: Protocol, config: BenchConfig, progr
     if module is None:
         return MetricsResult({}, note, len(windows))
     if not windows:
-        return MetricsResult({}, "extreme-token metrics skipped: --metrics-windows 0", 0)
+        return MetricsResult({}, "extreme-token metrics skipped: metrics_windows=0 (BenchConfig)", 0)
     summaries: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     with progress("extreme-token metrics", len(setup.variants) * len(windows)) as advance:

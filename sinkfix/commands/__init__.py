@@ -4,6 +4,8 @@
 without importing any of them (each imports what its work needs: torch, transformers, matplotlib).
 """
 
+import argparse
+
 SUMMARIES: dict[str, str] = {
     "bench": "benchmark quality, extreme tokens, speed and memory: stock vs patched",
     "inspect": "report attention sinks, value drains, residual peaks and dormant heads",
@@ -32,3 +34,15 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+
+class StoreOnce(argparse.Action):
+    """An option that may be given once: argparse keeps the last of two silently, and a second
+    ``--profile`` replaced the first, unsaid (``--policy`` is the repeatable one). For options whose
+    default is None."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)}, then {values}): give it once")
+        setattr(namespace, self.dest, values)

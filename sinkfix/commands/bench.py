@@ -14,11 +14,11 @@ import shutil
 import sys
 from typing import Callable, Iterator
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import StoreOnce, SUMMARIES
 from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig
 from sinkfix.bench.runner import run_bench
 from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
-from sinkfix.texts import DATASET_HELP, TEXT_HELP
+from sinkfix.texts import DATASET_HELP, QUICK_DOMAINS, TEXT_HELP
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,12 +36,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
                    help=f"offline model ({', '.join(OFFLINE_MODELS)}), local folder or hub id (default: %(default)s)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--profile", metavar="FILE", help="a calibrated profile (sinkfix calibrate) to benchmark")
+    which.add_argument("--profile", action=StoreOnce, metavar="FILE", help="a calibrated profile (sinkfix calibrate) to benchmark")
     which.add_argument("--policy", action="append", default=[], metavar="SPEC",
                        help="a policy such as sink_scale=0.9 or drop or virtual_sink_logit=0; repeatable")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
-                        help=f"{TEXT_HELP} (evaluation split); several files per option")
+                        help=f"{TEXT_HELP} {', '.join(QUICK_DOMAINS)} (evaluation split); several files per option")
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", help=DATASET_HELP)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, metavar="N",
                    help="window length in tokens, BOS included (default: %(default)s)")

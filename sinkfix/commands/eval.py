@@ -16,7 +16,7 @@ import shutil
 import sys
 from typing import Iterator
 
-from sinkfix.commands import SUMMARIES
+from sinkfix.commands import StoreOnce, SUMMARIES
 from sinkfix.errors import EvaluationError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.config import DEFAULT_POLICY, EvalConfig
@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="a folder of task YAML files, as lm-eval's --include_path; repeatable")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--policy", metavar="SPEC", help=f"the correction as a policy spec (default: {DEFAULT_POLICY})")
-    which.add_argument("--profile", metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
+    which.add_argument("--profile", action=StoreOnce, metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
                    help="few-shot examples (default: each task's; a task whose config says 0 stays at 0, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -70,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--hidden-sink-threshold", type=float, default=0.1,
                         help="ACT criterion: mean attention over the rows that see a key (default 0.1)")
     parser.add_argument("--policy", default=None, help="inspect the model patched with this policy spec, e.g. sink_scale=0.9")
-    parser.add_argument("--profile", default=None, help="inspect the model patched with this calibrated profile")
+    parser.add_argument("--profile", action=StoreOnce, default=None, help="inspect the model patched with this calibrated profile")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.set_defaults(run=run)
     return parser
@@ -196,6 +196,17 @@ def run(args: argparse.Namespace) -> int:
         raise SinkfixError("give --profile or --policy, not both")
     check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")
     check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
+    # the profile file read and validated (or the policy parsed) before the texts are read and the model
+    # loads, as bench and eval do; whether the profile fits the model is checked when it is applied
+    correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
+        sinkfix.Policy.parse(args.policy) if args.policy is not None else None
+    if correction is not None and correction.content_sinks is not None:
+        # inspect measures through attention observers, which content-dependent sinks do not have
+        # (docs/formulas.md): known from the file or spec, so refused before the model loads
+        given = f"--profile {args.profile} is a content-mode profile" if args.profile is not None else \
+            f"--policy {args.policy} has content-dependent (hidden) sinks"
+        raise UsageError(f"{given}; inspect cannot measure a model patched with content-dependent sinks (not "
+                         "implemented): inspect the stock model or a positional policy or profile")
     console = wide_console()
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
@@ -214,17 +225,6 @@ def run(args: argparse.Namespace) -> int:
         from sinkfix.analysis.plots import check_matplotlib
 
         check_matplotlib()
-    # the profile file read and validated (or the policy parsed) before the model loads, as bench and
-    # eval do; whether the profile fits the model is checked when it is applied
-    correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
-        sinkfix.Policy.parse(args.policy) if args.policy is not None else None
-    if correction is not None and correction.content_sinks is not None:
-        # inspect measures through attention observers, which content-dependent sinks do not have
-        # (docs/formulas.md): known from the file or spec, so refused before the model loads
-        given = f"--profile {args.profile} is a content-mode profile" if args.profile is not None else \
-            f"--policy {args.policy} has content-dependent (hidden) sinks"
-        raise UsageError(f"{given}; inspect cannot measure a model patched with content-dependent sinks (not "
-                         "implemented): inspect the stock model or a positional policy or profile")
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
     # the model's position limit is known only now; the longest window is --seq-len tokens, or the

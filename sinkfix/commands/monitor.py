@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import MonitorError
 
 #: The figure of `sinkfix monitor report --out DIR`.
@@ -55,7 +55,7 @@ def _add_run(sub) -> None:
     parser.add_argument("--out", required=True, metavar="LOG.jsonl", help="telemetry log (appended)")
     fix = parser.add_mutually_exclusive_group()
     fix.add_argument("--policy", default=None, help="patch with this policy spec (default: identity)")
-    fix.add_argument("--profile", default=None, help="patch with this calibrated profile")
+    fix.add_argument("--profile", action=StoreOnce, default=None, help="patch with this calibrated profile")
     parser.add_argument("--guard", action="store_true",
                         help="switch the correction off for requests outside the profile's calibration ranges")
     parser.add_argument("--guard-margin", type=float, default=None, help="guard margin in sink share (default 0.15)")
@@ -87,7 +87,7 @@ def _add_ranges(sub) -> None:
     from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
 
     add_common_arguments(parser, default_max_tokens=8192, split="calib")
-    parser.add_argument("--profile", required=True, help="the profile to measure (applied to the model)")
+    parser.add_argument("--profile", action=StoreOnce, required=True, help="the profile to measure (applied to the model)")
     parser.add_argument("--statistics-windows", type=int, default=STATISTICS_WINDOWS, metavar="N",
                         help="windows per domain the ranges are measured on, the first N (default "
                              f"{STATISTICS_WINDOWS}, as sinkfix calibrate: the guard's margin was chosen with that many)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sinkfix.commands import SUMMARIES, set_threads
+from sinkfix.commands import StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "stream_text", "tokenizer_adds_bos"]
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="comma-separated subset of sink, window_only, recompute and, with --profile, "
                              "sink_profile, recompute_profile (default: the first three, plus the last two "
                              "with --profile)")
-    parser.add_argument("--profile", default=None,
+    parser.add_argument("--profile", action=StoreOnce, default=None,
                         help="also run the sink cache and the recomputation with this calibrated profile patched in")
     parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
     # --no-figures as every other command spells it (and as the missing-matplotlib error says);
