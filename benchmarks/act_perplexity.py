@@ -19,7 +19,9 @@ import torch
 
 import sinkfix
 from sinkfix import ContentSinks, Policy
-from sinkfix.evaluate import perplexity
+from sinkfix.bench.provenance import provenance, provenance_line
+from sinkfix.errors import UsageError
+from sinkfix.evaluate import check_positions, perplexity
 from sinkfix.texts import DOMAINS, domain_text
 
 
@@ -31,14 +33,30 @@ def _policies() -> dict[str, Policy]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--seq-len", type=int, default=512,
+                        help="window tokens (at least 3: the BOS protocol's window holds the BOS and 2 text tokens)")
+    parser.add_argument("--windows", type=int, default=8, help="windows per domain (at least 1)")
+    args = parser.parse_args(argv)
+    # both BOS protocols run: the stricter one (sinkfix.evaluate.make_windows with a BOS) sets the minimum,
+    # checked now rather than after the whole no-BOS half of the table
+    if args.seq_len < 3:
+        parser.error(f"--seq-len must be at least 3 (the BOS protocol's window holds the BOS and 2 text tokens), "
+                     f"got {args.seq_len}")
+    if args.windows < 1:
+        parser.error(f"--windows must be at least 1, got {args.windows}")
     torch.set_num_threads(1)
-    model, tokenizer = sinkfix.load_model(args.model)
+    try:
+        model, tokenizer = sinkfix.load_model(args.model)
+    except sinkfix.ModelLoadError as error:
+        parser.error(f"--model {args.model}: {error}")
+    try:
+        check_positions(args.seq_len, model.config, "--seq-len", args.model)
+    except UsageError as error:
+        parser.error(str(error))
+    print(provenance_line(provenance(torch.device("cpu"))), flush=True)
     print(f"model {args.model}, CPU fp32, torch {torch.__version__}, python {platform.python_version()}")
     print(f"text: built-in domains, eval split; {args.seq_len}-token windows, first {args.windows} per domain\n")
     print("| policy | BOS | domain | stock ppl | corrected ppl | change |")

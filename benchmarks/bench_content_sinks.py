@@ -26,7 +26,9 @@ import time
 
 import torch
 
-from sinkfix.ops.attention import sink_attention_torch
+from sinkfix.bench.provenance import provenance, provenance_line
+from sinkfix.errors import BackendUnavailableError
+from sinkfix.ops.attention import resolve_backend, sink_attention_torch
 from sinkfix.ops.content_attention import content_sink_attention_torch, content_sink_attention_triton
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -49,28 +51,29 @@ def _median_ms(fn, repeats: int, device: torch.device) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _device_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        import triton
-
-        return (f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
-                f"python {platform.python_version()}")
-    return (f"device: CPU ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
-            f"torch {torch.__version__}, python {platform.python_version()}")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="key counts S (each at least 1)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per median (at least 1)")
     parser.add_argument("--backend", choices=("torch", "triton"), default="torch")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="input dtype (Triton backend)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if min(args.lengths) < 1:
+        parser.error(f"--lengths must each be at least 1, got {min(args.lengths)}")
     triton_backend = args.backend == "triton"
     device = torch.device("cuda" if triton_backend and torch.cuda.is_available() else "cpu")
+    if triton_backend:  # no CUDA and no TRITON_INTERPRET=1, or no usable triton: refused before any work
+        try:
+            resolve_backend(args.backend, device)
+        except BackendUnavailableError as error:
+            parser.error(f"--backend {args.backend}: {error}")
     dtype = DTYPES[args.dtype] if triton_backend else torch.float32
     torch.manual_seed(0)
-    print(_device_line(device) + f", backend {args.backend}, {args.dtype if triton_backend else 'fp32'}")
+    # the same header line as the other benchmark scripts: device, sinkfix / torch / transformers / triton
+    print(provenance_line(provenance(device)) + f"; python {platform.python_version()}, {torch.get_num_threads()} "
+          f"threads, backend {args.backend}, {args.dtype if triton_backend else 'fp32'}")
     print("| call | S | positional (ms) | content (ms) | ratio |")
     print("|---|---|---|---|---|")
     on = dict(device=device)

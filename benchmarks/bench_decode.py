@@ -44,14 +44,16 @@ from sinkfix.bench.timing import CLOCKS, compiled_decoding, decode_step_times, t
 
 TARGETS = {("decode", "eager"): 1.10, ("decode", "compiled"): 1.05, ("prefill", "eager"): 1.05,
            ("prefill", "compiled"): 1.05}
+MODES = ("eager", "compiled")
 
 
-def _policies(model, spec: str | None) -> dict[str, Any]:
-    """stock (None), identity, sink_scale=0.9 and a per-head policy (a profile file, or per-head
-    beta and virtual logits drawn once with a fixed seed, as a calibrated profile has)."""
+def _policies(model, profile: sinkfix.Profile | None) -> dict[str, Any]:
+    """stock (None), identity, sink_scale=0.9 and a per-head policy (a profile, loaded and checked
+    against the model by main, or per-head beta and virtual logits drawn once with a fixed seed, as a
+    calibrated profile has)."""
     variants: dict[str, Any] = {"stock": None, "identity": sinkfix.Policy(), "sink_scale=0.9": sinkfix.Policy(sink_scale=0.9)}
-    if spec:
-        variants["profile"] = sinkfix.Profile.load(spec)
+    if profile is not None:
+        variants["profile"] = profile
     else:
         handle = sinkfix.patch(model, sinkfix.Policy())
         layers, heads = handle.num_layers, max(handle.num_heads())
@@ -123,9 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", default=None, help="a profile file for the per-head variant")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each at least 1")
+    parser.add_argument("--modes", default="eager,compiled", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens; with --new-tokens within the "
+                        "model's max_position_embeddings")
     parser.add_argument("--new-tokens", type=int, default=34)
     parser.add_argument("--skip", type=int, default=1, help="decode steps dropped at the start of each generate")
     parser.add_argument("--rounds", type=int, default=3)
@@ -140,8 +143,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, before the model loads, what would fail only at the end of the run."""
-    for name in ("rounds", "prefills", "new_tokens"):
+    """Refuse, before the model loads, what would fail only at the end of the run. Sets
+    ``args.thread_counts`` and ``args.mode_list`` (the parsed --threads and --modes) and
+    ``args.loaded_profile`` (the --profile file read, not yet checked against the model)."""
+    for name in ("rounds", "prefills", "new_tokens", "prompt"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.skip < 0:
@@ -151,23 +156,68 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.skip >= args.new_tokens - 1:
         parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens} "
                      f"({args.new_tokens - 1} cached steps)")
+    args.mode_list = args.modes.split(",")
+    unknown = [mode for mode in args.mode_list if mode not in MODES]
+    if unknown:
+        parser.error(f"--modes {args.modes!r}: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
+    try:
+        args.thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads {args.threads!r} is not a comma-separated list of whole numbers")
+    if min(args.thread_counts) < 1:
+        parser.error(f"--threads {args.threads!r}: every thread count must be at least 1")
+    if args.json:  # a path that cannot be written fails now, not after the whole run
+        from sinkfix.files import OutputError, check_writable
+
+        try:
+            check_writable(args.json)
+        except OutputError as error:
+            parser.error(f"--json: {error}")
+    args.loaded_profile = None
+    if args.profile is not None:
+        try:
+            args.loaded_profile = sinkfix.Profile.load(args.profile)
+        except sinkfix.ProfileError as error:  # its message names the file
+            parser.error(f"--profile: {error}")
+
+
+def _check_model(parser: argparse.ArgumentParser, args: argparse.Namespace, model, ids: torch.Tensor) -> None:
+    """Refuse, after the model loads and before anything is measured, what does not fit the model."""
+    from sinkfix.errors import UsageError
+    from sinkfix.evaluate import check_positions
+
+    try:
+        check_positions(args.prompt + args.new_tokens, model.config, "--prompt + --new-tokens", args.model)
+    except UsageError as error:
+        parser.error(f"{error} (--prompt {args.prompt}, --new-tokens {args.new_tokens})")
+    if ids.shape[1] < args.prompt:
+        parser.error(f"--prompt {args.prompt} is longer than the benchmark text ({ids.shape[1]} tokens)")
+    if args.loaded_profile is not None:
+        try:
+            args.loaded_profile.check(model)
+        except sinkfix.ProfileError as error:
+            parser.error(f"--profile {args.profile}: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check(parser, args)
-    model, tok = sinkfix.load_model(args.model)
+    try:
+        model, tok = sinkfix.load_model(args.model)
+    except sinkfix.ModelLoadError as error:
+        parser.error(f"--model {args.model}: {error}")
     model.set_attn_implementation("sdpa")
     from sinkfix.texts import domain_text
 
     text = domain_text("pydoc", "eval")
     ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt]
-    variants = _policies(model, args.profile)
+    _check_model(parser, args, model, ids)
+    variants = _policies(model, args.loaded_profile)
     rows = []
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in args.thread_counts:
         torch.set_num_threads(threads)
-        for mode in args.modes.split(","):
+        for mode in args.mode_list:
             load = os.getloadavg()[0]
             results = _measure(model, variants, ids, mode, args)
             rows += _rows(results, mode, args.clock, threads, round(max(load, os.getloadavg()[0]), 2))
@@ -180,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     from sinkfix.bench.provenance import device_name, versions
 
-    info = dict(device=device_name(torch.device("cpu")), versions=versions(), clock=args.clock, prompt=args.prompt,
-                new_tokens=args.new_tokens, rounds=args.rounds, prefills=args.prefills)
+    info = dict(model=args.model, profile=args.profile, device=device_name(torch.device("cpu")), versions=versions(),
+                clock=args.clock, prompt=args.prompt, new_tokens=args.new_tokens, skip=args.skip, rounds=args.rounds,
+                prefills=args.prefills)
     print(json.dumps(info))
     verdicts = [r for r in rows if r["target"] is not None]
     print(f"targets met in {sum(r['met'] for r in verdicts)} of {len(verdicts)} cells, the whole 95% interval "

@@ -38,7 +38,8 @@ import torch
 import sinkfix
 from sinkfix.bench import Spread, alternate, measure_peak_memory, prefill_kwargs, release_memory, time_prefill
 from sinkfix.bench.provenance import provenance, provenance_line
-from sinkfix.evaluate import tokenize
+from sinkfix.errors import ModelLoadError, UsageError
+from sinkfix.evaluate import check_positions, tokenize
 from sinkfix.texts import domain_text
 
 CONFIGS = {"stock": None, "identity": "identity", "sink_scale=0.9": "sink_scale=0.9"}
@@ -92,7 +93,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         for name in order:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--model", args.model,
                    "--mem-seq-len", str(args.mem_seq_len)]
-            if args.threads:
+            if args.threads is not None:
                 cmd += ["--threads", str(args.threads)]
             # pinned mmap threshold: see sinkfix.bench.runner.pin_mmap_threshold (without it two
             # identical stock runs read 168 and 238 MiB; with it 153.7 and 153.5 MiB)
@@ -106,8 +107,19 @@ def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 # -- time: all configurations in one process, ABBA ---------------------------------------------------
+def _check_positions(model, args: argparse.Namespace) -> None:
+    """Raise UsageError, naming the option, for a prompt beyond the model's positions (past them a
+    model's outputs are garbage, not an error: the run would time something else than the model)."""
+    check_positions(args.seq_len, model.config, "--seq-len", args.model)
+    if not args.skip_memory:
+        check_positions(args.mem_seq_len, model.config, "--mem-seq-len", args.model)
+
+
 def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Raises ModelLoadError for a model that does not load and UsageError for sequence lengths beyond
+    its positions, both before anything is timed."""
     model, tokenizer = _load(args.model)
+    _check_positions(model, args)
     ids = _ids(tokenizer, args.seq_len)
     extra = prefill_kwargs(model)
 
@@ -125,22 +137,34 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--mem-seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=512, help="prompt tokens of the timed prefill (at least 1)")
+    parser.add_argument("--mem-seq-len", type=int, default=2048,
+                        help="prompt tokens of the memory prefill (at least 1)")
     # the verdict is on medians, and the paired per-round ratios show how far noise moved them
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--mem-rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=15, help="timed ABBA rounds (at least 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (0 or more)")
+    parser.add_argument("--mem-rounds", type=int, default=1,
+                        help="fresh processes per configuration for the memory (at least 1; see --skip-memory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (at least 1; default: torch's)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers here")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     return parser
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, what would fail later (or run something else than asked)."""
+    for name, least in (("seq_len", 1), ("mem_seq_len", 1), ("repeats", 1), ("mem_rounds", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _check(parser, args)
     if args.json and not args.child:  # a path that cannot be written fails now, not after the whole run
         from sinkfix.files import OutputError, check_writable
 
@@ -148,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(args.json)
         except OutputError as error:
             parser.error(str(error))
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.child:
         memory_child(args)
@@ -160,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sinkfix patch overhead: {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_start[0]:.2f}", flush=True)
     started = time.perf_counter()
-    times = measure_time(args)
+    try:
+        times = measure_time(args)
+    except ModelLoadError as error:
+        parser.error(f"--model {args.model}: {error}")
+    except UsageError as error:  # check_positions: the message names the option and the value
+        parser.error(str(error))
     stock = Spread(tuple(times["stock"]))
     report: dict[str, Any] = {"model": args.model, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
                               "mem_seq_len": args.mem_seq_len, "repeats": args.repeats, "provenance": origin, "time": {},
