@@ -24,3 +24,44 @@ def check_qkv_shapes(q, k, v) -> None:
         raise ValueError(f"query heads {q_heads} not a multiple of kv heads {kv_heads}")
     if q_len == 0 or k.shape[2] == 0:
         raise ValueError(f"sink attention needs at least one query row and one key, got Q={q_len}, K={k.shape[2]}")
+
+
+def causal_offset_arg(causal_offset) -> int:
+    """``causal_offset`` as the paths take it: an integer (2.7 was read as 2; a bool is refused)."""
+    if isinstance(causal_offset, bool) or int(causal_offset) != causal_offset:
+        raise ValueError(f"causal_offset must be an integer, got {causal_offset!r}")
+    return int(causal_offset)
+
+
+def check_sliding_window(sliding_window) -> None:
+    """ValueError unless ``sliding_window`` is None or an integer >= 1 (a bool is refused: True ran as
+    a window of 1 on one backend and was refused on the other)."""
+    if sliding_window is not None and (isinstance(sliding_window, bool) or int(sliding_window) != sliding_window
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window!r}")
+
+
+def check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm) -> None:
+    """ValueError / TypeError for residual-clip arguments either backend would fail on or run on
+    silently: hidden (B, S, D); threshold a number >= 0 or a (B,) tensor; is_sink a (B, S) bool on
+    hidden's device; sink_norm > 0 (a sink is clamped, never zeroed) and only with is_sink (alone it
+    clamps nothing). Shapes and Python numbers only: tensor values are not read."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a (B, S, D) tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+    batch, seq_len = hidden.shape[:2]
+    if isinstance(threshold, torch.Tensor) and threshold.dim() > 0:
+        if threshold.shape != (batch,):
+            raise ValueError(f"threshold must be a float or a (B,) = ({batch},) tensor, got {tuple(threshold.shape)}")
+    elif not isinstance(threshold, torch.Tensor) and (isinstance(threshold, bool) or not float(threshold) >= 0):
+        # a number; a one-value tensor is not read here (a host read waits for the device)
+        raise ValueError(f"threshold must be >= 0 (inf = no cap), got {threshold!r}")
+    if sink_norm is not None and (isinstance(sink_norm, bool) or not float(sink_norm) > 0):
+        raise ValueError(f"sink_norm must be > 0 (sinks are clamped, never zeroed), got {sink_norm!r}")
+    if sink_norm is not None and is_sink is None:
+        raise ValueError("sink_norm clamps the sink tokens' norm: give is_sink with it")
+    if is_sink is not None:
+        if not isinstance(is_sink, torch.Tensor) or is_sink.dtype != torch.bool or is_sink.shape != (batch, seq_len):
+            raise ValueError(f"is_sink must be bool (B, S) = ({batch}, {seq_len}), got "
+                             f"{getattr(is_sink, 'dtype', type(is_sink).__name__)} {tuple(getattr(is_sink, 'shape', ()))}")
+        if is_sink.device != hidden.device:
+            raise ValueError(f"is_sink on {is_sink.device}, hidden on {hidden.device}")

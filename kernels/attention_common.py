@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import check_qkv_shapes
+from .arguments import causal_offset_arg, check_qkv_shapes, check_sliding_window
 from .masks import key_padding_ranges, pack_mask_bits
 
 __all__ = [
@@ -732,13 +732,6 @@ def _zero_value_table(extra_logits, virtual_sink_logit, q_heads: int, device) ->
     return table, every_row
 
 
-def causal_offset_arg(causal_offset) -> int:
-    """``causal_offset`` as the kernels take it: an integer (2.7 was read as 2)."""
-    if isinstance(causal_offset, bool) or int(causal_offset) != causal_offset:
-        raise ValueError(f"causal_offset must be an integer, got {causal_offset!r}")
-    return int(causal_offset)
-
-
 def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logits, virtual_sink_logit,
                              sliding_window, softcap, scale, kernel, key_padding=None,
                              key_ranges=None) -> AttentionLaunch:
@@ -749,8 +742,7 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
     :class:`sinkfix.Policy` checks them once, when a policy is written."""
     _check_qkv(q, k, v, kernel)
     batch, q_heads, _, head_dim = q.shape
-    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
-        raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window!r}")
+    check_sliding_window(sliding_window)
     if softcap is not None and not 0 < softcap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import SUPPORTED_DTYPES, cdiv, is_interpreted, next_power_of_2
+from .arguments import check_residual_clip_arguments
 
 __all__ = ["clip_config", "residual_clip_triton"]
 
@@ -98,8 +99,7 @@ def residual_clip_triton(
         None, otherwise their norm is clamped to ``sink_norm`` (> 0: a sink is never zeroed)
       out: optional result buffer, hidden's shape and dtype, any strides (not with inplace)
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be a (B, S, D) tensor, got {getattr(hidden, 'shape', type(hidden))}")
+    check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm)
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"hidden must be fp16/bf16/fp32, got {hidden.dtype}")
     batch, seq_len, width = hidden.shape
@@ -114,25 +114,12 @@ def residual_clip_triton(
 
     thr_tensor, thr_scalar, thr_stride = None, 0.0, 0
     if isinstance(threshold, torch.Tensor) and threshold.dim() > 0:
-        if threshold.shape != (batch,):
-            raise ValueError(f"threshold must be a float or a (B,) = ({batch},) tensor, got {tuple(threshold.shape)}")
         thr_tensor = threshold.to(device=hidden.device, dtype=torch.float32)
         thr_stride = thr_tensor.stride(0)
     else:
         thr_scalar = float(threshold)
-        if not thr_scalar >= 0:
-            raise ValueError(f"threshold must be >= 0 (inf = no cap), got {thr_scalar}")
-    if sink_norm is not None and not float(sink_norm) > 0:
-        raise ValueError(f"sink_norm must be > 0 (sinks are clamped, never zeroed), got {sink_norm}")
-    if sink_norm is not None and is_sink is None:  # it would clamp nothing
-        raise ValueError("sink_norm clamps the sink tokens' norm: give is_sink with it")
     sinks, sink_strides = None, (0, 0)
     if is_sink is not None:
-        if is_sink.dtype != torch.bool or is_sink.shape != (batch, seq_len):
-            raise ValueError(f"is_sink must be bool (B, S) = ({batch}, {seq_len}), got "
-                             f"{is_sink.dtype} {tuple(is_sink.shape)}")
-        if is_sink.device != hidden.device:
-            raise ValueError(f"is_sink on {is_sink.device}, hidden on {hidden.device}")
         sinks = is_sink.view(torch.uint8)
         sink_strides = sinks.stride()
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
-from sinkfix.kernels.arguments import check_qkv_shapes
+from sinkfix.kernels.arguments import causal_offset_arg, check_qkv_shapes, check_sliding_window
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available, fused_lse_backward_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
@@ -201,7 +201,10 @@ def _sink_scores(q, k, visible: torch.Tensor, sink_cols: torch.Tensor | None, sc
         sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
     cols = sink_cols.clamp(0, max(k_len - 1, 0)).long()
     valid = (sink_cols >= 0) & (sink_cols < k_len)
-    sink_visible = visible.gather(-1, cols[:, None, None, :].expand(batch, 1, q_len, cols.shape[1]))
+    # every head the mask has: with head 0's view, a head that may not see a sink counted it (0.39 off
+    # at beta 1 on a (B, Hq, Q, K) mask)
+    visible = visible.expand(batch, -1, q_len, k_len)
+    sink_visible = visible.gather(-1, cols[:, None, None, :].expand(batch, visible.shape[1], q_len, cols.shape[1]))
     sink_visible = sink_visible & valid[:, None, None, :]
     gather_idx = cols[:, None, :, None].expand(batch, kv_heads, cols.shape[1], head_dim)
     k_s = _repeat_heads(k.gather(2, gather_idx), q_heads // kv_heads).float()
@@ -461,9 +464,7 @@ def check_attention_arguments(q, k, v, *, sink_cols=None, beta=None, extra_logit
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
         raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
-    if sliding_window is not None and (isinstance(sliding_window, bool) or int(sliding_window) != sliding_window
-                                       or sliding_window < 1):
-        raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window!r}")
+    check_sliding_window(sliding_window)
 
 
 def sink_attention_torch(
@@ -506,7 +507,7 @@ def sink_attention_torch(
                               extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
                               softcap=softcap, sliding_window=sliding_window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    layout = _Layout(attn_mask, causal, causal_offset, sliding_window)
+    layout = _Layout(attn_mask, causal, causal_offset_arg(causal_offset), sliding_window)
     if sink_cols is not None and not first_column_sink:
         sink_cols = distinct_sink_cols(sink_cols)
     fused = cpu_flash_available(q.dtype) if q.is_cpu else fused_lse_available(q.device, q.dtype)
@@ -601,6 +602,7 @@ def sink_attention(
     # checked here as well, they ran twice per layer call on the eager PyTorch path.
     # A patched model passes the backend patch() resolved; only "auto" is resolved per call.
     chosen = backend if backend in ("torch", "triton") else resolve_backend(backend, q.device)
+    causal_offset = causal_offset_arg(causal_offset)  # every path: 2.5 ran as 2 on both backends
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
@@ -638,7 +640,7 @@ def sink_attention(
     # dispatcher's round trip through a Python custom op (~55 us per call on CPU, 30 calls per token).
     opaque = torch.compiler.is_compiling() and not (chosen == "torch" and q.device.type == "cpu")
     args = (q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-            int(causal_offset), sliding_window, scale, softcap, first_column_sink, chosen)
+            causal_offset, sliding_window, scale, softcap, first_column_sink, chosen)
     if need_sink_stats:  # the kernels' statistics variants on the Triton backend, the split path otherwise
         op = custom_ops.sink_attention_stats_op if opaque else custom_ops.sink_attention_stats_impl
         out, lse, stats = op(*args)

@@ -207,6 +207,15 @@ def _sink_part(q, k, v, visible_cols: torch.Tensor, sink_cols: torch.Tensor, sca
     return torch.matmul(p, v_s), lse, visible_cols.sum(-1).float()
 
 
+def check_shared_mask(attn_mask: torch.Tensor | None) -> None:
+    """ValueError for a mask with one plane per head: the rule counts, per key, the query rows that
+    see it (one count per key, :class:`ColumnStats`), and the PyTorch path read head 0's plane for
+    every head (2.43 off in a head whose plane hid the sink). A patched model's masks are shared."""
+    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1:
+        raise ValueError(f"content-dependent sinks take one mask for every head, (B|1, 1, Q, K); got a mask with "
+                         f"{attn_mask.shape[1]} head planes, {tuple(attn_mask.shape)}")
+
+
 def content_sink_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -244,6 +253,7 @@ def content_sink_attention_torch(
     """
     if hidden is None and threshold is None:
         raise ValueError("content_sink_attention_torch needs either a hidden-sink mask or a threshold to decide one")
+    check_shared_mask(attn_mask)
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -401,6 +411,7 @@ def content_sink_attention_triton(
 
     if hidden is None and threshold is None:
         raise ValueError("content_sink_attention_triton needs either a hidden-sink mask or a threshold to decide one")
+    check_shared_mask(attn_mask)
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad

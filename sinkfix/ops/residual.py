@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from sinkfix.kernels.arguments import check_residual_clip_arguments
+
 __all__ = ["residual_clip", "residual_clip_torch", "relative_threshold"]
 
 
@@ -34,9 +36,12 @@ def residual_clip_torch(
     """Scale down every token whose L2 norm exceeds its cap; out of place. Same semantics as
     :func:`sinkfix.ops.reference.reference_residual_clip`: hidden (B, S, D); threshold (B,)
     per-sequence cap (inf = none); is_sink (B, S) bool, exempt when ``sink_norm`` is None, else
-    clamped to ``sink_norm``."""
+    clamped to ``sink_norm`` (> 0, with ``is_sink``). ``threshold`` may also be one number for every
+    sequence, as on the Triton backend (it raised an AttributeError here)."""
+    check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm)
     norms = hidden.float().norm(dim=-1)
-    cap = threshold.float().to(hidden.device)[:, None].expand_as(norms)
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=hidden.device)
+    cap = threshold.float().to(hidden.device).reshape(-1)[:, None].expand_as(norms)
     if is_sink is not None:
         sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
         cap = torch.where(is_sink, sink_cap, cap)

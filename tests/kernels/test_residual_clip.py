@@ -55,13 +55,16 @@ def _check(out, hidden_before, threshold, sinks, sink_norm, record=None):
     ref = reference_residual_clip(hidden_before, threshold, sinks, sink_norm).to(out.device)
     assert torch.isfinite(out).all()
     err_row = (out.double() - ref).abs().amax(-1)  # (B, S)
-    err_torch = (_torch_clip(hidden_before, threshold, sinks, sink_norm).double() - ref).abs().max().item()
+    # per token, as the floor is: the batch's largest PyTorch error (a clamped x60 sink's rounding)
+    # widened every ordinary token's tolerance
+    err_torch = (_torch_clip(hidden_before, threshold, sinks, sink_norm).double() - ref).abs().amax(-1)  # (B, S)
     tol_row = 2 * err_torch + FLOOR[out.dtype] * ref.abs().amax(-1)
     if record is not None:
-        record.append((out.dtype, err_row.max().item(), err_torch, ref.abs().max().item()))
+        record.append((out.dtype, err_row.max().item(), err_torch.max().item(), ref.abs().max().item()))
     worst = (err_row - tol_row).argmax()
     assert (err_row <= tol_row).all(), \
-        f"error {err_row.flatten()[worst]:.3g} > 2 x torch {err_torch:.3g} + floor {tol_row.flatten()[worst]:.3g}"
+        (f"error {err_row.flatten()[worst]:.3g} > 2 x torch {err_torch.flatten()[worst]:.3g} + floor, "
+         f"{tol_row.flatten()[worst]:.3g} in all")
     # the clipped tokens end at their cap (the reference's cap per token, sinks' included)
     norms = hidden_before.double().norm(dim=-1).to(out.device)
     cap = threshold.double()[:, None].expand_as(norms)
