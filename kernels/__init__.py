@@ -152,7 +152,7 @@ def __getattr__(name: str):
     # sinkfix.ops.sink_attention an AttentionResult) and three were called some *clip*
     if name in _DEPRECATED:
         new = _DEPRECATED[name]
-        warnings.warn(f"sinkfix.kernels.{name} is deprecated; use sinkfix.kernels.{new}", DeprecationWarning,
+        warnings.warn(f"sinkfix.kernels.{name} is deprecated; use sinkfix.kernels.{new}", FutureWarning,
                       stacklevel=2)
         return __getattr__(new) if new not in globals() else globals()[new]
     raise AttributeError(f"module 'sinkfix.kernels' has no attribute {name!r}")

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import causal_offset_arg, check_qkv_shapes, check_sliding_window
+from .arguments import check_qkv_shapes, check_sliding_window
 from .masks import key_padding_ranges, pack_mask_bits
 
 __all__ = [

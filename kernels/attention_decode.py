@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arguments import causal_offset_arg
 from .attention_common import (
     LOG2E,
     allocate_outputs,
@@ -33,7 +34,6 @@ from .attention_common import (
     device_sm_count,
     next_power_of_2,
     padded_head_dim,
-    causal_offset_arg,
     prepare_attention_launch,
     add_sink_values,
     sink_combine,

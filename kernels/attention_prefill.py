@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arguments import causal_offset_arg
 from .attention_common import (
     cdiv,
     LOG2E,
@@ -30,7 +31,6 @@ from .attention_common import (
     device_arch,
     hidden_combine,
     padded_head_dim,
-    causal_offset_arg,
     prepare_attention_launch,
     add_sink_values,
     sink_combine,

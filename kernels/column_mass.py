@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .arguments import causal_offset_arg
 from .attention_common import (
     cdiv,
     LOG2E,
     arch_family,
     device_arch,
     padded_head_dim,
-    causal_offset_arg,
     prepare_attention_launch,
     softcap_logits,
     tile_visibility,

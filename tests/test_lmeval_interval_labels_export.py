@@ -83,3 +83,13 @@ def test_export_tasks_writes_nothing_when_one_target_cannot_be_written(tmp_path)
     with pytest.raises(OutputError, match="sinkfix_cloze.jsonl"):
         export_tasks(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["sinkfix_cloze.jsonl"]
+
+
+@pytest.mark.parametrize("types, rolling", [(["multiple_choice"], False), (["loglikelihood"], False),
+                                            (["multiple_choice", "loglikelihood_rolling"], True)])
+def test_the_rolling_protocol_line_only_where_a_rolling_task_ran(types, rolling):
+    report = _report(_metric())
+    report["tasks"] = {f"t{i}": {"output_type": kind, "metrics": {"m": _metric()}} for i, kind in enumerate(types)}
+    lines = protocol_lines(report)
+    assert any(line.startswith("rolling log-likelihood") for line in lines) == rolling
+    assert lines[-1] == "↑/↓: higher/lower is better"

@@ -356,3 +356,12 @@ def test_a_content_sink_policy_is_refused_before_the_model_loads(tmp_path, monke
         assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(tmp_path / "t.jsonl"),
                          "--policy", spec]) == 2
         assert "not implemented for content-dependent sinks" in capsys.readouterr().err
+
+
+def test_the_sample_rows_help_names_the_default_the_monitor_uses():
+    from sinkfix.cli import build_parser
+    from sinkfix.telemetry import SAMPLE_ROWS
+
+    run = build_parser(["monitor"])._subparsers._group_actions[0].choices["monitor"]
+    actions = {a.dest: a for sub in run._subparsers._group_actions[0].choices.values() for a in sub._actions}
+    assert f"(default {SAMPLE_ROWS}," in actions["sample_rows"].help

@@ -14,9 +14,9 @@ from sinkfix.ops import residual
 
 
 def test_old_kernel_names_warn_and_resolve_to_the_new_ones():
-    with pytest.warns(DeprecationWarning, match="sink_attention_triton"):
+    with pytest.warns(FutureWarning, match="sink_attention_triton"):
         assert kernels.sink_attention is kernels.sink_attention_triton
-    with pytest.warns(DeprecationWarning, match="residual_clip_triton"):
+    with pytest.warns(FutureWarning, match="residual_clip_triton"):
         assert kernels.clip_residual is kernels.residual_clip_triton
     with pytest.raises(AttributeError):
         kernels.no_such_kernel  # noqa: B018
@@ -27,7 +27,7 @@ def test_old_residual_clip_name_warns_and_computes_the_same():
     is_sink = torch.zeros(2, 5, dtype=torch.bool)
     is_sink[:, 0] = True
     threshold = torch.tensor([3.0, 4.0])
-    with pytest.warns(DeprecationWarning, match="residual_clip"):
+    with pytest.warns(FutureWarning, match="residual_clip"):
         old = residual.clip_residual(hidden, threshold, sink_positions=is_sink)
     assert torch.equal(old, residual.residual_clip(hidden, threshold, is_sink))
 
@@ -35,7 +35,7 @@ def test_old_residual_clip_name_warns_and_computes_the_same():
 def test_old_calibrate_keyword_warns(monkeypatch):
     from sinkfix.analysis import calibration
 
-    with pytest.warns(DeprecationWarning, match="virtual_logit_on_sink_rows"):
+    with pytest.warns(FutureWarning, match="virtual_logit_on_sink_rows"):
         with pytest.raises(calibration.CalibrationError, match="init_beta"):  # stops before any work
             calibration.calibrate(None, None, "text", init_beta=2.0, virtual_on_sink_rows=True)
     with pytest.raises(TypeError, match="no_such_option"):

@@ -907,7 +907,7 @@ def calibrate(
     """
     if "virtual_on_sink_rows" in deprecated:
         warnings.warn("calibrate(virtual_on_sink_rows=...) is deprecated; use virtual_logit_on_sink_rows",
-                      DeprecationWarning, stacklevel=2)
+                      FutureWarning, stacklevel=2)
         virtual_logit_on_sink_rows = deprecated.pop("virtual_on_sink_rows")
     if deprecated:
         raise TypeError(f"calibrate() got unexpected keyword arguments {sorted(deprecated)}")

@@ -64,7 +64,8 @@ def _add_run(sub) -> None:
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
                         help="start every prompt with the tokenizer's BOS token, as calibration does (default: yes)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are cut (default 2048)")
-    parser.add_argument("--sample-rows", type=int, default=None, help="prompt rows behind the hidden-sink estimate")
+    parser.add_argument("--sample-rows", type=int, default=None,
+                        help="prompt rows behind the hidden-sink estimate (default 32, sinkfix.telemetry.SAMPLE_ROWS)")
     parser.add_argument("--prometheus-port", type=int, default=None,
                         help="also serve Prometheus metrics on 127.0.0.1:PORT while the run lasts")
     parser.set_defaults(run=_run_run)

@@ -74,8 +74,13 @@ def protocol_lines(report: dict[str, Any]) -> list[str]:
         (f"delta = corrected - stock; {level} paired-bootstrap percentile interval over items ({draws} draws, "
          f"seed {settings['seed']}; none with one item); p: McNemar's exact test for 0/1 metrics, else the paired "
          f"sign-flip test (exact up to 12 items)"),
-        (f"rolling log-likelihood: each document scored once from its start after prefix token "
-         f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens; ↑/↓: higher/lower is better"),
+        # said only where a rolling task ran (a multiple-choice run printed it too, as if scored that way);
+        # a report without output types keeps the line
+        *([f"rolling log-likelihood: each document scored once from its start after prefix token "
+           f"{protocol['prefix_token_id']}, windows of {protocol['max_length']} tokens"]
+          if any(e.get("output_type", "loglikelihood_rolling") == "loglikelihood_rolling"
+                 for e in report["tasks"].values()) else []),
+        "↑/↓: higher/lower is better",
     ]
 
 

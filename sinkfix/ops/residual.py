@@ -72,7 +72,7 @@ def residual_clip(
 
 def clip_residual(*args, **kwargs) -> torch.Tensor:
     """Deprecated name of :func:`residual_clip` (sinkfix 0.1)."""
-    warnings.warn("sinkfix.ops.residual.clip_residual is deprecated; use residual_clip", DeprecationWarning,
+    warnings.warn("sinkfix.ops.residual.clip_residual is deprecated; use residual_clip", FutureWarning,
                   stacklevel=2)
     if "sink_positions" in kwargs:
         kwargs["is_sink"] = kwargs.pop("sink_positions")
