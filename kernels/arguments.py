@@ -45,15 +45,16 @@ def check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm) -> None
     """ValueError / TypeError for residual-clip arguments either backend would fail on or run on
     silently: hidden (B, S, D); threshold a number >= 0 or a (B,) tensor; is_sink a (B, S) bool on
     hidden's device; sink_norm > 0 (a sink is clamped, never zeroed) and only with is_sink (alone it
-    clamps nothing). Shapes and Python numbers only: tensor values are not read."""
+    clamps nothing). Shapes and numbers only: a (B,) threshold tensor's values are not read."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be a (B, S, D) tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
     batch, seq_len = hidden.shape[:2]
     if isinstance(threshold, torch.Tensor) and threshold.dim() > 0:
         if threshold.shape != (batch,):
             raise ValueError(f"threshold must be a float or a (B,) = ({batch},) tensor, got {tuple(threshold.shape)}")
-    elif not isinstance(threshold, torch.Tensor) and (isinstance(threshold, bool) or not float(threshold) >= 0):
-        # a number; a one-value tensor is not read here (a host read waits for the device)
+    elif isinstance(threshold, bool) or not float(threshold) >= 0:
+        # a number or a one-value tensor (read, as the kernel reads it: a negative cap flipped every
+        # token's sign); a (B,) tensor's values are the caller's to check (reading them waits for the device)
         raise ValueError(f"threshold must be >= 0 (inf = no cap), got {threshold!r}")
     if sink_norm is not None and (isinstance(sink_norm, bool) or not float(sink_norm) > 0):
         raise ValueError(f"sink_norm must be > 0 (sinks are clamped, never zeroed), got {sink_norm!r}")

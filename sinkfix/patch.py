@@ -83,6 +83,7 @@ class PatchHandle:
         self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
         self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
         self._dismissed = False  # remove() was called on it: a with block ending never brings it back
+        self._on_collect = None  # puts the config's setting back if the model is collected while patched
         self._active = False
         self.tensor_parallel: tuple[int, int] | None = None  # (rank, size) when the attention heads are sharded
         # (rank, size) when the model is sharded but every rank computes all attention heads (transformers'
@@ -124,11 +125,17 @@ class PatchHandle:
             setattr(model, _HANDLE_ATTRIBUTE, self)
             self.active = True
             _register_on_config(self, model)
+            # a patch also ends when its model is collected: the config it may share with other models
+            # stayed on "sinkfix" for good (and the next patch took that for the original)
+            self._on_collect = weakref.finalize(model, _restore_collected, model.config, self._original_settings)
         except BaseException:
             self._detach(model)
             raise
 
     def _detach(self, model: nn.Module) -> None:
+        if self._on_collect is not None:
+            self._on_collect.detach()
+            self._on_collect = None
         self.restore_layers()
         for hook in self._hooks:
             hook.remove()
@@ -563,6 +570,16 @@ def _register_on_config(handle: PatchHandle, model: nn.Module) -> None:
 def _in_force(handle: "PatchHandle | None", config) -> bool:
     owner = None if handle is None else handle._model_ref()
     return handle is not None and handle.active and owner is not None and owner.config is config
+
+
+def _restore_collected(config, settings: list[tuple[Any, Any]]) -> None:
+    """A patched model was collected: its config (maybe shared) gets its own settings back unless
+    another model's patch on it is still in force."""
+    if any(_in_force(ref(), config) for ref in _PATCHES_BY_CONFIG.get(id(config), [])):
+        return
+    for owner, value in settings:
+        if getattr(owner, "_attn_implementation_internal", None) != value:
+            owner._attn_implementation_internal = value
 
 
 def _other_patches_on_config(model: nn.Module) -> list[PatchHandle]:

@@ -625,6 +625,10 @@ def _refuse_items_without_effect(kwargs: dict, clip: "ResidualClip | None", spec
                           f"empty in policy spec {spec!r}: the sink scale would change nothing")
     if clip is not None and clip.threshold == float("inf"):
         raise PolicyError(f"a residual clip at inf never clips (policy spec {spec!r}): leave the clip out")
+    content = kwargs.get("content_sinks")
+    if content is not None and float(torch.as_tensor(content.hidden_sink_scale).min()) == 1:
+        raise PolicyError(f"hidden_sink_scale=1 leaves every hidden sink's attention as it is (policy spec {spec!r}): "
+                          "the content-sink items would change nothing")
 
 
 def _one_number(value) -> bool:

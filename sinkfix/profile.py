@@ -483,6 +483,10 @@ class Profile:
             raise ProfileError(f"profile fitted_version (the format a re-saved profile was fitted under) must be 1 "
                                f"or 2, got {_json_text(self.fitted_version)}")
         _check_n_sink(self.n_sink)
+        twice = sorted({x for x in self.extra_sink_positions if list(self.extra_sink_positions).count(x) > 1})
+        if twice:  # refused when its policy was built, after a save and a load that took it
+            raise ProfileError(f"profile extra_sink_positions lists {', '.join(map(str, twice))} twice: give each "
+                               "position once")
         _check_calibration_record(self.calibration)
         self.sink_scale = _matrix("sink_scale", self.sink_scale, self.model, 0.0, 1.0)
         if self.virtual_sink_logit is not None:
@@ -661,6 +665,8 @@ class Profile:
             return cls.from_dict(data)
         except ProfileError as exc:
             raise ProfileError(f"{p}: {exc}") from None
+        except OverflowError:  # a JSON integer float() cannot hold (1 and 400 zeros): not a float, so not parse_float's
+            raise ProfileError(f"profile {p}: a number is too large for a float") from None
 
     @property
     def domain_robust(self) -> bool:

@@ -304,7 +304,7 @@ DATASET_MAX_CHARS = 4_000_000
 DATASET_DEFAULT_SPLIT = "test"  # held-out data: bench and inspect report on it, nothing is fitted to it
 
 TEXT_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
-             "NAME-3, ..., and a stem 'all' all-2: 'all' is the texts pooled); default: the built-in domains")
+             "NAME-3, ...); default: the built-in domains")
 DATASET_HELP = (f"a text set of the `datasets` package, NAME[:CONFIG][@SPLIT], e.g. wikitext:wikitext-2-raw-v1 "
                 f"or wikitext:wikitext-2-raw-v1@validation (split default '{DATASET_DEFAULT_SPLIT}'); the text "
                 f"column's first {DATASET_MAX_CHARS // 1_000_000}M characters make one domain named NAME; needs "
@@ -446,11 +446,13 @@ def load_texts(
     dataset: str | None = None,
     split: Split = "eval",
     domains: Iterable[str] | None = None,
+    reserved: Iterable[str] = (),
 ) -> dict[str, TextSource]:
     """Domain name -> :class:`TextSource`, from text files, a dataset spec, or the built-in domains.
 
     * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ...,
-      as does a stem ``all`` (:data:`POOLED_NAME`, every domain pooled);
+      as does a stem in ``reserved`` (a name the caller uses itself: ``sinkfix bench`` reserves
+      :data:`POOLED_NAME`, its column of every domain pooled), numbered past every other file's stem;
     * ``dataset``: ``NAME[:CONFIG][@SPLIT]`` (split default "test"), one domain named NAME with at
       most :data:`DATASET_MAX_CHARS` characters (:func:`load_dataset_text`);
     * neither: the built-in ``domains`` (default: all of :data:`DOMAINS`) of ``split`` ("eval" or "calib").
@@ -465,15 +467,17 @@ def load_texts(
         raise TextError("give --text or --dataset, not both")
     if (files or dataset) and domains is not None:
         raise TextError("give --text, --dataset or --domain, not more than one")
+    reserved = list(reserved)
     if dataset:
         spec = parse_dataset_spec(dataset)
-        return {unique_name(spec.name, [POOLED_NAME]): load_dataset_text(spec)}
+        return {unique_name(spec.name, reserved): load_dataset_text(spec)}
     if not files:
         return builtin_texts(split, domains)
+    stems = [Path(path).stem or "text" for path in files]
     texts: dict[str, TextSource] = {}
-    for path in files:
-        # a file all.txt is domain all-2: "all" is every domain pooled (a domain of that name was
-        # overwritten by the pooled numbers in sinkfix bench's results, unsaid)
-        name = unique_name(Path(path).stem or "text", [*texts, POOLED_NAME])
+    for path, stem in zip(files, stems):
+        # a reserved stem is numbered past every stem given (all.txt beside all-2.txt is all-3): the
+        # numbered name must not take another file's own name
+        name = unique_name(stem, [*texts, *reserved, *(stems if stem in reserved else ())])
         texts[name] = TextSource(read_text_file(path), str(path))
     return texts

@@ -37,8 +37,12 @@ def _cli(*argv: str) -> tuple[int, str, str]:
 def test_a_text_named_all_does_not_take_the_pooled_name(tmp_path):
     (tmp_path / "all.txt").write_text(PROSE)
     (tmp_path / "code.py").write_text(PROSE[::-1])
-    texts = load_texts([tmp_path / "all.txt", tmp_path / "code.py"])
+    (tmp_path / "all-2.txt").write_text(PROSE[5:])
+    texts = load_texts([tmp_path / "all.txt", tmp_path / "code.py"], reserved=[POOLED_NAME])
     assert list(texts) == ["all-2", "code"] and POOLED_NAME == "all"
+    # a file's own name is never taken: all.txt beside all-2.txt is numbered past it
+    assert list(load_texts([tmp_path / "all.txt", tmp_path / "all-2.txt"], reserved=[POOLED_NAME])) == ["all-3", "all-2"]
+    assert list(load_texts([tmp_path / "all.txt"])) == ["all"]  # other commands have no pooled column
 
 
 def test_the_bench_json_keeps_a_domain_from_all_txt_apart_from_the_pool(tmp_path, one_thread):
@@ -84,6 +88,8 @@ def test_run_bench_refuses_a_patched_model_and_leaves_its_patch(tmp_path, one_th
     ("clip=inf", "never clips"),
     ("clip_abs=inf", "never clips"),
     ("sink_scale=0.5,n_sink=0", "would change nothing"),
+    ("hidden_sink_scale=1", "would change nothing"),
+    ("hidden_sink_scale=1,hidden_sink_threshold=0.1", "would change nothing"),
 ])
 def test_spec_items_without_effect_are_refused(spec, says):
     with pytest.raises(PolicyError, match=says):
@@ -114,7 +120,7 @@ def test_a_sink_position_listed_twice_is_refused_by_the_constructor():
 
 @pytest.mark.parametrize("command", ["bench", "eval", "inspect", "stream"])
 def test_a_second_profile_is_refused(command):
-    rc, _, stderr = _cli(command, "--profile", "a.json", "--profile", "b.json")
+    rc, _, stderr = _cli(command, "--profile", "a.json", "--profile", "b.json")  # a.json does not exist either
     assert rc == 2 and "--profile is given twice (a.json, then b.json)" in stderr
 
 
@@ -136,3 +142,34 @@ def test_inspect_refuses_a_bad_policy_before_reading_the_texts(tmp_path):
     rc, stdout, stderr = _cli("inspect", "--policy", "bogus", "--out", str(tmp_path / "report"))
     assert rc == 2 and "'bogus' is not key=value" in stderr
     assert "texts" not in stdout and not (tmp_path / "report").exists()
+
+
+# each with an argument the command refuses at once, so that a regression fails fast instead of running
+@pytest.mark.parametrize("command, fails_fast", [("eval", ["--limit", "0"]), ("inspect", ["--seq-len", "1"])])
+def test_a_second_policy_is_refused_where_policy_is_not_repeatable(command, fails_fast):
+    rc, _, stderr = _cli(command, *fails_fast, "--policy", "drop", "--policy", "sink_scale=0.9")
+    assert rc == 2 and "--policy is given twice (drop, then sink_scale=0.9)" in stderr
+
+
+def test_monitor_run_refuses_a_second_policy():
+    rc, _, stderr = _cli("monitor", "run", "--requests", "r.jsonl", "--out", "o.jsonl", "--policy", "drop",
+                         "--policy", "sink_scale=0.9")
+    assert rc == 2 and "--policy is given twice" in stderr
+
+
+def test_a_profile_integer_float_cannot_hold_is_refused(tmp_path):
+    text = STORED_PROFILE.read_text()
+    first = json.loads(text)["policy"]["sink_scale"][0][0]
+    path = tmp_path / "p.json"
+    path.write_text(text.replace(repr(first), "1" + "0" * 400, 1))
+    with pytest.raises(ProfileError, match="too large for a float"):  # an OverflowError traceback before
+        sinkfix.Profile.load(path)
+
+
+def test_a_profile_with_a_sink_position_twice_is_refused_when_built_and_loaded(tmp_path):
+    data = json.loads(STORED_PROFILE.read_text())
+    data["policy"]["extra_sink_positions"] = [3, 3]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=r"p.json: profile extra_sink_positions lists 3 twice"):
+        sinkfix.Profile.load(path)

@@ -93,3 +93,37 @@ def test_a_refused_patch_on_a_shared_config_leaves_the_other_patch_in_force(one_
     assert torch.equal(_logits(a), patched_a)
     ha.remove()
     assert a.config._attn_implementation == "sdpa"
+
+
+def test_a_collected_patched_model_gives_the_shared_setting_back(one_thread):
+    import gc
+
+    a, b = _twins()
+    config = a.config
+    original = config._attn_implementation
+    stock_b = _logits(b)
+    handle = sinkfix.patch(a, Policy(sink_scale=0.5))
+    del a, handle
+    gc.collect()
+    assert config._attn_implementation == original  # stayed "sinkfix" for good
+    b.train()
+    b(input_ids=IDS, use_cache=False)  # the stock attention trains with dropout
+    b.eval()
+    with sinkfix.patch(b, Policy(sink_scale=0.1)):
+        assert config._attn_implementation == "sinkfix"
+    assert config._attn_implementation == original and torch.equal(_logits(b), stock_b)
+
+
+def test_a_collected_model_leaves_a_sibling_patch_in_force(one_thread):
+    import gc
+
+    a, b = _twins()
+    config = a.config
+    sinkfix.patch(a, Policy(sink_scale=0.5))
+    hb = sinkfix.patch(b, Policy(sink_scale=0.1))
+    patched_b = _logits(b)
+    del a
+    gc.collect()
+    assert hb.active and config._attn_implementation == "sinkfix" and torch.equal(_logits(b), patched_b)
+    hb.remove()
+    assert config._attn_implementation == "sdpa"

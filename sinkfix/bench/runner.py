@@ -63,7 +63,7 @@ from sinkfix.bench.timing import prefill_kwargs, time_prefill
 from sinkfix.evaluate import windows_nll
 from sinkfix.errors import UsageError
 from sinkfix.patch import PatchHandle
-from sinkfix.texts import QUICK_DOMAINS, load_texts
+from sinkfix.texts import POOLED_NAME, QUICK_DOMAINS, load_texts
 
 __all__ = [
     "SCHEMA_VERSION", "BenchConfig", "Variant", "Spread", "MemoryPeak", "ProgressFactory", "run_bench",
@@ -141,8 +141,9 @@ def run_bench(
     device = pick_device(config.device)
 
     # inputs first: a bad file fails in milliseconds, not after a 15 s model load
+    # "all" is the results' column of every domain pooled: a text of that name is numbered (all-2)
     texts = load_texts(config.texts, config.dataset, split="eval",
-                       domains=None if config.texts or config.dataset else QUICK_DOMAINS)
+                       domains=None if config.texts or config.dataset else QUICK_DOMAINS, reserved=[POOLED_NAME])
     profile = load_profile(config.profile) if config.profile is not None else None
     variants = default_variants(config.policies, profile, config.profile)
     bos = choose_bos(config, profile)  # a profile's BOS protocol, checked before the model loads

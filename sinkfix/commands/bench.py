@@ -41,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="a policy such as sink_scale=0.9 or drop or virtual_sink_logit=0; repeatable")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
-                        help=f"{TEXT_HELP} {', '.join(QUICK_DOMAINS)} (evaluation split); several files per option")
+                        help=f"{TEXT_HELP} {', '.join(QUICK_DOMAINS)} (evaluation split); several files per option; "
+                             "a stem 'all' is numbered (all-2): 'all' is the column of every text pooled")
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", help=DATASET_HELP)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, metavar="N",
                    help="window length in tokens, BOS included (default: %(default)s)")

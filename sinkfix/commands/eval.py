@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of task YAML files, as lm-eval's --include_path; repeatable")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--policy", metavar="SPEC", help=f"the correction as a policy spec (default: {DEFAULT_POLICY})")
+    which.add_argument("--policy", action=StoreOnce, metavar="SPEC", help=f"the correction as a policy spec (default: {DEFAULT_POLICY})")
     which.add_argument("--profile", action=StoreOnce, metavar="FILE", help="the correction as a calibrated profile (sinkfix calibrate)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="N",

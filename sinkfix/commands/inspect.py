@@ -69,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="sinkfix-inspect", help="output folder (default ./sinkfix-inspect)")
     parser.add_argument("--hidden-sink-threshold", type=float, default=0.1,
                         help="ACT criterion: mean attention over the rows that see a key (default 0.1)")
-    parser.add_argument("--policy", default=None, help="inspect the model patched with this policy spec, e.g. sink_scale=0.9")
+    parser.add_argument("--policy", action=StoreOnce, default=None, help="inspect the model patched with this policy spec, e.g. sink_scale=0.9")
     parser.add_argument("--profile", action=StoreOnce, default=None, help="inspect the model patched with this calibrated profile")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.set_defaults(run=run)

@@ -54,7 +54,7 @@ def _add_run(sub) -> None:
                              "'builtin' = 4 prompts cut from each built-in domain's evaluation text")
     parser.add_argument("--out", required=True, metavar="LOG.jsonl", help="telemetry log (appended)")
     fix = parser.add_mutually_exclusive_group()
-    fix.add_argument("--policy", default=None, help="patch with this policy spec (default: identity)")
+    fix.add_argument("--policy", action=StoreOnce, default=None, help="patch with this policy spec (default: identity)")
     fix.add_argument("--profile", action=StoreOnce, default=None, help="patch with this calibrated profile")
     parser.add_argument("--guard", action="store_true",
                         help="switch the correction off for requests outside the profile's calibration ranges")

@@ -204,8 +204,9 @@ def _check_arguments(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if dropout and dropout > 0:
         unpatched = "" if getattr(module, "_sinkfix", None) is not None else (
             "; this model carries no sinkfix patch, but its config selects sinkfix attention: it was loaded with "
-            "attn_implementation='sinkfix', or it shares its config object with a patched model (models built "
-            "from one config object share its attention setting: give each its own, copy.deepcopy(config))")
+            "attn_implementation='sinkfix', it shares its config object with a patched model (models built "
+            "from one config object share its attention setting: build each from its own copy, copy.deepcopy(config)), "
+            "or it was copied from such a model while the patch was in force (copy it with no patch in force)")
         raise AttentionDropoutError(
             f"sinkfix attention is inference-only: attention dropout {dropout} requested (call model.eval()){unpatched}"
         )

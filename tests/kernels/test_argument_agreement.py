@@ -94,3 +94,10 @@ def test_residual_clip_takes_the_same_arguments_on_both_backends(backend):
         residual_clip(hidden, 2.0, None, 1.0, backend=backend)
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         residual_clip(hidden, -1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_negative_one_value_threshold_tensor_is_refused(backend):
+    hidden = torch.ones(1, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="threshold must be >= 0"):  # flipped every token's sign
+        residual_clip(hidden, torch.tensor(-1.0, device=DEVICE), backend=backend)
