@@ -128,6 +128,7 @@ class PatchHandle:
             # a patch also ends when its model is collected: the config it may share with other models
             # stayed on "sinkfix" for good (and the next patch took that for the original)
             self._on_collect = weakref.finalize(model, _restore_collected, model.config, self._original_settings)
+            self._on_collect.atexit = False  # at interpreter exit there is nothing to give back
         except BaseException:
             self._detach(model)
             raise
