@@ -348,10 +348,10 @@ def _check_n_sink(n_sink: Any) -> None:
     if isinstance(n_sink, bool) or not isinstance(n_sink, int):
         raise ProfileError(f"profile n_sink must be an integer, got {_json_text(n_sink)}")
     if n_sink < 0:
-        raise ProfileError(f"profile n_sink must be >= 0, got {n_sink}")
-    if n_sink > MAX_N_SINK:
+        raise ProfileError(f"profile n_sink must be >= 0, got {_json_text(n_sink)}")
+    if n_sink > MAX_N_SINK:  # shortened: a 400-digit count was printed whole
         raise ProfileError(f"profile n_sink must be at most {MAX_N_SINK} (sinkfix.policy.MAX_N_SINK: a sink set is a "
-                           f"few leading tokens), got {n_sink}")
+                           f"few leading tokens), got {_json_text(n_sink)}")
 
 
 def _check_calibration_record(record: Any) -> None:

@@ -173,3 +173,13 @@ def test_a_profile_with_a_sink_position_twice_is_refused_when_built_and_loaded(t
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=r"p.json: profile extra_sink_positions lists 3 twice"):
         sinkfix.Profile.load(path)
+
+
+def test_a_huge_profile_n_sink_is_named_short(tmp_path):
+    data = json.loads(STORED_PROFILE.read_text())
+    data["policy"]["n_sink"] = int("1" + "0" * 400)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="n_sink must be at most 1024") as info:
+        sinkfix.Profile.load(path)
+    assert len(str(info.value)) < 300  # the 401 digits were printed whole
