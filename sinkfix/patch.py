@@ -563,31 +563,31 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
     return handle
 
 
+def _patches_on(config) -> list[PatchHandle]:
+    """The patches in force on models whose config is this very object."""
+    in_force = []
+    for ref in _PATCHES_BY_CONFIG.get(id(config), []):
+        handle = ref()
+        owner = None if handle is None else handle._model_ref()
+        if handle is not None and handle.active and owner is not None and owner.config is config:
+            in_force.append(handle)
+    return in_force
+
+
 def _register_on_config(handle: PatchHandle, model: nn.Module) -> None:
-    refs = [ref for ref in _PATCHES_BY_CONFIG.get(id(model.config), []) if _in_force(ref(), model.config)]
-    _PATCHES_BY_CONFIG[id(model.config)] = [*refs, weakref.ref(handle)]
-
-
-def _in_force(handle: "PatchHandle | None", config) -> bool:
-    owner = None if handle is None else handle._model_ref()
-    return handle is not None and handle.active and owner is not None and owner.config is config
+    _PATCHES_BY_CONFIG[id(model.config)] = [*map(weakref.ref, _patches_on(model.config)), weakref.ref(handle)]
 
 
 def _restore_collected(config, settings: list[tuple[Any, Any]]) -> None:
     """A patched model was collected: its config (maybe shared) gets its own settings back unless
     another model's patch on it is still in force."""
-    if any(_in_force(ref(), config) for ref in _PATCHES_BY_CONFIG.get(id(config), [])):
-        return
-    for owner, value in settings:
-        if getattr(owner, "_attn_implementation_internal", None) != value:
-            owner._attn_implementation_internal = value
+    if not _patches_on(config):
+        _put_back_internal_settings(settings)
 
 
 def _other_patches_on_config(model: nn.Module) -> list[PatchHandle]:
     """The patches in force on other models that share ``model``'s config object."""
-    config = getattr(model, "config", None)
-    found = [ref() for ref in _PATCHES_BY_CONFIG.get(id(config), [])]
-    return [h for h in found if _in_force(h, config) and h._model_ref() is not model]
+    return [h for h in _patches_on(getattr(model, "config", None)) if h._model_ref() is not model]
 
 
 def _refuse_overlapping_patch(model: nn.Module, order: list[tuple[nn.Module, int]],
@@ -624,6 +624,11 @@ def _attn_settings(config) -> list[tuple[Any, Any]]:
 def _restore_attn_settings(model: nn.Module, current: str | None, settings: list[tuple[Any, Any]]) -> None:
     if model.config._attn_implementation != current:
         model.set_attn_implementation(current or "eager")
+    _put_back_internal_settings(settings)
+
+
+def _put_back_internal_settings(settings: list[tuple[Any, Any]]) -> None:
+    """Each config and sub-config its own recorded attention setting (see :func:`_attn_settings`)."""
     for config, value in settings:
         if getattr(config, "_attn_implementation_internal", None) != value:
             config._attn_implementation_internal = value

@@ -254,7 +254,7 @@ class Policy(_ValueEquality):
         extra = _int_tuple("extra_sink_positions", self.extra_sink_positions)
         if any(p < 0 for p in extra):
             raise PolicyError(f"extra_sink_positions must be >= 0, got {extra}")
-        twice = sorted({p for p in extra if extra.count(p) > 1})
+        twice = sorted(listed_twice(extra))
         if twice:  # kept, it described itself as a spec that parse refuses or reads as another policy
             raise PolicyError(f"extra_sink_positions lists {', '.join(map(str, twice))} twice: give each position once")
         object.__setattr__(self, "extra_sink_positions", extra)
@@ -684,9 +684,17 @@ def _spec_float(value: str) -> float:
     if not _SPEC_FLOAT.fullmatch(value):
         raise ValueError(f"{value!r} is not a number")
     number = float(value)
-    if number == 0 and any(digit in "123456789" for digit in value.lower().split("e")[0]):
+    if reads_as_zero(value, number):
         raise ValueError(f"{value!r} is too small for a float (it would read as 0)")
     return number + 0.0  # -0 reads as 0: one spelling, one description
+
+
+def reads_as_zero(text: str, number: float) -> bool:
+    """Whether the decimal ``text`` names a non-zero number that float() read as ``number`` = 0
+    (1e-400: for a sink scale, the drop policy)."""
+    return number == 0 and any(digit in "123456789" for digit in text.lower().split("e")[0])
+
+
 _MAX_RANGE = 1 << 16  # far more layers or sink positions than any model has; stops layers=0-999999999
 
 
@@ -714,12 +722,21 @@ def _parse_int_list(value: str, noun: str) -> tuple[int, ...]:
         if high - low >= _MAX_RANGE:
             raise ValueError(f"range {item!r} is too long")
         out.extend(range(low, high + 1))
-    seen: set[int] = set()
-    for number in out:
-        if number in seen:
-            raise ValueError(f"{noun} {number} is listed twice")
-        seen.add(number)
+    twice = listed_twice(out)
+    if twice:
+        raise ValueError(f"{noun} {twice[0]} is listed twice")
     return tuple(out)
+
+
+def listed_twice(values: Sequence[int]) -> list[int]:
+    """The values that occur more than once, each once, in the order of their second occurrence."""
+    seen: set[int] = set()
+    twice: list[int] = []
+    for value in values:
+        if value in seen and value not in twice:
+            twice.append(value)
+        seen.add(value)
+    return twice
 
 
 def _spec_number(value: float) -> str:
@@ -732,7 +749,8 @@ def _spec_number(value: float) -> str:
 def _format_int_list(values: Sequence[int]) -> str:
     """The spec form of a list that _parse_int_list reads back to the same list: runs of three or
     more consecutive ascending values of one sign as 'a-b', the rest separated by ':'. A value
-    listed twice (possible through the Policy constructor) is written once: the meaning is a set."""
+    listed twice (a layer, through the Policy constructor, which refuses it only against a model) is
+    written once: the meaning is a set."""
     unique = list(dict.fromkeys(values))
     items: list[str] = []
     start = 0

@@ -66,7 +66,7 @@ from torch import nn
 
 from sinkfix import files
 from sinkfix.errors import PolicyError, ProfileError
-from sinkfix.policy import MAX_N_SINK, ContentSinks, Policy, ResidualClip
+from sinkfix.policy import MAX_N_SINK, ContentSinks, Policy, ResidualClip, listed_twice, reads_as_zero
 
 __all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "cast_fingerprints", "weights_dtype",
            "atomic_write_text", "FORMAT", "VERSION", "CAST_DTYPES"]
@@ -483,7 +483,7 @@ class Profile:
             raise ProfileError(f"profile fitted_version (the format a re-saved profile was fitted under) must be 1 "
                                f"or 2, got {_json_text(self.fitted_version)}")
         _check_n_sink(self.n_sink)
-        twice = sorted({x for x in self.extra_sink_positions if list(self.extra_sink_positions).count(x) > 1})
+        twice = sorted(listed_twice(self.extra_sink_positions))
         if twice:  # refused when its policy was built, after a save and a load that took it
             raise ProfileError(f"profile extra_sink_positions lists {', '.join(map(str, twice))} twice: give each "
                                "position once")
@@ -854,8 +854,7 @@ def _float_as_written(text: str) -> float:
     """A JSON number that float() reads as another value is refused: 1e-400 read as 0 made that
     head's sink scale a drop, unsaid (the spec parser refuses it for the same reason)."""
     value = float(text)
-    mantissa = text.lower().split("e")[0]
-    if value == 0 and any(digit in mantissa for digit in "123456789"):
+    if reads_as_zero(text, value):
         raise ValueError(f"the number {text} is too small for a float and would read as 0")
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"the number {text} is too large for a float and would read as {value}")

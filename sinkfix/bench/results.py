@@ -18,10 +18,10 @@ import torch
 from sinkfix.bench.config import BenchConfig, Variant
 from sinkfix.bench.memory import MemoryPeak
 from sinkfix.bench.prepare import Protocol, Setup, text_config
-from sinkfix.texts import POOLED_NAME
 from sinkfix.bench.provenance import load_average, provenance
 from sinkfix.bench.stats import Spread
 from sinkfix.bench.steps import Measurements
+from sinkfix.texts import POOLED_NAME
 from sinkfix.evaluate import exp_nll
 
 __all__ = ["SCHEMA_VERSION", "assemble_results", "jsonable", "busy_note"]

@@ -36,7 +36,6 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-
 class StoreOnce(argparse.Action):
     """An option that may be given once: argparse keeps the last of two silently, and a second
     ``--profile`` replaced the first, unsaid (``--policy`` is the repeatable one). For options whose

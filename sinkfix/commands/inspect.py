@@ -215,16 +215,13 @@ def run(args: argparse.Namespace) -> int:
     # the model loaded and every window ran, with report.json left beside the missing figures
     check_writable(out / "report.json")
     if not args.no_figures:
-        from sinkfix.analysis.plots import FIGURE_NAMES
+        from sinkfix.analysis.plots import FIGURE_NAMES, check_matplotlib
 
         # domain_flips.png is drawn only with two domains or more (one-domain runs merely remove a stale
         # one, and leave a folder of that name alone)
         for name in FIGURE_NAMES if len(texts) > 1 else [n for n in FIGURE_NAMES if n != "domain_flips.png"]:
             check_writable(out / name)
-    if not args.no_figures:  # matplotlib missing: said now, not after every measurement
-        from sinkfix.analysis.plots import check_matplotlib
-
-        check_matplotlib()
+        check_matplotlib()  # matplotlib missing: said now, not after every measurement
     console.print(f"loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
     # the model's position limit is known only now; the longest window is --seq-len tokens, or the

@@ -40,8 +40,7 @@ def residual_clip_torch(
     sequence, as on the Triton backend (it raised an AttributeError here)."""
     check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm)
     norms = hidden.float().norm(dim=-1)
-    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=hidden.device)
-    cap = threshold.float().to(hidden.device).reshape(-1)[:, None].expand_as(norms)
+    cap = torch.as_tensor(threshold, dtype=torch.float32, device=hidden.device).reshape(-1)[:, None].expand_as(norms)
     if is_sink is not None:
         sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
         cap = torch.where(is_sink, sink_cap, cap)
