@@ -37,7 +37,8 @@ Version 4 adds ``"mode"`` to the policy: ``"positional"`` (what every earlier ve
 "heads": [[..]] | null, "min_rows", "reevaluate_every"}`` (docs/formulas.md, "Content-dependent
 sinks"). Positional profiles are still written as version 3, so older readers keep reading them;
 a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
-sinkfix that had one).
+sinkfix that had one), as is a version-4 file that does not (no sinkfix writes one). A policy of
+version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default.
 
 ``"fingerprint_dtype"`` and ``"cast_fingerprints"`` (optional at any version; files written before
 them lack both) make a profile fitted in one precision fit the same model in another: the
@@ -625,8 +626,13 @@ class Profile:
         calibration = data.get("calibration") or {}
         if not isinstance(calibration, dict):
             raise ProfileError("profile 'calibration' entry must be an object")
+        if version >= 2 and "virtual_logit_on_sink_rows" not in policy:
+            # every writer since version 2 writes it; a default would change the patched numbers of a
+            # profile fitted with true, silently
+            raise ProfileError(f"a version-{version} profile's policy needs 'virtual_logit_on_sink_rows' (true or "
+                               "false; version 2 added it): the file was edited or is corrupted")
         # version 1 counted the virtual logit in the sink's own row too
-        on_sink_rows = policy.get("virtual_logit_on_sink_rows", False) if version >= 2 else True
+        on_sink_rows = policy["virtual_logit_on_sink_rows"] if version >= 2 else True
         domains = data.get("domains") if version >= 3 else None
         return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
                    virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity),
@@ -809,6 +815,9 @@ def _content_from_dict(policy: dict, version: int) -> ContentSinks | None:
         raise ProfileError(f"a version-{version} profile cannot name a mode (\"mode\": {mode!r}); modes start at "
                            f"version {CONTENT_VERSION}: the file was edited or is corrupted")
     if mode == "positional":
+        if version >= CONTENT_VERSION:
+            raise ProfileError(f"a version-{version} profile is a content-mode profile (\"mode\": \"content\"); "
+                               "positional profiles are version 3: the file was edited or is corrupted")
         if "content_sinks" in policy:
             raise ProfileError("a positional profile has a 'content_sinks' entry; set \"mode\": \"content\" or remove it")
         return None

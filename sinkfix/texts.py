@@ -304,7 +304,7 @@ DATASET_MAX_CHARS = 4_000_000
 DATASET_DEFAULT_SPLIT = "test"  # held-out data: bench and inspect report on it, nothing is fitted to it
 
 TEXT_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
-             "NAME-3, ...); default: the built-in domains")
+             "NAME-3, ..., never another file's stem); default: the built-in domains")
 DATASET_HELP = (f"a text set of the `datasets` package, NAME[:CONFIG][@SPLIT], e.g. wikitext:wikitext-2-raw-v1 "
                 f"or wikitext:wikitext-2-raw-v1@validation (split default '{DATASET_DEFAULT_SPLIT}'); the text "
                 f"column's first {DATASET_MAX_CHARS // 1_000_000}M characters make one domain named NAME; needs "
@@ -450,8 +450,8 @@ def load_texts(
 ) -> dict[str, TextSource]:
     """Domain name -> :class:`TextSource`, from text files, a dataset spec, or the built-in domains.
 
-    * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ...,
-      as does a stem in ``reserved`` (a name the caller uses itself: ``sinkfix bench`` reserves
+    * ``files``: one domain per file, named by its stem; a repeated stem gets ``-2``, ``-3``, ... (the
+      first not taken by any file's stem), as does a stem in ``reserved`` (a name the caller uses itself: ``sinkfix bench`` reserves
       :data:`POOLED_NAME`, its column of every domain pooled), numbered past every other file's stem;
     * ``dataset``: ``NAME[:CONFIG][@SPLIT]`` (split default "test"), one domain named NAME with at
       most :data:`DATASET_MAX_CHARS` characters (:func:`load_dataset_text`);
@@ -476,8 +476,10 @@ def load_texts(
     stems = [Path(path).stem or "text" for path in files]
     texts: dict[str, TextSource] = {}
     for path, stem in zip(files, stems):
-        # a reserved stem is numbered past every stem given (all.txt beside all-2.txt is all-3): the
-        # numbered name must not take another file's own name
-        name = unique_name(stem, [*texts, *reserved, *(stems if stem in reserved else ())])
+        # a file keeps its own stem unless an earlier file or the caller took it; a repeated or reserved
+        # stem is numbered past every stem given (all.txt beside all-2.txt is all-3; d1/x.txt, d2/x.txt
+        # and x-2.txt are x, x-3 and x-2 in any order): a numbered name never takes another file's stem
+        taken = stem in texts or stem in reserved
+        name = unique_name(stem, [*texts, *reserved, *stems]) if taken else stem
         texts[name] = TextSource(read_text_file(path), str(path))
     return texts

@@ -70,6 +70,8 @@ def test_evaluate_with_rule_pooled_is_refused(no_model, tmp_path, capsys):
 # -- F2: one text twice, as far as a calibration reads it -----------------------------------------
 @pytest.mark.parametrize("copy, extra", [
     (THREE["prose"] + "\n", []),  # one more trailing newline
+    (" " + THREE["prose"], []),  # one leading space: every window's cut moves by a token
+    ("\n" + THREE["prose"], []),  # one leading blank line
     (THREE["prose"] + THREE["list"], ["--max-tokens", "1000"]),  # goes on only past the tokens read
 ])
 def test_a_copy_that_differs_outside_the_windows_is_refused(loaded_tiny, tmp_path, capsys, copy, extra):
@@ -78,12 +80,13 @@ def test_a_copy_that_differs_outside_the_windows_is_refused(loaded_tiny, tmp_pat
     out = tmp_path / "p.json"
     err = _one_line_error(capsys, *text_args(tmp_path, THREE), "--text", str(tmp_path / "other" / "copy.txt"),
                           *SMALL, *extra, "--out", str(out))
-    assert "given twice" in err and "'copy'" in err and "'prose'" in err and "windows" in err
+    assert "given twice" in err and "'copy'" in err and "'prose'" in err and "token runs recur" in err
     assert not out.exists()
 
 
-def test_the_library_warns_about_texts_with_identical_windows():
-    texts = {**THREE, "copy": THREE["prose"] + "\n"}
+@pytest.mark.parametrize("copy", [THREE["prose"] + "\n", " " + THREE["prose"]])
+def test_the_library_warns_about_texts_with_identical_windows(copy):
+    texts = {**THREE, "copy": copy}
     with pytest.warns(UserWarning, match=r"identical calibration texts: 'copy' is 'prose' again"):
         fit_domains(tiny_model("llama"), CharTokenizer(), texts, CalibrationSettings(seq_len=64, steps=0),
                     progress=False)

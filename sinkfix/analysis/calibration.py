@@ -250,15 +250,24 @@ def _normalise_texts(texts) -> dict[str, str]:
     return {f"text{i}": t for i, t in enumerate(texts)}
 
 
-def _split(windows: list[torch.Tensor], val_fraction: float) -> DomainWindows:
+def _split(windows: list[torch.Tensor], val_fraction: float, name: str) -> DomainWindows:
+    """The last ``val_fraction`` of the windows (rounded, at least one) held out. A share that rounds
+    to every window is refused: clamped, it would be a different split than the one asked for and
+    recorded."""
     n_val = max(1, round(len(windows) * val_fraction)) if val_fraction > 0 else 0
-    n_val = min(n_val, len(windows) - 1)
+    if n_val > len(windows) - 1:
+        most = (len(windows) - 1) / len(windows)
+        raise CalibrationError(
+            f"val_fraction {val_fraction:g} holds out {n_val} of text {name!r}'s {len(windows)} windows, leaving "
+            f"none to fit on; with this text it can hold out at most {len(windows) - 1} ({most:.3g}): give a "
+            f"smaller val_fraction or more text")
     return DomainWindows(windows[: len(windows) - n_val], windows[len(windows) - n_val :])
 
 
 def domain_windows(tokenizer, texts, settings: CalibrationSettings) -> dict[str, DomainWindows]:
     """Each domain's calibration and validation windows. A domain too short to give one calibration
-    and (with ``val_fraction > 0``) one validation window is a :class:`CalibrationError` naming it."""
+    and (with ``val_fraction > 0``) one validation window, or whose windows ``val_fraction`` would
+    hold out all of, is a :class:`CalibrationError` naming it."""
     needed = settings.windows_needed
     out = {}
     for name, text in _normalise_texts(texts).items():
@@ -271,7 +280,7 @@ def domain_windows(tokenizer, texts, settings: CalibrationSettings) -> dict[str,
                 f"least {needed * settings.text_tokens} tokens of text ("
                 + ("shorter than one window: nothing to fit on)" if not windows else
                    "one window: nothing left to validate on)"))
-        out[name] = _split(windows, settings.val_fraction)
+        out[name] = _split(windows, settings.val_fraction, name)
     return out
 
 
@@ -664,33 +673,56 @@ def duplicate_texts(texts: Mapping[str, str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _windows_key(windows: DomainWindows) -> tuple:
-    digest = hashlib.sha256()
+#: a domain whose token runs of this length (fewer in short windows) are mostly another domain's is that
+#: domain's text again: runs, not whole windows, so a copy shifted by one token (a leading space or blank
+#: line moves every window's cut) is still seen
+DUPLICATE_RUN_TOKENS = 32
+#: the share of the smaller domain's distinct runs that must recur in the other: a shifted copy shares
+#: all but the runs that cross a window cut (99.6-99.99% on the built-in domains with SmolLM2's and
+#: Gemma3's tokenizers); no 32-token run of one built-in domain recurs in another
+DUPLICATE_RUN_SHARE = 0.8
+
+
+def _token_runs(windows: DomainWindows, length: int) -> set[bytes]:
+    runs: set[bytes] = set()
     for w in (*windows.calib, *windows.val):
-        digest.update(str(w.numel()).encode() + b":" + w.to(torch.int64).numpy().tobytes())
-    return len(windows.calib), len(windows.val), digest.hexdigest()
+        # without the first token, a BOS in every window: in a short periodic text, runs from BOS
+        # (one per window phase) outnumbered the text's own and hid a shifted copy
+        ids = w.reshape(-1)[1:].to(torch.int64)
+        if ids.numel() >= length:
+            # each run's bytes: an exact key (no hash collisions to reason about)
+            runs.update(r.numpy().tobytes() for r in ids.unfold(0, length, 1))
+    return runs
 
 
-def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[tuple[str, str]]:
-    """Pairs (first, copy) of domains whose calibration and validation windows are identical: one text
-    twice as far as a calibration reads it, though the strings differ (a trailing newline, or text
-    past ``max_tokens``), which :func:`duplicate_texts` does not see."""
-    first: dict[tuple, str] = {}
-    pairs = []
-    for name, w in windows.items():
-        key = _windows_key(w)
-        if key in first:
-            pairs.append((first[key], name))
-        else:
-            first[key] = name
-    return pairs
+def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[tuple[str, str, float]]:
+    """Triples (first, copy, share) of domains where ``share`` (at least :data:`DUPLICATE_RUN_SHARE`) of
+    the smaller one's distinct :data:`DUPLICATE_RUN_TOKENS`-token runs in its calibration and validation
+    windows recur in the other's: one text twice as far as a calibration reads it, though the strings
+    differ (a trailing newline, text past ``max_tokens``, one leading space that shifts every window),
+    which :func:`duplicate_texts` does not see."""
+    shortest = min((w.numel() - 1 for d in windows.values() for w in (*d.calib, *d.val)), default=0)
+    length = max(2, min(DUPLICATE_RUN_TOKENS, shortest // 2))
+    runs = {name: _token_runs(w, length) for name, w in windows.items()}
+    names = list(runs)
+    triples = []
+    for j, copy in enumerate(names):
+        for first in names[:j]:
+            smaller = min(len(runs[first]), len(runs[copy]))
+            if smaller == 0:
+                continue
+            share = len(runs[first] & runs[copy]) / smaller
+            if share >= DUPLICATE_RUN_SHARE:
+                triples.append((first, copy, share))
+                break  # named once, after the first domain it copies
+    return triples
 
 
 def warn_duplicate_texts(texts: Mapping[str, str], windows: Mapping[str, DomainWindows] | None = None) -> None:
     """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
     its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them.
     With ``windows`` (:func:`domain_windows` of ``texts``) the windows are compared, not the strings."""
-    pairs = duplicate_texts(texts) if windows is None else duplicate_windows(windows)
+    pairs = duplicate_texts(texts) if windows is None else [(a, b) for a, b, _ in duplicate_windows(windows)]
     if pairs:
         named = "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
         warnings.warn(f"identical calibration texts: {named}; each copy's fit is scored on the "

@@ -498,18 +498,19 @@ def _refuse_duplicate_texts(texts) -> None:
 
 
 def _refuse_duplicate_windows(texts, windows, settings) -> None:
-    """Two domains whose calibration and validation windows are identical are one text twice, however
-    their strings differ: a copy with one more trailing newline, or a file that only goes on past
-    --max-tokens tokens, was calibrated as a second domain (:func:`_refuse_duplicate_texts` compares
-    strings, before the tokenizer is loaded)."""
+    """Two domains whose windows are mostly the same token runs are one text twice, however their
+    strings differ: a copy with one more trailing newline or one leading space, or a file that only
+    goes on past --max-tokens tokens, was calibrated as a second domain (:func:`_refuse_duplicate_texts`
+    compares strings, before the tokenizer is loaded)."""
     from sinkfix.analysis.calibration import duplicate_windows
     from sinkfix.errors import UsageError
 
-    pairs = duplicate_windows(windows)
-    if pairs:
-        read = "" if settings.max_tokens is None else f" (the first {settings.max_tokens} tokens of each)"
-        named = "; ".join(f"{b!r} ({texts[b].source}) is the same text as {a!r} ({texts[a].source}) in the windows "
-                          f"a calibration reads{read}" for a, b in pairs)
+    triples = duplicate_windows(windows)
+    if triples:
+        read = "" if settings.max_tokens is None else f", in the first {settings.max_tokens} tokens of each"
+        named = "; ".join(f"{b!r} ({texts[b].source}) is the same text as {a!r} ({texts[a].source}): "
+                          f"{share:.0%} of its token runs recur there{read}"
+                          for a, b, share in triples)
         raise UsageError(f"a calibration text is given twice: {named}; give each text once")
 
 
