@@ -204,7 +204,8 @@ class LineLog:
     line or left half of it (two processes, one of them out of space: 9,129 of 20,000 lines lost). The
     lock serialises sinkfix's writers (and any other program that takes it); where ``fcntl`` does not
     exist (Windows) appends are not serialised. Lines reach the operating system at once (no buffer in this
-    process): a crash of the process loses nothing that :meth:`append` returned from.
+    process): a crash of the process loses nothing that :meth:`append` returned from. A path removed or
+    renamed away while the log is open (log rotation) is created again at the next line.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -226,6 +227,7 @@ class LineLog:
         if self._fd is None:
             raise _output_error(self.path, "the log is closed")
         data = (line + "\n").encode("utf-8")
+        self._reopen_if_moved()
         if fcntl is not None:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
@@ -241,6 +243,27 @@ class LineLog:
         finally:
             if fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _reopen_if_moved(self) -> None:
+        """Open the path again when it no longer names the open file (removed, or renamed away by log
+        rotation): the lines went on into the unlinked or renamed file, with no error (found by a review;
+        one ``stat`` per line). A path that cannot be opened again is an :class:`OutputError`."""
+        try:
+            here, ours = os.stat(self.path), os.fstat(self._fd)
+            if (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _output_error(self.path, _reason(exc)) from exc
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _output_error(self.path, f"it was removed or moved while in use, and cannot be created again: "
+                                           f"{_reason(exc)}") from exc
+        old, self._fd = self._fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old)
 
     def close(self) -> None:
         """Flush to disk and close; idempotent."""

@@ -16,8 +16,10 @@ blocks the model runs exactly as it would unmonitored (no listener, no hook atta
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import numbers
+import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -89,6 +91,32 @@ class _Request:
         if len(self.row_ids) != batch:
             raise MonitorError(f"request {self.id}: {len(self.row_ids)} request ids for a batch of {batch} sequences")
         return [self.id if row is None else row for row in self.row_ids]
+
+
+def _as_keywords(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``function(*args, **kwargs)``'s arguments with the positional ones named, so that the checks
+    before a call read every argument: ``generate(ids, GenerationConfig(num_beams=3))`` and
+    ``model(ids, mask)`` pass the config and the mask positionally, and checks that read keywords
+    alone let beam search crash mid-request and refused right padding only after the forward. A
+    signature that cannot be bound (a ``*args``, or a call the function itself would refuse) is left
+    as it is: the call then raises its own error."""
+    if not args:
+        return args, kwargs
+    try:
+        signature = inspect.signature(function)
+        bound = signature.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    parameters = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values()):
+        return args, kwargs
+    named: dict = {}
+    for name, value in bound.arguments.items():
+        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return (), named
 
 
 def _refuse_right_padding(kwargs: dict) -> None:
@@ -212,6 +240,10 @@ class Monitor:
         self.model = model
         self.log = self.exporter = None
         # checked before anything else, so that a refused argument leaves the model as it was
+        if callback is not None and not callable(callback):
+            raise MonitorError(f"callback must be a function of one record (or None), got {callback!r}")
+        if log is not None and not isinstance(log, (str, os.PathLike)):
+            raise MonitorError(f"log must be a file path (str or os.PathLike) or None, got {log!r}")
         self.sample_rows = check_sample_rows(sample_rows)
         self.hidden_sink_threshold = check_hidden_sink_threshold(hidden_sink_threshold, error=MonitorError)
         self.min_queries = check_count(min_queries, "min_queries", MonitorError)
@@ -280,7 +312,12 @@ class Monitor:
         try:
             yield req
             self._detach()
-            self._finish(req)
+            if self._closed:  # close() ran inside the block: later forwards were not monitored
+                self.records = []
+                warnings.warn(f"sinkfix.monitor: closed during request {req.id}: it has no record (the forwards "
+                              "after close() ran unmonitored)", RuntimeWarning, stacklevel=3)
+            else:
+                self._finish(req)
         finally:
             self._detach()
             self._handle.restore_layers()
@@ -305,6 +342,7 @@ class Monitor:
         """``model.generate(*args, **kwargs)`` recorded as one request. Beam search is refused: its
         beams are batch rows that transformers reorders between steps, so no row's record would
         describe one sequence."""
+        args, kwargs = _as_keywords(self.model.generate, args, kwargs)
         _refuse_beams(self.model, kwargs)
         _refuse_right_padding(kwargs)
         eos = _eos_ids(self.model, kwargs)
@@ -318,14 +356,18 @@ class Monitor:
 
     def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
         """``model(*args, **kwargs)`` recorded as one request."""
+        args, kwargs = _as_keywords(self.model.forward, args, kwargs)
         _refuse_right_padding(kwargs)  # before the forward: nothing served is lost
         with self.request(domain):
             return self.model(*args, **kwargs)
 
     def close(self) -> None:
         """Stop the endpoint, close the log and remove the identity patch the monitor made itself;
-        a closed monitor refuses further requests."""
+        a closed monitor refuses further requests. Called inside a request, it ends the monitoring
+        there: that request gets no record (a RuntimeWarning names it)."""
         self._closed = True
+        if getattr(self, "_request", None) is not None:
+            self._detach()
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None

@@ -30,8 +30,9 @@ NO_DOMAIN = "none"
 
 def check_domain_label(domain: str | None, where: str = "") -> None:
     """MonitorError for a label no request may have: :data:`NO_DOMAIN`, which would merge the request
-    with those that have no domain, and an empty or blank one, which Prometheus reads as no label at
-    all (a series ``domain=""`` matches the selectors for series without it). ``where`` prefixes the
+    with those that have no domain, an empty or blank one, which Prometheus reads as no label at
+    all (a series ``domain=""`` matches the selectors for series without it), and one with a control
+    character or whitespace at either end (another domain than the name it looks like). ``where`` prefixes the
     message (a request file's line)."""
     if domain == NO_DOMAIN:
         raise MonitorError(f"{where}the domain {NO_DOMAIN!r} is reserved for requests without one (reports and "
@@ -39,6 +40,10 @@ def check_domain_label(domain: str | None, where: str = "") -> None:
     if isinstance(domain, str) and not domain.strip():
         raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
                            "all; use None (null) for a request without a domain, or a name")
+    if isinstance(domain, str) and (domain != domain.strip() or not domain.isprintable()):
+        # "code " is another domain than "code" in every report, and a newline split the report's table
+        raise MonitorError(f"{where}the domain {domain!r} has a control character or starts or ends with "
+                           "whitespace: give the name without them")
 
 
 @dataclass(frozen=True)
