@@ -97,15 +97,15 @@ class ExtremeTokenMetrics:
     None when hidden-sink detection was switched off.
     """
 
-    sink_share: torch.Tensor  # [L, Hq] mean over rows i>=1 of the (corrected) mass on the first-token sink set
+    sink_share: torch.Tensor  # [L, Hq] mean over the rows that see a non-sink key of the (corrected) mass on the sink set
     value_drain: torch.Tensor  # [L, Hkv] ||v_sink|| / median_j ||v_j||, averaged over windows
     residual_peak: torch.Tensor  # [L] max_i ||h_i|| / median_i ||h_i|| after each decoder layer, averaged over windows
     peak_positions: list[int]  # [L] most frequent position of the residual maximum
     peak_tokens: list[int]  # [L] the token id at that position most often (-1 = unknown)
     hidden_sink_share: torch.Tensor | None = None  # [L, Hq] mean over rows of the mass on hidden sinks
     hidden_sink_rate: torch.Tensor | None = None  # [L, Hq] hidden sinks per sequence
-    dormancy: torch.Tensor | None = None  # [L, Hq] mean over rows i>=1 of the row dormancy score
-    dormant_fraction: torch.Tensor | None = None  # [L, Hq] share of rows i>=1 with score >= DORMANT_THRESHOLD
+    dormancy: torch.Tensor | None = None  # [L, Hq] mean over the rows that see a non-sink key of the row dormancy score
+    dormant_fraction: torch.Tensor | None = None  # [L, Hq] share of those rows with score >= DORMANT_THRESHOLD
     hidden_sink_tokens: list[dict[int, int]] = field(default_factory=list)  # [L] token id -> (head, window) hits
     peak_position_counts: list[dict[int, int]] = field(default_factory=list)  # [L] position -> windows
     residual_norms: list[list[float]] = field(default_factory=list)  # [L][S] first window, for figures

@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.attention import fold_key_padding
+from sinkfix.ops.attention import distinct_sink_cols, fold_key_padding
 from sinkfix.ops.content_reference import (
     ColumnStats, column_stats_reference, decide_hidden_sinks, reference_content_sink_attention,
 )
@@ -259,6 +259,10 @@ def content_sink_attention_torch(
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if sink_cols is None:
         sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
+    else:
+        # a set, as everywhere else: the fused path gathered a repeated column twice and subtracted it
+        # twice from the visible count (2.8 off the reference with [[0, 0]])
+        sink_cols = distinct_sink_cols(sink_cols)
     layout = dict(attn_mask=attn_mask, causal=causal, causal_offset=causal_offset, sliding_window=sliding_window)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)
     fused = cpu_flash_available(torch.float32) if q.is_cpu else fused_lse_available(q.device, torch.float32)

@@ -113,7 +113,7 @@ class Workspace:
 class PromptMeasures(NamedTuple):
     """Per batch row and query head (B, Hq) unless noted."""
 
-    drain_weight: torch.Tensor  # the sink set's w in the dormancy score (several sink keys: their mass-weighted mean)
+    drain_weight: torch.Tensor  # the sink set's w in the dormancy score (several sink keys: their mass-weighted mean; NaN: no sink key)
     value_drain: torch.Tensor  # (B, Hkv) ||v_sink|| / median_j ||v_j||
     hidden_sinks: torch.Tensor  # hidden sinks found on the sampled rows
     hidden_part: torch.Tensor  # mean over sampled rows of sum_{j hidden} p_ij w_j (dormancy's hidden-sink part)
@@ -157,6 +157,9 @@ class _Layout(NamedTuple):
     #: (B, 1, NS) long, the sink columns (-1 = unused slot) where the sink set has more than one
     #: position; None for one position (its drain weight is the whole sink part of the dormancy)
     sink_slots: torch.Tensor | None = None
+    #: (B, 1) bool, prompts whose sink set names no key a row may see (an extra sink position past the
+    #: prompt's end, a sink on padding); None when the sink is column 0 of every row
+    sink_absent: torch.Tensor | None = None
 
 
 def _all_visible(call, batch: int, q_len: int, k_len: int) -> torch.Tensor:
@@ -202,7 +205,8 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
         torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
         1 / sampled_seen.clamp(min=1).to(torch.float32), 1 / has_n.sum(-1).clamp(min=1).to(torch.float32),
         (seen_by == 0) if some_unseen else None, chunks,
-        None if first_column or sink_cols.shape[-1] == 1 else sink_cols[:, None, :].to(torch.long))
+        None if first_column or sink_cols.shape[-1] == 1 else sink_cols[:, None, :].to(torch.long),
+        None if first_column else ~(is_sink & (seen_by > 0)).any(-1))
 
 
 def _rows_per_prompt(visible_all: torch.Tensor, q_len: int, rows_wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,17 +374,24 @@ def _real_probabilities(sampled: SampledCall, keys: torch.Tensor, part: tuple[in
     return probs if lay.visible is None else probs.mul_(lay.visible[:, :, start:end, :k_end])
 
 
+def _zero_value_share(call: SampledCall, part: tuple[int, int, int]) -> torch.Tensor | None:
+    """(B, Hq, rows) for one part of the sampled rows: the share of each row's mass the real keys keep
+    beside the zero-value logits (virtual sink logit, learned sinks), ``sigmoid(lse - lse_zero)``;
+    None without such logits."""
+    start, end, _ = part
+    zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, call.layout.has_n[..., start:end])
+    return None if zero is None else torch.sigmoid(call.lse[..., start:end] - zero)
+
+
 def _row_factors(call: SampledCall, probs: torch.Tensor, part: tuple[int, int, int]) -> torch.Tensor:
     """(B, Hq, rows) for one part of the sampled rows: what turns a row's stock probability of a
     non-sink key into the one the call applied: the share the zero-value logits leave, times beta's
     redistribution ``(p_N + (1 - beta) p_S) / p_N = 1 + (1 - beta) p_S / p_N`` (docs/formulas.md);
     0 for a row that sees no non-sink key. Sink columns are not needed downstream."""
-    lay, factors = call.layout, None
+    lay = call.layout
     start, end, k_end = part
     has_n = lay.has_n[..., start:end]
-    zero = zero_value_lse(call.extra_logits, call.virtual_sink_logit, has_n)
-    if zero is not None:
-        factors = torch.sigmoid(call.lse[..., start:end] - zero)
+    factors = _zero_value_share(call, part)
     if call.beta is not None:
         # p_S and p_N of every row in one product with the two indicator rows; p_N summed over the
         # non-sink keys themselves, never as 1 - p_S: in a row whose sink takes almost everything
@@ -408,15 +419,21 @@ def _keys32(sampled: SampledCall, workspace: Workspace | None = None) -> torch.T
     return keys.transpose(1, 2)
 
 
-def _sink_slot_sums(lay: _Layout, probs: torch.Tensor, part: tuple[int, int, int]) -> torch.Tensor:
-    """(B, Hq, NS) one part's stock attention on each slot of a several-position sink set, summed over
-    its rows that see a non-sink key (the rows the sink statistics count): how the call's exact sink
-    mass divides among the sink keys. Only the NS columns are gathered from the block."""
+def _sink_slot_sums(call: SampledCall, probs: torch.Tensor, part: tuple[int, int, int]) -> torch.Tensor:
+    """(B, Hq, NS) one part's attention on each slot of a several-position sink set before sink
+    scaling, summed over its rows that see a non-sink key (the rows the sink statistics count): how
+    the call's exact sink mass divides among the sink keys. Each row's stock probabilities times the
+    share the zero-value logits leave it (pooled without it, a virtual logit of 2 put the dormancy
+    1e-3 off). Only the NS columns are gathered from the block."""
+    lay = call.layout
     start, end, k_end = part
     slots = lay.sink_slots
     inside = (slots >= 0) & (slots < k_end)  # (B, 1, NS): a part's rows see no key past k_end
     index = slots.clamp(0, k_end - 1)[:, :, None, :].expand(-1, probs.shape[1], end - start, -1)
-    return (probs.gather(-1, index) * lay.has_n[..., start:end, None]).sum(2) * inside
+    has_n = lay.has_n[..., start:end]
+    share = _zero_value_share(call, part)
+    rows = has_n.to(torch.float32) if share is None else torch.where(has_n, share, 0.0)
+    return (probs.gather(-1, index) * rows[..., None]).sum(2) * inside
 
 
 def _applied_column_sums(sampled: SampledCall, workspace: Workspace | None = None
@@ -431,7 +448,7 @@ def _applied_column_sums(sampled: SampledCall, workspace: Workspace | None = Non
     for part in reversed(sampled.layout.chunks):  # the last part sees every key: the sums start from it
         probs = _real_probabilities(sampled, keys, part, workspace)
         if sampled.layout.sink_slots is not None:
-            sums = _sink_slot_sums(sampled.layout, probs, part)
+            sums = _sink_slot_sums(sampled, probs, part)
             slot_sums = sums if slot_sums is None else slot_sums.add_(sums)
         sums = torch.matmul(_row_factors(sampled, probs, part)[..., None, :], probs).squeeze(-2)  # (B, Hq, E)
         if columns is None:
@@ -466,6 +483,11 @@ def measure_sampled(sampled: SampledCall, *, threshold: float, workspace: Worksp
     by_kv = (batch, kv_heads, group, k_len)
     hidden_weighted = torch.where(hidden.view(by_kv), columns.view(by_kv) * weights[:, :, None, :], 0.0)
     hidden_part = hidden_weighted.sum(-1).view(batch, q_heads) * lay.inv_counted
+    if lay.sink_absent is not None:
+        # no sink key in the prompt: no drain to report (the first slot's clamp read column 0, a padding
+        # token in a left-padded row), and NaN marks the sink share undefined (records.py), as inspect has it
+        drain = drain.masked_fill(lay.sink_absent, float("nan"))
+        sink_weight = sink_weight.masked_fill(lay.sink_absent, float("nan"))
     return PromptMeasures(sink_weight, drain, hidden.sum(-1).to(torch.float32), hidden_part)
 
 

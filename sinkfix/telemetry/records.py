@@ -78,8 +78,12 @@ def _shares(values: dict[str, torch.Tensor], info: RequestInfo) -> dict[str, tor
     else:
         beta = torch.stack([torch.nn.functional.pad(b.detach().double().cpu(), (0, width - b.numel()), value=1.0)
                             for b in info.betas])[:, None, :]
-    unscaled = torch.where(seen, mass / rows.clamp(min=1), float("nan"))
-    dormancy = torch.where(seen, (beta * values["drain_weight"].double() * mass + values["hidden_part"])
+    weight = values["drain_weight"].double()
+    # NaN drain weight: the prompt's sink set held no key (prompt.py); with no sink mass since, the sink
+    # share is undefined (null), as inspect reports it, not 0
+    no_sink = torch.isnan(weight) & (mass == 0)
+    unscaled = torch.where(seen & ~no_sink, mass / rows.clamp(min=1), float("nan"))
+    dormancy = torch.where(seen, (beta * weight.nan_to_num(0.0) * mass + values["hidden_part"])
                            / rows.clamp(min=1), float("nan"))
     return {"unscaled": unscaled, "share": beta * unscaled, "dormancy": dormancy, "rows": rows}
 

@@ -88,8 +88,8 @@ def test_gqa_row_packing(kt, hq, hkv, q_len):
          **kt.policy_kwargs("scaling", hq, 1))
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(80, torch.bfloat16), (128, torch.float16), (256, torch.float32),
-                                            (96, torch.float16), (96, torch.float32)],
+@pytest.mark.parametrize("head_dim,dtype", [(72, torch.float32), (80, torch.bfloat16), (128, torch.float16),
+                                            (256, torch.float32), (96, torch.float16), (96, torch.float32)],
                          ids=lambda x: str(x).replace("torch.", ""))
 def test_head_dims(kt, head_dim, dtype):
     q, k, v = kt.make_qkv(1, 2, 1, 1, 270, head_dim, dtype, sink_cols=torch.tensor([[0]]), sink_boost=3.0)
