@@ -180,7 +180,8 @@ class InspectionReport:
 
     @property
     def overall(self) -> ExtremeTokenMetrics:
-        """Token-weighted mean of the per-domain metrics (the only domain when there is one)."""
+        """Token-weighted mean of the per-domain metrics (the only domain when there is one), per entry
+        over the domains where it is defined (NaN where none is)."""
         items = list(self.domains.values())
         if len(items) == 1:
             return items[0]
@@ -191,7 +192,14 @@ class InspectionReport:
             ts = [getattr(m, name) for m in items]
             if any(t is None for t in ts):
                 return None
-            return sum(t * (w / total) for t, w in zip(ts, weights))
+            # over the domains where each entry is defined, with their weights: a plain weighted sum
+            # made one domain's undefined value (a 3-token text under n_sink=4) every entry's
+            stacked = torch.stack([t.double() for t in ts])  # (D, ...)
+            share = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * (stacked.ndim - 1))) / total
+            defined = ~torch.isnan(stacked)
+            weight = (share * defined).sum(0)
+            mean = (stacked.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) * share).sum(0) / weight
+            return torch.where(weight > 0, mean, float("nan")).to(ts[0].dtype)
 
         first = items[0]
         positions, tokens, position_counts = self._combined_peaks()
@@ -318,7 +326,8 @@ def dormancy_flips(dormancy: Mapping[str, torch.Tensor], margin: float) -> list[
     threshold (inclusive on both sides: a score of threshold + margin counts as dormant, one of
     threshold - margin as active; with a margin of 0 active is below the threshold, as
     :meth:`InspectionReport.dormant` has it). ``dormancy``: domain -> [L, H] mean row dormancy
-    scores (NaN = no such head)."""
+    scores (NaN = no such head, or undefined on that domain: no row saw a non-sink key). A domain
+    where a head's score is undefined is in neither list; the others still decide the flip."""
     names = list(dormancy)
     if len(names) < 2:
         return []
@@ -333,16 +342,17 @@ def dormancy_flips(dormancy: Mapping[str, torch.Tensor], margin: float) -> list[
     for layer in range(L):
         for head in range(H):
             s = scores[:, layer, head]
-            if torch.isnan(s).any():
+            pairs = [(n, v) for n, v in zip(names, s.tolist()) if not math.isnan(v)]
+            if len(pairs) < 2:
                 continue
-            values = s.tolist()
+            values = [v for _, v in pairs]
             if dormant(max(values)) and active(min(values)):
                 flips.append({
                     "layer": layer, "head": head,
                     # the domains that clear the margin on their side; one inside the band is in neither list
-                    "dormant_on": [n for n, v in zip(names, values) if dormant(v)],
-                    "active_on": [n for n, v in zip(names, values) if active(v)],
-                    "scores": {n: round(float(v), 4) for n, v in zip(names, values)},
+                    "dormant_on": [n for n, v in pairs if dormant(v)],
+                    "active_on": [n for n, v in pairs if active(v)],
+                    "scores": {n: round(float(v), 4) for n, v in pairs},
                     "delta": round(float(max(values) - min(values)), 4),
                 })
     return sorted(flips, key=lambda f: -f["delta"])
