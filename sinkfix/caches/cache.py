@@ -14,6 +14,7 @@ is given. docs/caches.md has the position rule and the quantization layout.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -105,25 +106,35 @@ def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def _caller(depth: int) -> tuple[PreTrainedConfig | None, Any]:
-    """(config, attention mask) of the module whose method called :meth:`SinkCache.update` (``depth``
-    frames up): transformers' attention modules call ``cache.update(...)`` from their ``forward``,
-    hold the model's (text) config as ``self.config`` and have the call's mask as their
-    ``attention_mask`` argument. (None, None) when the caller is not such a module (a hand-written
-    ``cache.update`` call), which is then checked for shapes only."""
+def _caller(depth: int) -> tuple[PreTrainedConfig | None, Any, torch.nn.Module | None]:
+    """(config, attention mask, module) of the module whose method called :meth:`SinkCache.update`
+    (``depth`` frames up): transformers' attention modules call ``cache.update(...)`` from their
+    ``forward``, hold the model's (text) config as ``self.config`` and have the call's mask as their
+    ``attention_mask`` argument. (None, None, None) when the caller is not such a module (a
+    hand-written ``cache.update`` call), which is then checked for shapes only."""
     try:
         frame = sys._getframe(depth)
     except ValueError:
-        return None, None
+        return None, None, None
     try:
         caller = frame.f_locals.get("self")
         mask = frame.f_locals.get("attention_mask")
     finally:
         del frame
     if not isinstance(caller, torch.nn.Module):
-        return None, None
+        return None, None, None
     config = getattr(caller, "config", None)
-    return (config if isinstance(config, PreTrainedConfig) else None), mask
+    return (config if isinstance(config, PreTrainedConfig) else None), mask, caller
+
+
+# the per-module state sinkfix.patch attaches to each attention module it corrects (its policy says
+# whether the layer has content-dependent sinks); read by name, as the patch sets it
+_PATCH_STATE = "_sinkfix"
+
+
+def _has_content_sinks(module: torch.nn.Module | None) -> bool:
+    policy = getattr(getattr(module, _PATCH_STATE, None), "policy", None)
+    return getattr(policy, "content", None) is not None
 
 
 @torch.compiler.disable
@@ -209,10 +220,12 @@ class SinkCache(Cache):
         text = _text_config(config)
         longest = getattr(text, "max_position_embeddings", None)
         if window is None and _is_int(longest) and n_sink > longest:
-            # each layer holds its n_sink tokens' keys and values from the first call on: 10**9 sinks
-            # failed at the first forward, allocating them
-            raise CacheError(f"n_sink ({n_sink}) is larger than the model's max_position_embeddings ({longest}): the "
-                             "cache keeps room for n_sink tokens per layer in full precision from the first call")
+            # a cache that never evicts then keeps every token the model was trained on as a sink, in
+            # full precision (the sink store grows with the tokens seen, so a streaming cache with
+            # many sinks holds only those it has captured)
+            raise CacheError(f"n_sink ({n_sink}) is larger than the model's max_position_embeddings ({longest}): with "
+                             "window=None every token within the model's positions would be a sink kept in full "
+                             "precision; give n_sink at most that")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # the quantization-only arguments are checked with or without bits, as the backend is: a wrong
         # value given with bits=None was accepted and only failed once bits was added
@@ -244,6 +257,9 @@ class SinkCache(Cache):
         quantizer = KVQuantizer(backend, bits, q_group_size) if bits is not None else None
         self._text, self._plan = text, _layer_plan(text, moves_keys=window is not None)
         self._served = text  # the last config of a calling model found to match (checked once per config)
+        # layer -> the attention module that last called it (weakly: the cache must not keep a model
+        # alive), to see at a forward's first layer whether a later one has content-dependent sinks
+        self._callers: dict[int, weakref.ref] = {}
         layers = [self._make_layer(kind, rotary, window, quantizer) for kind, rotary, window in self._plan]
         super().__init__(layers=layers)
 
@@ -268,11 +284,17 @@ class SinkCache(Cache):
                              f"{heads} x {dim}: a cache serves the model whose config built it")
         # the attention module calling, if it is one; not while dynamo traces, which cannot trace frame
         # inspection (generate never compiles a model with this cache: its layers are not compileable)
-        config, mask = (None, None) if torch.compiler.is_compiling() else _caller(2)
+        config, mask, module = (None, None, None) if torch.compiler.is_compiling() else _caller(2)
         if config is not None and config is not self._served:
             self._check_model(_text_config(config))
             self._served = config
         layer = self._in_step(layer_idx, key_states.shape[-2])
+        if module is not None:
+            known = self._callers.get(layer_idx)
+            if known is None or known() is not module:
+                self._callers[layer_idx] = weakref.ref(module)
+            if layer_idx == 0:
+                self._check_content_sinks()
         if torch.compiler.is_compiling() and isinstance(layer, SinkLayer) and not layer.rows_started:
             # the mask is what tells left padding from real tokens when the positions count the padding
             # (a loop that passes an attention mask and no position_ids): taken for real, the padding
@@ -286,6 +308,28 @@ class SinkCache(Cache):
             kwargs["real_tokens"] = real_new_tokens(mask, key_states.shape[0], key_states.shape[-2],
                                                     layer.kept_length if layer.is_initialized else 0)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # weak references do not pickle (a cache pickled before they were kept); a copy records the
+        # modules that call it again on its next forward
+        return {**self.__dict__, "_callers": {}}
+
+    def _check_content_sinks(self) -> None:
+        """At a forward's first layer, before any layer stores its tokens: raise :class:`CacheError`
+        if a layer that will show its kept sinks (it has evicted) is called by an attention module
+        patched with content-dependent sinks, which cannot follow such columns. The attention raised
+        it itself only after layer 0 had stored the call's tokens, and the cache was then out of step
+        for good (the next call, even unpatched, hit the interrupted-forward error). The modules are
+        those of the previous forward for the later layers."""
+        for index, ref in self._callers.items():
+            layer = self.layers[index]
+            if not (isinstance(layer, SinkLayer) and layer.keep_sinks and layer.n_sink and layer.evicted):
+                continue  # its columns are one run of tokens in this call: content sinks follow them
+            if _has_content_sinks(ref()):
+                raise CacheError(f"layer {index}: content-dependent sinks cannot follow a SinkCache that has evicted "
+                                 "tokens (its key columns are the kept sinks, then the window); nothing of this call "
+                                 "was stored, so the cache can go on without the content-sink policy; use a cache "
+                                 "that grows (DynamicCache) or a window that holds the whole sequence")
 
     def _in_step(self, layer_idx: int, new_tokens: int):
         """Layer ``layer_idx``, after checking that the layers are in step: at a forward's first layer

@@ -106,8 +106,11 @@ class SinkLayer(CacheLayerMixin):
         self.shape: tuple[int, int, int] | None = None  # (batch, kv heads, head dim) of the first update
         self.first_real: torch.Tensor | None = None  # (B,) absolute index of each row's first real token
         self.rows_started = False  # every row has seen a real token: no padding left to find in masks
-        self.sink_k = self.sink_v = None  # (B, H, n_sink, D) the rows' first n_sink real tokens
-        self.sink_pos: torch.Tensor | None = None  # (B, n_sink) the positions they were rotated at
+        # (B, H, S, D) the rows' first n_sink real tokens, S = min(n_sink, tokens seen): grown as tokens
+        # arrive, not allocated at n_sink (n_sink=10**6 held 528 MB after a 5-token prompt, and 10**9
+        # died in the allocator); slots a row has not filled yet are zeros
+        self.sink_k = self.sink_v = None
+        self.sink_pos: torch.Tensor | None = None  # (B, S) the positions they were rotated at
         self.body_pos: torch.Tensor | None = None  # (B, L) positions of the body tokens
         self.body_start = 0  # absolute index of the first body token
         self.hidden_abs: torch.Tensor | None = None  # (B, P) protected hidden sinks in the body, -1 = none
@@ -126,10 +129,10 @@ class SinkLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
         self.shape = (batch, heads, dim)
-        self.sink_k = key_states.new_zeros(batch, heads, self.n_sink, dim)
-        self.sink_v = value_states.new_zeros(batch, heads, self.n_sink, dim)
-        self.sink_pos = torch.zeros(batch, self.n_sink, dtype=torch.long, device=self.device)
-        self._sink_slots = torch.arange(self.n_sink, device=self.device)[None, :]
+        self.sink_k = key_states.new_zeros(batch, heads, 0, dim)
+        self.sink_v = value_states.new_zeros(batch, heads, 0, dim)
+        self.sink_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self._sink_slots = torch.arange(0, device=self.device)[None, :]
         self.body_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
@@ -418,7 +421,8 @@ class SinkLayer(CacheLayerMixin):
         if self.n_sink == 0:
             return
         q_len = key_states.shape[-2]
-        j = self.first_real[:, None] + self._sink_slots - self.seen  # (B, n_sink) sinks among the new tokens
+        self._grow_sink_store(min(self.n_sink, self.seen + q_len))
+        j = self.first_real[:, None] + self._sink_slots - self.seen  # (B, S) sinks among the new tokens
         valid = (j >= 0) & (j < q_len)
         if not bool(valid.any()):
             return
@@ -428,6 +432,18 @@ class SinkLayer(CacheLayerMixin):
         self.sink_k = torch.where(keep, key_states.gather(2, gather), self.sink_k)
         self.sink_v = torch.where(keep, value_states.gather(2, gather), self.sink_v)
         self.sink_pos = torch.where(valid, positions.gather(1, index), self.sink_pos)
+
+    def _grow_sink_store(self, width: int) -> None:
+        """Widen the sink store to ``width`` slots (zeros): a row's sinks are among the tokens seen, so
+        ``min(n_sink, seen)`` slots hold every sink captured so far."""
+        extra = width - self.sink_k.shape[2]
+        if extra <= 0:
+            return
+        batch, heads, _, dim = self.sink_k.shape
+        self.sink_k = torch.cat([self.sink_k, self.sink_k.new_zeros(batch, heads, extra, dim)], dim=2)
+        self.sink_v = torch.cat([self.sink_v, self.sink_v.new_zeros(batch, heads, extra, self.sink_v.shape[-1])], dim=2)
+        self.sink_pos = torch.cat([self.sink_pos, self.sink_pos.new_zeros(batch, extra)], dim=1)
+        self._sink_slots = torch.arange(width, device=self.device)[None, :]
 
     # -- hidden sinks (input-dependent tokens kept in full precision) ----------------------------
     def protect(self, absolute: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -200,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
     # loads, as bench and eval do; whether the profile fits the model is checked when it is applied
     correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
         sinkfix.Policy.parse(args.policy) if args.policy is not None else None
-    if correction is not None and correction.content_sinks is not None:
-        # inspect measures through attention observers, which content-dependent sinks do not have
+    if correction is not None and correction.content_sinks is not None and not correction.content_sinks.is_identity:
+        # inspect measures through attention observers, which content-dependent sinks do not have (a
+        # content part that corrects no head patches the positional path alone and is measured as such)
         # (docs/formulas.md): known from the file or spec, so refused before the model loads
         given = f"--profile {args.profile} is a content-mode profile" if args.profile is not None else \
             f"--policy {args.policy} has content-dependent (hidden) sinks"

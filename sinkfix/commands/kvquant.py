@@ -18,6 +18,8 @@ from sinkfix.files import atomic_write_text, strict_json
 
 __all__ = ["add_parser", "run", "parse_bits", "default_texts"]
 
+DEFAULT_RESIDUAL = 128  # transformers' QuantizedCache default
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from sinkfix.caches import BACKENDS
@@ -39,8 +41,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept in full precision (default 4)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, BOS included (default 2048)")
     parser.add_argument("--sequences", type=int, default=1, help="sequences per domain (default 1)")
-    parser.add_argument("--residual-length", type=int, default=128,
-                        help="recent tokens kept in full precision before quantization (default 128, as transformers)")
+    # None = not given: fp8 has no residual window and refuses an explicit value, which it would ignore
+    parser.add_argument("--residual-length", type=int, default=None,
+                        help=f"recent tokens kept in full precision before quantization (default {DEFAULT_RESIDUAL}, "
+                             "as transformers; not with --backend fp8, which has no residual window)")
     parser.add_argument("--chunk", type=int, default=128, help="tokens per forward (default 128)")
     parser.add_argument("--hidden-sinks", action="store_true",
                         help="also run a cache that keeps the hidden sinks attention finds in full precision "
@@ -71,7 +75,14 @@ def parse_bits(spec: str | None, backend: str = "quanto") -> list[int]:
 
 
 def _check(args) -> list[int]:
+    """The bit widths; resolves ``args.residual_length`` (None when not given) to its default."""
     widths = parse_bits(args.bits, args.backend)
+    if args.backend == "fp8" and args.residual_length is not None:
+        # accepted before and dropped without a word (the protocol recorded residual_length null)
+        raise UsageError(f"--residual-length with --backend fp8: fp8 casts every token and has no residual window, "
+                         f"got --residual-length {args.residual_length}")
+    if args.residual_length is None:
+        args.residual_length = DEFAULT_RESIDUAL
     for label, value, low in (("--n-sink", args.n_sink, 0), ("--seq-len", args.seq_len, 2),
                               ("--sequences", args.sequences, 1), ("--residual-length", args.residual_length, 1),
                               ("--chunk", args.chunk, 1)):
@@ -175,7 +186,7 @@ def _print_table(result: dict) -> None:
     columns += ["recovered ppl", "recovered KL"] + (["recovered ppl / KL (hidden)"] if hidden else [])
     for column in columns + ["tokens", "quantized cache"]:
         table.add_column(column.replace("_", " "), justify="left" if column == "quantized cache" else "right")
-    small_rows = 0
+    small_rows = lower_rows = 0
     for bits, row in result.items():
         if bits == "protocol":
             continue
@@ -186,15 +197,34 @@ def _print_table(result: dict) -> None:
         # (fp8 on SmolLM2, 320 tokens: quantized 14.004 against 14.001, the share printed 2135.5%):
         # shown as n/a, kept in JSON
         small = abs(row["quantized_vs_full"]) < SMALL_PPL_LOSS
+        # a quantized perplexity below full leaves no loss to recover: the share is undefined (null in
+        # JSON) and printed "nan%" (tiny Llama at 2 bits: quantized 0.2% below full)
+        lower = not small and row["quantized_vs_full"] <= 0
         small_rows += small
-        ppl_share = "n/a*" if small else f"{100 * row['recovered']:.1f}%"
-        cells += [ppl_share, f"{100 * row['recovered_kl']:.1f}%"]
+        lower_rows += lower
+        mark = "n/a*" if small else "n/a**" if lower else None
+        ppl_share = mark or _share(row["recovered"])
+        cells += [ppl_share, _share(row["recovered_kl"])]
         if hidden:
-            hidden_share = "n/a*" if small else f"{100 * row['recovered_hidden']:.1f}%"
-            cells.append(f"{hidden_share} / {100 * row['recovered_kl_hidden']:.1f}%")
+            hidden_share = mark or _share(row["recovered_hidden"])
+            cells.append(f"{hidden_share} / {_share(row['recovered_kl_hidden'])}")
         table.add_row(*cells, str(row["tokens"]), row["quantized_cache"])
+    captions = []
     if small_rows:
-        table.caption = (f"* quantization moved the perplexity by less than {100 * SMALL_PPL_LOSS:g}%: a share of so "
-                         "small a loss says nothing (see the KL columns; the value is kept in the JSON)")
+        captions.append(f"* quantization moved the perplexity by less than {100 * SMALL_PPL_LOSS:g}%: a share of so "
+                        "small a loss says nothing (see the KL columns; the value is kept in the JSON)")
+    if lower_rows:
+        captions.append("** quantization did not raise the perplexity: there is no loss to recover, so no share "
+                        "(see the KL columns; null in the JSON)")
+    if captions:
+        table.caption = "\n".join(captions)
         table.caption_justify = "left"
     wide_console().print(table)
+
+
+def _share(value) -> str:
+    """A recovered share as a percentage; ``n/a`` when it is undefined (NaN in Python, null in JSON:
+    no loss to recover, e.g. a KL of exactly 0)."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.1f}%"

@@ -85,7 +85,11 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: i
 
     body = tokens - (bos_id is not None)
     if period is not None:
-        once = stream_text(tokenizer, text, min(period, body), None)
+        # a text shorter than the period is what fails then: the error named "--tokens <period>", a
+        # value the user never gave
+        repeated = f"the {period} that --period {period} repeats" if period < body else None
+        once = stream_text(tokenizer, text, min(period, body), None, what=what,
+                           asked=repeated or asked or f"--tokens {tokens}")
         ids = once.repeat(-(-body // once.numel()))[:body]
         return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
     # ~4 characters per token on this text; tokenize a generous prefix, then all of it if needed
@@ -112,6 +116,16 @@ def parse_variants(spec: str | None, profile: bool) -> tuple[tuple[str, ...], tu
     if not chosen or unknown:
         hint = "" if profile else " (the *_profile variants need --profile)"
         raise UsageError(f"--variants takes a comma-separated subset of {', '.join(known)}{hint}, got {spec!r}")
+    repeated = sorted({v for v in chosen if chosen.count(v) > 1}, key=chosen.index)
+    if repeated:
+        # a repeated name ran that variant again (twice the time) and kept only its last run
+        raise UsageError(f"--variants names {', '.join(repeated)} more than once, got {spec!r}: each variant may be "
+                         "given once")
+    if profile and not any(v in PROFILE_VARIANTS for v in chosen):
+        # the profile would be used by no variant: ignored without a word (and not even checked
+        # against the model), while stream.json still recorded it
+        raise UsageError(f"--profile is used only by the {' and '.join(PROFILE_VARIANTS)} variants, and --variants "
+                         f"{spec!r} names neither: add one of them or leave out --profile")
     return (tuple(v for v in chosen if v in STREAM_VARIANTS),
             tuple(v.removesuffix("_profile") for v in chosen if v in PROFILE_VARIANTS))
 
@@ -169,9 +183,11 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out / name)
     text, source = _load_text(args)
     profile = sinkfix.Profile.load(args.profile) if args.profile is not None else None
-    if profile is not None and profile.content_sinks is not None:
+    if profile is not None and profile.content_sinks is not None and not profile.content_sinks.is_identity:
         # a stream always evicts (--tokens exceeds the cache), which content-dependent sinks cannot
-        # follow: known from the file, so refused before the model loads, not after the unpatched variants
+        # follow: known from the file, so refused before the model loads, not after the unpatched
+        # variants. A content part that corrects no head (calibrate writes one when the identity or the
+        # positional rule wins) patches the positional path alone and streams as such.
         raise UsageError(f"--profile {args.profile} is a content-mode profile: content-dependent sinks cannot follow a "
                          "SinkCache that has evicted tokens (docs/content_sinks.md), and a stream always evicts; "
                          "use a positional profile")
@@ -242,9 +258,16 @@ def _print_table(summary: dict) -> None:
     if any(name.startswith("recompute") for name in summary if name not in ("paired", "protocol")):
         title += f", recompute every {p['recompute_every']}"  # unused when no recomputation ran
     if p.get("sliding_layers"):
-        title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers that keep their own "
-                  f"{p['sliding_layer_tokens']} tokens in both caches, more than the recomputation's "
-                  f"{p['n_sink'] + p['window'] + 1}")
+        context = p["n_sink"] + p["window"] + 1  # what the recomputation feeds, and a decode step sees
+        if p["sliding_layer_tokens"] + 1 > context:
+            title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers that keep their own "
+                      f"{p['sliding_layer_tokens']} tokens in both caches, more than the recomputation's {context}")
+        else:
+            # the model's own window (kept tokens + the query) fits in the recomputation's context: there
+            # every variant sees the same tokens (a tiny Gemma3 with window 8 keeps 7, against 25)
+            title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers whose own window "
+                      f"({p['sliding_layer_tokens']} kept tokens + the query) fits in the recomputation's {context}: "
+                      "there every variant sees the same tokens")
     table = Table(title=title, title_justify="left")
     for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
                    "vs recompute", "ms/tok first/last", "CPU ms/tok first/last", "peak RSS MiB first/last",
