@@ -56,6 +56,15 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.fixture
+def text_file(tmp_path):
+    """A short English text file (about 150 tokens of the tiny models' character tokenizer) for the
+    commands that read --text."""
+    path = tmp_path / "text.txt"
+    path.write_text("The attention sink of a language model is usually its first token. " * 12)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine run ~20x faster on one thread than on two contended ones."""

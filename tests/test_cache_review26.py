@@ -21,15 +21,7 @@ from .conftest import CharTokenizer, tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = "The attention sink of a language model is usually its first token. " * 12
 STREAM = ["--tokens", "90", "--window", "20", "--n-sink", "2", "--segment", "30", "--chunk", "8", "--no-figures"]
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
 
 
 @pytest.fixture

@@ -119,13 +119,6 @@ STREAM = ["stream", "--tokens", "150", "--window", "20", "--n-sink", "2", "--seg
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text("The attention sink of a language model is usually its first token. " * 12)
-    return path
-
-
-@pytest.fixture
 def tiny(monkeypatch):
     from tests.conftest import CharTokenizer, tiny_model
 

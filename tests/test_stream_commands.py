@@ -17,16 +17,6 @@ from .conftest import CharTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT = "The attention sink of a language model is usually its first token. " * 12
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
-
-
 @pytest.fixture
 def tiny(monkeypatch):
     def use(arch="llama"):
