@@ -80,6 +80,10 @@ class PatchHandle:
         self._states = states  # attention module name -> its state
         self._clip_layers = clip_layers  # attention module name -> the decoder layer to clip after
         self._hooks: list = []
+        # lists of hooks a listener (a monitor) keeps on the model while it records: a deep copy of
+        # the model is stripped of them as of the patch's own (a copy taken inside a request kept the
+        # monitor's hooks, and its first forward failed in them)
+        self._listener_hooks: list[list] = []
         self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
         self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
         self._dismissed = False  # remove() was called on it: a with block ending never brings it back
@@ -239,6 +243,15 @@ class PatchHandle:
             if listener in state.telemetry:
                 state.telemetry.remove(listener)
 
+    def track_listener_hooks(self, hooks: list) -> None:
+        """``hooks`` (a list of torch RemovableHandles the caller keeps filling and emptying) are a
+        listener's hooks on this model: a deep copy of the model does not carry them."""
+        if not any(held is hooks for held in self._listener_hooks):
+            self._listener_hooks.append(hooks)
+
+    def untrack_listener_hooks(self, hooks: list) -> None:
+        self._listener_hooks = [held for held in self._listener_hooks if held is not hooks]
+
     def run_as_identity(self, layers: Iterable[int]) -> None:
         """Switch the correction off (plain softmax, no residual clip) in ``layers`` until
         :meth:`restore_layers`: the fallback a guard uses. The live policies are kept aside, not
@@ -303,7 +316,8 @@ class PatchHandle:
             copied = memo.get(id(modules[name]))
             if copied is not None:
                 vars(copied).pop("_sinkfix", None)
-        for hook in self._hooks:  # torch's RemovableHandle: the hook's key in one or more hook dicts
+        listeners = [hook for hooks in self._listener_hooks for hook in hooks]
+        for hook in (*self._hooks, *listeners):  # torch's RemovableHandle: the hook's key in one or more hook dicts
             for ref in (hook.hooks_dict_ref, *getattr(hook, "extra_dict_ref", ())):
                 original = ref()
                 copied = None if original is None else memo.get(id(original))

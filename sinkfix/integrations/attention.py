@@ -114,13 +114,22 @@ class LayerState:
         return LayerState(self.layer, copy.deepcopy(self.policy, memo), self.backend)
 
 
-# Set by discover_attention_modules for the length of one dummy forward. A plain module global,
-# not a thread-local (torch.compile traces module globals and guards on this one being None), so
-# calls are recorded only from the discovering thread: another thread serving a model meanwhile
-# (this one or another) added its calls to the list, which numbered the layers wrongly or named
-# modules of another model.
-_discovered: list | None = None
-_discovering_thread: int | None = None
+# What discover_attention_modules records, set as an attribute on every module of the model being
+# discovered for the length of its one dummy forward; calls record only from the discovering thread
+# (another thread serving this model meanwhile added its calls, which numbered the layers wrongly).
+# Not a module global: torch.compile guards on what traced code reads, and a global that every
+# patch() of any model switched between None and a list made a compiled model served in another
+# thread re-trace at each patch() and then fail inside dynamo ("Guard failed on the same frame it was
+# created"); an attribute of this model's own modules changes nothing another model's graph reads.
+_DISCOVERY_ATTRIBUTE = "_sinkfix_discovery"
+
+
+class _Discovery:
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.thread = threading.get_ident()
+
+
 # One discovery at a time: two threads patching their own models at once overwrote each other's
 # record (8 of 60 patch() calls failed with a bare TypeError). Held outside any traced code.
 _discovery_lock = threading.RLock()
@@ -155,16 +164,19 @@ class BidirectionalAttentionError(NotImplementedError):
 def discover_attention_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int]]:
     """Run one forward and return (attention module, query heads) in call order, first call of
     each module only. Modules that do not route through the "sinkfix" function are not seen."""
-    global _discovered, _discovering_thread
+    modules = list(model.modules())
     with _discovery_lock:
-        _discovered, _discovering_thread = [], threading.get_ident()
+        discovery = _Discovery()
         try:
+            for module in modules:
+                object.__setattr__(module, _DISCOVERY_ATTRIBUTE, discovery)
             with torch.no_grad():
                 model(input_ids=input_ids, use_cache=False)
-            calls = _discovered
         finally:
-            _discovered, _discovering_thread = None, None
-    own = {id(module) for module in model.modules()}
+            for module in modules:
+                module.__dict__.pop(_DISCOVERY_ATTRIBUTE, None)
+    calls = discovery.calls
+    own = {id(module) for module in modules}
     seen: set[int] = set()
     order, bidirectional = [], []
     for module, heads, sees_later in calls:
@@ -313,8 +325,9 @@ def attention_forward(
         mask_kwargs = dict(attn_mask=None, key_padding=padded.key_padding, key_ranges=padded.key_ranges, causal=True,
                            causal_offset=padded.causal_offset, sliding_window=padded.window)
     # dynamo cannot trace get_ident (patching a compiled wrapper traces this call): no thread check there
-    if _discovered is not None and (torch.compiler.is_compiling() or threading.get_ident() == _discovering_thread):
-        _discovered.append((module, q_heads, _sees_later_keys(attention_mask, causal_flag, q_len, k_len)))
+    discovery = getattr(module, _DISCOVERY_ATTRIBUTE, None)
+    if discovery is not None and (torch.compiler.is_compiling() or threading.get_ident() == discovery.thread):
+        discovery.calls.append((module, q_heads, _sees_later_keys(attention_mask, causal_flag, q_len, k_len)))
     state: LayerState | None = getattr(module, "_sinkfix", None)
     beta, extra_logits, virtual = _policy_tensors(state, s_aux, q_heads, query.device, query.dtype)
     # len() rather than bool(): torch 2.11's dynamo cannot trace bool() of a list of listeners

@@ -252,6 +252,7 @@ class Monitor:
         self._counter = itertools.count()
         self._request: _Request | None = None
         self._hooks: list = []
+        self._handle.track_listener_hooks(self._hooks)  # a deep copy of the model leaves them behind
         self._rerunning = False
         self._closed = False
         self._layouts: dict = {}
@@ -368,6 +369,8 @@ class Monitor:
         self._closed = True
         if getattr(self, "_request", None) is not None:
             self._detach()
+        if getattr(self, "_hooks", None) is not None:
+            self._handle.untrack_listener_hooks(self._hooks)
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
@@ -377,6 +380,13 @@ class Monitor:
         if self.owns_patch:
             self._handle.remove()
             self.owns_patch = False
+
+    def __deepcopy__(self, memo: dict) -> "Monitor":
+        # a monitor is tied to one model, as its patch handle is: not copied. A model deep-copied
+        # inside a request reaches it through its hooks' bound methods, and copying it copied the
+        # handle early, before the model's later layers, whose monitor hooks the copy then kept (its
+        # first forward failed in them); the handle strips them from the copy once every layer is copied
+        return self
 
     def __enter__(self) -> "Monitor":
         return self
