@@ -210,11 +210,15 @@ class LineLog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        # opened and watched by its absolute path: a relative one named another file once the process
+        # changed directory (a server that chdirs after start-up), which the check for a moved log read
+        # as the log removed
+        self._file = self.path.absolute()
         if self.path.is_dir():
             raise _output_error(self.path, "it is a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            self._fd: int | None = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
             blocker = _blocking_file(self.path.parent)
             reason = f"{blocker} is a file, not a folder" if blocker is not None else _reason(exc)
@@ -246,10 +250,10 @@ class LineLog:
 
     def _reopen_if_moved(self) -> None:
         """Open the path again when it no longer names the open file (removed, or renamed away by log
-        rotation): the lines went on into the unlinked or renamed file, with no error (found by a review;
-        one ``stat`` per line). A path that cannot be opened again is an :class:`OutputError`."""
+        rotation): the lines went on into the unlinked or renamed file, with no error (one ``stat`` per
+        line). A path that cannot be opened again is an :class:`OutputError`."""
         try:
-            here, ours = os.stat(self.path), os.fstat(self._fd)
+            here, ours = os.stat(self._file), os.fstat(self._fd)
             if (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino):
                 return
         except FileNotFoundError:
@@ -257,7 +261,7 @@ class LineLog:
         except OSError as exc:
             raise _output_error(self.path, _reason(exc)) from exc
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
             raise _output_error(self.path, f"it was removed or moved while in use, and cannot be created again: "
                                            f"{_reason(exc)}") from exc

@@ -117,10 +117,13 @@ def test_bad_bit_width_and_backend_pairs():
 
 
 def test_fp8_takes_any_window_it_has_no_residual():
-    """fp8 casts every token as it arrives (no residual window), so a window smaller than
-    residual_length, which the 2- and 4-bit caches refuse, quantizes from the first call on."""
+    """fp8 casts every token as it arrives (no residual window), so a window smaller than the
+    default residual_length, which the 2- and 4-bit caches refuse, quantizes from the first call on;
+    a residual_length given with fp8 is refused (it was accepted and ignored)."""
     model = tiny_model("llama")
-    cache = SinkCache(model.config, n_sink=2, window=6, bits=8, backend="fp8", residual_length=128)
+    with pytest.raises(CacheError, match="residual_length with backend='fp8'"):
+        SinkCache(model.config, n_sink=2, window=6, bits=8, backend="fp8", residual_length=128)
+    cache = SinkCache(model.config, n_sink=2, window=6, bits=8, backend="fp8")
     prefill_then_decode(model, torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(0)), cache)
     assert cache.layers[0].body.quantized_len == 6
 

@@ -67,9 +67,22 @@ def test_the_command_refuses_it_in_one_line(loaded_tiny, tmp_path, capsys):
 def test_shifted_copies_are_found_and_distinct_texts_are_not():
     settings = CalibrationSettings(seq_len=64)
     windows = domain_windows(CharTokenizer(), {**THREE, "shifted": "\n" + THREE["code"]}, settings)
-    triples = duplicate_windows(windows)
-    assert [(a, b) for a, b, _ in triples] == [("code", "shifted")] and triples[0][2] > 0.9
+    found = duplicate_windows(windows)
+    assert [(d.first, d.copy, d.contained) for d in found] == [("code", "shifted", False)] and found[0].share > 0.9
     assert duplicate_windows(domain_windows(CharTokenizer(), THREE, settings)) == []
+
+
+def test_a_text_that_is_a_part_of_another_is_named_as_a_part(loaded_tiny, tmp_path, capsys):
+    """Given first, the part is named as the part, with its own share (not "the same text", not 100%
+    of the longer text's runs)."""
+    long = "".join(f"line {i}: the value of x is {i * i} and y is {i + 3}\n" for i in range(120))
+    texts = {"part": long[:1200], "whole": long, "code": THREE["code"]}
+    rc = cli.main(["calibrate", *text_args(tmp_path, texts), "--seq-len", "64", "--steps", "6", "--no-statistics",
+                   "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert "'part' (" in err and "is a part of 'whole'" in err and "of 'part''s token runs recur in 'whole'" in err
+    assert "same text" not in err
 
 
 # -- hand-edited profiles that loaded with another meaning -----------------------------------------

@@ -695,34 +695,50 @@ def _token_runs(windows: DomainWindows, length: int) -> set[bytes]:
     return runs
 
 
-def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[tuple[str, str, float]]:
-    """Triples (first, copy, share) of domains where ``share`` (at least :data:`DUPLICATE_RUN_SHARE`) of
-    the smaller one's distinct :data:`DUPLICATE_RUN_TOKENS`-token runs in its calibration and validation
-    windows recur in the other's: one text twice as far as a calibration reads it, though the strings
-    differ (a trailing newline, text past ``max_tokens``, one leading space that shifts every window),
-    which :func:`duplicate_texts` does not see."""
+class Duplicate(NamedTuple):
+    """Two domains of which one repeats the other: ``copy`` is ``first`` again (both ways) or is
+    contained in it; ``share``: of ``copy``'s distinct token runs, how many recur in ``first``."""
+
+    first: str
+    copy: str
+    share: float
+    contained: bool  # copy's runs recur in first, not the other way round (a part of a longer text)
+
+
+def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[Duplicate]:
+    """Pairs of domains where at least :data:`DUPLICATE_RUN_SHARE` of the smaller one's distinct
+    :data:`DUPLICATE_RUN_TOKENS`-token runs in its calibration and validation windows recur in the
+    other's: one text twice as far as a calibration reads it, though the strings differ (a trailing
+    newline, text past ``max_tokens``, one leading space that shifts every window), or one text a part
+    of another, which :func:`duplicate_texts` does not see."""
     shortest = min((w.numel() - 1 for d in windows.values() for w in (*d.calib, *d.val)), default=0)
     length = max(2, min(DUPLICATE_RUN_TOKENS, shortest // 2))
     runs = {name: _token_runs(w, length) for name, w in windows.items()}
     names = list(runs)
-    triples = []
-    for j, copy in enumerate(names):
-        for first in names[:j]:
-            smaller = min(len(runs[first]), len(runs[copy]))
-            if smaller == 0:
+    found = []
+    for j, later in enumerate(names):
+        for earlier in names[:j]:
+            if not runs[earlier] or not runs[later]:
                 continue
-            share = len(runs[first] & runs[copy]) / smaller
-            if share >= DUPLICATE_RUN_SHARE:
-                triples.append((first, copy, share))
-                break  # named once, after the first domain it copies
-    return triples
+            shared = len(runs[earlier] & runs[later])
+            of_later, of_earlier = shared / len(runs[later]), shared / len(runs[earlier])
+            if max(of_later, of_earlier) < DUPLICATE_RUN_SHARE:
+                continue
+            if of_later >= DUPLICATE_RUN_SHARE and of_earlier >= DUPLICATE_RUN_SHARE:
+                found.append(Duplicate(earlier, later, of_later, contained=False))
+            elif of_later >= DUPLICATE_RUN_SHARE:  # the later text is a part of the earlier one
+                found.append(Duplicate(earlier, later, of_later, contained=True))
+            else:
+                found.append(Duplicate(later, earlier, of_earlier, contained=True))
+            break  # each domain named once, after the first it repeats
+    return found
 
 
 def warn_duplicate_texts(texts: Mapping[str, str], windows: Mapping[str, DomainWindows] | None = None) -> None:
     """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
     its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them.
     With ``windows`` (:func:`domain_windows` of ``texts``) the windows are compared, not the strings."""
-    pairs = duplicate_texts(texts) if windows is None else [(a, b) for a, b, _ in duplicate_windows(windows)]
+    pairs = duplicate_texts(texts) if windows is None else [(d.first, d.copy) for d in duplicate_windows(windows)]
     if pairs:
         named = "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
         warnings.warn(f"identical calibration texts: {named}; each copy's fit is scored on the "

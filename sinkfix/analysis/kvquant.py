@@ -129,7 +129,9 @@ def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, res
 
     if variant == "full":
         return DynamicCache(config=model.config), "DynamicCache"
-    quant = dict(bits=bits, backend=backend, residual_length=residual_length, q_group_size=q_group_size)
+    # fp8 has no residual window (SinkCache refuses a residual_length with it)
+    quant = dict(bits=bits, backend=backend, residual_length=None if backend == "fp8" else residual_length,
+                 q_group_size=q_group_size)
     if variant in ("sink_protected", HIDDEN):
         return SinkCache(model.config, n_sink=n_sink, window=None, **quant), f"SinkCache(n_sink={n_sink})"
     probe = SinkCache(model.config, n_sink=0, window=None, **quant)  # validates, resolves the group size

@@ -350,7 +350,7 @@ class StreamingCollector:
         # A query row counts only where its own mask entry is 1: the attention mask hides padding
         # *keys*, so a right-padding row still sees the real keys before it and was measured as a
         # real row (sink share 0.014 off, 1.5 more hidden sinks per sequence, dormancy 0.011 off,
-        # its own dormancy score up to 0.109 on a tiny Llama, review 14).
+        # its own dormancy score up to 0.109 on a tiny Llama).
         rows_real = self._rows_real(B, Q, K, dev)
         vnorm, median_v = self._value_drain(layer, call, v, sink_cols, has_sink)
 

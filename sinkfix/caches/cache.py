@@ -13,6 +13,7 @@ is given. docs/caches.md has the position rule and the quantization layout.
 
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 from typing import Any
@@ -137,6 +138,10 @@ def _has_content_sinks(module: torch.nn.Module | None) -> bool:
     return getattr(policy, "content", None) is not None
 
 
+#: recent tokens kept in full precision before they are quantized, as transformers' QuantizedCache
+DEFAULT_RESIDUAL_LENGTH = 128
+
+
 @torch.compiler.disable
 def _traced_caller_mask() -> Any:
     """The ``attention_mask`` argument of the nearest module method up the stack, for an update that
@@ -194,8 +199,8 @@ class SinkCache(Cache):
             (transformers' fp8 arithmetic). ``None``: full precision.
         backend: ``"quanto"`` (optimum-quanto), ``"hqq"`` (2 or 4 bits) or ``"fp8"`` (8 bits); checked
             even without ``bits``, so a misspelt name fails at once.
-        residual_length: recent tokens kept in full precision before they are quantized (as
-            transformers; not used by fp8, which has no residual window). With ``bits=2|4`` a
+        residual_length: recent tokens kept in full precision before they are quantized (default
+            128, as transformers); refused with fp8, which has no residual window. With ``bits=2|4`` a
             ``window`` must be larger: the residual flushes only once it holds ``residual_length``
             tokens, more than a window no larger lets it keep.
         q_group_size: channels per quantization group (one token, one kv head); default 64 as in
@@ -207,7 +212,7 @@ class SinkCache(Cache):
     """
 
     def __init__(self, config, n_sink: int = 4, window: int | None = 1020, bits: int | None = None, *,
-                 backend: str = "quanto", residual_length: int = 128, q_group_size: int | None = None) -> None:
+                 backend: str = "quanto", residual_length: int | None = None, q_group_size: int | None = None) -> None:
         if not isinstance(config, PreTrainedConfig):
             if isinstance(getattr(config, "config", None), PreTrainedConfig):
                 raise CacheError(f"SinkCache takes the model's config, not the model: pass model.config (got a "
@@ -232,6 +237,11 @@ class SinkCache(Cache):
         if q_group_size is not None and (not _is_int(q_group_size) or q_group_size < 1 or head_dim % q_group_size):
             raise CacheError(f"q_group_size {q_group_size!r} does not divide the head dimension {head_dim}: it must "
                              "be a positive integer that does (groups hold channels of one token and head)")
+        if backend == "fp8" and residual_length is not None:
+            # fp8 casts every token and has no residual window: the value was accepted and ignored
+            raise CacheError(f"residual_length with backend='fp8': fp8 casts every token and has no residual window, "
+                             f"got residual_length={residual_length!r}")
+        residual_length = DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length
         if not _is_int(residual_length) or residual_length < 1:
             raise CacheError(f"residual_length must be an integer >= 1, got {residual_length!r}")
         if q_group_size is None:
@@ -310,9 +320,18 @@ class SinkCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def __getstate__(self) -> dict:
-        # weak references do not pickle (a cache pickled before they were kept); a copy records the
-        # modules that call it again on its next forward
+        # weak references do not pickle; an unpickled cache records the modules that call it again,
+        # from its next forward on (until then a content-sink refusal comes from the attention, late)
         return {**self.__dict__, "_callers": {}}
+
+    def __deepcopy__(self, memo: dict) -> "SinkCache":
+        # a copy (a prompt cache copied to reuse its prefix) serves the same model: it keeps the weak
+        # references to its attention modules, so its first forward refuses content sinks early too
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = dict(value) if name == "_callers" else copy.deepcopy(value, memo)
+        return copied
 
     def _check_content_sinks(self) -> None:
         """At a forward's first layer, before any layer stores its tokens: raise :class:`CacheError`

@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     # the model's position limit is known only now, and every window is --seq-len tokens long
     check_positions(args.seq_len, model.config, "--seq-len", args.model)
     # the windows need the tokenizer: a text too short is named here, and one text twice refused
-    _refuse_duplicate_windows(texts, domain_windows(tokenizer, plain, settings), settings)
+    _refuse_duplicate_windows(texts, domain_windows(tokenizer, plain, settings))
 
     def log(message: str) -> None:  # the library's lines name domains, which rich read as markup
         console.print(message, markup=False)
@@ -497,7 +497,7 @@ def _refuse_duplicate_texts(texts) -> None:
         raise UsageError(f"a calibration text is given twice: {named}; give each text once")
 
 
-def _refuse_duplicate_windows(texts, windows, settings) -> None:
+def _refuse_duplicate_windows(texts, windows) -> None:
     """Two domains whose windows are mostly the same token runs are one text twice, however their
     strings differ: a copy with one more trailing newline or one leading space, or a file that only
     goes on past --max-tokens tokens, was calibrated as a second domain (:func:`_refuse_duplicate_texts`
@@ -505,13 +505,14 @@ def _refuse_duplicate_windows(texts, windows, settings) -> None:
     from sinkfix.analysis.calibration import duplicate_windows
     from sinkfix.errors import UsageError
 
-    triples = duplicate_windows(windows)
-    if triples:
-        read = "" if settings.max_tokens is None else f", in the first {settings.max_tokens} tokens of each"
-        named = "; ".join(f"{b!r} ({texts[b].source}) is the same text as {a!r} ({texts[a].source}): "
-                          f"{share:.0%} of its token runs recur there{read}"
-                          for a, b, share in triples)
-        raise UsageError(f"a calibration text is given twice: {named}; give each text once")
+    found = duplicate_windows(windows)
+    if found:
+        named = "; ".join(
+            (f"{d.copy!r} ({texts[d.copy].source}) is a part of {d.first!r} ({texts[d.first].source})" if d.contained
+             else f"{d.copy!r} ({texts[d.copy].source}) is the same text as {d.first!r} ({texts[d.first].source})")
+            + f": {d.share:.0%} of {d.copy!r}'s token runs recur in {d.first!r}" for d in found)
+        raise UsageError(f"a calibration text is given twice: {named} (in the windows a calibration reads); each "
+                         "would be scored on a fit that saw its text; give each text once")
 
 
 def _check_selection(args: argparse.Namespace) -> None:

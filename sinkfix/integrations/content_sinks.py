@@ -258,13 +258,13 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
         # hands over [kept sinks][window][new], and reading that as one run of tokens gave the kept
         # sinks the flags of evicted tokens (SmolLM2: logits 0.15-0.71 off at every decode step)
         # the cache itself refuses this at the call's first layer, before anything is stored; it reaches
-        # here only where torch.compile traced the cache's update (no caller to look at), after the
-        # layers before this one stored the call's tokens
+        # here where it could not tell (torch.compile traced its update, or a pickled copy has not yet
+        # seen this layer's module), after this layer and those before it stored the call's tokens
+        stored = f"layer {layer}" if layer == 0 else f"layers 0 to {layer}"
         raise CacheError(f"layer {layer}: content-dependent sinks cannot follow a SinkCache that has evicted tokens "
                          "(its key columns are the kept sinks, then the window); use a cache that grows "
-                         "(DynamicCache) or a window that holds the whole sequence"
-                         + (f"; layers before {layer} stored this call's tokens: reset() the cache before using it "
-                            "again" if layer > 0 else ""))
+                         f"(DynamicCache) or a window that holds the whole sequence; {stored} stored this call's "
+                         "tokens: reset() the cache before using it again")
     store = store_of(cache)
     entry = store.layers.get(layer)
     if entry is not None and entry.stale:

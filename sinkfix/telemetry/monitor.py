@@ -110,13 +110,17 @@ def _as_keywords(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, 
     parameters = signature.parameters
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values()):
         return args, kwargs
+    positional: list = []  # positional-only parameters stay positional (a keyword would land in **kwargs)
     named: dict = {}
     for name, value in bound.arguments.items():
-        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = parameters[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            positional.append(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
         else:
             named[name] = value
-    return (), named
+    return tuple(positional), named
 
 
 def _refuse_right_padding(kwargs: dict) -> None:

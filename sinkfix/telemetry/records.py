@@ -83,7 +83,10 @@ def _shares(values: dict[str, torch.Tensor], info: RequestInfo) -> dict[str, tor
     # share is undefined (null), as inspect reports it, not 0
     no_sink = torch.isnan(weight) & (mass == 0)
     unscaled = torch.where(seen & ~no_sink, mass / rows.clamp(min=1), float("nan"))
-    dormancy = torch.where(seen, (beta * weight.nan_to_num(0.0) * mass + values["hidden_part"])
+    # sink mass from a sink position first reached while decoding, with no sink key in the prompt to
+    # take a drain weight from: the dormancy's sink part is unknown (null), not 0
+    unweighted = torch.isnan(weight) & (mass > 0)
+    dormancy = torch.where(seen & ~unweighted, (beta * weight.nan_to_num(0.0) * mass + values["hidden_part"])
                            / rows.clamp(min=1), float("nan"))
     return {"unscaled": unscaled, "share": beta * unscaled, "dormancy": dormancy, "rows": rows}
 

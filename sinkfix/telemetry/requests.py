@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def check_domain_label(domain: str | None, where: str = "") -> None:
     if isinstance(domain, str) and not domain.strip():
         raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
                            "all; use None (null) for a request without a domain, or a name")
-    if isinstance(domain, str) and (domain != domain.strip() or not domain.isprintable()):
-        # "code " is another domain than "code" in every report, and a newline split the report's table
+    if isinstance(domain, str) and (domain != domain.strip()
+                                    or any(unicodedata.category(c) == "Cc" for c in domain)):
+        # "code " is another domain than "code" in every report, and a newline split the report's table;
+        # format characters (a zero-width joiner in a Persian word or an emoji) and inner spaces are a name's own
         raise MonitorError(f"{where}the domain {domain!r} has a control character or starts or ends with "
                            "whitespace: give the name without them")
 
