@@ -213,7 +213,10 @@ class LineLog:
         # opened and watched by its absolute path: a relative one named another file once the process
         # changed directory (a server that chdirs after start-up), which the check for a moved log read
         # as the log removed
-        self._file = self.path.absolute()
+        try:
+            self._file = self.path.absolute()
+        except OSError as exc:  # the working directory was removed
+            raise _output_error(self.path, _reason(exc)) from exc
         if self.path.is_dir():
             raise _output_error(self.path, "it is a directory")
         try:

@@ -191,7 +191,7 @@ def test_same_stem_different_text_is_fine(load_reached, files, tmp_path, capsys)
 
 def test_api_warns_about_identical_texts():
     model = tiny_model("llama")
-    with pytest.warns(UserWarning, match=r"identical calibration texts: 'copy' is 'prose' again"):
+    with pytest.warns(UserWarning, match=r"one calibration text given twice: 'copy' is 'prose' again"):
         fit_domains(model, CharTokenizer(), {"prose": THREE["prose"], "code": THREE["code"], "copy": THREE["prose"]},
                     CalibrationSettings(seq_len=64, steps=0), progress=False)
     with warnings.catch_warnings():

@@ -87,7 +87,7 @@ def test_a_copy_that_differs_outside_the_windows_is_refused(loaded_tiny, tmp_pat
 @pytest.mark.parametrize("copy", [THREE["prose"] + "\n", " " + THREE["prose"]])
 def test_the_library_warns_about_texts_with_identical_windows(copy):
     texts = {**THREE, "copy": copy}
-    with pytest.warns(UserWarning, match=r"identical calibration texts: 'copy' is 'prose' again"):
+    with pytest.warns(UserWarning, match=r"one calibration text given twice: 'copy' is 'prose' again"):
         fit_domains(tiny_model("llama"), CharTokenizer(), texts, CalibrationSettings(seq_len=64, steps=0),
                     progress=False)
 

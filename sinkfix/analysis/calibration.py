@@ -730,7 +730,6 @@ def duplicate_windows(windows: Mapping[str, DomainWindows]) -> list[Duplicate]:
                 found.append(Duplicate(earlier, later, of_later, contained=True))
             else:
                 found.append(Duplicate(later, earlier, of_earlier, contained=True))
-            break  # each domain named once, after the first it repeats
     return found
 
 
@@ -738,10 +737,13 @@ def warn_duplicate_texts(texts: Mapping[str, str], windows: Mapping[str, DomainW
     """A warning naming domains that are one text twice: each would be validated (and, left out, scored) on
     its own copy's fit, which makes the domain-robust selection and leave-one-domain-out meaningless for them.
     With ``windows`` (:func:`domain_windows` of ``texts``) the windows are compared, not the strings."""
-    pairs = duplicate_texts(texts) if windows is None else [(d.first, d.copy) for d in duplicate_windows(windows)]
-    if pairs:
-        named = "; ".join(f"{b!r} is {a!r} again" for a, b in pairs)
-        warnings.warn(f"identical calibration texts: {named}; each copy's fit is scored on the "
+    if windows is None:
+        named = "; ".join(f"{b!r} is {a!r} again" for a, b in duplicate_texts(texts))
+    else:
+        named = "; ".join(f"{d.copy!r} is {'a part of ' if d.contained else ''}{d.first!r}{'' if d.contained else ' again'}"
+                          for d in duplicate_windows(windows))
+    if named:
+        warnings.warn(f"one calibration text given twice: {named}; each copy's fit is scored on the "
                       "other copy, so the domain-robust selection treats one text as two domains", stacklevel=3)
 
 

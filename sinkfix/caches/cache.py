@@ -133,6 +133,11 @@ def _caller(depth: int) -> tuple[PreTrainedConfig | None, Any, torch.nn.Module |
 _PATCH_STATE = "_sinkfix"
 
 
+def _NO_MODULE() -> None:
+    """A dead weak reference: no module seen yet."""
+    return None
+
+
 def _has_content_sinks(module: torch.nn.Module | None) -> bool:
     policy = getattr(getattr(module, _PATCH_STATE, None), "policy", None)
     return getattr(policy, "content", None) is not None
@@ -267,9 +272,12 @@ class SinkCache(Cache):
         quantizer = KVQuantizer(backend, bits, q_group_size) if bits is not None else None
         self._text, self._plan = text, _layer_plan(text, moves_keys=window is not None)
         self._served = text  # the last config of a calling model found to match (checked once per config)
-        # layer -> the attention module that last called it (weakly: the cache must not keep a model
-        # alive), to see at a forward's first layer whether a later one has content-dependent sinks
-        self._callers: dict[int, weakref.ref] = {}
+        # layer -> (the attention module that last called it, the layer-0 module of that forward), weakly
+        # (the cache must not keep a model alive): at a forward's first layer, whether a later layer of
+        # the same model has content-dependent sinks (another model's modules, e.g. those of the model a
+        # copied cache was copied beside, say nothing about this forward)
+        self._callers: dict[int, tuple[weakref.ref, Any]] = {}
+        self._first_caller: Any = _NO_MODULE  # weakly, the layer-0 module of the current forward
         layers = [self._make_layer(kind, rotary, window, quantizer) for kind, rotary, window in self._plan]
         super().__init__(layers=layers)
 
@@ -300,11 +308,10 @@ class SinkCache(Cache):
             self._served = config
         layer = self._in_step(layer_idx, key_states.shape[-2])
         if module is not None:
-            known = self._callers.get(layer_idx)
-            if known is None or known() is not module:
-                self._callers[layer_idx] = weakref.ref(module)
             if layer_idx == 0:
-                self._check_content_sinks()
+                self._check_content_sinks(module)
+                self._first_caller = weakref.ref(module)
+            self._callers[layer_idx] = (weakref.ref(module), self._first_caller)
         if torch.compiler.is_compiling() and isinstance(layer, SinkLayer) and not layer.rows_started:
             # the mask is what tells left padding from real tokens when the positions count the padding
             # (a loop that passes an attention mask and no position_ids): taken for real, the padding
@@ -322,7 +329,7 @@ class SinkCache(Cache):
     def __getstate__(self) -> dict:
         # weak references do not pickle; an unpickled cache records the modules that call it again,
         # from its next forward on (until then a content-sink refusal comes from the attention, late)
-        return {**self.__dict__, "_callers": {}}
+        return {**self.__dict__, "_callers": {}, "_first_caller": _NO_MODULE}
 
     def __deepcopy__(self, memo: dict) -> "SinkCache":
         # a copy (a prompt cache copied to reuse its prefix) serves the same model: it keeps the weak
@@ -333,18 +340,20 @@ class SinkCache(Cache):
             copied.__dict__[name] = dict(value) if name == "_callers" else copy.deepcopy(value, memo)
         return copied
 
-    def _check_content_sinks(self) -> None:
+    def _check_content_sinks(self, first: torch.nn.Module) -> None:
         """At a forward's first layer, before any layer stores its tokens: raise :class:`CacheError`
         if a layer that will show its kept sinks (it has evicted) is called by an attention module
         patched with content-dependent sinks, which cannot follow such columns. The attention raised
         it itself only after layer 0 had stored the call's tokens, and the cache was then out of step
         for good (the next call, even unpatched, hit the interrupted-forward error). The modules are
         those of the previous forward for the later layers."""
-        for index, ref in self._callers.items():
+        for index, (ref, owner) in self._callers.items():
             layer = self.layers[index]
             if not (isinstance(layer, SinkLayer) and layer.keep_sinks and layer.n_sink and layer.evicted):
                 continue  # its columns are one run of tokens in this call: content sinks follow them
-            if _has_content_sinks(ref()):
+            if index and owner() is not first:
+                continue  # recorded in a forward of another model (one the cache was copied beside)
+            if _has_content_sinks(first if index == 0 else ref()):
                 raise CacheError(f"layer {index}: content-dependent sinks cannot follow a SinkCache that has evicted "
                                  "tokens (its key columns are the kept sinks, then the window); nothing of this call "
                                  "was stored, so the cache can go on without the content-sink policy; use a cache "

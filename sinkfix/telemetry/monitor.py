@@ -123,6 +123,12 @@ def _as_keywords(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, 
     return tuple(positional), named
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose signatures name the arguments: a ``torch.compile`` wrapper's forward takes
+    ``*args``, which named nothing, so a positional mask escaped the checks (and the forward ran)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _refuse_right_padding(kwargs: dict) -> None:
     rows = _rows_padded_after_real(kwargs.get("attention_mask"))
     if rows:
@@ -256,6 +262,7 @@ class Monitor:
         self._counter = itertools.count()
         self._request: _Request | None = None
         self._hooks: list = []
+        self._first_hooked: nn.Module | None = None  # the module _before_layers is hooked on
         self._handle.track_listener_hooks(self._hooks)  # a deep copy of the model leaves them behind
         self._rerunning = False
         self._closed = False
@@ -347,7 +354,7 @@ class Monitor:
         """``model.generate(*args, **kwargs)`` recorded as one request. Beam search is refused: its
         beams are batch rows that transformers reorders between steps, so no row's record would
         describe one sequence."""
-        args, kwargs = _as_keywords(self.model.generate, args, kwargs)
+        args, kwargs = _as_keywords(_unwrapped(self.model).generate, args, kwargs)
         _refuse_beams(self.model, kwargs)
         _refuse_right_padding(kwargs)
         eos = _eos_ids(self.model, kwargs)
@@ -361,7 +368,7 @@ class Monitor:
 
     def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
         """``model(*args, **kwargs)`` recorded as one request."""
-        args, kwargs = _as_keywords(self.model.forward, args, kwargs)
+        args, kwargs = _as_keywords(_unwrapped(self.model).forward, args, kwargs)
         _refuse_right_padding(kwargs)  # before the forward: nothing served is lost
         with self.request(domain):
             return self.model(*args, **kwargs)
@@ -406,6 +413,7 @@ class Monitor:
         layers = self._layers
         self._handle.add_telemetry(self._on_attention)
         first = layers[0] if layers and layers[0] is not None else self.model
+        self._first_hooked = first
         self._hooks.append(first.register_forward_pre_hook(self._before_layers, with_kwargs=True))
         last = max((layer for layer, module in enumerate(layers) if module is not None), default=None)
         for layer, module in enumerate(layers):
@@ -424,6 +432,8 @@ class Monitor:
     def _before_layers(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Start of one forward, seen from the first decoder layer: its hidden states give the batch
         and the new tokens, its (B, 1, Q, K) mask which of them are real (a padding row sees no key)."""
+        if module is not self._first_hooked:
+            return  # a deep copy of a submodule taken inside a request: its forwards are not this request's
         req = self._request
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
         batch, q_len = hidden.shape[0], hidden.shape[1]
@@ -442,6 +452,8 @@ class Monitor:
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
         req = self._request
+        if module is not self.model:
+            return  # a copy of the model carrying this hook: not this request's
         if req.acc is None:
             cache = _cache_of(kwargs)
             req.cache_before = None if cache is None else int(cache.get_seq_length())
@@ -469,7 +481,11 @@ class Monitor:
             acc.add_prompts([call.layer for call in sampled], measures, [call.rows for call in sampled])
 
     def _residual_hook(self, layer: int, last: bool):
+        own = self._layers[layer]
+
         def hook(module: nn.Module, args, output) -> None:
+            if module is not own:
+                return  # a deep copy of a submodule taken inside a request: its forwards are not this request's
             acc = self._request.acc
             acc.add_residual(layer, output if isinstance(output, torch.Tensor) else output[0])
             if last:
@@ -480,6 +496,8 @@ class Monitor:
         return hook
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if module is not self.model:
+            return None  # a copy of the model carrying this hook: not this request's
         req = self._request
         prompt, req.acc.in_prompt = req.acc.in_prompt, False
         if self.guard is None or not prompt or self._rerunning:

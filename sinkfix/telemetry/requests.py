@@ -29,6 +29,16 @@ _KEYS = ("prompt", "domain", "id")
 NO_DOMAIN = "none"
 
 
+# bidirectional overrides, embeddings and isolates: they reorder how the rest of a report line shows
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unprintable(character: str) -> bool:
+    """A character no label may hold: control characters, lone surrogates (not encodable: a label with
+    one made every later Prometheus scrape fail), line and paragraph separators, bidi controls."""
+    return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in _BIDI_CONTROLS
+
+
 def check_domain_label(domain: str | None, where: str = "") -> None:
     """MonitorError for a label no request may have: :data:`NO_DOMAIN`, which would merge the request
     with those that have no domain, an empty or blank one, which Prometheus reads as no label at
@@ -41,8 +51,7 @@ def check_domain_label(domain: str | None, where: str = "") -> None:
     if isinstance(domain, str) and not domain.strip():
         raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
                            "all; use None (null) for a request without a domain, or a name")
-    if isinstance(domain, str) and (domain != domain.strip()
-                                    or any(unicodedata.category(c) == "Cc" for c in domain)):
+    if isinstance(domain, str) and (domain != domain.strip() or any(_unprintable(c) for c in domain)):
         # "code " is another domain than "code" in every report, and a newline split the report's table;
         # format characters (a zero-width joiner in a Persian word or an emoji) and inner spaces are a name's own
         raise MonitorError(f"{where}the domain {domain!r} has a control character or starts or ends with "
