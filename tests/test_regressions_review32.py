@@ -109,3 +109,14 @@ def test_a_log_opened_in_a_removed_working_directory_names_its_path(tmp_path, mo
     os.rmdir(gone)
     with pytest.raises(OutputError, match="logs/m.jsonl"):
         LineLog("logs/m.jsonl")
+
+
+def test_measure_kvquant_refuses_a_residual_length_fp8_would_ignore():
+    from sinkfix.analysis.kvquant import measure_kvquant
+    from sinkfix.errors import UsageError
+
+    model = tiny_model("llama")
+    with pytest.raises(UsageError, match="residual_length with backend 'fp8'"):
+        measure_kvquant(model, [_ids(24)[0]], bits=[8], backend="fp8", residual_length=16, chunk=8)
+    rows = measure_kvquant(model, [_ids(24)[0]], bits=[8], backend="fp8", chunk=8)
+    assert rows[0].tokens > 0

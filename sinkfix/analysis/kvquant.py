@@ -35,6 +35,7 @@ import torch
 
 from sinkfix.analysis.hidden_sinks import HiddenSinkGuard
 from sinkfix.caches import SinkCache
+from sinkfix.caches.cache import DEFAULT_RESIDUAL_LENGTH
 from sinkfix.caches.chunked import cache_keyword
 from sinkfix.caches.quantize import backend_axis
 from sinkfix.errors import UsageError
@@ -120,7 +121,7 @@ def hqq_baseline_fails(model, lengths: Sequence[int], *, chunk: int, residual_le
                for total in lengths for count in quantized_lengths(total, chunk, residual_length))
 
 
-def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, residual_length: int,
+def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, residual_length: int | None,
                q_group_size: int | None, baseline_fails: bool = False) -> tuple[object, str]:
     """(cache, description) for one variant. ``baseline_fails``: transformers' ``QuantizedCache``
     cannot take this measurement (:func:`hqq_baseline_fails`), so "quantized" is ``SinkCache`` with no
@@ -129,9 +130,8 @@ def make_cache(model, variant: str, *, bits: int, backend: str, n_sink: int, res
 
     if variant == "full":
         return DynamicCache(config=model.config), "DynamicCache"
-    # fp8 has no residual window (SinkCache refuses a residual_length with it)
-    quant = dict(bits=bits, backend=backend, residual_length=None if backend == "fp8" else residual_length,
-                 q_group_size=q_group_size)
+    # fp8 has no residual window: SinkCache refuses a residual_length with it (None: the default)
+    quant = dict(bits=bits, backend=backend, residual_length=residual_length, q_group_size=q_group_size)
     if variant in ("sink_protected", HIDDEN):
         return SinkCache(model.config, n_sink=n_sink, window=None, **quant), f"SinkCache(n_sink={n_sink})"
     probe = SinkCache(model.config, n_sink=0, window=None, **quant)  # validates, resolves the group size
@@ -205,12 +205,18 @@ def _lockstep(model, ids: torch.Tensor, caches: dict, rows: dict, *, chunk: int,
 
 
 def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[int], backend: str = "quanto",
-                    n_sink: int = 4, residual_length: int = 128, q_group_size: int | None = None, chunk: int = 128,
+                    n_sink: int = 4, residual_length: int | None = None, q_group_size: int | None = None, chunk: int = 128,
                     hidden_sinks: bool = False,
                     on_tokens: Callable[[int], None] | None = None) -> list[QuantRow]:
-    """One :class:`QuantRow` per bit width over ``sequences`` (1-D id tensors)."""
+    """One :class:`QuantRow` per bit width over ``sequences`` (1-D id tensors). ``residual_length``:
+    default 128 for the integer backends; refused with fp8, which has no residual window."""
     if not sequences:
         raise UsageError("no sequence to measure")
+    if backend == "fp8" and residual_length is not None:  # it was ignored without a word
+        raise UsageError(f"residual_length with backend 'fp8': fp8 casts every token and has no residual window, "
+                         f"got {residual_length}")
+    if backend != "fp8" and residual_length is None:
+        residual_length = DEFAULT_RESIDUAL_LENGTH
     settings = dict(backend=backend, n_sink=n_sink, residual_length=residual_length, q_group_size=q_group_size)
     variants = ("quantized", "sink_protected") + ((HIDDEN,) if hidden_sinks else ())
     rows = {width: QuantRow(width, {}, {}, 0) for width in bits}

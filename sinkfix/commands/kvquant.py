@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(len(s) for s in sequences) * (1 + (2 + args.hidden_sinks) * len(widths))  # forwards x tokens
     with tqdm(total=total, unit="tok", desc="kvquant", file=sys.stderr, leave=False) as bar:
         rows = measure_kvquant(model, sequences, bits=widths, backend=args.backend, n_sink=args.n_sink,
-                               residual_length=args.residual_length, chunk=args.chunk,
+                               residual_length=None if args.backend == "fp8" else args.residual_length, chunk=args.chunk,
                                hidden_sinks=args.hidden_sinks, on_tokens=bar.update)
     result = {str(row.bits): row.as_json() for row in rows}
     result["protocol"] = {
