@@ -46,6 +46,13 @@ class CacheError(SinkfixError, ValueError):
     """A KV cache was configured wrongly or used with a model, batch or operation it cannot serve."""
 
 
+#: why content-dependent sinks refuse a SinkCache that has evicted, and what to use instead: said by
+#: the cache before a call stores anything and by the attention where the cache could not tell
+EVICTED_CACHE_REFUSAL = ("content-dependent sinks cannot follow a SinkCache that has evicted tokens (its key columns "
+                         "are the kept sinks, then the window)")
+EVICTED_CACHE_REMEDY = "use a cache that grows (DynamicCache) or a window that holds the whole sequence"
+
+
 class OutputError(SinkfixError, OSError):
     """An output file could not be written; ``path`` is the file that was meant to be written."""
 

@@ -26,7 +26,7 @@ from sinkfix.caches.body import make_body
 from sinkfix.caches.layers import SinkLayer, real_new_tokens
 from sinkfix.caches.quantize import BACKENDS, KVQuantizer, check_quantization
 from sinkfix.caches.rope import Rotary, check_model_rotation, rotary_for
-from sinkfix.errors import CacheError, UnsupportedModelError
+from sinkfix.errors import EVICTED_CACHE_REFUSAL, EVICTED_CACHE_REMEDY, CacheError, UnsupportedModelError
 
 __all__ = ["SinkCache", "check_sink_window"]
 
@@ -354,10 +354,8 @@ class SinkCache(Cache):
             if index and owner() is not first:
                 continue  # recorded in a forward of another model (one the cache was copied beside)
             if _has_content_sinks(first if index == 0 else ref()):
-                raise CacheError(f"layer {index}: content-dependent sinks cannot follow a SinkCache that has evicted "
-                                 "tokens (its key columns are the kept sinks, then the window); nothing of this call "
-                                 "was stored, so the cache can go on without the content-sink policy; use a cache "
-                                 "that grows (DynamicCache) or a window that holds the whole sequence")
+                raise CacheError(f"layer {index}: {EVICTED_CACHE_REFUSAL}; nothing of this call was stored, so the "
+                                 f"cache can go on without the content-sink policy; {EVICTED_CACHE_REMEDY}")
 
     def _in_step(self, layer_idx: int, new_tokens: int):
         """Layer ``layer_idx``, after checking that the layers are in step: at a forward's first layer

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sinkfix.errors import CacheError, PolicyError
+from sinkfix.errors import EVICTED_CACHE_REFUSAL, EVICTED_CACHE_REMEDY, CacheError, PolicyError
 from sinkfix.integrations.sink_location import locate_sinks, real_query_rows
 from sinkfix.ops.attention import AttentionResult
 from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
@@ -261,10 +261,8 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
         # here where it could not tell (torch.compile traced its update, or a pickled copy has not yet
         # seen this layer's module), after this layer and those before it stored the call's tokens
         stored = f"layer {layer}" if layer == 0 else f"layers 0 to {layer}"
-        raise CacheError(f"layer {layer}: content-dependent sinks cannot follow a SinkCache that has evicted tokens "
-                         "(its key columns are the kept sinks, then the window); use a cache that grows "
-                         f"(DynamicCache) or a window that holds the whole sequence; {stored} stored this call's "
-                         "tokens: reset() the cache before using it again")
+        raise CacheError(f"layer {layer}: {EVICTED_CACHE_REFUSAL}; {EVICTED_CACHE_REMEDY}; {stored} stored this "
+                         "call's tokens: reset() the cache before using it again")
     store = store_of(cache)
     entry = store.layers.get(layer)
     if entry is not None and entry.stale:
