@@ -205,16 +205,30 @@ def _variant_entry(variant: Variant, stock: str, config: BenchConfig, setup: Set
 
 # -- the whole ------------------------------------------------------------------------------------
 def busy_note(device: torch.device, loads: list[list[float] | None], usable: int | None) -> str | None:
-    """A warning when the 1-minute load average exceeded the usable CPUs at the start or end of a CPU run."""
-    ones = [x[0] for x in loads if x]
+    """A warning when the load exceeded the usable CPUs during a CPU run. ``loads``: the (1, 5, 15)-minute
+    load-average triples at the start and at the end (None: unknown).
+
+    Busy means a 1-minute average above the usable CPUs at either instant, or the last sample's 5-minute
+    average above them (the nearest record of the load over a run of a few minutes; a start's 5- and
+    15-minute averages describe the time before the run). The note prints every recorded average: the
+    1-minute values alone said "up to 3.9" for a run whose own 5- and 15-minute averages at its end were
+    5.1 and 5.6."""
+    known = [list(x) for x in loads if x]
     usable = usable or 1
-    if device.type != "cpu" or not ones or max(ones) <= usable:
+    if device.type != "cpu" or not known:
+        return None
+    last = loads[-1]
+    watched = [x[0] for x in known] + ([last[1]] if last and len(last) > 1 else [])
+    if max(watched) <= usable:
         return None
     # with more runnable threads than CPUs, torch's workers wait for each other at every parallel
     # region: code made of many small ops (decode steps, the patched epilogue) slows down far more
     # than one big fused op, so ratios drift from what an idle machine shows
-    return (f"the machine was busy (load average up to {max(ones):.1f} on {usable} usable CPUs): timings and "
-            "ratios are noisier than on an idle machine; the paired ratios show the spread (--threads 1 suffers less)")
+    names = ["start", "end"] if len(loads) == 2 else [f"sample {i}" for i in range(len(loads))]
+    shown = "; ".join(f"{name} {' / '.join(f'{v:.1f}' for v in x)}" for name, x in zip(names, loads) if x)
+    return (f"the machine was busy (load averages over 1 / 5 / 15 minutes: {shown}; {usable} usable CPUs): timings "
+            "and ratios are noisier than on an idle machine; the paired ratios show the spread (--threads 1 "
+            "suffers less)")
 
 
 def assemble_results(
