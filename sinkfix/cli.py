@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and not out.strip():
+        # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved nothing,
+        # inspect and stream wrote into the working folder
+        print(f"sinkfix {args.command}: error: --out is empty: name the output (see sinkfix {args.command} --help)",
+              file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except SinkfixError as exc:

@@ -257,6 +257,9 @@ class Policy(_ValueEquality):
         twice = sorted(listed_twice(extra))
         if twice:  # kept, it described itself as a spec that parse refuses or reads as another policy
             raise PolicyError(f"extra_sink_positions lists {', '.join(map(str, twice))} twice: give each position once")
+        if len(extra) > MAX_N_SINK:  # the bound n_sink has; a spec range 0-65535 made a 65,536-position sink set
+            raise PolicyError(f"extra_sink_positions lists {len(extra)} positions; at most {MAX_N_SINK} (MAX_N_SINK: a "
+                              "sink set is a few tokens)")
         object.__setattr__(self, "extra_sink_positions", extra)
         if self.layers is not None:
             layers = _int_tuple("layers", self.layers)
@@ -620,12 +623,24 @@ def _refuse_items_without_effect(kwargs: dict, clip: "ResidualClip | None", spec
     if kwargs.get("virtual_logit_on_sink_rows") and "virtual_sink_logit" not in kwargs:
         raise PolicyError(f"virtual_logit_on_sink_rows acts on the virtual sink logit, and policy spec {spec!r} has "
                           "none: add virtual_sink_logit=B or leave the item out")
+    content = kwargs.get("content_sinks")
+    attention = kwargs.get("sink_scale", 1.0) != 1 or "virtual_sink_logit" in kwargs or content is not None
+    if "layers" in kwargs and clip is not None and not attention:
+        # `clip=1.1,layers=0` was measured as a variant equal to `clip=1.1`, easily read as "clip layer 0
+        # only" (`layers` alone, a structure the API keeps, describes and parses back, stays accepted)
+        raise PolicyError(f"layers chooses the layers of the attention correction, and policy spec {spec!r} has none "
+                          "(sink_scale, virtual_sink_logit or hidden_sink_scale); the residual clip acts on every "
+                          "layer: layers would change nothing")
+    first = kwargs.get("n_sink", 1)
+    inside = [p for p in kwargs.get("extra_sink_positions") or () if p < first]
+    if inside:
+        raise PolicyError(f"extra_sink_positions {', '.join(map(str, inside))} already in the sink set of the first "
+                          f"n_sink={first} position(s), in policy spec {spec!r}: list only positions after them")
     if kwargs.get("n_sink") == 0 and not kwargs.get("extra_sink_positions") and kwargs.get("sink_scale", 1.0) != 1:
         raise PolicyError(f"sink_scale acts on the sink set, and n_sink=0 without extra_sink_positions leaves it "
                           f"empty in policy spec {spec!r}: the sink scale would change nothing")
     if clip is not None and clip.threshold == float("inf"):
         raise PolicyError(f"a residual clip at inf never clips (policy spec {spec!r}): leave the clip out")
-    content = kwargs.get("content_sinks")
     if content is not None and float(torch.as_tensor(content.hidden_sink_scale).min()) == 1:
         raise PolicyError(f"hidden_sink_scale=1 leaves every hidden sink's attention as it is (policy spec {spec!r}): "
                           "the content-sink items would change nothing")

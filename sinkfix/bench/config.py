@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-from sinkfix.errors import SinkfixError
+from sinkfix.errors import SinkfixError, UsageError
 from sinkfix.models import DEFAULT_MODEL
 from sinkfix.policy import Policy
 
@@ -51,6 +51,11 @@ class BenchConfig:
             (not self.bos or self.seq_len >= 3,
              f"--seq-len must be >= 3 with --bos (the BOS and 2 text tokens), got {self.seq_len}"),
             (self.stride is None or self.stride >= 1, f"--stride must be >= 1, got {self.stride}"),
+            # known from the options alone: refused before the model loads (a BOS the tokenizer or a
+            # profile adds shortens the body by one more, checked once that is known)
+            (self.stride is None or self.stride <= self.seq_len - (1 if self.bos else 0),
+             f"--stride {self.stride} exceeds the {self.seq_len - (1 if self.bos else 0)} text tokens per window "
+             f"(--seq-len {self.seq_len}{' less the BOS of --bos' if self.bos else ''}; every token must be scored)"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.max_windows >= 0, f"--max-windows must be >= 0, got {self.max_windows}"),
             (self.decode_tokens == 0 or self.decode_tokens >= 2,
@@ -62,6 +67,9 @@ class BenchConfig:
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
             (not (self.profile and self.policies), "give --profile or --policy, not both"),
             (not (self.texts and self.dataset), "give --text or --dataset, not both"),
+            # an unset shell variable (--dataset "$DATA") silently measured the built-in texts
+            (self.dataset is None or bool(self.dataset.strip()), "--dataset is empty: name a dataset, or leave the "
+                                                                 "option out for the built-in texts"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,7 +127,13 @@ def default_variants(policies: Sequence[str], profile: Any = None, profile_path:
         name = policy.describe()
         if name == "sink_scale=0":
             name = "drop (sink_scale=0)"
-        if any(v.name == name for v in variants):
-            continue  # "identity" given explicitly, or a duplicate spec
+        same = next((v for v in variants if v.name == name), None)
+        if same is not None:
+            if spec.strip() == "identity":
+                continue  # measured anyway
+            # a spec that is another one again (or the identity, as `virtual_logit_on_sink_rows=0` alone
+            # is) was dropped without a word
+            already = "is measured anyway" if same.name == "identity" else f"--policy {same.source!r} already gives"
+            raise UsageError(f"--policy {spec!r} is the policy {name!r}, which {already}: give each policy once")
         variants.append(Variant(name, "policy", policy, source=spec))
     return variants

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sinkfix.errors import OutputError
 from sinkfix.files import atomic_write, check_writable, save_figure
 from sinkfix.texts import POOLED_NAME
 
@@ -88,8 +89,9 @@ def _plain(text: Any) -> str:
 class _Figures:
     """Saves matplotlib figures as PNG files in one folder, each atomically, and remembers them."""
 
-    def __init__(self, plt: Any, out: Path) -> None:
-        self.plt, self.out, self.written = plt, out, []
+    def __init__(self, plt: Any, out: Path, written: list[Path] | None = None) -> None:
+        self.plt, self.out = plt, out
+        self.written = [] if written is None else written
 
     def save(self, fig: Any, name: str) -> None:
         self.written.append(save_figure(fig, self.out / name, bbox_inches="tight"))
@@ -206,9 +208,11 @@ def _remove_stale(out: Path, names: tuple[str, ...]) -> str:
     return text + (f"; could not remove an earlier run's {', '.join(failed)}" if failed else "")
 
 
-def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path], list[str]]:
+def write_plots(out_dir: str | Path, results: dict[str, Any],
+                written: list[Path] | None = None) -> tuple[list[Path], list[str]]:
     """PNG plots; returns (files written, notes on what was skipped). A plot this run skips is removed
-    from ``out_dir`` when an earlier run left it there."""
+    from ``out_dir`` when an earlier run left it there. ``written``: a list each plot is appended to as
+    soon as it is on disk (what a failure part way leaves is known to the caller)."""
     out = Path(out_dir)
     try:
         import matplotlib
@@ -218,7 +222,7 @@ def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path
     except ImportError:
         return [], ["plots skipped: matplotlib is not installed (pip install matplotlib)"
                     + _remove_stale(out, PLOT_FILES)]
-    figures = _Figures(plt, out)
+    figures = _Figures(plt, out, written)
     notes: list[str] = []
     patched = [v for v in results["variants"] if v["kind"] != "stock"]
     _ppl_plot(figures, results, patched)
@@ -233,10 +237,27 @@ def write_plots(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path
 
 
 def write_outputs(out_dir: str | Path, results: dict[str, Any]) -> tuple[list[Path], list[str]]:
+    """results.json, results.csv and the plots into ``out_dir``; returns (files written, notes).
+
+    Each file is written atomically, and the folder never mixes two runs: a write that fails after
+    this run's results.json is in place removes the files of an earlier run that this run has not
+    replaced yet and says so in the error (a full disk during the plots left a new results.json beside
+    an earlier run's residual_peak.png and speed_ratio.png, showing other variants). A failure before
+    it leaves the folder as it was."""
     out = Path(out_dir)  # atomic_write creates the folder, or names the file standing in its way
-    files = [write_json(out / "results.json", results), write_csv(out / "results.csv", results)]
-    plots, notes = write_plots(out, results)
-    return files + plots, notes
+    written = [write_json(out / "results.json", results)]
+    try:
+        written.append(write_csv(out / "results.csv", results))
+        _, notes = write_plots(out, results, written)
+    except BaseException as exc:
+        done = [path.name for path in written]
+        removed = _remove_stale(out, tuple(name for name in OUTPUT_FILES if name not in done))
+        if isinstance(exc, OutputError):
+            error = OutputError(f"{exc}; {out} holds this run's {', '.join(done)}{removed}")
+            error.path = exc.path
+            raise error from exc
+        raise
+    return written, notes
 
 
 # -- terminal -----------------------------------------------------------------------------------
