@@ -29,13 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import check_qkv_shapes, check_sliding_window
+from .arguments import (
+    KERNEL_DTYPES, attention_scale, check_attn_mask, check_key_padding, check_policy_tensors, check_qkv_dtypes,
+    check_qkv_shapes, check_sink_cols, check_sliding_window, positive_number,
+)
 from .masks import key_padding_ranges, pack_mask_bits
 
 __all__ = [
     "LOG2E", "LN2", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_SINK_SLOTS", "AttentionLaunch", "prepare_attention_launch",
-    "allocate_outputs", "check_sink_stats", "padded_head_dim", "is_interpreted", "arch_family", "device_arch",
-    "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile", "attn_key_range",
+    "allocate_outputs", "check_block_sizes", "check_sink_stats", "padded_head_dim", "is_interpreted", "arch_family",
+    "device_arch", "fast_reciprocal", "softcap_logits", "load_kv_tile", "tile_visibility", "attn_tile",
+    "attn_key_range",
     "sink_scores", "add_sink_values", "softmax_stats", "sink_combine", "hidden_combine", "key_padding_ranges",
     "pack_mask_bits", "tma_descriptors", "cdiv", "next_power_of_2", "device_sm_count",
 ]
@@ -48,7 +52,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # exp(-2|x|) = exp2(|x| * MINUS_2_LOG2E): the one transcendental of a softcap's tanh
 MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = KERNEL_DTYPES
 MAX_HEAD_DIM = 256
 MAX_SINK_SLOTS = 16
 # tl.dot's smallest operand dimension: the sink columns are gathered into a tile at least this
@@ -626,11 +630,8 @@ class AttentionLaunch:
 
 def _check_qkv(q, k, v, kernel) -> None:
     check_qkv_shapes(q, k, v)
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv_dtypes(q, k, v, SUPPORTED_DTYPES)
     device = q.device
-    if k.device != device or v.device != device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if is_interpreted(kernel):
         if device.type != "cpu":
             raise ValueError("the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors only")
@@ -649,14 +650,7 @@ def _check_qkv(q, k, v, kernel) -> None:
 def _mask_view(attn_mask, q, k) -> tuple[torch.Tensor | None, tuple[int, int, int]]:
     if attn_mask is None:
         return None, (0, 0, 0)
-    batch, q_heads, q_len, _ = q.shape
-    want = (batch, q_heads, q_len, k.shape[2])
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must be bool (True = attend), got {attn_mask.dtype}")
-    if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask on {attn_mask.device}, q on {q.device}")
-    if attn_mask.dim() != 4 or any(s not in (1, w) for s, w in zip(attn_mask.shape, want)):
-        raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, 1|Hq, Q, K) = {want}")
+    check_attn_mask(attn_mask, q, k)
     # a dimension broadcast by stride 0 (an expanded mask) is packed once and read with stride 0
     for dim in range(3):
         if attn_mask.stride(dim) == 0:
@@ -667,22 +661,11 @@ def _mask_view(attn_mask, q, k) -> tuple[torch.Tensor | None, tuple[int, int, in
 
 
 def _key_padding_view(key_padding, key_ranges, batch: int, k_len: int, device):
+    check_key_padding(key_padding, key_ranges, batch, k_len, device)
     if key_padding is None:
-        if key_ranges is not None:
-            raise ValueError("key_ranges needs the key_padding it summarises")
         return None, (0, 0), None, 0
-    if key_padding.dtype != torch.bool or key_padding.dim() != 2 or key_padding.shape[0] not in (1, batch) \
-            or key_padding.shape[1] != k_len:
-        raise ValueError(f"key_padding must be a bool (B|1, K) = ({batch}|1, {k_len}) tensor, got "
-                         f"{key_padding.dtype} {tuple(key_padding.shape)}")
-    if key_padding.device != device:
-        raise ValueError(f"key_padding on {key_padding.device}, q on {device}")
     if key_ranges is None:
         key_ranges = key_padding_ranges(key_padding)
-    elif key_ranges.dtype != torch.int32 or tuple(key_ranges.shape) != (key_padding.shape[0], 3) \
-            or key_ranges.stride(-1) != 1:
-        raise ValueError(f"key_ranges must be key_padding_ranges(key_padding): int32 ({key_padding.shape[0]}, 3) "
-                         f"with unit column stride, got {key_ranges.dtype} {tuple(key_ranges.shape)}")
     padding_strides = tuple(0 if n == 1 else st for n, st in zip(key_padding.shape, key_padding.stride()))
     range_stride = 0 if key_ranges.shape[0] == 1 else key_ranges.stride(0)
     return key_padding.view(torch.uint8), padding_strides, key_ranges, range_stride
@@ -691,10 +674,7 @@ def _key_padding_view(key_padding, key_ranges, batch: int, k_len: int, device):
 def _sink_cols_int32(sink_cols, batch: int, device) -> tuple[torch.Tensor | None, tuple[int, int]]:
     if sink_cols is None:
         return None, (0, 1)
-    if sink_cols.dtype.is_floating_point or sink_cols.dtype == torch.bool or sink_cols.dim() != 2:
-        raise ValueError(f"sink_cols must be an integer (B, NS) tensor, got {sink_cols.dtype} {tuple(sink_cols.shape)}")
-    if sink_cols.shape[0] not in (1, batch):
-        raise ValueError(f"sink_cols batch {sink_cols.shape[0]} does not match q batch {batch}")
+    check_sink_cols(sink_cols, batch)
     if sink_cols.shape[1] > MAX_SINK_SLOTS:
         raise ValueError(f"at most {MAX_SINK_SLOTS} sink slots, got {sink_cols.shape[1]}")
     if sink_cols.shape[1] == 0:
@@ -712,16 +692,12 @@ def _sink_cols_int32(sink_cols, batch: int, device) -> tuple[torch.Tensor | None
 
 def _zero_value_table(extra_logits, virtual_sink_logit, q_heads: int, device) -> tuple[torch.Tensor | None, int]:
     """One fp32 (Hq, E) table: the every-row logits first, then the virtual sink logit."""
+    check_policy_tensors(q_heads, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
     columns = []
     if extra_logits is not None:
-        if extra_logits.dim() != 2 or extra_logits.shape[0] != q_heads:
-            raise ValueError(f"extra_logits must have shape (Hq, E) = ({q_heads}, E), got {tuple(extra_logits.shape)}")
         columns.append(extra_logits.to(device=device, dtype=torch.float32))
     every_row = columns[0].shape[1] if columns else 0
     if virtual_sink_logit is not None:
-        if virtual_sink_logit.shape != (q_heads,):
-            raise ValueError(f"virtual_sink_logit must have shape (Hq,) = ({q_heads},), got "
-                             f"{tuple(virtual_sink_logit.shape)}")
         columns.append(virtual_sink_logit.to(device=device, dtype=torch.float32)[:, None])
     if len(columns) > 1:
         table = torch.cat(columns, dim=1)
@@ -743,19 +719,15 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
     _check_qkv(q, k, v, kernel)
     batch, q_heads, _, head_dim = q.shape
     check_sliding_window(sliding_window)
-    if softcap is not None and not 0 < softcap < math.inf:
-        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    if not 0 < scale < math.inf:
-        # the kernels take the row max before scaling (max(qk) * scale): exact for scale > 0 only
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    softcap = None if softcap is None else positive_number("softcap", softcap)
+    # the kernels take the row max before scaling (max(qk) * scale): exact for scale > 0 only
+    scale = attention_scale(scale, head_dim)
     mask, mask_strides = _mask_view(attn_mask, q, k)
     padding, padding_strides, ranges, range_stride = _key_padding_view(key_padding, key_ranges, batch, k.shape[2],
                                                                        q.device)
     sinks, sink_strides = _sink_cols_int32(sink_cols, batch, q.device)
+    check_policy_tensors(q_heads, beta=beta)
     if beta is not None:
-        if beta.shape != (q_heads,):
-            raise ValueError(f"beta must have shape (Hq,) = ({q_heads},), got {tuple(beta.shape)}")
         beta = beta.to(device=q.device, dtype=torch.float32).contiguous()
     table, every_row = _zero_value_table(extra_logits, virtual_sink_logit, q_heads, q.device)
     if softcap is None:
@@ -773,6 +745,16 @@ def prepare_attention_launch(q, k, v, *, attn_mask, sink_cols, beta, extra_logit
         # which is the arithmetic of the tensor-core path. Compiled kernels never take this branch.
         upcast_dot=is_interpreted(kernel) and q.dtype == torch.bfloat16,
     )
+
+
+def check_block_sizes(**sizes) -> None:
+    """ValueError for a tile-size override (``block_m=``, ``block_n=``; tests, tuning sweeps) that
+    is not a power of 2 >= 16: ``tl.arange`` needs a power of 2 and ``tl.dot`` 16 (the decode
+    launcher failed deep in the interpreter on block_n=24: "arange's range must be a power of 2")."""
+    for name, size in sizes.items():
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16
+                                 or size & (size - 1)):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {size!r}")
 
 
 def check_sink_stats(sink_stats, q) -> None:

@@ -35,6 +35,7 @@ from .attention_common import (
     next_power_of_2,
     padded_head_dim,
     prepare_attention_launch,
+    check_block_sizes,
     add_sink_values,
     sink_combine,
     sink_scores,
@@ -329,6 +330,7 @@ def sink_attention_decode(
         kernel=_sink_attn_decode_split, key_padding=key_padding, key_ranges=key_ranges)
     out, lse = allocate_outputs(q, out, lse)
     check_sink_stats(sink_stats, q)
+    check_block_sizes(block_n=block_n)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_len == 0 or batch == 0 or q_heads == 0:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import causal_offset_arg
+from .arguments import causal_offset_arg, check_hidden_beta, check_hidden_mask
 from .attention_common import (
     cdiv,
     LOG2E,
@@ -33,6 +33,7 @@ from .attention_common import (
     padded_head_dim,
     prepare_attention_launch,
     add_sink_values,
+    check_block_sizes,
     sink_combine,
     sink_scores,
     softmax_stats,
@@ -246,15 +247,10 @@ def _hidden_view(hidden, hidden_beta, q, k_len: int):
     batch, q_heads = q.shape[0], q.shape[1]
     if hidden is None or hidden_beta is None:
         raise ValueError("hidden and hidden_beta go together (the hidden-sink mask and its per-head scaling)")
-    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in (torch.bool, torch.uint8) \
-            or tuple(hidden.shape) != (batch, q_heads, k_len):
-        raise ValueError(f"hidden must be a bool or uint8 (B, Hq, K) = ({batch}, {q_heads}, {k_len}) tensor, got "
-                         f"{getattr(hidden, 'dtype', type(hidden))} {tuple(getattr(hidden, 'shape', ()))}")
+    check_hidden_mask(hidden, batch, q_heads, k_len)
     if hidden.device != q.device:
         raise ValueError(f"hidden on {hidden.device}, q on {q.device}")
-    if not isinstance(hidden_beta, torch.Tensor) or tuple(hidden_beta.shape) != (q_heads,):
-        raise ValueError(f"hidden_beta must have shape (Hq,) = ({q_heads},), got "
-                         f"{tuple(getattr(hidden_beta, 'shape', ()))}")
+    check_hidden_beta(hidden_beta, q_heads)
     mask = hidden.contiguous()
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     return mask, hidden_beta.to(device=q.device, dtype=torch.float32).contiguous()
@@ -353,6 +349,7 @@ def sink_attention_prefill(
         out = None
     if hidden is not None and sink_stats is not None:
         raise ValueError("sink_stats (telemetry) is not computed together with a hidden-sink mask")
+    check_block_sizes(block_m=block_m, block_n=block_n)
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
     arch = device_arch(q.device)
@@ -362,9 +359,6 @@ def sink_attention_prefill(
     k_desc, v_desc = tma_descriptors(k, v, block_n or bn, block_d, use_tma)
     if k_desc is None:
         bm, bn, nw, ns = prefill_config(head_dim, q.dtype, arch, bulk_copies=False, hidden=has_hidden)
-    for name, size in (("block_m", block_m), ("block_n", block_n)):  # a tuning override; tl.arange needs 2**k
-        if size is not None and (not isinstance(size, int) or size < 16 or size & (size - 1)):
-            raise ValueError(f"{name} must be a power of 2 >= 16, got {size!r}")
     block_m, block_n = block_m or bm, block_n or bn
     grid = (cdiv(q_len, block_m), batch * q_heads)
     out_strides = (0, 0, 0, 0) if out is None else out.stride()

@@ -27,6 +27,7 @@ from .attention_common import (
     cdiv,
     LOG2E,
     arch_family,
+    check_block_sizes,
     device_arch,
     padded_head_dim,
     prepare_attention_launch,
@@ -201,6 +202,7 @@ def column_mass(
             or lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"lse must be an fp32 ({batch}, {q_heads}, {q_len}) tensor on {q.device}, got "
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
+    check_block_sizes(block_m=block_m, block_n=block_n)
     mass = torch.empty(batch, q_heads, k_len, dtype=torch.float32, device=q.device)
     rows = torch.empty(batch, k_len, dtype=torch.float32, device=q.device)
     if k_len == 0 or batch == 0 or q_heads == 0:

@@ -22,7 +22,6 @@ graph. The fast paths run inside one ``torch.library`` custom op (``sinkfix::sin
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from typing import NamedTuple
@@ -30,12 +29,16 @@ from typing import NamedTuple
 import torch
 
 from sinkfix.errors import BackendUnavailableError, UsageError
-from sinkfix.kernels.arguments import causal_offset_arg, check_qkv_shapes, check_sliding_window
+from sinkfix.kernels.arguments import (
+    TORCH_DTYPES, attention_scale, causal_offset_arg, check_key_padding, check_qkv_shapes, positive_number,
+)
+from sinkfix.kernels.arguments import check_attention_arguments as check_shared_arguments
 from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_available, fused_lse_backward_available
 from sinkfix.ops.reference import reference_sink_attention, sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["AttentionResult", "sink_stats", "first_column_row_mass", "sink_attention", "sink_attention_torch",
-           "flash_with_lse", "cpu_flash_available", "resolve_backend", "BACKENDS"]
+           "flash_with_lse", "cpu_flash_available", "resolve_backend", "BACKENDS", "check_attention_arguments",
+           "fold_key_padding", "fold_checked_key_padding"]
 
 
 class AttentionResult(NamedTuple):
@@ -284,8 +287,10 @@ def _sink_first_every_row(q, k, v, scale: float, beta, extra_logits, virtual_sin
     weight = p
     if beta is not None:  # in place unless the statistics still need p
         # (sigmoid's backward reads p, so autograd also needs the copy)
-        weight = (p * beta.view(1, kv_heads, group, 1) if need_sink_stats or p.requires_grad
-                  else p.mul_(beta.view(1, kv_heads, group, 1)))
+        # float32 beta, as in every epilogue (docs/formulas.md, "Precision"): a float64 model's
+        # float64 beta made this product float64, which lerp refused next to float32 values
+        beta32 = _fp32(beta).view(1, kv_heads, group, 1)
+        weight = p * beta32 if need_sink_stats or p.requires_grad else p.mul_(beta32)
     o_n = o_n.reshape(batch, kv_heads, group, q_len, head_dim)  # a view for the CPU op's contiguous output
     v0 = v0.unsqueeze(2)  # (B, Hkv, 1, 1, D): broadcast over the group's rows
     out = torch.lerp(_fp32(o_n), _fp32(v0), weight.unsqueeze(-1))
@@ -441,30 +446,18 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
     return AttentionResult(out, lse, sink_mass, None, stats)
 
 
-def check_attention_arguments(q, k, v, *, sink_cols=None, beta=None, extra_logits=None, virtual_sink_logit=None,
-                              scale=None, softcap=None, sliding_window=None) -> None:
-    """ValueError / TypeError for arguments the paths would fail on with an internal error, or run
-    on silently (softcap 0 makes every score 0, a scale of 0 every row uniform, a window of 0 every
-    row empty). Shapes and Python numbers only: it never reads a tensor's values (no device sync
-    per call), so NaN or inf inside beta or the logits are the caller's to check; a Policy checks
-    its own at construction."""
-    check_qkv_shapes(q, k, v)
-    batch, q_heads = q.shape[:2]
-    for name, t in (("beta", beta), ("virtual_sink_logit", virtual_sink_logit)):
-        if t is not None and tuple(t.shape) != (q_heads,):
-            raise ValueError(f"{name} must have shape (Hq,) = ({q_heads},), got {tuple(t.shape)}")
-    if extra_logits is not None and (extra_logits.dim() != 2 or extra_logits.shape[0] != q_heads):
-        raise ValueError(f"extra_logits must have shape (Hq, E) = ({q_heads}, E), got {tuple(extra_logits.shape)}")
-    if sink_cols is not None:
-        if sink_cols.dim() != 2 or sink_cols.shape[0] not in (1, batch):
-            raise ValueError(f"sink_cols must have shape (B|1, NS) = ({batch}|1, NS), got {tuple(sink_cols.shape)}")
-        if sink_cols.dtype.is_floating_point or sink_cols.dtype == torch.bool:
-            raise TypeError(f"sink_cols must hold integer key columns, got {sink_cols.dtype}")
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
-    check_sliding_window(sliding_window)
+def check_attention_arguments(q, k, v, *, attn_mask=None, sink_cols=None, beta=None, extra_logits=None,
+                              virtual_sink_logit=None, scale=None, softcap=None, sliding_window=None) -> None:
+    """ValueError / TypeError for arguments the PyTorch path would fail on with an internal error, or
+    run on silently (softcap 0 makes every score 0, a scale of 0 every row uniform, a window of 0
+    every row empty, integer q/k/v truncated outputs): the checks of the Triton launchers
+    (:func:`sinkfix.kernels.arguments.check_attention_arguments`, one message for one mistake), with
+    float64 inputs allowed. Shapes and Python numbers only: it never reads a tensor's values (no
+    device sync per call), so NaN or inf inside beta or the logits are the caller's to check; a
+    Policy checks its own at construction."""
+    check_shared_arguments(q, k, v, dtypes=TORCH_DTYPES, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta,
+                           extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+                           softcap=softcap, sliding_window=sliding_window)
 
 
 def sink_attention_torch(
@@ -493,7 +486,10 @@ def sink_attention_torch(
     ignored), which the caller knows from its layout without looking at tensor values.
 
     ``beta=None`` means 1 everywhere: pass None, not a tensor of ones, for the identity to take the
-    one-op path (the path never inspects tensor values). Falls back to the dense formula (which
+    one-op path (the path never inspects tensor values). The arguments are checked as the Triton
+    launchers check them (:func:`check_attention_arguments`): q, k, v of one dtype among fp16,
+    bf16, fp32 and fp64 (the kernels: not fp64), ``attn_mask`` a 4-D bool mask broadcastable to
+    (B, 1|Hq, Q, K), any strides for q, k and v. Falls back to the dense formula (which
     materialises the scores) when the probabilities are requested, with ``softcap`` (the fused ops
     cannot apply it), on devices without a fused op, and when gradients are needed where the fused
     op has no backward kernel (:func:`sinkfix.ops.flash.fused_lse_backward_available`; on the CPU
@@ -503,10 +499,11 @@ def sink_attention_torch(
     computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
     second pass over the keys.
     """
-    check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
-                              extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+    check_attention_arguments(q, k, v, attn_mask=attn_mask, sink_cols=None if first_column_sink else sink_cols,
+                              beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
                               softcap=softcap, sliding_window=sliding_window)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = attention_scale(scale, q.shape[-1])
+    softcap = None if softcap is None else positive_number("softcap", softcap)
     layout = _Layout(attn_mask, causal, causal_offset_arg(causal_offset), sliding_window)
     if sink_cols is not None and not first_column_sink:
         sink_cols = distinct_sink_cols(sink_cols)
@@ -554,11 +551,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def fold_key_padding(attn_mask: torch.Tensor | None, key_padding: torch.Tensor | None) -> torch.Tensor | None:
     """``attn_mask`` with a (B, K) key padding (True = a real key) folded in as a (B, 1, 1, K) mask:
-    how every path but the Triton kernels reads padding."""
+    how every path but the Triton kernels reads padding. Unchecked: see :func:`fold_checked_key_padding`."""
     if key_padding is None:
         return attn_mask
     padding = key_padding[:, None, None, :]
     return padding if attn_mask is None else attn_mask & padding
+
+
+def fold_checked_key_padding(q, k, v, attn_mask: torch.Tensor | None, key_padding: torch.Tensor | None,
+                             key_ranges: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`fold_key_padding` after the checks the Triton launchers make of ``key_padding`` and
+    ``key_ranges`` (:func:`sinkfix.kernels.arguments.check_key_padding`): the PyTorch path ignored
+    ``key_ranges`` without ``key_padding``, and a padding of the wrong shape failed inside a
+    broadcast or inside the fused op ("Attention mask dim in {2, 4}"). The folded mask itself is
+    checked where each path starts."""
+    if key_padding is None and key_ranges is None:
+        return attn_mask
+    check_qkv_shapes(q, k, v)  # the padding is checked against q's batch and k's length
+    check_key_padding(key_padding, key_ranges, q.shape[0], k.shape[2], q.device)
+    return fold_key_padding(attn_mask, key_padding)
 
 
 def sink_attention(
@@ -606,18 +617,23 @@ def sink_attention(
     if chosen == "triton" and return_probs:
         _warn_once("output_attentions: attention probabilities are computed on the PyTorch path (slower, "
                    "materialises the scores); the Triton kernels never build them")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # a Python float for the custom ops' schema (a one-value tensor is read once, as the launchers
+    # read it); a head dim of 0 was a ZeroDivisionError here, before any check
+    scale = attention_scale(scale, q.shape[-1])
+    if softcap is not None:
+        softcap = positive_number("softcap", softcap)  # torch.tensor(3.) was refused by one backend only
     grad = _needs_autograd(q, k, v, beta, extra_logits, virtual_sink_logit)
-    if key_padding is not None and (chosen != "triton" or return_probs or need_sink_mass or grad):
-        attn_mask = fold_key_padding(attn_mask, key_padding)
+    if (key_padding is not None or key_ranges is not None) and (chosen != "triton" or return_probs
+                                                                 or need_sink_mass or grad):
+        attn_mask = fold_checked_key_padding(q, k, v, attn_mask, key_padding, key_ranges)
         key_padding = key_ranges = None
     split_grad = grad and softcap is None and fused_lse_backward_available(q.device, q.dtype)
     if grad and not (return_probs or need_sink_mass or need_sink_stats or split_grad):
         from sinkfix.ops.attention_grad import sink_attention_with_grad
 
-        check_attention_arguments(q, k, v, sink_cols=None if first_column_sink else sink_cols, beta=beta,
-                                  extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
-                                  softcap=softcap, sliding_window=sliding_window)
+        check_attention_arguments(q, k, v, attn_mask=attn_mask, sink_cols=None if first_column_sink else sink_cols,
+                                  beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit,
+                                  scale=scale, softcap=softcap, sliding_window=sliding_window)
         if first_column_sink:
             sink_cols = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
         out, lse = sink_attention_with_grad(

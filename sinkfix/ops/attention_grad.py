@@ -61,12 +61,16 @@ class _SinkAttention(torch.autograd.Function):
         batch, heads, q_len, _ = q.shape
         rows = _rows_per_block(batch, heads, k.shape[2])
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        # a mask whose query axis is broadcast (size 1: the (B, 1, 1, K) key padding that
+        # sink_attention folds in) serves every block whole; slicing it left it empty from the
+        # second block on ("size of tensor a (103) must match the size of tensor b (0)")
+        per_row_mask = attn_mask is not None and attn_mask.shape[2] != 1
         for r0 in range(0, q_len, rows):
             r1 = min(q_len, r0 + rows)
             with torch.enable_grad():
                 q_rows = q_leaf[:, :, r0:r1]
                 out, _, lse = reference_sink_attention(
-                    q_rows, k_leaf, v_leaf, attn_mask=None if attn_mask is None else attn_mask[:, :, r0:r1],
+                    q_rows, k_leaf, v_leaf, attn_mask=attn_mask[:, :, r0:r1] if per_row_mask else attn_mask,
                     causal=causal, causal_offset=causal_offset + r0, sliding_window=sliding_window, scale=scale,
                     softcap=softcap, sink_cols=sink_cols, beta=beta_leaf, extra_logits=extra_leaf,
                     virtual_sink_logit=virtual_leaf, compute_dtype=compute)

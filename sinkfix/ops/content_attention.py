@@ -39,11 +39,17 @@ rows) and differentiable calls stay on the PyTorch code below.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
 
-from sinkfix.ops.attention import distinct_sink_cols, fold_key_padding
+from sinkfix.kernels.arguments import (
+    KERNEL_DTYPES, TORCH_DTYPES, attention_scale, causal_offset_arg, check_attention_arguments, check_hidden_beta,
+    check_hidden_mask, check_key_padding, positive_number,
+)
+from sinkfix.ops.attention import distinct_sink_cols, fold_checked_key_padding
 from sinkfix.ops.content_reference import (
     ColumnStats, column_stats_reference, decide_hidden_sinks, reference_content_sink_attention,
 )
@@ -51,7 +57,7 @@ from sinkfix.ops.flash import cpu_flash_available, flash_with_lse, fused_lse_ava
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
 __all__ = ["ContentResult", "content_sink_attention", "content_sink_attention_torch", "content_sink_attention_triton",
-           "column_stats_torch", "merge_column_stats"]
+           "column_stats_torch", "merge_column_stats", "check_content_arguments"]
 
 # Added to the score of a key that must not count in the rest pass. Finite so that a row with no
 # such key yields finite garbage (discarded by count), and small enough in magnitude that adding the
@@ -102,7 +108,7 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rest_shares(lse_s: torch.Tensor, lse_n: torch.Tensor, lse_all: torch.Tensor, w_h: torch.Tensor,
-                 b_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 b_h: torch.Tensor, sees_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(S's share of S and N, N's share, the mass S and N hold after the hidden sinks gave theirs):
     ``p_S / (p_S + p_N)``, ``p_N / (p_S + p_N)`` and ``p_S + p_N + (1 - beta_H) p_H``.
 
@@ -110,12 +116,19 @@ def _rest_shares(lse_s: torch.Tensor, lse_n: torch.Tensor, lse_all: torch.Tensor
     out-scores every other key by more than fp32's exponent range (about 87 nats) leaves
     ``p_S + p_N`` zero or subnormal in shares of the whole row, and ``g`` became inf (inf and NaN
     outputs from a gap of about 92 nats on a tiny Llama). The shares within S and N come from their
-    own log-sum-exps, which keep their range, and the mass is a sum of finite terms."""
+    own log-sum-exps, which keep their range, and the mass is a sum of finite terms.
+
+    In a row that sees no hidden key (``sees_h`` False) S and N are every key it sees: their mass is
+    1, exactly, as the positional path has it. ``exp(lse_rest - lse_all)`` there compared two fp32
+    log-sum-exps of the same keys from different ops, whose rounding grows with the scores: the
+    sink's own row (it sees only S) was scaled by it, 3e-5 relative at a sink score of 140 with an
+    empty hidden set, where docs/formulas.md leaves that row exactly as stock."""
     lse_rest = torch.logaddexp(lse_s, lse_n)  # -inf where the row sees neither
     rest = _finite(lse_rest)
     share_s = torch.where(torch.isfinite(lse_s), torch.exp(lse_s - rest), 0.0)
     share_n = torch.where(torch.isfinite(lse_n), torch.exp(lse_n - rest), 0.0)
-    rest_mass = torch.where(torch.isfinite(lse_rest), torch.exp(lse_rest - _finite(lse_all)), 0.0) + (1 - b_h) * w_h
+    seen = torch.isfinite(lse_rest)
+    rest_mass = torch.where(seen & sees_h, torch.exp(lse_rest - _finite(lse_all)), seen.float()) + (1 - b_h) * w_h
     return share_s, share_n, rest_mass
 
 
@@ -147,7 +160,7 @@ def _few_rows(q, k, v, *, hidden, hidden_beta, visible, scale, sink_cols, beta, 
     # the rest times the mass the rest holds after the hidden sinks gave theirs away
     lse_s = torch.logsumexp(scores.masked_fill(~in_s, float("-inf")), dim=-1)
     lse_n = torch.logsumexp(scores.masked_fill(~in_n, float("-inf")), dim=-1)
-    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse, w_h, b_h)
+    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse, w_h, b_h, in_h.any(-1))
     # each set's own keys only: a hidden key's exp(s_j - lse_N) would be inf, and inf * 0 is NaN
     within_s = torch.exp(scores.masked_fill(~in_s, float("-inf"))
                          - _finite(torch.logaddexp(lse_s, lse_n))[..., None])  # p_j / (p_S + p_N)
@@ -216,6 +229,35 @@ def check_shared_mask(attn_mask: torch.Tensor | None) -> None:
                          f"{attn_mask.shape[1]} head planes, {tuple(attn_mask.shape)}")
 
 
+def check_content_arguments(q, k, v, *, dtypes, hidden_beta, hidden, threshold, attn_mask, causal_offset,
+                            sliding_window, scale, softcap, sink_cols, beta, extra_logits, virtual_sink_logit,
+                            key_padding=None, key_ranges=None) -> None:
+    """The argument checks of both content entries, made before any compute and before the Triton
+    entry hands a call to the PyTorch code: the positional path's (shapes, dtypes among ``dtypes``,
+    mask, sink columns, policy tensors, scale, softcap, window, causal offset; one message for one
+    mistake, :mod:`sinkfix.kernels.arguments`), the key padding, the one mask for every head, and
+    the hidden-sink arguments. Without them K = 0 killed the process (SIGFPE in the fused op),
+    scale 0 gave NaN, a window of 0 zeros, causal_offset 2.5 ran as 2, and a wrong-shaped beta or
+    hidden set failed inside a broadcast."""
+    check_attention_arguments(q, k, v, dtypes=dtypes, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta,
+                              extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
+                              softcap=softcap, sliding_window=sliding_window)
+    causal_offset_arg(causal_offset)
+    check_key_padding(key_padding, key_ranges, q.shape[0], k.shape[2], q.device)
+    check_shared_mask(attn_mask)
+    batch, q_heads, k_len = q.shape[0], q.shape[1], k.shape[2]
+    check_hidden_beta(hidden_beta, q_heads)
+    if hidden is not None:
+        check_hidden_mask(hidden, batch, q_heads, k_len)
+    elif threshold is None:
+        raise ValueError("content-dependent sinks need either a hidden-sink mask (hidden) or a threshold to decide one")
+    elif isinstance(threshold, bool) or not (
+            (isinstance(threshold, numbers.Real) and math.isfinite(threshold))
+            or (isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and threshold.is_floating_point())):
+        raise ValueError(f"threshold must be a finite number (the mean attention a hidden sink's column exceeds), "
+                         f"got {threshold!r}")
+
+
 def content_sink_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,13 +292,32 @@ def content_sink_attention_torch(
     hidden-sink scaling; the other arguments are those of
     :func:`sinkfix.ops.attention.sink_attention_torch` (``sink_cols`` (B, NS), -1 = absent).
     The returned ``stats`` are this call's rows only (merge them with :func:`merge_column_stats`).
+    q, k, v fp16, bf16, fp32 or fp64 (computed in fp32); the arguments are checked as the
+    positional path checks them (:func:`check_content_arguments`).
     """
-    if hidden is None and threshold is None:
-        raise ValueError("content_sink_attention_torch needs either a hidden-sink mask or a threshold to decide one")
-    check_shared_mask(attn_mask)
+    check_content_arguments(q, k, v, dtypes=TORCH_DTYPES, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold,
+                            attn_mask=attn_mask, causal_offset=causal_offset, sliding_window=sliding_window,
+                            scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
+                            virtual_sink_logit=virtual_sink_logit)
+    return _content_torch(q, k, v, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold, min_rows=min_rows,
+                          heads=heads, prior=prior, kept_before=kept_before, need_stats=need_stats,
+                          attn_mask=attn_mask, causal=causal, causal_offset=causal_offset,
+                          sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
+                          extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
+
+
+def _content_torch(q, k, v, *, hidden_beta, hidden, threshold, min_rows, heads, prior, kept_before, need_stats,
+                   attn_mask, causal, causal_offset, sliding_window, scale, softcap, sink_cols, beta, extra_logits,
+                   virtual_sink_logit) -> ContentResult:
+    """:func:`content_sink_attention_torch` on checked arguments (its Triton twin hands calls here
+    after making the same checks)."""
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+    scale = attention_scale(scale, head_dim)
+    softcap = None if softcap is None else positive_number("softcap", softcap)
+    causal_offset = causal_offset_arg(causal_offset)
+    if hidden is not None:  # a uint8 set (as the kernels take it) read as bool: ~ of a uint8 flips every bit
+        hidden = hidden.to(device=q.device, dtype=torch.bool)
     if sink_cols is None:
         sink_cols = torch.full((batch, 1), -1, dtype=torch.long, device=q.device)
     else:
@@ -366,7 +427,7 @@ def content_sink_attention_torch(
     b_h = torch.where(has_rest & sees_h, hidden_beta.float().reshape(1, -1, 1), 1.0)
     b_s = torch.ones((), dtype=torch.float32) if beta is None else beta.float().reshape(1, -1, 1)
     b_s = torch.where(has_n, b_s, 1.0)
-    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse_all, w_h, b_h)
+    share_s, share_n, rest_mass = _rest_shares(lse_s, lse_n, lse_all, w_h, b_h, sees_h)
     out = (b_h[..., None] * o_h_part
            + rest_mass[..., None] * ((b_s * share_s)[..., None] * o_s + (share_n + (1 - b_s) * share_s)[..., None] * o_n))
     if extra_logits is not None or virtual_sink_logit is not None:
@@ -413,20 +474,28 @@ def content_sink_attention_triton(
     from sinkfix.kernels.attention_prefill import sink_attention_prefill
     from sinkfix.kernels.column_mass import column_mass
 
-    if hidden is None and threshold is None:
-        raise ValueError("content_sink_attention_triton needs either a hidden-sink mask or a threshold to decide one")
-    check_shared_mask(attn_mask)
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (q, k, v, beta, hidden_beta, extra_logits, virtual_sink_logit))
+    # every call is checked here, whichever code runs it: the few-rows and differentiable calls the
+    # PyTorch code takes had no checks, so Q <= 8 accepted what Q > 8 refused (fp64 inputs, K = 0
+    # with an IndexError, scale 0 with NaN). Differentiable calls run on the PyTorch path, which
+    # takes fp64 as the positional path's gradient calls do; the others are the kernels' calls.
+    check_content_arguments(q, k, v, dtypes=TORCH_DTYPES if grad else KERNEL_DTYPES, hidden_beta=hidden_beta,
+                            hidden=hidden, threshold=threshold, attn_mask=attn_mask, causal_offset=causal_offset,
+                            sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
+                            extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, key_padding=key_padding,
+                            key_ranges=key_ranges)
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (q, k, v, beta, hidden_beta, extra_logits, virtual_sink_logit))
     if q_len <= FEW_ROWS or grad:
-        return content_sink_attention_torch(
+        return _content_torch(
             q, k, v, hidden_beta=hidden_beta, hidden=hidden, threshold=threshold, min_rows=min_rows, heads=heads,
-            prior=prior, kept_before=kept_before, need_stats=need_stats, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
-            sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols, beta=beta,
-            extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+            prior=prior, kept_before=kept_before, need_stats=need_stats,
+            attn_mask=fold_checked_key_padding(q, k, v, attn_mask, key_padding, key_ranges), causal=causal,
+            causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap,
+            sink_cols=sink_cols, beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit)
+    scale = attention_scale(scale, head_dim)
+    softcap = None if softcap is None else positive_number("softcap", softcap)
     layout = dict(attn_mask=attn_mask, key_padding=key_padding, key_ranges=key_ranges, causal=causal,
                   causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap)
     if sink_cols is None:
@@ -456,5 +525,5 @@ def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     a key padding as a (B, 1, 1, K) mask)."""
     if backend == "triton":
         return content_sink_attention_triton(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
-    kwargs["attn_mask"] = fold_key_padding(kwargs.get("attn_mask"), key_padding)
+    kwargs["attn_mask"] = fold_checked_key_padding(q, k, v, kwargs.get("attn_mask"), key_padding, key_ranges)
     return content_sink_attention_torch(q, k, v, **kwargs)

@@ -67,14 +67,16 @@ def _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, be
     return out.transpose(1, 2).contiguous(), lse
 
 
-def _torch_attention(q, k, v, attn_mask, key_padding, sink_cols, beta, extra_logits, virtual_sink_logit, causal,
-                     causal_offset, sliding_window, scale, softcap, first_column_sink, need_sink_stats: bool = False):
-    """The PyTorch path's AttentionResult, key padding read as a (B, 1, 1, K) mask."""
-    from sinkfix.ops.attention import fold_key_padding, sink_attention_torch
+def _torch_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits, virtual_sink_logit,
+                     causal, causal_offset, sliding_window, scale, softcap, first_column_sink,
+                     need_sink_stats: bool = False):
+    """The PyTorch path's AttentionResult, key padding read as a (B, 1, 1, K) mask (checked as the
+    kernels check it: ``key_ranges`` without ``key_padding`` was ignored here)."""
+    from sinkfix.ops.attention import fold_checked_key_padding, sink_attention_torch
 
     return sink_attention_torch(
-        q, k, v, attn_mask=fold_key_padding(attn_mask, key_padding), causal=causal, causal_offset=causal_offset,
-        sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols,
+        q, k, v, attn_mask=fold_checked_key_padding(q, k, v, attn_mask, key_padding, key_ranges), causal=causal,
+        causal_offset=causal_offset, sliding_window=sliding_window, scale=scale, softcap=softcap, sink_cols=sink_cols,
         first_column_sink=first_column_sink, beta=beta, extra_logits=extra_logits,
         virtual_sink_logit=virtual_sink_logit, need_sink_stats=need_sink_stats)
 
@@ -104,8 +106,9 @@ def sink_attention_impl(
         return _triton_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
                                  virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
                                  first_column_sink)
-    result = _torch_attention(q, k, v, attn_mask, key_padding, sink_cols, beta, extra_logits, virtual_sink_logit,
-                              causal, causal_offset, sliding_window, scale, softcap, first_column_sink)
+    result = _torch_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                              virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                              first_column_sink)
     return result.out.transpose(1, 2).contiguous(), result.lse.contiguous()
 
 
@@ -148,9 +151,9 @@ def sink_attention_stats_impl(
                                      virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
                                      first_column_sink, sink_stats=stats)
         return out, lse, stats
-    result = _torch_attention(q, k, v, attn_mask, key_padding, sink_cols, beta, extra_logits, virtual_sink_logit,
-                              causal, causal_offset, sliding_window, scale, softcap, first_column_sink,
-                              need_sink_stats=True)
+    result = _torch_attention(q, k, v, attn_mask, key_padding, key_ranges, sink_cols, beta, extra_logits,
+                              virtual_sink_logit, causal, causal_offset, sliding_window, scale, softcap,
+                              first_column_sink, need_sink_stats=True)
     return result.out.transpose(1, 2).contiguous(), result.lse.contiguous(), result.sink_stats.contiguous()
 
 

@@ -30,7 +30,14 @@ without; the blockwise dense recompute both replace (:mod:`sinkfix.ops.attention
 per layer.
 
 Both fused ops are private torch ops: they are wrapped here, feature-detected, and backed by the
-dense fallback, which is always correct.
+dense fallback, which is always correct. They read each (query or key) row as D consecutive
+elements: the CPU op passes the row stride to its matrix products as their leading dimension and
+never reads the last dimension's stride, so a view whose last dimension is not contiguous
+(``x[..., ::2]``, or a head-dim-major copy ``t.transpose(-1, -2).contiguous().transpose(-1, -2)``)
+gave wrong outputs, NaN, or values read outside the tensor that changed from run to run (2.5-4.0
+off, 3e13 once, with torch 2.13). Every call is therefore given q, k and v in row-major rows
+(:func:`_rows_contiguous`: a copy only where a tensor is not; batch, head and sequence strides,
+stride-0 (expanded) heads and batches included, are read as given).
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ __all__ = ["flash_with_lse", "cpu_flash_available", "fused_lse_available", "fuse
 _CPU_FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _CUDA_EFFICIENT_OP = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the fused ops read it right: unit stride in the last dimension, and rows that do not
+    overlap (a row stride of at least D where there is more than one row; measured with torch 2.13:
+    a query whose row stride was 1 gave outputs 4.4 off, NaN in bf16, while row strides of D/2, D - 1,
+    D + 3 and 0 in k or v, and stride-0 batch and head dims, were read right). Otherwise a contiguous
+    copy, made by ``contiguous()``, which autograd differentiates (the gradient reaches the view)."""
+    *_, rows, head_dim = t.shape
+    if (t.stride(-1) == 1 or head_dim == 1) and (rows <= 1 or t.stride(-2) >= head_dim):
+        return t
+    return t.contiguous()
 
 
 def _probe_cpu_flash(dtype: torch.dtype) -> bool:
@@ -117,6 +136,8 @@ class _CpuFlashWithLse(torch.autograd.Function):
         q, k, v, bias, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        # q, k, v were saved as the forward got them (rows contiguous, flash_with_lse); the output
+        # gradient may arrive as any view, and the output given is computed from it and ``out``
         grad_out = grad_out.contiguous()
         given = out if grad_lse is None else _shifted_output(out, grad_out, grad_lse)
         head_dim = q.shape[-1]
@@ -125,8 +146,9 @@ class _CpuFlashWithLse(torch.autograd.Function):
             q, k, v = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))
             given = torch.cat([out, -grad_lse.to(out.dtype).unsqueeze(-1)], dim=-1)
             grad_out = torch.nn.functional.pad(grad_out, (0, 1), value=1.0)
-        grads = _CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, given, lse, 0.0, ctx.is_causal, attn_mask=bias,
-                                       scale=ctx.scale)
+        # the kernel reads the output it is given row by row as well (``delta_i = dO_i . O_i``)
+        grads = _CPU_FLASH_BACKWARD_OP(grad_out, q, k, v, _rows_contiguous(given), lse, 0.0, ctx.is_causal,
+                                       attn_mask=bias, scale=ctx.scale)
         if widened:
             grads = tuple(g[..., :head_dim] for g in grads)
         return (*grads, None, None, None)
@@ -235,13 +257,19 @@ def flash_with_lse(
     """
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and fused_lse_backward_available(q.device, q.dtype):
+        # the copies (where needed) are made under autograd: the backward kernel gets the same rows
+        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         return _CpuFlashWithLse.apply(q, k, v, _additive(visible, q.dtype), is_causal, scale)
     # is_cpu / is_cuda, not device.type: the latter builds a string per call, a few microseconds when
     # it runs cold between a decode step's layers
     if q.is_cpu and cpu_flash_available(q.dtype) and not grad:
+        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         return _CPU_FLASH_OP(q, k, v, 0.0, is_causal, attn_mask=_additive(visible, q.dtype), scale=scale)
     if q.is_cuda and _CUDA_EFFICIENT_OP is not None and not grad:  # fused_lse_available's CUDA test
-        fused = _cuda_efficient(q, k, v, visible, is_causal, scale)
+        # (the CUDA op refuses a last dimension that is not contiguous, and a refusal would send every
+        # later call of the same dtype and head size to the dense formula; not measured on a GPU)
+        fused = _cuda_efficient(_rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), visible, is_causal,
+                                scale)
         if fused is not None:
             return fused
     if visible is None and is_causal:
