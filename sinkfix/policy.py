@@ -260,6 +260,10 @@ class Policy(_ValueEquality):
         if len(extra) > MAX_N_SINK:  # the bound n_sink has; a spec range 0-65535 made a 65,536-position sink set
             raise PolicyError(f"extra_sink_positions lists {len(extra)} positions; at most {MAX_N_SINK} (MAX_N_SINK: a "
                               "sink set is a few tokens)")
+        inside = [p for p in extra if p < n_sink]
+        if inside:  # in the constructor, so that no policy describes itself as a spec parse refuses
+            raise PolicyError(f"extra_sink_positions {', '.join(map(str, inside))} already in the sink set of the first "
+                              f"n_sink={n_sink} position(s): list only positions after them")
         object.__setattr__(self, "extra_sink_positions", extra)
         if self.layers is not None:
             layers = _int_tuple("layers", self.layers)
@@ -278,6 +282,18 @@ class Policy(_ValueEquality):
         _check_values("sink_scale", _numbers("sink_scale", self.sink_scale), 0.0, 1.0)
         if self.virtual_sink_logit is not None:
             _check_values("virtual_sink_logit", _numbers("virtual_sink_logit", self.virtual_sink_logit))
+        if self.layers is not None and self.residual_clip is not None and self._attention_is_identity():
+            # `clip=1.1,layers=0` was measured as a variant equal to `clip=1.1`, easily read as "clip layer
+            # 0 only"; refused here so that no policy describes itself as a spec parse refuses (`layers`
+            # alone, a structure that behaves as the identity, is kept)
+            raise PolicyError("layers chooses the layers of the attention correction, and this policy has none "
+                              "(sink_scale, virtual_sink_logit or hidden_sink_scale); the residual clip acts on every "
+                              "layer: layers would change nothing")
+
+    def _attention_is_identity(self) -> bool:
+        beta = torch.as_tensor(self.sink_scale, dtype=torch.float64)
+        return (bool((beta == 1).all()) and self.virtual_sink_logit is None
+                and (self.content_sinks is None or self.content_sinks.is_identity))
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -624,18 +640,6 @@ def _refuse_items_without_effect(kwargs: dict, clip: "ResidualClip | None", spec
         raise PolicyError(f"virtual_logit_on_sink_rows acts on the virtual sink logit, and policy spec {spec!r} has "
                           "none: add virtual_sink_logit=B or leave the item out")
     content = kwargs.get("content_sinks")
-    attention = kwargs.get("sink_scale", 1.0) != 1 or "virtual_sink_logit" in kwargs or content is not None
-    if "layers" in kwargs and clip is not None and not attention:
-        # `clip=1.1,layers=0` was measured as a variant equal to `clip=1.1`, easily read as "clip layer 0
-        # only" (`layers` alone, a structure the API keeps, describes and parses back, stays accepted)
-        raise PolicyError(f"layers chooses the layers of the attention correction, and policy spec {spec!r} has none "
-                          "(sink_scale, virtual_sink_logit or hidden_sink_scale); the residual clip acts on every "
-                          "layer: layers would change nothing")
-    first = kwargs.get("n_sink", 1)
-    inside = [p for p in kwargs.get("extra_sink_positions") or () if p < first]
-    if inside:
-        raise PolicyError(f"extra_sink_positions {', '.join(map(str, inside))} already in the sink set of the first "
-                          f"n_sink={first} position(s), in policy spec {spec!r}: list only positions after them")
     if kwargs.get("n_sink") == 0 and not kwargs.get("extra_sink_positions") and kwargs.get("sink_scale", 1.0) != 1:
         raise PolicyError(f"sink_scale acts on the sink set, and n_sink=0 without extra_sink_positions leaves it "
                           f"empty in policy spec {spec!r}: the sink scale would change nothing")

@@ -462,6 +462,9 @@ def load_texts(
     :class:`TextError` each, raised before any model is loaded.
     """
     _check_split(split)
+    if dataset is not None and not str(dataset).strip():
+        # an unset shell variable (--dataset "$DATA") measured the built-in texts, unsaid
+        raise TextError("--dataset is empty: name a dataset, or leave the option out for the built-in texts")
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if files and dataset:
         raise TextError("give --text or --dataset, not both")

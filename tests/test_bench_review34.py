@@ -41,8 +41,8 @@ def test_a_reader_that_closes_the_output_does_not_cost_the_files(files, tmp_path
         err = child.stderr.read().decode()
         assert child.wait(timeout=300) == 2, err
         assert err.strip().splitlines() == [
-            f"sinkfix bench: error: standard output closed before the results were printed; the files under "
-            f"{out_dir} were written"], err
+            f"sinkfix bench: error: standard output was closed by its reader before everything was printed; the "
+            f"files under {out_dir} were written"], err
         assert sorted(p.name for p in out_dir.iterdir()) == sorted(OUTPUT_FILES)
         assert json.loads((out_dir / "results.json").read_text())["variants"][0]["name"] == "stock"
 

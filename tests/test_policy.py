@@ -50,8 +50,10 @@ def test_per_head_values_and_layer_selection():
 
 
 def test_sink_positions_merge_n_sink_and_extra_positions():
-    (layer,) = Policy(n_sink=2, extra_sink_positions=(5, 1)).resolve(1, [2])
-    assert layer.sink_positions == (0, 1, 5)
+    (layer,) = Policy(n_sink=2, extra_sink_positions=(5, 3)).resolve(1, [2])
+    assert layer.sink_positions == (0, 1, 3, 5)
+    with pytest.raises(PolicyError, match="already in the sink set"):  # listed twice, once by n_sink
+        Policy(n_sink=2, extra_sink_positions=(5, 1))
     with pytest.raises(PolicyError):
         Policy(n_sink=-1)
     with pytest.raises(PolicyError):

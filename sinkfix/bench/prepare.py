@@ -188,7 +188,7 @@ def build_protocol(config: BenchConfig, tokenizer, texts: Mapping[str, TextSourc
     if stride > body:
         why = {"flag": "the BOS of --bos", "profile": "the BOS the profile was calibrated with; --no-bos measures "
                "without it", "tokenizer": "the BOS the tokenizer adds; --no-bos measures without it"}
-        less = f" less {why.get(choice.bos_source, 'the BOS')}" if bos else ""
+        less = f" less {why.get(choice.source, 'the BOS')}" if bos else ""
         raise SinkfixError(f"--stride {stride} exceeds the {body} text tokens per window (--seq-len {config.seq_len}"
                            f"{less}; every token must be scored)")
     domains: list[Domain] = []

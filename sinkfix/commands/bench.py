@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 printed = _to_null_device()
     if printed is None:
         saved = f"the files under {args.out} were written" if args.out else "nothing was saved (no --out)"
-        raise OutputError(f"standard output closed before the results were printed; {saved}")
+        raise OutputError(f"standard output was closed by its reader before everything was printed; {saved}")
     return 0
 
 

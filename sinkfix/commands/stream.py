@@ -137,6 +137,9 @@ def _check(args) -> None:
     from sinkfix.texts import MIXED, resolve_domain
 
     parse_variants(args.variants, args.profile is not None)
+    if args.text is not None and not str(args.text).strip():
+        # an unset shell variable (--text "$FILE") streamed the built-in text, unsaid
+        raise UsageError("--text is empty: name a text file, or leave the option out for the built-in text")
     if args.text is None and args.builtin != MIXED:
         resolve_domain(args.builtin)  # an unknown name fails here, before the model loads
     check_sink_window(args.n_sink, args.window)

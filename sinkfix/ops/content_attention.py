@@ -251,6 +251,9 @@ def check_content_arguments(q, k, v, *, dtypes, hidden_beta, hidden, threshold, 
         check_hidden_mask(hidden, batch, q_heads, k_len)
     elif threshold is None:
         raise ValueError("content-dependent sinks need either a hidden-sink mask (hidden) or a threshold to decide one")
+    elif torch.compiler.is_compiling():
+        pass  # traced by torch.compile(dynamic=True) the number is symbolic, and math.isfinite cannot trace
+        # it (a graph break, an error under fullgraph); the policy that holds it checked it when built
     elif isinstance(threshold, bool) or not (
             (isinstance(threshold, numbers.Real) and math.isfinite(threshold))
             or (isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and threshold.is_floating_point())):
