@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(out, str) and not out.strip():
         # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved nothing,
         # inspect and stream wrote into the working folder
-        print(f"sinkfix {args.command}: error: --out is empty: name the output (see sinkfix {args.command} --help)",
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # monitor run | report...
+        print(f"sinkfix {args.command}: error: --out is empty: name the output (see sinkfix {command} --help)",
               file=sys.stderr)
         return 2
     try:

@@ -71,3 +71,10 @@ def test_empty_text_options_are_refused_before_the_model_loads(argv, says, capsy
     assert main([*argv, "--model", "/nonexistent/model"]) == 2
     err = capsys.readouterr().err
     assert says in err and "nonexistent" not in err, err
+
+
+def test_an_empty_out_names_the_subcommand_help(capsys):
+    from sinkfix.cli import main
+
+    assert main(["monitor", "run", "--model", "/nonexistent/model", "--requests", "r.jsonl", "--out", ""]) == 2
+    assert "see sinkfix monitor run --help" in capsys.readouterr().err
