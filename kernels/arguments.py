@@ -146,21 +146,21 @@ def check_key_padding(key_padding, key_ranges, batch: int, k_len: int, device) -
 
 def check_attention_arguments(q, k, v, *, dtypes: tuple[torch.dtype, ...], attn_mask=None, sink_cols=None,
                               beta=None, extra_logits=None, virtual_sink_logit=None, scale=None, softcap=None,
-                              sliding_window=None) -> None:
+                              sliding_window=None) -> tuple[float, float | None]:
     """The checks both backends make on one attention call (the Triton launchers add their own
     limits: head dim, sink slots, device type). ValueError / TypeError for arguments the paths
     would fail on with an internal error, or run on silently (softcap 0 makes every score 0, a
-    scale of 0 every row uniform, a window of 0 every row empty, integer inputs truncated outputs)."""
+    scale of 0 every row uniform, a window of 0 every row empty, integer inputs truncated outputs).
+    Returns (scale, softcap) as floats, the scale defaulted, so that a caller converts them once."""
     check_qkv_shapes(q, k, v)
     check_qkv_dtypes(q, k, v, dtypes)
     check_policy_tensors(q.shape[1], beta, extra_logits, virtual_sink_logit)
     check_sink_cols(sink_cols, q.shape[0])
-    if scale is not None:
-        positive_number("scale", scale)
-    if softcap is not None:
-        positive_number("softcap", softcap)
+    scale = attention_scale(scale, q.shape[-1])
+    softcap = None if softcap is None else positive_number("softcap", softcap)
     check_sliding_window(sliding_window)
     check_attn_mask(attn_mask, q, k)
+    return scale, softcap
 
 
 def check_hidden_beta(hidden_beta, q_heads: int) -> None:

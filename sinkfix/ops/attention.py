@@ -447,15 +447,16 @@ def _split_path(q, k, v, layout: _Layout, scale: float, sink_cols, first_column_
 
 
 def check_attention_arguments(q, k, v, *, attn_mask=None, sink_cols=None, beta=None, extra_logits=None,
-                              virtual_sink_logit=None, scale=None, softcap=None, sliding_window=None) -> None:
+                              virtual_sink_logit=None, scale=None, softcap=None,
+                              sliding_window=None) -> tuple[float, float | None]:
     """ValueError / TypeError for arguments the PyTorch path would fail on with an internal error, or
     run on silently (softcap 0 makes every score 0, a scale of 0 every row uniform, a window of 0
     every row empty, integer q/k/v truncated outputs): the checks of the Triton launchers
     (:func:`sinkfix.kernels.arguments.check_attention_arguments`, one message for one mistake), with
     float64 inputs allowed. Shapes and Python numbers only: it never reads a tensor's values (no
     device sync per call), so NaN or inf inside beta or the logits are the caller's to check; a
-    Policy checks its own at construction."""
-    check_shared_arguments(q, k, v, dtypes=TORCH_DTYPES, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta,
+    Policy checks its own at construction. Returns (scale, softcap) as floats, the scale defaulted."""
+    return check_shared_arguments(q, k, v, dtypes=TORCH_DTYPES, attn_mask=attn_mask, sink_cols=sink_cols, beta=beta,
                            extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
                            softcap=softcap, sliding_window=sliding_window)
 
@@ -499,11 +500,11 @@ def sink_attention_torch(
     computes anyway (the sink term and the log-sum-exps): never the (B, H, Q, K) matrix, never a
     second pass over the keys.
     """
-    check_attention_arguments(q, k, v, attn_mask=attn_mask, sink_cols=None if first_column_sink else sink_cols,
-                              beta=beta, extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale,
-                              softcap=softcap, sliding_window=sliding_window)
-    scale = attention_scale(scale, q.shape[-1])
-    softcap = None if softcap is None else positive_number("softcap", softcap)
+    # the checks convert the two numbers once (converting them again cost microseconds per decode call)
+    scale, softcap = check_attention_arguments(
+        q, k, v, attn_mask=attn_mask, sink_cols=None if first_column_sink else sink_cols, beta=beta,
+        extra_logits=extra_logits, virtual_sink_logit=virtual_sink_logit, scale=scale, softcap=softcap,
+        sliding_window=sliding_window)
     layout = _Layout(attn_mask, causal, causal_offset_arg(causal_offset), sliding_window)
     if sink_cols is not None and not first_column_sink:
         sink_cols = distinct_sink_cols(sink_cols)
