@@ -179,10 +179,8 @@ def test_a_hidden_sink_far_above_every_other_key(gap):
     out, lse = sink_attention_prefill(q.to(**to), k.to(**to), v.to(**to),
                                       **{n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in kw.items()},
                                       **TILES)
-    ref_out, _, ref_lse = reference_content_sink_attention(q, k, v, **kw)
-    assert torch.isfinite(out).all()
-    assert (out.cpu().double() - ref_out).abs().max().item() <= 1e-5
-    assert (lse.cpu().double() - ref_lse).abs().max().item() <= 1e-4
+    # The file's rule (twice the same-dtype formula's error plus the floor), not a bound of its own.
+    _check(out.cpu(), lse.cpu(), q, k, v, f"gap {gap}", **kw)
 
 
 def test_the_rule_fails_a_beta_ignoring_output_and_a_wrong_lse_where_masses_underflow():
