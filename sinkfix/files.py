@@ -20,7 +20,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from sinkfix.errors import OutputError
 
@@ -205,11 +205,16 @@ class LineLog:
     lock serialises sinkfix's writers (and any other program that takes it); where ``fcntl`` does not
     exist (Windows) appends are not serialised. Lines reach the operating system at once (no buffer in this
     process): a crash of the process loses nothing that :meth:`append` returned from. A path removed or
-    renamed away while the log is open (log rotation) is created again at the next line.
+    renamed away while the log is open (log rotation) is created again at the next line, its folders
+    made again as at creation; ``before_reopen(path)``, when given, runs first and may refuse the file
+    found at the path by raising an :class:`OutputError` (the telemetry log refuses another program's
+    file put there).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *,
+                 before_reopen: Callable[[Path], None] | None = None) -> None:
         self.path = Path(path)
+        self._before_reopen = before_reopen
         # opened and watched by its absolute path: a relative one named another file once the process
         # changed directory (a server that chdirs after start-up), which the check for a moved log read
         # as the log removed
@@ -263,6 +268,14 @@ class LineLog:
             pass
         except OSError as exc:
             raise _output_error(self.path, _reason(exc)) from exc
+        try:
+            # a removed log folder is made again, as creation makes it (it failed every later line)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _output_error(self.path, f"it was removed or moved while in use, and its folder cannot be made "
+                                           f"again: {_reason(exc)}") from exc
+        if self._before_reopen is not None:
+            self._before_reopen(self._file)
         try:
             fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:

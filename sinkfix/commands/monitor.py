@@ -63,7 +63,9 @@ def _add_run(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="requests per batch, left-padded (default 1)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
                         help="start every prompt with the tokenizer's BOS token, as calibration does (default: yes)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are cut (default 2048)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
+                        help="prompts are cut to at most N tokens, the BOS token included (the prompt's own tokens "
+                             "to N - 1 with --bos); at least 2 with --bos, 1 without (default 2048)")
     parser.add_argument("--sample-rows", type=int, default=None,
                         help="prompt rows behind the hidden-sink estimate (default 32, sinkfix.telemetry.SAMPLE_ROWS)")
     parser.add_argument("--prometheus-port", type=int, default=None,
@@ -130,17 +132,34 @@ def _token_ids(tokenizer, request) -> list[int]:
     return ids
 
 
+#: Tokens the BOS adds in front of every prompt with --bos (sinkfix.evaluate.bos_token_id: one id).
+BOS_TOKENS = 1
+
+
+def _check_prompt_limit(args) -> None:
+    """--max-prompt-tokens counts the BOS: it must leave room for the BOS and one token of the prompt."""
+    least = (BOS_TOKENS if args.bos else 0) + 1
+    if args.max_prompt_tokens < least:
+        with_bos = f" (the BOS token and one token of the prompt; --no-bos for {least - BOS_TOKENS})" if args.bos else ""
+        raise MonitorError(f"--max-prompt-tokens {args.max_prompt_tokens} leaves no room for a prompt: it counts "
+                           f"every token fed, the BOS included, and must be >= {least}{with_bos}")
+
+
 def _batches(requests, tokenizer, args):
-    """(requests, input_ids (B, S) left-padded, attention_mask) per batch."""
+    """(requests, input_ids (B, S) left-padded, attention_mask) per batch. A prompt is at most
+    --max-prompt-tokens tokens with its BOS: the text's tokens are cut to that minus the BOS (the cut
+    was applied before the BOS was added, so --max-prompt-tokens 2048 fed 2049 tokens, one past a
+    2048-position model)."""
     import torch
 
     from sinkfix.evaluate import bos_token_id
 
     bos = [bos_token_id(tokenizer)] if args.bos else []
     pad = getattr(tokenizer, "pad_token_id", None) or 0
+    keep = args.max_prompt_tokens - len(bos)  # >= 1: _check_prompt_limit
     for start in range(0, len(requests), args.batch_size):
         group = requests[start:start + args.batch_size]
-        ids = [bos + _token_ids(tokenizer, r)[: args.max_prompt_tokens] for r in group]
+        ids = [bos + _token_ids(tokenizer, r)[:keep] for r in group]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
@@ -185,6 +204,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
+    _check_prompt_limit(args)
     sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
     if args.prometheus_port is not None:  # its range and whether it is free, before the model loads
         check_port_free(args.prometheus_port, name="--prometheus-port")
@@ -215,7 +235,15 @@ def _run_run(args: argparse.Namespace) -> int:
         monitor.close()
         handle.remove()
     _print_summary(summarise(records), console)
-    console.print(f"appended {len(records)} records to {args.out}")
+    # the records that reached the log, as the monitor counted its writes: the callback also gets
+    # those whose write failed (each a LogWriteWarning), and counting them said "appended 3 records"
+    # with exit status 0 when 2 of the 3 never reached the log
+    written, failed = monitor.records_logged, monitor.records_not_logged
+    if failed:
+        reason = " ".join(str(monitor.last_log_error).split())  # one line
+        raise MonitorError(f"appended {written} of {written + failed} records to {args.out}; {failed} could not be "
+                           f"written (the last because: {reason})")
+    console.print(f"appended {written} records to {args.out}")
     return 0
 
 
@@ -230,6 +258,16 @@ def _nanmax(values) -> float:
     return float(defined.max()) if defined.numel() else float("nan")
 
 
+def _peak_cell(peak) -> str:
+    """"max (layer L)" over the layers whose peak is defined; "-" when none is (a domain of all-padding
+    rows: nan_to_num(0) printed "0.0 (layer 0)", a ratio that is never below 1)."""
+    defined = ~peak.isnan()
+    if not defined.any():
+        return "-"
+    layer = int(peak.masked_fill(~defined, float("-inf")).argmax())
+    return f"{_fmt(float(peak[layer]), 1)} (layer {layer})"
+
+
 def _print_summary(report, console) -> None:
     from rich.table import Table
 
@@ -240,12 +278,10 @@ def _print_summary(report, console) -> None:
         table.add_column(column, justify="left" if column == "domain" else "right")
     for name, d in report.domains.items():
         share = d.sink_share
-        peak = d.residual_peak.nan_to_num(0)
         table.add_row(name, str(d.requests), str(d.tokens),
                       f"{_fmt(float(share.nanmean()))} / {_fmt(_nanmax(share))}",
                       _fmt(d.dormant_heads, 1), _fmt(float(d.hidden_sinks.sum()), 1),
-                      f"{_fmt(float(peak.max()), 1)} (layer {int(peak.argmax())})", str(d.guard_trips),
-                      str(d.served_without_correction))
+                      _peak_cell(d.residual_peak), str(d.guard_trips), str(d.served_without_correction))
     console.print(table)
 
 

@@ -22,6 +22,7 @@ import numbers
 import os
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -270,6 +271,12 @@ class Monitor:
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self._workspace = Workspace()  # the prompt measures' CPU buffers, kept between requests (Workspace says why)
         self.records: list[dict] = []  # the last request's records
+        # records appended to the log and records whose write failed (LogWriteWarning), since creation:
+        # a caller that must know whether every record reached the log reads these, not the warnings
+        # (`sinkfix monitor run` said "appended 3 records" and exited 0 when 2 of the 3 never reached it)
+        self.records_logged = 0
+        self.records_not_logged = 0
+        self.last_log_error: str | None = None
         try:  # anything refused below leaves the model as it was (close() removes a patch made here)
             _check_supported(self._handle)
             # looked up once: walking the model's modules for them took 1.3 ms of every request
@@ -286,7 +293,11 @@ class Monitor:
             # the endpoint first: a port in use then leaves no empty log file behind
             self.exporter = (None if prometheus_port is None or not emits
                              else PrometheusExporter(prometheus_port, prometheus_host))
-            self.log = None if log is None or not emits else JsonlLog(log)
+            # the records' model and heads per layer: a log of another model is refused, not appended to
+            # (its report then refused the whole file as mixing models)
+            heads = (self._num_heads if self._sharded is None
+                     else [h * self._sharded.size for h in self._num_heads])
+            self.log = None if log is None or not emits else JsonlLog(log, model=self._model_name, heads=heads)
         except BaseException:
             self.close()
             raise
@@ -348,17 +359,24 @@ class Monitor:
             return ("another patch is in force on this model (sinkfix.patch called after this monitor's): this "
                     "monitor records the patch it was made for, which is back in force when a `with` block of the "
                     "newer patch ends; monitor the newer patch with a monitor of its own")
-        return "the model's patch was removed; create a new monitor for its new patch"
+        if current is None:  # the model runs stock now: there is no new patch to monitor
+            return ("this monitor's patch was removed from the model (sinkfix's PatchHandle.remove()), which runs "
+                    "stock now: create a new monitor (it patches the stock model with the identity again)")
+        return "the model's patch was removed and another patch is in force; create a new monitor for that patch"
 
-    def generate(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
-        """``model.generate(*args, **kwargs)`` recorded as one request. Beam search is refused: its
-        beams are batch rows that transformers reorders between steps, so no row's record would
-        describe one sequence."""
+    def generate(self, *args, domain: str | Sequence[str | None] | None = None,
+                 request_id: str | Sequence[str | None] | None = None, **kwargs):
+        """``model.generate(*args, **kwargs)`` recorded as one request; ``domain`` and ``request_id``
+        as :meth:`request` takes them (the record's, never passed to the model). Beam search is
+        refused: its beams are batch rows that transformers reorders between steps, so no row's record
+        would describe one sequence; so is assisted decoding (prompt lookup, an assistant model), whose
+        draft tokens are fed and most of them cropped again."""
         args, kwargs = _as_keywords(_unwrapped(self.model).generate, args, kwargs)
         _refuse_beams(self.model, kwargs)
+        _refuse_assisted(self.model, kwargs)
         _refuse_right_padding(kwargs)
         eos = _eos_ids(self.model, kwargs)
-        with self.request(domain) as req:
+        with self.request(domain, request_id) as req:
             if eos is not None:  # a row that ends early is fed padding, with a mask of ones, until the last ends
                 from transformers import StoppingCriteriaList
 
@@ -366,11 +384,14 @@ class Monitor:
                     [*(kwargs.get("stopping_criteria") or []), _FinishedRows(req, eos)])
             return self.model.generate(*args, **kwargs)
 
-    def forward(self, *args, domain: str | Sequence[str | None] | None = None, **kwargs):
-        """``model(*args, **kwargs)`` recorded as one request."""
+    def forward(self, *args, domain: str | Sequence[str | None] | None = None,
+                request_id: str | Sequence[str | None] | None = None, **kwargs):
+        """``model(*args, **kwargs)`` recorded as one request; ``domain`` and ``request_id`` as
+        :meth:`request` takes them (a Llama's forward swallowed an unknown ``request_id`` keyword, and
+        the record got the monitor's own id)."""
         args, kwargs = _as_keywords(_unwrapped(self.model).forward, args, kwargs)
         _refuse_right_padding(kwargs)  # before the forward: nothing served is lost
-        with self.request(domain):
+        with self.request(domain, request_id):
             return self.model(*args, **kwargs)
 
     def close(self) -> None:
@@ -389,7 +410,7 @@ class Monitor:
             self.log.close()
             self.log = None
         if self.owns_patch:
-            self._handle.remove()
+            _release_identity(self._handle)
             self.owns_patch = False
 
     def __deepcopy__(self, memo: dict) -> "Monitor":
@@ -551,10 +572,14 @@ class Monitor:
 
     def _write_log(self, record: dict) -> None:
         """Append ``record`` to the log. A failed write is reported as a warning: raised, it threw
-        away what ``generate`` returned and left the batch's later rows out of the metrics."""
+        away what ``generate`` returned and left the batch's later rows out of the metrics. Either way
+        it is counted (``records_logged`` / ``records_not_logged``, ``last_log_error``)."""
         try:
             self.log.write(record)
+            self.records_logged += 1
         except (OutputError, OSError) as exc:  # a ValueError from the JSON encoder is a bug, not the disk's
+            self.records_not_logged += 1
+            self.last_log_error = str(exc)
             warnings.warn(f"sinkfix.monitor: could not append request {record['request']}, row {record['index']} "
                           f"to the telemetry log: {exc}; the record is in monitor.records", LogWriteWarning,
                           stacklevel=3)
@@ -572,13 +597,36 @@ class Monitor:
                               "and in the log", CallbackWarning, stacklevel=2)
 
 
+#: Per model, the identity patch a monitor made on its stock model -> how many open monitors rely on
+#: it (the one that made it and those created on the model while it was in force). The patch stays
+#: while any of them is open and is removed by the last one's close(): before, the first monitor's
+#: close() unpatched the model under a second one, which refused every later request. Keyed by the
+#: patch handle (one per patched model), weakly: a collected model takes its entry with it.
+_IDENTITY_USERS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def _release_identity(handle) -> None:
+    """One monitor that relied on a monitor-made identity patch is done with it: the last one removes it."""
+    users = _IDENTITY_USERS.get(handle, 1) - 1
+    if users > 0:
+        _IDENTITY_USERS[handle] = users
+        return
+    _IDENTITY_USERS.pop(handle, None)
+    handle.remove()
+
+
 def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
-    """(handle, whether the monitor made it): an unpatched model is patched with the identity."""
+    """(handle, whether the monitor relies on an identity patch a monitor made, and removes it as the
+    last such monitor to close): an unpatched model is patched with the identity, and a model whose
+    patch in force is a monitor's identity shares it."""
     from sinkfix.patch import PatchHandle, patch
     from sinkfix.policy import Policy
 
     handle = PatchHandle.of(model)
     if handle is not None:
+        if handle.active and handle in _IDENTITY_USERS:
+            _IDENTITY_USERS[handle] += 1
+            return handle, True
         return handle, False
     if guard is not None:
         raise MonitorError("a guard switches a correction off, and this model is not patched: patch it with the "
@@ -586,7 +634,9 @@ def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
     if not patch_if_needed:
         raise MonitorError("this model is not patched: call sinkfix.patch(model, policy) first, or pass "
                            "patch_if_needed=True to monitor the stock model (the identity policy)")
-    return patch(model, Policy()), True
+    handle = patch(model, Policy())
+    _IDENTITY_USERS[handle] = 1
+    return handle, True
 
 
 _CONTENT_REFUSED = ("telemetry is not implemented for content-dependent sinks (Policy(content_sinks=...): "
@@ -681,6 +731,32 @@ def _refuse_beams(model: nn.Module, kwargs: dict) -> None:
         raise MonitorError(f"beam search (num_beams={beams}) cannot be monitored: the beams are batch rows that "
                            "generate reorders at every step, so no record would describe one sequence; monitor "
                            "greedy or sampled generation")
+
+
+#: generate's options that turn greedy or sampled decoding into assisted (speculative) decoding, as
+#: transformers' GenerationConfig.get_generation_mode reads them (besides an ``assistant_model``)
+_ASSISTED_OPTIONS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def _refuse_assisted(model: nn.Module, kwargs: dict) -> None:
+    """MonitorError for a generate call that would run assisted decoding (an ``assistant_model``, or
+    prompt lookup / early-exit / multi-token-prediction drafts: the call's own arguments, its
+    generation config's, or the model's). Each step feeds the model the drafted tokens and crops the
+    rejected ones from the cache afterwards, and the monitor counts what is fed: prompt lookup with 4
+    drafts on a 42-token prompt was logged as a 46-token prompt, 13 decoded tokens where 11 were kept,
+    and sink shares 0.0049 off the greedy record of the same 12 tokens."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    used = ["assistant_model"] if kwargs.get("assistant_model") is not None else []
+    for name in _ASSISTED_OPTIONS:
+        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        if value is not None and value is not False:
+            used.append(f"{name}={value!r}")
+    if used:
+        raise MonitorError(f"assisted (speculative) decoding ({', '.join(used)}) cannot be monitored: every step "
+                           "feeds the model draft tokens and crops the rejected ones afterwards, and the monitor "
+                           "counts every token fed, so the draft rows would enter the record's tokens, sink shares "
+                           "and residual peaks and no record would describe the sequence generated; monitor greedy "
+                           "or sampled generation without an assistant")
 
 
 def _as_guard(guard: Any, margin: float | None, handle, model: nn.Module) -> Guard | None:

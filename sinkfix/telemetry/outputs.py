@@ -4,7 +4,9 @@ Each output is set up when the monitor is created, so that a folder that cannot 
 port already in use fails at once with a :class:`~sinkfix.errors.MonitorError` (or
 :class:`~sinkfix.errors.OutputError` for the log) instead of at the first request. A log is only
 ever appended to: an existing non-empty file whose first line is not a telemetry record (a request
-file, a report, a typo for another file) is refused (:func:`check_log_file`) instead of spoilt.
+file, a report, a typo for another file), or is the record of another model, is refused
+(:func:`check_log_file`) instead of spoilt; so is such a file found at the path when the log is
+opened again after a rotation (:class:`JsonlLog`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import json
 import numbers
 import os
 from pathlib import Path
+from typing import Sequence
 
-from sinkfix.errors import MonitorError
+from sinkfix.errors import MonitorError, OutputError
 from sinkfix.files import LineLog
 from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN, NO_DOMAIN
@@ -59,12 +62,61 @@ def _first_line(path: Path) -> bytes | None:
                 return line
 
 
-def check_log_file(path: str | Path, *, requests: str | Path | None = None) -> Path:
+def _first_record(p: Path) -> dict | None:
+    """The first record of the existing file ``p`` (None when it has no non-blank line); a
+    :class:`MonitorError` when its first line is not a telemetry record."""
+    try:
+        first = _first_line(p)
+    except OSError as exc:
+        raise MonitorError(f"cannot read the existing telemetry log {p}: {exc.strerror or exc}") from None
+    if first is None:
+        return None
+    try:
+        record = json.loads(first)
+    except ValueError:  # not JSON, or not UTF-8
+        record = None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        raise MonitorError(f"{p} exists and is not a sinkfix telemetry log (its first line is not a record with "
+                           f"\"schema\": \"{SCHEMA}\"); records are only appended to a telemetry log: choose "
+                           "another file, or move this one away")
+    return record
+
+
+def _describe(model, heads) -> str:
+    """A model as a log's records show it: name, layers and heads per layer."""
+    if not isinstance(heads, (list, tuple)):
+        return f"{model}"
+    counts = sorted({h for h in heads})
+    per_layer = f", {'/'.join(map(str, counts))} heads per layer" if counts else ""
+    return f"{model} ({len(heads)} layers{per_layer})"
+
+
+def _other_model(p: Path, record: dict, model: str | None, heads: Sequence[int] | None) -> None:
+    """MonitorError when ``record`` (the first of the log ``p``) comes from another model than the one
+    whose records would be appended: another name, another number of layers, or other heads per
+    layer. `sinkfix monitor report` refuses a log that mixes models, so appending made the whole log
+    unreadable by it."""
+    share = record.get("sink_share")
+    theirs = [len(h) for h in share] if isinstance(share, list) and all(isinstance(h, list) for h in share) else None
+    ours = None if heads is None else [int(h) for h in heads]
+    other_name = model is not None and "model" in record and str(record.get("model")) != model
+    other_shape = ours is not None and theirs is not None and theirs != ours
+    if other_name or other_shape:
+        raise MonitorError(f"the telemetry log {p} holds records of another model, "
+                           f"{_describe(record.get('model'), theirs)}, and this monitor's model is "
+                           f"{_describe(model, ours)}: `sinkfix monitor report` reads one model per log; write "
+                           "this model's records to another file")
+
+
+def check_log_file(path: str | Path, *, requests: str | Path | None = None, model: str | None = None,
+                   heads: Sequence[int] | None = None) -> Path:
     """Raise a :class:`MonitorError` now when appending telemetry to ``path`` would spoil a file:
-    ``path`` is the request file ``requests`` itself, or an existing non-empty file whose first line
-    is not a sinkfix telemetry record. An empty or missing file, an existing telemetry log (appended
-    to), and what is not a regular file (``/dev/null``, a pipe) pass; what cannot be written at all
-    is :func:`sinkfix.files.check_writable`'s and :class:`~sinkfix.files.LineLog`'s to refuse."""
+    ``path`` is the request file ``requests`` itself, an existing non-empty file whose first line
+    is not a sinkfix telemetry record, or (given ``model``, the records' model name, and/or ``heads``,
+    their heads per layer) a telemetry log whose first record is another model's. An empty or
+    missing file, an existing telemetry log of the same model (appended to), and what is not a
+    regular file (``/dev/null``, a pipe) pass; what cannot be written at all is
+    :func:`sinkfix.files.check_writable`'s and :class:`~sinkfix.files.LineLog`'s to refuse."""
     p = Path(path)
     if not p.is_file():
         return p
@@ -76,30 +128,43 @@ def check_log_file(path: str | Path, *, requests: str | Path | None = None) -> P
         if same:
             raise MonitorError(f"the telemetry log {p} is the request file {requests}: appending records to it "
                                "would spoil both; write the log to another file")
-    try:
-        first = _first_line(p)
-    except OSError as exc:
-        raise MonitorError(f"cannot read the existing telemetry log {p}: {exc.strerror or exc}") from None
-    if first is None:
-        return p
-    try:
-        record = json.loads(first)
-    except ValueError:  # not JSON, or not UTF-8
-        record = None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        raise MonitorError(f"{p} exists and is not a sinkfix telemetry log (its first line is not a record with "
-                           f"\"schema\": \"{SCHEMA}\"); records are only appended to a telemetry log: choose "
-                           "another file, or move this one away")
+    record = _first_record(p)
+    if record is not None:
+        _other_model(p, record, model, heads)
     return p
+
+
+def _refuse_foreign_file(model: str | None, heads: Sequence[int] | None):
+    """The check a rotated log's path gets before it is opened again (``LineLog(before_reopen=...)``):
+    the checks of creation (:func:`check_log_file`), so a file that is not this model's telemetry
+    log, put at the path while the monitor ran, is not appended to (an :class:`OutputError`, which
+    the monitor reports as a LogWriteWarning); it got the next record before."""
+
+    def check(path: Path) -> None:
+        try:
+            check_log_file(path, model=model, heads=heads)
+        except MonitorError as exc:
+            raise _not_appended(path, f"a file was put at its path while the log was in use, and {exc}") from None
+
+    return check
+
+
+def _not_appended(path: Path, reason: str) -> OutputError:
+    # one positional argument only: OSError reads two as (errno, strerror)
+    error = OutputError(f"cannot write {path}: {reason}")
+    error.path = path
+    return error
 
 
 class JsonlLog:
     """One JSON object per line, appended as each request finishes (:class:`sinkfix.files.LineLog`).
-    An existing file must be empty or a telemetry log (:func:`check_log_file`)."""
+    An existing file must be empty or a telemetry log (:func:`check_log_file`) of ``model`` with
+    ``heads`` per layer (when given), at creation and whenever the path is opened again after a
+    rotation."""
 
-    def __init__(self, path: str | Path) -> None:
-        check_log_file(path)
-        self._log = LineLog(path)
+    def __init__(self, path: str | Path, *, model: str | None = None, heads: Sequence[int] | None = None) -> None:
+        check_log_file(path, model=model, heads=heads)
+        self._log = LineLog(path, before_reopen=_refuse_foreign_file(model, heads))
         self.path = self._log.path
 
     def write(self, record: dict) -> None:

@@ -2,9 +2,10 @@
 
 ``sinkfix monitor report LOG.jsonl`` pools each domain's requests the way ``sinkfix inspect`` pools
 its windows: per layer and head, sink share and dormancy are means over all the domain's counted
-rows (each request weighted by its rows), so a head's state on a domain does not depend on how the
-traffic was cut into requests. Heads whose dormancy is above the threshold on one domain and below
-it on another (by ``margin`` on each side) are the active-dormant heads of docs/formulas.md.
+rows (each request weighted by its rows where its value is defined: a null is no row, not a 0), so
+a head's state on a domain does not depend on how the traffic was cut into requests. Heads whose
+dormancy is above the threshold on one domain and below it on another (by ``margin`` on each side)
+are the active-dormant heads of docs/formulas.md.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class DomainSummary:
     tokens: int
     sink_share: torch.Tensor  # [L, H]
     dormancy: torch.Tensor  # [L, H]
-    dormant_heads: float  # mean per request
-    residual_peak: torch.Tensor  # [L] mean per request
+    dormant_heads: float  # mean per request with a defined dormancy (NaN: none has one)
+    residual_peak: torch.Tensor  # [L] mean per request with a defined peak
     hidden_sinks: torch.Tensor  # [L] mean per request (all heads)
     guard_trips: int  # requests whose prompt left the guard's ranges (guard.tripped)
     served_without_correction: int  # requests served with the correction off in a layer (correction.identity_layers)
@@ -187,32 +188,49 @@ class DomainSummary:
             return [clean(x) for x in t] if t.ndim else (None if math.isnan(float(t)) else round(float(t), 6))
 
         return {"requests": self.requests, "tokens": self.tokens, "sink_share": clean(self.sink_share),
-                "dormancy": clean(self.dormancy), "dormant_heads_mean": round(self.dormant_heads, 3),
+                "dormancy": clean(self.dormancy),
+                "dormant_heads_mean": None if math.isnan(self.dormant_heads) else round(self.dormant_heads, 3),
                 "residual_peak_mean": clean(self.residual_peak), "hidden_sinks_mean": clean(self.hidden_sinks),
                 "guard_trips": self.guard_trips, "served_without_correction": self.served_without_correction}
 
 
 def _pool(name: str, records: list[dict]) -> DomainSummary:
-    share_sum = dorm_sum = weight_sum = None
-    peaks, hidden, samples = [], [], None
+    """One domain's records pooled. Each per-head quantity is weighted by its own mask: a request's
+    rows count for the sink share where its share is defined and for the dormancy where its dormancy
+    is (the two are null in different places: a prompt that held no sink key has a null dormancy and
+    a defined share, a sink set that named no key a null share and possibly a defined dormancy).
+    Weighted by the share's mask, a null dormancy was read as 0 (a head dormant at 0.8 in the only
+    request that defined it was pooled to 0.4, active, and listed as a flip) and a defined dormancy
+    with a null share was dropped. Residual peaks are means over the requests that define them, and
+    the dormant-head count a mean over the requests with at least one defined dormancy (a request
+    without any has no count of dormant heads, not 0 of them)."""
+    share_sum = dorm_sum = share_weight = dorm_weight = None
+    peaks, hidden, samples, dormant_counts = [], [], None, []
     for record in records:
         rows = torch.tensor(record["rows"], dtype=torch.float64)[:, None]  # [L, 1]
         share, dormancy = _matrix(record["sink_share"]), _matrix(record["dormancy"])
         weight = torch.where(share.isnan(), 0.0, rows.expand_as(share))
         share_sum = share.nan_to_num(0) * weight + (0 if share_sum is None else share_sum)
+        share_weight = weight + (0 if share_weight is None else share_weight)
+        weight = torch.where(dormancy.isnan(), 0.0, rows.expand_as(dormancy))
         dorm_sum = dormancy.nan_to_num(0) * weight + (0 if dorm_sum is None else dorm_sum)
-        weight_sum = weight + (0 if weight_sum is None else weight_sum)
+        dorm_weight = weight + (0 if dorm_weight is None else dorm_weight)
+        if not dormancy.isnan().all():
+            dormant_counts.append(record["dormant_heads"])
         peaks.append(_matrix([record["residual_peak"]])[0])
         hidden.append(torch.tensor([sum(h) for h in record["hidden_sinks"]], dtype=torch.float64))
         samples = samples or [[] for _ in record["sink_share"]]
         for layer, heads in enumerate(record["sink_share"]):
             samples[layer].extend(x for x in heads if x is not None)
-    mean = lambda total: torch.where(weight_sum > 0, total / weight_sum.clamp(min=1), math.nan)  # noqa: E731
+    def mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.where(weight > 0, total / weight.clamp(min=1), math.nan)
+
     # the two differ (outputs.guard_tripped says how): both are reported, as Prometheus counts both
     trips = sum(1 for r in records if guard_tripped(r))
     fallbacks = sum(1 for r in records if served_without_correction(r))
-    return DomainSummary(name, len(records), sum(int(r["tokens"]) for r in records), mean(share_sum), mean(dorm_sum),
-                         sum(r["dormant_heads"] for r in records) / len(records), torch.stack(peaks).nanmean(0),
+    dormant = sum(dormant_counts) / len(dormant_counts) if dormant_counts else math.nan
+    return DomainSummary(name, len(records), sum(int(r["tokens"]) for r in records), mean(share_sum, share_weight),
+                         mean(dorm_sum, dorm_weight), dormant, torch.stack(peaks).nanmean(0),
                          torch.stack(hidden).mean(0), trips, fallbacks, samples)
 
 
