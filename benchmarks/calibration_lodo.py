@@ -96,8 +96,26 @@ def _load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _json_ready(value):
+    """``value`` with every float that is not finite (a row a run did not reach, a one-window interval's
+    bounds) as None: json.dumps wrote them as the literals NaN and Infinity, which are not JSON (sinkfix's
+    own readers and strict parsers refuse them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def _save_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(_json_ready(data), indent=1, allow_nan=False) + "\n")
+
+
+def _missing(x) -> bool:
+    """A number not measured: null in the files written since NaN is written as null, NaN in older ones."""
+    return x is None or x != x
 
 
 class _SavedCache(dict):
@@ -305,11 +323,11 @@ def _table_markdown(data: dict) -> str:
              f"| unseen: `{fixed}` without it | calibrated: `{full}` from all five |", "|---|---|---|---|---|---|---|"]
 
     def pct(x) -> str:
-        return "-" if x is None or x != x else f"{100 * x:+.2f}%"
+        return "-" if _missing(x) else f"{100 * x:+.2f}%"
 
     for r in data["rows"]:
         robust = pct(r["robust_change"]) + (f" ({r['robust_chosen']})" if r["robust_chosen"] else "")
-        if r["stock_ppl"] != r["stock_ppl"]:  # the run did not score this domain
+        if _missing(r["stock_ppl"]):  # the run did not score this domain
             lines.append(f"| {r['domain']} | {r['tokens']} | - | - | - | - | - |")
             continue
         lines.append(f"| {r['domain']} | {r['tokens']} | {r['stock_ppl']:.3f} | {pct(r['best_global_change'])} "
@@ -602,8 +620,15 @@ def intervals(args) -> int:
     return 0
 
 
+def _bounds(part: dict) -> str:
+    """"[low, high]" in points, or "[n/a: one window]" where a domain had one scored window (null bounds)."""
+    if _missing(part["low"]) or _missing(part["high"]):
+        return "[n/a: one window]"
+    return f"[{100 * part['low']:+.2f}, {100 * part['high']:+.2f}]"
+
+
 def _with_interval(part: dict) -> str:
-    return f"{100 * part['value']:+.2f}% [{100 * part['low']:+.2f}, {100 * part['high']:+.2f}]"
+    return f"{100 * part['value']:+.2f}% {_bounds(part)}"
 
 
 def _intervals_markdown(data: dict) -> str:
@@ -616,7 +641,7 @@ def _intervals_markdown(data: dict) -> str:
         gap = r["unseen"]["minus_best_baseline"]
         lines.append(f"| {r['domain']} | {r['stock_ppl']:.3f} | {_with_interval(r['best baseline']['change'])} "
                      f"| {_with_interval(r['unseen']['change'])} ({r['unseen_chosen']}) "
-                     f"| {100 * gap['value']:+.2f} [{100 * gap['low']:+.2f}, {100 * gap['high']:+.2f}] "
+                     f"| {100 * gap['value']:+.2f} {_bounds(gap)} "
                      f"| {_with_interval(r['calibrated']['change'])} |")
     lines.append("")
     lines.append(f"Token-weighted means against the run's saved scores: largest difference "
@@ -625,8 +650,8 @@ def _intervals_markdown(data: dict) -> str:
 
 
 # -- report -------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
+def _pct(x: float | None) -> str:
+    return "-" if _missing(x) else f"{100 * x:+.2f}%"
 
 
 def _cell_markdown(data: dict) -> str:
@@ -658,6 +683,9 @@ def _targets(data: dict) -> list[str]:
     """Which targets a cell meets: unseen <= +0.1% and <= the best global beta; calibrated <= -3%."""
     misses = []
     for r in data["rows"]:
+        if _missing(r["without_change"]) or _missing(r["with_change"]) or _missing(r["best_global_change"]):
+            misses.append(f"{r['domain']}: not measured")
+            continue
         if r["without_change"] > 0.001:
             misses.append(f"{r['domain']}: unseen {_pct(r['without_change'])} > +0.10%")
         if r["without_change"] > r["best_global_change"]:

@@ -38,7 +38,9 @@ Version 4 adds ``"mode"`` to the policy: ``"positional"`` (what every earlier ve
 sinks"). Positional profiles are still written as version 3, so older readers keep reading them;
 a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
 sinkfix that had one), as is a version-4 file that does not (no sinkfix writes one). A policy of
-version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default.
+version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default, and so
+is, at every version, a policy or ``"domains"`` entry without ``"virtual_sink_logit"`` (every writer
+writes it, null without virtual logits) or with a key this format does not have.
 
 ``"fingerprint_dtype"`` and ``"cast_fingerprints"`` (optional at any version; files written before
 them lack both) make a profile fitted in one precision fit the same model in another: the
@@ -165,9 +167,15 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelIdentity":
-        from sinkfix.patch import PatchHandle
+        """The identity of ``model``; of the model inside it for a ``torch.compile`` wrapper, as
+        :func:`sinkfix.patch` checks a profile against (``patch._compiled_original``): a calibration on
+        the compiled model recorded architecture ``OptimizedModule`` and a fingerprint over
+        ``_orig_mod.`` parameter names, a profile that the very model, compiled or not, refused."""
+        from sinkfix.patch import PatchHandle, _compiled_original
 
         handle = PatchHandle.of(model)
+        model = _compiled_original(model)
+        handle = handle or PatchHandle.of(model)
         config = _text_config(model)
         if handle is not None:
             heads = tuple(handle.model_num_heads())
@@ -418,6 +426,15 @@ def _matrix(name: str, value: Any, identity: ModelIdentity, low: float | None = 
     return t
 
 
+#: The keys of a ``domains`` entry, and of a policy (``mode`` and ``content_sinks`` from version 4; the
+#: version checks are _content_from_dict's). Every writer since version 1 writes ``virtual_sink_logit``
+#: (null without virtual logits; the first profile.py, commit 0dd5a19, already did), so a file without it
+#: was edited: read as "no virtual logits", it patched other numbers than the ones fitted, unsaid.
+_DOMAIN_KEYS = ("sink_scale", "virtual_sink_logit")
+_POLICY_KEYS = frozenset({"sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink",
+                          "extra_sink_positions", "residual_clip", "mode", "content_sinks"})
+
+
 def _domain_parameters(value: Any, identity: ModelIdentity) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Per-domain (sink_scale, virtual_sink_logit) from a mapping of pairs or of JSON objects."""
     if not isinstance(value, dict):
@@ -425,9 +442,18 @@ def _domain_parameters(value: Any, identity: ModelIdentity) -> dict[str, tuple[t
     out = {}
     for name, params in value.items():
         if isinstance(params, dict):
+            # both keys, as every writer writes them (null: no virtual logits): a misspelt
+            # "virtual_sink_logits" loaded as "no virtual logits" and --evaluate rebuilt another profile
             if "sink_scale" not in params:
                 raise ProfileError(f"profile domain {name!r} has no 'sink_scale'")
-            params = (params["sink_scale"], params.get("virtual_sink_logit"))
+            if "virtual_sink_logit" not in params:
+                raise ProfileError(f"profile domain {name!r} has no 'virtual_sink_logit' (null for no virtual logits; "
+                                   "every sinkfix writes it): the file was edited or is corrupted")
+            unknown = sorted(set(params) - set(_DOMAIN_KEYS))
+            if unknown:
+                raise ProfileError(f"profile domain {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; it "
+                                   f"takes {', '.join(_DOMAIN_KEYS)}")
+            params = (params["sink_scale"], params["virtual_sink_logit"])
         elif not (isinstance(params, tuple) and len(params) == 2):
             # a file holds objects; a (beta, logit) pair is what code passes. A list is refused: the
             # two rows of a 2-layer matrix would otherwise read as a (beta, logit) pair
@@ -509,6 +535,9 @@ class Profile:
             self.residual_clip = clip
         if self.statistics is not None:
             self.statistics.check(self.model)
+        # what policy() would refuse when applied (extra_sink_positions inside the first n_sink, say) is
+        # refused now: Profile.load names the file, before any model loads
+        self.policy()
 
     # -- applying -------------------------------------------------------------------------------
     def policy(self) -> Policy:
@@ -617,6 +646,13 @@ class Profile:
         policy = data.get("policy")
         if not isinstance(policy, dict) or "sink_scale" not in policy:
             raise ProfileError("profile has no 'policy' object with a 'sink_scale' entry")
+        unknown = sorted(set(policy) - _POLICY_KEYS)
+        if unknown:  # a misspelt key ("n_sinks", "residual_clips") was ignored and its default applied
+            raise ProfileError(f"profile policy has unknown key(s) {', '.join(map(repr, unknown))}; it takes "
+                               f"{', '.join(sorted(_POLICY_KEYS))}")
+        if "virtual_sink_logit" not in policy:
+            raise ProfileError("profile policy has no 'virtual_sink_logit' (null for no virtual logits; every "
+                               "sinkfix writes it): the file was edited or is corrupted")
         clip = policy.get("residual_clip")
         if clip is not None:
             # numbers, or "inf" (what save() writes for a layer without a clip); float() would also
@@ -630,7 +666,9 @@ class Profile:
         extra = _json_ints("extra_sink_positions", policy.get("extra_sink_positions", []))
         if any(p < 0 for p in extra):
             raise ProfileError(f"profile extra_sink_positions must be >= 0, got {_json_text(list(extra))}")
-        calibration = data.get("calibration") or {}
+        # null is "no record"; [], false or "" are not objects (`or {}` read them as no record too)
+        calibration = data.get("calibration")
+        calibration = {} if calibration is None else calibration
         if not isinstance(calibration, dict):
             raise ProfileError("profile 'calibration' entry must be an object")
         if version >= 2 and "virtual_logit_on_sink_rows" not in policy:
@@ -641,7 +679,7 @@ class Profile:
         # version 1 counted the virtual logit in the sink's own row too
         on_sink_rows = policy["virtual_logit_on_sink_rows"] if version >= 2 else True
         domains = data.get("domains") if version >= 3 else None
-        return cls(identity, policy["sink_scale"], policy.get("virtual_sink_logit"), n_sink, extra, clip, calibration,
+        return cls(identity, policy["sink_scale"], policy["virtual_sink_logit"], n_sink, extra, clip, calibration,
                    virtual_logit_on_sink_rows=on_sink_rows, statistics=_read_statistics(data, identity),
                    domain_parameters=domains, version=version, content_sinks=_content_from_dict(policy, version),
                    fitted_version=data.get("fitted_version"))
@@ -674,10 +712,14 @@ class Profile:
             raise ProfileError(f"profile {p} is corrupted (invalid JSON at line {exc.lineno}, column {exc.colno})") from None
         except ValueError as exc:
             raise ProfileError(f"profile {p}: {exc}") from None
+        except RecursionError:  # arrays nested thousands deep: json's decoder recurses once per level
+            raise ProfileError(f"profile {p} is corrupted (JSON nested too deeply to read)") from None
         try:
             return cls.from_dict(data)
         except ProfileError as exc:
             raise ProfileError(f"{p}: {exc}") from None
+        except RecursionError:  # nesting under the interpreter's limit, deeper than the checks' own recursion
+            raise ProfileError(f"profile {p} is corrupted (a value is nested too deeply)") from None
         except OverflowError:  # a JSON integer float() cannot hold (1 and 400 zeros): not a float, so not parse_float's
             raise ProfileError(f"profile {p}: a number is too large for a float") from None
 

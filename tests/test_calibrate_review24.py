@@ -56,12 +56,13 @@ def test_a_val_fraction_that_holds_out_every_window_is_refused():
 
 def test_the_command_refuses_it_in_one_line(loaded_tiny, tmp_path, capsys):
     out = tmp_path / "p.json"
-    out.write_text("keep")
+    # an earlier profile (a file that is not one is refused before this check: review 39 #3)
+    out.write_text('{"format": "sinkfix-profile", "keep": true}')
     rc = cli.main(["calibrate", *text_args(tmp_path, THREE), "--seq-len", "64", "--steps", "6", "--no-statistics",
                    "--max-tokens", "512", "--val-fraction", "0.999", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "val_fraction 0.999 holds out" in err, err
-    assert out.read_text() == "keep"
+    assert out.read_text() == '{"format": "sinkfix-profile", "keep": true}'
 
 
 def test_shifted_copies_are_found_and_distinct_texts_are_not():

@@ -155,8 +155,10 @@ def test_per_domain_parameters_round_trip_and_are_checked(tmp_path):
     loaded.calibration["selection"]["rule"] = "safe-mean"
     assert "(safe-mean selection)" in loaded.describe()
     good = loaded.to_dict()
-    bad = {"shape": ({"pydoc": {"sink_scale": [[1.0] * 3] * 2}}, "domain 'pydoc' sink_scale has shape"),
-           "range": ({"pydoc": {"sink_scale": [[2.0] * 4] * 2}}, r"must lie in \[0.0, 1.0\]"),
+    # each entry with both keys, as written (one without virtual_sink_logit is refused: review 39 #4)
+    bad = {"shape": ({"pydoc": {"sink_scale": [[1.0] * 3] * 2, "virtual_sink_logit": None}},
+                     "domain 'pydoc' sink_scale has shape"),
+           "range": ({"pydoc": {"sink_scale": [[2.0] * 4] * 2, "virtual_sink_logit": None}}, r"must lie in \[0.0, 1.0\]"),
            "missing": ({"pydoc": {"virtual_sink_logit": None}}, "has no 'sink_scale'"),
            "type": ([1, 2], "'domains' entry must be an object")}
     for name, (domains, message) in bad.items():

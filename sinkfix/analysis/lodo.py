@@ -195,8 +195,10 @@ class ChangeInterval:
     low: float
     high: float
 
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+    def to_dict(self) -> dict[str, float | None]:
+        """JSON-ready: a bound that is not a number (one scored window: no interval) is None, null in
+        JSON; passed on as NaN, json.dumps wrote the literal ``NaN``, which is not JSON."""
+        return {key: value if math.isfinite(value) else None for key, value in self.__dict__.items()}
 
 
 @dataclass(frozen=True)

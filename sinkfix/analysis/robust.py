@@ -200,7 +200,15 @@ def select(pool: Sequence[Candidate], fits: Mapping[str, Parameters], shape: tup
         others = [params for name, params in fits.items() if name != held_out]
         return change(candidate_parameters(candidate, others, shape), held_out)
 
-    return Selection(*choose(pool, list(fits), score, rule=rule, prune=prune), rule=rule)
+    chosen, changes = choose(pool, list(fits), score, rule=rule, prune=prune)
+    for candidate in pool:
+        if candidate == IDENTITY:
+            # its scores cost no forward pass and are 0 everywhere: pruning under "worst" stopped it after
+            # one domain (0 is no better than a winner's worst), and the table printed the fallback every
+            # other candidate is measured against as "not scored" (">= +0.00%"). Complete, it cannot
+            # change the choice: a candidate pruned under either rule could not have won.
+            changes[candidate.name] = {held_out: 0.0 for held_out in fits}
+    return Selection(chosen, changes, rule=rule)
 
 
 def choose(pool: Sequence, domains: Sequence[str], score: Callable[[Any, str], float], *,

@@ -15,7 +15,7 @@ from sinkfix.commands import SUMMARIES, set_threads
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
-__all__ = ["add_parser", "run", "STATISTICS_WINDOWS", "default_out"]
+__all__ = ["add_parser", "run", "STATISTICS_WINDOWS", "default_out", "check_profile_out"]
 
 #: Evaluation windows per domain of ``--evaluate`` (the leave-one-domain-out table).
 EVAL_WINDOWS = 8
@@ -117,6 +117,53 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"(default {STATISTICS_WINDOWS}: the guard's margin was chosen with ranges from that many)")
     parser.set_defaults(run=run)
     return parser
+
+
+#: The largest existing file ``--out`` reads to tell whether it is a sinkfix profile (and so may be
+#: replaced): a profile is a few MB at most (a [layers][heads] matrix per policy entry and domain); a
+#: larger file is not one, and is not read whole to find that out.
+PROFILE_CHECK_BYTES = 64 << 20
+
+
+def check_profile_out(out, flag: str = "--out", inputs=()) -> None:
+    """UsageError (one line, before any model loads or fit runs) when writing a profile to ``out`` would
+    destroy a file that is not a profile: ``out`` is one of the ``inputs`` (the ``--text`` files, under
+    any spelling of the path), or an existing non-empty file that is not a sinkfix profile (a text, a
+    log, a result). An existing profile is replaced, as ever, and an empty file holds nothing to lose.
+    ``sinkfix calibrate --out code.txt --text code.txt`` wrote the profile over its own calibration text."""
+    import json
+    import os
+    from pathlib import Path
+
+    from sinkfix.errors import UsageError
+    from sinkfix.profile import FORMAT
+
+    target = Path(out)
+    if not target.is_file():  # missing (written new), or /dev/null and the like: nothing is replaced
+        return
+    for given in inputs:
+        try:
+            same = os.path.samefile(target, given)
+        except OSError:  # an input that cannot be read is the text loader's to refuse
+            same = False
+        if same:
+            raise UsageError(f"{flag} {out} is the text {given} (--text): writing the profile there would replace "
+                             "it; write the profile to another file")
+    size = target.stat().st_size
+    if size == 0:
+        return
+    found = "a larger file than any profile"
+    if size <= PROFILE_CHECK_BYTES:
+        try:
+            data = json.loads(target.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            data, found = None, "not JSON"
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return
+        if data is not None:
+            found = "JSON without \"format\": \"sinkfix-profile\""
+    raise UsageError(f"{flag} {out} exists and is not a sinkfix profile ({found}): writing the profile would "
+                     "replace it; write it to another file, or remove that one first")
 
 
 def refuse_content_statistics(profile, given: str) -> None:
@@ -292,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         # "--out ''" wrote ./<model>.profile.json (args.out or default_out), which Profile.load('') refuses
         raise UsageError("--out is empty: give the profile's path, or leave --out out for ./<model>.profile.json")
     out = check_writable(args.out or default_out(args.model))  # before the fits, not after
+    check_profile_out(out, "--out" if args.out else "the default --out", args.text or ())
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                                    virtual_logits=args.virtual_logits,

@@ -90,10 +90,22 @@ def _add_ranges(sub) -> None:
     from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
 
     add_common_arguments(parser, default_max_tokens=8192, split="calib")
+    # the window protocol defaults to the profile's own (its calibration record): ranges measured with
+    # other windows (BOS windows for a no-BOS profile) moved by up to 0.37 in sink share on SmolLM2, and
+    # the guard compared live prompts with them, unsaid
+    for action in parser._actions:
+        if action.dest in _PROTOCOL_FLAGS:
+            action.default = None
+            action.help = (f"{action.help.split(' (default')[0]} (default: as the profile records its calibration; "
+                           "a different value needs --override-protocol)")
     parser.add_argument("--profile", action=StoreOnce, required=True, help="the profile to measure (applied to the model)")
-    parser.add_argument("--statistics-windows", type=int, default=STATISTICS_WINDOWS, metavar="N",
-                        help="windows per domain the ranges are measured on, the first N (default "
-                             f"{STATISTICS_WINDOWS}, as sinkfix calibrate: the guard's margin was chosen with that many)")
+    parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
+                        help="windows per domain the ranges are measured on, the first N (default: the profile's "
+                             f"statistics' own count, else {STATISTICS_WINDOWS}, as sinkfix calibrate: the guard's "
+                             "margin was chosen with that many)")
+    parser.add_argument("--override-protocol", action="store_true",
+                        help="measure with --seq-len / --bos / --max-tokens / --statistics-windows values other than "
+                             "the profile records (a warning, and the new statistics record what differs)")
     parser.add_argument("--out", required=True, help="profile to write, with statistics")
     parser.add_argument("--min-rows", type=int, default=STATISTICS_MIN_ROWS,
                         help=f"shortest prefix measured, in rows (default {STATISTICS_MIN_ROWS}, as sinkfix calibrate)")
@@ -373,14 +385,86 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # -- ranges / requests ------------------------------------------------------------------------------
+#: `monitor ranges` options that set the window protocol: dest -> (flag, key in the recorded protocol).
+_PROTOCOL_FLAGS = {"seq_len": ("--seq-len", "seq_len"), "bos": ("--bos", "bos"),
+                   "max_tokens": ("--max-tokens", "max_tokens"),
+                   "statistics_windows": ("--statistics-windows", "windows_per_text")}
+
+#: What `monitor ranges` measures with where the profile records nothing (a profile made in code):
+#: the defaults of `sinkfix calibrate`.
+_RANGES_DEFAULTS = {"seq_len": 512, "bos": True, "max_tokens": 8192}
+
+
+def _recorded_protocol(profile) -> dict:
+    """dest -> value of the window protocol the profile records: seq_len and bos from its calibration
+    record's ``protocol``, max_tokens from its ``hyper`` (null: every token), the windows per text from
+    its statistics' protocol (calibrate records them there); a key the profile does not record is absent."""
+    record = profile.calibration or {}
+    protocol = record.get("protocol") if isinstance(record.get("protocol"), dict) else {}
+    hyper = record.get("hyper") if isinstance(record.get("hyper"), dict) else {}
+    stats = profile.statistics.protocol if profile.statistics is not None else {}
+    found = {}
+    for dest, source in (("seq_len", protocol), ("bos", protocol), ("max_tokens", hyper)):
+        if dest in source:
+            found[dest] = source[dest]
+        elif dest in stats:  # a profile whose ranges were measured, without a calibration record
+            found[dest] = stats[dest]
+    if "windows_per_text" in stats:
+        found["statistics_windows"] = stats["windows_per_text"]
+    return found
+
+
+def _ranges_protocol(args: argparse.Namespace, profile) -> dict:
+    """Fill the protocol options of `monitor ranges` from the profile's record (each left out is None);
+    an option given with another value than the record is a UsageError, unless --override-protocol,
+    which warns on stderr. Returns {flag: {"recorded", "used"}} for the values that differ."""
+    import sys
+
+    from sinkfix.commands.calibrate import STATISTICS_WINDOWS
+    from sinkfix.errors import UsageError
+
+    recorded = _recorded_protocol(profile)
+    differ = {}
+    for dest, (flag, _) in _PROTOCOL_FLAGS.items():
+        given = getattr(args, dest)
+        if dest not in recorded:
+            if given is None:
+                setattr(args, dest, STATISTICS_WINDOWS if dest == "statistics_windows" else _RANGES_DEFAULTS[dest])
+            continue
+        if given is None:
+            setattr(args, dest, recorded[dest])
+        elif given != recorded[dest]:
+            differ[flag] = {"recorded": recorded[dest], "used": given}
+    if differ and not args.override_protocol:
+        named = ", ".join(f"{flag} {_flag_value(flag, v['used'])} (the profile's: {_flag_value(flag, v['recorded'])})"
+                          for flag, v in differ.items())
+        raise UsageError(f"{named}: the guard's ranges are measured with the window protocol the profile was "
+                         "calibrated with; leave the option out, or add --override-protocol to measure with it anyway")
+    if differ:
+        used = ", ".join(f"{flag} {_flag_value(flag, v['used'])}" for flag, v in differ.items())
+        print(f"sinkfix monitor ranges: warning: measuring with another window protocol than the profile's "
+              f"calibration ({used}); the new statistics record it (protocol.overrides)", file=sys.stderr)
+    if not recorded:
+        print("sinkfix monitor ranges: note: the profile records no calibration protocol; measuring with "
+              f"--seq-len {args.seq_len}, {'--bos' if args.bos else '--no-bos'}, --max-tokens {args.max_tokens}",
+              file=sys.stderr)
+    return differ
+
+
+def _flag_value(flag: str, value) -> str:
+    if flag == "--bos":
+        return {True: "on", False: "off"}.get(value, repr(value))
+    return "all tokens" if value is None else str(value)
+
+
 def _run_ranges(args: argparse.Namespace) -> int:
     import sinkfix
-    from sinkfix.commands.calibrate import refuse_content_statistics, with_statistics
+    from sinkfix.commands.calibrate import check_profile_out, refuse_content_statistics, with_statistics
     from sinkfix.commands.inspect import describe_texts, texts_from_args
     from sinkfix.errors import UsageError
     from sinkfix.files import check_writable
 
-    if args.statistics_windows < 1 or args.min_rows < 1:
+    if (args.statistics_windows is not None and args.statistics_windows < 1) or args.min_rows < 1:
         raise UsageError(f"--statistics-windows and --min-rows must be >= 1, got {args.statistics_windows} and "
                          f"{args.min_rows}")
     set_threads(args.threads)
@@ -388,13 +472,17 @@ def _run_ranges(args: argparse.Namespace) -> int:
     print(describe_texts(texts))
     profile = sinkfix.Profile.load(args.profile)
     refuse_content_statistics(profile, f"--profile {args.profile}")  # known from the file: before the model loads
+    overrides = _ranges_protocol(args, profile)
     check_writable(args.out)  # before the measurements, not after them
+    check_profile_out(args.out, "--out", args.text or ())  # not a --text file, nor any other file but a profile
     model, tokenizer = sinkfix.load_model(args.model)
     # the same windows as calibrate's statistics (the first --statistics-windows of each text): the
     # guard's default margin was chosen with ranges from 8 per domain, and this command measured every
     # window of its 16384 tokens (32 per domain), ranges wide enough to make the guard less sensitive
     extended = with_statistics(profile, model, tokenizer, {name: t.text for name, t in texts.items()}, args)
     stats = extended.statistics
+    if overrides:
+        stats.protocol["overrides"] = overrides
     path = extended.save(args.out)
     print(f"sink-share ranges over {stats.windows} windows (and their prefixes of >= {stats.min_rows} rows): "
           f"widest {float((stats.high - stats.low).max()):.3f}; wrote {path}")
