@@ -354,3 +354,24 @@ def test_max_prompt_tokens_help_says_the_bos_is_included(capsys):
         cli.main(["monitor", "run", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "at most N tokens, the BOS token included" in help_text
+
+
+def test_deeply_nested_json_in_a_request_file_or_a_log_is_a_one_line_error(tmp_path):
+    """json's decoder recurses once per nesting level: a line of 200,000 '[' raised a RecursionError
+    traceback from the request reader, the log reader and the log check instead of a MonitorError."""
+    from sinkfix.errors import MonitorError
+    from sinkfix.telemetry.outputs import check_log_file
+    from sinkfix.telemetry.report import read_log
+    from sinkfix.telemetry.requests import read_requests
+
+    deep = "[" * 200_000 + "]" * 200_000 + "\n"
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "a"}\n' + deep)
+    with pytest.raises(MonitorError, match="line 2: .*nested too deeply"):
+        read_requests(requests)
+    log = tmp_path / "log.jsonl"
+    log.write_text(deep)
+    with pytest.raises(MonitorError, match="line 1: .*nested too deeply"):
+        read_log(log)
+    with pytest.raises(MonitorError, match="is not a sinkfix telemetry log"):
+        check_log_file(log)

@@ -73,7 +73,7 @@ def _first_record(p: Path) -> dict | None:
         return None
     try:
         record = json.loads(first)
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply to read
         record = None
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise MonitorError(f"{p} exists and is not a sinkfix telemetry log (its first line is not a record with "

@@ -154,6 +154,9 @@ def read_log(path: str | Path) -> list[dict]:
             record = json.loads(line, parse_constant=lambda name: constants.append(name) or float(name))
         except json.JSONDecodeError as exc:
             raise MonitorError(f"{p}, line {number}: not JSON ({json_error(exc)})") from None
+        except RecursionError:  # arrays nested thousands deep: json's decoder recurses once per level
+            raise MonitorError(f"{p}, line {number}: not a telemetry record (JSON nested too deeply to read)") \
+                from None
         records.append(_check_record(record, number, str(p), non_finite=bool(constants)))
     if not records:
         raise MonitorError(f"telemetry log {p} holds no record")

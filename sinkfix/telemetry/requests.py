@@ -71,6 +71,8 @@ def _parse_line(text: str, number: int, where: str) -> Request:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MonitorError(f"{where}, line {number}: not JSON ({json_error(exc)})") from None
+    except RecursionError:  # arrays nested thousands deep: json's decoder recurses once per level
+        raise MonitorError(f"{where}, line {number}: not a request (JSON nested too deeply to read)") from None
     if not isinstance(data, dict):
         raise MonitorError(f"{where}, line {number}: expected a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_KEYS))
