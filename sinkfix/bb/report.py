@@ -392,19 +392,43 @@ def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]
     return remove_unwritten(out_dir, FIGURE_NAMES, written)
 
 
-def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
+def _finite(value: float | None) -> float | None:
+    """A measure as a bar height: None for an undefined one (null in bb.json: None, or a non-finite float)."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _pyplot():
+    """matplotlib.pyplot for the figures. :class:`~sinkfix.analysis.plots.PlotError` when matplotlib is
+    missing (the one "pip install" message), and when it is installed but fails to import, with that
+    import's own error: a broken install was told to install matplotlib, its real error hidden."""
+    from sinkfix.analysis.plots import PlotError, pyplot
+
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":  # matplotlib is there; one of its own dependencies is not
+            raise PlotError(f"figures need matplotlib, which is installed but does not import ({type(exc).__name__}: "
+                            f"{exc}): repair it, or pass --no-figures") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways; each said as it is
+        raise PlotError(f"figures need matplotlib, which is installed but does not import ({type(exc).__name__}: "
+                        f"{exc}): repair it, or pass --no-figures") from exc
+    return pyplot()  # missing: PlotError with the install hint
+
+
+def write_figures(report: dict, out_dir: str | Path, written: list[Path] | None = None) -> list[Path]:
     """``bb_dynamics.png`` (quantities vs step per variant) and ``bb_final.png`` (final comparison).
     :class:`~sinkfix.analysis.plots.PlotError` when matplotlib is missing (a ModuleNotFoundError
-    traceback before)."""
-    from sinkfix.analysis.plots import pyplot
+    traceback before) or does not import. ``written``: each figure's path is appended to it as soon
+    as it is saved, so that a caller knows which figures this run wrote when a later one fails."""
     from sinkfix.files import save_figure
 
-    plt = pyplot()
+    plt = _pyplot()
+    from matplotlib.patches import Patch
 
     out = Path(out_dir)
     names = [k for k in ("adam", "sgd", "relu") if k in report]
     colors = {"adam": "tab:blue", "sgd": "tab:orange", "relu": "tab:green"}
-    paths = []
+    paths = [] if written is None else written
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for ax, (key, title, log) in zip(axes.flat, _DYNAMICS):
@@ -436,15 +460,26 @@ def write_figures(report: dict, out_dir: str | Path) -> list[Path]:
     for ax, (title, keys, log) in zip(axes, panels):
         width = 0.8 / len(names)
         for j, n in enumerate(names):
-            vals = [report[n].get(key) or 0.0 for key, _ in keys]
-            ax.bar([i + j * width for i in range(len(keys))], vals, width, label=n, color=colors.get(n))
+            # a null measure (a ReLU head silent on every row has no attention share) is no bar and
+            # "n/a": drawn as 0 it read as "no attention on BOS"
+            vals = [_finite(report[n].get(key)) for key, _ in keys]
+            xs = [i + j * width for i in range(len(keys))]
+            shown = [(x, v) for x, v in zip(xs, vals) if v is not None]
+            ax.bar([x for x, _ in shown], [v for _, v in shown], width, label=n, color=colors.get(n))
+            for x, v in zip(xs, vals):
+                if v is None:
+                    ax.text(x, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                            rotation=90, fontsize=8, color=colors.get(n))
+        # every slot inside the axes, also a last one with no bar (its "n/a" fell outside them)
+        ax.set_xlim(-width / 2 - 0.1, len(keys) - 1 + 0.8 - width / 2 + 0.1)
         ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(keys))])
         ax.set_xticklabels([label for _, label in keys], fontsize=9)
         if log:
             ax.set_yscale("log")
             ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        # the legend from patches: a variant with no bar in a panel took matplotlib's default colour there
+        ax.legend(handles=[Patch(color=colors.get(n), label=n) for n in names], fontsize=8)
     fig.suptitle("Bigram-Backcopy: final comparison per variant")
     fig.tight_layout()
     paths.append(save_figure(fig, out / FIGURE_NAMES[1]))

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         FIGURE_NAMES, remove_stale_figures, run_experiment, summary_table, to_json, write_figures,
     )
     from sinkfix.bb.train import VARIANTS, TrainConfig, check_width
-    from sinkfix.errors import UsageError
+    from sinkfix.errors import SinkfixError, UsageError
     from sinkfix.files import atomic_write_text, check_writable
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -128,13 +128,29 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         atomic_write_text(out / "bb.json", text + "\n")
-        written = [] if args.no_figures else write_figures(report, out)
+        progress(f"wrote {out / 'bb.json'}")
+        # the run is complete once bb.json holds it: a partial file left beside it (when drawing failed)
+        # made the next run into this folder refuse, as if this one had not finished
+        partial.unlink(missing_ok=True)
+        written: list[Path] = []
+        failure = None
+        if not args.no_figures:
+            try:
+                write_figures(report, out, written)
+            except Exception as exc:  # noqa: BLE001 - matplotlib broken, a full disk: bb.json is kept, said below
+                failure = exc
         for path in written:
             progress(f"wrote {path}")
-        progress(f"wrote {out / 'bb.json'}")
+        # also when drawing failed: an earlier run's figures beside this run's bb.json read as this run's
         for path in remove_stale_figures(out, written):
             progress(f"removed {path} (an earlier run's figure; this run did not draw it)")
-        partial.unlink(missing_ok=True)
+        if failure is not None:
+            from sinkfix.analysis.plots import PlotError
+
+            reason = str(failure) if isinstance(failure, SinkfixError) else f"{type(failure).__name__}: {failure}"
+            drawn = f"; drawn: {', '.join(p.name for p in written)}" if written else "; no figure kept"
+            raise PlotError(f"the results are in {out / 'bb.json'}, but the figures could not be drawn "
+                             f"({reason}){drawn}")
     return 0
 
 

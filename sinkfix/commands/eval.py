@@ -173,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
     config.validate()  # bad arguments fail before lm-eval's imports (several seconds)
     if args.out:
         from sinkfix.files import check_writable
+        from sinkfix.lmeval.config import check_out_is_no_input
 
         check_writable(args.out)  # before the evaluation, not after it
+        check_out_is_no_input(args.out, config.input_files())  # the tasks' data files: in run_eval, with the index
     # before lm-eval (and with it datasets) is imported, which reads the switches
     offline_if_unreachable()
     _import_lmeval()
@@ -184,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     with _quiet(args.verbose, args.json, interactive):
         # notes (a setting not applied as asked) reach stderr in a log file too, not only on a terminal
         report = run_eval(config, log=_stage_log(err) if interactive else lambda _: None,
-                          note=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True))
+                          note=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True),
+                          out=args.out)
     _emit(report, args)
     return 0

@@ -3,8 +3,10 @@ so that bad arguments fail before lm-eval's imports (several seconds) are paid."
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Iterable, Literal
 
 from sinkfix.errors import UsageError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
@@ -13,7 +15,7 @@ from sinkfix.models import DEFAULT_MODEL, pick_device
 from sinkfix.policy import Policy
 from sinkfix.profile import Profile
 
-__all__ = ["EvalConfig", "Correction", "DEFAULT_POLICY"]
+__all__ = ["EvalConfig", "Correction", "DEFAULT_POLICY", "check_out_is_no_input"]
 
 DEFAULT_POLICY = "sink_scale=0.9"
 
@@ -84,8 +86,47 @@ class EvalConfig:
         if self.device is not None:
             pick_device(self.device)  # a name torch does not know, or CUDA where there is none
 
+    def input_files(self) -> list[tuple[str, Path]]:
+        """The files this run reads that are known without lm-eval, each with what it is: the profile,
+        every file of a local model folder, the task files (YAML under the include paths, or named in
+        ``tasks``). The tasks' data files need lm-eval's task index: :func:`~sinkfix.lmeval.taskload.data_files`."""
+        inputs = [] if self.profile is None else [("the --profile file", Path(self.profile))]
+        model = Path(self.model).expanduser()
+        if model.is_dir():
+            for root, _, names in os.walk(model):
+                inputs += [(f"the file {(Path(root) / n).relative_to(model)} of the --model folder", Path(root) / n)
+                           for n in sorted(names)]
+        inputs += [(f"the task file {name}", Path(name)) for name in self.tasks
+                   if name.endswith((".yaml", ".yml")) and Path(name).is_file()]
+        for folder in self.include_paths:
+            if Path(folder).expanduser().is_dir():
+                inputs += [(f"the task file {path} (--include-path)", path)
+                           for path in sorted(Path(folder).expanduser().rglob("*")) if path.suffix in (".yaml", ".yml")]
+        return inputs
+
     def correction(self) -> Correction:
         spec = self.policy if self.policy is not None or self.profile is not None else DEFAULT_POLICY
         correction = Correction.from_args(spec, self.profile)
         assert correction is not None
         return correction
+
+
+def check_out_is_no_input(out: str | os.PathLike[str] | None,
+                          inputs: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
+    """Refuse an ``--out`` that names one of the run's own inputs (``inputs``: what it is, its path),
+    compared as ``os.path.samefile`` compares (device and inode: any spelling of the path, a symbolic
+    or hard link). The report replaced the input silently: ``--profile p.json --out p.json`` lost a
+    profile that takes 9-13 minutes to calibrate, ``--out`` on a task's data file lost the task."""
+    if not out:
+        return
+    try:
+        target = os.stat(out)
+    except OSError:  # not there (yet): no input is that file
+        return
+    for what, path in inputs:
+        try:
+            other = os.stat(path)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (target.st_dev, target.st_ino):
+            raise UsageError(f"--out {out} is {what}: the report would replace it; write the report to another file")

@@ -20,10 +20,10 @@ from typing import Any, Callable, Collection
 import numpy as np
 import torch
 
-from sinkfix.lmeval.config import EvalConfig
+from sinkfix.lmeval.config import EvalConfig, check_out_is_no_input
 from sinkfix.lmeval.model import SinkfixLM
 from sinkfix.lmeval.stats import compare_paired
-from sinkfix.lmeval.taskload import LoadedTasks, check_items, load_tasks
+from sinkfix.lmeval.taskload import LoadedTasks, check_items, data_files, load_tasks
 from sinkfix.profile import ModelIdentity
 
 __all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "rolling_tasks", "compare_runs", "SCHEMA"]
@@ -218,11 +218,14 @@ def _timed(step: str, message: str, log: Log, run: Callable[[], Any], timing: di
     return result
 
 
-def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = None) -> dict[str, Any]:
+def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = None,
+             out: str | None = None) -> dict[str, Any]:
     """Load the tasks, then the model once; evaluate stock, then corrected; return the JSON report.
 
     ``log`` hears of each stage; ``note`` (default: ``log``) of anything the run does otherwise than
-    asked, as soon as it is known (also in the report's ``notes``)."""
+    asked, as soon as it is known (also in the report's ``notes``). ``out``: the file the caller will
+    write the report to, refused before the model loads when it is one of the run's inputs (the
+    profile, a file of the model folder, a task file or a task's data file)."""
     config.validate()
     start, timing = time.perf_counter(), {}
     if config.threads:
@@ -230,8 +233,13 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
     correction = config.correction()  # a bad spec or profile file fails before anything is loaded
     loaded = _timed("tasks", "tasks ...", log, lambda: load_tasks(list(config.tasks), config.include_paths, log),
                     timing)
+    if out:  # the tasks' data files are known now, before the model loads
+        data = [(f"a data file of task {name} ({path})", path)
+                for name in config.tasks for path in data_files(loaded.manager, [name])]
+        check_out_is_no_input(out, [*config.input_files(), *data])
+    counts = apply_fewshot(loaded, config.num_fewshot)  # before the check: it reads the few-shot counts
     check_items(loaded, config.limit)  # a record lm-eval cannot score as meant fails here, before the model loads
-    notes = fewshot_notes(apply_fewshot(loaded, config.num_fewshot), config.num_fewshot, rolling_tasks(loaded))
+    notes = fewshot_notes(counts, config.num_fewshot, rolling_tasks(loaded))
     for text in notes:
         (note or log)(text)
     lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(

@@ -28,7 +28,7 @@ try:
 except ImportError:
     raise EvaluationError("downstream evaluation needs lm-evaluation-harness: pip install 'sinkfix[eval]'") from None
 
-__all__ = ["LoadedTasks", "load_tasks", "check_data_files", "check_items"]
+__all__ = ["LoadedTasks", "load_tasks", "check_data_files", "check_items", "data_files"]
 
 Log = Callable[[str], None]
 
@@ -127,7 +127,9 @@ def _check_json_file(path: Path) -> None:
     if not path.is_file():
         raise EvaluationError(f"task data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark at the start (Windows editors write one) is dropped, as datasets'
+        # JSON loader drops it; read as plain UTF-8 it was refused ("Unexpected UTF-8 BOM", line 1)
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise EvaluationError(f"cannot read task data file {path}: {exc}") from None
     try:
@@ -180,6 +182,11 @@ def _needs_hub(manager: Any, names: Iterable[str]) -> bool:
     return any(c.get("dataset_path") not in local for n in names for c in _leaf_configs(manager, n))
 
 
+def data_files(manager: Any, names: Iterable[str]) -> list[Path]:
+    """The local data files the named tasks read (``dataset_kwargs.data_files``, globs expanded)."""
+    return [path for name in names for config in _leaf_configs(manager, name) for path in _data_files(config)]
+
+
 def check_data_files(manager: Any, names: Iterable[str]) -> None:
     """Check every local JSON data file the named tasks read: present, readable, and either one JSON
     document or one JSON object per line; the first problem is an EvaluationError naming the line."""
@@ -207,66 +214,249 @@ def load_tasks(names: list[str], include: Iterable[str | Path] = (), log: Log = 
 
 
 _TEMPLATE_FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)")
+_BARE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
+_ROLLING = "loglikelihood_rolling"
 
 
-def _referenced_fields(task: Any) -> list[str]:
-    """The record fields a task's prompt, answer and choices read: a field named outright
-    (``doc_to_choice: choices``) or the first name of a Jinja expression (``"{{text}}"``)."""
+@dataclass(frozen=True)
+class _Field:
+    """A record field a task's template reads."""
+
+    name: str
+    bare: bool  # named outright (``doc_to_choice: choices``), not inside a Jinja template
+    optional: bool  # the template tests it itself (``x is defined``, ``x is none``, ``x | default(...)``)
+
+
+@functools.lru_cache(maxsize=256)
+def _jinja_fields(template: str) -> tuple[_Field, ...]:
+    """The names a Jinja template reads from the record, in the order they first appear. Jinja's own
+    analysis, not a pattern: a loop or ``set`` variable (``{% for c in choices %}{{ c }}``) is no
+    field (``c`` is in no record: counted as a field, a valid task would be refused as missing it),
+    nor is a global of lm-eval's template environment (``range``). Cached: parsed once per template,
+    not once per record."""
+    from jinja2 import meta, nodes
+    from lm_eval.utils import env
+
+    try:
+        tree = env.parse(template)
+    except Exception:  # noqa: BLE001 - a template lm-eval cannot parse fails in its own load, with its message
+        return tuple(_Field(name, False, False) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
+    names = meta.find_undeclared_variables(tree) - set(env.globals)
+    optional = {test.node.name for test in tree.find_all(nodes.Test)
+                if test.name in ("defined", "undefined", "none") and isinstance(test.node, nodes.Name)}
+    optional |= {flt.node.name for flt in tree.find_all(nodes.Filter)
+                 if flt.name in ("default", "d") and isinstance(flt.node, nodes.Name)}
+
+    def first(name: str) -> tuple[int, str]:
+        found = re.search(rf"\b{re.escape(name)}\b", template)
+        return (found.start() if found else len(template), name)
+
+    return tuple(_Field(name, False, name in optional) for name in sorted(names, key=first))
+
+
+def _templates(task: Any, fewshot: bool = False) -> dict[str, Any]:
+    """A task's prompt, answer and choices templates; for a few-shot example, those of its
+    ``fewshot_config`` (lm-eval's ``fewshot_context`` renders the examples with them; they default
+    to the task's own)."""
     config = getattr(task, "config", None)
-    fields: list[str] = []
-    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
-        value = getattr(config, key, None)
+    source = getattr(task, "fewshot_cfg", None) if fewshot else None
+    return {key: getattr(source if source is not None else config, key, None) for key in _TEMPLATE_KEYS}
+
+
+def _referenced_fields(task: Any, fewshot: bool = False) -> list[_Field]:
+    """The record fields a task's prompt, answer and choices read: a field named outright
+    (``doc_to_choice: choices``) or a name a Jinja template reads (``"{{text}}"``).
+
+    A template without Jinja markup is a field name only when it is one word, as lm-eval reads it:
+    ``doc_to_text: context`` is the record's ``context`` when the data has that column, and otherwise
+    the literal text "context" (lm-eval's ``doc_to_text``: a key of the record, else a template).
+    Text with spaces or punctuation (``"Answer:"``, ``"['yes', 'no']"``, ``""``) is a literal and reads
+    no field."""
+    fields: list[_Field] = []
+    for value in _templates(task, fewshot).values():
         if not isinstance(value, str):
             continue
-        names = _TEMPLATE_FIELD.findall(value) if "{{" in value else [value.strip()]
-        fields += [name for name in names if name not in fields]
+        if any(mark in value for mark in ("{{", "{%", "{#")):
+            found = list(_jinja_fields(value))
+        elif _BARE_NAME.fullmatch(value):
+            found = [_Field(value, True, False)]
+        else:
+            found = []
+        fields += [f for f in found if f.name not in {g.name for g in fields}]
     return fields
 
 
-def _item_problem(task: Any, doc: Any) -> str | None:
+def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
+    if not isinstance(doc, dict):
+        return None
+    for field in _referenced_fields(task, fewshot):
+        if field.optional:
+            continue
+        if field.name not in doc:
+            # no JSON record has it (datasets gives every record each column some record has): lm-eval
+            # scored every item on the bare name as literal text ("context"), or failed on the template
+            literal = f" (lm-eval would read {field.name!r} as literal text)" if field.bare else ""
+            return f"field {field.name!r} is missing{literal}"
+        if doc[field.name] is None:  # absent from this JSON record only: a template renders it as "None"
+            return f"field {field.name!r} is missing (null)"
+    return None
+
+
+def _rendered(task: Any, what: str, doc: Any, templates: dict[str, Any] | None) -> Any:
+    """``task.doc_to_<what>(doc)``, with the few-shot template when ``templates`` are given."""
+    method = getattr(task, f"doc_to_{what}")
+    return method(doc) if templates is None else method(doc, templates[f"doc_to_{what}"])
+
+
+def _item_problem(task: Any, doc: Any, fewshot: bool = False) -> str | None:
     """What keeps lm-eval from scoring one item as meant, or None. lm-eval builds a task's requests
     with the model loaded and fails there with a bare TypeError on a record that lacks its field
     (a cloze record without choices), or scores it quietly wrong: a document without text as an
     empty one (one word, no bytes, in the weighted perplexities), a gold index past the choices as a
-    wrong answer in both runs."""
-    missing = [field for field in _referenced_fields(task) if isinstance(doc, dict) and field in doc
-               and doc[field] is None]
-    if missing:  # a field absent from one JSON record is null there, and a template renders it as "None"
-        return f"field {missing[0]!r} is missing (null)"
+    wrong answer in both runs, a prompt template naming a field no record has as that name's text.
+
+    ``fewshot``: the record as a few-shot example, rendered with the few-shot templates; its answer
+    must give text too (lm-eval's ``build_qa_turn`` fails on an assertion mid-run otherwise)."""
+    problem = _field_problem(task, doc, fewshot)
+    if problem is not None:
+        return problem
     kind = task.OUTPUT_TYPE
-    if kind == "loglikelihood_rolling":
+    if kind == _ROLLING:
         text = task.doc_to_target(doc)
         return None if isinstance(text, str) and text.strip() else f"no text to score (got {text!r:.60})"
-    prompt = task.doc_to_text(doc)
+    templates = _templates(task, True) if fewshot else None
+    prompt = _rendered(task, "text", doc, templates)
     if not isinstance(prompt, (str, int)):
         return f"the prompt is {type(prompt).__name__} {prompt!r:.60}, not text"
-    if kind != "multiple_choice":
-        return None
-    choices = task.doc_to_choice(doc)
-    if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-        return f"the choices are {choices!r:.60}, not a non-empty list of strings"
-    gold = task.doc_to_target(doc)
-    golds = gold if isinstance(gold, (list, tuple)) else [gold]
-    for one in golds:
-        if isinstance(one, str):
-            if one not in choices:
-                return f"the answer {one!r:.40} is not one of the {len(choices)} choices"
-        elif isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < len(choices):
-            return f"the answer index {one!r:.40} is outside the {len(choices)} choices (0..{len(choices) - 1})"
+    choices = None
+    if kind == "multiple_choice":
+        choices = _rendered(task, "choice", doc, templates)
+        if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
+            return f"the choices are {choices!r:.60}, not a non-empty list of strings"
+        gold = _rendered(task, "target", doc, templates)
+        golds = gold if isinstance(gold, (list, tuple)) else [gold]
+        for one in golds:
+            if isinstance(one, str):
+                if one not in choices:
+                    return f"the answer {one!r:.40} is not one of the {len(choices)} choices"
+            elif isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < len(choices):
+                return f"the answer index {one!r:.40} is outside the {len(choices)} choices (0..{len(choices) - 1})"
+    if fewshot:
+        return _example_problem(task, doc, prompt, choices, templates)
     return None
+
+
+def _example_problem(task: Any, doc: Any, prompt: Any, choices: Any, templates: dict[str, Any]) -> str | None:
+    """What lm-eval's ``build_qa_turn`` asserts of a few-shot example: the prompt is text (an index
+    into the choices for a multiple-input task) and the answer gives text (a choice's index, a list
+    whose first entry is text, or text)."""
+    if choices is None and templates["doc_to_choice"]:
+        choices = _rendered(task, "choice", doc, templates)
+    if getattr(task, "multiple_input", 0) and isinstance(prompt, int) and isinstance(choices, (list, tuple)):
+        prompt = choices[prompt] if 0 <= prompt < len(choices) else None
+    if not isinstance(prompt, str):
+        return f"the prompt is {type(prompt).__name__} {prompt!r:.60}, not text"
+    answer = _rendered(task, "target", doc, templates)
+    if answer is None or answer == "":
+        return None  # lm-eval shows the example without an answer
+    if choices and isinstance(answer, int) and not isinstance(answer, bool):
+        text = choices[answer] if 0 <= answer < len(choices) else None
+    else:
+        text = answer[0] if isinstance(answer, list) and answer else answer
+    if not isinstance(text, str):
+        return f"the answer {answer!r:.40} gives no text to show after the example"
+    return None
+
+
+def _checked(task: Any, doc: Any, fewshot: bool = False) -> str | None:
+    try:
+        return _item_problem(task, doc, fewshot)
+    except Exception as exc:  # noqa: BLE001 - a template or a !function on a record that does not fit
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _fewshot_source(task: Any) -> str:
+    """Where lm-eval draws a task's few-shot examples from, in words (``ConfigurableTask.fewshot_docs``:
+    the fewshot_split; else fewshot_config's samples; else ``Task.fewshot_docs``: the training split,
+    else the validation split, else the test split)."""
+    config, fewshot = getattr(task, "config", None), getattr(task, "fewshot_cfg", None)
+    if fewshot is not None and fewshot.split is not None:
+        return f"its fewshot_split {fewshot.split!r}"
+    if fewshot is not None and getattr(config, "fewshot_config", None) is not None and fewshot.samples is not None:
+        return "its fewshot_config samples"
+    for has, key in (("has_training_docs", "training_split"), ("has_validation_docs", "validation_split"),
+                     ("has_test_docs", "test_split")):
+        if getattr(task, has, lambda: False)():
+            return f"its {key} {getattr(config, key, None)!r}"
+    return "its few-shot documents"
+
+
+def _scored_among_examples(task: Any) -> bool:
+    """Whether the few-shot pool is the evaluation split by name (fewshot_split == test_split): lm-eval
+    then draws one example more and drops the item being scored (``fewshot_context``)."""
+    fewshot, config = getattr(task, "fewshot_cfg", None), getattr(task, "config", None)
+    return fewshot is not None and fewshot.split is not None and fewshot.split == getattr(config, "test_split", None)
+
+
+def _fewshot_pool(task: Any, shots: int) -> list[tuple[int, Any]]:
+    """The records lm-eval may draw a task's ``shots`` examples from, with their positions in the
+    split: the sampler's whole pool (the default sampler draws at random from all of it, restricted
+    to ``fewshot_indices`` when given); ``first_n`` takes the first ones in order (one more when the
+    item being scored may be among them), ignoring the indices."""
+    from lm_eval.api.samplers import FirstNSampler
+
+    sampler = task.sampler
+    pool = list(enumerate(sampler.df or []))
+    if isinstance(sampler, FirstNSampler):
+        return pool[:shots + _scored_among_examples(task)]
+    indices = getattr(sampler, "fewshot_indices", None)
+    if indices and not getattr(sampler, "_loaded", False):  # once loaded, df holds the indexed records
+        pool = [pool[i] for i in indices]
+    return pool
+
+
+def _check_fewshot(name: str, task: Any, shots: int) -> None:
+    """The few-shot side of :func:`check_items`: the pool exists, is large enough, and every record lm-eval
+    may draw as an example renders as one. lm-eval builds the examples with the model loaded: a bad
+    record drawn there was a 14-frame traceback in the middle of the stock run (review 44), also when
+    the scored items (the first --limit) were all sound. The whole pool is checked, not the examples
+    lm-eval will draw (its sampler's draws depend on its seeding and order): about 0.5 ms a record
+    here (lm-eval renders every template anew; the 100 built-in cloze items as scored items and as
+    examples: 113 ms on one thread)."""
+    source = _fewshot_source(task)
+    if getattr(task, "sampler", None) is None:
+        raise EvaluationError(f"task {name} runs {shots}-shot, but has no split to draw the examples from (give "
+                              "the task a fewshot_split, or run it with --num-fewshot 0)")
+    pool = _fewshot_pool(task, shots)
+    own = _scored_among_examples(task)
+    if len(pool) < shots + own:
+        raise EvaluationError(f"task {name} runs {shots}-shot, but {source} holds {len(pool)} record(s) to draw the "
+                              f"examples from (lm-eval needs {shots + own}"
+                              f"{', one being the item scored' if own else ''}): lower --num-fewshot")
+    for index, doc in pool:
+        problem = _checked(task, doc, fewshot=True)
+        if problem is not None:
+            raise EvaluationError(f"task {name}, few-shot example: item {index} of {source}, which lm-eval may draw "
+                                  f"as one of the {shots} examples: {problem} (check the task's data file: each "
+                                  "record needs the fields the task reads)")
 
 
 def check_items(loaded: LoadedTasks, limit: int | None = None) -> None:
     """Check the items each task will score (the first ``limit``), before any model loads: every
-    problem is an EvaluationError naming the task and the item (its position in the task's data)."""
+    problem is an EvaluationError naming the task and the item (its position in the task's data).
+
+    A task set to run few-shot (its ``num_fewshot`` > 0, as :func:`~sinkfix.lmeval.paired.apply_fewshot`
+    sets it) also has every record it may draw the examples from checked, whatever ``limit`` says
+    (the examples come from the whole split): each as the example lm-eval renders."""
     for name, task in loaded.tasks.items():
         docs = task.eval_docs
         count = len(docs) if limit is None else min(limit, len(docs))
         for index in range(count):
-            try:
-                problem = _item_problem(task, docs[index])
-            except Exception as exc:  # noqa: BLE001 - a template or a !function on a record that does not fit
-                problem = f"{type(exc).__name__}: {_first_line(exc)}"
+            problem = _checked(task, docs[index])
             if problem is not None:
                 raise EvaluationError(f"task {name}, item {index}: {problem} (check the task's data file: each "
                                       "record needs the fields the task reads)")
+        shots = int(task.get_config("num_fewshot") or 0) if hasattr(task, "get_config") else 0
+        if shots > 0 and task.OUTPUT_TYPE != _ROLLING:  # a rolling task never uses its examples
+            _check_fewshot(name, task, shots)
