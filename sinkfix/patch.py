@@ -18,6 +18,7 @@ fails, so a failed ``patch()`` leaves the model exactly as it found it (patched 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,7 +29,8 @@ from sinkfix.errors import PolicyError, UnsupportedModelError, UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.after_import import call_after_import
 from sinkfix.integrations.attention import (PICKLE_REFUSAL, AttentionCall, AttentionDropoutError, BidirectionalAttentionError,
-                                           LayerState, attention_forward, discover_attention_modules)
+                                           LayerState, attention_forward, discover_attention_modules,
+                                           refuse_content_call)
 from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.content_sinks import cache_hooks
 from sinkfix.integrations.residual_clip import make_clip_hook
@@ -123,6 +125,12 @@ class PatchHandle:
                 # the cache's columns once a SinkCache has evicted (integrations/attention.py)
                 if state.policy.content is not None or any(p > 0 for p in state.policy.sink_positions):
                     self._hooks.extend(cache_hooks(by_name[name], state))
+            if any(state.policy.content is not None for state in self._states.values()):
+                # a call the content path refuses is refused at the forward's first attention module,
+                # before any layer stores its keys in the cache (which then stays in step)
+                first = min(self._states, key=lambda name: self._states[name].layer)
+                refusal = functools.partial(refuse_content_call, tuple(self._ordered_states()))
+                self._hooks.append(by_name[first].register_forward_pre_hook(refusal, prepend=True, with_kwargs=True))
             for name, layer in self._clip_layers.items():
                 hook = make_clip_hook(self._states[name])
                 self._hooks.append(layer.register_forward_hook(hook, prepend=True, with_kwargs=True))
@@ -255,11 +263,15 @@ class PatchHandle:
     def run_as_identity(self, layers: Iterable[int]) -> None:
         """Switch the correction off (plain softmax, no residual clip) in ``layers`` until
         :meth:`restore_layers`: the fallback a guard uses. The live policies are kept aside, not
-        changed."""
+        changed. A content-sink layer keeps the sink set its cache carries in step meanwhile: the
+        keys of its identity calls are ordinary keys, their rows are not in the statistics, and
+        nothing is decided (``content_sinks.follow_identity_call``); without that, the first call
+        after :meth:`restore_layers` on that cache was refused."""
         wanted = set(layers)
         for state in self._states.values():
             if state.layer in wanted and state.layer not in self._set_aside:
                 self._set_aside[state.layer] = state.policy
+                state.content_set_aside = state.policy.content is not None
                 state.policy = state.policy.as_identity()
 
     def restore_layers(self) -> None:
@@ -267,6 +279,7 @@ class PatchHandle:
         for state in self._states.values():
             if state.layer in self._set_aside:
                 state.policy = self._set_aside.pop(state.layer)
+                state.content_set_aside = False
 
     @property
     def identity_layers(self) -> list[int]:

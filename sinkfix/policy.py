@@ -21,7 +21,7 @@ import torch
 from sinkfix.errors import PolicyError
 
 __all__ = ["Policy", "ResidualClip", "ContentSinks", "LayerPolicy", "LayerClip", "LayerContentSinks", "SPEC_KEYS",
-           "MAX_N_SINK"]
+           "MAX_N_SINK", "MAX_CONTENT_ROWS"]
 
 # The largest n_sink a policy takes. Sink sets are a few leading tokens (one BOS; StreamingLLM keeps
 # 4); the set is materialised as a tuple of positions and a per-call tensor, so a typo such as 1e8
@@ -29,6 +29,14 @@ __all__ = ["Policy", "ResidualClip", "ContentSinks", "LayerPolicy", "LayerClip",
 # 66 MB per million, so 6.6 GB for 1e8, before the sorted tuple made from it). 1024 is two orders
 # of magnitude above the sink sets in use and as long as the windows most models are run with.
 MAX_N_SINK = 1024
+
+# The largest ContentSinks.min_rows and reevaluate_every. Both count tokens: min_rows the query rows
+# that see a key, which the PyTorch path and the kernels sum in float32, exact up to 2**24 =
+# 16,777,216 rows (longer than any context a model is run with); reevaluate_every the decode steps
+# between decisions. Above it min_rows can never be met (every key unjudged: the identity, unsaid) and
+# reevaluate_every never re-decides (write None); min_rows=10**30 was accepted and then failed at the
+# first forward with torch's raw "OverflowError: int too big to convert".
+MAX_CONTENT_ROWS = 1 << 24
 
 # The keys of a command-line policy spec (Policy.parse), in the order the error message lists them.
 SPEC_KEYS = ("sink_scale", "virtual_sink_logit", "virtual_logit_on_sink_rows", "n_sink", "layers",
@@ -117,12 +125,14 @@ class ContentSinks(_ValueEquality):
         hidden_sink_scale: beta for hidden sinks in [0, 1], scalar or ``[num_layers, num_heads]``;
             separate from ``Policy.sink_scale`` (the positional sink). ACT: 0.4.
         heads: which heads are corrected, a bool ``[num_layers, num_heads]`` (ACT's head
-            selection); None = every head.
+            selection); None = every head. A scalar bool is every head (True, stored as None) or
+            none (False).
         min_rows: keys seen by fewer query rows are not judged. 1 = the rule as written (the last
-            key of a prompt is judged on its own row alone).
+            key of a prompt is judged on its own row alone). At most :data:`MAX_CONTENT_ROWS`.
         reevaluate_every: during decoding, decide the set again every this many generated tokens,
             from the column means over every row seen so far (prompt and generated); None = the
             prompt's set is kept for the whole generation. The one-row criterion is never used.
+            At most :data:`MAX_CONTENT_ROWS`.
     """
 
     threshold: float = 0.1
@@ -138,7 +148,7 @@ class ContentSinks(_ValueEquality):
         # numbers.Real: numpy floats too (np.float32(0.1) was refused as "not a number in (0, 1)")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
                 or not 0.0 < threshold < 1.0:
-            raise PolicyError(f"content sink threshold must be a finite number in (0, 1), got {threshold!r}")
+            raise PolicyError(f"content sink threshold must be a finite real number in (0, 1), got {threshold!r}")
         object.__setattr__(self, "threshold", float(threshold))
         _check_values("hidden_sink_scale", _numbers("hidden_sink_scale", self.hidden_sink_scale), 0.0, 1.0)
         if self.heads is not None:
@@ -149,17 +159,22 @@ class ContentSinks(_ValueEquality):
                                   f"{type(self.heads).__name__}") from None
             if heads.dtype != torch.bool:
                 raise PolicyError(f"content sink heads must be a bool [num_layers, num_heads] mask, got {heads.dtype}")
+            if heads.ndim == 0 and bool(heads):
+                # one True for every head is the default (None): stored as such, so that it describes
+                # itself as every head (it read "heads=1", one corrected head) and parses back equal
+                object.__setattr__(self, "heads", None)
         # the same integers n_sink takes (numpy and 0-d tensor integers; never a bool)
         min_rows = _integer(self.min_rows)
-        if min_rows is None or min_rows < 1:
-            raise PolicyError(f"content sink min_rows must be an int >= 1, got {self.min_rows!r}")
+        if min_rows is None or not 1 <= min_rows <= MAX_CONTENT_ROWS:
+            raise PolicyError(f"content sink min_rows must be an int in [1, {MAX_CONTENT_ROWS}] (MAX_CONTENT_ROWS: "
+                              f"rows are counted in float32, exact to 2**24), got {self.min_rows!r:.80}")
         object.__setattr__(self, "min_rows", min_rows)
         every = self.reevaluate_every
         if every is not None:
             every = _integer(every)
-            if every is None or every < 1:
-                raise PolicyError(f"content sink reevaluate_every must be None or an int >= 1, "
-                                  f"got {self.reevaluate_every!r}")
+            if every is None or not 1 <= every <= MAX_CONTENT_ROWS:
+                raise PolicyError(f"content sink reevaluate_every must be None or an int in [1, {MAX_CONTENT_ROWS}] "
+                                  f"(MAX_CONTENT_ROWS; None never decides again), got {self.reevaluate_every!r:.80}")
             object.__setattr__(self, "reevaluate_every", every)
 
     @property
@@ -599,6 +614,10 @@ def _numbers(name: str, value, expected: str = "a number, a [num_layers, num_hea
     if isinstance(value, (str, bytes)) or _holds_bool(value):
         # a bool is a typo here, not a number: Policy(sink_scale=True) read as 1.0 (the identity)
         raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}")
+    if _holds_complex(value):
+        # the same kind of mistake: torch.as_tensor(dtype=float64) drops the imaginary part of a complex
+        # tensor or numpy array with a generic warning, and hidden_sink_scale=tensor(0.5+3j) ran as 0.5
+        raise PolicyError(f"{name} must be {expected} (real), got a complex {type(value).__name__} {value!r:.80}")
     try:
         return torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -613,6 +632,20 @@ def _holds_bool(value) -> bool:
         return value.dtype in (torch.bool, np.bool_)
     if isinstance(value, (list, tuple)):
         return any(_holds_bool(item) for item in value)
+    return False
+
+
+def _holds_complex(value) -> bool:
+    """Whether ``value`` is or contains a complex number (Python or numpy), or is a complex tensor
+    or array."""
+    if isinstance(value, (complex, np.complexfloating)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.is_complex()
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "c"
+    if isinstance(value, (list, tuple)):
+        return any(_holds_complex(item) for item in value)
     return False
 
 

@@ -23,12 +23,13 @@ from torch import nn
 
 from sinkfix.errors import UsageError
 from sinkfix.integrations.masks import PaddedCausalMask
-from sinkfix.integrations.content_sinks import content_attention
+from sinkfix.integrations.content_sinks import content_attention, follow_identity_call
 from sinkfix.integrations.sink_location import locate_sinks, packed_sequences, sinks_in_columns
 from sinkfix.ops.attention import AttentionResult, sink_attention
 from sinkfix.policy import LayerPolicy
 
-__all__ = ["AttentionCall", "LayerState", "attention_forward", "defers_sink_stats", "discover_attention_modules"]
+__all__ = ["AttentionCall", "CONTENT_REFUSAL", "LayerState", "attention_forward", "defers_sink_stats",
+           "discover_attention_modules", "refuse_content_call"]
 
 # kwargs with semantics this implementation does not reproduce: computing dense attention while
 # ignoring them would silently give wrong results.
@@ -102,6 +103,9 @@ class LayerState:
     first_real_row: torch.Tensor | None = None  # (B,)
     end_real_row: torch.Tensor | None = None  # (B,) one past the last real query row (right padding after it)
     cache: Any = None  # the KV cache of the current call, for content-dependent sinks (set by a forward hook)
+    # the layer's content-sink policy is set aside (PatchHandle.run_as_identity): its calls keep the
+    # cache's sink set in step (content_sinks.follow_identity_call)
+    content_set_aside: bool = False
 
     def __reduce_ex__(self, protocol):
         """Pickling a patched model (``torch.save(model)``) is refused with a message that says what
@@ -150,6 +154,25 @@ def _attentions_requested(kwargs: dict) -> bool:
     collector = getattr(capturing, "_active_collector", None)
     collected = collector.get() if collector is not None else None
     return isinstance(collected, dict) and "attentions" in collected
+
+
+CONTENT_REFUSAL = ("observers, telemetry and output_attentions are not implemented for content-dependent sinks; "
+                   "measure with a positional policy or the stock model")
+
+
+def refuse_content_call(states: tuple[LayerState, ...], module: nn.Module, args, kwargs) -> None:
+    """A forward pre-hook on a patched model's first attention module (``states``: every layer's):
+    refuse a call that a content-sink layer would refuse (observers, telemetry or the attention
+    probabilities asked for), before any layer stores the call's keys in the cache. Refused by the
+    content layer itself, the call left the layers before it (and its own: transformers stores the
+    keys before it calls the attention function) one token ahead of the sink set, and every later
+    call on that cache failed as "filled without this content-sink policy" (the next decode step
+    after a refused ``output_attentions=True`` one). The policies are read per call: a layer that
+    ``run_as_identity`` switched off refuses nothing."""
+    content = [state for state in states if state.policy.content is not None]
+    if content and (_attentions_requested(kwargs)
+                    or any(len(state.observers) > 0 or len(state.telemetry) > 0 for state in content)):
+        raise NotImplementedError(f"{CONTENT_REFUSAL}; nothing of this call was stored in the cache, which can go on")
 
 
 class AttentionDropoutError(NotImplementedError):
@@ -343,15 +366,17 @@ def attention_forward(
             "per row with an attention mask (left padding), or use the identity policy")
     wants_probs = _attentions_requested(kwargs)
     if state is not None and state.policy.content is not None:
-        if observing or monitored or wants_probs:
-            raise NotImplementedError("observers, telemetry and output_attentions are not implemented for "
-                                      "content-dependent sinks; measure with a positional policy or the stock model")
+        if observing or monitored or wants_probs:  # normally refused before the forward's first layer
+            raise NotImplementedError(CONTENT_REFUSAL)
         dense_mask = attention_mask if padded is None else padded.dense
         result = content_attention(state, query, key, value, dense_mask, causal=causal, scaling=scaling,
                                    softcap=softcap, sliding_window=sliding_window, beta=beta, extra_logits=extra_logits,
                                    virtual_sink_logit=virtual, position_ids=kwargs.get("position_ids"),
                                    kernel_mask=mask_kwargs if padded is not None else None)
         return result.out.transpose(1, 2).contiguous(), None
+    if state is not None and state.content_set_aside:
+        # the cache has stored this call's keys: the set it carries for the restored policy follows
+        follow_identity_call(state, batch=batch, q_heads=q_heads, q_len=q_len, k_len=k_len, device=query.device)
     corrected = beta is not None or virtual is not None  # a policy that needs to know where the sink is
 
     # Where the sink is. Decided from the layout, never from tensor values: with no mask (no

@@ -13,7 +13,7 @@ sinks"):
   statistics and the set is decided again every N steps, on every row seen so far.
 
 The set lives **with the cache** (:class:`ContentSinkStore`, an attribute of the transformers
-``Cache`` object), per layer, as a (B, Hq, K) mask over the cache's key columns. The store follows
+``Cache`` object), per layer, as a (B, Hq, positions) mask over absolute positions. The store follows
 the cache: ``reorder_cache`` (beam search), ``crop``, ``batch_select_indices`` and
 ``batch_repeat_interleave`` are applied to it too, and a sliding-window layer's evicted columns
 are dropped from the left. The attention function does not receive the cache, so a forward
@@ -36,8 +36,8 @@ from sinkfix.ops.attention import AttentionResult
 from sinkfix.ops.content_attention import content_sink_attention, merge_column_stats
 from sinkfix.ops.content_reference import ColumnStats, sink_candidates
 
-__all__ = ["ContentSinkStore", "LayerSinkSet", "cache_hooks", "content_attention", "sink_sets", "store_of",
-           "use_sink_sets"]
+__all__ = ["ContentSinkStore", "LayerSinkSet", "cache_hooks", "content_attention", "follow_identity_call",
+           "sink_sets", "store_of", "use_sink_sets"]
 
 _STORE_ATTRIBUTE = "_sinkfix_content_sinks"
 
@@ -154,7 +154,10 @@ def store_of(cache: Any, create: bool = True) -> ContentSinkStore | None:
 
 
 def sink_sets(cache: Any) -> dict[int, torch.Tensor]:
-    """The hidden-sink sets a cache carries: layer -> (B, Hq, K) bool over its key columns."""
+    """The hidden-sink sets a cache carries: layer -> (B, Hq, positions) bool over the absolute
+    positions the layer has received (0 = the first token the cache received), not over the key
+    columns it holds: a sliding-window layer holding 4 columns of 25 tokens returns 25 positions.
+    The form :func:`use_sink_sets` takes."""
     store = store_of(cache, create=False)
     if store is None:
         return {}
@@ -164,7 +167,9 @@ def sink_sets(cache: Any) -> dict[int, torch.Tensor]:
 def use_sink_sets(cache: Any, sets: dict[int, torch.Tensor]) -> Any:
     """Make ``cache`` (empty, or holding the keys the sets were decided on) carry ``sets`` as fixed
     sink sets: forwards with it apply them (keys beyond their width are not sinks) and never decide.
-    Returns the cache."""
+    ``sets`` are over absolute positions (:func:`sink_sets`); each starts at the number of tokens its
+    layer of ``cache`` has already received (its next key is that position). A layer without a set
+    runs with no hidden sinks, on every call. Returns the cache."""
     store = ContentSinkStore(frozen=True)
     # a cache made with the model's config knows its layers: a set for a layer past them was ignored
     layers = getattr(cache, "layers", None)
@@ -175,9 +180,22 @@ def use_sink_sets(cache: Any, sets: dict[int, torch.Tensor]) -> Any:
                               f"{tuple(getattr(hidden, 'shape', ()))} {getattr(hidden, 'dtype', type(hidden).__name__)}")
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or (count is not None and layer >= count):
             raise PolicyError(f"sink set for layer {layer!r}: the cache has layers 0..{'?' if count is None else count - 1}")
-        store.layers[layer] = LayerSinkSet(hidden.clone(), None, length=0)
+        # the keys the cache holds are the positions before the next call's: a store starting at 0 on a
+        # cache holding a prompt read the next call as "filled without this content-sink policy"
+        store.layers[layer] = LayerSinkSet(hidden.clone(), None, length=_received(cache, layer))
     _attach_store(cache, store)
     return cache
+
+
+def _received(cache: Any, layer: int) -> int:
+    """How many tokens layer ``layer`` of ``cache`` has received: its absolute length, which a
+    sliding-window layer counts beyond the columns it holds (transformers' ``get_seq_length`` of a
+    cache layer; 0 for a layer the cache has not made yet)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or layer >= len(layers):
+        return 0
+    length = getattr(layers[layer], "get_seq_length", None)
+    return int(length()) if callable(length) else 0
 
 
 # -- hooks: handing the cache to the attention function --------------------------------------------
@@ -272,22 +290,34 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
                          "content-sink statistics (they cannot be taken out of the sums, and the sink sets were "
                          "decided on them); assisted or speculative decoding that rejects tokens is not supported "
                          "with content-dependent sinks: reset() the cache and feed the kept tokens again")
+    if store.frozen and entry is None:
+        # given sets, none for this layer: no hidden sinks in any call (as in the prefill), so there is
+        # no position to keep in step (a second call on such a layer was refused as a cache filled
+        # without the policy)
+        result = content_sink_attention(query, key, value, hidden=torch.zeros(batch, q_heads, k_len, dtype=torch.bool,
+                                                                              device=query.device), **common)
+        return AttentionResult(result.out, result.lse, None, None)
     length = 0 if entry is None else entry.length
     end = length + q_len  # absolute position after this call's keys
     first = end - k_len  # absolute position of the call's key column 0 (> 0 once a window dropped keys)
     if first < 0:
-        raise PolicyError(f"layer {layer}: the cache holds {past} keys but a sink set was decided for {length}: it "
-                          "was filled without this content-sink policy (before patching, or by another model)")
+        # the set follows every call that reaches this function; the cache stores a call's keys before
+        # it, so an error raised here after that (or in the attention module) also leaves it behind
+        # (a crop does not repair it: the set follows the cache's crop too, and stays behind it)
+        raise PolicyError(
+            f"layer {layer}: the cache holds {past} keys but a sink set was decided for {length}: it was filled "
+            "without this content-sink policy: before patching or by another model, while a patch without it was "
+            "in force, or by a call that failed in this layer's attention after the cache had stored its keys; "
+            "reset() the cache and feed the sequence again")
 
     if store.frozen:  # given sets: applied, never decided
-        hidden = torch.zeros(batch, q_heads, 0, dtype=torch.bool) if entry is None else entry.hidden
+        hidden = entry.hidden
         if tuple(hidden.shape[:2]) != (batch, q_heads):  # a raw broadcast error deep in the attention before
             raise PolicyError(f"layer {layer}: the given sink set is for {hidden.shape[0]} sequences x "
                               f"{hidden.shape[1]} query heads, and this call has {batch} x {q_heads}")
         result = content_sink_attention(query, key, value, hidden=_columns(hidden, first, end).to(query.device),
                                               **common)
-        if entry is not None:
-            entry.length = end
+        entry.length = end
         return AttentionResult(result.out, result.lse, None, None)
 
     if entry is None or q_len > 1:
@@ -320,6 +350,29 @@ def content_attention(state, query, key, value, attention_mask, *, causal: bool,
     entry.stats = merge_column_stats(entry.stats, _absolute(result.stats, first))
     entry.stats_end = end
     return AttentionResult(result.out, result.lse, None, None)
+
+
+def follow_identity_call(state, *, batch: int, q_heads: int, q_len: int, k_len: int, device: torch.device) -> None:
+    """Keep a content-sink layer's set in step with its cache through a call that
+    :meth:`~sinkfix.patch.PatchHandle.run_as_identity` ran as plain softmax: the cache stored the
+    call's keys, and a set left at the old length refused every later call once the layer was
+    restored. The call's keys are ordinary keys (not sinks, as a decode step's are) and nothing is
+    decided; its rows are not in the column statistics (the rule did not run on them), so with
+    ``reevaluate_every`` the next decisions count every row but these, and these steps do not count
+    towards N."""
+    cache = getattr(state, "cache", None)
+    if cache is None:
+        return
+    layer = state.policy.layer
+    store = store_of(cache)
+    entry = store.layers.get(layer)
+    if entry is not None:
+        entry.length += q_len
+    elif not store.frozen and k_len == q_len:  # the cache's first call: a set with no sink yet
+        empty = torch.zeros(batch, q_heads, 0, dtype=torch.bool, device=device)
+        store.layers[layer] = LayerSinkSet(empty, None, length=q_len)
+    # else: a layer without a given set has nothing to keep in step, and a cache that held keys
+    # before any content-sink call was filled without the policy (the restored layer says so)
 
 
 def _without_padding_rows(attention_mask: torch.Tensor, first_real_row: torch.Tensor,
