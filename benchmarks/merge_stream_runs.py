@@ -9,9 +9,12 @@ measurement can run as several processes, e.g. the caches in one and the recompu
 
 writes ``stream.json`` (the summary ``sinkfix stream --json`` prints, with the paired comparison
 recomputed over all variants) and ``stream.png`` into ``--out``. The runs must agree on the stream
-(model, text, tokens, cache, chunk, segments, BOS, ``--period``); ``recompute_every`` comes from the
-run that recomputed. Runs made with ``--profile`` must name the same profile (a run without one, whose
-variants use none, merges with them).
+(model, text, tokens, cache, segments, BOS, ``--period``). ``chunk`` must agree between the runs
+that streamed a cache (``sink``, ``window_only``, ``sink_profile``), and ``recompute_every`` between
+the runs that recomputed (``recompute``, ``recompute_profile``): the merged protocol holds one of
+each, taken from those runs (a run of recomputations only feeds no chunks, and ``sinkfix stream``
+refuses ``--chunk`` there). Runs made with ``--profile`` must name the same profile (a run without
+one, whose variants use none, merges with them).
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from sinkfix.files import atomic_write_text, strict_json
 # protocol entries every merged run must share (the rest describe how a variant was run); "period"
 # makes a different stream (the text's first N tokens over and over) and was missing, so a periodic
 # control run merged silently with an ordinary one
-SHARED = ("tokens", "n_sink", "window", "cache_tokens", "chunk", "segment_len", "warmup", "bos", "model", "text",
-          "period")
+SHARED = ("tokens", "n_sink", "window", "cache_tokens", "segment_len", "warmup", "bos", "model", "text", "period")
+# entries shared by the runs whose variants use them: (entry, whether a variant uses it, the option).
+# Two recomputing runs with different intervals merged before, and the protocol named the last run's
+# (32) while the other reference had scored every 16th token
+USED_BY = (("chunk", lambda name: not name.startswith("recompute"), "--chunk"),
+           ("recompute_every", lambda name: name.startswith("recompute"), "--recompute-every"))
 
 
 def load_run(folder: Path) -> tuple[dict, dict[str, StreamVariant]]:
@@ -49,6 +56,7 @@ def load_run(folder: Path) -> tuple[dict, dict[str, StreamVariant]]:
 def merge(folders: list[Path]) -> StreamResult:
     protocol: dict | None = None
     variants: dict[str, StreamVariant] = {}
+    used_from: dict[str, Path] = {}  # entry -> the first run whose variants used it
     for folder in folders:
         run_protocol, run_variants = load_run(folder)
         if protocol is None:
@@ -59,8 +67,15 @@ def merge(folders: list[Path]) -> StreamResult:
         clash = sorted(set(variants) & set(run_variants))
         if clash:
             raise UsageError(f"{folder} repeats variants {clash}")
-        if any(name.startswith("recompute") for name in run_variants):
-            protocol["recompute_every"] = run_protocol["recompute_every"]
+        for entry, uses, option in USED_BY:
+            if not any(uses(name) for name in run_variants):
+                continue  # recorded by this run, used by none of its variants
+            if entry in used_from and protocol[entry] != run_protocol[entry]:
+                raise UsageError(f"{folder} ran {entry} = {run_protocol[entry]}, {used_from[entry]} "
+                                 f"{protocol[entry]}: the merged protocol holds one {entry}; run both with the "
+                                 f"same {option}")
+            used_from.setdefault(entry, folder)
+            protocol[entry] = run_protocol[entry]
         if run_protocol.get("profile"):
             # only the *_profile variants use the profile, so a run without one merges; two different
             # profiles do not (the last run's name used to replace the first's, silently)

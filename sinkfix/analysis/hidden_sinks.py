@@ -10,9 +10,15 @@ each hidden sink the call saw in full precision to its cache layer (:meth:`SinkL
 which from then on reads it back over its quantized copy.
 
 Limits: a token is judged on the rows of the calls in which its exact value is still at hand (the
-call that brings it and the calls before its residual is flushed); a key needs ``min_rows`` rows
-(default 8) to be judged, so one-token decode steps never judge anything; feed chunks
-(:func:`sinkfix.analysis.kvquant.sequence_nll` feeds 128 at a time).
+call that brings it and, with ``bits=2|4``, the calls before its residual is flushed); a key needs
+``min_rows`` rows (default 8) to be judged, so one-token decode steps never judge anything; feed
+chunks (:func:`sinkfix.analysis.kvquant.sequence_nll` feeds 128 at a time). With fp8 a call reads
+its own new tokens cast once the scale is set, so the guard asks the cache layers for the exact
+states of each call's new tokens (``SinkLayer.expose_new_states``) and judges those columns in the
+call that writes them, as the integer backends do; before, fp8 protected the hidden sinks of its
+first, calibrating call only (tiny Llama, 16-token chunks, threshold 0.03: 24, 0, 0, ... per chunk
+against 24, 31, 17, ... at 4 bits; SmolLM2, 2 x 256 tokens in chunks of 64: 215 against 712 at
+4 bits, 713 with fp8 now).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 
 from sinkfix.analysis.metrics import HIDDEN_SINK_THRESHOLD, _corrected_rows, check_count, check_hidden_sink_threshold
 from sinkfix.caches import SinkCache
-from sinkfix.caches.body import QUANTIZED_BODIES
+from sinkfix.caches.body import QUANTIZED_BODIES, Fp8Body
 from sinkfix.caches.layers import SinkLayer
 from sinkfix.errors import CacheError, UsageError
 from sinkfix.patch import PatchHandle, patch
@@ -47,6 +53,18 @@ class HiddenSinkGuard:
                              f"layers), got {type(cache).__name__}")
         self.cache, self.threshold, self.min_rows = cache, threshold, min_rows
         self.protected = 0  # (row, token, layer) triples protected so far
+        self._exposing = [layer for layer in cache.layers if isinstance(layer, SinkLayer)
+                          and isinstance(layer.body, Fp8Body) and not layer.expose_new_states]
+        for layer in self._exposing:  # fp8 reads a call's new tokens cast: the guard needs them exact
+            layer.expose_new_states = True
+
+    def close(self) -> None:
+        """Stop asking the cache for the exact new states (:func:`protecting_hidden_sinks` calls it on
+        exit; a guard used directly leaves them on, costing one call's new keys and values per layer)."""
+        for layer in self._exposing:
+            layer.expose_new_states = False
+            layer.last_new_states = None
+        self._exposing = []
 
     def _layer(self, call) -> SinkLayer | None:
         index = getattr(call.module, "layer_idx", call.layer)
@@ -78,7 +96,7 @@ class HiddenSinkGuard:
         columns = layer.last_columns.to(k.device)
         first = layer.first_real[:, None]
         hidden &= (columns >= first + layer.n_sink)  # real, and not one of the cache's own sinks
-        hidden[:, : layer.last_exact_from] = False
+        hidden[:, : _exact_from(layer, k_len)] = False
         if layer.hidden_abs is not None:
             hidden &= ~(columns[:, :, None] == layer.hidden_abs[:, None, :]).any(-1)
         return hidden
@@ -94,8 +112,30 @@ class HiddenSinkGuard:
         gather = order[:, None, :, None].expand(-1, call.key.shape[1], -1, call.key.shape[-1])
         keys = call.key.detach().gather(2, gather)
         values = call.value.detach().gather(2, gather)
+        new = _new_states(layer, call.key.shape[2])
+        if new is not None:
+            # the call read its new tokens cast (fp8): their exact states come from the layer
+            start = call.key.shape[2] - new[0].shape[2]
+            inner = (order - start).clamp(min=0)[:, None, :, None].expand_as(gather)
+            is_new = (order >= start)[:, None, :, None]
+            keys = torch.where(is_new, new[0].detach().gather(2, inner).to(keys.dtype), keys)
+            values = torch.where(is_new, new[1].detach().gather(2, inner).to(values.dtype), values)
         layer.protect(absolute, keys, values)
         self.protected += int(chosen.sum())
+
+
+def _new_states(layer: SinkLayer, k_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exact (keys, values) of the call's new tokens, the last columns of its ``k_len``, when
+    the layer handed them over (fp8 after calibration, where every returned column is cast)."""
+    new = layer.last_new_states
+    return new if new is not None and new[0].shape[2] <= k_len else None
+
+
+def _exact_from(layer: SinkLayer, k_len: int) -> int:
+    """The first column of the call whose exact states the guard can protect: the layer's
+    ``last_exact_from``, or the first new column when the layer handed their exact states over."""
+    new = _new_states(layer, k_len)
+    return layer.last_exact_from if new is None else min(layer.last_exact_from, k_len - new[0].shape[2])
 
 
 @contextlib.contextmanager
@@ -109,11 +149,12 @@ def protecting_hidden_sinks(model, cache: SinkCache, *, threshold: float = HIDDE
     guard = HiddenSinkGuard(cache, threshold, min_rows)  # the arguments checked before the model is patched
     handle = PatchHandle.of(model)
     temporary = None
-    if handle is None:
-        temporary = handle = patch(model, Policy())
     try:
+        if handle is None:
+            temporary = handle = patch(model, Policy())
         with handle.observing(guard):
             yield guard
     finally:
+        guard.close()
         if temporary is not None:
             temporary.remove()

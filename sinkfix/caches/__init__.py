@@ -4,9 +4,10 @@
   ones (StreamingLLM), re-rotating cached keys so every distance a query sees is a distance inside
   the cache; ``bits=2|4`` quantizes the older tokens with transformers' own backends while the sinks
   stay in full precision.
-* :func:`feed` streams a long input through such a cache in chunks, each token seeing exactly the
-  tokens it would see when decoded one at a time: it yields each chunk's logits and feeds nothing
-  until iterated (``for logits in feed(model, cache, ids): ...``).
+* :func:`feed` streams a long input through such a cache in chunks, each token seeing the tokens it
+  would see when decoded one at a time (with the same values in full precision only: a quantized
+  cache quantizes at other moments when tokens arrive in chunks, docs/caches.md): it yields each
+  chunk's logits and feeds nothing until iterated (``for logits in feed(model, cache, ids): ...``).
 
 docs/caches.md describes the position rule and the quantization layout.
 """

@@ -9,11 +9,14 @@ batch-row operations beam search needs.
 
 from __future__ import annotations
 
+import copy
+import io
 from typing import Any
 
 import torch
 
 from sinkfix.caches.quantize import KVQuantizer, fp8_dequantize, fp8_quantize, fp8_scale
+from sinkfix.errors import CacheError
 
 __all__ = ["FullBody", "QuantizedBody", "Fp8Body", "QUANTIZED_BODIES", "make_body"]
 
@@ -165,6 +168,46 @@ class QuantizedBody:
         if self.rk is not None:
             total += self.rk.nelement() * self.rk.element_size() * 2
         return total
+
+    def __deepcopy__(self, memo: dict) -> "QuantizedBody":
+        # quanto's quantized tensors (WeightQBitsTensor, a wrapper subclass) implement no clone(), so
+        # torch's default deepcopy of them raised a RuntimeError and copy.deepcopy of a quanto cache
+        # died at its first quantized block (a prompt cache copied to reuse its prefix); they are
+        # copied through their inner tensors instead (HQQ's (data, meta) pair deepcopies as it is)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = _copy_quantized(value, memo) if name in ("qk", "qv") else copy.deepcopy(value, memo)
+        return copied
+
+
+def _copy_quantized(q: Any, memo: dict) -> Any:
+    """A deep copy of a backend's quantized tensor: a tensor subclass (quanto) rebuilt from copies of
+    its inner tensors (``__tensor_flatten__`` / ``__tensor_unflatten__``, recursively: 4-bit data is a
+    ``PackedTensor`` of its own), or through pickling (``torch.save`` / ``torch.load``, which quanto's
+    tensors support) when it cannot be rebuilt so; anything else (HQQ's pair, plain tensors) by
+    ``copy.deepcopy``. The copy dequantizes to the same values bit for bit (tested)."""
+    if id(q) in memo:
+        return memo[id(q)]
+    flatten = getattr(q, "__tensor_flatten__", None)
+    if not isinstance(q, torch.Tensor) or flatten is None:
+        return copy.deepcopy(q, memo)
+    try:
+        names, context = flatten()
+        inner = {name: _copy_quantized(getattr(q, name), memo) for name in names}
+        copied = type(q).__tensor_unflatten__(inner, context, q.size(), q.stride())
+    except Exception:  # noqa: BLE001 - another backend's subclass: the pickle route below
+        buffer = io.BytesIO()
+        try:
+            torch.save(q, buffer)
+            buffer.seek(0)
+            copied = torch.load(buffer, weights_only=False)  # bytes this process just wrote
+        except Exception as exc:  # noqa: BLE001
+            raise CacheError(f"cannot copy this cache's quantized {type(q).__name__} ({exc}): copy.deepcopy of a "
+                             "quantized SinkCache needs the backend's tensors to be copyable; feed the prompt again "
+                             "into a new cache instead") from None
+    memo[id(q)] = copied
+    return copied
 
 
 def _tensor_bytes(q: Any) -> int:

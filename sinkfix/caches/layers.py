@@ -98,6 +98,10 @@ class SinkLayer(CacheLayerMixin):
         self.keep_sinks = keep_sinks
         self.is_sliding = sliding
         self.body = body
+        # whether a call that reads its new tokens cast (fp8 once its scale is set) keeps their exact
+        # states in ``last_new_states`` for the observers of its attention (the hidden-sink guard sets
+        # it): off by default, since they would stay alive until the next call
+        self.expose_new_states = False
         self._clear()
 
     def _clear(self) -> None:
@@ -118,6 +122,9 @@ class SinkLayer(CacheLayerMixin):
         self.last_columns: torch.Tensor | None = None  # (B, K) absolute token of each column of the last call
         self.head_shown = False  # the last call's columns began with the kept sinks (then not one run of tokens)
         self.last_exact_from = 0  # columns of the last call from here on were returned exactly as written
+        # (keys, values) (B, H, Q, D): the exact states of the last call's new tokens (its last Q
+        # columns) when the call returned them cast and ``expose_new_states`` is set, else None
+        self.last_new_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         kind = "sliding window" if not self.keep_sinks else f"{self.n_sink} sinks + window {self.window}"
@@ -147,10 +154,16 @@ class SinkLayer(CacheLayerMixin):
         positions = _position_ids(kwargs, batch, q_len, self.seen, key_states.device)
         self._find_first_real(positions, real)
         keys, values = self._visible(key_states, value_states, positions)
+        self.last_new_states = None
         if isinstance(self.body, Fp8Body) and self.body.k_scale is not None:
             # as transformers' fp8 layer: once the scale is set, a call reads its own new tokens
             # cast too (only the first, calibrating call reads them exact); the new sinks stay exact
             keys, values = self._cast_new_tokens(keys, values, key_states, value_states)
+            if self.expose_new_states:
+                # what the model wrote, for the hidden-sink guard: without it nothing after the
+                # calibrating call was ever exact, and fp8 protected the hidden sinks of the first
+                # call only (tiny Llama, 16-token chunks: 24, 0, 0, ... against 24, 31, 17, ... at 4 bits)
+                self.last_new_states = (key_states, value_states)
         self._store(key_states, value_states, positions)
         return keys, values
 
@@ -209,6 +222,7 @@ class SinkLayer(CacheLayerMixin):
         if index.dtype == torch.bool:
             index = index.nonzero().squeeze(-1)
         self.body.select_rows(index)
+        self.last_new_states = None  # the last call's, in the old row order: no observer reads it any more
         for name in ("first_real", "sink_k", "sink_v", "sink_pos", "body_pos", "hidden_abs", "hidden_k", "hidden_v"):
             value = getattr(self, name)
             if value is not None:

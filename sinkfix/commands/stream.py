@@ -15,6 +15,9 @@ from sinkfix.errors import UsageError
 
 __all__ = ["add_parser", "run", "stream_text", "tokenizer_adds_bos"]
 
+DEFAULT_CHUNK = 32  # tokens per forward of the cache variants
+DEFAULT_RECOMPUTE_EVERY = 64  # a recomputation scores every 64th token
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from sinkfix.models import DEFAULT_MODEL
@@ -41,10 +44,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-sink", type=int, default=4, help="sink tokens kept (default 4)")
     parser.add_argument("--window", type=int, default=252,
                         help="recent tokens kept besides the sinks (default 252: a 256-token cache)")
-    parser.add_argument("--chunk", type=int, default=32, help="tokens per forward, decode visibility kept (default 32)")
+    # --chunk and --recompute-every default to None (= not given), so that one given for variants
+    # that do not use it is refused while the defaults, recorded in stream.json, keep working
+    parser.add_argument("--chunk", type=int, default=None,
+                        help=f"tokens per forward of the cache variants, decode visibility kept (default {DEFAULT_CHUNK}; "
+                             "not with only recomputing variants, which feed fresh windows)")
     parser.add_argument("--segment", type=int, default=1024, help="tokens per reported segment (default 1024)")
-    parser.add_argument("--recompute-every", type=int, default=64,
-                        help="score every N-th token with a recomputed window (default 64)")
+    parser.add_argument("--recompute-every", type=int, default=None,
+                        help=f"score every N-th token with a recomputed window (default {DEFAULT_RECOMPUTE_EVERY}; "
+                             "only with a recompute or recompute_profile variant)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start the stream (and each recomputed window) with BOS (default: if the tokenizer adds one)")
     parser.add_argument("--variants", default=None,
@@ -130,13 +138,32 @@ def parse_variants(spec: str | None, profile: bool) -> tuple[tuple[str, ...], tu
             tuple(v.removesuffix("_profile") for v in chosen if v in PROFILE_VARIANTS))
 
 
+def _check_used_options(args, variants: tuple[str, ...], patched: tuple[str, ...]) -> None:
+    """Refuse ``--recompute-every`` and ``--chunk`` given for variants that do not use them, then set
+    the ones left out to their defaults. Each was accepted and recorded in stream.json (and the title)
+    as part of the protocol while no variant used it, and a recomputing run given its own --chunk
+    looked like a different stream to benchmarks/merge_stream_runs.py."""
+    kinds = set(variants) | set(patched)
+    spec = "the default variants" if args.variants is None else f"--variants {args.variants!r}"
+    if args.recompute_every is not None and "recompute" not in kinds:
+        raise UsageError(f"--recompute-every is used only by the recompute and recompute_profile variants, and {spec} "
+                         "runs neither: add one of them or leave out --recompute-every")
+    if args.chunk is not None and not kinds - {"recompute"}:
+        raise UsageError(f"--chunk is used only by the cache variants (sink, window_only, sink_profile), and {spec} "
+                         "runs only recomputations, which score fresh windows: leave out --chunk")
+    if args.chunk is None:
+        args.chunk = DEFAULT_CHUNK
+    if args.recompute_every is None:
+        args.recompute_every = DEFAULT_RECOMPUTE_EVERY
+
+
 def _check(args) -> None:
     from sinkfix.analysis.streaming import check_stream_arguments
     from sinkfix.caches import check_sink_window
 
     from sinkfix.texts import MIXED, resolve_domain
 
-    parse_variants(args.variants, args.profile is not None)
+    _check_used_options(args, *parse_variants(args.variants, args.profile is not None))
     if args.text is not None and not str(args.text).strip():
         # an unset shell variable (--text "$FILE") streamed the built-in text, unsaid
         raise UsageError("--text is empty: name a text file, or leave the option out for the built-in text")
@@ -153,6 +180,10 @@ def _check(args) -> None:
     if args.period is not None and args.period <= args.n_sink + args.window:
         raise UsageError(f"--period must be larger than the cache ({args.n_sink + args.window} tokens), got "
                          f"{args.period}: a repetition in view could be copied")
+    if args.period is not None and args.period >= args.tokens:
+        # nothing repeats: the stream was the plain text, recorded as the periodic control
+        raise UsageError(f"--period {args.period} is not shorter than the stream (--tokens {args.tokens}): nothing "
+                         "would repeat; give a period below --tokens or leave out --period")
 
 
 def _load_text(args) -> tuple[str, str]:
@@ -209,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
         sliding = [layer.window for layer in cache.layers if getattr(layer, "is_sliding", False)]
     bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
     bos_id = bos_token_id(tokenizer) if bos else None
+    if args.period is not None and bos_id is not None and args.period >= args.tokens - 1:
+        # known only now: the BOS takes one of the stream's tokens, and the period must still repeat
+        raise UsageError(f"--period {args.period} is not shorter than the stream after its BOS ({args.tokens - 1} "
+                         "tokens): nothing would repeat; give a smaller period or leave out --period")
     ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period)
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
@@ -255,11 +290,13 @@ def _print_table(summary: dict) -> None:
 
     p = summary["protocol"]
     console = wide_console()
+    names = [name for name in summary if name not in ("paired", "protocol")]
+    # the chunk only when a cache variant ran, the interval only when a recomputation did
+    chunks = f", chunks of {p['chunk']}" if any(not name.startswith("recompute") for name in names) else ""
     title = (f"{p['model']}: {p['tokens']} tokens of {p['text']}; {'BOS + ' if p['bos'] else 'no BOS, '}"
-             f"cache {p['n_sink']} sinks + {p['window']} recent, chunks of {p['chunk']}, segments of "
-             f"{p['segment_len']}")
-    if any(name.startswith("recompute") for name in summary if name not in ("paired", "protocol")):
-        title += f", recompute every {p['recompute_every']}"  # unused when no recomputation ran
+             f"cache {p['n_sink']} sinks + {p['window']} recent{chunks}, segments of {p['segment_len']}")
+    if any(name.startswith("recompute") for name in names):
+        title += f", recompute every {p['recompute_every']}"
     if p.get("sliding_layers"):
         context = p["n_sink"] + p["window"] + 1  # what the recomputation feeds, and a decode step sees
         if p["sliding_layer_tokens"] + 1 > context:
