@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    for run in args.runs:  # the merged stream.json/stream.png would replace that run's own
+        if args.out.exists() and Path(run).exists() and os.path.samefile(args.out, run):
+            parser.error(f"--out {args.out} is the run folder {run}: the merged files would replace its "
+                         "stream.json and stream.png; write the merge to another folder")
     try:
         result = merge(args.runs)
     except UsageError as error:  # runs that do not belong together: a message, not a traceback

@@ -101,6 +101,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
         target = Path(os.path.realpath(target))
     if target.is_dir():
         raise _output_error(target, "it is a directory")
+    _refuse_special(target)
     fd, tmp = _open_temporary(target)
     options: dict[str, Any] = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}
     try:
@@ -134,6 +135,29 @@ def strict_json(value: Any, **dumps_kwargs: Any) -> str:
     return json.dumps(finite(value), allow_nan=False, **dumps_kwargs)
 
 
+def _not_a_regular_file(target: Path) -> str | None:
+    """What ``target`` is when it exists and is neither a regular file nor a folder (a FIFO, a device,
+    a socket), else None. An atomic write renames a new file over its path: as root, ``--out
+    /dev/null`` replaced the device node itself with a regular file, and a FIFO's reader was left
+    waiting for ever."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
+def _refuse_special(target: Path) -> None:
+    kind = _not_a_regular_file(target)
+    if kind is not None:
+        raise _output_error(target, f"it is {kind}, not a regular file: the file is written whole and renamed over "
+                                    "its path, which would replace it; write to a regular file")
+
+
 def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
     """Raise now the :class:`OutputError` that writing ``path`` later would raise, so that a command
     fails before its work, not after it (a default calibration takes 9-13 minutes on two cores).
@@ -151,6 +175,8 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
         raise _output_error(target, "it is a file, not a folder")
     if not folder and target.is_dir():
         raise _output_error(target, "it is a directory")
+    if not folder:
+        _refuse_special(target)
     existing = _nearest_existing(target if folder else target.parent)
     if existing is None:  # a relative path always has ".", an absolute one "/": reached only if they vanished
         return target

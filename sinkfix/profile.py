@@ -447,8 +447,9 @@ def _domain_parameters(value: Any, identity: ModelIdentity) -> dict[str, tuple[t
             if "sink_scale" not in params:
                 raise ProfileError(f"profile domain {name!r} has no 'sink_scale'")
             if "virtual_sink_logit" not in params:
-                raise ProfileError(f"profile domain {name!r} has no 'virtual_sink_logit' (null for no virtual logits; "
-                                   "every sinkfix writes it): the file was edited or is corrupted")
+                raise ProfileError(f"profile domain {name!r} has no 'virtual_sink_logit': give it (null / None for no "
+                                   "virtual logits; every sinkfix writes it), since a misspelt key read as no virtual "
+                                   "logits changed the patched numbers unsaid")
             unknown = sorted(set(params) - set(_DOMAIN_KEYS))
             if unknown:
                 raise ProfileError(f"profile domain {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; it "

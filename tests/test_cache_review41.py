@@ -261,3 +261,44 @@ def test_stream_records_the_defaults_of_options_left_out(monkeypatch, text_file,
                      "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--period 89 is not shorter than the stream after its BOS (89 tokens)" in err and "\n" not in err
+
+
+def test_a_copy_taken_while_a_guard_is_active_keeps_no_exact_states():
+    """The fp8 guard switches its layers to keep each call's exact new states; a copy (deepcopy or
+    pickle) taken meanwhile kept the switch on for good, holding one call's keys and values alive
+    after every later call with no guard reading them."""
+    import copy
+    import io
+
+    model = _sharp_llama()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (1, 2 * CHUNK + 1))
+    cache = SinkCache(model.config, n_sink=N_SINK, window=None, bits=8, backend="fp8")
+    with torch.no_grad(), protecting_hidden_sinks(model, cache, threshold=THRESHOLD, min_rows=1):
+        model(ids[:, :CHUNK], cache=cache)
+        model(ids[:, CHUNK:2 * CHUNK], cache=cache)
+        assert all(lay.expose_new_states and lay.last_new_states is not None for lay in cache.layers)
+        copied = copy.deepcopy(cache)
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+    buffer.seek(0)
+    pickled = torch.load(buffer, weights_only=False)
+    for other in (copied, pickled):
+        with torch.no_grad():
+            model(ids[:, 2 * CHUNK:], cache=other)
+        assert all(not lay.expose_new_states and lay.last_new_states is None for lay in other.layers)
+
+
+def test_merge_refuses_an_out_that_is_one_of_its_runs(tmp_path, monkeypatch, capsys):
+    """--out naming an input run folder (under any spelling) replaced that run's stream.json and
+    stream.png with the merge."""
+    bench = _merge_script()
+    run = tmp_path / "runA"
+    run.mkdir()
+    (run / "stream.json").write_text("{\"kept\": true}\n")
+    monkeypatch.setattr(bench, "merge", lambda runs: pytest.fail("merged before the --out check"))
+    with pytest.raises(SystemExit) as info:
+        bench.main([str(run), str(tmp_path / "other"), "--out", str(tmp_path / "." / "runA")])
+    assert info.value.code == 2
+    assert "is the run folder" in capsys.readouterr().err
+    assert (run / "stream.json").read_text() == "{\"kept\": true}\n"

@@ -354,3 +354,15 @@ def test_calibrate_out_over_a_deeply_nested_file_is_refused_in_one_line(tmp_path
                    "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "not a sinkfix profile (not JSON)" in err, err
+
+
+def test_monitor_ranges_refuses_windows_longer_than_the_models_positions(loaded_tiny, tmp_path, capsys):
+    """A profile made in code records no protocol, and ranges falls back to calibrate's 512-token
+    windows: on a model of 256 positions they were measured unchecked, where calibrate refuses them."""
+    path = tmp_path / "code.json"
+    Profile(ModelIdentity.of(loaded_tiny), torch.full((2, 4), 0.8, dtype=torch.float64)).save(path)
+    out = tmp_path / "r.json"
+    rc = cli.main(["monitor", "ranges", "--profile", str(path), *text_args(tmp_path, THREE), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--seq-len" in err[-1] and "512" in err[-1], err
+    assert not out.exists()

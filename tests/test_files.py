@@ -154,3 +154,15 @@ def test_bench_output_into_a_file_is_one_output_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match="not a folder"):
         write_outputs(blocker, {"schema": "x", "variants": []})
+
+
+def test_a_named_pipe_is_refused_not_renamed_over(tmp_path):
+    """An atomic write renames a new file over its path: a FIFO there was replaced by a regular file
+    (its reader left waiting for ever), and as root `--out /dev/null` replaced the device node."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for write in (check_writable, lambda p: atomic_write_text(p, "{}")):
+        with pytest.raises(OutputError, match=r"it is a named pipe, not a regular file"):
+            write(pipe)
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary file left

@@ -61,7 +61,7 @@ def _stderr_line(capsys) -> str:
 
 # -- F1: assisted (speculative) decoding is refused before anything runs ---------------------------
 @pytest.mark.parametrize("how", ["prompt_lookup keyword", "assistant_model", "config keyword", "config positional",
-                                 "model's config"])
+                                 "model's config", "model's config under a passed config"])
 def test_assisted_decoding_is_refused_before_anything_runs(how):
     """Prompt lookup with 4 drafts on a 42-token prompt was logged as a 46-token prompt with 13 decoded
     tokens where 11 were kept, sink shares 0.0049 off the greedy record of the same tokens."""
@@ -79,8 +79,11 @@ def test_assisted_decoding_is_refused_before_anything_runs(how):
         kwargs = {"generation_config": kwargs["generation_config"]}
     elif how == "config positional":
         args, kwargs = (prompt, GenerationConfig(prompt_lookup_num_tokens=3, **common)), {}
-    else:
+    elif how == "model's config":
         model.generation_config.prompt_lookup_num_tokens = 2
+    else:  # transformers fills the passed config's unset fields from the model's: prompt lookup runs
+        model.generation_config.prompt_lookup_num_tokens = 2
+        args, kwargs = (prompt,), {"generation_config": GenerationConfig(**common)}
     calls = _layer_calls(model)
     with torch.no_grad(), sinkfix.monitor(model) as monitor:
         calls[0] = 0  # (creating the monitor may run the model once)
@@ -261,16 +264,12 @@ def _one_record(model, tmp_path) -> dict:
     return _lines(tmp_path / "own.jsonl")[0]
 
 
-@pytest.mark.parametrize("change", ["model name", "layers", "heads"])
+@pytest.mark.parametrize("change", ["layers", "heads"])
 def test_a_log_of_another_model_is_refused_at_creation(tmp_path, change):
     model = tiny_model("llama")
     record = _one_record(model, tmp_path)
     name = record["model"]
-    if change == "model name":
-        record["model"] = "SomeOtherModel-3L"
-        wanted = r"records of another model, SomeOtherModel-3L \(2 layers, 4 heads per layer\).* is " \
-                 rf"{name} \(2 layers, 4 heads per layer\)"
-    elif change == "layers":
+    if change == "layers":
         for key in ("sink_share", "dormancy", "hidden_sinks"):
             record[key].append(record[key][-1])
         wanted = rf"another model, {name} \(3 layers, 4 heads per layer\).* is {name} \(2 layers"
@@ -286,9 +285,24 @@ def test_a_log_of_another_model_is_refused_at_creation(tmp_path, change):
     assert log.read_bytes() == before and PatchHandle.of(model) is None
 
 
+def test_a_log_of_the_same_model_under_another_name_is_appended_to(tmp_path):
+    """The model's name is the one it was loaded by: one local folder given as m, ./m or its absolute
+    path is one model, and a log of it under one spelling was refused as "another model" under the
+    next (the report reads such a log as any other)."""
+    model = tiny_model("llama")
+    record = dict(_one_record(model, tmp_path), model="./" + "same-folder")
+    log = tmp_path / "named.jsonl"
+    log.write_text(json.dumps(record) + "\n")
+    with torch.no_grad(), sinkfix.monitor(model, log=log) as monitor:
+        monitor.forward(input_ids=_ids(6))
+    assert len(_lines(log)) == 2 and monitor.records_logged == 1
+
+
 def test_monitor_run_refuses_a_log_of_another_model(loaded_tiny, tmp_path, capsys):
     record = _one_record(tiny_model("llama"), tmp_path)
     record["model"] = "SomeOtherModel-3L"
+    for key in ("sink_share", "dormancy", "hidden_sinks"):  # and a third layer: another shape
+        record[key].append(record[key][-1])
     log = tmp_path / "mixed.jsonl"
     log.write_text(json.dumps(record) + "\n")
     before = log.read_bytes()
@@ -310,6 +324,8 @@ def test_a_foreign_file_at_a_rotated_log_path_is_not_appended_to(tmp_path):
             monitor.forward(input_ids=_ids(6, 2))
         assert log.read_text() == "hello, not a log\n"
         other = dict(_lines(tmp_path / "t.jsonl.1")[0], model="SomeOtherModel-3L")  # another model's log
+        for key in ("sink_share", "dormancy", "hidden_sinks"):  # of another shape (three layers)
+            other[key] = other[key] + [other[key][-1]]
         log.write_text(json.dumps(other) + "\n")
         with pytest.warns(LogWriteWarning, match="records of another model, SomeOtherModel-3L"):
             monitor.forward(input_ids=_ids(6, 3))
@@ -375,3 +391,20 @@ def test_deeply_nested_json_in_a_request_file_or_a_log_is_a_one_line_error(tmp_p
         read_log(log)
     with pytest.raises(MonitorError, match="is not a sinkfix telemetry log"):
         check_log_file(log)
+
+
+def test_beam_search_the_models_config_asks_for_is_refused_under_a_passed_config():
+    """transformers fills a passed generation config's unset num_beams from the model's: with the
+    model's num_beams=3 and GenerationConfig(max_new_tokens=3), beam search ran and one request was
+    written as 3 records."""
+    model = tiny_model("llama")
+    model.generation_config.num_beams = 3
+    config = GenerationConfig(max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    calls = _layer_calls(model)
+    with torch.no_grad(), sinkfix.monitor(model) as monitor:
+        calls[0] = 0
+        with pytest.raises(MonitorError, match=r"beam search \(num_beams=3\) cannot be monitored"):
+            monitor.generate(_ids(10), generation_config=config)
+        assert calls[0] == 0 and monitor.records == []
+        monitor.generate(_ids(10), generation_config=config, num_beams=1)  # the call's argument wins
+    assert len(monitor.records) == 1 and monitor.records[0]["decoded_tokens"] == 2

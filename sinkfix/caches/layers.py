@@ -126,6 +126,12 @@ class SinkLayer(CacheLayerMixin):
         # columns) when the call returned them cast and ``expose_new_states`` is set, else None
         self.last_new_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy, pickling) has no hidden-sink guard reading the exact new states: taken
+        # while a guard was active it kept the switch on, and every later call held one call's new
+        # keys and values alive with nothing reading them
+        return {**self.__dict__, "expose_new_states": False, "last_new_states": None}
+
     def __repr__(self) -> str:
         kind = "sliding window" if not self.keep_sinks else f"{self.n_sink} sinks + window {self.window}"
         quant = f", {self.body.quantizer}" if isinstance(self.body, QUANTIZED_BODIES) else ""

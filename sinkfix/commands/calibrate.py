@@ -139,7 +139,7 @@ def check_profile_out(out, flag: str = "--out", inputs=()) -> None:
     from sinkfix.profile import FORMAT
 
     target = Path(out)
-    if not target.is_file():  # missing (written new), or /dev/null and the like: nothing is replaced
+    if not target.is_file():  # missing (written new); a FIFO or a device is check_writable's to refuse
         return
     for given in inputs:
         try:

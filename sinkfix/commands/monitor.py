@@ -476,6 +476,11 @@ def _run_ranges(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before the measurements, not after them
     check_profile_out(args.out, "--out", args.text or ())  # not a --text file, nor any other file but a profile
     model, tokenizer = sinkfix.load_model(args.model)
+    from sinkfix.evaluate import check_positions
+
+    # as calibrate checks its windows: a profile without a protocol record falls back to 512-token
+    # windows, which a model of fewer positions measured unchecked
+    check_positions(args.seq_len, model.config, "--seq-len", args.model)
     # the same windows as calibrate's statistics (the first --statistics-windows of each text): the
     # guard's default margin was chosen with ranges from 8 per domain, and this command measured every
     # window of its 16384 tokens (32 per domain), ranges wide enough to make the guard less sensitive

@@ -722,11 +722,26 @@ class _FinishedRows:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _generation_value(model: nn.Module, kwargs: dict, name: str, default: Any = None) -> Any:
+    """The value ``generate`` will use for the setting ``name``: the call's argument when given (None
+    included: it is applied last), else the call's generation config's where it sets one (not None),
+    else the model's own, else ``default``. transformers fills the fields a passed generation config
+    leaves unset from the model's (``_prepare_generation_config``): reading only the passed config let
+    prompt lookup and beam search that the model's config asked for run unrefused (a 14-token prompt
+    logged as 16 tokens; one beam-search request written as 3 records)."""
+    if name in kwargs:
+        return kwargs[name]
+    for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return default
+
+
 def _refuse_beams(model: nn.Module, kwargs: dict) -> None:
     """MonitorError for a generate call that would run beam search (its own argument, its
     generation config, or the model's)."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+    beams = _generation_value(model, kwargs, "num_beams", 1)
     if isinstance(beams, numbers.Integral) and beams > 1:
         raise MonitorError(f"beam search (num_beams={beams}) cannot be monitored: the beams are batch rows that "
                            "generate reorders at every step, so no record would describe one sequence; monitor "
@@ -745,10 +760,9 @@ def _refuse_assisted(model: nn.Module, kwargs: dict) -> None:
     rejected ones from the cache afterwards, and the monitor counts what is fed: prompt lookup with 4
     drafts on a 42-token prompt was logged as a 46-token prompt, 13 decoded tokens where 11 were kept,
     and sink shares 0.0049 off the greedy record of the same 12 tokens."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     used = ["assistant_model"] if kwargs.get("assistant_model") is not None else []
     for name in _ASSISTED_OPTIONS:
-        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        value = _generation_value(model, kwargs, name)
         if value is not None and value is not False:
             used.append(f"{name}={value!r}")
     if used:

@@ -4,7 +4,7 @@ Each output is set up when the monitor is created, so that a folder that cannot 
 port already in use fails at once with a :class:`~sinkfix.errors.MonitorError` (or
 :class:`~sinkfix.errors.OutputError` for the log) instead of at the first request. A log is only
 ever appended to: an existing non-empty file whose first line is not a telemetry record (a request
-file, a report, a typo for another file), or is the record of another model, is refused
+file, a report, a typo for another file), or is the record of a model of another shape, is refused
 (:func:`check_log_file`) instead of spoilt; so is such a file found at the path when the log is
 opened again after a rotation (:class:`JsonlLog`).
 """
@@ -92,28 +92,29 @@ def _describe(model, heads) -> str:
 
 
 def _other_model(p: Path, record: dict, model: str | None, heads: Sequence[int] | None) -> None:
-    """MonitorError when ``record`` (the first of the log ``p``) comes from another model than the one
-    whose records would be appended: another name, another number of layers, or other heads per
-    layer. `sinkfix monitor report` refuses a log that mixes models, so appending made the whole log
-    unreadable by it."""
+    """MonitorError when ``record`` (the first of the log ``p``) comes from a model of another shape
+    than the one whose records would be appended: another number of layers, or other heads per
+    layer, which `sinkfix monitor report` refuses to pool (appending made the whole log unreadable by
+    it). The model's name is not compared: it is the name the model was loaded by, and one local
+    folder given as ``m``, ``./m`` or its absolute path is one model under three names (refused as
+    "another model" once, where the report reads such a log as it reads any)."""
     share = record.get("sink_share")
     theirs = [len(h) for h in share] if isinstance(share, list) and all(isinstance(h, list) for h in share) else None
     ours = None if heads is None else [int(h) for h in heads]
-    other_name = model is not None and "model" in record and str(record.get("model")) != model
-    other_shape = ours is not None and theirs is not None and theirs != ours
-    if other_name or other_shape:
+    if ours is not None and theirs is not None and theirs != ours:
         raise MonitorError(f"the telemetry log {p} holds records of another model, "
                            f"{_describe(record.get('model'), theirs)}, and this monitor's model is "
-                           f"{_describe(model, ours)}: `sinkfix monitor report` reads one model per log; write "
-                           "this model's records to another file")
+                           f"{_describe(model, ours)}: `sinkfix monitor report` reads one model shape per log; "
+                           "write this model's records to another file")
 
 
 def check_log_file(path: str | Path, *, requests: str | Path | None = None, model: str | None = None,
                    heads: Sequence[int] | None = None) -> Path:
     """Raise a :class:`MonitorError` now when appending telemetry to ``path`` would spoil a file:
     ``path`` is the request file ``requests`` itself, an existing non-empty file whose first line
-    is not a sinkfix telemetry record, or (given ``model``, the records' model name, and/or ``heads``,
-    their heads per layer) a telemetry log whose first record is another model's. An empty or
+    is not a sinkfix telemetry record, or (given ``heads``, the records' heads per layer) a telemetry
+    log whose first record has another shape (``model``, the records' model name, only names it in the
+    message). An empty or
     missing file, an existing telemetry log of the same model (appended to), and what is not a
     regular file (``/dev/null``, a pipe) pass; what cannot be written at all is
     :func:`sinkfix.files.check_writable`'s and :class:`~sinkfix.files.LineLog`'s to refuse."""
