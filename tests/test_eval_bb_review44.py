@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -327,3 +328,157 @@ def test_docs_say_which_run_each_timing_belongs_to():
     runs = {date: section.index(f"**The {date} run") for date in ("2026-12-05", "2026-11-27")}
     assert "422 s (adam), 165 s (sgd) and 289 s (relu)" in section[runs["2026-12-05"]:runs["2026-11-27"]]
     assert "217-307 s per" in section[runs["2026-11-27"]:] and "2.5 minutes" in section[runs["2026-11-27"]:]
+
+
+# -- review 46: over-refusals of the field analysis, multiple-input tasks, a report in the model folder -------
+
+LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).resolve().parent / "tasks"
+
+
+def _yaml_task(tmp_path: Path, name: str, body: str, splits: dict[str, list[dict]]) -> Path:
+    """A task folder: ``splits`` (split name -> records) as local JSONL files read by ``dataset_path: json``,
+    and ``body`` (the task's YAML without its name and data) after them. Returns the folder."""
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    for split, rows in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        head += f"    {split}: {folder / f'{split}.jsonl'}\n"
+    (folder / f"{name}.yaml").write_text(head + body)
+    return folder
+
+
+def _lm_eval_builds(loaded, name: str, shots: int, limit: int) -> None:
+    """lm-eval itself builds the first ``limit`` items' prompts (few-shot examples included) and requests."""
+    task = loaded.tasks[name]
+    for index, doc in enumerate(list(task.eval_docs)[:limit]):
+        task.construct_requests(doc=doc, ctx=task.fewshot_context(doc, shots), metadata=(name, index, 1))
+
+
+def test_lm_evals_own_gsm8k_cot_template_on_local_data_is_accepted(tmp_path):
+    """gsm8k-cot's answer template reads ``target`` only when ``answer`` is undefined (its few-shot samples
+    have ``target``, the scored records ``answer``): review 46 F1, every item was refused as "field 'target'
+    is missing" (as were mmlu flan_cot_fewshot, gsm8k-cot-llama, ...), which lm-eval renders fine."""
+    rows = [{"question": f"What is {i}+{i}?", "answer": f"{i} plus {i} is {2 * i}.\n#### {2 * i}"} for i in range(4)]
+    yaml = (LM_EVAL_TASKS / "gsm8k" / "gsm8k-cot.yaml").read_text()
+    assert "if answer is defined else target}}" in yaml
+    yaml = re.sub(r"^((task|dataset_path|dataset_name): .*|tag:(\n- .*)*)\n", "", yaml, flags=re.M)
+    folder = _yaml_task(tmp_path, "t_gsm_cot", yaml, {"test": rows})
+    loaded = load_tasks(["t_gsm_cot"], include=[folder])
+    assert apply_fewshot(loaded, None) == {"t_gsm_cot": 8}  # the task's own 8 samples (target, no answer)
+    check_items(loaded, limit=2)
+    _lm_eval_builds(loaded, "t_gsm_cot", 8, 2)
+    assert apply_fewshot(loaded, 0) == {"t_gsm_cot": 0}
+    check_items(loaded)
+    # a record whose answer is null still fails: lm-eval cannot render it (None has no split)
+    bad = _yaml_task(tmp_path / "bad", "t_gsm_cot", yaml, {"test": [rows[0], {**rows[1], "answer": None}]})
+    loaded = load_tasks(["t_gsm_cot"], include=[bad])
+    with pytest.raises(EvaluationError, match=r"^task t_gsm_cot, item 1: "):
+        check_items(loaded)
+
+
+_HINT_MC = """output_type: multiple_choice
+test_split: test
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def _hint_rows() -> list[dict]:
+    """Multiple-choice records whose ``hint`` is null in every other one (item 1 the first)."""
+    return [{"question": f"q{i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4, "hint": None if i % 2 else "h"}
+            for i in range(6)]
+
+
+@pytest.mark.parametrize("template", [
+    r'"{% if hint %}Hint given.\n{% endif %}Q: {{question}}"',
+    r'''"{{ ('Hint: ' + hint + '\n') if hint else '' }}Q: {{question}}"''',
+    r'"{{ hint or \"\" }}Q: {{question}}"',
+])
+def test_a_null_field_the_template_tests_itself_is_accepted_one_read_unguarded_refused(tmp_path, template):
+    """Review 46 F2: a field tested for truth (``{% if hint %}``, ``x if hint else ''``, ``hint or ''``) and null
+    in some records was refused as "field 'hint' is missing (null)"; lm-eval renders every item. The same
+    field read without a test (``Hint: {{hint}}``) is still refused: lm-eval writes "Hint: None", quietly."""
+    folder = _yaml_task(tmp_path, "t_hint", f"doc_to_text: {template}\n{_HINT_MC}", {"test": _hint_rows()})
+    loaded = load_tasks(["t_hint"], include=[folder])
+    check_items(loaded)
+    _lm_eval_builds(loaded, "t_hint", 0, 6)
+    apply_fewshot(loaded, 2)
+    check_items(loaded)  # and as few-shot examples
+    unguarded = _yaml_task(tmp_path / "u", "t_hint", f'doc_to_text: "Hint: {{{{hint}}}}\\nQ: {{{{question}}}}"\n'
+                           f"{_HINT_MC}", {"test": _hint_rows()})
+    loaded = load_tasks(["t_hint"], include=[unguarded])
+    assert loaded.tasks["t_hint"].doc_to_text(loaded.tasks["t_hint"].eval_docs[1]) == "Hint: None\nQ: q1?"
+    with pytest.raises(EvaluationError, match=r"^task t_hint, item 1: field 'hint' is missing \(null\)"):
+        check_items(loaded)
+
+
+def _wino_task(tmp_path: Path, train: list[dict], validation: list[dict], edit=lambda text: text) -> Path:
+    """lm-eval's own winogrande task (its YAML and preprocess_winogrande.py, the latter through ``edit``)
+    on local records, 3-shot from the training split."""
+    yaml = (LM_EVAL_TASKS / "winogrande" / "default.yaml").read_text()
+    yaml = re.sub(r"^(task|dataset_path|dataset_name): .*\n", "", yaml, flags=re.M) + "num_fewshot: 3\n"
+    folder = _yaml_task(tmp_path, "t_wino", yaml, {"train": train, "validation": validation})
+    code = (LM_EVAL_TASKS / "winogrande" / "preprocess_winogrande.py").read_text()
+    (folder / "preprocess_winogrande.py").write_text(edit(code))
+    return folder
+
+
+def _wino_rows(count: int) -> list[dict]:
+    return [{"sentence": f"The cup did not fit in the bag because _ was too big {i}.", "option1": "the cup",
+             "option2": "the bag", "answer": "12"[i % 2]} for i in range(count)]
+
+
+def test_a_multiple_input_task_winogrande_is_checked_as_lm_eval_uses_it(tmp_path):
+    """Review 46 F3: for winogrande the prompt is the gold index into the contexts (the choices) and the
+    answer the continuation shared by them, never a choice: every item was refused as "the answer 'was too
+    big 0.' is not one of the 2 choices". Accepted now, scored items and few-shot examples; a record lm-eval
+    cannot use is still refused."""
+    folder = _wino_task(tmp_path, _wino_rows(6), _wino_rows(4))
+    loaded = load_tasks(["t_wino"], include=[folder])
+    task = loaded.tasks["t_wino"]
+    assert task.multiple_input == 2
+    assert apply_fewshot(loaded, None) == {"t_wino": 3}
+    check_items(loaded)
+    _lm_eval_builds(loaded, "t_wino", 3, 4)
+    # a bad scored record: an option null (lm-eval fails building its contexts)
+    bad = _wino_task(tmp_path / "b1", _wino_rows(6), [*_wino_rows(2), {**_wino_rows(3)[2], "option2": None}])
+    with pytest.raises(EvaluationError, match=r"^task t_wino, item 2: TypeError"):
+        check_items(load_tasks(["t_wino"], include=[bad]))
+    # a bad few-shot record: no blank in the sentence
+    bad = _wino_task(tmp_path / "b2", [*_wino_rows(3), {**_wino_rows(4)[3], "sentence": "no blank"}], _wino_rows(2))
+    with pytest.raises(EvaluationError, match=r"^task t_wino, few-shot example: item 3 of its training_split 'train'"):
+        check_items(load_tasks(["t_wino"], include=[bad]))
+    # a gold index past the contexts: lm-eval scores it as a wrong answer in both runs
+    past = _wino_task(tmp_path / "b3", _wino_rows(6), [*_wino_rows(1), {**_wino_rows(2)[1], "answer": "3"}],
+                      edit=lambda code: code.replace('{"1": 0, "2": 1}', '{"1": 0, "2": 1, "3": 2}'))
+    with pytest.raises(EvaluationError, match=r"^task t_wino, item 1: the answer index 2 is outside the 2 "):
+        check_items(load_tasks(["t_wino"], include=[past]))
+
+
+def test_rerunning_eval_with_its_report_in_the_model_folder_is_not_refused(tmp_path, capsys):
+    """Review 46 F4: ``--out ckpt/eval.json`` with ``--model ckpt``: the report of the first run made the same
+    command's second run fail ("--out ckpt/eval.json is the file eval.json of the --model folder"), though no
+    model load reads it. The files the load reads are still inputs."""
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "eval.json").write_text('{"format": "an earlier sinkfix eval report"}')
+    config = EvalConfig(model=str(model), tasks=("sinkfix_cloze",), limit=1)
+    described = {path.name: what for what, path in config.input_files()}
+    assert described == {"config.json": "the file config.json of the --model folder",
+                         "model.safetensors": "the file model.safetensors of the --model folder"}
+    code = main(["eval", "--model", str(model), "--tasks", "sinkfix_cloze", "--limit", "1",
+                 "--out", str(model / "eval.json")])
+    assert code == 2  # got past the --out check: the (fake) model folder fails to load
+    line = _one_error_line(capsys)
+    assert "--out" not in line and "has no tokenizer files" in line, line
+    assert (model / "eval.json").read_text() == '{"format": "an earlier sinkfix eval report"}'
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(UsageError, match=f"is the file {name} of the --model folder"):
+            from sinkfix.lmeval.config import check_out_is_no_input
+
+            check_out_is_no_input(str(model / name), config.input_files())

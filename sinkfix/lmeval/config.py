@@ -88,14 +88,17 @@ class EvalConfig:
 
     def input_files(self) -> list[tuple[str, Path]]:
         """The files this run reads that are known without lm-eval, each with what it is: the profile,
-        every file of a local model folder, the task files (YAML under the include paths, or named in
+        the files of a local model folder that loading the model reads (:func:`_model_reads`: not every
+        file there; an earlier run's ``--out ckpt/eval.json`` is none, and the same command run again
+        was refused), the task files (YAML under the include paths, or named in
         ``tasks``). The tasks' data files need lm-eval's task index: :func:`~sinkfix.lmeval.taskload.data_files`."""
         inputs = [] if self.profile is None else [("the --profile file", Path(self.profile))]
         model = Path(self.model).expanduser()
         if model.is_dir():
-            for root, _, names in os.walk(model):
-                inputs += [(f"the file {(Path(root) / n).relative_to(model)} of the --model folder", Path(root) / n)
-                           for n in sorted(names)]
+            templates = model / "additional_chat_templates"
+            found = [*model.iterdir(), *(templates.iterdir() if templates.is_dir() else ())]
+            inputs += [(f"the file {path.relative_to(model)} of the --model folder", path)
+                       for path in sorted(found) if path.is_file() and _model_reads(path.relative_to(model))]
         inputs += [(f"the task file {name}", Path(name)) for name in self.tasks
                    if name.endswith((".yaml", ".yml")) and Path(name).is_file()]
         for folder in self.include_paths:
@@ -109,6 +112,29 @@ class EvalConfig:
         correction = Correction.from_args(spec, self.profile)
         assert correction is not None
         return correction
+
+
+#: Files of a local model folder that ``transformers``' ``from_pretrained`` reads (model, configs, tokenizer) by
+#: name; weights and tokenizer models by their suffix (a sharded checkpoint's parts, a GGUF file, ``*.model``).
+_MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt",
+    "preprocessor_config.json", "processor_config.json",
+})
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".model", ".tiktoken", ".index.json")
+
+
+def _model_reads(relative: Path) -> bool:
+    """Whether loading a model folder (:func:`sinkfix.load_model`: ``AutoTokenizer`` and
+    ``AutoModelForCausalLM.from_pretrained``) reads the file at ``relative`` in it: the configs, the
+    weights and their index, the tokenizer's files, the chat templates (``additional_chat_templates/``).
+    Anything else there (a README, an earlier evaluation report) is no input of the run."""
+    if len(relative.parts) == 2 and relative.parts[0] == "additional_chat_templates":
+        return relative.suffix == ".jinja"
+    if len(relative.parts) != 1:  # transformers reads the folder's top level only (a subfolder: when asked to)
+        return False
+    name = relative.name
+    return name in _MODEL_FILES or name.endswith(_MODEL_SUFFIXES)
 
 
 def check_out_is_no_input(out: str | os.PathLike[str] | None,

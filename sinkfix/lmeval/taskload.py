@@ -225,7 +225,46 @@ class _Field:
 
     name: str
     bare: bool  # named outright (``doc_to_choice: choices``), not inside a Jinja template
-    optional: bool  # the template tests it itself (``x is defined``, ``x is none``, ``x | default(...)``)
+    # the template may render without it: it tests the name itself (``{% if x %}``, ``x if x else y``, ``x or y``,
+    # ``x is defined``, ``x is none``, ``x | default(...)``), or reads it only where a condition, a loop's items or a
+    # macro call decide (the ``else`` of ``a if a is defined else b``)
+    optional: bool
+
+
+def _field_reads(tree: Any) -> tuple[set[str], set[str]]:
+    """The names a parsed Jinja template reads whatever the record holds (outside every ``if``, ternary,
+    ``and``/``or`` operand, loop body and macro) and the names it uses in a condition (an ``if`` or ternary
+    test, an ``and``/``or`` operand, a ``x is ...`` test, ``x | default``). A name read only inside a branch
+    is in neither set: whether the branch runs depends on the record."""
+    from jinja2 import nodes
+
+    plain: set[str] = set()
+    tested: set[str] = set()
+    conditions = {nodes.If: ("test",), nodes.CondExpr: ("test",), nodes.And: ("left", "right"),
+                  nodes.Or: ("left", "right"), nodes.For: ("test",)}
+    branches = {nodes.If: ("body", "elif_", "else_"), nodes.CondExpr: ("expr1", "expr2"), nodes.For: ("body", "else_"),
+                nodes.Macro: ("body",), nodes.CallBlock: ("body",)}
+
+    def visit(node: Any, mode: str) -> None:  # mode: "read" (always evaluated), "branch", "test" (a condition)
+        if isinstance(node, nodes.Name):
+            if node.ctx == "load" and mode != "branch":
+                (plain if mode == "read" else tested).add(node.name)
+            return
+        kind = type(node)
+        test_fields = conditions.get(kind, ())
+        branch_fields = branches.get(kind, ())
+        if isinstance(node, nodes.Test):
+            test_fields = tuple(name for name, _ in node.iter_fields())
+        elif isinstance(node, nodes.Filter) and node.name in ("default", "d"):
+            test_fields, branch_fields = ("node",), ("args", "kwargs", "dyn_args", "dyn_kwargs")
+        for key, value in node.iter_fields():
+            sub = "test" if key in test_fields else "branch" if key in branch_fields and mode == "read" else mode
+            for child in (value if isinstance(value, list) else [value]):
+                if isinstance(child, nodes.Node):
+                    visit(child, sub)
+
+    visit(tree, "read")
+    return plain, tested
 
 
 @functools.lru_cache(maxsize=256)
@@ -233,9 +272,16 @@ def _jinja_fields(template: str) -> tuple[_Field, ...]:
     """The names a Jinja template reads from the record, in the order they first appear. Jinja's own
     analysis, not a pattern: a loop or ``set`` variable (``{% for c in choices %}{{ c }}``) is no
     field (``c`` is in no record: counted as a field, a valid task would be refused as missing it),
-    nor is a global of lm-eval's template environment (``range``). Cached: parsed once per template,
-    not once per record."""
-    from jinja2 import meta, nodes
+    nor is a global of lm-eval's template environment (``range``).
+
+    A field is required (not ``optional``) only where the template reads it whatever the record holds
+    and never tests it: lm-eval renders a template that tests a field (``{% if hint %}``, ``x if x else ''``)
+    fine when it is null, and one that reads a field only in a branch (gsm8k-cot's
+    ``answer.split(...) if answer is defined else target``: ``target`` only for its few-shot samples) fine
+    without it (review 46: such tasks of lm-eval's catalogue were refused). What an optional field's
+    branch needs and the record lacks still fails, in the rendering :func:`_item_problem` does.
+    Cached: parsed once per template, not once per record."""
+    from jinja2 import meta
     from lm_eval.utils import env
 
     try:
@@ -243,16 +289,13 @@ def _jinja_fields(template: str) -> tuple[_Field, ...]:
     except Exception:  # noqa: BLE001 - a template lm-eval cannot parse fails in its own load, with its message
         return tuple(_Field(name, False, False) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
     names = meta.find_undeclared_variables(tree) - set(env.globals)
-    optional = {test.node.name for test in tree.find_all(nodes.Test)
-                if test.name in ("defined", "undefined", "none") and isinstance(test.node, nodes.Name)}
-    optional |= {flt.node.name for flt in tree.find_all(nodes.Filter)
-                 if flt.name in ("default", "d") and isinstance(flt.node, nodes.Name)}
+    plain, tested = _field_reads(tree)
 
     def first(name: str) -> tuple[int, str]:
         found = re.search(rf"\b{re.escape(name)}\b", template)
         return (found.start() if found else len(template), name)
 
-    return tuple(_Field(name, False, name in optional) for name in sorted(names, key=first))
+    return tuple(_Field(name, False, name not in plain or name in tested) for name in sorted(names, key=first))
 
 
 def _templates(task: Any, fewshot: bool = False) -> dict[str, Any]:
@@ -334,6 +377,12 @@ def _item_problem(task: Any, doc: Any, fewshot: bool = False) -> str | None:
         choices = _rendered(task, "choice", doc, templates)
         if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
             return f"the choices are {choices!r:.60}, not a non-empty list of strings"
+        if getattr(task, "multiple_input", 0):
+            # winogrande: the choices are the contexts, the prompt the gold index into them and the answer
+            # the continuation they share (lm-eval's construct_requests and process_results)
+            if fewshot:
+                return _example_problem(task, doc, prompt, choices, templates)
+            return _contexts_problem(prompt, choices, _rendered(task, "target", doc, templates))
         gold = _rendered(task, "target", doc, templates)
         golds = gold if isinstance(gold, (list, tuple)) else [gold]
         for one in golds:
@@ -344,17 +393,45 @@ def _item_problem(task: Any, doc: Any, fewshot: bool = False) -> str | None:
                 return f"the answer index {one!r:.40} is outside the {len(choices)} choices (0..{len(choices) - 1})"
     if fewshot:
         return _example_problem(task, doc, prompt, choices, templates)
+    custom_score = callable(getattr(getattr(task, "config", None), "process_results", None))
+    if kind == "loglikelihood" or (kind == "generate_until" and not custom_score):
+        # lm-eval renders the answer for the request (loglikelihood) or to score the generated text: a record
+        # whose answer it cannot render (gsm8k-cot's with a null answer) fails there, with the model loaded
+        _rendered(task, "target", doc, None)
+    return None
+
+
+def _contexts_problem(gold: Any, contexts: list[str], continuation: Any) -> str | None:
+    """A scored item of a multiple-input task, as lm-eval uses it: ``gold`` (the prompt) names the right
+    context (an index, a list of indices, or the context's text) and ``continuation`` (the answer) is
+    the text scored after each context (lm-eval formats it into the request whatever it is: None as
+    "None")."""
+    golds = gold if isinstance(gold, list) else [gold]
+    for one in golds:
+        if isinstance(one, str):
+            if one not in contexts:
+                return f"the prompt {one!r:.40} is not one of the {len(contexts)} contexts (a multiple-input task)"
+        elif isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < len(contexts):
+            return (f"the answer index {one!r:.40} is outside the {len(contexts)} contexts (0..{len(contexts) - 1}) "
+                    "(a multiple-input task: the prompt gives the index)")
+    if isinstance(continuation, bool) or not isinstance(continuation, (str, int)):
+        return f"the answer {continuation!r:.40} is no text to score after the contexts (a multiple-input task)"
     return None
 
 
 def _example_problem(task: Any, doc: Any, prompt: Any, choices: Any, templates: dict[str, Any]) -> str | None:
     """What lm-eval's ``build_qa_turn`` asserts of a few-shot example: the prompt is text (an index
-    into the choices for a multiple-input task) and the answer gives text (a choice's index, a list
-    whose first entry is text, or text)."""
+    into the choices for a multiple-input task: the context shown, and the answer then shown as it is,
+    never as a choice's index) and the answer gives text (a choice's index, a list whose first entry
+    is text, or text)."""
     if choices is None and templates["doc_to_choice"]:
         choices = _rendered(task, "choice", doc, templates)
-    if getattr(task, "multiple_input", 0) and isinstance(prompt, int) and isinstance(choices, (list, tuple)):
-        prompt = choices[prompt] if 0 <= prompt < len(choices) else None
+    if getattr(task, "multiple_input", 0):  # lm-eval's fewshot_context: q = c[q]; c = None
+        count = len(choices) if isinstance(choices, (list, tuple)) else 0
+        if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < count:
+            return (f"the prompt {prompt!r:.40} is no index into the {count} contexts (a multiple-input task: the "
+                    "example shows the context it names)")
+        prompt, choices = choices[prompt], None
     if not isinstance(prompt, str):
         return f"the prompt is {type(prompt).__name__} {prompt!r:.60}, not text"
     answer = _rendered(task, "target", doc, templates)
