@@ -158,12 +158,14 @@ def _refuse_special(target: Path) -> None:
                                     "its path, which would replace it; write to a regular file")
 
 
-def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
+def check_writable(path: str | os.PathLike[str], *, folder: bool = False, append: bool = False) -> Path:
     """Raise now the :class:`OutputError` that writing ``path`` later would raise, so that a command
     fails before its work, not after it (a default calibration takes 9-13 minutes on two cores).
 
-    ``path`` is a file to be written atomically, or with ``folder=True`` a folder to write files
-    into. Checked, leaving nothing behind: the target is not a folder (a file) or not a file (a
+    ``path`` is a file to be written atomically (a FIFO, a device or a socket there is refused: the
+    write renames a new file over it), with ``append=True`` a file to be appended to in place
+    (:class:`LineLog`: a FIFO or ``/dev/stdout`` serves), or with ``folder=True`` a folder to write
+    files into. Checked, leaving nothing behind: the target is not a folder (a file) or not a file (a
     folder), the nearest existing folder above it is a folder, and this process may create entries
     there: ``os.access`` first (it also sees a read-only file system), then an empty probe file is
     created there and removed at once, because ``os.access`` says yes to root on file systems that
@@ -175,7 +177,7 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Pat
         raise _output_error(target, "it is a file, not a folder")
     if not folder and target.is_dir():
         raise _output_error(target, "it is a directory")
-    if not folder:
+    if not folder and not append:
         _refuse_special(target)
     existing = _nearest_existing(target if folder else target.parent)
     if existing is None:  # a relative path always has ".", an absolute one "/": reached only if they vanished

@@ -482,3 +482,53 @@ def test_rerunning_eval_with_its_report_in_the_model_folder_is_not_refused(tmp_p
             from sinkfix.lmeval.config import check_out_is_no_input
 
             check_out_is_no_input(str(model / name), config.input_files())
+
+
+_NULL_ANSWER_MC = """output_type: multiple_choice
+test_split: test
+doc_to_text: "{{question}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.parametrize("target, choices, row, field", [
+    ('"{{ 0 if label == 0 else 1 }}"', '["yes", "no"]', {"label": None}, "label"),  # assin_entailment
+    ('"{{ \'yes\' if label else \'no\' }}"', '["yes", "no"]', {"label": None}, "label"),
+    ('"{{ a if correct == \'A\' else b }}"', '"{{[a, b]}}"', {"correct": None, "a": "x", "b": "y"}, "correct"),
+    ('"{% if answer is not none %}{{answer}}{% else %}{{number}}{% endif %}"', '["1", "2", "None"]',
+     {"answer": None, "number": None}, "number"),  # mgsm's fallback
+])
+def test_a_null_answer_field_a_condition_reads_is_refused(tmp_path, target, choices, row, field):
+    """Review 47 F2: with every field named in a condition counted as optional, a null answer field
+    silently took a branch (``0 if label == 0 else 1``: a null label scored as answer 1) or rendered as
+    "None" in a fallback branch; lm-eval scores such items against an answer the data never gave."""
+    good = {"question": "q?", "label": 0, "a": "x", "b": "y", "correct": "A", "answer": "1", "number": "1"}
+    rows = [good, {**good, **row}]
+    body = f"doc_to_target: {target}\ndoc_to_choice: {choices}\n{_NULL_ANSWER_MC}"
+    loaded = load_tasks(["t_null"], include=[_yaml_task(tmp_path, "t_null", body, {"test": rows})])
+    with pytest.raises(EvaluationError, match=rf"^task t_null, item 1: field '{field}' is missing \(null\)"):
+        check_items(loaded)
+    loaded = load_tasks(["t_null"], include=[_yaml_task(tmp_path / "ok", "t_null", body, {"test": [good, good]})])
+    check_items(loaded)  # sound records pass
+
+
+def test_a_null_field_in_a_branch_the_record_keeps_shut_is_accepted(tmp_path):
+    """The mgsm-style fallback reads ``number`` only when ``answer`` is null: a record with an answer
+    and a null number renders the same whatever the number is, and is accepted."""
+    body = ('doc_to_target: "{% if answer is not none %}{{answer}}{% else %}{{number}}{% endif %}"\n'
+            'doc_to_choice: ["1", "2"]\n' + _NULL_ANSWER_MC)
+    rows = [{"question": "q?", "answer": "0", "number": None}, {"question": "r?", "answer": "1", "number": None}]
+    loaded = load_tasks(["t_shut"], include=[_yaml_task(tmp_path, "t_shut", body, {"test": rows})])
+    check_items(loaded)
+
+
+def test_a_field_read_outright_and_tested_elsewhere_must_not_be_null(tmp_path):
+    """Review 47 F2: a question tested in one place and read outright in another was optional, and a
+    null one was scored as the prompt "Q: None"."""
+    body = ('doc_to_text: "{% if question %}(asked) {% endif %}Q: {{question}}"\ndoc_to_target: 0\n'
+            'doc_to_choice: ["a", "b"]\ntest_split: test\noutput_type: multiple_choice\nmetric_list:\n  - metric: acc\n')
+    rows = [{"question": "q?"}, {"question": None}]
+    loaded = load_tasks(["t_q"], include=[_yaml_task(tmp_path, "t_q", body, {"test": rows})])
+    with pytest.raises(EvaluationError, match=r"^task t_q, item 1: field 'question' is missing \(null\)"):
+        check_items(loaded)

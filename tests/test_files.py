@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from sinkfix.errors import SinkfixError
-from sinkfix.files import OutputError, atomic_write, atomic_write_text, check_writable
+from sinkfix.files import LineLog, OutputError, atomic_write, atomic_write_text, check_writable
 
 
 def _names(folder) -> list[str]:
@@ -166,3 +166,21 @@ def test_a_named_pipe_is_refused_not_renamed_over(tmp_path):
             write(pipe)
         assert stat.S_ISFIFO(os.stat(pipe).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary file left
+
+
+def test_a_log_appended_in_place_may_be_a_named_pipe(tmp_path):
+    """A LineLog appends in place: `sinkfix monitor run --out FIFO` served a reader until the check
+    for atomic writes refused every FIFO (review 47)."""
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert check_writable(pipe, append=True) == pipe
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(pipe).read()))
+    reader.start()
+    log = LineLog(pipe)
+    log.append('{"a": 1}')
+    log.close()
+    reader.join(timeout=10)
+    assert received == ['{"a": 1}\n']

@@ -408,3 +408,30 @@ def test_beam_search_the_models_config_asks_for_is_refused_under_a_passed_config
         assert calls[0] == 0 and monitor.records == []
         monitor.generate(_ids(10), generation_config=config, num_beams=1)  # the call's argument wins
     assert len(monitor.records) == 1 and monitor.records[0]["decoded_tokens"] == 2
+
+
+def test_the_models_eos_counts_under_a_passed_generation_config():
+    """transformers fills a passed config's unset eos_token_id from the model's and stops the row; the
+    monitor read only the passed config, and counted the finished row's padding steps (18 tokens
+    instead of 14, sink share 0.147 instead of 0.174)."""
+    model = tiny_model("llama")
+    model.generation_config.pad_token_id = 0
+    ids = torch.cat([_ids(14), _ids(14, 7)])
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=1, do_sample=False)[:, -1]
+    assert int(first[0]) != int(first[1])
+    model.generation_config.eos_token_id = int(first[0])  # row 0 ends at its first new token
+    records = []
+    for kwargs in ({"max_new_tokens": 5}, {"generation_config": GenerationConfig(max_new_tokens=5, do_sample=False)}):
+        with torch.no_grad(), sinkfix.monitor(model) as monitor:
+            monitor.generate(ids, **kwargs)
+        records.append(monitor.records)
+    assert [r["tokens"] for r in records[1]] == [r["tokens"] for r in records[0]] and records[1][0]["tokens"] == 14
+    assert records[1][0]["sink_share"] == records[0][0]["sink_share"]
+
+
+def test_beam_search_asked_for_with_a_tensor_is_refused():
+    model = tiny_model("llama")
+    with torch.no_grad(), sinkfix.monitor(model) as monitor:
+        with pytest.raises(MonitorError, match=r"beam search \(num_beams=3\) cannot be monitored"):
+            monitor.generate(_ids(10), max_new_tokens=2, num_beams=torch.tensor(3), pad_token_id=0)

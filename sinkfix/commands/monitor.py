@@ -223,7 +223,7 @@ def _run_run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     console = wide_console()
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
-    check_writable(args.out)  # the log, likewise
+    check_writable(args.out, append=True)  # the log, likewise (appended in place: a FIFO serves)
     check_log_file(args.out, requests=args.requests)  # not the request file, nor any other file but a log
     correction = _correction(args)  # the profile file, likewise
     if args.guard_margin is not None and not args.guard:  # an option that would do nothing: refused

@@ -219,83 +219,129 @@ _TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
 _ROLLING = "loglikelihood_rolling"
 
 
+#: What a task's templates need of a record field: PRESENT (read whatever the record holds: present and
+#: not null), NOT_NULL (compared or otherwise computed with in a condition, where null takes a branch
+#: silently: ``0 if label == 0 else 1`` scored a null label as answer 1; absent, the rendering fails,
+#: which the item check reports), or NOTHING (tested for null itself, or read only in a branch).
+#: IN_BRANCH: read only inside a branch and never tested itself: a null there is refused only when it
+#: reaches what the templates render (mgsm's target fell back to a null answer_number, scored as "None").
+PRESENT, NOT_NULL, IN_BRANCH, NOTHING = 3, 2, 1, 0
+
+
 @dataclass(frozen=True)
 class _Field:
     """A record field a task's template reads."""
 
     name: str
     bare: bool  # named outright (``doc_to_choice: choices``), not inside a Jinja template
-    # the template may render without it: it tests the name itself (``{% if x %}``, ``x if x else y``, ``x or y``,
-    # ``x is defined``, ``x is none``, ``x | default(...)``), or reads it only where a condition, a loop's items or a
-    # macro call decide (the ``else`` of ``a if a is defined else b``)
-    optional: bool
+    need: int  # PRESENT, NOT_NULL, IN_BRANCH or NOTHING
 
 
-def _field_reads(tree: Any) -> tuple[set[str], set[str]]:
-    """The names a parsed Jinja template reads whatever the record holds (outside every ``if``, ternary,
-    ``and``/``or`` operand, loop body and macro) and the names it uses in a condition (an ``if`` or ternary
-    test, an ``and``/``or`` operand, a ``x is ...`` test, ``x | default``). A name read only inside a branch
-    is in neither set: whether the branch runs depends on the record."""
+def _field_reads(tree: Any) -> tuple[set[str], set[str], set[str], set[str], set[str]]:
+    """Three sets of the names a parsed Jinja template uses: read whatever the record holds (outside
+    every ``if``, ternary result, ``and``/``or`` operand, loop body and macro); computed with inside a
+    condition (a comparison, an attribute, a call: ``label == 0``, ``x.startswith('a')``), where a
+    null silently picks a branch; tested for truth only (``{% if hint %}``, ``x if x else ''``,
+    ``x or ''``), where a null is the template's own "none given"; tested for null explicitly
+    (``x is defined``, ``x is none``, ``x | default(...)``); read inside a branch only (whether the
+    branch runs depends on the record)."""
     from jinja2 import nodes
 
-    plain: set[str] = set()
-    tested: set[str] = set()
-    conditions = {nodes.If: ("test",), nodes.CondExpr: ("test",), nodes.And: ("left", "right"),
-                  nodes.Or: ("left", "right"), nodes.For: ("test",)}
+    read: set[str] = set()
+    computed: set[str] = set()
+    truth: set[str] = set()
+    guarded: set[str] = set()
+    in_branch: set[str] = set()
+    tests = {nodes.If: ("test",), nodes.CondExpr: ("test",), nodes.For: ("test",)}
     branches = {nodes.If: ("body", "elif_", "else_"), nodes.CondExpr: ("expr1", "expr2"), nodes.For: ("body", "else_"),
                 nodes.Macro: ("body",), nodes.CallBlock: ("body",)}
 
-    def visit(node: Any, mode: str) -> None:  # mode: "read" (always evaluated), "branch", "test" (a condition)
+    def visit(node: Any, role: str, branch: bool) -> None:
+        # role: "read" (its value is used), "truth" (a condition's value itself), "use" (computed
+        # with inside a condition), "guard" (tested for null explicitly); branch: evaluated only when a
+        # condition says so
         if isinstance(node, nodes.Name):
-            if node.ctx == "load" and mode != "branch":
-                (plain if mode == "read" else tested).add(node.name)
+            if node.ctx == "load":
+                if role == "read":
+                    (in_branch if branch else read).add(node.name)
+                else:
+                    {"use": computed, "truth": truth, "guard": guarded}[role].add(node.name)
             return
-        kind = type(node)
-        test_fields = conditions.get(kind, ())
-        branch_fields = branches.get(kind, ())
+        inner = "read" if role == "read" else "use"  # a generic node: inside a condition, computed with
+        if isinstance(node, (nodes.And, nodes.Or)):
+            visit(node.left, "truth", branch)
+            visit(node.right, "truth", True)  # runs only as the left one decides
+            return
+        if isinstance(node, nodes.Not):
+            visit(node.node, "truth" if role != "read" else "read", branch)
+            return
         if isinstance(node, nodes.Test):
-            test_fields = tuple(name for name, _ in node.iter_fields())
-        elif isinstance(node, nodes.Filter) and node.name in ("default", "d"):
-            test_fields, branch_fields = ("node",), ("args", "kwargs", "dyn_args", "dyn_kwargs")
+            null_test = node.name in ("defined", "undefined", "none")
+            for key, value in node.iter_fields():
+                sub = ("guard" if null_test else "use") if key == "node" else "use"
+                for child in (value if isinstance(value, list) else [value]):
+                    if isinstance(child, nodes.Node):
+                        visit(child, sub, branch)
+            return
+        if isinstance(node, nodes.Filter) and node.name in ("default", "d"):
+            for key, value in node.iter_fields():
+                for child in (value if isinstance(value, list) else [value]):
+                    if isinstance(child, nodes.Node):
+                        visit(child, "guard", branch) if key == "node" else visit(child, "read", True)
+            return
+        test_fields, branch_fields = tests.get(type(node), ()), branches.get(type(node), ())
         for key, value in node.iter_fields():
-            sub = "test" if key in test_fields else "branch" if key in branch_fields and mode == "read" else mode
+            sub, sub_branch = ("truth", branch) if key in test_fields else \
+                ("read", True) if key in branch_fields else (inner, branch)
             for child in (value if isinstance(value, list) else [value]):
                 if isinstance(child, nodes.Node):
-                    visit(child, sub)
+                    visit(child, sub, sub_branch)
 
-    visit(tree, "read")
-    return plain, tested
+    visit(tree, "read", False)
+    return read, computed, truth, guarded, in_branch
 
 
 @functools.lru_cache(maxsize=256)
-def _jinja_fields(template: str) -> tuple[_Field, ...]:
+def _jinja_fields(template: str, answer: bool = False) -> tuple[_Field, ...]:
     """The names a Jinja template reads from the record, in the order they first appear. Jinja's own
     analysis, not a pattern: a loop or ``set`` variable (``{% for c in choices %}{{ c }}``) is no
     field (``c`` is in no record: counted as a field, a valid task would be refused as missing it),
     nor is a global of lm-eval's template environment (``range``).
 
-    A field is required (not ``optional``) only where the template reads it whatever the record holds
-    and never tests it: lm-eval renders a template that tests a field (``{% if hint %}``, ``x if x else ''``)
-    fine when it is null, and one that reads a field only in a branch (gsm8k-cot's
-    ``answer.split(...) if answer is defined else target``: ``target`` only for its few-shot samples) fine
-    without it (review 46: such tasks of lm-eval's catalogue were refused). What an optional field's
-    branch needs and the record lacks still fails, in the rendering :func:`_item_problem` does.
-    Cached: parsed once per template, not once per record."""
+    A field the template reads whatever the record holds must be present and not null (PRESENT). One
+    it computes with in a condition must not be null (NOT_NULL: ``0 if label == 0 else 1`` scored a
+    null label as answer 1), and so must one it only tests for truth in an ``answer`` template (the
+    target or the choices: ``'yes' if label else 'no'`` made a null label "no"); in a prompt, a
+    truth test is the template's own handling of a field that may be null (``{% if hint %}``). One
+    tested for null explicitly (``is defined``, ``is none``, ``| default``) needs nothing, and one read
+    only in a branch (gsm8k-cot's ``answer.split(...) if answer is defined else target``: ``target``
+    only for its few-shot samples) need not be present (review 46: such tasks of lm-eval's catalogue
+    were refused) but must not be null unless the template tests it itself; what such a branch needs
+    and the record lacks still fails, in the rendering :func:`_item_problem` does. Cached: parsed once per template, not once per record."""
     from jinja2 import meta
     from lm_eval.utils import env
 
     try:
         tree = env.parse(template)
     except Exception:  # noqa: BLE001 - a template lm-eval cannot parse fails in its own load, with its message
-        return tuple(_Field(name, False, False) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
+        return tuple(_Field(name, False, PRESENT) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
     names = meta.find_undeclared_variables(tree) - set(env.globals)
-    plain, tested = _field_reads(tree)
+    read, computed, truth, guarded, in_branch = _field_reads(tree)
+
+    def need(name: str) -> int:
+        if name in read:
+            return PRESENT
+        if name in computed or (answer and name in truth):
+            return NOT_NULL
+        # read in a branch and never tested itself: a null there renders as "None" when the branch
+        # runs (mgsm's target fell back to a null answer_number); absent, the branch's rendering fails
+        return IN_BRANCH if name in in_branch and name not in truth | guarded else NOTHING
 
     def first(name: str) -> tuple[int, str]:
         found = re.search(rf"\b{re.escape(name)}\b", template)
         return (found.start() if found else len(template), name)
 
-    return tuple(_Field(name, False, name not in plain or name in tested) for name in sorted(names, key=first))
+    return tuple(_Field(name, False, need(name)) for name in sorted(names, key=first))
 
 
 def _templates(task: Any, fewshot: bool = False) -> dict[str, Any]:
@@ -316,25 +362,31 @@ def _referenced_fields(task: Any, fewshot: bool = False) -> list[_Field]:
     the literal text "context" (lm-eval's ``doc_to_text``: a key of the record, else a template).
     Text with spaces or punctuation (``"Answer:"``, ``"['yes', 'no']"``, ``""``) is a literal and reads
     no field."""
-    fields: list[_Field] = []
-    for value in _templates(task, fewshot).values():
+    fields: dict[str, _Field] = {}
+    for key, value in _templates(task, fewshot).items():
         if not isinstance(value, str):
             continue
         if any(mark in value for mark in ("{{", "{%", "{#")):
-            found = list(_jinja_fields(value))
+            found = list(_jinja_fields(value, key != "doc_to_text"))
         elif _BARE_NAME.fullmatch(value):
-            found = [_Field(value, True, False)]
+            found = [_Field(value, True, PRESENT)]
         else:
             found = []
-        fields += [f for f in found if f.name not in {g.name for g in fields}]
-    return fields
+        for field in found:  # a field several templates use needs what the most demanding one needs
+            if field.name not in fields or field.need > fields[field.name].need:
+                fields[field.name] = field
+    return list(fields.values())
 
 
 def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
     if not isinstance(doc, dict):
         return None
     for field in _referenced_fields(task, fewshot):
-        if field.optional:
+        if field.need == NOTHING or (field.need <= NOT_NULL and field.name not in doc):
+            continue  # absent where a condition decides: the rendering says whether that fails
+        if field.need == IN_BRANCH:
+            if doc[field.name] is None and _null_reaches_output(task, doc, field.name, fewshot):
+                return f"field {field.name!r} is missing (null), and the templates render it"
             continue
         if field.name not in doc:
             # no JSON record has it (datasets gives every record each column some record has): lm-eval
@@ -344,6 +396,24 @@ def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
         if doc[field.name] is None:  # absent from this JSON record only: a template renders it as "None"
             return f"field {field.name!r} is missing (null)"
     return None
+
+
+def _null_reaches_output(task: Any, doc: dict, name: str, fewshot: bool) -> bool:
+    """Whether the null field ``name``, read only inside a template branch, changes what the task's
+    templates render: rendered again with a marker string in its place, some output differs (the
+    branch that reads it ran, and showed "None"). A branch the record's other fields keep shut
+    leaves every output as it was, and the null is harmless."""
+    templates = _templates(task, True) if fewshot else None
+    marked = {**doc, name: "\x00sinkfix-null-marker\x00"}
+    for what in ("text", "target", "choice"):
+        if getattr(task, f"doc_to_{what}", None) is None or (templates is not None and not templates[f"doc_to_{what}"]):
+            continue
+        try:
+            if _rendered(task, what, doc, templates) != _rendered(task, what, marked, templates):
+                return True
+        except Exception:  # noqa: BLE001 - a template that fails on either is the item check's to report
+            continue
+    return False
 
 
 def _rendered(task: Any, what: str, doc: Any, templates: dict[str, Any] | None) -> Any:

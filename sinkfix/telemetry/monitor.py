@@ -693,9 +693,10 @@ def _gather_shards(group: TensorParallelGroup, values: dict, betas: list, num_he
 
 def _eos_ids(model: nn.Module, kwargs: dict) -> list[int] | None:
     """The end-of-sequence ids a ``generate`` call stops rows at: its own argument, its generation
-    config's, or the model's."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    config's where it sets them, or the model's (``_generation_value``: with a passed config, reading
+    only it missed the model's end-of-sequence ids, and a row that ended early had its padding steps
+    counted: 18 tokens instead of 14, sink share 0.147 instead of 0.174)."""
+    eos = _generation_value(model, kwargs, "eos_token_id")
     if eos is None:
         return None
     ids = [int(e) for e in (eos.flatten().tolist() if isinstance(eos, torch.Tensor) else
@@ -742,6 +743,8 @@ def _refuse_beams(model: nn.Module, kwargs: dict) -> None:
     """MonitorError for a generate call that would run beam search (its own argument, its
     generation config, or the model's)."""
     beams = _generation_value(model, kwargs, "num_beams", 1)
+    if isinstance(beams, torch.Tensor) and beams.numel() == 1 and not beams.is_floating_point():
+        beams = int(beams)  # num_beams=torch.tensor(3) ran beam search and failed inside the monitor
     if isinstance(beams, numbers.Integral) and beams > 1:
         raise MonitorError(f"beam search (num_beams={beams}) cannot be monitored: the beams are batch rows that "
                            "generate reorders at every step, so no record would describe one sequence; monitor "
