@@ -406,7 +406,7 @@ def _null_reaches_output(task: Any, doc: dict, name: str, fewshot: bool) -> bool
     templates = _templates(task, True) if fewshot else None
     marked = {**doc, name: "\x00sinkfix-null-marker\x00"}
     for what in ("text", "target", "choice"):
-        if getattr(task, f"doc_to_{what}", None) is None or (templates is not None and not templates[f"doc_to_{what}"]):
+        if not _templates(task, fewshot)[f"doc_to_{what}"]:  # not set: lm-eval logs a complaint if called
             continue
         try:
             if _rendered(task, what, doc, templates) != _rendered(task, what, marked, templates):
