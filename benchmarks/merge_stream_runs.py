@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from sinkfix.analysis.plots import running_perplexity_plot
 from sinkfix.analysis.streaming import StreamResult, StreamVariant
 from sinkfix.errors import UsageError
-from sinkfix.files import atomic_write_text, strict_json
+from sinkfix.files import atomic_write_text, same_file, strict_json
 
 # protocol entries every merged run must share (the rest describe how a variant was run); "period"
 # makes a different stream (the text's first N tokens over and over) and was missing, so a periodic
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     for run in args.runs:  # the merged stream.json/stream.png would replace that run's own
-        if args.out.exists() and Path(run).exists() and os.path.samefile(args.out, run):
+        if same_file(args.out, run):
             parser.error(f"--out {args.out} is the run folder {run}: the merged files would replace its "
                          "stream.json and stream.png; write the merge to another folder")
     try:

@@ -30,7 +30,7 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
     fcntl = None
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
-           "save_figure", "strict_json"]
+           "same_file", "save_figure", "strict_json"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -135,6 +135,16 @@ def strict_json(value: Any, **dumps_kwargs: Any) -> str:
     return json.dumps(finite(value), allow_nan=False, **dumps_kwargs)
 
 
+def same_file(path: str | os.PathLike[str], other: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` and ``other`` name one existing file (device and inode, as
+    ``os.path.samefile``: any spelling of the path, a symbolic or hard link); False when either
+    cannot be found or read. What an output must not be: one of its command's own inputs."""
+    try:
+        return os.path.samefile(path, other)
+    except (OSError, ValueError):  # missing, unreadable, or a path with a NUL byte
+        return False
+
+
 def _not_a_regular_file(target: Path) -> str | None:
     """What ``target`` is when it exists and is neither a regular file nor a folder (a FIFO, a device,
     a socket), else None. An atomic write renames a new file over its path: as root, ``--out
@@ -234,13 +244,13 @@ class LineLog:
     exist (Windows) appends are not serialised. Lines reach the operating system at once (no buffer in this
     process): a crash of the process loses nothing that :meth:`append` returned from. A path removed or
     renamed away while the log is open (log rotation) is created again at the next line, its folders
-    made again as at creation; ``before_reopen(path)``, when given, runs first and may refuse the file
-    found at the path by raising an :class:`OutputError` (the telemetry log refuses another program's
-    file put there).
+    made again as at creation; ``before_reopen(path)``, when given, runs first and refuses the file
+    found at the path by returning why (an :class:`OutputError` with that reason; the telemetry log
+    refuses another program's file put there), or accepts it by returning None.
     """
 
     def __init__(self, path: str | os.PathLike[str], *,
-                 before_reopen: Callable[[Path], None] | None = None) -> None:
+                 before_reopen: Callable[[Path], str | None] | None = None) -> None:
         self.path = Path(path)
         self._before_reopen = before_reopen
         # opened and watched by its absolute path: a relative one named another file once the process
@@ -302,8 +312,9 @@ class LineLog:
         except OSError as exc:
             raise _output_error(self.path, f"it was removed or moved while in use, and its folder cannot be made "
                                            f"again: {_reason(exc)}") from exc
-        if self._before_reopen is not None:
-            self._before_reopen(self._file)
+        refused = None if self._before_reopen is None else self._before_reopen(self._file)
+        if refused is not None:
+            raise _output_error(self.path, refused)
         try:
             fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:

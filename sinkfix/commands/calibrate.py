@@ -132,21 +132,17 @@ def check_profile_out(out, flag: str = "--out", inputs=()) -> None:
     log, a result). An existing profile is replaced, as ever, and an empty file holds nothing to lose.
     ``sinkfix calibrate --out code.txt --text code.txt`` wrote the profile over its own calibration text."""
     import json
-    import os
     from pathlib import Path
 
     from sinkfix.errors import UsageError
+    from sinkfix.files import same_file
     from sinkfix.profile import FORMAT
 
     target = Path(out)
     if not target.is_file():  # missing (written new); a FIFO or a device is check_writable's to refuse
         return
     for given in inputs:
-        try:
-            same = os.path.samefile(target, given)
-        except OSError:  # an input that cannot be read is the text loader's to refuse
-            same = False
-        if same:
+        if same_file(target, given):  # an input that cannot be read is the text loader's to refuse
             raise UsageError(f"{flag} {out} is the text {given} (--text): writing the profile there would replace "
                              "it; write the profile to another file")
     size = target.stat().st_size

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from sinkfix.errors import UsageError
+from sinkfix.files import same_file
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
 from sinkfix.models import DEFAULT_MODEL, pick_device
@@ -140,19 +141,11 @@ def _model_reads(relative: Path) -> bool:
 def check_out_is_no_input(out: str | os.PathLike[str] | None,
                           inputs: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
     """Refuse an ``--out`` that names one of the run's own inputs (``inputs``: what it is, its path),
-    compared as ``os.path.samefile`` compares (device and inode: any spelling of the path, a symbolic
-    or hard link). The report replaced the input silently: ``--profile p.json --out p.json`` lost a
+    compared by :func:`sinkfix.files.same_file` (device and inode: any spelling of the path, a
+    symbolic or hard link). The report replaced the input silently: ``--profile p.json --out p.json`` lost a
     profile that takes 9-13 minutes to calibrate, ``--out`` on a task's data file lost the task."""
     if not out:
         return
-    try:
-        target = os.stat(out)
-    except OSError:  # not there (yet): no input is that file
-        return
     for what, path in inputs:
-        try:
-            other = os.stat(path)
-        except OSError:
-            continue
-        if (other.st_dev, other.st_ino) == (target.st_dev, target.st_ino):
+        if same_file(out, path):  # an --out not there (yet) is no input
             raise UsageError(f"--out {out} is {what}: the report would replace it; write the report to another file")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import errno
 import json
 import numbers
-import os
 from pathlib import Path
 from typing import Sequence
 
-from sinkfix.errors import MonitorError, OutputError
-from sinkfix.files import LineLog
+from sinkfix.errors import MonitorError
+from sinkfix.files import LineLog, same_file
 from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN, NO_DOMAIN
 
@@ -122,11 +121,7 @@ def check_log_file(path: str | Path, *, requests: str | Path | None = None, mode
     if not p.is_file():
         return p
     if requests is not None and str(requests) != BUILTIN:
-        try:
-            same = os.path.samefile(p, requests)
-        except OSError:  # the request file is missing: read_requests says so
-            same = False
-        if same:
+        if same_file(p, requests):  # a missing request file is read_requests' to report
             raise MonitorError(f"the telemetry log {p} is the request file {requests}: appending records to it "
                                "would spoil both; write the log to another file")
     record = _first_record(p)
@@ -141,20 +136,14 @@ def _refuse_foreign_file(model: str | None, heads: Sequence[int] | None):
     log, put at the path while the monitor ran, is not appended to (an :class:`OutputError`, which
     the monitor reports as a LogWriteWarning); it got the next record before."""
 
-    def check(path: Path) -> None:
+    def check(path: Path) -> str | None:
         try:
             check_log_file(path, model=model, heads=heads)
         except MonitorError as exc:
-            raise _not_appended(path, f"a file was put at its path while the log was in use, and {exc}") from None
+            return f"a file was put at its path while the log was in use, and {exc}"
+        return None
 
     return check
-
-
-def _not_appended(path: Path, reason: str) -> OutputError:
-    # one positional argument only: OSError reads two as (errno, strerror)
-    error = OutputError(f"cannot write {path}: {reason}")
-    error.path = path
-    return error
 
 
 class JsonlLog:
