@@ -624,29 +624,28 @@ def _numbers(name: str, value, expected: str = "a number, a [num_layers, num_hea
         raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}") from None
 
 
-def _holds_bool(value) -> bool:
-    """Whether ``value`` is or contains a bool (Python or numpy), or is a bool tensor or array."""
-    if isinstance(value, (bool, np.bool_)):
+def _holds(value, scalars: tuple, array_test) -> bool:
+    """Whether ``value`` is one of ``scalars``, a tensor or array that ``array_test`` accepts, or a
+    (nested) list or tuple holding one."""
+    if isinstance(value, scalars):
         return True
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.dtype in (torch.bool, np.bool_)
+        return array_test(value)
     if isinstance(value, (list, tuple)):
-        return any(_holds_bool(item) for item in value)
+        return any(_holds(item, scalars, array_test) for item in value)
     return False
+
+
+def _holds_bool(value) -> bool:
+    """Whether ``value`` is or contains a bool (Python or numpy), or is a bool tensor or array."""
+    return _holds(value, (bool, np.bool_), lambda array: array.dtype in (torch.bool, np.bool_))
 
 
 def _holds_complex(value) -> bool:
     """Whether ``value`` is or contains a complex number (Python or numpy), or is a complex tensor
     or array."""
-    if isinstance(value, (complex, np.complexfloating)):
-        return True
-    if isinstance(value, torch.Tensor):
-        return value.is_complex()
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind == "c"
-    if isinstance(value, (list, tuple)):
-        return any(_holds_complex(item) for item in value)
-    return False
+    return _holds(value, (complex, np.complexfloating),
+                  lambda array: array.is_complex() if isinstance(array, torch.Tensor) else array.dtype.kind == "c")
 
 
 def _integer(value) -> int | None:
