@@ -403,10 +403,11 @@ def _null_reaches_output(task: Any, doc: dict, name: str, fewshot: bool) -> bool
     templates render: rendered again with a marker string in its place, some output differs (the
     branch that reads it ran, and showed "None"). A branch the record's other fields keep shut
     leaves every output as it was, and the null is harmless."""
-    templates = _templates(task, True) if fewshot else None
+    configured = _templates(task, fewshot)
+    templates = configured if fewshot else None
     marked = {**doc, name: "\x00sinkfix-null-marker\x00"}
     for what in ("text", "target", "choice"):
-        if not _templates(task, fewshot)[f"doc_to_{what}"]:  # not set: lm-eval logs a complaint if called
+        if not configured[f"doc_to_{what}"]:  # not set: lm-eval logs a complaint if called
             continue
         try:
             if _rendered(task, what, doc, templates) != _rendered(task, what, marked, templates):
