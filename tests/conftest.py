@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 
 warnings.filterwarnings("ignore", message=".*does not support `output_attentions`.*")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str, module_name: str | None = None) -> types.ModuleType:
+    """benchmarks/NAME.py loaded as a fresh module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=256)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,16 +19,9 @@ import pytest
 import torch
 
 import sinkfix
+from sinkfix.errors import UsageError
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script(name: str):
-    """benchmarks/NAME.py loaded as a fresh module."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import BENCHMARKS, benchmark_script
 
 
 class _Reached(Exception):
@@ -50,7 +42,7 @@ def _exit_code(fn, *args) -> int:
 
 # -- 1. bench_monitor_overhead --processes: the child must not see --processes again -----------------------
 def test_without_option_strips_abbreviations_and_both_value_forms():
-    bench = _script("bench_monitor_overhead")
+    bench = benchmark_script("bench_monitor_overhead")
     strip = bench._without_option
     assert strip(["--proc", "2", "--rounds", "1"], "--processes") == ["--rounds", "1"]
     assert strip(["--rounds", "1", "--processes=3", "--json", "x.json"], "--processes") == ["--rounds", "1", "--json",
@@ -62,7 +54,7 @@ def test_without_option_strips_abbreviations_and_both_value_forms():
 
 
 def test_monitor_overhead_refuses_an_abbreviated_processes_before_spawning(monkeypatch, no_model, capsys):
-    bench = _script("bench_monitor_overhead")
+    bench = benchmark_script("bench_monitor_overhead")
     monkeypatch.setattr(subprocess, "run", _never("a child process"))
     assert _exit_code(bench.main, ["--proc", "2", "--rounds", "1"]) == 2
     assert "--proc" in capsys.readouterr().err
@@ -70,7 +62,7 @@ def test_monitor_overhead_refuses_an_abbreviated_processes_before_spawning(monke
 
 # -- 2. check_monitor_agreement: unknown policies, nothing compared ----------------------------------------
 def test_agreement_refuses_unknown_policies_and_never_passes_with_nothing_compared(no_model, capsys):
-    bench = _script("check_monitor_agreement")
+    bench = benchmark_script("check_monitor_agreement")
     assert _exit_code(bench.main, ["--policies", "sink_scale=0.9"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert bench._passed([]) is False
@@ -79,7 +71,7 @@ def test_agreement_refuses_unknown_policies_and_never_passes_with_nothing_compar
 
 # -- 3. bench_host_overhead leaves the process as it found it ----------------------------------------------
 def test_host_overhead_main_restores_kernels_and_threads():
-    bench = _script("bench_host_overhead")
+    bench = benchmark_script("bench_host_overhead")
     from sinkfix.kernels import attention_decode, attention_prefill
 
     kernels = (attention_decode._sink_attn_decode_split, attention_decode._sink_attn_decode_reduce,
@@ -99,7 +91,7 @@ def test_host_overhead_main_restores_kernels_and_threads():
 
 
 def test_host_overhead_monitor_callbacks_unwraps_what_it_timed():
-    bench = _script("bench_host_overhead")
+    bench = benchmark_script("bench_host_overhead")
     monitor_class = importlib.import_module("sinkfix.telemetry.monitor").Monitor
     attention = importlib.import_module("sinkfix.integrations.attention")
     names = ("_on_attention", "_before_layers", "_residual_hook")
@@ -113,7 +105,7 @@ def test_host_overhead_monitor_callbacks_unwraps_what_it_timed():
 
 
 def test_host_overhead_monitor_callbacks_refuses_the_call_options(monkeypatch):
-    bench = _script("bench_host_overhead")
+    bench = benchmark_script("bench_host_overhead")
     monkeypatch.setattr(bench, "monitor_callbacks", _never("monitor_callbacks"))
     for extra in (["--calls", "3"], ["--keys", "64"], ["--heads", "4", "2", "16"], ["--profile", "5"],
                   ["--device", "cpu"]):
@@ -122,7 +114,7 @@ def test_host_overhead_monitor_callbacks_refuses_the_call_options(monkeypatch):
 
 # -- 4. bench_monitor_overhead: unknown policies refused up front ------------------------------------------
 def test_monitor_overhead_refuses_unknown_policies_before_measuring(no_model, capsys):
-    bench = _script("bench_monitor_overhead")
+    bench = benchmark_script("bench_monitor_overhead")
     assert _exit_code(bench.main, ["--policies", "identity", "sink_scale=0.8", "--rounds", "1"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert _exit_code(bench.main, ["--help"]) == 0
@@ -132,7 +124,7 @@ def test_monitor_overhead_refuses_unknown_policies_before_measuring(no_model, ca
 # -- 5. bench_decode: no timed step left ------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["--new-tokens", "2"], ["--new-tokens", "5", "--skip", "4"]])
 def test_bench_decode_refuses_runs_without_a_timed_step(argv, no_model, capsys):
-    bench = _script("bench_decode")
+    bench = benchmark_script("bench_decode")
     assert _exit_code(bench.main, [*argv, "--rounds", "1"]) == 2
     assert "leaves no timed decode step" in capsys.readouterr().err
 
@@ -151,7 +143,7 @@ def test_ratio_has_no_interval_with_one_unit():
 
 
 def test_bench_decode_one_round_is_not_counted_as_settled():
-    bench = _script("bench_decode")
+    bench = benchmark_script("bench_decode")
     results = {"stock": {"prefill": [[1.0, 1.0]], "decode": [[0.05, 0.05]]},
                "identity": {"prefill": [[1.002, 1.002]], "decode": [[0.0501, 0.0501]]}}
     rows = bench._rows(results, "eager", "wall", 1, 0.0)
@@ -162,7 +154,7 @@ def test_bench_decode_one_round_is_not_counted_as_settled():
 
 
 def test_monitor_overhead_one_round_is_not_counted_as_settled():
-    bench = _script("bench_monitor_overhead")
+    bench = benchmark_script("bench_monitor_overhead")
     runs = {"off": {"prefill": [(0.1, 0.1, 0)], "step_runs": [[(0.01, 0.01), (0.01, 0.01)]]},
             "on": {"prefill": [(0.1, 0.1, 0)], "step_runs": [[(0.01, 0.01), (0.01, 0.01)]]}}
     table = bench._ratios(runs)
@@ -174,7 +166,7 @@ def test_monitor_overhead_one_round_is_not_counted_as_settled():
 
 # -- 7. bench_patch_overhead: the JSON path checked first, written atomically, with provenance -----------------
 def test_patch_overhead_checks_the_json_path_before_measuring(monkeypatch, capsys):
-    bench = _script("bench_patch_overhead")
+    bench = benchmark_script("bench_patch_overhead")
     monkeypatch.setattr(bench, "measure_time", _never("measure_time"))
     monkeypatch.setattr(sys, "argv", ["bench_patch_overhead.py", "--skip-memory", "--json", "/proc/nowhere/x.json"])
     assert _exit_code(bench.main) == 2
@@ -182,7 +174,7 @@ def test_patch_overhead_checks_the_json_path_before_measuring(monkeypatch, capsy
 
 
 def test_patch_overhead_json_names_device_and_versions(monkeypatch, tmp_path):
-    bench = _script("bench_patch_overhead")
+    bench = benchmark_script("bench_patch_overhead")
     monkeypatch.setattr(bench, "measure_time", lambda args: {name: [0.010, 0.011] for name in bench.CONFIGS})
     out = tmp_path / "patch.json"
     monkeypatch.setattr(sys, "argv", ["bench_patch_overhead.py", "--skip-memory", "--json", str(out)])
@@ -195,18 +187,18 @@ def test_patch_overhead_json_names_device_and_versions(monkeypatch, tmp_path):
 
 def test_check_scripts_refuse_an_unwritable_json_before_loading(no_model):
     for name in ("check_monitor_agreement", "check_guard_margin", "bench_monitor_overhead"):
-        assert _exit_code(_script(name).main, ["--json", "/proc/nowhere/x.json"]) == 2, name
+        assert _exit_code(benchmark_script(name).main, ["--json", "/proc/nowhere/x.json"]) == 2, name
 
 
 # -- 8. bench_calibration_step: the folder first, the rounds in the name ------------------------------------
 def test_calibration_step_checks_its_folder_before_the_work(monkeypatch):
-    bench = _script("bench_calibration_step")
+    bench = benchmark_script("bench_calibration_step")
     monkeypatch.setattr(bench, "run", _never("the fitting steps"))
     assert _exit_code(bench.main, ["--out", "/proc/x"]) == 2
 
 
 def test_calibration_step_names_other_round_counts(monkeypatch, tmp_path):
-    bench = _script("bench_calibration_step")
+    bench = benchmark_script("bench_calibration_step")
     monkeypatch.setattr(bench, "run", lambda args: {"rounds": args.rounds})
     monkeypatch.setattr(bench, "markdown", lambda data: f"rounds {data['rounds']}")
     assert bench.main(["--rounds", "1", "--threads", "2", "--out", str(tmp_path)]) == 0
@@ -227,7 +219,7 @@ def _protocol(**changes) -> dict:
 
 
 def test_merge_refuses_runs_of_another_period_or_profile(monkeypatch):
-    bench = _script("merge_stream_runs")
+    bench = benchmark_script("merge_stream_runs")
     from sinkfix.errors import UsageError
 
     runs = {}
@@ -244,6 +236,53 @@ def test_merge_refuses_runs_of_another_period_or_profile(monkeypatch):
     monkeypatch.setattr(bench, "StreamResult", lambda variants, protocol: (sorted(variants), protocol))
     variants, protocol = bench.merge([Path("a"), Path("b")])
     assert variants == ["sink", "sink_profile"] and protocol["profile"] == "q.json"
+
+
+def test_merge_refuses_recomputations_with_different_intervals(monkeypatch):
+    """Merged, with the protocol naming the last run's 32 for both references."""
+    bench = benchmark_script("merge_stream_runs")
+    runs: dict = {}
+    monkeypatch.setattr(bench, "load_run", lambda folder: runs[str(folder)])
+    monkeypatch.setattr(bench, "StreamResult", lambda variants, protocol: (sorted(variants), protocol))
+    runs.update(a=(_protocol(recompute_every=16), {"sink": 0, "recompute": 0}),
+                b=(_protocol(recompute_every=32, profile="p.json"), {"sink_profile": 0, "recompute_profile": 0}))
+    with pytest.raises(UsageError, match="b ran recompute_every = 32, a 16: .*same --recompute-every"):
+        bench.merge([Path("a"), Path("b")])
+    # equal intervals merge; a run that recomputed nothing does not count (its value is unused)
+    runs.update(b=(_protocol(recompute_every=16, profile="p.json"), {"sink_profile": 0, "recompute_profile": 0}),
+                c=(_protocol(recompute_every=64), {"window_only": 0}))
+    variants, protocol = bench.merge([Path("c"), Path("a"), Path("b")])
+    assert protocol["recompute_every"] == 16 and len(variants) == 5
+
+
+def test_merge_takes_the_chunk_from_the_runs_that_fed_chunks(monkeypatch):
+    """A run of recomputations only feeds no chunks (and sinkfix stream now refuses --chunk there):
+    its recorded default chunk no longer stops it merging with caches fed in other chunks."""
+    bench = benchmark_script("merge_stream_runs")
+    runs: dict = {}
+    monkeypatch.setattr(bench, "load_run", lambda folder: runs[str(folder)])
+    monkeypatch.setattr(bench, "StreamResult", lambda variants, protocol: (sorted(variants), protocol))
+    runs.update(a=(_protocol(chunk=32, recompute_every=128), {"recompute": 0}), b=(_protocol(chunk=8), {"sink": 0}))
+    variants, protocol = bench.merge([Path("a"), Path("b")])
+    assert variants == ["recompute", "sink"] and protocol["chunk"] == 8 and protocol["recompute_every"] == 128
+    runs.update(c=(_protocol(chunk=16), {"window_only": 0}))
+    with pytest.raises(UsageError, match="c ran chunk = 16, b 8: .*same --chunk"):
+        bench.merge([Path("a"), Path("b"), Path("c")])
+
+
+def test_merge_refuses_an_out_that_is_one_of_its_runs(tmp_path, monkeypatch, capsys):
+    """--out naming an input run folder (under any spelling) replaced that run's stream.json and
+    stream.png with the merge."""
+    bench = benchmark_script("merge_stream_runs")
+    run = tmp_path / "runA"
+    run.mkdir()
+    (run / "stream.json").write_text("{\"kept\": true}\n")
+    monkeypatch.setattr(bench, "merge", lambda runs: pytest.fail("merged before the --out check"))
+    with pytest.raises(SystemExit) as info:
+        bench.main([str(run), str(tmp_path / "other"), "--out", str(tmp_path / "." / "runA")])
+    assert info.value.code == 2
+    assert "is the run folder" in capsys.readouterr().err
+    assert (run / "stream.json").read_text() == "{\"kept\": true}\n"
 
 
 # -- 10. every script's --help ---------------------------------------------------------------------------
@@ -280,7 +319,7 @@ def test_every_benchmark_script_prints_its_help():
 
 # -- 11. check_guard_margin: calibrate's domains, at least one random prompt -----------------------------------
 def test_guard_margin_ranges_cover_calibrates_domains(monkeypatch):
-    bench = _script("check_guard_margin")
+    bench = benchmark_script("check_guard_margin")
     from sinkfix.texts import DOMAINS
 
     asked: list[str] = []
@@ -299,13 +338,13 @@ def test_guard_margin_ranges_cover_calibrates_domains(monkeypatch):
 
 
 def test_guard_margin_refuses_no_random_prompts(no_model):
-    bench = _script("check_guard_margin")
+    bench = benchmark_script("check_guard_margin")
     assert _exit_code(bench.main, ["--random-prompts", "0"]) == 2
 
 
 # -- 13. arguments that were silently ignored ------------------------------------------------------------
 def test_hidden_sink_evaluation_uses_eval_seq_len(monkeypatch):
-    bench = _script("hidden_sink_calibration")
+    bench = benchmark_script("hidden_sink_calibration")
     lengths: list[int] = []
 
     class Result:
@@ -331,7 +370,7 @@ def test_hidden_sink_evaluation_uses_eval_seq_len(monkeypatch):
 
 
 def test_intervals_of_reads_a_processes_file(tmp_path, capsys):
-    bench = _script("bench_monitor_overhead")
+    bench = benchmark_script("bench_monitor_overhead")
     run = {"rounds": 1, "prefills": 2, "policies": {"identity": {
         "off": {"prefill_cpu_samples_ms": [10.0, 10.2]}, "on (sample 32)": {"prefill_cpu_samples_ms": [10.3, 10.5]}}}}
     path = tmp_path / "processes.json"

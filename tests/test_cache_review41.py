@@ -1,13 +1,12 @@
 """Review 41 (KV caches, streaming and quantized): deepcopy of a quanto cache, fp8 hidden-sink
-protection after the calibrating call, merge_stream_runs' recompute interval, and ``sinkfix stream``
-options no selected variant uses. Tiny random models, a few seconds in all."""
+protection after the calibrating call, and ``sinkfix stream`` options no selected variant uses
+(merge_stream_runs' recompute interval and --out: tests/test_benchmark_scripts.py, beside the
+script's other merge tests). Tiny random models, a few seconds in all."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +15,12 @@ import sinkfix
 from sinkfix import cli
 from sinkfix.analysis.hidden_sinks import protecting_hidden_sinks
 from sinkfix.caches import SinkCache
-from sinkfix.errors import CacheError, UsageError
+from sinkfix.errors import CacheError
 
 from .conftest import CharTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _sharp_llama():
@@ -169,53 +167,6 @@ def test_fp8_protects_hidden_sinks_after_the_calibrating_call():
     assert all(not lay.expose_new_states and lay.last_new_states is None for lay in cache.layers)
 
 
-# -- 4. merge_stream_runs: one recompute interval ---------------------------------------------------------
-def _merge_script():
-    spec = importlib.util.spec_from_file_location("_bench_merge_stream_runs_r41", BENCHMARKS / "merge_stream_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _protocol(**changes) -> dict:
-    base = {"tokens": 200, "n_sink": 4, "window": 28, "cache_tokens": 32, "chunk": 8, "segment_len": 64,
-            "warmup": 33, "recompute_every": 64, "bos": False, "model": "m", "text": "t", "profile": None,
-            "period": None}
-    return {**base, **changes}
-
-
-def test_merge_refuses_recomputations_with_different_intervals(monkeypatch):
-    """Merged, with the protocol naming the last run's 32 for both references."""
-    bench = _merge_script()
-    runs: dict = {}
-    monkeypatch.setattr(bench, "load_run", lambda folder: runs[str(folder)])
-    monkeypatch.setattr(bench, "StreamResult", lambda variants, protocol: (sorted(variants), protocol))
-    runs.update(a=(_protocol(recompute_every=16), {"sink": 0, "recompute": 0}),
-                b=(_protocol(recompute_every=32, profile="p.json"), {"sink_profile": 0, "recompute_profile": 0}))
-    with pytest.raises(UsageError, match="b ran recompute_every = 32, a 16: .*same --recompute-every"):
-        bench.merge([Path("a"), Path("b")])
-    # equal intervals merge; a run that recomputed nothing does not count (its value is unused)
-    runs.update(b=(_protocol(recompute_every=16, profile="p.json"), {"sink_profile": 0, "recompute_profile": 0}),
-                c=(_protocol(recompute_every=64), {"window_only": 0}))
-    variants, protocol = bench.merge([Path("c"), Path("a"), Path("b")])
-    assert protocol["recompute_every"] == 16 and len(variants) == 5
-
-
-def test_merge_takes_the_chunk_from_the_runs_that_fed_chunks(monkeypatch):
-    """A run of recomputations only feeds no chunks (and sinkfix stream now refuses --chunk there):
-    its recorded default chunk no longer stops it merging with caches fed in other chunks."""
-    bench = _merge_script()
-    runs: dict = {}
-    monkeypatch.setattr(bench, "load_run", lambda folder: runs[str(folder)])
-    monkeypatch.setattr(bench, "StreamResult", lambda variants, protocol: (sorted(variants), protocol))
-    runs.update(a=(_protocol(chunk=32, recompute_every=128), {"recompute": 0}), b=(_protocol(chunk=8), {"sink": 0}))
-    variants, protocol = bench.merge([Path("a"), Path("b")])
-    assert variants == ["recompute", "sink"] and protocol["chunk"] == 8 and protocol["recompute_every"] == 128
-    runs.update(c=(_protocol(chunk=16), {"window_only": 0}))
-    with pytest.raises(UsageError, match="c ran chunk = 16, b 8: .*same --chunk"):
-        bench.merge([Path("a"), Path("b"), Path("c")])
-
-
 # -- 5. sinkfix stream: options no selected variant uses --------------------------------------------------
 STREAM = ["stream", "--tokens", "90", "--window", "20", "--n-sink", "2", "--segment", "30", "--no-figures"]
 
@@ -287,18 +238,3 @@ def test_a_copy_taken_while_a_guard_is_active_keeps_no_exact_states():
         with torch.no_grad():
             model(ids[:, 2 * CHUNK:], cache=other)
         assert all(not lay.expose_new_states and lay.last_new_states is None for lay in other.layers)
-
-
-def test_merge_refuses_an_out_that_is_one_of_its_runs(tmp_path, monkeypatch, capsys):
-    """--out naming an input run folder (under any spelling) replaced that run's stream.json and
-    stream.png with the merge."""
-    bench = _merge_script()
-    run = tmp_path / "runA"
-    run.mkdir()
-    (run / "stream.json").write_text("{\"kept\": true}\n")
-    monkeypatch.setattr(bench, "merge", lambda runs: pytest.fail("merged before the --out check"))
-    with pytest.raises(SystemExit) as info:
-        bench.main([str(run), str(tmp_path / "other"), "--out", str(tmp_path / "." / "runA")])
-    assert info.value.code == 2
-    assert "is the run folder" in capsys.readouterr().err
-    assert (run / "stream.json").read_text() == "{\"kept\": true}\n"

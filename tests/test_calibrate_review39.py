@@ -21,7 +21,7 @@ from sinkfix.errors import ProfileError
 from sinkfix.profile import ModelIdentity, Profile
 from sinkfix.telemetry import calibration_statistics
 
-from .conftest import CharTokenizer, text_args, tiny_model
+from .conftest import CharTokenizer, benchmark_script, text_args, tiny_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -247,13 +247,7 @@ def test_a_one_window_interval_is_written_as_null():
 
 
 def test_the_lodo_benchmark_writes_strict_json(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "calibration_lodo_39", Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_lodo.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("calibration_lodo", "calibration_lodo_39")
     path = tmp_path / "r.json"
     bench._save_json(path, {"rows": [{"with_change": math.nan, "x": [1.0, math.inf]}], "interval": ChangeInterval(
         0.1, math.nan, math.nan).to_dict()})
