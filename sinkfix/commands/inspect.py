@@ -24,9 +24,17 @@ TextSourceError = TextError
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None,
-                         split: Split = "eval") -> None:
-    """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses."""
+                         split: Split = "eval", protocol_default: str | None = None) -> None:
+    """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses.
+
+    ``protocol_default`` (a phrase) makes the window protocol's options (--seq-len, --bos,
+    --max-tokens) default to None, described by that phrase: the command fills them in itself."""
     from sinkfix.models import DEFAULT_MODEL
+
+    def protocol(value, help_text: str) -> dict:
+        if protocol_default is None:
+            return {"default": value, "help": f"{help_text} ({'default: yes' if value is True else f'default {value}'})"}
+        return {"default": None, "help": f"{help_text} (default: {protocol_default})"}
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"offline model name (smollm2-135m, gemma3-270m), local folder or hub id (default {DEFAULT_MODEL})")
@@ -39,11 +47,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, help=dataset_help)
     source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
                         metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: all")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
-                        help="start every window with the tokenizer's BOS token (default: yes)")
-    parser.add_argument("--max-tokens", type=int, default=default_max_tokens,
-                        help=f"text tokens used per domain (default {default_max_tokens})")
+    parser.add_argument("--seq-len", type=int, **protocol(512, "window length in tokens"))
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction,
+                        **protocol(True, "start every window with the tokenizer's BOS token"))
+    parser.add_argument("--max-tokens", type=int, **protocol(default_max_tokens, "text tokens used per domain"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

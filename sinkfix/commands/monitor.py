@@ -89,15 +89,12 @@ def _add_ranges(sub) -> None:
     parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
     from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
 
-    add_common_arguments(parser, default_max_tokens=8192, split="calib")
     # the window protocol defaults to the profile's own (its calibration record): ranges measured with
     # other windows (BOS windows for a no-BOS profile) moved by up to 0.37 in sink share on SmolLM2, and
     # the guard compared live prompts with them, unsaid
-    for action in parser._actions:
-        if action.dest in _PROTOCOL_FLAGS:
-            action.default = None
-            action.help = (f"{action.help.split(' (default')[0]} (default: as the profile records its calibration; "
-                           "a different value needs --override-protocol)")
+    add_common_arguments(parser, default_max_tokens=8192, split="calib",
+                         protocol_default="as the profile records its calibration; a different value needs "
+                                          "--override-protocol")
     parser.add_argument("--profile", action=StoreOnce, required=True, help="the profile to measure (applied to the model)")
     parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
                         help="windows per domain the ranges are measured on, the first N (default: the profile's "
