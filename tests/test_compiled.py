@@ -265,3 +265,17 @@ def test_gpu_model_check_dry_run(tmp_path):
     wrong = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--modes", "eager,monitor"],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "unknown mode(s) monitor" in wrong.stderr
+
+
+def test_residual_clip_with_one_number_compiles(one_thread):
+    # one number is a documented threshold: it ran eagerly and failed under torch.compile (the custom
+    # op's schema takes a tensor); a bad number still gets the eager error
+    from sinkfix.ops.residual import residual_clip
+
+    hidden = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)) * 3
+    eager = residual_clip(hidden, 2.0)
+    compiled = torch.compile(lambda h: residual_clip(h, 2.0), backend="eager", fullgraph=True)(hidden)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert float(compiled.norm(dim=-1).max()) <= 2.0 + 1e-5
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        torch.compile(lambda h: residual_clip(h, -1.0), backend="eager")(hidden)

@@ -513,7 +513,9 @@ def content_sink_attention_triton(
     if hidden is None:
         hidden = decide_hidden_sinks(merge_column_stats(prior, stats), is_sink, threshold=threshold,
                                      min_rows=min_rows, heads=heads, kept_before=kept_before)
-    hidden = hidden.to(q.device) & ~is_sink[:, None, :]
+    # read as bool, as the PyTorch path does: a uint8 set holding 2 gave 2 & 1 = 0 against the bool
+    # ~is_sink, so the key stopped being hidden (0.575 off on a 12-token case) and came back as uint8
+    hidden = hidden.to(device=q.device, dtype=torch.bool) & ~is_sink[:, None, :]
     # pass 3: the correction, hidden keys apart from the rest in one key loop
     out, lse = sink_attention_prefill(q, k, v, **layout, sink_cols=sink_cols, beta=beta, extra_logits=extra_logits,
                                       virtual_sink_logit=virtual_sink_logit, hidden=hidden, hidden_beta=hidden_beta)

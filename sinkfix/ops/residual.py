@@ -63,6 +63,11 @@ def residual_clip(
         return residual_clip_torch(hidden, threshold, is_sink, sink_norm)
     from sinkfix.ops import custom_ops
 
+    if torch.compiler.is_compiling() and not isinstance(threshold, torch.Tensor):
+        # the op's schema takes a tensor: one number, accepted eagerly, failed under torch.compile with
+        # a TorchRuntimeError; checked as a number first, then one (B,) cap of that value
+        check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm)
+        threshold = torch.full((hidden.shape[0],), float(threshold), dtype=torch.float32, device=hidden.device)
     args = (hidden, threshold, is_sink, None if sink_norm is None else float(sink_norm), backend)
     if torch.compiler.is_compiling():
         return custom_ops.residual_clip_op(*args)

@@ -127,3 +127,19 @@ def test_chunked_prefill_on_triton_equals_torch_backend():
             logits[backend] = torch.cat([first, second], dim=1)
     real = mask.bool()
     torch.testing.assert_close(logits["triton"][real], logits["torch"][real], atol=1e-5, rtol=0)
+
+
+def test_a_uint8_hidden_set_is_read_as_bool_like_the_torch_path():
+    # a uint8 set holding 2 (any nonzero value is a member, as on the PyTorch path) stopped being
+    # hidden on the kernels' path: 2 & ~True = 0 in uint8, 0.575 off the bool set's output on a 12-token case
+    q, k, v = _planted(1, 2, 1, 16, 16, 16, seed=3)
+    common = dict(hidden_beta=torch.tensor([0.2, 0.2], device=DEVICE), causal=True,
+                  sink_cols=torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
+    as_bool = torch.zeros(1, 2, 16, dtype=torch.bool)
+    as_bool[:, :, 4] = True
+    expected = content_sink_attention_triton(q, k, v, hidden=as_bool.to(DEVICE), **common)
+    for value in (1, 2, 255):
+        as_uint8 = as_bool.to(torch.uint8) * value
+        got = content_sink_attention_triton(q, k, v, hidden=as_uint8.to(DEVICE), **common)
+        torch.testing.assert_close(got.out, expected.out, rtol=0, atol=0)
+        assert got.hidden.dtype == torch.bool and got.hidden[0, :, 4].all()
