@@ -162,6 +162,12 @@ def model_summary(model: nn.Module) -> dict:
     }
 
 
+def _dormant_or_null(dormant: torch.Tensor, dormancy: torch.Tensor) -> list:
+    """[L][Hq] of True / False, None where the dormancy is undefined (NaN)."""
+    return [[None if undefined else bool(flag) for flag, undefined in zip(row_flags, row_undefined)]
+            for row_flags, row_undefined in zip(dormant.tolist(), dormancy.isnan().tolist())]
+
+
 # -- report -------------------------------------------------------------------------------------
 @dataclass
 class InspectionReport:
@@ -253,7 +259,10 @@ class InspectionReport:
                 for layer in range(layers)]
 
     def dormant(self, domain: str | None = None) -> torch.Tensor:
-        """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall)."""
+        """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall).
+
+        A head whose dormancy is undefined there (NaN: no row saw a non-sink key) is False here, which
+        is not "active": read ``dormancy`` for those (report.json writes them as null)."""
         metrics = self.overall if domain is None else self.domains[domain]
         if metrics.dormancy is None:
             # inspect() always measures it; a report built from metrics collected with
@@ -263,7 +272,7 @@ class InspectionReport:
         return metrics.dormancy >= DORMANT_THRESHOLD
 
     def sink_layers(self, threshold: float = 0.4) -> list[int]:
-        """Layers where at least one head puts >= ``threshold`` of its attention on the first token."""
+        """Layers where at least one head puts >= ``threshold`` of its attention on the sink tokens."""
         share = self.overall.sink_share.nan_to_num(0)
         return [int(layer) for layer in torch.nonzero(share.amax(1) >= threshold).flatten()]
 
@@ -282,13 +291,15 @@ class InspectionReport:
             "model": self.model,
             "protocol": self.protocol,
             "rule": {
-                "dormancy": "mean over rows i>=1 of sum_{j in sinks} p_ij * clamp(1 - ||v_j||/median||v||, 0, 1)",
+                "dormancy": "mean over the rows that see a non-sink key of sum_{j in sinks} p_ij * "
+                            "clamp(1 - ||v_j||/median||v||, 0, 1)",
                 "dormant_threshold": DORMANT_THRESHOLD,
                 "hidden_sink": "mean attention over the rows that can see the key > hidden_sink_threshold",
             },
             "domains": {name: m.to_dict() for name, m in self.domains.items()},
-            "dormant": {name: self.dormant(name).tolist() for name in self.domains
-                        if self.domains[name].dormancy is not None},
+            # null where the dormancy is undefined: false said "active" for a head no row measured
+            "dormant": {name: _dormant_or_null(self.dormant(name), self.domains[name].dormancy)
+                        for name in self.domains if self.domains[name].dormancy is not None},
             "sink_layers": self.sink_layers(),
             "peak_layers": self.peak_layers(),
             "flips": self.flips,

@@ -89,7 +89,7 @@ def sink_share_heatmap(report, path: Path) -> Path:
         ax.set_xlabel("head")
         if i == 0:
             ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="attention mass on the first token (rows i >= 1)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="attention mass on the sink tokens (rows that see a non-sink key)")
     fig.suptitle(f"Sink share - {_title(report)}", fontsize=10)
     return _save(plt, fig, path, tight=False)
 

@@ -158,7 +158,7 @@ def print_report(report, console=None, out=None) -> None:
         sink = float(share.nan_to_num(0).max()) >= 0.4
         table.add_row(*row, style="bold" if sink else None)
     console.print(table)
-    console.print(f"sink layers (a head with >= 0.4 on the first token): {report.sink_layers()}; "
+    console.print(f"sink layers (a head with >= 0.4 on the sink tokens): {report.sink_layers()}; "
                   f"largest residual peaks: {report.peak_layers()}")
     if len(names) > 1:
         flips = Table(title=f"Heads whose state changes between domains (margin {p['flip_margin']})",
