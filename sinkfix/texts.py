@@ -466,6 +466,9 @@ def load_texts(
         # an unset shell variable (--dataset "$DATA") measured the built-in texts, unsaid
         raise TextError("--dataset is empty: name a dataset, or leave the option out for the built-in texts")
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if any(not str(path).strip() for path in files):
+        # an unset shell variable (--text "$FILE") was read as the path "." and refused as "a directory"
+        raise TextError("--text is empty: name a text file, or leave the option out for the built-in texts")
     if files and dataset:
         raise TextError("give --text or --dataset, not both")
     if (files or dataset) and domains is not None:
