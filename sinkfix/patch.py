@@ -131,6 +131,13 @@ class PatchHandle:
                 first = min(self._states, key=lambda name: self._states[name].layer)
                 refusal = functools.partial(refuse_content_call, tuple(self._ordered_states()))
                 self._hooks.append(by_name[first].register_forward_pre_hook(refusal, prepend=True, with_kwargs=True))
+            # the attention implementation switched after the patch (model.set_attn_implementation("eager"))
+            # ran stock attention while the handle, and a monitor's records, still said corrected:
+            # refused at the forward's first attention module, which reads the setting at dispatch
+            first = by_name[min(self._states, key=lambda name: self._states[name].layer)]
+            config = getattr(first, "config", None) or model.config
+            self._hooks.append(first.register_forward_pre_hook(functools.partial(_refuse_switched_attention, config),
+                                                               prepend=True))
             for name, layer in self._clip_layers.items():
                 hook = make_clip_hook(self._states[name])
                 self._hooks.append(layer.register_forward_hook(hook, prepend=True, with_kwargs=True))
@@ -599,6 +606,17 @@ def _patches_on(config) -> list[PatchHandle]:
         if handle is not None and handle.active and owner is not None and owner.config is config:
             in_force.append(handle)
     return in_force
+
+
+def _refuse_switched_attention(config, module: nn.Module, args) -> None:
+    """A forward pre-hook on a patched model's first attention module: refuse a forward whose
+    config no longer names sinkfix's attention (switched after the patch), which transformers would
+    run on its own attention, the correction silently off."""
+    current = getattr(config, "_attn_implementation", IMPL_NAME)
+    if current != IMPL_NAME:
+        raise UsageError(f"the model's attention implementation was switched to {current!r} after sinkfix.patch, "
+                         "so the correction would not run: remove the patch (handle.remove()) before switching, "
+                         "or patch again after it")
 
 
 def _register_on_config(handle: PatchHandle, model: nn.Module) -> None:
