@@ -261,8 +261,8 @@ class InspectionReport:
     def dormant(self, domain: str | None = None) -> torch.Tensor:
         """[L, Hq] bool: head is dormant (mean row score >= DORMANT_THRESHOLD) on ``domain`` (or overall).
 
-        A head whose dormancy is undefined there (NaN: no row saw a non-sink key) is False here, which
-        is not "active": read ``dormancy`` for those (report.json writes them as null)."""
+        A head whose dormancy is undefined there (NaN: no row saw a non-sink key) is False here without
+        being active: ``dormancy.isnan()`` tells those apart (report.json writes them as null)."""
         metrics = self.overall if domain is None else self.domains[domain]
         if metrics.dormancy is None:
             # inspect() always measures it; a report built from metrics collected with
