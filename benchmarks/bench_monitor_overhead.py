@@ -60,7 +60,7 @@ import torch
 
 import sinkfix
 from sinkfix.bench import alternate, prefill_kwargs
-from sinkfix.bench.memory import keep_freed_heap
+from sinkfix.memory import keep_freed_heap
 from sinkfix.bench.provenance import provenance, provenance_line
 from sinkfix.bench.stats import ratio_of_block_medians, ratio_of_medians
 from sinkfix.bench.timing import compiled_decoding
@@ -85,7 +85,7 @@ def _minor_faults() -> int:
 
 
 def _heap_without_trimming() -> None:
-    """``--heap no-trim``: :func:`sinkfix.bench.memory.keep_freed_heap` at 1 GiB for the whole
+    """``--heap no-trim``: :func:`sinkfix.memory.keep_freed_heap` at 1 GiB for the whole
     process, or SystemExit where glibc's mallopt is missing or refuses it."""
     if not keep_freed_heap(1 << 30):
         raise SystemExit("--heap no-trim needs glibc's mallopt, which is missing here or refused the thresholds")

@@ -459,9 +459,8 @@ def _heads_are_sharded(model: nn.Module, local_heads: list[int], size: int) -> b
     """Whether this rank computes a 1/size block of each layer's query heads (q/k/v sharded) or all
     of them (a plan that shards the rest of the model only). Decided from the config's head count:
     a rank that sees all of them is not sharded; one that sees neither that nor its share is refused."""
-    from sinkfix.profile import _text_config
-
-    configured = getattr(_text_config(model), "num_attention_heads", None)
+    config = model.config  # a multimodal model's head count is its text config's
+    configured = getattr(getattr(config, "text_config", None) or config, "num_attention_heads", None)
     if not isinstance(configured, int) or not local_heads:
         return True
     if all(heads == configured for heads in local_heads):

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from sinkfix.bench.memory import measure_peak_memory
+from sinkfix.memory import measure_peak_memory
 from sinkfix.caches import SinkCache, feed
 from sinkfix.errors import UsageError
 from sinkfix.evaluate import model_device

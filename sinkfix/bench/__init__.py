@@ -3,7 +3,8 @@
 :func:`run_bench` (:mod:`sinkfix.bench.runner`) orders the measured steps; the measurement logic
 (no rich, no matplotlib) is split by concern: ``config`` (settings, variants), ``prepare`` (device,
 model, windows), ``steps`` (quality, metrics, prefill, decode, memory), ``stats``, ``timing``,
-``memory``, ``provenance`` and ``results`` (the JSON dict). The terminal table, the JSON/CSV writers
+``provenance`` and ``results`` (the JSON dict); memory peaks come from :mod:`sinkfix.memory`, which
+``sinkfix stream`` shares. The terminal table, the JSON/CSV writers
 and the plots live in :mod:`sinkfix.bench.report`. The JSON layout is documented in
 ``sinkfix/bench/schema.md`` and versioned by :data:`SCHEMA_VERSION`.
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sinkfix.bench.config import BenchConfig, Variant
-from sinkfix.bench.memory import MemoryPeak
+from sinkfix.memory import MemoryPeak
 from sinkfix.bench.prepare import Protocol, Setup, text_config
 from sinkfix.bench.provenance import load_average, provenance
 from sinkfix.bench.stats import Spread

@@ -17,7 +17,7 @@ This module only orders the steps; each concern has its own module:
 * :mod:`~sinkfix.bench.config`: :class:`BenchConfig`, :class:`Variant`, :func:`default_variants`;
 * :mod:`~sinkfix.bench.prepare`: device, model, baseline attention, windows;
 * :mod:`~sinkfix.bench.steps`: the measured steps, one function and one result type each;
-* :mod:`~sinkfix.bench.stats`, :mod:`~sinkfix.bench.timing`, :mod:`~sinkfix.bench.memory`: spreads
+* :mod:`~sinkfix.bench.stats`, :mod:`~sinkfix.bench.timing`, :mod:`~sinkfix.memory`: spreads
   and ABBA order, clocks, memory peaks;
 * :mod:`~sinkfix.bench.provenance` and :mod:`~sinkfix.bench.results`: the JSON around the numbers.
 
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig, Variant, default_variants
-from sinkfix.bench.memory import MemoryPeak, measure_peak_memory, pin_mmap_threshold, release_memory
+from sinkfix.memory import MemoryPeak, measure_peak_memory, pin_mmap_threshold, release_memory
 from sinkfix.bench.prepare import (
     Domain,
     Protocol,

@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 
 from sinkfix.bench.config import BenchConfig
-from sinkfix.bench.memory import MemoryPeak, measure_peak_memory, pin_mmap_threshold
+from sinkfix.memory import MemoryPeak, measure_peak_memory, pin_mmap_threshold
 from sinkfix.bench.prepare import Protocol, Setup
 from sinkfix.bench.stats import alternate
 from sinkfix.bench.timing import decode_step_times, prefill_kwargs, time_prefill
@@ -212,7 +212,7 @@ def measure_memory(setup: Setup, prompts: Prompts, config: BenchConfig, progress
     """Peak memory above the pre-call baseline of one prefill, ``memory_rounds`` samples per variant.
 
     Run last: on glibc CPUs it pins malloc's mmap threshold for the rest of the process
-    (:func:`~sinkfix.bench.memory.pin_mmap_threshold`), which would slow the timed steps.
+    (:func:`~sinkfix.memory.pin_mmap_threshold`), which would slow the timed steps.
     """
     by_name = {v.name: v for v in setup.variants}
     if not config.memory_rounds:
