@@ -8,6 +8,7 @@ here), so it is read only when a name is neither built in nor under an ``--inclu
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import glob
@@ -219,12 +220,11 @@ _TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
 _ROLLING = "loglikelihood_rolling"
 
 
-#: What a task's templates need of a record field: PRESENT (read whatever the record holds: present and
-#: not null), NOT_NULL (compared or otherwise computed with in a condition, where null takes a branch
-#: silently: ``0 if label == 0 else 1`` scored a null label as answer 1; absent, the rendering fails,
-#: which the item check reports), or NOTHING (tested for null itself, or read only in a branch).
-#: IN_BRANCH: read only inside a branch and never tested itself: a null there is refused only when it
-#: reaches what the templates render (mgsm's target fell back to a null answer_number, scored as "None").
+#: What a task's templates need of a record field, as far as its presence goes: PRESENT (read whatever
+#: the record holds: an absent field is refused with its name) or less (read in a condition or a branch
+#: only: absent, the rendering says whether that fails). Whether a null is used is not decided here but
+#: by rendering with probes (:func:`_null_problem`): the static reading classed ``default(...)`` and
+#: ``is defined`` as null tests (both keep a null) and saw only top-level fields (review 57).
 PRESENT, NOT_NULL, IN_BRANCH, NOTHING = 3, 2, 1, 0
 
 
@@ -379,15 +379,15 @@ def _referenced_fields(task: Any, fewshot: bool = False) -> list[_Field]:
 
 
 def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
+    """A field missing from the record, or a null where lm-eval would use it: a bare field name's null
+    here, a null a Jinja template uses (at any depth of the record) by :func:`_null_problem`."""
     if not isinstance(doc, dict):
         return None
     for field in _referenced_fields(task, fewshot):
-        if field.need == NOTHING or (field.need <= NOT_NULL and field.name not in doc):
+        if field.need != PRESENT and field.name not in doc:
             continue  # absent where a condition decides: the rendering says whether that fails
-        if field.need == IN_BRANCH:
-            if doc[field.name] is None and _null_reaches_output(task, doc, field.name, fewshot):
-                return f"field {field.name!r} is missing (null), and the templates render it"
-            continue
+        if not field.bare and field.name in doc:
+            continue  # its value, null or not, is the probe rendering's to judge
         if field.name not in doc:
             # no JSON record has it (datasets gives every record each column some record has): lm-eval
             # scored every item on the bare name as literal text ("context"), or failed on the template
@@ -398,23 +398,124 @@ def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
     return None
 
 
-def _null_reaches_output(task: Any, doc: dict, name: str, fewshot: bool) -> bool:
-    """Whether the null field ``name``, read only inside a template branch, changes what the task's
-    templates render: rendered again with a marker string in its place, some output differs (the
-    branch that reads it ran, and showed "None"). A branch the record's other fields keep shut
-    leaves every output as it was, and the null is harmless."""
+class _NullUsed(Exception):
+    """A record's null was used for its value while :func:`_null_problem` rendered the templates.
+    Not a TypeError or ValueError: Jinja's ``int`` and ``float`` filters turn those into 0."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+class _NullProbe:
+    """Stands in for one null of a record while :func:`_null_problem` renders its templates. Like
+    None it is falsy, passes Jinja's ``none`` test, equals None and is replaced by ``default(...,
+    true)``; any use of its value (printed, joined, compared, measured, indexed, iterated, converted,
+    an attribute read) raises :class:`_NullUsed` naming where it sits, which is where lm-eval would
+    have put "None" into a prompt or an answer, or silently picked a branch (``label == 0``).
+    ``strict`` (the answer and choices templates) makes a truth test a use too: ``'yes' if label
+    else 'no'`` turned a null label into "no"."""
+
+    __slots__ = ("_path", "_strict")
+
+    def __init__(self, path: str, strict: bool) -> None:
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_strict", strict)
+
+    def _used(self, *args: Any, **kwargs: Any) -> Any:
+        raise _NullUsed(self._path)
+
+    def __bool__(self) -> bool:
+        if self._strict:
+            raise _NullUsed(self._path)
+        return False
+
+    def __eq__(self, other: Any) -> bool:  # ``x == None`` is a null test, as for None
+        if other is None or isinstance(other, _NullProbe):
+            return True
+        raise _NullUsed(self._path)
+
+    def __ne__(self, other: Any) -> bool:
+        return not self.__eq__(other)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # hasattr(x, "__html__") and the like: absent, as on None
+            raise AttributeError(name)
+        raise _NullUsed(self._path)
+
+    __str__ = __repr__ = __format__ = __hash__ = __len__ = __iter__ = __getitem__ = __contains__ = _used
+    __lt__ = __le__ = __gt__ = __ge__ = __int__ = __float__ = __index__ = __call__ = _used
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __mod__ = __rmod__ = _used
+
+
+def _probed(value: Any, path: str, strict: bool) -> Any:
+    """``value`` with every null, at any depth of dicts and lists, replaced by a :class:`_NullProbe`."""
+    if value is None:
+        return _NullProbe(path, strict)
+    if isinstance(value, dict):
+        return {key: _probed(item, f"{path}.{key}" if path else str(key), strict) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_probed(item, f"{path}[{i}]", strict) for i, item in enumerate(value))
+    return value
+
+
+def _holds_null(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return any(_holds_null(item) for item in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_null(item) for item in value)
+
+
+@contextlib.contextmanager
+def _probe_environment():
+    """lm-eval's template environment with Jinja's ``none`` test and ``default`` filter taking a
+    :class:`_NullProbe` for the None it stands for; restored afterwards."""
+    from lm_eval.utils import env
+
+    saved = env.tests["none"], env.filters["default"], env.filters["d"]
+    original_default = saved[1]
+
+    def default(value: Any, default_value: Any = "", boolean: bool = False) -> Any:
+        if isinstance(value, _NullProbe):  # default() keeps a null (it is defined); default(..., true) replaces it
+            return default_value if boolean else value
+        return original_default(value, default_value, boolean)
+
+    env.tests["none"] = lambda value: value is None or isinstance(value, _NullProbe)
+    env.filters["default"] = env.filters["d"] = default
+    try:
+        yield
+    finally:
+        env.tests["none"], env.filters["default"], env.filters["d"] = saved
+
+
+_RENDERED_AS = {"text": "prompt", "target": "answer", "choice": "choices"}
+
+
+def _null_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
+    """A null of the record (at any depth) that one of the task's Jinja templates uses for its value:
+    rendered with every null replaced by a :class:`_NullProbe`, a template that prints, compares or
+    computes with one (or, in the answer and choices, tests one for truth) names it. A null the
+    template tests for itself (``{% if hint %}``, ``is none``, ``default(..., true)``, a branch that
+    does not run) passes. Templates given as functions see the real record elsewhere: a function may
+    test ``x is None`` itself, which a probe would not pass."""
+    if not isinstance(doc, dict) or not _holds_null(doc):
+        return None
     configured = _templates(task, fewshot)
     templates = configured if fewshot else None
-    marked = {**doc, name: "\x00sinkfix-null-marker\x00"}
-    for what in ("text", "target", "choice"):
-        if not configured[f"doc_to_{what}"]:  # not set: lm-eval logs a complaint if called
+    for what, rendered_as in _RENDERED_AS.items():
+        template = configured[f"doc_to_{what}"]
+        if not isinstance(template, str) or not any(mark in template for mark in ("{{", "{%")):
             continue
+        probed = _probed(doc, "", strict=what != "text")
         try:
-            if _rendered(task, what, doc, templates) != _rendered(task, what, marked, templates):
-                return True
-        except Exception:  # noqa: BLE001 - a template that fails on either is the item check's to report
+            with _probe_environment():
+                _rendered(task, what, probed, templates)
+        except _NullUsed as used:
+            return f"field {used.path!r} is missing (null), and the {rendered_as} template uses it (lm-eval would show None)"
+        except Exception:  # noqa: BLE001 - failing for another reason: the item check renders the real record
             continue
-    return False
+    return None
 
 
 def _rendered(task: Any, what: str, doc: Any, templates: dict[str, Any] | None) -> Any:
@@ -432,7 +533,7 @@ def _item_problem(task: Any, doc: Any, fewshot: bool = False) -> str | None:
 
     ``fewshot``: the record as a few-shot example, rendered with the few-shot templates; its answer
     must give text too (lm-eval's ``build_qa_turn`` fails on an assertion mid-run otherwise)."""
-    problem = _field_problem(task, doc, fewshot)
+    problem = _field_problem(task, doc, fewshot) or _null_problem(task, doc, fewshot)
     if problem is not None:
         return problem
     kind = task.OUTPUT_TYPE

@@ -1,0 +1,84 @@
+"""Review 57: nulls that reach a prompt or an answer, found by rendering the templates with each null
+replaced by a probe, at any depth of the record; and nulls the template tests itself, accepted."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sinkfix.errors import EvaluationError
+from sinkfix.lmeval.paired import apply_fewshot
+from sinkfix.lmeval.taskload import check_items, load_tasks
+
+from .test_eval_bb_review44 import _lm_eval_builds, _yaml_task
+
+_MC = 'output_type: multiple_choice\ntest_split: test\ndoc_to_choice: ["a", "b"]\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n'
+_LL = 'output_type: loglikelihood\ntest_split: test\ndoc_to_text: "Q: {{q}}"\nmetric_list:\n  - metric: acc\n'
+
+
+def _task(tmp_path, body: str, rows: list[dict], name: str = "t_probe"):
+    return load_tasks([name], include=[_yaml_task(tmp_path, name, body, {"test": rows})])
+
+
+@pytest.mark.parametrize("text, null_row, field", [
+    # default() keeps a null (it is defined): lm-eval showed "Q: y None"
+    ("Q: {{q}} {{ hint | default('') }}", {"hint": None}, "hint"),
+    ("Q: {{q}}{% if hint is defined %} Hint: {{hint}}{% endif %}", {"hint": None}, "hint"),
+    ("Q: {{ a or b }}", {"a": None, "b": None}, "b"),  # the right operand is the value shown
+    ("Q: {{ a and b }}", {"a": None}, "a"),  # a falsy left operand is the value shown
+    ("Q: {{ meta.q }}", {"meta": {"q": None}}, "meta.q"),  # nested
+    ("Q: {% for c in opts %}{{ c }};{% endfor %}", {"opts": [None, "y"]}, "opts[0]"),  # in a list
+    ("Q: {{ n | int }}", {"n": None}, "n"),  # Jinja's int filter turned a null into 0
+])
+def test_a_null_the_prompt_shows_is_refused_at_any_depth(tmp_path, text, null_row, field):
+    good = {"q": "x", "hint": "h", "a": "x", "b": "y", "meta": {"q": "x"}, "opts": ["x", "y"], "n": 3}
+    loaded = _task(tmp_path, f'doc_to_text: "{text}"\n{_MC}', [good, {**good, **null_row}])
+    with pytest.raises(EvaluationError, match=rf"^task t_probe, item 1: field '{re.escape(field)}' is missing \(null\), and the "
+                                              "prompt template uses it"):
+        check_items(loaded)
+    check_items(_task(tmp_path / "ok", f'doc_to_text: "{text}"\n{_MC}', [good, good]))  # sound records pass
+
+
+@pytest.mark.parametrize("target, null_row, field", [
+    ("{{ ' ' ~ (ans | default('unknown')) }}", {"ans": None}, "ans"),
+    ("{{ ' ' ~ answers.text[0] }}", {"answers": {"text": [None]}}, "answers.text[0]"),  # squad-style
+])
+def test_a_null_in_a_scored_continuation_is_refused(tmp_path, target, null_row, field):
+    good = {"q": "x", "ans": "a", "answers": {"text": ["a"]}}
+    loaded = _task(tmp_path, f'doc_to_target: "{target}"\n{_LL}', [good, {**good, **null_row}])
+    with pytest.raises(EvaluationError, match=rf"item 1: field '{re.escape(field)}' is missing \(null\), and the answer template"):
+        check_items(loaded)
+
+
+def test_a_nested_null_a_condition_compares_is_refused_in_the_answer(tmp_path):
+    # ``1 if meta.label == 'yes' else 0`` took the 0 branch for a null label; refused at the top level already
+    body = 'doc_to_text: "{{q}}"\ndoc_to_target: "{{ 1 if meta.label == \'yes\' else 0 }}"\n' + _MC.replace(
+        "doc_to_target: 0\n", "")
+    good = {"q": "x", "meta": {"label": "yes"}}
+    with pytest.raises(EvaluationError, match=r"field 'meta.label' is missing \(null\), and the answer template"):
+        check_items(_task(tmp_path, body, [good, {"q": "y", "meta": {"label": None}}]))
+
+
+@pytest.mark.parametrize("text", [
+    "{{q}}{% if ctx is not none and ctx|length > 0 %} Context: {{ctx}}{% endif %}",  # refused before
+    "{{q}}{{ ' ' ~ ctx if ctx is not none else '' }}",
+    "{{q}} {{ ctx | default('', true) }}",
+    "{{q}}{% if meta.ctx %} {{ meta.ctx }}{% endif %}",
+    "{{q}}{% if ctx == None %}!{% endif %}",
+])
+def test_a_null_the_template_tests_itself_is_accepted(tmp_path, text):
+    rows = [{"q": "x", "ctx": "c", "meta": {"ctx": "c"}}, {"q": "y", "ctx": None, "meta": {"ctx": None}}]
+    loaded = _task(tmp_path, f'doc_to_text: "{text}"\n{_MC}', rows)
+    check_items(loaded)
+    assert "None" not in loaded.tasks["t_probe"].doc_to_text(loaded.tasks["t_probe"].eval_docs[1])
+    _lm_eval_builds(loaded, "t_probe", 0, 2)
+
+
+def test_a_null_few_shot_field_shown_through_default_is_refused(tmp_path):
+    body = f'doc_to_text: "Q: {{{{q}}}}"\n{_MC}fewshot_config:\n  doc_to_text: "Ex: {{{{ q }}}} {{{{ extra | default(\'\') }}}}"\n'
+    rows = [{"q": "x", "extra": None}, {"q": "y", "extra": "e"}, {"q": "z", "extra": "e"}]
+    loaded = _task(tmp_path, body, rows)
+    apply_fewshot(loaded, 1)
+    with pytest.raises(EvaluationError, match=r"few-shot example.*field 'extra' is missing \(null\)"):
+        check_items(loaded)
