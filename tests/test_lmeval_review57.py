@@ -82,3 +82,26 @@ def test_a_null_few_shot_field_shown_through_default_is_refused(tmp_path):
     apply_fewshot(loaded, 1)
     with pytest.raises(EvaluationError, match=r"few-shot example.*field 'extra' is missing \(null\)"):
         check_items(loaded)
+
+
+def test_out_naming_an_included_task_file_or_a_function_module_is_refused(tmp_path, capsys):
+    """Review 57 F3: an ``include:`` target outside --include-path (the README's lambada pattern) and a
+    ``!function`` helper module were replaced by the report (rc 0)."""
+    from sinkfix.cli import main
+    from sinkfix.lmeval import builtin
+
+    builtin.export_tasks(tmp_path / "base")
+    base = tmp_path / "base" / "sinkfix_cloze_jsonl.yaml"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "helpers.py").write_text("def text(doc):\n    return doc['context']\n")
+    (mine / "mine.yaml").write_text("include: ../base/sinkfix_cloze_jsonl.yaml\ntask: mine\ntag: []\n"
+                                    "doc_to_text: !function helpers.text\n")
+    kept = {path: path.read_text() for path in (base, mine / "helpers.py")}
+    for path in kept:
+        out = str(path.parent / "." / path.name)
+        assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--tasks", "mine", "--include-path", str(mine),
+                     "--limit", "1", "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out} is a file defining task mine ({path})" in err[0], err
+    assert {path: path.read_text() for path in kept} == kept

@@ -23,7 +23,7 @@ import torch
 from sinkfix.lmeval.config import EvalConfig, check_out_is_no_input
 from sinkfix.lmeval.model import SinkfixLM
 from sinkfix.lmeval.stats import compare_paired
-from sinkfix.lmeval.taskload import LoadedTasks, check_items, data_files, load_tasks
+from sinkfix.lmeval.taskload import LoadedTasks, check_items, data_files, definition_files, load_tasks
 from sinkfix.profile import ModelIdentity
 
 __all__ = ["run_eval", "evaluate_once", "apply_fewshot", "fewshot_notes", "rolling_tasks", "compare_runs", "SCHEMA"]
@@ -236,7 +236,9 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
     if out:  # the tasks' data files are known now, before the model loads
         data = [(f"a data file of task {name} ({path})", path)
                 for name in config.tasks for path in data_files(loaded.manager, [name])]
-        check_out_is_no_input(out, [*config.input_files(), *data])
+        definitions = [(f"a file defining task {name} ({path})", path)
+                       for name in config.tasks for path in definition_files(loaded.manager, [name])]
+        check_out_is_no_input(out, [*config.input_files(), *data, *definitions])
     counts = apply_fewshot(loaded, config.num_fewshot)  # before the check: it reads the few-shot counts
     check_items(loaded, config.limit)  # a record lm-eval cannot score as meant fails here, before the model loads
     notes = fewshot_notes(counts, config.num_fewshot, rolling_tasks(loaded))

@@ -29,7 +29,7 @@ try:
 except ImportError:
     raise EvaluationError("downstream evaluation needs lm-evaluation-harness: pip install 'sinkfix[eval]'") from None
 
-__all__ = ["LoadedTasks", "load_tasks", "check_data_files", "check_items", "data_files"]
+__all__ = ["LoadedTasks", "load_tasks", "check_data_files", "check_items", "data_files", "definition_files"]
 
 Log = Callable[[str], None]
 
@@ -162,20 +162,61 @@ def _file_config(name: str) -> list[dict[str, Any]]:
     return [config] if isinstance(config, dict) and "task" in config else []
 
 
-def _leaf_configs(manager: Any, name: str) -> list[dict[str, Any]]:
-    """The raw configs of the tasks that ``name`` stands for (itself, a tag's or a group's members)."""
+def _leaf_entries(manager: Any, name: str) -> list[tuple[dict[str, Any], Path | None]]:
+    """The raw configs of the tasks that ``name`` stands for (itself, a tag's or a group's members),
+    each with the YAML file that defines it (None for one lm-eval generates)."""
     entry = manager.task_index.get(name)
     if entry is None:
-        return _file_config(name)
+        return [(config, Path(name)) for config in _file_config(name)]
     if entry.kind is Kind.TASK:
-        return [entry.cfg or {}]
+        return [(entry.cfg or {}, entry.yaml_path)]
     if entry.kind is Kind.TAG:
         members = [n for n, e in manager.task_index.items() if name in e.tags]
     elif entry.kind is Kind.GROUP:
         members = [m for m in ((entry.cfg or {}).get("task") or []) if isinstance(m, str)]
     else:
         return []
-    return [c for m in members if m != name for c in _leaf_configs(manager, m)]
+    return [leaf for m in members if m != name for leaf in _leaf_entries(manager, m)]
+
+
+def _leaf_configs(manager: Any, name: str) -> list[dict[str, Any]]:
+    return [config for config, _ in _leaf_entries(manager, name)]
+
+
+_FUNCTION_TAG = re.compile(r"!function\s+([A-Za-z_][\w.]*)")
+
+
+def _definition_files(path: Path, seen: set[Path]) -> list[Path]:
+    """A task's YAML file, the YAML files its ``include:`` names (recursively, relative to the file as
+    lm-eval resolves them) and the Python modules beside it that its ``!function`` tags load."""
+    path = path.expanduser().resolve()
+    if path in seen or not path.is_file():
+        return []
+    seen.add(path)
+    found = [path]
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = load_yaml(path, resolve_func=False, recursive=False)
+    except Exception:  # noqa: BLE001 - a file lm-eval cannot read fails in its own load, with its message
+        return found
+    for qualified in _FUNCTION_TAG.findall(text):
+        module = qualified.rpartition(".")[0]
+        helper = path.parent / f"{module.replace('.', '/')}.py"
+        if module and helper.is_file():
+            found.append(helper.resolve())
+    includes = config.get("include") if isinstance(config, dict) else None
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        found += _definition_files(Path(str(include)) if Path(str(include)).is_absolute()
+                                   else path.parent / str(include), seen)
+    return found
+
+
+def definition_files(manager: Any, names: Iterable[str]) -> list[Path]:
+    """The files that define the named tasks: each one's YAML, the files it includes and the helper
+    modules its ``!function`` tags load (an ``--out`` naming one replaced a task file or its code)."""
+    seen: set[Path] = set()
+    return [path for name in names for _, yaml_path in _leaf_entries(manager, name) if yaml_path is not None
+            for path in _definition_files(Path(yaml_path), seen)]
 
 
 def _needs_hub(manager: Any, names: Iterable[str]) -> bool:
