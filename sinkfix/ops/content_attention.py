@@ -522,6 +522,16 @@ def content_sink_attention_triton(
     return ContentResult(out, lse, hidden, stats)
 
 
+# The Triton content path is no custom op yet: traced by dynamo it failed deep inside the trace
+# (fullgraph: "_patched_getfile"; otherwise, under the interpreter, a KeyError on torch.uint64). Kept
+# out of the graph instead: a graph break that runs it eagerly, and with fullgraph=True an error
+# that says why and what to do.
+_content_triton_eager = torch.compiler.disable(
+    content_sink_attention_triton,
+    reason="content-dependent sinks on backend='triton' run eagerly (their kernels are no custom op yet): "
+           "compile with sinkfix.patch(..., backend='torch') for one graph, or compile without fullgraph")
+
+
 def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch",
                            key_padding: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None,
                            **kwargs) -> ContentResult:
@@ -529,6 +539,6 @@ def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     it): :func:`content_sink_attention_triton` or :func:`content_sink_attention_torch` (which reads
     a key padding as a (B, 1, 1, K) mask)."""
     if backend == "triton":
-        return content_sink_attention_triton(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
+        return _content_triton_eager(q, k, v, key_padding=key_padding, key_ranges=key_ranges, **kwargs)
     kwargs["attn_mask"] = fold_checked_key_padding(q, k, v, kwargs.get("attn_mask"), key_padding, key_ranges)
     return content_sink_attention_torch(q, k, v, **kwargs)

@@ -143,3 +143,23 @@ def test_a_uint8_hidden_set_is_read_as_bool_like_the_torch_path():
         got = content_sink_attention_triton(q, k, v, hidden=as_uint8.to(DEVICE), **common)
         torch.testing.assert_close(got.out, expected.out, rtol=0, atol=0)
         assert got.hidden.dtype == torch.bool and got.hidden[0, :, 4].all()
+
+
+def test_compiling_the_triton_content_path_breaks_the_graph_and_says_why_under_fullgraph():
+    # traced, the Triton content path failed deep inside dynamo (fullgraph: "_patched_getfile"; without
+    # it, under the interpreter, a KeyError on torch.uint64): it now runs eagerly behind a graph break
+    import torch._dynamo
+
+    model = tiny_model("llama").to(DEVICE)
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with sinkfix.patch(model, Policy.act(), backend="triton"), torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="backend='torch'"):
+            torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, attention_mask=mask)
+    torch._dynamo.reset()
