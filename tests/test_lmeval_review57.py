@@ -35,7 +35,7 @@ def test_a_null_the_prompt_shows_is_refused_at_any_depth(tmp_path, text, null_ro
     good = {"q": "x", "hint": "h", "a": "x", "b": "y", "meta": {"q": "x"}, "opts": ["x", "y"], "n": 3}
     loaded = _task(tmp_path, f'doc_to_text: "{text}"\n{_MC}', [good, {**good, **null_row}])
     with pytest.raises(EvaluationError, match=rf"^task t_probe, item 1: field '{re.escape(field)}' is missing \(null\), and the "
-                                              "prompt template uses it"):
+                                              "prompt template (shows|computes with) it"):
         check_items(loaded)
     check_items(_task(tmp_path / "ok", f'doc_to_text: "{text}"\n{_MC}', [good, good]))  # sound records pass
 
@@ -105,3 +105,25 @@ def test_out_naming_an_included_task_file_or_a_function_module_is_refused(tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--out {out} is a file defining task mine ({path})" in err[0], err
     assert {path: path.read_text() for path in kept} == kept
+
+
+def test_a_null_select_drops_from_the_choices_is_accepted(tmp_path):
+    # review 58: select keeps items by truth, and the answer templates' probes refused any truth test
+    body = ('doc_to_text: "{{q}}"\ndoc_to_choice: "{{ opts | select | list }}"\ndoc_to_target: 0\n'
+            'output_type: multiple_choice\ntest_split: test\nmetric_list:\n  - metric: acc\n')
+    loaded = _task(tmp_path, body, [{"q": "x", "opts": ["a", "b"]}, {"q": "y", "opts": ["a", "b", None]}])
+    check_items(loaded)
+    assert loaded.tasks["t_probe"].doc_to_choice(loaded.tasks["t_probe"].eval_docs[1]) == ["a", "b"]
+    _lm_eval_builds(loaded, "t_probe", 0, 2)
+
+
+@pytest.mark.parametrize("target, says", [
+    ("{{ ans }}", "shows it (lm-eval would write None)"),
+    ("{{ ans or 'unknown' }}", "decides on it"),  # lm-eval writes 'unknown': no None, a silent choice
+    ("{{ 1 if ans == 'yes' else 0 }}", "decides on it"),
+])
+def test_the_refusal_says_what_the_template_does_with_the_null(tmp_path, target, says):
+    body = f'doc_to_target: "{target}"\n{_LL}'
+    loaded = _task(tmp_path, body, [{"q": "x", "ans": "yes"}, {"q": "y", "ans": None}])
+    with pytest.raises(EvaluationError, match=re.escape(f"field 'ans' is missing (null), and the answer template {says}")):
+        check_items(loaded)

@@ -443,9 +443,14 @@ class _NullUsed(Exception):
     """A record's null was used for its value while :func:`_null_problem` rendered the templates.
     Not a TypeError or ValueError: Jinja's ``int`` and ``float`` filters turn those into 0."""
 
-    def __init__(self, path: str) -> None:
+    #: what the template did with the null, for the message
+    HOW = {"shown": "shows it (lm-eval would write None)",
+           "decided": "decides on it (lm-eval would silently take one branch)",
+           "used": "computes with it"}
+
+    def __init__(self, path: str, how: str = "used") -> None:
         super().__init__(path)
-        self.path = path
+        self.path, self.how = path, how
 
 
 class _NullProbe:
@@ -466,15 +471,21 @@ class _NullProbe:
     def _used(self, *args: Any, **kwargs: Any) -> Any:
         raise _NullUsed(self._path)
 
+    def _shown(self, *args: Any, **kwargs: Any) -> Any:
+        raise _NullUsed(self._path, "shown")
+
+    def _decided(self, *args: Any, **kwargs: Any) -> Any:
+        raise _NullUsed(self._path, "decided")
+
     def __bool__(self) -> bool:
         if self._strict:
-            raise _NullUsed(self._path)
+            raise _NullUsed(self._path, "decided")
         return False
 
     def __eq__(self, other: Any) -> bool:  # ``x == None`` is a null test, as for None
         if other is None or isinstance(other, _NullProbe):
             return True
-        raise _NullUsed(self._path)
+        raise _NullUsed(self._path, "decided")
 
     def __ne__(self, other: Any) -> bool:
         return not self.__eq__(other)
@@ -484,8 +495,9 @@ class _NullProbe:
             raise AttributeError(name)
         raise _NullUsed(self._path)
 
-    __str__ = __repr__ = __format__ = __hash__ = __len__ = __iter__ = __getitem__ = __contains__ = _used
-    __lt__ = __le__ = __gt__ = __ge__ = __int__ = __float__ = __index__ = __call__ = _used
+    __str__ = __repr__ = __format__ = _shown
+    __lt__ = __le__ = __gt__ = __ge__ = _decided
+    __hash__ = __len__ = __iter__ = __getitem__ = __contains__ = __int__ = __float__ = __index__ = __call__ = _used
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __mod__ = __rmod__ = _used
 
 
@@ -514,20 +526,34 @@ def _probe_environment():
     :class:`_NullProbe` for the None it stands for; restored afterwards."""
     from lm_eval.utils import env
 
-    saved = env.tests["none"], env.filters["default"], env.filters["d"]
-    original_default = saved[1]
+    from jinja2 import pass_context
+
+    names = ("default", "d", "select", "reject")
+    saved_test, saved = env.tests["none"], {name: env.filters[name] for name in names}
 
     def default(value: Any, default_value: Any = "", boolean: bool = False) -> Any:
         if isinstance(value, _NullProbe):  # default() keeps a null (it is defined); default(..., true) replaces it
             return default_value if boolean else value
-        return original_default(value, default_value, boolean)
+        return saved["default"](value, default_value, boolean)
+
+    def by_truth(keep: bool, original: Callable) -> Callable:
+        # select / reject without a test keep the items by truth: a null there is dropped (kept), as
+        # None is, also in the answer and choices, whose probes otherwise refuse a truth test
+        @pass_context
+        def choose(context: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:
+                return original(context, value, *args, **kwargs)
+            return (item for item in value if (not isinstance(item, _NullProbe) and bool(item)) == keep)
+        return choose
 
     env.tests["none"] = lambda value: value is None or isinstance(value, _NullProbe)
     env.filters["default"] = env.filters["d"] = default
+    env.filters["select"], env.filters["reject"] = by_truth(True, saved["select"]), by_truth(False, saved["reject"])
     try:
         yield
     finally:
-        env.tests["none"], env.filters["default"], env.filters["d"] = saved
+        env.tests["none"] = saved_test
+        env.filters.update(saved)
 
 
 _RENDERED_AS = {"text": "prompt", "target": "answer", "choice": "choices"}
@@ -553,7 +579,7 @@ def _null_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
             with _probe_environment():
                 _rendered(task, what, probed, templates)
         except _NullUsed as used:
-            return f"field {used.path!r} is missing (null), and the {rendered_as} template uses it (lm-eval would show None)"
+            return f"field {used.path!r} is missing (null), and the {rendered_as} template {_NullUsed.HOW[used.how]}"
         except Exception:  # noqa: BLE001 - failing for another reason: the item check renders the real record
             continue
     return None
