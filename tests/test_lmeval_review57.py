@@ -66,6 +66,8 @@ def test_a_nested_null_a_condition_compares_is_refused_in_the_answer(tmp_path):
     "{{q}} {{ ctx | default('', true) }}",
     "{{q}}{% if meta.ctx %} {{ meta.ctx }}{% endif %}",
     "{{q}}{% if ctx == None %}!{% endif %}",
+    "{{q}}{% if ctx is iterable and ctx is not string %} {{ ctx | join(' ') }}{% endif %}",  # review 58
+    "{{q}}{% if not (ctx is sameas none) %} {{ ctx }}{% endif %}",
 ])
 def test_a_null_the_template_tests_itself_is_accepted(tmp_path, text):
     rows = [{"q": "x", "ctx": "c", "meta": {"ctx": "c"}}, {"q": "y", "ctx": None, "meta": {"ctx": None}}]

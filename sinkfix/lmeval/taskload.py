@@ -529,7 +529,8 @@ def _probe_environment():
     from jinja2 import pass_context
 
     names = ("default", "d", "select", "reject")
-    saved_test, saved = env.tests["none"], {name: env.filters[name] for name in names}
+    tests = ("none", "iterable", "sameas", "callable")
+    saved_tests, saved = {name: env.tests[name] for name in tests}, {name: env.filters[name] for name in names}
 
     def default(value: Any, default_value: Any = "", boolean: bool = False) -> Any:
         if isinstance(value, _NullProbe):  # default() keeps a null (it is defined); default(..., true) replaces it
@@ -546,13 +547,20 @@ def _probe_environment():
             return (item for item in value if (not isinstance(item, _NullProbe) and bool(item)) == keep)
         return choose
 
-    env.tests["none"] = lambda value: value is None or isinstance(value, _NullProbe)
+    def as_none(test: Callable, when_null: Callable[..., bool]) -> Callable:
+        return lambda value, *args: when_null(*args) if isinstance(value, _NullProbe) else test(value, *args)
+
+    # what each test says of None: none, not iterable, the same as none only, not callable
+    env.tests["none"] = as_none(saved_tests["none"], lambda: True)
+    env.tests["iterable"] = as_none(saved_tests["iterable"], lambda: False)
+    env.tests["sameas"] = as_none(saved_tests["sameas"], lambda other: other is None or isinstance(other, _NullProbe))
+    env.tests["callable"] = as_none(saved_tests["callable"], lambda: False)
     env.filters["default"] = env.filters["d"] = default
     env.filters["select"], env.filters["reject"] = by_truth(True, saved["select"]), by_truth(False, saved["reject"])
     try:
         yield
     finally:
-        env.tests["none"] = saved_test
+        env.tests.update(saved_tests)
         env.filters.update(saved)
 
 
