@@ -522,8 +522,10 @@ def _holds_null(value: Any) -> bool:
 
 @contextlib.contextmanager
 def _probe_environment():
-    """lm-eval's template environment with Jinja's ``none`` test and ``default`` filter taking a
-    :class:`_NullProbe` for the None it stands for; restored afterwards."""
+    """lm-eval's template environment with Jinja's tests that look at a value's type (``none``,
+    ``iterable``, ``sameas``, ``callable``) and the filters that test for null or truth (``default``,
+    ``select`` and ``reject`` without a test) taking a :class:`_NullProbe` for the None it stands for;
+    restored afterwards."""
     from lm_eval.utils import env
 
     from jinja2 import pass_context
