@@ -526,10 +526,17 @@ def content_sink_attention_triton(
 # (fullgraph: "_patched_getfile"; otherwise, under the interpreter, a KeyError on torch.uint64). Kept
 # out of the graph instead: a graph break that runs it eagerly, and with fullgraph=True an error
 # that says why and what to do.
-_content_triton_eager = torch.compiler.disable(
+def _kept_out_of_graphs(fn, reason: str):
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch < 2.8 takes no reason (the package supports torch >= 2.4)
+        return torch.compiler.disable(fn)
+
+
+_content_triton_eager = _kept_out_of_graphs(
     content_sink_attention_triton,
-    reason="content-dependent sinks on backend='triton' run eagerly (their kernels are no custom op yet): "
-           "compile with sinkfix.patch(..., backend='torch') for one graph, or compile without fullgraph")
+    "content-dependent sinks on backend='triton' run eagerly (their kernels are no custom op yet): "
+    "compile with sinkfix.patch(..., backend='torch') for one graph, or compile without fullgraph")
 
 
 def content_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch",
