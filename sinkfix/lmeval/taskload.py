@@ -261,128 +261,81 @@ _TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
 _ROLLING = "loglikelihood_rolling"
 
 
-#: What a task's templates need of a record field, as far as its presence goes: PRESENT (read whatever
-#: the record holds: an absent field is refused with its name) or less (read in a condition or a branch
-#: only: absent, the rendering says whether that fails). Whether a null is used is not decided here but
-#: by rendering with probes (:func:`_null_problem`): the static reading classed ``default(...)`` and
-#: ``is defined`` as null tests (both keep a null) and saw only top-level fields (review 57).
-PRESENT, NOT_NULL, IN_BRANCH, NOTHING = 3, 2, 1, 0
-
-
 @dataclass(frozen=True)
 class _Field:
     """A record field a task's template reads."""
 
     name: str
     bare: bool  # named outright (``doc_to_choice: choices``), not inside a Jinja template
-    need: int  # PRESENT, NOT_NULL, IN_BRANCH or NOTHING
+    #: read whatever the record holds, so it must be there (refused by name when absent); a field read
+    #: only in a condition or a branch may be absent (the rendering says whether that fails). Whether a
+    #: null is used is not decided here but by rendering with probes (:func:`_null_problem`): a static
+    #: reading took ``default(...)`` and ``is defined`` for null tests (both keep a null) and saw only
+    #: top-level fields (review 57).
+    required: bool
 
 
-def _field_reads(tree: Any) -> tuple[set[str], set[str], set[str], set[str], set[str]]:
-    """Three sets of the names a parsed Jinja template uses: read whatever the record holds (outside
-    every ``if``, ternary result, ``and``/``or`` operand, loop body and macro); computed with inside a
-    condition (a comparison, an attribute, a call: ``label == 0``, ``x.startswith('a')``), where a
-    null silently picks a branch; tested for truth only (``{% if hint %}``, ``x if x else ''``,
-    ``x or ''``), where a null is the template's own "none given"; tested for null explicitly
-    (``x is defined``, ``x is none``, ``x | default(...)``); read inside a branch only (whether the
-    branch runs depends on the record)."""
+#: Nodes whose listed fields run only as the record decides (a condition, or a branch it opens).
+_CONDITIONAL_FIELDS = {"If": ("test", "body", "elif_", "else_"), "CondExpr": ("test", "expr1", "expr2"),
+                       "For": ("test", "body", "else_"), "Macro": ("body",), "CallBlock": ("body",)}
+
+
+def _names_read(tree: Any) -> set[str]:
+    """The names a parsed Jinja template reads whatever the record holds: outside every condition
+    (an ``if`` or ternary test, a loop's filter, an ``and``/``or`` operand, a test such as ``is
+    defined``, a ``default`` filter) and every branch (``if``/``else`` bodies, ternary results, a loop
+    body, a macro)."""
     from jinja2 import nodes
 
     read: set[str] = set()
-    computed: set[str] = set()
-    truth: set[str] = set()
-    guarded: set[str] = set()
-    in_branch: set[str] = set()
-    tests = {nodes.If: ("test",), nodes.CondExpr: ("test",), nodes.For: ("test",)}
-    branches = {nodes.If: ("body", "elif_", "else_"), nodes.CondExpr: ("expr1", "expr2"), nodes.For: ("body", "else_"),
-                nodes.Macro: ("body",), nodes.CallBlock: ("body",)}
 
-    def visit(node: Any, role: str, branch: bool) -> None:
-        # role: "read" (its value is used), "truth" (a condition's value itself), "use" (computed
-        # with inside a condition), "guard" (tested for null explicitly); branch: evaluated only when a
-        # condition says so
+    def visit(node: Any) -> None:
         if isinstance(node, nodes.Name):
             if node.ctx == "load":
-                if role == "read":
-                    (in_branch if branch else read).add(node.name)
-                else:
-                    {"use": computed, "truth": truth, "guard": guarded}[role].add(node.name)
+                read.add(node.name)
             return
-        inner = "read" if role == "read" else "use"  # a generic node: inside a condition, computed with
-        if isinstance(node, (nodes.And, nodes.Or)):
-            visit(node.left, "truth", branch)
-            visit(node.right, "truth", True)  # runs only as the left one decides
-            return
-        if isinstance(node, nodes.Not):
-            visit(node.node, "truth" if role != "read" else "read", branch)
-            return
-        if isinstance(node, nodes.Test):
-            null_test = node.name in ("defined", "undefined", "none")
-            for key, value in node.iter_fields():
-                sub = ("guard" if null_test else "use") if key == "node" else "use"
-                for child in (value if isinstance(value, list) else [value]):
-                    if isinstance(child, nodes.Node):
-                        visit(child, sub, branch)
-            return
-        if isinstance(node, nodes.Filter) and node.name in ("default", "d"):
-            for key, value in node.iter_fields():
-                for child in (value if isinstance(value, list) else [value]):
-                    if isinstance(child, nodes.Node):
-                        visit(child, "guard", branch) if key == "node" else visit(child, "read", True)
-            return
-        test_fields, branch_fields = tests.get(type(node), ()), branches.get(type(node), ())
+        if isinstance(node, (nodes.And, nodes.Or, nodes.Test)) or (
+                isinstance(node, nodes.Filter) and node.name in ("default", "d")):
+            return  # what is below runs, or is used, only as a condition decides
+        conditional = _CONDITIONAL_FIELDS.get(type(node).__name__, ())
         for key, value in node.iter_fields():
-            sub, sub_branch = ("truth", branch) if key in test_fields else \
-                ("read", True) if key in branch_fields else (inner, branch)
+            if key in conditional:
+                continue
             for child in (value if isinstance(value, list) else [value]):
                 if isinstance(child, nodes.Node):
-                    visit(child, sub, sub_branch)
+                    visit(child)
 
-    visit(tree, "read", False)
-    return read, computed, truth, guarded, in_branch
+    visit(tree)
+    return read
 
 
 @functools.lru_cache(maxsize=256)
-def _jinja_fields(template: str, answer: bool = False) -> tuple[_Field, ...]:
+def _jinja_fields(template: str) -> tuple[_Field, ...]:
     """The names a Jinja template reads from the record, in the order they first appear. Jinja's own
     analysis, not a pattern: a loop or ``set`` variable (``{% for c in choices %}{{ c }}``) is no
     field (``c`` is in no record: counted as a field, a valid task would be refused as missing it),
     nor is a global of lm-eval's template environment (``range``).
 
-    A field the template reads whatever the record holds must be present and not null (PRESENT). One
-    it computes with in a condition must not be null (NOT_NULL: ``0 if label == 0 else 1`` scored a
-    null label as answer 1), and so must one it only tests for truth in an ``answer`` template (the
-    target or the choices: ``'yes' if label else 'no'`` made a null label "no"); in a prompt, a
-    truth test is the template's own handling of a field that may be null (``{% if hint %}``). One
-    tested for null explicitly (``is defined``, ``is none``, ``| default``) needs nothing, and one read
-    only in a branch (gsm8k-cot's ``answer.split(...) if answer is defined else target``: ``target``
-    only for its few-shot samples) need not be present (review 46: such tasks of lm-eval's catalogue
-    were refused) but must not be null unless the template tests it itself; what such a branch needs
-    and the record lacks still fails, in the rendering :func:`_item_problem` does. Cached: parsed once per template, not once per record."""
+    A field read whatever the record holds is required; one read only in a condition or a branch
+    (gsm8k-cot's ``answer.split(...) if answer is defined else target``: ``target`` only for its
+    few-shot samples) is not (review 46: such tasks of lm-eval's catalogue were refused), and what
+    such a branch needs and the record lacks still fails, in the rendering :func:`_item_problem`
+    does. Cached: parsed once per template, not once per record."""
     from jinja2 import meta
     from lm_eval.utils import env
 
     try:
         tree = env.parse(template)
     except Exception:  # noqa: BLE001 - a template lm-eval cannot parse fails in its own load, with its message
-        return tuple(_Field(name, False, PRESENT) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
+        return tuple(_Field(name, False, True) for name in dict.fromkeys(_TEMPLATE_FIELD.findall(template)))
     names = meta.find_undeclared_variables(tree) - set(env.globals)
-    read, computed, truth, guarded, in_branch = _field_reads(tree)
-
-    def need(name: str) -> int:
-        if name in read:
-            return PRESENT
-        if name in computed or (answer and name in truth):
-            return NOT_NULL
-        # read in a branch and never tested itself: a null there renders as "None" when the branch
-        # runs (mgsm's target fell back to a null answer_number); absent, the branch's rendering fails
-        return IN_BRANCH if name in in_branch and name not in truth | guarded else NOTHING
+    read = _names_read(tree)
 
     def first(name: str) -> tuple[int, str]:
         found = re.search(rf"\b{re.escape(name)}\b", template)
         return (found.start() if found else len(template), name)
 
-    return tuple(_Field(name, False, need(name)) for name in sorted(names, key=first))
+    return tuple(_Field(name, False, name in read) for name in sorted(names, key=first))
 
 
 def _templates(task: Any, fewshot: bool = False) -> dict[str, Any]:
@@ -404,17 +357,17 @@ def _referenced_fields(task: Any, fewshot: bool = False) -> list[_Field]:
     Text with spaces or punctuation (``"Answer:"``, ``"['yes', 'no']"``, ``""``) is a literal and reads
     no field."""
     fields: dict[str, _Field] = {}
-    for key, value in _templates(task, fewshot).items():
+    for value in _templates(task, fewshot).values():
         if not isinstance(value, str):
             continue
         if any(mark in value for mark in ("{{", "{%", "{#")):
-            found = list(_jinja_fields(value, key != "doc_to_text"))
+            found = list(_jinja_fields(value))
         elif _BARE_NAME.fullmatch(value):
-            found = [_Field(value, True, PRESENT)]
+            found = [_Field(value, True, True)]
         else:
             found = []
-        for field in found:  # a field several templates use needs what the most demanding one needs
-            if field.name not in fields or field.need > fields[field.name].need:
+        for field in found:  # a field several templates use is required when one of them requires it
+            if field.name not in fields or (field.required and not fields[field.name].required):
                 fields[field.name] = field
     return list(fields.values())
 
@@ -425,7 +378,7 @@ def _field_problem(task: Any, doc: Any, fewshot: bool) -> str | None:
     if not isinstance(doc, dict):
         return None
     for field in _referenced_fields(task, fewshot):
-        if field.need != PRESENT and field.name not in doc:
+        if not field.required and field.name not in doc:
             continue  # absent where a condition decides: the rendering says whether that fails
         if not field.bare and field.name in doc:
             continue  # its value, null or not, is the probe rendering's to judge
