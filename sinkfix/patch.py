@@ -125,16 +125,15 @@ class PatchHandle:
                 # the cache's columns once a SinkCache has evicted (integrations/attention.py)
                 if state.policy.content is not None or any(p > 0 for p in state.policy.sink_positions):
                     self._hooks.extend(cache_hooks(by_name[name], state))
+            first = by_name[min(self._states, key=lambda name: self._states[name].layer)]  # the forward's first
             if any(state.policy.content is not None for state in self._states.values()):
                 # a call the content path refuses is refused at the forward's first attention module,
                 # before any layer stores its keys in the cache (which then stays in step)
-                first = min(self._states, key=lambda name: self._states[name].layer)
                 refusal = functools.partial(refuse_content_call, tuple(self._ordered_states()))
-                self._hooks.append(by_name[first].register_forward_pre_hook(refusal, prepend=True, with_kwargs=True))
+                self._hooks.append(first.register_forward_pre_hook(refusal, prepend=True, with_kwargs=True))
             # the attention implementation switched after the patch (model.set_attn_implementation("eager"))
             # ran stock attention while the handle, and a monitor's records, still said corrected:
             # refused at the forward's first attention module, which reads the setting at dispatch
-            first = by_name[min(self._states, key=lambda name: self._states[name].layer)]
             config = getattr(first, "config", None) or model.config
             self._hooks.append(first.register_forward_pre_hook(functools.partial(_refuse_switched_attention, config),
                                                                prepend=True))
