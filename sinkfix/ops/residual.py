@@ -63,15 +63,15 @@ def residual_clip(
         return residual_clip_torch(hidden, threshold, is_sink, sink_norm)
     from sinkfix.ops import custom_ops
 
-    if torch.compiler.is_compiling() and not isinstance(threshold, torch.Tensor):
+    norm = None if sink_norm is None else float(sink_norm)
+    if not torch.compiler.is_compiling():
+        return custom_ops.residual_clip_impl(hidden, threshold, is_sink, norm, backend)
+    if not isinstance(threshold, torch.Tensor):
         # the op's schema takes a tensor: one number, accepted eagerly, failed under torch.compile with
         # a TorchRuntimeError; checked as a number first, then one (B,) cap of that value
         check_residual_clip_arguments(hidden, threshold, is_sink, sink_norm)
         threshold = torch.full((hidden.shape[0],), float(threshold), dtype=torch.float32, device=hidden.device)
-    args = (hidden, threshold, is_sink, None if sink_norm is None else float(sink_norm), backend)
-    if torch.compiler.is_compiling():
-        return custom_ops.residual_clip_op(*args)
-    return custom_ops.residual_clip_impl(*args)
+    return custom_ops.residual_clip_op(hidden, threshold, is_sink, norm, backend)
 
 
 def clip_residual(*args, **kwargs) -> torch.Tensor:
