@@ -38,9 +38,11 @@ Version 4 adds ``"mode"`` to the policy: ``"positional"`` (what every earlier ve
 sinks"). Positional profiles are still written as version 3, so older readers keep reading them;
 a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
 sinkfix that had one), as is a version-4 file that does not (no sinkfix writes one). A policy of
-version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default, and so
-is, at every version, a policy or ``"domains"`` entry without ``"virtual_sink_logit"`` (every writer
-writes it, null without virtual logits) or with a key this format does not have.
+version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default, as is a
+version-1 policy with virtual logits where it is not true or a file of version 1 or 2 with ``"domains"`` other than null
+(the versions' writers never wrote them; read as the version's meaning, they were ignored); and so
+is, at every version, a policy or ``"domains"`` entry without ``"virtual_sink_logit"`` (every writer writes it, null
+without virtual logits) or with a key this format does not have.
 
 ``"fingerprint_dtype"`` and ``"cast_fingerprints"`` (optional at any version; files written before
 them lack both) make a profile fitted in one precision fit the same model in another: the
@@ -388,6 +390,9 @@ def _check_calibration_record(record: Any) -> None:
             # without its BOS, unsaid
             raise ProfileError(f"profile calibration.protocol.bos must be true, false or \"both\", got "
                                f"{_json_text(protocol['bos'])}")
+        _check_window_counts(protocol, "calibration.protocol")
+    if isinstance(record.get("hyper"), dict):
+        _check_window_counts(record["hyper"], "calibration.hyper")
     if "selection" in record:
         selection = record["selection"]
         if not isinstance(selection, dict):
@@ -396,6 +401,24 @@ def _check_calibration_record(record: Any) -> None:
             if key in selection and not isinstance(selection[key], str):
                 raise ProfileError(f"profile calibration.selection.{key} must be a string, got "
                                    f"{_json_text(selection[key])}")
+
+
+#: Window-protocol fields that `sinkfix monitor ranges` measures with, when a profile records them:
+#: key -> whether null is allowed (max_tokens null = every token).
+_WINDOW_COUNTS = {"seq_len": False, "max_tokens": True, "windows_per_text": False}
+
+
+def _check_window_counts(protocol: dict, where: str) -> None:
+    """Each recorded window count an integer >= 1 (max_tokens also null): `monitor ranges` measures with
+    them, and a string there was a TypeError traceback, a windows_per_text of -1 a slice that silently
+    left each text's last window out."""
+    for key, nullable in _WINDOW_COUNTS.items():
+        if key not in protocol or (nullable and protocol[key] is None):
+            continue
+        value = protocol[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ProfileError(f"profile {where}.{key} must be an integer >= 1{' or null' if nullable else ''}, "
+                               f"got {_json_text(value)}")
 
 
 def _has_bool(value: Any) -> bool:
@@ -677,6 +700,17 @@ class Profile:
             # profile fitted with true, silently
             raise ProfileError(f"a version-{version} profile's policy needs 'virtual_logit_on_sink_rows' (true or "
                                "false; version 2 added it): the file was edited or is corrupted")
+        # keys a version's writers never wrote: read as their version's meaning, a v1 file's false
+        # still patched with true and a v2 file's "domains" were dropped, both unsaid
+        # (true and null say what the version means, and are read; without virtual logits the flag changes nothing)
+        if version < 2 and policy.get("virtual_logit_on_sink_rows", True) is not True \
+                and policy["virtual_sink_logit"] is not None:
+            raise ProfileError("a version-1 profile's policy cannot have 'virtual_logit_on_sink_rows' other than "
+                               "true (version 2 added it; version 1 counted the virtual logit in the sink's own "
+                               "row): the file was edited or is corrupted")
+        if version < 3 and data.get("domains") is not None:
+            raise ProfileError(f"a version-{version} profile cannot have 'domains' (version 3 added them): the "
+                               "file was edited or is corrupted")
         # version 1 counted the virtual logit in the sink's own row too
         on_sink_rows = policy["virtual_logit_on_sink_rows"] if version >= 2 else True
         domains = data.get("domains") if version >= 3 else None
@@ -797,6 +831,7 @@ def _statistics_protocol(value: Any) -> dict:
         return {}
     if not isinstance(value, dict):
         raise ProfileError(f"profile statistics.protocol must be an object or null, got {_json_text(value)}")
+    _check_window_counts(value, "statistics.protocol")
     return dict(value)
 
 

@@ -73,12 +73,13 @@ def test_a_raw_control_character_is_refused_on_its_own_line(tmp_path, separator)
 
 def test_a_log_line_holding_a_line_separator_is_read(tmp_path):
     """The same split for `monitor report` (a log a tool rewrote with ensure_ascii=False)."""
-    path = _write_log(tmp_path / "t.jsonl", json.dumps(_record("a\u2028b"), ensure_ascii=False),
+    # in the model's name: a domain label with one is refused (the monitor never writes such a label)
+    path = _write_log(tmp_path / "t.jsonl", json.dumps(_record("a", model="m\u2028n"), ensure_ascii=False),
                       json.dumps(_record("c")), "{")
     with pytest.raises(MonitorError, match=r"t\.jsonl, line 3: not JSON"):
         read_log(path)
     path.write_text(path.read_text(encoding="utf-8").rsplit("{", 1)[0], encoding="utf-8")
-    assert [r["domain"] for r in read_log(path)] == ["a\u2028b", "c"]
+    assert [(r["domain"], r["model"]) for r in read_log(path)] == [("a", "m\u2028n"), ("c", "m")]
 
 
 def test_an_unterminated_string_is_worded_once(tmp_path, capsys):

@@ -220,8 +220,9 @@ def check_stream_arguments(tokens: int, n_sink: int, window: int, chunk: int, se
             raise UsageError(f"{label} must be an integer >= {low}, got {value!r}")
     warmup = n_sink + window + 1
     if tokens < warmup + segment_len + 1:
-        raise UsageError(f"--tokens {tokens} leaves no full segment: the warm-up is n_sink + window + 1 = {warmup} "
-                         f"tokens and a segment {segment_len}")
+        raise UsageError(f"--tokens {tokens} leaves no full segment: it needs at least {warmup + segment_len + 1} "
+                         f"(the first token, which has no context to be scored in, a warm-up of n_sink + window + 1 "
+                         f"= {warmup} tokens and a segment of {segment_len})")
 
 
 def measure_streaming(model, ids: torch.Tensor, *, n_sink: int, window: int, chunk: int = 32,

@@ -22,6 +22,7 @@ from sinkfix.analysis.metrics import DORMANT_THRESHOLD
 from sinkfix.errors import MonitorError
 from sinkfix.files import json_error, json_lines
 from sinkfix.telemetry.outputs import NO_DOMAIN, guard_tripped, served_without_correction
+from sinkfix.telemetry.requests import check_domain_label
 from sinkfix.telemetry.records import SCHEMA, VERSION
 
 __all__ = ["MonitorReport", "DomainSummary", "read_log", "summarise", "write_figure", "check_margin", "MAX_MARGIN"]
@@ -94,6 +95,10 @@ def _field_problem(record: dict) -> str | None:
     domain = record["domain"]
     if domain is not None and not isinstance(domain, str):
         return f"\"domain\" must be a string or null, got {domain!r}"
+    try:  # a label the monitor refuses ("", "(none)", " code") would be reported as a domain of its own
+        check_domain_label(domain)
+    except MonitorError as exc:
+        return f"\"domain\": {exc}"
     for key in ("tokens", "dormant_heads"):
         if not _is_count(record[key]):
             return f"\"{key}\" must be an integer >= 0, got {record[key]!r}"
@@ -111,15 +116,20 @@ def _field_problem(record: dict) -> str | None:
     if not isinstance(dormancy, list) or [len(h) if isinstance(h, list) else -1 for h in dormancy] != widths \
             or not all(_is_number(x) for h in dormancy for x in h):
         return f"\"dormancy\" must hold one number (or null) per head of \"sink_share\" ({layers} layers)"
+    outside = next(((layer, head, x) for layer, heads in enumerate(dormancy) for head, x in enumerate(heads)
+                    if not _is_share(x)), None)
+    if outside is not None:  # a dormancy of 2 made every head "dormant" and filled the flipping-heads list
+        layer, head, value = outside
+        return f"\"dormancy\" must lie in [0, 1] (or be null), got {value!r} at layer {layer}, head {head}"
     if not isinstance(hidden, list) or [len(h) if isinstance(h, list) else -1 for h in hidden] != widths \
             or not all(_is_count(x) for h in hidden for x in h):
         return f"\"hidden_sinks\" must hold one integer >= 0 per head of \"sink_share\" ({layers} layers)"
     for key in ("rows", "residual_peak"):
         values = record[key]
         ok = isinstance(values, list) and len(values) == layers and all(
-            _is_count(x) if key == "rows" else _is_number(x) for x in values)
-        if not ok:
-            kind = "integer >= 0" if key == "rows" else "number (or null)"
+            _is_count(x) if key == "rows" else _is_number(x) and (x is None or x >= 0) for x in values)
+        if not ok:  # a peak is a ratio of two norms: a negative one was averaged into the report as it was
+            kind = "integer >= 0" if key == "rows" else "number >= 0 (or null)"
             return f"\"{key}\" must be a list of one {kind} per layer ({layers} layers, as \"sink_share\")"
     guard = record.get("guard")
     if guard is not None and not (isinstance(guard, dict) and isinstance(guard.get("tripped", False), bool)):
@@ -303,6 +313,13 @@ def write_figure(report: MonitorReport, path: str | Path) -> Path:
     top.set(xticks=range(layers), xlabel="layer", ylabel="sink share (per head, per request)", ylim=(0, 1),
             title=f"Sink share by layer and domain: {', '.join(report.models)}")
     top.legend(loc="upper right")
-    bottom.set(xticks=range(layers), xlabel="layer", ylabel="residual peak (max / median)", yscale="log")
+    peaks = torch.stack([summary.residual_peak for summary in report.domains.values()])
+    # a log scale needs one positive peak to draw: a log whose peaks are all null (no residual was
+    # observed) raised matplotlib's "cannot be log-scaled" instead of writing the figure
+    logarithmic = bool((peaks.nan_to_num(0.0) > 0).any())
+    bottom.set(xticks=range(layers), xlabel="layer", ylabel="residual peak (max / median)",
+               yscale="log" if logarithmic else "linear")
+    if not logarithmic:
+        bottom.text(0.5, 0.5, "no residual peak recorded", transform=bottom.transAxes, ha="center", va="center")
     bottom.legend(loc="upper right")
     return save_figure(fig, path)

@@ -1,0 +1,159 @@
+"""Profiles and `sinkfix monitor report`: the defects two black-box reviews found (calibration and
+profiles; live telemetry), each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from sinkfix import cli
+from sinkfix.errors import ProfileError
+from sinkfix.profile import ModelIdentity, Profile, ProfileStatistics
+
+from .conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- profiles: the window protocol `monitor ranges` measures with is checked when the file loads --------
+def _profile_dict(with_logits: bool = True) -> dict:
+    model = tiny_model("llama")
+    beta = torch.linspace(0.5, 1.0, 8, dtype=torch.float64).reshape(2, 4)
+    logits = torch.full((2, 4), -3.0, dtype=torch.float64) if with_logits else None
+    stats = ProfileStatistics(low=torch.full((2, 4), 0.2, dtype=torch.float64),
+                              high=torch.full((2, 4), 0.6, dtype=torch.float64), windows=4, min_rows=16,
+                              protocol={"seq_len": 64, "bos": True, "max_tokens": None, "windows_per_text": 2})
+    profile = Profile(ModelIdentity.of(model), beta, logits,
+                      calibration={"rule": "robust", "protocol": {"seq_len": 64, "bos": True},
+                                   "hyper": {"max_tokens": 512}}).with_statistics(stats)
+    return profile.to_dict()
+
+
+def _load(tmp_path, data: dict) -> Profile:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    return Profile.load(path)
+
+
+def test_a_well_formed_protocol_loads(tmp_path):
+    loaded = _load(tmp_path, _profile_dict())
+    assert loaded.statistics.protocol["windows_per_text"] == 2 and loaded.calibration["hyper"]["max_tokens"] == 512
+
+
+@pytest.mark.parametrize("where, key, value", [
+    ("calibration.protocol", "seq_len", "64"),      # a TypeError traceback in `monitor ranges`
+    ("calibration.protocol", "seq_len", 0),
+    ("calibration.hyper", "max_tokens", 10.5),      # a TypeError traceback on slicing
+    ("calibration.hyper", "max_tokens", True),
+    ("statistics.protocol", "windows_per_text", "2"),
+    ("statistics.protocol", "windows_per_text", 0),
+    ("statistics.protocol", "windows_per_text", -1),  # measured each text's first 15 of 16 windows, unsaid
+    ("statistics.protocol", "seq_len", None),
+])
+def test_window_counts_a_profile_records_are_checked(tmp_path, where, key, value):
+    data = _profile_dict()
+    entry = data
+    for part in where.split("."):
+        entry = entry[part]
+    entry[key] = value
+    with pytest.raises(ProfileError, match=re.escape(f"{where}.{key} must be an integer >= 1")):
+        _load(tmp_path, data)
+
+
+def test_monitor_ranges_refuses_such_a_profile_in_one_line(tmp_path, capsys):
+    data = _profile_dict()
+    data["statistics"]["protocol"]["windows_per_text"] = -1
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    rc = cli.main(["monitor", "ranges", "--model", "smollm2-135m", "--profile", str(path), "--text", str(text),
+                   "--out", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "windows_per_text must be an integer >= 1" in err, err
+    assert not (tmp_path / "out.json").exists()
+
+
+# -- profiles: keys an old version cannot have are refused, not ignored --------------------------------
+def test_a_version_1_file_saying_false_for_the_sink_row_is_refused(tmp_path):
+    data = _profile_dict()
+    data["version"] = 1
+    data["policy"]["virtual_logit_on_sink_rows"] = False  # loaded as true before: patched other numbers
+    with pytest.raises(ProfileError, match="version-1 profile's policy cannot have 'virtual_logit_on_sink_rows'"):
+        _load(tmp_path, data)
+    data["policy"]["virtual_logit_on_sink_rows"] = True  # what version 1 means: read
+    assert _load(tmp_path, data).virtual_logit_on_sink_rows is True
+    without_logits = _profile_dict(with_logits=False)  # the flag changes nothing without virtual logits
+    without_logits["version"] = 1
+    without_logits["policy"]["virtual_logit_on_sink_rows"] = False
+    assert _load(tmp_path, without_logits).virtual_sink_logit is None
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_domains_in_a_file_older_than_version_3_are_refused(tmp_path, version):
+    data = _profile_dict()
+    data["version"] = version
+    data["policy"]["virtual_logit_on_sink_rows"] = True
+    data["domains"] = {"pydoc": {"sink_scale": data["policy"]["sink_scale"], "virtual_sink_logit": None}}
+    with pytest.raises(ProfileError, match=f"version-{version} profile cannot have 'domains'"):
+        _load(tmp_path, data)  # were dropped before
+    data["domains"] = None
+    assert _load(tmp_path, data).domain_parameters is None
+
+
+# -- `sinkfix monitor report`: values no monitor writes are refused, naming the line ----------------------
+def _record(**change) -> dict:
+    record = {"schema": "sinkfix-telemetry", "version": 1, "domain": "a", "model": "m", "tokens": 10,
+              "rows": [9, 9], "sink_share": [[0.3, 0.3], [0.3, 0.3]], "dormancy": [[0.1, 0.1], [0.1, 0.7]],
+              "dormant_heads": 1, "residual_peak": [2.0, 50.0], "hidden_sinks": [[0, 1], [0, 0]], "guard": None}
+    return {**record, **change}
+
+
+def _report(capsys, tmp_path, *records: dict) -> tuple[int, str]:
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    rc = cli.main(["monitor", "report", str(log), "--out", str(tmp_path / "report")])
+    return rc, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("change, message", [
+    # a dormancy of 2 made every head dormant: 133 heads "flipped" between domains on SmolLM2's shape
+    ({"dormancy": [[0.1, 0.1], [0.1, 2.0]]}, r"\"dormancy\" must lie in \[0, 1\] .*got 2.0 at layer 1, head 1"),
+    ({"dormancy": [[-3.0, 0.1], [0.1, 0.1]]}, r"\"dormancy\" must lie in \[0, 1\] .*got -3.0 at layer 0, head 0"),
+    ({"residual_peak": [2.0, -5.0]}, r"\"residual_peak\" must be a list of one number >= 0"),  # was averaged in
+    ({"domain": ""}, r"the domain '' is empty"),  # reported as a domain named ""
+    ({"domain": "none"}, r"the domain 'none' is reserved"),  # merged with the requests without a domain
+    ({"domain": " code"}, r"starts or ends with whitespace"),
+])
+def test_report_refuses_values_no_monitor_writes(capsys, tmp_path, change, message):
+    rc, err = _report(capsys, tmp_path, _record(domain="b"), _record(**change))
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "line 2: " in err and re.search(message, err), err
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_accepts_nulls_and_draws_a_log_without_residual_peaks(capsys, tmp_path):
+    """A log whose peaks are all null raised matplotlib's "cannot be log-scaled" instead of a figure."""
+    pytest.importorskip("matplotlib")
+    rc, err = _report(capsys, tmp_path, _record(residual_peak=[None, None], dormancy=[[None, 0.1], [0.1, 1.0]]),
+                      _record(domain=None, residual_peak=[None, None]))
+    assert rc == 0, err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(report["domains"]) == {"a", "none"}
+    figure = tmp_path / "report" / "sink_share_by_layer.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- `sinkfix stream`: the refusal of a stream too short names the length that is enough ----------------
+def test_stream_length_refusal_names_the_minimum_it_accepts():
+    """The message listed a warm-up of 257 and a segment of 1024: 1281 tokens, which it refused too
+    (the first token is not scored)."""
+    from sinkfix.analysis.streaming import check_stream_arguments
+    from sinkfix.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"needs at least 1282 \(the first token"):
+        check_stream_arguments(1281, 4, 252, 32, 1024, 64)
+    check_stream_arguments(1282, 4, 252, 32, 1024, 64)
