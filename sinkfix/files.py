@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from sinkfix.errors import OutputError
+from sinkfix.errors import OutputError, UsageError
 
 try:
     import fcntl
@@ -30,7 +30,7 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
     fcntl = None
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
-           "same_file", "save_figure", "strict_json"]
+           "same_file", "save_figure", "strict_json", "check_out_is_no_input"]
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -143,6 +143,20 @@ def same_file(path: str | os.PathLike[str], other: str | os.PathLike[str]) -> bo
         return os.path.samefile(path, other)
     except (OSError, ValueError):  # missing, unreadable, or a path with a NUL byte
         return False
+
+
+def check_out_is_no_input(out: str | os.PathLike[str] | None,
+                          inputs: Iterable[tuple[str, str | os.PathLike[str]]], written: str = "the report") -> None:
+    """Refuse an ``--out`` that names one of the run's own inputs (``inputs``: what it is, its path),
+    compared by :func:`same_file` (device and inode: any spelling of the path, a symbolic or hard
+    link), with a :class:`UsageError` that says ``written`` would replace it. The output replaced the
+    input silently: ``sinkfix eval --profile p.json --out p.json`` lost a profile that takes 9-13
+    minutes to calibrate, ``sinkfix kvquant --text t.txt --out t.txt`` the text it had measured."""
+    if not out:
+        return
+    for what, path in inputs:
+        if same_file(out, path):  # an --out not there (yet) is no input
+            raise UsageError(f"--out {out} is {what}: {written} would replace it; write {written} to another file")
 
 
 def _not_a_regular_file(target: Path) -> str | None:

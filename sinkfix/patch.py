@@ -560,7 +560,7 @@ def patch(model: nn.Module, policy: "Policy | Any | None" = None, backend: str =
             "(a policy would also act on the encoder's bidirectional attention and on cross-attention, where the "
             f"'sink' would be the encoder's first token). Supported and tested: {', '.join(SUPPORTED_ARCHITECTURES)}.")
     policy = _as_policy(policy, model)
-    backend_name = resolve_backend(backend, model_device(model))
+    backend_name = resolve_backend(backend, model_device(model), getattr(model, "dtype", None))
     previous = PatchHandle.of(model)
     current = config._attn_implementation
     settings = _attn_settings(config)

@@ -842,14 +842,17 @@ def _per_head(name: str, value: PerHead, num_layers: int, num_heads: int, low=No
 
 def _clip_values(name: str, value) -> list[float]:
     """A residual clip's threshold or sink norm as a flat list: a number or one per layer, each > 0
-    (inf disables a layer), no bool (``ResidualClip(True)`` read as a relative threshold of 1)."""
+    (inf: a threshold disables the layer's clip, a sink norm leaves its sinks unclipped), no bool
+    (``ResidualClip(True)`` read as a relative threshold of 1)."""
     expected = "a number or one number per layer"
     t = _numbers(f"residual_clip.{name}", value, expected)
     if t.ndim > 1:
         raise PolicyError(f"residual_clip.{name} must be {expected}, got shape {tuple(t.shape)}")
     values = t.flatten().tolist()
     if not values or any(math.isnan(v) or v <= 0 for v in values):
-        raise PolicyError(f"residual_clip.{name} must be > 0 (inf disables a layer), got {values[:8]}")
+        # inf means "no clip" for a threshold (of other tokens) and "exempt" for a sink norm, not the same
+        meaning = "inf disables a layer" if name == "threshold" else "inf leaves a layer's sinks unclipped"
+        raise PolicyError(f"residual_clip.{name} must be > 0 ({meaning}), got {values[:8]}")
     return values
 
 

@@ -172,7 +172,7 @@ def test_without_matplotlib_no_plot_of_an_earlier_run_is_left(json_run, tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if it were not installed
     written, notes = write_plots(tmp_path, results)
     assert written == [] and [p.name for p in tmp_path.iterdir()] == ["other.png"]
-    assert notes == ["plots skipped: matplotlib is not installed (pip install matplotlib); removed an earlier "
+    assert notes == ["plots skipped: matplotlib is not installed (pip install 'sinkfix[plots]'); removed an earlier "
                      "run's ppl_delta.png, sink_share.png, residual_peak.png, speed_ratio.png"]
 
 

@@ -29,6 +29,14 @@ import pytest
 import sinkfix.kernels
 
 REPO = Path(__file__).resolve().parents[1]
+#: The saved benchmark results that tests read back: the sdist carries these and no other.
+STORED_RESULTS_TESTS_READ = (
+    "benchmarks/results/monitor/overhead-interval-1t-120prefills.json",            # tests/test_bench.py
+    "benchmarks/results/calibration_lodo/bf16-fits/profile-smollm2-135m-bos.json",  # test_bench_and_spec_refusals
+    "benchmarks/results/calibration_lodo/lr-0.5/profile-smollm2-135m-bos.json",     # test_output_preflight
+    "benchmarks/results/eval/default-profile-lr0.5-2t-signflip.json",               # test_lmeval_padding_and_items
+    "benchmarks/results/calibration_step/step-smollm2-135m-bos-2t.json",            # test_benchmark_scripts
+)
 KERNEL_MODULES = ("masks", "attention_common", "attention_prefill", "attention_decode", "column_mass", "residual_clip")
 
 # Run one interpreted kernel against the fp64 reference formula, written out here so the check
@@ -167,15 +175,41 @@ def test_sdist_carries_what_its_tests_need(distributions, tmp_path):
         names = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile() and "/" in m.name}
     for needed in ("LICENSE", "Makefile", "README.md", "MANIFEST.in", "tests/__init__.py", "tests/conftest.py",
                    "tests/helpers/__init__.py", "tests/helpers/tp_worker.py", "tests/kernels/conftest.py",
-                   "docs/formulas.md", "benchmarks/kernel_audit.py", "benchmarks/gpu_check.sh",
-                   "benchmarks/results/monitor/overhead-interval-1t-120prefills.json"):
+                   "docs/formulas.md", "benchmarks/kernel_audit.py", "benchmarks/gpu_check.sh", *STORED_RESULTS_TESTS_READ):
         assert needed in names, needed
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    assert sum(n.startswith("benchmarks/results/") for n in names) == 1  # the other results (5 MB) stay out
+    # the other results (5.7 MB) stay out
+    assert sorted(n for n in names if n.startswith("benchmarks/results/")) == sorted(STORED_RESULTS_TESTS_READ)
     assert "Apache License" in (tmp_path / sdist.name.removesuffix(".tar.gz") / "LICENSE").read_text()[:200]
     unpacked = tmp_path / sdist.name.removesuffix(".tar.gz")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_policy.py"],
+    # This environment's editable install maps sinkfix.kernels to the checkout's kernels/ whatever the
+    # working directory: without this finder the sdist's tests ran with the checkout's kernels, and passed
+    # with kernels/ missing from the sdist.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import importlib.abc, importlib.util, os, sys
+        ROOT = {str(unpacked / "kernels")!r}
+        class SdistKernels(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "sinkfix.kernels" and not name.startswith("sinkfix.kernels."):
+                    return None
+                base = os.path.join(ROOT, *name.split(".")[2:])
+                if os.path.isdir(base):
+                    return importlib.util.spec_from_file_location(
+                        name, os.path.join(base, "__init__.py"), submodule_search_locations=[base])
+                return importlib.util.spec_from_file_location(name, base + ".py") if os.path.exists(base + ".py") \\
+                    else None
+        sys.meta_path.insert(0, SdistKernels())
+    """))
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(shim)}
+    where = subprocess.run([sys.executable, "-c", "import sinkfix, sinkfix.kernels.attention_prefill as a; "
+                            "print(sinkfix.__file__); print(a.__file__)"],
+                           cwd=unpacked, capture_output=True, text=True, env=env, timeout=300)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert all(Path(line).is_relative_to(unpacked) for line in where.stdout.split()), where.stdout
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_policy.py",
+                           "tests/test_output_preflight.py", "-k", "policy or monitor-ranges"],
                           cwd=unpacked, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and " passed" in done.stdout, (done.stdout + done.stderr)[-3000:]
 

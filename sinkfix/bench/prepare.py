@@ -138,11 +138,11 @@ def _set_baseline(model, baseline: str) -> None:
         raise SinkfixError(f"--baseline {baseline} is not available for this model: {exc}") from None
 
 
-def _resolve_backend(name: str, device: torch.device) -> str:
+def _resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None) -> str:
     from sinkfix.ops.attention import resolve_backend
 
     try:
-        return resolve_backend(name, device)
+        return resolve_backend(name, device, dtype)
     except (RuntimeError, AttributeError, ImportError) as exc:
         raise SinkfixError(f"--backend {name}: {exc}") from None
 
@@ -166,7 +166,7 @@ def prepare_model(
     limit = check_positions(config.seq_len, model.config, "--seq-len", config.model, SinkfixError)
     prompt_len = _prompt_len(config, limit)
     _set_baseline(model, config.baseline)
-    backend = _resolve_backend(config.backend, device)
+    backend = _resolve_backend(config.backend, device, getattr(model, "dtype", None))
     for variant in variants[1:]:  # fail fast: a profile for another model, a policy of the wrong shape
         with variant.applied(model, backend):
             pass

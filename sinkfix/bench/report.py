@@ -220,7 +220,7 @@ def write_plots(out_dir: str | Path, results: dict[str, Any],
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], ["plots skipped: matplotlib is not installed (pip install matplotlib)"
+        return [], ["plots skipped: matplotlib is not installed (pip install 'sinkfix[plots]')"
                     + _remove_stale(out, PLOT_FILES)]
     figures = _Figures(plt, out, written)
     notes: list[str] = []

@@ -233,6 +233,7 @@ def measure_memory(setup: Setup, prompts: Prompts, config: BenchConfig, progress
             f"memory: process resident-set peak above the pre-call baseline ({method}), one "
             f"{config.batch}x{config.seq_len} prefill, measured in-process after gc + malloc_trim"
             + (" with glibc's mmap threshold pinned" if pinned else "")
-            + "; benchmarks/bench_patch_overhead.py measures each configuration in a fresh process"
+            + "; benchmarks/bench_patch_overhead.py (source distribution) measures each configuration in a fresh "
+            "process"
         )
     return MemoryResult(peaks, note)

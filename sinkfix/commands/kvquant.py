@@ -131,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
 
     widths = _check(args)
     if args.out:
-        from sinkfix.files import check_writable
+        from sinkfix.files import check_out_is_no_input, check_writable
 
         check_writable(args.out)  # before the measurements, not after them
+        # `--text t.txt --out t.txt` replaced the text it had just measured with the result, exit status 0
+        check_out_is_no_input(args.out, [(f"the text {text} (--text)", text) for text in args.text or ()],
+                              "the result")
     KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
     texts = default_texts(args.text)
     set_threads(args.threads)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sinkfix.errors import SinkfixError
 from sinkfix.lmeval.builtin import TASKS_DIR
 
 
@@ -60,7 +61,11 @@ def _register_builtin_tasks() -> None:
 
 
 def main() -> None:
-    import sinkfix.lmeval.model  # noqa: F401 - registers the "sinkfix" model type
+    try:
+        import sinkfix.lmeval.model  # noqa: F401 - registers the "sinkfix" model type
+    except SinkfixError as exc:  # lm-eval not installed: its one-line hint, as `sinkfix eval` prints it
+        print(f"python -m sinkfix.lmeval: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     _register_builtin_tasks()
     from lm_eval.__main__ import cli_evaluate

@@ -160,7 +160,10 @@ def export_tasks(folder: str | Path) -> list[Path]:
 
     The folder then works as ``--include-path`` of ``sinkfix eval`` or of lm-eval itself (tasks
     ``sinkfix_prose_jsonl``, ``sinkfix_code_jsonl``, ``sinkfix_cloze_jsonl``, tag ``sinkfix_jsonl``),
-    on this machine or, copied, on another one, and is a template for tasks on local data.
+    and is a template for tasks on local data. The task files name their data files by absolute path
+    (``datasets`` reads a relative ``data_files`` path from the working directory, not from the task
+    file): the folder works where it was written; on another machine, or moved, export it again there
+    (a copy reads the original's data while that exists, and fails once it does not).
     """
     target = Path(folder).resolve()
     # every file checked before the first is written: a folder standing where the third goes left the

@@ -3,13 +3,12 @@ so that bad arguments fail before lm-eval's imports (several seconds) are paid."
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from sinkfix.errors import UsageError
-from sinkfix.files import same_file
+from sinkfix.files import check_out_is_no_input
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
 from sinkfix.models import DEFAULT_MODEL, pick_device
@@ -137,15 +136,3 @@ def _model_reads(relative: Path) -> bool:
     name = relative.name
     return name in _MODEL_FILES or name.endswith(_MODEL_SUFFIXES)
 
-
-def check_out_is_no_input(out: str | os.PathLike[str] | None,
-                          inputs: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
-    """Refuse an ``--out`` that names one of the run's own inputs (``inputs``: what it is, its path),
-    compared by :func:`sinkfix.files.same_file` (device and inode: any spelling of the path, a
-    symbolic or hard link). The report replaced the input silently: ``--profile p.json --out p.json`` lost a
-    profile that takes 9-13 minutes to calibrate, ``--out`` on a task's data file lost the task."""
-    if not out:
-        return
-    for what, path in inputs:
-        if same_file(out, path):  # an --out not there (yet) is no input
-            raise UsageError(f"--out {out} is {what}: the report would replace it; write the report to another file")

@@ -529,14 +529,18 @@ def _warn_once(message: str) -> None:
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a requested backend to the one that will run on ``device``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map a requested backend to the one that will run on ``device`` for tensors of ``dtype`` (None:
+    not known yet, as for a per-call "auto"). The kernels take fp16, bf16 and fp32: with a float64
+    model "auto" runs the PyTorch path and "triton" is refused here, at ``patch()``, not in the
+    middle of the first forward pass with a batch of more than one row."""
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return "torch"
     from sinkfix import kernels
+    from sinkfix.kernels.arguments import KERNEL_DTYPES
 
     usable = kernels.triton_available() and (device.type == "cuda" or interpreter)
     if backend == "triton":
@@ -546,8 +550,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "'sinkfix[triton]') and a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter); use "
                 "backend='torch' or 'auto' on this machine"
             )
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            raise BackendUnavailableError(
+                f"backend='triton' runs float16, bfloat16 and float32 models, this one is {dtype}; use "
+                "backend='torch' (or 'auto', which picks it for this model)")
         return "triton"
-    return "triton" if usable and device.type == "cuda" else "torch"
+    return "triton" if usable and device.type == "cuda" and dtype in (None, *KERNEL_DTYPES) else "torch"
 
 
 def fold_key_padding(attn_mask: torch.Tensor | None, key_padding: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,5 +1,5 @@
-"""Profiles and `sinkfix monitor report`: the defects two black-box reviews found (calibration and
-profiles; live telemetry), each pinned by a test that failed before its fix."""
+"""Profiles, `sinkfix monitor report`, `sinkfix stream`, the Triton backend's dtypes and residual-clip
+messages: the defects black-box reviews found, each pinned by a test that failed before its fix."""
 
 from __future__ import annotations
 
@@ -157,3 +157,70 @@ def test_stream_length_refusal_names_the_minimum_it_accepts():
     with pytest.raises(UsageError, match=r"needs at least 1282 \(the first token"):
         check_stream_arguments(1281, 4, 252, 32, 1024, 64)
     check_stream_arguments(1282, 4, 252, 32, 1024, 64)
+
+
+# -- the Triton backend takes fp16 / bf16 / fp32: a float64 model is refused at patch(), not mid-forward --
+def test_triton_backend_refuses_a_float64_model_at_patch(monkeypatch):
+    pytest.importorskip("triton")
+    import sinkfix
+    from sinkfix.errors import BackendUnavailableError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_model("llama").double()
+    with pytest.raises(BackendUnavailableError, match=r"runs float16, bfloat16 and float32 models, this one is "
+                                                       r"torch\.float64; use backend='torch'"):
+        sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5), backend="triton")
+    assert sinkfix.PatchHandle.of(model) is None  # left as it was found
+    model(torch.randint(3, 90, (2, 6)))  # stock, no kernel met
+
+
+def test_auto_backend_picks_the_torch_path_for_a_float64_model(monkeypatch):
+    pytest.importorskip("triton")
+    from sinkfix.ops.attention import resolve_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton counts as usable without a GPU
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU is needed to resolve
+    assert resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert resolve_backend("auto", cuda, None) == resolve_backend("auto", cuda, torch.float32) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+
+
+# -- residual clip: what inf means differs between a threshold and a sink norm ---------------------------
+def test_a_bad_sink_norm_is_told_what_inf_means_for_it():
+    from sinkfix.errors import PolicyError
+    from sinkfix.policy import ResidualClip
+
+    with pytest.raises(PolicyError, match=r"residual_clip\.sink_norm must be > 0 \(inf leaves a layer's sinks "
+                                          r"unclipped\)"):
+        ResidualClip(4.0, sink_norm=0.0)
+    with pytest.raises(PolicyError, match=r"residual_clip\.threshold must be > 0 \(inf disables a layer\)"):
+        ResidualClip(-1.0)
+
+
+# -- `sinkfix kvquant --out`: never its own --text -------------------------------------------------------
+def test_kvquant_refuses_to_write_its_result_over_its_text(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    spelled_otherwise = tmp_path / "sub" / ".." / "t.txt"
+    (tmp_path / "sub").mkdir()
+    rc = cli.main(["kvquant", "--text", str(text), "--out", str(spelled_otherwise), "--seq-len", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "is the text" in err and "(--text)" in err, err
+    assert text.read_text() == "the cat sat on the mat. " * 40  # was replaced by the JSON result, exit status 0
+
+
+# -- `python -m sinkfix.lmeval` without lm-eval: the one-line hint, as `sinkfix eval` gives it ------------
+def test_python_m_sinkfix_lmeval_without_lm_eval_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from sinkfix.lmeval.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval.api.registry", None)  # importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "sinkfix.lmeval.model", raising=False)
+    with pytest.raises(SystemExit) as ended:
+        main()  # an 11-line traceback before
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("python -m sinkfix.lmeval: error: downstream evaluation needs lm-evaluation-harness: "
+                          "pip install 'sinkfix[eval]'"), err
