@@ -224,3 +224,30 @@ def test_python_m_sinkfix_lmeval_without_lm_eval_says_what_to_install(monkeypatc
     assert ended.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("python -m sinkfix.lmeval: error: downstream evaluation needs lm-evaluation-harness: "
                           "pip install 'sinkfix[eval]'"), err
+
+
+# -- paths and names with brackets are printed as written, on one line -----------------------------------
+def test_commands_print_bracketed_names_as_written_and_unwrapped(loaded_tiny, tmp_path, capsys):
+    """`[/x]` in a path is a closing tag rich cannot match: `inspect --out out[/x]` and `monitor run
+    --out l[/x].jsonl` raised rich's MarkupError after their work was done. And a path longer than 80
+    columns was cut in two where the output is not a terminal."""
+    deep = tmp_path / ("d" * 90) / "out[" / "x]"  # the path holds "[/x]"
+    text = tmp_path / "t[" / "x].txt"
+    text.parent.mkdir()
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 30)
+    assert cli.main(["inspect", "--text", str(text), "--out", str(deep), "--no-figures", "--seq-len", "64",
+                     "--max-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {deep / 'report.json'}\n" in out, out[-600:]
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "abc def", "domain": "a[/b]"}\n{"prompt": "ghi jkl", "domain": "[i]"}\n')
+    log = tmp_path / ("e" * 90) / "l[" / "x].jsonl"
+    log.parent.mkdir(parents=True)
+    assert cli.main(["monitor", "run", "--model", "m[/x]", "--requests", str(requests), "--out", str(log),
+                     "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"appended 2 records to {log}\n" in out and "loading m[/x] ..." in out, out[-600:]
+    assert "a[/b]" in out and "[i]" in out  # the summary table's domains: "[i]" was read as italic, and vanished
+    assert cli.main(["monitor", "report", str(log), "--out", str(deep / "report"), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {deep / 'report' / 'report.json'}\n" in out and "a[/b]" in out and "[i]" in out, out

@@ -17,6 +17,12 @@ SUMMARIES: dict[str, str] = {
     "kvquant": "KV-cache quantization: full vs quantized vs sink-protected perplexity",
 }
 
+#: rich's ``print`` arguments for a line that names written files: no markup (a folder named
+#: ``out[/x]`` raised rich's MarkupError after the work was done), no highlighting, and no wrapping at
+#: the console's width (80 columns when the output is not a terminal: a long path was cut in two
+#: and could not be copied from a log).
+PATH_LINE = {"markup": False, "highlight": False, "soft_wrap": True}
+
 #: Rows of a printed table of heads active on one domain and dormant on another (`inspect`,
 #: `monitor report`); their report.json holds every one.
 MAX_FLIPS_PRINTED = 30

@@ -15,7 +15,7 @@ import shutil
 import sys
 from typing import Callable, Iterator
 
-from sinkfix.commands import StoreOnce, SUMMARIES
+from sinkfix.commands import PATH_LINE, StoreOnce, SUMMARIES
 from sinkfix.errors import OutputError
 from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig
 from sinkfix.bench.runner import run_bench
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
         if out is not None:
             try:
-                out.print("wrote " + ", ".join(str(f) for f in files), markup=False, highlight=False)
+                out.print("wrote " + ", ".join(str(f) for f in files), **PATH_LINE)
             except BrokenPipeError:
                 printed = _to_null_device()
     if printed is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from sinkfix.commands import SUMMARIES, set_threads
+from sinkfix.commands import PATH_LINE, SUMMARIES, set_threads
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, NOT_SCORED_REASONS, SCORE_DESCRIPTIONS, SELECTION_RULES
 from sinkfix.commands.inspect import add_common_arguments, describe_texts, texts_from_args
 
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(_fits_table(record, f"{profile.model.describe()}: {windows}"))
         console.print(_pooled_table(record))
-    console.print(f"{profile.describe()}\n{record['seconds']} s; wrote {path}", markup=False)
+    console.print(f"{profile.describe()}\n{record['seconds']} s; wrote {path}", **PATH_LINE)
     if args.evaluate:
         _evaluate(console, model, tokenizer, fits, profile, texts, args)
     return 0

@@ -16,7 +16,7 @@ import shutil
 import sys
 from typing import Iterator
 
-from sinkfix.commands import StoreOnce, SUMMARIES
+from sinkfix.commands import PATH_LINE, StoreOnce, SUMMARIES
 from sinkfix.errors import EvaluationError
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.config import DEFAULT_POLICY, EvalConfig
@@ -121,14 +121,16 @@ def _import_lmeval():
 
 
 def _stage_log(console):
-    return lambda message: console.print(f"[dim]{message}[/dim]", highlight=False)
+    from rich.markup import escape  # a model folder named "m[/x]" raised rich's MarkupError
+
+    return lambda message: console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
 
 def _export(folder: str, console) -> int:
     from sinkfix.lmeval.builtin import export_tasks
 
     for path in export_tasks(folder):
-        console.print(f"wrote {path}", markup=False, highlight=False)
+        console.print(f"wrote {path}", **PATH_LINE)
     return 0
 
 

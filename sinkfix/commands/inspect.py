@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, StoreOnce, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -117,15 +117,18 @@ def print_report(report, console=None, out=None) -> None:
     from pathlib import Path
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
+    # names, tokens and the model's name as written: a token "[i]" of Python code was read as rich's
+    # italic tag and vanished from its cell, a folder "m[/x]" raised MarkupError
     names = list(report.domains)
     overall = report.overall
     p = report.protocol
-    table = Table(title=f"{report.model.get('name')} ({report.model.get('architecture')}): "
-                        f"{'BOS + ' if p['bos'] else 'no BOS, '}{p['seq_len']}-token windows, {overall.tokens} tokens, "
-                        f"policy {p['policy']}", title_justify="left")
+    table = Table(title=escape(f"{report.model.get('name')} ({report.model.get('architecture')}): "
+                               f"{'BOS + ' if p['bos'] else 'no BOS, '}{p['seq_len']}-token windows, "
+                               f"{overall.tokens} tokens, policy {p['policy']}"), title_justify="left")
     table.add_column("layer", justify="right")
     table.add_column("sink share\nmean / max", justify="right")
     table.add_column("hidden\nsinks/seq", justify="right")
@@ -134,11 +137,11 @@ def print_report(report, console=None, out=None) -> None:
     table.add_column("resid.\npeak x", justify="right")
     table.add_column("peak at", overflow="fold", max_width=18)
     for name in names:
-        table.add_column(f"dormant\n{name}", justify="right")
+        table.add_column(f"dormant\n{escape(name)}", justify="right")
     for layer in range(overall.num_layers):
         share = overall.sink_share[layer]
         hidden = "-" if overall.hidden_sink_rate is None else _fmt(float(overall.hidden_sink_rate[layer].nanmean()), 1)
-        tokens = ", ".join(_short(report.token(t)) for t in list(overall.hidden_sink_tokens[layer])[:3]) \
+        tokens = escape(", ".join(_short(report.token(t)) for t in list(overall.hidden_sink_tokens[layer])[:3])) \
             if layer < len(overall.hidden_sink_tokens) else ""
         drain = overall.value_drain[layer]
         pos = overall.peak_positions[layer]
@@ -146,7 +149,7 @@ def print_report(report, console=None, out=None) -> None:
         row = [
             str(layer), f"{_fmt(float(share.nanmean()))} / {_fmt(_max(share))}", hidden, tokens,
             _fmt(_min(drain)), _fmt(float(overall.residual_peak[layer]), 1),
-            f"{pos} {_short(report.token(tok))}" if pos >= 0 else "-",
+            escape(f"{pos} {_short(report.token(tok))}") if pos >= 0 else "-",
         ]
         for name in names:
             dormancy = report.domains[name].dormancy
@@ -166,11 +169,12 @@ def print_report(report, console=None, out=None) -> None:
         flips.add_column("layer", justify="right")
         flips.add_column("head", justify="right")
         for name in names:
-            flips.add_column(f"dormancy {name}", justify="right")
+            flips.add_column(f"dormancy {escape(name)}", justify="right")
         flips.add_column("dormant on")
         for flip in report.flips[:MAX_FLIPS_PRINTED]:
             flips.add_row(str(flip["layer"]), str(flip["head"]),
-                          *[_fmt(flip["scores"].get(n, float("nan")), 3) for n in names], ", ".join(flip["dormant_on"]))
+                          *[_fmt(flip["scores"].get(n, float("nan")), 3) for n in names],
+                          escape(", ".join(flip["dormant_on"])))
         console.print(flips if report.flips else "no head changes state between domains")
         if len(report.flips) > MAX_FLIPS_PRINTED:
             # the table is cut (as monitor report's is): said, and where the rest is; a 64-flip report
@@ -230,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         for name in FIGURE_NAMES if len(texts) > 1 else [n for n in FIGURE_NAMES if n != "domain_flips.png"]:
             check_writable(out / name)
         check_matplotlib()  # matplotlib missing: said now, not after every measurement
-    console.print(f"loading {args.model} ...")
+    console.print(f"loading {args.model} ...", **PATH_LINE)
     model, tokenizer = sinkfix.load_model(args.model)
     # the model's position limit is known only now; the longest window is --seq-len tokens, or the
     # BOS and --max-tokens text tokens where that is shorter
@@ -247,12 +251,12 @@ def run(args: argparse.Namespace) -> int:
             handle.remove()
     print_report(report, console, out)
     path = report.save_json(out / "report.json")
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", **PATH_LINE)
     from sinkfix.analysis.plots import remove_stale_figures, write_figures
 
     written = [] if args.no_figures else write_figures(report, out)
     for figure in written:
-        console.print(f"wrote {figure}")
+        console.print(f"wrote {figure}", **PATH_LINE)
     for figure in remove_stale_figures(out, written):
-        console.print(f"removed {figure} (an earlier run's figure; this run did not draw it)")
+        console.print(f"removed {figure} (an earlier run's figure; this run did not draw it)", **PATH_LINE)
     return 0

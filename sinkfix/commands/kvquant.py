@@ -173,6 +173,7 @@ SMALL_PPL_LOSS = 1e-3
 
 
 def _print_table(result: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from sinkfix.commands.inspect import wide_console
@@ -182,7 +183,7 @@ def _print_table(result: dict) -> None:
     title = (f"{p['model']}: {', '.join(p['texts'])}, {p['sequences_per_text']} x {p['seq_len']} tokens each, "
              f"{'BOS' if p['bos'] else 'no BOS'}, {p['backend']}, {residual}, "
              f"{p['n_sink']} sinks protected")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")  # the model's and the texts' names as written
     hidden = p.get("hidden_sinks")
     names = ["quantized", "sink_protected"] + (["hidden_protected"] if hidden else [])
     columns = ["bits", "full ppl"] + [f"{n} ppl" for n in names] + [f"KL {n}" for n in names]

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, StoreOnce, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import MonitorError
 
 #: The figure of `sinkfix monitor report --out DIR`.
@@ -228,7 +228,7 @@ def _run_run(args: argparse.Namespace) -> int:
     guard_margin = DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin
     if args.guard:  # its statistics and margin, likewise (built again, against the model, by the monitor)
         Guard.from_profile(correction, margin=guard_margin)
-    console.print(f"{len(requests)} requests from {args.requests}; loading {args.model} ...")
+    console.print(f"{len(requests)} requests from {args.requests}; loading {args.model} ...", **PATH_LINE)
     model, tokenizer = sinkfix.load_model(args.model)
     handle = sinkfix.patch(model, correction)
     guard = correction if args.guard else None
@@ -236,7 +236,7 @@ def _run_run(args: argparse.Namespace) -> int:
                               guard_margin=args.guard_margin, sample_rows=sample_rows)
     try:
         if monitor.prometheus_url:
-            console.print(f"Prometheus metrics on {monitor.prometheus_url}")
+            console.print(f"Prometheus metrics on {monitor.prometheus_url}", **PATH_LINE)
         records = []
         monitor.callback = records.append
         _serve(monitor, model, tokenizer, requests, args)
@@ -252,7 +252,7 @@ def _run_run(args: argparse.Namespace) -> int:
         reason = " ".join(str(monitor.last_log_error).split())  # one line
         raise MonitorError(f"appended {written} of {written + failed} records to {args.out}; {failed} could not be "
                            f"written (the last because: {reason})")
-    console.print(f"appended {written} records to {args.out}")
+    console.print(f"appended {written} records to {args.out}", **PATH_LINE)
     return 0
 
 
@@ -278,16 +278,18 @@ def _peak_cell(peak) -> str:
 
 
 def _print_summary(report, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"telemetry by domain: {', '.join(report.models)}", title_justify="left")
+    # domain labels and model names as written ("a[/b]" raised rich's MarkupError after the run)
+    table = Table(title=escape(f"telemetry by domain: {', '.join(report.models)}"), title_justify="left")
     for column in ("domain", "requests", "tokens", "sink share\nmean / max head", "dormant heads\nper request",
                    "hidden sinks\nper request", "residual peak\nmax layer", "prompts outside\nguard ranges",
                    "served without\nthe correction"):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for name, d in report.domains.items():
         share = d.sink_share
-        table.add_row(name, str(d.requests), str(d.tokens),
+        table.add_row(escape(name), str(d.requests), str(d.tokens),
                       f"{_fmt(float(share.nanmean()))} / {_fmt(_nanmax(share))}",
                       _fmt(d.dormant_heads, 1), _fmt(float(d.hidden_sinks.sum()), 1),
                       _peak_cell(d.residual_peak), str(d.guard_trips), str(d.served_without_correction))
@@ -295,14 +297,15 @@ def _print_summary(report, console) -> None:
 
 
 def _print_layers(report, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     names = list(report.domains)
     table = Table(title="per layer: mean sink share / dormant heads", title_justify="left")
     table.add_column("layer", justify="right")
     for name in names:
-        table.add_column(f"sink share\n{name}", justify="right")
-        table.add_column(f"dormant\n{name}", justify="right")
+        table.add_column(f"sink share\n{escape(name)}", justify="right")
+        table.add_column(f"dormant\n{escape(name)}", justify="right")
     layers = next(iter(report.domains.values())).sink_share.shape[0]
     for layer in range(layers):
         row = [str(layer)]
@@ -316,6 +319,7 @@ def _print_layers(report, console) -> None:
 
 
 def _print_flips(report, console, out: str | None = None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     if len(report.domains) < 2:
@@ -327,11 +331,11 @@ def _print_flips(report, console, out: str | None = None) -> None:
     names = list(report.domains)
     table = Table(title=f"heads active on one domain and dormant on another (margin {report.margin})",
                   title_justify="left")
-    for column in ("layer", "head", *[f"dormancy\n{n}" for n in names], "dormant on", "active on"):
+    for column in ("layer", "head", *[f"dormancy\n{escape(n)}" for n in names], "dormant on", "active on"):
         table.add_column(column)
     for flip in report.flips[:MAX_FLIPS_PRINTED]:
         table.add_row(str(flip["layer"]), str(flip["head"]), *[_fmt(flip["scores"].get(n, float("nan"))) for n in names],
-                      ", ".join(flip["dormant_on"]), ", ".join(flip["active_on"]))
+                      escape(", ".join(flip["dormant_on"])), escape(", ".join(flip["active_on"])))
     console.print(table)
     if len(report.flips) > MAX_FLIPS_PRINTED:  # the table is cut: say so, and where the rest is
         where = (f"all of them are in {Path(out) / 'report.json'}" if out
@@ -369,9 +373,10 @@ def _run_report(args: argparse.Namespace) -> int:
         from sinkfix.files import atomic_write_text
 
         out = Path(args.out)
-        console.print(f"wrote {atomic_write_text(out / 'report.json', json.dumps(report.to_dict(), indent=1))}")
+        console.print(f"wrote {atomic_write_text(out / 'report.json', json.dumps(report.to_dict(), indent=1))}",
+                      **PATH_LINE)
         if not args.no_figures:
-            console.print(f"wrote {write_figure(report, out / FIGURE_NAME)}")
+            console.print(f"wrote {write_figure(report, out / FIGURE_NAME)}", **PATH_LINE)
         else:  # an earlier run's figure beside this report.json would read as this run's
             from sinkfix.files import remove_unwritten
 

@@ -283,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(summary: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from sinkfix.analysis.streaming import recompute_positions
@@ -308,7 +309,7 @@ def _print_table(summary: dict) -> None:
             title += (f"; {p['sliding_layers']} of {p['layers']} layers are sliding-window layers whose own window "
                       f"({p['sliding_layer_tokens']} kept tokens + the query) fits in the recomputation's {context}: "
                       "there every variant sees the same tokens")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")  # the model's and the text's names as written
     for column in ("variant", "ppl", "scored", "first seg", "last seg", "last/first", "ppl on recompute positions",
                    "vs recompute", "ms/tok first/last", "CPU ms/tok first/last", "peak RSS MiB first/last",
                    "cache MiB"):
