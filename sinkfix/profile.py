@@ -39,10 +39,11 @@ sinks"). Positional profiles are still written as version 3, so older readers ke
 a file of version 1 to 3 that names a content mode is refused (it cannot have been written by a
 sinkfix that had one), as is a version-4 file that does not (no sinkfix writes one). A policy of
 version 2 or later without ``"virtual_logit_on_sink_rows"`` is refused, not given a default, as is a
-version-1 policy with virtual logits where it is not true or a file of version 1 or 2 with ``"domains"`` other than null
-(the versions' writers never wrote them; read as the version's meaning, they were ignored); and so
-is, at every version, a policy or ``"domains"`` entry without ``"virtual_sink_logit"`` (every writer writes it, null
-without virtual logits) or with a key this format does not have.
+version-1 policy with virtual logits where it is not true, or a file of version 1 or 2 with
+``"domains"`` other than null (the versions' writers never wrote them; read with the version's
+meaning, the file's values were ignored); and so is, at every version, a policy or ``"domains"``
+entry without ``"virtual_sink_logit"`` (every writer writes it, null without virtual logits) or with
+a key this format does not have.
 
 ``"fingerprint_dtype"`` and ``"cast_fingerprints"`` (optional at any version; files written before
 them lack both) make a profile fitted in one precision fit the same model in another: the

@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "next-token NLL of calibration text (model weights frozen), with held-out validation windows and "
                     "early stopping, and save the result as a versioned JSON profile for `sinkfix.patch`. By default "
                     "each domain is fitted on its own and the fits are combined so that no domain is traded for "
-                    "another, chosen by leave-one-domain-out on the validation windows (docs/calibration.md in the source distribution).",
+                    "another, chosen by leave-one-domain-out on the validation windows (docs/calibration.md in "
+                    "the source distribution).",
     )
     add_common_arguments(parser, default_max_tokens=8192, split="calib")
     parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json; a local model folder by its own name)")
@@ -585,8 +586,8 @@ def _hidden_settings(args: argparse.Namespace):
         raise UsageError(f"--sinks {args.sinks} uses the domain-robust rule only; drop --rule {args.rule}")
     if args.evaluate:
         raise UsageError(f"--evaluate is not implemented for --sinks {args.sinks}; the leave-one-domain-out table of "
-                         "hidden and combined profiles is made by benchmarks/content_lodo.py (in the source distribution, "
-                         "not installed with the package)")
+                         "hidden and combined profiles is made by benchmarks/content_lodo.py (in the source "
+                         "distribution, not installed with the package)")
     return HiddenSettings(threshold=args.hidden_threshold, steps=args.hidden_steps, lr=args.hidden_lr,
                           init_beta=args.hidden_init_beta)
 

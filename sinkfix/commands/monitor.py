@@ -25,10 +25,10 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "monitor", help=SUMMARIES["monitor"],
-        description="Telemetry of a patched model serving requests (docs/monitoring.md in the source distribution): `run` replays a request "
-                    "file with generation and writes a JSON-lines log, `report` summarises a log by domain, "
-                    "`ranges` adds calibration statistics (for the guard) to a profile, `requests` writes the "
-                    "built-in request set.")
+        description="Telemetry of a patched model serving requests (docs/monitoring.md in the source "
+                    "distribution): `run` replays a request file with generation and writes a JSON-lines log, "
+                    "`report` summarises a log by domain, `ranges` adds calibration statistics (for the guard) "
+                    "to a profile, `requests` writes the built-in request set.")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     _add_run(sub)
     _add_report(sub)

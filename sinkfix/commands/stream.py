@@ -223,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
         # variants. A content part that corrects no head (calibrate writes one when the identity or the
         # positional rule wins) patches the positional path alone and streams as such.
         raise UsageError(f"--profile {args.profile} is a content-mode profile: content-dependent sinks cannot follow a "
-                         "SinkCache that has evicted tokens (docs/content_sinks.md in the source distribution), and a stream always evicts; "
-                         "use a positional profile")
+                         "SinkCache that has evicted tokens (docs/content_sinks.md in the source distribution), "
+                         "and a stream always evicts; use a positional profile")
     set_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"text: {source}; loading {args.model} ...")

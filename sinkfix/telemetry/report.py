@@ -95,7 +95,7 @@ def _field_problem(record: dict) -> str | None:
     domain = record["domain"]
     if domain is not None and not isinstance(domain, str):
         return f"\"domain\" must be a string or null, got {domain!r}"
-    try:  # a label the monitor refuses ("", "(none)", " code") would be reported as a domain of its own
+    try:  # a label the monitor refuses ("", "none", " code") was reported as a domain of its own
         check_domain_label(domain)
     except MonitorError as exc:
         return f"\"domain\": {exc}"
