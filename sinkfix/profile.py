@@ -63,6 +63,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,22 +405,19 @@ def _check_calibration_record(record: Any) -> None:
                                    f"{_json_text(selection[key])}")
 
 
-#: Window-protocol fields that `sinkfix monitor ranges` measures with, when a profile records them:
-#: key -> whether null is allowed (max_tokens null = every token).
-_WINDOW_COUNTS = {"seq_len": False, "max_tokens": True, "windows_per_text": False}
+#: Window-protocol fields that `sinkfix monitor ranges` measures with, when a profile records them.
+_WINDOW_COUNTS = ("seq_len", "max_tokens", "windows_per_text")
 
 
 def _check_window_counts(protocol: dict, where: str) -> None:
-    """Each recorded window count an integer >= 1 (max_tokens also null): `monitor ranges` measures with
-    them, and a string there was a TypeError traceback, a windows_per_text of -1 a slice that silently
-    left each text's last window out."""
-    for key, nullable in _WINDOW_COUNTS.items():
-        if key not in protocol or (nullable and protocol[key] is None):
-            continue
-        value = protocol[key]
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ProfileError(f"profile {where}.{key} must be an integer >= 1{' or null' if nullable else ''}, "
-                               f"got {_json_text(value)}")
+    """Each recorded window count an integer >= 1 (numpy's too: ``calibrate`` takes them) or null (not
+    recorded; max_tokens: every token): `monitor ranges` measures with them, and a string there was a
+    TypeError traceback, a windows_per_text of -1 a slice that silently left each text's last window out."""
+    for key in _WINDOW_COUNTS:
+        value = protocol.get(key)
+        if value is not None and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                                      and value >= 1):
+            raise ProfileError(f"profile {where}.{key} must be an integer >= 1 or null, got {_json_text(value)}")
 
 
 def _has_bool(value: Any) -> bool:

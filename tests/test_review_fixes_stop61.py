@@ -51,7 +51,7 @@ def test_a_well_formed_protocol_loads(tmp_path):
     ("statistics.protocol", "windows_per_text", "2"),
     ("statistics.protocol", "windows_per_text", 0),
     ("statistics.protocol", "windows_per_text", -1),  # measured each text's first 15 of 16 windows, unsaid
-    ("statistics.protocol", "seq_len", None),
+    ("statistics.protocol", "seq_len", 2.5),
 ])
 def test_window_counts_a_profile_records_are_checked(tmp_path, where, key, value):
     data = _profile_dict()
@@ -61,6 +61,21 @@ def test_window_counts_a_profile_records_are_checked(tmp_path, where, key, value
     entry[key] = value
     with pytest.raises(ProfileError, match=re.escape(f"{where}.{key} must be an integer >= 1")):
         _load(tmp_path, data)
+
+
+def test_numpy_counts_and_nulls_are_recorded_protocols_not_errors(tmp_path):
+    """Guards against over-refusal: ``calibrate`` takes numpy integers (the check raised at the end of the
+    fit and the profile was lost), and a protocol made in code may leave a count null (not recorded)."""
+    import numpy as np
+
+    data = _profile_dict()
+    data["statistics"]["protocol"].update(windows_per_text=None, seq_len=None)
+    assert _load(tmp_path, data).statistics.protocol["windows_per_text"] is None
+    model = tiny_model("llama")
+    beta = torch.full((2, 4), 0.9, dtype=torch.float64)
+    profile = Profile(ModelIdentity.of(model), beta, calibration={"protocol": {"seq_len": np.int64(48)},
+                                                                  "hyper": {"max_tokens": np.int32(512)}})
+    assert profile.calibration["protocol"]["seq_len"] == 48
 
 
 def test_monitor_ranges_refuses_such_a_profile_in_one_line(tmp_path, capsys):
@@ -121,7 +136,7 @@ def _report(capsys, tmp_path, *records: dict) -> tuple[int, str]:
 
 @pytest.mark.parametrize("change, message", [
     # a dormancy of 2 made every head dormant: 133 heads "flipped" between domains on SmolLM2's shape
-    ({"dormancy": [[0.1, 0.1], [0.1, 2.0]]}, r"\"dormancy\" must lie in \[0, 1\] .*got 2.0 at layer 1, head 1"),
+    ({"dormancy": [[0.1, 0.1], [0.1, 2.5]]}, r"\"dormancy\" must lie in \[0, 1\] .*got 2.5 at layer 1, head 1"),
     ({"dormancy": [[-3.0, 0.1], [0.1, 0.1]]}, r"\"dormancy\" must lie in \[0, 1\] .*got -3.0 at layer 0, head 0"),
     ({"residual_peak": [2.0, -5.0]}, r"\"residual_peak\" must be a list of one number >= 0"),  # was averaged in
     ({"domain": ""}, r"the domain '' is empty"),  # reported as a domain named ""
@@ -133,6 +148,16 @@ def test_report_refuses_values_no_monitor_writes(capsys, tmp_path, change, messa
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "line 2: " in err and re.search(message, err), err
     assert not (tmp_path / "report").exists()
+
+
+def test_report_reads_an_unclamped_dormancy_estimate_as_one(capsys, tmp_path):
+    """Monitors before this fix logged a long prompt's dormancy estimate unclamped (1.0034 where every
+    row is exactly 1): such a log is reported, the value read as 1, not refused."""
+    rc, err = _report(capsys, tmp_path, _record(dormancy=[[0.1, 0.1], [0.1, 1.0034]]),
+                      _record(domain="b", dormancy=[[0.1, 0.1], [0.1, 1.0]]))
+    assert rc == 0, err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["domains"]["a"]["dormancy"][1][1] == report["domains"]["b"]["dormancy"][1][1] == 1.0
 
 
 def test_report_accepts_nulls_and_draws_a_log_without_residual_peaks(capsys, tmp_path):

@@ -406,12 +406,15 @@ def _recorded_protocol(profile) -> dict:
     hyper = record.get("hyper") if isinstance(record.get("hyper"), dict) else {}
     stats = profile.statistics.protocol if profile.statistics is not None else {}
     found = {}
+    def recorded(source: dict, key: str) -> bool:  # null: not recorded, except max_tokens (every token)
+        return key in source and (source[key] is not None or key == "max_tokens")
+
     for dest, source in (("seq_len", protocol), ("bos", protocol), ("max_tokens", hyper)):
-        if dest in source:
+        if recorded(source, dest):
             found[dest] = source[dest]
-        elif dest in stats:  # a profile whose ranges were measured, without a calibration record
+        elif recorded(stats, dest):  # a profile whose ranges were measured, without a calibration record
             found[dest] = stats[dest]
-    if "windows_per_text" in stats:
+    if recorded(stats, "windows_per_text"):
         found["statistics_windows"] = stats["windows_per_text"]
     return found
 

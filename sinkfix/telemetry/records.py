@@ -86,8 +86,10 @@ def _shares(values: dict[str, torch.Tensor], info: RequestInfo) -> dict[str, tor
     # sink mass from a sink position first reached while decoding, with no sink key in the prompt to
     # take a drain weight from: the dormancy's sink part is unknown (null), not 0
     unweighted = torch.isnan(weight) & (mass > 0)
+    # a fraction of each row's attention, so at most 1; the hidden part of a long prompt is extrapolated
+    # from sampled rows, and the estimate reached 1.0034 on a prompt whose every row is exactly 1
     dormancy = torch.where(seen & ~unweighted, (beta * weight.nan_to_num(0.0) * mass + values["hidden_part"])
-                           / rows.clamp(min=1), float("nan"))
+                           / rows.clamp(min=1), float("nan")).clamp(max=1.0)
     return {"unscaled": unscaled, "share": beta * unscaled, "dormancy": dormancy, "rows": rows}
 
 

@@ -73,6 +73,12 @@ def _is_number(value, *, nullable: bool = True) -> bool:
                                             and math.isfinite(value))
 
 
+#: Dormancy is a fraction of attention, at most 1; monitors before 2026-12-06 logged the estimate of a
+#: long prompt unclamped (the sink part over every row plus a hidden part extrapolated from sampled rows,
+#: each at most 1): 1.0034 measured where every row is exactly 1. Such values are read as 1.
+MAX_LOGGED_DORMANCY = 2.0
+
+
 def _is_share(value) -> bool:
     """A sink share: a number in [0, 1], or null (a head that saw no counted row)."""
     return value is None or (_is_number(value) and 0 <= value <= 1)
@@ -117,10 +123,11 @@ def _field_problem(record: dict) -> str | None:
             or not all(_is_number(x) for h in dormancy for x in h):
         return f"\"dormancy\" must hold one number (or null) per head of \"sink_share\" ({layers} layers)"
     outside = next(((layer, head, x) for layer, heads in enumerate(dormancy) for head, x in enumerate(heads)
-                    if not _is_share(x)), None)
-    if outside is not None:  # a dormancy of 2 made every head "dormant" and filled the flipping-heads list
+                    if x is not None and not 0 <= x <= MAX_LOGGED_DORMANCY), None)
+    if outside is not None:  # a dormancy of -3 or 5 is no estimate any monitor writes
         layer, head, value = outside
-        return f"\"dormancy\" must lie in [0, 1] (or be null), got {value!r} at layer {layer}, head {head}"
+        return (f"\"dormancy\" must lie in [0, 1] (or be null; an estimate up to {MAX_LOGGED_DORMANCY:g} is read "
+                f"as 1), got {value!r} at layer {layer}, head {head}")
     if not isinstance(hidden, list) or [len(h) if isinstance(h, list) else -1 for h in hidden] != widths \
             or not all(_is_count(x) for h in hidden for x in h):
         return f"\"hidden_sinks\" must hold one integer >= 0 per head of \"sink_share\" ({layers} layers)"
@@ -221,7 +228,7 @@ def _pool(name: str, records: list[dict]) -> DomainSummary:
     peaks, hidden, samples, dormant_counts = [], [], None, []
     for record in records:
         rows = torch.tensor(record["rows"], dtype=torch.float64)[:, None]  # [L, 1]
-        share, dormancy = _matrix(record["sink_share"]), _matrix(record["dormancy"])
+        share, dormancy = _matrix(record["sink_share"]), _matrix(record["dormancy"]).clamp(max=1.0)
         weight = torch.where(share.isnan(), 0.0, rows.expand_as(share))
         share_sum = share.nan_to_num(0) * weight + (0 if share_sum is None else share_sum)
         share_weight = weight + (0 if share_weight is None else share_weight)
