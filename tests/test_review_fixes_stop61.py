@@ -135,7 +135,8 @@ def _report(capsys, tmp_path, *records: dict) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("change, message", [
-    # a dormancy of 2 made every head dormant: 133 heads "flipped" between domains on SmolLM2's shape
+    # read as they were: -3.0 on every head listed 98 heads as flipping between domains on SmolLM2's
+    # shape; above 2 no monitor's estimate goes (up to 2 is read as 1, the test below)
     ({"dormancy": [[0.1, 0.1], [0.1, 2.5]]}, r"\"dormancy\" must lie in \[0, 1\] .*got 2.5 at layer 1, head 1"),
     ({"dormancy": [[-3.0, 0.1], [0.1, 0.1]]}, r"\"dormancy\" must lie in \[0, 1\] .*got -3.0 at layer 0, head 0"),
     ({"residual_peak": [2.0, -5.0]}, r"\"residual_peak\" must be a list of one number >= 0"),  # was averaged in
