@@ -206,7 +206,7 @@ def test_out_naming_a_tasks_data_file_is_refused_before_the_model_loads(tmp_path
 
 
 def test_a_new_out_file_beside_the_inputs_is_no_input():
-    from sinkfix.lmeval.config import check_out_is_no_input
+    from sinkfix.files import check_out_is_no_input
 
     profile = ROOT / "pyproject.toml"
     check_out_is_no_input(str(ROOT / "no-such-report.json"), [("the --profile file", profile)])
@@ -479,7 +479,7 @@ def test_rerunning_eval_with_its_report_in_the_model_folder_is_not_refused(tmp_p
     assert (model / "eval.json").read_text() == '{"format": "an earlier sinkfix eval report"}'
     for name in ("config.json", "model.safetensors"):
         with pytest.raises(UsageError, match=f"is the file {name} of the --model folder"):
-            from sinkfix.lmeval.config import check_out_is_no_input
+            from sinkfix.files import check_out_is_no_input
 
             check_out_is_no_input(str(model / name), config.input_files())
 

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sinkfix.errors import UsageError
-from sinkfix.files import check_out_is_no_input
 from sinkfix.lmeval.builtin import BUILTIN_TASKS
 from sinkfix.lmeval.stats import DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
 from sinkfix.models import DEFAULT_MODEL, pick_device
 from sinkfix.policy import Policy
 from sinkfix.profile import Profile
 
-__all__ = ["EvalConfig", "Correction", "DEFAULT_POLICY", "check_out_is_no_input"]
+__all__ = ["EvalConfig", "Correction", "DEFAULT_POLICY"]
 
 DEFAULT_POLICY = "sink_scale=0.9"
 

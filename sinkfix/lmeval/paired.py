@@ -20,7 +20,8 @@ from typing import Any, Callable, Collection
 import numpy as np
 import torch
 
-from sinkfix.lmeval.config import EvalConfig, check_out_is_no_input
+from sinkfix.files import check_out_is_no_input
+from sinkfix.lmeval.config import EvalConfig
 from sinkfix.lmeval.model import SinkfixLM
 from sinkfix.lmeval.stats import compare_paired
 from sinkfix.lmeval.taskload import LoadedTasks, check_items, data_files, definition_files, load_tasks
