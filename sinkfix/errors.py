@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 __all__ = [
     "SinkfixError", "PolicyError", "UnsupportedModelError", "ModelLoadError", "ProfileError", "UsageError",
-    "BackendUnavailableError", "OutputError", "EvaluationError", "CacheError", "MonitorError",
+    "BackendUnavailableError", "OutputError", "EvaluationError", "CacheError", "MonitorError", "is_integer", "is_real",
 ]
 
 
@@ -62,3 +63,13 @@ class OutputError(SinkfixError, OSError):
 class MonitorError(SinkfixError, ValueError):
     """Telemetry cannot run as asked: a malformed request file or log, a port already in use, a guard
     without calibration statistics, a request that does not fit the monitor."""
+
+
+def is_integer(value) -> bool:
+    """An int (numpy's too), not a bool: what a count or a length given from Python may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (int, float, numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

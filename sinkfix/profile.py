@@ -63,7 +63,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,7 @@ import torch
 from torch import nn
 
 from sinkfix import files
-from sinkfix.errors import PolicyError, ProfileError
+from sinkfix.errors import PolicyError, ProfileError, is_integer
 from sinkfix.policy import MAX_N_SINK, ContentSinks, Policy, ResidualClip, listed_twice, reads_as_zero
 
 __all__ = ["Profile", "ProfileStatistics", "ModelIdentity", "weights_fingerprint", "cast_fingerprints", "weights_dtype",
@@ -415,8 +414,7 @@ def _check_window_counts(protocol: dict, where: str) -> None:
     TypeError traceback, a windows_per_text of -1 a slice that silently left each text's last window out."""
     for key in _WINDOW_COUNTS:
         value = protocol.get(key)
-        if value is not None and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                                      and value >= 1):
+        if value is not None and not (is_integer(value) and value >= 1):
             raise ProfileError(f"profile {where}.{key} must be an integer >= 1 or null, got {_json_text(value)}")
 
 

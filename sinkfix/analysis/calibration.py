@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import random
 import sys
 import time
@@ -52,7 +51,7 @@ from torch import nn
 
 from sinkfix.analysis.robust import (DEFAULT_SELECTION_RULE, SELECTION_RULES, Candidate, candidate_parameters, candidates,
                                      select)
-from sinkfix.errors import SinkfixError
+from sinkfix.errors import SinkfixError, is_integer, is_real
 from sinkfix.evaluate import (bos_token_id, check_positions, decoder_stack, model_device, model_label, token_ids,
                               window_nll)
 from sinkfix.policy import Policy
@@ -156,16 +155,6 @@ class CalibrationSettings:
                 "virtual_logits": self.virtual_logits, "virtual_logit_on_sink_rows": self.on_sink_rows,
                 "eval_every": self.eval_every, "patience": self.patience, "val_fraction": self.val_fraction,
                 "max_tokens": self.max_tokens, "seed": self.seed, "precision": self.precision}
-
-
-def is_integer(value) -> bool:
-    """An int (numpy's too), not a bool: a count or a length."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    """A real number (int, float, numpy's), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_finite(value, what: str, low: float, *, inclusive: bool, error: type[Exception] = CalibrationError) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import nn
 
 from sinkfix.analysis.metrics import (DORMANT_THRESHOLD, HIDDEN_SINK_THRESHOLD, ExtremeTokenMetrics,
                                       check_hidden_sink_threshold, observed_model)
-from sinkfix.errors import UsageError
+from sinkfix.errors import UsageError, is_integer, is_real
 from sinkfix.evaluate import MIN_TOKENS, model_device, model_label
 
 __all__ = ["DORMANT_THRESHOLD", "InspectionReport", "inspect", "row_dormancy", "text_windows", "model_summary",
@@ -101,17 +100,13 @@ def check_windows(seq_len, bos: bool, max_tokens, *, flags: bool = False) -> Non
     count would instead measure 1-token windows or nearly the whole text."""
     names = ("--seq-len", "--max-tokens", "--no-bos") if flags else ("seq_len", "max_tokens", "bos=False")
     shortest = shortest_window(bos)
-    if not _is_count(seq_len) or seq_len < shortest:
+    if not is_integer(seq_len) or seq_len < shortest:
         where = f"the BOS token and {MIN_TEXT_TOKENS} text tokens; {MIN_TEXT_TOKENS} with {names[2]}" if bos \
             else f"{MIN_TEXT_TOKENS} text tokens"
         raise UsageError(f"{names[0]} must be an integer >= {shortest} ({where}), got {seq_len!r}")
-    if max_tokens is not None and (not _is_count(max_tokens) or max_tokens < MIN_TEXT_TOKENS):
+    if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < MIN_TEXT_TOKENS):
         raise UsageError(f"{names[1]} must be {'' if flags else 'None or '}an integer >= {MIN_TEXT_TOKENS} (the text "
                          f"tokens used per text; a window needs {MIN_TEXT_TOKENS}), got {max_tokens!r}")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def text_windows(tokenizer, text: str, *, seq_len: int = 512, bos: bool = True,
@@ -322,7 +317,7 @@ def check_flip_margin(margin, name: str = "flip_margin", error: type[Exception] 
     """The flip margin, checked: a number in [0, :data:`MAX_FLIP_MARGIN`); anything else raises
     ``error`` (a negative margin would list heads that are never dormant, or never active, as
     flips; NaN would list none)."""
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0.0 <= margin < MAX_FLIP_MARGIN:
+    if not is_real(margin) or not 0.0 <= margin < MAX_FLIP_MARGIN:
         raise error(f"{name} must be a number in [0, {MAX_FLIP_MARGIN:g}) (dormancy scores lie in [0, 1], the "
                     f"dormant threshold is {DORMANT_THRESHOLD:g}), got {margin!r}")
     return float(margin)

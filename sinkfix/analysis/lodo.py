@@ -26,9 +26,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from sinkfix.analysis.calibration import (CalibrationError, Calibrator, DomainFits, Progress, is_integer,
-                                          parameters_key, robust_profile)
+from sinkfix.analysis.calibration import (CalibrationError, Calibrator, DomainFits, Progress, parameters_key,
+                                          robust_profile)
 from sinkfix.analysis.robust import DEFAULT_SELECTION_RULE, Candidate
+from sinkfix.errors import is_integer
 from sinkfix.evaluate import Window, bos_token_id, make_windows, tokenize, windows_nll
 
 __all__ = ["LodoResult", "leave_one_domain_out", "evaluate_parameters", "evaluation_windows", "require_three_domains",
