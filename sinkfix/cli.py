@@ -10,8 +10,13 @@ with its traceback and exit code 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from sinkfix.commands import SUMMARIES
@@ -49,35 +54,110 @@ def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+class _ReaderGuard:
+    """``sys.stdout`` while a command runs: when its reader stops reading (``| head``, a pager quit
+    early), what is still printed goes to the null device and the command goes on to write its files.
+    Without it a closed pipe ended calibrate, inspect, stream, kvquant and monitor run at their next
+    printed line: rich exits with code 1 and no word, ``print`` raised BrokenPipeError, and a profile
+    being fitted behind ``| head -3`` was lost. The rest is delegated to the real stream."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        # the descriptor itself points at the null device, so that the text still buffered and the
+        # interpreter's own flush at exit do not fail on the closed pipe again
+        self.reader_gone = True
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _saved(out) -> str:
+    """What a command that ran to its end left, for the message after a closed standard output."""
+    if not isinstance(out, (str, Path)) or not str(out):
+        return "nothing was saved (no --out)"
+    return f"the files under {out} were written" if Path(out).is_dir() else f"{out} was written"
+
+
 def _command_in(argv: Sequence[str]) -> str | None:
     # the top-level parser has only flags (--help, --version), so the first word is the command
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a CI cancel, a service stop) as an exception in the main thread,
+    so that it unwinds as Ctrl-C does: a half-written output is rolled back or removed (an atomic write's
+    temporary file, `bench`'s folder), where the signal's default action ended the process between two
+    files and left a folder that mixed two runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
-    parser = build_parser([command] if command in SUMMARIES else [])
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
-    out = getattr(args, "out", None)
-    if isinstance(out, str) and not out.strip():
-        # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved nothing,
-        # inspect and stream wrote into the working folder
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # monitor run | report...
-        print(f"sinkfix {args.command}: error: --out is empty: name the output (see sinkfix {command} --help)",
-              file=sys.stderr)
-        return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    guard = _ReaderGuard(sys.stdout)
     try:
-        return int(args.run(args) or 0)
+        # the command's modules (torch, transformers) are imported here: Ctrl-C while they load is one
+        # line too, not a 20-line traceback
+        parser = build_parser([command] if command in SUMMARIES else [])
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        command = args.command
+        out = getattr(args, "out", None)
+        if isinstance(out, str) and not out.strip():
+            # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved
+            # nothing, inspect and stream wrote into the working folder
+            full = " ".join(filter(None, (command, getattr(args, "action", None))))  # monitor run | report...
+            print(f"sinkfix {command}: error: --out is empty: name the output (see sinkfix {full} --help)",
+                  file=sys.stderr)
+            return 2
+        sys.stdout = guard
+        code = int(args.run(args) or 0)
+        if guard.reader_gone and code == 0:
+            print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
+                  f"printed; {_saved(out)}", file=sys.stderr)
+            return 2
+        return code
     except SinkfixError as exc:
-        print(f"sinkfix {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sinkfix {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sinkfix {args.command}: interrupted", file=sys.stderr)
+        print(f"sinkfix{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"sinkfix{' ' + command if command else ''}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if sys.stdout is guard:
+            sys.stdout = guard.stream
+        if in_main_thread:  # None: the handler before was not set from Python (the default action)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

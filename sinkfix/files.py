@@ -102,6 +102,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
     if target.is_dir():
         raise _output_error(target, "it is a directory")
     _refuse_special(target)
+    _refuse_read_only(target)
     fd, tmp = _open_temporary(target)
     options: dict[str, Any] = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}
     try:
@@ -182,6 +183,15 @@ def _refuse_special(target: Path) -> None:
                                     "its path, which would replace it; write to a regular file")
 
 
+def _refuse_read_only(target: Path) -> None:
+    """An existing file this process may not write is refused, as the shell's ``>`` and ``cp`` refuse
+    it: the atomic write renames a new file over the path, which only needs the folder's permission,
+    so a profile the user had made read-only was replaced with exit status 0."""
+    if target.is_file() and not os.access(target, os.W_OK):
+        raise _output_error(target, "permission denied: the file is read-only; make it writable, or write to "
+                                    "another path")
+
+
 def check_writable(path: str | os.PathLike[str], *, folder: bool = False, append: bool = False) -> Path:
     """Raise now the :class:`OutputError` that writing ``path`` later would raise, so that a command
     fails before its work, not after it (a default calibration takes 9-13 minutes on two cores).
@@ -203,6 +213,8 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False, append
         raise _output_error(target, "it is a directory")
     if not folder and not append:
         _refuse_special(target)
+    if not folder:
+        _refuse_read_only(target)
     existing = _nearest_existing(target if folder else target.parent)
     if existing is None:  # a relative path always has ".", an absolute one "/": reached only if they vanished
         return target
@@ -242,6 +254,18 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110, bbox_
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
     return Path(path)
+
+
+def ends_in_partial_line(path: str | os.PathLike[str]) -> bool:
+    """Whether the non-empty file ``path`` does not end with a line feed (its last line was cut off).
+    Read under a shared ``flock``: a :class:`LineLog` writer's line is whole once its lock is released."""
+    with open(path, "rb") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        if handle.seek(0, os.SEEK_END) == 0:
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 class LineLog:

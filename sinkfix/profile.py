@@ -733,7 +733,7 @@ class Profile:
             raise ProfileError("empty profile path")
         p = Path(path)
         try:
-            raw = p.read_text(encoding="utf-8")
+            raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's) is not JSON's
         except FileNotFoundError:
             raise ProfileError(f"profile file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as exc:

@@ -288,7 +288,11 @@ def read_text_file(path: str | Path) -> str:
     except OSError as exc:
         raise TextError(f"cannot read text file {p}: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: a byte-order mark at the start (Windows editors write one) is not text; read as
+        # UTF-8 it was tokenized as three byte tokens before the first word (and without a BOS token
+        # became the sink: SmolLM2, 63 tokens, sink_scale=0.9 changed perplexity by +6.31% against
+        # -0.95% without the mark)
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise TextError(f"{p} is not UTF-8 text") from None
     if not text.strip():

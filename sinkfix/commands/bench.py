@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import sys
 from typing import Callable, Iterator
 
 from sinkfix.commands import PATH_LINE, StoreOnce, SUMMARIES
-from sinkfix.errors import OutputError
 from sinkfix.bench.config import DEFAULT_POLICIES, BenchConfig
 from sinkfix.bench.runner import run_bench
 from sinkfix.models import DEFAULT_MODEL, OFFLINE_MODELS
@@ -133,57 +131,31 @@ def run(args: argparse.Namespace) -> int:
             hf_logging.enable_progress_bar()
 
     # the results reach the screen before any file is written: a write that fails anyway (a full
-    # disk) ends the run with exit code 2, not with the measurements lost; and a screen that goes
-    # away first (`| head` closed the pipe) does not keep the files from being written
-    printed = _print_results(results, args.json)
-    out = printed or None
+    # disk) ends the run with exit code 2, not with the measurements lost. A screen that goes away
+    # first (`| head` closed the pipe) does not keep the files from being written: the CLI's standard
+    # output then leads to the null device, and the CLI says so after the run (sinkfix.cli)
+    _print_results(results, args.json)
     if args.out:
         from sinkfix.bench.report import write_outputs
 
         files, notes = write_outputs(args.out, results)
         for note in notes:  # what the folder lacks or lost is news in a log file too, not only on a terminal
             err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
-        if out is not None:
-            try:
-                out.print("wrote " + ", ".join(str(f) for f in files), **PATH_LINE)
-            except BrokenPipeError:
-                printed = _to_null_device()
-    if printed is None:
-        saved = f"the files under {args.out} were written" if args.out else "nothing was saved (no --out)"
-        raise OutputError(f"standard output was closed by its reader before everything was printed; {saved}")
+        if not args.json:
+            Console().print("wrote " + ", ".join(str(f) for f in files), **PATH_LINE)
     return 0
 
 
-def _print_results(results: dict, as_json: bool):
-    """Print the results (JSON or the tables). Returns the console the tables went to (False for
-    JSON), or None when standard output was closed under them (a reader such as ``head`` that has
-    stopped reading): standard output then points at the null device, so that nothing later (the
-    interpreter's own flush at exit) fails on it again. Without this a closed pipe lost the run's
-    files: the exception (rich turns it into a silent exit code 1) ended the command before them."""
+def _print_results(results: dict, as_json: bool) -> None:
+    """Print the results: JSON, or the tables at least 100 columns wide."""
+    if as_json:
+        from sinkfix.bench.report import dumps
+
+        sys.stdout.write(dumps(results) + "\n")
+        sys.stdout.flush()
+        return
     from rich.console import Console
 
-    class PipeConsole(Console):
-        def on_broken_pipe(self) -> None:  # rich's own exits the process with code 1
-            self.quiet = True
-            raise BrokenPipeError
+    from sinkfix.bench.report import render
 
-    try:
-        if as_json:
-            from sinkfix.bench.report import dumps
-
-            sys.stdout.write(dumps(results) + "\n")
-            sys.stdout.flush()
-            return False
-        from sinkfix.bench.report import render
-
-        out = PipeConsole(width=max(shutil.get_terminal_size((140, 24)).columns, 100))
-        render(results, out)
-        return out
-    except BrokenPipeError:
-        return _to_null_device()
-
-
-def _to_null_device() -> None:
-    """Point standard output at the null device (its reader is gone); returns None."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    render(results, Console(width=max(shutil.get_terminal_size((140, 24)).columns, 100)))

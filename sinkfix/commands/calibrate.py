@@ -152,7 +152,7 @@ def check_profile_out(out, flag: str = "--out", inputs=()) -> None:
     found = "a larger file than any profile"
     if size <= PROFILE_CHECK_BYTES:
         try:
-            data = json.loads(target.read_bytes().decode("utf-8"))
+            data = json.loads(target.read_bytes().decode("utf-8-sig"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             data, found = None, "not JSON"
         if isinstance(data, dict) and data.get("format") == FORMAT:

@@ -275,10 +275,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(summary)
     log(f"wrote {out / 'stream.json'} and {out / 'stream_tokens.pt'}")
-    if not args.no_figures:
-        from sinkfix.analysis.plots import running_perplexity_plot
+    # an earlier run's figure beside this run's stream.json would read as this run's: removed when this
+    # run draws none, or when its own drawing fails
+    from sinkfix.files import remove_unwritten
 
+    if args.no_figures:
+        for path in remove_unwritten(out, ["stream.png"], []):
+            log(f"removed {path} (an earlier run's figure; this run did not draw it)")
+        return 0
+    from sinkfix.analysis.plots import running_perplexity_plot
+
+    try:
         log(f"wrote {running_perplexity_plot(result, out / 'stream.png')}")
+    except BaseException:
+        remove_unwritten(out, ["stream.png"], [])
+        raise
     return 0
 
 

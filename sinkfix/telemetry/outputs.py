@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sinkfix.errors import MonitorError
-from sinkfix.files import LineLog, same_file
+from sinkfix.files import LineLog, ends_in_partial_line, same_file
 from sinkfix.telemetry.records import SCHEMA
 from sinkfix.telemetry.requests import BUILTIN, NO_DOMAIN
 
@@ -127,7 +127,23 @@ def check_log_file(path: str | Path, *, requests: str | Path | None = None, mode
     record = _first_record(p)
     if record is not None:
         _other_model(p, record, model, heads)
+        _refuse_partial_last_line(p)
     return p
+
+
+def _refuse_partial_last_line(p: Path) -> None:
+    """MonitorError when the log ``p`` does not end with a line feed: its last record was cut off (a
+    copy made part way, another program's writer stopped mid-line; sinkfix's own writer cuts a failed
+    line back). The next record was appended to that fragment, so it was lost and the whole log became
+    unreadable to `sinkfix monitor report`."""
+    try:
+        partial = ends_in_partial_line(p)
+    except OSError as exc:
+        raise MonitorError(f"cannot read the existing telemetry log {p}: {exc.strerror or exc}") from None
+    if partial:
+        raise MonitorError(f"the telemetry log {p} ends in a partial line (its last record was cut off): a record "
+                           "appended to it would join that line and be lost; remove the partial last line, or write "
+                           "to another file")
 
 
 def _refuse_foreign_file(model: str | None, heads: Sequence[int] | None):

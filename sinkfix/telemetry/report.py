@@ -157,7 +157,7 @@ def read_log(path: str | Path) -> list[dict]:
     """The records of a JSON-lines telemetry log; every problem is a :class:`MonitorError` naming the line."""
     p = Path(path)
     try:
-        lines = json_lines(p.read_text(encoding="utf-8"))  # at "\n" only, as request files (json_lines says why)
+        lines = json_lines(p.read_text(encoding="utf-8-sig"))  # at "\n" only, as request files (json_lines says why)
     except FileNotFoundError:
         raise MonitorError(f"telemetry log not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -95,7 +95,8 @@ def read_requests(path: str | Path) -> list[Request]:
         return builtin_requests()
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")  # universal newlines: "\r\n" and a lone "\r" read as "\n"
+        # a leading byte-order mark dropped; universal newlines: "\r\n" and a lone "\r" read as "\n"
+        text = p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise MonitorError(f"request file not found: {p}") from None
     except IsADirectoryError:
