@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.run(args) or 0)
         if guard.reader_gone and code == 0:
             print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
-                  f"printed; {_saved(out)}", file=sys.stderr)
+                  f"printed; {_saved(getattr(args, 'out', None))}", file=sys.stderr)  # a default the run resolved
             return 2
         return code
     except SinkfixError as exc:

@@ -92,15 +92,20 @@ def test_backward_through_a_clipped_model_is_finite(clip):
 
 
 # -- the CLI: a reader that closes standard output does not cost a command its files --------------------
-def test_a_closed_standard_output_does_not_cost_calibrate_its_profile(files_on_disk, tmp_path):
+@pytest.mark.parametrize("given_out", [True, False], ids=["out", "default-out"])
+def test_a_closed_standard_output_does_not_cost_calibrate_its_profile(files_on_disk, tmp_path, given_out):
     # `sinkfix calibrate ... | head -3`: rich ended the process with exit code 1 and no word at the next
-    # printed line, before the profile was written (inspect, stream, kvquant, monitor run likewise)
-    profile = tmp_path / "p.json"
+    # printed line, before the profile was written (inspect, stream, kvquant, monitor run likewise). The
+    # message names the profile written, the default one too (not "nothing was saved")
+    from sinkfix.commands.calibrate import default_out
+
+    profile = tmp_path / "p.json" if given_out else Path(default_out(str(files_on_disk["model"])))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-m", "sinkfix", "calibrate", "--model", str(files_on_disk["model"]),
          "--text", str(files_on_disk["prose"]), "--text", str(files_on_disk["code"]), "--max-tokens", "256",
-         "--seq-len", "64", "--steps", "2", "--threads", "1", "--no-statistics", "--out", str(profile)],
+         "--seq-len", "64", "--steps", "2", "--threads", "1", "--no-statistics",
+         *(["--out", str(profile)] if given_out else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     child.stdout.close()  # the reader is gone before the first line
     err = child.stderr.read().decode()
@@ -108,7 +113,7 @@ def test_a_closed_standard_output_does_not_cost_calibrate_its_profile(files_on_d
     assert err.strip().splitlines()[-1] == (
         f"sinkfix calibrate: error: standard output was closed by its reader before everything was printed; "
         f"{profile} was written"), err
-    assert Profile.load(profile).sink_scale.shape[0] == 2
+    assert Profile.load(tmp_path / profile).sink_scale.shape[0] == 2
 
 
 def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_written_file(tmp_path, monkeypatch, capsys):

@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--out is empty: give the profile's path, or leave --out out for ./<model>.profile.json")
     out = check_writable(args.out or default_out(args.model))  # before the fits, not after
     check_profile_out(out, "--out" if args.out else "the default --out", args.text or ())
+    args.out = str(out)  # the path written, for what the CLI says after the run
     settings = CalibrationSettings(seq_len=args.seq_len, bos=args.bos, max_tokens=args.max_tokens,
                                    val_fraction=args.val_fraction, steps=args.steps, lr=args.lr, reg=args.reg,
                                    virtual_logits=args.virtual_logits,
