@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    guard = _ReaderGuard(sys.stdout)
+    # with descriptor 1 closed (`>&-`) Python has no sys.stdout at all (None): nothing to guard
+    guard = None if sys.stdout is None else _ReaderGuard(sys.stdout)
     try:
         # the command's modules (torch, transformers) are imported here: Ctrl-C while they load is one
         # line too, not a 20-line traceback
@@ -137,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sinkfix {command}: error: --out is empty: name the output (see sinkfix {full} --help)",
                   file=sys.stderr)
             return 2
-        sys.stdout = guard
+        if guard is not None:
+            sys.stdout = guard
         code = int(args.run(args) or 0)
-        if guard.reader_gone and code == 0:
+        if guard is not None and guard.reader_gone and code == 0:
             print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
                   f"printed; {_saved(getattr(args, 'out', None))}", file=sys.stderr)  # a default the run resolved
             return 2
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinkfix{' ' + command if command else ''}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if sys.stdout is guard:
+        if guard is not None and sys.stdout is guard:
             sys.stdout = guard.stream
         if in_main_thread:  # None: the handler before was not set from Python (the default action)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

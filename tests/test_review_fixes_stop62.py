@@ -116,6 +116,18 @@ def test_a_closed_standard_output_does_not_cost_calibrate_its_profile(files_on_d
     assert Profile.load(tmp_path / profile).sink_scale.shape[0] == 2
 
 
+def test_a_closed_descriptor_1_is_no_error(tmp_path):
+    # `sinkfix monitor requests --out F >&-`: Python has no sys.stdout then (None); the output guard
+    # wrapped it and failed with an AttributeError after the file was written (exit 1)
+    out = tmp_path / "requests.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-m", "sinkfix", "monitor", "requests", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=300,
+                           preexec_fn=lambda: os.close(1))
+    assert child.returncode == 0, child.stderr.decode()
+    assert read_requests(out)
+
+
 def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_written_file(tmp_path, monkeypatch, capsys):
     # SIGTERM's default action ended the process between two files (bench's folder mixed two runs) or
     # with an atomic write's temporary file left behind; now it unwinds and the command says so
