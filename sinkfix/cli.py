@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    # with descriptor 1 closed (`>&-`) Python has no sys.stdout at all (None): nothing to guard
-    guard = None if sys.stdout is None else _ReaderGuard(sys.stdout)
+    # with descriptor 1 closed (`>&-`) Python has no sys.stdout at all (None): what a command prints
+    # goes to the null device (rich's consoles failed on None: `calibrate >&-` ended in an AttributeError)
+    no_stdout = None if sys.stdout is not None else open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    guard = _ReaderGuard(sys.stdout if no_stdout is None else no_stdout)
     try:
         # the command's modules (torch, transformers) are imported here: Ctrl-C while they load is one
         # line too, not a 20-line traceback
@@ -138,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sinkfix {command}: error: --out is empty: name the output (see sinkfix {full} --help)",
                   file=sys.stderr)
             return 2
-        if guard is not None:
-            sys.stdout = guard
+        sys.stdout = guard
         code = int(args.run(args) or 0)
-        if guard is not None and guard.reader_gone and code == 0:
+        if guard.reader_gone and code == 0:
             print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
                   f"printed; {_saved(getattr(args, 'out', None))}", file=sys.stderr)  # a default the run resolved
             return 2
@@ -156,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinkfix{' ' + command if command else ''}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if guard is not None and sys.stdout is guard:
-            sys.stdout = guard.stream
+        if sys.stdout is guard:
+            sys.stdout = None if no_stdout is not None else guard.stream
+        if no_stdout is not None:
+            no_stdout.close()
         if in_main_thread:  # None: the handler before was not set from Python (the default action)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 

@@ -116,16 +116,23 @@ def test_a_closed_standard_output_does_not_cost_calibrate_its_profile(files_on_d
     assert Profile.load(tmp_path / profile).sink_scale.shape[0] == 2
 
 
-def test_a_closed_descriptor_1_is_no_error(tmp_path):
+def test_a_closed_descriptor_1_is_no_error(files_on_disk, tmp_path):
     # `sinkfix monitor requests --out F >&-`: Python has no sys.stdout then (None); the output guard
-    # wrapped it and failed with an AttributeError after the file was written (exit 1)
+    # wrapped it and failed with an AttributeError after the file was written (exit 1); calibrate's rich
+    # console failed on it before any work
     out = tmp_path / "requests.jsonl"
+    profile = tmp_path / "p.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-m", "sinkfix", "monitor", "requests", "--out", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=300,
-                           preexec_fn=lambda: os.close(1))
-    assert child.returncode == 0, child.stderr.decode()
+    for argv in (["monitor", "requests", "--out", str(out)],
+                 ["calibrate", "--model", str(files_on_disk["model"]), "--text", str(files_on_disk["prose"]),
+                  "--text", str(files_on_disk["code"]), "--max-tokens", "256", "--seq-len", "64", "--steps", "2",
+                  "--threads", "1", "--no-statistics", "--out", str(profile)]):
+        child = subprocess.run([sys.executable, "-m", "sinkfix", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=300,
+                               preexec_fn=lambda: os.close(1))
+        assert child.returncode == 0, child.stderr.decode()
     assert read_requests(out)
+    assert Profile.load(profile).sink_scale.shape[0] == 2
 
 
 def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_written_file(tmp_path, monkeypatch, capsys):
