@@ -174,8 +174,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     config.validate()  # bad arguments fail before lm-eval's imports (several seconds)
     if args.out:
-        from sinkfix.files import check_writable
-        from sinkfix.files import check_out_is_no_input
+        from sinkfix.files import check_out_is_no_input, check_writable
 
         check_writable(args.out)  # before the evaluation, not after it
         check_out_is_no_input(args.out, config.input_files())  # the tasks' data files: in run_eval, with the index

@@ -44,13 +44,13 @@ def residual_clip_torch(
     if is_sink is not None:
         sink_cap = torch.full_like(cap, float("inf") if sink_norm is None else float(sink_norm))
         cap = torch.where(is_sink, sink_cap, cap)
-    # the quotient is taken only where a token is scaled: where(c, cap / norms, 1) also computed it for
-    # the others, and its backward there is 0 * d(cap / norms) = 0 * inf = NaN for an exempt sink (an
-    # infinite cap) or a zero vector: every parameter below a clipped layer got NaN gradients, clip
-    # firing or not (loss.backward() through a patched model, residual clip at 1e9)
+    # the quotient of a token that is not scaled is 1 / 1 (exactly 1), not cap / norm: where(c, cap /
+    # norms, 1) computed it for every token, and its backward there is 0 * d(cap / norms) = 0 * inf = NaN
+    # for an exempt sink (an infinite cap) or a zero vector: every parameter below a clipped layer got NaN
+    # gradients, clip firing or not (loss.backward() through a patched model, residual clip at 1e9)
     clipped = norms > cap
     one = torch.ones_like(norms)
-    factor = torch.where(clipped, torch.where(clipped, cap, one) / torch.where(clipped, norms, one), one)
+    factor = torch.where(clipped, cap, one) / torch.where(clipped, norms, one)
     return hidden * factor[..., None].to(hidden.dtype)
 
 
