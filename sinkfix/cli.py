@@ -114,6 +114,11 @@ def _terminate(signum, frame) -> None:
     raise _Terminated
 
 
+#: Options naming a file, folder or model, refused when given empty (blank), with what they name
+#: (an empty --profile is refused where profiles are read: "empty profile path").
+_NAMED_BY_OPTION = {"out": "the output", "model": "a model", "requests": "a request file"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
@@ -132,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         command = args.command
-        out = getattr(args, "out", None)
-        if isinstance(out, str) and not out.strip():
-            # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved
-            # nothing, inspect and stream wrote into the working folder
-            full = " ".join(filter(None, (command, getattr(args, "action", None))))  # monitor run | report...
-            print(f"sinkfix {command}: error: --out is empty: name the output (see sinkfix {full} --help)",
-                  file=sys.stderr)
-            return 2
+        # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved nothing,
+        # inspect and stream wrote into the working folder; an empty --model or --requests was read as
+        # the working folder ("request file . is a directory")
+        for option, what in _NAMED_BY_OPTION.items():
+            value = getattr(args, option, None)
+            if isinstance(value, str) and not value.strip():
+                full = " ".join(filter(None, (command, getattr(args, "action", None))))  # monitor run | report...
+                print(f"sinkfix {command}: error: --{option} is empty: name {what} (see sinkfix {full} --help)",
+                      file=sys.stderr)
+                return 2
         sys.stdout = guard
         code = int(args.run(args) or 0)
         if guard.reader_gone and code == 0:

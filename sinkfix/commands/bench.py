@@ -57,8 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="new tokens per timed generate call, 0 = skip decode (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=defaults.repeats, metavar="N",
                    help="timed prefill rounds per variant (default: %(default)s)")
-    p.add_argument("--decode-repeats", type=int, default=defaults.decode_repeats, metavar="N",
-                   help="timed generate rounds per variant (default: %(default)s)")
+    # None = left out: given with --decode-tokens 0 it is refused (config_from_args), not recorded unused
+    p.add_argument("--decode-repeats", type=int, default=None, metavar="N",
+                   help=f"timed generate rounds per variant (default: {defaults.decode_repeats}; "
+                        "not with --decode-tokens 0)")
     p.add_argument("--baseline", choices=("sdpa", "eager"), default=defaults.baseline,
                    help="attention of the stock model (default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default=defaults.backend,
@@ -73,11 +75,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from sinkfix.errors import UsageError
+
+    decode_repeats = getattr(args, "decode_repeats", None)
+    if decode_repeats is not None and args.decode_tokens == 0:
+        # accepted, it was recorded in the results' config next to a decode that never ran
+        raise UsageError(f"--decode-repeats {decode_repeats} has no effect with --decode-tokens 0 (no decode is "
+                         "timed): leave one of the two out")
     return BenchConfig(
         model=args.model, policies=tuple(args.policy), profile=args.profile, texts=tuple(args.text),
         dataset=args.dataset, seq_len=args.seq_len, stride=args.stride, batch=args.batch,
         max_windows=args.max_windows, bos=args.bos, decode_tokens=args.decode_tokens, repeats=args.repeats,
-        decode_repeats=args.decode_repeats, baseline=args.baseline, backend=args.backend, device=args.device,
+        decode_repeats=BenchConfig.decode_repeats if decode_repeats is None else decode_repeats,
+        baseline=args.baseline, backend=args.backend, device=args.device,
         threads=args.threads,
     )
 

@@ -445,6 +445,9 @@ def _ranges_protocol(args: argparse.Namespace, profile) -> dict:
                           for flag, v in differ.items())
         raise UsageError(f"{named}: the guard's ranges are measured with the window protocol the profile was "
                          "calibrated with; leave the option out, or add --override-protocol to measure with it anyway")
+    if args.override_protocol and not differ:  # a permission with nothing to permit: said, not silently kept
+        print("sinkfix monitor ranges: note: --override-protocol changes nothing: no window option (--seq-len, "
+              "--bos, --max-tokens, --statistics-windows) differs from what the profile records", file=sys.stderr)
     if differ:
         used = ", ".join(f"{flag} {_flag_value(flag, v['used'])}" for flag, v in differ.items())
         print(f"sinkfix monitor ranges: warning: measuring with another window protocol than the profile's "
@@ -469,9 +472,9 @@ def _run_ranges(args: argparse.Namespace) -> int:
     from sinkfix.errors import UsageError
     from sinkfix.files import check_writable
 
-    if (args.statistics_windows is not None and args.statistics_windows < 1) or args.min_rows < 1:
-        raise UsageError(f"--statistics-windows and --min-rows must be >= 1, got {args.statistics_windows} and "
-                         f"{args.min_rows}")
+    for flag, value in (("--statistics-windows", args.statistics_windows), ("--min-rows", args.min_rows)):
+        if value is not None and value < 1:  # None: --statistics-windows left to the profile's record
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     set_threads(args.threads)
     texts = texts_from_args(args, "calib")
     print(describe_texts(texts))

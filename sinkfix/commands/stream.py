@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "with --profile)")
     parser.add_argument("--profile", action=StoreOnce, default=None,
                         help="also run the sink cache and the recomputation with this calibrated profile patched in")
-    parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json and stream.png (default ./sinkfix-stream)")
+    parser.add_argument("--out", default="sinkfix-stream", help="folder for stream.json, stream_tokens.pt (every variant's per-token NLL) and "
+                             "stream.png (default ./sinkfix-stream)")
     # --no-figures as every other command spells it (and as the missing-matplotlib error says);
     # --no-figure, this command's first spelling, still works
     parser.add_argument("--no-figures", "--no-figure", dest="no_figures", action="store_true",
