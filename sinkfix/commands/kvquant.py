@@ -44,7 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     # None = not given: fp8 has no residual window and refuses an explicit value, which it would ignore
     parser.add_argument("--residual-length", type=int, default=None,
                         help=f"recent tokens kept in full precision before quantization (default {DEFAULT_RESIDUAL}, "
-                             "as transformers; not with --backend fp8, which has no residual window)")
+                             "as transformers; the residual is flushed when it and a call's new tokens reach this "
+                             "length, so it acts in whole --chunk steps: every value up to --chunk "
+                             "gives the same numbers; not with --backend fp8, which has no residual window)")
     parser.add_argument("--chunk", type=int, default=128, help="tokens per forward (default 128)")
     parser.add_argument("--hidden-sinks", action="store_true",
                         help="also run a cache that keeps the hidden sinks attention finds in full precision "
