@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     from sinkfix.errors import UsageError
 
-    decode_repeats = getattr(args, "decode_repeats", None)
+    decode_repeats = args.decode_repeats
     if decode_repeats is not None and args.decode_tokens == 0:
         # accepted, it was recorded in the results' config next to a decode that never ran
         raise UsageError(f"--decode-repeats {decode_repeats} has no effect with --decode-tokens 0 (no decode is "
