@@ -4,9 +4,14 @@ The PyTorch path of the sink-aware attention (``attention.py``) combines two par
 their log-sum-exps, so it needs an attention op that returns one without building the (Q, K) score
 matrix:
 
-* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (returns ``(out, logsumexp)``; GQA
-  natively). At (1, 9, 512, 64) causal it runs as fast as ``scaled_dot_product_attention`` (3.5 vs
-  3.2 ms) with the log-sum-exp exact to 1e-6.
+* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (returns ``(out, logsumexp)``). At
+  (1, 9, 512, 64) causal it runs as fast as ``scaled_dot_product_attention`` (3.5 vs 3.2 ms) with
+  the log-sum-exp exact to 1e-6. Fewer key/value heads than query heads (GQA) are read natively
+  where the op supports it, probed once at import (:func:`cpu_flash_native_gqa`); older torch
+  releases do not: torch 2.6's op read key heads that do not exist for every query head past the
+  first group (NaN or values 3 off in the probe), and its backward kernel wrote the key and value
+  gradients past their buffers (the process aborted with "free(): invalid next size"). There the
+  keys and values are repeated to the query heads before the op, as on CUDA.
 * CUDA: ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp=True``
   (arbitrary additive masks, fp32/fp16/bf16; k/v are repeated for GQA, which costs O(K) memory, not
   O(Q K)).
@@ -48,7 +53,7 @@ import torch
 
 from sinkfix.ops.reference import reference_sink_attention, visibility_mask
 
-__all__ = ["flash_with_lse", "cpu_flash_available", "fused_lse_available", "fused_lse_backward_available"]
+__all__ = ["flash_with_lse", "cpu_flash_available", "cpu_flash_native_gqa", "fused_lse_available", "fused_lse_backward_available"]
 
 _CPU_FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -72,8 +77,26 @@ def _probe_cpu_flash(dtype: torch.dtype) -> bool:
         return False
     try:
         probe = torch.randn(1, 2, 3, 8, dtype=dtype)
-        out, lse = _CPU_FLASH_OP(probe, probe[:, :1], probe[:, :1], 0.0, True)
+        out, lse = _CPU_FLASH_OP(probe, probe, probe, 0.0, True)
         return out.shape == probe.shape and lse.shape == probe.shape[:3]
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _probe_cpu_flash_gqa() -> bool:
+    """Whether the CPU op reads one key/value head for a group of query heads, checked by its numbers:
+    the key/value passed is a one-head view of a two-head tensor, so an op that does not know GQA
+    reads the second head inside that tensor (no read past an allocation) and its second query
+    head's output differs from the one computed with the first head repeated. A shape check passed
+    on torch 2.6, whose numbers were wrong."""
+    if not _probe_cpu_flash(torch.float32):
+        return False
+    try:
+        probe = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(0))
+        out, lse = _CPU_FLASH_OP(probe, probe[:, :1], probe[:, :1], 0.0, True)
+        repeated = probe[:, :1].expand(1, 2, 3, 8).contiguous()
+        want_out, want_lse = _CPU_FLASH_OP(probe, repeated, repeated, 0.0, True)
+        return bool(torch.allclose(out, want_out, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5))
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -83,6 +106,9 @@ def _probe_cpu_flash(dtype: torch.dtype) -> bool:
 # traced into the graph (an lru_cache wrapper is ignored by dynamo, so it was traced every layer).
 _PROBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _cpu_flash_ok: dict[torch.dtype, bool] = {dtype: _probe_cpu_flash(dtype) for dtype in _PROBED_DTYPES}
+# GQA support came to the op's forward and backward kernels together; the backward is never probed
+# with GQA (an op without it writes past its gradient buffers), so this one probe decides both
+_CPU_FLASH_NATIVE_GQA = _probe_cpu_flash_gqa()
 
 
 def _probed(table: dict[torch.dtype, bool], probe, dtype: torch.dtype) -> bool:
@@ -98,12 +124,27 @@ def cpu_flash_available(dtype: torch.dtype) -> bool:
     return _probed(_cpu_flash_ok, _probe_cpu_flash, dtype)
 
 
+def cpu_flash_native_gqa() -> bool:
+    """Whether the CPU flash op takes fewer key/value heads than query heads itself (probed once at
+    import); where it does not, :func:`flash_with_lse` repeats the keys and values first."""
+    return _CPU_FLASH_NATIVE_GQA
+
+
+def _repeat_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with as many heads as q where the CPU op cannot read a group of query heads from one
+    key/value head (under autograd the repeat's backward sums the group's gradients)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or _CPU_FLASH_NATIVE_GQA:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _probe_cpu_flash_backward(dtype: torch.dtype) -> bool:
     if _CPU_FLASH_BACKWARD_OP is None or not cpu_flash_available(dtype):
         return False
     try:
         probe = torch.randn(1, 2, 3, 8, dtype=dtype)
-        kv = probe[:, :1].contiguous()
+        kv = probe.flip(1)  # as many heads as the queries: see _CPU_FLASH_NATIVE_GQA
         out, lse = _CPU_FLASH_OP(probe, kv, kv, 0.0, True)
         grads = _CPU_FLASH_BACKWARD_OP(torch.ones_like(out), probe, kv, kv, out, lse, 0.0, True)
         return [g.shape for g in grads] == [probe.shape, kv.shape, kv.shape]
@@ -258,11 +299,13 @@ def flash_with_lse(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and fused_lse_backward_available(q.device, q.dtype):
         # the copies (where needed) are made under autograd: the backward kernel gets the same rows
+        k, v = _repeat_kv_heads(q, k, v)
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         return _CpuFlashWithLse.apply(q, k, v, _additive(visible, q.dtype), is_causal, scale)
     # is_cpu / is_cuda, not device.type: the latter builds a string per call, a few microseconds when
     # it runs cold between a decode step's layers
     if q.is_cpu and cpu_flash_available(q.dtype) and not grad:
+        k, v = _repeat_kv_heads(q, k, v)
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         return _CPU_FLASH_OP(q, k, v, 0.0, is_causal, attn_mask=_additive(visible, q.dtype), scale=scale)
     if q.is_cuda and _CUDA_EFFICIENT_OP is not None and not grad:  # fused_lse_available's CUDA test
