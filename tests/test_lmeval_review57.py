@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+pytest.importorskip("lm_eval")
+
 from sinkfix.errors import EvaluationError
 from sinkfix.lmeval.paired import apply_fewshot
 from sinkfix.lmeval.taskload import check_items, load_tasks
