@@ -23,8 +23,8 @@ from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.telemetry import prompt as prompt_measures
 from sinkfix.telemetry.accumulate import RequestAccumulator
-from sinkfix.telemetry.prompt import (Workspace, layouts_for_next_forward, measure_prompt, measure_sampled,
-                                      measure_sampled_many, sample_call, sampled_rows)
+from sinkfix.telemetry.prompt import (Workspace, layouts_for_next_forward, max_sampled_rows, measure_prompt,
+                                      measure_sampled, measure_sampled_many, sample_call, sampled_rows)
 
 from .conftest import tiny_model
 
@@ -115,6 +115,51 @@ def test_prompt_measures_against_the_offline_collector(beta):
         assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist(), sample
     assert reference.hidden_sink_rate[0].min() >= 1  # the planted sink is found by every head
     assert (reference.hidden_sink_share[0] > 0.05).all()
+
+
+def test_sampled_rows_are_at_least_the_rows_asked_for():
+    """At least ``wanted`` evenly spaced rows ending at the last one, all of them below 2 * wanted, at
+    most max_sampled_rows (the slots of a masked batch); rounding the step up gave a 40-row prompt
+    20 rows of 32, and its late keys were never judged."""
+    for wanted in (1, 5, 16, 32):
+        for q_len in range(1, 300):
+            rows = range(q_len)[sampled_rows(q_len, wanted)]
+            assert rows[-1] == q_len - 1
+            assert min(wanted, q_len) <= len(rows) <= max_sampled_rows(q_len, wanted), (wanted, q_len)
+            assert len({b - a for a, b in zip(rows, rows[1:])}) <= 1  # evenly spaced
+            if q_len < 2 * wanted:
+                assert len(rows) == q_len
+    assert max(len(range(q)[sampled_rows(q, 32)]) for q in range(1, 300)) == max_sampled_rows(299, 32)
+
+
+def test_left_padded_prompts_get_their_rows_alone():
+    """Under a mask every prompt length of a batch gets, in the batch's slots, the rows sampled_rows
+    gives it alone (shifted past its padding), and nothing else is marked real."""
+    q_len, wanted = 90, 16
+    lengths = torch.arange(1, q_len + 1)
+    visible = torch.ones(q_len, 1, q_len, q_len, dtype=torch.bool).tril()
+    visible &= (torch.arange(q_len) >= q_len - lengths[:, None])[:, None, None, :]  # left padding
+    visible &= (torch.arange(q_len) >= q_len - lengths[:, None])[:, None, :, None]  # padding rows see nothing
+    index, real = prompt_measures._rows_per_prompt(visible, q_len, wanted)
+    assert index.shape[-1] == max_sampled_rows(q_len, wanted)
+    for b, length in enumerate(lengths.tolist()):
+        alone = [q_len - length + r for r in range(length)[sampled_rows(length, wanted)]]
+        assert index[b, 0][real[b, 0]].tolist() == alone, length
+
+
+def test_prompt_shorter_than_twice_the_sample_is_measured_whole():
+    """Below 2 * sample_rows rows every row is sampled: the hidden sinks and the dormancy are
+    inspect's (200 rows with 101 asked for; the earlier rule sampled 100 of them)."""
+    call = _planted_hidden_sink(torch.tensor([0.5, 0.9, 1.0, 0.7]))
+    collector = StreamingCollector(1, [4])
+    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
+    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
+    reference = collector.result()
+    share = call.result.sink_stats[..., 0] / call.result.sink_stats[..., 1]
+    got = measure_prompt(call, rows_wanted=101, threshold=0.1, min_queries=32)
+    dormancy = (torch.tensor([0.5, 0.9, 1.0, 0.7]) * got.drain_weight * share + got.hidden_part)[0].double()
+    assert (dormancy - reference.dormancy[0]).abs().max() <= 1e-5
+    assert got.hidden_sinks[0].tolist() == reference.hidden_sink_rate[0].tolist()
 
 
 def test_rows_whose_sink_takes_everything():
@@ -246,12 +291,12 @@ def test_masked_calls_keep_one_part():
     mask[1, :, :, :4] = False  # left padding in the second sequence
     call = _layer_calls(1, 40, mask=mask)[0]
     layout = sample_call(call, rows_wanted=16, min_queries=8).layout
-    # min(16, Q) slots, of which each prompt fills what sampled_rows gives it alone: 40 rows 3 apart
-    # (14 of them), 36 rows 3 apart (12)
-    assert layout.chunks == ((0, 16, 40),)
-    assert layout.visible.amax(-1).sum(-1).flatten().tolist() == [14, 12]
-    assert layout.row_index[0, 0, 2:].tolist() == list(range(40)[sampled_rows(40, 16)])
-    assert layout.row_index[1, 0, 4:].tolist() == [4 + r for r in range(36)[sampled_rows(36, 16)]]
+    # max_sampled_rows(40, 16) = 31 slots, of which each prompt fills what sampled_rows gives it
+    # alone, at least 16 rows: 40 rows 2 apart (20 of them), 36 rows 2 apart (18)
+    assert layout.chunks == ((0, 31, 40),)
+    assert layout.visible.amax(-1).sum(-1).flatten().tolist() == [20, 18]
+    assert layout.row_index[0, 0, 11:].tolist() == list(range(40)[sampled_rows(40, 16)])
+    assert layout.row_index[1, 0, 13:].tolist() == [4 + r for r in range(36)[sampled_rows(36, 16)]]
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
