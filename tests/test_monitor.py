@@ -96,15 +96,20 @@ def _planted_hidden_sink(beta: torch.Tensor | None, sink_strength: float = 12.0)
     return AttentionCall(0, None, q, k, v, None, True, 32 ** -0.5, None, None, None, None, None, beta, result)
 
 
+def _offline_measures(call: AttentionCall):
+    """inspect's numbers for one call of the 200-row planted prompt (StreamingCollector, every row)."""
+    collector = StreamingCollector(1, [4])
+    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
+    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
+    return collector.result()
+
+
 @pytest.mark.parametrize("beta", [None, torch.tensor([0.5, 0.9, 1.0, 0.7])])
 def test_prompt_measures_against_the_offline_collector(beta):
     """With every row sampled the prompt's hidden sinks and dormancy are inspect's (StreamingCollector
     on the same call); with 1 row in 8 they are an estimate that still finds the planted sink."""
     call = _planted_hidden_sink(beta)
-    collector = StreamingCollector(1, [4])
-    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
-    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
-    reference = collector.result()
+    reference = _offline_measures(call)
     rows = call.result.sink_stats[..., 1]
     share = call.result.sink_stats[..., 0] / rows
     b = torch.ones(4) if beta is None else beta
@@ -151,10 +156,7 @@ def test_prompt_shorter_than_twice_the_sample_is_measured_whole():
     """Below 2 * sample_rows rows every row is sampled: the hidden sinks and the dormancy are
     inspect's (200 rows with 101 asked for; the earlier rule sampled 100 of them)."""
     call = _planted_hidden_sink(torch.tensor([0.5, 0.9, 1.0, 0.7]))
-    collector = StreamingCollector(1, [4])
-    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
-    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
-    reference = collector.result()
+    reference = _offline_measures(call)
     share = call.result.sink_stats[..., 0] / call.result.sink_stats[..., 1]
     got = measure_prompt(call, rows_wanted=101, threshold=0.1, min_queries=32)
     dormancy = (torch.tensor([0.5, 0.9, 1.0, 0.7]) * got.drain_weight * share + got.hidden_part)[0].double()
@@ -168,10 +170,7 @@ def test_rows_whose_sink_takes_everything():
     beta = torch.tensor([0.5, 0.9, 1.0, 0.7])
     call = _planted_hidden_sink(beta, sink_strength=150.0)
     assert (call.result.sink_stats[0, :, 0] / call.result.sink_stats[0, :, 1]).min() > 0.97
-    collector = StreamingCollector(1, [4])
-    collector.begin_window(torch.zeros(1, 200, dtype=torch.long))
-    collector.observe(dataclasses.replace(call, sink_cols=torch.zeros(1, 1, dtype=torch.long)))
-    reference = collector.result()
+    reference = _offline_measures(call)
     share = call.result.sink_stats[..., 0] / call.result.sink_stats[..., 1]
     got = measure_prompt(call, rows_wanted=200, threshold=0.1, min_queries=32)
     dormancy = (beta * got.drain_weight * share + got.hidden_part)[0].double()
