@@ -28,6 +28,18 @@ _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_l
                max_position_embeddings=256)
 
 
+def require_triton_kernels() -> None:
+    """Skip (the calling module, at module level) unless triton is importable and as new as the
+    kernels need (sinkfix.kernels.TRITON_MIN_VERSION): with an older triton every kernel call is
+    refused by design, and a test of the kernels' numbers would fail instead of saying why."""
+    triton = pytest.importorskip("triton")
+    from sinkfix import kernels
+
+    too_old = kernels._triton_too_old(triton)
+    if too_old is not None:
+        pytest.skip(too_old, allow_module_level=True)
+
+
 def tiny_config(arch: str):
     """A 2-layer random config; sliding windows are 5 tokens so short tests cross them."""
     if arch == "llama":

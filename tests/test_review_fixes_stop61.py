@@ -13,7 +13,7 @@ from sinkfix import cli
 from sinkfix.errors import ProfileError
 from sinkfix.profile import ModelIdentity, Profile, ProfileStatistics
 
-from .conftest import tiny_model
+from .conftest import require_triton_kernels, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,7 +187,7 @@ def test_stream_length_refusal_names_the_minimum_it_accepts():
 
 # -- the Triton backend takes fp16 / bf16 / fp32: a float64 model is refused at patch(), not mid-forward --
 def test_triton_backend_refuses_a_float64_model_at_patch(monkeypatch):
-    pytest.importorskip("triton")
+    require_triton_kernels()
     import sinkfix
     from sinkfix.errors import BackendUnavailableError
 
@@ -201,7 +201,7 @@ def test_triton_backend_refuses_a_float64_model_at_patch(monkeypatch):
 
 
 def test_auto_backend_picks_the_torch_path_for_a_float64_model(monkeypatch):
-    pytest.importorskip("triton")
+    require_triton_kernels()
     from sinkfix.ops.attention import resolve_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton counts as usable without a GPU

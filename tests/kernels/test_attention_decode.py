@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 import sinkfix.kernels as kernels  # noqa: E402
 from sinkfix.kernels import attention_decode  # noqa: E402

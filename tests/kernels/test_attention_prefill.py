@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 from sinkfix.kernels.attention_prefill import prefill_config, sink_attention_prefill  # noqa: E402
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 import transformers as tf
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 import sinkfix  # noqa: E402
 from sinkfix import Policy  # noqa: E402

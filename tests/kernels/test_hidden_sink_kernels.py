@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 from sinkfix.kernels.attention_prefill import sink_attention_prefill  # noqa: E402
 from sinkfix.ops.content_reference import reference_content_sink_attention  # noqa: E402

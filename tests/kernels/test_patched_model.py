@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 import sinkfix  # noqa: E402
 from sinkfix import Policy, ResidualClip  # noqa: E402

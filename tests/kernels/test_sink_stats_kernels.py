@@ -16,7 +16,9 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ..conftest import require_triton_kernels
+
+require_triton_kernels()
 
 import sinkfix  # noqa: E402
 import sinkfix.kernels as kernels  # noqa: E402
