@@ -53,13 +53,26 @@ DECODE_MIN_K = 256
 TRITON_MIN_VERSION = (3, 6)
 
 
-def _triton_too_old(triton) -> str | None:
-    """What to install, when the importable triton is older than the kernels need; None otherwise."""
+#: The oldest triton whose CPU interpreter runs the kernels with numpy 2.4 or later. triton 3.6's
+#: interpreter turns a one-element array into a Python int with ``int()``, which numpy 2.4 refuses for
+#: an array of one dimension ("only 0-dimensional arrays can be converted to Python scalars"): every
+#: kernel whose loop bounds are computed (``tl.range(lo, hi)``) failed with it (torch 2.11, triton
+#: 3.6.0, numpy 2.4.6); 3.7.0 squeezes the array first. Compiled kernels are not concerned.
+TRITON_MIN_INTERPRETER_VERSION = (3, 7)
+
+
+def _major_minor(version: object) -> tuple[int, int] | None:
     import re
 
+    found = re.match(r"(\d+)\.(\d+)", str(version or ""))
+    return None if found is None else (int(found.group(1)), int(found.group(2)))
+
+
+def _triton_too_old(triton) -> str | None:
+    """What to install, when the importable triton is older than the kernels need; None otherwise."""
     version = str(getattr(triton, "__version__", ""))
-    found = re.match(r"(\d+)\.(\d+)", version)
-    if found is not None and tuple(map(int, found.groups())) >= TRITON_MIN_VERSION:
+    found = _major_minor(version)
+    if found is not None and found >= TRITON_MIN_VERSION:
         return None
     if found is None and hasattr(triton, "knobs"):  # a build without a readable version: judge by the API
         return None
@@ -67,6 +80,21 @@ def _triton_too_old(triton) -> str | None:
     return (f"triton {version or '(unknown version)'} is installed, but the sinkfix Triton kernels need "
             f"triton>={need}: pip install 'triton>={need}' (or 'sinkfix[triton]'); until then the Triton "
             "backend counts as unavailable")
+
+
+def _interpreter_unusable(triton) -> str | None:
+    """Why the CPU interpreter of this triton cannot run the kernels with the installed numpy
+    (:data:`TRITON_MIN_INTERPRETER_VERSION`); None when it can, or when a version is unreadable."""
+    import numpy
+
+    found, numpy_found = _major_minor(getattr(triton, "__version__", "")), _major_minor(numpy.__version__)
+    if found is None or numpy_found is None or numpy_found < (2, 4) or found >= TRITON_MIN_INTERPRETER_VERSION:
+        return None
+    need = ".".join(map(str, TRITON_MIN_INTERPRETER_VERSION))
+    return (f"the CPU interpreter of triton {triton.__version__} cannot run the sinkfix Triton kernels with numpy "
+            f"{numpy.__version__} (it converts one-element arrays with int(), which numpy 2.4 refuses): pip install "
+            f"'triton>={need}' (or 'numpy<2.4'); until then the Triton backend counts as unavailable under "
+            "TRITON_INTERPRET=1")
 
 
 def triton_available() -> bool:
@@ -84,6 +112,10 @@ def triton_available() -> bool:
         warnings.warn(too_old, RuntimeWarning, stacklevel=2)
         return False
     if triton.knobs.runtime.interpret:
+        unusable = _interpreter_unusable(triton)
+        if unusable is not None:
+            warnings.warn(unusable, RuntimeWarning, stacklevel=2)
+            return False
         return True
     return torch.cuda.is_available()
 

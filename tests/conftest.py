@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import types
 import warnings
 from pathlib import Path
@@ -30,14 +31,19 @@ _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_l
 
 def require_triton_kernels() -> None:
     """Skip (the calling module, at module level) unless triton is importable and as new as the
-    kernels need (sinkfix.kernels.TRITON_MIN_VERSION): with an older triton every kernel call is
-    refused by design, and a test of the kernels' numbers would fail instead of saying why."""
+    kernels need (sinkfix.kernels.TRITON_MIN_VERSION), and, where the kernels run interpreted, its
+    interpreter can run them with this numpy (TRITON_MIN_INTERPRETER_VERSION): otherwise every kernel
+    call is refused by design, and a test of the kernels' numbers would fail instead of saying why."""
     triton = pytest.importorskip("triton")
     from sinkfix import kernels
 
     too_old = kernels._triton_too_old(triton)
     if too_old is not None:
         pytest.skip(too_old, allow_module_level=True)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    unusable = kernels._interpreter_unusable(triton) if interpreted else None
+    if unusable is not None:
+        pytest.skip(unusable, allow_module_level=True)
 
 
 def tiny_config(arch: str):

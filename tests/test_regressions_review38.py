@@ -30,6 +30,9 @@ def test_a_stride_too_long_for_a_profile_bos_is_one_line(files, tmp_path):
             "with; --no-bos measures without it") in err
 
 
+@pytest.mark.xfail(tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13), strict=False,
+                   reason="torch 2.11's dynamo fails its own guard on this graph ('Guard failed on the same frame "
+                          "it was created. This is a bug'); passes with torch 2.13")
 def test_content_sinks_compile_with_dynamic_shapes():
     # the content path's threshold check called math.isfinite on the traced (symbolic) number
     model = tiny_model("llama")

@@ -38,6 +38,8 @@ for _name in _KERNEL_MODULES:  # the common helpers first: the kernels import th
 
 from sinkfix.ops.reference import reference_sink_attention, share_within, visibility_mask  # noqa: E402
 
+from ..conftest import require_triton_kernels  # noqa: E402
+
 # Absolute floor of the tolerance rule, per dtype: about one rounding of an O(1) output (fp32
 # 1e-6 ~ 8 ulp of 1.0; fp16 1e-3 ~ 1 ulp = 2^-10; bf16 8e-3 ~ 1 ulp = 2^-7).
 # It only matters where the same-dtype PyTorch error happens to be tiny (a row that sees one key,
@@ -248,3 +250,12 @@ class _KernelTestKit:
 @pytest.fixture(scope="session")
 def kt():
     return _KernelTestKit()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_can_run(request):
+    """A test that runs a kernel (through the kit, or with a ``backend="triton"`` parameter) skips,
+    saying why, where the installed triton cannot run the kernels (tests/conftest.py)."""
+    callspec = getattr(request.node, "callspec", None)
+    if "kt" in request.fixturenames or (callspec is not None and callspec.params.get("backend") == "triton"):
+        require_triton_kernels()
