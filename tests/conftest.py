@@ -29,19 +29,28 @@ _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_l
                max_position_embeddings=256)
 
 
-def require_triton_kernels() -> None:
-    """Skip (the calling module, at module level) unless triton is importable and as new as the
-    kernels need (sinkfix.kernels.TRITON_MIN_VERSION), and, where the kernels run interpreted, its
-    interpreter can run them with this numpy (TRITON_MIN_INTERPRETER_VERSION): otherwise every kernel
-    call is refused by design, and a test of the kernels' numbers would fail instead of saying why."""
-    triton = pytest.importorskip("triton")
+def triton_kernels_unusable() -> str | None:
+    """Why the Triton kernels cannot run here, or None: triton missing, older than the kernels need
+    (sinkfix.kernels.TRITON_MIN_VERSION), or, where they run interpreted, an interpreter that cannot
+    run them with this numpy (TRITON_MIN_INTERPRETER_VERSION)."""
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
     from sinkfix import kernels
 
     too_old = kernels._triton_too_old(triton)
     if too_old is not None:
-        pytest.skip(too_old, allow_module_level=True)
+        return too_old
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
-    unusable = kernels._interpreter_unusable(triton) if interpreted else None
+    return kernels._interpreter_unusable(triton) if interpreted else None
+
+
+def require_triton_kernels() -> None:
+    """Skip (the calling module, at module level) unless the Triton kernels can run here
+    (:func:`triton_kernels_unusable`): otherwise every kernel call is refused by design, and a test of
+    the kernels' numbers would fail instead of saying why."""
+    unusable = triton_kernels_unusable()
     if unusable is not None:
         pytest.skip(unusable, allow_module_level=True)
 
