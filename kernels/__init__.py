@@ -37,7 +37,7 @@ if __name__ == "kernels":
 
 import torch
 
-__all__ = ["triton_available", "sink_attention_triton", "residual_clip_triton", "DECODE_MAX_Q", "DECODE_MIN_K"]
+__all__ = ["triton_available", "triton_unusable_reason", "sink_attention_triton", "residual_clip_triton", "DECODE_MAX_Q", "DECODE_MIN_K"]
 
 # Heuristic for the split-KV decode kernel (see sink_attention_triton): up to 16 query tokens, a
 # (GROUP * Q)-row tile still fits one program per kv head, and from 256 keys on the key axis can be
@@ -97,25 +97,37 @@ def _interpreter_unusable(triton) -> str | None:
             "TRITON_INTERPRET=1")
 
 
+def triton_unusable_reason() -> str | None:
+    """What keeps the installed triton from running the kernels here (too old, or an interpreter that
+    cannot run them with this numpy), as an instruction; None when nothing does, or when triton is
+    missing (:func:`triton_available` says so)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None
+        import triton
+    except Exception:  # a broken install counts as missing
+        return None
+    too_old = _triton_too_old(triton)
+    if too_old is not None:
+        return too_old
+    return _interpreter_unusable(triton) if triton.knobs.runtime.interpret else None
+
+
 def triton_available() -> bool:
     """True when triton (at least :data:`TRITON_MIN_VERSION`) is importable and either a CUDA device is
-    present or the interpreter is on. An older triton counts as missing, with a warning naming the
-    version needed."""
+    present or the interpreter is on (and can run the kernels: :data:`TRITON_MIN_INTERPRETER_VERSION`).
+    A triton that cannot counts as missing, with a warning saying what to install."""
     try:
         if importlib.util.find_spec("triton") is None:
             return False
         import triton
     except Exception:  # a broken install counts as missing
         return False
-    too_old = _triton_too_old(triton)
-    if too_old is not None:
-        warnings.warn(too_old, RuntimeWarning, stacklevel=2)
+    reason = triton_unusable_reason()
+    if reason is not None:
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
         return False
     if triton.knobs.runtime.interpret:
-        unusable = _interpreter_unusable(triton)
-        if unusable is not None:
-            warnings.warn(unusable, RuntimeWarning, stacklevel=2)
-            return False
         return True
     return torch.cuda.is_available()
 

@@ -88,6 +88,24 @@ def test_triton_36_interpreter_depends_on_numpy(monkeypatch, numpy_version, avai
             assert kernels.triton_available() is False
 
 
+def test_backend_triton_error_says_why_the_interpreter_cannot(monkeypatch):
+    """backend='triton' under an interpreter that cannot run the kernels: the error names the reason
+    (it said only 'needs triton>=3.6', which was installed)."""
+    import numpy
+
+    from sinkfix.errors import BackendUnavailableError
+    from sinkfix.ops.attention import resolve_backend
+
+    import torch
+
+    _fake_triton(monkeypatch, "3.6.0", knobs=True)
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.warns(RuntimeWarning), pytest.raises(BackendUnavailableError, match=r"here the CPU interpreter of "
+                                                                                   r"triton 3\.6\.0 cannot run"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
 def test_declared_triton_floor_is_the_one_the_kernels_check():
     tomllib = pytest.importorskip("tomllib")
     from sinkfix import kernels

@@ -545,10 +545,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     usable = kernels.triton_available() and (device.type == "cuda" or interpreter)
     if backend == "triton":
         if not usable:
+            reason = kernels.triton_unusable_reason()
             raise BackendUnavailableError(
                 f"backend='triton' needs triton>={'.'.join(map(str, kernels.TRITON_MIN_VERSION))} (pip install "
-                "'sinkfix[triton]') and a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter); use "
-                "backend='torch' or 'auto' on this machine"
+                "'sinkfix[triton]') and a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+                + ("" if reason is None else f"; here {reason}") + "; use backend='torch' or 'auto' on this machine"
             )
         if dtype is not None and dtype not in KERNEL_DTYPES:
             raise BackendUnavailableError(
