@@ -97,31 +97,40 @@ def _interpreter_unusable(triton) -> str | None:
             "TRITON_INTERPRET=1")
 
 
-def triton_unusable_reason() -> str | None:
-    """What keeps the installed triton from running the kernels here (too old, or an interpreter that
-    cannot run them with this numpy), as an instruction; None when nothing does, or when triton is
-    missing (:func:`triton_available` says so)."""
+def _importable_triton():
+    """The triton module, or None where it is missing or its import fails (a broken install counts as
+    missing)."""
     try:
         if importlib.util.find_spec("triton") is None:
             return None
         import triton
-    except Exception:  # a broken install counts as missing
+    except Exception:
+        return None
+    return triton
+
+
+def triton_unusable_reason(interpreted: bool | None = None) -> str | None:
+    """What keeps the installed triton from running the kernels here (too old, or an interpreter that
+    cannot run them with this numpy), as an instruction; None when nothing does, or when triton is
+    missing (:func:`triton_available` says so). ``interpreted``: whether the kernels run under the
+    interpreter (default: triton's own setting)."""
+    triton = _importable_triton()
+    if triton is None:
         return None
     too_old = _triton_too_old(triton)
     if too_old is not None:
         return too_old
-    return _interpreter_unusable(triton) if triton.knobs.runtime.interpret else None
+    if interpreted is None:
+        interpreted = triton.knobs.runtime.interpret
+    return _interpreter_unusable(triton) if interpreted else None
 
 
 def triton_available() -> bool:
     """True when triton (at least :data:`TRITON_MIN_VERSION`) is importable and either a CUDA device is
     present or the interpreter is on (and can run the kernels: :data:`TRITON_MIN_INTERPRETER_VERSION`).
     A triton that cannot counts as missing, with a warning saying what to install."""
-    try:
-        if importlib.util.find_spec("triton") is None:
-            return False
-        import triton
-    except Exception:  # a broken install counts as missing
+    triton = _importable_triton()
+    if triton is None:
         return False
     reason = triton_unusable_reason()
     if reason is not None:

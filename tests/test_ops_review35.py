@@ -19,7 +19,6 @@ are tiny: each test takes a second or two.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -41,8 +40,7 @@ from sinkfix.ops.reference import reference_sink_attention, sink_key_mask
 from .conftest import tiny_model, triton_kernels_unusable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS = (importlib.util.find_spec("triton") is not None and (INTERPRET or torch.cuda.is_available())
-           and triton_kernels_unusable() is None)
+KERNELS = (INTERPRET or torch.cuda.is_available()) and triton_kernels_unusable() is None
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="the Triton kernels need TRITON_INTERPRET=1 or a GPU, and a "
                                                        "triton that can run them (tests/conftest.py)")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

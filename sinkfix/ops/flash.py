@@ -89,7 +89,7 @@ def _probe_cpu_flash_gqa() -> bool:
     reads the second head inside that tensor (no read past an allocation) and its second query
     head's output differs from the one computed with the first head repeated. A shape check passed
     on torch 2.6, whose numbers were wrong."""
-    if not _probe_cpu_flash(torch.float32):
+    if not _cpu_flash_ok.get(torch.float32):  # probed with the other dtypes just before: not run again
         return False
     try:
         probe = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(0))
