@@ -164,6 +164,40 @@ class SinkfixLM(HFLM):
             "sinkfix_correction": None if self.correction is None else self.correction.to_dict(),
         }
 
+    # -- requests lm-eval cannot score ------------------------------------------------------------
+    def _encoding_problem(self, context: str, continuation: str) -> str | None:
+        """Why lm-eval cannot score ``continuation`` after ``context`` with this tokenizer, or None: it
+        encodes the two together and scores the tokens past the context's own, so an answer the
+        tokenizer merges into the prompt's last token (SmolLM2: ``"def main("`` + ``")"`` is one
+        ``()`` token) leaves nothing to score, and lm-eval failed on a bare AssertionError after the
+        whole stock run. Encoded as lm-eval encodes it (``_encode_pair``; an empty prompt: the
+        prefix token, then the answer)."""
+        if context == "":
+            encoded = self.tok_encode(continuation, add_special_tokens=False)
+            if encoded[:1] == [self.prefix_token_id]:  # lm-eval then takes that token as the context
+                encoded = encoded[1:]
+            if not encoded:
+                return f"the answer {continuation!r:.40} gives no token to score (the prompt is empty)"
+            return None
+        context_enc, continuation_enc = self._encode_pair(context, continuation)
+        if not context_enc:
+            return f"the prompt {context!r:.40} gives no token (only white space, which lm-eval moves into the answer)"
+        if not continuation_enc:
+            return (f"the answer {continuation!r:.40} gives no token of its own after the prompt ending "
+                    f"{context[-30:]!r}: the tokenizer merges it into the prompt's last token, so lm-eval cannot "
+                    "score it (let the prompt end where a token ends: e.g. start the answer with the space or the "
+                    "delimiter that separates it from the prompt)")
+        return None
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's log-likelihood, after every request's encoding is checked (:meth:`_encoding_problem`):
+        a request it cannot score is an EvaluationError naming the task and the item, before any is scored."""
+        for request in requests:
+            problem = self._encoding_problem(*request.args)
+            if problem is not None:
+                raise EvaluationError(f"task {request.task_name}, item {request.doc_id}: {problem}")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     # -- progress ---------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """lm-eval's rolling log-likelihood, one batch of documents at a time, with one progress bar

@@ -242,7 +242,7 @@ def run_eval(config: EvalConfig, log: Log = lambda _: None, note: Log | None = N
         check_out_is_no_input(out, [*config.input_files(), *data, *definitions])
     counts = apply_fewshot(loaded, config.num_fewshot)  # before the check: it reads the few-shot counts
     check_items(loaded, config.limit)  # a record lm-eval cannot score as meant fails here, before the model loads
-    notes = fewshot_notes(counts, config.num_fewshot, rolling_tasks(loaded))
+    notes = fewshot_notes(counts, config.num_fewshot, rolling_tasks(loaded)) + config.interval_notes()
     for text in notes:
         (note or log)(text)
     lm = _timed("model", f"model {config.model} ...", log, lambda: SinkfixLM(

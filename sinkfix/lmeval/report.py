@@ -12,11 +12,19 @@ __all__ = ["render", "dumps", "table_rows", "protocol_lines", "confidence_label"
 _DIRECTION = {True: " ↑", False: " ↓", None: ""}
 
 
+#: from here on a number is printed in scientific notation: a word perplexity of text without spaces
+#: reaches 1e38, whose 42 fixed-point characters the table cropped to "22588639603395789…" (read as 2e16)
+_SCIENTIFIC_FROM = 1e6
+
+
 def _number(x: float, signed: bool = False) -> str:
     if not math.isfinite(x):
         return str(x)
+    sign = "+" if signed else ""
+    if abs(x) >= _SCIENTIFIC_FROM:
+        return f"{x:{sign}.4e}"
     digits = 4 if abs(x) < 100 else 2
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    return f"{x:{sign}.{digits}f}"
 
 
 def _test(m: dict[str, Any]) -> str:
