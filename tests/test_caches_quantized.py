@@ -10,7 +10,7 @@ import torch
 from transformers import QuantizedCache
 
 import sinkfix
-from sinkfix.errors import BackendUnavailableError
+from sinkfix.errors import BackendUnavailableError, UsageError
 from sinkfix.caches import KVQuantizer, SinkCache
 from sinkfix.caches.body import FullBody, QuantizedBody
 from sinkfix.caches.layers import SinkLayer
@@ -298,3 +298,33 @@ def test_kvquant_measures_hqq_token_counts_transformers_cannot_pack():
     [row] = measure_kvquant(model, [ids[:23]], bits=[2], backend="hqq", n_sink=2, residual_length=8,
                             q_group_size=16, chunk=10)
     assert row.quantized_cache == "transformers QuantizedCache"
+
+
+# -- review 79: a protocol that reads no quantized token is refused ------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    # one forward holds the whole sequence: nothing reads a quantized past (three equal rows, KL 0)
+    (["--seq-len", "100", "--bits", "4"], "a 100-token sequence fits in one 128-token forward (--chunk)"),
+    (["--seq-len", "16", "--chunk", "16"], "a 16-token sequence fits in one 16-token forward (--chunk)"),
+    # every token read from the cache protected: "100% recovered" by quantizing nothing
+    (["--seq-len", "10", "--chunk", "4", "--residual-length", "4", "--n-sink", "20"],
+     "20 sinks (--n-sink) keep every token a forward reads from the cache in full precision (the last 4-token "
+     "forward of a 10-token sequence starts at token 8)"),
+    (["--seq-len", "10", "--chunk", "4", "--n-sink", "8"], "protect fewer than 8"),
+])
+def test_kvquant_refuses_a_protocol_that_measures_nothing(argv, message, capsys, monkeypatch):
+    from sinkfix import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("refused after the model loaded"))
+    assert cli.main(["kvquant", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_measure_kvquant_refuses_a_sequence_in_one_chunk():
+    from sinkfix.analysis.kvquant import check_measurable
+
+    check_measurable([10, 12], chunk=4, n_sink=7)  # the last forward of 10 tokens starts at 8: token 7 is read
+    with pytest.raises(UsageError, match="a 4-token sequence fits in one 4-token forward"):
+        check_measurable([10, 4], chunk=4, n_sink=0)
+    with pytest.raises(UsageError, match="protect fewer than 8"):
+        check_measurable([10], chunk=4, n_sink=8)

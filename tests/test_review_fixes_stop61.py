@@ -230,7 +230,8 @@ def test_kvquant_refuses_to_write_its_result_over_its_text(tmp_path, capsys):
     text.write_text("the cat sat on the mat. " * 40)
     spelled_otherwise = tmp_path / "sub" / ".." / "t.txt"
     (tmp_path / "sub").mkdir()
-    rc = cli.main(["kvquant", "--text", str(text), "--out", str(spelled_otherwise), "--seq-len", "64"])
+    rc = cli.main(["kvquant", "--text", str(text), "--out", str(spelled_otherwise), "--seq-len", "64",
+                   "--chunk", "32"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "is the text" in err and "(--text)" in err, err
     assert text.read_text() == "the cat sat on the mat. " * 40  # was replaced by the JSON result, exit status 0

@@ -162,7 +162,7 @@ def test_kvquant_text_too_short_names_its_own_flags(tiny, tmp_path, capsys):
     tiny("llama")
     short = tmp_path / "short.txt"
     short.write_text("short text")
-    assert cli.main(["kvquant", "--text", str(short), "--seq-len", "100", "--sequences", "3"]) == 2
+    assert cli.main(["kvquant", "--text", str(short), "--seq-len", "100", "--sequences", "3", "--chunk", "32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the text short" in err and "has 10 tokens, fewer than the 300 that --seq-len 100 x --sequences 3" in err
     assert "--tokens" not in err and "\n" not in err

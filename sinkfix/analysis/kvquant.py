@@ -204,6 +204,24 @@ def _lockstep(model, ids: torch.Tensor, caches: dict, rows: dict, *, chunk: int,
     return count
 
 
+def check_measurable(lengths: Sequence[int], *, chunk: int, n_sink: int) -> None:
+    """Refuse a protocol that measures nothing: a cache quantizes what it holds at the end of each
+    forward, so only the tokens of a sequence's second and later ``chunk``-token forwards read a
+    quantized past, and that past (the tokens before the last forward) must hold more than the
+    ``n_sink`` protected ones. A sequence in one forward gave three identical rows, KL exactly 0,
+    called "a loss too small to share"; ``n_sink`` past it "100% recovered" by quantizing nothing."""
+    shortest = min(lengths)
+    if shortest <= chunk:
+        raise UsageError(f"a {shortest}-token sequence fits in one {chunk}-token forward (--chunk), which reads no "
+                         f"quantized past: nothing would be measured; make the sequences longer than the chunk "
+                         f"(--seq-len > --chunk)")
+    past = chunk * ((shortest - 1) // chunk)  # where the last forward of the shortest sequence begins
+    if n_sink >= past:
+        raise UsageError(f"{n_sink} sinks (--n-sink) keep every token a forward reads from the cache in full precision (the "
+                         f"last {chunk}-token forward of a {shortest}-token sequence starts at token {past}): the "
+                         f"sink-protected cache would quantize nothing; protect fewer than {past}")
+
+
 def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[int], backend: str = "quanto",
                     n_sink: int = 4, residual_length: int | None = None, q_group_size: int | None = None, chunk: int = 128,
                     hidden_sinks: bool = False,
@@ -212,6 +230,7 @@ def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[
     default 128 for the integer backends; refused with fp8, which has no residual window."""
     if not sequences:
         raise UsageError("no sequence to measure")
+    check_measurable([ids.numel() for ids in sequences], chunk=chunk, n_sink=n_sink)
     if backend == "fp8" and residual_length is not None:  # it was ignored without a word
         raise UsageError(f"residual_length with backend 'fp8': fp8 casts every token and has no residual window, "
                          f"got {residual_length}")

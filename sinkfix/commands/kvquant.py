@@ -92,6 +92,9 @@ def _check(args) -> list[int]:
             raise UsageError(f"{label} must be >= {low}, got {value}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    from sinkfix.analysis.kvquant import check_measurable
+
+    check_measurable([args.seq_len], chunk=args.chunk, n_sink=args.n_sink)  # before the model loads
     return widths
 
 
