@@ -137,19 +137,38 @@ def test_sampled_rows_are_at_least_the_rows_asked_for():
     assert max(len(range(q)[sampled_rows(q, 32)]) for q in range(1, 300)) == max_sampled_rows(299, 32)
 
 
-def test_left_padded_prompts_get_their_rows_alone():
-    """Under a mask every prompt length of a batch gets, in the batch's slots, the rows sampled_rows
-    gives it alone (shifted past its padding), and nothing else is marked real."""
-    q_len, wanted = 90, 16
-    lengths = torch.arange(1, q_len + 1)
-    visible = torch.ones(q_len, 1, q_len, q_len, dtype=torch.bool).tril()
+def _left_padded_visibility(q_len: int, lengths: torch.Tensor) -> torch.Tensor:
+    visible = torch.ones(len(lengths), 1, q_len, q_len, dtype=torch.bool).tril()
     visible &= (torch.arange(q_len) >= q_len - lengths[:, None])[:, None, None, :]  # left padding
     visible &= (torch.arange(q_len) >= q_len - lengths[:, None])[:, None, :, None]  # padding rows see nothing
-    index, real = prompt_measures._rows_per_prompt(visible, q_len, wanted)
-    assert index.shape[-1] == max_sampled_rows(q_len, wanted)
+    return visible
+
+
+@pytest.mark.parametrize("read_lengths", [True, False])
+def test_left_padded_prompts_get_their_rows_alone(read_lengths):
+    """Under a mask every prompt length of a batch gets, in the batch's slots, the rows sampled_rows
+    gives it alone (shifted past its padding), and nothing else is marked real; the slots are the most
+    rows a prompt gets where the lengths are read (the CPU), max_sampled_rows (a shape) where not."""
+    q_len, wanted = 90, 16
+    lengths = torch.arange(1, q_len + 1)
+    index, real = prompt_measures._rows_per_prompt(_left_padded_visibility(q_len, lengths), q_len, wanted,
+                                                   read_lengths=read_lengths)
+    alone_counts = [len(range(length)[sampled_rows(length, wanted)]) for length in lengths.tolist()]
+    assert index.shape[-1] == (max(alone_counts) if read_lengths else max_sampled_rows(q_len, wanted))
     for b, length in enumerate(lengths.tolist()):
         alone = [q_len - length + r for r in range(length)[sampled_rows(length, wanted)]]
         assert index[b, 0][real[b, 0]].tolist() == alone, length
+
+
+@pytest.mark.parametrize("lengths, slots", [([512, 400], 34), ([512, 511], 35), ([40, 63], 63), ([7, 3], 7)])
+def test_a_padded_batch_on_the_cpu_gets_the_slots_its_prompts_need(lengths, slots):
+    """On the CPU the lengths are read: a 512- and a 400-token prompt fill 32 and 34 rows, so 34 slots
+    (the shape rule gives 63, nearly twice the block), and every slot of the longest is real."""
+    q_len = max(lengths)
+    visible = _left_padded_visibility(q_len, torch.tensor(lengths))
+    index, real = prompt_measures._rows_per_prompt(visible, q_len, 32)
+    assert index.shape[-1] == slots
+    assert real.sum(-1).flatten().tolist() == [len(range(n)[sampled_rows(n, 32)]) for n in lengths]
 
 
 def test_prompt_shorter_than_twice_the_sample_is_measured_whole():
@@ -290,12 +309,12 @@ def test_masked_calls_keep_one_part():
     mask[1, :, :, :4] = False  # left padding in the second sequence
     call = _layer_calls(1, 40, mask=mask)[0]
     layout = sample_call(call, rows_wanted=16, min_queries=8).layout
-    # max_sampled_rows(40, 16) = 31 slots, of which each prompt fills what sampled_rows gives it
-    # alone, at least 16 rows: 40 rows 2 apart (20 of them), 36 rows 2 apart (18)
-    assert layout.chunks == ((0, 31, 40),)
+    # each prompt fills what sampled_rows gives it alone, at least 16 rows: 40 rows 2 apart (20 of
+    # them), 36 rows 2 apart (18); on the CPU as many slots as the longer needs (a GPU: 31, a shape)
+    assert layout.chunks == ((0, 20, 40),)
     assert layout.visible.amax(-1).sum(-1).flatten().tolist() == [20, 18]
-    assert layout.row_index[0, 0, 11:].tolist() == list(range(40)[sampled_rows(40, 16)])
-    assert layout.row_index[1, 0, 13:].tolist() == [4 + r for r in range(36)[sampled_rows(36, 16)]]
+    assert layout.row_index[0, 0].tolist() == list(range(40)[sampled_rows(40, 16)])
+    assert layout.row_index[1, 0, 2:].tolist() == [4 + r for r in range(36)[sampled_rows(36, 16)]]
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -409,6 +428,34 @@ def test_shape_only_layouts_serve_later_requests(one_thread):
     layouts = {(None, True, (1,), 40, 40, 32, 32, "cpu"): kept, (12345, True, (1,), 40, 40, 32, 32, "cpu"): kept}
     assert list(layouts_for_next_forward(layouts)) == [(None, True, (1,), 40, 40, 32, 32, "cpu")]
     assert layouts_for_next_forward({(None, i): kept for i in range(9)}) == {}  # bounded
+
+
+def test_a_padded_batch_builds_its_layout_once_per_forward_on_the_cpu(monkeypatch, one_thread):
+    """Left padding locates each row's sink per call; on the CPU the layout is cached by those sink
+    columns' values (a 512- and a 400-token SmolLM2 batch built 30 layouts, 34 ms of the request), and
+    the records equal those of layouts built per call (the cache switched off)."""
+    model = tiny_model("llama")
+    ids = _ids(2, 30, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    built = []
+    real_layout = prompt_measures._layout
+    monkeypatch.setattr(prompt_measures, "_layout", lambda *a, **k: built.append(1) or real_layout(*a, **k))
+    records = {}
+    with sinkfix.patch(model, POLICIES["profile-like"]), sinkfix.monitor(model) as monitor:
+        for cached in (True, False):
+            if not cached:  # every call builds its own, as on a GPU
+                real_cached = prompt_measures._cached_layout
+                monkeypatch.setattr(prompt_measures, "_cached_layout",
+                                    lambda call, rows, queries, layouts: real_cached(call, rows, queries, None))
+            built.clear()
+            with torch.no_grad(), monitor.request():
+                model(input_ids=ids, attention_mask=mask)
+            records[cached] = (len(built), monitor.records)
+    assert records[True][0] == 1 and records[False][0] == model.config.num_hidden_layers
+    for got, want in zip(records[True][1], records[False][1]):
+        for name in ("sink_share", "dormancy", "hidden_sinks", "value_drain"):
+            assert got[name] == want[name], name
 
 
 def test_accumulator_takes_a_forwards_prompt_measures_at_once():
