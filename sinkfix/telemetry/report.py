@@ -294,6 +294,12 @@ def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
     return MonitorReport(domains, flips, models, margin)
 
 
+def _literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a ``$`` starts its math mode, so a domain
+    ``price $\\x$`` failed the whole report ("Unknown symbol") and ``$5 and $6`` showed as "5and6"."""
+    return text.replace("$", r"\$")
+
+
 def write_figure(report: MonitorReport, path: str | Path) -> Path:
     """Per-layer sink-share distributions by domain (box plots: every head of every request), and
     the mean residual-peak ratio per layer, one PNG."""
@@ -315,10 +321,10 @@ def write_figure(report: MonitorReport, path: str | Path) -> Path:
                             manage_ticks=False)
         for box in boxes["boxes"]:
             box.set(facecolor=colours(i), alpha=0.6)
-        top.plot([], [], color=colours(i), linewidth=8, alpha=0.6, label=f"{name} ({summary.requests} requests)")
-        bottom.plot(range(layers), summary.residual_peak.tolist(), marker="o", color=colours(i), label=name)
+        top.plot([], [], color=colours(i), linewidth=8, alpha=0.6, label=_literal(f"{name} ({summary.requests} requests)"))
+        bottom.plot(range(layers), summary.residual_peak.tolist(), marker="o", color=colours(i), label=_literal(name))
     top.set(xticks=range(layers), xlabel="layer", ylabel="sink share (per head, per request)", ylim=(0, 1),
-            title=f"Sink share by layer and domain: {', '.join(report.models)}")
+            title=_literal(f"Sink share by layer and domain: {', '.join(report.models)}"))
     top.legend(loc="upper right")
     peaks = torch.stack([summary.residual_peak for summary in report.domains.values()])
     # a log scale needs one positive peak to draw: a log whose peaks are all null (no residual was

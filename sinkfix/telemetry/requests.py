@@ -39,6 +39,19 @@ def _unprintable(character: str) -> bool:
     return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in _BIDI_CONTROLS
 
 
+def _visible(text: str) -> str:
+    """``text`` without white space and format characters: a label of a zero-width space only
+    (U+200B, a format character) was taken and showed as an empty row of the report."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+def _lone_surrogate(text: str) -> str | None:
+    for character in text:
+        if unicodedata.category(character) == "Cs":
+            return character
+    return None
+
+
 def check_domain_label(domain: str | None, where: str = "") -> None:
     """MonitorError for a label no request may have: :data:`NO_DOMAIN`, which would merge the request
     with those that have no domain, an empty or blank one, which Prometheus reads as no label at
@@ -48,9 +61,10 @@ def check_domain_label(domain: str | None, where: str = "") -> None:
     if domain == NO_DOMAIN:
         raise MonitorError(f"{where}the domain {NO_DOMAIN!r} is reserved for requests without one (reports and "
                            "Prometheus group those under it): use None (null), or another name")
-    if isinstance(domain, str) and not domain.strip():
+    if isinstance(domain, str) and not _visible(domain):
         raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
-                           "all; use None (null) for a request without a domain, or a name")
+                           "all, and one of invisible characters only shows as an empty row; use None (null) for a "
+                           "request without a domain, or a name")
     if isinstance(domain, str) and (domain != domain.strip() or any(_unprintable(c) for c in domain)):
         # "code " is another domain than "code" in every report, and a newline split the report's table;
         # format characters (a zero-width joiner in a Persian word or an emoji) and inner spaces are a name's own
@@ -81,6 +95,11 @@ def _parse_line(text: str, number: int, where: str) -> Request:
     prompt, domain, ident = data.get("prompt"), data.get("domain"), data.get("id")
     if not isinstance(prompt, str) or not prompt.strip():
         raise MonitorError(f"{where}, line {number}: 'prompt' must be a non-empty string")
+    surrogate = _lone_surrogate(prompt) or (_lone_surrogate(ident) if isinstance(ident, str) else None)
+    if surrogate is not None:  # valid JSON ("\ud800"), but no text: the tokenizer failed on it mid-run
+        field = "prompt" if _lone_surrogate(prompt) else "id"
+        raise MonitorError(f"{where}, line {number}: '{field}' holds a lone surrogate ({surrogate!r}), which is no "
+                           "text (half of a UTF-16 pair): fix the line's escapes")
     if domain is not None and not isinstance(domain, str):
         raise MonitorError(f"{where}, line {number}: 'domain' must be a string or null")
     check_domain_label(domain, f"{where}, line {number}: ")

@@ -1,0 +1,49 @@
+"""Review 80: a `$` in a domain label and the report's figure, lone surrogates in a request file, and
+labels of invisible characters only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sinkfix import cli
+from sinkfix.errors import MonitorError
+from sinkfix.telemetry.report import _literal, summarise, write_figure
+from sinkfix.telemetry.requests import check_domain_label, read_requests
+
+from .test_monitor_inputs_review import _record, _write_log
+
+
+@pytest.mark.parametrize("domain", ["price $\\x$", "$5 and $6", "50% $"])
+def test_a_dollar_in_a_domain_is_shown_as_itself_in_the_figure(tmp_path, domain):
+    """matplotlib reads ``$...$`` as math: the label ``price $\\x$`` failed the report ("Unknown
+    symbol: \\x"), after its report.json, and ``$5 and $6`` showed as "5and6"."""
+    log = _write_log(tmp_path / "log.jsonl", json.dumps(_record(domain)), json.dumps(_record("plain")))
+    assert cli.main(["monitor", "report", str(log), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "out").glob("*.png"))
+    figure = write_figure(summarise([_record(domain)]), tmp_path / "direct.png")
+    assert figure.stat().st_size > 0
+    assert _literal(domain).count(r"\$") == domain.count("$")  # every $ escaped: no math mode
+
+
+@pytest.mark.parametrize("line, field", [('{"prompt": "x\\ud800y"}', "prompt"),
+                                         ('{"prompt": "x", "id": "a\\udc00"}', "id")])
+def test_a_lone_surrogate_is_refused_with_its_line(tmp_path, line, field):
+    """Valid JSON, but no text: the tokenizer failed on it after the model loaded, with earlier
+    requests' records already in the log."""
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(MonitorError, match=rf"line 2: '{field}' holds a lone surrogate"):
+        read_requests(path)
+
+
+@pytest.mark.parametrize("label", ["\u200b", "\u200b \u2060", "\ufeff"])
+def test_a_label_of_invisible_characters_only_is_refused(label):
+    with pytest.raises(MonitorError, match="is empty"):
+        check_domain_label(label)
+
+
+@pytest.mark.parametrize("label", ["fa\u200cir", "\U0001F469\u200d\U0001F52C", "a\u200bb"])
+def test_format_characters_inside_a_name_are_the_names_own(label):
+    check_domain_label(label)  # a zero-width joiner in a Persian word or an emoji sequence
