@@ -47,3 +47,14 @@ def test_a_label_of_invisible_characters_only_is_refused(label):
 @pytest.mark.parametrize("label", ["fa\u200cir", "\U0001F469\u200d\U0001F52C", "a\u200bb"])
 def test_format_characters_inside_a_name_are_the_names_own(label):
     check_domain_label(label)  # a zero-width joiner in a Persian word or an emoji sequence
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    """json keeps the last of two equal keys: a request file's line with two prompts served one unsaid."""
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "a", "domain": "x", "prompt": "b"}\n', encoding="utf-8")
+    with pytest.raises(MonitorError, match=r"line 2: key 'prompt' given twice"):
+        read_requests(path)
+    path.write_text('{"prompt": "a", "meta": {"k": 1, "k": 2}}\n', encoding="utf-8")
+    with pytest.raises(MonitorError, match=r"line 1: key 'k' given twice"):  # at any depth, before the key check
+        read_requests(path)

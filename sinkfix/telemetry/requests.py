@@ -80,9 +80,21 @@ class Request:
     line: int = 0  # where it came from (0 = not from a file)
 
 
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that names a key once only: ``{"prompt": "a", "prompt": "b"}`` kept "b" unsaid."""
+    data: dict = {}
+    for key, value in pairs:
+        if key in data:
+            raise MonitorError(f"key {key!r} given twice")
+        data[key] = value
+    return data
+
+
 def _parse_line(text: str, number: int, where: str) -> Request:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_pairs)
+    except MonitorError as exc:
+        raise MonitorError(f"{where}, line {number}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise MonitorError(f"{where}, line {number}: not JSON ({json_error(exc)})") from None
     except RecursionError:  # arrays nested thousands deep: json's decoder recurses once per level
