@@ -58,3 +58,17 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     path.write_text('{"prompt": "a", "meta": {"k": 1, "k": 2}}\n', encoding="utf-8")
     with pytest.raises(MonitorError, match=r"line 1: key 'k' given twice"):  # at any depth, before the key check
         read_requests(path)
+
+
+def test_a_log_of_several_corrections_says_so(tmp_path, capsys):
+    """Records served with different policies were pooled per domain without a word."""
+    log = _write_log(tmp_path / "log.jsonl", json.dumps(_record("a", policy="identity")),
+                     json.dumps(_record("a", policy="sink_scale=0.9")), json.dumps(_record("b", policy="identity")))
+    assert cli.main(["monitor", "report", str(log), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the log holds requests served with 2 corrections (identity; sink_scale=0.9)" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["policies"] == ["identity", "sink_scale=0.9"]
+    one = _write_log(tmp_path / "one.jsonl", json.dumps(_record("a", policy="identity")))
+    assert cli.main(["monitor", "report", str(one)]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, set_threads
@@ -366,6 +367,10 @@ def _run_report(args: argparse.Namespace) -> int:
             check_matplotlib()
     console = wide_console()
     report = summarise(read_log(args.log), margin=margin)
+    if len(report.policies) > 1:  # each domain's numbers mix them, unsaid before
+        print(f"note: the log holds requests served with {len(report.policies)} corrections "
+              f"({'; '.join(report.policies)}): each domain pools them; report one log per correction to compare",
+              file=sys.stderr)
     _print_summary(report, console)
     _print_layers(report, console)
     _print_flips(report, console, args.out)

@@ -260,9 +260,11 @@ class MonitorReport:
     flips: list[dict]
     models: list[str]
     margin: float
+    #: the corrections the records were served with (their ``policy``): more than one pools them per domain
+    policies: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"format": "sinkfix-monitor-report", "version": 1, "models": self.models,
+        return {"format": "sinkfix-monitor-report", "version": 1, "models": self.models, "policies": self.policies,
                 "dormant_threshold": DORMANT_THRESHOLD, "flip_margin": self.margin,
                 "domains": {name: d.to_dict() for name, d in self.domains.items()}, "flips": self.flips}
 
@@ -291,7 +293,8 @@ def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
     domains = {name: _pool(name, group) for name, group in sorted(by_domain.items())}
     flips = dormancy_flips({name: d.dormancy for name, d in domains.items()}, margin)
     models = sorted({str(r.get("model")) for r in records})
-    return MonitorReport(domains, flips, models, margin)
+    policies = sorted({str(r["policy"]) for r in records if r.get("policy") is not None})
+    return MonitorReport(domains, flips, models, margin, policies)
 
 
 def _literal(text: str) -> str:
