@@ -295,6 +295,12 @@ def read_text_file(path: str | Path) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise TextError(f"{p} is not UTF-8 text") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        # NUL is valid UTF-8 but no text holds one (git's and grep's test for binary): a tar archive or
+        # UTF-16 without a byte-order mark decoded and was calibrated on, its padding as validation windows
+        line = text.count("\n", 0, nul) + 1
+        raise TextError(f"{p} holds a NUL byte (line {line}): a binary file or UTF-16 text, not UTF-8 text")
     if not text.strip():
         raise TextError(f"text file {p} is empty")
     return text

@@ -311,3 +311,17 @@ def test_an_unreachable_hub_switches_datasets_offline_before_it_is_imported(monk
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setitem(sys.modules, "datasets", object())  # imported already: too late to switch, left alone
     assert not texts._offline_if_unreachable() and "HF_DATASETS_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize("data, line", [
+    (b"prose.txt\x00\x00\x00\x00ustar", 1),  # a tar archive's header: valid UTF-8
+    ("echo hi\n".encode("utf-16-le"), 1),  # UTF-16 without a byte-order mark: every other byte NUL
+    (b"line one\nline two\x00\n", 2),
+])
+def test_a_file_holding_a_nul_byte_is_refused_as_binary(tmp_path, data, line):
+    """NUL is valid UTF-8, so a tar archive or BOM-less UTF-16 decoded and was calibrated on (its
+    padding as validation windows)."""
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    with pytest.raises(TextError, match=rf"holds a NUL byte \(line {line}\): a binary file or UTF-16 text"):
+        read_text_file(path)
