@@ -781,6 +781,14 @@ class Profile:
                 "the model worse on other kinds of text")
 
     @property
+    def recorded_bos(self) -> bool | None:
+        """Whether the windows the profile was calibrated on started with a BOS
+        (``calibration.protocol.bos``); None when that is not recorded (or "both")."""
+        protocol = self.calibration.get("protocol") if isinstance(self.calibration, dict) else None
+        bos = protocol.get("bos") if isinstance(protocol, dict) else None
+        return bos if isinstance(bos, bool) else None
+
+    @property
     def sinks(self) -> str:
         """What was calibrated: "positional", "hidden" or "combined" (``sinkfix calibrate --sinks``);
         a content-mode profile without that record (made by hand or by ``calibrate_hidden_sinks``)

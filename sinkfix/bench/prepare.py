@@ -68,19 +68,11 @@ class BosChoice:
     note: str | None = None  # a profile's protocol followed, or overridden
 
 
-def _recorded_bos(profile: Any) -> bool | None:
-    """The BOS protocol a profile was calibrated with (``calibration.protocol.bos``), None when unrecorded."""
-    record = getattr(profile, "calibration", None)
-    protocol = record.get("protocol") if isinstance(record, dict) else None
-    bos = protocol.get("bos") if isinstance(protocol, dict) else None
-    return bos if isinstance(bos, bool) else None
-
-
 def choose_bos(config: BenchConfig, profile: Any = None) -> BosChoice:
     """``--bos`` / ``--no-bos`` when given, else the profile's calibration protocol, else the tokenizer's
     habit: a profile fitted with a BOS and measured without one (or the reverse) is judged on text it
     was not fitted for (SmolLM2's BOS profile: python +7% perplexity without a BOS, -13% with one)."""
-    recorded = None if profile is None else _recorded_bos(profile)
+    recorded = None if profile is None else profile.recorded_bos
     name = Path(config.profile or "profile").name
     if config.bos is not None:
         note = None

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, bos_for_profile, set_threads
 from sinkfix.errors import SinkfixError
 from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
 
@@ -24,11 +26,13 @@ TextSourceError = TextError
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None,
-                         split: Split = "eval", protocol_default: str | None = None) -> None:
+                         split: Split = "eval", protocol_default: str | None = None,
+                         bos_default: str | None = None) -> None:
     """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses.
 
     ``protocol_default`` (a phrase) makes the window protocol's options (--seq-len, --bos,
-    --max-tokens) default to None, described by that phrase: the command fills them in itself."""
+    --max-tokens) default to None, described by that phrase: the command fills them in itself;
+    ``bos_default`` does so for --bos alone."""
     from sinkfix.models import DEFAULT_MODEL
 
     def protocol(value, help_text: str) -> dict:
@@ -48,8 +52,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
     source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
                         metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: all")
     parser.add_argument("--seq-len", type=int, **protocol(512, "window length in tokens"))
+    bos_help = "start every window with the tokenizer's BOS token"
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction,
-                        **protocol(True, "start every window with the tokenizer's BOS token"))
+                        **(protocol(True, bos_help) if bos_default is None else
+                           {"default": None, "help": f"{bos_help} (default: {bos_default})"}))
     parser.add_argument("--max-tokens", type=int, **protocol(default_max_tokens, "text tokens used per domain"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -72,7 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "between domains. Writes report.json and PNG figures to --out (and removes figures an earlier "
                     "run left there that this run does not draw).",
     )
-    add_common_arguments(parser, default_max_tokens=4096, split="eval")
+    add_common_arguments(parser, default_max_tokens=4096, split="eval",
+                         bos_default="as the --profile was calibrated, else yes")
     parser.add_argument("--out", default="sinkfix-inspect", help="output folder (default ./sinkfix-inspect)")
     parser.add_argument("--hidden-sink-threshold", type=float, default=0.1,
                         help="ACT criterion: mean attention over the rows that see a key (default 0.1)")
@@ -206,11 +213,13 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None and args.policy is not None:
         raise SinkfixError("give --profile or --policy, not both")
     check_hidden_sink_threshold(args.hidden_sink_threshold, "--hidden-sink-threshold")
-    check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
     # the profile file read and validated (or the policy parsed) before the texts are read and the model
     # loads, as bench and eval do; whether the profile fits the model is checked when it is applied
     correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
         sinkfix.Policy.parse(args.policy) if args.policy is not None else None
+    args.bos, bos_note = bos_for_profile(args.bos, correction if args.profile is not None else None,
+                                         Path(args.profile).name if args.profile is not None else None)
+    check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
     if correction is not None and correction.content_sinks is not None and not correction.content_sinks.is_identity:
         # inspect measures through attention observers, which content-dependent sinks do not have (a
         # content part that corrects no head patches the positional path alone and is measured as such)
@@ -220,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{given}; inspect cannot measure a model patched with content-dependent sinks (not "
                          "implemented): inspect the stock model or a positional policy or profile")
     console = wide_console()
+    if bos_note is not None:
+        print(f"note: {bos_note}", file=sys.stderr)
     texts = texts_from_args(args, "eval")
     console.print(describe_texts(texts), markup=False)
     out = check_writable(args.out, folder=True)  # before the measurements, not after them

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, set_threads
+from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, SUMMARIES, StoreOnce, bos_for_profile, set_threads
 from sinkfix.errors import MonitorError
 
 #: The figure of `sinkfix monitor report --out DIR`.
@@ -62,8 +62,9 @@ def _add_run(sub) -> None:
     parser.add_argument("--guard-margin", type=float, default=None, help="guard margin in sink share (default 0.15)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     parser.add_argument("--batch-size", type=int, default=1, help="requests per batch, left-padded (default 1)")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
-                        help="start every prompt with the tokenizer's BOS token, as calibration does (default: yes)")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start every prompt with the tokenizer's BOS token (default: as the --profile was "
+                             "calibrated, else yes)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
                         help="prompts are cut to at most N tokens, the BOS token included (the prompt's own tokens "
                              "to N - 1 with --bos); at least 2 with --bos, 1 without (default 2048)")
@@ -214,6 +215,11 @@ def _run_run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
+    correction = _correction(args)  # the profile file read before anything else: its protocol sets --bos
+    args.bos, bos_note = bos_for_profile(args.bos, correction if args.profile is not None else None,
+                                         Path(args.profile).name if args.profile is not None else None)
+    if bos_note is not None:
+        print(f"note: {bos_note}", file=sys.stderr)
     _check_prompt_limit(args)
     sample_rows = SAMPLE_ROWS if args.sample_rows is None else check_sample_rows(args.sample_rows, "--sample-rows")
     if args.prometheus_port is not None:  # its range and whether it is free, before the model loads
@@ -223,7 +229,6 @@ def _run_run(args: argparse.Namespace) -> int:
     requests = read_requests(args.requests)  # before the model loads: a bad file fails in a second
     check_writable(args.out, append=True)  # the log, likewise (appended in place: a FIFO serves)
     check_log_file(args.out, requests=args.requests)  # not the request file, nor any other file but a log
-    correction = _correction(args)  # the profile file, likewise
     if args.guard_margin is not None and not args.guard:  # an option that would do nothing: refused
         raise MonitorError("--guard-margin sets the guard's margin: give it together with --guard")
     guard_margin = DEFAULT_MARGIN if args.guard_margin is None else args.guard_margin
