@@ -82,8 +82,15 @@ MIN_TOKENS = 2
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:
     """1-D token ids of ``text`` without any special tokens, however few (callers that cut windows
-    say themselves what a text is too short for)."""
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    say themselves what a text is too short for). Special-token markup written in the text is text:
+    ``add_special_tokens=False`` only keeps the tokenizer from adding a BOS, and a literal
+    ``<|im_start|>`` in a calibration text became SmolLM2's BOS id (the sink) mid-window. No built-in
+    text holds such markup (both models' ids of every built-in text are the same either way)."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_tensors="pt")
+    except TypeError:  # a tokenizer without the option (a minimal stand-in) parses no markup anyway
+        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    return encoded.input_ids[0]
 
 
 def tokenize(tokenizer, text: str, name: str | None = None) -> torch.Tensor:

@@ -325,3 +325,19 @@ def test_a_file_holding_a_nul_byte_is_refused_as_binary(tmp_path, data, line):
     path.write_bytes(data)
     with pytest.raises(TextError, match=rf"holds a NUL byte \(line {line}\): a binary file or UTF-16 text"):
         read_text_file(path)
+
+
+def test_special_token_markup_in_a_text_is_text():
+    """A literal special token in a calibration or evaluation text stays characters: with
+    add_special_tokens=False alone, "<|im_start|>" became SmolLM2's BOS id (the sink) mid-window."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sinkfix.evaluate import token_ids
+
+    vocab = {"<|bos|>": 0, "<unk>": 1, "a": 2, "b": 3, "<": 4, "|": 5, "bos": 6, ">": 7}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|bos|>", unk_token="<unk>")
+    assert tok("a <|bos|> b", add_special_tokens=False).input_ids == [2, 0, 3]  # what the tokenizer does alone
+    assert token_ids(tok, "a <|bos|> b").tolist() == [2, 4, 5, 6, 5, 7, 3]
