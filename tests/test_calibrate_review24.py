@@ -45,7 +45,7 @@ def test_a_numbered_stem_never_takes_another_files_stem(tmp_path):
 # -- a --val-fraction that would hold out every window ---------------------------------------------
 def test_a_val_fraction_that_holds_out_every_window_is_refused():
     settings = CalibrationSettings(seq_len=64, val_fraction=0.95)
-    with pytest.raises(CalibrationError, match=r"val_fraction 0\.95 holds out 6 of text 'code'.s 6 windows.*"
+    with pytest.raises(CalibrationError, match=r"val_fraction \(--val-fraction\) 0\.95 holds out 6 of the 6 windows of text 'code'.*"
                                                r"at most 5 \(0\.833\)"):
         domain_windows(CharTokenizer(), {"code": THREE["code"][:64 * 6]}, settings)
     # a share that leaves one window to fit on is the split asked for, rounded
@@ -61,7 +61,7 @@ def test_the_command_refuses_it_in_one_line(loaded_tiny, tmp_path, capsys):
     rc = cli.main(["calibrate", *text_args(tmp_path, THREE), "--seq-len", "64", "--steps", "6", "--no-statistics",
                    "--max-tokens", "512", "--val-fraction", "0.999", "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "\n" not in err and "val_fraction 0.999 holds out" in err, err
+    assert rc == 2 and "\n" not in err and "val_fraction (--val-fraction) 0.999 holds out" in err, err
     assert out.read_text() == '{"format": "sinkfix-profile", "keep": true}'
 
 

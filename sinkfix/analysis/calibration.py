@@ -247,9 +247,9 @@ def _split(windows: list[torch.Tensor], val_fraction: float, name: str) -> Domai
     if n_val > len(windows) - 1:
         most = (len(windows) - 1) / len(windows)
         raise CalibrationError(
-            f"val_fraction {val_fraction:g} holds out {n_val} of text {name!r}'s {len(windows)} windows, leaving "
-            f"none to fit on; with this text it can hold out at most {len(windows) - 1} ({most:.3g}): give a "
-            f"smaller val_fraction or more text")
+            f"val_fraction (--val-fraction) {val_fraction:g} holds out {n_val} of the {len(windows)} windows of text "
+            f"{name!r}, leaving none to fit on; with this text it can hold out at most {len(windows) - 1} "
+            f"({most:.3g}): give a smaller val_fraction or more text")
     return DomainWindows(windows[: len(windows) - n_val], windows[len(windows) - n_val :])
 
 
@@ -743,7 +743,7 @@ def require_two_domains(names: Sequence[str]) -> None:
         raise CalibrationError(
             f"domain-robust calibration scores each domain's fit on the other domains' validation windows, so it "
             f"needs at least two domains; {'only ' + repr(names[0]) + ' is' if names else 'no domain is'} left to "
-            "calibrate on. Add text of another kind, or use rule='pooled' (not domain-robust)")
+            "calibrate on. Add text of another kind, or use rule='pooled' (--rule pooled; not domain-robust)")
 
 
 def _check_domains(fits: DomainFits, domains: Sequence[str] | None) -> list[str]:
