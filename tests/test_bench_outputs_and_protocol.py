@@ -220,11 +220,15 @@ def test_a_profile_calibrated_with_bos_is_measured_with_bos(files, tmp_path, fla
     results = json.loads(stdout)
     # before: no BOS (this tokenizer adds none by itself), bos_source "tokenizer", no note
     assert results["protocol"]["bos"] is bos and results["protocol"]["bos_source"] == source
-    bos_notes = [n for n in results["notes"] if "calibrated" in n]
+    bos_notes = [n for n in results["notes"] if "calibrated" in n and "BOS" in n]
     if note is None:
         assert bos_notes == []
     else:
         assert len(bos_notes) == 1 and note in bos_notes[0] and "with-bos.json" in bos_notes[0]
+    # the profile's 512-token windows measured at --seq-len 16: said too (review 82)
+    assert [n for n in results["notes"] if "token windows" in n] == [
+        "--profile with-bos.json was calibrated on 512-token windows and is measured on 16-token ones (--seq-len 512 "
+        "to measure as calibrated): its perplexity changes need not match the calibration's"]
 
 
 def test_the_profile_note_is_printed_with_the_table(files, tmp_path):

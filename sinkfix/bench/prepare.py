@@ -21,7 +21,8 @@ from sinkfix.models import load_model, pick_device
 from sinkfix.texts import TextSource
 
 __all__ = [
-    "Setup", "Domain", "Protocol", "BosChoice", "pick_device", "load_profile", "choose_bos", "prepare_model",
+    "Setup", "Domain", "Protocol", "BosChoice", "pick_device", "load_profile", "choose_bos", "window_length_note",
+    "prepare_model",
     "build_protocol", "tokenizer_adds_bos", "max_positions", "text_config",
 ]
 
@@ -89,6 +90,21 @@ def choose_bos(config: BenchConfig, profile: Any = None) -> BosChoice:
     how = "windows start with a BOS" if recorded else "windows have no BOS"
     other = "--no-bos to measure without" if recorded else "--bos to measure with one"
     return BosChoice(recorded, "profile", f"--profile {name}: {how}, as the profile was calibrated ({other})")
+
+
+def window_length_note(config: BenchConfig, profile: Any = None) -> str | None:
+    """A note where ``--seq-len`` differs from the window length the profile was calibrated on
+    (``calibration.protocol.seq_len``): its perplexity changes are then measured on other windows than
+    it was fitted for (not refused: the length a profile is read at is the user's to choose)."""
+    record = getattr(profile, "calibration", None)
+    protocol = record.get("protocol") if isinstance(record, dict) else None
+    recorded = protocol.get("seq_len") if isinstance(protocol, dict) else None
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded == config.seq_len:
+        return None
+    name = Path(config.profile or "profile").name
+    return (f"--profile {name} was calibrated on {recorded}-token windows and is measured on {config.seq_len}-token "
+            f"ones (--seq-len {recorded} to measure as calibrated): its perplexity changes need not match the "
+            "calibration's")
 
 
 def load_profile(path: str) -> Any:

@@ -44,6 +44,7 @@ from sinkfix.bench.prepare import (
     pick_device,
     prepare_model,
     tokenizer_adds_bos,
+    window_length_note,
 )
 from sinkfix.bench.provenance import load_average
 from sinkfix.bench.results import SCHEMA_VERSION, assemble_results, jsonable
@@ -149,13 +150,16 @@ def run_bench(
     bos = choose_bos(config, profile)  # a profile's BOS protocol, checked before the model loads
     if bos.note:
         say(bos.note)
+    length_note = window_length_note(config, profile)
+    if length_note:
+        say(length_note)
 
     setup = prepare_model(config, variants, device, model_and_tokenizer, say)
     clock.done("setup")
     protocol = build_protocol(config, setup.tokenizer, texts, bos)
     measured = _measure(setup, protocol, config, progress or no_progress, clock, say)
 
-    notes = [note for note in (bos.note, measured.metrics.note, measured.memory.note) if note]
+    notes = [note for note in (bos.note, length_note, measured.metrics.note, measured.memory.note) if note]
     results = assemble_results(config, setup, protocol, measured, phases=clock.phases, notes=notes,
                                load_start=load_start)
     results["wall_time_s"] = clock.total()
