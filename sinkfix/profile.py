@@ -780,6 +780,17 @@ class Profile:
         return (f"not domain-robust ({origin}): fitted on its calibration texts pooled together; it may make "
                 "the model worse on other kinds of text")
 
+    def _recorded_windows(self) -> str | None:
+        """The calibration windows in words ("BOS + 512-token windows"), from ``calibration.protocol``."""
+        protocol = self.calibration.get("protocol") if isinstance(self.calibration, dict) else None
+        if not isinstance(protocol, dict):
+            return None
+        length, bos = protocol.get("seq_len"), self.recorded_bos
+        length_text = f"{length}-token windows" if isinstance(length, int) and not isinstance(length, bool) else "windows"
+        if bos is None and length_text == "windows":
+            return None
+        return {True: "BOS + ", False: "no BOS, ", None: ""}[bos] + length_text
+
     @property
     def recorded_bos(self) -> bool | None:
         """Whether the windows the profile was calibrated on started with a BOS
@@ -817,6 +828,9 @@ class Profile:
                          f"(x{min(clipped):g}..x{max(clipped):g} the median norm)")
         if self.content_sinks is not None:
             parts.append(f"content sinks: {self.content_sinks.describe()}")
+        windows = self._recorded_windows()
+        if windows:  # which text the parameters are for: other windows are another protocol (bench notes it)
+            parts.append(f"calibrated on {windows}")
         label = {"positional": "positional sink", "hidden": "hidden sinks", "combined": "positional + hidden sinks",
                  "content": "content-dependent sinks"}[self.sinks]
         # the version it was read from (a content profile made in memory is written as CONTENT_VERSION)

@@ -78,3 +78,9 @@ def test_monitor_run_serves_a_profile_with_its_protocol(profiles, tmp_path, caps
     records = read_log(log)
     # the first prompt's tokens: its characters, plus one BOS when one is put first
     assert records[0]["prompt_tokens"] == len("def area(r):\n    return 3.14159 * r * r\n") + first_is_bos
+
+
+def test_describe_says_which_windows_the_profile_was_calibrated_on(profiles):
+    made, _ = profiles
+    assert "calibrated on no BOS, 64-token windows" in sinkfix.Profile.load(made[False]).describe()
+    assert "calibrated on BOS + 64-token windows" in sinkfix.Profile.load(made[True]).describe()
