@@ -104,3 +104,26 @@ def test_the_bootstrap_note_reaches_stderr_and_the_report(tiny_folder, tmp_path,
     note = EvalConfig(iterations=50, confidence=0.999).interval_notes()[0]
     assert json.loads(out.read_text())["notes"] == [note]
     assert f"note: {note}" in err
+
+
+def test_the_merged_answer_is_refused_before_a_rolling_task_listed_first_is_scored(tiny_folder, tiny_lm,  # noqa: F811
+                                                                                  tmp_path, capsys, monkeypatch):
+    """lm-eval scores request types in the order the tasks bring them: a rolling task listed first was
+    scored whole before the check of the log-likelihood answers ran."""
+    context, answer = _merging_pair(tiny_lm.tokenizer)
+    folder = _yaml_task(tmp_path, "t_merged", _LL, {"test": [{"ctx": context, "tgt": answer}]})
+    from sinkfix.lmeval.model import SinkfixLM
+
+    rolled = []
+    monkeypatch.setattr(SinkfixLM, "loglikelihood_rolling", lambda self, requests, *a, **k: rolled.append(1) or [])
+    code = main(["eval", "--model", str(tiny_folder), "--tasks", "sinkfix_code,t_merged", "--include-path",
+                 str(folder), "--device", "cpu", "--limit", "2", "--bootstrap", "40"])
+    assert code == 2 and "task t_merged, item 0:" in capsys.readouterr().err
+    assert rolled == []
+
+
+def test_the_report_keeps_the_task_order_asked_for(tiny_folder, tmp_path, capsys, one_thread):  # noqa: F811
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_folder), "--tasks", "sinkfix_code,sinkfix_cloze", "--limit", "2",
+                 "--device", "cpu", "--bootstrap", "40", "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())["tasks"]) == ["sinkfix_code", "sinkfix_cloze"]

@@ -122,7 +122,14 @@ def evaluate_once(lm: SinkfixLM, loaded: LoadedTasks, limit: int | None = None,
     overflow_safe_aggregations(loaded)
     for task in loaded.tasks.values():
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-    task_dict = {"tasks": loaded.tasks, "groups": {}, "group_map": {}}
+    # lm-eval scores its requests type by type, in the order the tasks bring them: the log-likelihood
+    # types first, so that SinkfixLM.loglikelihood's check of every answer's tokens comes before
+    # anything is scored (a rolling task listed first was scored whole, 34 s, before a merged answer
+    # was refused). Each type is scored apart, and each task draws its examples from its own
+    # sampler: the order changes no number; the report keeps the order asked for.
+    first = ("loglikelihood", "multiple_choice")
+    ordered = dict(sorted(loaded.tasks.items(), key=lambda item: getattr(item[1], "OUTPUT_TYPE", None) not in first))
+    task_dict = {"tasks": ordered, "groups": {}, "group_map": {}}
     return evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True)
 
 
