@@ -303,8 +303,12 @@ def test_kvquant_measures_hqq_token_counts_transformers_cannot_pack():
 # -- review 79: a protocol that reads no quantized token is refused ------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     # one forward holds the whole sequence: nothing reads a quantized past (three equal rows, KL 0)
-    (["--seq-len", "100", "--bits", "4"], "a 100-token sequence fits in one 128-token forward (--chunk)"),
-    (["--seq-len", "16", "--chunk", "16"], "a 16-token sequence fits in one 16-token forward (--chunk)"),
+    (["--seq-len", "100", "--bits", "4"], "a 100-token sequence feeds 99 tokens (its last is only predicted), all in "
+                                          "one 128-token forward (--chunk)"),
+    (["--seq-len", "16", "--chunk", "16"], "all in one 16-token forward"),
+    # review 83: the last token is never fed, so 129 tokens at chunk 128 are one forward too (KL 0)
+    (["--seq-len", "129", "--chunk", "128"], "a 129-token sequence feeds 128 tokens"),
+    (["--seq-len", "65", "--chunk", "32", "--n-sink", "40"], "starts at token 32): the sink-protected cache"),
     # every token read from the cache protected: "100% recovered" by quantizing nothing
     (["--seq-len", "10", "--chunk", "4", "--residual-length", "4", "--n-sink", "20"],
      "20 sinks (--n-sink) keep every token a forward reads from the cache in full precision (the last 4-token "
@@ -323,8 +327,12 @@ def test_kvquant_refuses_a_protocol_that_measures_nothing(argv, message, capsys,
 def test_measure_kvquant_refuses_a_sequence_in_one_chunk():
     from sinkfix.analysis.kvquant import check_measurable
 
-    check_measurable([10, 12], chunk=4, n_sink=7)  # the last forward of 10 tokens starts at 8: token 7 is read
-    with pytest.raises(UsageError, match="a 4-token sequence fits in one 4-token forward"):
-        check_measurable([10, 4], chunk=4, n_sink=0)
+    # 10 tokens feed 9 (0..8): forwards at 0, 4, 8; the last reads tokens 0..7, token 7 not a sink
+    check_measurable([10, 12], chunk=4, n_sink=7)
+    check_measurable([6], chunk=4, n_sink=3)  # 6 tokens feed 5: a second forward (token 4) reads 0..3
+    with pytest.raises(UsageError, match="a 5-token sequence feeds 4 tokens"):
+        check_measurable([10, 5], chunk=4, n_sink=0)
     with pytest.raises(UsageError, match="protect fewer than 8"):
         check_measurable([10], chunk=4, n_sink=8)
+    with pytest.raises(UsageError, match="protect fewer than 4"):
+        check_measurable([9], chunk=4, n_sink=4)  # 9 feed 8: forwards at 0 and 4 only

@@ -211,11 +211,12 @@ def check_measurable(lengths: Sequence[int], *, chunk: int, n_sink: int) -> None
     ``n_sink`` protected ones. A sequence in one forward gave three identical rows, KL exactly 0,
     called "a loss too small to share"; ``n_sink`` past it "100% recovered" by quantizing nothing."""
     shortest = min(lengths)
-    if shortest <= chunk:
-        raise UsageError(f"a {shortest}-token sequence fits in one {chunk}-token forward (--chunk), which reads no "
-                         f"quantized past: nothing would be measured; make the sequences longer than the chunk "
-                         f"(--seq-len > --chunk)")
-    past = chunk * ((shortest - 1) // chunk)  # where the last forward of the shortest sequence begins
+    fed = shortest - 1  # the last token is only predicted, never fed (the forwards start at 0, chunk, ... < fed)
+    if fed <= chunk:
+        raise UsageError(f"a {shortest}-token sequence feeds {fed} tokens (its last is only predicted), all in one "
+                         f"{chunk}-token forward (--chunk), which reads no quantized past: nothing would be measured; "
+                         f"make the sequences at least 2 tokens longer than the chunk (--seq-len >= --chunk + 2)")
+    past = chunk * ((fed - 1) // chunk)  # where the last forward of the shortest sequence begins
     if n_sink >= past:
         raise UsageError(f"{n_sink} sinks (--n-sink) keep every token a forward reads from the cache in full precision (the "
                          f"last {chunk}-token forward of a {shortest}-token sequence starts at token {past}): the "
