@@ -469,7 +469,7 @@ def test_num_fewshot_a_task_does_not_take_is_recorded_and_noted(tiny_folder, tmp
     the count each task ran with, and a note per reason says so, also when stderr is no terminal."""
     _fewshot_tasks(tmp_path)
     code, out, err = _run(capsys, "--model", str(tiny_folder), "--tasks", "few_free,few_zero,few_rolling",
-                          "--include-path", str(tmp_path), "--limit", "1", "--num-fewshot", "1", "--bootstrap", "40",
+                          "--include-path", str(tmp_path), "--limit", "1", "--num-fewshot", "1", "--bootstrap", "100",
                           "--json")
     assert code == 0, err
     report = json.loads(out)

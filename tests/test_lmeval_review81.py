@@ -48,7 +48,7 @@ def test_an_answer_merged_into_the_prompt_is_named_before_any_is_scored(tiny_fol
     monkeypatch.setattr(SinkfixLM, "_loglikelihood_tokens",
                         lambda self, requests, *a, **k: scored.append(len(requests)) or original(self, requests, *a, **k))
     code = main(["eval", "--model", str(tiny_folder), "--tasks", "t_merged", "--include-path", str(folder),
-                 "--device", "cpu", "--bootstrap", "40"])
+                 "--device", "cpu", "--bootstrap", "100"])
     err = capsys.readouterr().err
     assert code == 2
     assert f"task t_merged, item 1: the answer {answer!r} gives no token of its own after the prompt ending " \
@@ -82,17 +82,18 @@ def test_large_numbers_keep_their_magnitude_in_the_table():
 
 
 @pytest.mark.parametrize("iterations, confidence, noted", [
-    (50, 0.999, True), (1999, 0.999, True), (2000, 0.999, False), (39, 0.95, True), (40, 0.95, False),
-    (2000, 0.95, False), (1, 0.5, True), (4, 0.5, False)])
+    (50, 0.999, True), (2000, 0.999, True), (2001, 0.999, False), (39, 0.95, True), (40, 0.95, True),
+    (41, 0.95, False), (2000, 0.95, False), (1, 0.5, True), (4, 0.5, True), (5, 0.5, False)])
 def test_too_few_bootstrap_draws_for_the_level_are_noted(iterations, confidence, noted):
-    """With fewer than one draw beyond each bound, the percentile interval is the draws' extremes:
-    50 draws at 99.9% gave [-0.996, -0.171] where 20,000 gave [-1, 0]."""
+    """np.quantile puts the lower bound at (1 - confidence) / 2 x (N - 1) of the sorted draws: below 1
+    it lies between the smallest draw and the next (50 draws at 99.9% gave [-0.996, -0.171] where
+    20,000 gave [-1, 0])."""
     notes = EvalConfig(iterations=iterations, confidence=confidence).interval_notes()
     assert bool(notes) == noted
     if noted:
         tail = (1 - confidence) / 2
-        assert notes[0].startswith(f"--bootstrap {iterations} leaves {iterations * tail:.4g} draws beyond each bound")
-        assert f"use --bootstrap {round(1 / tail)} or more" in notes[0]
+        assert notes[0].startswith(f"--bootstrap {iterations} is too few draws for a")
+        assert f"use --bootstrap {round(1 / tail) + 1} or more" in notes[0]
 
 
 def test_the_bootstrap_note_reaches_stderr_and_the_report(tiny_folder, tmp_path, capsys, one_thread):  # noqa: F811
@@ -117,7 +118,7 @@ def test_the_merged_answer_is_refused_before_a_rolling_task_listed_first_is_scor
     rolled = []
     monkeypatch.setattr(SinkfixLM, "loglikelihood_rolling", lambda self, requests, *a, **k: rolled.append(1) or [])
     code = main(["eval", "--model", str(tiny_folder), "--tasks", "sinkfix_code,t_merged", "--include-path",
-                 str(folder), "--device", "cpu", "--limit", "2", "--bootstrap", "40"])
+                 str(folder), "--device", "cpu", "--limit", "2", "--bootstrap", "100"])
     assert code == 2 and "task t_merged, item 0:" in capsys.readouterr().err
     assert rolled == []
 
@@ -125,5 +126,5 @@ def test_the_merged_answer_is_refused_before_a_rolling_task_listed_first_is_scor
 def test_the_report_keeps_the_task_order_asked_for(tiny_folder, tmp_path, capsys, one_thread):  # noqa: F811
     out = tmp_path / "r.json"
     assert main(["eval", "--model", str(tiny_folder), "--tasks", "sinkfix_code,sinkfix_cloze", "--limit", "2",
-                 "--device", "cpu", "--bootstrap", "40", "--out", str(out)]) == 0
+                 "--device", "cpu", "--bootstrap", "100", "--out", str(out)]) == 0
     assert list(json.loads(out.read_text())["tasks"]) == ["sinkfix_code", "sinkfix_cloze"]
