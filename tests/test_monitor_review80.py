@@ -72,3 +72,42 @@ def test_a_log_of_several_corrections_says_so(tmp_path, capsys):
     one = _write_log(tmp_path / "one.jsonl", json.dumps(_record("a", policy="identity")))
     assert cli.main(["monitor", "report", str(one)]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_domain_starting_with_an_underscore_keeps_its_legend_entry(tmp_path):
+    """matplotlib's legend leaves out labels that start with "_": the domain had a box and no entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    seen = []
+    real_legend = matplotlib.axes.Axes.legend
+
+    def legend(self, *args, **kwargs):
+        made = real_legend(self, *args, **kwargs)
+        seen.append([text.get_text() for text in made.get_texts()])
+        return made
+
+    matplotlib.axes.Axes.legend = legend
+    try:
+        write_figure(summarise([_record("_internal"), _record("public")]), tmp_path / "f.png")
+    finally:
+        matplotlib.axes.Axes.legend = real_legend
+        plt.close("all")
+    assert seen and all(len(entries) == 2 for entries in seen), seen
+    assert any(" _internal" in entry for entries in seen for entry in entries)
+
+
+@pytest.mark.parametrize("label", ["code\u200b", "\u200bcode", "code\ufe0f", "\ufe0f", "\u3164", "\u2800"])
+def test_labels_that_look_like_another_or_like_nothing_are_refused(label):
+    """"code" and "code" + U+200B were two report rows that both read "code"; U+3164 or U+2800 alone a
+    blank row."""
+    with pytest.raises(MonitorError, match="invisible character|is empty"):
+        check_domain_label(label)
+
+
+@pytest.mark.parametrize("label", ["\u2764\ufe0f", "\U0001F3F4\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F",
+                                   "\U0001F1EB\U0001F1F7", "\u0928\u092e\u0938\u094d\u0924\u0947"])
+def test_emoji_and_scripts_that_end_in_marks_are_names(label):
+    check_domain_label(label)  # a heart with its selector, a subdivision flag, a country flag, Devanagari

@@ -299,8 +299,11 @@ def summarise(records: list[dict], *, margin: float = 0.05) -> MonitorReport:
 
 def _literal(text: str) -> str:
     """``text`` as matplotlib shows it literally: a ``$`` starts its math mode, so a domain
-    ``price $\\x$`` failed the whole report ("Unknown symbol") and ``$5 and $6`` showed as "5and6"."""
-    return text.replace("$", r"\$")
+    ``price $\\x$`` failed the whole report ("Unknown symbol") and ``$5 and $6`` showed as "5and6";
+    and a legend leaves out a label that starts with ``_`` (a domain ``_internal`` had a box and no
+    entry), so such a label is shown after a space."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def write_figure(report: MonitorReport, path: str | Path) -> Path:

@@ -39,10 +39,30 @@ def _unprintable(character: str) -> bool:
     return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in _BIDI_CONTROLS
 
 
+#: characters that print as nothing though they are no format characters: Hangul fillers, the blank
+#: braille pattern, the combining grapheme joiner and the variation selectors (a label of U+3164 or
+#: U+2800 alone showed as an empty row)
+_BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f" + "".join(map(chr, range(0xFE00, 0xFE10))))
+
+
+def _invisible(character: str) -> bool:
+    return character.isspace() or character in _BLANKS or unicodedata.category(character) == "Cf"
+
+
 def _visible(text: str) -> str:
-    """``text`` without white space and format characters: a label of a zero-width space only
+    """``text`` without the characters that print as nothing: a label of a zero-width space only
     (U+200B, a format character) was taken and showed as an empty row of the report."""
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+    return "".join(c for c in text if not _invisible(c))
+
+
+def _invisible_end(text: str) -> bool:
+    """Whether ``text`` starts or ends with whitespace or a character that prints as nothing ("code"
+    and "code" + U+200B were two rows that both read "code"). An emoji's own end is kept: a variation
+    selector (U+2764 U+FE0F) and a tag sequence's cancel tag (a subdivision flag) end a name."""
+    first, last = text[0], text[-1]
+    emoji_end = "\U000e0020" <= last <= "\U000e007f" or (  # a selector after a symbol, not after a letter
+        0xFE00 <= ord(last) <= 0xFE0F and len(text) > 1 and unicodedata.category(text[-2]) == "So")
+    return _invisible(first) or (not emoji_end and _invisible(last))
 
 
 def _lone_surrogate(text: str) -> str | None:
@@ -65,11 +85,11 @@ def check_domain_label(domain: str | None, where: str = "") -> None:
         raise MonitorError(f"{where}the domain {domain!r} is empty: Prometheus reads an empty label as no label at "
                            "all, and one of invisible characters only shows as an empty row; use None (null) for a "
                            "request without a domain, or a name")
-    if isinstance(domain, str) and (domain != domain.strip() or any(_unprintable(c) for c in domain)):
+    if isinstance(domain, str) and (_invisible_end(domain) or any(_unprintable(c) for c in domain)):
         # "code " is another domain than "code" in every report, and a newline split the report's table;
         # format characters (a zero-width joiner in a Persian word or an emoji) and inner spaces are a name's own
         raise MonitorError(f"{where}the domain {domain!r} has a control character or starts or ends with "
-                           "whitespace: give the name without them")
+                           "whitespace or an invisible character: give the name without them")
 
 
 @dataclass(frozen=True)
