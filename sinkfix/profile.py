@@ -782,22 +782,28 @@ class Profile:
 
     def _recorded_windows(self) -> str | None:
         """The calibration windows in words ("BOS + 512-token windows"), from ``calibration.protocol``."""
+        length, bos = self.recorded_seq_len, self.recorded_bos
+        if length is None and bos is None:
+            return None
+        return {True: "BOS + ", False: "no BOS, ", None: ""}[bos] + (f"{length}-token windows" if length else "windows")
+
+    def _recorded_protocol(self) -> dict:
         protocol = self.calibration.get("protocol") if isinstance(self.calibration, dict) else None
-        if not isinstance(protocol, dict):
-            return None
-        length, bos = protocol.get("seq_len"), self.recorded_bos
-        length_text = f"{length}-token windows" if isinstance(length, int) and not isinstance(length, bool) else "windows"
-        if bos is None and length_text == "windows":
-            return None
-        return {True: "BOS + ", False: "no BOS, ", None: ""}[bos] + length_text
+        return protocol if isinstance(protocol, dict) else {}
 
     @property
     def recorded_bos(self) -> bool | None:
         """Whether the windows the profile was calibrated on started with a BOS
         (``calibration.protocol.bos``); None when that is not recorded (or "both")."""
-        protocol = self.calibration.get("protocol") if isinstance(self.calibration, dict) else None
-        bos = protocol.get("bos") if isinstance(protocol, dict) else None
+        bos = self._recorded_protocol().get("bos")
         return bos if isinstance(bos, bool) else None
+
+    @property
+    def recorded_seq_len(self) -> int | None:
+        """The length of the windows the profile was calibrated on (``calibration.protocol.seq_len``),
+        None when not recorded."""
+        length = self._recorded_protocol().get("seq_len")
+        return length if isinstance(length, int) and not isinstance(length, bool) else None
 
     @property
     def sinks(self) -> str:

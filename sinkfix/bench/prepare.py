@@ -96,10 +96,8 @@ def window_length_note(config: BenchConfig, profile: Any = None) -> str | None:
     """A note where ``--seq-len`` differs from the window length the profile was calibrated on
     (``calibration.protocol.seq_len``): its perplexity changes are then measured on other windows than
     it was fitted for (not refused: the length a profile is read at is the user's to choose)."""
-    record = getattr(profile, "calibration", None)
-    protocol = record.get("protocol") if isinstance(record, dict) else None
-    recorded = protocol.get("seq_len") if isinstance(protocol, dict) else None
-    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded == config.seq_len:
+    recorded = None if profile is None else profile.recorded_seq_len
+    if recorded is None or recorded == config.seq_len:
         return None
     name = Path(config.profile or "profile").name
     return (f"--profile {name} was calibrated on {recorded}-token windows and is measured on {config.seq_len}-token "
