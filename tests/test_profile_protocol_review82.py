@@ -62,7 +62,10 @@ def test_inspect_measures_a_profile_with_its_protocol(profiles, tmp_path, capsys
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert (noted in err) if noted else ("note:" not in err)
-    assert json.loads((out / "report.json").read_text())["protocol"]["bos"] is bos
+    protocol = json.loads((out / "report.json").read_text())["protocol"]
+    assert protocol["bos"] is bos
+    assert protocol["profile"]["file"] == str(made[False].resolve())  # which profile was inspected
+    assert "calibrated on no BOS, 64-token windows" in protocol["profile"]["description"]
 
 
 @pytest.mark.parametrize("flag, first_is_bos", [(None, False), ("--bos", True)])

@@ -260,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if handle is not None:
             handle.remove()
+    if args.profile is not None:  # which profile was inspected: the policy string alone did not say (review 82)
+        report.protocol["profile"] = {"file": str(Path(args.profile).resolve()), "description": correction.describe()}
     print_report(report, console, out)
     path = report.save_json(out / "report.json")
     console.print(f"wrote {path}", **PATH_LINE)
