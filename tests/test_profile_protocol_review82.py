@@ -42,13 +42,14 @@ def test_the_resolver_follows_the_flag_then_the_profile_then_a_bos(profiles):
     made, _ = profiles
     no_bos, with_bos = (sinkfix.Profile.load(made[b]) for b in (False, True))
     assert bos_for_profile(None, None, None) == (True, None)
-    assert bos_for_profile(None, with_bos, "bos.json") == (True, None)
-    bos, note = bos_for_profile(None, no_bos, "nobos.json")
+    assert bos_for_profile(None, with_bos, "/x/bos.json") == (True, None)
+    bos, note = bos_for_profile(None, no_bos, str(made[False]))
     assert bos is False and note == "--profile nobos.json: no BOS, as the profile was calibrated (--bos to measure with one)"
-    bos, note = bos_for_profile(True, no_bos, "nobos.json")
+    bos, note = bos_for_profile(True, no_bos, str(made[False]))
     assert bos is True and note.startswith("--profile nobos.json was calibrated without a BOS but is measured with one")
-    assert bos_for_profile(False, no_bos, "nobos.json") == (False, None)
+    assert bos_for_profile(False, no_bos, str(made[False])) == (False, None)
     assert bos_for_profile(False, None, None) == (False, None)
+    assert bos_for_profile(None, sinkfix.Policy(sink_scale=0.9), None) == (True, None)  # a policy records none
 
 
 @pytest.mark.parametrize("flag, bos, noted", [(None, False, "no BOS, as the profile was calibrated"),

@@ -5,6 +5,7 @@ without importing any of them (each imports what its work needs: torch, transfor
 """
 
 import argparse
+from pathlib import Path
 
 SUMMARIES: dict[str, str] = {
     "bench": "benchmark quality, extreme tokens, speed and memory: stock vs patched",
@@ -42,13 +43,14 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def bos_for_profile(flag: bool | None, profile, name: str | None) -> tuple[bool, str | None]:
-    """``--bos`` / ``--no-bos`` when given, else the BOS protocol ``profile`` was calibrated with, else a
-    BOS; with a note where a profile is measured otherwise than it was calibrated (a flag against its
-    protocol) or where its protocol replaced the default (no BOS). A no-BOS profile inspected with BOS
-    windows was measured on text it was not fitted for, unsaid (SmolLM2's BOS profile: python +7%
-    perplexity without a BOS, -13% with one)."""
-    recorded = None if profile is None else profile.recorded_bos
+def bos_for_profile(flag: bool | None, correction, path: str | None) -> tuple[bool, str | None]:
+    """``--bos`` / ``--no-bos`` when given, else the BOS protocol the correction (a profile read from
+    ``path``) was calibrated with, else a BOS; with a note where a profile is measured otherwise than it
+    was calibrated (a flag against its protocol) or where its protocol replaced the default (no BOS). A
+    no-BOS profile inspected with BOS windows was measured on text it was not fitted for, unsaid
+    (SmolLM2's BOS profile: python +7% perplexity without a BOS, -13% with one)."""
+    recorded = getattr(correction, "recorded_bos", None)  # a policy, or no correction, records none
+    name = None if path is None else Path(path).name
     if flag is not None:
         if recorded is not None and recorded != flag:
             return flag, (f"--profile {name} was calibrated {'with' if recorded else 'without'} a BOS but is measured "

@@ -217,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
     # loads, as bench and eval do; whether the profile fits the model is checked when it is applied
     correction = sinkfix.Profile.load(args.profile) if args.profile is not None else \
         sinkfix.Policy.parse(args.policy) if args.policy is not None else None
-    args.bos, bos_note = bos_for_profile(args.bos, correction if args.profile is not None else None,
-                                         Path(args.profile).name if args.profile is not None else None)
+    args.bos, bos_note = bos_for_profile(args.bos, correction, args.profile)
     check_windows(args.seq_len, args.bos, args.max_tokens, flags=True)
     if correction is not None and correction.content_sinks is not None and not correction.content_sinks.is_identity:
         # inspect measures through attention observers, which content-dependent sinks do not have (a

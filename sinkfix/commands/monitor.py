@@ -216,8 +216,7 @@ def _run_run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.max_prompt_tokens < 1:
         raise MonitorError("--batch-size and --max-prompt-tokens must be >= 1, --max-new-tokens >= 0")
     correction = _correction(args)  # the profile file read before anything else: its protocol sets --bos
-    args.bos, bos_note = bos_for_profile(args.bos, correction if args.profile is not None else None,
-                                         Path(args.profile).name if args.profile is not None else None)
+    args.bos, bos_note = bos_for_profile(args.bos, correction, args.profile)
     if bos_note is not None:
         print(f"note: {bos_note}", file=sys.stderr)
     _check_prompt_limit(args)
