@@ -42,7 +42,8 @@ def _unprintable(character: str) -> bool:
 #: characters that print as nothing though they are no format characters: Hangul fillers, the blank
 #: braille pattern, the combining grapheme joiner and the variation selectors (a label of U+3164 or
 #: U+2800 alone showed as an empty row)
-_BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f" + "".join(map(chr, range(0xFE00, 0xFE10))))
+_VARIATION_SELECTORS = frozenset(map(chr, range(0xFE00, 0xFE10)))
+_BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f") | _VARIATION_SELECTORS
 
 
 def _invisible(character: str) -> bool:
@@ -61,7 +62,7 @@ def _invisible_end(text: str) -> bool:
     selector (U+2764 U+FE0F) and a tag sequence's cancel tag (a subdivision flag) end a name."""
     first, last = text[0], text[-1]
     emoji_end = "\U000e0020" <= last <= "\U000e007f" or (  # a selector after a symbol, not after a letter
-        0xFE00 <= ord(last) <= 0xFE0F and len(text) > 1 and unicodedata.category(text[-2]) == "So")
+        last in _VARIATION_SELECTORS and len(text) > 1 and unicodedata.category(text[-2]) == "So")
     return _invisible(first) or (not emoji_end and _invisible(last))
 
 
@@ -127,11 +128,11 @@ def _parse_line(text: str, number: int, where: str) -> Request:
     prompt, domain, ident = data.get("prompt"), data.get("domain"), data.get("id")
     if not isinstance(prompt, str) or not prompt.strip():
         raise MonitorError(f"{where}, line {number}: 'prompt' must be a non-empty string")
-    surrogate = _lone_surrogate(prompt) or (_lone_surrogate(ident) if isinstance(ident, str) else None)
-    if surrogate is not None:  # valid JSON ("\ud800"), but no text: the tokenizer failed on it mid-run
-        field = "prompt" if _lone_surrogate(prompt) else "id"
-        raise MonitorError(f"{where}, line {number}: '{field}' holds a lone surrogate ({surrogate!r}), which is no "
-                           "text (half of a UTF-16 pair): fix the line's escapes")
+    for field, value in (("prompt", prompt), ("id", ident)):
+        surrogate = _lone_surrogate(value) if isinstance(value, str) else None
+        if surrogate is not None:  # valid JSON ("\ud800"), but no text: the tokenizer failed on it mid-run
+            raise MonitorError(f"{where}, line {number}: '{field}' holds a lone surrogate ({surrogate!r}), which is "
+                               "no text (half of a UTF-16 pair): fix the line's escapes")
     if domain is not None and not isinstance(domain, str):
         raise MonitorError(f"{where}, line {number}: 'domain' must be a string or null")
     check_domain_label(domain, f"{where}, line {number}: ")
