@@ -850,6 +850,16 @@ class Profile:
 
 
 # -- optional statistics (the telemetry guard's reference) -----------------------------------------
+def bos_mismatch_note(recorded: bool | None, flag: bool, name: str | None, changes: str = "what it changes") -> str | None:
+    """The note where ``--bos`` / ``--no-bos`` measures a profile (file ``name``) otherwise than it was
+    calibrated (``recorded``: :attr:`Profile.recorded_bos`); None where they agree or nothing is recorded.
+    ``changes`` names what the command reports of the profile (bench: "its perplexity changes")."""
+    if recorded is None or recorded == flag:
+        return None
+    return (f"--profile {name} was calibrated {'with' if recorded else 'without'} a BOS but is measured "
+            f"{'with one (--bos)' if flag else 'without one (--no-bos)'}: {changes} need not match the calibration's")
+
+
 def _statistics_protocol(value: Any) -> dict:
     """``statistics.protocol``: an object or null (``dict()`` of a list of two-letter strings made one)."""
     if value is None:

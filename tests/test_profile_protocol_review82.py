@@ -52,6 +52,28 @@ def test_the_resolver_follows_the_flag_then_the_profile_then_a_bos(profiles):
     assert bos_for_profile(None, sinkfix.Policy(sink_scale=0.9), None) == (True, None)  # a policy records none
 
 
+def test_one_mismatch_note_for_bench_and_the_commands():
+    """bench and inspect/monitor word the flag-against-profile note alike, each naming what it reports."""
+    from sinkfix.bench.config import BenchConfig
+    from sinkfix.bench.prepare import choose_bos
+    from sinkfix.profile import bos_mismatch_note
+
+    assert bos_mismatch_note(None, True, None) is None and bos_mismatch_note(True, True, "p.json") is None
+    assert bos_mismatch_note(True, False, "p.json", "its perplexity changes") == (
+        "--profile p.json was calibrated with a BOS but is measured without one (--no-bos): its perplexity "
+        "changes need not match the calibration's")
+
+    class Recorded:  # what choose_bos and bos_for_profile read of a profile
+        recorded_bos = True
+        recorded_seq_len = None
+
+    bench = choose_bos(BenchConfig(model="tiny", profile="/x/p.json", bos=False), Recorded())
+    assert (bench.bos, bench.source) == (False, "flag")
+    assert bench.note == bos_mismatch_note(True, False, "p.json", "its perplexity changes")
+    assert bos_for_profile(False, Recorded(), "/x/p.json") == (False, bos_mismatch_note(True, False, "p.json"))
+    assert bos_for_profile(False, Recorded(), "/x/p.json")[1].endswith(": what it changes need not match the calibration's")
+
+
 @pytest.mark.parametrize("flag, bos, noted", [(None, False, "no BOS, as the profile was calibrated"),
                                               ("--bos", True, "was calibrated without a BOS but is measured with one"),
                                               ("--no-bos", False, None)])

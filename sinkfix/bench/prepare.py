@@ -76,12 +76,9 @@ def choose_bos(config: BenchConfig, profile: Any = None) -> BosChoice:
     recorded = None if profile is None else profile.recorded_bos
     name = Path(config.profile or "profile").name
     if config.bos is not None:
-        note = None
-        if recorded is not None and recorded != config.bos:
-            note = (f"--profile {name} was calibrated {'with' if recorded else 'without'} a BOS but is measured "
-                    f"{'with one (--bos)' if config.bos else 'without one (--no-bos)'}: its perplexity changes "
-                    "need not match the calibration's")
-        return BosChoice(config.bos, "flag", note)
+        from sinkfix.profile import bos_mismatch_note
+
+        return BosChoice(config.bos, "flag", bos_mismatch_note(recorded, config.bos, name, "its perplexity changes"))
     if recorded is None:
         return BosChoice(None, "tokenizer")
     if recorded and config.seq_len < 3:

@@ -52,11 +52,9 @@ def bos_for_profile(flag: bool | None, correction, path: str | None) -> tuple[bo
     recorded = getattr(correction, "recorded_bos", None)  # a policy, or no correction, records none
     name = None if path is None else Path(path).name
     if flag is not None:
-        if recorded is not None and recorded != flag:
-            return flag, (f"--profile {name} was calibrated {'with' if recorded else 'without'} a BOS but is measured "
-                          f"{'with one (--bos)' if flag else 'without one (--no-bos)'}: what it changes need not "
-                          "match the calibration's")
-        return flag, None
+        from sinkfix.profile import bos_mismatch_note  # torch-heavy: only where a flag is given
+
+        return flag, bos_mismatch_note(recorded, flag, name)
     if recorded is False:
         return False, f"--profile {name}: no BOS, as the profile was calibrated (--bos to measure with one)"
     return True, None
