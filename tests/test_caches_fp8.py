@@ -143,3 +143,46 @@ def test_a_sliding_layer_keeps_its_first_tokens_out_of_the_scale_too():
     _feed(sliding, k, v, [7, 1])
     assert torch.isclose(sliding.body.k_scale, k[:, :, 2:7].abs().max() / FP8_MAX)
     assert torch.isclose(sliding.body.v_scale, v[:, :, 2:7].abs().max() / FP8_MAX)
+
+
+def test_a_non_finite_element_of_the_first_block_stays_that_element():
+    # transformers' fp8 layer takes the scale from the block's amax, so one NaN key made the scale NaN
+    # and every key the layer stored afterwards NaN, in every row; the scale now skips it
+    k, v = _tokens(outlier=1.0)
+    k[0, 1, 3, 5] = float("nan")
+    k[1, 0, 4, 2] = float("inf")
+    layer = _layer(0)
+    keys, _ = _feed(layer, k, v, [7, 1, 1])
+    finite = torch.isfinite(k[:, :, :7])
+    assert torch.isclose(layer.body.k_scale, torch.where(finite, k[:, :, :7].abs(), 0).max() / FP8_MAX)
+    assert torch.isnan(keys).sum() == 1 and torch.isnan(keys[0, 1, 3, 5])
+    assert keys[1, 0, 4, 2] == FP8_MAX * layer.body.k_scale  # the inf saturates, as any value beyond the range
+    assert torch.isfinite(keys[:, :, 7:]).all()
+
+
+def test_saturated_elements_are_counted_after_the_scale_froze():
+    model = tiny_model("llama")
+    cache = SinkCache(model.config, n_sink=0, window=None, bits=8, backend="fp8")
+    assert cache.fp8_saturated() == 0 and SinkCache(model.config, n_sink=0, window=None).fp8_saturated() == 0
+    layer = cache.layers[0]
+    k, v = _tokens(batch=1, heads=layer_heads(model), dim=layer_dim(model), outlier=1.0)
+    cache.update(k[:, :, :6], v[:, :, :6], 0, position_ids=torch.arange(6)[None])
+    assert cache.fp8_saturated() == 0  # the calibrating block sets the range: nothing of it lies beyond
+    big = k[:, :, 6:7].clone()
+    big[0, 0, 0, :3] = 1e3 * layer.body.k_scale * FP8_MAX  # three elements far beyond the frozen range
+    cache.update(big, v[:, :, 6:7], 0, position_ids=torch.tensor([[6]]))
+    cache.update(k[:, :, 7:8] * 0.5, v[:, :, 7:8] * 0.5, 0, position_ids=torch.tensor([[7]]))
+    scaled = torch.cat([big, k[:, :, 7:8] * 0.5], dim=2) / layer.body.k_scale
+    v_scaled = torch.cat([v[:, :, 6:7], v[:, :, 7:8] * 0.5], dim=2) / layer.body.v_scale
+    expected = int((scaled.abs() > FP8_MAX).sum() + (v_scaled.abs() > FP8_MAX).sum())
+    assert expected >= 3 and cache.fp8_saturated() == expected
+    cache.reset()
+    assert cache.fp8_saturated() == 0
+
+
+def layer_heads(model) -> int:
+    return model.config.num_key_value_heads
+
+
+def layer_dim(model) -> int:
+    return getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads

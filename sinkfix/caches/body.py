@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sinkfix.caches.quantize import KVQuantizer, fp8_dequantize, fp8_quantize, fp8_scale
+from sinkfix.caches.quantize import KVQuantizer, fp8_dequantize, fp8_quantize, fp8_quantize_counting, fp8_scale
 from sinkfix.errors import CacheError
 
 __all__ = ["FullBody", "QuantizedBody", "Fp8Body", "QUANTIZED_BODIES", "make_body"]
@@ -247,6 +247,9 @@ class Fp8Body:
         self.pk: torch.Tensor | None = None  # full-precision tokens waiting for a scale
         self.pv: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        # key and value elements appended after the scale froze that lay beyond its range (cast to
+        # +-448 x scale); kept on the device, read by SinkCache.fp8_saturated()
+        self.saturated: torch.Tensor | None = None
 
     def fresh(self) -> "Fp8Body":
         return Fp8Body(self.quantizer)
@@ -264,8 +267,10 @@ class Fp8Body:
         if self.dtype is None:
             self.dtype = k.dtype
         if self.k_scale is not None:
-            self.qk = _cat(self.qk, fp8_quantize(k, self.k_scale))
-            self.qv = _cat(self.qv, fp8_quantize(v, self.v_scale))
+            qk, k_out = fp8_quantize_counting(k, self.k_scale)
+            qv, v_out = fp8_quantize_counting(v, self.v_scale)
+            self.qk, self.qv = _cat(self.qk, qk), _cat(self.qv, qv)
+            self.saturated = k_out + v_out if self.saturated is None else self.saturated + k_out + v_out
             return
         waiting = 0 if self.pk is None else self.pk.shape[-2]
         k_all, v_all = _cat(self.pk, k), _cat(self.pv, v)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 
-from sinkfix.caches.body import make_body
+from sinkfix.caches.body import Fp8Body, make_body
 from sinkfix.caches.layers import SinkLayer, real_new_tokens
 from sinkfix.caches.quantize import BACKENDS, KVQuantizer, check_quantization
 from sinkfix.caches.rope import Rotary, check_model_rotation, rotary_for
@@ -201,7 +201,8 @@ class SinkCache(Cache):
         bits: ``2`` or ``4`` quantizes tokens older than ``residual_length`` (KIVI-style, transformers'
             own backends), except the sinks, which stay in full precision; ``8`` with ``backend="fp8"``
             casts every token to float8 e4m3 with one scale per tensor calibrated without the sinks
-            (transformers' fp8 arithmetic). ``None``: full precision.
+            (transformers' fp8 arithmetic), frozen after the first block: later tokens beyond its range
+            are clipped (:meth:`fp8_saturated` counts them). ``None``: full precision.
         backend: ``"quanto"`` (optimum-quanto), ``"hqq"`` (2 or 4 bits) or ``"fp8"`` (8 bits); checked
             even without ``bits``, so a misspelt name fails at once.
         residual_length: recent tokens kept in full precision before they are quantized (default
@@ -411,6 +412,17 @@ class SinkCache(Cache):
     def nbytes(self) -> int:
         """Bytes of cached state held (keys, values, positions, quantization scales)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def fp8_saturated(self) -> int:
+        """Key and value elements an fp8 cache has cast beyond float8's range (saturated at +-448 times
+        the frozen scale) since its scales were set, summed over layers; 0 for other caches. The scale
+        is calibrated on the first block and frozen, so a later token larger than every token of that
+        block is clipped: SmolLM2, greedy decoding from a 5-token prompt, 3805 elements saturated and
+        the next-token distributions a mean KL of 6.5 nats from full precision (docs/caches.md, "fp8").
+        Reading it synchronizes with the device once."""
+        bodies = [getattr(layer, "body", None) for layer in self.layers]
+        counts = [body.saturated for body in bodies if isinstance(body, Fp8Body) and body.saturated is not None]
+        return int(torch.stack(counts).sum()) if counts else 0
 
     def __repr__(self) -> str:
         quant = "" if self.bits is None else f", bits={self.bits}, backend={self.backend!r}"

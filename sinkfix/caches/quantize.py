@@ -33,7 +33,7 @@ import torch
 from sinkfix.errors import BackendUnavailableError, CacheError
 
 __all__ = ["KVQuantizer", "BACKENDS", "SUPPORTED_BITS", "BITS_BY_BACKEND", "backend_axis", "fp8_scale",
-           "fp8_quantize", "fp8_dequantize"]
+           "fp8_quantize", "fp8_quantize_counting", "fp8_dequantize"]
 
 BACKENDS = ("quanto", "hqq", "fp8")
 BITS_BY_BACKEND = {"quanto": (2, 4), "hqq": (2, 4), "fp8": (8,)}
@@ -46,8 +46,11 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 def fp8_scale(x: torch.Tensor, calibrate: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per-tensor fp8 scale ``amax / 448`` of ``x`` (B, H, L, D), over the tokens where ``calibrate``
     (B, L) is True (all when None); None when no token is to be calibrated on. The floor keeps an
-    all-zero tensor from giving a zero scale (as transformers)."""
-    magnitude = x.abs().amax(dim=(1, 3))  # (B, L)
+    all-zero tensor from giving a zero scale (as transformers). Non-finite elements are left out: one
+    NaN or inf key would otherwise make the frozen scale NaN or inf and every element the layer ever
+    stores, in every row, NaN or zero (transformers' fp8 layer does: SmolLM2-shaped layer, one NaN in
+    the first block, 1344 of 1344 keys NaN afterwards); left out, a NaN stays the one element it is."""
+    magnitude = torch.where(torch.isfinite(x), x.abs(), 0).amax(dim=(1, 3))  # (B, L)
     if calibrate is not None:
         if not bool(calibrate.any()):
             return None
@@ -60,6 +63,13 @@ def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     scale was set from must not become NaN, which is what torch 2.11's cast makes of out-of-range
     values (2.13's cast saturates by itself, so there the clamp changes no bit)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_quantize_counting(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_quantize`, and how many elements of ``x`` lay beyond the range and were saturated
+    (a 0-dim int64 tensor on ``x``'s device: counting does not synchronize)."""
+    scaled = x.float() / scale
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), (scaled.abs() > FP8_MAX).sum()
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
