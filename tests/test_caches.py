@@ -356,6 +356,7 @@ def test_beam_search_reorders_the_cache():
     (dict(n_sink=2, window=2.5), "window must be an integer"),
     (dict(n_sink=2, window=8, bits=3), "bits must be one of 2, 4"),
     (dict(n_sink=2, window=8, bits=True), "bits must be one of 2, 4"),
+    (dict(n_sink=2, window=8, bits=4.0), "bits must be one of 2, 4"),  # was kept as a float (review 84)
     (dict(n_sink=2, window=8, bits=4, backend="gptq"), "unknown quantization backend"),
     (dict(n_sink=2, window=8, bits=4, q_group_size=24), "does not divide the head dimension"),
     (dict(n_sink=2, window=8, bits=4, residual_length=0), "residual_length"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import math
@@ -131,7 +132,13 @@ def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
                    "--residual-length", "8", "--n-sink", "2", "--hidden-sinks", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"2", "4", "protocol"}
+    assert set(result) == {"2", "4", "protocol", "provenance"}
+    # what a rerun needs: the text's hash, the numeric group size, versions of the quantization backend
+    assert result["protocol"]["text_sha256"] == {"text": hashlib.sha256(text_file.read_text().encode()).hexdigest()}
+    assert result["protocol"]["group_size"] == 16  # the tiny models' head dimension, under 64
+    prov = result["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["optimum-quanto"]
+    assert prov["torch_threads"] == torch.get_num_threads() and prov["device"] == "cpu"
     for bits in ("2", "4"):
         row = result[bits]
         assert row["tokens"] == 63 and row["quantized_cache"].startswith(quantized)

@@ -83,7 +83,8 @@ def backend_axis(backend: str) -> int:
 
 def check_quantization(bits: int, backend: str, group_size: int, head_dim: int | None = None) -> None:
     """Raise :class:`CacheError` for a bit width, backend or group size the cache cannot use."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    # 4.0 == 4 passed the membership test and was kept as a float (window=12.0 was refused)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise CacheError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (or None for full precision), "
                          f"got {bits!r}")
     if backend not in BACKENDS:

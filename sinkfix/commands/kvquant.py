@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     KVQuantizer(args.backend, widths[0])  # a missing backend package fails here, before the model loads
     texts = default_texts(args.text)
     set_threads(args.threads)
+    from sinkfix.bench.provenance import load_average
+
+    start_load = load_average()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log("texts: " + "; ".join(f"{n} ({t.source})" for n, t in texts.items()) + f"; loading {args.model} ...")
     model, tokenizer = sinkfix.load_model(args.model)
@@ -163,7 +167,13 @@ def run(args: argparse.Namespace) -> int:
         "residual_length": None if args.backend == "fp8" else args.residual_length, "chunk": args.chunk, "hidden_sinks": args.hidden_sinks,
         "groups": ("one scale per tensor (keys, values), calibrated on the first block stored" if args.backend == "fp8"
                    else "per token and kv head, 64 channels (or the head) each"),
+        "group_size": None if args.backend == "fp8" else _group_size(model),
+        # which text was measured, not only where it came from: a --text file can change under its name
+        "text_sha256": {n: hashlib.sha256(t.text.encode("utf-8")).hexdigest() for n, t in texts.items()},
     }
+    # the numbers move with the CPU's rounding and the libraries' versions (4 bits, SmolLM2: 9.550 with
+    # the stack of 2026-11-30, 9.574 with transformers 5.25 on 2026-12-07): record both
+    result["provenance"] = _provenance(model, start_load)
     if args.out:
         atomic_write_text(Path(args.out), strict_json(result, indent=2) + "\n")
     if args.json:
@@ -171,6 +181,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(result)
     return 0
+
+
+def _group_size(model) -> int:
+    """Channels per quantization group as SinkCache chooses them by default (64, or the head)."""
+    text = getattr(model.config, "text_config", None) or model.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 64 if head_dim % 64 == 0 else head_dim
+
+
+def _provenance(model, load_average_start) -> dict:
+    """Device, threads, versions (the quantization backends' too) and load, as the benchmarks record them."""
+    from importlib import metadata
+
+    import torch
+
+    from sinkfix.bench.provenance import load_average, provenance
+
+    record = provenance(next(model.parameters()).device)
+    for dist in ("optimum-quanto", "hqq"):
+        try:
+            record["versions"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            record["versions"][dist] = None
+    record["load_average_start"], record["load_average_end"] = load_average_start, load_average()
+    record["torch_threads"] = torch.get_num_threads()
+    return record
 
 
 # below this relative perplexity change of the quantized cache, the table shows no perplexity share
