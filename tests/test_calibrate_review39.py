@@ -90,6 +90,31 @@ def test_monitor_ranges_takes_the_window_protocol_from_the_profile(loaded_tiny, 
     torch.testing.assert_close(Profile.load(out).statistics.low, expected.low)
 
 
+def test_monitor_ranges_measures_on_the_domains_the_profile_was_calibrated_on(loaded_tiny, tmp_path, capsys):
+    # review 85: a profile fitted on pydoc + python got ranges from all five built-in domains, up to 0.15
+    # wider on Gemma3 (the guard's whole margin), and the guard stopped tripping where it had, unsaid
+    profile = _profile(loaded_tiny, protocol={"seq_len": 64, "bos": False, "stride": 64, "windows": "non-overlapping"},
+                       hyper={"max_tokens": 256}, texts={"pydoc": {"calib_windows": 4}, "python": {"calib_windows": 4}})
+    path = str(profile.save(tmp_path / "two.json"))
+    out = tmp_path / "r.json"
+    assert cli.main(["monitor", "ranges", "--profile", path, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "measuring on the domains the profile was calibrated on (pydoc, python)" in captured.err
+    protocol = json.loads(out.read_text())["statistics"]["protocol"]
+    assert protocol["texts"] == ["pydoc", "python"] and "overrides" not in protocol
+    # another choice is the user's to make: warned of, and recorded
+    other = tmp_path / "r2.json"
+    assert cli.main(["monitor", "ranges", "--profile", path, "--domain", "legal", "--out", str(other)]) == 0
+    assert "measuring on other texts (legal) than the profile was calibrated on (pydoc, python)" in capsys.readouterr().err
+    protocol = json.loads(other.read_text())["statistics"]["protocol"]
+    assert protocol["texts"] == ["legal"]
+    assert protocol["overrides"]["--domain"] == {"recorded": ["pydoc", "python"], "used": ["legal"]}
+    # the same domains in another order are no other choice
+    assert cli.main(["monitor", "ranges", "--profile", path, "--domain", "python", "--domain", "pydoc",
+                     "--out", str(tmp_path / "r3.json")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_monitor_ranges_refuses_a_contradicting_option_unless_asked_knowingly(loaded_tiny, tmp_path, capsys):
     path = _no_bos_profile(loaded_tiny, tmp_path)
     out = tmp_path / "r.json"

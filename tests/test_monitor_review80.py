@@ -111,3 +111,21 @@ def test_labels_that_look_like_another_or_like_nothing_are_refused(label):
                                    "\U0001F1EB\U0001F1F7", "\u0928\u092e\u0938\u094d\u0924\u0947"])
 def test_emoji_and_scripts_that_end_in_marks_are_names(label):
     check_domain_label(label)  # a heart with its selector, a subdivision flag, a country flag, Devanagari
+
+
+def test_the_figure_legend_shortens_long_labels_and_counts_one_request(tmp_path, monkeypatch):
+    """Review 85: a 150-character label made the PNG 8910 px wide, and one request read "(1 requests)"."""
+    from sinkfix.telemetry import report as report_module
+
+    long = "x" * 150
+    labels = []
+    real = report_module.write_figure.__globals__["_literal"]
+    monkeypatch.setattr(report_module, "_literal", lambda text: labels.append(text) or real(text))
+    figure = write_figure(summarise([_record(long), _record("b"), _record("b")]), tmp_path / "f.png")
+    assert figure.stat().st_size > 0
+    assert f"{'x' * 39}\u2026 (1 request)" in labels and "b (2 requests)" in labels
+    assert not any(long in label for label in labels)
+    from PIL import Image
+
+    with Image.open(figure) as image:
+        assert image.width < 2000, image.size  # 8910 before

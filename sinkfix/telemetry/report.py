@@ -306,6 +306,15 @@ def _literal(text: str) -> str:
     return " " + text if text.startswith("_") else text
 
 
+#: characters of a domain label the figure's legend shows (report.json and the tables keep it whole):
+#: a 150-character label made the PNG 8910 px wide
+LEGEND_LABEL_CHARS = 40
+
+
+def _legend_label(name: str) -> str:
+    return name if len(name) <= LEGEND_LABEL_CHARS else name[: LEGEND_LABEL_CHARS - 1] + "\u2026"
+
+
 def write_figure(report: MonitorReport, path: str | Path) -> Path:
     """Per-layer sink-share distributions by domain (box plots: every head of every request), and
     the mean residual-peak ratio per layer, one PNG."""
@@ -327,11 +336,14 @@ def write_figure(report: MonitorReport, path: str | Path) -> Path:
                             manage_ticks=False)
         for box in boxes["boxes"]:
             box.set(facecolor=colours(i), alpha=0.6)
-        top.plot([], [], color=colours(i), linewidth=8, alpha=0.6, label=_literal(f"{name} ({summary.requests} requests)"))
-        bottom.plot(range(layers), summary.residual_peak.tolist(), marker="o", color=colours(i), label=_literal(name))
+        counted = f"{summary.requests} request{'' if summary.requests == 1 else 's'}"
+        top.plot([], [], color=colours(i), linewidth=8, alpha=0.6, label=_literal(f"{_legend_label(name)} ({counted})"))
+        bottom.plot(range(layers), summary.residual_peak.tolist(), marker="o", color=colours(i),
+                    label=_literal(_legend_label(name)))
     top.set(xticks=range(layers), xlabel="layer", ylabel="sink share (per head, per request)", ylim=(0, 1),
             title=_literal(f"Sink share by layer and domain: {', '.join(report.models)}"))
-    top.legend(loc="upper right")
+    # beside the axes, not over them: inside, it covered the boxes of the last layers (Gemma3: 15-17)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     peaks = torch.stack([summary.residual_peak for summary in report.domains.values()])
     # a log scale needs one positive peak to draw: a log whose peaks are all null (no residual was
     # observed) raised matplotlib's "cannot be log-scaled" instead of writing the figure
@@ -340,5 +352,5 @@ def write_figure(report: MonitorReport, path: str | Path) -> Path:
                yscale="log" if logarithmic else "linear")
     if not logarithmic:
         bottom.text(0.5, 0.5, "no residual peak recorded", transform=bottom.transAxes, ha="center", va="center")
-    bottom.legend(loc="upper right")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return save_figure(fig, path)
