@@ -150,6 +150,18 @@ def test_kvquant_json(tiny, text_file, capsys, arch, quantized):
     assert result["2"]["kl"]["quantized"] > result["4"]["kl"]["quantized"]  # 2 bits move the model further
 
 
+def test_kvquant_prints_its_table_beside_the_provenance(tiny, text_file, tmp_path, capsys):
+    """The table skipped only the "protocol" entry: with "provenance" beside it the default command
+    (no --json) failed with KeyError 'full' after every measurement."""
+    pytest.importorskip("optimum.quanto")
+    tiny("llama")
+    out = tmp_path / "r.json"
+    assert cli.main(["kvquant", "--text", str(text_file), "--bits", "4", "--seq-len", "64", "--chunk", "16",
+                     "--residual-length", "8", "--n-sink", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full ppl" in " ".join(printed.split()) and "provenance" in json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bits", "3"], "--bits with --backend quanto takes 2 and 4"),
     (["--bits", "8"], "--bits with --backend quanto takes 2 and 4"),

@@ -233,7 +233,7 @@ def _print_table(result: dict) -> None:
         table.add_column(column.replace("_", " "), justify="left" if column == "quantized cache" else "right")
     small_rows = lower_rows = 0
     for bits, row in result.items():
-        if bits == "protocol":
+        if not bits.isdigit():  # "protocol", "provenance": the run's record, not a bit width's row
             continue
         cells = [bits, f"{row['full']:.3f}"]
         cells += [f"{row[n]:.3f} ({100 * (row[n] / row['full'] - 1):+.1f}%)" for n in names]
