@@ -849,7 +849,6 @@ class Profile:
         return self.describe()
 
 
-# -- optional statistics (the telemetry guard's reference) -----------------------------------------
 def bos_mismatch_note(recorded: bool | None, flag: bool, name: str | None, changes: str = "what it changes") -> str | None:
     """The note where ``--bos`` / ``--no-bos`` measures a profile (file ``name``) otherwise than it was
     calibrated (``recorded``: :attr:`Profile.recorded_bos`); None where they agree or nothing is recorded.
@@ -860,6 +859,7 @@ def bos_mismatch_note(recorded: bool | None, flag: bool, name: str | None, chang
             f"{'with one (--bos)' if flag else 'without one (--no-bos)'}: {changes} need not match the calibration's")
 
 
+# -- optional statistics (the telemetry guard's reference) -----------------------------------------
 def _statistics_protocol(value: Any) -> dict:
     """``statistics.protocol``: an object or null (``dict()`` of a list of two-letter strings made one)."""
     if value is None:

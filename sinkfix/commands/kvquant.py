@@ -194,8 +194,6 @@ def _provenance(model, load_average_start) -> dict:
     """Device, threads, versions (the quantization backends' too) and load, as the benchmarks record them."""
     from importlib import metadata
 
-    import torch
-
     from sinkfix.bench.provenance import load_average, provenance
 
     record = provenance(next(model.parameters()).device)
@@ -205,7 +203,6 @@ def _provenance(model, load_average_start) -> dict:
         except metadata.PackageNotFoundError:
             record["versions"][dist] = None
     record["load_average_start"], record["load_average_end"] = load_average_start, load_average()
-    record["torch_threads"] = torch.get_num_threads()
     return record
 
 
