@@ -105,14 +105,44 @@ def test_monitor_ranges_measures_on_the_domains_the_profile_was_calibrated_on(lo
     # another choice is the user's to make: warned of, and recorded
     other = tmp_path / "r2.json"
     assert cli.main(["monitor", "ranges", "--profile", path, "--domain", "legal", "--out", str(other)]) == 0
-    assert "measuring on other texts (legal) than the profile was calibrated on (pydoc, python)" in capsys.readouterr().err
+    assert ("measuring on the built-in domains legal; the profile was calibrated on the built-in domains pydoc, "
+            "python") in capsys.readouterr().err
     protocol = json.loads(other.read_text())["statistics"]["protocol"]
     assert protocol["texts"] == ["legal"]
     assert protocol["overrides"]["--domain"] == {"recorded": ["pydoc", "python"], "used": ["legal"]}
+    # files named like the built-in domains are not those domains: warned of, recorded under --text
+    files = text_args(tmp_path, {"pydoc": THREE["prose"], "python": THREE["code"]})
+    assert cli.main(["monitor", "ranges", "--profile", path, *files, "--out", str(tmp_path / "r4.json")]) == 0
+    assert "measuring on the files pydoc.txt, python.txt; the profile was calibrated on the built-in" in \
+        capsys.readouterr().err
+    overrides = json.loads((tmp_path / "r4.json").read_text())["statistics"]["protocol"]["overrides"]
+    assert overrides == {"--text": {"recorded": ["pydoc", "python"], "used": ["pydoc", "python"]}}
     # the same domains in another order are no other choice
     assert cli.main(["monitor", "ranges", "--profile", path, "--domain", "python", "--domain", "pydoc",
                      "--out", str(tmp_path / "r3.json")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_monitor_ranges_of_a_profile_calibrated_on_files_needs_them(loaded_tiny, tmp_path, capsys):
+    """Review 87: without --text it measured on the five built-in domains (ranges up to 0.25 off the
+    profile's own) with a note only; given its own files it warned that they were other texts."""
+    profile = _profile(loaded_tiny, protocol={"seq_len": 64, "bos": False, "stride": 64, "windows": "non-overlapping"},
+                       hyper={"max_tokens": 256}, texts={"prose": {}, "code": {}})
+    path = str(profile.save(tmp_path / "files.json"))
+    out = tmp_path / "r.json"
+    assert cli.main(["monitor", "ranges", "--profile", path, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "calibrated on texts that are not built-in domains (prose, code): pass those files with --text" in err
+    assert not out.exists()
+    own = text_args(tmp_path, {"code": THREE["code"], "prose": THREE["prose"]})  # its own files, in another order
+    assert cli.main(["monitor", "ranges", "--profile", path, *own, "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "overrides" not in json.loads(out.read_text())["statistics"]["protocol"]
+    other = text_args(tmp_path, {"list": THREE["list"]})
+    assert cli.main(["monitor", "ranges", "--profile", path, *other, "--out", str(tmp_path / "o.json")]) == 0
+    assert "measuring on the files list.txt; the profile was calibrated on the texts prose, code" in capsys.readouterr().err
+    overrides = json.loads((tmp_path / "o.json").read_text())["statistics"]["protocol"]["overrides"]
+    assert overrides == {"--text": {"recorded": ["prose", "code"], "used": ["list"]}}
 
 
 def test_monitor_ranges_refuses_a_contradicting_option_unless_asked_knowingly(loaded_tiny, tmp_path, capsys):

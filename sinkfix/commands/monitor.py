@@ -90,6 +90,7 @@ def _add_ranges(sub) -> None:
 
     parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
     from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
+    from sinkfix.texts import DOMAINS
 
     # the window protocol defaults to the profile's own (its calibration record): ranges measured with
     # other windows (BOS windows for a no-BOS profile) moved by up to 0.37 in sink share on SmolLM2, and
@@ -97,6 +98,13 @@ def _add_ranges(sub) -> None:
     add_common_arguments(parser, default_max_tokens=8192, split="calib",
                          protocol_default="as the profile records its calibration; a different value needs "
                                           "--override-protocol")
+    for action in parser._actions:  # the texts default to the profile's own, not to every built-in domain
+        if action.dest == "domain":
+            action.help = (f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: the domains the profile "
+                           "was calibrated on")
+        elif action.dest == "text":
+            action.help = ("UTF-8 text file, one domain each, named by the file stem; repeatable; needed for a "
+                           "profile calibrated on files (default: the profile's built-in domains)")
     parser.add_argument("--profile", action=StoreOnce, required=True, help="the profile to measure (applied to the model)")
     parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
                         help="windows per domain the ranges are measured on, the first N (default: the profile's "
@@ -486,35 +494,45 @@ def _recorded_domains(profile) -> list[str] | None:
 
 
 def _ranges_domains(args: argparse.Namespace, profile) -> dict | None:
-    """Default the texts of `monitor ranges` to the built-in domains the profile was calibrated on:
-    measured on all five, a profile fitted on pydoc + python got ranges up to 0.15 wider on Gemma3 (the
-    guard's whole margin) and the guard stopped tripping where it had, unsaid. Returns
-    {"recorded", "used"} where the user's choice differs from the record (noted on stderr)."""
+    """Default the texts of `monitor ranges` to those the profile was calibrated on: measured on all
+    five built-in domains, a Gemma3 profile fitted on pydoc + python got ranges up to 0.15 wider (the
+    guard's whole margin) and one fitted on two text files up to 0.25, unsaid. A profile fitted on
+    files needs them again (--text), or a knowing --domain choice. Returns {"option", "recorded",
+    "used"} where the texts measured are not the recorded ones (warned of on stderr), else None."""
+    from sinkfix.errors import UsageError
     from sinkfix.texts import DOMAIN_ALIASES, DOMAINS
 
     recorded = _recorded_domains(profile)
     if recorded is None:
         return None
-    chosen_texts = bool(args.text) or bool(getattr(args, "dataset", None))
-    if not chosen_texts and args.domain is None:
-        if all(name in DOMAINS for name in recorded):
-            args.domain = list(recorded)
-            print(f"sinkfix monitor ranges: note: measuring on the domains the profile was calibrated on "
-                  f"({', '.join(recorded)}); --domain to choose others", file=sys.stderr)
-            return None
-        print(f"sinkfix monitor ranges: note: the profile was calibrated on texts that are not built-in domains "
-              f"({', '.join(recorded)}); measuring on every built-in domain: pass the calibration texts with --text "
-              "to measure its ranges on them", file=sys.stderr)
-        return {"recorded": recorded, "used": list(DOMAINS)}
-    used = list(args.domain) if not chosen_texts else None
-    if used is not None:
-        used = list(dict.fromkeys(DOMAIN_ALIASES.get(name, name) for name in used))
-        if sorted(used) == sorted(recorded):
-            return None
-    used_names = used if used is not None else [Path(t).stem for t in args.text or ()] or [str(args.dataset)]
-    print(f"sinkfix monitor ranges: warning: measuring on other texts ({', '.join(used_names)}) than the profile was "
-          f"calibrated on ({', '.join(recorded)}); the new statistics record it (protocol.overrides)", file=sys.stderr)
-    return {"recorded": recorded, "used": used_names}
+    built_in = all(name in DOMAINS for name in recorded)
+    if not args.text and not getattr(args, "dataset", None) and args.domain is None:
+        if not built_in:
+            raise UsageError(f"--profile {Path(args.profile).name} was calibrated on texts that are not built-in "
+                             f"domains ({', '.join(recorded)}): pass those files with --text, or choose built-in "
+                             "domains with --domain (the new statistics then record it in protocol.overrides)")
+        args.domain = list(recorded)
+        print(f"sinkfix monitor ranges: note: measuring on the domains the profile was calibrated on "
+              f"({', '.join(recorded)}); --domain to choose others", file=sys.stderr)
+        return None
+    if args.domain is not None:
+        option, used = "--domain", list(dict.fromkeys(DOMAIN_ALIASES.get(name, name) for name in args.domain))
+        same = built_in and sorted(used) == sorted(recorded)
+        measured = f"the built-in domains {', '.join(used)}"
+    elif args.text:
+        # files named as the profile's calibration files are taken for them (their text is not recorded)
+        option, used = "--text", [Path(t).stem for t in args.text]
+        same = not built_in and sorted(used) == sorted(recorded)
+        measured = f"the files {', '.join(Path(t).name for t in args.text)}"
+    else:
+        option, used, same = "--dataset", [str(args.dataset)], False
+        measured = f"the dataset {args.dataset}"
+    if same:
+        return None
+    calibrated = f"the built-in domains {', '.join(recorded)}" if built_in else f"the texts {', '.join(recorded)}"
+    print(f"sinkfix monitor ranges: warning: measuring on {measured}; the profile was calibrated on {calibrated}; "
+          "the new statistics record it (protocol.overrides)", file=sys.stderr)
+    return {"option": option, "recorded": recorded, "used": used}
 
 
 def _run_ranges(args: argparse.Namespace) -> int:
@@ -535,7 +553,7 @@ def _run_ranges(args: argparse.Namespace) -> int:
     print(describe_texts(texts))
     overrides = _ranges_protocol(args, profile)
     if domains_differ:
-        overrides["--domain"] = domains_differ
+        overrides[domains_differ.pop("option")] = domains_differ
     check_writable(args.out)  # before the measurements, not after them
     check_profile_out(args.out, "--out", args.text or ())  # not a --text file, nor any other file but a profile
     model, tokenizer = sinkfix.load_model(args.model)
