@@ -162,6 +162,18 @@ def test_kvquant_prints_its_table_beside_the_provenance(tiny, text_file, tmp_pat
     assert "full ppl" in " ".join(printed.split()) and "provenance" in json.loads(out.read_text())
 
 
+def test_kvquant_fp8_reports_the_elements_its_frozen_scale_clipped(tiny, text_file, tmp_path, capsys):
+    tiny("gemma3")  # transformers refuses its sliding layers: both fp8 variants are SinkCaches
+    out = tmp_path / "r.json"
+    assert cli.main(["kvquant", "--text", str(text_file), "--backend", "fp8", "--seq-len", "64", "--chunk", "16",
+                     "--n-sink", "2", "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    counts = json.loads(out.read_text())["8"]["fp8_saturated"]
+    assert set(counts) == {"quantized", "sink_protected"} and all(isinstance(n, int) and n >= 0 for n in counts.values())
+    assert (f"fp8 elements clipped at the frozen scale's range: quantized {counts['quantized']:,}, sink protected "
+            f"{counts['sink_protected']:,}") in printed
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bits", "3"], "--bits with --backend quanto takes 2 and 4"),
     (["--bits", "8"], "--bits with --backend quanto takes 2 and 4"),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -60,6 +60,9 @@ class QuantRow:
     tokens: int
     quantized_cache: str = ""
     hidden_tokens: int = 0  # (row, token, layer) triples the hidden-sink variant kept in full precision
+    # fp8 only, per variant whose cache is a SinkCache: key and value elements clipped at the frozen
+    # scale's range (SinkCache.fp8_saturated), summed over sequences
+    fp8_saturated: dict[str, int] = field(default_factory=dict)
 
     def ppl(self, variant: str) -> float:
         return math.exp(self.nll_sum[variant] / max(self.tokens, 1))
@@ -76,6 +79,8 @@ class QuantRow:
                    recovered=recovered_share(full, quantized, protected),
                    recovered_kl=recovered_share(0.0, self.kl("quantized"), self.kl("sink_protected")),
                    protected_vs_full=protected / full - 1, quantized_vs_full=quantized / full - 1)
+        if self.fp8_saturated:
+            out["fp8_saturated"] = dict(self.fp8_saturated)
         if HIDDEN in out:
             out.update(recovered_hidden=recovered_share(full, quantized, out[HIDDEN]),
                        recovered_kl_hidden=recovered_share(0.0, self.kl("quantized"), self.kl(HIDDEN)),
@@ -261,6 +266,11 @@ def measure_kvquant(model, sequences: Sequence[torch.Tensor], *, bits: Sequence[
             for width in bits:
                 rows[width].tokens += count
                 rows[width].hidden_tokens += sum(g.protected for (v, w), g in guards.items() if w == width)
+            if backend == "fp8":
+                for (variant, width), cache in caches.items():
+                    if variant != "full" and isinstance(cache, SinkCache):  # transformers' own cache counts none
+                        counts = rows[width].fp8_saturated
+                        counts[variant] = counts.get(variant, 0) + cache.fp8_saturated()
     finally:
         if handle is not None:
             handle.remove()

@@ -258,6 +258,10 @@ def _print_table(result: dict) -> None:
     if lower_rows:
         captions.append("** quantization did not raise the perplexity: there is no loss to recover, so no share "
                         "(see the KL columns; null in the JSON)")
+    for bits, row in result.items():
+        if bits.isdigit() and row.get("fp8_saturated"):  # the frozen scale clipped later tokens: docs/caches.md, "fp8"
+            clipped = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in row["fp8_saturated"].items())
+            captions.append(f"fp8 elements clipped at the frozen scale's range: {clipped}")
     if captions:
         table.caption = "\n".join(captions)
         table.caption_justify = "left"
