@@ -313,8 +313,9 @@ def read_text_file(path: str | Path) -> str:
 DATASET_MAX_CHARS = 4_000_000
 DATASET_DEFAULT_SPLIT = "test"  # held-out data: bench and inspect report on it, nothing is fitted to it
 
-TEXT_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
-             "NAME-3, ..., never another file's stem); default: the built-in domains")
+TEXT_FILE_HELP = ("UTF-8 text file, one domain each, named by the file stem (a repeated stem becomes NAME-2, "
+                  "NAME-3, ..., never another file's stem)")
+TEXT_HELP = f"{TEXT_FILE_HELP}; default: the built-in domains"
 DATASET_HELP = (f"a text set of the `datasets` package, NAME[:CONFIG][@SPLIT], e.g. wikitext:wikitext-2-raw-v1 "
                 f"or wikitext:wikitext-2-raw-v1@validation (split default '{DATASET_DEFAULT_SPLIT}'); the text "
                 f"column's first {DATASET_MAX_CHARS // 1_000_000}M characters make one domain named NAME; needs "

@@ -16,11 +16,13 @@ __all__ = ["provenance", "provenance_line", "load_average", "versions", "git_sta
 _DISTRIBUTIONS = ("sinkfix", "torch", "transformers", "tokenizers", "numpy", "gguf", "triton", "accelerate")
 
 
-def versions() -> dict[str, str | None]:
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Python's and each distribution's version (None where not installed): the usual ones, then
+    ``extra`` (what one command's numbers also depend on, e.g. a quantization backend)."""
     from importlib import metadata
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in _DISTRIBUTIONS:
+    for dist in _DISTRIBUTIONS + tuple(extra):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -71,8 +73,9 @@ def usable_cpus() -> int | None:
         return os.cpu_count()
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
-    """The JSON ``provenance`` section; the runner fills in the two load averages."""
+def provenance(device: torch.device, extra_distributions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON ``provenance`` section; the runner fills in the two load averages. ``extra_distributions``:
+    packages whose versions are recorded besides the usual ones (:func:`versions`)."""
     return {
         "device": device.type,
         "device_name": device_name(device),
@@ -83,7 +86,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "load_average_start": load_average(),
         "load_average_end": None,
         "platform": platform.platform(),
-        "versions": versions(),
+        "versions": versions(extra_distributions),
         "git": git_state(),
         "argv": list(sys.argv),
     }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, StoreOnce, SUMMARIES, bos_for_profile, set_threads
 from sinkfix.errors import SinkfixError
-from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_HELP, Split, TextError, TextSource, load_texts
+from sinkfix.texts import DATASET_HELP, DOMAIN_ALIASES, DOMAINS, TEXT_FILE_HELP, Split, TextError, TextSource, load_texts
 
 if TYPE_CHECKING:  # torch is imported where a command runs, not when the CLI starts
     import torch
@@ -27,12 +27,13 @@ TextSourceError = TextError
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None,
                          split: Split = "eval", protocol_default: str | None = None,
-                         bos_default: str | None = None) -> None:
+                         bos_default: str | None = None, texts_default: str | None = None) -> None:
     """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses.
 
     ``protocol_default`` (a phrase) makes the window protocol's options (--seq-len, --bos,
     --max-tokens) default to None, described by that phrase: the command fills them in itself;
-    ``bos_default`` does so for --bos alone."""
+    ``bos_default`` does so for --bos alone, ``texts_default`` for the texts (--text, --domain: without
+    either, the command chooses; default: every built-in domain)."""
     from sinkfix.models import DEFAULT_MODEL
 
     def protocol(value, help_text: str) -> dict:
@@ -43,14 +44,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"offline model name (smollm2-135m, gemma3-270m), local folder or hub id (default {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
+    text_help = f"{TEXT_FILE_HELP}; default: {texts_default or 'the built-in domains'}"
     source.add_argument("--text", action="append", metavar="FILE", default=None,
-                        help=f"{TEXT_HELP} ({'calibration' if split == 'calib' else 'evaluation'} split); repeatable")
+                        help=f"{text_help} ({'calibration' if split == 'calib' else 'evaluation'} split); repeatable")
     dataset_help = DATASET_HELP
     if split == "calib":
         dataset_help += "; to calibrate on a training split, name it (NAME[:CONFIG]@train)"
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, help=dataset_help)
     source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
-                        metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: all")
+                        metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: "
+                                             f"{texts_default or 'all'}")
     parser.add_argument("--seq-len", type=int, **protocol(512, "window length in tokens"))
     bos_help = "start every window with the tokenizer's BOS token"
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction,

@@ -184,24 +184,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _group_size(model) -> int:
-    """Channels per quantization group as SinkCache chooses them by default (64, or the head)."""
-    text = getattr(model.config, "text_config", None) or model.config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 64 if head_dim % 64 == 0 else head_dim
+    """Channels per quantization group as the caches measured choose them by default (asked of one)."""
+    from sinkfix.caches import SinkCache
+
+    return SinkCache(model.config, n_sink=0, window=None).q_group_size
 
 
 def _provenance(model, load_average_start) -> dict:
     """Device, threads, versions (the quantization backends' too) and load, as the benchmarks record them."""
-    from importlib import metadata
-
     from sinkfix.bench.provenance import load_average, provenance
 
-    record = provenance(next(model.parameters()).device)
-    for dist in ("optimum-quanto", "hqq"):
-        try:
-            record["versions"][dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            record["versions"][dist] = None
+    record = provenance(next(model.parameters()).device, extra_distributions=("optimum-quanto", "hqq"))
     record["load_average_start"], record["load_average_end"] = load_average_start, load_average()
     return record
 
@@ -229,9 +222,13 @@ def _print_table(result: dict) -> None:
     for column in columns + ["tokens", "quantized cache"]:
         table.add_column(column.replace("_", " "), justify="left" if column == "quantized cache" else "right")
     small_rows = lower_rows = 0
+    clipped_captions = []
     for bits, row in result.items():
         if not bits.isdigit():  # "protocol", "provenance": the run's record, not a bit width's row
             continue
+        if row.get("fp8_saturated"):  # the frozen scale clipped later tokens: docs/caches.md, "fp8"
+            clipped = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in row["fp8_saturated"].items())
+            clipped_captions.append(f"fp8 elements clipped at the frozen scale's range: {clipped}")
         cells = [bits, f"{row['full']:.3f}"]
         cells += [f"{row[n]:.3f} ({100 * (row[n] / row['full'] - 1):+.1f}%)" for n in names]
         cells += [f"{row['kl'][n]:.4f}" for n in names]
@@ -258,10 +255,7 @@ def _print_table(result: dict) -> None:
     if lower_rows:
         captions.append("** quantization did not raise the perplexity: there is no loss to recover, so no share "
                         "(see the KL columns; null in the JSON)")
-    for bits, row in result.items():
-        if bits.isdigit() and row.get("fp8_saturated"):  # the frozen scale clipped later tokens: docs/caches.md, "fp8"
-            clipped = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in row["fp8_saturated"].items())
-            captions.append(f"fp8 elements clipped at the frozen scale's range: {clipped}")
+    captions += clipped_captions
     if captions:
         table.caption = "\n".join(captions)
         table.caption_justify = "left"

@@ -90,21 +90,16 @@ def _add_ranges(sub) -> None:
 
     parser = sub.add_parser("ranges", help="add calibration statistics (the guard's ranges) to a profile")
     from sinkfix.commands.calibrate import STATISTICS_MIN_ROWS, STATISTICS_WINDOWS
-    from sinkfix.texts import DOMAINS
 
     # the window protocol defaults to the profile's own (its calibration record): ranges measured with
     # other windows (BOS windows for a no-BOS profile) moved by up to 0.37 in sink share on SmolLM2, and
     # the guard compared live prompts with them, unsaid
     add_common_arguments(parser, default_max_tokens=8192, split="calib",
                          protocol_default="as the profile records its calibration; a different value needs "
-                                          "--override-protocol")
-    for action in parser._actions:  # the texts default to the profile's own, not to every built-in domain
-        if action.dest == "domain":
-            action.help = (f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: the domains the profile "
-                           "was calibrated on")
-        elif action.dest == "text":
-            action.help = ("UTF-8 text file, one domain each, named by the file stem; repeatable; needed for a "
-                           "profile calibrated on files (default: the profile's built-in domains)")
+                                          "--override-protocol",
+                         # the profile's own texts, not every built-in domain; one calibrated on files needs --text
+                         texts_default="the built-in domains the profile was calibrated on (a profile calibrated "
+                                       "on files needs them here)")
     parser.add_argument("--profile", action=StoreOnce, required=True, help="the profile to measure (applied to the model)")
     parser.add_argument("--statistics-windows", type=int, default=None, metavar="N",
                         help="windows per domain the ranges are measured on, the first N (default: the profile's "
