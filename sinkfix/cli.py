@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -119,6 +120,39 @@ def _terminate(signum, frame) -> None:
 _NAMED_BY_OPTION = {"out": "the output", "model": "a model", "requests": "a request file"}
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+class _WarningsAsNotes:
+    """Warnings printed while a command runs, one line each: ``sinkfix CMD: warning: MESSAGE``.
+    Python's own format adds the warning's class and the source line that raised it (``--domain
+    prose`` printed ``.../sinkfix/texts.py:413: FutureWarning: ...`` and then that line of code),
+    which tells a command-line user nothing. A warning raised outside sinkfix (transformers, torch)
+    keeps its class and place in brackets, which a user reporting it needs. Only the format is
+    replaced, not ``showwarning``: warnings recorded by ``catch_warnings(record=True)`` (pytest's
+    among them) stay recorded."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.previous = None
+
+    def format(self, message, category, filename, lineno, line=None) -> str:
+        where = "" if str(filename).startswith(_PACKAGE_DIR) else f" [{category.__name__}, {filename}:{lineno}]"
+        return f"sinkfix {self.label}: warning: {message}{where}\n"
+
+    def __enter__(self) -> "_WarningsAsNotes":
+        self.previous, warnings.formatwarning = warnings.formatwarning, self.format
+        return self
+
+    def __exit__(self, *exc) -> None:
+        warnings.formatwarning = self.previous
+
+
+def _label(args: argparse.Namespace) -> str:
+    """The command as typed, for messages: ``monitor ranges``, not ``monitor``."""
+    return " ".join(filter(None, (args.command, getattr(args, "action", None))))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
@@ -136,19 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help()
             return 2
-        command = args.command
+        command = _label(args)
         # an unset shell variable (--out "$DIR"): bench and eval ran their whole work and saved nothing,
         # inspect and stream wrote into the working folder; an empty --model or --requests was read as
         # the working folder ("request file . is a directory")
         for option, what in _NAMED_BY_OPTION.items():
             value = getattr(args, option, None)
             if isinstance(value, str) and not value.strip():
-                full = " ".join(filter(None, (command, getattr(args, "action", None))))  # monitor run | report...
-                print(f"sinkfix {command}: error: --{option} is empty: name {what} (see sinkfix {full} --help)",
+                print(f"sinkfix {command}: error: --{option} is empty: name {what} (see sinkfix {command} --help)",
                       file=sys.stderr)
                 return 2
         sys.stdout = guard
-        code = int(args.run(args) or 0)
+        with _WarningsAsNotes(command):
+            code = int(args.run(args) or 0)
         if guard.reader_gone and code == 0:
             print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
                   f"printed; {_saved(getattr(args, 'out', None))}", file=sys.stderr)  # a default the run resolved

@@ -74,7 +74,7 @@ def test_out_that_is_another_file_is_refused_before_the_model_loads(no_model, tm
     other.write_bytes(content.encode("latin-1"))
     assert _run(_requests(tmp_path), other) == 2
     message = _error(capsys)
-    assert message.startswith("sinkfix monitor: error:") and "is not a sinkfix telemetry log" in message
+    assert message.startswith("sinkfix monitor run: error:") and "is not a sinkfix telemetry log" in message
     assert other.read_bytes() == content.encode("latin-1")
 
 
@@ -263,7 +263,7 @@ def test_a_profile_for_another_model_is_still_refused_after_loading(tiny, tmp_pa
     assert _inspect(tmp_path, "--profile", other) == 2
     assert "sinkfix inspect: error:" in _error(capsys)
     assert _run(_requests(tmp_path), tmp_path / "t.jsonl", "--profile", other) == 2
-    assert "sinkfix monitor: error:" in _error(capsys)
+    assert "sinkfix monitor run: error:" in _error(capsys)
     assert PatchHandle.of(tiny) is None
     # and a profile of this model works on both commands
     mine = _profile_of(tiny, tmp_path / "mine.json")
@@ -307,3 +307,29 @@ def test_threads_below_one_are_refused_before_the_model_loads(no_model, tmp_path
 def test_guard_margin_without_a_guard_is_refused(no_model, tmp_path, capsys):
     assert _run(_requests(tmp_path), tmp_path / "log.jsonl", "--guard-margin", "0.2") != 0
     assert "--guard-margin sets the guard's margin: give it together with --guard" in _error(capsys)
+
+
+def test_warnings_of_a_command_are_one_line_notes_and_stay_recordable():
+    """Python's format printed the class and the source line that raised a warning (`--domain prose`:
+    `.../sinkfix/texts.py:413: FutureWarning: ...` and the code line); a command prints one line.
+    A warning from another package keeps its class and place; recording (pytest's) still works."""
+    import warnings
+
+    notes = cli._WarningsAsNotes("monitor ranges")
+    ours = notes.format("old name", FutureWarning, cli.__file__, 12, "the code line")
+    assert ours == "sinkfix monitor ranges: warning: old name\n"
+    theirs = notes.format("deprecated", FutureWarning, "/x/site-packages/transformers/a.py", 7, "line")
+    assert theirs == "sinkfix monitor ranges: warning: deprecated [FutureWarning, /x/site-packages/transformers/a.py:7]\n"
+    before = warnings.formatwarning
+    with notes, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.warn("recorded", UserWarning)
+    assert [str(w.message) for w in seen] == ["recorded"] and warnings.formatwarning is before
+
+
+def test_errors_name_the_monitor_action(capsys, tmp_path):
+    """Errors of `monitor ranges` were headed `sinkfix monitor: error:`, where argparse's own errors of
+    the same action say `sinkfix monitor ranges: error:`."""
+    assert cli.main(["monitor", "ranges", "--profile", str(tmp_path / "missing.json"),
+                     "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith("sinkfix monitor ranges: error: profile file not found")

@@ -203,7 +203,7 @@ def test_monitor_report_without_matplotlib_is_refused_before_reading(no_matplotl
     log = tmp_path / "t.jsonl"
     log.write_text("")
     assert cli.main(["monitor", "report", str(log), "--out", str(tmp_path / "r")]) == 2
-    assert _one_plots_line(capsys).startswith("sinkfix monitor: error: figures need matplotlib")
+    assert _one_plots_line(capsys).startswith("sinkfix monitor report: error: figures need matplotlib")
 
 
 def test_bb_figures_without_matplotlib_are_a_plot_error(no_matplotlib, tmp_path):

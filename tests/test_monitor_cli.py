@@ -171,7 +171,7 @@ def test_request_file_errors_on_the_command_line(tiny, tmp_path, capsys):
     bad.write_text('{"prompt": "fine"}\n{"prompt": 42}\n')
     assert cli.main(["monitor", "run", "--requests", str(bad), "--out", str(tmp_path / "t.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "line 2" in err[0] and err[0].startswith("sinkfix monitor: error:")
+    assert len(err) == 1 and "line 2" in err[0] and err[0].startswith("sinkfix monitor run: error:")
     assert cli.main(["monitor", "run", "--requests", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]) == 2
     blocker = tmp_path / "blocker"
     blocker.write_text("")

@@ -167,7 +167,7 @@ def test_monitor_run_counts_only_records_written_and_exits_2(loaded_tiny, tmp_pa
     assert sum(issubclass(w.category, LogWriteWarning) for w in caught) == 2  # the warnings stay
     captured = capsys.readouterr()
     err = [line for line in captured.err.strip().splitlines() if not line.startswith("monitor run:")]  # tqdm's
-    assert len(err) == 1 and err[0].startswith("sinkfix monitor: error: appended 1 of 3 records to ")
+    assert len(err) == 1 and err[0].startswith("sinkfix monitor run: error: appended 1 of 3 records to ")
     assert "2 could not be written" in err[0] and "File too large" in err[0]
     assert "appended 3 records" not in captured.out and "telemetry by domain" in captured.out
 
@@ -309,7 +309,7 @@ def test_monitor_run_refuses_a_log_of_another_model(loaded_tiny, tmp_path, capsy
     assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(log),
                      "--max-new-tokens", "1"]) == 2
     message = _stderr_line(capsys)
-    assert message.startswith("sinkfix monitor: error: the telemetry log") and "SomeOtherModel-3L" in message
+    assert message.startswith("sinkfix monitor run: error: the telemetry log") and "SomeOtherModel-3L" in message
     assert log.read_bytes() == before
 
 
@@ -358,10 +358,10 @@ def test_max_prompt_tokens_without_room_for_a_prompt_is_refused(no_model, tmp_pa
     assert cli.main(["monitor", "run", "--requests", str(_requests(tmp_path)), "--out", str(tmp_path / "t.jsonl"),
                      "--max-prompt-tokens", n, *flags]) == 2
     message = _stderr_line(capsys)
-    assert message.startswith("sinkfix monitor: error: --")
+    assert message.startswith("sinkfix monitor run: error: --")
     assert f"must be >= {least}" in message
     if not flags:
-        assert message.startswith(f"sinkfix monitor: error: --max-prompt-tokens {n} leaves no room") \
+        assert message.startswith(f"sinkfix monitor run: error: --max-prompt-tokens {n} leaves no room") \
             and "the BOS token and one token of the prompt" in message
 
 

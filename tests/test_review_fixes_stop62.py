@@ -152,7 +152,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_written_file(tmp_path, m
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(files, "atomic_write_text", killed_while_writing)
     assert cli.main(["monitor", "requests", "--out", str(out)]) == 128 + signal.SIGTERM
-    assert capsys.readouterr().err.strip() == "sinkfix monitor: terminated"
+    assert capsys.readouterr().err.strip() == "sinkfix monitor requests: terminated"
     assert out.read_text() == "the earlier file\n" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back
     monkeypatch.setattr(files, "atomic_write_text", real)

@@ -493,7 +493,9 @@ def _ranges_domains(args: argparse.Namespace, profile) -> dict | None:
     five built-in domains, a Gemma3 profile fitted on pydoc + python got ranges up to 0.15 wider (the
     guard's whole margin) and one fitted on two text files up to 0.25, unsaid. A profile fitted on
     files needs them again (--text), or a knowing --domain choice. Returns {"option", "recorded",
-    "used"} where the texts measured are not the recorded ones (warned of on stderr), else None."""
+    "used", "warning"} where the texts measured are not the recorded ones, else None; the caller
+    prints the warning once the texts are known to be valid (a domain named twice is one error
+    line, not a warning about it and then the error)."""
     from sinkfix.errors import UsageError
     from sinkfix.texts import DOMAIN_ALIASES, DOMAINS
 
@@ -525,9 +527,9 @@ def _ranges_domains(args: argparse.Namespace, profile) -> dict | None:
     if same:
         return None
     calibrated = f"the built-in domains {', '.join(recorded)}" if built_in else f"the texts {', '.join(recorded)}"
-    print(f"sinkfix monitor ranges: warning: measuring on {measured}; the profile was calibrated on {calibrated}; "
-          "the new statistics record it (protocol.overrides)", file=sys.stderr)
-    return {"option": option, "recorded": recorded, "used": used}
+    return {"option": option, "recorded": recorded, "used": used,
+            "warning": f"sinkfix monitor ranges: warning: measuring on {measured}; the profile was calibrated on "
+                       f"{calibrated}; the new statistics record it (protocol.overrides)"}
 
 
 def _run_ranges(args: argparse.Namespace) -> int:
@@ -545,6 +547,8 @@ def _run_ranges(args: argparse.Namespace) -> int:
     refuse_content_statistics(profile, f"--profile {args.profile}")  # known from the file: before the model loads
     domains_differ = _ranges_domains(args, profile)
     texts = texts_from_args(args, "calib")
+    if domains_differ:
+        print(domains_differ.pop("warning"), file=sys.stderr)
     print(describe_texts(texts))
     overrides = _ranges_protocol(args, profile)
     if domains_differ:
