@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -138,7 +139,10 @@ class _WarningsAsNotes:
 
     def format(self, message, category, filename, lineno, line=None) -> str:
         where = "" if str(filename).startswith(_PACKAGE_DIR) else f" [{category.__name__}, {filename}:{lineno}]"
-        return f"sinkfix {self.label}: warning: {message}{where}\n"
+        # a library warning that names its sender ("sinkfix.monitor: closed during request ...") needs no
+        # second name after the command's
+        text = re.sub(r"^sinkfix[\w.]*: ", "", str(message))
+        return f"sinkfix {self.label}: warning: {text}{where}\n"
 
     def __enter__(self) -> "_WarningsAsNotes":
         self.previous, warnings.formatwarning = warnings.formatwarning, self.format

@@ -318,6 +318,8 @@ def test_warnings_of_a_command_are_one_line_notes_and_stay_recordable():
     notes = cli._WarningsAsNotes("monitor ranges")
     ours = notes.format("old name", FutureWarning, cli.__file__, 12, "the code line")
     assert ours == "sinkfix monitor ranges: warning: old name\n"
+    named = notes.format("sinkfix.monitor: closed during request 3", UserWarning, cli.__file__, 1)
+    assert named == "sinkfix monitor ranges: warning: closed during request 3\n"
     theirs = notes.format("deprecated", FutureWarning, "/x/site-packages/transformers/a.py", 7, "line")
     assert theirs == "sinkfix monitor ranges: warning: deprecated [FutureWarning, /x/site-packages/transformers/a.py:7]\n"
     before = warnings.formatwarning
