@@ -336,3 +336,72 @@ def test_stream_table_names_the_recompute_period_only_when_a_recomputation_ran(t
         assert ("recompute every 8" in out) == named
         # segments of 30 tokens scored every 8th token: 3 or 4 positions each, said in the row
         assert named == bool(re.search(r"\d\.\d{3} \(4\)", out)) == ("the n tokens it scored" in out)
+
+
+@pytest.mark.parametrize("recorded, flag, bos, source, note", [
+    (True, None, True, "profile", "BOS first, as --profile p.json was calibrated (the tokenizer adds none; --no-bos"),
+    (False, None, False, "profile", None),          # the tokenizer adds none either: nothing to say
+    (None, None, False, "tokenizer", None),         # nothing recorded: the tokenizer decides, as before
+    (True, "--no-bos", False, "flag", "--profile p.json was calibrated with a BOS but is measured without one"),
+    (True, "--bos", True, "flag", None),
+])
+def test_stream_starts_as_the_profile_was_calibrated(tiny, text_file, tmp_path, capsys, recorded, flag, bos, source,
+                                                      note):
+    """The tokenizer decided alone: SmolLM2's adds no BOS, and its stored BOS profile was streamed without
+    one, unsaid (`sinkfix bench` already followed the profile's protocol)."""
+    from sinkfix.profile import ModelIdentity, Profile
+
+    model = tiny("llama")
+    calibration = {"protocol": {"bos": recorded}} if recorded is not None else {"note": "no protocol"}
+    path = Profile(ModelIdentity.of(model), torch.full((2, 4), 0.7), calibration=calibration).save(tmp_path / "p.json")
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--variants", "sink,sink_profile", "--profile", str(path),
+                   *([flag] if flag else []), "--out", str(tmp_path / "o"), "--no-figure", "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    protocol = json.loads(captured.out)["protocol"]
+    assert (protocol["bos"], protocol["bos_from"]) == (bos, source)
+    assert (note in captured.err) if note else ("note:" not in captured.err)
+    tokens = torch.load(tmp_path / "o" / "stream_tokens.pt")["sink"]
+    assert tokens.shape == (60,)
+
+
+def test_stream_figure_labels_follow_the_run(tiny, text_file, tmp_path):
+    """A fixed 1024 labelled a 90-token stream's curves "trailing 1024 positions"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib import pyplot as plt
+
+    from sinkfix.analysis import plots
+
+    tiny("llama")
+    labels = []
+    real_save = plots._save
+
+    def keep_labels(plt_module, fig, path, **kw):
+        labels.extend(ax.get_ylabel() for ax in fig.axes)
+        return real_save(plt_module, fig, path, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(plots, "_save", keep_labels):
+        assert cli.main(["stream", "--text", str(text_file), "--tokens", "90", "--window", "20", "--n-sink", "2",
+                         "--segment", "30", "--chunk", "8", "--variants", "sink,window_only",
+                         "--out", str(tmp_path / "o")]) == 0
+    plt.close("all")
+    # the ratio's span, 4 x 30 positions, is longer than the 90-token stream
+    assert labels == ["perplexity, trailing 30 positions", "ppl ratio, since the stream's start"]
+
+
+def test_one_segment_has_no_drift_column(tiny, text_file, tmp_path, capsys):
+    """With one segment, first and last are the same segment: the table printed last/first 1.000 as if
+    the stream had stayed flat."""
+    tiny("llama")
+    assert cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                     "--segment", "30", "--chunk", "8", "--variants", "sink,window_only", "--no-figures",
+                     "--out", str(tmp_path / "o")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("│ sink ", "│ window_only "))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("│").split("│")]
+        assert cells[4] == "-" and cells[5] == "-", cells  # last seg, last/first
+        assert float(cells[3]) > 0

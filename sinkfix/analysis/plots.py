@@ -208,15 +208,21 @@ def remove_stale_figures(out_dir: str | Path, written: list[Path]) -> list[Path]
     return remove_unwritten(out_dir, FIGURE_NAMES, written)
 
 
-def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
-    """Top: perplexity over the trailing ``span`` positions against position, per streaming variant
-    (:class:`~sinkfix.analysis.streaming.StreamResult`; recomputation, scored every k-th token, over
-    ``span`` x 4), with the cache size and the model's trained context marked: the figure StreamingLLM
-    is known for. Bottom: each cache's perplexity ratio to recomputation on the tokens both scored."""
+def running_perplexity_plot(result, path: Path, span: int | None = None) -> Path:
+    """Top: perplexity over the trailing ``span`` positions (default: the run's segment length) against
+    position, per streaming variant (:class:`~sinkfix.analysis.streaming.StreamResult`; recomputation,
+    scored every k-th token, over ``span`` x 4), with the cache size and the model's trained context
+    marked: the figure StreamingLLM is known for. Bottom: each cache's perplexity ratio to
+    recomputation on the tokens both scored."""
     from sinkfix.analysis.streaming import running_ppl, running_ratio
 
     plt = _pyplot()
     p = result.protocol
+    # a fixed 1024 labelled a 640-token stream's curves "trailing 1024 positions" (they were cumulative)
+    span = int(p.get("segment_len") or 1024) if span is None else span
+
+    def trailing(n: int) -> str:
+        return f"trailing {n} positions" if n < p["tokens"] else "since the stream's start"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=[3, 2])
     compared = False
     for name, variant in result.variants.items():
@@ -243,13 +249,13 @@ def running_perplexity_plot(result, path: Path, span: int = 1024) -> Path:
         top.axvline(p["max_position_embeddings"], color="black", lw=0.8, ls="-.",
                     label=f"trained positions {p['max_position_embeddings']}")
     top.set_yscale("log")
-    top.set_ylabel(f"perplexity, trailing {span} positions")
+    top.set_ylabel(f"perplexity, {trailing(span)}")
     versus = f" vs {p['cache_tokens']} recent" if "window_only" in result.variants else ""
     top.set_title(f"{p.get('model', '')} streaming: {p['n_sink']} sinks + {p['window']} recent tokens"
                   f"{versus}, chunks of {p['chunk']}")
     top.legend(fontsize=8)
     bottom.axhline(1.0, color="grey", lw=0.8)
-    bottom.set_ylabel(f"ppl ratio, trailing {span * 4}")
+    bottom.set_ylabel(f"ppl ratio, {trailing(span * 4)}")
     bottom.set_xlabel("position in the stream (tokens)")
     if compared:
         bottom.legend(fontsize=8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sinkfix.commands import StoreOnce, SUMMARIES, set_threads
 from sinkfix.errors import UsageError
@@ -54,7 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"score every N-th token with a recomputed window (default {DEFAULT_RECOMPUTE_EVERY}; "
                              "only with a recompute or recompute_profile variant)")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="start the stream (and each recomputed window) with BOS (default: if the tokenizer adds one)")
+                        help="start the stream (and each recomputed window) with BOS (default: as the --profile was "
+                             "calibrated, else if the tokenizer adds one)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of sink, window_only, recompute and, with --profile, "
                              "sink_profile, recompute_profile (default: the first three, plus the last two "
@@ -239,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
     if {"sink", "window_only"} & set(variants) or "sink" in patched_variants:
         cache = SinkCache(model.config, n_sink=args.n_sink, window=args.window)
         sliding = [layer.window for layer in cache.layers if getattr(layer, "is_sliding", False)]
-    bos = tokenizer_adds_bos(tokenizer) if args.bos is None else args.bos
+    bos, bos_from, bos_note = _choose_bos(args, profile, tokenizer_adds_bos(tokenizer))
+    if bos_note:
+        print(f"sinkfix stream: note: {bos_note}", file=sys.stderr)
     bos_id = bos_token_id(tokenizer) if bos else None
     if args.period is not None and bos_id is not None and args.period >= args.tokens - 1:
         # known only now: the BOS takes one of the stream's tokens, and the period must still repeat
@@ -256,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
                 patched = measure_streaming(model, ids, **settings, variants=patched_variants,
                                             suffix="_profile", on_tokens=bar.update)
             result.variants.update(patched.variants)
-    result.protocol.update(model=args.model, text=source, profile=args.profile, period=args.period)
+    result.protocol.update(model=args.model, text=source, profile=args.profile, period=args.period, bos_from=bos_from)
     if sliding:
         # a hybrid model's sliding layers keep their own window in both caches (as transformers' own
         # cache does), while the recomputation sees n_sink + window + 1 tokens in every layer: on
@@ -292,6 +296,26 @@ def run(args: argparse.Namespace) -> int:
         remove_unwritten(out, ["stream.png"], [])
         raise
     return 0
+
+
+def _choose_bos(args: argparse.Namespace, profile, tokenizer_default: bool) -> tuple[bool, str, str | None]:
+    """Whether the stream starts with BOS, where that came from ("flag", "profile", "tokenizer") and a
+    note for stderr. A profile's recorded protocol is the default, as in `sinkfix bench`: SmolLM2's
+    tokenizer adds no BOS, and its stored BOS profile (fitted on windows that start with one, its
+    virtual logit on the sink rows because of it) was streamed without one, unsaid."""
+    recorded = None if profile is None else profile.recorded_bos
+    name = None if args.profile is None else Path(args.profile).name
+    if args.bos is not None:
+        from sinkfix.profile import bos_mismatch_note
+
+        return args.bos, "flag", bos_mismatch_note(recorded, args.bos, name, "the profile variants' perplexities")
+    if recorded is None:
+        return tokenizer_default, "tokenizer", None
+    if recorded == tokenizer_default:
+        return recorded, "profile", None
+    other = "--no-bos" if recorded else "--bos"
+    return recorded, "profile", (f"{'BOS first' if recorded else 'no BOS'}, as --profile {name} was calibrated "
+                                 f"(the tokenizer {'adds none' if recorded else 'adds one'}; {other} for the other)")
 
 
 def _print_table(summary: dict) -> None:
@@ -334,6 +358,8 @@ def _print_table(summary: dict) -> None:
         seg = v["segments"]
         first, last = (seg[0], seg[-1]) if seg else (float("nan"), float("nan"))
         first_cell, last_cell = f"{first:.3f}", f"{last:.3f}"
+        # one segment is first and last at once: its "1.000" read as a stream that stayed flat
+        drift = f"{last / first:.3f}" if len(seg) > 1 else "-"
         if name.startswith("recompute") and p["segments"]:
             # a recomputation scores every recompute_every-th token: its segment perplexities come from a
             # few positions (4 of a 64-token segment at the default), not from every token as the caches'
@@ -343,10 +369,12 @@ def _print_table(summary: dict) -> None:
             table.caption = ("(n): a recomputation's segment perplexity, from the n tokens it scored in that "
                              "segment (one every recompute_every)")
             table.caption_justify = "left"
+        if len(seg) == 1:
+            last_cell = "-"
         pair = paired.get(name, {})
         ms, cpu, rss = v["ms_per_token"], v.get("cpu_ms_per_token", []), v["peak_rss_mib"]
         table.add_row(
-            name, f"{v['ppl']:.3f}", str(v["tokens"]), first_cell, last_cell, f"{last / first:.3f}",
+            name, f"{v['ppl']:.3f}", str(v["tokens"]), first_cell, last_cell, drift,
             f"{pair.get('ppl', float('nan')):.3f}", f"{pair.get('ratio_to_recompute', float('nan')):.3f}",
             f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{cpu[0]:.1f} / {cpu[-1]:.1f}" if cpu else "-",
             f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
