@@ -150,6 +150,22 @@ def _text_config(model: nn.Module):
     return getattr(config, "text_config", None) or config
 
 
+def _per_layer(value) -> str:
+    """A per-layer tuple in runs ("9 in each of 30 layers", "(8 x2, 4 x16)"): written out, SmolLM2's
+    and Gemma3's head counts made a 700-character line of a profile-for-another-model error."""
+    if not isinstance(value, (tuple, list)) or not value:
+        return str(value)
+    runs: list[list] = []
+    for item in value:
+        if runs and runs[-1][0] == item:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    if len(runs) == 1:
+        return f"{runs[0][0]} in each of {runs[0][1]} layer{'s' * (runs[0][1] != 1)}"
+    return "(" + ", ".join(f"{item} x{count}" if count > 1 else str(item) for item, count in runs) + ")"
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What a profile remembers about the model it was fitted on."""
@@ -211,7 +227,7 @@ class ModelIdentity:
         for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "hidden_size", "vocab_size"):
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine is not None and theirs is not None and mine != theirs:
-                diffs.append(f"{key} {mine} vs {theirs}")
+                diffs.append(f"{key} {_per_layer(mine)} vs {_per_layer(theirs)}")
         weights = self._weights_difference(other) if check_weights else None
         if weights:
             diffs.append(weights)

@@ -84,6 +84,17 @@ def test_profile_for_another_model_is_refused():
     with pytest.raises(ProfileError, match="num_layers 2 vs 3"):
         sinkfix.patch(deeper, profile)
     assert deeper.config._attn_implementation != sinkfix.IMPL_NAME  # nothing was patched
+    # per-layer head counts in runs, not written out (30 and 18 of them made a 700-character line)
+    with pytest.raises(ProfileError, match=r"num_heads 4 in each of 2 layers vs 4 in each of 3 layers"):
+        sinkfix.patch(deeper, profile)
+
+
+def test_per_layer_values_are_written_in_runs():
+    from sinkfix.profile import _per_layer
+
+    assert _per_layer((9,) * 30) == "9 in each of 30 layers"
+    assert _per_layer((8, 8, 4, 4, 4, 2)) == "(8 x2, 4 x3, 2)"
+    assert _per_layer((1,)) == "1 in each of 1 layer" and _per_layer(3) == "3" and _per_layer(()) == "()"
 
 
 def _write(path, data) -> None:
