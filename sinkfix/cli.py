@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 from sinkfix.commands import SUMMARIES
 from sinkfix.errors import SinkfixError
+from sinkfix.files import note_interrupt, pending_interrupt
 
 COMMANDS = tuple(SUMMARIES)
 
@@ -113,7 +114,15 @@ class _Terminated(BaseException):
 
 
 def _terminate(signum, frame) -> None:
+    note_interrupt(_Terminated)  # in case the exception is lost (raised inside a destructor)
     raise _Terminated
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C as Python's own handler does it, recorded too: an exception raised while a destructor
+    runs is dropped by Python, and the run went on to write its files (sinkfix.files.note_interrupt)."""
+    note_interrupt(KeyboardInterrupt)
+    raise KeyboardInterrupt
 
 
 #: Options naming a file, folder or model, refused when given empty (blank), with what they name
@@ -162,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    # only where Ctrl-C raises KeyboardInterrupt: a caller that ignores SIGINT (a background job) keeps it so
+    previous_int = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     # with descriptor 1 closed (`>&-`) Python has no sys.stdout at all (None): what a command prints
     # goes to the null device (rich's consoles failed on None: `calibrate >&-` ended in an AttributeError)
     no_stdout = None if sys.stdout is not None else open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
@@ -187,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = guard
         with _WarningsAsNotes(command):
             code = int(args.run(args) or 0)
+        lost = pending_interrupt()
+        if lost is not None:  # its exception was dropped on the way; no file was replaced after it
+            raise lost
         if guard.reader_gone and code == 0:
             print(f"sinkfix {command}: error: standard output was closed by its reader before everything was "
                   f"printed; {_saved(getattr(args, 'out', None))}", file=sys.stderr)  # a default the run resolved
@@ -208,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             no_stdout.close()
         if in_main_thread:  # None: the handler before was not set from Python (the default action)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            if previous_int is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous_int)
+        note_interrupt(None)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,26 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
     fcntl = None
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
-           "same_file", "save_figure", "strict_json", "check_out_is_no_input"]
+           "same_file", "save_figure", "strict_json", "check_out_is_no_input", "note_interrupt",
+           "pending_interrupt"]
+
+#: The interrupt (KeyboardInterrupt, or the command line's SIGTERM exception) whose signal arrived
+#: while a command ran, set by the command line's signal handlers. Python drops an exception raised
+#: inside a destructor ("Exception ignored in: ... Group.__del__"): one Ctrl-C of 17 during `sinkfix
+#: bench` was lost that way, the run went on and replaced the results in its --out folder. A write
+#: checks it, so a lost interrupt still stops every file from being replaced.
+_pending_interrupt: type[BaseException] | None = None
+
+
+def note_interrupt(kind: type[BaseException] | None) -> None:
+    """Record (or, with None, forget) an interrupt that every later :func:`atomic_write` raises."""
+    global _pending_interrupt
+    _pending_interrupt = kind
+
+
+def pending_interrupt() -> type[BaseException] | None:
+    """The interrupt recorded by :func:`note_interrupt`, or None."""
+    return _pending_interrupt
 
 
 def _output_error(target: Path, reason: str) -> OutputError:
@@ -96,6 +115,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    if _pending_interrupt is not None:  # its exception was lost on the way (see note_interrupt)
+        raise _pending_interrupt
     target = Path(path)
     if target.is_symlink():
         target = Path(os.path.realpath(target))
@@ -111,6 +132,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _final_mode(target))
+        if _pending_interrupt is not None:  # arrived while writing, its exception lost
+            raise _pending_interrupt
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -788,7 +788,9 @@ class Profile:
             return (f"domain-robust: '{selection.get('chosen', '?')}' chosen by leave-one-domain-out "
                     f"({rule} selection) over {', '.join(record.get('texts', {})) or 'its domains'}")
         if not record:
-            return "not calibrated by sinkfix (no calibration record)"
+            # the docs promise every version 1 / 2 file says "not domain-robust"; one without a record
+            # (written by hand, or its record removed) said only that it was not calibrated
+            return "not domain-robust: not calibrated by sinkfix (no calibration record)"
         fitted = self._fitted_version()
         origin = f"rule {record.get('rule', 'pooled')!r}"
         if fitted < 3:

@@ -288,7 +288,24 @@ def test_a_calibration_entry_that_is_not_an_object_is_refused(saved, tmp_path, v
 
 def test_a_null_calibration_entry_is_no_record(saved, tmp_path):
     saved["calibration"] = None
-    assert _load_edited(tmp_path, saved).robustness() == "not calibrated by sinkfix (no calibration record)"
+    profile = _load_edited(tmp_path, saved)
+    assert profile.robustness() == "not domain-robust: not calibrated by sinkfix (no calibration record)"
+    assert not profile.domain_robust
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_profile_without_a_record_says_it_is_not_domain_robust(saved, tmp_path, version):
+    """docs: every version 1 / 2 profile is described as not domain-robust; one whose calibration was
+    null said only "not calibrated by sinkfix", also after being saved again as the current version."""
+    saved["version"], saved["calibration"] = version, None
+    saved.pop("domains", None)
+    saved["policy"].pop("mode", None)
+    if version == 1:  # version 2 added it; version 1 always meant true
+        saved["policy"].pop("virtual_logit_on_sink_rows", None)
+    profile = _load_edited(tmp_path, saved)
+    assert "not domain-robust" in profile.describe()
+    again = profile.save(tmp_path / "again.json")
+    assert "not domain-robust" in type(profile).load(again).describe()
 
 
 # -- 7. one-window intervals are null in JSON ---------------------------------------------------------

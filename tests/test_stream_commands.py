@@ -405,3 +405,33 @@ def test_one_segment_has_no_drift_column(tiny, text_file, tmp_path, capsys):
         cells = [cell.strip() for cell in row.strip("│").split("│")]
         assert cells[4] == "-" and cells[5] == "-", cells  # last seg, last/first
         assert float(cells[3]) > 0
+
+
+def test_a_lost_ctrl_c_still_stops_the_files_being_replaced(tiny, text_file, tmp_path, capsys, monkeypatch):
+    """Python drops an exception raised inside a destructor: one Ctrl-C of 17 during `sinkfix bench` was
+    lost that way, and the run went on and replaced its --out folder's files, exit status 0. The command
+    line's handler records the interrupt; every later write raises it, and the command ends as
+    interrupted (130) with the earlier files as they were."""
+    import signal
+
+    import sinkfix.analysis.streaming as streaming
+    from sinkfix.files import atomic_write_text, pending_interrupt
+
+    tiny("llama")
+    real = streaming.measure_streaming
+
+    def interrupted_in_a_destructor(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what Python does with it inside __del__ ("Exception ignored in: ...")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "measure_streaming", interrupted_in_a_destructor)
+    out = tmp_path / "o"
+    atomic_write_text(out / "stream.json", "earlier run\n")
+    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                   "--segment", "30", "--chunk", "8", "--variants", "sink", "--no-figures", "--out", str(out)])
+    assert rc == 130 and capsys.readouterr().err.strip().endswith("sinkfix stream: interrupted")
+    assert (out / "stream.json").read_text() == "earlier run\n" and not (out / "stream_tokens.pt").exists()
+    assert pending_interrupt() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler

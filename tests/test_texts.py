@@ -329,6 +329,20 @@ def test_a_file_holding_a_nul_byte_is_refused_as_binary(tmp_path, data, line):
         read_text_file(path)
 
 
+@pytest.mark.parametrize("data, line, offset", [
+    (b"ok\nline two \xe9t\xe9\n", 2, 12),            # Latin-1 text
+    (b"\xef\xbb\xbfok\nline two \xe9\n", 2, 15),    # after a byte-order mark: counted in the file's bytes
+    (b"\xff\xfe", 1, 0),
+])
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path, data, line, offset):
+    """The README promises the line; only the NUL case gave one ("X is not UTF-8 text")."""
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    with pytest.raises(TextError, match=rf"is not UTF-8 text: byte 0x{data[offset]:02x} on line {line} "
+                                        rf"\(byte offset {offset}\)"):
+        read_text_file(path)
+
+
 def test_special_token_markup_in_a_text_is_text():
     """A literal special token in a calibration or evaluation text stays characters: with
     add_special_tokens=False alone, "<|im_start|>" became SmolLM2's BOS id (the sink) mid-window."""
