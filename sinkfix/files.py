@@ -31,7 +31,7 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
            "same_file", "save_figure", "strict_json", "check_out_is_no_input", "note_interrupt",
-           "pending_interrupt"]
+           "pending_interrupt", "utf8_problem"]
 
 #: The interrupt (KeyboardInterrupt, or the command line's SIGTERM exception) whose signal arrived
 #: while a command ran, set by the command line's signal handlers. Python drops an exception raised
@@ -421,6 +421,28 @@ def json_lines(text: str) -> list[str]:
     "not JSON", and every later line numbered wrong; and at U+001C-U+001E, which JSON refuses raw in a
     string, where the error named the wrong cause and column."""
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def utf8_problem(data: bytes | str | os.PathLike[str]) -> str:
+    """Why ``data`` (bytes, or a file's path) is not UTF-8 text, for an error message: the first
+    byte that is not, with its line and byte offset, or a UTF-16 byte-order mark. Python's own
+    message gives an offset only, from after a byte-order mark and, for a file read as text, within
+    the block being decoded, not the file."""
+    if not isinstance(data, bytes):
+        try:
+            data = Path(data).read_bytes()
+        except OSError as exc:
+            return f"it could not be read again to say where ({exc.strerror or exc})"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "it starts with a UTF-16 (or UTF-32) byte-order mark: UTF-16 text, not UTF-8"
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = data.count(b"\n", 0, at) + 1
+        return f"byte 0x{data[at]:02x} on line {line} (byte offset {at}) is not valid UTF-8"
+    return "it is valid UTF-8 now (it changed while being read)"
 
 
 def json_error(exc: json.JSONDecodeError) -> str:

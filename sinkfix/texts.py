@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from sinkfix.errors import SinkfixError
+from sinkfix.files import utf8_problem
 
 __all__ = [
     "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
@@ -293,13 +294,10 @@ def read_text_file(path: str | Path) -> str:
         # became the sink: SmolLM2, 63 tokens, sink_scale=0.9 changed perplexity by +6.31% against
         # -0.95% without the mark)
         text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        # where, as for a NUL byte: a Latin-1 "é" deep in a long file is found by its line (the codec
-        # counts from after a byte-order mark)
-        at = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        line = data.count(b"\n", 0, at) + 1
-        raise TextError(f"{p} is not UTF-8 text: byte 0x{data[at]:02x} on line {line} (byte offset {at}) is not "
-                        "valid UTF-8; convert the file to UTF-8 first (iconv -f ITS-ENCODING -t utf-8)") from None
+    except UnicodeDecodeError:
+        # where, as for a NUL byte: a Latin-1 "é" deep in a long file is found by its line
+        raise TextError(f"{p} is not UTF-8 text: {utf8_problem(data)}; convert the file to UTF-8 first "
+                        "(iconv -f ITS-ENCODING -t utf-8)") from None
     nul = text.find("\x00")
     if nul >= 0:
         # NUL is valid UTF-8 but no text holds one (git's and grep's test for binary): a tar archive or

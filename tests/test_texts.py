@@ -332,14 +332,31 @@ def test_a_file_holding_a_nul_byte_is_refused_as_binary(tmp_path, data, line):
 @pytest.mark.parametrize("data, line, offset", [
     (b"ok\nline two \xe9t\xe9\n", 2, 12),            # Latin-1 text
     (b"\xef\xbb\xbfok\nline two \xe9\n", 2, 15),    # after a byte-order mark: counted in the file's bytes
-    (b"\xff\xfe", 1, 0),
+    (b"\xc3", 1, 0),
 ])
 def test_a_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path, data, line, offset):
-    """The README promises the line; only the NUL case gave one ("X is not UTF-8 text")."""
+    """The README promises the line; only the NUL case gave one ("X is not UTF-8 text"). Request files
+    and telemetry logs say the same (a log gave Python's own message, an offset within a block)."""
+    from sinkfix.errors import MonitorError
+    from sinkfix.telemetry.report import read_log
+    from sinkfix.telemetry.requests import read_requests
+
     path = tmp_path / "f.txt"
     path.write_bytes(data)
-    with pytest.raises(TextError, match=rf"is not UTF-8 text: byte 0x{data[offset]:02x} on line {line} "
-                                        rf"\(byte offset {offset}\)"):
+    where = rf"is not UTF-8 text: byte 0x{data[offset]:02x} on line {line} \(byte offset {offset}\)"
+    with pytest.raises(TextError, match=where):
+        read_text_file(path)
+    for read in (read_log, read_requests):
+        with pytest.raises(MonitorError, match=where):
+            read(path)
+
+
+def test_utf16_with_its_byte_order_mark_is_named(tmp_path):
+    """Without its mark UTF-16 is refused for its NUL bytes ("binary file or UTF-16 text"); with it, the
+    message named byte 0xff as invalid UTF-8."""
+    path = tmp_path / "f.txt"
+    path.write_bytes("hello\n".encode("utf-16"))
+    with pytest.raises(TextError, match="starts with a UTF-16 .* byte-order mark: UTF-16 text, not UTF-8"):
         read_text_file(path)
 
 

@@ -20,7 +20,7 @@ import torch
 from sinkfix.analysis.inspection import MAX_FLIP_MARGIN, check_flip_margin, dormancy_flips
 from sinkfix.analysis.metrics import DORMANT_THRESHOLD
 from sinkfix.errors import MonitorError
-from sinkfix.files import json_error, json_lines
+from sinkfix.files import json_error, json_lines, utf8_problem
 from sinkfix.telemetry.outputs import NO_DOMAIN, guard_tripped, served_without_correction
 from sinkfix.telemetry.requests import check_domain_label
 from sinkfix.telemetry.records import SCHEMA, VERSION
@@ -160,7 +160,9 @@ def read_log(path: str | Path) -> list[dict]:
         lines = json_lines(p.read_text(encoding="utf-8-sig"))  # at "\n" only, as request files (json_lines says why)
     except FileNotFoundError:
         raise MonitorError(f"telemetry log not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:  # Python's message gave a byte offset within the block being decoded
+        raise MonitorError(f"telemetry log {p} is not UTF-8 text: {utf8_problem(p)}") from None
+    except OSError as exc:
         raise MonitorError(f"cannot read telemetry log {p}: {exc}") from None
     records = []
     for number, line in enumerate(lines, 1):

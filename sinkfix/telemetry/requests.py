@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sinkfix.errors import MonitorError
-from sinkfix.files import json_error, json_lines
+from sinkfix.files import json_error, json_lines, utf8_problem
 
 __all__ = ["Request", "read_requests", "builtin_requests", "BUILTIN"]
 
@@ -154,7 +154,7 @@ def read_requests(path: str | Path) -> list[Request]:
     except IsADirectoryError:
         raise MonitorError(f"request file {p} is a directory") from None
     except UnicodeDecodeError:
-        raise MonitorError(f"request file {p} is not UTF-8 text") from None
+        raise MonitorError(f"request file {p} is not UTF-8 text: {utf8_problem(p)}") from None
     except OSError as exc:
         raise MonitorError(f"cannot read request file {p}: {exc.strerror or exc}") from None
     requests = [_parse_line(line, number, str(p)) for number, line in enumerate(json_lines(text), 1)
