@@ -349,3 +349,48 @@ def test_history_train_loss_is_the_mean_since_the_previous_entry(task, one_threa
     assert "train_loss" not in result.history[0]
     for entry, (start, end) in zip(result.history[1:], [(0, 10), (10, 20), (20, 25)]):
         assert entry["train_loss"] == pytest.approx(sum(losses[start:end]) / (end - start))
+
+
+def test_final_figure_draws_ratios_from_one_and_shares_from_zero(tmp_path, monkeypatch):
+    """On the log axis the bars began at matplotlib's automatic floor: a value ratio of 0.21 was a sliver
+    beside 0.52. They start at 1 (the median) now, so a bar's length is the ratio's log."""
+    pytest.importorskip("matplotlib")
+    from sinkfix.bb import report as bb_report
+
+    from pathlib import Path
+
+    import sinkfix.files as files
+
+    drawn = {}
+
+    def keep(fig, path, **kw):
+        drawn[Path(path).name] = fig
+        return Path(path)
+
+    monkeypatch.setattr(files, "save_figure", keep)
+    variant = {"bos_attention_nontrigger": 0.9, "bos_attention_trigger": 0.5, "prev_token_attention_trigger": 0.4,
+               "bos_value_ratio": 0.21, "bos_residual_ratio": 3.0, "history": [{"step": 0}], "description": "v"}
+    bb_report.write_figures({"adam": dict(variant), "sgd": {**variant, "bos_value_ratio": 0.52}}, tmp_path)
+    shares, ratios = drawn["bb_final.png"].axes
+    bars = [(round(b.get_y(), 6), round(b.get_y() + b.get_height(), 6)) for b in ratios.patches]
+    assert sorted(bars) == sorted([(1.0, 0.21), (1.0, 3.0), (1.0, 0.52), (1.0, 3.0)])
+    assert shares.get_ylim()[0] == 0.0
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_an_undefined_measure_is_a_dash_in_the_table_not_nan():
+    """bb.json writes an undefined measure (NaN in memory: a ReLU model of width 1) as null; the table
+    printed "nan" where docs/bb.md promises "-"."""
+    from sinkfix.bb.report import summary_line, summary_table
+
+    variant = {"bos_attention_nontrigger": float("nan"), "bos_attention_trigger": None,
+               "prev_token_attention_trigger": 0.5, "bos_key_ratio": 1.0, "bos_value_ratio": float("nan"),
+               "bos_residual_ratio": float("inf"), "bos_logit_gap": 0.1, "detector_accuracy": None,
+               "trigger_accuracy": 0.5, "loss": 1.0, "train_s": 3}
+    table = summary_table({"relu": variant})
+    assert "nan" not in table and "inf" not in table
+    row = next(line for line in table.splitlines() if line.startswith("BOS value ratio"))
+    assert row.split()[-1] == "-"
+    assert "nan" not in summary_line("relu", variant) and "value ratio null" in summary_line("relu", variant)

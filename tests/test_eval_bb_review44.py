@@ -310,8 +310,10 @@ def test_bb_final_draws_a_null_measure_as_na_not_as_a_zero_bar(tmp_path, monkeyp
         assert [t.get_text() for t in shares.texts] == ["n/a", "n/a"]
         # the x positions of the marks are relu's slots of the two null shares
         assert [round(t.get_position()[0], 6) for t in shares.texts] == [0.4, 1.4]
-        norm_bars = {c.get_label(): [round(p.get_height(), 6) for p in c.patches] for c in norms.containers}
+        # ratios: bars from 1 (the median) to the value
+        norm_bars = {c.get_label(): [round(p.get_y() + p.get_height(), 6) for p in c.patches] for c in norms.containers}
         assert norm_bars == {"adam": [0.2, 1.5], "relu": [0.4]} and [t.get_text() for t in norms.texts] == ["n/a"]
+        assert {round(p.get_y(), 6) for p in norms.patches} == {1.0}
     finally:
         for fig in figures.values():
             plt.close(fig)

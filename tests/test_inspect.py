@@ -387,3 +387,20 @@ def test_inspect_without_matplotlib_is_refused_before_the_model_loads(monkeypatc
     rc = cli.main(["inspect", "--text", str(text), "--out", str(tmp_path / "out"), "--seq-len", "40"])
     assert rc == 2
     assert "pip install 'sinkfix[plots]'" in capsys.readouterr().err
+
+
+def test_a_text_shorter_than_one_window_is_said_and_recorded():
+    """A 2-token file beside a long text was measured on a 3-token window (every token a "hidden sink",
+    64 heads "flipping" between the texts), silently, under a header of 512-token windows."""
+    model = tiny_model("llama")
+    texts = {"long": "the quick brown fox jumps over the lazy dog. " * 8, "tiny": "ab"}
+    with pytest.warns(UserWarning, match=r"text 'tiny' gives one window of 3 tokens, shorter than the 64-token "
+                                         r"windows asked: its numbers rest on 2 rows"):
+        report = inspect(model, CharTokenizer(), texts, seq_len=64, bos=True, max_tokens=None)
+    assert report.protocol["short_texts"] == {"tiny": 3}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # texts of full windows: no warning, no record
+        full = inspect(model, CharTokenizer(), {"long": texts["long"]}, seq_len=64, bos=True, max_tokens=None)
+    assert "short_texts" not in full.protocol

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +400,15 @@ def inspect(
     windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens, name=name)
                for name, text in texts.items()}
     _check_positions(model, max(w.numel() for wins in windows.values() for w in wins), seq_len)
+    # a text shorter than one window is measured on the one short window it gives: a 2-token file beside a
+    # license text became a 3-token window where every token was a "hidden sink", and 64 heads "flipped"
+    # between the two texts, under a header saying 512-token windows
+    short = {name: max(w.numel() for w in wins) for name, wins in windows.items()
+             if max(w.numel() for w in wins) < seq_len}
+    for name, tokens in short.items():
+        warnings.warn(f"text {name!r} gives one window of {tokens} tokens, shorter than the {seq_len}-token windows "
+                      f"asked: its numbers rest on {tokens - int(bos)} rows, and its flips against texts of full "
+                      "windows reflect the length as much as the text", stacklevel=2)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -433,6 +443,8 @@ def inspect(
         "flip_margin": flip_margin,
         "policy": handle.policy.describe() if handle is not None else "identity (unpatched)",
     }
+    if short:
+        protocol["short_texts"] = short  # text -> tokens of its one window, shorter than seq_len
     report = InspectionReport(model_summary(model), protocol, domains, _domain_flips(domains, flip_margin), {},
                               peak_counts, hidden_token_counts)
     ids_to_decode: set[int] = set()

@@ -320,6 +320,7 @@ def run_experiment(
 
 def summary_line(name: str, m: dict) -> str:
     def f(x, fmt=".3f"):
+        x = _finite(x)  # NaN in memory is null in bb.json
         return "null" if x is None else format(x, fmt)
 
     return (
@@ -347,7 +348,7 @@ def summary_table(report: dict) -> str:
     for key, label in cols:
         cells = []
         for n in names:
-            v = report[n].get(key)
+            v = _finite(report[n].get(key))  # an undefined measure is NaN in memory, null in bb.json: "-" here
             cells.append(("-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))).rjust(10))
         lines.append(label.ljust(22) + "".join(cells))
     return "\n".join(lines)
@@ -453,7 +454,7 @@ def write_figures(report: dict, out_dir: str | Path, written: list[Path] | None 
     panels = (
         ("attention share", [("bos_attention_nontrigger", "BOS, non-trig"), ("bos_attention_trigger", "BOS, trig"),
                              ("prev_token_attention_trigger", "prev token, trig")], False),
-        ("norm ratio (log)", [("bos_value_ratio", "BOS value / median"),
+        ("norm ratio (log scale; bars from 1, the median)", [("bos_value_ratio", "BOS value / median"),
                               ("bos_residual_ratio", "BOS residual / median")], True),
     )
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -465,7 +466,11 @@ def write_figures(report: dict, out_dir: str | Path, written: list[Path] | None 
             vals = [_finite(report[n].get(key)) for key, _ in keys]
             xs = [i + j * width for i in range(len(keys))]
             shown = [(x, v) for x, v in zip(xs, vals) if v is not None]
-            ax.bar([x for x, _ in shown], [v for _, v in shown], width, label=n, color=colors.get(n))
+            # a ratio's bar starts at 1 (the median) on the log axis: from matplotlib's automatic floor a
+            # ratio of 0.21 was a sliver beside 0.52, lengths that meant nothing
+            base = 1.0 if log else 0.0
+            ax.bar([x for x, _ in shown], [v - base for _, v in shown], width, bottom=base, label=n,
+                   color=colors.get(n))
             for x, v in zip(xs, vals):
                 if v is None:
                     ax.text(x, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
@@ -477,6 +482,8 @@ def write_figures(report: dict, out_dir: str | Path, written: list[Path] | None 
         if log:
             ax.set_yscale("log")
             ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        else:
+            ax.set_ylim(bottom=0.0)  # shares: with every bar n/a the automatic range went below 0
         ax.set_title(title)
         # the legend from patches: a variant with no bar in a panel took matplotlib's default colour there
         ax.legend(handles=[Patch(color=colors.get(n), label=n) for n in names], fontsize=8)
