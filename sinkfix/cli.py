@@ -171,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    # only where Ctrl-C raises KeyboardInterrupt: a caller that ignores SIGINT (a background job) keeps it so
+    # a caller that ignores SIGINT (a background job of a shell) keeps it ignored; any other handler (Python's
+    # own, or one a library installed before: the test suite has one) is replaced while the command runs
     previous_int = signal.getsignal(signal.SIGINT) if in_main_thread else None
-    if previous_int is signal.default_int_handler:
+    replace_int = previous_int not in (None, signal.SIG_IGN)
+    if replace_int:
         signal.signal(signal.SIGINT, _interrupt)
     # with descriptor 1 closed (`>&-`) Python has no sys.stdout at all (None): what a command prints
     # goes to the null device (rich's consoles failed on None: `calibrate >&-` ended in an AttributeError)
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             no_stdout.close()
         if in_main_thread:  # None: the handler before was not set from Python (the default action)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-            if previous_int is signal.default_int_handler:
+            if replace_int:
                 signal.signal(signal.SIGINT, previous_int)
         note_interrupt(None)
 

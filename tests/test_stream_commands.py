@@ -428,10 +428,41 @@ def test_a_lost_ctrl_c_still_stops_the_files_being_replaced(tiny, text_file, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(streaming, "measure_streaming", interrupted_in_a_destructor)
+    before = signal.getsignal(signal.SIGINT)
     out = tmp_path / "o"
     atomic_write_text(out / "stream.json", "earlier run\n")
     rc = cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
                    "--segment", "30", "--chunk", "8", "--variants", "sink", "--no-figures", "--out", str(out)])
     assert rc == 130 and capsys.readouterr().err.strip().endswith("sinkfix stream: interrupted")
     assert (out / "stream.json").read_text() == "earlier run\n" and not (out / "stream_tokens.pt").exists()
-    assert pending_interrupt() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert pending_interrupt() is None and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("handler", ["library", "ignored"])
+def test_the_interrupt_handler_replaces_a_library_handler_and_keeps_an_ignored_signal(tiny, text_file, tmp_path,
+                                                                                     capsys, monkeypatch, handler):
+    """Only Python's own handler was replaced: with another one installed (the full test suite runs
+    with one), a lost Ctrl-C went unrecorded. An ignored SIGINT (a shell's background job) stays ignored."""
+    import signal
+
+    import sinkfix.analysis.streaming as streaming
+
+    tiny("llama")
+    seen = []
+    real = streaming.measure_streaming
+
+    def record_handler(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "measure_streaming", record_handler)
+    installed = (lambda signum, frame: None) if handler == "library" else signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, installed)
+    try:
+        assert cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                         "--segment", "30", "--chunk", "8", "--variants", "sink", "--no-figures",
+                         "--out", str(tmp_path / "o")]) == 0
+        assert signal.getsignal(signal.SIGINT) is installed  # restored after the command
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [cli._interrupt if handler == "library" else signal.SIG_IGN]
