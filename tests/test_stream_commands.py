@@ -428,14 +428,19 @@ def test_a_lost_ctrl_c_still_stops_the_files_being_replaced(tiny, text_file, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(streaming, "measure_streaming", interrupted_in_a_destructor)
-    before = signal.getsignal(signal.SIGINT)
+    # as in a terminal: `make test` runs some groups as background jobs, which inherit SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "o"
     atomic_write_text(out / "stream.json", "earlier run\n")
-    rc = cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
-                   "--segment", "30", "--chunk", "8", "--variants", "sink", "--no-figures", "--out", str(out)])
+    try:
+        rc = cli.main(["stream", "--text", str(text_file), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                       "--segment", "30", "--chunk", "8", "--variants", "sink", "--no-figures", "--out", str(out)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert rc == 130 and capsys.readouterr().err.strip().endswith("sinkfix stream: interrupted")
     assert (out / "stream.json").read_text() == "earlier run\n" and not (out / "stream_tokens.pt").exists()
-    assert pending_interrupt() is None and signal.getsignal(signal.SIGINT) is before
+    assert pending_interrupt() is None
 
 
 @pytest.mark.parametrize("handler", ["library", "ignored"])
