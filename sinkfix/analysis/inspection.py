@@ -401,7 +401,7 @@ def inspect(
                for name, text in texts.items()}
     _check_positions(model, max(w.numel() for wins in windows.values() for w in wins), seq_len)
     # a text shorter than one window is measured on the one short window it gives: a 2-token file beside a
-    # license text became a 3-token window where every token was a "hidden sink", and 64 heads "flipped"
+    # license text became a 3-token window where every token was a "hidden sink", with 64 spurious flips
     # between the two texts, under a header saying 512-token windows
     short = {name: max(w.numel() for w in wins) for name, wins in windows.items()
              if max(w.numel() for w in wins) < seq_len}
