@@ -877,6 +877,19 @@ def bos_mismatch_note(recorded: bool | None, flag: bool, name: str | None, chang
             f"{'with one (--bos)' if flag else 'without one (--no-bos)'}: {changes} need not match the calibration's")
 
 
+def bos_choice(flag: bool | None, recorded: bool | None, name: str | None,
+               changes: str = "what it changes") -> tuple[bool | None, str, str | None]:
+    """(bos, source, note) of the rule `bench` and `stream` share: ``--bos`` / ``--no-bos`` when given
+    (source "flag", with :func:`bos_mismatch_note`), else the profile's recorded protocol (``recorded``;
+    source "profile", the note the caller's own), else None for the caller's default (source
+    "tokenizer")."""
+    if flag is not None:
+        return flag, "flag", bos_mismatch_note(recorded, flag, name, changes)
+    if recorded is None:
+        return None, "tokenizer", None
+    return recorded, "profile", None
+
+
 # -- optional statistics (the telemetry guard's reference) -----------------------------------------
 def _statistics_protocol(value: Any) -> dict:
     """``statistics.protocol``: an object or null (``dict()`` of a list of two-letter strings made one)."""

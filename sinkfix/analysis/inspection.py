@@ -399,12 +399,12 @@ def inspect(
         raise UsageError("inspect needs at least one text")
     windows = {name: text_windows(tokenizer, text, seq_len=seq_len, bos=bos, max_tokens=max_tokens, name=name)
                for name, text in texts.items()}
-    _check_positions(model, max(w.numel() for wins in windows.values() for w in wins), seq_len)
+    longest = {name: max(w.numel() for w in wins) for name, wins in windows.items()}
+    _check_positions(model, max(longest.values()), seq_len)
     # a text shorter than one window is measured on the one short window it gives: a 2-token file beside a
     # license text became a 3-token window where every token was a "hidden sink", with 64 spurious flips
     # between the two texts, under a header saying 512-token windows
-    short = {name: max(w.numel() for w in wins) for name, wins in windows.items()
-             if max(w.numel() for w in wins) < seq_len}
+    short = {name: tokens for name, tokens in longest.items() if tokens < seq_len}
     for name, tokens in short.items():
         warnings.warn(f"text {name!r} gives one window of {tokens} tokens, shorter than the {seq_len}-token windows "
                       f"asked: its numbers rest on {tokens - int(bos)} rows, and its flips against texts of full "

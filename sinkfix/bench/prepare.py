@@ -73,14 +73,13 @@ def choose_bos(config: BenchConfig, profile: Any = None) -> BosChoice:
     """``--bos`` / ``--no-bos`` when given, else the profile's calibration protocol, else the tokenizer's
     habit: a profile fitted with a BOS and measured without one (or the reverse) is judged on text it
     was not fitted for (SmolLM2's BOS profile: python +7% perplexity without a BOS, -13% with one)."""
+    from sinkfix.profile import bos_choice
+
     recorded = None if profile is None else profile.recorded_bos
     name = Path(config.profile or "profile").name
-    if config.bos is not None:
-        from sinkfix.profile import bos_mismatch_note
-
-        return BosChoice(config.bos, "flag", bos_mismatch_note(recorded, config.bos, name, "its perplexity changes"))
-    if recorded is None:
-        return BosChoice(None, "tokenizer")
+    bos, source, note = bos_choice(config.bos, recorded, name, "its perplexity changes")
+    if source != "profile":
+        return BosChoice(bos, source, note)
     if recorded and config.seq_len < 3:
         raise SinkfixError(f"--seq-len must be >= 3 with a BOS (the BOS and 2 text tokens), got {config.seq_len}: "
                            f"--profile {name} was calibrated with a BOS; or pass --no-bos")

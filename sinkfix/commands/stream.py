@@ -303,19 +303,18 @@ def _choose_bos(args: argparse.Namespace, profile, tokenizer_default: bool) -> t
     note for stderr. A profile's recorded protocol is the default, as in `sinkfix bench`: SmolLM2's
     tokenizer adds no BOS, and its stored BOS profile (fitted on windows that start with one, its
     virtual logit on the sink rows because of it) was streamed without one, unsaid."""
+    from sinkfix.profile import bos_choice
+
     recorded = None if profile is None else profile.recorded_bos
     name = None if args.profile is None else Path(args.profile).name
-    if args.bos is not None:
-        from sinkfix.profile import bos_mismatch_note
-
-        return args.bos, "flag", bos_mismatch_note(recorded, args.bos, name, "the profile variants' perplexities")
-    if recorded is None:
-        return tokenizer_default, "tokenizer", None
-    if recorded == tokenizer_default:
-        return recorded, "profile", None
-    other = "--no-bos" if recorded else "--bos"
-    return recorded, "profile", (f"{'BOS first' if recorded else 'no BOS'}, as --profile {name} was calibrated "
-                                 f"(the tokenizer {'adds none' if recorded else 'adds one'}; {other} for the other)")
+    bos, source, note = bos_choice(args.bos, recorded, name, "the profile variants' perplexities")
+    if bos is None:
+        return tokenizer_default, source, None
+    if source == "profile" and recorded != tokenizer_default:
+        other = "--no-bos" if recorded else "--bos"
+        note = (f"{'BOS first' if recorded else 'no BOS'}, as --profile {name} was calibrated "
+                f"(the tokenizer {'adds none' if recorded else 'adds one'}; {other} for the other)")
+    return bos, source, note
 
 
 def _print_table(summary: dict) -> None:
