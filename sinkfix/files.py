@@ -31,7 +31,7 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
            "same_file", "save_figure", "strict_json", "check_out_is_no_input", "note_interrupt",
-           "pending_interrupt", "utf8_problem"]
+           "nul_problem", "pending_interrupt", "utf8_problem"]
 
 #: The interrupt (KeyboardInterrupt, or the command line's SIGTERM exception) whose signal arrived
 #: while a command ran, set by the command line's signal handlers. Python drops an exception raised
@@ -440,9 +440,23 @@ def utf8_problem(data: bytes | str | os.PathLike[str]) -> str:
         data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
         at = bom + exc.start
+        nul = data.find(b"\x00", 0, at)
+        if nul >= 0:
+            # a program or an archive is not "text with one bad byte": an ELF file's first invalid
+            # byte sits after its header's NUL bytes and was reported as a stray byte to convert
+            return nul_problem(data, nul)
         line = data.count(b"\n", 0, at) + 1
         return f"byte 0x{data[at]:02x} on line {line} (byte offset {at}) is not valid UTF-8"
     return "it is valid UTF-8 now (it changed while being read)"
+
+
+def nul_problem(data: bytes, at: int) -> str:
+    """What a NUL byte at ``at`` says of a file: valid UTF-8, but no text holds one (git's and
+    grep's test for binary files); UTF-16 text without a byte-order mark holds one in every ASCII
+    character."""
+    line = data.count(b"\n", 0, at) + 1
+    return (f"it holds a NUL byte (line {line}, byte offset {at}): a binary file or UTF-16 text, "
+            "not UTF-8 text")
 
 
 def json_error(exc: json.JSONDecodeError) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from sinkfix.errors import SinkfixError
-from sinkfix.files import utf8_problem
+from sinkfix.files import nul_problem, utf8_problem
 
 __all__ = [
     "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
@@ -288,6 +288,12 @@ def read_text_file(path: str | Path) -> str:
         raise TextError(f"text path is a directory, not a file: {p}") from None
     except OSError as exc:
         raise TextError(f"cannot read text file {p}: {exc.strerror or exc}") from None
+    nul = data.find(b"\x00")
+    if nul >= 0 and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # checked before decoding: a tar archive or UTF-16 without a byte-order mark can decode and was
+        # calibrated on, its padding as validation windows; a program (ELF) fails to decode further on
+        # and was named as text with one stray byte to convert
+        raise TextError(f"{p} is not UTF-8 text: {nul_problem(data, nul)}")
     try:
         # utf-8-sig: a byte-order mark at the start (Windows editors write one) is not text; read as
         # UTF-8 it was tokenized as three byte tokens before the first word (and without a BOS token
@@ -295,15 +301,9 @@ def read_text_file(path: str | Path) -> str:
         # -0.95% without the mark)
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        # where, as for a NUL byte: a Latin-1 "é" deep in a long file is found by its line
+        # where: a Latin-1 "é" deep in a long file is found by its line
         raise TextError(f"{p} is not UTF-8 text: {utf8_problem(data)}; convert the file to UTF-8 first "
                         "(iconv -f ITS-ENCODING -t utf-8)") from None
-    nul = text.find("\x00")
-    if nul >= 0:
-        # NUL is valid UTF-8 but no text holds one (git's and grep's test for binary): a tar archive or
-        # UTF-16 without a byte-order mark decoded and was calibrated on, its padding as validation windows
-        line = text.count("\n", 0, nul) + 1
-        raise TextError(f"{p} holds a NUL byte (line {line}): a binary file or UTF-16 text, not UTF-8 text")
     if not text.strip():
         raise TextError(f"text file {p} is empty")
     return text

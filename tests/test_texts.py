@@ -325,8 +325,27 @@ def test_a_file_holding_a_nul_byte_is_refused_as_binary(tmp_path, data, line):
     padding as validation windows)."""
     path = tmp_path / "f.txt"
     path.write_bytes(data)
-    with pytest.raises(TextError, match=rf"holds a NUL byte \(line {line}\): a binary file or UTF-16 text"):
+    with pytest.raises(TextError, match=rf"holds a NUL byte \(line {line}, byte offset {data.index(0)}\): a binary "
+                                        "file or UTF-16 text"):
         read_text_file(path)
+
+
+def test_a_program_is_refused_as_binary_not_as_text_with_a_bad_byte(tmp_path):
+    """An ELF file's first byte that is not UTF-8 comes after its header's NUL bytes: it was refused as
+    "byte 0x.. on line 1 is not valid UTF-8", and a text file got the advice to convert it with iconv."""
+    from sinkfix.errors import MonitorError
+    from sinkfix.telemetry.report import read_log
+    from sinkfix.telemetry.requests import read_requests
+
+    path = tmp_path / "tool"
+    path.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00>\x00\x01\x00\x00\x00\xe0\xff")
+    binary = r"holds a NUL byte \(line 1, byte offset 7\): a binary file or UTF-16 text, not UTF-8 text"
+    with pytest.raises(TextError, match=binary) as refused:
+        read_text_file(path)
+    assert "iconv" not in str(refused.value)
+    for read in (read_log, read_requests):
+        with pytest.raises(MonitorError, match=binary):
+            read(path)
 
 
 @pytest.mark.parametrize("data, line, offset", [
