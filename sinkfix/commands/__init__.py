@@ -49,15 +49,13 @@ def bos_for_profile(flag: bool | None, correction, path: str | None) -> tuple[bo
     was calibrated (a flag against its protocol) or where its protocol replaced the default (no BOS). A
     no-BOS profile inspected with BOS windows was measured on text it was not fitted for, unsaid
     (SmolLM2's BOS profile: python +7% perplexity without a BOS, -13% with one)."""
-    recorded = getattr(correction, "recorded_bos", None)  # a policy, or no correction, records none
-    name = None if path is None else Path(path).name
-    if flag is not None:
-        from sinkfix.profile import bos_mismatch_note  # torch-heavy: only where a flag is given
+    from sinkfix.profile import bos_choice  # the rule bench and stream use: flag, then profile
 
-        return flag, bos_mismatch_note(recorded, flag, name)
-    if recorded is False:
-        return False, f"--profile {name}: no BOS, as the profile was calibrated (--bos to measure with one)"
-    return True, None
+    name = None if path is None else Path(path).name
+    bos, source, note = bos_choice(flag, getattr(correction, "recorded_bos", None), name)  # a policy records none
+    if source == "profile" and not bos:
+        note = f"--profile {name}: no BOS, as the profile was calibrated (--bos to measure with one)"
+    return (True if bos is None else bos), note  # no flag, no recorded protocol: a BOS
 
 
 class StoreOnce(argparse.Action):
