@@ -202,8 +202,8 @@ def test_api_warns_about_identical_texts():
 # -- the other numeric options -------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,needles", [
     (["--steps", "-1"], ["--steps must be >= 0"]),
-    (["--steps", "2"], ["--steps 2 split evenly among 3 domains is 0 steps per domain"]),
-    (["--sinks", "hidden", "--hidden-steps", "1"], ["--hidden-steps 1 split evenly among 3 domains"]),
+    (["--steps", "2"], ["--steps 2 split evenly among 3 domains leaves 1 of them 0 steps"]),
+    (["--sinks", "hidden", "--hidden-steps", "1"], ["--hidden-steps 1 split evenly among 3 domains leaves 2 of them 0"]),
     (["--val-fraction", "nan"], ["--val-fraction must lie in [0, 1)"]),
     (["--val-fraction", "1"], ["--val-fraction must lie in [0, 1)"]),
     (["--val-fraction", "-0.1"], ["--val-fraction must lie in [0, 1)"]),
@@ -236,7 +236,7 @@ def test_api_max_tokens_too_short_for_the_windows():
 
 def test_api_robust_steps_below_the_number_of_domains_warn():
     model = tiny_model("llama")
-    with pytest.warns(UserWarning, match="0 steps per domain"):
+    with pytest.warns(UserWarning, match="leaves 1 of them 0 steps"):
         fit_domains(model, CharTokenizer(), THREE, CalibrationSettings(seq_len=64, steps=2), progress=False)
 
 

@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ __all__ = ["calibrate", "fit_domains", "FIT_PRECISIONS", "fit_matmul_dtype", "ro
            "duplicate_texts", "duplicate_windows", "min_seq_len", "check_finite", "tokens_needed", "is_integer",
            "is_real",
            "DomainFit", "DomainFits", "DomainWindows", "Progress", "CALIBRATION_RULES", "parameters_key",
-           "check_model_positions"]
+           "check_model_positions", "split_steps"]
 
 CALIBRATION_RULES = ("robust", "pooled")
 # The fitting steps' matrix products: "auto" = bfloat16 where the device multiplies it natively
@@ -608,13 +608,17 @@ class DomainFits:
                    data.get("fit_precision", "float32"))
 
 
-def _steps_per_domain(settings: CalibrationSettings, n_domains: int) -> int:
-    return settings.steps // n_domains
+def split_steps(steps: int, names: Iterable[str]) -> dict[str, int]:
+    """``steps`` split evenly among the domains ``names``, the first ``steps % n`` taking one more:
+    with ``steps // n`` each, 20 steps among 3 domains ran 18, unsaid."""
+    names = list(names)
+    per, extra = divmod(steps, max(len(names), 1))
+    return {name: per + (i < extra) for i, name in enumerate(names)}
 
 
 def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSettings | None = None, *,
                 progress: bool = True, log: Callable[[str], None] | None = None) -> DomainFits:
-    """Fit each domain on its own (``settings.steps`` split evenly among the domains).
+    """Fit each domain on its own (``settings.steps`` split evenly among the domains: :func:`split_steps`).
 
     Every domain needs validation windows: they stop its fit early, and :func:`robust_profile` scores
     the other domains' fits on them. The model is left as it was found.
@@ -624,14 +628,14 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
         raise CalibrationError("per-domain fits validate on each domain's held-out windows: val_fraction must be > 0")
     texts = _normalise_texts(texts)
     if 0 < settings.steps < len(texts):
-        warnings.warn(f"steps={settings.steps} split evenly among {len(texts)} domains is 0 steps per domain: every "
-                      "fit is the identity", stacklevel=2)
+        warnings.warn(f"steps={settings.steps} split evenly among {len(texts)} domains leaves {len(texts) - settings.steps} "
+                      "of them 0 steps: their fits are the identity", stacklevel=2)
     check_model_positions(model, settings.seq_len)
     windows = domain_windows(tokenizer, texts, settings)
     warn_duplicate_texts(texts, windows)
-    steps = _steps_per_domain(settings, len(windows))
+    steps = split_steps(settings.steps, windows)
     say = log or (lambda message: None)
-    bar = Progress(sum(_fit_cost(w, settings, steps) for w in windows.values()), progress, "fit per domain")
+    bar = Progress(sum(_fit_cost(w, settings, steps[name]) for name, w in windows.items()), progress, "fit per domain")
     matmul_dtype = fit_matmul_dtype(model, settings.precision)
     precision = precision_name(model, matmul_dtype)
     say(f"fitting steps: {precision} matrix products; validation at the model's precision")
@@ -640,7 +644,7 @@ def fit_domains(model: nn.Module, tokenizer, texts=None, settings: CalibrationSe
     try:
         with Calibrator(model, settings.on_sink_rows, bar, matmul_dtype) as cal:
             for name, w in windows.items():
-                fits[name] = _fit(cal, w, settings, steps, say, name)
+                fits[name] = _fit(cal, w, settings, steps[name], say, name)
                 fit = fits[name]
                 say(f"{name}: best step {fit.best_step} of {fit.steps_run}, validation NLL {fit.val_before:.4f} -> "
                     f"{fit.val_after:.4f} ({100 * (math.exp(fit.val_after - fit.val_before) - 1):+.2f}%)")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sinkfix.analysis.calibration import (CalibrationError, CalibrationSettings, DomainWindows, Parameters, Progress,
-                                          calibration_windows, check_finite, domain_windows, parameters_key)
+                                          calibration_windows, check_finite, domain_windows, parameters_key, split_steps)
 from sinkfix.analysis.robust import Candidate, Selection, candidate_parameters, candidates, worst_case_choice
 from sinkfix.evaluate import model_device, window_nll
 from sinkfix.policy import ContentSinks, Policy
@@ -370,9 +370,9 @@ def fit_hidden_domains(model: nn.Module, tokenizer, texts, settings: Calibration
     if PatchHandle.of(model) is not None:
         raise CalibrationError("hidden-sink calibration patches the model itself; remove the existing patch first")
     say = log or (lambda message: None)
-    steps = hidden.steps // max(len(windows), 1)
-    evals = steps // hidden.eval_every + 2
-    bar = Progress(sum(steps + evals * len(w.val) for w in windows.values()), progress, "fit hidden sinks")
+    steps = split_steps(hidden.steps, windows)
+    cost = {name: steps[name] + (steps[name] // hidden.eval_every + 2) * len(w.val) for name, w in windows.items()}
+    bar = Progress(sum(cost.values()), progress, "fit hidden sinks")
     started = time.perf_counter()
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
@@ -385,7 +385,7 @@ def fit_hidden_domains(model: nn.Module, tokenizer, texts, settings: Calibration
         shape = (handle.num_layers, max(handle.num_heads()))
         for name, w in windows.items():
             base = None if bases is None else bases[name]
-            fits[name] = _fit_hidden(model, handle, w, base, shape, hidden, steps, bar,
+            fits[name] = _fit_hidden(model, handle, w, base, shape, hidden, steps[name], bar,
                                      None if stock is None else stock.get(name))
             f = fits[name]
             say(f"{name}: hidden sinks, best step {f.best_step} of {f.steps_run}, validation NLL {f.val_base:.4f} -> "

@@ -76,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"2026-12-03). Default {DEFAULT_SELECTION_RULE}; not with --rule pooled or --sinks hidden")
     parser.add_argument("--steps", type=int, default=150, action=_Given,
                         help="Adam steps in all, one window each (default 150; the robust rule splits them evenly "
-                             "among the domains)")
+                             "among the domains, the first ones taking one more where they do not divide)")
     parser.add_argument("--lr", type=float, default=0.5, action=_Given,
                         help="Adam learning rate on logit(beta) and the virtual logits (default 0.5)")
     parser.add_argument("--reg", type=float, default=0.05, action=_Given, help="pull toward beta = 1 (default 0.05)")
@@ -435,8 +435,8 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     for flag, steps, applies in (("--steps", args.steps, robust_positional),
                                  ("--hidden-steps", args.hidden_steps, args.sinks != "positional")):
         if applies and 0 < steps < n_domains:
-            raise UsageError(f"{flag} {steps} split evenly among {n_domains} domains is 0 steps per domain, so every "
-                             f"fit would be the identity; give at least {n_domains} (or 0 on purpose)")
+            raise UsageError(f"{flag} {steps} split evenly among {n_domains} domains leaves {n_domains - steps} of them 0 "
+                             f"steps, so their fits would be the identity; give at least {n_domains} (or 0 on purpose)")
     if args.max_tokens is not None:
         if args.max_tokens < 1:
             raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
