@@ -211,6 +211,17 @@ def test_stream_text_names_the_tokens_when_the_period_is_longer_than_the_stream(
         stream_text(CharTokenizer(), "x" * 20, 50, None, period=80)
 
 
+@pytest.mark.parametrize("text", ["x", ""])
+def test_a_text_of_under_two_tokens_is_named_with_what_was_asked(text):
+    """A one-token file gave tokenize()'s own "text is too short: 1 token(s), fewer than the 2 needed",
+    naming neither the file nor the 256 tokens `kvquant --seq-len 256` asked for."""
+    from sinkfix.commands.stream import stream_text
+    from sinkfix.errors import UsageError
+
+    with pytest.raises(UsageError, match=rf"^the text tiny has {len(text)} tokens, fewer than the 256 asked$"):
+        stream_text(CharTokenizer(), text, 256, None, what="the text tiny", asked="the 256 asked")
+
+
 # -- 8. a repeated variant ---------------------------------------------------------------------------
 @pytest.mark.parametrize("variants", ["sink,sink", "sink,window_only,sink"])
 def test_stream_refuses_a_repeated_variant(loads, text_file, tmp_path, capsys, variants):

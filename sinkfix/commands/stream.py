@@ -92,7 +92,7 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: i
     ``asked`` name the text and what asked for the tokens in that error (default ``--tokens N``)."""
     import torch
 
-    from sinkfix.evaluate import tokenize
+    from sinkfix.evaluate import token_ids  # not tokenize(): its own 2-token floor hid what was asked
 
     body = tokens - (bos_id is not None)
     if period is not None:
@@ -104,9 +104,9 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: i
         ids = once.repeat(-(-body // once.numel()))[:body]
         return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
     # ~4 characters per token on this text; tokenize a generous prefix, then all of it if needed
-    ids = tokenize(tokenizer, text[: body * 8])
+    ids = token_ids(tokenizer, text[: body * 8])
     if ids.numel() < body:
-        ids = tokenize(tokenizer, text)
+        ids = token_ids(tokenizer, text)
     if ids.numel() < body:
         raise UsageError(f"{what} has {ids.numel()} tokens, fewer than {asked or f'--tokens {tokens}'}")
     ids = ids[:body]
