@@ -218,7 +218,8 @@ def test_a_text_of_under_two_tokens_is_named_with_what_was_asked(text):
     from sinkfix.commands.stream import stream_text
     from sinkfix.errors import UsageError
 
-    with pytest.raises(UsageError, match=rf"^the text tiny has {len(text)} tokens, fewer than the 256 asked$"):
+    count = "1 token" if text else "0 tokens"
+    with pytest.raises(UsageError, match=rf"^the text tiny has {count}, fewer than the 256 asked$"):
         stream_text(CharTokenizer(), text, 256, None, what="the text tiny", asked="the 256 asked")
 
 

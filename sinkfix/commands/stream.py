@@ -108,7 +108,8 @@ def stream_text(tokenizer, text: str, tokens: int, bos_id: int | None, period: i
     if ids.numel() < body:
         ids = token_ids(tokenizer, text)
     if ids.numel() < body:
-        raise UsageError(f"{what} has {ids.numel()} tokens, fewer than {asked or f'--tokens {tokens}'}")
+        count = f"{ids.numel()} token{'' if ids.numel() == 1 else 's'}"
+        raise UsageError(f"{what} has {count}, fewer than {asked or f'--tokens {tokens}'}")
     ids = ids[:body]
     return ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
 
