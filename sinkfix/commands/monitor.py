@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from sinkfix.commands import MAX_FLIPS_PRINTED, PATH_LINE, SUMMARIES, StoreOnce, bos_for_profile, set_threads
 from sinkfix.errors import MonitorError
@@ -488,12 +489,22 @@ def _recorded_domains(profile) -> list[str] | None:
     return names if names and all(isinstance(n, str) for n in names) else None
 
 
-def _ranges_domains(args: argparse.Namespace, profile) -> dict | None:
+class _OtherTexts(NamedTuple):
+    """`monitor ranges` measuring on texts other than the profile's calibration texts: the option that
+    chose them, both lists (recorded in protocol.overrides) and the warning to print."""
+
+    option: str
+    recorded: list[str]
+    used: list[str]
+    warning: str
+
+
+def _ranges_domains(args: argparse.Namespace, profile) -> _OtherTexts | None:
     """Default the texts of `monitor ranges` to those the profile was calibrated on: measured on all
     five built-in domains, a Gemma3 profile fitted on pydoc + python got ranges up to 0.15 wider (the
     guard's whole margin) and one fitted on two text files up to 0.25, unsaid. A profile fitted on
-    files needs them again (--text), or a knowing --domain choice. Returns {"option", "recorded",
-    "used", "warning"} where the texts measured are not the recorded ones, else None; the caller
+    files needs them again (--text), or a knowing --domain choice. Returns what differs where the
+    texts measured are not the recorded ones, else None; the caller
     prints the warning once the texts are known to be valid (a domain named twice is one error
     line, not a warning about it and then the error)."""
     from sinkfix.errors import UsageError
@@ -527,9 +538,9 @@ def _ranges_domains(args: argparse.Namespace, profile) -> dict | None:
     if same:
         return None
     calibrated = f"the built-in domains {', '.join(recorded)}" if built_in else f"the texts {', '.join(recorded)}"
-    return {"option": option, "recorded": recorded, "used": used,
-            "warning": f"sinkfix monitor ranges: warning: measuring on {measured}; the profile was calibrated on "
-                       f"{calibrated}; the new statistics record it (protocol.overrides)"}
+    return _OtherTexts(option, recorded, used,
+                       f"sinkfix monitor ranges: warning: measuring on {measured}; the profile was calibrated on "
+                       f"{calibrated}; the new statistics record it (protocol.overrides)")
 
 
 def _run_ranges(args: argparse.Namespace) -> int:
@@ -545,14 +556,14 @@ def _run_ranges(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     profile = sinkfix.Profile.load(args.profile)
     refuse_content_statistics(profile, f"--profile {args.profile}")  # known from the file: before the model loads
-    domains_differ = _ranges_domains(args, profile)
+    other_texts = _ranges_domains(args, profile)
     texts = texts_from_args(args, "calib")
-    if domains_differ:
-        print(domains_differ.pop("warning"), file=sys.stderr)
+    if other_texts:
+        print(other_texts.warning, file=sys.stderr)
     print(describe_texts(texts))
     overrides = _ranges_protocol(args, profile)
-    if domains_differ:
-        overrides[domains_differ.pop("option")] = domains_differ
+    if other_texts:
+        overrides[other_texts.option] = {"recorded": other_texts.recorded, "used": other_texts.used}
     check_writable(args.out)  # before the measurements, not after them
     check_profile_out(args.out, "--out", args.text or ())  # not a --text file, nor any other file but a profile
     model, tokenizer = sinkfix.load_model(args.model)
