@@ -392,6 +392,33 @@ def test_stream_figure_labels_follow_the_run(tiny, text_file, tmp_path):
     assert labels == ["perplexity, trailing 30 positions", "ppl ratio, since the stream's start"]
 
 
+def test_stream_figure_names_the_recomputation_curves_span(tiny, text_file, tmp_path):
+    """Recomputation is scored every k-th token, so its curve runs over 4 x the segment: the legend said
+    only "(every 50th token)" under an axis labelled "trailing 100 positions" (SmolLM2: the curve read
+    114 where the trailing 100 positions gave 440, the JSON's segment value)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib import pyplot as plt
+
+    from sinkfix.analysis import plots
+
+    tiny("llama")
+    legends = []
+    real_save = plots._save
+
+    def keep_legend(plt_module, fig, path, **kw):
+        legends.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        return real_save(plt_module, fig, path, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(plots, "_save", keep_legend):
+        assert cli.main(["stream", "--text", str(text_file), "--tokens", "200", "--window", "20", "--n-sink", "2",
+                         "--segment", "20", "--chunk", "8", "--variants", "sink,recompute", "--recompute-every", "10",
+                         "--out", str(tmp_path / "o")]) == 0
+    plt.close("all")
+    assert "recompute (every 10th token; trailing 80 positions)" in legends and "sink" in legends
+
+
 def test_one_segment_has_no_drift_column(tiny, text_file, tmp_path, capsys):
     """With one segment, first and last are the same segment: the table printed last/first 1.000 as if
     the stream had stayed flat."""
@@ -405,6 +432,8 @@ def test_one_segment_has_no_drift_column(tiny, text_file, tmp_path, capsys):
         cells = [cell.strip() for cell in row.strip("│").split("│")]
         assert cells[4] == "-" and cells[5] == "-", cells  # last seg, last/first
         assert float(cells[3]) > 0
+        # no recomputation ran: its two columns are "-" (they printed "nan")
+        assert cells[6] == "-" and cells[7] == "-", cells
 
 
 def test_a_lost_ctrl_c_still_stops_the_files_being_replaced(tiny, text_file, tmp_path, capsys, monkeypatch):

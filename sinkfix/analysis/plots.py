@@ -229,7 +229,10 @@ def running_perplexity_plot(result, path: Path, span: int | None = None) -> Path
         kind = name.split("_profile")[0]
         style = {"sink": "-", "window_only": "--", "recompute": ":"}.get(kind, "-")
         positions, ppl = running_ppl(variant, span * (4 if kind == "recompute" else 1))
-        label = f"{name} (every {p['recompute_every']}th token)" if kind == "recompute" else name
+        # its own span in the legend: the axis states the caches' span, and a recomputation curve read
+        # against it was 114 where its trailing 100 positions (the JSON's segment) gave 440
+        label = (f"{name} (every {p['recompute_every']}th token; {trailing(span * 4)})" if kind == "recompute"
+                 else name)
         top.plot(positions.numpy(), ppl.numpy(), style, lw=1.2, label=label)
         reference = result.reference_for(name)
         if reference is None and name.endswith("_profile") and kind in result.variants:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -318,6 +319,12 @@ def _choose_bos(args: argparse.Namespace, profile, tokenizer_default: bool) -> t
     return bos, source, note
 
 
+def _cell(value: float | None) -> str:
+    """A table cell: ``-`` where there is no number (no recomputation ran, no whole segment), as in
+    the other commands' tables; it printed ``nan``."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def _print_table(summary: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -356,8 +363,8 @@ def _print_table(summary: dict) -> None:
         if name in ("paired", "protocol"):
             continue
         seg = v["segments"]
-        first, last = (seg[0], seg[-1]) if seg else (float("nan"), float("nan"))
-        first_cell, last_cell = f"{first:.3f}", f"{last:.3f}"
+        first, last = (seg[0], seg[-1]) if seg else (None, None)
+        first_cell, last_cell = _cell(first), _cell(last)
         # one segment is first and last at once: its "1.000" read as a stream that stayed flat
         drift = f"{last / first:.3f}" if len(seg) > 1 else "-"
         if name.startswith("recompute") and p["segments"]:
@@ -375,7 +382,7 @@ def _print_table(summary: dict) -> None:
         ms, cpu, rss = v["ms_per_token"], v.get("cpu_ms_per_token", []), v["peak_rss_mib"]
         table.add_row(
             name, f"{v['ppl']:.3f}", str(v["tokens"]), first_cell, last_cell, drift,
-            f"{pair.get('ppl', float('nan')):.3f}", f"{pair.get('ratio_to_recompute', float('nan')):.3f}",
+            _cell(pair.get("ppl")), _cell(pair.get("ratio_to_recompute")),
             f"{ms[0]:.1f} / {ms[-1]:.1f}" if ms else "-", f"{cpu[0]:.1f} / {cpu[-1]:.1f}" if cpu else "-",
             f"{rss[0]:.0f} / {rss[-1]:.0f}" if rss else "-",
             f"{v['cache_mib'][-1]:.2f}" if v["cache_mib"] else "-",
