@@ -208,3 +208,55 @@ def test_a_forward_interrupted_part_way_leaves_a_cache_that_refuses_to_go_on(int
         fresh = SinkCache(model.config, n_sink=2, window=8)
         torch.testing.assert_close(model(input_ids=ids, cache=cache, use_cache=True).logits,
                                    model(input_ids=ids, cache=fresh, use_cache=True).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prompt_length", [12, 16, 17])
+def test_a_cache_reused_for_a_new_prompt_is_refused_and_keeps_its_tokens(prompt_length):
+    """generate() takes a cache's tokens for the prompt's first ones: a cache that had seen 19 tokens
+    given a new 17-token prompt was fed its tail at positions 2-16 (SmolLM2: other tokens than a fresh
+    cache's, no error, while the docs said it failed). A prompt as long as what was seen is fed whole
+    from position 0; both put every new token where the row already holds one."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    first = _ids(length=14, seed=3)
+    prompt = _ids(length=prompt_length, seed=4)
+    cache = SinkCache(model.config, n_sink=2, window=8)
+    with torch.no_grad():
+        model.generate(first, attention_mask=torch.ones_like(first), cache=cache, max_new_tokens=4,
+                       do_sample=False, pad_token_id=0)  # seen: 14 + 3 = 17
+        seen = cache.layers[0].seen
+        with pytest.raises(CacheError, match=rf"has seen {seen} tokens, and this call puts its .* new tokens at "
+                                             r"positions .*cache\.reset\(\).*nothing of this call was stored"):
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+        assert all(layer.seen == seen for layer in cache.layers)
+        cache.reset()
+        fresh = SinkCache(model.config, n_sink=2, window=8)
+        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, cache=cache, **kwargs),
+                           model.generate(prompt, cache=fresh, **kwargs))
+
+
+def test_continuing_a_sequence_and_left_padded_rows_are_not_refused():
+    """What the check must let through: generate given all of a sequence so far (its next tokens at the
+    next positions), a left-padded batch whose padded row counts positions from its first real token,
+    and a loop that counts the padding too."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    ids = _ids(batch=2, length=10, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 left-padded
+    cache = SinkCache(model.config, n_sink=2, window=8)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        more = torch.cat([out, _ids(batch=2, length=3, seed=6)], dim=1)
+        more_mask = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+        model.generate(more, attention_mask=more_mask, cache=cache, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+        counting = SinkCache(model.config, n_sink=2, window=8)  # positions count the padding
+        positions = torch.arange(10)[None].expand(2, 10)
+        model(input_ids=ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6], cache=counting,
+              use_cache=True)
+        model(input_ids=ids[:, 6:], attention_mask=mask, position_ids=positions[:, 6:], cache=counting,
+              use_cache=True)
