@@ -549,14 +549,24 @@ class LayerPolicy:
     def set_parameters(self, beta: torch.Tensor, virtual_sink_logit: torch.Tensor | None) -> None:
         """Replace beta (H,) and the virtual sink logits (H,) or None; the patched model uses them
         from its next forward on. Tensors that require grad stay attached to their graph."""
-        if beta.shape != (self.num_heads,):
-            raise PolicyError(f"layer {self.layer}: beta must have shape ({self.num_heads},), got {tuple(beta.shape)}")
-        if virtual_sink_logit is not None and virtual_sink_logit.shape != (self.num_heads,):
-            raise PolicyError(f"layer {self.layer}: virtual_sink_logit must have shape ({self.num_heads},), got "
-                              f"{tuple(virtual_sink_logit.shape)}")
+        # the values a Policy checks when it is built: a beta of 1.5 or -0.5 was computed (mass outside
+        # [0, 1] on the sink) and NaN / inf gave NaN logits, unsaid; one host read per call, not per forward
+        self._check_live("beta", beta, 0.0, 1.0)
+        if virtual_sink_logit is not None:
+            self._check_live("virtual_sink_logit", virtual_sink_logit)
         self.beta = beta
         self.virtual_sink_logit = virtual_sink_logit
         self._derive()
+
+    def _check_live(self, name: str, value, low: float | None = None, high: float | None = None) -> None:
+        what = f"layer {self.layer}: {name}"
+        if not isinstance(value, torch.Tensor):
+            raise PolicyError(f"{what} must be a tensor of shape ({self.num_heads},), got {type(value).__name__}")
+        if value.shape != (self.num_heads,):
+            raise PolicyError(f"{what} must have shape ({self.num_heads},), got {tuple(value.shape)}")
+        if value.is_meta:
+            raise PolicyError(f"{what} is on the meta device: it holds no values")
+        _check_values(what, value.detach(), low, high)
 
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32):
         """(beta, virtual_sink_logit) on ``device``; beta is None when it is 1 on every head (the
@@ -614,6 +624,9 @@ def _numbers(name: str, value, expected: str = "a number, a [num_layers, num_hea
     if isinstance(value, (str, bytes)) or _holds_bool(value):
         # a bool is a typo here, not a number: Policy(sink_scale=True) read as 1.0 (the identity)
         raise PolicyError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.80}")
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        # torch's own "Tensor.item() cannot be called on meta tensors" named neither the parameter nor why
+        raise PolicyError(f"{name} is a tensor on the meta device: it holds no values")
     if _holds_complex(value):
         # the same kind of mistake: torch.as_tensor(dtype=float64) drops the imaginary part of a complex
         # tensor or numpy array with a generic warning, and hidden_sink_scale=tensor(0.5+3j) ran as 0.5

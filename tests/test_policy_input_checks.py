@@ -15,6 +15,8 @@ from sinkfix.errors import PolicyError, ProfileError, SinkfixError
 from sinkfix.policy import SPEC_KEYS
 from sinkfix.profile import CONTENT_VERSION, ModelIdentity, Profile
 
+from .conftest import tiny_model
+
 
 # -- layer lists and ranges in specs ------------------------------------------------------------
 @pytest.mark.parametrize("spec, layers", [
@@ -273,3 +275,34 @@ def test_valid_argument_types_still_work():
     assert Policy(sink_scale=[[0.5, 1.0]], layers=range(1)).layers == (0,)
     assert Policy(sink_scale=np.float32(0.5), layers=[1.0, 2]).layers == (1, 2)  # integral floats, as before
     assert Policy(sink_scale=torch.tensor(0.9, requires_grad=True)).sink_scale.requires_grad
+
+
+@pytest.mark.parametrize("beta, logit, message", [
+    (torch.full((4,), 1.5), None, r"layer 0: beta must lie in \[0.0, 1.0\]"),
+    (torch.full((4,), -0.5), None, r"layer 0: beta must lie in \[0.0, 1.0\]"),
+    (torch.full((4,), float("nan")), None, "layer 0: beta contains NaN or inf"),
+    (torch.full((4,), float("inf")), None, "layer 0: beta contains NaN or inf"),
+    (torch.full((4,), 0.9), torch.full((4,), float("nan")), "layer 0: virtual_sink_logit contains NaN or inf"),
+    ([0.9] * 4, None, r"layer 0: beta must be a tensor of shape \(4,\), got list"),
+    (torch.empty(4, device="meta"), None, "layer 0: beta is on the meta device"),
+    (torch.full((3,), 0.9), None, r"layer 0: beta must have shape \(4,\), got \(3,\)"),
+])
+def test_live_parameters_are_checked_like_a_policys(beta, logit, message):
+    """LayerPolicy.set_parameters (PatchHandle.layer_policies(): the documented way to change a patched
+    model at once) checked shapes only: a beta of 1.5 or -0.5 was computed, NaN / inf gave NaN logits,
+    a list or a meta tensor raised Python's own errors. The model keeps its parameters."""
+    import sinkfix
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with sinkfix.patch(model, Policy(sink_scale=0.5)) as handle, torch.no_grad():
+        before = model(ids).logits
+        layer = handle.layer_policies()[0]
+        with pytest.raises(PolicyError, match=message):
+            layer.set_parameters(beta, logit)
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_a_meta_tensor_policy_is_refused_by_name():
+    with pytest.raises(PolicyError, match="sink_scale is a tensor on the meta device"):
+        Policy(sink_scale=torch.empty(2, 4, device="meta"))
