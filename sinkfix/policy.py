@@ -12,6 +12,7 @@ import math
 import numbers
 import operator
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
@@ -304,6 +305,17 @@ class Policy(_ValueEquality):
             raise PolicyError("layers chooses the layers of the attention correction, and this policy has none "
                               "(sink_scale, virtual_sink_logit or hidden_sink_scale); the residual clip acts on every "
                               "layer: layers would change nothing")
+        self._warn_items_without_effect()
+
+    def _warn_items_without_effect(self) -> None:
+        """What a spec refuses (:func:`_refuse_items_without_effect`) the API keeps, since a profile may
+        set it, but says: Policy(sink_scale=0.3, n_sink=0) gave the stock model bit for bit, unsaid.
+        (virtual_logit_on_sink_rows without a virtual logit is not said: live parameters set through
+        the patch handle may add the logits it acts on, as calibration does.)"""
+        if self.n_sink == 0 and not self.extra_sink_positions and not bool(
+                (torch.as_tensor(self.sink_scale, dtype=torch.float64) == 1).all()):
+            warnings.warn("sink_scale acts on the sink set, and n_sink=0 without extra_sink_positions leaves it empty: "
+                          "the sink scale changes nothing", UserWarning, stacklevel=3)
 
     def _attention_is_identity(self) -> bool:
         beta = torch.as_tensor(self.sink_scale, dtype=torch.float64)

@@ -306,3 +306,22 @@ def test_live_parameters_are_checked_like_a_policys(beta, logit, message):
 def test_a_meta_tensor_policy_is_refused_by_name():
     with pytest.raises(PolicyError, match="sink_scale is a tensor on the meta device"):
         Policy(sink_scale=torch.empty(2, 4, device="meta"))
+
+
+@pytest.mark.parametrize("sink_scale", [0.3, torch.full((2, 4), 0.5)])
+def test_a_sink_scale_on_an_empty_sink_set_is_said(sink_scale):
+    """A spec refuses it; built in Python it was kept (a profile may set it) and gave the stock model bit
+    for bit, unsaid."""
+    with pytest.warns(UserWarning, match="n_sink=0 without extra_sink_positions leaves it empty"):
+        Policy(sink_scale=sink_scale, n_sink=0)
+
+
+def test_a_policy_whose_items_all_act_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Policy(sink_scale=0.3, n_sink=0, extra_sink_positions=(2,))
+        Policy(n_sink=0)
+        Policy(virtual_sink_logit=-2.0, virtual_logit_on_sink_rows=True)
+        Policy(virtual_logit_on_sink_rows=True)  # live parameters may add the logits it acts on
