@@ -666,7 +666,13 @@ def _attn_settings(config) -> list[tuple[Any, Any]]:
 
 def _restore_attn_settings(model: nn.Module, current: str | None, settings: list[tuple[Any, Any]]) -> None:
     if model.config._attn_implementation != current:
-        model.set_attn_implementation(current or "eager")
+        try:
+            model.set_attn_implementation(current or "eager")
+        except (ImportError, ValueError):
+            # the implementation the model held before the patch cannot be loaded now (flash_attention_2
+            # set by hand without flash-attn installed): remove() raised transformers' ImportError and left
+            # "sinkfix" in the config; the recorded settings, put back below, are that state as it was
+            pass
     _put_back_internal_settings(settings)
 
 

@@ -216,3 +216,21 @@ def test_every_public_name_resolves():
     for name in sinkfix.__all__:
         assert getattr(sinkfix, name) is not None, name
     assert {"Profile", "SinkCache", "monitor"} <= set(sinkfix.__all__)
+
+
+def test_remove_puts_back_an_implementation_that_cannot_be_loaded_now(monkeypatch):
+    """A model whose config names flash_attention_2 without flash-attn installed is patched (the patch
+    replaces it); remove() raised transformers' ImportError and left "sinkfix" in the config. It puts
+    back the setting the model had."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers looks for a kernel on the hub first
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = model(ids).logits
+    model.config._attn_implementation = "flash_attention_2"
+    handle = sinkfix.patch(model, sinkfix.Policy(sink_scale=0.5))
+    handle.remove()
+    assert model.config._attn_implementation == "flash_attention_2" and sinkfix.PatchHandle.of(model) is None
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, stock)
