@@ -54,7 +54,10 @@ file"). ``policy.n_sink`` is at most :data:`~sinkfix.policy.MAX_N_SINK`.
 Optional, at any version: ``"statistics"``, what the profiled model's attention looked like on the
 calibration text (:class:`ProfileStatistics`: per layer and head, the range of the sink share
 before sink scaling), for the telemetry guard (docs/monitoring.md). A file without it loads with
-``statistics=None``; readers that do not know the key ignore it.
+``statistics=None``; readers that do not know the key ignore it. Keys this reader does not know
+at the top level or in ``"model"`` are ignored with a warning that names them (a misspelt
+``"domian"`` dropped its section unsaid); in ``"policy"``, a domain or ``"content_sinks"`` they
+are refused.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +278,7 @@ class ModelIdentity:
     def from_dict(cls, data: Any) -> "ModelIdentity":
         if not isinstance(data, dict):
             raise ProfileError("profile 'model' entry must be an object")
+        _warn_unknown_keys("profile 'model' entry", data, _MODEL_KEYS)
         try:
             # JSON types exactly: int() / str() would turn "12" into 12, 1.7 into 1, a list into text
             heads = _json_ints("model.num_heads", data["num_heads"])
@@ -305,6 +310,22 @@ class ModelIdentity:
         if bad:
             raise ProfileError(f"profile 'model' entry: {', '.join(bad)} (counts and sizes must be >= 1)")
         return ident
+
+
+#: the keys a profile file and its "model" entry hold; others are named when read (below)
+_TOP_KEYS = frozenset({"format", "version", "model", "policy", "domains", "calibration", "statistics", "fitted_version"})
+_MODEL_KEYS = frozenset({"architecture", "name", "num_layers", "num_heads", "num_kv_heads", "hidden_size", "vocab_size",
+                         "fingerprint", "fingerprint_dtype", "cast_fingerprints"})
+
+
+def _warn_unknown_keys(where: str, data: dict, known: frozenset) -> None:
+    """A warning naming keys this reader does not know, which it ignores: a hand-edited "domian" or
+    "statistic" (typos of "domains", "statistics") loaded with that section silently absent. A warning,
+    not an error as in "policy": what a reader does not know of a file it may ignore."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{where} has key(s) this sinkfix does not know, ignored: {', '.join(map(repr, unknown))} "
+                      f"(it reads {', '.join(sorted(known))})", UserWarning, stacklevel=4)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -679,6 +700,7 @@ class Profile:
                                "upgrade sinkfix")
         if version < 1:
             raise ProfileError(f"profile version {version} is not valid")
+        _warn_unknown_keys("profile", data, _TOP_KEYS)
         identity = ModelIdentity.from_dict(data.get("model"))
         policy = data.get("policy")
         if not isinstance(policy, dict) or "sink_scale" not in policy:

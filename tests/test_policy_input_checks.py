@@ -325,3 +325,21 @@ def test_a_policy_whose_items_all_act_warns_nothing():
         Policy(n_sink=0)
         Policy(virtual_sink_logit=-2.0, virtual_logit_on_sink_rows=True)
         Policy(virtual_logit_on_sink_rows=True)  # live parameters may add the logits it acts on
+
+
+@pytest.mark.parametrize("where, key", [(None, "domian"), (None, "statistic"), ("model", "fingerprnt_dtype")])
+def test_a_profile_key_this_reader_does_not_know_is_named(where, key):
+    """Unknown keys of "policy" are refused; at the top and in "model" they were ignored unsaid, so a
+    hand-edited "domian" (for "domains") loaded with the section silently absent."""
+    data = _profile_dict()
+    (data if where is None else data[where])[key] = {}
+    with pytest.warns(UserWarning, match=rf"has key\(s\) this sinkfix does not know, ignored: '{key}'"):
+        Profile.from_dict(data)
+
+
+def test_a_profile_as_written_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Profile.from_dict(_profile_dict())
