@@ -12,6 +12,33 @@ registration happens when transformers defines its registries, so ``import sinkf
 not import transformers' model code.
 """
 
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _quiet_interrupt_while_loading() -> None:
+    """In the ``sinkfix`` command (the console script, or ``python -m sinkfix``), Ctrl-C while this
+    package loads torch and transformers ends with one line and status 130, as it does once a
+    command runs (``cli.main`` then installs its own handlers): it printed Python's 46-line traceback
+    and ended with status 1. Nothing has been written at that point. Left alone: any other program
+    importing sinkfix, and a process that ignores SIGINT or handles it itself."""
+    script = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    as_module = list(getattr(_sys, "orig_argv", []))[1:3] == ["-m", "sinkfix"]
+    if script.removesuffix(".exe") != "sinkfix" and not (script == "-m" and as_module):
+        return
+    if _signal.getsignal(_signal.SIGINT) is not _signal.default_int_handler:
+        return
+
+    def interrupted(signum, frame):
+        _os.write(2, b"sinkfix: interrupted\n")
+        _os._exit(130)
+
+    _signal.signal(_signal.SIGINT, interrupted)
+
+
+_quiet_interrupt_while_loading()
+
 from sinkfix.errors import CacheError, ModelLoadError, PolicyError, ProfileError, SinkfixError, UnsupportedModelError
 from sinkfix.models import load_model
 from sinkfix.patch import IMPL_NAME, PatchHandle, patch, register, register_on_import
