@@ -252,3 +252,27 @@ def test_hidden_sink_settings_refuse_a_rate_or_weight_that_means_nothing(field, 
 def test_eval_windows_without_evaluate_is_refused(no_model, files, tmp_path, capsys):
     rc, err = run_cli(capsys, *files, "--out", str(tmp_path / "p.json"), "--seq-len", "64", "--eval-windows", "4")
     assert_one_line_error(rc, err, "--eval-windows sets how --evaluate scores each domain")
+
+
+def test_one_dataset_with_the_robust_rule_is_refused_before_it_is_loaded(no_model, tmp_path, capsys, monkeypatch):
+    """A --dataset is one domain, which the default robust rule cannot calibrate: the error came after the
+    set was downloaded and read."""
+    import sinkfix.texts
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the dataset was loaded")
+
+    monkeypatch.setattr(sinkfix.texts, "load_dataset_text", no_download)
+    rc, err = run_cli(capsys, "--dataset", "wikitext:wikitext-2-raw-v1", "--out", str(tmp_path / "p.json"))
+    assert_one_line_error(rc, err, "needs at least two domains", "only 'wikitext' is", "--rule pooled")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "inspect", "bench"])
+def test_dataset_given_twice_is_refused(command, capsys):
+    """argparse kept the last of two --dataset options, unsaid."""
+    from sinkfix import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--dataset", "a", "--dataset", "b"])
+    assert exited.value.code == 2
+    assert "--dataset is given twice (a, then b): give it once" in capsys.readouterr().err

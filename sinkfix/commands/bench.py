@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
                         help=f"{TEXT_HELP} {', '.join(QUICK_DOMAINS)} (evaluation split); several files per option; "
                              "a stem 'all' is numbered (all-2): 'all' is the column of every text pooled")
-    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", help=DATASET_HELP)
+    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", action=StoreOnce, help=DATASET_HELP)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, metavar="N",
                    help="window length in tokens, BOS included (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, metavar="N", help="window stride (default: non-overlapping)")

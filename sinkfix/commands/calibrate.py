@@ -328,6 +328,11 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     console = wide_console()
+    if args.dataset and args.rule == "robust":
+        # one domain, known from the spec: refused before the set is downloaded, not after
+        from sinkfix.texts import parse_dataset_spec
+
+        require_two_domains([parse_dataset_spec(args.dataset).name])
     texts = texts_from_args(args, "calib")
     console.print(describe_texts(texts), markup=False)
     _check_numbers(args, len(texts))  # each flag named in its error, before CalibrationSettings' own checks

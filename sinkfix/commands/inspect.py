@@ -49,8 +49,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
                         help=f"{text_help} ({'calibration' if split == 'calib' else 'evaluation'} split); repeatable")
     dataset_help = DATASET_HELP
     if split == "calib":
-        dataset_help += "; to calibrate on a training split, name it (NAME[:CONFIG]@train)"
-    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, help=dataset_help)
+        dataset_help += ("; to calibrate on a training split, name it (NAME[:CONFIG]@train); one domain, so with "
+                         "--rule pooled (the default robust rule needs two)")
+    # once: a second --dataset replaced the first, unsaid
+    source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, action=StoreOnce, help=dataset_help)
     source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
                         metavar="NAME", help=f"a built-in domain ({', '.join(DOMAINS)}); repeatable; default: "
                                              f"{texts_default or 'all'}")
