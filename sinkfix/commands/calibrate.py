@@ -92,7 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--evaluate", action="store_true",
                         help="afterwards, rebuild the profile without each domain in turn and compare perplexity on "
                              "that domain's evaluation text (leave-one-domain-out; costs about as much again as "
-                             "the calibration)")
+                             "the calibration; needs at least three domains)")
     parser.add_argument("--eval-windows", type=int, default=None,
                         help=f"windows per domain for --evaluate (default {EVAL_WINDOWS})")
     parser.add_argument("--sinks", choices=("positional", "hidden", "combined"), default="positional",
