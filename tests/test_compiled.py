@@ -182,6 +182,49 @@ def test_monitored_compiled_generation_compiles_once_and_records_as_eager(padded
         assert got["residual_peak"] != pytest.approx(prompt["residual_peak"], rel=1e-3)
 
 
+@pytest.mark.parametrize("policy", ["profile", "identity"])
+def test_monitored_requests_on_a_compiled_forward_with_a_dynamic_cache_stop_compiling(policy, one_thread):
+    """model.forward under torch.compile(fullgraph=True), generate() with its default DynamicCache: inside
+    a monitor's requests every decode step compiled again (a list that grew per step), and every
+    request's prompt too (its graph was guarded on the request's id), so the ninth forward stopped at
+    dynamo's recompile limit (SmolLM2: the second request). Now the first request adds its prompt and
+    decode graphs and later requests none; the records equal the eager model's."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    with sinkfix.patch(model, _policies(2, 4)[policy]), sinkfix.monitor(model) as monitor, torch.no_grad():
+        eager = {}
+        for n in (4, 9):
+            with monitor.request():
+                model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+            eager[n] = monitor.records[0]
+        eager_forward = model.forward
+        model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+        try:
+            with monitor.request():
+                model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4)
+            first = len(graphs)
+            for n in (4, 9, 9, 4, 9, 9, 4, 9, 9):  # more forwards than dynamo's recompile limit (8)
+                with monitor.request():
+                    model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+                got, want = monitor.records[0], eager[n]
+                assert got["tokens"] == want["tokens"] and got["decoded_tokens"] == want["decoded_tokens"] == n - 1
+                torch.testing.assert_close(torch.tensor(got["sink_share"]), torch.tensor(want["sink_share"]),
+                                           atol=1e-5, rtol=0)
+                assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+        finally:
+            model.forward = eager_forward
+    assert len(graphs) == first, f"{len(graphs) - first} graphs compiled after the first request"
+
+
 def test_compiled_before_patching_follows_the_patch(one_thread):
     """A model compiled first and patched (or unpatched) later never runs stale code: the compiled
     callable re-traces when the patch state changes. Patching the compiled wrapper works too."""

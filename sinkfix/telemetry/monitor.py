@@ -86,6 +86,15 @@ class _Request:
             raise MonitorError(f"request {self.id}: {len(domains)} domain labels for a batch of {batch} sequences")
         return domains
 
+    def check_labels(self, batch: int) -> None:
+        """Refuse a label count other than the batch's, reading counts only: under torch.compile this
+        runs in the traced first layer, and reading the request id made dynamo guard the prompt's
+        graph on it, compiling again for every request until its recompile limit stopped the ninth."""
+        for labels, what in ((None if self.domain is None or isinstance(self.domain, str) else self.domain,
+                              "domain labels"), (self.row_ids, "request ids")):
+            if labels is not None and len(labels) != batch:
+                raise MonitorError(f"request {self.id}: {len(labels)} {what} for a batch of {batch} sequences")
+
     def ids(self, batch: int) -> list[str]:
         if self.row_ids is None:
             return [self.id] * batch
@@ -195,12 +204,15 @@ def _cache_of(kwargs: dict) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-def _compiled_decode_capacity(cache: Any) -> int | None:
+def _compiled_decode_capacity(cache: Any, compiled: bool = False) -> int | None:
     """Decode tokens the accumulator's compiled-step buffer must hold (telemetry/accumulate.py): the
     cache's maximum length when the cache is one transformers compiles decoding with (a static
-    cache); None (no buffer) otherwise: eager decode steps need none."""
+    cache); :data:`DEFAULT_DECODE_CAPACITY` when the prompt's forward is itself compiled (a model
+    under torch.compile) with a cache that states no maximum (DynamicCache: without the buffer every
+    decode step appended to a list, dynamo compiled each step again and the second request stopped
+    at its recompile limit); None (no buffer) otherwise: eager decode steps need none."""
     if cache is None or not getattr(cache, "is_compileable", False):
-        return None
+        return DEFAULT_DECODE_CAPACITY if compiled else None
     most = -1
     for name in ("get_max_length", "get_max_cache_shape"):  # the second is the older transformers' name
         try:
@@ -460,9 +472,10 @@ class Monitor:
         batch, q_len = hidden.shape[0], hidden.shape[1]
         self._measure_sampled()  # a forward whose last decoder layer had no hook
         if req.acc is None:
-            req.domains(batch), req.ids(batch)  # a wrong label count refused now, not after a whole generation
+            req.check_labels(batch)  # a wrong label count refused now, not after a whole generation
             req.acc = RequestAccumulator(self._num_heads, batch, hidden.device,
-                                         decode_capacity=_compiled_decode_capacity(_cache_of(kwargs)))
+                                         decode_capacity=_compiled_decode_capacity(_cache_of(kwargs),
+                                                                                   torch.compiler.is_compiling()))
         elif batch != req.acc.batch:
             raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
                                "within one request (beam search is not supported)")
