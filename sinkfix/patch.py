@@ -454,6 +454,18 @@ def tensor_parallel_rank(model: nn.Module) -> tuple[int, int] | None:
     return torch.distributed.get_rank() % size, size
 
 
+def require_process_group(model: nn.Module, error: type[Exception] = UsageError, why: str = "") -> None:
+    """Raise ``error`` when ``model`` is sharded with tensor parallelism and this process has no
+    initialised process group: its forward (patch()'s discovery pass among them) runs collectives,
+    and torch's own "Could not resolve the process group" came from inside a DTensor op."""
+    size = getattr(model, "_tp_size", None) or 1
+    if size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise error(f"this model is sharded with tensor parallelism over {size} ranks, but torch.distributed is not "
+                    f"initialised in this process: its forward runs collectives over the process group transformers "
+                    f"sharded it over{why}; call this where that group is initialised (under torchrun, before "
+                    "torch.distributed.destroy_process_group())")
+
+
 def _heads_are_sharded(model: nn.Module, local_heads: list[int], size: int) -> bool:
     """Whether this rank computes a 1/size block of each layer's query heads (q/k/v sharded) or all
     of them (a plan that shards the rest of the model only). Decided from the config's head count:
@@ -498,6 +510,7 @@ def _plan(model: nn.Module, policy: Policy, backend: str, original: str | None,
     """Everything patch() decides before changing the model: which modules, which policy per
     layer, which decoder layers to clip. Raises on any problem."""
     arch = type(model).__name__
+    require_process_group(model, why=" (patch() runs one forward to find the attention modules)")
     try:
         order = discover_attention_modules(model, _dummy_input(model))
     except AttentionDropoutError:

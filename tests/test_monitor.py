@@ -858,6 +858,27 @@ def test_sharded_model_without_a_process_group_is_a_clear_error():
         TensorParallelGroup.of(tiny_model("llama"), 0, 2)
 
 
+def test_patch_and_monitor_on_a_sharded_model_without_a_process_group_say_so():
+    """A model transformers sharded, in a process whose group was destroyed: patch() and monitor() (which
+    patches with the identity first) ran a forward into torch's own "Could not resolve the process
+    group" from inside a DTensor op, not the documented errors; nothing is patched."""
+    import torch.distributed as dist
+
+    from sinkfix.errors import UsageError
+    from sinkfix.patch import PatchHandle
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    model = tiny_model("llama")
+    model._tp_size = 3  # what transformers records on a model it shards
+    with pytest.raises(UsageError, match="sharded with tensor parallelism over 3 ranks, but torch.distributed is not "
+                                         r"initialised.*patch\(\) runs one forward"):
+        sinkfix.patch(model, sinkfix.Policy(sink_scale=0.9))
+    with pytest.raises(MonitorError, match="torch.distributed is not initialised.*gathers every rank's heads"):
+        sinkfix.monitor(model)
+    assert PatchHandle.of(model) is None
+
+
 @pytest.mark.parametrize("cache", ["streaming", "quantized"])
 def test_sink_caches_are_monitored_as_the_calls_attend(cache, one_thread):
     """With a SinkCache that evicts (streaming) or quantizes what it holds, each decode step attends

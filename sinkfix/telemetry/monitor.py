@@ -632,9 +632,11 @@ def _patched(model: nn.Module, guard: Any, patch_if_needed: bool):
     """(handle, whether the monitor relies on an identity patch a monitor made, and removes it as the
     last such monitor to close): an unpatched model is patched with the identity, and a model whose
     patch in force is a monitor's identity shares it."""
-    from sinkfix.patch import PatchHandle, patch
+    from sinkfix.patch import PatchHandle, patch, require_process_group
     from sinkfix.policy import Policy
 
+    # before the identity patch, whose discovery forward ran into torch's own error
+    require_process_group(model, MonitorError, " and the monitor gathers every rank's heads after each request")
     handle = PatchHandle.of(model)
     if handle is not None:
         if handle.active and handle in _IDENTITY_USERS:
