@@ -28,9 +28,9 @@ from torch import nn
 from sinkfix.errors import PolicyError, UnsupportedModelError, UsageError
 from sinkfix.evaluate import model_device
 from sinkfix.integrations.after_import import call_after_import
-from sinkfix.integrations.attention import (PICKLE_REFUSAL, AttentionCall, AttentionDropoutError, BidirectionalAttentionError,
+from sinkfix.integrations.attention import (AttentionCall, AttentionDropoutError, BidirectionalAttentionError,
                                            LayerState, attention_forward, discover_attention_modules,
-                                           refuse_content_call)
+                                           pickle_refusal, refuse_content_call)
 from sinkfix.integrations.masks import padded_causal_mask
 from sinkfix.integrations.content_sinks import cache_hooks
 from sinkfix.integrations.residual_clip import make_clip_hook
@@ -356,7 +356,7 @@ class PatchHandle:
     def __reduce_ex__(self, protocol):
         """Pickling a patched model (``torch.save(model)``) is refused with this message rather than
         torch's "cannot pickle 'weakref.ReferenceType' object"."""
-        raise UsageError(PICKLE_REFUSAL)
+        raise pickle_refusal()
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"

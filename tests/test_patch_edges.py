@@ -141,6 +141,21 @@ def test_pickling_a_patched_model_is_refused_with_what_to_do(policy):
     assert pickle.loads(pickle.dumps(model)) is not None
 
 
+def test_a_refused_torch_save_says_that_its_file_is_already_emptied(tmp_path):
+    """torch.save opens (truncates) its file before pickling: a checkpoint at that path was lost to a
+    refused save of a patched model, and the refusal did not say so. pickle.dumps says nothing of it."""
+    model = tiny_model("llama")
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"weights": torch.ones(3)}, path)
+    with sinkfix.patch(model, Policy(sink_scale=0.5)):
+        with pytest.raises(UsageError, match=r"cannot be pickled.*torch.save opened its file before pickling: "
+                                              "whatever that file held is gone"):
+            torch.save(model, path)
+        with pytest.raises(UsageError, match=r"cannot be pickled") as refused:
+            pickle.dumps(model)
+        assert "torch.save" not in str(refused.value).split("works on a patched model")[1]
+
+
 def test_remove_puts_back_each_sub_configs_own_attention():
     """remove() set one value on every sub-config: a vision tower loaded with eager attention came
     back as sdpa."""

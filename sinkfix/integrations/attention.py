@@ -84,6 +84,19 @@ PICKLE_REFUSAL = ("a patched model cannot be pickled: call remove() on its patch
                   "works on a patched model")
 
 
+def pickle_refusal() -> UsageError:
+    """The refusal to pickle a patched model; under ``torch.save`` it also says that the file named
+    is already lost: torch opens (truncates) it before pickling anything, so a checkpoint at that
+    path was emptied by a refused save, which no error raised from pickling can prevent."""
+    frame, under_torch_save = sys._getframe(1), False
+    while frame is not None and not under_torch_save:
+        under_torch_save = frame.f_code.co_name == "save" and frame.f_code.co_filename.endswith("serialization.py")
+        frame = frame.f_back
+    lost = (" (torch.save opened its file before pickling: whatever that file held is gone, as with any "
+            "object torch cannot pickle)") if under_torch_save else ""
+    return UsageError(PICKLE_REFUSAL + lost)
+
+
 @dataclass
 class LayerState:
     """Per attention module: its resolved policy, backend, observers and telemetry listeners, plus
@@ -110,7 +123,7 @@ class LayerState:
     def __reduce_ex__(self, protocol):
         """Pickling a patched model (``torch.save(model)``) is refused with a message that says what
         to do, rather than torch's or Python's error about one of the patch's parts."""
-        raise UsageError(PICKLE_REFUSAL)
+        raise pickle_refusal()
 
     def __deepcopy__(self, memo: dict) -> "LayerState":
         # copied with a patched model, whose copy drops it (PatchHandle.__deepcopy__): the listeners
