@@ -233,8 +233,8 @@ class Policy(_ValueEquality):
             (non-padding) token, at most :data:`MAX_N_SINK` (1024); a masked column among them is
             not a sink, and does not move the set past it.
         extra_sink_positions: further absolute positions (0 = first real token) in the sink set.
-        layers: attention layers the attention policy applies to (None = all). Other layers run
-            plain softmax.
+        layers: attention layers the attention policy applies to (None = all); a negative index
+            counts from the last layer, as in Python (-1 = the last). Other layers run plain softmax.
         residual_clip: optional :class:`ResidualClip`.
         content_sinks: optional :class:`ContentSinks`: hidden sinks decided per head and per input
             (ACT's rule, :meth:`act`), on top of the positional sink set.
