@@ -373,6 +373,8 @@ def test_a_cache_serves_one_model_and_one_batch():
     model(_ids(2, 5), cache=cache, use_cache=True)
     with pytest.raises(CacheError, match="batch of 2 rows"):
         model(_ids(3, 1), cache=cache, use_cache=True)
+    with pytest.raises(CacheError, match="batch of 2 rows"):  # several tokens: checked before their positions
+        model(_ids(3, 4), cache=cache, use_cache=True)
     other = tiny_model("gemma3")  # 1 kv head instead of 2
     with pytest.raises(CacheError, match="kv heads"):
         other(_ids(2, 1), cache=cache, use_cache=True)
