@@ -210,37 +210,10 @@ def test_a_forward_interrupted_part_way_leaves_a_cache_that_refuses_to_go_on(int
                                    model(input_ids=ids, cache=fresh, use_cache=True).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("prompt_length", [12, 16, 17])
-def test_a_cache_reused_for_a_new_prompt_is_refused_and_keeps_its_tokens(prompt_length):
-    """generate() takes a cache's tokens for the prompt's first ones: a cache that had seen 19 tokens
-    given a new 17-token prompt was fed its tail at positions 2-16 (SmolLM2: other tokens than a fresh
-    cache's, no error, while the docs said it failed). A prompt as long as what was seen is fed whole
-    from position 0; both put every new token where the row already holds one."""
-    model = tiny_model("llama")
-    model.generation_config.eos_token_id = None
-    first = _ids(length=14, seed=3)
-    prompt = _ids(length=prompt_length, seed=4)
-    cache = SinkCache(model.config, n_sink=2, window=8)
-    with torch.no_grad():
-        model.generate(first, attention_mask=torch.ones_like(first), cache=cache, max_new_tokens=4,
-                       do_sample=False, pad_token_id=0)  # seen: 14 + 3 = 17
-        seen = cache.layers[0].seen
-        with pytest.raises(CacheError, match=rf"has seen {seen} tokens, and this call puts its .* new tokens at "
-                                             r"positions .*cache\.reset\(\).*nothing of this call was stored"):
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=3,
-                           do_sample=False, pad_token_id=0)
-        assert all(layer.seen == seen for layer in cache.layers)
-        cache.reset()
-        fresh = SinkCache(model.config, n_sink=2, window=8)
-        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(prompt, cache=cache, **kwargs),
-                           model.generate(prompt, cache=fresh, **kwargs))
-
-
 def test_continuing_a_sequence_and_left_padded_rows_are_not_refused():
-    """What the check must let through: generate given all of a sequence so far (its next tokens at the
-    next positions), a left-padded batch whose padded row counts positions from its first real token,
-    and a loop that counts the padding too."""
+    """Uses of one cache across calls that must go on: generate given all of a sequence so far (its next
+    tokens at the next positions), a left-padded batch whose padded row counts positions from its first
+    real token, and a loop that counts the padding too."""
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
     ids = _ids(batch=2, length=10, seed=5)
@@ -260,3 +233,31 @@ def test_continuing_a_sequence_and_left_padded_rows_are_not_refused():
               use_cache=True)
         model(input_ids=ids[:, 6:], attention_mask=mask, position_ids=positions[:, 6:], cache=counting,
               use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_chunks_with_positions_inside_the_cache_and_all_padding_chunks_go_on(arch):
+    """Two legitimate loops a check on positions going backwards refused (a reuse check, taken back):
+    chunks with positions counted inside the cache after it evicted (StreamingLLM's rule, which the
+    cache follows), and a left-padded batch without a mask whose padded row has a chunk of padding
+    only (positions 0, from the clamped cumsum the docs ask for). Inside-cache positions give what
+    absolute ones give."""
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, 28), generator=torch.Generator().manual_seed(7))
+    absolute, inside = SinkCache(model.config, n_sink=2, window=6), SinkCache(model.config, n_sink=2, window=6)
+    held = 0
+    with torch.no_grad():
+        for start in range(0, 28, 4):
+            chunk = ids[:, start:start + 4]
+            n = chunk.shape[1]
+            want = model(chunk, cache=absolute, use_cache=True,
+                         position_ids=(torch.arange(n) + start).expand(2, n)).logits
+            got = model(chunk, cache=inside, use_cache=True, position_ids=(torch.arange(n) + held).expand(2, n)).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            held = min(held + n, 8)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :6] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = SinkCache(model.config, n_sink=2, window=8)
+        for start in range(0, 12, 3):
+            model(ids[:, start:start + 3], cache=padded, use_cache=True, position_ids=positions[:, start:start + 3])

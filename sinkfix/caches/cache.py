@@ -308,8 +308,6 @@ class SinkCache(Cache):
             self._check_model(_text_config(config))
             self._served = config
         layer = self._in_step(layer_idx, key_states.shape[-2])
-        if layer_idx == 0 and isinstance(layer, SinkLayer) and not torch.compiler.is_compiling():
-            layer.check_continues(key_states, kwargs)  # before any layer stores this call
         if module is not None:
             if layer_idx == 0:
                 self._check_content_sinks(module)

@@ -244,29 +244,6 @@ class SinkLayer(CacheLayerMixin):
                 f"this cache holds a batch of {b0} rows x {h0} kv heads x {d0} dims, got {batch} x {heads} x {dim}: "
                 "a cache serves one model and one batch; make a new cache (or call cache.reset())")
 
-    def check_continues(self, key_states: torch.Tensor, kwargs: dict) -> None:
-        """Raise :class:`CacheError` when a call of several tokens puts all of a row's new tokens at
-        positions the row has already filled: a cache reused for a new prompt no longer than what it
-        has seen. ``generate`` takes a cache's tokens for the prompt's first ones and fed the prompt's
-        tail at positions 2-16 to a cache that had seen 19 (SmolLM2, 17-token prompt: other tokens
-        than a fresh cache's, no error; transformers' own caches go on the same way). One host read,
-        on calls of more than one token; a row's position counts its real tokens (generate) or its
-        padding too (a loop that counts it), and either continues."""
-        q_len = key_states.shape[-2]
-        if not self.is_initialized or self.seen == 0 or q_len < 2 or self.first_real is None:
-            return
-        self._check_shape(key_states)  # another batch size: that error, not expand()'s
-        positions = _position_ids(kwargs, self.shape[0], q_len, self.seen, self.device)
-        cached = self.seen - self.first_real  # each row's real tokens so far
-        behind = (self.first_real < self.seen) & (positions.amax(dim=1) < cached)
-        if bool(behind.any()):
-            row = int(behind.nonzero()[0, 0])
-            raise CacheError(f"this cache has seen {self.seen} tokens, and this call puts its {q_len} new tokens at "
-                             f"positions {int(positions[row].amin())}-{int(positions[row].amax())} (row {row}), "
-                             f"before the {int(cached[row])} that row holds: a cache goes to one sequence; call "
-                             "cache.reset() (or make a new cache) for a new prompt, and to continue a sequence "
-                             "give generate all of it so far; nothing of this call was stored")
-
     def _find_first_real(self, positions: torch.Tensor, real: torch.Tensor | None = None) -> None:
         """Each row's first real token, the later of two clues. The positions: the last token the model
         placed at 0 (transformers puts left padding at position 0 (generate) or 1, and the first real
