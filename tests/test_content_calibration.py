@@ -139,6 +139,28 @@ def test_combined_fits_hidden_sinks_on_top_of_the_positional_fits():
     assert set(profile.domain_parameters) == set(THREE)
 
 
+def test_a_candidate_with_no_head_on_ties_with_the_identity_and_loses_to_it():
+    """Built from a fit that never beat its start, a hidden candidate has every beta 1: it is the
+    identity, but was scored through the content path, whose fp32 rounding (-0.00%) beat the identity's
+    exact 0 and named a correction that does nothing as the chosen one. It is scored as its positional
+    part (here none: 0), so the tie goes to the identity, as the docs say."""
+    from sinkfix.analysis.content_calibration import CONTENT_IDENTITY, ContentCandidate, select_content
+    from sinkfix.analysis.robust import Candidate
+
+    all_ones = ContentCandidate("off", hidden=Candidate("consensus x1", rule="consensus"))
+    scored = []
+
+    def build(candidate, others):
+        return None, torch.ones(2, 4, dtype=torch.float64)
+
+    def change(params, domain):
+        scored.append(domain)
+        return -1e-7  # the content path's rounding
+
+    selection = select_content([CONTENT_IDENTITY, all_ones], ["x", "y", "z"], build, change)
+    assert selection.chosen is CONTENT_IDENTITY and not scored
+
+
 def test_the_identity_wins_unless_a_candidate_helps_every_held_out_domain():
     from sinkfix.analysis.content_calibration import CONTENT_IDENTITY, ContentCandidate, select_content
     from sinkfix.analysis.robust import Candidate

@@ -537,7 +537,15 @@ def select_content(pool: Sequence[ContentCandidate], domains: Sequence[str],
     def score(candidate: ContentCandidate, held_out: str) -> float:
         if candidate.positional is None and candidate.hidden is None:
             return 0.0
-        return change(build(candidate, [d for d in domains if d != held_out]), held_out)
+        positional, hidden = build(candidate, [d for d in domains if d != held_out])
+        if isinstance(hidden, torch.Tensor) and bool((hidden == 1).all()):
+            # no head on: the candidate is its positional part alone (the identity, in hidden mode), and is
+            # scored as that. Through the content path its fp32 rounding (1e-7) broke the tie the identity
+            # wins, and a profile that corrects nothing was reported as the chosen correction
+            hidden = None
+        if positional is None and hidden is None:
+            return 0.0
+        return change((positional, hidden), held_out)
 
     # a ContentCandidate has the name Selection reads. The hidden-sink selection keeps the worst-case
     # rule its leave-one-domain-out tables were measured with (docs/calibration.md)
