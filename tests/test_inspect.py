@@ -338,6 +338,9 @@ def test_inspect_command(monkeypatch, tmp_path, capsys):
     assert (out / "sink_share.png").exists() and (out / "domain_flips.png").exists()
     printed = capsys.readouterr().out
     assert "sink layers" in printed and "resid." in printed and "no head changes state" in printed
+    # the margin is named beside the counts that use the bare threshold (they differed under "no head
+    # changes state" with nothing to say why)
+    assert "by the margin (0.05 on each side of the dormant threshold 0.5" in " ".join(printed.split())
     assert PatchHandle.of(model) is None
 
 

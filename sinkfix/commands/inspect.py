@@ -187,7 +187,11 @@ def print_report(report, console=None, out=None) -> None:
             flips.add_row(str(flip["layer"]), str(flip["head"]),
                           *[_fmt(flip["scores"].get(n, float("nan")), 3) for n in names],
                           escape(", ".join(flip["dormant_on"])))
-        console.print(flips if report.flips else "no head changes state between domains")
+        # the margin named here too: the per-domain dormant counts above use the bare threshold, and
+        # "no head changes state" under counts that differ read as a contradiction
+        console.print(flips if report.flips else
+                      f"no head changes state between domains by the margin ({p['flip_margin']} on each side of "
+                      f"the dormant threshold {p['dormant_threshold']}; the dormant counts above use the threshold alone)")
         if len(report.flips) > MAX_FLIPS_PRINTED:
             # the table is cut (as monitor report's is): said, and where the rest is; a 64-flip report
             # printed 30 rows and nothing else
