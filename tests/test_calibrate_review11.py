@@ -47,6 +47,10 @@ def test_positional_options_are_refused_with_sinks_hidden(no_model, tmp_path, ca
     err = _one_line_error(capsys, *files, "--sinks", "hidden", "--steps", "150", "--out", str(tmp_path / "p.json"))
     assert "--steps sets" in err
     assert not (tmp_path / "p.json").exists()
+    # refused before the texts are read and listed on stdout (a one-line refusal came after six lines)
+    assert cli.main(["calibrate", *files, "--sinks", "hidden", "--steps", "20", "--out", str(tmp_path / "p.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
 
 
 def test_a_hidden_profile_records_only_the_settings_its_fits_read(loaded_tiny, tmp_path, capsys):

@@ -328,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     console = wide_console()
+    # options that contradict each other are known from the flags alone: refused before the texts are
+    # read and listed (the list printed first made a one-line refusal seven lines)
+    _check_option_combinations(args)
     if args.dataset and args.rule == "robust":
         # one domain, known from the spec: refused before the set is downloaded, not after
         from sinkfix.texts import parse_dataset_spec
@@ -417,7 +420,6 @@ def _check_numbers(args: argparse.Namespace, n_domains: int) -> None:
     from sinkfix.analysis.calibration import check_finite, min_seq_len, tokens_needed
     from sinkfix.errors import UsageError
 
-    _check_option_combinations(args)
     shortest = min_seq_len(args.bos)
     if args.seq_len < shortest:
         raise UsageError(f"--seq-len must be >= {shortest} {'with' if args.bos else 'without'} --bos (two text "
