@@ -16,6 +16,7 @@ import torch
 
 import sinkfix
 from sinkfix import Policy, ResidualClip
+from sinkfix.errors import MonitorError
 
 from .conftest import tiny_model
 
@@ -209,17 +210,23 @@ def test_monitored_requests_on_a_compiled_forward_with_a_dynamic_cache_stop_comp
         eager_forward = model.forward
         model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
         try:
-            with monitor.request():
+            with monitor.request(domain=["first"], request_id=["row-first"]):
                 model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4)
             first = len(graphs)
-            for n in (4, 9, 9, 4, 9, 9, 4, 9, 9):  # more forwards than dynamo's recompile limit (8)
-                with monitor.request():
+            for i, n in enumerate((4, 9, 9, 4, 9, 9, 4, 9, 9)):  # more forwards than dynamo's recompile limit (8)
+                # labels that differ per request: the graphs were guarded on their values too
+                with monitor.request(domain=[f"domain-{i}"], request_id=[f"row-{i}"]):
                     model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
                 got, want = monitor.records[0], eager[n]
                 assert got["tokens"] == want["tokens"] and got["decoded_tokens"] == want["decoded_tokens"] == n - 1
                 torch.testing.assert_close(torch.tensor(got["sink_share"]), torch.tensor(want["sink_share"]),
                                            atol=1e-5, rtol=0)
                 assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+            # a label count other than the batch's is the monitor's error, raised before the compiled forward
+            # (raised inside the graph it was dynamo's "Observed exception")
+            with pytest.raises(MonitorError, match="2 domain labels for a batch of 1 sequences"):
+                with monitor.request(domain=["a", "b"]):
+                    model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4)
         finally:
             model.forward = eager_forward
     assert len(graphs) == first, f"{len(graphs) - first} graphs compiled after the first request"

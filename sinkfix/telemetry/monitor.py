@@ -86,14 +86,19 @@ class _Request:
             raise MonitorError(f"request {self.id}: {len(domains)} domain labels for a batch of {batch} sequences")
         return domains
 
+    def __post_init__(self) -> None:
+        # (what, how many) of the labels given per row, counted here on the host: the traced first layer
+        # compares these numbers with the batch, and reading the labels or the id there made dynamo guard
+        # the graphs on their values, compiling again for every request (recompile limit at the ninth)
+        self.label_counts = tuple((what, len(labels)) for labels, what in (
+            (None if self.domain is None or isinstance(self.domain, str) else self.domain, "domain labels"),
+            (self.row_ids, "request ids")) if labels is not None)
+
     def check_labels(self, batch: int) -> None:
-        """Refuse a label count other than the batch's, reading counts only: under torch.compile this
-        runs in the traced first layer, and reading the request id made dynamo guard the prompt's
-        graph on it, compiling again for every request until its recompile limit stopped the ninth."""
-        for labels, what in ((None if self.domain is None or isinstance(self.domain, str) else self.domain,
-                              "domain labels"), (self.row_ids, "request ids")):
-            if labels is not None and len(labels) != batch:
-                raise MonitorError(f"request {self.id}: {len(labels)} {what} for a batch of {batch} sequences")
+        """Refuse a label count other than the batch's (numbers only: :meth:`__post_init__`)."""
+        for what, count in self.label_counts:
+            if count != batch:
+                raise MonitorError(f"request {self.id}: {count} {what} for a batch of {batch} sequences")
 
     def ids(self, batch: int) -> list[str]:
         if self.row_ids is None:
@@ -452,6 +457,9 @@ class Monitor:
         for layer, module in enumerate(layers):
             if module is not None:
                 self._hooks.append(module.register_forward_hook(self._residual_hook(layer, layer == last)))
+        # the label count against the batch on the host too: with the model's forward compiled, the
+        # first layer's check runs in the graph, where a MonitorError became dynamo's "Observed exception"
+        self._hooks.append(self.model.register_forward_pre_hook(self._labels_before_forward, with_kwargs=True))
         if self.guard is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -482,6 +490,16 @@ class Monitor:
         real, padding_after_real = _real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device)
         req.acc.begin_forward(real, req.finished, padding_after_real)
         self._layouts = layouts_for_next_forward(self._layouts)  # the prompt measures' layouts (telemetry/prompt.py)
+
+    def _labels_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        req = self._request
+        if module is not self.model or req is None or req.acc is not None or not req.label_counts:
+            return  # a copy of the model, or a decode step: the prompt's forward was checked
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2:
+            req.check_labels(inputs.shape[0])
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
