@@ -223,6 +223,15 @@ def test_a_text_of_under_two_tokens_is_named_with_what_was_asked(text):
         stream_text(CharTokenizer(), text, 256, None, what="the text tiny", asked="the 256 asked")
 
 
+def test_stream_names_a_text_file_of_under_two_tokens(loads, tmp_path, capsys):
+    short = tmp_path / "tiny.txt"
+    short.write_text("x")
+    assert cli.main(["stream", "--text", str(short), "--tokens", "60", "--window", "20", "--n-sink", "2",
+                     "--segment", "30", "--no-figures", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"the text ({short}) has 1 token, fewer than --tokens 60" in err, err
+
+
 # -- 8. a repeated variant ---------------------------------------------------------------------------
 @pytest.mark.parametrize("variants", ["sink,sink", "sink,window_only,sink"])
 def test_stream_refuses_a_repeated_variant(loads, text_file, tmp_path, capsys, variants):

@@ -401,6 +401,9 @@ def test_a_text_shorter_than_one_window_is_said_and_recorded():
                                          r"windows asked: its numbers rest on 2 rows"):
         report = inspect(model, CharTokenizer(), texts, seq_len=64, bos=True, max_tokens=None)
     assert report.protocol["short_texts"] == {"tiny": 3}
+    with pytest.warns(UserWarning, match="shorter than the 64-token") as said:
+        inspect(model, CharTokenizer(), texts, seq_len=64, bos=True, max_tokens=None)
+    assert said[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     import warnings
 
     with warnings.catch_warnings():

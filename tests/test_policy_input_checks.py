@@ -286,6 +286,7 @@ def test_valid_argument_types_still_work():
     ([0.9] * 4, None, r"layer 0: beta must be a tensor of shape \(4,\), got list"),
     (torch.empty(4, device="meta"), None, "layer 0: beta is on the meta device"),
     (torch.full((3,), 0.9), None, r"layer 0: beta must have shape \(4,\), got \(3,\)"),
+    (torch.full((4,), 1.0000001, dtype=torch.float64), None, r"got min 1.0000001, max 1.0000001"),  # not "1, 1"
 ])
 def test_live_parameters_are_checked_like_a_policys(beta, logit, message):
     """LayerPolicy.set_parameters (PatchHandle.layer_policies(): the documented way to change a patched

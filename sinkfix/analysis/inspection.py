@@ -408,7 +408,7 @@ def inspect(
     for name, tokens in short.items():
         warnings.warn(f"text {name!r} gives one window of {tokens} tokens, shorter than the {seq_len}-token windows "
                       f"asked: its numbers rest on {tokens - int(bos)} rows, and its flips against texts of full "
-                      "windows reflect the length as much as the text", stacklevel=2)
+                      "windows reflect the length as much as the text", stacklevel=3)  # past torch.no_grad's wrapper
     bar = None
     if progress:
         from tqdm.auto import tqdm

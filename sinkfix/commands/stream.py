@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         # known only now: the BOS takes one of the stream's tokens, and the period must still repeat
         raise UsageError(f"--period {args.period} is not shorter than the stream after its BOS ({args.tokens - 1} "
                          "tokens): nothing would repeat; give a smaller period or leave out --period")
-    ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period)
+    ids = stream_text(tokenizer, text, args.tokens, bos_id, args.period, what=f"the text ({source})")
     settings = dict(n_sink=args.n_sink, window=args.window, chunk=args.chunk, segment_len=args.segment,
                     recompute_every=args.recompute_every, bos_id=bos_id)
     runs = len(variants) + len(patched_variants)
