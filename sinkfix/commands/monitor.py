@@ -293,7 +293,7 @@ def _print_summary(report, console) -> None:
     # domain labels and model names as written ("a[/b]" raised rich's MarkupError after the run)
     table = Table(title=escape(f"telemetry by domain: {', '.join(report.models)}"), title_justify="left")
     for column in ("domain", "requests", "tokens", "sink share\nmean / max head", "dormant heads\nper request",
-                   "hidden sinks\nper request", "residual peak\nmax layer", "prompts outside\nguard ranges",
+                   "hidden sinks\nper request (est.)", "residual peak\nmax layer", "prompts outside\nguard ranges",
                    "served without\nthe correction"):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for name, d in report.domains.items():
