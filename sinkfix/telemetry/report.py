@@ -334,8 +334,11 @@ def write_figure(report: MonitorReport, path: str | Path) -> Path:
         summary = report.domains[name]
         positions = [layer - 0.4 + width * (i + 0.5) for layer in range(layers)]
         data = [s if s else [math.nan] for s in summary.share_samples]
-        boxes = top.boxplot(data, positions=positions, widths=width * 0.9, showfliers=False, patch_artist=True,
-                            manage_ticks=False)
+        # the points beyond the whiskers drawn too: the figure shows every head's value (without them a
+        # head at 0.20 under a whisker ending at 0.37 was not on it)
+        boxes = top.boxplot(data, positions=positions, widths=width * 0.9, showfliers=True, patch_artist=True,
+                            manage_ticks=False, flierprops=dict(marker=".", markersize=3, alpha=0.6,
+                                                                markerfacecolor=colours(i), markeredgecolor="none"))
         for box in boxes["boxes"]:
             box.set(facecolor=colours(i), alpha=0.6)
         counted = f"{summary.requests} request{'' if summary.requests == 1 else 's'}"
