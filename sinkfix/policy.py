@@ -848,8 +848,8 @@ def _check_values(name: str, values: torch.Tensor, low: float | None = None, hig
         raise PolicyError(f"{name} contains NaN or inf: {values.flatten()[:8].tolist()}")
     if low is not None and (values < low).any() or high is not None and (values > high).any():
         raise PolicyError(
-            # 9 digits: a beta of 1.0000001 was refused as "got min 1, max 1"
-            f"{name} must lie in [{low}, {high}]; got min {values.min().item():.9g}, max {values.max().item():.9g}"
+            # every digit it takes (Python's repr): a beta of 1.0000001 was refused as "got min 1, max 1"
+            f"{name} must lie in [{low}, {high}]; got min {values.min().item()!r}, max {values.max().item()!r}"
         )
 
 

@@ -276,3 +276,13 @@ def test_dataset_given_twice_is_refused(command, capsys):
         cli.main([command, "--dataset", "a", "--dataset", "b"])
     assert exited.value.code == 2
     assert "--dataset is given twice (a, then b): give it once" in capsys.readouterr().err
+
+
+def test_only_calibrate_tells_a_dataset_to_use_rule_pooled(capsys):
+    """monitor ranges shares calibrate's text options but has no --rule: its --dataset help named it."""
+    from sinkfix import cli
+
+    for argv, says in ((["calibrate", "--help"], True), (["monitor", "ranges", "--help"], False)):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert ("--rule pooled (the default robust rule" in " ".join(capsys.readouterr().out.split())) is says

@@ -304,6 +304,12 @@ def test_live_parameters_are_checked_like_a_policys(beta, logit, message):
         assert torch.equal(model(ids).logits, before)
 
 
+def test_a_value_just_out_of_range_is_printed_with_the_digits_that_show_it():
+    """A Python float is kept in float64: 1.0000000001 was refused as "got min 1, max 1"."""
+    with pytest.raises(PolicyError, match=r"got min 1.0000000001, max 1.0000000001"):
+        Policy(sink_scale=1.0000000001)
+
+
 def test_a_meta_tensor_policy_is_refused_by_name():
     with pytest.raises(PolicyError, match="sink_scale is a tensor on the meta device"):
         Policy(sink_scale=torch.empty(2, 4, device="meta"))

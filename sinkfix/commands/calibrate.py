@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "another, chosen by leave-one-domain-out on the validation windows (docs/calibration.md in "
                     "the source distribution).",
     )
-    add_common_arguments(parser, default_max_tokens=8192, split="calib")
+    add_common_arguments(parser, default_max_tokens=8192, split="calib",
+                         dataset_note="; one domain, so with --rule pooled (the default robust rule needs two)")
     parser.add_argument("--out", default=None, help="profile path (default ./<model>.profile.json; a local model folder by its own name)")
     parser.add_argument("--rule", choices=("robust", "pooled"), default="robust",
                         help="robust (default): one fit per domain, combined by leave-one-domain-out selection; "

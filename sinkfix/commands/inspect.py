@@ -27,13 +27,14 @@ TextSourceError = TextError
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int | None,
                          split: Split = "eval", protocol_default: str | None = None,
-                         bos_default: str | None = None, texts_default: str | None = None) -> None:
+                         bos_default: str | None = None, texts_default: str | None = None,
+                         dataset_note: str = "") -> None:
     """Options shared by ``inspect`` and ``calibrate``; ``split`` is the built-in texts' split the command uses.
 
     ``protocol_default`` (a phrase) makes the window protocol's options (--seq-len, --bos,
     --max-tokens) default to None, described by that phrase: the command fills them in itself;
     ``bos_default`` does so for --bos alone, ``texts_default`` for the texts (--text, --domain: without
-    either, the command chooses; default: every built-in domain)."""
+    either, the command chooses; default: every built-in domain). ``dataset_note`` ends --dataset's help."""
     from sinkfix.models import DEFAULT_MODEL
 
     def protocol(value, help_text: str) -> dict:
@@ -49,8 +50,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_max_tokens:
                         help=f"{text_help} ({'calibration' if split == 'calib' else 'evaluation'} split); repeatable")
     dataset_help = DATASET_HELP
     if split == "calib":
-        dataset_help += ("; to calibrate on a training split, name it (NAME[:CONFIG]@train); one domain, so with "
-                         "--rule pooled (the default robust rule needs two)")
+        dataset_help += "; to calibrate on a training split, name it (NAME[:CONFIG]@train)"
+    dataset_help += dataset_note
     # once: a second --dataset replaced the first, unsaid
     source.add_argument("--dataset", metavar="NAME[:CONFIG][@SPLIT]", default=None, action=StoreOnce, help=dataset_help)
     source.add_argument("--domain", action="append", default=None, choices=DOMAINS + tuple(DOMAIN_ALIASES),
