@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     # options that contradict each other are known from the flags alone: refused before the texts are
     # read and listed (the list printed first made a one-line refusal seven lines)
     _check_option_combinations(args)
-    if args.dataset and args.rule == "robust":
+    if args.dataset and args.dataset.strip() and args.rule == "robust":  # an empty one: texts_from_args says so
         # one domain, known from the spec: refused before the set is downloaded, not after
         from sinkfix.texts import parse_dataset_spec
 
