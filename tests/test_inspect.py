@@ -410,3 +410,23 @@ def test_a_text_shorter_than_one_window_is_said_and_recorded():
         warnings.simplefilter("error")  # texts of full windows: no warning, no record
         full = inspect(model, CharTokenizer(), {"long": texts["long"]}, seq_len=64, bos=True, max_tokens=None)
     assert "short_texts" not in full.protocol
+
+
+def test_value_norm_figure_ticks_whole_kv_heads(tmp_path, monkeypatch):
+    """One kv head (Gemma3-270m) got an axis labelled -0.4 ... 0.4."""
+    pytest.importorskip("matplotlib")
+    from sinkfix.analysis import plots
+
+    model = tiny_model("gemma3")  # 1 kv head
+    report = inspect(model, CharTokenizer(), {"a": "the quick brown fox jumps over the lazy dog. " * 8}, seq_len=64,
+                     bos=True, max_tokens=None)
+    ticks = []
+    real_save = plots._save
+
+    def keep(plt_module, fig, path, **kw):
+        ticks.extend(fig.axes[0].get_xticks().tolist())
+        return real_save(plt_module, fig, path, **kw)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.value_norm_plot(report, tmp_path / "v.png")
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -123,6 +123,8 @@ def value_norm_plot(report, path: Path) -> Path:
     image = left.imshow(metrics.value_drain.numpy(), aspect="auto", cmap="viridis_r", vmin=0, vmax=1.5,
                         interpolation="nearest")
     left.set_xlabel("kv head")
+    # whole heads only: a model with one kv head (Gemma3-270m) got an axis from -0.4 to 0.4
+    left.set_xticks(range(metrics.value_drain.shape[1]))
     left.set_ylabel("layer")
     left.set_title("||v_sink|| / median ||v_j||, mean of all windows", fontsize=9)
     fig.colorbar(image, ax=left)
