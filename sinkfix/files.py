@@ -31,7 +31,7 @@ except ImportError:  # Windows: LineLog appends are not serialised between proce
 
 __all__ = ["OutputError", "LineLog", "atomic_write", "atomic_write_text", "check_writable", "json_error", "json_lines",
            "same_file", "save_figure", "strict_json", "check_out_is_no_input", "note_interrupt",
-           "nul_problem", "pending_interrupt", "utf8_problem"]
+           "nul_problem", "pending_interrupt", "utf8_problem", "UTF16_BOMS"]
 
 #: The interrupt (KeyboardInterrupt, or the command line's SIGTERM exception) whose signal arrived
 #: while a command ran, set by the command line's signal handlers. Python drops an exception raised
@@ -423,6 +423,10 @@ def json_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
+#: UTF-16's byte-order marks (little- and big-endian; UTF-32's begin the same way)
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def utf8_problem(data: bytes | str | os.PathLike[str]) -> str:
     """Why ``data`` (bytes, or a file's path) is not UTF-8 text, for an error message: the first
     byte that is not, with its line and byte offset, or a UTF-16 byte-order mark. Python's own
@@ -433,7 +437,7 @@ def utf8_problem(data: bytes | str | os.PathLike[str]) -> str:
             data = Path(data).read_bytes()
         except OSError as exc:
             return f"it could not be read again to say where ({exc.strerror or exc})"
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if data.startswith(UTF16_BOMS):
         return "it starts with a UTF-16 (or UTF-32) byte-order mark: UTF-16 text, not UTF-8"
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:

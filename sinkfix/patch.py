@@ -442,10 +442,15 @@ def _dummy_input(model: nn.Module) -> torch.Tensor:
     return torch.arange(3, device=model_device(model)).remainder(max(int(vocab), 1))[None, :]
 
 
+def tensor_parallel_size(model: nn.Module) -> int:
+    """How many ranks transformers sharded ``model`` over (it records the size on the model); 1 when not."""
+    return getattr(model, "_tp_size", None) or 1
+
+
 def tensor_parallel_rank(model: nn.Module) -> tuple[int, int] | None:
     """(rank, size) of this process in the model's tensor-parallel group, or None when the model
     is not sharded (transformers records the size on the model it shards)."""
-    size = getattr(model, "_tp_size", None) or 1
+    size = tensor_parallel_size(model)
     if size <= 1:
         return None
     mesh_manager = getattr(model, "_mesh_manager", None)
@@ -458,7 +463,7 @@ def require_process_group(model: nn.Module, error: type[Exception] = UsageError,
     """Raise ``error`` when ``model`` is sharded with tensor parallelism and this process has no
     initialised process group: its forward (patch()'s discovery pass among them) runs collectives,
     and torch's own "Could not resolve the process group" came from inside a DTensor op."""
-    size = getattr(model, "_tp_size", None) or 1
+    size = tensor_parallel_size(model)
     if size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise error(f"this model is sharded with tensor parallelism over {size} ranks, but torch.distributed is not "
                     f"initialised in this process: its forward runs collectives over the process group transformers "

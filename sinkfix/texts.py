@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from sinkfix.errors import SinkfixError
-from sinkfix.files import nul_problem, utf8_problem
+from sinkfix.files import UTF16_BOMS, nul_problem, utf8_problem
 
 __all__ = [
     "DOMAINS", "QUICK_DOMAINS", "DOMAIN_ALIASES", "domain_text", "domain_source", "resolve_domain", "read_text_file",
@@ -289,7 +289,7 @@ def read_text_file(path: str | Path) -> str:
     except OSError as exc:
         raise TextError(f"cannot read text file {p}: {exc.strerror or exc}") from None
     nul = data.find(b"\x00")
-    if nul >= 0 and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if nul >= 0 and not data.startswith(UTF16_BOMS):
         # checked before decoding: a tar archive or UTF-16 without a byte-order mark can decode and was
         # calibrated on, its padding as validation windows; a program (ELF) fails to decode further on
         # and was named as text with one stray byte to convert

@@ -79,12 +79,8 @@ class _Request:
     finished: torch.Tensor | None = None  # (B,) bool, rows of a generate() that produced an end-of-sequence token
 
     def domains(self, batch: int) -> list[str | None]:
-        if self.domain is None or isinstance(self.domain, str):
-            return [self.domain] * batch
-        domains = list(self.domain)
-        if len(domains) != batch:
-            raise MonitorError(f"request {self.id}: {len(domains)} domain labels for a batch of {batch} sequences")
-        return domains
+        self.check_labels(batch)
+        return [self.domain] * batch if self.domain is None or isinstance(self.domain, str) else list(self.domain)
 
     def __post_init__(self) -> None:
         # (what, how many) of the labels given per row, counted here on the host: the traced first layer
@@ -101,11 +97,8 @@ class _Request:
                 raise MonitorError(f"request {self.id}: {count} {what} for a batch of {batch} sequences")
 
     def ids(self, batch: int) -> list[str]:
-        if self.row_ids is None:
-            return [self.id] * batch
-        if len(self.row_ids) != batch:
-            raise MonitorError(f"request {self.id}: {len(self.row_ids)} request ids for a batch of {batch} sequences")
-        return [self.id if row is None else row for row in self.row_ids]
+        self.check_labels(batch)
+        return [self.id] * batch if self.row_ids is None else [self.id if row is None else row for row in self.row_ids]
 
 
 def _as_keywords(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
