@@ -19,6 +19,10 @@ most 1.05x the same patched model without it (ratio of medians in one run).
 * ``--compiled-decode``: the decode runs use transformers' compiled decoding (a static cache and a
   ``CompileConfig(fullgraph=True)``, inductor), the monitored and the unmonitored step each compiled
   once in the warm-up pass; no prefill is timed (transformers runs the prompt eagerly there).
+* ``--compiled-prefill``: the prefills run ``torch.compile(model.forward, fullgraph=True)``
+  (inductor) with the prompt's length already symbolic: the warm-up serves each configuration two
+  shorter prompts (3/16 and 5/16 of ``--prompt``) first, so dynamo turns the length dynamic before
+  the timed prompt, the way a server meets prompts of many lengths; no decode step is timed.
 * Both clocks: wall time (``perf_counter``) and the main thread's CPU time (``thread_time``; with
   one torch thread all the work runs on it), which other processes on a shared machine disturb
   less. The verdict uses CPU time; wall ratios are printed next to it.
@@ -169,9 +173,15 @@ def _measure(model, handle, monitors: dict[str, Any], prompt, decode_prompt, arg
         with torch.no_grad(), request(name):
             return _decode(model, decode_prompt, args.new_tokens, args.skip, args.compiled_decode)
 
+    if args.compiled_prefill:  # every configuration's graph for a symbolic length, before any timing
+        for length in (args.prompt * 3 // 16, args.prompt * 5 // 16):
+            for name in monitors:
+                with torch.no_grad(), request(name):
+                    model(input_ids=prompt[:, :length], use_cache=True, **extra)
     prefills = ({name: [] for name in monitors} if args.compiled_decode
                 else alternate(list(monitors), prefill, repeats=args.rounds * args.prefills, warmup=1))
-    decodes = alternate(list(monitors), decode, repeats=args.rounds, warmup=1)
+    decodes = ({name: [] for name in monitors} if args.compiled_prefill
+               else alternate(list(monitors), decode, repeats=args.rounds, warmup=1))
     return {name: {"prefill": prefills[name], "step_runs": decodes[name]} for name in monitors}
 
 
@@ -185,9 +195,11 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
         # no prefill timed (--compiled-decode): NaN, left out of the verdict
         prefill_wall = statistics.median(p[0] for p in prefills) if prefills else float("nan")
         prefill_cpu = statistics.median(p[1] for p in prefills) if prefills else float("nan")
+        # no decode step timed (--compiled-prefill): NaN, left out of the verdict
+        decode_wall = statistics.median(s[0] for s in steps) if steps else float("nan")
+        decode_cpu = statistics.median(s[1] for s in steps) if steps else float("nan")
         out[name] = {"prefill_ms": 1e3 * prefill_wall, "prefill_cpu_ms": 1e3 * prefill_cpu,
-                     "decode_ms": 1e3 * statistics.median(s[0] for s in steps),
-                     "decode_cpu_ms": 1e3 * statistics.median(s[1] for s in steps), "steps": len(steps),
+                     "decode_ms": 1e3 * decode_wall, "decode_cpu_ms": 1e3 * decode_cpu, "steps": len(steps),
                      "prefill_cpu_samples_ms": [round(1e3 * p[1], 2) for p in prefills],
                      "prefill_minor_faults": [p[2] for p in prefills if len(p) > 2],
                      "decode_cpu_runs_ms": [[round(1e3 * s[1], 3) for s in run] for run in runs["step_runs"]]}
@@ -202,9 +214,10 @@ def _ratios(results: dict[str, list], base: str = "off") -> dict[str, dict]:
                 row["prefill_cpu_interval"] = ratio_of_medians(
                     [t[1] for t in results[name]["prefill"]], [t[1] for t in results[base]["prefill"]]).to_dict()
             # whole decode runs drawn together (ratio_of_block_medians)
-            row["decode_cpu_interval"] = ratio_of_block_medians(
-                [[t[1] for t in run] for run in results[name]["step_runs"]],
-                [[t[1] for t in run] for run in results[base]["step_runs"]]).to_dict()
+            if results[name]["step_runs"]:
+                row["decode_cpu_interval"] = ratio_of_block_medians(
+                    [[t[1] for t in run] for run in results[name]["step_runs"]],
+                    [[t[1] for t in run] for run in results[base]["step_runs"]]).to_dict()
     return out
 
 
@@ -374,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compiled-decode", action="store_true",
                         help="time the decode steps of transformers' compiled decoding (static cache, inductor); "
                              "no prefill")
+    parser.add_argument("--compiled-prefill", action="store_true",
+                        help="time the prefills of torch.compile(model.forward, fullgraph=True) with the prompt's "
+                             "length already symbolic (inductor); no decode step is timed")
     parser.add_argument("--heap", choices=["default", "no-trim"], default="default",
                         help="glibc's heap: its own behaviour (default), or never trimmed and no block mapped on "
                              "its own, for the whole process (mallopt; docs/monitoring.md, 'The heap')")
@@ -394,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rounds", "prefills", "new_tokens", "processes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.compiled_prefill and args.compiled_decode:
+        parser.error("--compiled-prefill and --compiled-decode time different things: choose one")
+    if args.compiled_prefill and args.prompt < 16:
+        parser.error(f"--compiled-prefill warms up on 3/16 and 5/16 of --prompt: it must be at least 16, got {args.prompt}")
     if args.skip >= args.new_tokens - 1:
         parser.error(f"--skip {args.skip} leaves no timed decode step of --new-tokens {args.new_tokens}")
     if args.json:  # a path that cannot be written fails now, not after the measurement
@@ -418,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                                "torch": torch.__version__, "model": args.model, "prompt": args.prompt,
                                "decode_prompt": args.decode_prompt, "new_tokens": args.new_tokens,
                                "rounds": args.rounds, "prefills": 0 if args.compiled_decode else args.prefills,
-                               "compiled_decode": args.compiled_decode, "heap": args.heap,
+                               "compiled_decode": args.compiled_decode, "compiled_prefill": args.compiled_prefill,
+                               "heap": args.heap,
                                "provenance": origin}
     for name in args.policies:
-        if args.compiled_decode:  # each policy's graphs anew: dynamo's recompile limit counts them all
+        if args.compiled_decode or args.compiled_prefill:  # each policy's graphs anew: dynamo's recompile limit counts them all
             torch._dynamo.reset()
         policy = _policies(layers, heads)[name]
         profile = _guard_profile(model, tokenizer, policy) if name == "per-head" else None
@@ -431,7 +452,17 @@ def main(argv: list[str] | None = None) -> int:
                 monitors[f"on (sample {rows})"] = sinkfix.monitor(model, sample_rows=rows)
             if profile is not None:
                 monitors["on+guard"] = sinkfix.monitor(model, guard=profile, sample_rows=args.sample_rows[0])
-            raw = _measure(model, handle, monitors, prompt, decode_prompt, args)
+            eager_forward = model.forward
+            if args.compiled_prefill:
+                # one compiled callable serves every configuration (off, on, on+guard: each its own
+                # graphs, a static one for the first length and a dynamic one after), more than
+                # dynamo's default limit of 8 graphs per callable allows for three configurations
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+                model.forward = torch.compile(eager_forward, fullgraph=True)
+            try:
+                raw = _measure(model, handle, monitors, prompt, decode_prompt, args)
+            finally:
+                model.forward = eager_forward
             for monitor in monitors.values():
                 if monitor is not None:
                     monitor.close()
@@ -455,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_text(args.json, json.dumps(results, indent=1))
     worst = max(max(row["prefill_cpu_ratio"] / TARGETS["prefill"] if not args.compiled_decode else 0.0,
-                    row["decode_cpu_ratio"] / TARGETS["decode"])
+                    row["decode_cpu_ratio"] / TARGETS["decode"] if not args.compiled_prefill else 0.0)
                 for table in results["policies"].values() for row in table.values())
     return 0 if worst <= 1 else 1
 

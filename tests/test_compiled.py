@@ -18,7 +18,7 @@ import sinkfix
 from sinkfix import Policy, ResidualClip
 from sinkfix.errors import MonitorError
 
-from .conftest import tiny_model
+from .conftest import tiny_config, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -230,6 +230,78 @@ def test_monitored_requests_on_a_compiled_forward_with_a_dynamic_cache_stop_comp
         finally:
             model.forward = eager_forward
     assert len(graphs) == first, f"{len(graphs) - first} graphs compiled after the first request"
+
+
+#: Prompt lengths a compiled forward serves one after the other: below and above 8 tokens (the
+#: accumulator's decode-sized forwards), below and above 64 (every row sampled, then every k-th)
+PROMPT_LENGTHS = (5, 7, 9, 12, 20, 31, 40, 55, 64, 70, 90, 130, 200, 250)
+
+
+@pytest.mark.parametrize("layout", ["no mask", "mask", "left padding"])
+def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, monkeypatch, one_thread):
+    """torch.compile(model.forward, fullgraph=True) inside a monitor's requests, one prompt length after
+    another. The prompt measures used to do Python arithmetic on the prompt's length (the layout
+    cache's and the merge groups' dict keys, the sampled rows' parts, the workspace's size check, the
+    layout cache left on the monitor after the traced forward), so dynamo fixed every graph to one
+    length: on a tiny Llama the eighth new length stopped at the recompile limit (8). Now the length
+    stays symbolic; the graphs a traced forward may add are bounded: prompts of at most 8 tokens
+    (decode-sized), every row sampled below 64 tokens, and one per rung of the layers measured
+    together (TRACED_BATCH_LADDER; the merge limit is shrunk here so that 8 layers go from all at once
+    to one at a time over these lengths). The records equal the eager model's."""
+    from sinkfix.telemetry import prompt
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    monkeypatch.setattr(prompt, "MERGED_BLOCK_ELEMENTS", 8 * 4 * 32 * 64)  # 8 layers of a 64-token prompt
+    generator = torch.Generator().manual_seed(3)
+    inputs = {}
+    for n in PROMPT_LENGTHS:
+        ids = torch.randint(3, 97, (2, n), generator=generator)
+        mask = torch.ones_like(ids)
+        if layout == "left padding":
+            ids[0, : n // 3], mask[0, : n // 3] = 0, 0
+        inputs[n] = dict(input_ids=ids) if layout == "no mask" else dict(input_ids=ids, attention_mask=mask)
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    eager_forward = model.forward
+    with sinkfix.patch(model, _policies(8, 4)["profile"]), torch.no_grad():
+        torch._dynamo.reset()
+        model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+        for n in PROMPT_LENGTHS:
+            model(**inputs[n])
+        unmonitored = len(graphs)
+        model.forward = eager_forward
+        with sinkfix.monitor(model) as monitor:
+            eager = {}
+            for n in PROMPT_LENGTHS:
+                with monitor.request():
+                    model(**inputs[n])
+                eager[n] = monitor.records
+            torch._dynamo.reset()
+            graphs.clear()
+            model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+            try:
+                for n in PROMPT_LENGTHS:
+                    with monitor.request():
+                        model(**inputs[n])
+                    for got, want in zip(monitor.records, eager[n], strict=True):
+                        assert got["tokens"] == want["tokens"] and got["hidden_sinks"] == want["hidden_sinks"], n
+                        for key in ("sink_share", "dormancy"):
+                            torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]),
+                                                       atol=1e-5, rtol=0, msg=f"{key}, {n} tokens")
+                        assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4), n
+            finally:
+                model.forward = eager_forward
+    # (measured: 2 unmonitored; monitored 4 with a mask, 6 without: its layers are measured together)
+    assert unmonitored <= 2 and len(graphs) <= unmonitored + 4, (unmonitored, len(graphs))
 
 
 def test_compiled_before_patching_follows_the_patch(one_thread):

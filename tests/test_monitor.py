@@ -23,7 +23,7 @@ from sinkfix.integrations.attention import AttentionCall
 from sinkfix.ops.attention import sink_attention_torch
 from sinkfix.telemetry import prompt as prompt_measures
 from sinkfix.telemetry.accumulate import RequestAccumulator
-from sinkfix.telemetry.prompt import (Workspace, layouts_for_next_forward, max_sampled_rows, measure_prompt,
+from sinkfix.telemetry.prompt import (LayoutCache, Workspace, max_sampled_rows, measure_prompt,
                                       measure_sampled, measure_sampled_many, sample_call, sampled_rows)
 
 from .conftest import tiny_model
@@ -325,7 +325,7 @@ def test_layers_measured_together_equal_one_by_one(softcap):
     beta = [torch.rand(4, generator=torch.Generator().manual_seed(i)) * 0.5 + 0.5 for i in range(6)]
     policies = [None, (beta[1], None), (beta[2], torch.randn(4)), (beta[3], None), None, (beta[5], torch.randn(4))]
     calls = _layer_calls(6, 150, softcap=softcap, policies=policies)
-    layouts: dict = {}
+    layouts = LayoutCache()
     sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
     assert len(layouts) == 1 and all(s.layout is sampled[0].layout for s in sampled)
     alone = [measure_sampled(s, threshold=0.05) for s in sampled]
@@ -351,7 +351,7 @@ def test_measures_written_into_a_workspace_equal_fresh_ones(softcap, dtype):
         calls = _layer_calls(4, q_len, softcap=softcap, policies=policies)
         for call in calls:  # the cache's keys in the model's precision
             call.key, call.value = call.key.to(dtype), call.value.to(dtype)
-        layouts: dict = {}
+        layouts = LayoutCache()
         sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
         for limit in (sampled[0].lse.numel() * q_len, None):  # one layer per batch, then all four at once
             fresh = measure_sampled_many(sampled, threshold=0.05, max_block=limit)
@@ -399,7 +399,7 @@ def test_the_merge_limit_follows_the_device(monkeypatch):
     assert prompt.MERGED_BLOCK_ELEMENTS // per_layer == 0 and prompt.MERGED_BLOCK_ELEMENTS_GPU // per_layer == 8
     # without max_block, the limit for the calls' device decides (here one stood in for it)
     calls = _layer_calls(4, 150)
-    layouts: dict = {}
+    layouts = LayoutCache()
     sampled = [sample_call(call, rows_wanted=24, min_queries=8, layouts=layouts) for call in calls]
     merged_sizes = []
     real_measure = prompt.measure_sampled
@@ -421,13 +421,16 @@ def test_shape_only_layouts_serve_later_requests(one_thread):
         first = _one_request(monitor, model, input_ids=ids)
         (kept,) = monitor._layouts.values()
         second = _one_request(monitor, model, input_ids=ids)
-        assert next(iter(monitor._layouts.values())) is kept
+        assert len(monitor._layouts) == 1 and monitor._layouts.values()[0] is kept
         for name in ("sink_share", "dormancy", "hidden_sinks", "value_drain", "residual_peak"):
             assert first[name] == second[name], name
     # a layout made for a mask is keyed by the mask's id, which a later tensor may reuse: dropped
-    layouts = {(None, True, (1,), 40, 40, 32, 32, "cpu"): kept, (12345, True, (1,), 40, 40, 32, 32, "cpu"): kept}
-    assert list(layouts_for_next_forward(layouts)) == [(None, True, (1,), 40, 40, 32, 32, "cpu")]
-    assert layouts_for_next_forward({(None, i): kept for i in range(9)}) == {}  # bounded
+    layouts = LayoutCache([((None, True, 1, 40, 40, 32, 32, "cpu"), kept),
+                           ((12345, True, 1, 40, 40, 32, 32, "cpu"), kept)])
+    assert layouts.for_next_forward().keys() == [(None, True, 1, 40, 40, 32, 32, "cpu")]
+    assert len(LayoutCache([((None, i), kept) for i in range(9)]).for_next_forward()) == 0  # bounded
+    # found by comparing keys: an equal key built anew finds the layout
+    assert layouts.get((None, True, 1, 40, 40, 32, 32, "cpu")) is kept and layouts.get((None, False)) is None
 
 
 def test_a_padded_batch_builds_its_layout_once_per_forward_on_the_cpu(monkeypatch, one_thread):

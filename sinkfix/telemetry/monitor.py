@@ -35,7 +35,7 @@ from sinkfix.errors import MonitorError, OutputError
 from sinkfix.telemetry.accumulate import DEFAULT_DECODE_CAPACITY, RequestAccumulator
 from sinkfix.telemetry.guard import DEFAULT_MARGIN, Guard, GuardDecision
 from sinkfix.telemetry.outputs import JsonlLog, PrometheusExporter
-from sinkfix.telemetry.prompt import Workspace, layouts_for_next_forward, measure_sampled_many, sample_call
+from sinkfix.telemetry.prompt import LayoutCache, Workspace, measure_sampled_many, sample_call
 from sinkfix.telemetry.records import RequestInfo, build_records
 from sinkfix.telemetry.requests import check_domain_label
 from sinkfix.telemetry.sharded import TensorParallelGroup
@@ -277,7 +277,7 @@ class Monitor:
         self._handle.track_listener_hooks(self._hooks)  # a deep copy of the model leaves them behind
         self._rerunning = False
         self._closed = False
-        self._layouts: dict = {}
+        self._layouts = LayoutCache()
         self._sampled: list = []  # the prompt's sampled calls, measured after the forward's last layer
         self._workspace = Workspace()  # the prompt measures' CPU buffers, kept between requests (Workspace says why)
         self.records: list[dict] = []  # the last request's records
@@ -482,7 +482,7 @@ class Monitor:
                                "within one request (beam search is not supported)")
         real, padding_after_real = _real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device)
         req.acc.begin_forward(real, req.finished, padding_after_real)
-        self._layouts = layouts_for_next_forward(self._layouts)  # the prompt measures' layouts (telemetry/prompt.py)
+        self._layouts = self._layouts.for_next_forward()  # the prompt measures' layouts (telemetry/prompt.py)
 
     def _labels_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         req = self._request
@@ -524,6 +524,11 @@ class Monitor:
                 measures = measure_sampled_many(sampled, threshold=self.hidden_sink_threshold,
                                                 workspace=self._workspace)
             acc.add_prompts([call.layer for call in sampled], measures, [call.rows for call in sampled])
+        if torch.compiler.is_compiling():
+            # a layout cache left on the monitor when the traced forward ends would be rebuilt as a Python
+            # object, and its keys' symbolic prompt length with it: dynamo then fixes the graph to that
+            # length (a new graph per prompt length, the recompile limit at a tiny Llama's eighth length)
+            self._layouts = LayoutCache()
 
     def _residual_hook(self, layer: int, last: bool):
         own = self._layers[layer]

@@ -29,8 +29,8 @@ import torch
 
 from sinkfix.ops.reference import sink_key_mask, visibility_mask, zero_value_lse
 
-__all__ = ["PromptMeasures", "SampledCall", "Workspace", "measure_prompt", "measure_sampled", "measure_sampled_many",
-           "merged_block_limit", "norms32", "sample_call", "sampled_rows", "layouts_for_next_forward", "MIN_SAMPLED_VIEWERS"]
+__all__ = ["LayoutCache", "PromptMeasures", "SampledCall", "Workspace", "measure_prompt", "measure_sampled",
+           "measure_sampled_many", "merged_block_limit", "norms32", "sample_call", "sampled_rows", "MIN_SAMPLED_VIEWERS"]
 
 #: A key is judged only when at least this many sampled rows see it (or all of its viewers, for a
 #: prompt short enough to be sampled whole): a mean over fewer is too noisy for ACT's threshold. On
@@ -96,9 +96,11 @@ class Workspace:
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised ``shape`` tensor: a view of the buffer ``name`` (grown when too small), or
         a fresh tensor where the workspace does not apply. A name's previous view is overwritten."""
-        numel = math.prod(shape)
-        if device.type != "cpu" or numel > self.max_elements or torch.compiler.is_compiling():
+        # compiling is asked first: the size of a traced prompt can be symbolic, and comparing it
+        # with the limit would guard the graph on the prompt's length
+        if torch.compiler.is_compiling() or device.type != "cpu" or math.prod(shape) > self.max_elements:
             return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
         key = (name, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
@@ -158,8 +160,8 @@ class _Layout(NamedTuple):
     mask: torch.Tensor | None  # kept alive so that its id() is not reused while the layout is cached
     first_column: bool  # the sink is key column 0 of every row (no sink columns were located)
     first_sink: torch.Tensor  # (B, 1, 1) long, the first sink column (clamped to a valid index)
-    row_slice: slice  # the sampled query rows, evenly spaced: a strided view, no gather
-    row_index: torch.Tensor | None  # (B, 1, r) long: each prompt's own sampled rows, under a mask; None = row_slice
+    row_slice: slice  # the sampled query rows, evenly spaced: a strided view, no gather (unused with row_index)
+    row_index: torch.Tensor | None  # (B, 1, r) long: each prompt's own sampled rows (a mask, or traced); None = row_slice
     blind_rows: bool  # some sampled row may see no key at all (padding): its log-sum-exp is not a number
     visible: torch.Tensor | None  # (B, 1, r, K) fp32 0/1, what the sampled rows may see; None = everything
     has_n: torch.Tensor  # (B, 1, r) bool, sampled rows that see a non-sink key
@@ -191,7 +193,6 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
     k_len = call.key.shape[2]
     first_column = call.sink_cols is None
     sink_cols = torch.zeros(batch, 1, dtype=torch.long, device=q.device) if first_column else call.sink_cols
-    row_slice = sampled_rows(q_len, rows_wanted)
     visible_all = _all_visible(call, batch, q_len, k_len)
     is_sink = sink_key_mask(sink_cols, batch, k_len, q.device)[:, None, :]  # (B, 1, K)
     sees_n_all = (visible_all & ~is_sink[:, :, None, :]).any(-1)  # (B, 1, Q)
@@ -200,13 +201,18 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
     n_rows = sees_n_all.sum(-1, keepdim=True)  # (B, 1, 1)
     min_q = torch.clamp(torch.div(n_rows, 4, rounding_mode="floor"), min=1, max=min_queries)
     seen_by = visible_all.sum(2)  # (B, 1, K)
-    if call.attn_mask is None:  # every prompt of the batch has all Q rows: one strided view
-        row_index = None
+    if call.attn_mask is None and not torch.compiler.is_compiling():
+        # every prompt of the batch has all Q rows: one strided view
+        row_slice, row_index = sampled_rows(q_len, rows_wanted), None
         visible, has_n = visible_all[:, :, row_slice], sees_n_all[:, :, row_slice]
         chunks = _row_chunks(row_slice, q_len, k_len, causal=call.causal,
                              parts=CAUSAL_ROW_CHUNKS if q.device.type == "cpu" else 1)
     else:
-        row_index, sampled_real = _rows_per_prompt(visible_all, q_len, rows_wanted)
+        # under a mask, each prompt's own rows; while tracing, the same rows at a fixed number of slots
+        # (max_sampled_rows): a strided view's row count is a symbolic expression of the length's
+        # quotient and remainder, which inductor's CPU kernels evaluated per element (SmolLM2, a
+        # 512-token prompt, one thread: the measures took ~440 ms of a compiled prefill, ~25 ms eager)
+        row_slice, (row_index, sampled_real) = slice(None), _rows_per_prompt(visible_all, q_len, rows_wanted)
         visible = visible_all.gather(2, row_index[..., None].expand(-1, -1, -1, k_len)) & sampled_real[..., None]
         has_n = sees_n_all.gather(2, row_index) & sampled_real
         chunks = ((0, row_index.shape[-1], k_len),)
@@ -216,7 +222,7 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
     return _Layout(
         call.attn_mask, first_column, sink_cols[:, :1].clamp(min=0)[:, None, :], row_slice, row_index,
         call.attn_mask is not None,
-        None if call.attn_mask is None and not call.causal else visible.to(torch.float32), has_n,
+        None if row_index is None and not call.causal else visible.to(torch.float32), has_n,
         torch.stack([is_sink, ~is_sink], dim=2).to(torch.float32), judged,
         1 / sampled_seen.clamp(min=1).to(torch.float32), 1 / has_n.sum(-1).clamp(min=1).to(torch.float32),
         (seen_by == 0) if some_unseen else None, chunks,
@@ -268,7 +274,48 @@ def _row_chunks(row_slice: slice, q_len: int, k_len: int, *, causal: bool,
     return tuple((start, end, min(k_len, positions[end - 1] + 1)) for start, end in zip(bounds, bounds[1:]))
 
 
-def _cached_layout(call, rows_wanted: int, min_queries: int, layouts: dict | None) -> _Layout:
+class LayoutCache:
+    """The layouts of a forward's calls, each under the key of what it was built from (:func:`_cached_layout`).
+
+    Keys are compared (``==``), never hashed: under ``torch.compile`` with a dynamic prompt length a
+    key holds the symbolic length, and hashing it makes dynamo guard the graph on the length's value,
+    so a compiled forward was compiled again for every new prompt length (a tiny Llama stopped at
+    dynamo's recompile limit at its eighth length). Two keys holding the same symbolic length compare
+    equal without any guard. A forward has a few layouts, so the scan costs nothing."""
+
+    def __init__(self, entries: list[tuple[tuple, _Layout]] | None = None) -> None:
+        self._entries = [] if entries is None else entries
+
+    def get(self, key: tuple) -> _Layout | None:
+        for known, layout in self._entries:
+            if known == key:
+                return layout
+        return None
+
+    def add(self, key: tuple, layout: _Layout) -> None:
+        self._entries.append((key, layout))
+
+    def keys(self) -> list[tuple]:
+        return [key for key, _ in self._entries]
+
+    def values(self) -> list[_Layout]:
+        return [layout for _, layout in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def for_next_forward(self, limit: int = 8) -> LayoutCache:
+        """The cache a monitor hands its next forward: the layouts without a mask, which depend on
+        the shapes alone (building one took about 1.5 ms of a 512-token SmolLM2 prompt, one thread), and
+        none of those made for a mask (their key is the mask's id, which a later tensor may reuse). Empty
+        while dynamo traces the model: tensors kept from one compiled call to the next would be graph
+        inputs, and a symbolic length kept past its graph means nothing in the next one."""
+        if torch.compiler.is_compiling() or len(self._entries) > limit:
+            return LayoutCache()
+        return LayoutCache([(key, layout) for key, layout in self._entries if key[0] is None])
+
+
+def _cached_layout(call, rows_wanted: int, min_queries: int, layouts: LayoutCache | None) -> _Layout:
     """The call's layout, from ``layouts`` when a call of the same forward had the same one. Calls
     whose sink columns were located per call (padding, explicit sink positions) are cached by those
     columns' values on the CPU, where reading them costs nothing (SmolLM2-135M, a left-padded batch of
@@ -281,21 +328,13 @@ def _cached_layout(call, rows_wanted: int, min_queries: int, layouts: dict | Non
         if call.sink_cols.device.type != "cpu" or torch.compiler.is_compiling():
             return _layout(call, rows_wanted, min_queries)
         sinks = (tuple(call.sink_cols.shape), tuple(call.sink_cols.flatten().tolist()))
-    key = (None if call.attn_mask is None else id(call.attn_mask), call.causal, tuple(call.query.shape[:1]),
+    key = (None if call.attn_mask is None else id(call.attn_mask), call.causal, call.query.shape[0],
            call.query.shape[2], call.key.shape[2], rows_wanted, min_queries, str(call.query.device), sinks)
-    if key not in layouts:
-        layouts[key] = _layout(call, rows_wanted, min_queries)
-    return layouts[key]
-
-
-def layouts_for_next_forward(layouts: dict, limit: int = 8) -> dict:
-    """The layout cache a monitor hands its next forward: the layouts without a mask, which depend on
-    the shapes alone (building one took about 1.5 ms of a 512-token SmolLM2 prompt, one thread), and
-    none of those made for a mask (their key is the mask's id, which a later tensor may reuse). Empty
-    while dynamo traces the model: tensors kept from one compiled call to the next would be graph inputs."""
-    if torch.compiler.is_compiling() or len(layouts) > limit:
-        return {}
-    return {key: layout for key, layout in layouts.items() if key[0] is None}
+    layout = layouts.get(key)
+    if layout is None:
+        layout = _layout(call, rows_wanted, min_queries)
+        layouts.add(key, layout)
+    return layout
 
 
 def _value_weights(norms: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,9 +378,9 @@ class SampledCall(NamedTuple):
     rows: torch.Tensor  # (B, Hq) the call's rows that see a non-sink key (its sink statistics' count)
 
 
-def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: dict | None = None) -> SampledCall:
+def sample_call(call, *, rows_wanted: int, min_queries: int, layouts: LayoutCache | None = None) -> SampledCall:
     """The part of the prompt measures that must run while the call's tensors are current: the
-    sampled rows of the queries and of the log-sum-exp, and the value norms. ``layouts``: a dict
+    sampled rows of the queries and of the log-sum-exp, and the value norms. ``layouts``: a cache
     the caller keeps for one forward, so that layers with the same layout share its tensors."""
     q = call.query
     batch, q_heads, _, dim = q.shape
@@ -526,7 +565,8 @@ def measure_sampled(sampled: SampledCall, *, threshold: float, workspace: Worksp
 
 def _merge_key(call: SampledCall) -> tuple:
     """Calls with equal keys are measured as one: the same layout object, shapes, dtypes, scale and
-    softcap, and the same kinds of correction (a policy's tensors present or not, of one shape)."""
+    softcap, and the same kinds of correction (a policy's tensors present or not, of one shape).
+    Compared with ``==``, never hashed (:class:`LayoutCache` says why)."""
     def shape(t: torch.Tensor | None):
         return None if t is None else (tuple(t.shape), t.dtype, t.device)
 
@@ -571,6 +611,27 @@ def merged_block_limit(device: torch.device) -> int:
     return MERGED_BLOCK_ELEMENTS if device.type == "cpu" else MERGED_BLOCK_ELEMENTS_GPU
 
 
+#: The batch sizes a traced forward chooses from (besides all the calls at once), the largest whose
+#: block fits the limit: a symbolic prompt length makes each comparison a guard on a range of
+#: lengths, so a compiled forward gets one graph per step of this ladder its prompts reach, not one
+#: per length.
+TRACED_BATCH_LADDER = (8, 2)
+
+
+def _calls_per_batch(calls: int, block: int, limit: int) -> int:
+    """How many calls of one merge group :func:`measure_sampled_many` measures together, ``block``
+    elements each: as many as fit ``limit``, at least one. Eager, exactly that; traced, the largest
+    of ``calls`` and :data:`TRACED_BATCH_LADDER` that fits (one when none does)."""
+    if calls == 1:
+        return 1
+    if not torch.compiler.is_compiling():
+        return max(1, limit // max(1, block))
+    for size in (calls, *TRACED_BATCH_LADDER):
+        if size <= calls and size * block <= limit:
+            return size
+    return 1
+
+
 def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
                          max_block: int | None = None, workspace: Workspace | None = None) -> list[PromptMeasures]:
     """:func:`measure_sampled` of several calls, in their order. Calls that can be merged
@@ -579,15 +640,20 @@ def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
     of the calls' device): one operation per step for all of them instead of one per layer (SmolLM2,
     30 layers, a real 512-token prefill, one thread: 23.7 ms one by one, 20.1 ms batched in parts;
     ``benchmarks/bench_prompt_measures.py``)."""
-    groups: dict[tuple, list[int]] = {}
+    groups: list[tuple[tuple, list[int]]] = []
     for index, call in enumerate(sampled):
-        groups.setdefault(_merge_key(call), []).append(index)
+        key = _merge_key(call)
+        for known, indices in groups:
+            if known == key:
+                indices.append(index)
+                break
+        else:
+            groups.append((key, [index]))
     out: list[PromptMeasures | None] = [None] * len(sampled)
-    for indices in groups.values():
+    for _, indices in groups:
         call = sampled[indices[0]]
-        block = call.lse.numel() * call.key.shape[2]
         limit = merged_block_limit(call.key.device) if max_block is None else max_block
-        most = max(1, limit // max(1, block))
+        most = _calls_per_batch(len(indices), call.lse.numel() * call.key.shape[2], limit)
         step = math.ceil(len(indices) / math.ceil(len(indices) / most))  # even batches: 30 layers by 7 -> 5 x 6
         for start in range(0, len(indices), step):
             batch = indices[start:start + step]
@@ -602,7 +668,7 @@ def measure_sampled_many(sampled: list[SampledCall], *, threshold: float,
 
 
 def measure_prompt(call, *, rows_wanted: int, threshold: float, min_queries: int,
-                   layouts: dict | None = None) -> PromptMeasures:
+                   layouts: LayoutCache | None = None) -> PromptMeasures:
     """:func:`sample_call` and :func:`measure_sampled` at once: the drain weights and the sampled
     hidden-sink estimates of one attention call of the prompt."""
     return measure_sampled(sample_call(call, rows_wanted=rows_wanted, min_queries=min_queries, layouts=layouts),
