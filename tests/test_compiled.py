@@ -237,8 +237,9 @@ def test_monitored_requests_on_a_compiled_forward_with_a_dynamic_cache_stop_comp
 PROMPT_LENGTHS = (5, 7, 9, 12, 20, 31, 40, 55, 64, 70, 90, 130, 200, 250)
 
 
-@pytest.mark.parametrize("layout", ["no mask", "mask", "left padding"])
-def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, monkeypatch, one_thread):
+@pytest.mark.parametrize(("layout", "policy"), [("no mask", "profile"), ("mask", "profile"),
+                                                ("left padding", "profile"), ("no mask", "identity")])
+def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, policy, monkeypatch, one_thread):
     """torch.compile(model.forward, fullgraph=True) inside a monitor's requests, one prompt length after
     another. The prompt measures used to do Python arithmetic on the prompt's length (the layout
     cache's and the merge groups' dict keys, the sampled rows' parts, the workspace's size check, the
@@ -247,7 +248,9 @@ def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, monke
     stays symbolic; the graphs a traced forward may add are bounded: prompts of at most 8 tokens
     (decode-sized), every row sampled below 64 tokens, and one per rung of the layers measured
     together (TRACED_BATCH_LADDER; the merge limit is shrunk here so that 8 layers go from all at once
-    to one at a time over these lengths). The records equal the eager model's."""
+    to one at a time over these lengths). The identity without a mask takes its own path to the sink
+    statistics (the log-sum-exp alone), whose row count went through float() and fixed each graph to
+    its length. The records equal the eager model's."""
     from sinkfix.telemetry import prompt
 
     config = tiny_config("llama")
@@ -272,7 +275,7 @@ def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, monke
         return graph.forward
 
     eager_forward = model.forward
-    with sinkfix.patch(model, _policies(8, 4)["profile"]), torch.no_grad():
+    with sinkfix.patch(model, _policies(8, 4)[policy]), torch.no_grad():
         torch._dynamo.reset()
         model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
         for n in PROMPT_LENGTHS:

@@ -64,6 +64,10 @@ def sink_stats(row_mass: torch.Tensor, has_n: torch.Tensor | None) -> torch.Tens
         # with one query row (a decode step) the row is its own sum, so the pad is the only op
         rows = row_mass.shape[-1]
         summed = row_mass if rows == 1 else row_mass.sum(-1, keepdim=True)
+        if torch.compiler.is_compiling():
+            # the count as a tensor: float() of a traced prompt's symbolic row count fixed the graph
+            # to that length (a monitored identity without a mask compiled once per prompt length)
+            return torch.cat((summed, torch.ones_like(summed).mul_(rows)), dim=-1)
         return torch.nn.functional.pad(summed, (0, 1), value=float(rows))
     has_n = has_n.expand_as(row_mass)
     mass = torch.where(has_n, row_mass, 0.0).sum(-1)
