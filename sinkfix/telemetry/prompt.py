@@ -98,9 +98,11 @@ class Workspace:
         a fresh tensor where the workspace does not apply. A name's previous view is overwritten."""
         # compiling is asked first: the size of a traced prompt can be symbolic, and comparing it
         # with the limit would guard the graph on the prompt's length
-        if torch.compiler.is_compiling() or device.type != "cpu" or math.prod(shape) > self.max_elements:
+        if torch.compiler.is_compiling() or device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         numel = math.prod(shape)
+        if numel > self.max_elements:
+            return torch.empty(shape, dtype=dtype, device=device)
         key = (name, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
