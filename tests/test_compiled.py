@@ -9,6 +9,7 @@ a CPU: those tests are marked slow and use tiny random models.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -305,6 +306,77 @@ def test_monitored_compiled_forward_serves_prompts_of_many_lengths(layout, polic
                 model.forward = eager_forward
     # (measured: 2 unmonitored; monitored 4 with a mask, 6 without: its layers are measured together)
     assert unmonitored <= 2 and len(graphs) <= unmonitored + 4, (unmonitored, len(graphs))
+
+
+#: (batch, prompt length) of generate requests whose batch size changes from one to the next
+BATCHED_REQUESTS = ((2, 20), (1, 7), (3, 33), (2, 11), (4, 30), (1, 50), (3, 12), (5, 40))
+
+
+def test_monitored_compiled_generate_serves_new_batch_sizes(one_thread):
+    """generate() on torch.compile(model.forward, fullgraph=True) with batch sizes that change from
+    one request to the next and a domain label per row. The first decoder layer's hook compared the
+    request's label count and its accumulator's batch (an int) with the batch inside the graph, and
+    the accumulator read the lengths of its lists of the prompt's tensors: every graph was fixed to
+    one batch size, about two more per new size, and the fourth request (batch sizes 2, 1, 3, 2)
+    stopped at dynamo's recompile limit. Now the checks run on the host before the forward, and the
+    monitored model compiles about as many graphs as the unmonitored one (measured: 7 and 7 over these
+    requests). The records equal the eager model's; a batch that changes inside one request is still
+    refused before the compiled forward runs."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    requests = []
+    for batch, length in BATCHED_REQUESTS:
+        ids = torch.randint(3, 97, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        if batch > 1:  # left padding on the first row
+            ids[0, : length // 3], mask[0, : length // 3] = 0, 0
+        requests.append((dict(input_ids=ids, attention_mask=mask), [f"domain-{row % 3}" for row in range(batch)]))
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def serve(monitor=None):
+        records = []
+        for inputs, labels in requests:
+            with monitor.request(domain=labels) if monitor else contextlib.nullcontext():
+                model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            records.append(monitor.records if monitor else None)
+        return records
+
+    eager_forward = model.forward
+    with sinkfix.patch(model, Policy(sink_scale=0.9)), torch.no_grad():
+        torch._dynamo.reset()
+        model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+        try:
+            serve()
+        finally:
+            model.forward = eager_forward
+        unmonitored = len(graphs)
+        with sinkfix.monitor(model) as monitor:
+            eager = serve(monitor)
+            torch._dynamo.reset()
+            graphs.clear()
+            model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+            try:
+                compiled = serve(monitor)
+                monitored = len(graphs)
+                torch._dynamo.reset()  # plain forwards: graphs of their own, not counted
+                with pytest.raises(MonitorError, match="the batch changed from 2 to 1 sequences"):
+                    with monitor.request():
+                        model(**requests[0][0])
+                        model(**requests[1][0])
+            finally:
+                model.forward = eager_forward
+    for got_request, want_request in zip(compiled, eager, strict=True):
+        for got, want in zip(got_request, want_request, strict=True):
+            assert (got["domain"], got["tokens"], got["hidden_sinks"]) == (want["domain"], want["tokens"],
+                                                                          want["hidden_sinks"])
+            for key in ("sink_share", "dormancy"):
+                torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), atol=1e-5, rtol=0)
+            assert got["residual_peak"] == pytest.approx(want["residual_peak"], rel=1e-4)
+    assert monitored <= unmonitored + 1, (unmonitored, monitored)
 
 
 def test_compiled_before_patching_follows_the_patch(one_thread):

@@ -90,7 +90,6 @@ class RequestAccumulator:
                  decode_capacity: int | None = None) -> None:
         layers, heads = len(num_heads), max(num_heads)
         zeros = dict(device=device, dtype=torch.float32)
-        self.batch = batch
         self.num_heads = list(num_heads)
         self.kv_heads = [0] * layers
         self._stats = torch.zeros(layers, batch, heads, 2, dtype=torch.float64, device=device)
@@ -105,6 +104,10 @@ class RequestAccumulator:
         self.padding_after_real = torch.zeros(batch, dtype=torch.bool, device=device)
         self.norms: list[torch.Tensor] = []  # per forward: (L, B, Q) residual norms, NaN for a layer without a hook
         self.real: list[torch.Tensor] = []
+        # a forward appended to ``real`` whose norms are not in ``norms`` yet: a flag, because reading the
+        # lists' lengths inside a compiled decode step made dynamo guard on the prompt's tensors in them
+        # (their batch size: a new graph per batch size)
+        self._norms_open = False
         self.in_prompt = True
         self._began = False  # flips once (the prompt's forward): a compiled decode step always reads True
         self._all_layers = list(range(layers))
@@ -128,6 +131,12 @@ class RequestAccumulator:
             self._decode_real = torch.zeros(batch, decode_capacity, dtype=torch.bool, device=device)
             self._decode_at = torch.zeros((), dtype=torch.long, device=device)
             self._decode_overflow = torch.zeros((), dtype=torch.bool, device=device)
+
+    @property
+    def batch(self) -> int:
+        """The request's batch size, read from a tensor's shape: under torch.compile a symbolic size,
+        where an ``int`` attribute fixed every decode graph to the batch size it was traced with."""
+        return self.tokens.shape[0]
 
     @property
     def stats(self) -> torch.Tensor:
@@ -158,6 +167,7 @@ class RequestAccumulator:
             self._buffer_real = real
         else:
             self.real.append(real)
+            self._norms_open = True
         self._norms_deferred = real.shape[1] <= DEFERRED_NORM_TOKENS
         count = real.sum(-1)
         self.tokens.add_(count)
@@ -250,8 +260,9 @@ class RequestAccumulator:
             real, self._into_buffer, self._buffer_real = self._buffer_real, False, None
             self._write_buffer(self._forward_norms(pending, real.shape), real)
             return
-        if not self.real or len(self.norms) == len(self.real):
+        if not self._norms_open:
             return  # no forward yet, or this one is already folded
+        self._norms_open = False
         self.norms.append(self._forward_norms(pending, self.real[-1].shape))
 
     def _forward_norms(self, pending: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:

@@ -83,9 +83,9 @@ class _Request:
         return [self.domain] * batch if self.domain is None or isinstance(self.domain, str) else list(self.domain)
 
     def __post_init__(self) -> None:
-        # (what, how many) of the labels given per row, counted here on the host: the traced first layer
-        # compares these numbers with the batch, and reading the labels or the id there made dynamo guard
-        # the graphs on their values, compiling again for every request (recompile limit at the ninth)
+        # (what, how many) of the labels given per row, counted once here: the checks compare these numbers
+        # with the batch on the host (Monitor._check_before_forward); read in a traced forward, the labels,
+        # the id and these counts made dynamo guard the graphs on their values
         self.label_counts = tuple((what, len(labels)) for labels, what in (
             (None if self.domain is None or isinstance(self.domain, str) else self.domain, "domain labels"),
             (self.row_ids, "request ids")) if labels is not None)
@@ -450,9 +450,8 @@ class Monitor:
         for layer, module in enumerate(layers):
             if module is not None:
                 self._hooks.append(module.register_forward_hook(self._residual_hook(layer, layer == last)))
-        # the label count against the batch on the host too: with the model's forward compiled, the
-        # first layer's check runs in the graph, where a MonitorError became dynamo's "Observed exception"
-        self._hooks.append(self.model.register_forward_pre_hook(self._labels_before_forward, with_kwargs=True))
+        # the batch checks on the host, outside a compiled forward's graph (_check_before_forward)
+        self._hooks.append(self.model.register_forward_pre_hook(self._check_before_forward, with_kwargs=True))
         if self.guard is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
@@ -472,27 +471,43 @@ class Monitor:
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
         batch, q_len = hidden.shape[0], hidden.shape[1]
         self._measure_sampled()  # a forward whose last decoder layer had no hook
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # traced, these checks fixed each graph to one batch size (_check_before_forward)
+            self._check_batch(req, batch)
         if req.acc is None:
-            req.check_labels(batch)  # a wrong label count refused now, not after a whole generation
             req.acc = RequestAccumulator(self._num_heads, batch, hidden.device,
-                                         decode_capacity=_compiled_decode_capacity(_cache_of(kwargs),
-                                                                                   torch.compiler.is_compiling()))
-        elif batch != req.acc.batch:
-            raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
-                               "within one request (beam search is not supported)")
+                                         decode_capacity=_compiled_decode_capacity(_cache_of(kwargs), compiling))
         real, padding_after_real = _real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device)
         req.acc.begin_forward(real, req.finished, padding_after_real)
         self._layouts = self._layouts.for_next_forward()  # the prompt measures' layouts (telemetry/prompt.py)
 
-    def _labels_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    @staticmethod
+    def _check_batch(req: _Request, batch: int) -> None:
+        """A wrong label count refused before the request's first forward (not after a whole
+        generation); a batch that changes within the request refused before the forward that changes it."""
+        if req.acc is None:
+            req.check_labels(batch)
+        elif batch != req.acc.batch:
+            raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} to {batch} sequences "
+                               "within one request (beam search is not supported)")
+
+    def _check_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The batch checks of :meth:`_check_batch` on the host, before the model's forward. With the
+        model's forward compiled, the first layer's hook runs in the graph, where the checks compared
+        the request's label count and its accumulator's batch with the graph's batch: dynamo guarded
+        every graph on those numbers, so each new batch size cost a prompt graph and a decode graph
+        (``generate`` requests of batch sizes 2, 1, 3 with a domain label per row reached the
+        recompile limit at the fourth request), and a MonitorError raised there became dynamo's
+        "Observed exception". Inside a compiled region (``torch.compile(model)`` traces this hook)
+        nothing is checked here; the label count is then checked when the request ends."""
         req = self._request
-        if module is not self.model or req is None or req.acc is not None or not req.label_counts:
-            return  # a copy of the model, or a decode step: the prompt's forward was checked
+        if module is not self.model or req is None or torch.compiler.is_compiling():
+            return  # a copy of the model carrying this hook: not this request's
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2:
-            req.check_labels(inputs.shape[0])
+            self._check_batch(req, inputs.shape[0])
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """(guard only) the cache's length before the prompt's forward, to roll it back."""
