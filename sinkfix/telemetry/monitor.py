@@ -586,14 +586,15 @@ class Monitor:
 
     # -- the end of a request -----------------------------------------------------------------
     def _finish(self, req: _Request) -> None:
+        # none until this request's are built: a request refused here (right padding, a label count
+        # the hooks could not check under torch.compile(model)) must not leave the previous request's
+        self.records = []
         if req.acc is None:  # no forward ran inside the block
-            self.records = []
             return
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
         padded = values.pop("padding_after_real").bool()
         if padded.any():  # no record: the outputs were served, the statistics cannot be told apart
-            self.records = []  # not the previous request's
             raise MonitorError(_RIGHT_PADDING.format(rows=torch.nonzero(padded).flatten().tolist()))
         betas = [lp.beta for lp in self._handle.layer_policies()]
         num_heads, kv_heads = self._num_heads, req.acc.kv_heads

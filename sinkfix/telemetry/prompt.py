@@ -214,7 +214,12 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
         # (max_sampled_rows): a strided view's row count is a symbolic expression of the length's
         # quotient and remainder, which inductor's CPU kernels evaluated per element (SmolLM2, a
         # 512-token prompt, one thread: the measures took ~440 ms of a compiled prefill, ~25 ms eager)
-        row_slice, (row_index, sampled_real) = slice(None), _rows_per_prompt(visible_all, q_len, rows_wanted)
+        # Without a mask every prompt has all Q rows, and their count is the length's own expression, so
+        # the slots are the rows the eager forward samples (SmolLM2, 512 tokens: 32 where
+        # max_sampled_rows gives 63; the monitored compiled prefill, per-head policy, 1.037x -> 1.027x)
+        rows = None if call.attn_mask is not None else _traced_row_count(q_len, rows_wanted)
+        row_slice, (row_index, sampled_real) = slice(None), _rows_per_prompt(visible_all, q_len, rows_wanted,
+                                                                            rows=rows)
         visible = visible_all.gather(2, row_index[..., None].expand(-1, -1, -1, k_len)) & sampled_real[..., None]
         has_n = sees_n_all.gather(2, row_index) & sampled_real
         chunks = ((0, row_index.shape[-1], k_len),)
@@ -232,8 +237,15 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
         None if first_column else ~(is_sink & (seen_by > 0)).any(-1))
 
 
+def _traced_row_count(q_len: int, rows_wanted: int) -> int:
+    """The rows :func:`sampled_rows` gives a prompt of ``q_len`` rows, ``ceil(q_len / step)``, as
+    arithmetic on the (maybe symbolic) length with no comparison, so that dynamo adds no guard."""
+    step = torch.sym_max(1, q_len // max(1, rows_wanted))
+    return (q_len - 1) // step + 1
+
+
 def _rows_per_prompt(visible_all: torch.Tensor, q_len: int, rows_wanted: int,
-                     read_lengths: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     read_lengths: bool | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Under a mask: each prompt's own sampled rows, (B, 1, r) long indices into the Q rows and a (B, 1, r)
     bool of those that are real. A left-padded prompt's rows are its last L (the rows that see some
     key); it gets the rows :func:`sampled_rows` gives the same prompt alone, ``max(1, L // rows_wanted)``
@@ -244,14 +256,15 @@ def _rows_per_prompt(visible_all: torch.Tensor, q_len: int, rows_wanted: int,
     ``read_lengths`` (default: on the CPU, outside compilation): r is the most rows a prompt of the
     batch gets, read from the lengths, which costs the CPU nothing. Otherwise r =
     :func:`max_sampled_rows` (Q), a shape, so that a GPU never waits to read the lengths back; up to
-    twice the block: SmolLM2-135M, a 512-token and a left-padded 400-token prompt, 63 slots where 34 do."""
+    twice the block: SmolLM2-135M, a 512-token and a left-padded 400-token prompt, 63 slots where 34 do.
+    ``rows`` given: that many slots (every prompt of the batch has all Q rows)."""
     lengths = visible_all.any(-1).sum(-1, keepdim=True)  # (B, 1, 1)
     step = torch.div(lengths, max(1, rows_wanted), rounding_mode="floor").clamp(min=1)  # _row_step
     if read_lengths is None:
         read_lengths = visible_all.device.type == "cpu" and not torch.compiler.is_compiling()
-    if read_lengths:  # a prompt of L rows, step k, gets ceil(L / k) rows (sampled_rows)
+    if rows is None and read_lengths:  # a prompt of L rows, step k, gets ceil(L / k) rows (sampled_rows)
         rows = max(1, int(torch.div(lengths + step - 1, step, rounding_mode="floor").max()))
-    else:
+    elif rows is None:
         rows = max_sampled_rows(q_len, rows_wanted)
     back = torch.arange(rows - 1, -1, -1, device=visible_all.device)  # ascending rows, the last one last
     index = (q_len - 1) - back * step  # (B, 1, r)
