@@ -87,6 +87,8 @@ class PatchHandle:
         # monitor's hooks, and its first forward failed in them)
         self._listener_hooks: list[list] = []
         self._set_aside: dict[int, LayerPolicy] = {}  # layer -> its policy while it runs as the identity
+        # layer -> its policy's device values while they are the identity's (run_as_identity(in_place=True))
+        self._values_set_aside: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._replaced: PatchHandle | None = None  # the patch this one replaced: back in force when a with block ends
         self._dismissed = False  # remove() was called on it: a with block ending never brings it back
         self._on_collect = None  # puts the config's setting back if the model is collected while patched
@@ -266,19 +268,31 @@ class PatchHandle:
     def untrack_listener_hooks(self, hooks: list) -> None:
         self._listener_hooks = [held for held in self._listener_hooks if held is not hooks]
 
-    def run_as_identity(self, layers: Iterable[int]) -> None:
+    def run_as_identity(self, layers: Iterable[int], *, in_place: bool = False) -> None:
         """Switch the correction off (plain softmax, no residual clip) in ``layers`` until
         :meth:`restore_layers`: the fallback a guard uses. The live policies are kept aside, not
         changed. A content-sink layer keeps the sink set its cache carries in step meanwhile: the
         keys of its identity calls are ordinary keys, their rows are not in the statistics, and
         nothing is decided (``content_sinks.follow_identity_call``); without that, the first call
-        after :meth:`restore_layers` on that cache was refused."""
+        after :meth:`restore_layers` on that cache was refused.
+
+        ``in_place``: for a compiled forward. A layer whose correction is its parameters alone (no
+        residual clip, no content sinks) keeps its policy and code, and the values on its device
+        become the identity's (sink scale 1, virtual sink logit -inf, LayerPolicy.identity_in_place):
+        the graphs compiled for the correction serve the fallback, equal to the identity up to
+        rounding. Swapped policies are other code in the graph, so each set of layers switched off
+        compiled graphs of its own and a guard reached dynamo's recompile limit (docs/monitoring.md,
+        "Prompts of many lengths")."""
         wanted = set(layers)
         for state in self._states.values():
-            if state.layer in wanted and state.layer not in self._set_aside:
-                self._set_aside[state.layer] = state.policy
-                state.content_set_aside = state.policy.content is not None
-                state.policy = state.policy.as_identity()
+            if state.layer not in wanted or state.layer in self._set_aside or state.layer in self._values_set_aside:
+                continue
+            if in_place and state.policy.can_run_as_identity_in_place:
+                self._values_set_aside[state.layer] = state.policy.identity_in_place()
+                continue
+            self._set_aside[state.layer] = state.policy
+            state.content_set_aside = state.policy.content is not None
+            state.policy = state.policy.as_identity()
 
     def restore_layers(self) -> None:
         """Undo :meth:`run_as_identity`."""
@@ -286,11 +300,13 @@ class PatchHandle:
             if state.layer in self._set_aside:
                 state.policy = self._set_aside.pop(state.layer)
                 state.content_set_aside = False
+            if state.layer in self._values_set_aside:
+                state.policy.restore_in_place(self._values_set_aside.pop(state.layer))
 
     @property
     def identity_layers(self) -> list[int]:
         """Layers :meth:`run_as_identity` has switched off, sorted."""
-        return sorted(self._set_aside)
+        return sorted({*self._set_aside, *self._values_set_aside})
 
     def __enter__(self) -> "PatchHandle":
         # a handle whose patch has ended entered a block that then ran the stock model, silently

@@ -580,6 +580,37 @@ class LayerPolicy:
             raise PolicyError(f"{what} is on the meta device: it holds no values")
         _check_values(what, value.detach(), low, high)
 
+    @property
+    def can_run_as_identity_in_place(self) -> bool:
+        """Whether :meth:`identity_in_place` can make this layer the identity: its correction is the
+        values of its device copy alone (no residual clip, no content sinks, nothing being fitted),
+        and the copy exists (the patch uploads it)."""
+        logit = self.virtual_sink_logit
+        return (self.clip is None and self.content is None and self._device_copy is not None
+                and not self.beta.requires_grad and not (logit is not None and logit.requires_grad))
+
+    def identity_in_place(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Make the device copy's values the identity's, in place: sink scale 1 (the sink keeps its
+        whole mass) and virtual sink logit -inf (a zero-value logit that holds no mass). The same code
+        then serves plain softmax up to rounding. Returns what :meth:`restore_in_place` puts back."""
+        _, _, beta, logit = self._device_copy
+        saved = (None if beta is None else beta.clone(), None if logit is None else logit.clone())
+        if beta is not None:
+            beta.fill_(1.0)
+        if logit is not None:
+            logit.fill_(float("-inf"))
+        return saved
+
+    def restore_in_place(self, saved: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+        """Put back the values :meth:`identity_in_place` replaced (into the copy it changed, if that is
+        still the cached one)."""
+        if self._device_copy is None:
+            return  # re-derived meanwhile (set_parameters): the next call uploads the live values
+        _, _, beta, logit = self._device_copy
+        for live, value in ((beta, saved[0]), (logit, saved[1])):
+            if live is not None and value is not None:
+                live.copy_(value)
+
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32):
         """(beta, virtual_sink_logit) on ``device``; beta is None when it is 1 on every head (the
         attention path then takes its identity branch without looking at values). Cached: a forward

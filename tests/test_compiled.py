@@ -405,6 +405,88 @@ def test_monitored_whole_module_compile_serves_new_batch_sizes_and_refuses_wrong
             with monitor.request(domain=["a", "b", "c"]):
                 compiled(input_ids=torch.randint(3, 97, (2, 9), generator=generator))
         assert monitor.records == []
+        # one sequence in a request of two: broadcast into both rows it went unnoticed; refused at the end
+        with pytest.raises(MonitorError, match="the batch changed from 2 sequences within one request"):
+            with monitor.request():
+                compiled(input_ids=torch.randint(3, 97, (2, 20), generator=generator))
+                compiled(input_ids=torch.randint(3, 97, (1, 7), generator=generator))
+        assert monitor.records == []
+
+
+def test_a_tripping_guard_serves_the_identity_from_the_compiled_graphs(one_thread):
+    """A guard's fallback on torch.compile(model.forward, fullgraph=True): the layers it switches off
+    keep their code, and their values on the device become the identity's (sink scale 1, virtual
+    sink logit -inf). Swapping in identity policies was other code in the graph: every set of layers
+    switched off compiled graphs of its own (an 8-layer model whose 12 forwards tripped 6 different
+    sets reached dynamo's limit of 8). Now the monitored model compiles no more graphs than the
+    unmonitored one, each tripped forward's logits equal the identity model's, and the correction is
+    back, with its own values, for the next request."""
+    from sinkfix.profile import ModelIdentity, Profile, ProfileStatistics
+    from sinkfix.telemetry import Guard, calibration_statistics
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    profile = Profile(ModelIdentity.of(model), 0.5 + 0.4 * torch.rand(8, 4, generator=generator, dtype=torch.float64),
+                      torch.randn(8, 4, generator=generator, dtype=torch.float64) - 2)
+
+    def ids(length: int, seed: int) -> torch.Tensor:
+        return torch.randint(2, 97, (1, length), generator=torch.Generator().manual_seed(seed))
+
+    with sinkfix.patch(model, profile):
+        stats = calibration_statistics(model, [ids(96, seed)[0] for seed in range(6)], min_rows=16)
+    # ranges narrowed more in later layers, so that prompts of other lengths trip different sets of layers
+    narrow = torch.linspace(0.0, 0.45, 8, dtype=torch.float64)[:, None] * (stats.high - stats.low)
+    profile = profile.with_statistics(ProfileStatistics(stats.low + narrow, stats.high - narrow, stats.windows,
+                                                        stats.min_rows))
+    prompts = [ids(length, 100 + i) for i, length in enumerate((40, 96, 70, 64, 55, 80, 90, 50, 100, 33, 60, 75))]
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    with torch.no_grad():
+        with sinkfix.patch(model):
+            identity = [model(input_ids=prompt).logits for prompt in prompts]
+        with sinkfix.patch(model, profile):
+            corrected = [model(input_ids=prompt).logits for prompt in prompts]
+            eager_forward = model.forward
+            torch._dynamo.reset()
+            model.forward = torch.compile(eager_forward, backend=counting_backend, fullgraph=True)
+            try:
+                for prompt in prompts:
+                    model(input_ids=prompt)
+                unmonitored = len(graphs)
+                torch._dynamo.reset()
+                graphs.clear()
+                tripped_sets, restored_after_trip, previous_tripped = set(), 0, False
+                with sinkfix.monitor(model, guard=Guard.from_profile(profile, margin=0.0)) as monitor:
+                    for prompt, want_identity, want_corrected in zip(prompts, identity, corrected):
+                        logits = monitor.forward(input_ids=prompt).logits
+                        guard = monitor.records[0]["guard"]
+                        if guard["tripped"]:
+                            tripped_sets.add(tuple(guard["layers"]))
+                            assert monitor.records[0]["correction"]["identity_layers"] == guard["layers"]
+                            switched = guard["layers"]
+                            assert monitor.records[0]["sink_share"][switched[0]] == \
+                                monitor.records[0]["sink_share_unscaled"][switched[0]]
+                            if len(switched) == 8:  # every layer off: the identity model
+                                torch.testing.assert_close(logits, want_identity, atol=1e-5, rtol=0)
+                        else:  # after a tripped request: the correction's own values are back
+                            torch.testing.assert_close(logits, want_corrected, atol=1e-5, rtol=0)
+                            restored_after_trip += previous_tripped
+                        previous_tripped = guard["tripped"]
+                monitored = len(graphs)
+                torch.testing.assert_close(model(input_ids=prompts[0]).logits, corrected[0], atol=1e-5, rtol=0)
+            finally:
+                model.forward = eager_forward
+    assert len(tripped_sets) >= 4 and restored_after_trip >= 1, (tripped_sets, restored_after_trip)
+    assert monitored <= unmonitored, (unmonitored, monitored)
 
 
 def test_compiled_before_patching_follows_the_patch(one_thread):

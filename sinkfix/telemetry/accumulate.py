@@ -102,6 +102,9 @@ class RequestAccumulator:
         # (B,) rows with padding after a real token (right padding): their padding rows' attention is
         # inside the fast path's sums, which cannot leave it out (read() reports, the monitor refuses)
         self.padding_after_real = torch.zeros(batch, dtype=torch.bool, device=device)
+        # () a forward of another batch size ran inside the request where no check could refuse it first
+        # (note_batch); read() reports it, and the monitor refuses the request's records
+        self.batch_changed = torch.zeros((), dtype=torch.bool, device=device)
         self.norms: list[torch.Tensor] = []  # per forward: (L, B, Q) residual norms, NaN for a layer without a hook
         self.real: list[torch.Tensor] = []
         # a forward appended to ``real`` whose norms are not in ``norms`` yet: a flag, because reading the
@@ -137,6 +140,12 @@ class RequestAccumulator:
         """The request's batch size, read from a tensor's shape: under torch.compile a symbolic size,
         where an ``int`` attribute fixed every decode graph to the batch size it was traced with."""
         return self.tokens.shape[0]
+
+    def note_batch(self, batch: int) -> None:
+        """A traced forward's batch size against the request's, on the device: compared in Python, the
+        two sizes made dynamo fix every graph to one batch size, and a forward of one sequence in a
+        request of two broadcast its statistics into both rows unnoticed."""
+        self.batch_changed |= torch.scalar_tensor(batch, device=self.tokens.device) != self.tokens.shape[0]
 
     @property
     def stats(self) -> torch.Tensor:
@@ -325,7 +334,7 @@ class RequestAccumulator:
             "stats": self._stats, "drain_weight": self.drain_weight, "value_drain": self.value_drain,
             "hidden_sinks": self.hidden_sinks, "hidden_part": self.hidden_part, "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens, "residual_peak": peak, "peak_position": position,
-            "padding_after_real": self.padding_after_real,
+            "padding_after_real": self.padding_after_real, "batch_changed": self.batch_changed,
         }
         if self._buffer_used:
             parts["decode_overflow"] = self._decode_overflow

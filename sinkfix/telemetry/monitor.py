@@ -221,6 +221,11 @@ def _compiled_decode_capacity(cache: Any, compiled: bool = False) -> int | None:
     return most if most > 0 else DEFAULT_DECODE_CAPACITY
 
 
+def _forward_is_compiled(model: nn.Module) -> bool:
+    """``model.forward = torch.compile(model.forward, ...)``: its forward is a dynamo wrapper."""
+    return getattr(getattr(model, "forward", None), "_torchdynamo_orig_callable", None) is not None
+
+
 def _rollback(cache: Any, before: int | None, added: int) -> bool:
     """Put a KV cache back as it was before a forward that added ``added`` tokens; False when it
     cannot be (e.g. a sliding-window layer that already evicted what it would need), and the cache
@@ -341,6 +346,7 @@ class Monitor:
         else:
             req = _Request(own_id if request_id is None else request_id, domain)
         self._request = req
+        self.records = []  # not the previous request's, should this one be refused before it ends
         self._attach()
         try:
             yield req
@@ -477,6 +483,8 @@ class Monitor:
         if req.acc is None:
             req.acc = RequestAccumulator(self._num_heads, batch, hidden.device,
                                          decode_capacity=_compiled_decode_capacity(_cache_of(kwargs), compiling))
+        elif compiling:  # checked on the host when the request ends (torch.compile(model), model.forward(...))
+            req.acc.note_batch(batch)
         real, padding_after_real = _real_rows(kwargs.get("attention_mask"), batch, q_len, hidden.device)
         req.acc.begin_forward(real, req.finished, padding_after_real)
         self._layouts = self._layouts.for_next_forward()  # the prompt measures' layouts (telemetry/prompt.py)
@@ -574,8 +582,9 @@ class Monitor:
         if not _rollback(_cache_of(kwargs), req.cache_before, int(req.acc.real[0].shape[1])):
             req.decision.record("logged only: the KV cache could not be rolled back")
             return None
-        # serve the whole request with the fallback: the prompt's forward again, those layers off
-        self._handle.run_as_identity(req.decision.layers)
+        # serve the whole request with the fallback: the prompt's forward again, those layers off; a
+        # compiled forward keeps its graphs (the identity's values in place: PatchHandle.run_as_identity)
+        self._handle.run_as_identity(req.decision.layers, in_place=_forward_is_compiled(module))
         req.acc = None
         req.decision.record("rerun as identity", whole_batch=True)
         self._rerunning = True
@@ -593,10 +602,15 @@ class Monitor:
             return
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request
+        if bool(values.pop("batch_changed")):  # no record: rows of two batch sizes were summed together
+            raise MonitorError(f"request {req.id}: the batch changed from {req.acc.batch} sequences within one "
+                               "request, in a compiled forward whose checks could not run before it "
+                               "(torch.compile(model), or model.forward called directly); it has no record")
         padded = values.pop("padding_after_real").bool()
         if padded.any():  # no record: the outputs were served, the statistics cannot be told apart
             raise MonitorError(_RIGHT_PADDING.format(rows=torch.nonzero(padded).flatten().tolist()))
-        betas = [lp.beta for lp in self._handle.layer_policies()]
+        identity = set(self._handle.identity_layers)  # switched off in place, a layer keeps its policy
+        betas = [torch.ones_like(lp.beta) if lp.layer in identity else lp.beta for lp in self._handle.layer_policies()]
         num_heads, kv_heads = self._num_heads, req.acc.kv_heads
         if self._sharded is not None:  # the other ranks' heads (telemetry/sharded.py)
             values, betas, num_heads, kv_heads = _gather_shards(self._sharded, values, betas, num_heads, kv_heads)

@@ -195,6 +195,8 @@ def policy_kwargs(policy, q_heads, batch, *, device=DEVICE):
         kw = dict(sink_cols=first, beta=torch.zeros(q_heads))
     elif policy == "virtual":  # the first-token sink's own row (row 0) must not count it
         kw = dict(sink_cols=first, virtual_sink_logit=torch.full((q_heads,), 1.5))
+    elif policy == "identity values":  # a guard's fallback in a compiled forward (PatchHandle.run_as_identity)
+        kw = dict(sink_cols=first, beta=torch.ones(q_heads), virtual_sink_logit=torch.full((q_heads,), float("-inf")))
     elif policy == "s_aux":
         kw = dict(extra_logits=torch.randn(q_heads, 1, generator=g) * 2)
     elif policy == "combined":

@@ -48,6 +48,18 @@ def test_policies_one_token(kt, policy, dtype):
          **kt.policy_kwargs(policy, hq, batch))
 
 
+def test_identity_values_serve_plain_softmax(kt):
+    """Sink scale 1 and a virtual sink logit of -inf (a guard's fallback under torch.compile) equal
+    plain softmax in the split-KV decode kernel too (the reference without any policy)."""
+    batch, hq, hkv, kl = 2, 4, 2, 200
+    q, k, v = kt.make_qkv(batch, hq, hkv, 1, kl, 64, torch.float32, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
+                          sink_boost=4.0, seed=5)
+    kw = kt.policy_kwargs("identity values", hq, batch)
+    out, lse = kt.poisoned(q)
+    sink_attention_decode(q, k, v, out=out, lse=lse, num_splits=2, causal=True, causal_offset=kl - 1, **kw)
+    kt.check_attention(out, lse, q, k, v, label="decode identity values vs identity", causal=True, causal_offset=kl - 1)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_sink_in_later_split_counted_once(kt, num_splits):
     # sinks at 0, 150 and 299: with 5 splits they sit in splits 0, 2 and 4

@@ -38,6 +38,20 @@ def test_policies(kt, policy, dtype):
     _run(kt, q, k, v, f"prefill {policy}", causal=True, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_identity_values_serve_plain_softmax(kt, dtype):
+    """Sink scale 1 and a virtual sink logit of -inf (the values a guard's fallback writes in place
+    under torch.compile) give plain softmax attention: the reference's and the kernel's output equal
+    the identity's to the tolerance rule, and no -inf turns into a NaN."""
+    batch, hq, hkv, n = 2, 3, 1, 70
+    q, k, v = kt.make_qkv(batch, hq, hkv, n, n, 64, dtype, sink_cols=torch.zeros(batch, 1, dtype=torch.long),
+                          sink_boost=4.0, seed=11)
+    _run(kt, q, k, v, "prefill identity values", causal=True, **kt.policy_kwargs("identity values", hq, batch))
+    out, lse = kt.poisoned(q)
+    sink_attention_prefill(q, k, v, out=out, lse=lse, causal=True, **kt.policy_kwargs("identity values", hq, batch))
+    kt.check_attention(out, lse, q, k, v, label="prefill identity values vs identity", causal=True)
+
+
 @pytest.mark.parametrize("n", [1, 17, 113, 203])
 def test_lengths(kt, n):
     dtype = torch.bfloat16 if n % 2 else torch.float32
