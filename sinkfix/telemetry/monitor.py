@@ -346,13 +346,14 @@ class Monitor:
         else:
             req = _Request(own_id if request_id is None else request_id, domain)
         self._request = req
-        self.records = []  # not the previous request's, should this one be refused before it ends
+        # not the previous request's: one refused before its forward, or when it ends (right padding, a
+        # changed batch, a label count the hooks could not check under torch.compile(model)), leaves none
+        self.records = []
         self._attach()
         try:
             yield req
             self._detach()
             if self._closed:  # close() ran inside the block: later forwards were not monitored
-                self.records = []
                 warnings.warn(f"sinkfix.monitor: closed during request {req.id}: it has no record (the forwards "
                               "after close() ran unmonitored)", RuntimeWarning, stacklevel=3)
             else:
@@ -507,7 +508,8 @@ class Monitor:
         (``generate`` requests of batch sizes 2, 1, 3 with a domain label per row reached the
         recompile limit at the fourth request), and a MonitorError raised there became dynamo's
         "Observed exception". Inside a compiled region (``torch.compile(model)`` traces this hook)
-        nothing is checked here; the label count is then checked when the request ends."""
+        nothing is checked here; the label count and a changed batch (``RequestAccumulator.note_batch``)
+        are then checked when the request ends."""
         req = self._request
         if module is not self.model or req is None or torch.compiler.is_compiling():
             return  # a copy of the model carrying this hook: not this request's
@@ -595,10 +597,7 @@ class Monitor:
 
     # -- the end of a request -----------------------------------------------------------------
     def _finish(self, req: _Request) -> None:
-        # none until this request's are built: a request refused here (right padding, a label count
-        # the hooks could not check under torch.compile(model)) must not leave the previous request's
-        self.records = []
-        if req.acc is None:  # no forward ran inside the block
+        if req.acc is None:  # no forward ran inside the block (records: none, set when it started)
             return
         self._measure_sampled()
         values = req.acc.read()  # the one host read of the request

@@ -136,7 +136,7 @@ def _row_step(q_len: int, wanted: int) -> int:
     Rounding the step up instead gave fewer rows than asked for between ``wanted`` and about four
     times it: a 40-row prompt got 20 of 32, and its late keys, seen by fewer than
     MIN_SAMPLED_VIEWERS sampled rows, were never judged (Gemma3-270M: 23 hidden sinks against 62)."""
-    return max(1, q_len // max(1, wanted))
+    return torch.sym_max(1, q_len // max(1, wanted))  # no guard on a traced length (an int for an int)
 
 
 def max_sampled_rows(q_len: int, wanted: int) -> int:
@@ -240,8 +240,7 @@ def _layout(call, rows_wanted: int, min_queries: int) -> _Layout:
 def _traced_row_count(q_len: int, rows_wanted: int) -> int:
     """The rows :func:`sampled_rows` gives a prompt of ``q_len`` rows, ``ceil(q_len / step)``, as
     arithmetic on the (maybe symbolic) length with no comparison, so that dynamo adds no guard."""
-    step = torch.sym_max(1, q_len // max(1, rows_wanted))
-    return (q_len - 1) // step + 1
+    return (q_len - 1) // _row_step(q_len, rows_wanted) + 1
 
 
 def _rows_per_prompt(visible_all: torch.Tensor, q_len: int, rows_wanted: int,
